@@ -1,0 +1,58 @@
+# pvc.cluster: one entry point for set-up, tests, the lab, the demo and the benchmarks.
+# Everything runs as root on a Debian 12 machine; `make setup` installs what is missing.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+WORK ?= /tmp/pvc-cluster
+LAB_HOSTS ?= 3
+
+.PHONY: help setup host venv test test-pytest test-sanity test-units lab-up lab-down demo bench clean
+
+help:
+	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity and units)"
+	@echo "make demo     set up this machine, bring up a 3-host lab and run the demo"
+	@echo "make lab-up / lab-down   the network-namespace lab (LAB_HOSTS=$(LAB_HOSTS))"
+	@echo "make bench    benchmarks, written to bench/results/latest.json"
+
+setup: host venv
+
+host:
+	bash scripts/setup-host.sh
+
+# The venv is rebuilt when the pinned dependencies change.
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.stamp
+
+test: setup test-pytest test-sanity test-units
+	@echo "make test: all suites passed"
+
+test-pytest:
+	$(VPY) -m pytest -ra
+
+test-sanity test-units:
+	bash scripts/ansible-test.sh $(patsubst test-%,%,$@)
+
+lab-up: setup
+	$(VPY) -m tests.lab up --hosts $(LAB_HOSTS) --workdir $(WORK)/lab
+
+lab-down:
+	$(VPY) -m tests.lab down --workdir $(WORK)/lab
+
+demo: setup
+	$(VPY) -m tests.lab up --hosts 3 --workdir $(WORK)/lab
+	$(VPY) -m tests.lab status --workdir $(WORK)/lab
+
+bench: setup
+	$(VPY) -m bench
+
+clean: lab-down
+	rm -rf $(VENV) $(WORK)

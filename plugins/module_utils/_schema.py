@@ -1,0 +1,207 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# PRIVATE: this module is internal to the pvc.cluster collection and its node daemon.
+# It may change without notice; do not import it from other collections.
+"""The ZooKeeper schema of a pvc.cluster: every znode path and value vocabulary, defined once.
+
+Used by the node daemon (installed as ``pvc_cluster_common._schema``) and by the Ansible modules
+(``ansible_collections.pvc.cluster.plugins.module_utils._schema``). Standard library only.
+
+Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB)::
+
+    /schema/version                       SCHEMA_VERSION
+    /config/default_selector              cluster default node selector ("mem")
+    /nodes/<node>/                        one per hypervisor, created by its daemon
+        daemon_state                      init | run | shutdown | stop | dead
+        domain_state                      ready | flush | flushed | unflush
+        alive                             ephemeral; exists while the daemon's session lives
+        keepalive                         unix time (float) of the last keepalive
+        memtotal memused memfree          host memory, MiB
+        memalloc                          memory of VMs running here, MiB
+        memprov                           memory of every VM assigned here whatever its state, MiB
+        memreserve                        host memory held back from VMs (daemon config), MiB
+        vcpualloc cpuload domaincount     vCPUs of running VMs, 1-min load, running domain count
+        runningdomains                    JSON list of running domain UUIDs
+        reservations/<uuid>               memory (MiB) held for an in-flight incoming migration
+    /domains/<uuid>/                      one per VM; the znode's data is the VM name
+        xml                               libvirt domain XML: the source of truth
+        state                             desired VM state (VM_STATES)
+        node                              node the VM is assigned to (or being migrated to)
+        lastnode                          home node to return to after a temporary migration, or ""
+        failedreason                      libvirt's reason for the last failure, or ""
+        meta/<key>                        META_KEYS (see _meta.py for values and defaults)
+        migration                         JSON record of the in-flight migration (absent when none)
+        history/<seq>                     JSON audit records of finished migrations (last N kept)
+    /locks/domains/<uuid>                 kazoo lock: one writer of a VM's placement at a time
+    /locks/nodes/<node>                   kazoo lock: one flush/ready of a node at a time
+
+Locks live under /locks, never on data keys, so that data keys never grow lock children.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+DEFAULT_ROOT = "/pvc"
+
+# ---- vocabularies ---------------------------------------------------------------------------
+
+DAEMON_STATES = ("init", "run", "shutdown", "stop", "dead")
+DOMAIN_STATES = ("ready", "flush", "flushed", "unflush")
+# start: run on `node`; restart: stop then start; shutdown: clean shutdown (timeout, then forced);
+# stop: forced stop; disable: stopped and administratively disabled; fail: could not be started
+# (see failedreason); migrate / migrate-live: being moved to `node` (live-only for migrate-live).
+VM_STATES = ("start", "restart", "shutdown", "stop", "disable", "fail", "migrate", "migrate-live")
+VM_MIGRATING_STATES = ("migrate", "migrate-live")
+
+# ---- node keys ------------------------------------------------------------------------------
+
+NODE_DAEMON_STATE = "daemon_state"
+NODE_DOMAIN_STATE = "domain_state"
+NODE_ALIVE = "alive"
+NODE_KEEPALIVE = "keepalive"
+NODE_MEMTOTAL = "memtotal"
+NODE_MEMUSED = "memused"
+NODE_MEMFREE = "memfree"
+NODE_MEMALLOC = "memalloc"
+NODE_MEMPROV = "memprov"
+NODE_MEMRESERVE = "memreserve"
+NODE_VCPUALLOC = "vcpualloc"
+NODE_CPULOAD = "cpuload"
+NODE_DOMAINCOUNT = "domaincount"
+NODE_RUNNINGDOMAINS = "runningdomains"
+NODE_RESERVATIONS = "reservations"
+
+# Keys every node has, with the value a newly registered node starts with.
+# New nodes start `flushed`: they take VMs only after an operator (or the rollout) makes them ready.
+NODE_DEFAULTS = {
+    NODE_DAEMON_STATE: "init",
+    NODE_DOMAIN_STATE: "flushed",
+    NODE_KEEPALIVE: "0",
+    NODE_MEMTOTAL: "0",
+    NODE_MEMUSED: "0",
+    NODE_MEMFREE: "0",
+    NODE_MEMALLOC: "0",
+    NODE_MEMPROV: "0",
+    NODE_MEMRESERVE: "0",
+    NODE_VCPUALLOC: "0",
+    NODE_CPULOAD: "0",
+    NODE_DOMAINCOUNT: "0",
+    NODE_RUNNINGDOMAINS: "[]",
+}
+
+# ---- domain keys ----------------------------------------------------------------------------
+
+DOMAIN_XML = "xml"
+DOMAIN_STATE = "state"
+DOMAIN_NODE = "node"
+DOMAIN_LASTNODE = "lastnode"
+DOMAIN_FAILEDREASON = "failedreason"
+DOMAIN_META = "meta"
+DOMAIN_MIGRATION = "migration"
+DOMAIN_HISTORY = "history"
+
+META_MIGRATION_METHOD = "migration_method"
+META_NODE_SELECTOR = "node_selector"
+META_NODE_LIMIT = "node_limit"
+META_NODE_AUTOSTART = "node_autostart"
+META_MIGRATION_MAX_DOWNTIME_MS = "migration_max_downtime_ms"
+META_KEYS = (
+    META_MIGRATION_METHOD,
+    META_NODE_SELECTOR,
+    META_NODE_LIMIT,
+    META_NODE_AUTOSTART,
+    META_MIGRATION_MAX_DOWNTIME_MS,
+)
+
+# How many finished migration records are kept per VM.
+HISTORY_KEEP = 20
+
+
+def _join(*parts: str) -> str:
+    for part in parts:
+        if not part or "/" in part:
+            raise ValueError(f"invalid znode name {part!r}: must be non-empty and contain no '/'")
+    return "/" + "/".join(parts)
+
+
+class Schema:
+    """Every znode path of one cluster, below its root.
+
+    Paths are methods, never strings assembled by callers, so that the layout has one definition.
+    """
+
+    def __init__(self, root: str = DEFAULT_ROOT) -> None:
+        root = "/" + root.strip("/") if root.strip("/") else ""
+        self.root = root
+
+    def _p(self, *parts: str) -> str:
+        return self.root + _join(*parts)
+
+    # cluster
+    def schema_version(self) -> str:
+        return self._p("schema", "version")
+
+    def config(self, key: str) -> str:
+        return self._p("config", key)
+
+    def default_selector(self) -> str:
+        return self.config("default_selector")
+
+    def nodes(self) -> str:
+        return self._p("nodes")
+
+    def domains(self) -> str:
+        return self._p("domains")
+
+    def base_paths(self) -> tuple[str, ...]:
+        """Container znodes that must exist before anything else is written."""
+        return (
+            self.root or "/",
+            self._p("schema"),
+            self._p("config"),
+            self.nodes(),
+            self.domains(),
+            self._p("locks"),
+            self._p("locks", "domains"),
+            self._p("locks", "nodes"),
+        )
+
+    # nodes
+    def node(self, node: str) -> str:
+        return self._p("nodes", node)
+
+    def node_key(self, node: str, key: str) -> str:
+        return self._p("nodes", node, key)
+
+    def node_reservations(self, node: str) -> str:
+        return self._p("nodes", node, NODE_RESERVATIONS)
+
+    def node_reservation(self, node: str, uuid: str) -> str:
+        return self._p("nodes", node, NODE_RESERVATIONS, uuid)
+
+    # domains
+    def domain(self, uuid: str) -> str:
+        return self._p("domains", uuid)
+
+    def domain_key(self, uuid: str, key: str) -> str:
+        return self._p("domains", uuid, key)
+
+    def domain_meta(self, uuid: str, key: str | None = None) -> str:
+        if key is None:
+            return self._p("domains", uuid, DOMAIN_META)
+        return self._p("domains", uuid, DOMAIN_META, key)
+
+    def domain_migration(self, uuid: str) -> str:
+        return self._p("domains", uuid, DOMAIN_MIGRATION)
+
+    def domain_history(self, uuid: str) -> str:
+        return self._p("domains", uuid, DOMAIN_HISTORY)
+
+    # locks
+    def domain_lock(self, uuid: str) -> str:
+        return self._p("locks", "domains", uuid)
+
+    def node_lock(self, node: str) -> str:
+        return self._p("locks", "nodes", node)

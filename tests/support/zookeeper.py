@@ -1,0 +1,238 @@
+"""Run real ZooKeeper servers (Debian's `zookeeper` package) for tests, the lab and the demo.
+
+No systemd here: each server is a JVM we start ourselves, remember by PID and end by PID.
+The same class runs a standalone server on loopback for pytest and an ensemble member inside a
+lab network namespace.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+JAVA_DIR = Path("/usr/share/java")
+# zookeeper.jar's manifest lacks netty-codec, which the Netty connection factory (needed for TLS)
+# requires, so the classpath is spelled out.
+CLASSPATH_JARS = (
+    "zookeeper.jar",
+    "zookeeper-jute.jar",
+    "netty-codec.jar",
+    "netty-handler.jar",
+    "netty-buffer.jar",
+    "netty-common.jar",
+    "netty-resolver.jar",
+    "netty-transport.jar",
+    "netty-transport-native-unix-common.jar",
+    "netty-transport-native-epoll.jar",
+    "log4j-1.2.jar",
+    "slf4j-api.jar",
+    "slf4j-log4j12.jar",
+    "jline.jar",
+    "commons-cli.jar",
+    "metrics-core.jar",
+    "snappy-java.jar",
+)
+LOG4J = """log4j.rootLogger=INFO, FILE
+log4j.appender.FILE=org.apache.log4j.FileAppender
+log4j.appender.FILE.File={log}
+log4j.appender.FILE.layout=org.apache.log4j.PatternLayout
+log4j.appender.FILE.layout.ConversionPattern=%d{{ISO8601}} [myid:%X{{myid}}] - %-5p [%t:%C{{1}}@%L] - %m%n
+"""
+
+
+def classpath() -> str:
+    return ":".join(str(JAVA_DIR / jar) for jar in CLASSPATH_JARS if (JAVA_DIR / jar).exists())
+
+
+@dataclass
+class Peer:
+    """One ensemble member as every member's zoo.cfg names it."""
+
+    server_id: int
+    address: str
+    quorum_port: int = 2888
+    election_port: int = 3888
+
+
+@dataclass
+class TLSFiles:
+    """Java keystores for a TLS client port (see tests/support/tls.py to make them)."""
+
+    keystore: str
+    truststore: str
+    password: str
+
+
+@dataclass
+class ZooKeeperServer:
+    workdir: Path
+    client_port: int
+    client_address: str = "127.0.0.1"
+    server_id: int = 1
+    peers: list[Peer] = field(default_factory=list)
+    netns: str | None = None
+    secure_client_port: int | None = None
+    tls: TLSFiles | None = None
+    heap_mb: int = 128
+    tick_ms: int = 500
+    process: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+
+    @property
+    def pidfile(self) -> Path:
+        return self.workdir / "zookeeper.pid"
+
+    @property
+    def hosts(self) -> str:
+        return f"{self.client_address}:{self.client_port}"
+
+    def write_config(self) -> Path:
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"tickTime={self.tick_ms}",
+            "initLimit=20",
+            "syncLimit=10",
+            f"dataDir={data}",
+            f"clientPort={self.client_port}",
+            f"clientPortAddress={self.client_address}",
+            "admin.enableServer=false",
+            "4lw.commands.whitelist=*",
+            "maxClientCnxns=0",
+            # short sessions are allowed so that tests can watch a session expire quickly
+            "minSessionTimeout=1000",
+        ]
+        if self.secure_client_port and self.tls:
+            lines += [
+                f"secureClientPort={self.secure_client_port}",
+                "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
+                f"ssl.keyStore.location={self.tls.keystore}",
+                f"ssl.keyStore.password={self.tls.password}",
+                f"ssl.trustStore.location={self.tls.truststore}",
+                f"ssl.trustStore.password={self.tls.password}",
+                "ssl.clientAuth=need",
+            ]
+        for peer in self.peers:
+            lines.append(
+                f"server.{peer.server_id}={peer.address}:{peer.quorum_port}:{peer.election_port}"
+            )
+        if self.peers:
+            (data / "myid").write_text(f"{self.server_id}\n")
+        cfg = self.workdir / "zoo.cfg"
+        cfg.write_text("\n".join(lines) + "\n")
+        (self.workdir / "log4j.properties").write_text(LOG4J.format(log=self.workdir / "zookeeper.log"))
+        return cfg
+
+    def command(self) -> list[str]:
+        cmd = [
+            "java",
+            f"-Xmx{self.heap_mb}m",
+            "-XX:+UseSerialGC",
+            f"-Dzookeeper.log.dir={self.workdir}",
+            f"-Dlog4j.configuration=file:{self.workdir / 'log4j.properties'}",
+            "-cp",
+            classpath(),
+            "org.apache.zookeeper.server.quorum.QuorumPeerMain",
+            str(self.workdir / "zoo.cfg"),
+        ]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        return cmd
+
+    def start(self, wait: bool = True, timeout_s: float = 60.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        out = open(self.workdir / "stdout.log", "ab")
+        self.process = subprocess.Popen(
+            self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        out.close()
+        self.pidfile.write_text(f"{self.process.pid}\n")
+        if wait:
+            self.wait_ready(timeout_s)
+
+    def ruok(self, timeout_s: float = 1.0) -> bool:
+        """Ask the server's four-letter-word port whether it serves (standalone or in a quorum)."""
+        try:
+            with socket.create_connection((self.client_address, self.client_port), timeout=timeout_s) as s:
+                s.sendall(b"srvr")
+                reply = s.recv(4096).decode(errors="replace")
+        except OSError:
+            return False
+        return "Mode:" in reply
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        # The JVM gives no readiness signal we can wait on; poll its status port every 100 ms.
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"ZooKeeper on {self.hosts} exited with {self.process.returncode}; "
+                    f"see {self.workdir / 'zookeeper.log'}"
+                )
+            if self.ruok():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"ZooKeeper on {self.hosts} not serving after {timeout_s} s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
+        """End the server we started, by PID (never by name)."""
+        pid = self.process.pid if self.process else _read_pid(self.pidfile)
+        if pid is None:
+            return
+        _end_pid(pid, sig, timeout_s)
+        if self.process is not None:
+            self.process.wait(timeout=timeout_s)
+        self.process = None
+        self.pidfile.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self, timeout_s: float = 60.0) -> None:
+        self.stop()
+        self.start(timeout_s=timeout_s)
+
+
+def _read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _end_pid(pid: int, sig: int, timeout_s: float) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:
+            # reap it if it is our child
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
