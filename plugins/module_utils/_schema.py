@@ -24,6 +24,8 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         memreserve                        host memory held back from VMs (daemon config), MiB
         vcpualloc cpuload domaincount     vCPUs of running VMs, 1-min load, running domain count
         runningdomains                    JSON list of running domain UUIDs
+        libvirt_uri                       how peers reach this node's libvirtd (peer-to-peer migration)
+        transport_uri                     where QEMU streams a live migration to this node
         reservations/<uuid>               memory (MiB) held for an in-flight incoming migration
     /domains/<uuid>/                      one per VM; the znode's data is the VM name
         xml                               libvirt domain XML: the source of truth
@@ -31,6 +33,7 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         node                              node the VM is assigned to (or being migrated to)
         lastnode                          home node to return to after a temporary migration, or ""
         failedreason                      libvirt's reason for the last failure, or ""
+        stats                             JSON statistics of the running VM (written by its node)
         meta/<key>                        META_KEYS (see _meta.py for values and defaults)
         migration                         JSON record of the in-flight migration (absent when none)
         history/<seq>                     JSON audit records of finished migrations (last N kept)
@@ -51,9 +54,10 @@ DAEMON_STATES = ("init", "run", "shutdown", "stop", "dead")
 DOMAIN_STATES = ("ready", "flush", "flushed", "unflush")
 # start: run on `node`; restart: stop then start; shutdown: clean shutdown (timeout, then forced);
 # stop: forced stop; disable: stopped and administratively disabled; fail: could not be started
-# (see failedreason); migrate / migrate-live: being moved to `node` (live-only for migrate-live).
-VM_STATES = ("start", "restart", "shutdown", "stop", "disable", "fail", "migrate", "migrate-live")
-VM_MIGRATING_STATES = ("migrate", "migrate-live")
+# (see failedreason). A migration does not change the state: it is the `migration` record.
+VM_STATES = ("start", "restart", "shutdown", "stop", "disable", "fail")
+# States that leave a VM not running once reconciled.
+VM_STOPPED_STATES = ("shutdown", "stop", "disable", "fail")
 
 # ---- node keys ------------------------------------------------------------------------------
 
@@ -72,6 +76,8 @@ NODE_CPULOAD = "cpuload"
 NODE_DOMAINCOUNT = "domaincount"
 NODE_RUNNINGDOMAINS = "runningdomains"
 NODE_RESERVATIONS = "reservations"
+NODE_LIBVIRT_URI = "libvirt_uri"
+NODE_TRANSPORT_URI = "transport_uri"
 
 # Keys every node has, with the value a newly registered node starts with.
 # New nodes start `flushed`: they take VMs only after an operator (or the rollout) makes them ready.
@@ -89,6 +95,8 @@ NODE_DEFAULTS = {
     NODE_CPULOAD: "0",
     NODE_DOMAINCOUNT: "0",
     NODE_RUNNINGDOMAINS: "[]",
+    NODE_LIBVIRT_URI: "",
+    NODE_TRANSPORT_URI: "",
 }
 
 # ---- domain keys ----------------------------------------------------------------------------
@@ -98,6 +106,7 @@ DOMAIN_STATE = "state"
 DOMAIN_NODE = "node"
 DOMAIN_LASTNODE = "lastnode"
 DOMAIN_FAILEDREASON = "failedreason"
+DOMAIN_STATS = "stats"
 DOMAIN_META = "meta"
 DOMAIN_MIGRATION = "migration"
 DOMAIN_HISTORY = "history"

@@ -6,10 +6,12 @@ lab network namespace.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,15 +159,36 @@ class ZooKeeperServer:
         if wait:
             self.wait_ready(timeout_s)
 
+    def four_letter(self, word: str, timeout_s: float = 1.0) -> str | None:
+        """Send a four-letter word (srvr, mntr, ...) and return the reply, or None if unreachable.
+
+        A member inside a network namespace is reached from a socket created in that namespace
+        (see connect()), so this works from the root namespace too.
+        """
+        try:
+            with connect(self.client_address, self.client_port, timeout_s, self.netns) as s:
+                s.sendall(word.encode())
+                chunks = []
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+        except OSError:
+            return None
+        return b"".join(chunks).decode(errors="replace")
+
+    def mode(self, timeout_s: float = 1.0) -> str | None:
+        """'standalone', 'leader' or 'follower' while serving; None otherwise."""
+        reply = self.four_letter("srvr", timeout_s) or ""
+        for line in reply.splitlines():
+            if line.startswith("Mode:"):
+                return line.split(":", 1)[1].strip()
+        return None
+
     def ruok(self, timeout_s: float = 1.0) -> bool:
         """Ask the server's four-letter-word port whether it serves (standalone or in a quorum)."""
-        try:
-            with socket.create_connection((self.client_address, self.client_port), timeout=timeout_s) as s:
-                s.sendall(b"srvr")
-                reply = s.recv(4096).decode(errors="replace")
-        except OSError:
-            return False
-        return "Mode:" in reply
+        return self.mode(timeout_s) is not None
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         # The JVM gives no readiness signal we can wait on; poll its status port every 100 ms.
@@ -230,6 +253,49 @@ def _end_pid(pid: int, sig: int, timeout_s: float) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = None
+
+
+def _setns_net(netns: str) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def connect(address: str, port: int, timeout_s: float = 1.0, netns: str | None = None) -> socket.socket:
+    """A TCP connection to address:port, made from inside network namespace `netns` if given.
+
+    setns(CLONE_NEWNET) changes only the calling thread's namespace, so the socket is created in a
+    throw-away thread that joined the namespace; the socket keeps that namespace for its lifetime and
+    can be used from any thread. Needs root (CAP_SYS_ADMIN), like `ip netns exec`.
+    """
+    if not netns:
+        return socket.create_connection((address, port), timeout=timeout_s)
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            _setns_net(netns)
+            result["sock"] = socket.create_connection((address, port), timeout=timeout_s)
+        except BaseException as exc:  # handed to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"netns-connect-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["sock"]
 
 
 def free_port() -> int:

@@ -1,0 +1,263 @@
+"""The node daemon's YAML configuration: one typed definition with defaults and validation.
+
+Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
+
+    node: node1                        # this hypervisor's name in the cluster
+    zookeeper:
+      hosts: "10.0.0.1:2181,10.0.0.2:2181,10.0.0.3:2181"
+      root: /pvc                       # cluster root znode
+      timeout_s: 10                    # connect and session timeout
+      auth: {username: pvc, password: secret}      # optional digest auth (ACLs on every znode)
+      tls: {enabled: false, ca: /etc/pvc/ca.pem, cert: /etc/pvc/node.pem, key: /etc/pvc/node.key, verify: true}
+    libvirt:
+      uri: qemu:///system              # how this daemon reaches its own libvirtd
+      call_timeout_s: 30               # bound on every libvirt call that can block
+    migration:
+      # Rendered with {node} and {address}, published in ZooKeeper, and used by peers to reach this
+      # node: libvirt_uri_template is the libvirt connection a source uses for a peer-to-peer
+      # migration here, transport_uri_template the address QEMU streams memory to.
+      libvirt_uri_template: "qemu+tcp://{address}/system"
+      transport_uri_template: "tcp://{address}"
+      address: null                    # defaults to the node name
+      step_timeout_s: 60               # how long a side waits for its peer's next step
+      live_timeout_base_s: 60          # live migration completion timeout = base + per_gib * GiB
+      live_timeout_per_gib_s: 30
+      flush_parallel: 2                # migrations in flight at once during a flush
+      default_selector: mem
+    intervals:
+      keepalive_s: 5
+      dead_after: 6                    # keepalives missed before peers mark a node dead
+      shutdown_timeout_s: 180          # clean VM shutdown before a forced stop
+    memory:
+      reserve_mib: 1024                # host memory never given to VMs
+    log:
+      file: /var/log/pvc/node-daemon.log   # null: no file
+      stdout: true
+      colours: null                    # null: only when stdout is a terminal
+      debug: false
+    metrics:
+      enabled: false
+      address: 127.0.0.1
+      port: 9650
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pvc_cluster_common._schema import DEFAULT_ROOT
+from pvc_cluster_common._meta import CONCRETE_SELECTORS
+from pvc_cluster_common._store import ConnectionOptions
+
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; its message is one line naming the key and what is accepted."""
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str
+    zookeeper: ConnectionOptions
+    libvirt_uri: str = "qemu:///system"
+    libvirt_call_timeout_s: float = 30.0
+    libvirt_uri_template: str = "qemu+tcp://{address}/system"
+    transport_uri_template: str = "tcp://{address}"
+    address: str | None = None
+    step_timeout_s: float = 60.0
+    live_timeout_base_s: float = 60.0
+    live_timeout_per_gib_s: float = 30.0
+    flush_parallel: int = 2
+    default_selector: str = "mem"
+    keepalive_interval_s: float = 5.0
+    dead_after: int = 6
+    shutdown_timeout_s: float = 180.0
+    memory_reserve_mib: int = 1024
+    log_file: str | None = None
+    log_stdout: bool = True
+    log_colours: bool | None = None
+    debug: bool = False
+    metrics_enabled: bool = False
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 9650
+    source: str = field(default="", compare=False)
+
+    @property
+    def advertised_libvirt_uri(self) -> str:
+        return self.libvirt_uri_template.format(node=self.node, address=self.address or self.node)
+
+    @property
+    def advertised_transport_uri(self) -> str:
+        return self.transport_uri_template.format(node=self.node, address=self.address or self.node)
+
+    def live_timeout_s(self, memory_mib: int) -> float:
+        """Completion timeout of a live migration, growing with the memory to copy."""
+        return self.live_timeout_base_s + self.live_timeout_per_gib_s * memory_mib / 1024.0
+
+
+# ---- reading --------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+class _Section:
+    """Typed access to one mapping of the YAML document, naming keys by their dotted path."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'the document'}: expected a mapping, got {type(data).__name__}")
+        self.data = data
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def section(self, name: str) -> "_Section":
+        self.used.add(name)
+        return _Section(self.data.get(name), self.key(name))
+
+    def get(self, name: str, kind: str, default: Any = _MISSING, *, choices: tuple[str, ...] = (),
+            minimum: float | None = None, nullable: bool = False) -> Any:
+        self.used.add(name)
+        value = self.data.get(name, _MISSING)
+        if value is _MISSING or (value is None and not nullable):
+            if default is _MISSING:
+                raise ConfigError(f"{self.key(name)}: required key is missing ({_accepts(kind, choices, minimum)})")
+            return default
+        if value is None:
+            return None
+        return _convert(self.key(name), value, kind, choices, minimum)
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            known = ", ".join(sorted(self.used))
+            raise ConfigError(f"{self.key(str(unknown[0]))}: unknown key (accepted here: {known})")
+
+
+def _accepts(kind: str, choices: tuple[str, ...], minimum: float | None) -> str:
+    if choices:
+        return "accepted: " + ", ".join(choices)
+    text = {"str": "a non-empty string", "int": "an integer", "float": "a number", "bool": "true or false",
+            "name": "a node name of letters, digits, '.', '_' or '-'"}[kind]
+    if minimum is not None:
+        text += f" >= {minimum:g}"
+    return "accepted: " + text
+
+
+def _convert(key: str, value: Any, kind: str, choices: tuple[str, ...], minimum: float | None) -> Any:
+    accepted = _accepts(kind, choices, minimum)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not a boolean ({accepted})")
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not isinstance(value, int)):
+            raise ConfigError(f"{key}: {value!r} is not {'an integer' if kind == 'int' else 'a number'} ({accepted})")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{key}: {value!r} is too small ({accepted})")
+        return float(value) if kind == "float" else value
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: {value!r} is not a non-empty string ({accepted})")
+    if kind == "name" and not NODE_NAME.match(value):
+        raise ConfigError(f"{key}: {value!r} is not a valid node name ({accepted})")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not valid ({accepted})")
+    return value
+
+
+def parse_config(data: Any, source: str = "") -> Config:
+    """Build a Config from a parsed YAML document, or raise ConfigError (one line)."""
+    top = _Section(data, "")
+    node = top.get("node", "name")
+
+    zk = top.section("zookeeper")
+    auth = zk.section("auth")
+    tls = zk.section("tls")
+    options = ConnectionOptions(
+        hosts=zk.get("hosts", "str"),
+        root=zk.get("root", "str", DEFAULT_ROOT),
+        timeout_s=zk.get("timeout_s", "float", 10.0, minimum=1),
+        auth_username=auth.get("username", "str", None),
+        auth_password=auth.get("password", "str", None),
+        tls=tls.get("enabled", "bool", False),
+        tls_ca=tls.get("ca", "str", None),
+        tls_cert=tls.get("cert", "str", None),
+        tls_key=tls.get("key", "str", None),
+        tls_verify=tls.get("verify", "bool", True),
+    )
+    for section in (auth, tls):
+        section.reject_unknown()
+    zk.reject_unknown()
+    try:
+        options.validate()
+    except ValueError as exc:
+        raise ConfigError(f"zookeeper: {exc}") from None
+
+    lv = top.section("libvirt")
+    mig = top.section("migration")
+    iv = top.section("intervals")
+    mem = top.section("memory")
+    log = top.section("log")
+    met = top.section("metrics")
+    config = Config(
+        node=node,
+        zookeeper=options,
+        libvirt_uri=lv.get("uri", "str", "qemu:///system"),
+        libvirt_call_timeout_s=lv.get("call_timeout_s", "float", 30.0, minimum=1),
+        libvirt_uri_template=mig.get("libvirt_uri_template", "str", "qemu+tcp://{address}/system"),
+        transport_uri_template=mig.get("transport_uri_template", "str", "tcp://{address}"),
+        address=mig.get("address", "str", None),
+        step_timeout_s=mig.get("step_timeout_s", "float", 60.0, minimum=1),
+        live_timeout_base_s=mig.get("live_timeout_base_s", "float", 60.0, minimum=1),
+        live_timeout_per_gib_s=mig.get("live_timeout_per_gib_s", "float", 30.0, minimum=0),
+        flush_parallel=mig.get("flush_parallel", "int", 2, minimum=1),
+        default_selector=mig.get("default_selector", "str", "mem", choices=CONCRETE_SELECTORS),
+        keepalive_interval_s=iv.get("keepalive_s", "float", 5.0, minimum=0.1),
+        dead_after=iv.get("dead_after", "int", 6, minimum=2),
+        shutdown_timeout_s=iv.get("shutdown_timeout_s", "float", 180.0, minimum=0),
+        memory_reserve_mib=mem.get("reserve_mib", "int", 1024, minimum=0),
+        log_file=log.get("file", "str", None),
+        log_stdout=log.get("stdout", "bool", True),
+        log_colours=log.get("colours", "bool", None, nullable=True),
+        debug=log.get("debug", "bool", False),
+        metrics_enabled=met.get("enabled", "bool", False),
+        metrics_address=met.get("address", "str", "127.0.0.1"),
+        metrics_port=met.get("port", "int", 9650, minimum=1),
+        source=source,
+    )
+    if config.metrics_port > 65535:
+        raise ConfigError(f"metrics.port: {config.metrics_port} is too large (accepted: 1 to 65535)")
+    for name, template in (("migration.libvirt_uri_template", config.libvirt_uri_template),
+                           ("migration.transport_uri_template", config.transport_uri_template)):
+        try:
+            template.format(node="n", address="a")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"{name}: {template!r} is not a valid template (accepted fields: {{node}}, {{address}}; {exc})") from None
+    for section in (lv, mig, iv, mem, log, met):
+        section.reject_unknown()
+    top.reject_unknown()
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate the YAML file at ``path``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,179 @@
+"""The node daemon: wiring, registration, the daemon states and an orderly shutdown.
+
+Phases: check (config, libvirt reachable) -> prepare (ZooKeeper, schema, register the node) ->
+run (keepalive, reconciler, migration deadlines, flush/ready) -> shutdown on SIGTERM.
+Daemon state: init -> run (first keepalive) -> shutdown (SIGTERM) -> stop; peers write `dead`.
+VMs keep running when the daemon stops: a daemon restart must never interrupt a guest.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._store import ClusterStore, StoreError
+
+from .domains import DomainTable
+from .flush import NodeStateWorker
+from .hypervisor import Hypervisor, HypervisorError
+from .keepalive import Keepalive
+from .migration import MigrationAgent
+from .reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+class DaemonError(RuntimeError):
+    pass
+
+
+class NodeDaemon:
+    def __init__(self, config) -> None:
+        self.config = config
+        self.node = config.node
+        self.stop_event = threading.Event()
+        self.store = ClusterStore(config.zookeeper, logger=logging.getLogger("pvc_node_daemon.store"))
+        self.schema = self.store.schema
+        self.hypervisor = Hypervisor(config.libvirt_uri, call_timeout_s=config.libvirt_call_timeout_s)
+        self.domains = DomainTable()
+        self.metrics = None
+        if config.metrics_enabled:
+            from .metrics import Metrics
+            self.metrics = Metrics(self.node)
+        self.migrations = MigrationAgent(self.node, config, self.store, self.hypervisor, self.domains, self.metrics)
+        self.reconciler = Reconciler(self.node, config, self.store, self.hypervisor, self.domains, self.migrations, self.metrics)
+        self.migrations.deadlines.wake = self.reconciler.enqueue
+        self.keepalive = Keepalive(self.node, config, self.store, self.hypervisor, self.domains, self.metrics)
+        self.node_state = NodeStateWorker(self.node, config, self.store, self.domains, self.reconciler)
+        self.threads: list[threading.Thread] = []
+        self._session_lost = threading.Event()
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    def check(self) -> None:
+        try:
+            self.hypervisor.open()
+        except HypervisorError as exc:
+            raise DaemonError(f"cannot reach libvirt at {self.config.libvirt_uri}: {exc}") from None
+        log.system("libvirt: connected to %s", self.config.libvirt_uri)
+
+    def prepare(self) -> None:
+        try:
+            self.store.start()
+        except StoreError as exc:
+            raise DaemonError(str(exc)) from None
+        try:
+            self.store.ensure_schema()
+        except StoreError as exc:
+            raise DaemonError(f"cannot create or verify the cluster schema in ZooKeeper: {exc}") from None
+        self.register()
+        self.store.client.add_listener(self._on_connection_state)
+        log.system("ZooKeeper: connected to %s, cluster root %s", self.config.zookeeper.hosts, self.schema.root or "/")
+
+    def register(self) -> None:
+        """Create this node's keys (keeping its domain state), publish its URIs, mark it alive."""
+        values = {}
+        for key, default in S.NODE_DEFAULTS.items():
+            path = self.schema.node_key(self.node, key)
+            if key == S.NODE_DOMAIN_STATE and self.store.exists(path):
+                continue
+            values[path] = default
+        values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "init"
+        values[self.schema.node_key(self.node, S.NODE_LIBVIRT_URI)] = self.config.advertised_libvirt_uri
+        values[self.schema.node_key(self.node, S.NODE_TRANSPORT_URI)] = self.config.advertised_transport_uri
+        values[self.schema.node_key(self.node, S.NODE_MEMRESERVE)] = self.config.memory_reserve_mib
+        keep = {S.NODE_KEEPALIVE, S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE, S.NODE_MEMALLOC, S.NODE_MEMPROV,
+                S.NODE_VCPUALLOC, S.NODE_CPULOAD, S.NODE_DOMAINCOUNT, S.NODE_RUNNINGDOMAINS}
+        for key in keep:   # figures survive a restart until the first keepalive replaces them
+            path = self.schema.node_key(self.node, key)
+            if self.store.exists(path):
+                values.pop(path, None)
+        if not self.store.write(values):
+            raise DaemonError(f"cannot register node {self.node} in ZooKeeper (see above)")
+        self.mark_alive()
+        log.ok("node %s registered (daemon state init)", self.node)
+
+    def mark_alive(self) -> None:
+        """(Re)create the ephemeral liveness znode for the current session."""
+        path = self.schema.node_key(self.node, S.NODE_ALIVE)
+        data = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
+        client = self.store.client
+        try:
+            stat = client.exists(path)
+            if stat is not None and stat.ephemeralOwner != client.client_id[0]:
+                client.delete(path)   # left by our previous session, which has not expired yet
+            if client.exists(path) is None:
+                client.create(path, data, ephemeral=True, makepath=True)
+        except Exception as exc:  # kazoo raises many types here; each means "try again later"
+            log.error("cannot mark node %s alive: %s", self.node, exc)
+
+    def _on_connection_state(self, state) -> None:
+        # kazoo calls this from its own thread and it must not block: only record and wake.
+        from kazoo.client import KazooState
+
+        if state == KazooState.LOST:
+            self._session_lost.set()
+            log.warning("ZooKeeper session lost: no new work until it is re-established")
+        elif state == KazooState.SUSPENDED:
+            log.warning("ZooKeeper connection suspended: waiting for it to come back")
+        elif state == KazooState.CONNECTED:
+            log.info("ZooKeeper connection (re)established")
+            threading.Thread(target=self._after_reconnect, name="reconnect", daemon=True).start()
+
+    def _after_reconnect(self) -> None:
+        if self._session_lost.is_set():
+            self._session_lost.clear()
+            self.mark_alive()
+        # every view may be stale: reconcile every VM from fresh reads
+        self.reconciler.resync()
+
+    # ---- run --------------------------------------------------------------------------------
+
+    def _thread(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, args=(self.stop_event,), name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def run(self) -> None:
+        if self.metrics:
+            self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
+        self.keepalive.tick()   # the first keepalive writes `run`
+        self.reconciler.start()
+        self._thread(self.migrations.deadlines.run, "deadlines")
+        self._thread(self.keepalive.run, "keepalive")
+        self._thread(self.reconciler.run, "reconciler")
+        self.node_state.start()
+        self.reconciler.resync()
+        log.ok("node %s running", self.node)
+
+    def wait(self) -> None:
+        while not self.stop_event.wait(3600):
+            pass
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    # ---- shutdown ---------------------------------------------------------------------------
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Record `shutdown`, let in-flight VM work finish (bounded), record `stop`, disconnect."""
+        log.system("node %s shutting down", self.node)
+        self.stop_event.set()
+        if self.store.connected:
+            self.store.write({self.schema.node_key(self.node, S.NODE_DAEMON_STATE): "shutdown"})
+        self.node_state.stop()
+        self.reconciler.accepting.clear()
+        if not self.reconciler.wait_idle(timeout_s):
+            log.warning("VM work still running after %.0f s; stopping anyway (the next start resolves it)", timeout_s)
+        if self.store.connected:
+            self.store.write({self.schema.node_key(self.node, S.NODE_DAEMON_STATE): "stop",
+                              self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3)},
+                             delete=[self.schema.node_key(self.node, S.NODE_ALIVE)])
+        if self.metrics:
+            self.metrics.stop()
+        self.store.stop()
+        self.hypervisor.close()
+        log.ok("node %s stopped (daemon state stop)", self.node)

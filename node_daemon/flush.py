@@ -1,0 +1,203 @@
+"""Flush and ready: this node's domain state worker.
+
+An operator (the ``pvc.cluster.node`` module) writes the node's domain state ``flush`` or
+``unflush``; this worker, woken by a watch on that key, does the work and writes ``flushed`` or
+``ready``. A new request while a worker runs stops it cleanly between migrations (in-flight ones
+finish), then the new one starts.
+
+Flush: every VM that should run here is migrated away (temporary migrations, so each remembers
+this node as home), at most ``flush_parallel`` at once, each target chosen by the shared planner
+with reservations counted; VMs that fit nowhere are shut down and marked autostart. The node is
+``flushed`` only when libvirt runs nothing here that ZooKeeper assigns to it.
+Ready: VMs whose home is this node come back (unmigrate), autostart VMs start, then ``ready``.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_node_views, read_vm, wait_for_key
+from pvc_cluster_common._requests import RequestError, plan_request, submit_request
+from pvc_cluster_common._selector import FlushVM, plan_flush
+from pvc_cluster_common._store import StoreError
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    pass
+
+
+class NodeStateWorker:
+    def __init__(self, node, config, store, domains, reconciler) -> None:
+        self.node = node
+        self.config = config
+        self.store = store
+        self.schema = store.schema
+        self.domains = domains
+        self.reconciler = reconciler
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.store.client.DataWatch(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE), self._on_state)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._cancel.set()
+
+    def _on_state(self, data, stat, event=None) -> bool:
+        if self._stopped.is_set():
+            return False
+        state = data.decode() if data else None
+        if state in ("flush", "unflush"):
+            threading.Thread(target=self._switch, args=(state,), name=f"node-{state}", daemon=True).start()
+        return True
+
+    def _switch(self, state: str) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                log.info("domain state is now %s: stopping the running worker first", state)
+                self._cancel.set()
+                self._thread.join()
+            self._cancel = threading.Event()
+            target = self.flush if state == "flush" else self.ready
+            self._thread = threading.Thread(target=self._guarded, args=(target, state, self._cancel),
+                                            name="node-flush" if state == "flush" else "node-ready", daemon=True)
+            self._thread.start()
+
+    def _guarded(self, work, state: str, cancel: threading.Event) -> None:
+        try:
+            with self.store.lock(self.schema.node_lock(self.node), timeout_s=self.config.step_timeout_s):
+                if self.store.read(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE)) != state:
+                    return   # superseded while we waited for the lock
+                work(cancel)
+        except Cancelled:
+            log.info("%s of node %s stopped before it finished", state, self.node)
+        except StoreError as exc:
+            log.error("%s of node %s failed: %s", state, self.node, exc)
+        except Exception:
+            log.exception("%s of node %s failed", state, self.node)
+
+    def _set_domain_state(self, expected: str, new: str) -> None:
+        path = self.schema.node_key(self.node, S.NODE_DOMAIN_STATE)
+        current = self.store.read_versioned(path)
+        if current and current[0] == expected:
+            if self.store.write({path: new}, expect_versions={path: current[1]}):
+                log.ok("node %s is %s", self.node, new)
+
+    # ---- one migration, waited for -------------------------------------------------------------
+
+    def migrate_and_wait(self, uuid: str, kind: str, target: str | None, nodes_override=None) -> str:
+        vm = read_vm(self.store, uuid)
+        if vm is None:
+            return "gone"
+        nodes = read_node_views(self.store)
+        if nodes_override:
+            nodes.update(nodes_override(nodes))
+        try:
+            plan = plan_request(vm, kind, nodes, target=target, default_selector=self.config.default_selector)
+        except RequestError as exc:
+            if target is not None and kind == "migrate":
+                # the planned target filled up meanwhile: let the selector choose again
+                return self.migrate_and_wait(uuid, kind, None, nodes_override)
+            log.warning("VM %s: %s", vm.name, exc)
+            return f"refused: {exc}"
+        if not plan.changed:
+            return "unchanged"
+        record = submit_request(self.store, plan, vm, requester=f"{self.node} ({kind})")
+        log.info("VM %s: %s", vm.name, plan.message)
+        if record is None:
+            return "re-homed"
+        timeout = (self.config.step_timeout_s * 3 + self.config.live_timeout_s(vm.memory_mib)
+                   + self.config.shutdown_timeout_s)
+        if not wait_for_key(self.store, self.schema.domain_migration(uuid), lambda v: v is None, timeout):
+            log.warning("VM %s: migration %s still in flight after %.0f s", vm.name, record["id"], timeout)
+            return "timeout"
+        return "finished"
+
+    def _shutdown_for_flush(self, uuid: str) -> None:
+        vm = read_vm(self.store, uuid)
+        if vm is None:
+            return
+        log.warning("VM %s fits on no other node: shutting it down and marking it autostart", vm.name)
+        self.store.write({self.schema.domain_key(uuid, S.DOMAIN_STATE): "shutdown",
+                          self.schema.domain_meta(uuid, S.META_NODE_AUTOSTART): "true"})
+        wait_for_key(self.store, self.schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v != "shutdown",
+                 self.config.shutdown_timeout_s + self.config.step_timeout_s)
+
+    # ---- flush ------------------------------------------------------------------------------------
+
+    def vms_to_flush(self) -> list:
+        result = []
+        for uuid in self.store.children(self.schema.domains()) or []:
+            vm = read_vm(self.store, uuid)
+            if vm is not None and vm.node == self.node and vm.state == "start" and not vm.migration:
+                result.append(vm)
+        return result
+
+    def flush(self, cancel: threading.Event) -> None:
+        log.system("flushing node %s", self.node)
+        while True:
+            vms = self.vms_to_flush()
+            if not vms:
+                break
+            nodes = read_node_views(self.store)
+            plan = plan_flush(self.node, [FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector,
+                                                  vm.home, vm.vcpus) for vm in vms],
+                              nodes, default_selector=self.config.default_selector)
+            with ThreadPoolExecutor(max_workers=self.config.flush_parallel, thread_name_prefix="node-flush") as pool:
+                futures = []
+                for move in plan:
+                    if cancel.is_set():
+                        break
+                    if move.target is None:
+                        futures.append(pool.submit(self._shutdown_for_flush, move.uuid))
+                    else:
+                        futures.append(pool.submit(self.migrate_and_wait, move.uuid, "migrate", move.target))
+                for future in futures:
+                    future.result()
+            if cancel.is_set():
+                raise Cancelled()
+            remaining = self.vms_to_flush()
+            if remaining and {vm.uuid for vm in remaining} == {vm.uuid for vm in vms}:
+                log.error("flush of %s made no progress; %d VM(s) still here (see above); retrying", self.node, len(remaining))
+                if cancel.wait(self.config.step_timeout_s):
+                    raise Cancelled()
+        self._set_domain_state("flush", "flushed")
+
+    # ---- ready ------------------------------------------------------------------------------------
+
+    def ready(self, cancel: threading.Event) -> None:
+        log.system("making node %s ready", self.node)
+
+        def me_ready(nodes):
+            # this node is `unflush` while its VMs come back; it takes them as if ready
+            return {self.node: replace(nodes[self.node], domain_state="ready")} if self.node in nodes else {}
+
+        homecoming, autostart = [], []
+        for uuid in self.store.children(self.schema.domains()) or []:
+            vm = read_vm(self.store, uuid)
+            if vm is None:
+                continue
+            if vm.lastnode == self.node and vm.node != self.node:
+                homecoming.append(vm)
+            elif vm.node == self.node and vm.meta.node_autostart:
+                autostart.append(vm)
+        with ThreadPoolExecutor(max_workers=self.config.flush_parallel, thread_name_prefix="node-ready") as pool:
+            futures = [pool.submit(self.migrate_and_wait, vm.uuid, "unmigrate", None, me_ready)
+                       for vm in homecoming if not cancel.is_set()]
+            for future in futures:
+                future.result()
+        if cancel.is_set():
+            raise Cancelled()
+        for vm in autostart:
+            log.info("VM %s: autostart on %s", vm.name, self.node)
+            self.store.write({self.schema.domain_key(vm.uuid, S.DOMAIN_STATE): "start",
+                              self.schema.domain_meta(vm.uuid, S.META_NODE_AUTOSTART): "false"})
+        self._set_domain_state("unflush", "ready")

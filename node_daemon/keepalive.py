@@ -1,0 +1,192 @@
+"""The keepalive: every interval, one ZooKeeper transaction with this node's figures.
+
+VM figures come from libvirt in a named subthread (``vm-thread``) with a deadline, so a hung
+libvirt call delays nothing: the keepalive then writes the host figures, the timestamp and the
+last VM figures it had, and says so. Statistics are gathered only for running domains; paused
+(including incoming migrations) and shut-off domains are skipped before any statistics call.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._memory import AccountedVM, account_node
+
+from .domains import DomainTable
+from .hypervisor import HypervisorError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VMFigures:
+    """What vm-thread learned from libvirt in one pass."""
+
+    running: dict[str, tuple[int, int]] = field(default_factory=dict)   # uuid -> (max memory MiB, vCPUs)
+    states: dict[str, str] = field(default_factory=dict)               # uuid -> libvirt state name
+    stats: dict[str, dict] = field(default_factory=dict)                # uuid -> memory statistics (running only)
+
+
+class Keepalive:
+    def __init__(self, node, config, store, hypervisor, domains: DomainTable, metrics=None) -> None:
+        self.node = node
+        self.config = config
+        self.store = store
+        self.schema = store.schema
+        self.hypervisor = hypervisor
+        self.domains = domains
+        self.metrics = metrics
+        self.last_vm_figures = VMFigures()
+        self._vm_thread: threading.Thread | None = None
+        self.ticks = 0
+
+    # ---- vm-thread ------------------------------------------------------------------------
+
+    def gather_vm_figures(self) -> VMFigures:
+        figures = VMFigures()
+        for ref in self.hypervisor.list_domains(active_only=True):
+            state = ref.status.state if ref.status else "nostate"
+            figures.states[ref.uuid] = state
+            try:
+                _current, maximum = self.hypervisor.memory_mib(ref.uuid)
+                vcpus = self.hypervisor.vcpus(ref.uuid)
+            except HypervisorError as exc:
+                log.warning("vm-thread: cannot read memory of %s: %s", ref.uuid, exc)
+                continue
+            figures.running[ref.uuid] = (maximum, vcpus)
+            if state != "running":
+                # A paused domain (an incoming migration among them) can block memoryStats for a
+                # long time: skip its statistics entirely.
+                log.debug("vm-thread: %s is %s: statistics skipped", ref.uuid, state)
+                continue
+            stats = self.hypervisor.memory_stats(ref.uuid)
+            if stats is not None:
+                figures.stats[ref.uuid] = stats
+        return figures
+
+    def _run_vm_thread(self, holder: dict) -> None:
+        try:
+            holder["figures"] = self.gather_vm_figures()
+        except Exception as exc:  # the keepalive must survive any libvirt failure
+            holder["error"] = exc
+
+    def collect_vm_figures(self, deadline_s: float) -> tuple[VMFigures, bool]:
+        """Run vm-thread with a deadline. Returns the figures and whether they are fresh."""
+        if self._vm_thread is not None and self._vm_thread.is_alive():
+            log.warning("vm-thread from an earlier keepalive is still blocked in libvirt; using the last VM figures")
+            return self.last_vm_figures, False
+        holder: dict = {}
+        thread = threading.Thread(target=self._run_vm_thread, args=(holder,), name="vm-thread", daemon=True)
+        self._vm_thread = thread
+        thread.start()
+        thread.join(deadline_s)
+        if thread.is_alive():
+            log.warning("vm-thread did not finish within %.1f s (libvirt is slow or hung); using the last VM figures", deadline_s)
+            return self.last_vm_figures, False
+        if "error" in holder:
+            log.error("vm-thread failed: %s; using the last VM figures", holder["error"])
+            return self.last_vm_figures, False
+        self.last_vm_figures = holder["figures"]
+        return self.last_vm_figures, True
+
+    # ---- one keepalive ----------------------------------------------------------------------
+
+    def tick(self) -> bool:
+        started = time.monotonic()
+        deadline = max(0.1, min(self.config.keepalive_interval_s * 0.8, self.config.libvirt_call_timeout_s))
+        figures, fresh = self.collect_vm_figures(deadline)
+
+        try:
+            memtotal, memused, memfree = self.hypervisor.host_memory_mib()
+        except HypervisorError as exc:
+            log.warning("main-thread: cannot read host memory: %s", exc)
+            memtotal = memused = memfree = 0
+        cpuload = round(os.getloadavg()[0], 2)
+
+        reservations = set(self.store.children(self.schema.node_reservations(self.node)) or [])
+        snapshot = self.domains.snapshot()   # never iterate the live table: watches mutate it
+        vms = []
+        for uuid, record in snapshot.items():
+            if uuid in figures.running:
+                memory_mib, vcpus = figures.running[uuid]
+                running = figures.states.get(uuid) in ("running", "blocked", "paused", "pmsuspended")
+            elif record.node == self.node:
+                memory_mib, vcpus, running = record.memory_mib, record.vcpus, False
+            else:
+                continue
+            vms.append(AccountedVM(uuid=uuid, node=record.node, memory_mib=memory_mib, vcpus=vcpus,
+                                   running_here=running, reserved_here=uuid in reservations))
+        # Domains libvirt runs here that ZooKeeper does not know still use memory.
+        for uuid, (memory_mib, vcpus) in figures.running.items():
+            if uuid not in snapshot:
+                vms.append(AccountedVM(uuid=uuid, node="", memory_mib=memory_mib, vcpus=vcpus,
+                                       running_here=True, reserved_here=False))
+        account = account_node(self.node, vms)
+
+        values = {
+            self.schema.node_key(self.node, S.NODE_MEMTOTAL): memtotal,
+            self.schema.node_key(self.node, S.NODE_MEMUSED): memused,
+            self.schema.node_key(self.node, S.NODE_MEMFREE): memfree,
+            self.schema.node_key(self.node, S.NODE_MEMALLOC): account.memalloc,
+            self.schema.node_key(self.node, S.NODE_MEMPROV): account.memprov,
+            self.schema.node_key(self.node, S.NODE_MEMRESERVE): self.config.memory_reserve_mib,
+            self.schema.node_key(self.node, S.NODE_VCPUALLOC): account.vcpualloc,
+            self.schema.node_key(self.node, S.NODE_CPULOAD): cpuload,
+            self.schema.node_key(self.node, S.NODE_DOMAINCOUNT): account.domaincount,
+            self.schema.node_key(self.node, S.NODE_RUNNINGDOMAINS): sorted(account.running),
+            self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3),
+        }
+        state = self.store.read(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
+        if state in ("init", "dead"):
+            # the first keepalive after start, or a node its peers thought dead: it lives
+            values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "run"
+        if fresh:
+            for uuid, stats in figures.stats.items():
+                if uuid in snapshot and snapshot[uuid].node == self.node:
+                    values[self.schema.domain_key(uuid, S.DOMAIN_STATS)] = stats
+        ok = self.store.write(values)
+        elapsed = time.monotonic() - started
+        self.ticks += 1
+        if self.metrics:
+            self.metrics.keepalive(elapsed, ok, account, memtotal, memused, memfree, snapshot, self.node)
+        if ok:
+            log.tick("keepalive: %d VMs running, memory total/used/free %d/%d/%d MiB, alloc %d, prov %d, %.2fs",
+                     account.domaincount, memtotal, memused, memfree, account.memalloc, account.memprov, elapsed)
+        else:
+            log.error("keepalive: could not write this node's figures (see the store's error above)")
+        self.mark_dead_peers()
+        return ok
+
+    def mark_dead_peers(self) -> None:
+        """Mark peers whose keepalive went stale `dead` (a live peer rewrites `run` on its next keepalive)."""
+        stale_before = time.time() - self.config.keepalive_interval_s * self.config.dead_after
+        for peer in self.store.children(self.schema.nodes()) or []:
+            if peer == self.node:
+                continue
+            state = self.store.read_versioned(self.schema.node_key(peer, S.NODE_DAEMON_STATE))
+            if state is None or state[0] != "run":
+                continue
+            keepalive = self.store.read(self.schema.node_key(peer, S.NODE_KEEPALIVE))
+            try:
+                last = float(keepalive or 0)
+            except ValueError:
+                last = 0.0
+            if last < stale_before:
+                # version-checked: if the peer came back meanwhile, its `run` wins
+                if self.store.write({self.schema.node_key(peer, S.NODE_DAEMON_STATE): "dead"},
+                                    expect_versions={self.schema.node_key(peer, S.NODE_DAEMON_STATE): state[1]}):
+                    log.warning("node %s missed its keepalives since %s: marked dead", peer,
+                                time.strftime("%H:%M:%S", time.localtime(last)))
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick every interval until ``stop`` is set (a timer, not a synchronisation)."""
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # one bad tick must not end the keepalive
+                log.exception("keepalive tick failed")
+            stop.wait(self.config.keepalive_interval_s)

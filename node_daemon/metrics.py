@@ -1,0 +1,59 @@
+"""Optional Prometheus endpoint (prometheus_client), off by default.
+
+Each daemon uses its own registry, so several daemons (or tests) in one process never collide.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter as _Tally
+
+log = logging.getLogger(__name__)
+
+
+class Metrics:
+    def __init__(self, node: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.node = node
+        self.registry = CollectorRegistry()
+        self.memory = Gauge("pvc_node_memory_mib", "Node memory figures in MiB", ["kind"], registry=self.registry)
+        self.vms = Gauge("pvc_node_vms", "VMs assigned to this node by desired state", ["state"], registry=self.registry)
+        self.keepalive_seconds = Histogram("pvc_keepalive_duration_seconds", "Duration of one keepalive", registry=self.registry,
+                                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self.keepalive_errors = Counter("pvc_keepalive_errors_total", "Keepalives that could not be written", registry=self.registry)
+        self.migrations = Counter("pvc_migrations_total", "Finished migrations in which this node took part",
+                                  ["method", "result", "role"], registry=self.registry)
+        self.migration_seconds = Histogram("pvc_migration_duration_seconds", "Duration of finished migrations, request to end",
+                                           ["method", "result"], registry=self.registry,
+                                           buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self._server = None
+
+    def serve(self, address: str, port: int) -> None:
+        from prometheus_client import start_http_server
+
+        self._server = start_http_server(port, addr=address, registry=self.registry)
+        log.info("metrics served on http://%s:%d/metrics", address, port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            server, _thread = self._server
+            server.shutdown()
+            self._server = None
+
+    def keepalive(self, seconds, ok, account, memtotal, memused, memfree, snapshot, node) -> None:
+        self.keepalive_seconds.observe(seconds)
+        if not ok:
+            self.keepalive_errors.inc()
+        for kind, value in (("total", memtotal), ("used", memused), ("free", memfree),
+                            ("allocated", account.memalloc), ("provisioned", account.memprov)):
+            self.memory.labels(kind).set(value)
+        tally = _Tally(record.state for record in snapshot.values() if record.node == node)
+        for state in set(tally) | {"start", "stop", "disable", "fail"}:
+            self.vms.labels(state).set(tally.get(state, 0))
+
+    def migration(self, final: dict) -> None:
+        method = final.get("method_used") or "none"
+        result = final.get("result", "unknown")
+        role = "target" if final.get("target") == self.node else "source"
+        self.migrations.labels(method, result, role).inc()
+        self.migration_seconds.labels(method, result).observe(float(final.get("duration_s") or 0))

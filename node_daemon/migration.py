@@ -1,0 +1,449 @@
+"""The migration agent: this node's side of the lockstep protocol (docs/migration-protocol.md).
+
+The reconciler calls :meth:`MigrationAgent.handle` from the VM's worker thread whenever the VM's
+migration record changes (a watch) or a step deadline passes. Every handler starts from a fresh
+read of the record and its version, acts only on the transition the step calls for, and writes
+the next step with a version check: a late or repeated event finds nothing to do, and a write based
+on a stale view fails instead of overwriting a newer one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_meta, read_node_raw
+from pvc_cluster_common._requests import (
+    RESULT_ABORTED,
+    RESULT_DONE,
+    STEP_PREPARED,
+    STEP_REQUESTED,
+    STEP_TRANSFERRED,
+    STEP_TRANSFERRING,
+    finish_values,
+)
+
+from .hypervisor import Hypervisor, HypervisorError
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the crash-safety tests: the daemon SIGKILLs itself at the named point.
+CRASH_ENV = "PVC_NODE_DAEMON_CRASH_AT"
+ACTIVE = ("running", "blocked", "paused", "shutdown", "pmsuspended")
+RUNNING = ("running", "blocked")
+UNKNOWN = "unknown"
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        log.warning("crash point %s reached: SIGKILL (test fault injection)", name)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Deadlines:
+    """Per-VM step deadlines: when one passes with the record unchanged, the VM is queued again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._items: dict[str, tuple[float, str]] = {}   # uuid -> (deadline, record marker)
+        self.wake = None   # set by the daemon: reconciler.enqueue
+
+    def arm(self, uuid: str, marker: str, timeout_s: float) -> None:
+        with self._lock:
+            current = self._items.get(uuid)
+            if current and current[1] == marker:
+                return   # already armed for this step: a repeated event must not extend it
+            self._items[uuid] = (time.monotonic() + timeout_s, marker)
+            self._lock.notify_all()
+
+    def expired(self, uuid: str, marker: str) -> bool:
+        with self._lock:
+            current = self._items.get(uuid)
+            return bool(current and current[1] == marker and current[0] <= time.monotonic())
+
+    def clear(self, uuid: str) -> None:
+        with self._lock:
+            self._items.pop(uuid, None)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with self._lock:
+                now = time.monotonic()
+                due = [uuid for uuid, (deadline, _) in self._items.items() if deadline <= now]
+                upcoming = [deadline for deadline, _ in self._items.values() if deadline > now]
+                if not due:
+                    # woken by arm() or stop; otherwise by the nearest deadline
+                    self._lock.wait(min([d - now for d in upcoming] + [1.0]))
+            for uuid in due:
+                if self.wake:
+                    self.wake(uuid)
+            if due:
+                # each due VM is handled once; a handler that still waits re-arms with a new marker
+                with self._lock:
+                    for uuid in due:
+                        if uuid in self._items and self._items[uuid][0] <= time.monotonic():
+                            self._items[uuid] = (float("inf"), self._items[uuid][1])
+
+
+class MigrationAgent:
+    def __init__(self, node, config, store, hypervisor, domains, metrics=None) -> None:
+        self.node = node
+        self.config = config
+        self.store = store
+        self.schema = store.schema
+        self.hypervisor = hypervisor
+        self.domains = domains
+        self.metrics = metrics
+        self.deadlines = Deadlines()
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def read_record(self, uuid: str):
+        found = self.store.read_versioned(self.schema.domain_migration(uuid))
+        if not found or not found[0]:
+            return None, -1
+        try:
+            return json.loads(found[0]), found[1]
+        except ValueError:
+            return None, -1
+
+    def records_for_node(self) -> list[str]:
+        """VMs whose in-flight migration names this node (read at start-up and every resync)."""
+        result = []
+        for uuid in self.store.children(self.schema.domains()) or []:
+            record, _ = self.read_record(uuid)
+            if record and self.node in (record.get("source"), record.get("target")):
+                result.append(uuid)
+        return result
+
+    def local_state(self, uuid: str) -> str | None:
+        status = self.hypervisor.status(uuid)
+        return status.state if status else None
+
+    def peer_state(self, peer: str, uuid: str) -> str | None:
+        """libvirt's view of ``uuid`` on ``peer``: a state name, None (absent) or UNKNOWN."""
+        uri = self.store.read(self.schema.node_key(peer, S.NODE_LIBVIRT_URI))
+        if uri and not uri.startswith("test:"):
+            try:
+                with Hypervisor(uri, call_timeout_s=min(10.0, self.config.libvirt_call_timeout_s)) as remote:
+                    status = remote.status(uuid)
+                    return status.state if status else None
+            except HypervisorError as exc:
+                log.warning("cannot ask libvirt on %s (%s) about %s: %s", peer, uri, uuid, exc)
+                return UNKNOWN
+        # The libvirt test driver lives inside its daemon's process and cannot be reached from
+        # here: use what the peer's last keepalive published, if the peer is alive.
+        if not self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE)):
+            return UNKNOWN
+        running = self.store.read_json(self.schema.node_key(peer, S.NODE_RUNNINGDOMAINS)) or []
+        return "running" if uuid in running else None
+
+    def state_on(self, node: str, uuid: str) -> str | None:
+        return self.local_state(uuid) if node == self.node else self.peer_state(node, uuid)
+
+    def peer_alive(self, peer: str) -> bool:
+        return bool(self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE)))
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    def advance(self, uuid: str, record: dict, version: int, step: str, **fields) -> tuple[dict, int] | None:
+        """Write the next step (version-checked). Returns the new record and version, or None when
+        the record changed underneath (the caller stops; the watch brings the new record)."""
+        new = dict(record)
+        new.update(fields)
+        new["step"] = step
+        new["steps"] = dict(record.get("steps") or {})
+        new["steps"][step] = round(time.time(), 3)
+        path = self.schema.domain_migration(uuid)
+        if not self.store.write({path: new}, expect_versions={path: version}):
+            log.warning("migration %s of %s: record changed before step %s could be written; re-reading",
+                        record.get("id"), uuid, step)
+            return None
+        log.info("migration %s of %s: %s (%s -> %s)", record.get("id"), uuid, step, record["source"], record["target"])
+        return new, version + 1
+
+    def finish(self, uuid: str, record: dict, version: int, result: str, reason: str | None = None,
+               node: str | None = None) -> bool:
+        values, delete, final = finish_values(self.schema, record, result, reason, node)
+        if result == RESULT_DONE:
+            values[self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)] = ""
+        ok = self.store.write(values, expect_versions={self.schema.domain_migration(uuid): version}, delete=delete)
+        if not ok:
+            log.warning("migration %s of %s: record changed before it could be finished; re-reading", record.get("id"), uuid)
+            return False
+        self.deadlines.clear(uuid)
+        self._prune_history(uuid)
+        if result == RESULT_DONE:
+            log.ok("migration %s of %s done: %s -> %s, method %s, %.2f s", record["id"], uuid, record["source"],
+                   record["target"], final.get("method_used"), final.get("duration_s", 0))
+        else:
+            log.warning("migration %s of %s aborted: %s; the VM stays on %s", record["id"], uuid, reason,
+                        node or record["source"])
+        if self.metrics:
+            self.metrics.migration(final)
+        return True
+
+    def abort(self, uuid: str, record: dict, version: int, reason: str, node: str | None = None) -> bool:
+        return self.finish(uuid, record, version, RESULT_ABORTED, reason, node)
+
+    def _prune_history(self, uuid: str) -> None:
+        path = self.schema.domain_history(uuid)
+        entries = sorted(self.store.children(path) or [])
+        if len(entries) > S.HISTORY_KEEP:
+            self.store.delete([f"{path}/{entry}" for entry in entries[:-S.HISTORY_KEEP]], recursive=False)
+
+    # ---- dispatch -----------------------------------------------------------------------------
+
+    def handle(self, uuid: str, _record_hint=None) -> None:
+        record, version = self.read_record(uuid)
+        if record is None:
+            self.deadlines.clear(uuid)
+            return
+        marker = f"{record.get('id')}:{version}"
+        timed_out = self.deadlines.expired(uuid, marker)
+        if record.get("source") == self.node:
+            self.as_source(uuid, record, version, marker, timed_out)
+        elif record.get("target") == self.node:
+            self.as_target(uuid, record, version, marker, timed_out)
+
+    # ---- source side --------------------------------------------------------------------------
+
+    def as_source(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool) -> None:
+        step = record.get("step")
+        if step == STEP_REQUESTED:
+            if timed_out:
+                self.abort(uuid, record, version, f"target {record['target']} did not prepare within {self.config.step_timeout_s:.0f} s")
+            else:
+                self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
+        elif step == STEP_PREPARED:
+            self.transfer(uuid, record, version)
+        elif step == STEP_TRANSFERRING:
+            # Only reached after a restart or a lost session: the transfer of this record was
+            # under way in a process that no longer runs it. Resolve from libvirt's view.
+            self.resolve(uuid, record, version, marker)
+        elif step == STEP_TRANSFERRED:
+            if timed_out:
+                self.resolve(uuid, record, version, marker)
+            else:
+                self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
+
+    def method_for(self, uuid: str, record: dict) -> str:
+        """Re-read the VM's migration_method: it may have changed since the request."""
+        if record.get("force_live"):
+            return "live"
+        return read_meta(self.store, uuid).migration_method
+
+    def transfer(self, uuid: str, record: dict, version: int) -> None:
+        target = record["target"]
+        node_now = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_NODE))
+        if node_now != target:
+            self.abort(uuid, record, version, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
+            return
+        method = self.method_for(uuid, record)
+        local = self.local_state(uuid)
+        if local not in ACTIVE:
+            # Nothing runs here (it crashed, or was never started): the target simply starts it.
+            advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used="offline", method=method)
+            if advanced:
+                self.advance(uuid, *advanced, STEP_TRANSFERRED)
+            return
+        first = "shutdown" if method == "shutdown" else "live"
+        advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used=first, method=method)
+        if not advanced:
+            return
+        record, version = advanced
+        crash_point("source:transferring")
+        if first == "live":
+            error = self.live_migrate(uuid, record)
+            if error is None:
+                crash_point("source:live-done")
+                self.advance(uuid, record, version, STEP_TRANSFERRED)
+                return
+            if method == "live":
+                self.after_failed_live(uuid, record, version, error)
+                return
+            log.warning("migration %s of %s: live migration failed (%s); falling back to a shutdown migration",
+                        record["id"], uuid, error)
+            advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used="shutdown", fallback_reason=error)
+            if not advanced:
+                return
+            record, version = advanced
+        self.shutdown_here(uuid)
+        crash_point("source:shutdown-done")
+        self.advance(uuid, record, version, STEP_TRANSFERRED)
+
+    def live_migrate(self, uuid: str, record: dict) -> str | None:
+        """Run the live migration; None on success, else libvirt's reason."""
+        target = record["target"]
+        target_raw = read_node_raw(self.store, target) or {}
+        dest_uri = target_raw.get(S.NODE_LIBVIRT_URI)
+        if not dest_uri:
+            return f"target {target} has not published its libvirt URI"
+        meta = read_meta(self.store, uuid)
+        timeout_s = self.config.live_timeout_s(int(record.get("memory_mib") or 0))
+        try:
+            self.hypervisor.migrate(uuid, dest_uri, migration_uri=target_raw.get(S.NODE_TRANSPORT_URI) or None,
+                                    live=True, peer_to_peer=True, max_downtime_ms=meta.migration_max_downtime_ms,
+                                    timeout_s=timeout_s)
+        except HypervisorError as exc:
+            return str(exc)
+        return None
+
+    def after_failed_live(self, uuid: str, record: dict, version: int, error: str) -> None:
+        local = self.local_state(uuid)
+        if local in RUNNING:
+            self.abort(uuid, record, version, f"live migration failed and the VM's method is live: {error}")
+        else:
+            # libvirt failed late (after switch-over?): let ground truth decide where it runs
+            self.resolve(uuid, record, version, f"{record['id']}:{version}")
+
+    def shutdown_here(self, uuid: str) -> None:
+        try:
+            if self.hypervisor.shutdown(uuid, self.config.shutdown_timeout_s):
+                log.ok("VM %s: shut down for migration", uuid)
+                return
+            log.warning("VM %s: did not shut down within %.0f s: forced stop", uuid, self.config.shutdown_timeout_s)
+        except HypervisorError as exc:
+            log.warning("VM %s: clean shutdown failed (%s): forced stop", uuid, exc)
+        try:
+            self.hypervisor.destroy(uuid)
+        except HypervisorError as exc:
+            log.error("VM %s: forced stop failed: %s", uuid, exc)
+
+    # ---- target side --------------------------------------------------------------------------
+
+    def as_target(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool) -> None:
+        step = record.get("step")
+        if step == STEP_REQUESTED:
+            self.prepare(uuid, record, version)
+        elif step in (STEP_PREPARED, STEP_TRANSFERRING):
+            if timed_out:
+                self.resolve(uuid, record, version, marker)
+            else:
+                wait = self.config.step_timeout_s
+                if step == STEP_TRANSFERRING:
+                    wait += self.config.live_timeout_s(int(record.get("memory_mib") or 0)) + self.config.shutdown_timeout_s
+                self.deadlines.arm(uuid, marker, wait)
+        elif step == STEP_TRANSFERRED:
+            self.complete(uuid, record, version, marker, timed_out)
+
+    def prepare(self, uuid: str, record: dict, version: int) -> None:
+        daemon_state = self.store.read(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
+        domain_state = self.store.read(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE))
+        if daemon_state != "run" or domain_state not in ("ready", "unflush"):
+            self.abort(uuid, record, version,
+                       f"target {self.node} is not ready (daemon {daemon_state}, domain state {domain_state})")
+            return
+        if self.local_state(uuid) in ACTIVE:
+            self.resolve(uuid, record, version, f"{record['id']}:{version}")
+            return
+        if self.advance(uuid, record, version, STEP_PREPARED):
+            crash_point("target:prepared")
+
+    def complete(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool) -> None:
+        local = self.local_state(uuid)
+        if local in RUNNING:
+            crash_point("target:before-done")
+            self.finish(uuid, record, version, RESULT_DONE)
+            return
+        if local == "paused":
+            # libvirt is still switching the incoming copy over; its resume brings a lifecycle
+            # change the periodic pass sees. After a step timeout, ground truth decides.
+            if timed_out:
+                self.resolve(uuid, record, version, marker)
+            else:
+                self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
+            return
+        if record.get("method_used") == "live":
+            # live reported success but nothing runs here: ask both sides
+            self.resolve(uuid, record, version, marker)
+            return
+        self.start_here(uuid, record, version)
+
+    def start_here(self, uuid: str, record: dict, version: int) -> None:
+        xml = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
+        try:
+            if not xml:
+                raise HypervisorError("create", uuid, None, "no domain XML in ZooKeeper")
+            self.hypervisor.create(xml)
+        except HypervisorError as exc:
+            # The VM runs nowhere now: give it back to the source, whose reconciler starts it.
+            self.abort(uuid, record, version, f"start on target {self.node} failed: {exc}", node=record["source"])
+            return
+        crash_point("target:started")
+        self.finish(uuid, record, version, RESULT_DONE)
+
+    # ---- ground truth -------------------------------------------------------------------------
+
+    def resolve(self, uuid: str, record: dict, version: int, marker: str) -> None:
+        """Finish or roll back from libvirt's view on both sides (docs/migration-protocol.md)."""
+        source, target = record["source"], record["target"]
+        on_source = self.state_on(source, uuid)
+        on_target = self.state_on(target, uuid)
+        log.info("migration %s of %s: resolving from libvirt: source %s is %s, target %s is %s",
+                 record["id"], uuid, source, on_source, target, on_target)
+        if UNKNOWN in (on_source, on_target):
+            # A node we cannot ask may still run the VM: start nothing, ask again later (I1 first).
+            self.deadlines.arm(uuid, f"{marker}:retry:{time.monotonic():.0f}", self.config.step_timeout_s)
+            return
+        src_active, tgt_active = on_source in ACTIVE, on_target in ACTIVE
+        if src_active and on_target == "paused":
+            self.deadlines.arm(uuid, f"{marker}:job:{time.monotonic():.0f}", self.config.step_timeout_s)
+            return   # libvirt still transfers; check again later
+        if src_active and tgt_active:
+            # Must not happen through libvirt; keep the copy on the target (it has the newest
+            # memory after a switch-over) and stop the other.
+            log.error("VM %s runs on both %s and %s: stopping the copy on %s", uuid, source, target, source)
+            if source == self.node:
+                self.hypervisor.destroy(uuid)
+                self.finish(uuid, record, version, RESULT_DONE)
+            return
+        if src_active:
+            self.abort(uuid, record, version, "the transfer did not happen; the VM still runs on the source", node=source)
+            return
+        if tgt_active:
+            if on_target in RUNNING:
+                self.finish(uuid, record, version, RESULT_DONE)
+            else:
+                self.deadlines.arm(uuid, f"{marker}:paused:{time.monotonic():.0f}", self.config.step_timeout_s)
+            return
+        # Off on both sides.
+        step = record.get("step")
+        shut_down_for_migration = record.get("method_used") in ("shutdown", "offline") and step in (STEP_TRANSFERRING, STEP_TRANSFERRED)
+        if shut_down_for_migration and self.node == target:
+            self.start_here(uuid, record, version)
+            return
+        if shut_down_for_migration and self.peer_alive(target) and step == STEP_TRANSFERRING:
+            self.advance(uuid, record, version, STEP_TRANSFERRED)   # the target starts it
+            return
+        # Nothing runs and the target cannot take over: back to the source, which starts it.
+        self.abort(uuid, record, version, "the VM was not running on either node; it is given back to the source", node=source)
+
+    # ---- a VM running here but assigned elsewhere -----------------------------------------------
+
+    def rehome(self, uuid: str, assigned: str) -> None:
+        """The VM runs here but ZooKeeper assigns it to ``assigned`` with no migration record."""
+        on_assigned = self.peer_state(assigned, uuid)
+        if on_assigned in RUNNING:
+            log.error("VM %s runs here and on its assigned node %s: stopping the copy here", uuid, assigned)
+            self.hypervisor.destroy(uuid)
+            return
+        if on_assigned == UNKNOWN:
+            log.warning("VM %s runs here but is assigned to %s, which cannot be asked; leaving it running", uuid, assigned)
+            return
+        log.warning("VM %s runs here but is assigned to %s with no migration: migrating it there", uuid, assigned)
+        from pvc_cluster_common._cluster import read_vm
+        from pvc_cluster_common._requests import new_record, RequestPlan
+        vm = read_vm(self.store, uuid)
+        if vm is None:
+            return
+        plan = RequestPlan(uuid=uuid, name=vm.name, kind="move", source=self.node, target=assigned, lastnode=vm.lastnode,
+                           changed=True, migrates=True, memory_mib=vm.memory_mib, force_live=False, message="rehome")
+        record = new_record(plan, vm, requester=self.node)
+        path = self.schema.domain_migration(uuid)
+        self.store.write({path: record, self.schema.node_reservation(assigned, uuid): vm.memory_mib})

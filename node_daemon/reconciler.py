@@ -1,0 +1,246 @@
+"""Drive every VM that concerns this node towards the state ZooKeeper records.
+
+ZooKeeper watches on each VM's ``state``, ``node``, ``xml`` and ``migration`` keys mark the VM
+dirty; a worker thread per VM (at most one at a time, named ``vm-<name>``) re-reads the VM from
+ZooKeeper and libvirt and applies :func:`vmstate.decide`. Events that arrive while a worker runs
+make it run once more, so a late or repeated watch is harmless: every pass starts from fresh reads.
+A periodic pass every keepalive interval also catches what no watch reports (a guest that crashed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._domain_xml import DomainXMLError, parse_domain_xml
+
+from .domains import DomainTable
+from .hypervisor import HypervisorError
+from .vmstate import Action, Desired, decide
+
+log = logging.getLogger(__name__)
+
+WATCHED_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
+
+
+class Reconciler:
+    def __init__(self, node, config, store, hypervisor, domains: DomainTable, migrations, metrics=None) -> None:
+        self.node = node
+        self.config = config
+        self.store = store
+        self.schema = store.schema
+        self.hypervisor = hypervisor
+        self.domains = domains
+        self.migrations = migrations
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()
+        self._dirty: set[str] = set()
+        self._idle = threading.Condition(self._lock)
+        self._watched: set[str] = set()
+        self.accepting = threading.Event()
+        self.accepting.set()
+
+    # ---- watches ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.store.client.ChildrenWatch(self.schema.domains(), self._on_domains)
+
+    def _on_domains(self, children) -> bool:
+        current = set(children or [])
+        for uuid in current - self._watched:
+            self._watch_domain(uuid)
+        for uuid in self._watched - current:
+            self._watched.discard(uuid)
+            self.domains.remove(uuid)
+            self.enqueue(uuid)
+        return True
+
+    def _watch_domain(self, uuid: str) -> None:
+        self._watched.add(uuid)
+        for key in WATCHED_KEYS:
+            self.store.client.DataWatch(self.schema.domain_key(uuid, key), self._make_callback(uuid, key))
+
+    def _make_callback(self, uuid: str, key: str):
+        def callback(data, stat, event=None):
+            if uuid not in self._watched:
+                return False  # the domain is gone: drop this watch
+            value = data.decode("utf-8") if data is not None else None
+            self._record(uuid, key, value)
+            self.enqueue(uuid)
+            return True
+        return callback
+
+    def _record(self, uuid: str, key: str, value: str | None) -> None:
+        if key == S.DOMAIN_XML:
+            if not value:
+                self.domains.update(uuid, memory_mib=0, vcpus=0, xml_ok=False)
+                return
+            try:
+                info = parse_domain_xml(value)
+            except DomainXMLError as exc:
+                log.error("VM %s: its XML in ZooKeeper cannot be parsed (%s); counted as 0 MiB", uuid, exc)
+                self.domains.update(uuid, memory_mib=0, vcpus=0, xml_ok=False)
+                return
+            self.domains.update(uuid, name=info.name, memory_mib=info.memory_mib, vcpus=info.vcpus, xml_ok=True)
+        elif key == S.DOMAIN_STATE:
+            self.domains.update(uuid, state=value or "")
+        elif key == S.DOMAIN_NODE:
+            self.domains.update(uuid, node=value or "")
+        elif key == S.DOMAIN_LASTNODE:
+            self.domains.update(uuid, lastnode=value or "")
+
+    # ---- work queue ---------------------------------------------------------------------------
+
+    def enqueue(self, uuid: str) -> None:
+        if not self.accepting.is_set():
+            return
+        with self._lock:
+            if uuid in self._busy:
+                self._dirty.add(uuid)
+                return
+            self._busy.add(uuid)
+        record = self.domains.get(uuid)
+        name = (record.name if record and record.name else uuid[:8])
+        threading.Thread(target=self._work, args=(uuid,), name=f"vm-{name}", daemon=True).start()
+
+    def _work(self, uuid: str) -> None:
+        while True:
+            try:
+                self.reconcile(uuid)
+            except Exception:  # one VM's failure must not stop the others
+                log.exception("VM %s: reconcile failed", uuid)
+            with self._lock:
+                if uuid in self._dirty and self.accepting.is_set():
+                    self._dirty.discard(uuid)
+                    continue
+                self._dirty.discard(uuid)
+                self._busy.discard(uuid)
+                self._idle.notify_all()
+                return
+
+    def resync(self) -> None:
+        """Queue every VM that concerns this node: assigned here, migrating here, or running here."""
+        try:
+            local = {ref.uuid for ref in self.hypervisor.list_domains(active_only=True)}
+        except HypervisorError as exc:
+            log.warning("resync: cannot list libvirt domains: %s", exc)
+            local = set()
+        for uuid, record in self.domains.snapshot().items():
+            if record.node == self.node or uuid in local:
+                self.enqueue(uuid)
+        for uuid in self.migrations.records_for_node():
+            self.enqueue(uuid)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._busy, timeout=timeout_s)
+
+    def run(self, stop: threading.Event) -> None:
+        """A full pass every keepalive interval, catching what no watch reports."""
+        while not stop.wait(self.config.keepalive_interval_s):
+            if self.store.connected:
+                self.resync()
+
+    # ---- one VM -------------------------------------------------------------------------------
+
+    def read_desired(self, uuid: str):
+        """Fresh reads of the keys that decide what happens to the VM (None when it is gone)."""
+        state = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_STATE))
+        node = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_NODE))
+        if state is None or node is None:
+            return None, None
+        raw = self.store.read(self.schema.domain_migration(uuid))
+        record = None
+        if raw:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                log.error("VM %s: unreadable migration record %r; ignored", uuid, raw[:80])
+        desired = Desired(state=state, node=node,
+                          migration_source=record.get("source") if record else None,
+                          migration_target=record.get("target") if record else None)
+        return desired, record
+
+    def reconcile(self, uuid: str) -> None:
+        if not self.store.connected:
+            return  # a reconnect queues a full pass; acting on a stale view is worse than waiting
+        status = self.hypervisor.status(uuid)
+        local_state = status.state if status else None
+        desired, record = self.read_desired(uuid)
+        if desired is None:
+            if self.store.exists(self.schema.domain(uuid)) is False and local_state not in (None, "shutoff"):
+                log.warning("VM %s was removed from the cluster while running here: forced stop", uuid)
+                self._destroy(uuid)
+            return
+        decision = decide(self.node, desired, local_state)
+        if decision.action in (Action.NOTHING, Action.FORGET):
+            log.debug("VM %s: %s", uuid, decision.why)
+            return
+        log.info("VM %s: %s (%s)", uuid, decision.action.value, decision.why)
+        if decision.action is Action.MIGRATION:
+            self.migrations.handle(uuid, record)
+        elif decision.action is Action.START:
+            self.start_vm(uuid)
+        elif decision.action is Action.RESTART:
+            self._shutdown(uuid)
+            if self.start_vm(uuid):
+                self._set_state_if(uuid, "restart", "start")
+        elif decision.action is Action.SHUTDOWN:
+            self._shutdown(uuid)
+            if decision.new_state:
+                self._set_state_if(uuid, desired.state, decision.new_state)
+        elif decision.action is Action.STOP:
+            self._destroy(uuid)
+        elif decision.action is Action.RECORD_STOPPED:
+            self._set_state_if(uuid, desired.state, decision.new_state)
+        elif decision.action is Action.REHOME:
+            self.migrations.rehome(uuid, desired.node)
+
+    # ---- actions ------------------------------------------------------------------------------
+
+    def start_vm(self, uuid: str) -> bool:
+        xml = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
+        if not xml:
+            self._fail(uuid, "no domain XML in ZooKeeper")
+            return False
+        try:
+            self.hypervisor.create(xml)
+        except HypervisorError as exc:
+            self._fail(uuid, str(exc))
+            return False
+        log.ok("VM %s: started", uuid)
+        self.store.write({self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): ""})
+        return True
+
+    def _fail(self, uuid: str, reason: str) -> None:
+        log.error("VM %s: start failed: %s", uuid, reason)
+        self.store.write({self.schema.domain_key(uuid, S.DOMAIN_STATE): "fail",
+                          self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): reason})
+
+    def _shutdown(self, uuid: str) -> None:
+        """Clean shutdown with the configured timeout, then a forced stop."""
+        try:
+            if self.hypervisor.shutdown(uuid, self.config.shutdown_timeout_s):
+                log.ok("VM %s: shut down", uuid)
+                return
+            log.warning("VM %s: did not shut down within %.0f s: forced stop", uuid, self.config.shutdown_timeout_s)
+        except HypervisorError as exc:
+            log.warning("VM %s: clean shutdown failed (%s): forced stop", uuid, exc)
+        self._destroy(uuid)
+
+    def _destroy(self, uuid: str) -> None:
+        try:
+            self.hypervisor.destroy(uuid)
+            log.ok("VM %s: stopped", uuid)
+        except HypervisorError as exc:
+            log.error("VM %s: forced stop failed: %s", uuid, exc)
+
+    def _set_state_if(self, uuid: str, expected: str, new: str) -> None:
+        """Write the state only if nobody changed it meanwhile (a newer request wins)."""
+        path = self.schema.domain_key(uuid, S.DOMAIN_STATE)
+        current = self.store.read_versioned(path)
+        if current is None or current[0] != expected:
+            return
+        self.store.write({path: new}, expect_versions={path: current[1]})

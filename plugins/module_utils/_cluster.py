@@ -1,0 +1,194 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# PRIVATE: this module is internal to the pvc.cluster collection and its node daemon.
+# It may change without notice; do not import it from other collections.
+"""Typed reads of the cluster from the store, shared by the modules, the inventory and the daemon."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+from . import _schema as S
+from ._domain_xml import DomainXMLError, parse_domain_xml
+from ._meta import VMMeta
+from ._selector import NodeView
+
+HISTORY_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    """One VM as ZooKeeper records it (desired state, placement, meta, in-flight migration)."""
+
+    uuid: str
+    name: str
+    state: str
+    node: str
+    lastnode: str
+    xml: str
+    meta: VMMeta
+    memory_mib: int = 0
+    vcpus: int = 0
+    failedreason: str = ""
+    node_version: int = -1
+    migration: dict | None = None
+    migration_version: int = -1
+    xml_error: str = ""
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def home(self) -> str:
+        """The node the VM returns to on unmigrate: its lastnode when moved temporarily."""
+        return self.lastnode or self.node
+
+
+def _int(text: str | None) -> int:
+    try:
+        return int(float(text or 0))
+    except ValueError:
+        return 0
+
+
+def node_names(store) -> list[str]:
+    return sorted(store.children(store.schema.nodes()) or [])
+
+
+def read_node_raw(store, name: str) -> dict | None:
+    """Every NODE_DEFAULTS key of a node as stored (None when the node does not exist)."""
+    if not store.exists(store.schema.node(name)):
+        return None
+    return {key: store.read(store.schema.node_key(name, key)) for key in S.NODE_DEFAULTS}
+
+
+def read_reservations(store, name: str) -> dict[str, int]:
+    """In-flight incoming-migration reservations of a node: VM uuid -> MiB."""
+    result = {}
+    for uuid in store.children(store.schema.node_reservations(name)) or []:
+        result[uuid] = _int(store.read(store.schema.node_reservation(name, uuid)))
+    return result
+
+
+def read_node_view(store, name: str) -> NodeView | None:
+    raw = read_node_raw(store, name)
+    if raw is None:
+        return None
+    return NodeView.from_store(name, raw, sum(read_reservations(store, name).values()))
+
+
+def read_node_views(store) -> dict[str, NodeView]:
+    views = {}
+    for name in node_names(store):
+        view = read_node_view(store, name)
+        if view is not None:
+            views[name] = view
+    return views
+
+
+def vm_uuids(store) -> list[str]:
+    return sorted(store.children(store.schema.domains()) or [])
+
+
+def find_vm(store, name_or_uuid: str) -> str | None:
+    """The uuid of the VM with this uuid or name, or None."""
+    candidates = vm_uuids(store)
+    lowered = name_or_uuid.lower()
+    if lowered in candidates:
+        return lowered
+    for uuid in candidates:
+        if store.read(store.schema.domain(uuid)) == name_or_uuid:
+            return uuid
+    return None
+
+
+def read_meta(store, uuid: str) -> VMMeta:
+    raw = {key: store.read(store.schema.domain_meta(uuid, key)) for key in S.META_KEYS}
+    return VMMeta.from_store(raw)
+
+
+def read_vm(store, uuid: str) -> VMRecord | None:
+    schema = store.schema
+    name = store.read(schema.domain(uuid))
+    if name is None:
+        return None
+    node = store.read_versioned(schema.domain_key(uuid, S.DOMAIN_NODE))
+    migration = store.read_versioned(schema.domain_migration(uuid))
+    xml = store.read(schema.domain_key(uuid, S.DOMAIN_XML)) or ""
+    memory = vcpus = 0
+    xml_error = ""
+    try:
+        info = parse_domain_xml(xml)
+        memory, vcpus = info.memory_mib, info.vcpus
+    except DomainXMLError as exc:
+        xml_error = str(exc)
+    record = None
+    if migration and migration[0]:
+        try:
+            record = json.loads(migration[0])
+        except ValueError:
+            record = {"unreadable": migration[0][:200]}
+    stats = store.read(schema.domain_key(uuid, S.DOMAIN_STATS))
+    try:
+        stats_value = json.loads(stats) if stats else {}
+    except ValueError:
+        stats_value = {}
+    return VMRecord(
+        uuid=uuid,
+        name=name,
+        state=store.read(schema.domain_key(uuid, S.DOMAIN_STATE)) or "",
+        node=node[0] if node else "",
+        lastnode=store.read(schema.domain_key(uuid, S.DOMAIN_LASTNODE)) or "",
+        xml=xml,
+        meta=read_meta(store, uuid),
+        memory_mib=memory,
+        vcpus=vcpus,
+        failedreason=store.read(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)) or "",
+        node_version=node[1] if node else -1,
+        migration=record,
+        migration_version=migration[1] if migration else -1,
+        xml_error=xml_error,
+        stats=stats_value,
+    )
+
+
+def read_history(store, uuid: str, last: int = HISTORY_SHOWN) -> list[dict]:
+    """The last ``last`` finished migrations of a VM, oldest first."""
+    path = store.schema.domain_history(uuid)
+    entries = sorted(store.children(path) or [])[-last:] if last else []
+    result = []
+    for entry in entries:
+        text = store.read(path + "/" + entry)
+        try:
+            result.append(json.loads(text or ""))
+        except ValueError:
+            continue
+    return result
+
+
+def wait_for_key(store, path: str, predicate, timeout_s: float, cancel=None) -> bool:
+    """Wait on a ZooKeeper watch until ``predicate(value)`` holds for the key at ``path`` (value
+    None while the key does not exist). True when it held; False on timeout or when the
+    ``cancel`` event (optional) is set first."""
+    done = threading.Event()
+
+    def watcher(data, _stat, _event=None):
+        if done.is_set():
+            return False
+        if predicate(data.decode("utf-8") if data is not None else None):
+            done.set()
+            return False
+        return True
+
+    store.client.DataWatch(path, watcher)
+    if cancel is None:
+        return done.wait(timeout_s)
+    deadline = time.monotonic() + timeout_s
+    # Two events cannot be waited on at once; cancellation is checked at a coarse interval.
+    while not done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
+        if cancel.is_set() or time.monotonic() >= deadline:
+            return False
+    return True

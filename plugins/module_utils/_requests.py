@@ -1,0 +1,199 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# PRIVATE: this module is internal to the pvc.cluster collection and its node daemon.
+# It may change without notice; do not import it from other collections.
+"""Migration requests (migrate, move, unmigrate) and the migration record, defined once.
+
+Planning is pure (``plan_request``); writing is one versioned transaction (``submit_request``).
+The Ansible modules and the daemon's flush/ready both go through here, so a check-mode plan is
+exactly what a real run does. The protocol that follows a request is in docs/migration-protocol.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+
+from . import _schema as S
+from ._selector import NoTargetError, NodeView, rejection_reasons, select_target
+
+KINDS = ("migrate", "move", "unmigrate")
+STEP_REQUESTED = "requested"
+STEP_PREPARED = "prepared"
+STEP_TRANSFERRING = "transferring"
+STEP_TRANSFERRED = "transferred"
+STEPS = (STEP_REQUESTED, STEP_PREPARED, STEP_TRANSFERRING, STEP_TRANSFERRED)
+RESULT_DONE = "done"
+RESULT_ABORTED = "aborted"
+# A running VM is migrated; a VM in these states is only re-homed (no record, nothing moves).
+REHOME_ONLY_STATES = ("stop", "disable", "fail")
+# A VM in these states is in the middle of something; a request waits until it settles.
+BUSY_STATES = ("restart", "shutdown")
+
+
+class RequestError(ValueError):
+    """A request that cannot be made; the message says why and what would be accepted."""
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    uuid: str
+    name: str
+    kind: str
+    source: str                 # the VM's node now
+    target: str                 # its node after the request
+    lastnode: str               # its lastnode after the request
+    changed: bool               # False: nothing to do (already there / already home)
+    migrates: bool              # True: a running VM moves (a record is written)
+    memory_mib: int
+    force_live: bool
+    message: str
+    target_before: NodeView | None = None
+
+    @property
+    def target_headroom_after(self) -> int | None:
+        if self.target_before is None:
+            return None
+        return self.target_before.headroom - (self.memory_mib if self.migrates else 0)
+
+
+def _check_target(vm, target: str, nodes: dict[str, NodeView], need_ready: bool) -> None:
+    if target not in nodes:
+        accepted = ", ".join(sorted(nodes)) or "none registered"
+        raise RequestError(f"target node {target!r} is not a node of this cluster (nodes: {accepted})")
+    limit = vm.meta.node_limit
+    if limit and target not in limit:
+        raise RequestError(f"target node {target} is not in the node_limit of VM {vm.name} ({', '.join(limit)})")
+    if need_ready:
+        reason = rejection_reasons(vm.memory_mib, vm.node, limit, {target: nodes[target]})[target]
+        if reason:
+            raise RequestError(f"cannot migrate VM {vm.name} to {target}: {reason}")
+
+
+def plan_request(vm, kind: str, nodes: dict[str, NodeView], target: str | None = None,
+                 force_live: bool = False, default_selector: str | None = None) -> RequestPlan:
+    """Decide what a migrate/move/unmigrate request of ``vm`` (a VMRecord) does. No I/O."""
+    if kind not in KINDS:
+        raise RequestError(f"unknown request {kind!r} (accepted: {', '.join(KINDS)})")
+    if vm.migration:
+        raise RequestError(
+            f"a migration of VM {vm.name} from {vm.migration.get('source')} to {vm.migration.get('target')} is in flight "
+            f"(step {vm.migration.get('step')}); wait for it to finish")
+    if vm.state in BUSY_STATES:
+        raise RequestError(f"VM {vm.name} is in state {vm.state}; retry when it settles")
+    migrates = vm.state not in REHOME_ONLY_STATES
+
+    def plan(tgt: str, lastnode: str, changed: bool, message: str) -> RequestPlan:
+        return RequestPlan(uuid=vm.uuid, name=vm.name, kind=kind, source=vm.node, target=tgt, lastnode=lastnode,
+                           changed=changed, migrates=migrates and changed and tgt != vm.node, memory_mib=vm.memory_mib,
+                           force_live=force_live, message=message, target_before=nodes.get(tgt))
+
+    if kind == "unmigrate":
+        if not vm.lastnode:
+            return plan(vm.node, "", False, f"VM {vm.name} is already on its home node {vm.node}")
+        target = vm.lastnode
+        if target == vm.node:
+            return plan(vm.node, "", True, f"VM {vm.name} is on its home node {vm.node}: clearing its return record")
+        _check_target(vm, target, nodes, need_ready=migrates)
+        return plan(target, "", True, f"VM {vm.name} returns from {vm.node} to its home node {target}")
+
+    if target is None:
+        try:
+            target = select_target(vm.memory_mib, vm.node, vm.meta.node_limit, vm.meta.node_selector, nodes,
+                                   default_selector=default_selector)
+        except NoTargetError as exc:
+            raise RequestError(f"no node can take VM {vm.name}: {exc}") from None
+    elif target == vm.node:
+        if kind == "move" and vm.lastnode:
+            return plan(vm.node, "", True, f"VM {vm.name} stays on {vm.node}, which becomes its home node")
+        return plan(vm.node, vm.lastnode, False, f"VM {vm.name} is already on {vm.node}")
+    else:
+        _check_target(vm, target, nodes, need_ready=migrates)
+
+    if kind == "move" or target == vm.lastnode:
+        lastnode = ""          # a move is permanent; a migrate back home ends the temporary stay
+    else:
+        lastnode = vm.lastnode or vm.node   # keep the original home across repeated migrations
+    verb = "moves" if kind == "move" else "migrates"
+    what = "" if migrates else " (not running: re-homed only)"
+    return plan(target, lastnode, True, f"VM {vm.name} {verb} from {vm.node} to {target}{what}")
+
+
+def new_record(plan: RequestPlan, vm, requester: str) -> dict:
+    now = time.time()
+    method = "live" if plan.force_live else vm.meta.migration_method
+    return {
+        "id": uuidlib.uuid4().hex[:12],
+        "vm": plan.uuid,
+        "name": plan.name,
+        "kind": plan.kind,
+        "source": plan.source,
+        "target": plan.target,
+        "method": method,
+        "force_live": plan.force_live,
+        "memory_mib": plan.memory_mib,
+        "prev_lastnode": vm.lastnode,
+        "requester": requester,
+        "step": STEP_REQUESTED,
+        "method_used": None,
+        "fallback_reason": None,
+        "reason": None,
+        "steps": {STEP_REQUESTED: round(now, 3)},
+    }
+
+
+def submit_request(store, plan: RequestPlan, vm, requester: str) -> dict | None:
+    """Write a planned request in one transaction. Returns the migration record (None when the
+    request only re-homes a stopped VM, or changes nothing). Raises the store's ConflictError when
+    the VM changed since it was read (re-read and re-plan), StoreError when ZooKeeper fails."""
+    if not plan.changed:
+        return None
+    schema = store.schema
+    node_path = schema.domain_key(plan.uuid, S.DOMAIN_NODE)
+    values = {node_path: plan.target, schema.domain_key(plan.uuid, S.DOMAIN_LASTNODE): plan.lastnode}
+    create = ()
+    record = None
+    if plan.migrates:
+        record = new_record(plan, vm, requester)
+        values[schema.domain_migration(plan.uuid)] = record
+        values[schema.node_reservation(plan.target, plan.uuid)] = plan.memory_mib
+        create = (schema.domain_migration(plan.uuid), schema.node_reservation(plan.target, plan.uuid))
+    store.commit(values, expect_versions={node_path: vm.node_version}, create=create)
+    return record
+
+
+def history_key(record: dict, finished: float) -> str:
+    """Sortable name of an audit record: finish time in ms, then the migration id."""
+    return f"{int(finished * 1000):015d}-{record['id']}"
+
+
+def final_record(record: dict, result: str, reason: str | None = None) -> dict:
+    finished = time.time()
+    final = dict(record)
+    final["steps"] = dict(record.get("steps") or {})
+    final["steps"][result] = round(finished, 3)
+    final["result"] = result
+    if reason:
+        final["reason"] = reason
+    started = final["steps"].get(STEP_REQUESTED, finished)
+    final["duration_s"] = round(finished - started, 3)
+    final.pop("step", None)
+    return final
+
+
+def finish_values(schema, record: dict, result: str, reason: str | None = None, node: str | None = None):
+    """The writes and deletes that end a migration in one transaction: the record and the
+    reservation go, the audit record is added, and on abort ``node``/``lastnode`` point back to
+    where the VM runs. Returns (values, delete, final audit record)."""
+    final = final_record(record, result, reason)
+    uuid = record["vm"]
+    values = {schema.domain_history(uuid) + "/" + history_key(record, final["steps"][result]): final}
+    if result == RESULT_ABORTED:
+        values[schema.domain_key(uuid, S.DOMAIN_NODE)] = node or record["source"]
+        values[schema.domain_key(uuid, S.DOMAIN_LASTNODE)] = record.get("prev_lastnode") or ""
+    delete = [schema.domain_migration(uuid), schema.node_reservation(record["target"], uuid)]
+    return values, delete, final

@@ -1,0 +1,617 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# PRIVATE: this module is internal to the pvc.cluster collection and its node daemon.
+# It may change without notice; do not import it from other collections.
+"""Target selection, flush plans and the n-1 check: pure logic, standard library only, no I/O.
+
+The daemon and the modules use these functions and nothing else to choose where a VM goes, so a
+check-mode plan and the daemon's real choice follow the same rules.
+
+Candidates
+    A node can take a VM when, checked in this order (the first failure is the reason reported):
+    it is not the VM's current node; it is not excluded by the caller; it is inside the VM's
+    ``node_limit`` (empty = any node); its daemon state is ``run``; its domain state is ``ready``;
+    and the VM fits: ``vm memory <= headroom``, where headroom = memtotal - memreserve - memprov -
+    in-flight reservations (MiB). Unlike upstream, a node that cannot hold the VM is never chosen.
+
+Selectors (the best candidate wins)
+    ``mem``      most headroom (upstream's provfree rule, plus host reserve and reservations);
+    ``memfree``  most free host memory (``memfree`` as reported by the node);
+    ``load``     lowest 1-minute load average;
+    ``vcpus``    fewest allocated vCPUs;
+    ``vms``      fewest running domains;
+    ``default``  the cluster default (``default_selector``, itself ``mem`` when unset).
+
+Ties
+    Broken by headroom (more first), then by node name (plain string order, so ``node10`` sorts
+    before ``node2``). The choice is therefore deterministic and independent of the order in
+    which nodes are listed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+from ._memory import headroom_mib
+from ._meta import CLUSTER_DEFAULT_SELECTOR, CONCRETE_SELECTORS, MetaError, parse_node_limit, parse_node_selector
+from ._schema import (
+    NODE_CPULOAD,
+    NODE_DAEMON_STATE,
+    NODE_DEFAULTS,
+    NODE_DOMAINCOUNT,
+    NODE_DOMAIN_STATE,
+    NODE_MEMFREE,
+    NODE_MEMPROV,
+    NODE_MEMRESERVE,
+    NODE_MEMTOTAL,
+    NODE_MEMUSED,
+    NODE_VCPUALLOC,
+)
+
+RUN = "run"
+READY = "ready"
+
+
+# ---- node view ------------------------------------------------------------------------------
+
+
+def _int(value: object, default: int = 0) -> int:
+    if value is None:
+        return default
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return default
+    if not math.isfinite(number):
+        return default
+    return int(number)
+
+
+def _float(value: object, default: float = 0.0) -> float:
+    if value is None:
+        return default
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        return default
+    return number if math.isfinite(number) else default
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What placement needs to know about one node. Memory in MiB.
+
+    ``reserved`` is the sum of the node's in-flight incoming-migration reservations.
+    """
+
+    name: str
+    daemon_state: str = NODE_DEFAULTS[NODE_DAEMON_STATE]
+    domain_state: str = NODE_DEFAULTS[NODE_DOMAIN_STATE]
+    memtotal: int = 0
+    memused: int = 0
+    memfree: int = 0
+    memprov: int = 0
+    memreserve: int = 0
+    reserved: int = 0
+    cpuload: float = 0.0
+    vcpualloc: int = 0
+    domaincount: int = 0
+
+    @property
+    def headroom(self) -> int:
+        """memtotal - memreserve - memprov - reserved; negative when overcommitted."""
+        return headroom_mib(self.memtotal, self.memreserve, self.memprov, self.reserved)
+
+    @property
+    def is_eligible(self) -> bool:
+        """Whether the node takes VMs at all: daemon state ``run`` and domain state ``ready``."""
+        return self.daemon_state == RUN and self.domain_state == READY
+
+    @classmethod
+    def from_store(cls, name: str, raw: Mapping[str, str | None], reservations_mib: int = 0) -> NodeView:
+        """Build from a node's stored keys; never raises.
+
+        Missing or unparseable numbers read as 0 (so a node with garbage ``memtotal`` has negative
+        headroom and is never chosen); missing states read as the schema's defaults for a new node
+        (``init`` / ``flushed``), which are not eligible.
+        """
+        def state(key: str) -> str:
+            value = raw.get(key)
+            return value.strip() if isinstance(value, str) and value.strip() else NODE_DEFAULTS[key]
+
+        return cls(
+            name=name,
+            daemon_state=state(NODE_DAEMON_STATE),
+            domain_state=state(NODE_DOMAIN_STATE),
+            memtotal=_int(raw.get(NODE_MEMTOTAL)),
+            memused=_int(raw.get(NODE_MEMUSED)),
+            memfree=_int(raw.get(NODE_MEMFREE)),
+            memprov=_int(raw.get(NODE_MEMPROV)),
+            memreserve=_int(raw.get(NODE_MEMRESERVE)),
+            reserved=_int(reservations_mib),
+            cpuload=_float(raw.get(NODE_CPULOAD)),
+            vcpualloc=_int(raw.get(NODE_VCPUALLOC)),
+            domaincount=_int(raw.get(NODE_DOMAINCOUNT)),
+        )
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def _format_reasons(reasons: Mapping[str, str]) -> str:
+    return "; ".join(f"{node}: {reason}" for node, reason in sorted(reasons.items()))
+
+
+class NoTargetError(Exception):
+    """No node can take the VM. ``reasons`` maps every node considered to why it was rejected."""
+
+    def __init__(self, reasons: Mapping[str, str], vm_memory_mib: int | None = None, selector: str | None = None) -> None:
+        self.reasons = dict(reasons)
+        self.vm_memory_mib = vm_memory_mib
+        self.selector = selector
+        what = "no target node"
+        if vm_memory_mib is not None:
+            what += f" for a VM of {vm_memory_mib} MiB"
+        if selector is not None:
+            what += f" (selector {selector})"
+        detail = _format_reasons(self.reasons) if self.reasons else "the cluster has no nodes"
+        super().__init__(f"{what}: {detail}")
+
+
+# ---- rules (defined once; every function below uses them) -----------------------------------
+
+
+def resolve_selector(selector: str | None, default_selector: str | None = CLUSTER_DEFAULT_SELECTOR) -> str:
+    """The concrete selector for ``selector``; ``default``/None resolve to ``default_selector``.
+
+    Raises ValueError (a :class:`MetaError`) for an unknown selector: callers pass normalised meta.
+    An unknown or ``default`` ``default_selector`` falls back to ``mem``.
+    """
+    concrete = parse_node_selector(selector)
+    if concrete != "default":
+        return concrete
+    try:
+        concrete = parse_node_selector(default_selector)
+    except MetaError:
+        return CLUSTER_DEFAULT_SELECTOR
+    return concrete if concrete in CONCRETE_SELECTORS else CLUSTER_DEFAULT_SELECTOR
+
+
+def _format_limit(node_limit: Sequence[str]) -> str:
+    return "[" + ", ".join(node_limit) + "]"
+
+
+def _static_rejection(node: NodeView, current_node: str | None, limit: frozenset[str] | None, limit_text: str, exclude: frozenset[str]) -> str | None:
+    """Why ``node`` can never take the VM, whatever its memory; None when it could."""
+    if node.name == current_node:
+        return "is the VM's current node"
+    if node.name in exclude:
+        return "is excluded"
+    if limit is not None and node.name not in limit:
+        return f"not in node_limit {limit_text}"
+    if node.daemon_state != RUN:
+        return f"daemon state is {node.daemon_state}, not run"
+    if node.domain_state != READY:
+        return f"domain state is {node.domain_state}, not ready"
+    return None
+
+
+def _fit_rejection(vm_memory_mib: int, headroom: int) -> str | None:
+    if vm_memory_mib > headroom:
+        return f"needs {vm_memory_mib} MiB, has {headroom} MiB headroom"
+    return None
+
+
+# Sort key of a candidate, by concrete selector: the smallest key wins. Arguments: anything with
+# the NodeView attributes name, memfree, cpuload, vcpualloc and domaincount, and its headroom.
+# The last two elements are the documented tie-breaks (headroom desc, then name asc).
+_KEYS = {
+    "mem": lambda n, h: (-h, 0, n.name),
+    "memfree": lambda n, h: (-n.memfree, -h, n.name),
+    "load": lambda n, h: (n.cpuload, -h, n.name),
+    "vcpus": lambda n, h: (n.vcpualloc, -h, n.name),
+    "vms": lambda n, h: (n.domaincount, -h, n.name),
+}
+
+
+def _limit(node_limit: Sequence[str] | str | None) -> tuple[str, ...]:
+    """A node_limit as a tuple of unique names; a string is read like the stored meta value."""
+    if not node_limit:
+        return ()
+    if isinstance(node_limit, str):
+        return parse_node_limit(node_limit)
+    return tuple(dict.fromkeys(node_limit))
+
+
+def _as_list(nodes: Iterable[NodeView] | Mapping[str, NodeView]) -> list[NodeView]:
+    if isinstance(nodes, Mapping):
+        return list(nodes.values())
+    return list(nodes)
+
+
+# ---- one VM ---------------------------------------------------------------------------------
+
+
+def rejection_reasons(
+    vm_memory_mib: int,
+    current_node: str | None,
+    node_limit: Sequence[str] | str | None,
+    nodes: Iterable[NodeView] | Mapping[str, NodeView],
+    *,
+    exclude: Iterable[str] = (),
+) -> dict[str, str | None]:
+    """For every node (and every node_limit name that is no node), why it cannot take the VM.
+
+    The value is None for a node that can take it. For check mode and diagnostics.
+    """
+    node_list = _as_list(nodes)
+    node_limit = _limit(node_limit)
+    limit = frozenset(node_limit) if node_limit else None
+    limit_text = _format_limit(node_limit) if node_limit else ""
+    excluded = frozenset(exclude)
+    result: dict[str, str | None] = {}
+    for node in node_list:
+        result[node.name] = _static_rejection(node, current_node, limit, limit_text, excluded) or _fit_rejection(vm_memory_mib, node.headroom)
+    for name in node_limit or ():
+        if name not in result:
+            result[name] = "in node_limit but not a cluster node"
+    return result
+
+
+def select_target(
+    vm_memory_mib: int,
+    current_node: str | None,
+    node_limit: Sequence[str] | str | None,
+    selector: str | None,
+    nodes: Iterable[NodeView] | Mapping[str, NodeView],
+    *,
+    default_selector: str | None = CLUSTER_DEFAULT_SELECTOR,
+    exclude: Iterable[str] = (),
+) -> str:
+    """The node a VM of ``vm_memory_mib`` MiB should go to.
+
+    ``current_node`` is the node the VM is on (or None for a VM not placed yet); it is never the
+    answer. ``node_limit`` empty or None means any node. ``selector`` is the VM's node_selector
+    (``default``/None = ``default_selector``). ``exclude`` names further nodes that must not be
+    chosen. One pass over the nodes. Raises :class:`NoTargetError` with a reason for every node
+    when there is no candidate, and ValueError for an unknown selector.
+    """
+    concrete = resolve_selector(selector, default_selector)
+    key_of = _KEYS[concrete]
+    node_list = _as_list(nodes)
+    node_limit = _limit(node_limit)
+    limit = frozenset(node_limit) if node_limit else None
+    limit_text = _format_limit(node_limit) if node_limit else ""
+    excluded = frozenset(exclude)
+    best_key: tuple | None = None
+    best_name = ""
+    reasons: dict[str, str] = {}
+    for node in node_list:
+        name = node.name
+        # Fast path for the common case; the reasons come from the shared rule functions.
+        if (node.daemon_state == RUN and node.domain_state == READY and name != current_node
+                and name not in excluded and (limit is None or name in limit)):
+            headroom = node.memtotal - node.memreserve - node.memprov - node.reserved  # NodeView.headroom, inlined
+            if vm_memory_mib <= headroom:
+                key = key_of(node, headroom)
+                if best_key is None or key < best_key:
+                    best_key, best_name = key, name
+                continue
+            reasons[name] = _fit_rejection(vm_memory_mib, headroom) or ""
+        else:
+            reasons[name] = _static_rejection(node, current_node, limit, limit_text, excluded) or ""
+    if best_key is not None:
+        return best_name
+    seen = {node.name for node in node_list}
+    for name in node_limit or ():
+        if name not in seen:
+            reasons[name] = "in node_limit but not a cluster node"
+    raise NoTargetError(reasons, vm_memory_mib=vm_memory_mib, selector=concrete)
+
+
+# ---- flush plan -----------------------------------------------------------------------------
+
+
+class FlushVM(NamedTuple):
+    """A VM leaving a node. A plain tuple ``(uuid, memory_mib, node_limit, selector, home_node)``
+    works too; ``vcpus`` (optional) keeps the ``vcpus`` selector accurate during the plan.
+
+    ``home_node`` is where the VM returns when the flushed node is made ready again: its
+    ``lastnode`` if it was moved away temporarily, else the flushed node itself.
+    """
+
+    uuid: str
+    memory_mib: int
+    node_limit: Sequence[str] | str | None
+    selector: str | None
+    home_node: str | None
+    vcpus: int = 0
+
+
+class PlannedMove(NamedTuple):
+    """One line of a flush plan: ``target`` None means the VM fits nowhere."""
+
+    uuid: str
+    target: str | None
+    reason: str
+
+
+@dataclass
+class _Slot:
+    """Mutable per-node state during a plan; has the attributes the _KEYS functions read."""
+
+    node: NodeView
+    name: str
+    headroom: int
+    memfree: int
+    cpuload: float
+    vcpualloc: int
+    domaincount: int
+    version: int = 0
+
+    def key(self, selector: str) -> tuple:
+        return _KEYS[selector](self, self.headroom)
+
+
+def plan_flush(
+    source_node: str,
+    vms: Sequence[FlushVM | tuple],
+    nodes: Iterable[NodeView] | Mapping[str, NodeView],
+    default_selector: str | None = CLUSTER_DEFAULT_SELECTOR,
+) -> list[PlannedMove]:
+    """Plan where every VM leaving ``source_node`` goes, never overcommitting a node.
+
+    Rules, in order:
+
+    * VMs are planned largest first (ties: input order), so that big VMs get a place before small
+      ones fill the gaps. The result is in this planned order, which is also the order in which
+      the daemon should move them.
+    * A VM whose ``home_node`` is another node that is a candidate for it (per the rules of
+      :func:`select_target`) returns home, whatever its selector: that is where unflush would send
+      it anyway, so it saves a second migration. The caller then clears its ``lastnode``.
+    * Otherwise its selector chooses among the candidates exactly as :func:`select_target` does
+      (``source_node`` is the current node and never a target).
+    * Each assignment is booked on the chosen node before the next VM is planned: its reserved
+      memory grows by the VM's memory (headroom shrinks), as do its used memory (memfree
+      shrinks), its domain count (+1) and its vCPUs. cpuload is left as it is (not predictable).
+      So the memory planned onto a node never exceeds its headroom at the start of the plan.
+    * A VM that fits nowhere gets target None and a reason; the flush shuts it down and marks it
+      for autostart, so it starts again when its node is ready.
+
+    Cost: VMs without a node_limit use one lazily built heap per selector in use, and nodes too
+    small for the current VM are parked until a small enough VM comes (VMs come largest first),
+    so the whole plan costs O((n + v) log n) for n nodes and v VMs; VMs with a node_limit look at
+    their limit's nodes only.
+    """
+    node_list = _as_list(nodes)
+    excluded = frozenset((source_node,))
+    slots: dict[str, _Slot] = {}
+    static_reasons: dict[str, str] = {}
+    for node in node_list:
+        reason = _static_rejection(node, source_node, None, "", excluded)
+        if reason is None:
+            slots[node.name] = _Slot(node=node, name=node.name, headroom=node.headroom, memfree=node.memfree, cpuload=node.cpuload,
+                                     vcpualloc=node.vcpualloc, domaincount=node.domaincount)
+        else:
+            static_reasons[node.name] = reason
+    heaps: dict[str, list] = {}
+    parked: dict[str, list] = {}
+
+    def entry(selector: str, slot: _Slot) -> tuple:
+        return slot.key(selector) + (slot.version,)
+
+    def heap_for(selector: str) -> list:
+        heap = heaps.get(selector)
+        if heap is None:
+            heap = [entry(selector, slot) for slot in slots.values()]
+            heapq.heapify(heap)
+            heaps[selector] = heap
+        return heap
+
+    def valid(item: tuple) -> _Slot | None:
+        slot = slots[item[2]]
+        return slot if item[3] == slot.version else None
+
+    def clean_top(heap: list) -> None:
+        while heap and valid(heap[0]) is None:
+            heapq.heappop(heap)
+
+    def book(slot: _Slot, memory: int, vcpus: int) -> None:
+        slot.headroom -= memory
+        slot.memfree -= memory
+        slot.domaincount += 1
+        slot.vcpualloc += max(int(vcpus), 0)
+        slot.version += 1
+        for selector, heap in heaps.items():
+            heapq.heappush(heap, entry(selector, slot))
+
+    def pick_unlimited(selector: str, memory: int) -> _Slot | None:
+        # The "mem" heap's top is the largest headroom: if the VM does not fit there, it fits nowhere.
+        mem_heap = heap_for("mem")
+        clean_top(mem_heap)
+        if not mem_heap or memory > slots[mem_heap[0][2]].headroom:
+            return None
+        heap = heap_for(selector)
+        # Nodes too small for an earlier (so larger or equal) VM wait in `park`, ordered by
+        # headroom, until a VM small enough comes: each entry is parked and unparked at most once.
+        park = parked.setdefault(selector, [])
+        while park and -park[0][0] >= memory:
+            item = heapq.heappop(park)[1]
+            if valid(item) is not None:
+                heapq.heappush(heap, item)
+        while heap:
+            item = heapq.heappop(heap)
+            slot = valid(item)
+            if slot is None:
+                continue
+            if memory <= slot.headroom:
+                return slot
+            heapq.heappush(park, (-slot.headroom, item))
+        return None
+
+    def pick_limited(selector: str, memory: int, limit: Sequence[str]) -> tuple[_Slot | None, dict[str, str]]:
+        best: tuple | None = None
+        chosen: _Slot | None = None
+        reasons: dict[str, str] = {}
+        for name in limit:
+            slot = slots.get(name)
+            if slot is None:
+                reasons[name] = static_reasons.get(name, "in node_limit but not a cluster node")
+                continue
+            reason = _fit_rejection(memory, slot.headroom)
+            if reason is not None:
+                reasons[name] = reason + " (after earlier placements)" if slot.version else reason
+                continue
+            key = slot.key(selector)
+            if best is None or key < best:
+                best, chosen = key, slot
+        return chosen, reasons
+
+    flush_vms = [FlushVM(*vm) for vm in vms]
+    order = sorted(range(len(flush_vms)), key=lambda i: (-int(flush_vms[i].memory_mib), i))
+    plan: list[PlannedMove] = []
+    for index in order:
+        vm = flush_vms[index]
+        memory = int(vm.memory_mib)
+        selector = resolve_selector(vm.selector, default_selector)
+        limit = _limit(vm.node_limit)
+        home = slots.get(vm.home_node) if vm.home_node and vm.home_node != source_node else None
+        if home is not None and (not limit or home.node.name in limit) and memory <= home.headroom:
+            book(home, memory, vm.vcpus)
+            plan.append(PlannedMove(vm.uuid, home.node.name, f"returns to its home node {home.node.name} ({home.headroom} MiB headroom left)"))
+            continue
+        if limit:
+            chosen, reasons = pick_limited(selector, memory, limit)
+        else:
+            chosen, reasons = pick_unlimited(selector, memory), {}
+        if chosen is not None:
+            book(chosen, memory, vm.vcpus)
+            plan.append(PlannedMove(vm.uuid, chosen.node.name, f"selector {selector} ({chosen.headroom} MiB headroom left)"))
+            continue
+        plan.append(PlannedMove(vm.uuid, None, _none_fits_reason(memory, limit, reasons, slots, static_reasons)))
+    return plan
+
+
+def _none_fits_reason(memory: int, limit: Sequence[str], reasons: Mapping[str, str], slots: Mapping[str, _Slot], static_reasons: Mapping[str, str]) -> str:
+    tail = "; it will be shut down and marked for autostart"
+    if limit:
+        return f"no node in node_limit {_format_limit(limit)} can take it: {_format_reasons(reasons)}{tail}"
+    if not slots:
+        why = _format_reasons(static_reasons) if static_reasons else "the cluster has no other nodes"
+        return f"no node is a candidate: {why}{tail}"
+    best = min(slots.values(), key=lambda s: (-s.headroom, s.node.name))
+    return (f"fits on no node: needs {memory} MiB, the most headroom left is {best.headroom} MiB on {best.node.name}"
+            f" ({len(slots)} candidate node(s), {len(static_reasons)} not run/ready){tail}")
+
+
+def apply_plan(
+    source_node: str,
+    vms: Sequence[FlushVM | tuple],
+    plan: Sequence[PlannedMove | tuple],
+    nodes: Iterable[NodeView] | Mapping[str, NodeView],
+    running_by_node: Mapping[str, Sequence[int]] | None = None,
+) -> tuple[list[NodeView], dict[str, list[int]]]:
+    """The cluster as it will be after ``plan`` (from :func:`plan_flush`) has run.
+
+    Returns the node views (each target's ``reserved``, ``memfree``, ``domaincount`` and
+    ``vcpualloc`` grow by what it receives; the source becomes ``flushed``) and the running VM
+    memory per node (``running_by_node`` with each moved VM's memory taken off the source and
+    added to its target; VMs with no target are shut down, so they leave the source's list).
+    Feed both to :func:`survives_node_failure`.
+    """
+    by_uuid = {FlushVM(*vm).uuid: FlushVM(*vm) for vm in vms}
+    views = {node.name: node for node in _as_list(nodes)}
+    running = {name: list(memories) for name, memories in (running_by_node or {}).items()}
+    for move in plan:
+        uuid, target = move[0], move[1]
+        vm = by_uuid.get(uuid)
+        if vm is None:
+            continue
+        memory = int(vm.memory_mib)
+        source_list = running.get(source_node)
+        if source_list is not None and memory in source_list:
+            source_list.remove(memory)
+        if target is None or target not in views:
+            continue
+        node = views[target]
+        views[target] = replace(node, reserved=node.reserved + memory, memfree=node.memfree - memory,
+                                domaincount=node.domaincount + 1, vcpualloc=node.vcpualloc + max(int(vm.vcpus), 0))
+        running.setdefault(target, []).append(memory)
+    if source_node in views:
+        views[source_node] = replace(views[source_node], domain_state="flushed")
+    return list(views.values()), running
+
+
+# ---- n-1 check ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailureCheck:
+    """Result of :func:`survives_node_failure`. True when every single-node failure is survivable.
+
+    ``failures`` maps each node whose failure could not be absorbed to why.
+    """
+
+    ok: bool
+    failures: dict[str, str] = field(default_factory=dict)
+    checked: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def message(self) -> str:
+        if self.ok:
+            return f"the cluster survives the failure of any one of {len(self.checked)} ready node(s)"
+        return "the cluster would not survive the failure of " + _format_reasons(self.failures)
+
+
+def survives_node_failure(
+    nodes: Iterable[NodeView] | Mapping[str, NodeView],
+    vm_memory_by_node: Mapping[str, Sequence[int]],
+) -> FailureCheck:
+    """Whether the remaining nodes could still hold every VM if one more node failed (n-1).
+
+    For each eligible node F (daemon ``run``, domain ``ready``), the VMs in
+    ``vm_memory_by_node[F]`` (pass the memory of the VMs that would have to be restarted
+    elsewhere, i.e. those running on F) are placed, largest first, each on the other eligible
+    node with the most headroom left (worst-fit decreasing, booking each placement). F fails the
+    check when one of its VMs fits nowhere.
+
+    Limits (documented, deliberate): node_limit and selectors are ignored, and a greedy packing
+    may report a failure where an exact packing exists (it never reports success wrongly for
+    memory). Nodes that are not eligible neither fail nor receive.
+
+    Cost: one sort of the nodes by headroom, then per node F only the k+1 nodes with the most
+    headroom matter for its k VMs (worst-fit never reaches further), so O(n log n + sum k log k).
+    """
+    eligible = [node for node in _as_list(nodes) if node.is_eligible]
+    ranked = sorted(eligible, key=lambda n: (-n.headroom, n.name))
+    failures: dict[str, str] = {}
+    for failed in eligible:
+        memories = sorted((int(m) for m in vm_memory_by_node.get(failed.name, ()) if int(m) > 0), reverse=True)
+        if not memories:
+            continue
+        others: list[tuple[int, str]] = []
+        for node in ranked:
+            if node.name != failed.name:
+                others.append((-node.headroom, node.name))
+                if len(others) == len(memories):
+                    break
+        heapq.heapify(others)
+        for memory in memories:
+            if not others or memory > -others[0][0]:
+                most = -others[0][0] if others else 0
+                where = f" ({others[0][1]})" if others else ""
+                failures[failed.name] = (f"its {len(memories)} VM(s) ({sum(memories)} MiB) cannot be restarted elsewhere:"
+                                         f" a {memory} MiB VM does not fit, the most headroom left is {most} MiB{where}")
+                break
+            negative, name = heapq.heappop(others)
+            heapq.heappush(others, (negative + memory, name))
+    return FailureCheck(ok=not failures, failures=failures, checked=tuple(node.name for node in eligible))

@@ -1,0 +1,621 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# PRIVATE: this module is internal to the pvc.cluster collection and its node daemon.
+# It may change without notice; do not import it from other collections.
+"""The cluster store: one kazoo connection to ZooKeeper, reads, transactional writes and locks.
+
+Used by the node daemon (``pvc_cluster_common._store``) and by the Ansible modules
+(``ansible_collections.pvc.cluster.plugins.module_utils._store``). Paths come from ``_schema``.
+
+Two kinds of accessors:
+
+* never failing: ``read``, ``read_json``, ``read_versioned``, ``children``, ``exists``, ``write``
+  and ``delete`` return None/False when the key is missing or ZooKeeper cannot be reached, and log why
+  (a missing key at DEBUG, everything else at WARNING);
+* raising, for logic that must tell "missing" from "unreachable" from "changed concurrently":
+  ``get`` (MissingError, StoreError) and ``commit`` (ConflictError, StoreError).
+
+Every call waits at most ``timeout_s`` for a lost connection to come back, then at most ``timeout_s``
+for the answer. A write that fails after its request was sent may still have been applied
+(ZooKeeper's connection-loss semantics): callers re-read rather than assume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from ._schema import SCHEMA_VERSION, Schema
+
+try:
+    from kazoo import exceptions as kz
+    from kazoo.client import KazooClient, KazooState
+    from kazoo.recipe.lock import Lock
+    from kazoo.security import make_digest_acl
+except ImportError:
+    KAZOO_IMPORT_ERROR = traceback.format_exc()
+    KazooClient = KazooState = Lock = make_digest_acl = kz = None
+else:
+    KAZOO_IMPORT_ERROR = None
+
+# Lock acquisition: attempts, and the first pause between them (doubled after each: 0.1 0.2 0.4 0.8 s).
+LOCK_ATTEMPTS = 5
+LOCK_BACKOFF_S = 0.1
+# Longest pause between reconnection attempts (kazoo's default grows to an hour). Short, so that a
+# client comes back within its session timeout after an outage and keeps its session.
+RECONNECT_MAX_DELAY_S = 1.0
+
+
+class StoreError(Exception):
+    """ZooKeeper could not be reached or refused the operation."""
+
+
+class MissingError(StoreError):
+    """The key does not exist."""
+
+
+class ConflictError(StoreError):
+    """A compare-and-set expectation failed: a key changed, vanished or appeared concurrently."""
+
+
+class LockError(StoreError):
+    """A lock could not be acquired within its attempts."""
+
+    def __init__(self, path: str, attempts: int, reason: str) -> None:
+        super().__init__(f"could not acquire lock {path} after {attempts} attempts: {reason}")
+        self.path = path
+        self.attempts = attempts
+
+
+class _Raced(Exception):
+    """A key appeared or vanished between planning a transaction and committing it (internal)."""
+
+
+def encode_value(value) -> bytes:
+    """The one encoding of values stored in ZooKeeper (always UTF-8 text, or bytes as given)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        text = value
+    elif value is None:
+        text = ""
+    elif isinstance(value, bool):  # before int: bool is an int
+        text = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        text = str(value)
+    elif isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    else:
+        raise TypeError(f"cannot store a {type(value).__name__} value in ZooKeeper: {value!r}")
+    return text.encode("utf-8")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] or "/"
+
+
+def _depth_order(path: str) -> tuple[int, str]:
+    return path.count("/"), path
+
+
+def _path_list(paths) -> list[str]:
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
+@dataclass
+class ConnectionOptions:
+    """How to reach ZooKeeper. ``hosts`` is kazoo's "h1:port,h2:port[/chroot]" (the chroot must exist)."""
+
+    hosts: str
+    root: str = "/pvc"
+    timeout_s: float = 10.0
+    auth_username: str | None = None
+    auth_password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_verify: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError naming every problem."""
+        problems = []
+        if not isinstance(self.hosts, str) or not self.hosts.strip():
+            problems.append("hosts must name at least one ZooKeeper server as host:port")
+        else:
+            servers = self.hosts.strip().split("/", 1)[0]
+            for server in servers.split(","):
+                server = server.strip()
+                host, sep, port = server.rpartition(":")
+                if not server or (sep and not host):
+                    problems.append(f"hosts {self.hosts!r} has an empty server entry")
+                elif sep and not server.endswith("]") and not (port.isdigit() and 0 < int(port) < 65536):
+                    problems.append(f"hosts entry {server!r} has no valid port")
+        if not isinstance(self.root, str) or "//" in self.root or not self.root.startswith("/"):
+            problems.append(f"root must be an absolute znode path like /pvc, not {self.root!r}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
+                or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+            problems.append(f"timeout_s must be a positive number of seconds, not {self.timeout_s!r}")
+        if self.auth_password and not self.auth_username:
+            problems.append("auth_password is set but auth_username is not")
+        if self.auth_username and not self.auth_password:
+            problems.append("auth_username is set but auth_password is not")
+        if self.auth_username and ":" in self.auth_username:
+            problems.append("auth_username must not contain ':'")
+        tls_files = {"tls_ca": self.tls_ca, "tls_cert": self.tls_cert, "tls_key": self.tls_key}
+        if not self.tls and any(tls_files.values()):
+            given = ", ".join(name for name, value in tls_files.items() if value)
+            problems.append(f"{given} set but tls is false")
+        if self.tls_cert and not self.tls_key:
+            problems.append("tls_cert is set but tls_key is not (a client certificate needs its key)")
+        if self.tls_key and not self.tls_cert:
+            problems.append("tls_key is set but tls_cert is not")
+        for name, value in tls_files.items():
+            if value and not os.path.isfile(value):
+                problems.append(f"{name} file {value} does not exist")
+        if not isinstance(self.tls, bool) or not isinstance(self.tls_verify, bool):
+            problems.append("tls and tls_verify must be true or false")
+        if problems:
+            raise ValueError("invalid ZooKeeper connection options: " + "; ".join(problems))
+
+
+class ClusterStore:
+    """One cluster's state in ZooKeeper. Thread-safe; ``client`` is the KazooClient, for watches."""
+
+    def __init__(self, options: ConnectionOptions, logger: logging.Logger | None = None) -> None:
+        if KazooClient is None:
+            raise StoreError("the kazoo Python library is required: " + KAZOO_IMPORT_ERROR.strip().splitlines()[-1])
+        options.validate()
+        self.options = options
+        self.log = logger or logging.getLogger(__name__)
+        self.schema = Schema(options.root)
+        # Written into lock contender znodes, so that `Lock.contenders()` names the holders.
+        self.lock_identifier = socket.gethostname()
+        self._live = threading.Event()
+        self._started = False
+        self._stopped = False
+        # Lock nodes we failed to delete (lost connection): (lock path, our contender prefix).
+        self._orphans: set[tuple[str, str]] = set()
+        self._orphans_mutex = threading.Lock()
+        kwargs = {
+            "hosts": options.hosts,
+            "timeout": options.timeout_s,
+            "connection_retry": {"max_tries": -1, "delay": 0.1, "backoff": 2, "max_delay": RECONNECT_MAX_DELAY_S},
+        }
+        if options.auth_username:
+            kwargs["auth_data"] = [("digest", f"{options.auth_username}:{options.auth_password}")]
+            # every znode this client creates is readable and writable by this user only
+            kwargs["default_acl"] = [make_digest_acl(options.auth_username, options.auth_password, all=True)]
+        if options.tls:
+            kwargs.update(use_ssl=True, ca=options.tls_ca, certfile=options.tls_cert, keyfile=options.tls_key,
+                          verify_certs=options.tls_verify)
+        self.client = KazooClient(**kwargs)
+        self.client.add_listener(self._on_state)
+
+    # ---- connection -------------------------------------------------------------------------
+
+    def start(self) -> ClusterStore:
+        if self._stopped:
+            raise StoreError("this store was stopped; make a new ClusterStore")
+        timeout = self.options.timeout_s
+        try:
+            self.client.start(timeout=timeout)
+        except Exception as exc:  # kazoo's timeout, or a socket/TLS setup error
+            self._close_client()
+            raise StoreError(f"cannot reach ZooKeeper at {self.options.hosts} within {timeout:g} s: {_describe(exc)}") from exc
+        self._started = True
+        self.log.info("connected to ZooKeeper at %s", self.options.hosts)
+        return self
+
+    def stop(self) -> None:
+        """Stop and close the client. Idempotent; a stopped store cannot be started again."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._live.clear()
+        self._close_client()
+
+    def _close_client(self) -> None:
+        try:
+            self.client.stop()
+            self.client.close()
+        except Exception as exc:  # already stopped or closed: nothing left to free
+            self.log.debug("closing the ZooKeeper client: %s", _describe(exc))
+
+    def __enter__(self) -> ClusterStore:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._started and not self._stopped and self.client.connected
+
+    def add_listener(self, listener) -> None:
+        """kazoo connection-state listener (called on kazoo's thread: it must not block)."""
+        self.client.add_listener(listener)
+
+    def remove_listener(self, listener) -> None:
+        self.client.remove_listener(listener)
+
+    def _on_state(self, state) -> None:
+        if state == KazooState.CONNECTED:
+            if self._started:
+                self.log.info("ZooKeeper connection %s: %s again", self.options.hosts, state)
+            self._live.set()
+            if self._orphans:
+                self.client.handler.spawn(self._delete_orphans)
+        else:
+            self._live.clear()
+            if not self._stopped:
+                self.log.warning("ZooKeeper connection %s: %s", self.options.hosts, state)
+
+    # ---- calls with timeouts ----------------------------------------------------------------
+
+    def _require_connection(self, what: str) -> None:
+        if not self._started or self._stopped:
+            raise StoreError(f"{what}: the store is {'stopped' if self._stopped else 'not started'}")
+        if not self._live.wait(self.options.timeout_s):
+            raise StoreError(f"{what}: not connected to ZooKeeper at {self.options.hosts} "
+                             f"(waited {self.options.timeout_s:g} s; state {self.client.state})")
+
+    def _call_many(self, what: str, starters) -> list:
+        """Start kazoo async calls together, then collect each answer, with timeouts and our errors."""
+        self._require_connection(what)
+        pending = [start() for start in starters]
+        results = []
+        for async_result in pending:
+            try:
+                results.append(async_result.get(timeout=self.options.timeout_s))
+            except self.client.handler.timeout_exception as exc:
+                raise StoreError(f"{what}: no answer from ZooKeeper at {self.options.hosts} "
+                                 f"within {self.options.timeout_s:g} s") from exc
+            except kz.NoNodeError as exc:
+                raise MissingError(f"{what}: no such key") from exc
+            except kz.KazooException as exc:
+                raise StoreError(f"{what}: {_describe(exc)}") from exc
+        return results
+
+    def _call(self, what: str, starter):
+        return self._call_many(what, [starter])[0]
+
+    # ---- raising accessors ------------------------------------------------------------------
+
+    def get(self, path: str) -> tuple[str, int]:
+        """(text, version) of a key. Raises MissingError or StoreError."""
+        data, stat = self._call(f"read {path}", lambda: self.client.get_async(path))
+        try:
+            return (data or b"").decode("utf-8"), stat.version
+        except UnicodeDecodeError as exc:
+            raise StoreError(f"read {path}: the value is not UTF-8 text") from exc
+
+    def commit(self, values: dict, expect_versions: dict | None = None, delete=(), create=()) -> dict[str, int]:
+        """Write ``values`` and delete the ``delete`` subtrees in one transaction.
+
+        Missing keys are created (their parents first, outside the transaction). ``expect_versions``
+        maps keys to the version they must still have (written, deleted or only checked keys);
+        ``create`` names written keys that must not exist yet. Either failing raises ConflictError
+        and nothing is written. Deleting a missing key is not an error (unless a version is expected).
+        Returns the new version of every written key. Raises ConflictError or StoreError.
+        """
+        return self._commit(values, dict(expect_versions or {}), _path_list(delete), set(_path_list(create)))
+
+    def _commit(self, values: dict, expect: dict, deletes: list, creates: set, recursive: bool = True) -> dict[str, int]:
+        self._check_commit(values, expect, deletes, creates)
+        encoded = {path: encode_value(value) for path, value in values.items()}
+        try:
+            return self._commit_once(encoded, expect, deletes, creates, recursive)
+        except _Raced as exc:
+            # a key appeared or vanished between looking and committing: plan once more, from fresh state
+            self.log.info("commit: %s; retrying once", exc)
+        try:
+            return self._commit_once(encoded, expect, deletes, creates, recursive)
+        except _Raced as exc:
+            raise StoreError(f"commit: keys kept changing concurrently: {exc}") from None
+
+    @staticmethod
+    def _check_commit(values, expect, deletes, creates) -> None:
+        for path, version in expect.items():
+            if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+                raise ValueError(f"expected version of {path} must be an int >= 0, not {version!r}")
+        if not creates <= set(values):
+            raise ValueError(f"keys to create must be written too: {sorted(creates - set(values))}")
+        if creates & set(expect):
+            raise ValueError(f"keys to create cannot also expect a version: {sorted(creates & set(expect))}")
+        for gone in deletes:
+            clash = [p for p in values if p == gone or p.startswith(gone.rstrip("/") + "/")]
+            if clash:
+                raise ValueError(f"cannot delete {gone} and write {clash[0]} in one commit")
+
+    def _commit_once(self, encoded: dict, expect: dict, deletes: list, creates: set, recursive: bool) -> dict[str, int]:
+        client = self.client
+        written = sorted(encoded, key=_depth_order)
+        stats = self._call_many("commit", [lambda p=p: client.exists_async(p) for p in written])
+        existing = {path for path, stat in zip(written, stats) if stat is not None}
+
+        txn = client.transaction()
+        ops = []  # (kind, path, guarded) per transaction operation, to explain a failed result
+        to_create = []
+        for path in written:
+            if path in creates and path in existing:
+                raise ConflictError(f"commit: {path} already exists")
+            if path in expect and path not in existing:
+                raise ConflictError(f"commit: {path} does not exist (expected version {expect[path]})")
+            if path in existing:
+                txn.set_data(path, encoded[path], version=expect.get(path, -1))
+                ops.append(("set", path, path in expect))
+            else:
+                txn.create(path, encoded[path])
+                ops.append(("create", path, path in creates))
+                to_create.append(path)
+        for path in sorted(set(expect) - set(encoded) - set(deletes)):
+            txn.check(path, expect[path])
+            ops.append(("check", path, True))
+        for top in deletes:
+            nodes = self._subtree(top, recursive)
+            if not nodes:
+                if top in expect:
+                    raise ConflictError(f"commit: {top} does not exist (expected version {expect[top]})")
+                self.log.debug("commit: %s is already gone", top)
+            for node in nodes:  # deepest first
+                guarded = node == top and top in expect
+                txn.delete(node, version=expect[top] if guarded else -1)
+                ops.append(("delete", node, guarded))
+        if not ops:
+            return {}
+
+        # Parents of new keys, unless the transaction itself creates them (it creates in depth order).
+        parents = set()
+        for path in to_create:
+            parent = _parent(path)
+            while parent in encoded:
+                parent = _parent(parent)
+            if parent != "/":
+                parents.add(parent)
+        if parents:
+            self._call_many("commit: create parents", [lambda p=p: client.ensure_path_async(p) for p in sorted(parents)])
+
+        results = self._call("commit", txn.commit_async)
+        for (kind, path, guarded), result in zip(ops, results):
+            if not isinstance(result, Exception) or isinstance(result, (kz.RolledBackError, kz.RuntimeInconsistency)):
+                continue
+            why = f"{kind} {path}: {_describe(result)}"
+            if isinstance(result, kz.BadVersionError) or (guarded and isinstance(result, (kz.NoNodeError, kz.NodeExistsError))):
+                raise ConflictError(f"commit: {path} changed concurrently ({why})")
+            if isinstance(result, kz.NotEmptyError) and not recursive:
+                raise StoreError(f"delete {path}: it has children")
+            if isinstance(result, (kz.NodeExistsError, kz.NoNodeError, kz.NotEmptyError)):
+                raise _Raced(why)
+            raise StoreError(f"commit failed at {why}")
+        versions = {}
+        for (kind, path, _guarded), result in zip(ops, results):
+            if kind == "set":
+                versions[path] = result.version
+            elif kind == "create":
+                versions[path] = 0
+        return versions
+
+    def _subtree(self, top: str, recursive: bool = True) -> list[str]:
+        """``top`` and (if ``recursive``) every key below it, deepest first; [] when ``top`` does not exist."""
+        if not recursive:
+            return [top] if self._call(f"exists {top}", lambda: self.client.exists_async(top)) else []
+        found = []
+        level = [top]
+        while level:
+            found.extend(level)
+            listings = []
+            for path in level:
+                try:
+                    listings.append((path, self._call(f"list {path}", lambda p=path: self.client.get_children_async(p))))
+                except MissingError:
+                    if path == top:
+                        return []
+                    # deleted meanwhile: the transaction fails on it and the commit is planned again
+            level = [f"{path.rstrip('/')}/{child}" for path, children in listings for child in children]
+        return found[::-1]
+
+    # ---- never-failing accessors ------------------------------------------------------------
+
+    def read(self, path: str) -> str | None:
+        result = self.read_versioned(path)
+        return None if result is None else result[0]
+
+    def read_versioned(self, path: str) -> tuple[str, int] | None:
+        try:
+            return self.get(path)
+        except MissingError as exc:
+            self.log.debug("%s", exc)
+        except StoreError as exc:
+            self.log.warning("%s", exc)
+        return None
+
+    def read_json(self, path: str):
+        """The decoded JSON value, or None (missing, unreachable, empty or not JSON)."""
+        text = self.read(path)
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            self.log.warning("read %s: not JSON: %s", path, exc)
+            return None
+
+    def children(self, path: str) -> list[str] | None:
+        try:
+            return sorted(self._call(f"list {path}", lambda: self.client.get_children_async(path)))
+        except MissingError as exc:
+            self.log.debug("%s", exc)
+        except StoreError as exc:
+            self.log.warning("%s", exc)
+        return None
+
+    def exists(self, path: str) -> bool | None:
+        try:
+            return self._call(f"exists {path}", lambda: self.client.exists_async(path)) is not None
+        except StoreError as exc:
+            self.log.warning("%s", exc)
+            return None
+
+    def write(self, values: dict, expect_versions: dict | None = None, delete=(), create=()) -> bool:
+        """``commit`` that returns False (and logs why) instead of raising."""
+        try:
+            self.commit(values, expect_versions, delete, create)
+            return True
+        except StoreError as exc:
+            self.log.warning("write %s failed: %s", ", ".join(sorted(values)) or "(deletes only)", exc)
+            return False
+
+    def delete(self, paths, recursive: bool = True) -> bool:
+        """Delete keys (with everything below them unless ``recursive`` is False) in one transaction."""
+        paths = _path_list(paths)
+        try:
+            self._commit({}, {}, paths, set(), recursive)
+            return True
+        except StoreError as exc:
+            self.log.warning("delete %s failed: %s", ", ".join(paths), exc)
+            return False
+
+    # ---- schema -----------------------------------------------------------------------------
+
+    def ensure_schema(self) -> bool:
+        """Create the base paths and /schema/version (one transaction). True if anything was created.
+
+        Raises StoreError if the cluster has another schema version than this code knows.
+        """
+        version_path = self.schema.schema_version()
+        bases = [path for path in self.schema.base_paths() if path != "/"]
+        for attempt in (1, 2):
+            try:
+                stored = self.get(version_path)[0]
+            except MissingError:
+                stored = None
+            if stored is not None and stored.strip() != str(SCHEMA_VERSION):
+                try:
+                    newer = int(stored) > SCHEMA_VERSION
+                except ValueError:
+                    raise StoreError(f"{version_path} holds {stored!r}, not a schema version") from None
+                raise StoreError(f"the cluster at {self.options.hosts}{self.schema.root} has schema version {stored}, "
+                                 f"this code knows version {SCHEMA_VERSION}"
+                                 + (": upgrade pvc.cluster first" if newer else " and no migration from it"))
+            stats = self._call_many("ensure_schema", [lambda p=p: self.client.exists_async(p) for p in bases])
+            missing = {path: "" for path, stat in zip(bases, stats) if stat is None}
+            if stored is None:
+                missing[version_path] = SCHEMA_VERSION
+            if not missing:
+                return False
+            try:
+                self.commit(missing, create=list(missing))
+            except ConflictError:
+                if attempt == 2:
+                    raise
+                continue  # another client created them at the same moment: look again
+            self.log.info("created the cluster schema (version %s) under %s", SCHEMA_VERSION, self.schema.root or "/")
+            return True
+        return False
+
+    # ---- locks ------------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, path: str, timeout_s: float | None = None, identifier: str | None = None):
+        """Hold the kazoo lock at ``path`` for the with-block; yields the kazoo Lock.
+
+        Each of LOCK_ATTEMPTS acquisition attempts waits up to ``timeout_s`` (default: the connection
+        timeout); then LockError. The lock is released on leaving the block, whatever happens.
+        """
+        wait_s = self.options.timeout_s if timeout_s is None else timeout_s
+        lock = Lock(self.client, path, identifier or self.lock_identifier)  # no ZooKeeper I/O here
+        self._acquire(lock, wait_s)
+        try:
+            yield lock
+        finally:
+            self._release(lock)
+
+    def _acquire(self, lock, wait_s: float) -> None:
+        reason = ""
+        for attempt in range(1, LOCK_ATTEMPTS + 1):
+            try:
+                self._require_connection(f"lock {lock.path}")
+                if lock.acquire(timeout=wait_s):
+                    return
+                reason = f"not acquired within {wait_s:g} s"
+            except kz.LockTimeout:
+                reason = f"held by another contender for {wait_s:g} s"
+            except (StoreError, kz.KazooException) as exc:
+                reason = _describe(exc)
+            if attempt == LOCK_ATTEMPTS:
+                self.log.warning("lock %s: attempt %d of %d failed (%s)", lock.path, attempt, LOCK_ATTEMPTS, reason)
+                break
+            pause = LOCK_BACKOFF_S * 2 ** (attempt - 1)
+            self.log.warning("lock %s: attempt %d of %d failed (%s); retrying in %.1f s",
+                             lock.path, attempt, LOCK_ATTEMPTS, reason, pause)
+            # The backoff itself: give the holder (or a reconnecting session) time; nothing to wait on.
+            time.sleep(pause)
+        # kazoo removes our contender node on a failed attempt; make sure, in case that failed too
+        try:
+            self._delete_contender(lock.path, lock.prefix)
+        except StoreError:
+            self._add_orphan(lock.path, lock.prefix)
+        raise LockError(lock.path, LOCK_ATTEMPTS, reason)
+
+    def _release(self, lock) -> None:
+        if not lock.is_acquired:
+            return
+        lock.is_acquired = False
+        node = f"{lock.path}/{lock.node}"
+        try:
+            # not lock.release(): it retries forever and blocks while the connection is down
+            self._call(f"release lock {lock.path}", lambda: self.client.delete_async(node))
+        except MissingError:
+            self.log.warning("lock %s: our lock node was already gone (the session expired while it was held)", lock.path)
+        except StoreError as exc:
+            self.log.error("lock %s: release failed (%s); its node is deleted when the connection returns, "
+                           "or vanishes with the session", lock.path, exc)
+            self._add_orphan(lock.path, lock.prefix)
+
+    def _add_orphan(self, lock_path: str, prefix: str) -> None:
+        with self._orphans_mutex:
+            self._orphans.add((lock_path, prefix))
+        if self.connected:  # the connection came back before we noted it
+            self.client.handler.spawn(self._delete_orphans)
+
+    def _delete_orphans(self) -> None:
+        with self._orphans_mutex:
+            pending = sorted(self._orphans)
+        for lock_path, prefix in pending:
+            try:
+                self._delete_contender(lock_path, prefix)
+            except StoreError as exc:
+                self.log.warning("lock %s: leftover lock node not deleted yet: %s", lock_path, exc)
+                continue
+            with self._orphans_mutex:
+                self._orphans.discard((lock_path, prefix))
+
+    def _delete_contender(self, lock_path: str, prefix: str) -> None:
+        """Delete our (``prefix``) contender nodes of a lock. Raises StoreError."""
+        try:
+            children = self._call(f"list {lock_path}", lambda: self.client.get_children_async(lock_path))
+        except MissingError:
+            return
+        for child in children:
+            if child.startswith(prefix):
+                try:
+                    self._call(f"delete {lock_path}/{child}", lambda c=child: self.client.delete_async(f"{lock_path}/{c}"))
+                    self.log.info("lock %s: deleted our leftover lock node %s", lock_path, child)
+                except MissingError:
+                    pass

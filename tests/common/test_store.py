@@ -1,0 +1,445 @@
+"""The cluster store against a real ZooKeeper: encoding, options, accessors, transactions, schema, auth."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.exceptions import NoAuthError
+from kazoo.security import make_digest_acl
+
+from pvc_cluster_common import _store
+from pvc_cluster_common._schema import SCHEMA_VERSION
+from pvc_cluster_common._store import (
+    ClusterStore,
+    ConflictError,
+    ConnectionOptions,
+    MissingError,
+    StoreError,
+    encode_value,
+)
+from tests.support.zookeeper import free_port
+
+pytestmark = pytest.mark.zk
+
+# ---- encoding ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, stored",
+    [
+        ("text", b"text"),
+        ("", b""),
+        ("h\u00e9", "h\u00e9".encode()),
+        (True, b"true"),
+        (False, b"false"),
+        (0, b"0"),
+        (1, b"1"),
+        (-3, b"-3"),
+        (1.5, b"1.5"),
+        (None, b""),
+        (b"\x00raw", b"\x00raw"),
+        ({"b": 1, "a": [1, 2]}, b'{"a":[1,2],"b":1}'),
+        ([3, "x", None, True], b'[3,"x",null,true]'),
+        ((1, 2), b"[1,2]"),
+        ({}, b"{}"),
+        ([], b"[]"),
+    ],
+)
+def test_encode_value(value, stored):
+    assert encode_value(value) == stored
+
+
+@pytest.mark.parametrize("value", [object(), {1, 2}, 1j])
+def test_encode_value_refuses_other_types(value):
+    with pytest.raises(TypeError, match="cannot store"):
+        encode_value(value)
+
+
+def test_values_round_trip_as_text(store):
+    base = store.schema.config("roundtrip")
+    values = {f"{base}/{i}": v for i, v in enumerate([True, 7, 2.25, None, {"k": [1]}, "plain"])}
+    assert store.write(values)
+    assert [store.read(p) for p in values] == ["true", "7", "2.25", "", '{"k":[1]}', "plain"]
+    assert store.read_json(f"{base}/4") == {"k": [1]}
+    assert store.read_json(f"{base}/3") is None  # "" is how None is stored
+
+
+# ---- connection options -------------------------------------------------------------------------
+
+
+def test_options_defaults_are_valid():
+    options = ConnectionOptions(hosts="127.0.0.1:2181")
+    options.validate()
+    assert (options.root, options.timeout_s, options.tls, options.tls_verify) == ("/pvc", 10.0, False, True)
+    assert "secret" not in repr(ConnectionOptions(hosts="h:1", auth_username="u", auth_password="secret"))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"hosts": ""}, "hosts must name"),
+        ({"hosts": "   "}, "hosts must name"),
+        ({"hosts": "a:1,,b:2"}, "empty server entry"),
+        ({"hosts": "a:http"}, "no valid port"),
+        ({"hosts": "a:70000"}, "no valid port"),
+        ({"root": "pvc"}, "root must be an absolute"),
+        ({"root": "/a//b"}, "root must be an absolute"),
+        ({"timeout_s": 0}, "timeout_s must be a positive"),
+        ({"timeout_s": -1.0}, "timeout_s must be a positive"),
+        ({"timeout_s": "10"}, "timeout_s must be a positive"),
+        ({"timeout_s": True}, "timeout_s must be a positive"),
+        ({"timeout_s": float("inf")}, "timeout_s must be a positive"),
+        ({"auth_password": "pw"}, "auth_password is set but auth_username is not"),
+        ({"auth_username": "u"}, "auth_username is set but auth_password is not"),
+        ({"auth_username": "a:b", "auth_password": "pw"}, "must not contain ':'"),
+        ({"tls_ca": "/etc/hostname"}, "tls_ca set but tls is false"),
+        ({"tls": True, "tls_cert": "/etc/hostname"}, "tls_cert is set but tls_key is not"),
+        ({"tls": True, "tls_key": "/etc/hostname"}, "tls_key is set but tls_cert is not"),
+        ({"tls": True, "tls_ca": "/nonexistent/ca.pem"}, "tls_ca file /nonexistent/ca.pem does not exist"),
+        ({"tls": "yes"}, "tls and tls_verify must be true or false"),
+    ],
+)
+def test_options_validate_names_the_problem(fields, message):
+    fields.setdefault("hosts", "127.0.0.1:2181")
+    with pytest.raises(ValueError, match=message):
+        ConnectionOptions(**fields).validate()
+
+
+@pytest.mark.parametrize("hosts", ["h1:2181,h2:2181,h3:2181", "h1:2181/chroot/path", "[::1]:2181", "localhost"])
+def test_options_accept_kazoo_host_strings(hosts):
+    ConnectionOptions(hosts=hosts).validate()
+
+
+def test_store_validates_options_on_construction():
+    with pytest.raises(ValueError, match="auth_password"):
+        ClusterStore(ConnectionOptions(hosts="127.0.0.1:1", auth_password="x"))
+
+
+def test_start_fails_clearly_and_leaves_no_threads():
+    port = free_port()  # nothing listens there
+    before = set(threading.enumerate())
+    store = ClusterStore(ConnectionOptions(hosts=f"127.0.0.1:{port}", timeout_s=1.0))
+    with pytest.raises(StoreError, match=rf"cannot reach ZooKeeper at 127.0.0.1:{port} within 1 s"):
+        store.start()
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), f"thread {thread.name} left running"
+    assert not store.connected
+    store.stop()
+    store.stop()  # idempotent
+
+
+def test_unstarted_and_stopped_store_fail_cleanly(make_store, caplog):
+    store = make_store(start=False)
+    with pytest.raises(StoreError, match="not started"):
+        store.get("/x")
+    with caplog.at_level(logging.WARNING):
+        assert store.read("/x") is None
+    assert "not started" in caplog.text
+    store.start()
+    assert store.connected
+    store.stop()
+    assert not store.connected
+    assert store.write({"/x": 1}) is False
+    with pytest.raises(StoreError, match="stopped"):
+        store.start()
+
+
+def test_context_manager(zk_server, zk_root):
+    with ClusterStore(ConnectionOptions(hosts=zk_server.hosts, root=zk_root)) as store:
+        assert store.connected
+        assert store.schema.root == zk_root
+        assert store.ensure_schema() is True
+    assert not store.connected
+
+
+def test_module_imports_without_kazoo():
+    """ansible-test's import sanity test loads module_utils without kazoo; it must import cleanly."""
+    code = (
+        "import sys; sys.modules['kazoo'] = None\n"
+        "from pvc_cluster_common import _store as s\n"
+        "assert s.KazooClient is None and 'kazoo' in s.KAZOO_IMPORT_ERROR\n"
+        "try:\n"
+        "    s.ClusterStore(s.ConnectionOptions(hosts='127.0.0.1:2181'))\n"
+        "except s.StoreError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert "kazoo Python library is required" in out.stdout
+
+
+# ---- accessors ----------------------------------------------------------------------------------
+
+
+def test_read_write_children_exists_delete(store, caplog):
+    s = store.schema
+    node = s.node("n1")
+    assert store.write({s.node_key("n1", "memtotal"): 4096, s.node_key("n1", "daemon_state"): "run"})
+    assert store.read(s.node_key("n1", "memtotal")) == "4096"
+    text, version = store.read_versioned(s.node_key("n1", "memtotal"))
+    assert (text, version) == ("4096", 0)
+    assert store.get(s.node_key("n1", "daemon_state")) == ("run", 0)
+    assert store.children(node) == ["daemon_state", "memtotal"]
+    assert store.exists(node) is True
+    assert store.write({s.node_key("n1", "memtotal"): 8192})
+    assert store.read_versioned(s.node_key("n1", "memtotal")) == ("8192", 1)
+
+    with caplog.at_level(logging.DEBUG, logger=_store.__name__):
+        assert store.read(s.node_key("n1", "nokey")) is None
+        assert store.read_versioned(s.node_key("n1", "nokey")) is None
+        assert store.children(s.node("nobody")) is None
+    assert f"read {s.node_key('n1', 'nokey')}: no such key" in caplog.text
+    assert f"list {s.node('nobody')}: no such key" in caplog.text
+    assert store.exists(s.node("nobody")) is False
+    with pytest.raises(MissingError):
+        store.get(s.node_key("n1", "nokey"))
+
+    assert store.delete(node)  # recursive by default
+    assert store.exists(node) is False
+    assert store.children(s.nodes()) == []
+    assert store.delete(node)  # already gone: nothing to do
+
+
+def test_write_creates_parents_and_nested_new_keys(store):
+    s = store.schema
+    uuid = "0b6f2c4e-0000-4000-8000-000000000001"
+    assert store.write({s.domain(uuid): "vm1", s.domain_key(uuid, "xml"): "<domain/>", s.domain_meta(uuid, "node_limit"): ["n1"]})
+    assert store.read(s.domain(uuid)) == "vm1"  # the parent carries its own value, not ""
+    assert store.read_json(s.domain_meta(uuid, "node_limit")) == ["n1"]
+    assert store.children(s.domain(uuid)) == ["meta", "xml"]
+    deep = store.schema.root + "/scratch/a/b/c"
+    assert store.write({deep: 1})
+    assert store.read(deep) == "1"
+
+
+def test_commit_returns_new_versions(store):
+    a, b = store.schema.config("a"), store.schema.config("b")
+    assert store.commit({a: 1}) == {a: 0}
+    assert store.commit({a: 2, b: 3}) == {a: 1, b: 0}
+
+
+def test_read_json_and_non_utf8(store, caplog):
+    path = store.schema.config("blob")
+    assert store.write({path: b"\xff\xfe"})
+    with caplog.at_level(logging.WARNING):
+        assert store.read(path) is None
+        assert store.write({path: "{not json"})
+        assert store.read_json(path) is None
+    assert "not UTF-8" in caplog.text
+    assert "not JSON" in caplog.text
+    assert store.write({path: b"\xff"})
+    with pytest.raises(StoreError, match="not UTF-8"):
+        store.get(path)
+
+
+def test_delete_non_recursive_refuses_children(store, caplog):
+    s = store.schema
+    assert store.write({s.node_key("n1", "memtotal"): 1})
+    with caplog.at_level(logging.WARNING):
+        assert store.delete(s.node("n1"), recursive=False) is False
+    assert "it has children" in caplog.text
+    assert store.delete([s.node_key("n1", "memtotal")], recursive=False)
+    assert store.delete(s.node("n1"), recursive=False)
+    assert store.exists(s.node("n1")) is False
+
+
+def test_write_with_deletes_is_one_transaction(store):
+    s = store.schema
+    uuid = "u1"
+    assert store.write({s.domain_migration(uuid): {"id": 1}, s.node_reservation("n2", uuid): 512})
+    assert store.write({s.domain_key(uuid, "node"): "n2"}, delete=[s.domain_migration(uuid), s.node_reservation("n2", uuid)])
+    assert store.exists(s.domain_migration(uuid)) is False
+    assert store.children(s.node_reservations("n2")) == []
+    assert store.read(s.domain_key(uuid, "node")) == "n2"
+
+
+# ---- transactions: atomicity and compare-and-set -----------------------------------------------
+
+
+def test_failed_version_check_writes_nothing(store, caplog):
+    s = store.schema
+    a, b, c = s.node_key("n1", "memalloc"), s.node_key("n1", "memprov"), s.node_key("n1", "new")
+    store.write({a: 1, b: 1})
+    _, version_b = store.get(b)
+    with caplog.at_level(logging.WARNING):
+        ok = store.write({a: 2, b: 2, c: 2}, expect_versions={b: version_b + 7}, delete=[s.node_key("n1", "x")])
+    assert ok is False
+    assert f"{b} changed concurrently" in caplog.text
+    assert store.read(a) == "1"
+    assert store.read(b) == "1"
+    assert store.exists(c) is False
+    with pytest.raises(ConflictError):
+        store.commit({a: 2, c: 2}, expect_versions={b: version_b + 7})
+    assert store.read(a) == "1" and store.exists(c) is False
+
+
+def test_compare_and_set(store):
+    path = store.schema.domain_key("u1", "node")
+    store.write({path: "n1"})
+    _, version = store.read_versioned(path)
+    # two writers read the same version; the first wins, the second conflicts
+    assert store.write({path: "n2"}, expect_versions={path: version})
+    assert store.write({path: "n3"}, expect_versions={path: version}) is False
+    with pytest.raises(ConflictError, match="changed concurrently"):
+        store.commit({path: "n3"}, expect_versions={path: version})
+    assert store.read(path) == "n2"
+    # a version expected for a key that is missing is a conflict too
+    with pytest.raises(ConflictError, match="does not exist"):
+        store.commit({store.schema.domain_key("u2", "node"): "n1"}, expect_versions={store.schema.domain_key("u2", "node"): 0})
+
+
+def test_check_only_and_delete_versions(store):
+    s = store.schema
+    guard, other = s.domain_key("u1", "state"), s.domain_key("u1", "node")
+    store.write({guard: "start", other: "n1"})
+    _, gv = store.get(guard)
+    assert store.write({other: "n2"}, expect_versions={guard: gv})  # guard only checked
+    store.write({guard: "stop"})
+    assert store.write({other: "n3"}, expect_versions={guard: gv}) is False
+    assert store.read(other) == "n2"
+    with pytest.raises(ConflictError):
+        store.commit({}, delete=[guard], expect_versions={guard: gv})
+    assert store.commit({}, delete=[guard], expect_versions={guard: gv + 1}) == {}
+    assert store.exists(guard) is False
+    with pytest.raises(ConflictError, match="does not exist"):
+        store.commit({}, delete=[guard], expect_versions={guard: 0})
+
+
+def test_create_only_keys(store):
+    path = store.schema.domain_migration("u1")
+    assert store.write({path: {"id": 1}}, create=[path])
+    assert store.write({path: {"id": 2}}, create=[path]) is False
+    with pytest.raises(ConflictError, match="already exists"):
+        store.commit({path: {"id": 2}}, create=[path])
+    assert store.read_json(path) == {"id": 1}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"values": {"/a": 1}, "expect_versions": {"/a": -1}}, "must be an int >= 0"),
+        ({"values": {"/a": 1}, "expect_versions": {"/a": "3"}}, "must be an int >= 0"),
+        ({"values": {"/a": 1}, "create": ["/b"]}, "must be written too"),
+        ({"values": {"/a": 1}, "create": ["/a"], "expect_versions": {"/a": 0}}, "cannot also expect"),
+        ({"values": {"/a/b": 1}, "delete": ["/a"]}, "cannot delete /a and write /a/b"),
+    ],
+)
+def test_commit_refuses_contradictions(store, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        store.commit(**kwargs)
+
+
+def test_create_race_is_retried_once(store, zk_server, monkeypatch, caplog):
+    """Another client changes a key between our existence check and our transaction (a real race,
+    made deterministic by running the other client's change when the store builds its transaction)."""
+    path = store.schema.config("raced")
+    other = KazooClient(hosts=zk_server.hosts)
+    other.start(timeout=30)
+    real_transaction = store.client.transaction
+    try:
+        def race_once():
+            monkeypatch.setattr(store.client, "transaction", real_transaction)
+            other.create(path, b"theirs")
+            return real_transaction()
+
+        monkeypatch.setattr(store.client, "transaction", race_once)
+        with caplog.at_level(logging.INFO, logger=_store.__name__):
+            assert store.commit({path: "ours"}) == {path: 1}
+        assert store.read(path) == "ours"
+        assert "retrying once" in caplog.text
+
+        # create-only keys: the same race is a conflict, not retried
+        other.delete(path)
+        monkeypatch.setattr(store.client, "transaction", race_once)
+        with pytest.raises(ConflictError):
+            store.commit({path: "ours"}, create=[path])
+        assert store.read(path) == "theirs"
+
+        # a race on both attempts (created, then deleted again): StoreError
+        def toggle():
+            if other.exists(path):
+                other.delete(path)
+            else:
+                other.create(path, b"theirs")
+            return real_transaction()
+
+        other.delete(path)
+        monkeypatch.setattr(store.client, "transaction", toggle)
+        assert store.write({path: "ours"}) is False
+        with pytest.raises(StoreError, match="kept changing"):
+            store.commit({path: "ours"})
+    finally:
+        other.stop()
+        other.close()
+
+
+# ---- schema -------------------------------------------------------------------------------------
+
+
+def test_ensure_schema_is_idempotent(make_store):
+    store = make_store()
+    assert store.ensure_schema() is True
+    for path in store.schema.base_paths():
+        assert store.exists(path) is True
+    assert store.read(store.schema.schema_version()) == str(SCHEMA_VERSION)
+    assert store.ensure_schema() is False
+    # a second client sees it in place too
+    assert make_store().ensure_schema() is False
+    # one missing base path is recreated, nothing else touched
+    store.delete(store.schema.nodes())
+    store.write({store.schema.default_selector(): "mem"})
+    assert store.ensure_schema() is True
+    assert store.exists(store.schema.nodes()) is True
+    assert store.read(store.schema.default_selector()) == "mem"
+
+
+@pytest.mark.parametrize("stored, message", [(str(SCHEMA_VERSION + 1), "upgrade pvc.cluster first"),
+                                             ("0", "no migration"), ("banana", "not a schema version")])
+def test_ensure_schema_refuses_other_versions(store, stored, message):
+    store.write({store.schema.schema_version(): stored})
+    with pytest.raises(StoreError, match=message):
+        store.ensure_schema()
+    assert store.read(store.schema.schema_version()) == stored
+
+
+# ---- digest auth --------------------------------------------------------------------------------
+
+
+def test_digest_auth_locks_out_unauthenticated_clients(make_store, zk_server):
+    store = make_store(auth_username="pvc", auth_password="s3cret")
+    store.ensure_schema()
+    key = store.schema.node_key("n1", "memtotal")
+    assert store.write({key: 1})
+    with store.lock(store.schema.node_lock("n1")):
+        pass
+    expected = make_digest_acl("pvc", "s3cret", all=True)
+    for path in (store.schema.root, store.schema.schema_version(), store.schema.node("n1"), key,
+                 store.schema.node_lock("n1")):
+        acls, _ = store.client.get_acls(path)
+        assert acls == [expected], path
+
+    anonymous = KazooClient(hosts=zk_server.hosts)
+    wrong = KazooClient(hosts=zk_server.hosts, auth_data=[("digest", "pvc:wrong")])
+    try:
+        for client in (anonymous, wrong):
+            client.start(timeout=30)
+            with pytest.raises(NoAuthError):
+                client.get(key)
+            with pytest.raises(NoAuthError):
+                client.get_children(store.schema.root)
+            with pytest.raises(NoAuthError):
+                client.set(key, b"evil")
+    finally:
+        for client in (anonymous, wrong):
+            client.stop()
+            client.close()
+    # the store itself, without credentials, reads None and says why
+    intruder = make_store()
+    assert intruder.read(key) is None
+    assert intruder.write({key: 2}) is False
+    assert store.read(key) == "1"

@@ -1,0 +1,150 @@
+"""The cluster store when ZooKeeper goes away: outages, session expiry, locks held across a loss.
+
+Waits are on kazoo connection-state listeners (a Condition), with generous bounds; no durations are
+asserted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+from kazoo.client import KazooClient, KazooState
+
+from pvc_cluster_common._store import StoreError
+
+pytestmark = pytest.mark.zk
+
+WAIT_S = 60.0
+
+
+class StateLog:
+    """Records a store's connection states; wait_for(predicate over the list) blocks until it holds."""
+
+    def __init__(self, store):
+        self.states: list[str] = []
+        self._cond = threading.Condition()
+        store.add_listener(self._record)
+
+    def _record(self, state):
+        with self._cond:
+            self.states.append(state)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, what):
+        with self._cond:
+            assert self._cond.wait_for(lambda: predicate(self.states), WAIT_S), f"never {what}: {self.states}"
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.states)
+
+
+class LogEvent(logging.Handler):
+    """Sets an Event when a record containing `text` is logged."""
+
+    def __init__(self, text):
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record):
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def _expire_session(client, hosts):
+    """The standard kazoo trick: a twin client joins the session, then closes it."""
+    twin = KazooClient(hosts=hosts, client_id=client.client_id)
+    twin.start(timeout=WAIT_S)
+    twin.stop()
+    twin.close()
+
+
+def test_outage_reads_none_writes_false_logs_why_then_recovers(zk_private_server, make_store, caplog):
+    logger = logging.getLogger("test.outage")
+    store = make_store(hosts=zk_private_server.hosts, timeout_s=2.0, logger=logger)
+    store.ensure_schema()
+    key = store.schema.node_key("n1", "memtotal")
+    assert store.write({key: 1})
+    states = StateLog(store)
+
+    zk_private_server.stop()
+    states.wait_for(lambda s: KazooState.SUSPENDED in s, "suspended")
+    assert not store.connected
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        assert store.read(key) is None
+        assert store.read_json(key) is None
+        assert store.write({key: 2}) is False
+        assert store.exists(key) is None
+        assert store.children(store.schema.nodes()) is None
+        assert store.delete(key) is False
+    messages = [r.getMessage() for r in caplog.records if r.name == "test.outage"]
+    why = f"not connected to ZooKeeper at {zk_private_server.hosts}"
+    assert any(m.startswith(f"read {key}:") and why in m for m in messages), messages
+    assert any(m.startswith(f"write {key} failed:") and why in m for m in messages), messages
+    assert any(m.startswith(f"exists {key}:") and why in m for m in messages), messages
+    assert any(m.startswith(f"delete {key} failed:") for m in messages), messages
+    with pytest.raises(StoreError, match=why):
+        store.get(key)
+
+    mark = states.mark()
+    zk_private_server.start()
+    states.wait_for(lambda s: KazooState.CONNECTED in s[mark:], "reconnected")
+    assert store.connected
+    assert store.read(key) == "1"
+    assert store.write({key: 3})
+    assert store.read(key) == "3"
+
+
+def test_session_expiry_drops_ephemerals_and_the_store_carries_on(store, zk_server):
+    s = store.schema
+    alive = s.node_key("n1", "alive")
+    assert store.write({s.node_key("n1", "daemon_state"): "run"})
+    store.client.create(alive, b"", ephemeral=True)
+    assert store.exists(alive) is True
+    old_session = store.client.client_id[0]
+    states = StateLog(store)
+
+    _expire_session(store.client, zk_server.hosts)
+    states.wait_for(lambda st: KazooState.LOST in st and KazooState.CONNECTED in st[st.index(KazooState.LOST):],
+                    "lost the session and connected again")
+    assert store.client.client_id[0] != old_session
+    assert store.exists(alive) is False  # the ephemeral went with the session
+    assert store.read(s.node_key("n1", "daemon_state")) == "run"  # persistent data stays
+    assert store.write({s.node_key("n1", "daemon_state"): "init"})
+    assert store.read(s.node_key("n1", "daemon_state")) == "init"
+    with store.lock(s.node_lock("n1"), timeout_s=WAIT_S):
+        pass
+
+
+def test_lock_release_on_lost_connection_is_logged_and_cleaned_up(zk_private_server, make_store, caplog):
+    logger = logging.getLogger("test.release")
+    store = make_store(hosts=zk_private_server.hosts, timeout_s=3.0, logger=logger)
+    store.ensure_schema()
+    path = store.schema.domain_lock("u1")
+    states = StateLog(store)
+    cleaned = LogEvent("deleted our leftover lock node")
+    logger.addHandler(cleaned)
+    try:
+        with caplog.at_level(logging.INFO, logger="test.release"):
+            session = store.client.client_id[0]
+            with store.lock(path):
+                zk_private_server.stop()
+                states.wait_for(lambda s: KazooState.SUSPENDED in s, "suspended")
+            failed = [r for r in caplog.records if r.getMessage().startswith(f"lock {path}: release failed")]
+            assert len(failed) == 1 and failed[0].levelno == logging.ERROR, [r.getMessage() for r in caplog.records]
+
+            mark = states.mark()
+            zk_private_server.start()
+            states.wait_for(lambda s: KazooState.CONNECTED in s[mark:], "reconnected")
+            # whether our session survived the restart (the leftover node is then deleted by the
+            # store) or expired (the node went with it), the lock is free for others
+            other = make_store(hosts=zk_private_server.hosts)
+            with other.lock(path, timeout_s=WAIT_S) as held:
+                assert held.is_acquired
+            if KazooState.LOST not in states.states and store.client.client_id[0] == session:
+                assert cleaned.seen.wait(WAIT_S), "the leftover lock node was not deleted"
+    finally:
+        logger.removeHandler(cleaned)

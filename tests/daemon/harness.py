@@ -1,0 +1,184 @@
+"""Run node daemons as real processes against a real ZooKeeper, with libvirt's test driver.
+
+Each daemon is its own process with its own test-driver "host" (a node XML file), so its VMs live
+and die with the process, like a host's VMs with the host. Waits use ZooKeeper watches.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import wait_for_key
+from pvc_cluster_common._store import ClusterStore, ConnectionOptions
+
+REPO = Path(__file__).resolve().parents[2]
+
+NODE_XML = """<node>
+  <cpu><nodes>1</nodes><sockets>1</sockets><cores>4</cores><threads>2</threads>
+  <active>8</active><mhz>2000</mhz><model>x86_64</model></cpu>
+  <memory>{kib}</memory>
+</node>
+"""
+
+
+def test_domain_xml(name: str, memory: str = "512", unit: str | None = "MiB", vcpus: int = 1,
+                    uuid: str | None = None) -> tuple[str, str]:
+    uuid = uuid or str(uuidlib.uuid4())
+    unit_attr = f" unit='{unit}'" if unit else ""
+    xml = (f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory{unit_attr}>{memory}</memory>"
+           f"<vcpu>{vcpus}</vcpu><os><type>hvm</type></os><devices/></domain>")
+    return uuid, xml
+
+
+@dataclass
+class DaemonProcess:
+    node: str
+    workdir: Path
+    config: dict
+    process: subprocess.Popen | None = None
+    env: dict = field(default_factory=dict)
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / f"{self.node}.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.node}.log"
+
+    def start(self, **env) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        environment = dict(os.environ)
+        environment.update(env)
+        out = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "pvc_node_daemon", "--config", str(self.config_path)],
+                                        stdout=out, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
+        out.close()
+
+    def stop(self, timeout_s: float = 60) -> int | None:
+        """SIGTERM and wait: the orderly shutdown."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    def wait_exit(self, timeout_s: float = 60) -> int:
+        return self.process.wait(timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class TestCluster:
+    """N daemons on one ZooKeeper (below a private root) plus a store for the test's own reads."""
+
+    __test__ = False   # not a pytest class
+
+    def __init__(self, zk_hosts: str, root: str, workdir: Path, keepalive_s: float = 0.5, **overrides) -> None:
+        self.zk_hosts = zk_hosts
+        self.root = root
+        self.workdir = Path(workdir)
+        self.keepalive_s = keepalive_s
+        self.overrides = overrides
+        self.daemons: dict[str, DaemonProcess] = {}
+        self.store = ClusterStore(ConnectionOptions(hosts=zk_hosts, root=root, timeout_s=10)).start()
+        self.store.ensure_schema()
+        self.schema = self.store.schema
+
+    def config_for(self, node: str, memory_mib: int = 8192, **overrides) -> dict:
+        host = self.workdir / f"{node}-host.xml"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        host.write_text(NODE_XML.format(kib=memory_mib * 1024))
+        config = {
+            "node": node,
+            "zookeeper": {"hosts": self.zk_hosts, "root": self.root, "timeout_s": 10},
+            "libvirt": {"uri": f"test://{host}", "call_timeout_s": 10},
+            "migration": {"step_timeout_s": 10, "live_timeout_base_s": 10, "flush_parallel": 2},
+            "intervals": {"keepalive_s": self.keepalive_s, "dead_after": 4, "shutdown_timeout_s": 5},
+            "memory": {"reserve_mib": 0},
+            "log": {"stdout": True, "debug": True},
+        }
+        for section, values in {**self.overrides, **overrides}.items():
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
+        return config
+
+    def add(self, node: str, start: bool = True, env: dict | None = None, **overrides) -> DaemonProcess:
+        daemon = DaemonProcess(node, self.workdir, self.config_for(node, **overrides))
+        self.daemons[node] = daemon
+        if start:
+            daemon.start(**(env or {}))
+        return daemon
+
+    # ---- waits (ZooKeeper watches) -------------------------------------------------------------
+
+    def wait(self, path: str, predicate, timeout_s: float = 60, what: str = "") -> None:
+        if not wait_for_key(self.store, path, predicate, timeout_s):
+            value = self.store.read(path)
+            logs = "\n".join(f"--- {n} ---\n{d.log()[-6000:]}" for n, d in self.daemons.items())
+            raise AssertionError(f"timed out waiting for {what or path} (value now {value!r})\n{logs}")
+
+    def wait_node_state(self, node: str, daemon_state: str = "run", timeout_s: float = 60) -> None:
+        self.wait(self.schema.node_key(node, S.NODE_DAEMON_STATE), lambda v: v == daemon_state, timeout_s,
+                  f"{node} daemon state {daemon_state}")
+
+    def wait_domain_state(self, node: str, state: str, timeout_s: float = 60) -> None:
+        self.wait(self.schema.node_key(node, S.NODE_DOMAIN_STATE), lambda v: v == state, timeout_s,
+                  f"{node} domain state {state}")
+
+    def wait_running_on(self, node: str, uuid: str, running: bool = True, timeout_s: float = 60) -> None:
+        import json
+
+        def check(value):
+            return (uuid in json.loads(value or "[]")) == running
+        self.wait(self.schema.node_key(node, S.NODE_RUNNINGDOMAINS), check, timeout_s,
+                  f"{uuid} {'running' if running else 'not running'} on {node}")
+
+    def wait_no_migration(self, uuid: str, timeout_s: float = 60) -> None:
+        self.wait(self.schema.domain_migration(uuid), lambda v: v is None, timeout_s, f"migration of {uuid} to end")
+
+    # ---- cluster writes a test needs ---------------------------------------------------------------
+
+    def define_vm(self, xml: str, uuid: str, name: str, node: str, state: str = "start", meta: dict | None = None) -> None:
+        values = {
+            self.schema.domain(uuid): name,
+            self.schema.domain_key(uuid, S.DOMAIN_XML): xml,
+            self.schema.domain_key(uuid, S.DOMAIN_NODE): node,
+            self.schema.domain_key(uuid, S.DOMAIN_LASTNODE): "",
+            self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): "",
+            self.schema.domain_key(uuid, S.DOMAIN_STATE): state,
+        }
+        for key, value in (meta or {}).items():
+            values[self.schema.domain_meta(uuid, key)] = value
+        self.store.commit(values)
+
+    def set_domain_state(self, node: str, state: str) -> None:
+        self.store.commit({self.schema.node_key(node, S.NODE_DOMAIN_STATE): state})
+
+    def close(self) -> None:
+        for daemon in self.daemons.values():
+            try:
+                daemon.stop(timeout_s=30)
+            except Exception:
+                daemon.kill()
+        self.store.stop()

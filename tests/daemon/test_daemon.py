@@ -1,0 +1,153 @@
+"""Node daemons as real processes, a real ZooKeeper, the libvirt test driver."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_history, read_node_views, read_vm
+from pvc_cluster_common._requests import plan_request, submit_request
+
+from .harness import REPO, TestCluster, test_domain_xml
+
+pytestmark = pytest.mark.zk
+
+
+@pytest.fixture
+def cluster(zk_server, zk_root, tmp_path):
+    c = TestCluster(zk_server.hosts, zk_root, tmp_path)
+    yield c
+    c.close()
+
+
+def ready_nodes(cluster, *nodes):
+    for node in nodes:
+        cluster.add(node)
+    for node in nodes:
+        cluster.wait_node_state(node, "run")
+        # new nodes start flushed; an operator makes them ready
+        cluster.set_domain_state(node, "unflush")
+    for node in nodes:
+        cluster.wait_domain_state(node, "ready")
+
+
+def request(cluster, uuid, kind, target=None, force_live=False):
+    vm = read_vm(cluster.store, uuid)
+    plan = plan_request(vm, kind, read_node_views(cluster.store), target=target, force_live=force_live)
+    return submit_request(cluster.store, plan, vm, requester="test")
+
+
+def test_registration_states_and_orderly_stop(cluster):
+    daemon = cluster.add("node1")
+    cluster.wait_node_state("node1", "run")
+    schema = cluster.schema
+    assert cluster.store.read(schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flushed"
+    assert cluster.store.exists(schema.node_key("node1", S.NODE_ALIVE))
+    assert float(cluster.store.read(schema.node_key("node1", S.NODE_KEEPALIVE))) > 0
+    assert cluster.store.read(schema.node_key("node1", S.NODE_LIBVIRT_URI)).startswith("qemu+tcp://node1")
+    assert daemon.stop() == 0
+    assert cluster.store.read(schema.node_key("node1", S.NODE_DAEMON_STATE)) == "stop"
+    assert not cluster.store.exists(schema.node_key("node1", S.NODE_ALIVE))
+    assert "shutting down" in daemon.log()
+
+
+def test_peer_marks_a_killed_daemon_dead_and_it_comes_back(cluster):
+    ready_nodes(cluster, "node1", "node2")
+    cluster.daemons["node2"].kill()
+    cluster.wait_node_state("node2", "dead")
+    cluster.daemons["node2"].start()
+    cluster.wait_node_state("node2", "run")
+
+
+def test_vm_lifecycle_follows_zookeeper(cluster):
+    ready_nodes(cluster, "node1")
+    uuid, xml = test_domain_xml("web1")
+    cluster.define_vm(xml, uuid, "web1", "node1", state="start")
+    cluster.wait_running_on("node1", uuid)
+    cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "shutdown"})
+    cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v == "stop", what="shutdown to end in stop")
+    cluster.wait_running_on("node1", uuid, running=False)
+    cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "start"})
+    cluster.wait_running_on("node1", uuid)
+    cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "restart"})
+    cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v == "start", what="restart to end in start")
+    cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "stop"})
+    cluster.wait_running_on("node1", uuid, running=False)
+
+
+def test_bad_xml_fails_with_the_libvirt_reason(cluster):
+    ready_nodes(cluster, "node1")
+    uuid, xml = test_domain_xml("broken")
+    xml = xml.replace("<os><type>hvm</type></os>", "<os><type>no-such-os-type</type></os>")
+    cluster.define_vm(xml, uuid, "broken", "node1", state="start")
+    cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v == "fail", what="state fail")
+    assert cluster.store.read(cluster.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
+
+
+def test_restarted_daemon_converges_its_vms(cluster):
+    ready_nodes(cluster, "node1")
+    running, xml1 = test_domain_xml("keep-running")
+    stopped, xml2 = test_domain_xml("keep-stopped")
+    cluster.define_vm(xml1, running, "keep-running", "node1", state="start")
+    cluster.define_vm(xml2, stopped, "keep-stopped", "node1", state="stop")
+    cluster.wait_running_on("node1", running)
+    # the test driver's VMs die with the daemon's process, like a host's with the host
+    cluster.daemons["node1"].kill()
+    cluster.daemons["node1"].start()
+    cluster.wait_node_state("node1", "run")
+    cluster.wait_running_on("node1", running)
+    runningdomains = json.loads(cluster.store.read(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS)))
+    assert stopped not in runningdomains
+
+
+def test_migration_default_falls_back_to_shutdown_on_the_test_driver(cluster):
+    ready_nodes(cluster, "node1", "node2")
+    uuid, xml = test_domain_xml("mover", memory="1", unit="GiB")
+    cluster.define_vm(xml, uuid, "mover", "node1")
+    cluster.wait_running_on("node1", uuid)
+    record = request(cluster, uuid, "migrate", target="node2")
+    assert record["step"] == "requested"
+    assert cluster.store.read(cluster.schema.node_reservation("node2", uuid)) == "1024"
+    cluster.wait_no_migration(uuid)
+    cluster.wait_running_on("node2", uuid)
+    cluster.wait_running_on("node1", uuid, running=False)
+    final = read_history(cluster.store, uuid)[-1]
+    assert final["result"] == "done"
+    assert final["method"] == "default"
+    assert final["method_used"] == "shutdown"
+    assert "migrat" in final["fallback_reason"].lower()   # libvirt's "not supported" for the test driver
+    assert set(final["steps"]) >= {"requested", "prepared", "transferring", "transferred", "done"}
+    vm = read_vm(cluster.store, uuid)
+    assert (vm.node, vm.lastnode) == ("node2", "node1")
+    assert not cluster.store.exists(cluster.schema.node_reservation("node2", uuid))
+
+
+def test_live_only_migration_aborts_and_keeps_the_vm_on_its_source(cluster):
+    ready_nodes(cluster, "node1", "node2")
+    uuid, xml = test_domain_xml("live-only")
+    cluster.define_vm(xml, uuid, "live-only", "node1", meta={S.META_MIGRATION_METHOD: "live"})
+    cluster.wait_running_on("node1", uuid)
+    request(cluster, uuid, "migrate", target="node2")
+    cluster.wait_no_migration(uuid)
+    final = read_history(cluster.store, uuid)[-1]
+    assert final["result"] == "aborted"
+    assert "live" in final["reason"]
+    vm = read_vm(cluster.store, uuid)
+    assert (vm.node, vm.lastnode) == ("node1", "")
+    assert not cluster.store.exists(cluster.schema.node_reservation("node2", uuid))
+    runningdomains = json.loads(cluster.store.read(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS)))
+    assert uuid in runningdomains
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("node: node1\nzookeeper:\n  hosts: 127.0.0.1:1\nintervals:\n  keepalive_s: fast\n")
+    result = subprocess.run([sys.executable, "-m", "pvc_node_daemon", "--config", str(config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "intervals.keepalive_s" in lines[0] and "accepted" in lines[0]

@@ -1,0 +1,641 @@
+"""The hypervisor driver against the libvirt test driver (in process, no libvirtd).
+
+No test sleeps to synchronise: blocking is simulated with threading.Event, and no test asserts on
+elapsed time.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid as uuidlib
+
+import libvirt
+import pytest
+
+from pvc_cluster_common._domain_xml import parse_domain_xml
+from pvc_node_daemon.hypervisor import (
+    DomainNotFound,
+    DomainRef,
+    DomainStatus,
+    Hypervisor,
+    HypervisorError,
+    HypervisorTimeout,
+    read_meminfo_mib,
+)
+
+MEMINFO = """MemTotal:       24576000 kB
+MemFree:        10240000 kB
+MemAvailable:   20000000 kB
+Buffers:          102400 kB
+Cached:          2048000 kB
+SwapCached:            0 kB
+HugePages_Total:       0
+"""
+
+
+def _libvirt_error(message: str) -> libvirt.libvirtError:
+    return libvirt.libvirtError(message)
+
+
+# ---- connection ---------------------------------------------------------------------------------
+
+
+def test_open_is_idempotent_and_close_disconnects(node_uri):
+    driver = Hypervisor(node_uri, call_timeout_s=10.0)
+    assert not driver.connected
+    assert driver.open() is driver
+    first = driver.connection
+    driver.open()
+    assert driver.connection is first  # never a second connection (test:///file state is per connection)
+    assert driver.is_alive()
+    assert driver.list_domains() == []
+    driver.close()
+    driver.close()
+    assert not driver.connected
+    assert not driver.is_alive()
+    with pytest.raises(HypervisorError) as err:
+        driver.list_domains()
+    assert err.value.op == "list_domains"
+    assert "not connected" in str(err.value)
+
+
+def test_open_unknown_node_file_is_a_hypervisor_error(tmp_path):
+    driver = Hypervisor(f"test://{tmp_path}/missing.xml", call_timeout_s=10.0)
+    with pytest.raises(HypervisorError) as err:
+        driver.open()
+    assert err.value.op == "open"
+    assert err.value.code is not None
+    assert not driver.connected
+
+
+def test_invalid_call_timeout_rejected(node_uri):
+    with pytest.raises(ValueError):
+        Hypervisor(node_uri, call_timeout_s=0)
+
+
+def test_default_test_uri_has_its_running_test_domain():
+    with Hypervisor("test:///default", call_timeout_s=10.0) as driver:
+        refs = {ref.name: ref for ref in driver.list_domains()}
+        assert refs["test"].status.state == "running"
+        assert driver.memory_stats(refs["test"].uuid)["actual"] > 0
+
+
+# ---- define / undefine / start / create ----------------------------------------------------------
+
+
+def test_define_then_undefine(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    assert hv.define(xml) == uuid
+    assert hv.exists(uuid)
+    assert hv.status(uuid) == DomainStatus("shutoff", libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN)
+    assert hv.list_domains() == [DomainRef(uuid, "vm1", hv.status(uuid))]
+    assert hv.list_domains(active_only=True) == []
+    hv.undefine(uuid)
+    assert not hv.exists(uuid)
+    assert hv.status(uuid) is None
+    assert hv.list_domains() == []
+
+
+def test_define_accepts_uppercase_uuid_and_reports_lowercase(hv, make_domain_xml):
+    uuid = str(uuidlib.uuid4())
+    _, xml = make_domain_xml("vm1", uuid=uuid.upper())
+    assert hv.define(xml) == uuid
+    assert hv.exists(uuid.upper())
+
+
+def test_define_invalid_xml_names_the_op(hv):
+    with pytest.raises(HypervisorError) as err:
+        hv.define("<domain type='test'><name>x</name></domain>")
+    assert err.value.op == "define"
+    assert err.value.domain is None
+    assert err.value.code == libvirt.VIR_ERR_XML_ERROR
+    assert str(err.value).startswith("define failed: ")
+
+
+def test_start_a_defined_domain(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.define(xml)
+    hv.start(uuid)
+    status = hv.status(uuid)
+    assert status.state == "running" and status.running
+    assert status.reason_name == "booted"
+    assert str(status) == "running (booted)"
+    assert [ref.uuid for ref in hv.list_domains(active_only=True)] == [uuid]
+    with pytest.raises(HypervisorError) as err:
+        hv.start(uuid)  # already running: libvirt says so, the driver does not hide it
+    assert err.value.op == "start" and "already running" in err.value.message
+
+
+def test_create_transient_domain_and_destroy_it(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    assert hv.create(xml) == uuid
+    assert hv.status(uuid).state == "running"
+    assert not hv.connection.lookupByUUIDString(uuid).isPersistent()
+    assert hv.destroy(uuid) is True
+    assert hv.status(uuid) is None  # a transient domain is gone once stopped
+    assert hv.destroy(uuid) is False  # idempotent
+    assert not hv.exists(uuid)
+
+
+def test_destroy_persistent_domain_is_idempotent(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.define(xml)
+    assert hv.destroy(uuid) is False  # never started
+    hv.start(uuid)
+    assert hv.destroy(uuid) is True
+    status = hv.status(uuid)
+    assert (status.state, status.reason_name) == ("shutoff", "destroyed")
+    assert hv.destroy(uuid) is False
+
+
+def test_undefine_running_domain_makes_it_transient(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.define(xml)
+    hv.start(uuid)
+    hv.undefine(uuid)
+    assert hv.status(uuid).state == "running"
+    assert hv.destroy(uuid) is True
+    assert not hv.exists(uuid)
+
+
+# ---- states --------------------------------------------------------------------------------------
+
+
+def test_status_names_and_reasons(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.define(xml)
+    dom = hv.connection.lookupByUUIDString(uuid)
+    assert hv.status(uuid).state == "shutoff"
+    hv.start(uuid)
+    assert hv.status(uuid).state == "running"
+    dom.suspend()
+    status = hv.status(uuid)
+    assert (status.state, status.reason_name) == ("paused", "user")
+    assert not status.running
+    dom.resume()
+    assert (hv.status(uuid).state, hv.status(uuid).reason_name) == ("running", "unpaused")
+
+
+@pytest.mark.parametrize(
+    ("code", "name"),
+    [
+        (libvirt.VIR_DOMAIN_NOSTATE, "nostate"),
+        (libvirt.VIR_DOMAIN_RUNNING, "running"),
+        (libvirt.VIR_DOMAIN_BLOCKED, "blocked"),
+        (libvirt.VIR_DOMAIN_PAUSED, "paused"),
+        (libvirt.VIR_DOMAIN_SHUTDOWN, "shutdown"),
+        (libvirt.VIR_DOMAIN_SHUTOFF, "shutoff"),
+        (libvirt.VIR_DOMAIN_CRASHED, "crashed"),
+        (libvirt.VIR_DOMAIN_PMSUSPENDED, "pmsuspended"),
+    ],
+)
+def test_state_names(code, name):
+    assert DomainStatus.from_libvirt(code, 0).state == name
+
+
+def test_reason_names():
+    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION).reason_name == "migration"
+    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED).reason_name == "migrated"
+    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_SHUTDOWN, libvirt.VIR_DOMAIN_SHUTDOWN_USER).reason_name == "user"
+    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED).reason_name == "crashed"
+    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_RUNNING, 999).reason_name == "reason 999"
+    assert DomainStatus.from_libvirt(99, 0).state == "nostate"
+
+
+# ---- shutdown ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["events", "polling"])
+def test_clean_shutdown(node_uri, make_domain_xml, events):
+    with Hypervisor(node_uri, call_timeout_s=10.0, events=events) as hv:
+        uuid, xml = make_domain_xml("vm1")
+        hv.define(xml)
+        hv.start(uuid)
+        assert hv.shutdown(uuid, timeout_s=30.0) is True
+        status = hv.status(uuid)
+        assert (status.state, status.reason_name) == ("shutoff", "shutdown")
+        assert hv.shutdown(uuid, timeout_s=30.0) is True  # already off
+
+
+def test_shutdown_of_transient_and_unknown_domains(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    assert hv.shutdown(uuid, timeout_s=30.0) is True
+    assert hv.status(uuid) is None
+    assert hv.shutdown(str(uuidlib.uuid4()), timeout_s=30.0) is True
+
+
+def test_shutdown_times_out_without_forcing(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    requested = threading.Event()
+    # A guest that ignores the shutdown request.
+    monkeypatch.setattr(libvirt.virDomain, "shutdown", lambda self: requested.set() or 0)
+    assert hv.shutdown(uuid, timeout_s=0.3) is False
+    assert requested.is_set()
+    assert hv.status(uuid).state == "running"  # not forced
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["events", "polling"])
+def test_shutdown_returns_when_the_domain_stops_later(node_uri, make_domain_xml, monkeypatch, events):
+    with Hypervisor(node_uri, call_timeout_s=10.0, events=events, poll_interval_s=0.05) as hv:
+        uuid, xml = make_domain_xml("vm1")
+        hv.define(xml)
+        hv.start(uuid)
+        requested = threading.Event()
+        monkeypatch.setattr(libvirt.virDomain, "shutdown", lambda self: requested.set() or 0)
+
+        def guest_powers_off_later():
+            requested.wait(30)
+            hv.connection.lookupByUUIDString(uuid).destroy()
+
+        thread = threading.Thread(target=guest_powers_off_later)
+        thread.start()
+        try:
+            assert hv.shutdown(uuid, timeout_s=60.0) is True
+        finally:
+            thread.join(30)
+        assert hv.status(uuid).state == "shutoff"
+
+
+def test_lifecycle_listener_receives_events(hv, make_domain_xml):
+    seen: queue.Queue = queue.Queue()
+    hv.add_lifecycle_listener(lambda uuid, event, detail: seen.put((uuid, event)))
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    assert seen.get(timeout=10) == (uuid, "started")
+    hv.destroy(uuid)
+    assert seen.get(timeout=10) == (uuid, "stopped")
+
+
+# ---- figures -------------------------------------------------------------------------------------
+
+
+def test_memory_and_vcpus(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1", memory="1", unit="GiB", vcpus=4, vcpus_current=2)
+    hv.define(xml)
+    assert hv.memory_mib(uuid) == (1024, 1024)
+    assert hv.vcpus(uuid) == 2  # the current count
+    uuid2, xml2 = make_domain_xml("vm2", memory="524288", unit=None, current="262144", vcpus=2)
+    hv.create(xml2)
+    assert hv.memory_mib(uuid2) == (256, 512)  # (balloon, maximum)
+    assert hv.vcpus(uuid2) == 2
+
+
+def test_xml_round_trip(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1", memory="3", unit="GB", bridges=("br-vm0", "br-vm1"))
+    hv.define(xml)
+    live = hv.xml(uuid)
+    info = parse_domain_xml(live)
+    assert (info.uuid, info.name) == (uuid, "vm1")
+    assert info.memory_mib == parse_domain_xml(xml).memory_mib == hv.memory_mib(uuid)[1]
+    assert info.bridges == ("br-vm0", "br-vm1")
+    assert parse_domain_xml(hv.xml(uuid, migratable=True)).uuid == uuid
+
+
+def test_memory_stats_for_running_domain(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    calls = []
+    original = libvirt.virDomain.memoryStats
+
+    def recording(self):
+        calls.append(self.UUIDString())
+        return original(self)
+
+    monkeypatch.setattr(libvirt.virDomain, "memoryStats", recording)
+    assert isinstance(hv.memory_stats(uuid), dict)
+    assert calls == [uuid]
+
+
+@pytest.fixture
+def forbid_memory_stats(monkeypatch):
+    """memoryStats() must not be called: it records the call and would block (as on a paused QEMU)."""
+    calls = []
+
+    def forbidden(self):
+        calls.append(self.UUIDString())
+        raise AssertionError("memoryStats() called on a domain that is not running")
+
+    monkeypatch.setattr(libvirt.virDomain, "memoryStats", forbidden)
+    return calls
+
+
+def test_memory_stats_skips_paused_domain_without_calling_libvirt(hv, make_domain_xml, forbid_memory_stats):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    hv.connection.lookupByUUIDString(uuid).suspend()
+    assert hv.memory_stats(uuid) is None
+    assert forbid_memory_stats == []
+
+
+def test_memory_stats_skips_incoming_migration_without_calling_libvirt(hv, make_domain_xml, forbid_memory_stats,
+                                                                      monkeypatch):
+    # The destination of a live migration is active but paused (reason "migration").
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    monkeypatch.setattr(libvirt.virDomain, "state",
+                        lambda self, flags=0: [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION])
+    assert hv.status(uuid).reason_name == "migration"
+    assert hv.memory_stats(uuid) is None
+    assert forbid_memory_stats == []
+
+
+def test_memory_stats_skips_shut_off_and_unknown_domains(hv, make_domain_xml, forbid_memory_stats):
+    uuid, xml = make_domain_xml("vm1")
+    hv.define(xml)
+    assert hv.memory_stats(uuid) is None
+    assert hv.memory_stats(str(uuidlib.uuid4())) is None
+    assert forbid_memory_stats == []
+
+
+def test_memory_stats_none_when_domain_stops_between_state_and_stats(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.define(xml)
+    hv.start(uuid)
+    original = libvirt.virDomain.memoryStats
+
+    def stops_first(self):
+        self.destroy()
+        return original(self)  # "domain is not running"
+
+    monkeypatch.setattr(libvirt.virDomain, "memoryStats", stops_first)
+    assert hv.memory_stats(uuid) is None
+
+
+def test_host_cpus(hv):
+    assert hv.host_cpus() == 4
+
+
+def test_host_memory_falls_back_to_meminfo(node_uri, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    with Hypervisor(node_uri, call_timeout_s=10.0, meminfo_path=str(meminfo)) as hv:
+        # the test driver has no virNodeGetMemoryStats
+        with pytest.raises(libvirt.libvirtError):
+            hv.connection.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
+        total, used, free = hv.host_memory_mib()
+    assert total == 24576000 // 1024
+    assert free == 10240000 // 1024
+    assert used == (24576000 - 10240000 - 102400 - 2048000) // 1024
+
+
+def test_host_memory_fallback_unreadable(node_uri, tmp_path):
+    with Hypervisor(node_uri, call_timeout_s=10.0, meminfo_path=str(tmp_path / "absent")) as hv:
+        with pytest.raises(HypervisorError) as err:
+            hv.host_memory_mib()
+    assert err.value.op == "host_memory"
+    assert "absent" in str(err.value)
+
+
+def test_host_memory_from_libvirt_when_supported(hv, monkeypatch):
+    stats = {"total": 25165824, "free": 4194304, "buffers": 1048576, "cached": 2097152}
+    monkeypatch.setattr(libvirt.virConnect, "getMemoryStats", lambda self, cell, flags=0: stats)
+    assert hv.host_memory_mib() == (24576, 24576 - 4096 - 1024 - 2048, 4096)
+
+
+def test_real_proc_meminfo_is_readable():
+    total, used, free = read_meminfo_mib()
+    assert total > 0 and 0 <= used <= total and 0 <= free <= total
+
+
+# ---- errors and timeouts -------------------------------------------------------------------------
+
+
+def test_unknown_domain_is_domain_not_found(hv):
+    unknown = str(uuidlib.uuid4())
+    assert not hv.exists(unknown)
+    assert hv.status(unknown) is None
+    with pytest.raises(DomainNotFound) as err:
+        hv.memory_mib(unknown)
+    assert (err.value.op, err.value.domain, err.value.code) == ("memory_mib", unknown, libvirt.VIR_ERR_NO_DOMAIN)
+    assert str(err.value).startswith(f"memory_mib on domain {unknown} failed: ")
+    assert "libvirt error 42" in str(err.value)
+    for call in (hv.vcpus, hv.xml, hv.start, hv.undefine):
+        with pytest.raises(DomainNotFound):
+            call(unknown)
+
+
+def test_malformed_uuid_is_a_hypervisor_error(hv):
+    with pytest.raises(HypervisorError) as err:
+        hv.status("not-a-uuid")
+    assert err.value.code == libvirt.VIR_ERR_INVALID_ARG
+    assert not isinstance(err.value, DomainNotFound)
+
+
+def test_hung_call_raises_timeout_and_is_abandoned(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    release, entered, finished = threading.Event(), threading.Event(), threading.Event()
+    original = libvirt.virDomain.info
+
+    def hanging_info(self):
+        entered.set()
+        release.wait(60)
+        try:
+            return original(self)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(libvirt.virDomain, "info", hanging_info)
+    hv.call_timeout_s = 0.2
+    try:
+        with pytest.raises(HypervisorTimeout) as err:
+            hv.memory_mib(uuid)
+        assert isinstance(err.value, HypervisorError)
+        assert (err.value.op, err.value.domain) == ("memory_mib", uuid)
+        assert "abandoned" in str(err.value)
+        assert entered.is_set() and not finished.is_set()
+        assert hv.abandoned_calls == 1
+        hv.call_timeout_s = 10.0
+        # the connection is still usable by other calls while the abandoned one is stuck
+        assert hv.status(uuid).state == "running"
+    finally:
+        release.set()
+    assert finished.wait(30)
+    assert hv.memory_mib(uuid) == (512, 512)
+
+
+def test_hung_memory_stats_times_out(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    release = threading.Event()
+    monkeypatch.setattr(libvirt.virDomain, "memoryStats", lambda self: release.wait(60) and {})
+    try:
+        with pytest.raises(HypervisorTimeout):
+            hv.memory_stats(uuid, timeout_s=0.2)
+    finally:
+        release.set()
+
+
+def test_threads_share_one_connection(hv, make_domain_xml):
+    uuids = []
+    for i in range(4):
+        uuid, xml = make_domain_xml(f"vm{i}")
+        hv.create(xml)
+        uuids.append(uuid)
+    errors, barrier = [], threading.Barrier(8)
+
+    def worker():
+        try:
+            barrier.wait(30)
+            for _ in range(20):
+                assert len(hv.list_domains(active_only=True)) == 4
+                for uuid in uuids:
+                    assert hv.memory_mib(uuid) == (512, 512)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+
+
+# ---- migration -----------------------------------------------------------------------------------
+
+
+def test_migrate_on_test_driver_is_a_hypervisor_error(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    with pytest.raises(HypervisorError) as err:
+        hv.migrate(uuid, "test:///default", migration_uri="tcp://10.77.0.2")
+    assert err.value.op == "migrate" and err.value.domain == uuid
+    assert err.value.code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED
+    assert str(err.value).startswith(f"migrate on domain {uuid} failed: ")
+    assert not isinstance(err.value, HypervisorTimeout)
+
+
+def test_managed_migrate_on_test_driver_is_a_hypervisor_error(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    with pytest.raises(HypervisorError) as err:
+        hv.migrate(uuid, "test:///default", peer_to_peer=False)
+    assert err.value.op == "migrate"
+    assert hv.status(uuid).state == "running"
+
+
+def test_migrate_max_downtime_unsupported_names_the_setting(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    with pytest.raises(HypervisorError) as err:
+        hv.migrate(uuid, "test:///default", max_downtime_ms=300)
+    assert err.value.op == "migrate"
+    assert err.value.code == libvirt.VIR_ERR_NO_SUPPORT
+    assert "maximum downtime" in str(err.value)
+
+
+def test_migrate_unknown_domain(hv):
+    with pytest.raises(DomainNotFound) as err:
+        hv.migrate(str(uuidlib.uuid4()), "test:///default")
+    assert err.value.op == "migrate"
+
+
+@pytest.fixture
+def record_migration(monkeypatch):
+    calls = []
+    monkeypatch.setattr(libvirt.virDomain, "migrateSetMaxDowntime",
+                        lambda self, downtime, flags=0: calls.append(("downtime", downtime)) or 0)
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
+                        lambda self, dconnuri, params, flags=0: calls.append(("p2p", dconnuri, params, flags)) or 0)
+    return calls
+
+
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "transient"])
+def test_migrate_params_and_flags(hv, make_domain_xml, record_migration, persistent):
+    uuid, xml = make_domain_xml("vm1")
+    if persistent:
+        hv.define(xml)
+        hv.start(uuid)
+    else:
+        hv.create(xml)
+    hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", migration_uri="tcp://10.77.0.2", max_downtime_ms=250)
+    flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+    if persistent:
+        flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    assert record_migration == [
+        ("downtime", 250),  # set before the job starts
+        ("p2p", "qemu+tcp://10.77.0.2/system", {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://10.77.0.2"}, flags),
+    ]
+
+
+def test_migrate_offline_style_flags(hv, make_domain_xml, record_migration):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    hv.migrate(uuid, "qemu+unix:///system?socket=/tmp/b/libvirt-sock", live=False)
+    assert record_migration == [("p2p", "qemu+unix:///system?socket=/tmp/b/libvirt-sock", {},
+                                 libvirt.VIR_MIGRATE_PEER2PEER)]
+
+
+def test_migrate_rejects_non_positive_downtime(hv, make_domain_xml, record_migration):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    with pytest.raises(ValueError):
+        hv.migrate(uuid, "test:///default", max_downtime_ms=0)
+    assert record_migration == []
+
+
+def test_managed_migrate_uses_a_destination_connection(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    seen = []
+
+    def fake_migrate3(self, dconn, params, flags=0):
+        seen.append((dconn.getURI(), params, flags))
+        return self
+
+    monkeypatch.setattr(libvirt.virDomain, "migrate3", fake_migrate3)
+    hv.migrate(uuid, "test:///default", migration_uri="tcp://10.77.0.2", peer_to_peer=False)
+    assert seen == [("test:///default", {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://10.77.0.2"}, libvirt.VIR_MIGRATE_LIVE)]
+
+
+def test_migrate_timeout_aborts_the_job(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    started, aborted = threading.Event(), threading.Event()
+
+    def slow_migration(self, dconnuri, params, flags=0):
+        started.set()
+        if not aborted.wait(60):
+            return 0
+        raise _libvirt_error("operation aborted: migration out job: canceled by client")
+
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3", slow_migration)
+    monkeypatch.setattr(libvirt.virDomain, "abortJob", lambda self, flags=0: aborted.set() or 0)
+    with pytest.raises(HypervisorTimeout) as err:
+        hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", timeout_s=0.2)
+    assert started.is_set() and aborted.is_set()
+    assert err.value.op == "migrate" and err.value.domain == uuid
+    assert "the job was aborted" in str(err.value)
+    assert "canceled by client" in str(err.value)
+
+
+def test_migrate_that_completes_while_being_aborted_succeeds(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    abort_requested = threading.Event()
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
+                        lambda self, dconnuri, params, flags=0: abort_requested.wait(60) and 0)
+    monkeypatch.setattr(libvirt.virDomain, "abortJob", lambda self, flags=0: abort_requested.set() or 0)
+    hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", timeout_s=0.2)  # no exception
+    assert abort_requested.is_set()
+
+
+def test_migrate_timeout_when_abort_is_unsupported(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    release = threading.Event()
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
+                        lambda self, dconnuri, params, flags=0: release.wait(60) and 0)
+    hv.abort_wait_s = 0.2  # how long the driver waits for the migrate call after the abort
+    try:
+        with pytest.raises(HypervisorTimeout) as err:
+            hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", timeout_s=0.2)  # abortJob: unsupported here
+        assert "aborting the job failed" in str(err.value)
+        assert "abandoned" in str(err.value)
+        assert hv.abandoned_calls == 1
+    finally:
+        release.set()

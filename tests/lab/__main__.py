@@ -1,0 +1,48 @@
+"""python -m tests.lab up --hosts N --workdir DIR | down --workdir DIR | status --workdir DIR"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .lab import Lab, LabError
+
+DEFAULT_WORKDIR = "/tmp/pvc-cluster/lab"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="(re)start the lab, cleaning up whatever a previous run left")
+    up.add_argument("--hosts", type=int, default=3)
+    up.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    up.add_argument("--prefix", default="lab", help="namespace prefix (default: lab)")
+    up.add_argument("--vm-bridge", default=None, help="also create this bridge in every host namespace, for guest NICs")
+    up.add_argument("--caps-cache", default=None, help="QEMU capabilities cache (default: WORKDIR/../caps-cache)")
+    up.add_argument("--keep-on-failure", action="store_true", help="leave a failed lab up for inspection")
+    for name, text in (("down", "end every process the lab started and delete its namespaces"),
+                       ("status", "print one line per host")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "up":
+            lab = Lab(args.workdir, args.hosts, prefix=args.prefix, caps_cache=args.caps_cache, vm_bridge=args.vm_bridge)
+            lab.up(keep_on_failure=args.keep_on_failure)
+            print(lab.status_table(), flush=True)
+        elif args.command == "down":
+            Lab.load(args.workdir).down()
+        else:
+            lab = Lab.load(args.workdir)
+            print(lab.status_table())
+            return 0 if lab.healthy() else 1
+    except LabError as exc:
+        print(f"lab {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

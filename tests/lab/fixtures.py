@@ -1,0 +1,90 @@
+"""pytest fixtures for the lab. tests/lab/conftest.py imports them; a conftest elsewhere can do the
+same (`from tests.lab.fixtures import lab, lab_guest  # noqa: F401`).
+
+* `lab` (session): a 3-host Lab, up for the whole session and taken down at its end, even when
+  tests fail. Workdir: $PVC_LAB_WORKDIR or /tmp/pvc-cluster/pytest-lab (the QEMU capabilities cache
+  beside it, /tmp/pvc-cluster/caps-cache, is shared with `make lab-up`). Guests may use the bridge
+  `lab.vm_bridge` ("br-vm"), present on every host. A machine that cannot run the lab (not root, no
+  namespaces, missing packages) FAILS the tests that use it, with the reason: it never skips.
+* `lab_guest` (function): a factory that starts a small transient guest; every guest it started is
+  destroyed at teardown, on whichever host it ended up.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from .guests import domain_xml
+from .lab import Lab, LabError, LabHost
+
+DEFAULT_WORKDIR = "/tmp/pvc-cluster/pytest-lab"
+VM_BRIDGE = "br-vm"
+_DEFAULT = object()
+
+
+@pytest.fixture(scope="session")
+def lab():
+    try:
+        Lab.preflight()
+    except LabError as exc:
+        pytest.fail(f"{exc}. The lab tests (-m lab) need a root Debian machine set up by `make setup`.", pytrace=False)
+    workdir = Path(os.environ.get("PVC_LAB_WORKDIR", DEFAULT_WORKDIR))
+    the_lab = Lab(workdir, hosts=3, vm_bridge=VM_BRIDGE)
+    try:
+        the_lab.up()
+    except LabError as exc:
+        pytest.fail(f"lab up failed: {exc}", pytrace=False)
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture
+def lab_guest(lab):
+    """start(host=1, name=None, memory_mib=64, bridge=lab.vm_bridge, **domain_xml_kwargs) -> virDomain"""
+    import libvirt
+
+    created: list[str] = []
+    conns: dict[int, object] = {}
+    serial_dir = lab.workdir / "serial"
+    serial_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(host: int | LabHost = 1, name: str | None = None, memory_mib: int = 64, bridge=_DEFAULT, **kw):
+        h = host if isinstance(host, LabHost) else lab.host(host)
+        name = name or f"guest-{uuid.uuid4().hex[:8]}"
+        if bridge is _DEFAULT:
+            bridge = lab.vm_bridge
+        kw.setdefault("serial_path", serial_dir / f"{name}.log")
+        if h.index not in conns:
+            conns[h.index] = h.connect()
+        created.append(name)
+        return conns[h.index].createXML(domain_xml(name, memory_mib=memory_mib, bridge=bridge, **kw), 0)
+
+    yield start
+
+    for conn in conns.values():
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+    if not created or not lab.state_file.exists():
+        return
+    for h in lab.hosts:
+        try:
+            conn = h.connect()
+        except libvirt.libvirtError:
+            continue  # that libvirtd is gone (a lifecycle test); `down` ends its QEMUs by pidfile
+        try:
+            for dom in conn.listAllDomains(0):
+                if dom.name() in created:
+                    persistent = dom.isPersistent()  # a transient domain is gone once destroyed
+                    if dom.isActive():
+                        dom.destroy()
+                    if persistent:
+                        dom.undefine()
+        finally:
+            conn.close()

@@ -1,0 +1,216 @@
+"""Smoke tests of the lab itself: libvirtd per host, live migration, the ZooKeeper ensemble, and
+that down / up-after-a-crash leave nothing behind. The lifecycle tests come last and leave the
+session's lab up again for whatever runs after them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from .guests import domain_xml, guest_uuid
+from .lab import REPO_ROOT, list_netns
+
+libvirt = pytest.importorskip("libvirt")  # the venv always has it; this only guards odd runs
+
+
+def _lab_namespaces(lab) -> list[str]:
+    return sorted(ns for ns in list_netns() if ns.startswith(f"{lab.prefix}-"))
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tests.lab", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _wait_dead(records, timeout_s: float = 10.0) -> list:
+    # processes killed by PID give no event to wait on; poll /proc every 50 ms
+    deadline = time.monotonic() + timeout_s
+    alive = [r for r in records if r.alive()]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [r for r in alive if r.alive()]
+    return alive
+
+
+def test_domain_xml_builder():
+    xml = domain_xml("g1", memory_mib=96, serial_path="/tmp/x.log", bridge="br-vm", mac="52:54:00:00:00:01")
+    root = ET.fromstring(xml)
+    assert root.get("type") == "qemu"
+    assert root.findtext("name") == "g1"
+    assert root.findtext("uuid") == guest_uuid("g1")
+    assert root.find("memory").get("unit") == "MiB" and root.findtext("memory") == "96"
+    ostype = root.find("os/type")
+    assert (ostype.get("arch"), ostype.get("machine"), ostype.text) == ("x86_64", "pc", "hvm")
+    assert root.find("devices/disk") is None
+    assert root.find("devices/serial").get("type") == "file"
+    assert root.find("devices/serial/source").get("path") == "/tmp/x.log"
+    iface = root.find("devices/interface")
+    assert iface.get("type") == "bridge" and iface.find("source").get("bridge") == "br-vm"
+    assert iface.find("mac").get("address") == "52:54:00:00:00:01"
+    bare = ET.fromstring(domain_xml("g2", uuid="11111111-2222-4333-8444-555555555555"))
+    assert bare.findtext("uuid") == "11111111-2222-4333-8444-555555555555"
+    assert bare.find("devices/interface") is None and bare.find("devices/serial") is None
+
+
+@pytest.mark.lab
+def test_each_host_runs_its_own_libvirtd(lab):
+    for h in lab.hosts:
+        conn = h.connect()
+        try:
+            assert conn.getHostname() == h.name
+        finally:
+            conn.close()
+    # the TCP listeners, from the controller namespace
+    code = "import libvirt, sys; print(' '.join(libvirt.open(u).getHostname() for u in sys.argv[1:]))"
+    out = lab.ctl_python(code, *[h.libvirt_tcp_uri for h in lab.hosts], timeout=60).stdout.split()
+    assert out == [h.name for h in lab.hosts]
+
+
+@pytest.mark.lab
+def test_live_migration_host1_to_host2(lab, lab_guest):
+    h1, h2 = lab.host(1), lab.host(2)
+    dom = lab_guest(h1, name="smoke-migrate", memory_mib=64)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert not dom.isPersistent()
+
+    dom.migrateToURI3(
+        h2.libvirt_tcp_uri,
+        {libvirt.VIR_MIGRATE_PARAM_URI: h2.migration_uri},
+        libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER,
+    )
+
+    c1, c2 = h1.connect(), h2.connect()
+    try:
+        moved = c2.lookupByName("smoke-migrate")
+        assert moved.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert moved.UUIDString() == guest_uuid("smoke-migrate")
+        with pytest.raises(libvirt.libvirtError) as missing:
+            c1.lookupByName("smoke-migrate")
+        assert missing.value.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+    finally:
+        c1.close()
+        c2.close()
+    assert "smoke-migrate" not in h1.domains(running_only=False)
+    assert h2.domains() == ["smoke-migrate"]
+    row = {r["host"]: r for r in lab.status()}
+    assert row["node2"]["domains"] == ["smoke-migrate"] and row["node1"]["domains"] == []
+    lab.reset()
+    assert all(h.domains(running_only=False) == [] for h in lab.hosts)
+
+
+ZK_SNIPPET = """
+import json, sys
+from kazoo.client import KazooClient
+members, path = sys.argv[1].split(","), sys.argv[2]
+clients = [KazooClient(hosts=m, timeout=5) for m in members]
+for c in clients:
+    c.start(timeout=15)
+clients[0].create(path, b"written-on-" + members[0].encode(), makepath=True)
+seen = {}
+for m, c in zip(members[1:], clients[1:]):
+    c.sync(path)
+    seen[m] = c.get(path)[0].decode()
+clients[0].delete(path.rsplit("/", 1)[0], recursive=True)
+for c in clients:
+    c.stop(); c.close()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.lab
+def test_zookeeper_ensemble_from_controller(lab):
+    modes = sorted(h.zk.mode() for h in lab.hosts)
+    assert modes == ["follower", "follower", "leader"]
+    members = [h.zk_address for h in lab.hosts]
+    proc = lab.ctl_python(ZK_SNIPPET, ",".join(members), "/lab-smoke/written", timeout=60)
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {m: f"written-on-{members[0]}" for m in members[1:]}
+    # the ensemble string is what clients in the lab use
+    code = (
+        "import sys; from kazoo.client import KazooClient; c = KazooClient(hosts=sys.argv[1]); "
+        "c.start(timeout=15); print(c.connected); c.stop()"
+    )
+    assert lab.ctl_python(code, lab.zk_hosts, timeout=60).stdout.strip() == "True"
+
+
+@pytest.mark.lab
+def test_libvirtd_crash_and_restart_keeps_guests(lab, lab_guest):
+    h3 = lab.host(3)
+    lab_guest(h3, name="survivor")
+    qemu = lab.qemu_processes()
+    h3.stop_libvirtd(signal.SIGKILL)
+    assert not any(r.alive() for r in lab.recorded_pids() if r.host == h3.netns and r.role == "libvirtd")
+    assert all(q.alive() for q in qemu)
+    h3.start_libvirtd()
+    assert h3.domains() == ["survivor"]
+    assert lab.healthy()
+
+
+@pytest.mark.lab
+def test_zookeeper_member_restart(lab):
+    h1 = lab.host(1)
+    h1.zk.stop()
+    assert h1.zk.mode() is None
+    assert sorted(h.zk.mode() for h in lab.hosts[1:]) == ["follower", "leader"]  # 2 of 3: quorum
+    h1.zk.start(timeout_s=30)  # not recorded in lab.json: `down` finds it by its pidfile
+    assert h1.zk.mode() in ("follower", "leader")
+    assert any(r.role == "zookeeper" and r.pid == h1.zk.process.pid for r in lab.processes())
+
+
+@pytest.mark.lab
+def test_up_cleans_up_after_an_interrupted_run(lab, lab_guest):
+    lab_guest(3, name="orphan")
+    old = [r for r in lab.processes() if r.role != "qemu"]
+    qemus = lab.qemu_processes()
+    assert sorted(r.role for r in old) == ["libvirtd"] * 3 + ["reaper"] * 3 + ["zookeeper"] * 3
+    assert [r.host for r in qemus] == [lab.host(3).netns]
+
+    # the crash: every lab daemon dies at once, nothing is cleaned; the guest's QEMU lingers
+    for r in old:
+        os.kill(r.pid, signal.SIGKILL)
+    assert _wait_dead(old) == []
+    assert all(q.alive() for q in qemus)
+    assert _lab_namespaces(lab) == sorted(lab.namespaces)
+
+    # another process brings the lab up again from lab.json
+    proc = _cli("up", "--hosts", "3", "--workdir", str(lab.workdir), "--vm-bridge", lab.vm_bridge)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ended qemu" in proc.stdout
+    assert _wait_dead(old + qemus, 1.0) == []
+    assert lab.healthy(), lab.status_table()
+    assert {r.pid for r in lab.recorded_pids()}.isdisjoint(r.pid for r in old)
+    assert lab.qemu_processes() == []
+    assert _lab_namespaces(lab) == sorted(lab.namespaces)
+    status = _cli("status", "--workdir", str(lab.workdir))
+    assert status.returncode == 0 and "leader" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.lab
+def test_down_leaves_nothing_behind(lab, lab_guest):
+    lab_guest(1, name="left-running")
+    recorded = lab.processes()
+    assert len(recorded) == 10  # 3 x (ZooKeeper, libvirtd, reaper) + the guest's QEMU
+    try:
+        proc = _cli("down", "--workdir", str(lab.workdir))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert _lab_namespaces(lab) == []
+        assert [r for r in recorded if r.alive()] == []
+        assert not lab.state_file.exists()
+        assert not any(h.libvirt_socket.exists() for h in lab.hosts)
+        assert _cli("status", "--workdir", str(lab.workdir)).returncode == 1
+        # a second down has nothing to do and succeeds
+        assert _cli("down", "--workdir", str(lab.workdir)).returncode == 0
+    finally:
+        lab.up()  # the session's lab, back for the tests that follow
+    assert lab.healthy()
