@@ -114,6 +114,8 @@ class NodeDaemon:
         # kazoo calls this from its own thread and it must not block: only record and wake.
         from kazoo.client import KazooState
 
+        if self.stop_event.is_set():
+            return   # our own orderly disconnect
         if state == KazooState.LOST:
             self._session_lost.set()
             log.warning("ZooKeeper session lost: no new work until it is re-established")

@@ -64,8 +64,8 @@ class Keepalive:
                 log.debug("vm-thread: %s is %s: statistics skipped", ref.uuid, state)
                 continue
             stats = self.hypervisor.memory_stats(ref.uuid)
-            if stats is not None:
-                figures.stats[ref.uuid] = stats
+            figures.stats[ref.uuid] = {"state": state, "memory_mib": maximum, "vcpus": vcpus,
+                                       "memory_stats": stats or {}, "updated": round(time.time(), 3)}
         return figures
 
     def _run_vm_thread(self, holder: dict) -> None:

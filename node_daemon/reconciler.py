@@ -175,10 +175,10 @@ class Reconciler:
                 self._destroy(uuid)
             return
         decision = decide(self.node, desired, local_state)
-        if decision.action in (Action.NOTHING, Action.FORGET):
+        if decision.action in (Action.NOTHING, Action.FORGET, Action.MIGRATION):
             log.debug("VM %s: %s", uuid, decision.why)
-            return
-        log.info("VM %s: %s (%s)", uuid, decision.action.value, decision.why)
+        else:
+            log.info("VM %s: %s (%s)", uuid, decision.action.value, decision.why)
         if decision.action is Action.MIGRATION:
             self.migrations.handle(uuid, record)
         elif decision.action is Action.START:

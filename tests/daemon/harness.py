@@ -29,7 +29,7 @@ NODE_XML = """<node>
 """
 
 
-def test_domain_xml(name: str, memory: str = "512", unit: str | None = "MiB", vcpus: int = 1,
+def domain_xml(name: str, memory: str = "512", unit: str | None = "MiB", vcpus: int = 1,
                     uuid: str | None = None) -> tuple[str, str]:
     uuid = uuid or str(uuidlib.uuid4())
     unit_attr = f" unit='{unit}'" if unit else ""

@@ -11,7 +11,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_history, read_node_views, read_vm
 from pvc_cluster_common._requests import plan_request, submit_request
 
-from .harness import REPO, TestCluster, test_domain_xml
+from .harness import REPO, TestCluster, domain_xml
 
 pytestmark = pytest.mark.zk
 
@@ -64,7 +64,7 @@ def test_peer_marks_a_killed_daemon_dead_and_it_comes_back(cluster):
 
 def test_vm_lifecycle_follows_zookeeper(cluster):
     ready_nodes(cluster, "node1")
-    uuid, xml = test_domain_xml("web1")
+    uuid, xml = domain_xml("web1")
     cluster.define_vm(xml, uuid, "web1", "node1", state="start")
     cluster.wait_running_on("node1", uuid)
     cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "shutdown"})
@@ -80,7 +80,7 @@ def test_vm_lifecycle_follows_zookeeper(cluster):
 
 def test_bad_xml_fails_with_the_libvirt_reason(cluster):
     ready_nodes(cluster, "node1")
-    uuid, xml = test_domain_xml("broken")
+    uuid, xml = domain_xml("broken")
     xml = xml.replace("<os><type>hvm</type></os>", "<os><type>no-such-os-type</type></os>")
     cluster.define_vm(xml, uuid, "broken", "node1", state="start")
     cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v == "fail", what="state fail")
@@ -89,8 +89,8 @@ def test_bad_xml_fails_with_the_libvirt_reason(cluster):
 
 def test_restarted_daemon_converges_its_vms(cluster):
     ready_nodes(cluster, "node1")
-    running, xml1 = test_domain_xml("keep-running")
-    stopped, xml2 = test_domain_xml("keep-stopped")
+    running, xml1 = domain_xml("keep-running")
+    stopped, xml2 = domain_xml("keep-stopped")
     cluster.define_vm(xml1, running, "keep-running", "node1", state="start")
     cluster.define_vm(xml2, stopped, "keep-stopped", "node1", state="stop")
     cluster.wait_running_on("node1", running)
@@ -105,7 +105,7 @@ def test_restarted_daemon_converges_its_vms(cluster):
 
 def test_migration_default_falls_back_to_shutdown_on_the_test_driver(cluster):
     ready_nodes(cluster, "node1", "node2")
-    uuid, xml = test_domain_xml("mover", memory="1", unit="GiB")
+    uuid, xml = domain_xml("mover", memory="1", unit="GiB")
     cluster.define_vm(xml, uuid, "mover", "node1")
     cluster.wait_running_on("node1", uuid)
     record = request(cluster, uuid, "migrate", target="node2")
@@ -127,7 +127,7 @@ def test_migration_default_falls_back_to_shutdown_on_the_test_driver(cluster):
 
 def test_live_only_migration_aborts_and_keeps_the_vm_on_its_source(cluster):
     ready_nodes(cluster, "node1", "node2")
-    uuid, xml = test_domain_xml("live-only")
+    uuid, xml = domain_xml("live-only")
     cluster.define_vm(xml, uuid, "live-only", "node1", meta={S.META_MIGRATION_METHOD: "live"})
     cluster.wait_running_on("node1", uuid)
     request(cluster, uuid, "migrate", target="node2")

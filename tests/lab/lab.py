@@ -18,10 +18,14 @@ every namespace.
 LAB ONLY: libvirtd accepts unauthenticated clients on its unix socket and on TCP 10.77.0.K:16509
 (auth "none"), and QEMU runs as root without a security driver. Never use these settings elsewhere.
 
-Everything the lab starts is recorded in WORKDIR/lab.json (PID plus kernel start time, so a reused
-PID is never mistaken for ours); `down`, in any process, ends exactly those processes and the QEMU
-processes named by the libvirt pidfiles under each host's run directory, then deletes the namespaces.
-Nothing is ever killed by name.
+Every process the lab starts is recorded in WORKDIR/lab.json (PID plus kernel start time, so a
+reused PID is never mistaken for ours): per host a ZooKeeper JVM, a libvirtd, and reaper.py, the
+libvirtd's parent that reaps the QEMU processes libvirt daemonizes. `down`, in any process, ends those,
+plus what the host's pidfiles name once checked to be that program in that host's namespace (the
+QEMU pidfiles under the host's run directory; a daemon restarted by a test), then deletes the
+namespaces. Nothing is ever killed by name. `up` first does the same for whatever an earlier run left;
+if a lab namespace holds a process that is not ours (another lab, a test's leftover), it deletes
+nothing and says which processes are in the way.
 """
 from __future__ import annotations
 
@@ -370,11 +374,6 @@ class LabHost:
         """Start this host's libvirtd again (after stop_libvirtd) and wait until it answers."""
         self.lab._restart_libvirtd(self)
 
-    def qemu_pidfiles(self) -> list[Path]:
-        files = sorted((self.dir / "run" / "qemu").glob("*.pid"))
-        probe = self.dir / "lib" / "qemu" / "capabilities.pidfile"  # a capability probe in flight
-        return files + ([probe] if probe.exists() else [])
-
 
 class Lab:
     """Bring the lab up and down; see the module docstring."""
@@ -410,6 +409,7 @@ class Lab:
             for h in self.hosts
         }
         self._libvirtd: dict[int, subprocess.Popen] = {}
+        self._abort = threading.Event()
         longest = self.hosts[-1].libvirt_socket
         if len(str(longest)) > UNIX_PATH_MAX:
             raise LabError(f"workdir too long for a unix socket path: {longest}")
@@ -534,7 +534,21 @@ class Lab:
                 self.log(f"cleanup after the failed up also failed: {cleanup_error}")
             raise
 
+    def _parallel(self, fn, items: list) -> list:
+        """fn over items in threads; on any error (or Ctrl-C) tell the others to give up."""
+        if not items:
+            return []
+        pool = ThreadPoolExecutor(max_workers=len(items))
+        try:
+            return list(pool.map(fn, items))
+        except BaseException:
+            self._abort.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
     def _up(self) -> None:
+        self._abort.clear()
         n = len(self.hosts)
         self.log(f"up: {n} hosts in {self.workdir}")
         self._cleanup()
@@ -569,8 +583,7 @@ class Lab:
             self._start_libvirtd(h)
         self.log("started ZooKeeper and libvirtd on every host")
 
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            list(pool.map(self._wait_libvirtd, self.hosts))
+        self._parallel(self._wait_libvirtd, self.hosts)
         self.log("libvirtd: every socket answers")
 
         self._warm_capabilities(seeded)
@@ -672,6 +685,8 @@ class Lab:
         deadline = time.monotonic() + timeout_s
         # libvirtd signals readiness only by answering on its socket; poll every 50 ms.
         while not h.libvirt_socket.exists():
+            if self._abort.is_set():
+                raise LabError("aborted")
             if proc.poll() is not None:
                 raise LabError(
                     f"libvirtd on {h.name} exited with {proc.returncode}:\n"
@@ -686,6 +701,8 @@ class Lab:
                 conn = libvirt.open(h.libvirt_uri)
             except libvirt.libvirtError as exc:
                 last_error = exc
+                if self._abort.is_set():
+                    raise LabError("aborted") from exc
                 if proc.poll() is not None:
                     raise LabError(f"libvirtd on {h.name} exited with {proc.returncode}:\n{_tail(h.libvirtd_log)}")
                 time.sleep(0.05)
@@ -709,8 +726,7 @@ class Lab:
         empty cache node1 probes alone and the others start from its result."""
         t = time.monotonic()
         if seeded:
-            with ThreadPoolExecutor(max_workers=len(self.hosts)) as pool:
-                list(pool.map(_domain_capabilities, self.hosts))
+            self._parallel(_domain_capabilities, self.hosts)
         else:
             first, rest = self.hosts[0], self.hosts[1:]
             _domain_capabilities(first)
@@ -720,8 +736,7 @@ class Lab:
                 caps.mkdir(parents=True, exist_ok=True)
                 for f in files:
                     shutil.copy2(f, caps / f.name)
-            with ThreadPoolExecutor(max_workers=max(1, len(rest))) as pool:
-                list(pool.map(_domain_capabilities, rest))
+            self._parallel(_domain_capabilities, rest)
         self._save_caps_cache()
         self.log(f"QEMU capabilities {'loaded from cache' if seeded else 'probed (cold)'} "
                  f"in {time.monotonic() - t:.1f} s")

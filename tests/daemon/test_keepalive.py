@@ -1,0 +1,139 @@
+"""The keepalive against a real ZooKeeper and libvirt's test driver."""
+from __future__ import annotations
+
+import json
+import threading
+import uuid as uuidlib
+
+import libvirt
+import pytest
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._domain_xml import parse_domain_xml
+from pvc_node_daemon.config import parse_config
+from pvc_node_daemon.domains import DomainTable
+from pvc_node_daemon.hypervisor import Hypervisor
+from pvc_node_daemon.keepalive import Keepalive
+
+from .harness import NODE_XML
+
+pytestmark = pytest.mark.zk
+
+
+def xml(name, memory, unit, vcpus):
+    uuid = str(uuidlib.uuid4())
+    unit_attr = f" unit='{unit}'" if unit else ""
+    return uuid, (f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory{unit_attr}>{memory}</memory>"
+                  f"<vcpu>{vcpus}</vcpu><os><type>hvm</type></os><devices/></domain>")
+
+
+def libvirt_ground_truth(domain_xml):
+    """(MiB, vCPUs) as libvirt itself computes them for this XML."""
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.defineXML(domain_xml)
+        try:
+            return dom.maxMemory() // 1024, dom.vcpusFlags(libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def host(tmp_path):
+    path = tmp_path / "host.xml"
+    path.write_text(NODE_XML.format(kib=16 * 1024 * 1024))
+    with Hypervisor(f"test://{path}", call_timeout_s=5) as hv:
+        yield hv
+
+
+@pytest.fixture
+def config(zk_server, zk_root):
+    return parse_config({"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root},
+                         "intervals": {"keepalive_s": 1}, "libvirt": {"call_timeout_s": 5},
+                         "memory": {"reserve_mib": 512}})
+
+
+def add(store, table, uuid, text, node, state):
+    info = parse_domain_xml(text)
+    table.update(uuid, name=info.name, node=node, state=state, memory_mib=info.memory_mib, vcpus=info.vcpus)
+    store.commit({store.schema.domain(uuid): info.name, store.schema.domain_key(uuid, S.DOMAIN_XML): text,
+                  store.schema.domain_key(uuid, S.DOMAIN_NODE): node, store.schema.domain_key(uuid, S.DOMAIN_STATE): state})
+
+
+def test_memory_accounting_is_exact_against_libvirt(store, host, config):
+    table = DomainTable()
+    running = xml("running-gib", 1, "GiB", 2)
+    paused = xml("paused-kib", 524288, "KiB", 1)
+    stopped = xml("stopped-mib", 768, "MiB", 4)
+    disabled = xml("disabled-bytes", 1610612736, "bytes", 2)
+    elsewhere = xml("elsewhere", 2, "GiB", 1)
+    incoming = xml("incoming", 256, "MiB", 1)
+    for (uuid, text), node, state in ((running, "n1", "start"), (paused, "n1", "start"), (stopped, "n1", "stop"),
+                                      (disabled, "n1", "disable"), (elsewhere, "n2", "start"), (incoming, "n1", "start")):
+        add(store, table, uuid, text, node, state)
+    host.create(running[1])
+    host.create(paused[1])
+    host.connection.lookupByUUIDString(paused[0]).suspend()
+    # an incoming migration holds a reservation here and is not running yet
+    store.commit({store.schema.node_reservation("n1", incoming[0]): 256})
+
+    keepalive = Keepalive("n1", config, store, host, table)
+    assert keepalive.tick()
+
+    truth = {name: libvirt_ground_truth(text) for name, (_, text) in
+             {"running": running, "paused": paused, "stopped": stopped, "disabled": disabled}.items()}
+    key = lambda k: int(store.read(store.schema.node_key("n1", k)))  # noqa: E731
+    assert key(S.NODE_MEMALLOC) == truth["running"][0] + truth["paused"][0]
+    assert key(S.NODE_MEMPROV) == sum(mib for mib, _ in truth.values())
+    assert key(S.NODE_VCPUALLOC) == truth["running"][1] + truth["paused"][1]
+    assert key(S.NODE_DOMAINCOUNT) == 2
+    assert key(S.NODE_MEMRESERVE) == 512
+    assert sorted(json.loads(store.read(store.schema.node_key("n1", S.NODE_RUNNINGDOMAINS)))) == sorted([running[0], paused[0]])
+    total, used, free = (key(k) for k in (S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE))
+    assert total > 0 and used + free <= total
+    # statistics only for the running VM
+    assert store.read_json(store.schema.domain_key(running[0], S.DOMAIN_STATS))
+    assert store.read(store.schema.domain_key(paused[0], S.DOMAIN_STATS)) is None
+
+
+def test_paused_domain_is_never_asked_for_statistics(store, host, config, monkeypatch):
+    table = DomainTable()
+    paused = xml("paused", 128, "MiB", 1)
+    add(store, table, *paused, "n1", "start")
+    host.create(paused[1])
+    host.connection.lookupByUUIDString(paused[0]).suspend()
+    asked = []
+    real = libvirt.virDomain.memoryStats
+    monkeypatch.setattr(libvirt.virDomain, "memoryStats", lambda dom: asked.append(dom.UUIDString()) or real(dom))
+    assert Keepalive("n1", config, store, host, table).tick()
+    assert asked == []
+
+
+def test_hung_libvirt_call_does_not_delay_the_keepalive(store, host, config, monkeypatch):
+    table = DomainTable()
+    vm = xml("hangs", 128, "MiB", 1)
+    add(store, table, *vm, "n1", "start")
+    host.create(vm[1])
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hang(dom):
+        entered.set()
+        release.wait(120)   # a libvirt call stuck until the test lets it go
+        return {}
+
+    monkeypatch.setattr(libvirt.virDomain, "memoryStats", hang)
+    keepalive = Keepalive("n1", config, store, host, table)
+    try:
+        before = store.read_versioned(store.schema.node_key("n1", S.NODE_KEEPALIVE))
+        assert keepalive.tick()              # returns while memoryStats is still blocked
+        assert entered.is_set() and not release.is_set()
+        after = store.read_versioned(store.schema.node_key("n1", S.NODE_KEEPALIVE))
+        assert after is not None and after != before
+        # the next keepalive does not pile another thread onto the stuck call, and still writes
+        assert keepalive.tick()
+        assert store.read_versioned(store.schema.node_key("n1", S.NODE_KEEPALIVE))[1] > after[1]
+    finally:
+        release.set()
