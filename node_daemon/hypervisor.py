@@ -726,8 +726,8 @@ class Hypervisor:
             except HypervisorTimeout:
                 raise
             except HypervisorError as exc:
-                raise HypervisorError("migrate", uuid, exc.code,
-                                      f"cannot set the maximum downtime to {max_downtime_ms} ms: {exc.message}") from None
+                message = f"cannot set the maximum downtime to {max_downtime_ms} ms: {exc.message}"
+                raise HypervisorError("migrate", uuid, exc.code, message) from None
 
         def run() -> None:
             if peer_to_peer:

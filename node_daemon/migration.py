@@ -199,8 +199,9 @@ class MigrationAgent:
 
     # ---- dispatch -----------------------------------------------------------------------------
 
-    def handle(self, uuid: str, _record_hint=None) -> None:
-        record, version = self.read_record(uuid)
+    def handle(self, uuid: str, known=None) -> None:
+        """Act on the VM's migration record; ``known`` is (record, version) when the caller just read it."""
+        record, version = known if known else self.read_record(uuid)
         if record is None:
             self.deadlines.clear(uuid)
             return

@@ -151,16 +151,16 @@ class Reconciler:
         node = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_NODE))
         if state is None or node is None:
             return None, None
-        raw = self.store.read(self.schema.domain_migration(uuid))
+        found = self.store.read_versioned(self.schema.domain_migration(uuid))
         record = None
-        if raw:
+        if found and found[0]:
             try:
-                record = json.loads(raw)
+                record = (json.loads(found[0]), found[1])
             except ValueError:
-                log.error("VM %s: unreadable migration record %r; ignored", uuid, raw[:80])
+                log.error("VM %s: unreadable migration record %r; ignored", uuid, found[0][:80])
         desired = Desired(state=state, node=node,
-                          migration_source=record.get("source") if record else None,
-                          migration_target=record.get("target") if record else None)
+                          migration_source=record[0].get("source") if record else None,
+                          migration_target=record[0].get("target") if record else None)
         return desired, record
 
     def reconcile(self, uuid: str) -> None:

@@ -159,6 +159,7 @@ def _cell_kib(cell) -> int:
     except DomainXMLError as exc:
         raise DomainXMLError(f"<cpu><numa><cell memory>: {exc}") from None
 
+
 def _parse_uuid(text: str | None) -> str:
     raw = (text or "").strip()
     if not _UUID_RE.fullmatch(raw) or (len(raw) not in (32, 36)) or (len(raw) == 36 and raw.count("-") != 4):
@@ -285,4 +286,3 @@ def parse_domain_xml(xml: str | bytes) -> DomainInfo:
         bridges=tuple(bridges),
         networks=tuple(networks),
     )
-

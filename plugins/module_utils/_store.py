@@ -117,7 +117,7 @@ def _path_list(paths) -> list[str]:
     return [paths] if isinstance(paths, str) else list(paths)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConnectionOptions:
     """How to reach ZooKeeper. ``hosts`` is kazoo's "h1:port,h2:port[/chroot]" (the chroot must exist)."""
 
@@ -157,17 +157,14 @@ class ConnectionOptions:
             problems.append("auth_username is set but auth_password is not")
         if self.auth_username and ":" in self.auth_username:
             problems.append("auth_username must not contain ':'")
-        tls_files = {"tls_ca": self.tls_ca, "tls_cert": self.tls_cert, "tls_key": self.tls_key}
-        if not self.tls and any(tls_files.values()):
-            given = ", ".join(name for name, value in tls_files.items() if value)
-            problems.append(f"{given} set but tls is false")
         if self.tls_cert and not self.tls_key:
             problems.append("tls_cert is set but tls_key is not (a client certificate needs its key)")
         if self.tls_key and not self.tls_cert:
             problems.append("tls_key is set but tls_cert is not")
-        for name, value in tls_files.items():
-            if value and not os.path.isfile(value):
-                problems.append(f"{name} file {value} does not exist")
+        if self.tls is True:  # with tls false the files are unused, and not checked
+            for name, value in (("tls_ca", self.tls_ca), ("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+                if value and not os.path.isfile(value):
+                    problems.append(f"{name} file {value} does not exist")
         if not isinstance(self.tls, bool) or not isinstance(self.tls_verify, bool):
             problems.append("tls and tls_verify must be true or false")
         if problems:

@@ -97,10 +97,10 @@ def test_options_defaults_are_valid():
         ({"auth_password": "pw"}, "auth_password is set but auth_username is not"),
         ({"auth_username": "u"}, "auth_username is set but auth_password is not"),
         ({"auth_username": "a:b", "auth_password": "pw"}, "must not contain ':'"),
-        ({"tls_ca": "/etc/hostname"}, "tls_ca set but tls is false"),
         ({"tls": True, "tls_cert": "/etc/hostname"}, "tls_cert is set but tls_key is not"),
         ({"tls": True, "tls_key": "/etc/hostname"}, "tls_key is set but tls_cert is not"),
         ({"tls": True, "tls_ca": "/nonexistent/ca.pem"}, "tls_ca file /nonexistent/ca.pem does not exist"),
+        ({"tls": True, "tls_cert": "/nonexistent/c.pem", "tls_key": "/etc/hostname"}, "tls_cert file /nonexistent/c.pem"),
         ({"tls": "yes"}, "tls and tls_verify must be true or false"),
     ],
 )
@@ -113,6 +113,16 @@ def test_options_validate_names_the_problem(fields, message):
 @pytest.mark.parametrize("hosts", ["h1:2181,h2:2181,h3:2181", "h1:2181/chroot/path", "[::1]:2181", "localhost"])
 def test_options_accept_kazoo_host_strings(hosts):
     ConnectionOptions(hosts=hosts).validate()
+
+
+def test_options_ignore_tls_files_while_tls_is_off():
+    ConnectionOptions(hosts="h:1", tls=False, tls_ca="/etc/pvc/ca.pem", tls_cert="/etc/pvc/n.pem", tls_key="/etc/pvc/n.key").validate()
+
+
+def test_options_report_every_problem_at_once():
+    with pytest.raises(ValueError) as failure:
+        ConnectionOptions(hosts="", timeout_s=0, auth_password="x").validate()
+    assert str(failure.value).count(";") == 2
 
 
 def test_store_validates_options_on_construction():

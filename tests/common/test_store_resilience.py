@@ -148,3 +148,15 @@ def test_lock_release_on_lost_connection_is_logged_and_cleaned_up(zk_private_ser
                 assert cleaned.seen.wait(WAIT_S), "the leftover lock node was not deleted"
     finally:
         logger.removeHandler(cleaned)
+
+
+def test_start_can_be_retried_after_the_server_comes_up(zk_private_server, make_store):
+    zk_private_server.stop()
+    store = make_store(hosts=zk_private_server.hosts, timeout_s=1.0, start=False)
+    with pytest.raises(StoreError, match=f"cannot reach ZooKeeper at {zk_private_server.hosts} within 1 s"):
+        store.start()
+    assert not store.connected
+    zk_private_server.start()
+    store.start()
+    assert store.connected
+    assert store.ensure_schema() is True

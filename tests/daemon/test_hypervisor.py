@@ -194,12 +194,22 @@ def test_state_names(code, name):
     assert DomainStatus.from_libvirt(code, 0).state == name
 
 
-def test_reason_names():
-    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION).reason_name == "migration"
-    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED).reason_name == "migrated"
-    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_SHUTDOWN, libvirt.VIR_DOMAIN_SHUTDOWN_USER).reason_name == "user"
-    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED).reason_name == "crashed"
-    assert DomainStatus.from_libvirt(libvirt.VIR_DOMAIN_RUNNING, 999).reason_name == "reason 999"
+@pytest.mark.parametrize(
+    ("state", "reason", "name"),
+    [
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION, "migration"),
+        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED, "migrated"),
+        (libvirt.VIR_DOMAIN_SHUTDOWN, libvirt.VIR_DOMAIN_SHUTDOWN_USER, "user"),
+        (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, "crashed"),
+        (libvirt.VIR_DOMAIN_CRASHED, libvirt.VIR_DOMAIN_CRASHED_PANICKED, "panicked"),
+        (libvirt.VIR_DOMAIN_RUNNING, 999, "reason 999"),
+    ],
+)
+def test_reason_names(state, reason, name):
+    assert DomainStatus.from_libvirt(state, reason).reason_name == name
+
+
+def test_unknown_state_code_is_nostate():
     assert DomainStatus.from_libvirt(99, 0).state == "nostate"
 
 
@@ -330,8 +340,9 @@ def test_memory_stats_skips_paused_domain_without_calling_libvirt(hv, make_domai
     assert forbid_memory_stats == []
 
 
-def test_memory_stats_skips_incoming_migration_without_calling_libvirt(hv, make_domain_xml, forbid_memory_stats,
-                                                                      monkeypatch):
+def test_memory_stats_skips_incoming_migration_without_calling_libvirt(
+    hv, make_domain_xml, forbid_memory_stats, monkeypatch
+):
     # The destination of a live migration is active but paused (reason "migration").
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)

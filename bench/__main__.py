@@ -1,0 +1,201 @@
+"""``make bench``: the speed targets of pvc.cluster, measured, printed as a table and written to
+bench/results/latest.json. Benchmarks, not tests: nothing here fails on a slow machine; the
+table says whether each target was met.
+
+    a. live-migration control overhead (lab, real QEMU): our daemons vs plain `virsh migrate --live --p2p`
+    b. shutdown-migration latency, libvirt test driver: request -> running on target
+    c. flush of a node holding 200 VMs in a 5-node test-driver cluster
+    d. target selection among 1,000 nodes / 20,000 VMs, and a flush plan for 200 VMs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# ---- d: pure selection and planning ------------------------------------------------------------
+
+def bench_selection(repeat: int = 200) -> list[dict]:
+    from pvc_cluster_common._selector import FlushVM, NodeView, plan_flush, select_target
+
+    rng = random.Random(7)
+    nodes = [NodeView(name=f"node{i:04d}", daemon_state="run", domain_state="ready", memtotal=rng.choice((262144, 524288)),
+                      memused=rng.randint(10000, 200000), memfree=rng.randint(10000, 200000), memprov=rng.randint(0, 200000),
+                      memreserve=4096, reserved=rng.choice((0, 0, 0, 8192)), cpuload=rng.random() * 32,
+                      vcpualloc=rng.randint(0, 400), domaincount=20)
+             for i in range(1000)]   # 1,000 nodes x 20 VMs = 20,000 VMs
+    results = []
+    for selector in ("mem", "memfree", "load", "vcpus", "vms"):
+        samples = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            select_target(rng.choice((1024, 4096, 16384)), "node0001", (), selector, nodes)
+            samples.append((time.perf_counter() - started) * 1000)
+        results.append({"id": f"d.select.{selector}", "what": f"target selection ({selector}), 1,000 nodes / 20,000 VMs",
+                        "p50_ms": round(percentile(samples, 0.5), 3), "p95_ms": round(percentile(samples, 0.95), 3),
+                        "target": "<= 2 ms", "met": percentile(samples, 0.5) <= 2.0})
+    vms = [FlushVM(f"vm{i}", rng.choice((512, 1024, 2048, 4096, 8192)), (), "default", "node0001", 2) for i in range(200)]
+    for count in (5, 1000):
+        subset = nodes[:count]
+        samples = []
+        for _ in range(max(10, repeat // 10)):
+            started = time.perf_counter()
+            plan_flush("node0000", vms, subset)
+            samples.append((time.perf_counter() - started) * 1000)
+        results.append({"id": f"d.plan.{count}", "what": f"flush plan for 200 VMs over {count} nodes",
+                        "p50_ms": round(percentile(samples, 0.5), 3), "p95_ms": round(percentile(samples, 0.95), 3),
+                        "target": "<= 50 ms", "met": percentile(samples, 0.5) <= 50.0})
+    return results
+
+
+# ---- b and c: daemons as processes on the libvirt test driver -------------------------------------
+
+def _cluster(workdir: Path, nodes: int, memory_mib: int):
+    from tests.daemon.harness import TestCluster
+    from tests.support.zookeeper import ZooKeeperServer, free_port
+
+    server = ZooKeeperServer(workdir / "zk", free_port())
+    server.start()
+    cluster = TestCluster(server.hosts, "/bench", workdir / "daemons", keepalive_s=1.0,
+                          log={"stdout": True, "debug": False},
+                          migration={"step_timeout_s": 30, "flush_parallel": 8})
+    for i in range(1, nodes + 1):
+        cluster.add(f"node{i}", memory_mib=memory_mib)
+    for i in range(1, nodes + 1):
+        cluster.wait_node_state(f"node{i}", "run")
+        cluster.set_domain_state(f"node{i}", "unflush")
+    for i in range(1, nodes + 1):
+        cluster.wait_domain_state(f"node{i}", "ready")
+    return server, cluster
+
+
+def bench_shutdown_migration(samples: int = 40) -> dict:
+    from pvc_cluster_common import _schema as S
+    from pvc_cluster_common._cluster import read_node_views, read_vm
+    from pvc_cluster_common._requests import plan_request, submit_request
+    from tests.daemon.harness import domain_xml
+
+    with tempfile.TemporaryDirectory(prefix="pvc-bench-") as tmp:
+        server, cluster = _cluster(Path(tmp), 2, 65536)
+        try:
+            uuid, xml = domain_xml("bench-vm", memory="256")
+            cluster.define_vm(xml, uuid, "bench-vm", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
+            cluster.wait_running_on("node1", uuid)
+            latencies = []
+            for i in range(samples):
+                source, target = ("node1", "node2") if i % 2 == 0 else ("node2", "node1")
+                vm = read_vm(cluster.store, uuid)
+                plan = plan_request(vm, "move", read_node_views(cluster.store), target=target)
+                started = time.perf_counter()
+                record = submit_request(cluster.store, plan, vm, requester="bench")
+                cluster.wait_no_migration(uuid)
+                latencies.append((time.perf_counter() - started) * 1000)
+                final = json.loads(cluster.store.read(cluster.store.schema.domain_history(uuid) + "/"
+                                                      + sorted(cluster.store.children(cluster.store.schema.domain_history(uuid)))[-1]))
+                if final["id"] != record["id"] or final["result"] != "done":
+                    raise RuntimeError(f"migration {record['id']} did not finish as done: {final}")
+            p50 = percentile(latencies, 0.5)
+            return {"id": "b", "what": "shutdown migration, test driver: request -> running on target (record done)",
+                    "p50_ms": round(p50, 1), "p95_ms": round(percentile(latencies, 0.95), 1), "samples": samples,
+                    "target": "p50 <= 20 ms", "met": p50 <= 20.0}
+        finally:
+            cluster.close()
+            server.stop()
+
+
+def bench_flush(vm_count: int = 200, nodes: int = 5) -> dict:
+    from pvc_cluster_common import _schema as S
+    from tests.daemon.harness import domain_xml
+
+    with tempfile.TemporaryDirectory(prefix="pvc-bench-") as tmp:
+        server, cluster = _cluster(Path(tmp), nodes, 262144)
+        try:
+            uuids = []
+            for i in range(vm_count):
+                uuid, xml = domain_xml(f"flush-{i:03d}", memory="512")
+                cluster.define_vm(xml, uuid, f"flush-{i:03d}", "node1")
+                uuids.append(uuid)
+            cluster.wait(cluster.schema.node_key("node1", S.NODE_DOMAINCOUNT), lambda v: v == str(vm_count), 120,
+                         f"{vm_count} VMs running on node1")
+            started = time.perf_counter()
+            cluster.set_domain_state("node1", "flush")
+            cluster.wait_domain_state("node1", "flushed", timeout_s=600)
+            elapsed = time.perf_counter() - started
+            elsewhere = sum(1 for u in uuids if cluster.store.read(cluster.schema.domain_key(u, S.DOMAIN_NODE)) != "node1")
+            return {"id": "c", "what": f"flush of a node with {vm_count} VMs, {nodes}-node test-driver cluster",
+                    "seconds": round(elapsed, 2), "moved": elsewhere, "target": "<= 5 s", "met": elapsed <= 5.0}
+        finally:
+            cluster.close()
+            server.stop()
+
+
+# ---- a: live migration overhead in the lab ---------------------------------------------------------
+
+def bench_live_overhead(pairs: int) -> dict:
+    from tests.lab.bench_live import measure   # needs root and the lab (real libvirtd + QEMU)
+
+    ours, plain = measure(pairs)
+    ratio = statistics.median(ours) / statistics.median(plain)
+    return {"id": "a", "what": f"live migration, lab: our daemons vs virsh migrate --live --p2p ({pairs} pairs)",
+            "ours_median_s": round(statistics.median(ours), 3), "virsh_median_s": round(statistics.median(plain), 3),
+            "ratio": round(ratio, 3), "target": "ratio <= 1.05", "met": ratio <= 1.05}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| id | what | measured | target | met |", "|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            measured = "error: " + row["error"]
+        elif "ratio" in row:
+            measured = f"ours {row['ours_median_s']} s / virsh {row['virsh_median_s']} s = {row['ratio']}"
+        elif "seconds" in row:
+            measured = f"{row['seconds']} s ({row['moved']} moved)"
+        else:
+            measured = f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms"
+        lines.append(f"| {row['id']} | {row['what']} | {measured} | {row['target']} | {'yes' if row.get('met') else 'no'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--only", choices=("a", "b", "c", "d"), action="append")
+    parser.add_argument("--pairs", type=int, default=5)
+    args = parser.parse_args()
+    wanted = args.only or ["d", "b", "c", "a"]
+    rows = []
+    for key, run in (("d", bench_selection), ("b", bench_shutdown_migration), ("c", bench_flush),
+                     ("a", lambda: bench_live_overhead(args.pairs))):
+        if key not in wanted:
+            continue
+        print(f"bench {key}: running...", flush=True)
+        try:
+            result = run()
+        except Exception as exc:   # a broken benchmark is reported, the others still run
+            result = {"id": key, "what": run.__doc__ or key, "target": "", "met": False, "error": f"{type(exc).__name__}: {exc}"}
+        rows.extend(result if isinstance(result, list) else [result])
+    RESULTS.mkdir(exist_ok=True)
+    document = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "python": sys.version.split()[0],
+                "results": rows}
+    (RESULTS / "latest.json").write_text(json.dumps(document, indent=2) + "\n")
+    print(table(rows))
+    print(f"\nwritten to {RESULTS / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

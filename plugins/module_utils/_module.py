@@ -1,0 +1,256 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# PRIVATE: this module is internal to the pvc.cluster collection.
+# It may change without notice; do not import it from other collections.
+"""The AnsibleModule glue every pvc.cluster module shares.
+
+* ``ZK_ARGUMENT_SPEC``: the ZooKeeper connection options (documented once in
+  ``doc_fragments/_zk.py``), merged into each module's own spec by :func:`build_module`, which also
+  reports a missing kazoo/lxml with ``missing_required_lib``.
+* :func:`cluster_session`: a started :class:`ClusterStore` for the with-block, always stopped on
+  the way out; ``StoreError`` (unreachable, conflict) and :class:`ModuleFailure` become
+  ``fail_json`` with the message and no traceback. Reads through the store's never-failing accessors
+  return None when ZooKeeper fails, so the session also records those failures and fails the task
+  instead of reporting data it could not read (:meth:`Session.verify`).
+* :class:`Differences`: the one place ``changed`` and the ``diff`` come from.
+* :func:`watch_until`: wait for a condition on ZooKeeper watches, with a deadline (no polling).
+
+Module logic raises :class:`ModuleFailure` (or the shared errors); only the session turns them into
+``fail_json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import threading
+import time
+from contextlib import contextmanager
+
+from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
+
+from ._domain_xml import LXML_IMPORT_ERROR
+from ._store import KAZOO_IMPORT_ERROR, ClusterStore, ConflictError, ConnectionOptions, MissingError, StoreError
+
+DEFAULT_ROOT = "/pvc"
+DEFAULT_TIMEOUT_S = 10.0
+
+ZK_ARGUMENT_SPEC = {
+    "zk_hosts": {"type": "str", "fallback": (env_fallback, ["PVC_ZK_HOSTS"])},
+    "zk_root": {"type": "str", "default": DEFAULT_ROOT, "fallback": (env_fallback, ["PVC_ZK_ROOT"])},
+    "zk_timeout": {"type": "float", "default": DEFAULT_TIMEOUT_S, "fallback": (env_fallback, ["PVC_ZK_TIMEOUT"])},
+    "zk_username": {"type": "str", "no_log": False, "fallback": (env_fallback, ["PVC_ZK_USERNAME"])},
+    "zk_password": {"type": "str", "no_log": True, "fallback": (env_fallback, ["PVC_ZK_PASSWORD"])},
+    "zk_tls": {"type": "bool", "default": False, "fallback": (env_fallback, ["PVC_ZK_TLS"])},
+    "zk_tls_ca": {"type": "path", "fallback": (env_fallback, ["PVC_ZK_TLS_CA"])},
+    "zk_tls_cert": {"type": "path", "fallback": (env_fallback, ["PVC_ZK_TLS_CERT"])},
+    "zk_tls_key": {"type": "path", "no_log": False, "fallback": (env_fallback, ["PVC_ZK_TLS_KEY"])},
+    "zk_tls_verify": {"type": "bool", "default": True, "fallback": (env_fallback, ["PVC_ZK_TLS_VERIFY"])},
+}
+ZK_REQUIRED_TOGETHER = [["zk_username", "zk_password"], ["zk_tls_cert", "zk_tls_key"]]
+
+WHERE_HOSTS = ("set zk_hosts on the task, through module_defaults (group/pvc.cluster.all), "
+               "or in the environment variable PVC_ZK_HOSTS")
+
+
+class ModuleFailure(Exception):
+    """Raised by module logic: ``msg`` plus extra result keys for ``fail_json``."""
+
+    def __init__(self, msg: str, **result) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.result = result
+
+
+def argument_spec(module_spec: dict) -> dict:
+    """The module's own options plus the ZooKeeper options (a new dict; the inputs are not changed)."""
+    spec = copy.deepcopy(ZK_ARGUMENT_SPEC)
+    clash = set(spec) & set(module_spec)
+    if clash:
+        raise ValueError(f"module options clash with the ZooKeeper options: {sorted(clash)}")
+    spec.update(copy.deepcopy(module_spec))
+    return spec
+
+
+def build_module(module_spec: dict, needs_lxml: bool = True, **kwargs) -> AnsibleModule:
+    """The AnsibleModule with the common options merged in; fails when kazoo or lxml is missing."""
+    required_together = list(ZK_REQUIRED_TOGETHER) + list(kwargs.pop("required_together", []))
+    module = AnsibleModule(argument_spec=argument_spec(module_spec), required_together=required_together,
+                           supports_check_mode=True, **kwargs)
+    if KAZOO_IMPORT_ERROR is not None:
+        module.fail_json(msg=missing_required_lib("kazoo"), exception=KAZOO_IMPORT_ERROR)
+    if needs_lxml and LXML_IMPORT_ERROR is not None:
+        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
+    return module
+
+
+_OPTION_NAMES = {
+    "hosts": "zk_hosts", "root": "zk_root", "timeout_s": "zk_timeout", "auth_username": "zk_username",
+    "auth_password": "zk_password", "tls": "zk_tls", "tls_ca": "zk_tls_ca", "tls_cert": "zk_tls_cert",
+    "tls_key": "zk_tls_key", "tls_verify": "zk_tls_verify",
+}
+# a field name as a word of its own (not inside a path or a quoted value)
+_OPTION_NAME_RE = re.compile(r"(?<![\w/.'\"-])(" + "|".join(sorted(_OPTION_NAMES, key=len, reverse=True)) + r")(?![\w/.'\"-])")
+
+
+def connection_options(params: dict) -> ConnectionOptions:
+    """ConnectionOptions from the module parameters. Raises ValueError naming every problem."""
+    hosts = params.get("zk_hosts")
+    if not hosts or not str(hosts).strip():
+        raise ValueError(f"no ZooKeeper servers given: {WHERE_HOSTS}")
+    options = ConnectionOptions(
+        hosts=str(hosts).strip(),
+        root=params.get("zk_root") or DEFAULT_ROOT,
+        timeout_s=params.get("zk_timeout") if params.get("zk_timeout") is not None else DEFAULT_TIMEOUT_S,
+        auth_username=params.get("zk_username") or None,
+        auth_password=params.get("zk_password") or None,
+        tls=bool(params.get("zk_tls")),
+        tls_ca=params.get("zk_tls_ca") or None,
+        tls_cert=params.get("zk_tls_cert") or None,
+        tls_key=params.get("zk_tls_key") or None,
+        tls_verify=params.get("zk_tls_verify") is not False,
+    )
+    try:
+        options.validate()
+    except ValueError as exc:
+        # the store names its fields (tls_ca, timeout_s...): name the module options instead
+        raise ValueError(_OPTION_NAME_RE.sub(lambda m: _OPTION_NAMES[m.group(1)], str(exc))) from None
+    return options
+
+
+class _ReadFailures(logging.Handler):
+    """Collects the StoreErrors that the store's never-failing accessors swallow (and log)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.failures: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        for arg in args:
+            if isinstance(arg, StoreError) and not isinstance(arg, MissingError):
+                self.failures.append(str(arg))
+
+
+class Session:
+    """A started store for one module run."""
+
+    def __init__(self, module: AnsibleModule, store: ClusterStore, failures: _ReadFailures) -> None:
+        self.module = module
+        self.store = store
+        self.schema = store.schema
+        self._failures = failures
+
+    def verify(self) -> None:
+        """Raise StoreError if any read of this run failed (ZooKeeper unreachable, refused...)."""
+        if self._failures.failures:
+            seen = list(dict.fromkeys(self._failures.failures))
+            raise StoreError("reading the cluster from ZooKeeper failed: " + "; ".join(seen[:3])
+                             + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""))
+
+    def commit(self, values: dict, expect_versions: dict | None = None, delete=(), create=()) -> dict:
+        """``store.commit`` after checking that every read it is based on succeeded."""
+        self.verify()
+        return self.store.commit(values, expect_versions, delete, create)
+
+
+_session_counter = 0
+
+
+@contextmanager
+def cluster_session(module: AnsibleModule):
+    """Yield a :class:`Session`; convert failures to ``fail_json``; always stop the store."""
+    global _session_counter
+    try:
+        options = connection_options(module.params)
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
+    _session_counter += 1
+    log = logging.getLogger(f"ansible_collections.pvc.cluster.session{_session_counter}")
+    log.propagate = False
+    log.setLevel(logging.DEBUG)
+    failures = _ReadFailures()
+    log.addHandler(failures)
+    # kazoo logs connection trouble on its own loggers; keep it off the module's stderr
+    logging.getLogger("kazoo").addHandler(logging.NullHandler())
+    logging.getLogger("kazoo").propagate = False
+    try:
+        store = ClusterStore(options, logger=log)
+    except StoreError as exc:
+        module.fail_json(msg=str(exc))
+    try:
+        try:
+            store.start()
+        except StoreError as exc:
+            module.fail_json(msg=str(exc))
+        session = Session(module, store, failures)
+        try:
+            yield session
+            session.verify()
+        except ModuleFailure as exc:
+            module.fail_json(msg=exc.msg, **exc.result)
+        except ConflictError as exc:
+            module.fail_json(msg=f"the cluster changed while this task ran; nothing was written; run it again ({exc})")
+        except StoreError as exc:
+            module.fail_json(msg=str(exc))
+    finally:
+        store.stop()
+
+
+class Differences:
+    """Compared fields of one object: ``changed`` and the ``diff`` come from the same entries."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[object, object]] = {}
+
+    def add(self, key: str, before, after) -> None:
+        self._entries[key] = (before, after)
+
+    @property
+    def changed(self) -> bool:
+        return any(before != after for before, after in self._entries.values())
+
+    @property
+    def changed_keys(self) -> list[str]:
+        return [key for key, (before, after) in self._entries.items() if before != after]
+
+    def before(self) -> dict:
+        return {key: before for key, (before, _after) in self._entries.items()}
+
+    def after(self) -> dict:
+        return {key: after for key, (_before, after) in self._entries.items()}
+
+    def diff(self) -> dict:
+        return {"before": self.before(), "after": self.after()}
+
+
+def watch_until(store: ClusterStore, paths, condition, timeout_s: float):
+    """Evaluate ``condition()`` now and whenever a key in ``paths`` changes (ZooKeeper watches),
+    until it returns something true (returned) or ``timeout_s`` passes (None returned)."""
+    changed = threading.Event()
+    active = [True]
+
+    def watcher(*_args) -> bool:
+        if not active[0]:
+            return False
+        changed.set()
+        return True
+
+    for path in paths:
+        store.client.DataWatch(path, watcher)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            changed.clear()
+            result = condition()
+            if result:
+                return result
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            changed.wait(remaining)
+    finally:
+        active[0] = False

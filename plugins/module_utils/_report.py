@@ -1,0 +1,188 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# PRIVATE: this module is internal to the pvc.cluster collection.
+# It may change without notice; do not import it from other collections.
+"""What the info modules and the inventory plugin report about nodes and VMs, defined once.
+
+The ``*_report`` functions turn the shared typed reads (``_cluster``) into plain dicts (JSON-safe,
+memory in MiB). :func:`read_cluster` reads everything in one pass for reports that need the whole
+cluster (memory accounting of a node names the VMs assigned to it and running on it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from . import _schema as S
+from ._cluster import node_names, read_history, read_node_raw, read_reservations, read_vm, vm_uuids
+from ._meta import VMMeta
+from ._selector import NodeView, resolve_selector, survives_node_failure
+
+
+def _int(text) -> int:
+    try:
+        return int(float(text or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _float(text) -> float:
+    try:
+        return float(text or 0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def meta_dict(meta: VMMeta) -> dict:
+    """A VM's meta as module options spell them (node_limit a list)."""
+    return {
+        S.META_MIGRATION_METHOD: meta.migration_method,
+        S.META_NODE_SELECTOR: meta.node_selector,
+        S.META_NODE_LIMIT: list(meta.node_limit),
+        S.META_NODE_AUTOSTART: meta.node_autostart,
+        S.META_MIGRATION_MAX_DOWNTIME_MS: meta.migration_max_downtime_ms,
+    }
+
+
+def memory_report(raw: dict, reservations: dict[str, int]) -> dict:
+    """A node's memory accounting in MiB (see docs/architecture.md, Memory accounting)."""
+    view = NodeView.from_store("", raw, sum(reservations.values()))
+    return {
+        "total": view.memtotal,
+        "used": view.memused,
+        "free": view.memfree,
+        "allocated": _int(raw.get(S.NODE_MEMALLOC)),
+        "provisioned": view.memprov,
+        "reserve": view.memreserve,
+        "reserved": view.reserved,
+        "reservations": dict(sorted(reservations.items())),
+        "headroom": view.headroom,
+    }
+
+
+@dataclass
+class ClusterSnapshot:
+    """Every node (raw keys, reservations, alive) and every VM, read once."""
+
+    nodes: dict[str, dict] = field(default_factory=dict)
+    reservations: dict[str, dict[str, int]] = field(default_factory=dict)
+    alive: dict[str, bool] = field(default_factory=dict)
+    vms: dict = field(default_factory=dict)            # uuid -> VMRecord
+    default_selector: str | None = None
+    schema_version: str | None = None
+
+    def views(self) -> dict[str, NodeView]:
+        return {name: NodeView.from_store(name, raw, sum(self.reservations.get(name, {}).values()))
+                for name, raw in self.nodes.items()}
+
+    def running(self, node: str) -> list[str]:
+        try:
+            value = json.loads(self.nodes.get(node, {}).get(S.NODE_RUNNINGDOMAINS) or "[]")
+        except ValueError:
+            return []
+        return [uuid for uuid in value if isinstance(uuid, str)] if isinstance(value, list) else []
+
+    def running_on(self, uuid: str) -> list[str]:
+        return [node for node in sorted(self.nodes) if uuid in self.running(node)]
+
+    def name_of(self, uuid: str) -> str:
+        vm = self.vms.get(uuid)
+        return vm.name if vm is not None else uuid
+
+    def running_memory_by_node(self) -> dict[str, list[int]]:
+        """Memory (MiB) of the known VMs each node reports running: what a node failure displaces."""
+        result = {}
+        for node in self.nodes:
+            result[node] = [self.vms[uuid].memory_mib for uuid in self.running(node) if uuid in self.vms]
+        return result
+
+
+def read_cluster(store, nodes: list[str] | None = None, vms: list[str] | None = None) -> ClusterSnapshot:
+    """Read nodes and VMs (all of them, or the given names / uuids)."""
+    snapshot = ClusterSnapshot()
+    schema = store.schema
+    for name in node_names(store) if nodes is None else nodes:
+        raw = read_node_raw(store, name)
+        if raw is None:
+            continue
+        snapshot.nodes[name] = raw
+        snapshot.reservations[name] = read_reservations(store, name)
+        snapshot.alive[name] = bool(store.exists(schema.node_key(name, S.NODE_ALIVE)))
+    for uuid in vm_uuids(store) if vms is None else vms:
+        vm = read_vm(store, uuid)
+        if vm is not None:
+            snapshot.vms[uuid] = vm
+    snapshot.default_selector = store.read(schema.default_selector())
+    snapshot.schema_version = store.read(schema.schema_version())
+    return snapshot
+
+
+def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) -> dict:
+    raw = snapshot.nodes[name]
+    reservations = snapshot.reservations.get(name, {})
+    keepalive = _float(raw.get(S.NODE_KEEPALIVE))
+    now = time.time() if now is None else now
+    running = snapshot.running(name)
+    assigned = sorted(vm.name for vm in snapshot.vms.values() if vm.node == name)
+    return {
+        "name": name,
+        "daemon_state": raw.get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE],
+        "domain_state": raw.get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE],
+        "alive": snapshot.alive.get(name, False),
+        "keepalive": keepalive,
+        "keepalive_age_s": round(now - keepalive, 3) if keepalive else None,
+        "memory": memory_report(raw, {snapshot.name_of(uuid): mib for uuid, mib in reservations.items()}),
+        "vcpualloc": _int(raw.get(S.NODE_VCPUALLOC)),
+        "cpuload": _float(raw.get(S.NODE_CPULOAD)),
+        "domaincount": _int(raw.get(S.NODE_DOMAINCOUNT)),
+        "running_vms": sorted(snapshot.name_of(uuid) for uuid in running),
+        "assigned_vms": assigned,
+        "returning_vms": sorted(vm.name for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name),
+        "libvirt_uri": raw.get(S.NODE_LIBVIRT_URI) or "",
+        "transport_uri": raw.get(S.NODE_TRANSPORT_URI) or "",
+    }
+
+
+def vm_report(snapshot: ClusterSnapshot, uuid: str, history: list[dict] | None = None) -> dict:
+    vm = snapshot.vms[uuid]
+    return {
+        "name": vm.name,
+        "uuid": vm.uuid,
+        "state": vm.state,
+        "node": vm.node,
+        "lastnode": vm.lastnode,
+        "home": vm.home,
+        "running_on": snapshot.running_on(uuid),
+        "failedreason": vm.failedreason,
+        "memory_mib": vm.memory_mib,
+        "vcpus": vm.vcpus,
+        "meta": meta_dict(vm.meta),
+        "meta_warnings": list(vm.meta.warnings),
+        "migration": vm.migration,
+        "history": history or [],
+        "xml": vm.xml,
+        "xml_error": vm.xml_error,
+        "stats": vm.stats,
+    }
+
+
+def vm_history(store, uuid: str, last: int) -> list[dict]:
+    """The last ``last`` finished migrations of a VM, newest first."""
+    return list(reversed(read_history(store, uuid, last=last))) if last else []
+
+
+def cluster_report(snapshot: ClusterSnapshot) -> dict:
+    """Cluster-wide figures: default selector, schema version and the n-1 check."""
+    check = survives_node_failure(snapshot.views(), snapshot.running_memory_by_node())
+    return {
+        "default_selector": resolve_selector("default", snapshot.default_selector),
+        "schema_version": snapshot.schema_version,
+        "nodes": len(snapshot.nodes),
+        "vms": len(snapshot.vms),
+        "survives_node_failure": {"ok": check.ok, "message": check.message, "failures": check.failures,
+                                  "checked": list(check.checked)},
+    }

@@ -1,0 +1,78 @@
+"""The daemon's configuration: defaults, and one clear line per mistake."""
+from __future__ import annotations
+
+import pytest
+
+from pvc_node_daemon.config import ConfigError, load_config, parse_config
+
+MINIMAL = {"node": "node1", "zookeeper": {"hosts": "127.0.0.1:2181"}}
+
+
+def with_(**sections):
+    data = {"node": "node1", "zookeeper": {"hosts": "127.0.0.1:2181"}}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+def test_minimal_config_gets_documented_defaults():
+    config = parse_config(MINIMAL)
+    assert config.node == "node1"
+    assert config.zookeeper.hosts == "127.0.0.1:2181" and config.zookeeper.root == "/pvc"
+    assert config.libvirt_uri == "qemu:///system"
+    assert config.keepalive_interval_s == 5.0 and config.dead_after == 6
+    assert config.shutdown_timeout_s == 180.0 and config.flush_parallel == 2
+    assert config.default_selector == "mem" and config.memory_reserve_mib == 1024
+    assert config.metrics_enabled is False and config.debug is False
+    assert config.advertised_libvirt_uri == "qemu+tcp://node1/system"
+    assert config.advertised_transport_uri == "tcp://node1"
+
+
+def test_address_and_templates_shape_the_published_uris():
+    config = parse_config(with_(migration={"address": "10.0.0.5", "libvirt_uri_template": "qemu+tls://{node}.example/system"}))
+    assert config.advertised_libvirt_uri == "qemu+tls://node1.example/system"
+    assert config.advertised_transport_uri == "tcp://10.0.0.5"
+
+
+def test_live_timeout_grows_with_memory():
+    config = parse_config(with_(migration={"live_timeout_base_s": 10, "live_timeout_per_gib_s": 5}))
+    assert config.live_timeout_s(0) == 10 and config.live_timeout_s(4096) == 30
+
+
+@pytest.mark.parametrize("data, key, fragment", [
+    ({}, "node", "required key is missing"),
+    ({"node": "node1"}, "zookeeper.hosts", "required key is missing"),
+    (with_(node="bad name!"), "node", "not a valid node name"),
+    (with_(node=12), "node", "not a non-empty string"),
+    (with_(zookeeper={"timeout_s": "soon"}), "zookeeper.timeout_s", "not a number"),
+    (with_(zookeeper={"colour": "red"}), "zookeeper.colour", "unknown key"),
+    (with_(zookeeper={"auth": {"password": "x"}}), "zookeeper", "username"),
+    (with_(intervals={"keepalive_s": "fast"}), "intervals.keepalive_s", "not a number"),
+    (with_(intervals={"keepalive_s": 0}), "intervals.keepalive_s", "too small"),
+    (with_(intervals={"dead_after": 1.5}), "intervals.dead_after", "not an integer"),
+    (with_(migration={"default_selector": "random"}), "migration.default_selector", "mem, memfree, load, vcpus, vms"),
+    (with_(migration={"flush_parallel": 0}), "migration.flush_parallel", "too small"),
+    (with_(migration={"libvirt_uri_template": "qemu+tcp://{host}/system"}), "migration.libvirt_uri_template", "{node}, {address}"),
+    (with_(metrics={"port": 70000}), "metrics.port", "1 to 65535"),
+    (with_(log={"debug": "yes"}), "log.debug", "true or false"),
+    (with_(extra=1), "extra", "unknown key"),
+    ("just a string", "the document", "expected a mapping"),
+])
+def test_each_mistake_names_the_key_and_what_is_accepted(data, key, fragment):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(key) and fragment in message
+
+
+def test_unreadable_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read configuration file"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("node: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(broken)
