@@ -31,8 +31,20 @@ from .hypervisor import Hypervisor, HypervisorError
 
 log = logging.getLogger(__name__)
 
-# Fault injection for the crash-safety tests: the daemon SIGKILLs itself at the named point.
+# Fault injection for the crash-safety tests (tests/lab/test_crash_lab.py); inert unless set.
+# PVC_NODE_DAEMON_CRASH_AT=<point>: the daemon SIGKILLs itself at the named point. Points:
+#   source:transferring  source:live-running  source:live-done  source:shutdown-done
+#   target:prepared  target:before-done  target:started
+# ("source:live-running" fires from a watcher thread once libvirt reports the live migration job
+# moving memory, i.e. while the transfer is in progress inside libvirtd.)
+# PVC_NODE_DAEMON_PAUSE_AT=<point> with PVC_NODE_DAEMON_PAUSE_RELEASE=<file>: the VM's worker
+# blocks at the point until <file> exists (bounded by PAUSE_MAX_S), so that a test can change the
+# cluster between two steps deterministically. Points: source:before-transfer (the record is at
+# `prepared`, before the source re-reads `node`), target:before-prepare (before the readiness check).
 CRASH_ENV = "PVC_NODE_DAEMON_CRASH_AT"
+PAUSE_ENV = "PVC_NODE_DAEMON_PAUSE_AT"
+PAUSE_RELEASE_ENV = "PVC_NODE_DAEMON_PAUSE_RELEASE"
+PAUSE_MAX_S = 300.0
 ACTIVE = ("running", "blocked", "paused", "shutdown", "pmsuspended")
 RUNNING = ("running", "blocked")
 UNKNOWN = "unknown"
@@ -43,6 +55,41 @@ def crash_point(name: str) -> None:
         log.warning("crash point %s reached: SIGKILL (test fault injection)", name)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_point(name: str) -> None:
+    """Test fault injection: block here until the release file exists (see PAUSE_ENV above)."""
+    release = os.environ.get(PAUSE_RELEASE_ENV)
+    if os.environ.get(PAUSE_ENV) != name or not release:
+        return
+    log.warning("pause point %s reached: waiting for %s (test fault injection)", name, release)
+    deadline = time.monotonic() + PAUSE_MAX_S
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)   # test-only hook: polls a file the test creates
+    log.warning("pause point %s released", name)
+
+
+def crash_while_migrating(hypervisor, uuid: str) -> None:
+    """Test fault injection for "source:live-running": SIGKILL this daemon as soon as libvirt
+    reports the migration job of ``uuid`` transferring memory, while migrate() still runs."""
+    if os.environ.get(CRASH_ENV) != "source:live-running":
+        return
+
+    def watch() -> None:
+        import libvirt
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                info = hypervisor.connection.lookupByUUIDString(uuid).jobInfo()
+            except libvirt.libvirtError:
+                info = None
+            # jobInfo: [type, timeElapsed, timeRemaining, dataTotal, dataProcessed, ...]
+            if info and info[0] != libvirt.VIR_DOMAIN_JOB_NONE and info[4] > 0:
+                crash_point("source:live-running")
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, name="crash-watch", daemon=True).start()
 
 
 class Deadlines:
@@ -172,7 +219,9 @@ class MigrationAgent:
         values, delete, final = finish_values(self.schema, record, result, reason, node)
         if result == RESULT_DONE:
             values[self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)] = ""
-        ok = self.store.write(values, expect_versions={self.schema.domain_migration(uuid): version}, delete=delete)
+        history = [path for path in values if path.startswith(self.schema.domain_history(uuid) + "/")]
+        ok = self.store.write(values, expect_versions={self.schema.domain_migration(uuid): version}, delete=delete,
+                              create=history)
         if not ok:
             log.warning("migration %s of %s: record changed before it could be finished; re-reading", record.get("id"), uuid)
             return False
@@ -240,6 +289,7 @@ class MigrationAgent:
         return read_meta(self.store, uuid).migration_method
 
     def transfer(self, uuid: str, record: dict, version: int) -> None:
+        pause_point("source:before-transfer")
         target = record["target"]
         node_now = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_NODE))
         if node_now != target:
@@ -287,6 +337,7 @@ class MigrationAgent:
             return f"target {target} has not published its libvirt URI"
         meta = read_meta(self.store, uuid)
         timeout_s = self.config.live_timeout_s(int(record.get("memory_mib") or 0))
+        crash_while_migrating(self.hypervisor, uuid)
         try:
             self.hypervisor.migrate(uuid, dest_uri, migration_uri=target_raw.get(S.NODE_TRANSPORT_URI) or None,
                                     live=True, peer_to_peer=True, max_downtime_ms=meta.migration_max_downtime_ms,
@@ -334,8 +385,10 @@ class MigrationAgent:
             self.complete(uuid, record, version, marker, timed_out)
 
     def prepare(self, uuid: str, record: dict, version: int) -> None:
-        daemon_state = self.store.read(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
-        domain_state = self.store.read(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE))
+        pause_point("target:before-prepare")
+        paths = (self.schema.node_key(self.node, S.NODE_DAEMON_STATE), self.schema.node_key(self.node, S.NODE_DOMAIN_STATE))
+        found = self.store.read_many(paths)
+        daemon_state, domain_state = ((found[p] or ("",))[0] for p in paths)
         if daemon_state != "run" or domain_state not in ("ready", "unflush"):
             self.abort(uuid, record, version,
                        f"target {self.node} is not ready (daemon {daemon_state}, domain state {domain_state})")

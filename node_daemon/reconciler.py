@@ -147,11 +147,13 @@ class Reconciler:
 
     def read_desired(self, uuid: str):
         """Fresh reads of the keys that decide what happens to the VM (None when it is gone)."""
-        state = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_STATE))
-        node = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_NODE))
+        paths = (self.schema.domain_key(uuid, S.DOMAIN_STATE), self.schema.domain_key(uuid, S.DOMAIN_NODE),
+                 self.schema.domain_migration(uuid))
+        values = self.store.read_many(paths)
+        state, node, found = (values[path] for path in paths)
         if state is None or node is None:
             return None, None
-        found = self.store.read_versioned(self.schema.domain_migration(uuid))
+        state, node = state[0], node[0]
         record = None
         if found and found[0]:
             try:

@@ -60,17 +60,19 @@ def node_names(store) -> list[str]:
 
 def read_node_raw(store, name: str) -> dict | None:
     """Every NODE_DEFAULTS key of a node as stored (None when the node does not exist)."""
-    if not store.exists(store.schema.node(name)):
+    paths = {key: store.schema.node_key(name, key) for key in S.NODE_DEFAULTS}
+    found = store.read_many([store.schema.node(name)] + list(paths.values()))
+    if found[store.schema.node(name)] is None:
         return None
-    return {key: store.read(store.schema.node_key(name, key)) for key in S.NODE_DEFAULTS}
+    return {key: (found[path][0] if found[path] else None) for key, path in paths.items()}
 
 
 def read_reservations(store, name: str) -> dict[str, int]:
     """In-flight incoming-migration reservations of a node: VM uuid -> MiB."""
-    result = {}
-    for uuid in store.children(store.schema.node_reservations(name)) or []:
-        result[uuid] = _int(store.read(store.schema.node_reservation(name, uuid)))
-    return result
+    uuids = store.children(store.schema.node_reservations(name)) or []
+    found = store.read_many([store.schema.node_reservation(name, uuid) for uuid in uuids])
+    return {uuid: _int(found[store.schema.node_reservation(name, uuid)][0]) for uuid in uuids
+            if found[store.schema.node_reservation(name, uuid)]}
 
 
 def read_node_view(store, name: str) -> NodeView | None:
@@ -106,18 +108,27 @@ def find_vm(store, name_or_uuid: str) -> str | None:
 
 
 def read_meta(store, uuid: str) -> VMMeta:
-    raw = {key: store.read(store.schema.domain_meta(uuid, key)) for key in S.META_KEYS}
-    return VMMeta.from_store(raw)
+    paths = {key: store.schema.domain_meta(uuid, key) for key in S.META_KEYS}
+    found = store.read_many(paths.values())
+    return VMMeta.from_store({key: (found[path][0] if found[path] else None) for key, path in paths.items()})
 
 
 def read_vm(store, uuid: str) -> VMRecord | None:
     schema = store.schema
-    name = store.read(schema.domain(uuid))
-    if name is None:
+    keys = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_LASTNODE, S.DOMAIN_XML, S.DOMAIN_FAILEDREASON, S.DOMAIN_STATS)
+    paths = {key: schema.domain_key(uuid, key) for key in keys}
+    meta_paths = {key: schema.domain_meta(uuid, key) for key in S.META_KEYS}
+    found = store.read_many([schema.domain(uuid), schema.domain_migration(uuid)] + list(paths.values()) + list(meta_paths.values()))
+    if found[schema.domain(uuid)] is None:
         return None
-    node = store.read_versioned(schema.domain_key(uuid, S.DOMAIN_NODE))
-    migration = store.read_versioned(schema.domain_migration(uuid))
-    xml = store.read(schema.domain_key(uuid, S.DOMAIN_XML)) or ""
+
+    def text(key: str) -> str:
+        value = found[paths[key]]
+        return value[0] if value else ""
+
+    node = found[paths[S.DOMAIN_NODE]]
+    migration = found[schema.domain_migration(uuid)]
+    xml = text(S.DOMAIN_XML)
     memory = vcpus = 0
     xml_error = ""
     try:
@@ -131,22 +142,22 @@ def read_vm(store, uuid: str) -> VMRecord | None:
             record = json.loads(migration[0])
         except ValueError:
             record = {"unreadable": migration[0][:200]}
-    stats = store.read(schema.domain_key(uuid, S.DOMAIN_STATS))
     try:
-        stats_value = json.loads(stats) if stats else {}
+        stats_value = json.loads(text(S.DOMAIN_STATS) or "{}")
     except ValueError:
         stats_value = {}
+    meta = VMMeta.from_store({key: (found[path][0] if found[path] else None) for key, path in meta_paths.items()})
     return VMRecord(
         uuid=uuid,
-        name=name,
-        state=store.read(schema.domain_key(uuid, S.DOMAIN_STATE)) or "",
+        name=found[schema.domain(uuid)][0],
+        state=text(S.DOMAIN_STATE),
         node=node[0] if node else "",
-        lastnode=store.read(schema.domain_key(uuid, S.DOMAIN_LASTNODE)) or "",
+        lastnode=text(S.DOMAIN_LASTNODE),
         xml=xml,
-        meta=read_meta(store, uuid),
+        meta=meta,
         memory_mib=memory,
         vcpus=vcpus,
-        failedreason=store.read(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)) or "",
+        failedreason=text(S.DOMAIN_FAILEDREASON),
         node_version=node[1] if node else -1,
         migration=record,
         migration_version=migration[1] if migration else -1,

@@ -29,10 +29,14 @@ import re
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
 
+from . import _schema as S
 from ._domain_xml import LXML_IMPORT_ERROR
+from ._meta import MIGRATION_METHODS, NODE_SELECTORS, MetaError, VMMeta, validate_meta_updates
+from ._report import meta_dict
 from ._store import KAZOO_IMPORT_ERROR, ClusterStore, ConflictError, ConnectionOptions, MissingError, StoreError
 
 DEFAULT_ROOT = "/pvc"
@@ -51,6 +55,15 @@ ZK_ARGUMENT_SPEC = {
     "zk_tls_verify": {"type": "bool", "default": True, "fallback": (env_fallback, ["PVC_ZK_TLS_VERIFY"])},
 }
 ZK_REQUIRED_TOGETHER = [["zk_username", "zk_password"], ["zk_tls_cert", "zk_tls_key"]]
+
+# The VM meta options (pvc.cluster.vm, pvc.cluster.vm_meta; doc_fragments/_vm_meta.py). None = unchanged.
+META_ARGUMENT_SPEC = {
+    S.META_MIGRATION_METHOD: {"type": "str", "choices": list(MIGRATION_METHODS)},
+    S.META_NODE_SELECTOR: {"type": "str", "choices": list(NODE_SELECTORS)},
+    S.META_NODE_LIMIT: {"type": "list", "elements": "str"},
+    S.META_NODE_AUTOSTART: {"type": "bool"},
+    S.META_MIGRATION_MAX_DOWNTIME_MS: {"type": "int"},
+}
 
 WHERE_HOSTS = ("set zk_hosts on the task, through module_defaults (group/pvc.cluster.all), "
                "or in the environment variable PVC_ZK_HOSTS")
@@ -119,6 +132,43 @@ def connection_options(params: dict) -> ConnectionOptions:
         # the store names its fields (tls_ca, timeout_s...): name the module options instead
         raise ValueError(_OPTION_NAME_RE.sub(lambda m: _OPTION_NAMES[m.group(1)], str(exc))) from None
     return options
+
+
+def meta_updates(params: dict, node_names=None) -> dict[str, str]:
+    """The meta changes the task asks for, as stored text (omitted options left out).
+
+    Raises ModuleFailure for an invalid value, or a node_limit naming nodes that are not in
+    ``node_names`` (when given).
+    """
+    try:
+        updates = validate_meta_updates({key: params.get(key) for key in META_ARGUMENT_SPEC})
+    except MetaError as exc:
+        raise ModuleFailure(str(exc)) from None
+    if node_names is not None and S.META_NODE_LIMIT in params and params.get(S.META_NODE_LIMIT):
+        unknown = [name for name in params[S.META_NODE_LIMIT] if name.strip() and name.strip() not in node_names]
+        if unknown:
+            raise ModuleFailure(f"node_limit names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not "
+                                f"a node of this cluster (nodes: {', '.join(sorted(node_names)) or 'none registered'})")
+    return updates
+
+
+class MetaPlan:
+    """The meta a task sets: per given key the normalised value before and after, and the keys to write."""
+
+    def __init__(self, current: VMMeta, updates: dict[str, str]) -> None:
+        invalid = {key for key in S.META_KEYS if any(warning.startswith(f"meta {key}:") for warning in current.warnings)}
+        parsed = VMMeta.from_store(updates)
+        new = replace(current, warnings=(), **{key: getattr(parsed, key) for key in updates})
+        self.before = meta_dict(current)
+        self.after = meta_dict(new)
+        self.differences = Differences()
+        self.writes: dict[str, str] = {}
+        for key, text in updates.items():
+            # a stored value that cannot be parsed is replaced even by the value it was read as
+            shown = self.before[key] if key not in invalid else f"(invalid stored value, read as {self.before[key]!r})"
+            self.differences.add(key, shown, self.after[key])
+            if self.before[key] != self.after[key] or key in invalid:
+                self.writes[key] = text
 
 
 class _ReadFailures(logging.Handler):

@@ -13,7 +13,6 @@ exactly what a real run does. The protocol that follows a request is in docs/mig
 
 from __future__ import annotations
 
-import json
 import time
 import uuid as uuidlib
 from dataclasses import dataclass

@@ -343,56 +343,58 @@ class ClusterStore:
     def _commit_once(self, encoded: dict, expect: dict, deletes: list, creates: set, recursive: bool) -> dict[str, int]:
         client = self.client
         written = sorted(encoded, key=_depth_order)
-        stats = self._call_many("commit", [lambda p=p: client.exists_async(p) for p in written])
-        existing = {path for path, stat in zip(written, stats) if stat is not None}
+        # Keys written with an expected version must exist and keys in ``creates`` must not: the
+        # transaction itself checks both, so only the other keys need an existence check, and a
+        # version-checked update or a create-only write costs one round trip.
+        unknown = [path for path in written if path not in expect and path not in creates]
+        stats = self._call_many("commit", [lambda p=p: client.exists_async(p) for p in unknown]) if unknown else []
+        existing = {path for path, stat in zip(unknown, stats) if stat is not None} | (set(written) & set(expect))
 
-        txn = client.transaction()
-        ops = []  # (kind, path, guarded) per transaction operation, to explain a failed result
+        ops = []  # (kind, path, guarded, data, version) per transaction operation
         to_create = []
         for path in written:
-            if path in creates and path in existing:
-                raise ConflictError(f"commit: {path} already exists")
-            if path in expect and path not in existing:
-                raise ConflictError(f"commit: {path} does not exist (expected version {expect[path]})")
             if path in existing:
-                txn.set_data(path, encoded[path], version=expect.get(path, -1))
-                ops.append(("set", path, path in expect))
+                ops.append(("set", path, path in expect, encoded[path], expect.get(path, -1)))
             else:
-                txn.create(path, encoded[path])
-                ops.append(("create", path, path in creates))
+                ops.append(("create", path, path in creates, encoded[path], -1))
                 to_create.append(path)
         for path in sorted(set(expect) - set(encoded) - set(deletes)):
-            txn.check(path, expect[path])
-            ops.append(("check", path, True))
+            ops.append(("check", path, True, None, expect[path]))
+        subtrees = self._subtrees(deletes, recursive)
         for top in deletes:
-            nodes = self._subtree(top, recursive)
+            nodes = subtrees[top]
             if not nodes:
                 if top in expect:
                     raise ConflictError(f"commit: {top} does not exist (expected version {expect[top]})")
                 self.log.debug("commit: %s is already gone", top)
             for node in nodes:  # deepest first
                 guarded = node == top and top in expect
-                txn.delete(node, version=expect[top] if guarded else -1)
-                ops.append(("delete", node, guarded))
+                ops.append(("delete", node, guarded, None, expect[top] if guarded else -1))
         if not ops:
             return {}
 
-        # Parents of new keys, unless the transaction itself creates them (it creates in depth order).
-        parents = set()
-        for path in to_create:
-            parent = _parent(path)
-            while parent in encoded:
-                parent = _parent(parent)
-            if parent != "/":
-                parents.add(parent)
-        if parents:
+        # Parents of new keys are created only when the transaction says one is missing (most
+        # already exist, and checking first would cost a round trip on every write).
+        results = self._run_transaction(ops)
+        if to_create and any(kind == "create" and isinstance(result, kz.NoNodeError)
+                             for (kind, *_rest), result in zip(ops, results)):
+            parents = set()
+            for path in to_create:
+                parent = _parent(path)
+                while parent in encoded:
+                    parent = _parent(parent)
+                if parent != "/":
+                    parents.add(parent)
             self._call_many("commit: create parents", [lambda p=p: client.ensure_path_async(p) for p in sorted(parents)])
-
-        results = self._call("commit", txn.commit_async)
-        for (kind, path, guarded), result in zip(ops, results):
+            results = self._run_transaction(ops)
+        for (kind, path, guarded, _data, _version), result in zip(ops, results):
             if not isinstance(result, Exception) or isinstance(result, (kz.RolledBackError, kz.RuntimeInconsistency)):
                 continue
             why = f"{kind} {path}: {_describe(result)}"
+            if kind == "set" and guarded and isinstance(result, kz.NoNodeError):
+                raise ConflictError(f"commit: {path} does not exist (expected version {expect[path]})")
+            if kind == "create" and guarded and isinstance(result, kz.NodeExistsError):
+                raise ConflictError(f"commit: {path} already exists")
             if isinstance(result, kz.BadVersionError) or (guarded and isinstance(result, (kz.NoNodeError, kz.NodeExistsError))):
                 raise ConflictError(f"commit: {path} changed concurrently ({why})")
             if isinstance(result, kz.NotEmptyError) and not recursive:
@@ -401,12 +403,48 @@ class ClusterStore:
                 raise _Raced(why)
             raise StoreError(f"commit failed at {why}")
         versions = {}
-        for (kind, path, _guarded), result in zip(ops, results):
+        for (kind, path, _guarded, _data, _version), result in zip(ops, results):
             if kind == "set":
                 versions[path] = result.version
             elif kind == "create":
                 versions[path] = 0
         return versions
+
+    def _run_transaction(self, ops) -> list:
+        txn = self.client.transaction()
+        for kind, path, _guarded, data, version in ops:
+            if kind == "set":
+                txn.set_data(path, data, version=version)
+            elif kind == "create":
+                txn.create(path, data)
+            elif kind == "check":
+                txn.check(path, version)
+            else:
+                txn.delete(path, version=version)
+        return self._call("commit", txn.commit_async)
+
+    def _subtrees(self, tops: list, recursive: bool) -> dict:
+        """``_subtree`` of several keys; their first levels are listed in one parallel round."""
+        if not tops:
+            return {}
+        if not recursive:
+            return {top: self._subtree(top, recursive) for top in tops}
+        self._require_connection("list")
+        pending = [(top, self.client.get_children_async(top)) for top in tops]
+        result = {}
+        for top, async_result in pending:
+            try:
+                children = async_result.get(timeout=self.options.timeout_s)
+            except kz.NoNodeError:
+                result[top] = []
+                continue
+            except self.client.handler.timeout_exception as exc:
+                raise StoreError(f"list {top}: no answer from ZooKeeper at {self.options.hosts} "
+                                 f"within {self.options.timeout_s:g} s") from exc
+            except kz.KazooException as exc:
+                raise StoreError(f"list {top}: {_describe(exc)}") from exc
+            result[top] = [top] if not children else self._subtree(top, recursive)
+        return result
 
     def _subtree(self, top: str, recursive: bool = True) -> list[str]:
         """``top`` and (if ``recursive``) every key below it, deepest first; [] when ``top`` does not exist."""
@@ -441,6 +479,32 @@ class ClusterStore:
         except StoreError as exc:
             self.log.warning("%s", exc)
         return None
+
+    def read_many(self, paths) -> dict:
+        """Read several keys in one round of parallel requests: ``{path: (text, version) or None}``.
+
+        None for a key that does not exist, and for every key when ZooKeeper cannot be reached
+        (logged, like ``read``).
+        """
+        paths = list(paths)
+        result = dict.fromkeys(paths)
+        try:
+            self._require_connection("read")
+        except StoreError as exc:
+            self.log.warning("%s", exc)
+            return result
+        pending = [(path, self.client.get_async(path)) for path in paths]
+        for path, async_result in pending:
+            try:
+                data, stat = async_result.get(timeout=self.options.timeout_s)
+                result[path] = ((data or b"").decode("utf-8", errors="replace"), stat.version)
+            except kz.NoNodeError:
+                self.log.debug("read %s: no such key", path)
+            except self.client.handler.timeout_exception:
+                self.log.warning("read %s: no answer from ZooKeeper at %s within %g s", path, self.options.hosts, self.options.timeout_s)
+            except kz.KazooException as exc:
+                self.log.warning("read %s: %s", path, _describe(exc))
+        return result
 
     def read_json(self, path: str):
         """The decoded JSON value, or None (missing, unreachable, empty or not JSON)."""

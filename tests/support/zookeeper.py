@@ -113,6 +113,7 @@ class ZooKeeperServer:
         if self.secure_client_port and self.tls:
             lines += [
                 f"secureClientPort={self.secure_client_port}",
+                f"secureClientPortAddress={self.client_address}",
                 "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
                 f"ssl.keyStore.location={self.tls.keystore}",
                 f"ssl.keyStore.password={self.tls.password}",

@@ -1,0 +1,52 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# PRIVATE: this doc fragment is internal to the pvc.cluster collection.
+# It may change without notice; do not use it from other collections.
+"""The VM meta options, shared by pvc.cluster.vm and pvc.cluster.vm_meta (argument spec:
+``META_ARGUMENT_SPEC`` in ``plugins/module_utils/_module.py``)."""
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+
+    DOCUMENTATION = r"""
+options:
+  migration_method:
+    description:
+      - How the VM moves between nodes.
+      - V(default) migrates live and falls back to a shutdown migration when the live migration fails;
+        V(live) migrates live only and aborts (the VM keeps running where it is) when that fails;
+        V(shutdown) always shuts the VM down, moves it and starts it on the target.
+      - Left unchanged when not given.
+    type: str
+    choices: [default, live, shutdown]
+  node_selector:
+    description:
+      - How a target node is chosen for the VM when none is named (definition, migration, flush).
+      - V(mem) most memory headroom (total - reserve - provisioned - reservations);
+        V(memfree) most free host memory; V(load) lowest load average; V(vcpus) fewest allocated vCPUs;
+        V(vms) fewest running VMs; V(default) the cluster default (itself V(mem) unless configured).
+      - Left unchanged when not given.
+    type: str
+    choices: [default, mem, memfree, load, vcpus, vms]
+  node_limit:
+    description:
+      - The nodes the VM may run on; an empty list means any node.
+      - Every name must be a node of the cluster.
+      - Left unchanged when not given.
+    type: list
+    elements: str
+  node_autostart:
+    description:
+      - Start the VM again when its node becomes ready (set by a flush that had to shut the VM down).
+      - Left unchanged when not given.
+    type: bool
+  migration_max_downtime_ms:
+    description:
+      - The longest pause of the VM at the switch-over of a live migration, in milliseconds (positive).
+      - Left unchanged when not given.
+    type: int
+"""

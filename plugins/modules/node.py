@@ -1,0 +1,277 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: node
+short_description: Flush a pvc.cluster node of its VMs, or make it ready again
+version_added: 0.1.0
+description:
+  - Sets the domain state of a hypervisor node. The node's daemon does the work.
+  - V(flushed) writes the domain state C(flush). The daemon migrates every VM that runs there to other
+    nodes (each remembers the node as its home), shuts down the VMs that fit nowhere (marking them for
+    autostart), then writes C(flushed).
+  - V(ready) writes C(unflush). The daemon brings back the VMs whose home is the node, starts its
+    autostart VMs, then writes C(ready). New nodes start C(flushed).
+  - A node already in the requested state, or already on its way there (C(flush) or C(unflush)), is not
+    changed; with O(wait=true) the module then waits for the daemon to finish.
+author:
+  - pvc.cluster developers
+options:
+  name:
+    description: The node's name.
+    type: str
+    required: true
+  state:
+    description: The domain state the node should reach.
+    type: str
+    choices: [ready, flushed]
+    default: ready
+  wait:
+    description:
+      - Wait until the daemon has finished (domain state C(flushed) or C(ready)).
+      - The daemon must be running (daemon state C(run)) for anything to happen; with O(wait=true) a
+        request to a node whose daemon is not running fails before anything is written.
+    type: bool
+    default: true
+  wait_timeout:
+    description:
+      - Seconds to wait when O(wait=true). When they pass the task fails; the daemon carries on.
+    type: int
+    default: 600
+extends_documentation_fragment:
+  - pvc.cluster._zk
+  - pvc.cluster._attributes
+  - pvc.cluster._attributes.actiongroup_all
+attributes:
+  check_mode:
+    support: full
+    details:
+      - For V(flushed), returns the drain plan (each VM with its target node, or shutdown when it fits
+        nowhere) and whether the other nodes could still take every VM if one more node failed.
+  diff_mode:
+    support: full
+    details:
+      - The diff shows the domain state written (C(flush) or C(unflush)).
+  idempotent:
+    support: full
+seealso:
+  - module: pvc.cluster.node_info
+  - module: pvc.cluster.vm_migrate
+"""
+
+EXAMPLES = r"""
+- name: Drain hv2 before its maintenance, refusing if the rest could not survive another failure
+  hosts: localhost
+  gather_facts: false
+  module_defaults:
+    group/pvc.cluster.all:
+      zk_hosts: zk1.example.net:2181
+  tasks:
+    - name: Plan the flush of hv2
+      pvc.cluster.node:
+        name: hv2
+        state: flushed
+      check_mode: true
+      register: drain
+
+    - name: Stop here unless every VM has a place and the cluster stays n-1 safe
+      ansible.builtin.assert:
+        that:
+          - drain.flush_plan | selectattr('target', 'none') | list | length == 0
+          - drain.survives_node_failure.ok
+        fail_msg: "{{ drain.survives_node_failure.message }}"
+
+    - name: Flush hv2
+      pvc.cluster.node:
+        name: hv2
+        state: flushed
+        wait_timeout: 1800
+
+- name: Make hv2 ready again (its VMs come back)
+  pvc.cluster.node:
+    zk_hosts: zk1.example.net:2181
+    name: hv2
+    state: ready
+"""
+
+RETURN = r"""
+name:
+  description: The node's name.
+  returned: always
+  type: str
+  sample: hv2
+domain_state:
+  description: The node's domain state after the task (after the wait, C(flushed) or C(ready)).
+  returned: always
+  type: str
+  sample: flushed
+daemon_state:
+  description: The node's daemon state (C(init), C(run), C(shutdown), C(stop), C(dead)).
+  returned: always
+  type: str
+  sample: run
+flush_plan:
+  description:
+    - For O(state=flushed) when the node is not flushed yet, where each VM running there would go, in the
+      order the daemon moves them (largest first). C(target) is null for a VM that fits nowhere; the flush
+      shuts it down and marks it for autostart.
+    - The daemon plans again when it starts, from the cluster as it is then.
+  returned: when O(state=flushed)
+  type: list
+  elements: dict
+  sample: [{"name": "db1", "uuid": "6695eb01-f6a4-8304-79aa-97f2502e193f", "memory_mib": 4096, "target": "hv1",
+            "reason": "selector mem (20480 MiB headroom left)"}]
+survives_node_failure:
+  description:
+    - For O(state=flushed), whether the nodes left ready after the flush could still hold every running VM
+      if one more node failed (memory only; node limits are not considered).
+  returned: when O(state=flushed)
+  type: dict
+  sample: {"ok": true, "message": "the cluster survives the failure of any one of 2 ready node(s)", "failures": {}}
+returning_vms:
+  description: For O(state=ready), the VMs whose home is this node and that come back to it.
+  returned: when O(state=ready)
+  type: list
+  elements: str
+  sample: [db1, web1]
+"""
+
+from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
+from ansible_collections.pvc.cluster.plugins.module_utils._module import (
+    Differences,
+    ModuleFailure,
+    build_module,
+    cluster_session,
+    watch_until,
+)
+from ansible_collections.pvc.cluster.plugins.module_utils._report import read_cluster
+from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
+    FlushVM,
+    apply_plan,
+    plan_flush,
+    resolve_selector,
+    survives_node_failure,
+)
+
+# requested state -> (domain state written, the domain state the daemon ends in)
+TRANSITIONS = {"flushed": ("flush", "flushed"), "ready": ("unflush", "ready")}
+
+ARGUMENT_SPEC = dict(
+    name=dict(type="str", required=True),
+    state=dict(type="str", default="ready", choices=list(TRANSITIONS)),
+    wait=dict(type="bool", default=True),
+    wait_timeout=dict(type="int", default=600),
+)
+
+
+# ---- pure logic (unit-tested) ------------------------------------------------------------------
+
+
+def check_input(params: dict) -> None:
+    if params.get("wait_timeout") is not None and params["wait_timeout"] <= 0:
+        raise ModuleFailure(f"wait_timeout must be a positive number of seconds, not {params['wait_timeout']}")
+    if not params["name"].strip():
+        raise ModuleFailure("name must not be empty")
+
+
+def plan_state(current: str, state: str) -> Differences:
+    """The domain state to write: unchanged when the node is there or on its way there."""
+    request, final = TRANSITIONS[state]
+    differences = Differences()
+    differences.add("domain_state", current, current if current in (request, final) else request)
+    return differences
+
+
+def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
+    """The drain plan of ``node`` and the n-1 check of the cluster after it (from one snapshot)."""
+    vms = [vm for vm in snapshot.vms.values() if vm.node == node and vm.state == "start" and not vm.migration]
+    flush_vms = [FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector, vm.home, vm.vcpus) for vm in vms]
+    views = snapshot.views()
+    default_selector = resolve_selector("default", snapshot.default_selector)
+    plan = plan_flush(node, flush_vms, views, default_selector=default_selector)
+    by_uuid = {vm.uuid: vm for vm in vms}
+    running = snapshot.running_memory_by_node()
+    # the VMs to flush count as running on the node even if its daemon has not reported them yet
+    running[node] = [vm.memory_mib for vm in vms]
+    after_views, after_running = apply_plan(node, flush_vms, plan, views, running)
+    check = survives_node_failure(after_views, after_running)
+    lines = [{"name": by_uuid[move.uuid].name, "uuid": move.uuid, "memory_mib": by_uuid[move.uuid].memory_mib,
+              "target": move.target, "reason": move.reason} for move in plan]
+    return lines, {"ok": check.ok, "message": check.message, "failures": check.failures, "checked": list(check.checked)}
+
+
+# ---- cluster I/O -------------------------------------------------------------------------------
+
+
+def run(module, session) -> dict:
+    params = module.params
+    store, schema = session.store, session.schema
+    name, state = params["name"], params["state"]
+    snapshot = read_cluster(store)
+    session.verify()
+    if name not in snapshot.nodes:
+        raise ModuleFailure(f"node {name!r} is not a node of this cluster (nodes: {', '.join(sorted(snapshot.nodes)) or 'none registered'})")
+    path = schema.node_key(name, S.NODE_DOMAIN_STATE)
+    versioned = store.read_versioned(path)
+    session.verify()
+    current = versioned[0] if versioned else S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE]
+    daemon_state = snapshot.nodes[name].get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE]
+    request, final = TRANSITIONS[state]
+    differences = plan_state(current, state)
+    result = {"changed": differences.changed, "name": name, "daemon_state": daemon_state,
+              "domain_state": differences.after()["domain_state"]}
+    if module._diff:
+        result["diff"] = differences.diff()
+    if state == "flushed":
+        if current != final:
+            result["flush_plan"], result["survives_node_failure"] = flush_report(snapshot, name)
+        else:
+            check = survives_node_failure(snapshot.views(), snapshot.running_memory_by_node())
+            result["flush_plan"] = []
+            result["survives_node_failure"] = {"ok": check.ok, "message": check.message, "failures": check.failures,
+                                               "checked": list(check.checked)}
+    else:
+        result["returning_vms"] = sorted(vm.name for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name)
+    if module.check_mode:
+        return result
+    needs_daemon = params["wait"] and current != final
+    if needs_daemon and daemon_state != "run":
+        raise ModuleFailure(f"the daemon of node {name} is {daemon_state}, not run: nothing would act on the request, so it "
+                            "was not written; start the daemon, or use wait=false to record the request anyway")
+    if differences.changed:
+        expect = {path: versioned[1]} if versioned else {}
+        session.commit({path: request}, expect_versions=expect)
+    if params["wait"] and current != final:
+
+        def settled():
+            value = store.read(path)
+            return value if value not in (request, None) else None
+
+        outcome = watch_until(store, [path], settled, params["wait_timeout"])
+        if outcome is None:
+            raise ModuleFailure(f"node {name} is still {store.read(path)} after {params['wait_timeout']} s; "
+                                "its daemon carries on", **result)
+        if outcome != final:
+            raise ModuleFailure(f"node {name} went to domain state {outcome} instead of {final} (another request?)",
+                                changed=result["changed"])
+        result["domain_state"] = outcome
+    return result
+
+
+def main():
+    module = build_module(ARGUMENT_SPEC)
+    try:
+        check_input(module.params)   # fail fast: before connecting
+    except ModuleFailure as exc:
+        module.fail_json(msg=exc.msg)
+    with cluster_session(module) as session:
+        result = run(module, session)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

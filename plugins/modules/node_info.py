@@ -1,0 +1,209 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: node_info
+short_description: Read the nodes of a pvc.cluster and their memory accounting
+version_added: 0.1.0
+description:
+  - Returns every node of the cluster (or the one named) with its daemon and domain states, liveness,
+    memory accounting, load, and the VMs assigned to it, running on it and away from it.
+  - Also returns cluster-wide figures, among them whether the cluster could take every running VM if
+    any one ready node failed.
+author:
+  - pvc.cluster developers
+options:
+  name:
+    description:
+      - The name of one node. Fails when there is no such node.
+      - When omitted, every node is returned.
+    type: str
+extends_documentation_fragment:
+  - pvc.cluster._zk
+  - pvc.cluster._attributes
+  - pvc.cluster._attributes.info_module
+  - pvc.cluster._attributes.actiongroup_all
+seealso:
+  - module: pvc.cluster.node
+  - module: pvc.cluster.vm_info
+"""
+
+EXAMPLES = r"""
+- name: Read every node
+  pvc.cluster.node_info:
+    zk_hosts: zk1.example.net:2181
+  register: cluster
+
+- name: Show the memory headroom of each node
+  ansible.builtin.debug:
+    msg: "{{ cluster.nodes | items2dict(key_name='name', value_name='memory') }}"
+
+- name: Warn when one more node failure could not be absorbed
+  ansible.builtin.debug:
+    msg: "{{ cluster.cluster.survives_node_failure.message }}"
+  when: not cluster.cluster.survives_node_failure.ok
+"""
+
+RETURN = r"""
+nodes:
+  description: The nodes, sorted by name.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: The node's name.
+      type: str
+      sample: hv1
+    daemon_state:
+      description: The node daemon's state (C(init), C(run), C(shutdown), C(stop), C(dead)).
+      type: str
+      sample: run
+    domain_state:
+      description: The node's domain state (C(ready), C(flush), C(flushed), C(unflush)).
+      type: str
+      sample: ready
+    alive:
+      description: Whether the daemon's ZooKeeper session is alive (its ephemeral C(alive) key exists).
+      type: bool
+      sample: true
+    keepalive:
+      description: Unix time of the daemon's last keepalive.
+      type: float
+      sample: 1764190000.12
+    keepalive_age_s:
+      description: Seconds since the last keepalive, or null when there was none.
+      type: float
+      sample: 1.2
+    memory:
+      description: Memory accounting, MiB.
+      type: dict
+      contains:
+        total:
+          description: Host memory.
+          type: int
+        used:
+          description: Host memory in use.
+          type: int
+        free:
+          description: Free host memory.
+          type: int
+        allocated:
+          description: Memory of the VMs running on the node.
+          type: int
+        provisioned:
+          description: Memory of every VM assigned to the node whatever its state (minus incoming migrations).
+          type: int
+        reserve:
+          description: Host memory held back from VMs.
+          type: int
+        reserved:
+          description: Memory reserved for incoming migrations in flight.
+          type: int
+        reservations:
+          description: The incoming-migration reservations, VM name to MiB.
+          type: dict
+        headroom:
+          description: What placement can still give to VMs (total - reserve - provisioned - reserved); negative when overcommitted.
+          type: int
+      sample: {"total": 65536, "used": 20480, "free": 45056, "allocated": 16384, "provisioned": 18432, "reserve": 1024,
+               "reserved": 0, "reservations": {}, "headroom": 46080}
+    vcpualloc:
+      description: vCPUs of the VMs running on the node.
+      type: int
+      sample: 12
+    cpuload:
+      description: 1-minute load average.
+      type: float
+      sample: 0.8
+    domaincount:
+      description: Number of VMs running on the node.
+      type: int
+      sample: 6
+    running_vms:
+      description: The VMs the node reports running.
+      type: list
+      elements: str
+      sample: [db1, web1]
+    assigned_vms:
+      description: The VMs assigned to the node, whatever their state.
+      type: list
+      elements: str
+      sample: [db1, web1, web2]
+    returning_vms:
+      description: The VMs whose home is this node and that run elsewhere (they come back when it is made ready).
+      type: list
+      elements: str
+      sample: []
+    libvirt_uri:
+      description: How peers reach the node's libvirtd.
+      type: str
+      sample: qemu+tcp://hv1/system
+    transport_uri:
+      description: Where QEMU streams a live migration to this node.
+      type: str
+      sample: tcp://10.0.0.1
+cluster:
+  description: Cluster-wide figures.
+  returned: always
+  type: dict
+  contains:
+    default_selector:
+      description: The node selector that V(default) stands for.
+      type: str
+      sample: mem
+    schema_version:
+      description: The ZooKeeper schema version of the cluster.
+      type: str
+      sample: "1"
+    nodes:
+      description: Number of nodes.
+      type: int
+      sample: 3
+    vms:
+      description: Number of VMs.
+      type: int
+      sample: 12
+    survives_node_failure:
+      description:
+        - Whether the other ready nodes could restart every VM of any one failed ready node (memory only).
+        - C(failures) maps each node whose failure could not be absorbed to why.
+      type: dict
+      sample: {"ok": true, "message": "the cluster survives the failure of any one of 3 ready node(s)", "failures": {},
+               "checked": [hv1, hv2, hv3]}
+"""
+
+import time
+
+from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleFailure, build_module, cluster_session
+from ansible_collections.pvc.cluster.plugins.module_utils._report import cluster_report, node_report, read_cluster
+
+ARGUMENT_SPEC = dict(
+    name=dict(type="str"),
+)
+
+
+def run(module, session) -> dict:
+    snapshot = read_cluster(session.store)
+    session.verify()
+    name = module.params.get("name")
+    if name and name not in snapshot.nodes:
+        raise ModuleFailure(f"node {name!r} is not a node of this cluster (nodes: {', '.join(sorted(snapshot.nodes)) or 'none registered'})")
+    now = time.time()
+    names = [name] if name else sorted(snapshot.nodes)
+    return {"changed": False, "nodes": [node_report(snapshot, node, now) for node in names], "cluster": cluster_report(snapshot)}
+
+
+def main():
+    module = build_module(ARGUMENT_SPEC)
+    with cluster_session(module) as session:
+        result = run(module, session)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

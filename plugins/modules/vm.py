@@ -1,0 +1,574 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: vm
+short_description: Define, update, start, stop or remove a VM of a pvc.cluster
+version_added: 0.1.0
+description:
+  - Defines a VM in the cluster from its libvirt domain XML, updates its XML, meta or desired state,
+    or removes it.
+  - The module writes the desired state to ZooKeeper; the node daemon of the VM's node makes libvirt
+    follow it. With O(wait=true) the module waits until the daemon reports the result.
+  - The VM's UUID and name come from the XML (C(<uuid>) and C(<name>), both required).
+  - To move an existing VM to another node use M(pvc.cluster.vm_migrate); O(node) only places a new VM.
+author:
+  - pvc.cluster developers
+options:
+  name:
+    description:
+      - The VM's name or UUID.
+      - When O(xml) is given too, it must be the C(<name>) (or the C(<uuid>)) of that XML.
+      - One of O(name) and O(xml) is required.
+    type: str
+  xml:
+    description:
+      - The libvirt domain XML of the VM, as a string. Needed to define a new VM.
+      - For a file on the controller use C(lookup('ansible.builtin.file', 'web1.xml')) or
+        C(lookup('ansible.builtin.template', 'web1.xml.j2')).
+      - For an existing VM the XML is replaced when it differs from the stored XML once both are
+        normalised (comments, blank text, attribute order and quoting do not count as differences).
+        A running VM gets the new XML at its next start.
+      - Renaming a VM (a new C(<name>) with the same C(<uuid>)) is an update.
+    type: str
+  state:
+    description:
+      - V(present) defines the VM or updates it without changing its desired state; a new VM is
+        defined stopped.
+      - V(started) runs it (ZooKeeper state C(start)); V(stopped) stops it at once (C(stop), forced);
+        V(shutdown) shuts it down cleanly, forced after the daemon's shutdown timeout (C(shutdown),
+        which the daemon turns into C(stop)); V(disabled) shuts it down and keeps it off (C(disable));
+        V(restarted) restarts it (C(restart), which the daemon turns back into C(start)).
+      - V(absent) removes it. A VM that may still run is first stopped (state C(stop)); with O(wait=true)
+        the module waits until no node reports it running, then deletes its keys. With O(wait=false)
+        the keys are deleted at once and the daemon force-stops a VM whose keys are gone.
+        A VM with a migration in flight is not removed.
+    type: str
+    choices: [present, absent, started, stopped, shutdown, disabled, restarted]
+    default: present
+  node:
+    description:
+      - The node a new VM is defined on. It must be a node of the cluster and inside O(node_limit);
+        for O(state=started) or O(state=restarted) it must also be ready (daemon C(run), domain state
+        C(ready)) and have the memory headroom for the VM.
+      - When omitted, the VM's O(node_selector) chooses among the ready nodes with enough headroom.
+      - Ignored (with a warning when it differs) for an existing VM.
+    type: str
+  wait:
+    description:
+      - Wait until the node daemon has brought the VM to the requested state (running on its node,
+        or running nowhere), and fail if it could not (for example C(fail) with the libvirt error).
+      - Not used for O(state=present) or in check mode.
+    type: bool
+    default: true
+  wait_timeout:
+    description: Seconds to wait when O(wait=true).
+    type: int
+    default: 120
+extends_documentation_fragment:
+  - pvc.cluster._zk
+  - pvc.cluster._vm_meta
+  - pvc.cluster._attributes
+  - pvc.cluster._attributes.actiongroup_all
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details:
+      - The diff shows the VM's name, state, node and the meta options given; a changed XML follows as
+        a second diff of the normalised XML.
+  idempotent:
+    support: partial
+    details:
+      - V(restarted) restarts the VM on every run (unless a restart is already in progress).
+seealso:
+  - module: pvc.cluster.vm_meta
+  - module: pvc.cluster.vm_migrate
+  - module: pvc.cluster.vm_info
+"""
+
+EXAMPLES = r"""
+- name: Talk to the cluster's ZooKeeper once for the whole play
+  hosts: localhost
+  gather_facts: false
+  module_defaults:
+    group/pvc.cluster.all:
+      zk_hosts: zk1.example.net:2181,zk2.example.net:2181,zk3.example.net:2181
+  tasks:
+    - name: Define web1 from its XML on the controller, running, on the best node
+      pvc.cluster.vm:
+        xml: "{{ lookup('ansible.builtin.template', 'web1.xml.j2') }}"
+        state: started
+        node_limit: [hv1, hv2]
+        migration_method: live
+
+    - name: Define db1 stopped on hv3
+      pvc.cluster.vm:
+        xml: "{{ lookup('ansible.builtin.file', 'db1.xml') }}"
+        node: hv3
+        node_autostart: true
+
+    - name: Shut web1 down cleanly
+      pvc.cluster.vm:
+        name: web1
+        state: shutdown
+
+    - name: Restart db1 without waiting for it
+      pvc.cluster.vm:
+        name: db1
+        state: restarted
+        wait: false
+
+    - name: Remove web1 (stopped first)
+      pvc.cluster.vm:
+        name: web1
+        state: absent
+"""
+
+RETURN = r"""
+vm:
+  description:
+    - The VM as it is after the task (in check mode, as it would be). Empty after O(state=absent).
+  returned: always
+  type: dict
+  contains:
+    name:
+      description: The VM's name.
+      type: str
+      sample: web1
+    uuid:
+      description: The VM's UUID.
+      type: str
+      sample: 6695eb01-f6a4-8304-79aa-97f2502e193f
+    state:
+      description: The desired state in ZooKeeper (C(start), C(stop), C(shutdown), C(disable), C(restart), C(fail)).
+      type: str
+      sample: start
+    node:
+      description: The node the VM is assigned to.
+      type: str
+      sample: hv1
+    lastnode:
+      description: The home node of a VM migrated away temporarily, else empty.
+      type: str
+      sample: ""
+    memory_mib:
+      description: The VM's configured maximum memory, MiB.
+      type: int
+      sample: 1024
+    vcpus:
+      description: The VM's maximum vCPU count.
+      type: int
+      sample: 2
+    meta:
+      description: The VM's meta (see M(pvc.cluster.vm_meta)).
+      type: dict
+      sample: {"migration_method": "live", "node_selector": "default", "node_limit": ["hv1", "hv2"],
+               "node_autostart": false, "migration_max_downtime_ms": 300}
+    running_on:
+      description: The nodes that report the VM running (after a wait; otherwise as last published).
+      type: list
+      elements: str
+      sample: [hv1]
+    failedreason:
+      description: Why the VM failed to start, else empty.
+      type: str
+      sample: ""
+action:
+  description: What the task did (or would do in check mode).
+  returned: always
+  type: str
+  sample: create
+  choices: [create, update, remove, none]
+diff:
+  description: Before and after, with O(ignore:--diff).
+  returned: when diff mode is on
+  type: list
+  elements: dict
+"""
+
+import traceback
+
+from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
+from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm, read_node_views, read_vm
+from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import DomainXMLError, parse_domain_xml
+from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
+from ansible_collections.pvc.cluster.plugins.module_utils._module import (
+    META_ARGUMENT_SPEC,
+    Differences,
+    MetaPlan,
+    ModuleFailure,
+    build_module,
+    cluster_session,
+    meta_updates,
+    watch_until,
+)
+from ansible_collections.pvc.cluster.plugins.module_utils._report import meta_dict
+from ansible_collections.pvc.cluster.plugins.module_utils._selector import NoTargetError, rejection_reasons, select_target
+
+try:
+    from lxml import etree
+except ImportError:
+    etree = None
+    LXML_ERROR = traceback.format_exc()
+else:
+    LXML_ERROR = None
+
+# module state -> the ZooKeeper VM state it writes
+STATE_MAP = {"started": "start", "stopped": "stop", "shutdown": "shutdown", "disabled": "disable", "restarted": "restart"}
+# ZooKeeper states that already satisfy a requested state (a restart in progress ends in start,
+# a shutdown in progress ends in stop)
+SATISFIED_BY = {
+    "start": ("start", "restart"),
+    "stop": ("stop",),
+    "shutdown": ("shutdown", "stop"),
+    "disable": ("disable",),
+    "restart": ("restart",),
+}
+NEW_VM_STATE = "stop"
+NEEDS_READY_NODE = ("start", "restart")
+
+ARGUMENT_SPEC = dict(
+    name=dict(type="str"),
+    xml=dict(type="str"),
+    state=dict(type="str", default="present", choices=["present", "absent"] + list(STATE_MAP)),
+    node=dict(type="str"),
+    wait=dict(type="bool", default=True),
+    wait_timeout=dict(type="int", default=120),
+    **META_ARGUMENT_SPEC,
+)
+
+
+# ---- pure logic (unit-tested) ------------------------------------------------------------------
+
+
+def normalise_xml(text: str) -> str:
+    """The XML in a canonical, readable form: comments and blank text gone, attributes sorted and
+    quoted alike (C14N), then indented. Two texts are the same domain when these forms are equal."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, remove_comments=True,
+                             remove_pis=True, remove_blank_text=True, huge_tree=False)
+    root = etree.fromstring(text.strip().encode("utf-8"), parser)
+    canonical = etree.tostring(root, method="c14n")
+    root = etree.fromstring(canonical, parser)
+    return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def parse_input(params: dict):
+    """Validate name/xml/wait_timeout without the cluster; returns the DomainInfo or None."""
+    name, xml = params.get("name"), params.get("xml")
+    if params.get("wait_timeout") is not None and params["wait_timeout"] <= 0:
+        raise ModuleFailure(f"wait_timeout must be a positive number of seconds, not {params['wait_timeout']}")
+    if not name and not xml:
+        raise ModuleFailure("give the VM's name (or UUID) in name, or its domain XML in xml")
+    if name is not None and not name.strip():
+        raise ModuleFailure("name must not be empty")
+    info = None
+    if xml:
+        try:
+            info = parse_domain_xml(xml)
+        except DomainXMLError as exc:
+            raise ModuleFailure(f"xml is not a domain XML pvc.cluster accepts: {exc}") from None
+        if name and name not in (info.name, info.uuid):
+            raise ModuleFailure(f"name {name!r} does not match the XML, whose <name> is {info.name!r} "
+                                f"(uuid {info.uuid}); give the same name in both, or only one of them")
+    return info
+
+
+def vm_summary(record) -> dict:
+    return {"name": record.name, "uuid": record.uuid, "state": record.state, "node": record.node,
+            "lastnode": record.lastnode, "memory_mib": record.memory_mib, "vcpus": record.vcpus,
+            "meta": meta_dict(record.meta), "failedreason": record.failedreason}
+
+
+class VMPlan:
+    """What the task does to one VM: logical key -> new value, the diff, and what to wait for."""
+
+    def __init__(self, action: str, uuid: str, name: str) -> None:
+        self.action = action           # create | update | remove | none
+        self.uuid = uuid
+        self.name = name
+        self.values: dict[str, object] = {}
+        self.differences = Differences()
+        self.xml_before = ""
+        self.xml_after = ""
+        self.warnings: list[str] = []
+        self.before: dict = {}
+        self.after: dict = {}
+
+    @property
+    def changed(self) -> bool:
+        if self.action in ("create", "remove"):
+            return True
+        return self.differences.changed
+
+    def diff(self) -> list[dict]:
+        if self.action == "update":
+            diffs = [self.differences.diff()]
+            for entry in diffs:
+                entry["before"].pop("xml", None)
+                entry["after"].pop("xml", None)
+        else:
+            diffs = [{"before": self.before, "after": self.after}]
+        if self.xml_before != self.xml_after:
+            diffs.append({"before_header": f"{self.name}: domain XML (before)", "after_header": f"{self.name}: domain XML (after)",
+                          "before": self.xml_before, "after": self.xml_after})
+        return diffs
+
+
+def _node_list(nodes) -> str:
+    return ", ".join(sorted(nodes)) or "none registered"
+
+
+def plan_create(params: dict, info, updates: dict[str, str], nodes: dict, default_selector) -> VMPlan:
+    """Plan the definition of a new VM from its XML."""
+    plan = VMPlan("create", info.uuid, info.name)
+    state = STATE_MAP.get(params["state"], NEW_VM_STATE)
+    meta = VMMeta.from_store(updates)
+    node = params.get("node")
+    if node:
+        if node not in nodes:
+            raise ModuleFailure(f"node {node!r} is not a node of this cluster (nodes: {_node_list(nodes)})")
+        if meta.node_limit and node not in meta.node_limit:
+            raise ModuleFailure(f"node {node} is not in the node_limit of VM {info.name} ({', '.join(meta.node_limit)})")
+        if state in NEEDS_READY_NODE:
+            reason = rejection_reasons(info.memory_mib, None, meta.node_limit, {node: nodes[node]})[node]
+            if reason:
+                raise ModuleFailure(f"cannot start VM {info.name} on node {node}: {reason}")
+    else:
+        try:
+            node = select_target(info.memory_mib, None, meta.node_limit, meta.node_selector, nodes,
+                                 default_selector=default_selector)
+        except NoTargetError as exc:
+            raise ModuleFailure(f"no node can take VM {info.name}: {exc}; name one in node") from None
+    plan.values = {"name": info.name, "xml": params["xml"].strip(), "state": state, "node": node, "lastnode": "",
+                   "failedreason": ""}
+    for key, text in meta.to_store().items():
+        plan.values["meta/" + key] = text
+    plan.after = {"name": info.name, "uuid": info.uuid, "state": state, "node": node, "lastnode": "",
+                  "memory_mib": info.memory_mib, "vcpus": info.vcpus, "meta": meta_dict(meta), "failedreason": ""}
+    plan.xml_after = normalise_xml(params["xml"])
+    return plan
+
+
+def plan_update(params: dict, info, updates: dict[str, str], current) -> VMPlan:
+    """Plan the changes to an existing VM; ``current`` is its VMRecord."""
+    plan = VMPlan("update", current.uuid, current.name)
+    diffs = plan.differences
+    if info is not None:
+        diffs.add("name", current.name, info.name)
+        if info.name != current.name:
+            plan.values["name"] = info.name
+            plan.name = info.name
+        try:
+            stored = normalise_xml(current.xml) if current.xml.strip() else ""
+        except etree.XMLSyntaxError:
+            stored = current.xml    # unreadable XML in the store: any given XML replaces it
+        wanted = normalise_xml(params["xml"])
+        diffs.add("xml", stored, wanted)
+        if stored != wanted:
+            plan.values["xml"] = params["xml"].strip()
+            plan.xml_before, plan.xml_after = stored, wanted
+    target = STATE_MAP.get(params["state"])
+    if target is not None:
+        new_state = current.state if current.state in SATISFIED_BY[target] else target
+        diffs.add("state", current.state, new_state)
+        if new_state != current.state:
+            plan.values["state"] = new_state
+    diffs.add("node", current.node, current.node)
+    if params.get("node") and params["node"] != current.node:
+        plan.warnings.append(f"VM {current.name} exists on node {current.node}; node={params['node']} is only used when a VM "
+                             "is defined (use pvc.cluster.vm_migrate to move it)")
+    if updates:
+        meta_plan = MetaPlan(current.meta, updates)
+        diffs.add("meta", meta_plan.differences.before(), meta_plan.differences.after())
+        for key, text in meta_plan.writes.items():
+            plan.values["meta/" + key] = text
+        new_meta = VMMeta.from_store(updates)
+        limit = new_meta.node_limit if S.META_NODE_LIMIT in updates else ()
+        if limit and current.node not in limit:
+            plan.warnings.append(f"VM {current.name} runs on {current.node}, outside its new node_limit ({', '.join(limit)}); "
+                                 "it stays there until it is migrated")
+    if not diffs.changed:
+        plan.action = "none"
+    return plan
+
+
+def store_values(schema, uuid: str, values: dict) -> dict:
+    """Logical plan keys -> znode paths."""
+    paths = {}
+    for key, value in values.items():
+        if key == "name":
+            paths[schema.domain(uuid)] = value
+        elif key.startswith("meta/"):
+            paths[schema.domain_meta(uuid, key[5:])] = value
+        else:
+            paths[schema.domain_key(uuid, key)] = value
+    return paths
+
+
+# ---- cluster I/O -------------------------------------------------------------------------------
+
+
+def node_version(schema, record) -> dict:
+    """Expect the VM's ``node`` key unchanged since it was read (a migration request changes it)."""
+    if record.node_version < 0:
+        return {}
+    return {schema.domain_key(record.uuid, S.DOMAIN_NODE): record.node_version}
+
+
+def running_on(store, uuid: str, nodes) -> list[str]:
+    result = []
+    for node in nodes:
+        running = store.read_json(store.schema.node_key(node, S.NODE_RUNNINGDOMAINS)) or []
+        if isinstance(running, list) and uuid in running:
+            result.append(node)
+    return result
+
+
+def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: int) -> list[str]:
+    """Wait until the daemon has brought the VM to ``state``; returns the nodes running it."""
+    store, schema = session.store, session.schema
+    state_path = schema.domain_key(uuid, S.DOMAIN_STATE)
+    paths = [state_path] + [schema.node_key(name, S.NODE_RUNNINGDOMAINS) for name in nodes]
+    runs = state in ("start", "restart")
+
+    def condition():
+        current = store.read(state_path)
+        where = running_on(store, uuid, nodes)
+        if current == "fail" and runs:
+            return ("fail", where)
+        if runs and current == "start" and node in where:
+            return ("ok", where)
+        if not runs and current in SATISFIED_BY[state] and current != "shutdown" and not where:
+            return ("ok", where)
+        return None
+
+    outcome = watch_until(store, paths, condition, timeout_s)
+    if outcome is None:
+        current = store.read(state_path)
+        where = running_on(store, uuid, nodes)
+        daemon = store.read(schema.node_key(node, S.NODE_DAEMON_STATE))
+        raise ModuleFailure(f"VM {uuid}: not {'running on ' + node if runs else 'stopped'} after {timeout_s} s "
+                            f"(state {current}, running on {', '.join(where) or 'no node'}, daemon of {node} is {daemon}); "
+                            "the request stays recorded and the daemon still acts on it")
+    if outcome[0] == "fail":
+        reason = store.read(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)) or "no reason recorded"
+        raise ModuleFailure(f"VM {uuid} failed to start on {node}: {reason}")
+    return outcome[1]
+
+
+def remove(module, session, current, nodes) -> dict:
+    schema = session.schema
+    if current.migration:
+        raise ModuleFailure(f"VM {current.name} has a migration in flight ({current.migration.get('source')} -> "
+                            f"{current.migration.get('target')}, step {current.migration.get('step')}); remove it when it is over")
+    before = vm_summary(current)
+    result = {"changed": True, "action": "remove", "vm": {}}
+    if module._diff:
+        result["diff"] = [{"before": before, "after": {}}]
+    if module.check_mode:
+        return result
+    where = running_on(session.store, current.uuid, nodes)
+    params = module.params
+    if current.state not in S.VM_STOPPED_STATES or where:
+        if current.state != "stop":
+            session.commit({schema.domain_key(current.uuid, S.DOMAIN_STATE): "stop"},
+                           expect_versions=node_version(schema, current))
+        if params["wait"]:
+            try:
+                wait_for_state(session, current.uuid, "stop", current.node, nodes, params["wait_timeout"])
+            except ModuleFailure as exc:
+                exc.msg += "; the VM was not removed (its state is now stop)"
+                exc.result.setdefault("changed", current.state != "stop")
+                raise
+    session.commit({}, delete=[schema.domain(current.uuid)], expect_versions=node_version(schema, current))
+    return result
+
+
+def run(module, session, info) -> dict:
+    params = module.params
+    store, schema = session.store, session.schema
+    nodes = read_node_views(store)
+    updates = meta_updates(params, node_names=nodes)
+    if info is not None:
+        current = read_vm(store, info.uuid)
+        other = find_vm(store, info.name)
+        if other is not None and other != info.uuid:
+            raise ModuleFailure(f"the name {info.name} is already used by VM {other}; the XML defines uuid {info.uuid}")
+    else:
+        uuid = find_vm(store, params["name"])
+        current = read_vm(store, uuid) if uuid else None
+    session.verify()
+
+    if params["state"] == "absent":
+        if current is None:
+            return {"changed": False, "action": "none", "vm": {}}
+        return remove(module, session, current, sorted(nodes))
+
+    if current is None:
+        if info is None:
+            raise ModuleFailure(f"VM {params['name']} does not exist; to define it, give its domain XML in xml")
+        plan = plan_create(params, info, updates, nodes, store.read(schema.default_selector()))
+        expect, create = {}, [schema.domain(info.uuid)]
+    else:
+        plan = plan_update(params, info, updates, current)
+        expect, create = node_version(schema, current), []
+    for warning in plan.warnings:
+        module.warn(warning)
+
+    result = {"changed": plan.changed, "action": plan.action}
+    if module._diff:
+        result["diff"] = plan.diff()
+    if plan.changed and not module.check_mode:
+        session.commit(store_values(schema, plan.uuid, plan.values), expect_versions=expect, create=create)
+
+    if module.check_mode:
+        if current is None:
+            vm = dict(plan.after)
+        else:
+            vm = vm_summary(current)
+            vm.update({key: value for key, value in plan.values.items() if key in ("name", "state")})
+            if "meta" in plan.differences.changed_keys:
+                vm["meta"].update(plan.differences.after()["meta"])
+        vm["running_on"] = running_on(store, plan.uuid, sorted(nodes))
+        result["vm"] = vm
+        return result
+
+    record = read_vm(store, plan.uuid)
+    state = STATE_MAP.get(params["state"])
+    where = None
+    if params["wait"] and state is not None:
+        try:
+            where = wait_for_state(session, plan.uuid, state, record.node, sorted(nodes), params["wait_timeout"])
+        except ModuleFailure as exc:
+            exc.result.setdefault("changed", plan.changed)
+            raise
+        record = read_vm(store, plan.uuid)
+    vm = vm_summary(record)
+    vm["running_on"] = where if where is not None else running_on(store, plan.uuid, sorted(nodes))
+    result["vm"] = vm
+    return result
+
+
+def main():
+    module = build_module(ARGUMENT_SPEC, required_one_of=[["name", "xml"]])
+    if LXML_ERROR is not None:
+        from ansible.module_utils.basic import missing_required_lib
+        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_ERROR)
+    try:
+        info = parse_input(module.params)   # fail fast: before connecting
+        meta_updates(module.params)
+    except ModuleFailure as exc:
+        module.fail_json(msg=exc.msg)
+    with cluster_session(module) as session:
+        result = run(module, session, info)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

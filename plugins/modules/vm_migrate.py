@@ -1,0 +1,365 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: vm_migrate
+short_description: Migrate, move or return a pvc.cluster VM
+version_added: 0.1.0
+description:
+  - Places a VM on another node. The module records the request in ZooKeeper (target node, a memory
+    reservation on the target and the migration record); the node daemons of the source and the target
+    then perform the migration in lockstep (see the collection's C(docs/migration-protocol.md)).
+  - A running VM is migrated (live, or by shutdown and restart, per its C(migration_method)); a VM that
+    is not running is only re-homed (its node changes, nothing moves).
+  - With O(wait=true) the module waits until the migration has ended and returns its audit record; an
+    aborted migration fails the task with the reason recorded by the daemons.
+author:
+  - pvc.cluster developers
+options:
+  name:
+    description: The VM's name or UUID.
+    type: str
+    required: true
+  state:
+    description:
+      - V(migrated) moves the VM temporarily; it remembers its home node (C(lastnode)) so that
+        V(unmigrated) (or making its home node ready again) brings it back.
+        Without O(target_node), a VM that is already migrated away (it has a home node to return to)
+        is left where it is (not changed); otherwise its O(pvc.cluster.vm#module:node_selector) chooses.
+      - V(moved) moves the VM permanently (it forgets its home node). Needs O(target_node), so that
+        running the task again finds the VM there and changes nothing.
+      - V(unmigrated) returns a migrated VM to its home node; a VM that is home is not changed.
+    type: str
+    choices: [migrated, moved, unmigrated]
+    default: migrated
+  target_node:
+    description:
+      - The node to migrate or move the VM to. It must be a node of the cluster, inside the VM's
+        C(node_limit), ready (daemon C(run), domain state C(ready)), and have the memory headroom for
+        the VM (memory total - reserve - provisioned - reservations).
+      - A VM already on O(target_node) is not changed.
+      - Not used with O(state=unmigrated).
+    type: str
+  force_live:
+    description:
+      - Migrate live only for this request, whatever the VM's C(migration_method); if the live
+        migration fails it is aborted and the VM keeps running on its node.
+    type: bool
+    default: false
+  wait:
+    description:
+      - Wait until the migration has finished (or aborted). A re-homed VM that is not running needs no wait.
+      - Without a wait the task returns once the request is recorded; the daemons carry it out.
+    type: bool
+    default: true
+  wait_timeout:
+    description:
+      - Seconds to wait when O(wait=true). When they pass the task fails; the daemons still finish or
+        abort the migration.
+    type: int
+    default: 300
+extends_documentation_fragment:
+  - pvc.cluster._zk
+  - pvc.cluster._attributes
+  - pvc.cluster._attributes.actiongroup_all
+attributes:
+  check_mode:
+    support: full
+    details:
+      - Returns the planned target and its memory before and after the migration.
+  diff_mode:
+    support: full
+    details:
+      - The diff shows the VM's node and home node (C(lastnode)).
+  idempotent:
+    support: full
+    details:
+      - A re-run while the same migration is still in flight reports no change and waits for it.
+seealso:
+  - module: pvc.cluster.node
+  - module: pvc.cluster.vm_info
+"""
+
+EXAMPLES = r"""
+- name: Migrate web1 to hv2 for maintenance of its node, and wait for it
+  pvc.cluster.vm_migrate:
+    zk_hosts: zk1.example.net:2181
+    name: web1
+    target_node: hv2
+
+- name: Migrate db1 wherever its node selector says, live only
+  pvc.cluster.vm_migrate:
+    zk_hosts: zk1.example.net:2181
+    name: db1
+    force_live: true
+
+- name: Show where db1 would go, without doing it
+  pvc.cluster.vm_migrate:
+    zk_hosts: zk1.example.net:2181
+    name: db1
+  check_mode: true
+  register: planned
+
+- name: Make hv3 the permanent home of web1
+  pvc.cluster.vm_migrate:
+    zk_hosts: zk1.example.net:2181
+    name: web1
+    state: moved
+    target_node: hv3
+
+- name: Bring web1 back home
+  pvc.cluster.vm_migrate:
+    zk_hosts: zk1.example.net:2181
+    name: web1
+    state: unmigrated
+"""
+
+RETURN = r"""
+name:
+  description: The VM's name.
+  returned: always
+  type: str
+  sample: web1
+uuid:
+  description: The VM's UUID.
+  returned: always
+  type: str
+  sample: 6695eb01-f6a4-8304-79aa-97f2502e193f
+source:
+  description: The node the VM was on.
+  returned: always
+  type: str
+  sample: hv1
+target:
+  description: The node the VM is (or would be) on after the request.
+  returned: always
+  type: str
+  sample: hv2
+lastnode:
+  description: The VM's home node after the request (empty when the VM is home or was moved).
+  returned: always
+  type: str
+  sample: hv1
+migrates:
+  description: Whether a running VM moves (true) or the request only re-homes a VM that is not running (false).
+  returned: always
+  type: bool
+  sample: true
+message:
+  description: What the request does, in words.
+  returned: always
+  type: str
+  sample: VM web1 migrates from hv1 to hv2
+target_memory_before:
+  description: The target node's memory accounting (MiB) before the request.
+  returned: when the VM changes node
+  type: dict
+  sample: {"total": 65536, "reserve": 1024, "provisioned": 8192, "reserved": 0, "headroom": 56320}
+target_memory_after:
+  description:
+    - The target node's memory accounting (MiB) once the VM is there (its memory counted in C(provisioned)).
+  returned: when the VM changes node
+  type: dict
+  sample: {"total": 65536, "reserve": 1024, "provisioned": 9216, "reserved": 0, "headroom": 55296}
+migration:
+  description: The migration record as requested (see C(docs/migration-protocol.md)).
+  returned: when a running VM was asked to move
+  type: dict
+record:
+  description:
+    - The audit record of the finished migration (C(result) V(done) or V(aborted), C(method_used),
+      C(fallback_reason), C(reason), C(steps) with their times, C(duration_s)).
+  returned: when O(wait=true) and a migration ran
+  type: dict
+  sample: {"id": "6f1c2a9b0d3e", "result": "done", "method_used": "live", "source": "hv1", "target": "hv2",
+           "duration_s": 2.4}
+"""
+
+import socket
+
+from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
+from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm, read_history, read_node_views, read_vm
+from ansible_collections.pvc.cluster.plugins.module_utils._module import (
+    Differences,
+    ModuleFailure,
+    build_module,
+    cluster_session,
+    watch_until,
+)
+from ansible_collections.pvc.cluster.plugins.module_utils._requests import RequestError, plan_request, submit_request
+from ansible_collections.pvc.cluster.plugins.module_utils._store import ConflictError
+
+KIND = {"migrated": "migrate", "moved": "move", "unmigrated": "unmigrate"}
+
+ARGUMENT_SPEC = dict(
+    name=dict(type="str", required=True),
+    state=dict(type="str", default="migrated", choices=list(KIND)),
+    target_node=dict(type="str"),
+    force_live=dict(type="bool", default=False),
+    wait=dict(type="bool", default=True),
+    wait_timeout=dict(type="int", default=300),
+)
+
+
+# ---- pure logic (unit-tested) ------------------------------------------------------------------
+
+
+def check_input(params: dict) -> None:
+    if params.get("wait_timeout") is not None and params["wait_timeout"] <= 0:
+        raise ModuleFailure(f"wait_timeout must be a positive number of seconds, not {params['wait_timeout']}")
+    if params["state"] == "moved" and not params.get("target_node"):
+        raise ModuleFailure("state=moved needs target_node: a move chosen by the selector would move the VM again on every run")
+    if params["state"] == "unmigrated" and params.get("target_node"):
+        raise ModuleFailure("target_node cannot be used with state=unmigrated: the VM returns to its home node")
+    if params.get("target_node") is not None and not params["target_node"].strip():
+        raise ModuleFailure("target_node must not be empty")
+
+
+def in_flight_matches(vm, params: dict) -> bool:
+    """Whether the migration in flight is what this task asks for (a re-run: not changed, wait for it)."""
+    record = vm.migration or {}
+    kind = KIND[params["state"]]
+    if record.get("kind") != kind:
+        return False
+    target = params.get("target_node")
+    return target is None or record.get("target") == target
+
+
+def memory_figures(view, extra_mib: int = 0) -> dict:
+    """The accounting placement uses for a node (MiB), with ``extra_mib`` more provisioned."""
+    return {"total": view.memtotal, "reserve": view.memreserve, "provisioned": view.memprov + extra_mib,
+            "reserved": view.reserved, "headroom": view.headroom - extra_mib}
+
+
+def describe_plan(plan) -> dict:
+    result = {"name": plan.name, "uuid": plan.uuid, "source": plan.source, "target": plan.target,
+              "lastnode": plan.lastnode, "migrates": plan.migrates, "message": plan.message}
+    if plan.changed and plan.target != plan.source and plan.target_before is not None:
+        result["target_memory_before"] = memory_figures(plan.target_before)
+        result["target_memory_after"] = memory_figures(plan.target_before, plan.memory_mib)
+    return result
+
+
+def plan_differences(vm, plan) -> Differences:
+    differences = Differences()
+    differences.add("node", vm.node, plan.target)
+    differences.add("lastnode", vm.lastnode, plan.lastnode)
+    return differences
+
+
+def make_plan(vm, params: dict, nodes: dict, default_selector):
+    """The request this task makes, or None when nothing is to be done. Raises ModuleFailure."""
+    kind = KIND[params["state"]]
+    target = params.get("target_node")
+    if kind == "migrate" and target is None and vm.lastnode and not vm.migration:
+        return None     # already migrated away: documented as ok
+    try:
+        return plan_request(vm, kind, nodes, target=target, force_live=params["force_live"],
+                            default_selector=default_selector)
+    except RequestError as exc:
+        raise ModuleFailure(str(exc)) from None
+
+
+# ---- cluster I/O -------------------------------------------------------------------------------
+
+
+def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
+    """Wait for the migration to end; return its audit record, or raise ModuleFailure."""
+    store, schema = session.store, session.schema
+    path = schema.domain_migration(vm.uuid)
+
+    def gone():
+        value = store.read_versioned(path)
+        if value is not None and value[0]:
+            return None
+        return True if store.exists(path) is False else None
+
+    if watch_until(store, [path], gone, timeout_s) is None:
+        current = store.read_json(path) or {}
+        raise ModuleFailure(f"the migration of VM {vm.name} to {current.get('target')} is still in flight after {timeout_s} s "
+                            f"(step {current.get('step')}); the daemons still finish or abort it", migration=current)
+    for entry in reversed(read_history(store, vm.uuid, last=S.HISTORY_KEEP)):
+        if entry.get("id") == record_id:
+            if entry.get("result") != "done":
+                raise ModuleFailure(f"the migration of VM {vm.name} from {entry.get('source')} to {entry.get('target')} "
+                                    f"was aborted: {entry.get('reason') or 'no reason recorded'}", record=entry)
+            return entry
+    raise ModuleFailure(f"the migration of VM {vm.name} ended but its audit record {record_id} was not found")
+
+
+def run(module, session) -> dict:
+    params = module.params
+    store, schema = session.store, session.schema
+    uuid = find_vm(store, params["name"])
+    if uuid is None:
+        session.verify()
+        raise ModuleFailure(f"VM {params['name']} does not exist (give its name or UUID)")
+    for attempt in (1, 2):
+        vm = read_vm(store, uuid)
+        nodes = read_node_views(store)
+        default_selector = store.read(schema.default_selector())
+        session.verify()
+        if vm is None:
+            raise ModuleFailure(f"VM {params['name']} was removed while this task ran")
+        target = params.get("target_node")
+        if target is not None and target not in nodes:
+            raise ModuleFailure(f"target node {target!r} is not a node of this cluster "
+                                f"(nodes: {', '.join(sorted(nodes)) or 'none registered'})")
+
+        if vm.migration and in_flight_matches(vm, params):
+            result = {"changed": False, "name": vm.name, "uuid": vm.uuid, "source": vm.migration.get("source"),
+                      "target": vm.migration.get("target"), "lastnode": vm.lastnode, "migrates": True,
+                      "message": f"the migration of VM {vm.name} to {vm.migration.get('target')} is already in flight",
+                      "migration": vm.migration}
+            if params["wait"] and not module.check_mode:
+                result["record"] = wait_for_record(session, vm, vm.migration.get("id"), params["wait_timeout"])
+            return result
+
+        plan = make_plan(vm, params, nodes, default_selector)
+        if plan is None:
+            return {"changed": False, "name": vm.name, "uuid": vm.uuid, "source": vm.node, "target": vm.node,
+                    "lastnode": vm.lastnode, "migrates": False,
+                    "message": f"VM {vm.name} is already migrated away from its home node {vm.lastnode}"}
+        differences = plan_differences(vm, plan)
+        result = {"changed": differences.changed}
+        result.update(describe_plan(plan))
+        if module._diff:
+            result["diff"] = differences.diff()
+        if not differences.changed or module.check_mode:
+            return result
+        try:
+            session.verify()
+            record = submit_request(store, plan, vm, requester=f"pvc.cluster.vm_migrate on {socket.gethostname()}")
+        except ConflictError:
+            if attempt == 2:
+                raise
+            continue    # the VM changed between reading and writing: read and plan once more
+        if record is not None:
+            result["migration"] = record
+            if params["wait"]:
+                try:
+                    result["record"] = wait_for_record(session, vm, record["id"], params["wait_timeout"])
+                except ModuleFailure as exc:
+                    exc.result.setdefault("changed", True)
+                    raise
+        return result
+    raise ModuleFailure(f"VM {params['name']} kept changing while this task ran; nothing was written")
+
+
+def main():
+    module = build_module(ARGUMENT_SPEC)
+    try:
+        check_input(module.params)   # fail fast: before connecting
+    except ModuleFailure as exc:
+        module.fail_json(msg=exc.msg)
+    with cluster_session(module) as session:
+        result = run(module, session)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

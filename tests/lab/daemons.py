@@ -1,0 +1,576 @@
+"""One pvc-node-daemon per lab host, and the test side of a cluster running in the lab.
+
+* ``LabDaemon``: ``ip netns exec lab-nK <venv python> -m pvc_node_daemon --config FILE`` for one host,
+  with ``libvirt.uri`` = the host's libvirtd (its unix socket), ``zookeeper.hosts`` = the lab's
+  ensemble and ``migration.address`` = the host's lab address, so that it publishes
+  ``qemu+tcp://10.77.0.K/system`` and ``tcp://10.77.0.K``. ``ip netns exec`` exec()s, so the PID we
+  hold *is* the daemon's: ``stop()`` sends it SIGTERM, ``kill()`` SIGKILL, by that PID only.
+  Config and log live in the lab workdir (``WORKDIR/daemons/<cluster>/nodeK.{yaml,log}``).
+* ``LabCluster``: three such daemons on a private cluster root, plus a ``ClusterStore`` for the
+  test's own reads, writes and watches.
+* ``RunningMonitor``: samples libvirt on every host all through a test and records any moment a VM
+  ran on two hosts at once (I1).
+
+How the tests reach ZooKeeper
+=============================
+The ensemble listens only on 10.77.0.K, which exists only inside the lab's namespaces. The test
+process stays in the machine's namespace (libvirt is reached through unix sockets in the workdir,
+which work from any namespace), and only its ZooKeeper client joins the controller namespace:
+``setns(CLONE_NEWNET)`` changes the namespace of the *calling thread* only, and threads inherit it
+from the thread that creates them. ``ctl_store()`` therefore starts the kazoo client from a
+throw-away thread that first joined ``lab-ctl``: kazoo's connection thread (which opens every
+socket, including reconnections to other ensemble members) and its callback workers are created
+inside that thread, so they live in ``lab-ctl`` for the client's lifetime, while pytest, fixtures
+and libvirt calls stay where they were. Compared to the alternatives:
+
+* running pytest itself under ``nsenter --net=/run/netns/lab-ctl`` needs the lab up *before* pytest
+  starts (the session fixture creates it), and puts the non-lab tests' loopback ZooKeeper out of
+  reach in the same session;
+* a snippet subprocess per read (``lab.ctl_python``) cannot hold a watch, so waits would have to
+  poll;
+* a forwarder process in lab-ctl would be one more process to own, and kazoo speaks only TCP;
+* ZooKeeper 3.8 binds ``clientPortAddress`` once, so the members cannot also listen on loopback.
+
+The store must be stopped before the lab goes down (``LabCluster.close()`` does it): a later
+``lab.up()`` creates a new lab-ctl, which a client of the old one could not reach.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_history, read_node_views, read_vm, wait_for_key
+from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_cluster_common._store import ClusterStore, ConnectionOptions
+from tests.support.zookeeper import _setns_net
+
+from .guests import domain_xml
+from .lab import REPO_ROOT, Lab, LabHost
+
+# Crash-safety fault injection understood by the daemon (node_daemon/migration.py).
+CRASH_ENV = "PVC_NODE_DAEMON_CRASH_AT"
+PAUSE_ENV = "PVC_NODE_DAEMON_PAUSE_AT"
+PAUSE_RELEASE_ENV = "PVC_NODE_DAEMON_PAUSE_RELEASE"
+
+# Lab daemon defaults: short enough that a test of a timeout takes seconds, long enough that a
+# busy 2-core CI machine running QEMU under TCG never hits them by accident.
+DEFAULT_CONFIG = {
+    "migration": {"step_timeout_s": 10, "live_timeout_base_s": 60, "live_timeout_per_gib_s": 30,
+                  "flush_parallel": 2},
+    "intervals": {"keepalive_s": 1, "dead_after": 4, "shutdown_timeout_s": 2},
+    "memory": {"reserve_mib": 0},
+    "libvirt": {"call_timeout_s": 20},
+    "log": {"stdout": True, "debug": True, "colours": False},
+}
+
+
+def _quiet_libvirt() -> None:
+    """libvirt prints every error (e.g. "domain not found" while we look for a VM) to stderr."""
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def in_netns(netns: str, fn):
+    """Call fn() in a thread that joined network namespace ``netns``; threads fn starts stay there."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            _setns_net(netns)
+            result["value"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"netns-{netns}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def ctl_store(lab: Lab, root: str, timeout_s: float = 10.0) -> ClusterStore:
+    """A started ClusterStore on the lab's ensemble whose sockets live in the controller namespace."""
+    store = ClusterStore(ConnectionOptions(hosts=lab.zk_hosts, root=root, timeout_s=timeout_s))
+    return in_netns(lab.ctl_netns, store.start)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    result = json.loads(json.dumps(base))
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            result.setdefault(section, {}).update(values)
+        else:
+            result[section] = values
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# one daemon
+
+
+@dataclass
+class LabDaemon:
+    host: LabHost
+    workdir: Path
+    config: dict
+    process: subprocess.Popen | None = None
+    starts: int = 0
+
+    @property
+    def node(self) -> str:
+        return self.host.name
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / f"{self.node}.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.node}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self, **env: str) -> None:
+        """Start the daemon in the host's namespace; ``env`` adds variables (fault injection)."""
+        if self.running():
+            raise RuntimeError(f"daemon on {self.node} is already running (pid {self.pid})")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        environment = {k: v for k, v in os.environ.items() if k not in (CRASH_ENV, PAUSE_ENV, PAUSE_RELEASE_ENV)}
+        environment.update(env)
+        self.starts += 1
+        with open(self.log_path, "ab") as out:
+            out.write(f"\n===== start {self.starts} {time.strftime('%H:%M:%S')} env {env or {}} =====\n".encode())
+            out.flush()
+            self.process = subprocess.Popen(
+                ["ip", "netns", "exec", self.host.netns, sys.executable, "-m", "pvc_node_daemon",
+                 "--config", str(self.config_path)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, cwd=REPO_ROOT,
+            )
+
+    def stop(self, timeout_s: float = 60) -> int | None:
+        """SIGTERM (the orderly shutdown) and wait; SIGKILL if it does not end in time."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, by our child's PID (a crash)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait(timeout=30)
+
+    def wait_exit(self, timeout_s: float = 120) -> int:
+        """Wait for the daemon to end by itself (a crash point SIGKILLs it)."""
+        return self.process.wait(timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# --------------------------------------------------------------------------------------------
+# a cluster in the lab
+
+
+class LabCluster:
+    """One daemon per lab host on a private cluster root, and the test's own store on it."""
+
+    __test__ = False
+
+    def __init__(self, lab: Lab, name: str, **overrides) -> None:
+        self.lab = lab
+        self.name = name
+        self.root = f"/lab-{name[:40]}-{uuidlib.uuid4().hex[:8]}"
+        self.workdir = lab.workdir / "daemons" / self.root.strip("/")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = _merge(DEFAULT_CONFIG, overrides)
+        self.daemons: dict[str, LabDaemon] = {}
+        for h in lab.hosts:
+            c = _merge(config, {})
+            c["node"] = h.name
+            c["zookeeper"] = {"hosts": lab.zk_hosts, "root": self.root, "timeout_s": 10}
+            c.setdefault("libvirt", {})["uri"] = h.libvirt_uri
+            c.setdefault("migration", {})["address"] = h.address
+            self.daemons[h.name] = LabDaemon(h, self.workdir, c)
+        _quiet_libvirt()
+        self.store = ctl_store(lab, self.root)
+        self.store.ensure_schema()
+        self.schema = self.store.schema
+        self.requests: dict[str, list[str]] = {}   # uuid -> migration ids requested by the test
+        self.names: dict[str, str] = {}           # uuid -> name
+
+    @property
+    def nodes(self) -> list[str]:
+        return list(self.daemons)
+
+    def host(self, node: str) -> LabHost:
+        return self.daemons[node].host
+
+    # ---- daemons ------------------------------------------------------------------------------
+
+    def start(self, *nodes: str, ready: bool = True, env: dict[str, dict] | None = None) -> None:
+        """Start the daemons (all by default; ``env``: node -> extra environment, for fault
+        injection), wait until they run, and make them ready."""
+        nodes = nodes or tuple(self.nodes)
+        for node in nodes:
+            self.daemons[node].start(**(env or {}).get(node, {}))
+        for node in nodes:
+            self.wait_daemon_state(node, "run")
+        if ready:
+            for node in nodes:
+                # new nodes start flushed; an operator makes them ready
+                self.store.commit({self.schema.node_key(node, S.NODE_DOMAIN_STATE): "unflush"})
+            for node in nodes:
+                self.wait_domain_state(node, "ready")
+
+    def restart(self, node: str, wait: bool = True, **env: str) -> None:
+        daemon = self.daemons[node]
+        if daemon.running():
+            daemon.kill()
+        daemon.start(**env)
+        if wait:
+            self.wait_daemon_state(node, "run")
+
+    def close(self) -> None:
+        """Stop every daemon (orderly, then by force), the store, and remove the cluster root."""
+        errors = []
+        for daemon in self.daemons.values():
+            try:
+                daemon.stop(timeout_s=30)
+            except Exception as exc:  # keep going: every daemon must be ended
+                errors.append(exc)
+                daemon.kill()
+        try:
+            self.store.delete([self.root])
+        finally:
+            self.store.stop()
+        if errors:
+            raise errors[0]
+
+    def logs(self, tail: int = 8000) -> str:
+        return "\n".join(f"----- {n} (pid {d.pid}) -----\n{d.log()[-tail:]}" for n, d in self.daemons.items())
+
+    # ---- waits on ZooKeeper watches ----------------------------------------------------------
+
+    def wait(self, path: str, predicate, timeout_s: float = 90, what: str = "") -> str | None:
+        if not wait_for_key(self.store, path, predicate, timeout_s):
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or path} "
+                                 f"(value now {self.store.read(path)!r})\n{self.logs()}")
+        return self.store.read(path)
+
+    def wait_daemon_state(self, node: str, state: str = "run", timeout_s: float = 60) -> None:
+        self.wait(self.schema.node_key(node, S.NODE_DAEMON_STATE), lambda v: v == state, timeout_s,
+                  f"{node} daemon state {state}")
+
+    def wait_domain_state(self, node: str, state: str, timeout_s: float = 120) -> None:
+        self.wait(self.schema.node_key(node, S.NODE_DOMAIN_STATE), lambda v: v == state, timeout_s,
+                  f"{node} domain state {state}")
+
+    def wait_step(self, uuid: str, step: str, timeout_s: float = 90) -> dict:
+        def at(value):
+            if not value:
+                return False
+            try:
+                return json.loads(value).get("step") == step
+            except ValueError:
+                return False
+        return json.loads(self.wait(self.schema.domain_migration(uuid), at, timeout_s, f"migration of {uuid} at {step}"))
+
+    def wait_no_migration(self, uuid: str, timeout_s: float = 120) -> None:
+        self.wait(self.schema.domain_migration(uuid), lambda v: v is None, timeout_s, f"the migration of {uuid} to end")
+
+    def wait_key(self, uuid: str, key: str, value: str, timeout_s: float = 90) -> None:
+        self.wait(self.schema.domain_key(uuid, key), lambda v: v == value, timeout_s, f"{uuid} {key} = {value}")
+
+    def wait_running_on(self, node: str, uuid: str, timeout_s: float = 90) -> None:
+        """The VM runs on ``node`` according to libvirt, and nowhere else."""
+        self.wait_libvirt(uuid, lambda states: self.running_nodes(states) == [node], timeout_s,
+                          f"{self.names.get(uuid, uuid)} running on {node} only")
+
+    # ---- libvirt, read directly on every host -------------------------------------------------
+
+    def libvirt_states(self, uuid: str) -> dict[str, str | None]:
+        """node -> libvirt state name of the VM there (None: libvirt does not know it)."""
+        import libvirt
+
+        from pvc_node_daemon.hypervisor import STATE_NAMES
+
+        states = {}
+        for node, daemon in self.daemons.items():
+            conn = daemon.host.connect()
+            try:
+                try:
+                    dom = conn.lookupByUUIDString(uuid)
+                    states[node] = STATE_NAMES.get(dom.state()[0], "nostate")
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+                    states[node] = None
+            finally:
+                conn.close()
+        return states
+
+    @staticmethod
+    def running_nodes(states: dict[str, str | None]) -> list[str]:
+        return sorted(node for node, state in states.items() if state == "running")
+
+    def domain_id(self, node: str, uuid: str) -> int:
+        """libvirt's domain ID on ``node``: it changes whenever the VM is (re)started."""
+        conn = self.host(node).connect()
+        try:
+            return conn.lookupByUUIDString(uuid).ID()
+        finally:
+            conn.close()
+
+    def wait_libvirt(self, uuid: str, predicate, timeout_s: float = 90, what: str = "") -> dict:
+        """Re-read libvirt on every host until predicate(states) holds (libvirt has no cross-host
+        watch; each round is three local socket calls)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            states = self.libvirt_states(uuid)
+            if predicate(states):
+                return states
+            if time.monotonic() >= deadline:
+                vm = read_vm(self.store, uuid)
+                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: libvirt {states}, "
+                                     f"ZooKeeper node {vm.node if vm else None}, migration "
+                                     f"{vm.migration if vm else None}\n{self.logs()}")
+            time.sleep(0.1)
+
+    # ---- cluster writes a test makes -----------------------------------------------------------
+
+    def define_vm(self, name: str, node: str, state: str = "start", meta: dict | None = None,
+                  memory_mib: int = 64, disk: str | None = None, disk_cache: str = "writeback",
+                  bridge: str | None = "default") -> str:
+        """Write a VM into ZooKeeper (the daemons do the rest). Returns its UUID."""
+        uuid = str(uuidlib.uuid4())
+        xml = domain_xml(name, uuid=uuid, memory_mib=memory_mib,
+                         bridge=self.lab.vm_bridge if bridge == "default" else bridge)
+        if disk:
+            xml = xml.replace("<memballoon", (
+                "<disk type='file' device='disk'>\n"
+                f"      <driver name='qemu' type='raw' cache='{disk_cache}'/>\n"
+                f"      <source file='{disk}'/>\n"
+                "      <target dev='vda' bus='virtio'/>\n"
+                "    </disk>\n    <memballoon"), 1)
+        values = {
+            self.schema.domain(uuid): name,
+            self.schema.domain_key(uuid, S.DOMAIN_XML): xml,
+            self.schema.domain_key(uuid, S.DOMAIN_NODE): node,
+            self.schema.domain_key(uuid, S.DOMAIN_LASTNODE): "",
+            self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): "",
+            self.schema.domain_key(uuid, S.DOMAIN_STATE): state,
+        }
+        for key, value in (meta or {}).items():
+            values[self.schema.domain_meta(uuid, key)] = value
+        self.store.commit(values)
+        self.names[uuid] = name
+        return uuid
+
+    def set_state(self, uuid: str, state: str) -> None:
+        self.store.commit({self.schema.domain_key(uuid, S.DOMAIN_STATE): state})
+
+    def set_domain_state(self, node: str, state: str) -> None:
+        self.store.commit({self.schema.node_key(node, S.NODE_DOMAIN_STATE): state})
+
+    def request(self, uuid: str, kind: str = "migrate", target: str | None = None, force_live: bool = False) -> dict | None:
+        """Plan and submit a request exactly as the Ansible modules do."""
+        vm = read_vm(self.store, uuid)
+        plan = plan_request(vm, kind, read_node_views(self.store), target=target, force_live=force_live)
+        record = submit_request(self.store, plan, vm, requester="lab test")
+        if record is not None:
+            self.requests.setdefault(uuid, []).append(record["id"])
+        return record
+
+    def history(self, uuid: str) -> list[dict]:
+        return read_history(self.store, uuid, last=S.HISTORY_KEEP)
+
+    # ---- the invariants -------------------------------------------------------------------------
+
+    def lock_holders(self) -> dict[str, list[str]]:
+        """Lock znodes with contenders below /locks (a released kazoo lock has none)."""
+        held = {}
+        for kind in ("domains", "nodes"):
+            base = f"{self.schema.root}/locks/{kind}"
+            for name in self.store.children(base) or []:
+                contenders = self.store.children(f"{base}/{name}") or []
+                if contenders:
+                    held[f"{base}/{name}"] = contenders
+        return held
+
+    def settle(self, uuid: str, timeout_s: float = 120) -> dict:
+        """Wait until the migration record is gone and libvirt agrees with ZooKeeper (I2 for a VM
+        whose state is start). Returns the VM's libvirt states."""
+        self.wait_no_migration(uuid, timeout_s)
+        vm = read_vm(self.store, uuid)
+        if vm.state != "start":
+            return self.libvirt_states(uuid)
+        return self.wait_libvirt(uuid, lambda states: self.running_nodes(states) == [read_vm(self.store, uuid).node],
+                                 timeout_s, f"{self.names.get(uuid, uuid)} to run on exactly its ZooKeeper node")
+
+    def check_invariants(self, uuids, monitor: "RunningMonitor | None" = None) -> None:
+        """I1-I4 for these VMs, once settled (see docs/migration-protocol.md)."""
+        problems = []
+        if monitor is not None:
+            problems += [f"I1: {p}" for p in monitor.violations()]
+        for uuid in uuids:
+            vm = read_vm(self.store, uuid)
+            name = self.names.get(uuid, uuid)
+            states = self.libvirt_states(uuid)
+            running = self.running_nodes(states)
+            if len(running) > 1:
+                problems.append(f"I1: {name} runs on {running}")
+            if vm.state == "start" and running != [vm.node]:
+                problems.append(f"I2: {name} (state start, node {vm.node}) runs on {running} (libvirt {states})")
+            if vm.migration is not None:
+                problems.append(f"I3: {name} still has a migration record {vm.migration}")
+            ids = {entry.get("id"): entry for entry in self.history(uuid)}
+            for mid in self.requests.get(uuid, []):
+                entry = ids.get(mid)
+                if entry is None:
+                    problems.append(f"I4: no audit record for migration {mid} of {name}")
+                elif entry.get("result") not in ("done", "aborted"):
+                    problems.append(f"I4: audit record of {mid} has result {entry.get('result')!r}")
+        for node in self.nodes:
+            reservations = self.store.children(self.schema.node_reservations(node)) or []
+            if reservations:
+                problems.append(f"I3: reservations left on {node}: {reservations}")
+        held = self.lock_holders()
+        if held:
+            problems.append(f"I3: locks still held: {held}")
+        if problems:
+            raise AssertionError("invariants broken:\n  " + "\n  ".join(problems) + "\n" + self.logs())
+
+
+# --------------------------------------------------------------------------------------------
+# I1, all the time
+
+
+@dataclass
+class RunningMonitor:
+    """Samples the running domains of every host, round after round, in a background thread.
+
+    Samples of different hosts are not simultaneous, so "running on X in one sample and on Y in
+    the next" would also match a clean live-migration switch-over. A VM counts as running on two
+    hosts only when it runs on Y in a sample taken *between two samples* that both see it running
+    on X: then X ran it before and after Y was seen running it.
+    """
+
+    hosts: list[LabHost]
+    interval_s: float = 0.05
+    samples: list[tuple[str, frozenset]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> "RunningMonitor":
+        self._thread = threading.Thread(target=self._run, name="i1-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        import libvirt
+
+        conns = {}
+        try:
+            while not self._stop.is_set():
+                for h in self.hosts:
+                    try:
+                        if h.name not in conns:
+                            conns[h.name] = h.connect()
+                        # RUNNING only: a paused incoming copy or a source paused for the
+                        # switch-over does not count
+                        doms = conns[h.name].listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING)
+                        running = frozenset(d.UUIDString() for d in doms)
+                    except libvirt.libvirtError as exc:
+                        # a domain that vanished between list and state(), or a restarted libvirtd
+                        if len(self.errors) < 20:
+                            self.errors.append(f"{h.name}: {exc}")
+                        conns.pop(h.name, None)
+                        continue
+                    self.samples.append((h.name, running))
+                self._stop.wait(self.interval_s)
+        finally:
+            for conn in conns.values():
+                try:
+                    conn.close()
+                except libvirt.libvirtError:
+                    pass
+
+    def violations(self) -> list[str]:
+        found = []
+        samples = list(self.samples)
+        last_seen: dict[str, int] = {}   # host -> index of its previous sample
+        for index, (host, running) in enumerate(samples):
+            previous = last_seen.get(host)
+            last_seen[host] = index
+            if previous is None:
+                continue
+            both = running & samples[previous][1]   # running on `host` before and after
+            if not both:
+                continue
+            for other_host, other_running in samples[previous + 1:index]:
+                if other_host != host:
+                    for uuid in both & other_running:
+                        found.append(f"{uuid} ran on {host} and {other_host} at once (samples {previous}..{index})")
+        return sorted(set(found))
+
+    def ever_running_on(self, uuid: str) -> set[str]:
+        return {host for host, running in self.samples if uuid in running}
+
+
+# --------------------------------------------------------------------------------------------
+# the fixture (import it into a test module: `from .daemons import lab_cluster  # noqa: F401`)
+
+
+@pytest.fixture
+def lab_cluster(lab, request):
+    """lab_cluster(**config_overrides) -> LabCluster (daemons not started yet). At teardown every
+    daemon is stopped, the cluster root removed and every domain on every host destroyed."""
+    made: list[LabCluster] = []
+
+    def make(**overrides) -> LabCluster:
+        cluster = LabCluster(lab, request.node.name.replace("[", "-").replace("]", ""), **overrides)
+        made.append(cluster)
+        return cluster
+
+    yield make
+    try:
+        for cluster in made:
+            cluster.close()
+    finally:
+        lab.reset()

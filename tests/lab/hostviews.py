@@ -1,0 +1,559 @@
+"""The lab's hosts as Ansible hosts: a private file-system view per host, the inventory, an
+``ansible-playbook`` runner, and the services the lab starts where production uses systemd.
+
+How a lab host becomes an Ansible host
+======================================
+Each lab host is a network namespace (``lab-nK``) of this one machine, so by itself it shares the
+machine's files: a role that writes ``/etc/sysctl.d`` on "node1" would write the machine's file, and
+node2 would see it. ``up()`` therefore gives every host its own *view*: a persistent mount namespace
+and UTS namespace (``unshare --mount=FILE --uts=FILE``: the namespaces stay alive through bind mounts
+of their ``/proc/PID/ns`` files, no process needs to hold them) in which
+
+* ``/etc``, ``/var/lib``, ``/var/log``, ``/opt`` and ``/usr/local`` are overlay mounts: the machine's
+  directory below, the host's own copy-on-write layer above (``VIEWS/nK/upper/...``). A host reads
+  the machine's files but everything it writes there stays its own; nothing of the machine changes;
+* ``/etc/libvirt`` is the directory the host's libvirtd reads (``WORKDIR/nK/etc``), so the libvirt
+  role configures the libvirtd that runs there, and ``/etc/hosts`` is the lab's (nodeK -> 10.77.0.K);
+* ``/sys`` is mounted from inside the host's network namespace (it lists the host's interfaces) and
+  the host name is ``nodeK``.
+
+The connection plugin ``pvc.cluster.netns`` enters the three namespaces with ``nsenter`` for every
+command and copies files through them (``ansible_netns_mount_namespace``: ``VIEWS/nK/mnt.ns``).
+Ansible itself runs in the controller namespace ``lab-ctl``, so that tasks on ``localhost`` (the
+pvc.cluster modules) reach the ensemble on 10.77.0.K:2181.
+
+Services
+========
+There is no systemd here. The roles run with ``*_service_manager: none``: they install the units
+and render every file but start nothing. The lab's rollout hook (``tests/lab/ansible/lab_services.yml``)
+then calls ``python -m tests.lab.hostviews`` on the controller to do what systemd would:
+
+* ``restart-libvirtd``: restart the host's libvirtd (through the lab, which owns it) when the files
+  the libvirt role rendered into ``/etc/libvirt`` differ from those it last started with;
+* ``start-daemon``: start ``pvc-node-daemon`` in the host's view, exactly as the ``ExecStart=`` of the
+  unit the node_daemon role rendered says, and restart it when the unit or its configuration changed.
+
+Every process started here is recorded in ``VIEWS/processes.json`` (PID + start time) and ended by
+PID by ``stop_services()`` / ``down()``. ZooKeeper keeps running as the lab started it; the zookeeper
+role's files are rendered and checked (and the tests start an ensemble from them separately).
+
+CLI: ``python -m tests.lab.hostviews up|down|inventory|start-daemon|restart-libvirtd|status --workdir W``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .lab import REPO_ROOT, Lab, LabError, LabHost, ProcRecord, proc_starttime, terminate
+
+VIEW_OVERLAYS = ("/etc", "/var/lib", "/var/log", "/opt", "/usr/local")
+NETNS_DIR = "/run/netns"
+VENV_PYTHON = Path(sys.executable)
+ANSIBLE_PLAYBOOK = VENV_PYTHON.parent / "ansible-playbook"
+LAB_SERVICES_HOOK = Path(__file__).resolve().parent / "ansible" / "lab_services.yml"
+NODE_DAEMON_UNIT = "/etc/systemd/system/pvc-node-daemon.service"
+DEFAULT_ZK_ROOT = "/pvc"
+# Lab tuning of the node daemon: quick keepalives and short timeouts (a 2-core CI machine still
+# completes every step well inside them), no memory held back, debug logs.
+LAB_DAEMON_VARS = {
+    "node_daemon_keepalive_s": 1,
+    "node_daemon_dead_after": 4,
+    "node_daemon_shutdown_timeout_s": 5,
+    "node_daemon_step_timeout_s": 20,
+    "node_daemon_memory_reserve_mib": 0,
+    "node_daemon_libvirt_call_timeout_s": 20,
+    "node_daemon_log_debug": True,
+}
+
+
+class ViewError(RuntimeError):
+    """A host view cannot be created or used."""
+
+
+def _mountpoints_below(base: Path) -> list[str]:
+    """Mount points at or below ``base`` in this mount namespace, deepest first."""
+    found = []
+    prefix = str(base).rstrip("/")
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            mountpoint = line.split()[4].replace("\\040", " ")
+            if mountpoint == prefix or mountpoint.startswith(prefix + "/"):
+                found.append(mountpoint)
+    return sorted(set(found), key=lambda p: (-p.count("/"), p))
+
+
+def _sha(*chunks: bytes) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(len(chunk).to_bytes(8, "big"))
+        digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class HostView:
+    """One lab host's private view of the file system (see the module docstring)."""
+
+    views: "HostViews"
+    host: LabHost
+
+    @property
+    def dir(self) -> Path:
+        return self.views.base / f"n{self.host.index}"
+
+    @property
+    def mnt(self) -> Path:
+        return self.dir / "mnt.ns"
+
+    @property
+    def uts(self) -> Path:
+        return self.dir / "uts.ns"
+
+    def layer(self, path: str) -> tuple[Path, Path]:
+        rel = path.strip("/")
+        return self.dir / "upper" / rel, self.dir / "work" / rel
+
+    def nsenter(self) -> list[str]:
+        """The command prefix that enters this host: its network, mount and UTS namespaces."""
+        return ["nsenter", f"--net={NETNS_DIR}/{self.host.netns}", f"--mount={self.mnt}", f"--uts={self.uts}", "--"]
+
+    def run(self, args: list[str] | str, *, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        """Run a command on this host, in its view (a string runs through /bin/sh -c)."""
+        if isinstance(args, str):
+            args = ["/bin/sh", "-c", args]
+        if not {"stdout", "stderr", "capture_output"} & kw.keys():
+            kw["capture_output"] = True
+        kw.setdefault("text", True)
+        proc = subprocess.run(self.nsenter() + list(args), timeout=timeout, **kw)
+        if check and proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+        return proc
+
+    def read_text(self, path: str) -> str | None:
+        """A file as this host sees it, or None when it does not exist there."""
+        proc = self.run(["cat", path], check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def read_bytes(self, path: str) -> bytes | None:
+        proc = self.run(["cat", path], check=False, text=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    def create(self) -> None:
+        """Create the persistent namespaces and mount the view (see the module docstring)."""
+        lab = self.views.lab
+        self.dir.mkdir(parents=True, exist_ok=True)
+        script = ["set -e", f"hostname {shlex.quote(self.host.name)}",
+                  # like `ip netns exec`: a /sys that lists this network namespace's interfaces
+                  "umount -l /sys", "mount -t sysfs -o nosuid,nodev,noexec sysfs /sys"]
+        for path in VIEW_OVERLAYS:
+            upper, work = self.layer(path)
+            upper.mkdir(parents=True, exist_ok=True)
+            work.mkdir(parents=True, exist_ok=True)
+            script.append(f"mount -t overlay pvc-view -o lowerdir={path},upperdir={upper},workdir={work} {path}")
+        host_etc = self.host.dir / "etc"
+        if host_etc.is_dir():   # the directory the host's libvirtd reads as /etc/libvirt
+            script += ["mkdir -p /etc/libvirt", f"mount --bind {shlex.quote(str(host_etc))} /etc/libvirt"]
+        if lab.hosts_file.exists():
+            script.append(f"mount --bind {shlex.quote(str(lab.hosts_file))} /etc/hosts")
+        for ns_file in (self.mnt, self.uts):
+            ns_file.touch()
+        proc = subprocess.run(
+            ["unshare", f"--mount={self.mnt}", f"--uts={self.uts}", "--propagation", "private", "--",
+             "nsenter", f"--net={NETNS_DIR}/{self.host.netns}", "--", "/bin/sh", "-c", "; ".join(script)],
+            capture_output=True, text=True, timeout=60,
+        )
+        if proc.returncode != 0:
+            raise ViewError(f"cannot create the view of {self.host.name}: {proc.stderr.strip()}")
+
+
+class HostViews:
+    """The views of every host of one lab, its inventory, its Ansible runs and its services."""
+
+    def __init__(self, lab: Lab, zk_root: str = DEFAULT_ZK_ROOT, log=None) -> None:
+        self.lab = lab
+        self.zk_root = zk_root
+        self._log = log or (lambda message: print(message, flush=True))
+
+    # ---- paths -----------------------------------------------------------------------------
+
+    @property
+    def base(self) -> Path:
+        return self.lab.workdir / "views"
+
+    @property
+    def logs(self) -> Path:
+        """Logs of the services started here (kept until the next up)."""
+        return self.lab.workdir / "view-logs"
+
+    @property
+    def inventory_file(self) -> Path:
+        return self.base / "inventory.yml"
+
+    @property
+    def collections_dir(self) -> Path:
+        return self.base / "collections"
+
+    @property
+    def state_file(self) -> Path:
+        return self.base / "processes.json"
+
+    def view(self, host: LabHost | int | str) -> HostView:
+        if isinstance(host, int):
+            host = self.lab.host(host)
+        elif isinstance(host, str):
+            host = next(h for h in self.lab.hosts if host in (h.name, h.netns))
+        return HostView(self, host)
+
+    @property
+    def views(self) -> list[HostView]:
+        return [HostView(self, h) for h in self.lab.hosts]
+
+    # ---- up / down -------------------------------------------------------------------------
+
+    def up(self) -> None:
+        """Views for every host (after removing what an earlier run left), the collection path
+        and the inventory. The lab must be up."""
+        if not self.lab.state_file.exists():
+            raise ViewError(f"the lab in {self.lab.workdir} is not up")
+        t0 = time.monotonic()
+        self.down(quiet=True)
+        self.base.mkdir(parents=True)
+        shutil.rmtree(self.logs, ignore_errors=True)
+        self.logs.mkdir(parents=True)
+        # `unshare --mount=FILE` needs FILE on a mount that does not propagate: a private bind
+        # mount of the views directory onto itself (what `ip netns` does for /run/netns)
+        subprocess.run(["mount", "--bind", str(self.base), str(self.base)], check=True)
+        subprocess.run(["mount", "--make-private", str(self.base)], check=True)
+        for view in self.views:
+            view.create()
+        link = self.collections_dir / "ansible_collections" / "pvc" / "cluster"
+        link.parent.mkdir(parents=True)
+        link.symlink_to(REPO_ROOT)
+        self.write_inventory()
+        self._log(f"[views] {len(self.lab.hosts)} host views and {self.inventory_file} ready "
+                  f"in {time.monotonic() - t0:.1f} s")
+
+    def down(self, quiet: bool = False) -> None:
+        """End the services started here, then unmount and remove every view."""
+        ended = self.stop_services()
+        mounts = _mountpoints_below(self.base)
+        for mountpoint in mounts:
+            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+        if not quiet or ended or mounts:
+            self._log(f"[views] down: ended {len(ended)} service(s), unmounted {len(mounts)} mount(s)")
+
+    # ---- inventory -------------------------------------------------------------------------
+
+    def inventory(self) -> dict:
+        """The lab as an Ansible inventory (see playbooks/README.md for the variables)."""
+        lab = self.lab
+        nodes = {}
+        for view in self.views:
+            h = view.host
+            nodes[h.name] = {
+                "ansible_netns_name": h.netns,
+                "ansible_netns_mount_namespace": str(view.mnt),
+                "ansible_netns_uts_namespace": str(view.uts),
+                "pvc_cluster_address": h.address,
+                "libvirt_unix_sock_dir": str(h.libvirt_socket.parent),
+                "libvirt_host_uuid": h.host_uuid,
+                "node_daemon_libvirt_uri": h.libvirt_uri,
+            }
+        servers = [{"id": h.index, "name": h.name, "host": h.address} for h in lab.hosts]
+        node_vars = {
+            "ansible_connection": "pvc.cluster.netns",
+            # ZooKeeper: the lab runs the ensemble; the role renders its files (ports as the lab's)
+            "zookeeper_install_packages": False,
+            "zookeeper_service_manager": "none",
+            "zookeeper_servers": servers,
+            "zookeeper_tick_time_ms": 500,
+            # libvirt: the lab's libvirtd, reconfigured by the role (restarted by the lab hook).
+            # LAB ONLY: no authentication on the unix socket; TCP auth none on the lab network.
+            "libvirt_install_packages": False,
+            "libvirt_service_manager": "none",
+            "libvirt_auth": "none",
+            "libvirt_listen_address": "{{ pvc_cluster_address }}",
+            "libvirt_log_outputs": "3:file:/var/log/libvirt/libvirtd.log",
+            "libvirt_libvirtd_conf_extra": {
+                "unix_sock_ro_perms": "0777", "unix_sock_rw_perms": "0700",
+                "auth_unix_ro": "none", "auth_unix_rw": "none",
+            },
+            # QEMU as root without a security driver, cgroups or namespaces (no systemd, no AppArmor)
+            "libvirt_qemu_user": "root",
+            "libvirt_qemu_group": "root",
+            "libvirt_qemu_dynamic_ownership": False,
+            "libvirt_qemu_security_driver": "none",
+            "libvirt_qemu_conf_extra": {"remember_owner": 0, "stdio_handler": "file",
+                                        "cgroup_controllers": [], "namespaces": []},
+            # VM bridges: persisted for ifupdown in the host's view
+            "vm_bridges": [{"name": "vmbr0"}, {"name": "vmbr1"}],
+            "vm_bridges_service_manager": "none",
+            # node daemon: the repository's venv, started by the lab hook from the rendered unit
+            "node_daemon_install_method": "none",
+            "node_daemon_executable": str(VENV_PYTHON.parent / "pvc-node-daemon"),
+            "node_daemon_service_manager": "none",
+            "node_daemon_migration_address": "{{ pvc_cluster_address }}",
+            **LAB_DAEMON_VARS,
+        }
+        return {
+            "all": {
+                "vars": {
+                    "ansible_python_interpreter": str(VENV_PYTHON),
+                    "pvc_zk_hosts": lab.zk_hosts,
+                    "pvc_zk_root": self.zk_root,
+                    "pvc_rollout_service_hook": str(LAB_SERVICES_HOOK),
+                    "pvc_lab_workdir": str(lab.workdir),
+                    "pvc_lab_repo": str(REPO_ROOT),
+                },
+                "children": {
+                    "pvc_controller": {"hosts": {"localhost": {"ansible_connection": "local"}}},
+                    "pvc_coordinators": {"hosts": {name: {} for name in nodes}},
+                    "pvc_nodes": {"vars": node_vars, "hosts": nodes},
+                },
+            }
+        }
+
+    def write_inventory(self) -> Path:
+        header = (f"# Generated by `python -m tests.lab.hostviews inventory` from {self.lab.state_file}.\n"
+                  "# The lab's hosts as Ansible hosts (connection pvc.cluster.netns); see tests/lab/hostviews.py.\n")
+        self.inventory_file.write_text(header + yaml.safe_dump(self.inventory(), sort_keys=False, width=120))
+        return self.inventory_file
+
+    # ---- Ansible ---------------------------------------------------------------------------
+
+    def ansible_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        tmp = self.base / "tmp"
+        env.update({
+            "ANSIBLE_COLLECTIONS_PATH": str(self.collections_dir),
+            "ANSIBLE_INVENTORY": str(self.inventory_file),
+            "ANSIBLE_PIPELINING": "true",
+            "ANSIBLE_HOST_KEY_CHECKING": "false",
+            "ANSIBLE_RETRY_FILES_ENABLED": "false",
+            "ANSIBLE_LOCAL_TEMP": str(tmp / "local"),
+            "ANSIBLE_REMOTE_TEMP": str(tmp / "remote"),
+            "ANSIBLE_FORKS": "10",
+            "ANSIBLE_NOCOWS": "1",
+            "ANSIBLE_DEPRECATION_WARNINGS": "false",
+            "PATH": f"{VENV_PYTHON.parent}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+        })
+        return env
+
+    def playbook(self, playbook: str | Path, *args: str, extra_vars: dict | None = None, json_output: bool = True,
+                 stream: bool = False, timeout: float = 900) -> "PlaybookRun":
+        """Run ansible-playbook in the controller namespace.
+
+        json_output: the json callback (results and per-host stats are parsed); otherwise the
+        default output, captured, or shown as it comes with ``stream``.
+        """
+        playbook = Path(playbook)
+        if not playbook.is_absolute():
+            playbook = REPO_ROOT / playbook
+        cmd = [str(ANSIBLE_PLAYBOOK), str(playbook), *args]
+        if extra_vars:
+            cmd += ["--extra-vars", json.dumps(extra_vars)]
+        env = self.ansible_env()
+        if json_output:
+            env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.builtin.json"
+            env["ANSIBLE_JSON_INDENT"] = "0"
+        kw = {"stdout": None, "stderr": None} if stream else {}
+        t0 = time.monotonic()
+        proc = self.lab.ctl_run(cmd, check=False, timeout=timeout, env=env, **kw)
+        return PlaybookRun(proc, time.monotonic() - t0, json_output and not stream)
+
+    # ---- services (what systemd does in production) -------------------------------------------
+
+    def _records(self) -> list[dict]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return []
+
+    def _save(self, records: list[dict]) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records, indent=2) + "\n")
+        os.replace(tmp, self.state_file)
+
+    def services(self) -> list[dict]:
+        """The live services started here: role, host, pid, key (what they were started from)."""
+        return [r for r in self._records() if _record(r).alive()]
+
+    def stop_services(self, role: str | None = None, host: str | None = None, timeout_s: float = 60) -> list[ProcRecord]:
+        """End services by PID (SIGTERM, then SIGKILL after ``timeout_s``)."""
+        records = self._records()
+        chosen = [r for r in records if (role is None or r["role"] == role) and (host is None or r["host"] == host)]
+        ended = terminate([_record(r) for r in chosen], timeout_s=timeout_s)
+        keep = [r for r in records if r not in chosen]
+        if self.base.is_dir():
+            self._save(keep)
+        return ended
+
+    def _spawn(self, view: HostView, role: str, argv: list[str], key: str) -> dict:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{role}-{view.host.name}.log"
+        with open(log, "ab") as out:
+            out.write(f"\n===== {time.strftime('%H:%M:%S')} {shlex.join(argv)} =====\n".encode())
+            out.flush()
+            # nsenter exec()s the program (no --pid, so no fork): the PID is the service's own
+            proc = subprocess.Popen(view.nsenter() + argv, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd="/")
+        record = {"role": role, "host": view.host.netns, "node": view.host.name, "pid": proc.pid,
+                  "starttime": proc_starttime(proc.pid), "key": key, "argv": argv, "log": str(log)}
+        self._save([r for r in self._records() if not (r["role"] == role and r["host"] == view.host.netns)] + [record])
+        return record
+
+    def start_daemon(self, host: LabHost | int | str, unit: str = NODE_DAEMON_UNIT) -> str:
+        """Start pvc-node-daemon on ``host`` as the rendered unit's ExecStart says; restart it when
+        the unit or any file its command line names changed. Returns started|restarted|unchanged."""
+        view = self.view(host)
+        text = view.read_text(unit)
+        if text is None:
+            raise ViewError(f"{view.host.name}: no {unit} (run the node_daemon role first)")
+        argv = unit_exec_start(text)
+        files = [view.read_bytes(a) or b"" for a in argv if a.startswith("/")]
+        key = _sha(text.encode(), *files)
+        current = [r for r in self.services() if r["role"] == "node-daemon" and r["host"] == view.host.netns]
+        if current and current[0]["key"] == key:
+            return "unchanged"
+        if current:
+            self.stop_services("node-daemon", view.host.netns)
+        self._spawn(view, "node-daemon", argv, key)
+        return "restarted" if current else "started"
+
+    def restart_libvirtd(self, host: LabHost | int | str) -> str:
+        """Restart the host's libvirtd (the lab owns it) when /etc/libvirt changed since the last
+        restart made here. Returns restarted|unchanged."""
+        view = self.view(host)
+        etc = view.host.dir / "etc"
+        files = sorted(p for p in etc.rglob("*") if p.is_file())
+        key = _sha(*[str(p.relative_to(etc)).encode() + b"\0" + p.read_bytes() for p in files])
+        stamp = self.base / f"libvirtd-{view.host.name}.key"
+        if stamp.exists() and stamp.read_text() == key:
+            return "unchanged"
+        view.host.stop_libvirtd()
+        view.host.start_libvirtd()
+        stamp.write_text(key)
+        return "restarted"
+
+
+def unit_exec_start(unit_text: str) -> list[str]:
+    """The command line of a systemd unit's ExecStart= (the one service kind the roles install)."""
+    for line in unit_text.splitlines():
+        line = line.strip()
+        if line.startswith("ExecStart="):
+            return shlex.split(line.split("=", 1)[1].lstrip("-@+!"))
+    raise ViewError("the unit has no ExecStart=")
+
+
+def _record(r: dict) -> ProcRecord:
+    return ProcRecord(r["role"], r["host"], r["pid"], r["starttime"])
+
+
+@dataclass
+class PlaybookRun:
+    """One ansible-playbook run: its process, duration and (json callback) results."""
+
+    proc: subprocess.CompletedProcess
+    duration_s: float
+    parsed: bool
+
+    @property
+    def returncode(self) -> int:
+        return self.proc.returncode
+
+    @property
+    def result(self) -> dict:
+        if not self.parsed:
+            return {}
+        out = self.proc.stdout or ""
+        start = out.find("{")
+        try:
+            return json.loads(out[start:]) if start >= 0 else {}
+        except ValueError:
+            return {}
+
+    @property
+    def stats(self) -> dict[str, dict]:
+        return self.result.get("stats", {})
+
+    def changed(self) -> dict[str, int]:
+        return {host: s.get("changed", 0) for host, s in self.stats.items()}
+
+    def changed_tasks(self) -> list[str]:
+        """'host: task name' for every task result that reported a change."""
+        found = []
+        for play in self.result.get("plays", []):
+            for task in play.get("tasks", []):
+                for host, res in task.get("hosts", {}).items():
+                    if res.get("changed"):
+                        found.append(f"{host}: {task['task']['name']}")
+        return found
+
+    def task_results(self, name: str) -> dict[str, dict]:
+        """host -> result of the (last) task called ``name``."""
+        found = {}
+        for play in self.result.get("plays", []):
+            for task in play.get("tasks", []):
+                if task["task"]["name"] == name:
+                    found.update(task.get("hosts", {}))
+        return found
+
+    def failures(self) -> str:
+        """A readable account of what failed, for assertion messages."""
+        lines = [f"ansible-playbook exited with {self.returncode} after {self.duration_s:.1f} s"]
+        for play in self.result.get("plays", []):
+            for task in play.get("tasks", []):
+                for host, res in task.get("hosts", {}).items():
+                    if res.get("failed") or res.get("unreachable"):
+                        detail = {k: res.get(k) for k in ("msg", "stderr", "stdout", "rc", "results") if res.get(k)}
+                        lines.append(f"{host}: {task['task']['name']}: {json.dumps(detail, default=str)[:3000]}")
+        if not self.parsed or len(lines) == 1:
+            lines.append((self.proc.stdout or "")[-6000:])
+        lines.append((self.proc.stderr or "")[-3000:])
+        return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.lab.hostviews", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=("up", "down", "inventory", "start-daemon", "restart-libvirtd", "status"))
+    parser.add_argument("--workdir", default="/tmp/pvc-cluster/lab")
+    parser.add_argument("--host", help="node name (nodeK) for start-daemon / restart-libvirtd")
+    parser.add_argument("--zk-root", default=DEFAULT_ZK_ROOT)
+    args = parser.parse_args(argv)
+    try:
+        views = HostViews(Lab.load(args.workdir), zk_root=args.zk_root)
+        if args.command == "up":
+            views.up()
+        elif args.command == "down":
+            views.down()
+        elif args.command == "inventory":
+            print(views.write_inventory())
+        elif args.command == "status":
+            print(json.dumps(views.services(), indent=2))
+        else:
+            if not args.host:
+                parser.error(f"{args.command} needs --host")
+            fn = views.start_daemon if args.command == "start-daemon" else views.restart_libvirtd
+            print(fn(args.host))
+    except (ViewError, LabError, subprocess.CalledProcessError) as exc:
+        print(f"hostviews {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The lockstep migration protocol between real hosts: our daemons drive real libvirtds (QEMU/TCG
+guests, peer-to-peer live migration over the lab network), requests go through the same
+plan_request/submit_request as the Ansible modules, and every wait is a ZooKeeper watch or a
+libvirt read. A RunningMonitor samples libvirt on every host throughout each test (I1)."""
+from __future__ import annotations
+
+import pytest
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_node_views, read_vm
+from pvc_cluster_common._requests import RequestError, plan_request, submit_request
+from pvc_cluster_common._store import ConflictError
+
+from .daemons import PAUSE_ENV, PAUSE_RELEASE_ENV, RunningMonitor, lab_cluster  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.lab
+
+
+def running_reason(cluster, node, uuid) -> str:
+    """libvirt's reason for the VM's running state on ``node``: "migrated" for an incoming live
+    migration, "booted" for a fresh start."""
+    from pvc_node_daemon.hypervisor import DomainStatus
+
+    conn = cluster.host(node).connect()
+    try:
+        return DomainStatus.from_libvirt(*conn.lookupByUUIDString(uuid).state()).reason_name
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def monitor(lab):
+    with RunningMonitor(lab.hosts) as m:
+        yield m
+
+
+def test_live_migration_and_return(lab_cluster, monitor):
+    cluster = lab_cluster()
+    cluster.start()
+    uuid = cluster.define_vm("mover", "node1")
+    cluster.wait_running_on("node1", uuid)
+
+    record = cluster.request(uuid, "migrate", target="node2")
+    assert record["step"] == "requested" and (record["source"], record["target"]) == ("node1", "node2")
+    cluster.settle(uuid)
+    states = cluster.libvirt_states(uuid)
+    assert states == {"node1": None, "node2": "running", "node3": None}   # moved, not copied
+    assert running_reason(cluster, "node2", uuid) == "migrated"            # live: the same guest, resumed
+    final = cluster.history(uuid)[-1]
+    assert final["id"] == record["id"] and final["result"] == "done"
+    assert (final["method"], final["method_used"], final["fallback_reason"]) == ("default", "live", None)
+    assert set(final["steps"]) >= {"requested", "prepared", "transferring", "transferred", "done"}
+    vm = read_vm(cluster.store, uuid)
+    assert (vm.node, vm.lastnode) == ("node2", "node1")
+
+    cluster.request(uuid, "unmigrate")
+    cluster.settle(uuid)
+    assert cluster.libvirt_states(uuid) == {"node1": "running", "node2": None, "node3": None}
+    vm = read_vm(cluster.store, uuid)
+    assert (vm.node, vm.lastnode) == ("node1", "")
+    assert [h["result"] for h in cluster.history(uuid)] == ["done", "done"]
+    assert cluster.history(uuid)[-1]["kind"] == "unmigrate"
+    cluster.check_invariants([uuid], monitor)
+    assert monitor.ever_running_on(uuid) == {"node1", "node2"}
+
+
+def test_shutdown_migration_forces_the_stop_and_starts_on_the_target(lab_cluster, monitor):
+    cluster = lab_cluster()
+    cluster.start()
+    uuid = cluster.define_vm("cold", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
+    cluster.wait_running_on("node1", uuid)
+    record = cluster.request(uuid, "migrate", target="node2")
+    cluster.settle(uuid)
+    assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
+    assert running_reason(cluster, "node2", uuid) == "booted"   # started afresh from the XML in ZooKeeper
+    final = cluster.history(uuid)[-1]
+    assert final["id"] == record["id"] and final["result"] == "done"
+    assert (final["method"], final["method_used"]) == ("shutdown", "shutdown")
+    # the guest has no OS to answer ACPI: the source forced it off after shutdown_timeout_s (hazard 14)
+    assert "did not shut down within" in cluster.daemons["node1"].log()
+    vm = read_vm(cluster.store, uuid)
+    assert (vm.node, vm.lastnode) == ("node2", "node1")
+    cluster.check_invariants([uuid], monitor)
+
+
+@pytest.mark.parametrize("method, force_live, result", [
+    ("default", False, "done"),     # live fails -> shutdown migration
+    ("live", False, "aborted"),     # live fails -> abort, the VM keeps running on the source
+    ("default", True, "aborted"),   # a request with force_live behaves as `live`
+])
+def test_failed_live_migration_falls_back_or_aborts(lab_cluster, monitor, method, force_live, result):
+    """Hazard 13 with a real cause: a disk cached writeback on storage libvirt does not consider
+    shared. libvirt refuses to live-migrate it (VIR_ERR_MIGRATE_UNSAFE), while a cold start on the
+    target works (every lab host sees the same file)."""
+    cluster = lab_cluster()
+    cluster.start()
+    disk = cluster.workdir / f"disk-{method}-{force_live}.img"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    uuid = cluster.define_vm(f"unsafe-{method}", "node1", disk=str(disk), disk_cache="writeback",
+                             meta={S.META_MIGRATION_METHOD: method})
+    cluster.wait_running_on("node1", uuid)
+    domid = cluster.domain_id("node1", uuid)
+    record = cluster.request(uuid, "migrate", target="node2", force_live=force_live)
+    cluster.settle(uuid)
+    final = cluster.history(uuid)[-1]
+    assert final["id"] == record["id"] and final["result"] == result, final
+    vm = read_vm(cluster.store, uuid)
+    if result == "done":
+        assert final["method_used"] == "shutdown"
+        assert "unsafe" in final["fallback_reason"].lower(), final
+        assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
+        assert (vm.node, vm.lastnode) == ("node2", "node1")
+    else:
+        assert "live" in final["reason"] and "unsafe" in final["reason"].lower(), final
+        # never stopped: the same QEMU still runs on the source, and ZooKeeper says so
+        assert cluster.libvirt_states(uuid) == {"node1": "running", "node2": None, "node3": None}
+        assert cluster.domain_id("node1", uuid) == domid
+        assert (vm.node, vm.lastnode) == ("node1", "")
+        assert monitor.ever_running_on(uuid) == {"node1"}
+    cluster.check_invariants([uuid], monitor)
+
+
+def test_target_changed_under_a_migration_aborts_it(lab_cluster, monitor, tmp_path):
+    """Hazard 9: `node` rewritten to a third node between `prepared` and `transferring`. The source
+    is held at a test pause point just before it re-reads `node`, so the order is certain."""
+    cluster = lab_cluster()
+    release = tmp_path / "release"
+    cluster.start(env={"node1": {PAUSE_ENV: "source:before-transfer", PAUSE_RELEASE_ENV: str(release)}})
+    uuid = cluster.define_vm("retargeted", "node1")
+    cluster.wait_running_on("node1", uuid)
+    domid = cluster.domain_id("node1", uuid)
+    record = cluster.request(uuid, "migrate", target="node2")
+    cluster.wait_step(uuid, "prepared")
+    cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): "node3"})   # by other means
+    release.touch()
+    cluster.settle(uuid)
+    final = cluster.history(uuid)[-1]
+    assert final["id"] == record["id"] and final["result"] == "aborted"
+    assert final["reason"].startswith("target changed"), final
+    vm = read_vm(cluster.store, uuid)
+    assert (vm.node, vm.lastnode) == ("node1", "")
+    assert cluster.libvirt_states(uuid) == {"node1": "running", "node2": None, "node3": None}
+    assert cluster.domain_id("node1", uuid) == domid
+    assert monitor.ever_running_on(uuid) == {"node1"}
+    assert "pause point source:before-transfer reached" in cluster.daemons["node1"].log()
+    cluster.check_invariants([uuid], monitor)
+
+
+def test_second_request_is_refused_while_one_is_in_flight(lab_cluster, monitor, tmp_path):
+    """Hazard 9, the other way in: a second request (to a different target) while the first is in
+    flight is refused, whether planned afresh or submitted from a plan made before the first."""
+    cluster = lab_cluster()
+    release = tmp_path / "release"
+    cluster.start(env={"node1": {PAUSE_ENV: "source:before-transfer", PAUSE_RELEASE_ENV: str(release)}})
+    uuid = cluster.define_vm("contested", "node1")
+    cluster.wait_running_on("node1", uuid)
+    stale_vm = read_vm(cluster.store, uuid)
+    stale_plan = plan_request(stale_vm, "migrate", read_node_views(cluster.store), target="node3")
+    record = cluster.request(uuid, "migrate", target="node2")
+    cluster.wait_step(uuid, "prepared")
+    with pytest.raises(RequestError, match="in flight"):
+        cluster.request(uuid, "migrate", target="node3")
+    with pytest.raises(ConflictError):
+        submit_request(cluster.store, stale_plan, stale_vm, requester="a stale plan")
+    release.touch()
+    cluster.settle(uuid)
+    assert [h["id"] for h in cluster.history(uuid)] == [record["id"]]
+    assert cluster.history(uuid)[-1]["result"] == "done"
+    assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
+    assert not cluster.store.exists(cluster.schema.node_reservation("node3", uuid))
+    cluster.check_invariants([uuid], monitor)
+
+
+def test_target_that_stops_being_ready_aborts_the_migration(lab_cluster, monitor, tmp_path):
+    """Hazard 12: the target is flushed after it was chosen; it checks itself before `prepared`."""
+    cluster = lab_cluster()
+    release = tmp_path / "release"
+    cluster.start(env={"node2": {PAUSE_ENV: "target:before-prepare", PAUSE_RELEASE_ENV: str(release)}})
+    uuid = cluster.define_vm("unwanted", "node1")
+    cluster.wait_running_on("node1", uuid)
+    domid = cluster.domain_id("node1", uuid)
+    record = cluster.request(uuid, "migrate", target="node2")
+    cluster.set_domain_state("node2", "flushed")
+    release.touch()
+    cluster.settle(uuid)
+    final = cluster.history(uuid)[-1]
+    assert final["id"] == record["id"] and final["result"] == "aborted"
+    assert "not ready" in final["reason"], final
+    assert cluster.libvirt_states(uuid) == {"node1": "running", "node2": None, "node3": None}
+    assert cluster.domain_id("node1", uuid) == domid
+    assert (read_vm(cluster.store, uuid).node, read_vm(cluster.store, uuid).lastnode) == ("node1", "")
+    cluster.check_invariants([uuid], monitor)
+
+
+def test_flush_and_ready_round_trip(lab_cluster, monitor):
+    cluster = lab_cluster()
+    cluster.start()
+    home = [cluster.define_vm(f"flushme-{i}", "node1", memory_mib=64) for i in range(4)]
+    other = cluster.define_vm("bystander", "node2")
+    for uuid in home:
+        cluster.wait_running_on("node1", uuid)
+    cluster.wait_running_on("node2", other)
+    other_id = cluster.domain_id("node2", other)
+
+    cluster.set_domain_state("node1", "flush")
+    cluster.wait_domain_state("node1", "flushed", timeout_s=240)
+    assert cluster.host("node1").domains(running_only=False) == []     # libvirt: nothing left on node1
+    for uuid in home:
+        vm = read_vm(cluster.store, uuid)
+        assert vm.node in ("node2", "node3") and vm.lastnode == "node1" and vm.migration is None
+        assert cluster.libvirt_states(uuid)[vm.node] == "running"
+        assert cluster.running_nodes(cluster.libvirt_states(uuid)) == [vm.node]
+        assert cluster.history(uuid)[-1]["result"] == "done"
+        assert cluster.history(uuid)[-1]["method_used"] == "live"
+    assert cluster.domain_id("node2", other) == other_id     # untouched
+
+    cluster.set_domain_state("node1", "unflush")
+    cluster.wait_domain_state("node1", "ready", timeout_s=240)
+    for uuid in home:
+        vm = read_vm(cluster.store, uuid)
+        assert (vm.node, vm.lastnode, vm.migration) == ("node1", "", None)
+        assert cluster.libvirt_states(uuid) == {"node1": "running", "node2": None, "node3": None}
+        assert [h["result"] for h in cluster.history(uuid)] == ["done", "done"]
+        assert [h["kind"] for h in cluster.history(uuid)] == ["migrate", "unmigrate"]
+        # the daemons made these requests; the invariants cover them too
+        cluster.requests[uuid] = [h["id"] for h in cluster.history(uuid)]
+    assert cluster.domain_id("node2", other) == other_id
+    cluster.check_invariants(home + [other], monitor)
