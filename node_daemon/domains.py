@@ -16,6 +16,8 @@ class DomainRecord:
     state: str = ""
     node: str = ""
     lastnode: str = ""
+    migration_source: str | None = None   # set while a migration record exists
+    migration_target: str | None = None
     memory_mib: int = 0      # configured maximum, from the XML
     vcpus: int = 0
     xml_ok: bool = True      # False when the XML could not be parsed (memory then counts 0)

@@ -133,13 +133,20 @@ class NodeStateWorker:
 
     # ---- flush ------------------------------------------------------------------------------------
 
+    def read_vms(self, uuids) -> list:
+        """Fresh VM records, read in parallel (each is one round of parallel reads)."""
+        uuids = list(uuids)
+        if not uuids:
+            return []
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="node-read") as pool:
+            return [vm for vm in pool.map(lambda u: read_vm(self.store, u), uuids) if vm is not None]
+
     def vms_to_flush(self) -> list:
-        result = []
-        for uuid in self.store.children(self.schema.domains()) or []:
-            vm = read_vm(self.store, uuid)
-            if vm is not None and vm.node == self.node and vm.state == "start" and not vm.migration:
-                result.append(vm)
-        return result
+        # The watch-fed table narrows the candidates; each candidate is then re-read fresh.
+        candidates = [uuid for uuid, record in self.domains.snapshot().items()
+                      if record.node == self.node and record.state == "start"]
+        return [vm for vm in self.read_vms(candidates)
+                if vm.node == self.node and vm.state == "start" and not vm.migration]
 
     def flush(self, cancel: threading.Event) -> None:
         log.system("flushing node %s", self.node)
@@ -181,10 +188,9 @@ class NodeStateWorker:
             return {self.node: replace(nodes[self.node], domain_state="ready")} if self.node in nodes else {}
 
         homecoming, autostart = [], []
-        for uuid in self.store.children(self.schema.domains()) or []:
-            vm = read_vm(self.store, uuid)
-            if vm is None:
-                continue
+        candidates = [uuid for uuid, record in self.domains.snapshot().items()
+                      if self.node in (record.node, record.lastnode)]
+        for vm in self.read_vms(candidates):
             if vm.lastnode == self.node and vm.node != self.node:
                 homecoming.append(vm)
             elif vm.node == self.node and vm.meta.node_autostart:

@@ -21,6 +21,8 @@ from .hypervisor import HypervisorError
 
 log = logging.getLogger(__name__)
 
+STATS_EVERY = 6
+
 
 @dataclass
 class VMFigures:
@@ -144,7 +146,9 @@ class Keepalive:
         if state in ("init", "dead"):
             # the first keepalive after start, or a node its peers thought dead: it lives
             values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "run"
-        if fresh:
+        # Per-VM statistics are for people, not placement: every STATS_EVERY keepalives is enough,
+        # and keeps the keepalive transaction small on a node with many VMs.
+        if fresh and self.ticks % STATS_EVERY == 0:
             for uuid, stats in figures.stats.items():
                 if uuid in snapshot and snapshot[uuid].node == self.node:
                     values[self.schema.domain_key(uuid, S.DOMAIN_STATS)] = stats

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 # PVC_NODE_DAEMON_PAUSE_AT=<point> with PVC_NODE_DAEMON_PAUSE_RELEASE=<file>: the VM's worker
 # blocks at the point until <file> exists (bounded by PAUSE_MAX_S), so that a test can change the
 # cluster between two steps deterministically. Points: source:before-transfer (the record is at
-# `prepared`, before the source re-reads `node`), target:before-prepare (before the readiness check).
+# `prepared`, before the source re-reads `node`), target:before-prepare (before the readiness
+# check), target:before-start (a shutdown migration's target, just before it starts the VM).
 CRASH_ENV = "PVC_NODE_DAEMON_CRASH_AT"
 PAUSE_ENV = "PVC_NODE_DAEMON_PAUSE_AT"
 PAUSE_RELEASE_ENV = "PVC_NODE_DAEMON_PAUSE_RELEASE"
@@ -98,6 +99,11 @@ class Deadlines:
     def __init__(self) -> None:
         self._lock = threading.Condition()
         self._items: dict[str, tuple[float, str]] = {}   # uuid -> (deadline, record marker)
+        # uuid -> marker whose deadline passed and was reported by run(). run() must stop
+        # re-waking a due VM, but the handler it woke runs later in the VM's own thread and asks
+        # expired() then: the expiry has to outlive run()'s bookkeeping, or the timeout is lost
+        # for good (arm() with the same marker does nothing) and the step waits forever.
+        self._fired: dict[str, str] = {}
         self.wake = None   # set by the daemon: reconciler.enqueue
 
     def arm(self, uuid: str, marker: str, timeout_s: float) -> None:
@@ -106,16 +112,20 @@ class Deadlines:
             if current and current[1] == marker:
                 return   # already armed for this step: a repeated event must not extend it
             self._items[uuid] = (time.monotonic() + timeout_s, marker)
+            self._fired.pop(uuid, None)
             self._lock.notify_all()
 
     def expired(self, uuid: str, marker: str) -> bool:
         with self._lock:
             current = self._items.get(uuid)
-            return bool(current and current[1] == marker and current[0] <= time.monotonic())
+            if not current or current[1] != marker:
+                return False
+            return current[0] <= time.monotonic() or self._fired.get(uuid) == marker
 
     def clear(self, uuid: str) -> None:
         with self._lock:
             self._items.pop(uuid, None)
+            self._fired.pop(uuid, None)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -134,7 +144,9 @@ class Deadlines:
                 with self._lock:
                     for uuid in due:
                         if uuid in self._items and self._items[uuid][0] <= time.monotonic():
-                            self._items[uuid] = (float("inf"), self._items[uuid][1])
+                            marker = self._items[uuid][1]
+                            self._items[uuid] = (float("inf"), marker)
+                            self._fired[uuid] = marker   # expired() still says so (see __init__)
 
 
 class MigrationAgent:
@@ -420,7 +432,19 @@ class MigrationAgent:
         self.start_here(uuid, record, version)
 
     def start_here(self, uuid: str, record: dict, version: int) -> None:
+        # Claim the start with a version-checked write before creating anything: if the source
+        # ended the migration meanwhile (an abort gives the VM back to it, and its reconciler
+        # starts it there), the claim fails and nothing starts here; once the claim is written, a
+        # concurrent abort based on the older record fails instead (I1).
+        path = self.schema.domain_migration(uuid)
+        claim = dict(record, starting_on=self.node)
+        if not self.store.write({path: claim}, expect_versions={path: version}):
+            log.warning("migration %s of %s: record changed before the start here could be claimed; re-reading",
+                        record.get("id"), uuid)
+            return
+        record, version = claim, version + 1
         xml = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
+        pause_point("target:before-start")
         try:
             if not xml:
                 raise HypervisorError("create", uuid, None, "no domain XML in ZooKeeper")
@@ -472,8 +496,14 @@ class MigrationAgent:
         if shut_down_for_migration and self.node == target:
             self.start_here(uuid, record, version)
             return
-        if shut_down_for_migration and self.peer_alive(target) and step == STEP_TRANSFERRING:
-            self.advance(uuid, record, version, STEP_TRANSFERRED)   # the target starts it
+        if shut_down_for_migration and self.peer_alive(target):
+            # The target is alive and starts the VM itself, and may be doing so right now (e.g.
+            # just restarted): taking the VM back here could start a second copy (I1). Hand it
+            # on, or wait for the target (it aborts to us if its start fails).
+            if step == STEP_TRANSFERRING:
+                self.advance(uuid, record, version, STEP_TRANSFERRED)   # the target starts it
+            else:
+                self.deadlines.arm(uuid, f"{marker}:target-starts:{time.monotonic():.0f}", self.config.step_timeout_s)
             return
         # Nothing runs and the target cannot take over: back to the source, which starts it.
         self.abort(uuid, record, version, "the VM was not running on either node; it is given back to the source", node=source)

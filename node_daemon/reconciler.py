@@ -39,6 +39,8 @@ class Reconciler:
         self._dirty: set[str] = set()
         self._idle = threading.Condition(self._lock)
         self._watched: set[str] = set()
+        # uuids libvirt ran here at the last listing (refreshed by every pass and every start)
+        self.local: set[str] = set()
         self.accepting = threading.Event()
         self.accepting.set()
 
@@ -67,10 +69,17 @@ class Reconciler:
             if uuid not in self._watched:
                 return False  # the domain is gone: drop this watch
             value = data.decode("utf-8") if data is not None else None
+            before = self.domains.get(uuid)
             self._record(uuid, key, value)
-            self.enqueue(uuid)
+            # Every daemon watches every VM; only those that concern this node are worth a pass:
+            # assigned or migrating here before or after the change, or running here.
+            if self._concerns_me(before) or self._concerns_me(self.domains.get(uuid)) or uuid in self.local:
+                self.enqueue(uuid)
             return True
         return callback
+
+    def _concerns_me(self, record) -> bool:
+        return record is not None and self.node in (record.node, record.migration_source, record.migration_target)
 
     def _record(self, uuid: str, key: str, value: str | None) -> None:
         if key == S.DOMAIN_XML:
@@ -90,6 +99,13 @@ class Reconciler:
             self.domains.update(uuid, node=value or "")
         elif key == S.DOMAIN_LASTNODE:
             self.domains.update(uuid, lastnode=value or "")
+        elif key == S.DOMAIN_MIGRATION:
+            try:
+                record = json.loads(value) if value else None
+            except ValueError:
+                record = None
+            self.domains.update(uuid, migration_source=record.get("source") if record else None,
+                                migration_target=record.get("target") if record else None)
 
     # ---- work queue ---------------------------------------------------------------------------
 
@@ -120,18 +136,35 @@ class Reconciler:
                 self._idle.notify_all()
                 return
 
-    def resync(self) -> None:
-        """Queue every VM that concerns this node: assigned here, migrating here, or running here."""
+    def resync(self, full: bool = True) -> None:
+        """Queue the VMs that concern this node.
+
+        ``full`` (start-up, reconnection): every VM assigned here, migrating through here or running
+        here, each re-read from ZooKeeper. Otherwise (the periodic pass): only VMs whose state as
+        the watches last reported it disagrees with libvirt, so the pass costs one libvirt listing
+        however many VMs the cluster has.
+        """
         try:
-            local = {ref.uuid for ref in self.hypervisor.list_domains(active_only=True)}
+            local = {ref.uuid: (ref.status.state if ref.status else None) for ref in self.hypervisor.list_domains()}
         except HypervisorError as exc:
             log.warning("resync: cannot list libvirt domains: %s", exc)
-            local = set()
+            return
+        self.local = set(local)
         for uuid, record in self.domains.snapshot().items():
-            if record.node == self.node or uuid in local:
+            involved = self.node in (record.node, record.migration_source, record.migration_target)
+            if not (involved or uuid in local):
+                continue
+            if full:
                 self.enqueue(uuid)
-        for uuid in self.migrations.records_for_node():
-            self.enqueue(uuid)
+                continue
+            if record.migration_source is not None:
+                continue   # migrations wake on watches and step deadlines
+            desired = Desired(state=record.state, node=record.node)
+            if decide(self.node, desired, local.get(uuid)).action not in (Action.NOTHING, Action.FORGET):
+                self.enqueue(uuid)
+        if full:
+            for uuid in self.migrations.records_for_node():
+                self.enqueue(uuid)
 
     def wait_idle(self, timeout_s: float) -> bool:
         with self._lock:
@@ -141,7 +174,7 @@ class Reconciler:
         """A full pass every keepalive interval, catching what no watch reports."""
         while not stop.wait(self.config.keepalive_interval_s):
             if self.store.connected:
-                self.resync()
+                self.resync(full=False)
 
     # ---- one VM -------------------------------------------------------------------------------
 
@@ -213,6 +246,7 @@ class Reconciler:
             self._fail(uuid, str(exc))
             return False
         log.ok("VM %s: started", uuid)
+        self.local = self.local | {uuid}
         self.store.write({self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): ""})
         return True
 

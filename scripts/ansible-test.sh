@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Runs `ansible-test sanity` or `ansible-test units` on the collection.
+# Runs `ansible-test sanity`, `units` or `integration` on the collection; further arguments go to
+# ansible-test (e.g. `ansible-test.sh sanity --test validate-modules`, `ansible-test.sh integration vm`).
 # ansible-test needs the collection at .../ansible_collections/pvc/cluster, so the collection's own
 # files (not the daemon, the lab or the pytest suites: galaxy.yml build_ignore) are copied into a
 # temporary tree, made a git repository (ansible-test lists files through git), and tested there.
+# `integration` first starts a live cluster (ZooKeeper + 3 node daemons on libvirt's test driver,
+# tests/support/integration_cluster.py), which writes tests/integration/integration_config.yml
+# (pvc_zk_hosts, pvc_zk_root...) into that tree, runs the targets against it, and stops it.
 set -euo pipefail
-suite=${1:?usage: ansible-test.sh sanity|units}
+suite=${1:?usage: ansible-test.sh sanity|units|integration [ansible-test arguments]}
+shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv="$repo/.venv"
 tree=$(mktemp -d /tmp/pvc-ansible-test.XXXXXX)
@@ -41,11 +46,18 @@ PY
 cd "$dest"
 case "$suite" in
   sanity)
-    ansible-test sanity --venv --python 3.11 --requirements --color no ;;
+    ansible-test sanity --venv --python 3.11 --requirements --color no "$@" ;;
   units)
     if [ -z "$(find tests/unit -name 'test_*.py' 2>/dev/null)" ]; then
       echo "ansible-test units: no unit tests in the collection yet"; exit 0
     fi
-    ansible-test units --venv --python 3.11 --requirements --color no ;;
+    ansible-test units --venv --python 3.11 --requirements --color no "$@" ;;
+  integration)
+    # --local: the modules and the inventory plugin run with .venv's Python, which has kazoo and lxml
+    # pinned by pyproject.toml. The cluster helper runs from the repository (it imports tests.*).
+    cd "$repo"
+    "$venv/bin/python" -m tests.support.integration_cluster --workdir "$tree/cluster" \
+      --config "$dest/tests/integration/integration_config.yml" --cwd "$dest" -- \
+      ansible-test integration --local --python 3.11 --color no "$@" ;;
   *) echo "unknown suite: $suite" >&2; exit 2 ;;
 esac

@@ -37,7 +37,7 @@ from . import _schema as S
 from ._domain_xml import LXML_IMPORT_ERROR
 from ._meta import MIGRATION_METHODS, NODE_SELECTORS, MetaError, VMMeta, validate_meta_updates
 from ._report import meta_dict
-from ._store import KAZOO_IMPORT_ERROR, ClusterStore, ConflictError, ConnectionOptions, MissingError, StoreError
+from ._store import KAZOO_IMPORT_ERROR, ClusterStore, ConflictError, ConnectionOptions, StoreError
 
 DEFAULT_ROOT = "/pvc"
 DEFAULT_TIMEOUT_S = 10.0
@@ -114,6 +114,11 @@ def connection_options(params: dict) -> ConnectionOptions:
     hosts = params.get("zk_hosts")
     if not hosts or not str(hosts).strip():
         raise ValueError(f"no ZooKeeper servers given: {WHERE_HOSTS}")
+    tls_files = [name for name in ("zk_tls_ca", "zk_tls_cert", "zk_tls_key") if params.get(name)]
+    if tls_files and not params.get("zk_tls"):
+        # the store ignores them then; a forgotten zk_tls would silently connect without TLS
+        raise ValueError(f"{', '.join(tls_files)} {'is' if len(tls_files) == 1 else 'are'} set but zk_tls is false: "
+                         "set zk_tls to true to connect with TLS, or leave the TLS files out")
     options = ConnectionOptions(
         hosts=str(hosts).strip(),
         root=params.get("zk_root") or DEFAULT_ROOT,
@@ -171,24 +176,32 @@ class MetaPlan:
                 self.writes[key] = text
 
 
-class _ReadFailures(logging.Handler):
-    """Collects the StoreErrors that the store's never-failing accessors swallow (and log)."""
+class ReadFailures(logging.Handler):
+    """Collects the read failures that the store's never-failing accessors swallow (and log).
+
+    Everything the store logs at WARNING or above counts, except a connection state change (reads
+    that fail because of it log their own failure) and a value that is not JSON (bad data, which the
+    readers already handle, not an unreachable ZooKeeper).
+    """
 
     def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
+        super().__init__(logging.WARNING)
         self.failures: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        args = record.args if isinstance(record.args, tuple) else ()
-        for arg in args:
-            if isinstance(arg, StoreError) and not isinstance(arg, MissingError):
-                self.failures.append(str(arg))
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = str(record.msg)
+        if message.startswith("ZooKeeper connection") or ": not JSON: " in message:
+            return
+        self.failures.append(message)
 
 
 class Session:
     """A started store for one module run."""
 
-    def __init__(self, module: AnsibleModule, store: ClusterStore, failures: _ReadFailures) -> None:
+    def __init__(self, module: AnsibleModule, store: ClusterStore, failures: ReadFailures) -> None:
         self.module = module
         self.store = store
         self.schema = store.schema
@@ -222,7 +235,7 @@ def cluster_session(module: AnsibleModule):
     log = logging.getLogger(f"ansible_collections.pvc.cluster.session{_session_counter}")
     log.propagate = False
     log.setLevel(logging.DEBUG)
-    failures = _ReadFailures()
+    failures = ReadFailures()
     log.addHandler(failures)
     # kazoo logs connection trouble on its own loggers; keep it off the module's stderr
     logging.getLogger("kazoo").addHandler(logging.NullHandler())

@@ -19,7 +19,7 @@ description:
   - A node already in the requested state, or already on its way there (C(flush) or C(unflush)), is not
     changed; with O(wait=true) the module then waits for the daemon to finish.
 author:
-  - pvc.cluster developers
+  - pvc.cluster developers (!UNKNOWN)
 options:
   name:
     description: The node's name.

@@ -15,7 +15,7 @@ description:
   - Also returns cluster-wide figures, among them whether the cluster could take every running VM if
     any one ready node failed.
 author:
-  - pvc.cluster developers
+  - pvc.cluster developers (!UNKNOWN)
 options:
   name:
     description:

@@ -17,7 +17,7 @@ description:
   - The VM's UUID and name come from the XML (C(<uuid>) and C(<name>), both required).
   - To move an existing VM to another node use M(pvc.cluster.vm_migrate); O(node) only places a new VM.
 author:
-  - pvc.cluster developers
+  - pvc.cluster developers (!UNKNOWN)
 options:
   name:
     description:
@@ -347,6 +347,7 @@ def plan_create(params: dict, info, updates: dict[str, str], nodes: dict, defaul
             raise ModuleFailure(f"no node can take VM {info.name}: {exc}; name one in node") from None
     plan.values = {"name": info.name, "xml": params["xml"].strip(), "state": state, "node": node, "lastnode": "",
                    "failedreason": ""}
+    plan.values["meta"] = ""    # the container too: the transaction must create every key below the VM's
     for key, text in meta.to_store().items():
         plan.values["meta/" + key] = text
     plan.after = {"name": info.name, "uuid": info.uuid, "state": state, "node": node, "lastnode": "",
@@ -404,6 +405,8 @@ def store_values(schema, uuid: str, values: dict) -> dict:
     for key, value in values.items():
         if key == "name":
             paths[schema.domain(uuid)] = value
+        elif key == "meta":
+            paths[schema.domain_meta(uuid)] = value
         elif key.startswith("meta/"):
             paths[schema.domain_meta(uuid, key[5:])] = value
         else:
@@ -452,7 +455,7 @@ def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: 
     if outcome is None:
         current = store.read(state_path)
         where = running_on(store, uuid, nodes)
-        daemon = store.read(schema.node_key(node, S.NODE_DAEMON_STATE))
+        daemon = store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) if node else None
         raise ModuleFailure(f"VM {uuid}: not {'running on ' + node if runs else 'stopped'} after {timeout_s} s "
                             f"(state {current}, running on {', '.join(where) or 'no node'}, daemon of {node} is {daemon}); "
                             "the request stays recorded and the daemon still acts on it")
@@ -509,6 +512,9 @@ def run(module, session, info) -> dict:
         if current is None:
             return {"changed": False, "action": "none", "vm": {}}
         return remove(module, session, current, sorted(nodes))
+    if current is not None and (not current.node or not current.state):
+        raise ModuleFailure(f"VM {current.uuid} is incomplete in ZooKeeper (node {current.node!r}, state {current.state!r}); "
+                            "remove it with state=absent, then define it again")
 
     if current is None:
         if info is None:

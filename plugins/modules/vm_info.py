@@ -13,7 +13,7 @@ description:
   - Returns every VM of the cluster (or the one named) with its desired state, placement, where it runs,
     memory, meta, the migration in flight and the last finished migrations.
 author:
-  - pvc.cluster developers
+  - pvc.cluster developers (!UNKNOWN)
 options:
   name:
     description:

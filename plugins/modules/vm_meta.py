@@ -15,7 +15,7 @@ description:
   - Values are compared after normalisation (legacy spellings such as C(none) for V(default) count as
     the same value), so the task reports a change only when the meaning changes.
 author:
-  - pvc.cluster developers
+  - pvc.cluster developers (!UNKNOWN)
 options:
   name:
     description: The VM's name or UUID.

@@ -18,7 +18,7 @@ description:
   - With O(wait=true) the module waits until the migration has ended and returns its audit record; an
     aborted migration fails the task with the reason recorded by the daemons.
 author:
-  - pvc.cluster developers
+  - pvc.cluster developers (!UNKNOWN)
 options:
   name:
     description: The VM's name or UUID.

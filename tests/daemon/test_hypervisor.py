@@ -379,25 +379,28 @@ def test_host_cpus(hv):
     assert hv.host_cpus() == 4
 
 
-def test_host_memory_falls_back_to_meminfo(node_uri, tmp_path):
+def test_test_driver_host_memory_is_its_node_xml(hv, make_domain_xml):
+    # the test driver has no virNodeGetMemoryStats: its "host" is the <node> of its XML (8 GiB)
+    with pytest.raises(libvirt.libvirtError):
+        hv.connection.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
+    assert hv.host_memory_mib() == (8192, 0, 8192)
+    _, xml = make_domain_xml("big", memory="1536", unit="MiB")
+    hv.create(xml)
+    assert hv.host_memory_mib() == (8192, 1536, 8192 - 1536)
+
+
+def test_meminfo_parsing(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(MEMINFO)
-    with Hypervisor(node_uri, call_timeout_s=10.0, meminfo_path=str(meminfo)) as hv:
-        # the test driver has no virNodeGetMemoryStats
-        with pytest.raises(libvirt.libvirtError):
-            hv.connection.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
-        total, used, free = hv.host_memory_mib()
+    total, used, free = read_meminfo_mib(str(meminfo))
     assert total == 24576000 // 1024
     assert free == 10240000 // 1024
     assert used == (24576000 - 10240000 - 102400 - 2048000) // 1024
 
 
-def test_host_memory_fallback_unreadable(node_uri, tmp_path):
-    with Hypervisor(node_uri, call_timeout_s=10.0, meminfo_path=str(tmp_path / "absent")) as hv:
-        with pytest.raises(HypervisorError) as err:
-            hv.host_memory_mib()
-    assert err.value.op == "host_memory"
-    assert "absent" in str(err.value)
+def test_meminfo_unreadable(tmp_path):
+    with pytest.raises(OSError):
+        read_meminfo_mib(str(tmp_path / "absent"))
 
 
 def test_host_memory_from_libvirt_when_supported(hv, monkeypatch):

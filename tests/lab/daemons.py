@@ -193,6 +193,18 @@ class LabDaemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_log(self, text: str, timeout_s: float = 90, after: int = 0) -> int:
+        """Wait until the log has ``text`` past offset ``after`` (for events that leave no trace
+        in ZooKeeper, e.g. a step timeout that only re-arms). Returns the offset after it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.log().find(text, after)
+            if found >= 0:
+                return found + len(text)
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{self.node}: no {text!r} in the log within {timeout_s} s\n{self.log()[-6000:]}")
+            time.sleep(0.1)
+
 
 # --------------------------------------------------------------------------------------------
 # a cluster in the lab

@@ -19,8 +19,11 @@ of their ``/proc/PID/ns`` files, no process needs to hold them) in which
 
 The connection plugin ``pvc.cluster.netns`` enters the three namespaces with ``nsenter`` for every
 command and copies files through them (``ansible_netns_mount_namespace``: ``VIEWS/nK/mnt.ns``).
-Ansible itself runs in the controller namespace ``lab-ctl``, so that tasks on ``localhost`` (the
-pvc.cluster modules) reach the ensemble on 10.77.0.K:2181.
+Ansible itself runs in the controller's network namespace ``lab-ctl``, so that tasks on
+``localhost`` (the pvc.cluster modules) reach the ensemble on 10.77.0.K:2181, but in the machine's
+mount namespace: the kernel does not copy bind mounts of mount-namespace files into a new mount
+namespace (such as the one ``ip netns exec`` creates), so the hosts' views are only reachable from
+there.
 
 Services
 ========
@@ -62,7 +65,8 @@ VIEW_OVERLAYS = ("/etc", "/var/lib", "/var/log", "/opt", "/usr/local")
 NETNS_DIR = "/run/netns"
 VENV_PYTHON = Path(sys.executable)
 ANSIBLE_PLAYBOOK = VENV_PYTHON.parent / "ansible-playbook"
-LAB_SERVICES_HOOK = Path(__file__).resolve().parent / "ansible" / "lab_services.yml"
+LAB_ANSIBLE = Path(__file__).resolve().parent / "ansible"
+LAB_SERVICES_HOOK = LAB_ANSIBLE / "lab_services.yml"
 NODE_DAEMON_UNIT = "/etc/systemd/system/pvc-node-daemon.service"
 DEFAULT_ZK_ROOT = "/pvc"
 # Lab tuning of the node daemon: quick keepalives and short timeouts (a 2-core CI machine still
@@ -367,11 +371,14 @@ class HostViews:
             cmd += ["--extra-vars", json.dumps(extra_vars)]
         env = self.ansible_env()
         if json_output:
-            env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.builtin.json"
-            env["ANSIBLE_JSON_INDENT"] = "0"
-        kw = {"stdout": None, "stderr": None} if stream else {}
+            env["ANSIBLE_STDOUT_CALLBACK"] = "lab_json"
+            env["ANSIBLE_CALLBACK_PLUGINS"] = str(LAB_ANSIBLE / "callback_plugins")
+        kw = {} if stream else {"capture_output": True}
         t0 = time.monotonic()
-        proc = self.lab.ctl_run(cmd, check=False, timeout=timeout, env=env, **kw)
+        # Only the network namespace is the controller's: a new mount namespace (as `ip netns exec`
+        # makes) would not contain the bind mounts of the hosts' mount namespaces.
+        proc = subprocess.run(["nsenter", f"--net={NETNS_DIR}/{self.lab.ctl_netns}", "--"] + cmd, text=True,
+                              env=env, cwd=REPO_ROOT, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
         return PlaybookRun(proc, time.monotonic() - t0, json_output and not stream)
 
     # ---- services (what systemd does in production) -------------------------------------------
