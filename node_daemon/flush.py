@@ -22,7 +22,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_node_views, read_vm, wait_for_key
 from pvc_cluster_common._requests import RequestError, plan_request, submit_request
 from pvc_cluster_common._selector import FlushVM, plan_flush
-from pvc_cluster_common._store import StoreError
+from pvc_cluster_common._store import ConflictError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,17 @@ class NodeStateWorker:
 
     # ---- one migration, waited for -------------------------------------------------------------
 
-    def migrate_and_wait(self, uuid: str, kind: str, target: str | None, nodes_override=None) -> str:
+    def migrate_and_wait(self, uuid: str, kind: str, target: str | None, nodes_override=None, attempts: int = 5) -> str:
+        """Request one migration and wait for it to end. A request that lost a race with another
+        one (the VM or the target's reservations changed) is planned again from fresh reads."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._migrate_and_wait_once(uuid, kind, target, nodes_override)
+            except ConflictError as exc:
+                log.info("VM %s: request raced another one (%s); planning again (%d/%d)", uuid, exc, attempt, attempts)
+        return "conflict"
+
+    def _migrate_and_wait_once(self, uuid: str, kind: str, target: str | None, nodes_override=None) -> str:
         vm = read_vm(self.store, uuid)
         if vm is None:
             return "gone"
@@ -105,12 +115,13 @@ class NodeStateWorker:
         except RequestError as exc:
             if target is not None and kind == "migrate":
                 # the planned target filled up meanwhile: let the selector choose again
-                return self.migrate_and_wait(uuid, kind, None, nodes_override)
+                return self._migrate_and_wait_once(uuid, kind, None, nodes_override)
             log.warning("VM %s: %s", vm.name, exc)
             return f"refused: {exc}"
         if not plan.changed:
             return "unchanged"
-        record = submit_request(self.store, plan, vm, requester=f"{self.node} ({kind})")
+        record = submit_request(self.store, plan, vm, requester=f"{self.node} ({kind})",
+                                target_unflushing_ok=plan.target == self.node)
         log.info("VM %s: %s", vm.name, plan.message)
         if record is None:
             return "re-homed"
@@ -132,6 +143,12 @@ class NodeStateWorker:
                  self.config.shutdown_timeout_s + self.config.step_timeout_s)
 
     # ---- flush ------------------------------------------------------------------------------------
+
+    def running_here(self) -> set[str]:
+        """Cluster VMs libvirt runs on this node, other than VMs migrating away right now."""
+        local = {ref.uuid for ref in self.reconciler.hypervisor.list_domains(active_only=True)}
+        return {uuid for uuid, record in self.domains.snapshot().items()
+                if uuid in local and record.migration_source != self.node}
 
     def read_vms(self, uuids) -> list:
         """Fresh VM records, read in parallel (each is one round of parallel reads)."""
@@ -172,6 +189,14 @@ class NodeStateWorker:
             if cancel.is_set():
                 raise Cancelled()
             remaining = self.vms_to_flush()
+            if not remaining:
+                # `flushed` promises that no cluster VM runs here: ask libvirt, not the records
+                still = self.running_here()
+                if still:
+                    log.warning("flush of %s: libvirt still runs %s here; checking again", self.node, ", ".join(sorted(still)))
+                    if cancel.wait(self.config.keepalive_interval_s):
+                        raise Cancelled()
+                    continue
             if remaining and {vm.uuid for vm in remaining} == {vm.uuid for vm in vms}:
                 log.error("flush of %s made no progress; %d VM(s) still here (see above); retrying", self.node, len(remaining))
                 if cancel.wait(self.config.step_timeout_s):

@@ -85,8 +85,9 @@ def crash_while_migrating(hypervisor, uuid: str) -> None:
                 info = hypervisor.connection.lookupByUUIDString(uuid).jobInfo()
             except libvirt.libvirtError:
                 info = None
-            # jobInfo: [type, timeElapsed, timeRemaining, dataTotal, dataProcessed, ...]
-            if info and info[0] != libvirt.VIR_DOMAIN_JOB_NONE and info[4] > 0:
+            # jobInfo: [type, timeElapsed (ms), timeRemaining, dataTotal, dataProcessed, ...]:
+            # the job runs and memory moves (or it has run for a while)
+            if info and info[0] != libvirt.VIR_DOMAIN_JOB_NONE and (info[4] > 0 or info[1] >= 100):
                 crash_point("source:live-running")
             time.sleep(0.005)
 
@@ -324,6 +325,7 @@ class MigrationAgent:
         if first == "live":
             error = self.live_migrate(uuid, record)
             if error is None:
+                crash_point("source:live-running")   # only if the watcher missed a very short job
                 crash_point("source:live-done")
                 self.advance(uuid, record, version, STEP_TRANSFERRED)
                 return

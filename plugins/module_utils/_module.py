@@ -35,7 +35,7 @@ from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_requ
 
 from . import _schema as S
 from ._domain_xml import LXML_IMPORT_ERROR
-from ._meta import MIGRATION_METHODS, NODE_SELECTORS, MetaError, VMMeta, validate_meta_updates
+from ._meta import CONCRETE_SELECTORS, MIGRATION_METHODS, MetaError, VMMeta, validate_meta_updates
 from ._report import meta_dict
 from ._store import KAZOO_IMPORT_ERROR, ClusterStore, ConflictError, ConnectionOptions, StoreError
 
@@ -59,7 +59,7 @@ ZK_REQUIRED_TOGETHER = [["zk_username", "zk_password"], ["zk_tls_cert", "zk_tls_
 # The VM meta options (pvc.cluster.vm, pvc.cluster.vm_meta; doc_fragments/_vm_meta.py). None = unchanged.
 META_ARGUMENT_SPEC = {
     S.META_MIGRATION_METHOD: {"type": "str", "choices": list(MIGRATION_METHODS)},
-    S.META_NODE_SELECTOR: {"type": "str", "choices": list(NODE_SELECTORS)},
+    S.META_NODE_SELECTOR: {"type": "str", "choices": ["default"] + list(CONCRETE_SELECTORS)},
     S.META_NODE_LIMIT: {"type": "list", "elements": "str"},
     S.META_NODE_AUTOSTART: {"type": "bool"},
     S.META_MIGRATION_MAX_DOWNTIME_MS: {"type": "int"},

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import _schema as S
+from ._cluster import read_node_view
 from ._selector import NoTargetError, NodeView, rejection_reasons, select_target
 
 KINDS = ("migrate", "move", "unmigrate")
@@ -145,23 +146,46 @@ def new_record(plan: RequestPlan, vm, requester: str) -> dict:
     }
 
 
-def submit_request(store, plan: RequestPlan, vm, requester: str) -> dict | None:
+def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushing_ok: bool = False) -> dict | None:
     """Write a planned request in one transaction. Returns the migration record (None when the
     request only re-homes a stopped VM, or changes nothing). Raises the store's ConflictError when
-    the VM changed since it was read (re-read and re-plan), StoreError when ZooKeeper fails."""
+    the VM changed since it was read (re-read and re-plan), StoreError when ZooKeeper fails.
+    ``target_unflushing_ok``: the target may be in domain state ``unflush`` (a node that is being
+    made ready takes its VMs back before it is ``ready``)."""
     if not plan.changed:
         return None
     schema = store.schema
     node_path = schema.domain_key(plan.uuid, S.DOMAIN_NODE)
     values = {node_path: plan.target, schema.domain_key(plan.uuid, S.DOMAIN_LASTNODE): plan.lastnode}
-    create = ()
+    expect = {node_path: vm.node_version}
+    create = []
     record = None
     if plan.migrates:
+        # The fit check and the reservation must be one atomic step, or two requesters could both
+        # fit a VM into the same last gigabyte. Every request rewrites the target's reservations
+        # znode with a version check, so concurrent requests to one target serialise: the loser
+        # gets ConflictError and re-plans. Its version is read before the target's view, so any
+        # reservation made after the view was read changes it.
+        parent = schema.node_reservations(plan.target)
+        found = store.read_many([parent])[parent]
+        view = read_node_view(store, plan.target)
+        if view is None:
+            raise RequestError(f"target node {plan.target} is not a node of this cluster")
+        if target_unflushing_ok and view.domain_state == "unflush":
+            view = replace(view, domain_state="ready")
+        reason = rejection_reasons(plan.memory_mib, plan.source, vm.meta.node_limit, {plan.target: view})[plan.target]
+        if reason:
+            raise RequestError(f"cannot migrate VM {plan.name} to {plan.target}: {reason}")
         record = new_record(plan, vm, requester)
         values[schema.domain_migration(plan.uuid)] = record
         values[schema.node_reservation(plan.target, plan.uuid)] = plan.memory_mib
-        create = (schema.domain_migration(plan.uuid), schema.node_reservation(plan.target, plan.uuid))
-    store.commit(values, expect_versions={node_path: vm.node_version}, create=create)
+        values[parent] = record["id"]
+        create += [schema.domain_migration(plan.uuid), schema.node_reservation(plan.target, plan.uuid)]
+        if found is None:
+            create.append(parent)
+        else:
+            expect[parent] = found[1]
+    store.commit(values, expect_versions=expect, create=create)
     return record
 
 

@@ -218,7 +218,10 @@ class LabCluster:
     def __init__(self, lab: Lab, name: str, **overrides) -> None:
         self.lab = lab
         self.name = name
-        self.root = f"/lab-{name[:40]}-{uuidlib.uuid4().hex[:8]}"
+        short = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name.removeprefix("test_"))
+        if len(short) > 64:
+            short = short[:24] + "~" + short[-39:]
+        self.root = f"/lab-{short}-{uuidlib.uuid4().hex[:6]}"
         self.workdir = lab.workdir / "daemons" / self.root.strip("/")
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = _merge(DEFAULT_CONFIG, overrides)
@@ -577,6 +580,7 @@ def lab_cluster(lab, request):
 
     def make(**overrides) -> LabCluster:
         cluster = LabCluster(lab, request.node.name.replace("[", "-").replace("]", ""), **overrides)
+        print(f"cluster root {cluster.root}, daemon logs in {cluster.workdir}")
         made.append(cluster)
         return cluster
 

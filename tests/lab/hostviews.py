@@ -282,14 +282,12 @@ class HostViews:
             # ZooKeeper: the lab runs the ensemble; the role renders its files (ports as the lab's)
             "zookeeper_install_packages": False,
             "zookeeper_service_manager": "none",
-            "zookeeper_servers": servers,
             "zookeeper_tick_time_ms": 500,
             # libvirt: the lab's libvirtd, reconfigured by the role (restarted by the lab hook).
             # LAB ONLY: no authentication on the unix socket; TCP auth none on the lab network.
             "libvirt_install_packages": False,
             "libvirt_service_manager": "none",
             "libvirt_auth": "none",
-            "libvirt_listen_address": "{{ pvc_cluster_address }}",
             "libvirt_log_outputs": "3:file:/var/log/libvirt/libvirtd.log",
             "libvirt_libvirtd_conf_extra": {
                 "unix_sock_ro_perms": "0777", "unix_sock_rw_perms": "0700",
@@ -309,7 +307,6 @@ class HostViews:
             "node_daemon_install_method": "none",
             "node_daemon_executable": str(VENV_PYTHON.parent / "pvc-node-daemon"),
             "node_daemon_service_manager": "none",
-            "node_daemon_migration_address": "{{ pvc_cluster_address }}",
             **LAB_DAEMON_VARS,
         }
         return {
@@ -318,6 +315,7 @@ class HostViews:
                     "ansible_python_interpreter": str(VENV_PYTHON),
                     "pvc_zk_hosts": lab.zk_hosts,
                     "pvc_zk_root": self.zk_root,
+                    "pvc_zookeeper_servers": servers,
                     "pvc_rollout_service_hook": str(LAB_SERVICES_HOOK),
                     "pvc_lab_workdir": str(lab.workdir),
                     "pvc_lab_repo": str(REPO_ROOT),
@@ -517,6 +515,11 @@ class PlaybookRun:
                 if task["task"]["name"] == name:
                     found.update(task.get("hosts", {}))
         return found
+
+    def slowest(self, count: int = 10) -> list[tuple[float, str]]:
+        """The slowest tasks: (seconds, name)."""
+        tasks = [(t.get("duration_s", 0.0), t["task"]["name"]) for p in self.result.get("plays", []) for t in p["tasks"]]
+        return sorted(tasks, reverse=True)[:count]
 
     def failures(self) -> str:
         """A readable account of what failed, for assertion messages."""

@@ -62,10 +62,14 @@ class Crash:
         return "-".join(parts)
 
 
+# For cases whose outcome needs a restarted daemon back within the step timeout: a slow restart on
+# a loaded machine must not turn them into the "late" case. (The timeout never fires there.)
+PATIENT = {"migration": {"step_timeout_s": 30}}
+
 CASES = [
     # hazard 1: source killed before the transfer starts; back within the step timeout it goes on
-    Crash("live", source=HELD),
-    Crash("shutdown", source=HELD),
+    Crash("live", source=HELD, overrides=PATIENT),
+    Crash("shutdown", source=HELD, overrides=PATIENT),
     # ... and when it stays away, the target finds the VM still on the source and aborts
     Crash("live", source=HELD, restart="late", result="aborted", ends_on="node1", same_qemu=True),
     # killed right after writing `transferring`: nothing moved, the restarted source aborts
@@ -95,6 +99,11 @@ CASES = [
 ]
 
 
+def config(overrides: dict) -> dict:
+    return {section: {**CRASH_CONFIG.get(section, {}), **overrides.get(section, {})}
+            for section in {*CRASH_CONFIG, *overrides}}
+
+
 def _env(how: str | None, release) -> dict:
     if how == HELD:
         return {PAUSE_ENV: "source:before-transfer", PAUSE_RELEASE_ENV: str(release)}
@@ -105,7 +114,7 @@ def _env(how: str | None, release) -> dict:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_daemon_killed_mid_migration(lab_cluster, lab, tmp_path, case):
-    cluster = lab_cluster(**CRASH_CONFIG, **case.overrides)
+    cluster = lab_cluster(**config(case.overrides))
     release = tmp_path / "never-released"   # a held source is killed, never released
     source, target = cluster.daemons["node1"], cluster.daemons["node2"]
     cluster.start(env={"node1": _env(case.source, release), "node2": _env(case.target, release)})
@@ -165,7 +174,8 @@ def test_target_restarting_while_the_source_gives_up_never_starts_a_second_copy(
     `transferred` and waits. The target comes back but is held just before it starts the VM, while
     the source's step timeout passes. The source must not take the VM back and start it (the
     target is alive and about to start it), or the VM would run on both hosts."""
-    cluster = lab_cluster(**CRASH_CONFIG)
+    # a step timeout long enough that the restarted target is surely back before the source's passes
+    cluster = lab_cluster(**config({"migration": {"step_timeout_s": 12}}))
     release = tmp_path / "release"
     cluster.start(env={"node2": {CRASH_ENV: "target:prepared"}})
     uuid = cluster.define_vm("contested-start", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})

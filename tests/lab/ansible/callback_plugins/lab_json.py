@@ -4,6 +4,7 @@ installed here). Selected by tests/lab/hostviews.py with ANSIBLE_STDOUT_CALLBACK
 from __future__ import annotations
 
 import json
+import time
 
 from ansible.plugins.callback import CallbackBase
 
@@ -32,7 +33,8 @@ class CallbackModule(CallbackBase):
     def _task(self, task) -> dict:
         play = self.plays[-1]
         if not play["tasks"] or play["tasks"][-1]["task"]["id"] != str(task._uuid):
-            play["tasks"].append({"task": {"name": task.get_name(), "id": str(task._uuid)}, "hosts": {}})
+            play["tasks"].append({"task": {"name": task.get_name(), "id": str(task._uuid)}, "hosts": {},
+                                  "started": time.monotonic(), "duration_s": 0.0})
         return play["tasks"][-1]
 
     def v2_playbook_on_task_start(self, task, is_conditional) -> None:
@@ -50,6 +52,7 @@ class CallbackModule(CallbackBase):
             data.pop(key, None)
         keep["result"] = data
         entry["hosts"][result._host.get_name()] = json.loads(json.dumps(keep, default=str))
+        entry["duration_s"] = round(time.monotonic() - entry["started"], 3)
 
     def v2_runner_on_ok(self, result) -> None:
         self._record(result)

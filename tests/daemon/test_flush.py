@@ -1,0 +1,123 @@
+"""Flush and ready with daemons as real processes (libvirt test driver, real ZooKeeper)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_history, read_node_views, read_vm
+from pvc_cluster_common._requests import RequestError, plan_request, submit_request
+
+from .harness import TestCluster, domain_xml
+
+pytestmark = pytest.mark.zk
+
+
+@pytest.fixture
+def cluster(zk_server, zk_root, tmp_path):
+    c = TestCluster(zk_server.hosts, zk_root, tmp_path)
+    yield c
+    c.close()
+
+
+def ready(cluster, nodes, memory=None):
+    for node in nodes:
+        cluster.add(node, **({"memory_mib": memory[node]} if memory and node in memory else {}))
+    for node in nodes:
+        cluster.wait_node_state(node, "run")
+        cluster.set_domain_state(node, "unflush")
+    for node in nodes:
+        cluster.wait_domain_state(node, "ready")
+
+
+def running_on(cluster, node):
+    return set(json.loads(cluster.store.read(cluster.schema.node_key(node, S.NODE_RUNNINGDOMAINS)) or "[]"))
+
+
+def define(cluster, name, node, state="start", memory="256", meta=None):
+    uuid, xml = domain_xml(name, memory=memory)
+    cluster.define_vm(xml, uuid, name, node, state=state, meta=meta)
+    return uuid
+
+
+def test_flush_and_ready_round_trip(cluster):
+    ready(cluster, ["node1", "node2", "node3"])
+    vms = [define(cluster, f"vm{i}", "node1") for i in range(4)]
+    parked = define(cluster, "parked", "node1", state="stop")
+    for uuid in vms:
+        cluster.wait_running_on("node1", uuid)
+
+    cluster.set_domain_state("node1", "flush")
+    cluster.wait_domain_state("node1", "flushed")
+    for uuid in vms:
+        vm = read_vm(cluster.store, uuid)
+        assert vm.node in ("node2", "node3") and vm.lastnode == "node1" and vm.migration is None
+        cluster.wait_running_on(vm.node, uuid)
+        cluster.wait_running_on("node1", uuid, running=False)
+        assert read_history(cluster.store, uuid)[-1]["result"] == "done"
+    assert read_vm(cluster.store, parked).node == "node1"   # a stopped VM has nothing to move
+
+    cluster.set_domain_state("node1", "unflush")
+    cluster.wait_domain_state("node1", "ready")
+    for uuid in vms:
+        vm = read_vm(cluster.store, uuid)
+        assert (vm.node, vm.lastnode) == ("node1", "")
+        cluster.wait_running_on("node1", uuid)
+    for node in ("node1", "node2", "node3"):
+        assert cluster.store.children(cluster.schema.node_reservations(node)) in (None, [])
+
+
+def test_vm_that_fits_nowhere_is_shut_down_and_autostarted_on_ready(cluster):
+    ready(cluster, ["node1", "node2"], memory={"node1": 8192, "node2": 1024})
+    big = define(cluster, "big", "node1", memory="2048")
+    cluster.wait_running_on("node1", big)
+    cluster.set_domain_state("node1", "flush")
+    cluster.wait_domain_state("node1", "flushed")
+    vm = read_vm(cluster.store, big)
+    assert (vm.node, vm.state, vm.meta.node_autostart) == ("node1", "stop", True)
+    cluster.wait_running_on("node1", big, running=False)
+
+    cluster.set_domain_state("node1", "unflush")
+    cluster.wait_domain_state("node1", "ready")
+    cluster.wait_running_on("node1", big)
+    vm = read_vm(cluster.store, big)
+    assert (vm.state, vm.meta.node_autostart) == ("start", False)
+
+
+def test_reservations_stop_two_requests_overcommitting_one_target(cluster):
+    ready(cluster, ["node1", "node2"], memory={"node1": 8192, "node2": 3072})
+    a = define(cluster, "a", "node1", memory="2048")
+    b = define(cluster, "b", "node1", memory="2048")
+    cluster.wait_running_on("node1", a)
+    cluster.wait_running_on("node1", b)
+    # both plans are made from the same view, in which each VM alone fits on node2
+    nodes = read_node_views(cluster.store)
+    vm_a, vm_b = read_vm(cluster.store, a), read_vm(cluster.store, b)
+    plan_a = plan_request(vm_a, "migrate", nodes, target="node2")
+    plan_b = plan_request(vm_b, "migrate", nodes, target="node2")
+    assert submit_request(cluster.store, plan_a, vm_a, requester="test")
+    with pytest.raises(RequestError, match="needs 2048 MiB"):
+        submit_request(cluster.store, plan_b, vm_b, requester="test")
+    assert read_vm(cluster.store, b).node == "node1"
+    cluster.wait_no_migration(a)
+    cluster.wait_running_on("node2", a)
+
+
+def test_ready_during_a_flush_stops_the_flush_and_brings_everything_home(cluster):
+    ready(cluster, ["node1", "node2"])
+    vms = [define(cluster, f"vm{i}", "node1") for i in range(6)]
+    for uuid in vms:
+        cluster.wait_running_on("node1", uuid)
+    cluster.set_domain_state("node1", "flush")
+    # wait until the flush is under way (a first VM left), then cross it with a ready
+    cluster.wait(cluster.schema.node_key("node2", S.NODE_DOMAINCOUNT), lambda v: v not in (None, "0"),
+                 what="a first VM on node2")
+    cluster.set_domain_state("node1", "unflush")
+    cluster.wait_domain_state("node1", "ready")
+    for uuid in vms:
+        cluster.wait_no_migration(uuid)
+        vm = read_vm(cluster.store, uuid)
+        assert (vm.node, vm.lastnode) == ("node1", "")
+        cluster.wait_running_on("node1", uuid)
+        cluster.wait_running_on("node2", uuid, running=False)
