@@ -129,6 +129,7 @@ class NodeDaemon:
         if self._session_lost.is_set():
             self._session_lost.clear()
             self.mark_alive()
+            self.reconciler.rewatch()   # a new session has none of the old watches
         # every view may be stale: reconcile every VM from fresh reads
         self.reconciler.resync()
 

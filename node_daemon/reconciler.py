@@ -12,6 +12,8 @@ import json
 import logging
 import threading
 
+from kazoo.exceptions import NoNodeError
+
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._domain_xml import DomainXMLError, parse_domain_xml
 
@@ -62,21 +64,70 @@ class Reconciler:
     def _watch_domain(self, uuid: str) -> None:
         self._watched.add(uuid)
         for key in WATCHED_KEYS:
-            self.store.client.DataWatch(self.schema.domain_key(uuid, key), self._make_callback(uuid, key))
+            self._watch_key(uuid, key)
 
-    def _make_callback(self, uuid: str, key: str):
-        def callback(data, stat, event=None):
-            if uuid not in self._watched:
-                return False  # the domain is gone: drop this watch
-            value = data.decode("utf-8") if data is not None else None
-            before = self.domains.get(uuid)
-            self._record(uuid, key, value)
-            # Every daemon watches every VM; only those that concern this node are worth a pass:
-            # assigned or migrating here before or after the change, or running here.
-            if self._concerns_me(before) or self._concerns_me(self.domains.get(uuid)) or uuid in self.local:
-                self.enqueue(uuid)
-            return True
-        return callback
+    def _watch_key(self, uuid: str, key: str) -> None:
+        """Keep the table's copy of one key current.
+
+        kazoo's DataWatch re-reads a key synchronously inside its single event thread, so with
+        every daemon watching every VM, events queue behind each other's round trips. Here each
+        event starts an asynchronous read that re-arms the one-shot watch, and the answer is
+        handled in a callback: many re-reads are in flight at once on the one connection.
+        """
+        client = self.store.client
+        path = self.schema.domain_key(uuid, key)
+
+        def on_event(_event=None) -> None:
+            if uuid in self._watched:
+                fetch()
+
+        def fetch() -> None:
+            try:
+                client.get_async(path, watch=on_event).rawlink(answered)
+            except Exception as exc:   # not connected: the reconnect pass re-arms every watch
+                log.debug("watch %s not armed: %s", path, exc)
+
+        def answered(result) -> None:
+            try:
+                data, _stat = result.get_nowait()
+            except NoNodeError:
+                # not there (yet): an exists-watch says when it appears
+                try:
+                    client.exists_async(path, watch=on_event).rawlink(appeared)
+                except Exception as exc:
+                    log.debug("watch %s not armed: %s", path, exc)
+                self._on_value(uuid, key, None)
+                return
+            except Exception as exc:
+                log.debug("watch %s: read failed (%s); the reconnect pass re-arms it", path, exc)
+                return
+            self._on_value(uuid, key, data)
+
+        def appeared(result) -> None:
+            try:
+                if result.get_nowait() is not None:
+                    fetch()
+            except Exception as exc:
+                log.debug("watch %s: exists failed (%s)", path, exc)
+
+        fetch()
+
+    def rewatch(self) -> None:
+        """Re-arm every watch (after a new ZooKeeper session, which drops them all)."""
+        for uuid in list(self._watched):
+            for key in WATCHED_KEYS:
+                self._watch_key(uuid, key)
+
+    def _on_value(self, uuid: str, key: str, data: bytes | None) -> None:
+        if uuid not in self._watched:
+            return
+        value = data.decode("utf-8") if data is not None else None
+        before = self.domains.get(uuid)
+        self._record(uuid, key, value)
+        # Every daemon watches every VM; only those that concern this node are worth a pass:
+        # assigned or migrating here before or after the change, or running here.
+        if self._concerns_me(before) or self._concerns_me(self.domains.get(uuid)) or uuid in self.local:
+            self.enqueue(uuid)
 
     def _concerns_me(self, record) -> bool:
         return record is not None and self.node in (record.node, record.migration_source, record.migration_target)

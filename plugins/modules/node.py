@@ -158,7 +158,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
 )
 
 # requested state -> (domain state written, the domain state the daemon ends in)
-TRANSITIONS = {"flushed": ("flush", "flushed"), "ready": ("unflush", "ready")}
+TRANSITIONS = {"ready": ("unflush", "ready"), "flushed": ("flush", "flushed")}
 
 ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),

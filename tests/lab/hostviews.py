@@ -45,6 +45,8 @@ CLI: ``python -m tests.lab.hostviews up|down|inventory|start-daemon|restart-libv
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -189,6 +191,25 @@ class HostViews:
         self.lab = lab
         self.zk_root = zk_root
         self._log = log or (lambda message: print(message, flush=True))
+        self._lock_depth = 0
+        self._lock_file = None
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Serialise changes to the services and the lab's libvirtds across processes (the rollout
+        runs one hook process per host at once, and lab.json / processes.json are read-modify-write)."""
+        if self._lock_depth == 0:
+            self._lock_file = open(self.lab.workdir / ".hostviews.lock", "a")
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0:
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+                self._lock_file.close()
+                self._lock_file = None
 
     # ---- paths -----------------------------------------------------------------------------
 
@@ -398,6 +419,10 @@ class HostViews:
 
     def stop_services(self, role: str | None = None, host: str | None = None, timeout_s: float = 60) -> list[ProcRecord]:
         """End services by PID (SIGTERM, then SIGKILL after ``timeout_s``)."""
+        with self.locked():
+            return self._stop_services(role, host, timeout_s)
+
+    def _stop_services(self, role: str | None, host: str | None, timeout_s: float) -> list[ProcRecord]:
         records = self._records()
         chosen = [r for r in records if (role is None or r["role"] == role) and (host is None or r["host"] == host)]
         ended = terminate([_record(r) for r in chosen], timeout_s=timeout_s)
@@ -423,25 +448,36 @@ class HostViews:
     def start_daemon(self, host: LabHost | int | str, unit: str = NODE_DAEMON_UNIT) -> str:
         """Start pvc-node-daemon on ``host`` as the rendered unit's ExecStart says; restart it when
         the unit or any file its command line names changed. Returns started|restarted|unchanged."""
-        view = self.view(host)
+        with self.locked():
+            return self._start_unit(self.view(host), "node-daemon", unit)
+
+    def start_unit(self, host: LabHost | int | str, role: str, unit: str) -> str:
+        """Like start_daemon, for any unit a role rendered (``role`` names the service in the records)."""
+        with self.locked():
+            return self._start_unit(self.view(host), role, unit)
+
+    def _start_unit(self, view: HostView, role: str, unit: str) -> str:
         text = view.read_text(unit)
         if text is None:
-            raise ViewError(f"{view.host.name}: no {unit} (run the node_daemon role first)")
+            raise ViewError(f"{view.host.name}: no {unit} (run the role that installs it first)")
         argv = unit_exec_start(text)
         files = [view.read_bytes(a) or b"" for a in argv if a.startswith("/")]
         key = _sha(text.encode(), *files)
-        current = [r for r in self.services() if r["role"] == "node-daemon" and r["host"] == view.host.netns]
+        current = [r for r in self.services() if r["role"] == role and r["host"] == view.host.netns]
         if current and current[0]["key"] == key:
             return "unchanged"
         if current:
-            self.stop_services("node-daemon", view.host.netns)
-        self._spawn(view, "node-daemon", argv, key)
+            self._stop_services(role, view.host.netns, 60)
+        self._spawn(view, role, argv, key)
         return "restarted" if current else "started"
 
     def restart_libvirtd(self, host: LabHost | int | str) -> str:
         """Restart the host's libvirtd (the lab owns it) when /etc/libvirt changed since the last
         restart made here. Returns restarted|unchanged."""
-        view = self.view(host)
+        with self.locked():
+            return self._restart_libvirtd(self.view(host))
+
+    def _restart_libvirtd(self, view: HostView) -> str:
         etc = view.host.dir / "etc"
         files = sorted(p for p in etc.rglob("*") if p.is_file())
         key = _sha(*[str(p.relative_to(etc)).encode() + b"\0" + p.read_bytes() for p in files])
