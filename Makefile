@@ -10,10 +10,10 @@ VPY := $(VENV)/bin/python
 WORK ?= /tmp/pvc-cluster
 LAB_HOSTS ?= 3
 
-.PHONY: help setup host venv test test-pytest test-sanity test-units lab-up lab-down demo bench clean
+.PHONY: help setup host venv test test-pytest test-sanity test-units test-integration lab-up lab-down demo bench clean
 
 help:
-	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity and units)"
+	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity, units and integration)"
 	@echo "make demo     set up this machine, bring up a 3-host lab and run the demo"
 	@echo "make lab-up / lab-down   the network-namespace lab (LAB_HOSTS=$(LAB_HOSTS))"
 	@echo "make bench    benchmarks, written to bench/results/latest.json"
@@ -32,14 +32,25 @@ $(VENV)/.stamp: pyproject.toml
 
 venv: $(VENV)/.stamp
 
-test: setup test-pytest test-sanity test-units
+test: setup test-pytest test-sanity test-units test-integration
 	@echo "make test: all suites passed"
 
 test-pytest:
 	$(VPY) -m pytest -ra
 
-test-sanity test-units:
+test-units: tests/unit/requirements.txt
+
+# integration: the modules and the inventory plugin against ZooKeeper and 3 node daemons
+# (libvirt's test driver) that scripts/ansible-test.sh starts and stops around ansible-test.
+test-sanity test-units test-integration:
 	bash scripts/ansible-test.sh $(patsubst test-%,%,$@)
+
+# What the unit tests need besides ansible-core, pinned as pyproject.toml pins it.
+tests/unit/requirements.txt: pyproject.toml
+	$(PYTHON) -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+	  print("# What the unit tests import besides ansible-core, pinned as in pyproject.toml (`make` regenerates"); \
+	  print("# this file from there: see the Makefile target tests/unit/requirements.txt)."); \
+	  [print(d) for d in deps if d.split("==")[0] in ("kazoo", "lxml")]' >$@
 
 lab-up: setup
 	$(VPY) -m tests.lab up --hosts $(LAB_HOSTS) --workdir $(WORK)/lab

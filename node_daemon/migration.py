@@ -482,6 +482,10 @@ class MigrationAgent:
             if source == self.node:
                 self.hypervisor.destroy(uuid)
                 self.finish(uuid, record, version, RESULT_DONE)
+            else:
+                # The source stops its copy. Check again later: no periodic pass wakes a VM with a
+                # migration record, so without a deadline this side would wait for ever.
+                self.deadlines.arm(uuid, f"{marker}:both:{time.monotonic():.0f}", self.config.step_timeout_s)
             return
         if src_active:
             self.abort(uuid, record, version, "the transfer did not happen; the VM still runs on the source", node=source)

@@ -21,7 +21,7 @@ description:
   - Needs root on the controller (entering namespaces is privileged) and the C(nsenter) and C(ip) programs.
 version_added: 0.1.0
 author:
-  - pvc.cluster developers
+  - pvc.cluster developers (!UNKNOWN)
 options:
   netns_name:
     description:

@@ -133,8 +133,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
     def parse(self, inventory, loader, path, cache=True):
         super().parse(inventory, loader, path, cache)
         self._read_config_data(path)
-        snapshot = self._read(self._connection_options())
+        self._populate(self._read(self._connection_options()))
 
+    def _populate(self, snapshot) -> None:
+        """Hosts, groups and variables from a cluster snapshot (``_report.read_cluster``)."""
         nodes_group = self._group("pvc_nodes")
         vms_group = self._group("pvc_vms")
         for name in sorted(snapshot.nodes):

@@ -307,7 +307,7 @@ class VMPlan:
         return self.differences.changed
 
     def diff(self) -> list[dict]:
-        if self.action == "update":
+        if self.action in ("update", "none"):
             diffs = [self.differences.diff()]
             for entry in diffs:
                 entry["before"].pop("xml", None)

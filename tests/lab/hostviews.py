@@ -71,6 +71,7 @@ LAB_ANSIBLE = Path(__file__).resolve().parent / "ansible"
 LAB_SERVICES_HOOK = LAB_ANSIBLE / "lab_services.yml"
 NODE_DAEMON_UNIT = "/etc/systemd/system/pvc-node-daemon.service"
 DEFAULT_ZK_ROOT = "/pvc"
+DEFAULT_VM_BRIDGES = [{"name": "vmbr0"}, {"name": "vmbr1"}]
 # Lab tuning of the node daemon: quick keepalives and short timeouts (a 2-core CI machine still
 # completes every step well inside them), no memory held back, debug logs.
 LAB_DAEMON_VARS = {
@@ -187,9 +188,14 @@ class HostView:
 class HostViews:
     """The views of every host of one lab, its inventory, its Ansible runs and its services."""
 
-    def __init__(self, lab: Lab, zk_root: str = DEFAULT_ZK_ROOT, log=None) -> None:
+    def __init__(self, lab: Lab, zk_root: str = DEFAULT_ZK_ROOT, log=None, vm_bridges: list[dict] | None = None,
+                 node_vars: dict | None = None) -> None:
+        """zk_root: the cluster's root znode; vm_bridges: the vm_bridges role's list (default vmbr0
+        and vmbr1); node_vars: more variables for every node (they override the lab's)."""
         self.lab = lab
         self.zk_root = zk_root
+        self.vm_bridges = vm_bridges if vm_bridges is not None else DEFAULT_VM_BRIDGES
+        self.node_vars = node_vars or {}
         self._log = log or (lambda message: print(message, flush=True))
         self._lock_depth = 0
         self._lock_file = None
@@ -322,13 +328,14 @@ class HostViews:
             "libvirt_qemu_conf_extra": {"remember_owner": 0, "stdio_handler": "file",
                                         "cgroup_controllers": [], "namespaces": []},
             # VM bridges: persisted for ifupdown in the host's view
-            "vm_bridges": [{"name": "vmbr0"}, {"name": "vmbr1"}],
+            "vm_bridges": self.vm_bridges,
             "vm_bridges_service_manager": "none",
             # node daemon: the repository's venv, started by the lab hook from the rendered unit
             "node_daemon_install_method": "none",
             "node_daemon_executable": str(VENV_PYTHON.parent / "pvc-node-daemon"),
             "node_daemon_service_manager": "none",
             **LAB_DAEMON_VARS,
+            **self.node_vars,
         }
         return {
             "all": {
@@ -376,11 +383,12 @@ class HostViews:
         return env
 
     def playbook(self, playbook: str | Path, *args: str, extra_vars: dict | None = None, json_output: bool = True,
-                 stream: bool = False, timeout: float = 900) -> "PlaybookRun":
-        """Run ansible-playbook in the controller namespace.
+                 progress: bool = False, timeout: float = 900) -> "PlaybookRun":
+        """Run ansible-playbook in the controller's network namespace.
 
-        json_output: the json callback (results and per-host stats are parsed); otherwise the
-        default output, captured, or shown as it comes with ``stream``.
+        json_output: results and per-host stats are collected (the lab_json callback) and parsed.
+        progress: one line per task is shown as the run goes (the lab_progress callback).
+        Neither: Ansible's default output, captured.
         """
         playbook = Path(playbook)
         if not playbook.is_absolute():
@@ -389,16 +397,16 @@ class HostViews:
         if extra_vars:
             cmd += ["--extra-vars", json.dumps(extra_vars)]
         env = self.ansible_env()
-        if json_output:
-            env["ANSIBLE_STDOUT_CALLBACK"] = "lab_json"
+        if progress or json_output:
+            env["ANSIBLE_STDOUT_CALLBACK"] = "lab_progress" if progress else "lab_json"
             env["ANSIBLE_CALLBACK_PLUGINS"] = str(LAB_ANSIBLE / "callback_plugins")
-        kw = {} if stream else {"capture_output": True}
+        kw = {} if progress else {"capture_output": True}
         t0 = time.monotonic()
         # Only the network namespace is the controller's: a new mount namespace (as `ip netns exec`
         # makes) would not contain the bind mounts of the hosts' mount namespaces.
         proc = subprocess.run(["nsenter", f"--net={NETNS_DIR}/{self.lab.ctl_netns}", "--"] + cmd, text=True,
                               env=env, cwd=REPO_ROOT, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
-        return PlaybookRun(proc, time.monotonic() - t0, json_output and not stream)
+        return PlaybookRun(proc, time.monotonic() - t0, json_output and not progress)
 
     # ---- services (what systemd does in production) -------------------------------------------
 

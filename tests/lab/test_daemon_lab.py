@@ -18,10 +18,16 @@ def node_key(cluster, node, key):
 
 
 def test_every_daemon_registers_runs_and_stops_without_touching_guests(lab_cluster):
+    from .lab import netns_inode, netns_inode_of_pid, proc_cmdline
+
     cluster = lab_cluster()
     cluster.start(ready=False)
     for h in cluster.lab.hosts:
         node = h.name
+        # the PID the test holds is the daemon itself, in its host's network namespace
+        pid = cluster.daemons[node].pid
+        assert proc_cmdline(pid)[1:3] == ["-m", "pvc_node_daemon"]
+        assert netns_inode_of_pid(pid) == netns_inode(h.netns)
         assert node_key(cluster, node, S.NODE_DAEMON_STATE) == "run"
         assert node_key(cluster, node, S.NODE_DOMAIN_STATE) == "flushed"   # a new node takes no VMs yet
         assert cluster.store.exists(cluster.schema.node_key(node, S.NODE_ALIVE))

@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             process.terminate()
             process.wait(timeout=60)
         if process.returncode != 0:
-            print(f"integration cluster: the command failed ({process.returncode}); daemon logs in "
-                  f"{args.workdir / 'daemons'}", flush=True)
+            print(f"integration cluster: the command failed ({process.returncode}); the end of each daemon's log:", flush=True)
+            for node, daemon in cluster.daemons.items():
+                print(f"--- {node} ({daemon.log_path}) ---\n{daemon.log()[-4000:]}", flush=True)
         return process.returncode
     finally:
         if cluster is not None:

@@ -1,0 +1,206 @@
+"""playbooks/rollout.yml on the 3-host lab, for real: each role renders its files into each host's
+private view (tests/lab/hostviews.py), the lab's libvirtds are restarted with the libvirt role's
+configuration, and the node daemons run from the unit and configuration the node_daemon role
+rendered. Then: the VM bridges carry no IPv6, nothing leaked onto the machine or another host, and
+a second run changes nothing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from pvc_cluster_common import _schema as S
+from pvc_node_daemon.config import parse_config
+from tests.lab.daemons import in_netns
+from tests.lab.hostviews import NODE_DAEMON_UNIT, unit_exec_start
+from tests.lab.lab import proc_cmdline
+
+from .fixtures import ROLE_FILES, UPLINK, VM_BRIDGES, machine_state
+
+pytestmark = pytest.mark.lab
+
+IPV6_OFF = {"disable_ipv6": "1", "accept_ra": "0", "autoconf": "0", "addr_gen_mode": "1"}
+def _addresses(host) -> dict[str, list[dict]]:
+    """interface -> its IPv6 addresses, in the host's network namespace."""
+    out = subprocess.run(["ip", "-n", host.netns, "-j", "-6", "addr", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {link["ifname"]: link.get("addr_info", []) for link in json.loads(out)}
+
+
+def _sysctls(view, iface: str) -> dict[str, str]:
+    out = view.run(f"cd /proc/sys/net/ipv6/conf/{iface} && for k in {' '.join(IPV6_OFF)}; do echo $k=$(cat $k); done")
+    return dict(line.split("=", 1) for line in out.stdout.split())
+
+
+def _links(host) -> dict[str, dict]:
+    out = subprocess.run(["ip", "-n", host.netns, "-j", "-d", "link", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return {link["ifname"]: link for link in json.loads(out)}
+
+
+def _node_key(cluster, node: str, key: str) -> str | None:
+    return cluster.store.read(cluster.store.schema.node_key(node, key))
+
+
+# ---- the first run ----------------------------------------------------------------------------
+
+
+def test_rollout_makes_every_node_run_and_ready(rolled_out):
+    run = rolled_out.runs["first"]
+    changed = run.changed()
+    for node in rolled_out.nodes():
+        assert changed.get(node, 0) > 0, f"the first run changed nothing on {node}: {run.stats}"
+        assert _node_key(rolled_out, node, S.NODE_DAEMON_STATE) == "run"
+        assert _node_key(rolled_out, node, S.NODE_DOMAIN_STATE) == "ready"
+        assert rolled_out.store.exists(rolled_out.store.schema.node_key(node, S.NODE_ALIVE))
+    print(f"\nfirst rollout: {run.duration_s:.1f} s, changed {changed}; slowest tasks {run.slowest(5)}")
+
+
+def test_every_role_wrote_its_files_on_every_node(rolled_out):
+    for view in rolled_out.views.views:
+        missing = [path for path in ROLE_FILES if view.read_text(path) is None]
+        assert not missing, f"{view.host.name} lacks {missing}"
+        assert view.read_text("/var/lib/zookeeper/myid").strip() == str(view.host.index)
+
+
+def test_nothing_leaked_onto_the_machine_or_other_hosts(rolled_out):
+    """Each host writes into its own copy-on-write layer; the machine's files never change."""
+    assert machine_state(rolled_out.machine_before) == rolled_out.machine_before, "the machine's own files changed"
+    assert not os.path.exists("/etc/pvc") and not os.path.exists("/etc/zookeeper/pvc")
+    for view in rolled_out.views.views:
+        upper, _ = view.layer("/etc")
+        assert (upper / "pvc" / "node-daemon.yaml").is_file()
+        config = yaml.safe_load(view.read_text("/etc/pvc/node-daemon.yaml"))
+        assert config["node"] == view.host.name   # each host sees its own file at the same path
+    assert len({view.read_text("/etc/pvc/node-daemon.yaml") for view in rolled_out.views.views}) == 3
+
+
+# ---- VM bridges -------------------------------------------------------------------------------
+
+
+def test_vm_bridges_exist_without_ipv6(rolled_out):
+    for view in rolled_out.views.views:
+        h = view.host
+        links = _links(h)
+        addresses = _addresses(h)
+        for bridge in VM_BRIDGES:
+            name = bridge["name"]
+            assert links[name]["linkinfo"]["info_kind"] == "bridge"
+            assert "UP" in links[name]["flags"], f"{name} on {h.name} is not up"
+            assert addresses.get(name, []) == [], f"{name} on {h.name} has IPv6 addresses {addresses.get(name)}"
+            assert _sysctls(view, name) == IPV6_OFF
+        assert links[UPLINK].get("master") == "vmbr1"
+        assert links[UPLINK]["mtu"] == 1400 and links["vmbr1"]["mtu"] == 1400
+        assert addresses.get(UPLINK, []) == [], f"uplink {UPLINK} on {h.name} has IPv6 addresses"
+        assert _sysctls(view, UPLINK) == IPV6_OFF
+
+
+def test_other_interfaces_keep_their_ipv6(rolled_out):
+    lab = rolled_out.lab
+    for view in rolled_out.views.views:
+        h = view.host
+        addresses = _addresses(h)
+        assert any(a["local"] == "::1" for a in addresses["lo"])
+        assert any(a["local"].startswith("fe80:") for a in addresses[h.iface]), f"{h.iface} lost its link-local address"
+        for iface in (h.iface, lab.vm_bridge):   # the lab's own bridge is not a VM bridge of the role
+            assert _sysctls(view, iface)["disable_ipv6"] == "0", f"IPv6 turned off on {iface} of {h.name}"
+
+
+def test_vm_bridges_stay_ipv6_free_after_a_reboot(rolled_out):
+    """What the host applies at boot: the sysctl.d file and the ifupdown stanzas name every bridge,
+    the uplink and the VM taps, and run the helper before the links come up."""
+    for view in rolled_out.views.views:
+        sysctl = view.read_text("/etc/sysctl.d/60-pvc-vm-bridges.conf")
+        for iface in ("vmbr0", "vmbr1", UPLINK, "vnet*"):
+            for key, value in IPV6_OFF.items():
+                assert f"-net.ipv6.conf.{iface}.{key} = {value}" in sysctl
+        stanzas = view.read_text("/etc/network/interfaces.d/pvc-vm-bridges")
+        assert "iface vmbr0 inet manual" in stanzas and "iface vmbr1 inet manual" in stanzas
+        assert f"pre-up ip link set dev {UPLINK} master $IFACE" in stanzas
+        assert "pre-up /usr/local/sbin/pvc-vm-ipv6-off $IFACE" in stanzas
+        # the helper the stanzas call works, and reports nothing to do on a clean host
+        assert view.run(["/usr/local/sbin/pvc-vm-ipv6-off", "--ports", "vmbr0", "vmbr1"]).stdout == ""
+
+
+def test_vm_bridge_helper_turns_ipv6_off_on_a_fresh_bridge(rolled_out):
+    view = rolled_out.views.view(1)
+    try:
+        view.run("ip link add vmbrtest type bridge && ip link set vmbrtest up")
+        deadline = time.monotonic() + 5
+        while not _addresses(view.host).get("vmbrtest") and time.monotonic() < deadline:
+            time.sleep(0.1)   # the kernel adds the link-local address when the link comes up
+        assert _addresses(view.host).get("vmbrtest"), "a new bridge should get a link-local address by default"
+        out = view.run(["/usr/local/sbin/pvc-vm-ipv6-off", "vmbrtest"]).stdout
+        assert "changed vmbrtest disable_ipv6" in out
+        assert _addresses(view.host).get("vmbrtest", []) == []
+        assert _sysctls(view, "vmbrtest") == IPV6_OFF
+    finally:
+        view.run("ip link del vmbrtest", check=False)
+
+
+# ---- libvirt ----------------------------------------------------------------------------------
+
+
+def test_libvirtd_runs_with_the_rendered_configuration(rolled_out):
+    import libvirt
+
+    for view in rolled_out.views.views:
+        h = view.host
+        conf = view.read_text("/etc/libvirt/libvirtd.conf")
+        assert conf == (h.dir / "etc" / "libvirtd.conf").read_text()   # the file the host's libvirtd reads
+        settings = dict(line.split(" = ", 1) for line in conf.splitlines() if " = " in line and not line.startswith("#"))
+        assert settings["listen_addr"] == f'"{h.address}"'
+        assert settings["listen_tcp"] == "1" and settings["auth_tcp"] == '"none"'
+        assert settings["unix_sock_dir"] == f'"{h.libvirt_socket.parent}"'
+        assert 'security_driver = "none"' in view.read_text("/etc/libvirt/qemu.conf")
+        hook = h.dir / "etc" / "hooks" / "qemu.d" / "50-pvc-vm-bridges"
+        assert hook.is_file() and os.access(hook, os.X_OK)
+        # restarted by the lab hook after the role changed its files: libvirtd read this config
+        key = (rolled_out.views.base / f"libvirtd-{h.name}.key")
+        assert key.exists()
+        # peers reach it on the cluster network (from a lab namespace; the address exists only there)
+        conn = in_netns(rolled_out.lab.ctl_netns, lambda: libvirt.open(h.libvirt_tcp_uri))
+        try:
+            assert conn.getHostname() == h.name
+        finally:
+            conn.close()
+
+
+# ---- node daemon ------------------------------------------------------------------------------
+
+
+def test_daemons_run_from_the_rendered_unit_and_configuration(rolled_out):
+    services = {s["node"]: s for s in rolled_out.views.services() if s["role"] == "node-daemon"}
+    assert sorted(services) == rolled_out.nodes()
+    for view in rolled_out.views.views:
+        h = view.host
+        service = services[h.name]
+        argv = unit_exec_start(view.read_text(NODE_DAEMON_UNIT))
+        assert proc_cmdline(service["pid"])[-len(argv) + 1:] == argv[1:]
+        assert os.stat(f"/proc/{service['pid']}/ns/mnt").st_ino == os.stat(view.mnt).st_ino, "not in the host's view"
+        assert os.stat(f"/proc/{service['pid']}/ns/net").st_ino == os.stat(f"/run/netns/{h.netns}").st_ino
+        config = parse_config(yaml.safe_load(view.read_text("/etc/pvc/node-daemon.yaml")))
+        assert config.node == h.name
+        assert config.zookeeper.hosts == rolled_out.lab.zk_hosts and config.zookeeper.root == rolled_out.root
+        assert config.libvirt_uri == h.libvirt_uri and config.address == h.address
+        # what the running daemon published comes from that configuration
+        assert _node_key(rolled_out, h.name, S.NODE_LIBVIRT_URI) == f"qemu+tcp://{h.address}/system"
+        assert _node_key(rolled_out, h.name, S.NODE_TRANSPORT_URI) == f"tcp://{h.address}"
+        log = view.read_text("/var/log/pvc/node-daemon.log")
+        assert log and h.name in log, "the daemon logs to the rendered log file in the host's view"
+
+
+# ---- idempotence ------------------------------------------------------------------------------
+
+
+def test_second_rollout_changes_nothing(rolled_out):
+    pids = {s["node"]: s["pid"] for s in rolled_out.views.services()}
+    run = rolled_out.playbook("playbooks/rollout.yml", timeout=900)
+    assert run.returncode == 0, run.failures()
+    assert set(run.changed().values()) == {0}, f"changed on the second run: {run.changed_tasks()}"
+    assert {s["node"]: s["pid"] for s in rolled_out.views.services()} == pids, "a daemon was restarted"
+    print(f"\nsecond rollout: {run.duration_s:.1f} s")

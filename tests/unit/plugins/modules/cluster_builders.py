@@ -1,0 +1,28 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Builders for the typed records the module logic decides on (no ZooKeeper)."""
+
+from __future__ import annotations
+
+from ansible_collections.pvc.cluster.plugins.module_utils._cluster import VMRecord
+from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
+from ansible_collections.pvc.cluster.plugins.module_utils._selector import NodeView
+
+
+def domain_xml(name="web1", uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", memory_mib=1024, vcpus=2):
+    return (f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>{memory_mib}</memory>"
+            f"<vcpu>{vcpus}</vcpu><os><type>hvm</type></os><devices/></domain>")
+
+
+def make_vm(name="web1", uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", state="start", node="n1", lastnode="",
+            memory_mib=1024, meta=None, migration=None, xml=None):
+    return VMRecord(uuid=uuid, name=name, state=state, node=node, lastnode=lastnode,
+                    xml=xml if xml is not None else domain_xml(name, uuid, memory_mib),
+                    meta=VMMeta.from_store(meta or {}), memory_mib=memory_mib, vcpus=2, node_version=3,
+                    migration=migration)
+
+
+def make_node(name, daemon_state="run", domain_state="ready", memtotal=16384, memprov=0, memreserve=0, reserved=0):
+    return NodeView(name=name, daemon_state=daemon_state, domain_state=domain_state, memtotal=memtotal,
+                    memfree=memtotal - memprov, memprov=memprov, memreserve=memreserve, reserved=reserved)

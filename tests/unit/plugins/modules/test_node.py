@@ -1,0 +1,82 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""pvc.cluster.node: the domain state to write and the drain plan (no ZooKeeper)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleFailure
+from ansible_collections.pvc.cluster.plugins.module_utils._report import ClusterSnapshot
+from ansible_collections.pvc.cluster.plugins.modules import node as module
+
+from ansible_collections.pvc.cluster.tests.unit.plugins.modules.cluster_builders import make_vm
+
+
+@pytest.mark.parametrize("current, state, written, changed", [
+    ("ready", "flushed", "flush", True),
+    ("unflush", "flushed", "flush", True),     # a new request stops the running ready
+    ("flush", "flushed", "flush", False),      # on its way: wait for it
+    ("flushed", "flushed", "flushed", False),
+    ("flushed", "ready", "unflush", True),
+    ("flush", "ready", "unflush", True),
+    ("unflush", "ready", "unflush", False),
+    ("ready", "ready", "ready", False),
+])
+def test_plan_state(current, state, written, changed):
+    differences = module.plan_state(current, state)
+    assert differences.changed is changed
+    assert differences.diff() == {"before": {"domain_state": current}, "after": {"domain_state": written}}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"name": "", "wait_timeout": 10}, "name must not be empty"),
+    ({"name": "n1", "wait_timeout": 0}, "wait_timeout must be a positive number of seconds, not 0"),
+])
+def test_bad_input(values, message):
+    with pytest.raises(ModuleFailure) as failure:
+        module.check_input(values)
+    assert message in failure.value.msg
+
+
+def raw_node(domain_state="ready", memtotal=8192, memprov=0, running=()):
+    return {"daemon_state": "run", "domain_state": domain_state, "memtotal": str(memtotal), "memprov": str(memprov),
+            "memfree": str(memtotal - memprov), "memreserve": "0", "runningdomains": json.dumps(list(running))}
+
+
+def snapshot(vms, nodes):
+    result = ClusterSnapshot()
+    result.nodes = nodes
+    result.reservations = {name: {} for name in nodes}
+    result.vms = {vm.uuid: vm for vm in vms}
+    return result
+
+
+def test_flush_report_plans_every_running_vm_and_checks_n_minus_1():
+    vms = [make_vm("big", "u-big", node="n1", memory_mib=3072),
+           make_vm("small", "u-small", node="n1", memory_mib=1024),
+           make_vm("off", "u-off", node="n1", state="stop", memory_mib=512),
+           make_vm("elsewhere", "u-else", node="n2", memory_mib=1024)]
+    nodes = {"n1": raw_node(memprov=4608, running=["u-big", "u-small"]),
+             "n2": raw_node(memprov=1024, running=["u-else"]),
+             "n3": raw_node(memtotal=4096)}
+    plan, check = module.flush_report(snapshot(vms, nodes), "n1")
+    # largest first, each to the most headroom (n2 7168 MiB, then n2 4096 = n3 4096: the name breaks the tie)
+    assert [(line["name"], line["target"]) for line in plan] == [("big", "n2"), ("small", "n2")]
+    assert plan[0]["reason"] == "selector mem (4096 MiB headroom left)"
+    # then n2 runs 3072 + 1024 + 1024 MiB; if it failed, n3 (4096 MiB) could not take all three
+    assert not check["ok"]
+    assert set(check["failures"]) == {"n2"}
+    assert sorted(check["checked"]) == ["n2", "n3"]
+
+
+def test_a_vm_that_fits_nowhere_is_planned_for_shutdown():
+    vms = [make_vm("huge", "u-huge", node="n1", memory_mib=12288)]
+    nodes = {"n1": raw_node(memtotal=16384, memprov=12288, running=["u-huge"]), "n2": raw_node()}
+    plan, check = module.flush_report(snapshot(vms, nodes), "n1")
+    assert plan[0]["target"] is None
+    assert "it will be shut down and marked for autostart" in plan[0]["reason"]
+    assert check["ok"]
