@@ -9,12 +9,14 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 WORK ?= /tmp/pvc-cluster
 LAB_HOSTS ?= 3
+# make demo KEEP=1 leaves the demo's lab up for exploring (make demo-down ends it)
+KEEP ?=
 
-.PHONY: help setup host venv test test-pytest test-sanity test-units test-integration lab-up lab-down demo bench clean
+.PHONY: help setup host venv test test-pytest test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
 
 help:
 	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity, units and integration)"
-	@echo "make demo     set up this machine, bring up a 3-host lab and run the demo"
+	@echo "make demo     set up this machine, bring up a 3-host lab and run the demo (KEEP=1: leave the lab up; make demo-down ends it)"
 	@echo "make lab-up / lab-down   the network-namespace lab (LAB_HOSTS=$(LAB_HOSTS))"
 	@echo "make bench    benchmarks, written to bench/results/latest.json"
 
@@ -58,9 +60,12 @@ lab-up: setup
 lab-down:
 	$(VPY) -m tests.lab down --workdir $(WORK)/lab
 
+# The demo (tests/lab/demo.py): rollout, six VMs, a rolling maintenance of node1, and where each VM ran.
 demo: setup
-	$(VPY) -m tests.lab up --hosts 3 --workdir $(WORK)/lab
-	$(VPY) -m tests.lab status --workdir $(WORK)/lab
+	$(VPY) -m tests.lab.demo --workdir $(WORK)/demo $(if $(KEEP),--keep)
+
+demo-down:
+	$(VPY) -m tests.lab.demo --down --workdir $(WORK)/demo
 
 bench: setup
 	$(VPY) -m bench

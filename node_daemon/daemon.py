@@ -104,7 +104,18 @@ class NodeDaemon:
         try:
             stat = client.exists(path)
             if stat is not None and stat.ephemeralOwner != client.client_id[0]:
-                client.delete(path)   # left by our previous session, which has not expired yet
+                # Left by our previous session, which has not expired yet: replace it in one
+                # transaction. A delete then a create would leave an instant with no `alive`, in
+                # which a peer resolving a migration takes this node for gone (e.g. a source
+                # giving a shut-down VM back to itself while this restarted target is about to
+                # start it).
+                transaction = client.transaction()
+                transaction.delete(path, version=stat.version)
+                transaction.create(path, data, ephemeral=True)
+                results = transaction.commit()
+                failed = [r for r in results if isinstance(r, Exception)]
+                if failed:
+                    raise failed[0]
             if client.exists(path) is None:
                 client.create(path, data, ephemeral=True, makepath=True)
         except Exception as exc:  # kazoo raises many types here; each means "try again later"

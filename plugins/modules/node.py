@@ -140,6 +140,8 @@ returning_vms:
   sample: [db1, web1]
 """
 
+import time
+
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
@@ -159,6 +161,10 @@ from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
 
 # requested state -> (domain state written, the domain state the daemon ends in)
 TRANSITIONS = {"ready": ("unflush", "ready"), "flushed": ("flush", "flushed")}
+
+# After the daemon has finished, how long to wait at most for the nodes to publish where VMs run
+# (every keepalive); the work is done, so a slow publication is a warning, not a failure.
+PUBLISH_WAIT_S = 60
 
 ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),
@@ -246,6 +252,7 @@ def run(module, session) -> dict:
         expect = {path: versioned[1]} if versioned else {}
         session.commit({path: request}, expect_versions=expect)
     if params["wait"] and current != final:
+        deadline = time.monotonic() + params["wait_timeout"]
 
         def settled():
             value = store.read(path)
@@ -259,7 +266,32 @@ def run(module, session) -> dict:
             raise ModuleFailure(f"node {name} went to domain state {outcome} instead of {final} (another request?)",
                                 changed=result["changed"])
         result["domain_state"] = outcome
+        if state == "flushed":
+            moving = [vm.uuid for vm in snapshot.vms.values() if vm.node == name and vm.state == "start"]
+        else:
+            moving = [vm.uuid for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name]
+        paths = [schema.node_key(node, S.NODE_RUNNINGDOMAINS) for node in sorted(snapshot.nodes)]
+        if not watch_until(store, paths, lambda: published(store, name, moving),
+                           min(max(deadline - time.monotonic(), 0.1), PUBLISH_WAIT_S)):
+            module.warn(f"node {name} is {final}, but the nodes' published running domains do not show it yet "
+                        "(each daemon publishes them with every keepalive)")
     return result
+
+
+def published(store, name: str, moving: list[str]) -> bool:
+    """Whether the daemons' published running domains show the VMs that moved where they now
+    belong: each one meant to run is listed by its node, and not by ``name`` if it left it."""
+    schema = store.schema
+    here = store.read_json(schema.node_key(name, S.NODE_RUNNINGDOMAINS)) or []
+    for uuid in moving:
+        node = store.read(schema.domain_key(uuid, S.DOMAIN_NODE))
+        if not node or store.read(schema.domain_key(uuid, S.DOMAIN_STATE)) != "start":
+            continue
+        if uuid not in (store.read_json(schema.node_key(node, S.NODE_RUNNINGDOMAINS)) or []):
+            return False
+        if node != name and uuid in here:
+            return False
+    return True
 
 
 def main():

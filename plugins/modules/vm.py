@@ -192,8 +192,6 @@ diff:
   elements: dict
 """
 
-import traceback
-
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
 from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm, read_node_views, read_vm
 from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import DomainXMLError, parse_domain_xml
@@ -214,10 +212,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._selector import NoTar
 try:
     from lxml import etree
 except ImportError:
-    etree = None
-    LXML_ERROR = traceback.format_exc()
-else:
-    LXML_ERROR = None
+    etree = None    # build_module() reports the missing library (the shared _domain_xml needs it too)
 
 # module state -> the ZooKeeper VM state it writes
 STATE_MAP = {"started": "start", "stopped": "stop", "shutdown": "shutdown", "disabled": "disable", "restarted": "restart"}
@@ -563,9 +558,6 @@ def run(module, session, info) -> dict:
 
 def main():
     module = build_module(ARGUMENT_SPEC, required_one_of=[["name", "xml"]])
-    if LXML_ERROR is not None:
-        from ansible.module_utils.basic import missing_required_lib
-        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_ERROR)
     try:
         info = parse_input(module.params)   # fail fast: before connecting
         meta_updates(module.params)

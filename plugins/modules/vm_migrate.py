@@ -180,6 +180,7 @@ record:
 """
 
 import socket
+import time
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
 from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm, read_history, read_node_views, read_vm
@@ -192,6 +193,10 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._requests import RequestError, plan_request, submit_request
 from ansible_collections.pvc.cluster.plugins.module_utils._store import ConflictError
+
+# After ``done``, how long to wait at most for the target to publish the VM among its running
+# domains (every keepalive); the migration is over, so a slow publication is a warning.
+PUBLISH_WAIT_S = 60
 
 KIND = {"migrated": "migrate", "moved": "move", "unmigrated": "unmigrate"}
 
@@ -268,9 +273,14 @@ def make_plan(vm, params: dict, nodes: dict, default_selector):
 
 
 def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
-    """Wait for the migration to end; return its audit record, or raise ModuleFailure."""
+    """Wait for the migration to end; return its audit record, or raise ModuleFailure.
+
+    After ``done``, also wait (within the same timeout) until the target's daemon publishes the VM
+    among its running domains, so that a read right after the task sees it there.
+    """
     store, schema = session.store, session.schema
     path = schema.domain_migration(vm.uuid)
+    deadline = time.monotonic() + timeout_s
 
     def gone():
         value = store.read_versioned(path)
@@ -287,6 +297,11 @@ def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
             if entry.get("result") != "done":
                 raise ModuleFailure(f"the migration of VM {vm.name} from {entry.get('source')} to {entry.get('target')} "
                                     f"was aborted: {entry.get('reason') or 'no reason recorded'}", record=entry)
+            running = schema.node_key(entry["target"], S.NODE_RUNNINGDOMAINS)
+            if not watch_until(store, [running], lambda: vm.uuid in (store.read_json(running) or []),
+                               min(max(deadline - time.monotonic(), 0.1), PUBLISH_WAIT_S)):
+                session.module.warn(f"the migration of VM {vm.name} is done, but {entry['target']} does not list it "
+                                    "running yet (its daemon publishes its running domains with every keepalive)")
             return entry
     raise ModuleFailure(f"the migration of VM {vm.name} ended but its audit record {record_id} was not found")
 
@@ -334,10 +349,12 @@ def run(module, session) -> dict:
         try:
             session.verify()
             record = submit_request(store, plan, vm, requester=f"pvc.cluster.vm_migrate on {socket.gethostname()}")
+        except RequestError as exc:    # the target's fit is checked again, atomically with the request
+            raise ModuleFailure(str(exc)) from None
         except ConflictError:
             if attempt == 2:
                 raise
-            continue    # the VM changed between reading and writing: read and plan once more
+            continue    # the VM or the target's reservations changed meanwhile: read and plan once more
         if record is not None:
             result["migration"] = record
             if params["wait"]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -576,11 +577,18 @@ class RunningMonitor:
 # the fixture (import it into a test module: `from .daemons import lab_cluster  # noqa: F401`)
 
 
+_OLD_LOGS_REMOVED = False
+
+
 @pytest.fixture
 def lab_cluster(lab, request):
     """lab_cluster(**config_overrides) -> LabCluster (daemons not started yet). At teardown every
     daemon is stopped, the cluster root removed and every domain on every host destroyed."""
     made: list[LabCluster] = []
+    global _OLD_LOGS_REMOVED
+    if not _OLD_LOGS_REMOVED:   # keep this session's daemon logs only, for post-mortems
+        shutil.rmtree(lab.workdir / "daemons", ignore_errors=True)
+        _OLD_LOGS_REMOVED = True
 
     def make(**overrides) -> LabCluster:
         cluster = LabCluster(lab, request.node.name.replace("[", "-").replace("]", ""), **overrides)

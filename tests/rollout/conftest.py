@@ -28,3 +28,21 @@ else:
     from tests.lab.fixtures import lab  # noqa: F401  (the session's lab)
 
 from .fixtures import cluster, rolled_out  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    """End what an interrupted earlier run of these tests left in the session lab's namespaces
+    (node daemons in the hosts' views, the views' mounts): the lab would refuse to come up over
+    processes it did not start."""
+    from pathlib import Path
+
+    from tests.lab.fixtures import DEFAULT_WORKDIR
+    from tests.lab.hostviews import HostViews
+    from tests.lab.lab import Lab, LabError
+
+    workdir = Path(os.environ.get("PVC_LAB_WORKDIR", DEFAULT_WORKDIR))
+    if (workdir / "views").exists():
+        try:
+            HostViews(Lab.load(workdir), log=lambda message: None).down(quiet=True)
+        except LabError:
+            pass

@@ -58,8 +58,9 @@ def _wheelhouse() -> tuple[Path, Path]:
     if not (house / ".complete").exists():
         shutil.rmtree(house, ignore_errors=True)
         house.mkdir(parents=True)
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(house), str(REPO_ROOT)], check=True,
-                       timeout=600)
+        build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(house), str(REPO_ROOT)],
+                               capture_output=True, text=True, timeout=900)
+        assert build.returncode == 0, f"pip wheel failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
         (house / ".complete").touch()
     return house, next(house.glob("pvc_node_daemon-*.whl"))
 
@@ -82,3 +83,44 @@ def test_node_daemon_role_installs_from_a_wheel(rolled_out):
     assert second.returncode == 0, second.failures()
     assert second.changed()[host.name] == 0, second.changed_tasks()
     assert not Path("/opt/pvc-node-daemon").exists(), "the install reached the machine itself"
+
+
+def test_libvirt_role_tls_and_sasl_modes(rolled_out, tmp_path):
+    """TLS: the certificates installed with private keys 0600 and libvirtd.conf switched to the TLS
+    socket; SASL (check mode: the lab has no SASL tools): SASL on the TCP socket and the shared
+    account's client credentials. Neither touches the lab's libvirtd."""
+    from tests.support.tls import make_tls_material
+
+    cluster = rolled_out
+    host = cluster.lab.host(2)
+    view = cluster.views.view(host)
+    tls = make_tls_material(tmp_path / "tls", names=(host.name,), ips=(host.address,))
+    lab_conf = (host.dir / "etc" / "libvirtd.conf").read_text()
+    files = {"libvirt_tls_ca_cert": tls.ca_cert, "libvirt_tls_server_cert": tls.client_cert,
+             "libvirt_tls_server_key": tls.client_key, "libvirt_tls_client_cert": tls.client_cert,
+             "libvirt_tls_client_key": tls.client_key}
+    extra = " ".join(f"{k}={v}" for k, v in files.items())
+    for attempt in ("first", "second"):
+        run = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--extra-vars",
+                               f"auth_host={host.name} libvirt_auth=tls {extra}")
+        assert run.returncode == 0, run.failures()
+        if attempt == "second":
+            assert run.changed()[host.name] == 0, run.changed_tasks()
+    conf = view.read_text("/etc/libvirt-tls/libvirtd.conf")
+    for line in ("listen_tls = 1", "listen_tcp = 0", 'auth_tls = "none"', "tls_no_verify_certificate = 0",
+                 f'listen_addr = "{host.address}"', 'key_file = "/etc/pki-tls/libvirt/private/serverkey.pem"'):
+        assert line in conf
+    modes = view.run("stat -c '%n %a' /etc/pki-tls/CA/cacert.pem /etc/pki-tls/libvirt/private/serverkey.pem "
+                     "/etc/pki-tls/libvirt/private/clientkey.pem /etc/pki-tls/libvirt/private").stdout.split("\n")
+    assert modes[:4] == ["/etc/pki-tls/CA/cacert.pem 644", "/etc/pki-tls/libvirt/private/serverkey.pem 600",
+                         "/etc/pki-tls/libvirt/private/clientkey.pem 600", "/etc/pki-tls/libvirt/private 750"]
+    assert view.read_text("/etc/libvirt-tls/auth.conf") is None
+
+    sasl = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--check", "--extra-vars",
+                            f"auth_host={host.name} libvirt_auth=sasl libvirt_sasl_password=s3cret")
+    assert sasl.returncode == 0, sasl.failures()
+    changed = "\n".join(sasl.changed_tasks())
+    for task in ("Write libvirtd.conf", "Configure SASL for libvirtd (sasl)", "Give libvirt clients the peers' credentials (sasl)"):
+        assert task in changed
+    assert view.read_text("/etc/libvirt-sasl/libvirtd.conf") is None   # check mode wrote nothing
+    assert (host.dir / "etc" / "libvirtd.conf").read_text() == lab_conf
