@@ -80,11 +80,20 @@ def lab_guest(lab):
             continue  # that libvirtd is gone (a lifecycle test); `down` ends its QEMUs by pidfile
         try:
             for dom in conn.listAllDomains(0):
-                if dom.name() in created:
+                if dom.name() not in created:
+                    continue
+                try:
                     persistent = dom.isPersistent()  # a transient domain is gone once destroyed
                     if dom.isActive():
                         dom.destroy()
                     if persistent:
                         dom.undefine()
+                except libvirt.libvirtError as exc:
+                    # it may vanish between the listing and the call (a restarted libvirtd
+                    # reaping its guests): gone is what the teardown wants
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+        except libvirt.libvirtError:
+            pass  # the libvirtd went away meanwhile; `down` ends its QEMUs by pidfile
         finally:
             conn.close()
