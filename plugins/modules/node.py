@@ -32,7 +32,9 @@ options:
     default: ready
   wait:
     description:
-      - Wait until the daemon has finished (domain state C(flushed) or C(ready)).
+      - Wait until the daemon has finished (domain state C(flushed) or C(ready)), then until the daemons report
+        each VM that moved running on its new node only (they publish their running VMs with every
+        keepalive; a slow report is a warning).
       - The daemon must be running (daemon state C(run)) for anything to happen; with O(wait=true) a
         request to a node whose daemon is not running fails before anything is written.
     type: bool
@@ -271,25 +273,24 @@ def run(module, session) -> dict:
         else:
             moving = [vm.uuid for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name]
         paths = [schema.node_key(node, S.NODE_RUNNINGDOMAINS) for node in sorted(snapshot.nodes)]
-        if not watch_until(store, paths, lambda: published(store, name, moving),
+        if not watch_until(store, paths, lambda: published(store, sorted(snapshot.nodes), moving),
                            min(max(deadline - time.monotonic(), 0.1), PUBLISH_WAIT_S)):
             module.warn(f"node {name} is {final}, but the nodes' published running domains do not show it yet "
                         "(each daemon publishes them with every keepalive)")
     return result
 
 
-def published(store, name: str, moving: list[str]) -> bool:
-    """Whether the daemons' published running domains show the VMs that moved where they now
-    belong: each one meant to run is listed by its node, and not by ``name`` if it left it."""
+def published(store, nodes: list[str], moving: list[str]) -> bool:
+    """Whether the daemons' published running domains show each VM that moved (and is meant to run)
+    on its node only. Nodes whose daemon is not running publish nothing new and are not asked."""
     schema = store.schema
-    here = store.read_json(schema.node_key(name, S.NODE_RUNNINGDOMAINS)) or []
+    running = {node: store.read_json(schema.node_key(node, S.NODE_RUNNINGDOMAINS)) or [] for node in nodes
+               if store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"}
     for uuid in moving:
         node = store.read(schema.domain_key(uuid, S.DOMAIN_NODE))
         if not node or store.read(schema.domain_key(uuid, S.DOMAIN_STATE)) != "start":
             continue
-        if uuid not in (store.read_json(schema.node_key(node, S.NODE_RUNNINGDOMAINS)) or []):
-            return False
-        if node != name and uuid in here:
+        if [where for where, uuids in running.items() if uuid in uuids] != [node]:
             return False
     return True
 

@@ -52,7 +52,9 @@ options:
     default: false
   wait:
     description:
-      - Wait until the migration has finished (or aborted). A re-homed VM that is not running needs no wait.
+      - Wait until the migration has finished (or aborted), then until the daemons report the VM running on
+        the target only (they publish their running VMs with every keepalive; a slow report is a warning).
+        A re-homed VM that is not running needs no wait.
       - Without a wait the task returns once the request is recorded; the daemons carry it out.
     type: bool
     default: true
@@ -272,11 +274,22 @@ def make_plan(vm, params: dict, nodes: dict, default_selector):
 # ---- cluster I/O -------------------------------------------------------------------------------
 
 
+def runs_only_on(store, uuid: str, target: str, source: str) -> bool:
+    """Whether the target publishes the VM among its running domains and the source (if its daemon
+    runs, so that its list is current) no longer does."""
+    schema = store.schema
+    if uuid not in (store.read_json(schema.node_key(target, S.NODE_RUNNINGDOMAINS)) or []):
+        return False
+    if store.read(schema.node_key(source, S.NODE_DAEMON_STATE)) != "run":
+        return True
+    return uuid not in (store.read_json(schema.node_key(source, S.NODE_RUNNINGDOMAINS)) or [])
+
+
 def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
     """Wait for the migration to end; return its audit record, or raise ModuleFailure.
 
-    After ``done``, also wait (within the same timeout) until the target's daemon publishes the VM
-    among its running domains, so that a read right after the task sees it there.
+    After ``done``, also wait (within the same timeout, at most PUBLISH_WAIT_S) until the daemons
+    publish the VM running on the target only, so that a read right after the task sees it there.
     """
     store, schema = session.store, session.schema
     path = schema.domain_migration(vm.uuid)
@@ -297,11 +310,12 @@ def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
             if entry.get("result") != "done":
                 raise ModuleFailure(f"the migration of VM {vm.name} from {entry.get('source')} to {entry.get('target')} "
                                     f"was aborted: {entry.get('reason') or 'no reason recorded'}", record=entry)
-            running = schema.node_key(entry["target"], S.NODE_RUNNINGDOMAINS)
-            if not watch_until(store, [running], lambda: vm.uuid in (store.read_json(running) or []),
+            if not watch_until(store, [schema.node_key(entry["target"], S.NODE_RUNNINGDOMAINS),
+                                       schema.node_key(entry["source"], S.NODE_RUNNINGDOMAINS)],
+                               lambda: runs_only_on(store, vm.uuid, entry["target"], entry["source"]),
                                min(max(deadline - time.monotonic(), 0.1), PUBLISH_WAIT_S)):
-                session.module.warn(f"the migration of VM {vm.name} is done, but {entry['target']} does not list it "
-                                    "running yet (its daemon publishes its running domains with every keepalive)")
+                session.module.warn(f"the migration of VM {vm.name} is done, but the daemons do not publish it running on "
+                                    f"{entry['target']} only yet (they publish their running domains with every keepalive)")
             return entry
     raise ModuleFailure(f"the migration of VM {vm.name} ended but its audit record {record_id} was not found")
 

@@ -31,6 +31,7 @@ There is no systemd here. The roles run with ``*_service_manager: none``: they i
 and render every file but start nothing. The lab's rollout hook (``tests/lab/ansible/lab_services.yml``)
 then calls ``python -m tests.lab.hostviews`` on the controller to do what systemd would:
 
+* ``services`` = ``restart-libvirtd`` then ``start-daemon``;
 * ``restart-libvirtd``: restart the host's libvirtd (through the lab, which owns it) when the files
   the libvirt role rendered into ``/etc/libvirt`` differ from those it last started with;
 * ``start-daemon``: start ``pvc-node-daemon`` in the host's view, exactly as the ``ExecStart=`` of the
@@ -40,7 +41,8 @@ Every process started here is recorded in ``VIEWS/processes.json`` (PID + start 
 PID by ``stop_services()`` / ``down()``. ZooKeeper keeps running as the lab started it; the zookeeper
 role's files are rendered and checked (and the tests start an ensemble from them separately).
 
-CLI: ``python -m tests.lab.hostviews up|down|inventory|start-daemon|restart-libvirtd|status --workdir W``.
+CLI: ``python -m tests.lab.hostviews up|down|inventory|services|start-daemon|restart-libvirtd|status
+--workdir W [--host nodeK]``.
 """
 from __future__ import annotations
 
@@ -344,6 +346,8 @@ class HostViews:
                     "pvc_zk_hosts": lab.zk_hosts,
                     "pvc_zk_root": self.zk_root,
                     "pvc_zookeeper_servers": servers,
+                    # the lab starts no ZooKeeper from the role's files: no rolling restart needed
+                    "pvc_zookeeper_serial": "100%",
                     "pvc_rollout_service_hook": str(LAB_SERVICES_HOOK),
                     "pvc_lab_workdir": str(lab.workdir),
                     "pvc_lab_repo": str(REPO_ROOT),
@@ -582,9 +586,10 @@ class PlaybookRun:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.lab.hostviews", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("up", "down", "inventory", "start-daemon", "restart-libvirtd", "status"))
+    parser.add_argument("command", choices=("up", "down", "inventory", "services", "start-daemon", "restart-libvirtd",
+                                            "status"))
     parser.add_argument("--workdir", default="/tmp/pvc-cluster/lab")
-    parser.add_argument("--host", help="node name (nodeK) for start-daemon / restart-libvirtd")
+    parser.add_argument("--host", help="node name (nodeK) for services / start-daemon / restart-libvirtd")
     parser.add_argument("--zk-root", default=DEFAULT_ZK_ROOT)
     args = parser.parse_args(argv)
     try:
@@ -600,8 +605,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.host:
                 parser.error(f"{args.command} needs --host")
-            fn = views.start_daemon if args.command == "start-daemon" else views.restart_libvirtd
-            print(fn(args.host))
+            if args.command == "services":
+                # what systemd would do after the roles ran: libvirtd first, then the daemon
+                with views.locked():
+                    done = {"libvirtd": views.restart_libvirtd(args.host), "node-daemon": views.start_daemon(args.host)}
+                print(json.dumps(done))
+            else:
+                fn = views.start_daemon if args.command == "start-daemon" else views.restart_libvirtd
+                print(fn(args.host))
     except (ViewError, LabError, subprocess.CalledProcessError) as exc:
         print(f"hostviews {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -21,7 +21,8 @@ from tests.lab.lab import proc_cmdline
 
 from .fixtures import ROLE_FILES, UPLINK, VM_BRIDGES, machine_state
 
-pytestmark = pytest.mark.lab
+# a rollout takes a minute or two on a quiet 2-core machine, several on a busy one
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
 IPV6_OFF = {"disable_ipv6": "1", "accept_ra": "0", "autoconf": "0", "addr_gen_mode": "1"}
 def _addresses(host) -> dict[str, list[dict]]:

@@ -14,7 +14,8 @@ import pytest
 from tests.lab.lab import REPO_ROOT
 from tests.support.zookeeper import ZooKeeperServer
 
-pytestmark = pytest.mark.lab
+# a rollout takes a minute or two on a quiet 2-core machine, several on a busy one
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
 PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
 WHEELHOUSE = Path("/tmp/pvc-cluster/wheelhouse")

@@ -12,7 +12,8 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import find_vm, read_history, read_vm, wait_for_key
 from tests.lab.guests import domain_xml
 
-pytestmark = pytest.mark.lab
+# a rollout takes a minute or two on a quiet 2-core machine, several on a busy one
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
 # name, home, meta
 VMS = [

@@ -26,3 +26,22 @@ def make_vm(name="web1", uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", state="sta
 def make_node(name, daemon_state="run", domain_state="ready", memtotal=16384, memprov=0, memreserve=0, reserved=0):
     return NodeView(name=name, daemon_state=daemon_state, domain_state=domain_state, memtotal=memtotal,
                     memfree=memtotal - memprov, memprov=memprov, memreserve=memreserve, reserved=reserved)
+
+
+class FakeStore:
+    """The read side of ClusterStore over a dict of znode path -> text (for logic that only reads)."""
+
+    def __init__(self, values: dict[str, str], root: str = "/pvc") -> None:
+        from ansible_collections.pvc.cluster.plugins.module_utils._schema import Schema
+
+        self.schema = Schema(root)
+        self.values = values
+
+    def read(self, path):
+        return self.values.get(path)
+
+    def read_json(self, path):
+        import json
+
+        text = self.values.get(path)
+        return json.loads(text) if text else None

@@ -13,7 +13,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleF
 from ansible_collections.pvc.cluster.plugins.module_utils._report import ClusterSnapshot
 from ansible_collections.pvc.cluster.plugins.modules import node as module
 
-from ansible_collections.pvc.cluster.tests.unit.plugins.modules.cluster_builders import make_vm
+from ansible_collections.pvc.cluster.tests.unit.plugins.modules.cluster_builders import FakeStore, make_vm
 
 
 @pytest.mark.parametrize("current, state, written, changed", [
@@ -80,3 +80,26 @@ def test_a_vm_that_fits_nowhere_is_planned_for_shutdown():
     assert plan[0]["target"] is None
     assert "it will be shut down and marked for autostart" in plan[0]["reason"]
     assert check["ok"]
+
+
+def published_store(running: dict[str, list[str]], vms: dict[str, tuple[str, str]], dead=()):
+    values = {}
+    for node, uuids in running.items():
+        values[f"/pvc/nodes/{node}/runningdomains"] = json.dumps(uuids)
+        values[f"/pvc/nodes/{node}/daemon_state"] = "dead" if node in dead else "run"
+    for uuid, (node, state) in vms.items():
+        values[f"/pvc/domains/{uuid}/node"] = node
+        values[f"/pvc/domains/{uuid}/state"] = state
+    return FakeStore(values)
+
+
+@pytest.mark.parametrize("running, vms, dead, expected", [
+    ({"n1": [], "n2": ["a"], "n3": ["b"]}, {"a": ("n2", "start"), "b": ("n3", "start")}, (), True),
+    ({"n1": ["a"], "n2": ["a"], "n3": ["b"]}, {"a": ("n2", "start"), "b": ("n3", "start")}, (), False),  # n1 not updated yet
+    ({"n1": [], "n2": [], "n3": ["b"]}, {"a": ("n2", "start"), "b": ("n3", "start")}, (), False),        # n2 not updated yet
+    ({"n1": [], "n2": [], "n3": ["b"]}, {"a": ("n2", "stop"), "b": ("n3", "start")}, (), True),          # a is not meant to run
+    ({"n1": ["a"], "n2": ["a"], "n3": ["b"]}, {"a": ("n2", "start"), "b": ("n3", "start")}, ("n1",), True),  # n1's list is stale
+])
+def test_published_running_domains(running, vms, dead, expected):
+    store = published_store(running, vms, dead)
+    assert module.published(store, sorted(running), ["a", "b"]) is expected

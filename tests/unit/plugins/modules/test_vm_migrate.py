@@ -5,12 +5,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleFailure
 from ansible_collections.pvc.cluster.plugins.modules import vm_migrate as module
 
-from ansible_collections.pvc.cluster.tests.unit.plugins.modules.cluster_builders import make_vm
+from ansible_collections.pvc.cluster.tests.unit.plugins.modules.cluster_builders import FakeStore, make_vm
 
 
 def params(**values):
@@ -110,3 +112,16 @@ def test_the_plan_reports_the_target_memory_before_and_after(nodes):
 def test_no_memory_figures_when_nothing_moves(nodes):
     plan = module.make_plan(make_vm(), params(target_node="n1"), nodes, None)
     assert "target_memory_before" not in module.describe_plan(plan)
+
+
+@pytest.mark.parametrize("target_runs, source_runs, source_daemon, expected", [
+    (["u"], [], "run", True),
+    (["u"], ["u"], "run", False),      # the source has not published since the VM left
+    ([], [], "run", False),            # the target has not published since the VM arrived
+    (["u"], ["u"], "dead", True),      # a dead source's list is stale: not asked
+])
+def test_runs_only_on(target_runs, source_runs, source_daemon, expected):
+    store = FakeStore({"/pvc/nodes/n2/runningdomains": json.dumps(target_runs),
+                       "/pvc/nodes/n1/runningdomains": json.dumps(source_runs),
+                       "/pvc/nodes/n1/daemon_state": source_daemon})
+    assert module.runs_only_on(store, "u", "n2", "n1") is expected
