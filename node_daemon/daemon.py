@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class DaemonError(RuntimeError):
-    pass
+    """The daemon cannot start: libvirt or ZooKeeper unreachable, or the cluster schema refused."""
 
 
 class NodeDaemon:
@@ -164,8 +164,9 @@ class NodeDaemon:
         log.ok("node %s running", self.node)
 
     def wait(self) -> None:
+        # a bounded wait in a loop, so that signals are handled promptly on every Python version
         while not self.stop_event.wait(3600):
-            pass
+            continue
 
     def request_stop(self) -> None:
         self.stop_event.set()

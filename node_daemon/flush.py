@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class Cancelled(Exception):
-    pass
+    """A newer domain state stopped this flush or ready between two migrations."""
 
 
 class NodeStateWorker:

@@ -386,8 +386,8 @@ class Hypervisor:
             if cb_id is not None:
                 try:
                     conn.domainEventDeregisterAny(cb_id)
-                except libvirt.libvirtError:
-                    pass
+                except libvirt.libvirtError as exc:   # the connection is closing anyway
+                    log.debug("deregistering lifecycle events of %s failed: %s", self.uri, exc)
             conn.close()
 
         try:
@@ -453,8 +453,8 @@ class Hypervisor:
             return
         try:
             cleanup(value)
-        except Exception:
-            pass
+        except Exception as exc:   # best effort: the caller already gave up on this call
+            log.debug("cleanup after an abandoned libvirt call failed: %s", exc)
 
     def _connection(self, op: str, domain: str | None) -> libvirt.virConnect:
         conn = self._conn
@@ -748,8 +748,8 @@ class Hypervisor:
             finally:
                 try:
                     dconn.close()
-                except libvirt.libvirtError:
-                    pass
+                except libvirt.libvirtError as exc:
+                    log.debug("closing the destination connection failed: %s", exc)
 
         log.debug("migrating %s to %s (params %s, flags %#x)", uuid, dest_uri, params, flags)
         call = _Call("migrate", uuid, run).start()

@@ -256,7 +256,7 @@ class ReopenableFileHandler(logging.FileHandler):
                 old.flush()
                 old.close()
             except (OSError, ValueError):
-                pass
+                old = None   # the rotated file is already unusable; the new one is open
 
     def emit(self, record: logging.LogRecord) -> None:
         # Called with the handler lock held (Handler.handle).

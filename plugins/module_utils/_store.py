@@ -679,4 +679,4 @@ class ClusterStore:
                     self._call(f"delete {lock_path}/{child}", lambda c=child: self.client.delete_async(f"{lock_path}/{c}"))
                     self.log.info("lock %s: deleted our leftover lock node %s", lock_path, child)
                 except MissingError:
-                    pass
+                    continue   # already gone (the session that held it expired)

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from .guests import domain_xml
-from .hostviews import LAB_ANSIBLE, HostViews, ViewError
+from .hostviews import LAB_ANSIBLE, LAB_DAEMON_VARS, HostViews, ViewError
 from .lab import REPO_ROOT, Lab, LabError
 
 DEFAULT_WORKDIR = "/tmp/pvc-cluster/demo"
@@ -175,6 +175,9 @@ class Demo:
         print()
         self.say(f"{counts.get('live', 0)} live and {counts.get('shutdown', 0)} shutdown migrations; "
                  f"every VM back where it was: {'yes' if all_home else 'NO'}")
+        self.say("the lab's guests have no OS, so they ignore the ACPI shutdown: a shutdown migration waits "
+                 f"the daemon's shutdown timeout ({LAB_DAEMON_VARS['node_daemon_shutdown_timeout_s']} s here), then "
+                 "stops the VM and starts it on the target")
         self.say(f"audit records: pvc.cluster.vm_info (history), or ZooKeeper /pvc/domains/<uuid>/history; "
                  f"snapshots in {self.records}")
         if not all_home:
@@ -183,6 +186,7 @@ class Demo:
     # ---- the end ---------------------------------------------------------------------------------
 
     def teardown(self) -> None:
+        self.step_no = 7   # the last step, also after a failure or an interruption
         self.step("Teardown: every process the demo started ended by PID, namespaces deleted")
         try:
             self.views.down()
@@ -198,7 +202,7 @@ class Demo:
     {sys.executable} -m tests.lab status --workdir {self.workdir}
     export {exports}
     nsenter --net=/run/netns/{self.lab.ctl_netns} {REPO_ROOT}/.venv/bin/ansible localhost -m pvc.cluster.node_info -a zk_hosts={self.lab.zk_hosts}
-    nsenter --net=/run/netns/{self.lab.ctl_netns} {REPO_ROOT}/.venv/bin/ansible-playbook playbooks/maintenance.yml --limit node2
+    nsenter --net=/run/netns/{self.lab.ctl_netns} {REPO_ROOT}/.venv/bin/ansible-playbook -e @{self.views.play_vars_file} playbooks/maintenance.yml --limit node2
     daemon logs: {self.views.logs}
   and to end it:
     make demo-down      (or: {sys.executable} -m tests.lab.demo --down --workdir {self.workdir})""", flush=True)
