@@ -151,3 +151,30 @@ def test_bad_config_exits_2_with_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "intervals.keepalive_s" in lines[0] and "accepted" in lines[0]
+
+
+def test_metrics_endpoint_serves_node_figures_and_migrations(cluster):
+    import urllib.request
+
+    from tests.support.zookeeper import free_port
+
+    ports = {node: free_port() for node in ("node1", "node2")}
+    for node in ports:
+        cluster.add(node, metrics={"enabled": True, "address": "127.0.0.1", "port": ports[node]})
+    for node in ports:
+        cluster.wait_node_state(node, "run")
+        cluster.set_domain_state(node, "unflush")
+    for node in ports:
+        cluster.wait_domain_state(node, "ready")
+    uuid, xml = domain_xml("metered", memory="512")
+    cluster.define_vm(xml, uuid, "metered", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
+    cluster.wait_running_on("node1", uuid)
+    request(cluster, uuid, "migrate", target="node2")
+    cluster.wait_no_migration(uuid)
+    cluster.wait_running_on("node2", uuid)
+    # the target finishes a migration, so it counts it
+    text = urllib.request.urlopen(f"http://127.0.0.1:{ports['node2']}/metrics", timeout=30).read().decode()
+    assert 'pvc_node_memory_mib{kind="provisioned"} 512.0' in text
+    assert 'pvc_migrations_total{method="shutdown",result="done",role="target"} 1.0' in text
+    assert "pvc_keepalive_duration_seconds_count" in text
+    assert 'pvc_node_vms{state="start"} 1.0' in text
