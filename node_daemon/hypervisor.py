@@ -678,6 +678,19 @@ class Hypervisor:
                 self._state_changed.wait_for(lambda: self._event_seq != seq,
                                              timeout=min(remaining, self.poll_interval_s))
 
+    def shutdown_or_destroy(self, uuid: str, timeout_s: float) -> bool:
+        """A clean shutdown within ``timeout_s``, else a forced stop (a guest may ignore the
+        request). True when the guest shut down by itself. Raises HypervisorError only when the
+        forced stop fails too."""
+        try:
+            if self.shutdown(uuid, timeout_s):
+                return True
+            log.warning("domain %s did not shut down within %.0f s: forced stop", uuid, timeout_s)
+        except HypervisorError as exc:
+            log.warning("clean shutdown of domain %s failed (%s): forced stop", uuid, exc)
+        self.destroy(uuid)
+        return False
+
     def destroy(self, uuid: str) -> bool:
         """Forced stop. True if this stopped it; False if it was already off or is unknown."""
 

@@ -370,14 +370,8 @@ class MigrationAgent:
 
     def shutdown_here(self, uuid: str) -> None:
         try:
-            if self.hypervisor.shutdown(uuid, self.config.shutdown_timeout_s):
-                log.ok("VM %s: shut down for migration", uuid)
-                return
-            log.warning("VM %s: did not shut down within %.0f s: forced stop", uuid, self.config.shutdown_timeout_s)
-        except HypervisorError as exc:
-            log.warning("VM %s: clean shutdown failed (%s): forced stop", uuid, exc)
-        try:
-            self.hypervisor.destroy(uuid)
+            clean = self.hypervisor.shutdown_or_destroy(uuid, self.config.shutdown_timeout_s)
+            log.ok("VM %s: %s for migration", uuid, "shut down" if clean else "stopped (forced)")
         except HypervisorError as exc:
             log.error("VM %s: forced stop failed: %s", uuid, exc)
 

@@ -309,13 +309,10 @@ class Reconciler:
     def _shutdown(self, uuid: str) -> None:
         """Clean shutdown with the configured timeout, then a forced stop."""
         try:
-            if self.hypervisor.shutdown(uuid, self.config.shutdown_timeout_s):
-                log.ok("VM %s: shut down", uuid)
-                return
-            log.warning("VM %s: did not shut down within %.0f s: forced stop", uuid, self.config.shutdown_timeout_s)
+            clean = self.hypervisor.shutdown_or_destroy(uuid, self.config.shutdown_timeout_s)
+            log.ok("VM %s: %s", uuid, "shut down" if clean else "stopped (forced)")
         except HypervisorError as exc:
-            log.warning("VM %s: clean shutdown failed (%s): forced stop", uuid, exc)
-        self._destroy(uuid)
+            log.error("VM %s: forced stop failed: %s", uuid, exc)
 
     def _destroy(self, uuid: str) -> None:
         try:
