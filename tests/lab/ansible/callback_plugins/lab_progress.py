@@ -85,7 +85,7 @@ class CallbackModule(CallbackBase):
             self.outcomes[self._host(result)] = "changed"
 
     def v2_runner_retry(self, result) -> None:
-        pass
+        """Retries (the rollout's wait for the daemons) show as the task's one line when it ends."""
 
     def v2_playbook_on_stats(self, stats) -> None:
         self._flush()
