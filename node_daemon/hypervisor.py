@@ -220,7 +220,7 @@ def _run_event_loop() -> None:
             libvirt.virEventRunDefaultImpl()
         except Exception:  # keep the loop alive whatever happens in one iteration
             log.exception("libvirt event loop iteration failed")
-            time.sleep(0.1)
+            time.sleep(0.1)   # backoff, so a persistent failure does not spin the CPU
 
 
 def ensure_event_loop() -> None:

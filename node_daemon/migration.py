@@ -89,7 +89,7 @@ def crash_while_migrating(hypervisor, uuid: str) -> None:
             # the job runs and memory moves (or it has run for a while)
             if info and info[0] != libvirt.VIR_DOMAIN_JOB_NONE and (info[4] > 0 or info[1] >= 100):
                 crash_point("source:live-running")
-            time.sleep(0.005)
+            time.sleep(0.005)   # test-only hook: libvirt has no event for "memory is moving"; poll its job info
 
     threading.Thread(target=watch, name="crash-watch", daemon=True).start()
 
