@@ -16,7 +16,7 @@ import threading
 import time
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_meta, read_node_raw
+from pvc_cluster_common._cluster import read_meta, read_node_raw, read_vm
 from pvc_cluster_common._requests import (
     RESULT_ABORTED,
     RESULT_DONE,
@@ -24,7 +24,9 @@ from pvc_cluster_common._requests import (
     STEP_REQUESTED,
     STEP_TRANSFERRED,
     STEP_TRANSFERRING,
+    RequestPlan,
     finish_values,
+    new_record,
 )
 
 from .hypervisor import Hypervisor, HypervisorError
@@ -521,8 +523,6 @@ class MigrationAgent:
             log.warning("VM %s runs here but is assigned to %s, which cannot be asked; leaving it running", uuid, assigned)
             return
         log.warning("VM %s runs here but is assigned to %s with no migration: migrating it there", uuid, assigned)
-        from pvc_cluster_common._cluster import read_vm
-        from pvc_cluster_common._requests import new_record, RequestPlan
         vm = read_vm(self.store, uuid)
         if vm is None:
             return

@@ -166,6 +166,21 @@ def read_vm(store, uuid: str) -> VMRecord | None:
     )
 
 
+def vm_definition(schema, uuid: str, name: str, xml: str, node: str, state: str, meta: dict | None = None) -> dict:
+    """Every key of a newly defined VM, for one ``commit``: placement, state and the given meta."""
+    values = {
+        schema.domain(uuid): name,
+        schema.domain_key(uuid, S.DOMAIN_XML): xml,
+        schema.domain_key(uuid, S.DOMAIN_NODE): node,
+        schema.domain_key(uuid, S.DOMAIN_LASTNODE): "",
+        schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): "",
+        schema.domain_key(uuid, S.DOMAIN_STATE): state,
+    }
+    for key, value in (meta or {}).items():
+        values[schema.domain_meta(uuid, key)] = value
+    return values
+
+
 def read_history(store, uuid: str, last: int = HISTORY_SHOWN) -> list[dict]:
     """The last ``last`` finished migrations of a VM, oldest first."""
     path = store.schema.domain_history(uuid)

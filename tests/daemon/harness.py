@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import wait_for_key
+from pvc_cluster_common._cluster import vm_definition, wait_for_key
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,17 +160,7 @@ class TestCluster:
     # ---- cluster writes a test needs ---------------------------------------------------------------
 
     def define_vm(self, xml: str, uuid: str, name: str, node: str, state: str = "start", meta: dict | None = None) -> None:
-        values = {
-            self.schema.domain(uuid): name,
-            self.schema.domain_key(uuid, S.DOMAIN_XML): xml,
-            self.schema.domain_key(uuid, S.DOMAIN_NODE): node,
-            self.schema.domain_key(uuid, S.DOMAIN_LASTNODE): "",
-            self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): "",
-            self.schema.domain_key(uuid, S.DOMAIN_STATE): state,
-        }
-        for key, value in (meta or {}).items():
-            values[self.schema.domain_meta(uuid, key)] = value
-        self.store.commit(values)
+        self.store.commit(vm_definition(self.schema, uuid, name, xml, node, state, meta))
 
     def set_domain_state(self, node: str, state: str) -> None:
         self.store.commit({self.schema.node_key(node, S.NODE_DOMAIN_STATE): state})

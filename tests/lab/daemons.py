@@ -53,7 +53,7 @@ import pytest
 import yaml
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_history, read_node_views, read_vm, wait_for_key
+from pvc_cluster_common._cluster import read_history, read_node_views, read_vm, vm_definition, wait_for_key
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.zookeeper import _setns_net
@@ -399,17 +399,7 @@ class LabCluster:
                 f"      <source file='{disk}'/>\n"
                 "      <target dev='vda' bus='virtio'/>\n"
                 "    </disk>\n    <memballoon"), 1)
-        values = {
-            self.schema.domain(uuid): name,
-            self.schema.domain_key(uuid, S.DOMAIN_XML): xml,
-            self.schema.domain_key(uuid, S.DOMAIN_NODE): node,
-            self.schema.domain_key(uuid, S.DOMAIN_LASTNODE): "",
-            self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): "",
-            self.schema.domain_key(uuid, S.DOMAIN_STATE): state,
-        }
-        for key, value in (meta or {}).items():
-            values[self.schema.domain_meta(uuid, key)] = value
-        self.store.commit(values)
+        self.store.commit(vm_definition(self.schema, uuid, name, xml, node, state, meta))
         self.names[uuid] = name
         return uuid
 
