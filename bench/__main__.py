@@ -84,9 +84,9 @@ def _cluster(workdir: Path, nodes: int, memory_mib: int):
     return server, cluster
 
 
-def bench_shutdown_migration(samples: int = 40) -> dict:
+def bench_shutdown_migration(samples: int = 40, warmup: int = 20) -> dict:
     from pvc_cluster_common import _schema as S
-    from pvc_cluster_common._cluster import read_node_views, read_vm
+    from pvc_cluster_common._cluster import read_history, read_node_views, read_vm
     from pvc_cluster_common._requests import plan_request, submit_request
     from tests.daemon.harness import domain_xml
 
@@ -96,22 +96,28 @@ def bench_shutdown_migration(samples: int = 40) -> dict:
             uuid, xml = domain_xml("bench-vm", memory="256")
             cluster.define_vm(xml, uuid, "bench-vm", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
             cluster.wait_running_on("node1", uuid)
-            latencies = []
-            for i in range(samples):
+            to_running, to_gone = [], []
+            # The first migrations warm the freshly started ZooKeeper JVM up (its JIT compiler
+            # is busy for its first seconds); they are run the same way and not counted.
+            for i in range(warmup + samples):
                 source, target = ("node1", "node2") if i % 2 == 0 else ("node2", "node1")
                 vm = read_vm(cluster.store, uuid)
                 plan = plan_request(vm, "move", read_node_views(cluster.store), target=target)
-                started = time.perf_counter()
+                started_wall, started = time.time(), time.perf_counter()
                 record = submit_request(cluster.store, plan, vm, requester="bench")
                 cluster.wait_no_migration(uuid)
-                latencies.append((time.perf_counter() - started) * 1000)
-                final = json.loads(cluster.store.read(cluster.store.schema.domain_history(uuid) + "/"
-                                                      + sorted(cluster.store.children(cluster.store.schema.domain_history(uuid)))[-1]))
+                gone_ms = (time.perf_counter() - started) * 1000
+                final = read_history(cluster.store, uuid, 1)[-1]
                 if final["id"] != record["id"] or final["result"] != "done":
                     raise RuntimeError(f"migration {record['id']} did not finish as done: {final}")
-            p50 = percentile(latencies, 0.5)
-            return {"id": "b", "what": "shutdown migration, test driver: request -> running on target (record done)",
-                    "p50_ms": round(p50, 1), "p95_ms": round(percentile(latencies, 0.95), 1), "samples": samples,
+                if i >= warmup:
+                    # `done` is stamped by the target right after libvirt started the VM there
+                    to_running.append((final["steps"]["done"] - started_wall) * 1000)
+                    to_gone.append(gone_ms)
+            p50 = percentile(to_running, 0.5)
+            return {"id": "b", "what": "shutdown migration, test driver: request -> running on target",
+                    "p50_ms": round(p50, 1), "p95_ms": round(percentile(to_running, 0.95), 1), "samples": samples,
+                    "warmup": warmup, "p50_record_gone_ms": round(percentile(to_gone, 0.5), 1),
                     "target": "p50 <= 20 ms", "met": p50 <= 20.0}
         finally:
             cluster.close()
@@ -128,7 +134,9 @@ def bench_flush(vm_count: int = 200, nodes: int = 5) -> dict:
             uuids = []
             for i in range(vm_count):
                 uuid, xml = domain_xml(f"flush-{i:03d}", memory="512")
-                cluster.define_vm(xml, uuid, f"flush-{i:03d}", "node1")
+                # libvirt's test driver cannot migrate live: under `default` every VM would first
+                # fail a live attempt that real QEMU makes; `shutdown` is what this driver can do
+                cluster.define_vm(xml, uuid, f"flush-{i:03d}", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
                 uuids.append(uuid)
             cluster.wait(cluster.schema.node_key("node1", S.NODE_DOMAINCOUNT), lambda v: v == str(vm_count), 120,
                          f"{vm_count} VMs running on node1")
@@ -167,6 +175,8 @@ def table(rows: list[dict]) -> str:
             measured = f"{row['seconds']} s ({row['moved']} moved)"
         else:
             measured = f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms"
+            if "p50_record_gone_ms" in row:
+                measured += f" (record gone: p50 {row['p50_record_gone_ms']} ms)"
         lines.append(f"| {row['id']} | {row['what']} | {measured} | {row['target']} | {'yes' if row.get('met') else 'no'} |")
     return "\n".join(lines)
 

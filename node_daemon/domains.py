@@ -2,6 +2,12 @@
 
 Watch callbacks replace whole immutable records; readers take a snapshot (a copy of the mapping)
 and never iterate the live table, which other threads change while they read.
+
+The table is what the reconciler decides from: each key's value is the answer to a read that the
+key's own watch started, so it is never older than the last change the daemon was told about,
+and every later change brings another pass. Writes that depend on it carry a version check (the
+migration record's ``migration_version``), so a decision on a value that has just changed fails
+to write instead of overwriting the newer one.
 """
 from __future__ import annotations
 
@@ -21,6 +27,16 @@ class DomainRecord:
     memory_mib: int = 0      # configured maximum, from the XML
     vcpus: int = 0
     xml_ok: bool = True      # False when the XML could not be parsed (memory then counts 0)
+    xml: str = ""
+    migration: dict | None = None   # the in-flight migration record, decoded
+    migration_version: int = -1     # its znode version (-1: no record)
+    # watched keys answered at least once, and those of them that exist
+    loaded: frozenset = frozenset()
+    present: frozenset = frozenset()
+
+    def has(self, *keys: str) -> bool:
+        """True when every key has been read (whether or not it exists)."""
+        return all(key in self.loaded for key in keys)
 
 
 class DomainTable:
@@ -34,6 +50,29 @@ class DomainTable:
             record = replace(record, **fields)
             self._records[uuid] = record
             return record
+
+    def put(self, uuid: str, key: str, exists: bool, **fields) -> DomainRecord:
+        """Record the answer to a read of one watched key (``exists``: the key is there)."""
+        with self._lock:
+            record = self._records.get(uuid) or DomainRecord(uuid=uuid)
+            present = record.present | {key} if exists else record.present - {key}
+            record = replace(record, loaded=record.loaded | {key}, present=present, **fields)
+            self._records[uuid] = record
+            return record
+
+    def wrote_migration(self, uuid: str, before: tuple[str, int], record: dict | None, version: int) -> None:
+        """This daemon wrote the VM's migration record (``record`` None: ended it), changing it
+        from ``before`` = (record id, version). Recorded at once, only if the table still holds
+        exactly that version: the watch's answer comes later, and until then a queued pass would
+        act on the step this daemon has just left (and fail its version check)."""
+        with self._lock:
+            current = self._records.get(uuid)
+            if (current is None or current.migration is None
+                    or (current.migration.get("id"), current.migration_version) != before):
+                return
+            self._records[uuid] = replace(current, migration=record, migration_version=version if record else -1,
+                                          migration_source=record.get("source") if record else None,
+                                          migration_target=record.get("target") if record else None)
 
     def remove(self, uuid: str) -> None:
         with self._lock:

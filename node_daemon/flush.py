@@ -93,21 +93,24 @@ class NodeStateWorker:
 
     # ---- one migration, waited for -------------------------------------------------------------
 
-    def migrate_and_wait(self, uuid: str, kind: str, target: str | None, nodes_override=None, attempts: int = 5) -> str:
-        """Request one migration and wait for it to end. A request that lost a race with another
-        one (the VM or the target's reservations changed) is planned again from fresh reads."""
+    def migrate_and_wait(self, uuid: str, kind: str, target: str | None, nodes_override=None, attempts: int = 5,
+                         known=None) -> str:
+        """Request one migration and wait for it to end. ``known`` = (VM record, node views) as
+        the caller has just read them, for the first attempt: the request's own transaction
+        re-checks what matters (the VM's node version, the target's reservations and memory).
+        A request that lost a race with another one is planned again from fresh reads."""
         for attempt in range(1, attempts + 1):
             try:
-                return self._migrate_and_wait_once(uuid, kind, target, nodes_override)
+                return self._migrate_and_wait_once(uuid, kind, target, nodes_override, known if attempt == 1 else None)
             except ConflictError as exc:
                 log.info("VM %s: request raced another one (%s); planning again (%d/%d)", uuid, exc, attempt, attempts)
         return "conflict"
 
-    def _migrate_and_wait_once(self, uuid: str, kind: str, target: str | None, nodes_override=None) -> str:
-        vm = read_vm(self.store, uuid)
+    def _migrate_and_wait_once(self, uuid: str, kind: str, target: str | None, nodes_override=None, known=None) -> str:
+        vm, nodes = known if known else (read_vm(self.store, uuid), None)
         if vm is None:
             return "gone"
-        nodes = read_node_views(self.store)
+        nodes = dict(nodes) if nodes else read_node_views(self.store)
         if nodes_override:
             nodes.update(nodes_override(nodes))
         try:
@@ -120,17 +123,41 @@ class NodeStateWorker:
             return f"refused: {exc}"
         if not plan.changed:
             return "unchanged"
-        record = submit_request(self.store, plan, vm, requester=f"{self.node} ({kind})",
-                                target_unflushing_ok=plan.target == self.node)
+        try:
+            record = self._submit(plan, vm, kind)
+        except RequestError as exc:
+            # the target's fresh view (reservations made since our reads) refused it
+            if target is not None and kind == "migrate":
+                return self._migrate_and_wait_once(uuid, kind, None, nodes_override)
+            log.warning("VM %s: %s", vm.name, exc)
+            return f"refused: {exc}"
         log.info("VM %s: %s", vm.name, plan.message)
         if record is None:
             return "re-homed"
         timeout = (self.config.step_timeout_s * 3 + self.config.live_timeout_s(vm.memory_mib)
                    + self.config.shutdown_timeout_s)
+        # A watch of its own, not the table: the table may not have seen this record yet.
         if not wait_for_key(self.store, self.schema.domain_migration(uuid), lambda v: v is None, timeout):
             log.warning("VM %s: migration %s still in flight after %.0f s", vm.name, record["id"], timeout)
             return "timeout"
         return "finished"
+
+    def _submit(self, plan, vm, kind: str, attempts: int = 10):
+        """Submit; when only the target's reservations changed underneath (another request to
+        the same target, common with several in flight), submit again at once: the request
+        re-reads the target's reservations and memory itself, and nothing about the VM changed.
+        Any other conflict goes back to the caller, which plans again from fresh reads."""
+        reservations = self.schema.node_reservations(plan.target)
+        attempt = 1
+        while True:
+            try:
+                return submit_request(self.store, plan, vm, requester=f"{self.node} ({kind})",
+                                      target_unflushing_ok=plan.target == self.node)
+            except ConflictError as exc:
+                if exc.path != reservations or attempt == attempts:
+                    raise
+                log.debug("VM %s: another request to %s came first; submitting again", vm.name, plan.target)
+                attempt += 1
 
     def _shutdown_for_flush(self, uuid: str) -> None:
         vm = read_vm(self.store, uuid)
@@ -158,10 +185,14 @@ class NodeStateWorker:
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="node-read") as pool:
             return [vm for vm in pool.map(lambda u: read_vm(self.store, u), uuids) if vm is not None]
 
-    def vms_to_flush(self) -> list:
-        # The watch-fed table narrows the candidates; each candidate is then re-read fresh.
-        candidates = [uuid for uuid, record in self.domains.snapshot().items()
-                      if record.node == self.node and record.state == "start"]
+    def vms_to_flush(self, fresh: bool = True) -> list:
+        """VMs that should run here, with no migration in flight. The watch-fed table narrows the
+        candidates; with ``fresh`` each is then re-read (for planning: meta and memory), otherwise
+        the table's entries are the answer (a check after a wave: only their uuids are used)."""
+        candidates = {uuid: record for uuid, record in self.domains.snapshot().items()
+                      if record.node == self.node and record.state == "start"}
+        if not fresh:
+            return [record for record in candidates.values() if record.migration is None]
         return [vm for vm in self.read_vms(candidates)
                 if vm.node == self.node and vm.state == "start" and not vm.migration]
 
@@ -175,6 +206,9 @@ class NodeStateWorker:
             plan = plan_flush(self.node, [FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector,
                                                   vm.home, vm.vcpus) for vm in vms],
                               nodes, default_selector=self.config.default_selector)
+            # Each request starts from these reads; its transaction re-checks the VM and the
+            # target, and a request that finds them changed re-reads and plans again.
+            by_uuid = {vm.uuid: vm for vm in vms}
             with ThreadPoolExecutor(max_workers=self.config.flush_parallel, thread_name_prefix="node-flush") as pool:
                 futures = []
                 for move in plan:
@@ -183,12 +217,15 @@ class NodeStateWorker:
                     if move.target is None:
                         futures.append(pool.submit(self._shutdown_for_flush, move.uuid))
                     else:
-                        futures.append(pool.submit(self.migrate_and_wait, move.uuid, "migrate", move.target))
+                        futures.append(pool.submit(self.migrate_and_wait, move.uuid, "migrate", move.target,
+                                                   known=(by_uuid[move.uuid], nodes)))
                 for future in futures:
                     future.result()
             if cancel.is_set():
                 raise Cancelled()
-            remaining = self.vms_to_flush()
+            remaining = self.vms_to_flush(fresh=False)
+            if remaining:
+                remaining = self.vms_to_flush()   # the table may be an answer behind: confirm
             if not remaining:
                 # `flushed` promises that no cluster VM runs here: ask libvirt, not the records
                 still = self.running_here()

@@ -16,7 +16,7 @@ import threading
 import time
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_meta, read_node_raw, read_vm
+from pvc_cluster_common._cluster import read_meta_with, read_vm
 from pvc_cluster_common._requests import (
     RESULT_ABORTED,
     RESULT_DONE,
@@ -51,6 +51,7 @@ PAUSE_MAX_S = 300.0
 ACTIVE = ("running", "blocked", "paused", "shutdown", "pmsuspended")
 RUNNING = ("running", "blocked")
 UNKNOWN = "unknown"
+ASK = object()   # "libvirt's state of the VM here is not known yet: ask"
 
 
 def crash_point(name: str) -> None:
@@ -226,6 +227,7 @@ class MigrationAgent:
             log.warning("migration %s of %s: record changed before step %s could be written; re-reading",
                         record.get("id"), uuid, step)
             return None
+        self.domains.wrote_migration(uuid, (record.get("id"), version), new, version + 1)
         log.info("migration %s of %s: %s (%s -> %s)", record.get("id"), uuid, step, record["source"], record["target"])
         return new, version + 1
 
@@ -240,6 +242,7 @@ class MigrationAgent:
         if not ok:
             log.warning("migration %s of %s: record changed before it could be finished; re-reading", record.get("id"), uuid)
             return False
+        self.domains.wrote_migration(uuid, (record.get("id"), version), None, -1)
         self.deadlines.clear(uuid)
         self._prune_history(uuid)
         if result == RESULT_DONE:
@@ -263,8 +266,11 @@ class MigrationAgent:
 
     # ---- dispatch -----------------------------------------------------------------------------
 
-    def handle(self, uuid: str, known=None) -> None:
-        """Act on the VM's migration record; ``known`` is (record, version) when the caller just read it."""
+    def handle(self, uuid: str, known=None, local_state=ASK) -> None:
+        """Act on the VM's migration record. ``known`` is (record, version) as the caller has it
+        (the reconciler's watch-fed table): every step written from it is version-checked, so a
+        record that changed meanwhile only makes the write fail. ``local_state``: libvirt's state
+        of the VM here, when the caller has just asked."""
         record, version = known if known else self.read_record(uuid)
         if record is None:
             self.deadlines.clear(uuid)
@@ -272,13 +278,16 @@ class MigrationAgent:
         marker = f"{record.get('id')}:{version}"
         timed_out = self.deadlines.expired(uuid, marker)
         if record.get("source") == self.node:
-            self.as_source(uuid, record, version, marker, timed_out)
+            self.as_source(uuid, record, version, marker, timed_out, local_state)
         elif record.get("target") == self.node:
-            self.as_target(uuid, record, version, marker, timed_out)
+            self.as_target(uuid, record, version, marker, timed_out, local_state)
+
+    def _local(self, uuid: str, hint) -> str | None:
+        return self.local_state(uuid) if hint is ASK else hint
 
     # ---- source side --------------------------------------------------------------------------
 
-    def as_source(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool) -> None:
+    def as_source(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool, local=ASK) -> None:
         step = record.get("step")
         if step == STEP_REQUESTED:
             if timed_out:
@@ -286,7 +295,7 @@ class MigrationAgent:
             else:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
         elif step == STEP_PREPARED:
-            self.transfer(uuid, record, version)
+            self.transfer(uuid, record, version, local)
         elif step == STEP_TRANSFERRING:
             # Only reached after a restart or a lost session: the transfer of this record was
             # under way in a process that no longer runs it. Resolve from libvirt's view.
@@ -297,22 +306,21 @@ class MigrationAgent:
             else:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
 
-    def method_for(self, uuid: str, record: dict) -> str:
-        """Re-read the VM's migration_method: it may have changed since the request."""
-        if record.get("force_live"):
-            return "live"
-        return read_meta(self.store, uuid).migration_method
-
-    def transfer(self, uuid: str, record: dict, version: int) -> None:
+    def transfer(self, uuid: str, record: dict, version: int, local=ASK) -> None:
         pause_point("source:before-transfer")
         target = record["target"]
-        node_now = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_NODE))
+        # One round of fresh reads: the VM's node (has the target changed?), its meta (the
+        # migration_method may have changed since the request) and where to send it.
+        node_path = self.schema.domain_key(uuid, S.DOMAIN_NODE)
+        uri_path = self.schema.node_key(target, S.NODE_LIBVIRT_URI)
+        transport_path = self.schema.node_key(target, S.NODE_TRANSPORT_URI)
+        meta, found = read_meta_with(self.store, uuid, (node_path, uri_path, transport_path))
+        node_now = found[node_path][0] if found[node_path] else None
         if node_now != target:
             self.abort(uuid, record, version, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
             return
-        method = self.method_for(uuid, record)
-        local = self.local_state(uuid)
-        if local not in ACTIVE:
+        method = "live" if record.get("force_live") else meta.migration_method
+        if self._local(uuid, local) not in ACTIVE:
             # Nothing runs here (it crashed, or was never started): the target simply starts it.
             advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used="offline", method=method)
             if advanced:
@@ -325,7 +333,8 @@ class MigrationAgent:
         record, version = advanced
         crash_point("source:transferring")
         if first == "live":
-            error = self.live_migrate(uuid, record)
+            dest = (found[uri_path] or ("",))[0], (found[transport_path] or ("",))[0]
+            error = self.live_migrate(uuid, record, meta, *dest)
             if error is None:
                 crash_point("source:live-running")   # only if the watcher missed a very short job
                 crash_point("source:live-done")
@@ -344,18 +353,14 @@ class MigrationAgent:
         crash_point("source:shutdown-done")
         self.advance(uuid, record, version, STEP_TRANSFERRED)
 
-    def live_migrate(self, uuid: str, record: dict) -> str | None:
+    def live_migrate(self, uuid: str, record: dict, meta, dest_uri: str, transport_uri: str) -> str | None:
         """Run the live migration; None on success, else libvirt's reason."""
-        target = record["target"]
-        target_raw = read_node_raw(self.store, target) or {}
-        dest_uri = target_raw.get(S.NODE_LIBVIRT_URI)
         if not dest_uri:
-            return f"target {target} has not published its libvirt URI"
-        meta = read_meta(self.store, uuid)
+            return f"target {record['target']} has not published its libvirt URI"
         timeout_s = self.config.live_timeout_s(int(record.get("memory_mib") or 0))
         crash_while_migrating(self.hypervisor, uuid)
         try:
-            self.hypervisor.migrate(uuid, dest_uri, migration_uri=target_raw.get(S.NODE_TRANSPORT_URI) or None,
+            self.hypervisor.migrate(uuid, dest_uri, migration_uri=transport_uri or None,
                                     live=True, peer_to_peer=True, max_downtime_ms=meta.migration_max_downtime_ms,
                                     timeout_s=timeout_s)
         except HypervisorError as exc:
@@ -379,10 +384,10 @@ class MigrationAgent:
 
     # ---- target side --------------------------------------------------------------------------
 
-    def as_target(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool) -> None:
+    def as_target(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool, local=ASK) -> None:
         step = record.get("step")
         if step == STEP_REQUESTED:
-            self.prepare(uuid, record, version)
+            self.prepare(uuid, record, version, local)
         elif step in (STEP_PREPARED, STEP_TRANSFERRING):
             if timed_out:
                 self.resolve(uuid, record, version, marker)
@@ -392,9 +397,9 @@ class MigrationAgent:
                     wait += self.config.live_timeout_s(int(record.get("memory_mib") or 0)) + self.config.shutdown_timeout_s
                 self.deadlines.arm(uuid, marker, wait)
         elif step == STEP_TRANSFERRED:
-            self.complete(uuid, record, version, marker, timed_out)
+            self.complete(uuid, record, version, marker, timed_out, local)
 
-    def prepare(self, uuid: str, record: dict, version: int) -> None:
+    def prepare(self, uuid: str, record: dict, version: int, local=ASK) -> None:
         pause_point("target:before-prepare")
         paths = (self.schema.node_key(self.node, S.NODE_DAEMON_STATE), self.schema.node_key(self.node, S.NODE_DOMAIN_STATE))
         found = self.store.read_many(paths)
@@ -403,14 +408,14 @@ class MigrationAgent:
             self.abort(uuid, record, version,
                        f"target {self.node} is not ready (daemon {daemon_state}, domain state {domain_state})")
             return
-        if self.local_state(uuid) in ACTIVE:
+        if self._local(uuid, local) in ACTIVE:
             self.resolve(uuid, record, version, f"{record['id']}:{version}")
             return
         if self.advance(uuid, record, version, STEP_PREPARED):
             crash_point("target:prepared")
 
-    def complete(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool) -> None:
-        local = self.local_state(uuid)
+    def complete(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool, local=ASK) -> None:
+        local = self._local(uuid, local)
         if local in RUNNING:
             crash_point("target:before-done")
             self.finish(uuid, record, version, RESULT_DONE)
@@ -440,8 +445,11 @@ class MigrationAgent:
             log.warning("migration %s of %s: record changed before the start here could be claimed; re-reading",
                         record.get("id"), uuid)
             return
+        self.domains.wrote_migration(uuid, (record.get("id"), version), claim, version + 1)
         record, version = claim, version + 1
-        xml = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
+        known = self.domains.get(uuid)
+        xml = known.xml if known is not None and S.DOMAIN_XML in known.present else None
+        xml = xml or self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
         pause_point("target:before-start")
         try:
             if not xml:
@@ -458,6 +466,9 @@ class MigrationAgent:
 
     def resolve(self, uuid: str, record: dict, version: int, marker: str) -> None:
         """Finish or roll back from libvirt's view on both sides (docs/migration-protocol.md)."""
+        _, current = self.read_record(uuid)
+        if current != version:
+            return   # the record moved on (or ended) since it was handed to us: its watch brings it
         source, target = record["source"], record["target"]
         on_source = self.state_on(source, uuid)
         on_target = self.state_on(target, uuid)
@@ -530,4 +541,5 @@ class MigrationAgent:
                            changed=True, migrates=True, memory_mib=vm.memory_mib, force_live=False, message="rehome")
         record = new_record(plan, vm, requester=self.node)
         path = self.schema.domain_migration(uuid)
-        self.store.write({path: record, self.schema.node_reservation(assigned, uuid): vm.memory_mib})
+        # create: a request written meanwhile wins, and this is re-decided from it
+        self.store.write({path: record, self.schema.node_reservation(assigned, uuid): vm.memory_mib}, create=[path])

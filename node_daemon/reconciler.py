@@ -1,9 +1,16 @@
 """Drive every VM that concerns this node towards the state ZooKeeper records.
 
-ZooKeeper watches on each VM's ``state``, ``node``, ``xml`` and ``migration`` keys mark the VM
-dirty; a worker thread per VM (at most one at a time, named ``vm-<name>``) re-reads the VM from
-ZooKeeper and libvirt and applies :func:`vmstate.decide`. Events that arrive while a worker runs
-make it run once more, so a late or repeated watch is harmless: every pass starts from fresh reads.
+ZooKeeper watches on each VM's ``state``, ``node``, ``lastnode``, ``xml`` and ``migration`` keys
+keep the daemon's table (domains.py) current and mark the VM dirty; a worker thread per VM (at
+most one at a time, named ``vm-<name>``) asks libvirt for the VM's state and applies
+:func:`vmstate.decide` to the table's values. Events that arrive while a worker runs make it run
+once more, so a late or repeated watch is harmless.
+
+Deciding from the table saves a round of reads per pass, which matters because a migration is a
+chain of passes on two daemons. It is safe because of what each action writes or touches:
+migration steps are written with the record's version as the table holds it (a stale record
+fails to write), and every other action (start, stop, shutdown, rehome) is confirmed from fresh
+reads before anything is done.
 A periodic pass every keepalive interval also catches what no watch reports (a guest that crashed).
 """
 from __future__ import annotations
@@ -89,19 +96,19 @@ class Reconciler:
 
         def answered(result) -> None:
             try:
-                data, _stat = result.get_nowait()
+                data, stat = result.get_nowait()
             except NoNodeError:
                 # not there (yet): an exists-watch says when it appears
                 try:
                     client.exists_async(path, watch=on_event).rawlink(appeared)
                 except Exception as exc:
                     log.debug("watch %s not armed: %s", path, exc)
-                self._on_value(uuid, key, None)
+                self._on_value(uuid, key, None, -1)
                 return
             except Exception as exc:
                 log.debug("watch %s: read failed (%s); the reconnect pass re-arms it", path, exc)
                 return
-            self._on_value(uuid, key, data)
+            self._on_value(uuid, key, data, stat.version)
 
         def appeared(result) -> None:
             try:
@@ -118,12 +125,12 @@ class Reconciler:
             for key in WATCHED_KEYS:
                 self._watch_key(uuid, key)
 
-    def _on_value(self, uuid: str, key: str, data: bytes | None) -> None:
+    def _on_value(self, uuid: str, key: str, data: bytes | None, version: int) -> None:
         if uuid not in self._watched:
             return
-        value = data.decode("utf-8") if data is not None else None
+        value = data.decode("utf-8", errors="replace") if data is not None else None
         before = self.domains.get(uuid)
-        self._record(uuid, key, value)
+        self._record(uuid, key, value, version)
         # Every daemon watches every VM; only those that concern this node are worth a pass:
         # assigned or migrating here before or after the change, or running here.
         if self._concerns_me(before) or self._concerns_me(self.domains.get(uuid)) or uuid in self.local:
@@ -132,31 +139,42 @@ class Reconciler:
     def _concerns_me(self, record) -> bool:
         return record is not None and self.node in (record.node, record.migration_source, record.migration_target)
 
-    def _record(self, uuid: str, key: str, value: str | None) -> None:
+    def _record(self, uuid: str, key: str, value: str | None, version: int) -> None:
+        exists = value is not None
         if key == S.DOMAIN_XML:
             if not value:
-                self.domains.update(uuid, memory_mib=0, vcpus=0, xml_ok=False)
+                self.domains.put(uuid, key, exists, memory_mib=0, vcpus=0, xml_ok=False, xml="")
                 return
             try:
                 info = parse_domain_xml(value)
             except DomainXMLError as exc:
                 log.error("VM %s: its XML in ZooKeeper cannot be parsed (%s); counted as 0 MiB", uuid, exc)
-                self.domains.update(uuid, memory_mib=0, vcpus=0, xml_ok=False)
+                self.domains.put(uuid, key, exists, memory_mib=0, vcpus=0, xml_ok=False, xml=value)
                 return
-            self.domains.update(uuid, name=info.name, memory_mib=info.memory_mib, vcpus=info.vcpus, xml_ok=True)
+            self.domains.put(uuid, key, exists, name=info.name, memory_mib=info.memory_mib, vcpus=info.vcpus,
+                             xml_ok=True, xml=value)
         elif key == S.DOMAIN_STATE:
-            self.domains.update(uuid, state=value or "")
+            self.domains.put(uuid, key, exists, state=value or "")
         elif key == S.DOMAIN_NODE:
-            self.domains.update(uuid, node=value or "")
+            self.domains.put(uuid, key, exists, node=value or "")
         elif key == S.DOMAIN_LASTNODE:
-            self.domains.update(uuid, lastnode=value or "")
+            self.domains.put(uuid, key, exists, lastnode=value or "")
         elif key == S.DOMAIN_MIGRATION:
-            try:
-                record = json.loads(value) if value else None
-            except ValueError:
+            record = None
+            if value:
+                try:
+                    record = json.loads(value)
+                except ValueError:
+                    log.error("VM %s: unreadable migration record %r; ignored", uuid, value[:80])
+            if not isinstance(record, dict):
                 record = None
-            self.domains.update(uuid, migration_source=record.get("source") if record else None,
-                                migration_target=record.get("target") if record else None)
+            current = self.domains.get(uuid)
+            if (record and current and current.migration and current.migration.get("id") == record.get("id")
+                    and version < current.migration_version):
+                return   # an answer older than this daemon's own write, already recorded
+            self.domains.put(uuid, key, exists, migration=record, migration_version=version if record else -1,
+                             migration_source=record.get("source") if record else None,
+                             migration_target=record.get("target") if record else None)
 
     # ---- work queue ---------------------------------------------------------------------------
 
@@ -249,24 +267,45 @@ class Reconciler:
                           migration_target=record[0].get("target") if record else None)
         return desired, record
 
+    def desired_from_table(self, uuid: str):
+        """(Desired, (record, version)) from the watch-fed table; (None, None) when the VM's
+        state or node is not there; "loading" while its first reads are still in flight."""
+        record = self.domains.get(uuid)
+        if record is None:
+            return None, None
+        if not record.has(S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_MIGRATION):
+            return "loading", None
+        if S.DOMAIN_STATE not in record.present or S.DOMAIN_NODE not in record.present:
+            return None, None
+        desired = Desired(state=record.state, node=record.node, migration_source=record.migration_source,
+                          migration_target=record.migration_target)
+        return desired, ((record.migration, record.migration_version) if record.migration else None)
+
     def reconcile(self, uuid: str) -> None:
         if not self.store.connected:
             return  # a reconnect queues a full pass; acting on a stale view is worse than waiting
+        desired, known = self.desired_from_table(uuid)
+        if desired == "loading":
+            return  # the answers of the first reads queue another pass
         status = self.hypervisor.status(uuid)
         local_state = status.state if status else None
-        desired, record = self.read_desired(uuid)
+        decision = decide(self.node, desired, local_state) if desired else None
+        if decision is None or decision.action not in (Action.NOTHING, Action.FORGET, Action.MIGRATION):
+            # About to act outside the migration protocol, where no version check guards the
+            # write: confirm from fresh reads (the table may be one answer behind).
+            desired, known = self.read_desired(uuid)
+            decision = decide(self.node, desired, local_state) if desired else None
         if desired is None:
             if self.store.exists(self.schema.domain(uuid)) is False and local_state not in (None, "shutoff"):
                 log.warning("VM %s was removed from the cluster while running here: forced stop", uuid)
                 self._destroy(uuid)
             return
-        decision = decide(self.node, desired, local_state)
         if decision.action in (Action.NOTHING, Action.FORGET, Action.MIGRATION):
             log.debug("VM %s: %s", uuid, decision.why)
         else:
             log.info("VM %s: %s (%s)", uuid, decision.action.value, decision.why)
         if decision.action is Action.MIGRATION:
-            self.migrations.handle(uuid, record)
+            self.migrations.handle(uuid, known or (None, -1), local_state=local_state)
         elif decision.action is Action.START:
             self.start_vm(uuid)
         elif decision.action is Action.RESTART:

@@ -75,20 +75,36 @@ def read_reservations(store, name: str) -> dict[str, int]:
             if found[store.schema.node_reservation(name, uuid)]}
 
 
+def read_node_views_of(store, names, also=()) -> tuple[dict[str, NodeView], dict]:
+    """The views of the nodes ``names`` (missing nodes left out) and the keys ``also``, in two
+    rounds of parallel reads: every node key, reservation list and ``also`` key, then the
+    reservations. ``also`` is read first: ZooKeeper answers one session's requests in order.
+    Returns (views, {path: (text, version) or None} for ``also``)."""
+    schema = store.schema
+    also, names = list(also), list(names)
+    keys = {name: {key: schema.node_key(name, key) for key in NodeView.KEYS} for name in names}
+    paths = also + [path for name in names for path in [schema.node(name)] + list(keys[name].values())]
+    found, listed = store.read_round(paths, [schema.node_reservations(name) for name in names])
+    reserved_uuids = {name: listed[schema.node_reservations(name)] or [] for name in names}
+    reservations = store.read_many([schema.node_reservation(name, uuid)
+                                    for name in names for uuid in reserved_uuids[name]])
+    views = {}
+    for name in names:
+        if found[schema.node(name)] is None:
+            continue
+        raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
+        reserved = sum(_int(reservations[schema.node_reservation(name, uuid)][0]) for uuid in reserved_uuids[name]
+                       if reservations[schema.node_reservation(name, uuid)])
+        views[name] = NodeView.from_store(name, raw, reserved)
+    return views, {path: found[path] for path in also}
+
+
 def read_node_view(store, name: str) -> NodeView | None:
-    raw = read_node_raw(store, name)
-    if raw is None:
-        return None
-    return NodeView.from_store(name, raw, sum(read_reservations(store, name).values()))
+    return read_node_views_of(store, [name])[0].get(name)
 
 
 def read_node_views(store) -> dict[str, NodeView]:
-    views = {}
-    for name in node_names(store):
-        view = read_node_view(store, name)
-        if view is not None:
-            views[name] = view
-    return views
+    return read_node_views_of(store, node_names(store))[0]
 
 
 def vm_uuids(store) -> list[str]:
@@ -108,9 +124,16 @@ def find_vm(store, name_or_uuid: str) -> str | None:
 
 
 def read_meta(store, uuid: str) -> VMMeta:
+    return read_meta_with(store, uuid)[0]
+
+
+def read_meta_with(store, uuid: str, also=()) -> tuple[VMMeta, dict]:
+    """A VM's meta and the keys ``also`` (``{path: (text, version) or None}``), in one round of reads."""
     paths = {key: store.schema.domain_meta(uuid, key) for key in S.META_KEYS}
-    found = store.read_many(paths.values())
-    return VMMeta.from_store({key: (found[path][0] if found[path] else None) for key, path in paths.items()})
+    also = list(also)
+    found = store.read_many(list(paths.values()) + also)
+    meta = VMMeta.from_store({key: (found[path][0] if found[path] else None) for key, path in paths.items()})
+    return meta, {path: found[path] for path in also}
 
 
 def read_vm(store, uuid: str) -> VMRecord | None:

@@ -18,7 +18,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, replace
 
 from . import _schema as S
-from ._cluster import read_node_view
+from ._cluster import read_node_views_of
 from ._selector import NoTargetError, NodeView, rejection_reasons, select_target
 
 KINDS = ("migrate", "move", "unmigrate")
@@ -167,8 +167,8 @@ def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushi
         # gets ConflictError and re-plans. Its version is read before the target's view, so any
         # reservation made after the view was read changes it.
         parent = schema.node_reservations(plan.target)
-        found = store.read_many([parent])[parent]
-        view = read_node_view(store, plan.target)
+        views, found = read_node_views_of(store, [plan.target], also=[parent])
+        found, view = found[parent], views.get(plan.target)
         if view is None:
             raise RequestError(f"target node {plan.target} is not a node of this cluster")
         if target_unflushing_ok and view.domain_state == "unflush":

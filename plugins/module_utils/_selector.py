@@ -113,6 +113,10 @@ class NodeView:
         """Whether the node takes VMs at all: daemon state ``run`` and domain state ``ready``."""
         return self.daemon_state == RUN and self.domain_state == READY
 
+    # the stored node keys a view is built from (read_node_views_of reads only these)
+    KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_MEMTOTAL, NODE_MEMUSED, NODE_MEMFREE, NODE_MEMPROV,
+            NODE_MEMRESERVE, NODE_CPULOAD, NODE_VCPUALLOC, NODE_DOMAINCOUNT)
+
     @classmethod
     def from_store(cls, name: str, raw: Mapping[str, str | None], reservations_mib: int = 0) -> NodeView:
         """Build from a node's stored keys; never raises.

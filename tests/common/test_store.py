@@ -346,41 +346,58 @@ def test_commit_refuses_contradictions(store, kwargs, message):
 
 def test_create_race_is_retried_once(store, zk_server, monkeypatch, caplog):
     """Another client changes a key between our existence check and our transaction (a real race,
-    made deterministic by running the other client's change when the store builds its transaction)."""
+    made deterministic by running the other client's change when the store builds its transaction).
+    A commit first runs as if its keys existed; only when that transaction says a key is missing
+    are the keys checked, and the race is injected between that check and the second transaction."""
     path = store.schema.config("raced")
     other = KazooClient(hosts=zk_server.hosts)
     other.start(timeout=30)
     real_transaction = store.client.transaction
+    built = []
     try:
+        def race_on_second():
+            built.append(1)
+            if len(built) == 2:   # the planned transaction, after the assumed one failed
+                other.create(path, b"theirs")
+            return real_transaction()
+
+        monkeypatch.setattr(store.client, "transaction", race_on_second)
+        with caplog.at_level(logging.DEBUG, logger=_store.__name__):
+            assert store.commit({path: "ours"}) == {path: 1}
+        assert store.read(path) == "ours"
+        assert "does not exist; checking the keys first" in caplog.text
+        assert "retrying once" in caplog.text
+
+        # create-only keys are never assumed: the race is a conflict, not retried
+        other.delete(path)
+
         def race_once():
             monkeypatch.setattr(store.client, "transaction", real_transaction)
             other.create(path, b"theirs")
             return real_transaction()
 
         monkeypatch.setattr(store.client, "transaction", race_once)
-        with caplog.at_level(logging.INFO, logger=_store.__name__):
-            assert store.commit({path: "ours"}) == {path: 1}
-        assert store.read(path) == "ours"
-        assert "retrying once" in caplog.text
-
-        # create-only keys: the same race is a conflict, not retried
-        other.delete(path)
-        monkeypatch.setattr(store.client, "transaction", race_once)
         with pytest.raises(ConflictError):
             store.commit({path: "ours"}, create=[path])
         assert store.read(path) == "theirs"
 
-        # a race on both attempts (created, then deleted again): StoreError
+        # a race on both planned attempts (created, then deleted again): StoreError
         def toggle():
-            if other.exists(path):
-                other.delete(path)
-            else:
-                other.create(path, b"theirs")
+            built.append(1)
+            if len(built) > 1:   # leave the assumed attempt alone: it fails on the missing key
+                if other.exists(path):
+                    other.delete(path)
+                else:
+                    other.create(path, b"theirs")
             return real_transaction()
 
         other.delete(path)
+        built.clear()
         monkeypatch.setattr(store.client, "transaction", toggle)
         assert store.write({path: "ours"}) is False
+        if other.exists(path):
+            other.delete(path)
+        built.clear()
         with pytest.raises(StoreError, match="kept changing"):
             store.commit({path: "ours"})
     finally:
@@ -453,3 +470,82 @@ def test_digest_auth_locks_out_unauthenticated_clients(make_store, zk_server):
     assert intruder.read(key) is None
     assert intruder.write({key: 2}) is False
     assert store.read(key) == "1"
+
+
+# ---- the polling handler, assumed commits and one-round reads ---------------------------------------
+
+def test_the_store_waits_with_poll(store):
+    assert isinstance(store.client.handler, _store.PollingHandler)
+
+
+def test_polling_select_reports_readable_writable_and_hangup():
+    import socket
+
+    handler = _store.PollingHandler()
+    ours, theirs = socket.socketpair()
+    try:
+        assert handler.select([ours], [ours], [], 0) == ([], [ours], [])
+        theirs.send(b"x")
+        assert handler.select([ours], [], [], 1.0) == ([ours], [], [])
+        ours.recv(1)
+        assert handler.select([ours], [], [], 0) == ([], [], [])
+        theirs.close()
+        # the peer is gone: readable, so that the reader meets the end of the stream
+        assert handler.select([ours], [], [], 1.0)[0] == [ours]
+    finally:
+        ours.close()
+
+
+def test_commits_look_at_keys_only_when_the_transaction_says_so(store, monkeypatch):
+    s = store.schema
+    path, fresh = s.config("assumed"), s.config("assumed2")
+    child = fresh + "/child"
+    store.write({path: "a"})
+    looked = []
+    for name in ("exists_async", "get_children_async"):
+        real = getattr(store.client, name)
+        monkeypatch.setattr(store.client, name, lambda p, *a, _real=real, **k: looked.append(p) or _real(p, *a, **k))
+    # an existing key: one transaction, nothing looked at
+    assert store.commit({path: "b"}) == {path: 1}
+    assert looked == []
+    # a missing key: the assumed transaction fails, the key is looked at, then created
+    assert store.commit({fresh: "x", child: "y"}) == {fresh: 0, child: 0}
+    assert fresh in looked and store.read(child) == "y"
+    # deleting a key with children: it is listed, then deleted with them
+    looked.clear()
+    assert store.delete([fresh])
+    assert fresh in looked and store.exists(fresh) is False
+    # deleting a key that is not there is still not an error
+    assert store.delete([fresh])
+    assert store.read(path) == "b"
+
+
+def test_read_round_reads_and_lists_at_once(store):
+    s = store.schema
+    top = s.config("round")
+    a, b, none = top + "/a", top + "/b", top + "/none"
+    store.write({a: "1", b: "2"})
+    store.write({a: "3"})
+    found, listed = store.read_round([a, none], [top, s.config("nothing")])
+    assert found == {a: ("3", 1), none: None}
+    assert listed == {s.config("round"): ["a", "b"], s.config("nothing"): None}
+    assert store.read_many([b]) == {b: ("2", 0)}
+
+
+def test_node_views_count_reservations_and_read_extra_keys(store):
+    from pvc_cluster_common import _schema as S
+    from pvc_cluster_common._cluster import read_node_view, read_node_views, read_node_views_of
+
+    s = store.schema
+    for name, total in (("n1", 8192), ("n2", 4096)):
+        store.write({s.node(name): "", **{s.node_key(name, key): value for key, value in S.NODE_DEFAULTS.items()},
+                     s.node_key(name, S.NODE_MEMTOTAL): str(total), s.node_key(name, S.NODE_DAEMON_STATE): "run"})
+    store.write({s.node_reservations("n1"): "r", s.node_reservation("n1", "vm-a"): 512,
+                 s.node_reservation("n1", "vm-b"): 1024})
+    views, extra = read_node_views_of(store, ["n1", "n2", "ghost"], also=[s.node_reservations("n1")])
+    assert sorted(views) == ["n1", "n2"]
+    assert (views["n1"].memtotal, views["n1"].reserved, views["n1"].daemon_state) == (8192, 1536, "run")
+    assert views["n2"].reserved == 0
+    assert extra == {s.node_reservations("n1"): ("r", 0)}
+    assert read_node_view(store, "n1") == views["n1"] and read_node_view(store, "ghost") is None
+    assert read_node_views(store) == views

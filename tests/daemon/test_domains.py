@@ -1,0 +1,135 @@
+"""The daemon's watch-fed VM table (node_daemon/domains.py) and how the reconciler fills it.
+
+Pure logic: the table is in memory, and the reconciler is given the answers its watches would
+deliver (no ZooKeeper needed to test what it does with them).
+"""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._schema import Schema
+from pvc_node_daemon.domains import DomainTable
+from pvc_node_daemon.reconciler import Reconciler
+
+UUID = "3f1c2b1e-0000-4000-8000-000000000001"
+
+
+def record(step: str, rid: str = "m1", source: str = "n1", target: str = "n2") -> dict:
+    return {"id": rid, "vm": UUID, "source": source, "target": target, "step": step}
+
+
+def reconciler(node: str = "n1") -> Reconciler:
+    store = SimpleNamespace(schema=Schema("/pvc"), connected=True)
+    rec = Reconciler(node, config=None, store=store, hypervisor=None, domains=DomainTable(), migrations=None)
+    rec._watched.add(UUID)
+    rec.queued = []
+    rec.enqueue = rec.queued.append   # record what would be queued instead of running passes
+    return rec
+
+
+def answer(rec: Reconciler, key: str, value, version: int = 0) -> None:
+    data = None if value is None else (json.dumps(value) if isinstance(value, dict) else value).encode()
+    rec._on_value(UUID, key, data, version if value is not None else -1)
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+def test_put_tracks_loaded_and_present_keys():
+    table = DomainTable()
+    table.put(UUID, S.DOMAIN_STATE, True, state="start")
+    table.put(UUID, S.DOMAIN_MIGRATION, False)
+    vm = table.get(UUID)
+    assert vm.has(S.DOMAIN_STATE, S.DOMAIN_MIGRATION) and not vm.has(S.DOMAIN_NODE)
+    assert vm.present == {S.DOMAIN_STATE}
+    table.put(UUID, S.DOMAIN_STATE, False, state="")
+    assert table.get(UUID).present == frozenset() and table.get(UUID).has(S.DOMAIN_STATE)
+
+
+def test_wrote_migration_applies_only_over_the_version_it_replaced():
+    table = DomainTable()
+    table.put(UUID, S.DOMAIN_MIGRATION, True, migration=record("requested"), migration_version=0,
+              migration_source="n1", migration_target="n2")
+    # our own write of `prepared` (version 0 -> 1) is recorded at once
+    table.wrote_migration(UUID, ("m1", 0), record("prepared"), 1)
+    assert (table.get(UUID).migration["step"], table.get(UUID).migration_version) == ("prepared", 1)
+    # a write based on a version the table no longer holds does not overwrite it
+    table.wrote_migration(UUID, ("m1", 0), record("transferring"), 1)
+    assert table.get(UUID).migration["step"] == "prepared"
+    # nor one about another record
+    table.wrote_migration(UUID, ("other", 1), None, -1)
+    assert table.get(UUID).migration["id"] == "m1"
+    # ending the migration clears the record and its endpoints
+    table.wrote_migration(UUID, ("m1", 1), None, -1)
+    vm = table.get(UUID)
+    assert (vm.migration, vm.migration_version, vm.migration_source, vm.migration_target) == (None, -1, None, None)
+
+
+def test_wrote_migration_for_an_unknown_vm_does_nothing():
+    table = DomainTable()
+    table.wrote_migration(UUID, ("m1", 0), record("prepared"), 1)
+    assert table.get(UUID) is None
+
+
+# ---- the reconciler's view of watch answers ------------------------------------------------------
+
+def test_answers_fill_the_table_and_decide_from_it():
+    rec = reconciler("n2")
+    assert rec.desired_from_table(UUID) == (None, None)
+    answer(rec, S.DOMAIN_STATE, "start", 3)
+    answer(rec, S.DOMAIN_NODE, "n2", 5)
+    assert rec.desired_from_table(UUID) == ("loading", None)   # the migration key is not answered yet
+    answer(rec, S.DOMAIN_MIGRATION, record("requested"), 0)
+    desired, known = rec.desired_from_table(UUID)
+    assert (desired.state, desired.node, desired.migration_source, desired.migration_target) == ("start", "n2", "n1", "n2")
+    assert known == (record("requested"), 0)
+    assert UUID in rec.queued   # the VM concerns n2 (its target): a pass is queued
+
+
+def test_a_missing_state_or_node_reads_as_no_vm():
+    rec = reconciler()
+    answer(rec, S.DOMAIN_STATE, None)
+    answer(rec, S.DOMAIN_NODE, "n1")
+    answer(rec, S.DOMAIN_MIGRATION, None)
+    assert rec.desired_from_table(UUID) == (None, None)
+
+
+def test_an_answer_older_than_our_own_write_is_ignored():
+    rec = reconciler()
+    answer(rec, S.DOMAIN_STATE, "start")
+    answer(rec, S.DOMAIN_NODE, "n2")
+    answer(rec, S.DOMAIN_MIGRATION, record("requested"), 0)
+    rec.domains.wrote_migration(UUID, ("m1", 0), record("prepared"), 1)
+    answer(rec, S.DOMAIN_MIGRATION, record("requested"), 0)   # a read sent before our write
+    assert rec.domains.get(UUID).migration_version == 1
+    answer(rec, S.DOMAIN_MIGRATION, record("transferring"), 2)  # newer: taken
+    assert rec.domains.get(UUID).migration["step"] == "transferring"
+    answer(rec, S.DOMAIN_MIGRATION, record("requested", rid="m2"), 0)   # a new record: taken
+    assert rec.domains.get(UUID).migration["id"] == "m2"
+
+
+def test_an_unreadable_migration_record_counts_as_none():
+    rec = reconciler()
+    rec._on_value(UUID, S.DOMAIN_MIGRATION, b"{not json", 4)
+    vm = rec.domains.get(UUID)
+    assert vm.migration is None and vm.migration_version == -1 and vm.has(S.DOMAIN_MIGRATION)
+
+
+def test_answers_about_vms_no_longer_watched_are_dropped():
+    rec = reconciler()
+    rec._watched.discard(UUID)
+    answer(rec, S.DOMAIN_STATE, "start")
+    assert rec.domains.get(UUID) is None and rec.queued == []
+
+
+def test_xml_answers_carry_memory_and_the_text():
+    rec = reconciler()
+    xml = (f"<domain type='kvm'><name>web1</name><uuid>{UUID}</uuid><memory unit='MiB'>768</memory>"
+           "<vcpu>3</vcpu><os><type>hvm</type></os></domain>")
+    answer(rec, S.DOMAIN_XML, xml)
+    vm = rec.domains.get(UUID)
+    assert (vm.name, vm.memory_mib, vm.vcpus, vm.xml_ok, vm.xml) == ("web1", 768, 3, True, xml)
+    answer(rec, S.DOMAIN_XML, "<domain>")
+    vm = rec.domains.get(UUID)
+    assert (vm.memory_mib, vm.xml_ok) == (0, False)
