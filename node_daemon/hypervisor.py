@@ -514,6 +514,25 @@ class Hypervisor:
 
         return self._call("list_domains", fn, timeout_s)
 
+    def running_figures(self, timeout_s: float | None = None) -> dict[str, tuple[DomainStatus, int, int]]:
+        """Every active domain: uuid -> (status, configured maximum memory MiB, current vCPUs),
+        gathered in one call (one worker thread for the whole listing, not one per domain)."""
+
+        def fn(conn: libvirt.virConnect) -> dict[str, tuple[DomainStatus, int, int]]:
+            figures = {}
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    # info(): [state, maxMem KiB, memory KiB, nrVirtCpu, cpuTime]
+                    info = dom.info()
+                    figures[dom.UUIDString()] = (DomainStatus.from_libvirt(*dom.state()), info[1] // 1024, int(info[3]))
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+                    # stopped since the listing: gone
+            return figures
+
+        return self._call("running_figures", fn, timeout_s)
+
     def exists(self, uuid: str) -> bool:
         try:
             self._dom_call("exists", uuid, lambda dom: None)

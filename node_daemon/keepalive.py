@@ -48,41 +48,39 @@ class Keepalive:
 
     # ---- vm-thread ------------------------------------------------------------------------
 
-    def gather_vm_figures(self) -> VMFigures:
+    def gather_vm_figures(self, with_stats: bool = True) -> VMFigures:
+        """Memory and vCPUs of every running domain (one libvirt listing), and with ``with_stats``
+        each running domain's balloon statistics (one call per domain: only when published)."""
         figures = VMFigures()
-        for ref in self.hypervisor.list_domains(active_only=True):
-            state = ref.status.state if ref.status else "nostate"
-            figures.states[ref.uuid] = state
-            try:
-                _current, maximum = self.hypervisor.memory_mib(ref.uuid)
-                vcpus = self.hypervisor.vcpus(ref.uuid)
-            except HypervisorError as exc:
-                log.warning("vm-thread: cannot read memory of %s: %s", ref.uuid, exc)
+        for uuid, (status, maximum, vcpus) in self.hypervisor.running_figures().items():
+            state = status.state if status else "nostate"
+            figures.states[uuid] = state
+            figures.running[uuid] = (maximum, vcpus)
+            if not with_stats:
                 continue
-            figures.running[ref.uuid] = (maximum, vcpus)
             if state != "running":
                 # A paused domain (an incoming migration among them) can block memoryStats for a
                 # long time: skip its statistics entirely.
-                log.debug("vm-thread: %s is %s: statistics skipped", ref.uuid, state)
+                log.debug("vm-thread: %s is %s: statistics skipped", uuid, state)
                 continue
-            stats = self.hypervisor.memory_stats(ref.uuid)
-            figures.stats[ref.uuid] = {"state": state, "memory_mib": maximum, "vcpus": vcpus,
-                                       "memory_stats": stats or {}, "updated": round(time.time(), 3)}
+            stats = self.hypervisor.memory_stats(uuid)
+            figures.stats[uuid] = {"state": state, "memory_mib": maximum, "vcpus": vcpus,
+                                   "memory_stats": stats or {}, "updated": round(time.time(), 3)}
         return figures
 
-    def _run_vm_thread(self, holder: dict) -> None:
+    def _run_vm_thread(self, holder: dict, with_stats: bool) -> None:
         try:
-            holder["figures"] = self.gather_vm_figures()
+            holder["figures"] = self.gather_vm_figures(with_stats)
         except Exception as exc:  # the keepalive must survive any libvirt failure
             holder["error"] = exc
 
-    def collect_vm_figures(self, deadline_s: float) -> tuple[VMFigures, bool]:
+    def collect_vm_figures(self, deadline_s: float, with_stats: bool = True) -> tuple[VMFigures, bool]:
         """Run vm-thread with a deadline. Returns the figures and whether they are fresh."""
         if self._vm_thread is not None and self._vm_thread.is_alive():
             log.warning("vm-thread from an earlier keepalive is still blocked in libvirt; using the last VM figures")
             return self.last_vm_figures, False
         holder: dict = {}
-        thread = threading.Thread(target=self._run_vm_thread, args=(holder,), name="vm-thread", daemon=True)
+        thread = threading.Thread(target=self._run_vm_thread, args=(holder, with_stats), name="vm-thread", daemon=True)
         self._vm_thread = thread
         thread.start()
         thread.join(deadline_s)
@@ -100,7 +98,11 @@ class Keepalive:
     def tick(self) -> bool:
         started = time.monotonic()
         deadline = max(0.1, min(self.config.keepalive_interval_s * 0.8, self.config.libvirt_call_timeout_s))
-        figures, fresh = self.collect_vm_figures(deadline)
+        # Per-VM statistics are for people, not placement: gathered and published every
+        # STATS_EVERY keepalives, which keeps both the libvirt calls and the transaction small
+        # on a node with many VMs.
+        with_stats = self.ticks % STATS_EVERY == 0
+        figures, fresh = self.collect_vm_figures(deadline, with_stats)
 
         try:
             memtotal, memused, memfree = self.hypervisor.host_memory_mib()
@@ -146,9 +148,7 @@ class Keepalive:
         if state in ("init", "dead"):
             # the first keepalive after start, or a node its peers thought dead: it lives
             values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "run"
-        # Per-VM statistics are for people, not placement: every STATS_EVERY keepalives is enough,
-        # and keeps the keepalive transaction small on a node with many VMs.
-        if fresh and self.ticks % STATS_EVERY == 0:
+        if fresh and with_stats:
             for uuid, stats in figures.stats.items():
                 if uuid in snapshot and snapshot[uuid].node == self.node:
                     values[self.schema.domain_key(uuid, S.DOMAIN_STATS)] = stats

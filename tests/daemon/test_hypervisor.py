@@ -293,6 +293,21 @@ def test_memory_and_vcpus(hv, make_domain_xml):
     assert hv.vcpus(uuid2) == 2
 
 
+def test_running_figures_in_one_listing(hv, make_domain_xml):
+    defined, _ = make_domain_xml("off", memory="2", unit="GiB")
+    hv.define(_)
+    running, xml = make_domain_xml("on", memory="524288", unit=None, current="262144", vcpus=4, vcpus_current=3)
+    hv.create(xml)
+    paused, xml2 = make_domain_xml("held", memory="768", unit="MiB", vcpus=1)
+    hv.create(xml2)
+    hv.connection.lookupByUUIDString(paused).suspend()
+    figures = hv.running_figures()
+    assert set(figures) == {running, paused}   # only active domains
+    status, maximum, vcpus = figures[running]
+    assert (status.state, maximum, vcpus) == ("running", 512, 3) == ("running", hv.memory_mib(running)[1], hv.vcpus(running))
+    assert (figures[paused][0].state, figures[paused][1]) == ("paused", 768)
+
+
 def test_xml_round_trip(hv, make_domain_xml):
     uuid, xml = make_domain_xml("vm1", memory="3", unit="GB", bridges=("br-vm0", "br-vm1"))
     hv.define(xml)
