@@ -48,6 +48,8 @@ class Reconciler:
         self._dirty: set[str] = set()
         self._idle = threading.Condition(self._lock)
         self._watched: set[str] = set()
+        # VMs whose migration key is watched now (see _wants_migration)
+        self._migration_watched: set[str] = set()
         # uuids libvirt ran here at the last listing (refreshed by every pass and every start)
         self.local: set[str] = set()
         self.accepting = threading.Event()
@@ -70,8 +72,31 @@ class Reconciler:
 
     def _watch_domain(self, uuid: str) -> None:
         self._watched.add(uuid)
+        with self._lock:
+            self._migration_watched.add(uuid)
         for key in WATCHED_KEYS:
             self._watch_key(uuid, key)
+
+    def _wants_migration(self, uuid: str) -> bool:
+        """Whether this daemon needs every change of the VM's migration record.
+
+        A record changes about six times per migration, and every daemon watches every VM; only
+        the two sides need the steps. The source is the VM's node when the request is written,
+        the target its node from then on (the request moves ``node`` in the same transaction),
+        so a daemon follows the record while the VM is assigned here, runs here, or the last
+        record it read names this node. It stops at the next change otherwise, and starts again
+        when the VM's ``node`` becomes this node or the VM appears in libvirt here.
+        """
+        record = self.domains.get(uuid)
+        return record is None or uuid in self.local or record.node == self.node or self._concerns_me(record)
+
+    def _follow_migration(self, uuid: str) -> None:
+        """Watch the VM's migration key again, if it is not watched (see _wants_migration)."""
+        with self._lock:
+            if uuid in self._migration_watched or uuid not in self._watched:
+                return
+            self._migration_watched.add(uuid)
+        self._watch_key(uuid, S.DOMAIN_MIGRATION)
 
     def _watch_key(self, uuid: str, key: str) -> None:
         """Keep the table's copy of one key current.
@@ -85,8 +110,14 @@ class Reconciler:
         path = self.schema.domain_key(uuid, key)
 
         def on_event(_event=None) -> None:
-            if uuid in self._watched:
-                fetch()
+            if uuid not in self._watched:
+                return
+            if key == S.DOMAIN_MIGRATION:
+                with self._lock:   # atomic with _follow_migration's check (see there)
+                    if not self._wants_migration(uuid):
+                        self._migration_watched.discard(uuid)
+                        return
+            fetch()
 
         def fetch() -> None:
             try:
@@ -122,6 +153,8 @@ class Reconciler:
     def rewatch(self) -> None:
         """Re-arm every watch (after a new ZooKeeper session, which drops them all)."""
         for uuid in list(self._watched):
+            with self._lock:
+                self._migration_watched.add(uuid)
             for key in WATCHED_KEYS:
                 self._watch_key(uuid, key)
 
@@ -131,6 +164,8 @@ class Reconciler:
         value = data.decode("utf-8", errors="replace") if data is not None else None
         before = self.domains.get(uuid)
         self._record(uuid, key, value, version)
+        if key == S.DOMAIN_NODE and value == self.node:
+            self._follow_migration(uuid)
         # Every daemon watches every VM; only those that concern this node are worth a pass:
         # assigned or migrating here before or after the change, or running here.
         if self._concerns_me(before) or self._concerns_me(self.domains.get(uuid)) or uuid in self.local:
@@ -219,6 +254,8 @@ class Reconciler:
             log.warning("resync: cannot list libvirt domains: %s", exc)
             return
         self.local = set(local)
+        for uuid in self.local:
+            self._follow_migration(uuid)
         for uuid, record in self.domains.snapshot().items():
             involved = self.node in (record.node, record.migration_source, record.migration_target)
             if not (involved or uuid in local):
@@ -233,6 +270,7 @@ class Reconciler:
                 self.enqueue(uuid)
         if full:
             for uuid in self.migrations.records_for_node():
+                self._follow_migration(uuid)
                 self.enqueue(uuid)
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -337,6 +375,7 @@ class Reconciler:
             return False
         log.ok("VM %s: started", uuid)
         self.local = self.local | {uuid}
+        self._follow_migration(uuid)
         self.store.write({self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): ""})
         return True
 

@@ -20,10 +20,24 @@ def record(step: str, rid: str = "m1", source: str = "n1", target: str = "n2") -
     return {"id": rid, "vm": UUID, "source": source, "target": target, "step": step}
 
 
+class RecordingClient:
+    """Stands in for kazoo: records the reads a watch chain sends and the watches they arm."""
+
+    def __init__(self) -> None:
+        self.reads: list[str] = []
+        self.watches: dict[str, object] = {}
+
+    def get_async(self, path, watch=None):
+        self.reads.append(path)
+        self.watches[path] = watch
+        return SimpleNamespace(rawlink=lambda _callback: None)   # answers are fed by answer()
+
+
 def reconciler(node: str = "n1") -> Reconciler:
-    store = SimpleNamespace(schema=Schema("/pvc"), connected=True)
+    store = SimpleNamespace(schema=Schema("/pvc"), connected=True, client=RecordingClient())
     rec = Reconciler(node, config=None, store=store, hypervisor=None, domains=DomainTable(), migrations=None)
     rec._watched.add(UUID)
+    rec._migration_watched.add(UUID)
     rec.queued = []
     rec.enqueue = rec.queued.append   # record what would be queued instead of running passes
     return rec
@@ -133,3 +147,35 @@ def test_xml_answers_carry_memory_and_the_text():
     answer(rec, S.DOMAIN_XML, "<domain>")
     vm = rec.domains.get(UUID)
     assert (vm.memory_mib, vm.xml_ok) == (0, False)
+
+
+# ---- which daemons follow a migration record --------------------------------------------------
+
+def test_only_the_two_sides_follow_a_migration_record():
+    rec = reconciler("n3")
+    client = rec.store.client
+    path = rec.schema.domain_migration(UUID)
+    answer(rec, S.DOMAIN_NODE, "n2")
+    answer(rec, S.DOMAIN_MIGRATION, record("requested"))     # n1 -> n2: nothing to do with n3
+    rec._watch_key(UUID, S.DOMAIN_MIGRATION)                  # the watch as armed at start-up
+    assert client.reads == [path]
+    client.watches[path](None)                                # the record changes (prepared)
+    assert client.reads == [path] and UUID not in rec._migration_watched   # not followed any more
+    answer(rec, S.DOMAIN_NODE, "n3")                          # the VM is assigned here now
+    assert client.reads == [path, path] and UUID in rec._migration_watched
+    answer(rec, S.DOMAIN_NODE, "n3")                          # already followed: no second chain
+    assert client.reads == [path, path]
+    client.watches[path](None)                                # assigned here: every change is read
+    assert client.reads == [path, path, path]
+
+
+def test_a_record_naming_this_node_or_a_vm_running_here_is_followed():
+    rec = reconciler("n1")
+    answer(rec, S.DOMAIN_NODE, "n2")
+    answer(rec, S.DOMAIN_MIGRATION, record("requested"))      # this node is the source
+    assert rec._wants_migration(UUID)
+    answer(rec, S.DOMAIN_MIGRATION, None)                     # the migration ended
+    assert not rec._wants_migration(UUID)
+    rec.local = {UUID}                                        # but libvirt runs it here
+    assert rec._wants_migration(UUID)
+    assert reconciler("n9")._wants_migration("unknown-vm")    # nothing known yet: followed
