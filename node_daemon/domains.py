@@ -21,6 +21,7 @@ class DomainRecord:
     name: str = ""
     state: str = ""
     node: str = ""
+    node_version: int = -1   # the znode version of ``node`` (guards requests made from the table)
     lastnode: str = ""
     migration_source: str | None = None   # set while a migration record exists
     migration_target: str | None = None

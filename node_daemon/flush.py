@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_node_views, read_vm, wait_for_key
+from pvc_cluster_common._cluster import VMRecord, read_node_views, read_vm, wait_for_key
+from pvc_cluster_common._meta import VMMeta
 from pvc_cluster_common._requests import RequestError, plan_request, submit_request
 from pvc_cluster_common._selector import FlushVM, plan_flush
 from pvc_cluster_common._store import ConflictError, StoreError
@@ -136,7 +137,6 @@ class NodeStateWorker:
             return "re-homed"
         timeout = (self.config.step_timeout_s * 3 + self.config.live_timeout_s(vm.memory_mib)
                    + self.config.shutdown_timeout_s)
-        # A watch of its own, not the table: the table may not have seen this record yet.
         if not wait_for_key(self.store, self.schema.domain_migration(uuid), lambda v: v is None, timeout):
             log.warning("VM %s: migration %s still in flight after %.0f s", vm.name, record["id"], timeout)
             return "timeout"
@@ -186,14 +186,35 @@ class NodeStateWorker:
             return [vm for vm in pool.map(lambda u: read_vm(self.store, u), uuids) if vm is not None]
 
     def vms_to_flush(self, fresh: bool = True) -> list:
-        """VMs that should run here, with no migration in flight. The watch-fed table narrows the
-        candidates; with ``fresh`` each is then re-read (for planning: meta and memory), otherwise
-        the table's entries are the answer (a check after a wave: only their uuids are used)."""
+        """VMs that should run here, with no migration in flight, as VM records to plan from.
+
+        The watch-fed table says which, and where they run: it follows every VM assigned here,
+        and a request made from a stale entry fails its check of the VM's ``node`` version and
+        is planned again from a full read. Their meta (node_limit, selector, method) is read
+        fresh, in one round for all of them. ``fresh=False``: the table's entries only (a
+        cheap check after a wave; a non-empty answer is confirmed from full reads).
+        """
         candidates = {uuid: record for uuid, record in self.domains.snapshot().items()
-                      if record.node == self.node and record.state == "start"}
+                      if record.node == self.node and record.state == "start" and record.migration is None}
         if not fresh:
-            return [record for record in candidates.values() if record.migration is None]
-        return [vm for vm in self.read_vms(candidates)
+            return list(candidates.values())
+        return self.planning_records(candidates)
+
+    def planning_records(self, records: dict) -> list[VMRecord]:
+        paths = {uuid: {key: self.schema.domain_meta(uuid, key) for key in S.META_KEYS} for uuid in records}
+        found = self.store.read_many([path for keys in paths.values() for path in keys.values()])
+        vms = []
+        for uuid, record in records.items():
+            meta = VMMeta.from_store({key: (found[path][0] if found[path] else None) for key, path in paths[uuid].items()})
+            vms.append(VMRecord(uuid=uuid, name=record.name or uuid, state=record.state, node=record.node,
+                                lastnode=record.lastnode, xml=record.xml, meta=meta, memory_mib=record.memory_mib,
+                                vcpus=record.vcpus, node_version=record.node_version, migration=record.migration,
+                                migration_version=record.migration_version))
+        return vms
+
+    def confirmed_to_flush(self, records) -> list:
+        """Full fresh reads of ``records``: those still assigned here, to start, not migrating."""
+        return [vm for vm in self.read_vms(record.uuid for record in records)
                 if vm.node == self.node and vm.state == "start" and not vm.migration]
 
     def flush(self, cancel: threading.Event) -> None:
@@ -225,7 +246,7 @@ class NodeStateWorker:
                 raise Cancelled()
             remaining = self.vms_to_flush(fresh=False)
             if remaining:
-                remaining = self.vms_to_flush()   # the table may be an answer behind: confirm
+                remaining = self.confirmed_to_flush(remaining)   # the table may be an answer behind
             if not remaining:
                 # `flushed` promises that no cluster VM runs here: ask libvirt, not the records
                 still = self.running_here()

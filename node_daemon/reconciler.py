@@ -26,7 +26,7 @@ from pvc_cluster_common._domain_xml import DomainXMLError, parse_domain_xml
 
 from .domains import DomainTable
 from .hypervisor import HypervisorError
-from .vmstate import Action, Desired, decide
+from .vmstate import ACTIVE_LIBVIRT_STATES, Action, Desired, decide
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Reconciler:
         record = self.domains.get(uuid)
         return record is None or uuid in self.local or record.node == self.node or self._concerns_me(record)
 
-    def _follow_migration(self, uuid: str) -> None:
+    def follow_migration(self, uuid: str) -> None:
         """Watch the VM's migration key again, if it is not watched (see _wants_migration)."""
         with self._lock:
             if uuid in self._migration_watched or uuid not in self._watched:
@@ -113,7 +113,7 @@ class Reconciler:
             if uuid not in self._watched:
                 return
             if key == S.DOMAIN_MIGRATION:
-                with self._lock:   # atomic with _follow_migration's check (see there)
+                with self._lock:   # atomic with follow_migration's check (see there)
                     if not self._wants_migration(uuid):
                         self._migration_watched.discard(uuid)
                         return
@@ -165,7 +165,7 @@ class Reconciler:
         before = self.domains.get(uuid)
         self._record(uuid, key, value, version)
         if key == S.DOMAIN_NODE and value == self.node:
-            self._follow_migration(uuid)
+            self.follow_migration(uuid)
         # Every daemon watches every VM; only those that concern this node are worth a pass:
         # assigned or migrating here before or after the change, or running here.
         if self._concerns_me(before) or self._concerns_me(self.domains.get(uuid)) or uuid in self.local:
@@ -191,7 +191,7 @@ class Reconciler:
         elif key == S.DOMAIN_STATE:
             self.domains.put(uuid, key, exists, state=value or "")
         elif key == S.DOMAIN_NODE:
-            self.domains.put(uuid, key, exists, node=value or "")
+            self.domains.put(uuid, key, exists, node=value or "", node_version=version)
         elif key == S.DOMAIN_LASTNODE:
             self.domains.put(uuid, key, exists, lastnode=value or "")
         elif key == S.DOMAIN_MIGRATION:
@@ -255,7 +255,7 @@ class Reconciler:
             return
         self.local = set(local)
         for uuid in self.local:
-            self._follow_migration(uuid)
+            self.follow_migration(uuid)
         for uuid, record in self.domains.snapshot().items():
             involved = self.node in (record.node, record.migration_source, record.migration_target)
             if not (involved or uuid in local):
@@ -270,7 +270,7 @@ class Reconciler:
                 self.enqueue(uuid)
         if full:
             for uuid in self.migrations.records_for_node():
-                self._follow_migration(uuid)
+                self.follow_migration(uuid)
                 self.enqueue(uuid)
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -327,6 +327,10 @@ class Reconciler:
             return  # the answers of the first reads queue another pass
         status = self.hypervisor.status(uuid)
         local_state = status.state if status else None
+        if local_state in ACTIVE_LIBVIRT_STATES and uuid not in self.local:
+            # e.g. just migrated in: count it as running here before the next full listing
+            self.local = self.local | {uuid}
+            self.follow_migration(uuid)
         decision = decide(self.node, desired, local_state) if desired else None
         if decision is None or decision.action not in (Action.NOTHING, Action.FORGET, Action.MIGRATION):
             # About to act outside the migration protocol, where no version check guards the
@@ -375,7 +379,7 @@ class Reconciler:
             return False
         log.ok("VM %s: started", uuid)
         self.local = self.local | {uuid}
-        self._follow_migration(uuid)
+        self.follow_migration(uuid)
         self.store.write({self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): ""})
         return True
 

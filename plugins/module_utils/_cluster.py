@@ -75,14 +75,15 @@ def read_reservations(store, name: str) -> dict[str, int]:
             if found[store.schema.node_reservation(name, uuid)]}
 
 
-def read_node_views_of(store, names, also=()) -> tuple[dict[str, NodeView], dict]:
+def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[str, NodeView], dict]:
     """The views of the nodes ``names`` (missing nodes left out) and the keys ``also``, in two
     rounds of parallel reads: every node key, reservation list and ``also`` key, then the
     reservations. ``also`` is read first: ZooKeeper answers one session's requests in order.
+    ``keys``: the node keys to read (NodeView.FIT_KEYS for a fit check; the others read as 0).
     Returns (views, {path: (text, version) or None} for ``also``)."""
     schema = store.schema
     also, names = list(also), list(names)
-    keys = {name: {key: schema.node_key(name, key) for key in NodeView.KEYS} for name in names}
+    keys = {name: {key: schema.node_key(name, key) for key in keys} for name in names}
     paths = also + [path for name in names for path in [schema.node(name)] + list(keys[name].values())]
     found, listed = store.read_round(paths, [schema.node_reservations(name) for name in names])
     reserved_uuids = {name: listed[schema.node_reservations(name)] or [] for name in names}

@@ -167,7 +167,7 @@ def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushi
         # gets ConflictError and re-plans. Its version is read before the target's view, so any
         # reservation made after the view was read changes it.
         parent = schema.node_reservations(plan.target)
-        views, found = read_node_views_of(store, [plan.target], also=[parent])
+        views, found = read_node_views_of(store, [plan.target], also=[parent], keys=NodeView.FIT_KEYS)
         found, view = found[parent], views.get(plan.target)
         if view is None:
             raise RequestError(f"target node {plan.target} is not a node of this cluster")

@@ -116,6 +116,8 @@ class NodeView:
     # the stored node keys a view is built from (read_node_views_of reads only these)
     KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_MEMTOTAL, NODE_MEMUSED, NODE_MEMFREE, NODE_MEMPROV,
             NODE_MEMRESERVE, NODE_CPULOAD, NODE_VCPUALLOC, NODE_DOMAINCOUNT)
+    # the keys that decide whether a VM fits (rejection_reasons: eligibility and headroom)
+    FIT_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_MEMTOTAL, NODE_MEMPROV, NODE_MEMRESERVE)
 
     @classmethod
     def from_store(cls, name: str, raw: Mapping[str, str | None], reservations_mib: int = 0) -> NodeView:

@@ -535,6 +535,7 @@ def test_read_round_reads_and_lists_at_once(store):
 def test_node_views_count_reservations_and_read_extra_keys(store):
     from pvc_cluster_common import _schema as S
     from pvc_cluster_common._cluster import read_node_view, read_node_views, read_node_views_of
+    from pvc_cluster_common._selector import NodeView
 
     s = store.schema
     for name, total in (("n1", 8192), ("n2", 4096)):
@@ -549,3 +550,8 @@ def test_node_views_count_reservations_and_read_extra_keys(store):
     assert extra == {s.node_reservations("n1"): ("r", 0)}
     assert read_node_view(store, "n1") == views["n1"] and read_node_view(store, "ghost") is None
     assert read_node_views(store) == views
+    # a fit check reads only the keys that decide a fit; the others read as 0
+    store.write({s.node_key("n1", S.NODE_MEMFREE): "777", s.node_key("n1", S.NODE_MEMPROV): "100"})
+    fit = read_node_views_of(store, ["n1"], keys=NodeView.FIT_KEYS)[0]["n1"]
+    assert (fit.memtotal, fit.memprov, fit.reserved, fit.memfree) == (8192, 100, 1536, 0)
+    assert fit.headroom == read_node_view(store, "n1").headroom

@@ -179,3 +179,4 @@ def test_a_record_naming_this_node_or_a_vm_running_here_is_followed():
     rec.local = {UUID}                                        # but libvirt runs it here
     assert rec._wants_migration(UUID)
     assert reconciler("n9")._wants_migration("unknown-vm")    # nothing known yet: followed
+
