@@ -164,11 +164,14 @@ class Reconciler:
         value = data.decode("utf-8", errors="replace") if data is not None else None
         before = self.domains.get(uuid)
         self._record(uuid, key, value, version)
+        after = self.domains.get(uuid)
         if key == S.DOMAIN_NODE and value == self.node:
             self.follow_migration(uuid)
+        if after == before:
+            return   # nothing new (e.g. the answer to this daemon's own write, already recorded)
         # Every daemon watches every VM; only those that concern this node are worth a pass:
         # assigned or migrating here before or after the change, or running here.
-        if self._concerns_me(before) or self._concerns_me(self.domains.get(uuid)) or uuid in self.local:
+        if self._concerns_me(before) or self._concerns_me(after) or uuid in self.local:
             self.enqueue(uuid)
 
     def _concerns_me(self, record) -> bool:

@@ -180,3 +180,16 @@ def test_a_record_naming_this_node_or_a_vm_running_here_is_followed():
     assert rec._wants_migration(UUID)
     assert reconciler("n9")._wants_migration("unknown-vm")    # nothing known yet: followed
 
+
+
+def test_an_answer_that_changes_nothing_queues_no_pass():
+    rec = reconciler("n1")
+    answer(rec, S.DOMAIN_STATE, "start", 1)
+    answer(rec, S.DOMAIN_NODE, "n1", 1)
+    answer(rec, S.DOMAIN_MIGRATION, record("requested"), 0)
+    rec.domains.wrote_migration(UUID, ("m1", 0), record("prepared"), 1)   # our own write
+    rec.queued.clear()
+    answer(rec, S.DOMAIN_MIGRATION, record("prepared"), 1)   # its watch's answer: already known
+    assert rec.queued == []
+    answer(rec, S.DOMAIN_MIGRATION, record("transferring"), 2)
+    assert rec.queued == [UUID]
