@@ -1,10 +1,11 @@
 """The migration agent: this node's side of the lockstep protocol (docs/migration-protocol.md).
 
 The reconciler calls :meth:`MigrationAgent.handle` from the VM's worker thread whenever the VM's
-migration record changes (a watch) or a step deadline passes. Every handler starts from a fresh
-read of the record and its version, acts only on the transition the step calls for, and writes
-the next step with a version check: a late or repeated event finds nothing to do, and a write based
-on a stale view fails instead of overwriting a newer one.
+migration record changes (a watch) or a step deadline passes. Every handler starts from the record
+and its version as the daemon's watch-fed table holds them (ground-truth resolution re-reads it),
+acts only on the transition the step calls for, and writes the next step with a version check: a
+late or repeated event finds nothing to do, and a write based on a stale view fails instead of
+overwriting a newer one. Each successful write is recorded in the table at once.
 """
 from __future__ import annotations
 
