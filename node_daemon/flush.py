@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import VMRecord, read_node_views, read_vm, wait_for_key
+from pvc_cluster_common._cluster import VMRecord, read_node_views, read_vm, wait_for_key, wait_until_gone
 from pvc_cluster_common._meta import VMMeta
 from pvc_cluster_common._requests import RequestError, plan_request, submit_request
 from pvc_cluster_common._selector import FlushVM, plan_flush
@@ -137,7 +137,7 @@ class NodeStateWorker:
             return "re-homed"
         timeout = (self.config.step_timeout_s * 3 + self.config.live_timeout_s(vm.memory_mib)
                    + self.config.shutdown_timeout_s)
-        if not wait_for_key(self.store, self.schema.domain_migration(uuid), lambda v: v is None, timeout):
+        if not wait_until_gone(self.store, self.schema.domain_migration(uuid), timeout):
             log.warning("VM %s: migration %s still in flight after %.0f s", vm.name, record["id"], timeout)
             return "timeout"
         return "finished"

@@ -53,6 +53,8 @@ ACTIVE = ("running", "blocked", "paused", "shutdown", "pmsuspended")
 RUNNING = ("running", "blocked")
 UNKNOWN = "unknown"
 ASK = object()   # "libvirt's state of the VM here is not known yet: ask"
+# the meta a migration reads at its transfer step
+MIGRATION_META = (S.META_MIGRATION_METHOD, S.META_MIGRATION_MAX_DOWNTIME_MS)
 
 
 def crash_point(name: str) -> None:
@@ -310,12 +312,10 @@ class MigrationAgent:
     def transfer(self, uuid: str, record: dict, version: int, local=ASK) -> None:
         pause_point("source:before-transfer")
         target = record["target"]
-        # One round of fresh reads: the VM's node (has the target changed?), its meta (the
-        # migration_method may have changed since the request) and where to send it.
+        # One round of fresh reads: the VM's node (has the target changed?) and the meta of a
+        # migration (the method may have changed since the request).
         node_path = self.schema.domain_key(uuid, S.DOMAIN_NODE)
-        uri_path = self.schema.node_key(target, S.NODE_LIBVIRT_URI)
-        transport_path = self.schema.node_key(target, S.NODE_TRANSPORT_URI)
-        meta, found = read_meta_with(self.store, uuid, (node_path, uri_path, transport_path))
+        meta, found = read_meta_with(self.store, uuid, (node_path,), keys=MIGRATION_META)
         node_now = found[node_path][0] if found[node_path] else None
         if node_now != target:
             self.abort(uuid, record, version, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
@@ -334,8 +334,7 @@ class MigrationAgent:
         record, version = advanced
         crash_point("source:transferring")
         if first == "live":
-            dest = (found[uri_path] or ("",))[0], (found[transport_path] or ("",))[0]
-            error = self.live_migrate(uuid, record, meta, *dest)
+            error = self.live_migrate(uuid, record, meta)
             if error is None:
                 crash_point("source:live-running")   # only if the watcher missed a very short job
                 crash_point("source:live-done")
@@ -354,8 +353,12 @@ class MigrationAgent:
         crash_point("source:shutdown-done")
         self.advance(uuid, record, version, STEP_TRANSFERRED)
 
-    def live_migrate(self, uuid: str, record: dict, meta, dest_uri: str, transport_uri: str) -> str | None:
+    def live_migrate(self, uuid: str, record: dict, meta) -> str | None:
         """Run the live migration; None on success, else libvirt's reason."""
+        uri_path = self.schema.node_key(record["target"], S.NODE_LIBVIRT_URI)
+        transport_path = self.schema.node_key(record["target"], S.NODE_TRANSPORT_URI)
+        found = self.store.read_many([uri_path, transport_path])
+        dest_uri, transport_uri = ((found[path] or ("",))[0] for path in (uri_path, transport_path))
         if not dest_uri:
             return f"target {record['target']} has not published its libvirt URI"
         timeout_s = self.config.live_timeout_s(int(record.get("memory_mib") or 0))

@@ -128,9 +128,10 @@ def read_meta(store, uuid: str) -> VMMeta:
     return read_meta_with(store, uuid)[0]
 
 
-def read_meta_with(store, uuid: str, also=()) -> tuple[VMMeta, dict]:
-    """A VM's meta and the keys ``also`` (``{path: (text, version) or None}``), in one round of reads."""
-    paths = {key: store.schema.domain_meta(uuid, key) for key in S.META_KEYS}
+def read_meta_with(store, uuid: str, also=(), keys=S.META_KEYS) -> tuple[VMMeta, dict]:
+    """A VM's meta and the keys ``also`` (``{path: (text, version) or None}``), in one round of
+    reads. ``keys``: the meta keys to read (the others take their defaults)."""
+    paths = {key: store.schema.domain_meta(uuid, key) for key in keys}
     also = list(also)
     found = store.read_many(list(paths.values()) + also)
     meta = VMMeta.from_store({key: (found[path][0] if found[path] else None) for key, path in paths.items()})
@@ -242,3 +243,30 @@ def wait_for_key(store, path: str, predicate, timeout_s: float, cancel=None) -> 
         if cancel.is_set() or time.monotonic() >= deadline:
             return False
     return True
+
+
+def wait_until_gone(store, path: str, timeout_s: float) -> bool:
+    """Wait until the key at ``path`` does not exist; True when gone, False on timeout.
+
+    Watches the children of its parent, not the key itself: a data watch would also fire (and
+    cost a read) on every change of the key's value, where this fires only when a child is
+    created or deleted. (kazoo's ChildrenWatch stops without a word when the parent itself is
+    deleted: that case is caught by the existence check after the wait.)
+    """
+    parent, _, name = path.rpartition("/")
+    gone = threading.Event()
+    answered = threading.Event()
+
+    def on_children(children) -> bool:
+        answered.set()
+        if gone.is_set():
+            return False
+        if name not in children:
+            gone.set()
+            return False
+        return True
+
+    store.client.ChildrenWatch(parent, on_children)   # answers once before it returns
+    if not answered.is_set():
+        return True   # the parent does not exist, so neither does the key
+    return gone.wait(timeout_s) or store.exists(path) is False

@@ -63,24 +63,35 @@ if SequentialThreadingHandler is not None:
         takes about half the time with this handler.
         """
 
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._pollers = threading.local()
+
+        _FAILED = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
         def select(self, rlist, wlist, xlist, timeout=None):
-            poller = select.poll()
-            readers, writers = {}, {}
-            for obj in rlist:
-                readers.setdefault(fileobj_to_fd(obj), []).append(obj)
-            for obj in wlist:
-                writers.setdefault(fileobj_to_fd(obj), []).append(obj)
-            for fd in set(readers) | set(writers):
-                mask = (select.POLLIN if fd in readers else 0) | (select.POLLOUT if fd in writers else 0)
-                poller.register(fd, mask)
+            rfds = tuple(fileobj_to_fd(obj) for obj in rlist)
+            wfds = tuple(fileobj_to_fd(obj) for obj in wlist)
+            # The connection thread waits on the same one or two descriptors thousands of times
+            # a second: keep one poll object per set (per thread; poll registers fd numbers, so
+            # a reconnection's new socket simply makes a new set).
+            pollers = self._pollers.__dict__.setdefault("by_fds", {})
+            poller = pollers.get((rfds, wfds))
+            if poller is None:
+                if len(pollers) > 16:
+                    pollers.clear()
+                poller = select.poll()
+                for fd in set(rfds) | set(wfds):
+                    poller.register(fd, (select.POLLIN if fd in rfds else 0) | (select.POLLOUT if fd in wfds else 0))
+                pollers[(rfds, wfds)] = poller
             ready_r, ready_w = [], []
             # errors and hang-ups count as ready, like select(): the reader then sees the failure
             for fd, events in poller.poll(None if timeout is None else max(0.0, timeout) * 1000):
-                failed = events & (select.POLLERR | select.POLLHUP | select.POLLNVAL)
-                if fd in readers and (events & select.POLLIN or failed):
-                    ready_r.extend(readers[fd])
-                if fd in writers and (events & select.POLLOUT or failed):
-                    ready_w.extend(writers[fd])
+                failed = events & self._FAILED
+                if events & select.POLLIN or failed:
+                    ready_r.extend(obj for obj, obj_fd in zip(rlist, rfds) if obj_fd == fd)
+                if events & select.POLLOUT or failed:
+                    ready_w.extend(obj for obj, obj_fd in zip(wlist, wfds) if obj_fd == fd)
             return ready_r, ready_w, []
 
 # Lock acquisition: attempts, and the first pause between them (doubled after each: 0.1 0.2 0.4 0.8 s).

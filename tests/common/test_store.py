@@ -555,3 +555,28 @@ def test_node_views_count_reservations_and_read_extra_keys(store):
     fit = read_node_views_of(store, ["n1"], keys=NodeView.FIT_KEYS)[0]["n1"]
     assert (fit.memtotal, fit.memprov, fit.reserved, fit.memfree) == (8192, 100, 1536, 0)
     assert fit.headroom == read_node_view(store, "n1").headroom
+
+
+def test_wait_until_gone(store):
+    from pvc_cluster_common._cluster import wait_until_gone
+
+    s = store.schema
+    parent = s.config("waiting")
+    key, other = parent + "/record", parent + "/other"
+    store.write({key: "1", other: "x"})
+    assert wait_until_gone(store, key, 0.2) is False          # still there: the wait times out
+    deleter = threading.Thread(target=lambda: store.delete([key]))
+    deleter.start()
+    try:
+        assert wait_until_gone(store, key, 30) is True         # gone (before or during the wait)
+    finally:
+        deleter.join()
+    assert store.exists(other)                                 # a sibling is not waited for
+    assert wait_until_gone(store, s.config("nowhere") + "/record", 0) is True   # no parent either
+    store.write({key: "2"})
+    deleter = threading.Thread(target=lambda: store.delete([parent]))   # the parent goes with it
+    deleter.start()
+    try:
+        assert wait_until_gone(store, key, 1.0) is True
+    finally:
+        deleter.join()
