@@ -253,7 +253,7 @@ def wait_until_gone(store, path: str, timeout_s: float) -> bool:
     created or deleted. (kazoo's ChildrenWatch stops without a word when the parent itself is
     deleted: that case is caught by the existence check after the wait.)
     """
-    parent, _, name = path.rpartition("/")
+    parent, name = path.rsplit("/", 1)
     gone = threading.Event()
     answered = threading.Event()
 

@@ -52,6 +52,10 @@ else:
     KAZOO_IMPORT_ERROR = None
 
 
+# poll() events that mean "the descriptor failed or hung up"
+_POLL_FAILED = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
 if SequentialThreadingHandler is not None:
     class PollingHandler(SequentialThreadingHandler):
         """kazoo's threading handler, waiting with one poll() call.
@@ -66,8 +70,6 @@ if SequentialThreadingHandler is not None:
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self._pollers = threading.local()
-
-        _FAILED = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
         def select(self, rlist, wlist, xlist, timeout=None):
             rfds = tuple(fileobj_to_fd(obj) for obj in rlist)
@@ -87,7 +89,7 @@ if SequentialThreadingHandler is not None:
             ready_r, ready_w = [], []
             # errors and hang-ups count as ready, like select(): the reader then sees the failure
             for fd, events in poller.poll(None if timeout is None else max(0.0, timeout) * 1000):
-                failed = events & self._FAILED
+                failed = events & _POLL_FAILED
                 if events & select.POLLIN or failed:
                     ready_r.extend(obj for obj, obj_fd in zip(rlist, rfds) if obj_fd == fd)
                 if events & select.POLLOUT or failed:
