@@ -584,25 +584,29 @@ class ClusterStore:
         pending = [(path, self.client.get_async(path)) for path in paths]
         pending_lists = [(path, self.client.get_children_async(path)) for path in lists]
         for path, async_result in pending_lists:
-            try:
-                listed[path] = sorted(async_result.get(timeout=self.options.timeout_s))
-            except kz.NoNodeError:
-                self.log.debug("list %s: no such key", path)
-            except self.client.handler.timeout_exception:
-                self.log.warning("list %s: no answer from ZooKeeper at %s within %g s", path, self.options.hosts, self.options.timeout_s)
-            except kz.KazooException as exc:
-                self.log.warning("list %s: %s", path, _describe(exc))
+            children = self._answer("list", path, async_result)
+            if children is not None:
+                listed[path] = sorted(children)
         for path, async_result in pending:
-            try:
-                data, stat = async_result.get(timeout=self.options.timeout_s)
+            answer = self._answer("read", path, async_result)
+            if answer is not None:
+                data, stat = answer
                 result[path] = ((data or b"").decode("utf-8", errors="replace"), stat.version)
-            except kz.NoNodeError:
-                self.log.debug("read %s: no such key", path)
-            except self.client.handler.timeout_exception:
-                self.log.warning("read %s: no answer from ZooKeeper at %s within %g s", path, self.options.hosts, self.options.timeout_s)
-            except kz.KazooException as exc:
-                self.log.warning("read %s: %s", path, _describe(exc))
         return result, listed
+
+    def _answer(self, what: str, path: str, async_result):
+        """The answer to one request of ``read_round``, or None: a missing key is logged at
+        DEBUG, no answer in time or another failure at WARNING."""
+        try:
+            return async_result.get(timeout=self.options.timeout_s)
+        except kz.NoNodeError:
+            self.log.debug("%s %s: no such key", what, path)
+        except self.client.handler.timeout_exception:
+            self.log.warning("%s %s: no answer from ZooKeeper at %s within %g s", what, path, self.options.hosts,
+                             self.options.timeout_s)
+        except kz.KazooException as exc:
+            self.log.warning("%s %s: %s", what, path, _describe(exc))
+        return None
 
     def read_json(self, path: str):
         """The decoded JSON value, or None (missing, unreachable, empty or not JSON)."""
