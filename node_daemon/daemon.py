@@ -155,6 +155,7 @@ class NodeDaemon:
         if self.metrics:
             self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
         self.keepalive.tick()   # the first keepalive writes `run`
+        self.migrations.start()
         self.reconciler.start()
         self._thread(self.migrations.deadlines.run, "deadlines")
         self._thread(self.keepalive.run, "keepalive")

@@ -19,8 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import VMRecord, read_node_views, read_vm, wait_for_key, wait_until_gone
-from pvc_cluster_common._meta import VMMeta
+from pvc_cluster_common._cluster import (
+    VMRecord,
+    meta_from,
+    meta_paths,
+    read_node_views,
+    read_vm,
+    wait_for_key,
+    wait_until_gone,
+)
 from pvc_cluster_common._requests import RequestError, plan_request, submit_request
 from pvc_cluster_common._selector import FlushVM, plan_flush
 from pvc_cluster_common._store import ConflictError, StoreError
@@ -201,11 +208,10 @@ class NodeStateWorker:
         return self.planning_records(candidates)
 
     def planning_records(self, records: dict) -> list[VMRecord]:
-        paths = {uuid: {key: self.schema.domain_meta(uuid, key) for key in S.META_KEYS} for uuid in records}
-        found = self.store.read_many([path for keys in paths.values() for path in keys.values()])
+        found = self.store.read_many([path for uuid in records for path in meta_paths(self.schema, uuid)])
         vms = []
         for uuid, record in records.items():
-            meta = VMMeta.from_store({key: (found[path][0] if found[path] else None) for key, path in paths[uuid].items()})
+            meta = meta_from(self.schema, uuid, found)
             vms.append(VMRecord(uuid=uuid, name=record.name or uuid, state=record.state, node=record.node,
                                 lastnode=record.lastnode, xml=record.xml, meta=meta, memory_mib=record.memory_mib,
                                 vcpus=record.vcpus, node_version=record.node_version, migration=record.migration,

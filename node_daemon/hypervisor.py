@@ -12,11 +12,13 @@ Design
   per connection, so a second connection would see a different "host". (Managed migration opens a
   short-lived connection to the *destination* URI; that is another host.)
 
-* **Every call that can block has a timeout.** Each libvirt call runs in a fresh daemon thread
-  and the caller waits at most ``call_timeout_s`` for it (``migrate`` has its own ``timeout_s``).
-  On timeout the caller gets ``HypervisorTimeout``; the stuck thread is *abandoned*: Python cannot
-  interrupt a thread blocked inside libvirt, so it stays blocked until libvirt returns (or the
-  process exits; it is a daemon thread, so it never delays exit). ``abandoned_calls`` counts them.
+* **Every call that can block has a timeout.** Each libvirt call runs in a daemon thread of its
+  own (an idle one reused, see ``threads.py``) and the caller waits at most ``call_timeout_s``
+  for it (``migrate`` has its own ``timeout_s``). On timeout the caller gets
+  ``HypervisorTimeout``; the stuck thread is *abandoned*: Python cannot interrupt a thread
+  blocked inside libvirt, so it stays blocked until libvirt returns (or the process exits; it is
+  a daemon thread, so it never delays exit), and only then serves again. ``abandoned_calls``
+  counts them.
   With a real libvirtd, client keepalive (below) makes libvirt fail the calls of a dead
   connection, so abandoned threads do end eventually.
 
@@ -66,6 +68,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import libvirt
+
+from .threads import ReusableThreads
 
 __all__ = [
     "DomainNotFound",
@@ -238,8 +242,13 @@ def ensure_event_loop() -> None:
 # ---- calls with a timeout ------------------------------------------------------------------
 
 
+# Threads that run libvirt calls, shared by every connection in the process. Kept idle for
+# reuse: the test driver answers in microseconds, and a new thread per call cost more than that.
+_CALLERS = ReusableThreads("libvirt", keep_idle=4)
+
+
 class _Call:
-    """One libvirt call running in its own daemon thread."""
+    """One libvirt call running in a thread of its own (until it returns)."""
 
     def __init__(self, op: str, domain: str | None, fn: Callable[[], Any]) -> None:
         self.op = op
@@ -248,7 +257,6 @@ class _Call:
         self._done = threading.Event()
         self._value: Any = None
         self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"libvirt-{op}", daemon=True)
 
     def _run(self) -> None:
         try:
@@ -259,7 +267,7 @@ class _Call:
             self._done.set()
 
     def start(self) -> "_Call":
-        self.thread.start()
+        _CALLERS.submit(self._run, name=f"libvirt-{self.op}")
         return self
 
     def wait(self, timeout_s: float | None) -> bool:
@@ -602,7 +610,14 @@ class Hypervisor:
                 # memory of its active domains as used, rather than the real machine's.
                 def simulated(conn: libvirt.virConnect) -> tuple[int, int, int]:
                     total = conn.getInfo()[1]
-                    used = sum(dom.maxMemory() // 1024 for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+                    used = 0
+                    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                        try:
+                            used += dom.maxMemory() // 1024
+                        except libvirt.libvirtError as exc:
+                            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                                raise
+                            # stopped (and gone, if transient) since the listing: uses nothing
                     return total, min(used, total), max(total - used, 0)
                 return self._call("host_memory", simulated)
             try:
@@ -670,6 +685,8 @@ class Hypervisor:
         deadline = time.monotonic() + timeout_s
 
         def request(dom: libvirt.virDomain) -> bool:
+            """Ask; True while the domain still runs (in the same call: a guest, or a driver,
+            that stops at once needs no wait)."""
             if not dom.isActive():
                 return False
             try:
@@ -678,7 +695,12 @@ class Hypervisor:
                 if exc.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
                     return False
                 raise
-            return True
+            try:
+                return bool(dom.isActive())
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return False   # a transient domain vanishes as it stops
+                raise
 
         try:
             if not self._dom_call("shutdown", uuid, request):

@@ -43,6 +43,7 @@ class Keepalive:
         self.domains = domains
         self.metrics = metrics
         self.last_vm_figures = VMFigures()
+        self.last_host_memory: tuple[int, int, int] | None = None   # (total, used, free) MiB
         self._vm_thread: threading.Thread | None = None
         self.ticks = 0
 
@@ -105,10 +106,14 @@ class Keepalive:
         figures, fresh = self.collect_vm_figures(deadline, with_stats)
 
         try:
-            memtotal, memused, memfree = self.hypervisor.host_memory_mib()
+            host_memory = self.hypervisor.host_memory_mib()
+            self.last_host_memory = host_memory
         except HypervisorError as exc:
-            log.warning("main-thread: cannot read host memory: %s", exc)
-            memtotal = memused = memfree = 0
+            # Published zeros would read as "no room" to every placement decision: the figures
+            # published last stay until a keepalive can read them again.
+            log.warning("main-thread: cannot read host memory (the last published figures stay): %s", exc)
+            host_memory = None
+        memtotal, memused, memfree = self.last_host_memory or (0, 0, 0)
         cpuload = round(os.getloadavg()[0], 2)
 
         reservations = set(self.store.children(self.schema.node_reservations(self.node)) or [])
@@ -131,10 +136,12 @@ class Keepalive:
                                        running_here=True, reserved_here=False))
         account = account_node(self.node, vms)
 
-        values = {
+        values = {} if host_memory is None else {
             self.schema.node_key(self.node, S.NODE_MEMTOTAL): memtotal,
             self.schema.node_key(self.node, S.NODE_MEMUSED): memused,
             self.schema.node_key(self.node, S.NODE_MEMFREE): memfree,
+        }
+        values |= {
             self.schema.node_key(self.node, S.NODE_MEMALLOC): account.memalloc,
             self.schema.node_key(self.node, S.NODE_MEMPROV): account.memprov,
             self.schema.node_key(self.node, S.NODE_MEMRESERVE): self.config.memory_reserve_mib,

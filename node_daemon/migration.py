@@ -17,7 +17,7 @@ import threading
 import time
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_meta_with, read_vm
+from pvc_cluster_common._cluster import meta_from, meta_paths, read_vm
 from pvc_cluster_common._requests import (
     RESULT_ABORTED,
     RESULT_DONE,
@@ -29,8 +29,10 @@ from pvc_cluster_common._requests import (
     finish_values,
     new_record,
 )
+from pvc_cluster_common._store import ConflictError, StoreError
 
 from .hypervisor import Hypervisor, HypervisorError
+from .watched import WatchedKeys
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,10 @@ class Deadlines:
                             self._fired[uuid] = marker   # expired() still says so (see __init__)
 
 
+class StaleCheck(Exception):
+    """A key a step depends on changed since it was read; nothing was written."""
+
+
 class MigrationAgent:
     def __init__(self, node, config, store, hypervisor, domains, metrics=None) -> None:
         self.node = node
@@ -166,6 +172,15 @@ class MigrationAgent:
         self.domains = domains
         self.metrics = metrics
         self.deadlines = Deadlines()
+        # uuid -> (migration id, read_transfer_inputs answers), read at `requested` (see as_source)
+        self._prefetched: dict[str, tuple] = {}
+        # Whether this node may receive a VM: read at every prepare step from watches, and
+        # checked by version in the prepared write itself (see prepare).
+        self.readiness = WatchedKeys(store, (self.schema.node_key(node, S.NODE_DAEMON_STATE),
+                                             self.schema.node_key(node, S.NODE_DOMAIN_STATE)))
+
+    def start(self) -> None:
+        self.readiness.start()
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -217,18 +232,28 @@ class MigrationAgent:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def advance(self, uuid: str, record: dict, version: int, step: str, **fields) -> tuple[dict, int] | None:
+    def advance(self, uuid: str, record: dict, version: int, step: str, checks: dict | None = None,
+                **fields) -> tuple[dict, int] | None:
         """Write the next step (version-checked). Returns the new record and version, or None when
-        the record changed underneath (the caller stops; the watch brings the new record)."""
+        the record changed underneath (the caller stops; the watch brings the new record) or the
+        write failed. ``checks``: other keys' versions the step depends on, checked in the same
+        transaction; raises StaleCheck when one of them changed (nothing is written)."""
         new = dict(record)
         new.update(fields)
         new["step"] = step
         new["steps"] = dict(record.get("steps") or {})
         new["steps"][step] = round(time.time(), 3)
         path = self.schema.domain_migration(uuid)
-        if not self.store.write({path: new}, expect_versions={path: version}):
+        try:
+            self.store.commit({path: new}, expect_versions={**(checks or {}), path: version})
+        except ConflictError as exc:
+            if checks and exc.path in checks:
+                raise StaleCheck(exc.path) from None
             log.warning("migration %s of %s: record changed before step %s could be written; re-reading",
                         record.get("id"), uuid, step)
+            return None
+        except StoreError as exc:
+            log.warning("migration %s of %s: step %s not written: %s", record.get("id"), uuid, step, exc)
             return None
         self.domains.wrote_migration(uuid, (record.get("id"), version), new, version + 1)
         log.info("migration %s of %s: %s (%s -> %s)", record.get("id"), uuid, step, record["source"], record["target"])
@@ -247,6 +272,7 @@ class MigrationAgent:
             return False
         self.domains.wrote_migration(uuid, (record.get("id"), version), None, -1)
         self.deadlines.clear(uuid)
+        self._prefetched.pop(uuid, None)
         self._prune_history(uuid)
         if result == RESULT_DONE:
             log.ok("migration %s of %s done: %s -> %s, method %s, %.2f s", record["id"], uuid, record["source"],
@@ -297,6 +323,14 @@ class MigrationAgent:
                 self.abort(uuid, record, version, f"target {record['target']} did not prepare within {self.config.step_timeout_s:.0f} s")
             else:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
+                # Read what the transfer decides on now, while the target prepares: the transfer
+                # then starts with no read on the way, and its first write checks these keys'
+                # versions (see transfer).
+                try:
+                    if self._prefetched.get(uuid, (None,))[0] != record.get("id"):   # once per migration
+                        self._prefetched[uuid] = (record.get("id"), self.read_transfer_inputs(uuid))
+                except StoreError as exc:
+                    log.debug("migration %s of %s: transfer inputs not read ahead: %s", record.get("id"), uuid, exc)
         elif step == STEP_PREPARED:
             self.transfer(uuid, record, version, local)
         elif step == STEP_TRANSFERRING:
@@ -309,26 +343,55 @@ class MigrationAgent:
             else:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
 
+    def read_transfer_inputs(self, uuid: str) -> dict:
+        """The keys a transfer decides on, in one round: the VM's node (has the target changed?)
+        and the meta of a migration (has the method changed since the request?)."""
+        return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE)]
+                                    + meta_paths(self.schema, uuid, MIGRATION_META))
+
     def transfer(self, uuid: str, record: dict, version: int, local=ASK) -> None:
         pause_point("source:before-transfer")
+        known = self._prefetched.pop(uuid, None)
+        inputs = known[1] if known and known[0] == record.get("id") else None
+        # Only when every key existed: a key's absence cannot be checked in a transaction (a
+        # meta key set since the read ahead would go unnoticed), so then they are read now.
+        if inputs is not None and all(found is not None for found in inputs.values()):
+            try:
+                self._transfer(uuid, record, version, local, inputs, fresh=False)
+                return
+            except StaleCheck as exc:
+                log.info("migration %s of %s: %s changed since it was read; reading again", record.get("id"), uuid, exc)
+        try:
+            self._transfer(uuid, record, version, local, self.read_transfer_inputs(uuid), fresh=True)
+        except StaleCheck as exc:
+            # changed again within a round trip: the next change of the record, or the step
+            # deadline, brings this back
+            log.warning("migration %s of %s: %s keeps changing; transfer not started", record.get("id"), uuid, exc)
+
+    def _transfer(self, uuid: str, record: dict, version: int, local, inputs: dict, fresh: bool) -> None:
+        """``inputs``: read_transfer_inputs' answers; the first write checks their versions, so
+        a change since they were read raises StaleCheck before anything happened. A
+        reassignment seen in them is confirmed by a fresh read (``fresh``) before it aborts."""
         target = record["target"]
-        # One round of fresh reads: the VM's node (has the target changed?) and the meta of a
-        # migration (the method may have changed since the request).
         node_path = self.schema.domain_key(uuid, S.DOMAIN_NODE)
-        meta, found = read_meta_with(self.store, uuid, (node_path,), keys=MIGRATION_META)
-        node_now = found[node_path][0] if found[node_path] else None
+        node_now = inputs[node_path][0] if inputs[node_path] else None
         if node_now != target:
+            if not fresh:
+                raise StaleCheck(node_path)
             self.abort(uuid, record, version, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
             return
+        meta = meta_from(self.schema, uuid, inputs, MIGRATION_META)
+        checks = {path: found[1] for path, found in inputs.items() if found is not None}
         method = "live" if record.get("force_live") else meta.migration_method
         if self._local(uuid, local) not in ACTIVE:
             # Nothing runs here (it crashed, or was never started): the target simply starts it.
-            advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used="offline", method=method)
+            advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, checks=checks, method_used="offline",
+                                    method=method)
             if advanced:
                 self.advance(uuid, *advanced, STEP_TRANSFERRED)
             return
         first = "shutdown" if method == "shutdown" else "live"
-        advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used=first, method=method)
+        advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, checks=checks, method_used=first, method=method)
         if not advanced:
             return
         record, version = advanced
@@ -405,18 +468,33 @@ class MigrationAgent:
 
     def prepare(self, uuid: str, record: dict, version: int, local=ASK) -> None:
         pause_point("target:before-prepare")
-        paths = (self.schema.node_key(self.node, S.NODE_DAEMON_STATE), self.schema.node_key(self.node, S.NODE_DOMAIN_STATE))
-        found = self.store.read_many(paths)
-        daemon_state, domain_state = ((found[p] or ("",))[0] for p in paths)
-        if daemon_state != "run" or domain_state not in ("ready", "unflush"):
-            self.abort(uuid, record, version,
-                       f"target {self.node} is not ready (daemon {daemon_state}, domain state {domain_state})")
-            return
-        if self._local(uuid, local) in ACTIVE:
-            self.resolve(uuid, record, version, f"{record['id']}:{version}")
-            return
-        if self.advance(uuid, record, version, STEP_PREPARED):
-            crash_point("target:prepared")
+        paths = self.readiness.paths   # this node's daemon state and domain state
+        # This node's readiness as its watches last reported it, with no read on the way. The
+        # prepared write checks both versions, so a copy one change behind makes it fail (then,
+        # and before any refusal, the states are read fresh).
+        for fresh in (False, True):
+            found = self.store.read_many(paths) if fresh else self.readiness.snapshot()
+            if found is None:
+                continue   # the watches have not answered yet
+            daemon_state, domain_state = ((found[p] or ("",))[0] for p in paths)
+            if daemon_state != "run" or domain_state not in ("ready", "unflush"):
+                if not fresh:
+                    continue
+                self.abort(uuid, record, version,
+                           f"target {self.node} is not ready (daemon {daemon_state}, domain state {domain_state})")
+                return
+            if self._local(uuid, local) in ACTIVE:
+                self.resolve(uuid, record, version, f"{record['id']}:{version}")
+                return
+            try:
+                if self.advance(uuid, record, version, STEP_PREPARED,
+                                checks={p: found[p][1] for p in paths}):
+                    crash_point("target:prepared")
+                return
+            except StaleCheck as exc:
+                # After a fresh read too (it changed again within a round trip): nothing written,
+                # and the source's step deadline ends the migration if no event brings it back.
+                log.info("migration %s of %s: %s changed while preparing; reading it again", record.get("id"), uuid, exc)
 
     def complete(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool, local=ASK) -> None:
         local = self._local(uuid, local)

@@ -26,6 +26,7 @@ from pvc_cluster_common._domain_xml import DomainXMLError, parse_domain_xml
 
 from .domains import DomainTable
 from .hypervisor import HypervisorError
+from .threads import ReusableThreads
 from .vmstate import ACTIVE_LIBVIRT_STATES, Action, Desired, decide
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ class Reconciler:
         self._busy: set[str] = set()
         self._dirty: set[str] = set()
         self._idle = threading.Condition(self._lock)
+        # One pass per VM at a time, each in a thread of its own (a slow shutdown of one VM never
+        # delays another); the threads are reused between passes.
+        self._workers = ReusableThreads("vm", keep_idle=8)
         self._watched: set[str] = set()
         # VMs whose migration key is watched now (see _wants_migration)
         self._migration_watched: set[str] = set()
@@ -226,7 +230,7 @@ class Reconciler:
             self._busy.add(uuid)
         record = self.domains.get(uuid)
         name = (record.name if record and record.name else uuid[:8])
-        threading.Thread(target=self._work, args=(uuid,), name=f"vm-{name}", daemon=True).start()
+        self._workers.submit(lambda: self._work(uuid), name=f"vm-{name}")
 
     def _work(self, uuid: str) -> None:
         while True:

@@ -125,25 +125,24 @@ def find_vm(store, name_or_uuid: str) -> str | None:
 
 
 def read_meta(store, uuid: str) -> VMMeta:
-    return read_meta_with(store, uuid)[0]
+    return meta_from(store.schema, uuid, store.read_many(meta_paths(store.schema, uuid)))
 
 
-def read_meta_with(store, uuid: str, also=(), keys=S.META_KEYS) -> tuple[VMMeta, dict]:
-    """A VM's meta and the keys ``also`` (``{path: (text, version) or None}``), in one round of
-    reads. ``keys``: the meta keys to read (the others take their defaults)."""
-    paths = {key: store.schema.domain_meta(uuid, key) for key in keys}
-    also = list(also)
-    found = store.read_many(list(paths.values()) + also)
-    meta = VMMeta.from_store({key: (found[path][0] if found[path] else None) for key, path in paths.items()})
-    return meta, {path: found[path] for path in also}
+def meta_paths(schema, uuid: str, keys=S.META_KEYS) -> list[str]:
+    return [schema.domain_meta(uuid, key) for key in keys]
+
+
+def meta_from(schema, uuid: str, found: dict, keys=S.META_KEYS) -> VMMeta:
+    """A VM's meta from the answers of a read that included ``meta_paths(schema, uuid, keys)``."""
+    return VMMeta.from_store({key: (found[schema.domain_meta(uuid, key)] or (None,))[0] for key in keys})
 
 
 def read_vm(store, uuid: str) -> VMRecord | None:
     schema = store.schema
     keys = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_LASTNODE, S.DOMAIN_XML, S.DOMAIN_FAILEDREASON, S.DOMAIN_STATS)
     paths = {key: schema.domain_key(uuid, key) for key in keys}
-    meta_paths = {key: schema.domain_meta(uuid, key) for key in S.META_KEYS}
-    found = store.read_many([schema.domain(uuid), schema.domain_migration(uuid)] + list(paths.values()) + list(meta_paths.values()))
+    found = store.read_many([schema.domain(uuid), schema.domain_migration(uuid)] + list(paths.values())
+                            + meta_paths(schema, uuid))
     if found[schema.domain(uuid)] is None:
         return None
 
@@ -171,7 +170,7 @@ def read_vm(store, uuid: str) -> VMRecord | None:
         stats_value = json.loads(text(S.DOMAIN_STATS) or "{}")
     except ValueError:
         stats_value = {}
-    meta = VMMeta.from_store({key: (found[path][0] if found[path] else None) for key, path in meta_paths.items()})
+    meta = meta_from(schema, uuid, found)
     return VMRecord(
         uuid=uuid,
         name=found[schema.domain(uuid)][0],

@@ -156,7 +156,11 @@ def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushi
         return None
     schema = store.schema
     node_path = schema.domain_key(plan.uuid, S.DOMAIN_NODE)
-    values = {node_path: plan.target, schema.domain_key(plan.uuid, S.DOMAIN_LASTNODE): plan.lastnode}
+    values = {node_path: plan.target}
+    if plan.lastnode != vm.lastnode:
+        # Written only when it changes: every daemon watches it. Unchanged is safe to leave out:
+        # lastnode only ever changes together with node, whose version this commit checks.
+        values[schema.domain_key(plan.uuid, S.DOMAIN_LASTNODE)] = plan.lastnode
     expect = {node_path: vm.node_version}
     create = []
     record = None

@@ -418,6 +418,24 @@ def test_meminfo_unreadable(tmp_path):
         read_meminfo_mib(str(tmp_path / "absent"))
 
 
+def test_test_driver_host_memory_skips_a_domain_gone_since_the_listing(hv, make_domain_xml, monkeypatch):
+    small = make_domain_xml("small", memory="256")
+    gone = make_domain_xml("gone", memory="512")
+    hv.create(small[1])
+    hv.create(gone[1])
+    real = libvirt.virDomain.maxMemory
+
+    def max_memory(dom):
+        if dom.UUIDString() == gone[0]:   # as if it stopped between the listing and this call
+            err = _libvirt_error("Domain not found")
+            err.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, "Domain not found", 0, "", "", "", -1, -1)
+            raise err
+        return real(dom)
+
+    monkeypatch.setattr(libvirt.virDomain, "maxMemory", max_memory)
+    assert hv.host_memory_mib() == (8192, 256, 8192 - 256)
+
+
 def test_host_memory_from_libvirt_when_supported(hv, monkeypatch):
     stats = {"total": 25165824, "free": 4194304, "buffers": 1048576, "cached": 2097152}
     monkeypatch.setattr(libvirt.virConnect, "getMemoryStats", lambda self, cell, flags=0: stats)

@@ -12,7 +12,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._domain_xml import parse_domain_xml
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
-from pvc_node_daemon.hypervisor import Hypervisor
+from pvc_node_daemon.hypervisor import Hypervisor, HypervisorError
 from pvc_node_daemon.keepalive import Keepalive
 
 from .harness import NODE_XML
@@ -137,3 +137,22 @@ def test_hung_libvirt_call_does_not_delay_the_keepalive(store, host, config, mon
         assert store.read_versioned(store.schema.node_key("n1", S.NODE_KEEPALIVE))[1] > after[1]
     finally:
         release.set()
+
+
+def test_unreadable_host_memory_keeps_the_published_figures(store, host, config, monkeypatch):
+    # Zeros would tell every placement decision that this node has no room at all.
+    keepalive = Keepalive("n1", config, store, host, DomainTable())
+    assert keepalive.tick()
+    key = lambda k: store.read_versioned(store.schema.node_key("n1", k))  # noqa: E731
+    before = {k: key(k) for k in (S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE)}
+    assert int(before[S.NODE_MEMTOTAL][0]) > 0
+
+    def fails():
+        raise HypervisorError("host_memory", None, None, "libvirt cannot tell")
+
+    monkeypatch.setattr(host, "host_memory_mib", fails)
+    stamp = key(S.NODE_KEEPALIVE)
+    assert keepalive.tick()
+    assert key(S.NODE_KEEPALIVE) != stamp            # the keepalive itself went out
+    assert {k: key(k) for k in before} == before     # untouched: same values, same versions
+

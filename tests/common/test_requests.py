@@ -1,0 +1,69 @@
+"""Migration requests written to a real ZooKeeper (plugins/module_utils/_requests.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_node_views, read_vm, vm_definition
+from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_cluster_common._store import ConflictError
+
+pytestmark = pytest.mark.zk
+
+UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+XML = (f"<domain type='test'><name>web1</name><uuid>{UUID}</uuid><memory unit='MiB'>1024</memory>"
+       "<vcpu>2</vcpu><os><type>hvm</type></os><devices/></domain>")
+
+
+@pytest.fixture
+def cluster(store):
+    """Two ready nodes with room, and VM web1 running on n1."""
+    schema = store.schema
+    values = {}
+    for node in ("n1", "n2"):
+        values.update({schema.node(node): "", schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+                       schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
+                       schema.node_key(node, S.NODE_MEMTOTAL): 16384, schema.node_key(node, S.NODE_MEMPROV): 0,
+                       schema.node_key(node, S.NODE_MEMRESERVE): 0})
+    values.update(vm_definition(schema, UUID, "web1", XML, "n1", "start"))
+    store.commit(values)
+    return store
+
+
+def request(store, kind, target=None):
+    vm = read_vm(store, UUID)
+    plan = plan_request(vm, kind, read_node_views(store), target=target)
+    return submit_request(store, plan, vm, requester="test")
+
+
+def lastnode_version(store):
+    return store.read_versioned(store.schema.domain_key(UUID, S.DOMAIN_LASTNODE))
+
+
+def test_a_move_that_keeps_lastnode_does_not_rewrite_it(cluster):
+    # Every daemon watches lastnode: an unchanged value is left alone (no event on every node).
+    before = lastnode_version(cluster)
+    record = request(cluster, "move", target="n2")
+    assert record["kind"] == "move" and record["target"] == "n2"
+    assert cluster.read(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
+    assert lastnode_version(cluster) == before == ("", 0)
+
+
+def test_a_temporary_migration_records_the_home_node(cluster):
+    request(cluster, "migrate", target="n2")
+    text, version = lastnode_version(cluster)
+    assert (text, version) == ("n1", 1)
+    assert cluster.read(cluster.schema.node_reservation("n2", UUID)) == "1024"
+
+
+def test_a_request_on_a_stale_read_writes_nothing(cluster):
+    vm = read_vm(cluster, UUID)
+    plan = plan_request(vm, "migrate", read_node_views(cluster), target="n2")
+    # someone else re-assigned the VM after it was read
+    cluster.write({cluster.schema.domain_key(UUID, S.DOMAIN_NODE): "n2"})
+    with pytest.raises(ConflictError):
+        submit_request(cluster, plan, vm, requester="test")
+    assert lastnode_version(cluster) == ("", 0)
+    assert cluster.read(cluster.schema.domain_migration(UUID)) is None
+    assert cluster.read(cluster.schema.node_reservation("n2", UUID)) is None

@@ -1,0 +1,185 @@
+"""One side's steps of the protocol (node_daemon/migration.py), driven directly against a real
+ZooKeeper and the libvirt test driver: the cases where what a step decided from (a watched copy,
+keys read ahead) is older than ZooKeeper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_node_views, read_vm, vm_definition
+from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_node_daemon.config import parse_config
+from pvc_node_daemon.domains import DomainTable
+from pvc_node_daemon.hypervisor import Hypervisor
+from pvc_node_daemon.migration import MigrationAgent
+
+from .harness import NODE_XML, domain_xml
+
+pytestmark = pytest.mark.zk
+
+
+@pytest.fixture
+def cluster(store):
+    """Nodes n1 and n2, ready, and VM m1 on n1 (in ZooKeeper; libvirt is up to each test)."""
+    schema = store.schema
+    values = {}
+    for node in ("n1", "n2", "n3"):
+        values.update({schema.node(node): "", schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+                       schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
+                       schema.node_key(node, S.NODE_MEMTOTAL): 16384, schema.node_key(node, S.NODE_MEMPROV): 0,
+                       schema.node_key(node, S.NODE_MEMRESERVE): 0})
+    uuid, xml = domain_xml("m1", memory="256")
+    values.update(vm_definition(schema, uuid, "m1", xml, "n1", "start"))
+    store.commit(values)
+    return store, uuid, xml
+
+
+@pytest.fixture
+def make_agent(zk_server, zk_root, tmp_path):
+    opened = []
+
+    def make(node: str) -> MigrationAgent:
+        from pvc_cluster_common._store import ClusterStore
+
+        config = parse_config({"node": node, "zookeeper": {"hosts": zk_server.hosts, "root": zk_root},
+                               "libvirt": {"call_timeout_s": 5}, "intervals": {"shutdown_timeout_s": 5}})
+        host = tmp_path / f"{node}.xml"
+        host.write_text(NODE_XML.format(kib=16 * 1024 * 1024))
+        hypervisor = Hypervisor(f"test://{host}", call_timeout_s=5).open()
+        store = ClusterStore(config.zookeeper)
+        store.start()
+        opened.append((hypervisor, store))
+        return MigrationAgent(node, config, store, hypervisor, DomainTable())
+
+    yield make
+    for hypervisor, store in opened:
+        hypervisor.close()
+        store.stop()
+
+
+def request(store, uuid, target):
+    vm = read_vm(store, uuid)
+    plan = plan_request(vm, "migrate", read_node_views(store), target=target)
+    return submit_request(store, plan, vm, requester="test")
+
+
+def record_of(store, uuid):
+    found = store.read_versioned(store.schema.domain_migration(uuid))
+    return (json.loads(found[0]), found[1]) if found else (None, -1)
+
+
+def last_history(store, uuid):
+    path = store.schema.domain_history(uuid)
+    return json.loads(store.read(f"{path}/{sorted(store.children(path))[-1]}"))
+
+
+def test_prepare_refuses_only_after_reading_its_states_fresh(cluster, make_agent):
+    store, uuid, _ = cluster
+    target = make_agent("n2")
+    target.readiness.start()
+    request(store, uuid, "n2")
+    # The watched copy still says ready (as if its watch had not fired yet) ...
+    stale = target.readiness.snapshot()
+    assert stale is not None and all(value[0] in ("run", "ready") for value in stale.values())
+    store.write({store.schema.node_key("n2", S.NODE_DOMAIN_STATE): "flush"})
+    target.readiness.snapshot = lambda: stale
+    # ... the prepared write checks its version, fails, and the fresh read refuses the VM
+    target.handle(uuid, record_of(store, uuid), local_state=None)
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "not ready" in final["reason"], final
+    assert record_of(store, uuid) == (None, -1)
+
+
+def test_prepare_with_a_copy_one_version_behind_still_prepares(cluster, make_agent):
+    store, uuid, _ = cluster
+    target = make_agent("n2")
+    target.readiness.start()
+    request(store, uuid, "n2")
+    stale = target.readiness.snapshot()
+    path = store.schema.node_key("n2", S.NODE_DOMAIN_STATE)
+    store.write({path: "ready"})          # the same value, a newer version
+    target.readiness.snapshot = lambda: stale
+    target.handle(uuid, record_of(store, uuid), local_state=None)
+    record, _ = record_of(store, uuid)
+    assert record["step"] == "prepared"
+
+
+def test_transfer_rereads_what_it_read_ahead_when_it_changed(cluster, make_agent):
+    store, uuid, xml = cluster
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")   # `requested`: reads ahead
+    assert uuid in source._prefetched
+    # the method changes after the read ahead, before the transfer
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    record, version = record_of(store, uuid)
+    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
+                expect_versions={store.schema.domain_migration(uuid): version})
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    record, _ = record_of(store, uuid)
+    # the method as it is now: a shutdown migration, with no live attempt first
+    assert (record["step"], record["method"], record["method_used"]) == ("transferred", "shutdown", "shutdown")
+    assert not record.get("fallback_reason")
+    assert source.hypervisor.status(uuid) is None
+
+
+def test_transfer_aborts_when_the_target_changed_after_the_read_ahead(cluster, make_agent):
+    store, uuid, xml = cluster
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    store.write({store.schema.domain_key(uuid, S.DOMAIN_NODE): "n3"})   # reassigned by other means
+    record, version = record_of(store, uuid)
+    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
+                expect_versions={store.schema.domain_migration(uuid): version})
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and final["reason"].startswith("target changed"), final
+    assert source.hypervisor.status(uuid).state == "running"
+
+
+def test_transfer_uses_keys_read_ahead_only_when_all_were_there(cluster, make_agent):
+    # With every key present, a change since the read ahead fails the transferring write's
+    # version check (and the keys are read again); an absent key cannot be checked that way.
+    store, uuid, xml = cluster
+    for key, value in ((S.META_MIGRATION_METHOD, "default"), (S.META_MIGRATION_MAX_DOWNTIME_MS, 300)):
+        store.write({store.schema.domain_meta(uuid, key): value})
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    reads = []
+    real = source.read_transfer_inputs
+    source.read_transfer_inputs = lambda u: reads.append(u) or real(u)
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    record, version = record_of(store, uuid)
+    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
+                expect_versions={store.schema.domain_migration(uuid): version})
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    record, _ = record_of(store, uuid)
+    assert reads == [uuid]      # the stale read ahead was caught by its version check, then re-read
+    assert (record["step"], record["method"], record["method_used"]) == ("transferred", "shutdown", "shutdown")
+
+
+def test_transfer_starts_from_the_keys_read_ahead(cluster, make_agent):
+    store, uuid, xml = cluster
+    for key, value in ((S.META_MIGRATION_METHOD, "shutdown"), (S.META_MIGRATION_MAX_DOWNTIME_MS, 300)):
+        store.write({store.schema.domain_meta(uuid, key): value})
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    reads = []
+    source.read_transfer_inputs = lambda u: reads.append(u)
+    record, version = record_of(store, uuid)
+    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
+                expect_versions={store.schema.domain_migration(uuid): version})
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    record, _ = record_of(store, uuid)
+    assert reads == []
+    assert (record["step"], record["method"], record["method_used"]) == ("transferred", "shutdown", "shutdown")
