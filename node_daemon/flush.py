@@ -277,8 +277,13 @@ class NodeStateWorker:
             return {self.node: replace(nodes[self.node], domain_state="ready")} if self.node in nodes else {}
 
         homecoming, autostart = [], []
-        candidates = [uuid for uuid, record in self.domains.snapshot().items()
-                      if self.node in (record.node, record.lastnode)]
+        # lastnode is followed only for VMs that concern this node (reconciler._follows): read
+        # it fresh for the others, in one round.
+        snapshot = self.domains.snapshot()
+        elsewhere = [uuid for uuid, record in snapshot.items() if record.node != self.node]
+        lastnodes = self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_LASTNODE) for uuid in elsewhere])
+        candidates = [uuid for uuid, record in snapshot.items() if record.node == self.node
+                      or (lastnodes[self.schema.domain_key(uuid, S.DOMAIN_LASTNODE)] or ("",))[0] == self.node]
         for vm in self.read_vms(candidates):
             if vm.lastnode == self.node and vm.node != self.node:
                 homecoming.append(vm)

@@ -1,7 +1,8 @@
 """Drive every VM that concerns this node towards the state ZooKeeper records.
 
 ZooKeeper watches on each VM's ``state``, ``node``, ``lastnode``, ``xml`` and ``migration`` keys
-keep the daemon's table (domains.py) current and mark the VM dirty; a worker thread per VM (at
+(the last two only while the VM concerns this node: see ``_follows``) keep the daemon's table
+(domains.py) current and mark the VM dirty; a worker thread per VM (at
 most one at a time, named ``vm-<name>``) asks libvirt for the VM's state and applies
 :func:`vmstate.decide` to the table's values. Events that arrive while a worker runs make it run
 once more, so a late or repeated watch is harmless.
@@ -32,6 +33,9 @@ from .vmstate import ACTIVE_LIBVIRT_STATES, Action, Desired, decide
 log = logging.getLogger(__name__)
 
 WATCHED_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
+# Keys only the nodes a VM concerns need every change of (see _follows); every migration
+# rewrites the record about six times, and a temporary one rewrites lastnode.
+FOLLOWED_KEYS = (S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
 
 
 class Reconciler:
@@ -52,8 +56,8 @@ class Reconciler:
         # delays another); the threads are reused between passes.
         self._workers = ReusableThreads("vm", keep_idle=8)
         self._watched: set[str] = set()
-        # VMs whose migration key is watched now (see _wants_migration)
-        self._migration_watched: set[str] = set()
+        # key -> VMs whose key is watched now (see _follows)
+        self._followed: dict[str, set[str]] = {key: set() for key in FOLLOWED_KEYS}
         # uuids libvirt ran here at the last listing (refreshed by every pass and every start)
         self.local: set[str] = set()
         self.accepting = threading.Event()
@@ -77,30 +81,33 @@ class Reconciler:
     def _watch_domain(self, uuid: str) -> None:
         self._watched.add(uuid)
         with self._lock:
-            self._migration_watched.add(uuid)
+            for followers in self._followed.values():
+                followers.add(uuid)
         for key in WATCHED_KEYS:
             self._watch_key(uuid, key)
 
-    def _wants_migration(self, uuid: str) -> bool:
-        """Whether this daemon needs every change of the VM's migration record.
+    def _follows(self, uuid: str) -> bool:
+        """Whether this daemon needs every change of the VM's FOLLOWED_KEYS.
 
-        A record changes about six times per migration, and every daemon watches every VM; only
-        the two sides need the steps. The source is the VM's node when the request is written,
-        the target its node from then on (the request moves ``node`` in the same transaction),
-        so a daemon follows the record while the VM is assigned here, runs here, or the last
-        record it read names this node. It stops at the next change otherwise, and starts again
-        when the VM's ``node`` becomes this node or the VM appears in libvirt here.
+        Every daemon watches every VM, but only the two sides need a migration record's steps
+        (and only the VM's own nodes its lastnode: a node being made ready reads lastnode fresh).
+        The source is the VM's node when the request is written, the target its node from then
+        on (the request moves ``node`` in the same transaction), so a daemon follows the keys
+        while the VM is assigned here, runs here, or the last record it read names this node.
+        It stops at a key's next change otherwise, and starts again when the VM's ``node``
+        becomes this node or the VM appears in libvirt here.
         """
         record = self.domains.get(uuid)
         return record is None or uuid in self.local or record.node == self.node or self._concerns_me(record)
 
-    def follow_migration(self, uuid: str) -> None:
-        """Watch the VM's migration key again, if it is not watched (see _wants_migration)."""
-        with self._lock:
-            if uuid in self._migration_watched or uuid not in self._watched:
-                return
-            self._migration_watched.add(uuid)
-        self._watch_key(uuid, S.DOMAIN_MIGRATION)
+    def follow(self, uuid: str) -> None:
+        """Watch the VM's FOLLOWED_KEYS again where they are not watched (see _follows)."""
+        for key in FOLLOWED_KEYS:
+            with self._lock:
+                if uuid in self._followed[key] or uuid not in self._watched:
+                    continue
+                self._followed[key].add(uuid)
+            self._watch_key(uuid, key)
 
     def _watch_key(self, uuid: str, key: str) -> None:
         """Keep the table's copy of one key current.
@@ -116,10 +123,10 @@ class Reconciler:
         def on_event(_event=None) -> None:
             if uuid not in self._watched:
                 return
-            if key == S.DOMAIN_MIGRATION:
-                with self._lock:   # atomic with follow_migration's check (see there)
-                    if not self._wants_migration(uuid):
-                        self._migration_watched.discard(uuid)
+            if key in self._followed:
+                with self._lock:   # atomic with follow's check (see there)
+                    if not self._follows(uuid):
+                        self._followed[key].discard(uuid)
                         return
             fetch()
 
@@ -158,7 +165,8 @@ class Reconciler:
         """Re-arm every watch (after a new ZooKeeper session, which drops them all)."""
         for uuid in list(self._watched):
             with self._lock:
-                self._migration_watched.add(uuid)
+                for followers in self._followed.values():
+                    followers.add(uuid)
             for key in WATCHED_KEYS:
                 self._watch_key(uuid, key)
 
@@ -170,7 +178,7 @@ class Reconciler:
         self._record(uuid, key, value, version)
         after = self.domains.get(uuid)
         if key == S.DOMAIN_NODE and value == self.node:
-            self.follow_migration(uuid)
+            self.follow(uuid)
         if after == before:
             return   # nothing new (e.g. the answer to this daemon's own write, already recorded)
         # Every daemon watches every VM; only those that concern this node are worth a pass:
@@ -262,7 +270,7 @@ class Reconciler:
             return
         self.local = set(local)
         for uuid in self.local:
-            self.follow_migration(uuid)
+            self.follow(uuid)
         for uuid, record in self.domains.snapshot().items():
             involved = self.node in (record.node, record.migration_source, record.migration_target)
             if not (involved or uuid in local):
@@ -277,7 +285,7 @@ class Reconciler:
                 self.enqueue(uuid)
         if full:
             for uuid in self.migrations.records_for_node():
-                self.follow_migration(uuid)
+                self.follow(uuid)
                 self.enqueue(uuid)
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -337,7 +345,7 @@ class Reconciler:
         if local_state in ACTIVE_LIBVIRT_STATES and uuid not in self.local:
             # e.g. just migrated in: count it as running here before the next full listing
             self.local = self.local | {uuid}
-            self.follow_migration(uuid)
+            self.follow(uuid)
         decision = decide(self.node, desired, local_state) if desired else None
         if decision is None or decision.action not in (Action.NOTHING, Action.FORGET, Action.MIGRATION):
             # About to act outside the migration protocol, where no version check guards the
@@ -386,7 +394,7 @@ class Reconciler:
             return False
         log.ok("VM %s: started", uuid)
         self.local = self.local | {uuid}
-        self.follow_migration(uuid)
+        self.follow(uuid)
         self.store.write({self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): ""})
         return True
 

@@ -37,7 +37,8 @@ def reconciler(node: str = "n1") -> Reconciler:
     store = SimpleNamespace(schema=Schema("/pvc"), connected=True, client=RecordingClient())
     rec = Reconciler(node, config=None, store=store, hypervisor=None, domains=DomainTable(), migrations=None)
     rec._watched.add(UUID)
-    rec._migration_watched.add(UUID)
+    for followers in rec._followed.values():
+        followers.add(UUID)
     rec.queued = []
     rec.enqueue = rec.queued.append   # record what would be queued instead of running passes
     return rec
@@ -160,25 +161,40 @@ def test_only_the_two_sides_follow_a_migration_record():
     rec._watch_key(UUID, S.DOMAIN_MIGRATION)                  # the watch as armed at start-up
     assert client.reads == [path]
     client.watches[path](None)                                # the record changes (prepared)
-    assert client.reads == [path] and UUID not in rec._migration_watched   # not followed any more
+    assert client.reads == [path] and UUID not in rec._followed[S.DOMAIN_MIGRATION]   # not followed any more
     answer(rec, S.DOMAIN_NODE, "n3")                          # the VM is assigned here now
-    assert client.reads == [path, path] and UUID in rec._migration_watched
+    assert client.reads == [path, path] and UUID in rec._followed[S.DOMAIN_MIGRATION]
     answer(rec, S.DOMAIN_NODE, "n3")                          # already followed: no second chain
     assert client.reads == [path, path]
     client.watches[path](None)                                # assigned here: every change is read
     assert client.reads == [path, path, path]
 
 
+def test_lastnode_is_followed_only_where_the_vm_is_assigned():
+    # A temporary migration rewrites lastnode; nodes the VM has nothing to do with stop reading it
+    # (a node being made ready reads lastnode fresh instead).
+    rec = reconciler("n3")
+    client = rec.store.client
+    path = rec.schema.domain_key(UUID, S.DOMAIN_LASTNODE)
+    answer(rec, S.DOMAIN_NODE, "n2")
+    rec._watch_key(UUID, S.DOMAIN_LASTNODE)
+    assert client.reads == [path]
+    client.watches[path](None)                                # lastnode changes (n1 -> n2 as a migrate)
+    assert client.reads == [path] and UUID not in rec._followed[S.DOMAIN_LASTNODE]
+    answer(rec, S.DOMAIN_NODE, "n3")                          # assigned here now: read it again
+    assert client.reads.count(path) == 2 and UUID in rec._followed[S.DOMAIN_LASTNODE]
+
+
 def test_a_record_naming_this_node_or_a_vm_running_here_is_followed():
     rec = reconciler("n1")
     answer(rec, S.DOMAIN_NODE, "n2")
     answer(rec, S.DOMAIN_MIGRATION, record("requested"))      # this node is the source
-    assert rec._wants_migration(UUID)
+    assert rec._follows(UUID)
     answer(rec, S.DOMAIN_MIGRATION, None)                     # the migration ended
-    assert not rec._wants_migration(UUID)
+    assert not rec._follows(UUID)
     rec.local = {UUID}                                        # but libvirt runs it here
-    assert rec._wants_migration(UUID)
-    assert reconciler("n9")._wants_migration("unknown-vm")    # nothing known yet: followed
+    assert rec._follows(UUID)
+    assert reconciler("n9")._follows("unknown-vm")    # nothing known yet: followed
 
 
 
