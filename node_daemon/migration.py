@@ -233,11 +233,12 @@ class MigrationAgent:
     # ---- writing ------------------------------------------------------------------------------
 
     def advance(self, uuid: str, record: dict, version: int, step: str, checks: dict | None = None,
-                **fields) -> tuple[dict, int] | None:
+                quiet: bool = False, **fields) -> tuple[dict, int] | None:
         """Write the next step (version-checked). Returns the new record and version, or None when
         the record changed underneath (the caller stops; the watch brings the new record) or the
         write failed. ``checks``: other keys' versions the step depends on, checked in the same
-        transaction; raises StaleCheck when one of them changed (nothing is written)."""
+        transaction; raises StaleCheck when one of them changed (nothing is written). ``quiet``:
+        a changed record is expected (logged at debug level)."""
         new = dict(record)
         new.update(fields)
         new["step"] = step
@@ -249,8 +250,9 @@ class MigrationAgent:
         except ConflictError as exc:
             if checks and exc.path in checks:
                 raise StaleCheck(exc.path) from None
-            log.warning("migration %s of %s: record changed before step %s could be written; re-reading",
-                        record.get("id"), uuid, step)
+            (log.debug if quiet else log.warning)(
+                "migration %s of %s: record changed before step %s could be written; re-reading",
+                record.get("id"), uuid, step)
             return None
         except StoreError as exc:
             log.warning("migration %s of %s: step %s not written: %s", record.get("id"), uuid, step, exc)
@@ -328,7 +330,7 @@ class MigrationAgent:
                 # versions (see transfer).
                 try:
                     if self._prefetched.get(uuid, (None,))[0] != record.get("id"):   # once per migration
-                        self._prefetched[uuid] = (record.get("id"), self.read_transfer_inputs(uuid))
+                        self._prefetched[uuid] = (record.get("id"), self.read_transfer_inputs(uuid, record))
                 except StoreError as exc:
                     log.debug("migration %s of %s: transfer inputs not read ahead: %s", record.get("id"), uuid, exc)
         elif step == STEP_PREPARED:
@@ -343,30 +345,44 @@ class MigrationAgent:
             else:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
 
-    def read_transfer_inputs(self, uuid: str) -> dict:
-        """The keys a transfer decides on, in one round: the VM's node (has the target changed?)
-        and the meta of a migration (has the method changed since the request?)."""
+    def read_transfer_inputs(self, uuid: str, record: dict) -> dict:
+        """What a transfer decides on and needs, in one round: the VM's node (has the target
+        changed?), the meta of a migration (has the method changed since the request?), and the
+        target's published libvirt and transport URIs (for a live migration)."""
         return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE)]
-                                    + meta_paths(self.schema, uuid, MIGRATION_META))
+                                    + meta_paths(self.schema, uuid, MIGRATION_META)
+                                    + self._target_uri_paths(record))
+
+    def _target_uri_paths(self, record: dict) -> list[str]:
+        return [self.schema.node_key(record["target"], key) for key in (S.NODE_LIBVIRT_URI, S.NODE_TRANSPORT_URI)]
 
     def transfer(self, uuid: str, record: dict, version: int, local=ASK) -> None:
         pause_point("source:before-transfer")
         known = self._prefetched.pop(uuid, None)
         inputs = known[1] if known and known[0] == record.get("id") else None
-        # Only when every key existed: a key's absence cannot be checked in a transaction (a
-        # meta key set since the read ahead would go unnoticed), so then they are read now.
-        if inputs is not None and all(found is not None for found in inputs.values()):
+        if inputs is not None and self.checkable(uuid, record, inputs):
             try:
                 self._transfer(uuid, record, version, local, inputs, fresh=False)
                 return
             except StaleCheck as exc:
                 log.info("migration %s of %s: %s changed since it was read; reading again", record.get("id"), uuid, exc)
         try:
-            self._transfer(uuid, record, version, local, self.read_transfer_inputs(uuid), fresh=True)
+            self._transfer(uuid, record, version, local, self.read_transfer_inputs(uuid, record), fresh=True)
         except StaleCheck as exc:
             # changed again within a round trip: the next change of the record, or the step
             # deadline, brings this back
             log.warning("migration %s of %s: %s keeps changing; transfer not started", record.get("id"), uuid, exc)
+
+    def checkable(self, uuid: str, record: dict, inputs: dict) -> bool:
+        """Whether the keys that decide the transfer's course existed in ``inputs``: the VM's
+        node and (unless the request forces a live migration) its migration method. A key's
+        absence cannot be checked in a transaction (a method set since the read ahead would go
+        unnoticed): then they are read again right before the write. The other inputs are
+        checked when they exist, and otherwise used as read at `requested`: an unset maximum
+        downtime means the default one, and a target URI that is wrong fails the migration."""
+        if inputs[self.schema.domain_key(uuid, S.DOMAIN_NODE)] is None:
+            return False
+        return bool(record.get("force_live")) or inputs[self.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)] is not None
 
     def _transfer(self, uuid: str, record: dict, version: int, local, inputs: dict, fresh: bool) -> None:
         """``inputs``: read_transfer_inputs' answers; the first write checks their versions, so
@@ -397,11 +413,13 @@ class MigrationAgent:
         record, version = advanced
         crash_point("source:transferring")
         if first == "live":
-            error = self.live_migrate(uuid, record, meta)
+            error = self.live_migrate(uuid, record, meta, inputs)
             if error is None:
                 crash_point("source:live-running")   # only if the watcher missed a very short job
                 crash_point("source:live-done")
-                self.advance(uuid, record, version, STEP_TRANSFERRED)
+                # The target usually ends the migration first, on libvirt's resume event: then
+                # there is no record left to advance, and that is the normal course.
+                self.advance(uuid, record, version, STEP_TRANSFERRED, quiet=True)
                 return
             if method == "live":
                 self.after_failed_live(uuid, record, version, error)
@@ -416,12 +434,10 @@ class MigrationAgent:
         crash_point("source:shutdown-done")
         self.advance(uuid, record, version, STEP_TRANSFERRED)
 
-    def live_migrate(self, uuid: str, record: dict, meta) -> str | None:
-        """Run the live migration; None on success, else libvirt's reason."""
-        uri_path = self.schema.node_key(record["target"], S.NODE_LIBVIRT_URI)
-        transport_path = self.schema.node_key(record["target"], S.NODE_TRANSPORT_URI)
-        found = self.store.read_many([uri_path, transport_path])
-        dest_uri, transport_uri = ((found[path] or ("",))[0] for path in (uri_path, transport_path))
+    def live_migrate(self, uuid: str, record: dict, meta, inputs: dict) -> str | None:
+        """Run the live migration; None on success, else libvirt's reason. ``inputs``: as
+        read_transfer_inputs answered (the target's URIs)."""
+        dest_uri, transport_uri = ((inputs[path] or ("",))[0] for path in self._target_uri_paths(record))
         if not dest_uri:
             return f"target {record['target']} has not published its libvirt URI"
         timeout_s = self.config.live_timeout_s(int(record.get("memory_mib") or 0))
@@ -456,6 +472,14 @@ class MigrationAgent:
         if step == STEP_REQUESTED:
             self.prepare(uuid, record, version, local)
         elif step in (STEP_PREPARED, STEP_TRANSFERRING):
+            if step == STEP_TRANSFERRING and record.get("method_used") == "live" and self._local(uuid, local) in RUNNING:
+                # libvirt resumed the incoming copy: the switch-over is done, and the source's
+                # copy can never run again (libvirt stops it in the same job). The reconciler
+                # wakes on that lifecycle event, so the migration ends here without waiting for
+                # the source's `transferred` (which then finds no record, and is not needed).
+                crash_point("target:before-done")
+                self.finish(uuid, record, version, RESULT_DONE)
+                return
             if timed_out:
                 self.resolve(uuid, record, version, marker)
             else:

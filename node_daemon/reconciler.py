@@ -67,6 +67,17 @@ class Reconciler:
 
     def start(self) -> None:
         self.store.client.ChildrenWatch(self.schema.domains(), self._on_domains)
+        self.hypervisor.add_lifecycle_listener(self._on_lifecycle)
+
+    def _on_lifecycle(self, uuid: str, event: str, _detail: int) -> None:
+        """On libvirt's events thread (must not block): a VM migrating here that starts or
+        resumes gets a pass at once; for a live migration that is the switch-over, which ends
+        the migration (MigrationAgent.as_target). Other changes wait for the periodic pass."""
+        if event not in ("started", "resumed"):
+            return
+        record = self.domains.get(uuid)
+        if record is not None and record.migration_target == self.node:
+            self.enqueue(uuid)
 
     def _on_domains(self, children) -> bool:
         current = set(children or [])

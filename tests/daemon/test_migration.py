@@ -143,7 +143,7 @@ def test_transfer_aborts_when_the_target_changed_after_the_read_ahead(cluster, m
     assert source.hypervisor.status(uuid).state == "running"
 
 
-def test_transfer_uses_keys_read_ahead_only_when_all_were_there(cluster, make_agent):
+def test_transfer_reads_again_when_a_key_read_ahead_changed(cluster, make_agent):
     # With every key present, a change since the read ahead fails the transferring write's
     # version check (and the keys are read again); an absent key cannot be checked that way.
     store, uuid, xml = cluster
@@ -155,7 +155,7 @@ def test_transfer_uses_keys_read_ahead_only_when_all_were_there(cluster, make_ag
     source.handle(uuid, record_of(store, uuid), local_state="running")
     reads = []
     real = source.read_transfer_inputs
-    source.read_transfer_inputs = lambda u: reads.append(u) or real(u)
+    source.read_transfer_inputs = lambda u, record: reads.append(u) or real(u, record)
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
     record, version = record_of(store, uuid)
     store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
@@ -166,16 +166,20 @@ def test_transfer_uses_keys_read_ahead_only_when_all_were_there(cluster, make_ag
     assert (record["step"], record["method"], record["method_used"]) == ("transferred", "shutdown", "shutdown")
 
 
-def test_transfer_starts_from_the_keys_read_ahead(cluster, make_agent):
+@pytest.mark.parametrize("meta", [
+    {S.META_MIGRATION_METHOD: "shutdown", S.META_MIGRATION_MAX_DOWNTIME_MS: 300},
+    {S.META_MIGRATION_METHOD: "shutdown"},    # no live migration: its maximum downtime does not matter
+])
+def test_transfer_starts_from_the_keys_read_ahead(cluster, make_agent, meta):
     store, uuid, xml = cluster
-    for key, value in ((S.META_MIGRATION_METHOD, "shutdown"), (S.META_MIGRATION_MAX_DOWNTIME_MS, 300)):
+    for key, value in meta.items():
         store.write({store.schema.domain_meta(uuid, key): value})
     source = make_agent("n1")
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     reads = []
-    source.read_transfer_inputs = lambda u: reads.append(u)
+    source.read_transfer_inputs = lambda u, record: reads.append(u)
     record, version = record_of(store, uuid)
     store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
                 expect_versions={store.schema.domain_migration(uuid): version})
@@ -183,3 +187,49 @@ def test_transfer_starts_from_the_keys_read_ahead(cluster, make_agent):
     record, _ = record_of(store, uuid)
     assert reads == []
     assert (record["step"], record["method"], record["method_used"]) == ("transferred", "shutdown", "shutdown")
+
+
+def test_transfer_reads_again_when_a_key_it_depends_on_was_not_set(cluster, make_agent):
+    # The method is not set (default): a method set since the read ahead could not be noticed.
+    store, uuid, xml = cluster
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    inputs = source._prefetched[uuid][1]
+    record, _ = record_of(store, uuid)
+    assert not source.checkable(uuid, record, inputs)
+    assert source.checkable(uuid, dict(record, force_live=True), inputs)   # live whatever the method says
+    method = store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)
+    assert source.checkable(uuid, record, dict(inputs, **{method: ("live", 0)}))
+    node = store.schema.domain_key(uuid, S.DOMAIN_NODE)
+    assert not source.checkable(uuid, dict(record, force_live=True), dict(inputs, **{node: None}))
+
+
+def test_target_ends_a_live_migration_when_its_copy_runs(cluster, make_agent):
+    # libvirt resumes the incoming copy only once the switch-over is done: no need to wait for
+    # the source's `transferred`, which then finds no record.
+    store, uuid, _ = cluster
+    target = make_agent("n2")
+    request(store, uuid, "n2")
+    record, version = record_of(store, uuid)
+    path = store.schema.domain_migration(uuid)
+    store.write({path: dict(record, step="transferring", method_used="live")}, expect_versions={path: version})
+    target.handle(uuid, record_of(store, uuid), local_state="paused")      # still copying: waits
+    assert record_of(store, uuid)[0]["step"] == "transferring"
+    target.handle(uuid, record_of(store, uuid), local_state="running")     # resumed here
+    final = last_history(store, uuid)
+    assert (final["result"], final["method_used"]) == ("done", "live") and "transferred" not in final["steps"]
+    assert record_of(store, uuid) == (None, -1)
+    assert store.read(store.schema.node_reservation("n2", uuid)) is None
+
+
+def test_a_shutdown_migration_target_does_not_end_it_before_transferred(cluster, make_agent):
+    store, uuid, _ = cluster
+    target = make_agent("n2")
+    request(store, uuid, "n2")
+    record, version = record_of(store, uuid)
+    path = store.schema.domain_migration(uuid)
+    store.write({path: dict(record, step="transferring", method_used="shutdown")}, expect_versions={path: version})
+    target.handle(uuid, record_of(store, uuid), local_state="running")
+    assert record_of(store, uuid)[0]["step"] == "transferring"

@@ -49,7 +49,9 @@ def test_live_migration_and_return(lab_cluster, monitor):
     final = cluster.history(uuid)[-1]
     assert final["id"] == record["id"] and final["result"] == "done"
     assert (final["method"], final["method_used"], final["fallback_reason"]) == ("default", "live", None)
-    assert set(final["steps"]) >= {"requested", "prepared", "transferring", "transferred", "done"}
+    # `transferred` only if the source's write came first: the target ends a live migration as
+    # soon as libvirt resumes its copy
+    assert set(final["steps"]) >= {"requested", "prepared", "transferring", "done"}
     vm = read_vm(cluster.store, uuid)
     assert (vm.node, vm.lastnode) == ("node2", "node1")
 
