@@ -70,13 +70,14 @@ class Reconciler:
         self.hypervisor.add_lifecycle_listener(self._on_lifecycle)
 
     def _on_lifecycle(self, uuid: str, event: str, _detail: int) -> None:
-        """On libvirt's events thread (must not block): a VM migrating here that starts or
-        resumes gets a pass at once; for a live migration that is the switch-over, which ends
+        """On libvirt's events thread (must not block): a VM coming here by a live migration
+        that starts or resumes gets a pass at once; the resume is the switch-over, which ends
         the migration (MigrationAgent.as_target). Other changes wait for the periodic pass."""
         if event not in ("started", "resumed"):
             return
         record = self.domains.get(uuid)
-        if record is not None and record.migration_target == self.node:
+        if (record is not None and record.migration_target == self.node
+                and (record.migration or {}).get("method_used") == "live"):
             self.enqueue(uuid)
 
     def _on_domains(self, children) -> bool:

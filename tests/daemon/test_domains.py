@@ -214,7 +214,11 @@ def test_an_answer_that_changes_nothing_queues_no_pass():
 def test_an_incoming_vm_that_starts_or_resumes_here_gets_a_pass():
     rec = reconciler("n2")
     answer(rec, S.DOMAIN_NODE, "n2")
-    answer(rec, S.DOMAIN_MIGRATION, record("transferring"))     # n1 -> n2
+    answer(rec, S.DOMAIN_MIGRATION, dict(record("transferring"), method_used="shutdown"))   # n1 -> n2
+    rec.queued.clear()
+    rec._on_lifecycle(UUID, "started", 0)       # a shutdown migration's target started it itself
+    assert rec.queued == []
+    answer(rec, S.DOMAIN_MIGRATION, dict(record("transferring"), method_used="live"), version=1)
     rec.queued.clear()
     rec._on_lifecycle(UUID, "suspended", 0)
     rec._on_lifecycle("another-vm", "resumed", 0)
@@ -222,7 +226,7 @@ def test_an_incoming_vm_that_starts_or_resumes_here_gets_a_pass():
     rec._on_lifecycle(UUID, "resumed", 0)
     assert rec.queued == [UUID]
     source = reconciler("n1")
-    answer(source, S.DOMAIN_MIGRATION, record("transferring"))
+    answer(source, S.DOMAIN_MIGRATION, dict(record("transferring"), method_used="live"))
     source.queued.clear()
     source._on_lifecycle(UUID, "started", 0)                  # only the target wakes on it
     assert source.queued == []
