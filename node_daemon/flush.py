@@ -34,6 +34,9 @@ from pvc_cluster_common._store import ConflictError, StoreError
 
 log = logging.getLogger(__name__)
 
+# The meta a flush plan (placement) and its requests (the method a record names) read.
+PLANNING_META = (S.META_NODE_LIMIT, S.META_NODE_SELECTOR, S.META_MIGRATION_METHOD)
+
 
 class Cancelled(Exception):
     """A newer domain state stopped this flush or ready between two migrations."""
@@ -208,10 +211,14 @@ class NodeStateWorker:
         return self.planning_records(candidates)
 
     def planning_records(self, records: dict) -> list[VMRecord]:
-        found = self.store.read_many([path for uuid in records for path in meta_paths(self.schema, uuid)])
+        """VM records to plan and request from: the table's entries with the meta a plan and a
+        request use (PLANNING_META, read fresh in one round; the others keep their defaults
+        here, and whoever uses them reads them: the transfer its method and downtime, a VM that
+        fits nowhere its autostart)."""
+        found = self.store.read_many([path for uuid in records for path in meta_paths(self.schema, uuid, PLANNING_META)])
         vms = []
         for uuid, record in records.items():
-            meta = meta_from(self.schema, uuid, found)
+            meta = meta_from(self.schema, uuid, found, PLANNING_META)
             vms.append(VMRecord(uuid=uuid, name=record.name or uuid, state=record.state, node=record.node,
                                 lastnode=record.lastnode, xml=record.xml, meta=meta, memory_mib=record.memory_mib,
                                 vcpus=record.vcpus, node_version=record.node_version, migration=record.migration,

@@ -347,11 +347,12 @@ class MigrationAgent:
 
     def read_transfer_inputs(self, uuid: str, record: dict) -> dict:
         """What a transfer decides on and needs, in one round: the VM's node (has the target
-        changed?), the meta of a migration (has the method changed since the request?), and the
-        target's published libvirt and transport URIs (for a live migration)."""
+        changed?), the meta of a migration (has the method changed since the request?), and,
+        unless the request named a shutdown migration, the target's published libvirt and
+        transport URIs (live_migrate reads them itself if the method has changed since)."""
+        uris = self._target_uri_paths(record) if record.get("force_live") or record.get("method") != "shutdown" else []
         return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE)]
-                                    + meta_paths(self.schema, uuid, MIGRATION_META)
-                                    + self._target_uri_paths(record))
+                                    + meta_paths(self.schema, uuid, MIGRATION_META) + uris)
 
     def _target_uri_paths(self, record: dict) -> list[str]:
         return [self.schema.node_key(record["target"], key) for key in (S.NODE_LIBVIRT_URI, S.NODE_TRANSPORT_URI)]
@@ -437,7 +438,10 @@ class MigrationAgent:
     def live_migrate(self, uuid: str, record: dict, meta, inputs: dict) -> str | None:
         """Run the live migration; None on success, else libvirt's reason. ``inputs``: as
         read_transfer_inputs answered (the target's URIs)."""
-        dest_uri, transport_uri = ((inputs[path] or ("",))[0] for path in self._target_uri_paths(record))
+        paths = self._target_uri_paths(record)
+        if not all(path in inputs for path in paths):
+            inputs = self.store.read_many(paths)
+        dest_uri, transport_uri = ((inputs[path] or ("",))[0] for path in paths)
         if not dest_uri:
             return f"target {record['target']} has not published its libvirt URI"
         timeout_s = self.config.live_timeout_s(int(record.get("memory_mib") or 0))

@@ -233,3 +233,23 @@ def test_a_shutdown_migration_target_does_not_end_it_before_transferred(cluster,
     store.write({path: dict(record, step="transferring", method_used="shutdown")}, expect_versions={path: version})
     target.handle(uuid, record_of(store, uuid), local_state="running")
     assert record_of(store, uuid)[0]["step"] == "transferring"
+
+
+def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_agent):
+    # A request for a shutdown migration reads no target URIs ahead; if the method changes to
+    # a live one before the transfer, the live attempt reads them itself.
+    store, uuid, xml = cluster
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    assert store.schema.node_key("n2", S.NODE_LIBVIRT_URI) not in source._prefetched[uuid][1]
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "default"})
+    record, version = record_of(store, uuid)
+    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
+                expect_versions={store.schema.domain_migration(uuid): version})
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    record, _ = record_of(store, uuid)
+    assert (record["step"], record["method"], record["method_used"]) == ("transferred", "default", "shutdown")
+    assert "has not published its libvirt URI" in record["fallback_reason"]
