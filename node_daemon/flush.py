@@ -34,6 +34,10 @@ from pvc_cluster_common._store import ConflictError, StoreError
 
 log = logging.getLogger(__name__)
 
+# Outcomes of migrate_and_wait after which a VM is home (or has nothing left to do).
+HOME_OR_MOOT = ("finished", "unchanged", "re-homed", "gone")
+HOMECOMING_ROUNDS = 3
+
 # The meta a flush plan (placement) and its requests (the method a record names) read.
 PLANNING_META = (S.META_NODE_LIMIT, S.META_NODE_SELECTOR, S.META_MIGRATION_METHOD)
 
@@ -54,6 +58,10 @@ class NodeStateWorker:
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
         self._stopped = threading.Event()
+        # target -> lock held while a request to it is submitted (see _submit); its own guard,
+        # since _switch holds _lock while the worker it stops finishes its submissions
+        self._submitting: dict[str, threading.Lock] = {}
+        self._submitting_guard = threading.Lock()
 
     def start(self) -> None:
         self.store.client.DataWatch(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE), self._on_state)
@@ -154,15 +162,24 @@ class NodeStateWorker:
 
     def _submit(self, plan, vm, kind: str, attempts: int = 10):
         """Submit; when only the target's reservations changed underneath (another request to
-        the same target, common with several in flight), submit again at once: the request
-        re-reads the target's reservations and memory itself, and nothing about the VM changed.
-        Any other conflict goes back to the caller, which plans again from fresh reads."""
+        the same target), submit again at once: the request re-reads the target's reservations
+        and memory itself, and nothing about the VM changed. Any other conflict goes back to
+        the caller, which plans again from fresh reads.
+
+        Every request to a target rewrites the target's reservations with a version check, so
+        this daemon's own parallel requests to one target (all of them, when a ready brings its
+        VMs home) would mostly fail against each other, and one could lose every time: they
+        are submitted one at a time per target (a submission is one round of reads and one
+        write; the migrations themselves still run in parallel)."""
         reservations = self.schema.node_reservations(plan.target)
+        with self._submitting_guard:
+            submitting = self._submitting.setdefault(plan.target, threading.Lock())
         attempt = 1
         while True:
             try:
-                return submit_request(self.store, plan, vm, requester=f"{self.node} ({kind})",
-                                      target_unflushing_ok=plan.target == self.node)
+                with submitting:
+                    return submit_request(self.store, plan, vm, requester=f"{self.node} ({kind})",
+                                          target_unflushing_ok=plan.target == self.node)
             except ConflictError as exc:
                 if exc.path != reservations or attempt == attempts:
                     raise
@@ -296,13 +313,25 @@ class NodeStateWorker:
                 homecoming.append(vm)
             elif vm.node == self.node and vm.meta.node_autostart:
                 autostart.append(vm)
-        with ThreadPoolExecutor(max_workers=self.config.flush_parallel, thread_name_prefix="node-ready") as pool:
-            futures = [pool.submit(self.migrate_and_wait, vm.uuid, "unmigrate", None, me_ready)
-                       for vm in homecoming if not cancel.is_set()]
-            for future in futures:
-                future.result()
-        if cancel.is_set():
-            raise Cancelled()
+        left = {}
+        for _round in range(HOMECOMING_ROUNDS):
+            with ThreadPoolExecutor(max_workers=self.config.flush_parallel, thread_name_prefix="node-ready") as pool:
+                futures = {vm.name: pool.submit(self.migrate_and_wait, vm.uuid, "unmigrate", None, me_ready)
+                           for vm in homecoming if not cancel.is_set()}
+                results = {name: future.result() for name, future in futures.items()}
+            if cancel.is_set():
+                raise Cancelled()
+            left = {name: result for name, result in results.items() if result not in HOME_OR_MOOT}
+            if not left:
+                break
+            log.warning("ready of %s: %d VM(s) not back yet (%s); trying them again", self.node, len(left),
+                        ", ".join(f"{name}: {result}" for name, result in sorted(left.items())))
+            homecoming = [vm for vm in homecoming if vm.name in left]
+        if left:
+            # The node is usable; these VMs keep running where they are, with lastnode still
+            # naming this node, so the next ready (or an unmigrate) brings them home.
+            log.error("ready of %s: %d VM(s) did not come home: %s", self.node, len(left),
+                      ", ".join(f"{name} ({result})" for name, result in sorted(left.items())))
         for vm in autostart:
             log.info("VM %s: autostart on %s", vm.name, self.node)
             self.store.write({self.schema.domain_key(vm.uuid, S.DOMAIN_STATE): "start",

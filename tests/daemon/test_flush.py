@@ -121,3 +121,24 @@ def test_ready_during_a_flush_stops_the_flush_and_brings_everything_home(cluster
         assert (vm.node, vm.lastnode) == ("node1", "")
         cluster.wait_running_on("node1", uuid)
         cluster.wait_running_on("node2", uuid, running=False)
+
+
+def test_ready_brings_every_vm_home_with_many_requests_to_one_node(zk_server, zk_root, tmp_path):
+    # All homecoming requests name the node being made ready, and each rewrites its reservations
+    # with a version check: submitted all at once, some lost every race and stayed away.
+    c = TestCluster(zk_server.hosts, zk_root, tmp_path, migration={"flush_parallel": 12})
+    try:
+        ready(c, ["node1", "node2"])
+        uuids = [define(c, f"home-{i:02d}", "node1", memory="64", meta={S.META_MIGRATION_METHOD: "shutdown"})
+                 for i in range(24)]
+        c.wait(c.schema.node_key("node1", S.NODE_DOMAINCOUNT), lambda v: v == "24", 60)
+        c.set_domain_state("node1", "flush")
+        c.wait_domain_state("node1", "flushed", timeout_s=120)
+        c.set_domain_state("node1", "unflush")
+        c.wait_domain_state("node1", "ready", timeout_s=120)
+        assert all((read_vm(c.store, uuid).node, read_vm(c.store, uuid).lastnode) == ("node1", "") for uuid in uuids)
+        c.wait(c.schema.node_key("node1", S.NODE_RUNNINGDOMAINS), lambda v: set(json.loads(v or "[]")) == set(uuids),
+               30, "every VM running on node1 again")
+        assert "did not come home" not in c.daemons["node1"].log()
+    finally:
+        c.close()

@@ -1,0 +1,82 @@
+"""NodeStateWorker's request handling (node_daemon/flush.py) with its surroundings faked:
+what it does when requests compete, without daemons or ZooKeeper."""
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+from pvc_cluster_common._schema import Schema
+from pvc_node_daemon import flush
+from pvc_node_daemon.config import parse_config
+from pvc_node_daemon.domains import DomainTable
+from pvc_node_daemon.flush import NodeStateWorker
+
+
+def worker(**stores) -> NodeStateWorker:
+    config = parse_config({"node": "n1", "zookeeper": {"hosts": "127.0.0.1:1"}, "migration": {"flush_parallel": 4}})
+    store = SimpleNamespace(schema=Schema("/pvc"), **stores)
+    return NodeStateWorker("n1", config, store, DomainTable(), reconciler=None)
+
+
+def test_requests_to_one_target_are_submitted_one_at_a_time(monkeypatch):
+    inside: dict[str, threading.Event] = {}
+    release = threading.Event()
+    overlapping = []
+    active: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def fake_submit(store, plan, vm, requester, target_unflushing_ok=False):
+        with lock:
+            active[plan.target] = active.get(plan.target, 0) + 1
+            if active[plan.target] > 1:
+                overlapping.append(plan.target)
+        inside[vm.name].set()
+        release.wait(30)
+        with lock:
+            active[plan.target] -= 1
+        return {"id": vm.name}
+
+    monkeypatch.setattr(flush, "submit_request", fake_submit)
+    w = worker()
+    calls = {name: (SimpleNamespace(target=target), SimpleNamespace(name=name))
+             for name, target in (("a", "n2"), ("b", "n2"), ("c", "n3"))}
+    for name in calls:
+        inside[name] = threading.Event()
+    threads = {name: threading.Thread(target=w._submit, args=(*calls[name], "migrate")) for name in calls}
+    threads["a"].start()
+    assert inside["a"].wait(10)
+    threads["b"].start()
+    threads["c"].start()
+    assert inside["c"].wait(10)           # another target: not held up
+    assert not inside["b"].is_set()       # the same target: waits for "a"
+    release.set()
+    for thread in threads.values():
+        thread.join(10)
+    assert inside["b"].is_set() and overlapping == []
+
+
+def test_ready_tries_a_vm_that_did_not_come_home_again(monkeypatch, caplog):
+    home = SimpleNamespace(uuid="u1", name="vm1", node="n2", lastnode="n1", meta=SimpleNamespace(node_autostart=False))
+    w = worker(read_many=lambda paths: {path: ("n1", 0) for path in paths})
+    w.domains.put("u1", "node", True, node="n2")
+    monkeypatch.setattr(w, "read_vms", lambda uuids: [home] if "u1" in list(uuids) else [])
+    outcomes = iter(["conflict", "finished"])
+    asked = []
+    monkeypatch.setattr(w, "migrate_and_wait", lambda uuid, kind, *args, **kw: asked.append((uuid, kind)) or next(outcomes))
+    states = []
+    monkeypatch.setattr(w, "_set_domain_state", lambda expected, new: states.append((expected, new)))
+    w.ready(threading.Event())
+    assert asked == [("u1", "unmigrate"), ("u1", "unmigrate")]
+    assert states == [("unflush", "ready")]
+    assert "not back yet (vm1: conflict)" in caplog.text and "did not come home" not in caplog.text
+
+
+def test_ready_reports_the_vms_that_never_came_home(monkeypatch, caplog):
+    home = SimpleNamespace(uuid="u1", name="vm1", node="n2", lastnode="n1", meta=SimpleNamespace(node_autostart=False))
+    w = worker(read_many=lambda paths: {path: ("n1", 0) for path in paths})
+    w.domains.put("u1", "node", True, node="n2")
+    monkeypatch.setattr(w, "read_vms", lambda uuids: [home] if "u1" in list(uuids) else [])
+    monkeypatch.setattr(w, "migrate_and_wait", lambda *args, **kw: "refused: no room")
+    monkeypatch.setattr(w, "_set_domain_state", lambda expected, new: None)
+    w.ready(threading.Event())
+    assert "did not come home: vm1 (refused: no room)" in caplog.text
