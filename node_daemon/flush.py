@@ -25,6 +25,7 @@ from pvc_cluster_common._cluster import (
     meta_paths,
     read_node_views,
     read_vm,
+    read_vms,
     wait_for_key,
     wait_until_gone,
 )
@@ -205,12 +206,8 @@ class NodeStateWorker:
                 if uuid in local and record.migration_source != self.node}
 
     def read_vms(self, uuids) -> list:
-        """Fresh VM records, read in parallel (each is one round of parallel reads)."""
-        uuids = list(uuids)
-        if not uuids:
-            return []
-        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="node-read") as pool:
-            return [vm for vm in pool.map(lambda u: read_vm(self.store, u), uuids) if vm is not None]
+        """Fresh VM records, in one round of parallel reads."""
+        return list(read_vms(self.store, uuids).values())
 
     def vms_to_flush(self, fresh: bool = True) -> list:
         """VMs that should run here, with no migration in flight, as VM records to plan from.

@@ -58,21 +58,27 @@ def node_names(store) -> list[str]:
     return sorted(store.children(store.schema.nodes()) or [])
 
 
-def read_node_raw(store, name: str) -> dict | None:
-    """Every NODE_DEFAULTS key of a node as stored (None when the node does not exist)."""
-    paths = {key: store.schema.node_key(name, key) for key in S.NODE_DEFAULTS}
-    found = store.read_many([store.schema.node(name)] + list(paths.values()))
-    if found[store.schema.node(name)] is None:
-        return None
-    return {key: (found[path][0] if found[path] else None) for key, path in paths.items()}
-
-
-def read_reservations(store, name: str) -> dict[str, int]:
-    """In-flight incoming-migration reservations of a node: VM uuid -> MiB."""
-    uuids = store.children(store.schema.node_reservations(name)) or []
-    found = store.read_many([store.schema.node_reservation(name, uuid) for uuid in uuids])
-    return {uuid: _int(found[store.schema.node_reservation(name, uuid)][0]) for uuid in uuids
-            if found[store.schema.node_reservation(name, uuid)]}
+def read_nodes_raw(store, names) -> dict[str, tuple[dict, dict[str, int], bool]]:
+    """For every existing node of ``names``: (every NODE_DEFAULTS key as stored, its in-flight
+    incoming-migration reservations as VM uuid -> MiB, whether it is alive), in two rounds of
+    parallel reads (the keys, liveness and reservation lists; then the reservations)."""
+    schema = store.schema
+    names = list(names)
+    keys = {name: {key: schema.node_key(name, key) for key in S.NODE_DEFAULTS} for name in names}
+    paths = [path for name in names
+             for path in [schema.node(name), schema.node_key(name, S.NODE_ALIVE)] + list(keys[name].values())]
+    found, listed = store.read_round(paths, [schema.node_reservations(name) for name in names])
+    reserved = {name: listed[schema.node_reservations(name)] or [] for name in names}
+    amounts = store.read_many([schema.node_reservation(name, uuid) for name in names for uuid in reserved[name]])
+    result = {}
+    for name in names:
+        if found[schema.node(name)] is None:
+            continue
+        raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
+        reservations = {uuid: _int(amounts[schema.node_reservation(name, uuid)][0]) for uuid in reserved[name]
+                        if amounts[schema.node_reservation(name, uuid)]}
+        result[name] = (raw, reservations, found[schema.node_key(name, S.NODE_ALIVE)] is not None)
+    return result
 
 
 def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[str, NodeView], dict]:
@@ -137,12 +143,30 @@ def meta_from(schema, uuid: str, found: dict, keys=S.META_KEYS) -> VMMeta:
     return VMMeta.from_store({key: (found[schema.domain_meta(uuid, key)] or (None,))[0] for key in keys})
 
 
+_VM_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_LASTNODE, S.DOMAIN_XML, S.DOMAIN_FAILEDREASON, S.DOMAIN_STATS)
+
+
+def vm_paths(schema, uuid: str) -> list[str]:
+    """Every key read_vm reads."""
+    return ([schema.domain(uuid), schema.domain_migration(uuid)] + [schema.domain_key(uuid, key) for key in _VM_KEYS]
+            + meta_paths(schema, uuid))
+
+
 def read_vm(store, uuid: str) -> VMRecord | None:
-    schema = store.schema
-    keys = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_LASTNODE, S.DOMAIN_XML, S.DOMAIN_FAILEDREASON, S.DOMAIN_STATS)
-    paths = {key: schema.domain_key(uuid, key) for key in keys}
-    found = store.read_many([schema.domain(uuid), schema.domain_migration(uuid)] + list(paths.values())
-                            + meta_paths(schema, uuid))
+    return vm_from(store.schema, uuid, store.read_many(vm_paths(store.schema, uuid)))
+
+
+def read_vms(store, uuids) -> dict[str, VMRecord]:
+    """read_vm of every VM of ``uuids`` (missing ones left out), in one round of parallel reads."""
+    uuids = list(uuids)
+    found = store.read_many([path for uuid in uuids for path in vm_paths(store.schema, uuid)])
+    vms = {uuid: vm_from(store.schema, uuid, found) for uuid in uuids}
+    return {uuid: vm for uuid, vm in vms.items() if vm is not None}
+
+
+def vm_from(schema, uuid: str, found: dict) -> VMRecord | None:
+    """A VM's record from the answers of a read that included ``vm_paths(schema, uuid)``."""
+    paths = {key: schema.domain_key(uuid, key) for key in _VM_KEYS}
     if found[schema.domain(uuid)] is None:
         return None
 

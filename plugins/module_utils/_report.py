@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import _schema as S
-from ._cluster import node_names, read_history, read_node_raw, read_reservations, read_vm, vm_uuids
+from ._cluster import node_names, read_history, read_nodes_raw, read_vms, vm_uuids
 from ._meta import VMMeta
 from ._selector import NodeView, resolve_selector, survives_node_failure
 
@@ -105,17 +105,12 @@ def read_cluster(store, nodes: list[str] | None = None, vms: list[str] | None = 
     """Read nodes and VMs (all of them, or the given names / uuids)."""
     snapshot = ClusterSnapshot()
     schema = store.schema
-    for name in node_names(store) if nodes is None else nodes:
-        raw = read_node_raw(store, name)
-        if raw is None:
-            continue
+    # a few rounds of parallel reads in all, however many nodes and VMs
+    for name, (raw, reservations, alive) in read_nodes_raw(store, node_names(store) if nodes is None else nodes).items():
         snapshot.nodes[name] = raw
-        snapshot.reservations[name] = read_reservations(store, name)
-        snapshot.alive[name] = bool(store.exists(schema.node_key(name, S.NODE_ALIVE)))
-    for uuid in vm_uuids(store) if vms is None else vms:
-        vm = read_vm(store, uuid)
-        if vm is not None:
-            snapshot.vms[uuid] = vm
+        snapshot.reservations[name] = reservations
+        snapshot.alive[name] = alive
+    snapshot.vms.update(read_vms(store, vm_uuids(store) if vms is None else vms))
     snapshot.default_selector = store.read(schema.default_selector())
     snapshot.schema_version = store.read(schema.schema_version())
     return snapshot

@@ -557,6 +557,35 @@ def test_node_views_count_reservations_and_read_extra_keys(store):
     assert fit.headroom == read_node_view(store, "n1").headroom
 
 
+def test_bulk_reads_of_nodes_and_vms_match_the_single_ones(store):
+    from pvc_cluster_common import _schema as S
+    from pvc_cluster_common._cluster import read_nodes_raw, read_vm, read_vms, vm_definition
+
+    s = store.schema
+    store.write({s.node("n1"): "", **{s.node_key("n1", key): value for key, value in S.NODE_DEFAULTS.items()},
+                 s.node_key("n1", S.NODE_MEMTOTAL): "8192", s.node_key("n1", S.NODE_ALIVE): "pid 1",
+                 s.node_reservation("n1", "vm-a"): 512, s.node_reservation("n1", "vm-b"): 256})
+    store.write({s.node("n2"): "", s.node_key("n2", S.NODE_DAEMON_STATE): "stop"})
+    nodes = read_nodes_raw(store, ["n1", "n2", "ghost"])
+    assert sorted(nodes) == ["n1", "n2"]
+    raw, reservations, alive = nodes["n1"]
+    assert (raw[S.NODE_MEMTOTAL], reservations, alive) == ("8192", {"vm-a": 512, "vm-b": 256}, True)
+    raw, reservations, alive = nodes["n2"]
+    assert (raw[S.NODE_DAEMON_STATE], raw[S.NODE_MEMTOTAL], reservations, alive) == ("stop", None, {}, False)
+
+    uuids = []
+    for i, memory in enumerate((256, 512)):
+        uuid = f"6695eb01-f6a4-8304-79aa-97f2502e19{i:02d}"
+        xml = (f"<domain type='test'><name>vm{i}</name><uuid>{uuid}</uuid><memory unit='MiB'>{memory}</memory>"
+               "<vcpu>1</vcpu><os><type>hvm</type></os></domain>")
+        store.commit(vm_definition(s, uuid, f"vm{i}", xml, "n1", "start", {S.META_NODE_LIMIT: "n1"}))
+        uuids.append(uuid)
+    bulk = read_vms(store, uuids + ["not-a-vm"])
+    assert list(bulk) == uuids
+    assert bulk == {uuid: read_vm(store, uuid) for uuid in uuids}
+    assert [vm.memory_mib for vm in bulk.values()] == [256, 512] and bulk[uuids[0]].meta.node_limit == ("n1",)
+
+
 def test_wait_until_gone(store):
     from pvc_cluster_common._cluster import wait_until_gone
 
