@@ -71,6 +71,13 @@ def record_of(store, uuid):
     return (json.loads(found[0]), found[1]) if found else (None, -1)
 
 
+def rewrite_record(store, uuid, **changes):
+    """The record as a peer's step would leave it (a version-checked write)."""
+    record, version = record_of(store, uuid)
+    path = store.schema.domain_migration(uuid)
+    store.write({path: dict(record, **changes)}, expect_versions={path: version})
+
+
 def last_history(store, uuid):
     path = store.schema.domain_history(uuid)
     return json.loads(store.read(f"{path}/{sorted(store.children(path))[-1]}"))
@@ -116,9 +123,7 @@ def test_transfer_rereads_what_it_read_ahead_when_it_changed(cluster, make_agent
     assert uuid in source._prefetched
     # the method changes after the read ahead, before the transfer
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
-    record, version = record_of(store, uuid)
-    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
-                expect_versions={store.schema.domain_migration(uuid): version})
+    rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     # the method as it is now: a shutdown migration, with no live attempt first
@@ -134,9 +139,7 @@ def test_transfer_aborts_when_the_target_changed_after_the_read_ahead(cluster, m
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     store.write({store.schema.domain_key(uuid, S.DOMAIN_NODE): "n3"})   # reassigned by other means
-    record, version = record_of(store, uuid)
-    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
-                expect_versions={store.schema.domain_migration(uuid): version})
+    rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     final = last_history(store, uuid)
     assert final["result"] == "aborted" and final["reason"].startswith("target changed"), final
@@ -157,9 +160,7 @@ def test_transfer_reads_again_when_a_key_read_ahead_changed(cluster, make_agent)
     real = source.read_transfer_inputs
     source.read_transfer_inputs = lambda u, record: reads.append(u) or real(u, record)
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
-    record, version = record_of(store, uuid)
-    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
-                expect_versions={store.schema.domain_migration(uuid): version})
+    rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     assert reads == [uuid]      # the stale read ahead was caught by its version check, then re-read
@@ -180,9 +181,7 @@ def test_transfer_starts_from_the_keys_read_ahead(cluster, make_agent, meta):
     source.handle(uuid, record_of(store, uuid), local_state="running")
     reads = []
     source.read_transfer_inputs = lambda u, record: reads.append(u)
-    record, version = record_of(store, uuid)
-    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
-                expect_versions={store.schema.domain_migration(uuid): version})
+    rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     assert reads == []
@@ -212,9 +211,7 @@ def test_target_ends_a_live_migration_when_its_copy_runs(cluster, make_agent):
     store, uuid, _ = cluster
     target = make_agent("n2")
     request(store, uuid, "n2")
-    record, version = record_of(store, uuid)
-    path = store.schema.domain_migration(uuid)
-    store.write({path: dict(record, step="transferring", method_used="live")}, expect_versions={path: version})
+    rewrite_record(store, uuid, step="transferring", method_used="live")
     target.handle(uuid, record_of(store, uuid), local_state="paused")      # still copying: waits
     assert record_of(store, uuid)[0]["step"] == "transferring"
     target.handle(uuid, record_of(store, uuid), local_state="running")     # resumed here
@@ -228,9 +225,7 @@ def test_a_shutdown_migration_target_does_not_end_it_before_transferred(cluster,
     store, uuid, _ = cluster
     target = make_agent("n2")
     request(store, uuid, "n2")
-    record, version = record_of(store, uuid)
-    path = store.schema.domain_migration(uuid)
-    store.write({path: dict(record, step="transferring", method_used="shutdown")}, expect_versions={path: version})
+    rewrite_record(store, uuid, step="transferring", method_used="shutdown")
     target.handle(uuid, record_of(store, uuid), local_state="running")
     assert record_of(store, uuid)[0]["step"] == "transferring"
 
@@ -246,9 +241,7 @@ def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_a
     source.handle(uuid, record_of(store, uuid), local_state="running")
     assert store.schema.node_key("n2", S.NODE_LIBVIRT_URI) not in source._prefetched[uuid][1]
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "default"})
-    record, version = record_of(store, uuid)
-    store.write({store.schema.domain_migration(uuid): dict(record, step="prepared")},
-                expect_versions={store.schema.domain_migration(uuid): version})
+    rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     assert (record["step"], record["method"], record["method_used"]) == ("transferred", "default", "shutdown")
