@@ -130,10 +130,6 @@ def find_vm(store, name_or_uuid: str) -> str | None:
     return None
 
 
-def read_meta(store, uuid: str) -> VMMeta:
-    return meta_from(store.schema, uuid, store.read_many(meta_paths(store.schema, uuid)))
-
-
 def meta_paths(schema, uuid: str, keys=S.META_KEYS) -> list[str]:
     return [schema.domain_meta(uuid, key) for key in keys]
 

@@ -83,16 +83,23 @@ def last_history(store, uuid):
     return json.loads(store.read(f"{path}/{sorted(store.children(path))[-1]}"))
 
 
-def test_prepare_refuses_only_after_reading_its_states_fresh(cluster, make_agent):
-    store, uuid, _ = cluster
+def target_with_readiness_frozen(store, uuid, make_agent, change: str):
+    """Target n2 of a new request, whose watched copy of its states stays as it is now (as if
+    its watch had not fired yet) while its domain state is rewritten to ``change``."""
     target = make_agent("n2")
     target.readiness.start()
     request(store, uuid, "n2")
-    # The watched copy still says ready (as if its watch had not fired yet) ...
     stale = target.readiness.snapshot()
     assert stale is not None and all(value[0] in ("run", "ready") for value in stale.values())
-    store.write({store.schema.node_key("n2", S.NODE_DOMAIN_STATE): "flush"})
+    store.write({store.schema.node_key("n2", S.NODE_DOMAIN_STATE): change})
     target.readiness.snapshot = lambda: stale
+    return target
+
+
+def test_prepare_refuses_only_after_reading_its_states_fresh(cluster, make_agent):
+    store, uuid, _ = cluster
+    # The watched copy still says ready ...
+    target = target_with_readiness_frozen(store, uuid, make_agent, "flush")
     # ... the prepared write checks its version, fails, and the fresh read refuses the VM
     target.handle(uuid, record_of(store, uuid), local_state=None)
     final = last_history(store, uuid)
@@ -102,13 +109,7 @@ def test_prepare_refuses_only_after_reading_its_states_fresh(cluster, make_agent
 
 def test_prepare_with_a_copy_one_version_behind_still_prepares(cluster, make_agent):
     store, uuid, _ = cluster
-    target = make_agent("n2")
-    target.readiness.start()
-    request(store, uuid, "n2")
-    stale = target.readiness.snapshot()
-    path = store.schema.node_key("n2", S.NODE_DOMAIN_STATE)
-    store.write({path: "ready"})          # the same value, a newer version
-    target.readiness.snapshot = lambda: stale
+    target = target_with_readiness_frozen(store, uuid, make_agent, "ready")   # the same value, a newer version
     target.handle(uuid, record_of(store, uuid), local_state=None)
     record, _ = record_of(store, uuid)
     assert record["step"] == "prepared"
