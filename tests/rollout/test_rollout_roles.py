@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.lab.lab import REPO_ROOT
-from tests.support.zookeeper import ZooKeeperServer
+from tests.support.zookeeper import ZooKeeperServer, role_java_opts
 
 # a rollout takes a minute or two on a quiet 2-core machine, several on a busy one
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
@@ -47,6 +47,15 @@ def test_zookeeper_role_files_form_an_ensemble(rolled_out, tmp_path):
         assert sorted(modes) == ["follower", "follower", "leader"], f"no quorum from the role's files: {modes}"
         # and it serves what the lab's own ensemble serves: the role's logs went to its log dir
         assert views.view(1).read_text("/var/log/zookeeper-check/zookeeper.log")
+        # with the JVM options the lab's own servers (tests/support) also run with: the role's defaults
+        opts = role_java_opts()
+        assert "-Dzookeeper.nio.numWorkerThreads=0" in opts
+        pids = [s["pid"] for s in views.services() if s["role"] == "zookeeper-check"]
+        pids += [r.pid for r in lab.recorded_pids() if r.role == "zookeeper"]
+        assert len(pids) == 2 * len(lab.hosts)
+        for pid in pids:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+            assert all(opt in cmdline for opt in opts), (pid, cmdline)
     finally:
         views.stop_services("zookeeper-check")
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 JAVA_DIR = Path("/usr/share/java")
+# The JVM options come from the zookeeper role's defaults: servers here run as the role deploys them.
+ROLE_DEFAULTS = Path(__file__).resolve().parents[2] / "roles" / "zookeeper" / "defaults" / "main.yml"
 # zookeeper.jar's manifest lacks netty-codec, which the Netty connection factory (needed for TLS)
 # requires, so the classpath is spelled out.
 CLASSPATH_JARS = (
@@ -44,6 +46,12 @@ log4j.appender.FILE.File={log}
 log4j.appender.FILE.layout=org.apache.log4j.PatternLayout
 log4j.appender.FILE.layout.ConversionPattern=%d{{ISO8601}} [myid:%X{{myid}}] - %-5p [%t:%C{{1}}@%L] - %m%n
 """
+
+
+def role_java_opts() -> list[str]:
+    import yaml   # ansible-core's dependency, in the project's venv
+
+    return [str(opt) for opt in yaml.safe_load(ROLE_DEFAULTS.read_text())["zookeeper_java_opts"]]
 
 
 def classpath() -> str:
@@ -136,7 +144,7 @@ class ZooKeeperServer:
         cmd = [
             "java",
             f"-Xmx{self.heap_mb}m",
-            "-XX:+UseSerialGC",
+            *role_java_opts(),
             f"-Dzookeeper.log.dir={self.workdir}",
             f"-Dlog4j.configuration=file:{self.workdir / 'log4j.properties'}",
             "-cp",
