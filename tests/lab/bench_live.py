@@ -11,7 +11,8 @@ The same running VM goes between the same two lab hosts, alternately:
   `resumed` lifecycle event, which comes before the command returns: the source still cleans
   up), so that both sides are timed to the same point; the command's own duration is kept too.
   The daemons are stopped (an orderly stop; the VM keeps running) while virsh moves the VM
-  behind their back, then ZooKeeper is told where it went and they start again.
+  behind their back, then ZooKeeper is told where it went and they start again; our move is
+  made once both have written a keepalive after that (their start-up work is over).
 
 Needs root (network namespaces) and the lab's packages; a lab with its own prefix is brought up
 and taken down, so it never meets a test lab.
@@ -72,6 +73,13 @@ def measure(pairs: int = 5, log=print) -> dict[str, list[float]]:
             cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): "node2"})
             cluster.start(ready=False)
             cluster.wait_running_on("node2", uuid)
+            # Both daemons have just started: let each write one more keepalive first, so that
+            # their start-up work (first reads of every key, first listing, first resync) is over,
+            # as on daemons that have been running for a while.
+            for node in cluster.nodes:
+                path = cluster.schema.node_key(node, S.NODE_KEEPALIVE)
+                before = cluster.store.read(path)
+                cluster.wait(path, lambda value, before=before: value != before, 30, f"a keepalive of {node}")
             # our daemons: node2 -> node1, submission to running on the target
             planning = time.perf_counter()
             vm = read_vm(cluster.store, uuid)
