@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,6 +54,32 @@ def test_registration_states_and_orderly_stop(cluster):
     assert cluster.store.read(schema.node_key("node1", S.NODE_DAEMON_STATE)) == "stop"
     assert not cluster.store.exists(schema.node_key("node1", S.NODE_ALIVE))
     assert "shutting down" in daemon.log()
+
+
+def wait_for_line(path, text, daemon, timeout_s=30.0):
+    """Lines about a state are written after the state itself: wait for one (a file gives no
+    event to wait on), bounded."""
+    deadline = time.monotonic() + timeout_s
+    while text not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, f"no {text!r} in {path}: {daemon.log()[-2000:]}"
+        time.sleep(0.05)
+
+
+def test_sighup_reopens_the_log_file_that_logrotate_renamed(cluster, tmp_path):
+    log_file = tmp_path / "pvc" / "node-daemon.log"
+    daemon = cluster.add("node1", log={"stdout": False, "file": str(log_file)})
+    cluster.wait_node_state("node1", "run")
+    wait_for_line(log_file, "node node1 running", daemon)
+    rotated = log_file.with_name("node-daemon.log.1")
+    log_file.rename(rotated)   # logrotate without copytruncate: the daemon still holds the old file
+    daemon.process.send_signal(signal.SIGHUP)
+    cluster.set_domain_state("node1", "unflush")
+    cluster.wait_domain_state("node1", "ready")
+    wait_for_line(log_file, "node node1 is ready", daemon)
+    assert "node node1 is ready" not in rotated.read_text()
+    assert daemon.process.poll() is None
+    assert daemon.stop() == 0
+    assert "shutting down" in log_file.read_text()
 
 
 def test_peer_marks_a_killed_daemon_dead_and_it_comes_back(cluster):
