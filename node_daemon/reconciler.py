@@ -36,6 +36,9 @@ WATCHED_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION,
 # Keys only the nodes a VM concerns need every change of (see _follows); every migration
 # rewrites the record about six times, and a temporary one rewrites lastnode.
 FOLLOWED_KEYS = (S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
+# What desired_from_table answers while a VM's first reads are still in flight: not "nothing is
+# desired" (None), but "not known yet" (the answers queue another pass).
+LOADING = object()
 
 
 class Reconciler:
@@ -334,12 +337,12 @@ class Reconciler:
 
     def desired_from_table(self, uuid: str):
         """(Desired, (record, version)) from the watch-fed table; (None, None) when the VM's
-        state or node is not there; "loading" while its first reads are still in flight."""
+        state or node is not there; (LOADING, None) while its first reads are still in flight."""
         record = self.domains.get(uuid)
         if record is None:
             return None, None
         if not record.has(S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_MIGRATION):
-            return "loading", None
+            return LOADING, None
         if S.DOMAIN_STATE not in record.present or S.DOMAIN_NODE not in record.present:
             return None, None
         desired = Desired(state=record.state, node=record.node, migration_source=record.migration_source,
@@ -350,7 +353,7 @@ class Reconciler:
         if not self.store.connected:
             return  # a reconnect queues a full pass; acting on a stale view is worse than waiting
         desired, known = self.desired_from_table(uuid)
-        if desired == "loading":
+        if desired is LOADING:
             return  # the answers of the first reads queue another pass
         status = self.hypervisor.status(uuid)
         local_state = status.state if status else None

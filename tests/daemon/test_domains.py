@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._schema import Schema
 from pvc_node_daemon.domains import DomainTable
-from pvc_node_daemon.reconciler import Reconciler
+from pvc_node_daemon.reconciler import LOADING, Reconciler
 
 UUID = "3f1c2b1e-0000-4000-8000-000000000001"
 
@@ -94,7 +94,7 @@ def test_answers_fill_the_table_and_decide_from_it():
     assert rec.desired_from_table(UUID) == (None, None)
     answer(rec, S.DOMAIN_STATE, "start", 3)
     answer(rec, S.DOMAIN_NODE, "n2", 5)
-    assert rec.desired_from_table(UUID) == ("loading", None)   # the migration key is not answered yet
+    assert rec.desired_from_table(UUID) == (LOADING, None)   # the migration key is not answered yet
     answer(rec, S.DOMAIN_MIGRATION, record("requested"), 0)
     desired, known = rec.desired_from_table(UUID)
     assert (desired.state, desired.node, desired.migration_source, desired.migration_target) == ("start", "n2", "n1", "n2")
