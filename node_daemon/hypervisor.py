@@ -57,6 +57,10 @@ Design
   starts, so there is no need to race a second thread against the running job. When the
   migration does not finish within ``timeout_s``, the driver calls ``abortJob()`` and raises
   ``HypervisorTimeout``; if the migration completes while being aborted, that is a success.
+  ``prepare_migration()`` makes those calls ahead of time (the lookup, whether the domain is
+  persistent, the maximum downtime) and returns a ``MigrationSetup`` that ``migrate()`` takes
+  instead of making them again, as long as no lifecycle event of the domain has come since (a
+  domain stopped and started again is another QEMU process, without the downtime).
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ __all__ = [
     "HypervisorError",
     "HypervisorTimeout",
     "LIFECYCLE_EVENTS",
+    "MigrationSetup",
     "STATE_NAMES",
     "read_meminfo_mib",
 ]
@@ -200,6 +205,21 @@ class DomainRef:
     uuid: str
     name: str
     status: DomainStatus
+
+
+@dataclass(frozen=True)
+class MigrationSetup:
+    """A domain made ready for ``Hypervisor.migrate()`` by ``prepare_migration()``: looked up,
+    its persistence known, its maximum downtime applied. ``events_before``: the driver's
+    lifecycle event count when the setup began; a later event of the domain makes the setup
+    stale (see ``Hypervisor.setup_is_current``)."""
+
+    uuid: str
+    max_downtime_ms: int | None
+    persistent: bool
+    domain: Any = None         # the libvirt.virDomain looked up
+    connection: Any = None     # the libvirt.virConnect it belongs to
+    events_before: int = 0
 
 
 # ---- the libvirt event loop (one per process) -----------------------------------------------
@@ -347,6 +367,8 @@ class Hypervisor:
         self._open_lock = threading.Lock()
         self._state_changed = threading.Condition()
         self._event_seq = 0
+        # uuid -> the value of _event_seq at the domain's last lifecycle event (see setup_is_current)
+        self._domain_events: dict[str, int] = {}
         self._listeners: list[Callable[[str, str, int], None]] = []
 
     # ---- connection -----------------------------------------------------------------------
@@ -484,11 +506,12 @@ class Hypervisor:
 
     def _on_lifecycle(self, _conn, dom, event: int, detail: int, _opaque) -> None:
         """Runs on the libvirt-events thread: no blocking, no libvirt calls beyond local ones."""
+        uuid = dom.UUIDString()  # local: the virDomain object holds its UUID
         with self._state_changed:
             self._event_seq += 1
+            self._domain_events[uuid] = self._event_seq
             self._state_changed.notify_all()
         if self._listeners:
-            uuid = dom.UUIDString()  # local: the virDomain object holds its UUID
             name = LIFECYCLE_EVENTS.get(event, f"event {event}")
             for listener in list(self._listeners):
                 try:
@@ -753,6 +776,50 @@ class Hypervisor:
 
     # ---- migration -------------------------------------------------------------------------
 
+    def prepare_migration(self, uuid: str, max_downtime_ms: int | None = None) -> MigrationSetup:
+        """Look the domain up, ask whether it is persistent and apply its maximum downtime (QEMU
+        keeps it as its ``downtime-limit`` migration parameter), in one call of one thread: what
+        ``migrate()`` needs before the transfer starts, made ahead of time when there is time to
+        spare (the daemon's source side does it while the target prepares). Raises as
+        ``migrate()`` would (op ``migrate``)."""
+        if max_downtime_ms is not None and int(max_downtime_ms) <= 0:
+            raise ValueError(f"max_downtime_ms must be positive, got {max_downtime_ms}")
+        conn = self._connection("migrate", uuid)
+        with self._state_changed:
+            events_before = self._event_seq
+
+        def run() -> tuple[Any, bool, libvirt.libvirtError | None]:
+            dom = conn.lookupByUUIDString(uuid)
+            persistent = bool(dom.isPersistent())
+            if max_downtime_ms is None:
+                return dom, persistent, None
+            try:
+                dom.migrateSetMaxDowntime(int(max_downtime_ms), 0)
+            except libvirt.libvirtError as exc:   # reported with the setting's name, below
+                return dom, persistent, exc
+            return dom, persistent, None
+
+        dom, persistent, downtime_error = self._run("migrate", uuid, run, None)
+        if downtime_error is not None:
+            exc = _translate("migrate", uuid, downtime_error)
+            message = f"cannot set the maximum downtime to {max_downtime_ms} ms: {exc.message}"
+            raise HypervisorError("migrate", uuid, exc.code, message)
+        return MigrationSetup(uuid=uuid, max_downtime_ms=None if max_downtime_ms is None else int(max_downtime_ms),
+                              persistent=persistent, domain=dom, connection=conn, events_before=events_before)
+
+    def setup_is_current(self, setup: MigrationSetup, uuid: str, max_downtime_ms: int | None) -> bool:
+        """Whether ``setup`` still holds for a migration of ``uuid`` with ``max_downtime_ms``:
+        made on this connection, for that downtime, and no lifecycle event of the domain has
+        come since it began. Without lifecycle events a stop and start could go unnoticed, so
+        then no setup is current. (An event still on its way from libvirtd is not seen: a
+        domain restarted within that moment migrates with QEMU's default downtime.)"""
+        wanted = None if max_downtime_ms is None else int(max_downtime_ms)
+        if (setup.uuid != uuid or setup.max_downtime_ms != wanted or self._lifecycle_cb_id is None
+                or setup.connection is not self._conn):
+            return False
+        with self._state_changed:
+            return self._domain_events.get(uuid, -1) <= setup.events_before
+
     def migrate(
         self,
         uuid: str,
@@ -762,35 +829,27 @@ class Hypervisor:
         peer_to_peer: bool = True,
         max_downtime_ms: int | None = None,
         timeout_s: float = 600.0,
+        setup: MigrationSetup | None = None,
     ) -> None:
         """Migrate a running domain to dest_uri (see the module docstring).
 
         ``dest_uri``: the destination libvirt URI (as the *source* libvirtd sees it for
         peer-to-peer, as this process sees it for managed). ``migration_uri``: where QEMU sends the
         data (VIR_MIGRATE_PARAM_URI, e.g. ``tcp://10.77.0.2``). Raises HypervisorError, or
-        HypervisorTimeout after aborting the job when it takes longer than timeout_s.
+        HypervisorTimeout after aborting the job when it takes longer than timeout_s. ``setup``:
+        what ``prepare_migration()`` made earlier; made again here unless it is still current.
         """
         params: dict[str, Any] = {}
         if migration_uri:
             params[libvirt.VIR_MIGRATE_PARAM_URI] = migration_uri
-        conn = self._connection("migrate", uuid)
-        dom = self._run("migrate", uuid, lambda: conn.lookupByUUIDString(uuid), None)
-        persistent = bool(self._run("migrate", uuid, dom.isPersistent, None))
+        if setup is None or not self.setup_is_current(setup, uuid, max_downtime_ms):
+            setup = self.prepare_migration(uuid, max_downtime_ms)
+        dom = setup.domain
         flags = libvirt.VIR_MIGRATE_LIVE if live else 0
         if peer_to_peer:
             flags |= libvirt.VIR_MIGRATE_PEER2PEER
-        if persistent:
+        if setup.persistent:
             flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-        if max_downtime_ms is not None:
-            if int(max_downtime_ms) <= 0:
-                raise ValueError(f"max_downtime_ms must be positive, got {max_downtime_ms}")
-            try:
-                self._run("migrate", uuid, lambda: dom.migrateSetMaxDowntime(int(max_downtime_ms), 0), None)
-            except HypervisorTimeout:
-                raise
-            except HypervisorError as exc:
-                message = f"cannot set the maximum downtime to {max_downtime_ms} ms: {exc.message}"
-                raise HypervisorError("migrate", uuid, exc.code, message) from None
 
         def run() -> None:
             if peer_to_peer:

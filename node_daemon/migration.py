@@ -172,7 +172,8 @@ class MigrationAgent:
         self.domains = domains
         self.metrics = metrics
         self.deadlines = Deadlines()
-        # uuid -> (migration id, read_transfer_inputs answers), read at `requested` (see as_source)
+        # uuid -> (migration id, read_transfer_inputs answers, MigrationSetup or None), read and
+        # made at `requested` (see as_source)
         self._prefetched: dict[str, tuple] = {}
         # Whether this node may receive a VM: read at every prepare step from watches, and
         # checked by version in the prepared write itself (see prepare).
@@ -305,6 +306,7 @@ class MigrationAgent:
         record, version = known if known else self.read_record(uuid)
         if record is None:
             self.deadlines.clear(uuid)
+            self._prefetched.pop(uuid, None)   # ended elsewhere (e.g. the target aborted it)
             return
         marker = f"{record.get('id')}:{version}"
         timed_out = self.deadlines.expired(uuid, marker)
@@ -327,12 +329,14 @@ class MigrationAgent:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
                 # Read what the transfer decides on now, while the target prepares: the transfer
                 # then starts with no read on the way, and its first write checks these keys'
-                # versions (see transfer).
-                try:
-                    if self._prefetched.get(uuid, (None,))[0] != record.get("id"):   # once per migration
-                        self._prefetched[uuid] = (record.get("id"), self.read_transfer_inputs(uuid, record))
-                except StoreError as exc:
-                    log.debug("migration %s of %s: transfer inputs not read ahead: %s", record.get("id"), uuid, exc)
+                # versions (see transfer). Likewise libvirt's part of a live migration's start.
+                if self._prefetched.get(uuid, (None,))[0] != record.get("id"):   # once per migration
+                    try:
+                        inputs = self.read_transfer_inputs(uuid, record)
+                    except StoreError as exc:
+                        log.debug("migration %s of %s: transfer inputs not read ahead: %s", record.get("id"), uuid, exc)
+                    else:
+                        self._prefetched[uuid] = (record.get("id"), inputs, self.setup_ahead(uuid, record, inputs, local))
         elif step == STEP_PREPARED:
             self.transfer(uuid, record, version, local)
         elif step == STEP_TRANSFERRING:
@@ -354,21 +358,40 @@ class MigrationAgent:
         return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE)]
                                     + meta_paths(self.schema, uuid, MIGRATION_META) + uris)
 
+    def setup_ahead(self, uuid: str, record: dict, inputs: dict, local=ASK):
+        """The libvirt calls a live migration makes before its transfer (the domain's lookup,
+        whether it is persistent, its maximum downtime as the meta read ahead has it), made at
+        `requested` while the target prepares; None when the migration will not start live or
+        the VM is not running here. Nothing in it commits the migration: the downtime applied is
+        the VM's own, and the transfer's migrate() makes the calls again if the setup is stale
+        (another downtime by then, or a lifecycle event of the VM since)."""
+        meta = meta_from(self.schema, uuid, inputs, MIGRATION_META)
+        if not record.get("force_live") and meta.migration_method == "shutdown":
+            return None
+        if local is not ASK and local not in RUNNING:
+            return None
+        try:
+            return self.hypervisor.prepare_migration(uuid, meta.migration_max_downtime_ms)
+        except HypervisorError as exc:   # the transfer's own attempt reports it, if it still fails
+            log.debug("migration %s of %s: libvirt not set up ahead: %s", record.get("id"), uuid, exc)
+            return None
+
     def _target_uri_paths(self, record: dict) -> list[str]:
         return [self.schema.node_key(record["target"], key) for key in (S.NODE_LIBVIRT_URI, S.NODE_TRANSPORT_URI)]
 
     def transfer(self, uuid: str, record: dict, version: int, local=ASK) -> None:
         pause_point("source:before-transfer")
         known = self._prefetched.pop(uuid, None)
-        inputs = known[1] if known and known[0] == record.get("id") else None
+        inputs, setup = known[1:] if known and known[0] == record.get("id") else (None, None)
         if inputs is not None and self.checkable(uuid, record, inputs):
             try:
-                self._transfer(uuid, record, version, local, inputs, fresh=False)
+                self._transfer(uuid, record, version, local, inputs, fresh=False, setup=setup)
                 return
             except StaleCheck as exc:
                 log.info("migration %s of %s: %s changed since it was read; reading again", record.get("id"), uuid, exc)
         try:
-            self._transfer(uuid, record, version, local, self.read_transfer_inputs(uuid, record), fresh=True)
+            self._transfer(uuid, record, version, local, self.read_transfer_inputs(uuid, record), fresh=True,
+                           setup=setup)
         except StaleCheck as exc:
             # changed again within a round trip: the next change of the record, or the step
             # deadline, brings this back
@@ -385,10 +408,12 @@ class MigrationAgent:
             return False
         return bool(record.get("force_live")) or inputs[self.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)] is not None
 
-    def _transfer(self, uuid: str, record: dict, version: int, local, inputs: dict, fresh: bool) -> None:
+    def _transfer(self, uuid: str, record: dict, version: int, local, inputs: dict, fresh: bool,
+                  setup=None) -> None:
         """``inputs``: read_transfer_inputs' answers; the first write checks their versions, so
         a change since they were read raises StaleCheck before anything happened. A
-        reassignment seen in them is confirmed by a fresh read (``fresh``) before it aborts."""
+        reassignment seen in them is confirmed by a fresh read (``fresh``) before it aborts.
+        ``setup``: setup_ahead's answer, for a live attempt."""
         target = record["target"]
         node_path = self.schema.domain_key(uuid, S.DOMAIN_NODE)
         node_now = inputs[node_path][0] if inputs[node_path] else None
@@ -414,7 +439,7 @@ class MigrationAgent:
         record, version = advanced
         crash_point("source:transferring")
         if first == "live":
-            error = self.live_migrate(uuid, record, meta, inputs)
+            error = self.live_migrate(uuid, record, meta, inputs, setup)
             if error is None:
                 crash_point("source:live-running")   # only if the watcher missed a very short job
                 crash_point("source:live-done")
@@ -435,9 +460,10 @@ class MigrationAgent:
         crash_point("source:shutdown-done")
         self.advance(uuid, record, version, STEP_TRANSFERRED)
 
-    def live_migrate(self, uuid: str, record: dict, meta, inputs: dict) -> str | None:
+    def live_migrate(self, uuid: str, record: dict, meta, inputs: dict, setup=None) -> str | None:
         """Run the live migration; None on success, else libvirt's reason. ``inputs``: as
-        read_transfer_inputs answered (the target's URIs)."""
+        read_transfer_inputs answered (the target's URIs); ``setup``: as setup_ahead made it
+        (used only if it still holds, see Hypervisor.migrate)."""
         paths = self._target_uri_paths(record)
         if not all(path in inputs for path in paths):
             inputs = self.store.read_many(paths)
@@ -449,7 +475,7 @@ class MigrationAgent:
         try:
             self.hypervisor.migrate(uuid, dest_uri, migration_uri=transport_uri or None,
                                     live=True, peer_to_peer=True, max_downtime_ms=meta.migration_max_downtime_ms,
-                                    timeout_s=timeout_s)
+                                    timeout_s=timeout_s, setup=setup)
         except HypervisorError as exc:
             return str(exc)
         return None

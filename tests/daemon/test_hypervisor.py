@@ -625,6 +625,99 @@ def test_migrate_rejects_non_positive_downtime(hv, make_domain_xml, record_migra
     assert record_migration == []
 
 
+def running_after_its_start_event(hv, make_domain_xml, name="vm1", seen: queue.Queue | None = None):
+    """A running domain whose `started` event has been delivered (a setup made after that
+    is current until the domain's next event), and the queue of later events (``seen``: one
+    made by an earlier call, which receives every domain's events)."""
+    if seen is None:
+        seen = queue.Queue()
+        hv.add_lifecycle_listener(lambda uuid, event, detail: seen.put((uuid, event)))
+    uuid, xml = make_domain_xml(name)
+    hv.create(xml)
+    assert seen.get(timeout=10) == (uuid, "started")
+    return uuid, seen
+
+
+@pytest.fixture
+def count_lookups(monkeypatch):
+    lookups = []
+    real = libvirt.virConnect.lookupByUUIDString
+    monkeypatch.setattr(libvirt.virConnect, "lookupByUUIDString",
+                        lambda self, uuid: lookups.append(uuid) or real(self, uuid))
+    return lookups
+
+
+def test_migrate_takes_a_current_setup_without_calling_libvirt_again(hv, make_domain_xml, record_migration,
+                                                                      count_lookups):
+    uuid, _ = running_after_its_start_event(hv, make_domain_xml)
+    setup = hv.prepare_migration(uuid, 250)
+    assert (setup.uuid, setup.max_downtime_ms, setup.persistent) == (uuid, 250, False)
+    assert record_migration == [("downtime", 250)] and count_lookups == [uuid]
+    hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", max_downtime_ms=250, setup=setup)
+    assert count_lookups == [uuid]   # not looked up again, and the downtime not set again
+    assert record_migration == [("downtime", 250), ("p2p", "qemu+tcp://10.77.0.2/system", {},
+                                                    libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER)]
+
+
+def test_a_setup_is_made_again_after_a_lifecycle_event_of_its_domain(hv, make_domain_xml, record_migration):
+    uuid, seen = running_after_its_start_event(hv, make_domain_xml)
+    other, _ = running_after_its_start_event(hv, make_domain_xml, "vm2", seen)
+    setup = hv.prepare_migration(uuid, 250)
+    hv.connection.lookupByUUIDString(other).suspend()     # another domain's event changes nothing
+    assert seen.get(timeout=10) == (other, "suspended")
+    assert hv.setup_is_current(setup, uuid, 250)
+    hv.connection.lookupByUUIDString(uuid).suspend()
+    hv.connection.lookupByUUIDString(uuid).resume()
+    assert [seen.get(timeout=10) for _ in range(2)] == [(uuid, "suspended"), (uuid, "resumed")]
+    assert not hv.setup_is_current(setup, uuid, 250)
+    hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", max_downtime_ms=250, setup=setup)
+    assert [call[0] for call in record_migration] == ["downtime", "downtime", "p2p"]   # applied again
+
+
+def test_a_setup_for_another_downtime_or_domain_is_not_current(hv, make_domain_xml, record_migration):
+    uuid, seen = running_after_its_start_event(hv, make_domain_xml)
+    other, _ = running_after_its_start_event(hv, make_domain_xml, "vm2", seen)
+    setup = hv.prepare_migration(uuid, 250)
+    assert hv.setup_is_current(setup, uuid, 250)
+    assert not hv.setup_is_current(setup, uuid, 500)
+    assert not hv.setup_is_current(setup, other, 250)
+    hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", max_downtime_ms=500, setup=setup)
+    assert [call[:2] for call in record_migration] == [("downtime", 250), ("downtime", 500), ("p2p", "qemu+tcp://10.77.0.2/system")]
+
+
+def test_without_lifecycle_events_no_setup_is_current(node_uri, make_domain_xml, record_migration):
+    # a stop and start could not be noticed
+    with Hypervisor(node_uri, call_timeout_s=10.0, events=False) as hv:
+        uuid, xml = make_domain_xml("vm1")
+        hv.create(xml)
+        setup = hv.prepare_migration(uuid, 250)
+        assert not hv.setup_is_current(setup, uuid, 250)
+
+
+def test_a_setup_from_a_closed_connection_is_not_current(node_uri, make_domain_xml, record_migration):
+    with Hypervisor(node_uri, call_timeout_s=10.0) as hv:
+        uuid, _ = running_after_its_start_event(hv, make_domain_xml)
+        setup = hv.prepare_migration(uuid, 250)
+        hv.close()
+        hv.open()
+        assert not hv.setup_is_current(setup, uuid, 250)
+
+
+def test_prepare_migration_errors_are_migrate_errors(hv, make_domain_xml):
+    with pytest.raises(DomainNotFound) as err:
+        hv.prepare_migration(str(uuidlib.uuid4()), 250)
+    assert err.value.op == "migrate"
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    with pytest.raises(HypervisorError) as err:   # the test driver has no maximum downtime
+        hv.prepare_migration(uuid, 300)
+    assert err.value.op == "migrate" and err.value.code == libvirt.VIR_ERR_NO_SUPPORT
+    assert "cannot set the maximum downtime to 300 ms" in str(err.value)
+    with pytest.raises(ValueError):
+        hv.prepare_migration(uuid, 0)
+    assert hv.prepare_migration(uuid).persistent is False   # without a downtime: nothing to set
+
+
 def test_managed_migrate_uses_a_destination_connection(hv, make_domain_xml, monkeypatch):
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)

@@ -5,7 +5,9 @@ keys read ahead) is older than ZooKeeper."""
 from __future__ import annotations
 
 import json
+import queue
 
+import libvirt
 import pytest
 
 from pvc_cluster_common import _schema as S
@@ -13,7 +15,7 @@ from pvc_cluster_common._cluster import read_node_views, read_vm, vm_definition
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
-from pvc_node_daemon.hypervisor import Hypervisor
+from pvc_node_daemon.hypervisor import Hypervisor, MigrationSetup
 from pvc_node_daemon.migration import MigrationAgent
 
 from .harness import NODE_XML, domain_xml
@@ -247,3 +249,70 @@ def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_a
     record, _ = record_of(store, uuid)
     assert (record["step"], record["method"], record["method_used"]) == ("transferred", "default", "shutdown")
     assert "has not published its libvirt URI" in record["fallback_reason"]
+
+
+@pytest.fixture
+def live_source(cluster, make_agent, monkeypatch):
+    """Source n1 running m1 (its `started` event delivered), n2 publishing a libvirt URI, and
+    libvirt's migration calls recorded (the test driver has none) as (call, argument)."""
+    store, uuid, xml = cluster
+    calls = []
+    monkeypatch.setattr(libvirt.virDomain, "migrateSetMaxDowntime",
+                        lambda self, downtime, flags=0: calls.append(("downtime", downtime)) or 0)
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
+                        lambda self, dconnuri, params, flags=0: calls.append(("p2p", dconnuri)) or 0)
+    store.write({store.schema.node_key("n2", S.NODE_LIBVIRT_URI): "qemu+tcp://10.77.0.2/system"})
+    source = make_agent("n1")
+    events: queue.Queue = queue.Queue()
+    source.hypervisor.add_lifecycle_listener(lambda u, event, detail: events.put((u, event)))
+    source.hypervisor.create(xml)
+    assert events.get(timeout=10) == (uuid, "started")
+    return store, uuid, source, calls
+
+
+def test_a_live_transfer_starts_with_the_libvirt_setup_made_at_requested(live_source):
+    # The lookup and the maximum downtime are done while the target prepares, not after the
+    # transferring write.
+    store, uuid, source, calls = live_source
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS): 250})
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")   # `requested`
+    setup = source._prefetched[uuid][2]
+    assert isinstance(setup, MigrationSetup) and (setup.uuid, setup.max_downtime_ms) == (uuid, 250)
+    assert calls == [("downtime", 250)]
+    rewrite_record(store, uuid, step="prepared")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    assert calls == [("downtime", 250), ("p2p", "qemu+tcp://10.77.0.2/system")]
+    record, _ = record_of(store, uuid)
+    assert (record["step"], record["method_used"]) == ("transferred", "live")
+
+
+def test_a_downtime_changed_after_requested_is_applied_at_the_transfer(live_source):
+    store, uuid, source, calls = live_source
+    downtime = store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS)
+    store.write({downtime: 250})
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    store.write({downtime: 500})
+    rewrite_record(store, uuid, step="prepared")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    assert calls == [("downtime", 250), ("downtime", 500), ("p2p", "qemu+tcp://10.77.0.2/system")]
+
+
+@pytest.mark.parametrize("method, local", [("shutdown", "running"), ("default", "shutoff")])
+def test_no_libvirt_setup_ahead_when_the_migration_will_not_start_live(live_source, method, local):
+    store, uuid, source, calls = live_source
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): method})
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state=local)
+    assert source._prefetched[uuid][2] is None and calls == []
+
+
+def test_an_ended_migration_drops_what_was_read_ahead(live_source):
+    store, uuid, source, _ = live_source
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    assert uuid in source._prefetched
+    store.delete([store.schema.domain_migration(uuid)])   # ended elsewhere (as a target's abort does)
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    assert uuid not in source._prefetched
