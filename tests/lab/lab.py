@@ -20,7 +20,9 @@ LAB ONLY: libvirtd accepts unauthenticated clients on its unix socket and on TCP
 
 Every process the lab starts is recorded in WORKDIR/lab.json (PID plus kernel start time, so a
 reused PID is never mistaken for ours): per host a ZooKeeper JVM, a libvirtd, and reaper.py, the
-libvirtd's parent that reaps the QEMU processes libvirt daemonizes. `down`, in any process, ends those,
+libvirtd's parent that reaps the QEMU processes libvirt daemonizes (every change of the file is a
+read-modify-write under an flock of WORKDIR/.lab.lock, so processes that share a lab lose no record).
+`down`, in any process, ends those,
 plus what the host's pidfiles name once checked to be that program in that host's namespace (the
 QEMU pidfiles under the host's run directory; a daemon restarted by a test), then deletes the
 namespaces. Nothing is ever killed by name. `up` first does the same for whatever an earlier run left;
@@ -29,6 +31,8 @@ nothing and says which processes are in the way.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -596,8 +600,8 @@ class Lab:
         modes = {h.name: h.zk.mode() for h in self.hosts}
         self.log("ZooKeeper quorum: " + ", ".join(f"{k} {v}" for k, v in modes.items()))
 
-        state["ready"] = True
-        self._save_state()
+        with self._changing_state() as state:
+            state["ready"] = True
         self.log(f"lab up: ZooKeeper {self.zk_hosts}; libvirt {self.hosts[0].libvirt_uri} ...")
 
     def _make_network(self) -> None:
@@ -605,9 +609,9 @@ class Lab:
         peers = [(self.ctl_netns, CTL_ADDRESS)] + [(h.netns, h.address) for h in self.hosts]
         for ns in [sw] + [ns for ns, _ in peers]:
             _run(["ip", "netns", "add", ns])
-            self._state["namespaces"].append(ns)
-            self._state["netns_inodes"][ns] = netns_inode(ns)
-            self._save_state()
+            with self._changing_state() as state:
+                state["namespaces"].append(ns)
+                state["netns_inodes"][ns] = netns_inode(ns)
         # veth pairs are created directly in their namespaces: nothing appears in the root namespace
         _ip_batch([f"link add v-{ns} netns {ns} type veth peer name p-{ns} netns {sw}" for ns, _ in peers])
         _ip_batch(
@@ -992,12 +996,10 @@ class Lab:
             raise LabError("the lab is not up")
         if any(r.alive() for r in self.recorded_pids() if r.host == h.netns and r.role == "libvirtd"):
             raise LabError(f"libvirtd on {h.name} is running")
-        with self._state_lock:
+        with self._changing_state() as state:
             state["processes"] = [
                 r for r in state["processes"] if not (r["host"] == h.netns and r["role"] in ("libvirtd", "reaper"))
             ]
-            self._state = state
-            self._save_state()
         self._start_libvirtd(h)
         self._wait_libvirtd(h)
 
@@ -1008,8 +1010,23 @@ class Lab:
 
     def _record(self, pid: int, role: str, h: LabHost) -> None:
         rec = ProcRecord(role, h.netns, pid, proc_starttime(pid))
-        with self._state_lock:
-            self._state["processes"].append(rec.as_dict())
+        with self._changing_state() as state:
+            state["processes"].append(rec.as_dict())
+
+    @contextlib.contextmanager
+    def _changing_state(self):
+        """lab.json as it is now, to change in place; saved when the block ends. Serialised
+        across threads (the lab starts hosts in parallel) and across processes: a lab loaded by
+        another process (a rollout hook restarting a host's libvirtd, `python -m tests.lab`)
+        records what it starts in the same file, so the file is read again under the lock
+        rather than trusting this process's copy."""
+        with self._state_lock, open(self.workdir / ".lab.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file is closed
+            state = _read_state(self.state_file) or self._state
+            if state is None:
+                raise LabError("the lab is not up")
+            yield state
+            self._state = state
             self._save_state()
 
     def _save_state(self) -> None:
