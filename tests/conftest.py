@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: real ZooKeeper servers and cluster stores on them.
+"""Shared pytest fixtures: real ZooKeeper servers and cluster stores on them, and the lab
+(tests/lab/fixtures.py).
 
 Every fixture stops what it starts: servers by PID (through ZooKeeperServer), stores by stop().
 """
@@ -10,6 +11,7 @@ import uuid
 import pytest
 
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
+from tests.lab.fixtures import lab, lab_guest  # noqa: F401  (here, so that tests/lab and tests/rollout share one lab)
 from tests.support.zookeeper import ZooKeeperServer, free_port
 
 

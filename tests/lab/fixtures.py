@@ -1,9 +1,12 @@
-"""pytest fixtures for the lab. tests/lab/conftest.py imports them; a conftest elsewhere can do the
-same (`from tests.lab.fixtures import lab, lab_guest  # noqa: F401`).
+"""pytest fixtures for the lab. tests/conftest.py imports them, once for the whole test tree: a
+session fixture imported by two conftests would be two fixtures, and the second would bring up a
+second lab in the same namespaces and workdir. So tests/lab and tests/rollout share one lab.
 
 * `lab` (session): a 3-host Lab, up for the whole session and taken down at its end, even when
   tests fail. Workdir: $PVC_LAB_WORKDIR or /tmp/pvc-cluster/pytest-lab (the QEMU capabilities cache
-  beside it, /tmp/pvc-cluster/caps-cache, is shared with `make lab-up`). Guests may use the bridge
+  beside it, /tmp/pvc-cluster/caps-cache, is shared with `make lab-up`). $PVC_LAB_PREFIX
+  (development): the namespaces' prefix instead of `lab`, with a workdir of its own by default
+  (/tmp/pvc-cluster/pytest-lab-PREFIX), so that the tests can run while another lab is up. Guests may use the bridge
   `lab.vm_bridge` ("br-vm"), present on every host. A machine that cannot run the lab (not root, no
   namespaces, missing packages) FAILS the tests that use it, with the reason: it never skips.
 * `lab_guest` (function): a factory that starts a small transient guest; every guest it started is
@@ -25,14 +28,21 @@ VM_BRIDGE = "br-vm"
 _DEFAULT = object()
 
 
+def lab_workdir_and_prefix() -> tuple[Path, str]:
+    """Where the session's lab lives and its namespaces' prefix (see the module docstring)."""
+    prefix = os.environ.get("PVC_LAB_PREFIX") or "lab"
+    default = DEFAULT_WORKDIR if prefix == "lab" else f"{DEFAULT_WORKDIR}-{prefix}"
+    return Path(os.environ.get("PVC_LAB_WORKDIR") or default), prefix
+
+
 @pytest.fixture(scope="session")
 def lab():
     try:
         Lab.preflight()
     except LabError as exc:
-        pytest.fail(f"{exc}. The lab tests (-m lab) need a root Debian machine set up by `make setup`.", pytrace=False)
-    workdir = Path(os.environ.get("PVC_LAB_WORKDIR", DEFAULT_WORKDIR))
-    the_lab = Lab(workdir, hosts=3, vm_bridge=VM_BRIDGE)
+        pytest.fail(f"{exc}. The lab tests need a root Debian machine set up by `make setup`.", pytrace=False)
+    workdir, prefix = lab_workdir_and_prefix()
+    the_lab = Lab(workdir, hosts=3, prefix=prefix, vm_bridge=VM_BRIDGE)
     try:
         the_lab.up()
     except LabError as exc:
