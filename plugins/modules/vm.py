@@ -193,7 +193,7 @@ diff:
 """
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
-from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm, read_node_views, read_vm
+from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm, read_node_views, read_vm, vm_definition
 from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import DomainXMLError, parse_domain_xml
 from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
@@ -340,9 +340,7 @@ def plan_create(params: dict, info, updates: dict[str, str], nodes: dict, defaul
                                  default_selector=default_selector)
         except NoTargetError as exc:
             raise ModuleFailure(f"no node can take VM {info.name}: {exc}; name one in node") from None
-    plan.values = {"name": info.name, "xml": params["xml"].strip(), "state": state, "node": node, "lastnode": "",
-                   "failedreason": ""}
-    plan.values["meta"] = ""    # the container too: the transaction must create every key below the VM's
+    plan.values = {"name": info.name, "xml": params["xml"].strip(), "state": state, "node": node}
     for key, text in meta.to_store().items():
         plan.values["meta/" + key] = text
     plan.after = {"name": info.name, "uuid": info.uuid, "state": state, "node": node, "lastnode": "",
@@ -392,6 +390,16 @@ def plan_update(params: dict, info, updates: dict[str, str], current) -> VMPlan:
     if not diffs.changed:
         plan.action = "none"
     return plan
+
+
+def plan_paths(schema, plan: VMPlan) -> dict:
+    """The znodes the plan writes: for a new VM, every key of a VM's definition
+    (_cluster.vm_definition, which the daemons' tests define VMs with too)."""
+    if plan.action == "create":
+        values = plan.values
+        meta = {key[5:]: value for key, value in values.items() if key.startswith("meta/")}
+        return vm_definition(schema, plan.uuid, values["name"], values["xml"], values["node"], values["state"], meta)
+    return store_values(schema, plan.uuid, plan.values)
 
 
 def store_values(schema, uuid: str, values: dict) -> dict:
@@ -526,7 +534,7 @@ def run(module, session, info) -> dict:
     if module._diff:
         result["diff"] = plan.diff()
     if plan.changed and not module.check_mode:
-        session.commit(store_values(schema, plan.uuid, plan.values), expect_versions=expect, create=create)
+        session.commit(plan_paths(schema, plan), expect_versions=expect, create=create)
 
     if module.check_mode:
         if current is None:

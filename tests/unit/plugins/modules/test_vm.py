@@ -89,7 +89,9 @@ def test_create_places_the_vm(nodes, values, node, state):
     assert plan.changed and plan.action == "create"
     assert plan.values["node"] == node
     assert plan.values["state"] == state
-    assert plan.values["lastnode"] == "" and plan.values["failedreason"] == ""
+    paths = module.plan_paths(Schema("/pvc"), plan)
+    assert paths[f"/pvc/domains/{UUID}/lastnode"] == "" and paths[f"/pvc/domains/{UUID}/failedreason"] == ""
+    assert paths[f"/pvc/domains/{UUID}/node"] == node and paths[f"/pvc/domains/{UUID}/state"] == state
     assert plan.after["node"] == node and plan.after["memory_mib"] == 1024
     assert plan.diff()[0] == {"before": {}, "after": plan.after}
     assert plan.diff()[1]["after"].startswith("<domain type=\"test\">")
@@ -102,7 +104,7 @@ def test_create_writes_every_meta_key(nodes):
     assert plan.values["meta/node_selector"] == "default"
     assert plan.values["meta/node_autostart"] == "false"
     assert plan.values["meta/migration_max_downtime_ms"] == "300"
-    paths = module.store_values(Schema("/pvc"), UUID, plan.values)
+    paths = module.plan_paths(Schema("/pvc"), plan)
     assert paths[f"/pvc/domains/{UUID}"] == "web1"
     assert paths[f"/pvc/domains/{UUID}/meta"] == ""
     assert paths[f"/pvc/domains/{UUID}/meta/node_limit"] == '["n1", "n2"]'
