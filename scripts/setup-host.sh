@@ -10,6 +10,7 @@ APT_PACKAGES=(
   qemu-system-x86           # the lab's guests, software emulation (TCG)
   iproute2                  # network namespaces, veth, bridges
   procps                    # sysctl
+  sasl2-bin                 # saslpasswd2 / sasldblistusers2: the libvirt role's SASL mode, run in the rollout tests
   shellcheck                # ansible-test sanity lints our shell scripts
 )
 

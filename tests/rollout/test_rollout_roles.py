@@ -95,10 +95,19 @@ def test_node_daemon_role_installs_from_a_wheel(rolled_out):
     assert not Path("/opt/pvc-node-daemon").exists(), "the install reached the machine itself"
 
 
+def stored_sasl_password(view, db: str, account: str) -> str | None:
+    """The password the SASL database holds for ``account`` (``user\\00realm`` as db_dump -p
+    prints it; db_dump comes with sasl2-bin): the database keeps it in clear."""
+    lines = view.run(["db_dump", "-p", db]).stdout.splitlines()
+    key = f" {account}\\00userPassword"
+    return lines[lines.index(key) + 1][1:] if key in lines else None
+
+
 def test_libvirt_role_tls_and_sasl_modes(rolled_out, tmp_path):
     """TLS: the certificates installed with private keys 0600 and libvirtd.conf switched to the TLS
-    socket; SASL (check mode: the lab has no SASL tools): SASL on the TCP socket and the shared
-    account's client credentials. Neither touches the lab's libvirtd."""
+    socket; SASL: SASL on the TCP socket, the shared account in the SASL database and its client
+    credentials (0600), nothing written in check mode, and a second run changes nothing. Neither
+    touches the lab's libvirtd."""
     from tests.support.tls import make_tls_material
 
     cluster = rolled_out
@@ -133,4 +142,31 @@ def test_libvirt_role_tls_and_sasl_modes(rolled_out, tmp_path):
     for task in ("Write libvirtd.conf", "Configure SASL for libvirtd (sasl)", "Give libvirt clients the peers' credentials (sasl)"):
         assert task in changed
     assert view.read_text("/etc/libvirt-sasl/libvirtd.conf") is None   # check mode wrote nothing
+    assert view.read_text("/etc/libvirt-sasl/passwd.db") is None
+
+    for attempt in ("first", "second"):
+        run = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--extra-vars",
+                               f"auth_host={host.name} libvirt_auth=sasl libvirt_sasl_password=s3cret")
+        assert run.returncode == 0, run.failures()
+        if attempt == "second":   # the account exists: not created again
+            assert run.changed()[host.name] == 0, run.changed_tasks()
+    conf = view.read_text("/etc/libvirt-sasl/libvirtd.conf")
+    for line in ("listen_tcp = 1", "listen_tls = 0", 'auth_tcp = "sasl"'):
+        assert line in conf
+    sasl_conf = view.read_text("/etc/sasl2-sasl/libvirt.conf")
+    assert "mech_list: scram-sha-256" in sasl_conf and "sasldb_path: /etc/libvirt-sasl/passwd.db" in sasl_conf
+    accounts = view.run(["sasldblistusers2", "-f", "/etc/libvirt-sasl/passwd.db"]).stdout
+    assert f"pvc@{host.name}:" in accounts, accounts   # the realm is the host's name
+    assert view.run("stat -c '%a' /etc/libvirt-sasl/auth.conf").stdout.strip() == "600"
+    credentials = view.read_text("/etc/libvirt-sasl/auth.conf")
+    assert "authname=pvc" in credentials and "password=s3cret" in credentials
+    assert stored_sasl_password(view, "/etc/libvirt-sasl/passwd.db", f"pvc\\00{host.name}") == "s3cret"
+
+    # a password rotated in the inventory reaches the database as well as the clients' credentials
+    run = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--extra-vars",
+                           f"auth_host={host.name} libvirt_auth=sasl libvirt_sasl_password=n3w-s3cret")
+    assert run.returncode == 0, run.failures()
+    assert "give it the new password (sasl)" in "\n".join(run.changed_tasks())
+    assert stored_sasl_password(view, "/etc/libvirt-sasl/passwd.db", f"pvc\\00{host.name}") == "n3w-s3cret"
+    assert "password=n3w-s3cret" in view.read_text("/etc/libvirt-sasl/auth.conf")
     assert (host.dir / "etc" / "libvirtd.conf").read_text() == lab_conf
