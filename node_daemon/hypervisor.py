@@ -367,7 +367,9 @@ class Hypervisor:
         self._open_lock = threading.Lock()
         self._state_changed = threading.Condition()
         self._event_seq = 0
-        # uuid -> the value of _event_seq at the domain's last lifecycle event (see setup_is_current)
+        # uuid -> the value of _event_seq at the domain's last lifecycle event (see setup_is_current).
+        # Never pruned: an entry dropped on a domain's stop would let a setup made before the stop
+        # pass as current; one small entry per domain ever seen here is cheap.
         self._domain_events: dict[str, int] = {}
         self._listeners: list[Callable[[str, str, int], None]] = []
 
