@@ -991,12 +991,10 @@ class Lab:
         self._libvirtd.pop(h.index, None)
 
     def _restart_libvirtd(self, h: LabHost) -> None:
-        state = _read_state(self.state_file)
-        if not state:
-            raise LabError("the lab is not up")
-        if any(r.alive() for r in self.recorded_pids() if r.host == h.netns and r.role == "libvirtd"):
-            raise LabError(f"libvirtd on {h.name} is running")
+        # checked and changed under the state's lock (which refuses a lab that is not up)
         with self._changing_state() as state:
+            if any(ProcRecord(**r).alive() for r in state["processes"] if r["host"] == h.netns and r["role"] == "libvirtd"):
+                raise LabError(f"libvirtd on {h.name} is running")
             state["processes"] = [
                 r for r in state["processes"] if not (r["host"] == h.netns and r["role"] in ("libvirtd", "reaper"))
             ]
