@@ -10,6 +10,12 @@
 set -euo pipefail
 suite=${1:?usage: ansible-test.sh sanity|units|integration [ansible-test arguments]}
 shift
+# One ansible-test at a time on this machine: its venv cache in ~/.ansible/test is shared, and two
+# runs that build the same venv at once break each other.
+if [ -z "${PVC_ANSIBLE_TEST_LOCKED:-}" ]; then
+  export PVC_ANSIBLE_TEST_LOCKED=1
+  exec flock /tmp/pvc-ansible-test.lock bash "$0" "$suite" "$@"
+fi
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv="$repo/.venv"
 tree=$(mktemp -d /tmp/pvc-ansible-test.XXXXXX)
