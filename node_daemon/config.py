@@ -42,18 +42,16 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pvc_cluster_common import _decode
 from pvc_cluster_common._schema import DEFAULT_ROOT
 from pvc_cluster_common._meta import CONCRETE_SELECTORS
 from pvc_cluster_common._store import ConnectionOptions
-
-NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 class ConfigError(ValueError):
@@ -167,8 +165,11 @@ def _convert(key: str, value: Any, kind: str, choices: tuple[str, ...], minimum:
         return float(value) if kind == "float" else value
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{key}: {value!r} is not a non-empty string ({accepted})")
-    if kind == "name" and not NODE_NAME.match(value):
-        raise ConfigError(f"{key}: {value!r} is not a valid node name ({accepted})")
+    if kind == "name":
+        try:
+            _decode.node_name(value, key)
+        except _decode.Invalid:
+            raise ConfigError(f"{key}: {value!r} is not a valid node name ({accepted})") from None
     if choices and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not valid ({accepted})")
     return value

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import _schema as S
+from ._decode import MAX_MIB, integer, or_default
 from ._domain_xml import DomainXMLError, parse_domain_xml
 from ._meta import VMMeta
 from ._selector import NodeView
@@ -47,21 +48,23 @@ class VMRecord:
         return self.lastnode or self.node
 
 
-def _int(text: str | None) -> int:
-    try:
-        return int(float(text or 0))
-    except ValueError:
-        return 0
+def reservation_mib(text: str | None, path: str, problems: list) -> int:
+    """An incoming-migration reservation in MiB; an invalid one reads as 0 and is added to
+    ``problems`` (it cannot hold a node's memory hostage, and the report shows it)."""
+    return or_default(integer, text, path, 0, problems, maximum=MAX_MIB)
 
 
 def node_names(store) -> list[str]:
     return sorted(store.children(store.schema.nodes()) or [])
 
 
-def read_nodes_raw(store, names) -> dict[str, tuple[dict, dict[str, int], bool]]:
+def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tuple[dict, dict[str, int], bool]]:
     """For every existing node of ``names``: (every NODE_DEFAULTS key as stored, its in-flight
     incoming-migration reservations as VM uuid -> MiB, whether it is alive), in two rounds of
-    parallel reads (the keys, liveness and reservation lists; then the reservations)."""
+    parallel reads (the keys, liveness and reservation lists; then the reservations).
+    Reservations that are not valid read as 0 MiB and are added to ``problems[node]``
+    (optional)."""
+    problems = {} if problems is None else problems
     schema = store.schema
     names = list(names)
     keys = {name: {key: schema.node_key(name, key) for key in S.NODE_DEFAULTS} for name in names}
@@ -75,8 +78,9 @@ def read_nodes_raw(store, names) -> dict[str, tuple[dict, dict[str, int], bool]]
         if found[schema.node(name)] is None:
             continue
         raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
-        reservations = {uuid: _int(amounts[schema.node_reservation(name, uuid)][0]) for uuid in reserved[name]
-                        if amounts[schema.node_reservation(name, uuid)]}
+        reservations = {uuid: reservation_mib(amounts[schema.node_reservation(name, uuid)][0],
+                                              schema.node_reservation(name, uuid), problems.setdefault(name, []))
+                        for uuid in reserved[name] if amounts[schema.node_reservation(name, uuid)]}
         result[name] = (raw, reservations, found[schema.node_key(name, S.NODE_ALIVE)] is not None)
     return result
 
@@ -100,9 +104,12 @@ def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[
         if found[schema.node(name)] is None:
             continue
         raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
-        reserved = sum(_int(reservations[schema.node_reservation(name, uuid)][0]) for uuid in reserved_uuids[name]
-                       if reservations[schema.node_reservation(name, uuid)])
-        views[name] = NodeView.from_store(name, raw, reserved)
+        problems: list = []
+        reserved = sum(reservation_mib(reservations[schema.node_reservation(name, uuid)][0],
+                                       schema.node_reservation(name, uuid), problems)
+                       for uuid in reserved_uuids[name] if reservations[schema.node_reservation(name, uuid)])
+        view = NodeView.from_store(name, raw, reserved, prefix=schema.node(name) + "/")
+        views[name] = replace(view, invalid=tuple(problems) + view.invalid) if problems else view
     return views, {path: found[path] for path in also}
 
 

@@ -19,22 +19,9 @@ from dataclasses import dataclass, field
 
 from . import _schema as S
 from ._cluster import node_names, read_history, read_nodes_raw, read_vms, vm_uuids
+from ._decode import MAX_MIB, integer, number, or_default
 from ._meta import VMMeta
 from ._selector import NodeView, resolve_selector, survives_node_failure
-
-
-def _int(text) -> int:
-    try:
-        return int(float(text or 0))
-    except (TypeError, ValueError):
-        return 0
-
-
-def _float(text) -> float:
-    try:
-        return float(text or 0)
-    except (TypeError, ValueError):
-        return 0.0
 
 
 def meta_dict(meta: VMMeta) -> dict:
@@ -48,14 +35,18 @@ def meta_dict(meta: VMMeta) -> dict:
     }
 
 
-def memory_report(raw: dict, reservations: dict[str, int]) -> dict:
-    """A node's memory accounting in MiB (see docs/architecture.md, Memory accounting)."""
-    view = NodeView.from_store("", raw, sum(reservations.values()))
+def memory_report(raw: dict, reservations: dict[str, int], view: NodeView | None = None,
+                  problems: list | None = None) -> dict:
+    """A node's memory accounting in MiB (see docs/architecture.md, Memory accounting).
+    ``view``: the node's view, when the caller has built it; ``problems``: where an invalid
+    stored figure is added (it reads as 0)."""
+    view = view or NodeView.from_store("", raw, sum(reservations.values()))
     return {
         "total": view.memtotal,
         "used": view.memused,
         "free": view.memfree,
-        "allocated": _int(raw.get(S.NODE_MEMALLOC)),
+        "allocated": or_default(integer, raw.get(S.NODE_MEMALLOC), f"nodes/{view.name}/{S.NODE_MEMALLOC}", 0,
+                                [] if problems is None else problems, maximum=MAX_MIB),
         "provisioned": view.memprov,
         "reserve": view.memreserve,
         "reserved": view.reserved,
@@ -72,6 +63,7 @@ class ClusterSnapshot:
     reservations: dict[str, dict[str, int]] = field(default_factory=dict)
     alive: dict[str, bool] = field(default_factory=dict)
     vms: dict = field(default_factory=dict)            # uuid -> VMRecord
+    invalid: dict[str, list] = field(default_factory=dict)   # node -> Invalid of stored values read as 0
     default_selector: str | None = None
     schema_version: str | None = None
 
@@ -106,7 +98,8 @@ def read_cluster(store, nodes: list[str] | None = None, vms: list[str] | None = 
     snapshot = ClusterSnapshot()
     schema = store.schema
     # a few rounds of parallel reads in all, however many nodes and VMs
-    for name, (raw, reservations, alive) in read_nodes_raw(store, node_names(store) if nodes is None else nodes).items():
+    for name, (raw, reservations, alive) in read_nodes_raw(store, node_names(store) if nodes is None else nodes,
+                                                           snapshot.invalid).items():
         snapshot.nodes[name] = raw
         snapshot.reservations[name] = reservations
         snapshot.alive[name] = alive
@@ -119,7 +112,9 @@ def read_cluster(store, nodes: list[str] | None = None, vms: list[str] | None = 
 def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) -> dict:
     raw = snapshot.nodes[name]
     reservations = snapshot.reservations.get(name, {})
-    keepalive = _float(raw.get(S.NODE_KEEPALIVE))
+    view = NodeView.from_store(name, raw, sum(reservations.values()))
+    problems = list(view.invalid)
+    keepalive = or_default(number, raw.get(S.NODE_KEEPALIVE), f"nodes/{name}/{S.NODE_KEEPALIVE}", 0.0, problems)
     now = time.time() if now is None else now
     running = snapshot.running(name)
     assigned = sorted(vm.name for vm in snapshot.vms.values() if vm.node == name)
@@ -130,15 +125,16 @@ def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) 
         "alive": snapshot.alive.get(name, False),
         "keepalive": keepalive,
         "keepalive_age_s": round(now - keepalive, 3) if keepalive else None,
-        "memory": memory_report(raw, {snapshot.name_of(uuid): mib for uuid, mib in reservations.items()}),
-        "vcpualloc": _int(raw.get(S.NODE_VCPUALLOC)),
-        "cpuload": _float(raw.get(S.NODE_CPULOAD)),
-        "domaincount": _int(raw.get(S.NODE_DOMAINCOUNT)),
+        "memory": memory_report(raw, {snapshot.name_of(uuid): mib for uuid, mib in reservations.items()}, view, problems),
+        "vcpualloc": view.vcpualloc,
+        "cpuload": view.cpuload,
+        "domaincount": view.domaincount,
         "running_vms": sorted(snapshot.name_of(uuid) for uuid in running),
         "assigned_vms": assigned,
         "returning_vms": sorted(vm.name for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name),
         "libvirt_uri": raw.get(S.NODE_LIBVIRT_URI) or "",
         "transport_uri": raw.get(S.NODE_TRANSPORT_URI) or "",
+        "invalid": [str(problem) for problem in snapshot.invalid.get(name, []) + problems],
     }
 
 

@@ -33,11 +33,11 @@ Ties
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from ._decode import MAX_MIB, Invalid, integer, number, or_default
 from ._memory import headroom_mib
 from ._meta import CLUSTER_DEFAULT_SELECTOR, CONCRETE_SELECTORS, MetaError, parse_node_limit, parse_node_selector
 from ._schema import (
@@ -61,28 +61,6 @@ READY = "ready"
 # ---- node view ------------------------------------------------------------------------------
 
 
-def _int(value: object, default: int = 0) -> int:
-    if value is None:
-        return default
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        return default
-    if not math.isfinite(number):
-        return default
-    return int(number)
-
-
-def _float(value: object, default: float = 0.0) -> float:
-    if value is None:
-        return default
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        return default
-    return number if math.isfinite(number) else default
-
-
 @dataclass(frozen=True)
 class NodeView:
     """What placement needs to know about one node. Memory in MiB.
@@ -102,6 +80,8 @@ class NodeView:
     cpuload: float = 0.0
     vcpualloc: int = 0
     domaincount: int = 0
+    # stored values that were not valid and read as their default (0), each naming its key
+    invalid: tuple[Invalid, ...] = field(default=(), compare=False)
 
     @property
     def headroom(self) -> int:
@@ -120,30 +100,43 @@ class NodeView:
     FIT_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_MEMTOTAL, NODE_MEMPROV, NODE_MEMRESERVE)
 
     @classmethod
-    def from_store(cls, name: str, raw: Mapping[str, str | None], reservations_mib: int = 0) -> NodeView:
+    def from_store(cls, name: str, raw: Mapping[str, str | None], reservations_mib: int = 0,
+                   prefix: str | None = None) -> NodeView:
         """Build from a node's stored keys; never raises.
 
-        Missing or unparseable numbers read as 0 (so a node with garbage ``memtotal`` has negative
-        headroom and is never chosen); missing states read as the schema's defaults for a new node
-        (``init`` / ``flushed``), which are not eligible.
+        Numbers are decoded with bounds (_decode): a missing one reads as 0, and so does an
+        invalid one, which is also listed in ``invalid`` (so a node with garbage ``memtotal`` has
+        negative headroom and is never chosen). Missing states read as the schema's defaults
+        for a new node (``init`` / ``flushed``), which are not eligible. ``prefix``: how the
+        keys are named in ``invalid`` (default ``nodes/<name>/``).
         """
+        prefix = f"nodes/{name}/" if prefix is None else prefix
+        problems: list[Invalid] = []
+
         def state(key: str) -> str:
             value = raw.get(key)
             return value.strip() if isinstance(value, str) and value.strip() else NODE_DEFAULTS[key]
+
+        def mib(key: str) -> int:
+            return or_default(integer, raw.get(key), prefix + key, 0, problems, maximum=MAX_MIB)
+
+        def count(key: str) -> int:
+            return or_default(integer, raw.get(key), prefix + key, 0, problems)
 
         return cls(
             name=name,
             daemon_state=state(NODE_DAEMON_STATE),
             domain_state=state(NODE_DOMAIN_STATE),
-            memtotal=_int(raw.get(NODE_MEMTOTAL)),
-            memused=_int(raw.get(NODE_MEMUSED)),
-            memfree=_int(raw.get(NODE_MEMFREE)),
-            memprov=_int(raw.get(NODE_MEMPROV)),
-            memreserve=_int(raw.get(NODE_MEMRESERVE)),
-            reserved=_int(reservations_mib),
-            cpuload=_float(raw.get(NODE_CPULOAD)),
-            vcpualloc=_int(raw.get(NODE_VCPUALLOC)),
-            domaincount=_int(raw.get(NODE_DOMAINCOUNT)),
+            memtotal=mib(NODE_MEMTOTAL),
+            memused=mib(NODE_MEMUSED),
+            memfree=mib(NODE_MEMFREE),
+            memprov=mib(NODE_MEMPROV),
+            memreserve=mib(NODE_MEMRESERVE),
+            reserved=int(reservations_mib),
+            cpuload=or_default(number, raw.get(NODE_CPULOAD), prefix + NODE_CPULOAD, 0.0, problems),
+            vcpualloc=count(NODE_VCPUALLOC),
+            domaincount=count(NODE_DOMAINCOUNT),
+            invalid=tuple(problems),
         )
 
 

@@ -147,6 +147,15 @@ nodes:
       description: Where QEMU streams a live migration to this node.
       type: str
       sample: tcp://10.0.0.1
+    invalid:
+      description:
+        - Stored values of the node that are not valid (garbage written to ZooKeeper), each naming its key, what
+          was found and what is accepted. Such a value reads as 0 everywhere (so a garbage memory figure never makes
+          the node look roomier than it is).
+      type: list
+      elements: str
+      sample: ["/pvc/nodes/hv1/reservations/6695eb01-f6a4-8304-79aa-97f2502e193f: '1e999' is not valid; expected an
+               integer from 0 to 8796093022208"]
 cluster:
   description: Cluster-wide figures.
   returned: always

@@ -1,0 +1,58 @@
+"""Typed reads of the cluster (_cluster, _report) stay usable when a stored value is garbage."""
+
+from __future__ import annotations
+
+import pytest
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_node_views, read_nodes_raw, vm_definition
+from pvc_cluster_common._report import cluster_report, node_report, read_cluster
+
+pytestmark = pytest.mark.zk
+
+UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+OTHER = "7795eb01-f6a4-8304-79aa-97f2502e193f"
+XML = (f"<domain type='test'><name>web1</name><uuid>{UUID}</uuid><memory unit='MiB'>1024</memory>"
+       "<vcpu>2</vcpu><os><type>hvm</type></os><devices/></domain>")
+
+
+@pytest.fixture
+def cluster(store):
+    """Two ready nodes, VM web1 on n1, and a reservation on n2 of `1e999` MiB (issue #13: it
+    raised OverflowError in every flush, module and inventory read)."""
+    schema = store.schema
+    values = {}
+    for node in ("n1", "n2"):
+        values.update({schema.node(node): "", schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+                       schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
+                       schema.node_key(node, S.NODE_MEMTOTAL): 16384, schema.node_key(node, S.NODE_MEMPROV): 0,
+                       schema.node_key(node, S.NODE_MEMRESERVE): 0})
+    values.update(vm_definition(schema, UUID, "web1", XML, "n1", "start"))
+    values[schema.node_reservation("n2", OTHER)] = "1e999"
+    values[schema.node_reservation("n2", UUID)] = "512"
+    store.commit(values)
+    return store
+
+
+def test_an_overflowing_reservation_reads_as_zero_and_is_named(cluster):
+    views = read_node_views(cluster)
+    assert views["n2"].reserved == 512
+    assert [problem.path for problem in views["n2"].invalid] == [cluster.schema.node_reservation("n2", OTHER)]
+    problems = {}
+    raw = read_nodes_raw(cluster, ["n1", "n2"], problems)
+    assert raw["n2"][1] == {OTHER: 0, UUID: 512}
+    assert [str(problem) for problem in problems["n2"]] == [
+        f"{cluster.schema.node_reservation('n2', OTHER)}: '1e999' is not valid; expected an integer from 0 to {2**43}"]
+
+
+def test_reports_of_a_node_with_garbage_figures_name_them(cluster):
+    schema = cluster.schema
+    cluster.write({schema.node_key("n1", S.NODE_MEMTOTAL): "1e999", schema.node_key("n1", S.NODE_KEEPALIVE): "nan",
+                   schema.node_key("n1", S.NODE_MEMALLOC): "[[[["})
+    snapshot = read_cluster(cluster)
+    n1, n2 = node_report(snapshot, "n1"), node_report(snapshot, "n2")
+    assert n1["memory"]["total"] == 0 and n1["keepalive"] == 0.0 and n1["memory"]["allocated"] == 0
+    assert sorted(text.split(":")[0] for text in n1["invalid"]) == ["nodes/n1/keepalive", "nodes/n1/memalloc",
+                                                                     "nodes/n1/memtotal"]
+    assert n2["memory"]["reserved"] == 512 and len(n2["invalid"]) == 1 and OTHER in n2["invalid"][0]
+    assert cluster_report(snapshot)["nodes"] == 2
