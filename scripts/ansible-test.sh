@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Runs `ansible-test sanity`, `units` or `integration` on the collection; further arguments go to
-# ansible-test (e.g. `ansible-test.sh sanity --test validate-modules`, `ansible-test.sh integration vm`).
-# ansible-test needs the collection at .../ansible_collections/pvc/cluster, so the collection's own
-# files (not the daemon, the lab or the pytest suites: galaxy.yml build_ignore) are copied into a
-# temporary tree, made a git repository (ansible-test lists files through git), and tested there.
+# Runs `ansible-test sanity`, `units` or `integration` on the collection as users get it: built with
+# `ansible-galaxy collection build` (galaxy.yml's build_ignore leaves the daemon, the lab and the
+# pytest suites out), installed from that tarball into a fresh collections path, and tested there.
+# Further arguments go to ansible-test (e.g. `ansible-test.sh sanity --test validate-modules`,
+# `ansible-test.sh integration vm`).
+# The artifact is checked first: every file it holds must be under one of SHIPPED below, so that a
+# new development file is left out (build_ignore) rather than shipped unnoticed.
 # `integration` first starts a live cluster (ZooKeeper + 3 node daemons on libvirt's test driver,
 # tests/support/integration_cluster.py), which writes tests/integration/integration_config.yml
-# (pvc_zk_hosts, pvc_zk_root...) into that tree, runs the targets against it, and stops it.
+# (pvc_zk_hosts, pvc_zk_root...) into the installed copy, runs the targets against it, and stops it.
+# PVC_ANSIBLE_VENV names the virtual environment whose ansible-core builds and tests (default: the
+# repository's .venv; `make test-oldest-ansible` uses one with the oldest ansible-core we support).
 set -euo pipefail
 suite=${1:?usage: ansible-test.sh sanity|units|integration [ansible-test arguments]}
 shift
@@ -17,25 +21,31 @@ if [ -z "${PVC_ANSIBLE_TEST_LOCKED:-}" ]; then
   exec flock /tmp/pvc-ansible-test.lock bash "$0" "$suite" "$@"
 fi
 repo=$(cd "$(dirname "$0")/.." && pwd)
-venv="$repo/.venv"
+venv=${PVC_ANSIBLE_VENV:-$repo/.venv}
 tree=$(mktemp -d /tmp/pvc-ansible-test.XXXXXX)
 trap 'rm -rf "$tree"' EXIT
-dest="$tree/ansible_collections/pvc/cluster"
-mkdir -p "$dest"
-
-collection_paths=(galaxy.yml README.md meta plugins roles playbooks docs tests/config.yml tests/unit tests/integration tests/sanity)
-for p in "${collection_paths[@]}"; do
-  [ -e "$repo/$p" ] || continue
-  mkdir -p "$dest/$(dirname "$p")"
-  cp -a "$repo/$p" "$dest/$p"
-done
-find "$dest" -name __pycache__ -prune -exec rm -rf {} +
-printf 'tests/output/\n__pycache__/\n' >"$dest/.gitignore"
-git -C "$dest" init -q
-git -C "$dest" add -A
-git -C "$dest" -c user.email=ci@pvc.cluster -c user.name=ci commit -qm "ansible-test tree"
-
 export PATH="$venv/bin:$PATH"
+export ANSIBLE_COLLECTIONS_PATH="$tree/collections"
+
+# What a built collection may contain (paths relative to its root; a directory ends in /).
+SHIPPED=(MANIFEST.json FILES.json README.md LICENSE CHANGELOG.rst requirements.txt bindep.txt
+         meta/ plugins/ roles/ playbooks/ docs/ changelogs/ tests/config.yml tests/unit/ tests/integration/ tests/sanity/)
+
+ansible-galaxy collection build --output-path "$tree/dist" "$repo" >/dev/null
+tarball=$(echo "$tree"/dist/pvc-cluster-*.tar.gz)
+ansible-galaxy collection install --offline --no-deps -p "$tree/collections" "$tarball" >/dev/null
+dest="$tree/collections/ansible_collections/pvc/cluster"
+"$venv/bin/python" - "$dest" "${SHIPPED[@]}" <<'PY'
+import json, sys
+dest, shipped = sys.argv[1], sys.argv[2:]
+files = [f["name"] for f in json.load(open(f"{dest}/FILES.json"))["files"] if f["ftype"] == "file"]
+unexpected = [f for f in files if not any(f == s or (s.endswith("/") and f.startswith(s)) for s in shipped)]
+if unexpected:
+    sys.exit("the built collection holds files it must not ship (add them to build_ignore in galaxy.yml, or to "
+             "SHIPPED in scripts/ansible-test.sh if users need them):\n  " + "\n  ".join(sorted(unexpected)))
+print(f"ansible-test.sh: built and installed {len(files)} files of pvc.cluster from {sys.argv[1]}")
+PY
+
 # --venv keeps ansible-test's own tool versions out of our pinned .venv. It bootstraps each venv with
 # a get-pip script it would download from a host this machine cannot reach; this stand-in uses the
 # ensurepip that ships with Python instead (in a subprocess, so /etc/pip.conf keeps applying).
@@ -54,15 +64,12 @@ case "$suite" in
   sanity)
     ansible-test sanity --venv --python 3.11 --requirements --color no "$@" ;;
   units)
-    if [ -z "$(find tests/unit -name 'test_*.py' 2>/dev/null)" ]; then
-      echo "ansible-test units: no unit tests in the collection yet"; exit 0
-    fi
     ansible-test units --venv --python 3.11 --requirements --color no "$@" ;;
   integration)
-    # --local: the modules and the inventory plugin run with .venv's Python, which has kazoo and lxml
-    # pinned by pyproject.toml. The cluster helper runs from the repository (it imports tests.*).
+    # --local: the modules and the inventory plugin run with the venv's Python, which has kazoo and
+    # lxml. The cluster helper runs from the repository (it imports tests.*) with the repository's venv.
     cd "$repo"
-    "$venv/bin/python" -m tests.support.integration_cluster --workdir "$tree/cluster" \
+    "$repo/.venv/bin/python" -m tests.support.integration_cluster --workdir "$tree/cluster" \
       --config "$dest/tests/integration/integration_config.yml" --cwd "$dest" -- \
       ansible-test integration --local --python 3.11 --color no "$@" ;;
   *) echo "unknown suite: $suite" >&2; exit 2 ;;

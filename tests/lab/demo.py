@@ -94,7 +94,7 @@ class Demo:
         self.records.mkdir(parents=True, exist_ok=True)
         for f in self.records.glob("*.json"):
             f.unlink()
-        self.say(f"inventory: {self.views.inventory_file} (hosts node1..3, connection pvc.cluster.netns)")
+        self.say(f"inventory: {self.views.inventory_file} (hosts node1..3, the lab's connection netns)")
 
     def playbook(self, playbook: str | Path, *args: str) -> None:
         run = self.views.playbook(playbook, *args, json_output=False, progress=True, timeout=900)
@@ -196,7 +196,8 @@ class Demo:
 
     def explain_kept(self) -> None:
         env = self.views.ansible_env()
-        exports = " ".join(f"{k}={shlex.quote(env[k])}" for k in ("ANSIBLE_COLLECTIONS_PATH", "ANSIBLE_INVENTORY"))
+        exports = " ".join(f"{k}={shlex.quote(env[k])}" for k in ("ANSIBLE_COLLECTIONS_PATH", "ANSIBLE_INVENTORY",
+                                                                       "ANSIBLE_CONNECTION_PLUGINS"))
         print(f"""
 ==> The lab is still up (KEEP=1). To explore it:
     {sys.executable} -m tests.lab status --workdir {self.workdir}

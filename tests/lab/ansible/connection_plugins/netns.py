@@ -2,7 +2,10 @@
 # Copyright: pvc.cluster developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Run tasks on the controller machine inside a Linux network namespace (and optionally a private
-mount and UTS namespace): one machine becomes several Ansible hosts."""
+mount and UTS namespace): one machine becomes several Ansible hosts.
+
+A lab helper, not part of the pvc.cluster collection: the lab (tests/lab/hostviews.py) loads it from
+this directory (ANSIBLE_CONNECTION_PLUGINS) and names it ``netns`` in its inventory."""
 
 from __future__ import annotations
 
@@ -71,12 +74,12 @@ EXAMPLES = r"""
 all:
   hosts:
     node1:
-      ansible_connection: pvc.cluster.netns
+      ansible_connection: netns
       ansible_netns_name: lab-n1
       ansible_netns_mount_namespace: /tmp/lab/views/n1/mnt
       ansible_netns_uts_namespace: /tmp/lab/views/n1/uts
     node2:
-      ansible_connection: pvc.cluster.netns
+      ansible_connection: netns
       ansible_netns_name: lab-n2
 """
 
@@ -104,7 +107,7 @@ def _is_namespace_file(path: str) -> bool:
 class Connection(LocalConnection):
     """Local connection whose commands and file transfers happen inside namespaces."""
 
-    transport = "pvc.cluster.netns"
+    transport = "netns"
     has_pipelining = True
 
     def _netns(self) -> str:

@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: pvc.cluster developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The netns connection plugin: which command lines it runs, and how files cross into the host."""
+"""The lab's netns connection plugin (tests/lab/ansible/connection_plugins/netns.py): which command
+lines it runs, and how files cross into the host. No lab needed."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from ansible.playbook.play_context import PlayContext
 from ansible.plugins.connection.local import Connection as LocalConnection
 from ansible.plugins.loader import connection_loader
 
+from .hostviews import LAB_CONNECTION_PLUGINS
+
+connection_loader.add_directory(str(LAB_CONNECTION_PLUGINS))
+
 
 @pytest.fixture
 def make():
     def build(**options):
         play_context = PlayContext()
         play_context.remote_addr = "node1"
-        conn = connection_loader.get("pvc.cluster.netns", play_context)
+        conn = connection_loader.get("netns", play_context)
         conn.set_options(direct=options)
         return conn
 
