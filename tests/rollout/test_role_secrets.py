@@ -1,0 +1,128 @@
+"""No secret reaches the output of a run with --diff: every role of the collection rendered on a lab
+host with every secret option set (and changed, so that a diff would show both values), and the
+output of both runs searched for them.
+
+What is a secret comes from the roles' own argument specs: an option with ``no_log: true`` is one
+(its value), and SECRET_FILES names the options that point at a controller file whose content is one
+(a private key the role copies). An option whose name says secret (SECRET_NAME) must be one of the
+two, or be listed in NOT_SECRET with the reason, so that a new secret option cannot go unchecked."""
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.lab.lab import REPO_ROOT
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
+
+PLAYBOOK = Path(__file__).resolve().parent / "playbooks" / "secrets_diff.yml"
+ROLES = REPO_ROOT / "roles"
+SECRET_NAME = re.compile(r"(password|passphrase|secret|token|_key)$")
+# controller files whose content is a secret (the role copies them to the node)
+SECRET_FILES = {"libvirt_tls_server_key", "libvirt_tls_client_key"}
+# names that look secret and are not: option -> why
+NOT_SECRET = {
+    "node_daemon_zookeeper_tls_key": "a path on the node; the role neither reads nor copies the key",
+}
+# controller files the roles need beside the secret ones (certificates: public)
+PUBLIC_FILES = {"libvirt_tls_ca_cert", "libvirt_tls_server_cert", "libvirt_tls_client_cert"}
+# where the playbook's roles write what holds each secret, to check it was really rendered
+RENDERED = {
+    "node_daemon_zookeeper_password": "/etc/pvc/node-daemon-secrets.yaml",
+    "libvirt_sasl_password": "/etc/libvirt-secrets-sasl/auth.conf",
+    "libvirt_tls_server_key": "/etc/pki-secrets-tls/libvirt/private/serverkey.pem",
+    "libvirt_tls_client_key": "/etc/pki-secrets-tls/libvirt/private/clientkey.pem",
+}
+# settings the secrets need to be used at all
+ENABLERS = {"node_daemon_zookeeper_password": {"node_daemon_zookeeper_username": "pvc"}}
+
+
+def role_options() -> dict[str, dict[str, dict]]:
+    """role -> option -> its argument spec (every entry point)."""
+    found = {}
+    for spec_file in sorted(ROLES.glob("*/meta/argument_specs.yml")):
+        specs = yaml.safe_load(spec_file.read_text())["argument_specs"]
+        options = {}
+        for entry in specs.values():
+            options.update(entry.get("options", {}))
+        found[spec_file.parent.parent.name] = options
+    return found
+
+
+def secret_options() -> tuple[set[str], set[str]]:
+    """(options whose value is a secret, options naming a file whose content is one)."""
+    values, files = set(), set()
+    for options in role_options().values():
+        for name, spec in options.items():
+            if spec.get("no_log"):
+                values.add(name)
+            elif name in SECRET_FILES:
+                files.add(name)
+    return values, files
+
+
+def test_every_option_named_like_a_secret_is_treated_as_one():
+    unclassified = []
+    for role, options in role_options().items():
+        for name, spec in options.items():
+            if SECRET_NAME.search(name) and not spec.get("no_log") and name not in SECRET_FILES | NOT_SECRET.keys():
+                unclassified.append(f"{role}: {name}")
+    assert not unclassified, (
+        "options that look like secrets: mark them no_log: true in meta/argument_specs.yml (a value), add them to "
+        f"SECRET_FILES (a file whose content is secret) or to NOT_SECRET with the reason: {unclassified}")
+    assert set(RENDERED) == set().union(*secret_options()), "RENDERED must say where each secret ends up"
+
+
+def _secrets_vars(tmp_path: Path, round_: str, host: str) -> tuple[Path, list[str]]:
+    """An extra-vars file setting every secret to a fresh marker; the markers."""
+    values, files = secret_options()
+    markers, extra = [], {"secrets_host": host}
+    for name in sorted(values):
+        marker = f"S3CRET-{round_}-{name}-{uuid.uuid4().hex[:8]}"
+        markers.append(marker)
+        extra[name] = marker
+        extra.update(ENABLERS.get(name, {}))
+    directory = tmp_path / round_
+    directory.mkdir()
+    for name in sorted(PUBLIC_FILES):   # the role only copies them: any content will do
+        path = directory / f"{name}.pem"
+        path.write_text("-----BEGIN CERTIFICATE-----\npublic\n-----END CERTIFICATE-----\n")
+        extra[name] = str(path)
+    for name in sorted(files):
+        marker = f"S3CRET-{round_}-{name}-{uuid.uuid4().hex[:8]}"
+        markers.append(marker)
+        path = directory / f"{name}.pem"
+        path.write_text(f"-----BEGIN PRIVATE KEY-----\n{marker}\n-----END PRIVATE KEY-----\n")
+        extra[name] = str(path)
+    path = directory / "secrets.yml"
+    path.write_text(yaml.safe_dump(extra))
+    return path, markers
+
+
+def test_no_secret_appears_in_a_diff_run_of_any_role(cluster, tmp_path):
+    host = cluster.lab.host(1)
+    view = cluster.views.view(host)
+    values, files = secret_options()
+    assert values and files
+    runs, all_markers = [], []
+    for round_ in ("first", "rotated"):
+        extra, markers = _secrets_vars(tmp_path, round_, host.name)
+        all_markers += markers
+        run = cluster.playbook(PLAYBOOK, "--diff", "-v", "--extra-vars", f"@{extra}", json_output=False)
+        assert run.returncode == 0, run.failures()
+        runs.append(run)
+        # the secrets were really rendered, so their absence from the output means something
+        for name, path in RENDERED.items():
+            marker = next(m for m in markers if f"-{name}-" in m)
+            assert marker in (view.read_text(path) or ""), f"{name} was not rendered into {path}"
+    output = "\n".join((r.proc.stdout or "") + (r.proc.stderr or "") for r in runs)
+    # --diff took effect: the files without secrets show their content
+    assert "+++ after" in output and "server.1=" in output, output[-3000:]
+    for role in role_options():
+        assert f"[pvc.cluster.{role} : " in output, f"role {role} did not run"
+    leaked = [m for m in all_markers if m in output]
+    assert not leaked, f"secrets in the output of a --diff run: {leaked}"
