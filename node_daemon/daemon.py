@@ -85,6 +85,11 @@ class NodeDaemon:
         values[self.schema.node_key(self.node, S.NODE_LIBVIRT_URI)] = self.config.advertised_libvirt_uri
         values[self.schema.node_key(self.node, S.NODE_TRANSPORT_URI)] = self.config.advertised_transport_uri
         values[self.schema.node_key(self.node, S.NODE_MEMRESERVE)] = self.config.memory_reserve_mib
+        try:
+            # what the modules check a VM's vCPU count against (it does not change while libvirtd runs)
+            values[self.schema.node_key(self.node, S.NODE_CPUTOTAL)] = self.hypervisor.host_cpus()
+        except HypervisorError as exc:
+            log.warning("cannot read the host's CPU count from libvirt; published as 0 (unknown): %s", exc)
         keep = {S.NODE_KEEPALIVE, S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE, S.NODE_MEMALLOC, S.NODE_MEMPROV,
                 S.NODE_VCPUALLOC, S.NODE_CPULOAD, S.NODE_DOMAINCOUNT, S.NODE_RUNNINGDOMAINS}
         for key in keep:   # figures survive a restart until the first keepalive replaces them

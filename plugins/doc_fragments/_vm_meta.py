@@ -35,7 +35,7 @@ options:
   node_limit:
     description:
       - The nodes the VM may run on; an empty list means any node.
-      - Every name must be a node of the cluster.
+      - Every name must be a node of the cluster; an empty name (as in V([""])) is refused.
       - Left unchanged when not given.
     type: list
     elements: str
@@ -46,7 +46,8 @@ options:
     type: bool
   migration_max_downtime_ms:
     description:
-      - The longest pause of the VM at the switch-over of a live migration, in milliseconds (positive).
+      - The longest pause of the VM at the switch-over of a live migration, in milliseconds.
+      - From V(1) to V(2000000) (2000 s, the most QEMU accepts). V(300) when never set.
       - Left unchanged when not given.
     type: int
 """

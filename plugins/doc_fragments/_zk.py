@@ -20,7 +20,7 @@ class ModuleDocFragment:
 options:
   zk_hosts:
     description:
-      - The ZooKeeper servers of the cluster, as C(host:port) entries separated by commas.
+      - The ZooKeeper servers of the cluster, as C(host:port) entries separated by commas (ports from 1 to 65535).
       - Required. If not set on the task, the environment variable E(PVC_ZK_HOSTS) of the managed node
         is used.
       - Set it once for a whole play with C(module_defaults) and the action group C(group/pvc.cluster.all).
@@ -28,19 +28,25 @@ options:
   zk_root:
     description:
       - The znode below which the cluster keeps its state.
+      - It must hold a pvc.cluster (its C(schema/version), created by the node daemons); the task fails
+        before reading or writing anything otherwise, so that a mistyped root is not read as an empty cluster.
+      - An absolute path without C(.) or C(..) components, at most 1024 characters.
       - If not set, the environment variable E(PVC_ZK_ROOT), else V(/pvc).
     type: str
     default: /pvc
   zk_timeout:
     description:
       - Seconds to wait for the connection to ZooKeeper, and then for each answer.
-      - An unreachable ZooKeeper makes the task fail after this long.
+      - From V(0.1) to V(3600). An unreachable ZooKeeper makes the task fail after this long.
       - If not set, the environment variable E(PVC_ZK_TIMEOUT), else V(10).
     type: float
     default: 10
   zk_username:
     description:
       - User name for ZooKeeper digest authentication. Needs O(zk_password).
+      - Checked against the cluster before use, as the ACL of O(zk_root) says how it is secured. A cluster
+        open to anyone refuses credentials (keys created with them would be readable by that user only);
+        a cluster that uses authentication needs them.
       - If not set, the environment variable E(PVC_ZK_USERNAME).
     type: str
   zk_password:
@@ -87,25 +93,30 @@ requirements:
 options:
   zk_hosts:
     description:
-      - The ZooKeeper servers of the cluster, as C(host:port) entries separated by commas.
+      - The ZooKeeper servers of the cluster, as C(host:port) entries separated by commas (ports from 1 to 65535).
     type: str
     required: true
     env:
       - name: PVC_ZK_HOSTS
   zk_root:
-    description: The znode below which the cluster keeps its state.
+    description:
+      - The znode below which the cluster keeps its state; it must hold a pvc.cluster (its C(schema/version)),
+        or parsing fails.
+      - An absolute path without C(.) or C(..) components, at most 1024 characters.
     type: str
     default: /pvc
     env:
       - name: PVC_ZK_ROOT
   zk_timeout:
-    description: Seconds to wait for the connection to ZooKeeper, and then for each answer.
+    description: Seconds to wait for the connection to ZooKeeper, and then for each answer; from V(0.1) to V(3600).
     type: float
     default: 10
     env:
       - name: PVC_ZK_TIMEOUT
   zk_username:
-    description: User name for ZooKeeper digest authentication. Needs O(zk_password).
+    description:
+      - User name for ZooKeeper digest authentication. Needs O(zk_password).
+      - Refused by a cluster open to anyone; needed by a cluster that uses authentication (the ACL of O(zk_root) says which).
     type: str
     env:
       - name: PVC_ZK_USERNAME

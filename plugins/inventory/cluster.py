@@ -16,7 +16,8 @@ description:
   - Node and VM figures (states, memory accounting, meta, placement) become host variables prefixed
     C(pvc_); use O(compose), O(groups) and O(keyed_groups) for more.
   - A VM with the same name as a node is left out, with a warning.
-  - The configuration file name must end with C(pvc.yml) or C(pvc.yaml).
+  - The configuration file name must end with C(pvc.yml) or C(pvc.yaml). Options the plugin does not know
+    are named in a warning (Ansible would ignore them silently).
 author:
   - pvc.cluster developers (!UNKNOWN)
 options:
@@ -54,14 +55,14 @@ import logging
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
 
-from ansible_collections.pvc.cluster.plugins.module_utils._module import ReadFailures
+from ansible_collections.pvc.cluster.plugins.module_utils._module import ReadFailures, option_names
 from ansible_collections.pvc.cluster.plugins.module_utils._report import node_report, read_cluster, vm_report
 from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, ConnectionOptions, StoreError
 
 # vm_report keys that become host variables (pvc_<key>); the XML and statistics are left out
 VM_VARS = ("uuid", "state", "node", "lastnode", "home", "running_on", "failedreason", "memory_mib", "vcpus", "meta",
            "meta_warnings", "migration")
-NODE_VARS = ("daemon_state", "domain_state", "alive", "keepalive", "keepalive_age_s", "memory", "vcpualloc", "cpuload",
+NODE_VARS = ("daemon_state", "domain_state", "alive", "keepalive", "keepalive_age_s", "memory", "vcpualloc", "cputotal", "cpuload",
              "domaincount", "running_vms", "assigned_vms", "returning_vms", "libvirt_uri", "transport_uri")
 
 
@@ -92,7 +93,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         try:
             options.validate()
         except ValueError as exc:
-            raise AnsibleParserError(f"pvc.cluster.cluster: {exc}") from None
+            raise AnsibleParserError(f"pvc.cluster.cluster: {option_names(str(exc))}") from None
         return options
 
     def _read(self, options: ConnectionOptions):
@@ -106,6 +107,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
             store = ClusterStore(options, logger=log)
             try:
                 store.start()
+                store.verify_cluster()   # a pvc.cluster at zk_root, and credentials that fit it
                 snapshot = read_cluster(store)
             finally:
                 store.stop()
@@ -132,7 +134,12 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
 
     def parse(self, inventory, loader, path, cache=True):
         super().parse(inventory, loader, path, cache)
-        self._read_config_data(path)
+        config = self._read_config_data(path)
+        unknown = sorted(str(key) for key in config if key not in self._options)
+        if unknown:
+            # Ansible ignores them without a word: a misspelt option would silently take its default
+            self.display.warning(f"pvc.cluster.cluster: {path}: unknown option{'s' if len(unknown) > 1 else ''} "
+                                 f"{', '.join(unknown)} ignored (options: {', '.join(sorted(self._options))})")
         self._populate(self._read(self._connection_options()))
 
     def _populate(self, snapshot) -> None:

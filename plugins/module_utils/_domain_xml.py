@@ -42,10 +42,18 @@ __all__ = [
     "DomainInfo",
     "DomainXMLError",
     "LXML_IMPORT_ERROR",
+    "MAX_XML_BYTES",
     "memory_to_kib",
     "memory_to_mib",
+    "normalise_domain_xml",
     "parse_domain_xml",
 ]
+
+# The largest domain XML the vm module writes, in bytes of UTF-8 (normalise_domain_xml refuses
+# more). ZooKeeper refuses any request larger than its jute.maxbuffer (1 MiB by default) by
+# dropping the connection, and the XML shares its transaction with the VM's other keys: this
+# leaves them room. (Reading, _decode.MAX_XML_BYTES allows what ZooKeeper itself could store.)
+MAX_XML_BYTES = 1_000_000
 
 # Human-readable list for error messages (libvirt accepts these in any letter case).
 ACCEPTED_UNITS = (
@@ -60,6 +68,9 @@ _MAX_BYTES = 2**63 - 1
 _MAX_KIB_EXCLUSIVE = -(-_MAX_BYTES // 1024)
 # strtoull as libvirt uses it: optional leading white space, optional '+', decimal digits, nothing after.
 _INT_RE = re.compile(r"[ \t\n\r\f\v]*\+?[0-9]+")
+# The encoding an XML declaration may name: the XML is kept and given to libvirt as UTF-8 text.
+_DECLARED_ENCODING_RE = re.compile(r"""<\?xml\s[^>]*?\bencoding\s*=\s*(["'])([^"']*)\1""")
+_UTF8_NAMES = ("utf-8", "utf8")
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
 
@@ -194,7 +205,7 @@ def parse_domain_xml(xml: str | bytes) -> DomainInfo:
     if etree is None:
         raise RuntimeError(f"the lxml Python library is required to parse domain XML:\n{LXML_IMPORT_ERROR}")
     if isinstance(xml, str):
-        data, parser = xml.encode("utf-8"), _make_parser(for_text=True)
+        data, parser = _utf8(xml), _make_parser(for_text=True)
     elif isinstance(xml, (bytes, bytearray)):
         data, parser = bytes(xml), _make_parser(for_text=False)
     else:
@@ -286,3 +297,62 @@ def parse_domain_xml(xml: str | bytes) -> DomainInfo:
         bridges=tuple(bridges),
         networks=tuple(networks),
     )
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DomainXMLError(f"domain XML holds a character that is not Unicode text ({text[exc.start]!r} at "
+                             f"position {exc.start}); expected UTF-8 text") from None
+
+
+def _relative_namespaces(root) -> list[str]:
+    """The namespace URIs of the document that have no scheme (C14N refuses them)."""
+    found = []
+    for element in root.iter():
+        for uri in (element.nsmap or {}).values():
+            if uri and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", uri) and uri not in found:
+                found.append(uri)
+    return found
+
+
+def normalise_domain_xml(xml: str) -> str:
+    """The domain XML in a canonical, readable form: comments, processing instructions and blank
+    text gone, attributes sorted and quoted alike (C14N), then indented. Two texts describe the
+    same domain when these forms are equal.
+
+    Raises DomainXMLError, saying what to change, for every text it cannot put in that form: not
+    well-formed, over MAX_XML_BYTES, an XML declaration naming another encoding than UTF-8 (the
+    text is kept and given to libvirt as UTF-8), or a relative namespace URI (C14N needs absolute
+    ones). Never any other exception for a str.
+    """
+    if etree is None:
+        raise RuntimeError(f"the lxml Python library is required to parse domain XML:\n{LXML_IMPORT_ERROR}")
+    if not isinstance(xml, str):
+        raise DomainXMLError(f"domain XML must be text, got {type(xml).__name__}")
+    text = xml.strip()
+    data = _utf8(text)
+    if len(data) > MAX_XML_BYTES:
+        raise DomainXMLError(f"domain XML is {len(data)} bytes long (UTF-8); a cluster keeps domain XML of at most "
+                             f"{MAX_XML_BYTES} bytes (ZooKeeper refuses requests over 1 MiB by default)")
+    declared = _DECLARED_ENCODING_RE.match(text)
+    if declared and declared.group(2).strip().lower() not in _UTF8_NAMES:
+        raise DomainXMLError(f"the XML declaration names the encoding {declared.group(2)!r}, but domain XML is kept and "
+                             "given to libvirt as UTF-8 text: declare encoding='UTF-8' or leave the declaration out")
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, remove_comments=True,
+                             remove_pis=True, remove_blank_text=True, huge_tree=False, encoding="utf-8")
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as exc:
+        raise DomainXMLError(f"domain XML is not well-formed XML: {exc}") from None
+    relative = _relative_namespaces(root)
+    if relative:
+        raise DomainXMLError(f"namespace URI {relative[0]!r} is relative; give namespaces an absolute URI "
+                             "(like http://example.org/ns), as libvirt's <metadata> expects")
+    try:
+        canonical = etree.tostring(root, method="c14n")
+        root = etree.fromstring(canonical, parser)
+        return etree.tostring(root, pretty_print=True, encoding="unicode")
+    except (etree.LxmlError, ValueError) as exc:
+        raise DomainXMLError(f"domain XML cannot be put in canonical form (C14N): {exc}") from None

@@ -25,7 +25,7 @@ key                                   values                                  de
                                       ``vcpus`` | ``vms`` | ``default``
 ``node_limit``                        JSON list of node names, ``[]`` = any   ``[]``
 ``node_autostart``                    ``true`` | ``false``                    ``false``
-``migration_max_downtime_ms``         positive integer (milliseconds)         ``300``
+``migration_max_downtime_ms``         integer from 1 to 2,000,000 (ms)        ``300``
 ====================================  ======================================  =============
 
 Legacy values (upstream PVC) are accepted everywhere and normalised:
@@ -43,6 +43,7 @@ Standard library only, no I/O.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -68,10 +69,17 @@ DEFAULT_NODE_SELECTOR = "default"
 DEFAULT_NODE_LIMIT: tuple[str, ...] = ()
 DEFAULT_NODE_AUTOSTART = False
 DEFAULT_MIGRATION_MAX_DOWNTIME_MS = 300
+# Bounds of migration_max_downtime_ms. QEMU refuses a downtime-limit above 2000 seconds
+# (MAX_MIGRATE_DOWNTIME in its migration code), and libvirt's migrateSetMaxDowntime takes an
+# unsigned 64-bit figure: a larger value fails only at migration time, inside the daemon. The
+# modules refuse it, and the daemon reads a stored value out of these bounds as invalid.
+MIN_MIGRATION_MAX_DOWNTIME_MS = 1
+MAX_MIGRATION_MAX_DOWNTIME_MS = 2_000_000
 
 # Spellings (compared after strip() and lower()) that mean "the default".
 _DEFAULT_ALIASES = ("", "none", "default", "null")
 _SELECTOR_ALIASES = {"memprov": "mem"}
+_DECIMAL_RE = re.compile(r"[+-]?[0-9]+")
 _TRUE = ("true", "yes", "on", "1", "y", "t")
 _FALSE = ("false", "no", "off", "0", "n", "f", "", "none", "null")
 
@@ -186,8 +194,10 @@ def parse_node_autostart(value: object) -> bool:
 
 
 def parse_max_downtime_ms(value: object) -> int:
-    """Normalise the maximum live-migration downtime: a positive integer number of milliseconds."""
-    accepted = "a positive integer (milliseconds)"
+    """Normalise the maximum live-migration downtime: an integer number of milliseconds from
+    MIN_MIGRATION_MAX_DOWNTIME_MS to MAX_MIGRATION_MAX_DOWNTIME_MS (what QEMU accepts)."""
+    accepted = (f"an integer number of milliseconds from {MIN_MIGRATION_MAX_DOWNTIME_MS} to "
+                f"{MAX_MIGRATION_MAX_DOWNTIME_MS} (QEMU's limit, 2000 s)")
     if value is None:
         return DEFAULT_MIGRATION_MAX_DOWNTIME_MS
     if isinstance(value, bool):
@@ -200,15 +210,22 @@ def parse_max_downtime_ms(value: object) -> int:
         text = value.strip()
         if text == "":
             return DEFAULT_MIGRATION_MAX_DOWNTIME_MS
-        try:
-            number = int(text, 10)
-        except ValueError:
-            raise MetaError(META_MIGRATION_MAX_DOWNTIME_MS, value, accepted) from None
+        # bounded before int(): a stored value of a million digits must not cost a big-number parse
+        if len(text) > len(str(MAX_MIGRATION_MAX_DOWNTIME_MS)) + 1 or not _DECIMAL_RE.fullmatch(text):
+            raise MetaError(META_MIGRATION_MAX_DOWNTIME_MS, _shown(value), accepted)
+        number = int(text, 10)
     else:
         raise MetaError(META_MIGRATION_MAX_DOWNTIME_MS, value, accepted)
-    if number <= 0:
-        raise MetaError(META_MIGRATION_MAX_DOWNTIME_MS, value, accepted)
+    if not MIN_MIGRATION_MAX_DOWNTIME_MS <= number <= MAX_MIGRATION_MAX_DOWNTIME_MS:
+        raise MetaError(META_MIGRATION_MAX_DOWNTIME_MS, _shown(value), accepted)
     return number
+
+
+def _shown(value: object) -> object:
+    """A value as an error message shows it: long text cut (a stored value may be huge)."""
+    if isinstance(value, str) and len(value) > 40:
+        return value[:40] + f"... ({len(value)} characters)"
+    return value
 
 
 _PARSERS = {
@@ -321,5 +338,9 @@ def validate_meta_updates(updates: Mapping[str, object]) -> dict[str, str]:
             raise MetaError("meta key", key, ", ".join(META_KEYS))
         if value is None:
             continue
+        if key == META_NODE_LIMIT and isinstance(value, (list, tuple)) \
+                and any(isinstance(item, str) and not item.strip() for item in value):
+            # the stored form reads an empty name as nothing, so [""] would silently clear the limit
+            raise MetaError(META_NODE_LIMIT, value, "a list of node names, none of them empty ([] for any node)")
         result[key] = format_value(key, parser(value))
     return result

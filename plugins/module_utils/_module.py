@@ -9,8 +9,9 @@
 * ``ZK_ARGUMENT_SPEC``: the ZooKeeper connection options (documented once in
   ``doc_fragments/_zk.py``), merged into each module's own spec by :func:`build_module`, which also
   reports a missing kazoo/lxml with ``missing_required_lib``.
-* :func:`cluster_session`: a started :class:`ClusterStore` for the with-block, always stopped on
-  the way out; ``StoreError`` (unreachable, conflict) and :class:`ModuleFailure` become
+* :func:`cluster_session`: a started :class:`ClusterStore` for the with-block, checked to hold a
+  pvc.cluster whose security fits the credentials given (``ClusterStore.verify_cluster``) before
+  the module reads or writes anything, always stopped on the way out; ``StoreError`` (unreachable, conflict) and :class:`ModuleFailure` become
   ``fail_json`` with the message and no traceback. Reads through the store's never-failing accessors
   return None when ZooKeeper fails, so the session also records those failures and fails the task
   instead of reporting data it could not read (:meth:`Session.verify`).
@@ -65,6 +66,12 @@ META_ARGUMENT_SPEC = {
     S.META_MIGRATION_MAX_DOWNTIME_MS: {"type": "int"},
 }
 
+# Bounds of every module's wait_timeout (seconds). A week is longer than any maintenance step
+# (the largest flush moves its VMs in hours) and far below what Python's timers accept
+# (threading.TIMEOUT_MAX); a larger figure used to fail only after the request was written.
+MIN_WAIT_TIMEOUT_S = 1
+MAX_WAIT_TIMEOUT_S = 7 * 24 * 3600
+
 WHERE_HOSTS = ("set zk_hosts on the task, through module_defaults (group/pvc.cluster.all), "
                "or in the environment variable PVC_ZK_HOSTS")
 
@@ -76,6 +83,23 @@ class ModuleFailure(Exception):
         super().__init__(msg)
         self.msg = msg
         self.result = result
+
+
+def check_wait_timeout(params: dict) -> None:
+    """Raise ModuleFailure unless wait_timeout (when given) is within its documented bounds."""
+    value = params.get("wait_timeout")
+    if value is not None and not MIN_WAIT_TIMEOUT_S <= value <= MAX_WAIT_TIMEOUT_S:
+        raise ModuleFailure(f"wait_timeout must be a number of seconds from {MIN_WAIT_TIMEOUT_S} to {MAX_WAIT_TIMEOUT_S} "
+                            f"(7 days), not {value}")
+
+
+def check_names(params: dict, options) -> None:
+    """Raise ModuleFailure when one of ``options`` is given but empty (or only blanks): an empty
+    name never means "every one" or "let the cluster choose"; leave the option out for that."""
+    for option in options:
+        value = params.get(option)
+        if value is not None and not str(value).strip():
+            raise ModuleFailure(f"{option} must not be empty")
 
 
 def argument_spec(module_spec: dict) -> dict:
@@ -109,6 +133,12 @@ _OPTION_NAMES = {
 _OPTION_NAME_RE = re.compile(r"(?<![\w/.'\"-])(" + "|".join(sorted(_OPTION_NAMES, key=len, reverse=True)) + r")(?![\w/.'\"-])")
 
 
+def option_names(message: str) -> str:
+    """A message of the store with its field names (tls_ca, timeout_s...) replaced by the
+    option names users set (zk_tls_ca, zk_timeout...)."""
+    return _OPTION_NAME_RE.sub(lambda m: _OPTION_NAMES[m.group(1)], message)
+
+
 def connection_options(params: dict) -> ConnectionOptions:
     """ConnectionOptions from the module parameters. Raises ValueError naming every problem."""
     hosts = params.get("zk_hosts")
@@ -135,7 +165,7 @@ def connection_options(params: dict) -> ConnectionOptions:
         options.validate()
     except ValueError as exc:
         # the store names its fields (tls_ca, timeout_s...): name the module options instead
-        raise ValueError(_OPTION_NAME_RE.sub(lambda m: _OPTION_NAMES[m.group(1)], str(exc))) from None
+        raise ValueError(option_names(str(exc))) from None
     return options
 
 
@@ -206,6 +236,8 @@ class Session:
         self.store = store
         self.schema = store.schema
         self._failures = failures
+        # what this run has written, in words: a failure after a write must say what was done
+        self.written: list[str] = []
 
     def verify(self) -> None:
         """Raise StoreError if any read of this run failed (ZooKeeper unreachable, refused...)."""
@@ -214,10 +246,23 @@ class Session:
             raise StoreError("reading the cluster from ZooKeeper failed: " + "; ".join(seen[:3])
                              + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""))
 
-    def commit(self, values: dict, expect_versions: dict | None = None, delete=(), create=()) -> dict:
-        """``store.commit`` after checking that every read it is based on succeeded."""
+    def commit(self, values: dict, expect_versions: dict | None = None, delete=(), create=(), what: str = "its change") -> dict:
+        """``store.commit`` after checking that every read it is based on succeeded; ``what``
+        names the change for a failure later in the run."""
         self.verify()
-        return self.store.commit(values, expect_versions, delete, create)
+        versions = self.store.commit(values, expect_versions, delete, create)
+        self.wrote(what)
+        return versions
+
+    def wrote(self, what: str) -> None:
+        """Record a write made without :meth:`commit` (e.g. a migration request)."""
+        self.written.append(what)
+
+    def after_writes(self) -> str:
+        """The note a failure after this run's writes ends with ('' when it wrote nothing)."""
+        if not self.written:
+            return ""
+        return f"; this task had already written {' and '.join(self.written)} (committed in ZooKeeper)"
 
 
 _session_counter = 0
@@ -247,6 +292,8 @@ def cluster_session(module: AnsibleModule):
     try:
         try:
             store.start()
+            # before anything is read or written: a pvc.cluster at zk_root, and credentials that fit it
+            store.verify_cluster()
         except StoreError as exc:
             module.fail_json(msg=str(exc))
         session = Session(module, store, failures)
@@ -254,11 +301,17 @@ def cluster_session(module: AnsibleModule):
             yield session
             session.verify()
         except ModuleFailure as exc:
+            # the module's own messages after a write say what was done; changed says that it was
+            if session.written:
+                exc.result.setdefault("changed", True)
             module.fail_json(msg=exc.msg, **exc.result)
         except ConflictError as exc:
+            if session.written:
+                module.fail_json(msg=f"the cluster changed while this task ran{session.after_writes()}; nothing more was "
+                                     f"written; run it again ({exc})", changed=True)
             module.fail_json(msg=f"the cluster changed while this task ran; nothing was written; run it again ({exc})")
         except StoreError as exc:
-            module.fail_json(msg=str(exc))
+            module.fail_json(msg=str(exc) + session.after_writes(), changed=bool(session.written))
     finally:
         store.stop()
 

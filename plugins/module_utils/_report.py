@@ -127,6 +127,7 @@ def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) 
         "keepalive_age_s": round(now - keepalive, 3) if keepalive else None,
         "memory": memory_report(raw, {snapshot.name_of(uuid): mib for uuid, mib in reservations.items()}, view, problems),
         "vcpualloc": view.vcpualloc,
+        "cputotal": or_default(integer, raw.get(S.NODE_CPUTOTAL), f"nodes/{name}/{S.NODE_CPUTOTAL}", 0, problems),
         "cpuload": view.cpuload,
         "domaincount": view.domaincount,
         "running_vms": sorted(snapshot.name_of(uuid) for uuid in running),

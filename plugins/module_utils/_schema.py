@@ -23,6 +23,7 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         memprov                           memory of every VM assigned here whatever its state, MiB
         memreserve                        host memory held back from VMs (daemon config), MiB
         vcpualloc cpuload domaincount     vCPUs of running VMs, 1-min load, running domain count
+        cputotal                          host CPUs as libvirt counts them (written at registration; 0 = unknown)
         runningdomains                    JSON list of running domain UUIDs
         libvirt_uri                       how peers reach this node's libvirtd (peer-to-peer migration)
         transport_uri                     where QEMU streams a live migration to this node
@@ -74,6 +75,7 @@ NODE_MEMRESERVE = "memreserve"
 NODE_VCPUALLOC = "vcpualloc"
 NODE_CPULOAD = "cpuload"
 NODE_DOMAINCOUNT = "domaincount"
+NODE_CPUTOTAL = "cputotal"
 NODE_RUNNINGDOMAINS = "runningdomains"
 NODE_RESERVATIONS = "reservations"
 NODE_LIBVIRT_URI = "libvirt_uri"
@@ -94,6 +96,7 @@ NODE_DEFAULTS = {
     NODE_VCPUALLOC: "0",
     NODE_CPULOAD: "0",
     NODE_DOMAINCOUNT: "0",
+    NODE_CPUTOTAL: "0",
     NODE_RUNNINGDOMAINS: "[]",
     NODE_LIBVIRT_URI: "",
     NODE_TRANSPORT_URI: "",

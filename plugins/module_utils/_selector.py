@@ -568,6 +568,8 @@ class FailureCheck:
     def message(self) -> str:
         if self.ok:
             return f"the cluster survives the failure of any one of {len(self.checked)} ready node(s)"
+        if not self.checked:
+            return "no node is ready: no VM could be restarted after a node failure"
         return "the cluster would not survive the failure of " + _format_reasons(self.failures)
 
 
@@ -583,6 +585,9 @@ def survives_node_failure(
     node with the most headroom left (worst-fit decreasing, booking each placement). F fails the
     check when one of its VMs fits nowhere.
 
+    Fewer than two eligible nodes never survive: the failure of the only one (or none at all)
+    leaves no node to restart anything on, whatever runs today.
+
     Limits (documented, deliberate): node_limit and selectors are ignored, and a greedy packing
     may report a failure where an exact packing exists (it never reports success wrongly for
     memory). Nodes that are not eligible neither fail nor receive.
@@ -591,6 +596,10 @@ def survives_node_failure(
     headroom matter for its k VMs (worst-fit never reaches further), so O(n log n + sum k log k).
     """
     eligible = [node for node in _as_list(nodes) if node.is_eligible]
+    if len(eligible) < 2:
+        return FailureCheck(ok=False, checked=tuple(node.name for node in eligible),
+                            failures={node.name: "it is the only ready node: none is left to restart VMs on"
+                                      for node in eligible})
     ranked = sorted(eligible, key=lambda n: (-n.headroom, n.name))
     failures: dict[str, str] = {}
     for failed in eligible:

@@ -104,6 +104,38 @@ LOCK_BACKOFF_S = 0.1
 RECONNECT_MAX_DELAY_S = 1.0
 
 
+# Bounds of ConnectionOptions.timeout_s (seconds). kazoo sends the timeout to ZooKeeper as a
+# 32-bit count of milliseconds (its connection thread dies above about 24.8 days), the server
+# clamps the session timeout to its maxSessionTimeout (40 s by default) anyway, and every wait
+# of the store must stay within what Python's timers take; an hour covers any real deployment.
+MIN_TIMEOUT_S = 0.1
+MAX_TIMEOUT_S = 3600.0
+# The permissions a world:anyone ACL entry of an open cluster's root grants (READ | WRITE | CREATE | DELETE).
+_OPEN_PERMS = 1 | 2 | 4 | 8
+# The longest cluster root accepted (ZooKeeper paths are sent whole with every request).
+MAX_ROOT_LENGTH = 1024
+
+
+def root_problem(root) -> str | None:
+    """Why ``root`` is not a cluster root ZooKeeper accepts (its path rules), or None."""
+    if not isinstance(root, str) or not root.startswith("/"):
+        return f"root must be an absolute znode path like /pvc, not {root!r}"
+    if len(root) > MAX_ROOT_LENGTH:
+        return f"root must be at most {MAX_ROOT_LENGTH} characters long, not {len(root)}"
+    if root == "/":
+        return None
+    parts = root[1:].split("/")
+    if root.endswith("/") or "" in parts:
+        return f"root {root!r} has an empty path component (a '//' or a trailing '/'); write it like /pvc"
+    if "." in parts or ".." in parts:
+        return f"root {root!r} has a '.' or '..' component, which ZooKeeper refuses; write the path without them"
+    for char in root:
+        code = ord(char)
+        if code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xF8FF or code >= 0xFFF0:
+            return f"root {root!r} contains the character U+{code:04X}, which ZooKeeper refuses in a path"
+    return None
+
+
 class StoreError(Exception):
     """ZooKeeper could not be reached or refused the operation."""
 
@@ -203,11 +235,13 @@ class ConnectionOptions:
                     problems.append(f"hosts {self.hosts!r} has an empty server entry")
                 elif sep and not server.endswith("]") and not (port.isdigit() and 0 < int(port) < 65536):
                     problems.append(f"hosts entry {server!r} has no valid port")
-        if not isinstance(self.root, str) or "//" in self.root or not self.root.startswith("/"):
-            problems.append(f"root must be an absolute znode path like /pvc, not {self.root!r}")
+        root = root_problem(self.root)
+        if root:
+            problems.append(root)
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
-                or not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
-            problems.append(f"timeout_s must be a positive number of seconds, not {self.timeout_s!r}")
+                or not math.isfinite(self.timeout_s) or not MIN_TIMEOUT_S <= self.timeout_s <= MAX_TIMEOUT_S:
+            problems.append(f"timeout_s must be a number of seconds from {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}, "
+                            f"not {self.timeout_s!r}")
         if self.auth_password and not self.auth_username:
             problems.append("auth_password is set but auth_username is not")
         if self.auth_username and not self.auth_password:
@@ -668,14 +702,8 @@ class ClusterStore:
                 stored = self.get(version_path)[0]
             except MissingError:
                 stored = None
-            if stored is not None and stored.strip() != str(SCHEMA_VERSION):
-                try:
-                    newer = int(stored) > SCHEMA_VERSION
-                except ValueError:
-                    raise StoreError(f"{version_path} holds {stored!r}, not a schema version") from None
-                raise StoreError(f"the cluster at {self.options.hosts}{self.schema.root} has schema version {stored}, "
-                                 f"this code knows version {SCHEMA_VERSION}"
-                                 + (": upgrade pvc.cluster first" if newer else " and no migration from it"))
+            if stored is not None:
+                self._check_version(stored)
             stats = self._call_many("ensure_schema", [lambda p=p: self.client.exists_async(p) for p in bases])
             missing = {path: "" for path, stat in zip(bases, stats) if stat is None}
             if stored is None:
@@ -691,6 +719,69 @@ class ClusterStore:
             self.log.info("created the cluster schema (version %s) under %s", SCHEMA_VERSION, self.schema.root or "/")
             return True
         return False
+
+    def _check_version(self, stored: str) -> None:
+        """Raise StoreError unless ``stored`` (the text of /schema/version) is this code's version."""
+        if stored.strip() == str(SCHEMA_VERSION):
+            return
+        shown = stored if len(stored) <= 40 else stored[:40] + "..."
+        if not stored.strip().isdigit() or len(stored.strip()) > 9:
+            raise StoreError(f"{self.schema.schema_version()} holds {shown!r}, not a schema version")
+        newer = int(stored) > SCHEMA_VERSION
+        raise StoreError(f"the cluster at {self.options.hosts}{self.schema.root} has schema version {stored.strip()}, "
+                         f"this code knows version {SCHEMA_VERSION}"
+                         + (": upgrade pvc.cluster first" if newer else " and no migration from it"))
+
+    def verify_cluster(self) -> None:
+        """Check, before anything is read or written, that the cluster root holds a pvc.cluster
+        schema this code knows and that this client's credentials match how the cluster is
+        secured; raise StoreError saying what is wrong and what to change. For the clients that use
+        a cluster but never create it (the modules and the inventory; the daemons create it with
+        ``ensure_schema``).
+
+        How a cluster is secured is read from the ACL of its root: a root that lets anyone read and
+        write is an open cluster, and credentials for it are refused (every key a client creates
+        with them would be readable by that user only, locking the daemons and every other reader
+        out). A root that does not is a cluster that uses authentication, and a client without
+        credentials is refused. After the check, every key this client creates takes the ACL of the
+        cluster root: ACLs are the cluster's, never an accident of the client's options.
+        """
+        root = self.schema.root or "/"
+        where = f"{self.options.hosts}{self.schema.root}"
+        user = self.options.auth_username
+        credentials = bool(user) or bool(self.options.tls_cert)
+        try:
+            acls, _stat = self._call(f"read the ACL of {root}", lambda: self.client.get_acls_async(root))
+        except MissingError:
+            raise StoreError(f"there is no pvc.cluster at {where}: {root} does not exist; check zk_root "
+                             "(the node daemons create a cluster's keys when they first start)") from None
+        except StoreError as exc:
+            if kz is not None and isinstance(exc.__cause__, kz.NoAuthError):
+                if user:
+                    raise StoreError(f"ZooKeeper refuses user {user} access to the cluster at {where} (cannot read the ACL "
+                                     f"of {root}): check zk_username and zk_password") from None
+                raise StoreError(f"the cluster at {where} uses authentication: ZooKeeper lets no client without credentials "
+                                 f"read {root}; give zk_username and zk_password") from None
+            raise
+        open_to_anyone = any(acl.id.scheme == "world" and acl.id.id == "anyone" and acl.perms & _OPEN_PERMS == _OPEN_PERMS
+                             for acl in acls)
+        if open_to_anyone and user:
+            raise StoreError(f"the cluster at {where} does not use authentication ({root} lets anyone read and write it), "
+                             "so zk_username and zk_password are refused: the keys a task created with them would be "
+                             f"readable by user {user} only, locking the node daemons and every other reader out; leave "
+                             "them out, or secure the cluster first")
+        if not open_to_anyone and not credentials:
+            granted = ", ".join(sorted({f"{acl.id.scheme}:{acl.id.id.split(':', 1)[0]}" for acl in acls})) or "nobody"
+            raise StoreError(f"the cluster at {where} uses authentication (the ACL of {root} grants {granted}), "
+                             "but no zk_username and zk_password were given; give them")
+        try:
+            stored = self.get(self.schema.schema_version())[0]
+        except MissingError:
+            raise StoreError(f"there is no pvc.cluster at {where}: {self.schema.schema_version()} does not exist; check "
+                             "zk_root (the node daemons create a cluster's keys when they first start)") from None
+        self._check_version(stored)
+        if not open_to_anyone:
+            self.client.default_acl = list(acls)
 
     # ---- locks ------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ author:
   - pvc.cluster developers (!UNKNOWN)
 options:
   name:
-    description: The node's name.
+    description: The node's name (not empty).
     type: str
     required: true
   state:
@@ -30,6 +30,14 @@ options:
     type: str
     choices: [ready, flushed]
     default: ready
+  force:
+    description:
+      - Flush the node even when it is the last ready node of the cluster (no other node has daemon state
+        C(run) and domain state C(ready)). Its VMs have nowhere to go then, so the flush shuts every one of them down.
+      - Without it, flushing the last ready node fails before anything is written, in check mode too.
+      - Not used with O(state=ready).
+    type: bool
+    default: false
   wait:
     description:
       - Wait until the daemon has finished (domain state C(flushed) or C(ready)), then until the daemons report
@@ -42,6 +50,7 @@ options:
   wait_timeout:
     description:
       - Seconds to wait when O(wait=true). When they pass the task fails; the daemon carries on.
+      - From V(1) to V(604800) (7 days).
     type: int
     default: 600
 extends_documentation_fragment:
@@ -149,6 +158,8 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
     ModuleFailure,
     build_module,
+    check_names,
+    check_wait_timeout,
     cluster_session,
     watch_until,
 )
@@ -171,6 +182,7 @@ PUBLISH_WAIT_S = 60
 ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),
     state=dict(type="str", default="ready", choices=list(TRANSITIONS)),
+    force=dict(type="bool", default=False),
     wait=dict(type="bool", default=True),
     wait_timeout=dict(type="int", default=600),
 )
@@ -180,10 +192,8 @@ ARGUMENT_SPEC = dict(
 
 
 def check_input(params: dict) -> None:
-    if params.get("wait_timeout") is not None and params["wait_timeout"] <= 0:
-        raise ModuleFailure(f"wait_timeout must be a positive number of seconds, not {params['wait_timeout']}")
-    if not params["name"].strip():
-        raise ModuleFailure("name must not be empty")
+    check_wait_timeout(params)
+    check_names(params, ("name",))
 
 
 def plan_state(current: str, state: str) -> Differences:
@@ -192,6 +202,16 @@ def plan_state(current: str, state: str) -> Differences:
     differences = Differences()
     differences.add("domain_state", current, current if current in (request, final) else request)
     return differences
+
+
+def last_ready_refusal(views, node: str, running: int) -> str | None:
+    """Why flushing ``node`` needs force (no other node would be ready to take VMs), or None."""
+    others = [view for name, view in views.items() if name != node]
+    if any(view.is_eligible for view in others):
+        return None
+    states = "; ".join(f"{view.name}: daemon {view.daemon_state}, domain {view.domain_state}" for view in sorted(others, key=lambda v: v.name))
+    return (f"node {node} is the last ready node of the cluster (other nodes: {states or 'none'}): flushing it would shut "
+            f"down its {running} running VM(s) with nowhere to move them; set force to true to flush it anyway")
 
 
 def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
@@ -244,6 +264,12 @@ def run(module, session) -> dict:
                                                "checked": list(check.checked)}
     else:
         result["returning_vms"] = sorted(vm.name for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name)
+    if state == "flushed" and differences.changed and not params["force"]:
+        running = sum(1 for vm in snapshot.vms.values() if vm.node == name and vm.state == "start")
+        refusal = last_ready_refusal(snapshot.views(), name, running)
+        if refusal:
+            raise ModuleFailure(refusal, changed=False, flush_plan=result["flush_plan"],
+                                survives_node_failure=result["survives_node_failure"])
     if module.check_mode:
         return result
     needs_daemon = params["wait"] and current != final
@@ -252,7 +278,7 @@ def run(module, session) -> dict:
                             "was not written; start the daemon, or use wait=false to record the request anyway")
     if differences.changed:
         expect = {path: versioned[1]} if versioned else {}
-        session.commit({path: request}, expect_versions=expect)
+        session.commit({path: request}, expect_versions=expect, what=f"domain state {request} of node {name}")
     if params["wait"] and current != final:
         deadline = time.monotonic() + params["wait_timeout"]
 

@@ -20,7 +20,7 @@ options:
   name:
     description:
       - The name of one node. Fails when there is no such node.
-      - When omitted, every node is returned.
+      - When omitted, every node is returned. An empty name is refused.
     type: str
 extends_documentation_fragment:
   - pvc.cluster._zk
@@ -116,6 +116,10 @@ nodes:
       description: vCPUs of the VMs running on the node.
       type: int
       sample: 12
+    cputotal:
+      description: The node's CPUs as libvirt counts them (published when its daemon starts); 0 when not known.
+      type: int
+      sample: 32
     cpuload:
       description: 1-minute load average.
       type: float
@@ -188,7 +192,7 @@ cluster:
 
 import time
 
-from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleFailure, build_module, cluster_session
+from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleFailure, build_module, check_names, cluster_session
 from ansible_collections.pvc.cluster.plugins.module_utils._report import cluster_report, node_report, read_cluster
 
 ARGUMENT_SPEC = dict(
@@ -209,6 +213,10 @@ def run(module, session) -> dict:
 
 def main():
     module = build_module(ARGUMENT_SPEC)
+    try:
+        check_names(module.params, ("name",))   # fail fast: before connecting
+    except ModuleFailure as exc:
+        module.fail_json(msg=exc.msg)
     with cluster_session(module) as session:
         result = run(module, session)
     module.exit_json(**result)

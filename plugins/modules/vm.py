@@ -21,7 +21,7 @@ author:
 options:
   name:
     description:
-      - The VM's name or UUID.
+      - The VM's name or UUID (not empty).
       - When O(xml) is given too, it must be the C(<name>) (or the C(<uuid>)) of that XML.
       - One of O(name) and O(xml) is required.
     type: str
@@ -34,6 +34,11 @@ options:
         normalised (comments, blank text, attribute order and quoting do not count as differences).
         A running VM gets the new XML at its next start.
       - Renaming a VM (a new C(<name>) with the same C(<uuid>)) is an update.
+      - At most 1,000,000 bytes of UTF-8 (ZooKeeper refuses requests over 1 MiB by default). An XML
+        declaration may name no other encoding than UTF-8, and namespace URIs must be absolute.
+      - The VM's C(<memory>) must fit on its node (or, for a new VM without O(node), on some node of the
+        cluster) once that node's reserve is taken off, and its C(<vcpu>) count must not exceed the CPUs
+        of that node. A larger C(<memory>) for an existing VM must also fit in its node's headroom.
     type: str
   state:
     description:
@@ -57,6 +62,7 @@ options:
         C(ready)) and have the memory headroom for the VM.
       - When omitted, the VM's O(node_selector) chooses among the ready nodes with enough headroom.
       - Ignored (with a warning when it differs) for an existing VM.
+      - An empty name is refused (leave the option out to let the selector choose).
     type: str
   wait:
     description:
@@ -66,7 +72,9 @@ options:
     type: bool
     default: true
   wait_timeout:
-    description: Seconds to wait when O(wait=true).
+    description:
+      - Seconds to wait when O(wait=true).
+      - From V(1) to V(604800) (7 days).
     type: int
     default: 120
 extends_documentation_fragment:
@@ -194,7 +202,8 @@ diff:
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
 from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm, read_node_views, read_vm, vm_definition
-from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import DomainXMLError, parse_domain_xml
+from ansible_collections.pvc.cluster.plugins.module_utils._decode import integer, or_default
+from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import DomainXMLError, normalise_domain_xml, parse_domain_xml
 from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     META_ARGUMENT_SPEC,
@@ -202,17 +211,14 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     MetaPlan,
     ModuleFailure,
     build_module,
+    check_names,
+    check_wait_timeout,
     cluster_session,
     meta_updates,
     watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import meta_dict
 from ansible_collections.pvc.cluster.plugins.module_utils._selector import NoTargetError, rejection_reasons, select_target
-
-try:
-    from lxml import etree
-except ImportError:
-    etree = None    # build_module() reports the missing library (the shared _domain_xml needs it too)
 
 # module state -> the ZooKeeper VM state it writes
 STATE_MAP = {"started": "start", "stopped": "stop", "shutdown": "shutdown", "disabled": "disable", "restarted": "restart"}
@@ -242,30 +248,18 @@ ARGUMENT_SPEC = dict(
 # ---- pure logic (unit-tested) ------------------------------------------------------------------
 
 
-def normalise_xml(text: str) -> str:
-    """The XML in a canonical, readable form: comments and blank text gone, attributes sorted and
-    quoted alike (C14N), then indented. Two texts are the same domain when these forms are equal."""
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, remove_comments=True,
-                             remove_pis=True, remove_blank_text=True, huge_tree=False)
-    root = etree.fromstring(text.strip().encode("utf-8"), parser)
-    canonical = etree.tostring(root, method="c14n")
-    root = etree.fromstring(canonical, parser)
-    return etree.tostring(root, pretty_print=True, encoding="unicode")
-
-
 def parse_input(params: dict):
     """Validate name/xml/wait_timeout without the cluster; returns the DomainInfo or None."""
     name, xml = params.get("name"), params.get("xml")
-    if params.get("wait_timeout") is not None and params["wait_timeout"] <= 0:
-        raise ModuleFailure(f"wait_timeout must be a positive number of seconds, not {params['wait_timeout']}")
+    check_wait_timeout(params)
+    check_names(params, ("name", "node"))
     if not name and not xml:
         raise ModuleFailure("give the VM's name (or UUID) in name, or its domain XML in xml")
-    if name is not None and not name.strip():
-        raise ModuleFailure("name must not be empty")
     info = None
     if xml:
         try:
             info = parse_domain_xml(xml)
+            normalise_domain_xml(xml)   # what the diff compares: refused here, not halfway through the task
         except DomainXMLError as exc:
             raise ModuleFailure(f"xml is not a domain XML pvc.cluster accepts: {exc}") from None
         if name and name not in (info.name, info.uuid):
@@ -319,50 +313,100 @@ def _node_list(nodes) -> str:
     return ", ".join(sorted(nodes)) or "none registered"
 
 
-def plan_create(params: dict, info, updates: dict[str, str], nodes: dict, default_selector) -> VMPlan:
-    """Plan the definition of a new VM from its XML."""
+def capacity_problem(memory_mib: int, vcpus: int, view, cputotal: int) -> str | None:
+    """Why the node of ``view`` could never hold a VM of this size, whatever else it runs: more
+    memory than the node gives VMs at all (total - reserve), or more vCPUs than the node has CPUs.
+    None when it could; a figure the node has not published (0) is not checked."""
+    if view.memtotal > 0 and memory_mib > view.memtotal - view.memreserve:
+        return (f"the VM needs {memory_mib} MiB, more than node {view.name} can ever give VMs ({view.memtotal} MiB total "
+                f"- {view.memreserve} MiB reserve = {view.memtotal - view.memreserve} MiB)")
+    if cputotal > 0 and vcpus > cputotal:
+        return f"the VM has {vcpus} vCPUs, more than the {cputotal} CPUs of node {view.name}"
+    return None
+
+
+def not_ready_reason(view) -> str | None:
+    """Why a VM cannot be started on the node of ``view`` (its daemon not run, or the node not ready), or None."""
+    if view.daemon_state != "run":
+        return f"the daemon state of node {view.name} is {view.daemon_state}, not run"
+    if view.domain_state != "ready":
+        return f"the domain state of node {view.name} is {view.domain_state}, not ready"
+    return None
+
+
+def plan_create(params: dict, info, updates: dict[str, str], nodes: dict, default_selector, cpus=None) -> VMPlan:
+    """Plan the definition of a new VM from its XML. ``cpus``: each node's CPU count (0 or
+    missing: not published)."""
     plan = VMPlan("create", info.uuid, info.name)
     state = STATE_MAP.get(params["state"], NEW_VM_STATE)
     meta = VMMeta.from_store(updates)
+    cpus = cpus or {}
     node = params.get("node")
     if node:
         if node not in nodes:
             raise ModuleFailure(f"node {node!r} is not a node of this cluster (nodes: {_node_list(nodes)})")
         if meta.node_limit and node not in meta.node_limit:
             raise ModuleFailure(f"node {node} is not in the node_limit of VM {info.name} ({', '.join(meta.node_limit)})")
+        view = nodes[node]
+        problem = capacity_problem(info.memory_mib, info.vcpus, view, cpus.get(node, 0))
+        if problem:
+            raise ModuleFailure(f"cannot define VM {info.name} on node {node}: {problem}")
         if state in NEEDS_READY_NODE:
-            reason = rejection_reasons(info.memory_mib, None, meta.node_limit, {node: nodes[node]})[node]
+            reason = rejection_reasons(info.memory_mib, None, meta.node_limit, {node: view})[node]
             if reason:
                 raise ModuleFailure(f"cannot start VM {info.name} on node {node}: {reason}")
+        elif view.memtotal > 0 and info.memory_mib > view.headroom:
+            plan.warnings.append(f"node {node} has {view.headroom} MiB headroom and VM {info.name} needs {info.memory_mib} MiB: "
+                                 "the node is overcommitted while the VM is assigned there, and the VM cannot start there "
+                                 "until other VMs leave")
     else:
+        # nodes with too few CPUs for the VM are never chosen (the selector looks at memory only)
+        few_cpus = {name: f"has {cpus[name]} CPUs, the VM has {info.vcpus} vCPUs" for name in nodes
+                    if cpus.get(name, 0) > 0 and info.vcpus > cpus[name]}
         try:
             node = select_target(info.memory_mib, None, meta.node_limit, meta.node_selector, nodes,
-                                 default_selector=default_selector)
+                                 default_selector=default_selector, exclude=few_cpus)
         except NoTargetError as exc:
-            raise ModuleFailure(f"no node can take VM {info.name}: {exc}; name one in node") from None
+            reasons = {name: few_cpus.get(name, reason) for name, reason in exc.reasons.items()}
+            detail = NoTargetError(reasons, exc.vm_memory_mib, exc.selector)
+            raise ModuleFailure(f"no node can take VM {info.name}: {detail}; name one in node") from None
     plan.values = {"name": info.name, "xml": params["xml"].strip(), "state": state, "node": node}
     for key, text in meta.to_store().items():
         plan.values["meta/" + key] = text
     plan.after = {"name": info.name, "uuid": info.uuid, "state": state, "node": node, "lastnode": "",
                   "memory_mib": info.memory_mib, "vcpus": info.vcpus, "meta": meta_dict(meta), "failedreason": ""}
-    plan.xml_after = normalise_xml(params["xml"])
+    plan.xml_after = normalise_domain_xml(params["xml"])
     return plan
 
 
-def plan_update(params: dict, info, updates: dict[str, str], current) -> VMPlan:
-    """Plan the changes to an existing VM; ``current`` is its VMRecord."""
+def plan_update(params: dict, info, updates: dict[str, str], current, nodes=None, cpus=None) -> VMPlan:
+    """Plan the changes to an existing VM; ``current`` is its VMRecord, ``nodes`` the node views
+    (None: not checked) and ``cpus`` each node's CPU count."""
     plan = VMPlan("update", current.uuid, current.name)
     diffs = plan.differences
+    view = None if nodes is None else nodes.get(current.node)
+    if nodes is not None and view is None:
+        raise ModuleFailure(f"VM {current.name} is assigned to node {current.node!r}, which is not a node of this cluster "
+                            f"(nodes: {_node_list(nodes)}); move it to one with pvc.cluster.vm_migrate (state=moved)")
+    if info is not None and view is not None:
+        problem = capacity_problem(info.memory_mib, info.vcpus, view, (cpus or {}).get(current.node, 0))
+        if problem:
+            raise ModuleFailure(f"cannot give VM {current.name} this XML on node {current.node}: {problem}")
+        growth = info.memory_mib - current.memory_mib
+        if growth > 0 and view.memtotal > 0 and growth > view.headroom:
+            raise ModuleFailure(f"VM {current.name} would grow from {current.memory_mib} to {info.memory_mib} MiB, but node "
+                                f"{current.node} has {view.headroom} MiB headroom; move the VM to a node with room first "
+                                "(pvc.cluster.vm_migrate), or make room on this one")
     if info is not None:
         diffs.add("name", current.name, info.name)
         if info.name != current.name:
             plan.values["name"] = info.name
             plan.name = info.name
         try:
-            stored = normalise_xml(current.xml) if current.xml.strip() else ""
-        except etree.XMLSyntaxError:
+            stored = normalise_domain_xml(current.xml) if current.xml.strip() else ""
+        except DomainXMLError:
             stored = current.xml    # unreadable XML in the store: any given XML replaces it
-        wanted = normalise_xml(params["xml"])
+        wanted = normalise_domain_xml(params["xml"])
         diffs.add("xml", stored, wanted)
         if stored != wanted:
             plan.values["xml"] = params["xml"].strip()
@@ -372,6 +416,12 @@ def plan_update(params: dict, info, updates: dict[str, str], current) -> VMPlan:
         new_state = current.state if current.state in SATISFIED_BY[target] else target
         diffs.add("state", current.state, new_state)
         if new_state != current.state:
+            reason = not_ready_reason(view) if view is not None and new_state in NEEDS_READY_NODE else None
+            if reason:
+                # as for a new VM: a node that is not ready (flushed for maintenance, or on its way
+                # there or back) is not meant to run VMs, and its daemon would start it all the same
+                raise ModuleFailure(f"cannot start VM {current.name} on node {current.node}: {reason}; make the node ready "
+                                    "(pvc.cluster.node) or move the VM to a ready node (pvc.cluster.vm_migrate)")
             plan.values["state"] = new_state
     diffs.add("node", current.node, current.node)
     if params.get("node") and params["node"] != current.node:
@@ -425,6 +475,14 @@ def node_version(schema, record) -> dict:
     if record.node_version < 0:
         return {}
     return {schema.domain_key(record.uuid, S.DOMAIN_NODE): record.node_version}
+
+
+def cpu_totals(store, names) -> dict[str, int]:
+    """Each node's published CPU count; 0 when missing or not a sensible count."""
+    names = list(names)
+    found = store.read_many([store.schema.node_key(name, S.NODE_CPUTOTAL) for name in names])
+    return {name: or_default(integer, (found[path] or (None,))[0], path, 0, [])
+            for name, path in ((name, store.schema.node_key(name, S.NODE_CPUTOTAL)) for name in names)}
 
 
 def running_on(store, uuid: str, nodes) -> list[str]:
@@ -484,7 +542,7 @@ def remove(module, session, current, nodes) -> dict:
     if current.state not in S.VM_STOPPED_STATES or where:
         if current.state != "stop":
             session.commit({schema.domain_key(current.uuid, S.DOMAIN_STATE): "stop"},
-                           expect_versions=node_version(schema, current))
+                           expect_versions=node_version(schema, current), what=f"state stop of VM {current.name}")
         if params["wait"]:
             try:
                 wait_for_state(session, current.uuid, "stop", current.node, nodes, params["wait_timeout"])
@@ -492,7 +550,8 @@ def remove(module, session, current, nodes) -> dict:
                 exc.msg += "; the VM was not removed (its state is now stop)"
                 exc.result.setdefault("changed", current.state != "stop")
                 raise
-    session.commit({}, delete=[schema.domain(current.uuid)], expect_versions=node_version(schema, current))
+    session.commit({}, delete=[schema.domain(current.uuid)], expect_versions=node_version(schema, current),
+                   what=f"the removal of VM {current.name}")
     return result
 
 
@@ -522,10 +581,10 @@ def run(module, session, info) -> dict:
     if current is None:
         if info is None:
             raise ModuleFailure(f"VM {params['name']} does not exist; to define it, give its domain XML in xml")
-        plan = plan_create(params, info, updates, nodes, store.read(schema.default_selector()))
+        plan = plan_create(params, info, updates, nodes, store.read(schema.default_selector()), cpu_totals(store, nodes))
         expect, create = {}, [schema.domain(info.uuid)]
     else:
-        plan = plan_update(params, info, updates, current)
+        plan = plan_update(params, info, updates, current, nodes, cpu_totals(store, [current.node]) if info else {})
         expect, create = node_version(schema, current), []
     for warning in plan.warnings:
         module.warn(warning)
@@ -534,7 +593,8 @@ def run(module, session, info) -> dict:
     if module._diff:
         result["diff"] = plan.diff()
     if plan.changed and not module.check_mode:
-        session.commit(plan_paths(schema, plan), expect_versions=expect, create=create)
+        session.commit(plan_paths(schema, plan), expect_versions=expect, create=create,
+                       what=f"the {'definition' if plan.action == 'create' else 'update'} of VM {plan.name}")
 
     if module.check_mode:
         if current is None:
@@ -549,6 +609,9 @@ def run(module, session, info) -> dict:
         return result
 
     record = read_vm(store, plan.uuid)
+    if record is None:
+        session.verify()
+        raise ModuleFailure(f"VM {plan.name} was removed by someone else right after this task wrote it", changed=plan.changed)
     state = STATE_MAP.get(params["state"])
     where = None
     if params["wait"] and state is not None:

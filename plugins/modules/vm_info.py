@@ -18,10 +18,12 @@ options:
   name:
     description:
       - The name or UUID of one VM. Fails when there is no such VM.
-      - When omitted, every VM is returned.
+      - When omitted, every VM is returned. An empty name is refused.
     type: str
   history:
-    description: How many finished migrations to return per VM (newest first); V(0) for none.
+    description:
+      - How many finished migrations to return per VM (newest first); V(0) for none.
+      - From V(0) to V(20), the number of finished migrations the cluster keeps per VM.
     type: int
     default: 5
 extends_documentation_fragment:
@@ -138,8 +140,9 @@ vms:
       sample: {}
 """
 
+from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
 from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm
-from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleFailure, build_module, cluster_session
+from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleFailure, build_module, check_names, cluster_session
 from ansible_collections.pvc.cluster.plugins.module_utils._report import read_cluster, vm_history, vm_report
 
 ARGUMENT_SPEC = dict(
@@ -148,11 +151,16 @@ ARGUMENT_SPEC = dict(
 )
 
 
+def check_input(params: dict) -> None:
+    check_names(params, ("name",))
+    if not 0 <= params["history"] <= S.HISTORY_KEEP:
+        raise ModuleFailure(f"history must be from 0 to {S.HISTORY_KEEP} (the finished migrations kept per VM), "
+                            f"not {params['history']}")
+
+
 def run(module, session) -> dict:
     params = module.params
     store = session.store
-    if params["history"] < 0:
-        raise ModuleFailure(f"history must be 0 or more, not {params['history']}")
     uuids = None
     if params.get("name"):
         uuid = find_vm(store, params["name"])
@@ -167,6 +175,10 @@ def run(module, session) -> dict:
 
 def main():
     module = build_module(ARGUMENT_SPEC)
+    try:
+        check_input(module.params)   # fail fast: before connecting
+    except ModuleFailure as exc:
+        module.fail_json(msg=exc.msg)
     with cluster_session(module) as session:
         result = run(module, session)
     module.exit_json(**result)

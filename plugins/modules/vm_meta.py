@@ -18,7 +18,7 @@ author:
   - pvc.cluster developers (!UNKNOWN)
 options:
   name:
-    description: The VM's name or UUID.
+    description: The VM's name or UUID (not empty).
     type: str
     required: true
 extends_documentation_fragment:
@@ -94,6 +94,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     MetaPlan,
     ModuleFailure,
     build_module,
+    check_names,
     cluster_session,
     meta_updates,
 )
@@ -136,14 +137,15 @@ def run(module, session) -> dict:
         paths = {schema.domain_meta(uuid, key): text for key, text in writes.items()}
         # compare-and-set on every meta key read: a concurrent change fails the task instead of being lost
         session.commit(paths, expect_versions=versions,
-                       create=[path for path in paths if path not in versions])
+                       create=[path for path in paths if path not in versions], what=f"the meta of VM {name}")
     return result
 
 
 def main():
     module = build_module(ARGUMENT_SPEC, needs_lxml=False)
     try:
-        meta_updates(module.params)   # fail fast: before connecting
+        check_names(module.params, ("name",))   # fail fast: before connecting
+        meta_updates(module.params)
     except ModuleFailure as exc:
         module.fail_json(msg=exc.msg)
     with cluster_session(module) as session:

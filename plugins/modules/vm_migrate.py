@@ -21,7 +21,7 @@ author:
   - pvc.cluster developers (!UNKNOWN)
 options:
   name:
-    description: The VM's name or UUID.
+    description: The VM's name or UUID (not empty).
     type: str
     required: true
   state:
@@ -62,6 +62,7 @@ options:
     description:
       - Seconds to wait when O(wait=true). When they pass the task fails; the daemons still finish or
         abort the migration.
+      - From V(1) to V(604800) (7 days).
     type: int
     default: 300
 extends_documentation_fragment:
@@ -190,6 +191,8 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
     ModuleFailure,
     build_module,
+    check_names,
+    check_wait_timeout,
     cluster_session,
     watch_until,
 )
@@ -216,14 +219,12 @@ ARGUMENT_SPEC = dict(
 
 
 def check_input(params: dict) -> None:
-    if params.get("wait_timeout") is not None and params["wait_timeout"] <= 0:
-        raise ModuleFailure(f"wait_timeout must be a positive number of seconds, not {params['wait_timeout']}")
+    check_wait_timeout(params)
+    check_names(params, ("name", "target_node"))
     if params["state"] == "moved" and not params.get("target_node"):
         raise ModuleFailure("state=moved needs target_node: a move chosen by the selector would move the VM again on every run")
     if params["state"] == "unmigrated" and params.get("target_node"):
         raise ModuleFailure("target_node cannot be used with state=unmigrated: the VM returns to its home node")
-    if params.get("target_node") is not None and not params["target_node"].strip():
-        raise ModuleFailure("target_node must not be empty")
 
 
 def in_flight_matches(vm, params: dict) -> bool:
@@ -363,6 +364,7 @@ def run(module, session) -> dict:
         try:
             session.verify()
             record = submit_request(store, plan, vm, requester=f"pvc.cluster.vm_migrate on {socket.gethostname()}")
+            session.wrote(f"the request to move VM {vm.name} to {plan.target}")
         except RequestError as exc:    # the target's fit is checked again, atomically with the request
             raise ModuleFailure(str(exc)) from None
         except ConflictError:

@@ -127,6 +127,10 @@ GARBAGE = [
     (META_MIGRATION_MAX_DOWNTIME_MS, "0"),
     (META_MIGRATION_MAX_DOWNTIME_MS, "-5"),
     (META_MIGRATION_MAX_DOWNTIME_MS, "1.5"),
+    # beyond what QEMU accepts: read as the default, never handed to libvirt
+    (META_MIGRATION_MAX_DOWNTIME_MS, "2000001"),
+    (META_MIGRATION_MAX_DOWNTIME_MS, "1" + "0" * 30),
+    (META_MIGRATION_MAX_DOWNTIME_MS, "9" * 100000),
 ]
 
 
@@ -221,6 +225,9 @@ VALID_UPDATES = [
     ({META_MIGRATION_MAX_DOWNTIME_MS: 500}, {META_MIGRATION_MAX_DOWNTIME_MS: "500"}),
     ({META_MIGRATION_MAX_DOWNTIME_MS: "750"}, {META_MIGRATION_MAX_DOWNTIME_MS: "750"}),
     ({META_MIGRATION_MAX_DOWNTIME_MS: 200.0}, {META_MIGRATION_MAX_DOWNTIME_MS: "200"}),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: 1}, {META_MIGRATION_MAX_DOWNTIME_MS: "1"}),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: 2_000_000}, {META_MIGRATION_MAX_DOWNTIME_MS: "2000000"}),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: "+2000000"}, {META_MIGRATION_MAX_DOWNTIME_MS: "2000000"}),
     # None means "unchanged": it is left out (upstream's CLI reset the method instead, pitfall 6)
     ({META_MIGRATION_METHOD: None, META_NODE_SELECTOR: "vms"}, {META_NODE_SELECTOR: "vms"}),
     ({}, {}),
@@ -231,6 +238,8 @@ VALID_UPDATES = [
 def test_validate_meta_updates_valid(updates, expected):
     assert validate_meta_updates(updates) == expected
 
+
+DOWNTIME_BOUNDS = "an integer number of milliseconds from 1 to 2000000 (QEMU's limit, 2000 s)"
 
 # (updates, text that must appear in the message: option, value, accepted values)
 INVALID_UPDATES = [
@@ -244,11 +253,21 @@ INVALID_UPDATES = [
     ({META_NODE_LIMIT: "[oops"}, [META_NODE_LIMIT, "'[oops'", "list of node names"]),
     ({META_NODE_AUTOSTART: "maybe"}, [META_NODE_AUTOSTART, "'maybe'", "true or false"]),
     ({META_NODE_AUTOSTART: 2}, [META_NODE_AUTOSTART, "2", "true or false"]),
-    ({META_MIGRATION_MAX_DOWNTIME_MS: 0}, [META_MIGRATION_MAX_DOWNTIME_MS, "0", "positive integer"]),
-    ({META_MIGRATION_MAX_DOWNTIME_MS: -1}, [META_MIGRATION_MAX_DOWNTIME_MS, "-1", "positive integer"]),
-    ({META_MIGRATION_MAX_DOWNTIME_MS: "soon"}, [META_MIGRATION_MAX_DOWNTIME_MS, "'soon'", "positive integer"]),
-    ({META_MIGRATION_MAX_DOWNTIME_MS: True}, [META_MIGRATION_MAX_DOWNTIME_MS, "True", "positive integer"]),
-    ({META_MIGRATION_MAX_DOWNTIME_MS: 1.5}, [META_MIGRATION_MAX_DOWNTIME_MS, "1.5", "positive integer"]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: 0}, [META_MIGRATION_MAX_DOWNTIME_MS, "0", DOWNTIME_BOUNDS]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: -1}, [META_MIGRATION_MAX_DOWNTIME_MS, "-1", DOWNTIME_BOUNDS]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: "soon"}, [META_MIGRATION_MAX_DOWNTIME_MS, "'soon'", DOWNTIME_BOUNDS]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: True}, [META_MIGRATION_MAX_DOWNTIME_MS, "True", DOWNTIME_BOUNDS]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: 1.5}, [META_MIGRATION_MAX_DOWNTIME_MS, "1.5", DOWNTIME_BOUNDS]),
+    # above QEMU's 2000 s (the daemon failed at migration time with OverflowError or QEMU's refusal)
+    ({META_MIGRATION_MAX_DOWNTIME_MS: 2_000_001}, [META_MIGRATION_MAX_DOWNTIME_MS, "2000001", DOWNTIME_BOUNDS]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: 3_000_000}, [META_MIGRATION_MAX_DOWNTIME_MS, "3000000", DOWNTIME_BOUNDS]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: 10**30}, [META_MIGRATION_MAX_DOWNTIME_MS, str(10**30), DOWNTIME_BOUNDS]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: 1e30}, [META_MIGRATION_MAX_DOWNTIME_MS, "1e+30", DOWNTIME_BOUNDS]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: "1" * 5000}, [META_MIGRATION_MAX_DOWNTIME_MS, "(5000 characters)", DOWNTIME_BOUNDS]),
+    ({META_MIGRATION_MAX_DOWNTIME_MS: "1_000"}, [META_MIGRATION_MAX_DOWNTIME_MS, "'1_000'", DOWNTIME_BOUNDS]),
+    # an empty name reads as nothing in the stored form: [""] would silently clear the limit
+    ({META_NODE_LIMIT: [""]}, [META_NODE_LIMIT, "['']", "none of them empty ([] for any node)"]),
+    ({META_NODE_LIMIT: ["node1", " "]}, [META_NODE_LIMIT, "['node1', ' ']", "none of them empty"]),
     ({"colour": "blue"}, ["meta key", "'colour'", "migration_method, node_selector"]),
 ]
 

@@ -363,6 +363,21 @@ def test_survives_node_failure_ignores_nodes_that_are_not_ready():
     assert isinstance(survives_node_failure([], {}), FailureCheck)
 
 
+@pytest.mark.parametrize("names", [(), ("alone",)])
+def test_fewer_than_two_ready_nodes_never_survive(names):
+    # even with nothing running: the failure of the only ready node leaves nowhere to restart anything
+    nodes = [node(name) for name in names] + [node("flushed", domain="flushed"), node("dead", daemon="dead")]
+    check = survives_node_failure(nodes, {})
+    assert not check.ok and check.checked == names
+    if names:
+        assert check.failures == {"alone": "it is the only ready node: none is left to restart VMs on"}
+        assert check.message == ("the cluster would not survive the failure of alone: it is the only ready node: "
+                                 "none is left to restart VMs on")
+    else:
+        assert check.failures == {}
+        assert check.message == "no node is ready: no VM could be restarted after a node failure"
+
+
 def test_survives_node_failure_worst_fit_decreasing():
     # a's VMs [6000, 5000, 3000] onto b (8000) and c (7000): 6000->b (2000 left), 5000->c (2000), 3000 fits nowhere.
     # An exact packing exists only if 6000 and ... no: 14000 total vs 15000 needed, so it truly fails.
@@ -378,8 +393,8 @@ def test_survives_node_failure_matches_brute_force_worst_fit(seed):
     running = {n.name: [rng.choice([512, 1024, 2048, 4096]) for _ in range(rng.randint(0, 6))] for n in nodes}
     result = survives_node_failure(nodes, running)
     eligible = [n for n in nodes if n.is_eligible]
-    expected = set()
-    for failed in eligible:
+    expected = set() if len(eligible) >= 2 else {n.name for n in eligible}
+    for failed in eligible if len(eligible) >= 2 else ():
         room = {n.name: n.headroom for n in eligible if n.name != failed.name}
         for memory in sorted(running[failed.name], reverse=True):
             best = min(room, key=lambda name: (-room[name], name)) if room else None

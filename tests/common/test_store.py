@@ -10,7 +10,7 @@ import threading
 import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
-from kazoo.security import make_digest_acl
+from kazoo.security import make_acl, make_digest_acl
 
 from pvc_cluster_common import _store
 from pvc_cluster_common._schema import SCHEMA_VERSION
@@ -79,6 +79,9 @@ def test_options_defaults_are_valid():
     assert "secret" not in repr(ConnectionOptions(hosts="h:1", auth_username="u", auth_password="secret"))
 
 
+TIMEOUT_BOUNDS = "timeout_s must be a number of seconds from 0.1 to 3600, not "
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -88,12 +91,24 @@ def test_options_defaults_are_valid():
         ({"hosts": "a:http"}, "no valid port"),
         ({"hosts": "a:70000"}, "no valid port"),
         ({"root": "pvc"}, "root must be an absolute"),
-        ({"root": "/a//b"}, "root must be an absolute"),
-        ({"timeout_s": 0}, "timeout_s must be a positive"),
-        ({"timeout_s": -1.0}, "timeout_s must be a positive"),
-        ({"timeout_s": "10"}, "timeout_s must be a positive"),
-        ({"timeout_s": True}, "timeout_s must be a positive"),
-        ({"timeout_s": float("inf")}, "timeout_s must be a positive"),
+        ({"root": "/a//b"}, "root '/a//b' has an empty path component"),
+        ({"root": "/pvc/"}, "root '/pvc/' has an empty path component"),
+        ({"root": "/pvc/../x"}, "root '/pvc/../x' has a '.' or '..' component, which ZooKeeper refuses"),
+        ({"root": "/./pvc"}, "has a '.' or '..' component"),
+        ({"root": "/pv\x01c"}, "contains the character U\\+0001"),
+        ({"root": "/pv\ufff5c"}, "contains the character U\\+FFF5"),
+        ({"root": "/" + "x" * 1024}, "root must be at most 1024 characters long, not 1025"),
+        ({"root": None}, "root must be an absolute"),
+        ({"timeout_s": 0}, TIMEOUT_BOUNDS),
+        ({"timeout_s": 0.09}, TIMEOUT_BOUNDS),
+        ({"timeout_s": -1.0}, TIMEOUT_BOUNDS),
+        ({"timeout_s": "10"}, TIMEOUT_BOUNDS),
+        ({"timeout_s": True}, TIMEOUT_BOUNDS),
+        ({"timeout_s": float("inf")}, TIMEOUT_BOUNDS),
+        ({"timeout_s": float("nan")}, TIMEOUT_BOUNDS),
+        # above about 24.8 days kazoo's connection thread died (a 32-bit millisecond count); 1e10 never connected
+        ({"timeout_s": 3600.001}, TIMEOUT_BOUNDS),
+        ({"timeout_s": 1e10}, TIMEOUT_BOUNDS),
         ({"auth_password": "pw"}, "auth_password is set but auth_username is not"),
         ({"auth_username": "u"}, "auth_username is set but auth_password is not"),
         ({"auth_username": "a:b", "auth_password": "pw"}, "must not contain ':'"),
@@ -105,9 +120,15 @@ def test_options_defaults_are_valid():
     ],
 )
 def test_options_validate_names_the_problem(fields, message):
+    """Each bad option is refused, naming the option, the value and what is accepted."""
     fields.setdefault("hosts", "127.0.0.1:2181")
     with pytest.raises(ValueError, match=message):
         ConnectionOptions(**fields).validate()
+
+
+@pytest.mark.parametrize("root, timeout_s", [("/", 0.1), ("/pvc", 3600), ("/a/b.c/..d", 10), ("/pvc-it-1234", 2)])
+def test_options_accept_roots_and_timeouts_within_bounds(root, timeout_s):
+    ConnectionOptions(hosts="h:1", root=root, timeout_s=timeout_s).validate()
 
 
 @pytest.mark.parametrize("hosts", ["h1:2181,h2:2181,h3:2181", "h1:2181/chroot/path", "[::1]:2181", "localhost"])
@@ -470,6 +491,99 @@ def test_digest_auth_locks_out_unauthenticated_clients(make_store, zk_server):
     assert intruder.read(key) is None
     assert intruder.write({key: 2}) is False
     assert store.read(key) == "1"
+
+
+# ---- verify_cluster: a pvc.cluster at the root, credentials that fit how it is secured ----------
+
+
+def _tree(client, top):
+    """Every znode below ``top`` with its data and ACL (to show that nothing was written)."""
+    found = {}
+    pending = [top]
+    while pending:
+        path = pending.pop()
+        data, _stat = client.get(path)
+        found[path] = (data, client.get_acls(path)[0])
+        pending.extend(f"{path.rstrip('/')}/{child}" for child in client.get_children(path))
+    return found
+
+
+def test_verify_cluster_accepts_an_open_cluster_without_credentials(store, make_store):
+    client = make_store()
+    client.verify_cluster()
+    assert client.client.default_acl is None    # kazoo's default: the open ACL of the cluster
+    assert client.write({client.schema.node_key("n1", "memtotal"): 1})
+
+
+@pytest.mark.parametrize("root, message", [
+    ("/does-not-exist", "there is no pvc.cluster at {hosts}/does-not-exist: /does-not-exist does not exist; check zk_root"),
+    ("/zookeeper", "there is no pvc.cluster at {hosts}/zookeeper: /zookeeper/schema/version does not exist; check zk_root"),
+])
+def test_verify_cluster_refuses_a_root_without_a_cluster(make_store, zk_server, root, message):
+    with pytest.raises(StoreError) as failure:
+        make_store(root=root).verify_cluster()
+    assert str(failure.value).startswith(message.format(hosts=zk_server.hosts))
+
+
+@pytest.mark.parametrize("stored, message", [(str(SCHEMA_VERSION + 1), "upgrade pvc.cluster first"),
+                                             ("banana" * 100, "holds 'bananabanana"), ("9" * 500, "not a schema version")])
+def test_verify_cluster_refuses_other_schema_versions(store, make_store, stored, message):
+    store.write({store.schema.schema_version(): stored})
+    with pytest.raises(StoreError, match=message):
+        make_store().verify_cluster()
+
+
+def test_verify_cluster_refuses_credentials_for_an_open_cluster(store, make_store, zk_server):
+    before = _tree(store.client, store.schema.root)
+    client = make_store(auth_username="operator", auth_password="s3cret")
+    with pytest.raises(StoreError) as failure:
+        client.verify_cluster()
+    assert str(failure.value) == (
+        f"the cluster at {zk_server.hosts}{store.schema.root} does not use authentication ({store.schema.root} lets anyone "
+        "read and write it), so zk_username and zk_password are refused: the keys a task created with them would be "
+        "readable by user operator only, locking the node daemons and every other reader out; leave them out, or secure "
+        "the cluster first")
+    assert _tree(store.client, store.schema.root) == before
+
+
+@pytest.fixture
+def secured(make_store):
+    """A cluster whose keys only user admin (password pw) may use, and world may read (its root only)."""
+    store = make_store(auth_username="admin", auth_password="pw")
+    store.ensure_schema()
+    return store
+
+
+def test_verify_cluster_refuses_a_client_without_the_clusters_credentials(secured, make_store, zk_server):
+    where = f"{zk_server.hosts}{secured.schema.root}"
+    with pytest.raises(StoreError) as failure:
+        make_store().verify_cluster()
+    assert str(failure.value) == (f"the cluster at {where} uses authentication: ZooKeeper lets no client without credentials "
+                                  f"read {secured.schema.root}; give zk_username and zk_password")
+    with pytest.raises(StoreError) as failure:
+        make_store(auth_username="admin", auth_password="wrong").verify_cluster()
+    assert str(failure.value) == (f"ZooKeeper refuses user admin access to the cluster at {where} (cannot read the ACL of "
+                                  f"{secured.schema.root}): check zk_username and zk_password")
+    # a root anyone may read but only admin may write: a client without credentials is refused too
+    secured.client.set_acls(secured.schema.root, [make_digest_acl("admin", "pw", all=True), make_acl("world", "anyone", read=True)])
+    with pytest.raises(StoreError) as failure:
+        make_store().verify_cluster()
+    assert str(failure.value) == (f"the cluster at {where} uses authentication (the ACL of {secured.schema.root} grants "
+                                  "digest:admin, world:anyone), but no zk_username and zk_password were given; give them")
+
+
+def test_keys_created_after_verify_cluster_take_the_acl_of_the_cluster_root(secured, make_store):
+    # the cluster root names two users; a client of either creates keys both can use
+    acl = [make_digest_acl("admin", "pw", all=True), make_digest_acl("daemons", "pw2", read=True, write=True, create=True)]
+    secured.client.set_acls(secured.schema.root, acl)
+    operator = make_store(auth_username="admin", auth_password="pw")
+    operator.verify_cluster()
+    key = operator.schema.domain_key("6695eb01-f6a4-8304-79aa-97f2502e193f", "state")
+    assert operator.write({key: "stop"})
+    assert secured.client.get_acls(key)[0] == acl
+    assert secured.client.get_acls(operator.schema.domain("6695eb01-f6a4-8304-79aa-97f2502e193f"))[0] == acl
+    daemon = make_store(auth_username="daemons", auth_password="pw2")
+    assert daemon.read(key) == "stop"
 
 
 # ---- the polling handler, assumed commits and one-round reads ---------------------------------------

@@ -105,8 +105,8 @@ def test_figures_become_host_variables():
 @pytest.mark.parametrize("options, message", [
     ({"zk_hosts": None}, "no ZooKeeper servers given: set zk_hosts in the inventory file or the environment variable PVC_ZK_HOSTS"),
     ({"zk_tls_ca": "/etc/ca.pem"}, "zk_tls_ca set but zk_tls is false"),
-    ({"zk_timeout": -1.0}, "timeout_s must be a positive number"),
-    ({"zk_username": "admin"}, "auth_username is set but auth_password is not"),
+    ({"zk_timeout": -1.0}, "zk_timeout must be a number of seconds from 0.1 to 3600, not -1.0"),
+    ({"zk_username": "admin"}, "zk_username is set but zk_password is not"),
 ])
 def test_bad_options_are_parser_errors(options, message):
     with pytest.raises(AnsibleParserError) as failure:

@@ -71,7 +71,13 @@ BASE = {"zk_hosts": "zk1:2181,zk2:2181", "zk_root": "/pvc", "zk_timeout": 10.0, 
     ({"zk_hosts": "  "}, "no ZooKeeper servers given"),
     ({"zk_hosts": "zk1:99999"}, "zk_hosts entry 'zk1:99999' has no valid port"),
     ({"zk_root": "pvc"}, "zk_root must be an absolute znode path like /pvc, not 'pvc'"),
-    ({"zk_timeout": 0.0}, "zk_timeout must be a positive number of seconds, not 0.0"),
+    ({"zk_timeout": 0.0}, "zk_timeout must be a number of seconds from 0.1 to 3600, not 0.0"),
+    ({"zk_timeout": 1e10}, "zk_timeout must be a number of seconds from 0.1 to 3600, not 10000000000.0"),
+    ({"zk_timeout": float("inf")}, "zk_timeout must be a number of seconds from 0.1 to 3600, not inf"),
+    ({"zk_root": "/pvc/../x"}, "zk_root '/pvc/../x' has a '.' or '..' component, which ZooKeeper refuses"),
+    ({"zk_root": "/pvc/"}, "zk_root '/pvc/' has an empty path component"),
+    ({"zk_root": "/pv\x00c"}, "contains the character U+0000, which ZooKeeper refuses in a path"),
+    ({"zk_root": "/" + "p" * 1024}, "zk_root must be at most 1024 characters long, not 1025"),
     ({"zk_username": "admin"}, "zk_username is set but zk_password is not"),
     ({"zk_username": "a:b", "zk_password": "x"}, "zk_username must not contain ':'"),
     ({"zk_tls_ca": "/etc/ca.pem"}, "zk_tls_ca is set but zk_tls is false"),
@@ -108,7 +114,12 @@ def test_meta_updates_leave_omitted_options_out(params, expected):
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"migration_max_downtime_ms": 0}, "invalid value 0 for migration_max_downtime_ms: accepted values are a positive integer"),
+    ({"migration_max_downtime_ms": 0}, "invalid value 0 for migration_max_downtime_ms: accepted values are an integer "
+                                       "number of milliseconds from 1 to 2000000 (QEMU's limit, 2000 s)"),
+    ({"migration_max_downtime_ms": 3000000}, "invalid value 3000000 for migration_max_downtime_ms"),
+    ({"migration_max_downtime_ms": 10**30}, f"invalid value {10**30} for migration_max_downtime_ms"),
+    ({"node_limit": [""]}, "invalid value [''] for node_limit: accepted values are a list of node names, none of them "
+                           "empty ([] for any node)"),
     ({"node_limit": ["n 1"]}, "invalid value ['n 1'] for node_limit"),
     ({"node_limit": ["n1", "n9"]}, "node_limit names n9, which is not a node of this cluster (nodes: n1, n2)"),
     ({"node_limit": ["n8", "n9"]}, "node_limit names n8, n9, which are not a node of this cluster"),

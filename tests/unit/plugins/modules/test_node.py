@@ -13,7 +13,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleF
 from ansible_collections.pvc.cluster.plugins.module_utils._report import ClusterSnapshot
 from ansible_collections.pvc.cluster.plugins.modules import node as module
 
-from ansible_collections.pvc.cluster.tests.unit.plugins.modules.cluster_builders import FakeStore, make_vm
+from ansible_collections.pvc.cluster.tests.unit.plugins.modules.cluster_builders import FakeStore, make_node, make_vm
 
 
 @pytest.mark.parametrize("current, state, written, changed", [
@@ -34,7 +34,9 @@ def test_plan_state(current, state, written, changed):
 
 @pytest.mark.parametrize("values, message", [
     ({"name": "", "wait_timeout": 10}, "name must not be empty"),
-    ({"name": "n1", "wait_timeout": 0}, "wait_timeout must be a positive number of seconds, not 0"),
+    ({"name": "n1", "wait_timeout": 0}, "wait_timeout must be a number of seconds from 1 to 604800 (7 days), not 0"),
+    ({"name": "n1", "wait_timeout": 99999999999}, "wait_timeout must be a number of seconds from 1 to 604800 (7 days), "
+                                                  "not 99999999999"),
 ])
 def test_bad_input(values, message):
     with pytest.raises(ModuleFailure) as failure:
@@ -79,7 +81,9 @@ def test_a_vm_that_fits_nowhere_is_planned_for_shutdown():
     plan, check = module.flush_report(snapshot(vms, nodes), "n1")
     assert plan[0]["target"] is None
     assert "it will be shut down and marked for autostart" in plan[0]["reason"]
-    assert check["ok"]
+    # n2 is the only ready node left: its failure would leave nowhere to restart anything
+    assert not check["ok"]
+    assert check["failures"] == {"n2": "it is the only ready node: none is left to restart VMs on"}
 
 
 def published_store(running: dict[str, list[str]], vms: dict[str, tuple[str, str]], dead=()):
@@ -103,3 +107,24 @@ def published_store(running: dict[str, list[str]], vms: dict[str, tuple[str, str
 def test_published_running_domains(running, vms, dead, expected):
     store = published_store(running, vms, dead)
     assert module.published(store, sorted(running), ["a", "b"]) is expected
+
+
+@pytest.mark.parametrize("others, refused", [
+    ({"n2": make_node("n2")}, False),
+    ({"n2": make_node("n2", domain_state="flushed"), "n3": make_node("n3")}, False),
+    ({}, True),                                                          # a one-node cluster
+    ({"n2": make_node("n2", domain_state="flushed")}, True),
+    ({"n2": make_node("n2", daemon_state="dead")}, True),                # ready, but its daemon is dead
+    ({"n2": make_node("n2", domain_state="unflush")}, True),             # not ready yet
+])
+def test_the_last_ready_node_is_not_flushed_without_force(others, refused):
+    views = dict(others, n1=make_node("n1"))
+    refusal = module.last_ready_refusal(views, "n1", 3)
+    assert (refusal is not None) is refused
+    if refused:
+        assert refusal.startswith("node n1 is the last ready node of the cluster (other nodes: ")
+        assert refusal.endswith("flushing it would shut down its 3 running VM(s) with nowhere to move them; set force to "
+                                "true to flush it anyway")
+    if "n2" in others and refused:
+        view = others["n2"]
+        assert f"n2: daemon {view.daemon_state}, domain {view.domain_state}" in refusal

@@ -25,7 +25,7 @@ def params(**values):
     ({"state": "moved"}, "state=moved needs target_node"),
     ({"state": "unmigrated", "target_node": "n2"}, "target_node cannot be used with state=unmigrated"),
     ({"target_node": " "}, "target_node must not be empty"),
-    ({"wait_timeout": -1}, "wait_timeout must be a positive number of seconds, not -1"),
+    ({"wait_timeout": -1}, "wait_timeout must be a number of seconds from 1 to 604800 (7 days), not -1"),
 ])
 def test_bad_input_is_refused_before_connecting(values, message):
     with pytest.raises(ModuleFailure) as failure:

@@ -1,0 +1,85 @@
+"""The modules' session (``_module.cluster_session``) against a real ZooKeeper: the cluster is
+checked before anything is read or written, and a failure after a write says what was written."""
+
+from __future__ import annotations
+
+import pytest
+
+from pvc_cluster_common._module import ModuleFailure, cluster_session
+from pvc_cluster_common._store import ConflictError, StoreError
+
+
+class Failed(Exception):
+    """What fail_json was called with."""
+
+    def __init__(self, result: dict) -> None:
+        super().__init__(result.get("msg"))
+        self.result = result
+
+
+class FakeModule:
+    """The part of AnsibleModule that cluster_session uses."""
+
+    def __init__(self, **params) -> None:
+        self.params = {"zk_hosts": None, "zk_root": "/pvc", "zk_timeout": 10.0, "zk_username": None, "zk_password": None,
+                       "zk_tls": False, "zk_tls_ca": None, "zk_tls_cert": None, "zk_tls_key": None, "zk_tls_verify": True}
+        self.params.update(params)
+
+    def fail_json(self, **result):
+        raise Failed(result)
+
+
+def run(module, body):
+    with pytest.raises(Failed) as failure:
+        with cluster_session(module) as session:
+            body(session)
+    return failure.value.result
+
+
+@pytest.fixture
+def module(store, zk_server):
+    return FakeModule(zk_hosts=zk_server.hosts, zk_root=store.schema.root)
+
+
+def test_a_root_without_a_cluster_fails_before_the_body_runs(zk_server, zk_root, make_store):
+    ran = []
+    result = run(FakeModule(zk_hosts=zk_server.hosts, zk_root=zk_root), ran.append)
+    assert result["msg"] == (f"there is no pvc.cluster at {zk_server.hosts}{zk_root}: {zk_root} does not exist; check zk_root "
+                             "(the node daemons create a cluster's keys when they first start)")
+    assert ran == []
+    assert make_store().exists(zk_root) is False
+
+
+def test_a_failure_before_any_write_says_nothing_was_written(module):
+    def body(session):
+        raise ConflictError("commit: /x changed concurrently")
+    result = run(module, body)
+    assert result["msg"] == "the cluster changed while this task ran; nothing was written; run it again (commit: /x changed concurrently)"
+    assert "changed" not in result
+
+
+@pytest.mark.parametrize("error, message", [
+    (StoreError("read /y: no answer"), "read /y: no answer; this task had already written the definition of VM web1 "
+                                       "(committed in ZooKeeper)"),
+    (ConflictError("commit: /y changed concurrently"), "the cluster changed while this task ran; this task had already "
+                                                       "written the definition of VM web1 (committed in ZooKeeper); nothing more "
+                                                       "was written; run it again (commit: /y changed concurrently)"),
+])
+def test_a_failure_after_a_write_says_what_was_written(module, store, error, message):
+    key = store.schema.domain_key("6695eb01-f6a4-8304-79aa-97f2502e193f", "state")
+
+    def body(session):
+        session.commit({key: "stop"}, what="the definition of VM web1")
+        raise error
+    result = run(module, body)
+    assert result["msg"] == message
+    assert result["changed"] is True
+    assert store.read(key) == "stop"
+
+
+def test_a_module_failure_after_a_write_reports_a_change(module, store):
+    def body(session):
+        session.commit({store.schema.default_selector(): "mem"}, what="the default selector")
+        raise ModuleFailure("VM web1: not running on node1 after 5 s; the request stays recorded")
+    result = run(module, body)
+    assert result == {"msg": "VM web1: not running on node1 after 5 s; the request stays recorded", "changed": True}
