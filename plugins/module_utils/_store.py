@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import select
 import socket
 import threading
@@ -725,7 +726,7 @@ class ClusterStore:
         if stored.strip() == str(SCHEMA_VERSION):
             return
         shown = stored if len(stored) <= 40 else stored[:40] + "..."
-        if not stored.strip().isdigit() or len(stored.strip()) > 9:
+        if not re.fullmatch(r"[0-9]{1,9}", stored.strip()):
             raise StoreError(f"{self.schema.schema_version()} holds {shown!r}, not a schema version")
         newer = int(stored) > SCHEMA_VERSION
         raise StoreError(f"the cluster at {self.options.hosts}{self.schema.root} has schema version {stored.strip()}, "
