@@ -464,3 +464,74 @@ def test_every_unit_matches_libvirt(libvirt_test_conn):
         if ours != theirs:
             mismatches.append((value, unit, ours, theirs))
     assert mismatches == []
+
+
+# ---- normalise_domain_xml: every text lxml parses is normalised or refused with a message ----------
+
+from hypothesis import given, settings  # noqa: E402  (this section's tools only)
+from hypothesis import strategies as st  # noqa: E402
+
+from pvc_cluster_common._domain_xml import MAX_XML_BYTES, normalise_domain_xml  # noqa: E402
+
+_NAMES = st.sampled_from(["domain", "name", "x", "metadata", "a-b", "c.d"])
+_URIS = st.sampled_from(["http://example.org/ns", "urn:pvc", "relative/uri", "rel", "x:y", "file:///a b", "", "."])
+# characters of every kind, among them what XML cannot hold, lone surrogates, and markup
+_TEXT = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=20)
+_ENCODINGS = st.sampled_from(["UTF-8", "utf8", "UTF-16", "ISO-8859-1", "no-such-encoding", "ascii"])
+
+
+@st.composite
+def documents(draw):
+    """A document built as text (so that it may be anything a user could type), often well-formed."""
+    def element(depth: int) -> str:
+        tag = draw(_NAMES)
+        prefix = draw(st.sampled_from(["", "p:"]))
+        attributes = ""
+        if prefix or draw(st.booleans()):
+            attributes += f" xmlns:p='{draw(_URIS)}'"
+        if draw(st.booleans()):
+            attributes += f" xmlns='{draw(_URIS)}'"
+        if draw(st.booleans()):
+            attributes += f" b=\"{draw(_TEXT)}\""
+        body = draw(_TEXT) if depth == 0 or draw(st.booleans()) else "".join(element(depth - 1) for _ in range(draw(st.integers(1, 2))))
+        return f"<{prefix}{tag}{attributes}>{body}</{prefix}{tag}>"
+
+    declaration = f"<?xml version='1.0' encoding='{draw(_ENCODINGS)}'?>" if draw(st.booleans()) else ""
+    return declaration + draw(st.sampled_from(["", " ", "\n<!-- c -->"])) + element(draw(st.integers(0, 2)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(documents())
+def test_normalising_built_documents_never_raises_anything_else(text):
+    try:
+        normalised = normalise_domain_xml(text)
+    except DomainXMLError as exc:
+        assert str(exc)
+    else:
+        assert normalise_domain_xml(normalised) == normalised
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_normalising_any_text_never_raises_anything_else(text):
+    try:
+        normalise_domain_xml(text)
+    except DomainXMLError as exc:
+        assert str(exc)
+
+
+def test_normalising_refuses_what_it_cannot_keep_with_the_reason():
+    cases = {
+        "<?xml version='1.0' encoding='UTF-16'?><domain/>": "the XML declaration names the encoding 'UTF-16'",
+        "<domain xmlns:x='relative/uri'><x:a/></domain>": "namespace URI 'relative/uri' is relative",
+        "<domain>\ud800</domain>": "holds a character that is not Unicode text ('\\ud800' at position 8)",
+        "<domain": "domain XML is not well-formed XML",
+        "<domain>" + "x" * MAX_XML_BYTES + "</domain>": f"domain XML is {MAX_XML_BYTES + 17} bytes long (UTF-8)",
+    }
+    for text, message in cases.items():
+        with pytest.raises(DomainXMLError) as failure:
+            normalise_domain_xml(text)
+        assert message in str(failure.value)
+    # what it keeps: a UTF-8 declaration, absolute namespaces, comments and formatting dropped
+    assert normalise_domain_xml("<?xml version='1.0' encoding='utf-8'?>\n<domain b='1'  a=\"2\"><!-- c --><x:m xmlns:x='urn:x'/>"
+                                "</domain>") == '<domain a="2" b="1">\n  <x:m xmlns:x="urn:x"/>\n</domain>\n'

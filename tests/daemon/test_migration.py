@@ -299,6 +299,21 @@ def test_a_downtime_changed_after_requested_is_applied_at_the_transfer(live_sour
     assert calls == [("downtime", 250), ("downtime", 500), ("p2p", "qemu+tcp://10.77.0.2/system")]
 
 
+@pytest.mark.parametrize("stored", ["3000000", "1" + "0" * 30])
+def test_a_stored_downtime_beyond_qemus_limit_is_never_handed_to_libvirt(live_source, stored):
+    # Beyond QEMU's 2000 s (or libvirt's 64 bits: 10**30 raised OverflowError in the source daemon
+    # and left the migration at transferring), the stored value reads as invalid: the default applies.
+    store, uuid, source, calls = live_source
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS): stored})
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    rewrite_record(store, uuid, step="prepared")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    assert calls == [("downtime", 300), ("p2p", "qemu+tcp://10.77.0.2/system")]
+    record, _ = record_of(store, uuid)
+    assert (record["step"], record["method_used"]) == ("transferred", "live")
+
+
 @pytest.mark.parametrize("method, local", [("shutdown", "running"), ("default", "shutoff")])
 def test_no_libvirt_setup_ahead_when_the_migration_will_not_start_live(live_source, method, local):
     store, uuid, source, calls = live_source
