@@ -260,6 +260,12 @@ class MigrationAgent:
             return None
         self.domains.wrote_migration(uuid, (record.get("id"), version), new, version + 1)
         log.info("migration %s of %s: %s (%s -> %s)", record.get("id"), uuid, step, record["source"], record["target"])
+        # This side now waits for its peer's next step. The watch's answer to this write changes
+        # nothing in the table (recorded just above), so it brings no pass, and only a pass arms
+        # the step's deadline: queue one. Without it, a peer that dies right now would leave this
+        # side waiting with no deadline at all (a source at `transferred` did, under load).
+        if self.deadlines.wake:
+            self.deadlines.wake(uuid)
         return new, version + 1
 
     def finish(self, uuid: str, record: dict, version: int, result: str, reason: str | None = None,

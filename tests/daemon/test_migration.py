@@ -117,6 +117,27 @@ def test_prepare_with_a_copy_one_version_behind_still_prepares(cluster, make_age
     assert record["step"] == "prepared"
 
 
+def test_a_side_that_wrote_its_step_arms_the_deadline_of_its_wait(cluster, make_agent):
+    """After its own write no watch brings a pass (the table already holds the record), so the
+    agent queues one, and that pass arms the deadline of the step it now waits at: here a
+    shutdown migration's source at `transferred`, waiting for the target to start the VM.
+    Without it, a target that dies at that moment left the source waiting for ever."""
+    store, uuid, xml = cluster
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    woken = []
+    source.deadlines.wake = woken.append   # the reconciler's enqueue, in the daemon
+    request(store, uuid, "n2")
+    rewrite_record(store, uuid, step="prepared")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    record, version = record_of(store, uuid)
+    assert record["step"] == "transferred"
+    assert uuid in woken
+    source.handle(uuid, (record, version), local_state=None)   # the queued pass
+    assert source.deadlines._items[uuid][1] == f"{record['id']}:{version}"
+
+
 def test_transfer_rereads_what_it_read_ahead_when_it_changed(cluster, make_agent):
     store, uuid, xml = cluster
     source = make_agent("n1")
