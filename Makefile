@@ -12,24 +12,25 @@ LAB_HOSTS ?= 3
 # make demo KEEP=1 leaves the demo's lab up for exploring (make demo-down ends it)
 KEEP ?=
 
-.PHONY: help setup host venv test test-pytest test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
+.PHONY: help setup host venv wheelhouse test test-pytest test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
 
 help:
 	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity, units and integration)"
 	@echo "make demo     set up this machine, bring up a 3-host lab and run the demo (KEEP=1: leave the lab up; make demo-down ends it)"
 	@echo "make lab-up / lab-down   the network-namespace lab (LAB_HOSTS=$(LAB_HOSTS))"
 	@echo "make bench    benchmarks, written to bench/results/latest.json"
+	@echo "make wheelhouse   the node daemon's wheelhouse for the node_daemon role (dist/wheelhouse)"
 
 setup: host venv
 
 host:
 	bash scripts/setup-host.sh
 
-# The venv is rebuilt when the pinned dependencies change.
-$(VENV)/.stamp: pyproject.toml
+# The venv is rebuilt when the dependencies or their pins (constraints.txt) change.
+$(VENV)/.stamp: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q --constraint constraints.txt -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -47,12 +48,19 @@ test-units: tests/unit/requirements.txt
 test-sanity test-units test-integration:
 	bash scripts/ansible-test.sh $(patsubst test-%,%,$@)
 
-# What the unit tests need besides ansible-core, pinned as pyproject.toml pins it.
-tests/unit/requirements.txt: pyproject.toml
-	$(PYTHON) -c 'import tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
-	  print("# What the unit tests import besides ansible-core, pinned as in pyproject.toml (`make` regenerates"); \
+# What the unit tests need besides ansible-core, pinned as constraints.txt pins it.
+tests/unit/requirements.txt: constraints.txt
+	$(PYTHON) -c 'import sys; pins = [l.strip() for l in open("constraints.txt") if l.split("==")[0] in ("kazoo", "lxml")]; \
+	  print("# What the unit tests import besides ansible-core, pinned as in constraints.txt (`make` regenerates"); \
 	  print("# this file from there: see the Makefile target tests/unit/requirements.txt)."); \
-	  [print(d) for d in deps if d.split("==")[0] in ("kazoo", "lxml")]' >$@
+	  print("\n".join(pins))' >$@
+
+# The node daemon's wheelhouse, which the node_daemon role installs from offline (docs/node-daemon.md).
+# WHEELHOUSE_LIBVIRT=1 adds a libvirt-python wheel compiled here, for nodes without Debian's python3-libvirt.
+WHEELHOUSE ?= dist/wheelhouse
+WHEELHOUSE_LIBVIRT ?=
+wheelhouse: venv
+	$(VPY) scripts/build-wheelhouse.py $(WHEELHOUSE) $(if $(WHEELHOUSE_LIBVIRT),--with-libvirt)
 
 lab-up: setup
 	$(VPY) -m tests.lab up --hosts $(LAB_HOSTS) --workdir $(WORK)/lab

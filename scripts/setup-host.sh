@@ -11,6 +11,9 @@ APT_PACKAGES=(
   iproute2                  # network namespaces, veth, bridges
   procps                    # sysctl
   sasl2-bin                 # saslpasswd2 / sasldblistusers2: the libvirt role's SASL mode, run in the rollout tests
+  python3-libvirt           # Debian's libvirt binding, which the node_daemon role's venv uses (rollout tests)
+  logrotate                 # checks the node_daemon role's logrotate rule (rollout tests)
+  systemd                   # systemd-analyze verify on the units the roles render; nothing here runs systemd
   shellcheck                # ansible-test sanity lints our shell scripts
 )
 

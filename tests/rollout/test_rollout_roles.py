@@ -1,9 +1,9 @@
 """Roles on their own in the lab, beyond what the rollout exercises: an ensemble that the zookeeper
-role's files really form, and the node_daemon role installing the daemon from a wheel."""
+role's files really form, the node_daemon role installing the daemon from a wheelhouse, and the
+libvirt role's authentication modes."""
 from __future__ import annotations
 
-import hashlib
-import shutil
+import json
 import subprocess
 import sys
 import time
@@ -18,7 +18,6 @@ from tests.support.zookeeper import ZooKeeperServer, role_java_opts
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
 PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
-WHEELHOUSE = Path("/tmp/pvc-cluster/wheelhouse")
 
 
 def test_zookeeper_role_files_form_an_ensemble(rolled_out, tmp_path):
@@ -60,36 +59,38 @@ def test_zookeeper_role_files_form_an_ensemble(rolled_out, tmp_path):
         views.stop_services("zookeeper-check")
 
 
-def _wheelhouse() -> tuple[Path, Path]:
-    """The daemon's wheel and every dependency's, built once per pyproject.toml (pip's cache keeps
-    rebuilding cheap); the lab hosts have no network, so the role installs from here."""
-    key = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()[:12]
-    house = WHEELHOUSE / key
-    if not (house / ".complete").exists():
-        shutil.rmtree(house, ignore_errors=True)
-        house.mkdir(parents=True)
-        build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(house), str(REPO_ROOT)],
-                               capture_output=True, text=True, timeout=900)
-        assert build.returncode == 0, f"pip wheel failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
-        (house / ".complete").touch()
-    return house, next(house.glob("pvc_node_daemon-*.whl"))
-
-
-def test_node_daemon_role_installs_from_a_wheel(rolled_out):
+def test_node_daemon_role_installs_from_a_wheelhouse(rolled_out, tmp_path):
+    """The production install: the wheelhouse `make wheelhouse` builds, copied to the node and
+    installed with no package index into a venv of Debian's Python, which takes libvirt from
+    Debian's python3-libvirt and everything else from the wheelhouse at its pins."""
     cluster = rolled_out
-    house, wheel = _wheelhouse()
+    house = tmp_path / "wheelhouse"
+    build = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "build-wheelhouse.py"), str(house)],
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, f"build-wheelhouse failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    pins = dict(line.split("==") for line in (house / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert "libvirt-python" not in pins and pins["pvc-node-daemon"] == "0.1.0"
     host = cluster.lab.host(3)
-    args = ("--extra-vars", f"wheel_host={host.name} wheel={wheel} wheelhouse={house}")
-    first = cluster.playbook(PLAYBOOKS / "node_daemon_wheel.yml", *args, timeout=900)
+    args = ("--extra-vars", f"wheel_host={host.name} wheelhouse={house}")
+    first = cluster.playbook(PLAYBOOKS / "node_daemon_wheelhouse.yml", *args, timeout=900)
     assert first.returncode == 0, first.failures()
     assert first.changed()[host.name] > 0
     view = cluster.views.view(host)
     check = view.run(["/opt/pvc-node-daemon/bin/pvc-node-daemon", "--check-config", "--config",
                       "/etc/pvc/node-daemon-wheel.yaml"])
     assert f"(node {host.name})" in check.stdout
+    where = view.run(["/opt/pvc-node-daemon/bin/python", "-c", "import json, importlib.metadata as m, libvirt, lxml, "
+                      "kazoo; print(json.dumps({'libvirt': libvirt.__file__, 'lxml': lxml.__file__, 'kazoo': kazoo.__file__, "
+                      "'versions': {d: m.version(d) for d in ('kazoo', 'lxml', 'PyYAML', 'prometheus-client')}}))"])
+    found = json.loads(where.stdout)
+    assert found["libvirt"].startswith("/usr/lib/python3/dist-packages/"), found   # Debian's binding, not compiled
+    assert found["lxml"].startswith("/opt/pvc-node-daemon/") and found["kazoo"].startswith("/opt/pvc-node-daemon/")
+    assert found["versions"] == {"kazoo": pins["kazoo"], "lxml": pins["lxml"], "PyYAML": pins["pyyaml"],
+                                 "prometheus-client": pins["prometheus-client"]}
     unit = view.read_text("/etc/systemd/system/pvc-node-daemon-wheel.service")
     assert "ExecStart=/opt/pvc-node-daemon/bin/pvc-node-daemon --config /etc/pvc/node-daemon-wheel.yaml" in unit
-    second = cluster.playbook(PLAYBOOKS / "node_daemon_wheel.yml", *args, timeout=900)
+    second = cluster.playbook(PLAYBOOKS / "node_daemon_wheelhouse.yml", *args, timeout=900)
     assert second.returncode == 0, second.failures()
     assert second.changed()[host.name] == 0, second.changed_tasks()
     assert not Path("/opt/pvc-node-daemon").exists(), "the install reached the machine itself"
