@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .daemon import DaemonError, NodeDaemon
     from .log import reopen_log_files, setup_logging
+    from .sdnotify import notify
 
     log = setup_logging(debug=config.debug, stdout=config.log_stdout, file=config.log_file, colours=config.log_colours)
     daemon = NodeDaemon(config)
@@ -41,9 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         daemon.run()
     except DaemonError as exc:
         log.error("cannot start: %s", exc)
+        notify(f"STATUS=cannot start: {exc}")
         daemon.shutdown(timeout_s=5)
         return 1
+    # run() returns once the daemon has loaded its state: under systemd (Type=notify) starting
+    # or restarting the unit returns now, so whatever runs next (the rollout) sees it working.
+    notify("READY=1", f"STATUS=node {config.node} running")
     daemon.wait()
+    notify("STOPPING=1", f"STATUS=node {config.node} shutting down")
     daemon.shutdown(timeout_s=config.shutdown_timeout_s)
     return 0
 

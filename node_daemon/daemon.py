@@ -157,6 +157,8 @@ class NodeDaemon:
         self.threads.append(thread)
 
     def run(self) -> None:
+        """Start the daemon's work; returns once its state is loaded (the node registered and
+        running, the VM table read, a first pass queued): the CLI then tells systemd it is ready."""
         if self.metrics:
             self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
         self.keepalive.tick()   # the first keepalive writes `run`

@@ -37,6 +37,8 @@ then calls ``python -m tests.lab.hostviews`` on the controller to do what system
   the libvirt role rendered into ``/etc/libvirt`` differ from those it last started with;
 * ``start-daemon``: start ``pvc-node-daemon`` in the host's view, exactly as the ``ExecStart=`` of the
   unit the node_daemon role rendered says, and restart it when the unit or its configuration changed.
+  The unit is ``Type=notify``: as systemd does, the daemon gets a ``$NOTIFY_SOCKET`` and counts as
+  started once it sends ``READY=1`` (it has loaded its state), so the rollout goes on from there.
 
 Every process started here is recorded in ``VIEWS/processes.json`` (PID + start time) and ended by
 PID by ``stop_services()`` / ``down()``. ZooKeeper keeps running as the lab started it; the zookeeper
@@ -53,9 +55,11 @@ import fcntl
 import hashlib
 import json
 import os
+import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -350,6 +354,9 @@ class HostViews:
             "all": {
                 "vars": {
                     "ansible_python_interpreter": str(VENV_PYTHON),
+                    # the playbooks become root on the nodes; the lab's Ansible already runs as root
+                    # and the machine has no sudo
+                    "ansible_become": False,
                     "pvc_zk_hosts": lab.zk_hosts,
                     "pvc_zk_root": self.zk_root,
                     "pvc_zookeeper_servers": servers,
@@ -453,7 +460,7 @@ class HostViews:
             self._save(keep)
         return ended
 
-    def _spawn(self, view: HostView, role: str, argv: list[str], key: str) -> dict:
+    def _spawn(self, view: HostView, role: str, argv: list[str], key: str, env: dict | None = None) -> dict:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{role}-{view.host.name}.log"
         with open(log, "ab") as out:
@@ -461,7 +468,8 @@ class HostViews:
             out.flush()
             # nsenter exec()s the program (no --pid, so no fork): the PID is the service's own
             proc = subprocess.Popen(view.nsenter() + argv, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd="/")
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd="/",
+                                    env={**os.environ, **(env or {})})
         record = {"role": role, "host": view.host.netns, "node": view.host.name, "pid": proc.pid,
                   "starttime": proc_starttime(proc.pid), "key": key, "argv": argv, "log": str(log)}
         self._save([r for r in self._records() if not (r["role"] == role and r["host"] == view.host.netns)] + [record])
@@ -469,16 +477,22 @@ class HostViews:
 
     def start_daemon(self, host: LabHost | int | str, unit: str = NODE_DAEMON_UNIT) -> str:
         """Start pvc-node-daemon on ``host`` as the rendered unit's ExecStart says; restart it when
-        the unit or any file its command line names changed. Returns started|restarted|unchanged."""
-        with self.locked():
-            return self._start_unit(self.view(host), "node-daemon", unit)
+        the unit or any file its command line names changed. Returns started|restarted|unchanged,
+        once the daemon is ready (see start_unit)."""
+        return self.start_unit(host, "node-daemon", unit)
 
     def start_unit(self, host: LabHost | int | str, role: str, unit: str) -> str:
-        """Like start_daemon, for any unit a role rendered (``role`` names the service in the records)."""
+        """Like start_daemon, for any unit a role rendered (``role`` names the service in the records).
+        A Type=notify unit counts as started once it sends READY=1 to the $NOTIFY_SOCKET it is given,
+        as under systemd; the wait happens outside the lock, so hosts start in parallel."""
+        view = self.view(host)
         with self.locked():
-            return self._start_unit(self.view(host), role, unit)
+            result, waiter = self._start_unit(view, role, unit)
+        if waiter is not None:
+            waiter()
+        return result
 
-    def _start_unit(self, view: HostView, role: str, unit: str) -> str:
+    def _start_unit(self, view: HostView, role: str, unit: str):
         text = view.read_text(unit)
         if text is None:
             raise ViewError(f"{view.host.name}: no {unit} (run the role that installs it first)")
@@ -487,11 +501,30 @@ class HostViews:
         key = _sha(text.encode(), *files)
         current = [r for r in self.services() if r["role"] == role and r["host"] == view.host.netns]
         if current and current[0]["key"] == key:
-            return "unchanged"
+            return "unchanged", None
         if current:
             self._stop_services(role, view.host.netns, 60)
-        self._spawn(view, role, argv, key)
-        return "restarted" if current else "started"
+        if unit_setting(text, "Type") != "notify":
+            self._spawn(view, role, argv, key)
+            return ("restarted" if current else "started"), None
+        notify = NotifySocket(self.base / "notify" / f"{role}-{view.host.name}.sock")
+        try:
+            record = self._spawn(view, role, argv, key, env={"NOTIFY_SOCKET": str(notify.path)})
+        except BaseException:
+            notify.close()
+            raise
+
+        def wait_ready() -> None:
+            timeout_s = systemd_seconds(unit_setting(text, "TimeoutStartSec"), default=90.0)
+            try:
+                notify.wait_ready(record["pid"], timeout_s, what=f"{role} on {view.host.name} (log: {record['log']})")
+            except ViewError:
+                self.stop_services(role, view.host.netns)   # as systemd ends a unit that failed to start
+                raise
+            finally:
+                notify.close()
+
+        return ("restarted" if current else "started"), wait_ready
 
     def restart_libvirtd(self, host: LabHost | int | str) -> str:
         """Restart the host's libvirtd (the lab owns it) when /etc/libvirt changed since the last
@@ -510,6 +543,65 @@ class HostViews:
         view.host.start_libvirtd()
         stamp.write_text(key)
         return "restarted"
+
+
+def unit_setting(unit_text: str, name: str) -> str | None:
+    """The last value of ``name=`` in a unit (the one systemd uses), or None."""
+    value = None
+    for line in unit_text.splitlines():
+        key, sep, rest = line.strip().partition("=")
+        if sep and key.strip() == name:
+            value = rest.strip()
+    return value
+
+
+def systemd_seconds(value: str | None, default: float) -> float:
+    """A time span as units write it: plain seconds or a number with s/min/ms (what our units use)."""
+    if not value:
+        return default
+    for suffix, factor in (("ms", 0.001), ("min", 60.0), ("s", 1.0)):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * factor
+    return float(value)
+
+
+class NotifySocket:
+    """The service manager's end of sd_notify for one start: a datagram socket the service gets in
+    $NOTIFY_SOCKET (a path: the service runs in another network namespace, where an abstract
+    socket of ours would not exist, but in the same /tmp)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def wait_ready(self, pid: int, timeout_s: float, what: str) -> None:
+        """Return when READY=1 arrives; ViewError when the process exits first or time runs out.
+        Waits on the socket and on the process (a pidfd) at once: no polling."""
+        pidfd = os.pidfd_open(pid)
+        try:
+            deadline = time.monotonic() + timeout_s
+            status = ""
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ViewError(f"{what} did not report ready within {timeout_s:.0f} s {status}".strip())
+                readable, _, _ = select.select([self.sock, pidfd], [], [], remaining)
+                if self.sock in readable:
+                    lines = self.sock.recv(4096).decode(errors="replace").splitlines()
+                    status = next((f"({line})" for line in lines if line.startswith("STATUS=")), status)
+                    if "READY=1" in lines:
+                        return
+                elif pidfd in readable:
+                    raise ViewError(f"{what} exited before it was ready {status}".strip())
+        finally:
+            os.close(pidfd)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
 
 
 def unit_exec_start(unit_text: str) -> list[str]:
@@ -616,9 +708,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.host:
                 parser.error(f"{args.command} needs --host")
             if args.command == "services":
-                # what systemd would do after the roles ran: libvirtd first, then the daemon
-                with views.locked():
-                    done = {"libvirtd": views.restart_libvirtd(args.host), "node-daemon": views.start_daemon(args.host)}
+                # what systemd would do after the roles ran: libvirtd first, then the daemon (which
+                # returns once the daemon is ready, as a Type=notify unit's start does)
+                done = {"libvirtd": views.restart_libvirtd(args.host)}
+                done["node-daemon"] = views.start_daemon(args.host)
                 print(json.dumps(done))
             else:
                 fn = views.start_daemon if args.command == "start-daemon" else views.restart_libvirtd

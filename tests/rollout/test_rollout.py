@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -191,8 +192,11 @@ def test_daemons_run_from_the_rendered_unit_and_configuration(rolled_out):
         # what the running daemon published comes from that configuration
         assert _node_key(rolled_out, h.name, S.NODE_LIBVIRT_URI) == f"qemu+tcp://{h.address}/system"
         assert _node_key(rolled_out, h.name, S.NODE_TRANSPORT_URI) == f"tcp://{h.address}"
-        log = view.read_text("/var/log/pvc/node-daemon.log")
-        assert log and h.name in log, "the daemon logs to the rendered log file in the host's view"
+        # by default the daemon logs to standard output only (the journal under systemd; here the
+        # service's log, which stands in for it), and no log file is written in the host's view
+        assert config.log_stdout and config.log_file is None
+        assert f"node {h.name} running" in Path(service["log"]).read_text()
+        assert view.read_text("/var/log/pvc/node-daemon.log") is None
 
 
 # ---- idempotence ------------------------------------------------------------------------------

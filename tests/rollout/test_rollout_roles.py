@@ -90,10 +90,51 @@ def test_node_daemon_role_installs_from_a_wheelhouse(rolled_out, tmp_path):
                                  "prometheus-client": pins["prometheus-client"]}
     unit = view.read_text("/etc/systemd/system/pvc-node-daemon-wheel.service")
     assert "ExecStart=/opt/pvc-node-daemon/bin/pvc-node-daemon --config /etc/pvc/node-daemon-wheel.yaml" in unit
+    assert_unit_verifies(view, "/etc/systemd/system/pvc-node-daemon-wheel.service")
+    # the log file's logrotate rule: valid, and a rotation renames the file and keeps a new one
+    rule = "/etc/logrotate.d/pvc-node-daemon-wheel"
+    assert "/var/log/pvc/node-daemon-wheel.log {" in view.read_text(rule)
+    view.run("mkdir -p /var/log/pvc && echo line >>/var/log/pvc/node-daemon-wheel.log")
+    rotate = view.run(["logrotate", "--force", "--state", "/var/lib/pvc-logrotate.state", rule], check=False)
+    assert rotate.returncode == 0, rotate.stderr
+    assert view.read_text("/var/log/pvc/node-daemon-wheel.log.1") == "line\n"
+    assert view.read_text("/var/log/pvc/node-daemon-wheel.log") == ""
     second = cluster.playbook(PLAYBOOKS / "node_daemon_wheelhouse.yml", *args, timeout=900)
     assert second.returncode == 0, second.failures()
     assert second.changed()[host.name] == 0, second.changed_tasks()
     assert not Path("/opt/pvc-node-daemon").exists(), "the install reached the machine itself"
+
+
+def assert_unit_verifies(view, unit: str) -> None:
+    """systemd-analyze verify (Debian's systemd package; nothing runs systemd here) finds nothing
+    wrong with a unit a role rendered, as the host sees it (its ExecStart must exist there): no
+    error and no warning, such as an unknown key, which verify only prints."""
+    verify = view.run(["systemd-analyze", "verify", "--man=no", unit], check=False)
+    assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), (unit, verify.stdout, verify.stderr)
+
+
+def test_rolled_out_units_pass_systemd_analyze_verify(rolled_out):
+    """The units the rollout rendered on every node, as systemd would load them."""
+    for view in rolled_out.views.views:
+        unit = view.read_text("/etc/systemd/system/pvc-node-daemon.service")
+        assert "Type=notify" in unit and "NotifyAccess=main" in unit
+        for path in ("/etc/systemd/system/zookeeper.service", "/etc/systemd/system/pvc-node-daemon.service"):
+            assert_unit_verifies(view, path)
+        # journal only by default: no log file, so no logrotate rule
+        assert view.read_text("/etc/logrotate.d/pvc-node-daemon") is None
+
+
+def test_systemd_analyze_verify_finds_a_broken_unit(rolled_out):
+    """The check above can fail: a unit with an unknown key or a missing program does not pass."""
+    view = rolled_out.views.view(1)
+    good = view.read_text("/etc/systemd/system/pvc-node-daemon.service")
+    for broken in (good.replace("NotifyAccess=main", "NotifyAcess=main"),
+                   good.replace("ExecStart=/", "ExecStart=/nonexistent/")):
+        view.run("cat >/etc/systemd/system/pvc-broken.service", input=broken)
+        verify = view.run(["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/pvc-broken.service"],
+                          check=False)
+        assert verify.returncode != 0 or (verify.stdout + verify.stderr).strip()
+    view.run(["rm", "-f", "/etc/systemd/system/pvc-broken.service"])
 
 
 def stored_sasl_password(view, db: str, account: str) -> str | None:
