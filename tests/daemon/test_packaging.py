@@ -78,3 +78,26 @@ def test_the_daemon_collection_and_role_share_one_version():
     galaxy = yaml.safe_load((REPO / "galaxy.yml").read_text())["version"]
     role = yaml.safe_load((REPO / "roles" / "node_daemon" / "defaults" / "main.yml").read_text())["node_daemon_version"]
     assert project == galaxy == str(role)
+
+
+def test_the_collections_requirements_are_what_its_plugins_import_and_the_pins_satisfy_them():
+    """requirements.txt (the controller's and the execution environment's needs) names the
+    third-party modules the plugins import, and the versions tested (constraints.txt) fit it."""
+    from packaging.requirements import Requirement
+
+    imported = set()
+    for path in (REPO / "plugins").rglob("*.py"):
+        for module in _imports(path, "ansible_collections.pvc.cluster.plugins"):
+            top = module.partition(".")[0]
+            if top not in sys.stdlib_module_names and top not in ("ansible", "ansible_collections", "__future__"):
+                imported.add(top)
+    distributions = importlib.metadata.packages_distributions()
+    imported = {canonical(distributions[module][0]) for module in imported}
+    requirements = [Requirement(line) for line in (REPO / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert {canonical(r.name) for r in requirements} == imported
+    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    pins = {canonical(name): version for name, version in pins.items()}
+    for requirement in requirements:
+        assert requirement.specifier.contains(pins[canonical(requirement.name)]), requirement
