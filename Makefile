@@ -12,7 +12,7 @@ LAB_HOSTS ?= 3
 # make demo KEEP=1 leaves the demo's lab up for exploring (make demo-down ends it)
 KEEP ?=
 
-.PHONY: help setup host venv wheelhouse test test-pytest test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
+.PHONY: help setup host venv wheelhouse test test-pytest test-lint test-oldest-ansible test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
 
 help:
 	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity, units and integration)"
@@ -35,11 +35,32 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 
 venv: $(VENV)/.stamp
 
-test: setup test-pytest test-sanity test-units test-integration
+test: setup test-pytest test-sanity test-units test-integration test-lint test-oldest-ansible
 	@echo "make test: all suites passed"
 
 test-pytest:
 	$(VPY) -m pytest -ra
+
+# ansible-lint, production profile (.ansible-lint), on every role, playbook and integration target;
+# the collection is found through a collections path in .venv that points at this checkout.
+test-lint: venv
+	mkdir -p $(VENV)/collections/ansible_collections/pvc
+	ln -sfn $(CURDIR) $(VENV)/collections/ansible_collections/pvc/cluster
+	ANSIBLE_COLLECTIONS_PATH=$(CURDIR)/$(VENV)/collections $(VENV)/bin/ansible-lint --nocolor
+
+# The oldest ansible-core meta/runtime.yml accepts (requires_ansible): sanity and units run on it too,
+# in a venv of its own with the modules' kazoo and lxml at their pins.
+ANSIBLE_OLDEST := 2.16.19
+OLDEST_VENV := $(VENV)/ansible-$(ANSIBLE_OLDEST)
+$(OLDEST_VENV)/.stamp: $(VENV)/.stamp
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install -q ansible-core==$(ANSIBLE_OLDEST) $$(grep -E '^(kazoo|lxml)==' constraints.txt)
+	touch $@
+
+test-oldest-ansible: $(OLDEST_VENV)/.stamp
+	PVC_ANSIBLE_VENV=$(CURDIR)/$(OLDEST_VENV) bash scripts/ansible-test.sh sanity
+	PVC_ANSIBLE_VENV=$(CURDIR)/$(OLDEST_VENV) bash scripts/ansible-test.sh units
 
 test-units: tests/unit/requirements.txt
 

@@ -75,32 +75,29 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Drain hv2 before its maintenance, refusing if the rest could not survive another failure
-  hosts: localhost
-  gather_facts: false
-  module_defaults:
-    group/pvc.cluster.all:
-      zk_hosts: zk1.example.net:2181
-  tasks:
-    - name: Plan the flush of hv2
-      pvc.cluster.node:
-        name: hv2
-        state: flushed
-      check_mode: true
-      register: drain
+# The ZooKeeper options are set once per play with module_defaults (group/pvc.cluster.all), or
+# given to each task as below.
+- name: Plan the flush of hv2 (check mode writes nothing)
+  pvc.cluster.node:
+    zk_hosts: zk1.example.net:2181
+    name: hv2
+    state: flushed
+  check_mode: true
+  register: drain
 
-    - name: Stop here unless every VM has a place and the cluster stays n-1 safe
-      ansible.builtin.assert:
-        that:
-          - drain.flush_plan | selectattr('target', 'none') | list | length == 0
-          - drain.survives_node_failure.ok
-        fail_msg: "{{ drain.survives_node_failure.message }}"
+- name: Stop here unless every VM has a place and the cluster stays n-1 safe
+  ansible.builtin.assert:
+    that:
+      - drain.flush_plan | selectattr('target', 'none') | list | length == 0
+      - drain.survives_node_failure.ok
+    fail_msg: "{{ drain.survives_node_failure.message }}"
 
-    - name: Flush hv2
-      pvc.cluster.node:
-        name: hv2
-        state: flushed
-        wait_timeout: 1800
+- name: Flush hv2 and wait until its VMs run elsewhere
+  pvc.cluster.node:
+    zk_hosts: zk1.example.net:2181
+    name: hv2
+    state: flushed
+    wait_timeout: 1800
 
 - name: Make hv2 ready again (its VMs come back)
   pvc.cluster.node:

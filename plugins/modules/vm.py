@@ -101,41 +101,38 @@ seealso:
 """
 
 EXAMPLES = r"""
-- name: Talk to the cluster's ZooKeeper once for the whole play
-  hosts: localhost
-  gather_facts: false
-  module_defaults:
-    group/pvc.cluster.all:
-      zk_hosts: zk1.example.net:2181,zk2.example.net:2181,zk3.example.net:2181
-  tasks:
-    - name: Define web1 from its XML on the controller, running, on the best node
-      pvc.cluster.vm:
-        xml: "{{ lookup('ansible.builtin.template', 'web1.xml.j2') }}"
-        state: started
-        node_limit: [hv1, hv2]
-        migration_method: live
+# These tasks take the ZooKeeper options from their play, set once for every pvc.cluster module:
+#   module_defaults:
+#     group/pvc.cluster.all:
+#       zk_hosts: zk1.example.net:2181,zk2.example.net:2181,zk3.example.net:2181
+- name: Define web1 from its XML on the controller, running, on the best node
+  pvc.cluster.vm:
+    xml: "{{ lookup('ansible.builtin.template', 'web1.xml.j2') }}"
+    state: started
+    node_limit: [hv1, hv2]
+    migration_method: live
 
-    - name: Define db1 stopped on hv3
-      pvc.cluster.vm:
-        xml: "{{ lookup('ansible.builtin.file', 'db1.xml') }}"
-        node: hv3
-        node_autostart: true
+- name: Define db1 stopped on hv3
+  pvc.cluster.vm:
+    xml: "{{ lookup('ansible.builtin.file', 'db1.xml') }}"
+    node: hv3
+    node_autostart: true
 
-    - name: Shut web1 down cleanly
-      pvc.cluster.vm:
-        name: web1
-        state: shutdown
+- name: Shut web1 down cleanly
+  pvc.cluster.vm:
+    name: web1
+    state: shutdown
 
-    - name: Restart db1 without waiting for it
-      pvc.cluster.vm:
-        name: db1
-        state: restarted
-        wait: false
+- name: Restart db1 without waiting for it
+  pvc.cluster.vm:
+    name: db1
+    state: restarted
+    wait: false
 
-    - name: Remove web1 (stopped first)
-      pvc.cluster.vm:
-        name: web1
-        state: absent
+- name: Remove web1 (stopped first)
+  pvc.cluster.vm:
+    name: web1
+    state: absent
 """
 
 RETURN = r"""

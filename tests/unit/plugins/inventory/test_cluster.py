@@ -12,7 +12,13 @@ import pytest
 from ansible.errors import AnsibleParserError
 from ansible.inventory.data import InventoryData
 from ansible.parsing.dataloader import DataLoader
-from ansible.template import Templar, trust_as_template
+from ansible.template import Templar
+
+try:
+    from ansible.template import trust_as_template
+except ImportError:  # ansible-core before 2.19 has no data tagging: any string may be a template
+    def trust_as_template(value):
+        return value
 
 from ansible_collections.pvc.cluster.plugins.module_utils._cluster import VMRecord
 from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
@@ -98,8 +104,9 @@ def test_figures_become_host_variables():
     assert hv2["pvc_memory"] == {"total": 8192, "used": 2192, "free": 6000, "allocated": 1024, "provisioned": 2048,
                                  "reserve": 512, "reserved": 1024, "reservations": {"db1": 1024}, "headroom": 4608}
     assert hv2["pvc_returning_vms"] == ["db1"]
-    assert hv2["pvc_free_gib"] == 4
-    assert web1["pvc_free_gib"] is None
+    # ansible-core 2.19 keeps a composed value's type; earlier versions render it to text
+    assert str(hv2["pvc_free_gib"]) == "4"
+    assert web1["pvc_free_gib"] in (None, "None")
 
 
 @pytest.mark.parametrize("options, message", [
