@@ -301,10 +301,10 @@ def cluster_session(module: AnsibleModule):
             yield session
             session.verify()
         except ModuleFailure as exc:
-            # the module's own messages after a write say what was done; changed says that it was
+            # a failure after a write (a wait that timed out, a start that failed) says what was written
             if session.written:
                 exc.result.setdefault("changed", True)
-            module.fail_json(msg=exc.msg, **exc.result)
+            module.fail_json(msg=exc.msg + session.after_writes(), **exc.result)
         except ConflictError as exc:
             if session.written:
                 module.fail_json(msg=f"the cluster changed while this task ran{session.after_writes()}; nothing more was "

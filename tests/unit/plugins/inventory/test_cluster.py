@@ -114,6 +114,8 @@ def test_figures_become_host_variables():
     ({"zk_tls_ca": "/etc/ca.pem"}, "zk_tls_ca set but zk_tls is false"),
     ({"zk_timeout": -1.0}, "zk_timeout must be a number of seconds from 0.1 to 3600, not -1.0"),
     ({"zk_username": "admin"}, "zk_username is set but zk_password is not"),
+    ({"zk_timeout": 1e10}, "zk_timeout must be a number of seconds from 0.1 to 3600, not 10000000000.0"),
+    ({"zk_root": "/pvc/../x"}, "zk_root '/pvc/../x' has a '.' or '..' component, which ZooKeeper refuses"),
 ])
 def test_bad_options_are_parser_errors(options, message):
     with pytest.raises(AnsibleParserError) as failure:
