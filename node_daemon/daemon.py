@@ -19,6 +19,7 @@ from pvc_cluster_common._store import ClusterStore, StoreError
 from .domains import DomainTable
 from .flush import NodeStateWorker
 from .hypervisor import Hypervisor, HypervisorError
+from .invalid import InvalidValues
 from .keepalive import Keepalive
 from .migration import MigrationAgent
 from .reconciler import Reconciler
@@ -43,8 +44,11 @@ class NodeDaemon:
         if config.metrics_enabled:
             from .metrics import Metrics
             self.metrics = Metrics(self.node)
-        self.migrations = MigrationAgent(self.node, config, self.store, self.hypervisor, self.domains, self.metrics)
-        self.reconciler = Reconciler(self.node, config, self.store, self.hypervisor, self.domains, self.migrations, self.metrics)
+        self.invalid = InvalidValues(self.metrics)   # invalid values read from ZooKeeper, reported once each
+        self.migrations = MigrationAgent(self.node, config, self.store, self.hypervisor, self.domains, self.metrics,
+                                         self.invalid)
+        self.reconciler = Reconciler(self.node, config, self.store, self.hypervisor, self.domains, self.migrations,
+                                     self.metrics, self.invalid)
         self.migrations.deadlines.wake = self.reconciler.enqueue
         self.keepalive = Keepalive(self.node, config, self.store, self.hypervisor, self.domains, self.metrics)
         self.node_state = NodeStateWorker(self.node, config, self.store, self.domains, self.reconciler)

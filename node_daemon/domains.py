@@ -14,6 +14,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 
+from pvc_cluster_common._records import MigrationRecord
+
 
 @dataclass(frozen=True)
 class DomainRecord:
@@ -27,10 +29,20 @@ class DomainRecord:
     migration_target: str | None = None
     memory_mib: int = 0      # configured maximum, from the XML
     vcpus: int = 0
-    xml_ok: bool = True      # False when the XML could not be parsed (memory then counts 0)
+    xml_ok: bool = True      # False when the XML is not valid or refused by the policy (memory then counts 0)
+    xml_error: str = ""      # why not
     xml: str = ""
-    migration: dict | None = None   # the in-flight migration record, decoded
+    migration: MigrationRecord | None = None   # the in-flight migration record, decoded
     migration_version: int = -1     # its znode version (-1: no record)
+    migration_error: str = ""       # why the record that exists is not valid (then migration is None)
+    # why the VM's state or node is not valid: then the daemon leaves the VM alone
+    state_error: str = ""
+    node_error: str = ""
+
+    @property
+    def invalid(self) -> str:
+        """Why the daemon leaves the VM alone (a key that decides about it is not valid), or ""."""
+        return self.migration_error or self.state_error or self.node_error
     # watched keys answered at least once, and those of them that exist
     loaded: frozenset = frozenset()
     present: frozenset = frozenset()
@@ -61,7 +73,7 @@ class DomainTable:
             self._records[uuid] = record
             return record
 
-    def wrote_migration(self, uuid: str, before: tuple[str, int], record: dict | None, version: int) -> None:
+    def wrote_migration(self, uuid: str, before: tuple[str, int], record: MigrationRecord | None, version: int) -> None:
         """This daemon wrote the VM's migration record (``record`` None: ended it), changing it
         from ``before`` = (record id, version). Recorded at once, only if the table still holds
         exactly that version: the watch's answer comes later, and until then a queued pass would
@@ -69,11 +81,11 @@ class DomainTable:
         with self._lock:
             current = self._records.get(uuid)
             if (current is None or current.migration is None
-                    or (current.migration.get("id"), current.migration_version) != before):
+                    or (current.migration.id, current.migration_version) != before):
                 return
             self._records[uuid] = replace(current, migration=record, migration_version=version if record else -1,
-                                          migration_source=record.get("source") if record else None,
-                                          migration_target=record.get("target") if record else None)
+                                          migration_source=record.source if record else None,
+                                          migration_target=record.target if record else None)
 
     def remove(self, uuid: str) -> None:
         with self._lock:

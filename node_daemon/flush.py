@@ -30,7 +30,7 @@ from pvc_cluster_common._cluster import (
     wait_until_gone,
 )
 from pvc_cluster_common._requests import RequestError, plan_request, submit_request
-from pvc_cluster_common._selector import FlushVM, plan_flush
+from pvc_cluster_common._selector import FlushVM, PlannedMove, plan_flush
 from pvc_cluster_common._store import ConflictError, StoreError
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class NodeStateWorker:
         timeout = (self.config.step_timeout_s * 3 + self.config.live_timeout_s(vm.memory_mib)
                    + self.config.shutdown_timeout_s)
         if not wait_until_gone(self.store, self.schema.domain_migration(uuid), timeout):
-            log.warning("VM %s: migration %s still in flight after %.0f s", vm.name, record["id"], timeout)
+            log.warning("VM %s: migration %s still in flight after %.0f s", vm.name, record.id, timeout)
             return "timeout"
         return "finished"
 
@@ -219,7 +219,8 @@ class NodeStateWorker:
         cheap check after a wave; a non-empty answer is confirmed from full reads).
         """
         candidates = {uuid: record for uuid, record in self.domains.snapshot().items()
-                      if record.node == self.node and record.state == "start" and record.migration is None}
+                      if record.node == self.node and record.state == "start" and record.migration is None
+                      and not record.invalid}
         if not fresh:
             return list(candidates.values())
         return self.planning_records(candidates)
@@ -236,24 +237,40 @@ class NodeStateWorker:
             vms.append(VMRecord(uuid=uuid, name=record.name or uuid, state=record.state, node=record.node,
                                 lastnode=record.lastnode, xml=record.xml, meta=meta, memory_mib=record.memory_mib,
                                 vcpus=record.vcpus, node_version=record.node_version, migration=record.migration,
-                                migration_version=record.migration_version))
+                                migration_version=record.migration_version, migration_error=record.migration_error,
+                                xml_error="" if record.xml_ok else record.xml_error))
         return vms
 
     def confirmed_to_flush(self, records) -> list:
         """Full fresh reads of ``records``: those still assigned here, to start, not migrating."""
         return [vm for vm in self.read_vms(record.uuid for record in records)
-                if vm.node == self.node and vm.state == "start" and not vm.migration]
+                if vm.node == self.node and vm.state == "start" and not vm.migration and not vm.migration_error]
+
+    def held(self) -> dict[str, str]:
+        """VMs assigned here that no daemon may act on (a key that decides about them is not
+        valid, e.g. a migration record: an operator clears it), with why: a flush cannot move
+        them until they are fixed."""
+        return {record.name or uuid: record.invalid for uuid, record in self.domains.snapshot().items()
+                if record.node == self.node and record.invalid}
 
     def flush(self, cancel: threading.Event) -> None:
         log.system("flushing node %s", self.node)
+        reported = None
         while True:
             vms = self.vms_to_flush()
             if not vms:
                 break
             nodes = read_node_views(self.store)
+            # A VM whose XML is not valid is never migrated (its memory is not known, and the
+            # target could not start it): like a VM that fits nowhere, it is shut down.
+            refused = [vm for vm in vms if vm.xml_error]
+            for vm in refused:
+                log.error("VM %s cannot be migrated (its domain XML is not valid: %s): it is shut down for the flush",
+                          vm.name, vm.xml_error)
             plan = plan_flush(self.node, [FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector,
-                                                  vm.home, vm.vcpus) for vm in vms],
+                                                  vm.home, vm.vcpus) for vm in vms if not vm.xml_error],
                               nodes, default_selector=self.config.default_selector)
+            plan = [PlannedMove(vm.uuid, None, "its domain XML is not valid") for vm in refused] + plan
             # Each request starts from these reads; its transaction re-checks the VM and the
             # target, and a request that finds them changed re-reads and plans again.
             by_uuid = {vm.uuid: vm for vm in vms}
@@ -278,7 +295,12 @@ class NodeStateWorker:
                 # `flushed` promises that no cluster VM runs here: ask libvirt, not the records
                 still = self.running_here()
                 if still:
-                    log.warning("flush of %s: libvirt still runs %s here; checking again", self.node, ", ".join(sorted(still)))
+                    held = self.held()
+                    if (still, held) != reported:   # said once, not on every check
+                        reported = (still, held)
+                        log.warning("flush of %s: libvirt still runs %s here; checking again%s", self.node,
+                                    ", ".join(sorted(still)),
+                                    "".join(f"; VM {name} waits for an operator: {why}" for name, why in sorted(held.items())))
                     if cancel.wait(self.config.keepalive_interval_s):
                         raise Cancelled()
                     continue

@@ -26,6 +26,9 @@ class Metrics:
         self.migration_seconds = Histogram("pvc_migration_duration_seconds", "Duration of finished migrations, request to end",
                                            ["method", "result"], registry=self.registry,
                                            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self.invalid_values = Counter("pvc_invalid_values_total",
+                                      "Invalid values found in ZooKeeper, once per version of their key",
+                                      ["kind"], registry=self.registry)
         self._server = None
 
     def serve(self, address: str, port: int) -> None:
@@ -50,6 +53,9 @@ class Metrics:
         tally = _Tally(record.state for record in snapshot.values() if record.node == node)
         for state in set(tally) | {"start", "stop", "disable", "fail"}:
             self.vms.labels(state).set(tally.get(state, 0))
+
+    def invalid_value(self, kind: str) -> None:
+        self.invalid_values.labels(kind).inc()
 
     def migration(self, final: dict) -> None:
         method = final.get("method_used") or "none"

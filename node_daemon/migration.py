@@ -9,29 +9,31 @@ overwriting a newer one. Each successful write is recorded in the table at once.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
+from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import meta_from, meta_paths, read_vm
-from pvc_cluster_common._requests import (
+from pvc_cluster_common._decode import Invalid
+from pvc_cluster_common._records import (
     RESULT_ABORTED,
     RESULT_DONE,
     STEP_PREPARED,
     STEP_REQUESTED,
     STEP_TRANSFERRED,
     STEP_TRANSFERRING,
-    RequestPlan,
-    finish_values,
-    new_record,
+    MigrationRecord,
 )
+from pvc_cluster_common._requests import RequestPlan, finish_values, new_record
 from pvc_cluster_common._store import ConflictError, StoreError
 
 from .hypervisor import Hypervisor, HypervisorError
+from .invalid import InvalidValues
 from .watched import WatchedKeys
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ UNKNOWN = "unknown"
 ASK = object()   # "libvirt's state of the VM here is not known yet: ask"
 # the meta a migration reads at its transfer step
 MIGRATION_META = (S.META_MIGRATION_METHOD, S.META_MIGRATION_MAX_DOWNTIME_MS)
+RECORD_LEFT_ALONE = ("no daemon acts on the record and the VM is left as it is until an operator clears it "
+                     "(pvc.cluster.vm_migrate with state=cleared)")
 
 
 def crash_point(name: str) -> None:
@@ -163,8 +167,10 @@ class StaleCheck(Exception):
 
 
 class MigrationAgent:
-    def __init__(self, node, config, store, hypervisor, domains, metrics=None) -> None:
+    def __init__(self, node, config, store, hypervisor, domains, metrics=None,
+                 invalid: InvalidValues | None = None) -> None:
         self.node = node
+        self.invalid = invalid or InvalidValues(metrics)
         self.config = config
         self.store = store
         self.schema = store.schema
@@ -186,20 +192,31 @@ class MigrationAgent:
     # ---- reading ------------------------------------------------------------------------------
 
     def read_record(self, uuid: str):
-        found = self.store.read_versioned(self.schema.domain_migration(uuid))
-        if not found or not found[0]:
+        """(the VM's migration record, its version), or (None, -1) when there is none or it is
+        not valid (reported once per version: no daemon acts on it)."""
+        path = self.schema.domain_migration(uuid)
+        return self._decoded_record(uuid, path, self.store.read_versioned(path))
+
+    def _decoded_record(self, uuid: str, path: str, found):
+        if not found:
             return None, -1
         try:
-            return json.loads(found[0]), found[1]
-        except ValueError:
+            record = R.migration_record(found[0], path, uuid)
+        except Invalid as exc:
+            self.invalid.report(exc, "migration", found[1], RECORD_LEFT_ALONE)
             return None, -1
+        return record, found[1]
 
     def records_for_node(self) -> list[str]:
-        """VMs whose in-flight migration names this node (read at start-up and every resync)."""
+        """VMs whose in-flight migration names this node (read at start-up and every resync, in
+        one round of parallel reads)."""
+        uuids = self.store.children(self.schema.domains()) or []
+        found = self.store.read_many([self.schema.domain_migration(uuid) for uuid in uuids])
         result = []
-        for uuid in self.store.children(self.schema.domains()) or []:
-            record, _ = self.read_record(uuid)
-            if record and self.node in (record.get("source"), record.get("target")):
+        for uuid in uuids:
+            path = self.schema.domain_migration(uuid)
+            record, _ = self._decoded_record(uuid, path, found[path])
+            if record and self.node in (record.source, record.target):
                 result.append(uuid)
         return result
 
@@ -222,7 +239,13 @@ class MigrationAgent:
         # here: use what the peer's last keepalive published, if the peer is alive.
         if not self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE)):
             return UNKNOWN
-        running = self.store.read_json(self.schema.node_key(peer, S.NODE_RUNNINGDOMAINS)) or []
+        path = self.schema.node_key(peer, S.NODE_RUNNINGDOMAINS)
+        found = self.store.read_versioned(path)
+        try:
+            running = R.running_domains(found[0], path) if found else ()
+        except Invalid as exc:
+            self.invalid.report(exc, "runningdomains", found[1], f"where the VMs of {peer} run is not known")
+            return UNKNOWN
         return "running" if uuid in running else None
 
     def state_on(self, node: str, uuid: str) -> str | None:
@@ -233,33 +256,29 @@ class MigrationAgent:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def advance(self, uuid: str, record: dict, version: int, step: str, checks: dict | None = None,
-                quiet: bool = False, **fields) -> tuple[dict, int] | None:
+    def advance(self, uuid: str, record: MigrationRecord, version: int, step: str, checks: dict | None = None,
+                quiet: bool = False, **fields) -> tuple[MigrationRecord, int] | None:
         """Write the next step (version-checked). Returns the new record and version, or None when
         the record changed underneath (the caller stops; the watch brings the new record) or the
         write failed. ``checks``: other keys' versions the step depends on, checked in the same
         transaction; raises StaleCheck when one of them changed (nothing is written). ``quiet``:
         a changed record is expected (logged at debug level)."""
-        new = dict(record)
-        new.update(fields)
-        new["step"] = step
-        new["steps"] = dict(record.get("steps") or {})
-        new["steps"][step] = round(time.time(), 3)
+        new = record.at_step(step, time.time(), **fields)
         path = self.schema.domain_migration(uuid)
         try:
-            self.store.commit({path: new}, expect_versions={**(checks or {}), path: version})
+            self.store.commit({path: new.to_json()}, expect_versions={**(checks or {}), path: version})
         except ConflictError as exc:
             if checks and exc.path in checks:
                 raise StaleCheck(exc.path) from None
             (log.debug if quiet else log.warning)(
                 "migration %s of %s: record changed before step %s could be written; re-reading",
-                record.get("id"), uuid, step)
+                record.id, uuid, step)
             return None
         except StoreError as exc:
-            log.warning("migration %s of %s: step %s not written: %s", record.get("id"), uuid, step, exc)
+            log.warning("migration %s of %s: step %s not written: %s", record.id, uuid, step, exc)
             return None
-        self.domains.wrote_migration(uuid, (record.get("id"), version), new, version + 1)
-        log.info("migration %s of %s: %s (%s -> %s)", record.get("id"), uuid, step, record["source"], record["target"])
+        self.domains.wrote_migration(uuid, (record.id, version), new, version + 1)
+        log.info("migration %s of %s: %s (%s -> %s)", record.id, uuid, step, record.source, record.target)
         # This side now waits for its peer's next step. The watch's answer to this write changes
         # nothing in the table (recorded just above), so it brings no pass, and only a pass arms
         # the step's deadline: queue one. Without it, a peer that dies right now would leave this
@@ -268,32 +287,32 @@ class MigrationAgent:
             self.deadlines.wake(uuid)
         return new, version + 1
 
-    def finish(self, uuid: str, record: dict, version: int, result: str, reason: str | None = None,
+    def finish(self, uuid: str, record: MigrationRecord, version: int, result: str, reason: str | None = None,
                node: str | None = None) -> bool:
-        values, delete, final = finish_values(self.schema, record, result, reason, node)
+        values, delete, final = finish_values(self.schema, uuid, record, result, reason, node)
         if result == RESULT_DONE:
             values[self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)] = ""
         history = [path for path in values if path.startswith(self.schema.domain_history(uuid) + "/")]
         ok = self.store.write(values, expect_versions={self.schema.domain_migration(uuid): version}, delete=delete,
                               create=history)
         if not ok:
-            log.warning("migration %s of %s: record changed before it could be finished; re-reading", record.get("id"), uuid)
+            log.warning("migration %s of %s: record changed before it could be finished; re-reading", record.id, uuid)
             return False
-        self.domains.wrote_migration(uuid, (record.get("id"), version), None, -1)
+        self.domains.wrote_migration(uuid, (record.id, version), None, -1)
         self.deadlines.clear(uuid)
         self._prefetched.pop(uuid, None)
         self._prune_history(uuid)
         if result == RESULT_DONE:
-            log.ok("migration %s of %s done: %s -> %s, method %s, %.2f s", record["id"], uuid, record["source"],
-                   record["target"], final.get("method_used"), final.get("duration_s", 0))
+            log.ok("migration %s of %s done: %s -> %s, method %s, %.2f s", record.id, uuid, record.source,
+                   record.target, final.get("method_used"), final.get("duration_s", 0))
         else:
-            log.warning("migration %s of %s aborted: %s; the VM stays on %s", record["id"], uuid, reason,
-                        node or record["source"])
+            log.warning("migration %s of %s aborted: %s; the VM stays on %s", record.id, uuid, reason,
+                        node or record.source)
         if self.metrics:
             self.metrics.migration(final)
         return True
 
-    def abort(self, uuid: str, record: dict, version: int, reason: str, node: str | None = None) -> bool:
+    def abort(self, uuid: str, record: MigrationRecord, version: int, reason: str, node: str | None = None) -> bool:
         return self.finish(uuid, record, version, RESULT_ABORTED, reason, node)
 
     def _prune_history(self, uuid: str) -> None:
@@ -314,11 +333,11 @@ class MigrationAgent:
             self.deadlines.clear(uuid)
             self._prefetched.pop(uuid, None)   # ended elsewhere (e.g. the target aborted it)
             return
-        marker = f"{record.get('id')}:{version}"
+        marker = f"{record.id}:{version}"
         timed_out = self.deadlines.expired(uuid, marker)
-        if record.get("source") == self.node:
+        if record.source == self.node:
             self.as_source(uuid, record, version, marker, timed_out, local_state)
-        elif record.get("target") == self.node:
+        elif record.target == self.node:
             self.as_target(uuid, record, version, marker, timed_out, local_state)
 
     def _local(self, uuid: str, hint) -> str | None:
@@ -326,23 +345,23 @@ class MigrationAgent:
 
     # ---- source side --------------------------------------------------------------------------
 
-    def as_source(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool, local=ASK) -> None:
-        step = record.get("step")
+    def as_source(self, uuid: str, record: MigrationRecord, version: int, marker: str, timed_out: bool, local=ASK) -> None:
+        step = record.step
         if step == STEP_REQUESTED:
             if timed_out:
-                self.abort(uuid, record, version, f"target {record['target']} did not prepare within {self.config.step_timeout_s:.0f} s")
+                self.abort(uuid, record, version, f"target {record.target} did not prepare within {self.config.step_timeout_s:.0f} s")
             else:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
                 # Read what the transfer decides on now, while the target prepares: the transfer
                 # then starts with no read on the way, and its first write checks these keys'
                 # versions (see transfer). Likewise libvirt's part of a live migration's start.
-                if self._prefetched.get(uuid, (None,))[0] != record.get("id"):   # once per migration
+                if self._prefetched.get(uuid, (None,))[0] != record.id:   # once per migration
                     try:
                         inputs = self.read_transfer_inputs(uuid, record)
                     except StoreError as exc:
-                        log.debug("migration %s of %s: transfer inputs not read ahead: %s", record.get("id"), uuid, exc)
+                        log.debug("migration %s of %s: transfer inputs not read ahead: %s", record.id, uuid, exc)
                     else:
-                        self._prefetched[uuid] = (record.get("id"), inputs, self.setup_ahead(uuid, record, inputs, local))
+                        self._prefetched[uuid] = (record.id, inputs, self.setup_ahead(uuid, record, inputs, local))
         elif step == STEP_PREPARED:
             self.transfer(uuid, record, version, local)
         elif step == STEP_TRANSFERRING:
@@ -355,16 +374,16 @@ class MigrationAgent:
             else:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
 
-    def read_transfer_inputs(self, uuid: str, record: dict) -> dict:
+    def read_transfer_inputs(self, uuid: str, record: MigrationRecord) -> dict:
         """What a transfer decides on and needs, in one round: the VM's node (has the target
         changed?), the meta of a migration (has the method changed since the request?), and,
         unless the request named a shutdown migration, the target's published libvirt and
         transport URIs (live_migrate reads them itself if the method has changed since)."""
-        uris = self._target_uri_paths(record) if record.get("force_live") or record.get("method") != "shutdown" else []
+        uris = self._target_uri_paths(record) if record.force_live or record.method != "shutdown" else []
         return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE)]
                                     + meta_paths(self.schema, uuid, MIGRATION_META) + uris)
 
-    def setup_ahead(self, uuid: str, record: dict, inputs: dict, local=ASK):
+    def setup_ahead(self, uuid: str, record: MigrationRecord, inputs: dict, local=ASK):
         """The libvirt calls a live migration makes before its transfer (the domain's lookup,
         whether it is persistent, its maximum downtime as the meta read ahead has it), made at
         `requested` while the target prepares; None when the migration will not start live or
@@ -372,38 +391,38 @@ class MigrationAgent:
         the VM's own, and the transfer's migrate() makes the calls again if the setup is stale
         (another downtime by then, or a lifecycle event of the VM since)."""
         meta = meta_from(self.schema, uuid, inputs, MIGRATION_META)
-        if not record.get("force_live") and meta.migration_method == "shutdown":
+        if not record.force_live and meta.migration_method == "shutdown":
             return None
         if local is not ASK and local not in RUNNING:
             return None
         try:
             return self.hypervisor.prepare_migration(uuid, meta.migration_max_downtime_ms)
         except HypervisorError as exc:   # the transfer's own attempt reports it, if it still fails
-            log.debug("migration %s of %s: libvirt not set up ahead: %s", record.get("id"), uuid, exc)
+            log.debug("migration %s of %s: libvirt not set up ahead: %s", record.id, uuid, exc)
             return None
 
-    def _target_uri_paths(self, record: dict) -> list[str]:
-        return [self.schema.node_key(record["target"], key) for key in (S.NODE_LIBVIRT_URI, S.NODE_TRANSPORT_URI)]
+    def _target_uri_paths(self, record: MigrationRecord) -> list[str]:
+        return [self.schema.node_key(record.target, key) for key in (S.NODE_LIBVIRT_URI, S.NODE_TRANSPORT_URI)]
 
-    def transfer(self, uuid: str, record: dict, version: int, local=ASK) -> None:
+    def transfer(self, uuid: str, record: MigrationRecord, version: int, local=ASK) -> None:
         pause_point("source:before-transfer")
         known = self._prefetched.pop(uuid, None)
-        inputs, setup = known[1:] if known and known[0] == record.get("id") else (None, None)
+        inputs, setup = known[1:] if known and known[0] == record.id else (None, None)
         if inputs is not None and self.checkable(uuid, record, inputs):
             try:
                 self._transfer(uuid, record, version, local, inputs, fresh=False, setup=setup)
                 return
             except StaleCheck as exc:
-                log.info("migration %s of %s: %s changed since it was read; reading again", record.get("id"), uuid, exc)
+                log.info("migration %s of %s: %s changed since it was read; reading again", record.id, uuid, exc)
         try:
             self._transfer(uuid, record, version, local, self.read_transfer_inputs(uuid, record), fresh=True,
                            setup=setup)
         except StaleCheck as exc:
             # changed again within a round trip: the next change of the record, or the step
             # deadline, brings this back
-            log.warning("migration %s of %s: %s keeps changing; transfer not started", record.get("id"), uuid, exc)
+            log.warning("migration %s of %s: %s keeps changing; transfer not started", record.id, uuid, exc)
 
-    def checkable(self, uuid: str, record: dict, inputs: dict) -> bool:
+    def checkable(self, uuid: str, record: MigrationRecord, inputs: dict) -> bool:
         """Whether the keys that decide the transfer's course existed in ``inputs``: the VM's
         node and (unless the request forces a live migration) its migration method. A key's
         absence cannot be checked in a transaction (a method set since the read ahead would go
@@ -412,15 +431,15 @@ class MigrationAgent:
         downtime means the default one, and a target URI that is wrong fails the migration."""
         if inputs[self.schema.domain_key(uuid, S.DOMAIN_NODE)] is None:
             return False
-        return bool(record.get("force_live")) or inputs[self.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)] is not None
+        return bool(record.force_live) or inputs[self.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)] is not None
 
-    def _transfer(self, uuid: str, record: dict, version: int, local, inputs: dict, fresh: bool,
+    def _transfer(self, uuid: str, record: MigrationRecord, version: int, local, inputs: dict, fresh: bool,
                   setup=None) -> None:
         """``inputs``: read_transfer_inputs' answers; the first write checks their versions, so
         a change since they were read raises StaleCheck before anything happened. A
         reassignment seen in them is confirmed by a fresh read (``fresh``) before it aborts.
         ``setup``: setup_ahead's answer, for a live attempt."""
-        target = record["target"]
+        target = record.target
         node_path = self.schema.domain_key(uuid, S.DOMAIN_NODE)
         node_now = inputs[node_path][0] if inputs[node_path] else None
         if node_now != target:
@@ -430,7 +449,7 @@ class MigrationAgent:
             return
         meta = meta_from(self.schema, uuid, inputs, MIGRATION_META)
         checks = {path: found[1] for path, found in inputs.items() if found is not None}
-        method = "live" if record.get("force_live") else meta.migration_method
+        method = "live" if record.force_live else meta.migration_method
         if self._local(uuid, local) not in ACTIVE:
             # Nothing runs here (it crashed, or was never started): the target simply starts it.
             advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, checks=checks, method_used="offline",
@@ -457,7 +476,7 @@ class MigrationAgent:
                 self.after_failed_live(uuid, record, version, error)
                 return
             log.warning("migration %s of %s: live migration failed (%s); falling back to a shutdown migration",
-                        record["id"], uuid, error)
+                        record.id, uuid, error)
             advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used="shutdown", fallback_reason=error)
             if not advanced:
                 return
@@ -466,7 +485,7 @@ class MigrationAgent:
         crash_point("source:shutdown-done")
         self.advance(uuid, record, version, STEP_TRANSFERRED)
 
-    def live_migrate(self, uuid: str, record: dict, meta, inputs: dict, setup=None) -> str | None:
+    def live_migrate(self, uuid: str, record: MigrationRecord, meta, inputs: dict, setup=None) -> str | None:
         """Run the live migration; None on success, else libvirt's reason. ``inputs``: as
         read_transfer_inputs answered (the target's URIs); ``setup``: as setup_ahead made it
         (used only if it still holds, see Hypervisor.migrate)."""
@@ -475,8 +494,8 @@ class MigrationAgent:
             inputs = self.store.read_many(paths)
         dest_uri, transport_uri = ((inputs[path] or ("",))[0] for path in paths)
         if not dest_uri:
-            return f"target {record['target']} has not published its libvirt URI"
-        timeout_s = self.config.live_timeout_s(int(record.get("memory_mib") or 0))
+            return f"target {record.target} has not published its libvirt URI"
+        timeout_s = self.config.live_timeout_s(record.memory_mib)
         crash_while_migrating(self.hypervisor, uuid)
         try:
             self.hypervisor.migrate(uuid, dest_uri, migration_uri=transport_uri or None,
@@ -486,13 +505,13 @@ class MigrationAgent:
             return str(exc)
         return None
 
-    def after_failed_live(self, uuid: str, record: dict, version: int, error: str) -> None:
+    def after_failed_live(self, uuid: str, record: MigrationRecord, version: int, error: str) -> None:
         local = self.local_state(uuid)
         if local in RUNNING:
             self.abort(uuid, record, version, f"live migration failed and the VM's method is live: {error}")
         else:
             # libvirt failed late (after switch-over?): let ground truth decide where it runs
-            self.resolve(uuid, record, version, f"{record['id']}:{version}")
+            self.resolve(uuid, record, version, f"{record.id}:{version}")
 
     def shutdown_here(self, uuid: str) -> None:
         try:
@@ -503,12 +522,12 @@ class MigrationAgent:
 
     # ---- target side --------------------------------------------------------------------------
 
-    def as_target(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool, local=ASK) -> None:
-        step = record.get("step")
+    def as_target(self, uuid: str, record: MigrationRecord, version: int, marker: str, timed_out: bool, local=ASK) -> None:
+        step = record.step
         if step == STEP_REQUESTED:
             self.prepare(uuid, record, version, local)
         elif step in (STEP_PREPARED, STEP_TRANSFERRING):
-            if step == STEP_TRANSFERRING and record.get("method_used") == "live" and self._local(uuid, local) in RUNNING:
+            if step == STEP_TRANSFERRING and record.method_used == "live" and self._local(uuid, local) in RUNNING:
                 # libvirt resumed the incoming copy: the switch-over is done, and the source's
                 # copy can never run again (libvirt stops it in the same job). The reconciler
                 # wakes on that lifecycle event, so the migration ends here without waiting for
@@ -521,12 +540,12 @@ class MigrationAgent:
             else:
                 wait = self.config.step_timeout_s
                 if step == STEP_TRANSFERRING:
-                    wait += self.config.live_timeout_s(int(record.get("memory_mib") or 0)) + self.config.shutdown_timeout_s
+                    wait += self.config.live_timeout_s(record.memory_mib) + self.config.shutdown_timeout_s
                 self.deadlines.arm(uuid, marker, wait)
         elif step == STEP_TRANSFERRED:
             self.complete(uuid, record, version, marker, timed_out, local)
 
-    def prepare(self, uuid: str, record: dict, version: int, local=ASK) -> None:
+    def prepare(self, uuid: str, record: MigrationRecord, version: int, local=ASK) -> None:
         pause_point("target:before-prepare")
         paths = self.readiness.paths   # this node's daemon state and domain state
         # This node's readiness as its watches last reported it, with no read on the way. The
@@ -544,7 +563,7 @@ class MigrationAgent:
                            f"target {self.node} is not ready (daemon {daemon_state}, domain state {domain_state})")
                 return
             if self._local(uuid, local) in ACTIVE:
-                self.resolve(uuid, record, version, f"{record['id']}:{version}")
+                self.resolve(uuid, record, version, f"{record.id}:{version}")
                 return
             try:
                 if self.advance(uuid, record, version, STEP_PREPARED,
@@ -554,9 +573,9 @@ class MigrationAgent:
             except StaleCheck as exc:
                 # After a fresh read too (it changed again within a round trip): nothing written,
                 # and the source's step deadline ends the migration if no event brings it back.
-                log.info("migration %s of %s: %s changed while preparing; reading it again", record.get("id"), uuid, exc)
+                log.info("migration %s of %s: %s changed while preparing; reading it again", record.id, uuid, exc)
 
-    def complete(self, uuid: str, record: dict, version: int, marker: str, timed_out: bool, local=ASK) -> None:
+    def complete(self, uuid: str, record: MigrationRecord, version: int, marker: str, timed_out: bool, local=ASK) -> None:
         local = self._local(uuid, local)
         if local in RUNNING:
             crash_point("target:before-done")
@@ -570,24 +589,24 @@ class MigrationAgent:
             else:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
             return
-        if record.get("method_used") == "live":
+        if record.method_used == "live":
             # live reported success but nothing runs here: ask both sides
             self.resolve(uuid, record, version, marker)
             return
         self.start_here(uuid, record, version)
 
-    def start_here(self, uuid: str, record: dict, version: int) -> None:
+    def start_here(self, uuid: str, record: MigrationRecord, version: int) -> None:
         # Claim the start with a version-checked write before creating anything: if the source
         # ended the migration meanwhile (an abort gives the VM back to it, and its reconciler
         # starts it there), the claim fails and nothing starts here; once the claim is written, a
         # concurrent abort based on the older record fails instead (I1).
         path = self.schema.domain_migration(uuid)
-        claim = dict(record, starting_on=self.node)
-        if not self.store.write({path: claim}, expect_versions={path: version}):
+        claim = replace(record, starting_on=self.node)
+        if not self.store.write({path: claim.to_json()}, expect_versions={path: version}):
             log.warning("migration %s of %s: record changed before the start here could be claimed; re-reading",
-                        record.get("id"), uuid)
+                        record.id, uuid)
             return
-        self.domains.wrote_migration(uuid, (record.get("id"), version), claim, version + 1)
+        self.domains.wrote_migration(uuid, (record.id, version), claim, version + 1)
         record, version = claim, version + 1
         known = self.domains.get(uuid)
         xml = known.xml if known is not None and S.DOMAIN_XML in known.present else None
@@ -599,23 +618,23 @@ class MigrationAgent:
             self.hypervisor.create(xml)
         except HypervisorError as exc:
             # The VM runs nowhere now: give it back to the source, whose reconciler starts it.
-            self.abort(uuid, record, version, f"start on target {self.node} failed: {exc}", node=record["source"])
+            self.abort(uuid, record, version, f"start on target {self.node} failed: {exc}", node=record.source)
             return
         crash_point("target:started")
         self.finish(uuid, record, version, RESULT_DONE)
 
     # ---- ground truth -------------------------------------------------------------------------
 
-    def resolve(self, uuid: str, record: dict, version: int, marker: str) -> None:
+    def resolve(self, uuid: str, record: MigrationRecord, version: int, marker: str) -> None:
         """Finish or roll back from libvirt's view on both sides (docs/migration-protocol.md)."""
         _, current = self.read_record(uuid)
         if current != version:
             return   # the record moved on (or ended) since it was handed to us: its watch brings it
-        source, target = record["source"], record["target"]
+        source, target = record.source, record.target
         on_source = self.state_on(source, uuid)
         on_target = self.state_on(target, uuid)
         log.info("migration %s of %s: resolving from libvirt: source %s is %s, target %s is %s",
-                 record["id"], uuid, source, on_source, target, on_target)
+                 record.id, uuid, source, on_source, target, on_target)
         if UNKNOWN in (on_source, on_target):
             # A node we cannot ask may still run the VM: start nothing, ask again later (I1 first).
             self.deadlines.arm(uuid, f"{marker}:retry:{time.monotonic():.0f}", self.config.step_timeout_s)
@@ -646,8 +665,8 @@ class MigrationAgent:
                 self.deadlines.arm(uuid, f"{marker}:paused:{time.monotonic():.0f}", self.config.step_timeout_s)
             return
         # Off on both sides.
-        step = record.get("step")
-        shut_down_for_migration = record.get("method_used") in ("shutdown", "offline") and step in (STEP_TRANSFERRING, STEP_TRANSFERRED)
+        step = record.step
+        shut_down_for_migration = record.method_used in ("shutdown", "offline") and step in (STEP_TRANSFERRING, STEP_TRANSFERRED)
         if shut_down_for_migration and self.node == target:
             self.start_here(uuid, record, version)
             return
@@ -684,4 +703,5 @@ class MigrationAgent:
         record = new_record(plan, vm, requester=self.node)
         path = self.schema.domain_migration(uuid)
         # create: a request written meanwhile wins, and this is re-decided from it
-        self.store.write({path: record, self.schema.node_reservation(assigned, uuid): vm.memory_mib}, create=[path])
+        self.store.write({path: record.to_json(), self.schema.node_reservation(assigned, uuid): vm.memory_mib},
+                         create=[path])

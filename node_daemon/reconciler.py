@@ -16,17 +16,18 @@ A periodic pass every keepalive interval also catches what no watch reports (a g
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 
 from kazoo.exceptions import NoNodeError
 
+from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._domain_xml import DomainXMLError, parse_domain_xml
+from pvc_cluster_common._decode import Invalid
 
 from .domains import DomainTable
 from .hypervisor import HypervisorError
+from .invalid import InvalidValues
 from .threads import ReusableThreads
 from .vmstate import ACTIVE_LIBVIRT_STATES, Action, Desired, decide
 
@@ -39,11 +40,18 @@ FOLLOWED_KEYS = (S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
 # What desired_from_table answers while a VM's first reads are still in flight: not "nothing is
 # desired" (None), but "not known yet" (the answers queue another pass).
 LOADING = object()
+# What happens to a VM whose key is not valid, as the log says it.
+LEFT_ALONE = "the VM is left as it is until the value is fixed"
+RECORD_LEFT_ALONE = ("no daemon acts on the record and the VM is left as it is until an operator clears it "
+                     "(pvc.cluster.vm_migrate with state=cleared)")
+XML_REFUSED = "the VM is neither started nor migrated until its XML is fixed"
 
 
 class Reconciler:
-    def __init__(self, node, config, store, hypervisor, domains: DomainTable, migrations, metrics=None) -> None:
+    def __init__(self, node, config, store, hypervisor, domains: DomainTable, migrations, metrics=None,
+                 invalid: InvalidValues | None = None) -> None:
         self.node = node
+        self.invalid = invalid or InvalidValues(metrics)
         self.config = config
         self.store = store
         self.schema = store.schema
@@ -80,7 +88,7 @@ class Reconciler:
             return
         record = self.domains.get(uuid)
         if (record is not None and record.migration_target == self.node
-                and (record.migration or {}).get("method_used") == "live"):
+                and record.migration is not None and record.migration.method_used == "live"):
             self.enqueue(uuid)
 
     def _on_domains(self, children) -> bool:
@@ -204,42 +212,51 @@ class Reconciler:
     def _concerns_me(self, record) -> bool:
         return record is not None and self.node in (record.node, record.migration_source, record.migration_target)
 
+    def _decoded(self, path: str, kind: str, decoder, value, version: int, fallback, consequence: str, *args):
+        """(decoded value, "") or, for an invalid value (reported once per version), (fallback,
+        why). A missing key (None) reads as ``fallback``."""
+        if value is None:
+            self.invalid.valid(path)
+            return fallback, ""
+        try:
+            decoded = decoder(value, path, *args)
+        except Invalid as exc:
+            self.invalid.report(exc, kind, version, consequence)
+            return fallback, str(exc)
+        self.invalid.valid(path)
+        return decoded, ""
+
     def _record(self, uuid: str, key: str, value: str | None, version: int) -> None:
         exists = value is not None
+        path = self.schema.domain_key(uuid, key)
         if key == S.DOMAIN_XML:
-            if not value:
-                self.domains.put(uuid, key, exists, memory_mib=0, vcpus=0, xml_ok=False, xml="")
-                return
-            try:
-                info = parse_domain_xml(value)
-            except DomainXMLError as exc:
-                log.error("VM %s: its XML in ZooKeeper cannot be parsed (%s); counted as 0 MiB", uuid, exc)
-                self.domains.put(uuid, key, exists, memory_mib=0, vcpus=0, xml_ok=False, xml=value)
+            info, error = self._decoded(path, "xml", R.domain_xml, value, version, None, XML_REFUSED)
+            if info is None:
+                self.domains.put(uuid, key, exists, memory_mib=0, vcpus=0, xml_ok=False, xml=value or "",
+                                 xml_error=error or "no domain XML in ZooKeeper")
                 return
             self.domains.put(uuid, key, exists, name=info.name, memory_mib=info.memory_mib, vcpus=info.vcpus,
-                             xml_ok=True, xml=value)
+                             xml_ok=True, xml_error="", xml=value)
         elif key == S.DOMAIN_STATE:
-            self.domains.put(uuid, key, exists, state=value or "")
+            state, error = self._decoded(path, "state", R.vm_state, value, version, "", LEFT_ALONE)
+            self.domains.put(uuid, key, exists, state=state, state_error=error)
         elif key == S.DOMAIN_NODE:
-            self.domains.put(uuid, key, exists, node=value or "", node_version=version)
+            node, error = self._decoded(path, "node", R.vm_node, value, version, "", LEFT_ALONE)
+            self.domains.put(uuid, key, exists, node=node, node_version=version, node_error=error)
         elif key == S.DOMAIN_LASTNODE:
-            self.domains.put(uuid, key, exists, lastnode=value or "")
+            lastnode, _ = self._decoded(path, "lastnode", R.vm_node, value, version, "", "read as none (no home node)")
+            self.domains.put(uuid, key, exists, lastnode=lastnode)
         elif key == S.DOMAIN_MIGRATION:
-            record = None
-            if value:
-                try:
-                    record = json.loads(value)
-                except ValueError:
-                    log.error("VM %s: unreadable migration record %r; ignored", uuid, value[:80])
-            if not isinstance(record, dict):
-                record = None
+            record, error = self._decoded(path, "migration", R.migration_record, value, version, None,
+                                          RECORD_LEFT_ALONE, uuid)
             current = self.domains.get(uuid)
-            if (record and current and current.migration and current.migration.get("id") == record.get("id")
+            if (record and current and current.migration and current.migration.id == record.id
                     and version < current.migration_version):
                 return   # an answer older than this daemon's own write, already recorded
-            self.domains.put(uuid, key, exists, migration=record, migration_version=version if record else -1,
-                             migration_source=record.get("source") if record else None,
-                             migration_target=record.get("target") if record else None)
+            self.domains.put(uuid, key, exists, migration=record, migration_version=version if exists else -1,
+                             migration_error=error,
+                             migration_source=record.source if record else None,
+                             migration_target=record.target if record else None)
 
     # ---- work queue ---------------------------------------------------------------------------
 
@@ -295,7 +312,7 @@ class Reconciler:
                 continue
             if record.migration_source is not None:
                 continue   # migrations wake on watches and step deadlines
-            desired = Desired(state=record.state, node=record.node)
+            desired = Desired(state=record.state, node=record.node, invalid=record.invalid)
             if decide(self.node, desired, local.get(uuid)).action not in (Action.NOTHING, Action.FORGET):
                 self.enqueue(uuid)
         if full:
@@ -316,24 +333,25 @@ class Reconciler:
     # ---- one VM -------------------------------------------------------------------------------
 
     def read_desired(self, uuid: str):
-        """Fresh reads of the keys that decide what happens to the VM (None when it is gone)."""
+        """Fresh reads of the keys that decide what happens to the VM (None when it is gone),
+        decoded as the watches decode them."""
         paths = (self.schema.domain_key(uuid, S.DOMAIN_STATE), self.schema.domain_key(uuid, S.DOMAIN_NODE),
                  self.schema.domain_migration(uuid))
         values = self.store.read_many(paths)
         state, node, found = (values[path] for path in paths)
         if state is None or node is None:
             return None, None
-        state, node = state[0], node[0]
-        record = None
-        if found and found[0]:
-            try:
-                record = (json.loads(found[0]), found[1])
-            except ValueError:
-                log.error("VM %s: unreadable migration record %r; ignored", uuid, found[0][:80])
+        state, state_error = self._decoded(paths[0], "state", R.vm_state, state[0], state[1], "", LEFT_ALONE)
+        node, node_error = self._decoded(paths[1], "node", R.vm_node, node[0], node[1], "", LEFT_ALONE)
+        record, record_error = (None, "")
+        if found is not None:
+            record, record_error = self._decoded(paths[2], "migration", R.migration_record, found[0], found[1], None,
+                                                 RECORD_LEFT_ALONE, uuid)
         desired = Desired(state=state, node=node,
-                          migration_source=record[0].get("source") if record else None,
-                          migration_target=record[0].get("target") if record else None)
-        return desired, record
+                          migration_source=record.source if record else None,
+                          migration_target=record.target if record else None,
+                          invalid=record_error or state_error or node_error)
+        return desired, ((record, found[1]) if record else None)
 
     def desired_from_table(self, uuid: str):
         """(Desired, (record, version)) from the watch-fed table; (None, None) when the VM's
@@ -346,7 +364,7 @@ class Reconciler:
         if S.DOMAIN_STATE not in record.present or S.DOMAIN_NODE not in record.present:
             return None, None
         desired = Desired(state=record.state, node=record.node, migration_source=record.migration_source,
-                          migration_target=record.migration_target)
+                          migration_target=record.migration_target, invalid=record.invalid)
         return desired, ((record.migration, record.migration_version) if record.migration else None)
 
     def reconcile(self, uuid: str) -> None:
@@ -398,9 +416,14 @@ class Reconciler:
     # ---- actions ------------------------------------------------------------------------------
 
     def start_vm(self, uuid: str) -> bool:
-        xml = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
-        if not xml:
+        path = self.schema.domain_key(uuid, S.DOMAIN_XML)
+        found = self.store.read_versioned(path)
+        if not found:
             self._fail(uuid, "no domain XML in ZooKeeper")
+            return False
+        xml, refusal = self.checked_xml(uuid, *found)
+        if refusal:
+            self._fail(uuid, refusal)
             return False
         try:
             self.hypervisor.create(xml)
@@ -412,6 +435,13 @@ class Reconciler:
         self.follow(uuid)
         self.store.write({self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): ""})
         return True
+
+    def checked_xml(self, uuid: str, xml: str, version: int) -> tuple[str, str]:
+        """(the VM's XML, "") when it may be given to libvirt, else (xml, why not): the XML
+        decodes (a bounded, parsed libvirt domain document with its memory size)."""
+        _, error = self._decoded(self.schema.domain_key(uuid, S.DOMAIN_XML), "xml", R.domain_xml, xml, version,
+                                 None, XML_REFUSED)
+        return xml, (f"refused to start: {error}" if error else "")
 
     def _fail(self, uuid: str, reason: str) -> None:
         log.error("VM %s: start failed: %s", uuid, reason)

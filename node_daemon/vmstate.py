@@ -33,6 +33,9 @@ class Desired:
     node: str             # node the VM is assigned to
     migration_source: str | None = None   # set when a migration record exists
     migration_target: str | None = None
+    # why a key that decides about the VM (its state, node or migration record) is not valid;
+    # then nothing is done about the VM until it is (an operator's fix, or a record cleared)
+    invalid: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ def decide(me: str, desired: Desired, local_state: str | None) -> Decision:
     """
     active = local_state in ACTIVE_LIBVIRT_STATES
     running = local_state in ("running", "blocked")
+
+    if desired.invalid:
+        # Acting on a guess could start a second copy (a record that was mid-migration) or stop
+        # a VM someone needs: the VM stays exactly as it is, wherever it runs.
+        return Decision(Action.NOTHING, why=f"left as it is: {desired.invalid}")
 
     if desired.migration_source is not None:
         if me in (desired.migration_source, desired.migration_target):

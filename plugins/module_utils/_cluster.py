@@ -8,15 +8,15 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field, replace
 
 from . import _schema as S
-from ._decode import MAX_MIB, integer, or_default
-from ._domain_xml import DomainXMLError, parse_domain_xml
+from . import _records as R
+from ._decode import Invalid, or_default, vm_name
 from ._meta import VMMeta
+from ._records import MigrationRecord
 from ._selector import NodeView
 
 HISTORY_SHOWN = 5
@@ -37,10 +37,14 @@ class VMRecord:
     vcpus: int = 0
     failedreason: str = ""
     node_version: int = -1
-    migration: dict | None = None
-    migration_version: int = -1
+    migration: MigrationRecord | None = None   # the in-flight migration, when its record is valid
+    migration_version: int = -1                # the record's version, valid or not (-1: no record)
+    migration_error: str = ""                  # why the record that exists is not valid
     xml_error: str = ""
     stats: dict = field(default_factory=dict)
+    # every stored value of the VM that is not valid (the XML, the migration record and the
+    # meta included), each naming its key; such a value reads as its default
+    invalid: tuple = ()
 
     @property
     def home(self) -> str:
@@ -51,11 +55,18 @@ class VMRecord:
 def reservation_mib(text: str | None, path: str, problems: list) -> int:
     """An incoming-migration reservation in MiB; an invalid one reads as 0 and is added to
     ``problems`` (it cannot hold a node's memory hostage, and the report shows it)."""
-    return or_default(integer, text, path, 0, problems, maximum=MAX_MIB)
+    return or_default(R.reservation, text, path, 0, problems)
 
 
 def node_names(store) -> list[str]:
     return sorted(store.children(store.schema.nodes()) or [])
+
+
+def read_running(store, node: str, problems: list | None = None) -> tuple[str, ...]:
+    """The VMs ``node`` reports running (its ``runningdomains``); none when the key is missing
+    or not valid (then added to ``problems``)."""
+    path = store.schema.node_key(node, S.NODE_RUNNINGDOMAINS)
+    return or_default(R.running_domains, store.read(path), path, (), [] if problems is None else problems)
 
 
 def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tuple[dict, dict[str, int], bool]]:
@@ -168,52 +179,63 @@ def read_vms(store, uuids) -> dict[str, VMRecord]:
 
 
 def vm_from(schema, uuid: str, found: dict) -> VMRecord | None:
-    """A VM's record from the answers of a read that included ``vm_paths(schema, uuid)``."""
-    paths = {key: schema.domain_key(uuid, key) for key in _VM_KEYS}
+    """A VM's record from the answers of a read that included ``vm_paths(schema, uuid)``.
+    Every key is decoded by its decoder in _records; an invalid value reads as its default and
+    is listed in ``invalid`` (the XML's and the record's problems also in ``xml_error`` and
+    ``migration_error``)."""
     if found[schema.domain(uuid)] is None:
         return None
+    problems: list[Invalid] = []
 
-    def text(key: str) -> str:
-        value = found[paths[key]]
-        return value[0] if value else ""
+    def value(path: str):
+        answer = found[path]
+        return answer[0] if answer else None
 
-    node = found[paths[S.DOMAIN_NODE]]
-    migration = found[schema.domain_migration(uuid)]
-    xml = text(S.DOMAIN_XML)
+    def key(name: str, fallback):
+        path = schema.domain_key(uuid, name)
+        return or_default(R.VM_KEY_DECODERS[name], value(path), path, fallback, problems)
+
+    node = found[schema.domain_key(uuid, S.DOMAIN_NODE)]
+    xml_path = schema.domain_key(uuid, S.DOMAIN_XML)
+    xml = value(xml_path) or ""
     memory = vcpus = 0
     xml_error = ""
     try:
-        info = parse_domain_xml(xml)
+        info = R.domain_xml(xml, xml_path)
         memory, vcpus = info.memory_mib, info.vcpus
-    except DomainXMLError as exc:
+    except Invalid as exc:
+        problems.append(exc)
         xml_error = str(exc)
+    migration_path = schema.domain_migration(uuid)
+    migration = found[migration_path]
     record = None
-    if migration and migration[0]:
+    migration_error = ""
+    if migration is not None:
         try:
-            record = json.loads(migration[0])
-        except ValueError:
-            record = {"unreadable": migration[0][:200]}
-    try:
-        stats_value = json.loads(text(S.DOMAIN_STATS) or "{}")
-    except ValueError:
-        stats_value = {}
+            record = R.migration_record(migration[0], migration_path, uuid)
+        except Invalid as exc:
+            problems.append(exc)
+            migration_error = str(exc)
     meta = meta_from(schema, uuid, found)
+    name = or_default(vm_name, value(schema.domain(uuid)), schema.domain(uuid), uuid, problems)
     return VMRecord(
         uuid=uuid,
-        name=found[schema.domain(uuid)][0],
-        state=text(S.DOMAIN_STATE),
-        node=node[0] if node else "",
-        lastnode=text(S.DOMAIN_LASTNODE),
+        name=name,
+        state=key(S.DOMAIN_STATE, ""),
+        node=key(S.DOMAIN_NODE, ""),
+        lastnode=key(S.DOMAIN_LASTNODE, ""),
         xml=xml,
         meta=meta,
         memory_mib=memory,
         vcpus=vcpus,
-        failedreason=text(S.DOMAIN_FAILEDREASON),
+        failedreason=key(S.DOMAIN_FAILEDREASON, ""),
         node_version=node[1] if node else -1,
         migration=record,
         migration_version=migration[1] if migration else -1,
+        migration_error=migration_error,
         xml_error=xml_error,
-        stats=stats_value,
+        stats=key(S.DOMAIN_STATS, {}),
+        invalid=tuple(problems),
     )
 
 
@@ -235,17 +257,22 @@ def vm_definition(schema, uuid: str, name: str, xml: str, node: str, state: str,
     return values
 
 
-def read_history(store, uuid: str, last: int = HISTORY_SHOWN) -> list[dict]:
-    """The last ``last`` finished migrations of a VM, oldest first."""
+def read_history(store, uuid: str, last: int = HISTORY_SHOWN, problems: list | None = None) -> list[dict]:
+    """The last ``last`` finished migrations of a VM, oldest first, each decoded
+    (_records.history_entry); an invalid one is left out and added to ``problems``."""
     path = store.schema.domain_history(uuid)
     entries = sorted(store.children(path) or [])[-last:] if last else []
+    found = store.read_many([f"{path}/{entry}" for entry in entries])
+    problems = [] if problems is None else problems
     result = []
     for entry in entries:
-        text = store.read(path + "/" + entry)
+        answer = found[f"{path}/{entry}"]
+        if answer is None:
+            continue   # pruned since it was listed
         try:
-            result.append(json.loads(text or ""))
-        except ValueError:
-            continue
+            result.append(R.history_entry(answer[0], f"{path}/{entry}", uuid))
+        except Invalid as exc:
+            problems.append(exc)
     return result
 
 

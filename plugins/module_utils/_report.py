@@ -13,7 +13,6 @@ cluster (memory accounting of a node names the VMs assigned to it and running on
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from . import _schema as S
 from ._cluster import node_names, read_history, read_nodes_raw, read_vms, vm_uuids
 from ._decode import MAX_MIB, integer, number, or_default
 from ._meta import VMMeta
+from ._records import running_domains
 from ._selector import NodeView, resolve_selector, survives_node_failure
 
 
@@ -72,11 +72,10 @@ class ClusterSnapshot:
                 for name, raw in self.nodes.items()}
 
     def running(self, node: str) -> list[str]:
-        try:
-            value = json.loads(self.nodes.get(node, {}).get(S.NODE_RUNNINGDOMAINS) or "[]")
-        except ValueError:
-            return []
-        return [uuid for uuid in value if isinstance(uuid, str)] if isinstance(value, list) else []
+        """The VMs ``node`` reports running; none when its report is not valid (node_report
+        names it)."""
+        value = self.nodes.get(node, {}).get(S.NODE_RUNNINGDOMAINS)
+        return list(or_default(running_domains, value, f"nodes/{node}/{S.NODE_RUNNINGDOMAINS}", (), []))
 
     def running_on(self, uuid: str) -> list[str]:
         return [node for node in sorted(self.nodes) if uuid in self.running(node)]
@@ -114,6 +113,7 @@ def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) 
     reservations = snapshot.reservations.get(name, {})
     view = NodeView.from_store(name, raw, sum(reservations.values()))
     problems = list(view.invalid)
+    or_default(running_domains, raw.get(S.NODE_RUNNINGDOMAINS), f"nodes/{name}/{S.NODE_RUNNINGDOMAINS}", (), problems)
     keepalive = or_default(number, raw.get(S.NODE_KEEPALIVE), f"nodes/{name}/{S.NODE_KEEPALIVE}", 0.0, problems)
     now = time.time() if now is None else now
     running = snapshot.running(name)
@@ -154,11 +154,13 @@ def vm_report(snapshot: ClusterSnapshot, uuid: str, history: list[dict] | None =
         "vcpus": vm.vcpus,
         "meta": meta_dict(vm.meta),
         "meta_warnings": list(vm.meta.warnings),
-        "migration": vm.migration,
+        "migration": vm.migration.to_dict() if vm.migration else None,
+        "migration_error": vm.migration_error,
         "history": history or [],
         "xml": vm.xml,
         "xml_error": vm.xml_error,
         "stats": vm.stats,
+        "invalid": [str(problem) for problem in vm.invalid],
     }
 
 

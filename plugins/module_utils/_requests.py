@@ -19,16 +19,9 @@ from dataclasses import dataclass, replace
 
 from . import _schema as S
 from ._cluster import read_node_views_of
+from ._records import KINDS, RESULT_ABORTED, STEP_REQUESTED, MigrationRecord
 from ._selector import NoTargetError, NodeView, rejection_reasons, select_target
 
-KINDS = ("migrate", "move", "unmigrate")
-STEP_REQUESTED = "requested"
-STEP_PREPARED = "prepared"
-STEP_TRANSFERRING = "transferring"
-STEP_TRANSFERRED = "transferred"
-STEPS = (STEP_REQUESTED, STEP_PREPARED, STEP_TRANSFERRING, STEP_TRANSFERRED)
-RESULT_DONE = "done"
-RESULT_ABORTED = "aborted"
 # A running VM is migrated; a VM in these states is only re-homed (no record, nothing moves).
 REHOME_ONLY_STATES = ("stop", "disable", "fail")
 # A VM in these states is in the middle of something; a request waits until it settles.
@@ -81,8 +74,15 @@ def plan_request(vm, kind: str, nodes: dict[str, NodeView], target: str | None =
         raise RequestError(f"unknown request {kind!r} (accepted: {', '.join(KINDS)})")
     if vm.migration:
         raise RequestError(
-            f"a migration of VM {vm.name} from {vm.migration.get('source')} to {vm.migration.get('target')} is in flight "
-            f"(step {vm.migration.get('step')}); wait for it to finish")
+            f"a migration of VM {vm.name} from {vm.migration.source} to {vm.migration.target} is in flight "
+            f"(step {vm.migration.step}); wait for it to finish")
+    if vm.migration_error:
+        raise RequestError(
+            f"VM {vm.name} has a migration record that is not valid ({vm.migration_error}); no daemon acts on it, and "
+            f"nothing else moves the VM until it is cleared (pvc.cluster.vm_migrate with state=cleared)")
+    if vm.xml_error:
+        raise RequestError(f"VM {vm.name} is neither started nor migrated: its domain XML is not valid ({vm.xml_error}); "
+                           "define it again with pvc.cluster.vm")
     if vm.state in BUSY_STATES:
         raise RequestError(f"VM {vm.name} is in state {vm.state}; retry when it settles")
     migrates = vm.state not in REHOME_ONLY_STATES
@@ -123,30 +123,25 @@ def plan_request(vm, kind: str, nodes: dict[str, NodeView], target: str | None =
     return plan(target, lastnode, True, f"VM {vm.name} {verb} from {vm.node} to {target}{what}")
 
 
-def new_record(plan: RequestPlan, vm, requester: str) -> dict:
-    now = time.time()
-    method = "live" if plan.force_live else vm.meta.migration_method
-    return {
-        "id": uuidlib.uuid4().hex[:12],
-        "vm": plan.uuid,
-        "name": plan.name,
-        "kind": plan.kind,
-        "source": plan.source,
-        "target": plan.target,
-        "method": method,
-        "force_live": plan.force_live,
-        "memory_mib": plan.memory_mib,
-        "prev_lastnode": vm.lastnode,
-        "requester": requester,
-        "step": STEP_REQUESTED,
-        "method_used": None,
-        "fallback_reason": None,
-        "reason": None,
-        "steps": {STEP_REQUESTED: round(now, 3)},
-    }
+def new_record(plan: RequestPlan, vm, requester: str) -> MigrationRecord:
+    return MigrationRecord(
+        id=uuidlib.uuid4().hex[:12],
+        vm=plan.uuid,
+        name=plan.name,
+        kind=plan.kind,
+        source=plan.source,
+        target=plan.target,
+        method="live" if plan.force_live else vm.meta.migration_method,
+        force_live=plan.force_live,
+        memory_mib=plan.memory_mib,
+        prev_lastnode=vm.lastnode,
+        requester=requester,
+        step=STEP_REQUESTED,
+        steps={STEP_REQUESTED: round(time.time(), 3)},
+    )
 
 
-def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushing_ok: bool = False) -> dict | None:
+def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushing_ok: bool = False) -> MigrationRecord | None:
     """Write a planned request in one transaction. Returns the migration record (None when the
     request only re-homes a stopped VM, or changes nothing). Raises the store's ConflictError when
     the VM changed since it was read (re-read and re-plan), StoreError when ZooKeeper fails.
@@ -181,9 +176,9 @@ def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushi
         if reason:
             raise RequestError(f"cannot migrate VM {plan.name} to {plan.target}: {reason}")
         record = new_record(plan, vm, requester)
-        values[schema.domain_migration(plan.uuid)] = record
+        values[schema.domain_migration(plan.uuid)] = record.to_json()
         values[schema.node_reservation(plan.target, plan.uuid)] = plan.memory_mib
-        values[parent] = record["id"]
+        values[parent] = record.id
         create += [schema.domain_migration(plan.uuid), schema.node_reservation(plan.target, plan.uuid)]
         if found is None:
             create.append(parent)
@@ -193,34 +188,35 @@ def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushi
     return record
 
 
-def history_key(record: dict, finished: float) -> str:
+def history_key(record_id: str, finished: float) -> str:
     """Sortable name of an audit record: finish time in ms, then the migration id."""
-    return f"{int(finished * 1000):015d}-{record['id']}"
+    return f"{int(finished * 1000):015d}-{record_id}"
 
 
-def final_record(record: dict, result: str, reason: str | None = None) -> dict:
+def final_record(record: MigrationRecord, result: str, reason: str | None = None) -> dict:
+    """The audit record of a migration that ends now with ``result``: the record without its
+    ``step``, with ``result``, the time of the result among its steps, and ``duration_s``."""
     finished = time.time()
-    final = dict(record)
-    final["steps"] = dict(record.get("steps") or {})
-    final["steps"][result] = round(finished, 3)
+    final = record.to_dict()
+    final.pop("step", None)
+    final["steps"] = {**record.steps, result: round(finished, 3)}
     final["result"] = result
     if reason:
         final["reason"] = reason
-    started = final["steps"].get(STEP_REQUESTED, finished)
-    final["duration_s"] = round(finished - started, 3)
-    final.pop("step", None)
+    final["duration_s"] = round(finished - record.steps.get(STEP_REQUESTED, finished), 3)
     return final
 
 
-def finish_values(schema, record: dict, result: str, reason: str | None = None, node: str | None = None):
-    """The writes and deletes that end a migration in one transaction: the record and the
-    reservation go, the audit record is added, and on abort ``node``/``lastnode`` point back to
-    where the VM runs. Returns (values, delete, final audit record)."""
+def finish_values(schema, uuid: str, record: MigrationRecord, result: str, reason: str | None = None,
+                  node: str | None = None):
+    """The writes and deletes that end the migration of VM ``uuid`` (the key's UUID) in one
+    transaction: the record and the reservation go, the audit record is added, and on abort
+    ``node``/``lastnode`` point back to where the VM runs. Returns (values, delete, final
+    audit record)."""
     final = final_record(record, result, reason)
-    uuid = record["vm"]
-    values = {schema.domain_history(uuid) + "/" + history_key(record, final["steps"][result]): final}
+    values = {schema.domain_history(uuid) + "/" + history_key(record.id, final["steps"][result]): final}
     if result == RESULT_ABORTED:
-        values[schema.domain_key(uuid, S.DOMAIN_NODE)] = node or record["source"]
-        values[schema.domain_key(uuid, S.DOMAIN_LASTNODE)] = record.get("prev_lastnode") or ""
-    delete = [schema.domain_migration(uuid), schema.node_reservation(record["target"], uuid)]
+        values[schema.domain_key(uuid, S.DOMAIN_NODE)] = node or record.source
+        values[schema.domain_key(uuid, S.DOMAIN_LASTNODE)] = record.prev_lastnode
+    delete = [schema.domain_migration(uuid), schema.node_reservation(record.target, uuid)]
     return values, delete, final

@@ -37,10 +37,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-from ._decode import MAX_MIB, Invalid, integer, number, or_default
+from ._decode import MAX_MIB, Invalid, choice, integer, number, or_default
 from ._memory import headroom_mib
 from ._meta import CLUSTER_DEFAULT_SELECTOR, CONCRETE_SELECTORS, MetaError, parse_node_limit, parse_node_selector
 from ._schema import (
+    DAEMON_STATES,
+    DOMAIN_STATES,
     NODE_CPULOAD,
     NODE_DAEMON_STATE,
     NODE_DEFAULTS,
@@ -106,16 +108,16 @@ class NodeView:
 
         Numbers are decoded with bounds (_decode): a missing one reads as 0, and so does an
         invalid one, which is also listed in ``invalid`` (so a node with garbage ``memtotal`` has
-        negative headroom and is never chosen). Missing states read as the schema's defaults
-        for a new node (``init`` / ``flushed``), which are not eligible. ``prefix``: how the
+        negative headroom and is never chosen). Missing or invalid states read as the schema's
+        defaults for a new node (``init`` / ``flushed``), which are not eligible. ``prefix``: how the
         keys are named in ``invalid`` (default ``nodes/<name>/``).
         """
         prefix = f"nodes/{name}/" if prefix is None else prefix
         problems: list[Invalid] = []
 
-        def state(key: str) -> str:
+        def state(key: str, choices: tuple[str, ...]) -> str:
             value = raw.get(key)
-            return value.strip() if isinstance(value, str) and value.strip() else NODE_DEFAULTS[key]
+            return or_default(choice, value or None, prefix + key, NODE_DEFAULTS[key], problems, choices=choices)
 
         def mib(key: str) -> int:
             return or_default(integer, raw.get(key), prefix + key, 0, problems, maximum=MAX_MIB)
@@ -125,8 +127,8 @@ class NodeView:
 
         return cls(
             name=name,
-            daemon_state=state(NODE_DAEMON_STATE),
-            domain_state=state(NODE_DOMAIN_STATE),
+            daemon_state=state(NODE_DAEMON_STATE, DAEMON_STATES),
+            domain_state=state(NODE_DOMAIN_STATE, DOMAIN_STATES),
             memtotal=mib(NODE_MEMTOTAL),
             memused=mib(NODE_MEMUSED),
             memfree=mib(NODE_MEMFREE),

@@ -37,6 +37,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from ._decode import Invalid, json_value
 from ._schema import SCHEMA_VERSION, Schema
 
 try:
@@ -644,14 +645,15 @@ class ClusterStore:
         return None
 
     def read_json(self, path: str):
-        """The decoded JSON value, or None (missing, unreachable, empty or not JSON)."""
+        """The decoded JSON value, or None (missing, unreachable, empty, or not JSON within the
+        bounds of _decode.json_value: a stored value is untrusted)."""
         text = self.read(path)
         if not text:
             return None
         try:
-            return json.loads(text)
-        except ValueError as exc:
-            self.log.warning("read %s: not JSON: %s", path, exc)
+            return json_value(text, path)
+        except Invalid as exc:
+            self.log.warning("read %s: %s", path, exc)
             return None
 
     def children(self, path: str) -> list[str] | None:

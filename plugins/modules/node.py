@@ -151,6 +151,7 @@ returning_vms:
 import time
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
+from ansible_collections.pvc.cluster.plugins.module_utils._cluster import read_running
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
     ModuleFailure,
@@ -163,6 +164,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
 from ansible_collections.pvc.cluster.plugins.module_utils._report import read_cluster
 from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
     FlushVM,
+    PlannedMove,
     apply_plan,
     plan_flush,
     resolve_selector,
@@ -214,15 +216,27 @@ def last_ready_refusal(views, node: str, running: int) -> str | None:
 def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
     """The drain plan of ``node`` and the n-1 check of the cluster after it (from one snapshot)."""
     vms = [vm for vm in snapshot.vms.values() if vm.node == node and vm.state == "start" and not vm.migration]
-    flush_vms = [FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector, vm.home, vm.vcpus) for vm in vms]
+    # as the daemon's flush does: a VM whose XML is not valid is never migrated (it is shut down),
+    # and a VM whose migration record is not valid waits until an operator clears the record
+    held = [PlannedMove(vm.uuid, None, f"its migration record is not valid ({vm.migration_error}): it stays until "
+                                       "the record is cleared (pvc.cluster.vm_migrate with state=cleared)")
+            for vm in vms if vm.migration_error]
+    refused = [PlannedMove(vm.uuid, None, f"its domain XML is not valid ({vm.xml_error}): it is shut down")
+               for vm in vms if vm.xml_error and not vm.migration_error]
+    movable = [vm for vm in vms if not vm.xml_error and not vm.migration_error]
+    flush_vms = [FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector, vm.home, vm.vcpus)
+                 for vm in movable]
     views = snapshot.views()
     default_selector = resolve_selector("default", snapshot.default_selector)
-    plan = plan_flush(node, flush_vms, views, default_selector=default_selector)
+    plan = held + refused + plan_flush(node, flush_vms, views, default_selector=default_selector)
     by_uuid = {vm.uuid: vm for vm in vms}
     running = snapshot.running_memory_by_node()
     # the VMs to flush count as running on the node even if its daemon has not reported them yet
     running[node] = [vm.memory_mib for vm in vms]
-    after_views, after_running = apply_plan(node, flush_vms, plan, views, running)
+    # the refused VMs leave the node (shut down), the held ones stay
+    shut_down = [FlushVM(vm.uuid, vm.memory_mib, (), None, None) for vm in vms if vm.xml_error and not vm.migration_error]
+    after_views, after_running = apply_plan(node, flush_vms + shut_down, refused + plan[len(held) + len(refused):],
+                                            views, running)
     check = survives_node_failure(after_views, after_running)
     lines = [{"name": by_uuid[move.uuid].name, "uuid": move.uuid, "memory_mib": by_uuid[move.uuid].memory_mib,
               "target": move.target, "reason": move.reason} for move in plan]
@@ -307,7 +321,7 @@ def published(store, nodes: list[str], moving: list[str]) -> bool:
     """Whether the daemons' published running domains show each VM that moved (and is meant to run)
     on its node only. Nodes whose daemon is not running publish nothing new and are not asked."""
     schema = store.schema
-    running = {node: store.read_json(schema.node_key(node, S.NODE_RUNNINGDOMAINS)) or [] for node in nodes
+    running = {node: read_running(store, node) for node in nodes
                if store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"}
     for uuid in moving:
         node = store.read(schema.domain_key(uuid, S.DOMAIN_NODE))

@@ -198,7 +198,13 @@ diff:
 """
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
-from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm, read_node_views, read_vm, vm_definition
+from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
+    find_vm,
+    read_node_views,
+    read_running,
+    read_vm,
+    vm_definition,
+)
 from ansible_collections.pvc.cluster.plugins.module_utils._decode import integer, or_default
 from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import DomainXMLError, normalise_domain_xml, parse_domain_xml
 from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
@@ -483,12 +489,7 @@ def cpu_totals(store, names) -> dict[str, int]:
 
 
 def running_on(store, uuid: str, nodes) -> list[str]:
-    result = []
-    for node in nodes:
-        running = store.read_json(store.schema.node_key(node, S.NODE_RUNNINGDOMAINS)) or []
-        if isinstance(running, list) and uuid in running:
-            result.append(node)
-    return result
+    return [node for node in nodes if uuid in read_running(store, node)]
 
 
 def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: int) -> list[str]:
@@ -526,8 +527,8 @@ def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: 
 def remove(module, session, current, nodes) -> dict:
     schema = session.schema
     if current.migration:
-        raise ModuleFailure(f"VM {current.name} has a migration in flight ({current.migration.get('source')} -> "
-                            f"{current.migration.get('target')}, step {current.migration.get('step')}); remove it when it is over")
+        raise ModuleFailure(f"VM {current.name} has a migration in flight ({current.migration.source} -> "
+                            f"{current.migration.target}, step {current.migration.step}); remove it when it is over")
     before = vm_summary(current)
     result = {"changed": True, "action": "remove", "vm": {}}
     if module._diff:

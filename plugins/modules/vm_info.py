@@ -117,9 +117,15 @@ vms:
       elements: str
       sample: []
     migration:
-      description: The record of the migration in flight, or null.
+      description: The record of the migration in flight, or null (also when the record that exists is not valid).
       type: dict
       sample: null
+    migration_error:
+      description:
+        - Why the VM's migration record is not valid, or empty. No daemon acts on such a record and nothing else moves
+          the VM until an operator clears it (M(pvc.cluster.vm_migrate) with O(pvc.cluster.vm_migrate#module:state=cleared)).
+      type: str
+      sample: ""
     history:
       description: The last finished migrations (audit records), newest first.
       type: list
@@ -138,6 +144,14 @@ vms:
       description: Statistics of the running VM published by its node, or empty.
       type: dict
       sample: {}
+    invalid:
+      description:
+        - Stored values of the VM that are not valid (garbage written to ZooKeeper), each naming its key, what was
+          found and what is accepted; each reads as its default (the XML and the migration record read as none).
+      type: list
+      elements: str
+      sample: ["/pvc/domains/6695eb01-f6a4-8304-79aa-97f2502e193f/state: 'run' is not valid; expected one of start,
+               restart, shutdown, stop, disable, fail"]
 """
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S

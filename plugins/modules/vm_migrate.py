@@ -33,8 +33,13 @@ options:
       - V(moved) moves the VM permanently (it forgets its home node). Needs O(target_node), so that
         running the task again finds the VM there and changes nothing.
       - V(unmigrated) returns a migrated VM to its home node; a VM that is home is not changed.
+      - V(cleared) removes the VM's migration record when it is not valid (garbage written to ZooKeeper,
+        shown by M(pvc.cluster.vm_info) as C(migration_error)), and every memory reservation made for the VM.
+        No daemon acts on such a record, and nothing moves the VM (nor a flush of its node) until it is
+        cleared; the daemons then reconcile the VM from where libvirt runs it. A valid record (a migration in
+        flight) is never cleared; a VM without a record is not changed.
     type: str
-    choices: [migrated, moved, unmigrated]
+    choices: [migrated, moved, unmigrated, cleared]
     default: migrated
   target_node:
     description:
@@ -42,7 +47,7 @@ options:
         C(node_limit), ready (daemon C(run), domain state C(ready)), and have the memory headroom for
         the VM (memory total - reserve - provisioned - reservations).
       - A VM already on O(target_node) is not changed.
-      - Not used with O(state=unmigrated).
+      - Not used with O(state=unmigrated) or O(state=cleared).
     type: str
   force_live:
     description:
@@ -77,7 +82,8 @@ attributes:
   diff_mode:
     support: full
     details:
-      - The diff shows the VM's node and home node (C(lastnode)).
+      - The diff shows the VM's node and home node (C(lastnode)); with O(state=cleared), the invalid record and
+        the reservations that go.
   idempotent:
     support: full
     details:
@@ -119,6 +125,12 @@ EXAMPLES = r"""
     zk_hosts: zk1.example.net:2181
     name: web1
     state: unmigrated
+
+- name: Remove the invalid migration record that vm_info reports for mail
+  pvc.cluster.vm_migrate:
+    zk_hosts: zk1.example.net:2181
+    name: mail
+    state: cleared
 """
 
 RETURN = r"""
@@ -172,6 +184,20 @@ migration:
   description: The migration record as requested (see C(docs/migration-protocol.md)).
   returned: when a running VM was asked to move
   type: dict
+cleared:
+  description: What O(state=cleared) removed (or would remove, in check mode).
+  returned: when O(state=cleared) and the VM has an invalid migration record
+  type: dict
+  contains:
+    migration_error:
+      description: Why the record was not valid.
+      type: str
+    reservations:
+      description: The nodes whose memory reservation for the VM was removed.
+      type: list
+      elements: str
+  sample: {"migration_error": "/pvc/domains/6695eb01-f6a4-8304-79aa-97f2502e193f/migration: '42' is not valid; expected a
+           JSON object", "reservations": []}
 record:
   description:
     - The audit record of the finished migration (C(result) V(done) or V(aborted), C(method_used),
@@ -186,7 +212,14 @@ import socket
 import time
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
-from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm, read_history, read_node_views, read_vm
+from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
+    find_vm,
+    node_names,
+    read_history,
+    read_node_views,
+    read_running,
+    read_vm,
+)
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
     ModuleFailure,
@@ -204,10 +237,11 @@ from ansible_collections.pvc.cluster.plugins.module_utils._store import Conflict
 PUBLISH_WAIT_S = 60
 
 KIND = {"migrated": "migrate", "moved": "move", "unmigrated": "unmigrate"}
+CLEARED = "cleared"
 
 ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),
-    state=dict(type="str", default="migrated", choices=list(KIND)),
+    state=dict(type="str", default="migrated", choices=list(KIND) + [CLEARED]),
     target_node=dict(type="str"),
     force_live=dict(type="bool", default=False),
     wait=dict(type="bool", default=True),
@@ -225,16 +259,17 @@ def check_input(params: dict) -> None:
         raise ModuleFailure("state=moved needs target_node: a move chosen by the selector would move the VM again on every run")
     if params["state"] == "unmigrated" and params.get("target_node"):
         raise ModuleFailure("target_node cannot be used with state=unmigrated: the VM returns to its home node")
+    if params["state"] == CLEARED and params.get("target_node"):
+        raise ModuleFailure("target_node cannot be used with state=cleared: it only removes an invalid migration record")
 
 
 def in_flight_matches(vm, params: dict) -> bool:
     """Whether the migration in flight is what this task asks for (a re-run: not changed, wait for it)."""
-    record = vm.migration or {}
-    kind = KIND[params["state"]]
-    if record.get("kind") != kind:
+    record = vm.migration
+    if record is None or record.kind != KIND.get(params["state"]):
         return False
     target = params.get("target_node")
-    return target is None or record.get("target") == target
+    return target is None or record.target == target
 
 
 def memory_figures(view, extra_mib: int = 0) -> dict:
@@ -279,11 +314,11 @@ def runs_only_on(store, uuid: str, target: str, source: str) -> bool:
     """Whether the target publishes the VM among its running domains and the source (if its daemon
     runs, so that its list is current) no longer does."""
     schema = store.schema
-    if uuid not in (store.read_json(schema.node_key(target, S.NODE_RUNNINGDOMAINS)) or []):
+    if uuid not in read_running(store, target):
         return False
     if store.read(schema.node_key(source, S.NODE_DAEMON_STATE)) != "run":
         return True
-    return uuid not in (store.read_json(schema.node_key(source, S.NODE_RUNNINGDOMAINS)) or [])
+    return uuid not in read_running(store, source)
 
 
 def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
@@ -303,9 +338,13 @@ def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
         return True if store.exists(path) is False else None
 
     if watch_until(store, [path], gone, timeout_s) is None:
-        current = store.read_json(path) or {}
-        raise ModuleFailure(f"the migration of VM {vm.name} to {current.get('target')} is still in flight after {timeout_s} s "
-                            f"(step {current.get('step')}); the daemons still finish or abort it", migration=current)
+        current = read_vm(store, vm.uuid)
+        if current is not None and current.migration is not None:
+            raise ModuleFailure(f"the migration of VM {vm.name} to {current.migration.target} is still in flight after "
+                                f"{timeout_s} s (step {current.migration.step}); the daemons still finish or abort it",
+                                migration=current.migration.to_dict())
+        raise ModuleFailure(f"the migration of VM {vm.name} did not end within {timeout_s} s"
+                            + (f"; its record is not valid: {current.migration_error}" if current else ""))
     for entry in reversed(read_history(store, vm.uuid, last=S.HISTORY_KEEP)):
         if entry.get("id") == record_id:
             if entry.get("result") != "done":
@@ -319,6 +358,36 @@ def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
                                     f"{entry['target']} only yet (they publish their running domains with every keepalive)")
             return entry
     raise ModuleFailure(f"the migration of VM {vm.name} ended but its audit record {record_id} was not found")
+
+
+def clear_record(module, session, vm) -> dict:
+    """state=cleared: remove the VM's invalid migration record and its reservations, in one
+    transaction that checks the record is still the one read (a valid record written meanwhile is
+    never removed). Raises ConflictError when it changed."""
+    store, schema = session.store, session.schema
+    result = {"name": vm.name, "uuid": vm.uuid, "source": vm.node, "target": vm.node, "lastnode": vm.lastnode,
+              "migrates": False}
+    if vm.migration is not None:
+        raise ModuleFailure(f"the migration record of VM {vm.name} is valid: its migration from {vm.migration.source} to "
+                            f"{vm.migration.target} is in flight (step {vm.migration.step}); the daemons finish or abort "
+                            "it (only a record that is not valid can be cleared)")
+    if not vm.migration_error:
+        return dict(result, changed=False, message=f"VM {vm.name} has no migration record")
+    nodes = node_names(store)
+    found = store.read_many([schema.node_reservation(node, vm.uuid) for node in nodes])
+    reservations = [node for node in nodes if found[schema.node_reservation(node, vm.uuid)] is not None]
+    session.verify()
+    result.update(changed=True, cleared={"migration_error": vm.migration_error, "reservations": reservations},
+                  message=f"the invalid migration record of VM {vm.name} is removed"
+                          + (f", and its reservations on {', '.join(reservations)}" if reservations else ""))
+    if module._diff:
+        result["diff"] = {"before": {"migration": vm.migration_error, "reservations": reservations},
+                          "after": {"migration": None, "reservations": []}}
+    if not module.check_mode:
+        path = schema.domain_migration(vm.uuid)
+        store.commit({}, expect_versions={path: vm.migration_version},
+                     delete=[path] + [schema.node_reservation(node, vm.uuid) for node in reservations])
+    return result
 
 
 def run(module, session) -> dict:
@@ -340,13 +409,20 @@ def run(module, session) -> dict:
             raise ModuleFailure(f"target node {target!r} is not a node of this cluster "
                                 f"(nodes: {', '.join(sorted(nodes)) or 'none registered'})")
 
+        if params["state"] == CLEARED:
+            try:
+                return clear_record(module, session, vm)
+            except ConflictError:
+                if attempt == 2:
+                    raise
+                continue    # the record changed meanwhile: read it once more
         if vm.migration and in_flight_matches(vm, params):
-            result = {"changed": False, "name": vm.name, "uuid": vm.uuid, "source": vm.migration.get("source"),
-                      "target": vm.migration.get("target"), "lastnode": vm.lastnode, "migrates": True,
-                      "message": f"the migration of VM {vm.name} to {vm.migration.get('target')} is already in flight",
-                      "migration": vm.migration}
+            result = {"changed": False, "name": vm.name, "uuid": vm.uuid, "source": vm.migration.source,
+                      "target": vm.migration.target, "lastnode": vm.lastnode, "migrates": True,
+                      "message": f"the migration of VM {vm.name} to {vm.migration.target} is already in flight",
+                      "migration": vm.migration.to_dict()}
             if params["wait"] and not module.check_mode:
-                result["record"] = wait_for_record(session, vm, vm.migration.get("id"), params["wait_timeout"])
+                result["record"] = wait_for_record(session, vm, vm.migration.id, params["wait_timeout"])
             return result
 
         plan = make_plan(vm, params, nodes, default_selector)
@@ -372,10 +448,10 @@ def run(module, session) -> dict:
                 raise
             continue    # the VM or the target's reservations changed meanwhile: read and plan once more
         if record is not None:
-            result["migration"] = record
+            result["migration"] = record.to_dict()
             if params["wait"]:
                 try:
-                    result["record"] = wait_for_record(session, vm, record["id"], params["wait_timeout"])
+                    result["record"] = wait_for_record(session, vm, record.id, params["wait_timeout"])
                 except ModuleFailure as exc:
                     exc.result.setdefault("changed", True)
                     raise

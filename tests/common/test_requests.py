@@ -45,7 +45,7 @@ def test_a_move_that_keeps_lastnode_does_not_rewrite_it(cluster):
     # Every daemon watches lastnode: an unchanged value is left alone (no event on every node).
     before = lastnode_version(cluster)
     record = request(cluster, "move", target="n2")
-    assert record["kind"] == "move" and record["target"] == "n2"
+    assert record.kind == "move" and record.target == "n2"
     assert cluster.read(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
     assert lastnode_version(cluster) == before == ("", 0)
 

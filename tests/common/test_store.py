@@ -261,8 +261,11 @@ def test_read_json_and_non_utf8(store, caplog):
         assert store.read(path) is None
         assert store.write({path: "{not json"})
         assert store.read_json(path) is None
+        assert store.write({path: "[" * 50_000})   # deeper than the parser's recursion (issue #13)
+        assert store.read_json(path) is None
     assert "not UTF-8" in caplog.text
-    assert "not JSON" in caplog.text
+    assert "'{not json' is not valid; expected JSON" in caplog.text
+    assert "nested deeper" in caplog.text
     assert store.write({path: b"\xff"})
     with pytest.raises(StoreError, match="not UTF-8"):
         store.get(path)

@@ -139,7 +139,7 @@ def test_migration_default_falls_back_to_shutdown_on_the_test_driver(cluster):
     cluster.define_vm(xml, uuid, "mover", "node1")
     cluster.wait_running_on("node1", uuid)
     record = request(cluster, uuid, "migrate", target="node2")
-    assert record["step"] == "requested"
+    assert record.step == "requested"
     assert cluster.store.read(cluster.schema.node_reservation("node2", uuid)) == "1024"
     cluster.wait_no_migration(uuid)
     cluster.wait_running_on("node2", uuid)

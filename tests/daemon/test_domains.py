@@ -5,10 +5,11 @@ deliver (no ZooKeeper needed to test what it does with them).
 """
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 from pvc_cluster_common import _schema as S
+from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._schema import Schema
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.reconciler import LOADING, Reconciler
@@ -16,8 +17,9 @@ from pvc_node_daemon.reconciler import LOADING, Reconciler
 UUID = "3f1c2b1e-0000-4000-8000-000000000001"
 
 
-def record(step: str, rid: str = "m1", source: str = "n1", target: str = "n2") -> dict:
-    return {"id": rid, "vm": UUID, "source": source, "target": target, "step": step}
+def record(step: str, rid: str = "m1", source: str = "n1", target: str = "n2") -> MigrationRecord:
+    return MigrationRecord(id=rid, vm=UUID, kind="migrate", source=source, target=target, method="default",
+                           memory_mib=256, step=step)
 
 
 class RecordingClient:
@@ -45,7 +47,7 @@ def reconciler(node: str = "n1") -> Reconciler:
 
 
 def answer(rec: Reconciler, key: str, value, version: int = 0) -> None:
-    data = None if value is None else (json.dumps(value) if isinstance(value, dict) else value).encode()
+    data = None if value is None else (value.to_json() if isinstance(value, MigrationRecord) else value).encode()
     rec._on_value(UUID, key, data, version if value is not None else -1)
 
 
@@ -68,13 +70,13 @@ def test_wrote_migration_applies_only_over_the_version_it_replaced():
               migration_source="n1", migration_target="n2")
     # our own write of `prepared` (version 0 -> 1) is recorded at once
     table.wrote_migration(UUID, ("m1", 0), record("prepared"), 1)
-    assert (table.get(UUID).migration["step"], table.get(UUID).migration_version) == ("prepared", 1)
+    assert (table.get(UUID).migration.step, table.get(UUID).migration_version) == ("prepared", 1)
     # a write based on a version the table no longer holds does not overwrite it
     table.wrote_migration(UUID, ("m1", 0), record("transferring"), 1)
-    assert table.get(UUID).migration["step"] == "prepared"
+    assert table.get(UUID).migration.step == "prepared"
     # nor one about another record
     table.wrote_migration(UUID, ("other", 1), None, -1)
-    assert table.get(UUID).migration["id"] == "m1"
+    assert table.get(UUID).migration.id == "m1"
     # ending the migration clears the record and its endpoints
     table.wrote_migration(UUID, ("m1", 1), None, -1)
     vm = table.get(UUID)
@@ -119,16 +121,21 @@ def test_an_answer_older_than_our_own_write_is_ignored():
     answer(rec, S.DOMAIN_MIGRATION, record("requested"), 0)   # a read sent before our write
     assert rec.domains.get(UUID).migration_version == 1
     answer(rec, S.DOMAIN_MIGRATION, record("transferring"), 2)  # newer: taken
-    assert rec.domains.get(UUID).migration["step"] == "transferring"
+    assert rec.domains.get(UUID).migration.step == "transferring"
     answer(rec, S.DOMAIN_MIGRATION, record("requested", rid="m2"), 0)   # a new record: taken
-    assert rec.domains.get(UUID).migration["id"] == "m2"
+    assert rec.domains.get(UUID).migration.id == "m2"
 
 
-def test_an_unreadable_migration_record_counts_as_none():
+def test_an_unreadable_migration_record_counts_as_none_and_leaves_the_vm_alone():
     rec = reconciler()
+    answer(rec, S.DOMAIN_STATE, "start")
+    answer(rec, S.DOMAIN_NODE, "n1")
     rec._on_value(UUID, S.DOMAIN_MIGRATION, b"{not json", 4)
     vm = rec.domains.get(UUID)
-    assert vm.migration is None and vm.migration_version == -1 and vm.has(S.DOMAIN_MIGRATION)
+    assert vm.migration is None and vm.migration_version == 4 and vm.has(S.DOMAIN_MIGRATION)
+    assert "is not valid" in vm.migration_error and vm.invalid == vm.migration_error
+    desired, known = rec.desired_from_table(UUID)
+    assert desired.invalid == vm.migration_error and known is None
 
 
 def test_answers_about_vms_no_longer_watched_are_dropped():
@@ -214,11 +221,11 @@ def test_an_answer_that_changes_nothing_queues_no_pass():
 def test_an_incoming_vm_that_starts_or_resumes_here_gets_a_pass():
     rec = reconciler("n2")
     answer(rec, S.DOMAIN_NODE, "n2")
-    answer(rec, S.DOMAIN_MIGRATION, dict(record("transferring"), method_used="shutdown"))   # n1 -> n2
+    answer(rec, S.DOMAIN_MIGRATION, replace(record("transferring"), method_used="shutdown"))   # n1 -> n2
     rec.queued.clear()
     rec._on_lifecycle(UUID, "started", 0)       # a shutdown migration's target started it itself
     assert rec.queued == []
-    answer(rec, S.DOMAIN_MIGRATION, dict(record("transferring"), method_used="live"), version=1)
+    answer(rec, S.DOMAIN_MIGRATION, replace(record("transferring"), method_used="live"), version=1)
     rec.queued.clear()
     rec._on_lifecycle(UUID, "suspended", 0)
     rec._on_lifecycle("another-vm", "resumed", 0)
@@ -226,7 +233,7 @@ def test_an_incoming_vm_that_starts_or_resumes_here_gets_a_pass():
     rec._on_lifecycle(UUID, "resumed", 0)
     assert rec.queued == [UUID]
     source = reconciler("n1")
-    answer(source, S.DOMAIN_MIGRATION, dict(record("transferring"), method_used="live"))
+    answer(source, S.DOMAIN_MIGRATION, replace(record("transferring"), method_used="live"))
     source.queued.clear()
     source._on_lifecycle(UUID, "started", 0)                  # only the target wakes on it
     assert source.queued == []

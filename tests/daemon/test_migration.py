@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import queue
+from dataclasses import replace
 
 import libvirt
 import pytest
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_node_views, read_vm, vm_definition
+from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
@@ -69,15 +71,16 @@ def request(store, uuid, target):
 
 
 def record_of(store, uuid):
-    found = store.read_versioned(store.schema.domain_migration(uuid))
-    return (json.loads(found[0]), found[1]) if found else (None, -1)
+    path = store.schema.domain_migration(uuid)
+    found = store.read_versioned(path)
+    return (MigrationRecord.from_json(found[0], path, uuid), found[1]) if found else (None, -1)
 
 
 def rewrite_record(store, uuid, **changes):
     """The record as a peer's step would leave it (a version-checked write)."""
     record, version = record_of(store, uuid)
     path = store.schema.domain_migration(uuid)
-    store.write({path: dict(record, **changes)}, expect_versions={path: version})
+    store.write({path: replace(record, **changes).to_json()}, expect_versions={path: version})
 
 
 def last_history(store, uuid):
@@ -114,7 +117,7 @@ def test_prepare_with_a_copy_one_version_behind_still_prepares(cluster, make_age
     target = target_with_readiness_frozen(store, uuid, make_agent, "ready")   # the same value, a newer version
     target.handle(uuid, record_of(store, uuid), local_state=None)
     record, _ = record_of(store, uuid)
-    assert record["step"] == "prepared"
+    assert record.step == "prepared"
 
 
 def test_a_side_that_wrote_its_step_arms_the_deadline_of_its_wait(cluster, make_agent):
@@ -151,8 +154,8 @@ def test_transfer_rereads_what_it_read_ahead_when_it_changed(cluster, make_agent
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     # the method as it is now: a shutdown migration, with no live attempt first
-    assert (record["step"], record["method"], record["method_used"]) == ("transferred", "shutdown", "shutdown")
-    assert not record.get("fallback_reason")
+    assert (record.step, record.method, record.method_used) == ("transferred", "shutdown", "shutdown")
+    assert not record.fallback_reason
     assert source.hypervisor.status(uuid) is None
 
 
@@ -188,7 +191,7 @@ def test_transfer_reads_again_when_a_key_read_ahead_changed(cluster, make_agent)
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     assert reads == [uuid]      # the stale read ahead was caught by its version check, then re-read
-    assert (record["step"], record["method"], record["method_used"]) == ("transferred", "shutdown", "shutdown")
+    assert (record.step, record.method, record.method_used) == ("transferred", "shutdown", "shutdown")
 
 
 @pytest.mark.parametrize("meta", [
@@ -209,7 +212,7 @@ def test_transfer_starts_from_the_keys_read_ahead(cluster, make_agent, meta):
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     assert reads == []
-    assert (record["step"], record["method"], record["method_used"]) == ("transferred", "shutdown", "shutdown")
+    assert (record.step, record.method, record.method_used) == ("transferred", "shutdown", "shutdown")
 
 
 def test_transfer_reads_again_when_a_key_it_depends_on_was_not_set(cluster, make_agent):
@@ -222,11 +225,11 @@ def test_transfer_reads_again_when_a_key_it_depends_on_was_not_set(cluster, make
     inputs = source._prefetched[uuid][1]
     record, _ = record_of(store, uuid)
     assert not source.checkable(uuid, record, inputs)
-    assert source.checkable(uuid, dict(record, force_live=True), inputs)   # live whatever the method says
+    assert source.checkable(uuid, replace(record, force_live=True), inputs)   # live whatever the method says
     method = store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)
     assert source.checkable(uuid, record, dict(inputs, **{method: ("live", 0)}))
     node = store.schema.domain_key(uuid, S.DOMAIN_NODE)
-    assert not source.checkable(uuid, dict(record, force_live=True), dict(inputs, **{node: None}))
+    assert not source.checkable(uuid, replace(record, force_live=True), dict(inputs, **{node: None}))
 
 
 def test_target_ends_a_live_migration_when_its_copy_runs(cluster, make_agent):
@@ -237,7 +240,7 @@ def test_target_ends_a_live_migration_when_its_copy_runs(cluster, make_agent):
     request(store, uuid, "n2")
     rewrite_record(store, uuid, step="transferring", method_used="live")
     target.handle(uuid, record_of(store, uuid), local_state="paused")      # still copying: waits
-    assert record_of(store, uuid)[0]["step"] == "transferring"
+    assert record_of(store, uuid)[0].step == "transferring"
     target.handle(uuid, record_of(store, uuid), local_state="running")     # resumed here
     final = last_history(store, uuid)
     assert (final["result"], final["method_used"]) == ("done", "live") and "transferred" not in final["steps"]
@@ -251,7 +254,7 @@ def test_a_shutdown_migration_target_does_not_end_it_before_transferred(cluster,
     request(store, uuid, "n2")
     rewrite_record(store, uuid, step="transferring", method_used="shutdown")
     target.handle(uuid, record_of(store, uuid), local_state="running")
-    assert record_of(store, uuid)[0]["step"] == "transferring"
+    assert record_of(store, uuid)[0].step == "transferring"
 
 
 def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_agent):
@@ -268,8 +271,8 @@ def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_a
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
-    assert (record["step"], record["method"], record["method_used"]) == ("transferred", "default", "shutdown")
-    assert "has not published its libvirt URI" in record["fallback_reason"]
+    assert (record.step, record.method, record.method_used) == ("transferred", "default", "shutdown")
+    assert "has not published its libvirt URI" in record.fallback_reason
 
 
 @pytest.fixture
@@ -305,7 +308,7 @@ def test_a_live_transfer_starts_with_the_libvirt_setup_made_at_requested(live_so
     source.handle(uuid, record_of(store, uuid), local_state="running")
     assert calls == [("downtime", 250), ("p2p", "qemu+tcp://10.77.0.2/system")]
     record, _ = record_of(store, uuid)
-    assert (record["step"], record["method_used"]) == ("transferred", "live")
+    assert (record.step, record.method_used) == ("transferred", "live")
 
 
 def test_a_downtime_changed_after_requested_is_applied_at_the_transfer(live_source):

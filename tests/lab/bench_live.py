@@ -98,8 +98,8 @@ def measure(pairs: int = 5, log=print) -> dict[str, list[float]]:
             series["ours_record_gone"].append(time.perf_counter() - started)
             series["ours_planning"].append(started - planning)
             final = cluster.history(uuid)[-1]
-            if final["id"] != record["id"] or final["result"] != "done" or final.get("method_used") != "live":
-                raise RuntimeError(f"our migration {record['id']} did not end as a live migration: {final}")
+            if final["id"] != record.id or final["result"] != "done" or final.get("method_used") != "live":
+                raise RuntimeError(f"our migration {record.id} did not end as a live migration: {final}")
             series["ours"].append(final["steps"]["done"] - started_wall)
             # The VM runs on the target from `done` on, but the source's libvirtd still ends its
             # side of the job (about 0.2 s, as virsh's own return shows); a migration of the VM

@@ -415,7 +415,7 @@ class LabCluster:
         plan = plan_request(vm, kind, read_node_views(self.store), target=target, force_live=force_live)
         record = submit_request(self.store, plan, vm, requester="lab test")
         if record is not None:
-            self.requests.setdefault(uuid, []).append(record["id"])
+            self.requests.setdefault(uuid, []).append(record.id)
         return record
 
     def history(self, uuid: str) -> list[dict]:

@@ -124,7 +124,7 @@ def test_daemon_killed_mid_migration(lab_cluster, lab, tmp_path, case):
 
     with RunningMonitor(lab.hosts) as monitor:
         record = cluster.request(uuid, "migrate", target="node2")
-        assert record["method"] == case.method
+        assert record.method == case.method
 
         # ---- the crash(es)
         killed = []
@@ -159,7 +159,7 @@ def test_daemon_killed_mid_migration(lab_cluster, lab, tmp_path, case):
     # ---- the invariants and the predicted outcome
     cluster.check_invariants([uuid], monitor)
     final = cluster.history(uuid)[-1]
-    assert final["id"] == record["id"] and final["result"] == case.result, final
+    assert final["id"] == record.id and final["result"] == case.result, final
     vm = read_vm(cluster.store, uuid)
     assert vm.state == "start" and vm.node == case.ends_on
     assert vm.lastnode == ("node1" if case.ends_on == "node2" else "")
@@ -187,10 +187,10 @@ def test_target_restarting_while_the_source_gives_up_never_starts_a_second_copy(
         cluster.daemons["node2"].start(**{PAUSE_ENV: "target:before-start", PAUSE_RELEASE_ENV: str(release)})
         cluster.daemons["node2"].wait_log("pause point target:before-start reached")
         # the source's step timeout passes while the target is held
-        cluster.daemons["node1"].wait_log(f"migration {record['id']} of {uuid}: resolving from libvirt")
+        cluster.daemons["node1"].wait_log(f"migration {record.id} of {uuid}: resolving from libvirt")
         release.touch()
         cluster.settle(uuid, timeout_s=180)
     cluster.check_invariants([uuid], monitor)
     final = cluster.history(uuid)[-1]
-    assert final["id"] == record["id"] and final["result"] == "done", final
+    assert final["id"] == record.id and final["result"] == "done", final
     assert read_vm(cluster.store, uuid).node == "node2"

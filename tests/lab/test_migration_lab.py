@@ -41,13 +41,13 @@ def test_live_migration_and_return(lab_cluster, monitor):
     cluster.wait_running_on("node1", uuid)
 
     record = cluster.request(uuid, "migrate", target="node2")
-    assert record["step"] == "requested" and (record["source"], record["target"]) == ("node1", "node2")
+    assert record.step == "requested" and (record.source, record.target) == ("node1", "node2")
     cluster.settle(uuid)
     states = cluster.libvirt_states(uuid)
     assert states == {"node1": None, "node2": "running", "node3": None}   # moved, not copied
     assert running_reason(cluster, "node2", uuid) == "migrated"            # live: the same guest, resumed
     final = cluster.history(uuid)[-1]
-    assert final["id"] == record["id"] and final["result"] == "done"
+    assert final["id"] == record.id and final["result"] == "done"
     assert (final["method"], final["method_used"], final["fallback_reason"]) == ("default", "live", None)
     # `transferred` only if the source's write came first: the target ends a live migration as
     # soon as libvirt resumes its copy
@@ -76,7 +76,7 @@ def test_shutdown_migration_forces_the_stop_and_starts_on_the_target(lab_cluster
     assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
     assert running_reason(cluster, "node2", uuid) == "booted"   # started afresh from the XML in ZooKeeper
     final = cluster.history(uuid)[-1]
-    assert final["id"] == record["id"] and final["result"] == "done"
+    assert final["id"] == record.id and final["result"] == "done"
     assert (final["method"], final["method_used"]) == ("shutdown", "shutdown")
     # the guest has no OS to answer ACPI: the source forced it off after shutdown_timeout_s (hazard 14)
     assert "did not shut down within" in cluster.daemons["node1"].log()
@@ -106,7 +106,7 @@ def test_failed_live_migration_falls_back_or_aborts(lab_cluster, monitor, method
     record = cluster.request(uuid, "migrate", target="node2", force_live=force_live)
     cluster.settle(uuid)
     final = cluster.history(uuid)[-1]
-    assert final["id"] == record["id"] and final["result"] == result, final
+    assert final["id"] == record.id and final["result"] == result, final
     vm = read_vm(cluster.store, uuid)
     if result == "done":
         assert final["method_used"] == "shutdown"
@@ -138,7 +138,7 @@ def test_target_changed_under_a_migration_aborts_it(lab_cluster, monitor, tmp_pa
     release.touch()
     cluster.settle(uuid)
     final = cluster.history(uuid)[-1]
-    assert final["id"] == record["id"] and final["result"] == "aborted"
+    assert final["id"] == record.id and final["result"] == "aborted"
     assert final["reason"].startswith("target changed"), final
     vm = read_vm(cluster.store, uuid)
     assert (vm.node, vm.lastnode) == ("node1", "")
@@ -167,7 +167,7 @@ def test_second_request_is_refused_while_one_is_in_flight(lab_cluster, monitor, 
         submit_request(cluster.store, stale_plan, stale_vm, requester="a stale plan")
     release.touch()
     cluster.settle(uuid)
-    assert [h["id"] for h in cluster.history(uuid)] == [record["id"]]
+    assert [h["id"] for h in cluster.history(uuid)] == [record.id]
     assert cluster.history(uuid)[-1]["result"] == "done"
     assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
     assert not cluster.store.exists(cluster.schema.node_reservation("node3", uuid))
@@ -187,7 +187,7 @@ def test_target_that_stops_being_ready_aborts_the_migration(lab_cluster, monitor
     release.touch()
     cluster.settle(uuid)
     final = cluster.history(uuid)[-1]
-    assert final["id"] == record["id"] and final["result"] == "aborted"
+    assert final["id"] == record.id and final["result"] == "aborted"
     assert "not ready" in final["reason"], final
     assert cluster.libvirt_states(uuid) == {"node1": "running", "node2": None, "node3": None}
     assert cluster.domain_id("node1", uuid) == domid

@@ -36,14 +36,18 @@ def raw_node(domain_state="ready", running=()):
             "memfree": "6000", "memused": "2192", "memreserve": "512", "runningdomains": json.dumps(list(running))}
 
 
+# stored UUIDs are decoded: they must be UUIDs
+U1, U2, U3 = (f"6695eb01-f6a4-8304-79aa-97f2502e193{digit}" for digit in "123")
+
+
 def snapshot():
     result = ClusterSnapshot()
-    result.nodes = {"hv-1": raw_node(running=["u1"]), "hv-2": raw_node("flushed")}
-    result.reservations = {"hv-1": {}, "hv-2": {"u2": 1024}}
+    result.nodes = {"hv-1": raw_node(running=[U1]), "hv-2": raw_node("flushed")}
+    result.reservations = {"hv-1": {}, "hv-2": {U2: 1024}}
     result.alive = {"hv-1": True, "hv-2": True}
-    result.vms = {"u1": vm("web1", "u1", "hv-1", meta={"migration_method": "live"}),
-                  "u2": vm("db1", "u2", "hv-1", state="stop", lastnode="hv-2"),
-                  "u3": vm("hv-2", "u3", "hv-1")}
+    result.vms = {U1: vm("web1", U1, "hv-1", meta={"migration_method": "live"}),
+                  U2: vm("db1", U2, "hv-1", state="stop", lastnode="hv-2"),
+                  U3: vm("hv-2", U3, "hv-1")}
     return result
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import uuid as uuidlib
 
 import pytest
 
@@ -44,9 +45,14 @@ def test_bad_input(values, message):
     assert message in failure.value.msg
 
 
+def u(name: str) -> str:
+    """The UUID of the test VM called ``name`` (stored UUIDs are decoded: they must be UUIDs)."""
+    return str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, name))
+
+
 def raw_node(domain_state="ready", memtotal=8192, memprov=0, running=()):
     return {"daemon_state": "run", "domain_state": domain_state, "memtotal": str(memtotal), "memprov": str(memprov),
-            "memfree": str(memtotal - memprov), "memreserve": "0", "runningdomains": json.dumps(list(running))}
+            "memfree": str(memtotal - memprov), "memreserve": "0", "runningdomains": json.dumps([u(x) for x in running])}
 
 
 def snapshot(vms, nodes):
@@ -58,10 +64,10 @@ def snapshot(vms, nodes):
 
 
 def test_flush_report_plans_every_running_vm_and_checks_n_minus_1():
-    vms = [make_vm("big", "u-big", node="n1", memory_mib=3072),
-           make_vm("small", "u-small", node="n1", memory_mib=1024),
-           make_vm("off", "u-off", node="n1", state="stop", memory_mib=512),
-           make_vm("elsewhere", "u-else", node="n2", memory_mib=1024)]
+    vms = [make_vm("big", u("u-big"), node="n1", memory_mib=3072),
+           make_vm("small", u("u-small"), node="n1", memory_mib=1024),
+           make_vm("off", u("u-off"), node="n1", state="stop", memory_mib=512),
+           make_vm("elsewhere", u("u-else"), node="n2", memory_mib=1024)]
     nodes = {"n1": raw_node(memprov=4608, running=["u-big", "u-small"]),
              "n2": raw_node(memprov=1024, running=["u-else"]),
              "n3": raw_node(memtotal=4096)}
@@ -76,7 +82,7 @@ def test_flush_report_plans_every_running_vm_and_checks_n_minus_1():
 
 
 def test_a_vm_that_fits_nowhere_is_planned_for_shutdown():
-    vms = [make_vm("huge", "u-huge", node="n1", memory_mib=12288)]
+    vms = [make_vm("huge", u("u-huge"), node="n1", memory_mib=12288)]
     nodes = {"n1": raw_node(memtotal=16384, memprov=12288, running=["u-huge"]), "n2": raw_node()}
     plan, check = module.flush_report(snapshot(vms, nodes), "n1")
     assert plan[0]["target"] is None
@@ -88,12 +94,12 @@ def test_a_vm_that_fits_nowhere_is_planned_for_shutdown():
 
 def published_store(running: dict[str, list[str]], vms: dict[str, tuple[str, str]], dead=()):
     values = {}
-    for node, uuids in running.items():
-        values[f"/pvc/nodes/{node}/runningdomains"] = json.dumps(uuids)
+    for node, names in running.items():
+        values[f"/pvc/nodes/{node}/runningdomains"] = json.dumps([u(name) for name in names])
         values[f"/pvc/nodes/{node}/daemon_state"] = "dead" if node in dead else "run"
-    for uuid, (node, state) in vms.items():
-        values[f"/pvc/domains/{uuid}/node"] = node
-        values[f"/pvc/domains/{uuid}/state"] = state
+    for name, (node, state) in vms.items():
+        values[f"/pvc/domains/{u(name)}/node"] = node
+        values[f"/pvc/domains/{u(name)}/state"] = state
     return FakeStore(values)
 
 
@@ -106,7 +112,7 @@ def published_store(running: dict[str, list[str]], vms: dict[str, tuple[str, str
 ])
 def test_published_running_domains(running, vms, dead, expected):
     store = published_store(running, vms, dead)
-    assert module.published(store, sorted(running), ["a", "b"]) is expected
+    assert module.published(store, sorted(running), [u("a"), u("b")]) is expected
 
 
 @pytest.mark.parametrize("others, refused", [

@@ -82,6 +82,12 @@ def test_plan(nodes, vm_fields, values, expected):
     ({"state": "restart"}, {"target_node": "n2"}, "VM web1 is in state restart; retry when it settles"),
     ({"migration": {"source": "n1", "target": "n4", "step": "prepared", "kind": "migrate"}}, {"target_node": "n2"},
      "a migration of VM web1 from n1 to n4 is in flight"),
+    ({"migration_error": "/pvc/domains/u/migration: '42' is not valid; expected a JSON object"}, {"target_node": "n2"},
+     "VM web1 has a migration record that is not valid (/pvc/domains/u/migration: '42' is not valid; expected a JSON "
+     "object); no daemon acts on it, and nothing else moves the VM until it is cleared (pvc.cluster.vm_migrate with "
+     "state=cleared)"),
+    ({"xml_error": "/pvc/domains/u/xml: '' is not valid; expected a libvirt domain XML document"}, {"target_node": "n2"},
+     "VM web1 is neither started nor migrated: its domain XML is not valid"),
 ])
 def test_refusals_say_why(nodes, vm_fields, values, message):
     with pytest.raises(ModuleFailure) as failure:
@@ -114,14 +120,86 @@ def test_no_memory_figures_when_nothing_moves(nodes):
     assert "target_memory_before" not in module.describe_plan(plan)
 
 
+VM = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+
+
 @pytest.mark.parametrize("target_runs, source_runs, source_daemon, expected", [
-    (["u"], [], "run", True),
-    (["u"], ["u"], "run", False),      # the source has not published since the VM left
+    ([VM], [], "run", True),
+    ([VM], [VM], "run", False),      # the source has not published since the VM left
     ([], [], "run", False),            # the target has not published since the VM arrived
-    (["u"], ["u"], "dead", True),      # a dead source's list is stale: not asked
+    ([VM], [VM], "dead", True),      # a dead source's list is stale: not asked
 ])
 def test_runs_only_on(target_runs, source_runs, source_daemon, expected):
     store = FakeStore({"/pvc/nodes/n2/runningdomains": json.dumps(target_runs),
                        "/pvc/nodes/n1/runningdomains": json.dumps(source_runs),
                        "/pvc/nodes/n1/daemon_state": source_daemon})
-    assert module.runs_only_on(store, "u", "n2", "n1") is expected
+    assert module.runs_only_on(store, VM, "n2", "n1") is expected
+
+
+def test_a_garbage_list_of_running_domains_reads_as_none():
+    store = FakeStore({"/pvc/nodes/n2/runningdomains": json.dumps(VM), "/pvc/nodes/n1/daemon_state": "dead"})
+    assert module.runs_only_on(store, VM, "n2", "n1") is False   # a string holds the UUID, but is no list
+
+
+# ---- state=cleared -------------------------------------------------------------------------------
+
+
+class ClearingStore(FakeStore):
+    """FakeStore that lists nodes, reads many keys and records commits."""
+
+    def __init__(self, values, nodes):
+        super().__init__(values)
+        self.nodes = nodes
+        self.commits = []
+
+    def children(self, path):
+        return list(self.nodes) if path == self.schema.nodes() else []
+
+    def read_many(self, paths):
+        return {path: (self.values[path], 0) if path in self.values else None for path in paths}
+
+    def commit(self, values, expect_versions=None, delete=()):
+        self.commits.append((values, expect_versions, list(delete)))
+        return {}
+
+
+def clear(vm, store, check_mode=False):
+    from types import SimpleNamespace
+
+    session = SimpleNamespace(store=store, schema=store.schema, verify=lambda: None)
+    return module.clear_record(SimpleNamespace(check_mode=check_mode, _diff=True), session, vm)
+
+
+UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+BAD = f"/pvc/domains/{UUID}/migration: '42' is not valid; expected a JSON object"
+
+
+@pytest.mark.parametrize("check_mode", [False, True])
+def test_cleared_removes_an_invalid_record_and_the_vms_reservations(check_mode):
+    store = ClearingStore({f"/pvc/nodes/n2/reservations/{UUID}": "1e999"}, ["n1", "n2"])
+    vm = make_vm(migration_error=BAD)
+    result = clear(vm, store, check_mode)
+    assert result["changed"] and result["cleared"] == {"migration_error": BAD, "reservations": ["n2"]}
+    assert result["diff"] == {"before": {"migration": BAD, "reservations": ["n2"]},
+                              "after": {"migration": None, "reservations": []}}
+    expected = [({}, {f"/pvc/domains/{UUID}/migration": 0},
+                 [f"/pvc/domains/{UUID}/migration", f"/pvc/nodes/n2/reservations/{UUID}"])]
+    assert store.commits == ([] if check_mode else expected)
+
+
+def test_cleared_never_removes_a_valid_record():
+    store = ClearingStore({}, ["n1", "n2"])
+    with pytest.raises(ModuleFailure, match="is valid: its migration from n1 to n2 is in flight"):
+        clear(make_vm(migration={}), store)
+    assert store.commits == []
+
+
+def test_cleared_without_a_record_changes_nothing():
+    store = ClearingStore({}, ["n1"])
+    result = clear(make_vm(), store)
+    assert not result["changed"] and result["message"] == "VM web1 has no migration record" and store.commits == []
+
+
+def test_cleared_takes_no_target_node():
+    with pytest.raises(ModuleFailure, match="target_node cannot be used with state=cleared"):
+        module.check_input(params(state="cleared", target_node="n2"))

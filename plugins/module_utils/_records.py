@@ -1,0 +1,326 @@
+# -*- coding: utf-8 -*-
+# Copyright: pvc.cluster developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+#
+# PRIVATE: this module is internal to the pvc.cluster collection and its node daemon.
+# It may change without notice; do not import it from other collections.
+"""One typed decoder per kind of stored key, shared by the daemon, the modules and the inventory.
+
+Every value the cluster keeps in ZooKeeper is decoded here before anything uses it, with the
+bounded primitives of ``_decode``: a value is either what the schema (``_schema``) defines, or an
+:class:`~._decode.Invalid` naming its path and what is accepted. The migration record, the one
+value that drives both sides of a migration, is a dataclass (:class:`MigrationRecord`) with one
+decode path (``from_json``) and one encode path (``to_json``).
+
+Decoders take the stored text (None when the key does not exist) and its path; those of keys
+that name a VM also take the UUID of the key, because bookkeeping uses the key's UUID, never a
+copy inside a value: a record whose ``vm`` is another UUID is invalid.
+
+Standard library only, no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+from . import _decode as D
+from . import _schema as S
+from ._domain_xml import DomainXMLError, parse_domain_xml
+
+# ---- vocabularies of the migration record (docs/migration-protocol.md) ------------------------
+
+KINDS = ("migrate", "move", "unmigrate")
+STEP_REQUESTED = "requested"
+STEP_PREPARED = "prepared"
+STEP_TRANSFERRING = "transferring"
+STEP_TRANSFERRED = "transferred"
+STEPS = (STEP_REQUESTED, STEP_PREPARED, STEP_TRANSFERRING, STEP_TRANSFERRED)
+RESULT_DONE = "done"
+RESULT_ABORTED = "aborted"
+RESULTS = (RESULT_DONE, RESULT_ABORTED)
+RECORD_METHODS = ("default", "live", "shutdown")
+# live and shutdown as the source chose them; offline: nothing ran on the source, the target started it
+METHODS_USED = ("live", "shutdown", "offline")
+
+# A record is a few hundred bytes; its reasons are libvirt's messages. 64 KiB leaves room for any
+# of them and keeps a hostile one from costing anything.
+MAX_RECORD_BYTES = 64 * 1024
+# {"steps": {...}} is the deepest part of a record (depth 2).
+MAX_RECORD_DEPTH = 3
+MAX_REASON_BYTES = D.MAX_TEXT_BYTES
+_RECORD_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+# The most UUIDs a node reports running: far more VMs than a hypervisor can hold.
+MAX_RUNNING_DOMAINS = 10_000
+# Statistics of one VM: a small object of figures.
+MAX_STATS_BYTES = 16 * 1024
+MAX_STATS_DEPTH = 4
+
+
+# ---- node keys --------------------------------------------------------------------------------
+
+
+def daemon_state(value, path: str) -> str:
+    return D.choice(value, path, S.DAEMON_STATES)
+
+
+def domain_state(value, path: str) -> str:
+    return D.choice(value, path, S.DOMAIN_STATES)
+
+
+def running_domains(value, path: str) -> tuple[str, ...]:
+    """A node's ``runningdomains``: a JSON list of VM UUIDs."""
+    found = D.json_list(value, path, max_bytes=MAX_RUNNING_DOMAINS * 40, max_depth=1)
+    if len(found) > MAX_RUNNING_DOMAINS:
+        raise D.Invalid(path, f"a JSON list of at most {MAX_RUNNING_DOMAINS} VM UUIDs", value)
+    for index, item in enumerate(found):
+        if not isinstance(item, str):
+            raise D.Invalid(path, "a JSON list of VM UUIDs", value, field=f"[{index}]")
+        D.uuid(item, path)
+    return tuple(found)
+
+
+def reservation(value, path: str) -> int:
+    """An incoming-migration reservation, ``/nodes/<node>/reservations/<uuid>``, in MiB."""
+    return D.integer(value, path, minimum=0, maximum=D.MAX_MIB)
+
+
+def keepalive(value, path: str) -> float:
+    """A node's ``keepalive``: a unix time."""
+    return D.number(value, path)
+
+
+def node_address(value, path: str) -> str:
+    """A node's ``address``: how peers reach it (an IP address or a host name)."""
+    return D.address(value, path)
+
+
+# ---- VM keys ----------------------------------------------------------------------------------
+
+
+def vm_state(value, path: str) -> str:
+    return D.choice(value, path, S.VM_STATES)
+
+
+def vm_node(value, path: str) -> str:
+    """A VM's ``node`` or ``lastnode``: a node name, or "" (none)."""
+    found = D.text(value, path, max_bytes=256)
+    return "" if found == "" else D.node_name(found, path)
+
+
+def failed_reason(value, path: str) -> str:
+    return D.text(value, path, max_bytes=MAX_REASON_BYTES)
+
+
+def domain_xml(value, path: str):
+    """A VM's ``xml``: a libvirt domain XML document of at most MAX_XML_BYTES, parsed
+    (``_domain_xml.DomainInfo``). Its policy (what a cluster VM may contain) is checked apart,
+    by ``_domain_policy``, where the operator's allowlist is known."""
+    document = D.text(value, path, max_bytes=D.MAX_XML_BYTES)
+    try:
+        return parse_domain_xml(document)
+    except DomainXMLError as exc:
+        raise D.Invalid(path, f"a libvirt domain XML document ({exc})", value) from None
+
+
+def vm_stats(value, path: str) -> dict:
+    """A running VM's ``stats``: a small JSON object of figures ("" or missing: none yet)."""
+    if value is None or value == "":
+        return {}
+    return D.json_object(value, path, max_bytes=MAX_STATS_BYTES, max_depth=MAX_STATS_DEPTH)
+
+
+# ---- fields inside JSON values ----------------------------------------------------------------
+
+
+def _text_field(data: dict, name: str, path: str, *, optional: bool = False, max_bytes: int = 256):
+    """A text field of a JSON object (None when ``optional`` and null or absent)."""
+    if data.get(name) is None:
+        if optional:
+            return None
+        raise D.Invalid(path, "text", field=name)
+    value = data[name]
+    if not isinstance(value, str):
+        raise D.Invalid(path, "text" + (" or null" if optional else ""), value, field=name)
+    try:
+        return D.text(value, path, max_bytes=max_bytes)
+    except D.Invalid as exc:
+        raise exc.in_field(name) from None
+
+
+def _field(decoder, data: dict, name: str, path: str, *, optional: bool = False, **bounds):
+    """``decoder`` applied to a text field of a JSON object; the Invalid names the field.
+    ``optional``: null or absent reads as None."""
+    value = _text_field(data, name, path, optional=optional, max_bytes=4096)
+    if value is None:
+        return None
+    try:
+        return decoder(value, path, **bounds)
+    except D.Invalid as exc:
+        raise exc.in_field(name) from None
+
+
+def _bool_field(data: dict, name: str, path: str) -> bool:
+    value = data.get(name, False)
+    if not isinstance(value, bool):
+        raise D.Invalid(path, "true or false", value, field=name)
+    return value
+
+
+def _int_field(data: dict, name: str, path: str, minimum: int, maximum: int) -> int:
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise D.Invalid(path, f"an integer from {minimum} to {maximum}", value, field=name)
+    return value
+
+
+def _time(value, path: str, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise D.Invalid(path, "a unix time", value, field=name)
+    return float(value)
+
+
+def _steps(data: dict, path: str, names) -> dict[str, float]:
+    value = data.get("steps", {})
+    if not isinstance(value, dict):
+        raise D.Invalid(path, "an object of step names and unix times", value, field="steps")
+    for name in value:
+        if name not in names:
+            raise D.Invalid(path, "a step name (" + ", ".join(names) + ")", name, field="steps")
+    return {name: _time(when, path, f"steps.{name}") for name, when in value.items()}
+
+
+# ---- the migration record ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MigrationRecord:
+    """The in-flight migration of one VM, ``/domains/<uuid>/migration`` (docs/migration-protocol.md).
+
+    Decoded only by :meth:`from_json`, which checks every field and that ``vm`` is the UUID of
+    the key it was read from; written only as :meth:`to_json`. ``starting_on`` is the target's
+    claim before it starts a shut-down VM (None until then).
+    """
+
+    id: str
+    vm: str
+    kind: str
+    source: str
+    target: str
+    method: str
+    memory_mib: int
+    step: str
+    name: str = ""
+    force_live: bool = False
+    prev_lastnode: str = ""
+    requester: str = ""
+    method_used: str | None = None
+    fallback_reason: str | None = None
+    reason: str | None = None
+    steps: dict = field(default_factory=dict, hash=False)
+    starting_on: str | None = None
+
+    @classmethod
+    def from_json(cls, value, path: str, uuid: str | None = None) -> MigrationRecord:
+        """Decode the stored record at ``path``; ``uuid``: the VM's UUID from the key, which
+        ``vm`` must equal. Raises Invalid naming the field at fault."""
+        data = D.json_object(value, path, max_bytes=MAX_RECORD_BYTES, max_depth=MAX_RECORD_DEPTH)
+        return cls.from_dict(data, path, uuid)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str, uuid: str | None = None) -> MigrationRecord:
+        record_id = _text_field(data, "id", path, max_bytes=64)
+        if not _RECORD_ID.fullmatch(record_id):
+            raise D.Invalid(path, "a record id of 1 to 64 letters, digits, '_' or '-'", record_id, field="id")
+        vm = _field(D.uuid, data, "vm", path)
+        if uuid is not None and vm != uuid:
+            raise D.Invalid(path, f"the UUID of its key ({uuid})", vm, field="vm")
+        source = _field(D.node_name, data, "source", path)
+        target = _field(D.node_name, data, "target", path)
+        if source == target:
+            raise D.Invalid(path, f"another node than the source {source}", target, field="target")
+        starting_on = _field(D.node_name, data, "starting_on", path, optional=True)
+        if starting_on not in (None, target):
+            raise D.Invalid(path, f"the target {target} (only the target claims a start)", starting_on,
+                            field="starting_on")
+        return cls(
+            id=record_id,
+            vm=vm,
+            kind=_field(D.choice, data, "kind", path, choices=KINDS),
+            source=source,
+            target=target,
+            method=_field(D.choice, data, "method", path, choices=RECORD_METHODS),
+            memory_mib=_int_field(data, "memory_mib", path, 1, D.MAX_MIB),
+            step=_field(D.choice, data, "step", path, choices=STEPS),
+            # name, prev_lastnode and requester: "" when absent (records of older daemons)
+            name=(_field(D.vm_name, data, "name", path, optional=True) or "") if data.get("name") != "" else "",
+            force_live=_bool_field(data, "force_live", path),
+            prev_lastnode=_field(vm_node, data, "prev_lastnode", path, optional=True) or "",
+            requester=_text_field(data, "requester", path, optional=True) or "",
+            method_used=_field(D.choice, data, "method_used", path, optional=True, choices=METHODS_USED),
+            fallback_reason=_text_field(data, "fallback_reason", path, optional=True, max_bytes=MAX_REASON_BYTES),
+            reason=_text_field(data, "reason", path, optional=True, max_bytes=MAX_REASON_BYTES),
+            steps=_steps(data, path, STEPS),
+            starting_on=starting_on,
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        if data["starting_on"] is None:
+            del data["starting_on"]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def at_step(self, step: str, when: float, **fields) -> MigrationRecord:
+        """This record moved on to ``step`` at unix time ``when``, with other ``fields`` changed."""
+        return replace(self, step=step, steps={**self.steps, step: round(when, 3)}, **fields)
+
+    def describe(self) -> str:
+        """One line for logs and messages."""
+        return f"migration {self.id} of {self.name or self.vm} from {self.source} to {self.target} (step {self.step})"
+
+
+def migration_record(value, path: str, uuid: str) -> MigrationRecord:
+    """The decoder of ``/domains/<uuid>/migration`` (see :class:`MigrationRecord`)."""
+    return MigrationRecord.from_json(value, path, uuid)
+
+
+# ---- audit records ----------------------------------------------------------------------------
+
+
+def history_entry(value, path: str, uuid: str) -> dict:
+    """An audit record, ``/domains/<uuid>/history/<key>``: a finished migration record (no
+    ``step``) with its ``result`` and ``duration_s``. Returned as a plain dict of the known
+    fields (for reports), every one of them checked."""
+    data = D.json_object(value, path, max_bytes=MAX_RECORD_BYTES, max_depth=MAX_RECORD_DEPTH)
+    result = _field(D.choice, data, "result", path, choices=RESULTS)
+    steps = _steps(data, path, STEPS + RESULTS)
+    last_step = max((name for name in steps if name in STEPS), key=STEPS.index, default=STEP_REQUESTED)
+    record = MigrationRecord.from_dict({**data, "step": last_step, "steps": {}}, path, uuid)
+    duration = data.get("duration_s", 0)
+    entry = record.to_dict()
+    del entry["step"]
+    entry.update(result=result, steps=steps, duration_s=_time(duration, path, "duration_s"))
+    return entry
+
+
+# ---- one VM's keys, as a table (for readers that decode whatever they read) --------------------
+
+NODE_KEY_DECODERS = {
+    S.NODE_DAEMON_STATE: daemon_state,
+    S.NODE_DOMAIN_STATE: domain_state,
+    S.NODE_RUNNINGDOMAINS: running_domains,
+    S.NODE_KEEPALIVE: keepalive,
+}
+
+VM_KEY_DECODERS = {
+    S.DOMAIN_STATE: vm_state,
+    S.DOMAIN_NODE: vm_node,
+    S.DOMAIN_LASTNODE: vm_node,
+    S.DOMAIN_FAILEDREASON: failed_reason,
+    S.DOMAIN_STATS: vm_stats,
+}

@@ -1,0 +1,140 @@
+"""One decoder per kind of stored key (_records): the migration record above all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pvc_cluster_common import _records as R
+from pvc_cluster_common._decode import Invalid
+from pvc_cluster_common._requests import final_record
+
+UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+OTHER = "7795eb01-f6a4-8304-79aa-97f2502e193f"
+PATH = f"/pvc/domains/{UUID}/migration"
+RECORD = {"id": "6f1c2a9b0d3e", "vm": UUID, "name": "web1", "kind": "migrate", "source": "n1", "target": "n2",
+          "method": "default", "force_live": False, "memory_mib": 1024, "prev_lastnode": "", "requester": "test",
+          "step": "requested", "method_used": None, "fallback_reason": None, "reason": None,
+          "steps": {"requested": 1764190000.12}}
+
+
+def decode(value, uuid=UUID):
+    return R.MigrationRecord.from_json(value if isinstance(value, str) else json.dumps(value), PATH, uuid)
+
+
+def test_a_record_round_trips():
+    record = decode(RECORD)
+    assert (record.id, record.vm, record.source, record.target, record.memory_mib) == ("6f1c2a9b0d3e", UUID, "n1", "n2", 1024)
+    assert json.loads(record.to_json()) == RECORD
+    assert decode(record.to_json()) == record
+
+
+def test_a_record_of_an_older_daemon_without_name_and_requester_is_read():
+    record = decode({key: value for key, value in RECORD.items() if key not in ("name", "requester", "prev_lastnode")})
+    assert (record.name, record.requester, record.prev_lastnode) == ("", "", "")
+
+
+def test_a_claimed_record_keeps_its_claim():
+    record = decode(dict(RECORD, step="transferred", method_used="shutdown", starting_on="n2"))
+    assert record.starting_on == "n2" and json.loads(record.to_json())["starting_on"] == "n2"
+
+
+def test_at_step_adds_the_step_time():
+    record = decode(RECORD).at_step("prepared", 1764190001.5, method_used="live")
+    assert (record.step, record.method_used, record.steps) == ("prepared", "live", {"requested": 1764190000.12,
+                                                                                     "prepared": 1764190001.5})
+
+
+# Issue #13: every one of these crashed every daemon at start-up, or blocked a flush for ever.
+@pytest.mark.parametrize("stored, field, expected", [
+    ("42", "", "a JSON object"),
+    ("[1, 2]", "", "a JSON object"),
+    ('"mail"', "", "a JSON object"),
+    ('{"id": "6f1c", "vm": "', "", "JSON"),
+    ("[" * 50_000, "", "nested deeper"),
+    ("", "", "JSON"),
+    ("null", "", "a JSON object"),
+    (dict(RECORD, vm=OTHER), "vm", f"the UUID of its key ({UUID})"),
+    (dict(RECORD, target="n1"), "target", "another node than the source n1"),
+    (dict(RECORD, target=None), "target", "text"),
+    (dict(RECORD, source="../n1"), "source", "a node name"),
+    (dict(RECORD, memory_mib=0), "memory_mib", "an integer from 1"),
+    (dict(RECORD, memory_mib=1e300), "memory_mib", "an integer from 1"),
+    (dict(RECORD, memory_mib=True), "memory_mib", "an integer from 1"),
+    (dict(RECORD, step="done"), "step", "one of requested"),
+    (dict(RECORD, kind="steal"), "kind", "one of migrate"),
+    (dict(RECORD, method_used="teleport"), "method_used", "one of live"),
+    (dict(RECORD, force_live="yes"), "force_live", "true or false"),
+    (dict(RECORD, steps=[1]), "steps", "an object of step names"),
+    (dict(RECORD, steps={"prepared": -1}), "steps.prepared", "a unix time"),
+    (dict(RECORD, steps={"hack": 1}), "steps", "a step name"),
+    (dict(RECORD, reason="x" * 10_000), "reason", "at most"),
+    (dict(RECORD, id="a/b"), "id", "a record id"),
+    (dict(RECORD, starting_on="n1"), "starting_on", "the target n2"),
+    (dict(RECORD, name="a/b"), "name", "a VM name"),
+])
+def test_an_invalid_record_names_the_field_and_what_is_accepted(stored, field, expected):
+    with pytest.raises(Invalid) as caught:
+        decode(stored)
+    assert caught.value.path == PATH and caught.value.field == field and expected in caught.value.expected
+
+
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300),
+                 st.dictionaries(st.sampled_from(sorted(RECORD) + ["x"]),
+                                 st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10),
+                                           st.lists(st.integers(), max_size=2)), max_size=20)
+                 .map(lambda changes: json.dumps(dict(RECORD, **changes)))))
+def test_any_stored_value_decodes_or_is_invalid(stored):
+    try:
+        record = R.MigrationRecord.from_json(stored, PATH, UUID)
+    except Invalid:
+        return
+    assert record.vm == UUID and record.source != record.target and record.memory_mib >= 1
+
+
+def test_history_entries_are_checked_too():
+    final = final_record(decode(RECORD), "aborted", "target n2 is not ready")
+    entry = R.history_entry(json.dumps(final), PATH + "/1", UUID)
+    assert (entry["result"], entry["reason"], "step" in entry) == ("aborted", "target n2 is not ready", False)
+    assert entry["duration_s"] >= 0 and "aborted" in entry["steps"]
+    for bad in ("42", json.dumps(dict(final, result="won")), json.dumps(dict(final, vm=OTHER))):
+        with pytest.raises(Invalid):
+            R.history_entry(bad, PATH + "/1", UUID)
+
+
+# ---- the other kinds of keys --------------------------------------------------------------------
+
+
+def test_running_domains():
+    assert R.running_domains(json.dumps([UUID, OTHER]), "p") == (UUID, OTHER)
+    for bad in (json.dumps(UUID), json.dumps([1]), json.dumps(["x"]), json.dumps({UUID: 1}), "[" * 50_000):
+        with pytest.raises(Invalid):
+            R.running_domains(bad, "p")
+
+
+def test_vm_node_and_state():
+    assert R.vm_node("", "p") == "" and R.vm_node("n1", "p") == "n1"
+    assert R.vm_state("start", "p") == "start"
+    for decoder, bad in ((R.vm_node, "../n1"), (R.vm_node, "n1\n"), (R.vm_state, "run"), (R.vm_state, "")):
+        with pytest.raises(Invalid):
+            decoder(bad, "p")
+
+
+def test_domain_xml_refuses_empty_and_memoryless_documents():
+    for bad, expected in (("", "empty"), (f"<domain type='test'><name>x</name><uuid>{UUID}</uuid></domain>", "<memory>")):
+        with pytest.raises(Invalid, match=expected):
+            R.domain_xml(bad, "p")
+    with pytest.raises(Invalid, match="at most"):
+        R.domain_xml("<domain>" + " " * (2 * 1024 * 1024) + "</domain>", "p")
+
+
+def test_reservation_and_stats():
+    assert R.reservation("1024", "p") == 1024
+    with pytest.raises(Invalid):
+        R.reservation("1e999", "p")
+    assert R.vm_stats("", "p") == {} and R.vm_stats('{"a": 1}', "p") == {"a": 1}
+    with pytest.raises(Invalid):
+        R.vm_stats("[]", "p")

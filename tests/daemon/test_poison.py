@@ -1,0 +1,117 @@
+"""One bad key harms nobody but itself (issue #13): daemons as real processes, a real ZooKeeper.
+
+Each case here crashed every daemon at start-up, or blocked a flush for ever, on the main of
+issue #13's filing: migration records that are no object, truncated JSON, 50,000 nested ``[``,
+and a VM whose XML is empty.
+"""
+from __future__ import annotations
+
+import pytest
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_vm
+from pvc_cluster_common._requests import RequestError
+
+from .harness import TestCluster, domain_xml
+from .test_daemon import ready_nodes, request, wait_for_line
+
+pytestmark = pytest.mark.zk
+
+BAD_RECORDS = {
+    "int": "42",
+    "list": "[1, 2]",
+    "string": '"mail"',
+    "truncated": '{"id": "6f1c2a9b0d3e", "vm": "',
+    "nested": "[" * 50_000,
+}
+
+
+@pytest.fixture
+def cluster(zk_server, zk_root, tmp_path):
+    c = TestCluster(zk_server.hosts, zk_root, tmp_path)
+    yield c
+    c.close()
+
+
+def log_since(daemon, offset: int) -> str:
+    return daemon.log_path.read_bytes()[offset:].decode(errors="replace")
+
+
+def test_bad_migration_records_stop_no_daemon_and_no_other_vm_and_an_operator_clears_them(cluster):
+    ready_nodes(cluster, "node1", "node2")
+    schema, store = cluster.schema, cluster.store
+    bad = {}
+    for label, value in BAD_RECORDS.items():
+        uuid, xml = domain_xml(f"bad-{label}", memory="64")
+        cluster.define_vm(xml, uuid, f"bad-{label}", "node1")
+        bad[uuid] = value
+    good, good_xml = domain_xml("good", memory="64")
+    cluster.define_vm(good_xml, good, "good", "node1")
+    for uuid in [*bad, good]:
+        cluster.wait_running_on("node1", uuid)
+    store.commit({schema.domain_migration(uuid): value for uuid, value in bad.items()})
+
+    # A restart reads every record at start-up (it used to crash there, and systemd restarted it
+    # into the same crash). node2 runs nothing: the test driver's VMs would die with node1's process.
+    node1, node2 = cluster.daemons["node1"], cluster.daemons["node2"]
+    node2.kill()
+    offset = node2.log_path.stat().st_size
+    node2.start()
+    wait_for_line(node2.log_path, "node node2 running", node2)
+    offset1 = node1.log_path.stat().st_size
+
+    # The other VM still migrates, both ways, while the bad records sit there.
+    assert request(cluster, good, "migrate", target="node2") is not None
+    cluster.wait_no_migration(good)
+    cluster.wait_running_on("node2", good)
+    assert request(cluster, good, "unmigrate") is not None
+    cluster.wait_no_migration(good)
+    cluster.wait_running_on("node1", good)
+    assert node1.process.poll() is None and node2.process.poll() is None
+
+    # Each bad record is reported once per version (node1: when it was written; node2: at its
+    # start), and shown; nothing acts on it.
+    text = log_since(node2, offset)
+    for uuid in bad:
+        assert text.count(f"invalid value in ZooKeeper: {schema.domain_migration(uuid)}") == 1, text[-4000:]
+        assert f"invalid value in ZooKeeper: {schema.domain_migration(uuid)}" not in log_since(node1, offset1)
+        vm = read_vm(store, uuid)
+        assert vm.migration is None and "is not valid" in vm.migration_error
+        with pytest.raises(RequestError, match="has a migration record that is not valid"):
+            request(cluster, uuid, "migrate", target="node2")
+    assert "Traceback" not in text + log_since(node1, 0)
+
+    # A flush moves what it can, then waits for the operator instead of spinning.
+    cluster.set_domain_state("node1", "flush")
+    cluster.wait_running_on("node2", good)
+    wait_for_line(node1.log_path, "waits for an operator", node1)
+    assert store.read(schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flush"
+    # The operator clears the records (as pvc.cluster.vm_migrate state=cleared does): the flush ends.
+    for uuid in bad:
+        path = schema.domain_migration(uuid)
+        store.commit({}, expect_versions={path: store.read_versioned(path)[1]}, delete=[path])
+    cluster.wait_domain_state("node1", "flushed", timeout_s=120)
+    for uuid in bad:
+        cluster.wait_running_on("node2", uuid)
+
+
+def test_a_vm_whose_xml_is_empty_is_neither_started_nor_migrated(cluster):
+    ready_nodes(cluster, "node1", "node2")
+    schema, store = cluster.schema, cluster.store
+    running, xml = domain_xml("hollow", memory="64")
+    cluster.define_vm(xml, running, "hollow", "node1")
+    cluster.wait_running_on("node1", running)
+    store.commit({schema.domain_key(running, S.DOMAIN_XML): ""})
+    # it used to migrate with a 0 MiB reservation
+    with pytest.raises(RequestError, match="neither started nor migrated: its domain XML is not valid"):
+        request(cluster, running, "migrate", target="node2")
+
+    # A new VM without a memory size is refused by the daemon, which says why.
+    stopped, _ = domain_xml("memoryless")
+    memoryless = (f"<domain type='test'><name>memoryless</name><uuid>{stopped}</uuid>"
+                  "<os><type>hvm</type></os><devices/></domain>")
+    cluster.define_vm(memoryless, stopped, "memoryless", "node1")
+    cluster.wait(schema.domain_key(stopped, S.DOMAIN_STATE), lambda v: v == "fail", what="the refused VM to fail")
+    reason = store.read(schema.domain_key(stopped, S.DOMAIN_FAILEDREASON))
+    assert reason.startswith("refused to start:") and "<memory> is missing" in reason
+    assert stopped not in store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))
