@@ -58,7 +58,6 @@ def test_bad_migration_records_stop_no_daemon_and_no_other_vm_and_an_operator_cl
     offset = node2.log_path.stat().st_size
     node2.start()
     wait_for_line(node2.log_path, "node node2 running", node2)
-    offset1 = node1.log_path.stat().st_size
 
     # The other VM still migrates, both ways, while the bad records sit there.
     assert request(cluster, good, "migrate", target="node2") is not None
@@ -69,12 +68,12 @@ def test_bad_migration_records_stop_no_daemon_and_no_other_vm_and_an_operator_cl
     cluster.wait_running_on("node1", good)
     assert node1.process.poll() is None and node2.process.poll() is None
 
-    # Each bad record is reported once per version (node1: when it was written; node2: at its
-    # start), and shown; nothing acts on it.
+    # Each bad record is reported once per version by each daemon process (however many passes
+    # read it since), and shown; nothing acts on it.
     text = log_since(node2, offset)
     for uuid in bad:
-        assert text.count(f"invalid value in ZooKeeper: {schema.domain_migration(uuid)}") == 1, text[-4000:]
-        assert f"invalid value in ZooKeeper: {schema.domain_migration(uuid)}" not in log_since(node1, offset1)
+        line = f"invalid value in ZooKeeper: {schema.domain_migration(uuid)}"
+        assert text.count(line) == 1 and log_since(node1, 0).count(line) == 1, text[-4000:]
         vm = read_vm(store, uuid)
         assert vm.migration is None and "is not valid" in vm.migration_error
         with pytest.raises(RequestError, match="has a migration record that is not valid"):
