@@ -259,7 +259,19 @@ class NodeStateWorker:
         while True:
             vms = self.vms_to_flush()
             if not vms:
-                break
+                # `flushed` promises that no cluster VM runs here: ask libvirt, not the records
+                still = self.running_here()
+                if not still:
+                    break
+                held = self.held()
+                if (still, held) != reported:   # said once, not on every check
+                    reported = (still, held)
+                    log.warning("flush of %s: libvirt still runs %s here; checking again%s", self.node,
+                                ", ".join(sorted(still)),
+                                "".join(f"; VM {name} waits for an operator: {why}" for name, why in sorted(held.items())))
+                if cancel.wait(self.config.keepalive_interval_s):
+                    raise Cancelled()
+                continue
             nodes = read_node_views(self.store)
             # A VM whose XML is not valid is never migrated (its memory is not known, and the
             # target could not start it): like a VM that fits nowhere, it is shut down.
@@ -291,19 +303,6 @@ class NodeStateWorker:
             remaining = self.vms_to_flush(fresh=False)
             if remaining:
                 remaining = self.confirmed_to_flush(remaining)   # the table may be an answer behind
-            if not remaining:
-                # `flushed` promises that no cluster VM runs here: ask libvirt, not the records
-                still = self.running_here()
-                if still:
-                    held = self.held()
-                    if (still, held) != reported:   # said once, not on every check
-                        reported = (still, held)
-                        log.warning("flush of %s: libvirt still runs %s here; checking again%s", self.node,
-                                    ", ".join(sorted(still)),
-                                    "".join(f"; VM {name} waits for an operator: {why}" for name, why in sorted(held.items())))
-                    if cancel.wait(self.config.keepalive_interval_s):
-                        raise Cancelled()
-                    continue
             if remaining and {vm.uuid for vm in remaining} == {vm.uuid for vm in vms}:
                 log.error("flush of %s made no progress; %d VM(s) still here (see above); retrying", self.node, len(remaining))
                 if cancel.wait(self.config.step_timeout_s):
