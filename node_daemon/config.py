@@ -39,6 +39,14 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
       enabled: false
       address: 127.0.0.1
       port: 9650
+    domain_policy:                     # what a VM's XML may contain (docs/security.md); each key
+      storage_roots: [/var/lib/libvirt/images, ...]   # given replaces its default
+      emulators: [/usr/bin/qemu-system-x86_64, /usr/bin/kvm, /usr/libexec/qemu-kvm]
+      devices: [emulator, disk, controller, interface, ...]
+      interface_types: [bridge, network]
+      disk_protocols: [rbd]
+      namespaces: []                   # XML namespaces accepted outside <metadata>
+      seclabel: false                  # per-domain <seclabel> overrides
 """
 from __future__ import annotations
 
@@ -49,6 +57,7 @@ from typing import Any
 import yaml
 
 from pvc_cluster_common import _decode
+from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError
 from pvc_cluster_common._schema import DEFAULT_ROOT
 from pvc_cluster_common._meta import CONCRETE_SELECTORS
 from pvc_cluster_common._store import ConnectionOptions
@@ -83,6 +92,7 @@ class Config:
     metrics_enabled: bool = False
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9650
+    domain_policy: DomainPolicy = field(default_factory=DomainPolicy)
     source: str = field(default="", compare=False)
 
     @property
@@ -209,6 +219,11 @@ def parse_config(data: Any, source: str = "") -> Config:
     mem = top.section("memory")
     log = top.section("log")
     met = top.section("metrics")
+    policy = top.section("domain_policy")
+    try:
+        domain_policy = DomainPolicy.from_options(policy.data, "domain_policy")
+    except PolicyError as exc:
+        raise ConfigError(str(exc)) from None
     config = Config(
         node=node,
         zookeeper=options,
@@ -233,6 +248,7 @@ def parse_config(data: Any, source: str = "") -> Config:
         metrics_enabled=met.get("enabled", "bool", False),
         metrics_address=met.get("address", "str", "127.0.0.1"),
         metrics_port=met.get("port", "int", 9650, minimum=1),
+        domain_policy=domain_policy,
         source=source,
     )
     if config.metrics_port > 65535:

@@ -20,6 +20,7 @@ from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import meta_from, meta_paths, read_vm
 from pvc_cluster_common._decode import Invalid
+from pvc_cluster_common._domain_policy import DomainPolicy, refusal
 from pvc_cluster_common._records import (
     RESULT_ABORTED,
     RESULT_DONE,
@@ -348,7 +349,10 @@ class MigrationAgent:
     def as_source(self, uuid: str, record: MigrationRecord, version: int, marker: str, timed_out: bool, local=ASK) -> None:
         step = record.step
         if step == STEP_REQUESTED:
-            if timed_out:
+            refused = self.xml_refusal(uuid)
+            if refused:
+                self.abort(uuid, record, version, f"source {self.node} does not migrate the VM: {refused}")
+            elif timed_out:
                 self.abort(uuid, record, version, f"target {record.target} did not prepare within {self.config.step_timeout_s:.0f} s")
             else:
                 self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
@@ -545,8 +549,26 @@ class MigrationAgent:
         elif step == STEP_TRANSFERRED:
             self.complete(uuid, record, version, marker, timed_out, local)
 
+    def xml_refusal(self, uuid: str) -> str:
+        """Why this node refuses the VM's XML in ZooKeeper (not a valid domain, or refused by its
+        domain XML policy: the reconciler's table says, from its watch), or ""."""
+        known = self.domains.get(uuid)
+        if known is not None and S.DOMAIN_XML in known.loaded:
+            return "" if known.xml_ok else f"its domain XML is refused: {known.xml_error}"
+        xml = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
+        why = refusal(xml or "", self.policy, uuid)
+        return f"its domain XML is refused: {why}" if why else ""
+
+    @property
+    def policy(self) -> DomainPolicy:
+        return getattr(self.config, "domain_policy", None) or DomainPolicy()
+
     def prepare(self, uuid: str, record: MigrationRecord, version: int, local=ASK) -> None:
         pause_point("target:before-prepare")
+        refused = self.xml_refusal(uuid)
+        if refused:
+            self.abort(uuid, record, version, f"target {self.node} does not take the VM: {refused}")
+            return
         paths = self.readiness.paths   # this node's daemon state and domain state
         # This node's readiness as its watches last reported it, with no read on the way. The
         # prepared write checks both versions, so a copy one change behind makes it fail (then,
@@ -615,6 +637,9 @@ class MigrationAgent:
         try:
             if not xml:
                 raise HypervisorError("create", uuid, None, "no domain XML in ZooKeeper")
+            refused = refusal(xml, self.policy, uuid, self.store.read(self.schema.domain(uuid)))
+            if refused:
+                raise HypervisorError("create", uuid, None, f"its domain XML is refused: {refused}")
             self.hypervisor.create(xml)
         except HypervisorError as exc:
             # The VM runs nowhere now: give it back to the source, whose reconciler starts it.

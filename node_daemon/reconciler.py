@@ -24,6 +24,7 @@ from kazoo.exceptions import NoNodeError
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._decode import Invalid
+from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError, check_domain
 
 from .domains import DomainTable
 from .hypervisor import HypervisorError
@@ -226,11 +227,26 @@ class Reconciler:
         self.invalid.valid(path)
         return decoded, ""
 
+    @property
+    def policy(self) -> DomainPolicy:
+        return getattr(self.config, "domain_policy", None) or DomainPolicy()
+
+    def accepted_xml(self, value, path: str, uuid: str, name: str | None = None):
+        """The decoder of a VM's XML here: a valid domain document (_records.domain_xml) that this
+        node's domain XML policy accepts, with the VM's own UUID (and ``name``, when given).
+        Returns its DomainInfo; raises Invalid naming the element and the rule."""
+        info = R.domain_xml(value, path)
+        try:
+            check_domain(value, self.policy, uuid, name)
+        except PolicyError as exc:
+            raise Invalid(path, f"a domain XML that the policy accepts: {exc}", value) from None
+        return info
+
     def _record(self, uuid: str, key: str, value: str | None, version: int) -> None:
         exists = value is not None
         path = self.schema.domain_key(uuid, key)
         if key == S.DOMAIN_XML:
-            info, error = self._decoded(path, "xml", R.domain_xml, value, version, None, XML_REFUSED)
+            info, error = self._decoded(path, "xml", self.accepted_xml, value, version, None, XML_REFUSED, uuid)
             if info is None:
                 self.domains.put(uuid, key, exists, memory_mib=0, vcpus=0, xml_ok=False, xml=value or "",
                                  xml_error=error or "no domain XML in ZooKeeper")
@@ -438,9 +454,11 @@ class Reconciler:
 
     def checked_xml(self, uuid: str, xml: str, version: int) -> tuple[str, str]:
         """(the VM's XML, "") when it may be given to libvirt, else (xml, why not): the XML
-        decodes (a bounded, parsed libvirt domain document with its memory size)."""
-        _, error = self._decoded(self.schema.domain_key(uuid, S.DOMAIN_XML), "xml", R.domain_xml, xml, version,
-                                 None, XML_REFUSED)
+        decodes (a bounded, parsed libvirt domain document with its memory size) and this
+        node's domain XML policy accepts it, with the VM's own UUID and name."""
+        name = self.store.read(self.schema.domain(uuid))
+        _, error = self._decoded(self.schema.domain_key(uuid, S.DOMAIN_XML), "xml", self.accepted_xml, xml, version,
+                                 None, XML_REFUSED, uuid, name)
         return xml, (f"refused to start: {error}" if error else "")
 
     def _fail(self, uuid: str, reason: str) -> None:

@@ -77,6 +77,20 @@ options:
       - From V(1) to V(604800) (7 days).
     type: int
     default: 120
+  domain_policy:
+    description:
+      - The domain XML policy O(xml) must meet (the collection's C(docs/security.md)); each key given replaces
+        its default. The node daemons check the XML against their own policy (their C(domain_policy)
+        configuration) before they define, start or migrate the VM, and refuse it otherwise; give the same
+        policy here, e.g. once for the play in C(module_defaults).
+      - C(storage_roots) (list of absolute paths) holds every host path the XML may name (disks, kernels,
+        firmware, serial logs); C(emulators) the accepted C(<emulator>) paths; C(devices) the accepted device
+        elements (by default no C(hostdev), C(filesystem), C(shmem), C(smartcard), C(lease) or C(pstore));
+        C(interface_types) the accepted C(<interface>) types (default V(bridge) and V(network), so no
+        V(ethernet)); C(disk_protocols) the accepted network disk protocols (default V(rbd));
+        C(namespaces) the XML namespaces accepted outside C(<metadata>) (default none, so no
+        C(qemu:commandline)); C(seclabel) (bool) whether C(<seclabel>) overrides are accepted (default no).
+    type: dict
 extends_documentation_fragment:
   - pvc.cluster._zk
   - pvc.cluster._vm_meta
@@ -206,6 +220,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
     vm_definition,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._decode import integer, or_default
+from ansible_collections.pvc.cluster.plugins.module_utils._domain_policy import DomainPolicy, PolicyError, check_domain
 from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import DomainXMLError, normalise_domain_xml, parse_domain_xml
 from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
@@ -244,6 +259,7 @@ ARGUMENT_SPEC = dict(
     node=dict(type="str"),
     wait=dict(type="bool", default=True),
     wait_timeout=dict(type="int", default=120),
+    domain_policy=dict(type="dict"),
     **META_ARGUMENT_SPEC,
 )
 
@@ -268,6 +284,14 @@ def parse_input(params: dict):
         if name and name not in (info.name, info.uuid):
             raise ModuleFailure(f"name {name!r} does not match the XML, whose <name> is {info.name!r} "
                                 f"(uuid {info.uuid}); give the same name in both, or only one of them")
+        try:
+            policy = DomainPolicy.from_options(params.get("domain_policy"))
+        except PolicyError as exc:
+            raise ModuleFailure(str(exc)) from None
+        try:
+            check_domain(xml, policy)
+        except PolicyError as exc:
+            raise ModuleFailure(f"xml is refused: {exc}") from None
     return info
 
 

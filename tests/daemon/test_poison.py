@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_vm
+from pvc_cluster_common._cluster import read_history, read_vm
 from pvc_cluster_common._requests import RequestError
 
 from .harness import TestCluster, domain_xml
@@ -114,3 +114,61 @@ def test_a_vm_whose_xml_is_empty_is_neither_started_nor_migrated(cluster):
     reason = store.read(schema.domain_key(stopped, S.DOMAIN_FAILEDREASON))
     assert reason.startswith("refused to start:") and "<memory> is missing" in reason
     assert stopped not in store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))
+
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# Each element the domain XML policy refuses (tests/common/test_domain_policy.py has them all),
+# written to ZooKeeper directly, past the vm module: (devices, other elements, <os> children).
+REFUSED = {
+    "qemu-commandline": ("", f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:arg value='-x'/></qemu:commandline>", "",
+                         "rule namespace"),
+    "seclabel": ("", "<seclabel type='none'/>", "", "rule seclabel"),
+    "hostdev": ("<hostdev mode='subsystem' type='pci'/>", "", "", "rule devices"),
+    "filesystem": ("<filesystem type='mount'><source dir='/'/><target dir='root'/></filesystem>", "", "", "rule devices"),
+    "kernel": ("", "", "<kernel>/boot/vmlinuz</kernel>", "rule host-path"),
+    "disk-sda": ("<disk type='block'><source dev='/dev/sda'/><target dev='vda'/></disk>", "", "", "rule host-path"),
+    "ethernet": ("<interface type='ethernet'/>", "", "", "rule interface"),
+    "emulator": ("<emulator>/tmp/qemu</emulator>", "", "", "rule emulator"),
+}
+
+
+def refused_xml(name: str, uuid: str, devices: str, extra: str, os: str) -> str:
+    return (f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>"
+            f"<os><type>hvm</type>{os}</os>{extra}<devices>{devices}</devices></domain>")
+
+
+def test_a_vm_the_policy_refuses_is_neither_started_nor_migrated(cluster):
+    ready_nodes(cluster, "node1", "node2")
+    schema, store = cluster.schema, cluster.store
+    vms = {}
+    for label, (devices, extra, os, rule) in REFUSED.items():
+        uuid, _ = domain_xml(label)
+        cluster.define_vm(refused_xml(label, uuid, devices, extra, os), uuid, label, "node1")
+        vms[uuid] = rule
+    # an XML whose <uuid> is another VM's, and one whose <name> is not the VM's
+    other, _ = domain_xml("other")
+    impostor, _ = domain_xml("impostor")
+    cluster.define_vm(refused_xml("impostor", other, "", "", ""), impostor, "impostor", "node1")
+    vms[impostor] = "rule identity"
+    renamed, _ = domain_xml("renamed")
+    cluster.define_vm(refused_xml("web1", renamed, "", "", ""), renamed, "renamed", "node1")
+    vms[renamed] = "rule identity"
+    for uuid, rule in vms.items():
+        cluster.wait(schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v == "fail", what=f"{uuid} refused")
+        reason = store.read(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
+        assert reason.startswith("refused to start:") and rule in reason, reason
+    running = store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))
+    assert not set(vms) & set(running)
+
+    # A running VM whose XML is replaced by one the policy refuses is not migrated: the source
+    # aborts the request, and the VM keeps running where it is.
+    mover, xml = domain_xml("mover", memory="64")
+    cluster.define_vm(xml, mover, "mover", "node1")
+    cluster.wait_running_on("node1", mover)
+    store.commit({schema.domain_key(mover, S.DOMAIN_XML): refused_xml("mover", mover, *REFUSED["hostdev"][:3])})
+    record = request(cluster, mover, "migrate", target="node2")
+    cluster.wait_no_migration(mover)
+    final = read_history(store, mover)[-1]
+    assert final["id"] == record.id and final["result"] == "aborted"
+    assert "does not migrate the VM: its domain XML is refused" in final["reason"] and "rule devices" in final["reason"]
+    assert mover in store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))

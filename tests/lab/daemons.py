@@ -237,6 +237,9 @@ class LabCluster:
             c["zookeeper"] = {"hosts": lab.zk_hosts, "root": self.root, "timeout_s": 10}
             c.setdefault("libvirt", {})["uri"] = h.libvirt_uri
             c.setdefault("migration", {})["address"] = h.address
+            # The domain XML policy as a lab configures it (docs/security.md): the lab's own
+            # storage (disk images, kernels, serial logs of its guests) is under its workdir.
+            c.setdefault("domain_policy", {}).setdefault("storage_roots", [str(lab.workdir)])
             self.daemons[h.name] = LabDaemon(h, self.workdir, c)
         _quiet_libvirt()
         self.store = ctl_store(lab, self.root)

@@ -321,3 +321,36 @@ def test_a_vm_on_a_node_that_is_gone(nodes):
     with pytest.raises(ModuleFailure) as failure:
         update(make_vm(node="n9"), nodes=nodes, state="started")
     assert "VM web1 is assigned to node 'n9', which is not a node of this cluster (nodes: n1, n2, n3, n4)" in failure.value.msg
+
+
+# ---- the domain XML policy --------------------------------------------------------------------------
+
+
+def policed_xml(devices="", extra="", os=""):
+    return (f"<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>web1</name>"
+            f"<uuid>{UUID}</uuid><memory unit='MiB'>512</memory><os><type>hvm</type>{os}</os>{extra}"
+            f"<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>{devices}</devices></domain>")
+
+
+@pytest.mark.parametrize("xml, message", [
+    (policed_xml(extra="<qemu:commandline><qemu:arg value='-x'/></qemu:commandline>"), "<qemu:commandline>: elements of"),
+    (policed_xml(extra="<seclabel type='none'/>"), "<seclabel type='none'>: security label overrides are not accepted"),
+    (policed_xml("<hostdev mode='subsystem' type='pci'/>"), "<hostdev mode='subsystem' type='pci'>: this device is not"),
+    (policed_xml("<filesystem type='mount'><source dir='/'/><target dir='r'/></filesystem>"), "<filesystem type='mount'>"),
+    (policed_xml(os="<kernel>/boot/vmlinuz</kernel>"), "<kernel>: file '/boot/vmlinuz' is not under a storage root"),
+    (policed_xml("<disk type='block'><source dev='/dev/sda'/><target dev='vda'/></disk>"), "'/dev/sda' is not under a"),
+    (policed_xml("<interface type='ethernet'/>"), "interfaces of type 'ethernet' are not accepted"),
+    (policed_xml().replace("/usr/bin/qemu-system-x86_64", "/tmp/qemu"), "<emulator>/tmp/qemu</emulator> is not an"),
+])
+def test_the_module_refuses_what_the_domain_policy_refuses(xml, message):
+    with pytest.raises(ModuleFailure) as failure:
+        module.parse_input(params(xml=xml))
+    assert failure.value.msg.startswith("xml is refused: ") and message in failure.value.msg
+    assert "of the domain XML policy" in failure.value.msg
+
+
+def test_the_module_takes_the_operators_policy():
+    xml = policed_xml(os="<kernel>/srv/boot/vmlinuz</kernel>")
+    assert module.parse_input(params(xml=xml, domain_policy={"storage_roots": ["/srv/boot"]})).name == "web1"
+    with pytest.raises(ModuleFailure, match="domain_policy.storage_roots: 'x' is not a list"):
+        module.parse_input(params(xml=xml, domain_policy={"storage_roots": "x"}))
