@@ -13,12 +13,13 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
       uri: qemu:///system              # how this daemon reaches its own libvirtd
       call_timeout_s: 30               # bound on every libvirt call that can block
     migration:
-      # Rendered with {node} and {address}, published in ZooKeeper, and used by peers to reach this
-      # node: libvirt_uri_template is the libvirt connection a source uses for a peer-to-peer
-      # migration here, transport_uri_template the address QEMU streams memory to.
+      # How this daemon reaches a peer, rendered with the peer's {node} name and its published
+      # {address}: libvirt_uri_template is the libvirt connection for a peer-to-peer migration
+      # there, transport_uri_template the address QEMU streams memory to. No URI is ever read
+      # from ZooKeeper.
       libvirt_uri_template: "qemu+tcp://{address}/system"
       transport_uri_template: "tcp://{address}"
-      address: null                    # defaults to the node name
+      address: null                    # published for peers (IP address or host name; default: node name)
       step_timeout_s: 60               # how long a side waits for its peer's next step
       live_timeout_base_s: 60          # live migration completion timeout = base + per_gib * GiB
       live_timeout_per_gib_s: 30
@@ -96,16 +97,38 @@ class Config:
     source: str = field(default="", compare=False)
 
     @property
+    def published_address(self) -> str:
+        """How peers reach this node (the node key ``address``): ``migration.address``, else the
+        node name."""
+        return self.address or self.node
+
+    def peer_libvirt_uri(self, peer: str, address: str) -> str:
+        """The libvirt URI of node ``peer`` at ``address`` (an address already decoded: an IP
+        address or a host name), built from this daemon's own template: a URI read from
+        ZooKeeper is never opened (``qemu+ext`` would run a command, ``tcp://elsewhere`` send a
+        VM's memory elsewhere)."""
+        return self.libvirt_uri_template.format(node=peer, address=_uri_host(address))
+
+    def peer_transport_uri(self, peer: str, address: str) -> str:
+        """Where QEMU streams a live migration to ``peer`` (see peer_libvirt_uri)."""
+        return self.transport_uri_template.format(node=peer, address=_uri_host(address))
+
+    @property
     def advertised_libvirt_uri(self) -> str:
-        return self.libvirt_uri_template.format(node=self.node, address=self.address or self.node)
+        return self.peer_libvirt_uri(self.node, self.published_address)
 
     @property
     def advertised_transport_uri(self) -> str:
-        return self.transport_uri_template.format(node=self.node, address=self.address or self.node)
+        return self.peer_transport_uri(self.node, self.published_address)
 
     def live_timeout_s(self, memory_mib: int) -> float:
         """Completion timeout of a live migration, growing with the memory to copy."""
         return self.live_timeout_base_s + self.live_timeout_per_gib_s * memory_mib / 1024.0
+
+
+def _uri_host(address: str) -> str:
+    """An address as the host part of a URI (an IPv6 address in brackets)."""
+    return f"[{address}]" if ":" in address else address
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -251,6 +274,12 @@ def parse_config(data: Any, source: str = "") -> Config:
         domain_policy=domain_policy,
         source=source,
     )
+    if config.address is not None:
+        try:
+            _decode.address(config.address, "migration.address")
+        except _decode.Invalid:
+            raise ConfigError(f"migration.address: {config.address!r} is not valid (accepted: an IP address or a "
+                              "host name)") from None
     if config.metrics_port > 65535:
         raise ConfigError(f"metrics.port: {config.metrics_port} is too large (accepted: 1 to 65535)")
     for name, template in (("migration.libvirt_uri_template", config.libvirt_uri_template),

@@ -78,7 +78,8 @@ class NodeDaemon:
         log.system("ZooKeeper: connected to %s, cluster root %s", self.config.zookeeper.hosts, self.schema.root or "/")
 
     def register(self) -> None:
-        """Create this node's keys (keeping its domain state), publish its URIs, mark it alive."""
+        """Create this node's keys (keeping its domain state), publish its address (and, for
+        people, its URIs), mark it alive."""
         values = {}
         for key, default in S.NODE_DEFAULTS.items():
             path = self.schema.node_key(self.node, key)
@@ -86,6 +87,7 @@ class NodeDaemon:
                 continue
             values[path] = default
         values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "init"
+        values[self.schema.node_key(self.node, S.NODE_ADDRESS)] = self.config.published_address
         values[self.schema.node_key(self.node, S.NODE_LIBVIRT_URI)] = self.config.advertised_libvirt_uri
         values[self.schema.node_key(self.node, S.NODE_TRANSPORT_URI)] = self.config.advertised_transport_uri
         values[self.schema.node_key(self.node, S.NODE_MEMRESERVE)] = self.config.memory_reserve_mib

@@ -227,8 +227,12 @@ class MigrationAgent:
 
     def peer_state(self, peer: str, uuid: str) -> str | None:
         """libvirt's view of ``uuid`` on ``peer``: a state name, None (absent) or UNKNOWN."""
-        uri = self.store.read(self.schema.node_key(peer, S.NODE_LIBVIRT_URI))
-        if uri and not uri.startswith("test:"):
+        path = self.schema.node_key(peer, S.NODE_ADDRESS)
+        uris = self.peer_uris(peer, path, self.store.read_versioned(path))
+        if uris is None:
+            return UNKNOWN   # an address that is not valid: the peer cannot be asked
+        uri = uris[0]
+        if not uri.startswith("test:"):
             try:
                 with Hypervisor(uri, call_timeout_s=min(10.0, self.config.libvirt_call_timeout_s)) as remote:
                     status = remote.status(uuid)
@@ -381,8 +385,8 @@ class MigrationAgent:
     def read_transfer_inputs(self, uuid: str, record: MigrationRecord) -> dict:
         """What a transfer decides on and needs, in one round: the VM's node (has the target
         changed?), the meta of a migration (has the method changed since the request?), and,
-        unless the request named a shutdown migration, the target's published libvirt and
-        transport URIs (live_migrate reads them itself if the method has changed since)."""
+        unless the request named a shutdown migration, the target's published address (which
+        live_migrate builds the URIs from, and reads itself if the method has changed since)."""
         uris = self._target_uri_paths(record) if record.force_live or record.method != "shutdown" else []
         return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE)]
                                     + meta_paths(self.schema, uuid, MIGRATION_META) + uris)
@@ -406,7 +410,24 @@ class MigrationAgent:
             return None
 
     def _target_uri_paths(self, record: MigrationRecord) -> list[str]:
-        return [self.schema.node_key(record.target, key) for key in (S.NODE_LIBVIRT_URI, S.NODE_TRANSPORT_URI)]
+        """The keys a live migration's URIs are built from: the target's published address."""
+        return [self.schema.node_key(record.target, S.NODE_ADDRESS)]
+
+    def peer_uris(self, peer: str, path: str, found) -> tuple[str, str] | None:
+        """(libvirt URI, migration URI) of node ``peer``, built from this daemon's own
+        templates and the peer's published address (``found``: the answer of a read of
+        ``path``, its ``address`` key), never taken from ZooKeeper as given. A peer that has
+        published no address (an older daemon) is reached by its node name. None when the
+        address is not valid (reported once per version)."""
+        address = peer
+        if found is not None and found[0]:
+            try:
+                address = R.node_address(found[0], path)
+            except Invalid as exc:
+                self.invalid.report(exc, "address", found[1], f"node {peer} cannot be reached")
+                return None
+            self.invalid.valid(path)
+        return self.config.peer_libvirt_uri(peer, address), self.config.peer_transport_uri(peer, address)
 
     def transfer(self, uuid: str, record: MigrationRecord, version: int, local=ASK) -> None:
         pause_point("source:before-transfer")
@@ -493,12 +514,13 @@ class MigrationAgent:
         """Run the live migration; None on success, else libvirt's reason. ``inputs``: as
         read_transfer_inputs answered (the target's URIs); ``setup``: as setup_ahead made it
         (used only if it still holds, see Hypervisor.migrate)."""
-        paths = self._target_uri_paths(record)
-        if not all(path in inputs for path in paths):
-            inputs = self.store.read_many(paths)
-        dest_uri, transport_uri = ((inputs[path] or ("",))[0] for path in paths)
-        if not dest_uri:
-            return f"target {record.target} has not published its libvirt URI"
+        (path,) = self._target_uri_paths(record)
+        if path not in inputs:
+            inputs = self.store.read_many([path])
+        uris = self.peer_uris(record.target, path, inputs[path])
+        if uris is None:
+            return f"target {record.target} has published an address that is not valid"
+        dest_uri, transport_uri = uris
         timeout_s = self.config.live_timeout_s(record.memory_mib)
         crash_while_migrating(self.hypervisor, uuid)
         try:

@@ -133,6 +133,7 @@ def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) 
         "running_vms": sorted(snapshot.name_of(uuid) for uuid in running),
         "assigned_vms": assigned,
         "returning_vms": sorted(vm.name for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name),
+        "address": raw.get(S.NODE_ADDRESS) or "",
         "libvirt_uri": raw.get(S.NODE_LIBVIRT_URI) or "",
         "transport_uri": raw.get(S.NODE_TRANSPORT_URI) or "",
         "invalid": [str(problem) for problem in snapshot.invalid.get(name, []) + problems],

@@ -25,8 +25,9 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         vcpualloc cpuload domaincount     vCPUs of running VMs, 1-min load, running domain count
         cputotal                          host CPUs as libvirt counts them (written at registration; 0 = unknown)
         runningdomains                    JSON list of running domain UUIDs
-        libvirt_uri                       how peers reach this node's libvirtd (peer-to-peer migration)
-        transport_uri                     where QEMU streams a live migration to this node
+        address                           how peers reach this node: an IP address or a host name, from
+                                          which each peer builds the URIs with its own templates
+        libvirt_uri transport_uri         this node's own URIs, for people to read (never opened by a peer)
         reservations/<uuid>               memory (MiB) held for an in-flight incoming migration
     /domains/<uuid>/                      one per VM; the znode's data is the VM name
         xml                               libvirt domain XML: the source of truth
@@ -78,6 +79,7 @@ NODE_DOMAINCOUNT = "domaincount"
 NODE_CPUTOTAL = "cputotal"
 NODE_RUNNINGDOMAINS = "runningdomains"
 NODE_RESERVATIONS = "reservations"
+NODE_ADDRESS = "address"
 NODE_LIBVIRT_URI = "libvirt_uri"
 NODE_TRANSPORT_URI = "transport_uri"
 
@@ -98,6 +100,7 @@ NODE_DEFAULTS = {
     NODE_DOMAINCOUNT: "0",
     NODE_CPUTOTAL: "0",
     NODE_RUNNINGDOMAINS: "[]",
+    NODE_ADDRESS: "",
     NODE_LIBVIRT_URI: "",
     NODE_TRANSPORT_URI: "",
 }

@@ -143,12 +143,18 @@ nodes:
       type: list
       elements: str
       sample: []
+    address:
+      description:
+        - How peers reach the node (an IP address or a host name); each peer builds the node's libvirt and migration
+          URIs from it with its own templates. Empty for a daemon that has not published one (its name is used).
+      type: str
+      sample: 10.0.0.1
     libvirt_uri:
-      description: How peers reach the node's libvirtd.
+      description: How the node's own configuration reaches its libvirtd from a peer, for people to read (no peer opens it).
       type: str
       sample: qemu+tcp://hv1/system
     transport_uri:
-      description: Where QEMU streams a live migration to this node.
+      description: Where QEMU streams a live migration to this node, for people to read (no peer uses it).
       type: str
       sample: tcp://10.0.0.1
     invalid:

@@ -37,6 +37,14 @@ def test_address_and_templates_shape_the_published_uris():
     assert config.advertised_transport_uri == "tcp://10.0.0.5"
 
 
+def test_a_peers_uris_come_from_our_templates_and_its_address():
+    config = parse_config(with_(migration={"libvirt_uri_template": "qemu+tls://{address}/system"}))
+    assert config.peer_libvirt_uri("node2", "10.0.0.2") == "qemu+tls://10.0.0.2/system"
+    assert config.peer_libvirt_uri("node2", "fd00::2") == "qemu+tls://[fd00::2]/system"
+    assert config.peer_transport_uri("node2", "hv2.example") == "tcp://hv2.example"
+    assert config.published_address == "node1"
+
+
 def test_live_timeout_grows_with_memory():
     config = parse_config(with_(migration={"live_timeout_base_s": 10, "live_timeout_per_gib_s": 5}))
     assert config.live_timeout_s(0) == 10 and config.live_timeout_s(4096) == 30
@@ -57,6 +65,9 @@ def test_live_timeout_grows_with_memory():
     (with_(migration={"flush_parallel": 0}), "migration.flush_parallel", "too small"),
     (with_(migration={"libvirt_uri_template": "qemu+tcp://{host}/system"}), "migration.libvirt_uri_template", "{node}, {address}"),
     (with_(metrics={"port": 70000}), "metrics.port", "1 to 65535"),
+    (with_(migration={"address": "10.0.0.1/system?command=x"}), "migration.address", "an IP address or a host name"),
+    (with_(domain_policy={"storage_roots": "/srv"}), "domain_policy.storage_roots", "not a list of non-empty strings"),
+    (with_(domain_policy={"hostdev": True}), "domain_policy.hostdev", "unknown key"),
     (with_(log={"debug": "yes"}), "log.debug", "true or false"),
     (with_(extra=1), "extra", "unknown key"),
     ("just a string", "the document", "expected a mapping"),

@@ -52,6 +52,7 @@ def test_registration_states_and_orderly_stop(cluster):
     assert cluster.store.read(schema.node_key("node1", S.NODE_LIBVIRT_URI)).startswith("qemu+tcp://node1")
     # what the modules check a VM's vCPUs against: the host XML's 1 socket x 4 cores x 2 threads
     assert cluster.store.read(schema.node_key("node1", S.NODE_CPUTOTAL)) == "8"
+    assert cluster.store.read(schema.node_key("node1", S.NODE_ADDRESS)) == "node1"
     assert daemon.stop() == 0
     assert cluster.store.read(schema.node_key("node1", S.NODE_DAEMON_STATE)) == "stop"
     assert not cluster.store.exists(schema.node_key("node1", S.NODE_ALIVE))

@@ -45,11 +45,11 @@ def cluster(store):
 def make_agent(zk_server, zk_root, tmp_path):
     opened = []
 
-    def make(node: str) -> MigrationAgent:
+    def make(node: str, **sections) -> MigrationAgent:
         from pvc_cluster_common._store import ClusterStore
 
         config = parse_config({"node": node, "zookeeper": {"hosts": zk_server.hosts, "root": zk_root},
-                               "libvirt": {"call_timeout_s": 5}, "intervals": {"shutdown_timeout_s": 5}})
+                               "libvirt": {"call_timeout_s": 5}, "intervals": {"shutdown_timeout_s": 5}, **sections})
         host = tmp_path / f"{node}.xml"
         host.write_text(NODE_XML.format(kib=16 * 1024 * 1024))
         hypervisor = Hypervisor(f"test://{host}", call_timeout_s=5).open()
@@ -266,18 +266,18 @@ def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_a
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    assert store.schema.node_key("n2", S.NODE_LIBVIRT_URI) not in source._prefetched[uuid][1]
+    assert store.schema.node_key("n2", S.NODE_ADDRESS) not in source._prefetched[uuid][1]
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "default"})
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     assert (record.step, record.method, record.method_used) == ("transferred", "default", "shutdown")
-    assert "has not published its libvirt URI" in record.fallback_reason
+    assert record.fallback_reason   # n2 published no address: tried at qemu+tcp://n2/system, by its name
 
 
 @pytest.fixture
 def live_source(cluster, make_agent, monkeypatch):
-    """Source n1 running m1 (its `started` event delivered), n2 publishing a libvirt URI, and
+    """Source n1 running m1 (its `started` event delivered), n2 publishing its address, and
     libvirt's migration calls recorded (the test driver has none) as (call, argument)."""
     store, uuid, xml = cluster
     calls = []
@@ -285,7 +285,7 @@ def live_source(cluster, make_agent, monkeypatch):
                         lambda self, downtime, flags=0: calls.append(("downtime", downtime)) or 0)
     monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
                         lambda self, dconnuri, params, flags=0: calls.append(("p2p", dconnuri)) or 0)
-    store.write({store.schema.node_key("n2", S.NODE_LIBVIRT_URI): "qemu+tcp://10.77.0.2/system"})
+    store.write({store.schema.node_key("n2", S.NODE_ADDRESS): "10.77.0.2"})
     source = make_agent("n1")
     events: queue.Queue = queue.Queue()
     source.hypervisor.add_lifecycle_listener(lambda u, event, detail: events.put((u, event)))
@@ -355,3 +355,58 @@ def test_an_ended_migration_drops_what_was_read_ahead(live_source):
     store.delete([store.schema.domain_migration(uuid)])   # ended elsewhere (as a target's abort does)
     source.handle(uuid, record_of(store, uuid), local_state="running")
     assert uuid not in source._prefetched
+
+
+# ---- peers' URIs (issue #13) ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def marker_uri(tmp_path):
+    """A qemu+ext URI whose command, if libvirt ever ran it, would create a marker file."""
+    marker = tmp_path / "marker"
+    script = tmp_path / "hostile.sh"
+    script.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    script.chmod(0o755)
+    return f"qemu+ext:///system?command={script}", marker
+
+
+def test_a_uri_written_into_zookeeper_is_never_opened(cluster, make_agent, marker_uri):
+    store, uuid, _ = cluster
+    uri, marker = marker_uri
+    schema = store.schema
+    # The peer's published URIs are hostile; its address is a plain IP address on loopback.
+    store.write({schema.node_key("n2", S.NODE_LIBVIRT_URI): uri, schema.node_key("n2", S.NODE_TRANSPORT_URI): uri,
+                 schema.node_key("n2", S.NODE_ADDRESS): "127.0.0.1"})
+    # our own template (port 1 on loopback: the connection is refused at once, nothing leaves the host)
+    source = make_agent("n1", migration={"libvirt_uri_template": "qemu+tcp://{address}:1/system"})
+    assert source.peer_uris("n2", schema.node_key("n2", S.NODE_ADDRESS),
+                            store.read_versioned(schema.node_key("n2", S.NODE_ADDRESS))) == (
+        "qemu+tcp://127.0.0.1:1/system", "tcp://127.0.0.1")
+    assert source.peer_state("n2", uuid) == "unknown"   # asked libvirt at our URI: refused
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("address", ["qemu+ext:///system?command=/bin/true", "10.0.0.1/system?command=x", "a b",
+                                     "user@host", "[::1]", "host:16509"])
+def test_a_peer_address_that_could_change_the_uri_is_refused(cluster, make_agent, marker_uri, address):
+    store, uuid, _ = cluster
+    schema = store.schema
+    store.write({schema.node_key("n2", S.NODE_ADDRESS): address,
+                 schema.node_key("n2", S.NODE_LIBVIRT_URI): marker_uri[0]})
+    source = make_agent("n1")
+    path = schema.node_key("n2", S.NODE_ADDRESS)
+    assert source.peer_uris("n2", path, store.read_versioned(path)) is None
+    assert source.peer_state("n2", uuid) == "unknown"
+    assert not marker_uri[1].exists()
+
+
+def test_a_live_migration_goes_to_the_uri_built_from_the_targets_address(live_source, marker_uri):
+    store, uuid, source, calls = live_source
+    schema = store.schema
+    store.write({schema.node_key("n2", S.NODE_LIBVIRT_URI): marker_uri[0],
+                 schema.node_key("n2", S.NODE_TRANSPORT_URI): "tcp://elsewhere.example:49152"})
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    rewrite_record(store, uuid, step="prepared")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    assert ("p2p", "qemu+tcp://10.77.0.2/system") in calls and not marker_uri[1].exists()
