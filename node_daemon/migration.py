@@ -163,6 +163,12 @@ class Deadlines:
                             self._fired[uuid] = marker   # expired() still says so (see __init__)
 
 
+def meta_problems(meta, keys) -> list[str]:
+    """For each meta key of ``keys``, what VMMeta.from_store said of its stored value ("" when
+    it was valid)."""
+    return [next((warning for warning in meta.warnings if warning.startswith(f"meta {key}:")), "") for key in keys]
+
+
 class StaleCheck(Exception):
     """A key a step depends on changed since it was read; nothing was written."""
 
@@ -473,6 +479,10 @@ class MigrationAgent:
             self.abort(uuid, record, version, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
             return
         meta = meta_from(self.schema, uuid, inputs, MIGRATION_META)
+        for key, warning in zip(MIGRATION_META, meta_problems(meta, MIGRATION_META)):
+            if warning:   # e.g. a maximum downtime beyond QEMU's limit: never handed to libvirt
+                path = self.schema.domain_meta(uuid, key)
+                self.invalid.report(Invalid(path, warning, inputs[path][0]), "meta", inputs[path][1], "the default applies")
         checks = {path: found[1] for path, found in inputs.items() if found is not None}
         method = "live" if record.force_live else meta.migration_method
         if self._local(uuid, local) not in ACTIVE:

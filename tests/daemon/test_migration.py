@@ -335,7 +335,8 @@ def test_a_stored_downtime_beyond_qemus_limit_is_never_handed_to_libvirt(live_so
     source.handle(uuid, record_of(store, uuid), local_state="running")
     assert calls == [("downtime", 300), ("p2p", "qemu+tcp://10.77.0.2/system")]
     record, _ = record_of(store, uuid)
-    assert (record["step"], record["method_used"]) == ("transferred", "live")
+    assert (record.step, record.method_used) == ("transferred", "live")
+    assert list(source.invalid.reported()) == [store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS)]
 
 
 @pytest.mark.parametrize("method, local", [("shutdown", "running"), ("default", "shutoff")])
