@@ -390,11 +390,11 @@ class MigrationAgent:
 
     def read_transfer_inputs(self, uuid: str, record: MigrationRecord) -> dict:
         """What a transfer decides on and needs, in one round: the VM's node (has the target
-        changed?), the meta of a migration (has the method changed since the request?), and,
+        changed?), its XML (does this node's policy accept it?), the meta of a migration (has the method changed since the request?), and,
         unless the request named a shutdown migration, the target's published address (which
         live_migrate builds the URIs from, and reads itself if the method has changed since)."""
         uris = self._target_uri_paths(record) if record.force_live or record.method != "shutdown" else []
-        return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE)]
+        return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE), self.schema.domain_key(uuid, S.DOMAIN_XML)]
                                     + meta_paths(self.schema, uuid, MIGRATION_META) + uris)
 
     def setup_ahead(self, uuid: str, record: MigrationRecord, inputs: dict, local=ASK):
@@ -459,7 +459,7 @@ class MigrationAgent:
         absence cannot be checked in a transaction (a method set since the read ahead would go
         unnoticed): then they are read again right before the write. The other inputs are
         checked when they exist, and otherwise used as read at `requested`: an unset maximum
-        downtime means the default one, and a target URI that is wrong fails the migration."""
+        downtime means the default one, and a target address that is wrong fails the migration."""
         if inputs[self.schema.domain_key(uuid, S.DOMAIN_NODE)] is None:
             return False
         return bool(record.force_live) or inputs[self.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)] is not None
@@ -477,6 +477,14 @@ class MigrationAgent:
             if not fresh:
                 raise StaleCheck(node_path)
             self.abort(uuid, record, version, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
+            return
+        xml_path = self.schema.domain_key(uuid, S.DOMAIN_XML)
+        refused = refusal((inputs[xml_path] or ("",))[0], self.policy, uuid)
+        if refused:
+            if not fresh:
+                raise StaleCheck(xml_path)   # confirmed from a fresh read before anything is refused
+            self.abort(uuid, record, version, f"source {self.node} does not migrate the VM: its domain XML is refused: "
+                                              f"{refused}")
             return
         meta = meta_from(self.schema, uuid, inputs, MIGRATION_META)
         for key, warning in zip(MIGRATION_META, meta_problems(meta, MIGRATION_META)):
