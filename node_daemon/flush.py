@@ -74,7 +74,9 @@ class NodeStateWorker:
     def _on_state(self, data, stat, event=None) -> bool:
         if self._stopped.is_set():
             return False
-        state = data.decode() if data else None
+        # any bytes can be there: this runs in kazoo's event thread, which must never see an
+        # exception (its other watches would stop), so the value is compared, never decoded
+        state = data.decode("utf-8", errors="replace") if data else None
         if state in ("flush", "unflush"):
             threading.Thread(target=self._switch, args=(state,), name=f"node-{state}", daemon=True).start()
         return True

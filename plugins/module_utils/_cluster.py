@@ -285,7 +285,7 @@ def wait_for_key(store, path: str, predicate, timeout_s: float, cancel=None) -> 
     def watcher(data, _stat, _event=None):
         if done.is_set():
             return False
-        if predicate(data.decode("utf-8") if data is not None else None):
+        if predicate(data.decode("utf-8", errors="replace") if data is not None else None):
             done.set()
             return False
         return True
