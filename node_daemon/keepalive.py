@@ -13,7 +13,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
+from pvc_cluster_common._decode import or_default
 from pvc_cluster_common._memory import AccountedVM, account_node
 
 from .domains import DomainTable
@@ -152,8 +154,9 @@ class Keepalive:
             self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3),
         }
         state = self.store.read(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
-        if state in ("init", "dead"):
-            # the first keepalive after start, or a node its peers thought dead: it lives
+        if state in ("init", "dead") or state not in S.DAEMON_STATES:
+            # the first keepalive after start, or a node its peers thought dead (or whose state
+            # someone overwrote with garbage): it lives
             values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "run"
         if fresh and with_stats:
             for uuid, stats in figures.stats.items():
@@ -181,11 +184,9 @@ class Keepalive:
             state = self.store.read_versioned(self.schema.node_key(peer, S.NODE_DAEMON_STATE))
             if state is None or state[0] != "run":
                 continue
-            keepalive = self.store.read(self.schema.node_key(peer, S.NODE_KEEPALIVE))
-            try:
-                last = float(keepalive or 0)
-            except ValueError:
-                last = 0.0
+            path = self.schema.node_key(peer, S.NODE_KEEPALIVE)
+            # a keepalive that is not valid (nan would never be stale) reads as never
+            last = or_default(R.keepalive, self.store.read(path), path, 0.0, [])
             if last < stale_before:
                 # version-checked: if the peer came back meanwhile, its `run` wins
                 if self.store.write({self.schema.node_key(peer, S.NODE_DAEMON_STATE): "dead"},
