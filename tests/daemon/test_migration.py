@@ -135,10 +135,10 @@ def test_a_side_that_wrote_its_step_arms_the_deadline_of_its_wait(cluster, make_
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, version = record_of(store, uuid)
-    assert record["step"] == "transferred"
+    assert record.step == "transferred"
     assert uuid in woken
     source.handle(uuid, (record, version), local_state=None)   # the queued pass
-    assert source.deadlines._items[uuid][1] == f"{record['id']}:{version}"
+    assert source.deadlines._items[uuid][1] == f"{record.id}:{version}"
 
 
 def test_transfer_rereads_what_it_read_ahead_when_it_changed(cluster, make_agent):
