@@ -21,10 +21,12 @@ import threading
 
 from kazoo.exceptions import NoNodeError
 
+from pvc_cluster_common import _decode as D
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError, check_domain
+from pvc_cluster_common._domain_xml import DomainXMLError
 
 from .domains import DomainTable
 from .hypervisor import HypervisorError
@@ -235,12 +237,13 @@ class Reconciler:
         """The decoder of a VM's XML here: a valid domain document (_records.domain_xml) that this
         node's domain XML policy accepts, with the VM's own UUID (and ``name``, when given).
         Returns its DomainInfo; raises Invalid naming the element and the rule."""
-        info = R.domain_xml(value, path)
+        document = D.text(value, path, max_bytes=D.MAX_XML_BYTES)
         try:
-            check_domain(value, self.policy, uuid, name)
+            return check_domain(document, self.policy, uuid, name)
+        except DomainXMLError as exc:
+            raise Invalid(path, f"a libvirt domain XML document ({exc})", value) from None
         except PolicyError as exc:
             raise Invalid(path, f"a domain XML that the policy accepts: {exc}", value) from None
-        return info
 
     def _record(self, uuid: str, key: str, value: str | None, version: int) -> None:
         exists = value is not None
