@@ -82,7 +82,8 @@ options:
       - The domain XML policy O(xml) must meet (the collection's C(docs/security.md)); each key given replaces
         its default. The node daemons check the XML against their own policy (their C(domain_policy)
         configuration) before they define, start or migrate the VM, and refuse it otherwise; give the same
-        policy here, e.g. once for the play in C(module_defaults).
+        policy here, e.g. once for the play in C(module_defaults) of C(pvc.cluster.vm) (not of the group,
+        whose other modules do not take it).
       - C(storage_roots) (list of absolute paths) holds every host path the XML may name (disks, kernels,
         firmware, serial logs); C(emulators) the accepted C(<emulator>) paths; C(devices) the accepted device
         elements (by default no C(hostdev), C(filesystem), C(shmem), C(smartcard), C(lease) or C(pstore));
