@@ -12,7 +12,7 @@ LAB_HOSTS ?= 3
 # make demo KEEP=1 leaves the demo's lab up for exploring (make demo-down ends it)
 KEEP ?=
 
-.PHONY: help setup host venv wheelhouse test test-pytest test-lint test-oldest-ansible test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
+.PHONY: help setup host venv wheelhouse guest test test-pytest test-lint test-oldest-ansible test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
 
 help:
 	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity, units and integration)"
@@ -20,6 +20,7 @@ help:
 	@echo "make lab-up / lab-down   the network-namespace lab (LAB_HOSTS=$(LAB_HOSTS))"
 	@echo "make bench    benchmarks, written to bench/results/latest.json"
 	@echo "make wheelhouse   the node daemon's wheelhouse for the node_daemon role (dist/wheelhouse)"
+	@echo "make guest    build (or find in its cache) the lab's real guest: a Debian cloud kernel and a busybox initramfs"
 
 setup: host venv
 
@@ -82,6 +83,11 @@ WHEELHOUSE ?= dist/wheelhouse
 WHEELHOUSE_LIBVIRT ?=
 wheelhouse: venv
 	$(VPY) scripts/build-wheelhouse.py $(WHEELHOUSE) $(if $(WHEELHOUSE_LIBVIRT),--with-libvirt)
+
+# The lab's real guest, from Debian packages (tests/lab/guest_image.py); cached in $(WORK)/guest, so a
+# second run only checks. The lab tests, the demo and the benchmarks build it themselves when needed.
+guest: setup
+	$(VPY) -m tests.lab.guest_image --cache $(WORK)/guest
 
 lab-up: setup
 	$(VPY) -m tests.lab up --hosts $(LAB_HOSTS) --workdir $(WORK)/lab

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
-from tests.lab.fixtures import lab, lab_guest  # noqa: F401  (here, so that tests/lab and tests/rollout share one lab)
+from tests.lab.fixtures import lab, lab_guest, lab_guests  # noqa: F401  (here, so that tests/lab and tests/rollout share one lab)
 from tests.support.zookeeper import ZooKeeperServer, free_port
 
 

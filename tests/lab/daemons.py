@@ -58,7 +58,7 @@ from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.zookeeper import _setns_net
 
-from .guests import domain_xml
+from .guests import GuestPort, LabGuests, domain_xml
 from .lab import REPO_ROOT, Lab, LabHost
 
 # Crash-safety fault injection understood by the daemon (node_daemon/migration.py).
@@ -220,9 +220,11 @@ class LabCluster:
 
     __test__ = False
 
-    def __init__(self, lab: Lab, name: str, **overrides) -> None:
+    def __init__(self, lab: Lab, name: str, guests: LabGuests | None = None, **overrides) -> None:
         self.lab = lab
         self.name = name
+        # real guests (define_vm's default) need it; a cluster of no-OS guests does not
+        self.guests = guests
         short = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name.removeprefix("test_"))
         if len(short) > 64:
             short = short[:24] + "~" + short[-39:]
@@ -389,12 +391,26 @@ class LabCluster:
     # ---- cluster writes a test makes -----------------------------------------------------------
 
     def define_vm(self, name: str, node: str, state: str = "start", meta: dict | None = None,
-                  memory_mib: int = 64, disk: str | None = None, disk_cache: str = "writeback",
-                  bridge: str | None = "default") -> str:
-        """Write a VM into ZooKeeper (the daemons do the rest). Returns its UUID."""
+                  memory_mib: int | None = None, disk: str | None = None, disk_cache: str = "writeback",
+                  bridge: str | None = "default", guest: str = "linux", **settings) -> str:
+        """Write a VM into ZooKeeper (the daemons do the rest). Returns its UUID.
+
+        guest: ``linux``, a real guest (128 MiB by default) with a disk on the lab's shared storage
+        (``settings``: LinuxGuest's, e.g. dirty_mib_s); ``none``, a guest with no OS (64 MiB by
+        default), which ignores the ACPI power button. disk: instead of the shared disk, this
+        file, with ``disk_cache``: a disk that libvirt does not consider shared."""
         uuid = str(uuidlib.uuid4())
-        xml = domain_xml(name, uuid=uuid, memory_mib=memory_mib,
-                         bridge=self.lab.vm_bridge if bridge == "default" else bridge)
+        bridge = self.lab.vm_bridge if bridge == "default" else bridge
+        if guest == "linux":
+            if self.guests is None:
+                raise ValueError("a real guest needs the cluster's LabGuests (LabCluster(..., guests=...))")
+            xml = self.guests.xml(name, uuid=uuid, memory_mib=memory_mib or 128, bridge=bridge, disk=disk is None,
+                                  **settings)
+        elif guest == "none":
+            xml = domain_xml(name, uuid=uuid, memory_mib=memory_mib or 64, bridge=bridge,
+                             serial_path=self.guests.console(name) if self.guests else None)
+        else:
+            raise ValueError(f"guest {guest!r}: accepted are linux and none")
         if disk:
             xml = xml.replace("<memballoon", (
                 "<disk type='file' device='disk'>\n"
@@ -405,6 +421,21 @@ class LabCluster:
         self.store.commit(vm_definition(self.schema, uuid, name, xml, node, state, meta))
         self.names[uuid] = name
         return uuid
+
+    def wait_guest_up(self, uuid: str, node: str | None = None, since: float | None = None,
+                      timeout_s: float = 120) -> None:
+        """Wait until the real guest ticks (from ``node``, after ``since``): it has booted and its
+        ACPI power button works. Woken by its ticks (no polling)."""
+        if self.guests is None or self.guests.collector is None:
+            raise ValueError("the cluster's guests do not tick (no TickCollector)")
+        self.guests.collector.wait_ticking(self.names.get(uuid, uuid), host=node, since=since, timeout_s=timeout_s)
+
+    def guest_port(self, uuid: str) -> GuestPort:
+        """The command port of the real guest, on the host that runs it now."""
+        running = self.running_nodes(self.libvirt_states(uuid))
+        if len(running) != 1:
+            raise AssertionError(f"{self.names.get(uuid, uuid)} runs on {running}, not on one host")
+        return GuestPort(self.host(running[0]), uuid)
 
     def set_state(self, uuid: str, state: str) -> None:
         self.store.commit({self.schema.domain_key(uuid, S.DOMAIN_STATE): state})
@@ -439,13 +470,20 @@ class LabCluster:
 
     def settle(self, uuid: str, timeout_s: float = 120) -> dict:
         """Wait until the migration record is gone and libvirt agrees with ZooKeeper (I2 for a VM
-        whose state is start). Returns the VM's libvirt states."""
+        whose state is start): the VM runs on its node, and no other host holds it any more (a
+        live migration ends when the target resumes the VM, while the source's libvirtd may still
+        be ending its side of the job, its copy paused). Returns the VM's libvirt states."""
         self.wait_no_migration(uuid, timeout_s)
         vm = read_vm(self.store, uuid)
         if vm.state != "start":
             return self.libvirt_states(uuid)
-        return self.wait_libvirt(uuid, lambda states: self.running_nodes(states) == [read_vm(self.store, uuid).node],
-                                 timeout_s, f"{self.names.get(uuid, uuid)} to run on exactly its ZooKeeper node")
+
+        def settled(states) -> bool:
+            node = read_vm(self.store, uuid).node
+            return self.running_nodes(states) == [node] and all(s is None for n, s in states.items() if n != node)
+
+        return self.wait_libvirt(uuid, settled, timeout_s,
+                                 f"{self.names.get(uuid, uuid)} to run on exactly its ZooKeeper node, and only there")
 
     def check_invariants(self, uuids, monitor: "RunningMonitor | None" = None) -> None:
         """I1-I4 for these VMs, once settled (see docs/migration-protocol.md)."""
@@ -574,9 +612,10 @@ _OLD_LOGS_REMOVED = False
 
 
 @pytest.fixture
-def lab_cluster(lab, request):
-    """lab_cluster(**config_overrides) -> LabCluster (daemons not started yet). At teardown every
-    daemon is stopped, the cluster root removed and every domain on every host destroyed."""
+def lab_cluster(lab, lab_guests, request):
+    """lab_cluster(**config_overrides) -> LabCluster (daemons not started yet), whose VMs are real
+    guests unless a test asks for none. At teardown every daemon is stopped, the cluster root
+    removed and every domain on every host destroyed."""
     made: list[LabCluster] = []
     global _OLD_LOGS_REMOVED
     if not _OLD_LOGS_REMOVED:   # keep this session's daemon logs only, for post-mortems
@@ -584,7 +623,9 @@ def lab_cluster(lab, request):
         _OLD_LOGS_REMOVED = True
 
     def make(**overrides) -> LabCluster:
-        cluster = LabCluster(lab, request.node.name.replace("[", "-").replace("]", ""), **overrides)
+        lab_guests.prepare()
+        cluster = LabCluster(lab, request.node.name.replace("[", "-").replace("]", ""), guests=lab_guests,
+                             **overrides)
         print(f"cluster root {cluster.root}, daemon logs in {cluster.workdir}")
         made.append(cluster)
         return cluster

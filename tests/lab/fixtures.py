@@ -9,8 +9,11 @@ second lab in the same namespaces and workdir. So tests/lab and tests/rollout sh
   (/tmp/pvc-cluster/pytest-lab-PREFIX), so that the tests can run while another lab is up. Guests may use the bridge
   `lab.vm_bridge` ("br-vm"), present on every host. A machine that cannot run the lab (not root, no
   namespaces, missing packages) FAILS the tests that use it, with the reason: it never skips.
-* `lab_guest` (function): a factory that starts a small transient guest; every guest it started is
-  destroyed at teardown, on whichever host it ended up.
+* `lab_guests` (session): what the lab's real guests need (guests.LabGuests: the guest image, the
+  shared storage, a TickCollector receiving their ticks); a fixture using it calls its prepare()
+  first (cheap once done; it also recovers from a lab taken down and up by a lifecycle test).
+* `lab_guest` (function): a factory that starts a small transient guest (a real guest unless
+  linux=False); every guest it started is destroyed at teardown, on whichever host it ended up.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from .guests import domain_xml
+from .guests import LabGuests, domain_xml
 from .lab import Lab, LabError, LabHost
+from .ticks import TickCollector
 
 DEFAULT_WORKDIR = "/tmp/pvc-cluster/pytest-lab"
 VM_BRIDGE = "br-vm"
@@ -53,26 +57,48 @@ def lab():
         the_lab.down()
 
 
+@pytest.fixture(scope="session")
+def lab_guests(lab):
+    collector = TickCollector(lab)
+    guests = LabGuests(lab, collector=collector)
+    try:
+        guests.prepare()
+    except Exception as exc:
+        collector.stop()
+        pytest.fail(f"the lab's real guests cannot be prepared: {exc}", pytrace=False)
+    try:
+        yield guests
+    finally:
+        collector.stop()
+
+
 @pytest.fixture
-def lab_guest(lab):
-    """start(host=1, name=None, memory_mib=64, bridge=lab.vm_bridge, **domain_xml_kwargs) -> virDomain"""
+def lab_guest(lab, lab_guests):
+    """start(host=1, name=None, memory_mib=128, bridge=lab.vm_bridge, linux=True, **settings) -> virDomain
+
+    linux: a real guest (settings: LinuxGuest's, e.g. dirty_mib_s); False: a no-OS guest
+    (settings: domain_xml's)."""
     import libvirt
 
     created: list[str] = []
     conns: dict[int, object] = {}
-    serial_dir = lab.workdir / "serial"
-    serial_dir.mkdir(parents=True, exist_ok=True)
+    lab_guests.prepare()
 
-    def start(host: int | LabHost = 1, name: str | None = None, memory_mib: int = 64, bridge=_DEFAULT, **kw):
+    def start(host: int | LabHost = 1, name: str | None = None, memory_mib: int = 128, bridge=_DEFAULT,
+              linux: bool = True, **kw):
         h = host if isinstance(host, LabHost) else lab.host(host)
         name = name or f"guest-{uuid.uuid4().hex[:8]}"
         if bridge is _DEFAULT:
             bridge = lab.vm_bridge
-        kw.setdefault("serial_path", serial_dir / f"{name}.log")
         if h.index not in conns:
             conns[h.index] = h.connect()
         created.append(name)
-        return conns[h.index].createXML(domain_xml(name, memory_mib=memory_mib, bridge=bridge, **kw), 0)
+        if linux:
+            xml = lab_guests.xml(name, memory_mib=memory_mib, bridge=bridge, **kw)
+        else:
+            kw.setdefault("serial_path", lab_guests.console(name))
+            xml = domain_xml(name, memory_mib=memory_mib, bridge=bridge, **kw)
+        return conns[h.index].createXML(xml, 0)
 
     yield start
 

@@ -20,8 +20,9 @@ LAB ONLY: libvirtd accepts unauthenticated clients on its unix socket and on TCP
 
 Every process the lab starts is recorded in WORKDIR/lab.json (PID plus kernel start time, so a
 reused PID is never mistaken for ours): per host a ZooKeeper JVM, a libvirtd, and reaper.py, the
-libvirtd's parent that reaps the QEMU processes libvirt daemonizes (every change of the file is a
-read-modify-write under an flock of WORKDIR/.lab.lock, so processes that share a lab lose no record).
+libvirtd's parent that reaps the QEMU processes libvirt daemonizes, and the guests' storage
+daemon once something started it (storage.py) (every change of the file is a read-modify-write
+under an flock of WORKDIR/.lab.lock, so processes that share a lab lose no record).
 `down`, in any process, ends those,
 plus what the host's pidfiles name once checked to be that program in that host's namespace (the
 QEMU pidfiles under the host's run directory; a daemon restarted by a test), then deletes the
@@ -169,7 +170,7 @@ def _reap(pid: int) -> None:
 
 @dataclass
 class ProcRecord:
-    role: str  # libvirtd | reaper (libvirtd's parent) | zookeeper | qemu
+    role: str  # libvirtd | reaper (libvirtd's parent) | zookeeper | qemu | storage (storage.py)
     host: str  # the host's namespace
     pid: int
     starttime: int | None
@@ -772,7 +773,7 @@ class Lab:
         if state:
             owned = self._owned(state)
             ended = terminate([r for r in owned if r.role == "qemu"])
-            ended += terminate([r for r in owned if r.role in ("libvirtd", "zookeeper")])
+            ended += terminate([r for r in owned if r.role in ("libvirtd", "zookeeper", "storage")])
             ended += terminate([r for r in owned if r.role == "reaper"])  # normally gone with libvirtd
             if ended:
                 self.log("ended " + ", ".join(f"{r.role} {r.pid} ({r.host})" for r in ended))

@@ -1,5 +1,7 @@
 """Crash safety of the migration protocol with real daemons, real libvirtds and real QEMU guests
-(issue item 5; hazards 1-5 of docs/migration-protocol.md).
+(issue item 5; hazards 1-5 of docs/migration-protocol.md). The guests are real (tests/lab/guests.py):
+a shutdown migration shuts its guest down cleanly, which each shutdown case waits to be possible
+(the guest booted) before it requests the migration.
 
 Each test migrates one VM from node1 (source) to node2 (target) and SIGKILLs the source daemon,
 the target daemon or both at one step, using the daemon's fault injection
@@ -15,6 +17,7 @@ surviving peer has ended the migration on its own ("late"). Then, once the clust
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -118,8 +121,11 @@ def test_daemon_killed_mid_migration(lab_cluster, lab, tmp_path, case):
     release = tmp_path / "never-released"   # a held source is killed, never released
     source, target = cluster.daemons["node1"], cluster.daemons["node2"]
     cluster.start(env={"node1": _env(case.source, release), "node2": _env(case.target, release)})
+    booted = time.time()
     uuid = cluster.define_vm(f"crash-{case.method}", "node1", meta={S.META_MIGRATION_METHOD: case.method})
     cluster.wait_running_on("node1", uuid)
+    if case.method == "shutdown":
+        cluster.wait_guest_up(uuid, "node1", since=booted)   # so that it shuts down cleanly
     domid = cluster.domain_id("node1", uuid)
 
     with RunningMonitor(lab.hosts) as monitor:
@@ -178,8 +184,10 @@ def test_target_restarting_while_the_source_gives_up_never_starts_a_second_copy(
     cluster = lab_cluster(**config({"migration": {"step_timeout_s": 12}}))
     release = tmp_path / "release"
     cluster.start(env={"node2": {CRASH_ENV: "target:prepared"}})
+    booted = time.time()
     uuid = cluster.define_vm("contested-start", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
     cluster.wait_running_on("node1", uuid)
+    cluster.wait_guest_up(uuid, "node1", since=booted)
     with RunningMonitor(lab.hosts) as monitor:
         record = cluster.request(uuid, "migrate", target="node2")
         assert cluster.daemons["node2"].wait_exit(timeout_s=120) == -9

@@ -73,7 +73,7 @@ def test_vm_defined_in_zookeeper_runs_on_its_node(lab_cluster):
                  what="node1 runningdomains")
     stats = json.loads(cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATS), lambda v: bool(v),
                                     what="VM statistics"))
-    assert stats["state"] == "running" and stats["memory_mib"] == 64 and stats["vcpus"] == 1
+    assert stats["state"] == "running" and stats["memory_mib"] == 128 and stats["vcpus"] == 1
     assert "actual" in stats["memory_stats"]        # the balloon's size, in KiB, from QEMU
     # stop (forced) and start again, both from ZooKeeper
     cluster.set_state(uuid, "stop")
@@ -88,8 +88,8 @@ def test_keepalive_memory_accounting_matches_libvirt(lab_cluster):
 
     cluster = lab_cluster()
     cluster.start()
-    running = cluster.define_vm("acct-running", "node1", memory_mib=80)
-    stopped = cluster.define_vm("acct-stopped", "node1", state="stop", memory_mib=48)
+    running = cluster.define_vm("acct-running", "node1", memory_mib=160)
+    stopped = cluster.define_vm("acct-stopped", "node1", state="stop", memory_mib=96)
     cluster.wait_running_on("node1", running)
 
     # What libvirt says runs on node1 right now: every active domain's configured maximum.
@@ -102,9 +102,9 @@ def test_keepalive_memory_accounting_matches_libvirt(lab_cluster):
         total = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)["total"] // 1024
     finally:
         conn.close()
-    assert uuids == [running] and alloc == 80
+    assert uuids == [running] and alloc == 160
     # a stopped VM assigned here counts in memprov (it may start here) but not in memalloc
-    expected = {S.NODE_MEMALLOC: str(alloc), S.NODE_MEMPROV: str(alloc + 48), S.NODE_VCPUALLOC: str(vcpus),
+    expected = {S.NODE_MEMALLOC: str(alloc), S.NODE_MEMPROV: str(alloc + 96), S.NODE_VCPUALLOC: str(vcpus),
                 S.NODE_DOMAINCOUNT: "1"}
     for key, value in expected.items():
         cluster.wait(cluster.schema.node_key("node1", key), lambda v, value=value: v == value, what=f"node1 {key} {value}")
@@ -120,17 +120,34 @@ def test_keepalive_memory_accounting_matches_libvirt(lab_cluster):
     # Starting the stopped VM moves its memory into memalloc; memprov is unchanged.
     cluster.set_state(stopped, "start")
     cluster.wait_running_on("node1", stopped)
-    cluster.wait(cluster.schema.node_key("node1", S.NODE_MEMALLOC), lambda v: v == str(80 + 48), what="memalloc 128")
-    assert node_key(cluster, "node1", S.NODE_MEMPROV) == str(80 + 48)
+    cluster.wait(cluster.schema.node_key("node1", S.NODE_MEMALLOC), lambda v: v == str(160 + 96), what="memalloc 256")
+    assert node_key(cluster, "node1", S.NODE_MEMPROV) == str(160 + 96)
     cluster.check_invariants([running, stopped])
 
 
+def test_guest_shuts_down_cleanly_on_the_power_button(lab_cluster):
+    """A real guest answers the ACPI power button: the daemon's clean shutdown ends with the guest
+    powering itself off, well inside the timeout, and nothing is forced."""
+    cluster = lab_cluster(intervals={"shutdown_timeout_s": 60})
+    cluster.start()
+    uuid = cluster.define_vm("polite", "node1")
+    cluster.wait_guest_up(uuid, "node1")      # booted: acpid listens
+    cluster.set_state(uuid, "shutdown")
+    cluster.wait_key(uuid, S.DOMAIN_STATE, "stop")        # the daemon records the end of the shutdown
+    assert cluster.running_nodes(cluster.libvirt_states(uuid)) == []
+    log = cluster.daemons["node1"].log()
+    assert f"VM {uuid}: shut down" in log and "forced" not in log, log[-4000:]
+    console = cluster.guests.console_text("polite")
+    assert "ACPI power button pressed" in console and "powering off" in console, console[-2000:]
+    cluster.check_invariants([uuid])
+
+
 def test_guest_that_ignores_shutdown_is_stopped_after_the_timeout(lab_cluster):
-    """Hazard 14 with a real guest: with no OS, nothing answers the ACPI power button (SeaBIOS
+    """Hazard 14 with a guest that has no OS: nothing answers the ACPI power button (SeaBIOS
     spins on "no bootable device"), so the daemon's clean shutdown times out and it forces a stop."""
     cluster = lab_cluster(intervals={"shutdown_timeout_s": 2})
     cluster.start()
-    uuid = cluster.define_vm("deaf", "node1")
+    uuid = cluster.define_vm("deaf", "node1", guest="none")
     cluster.wait_running_on("node1", uuid)
     cluster.set_state(uuid, "shutdown")
     cluster.wait_key(uuid, S.DOMAIN_STATE, "stop")        # the daemon records the end of the shutdown

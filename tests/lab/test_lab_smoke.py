@@ -13,7 +13,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from .guests import domain_xml, guest_uuid
+from pathlib import Path
+
+from .guests import LinuxGuest, domain_xml, guest_uuid
+from .storage import NbdDisk
 from .lab import REPO_ROOT, list_netns
 
 libvirt = pytest.importorskip("libvirt")  # the venv always has it; this only guards odd runs
@@ -61,6 +64,31 @@ def test_domain_xml_builder():
     bare = ET.fromstring(domain_xml("g2", uuid="11111111-2222-4333-8444-555555555555"))
     assert bare.findtext("uuid") == "11111111-2222-4333-8444-555555555555"
     assert bare.find("devices/interface") is None and bare.find("devices/serial") is None
+    assert bare.find("os/kernel") is None and bare.find("os/boot").get("dev") == "hd"   # no OS: SeaBIOS
+
+
+def test_real_guest_xml():
+    linux = LinuxGuest(kernel=Path("/s/boot/k"), initrd=Path("/s/boot/i"), ticks=("10.77.0.254", 5140), tick_ms=5,
+                       dirty_mib_s=40, dirty_buf_mib=64)
+    disk = NbdDisk(export="g3", host="10.77.0.254", port=10809, path=Path("/s/disks/g3.img"))
+    root = ET.fromstring(domain_xml("g3", memory_mib=128, serial_path="/s/g3.log", linux=linux, disk=disk))
+    assert (root.findtext("os/kernel"), root.findtext("os/initrd")) == ("/s/boot/k", "/s/boot/i")
+    cmdline = root.findtext("os/cmdline").split()
+    assert {"console=ttyS0", "pvc.name=g3", "pvc.tick_ms=5", "pvc.dirty_mib_s=40", "pvc.dirty_buf_mib=64"} <= set(cmdline)
+    source = root.find("devices/disk/source")
+    assert root.find("devices/disk").get("type") == "network" and root.find("devices/disk/driver").get("cache") == "none"
+    assert (source.get("protocol"), source.get("name"), source.find("host").get("port")) == ("nbd", "g3", "10809")
+    ticks = root.find("devices/console")
+    assert ticks.get("type") == "udp" and ticks.find("target").get("type") == "virtio"
+    assert [(e.get("mode"), e.get("host"), e.get("service")) for e in ticks.findall("source")][1] == ("connect", "10.77.0.254", "5140")
+    assert root.find("devices/channel/target").get("name") == "org.pvc-cluster.guest.0"
+    # no collector: no ticks console, and the guest's ticker sleeps
+    quiet = ET.fromstring(domain_xml("g4", memory_mib=128, linux=linux.with_(ticks=None)))
+    assert quiet.find("devices/console") is None and "pvc.tick_ms=1000" in quiet.findtext("os/cmdline")
+    with pytest.raises(ValueError, match="at least 96 MiB"):
+        domain_xml("g5", memory_mib=64, linux=linux)
+    with pytest.raises(ValueError, match="kernel command line"):
+        domain_xml("g 6", memory_mib=128, linux=linux)
 
 
 @pytest.mark.lab
@@ -78,11 +106,15 @@ def test_each_host_runs_its_own_libvirtd(lab):
 
 
 @pytest.mark.lab
-def test_live_migration_host1_to_host2(lab, lab_guest):
+def test_live_migration_host1_to_host2(lab, lab_guest, lab_guests):
+    """A real guest with its disk on the shared storage migrates live between two hosts' libvirtds
+    (libvirt refuses a live migration unless every disk is shared), and goes on ticking there."""
     h1, h2 = lab.host(1), lab.host(2)
-    dom = lab_guest(h1, name="smoke-migrate", memory_mib=64)
+    started = time.time()
+    dom = lab_guest(h1, name="smoke-migrate")
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert not dom.isPersistent()
+    lab_guests.collector.wait_ticking("smoke-migrate", host="node1", since=started)   # booted
 
     dom.migrateToURI3(
         h2.libvirt_tcp_uri,
@@ -103,6 +135,10 @@ def test_live_migration_host1_to_host2(lab, lab_guest):
         c2.close()
     assert "smoke-migrate" not in h1.domains(running_only=False)
     assert h2.domains() == ["smoke-migrate"]
+    # the same guest (its tick counter went on) now runs on node2
+    switch = lab_guests.collector.switchovers("smoke-migrate", since=started)
+    assert [(sw.source, sw.target) for sw in switch] == [("node1", "node2")], switch
+    lab_guests.collector.wait_ticking("smoke-migrate", host="node2", since=switch[0].first.arrival + 0.5)
     row = {r["host"]: r for r in lab.status()}
     assert row["node2"]["domains"] == ["smoke-migrate"] and row["node1"]["domains"] == []
     lab.reset()
@@ -173,7 +209,8 @@ def test_up_cleans_up_after_an_interrupted_run(lab, lab_guest):
     lab_guest(3, name="orphan")
     old = [r for r in lab.processes() if r.role != "qemu"]
     qemus = lab.qemu_processes()
-    assert sorted(r.role for r in old) == ["libvirtd"] * 3 + ["reaper"] * 3 + ["zookeeper"] * 3
+    # the guests' storage daemon (storage.py) runs once a real guest was made
+    assert sorted(r.role for r in old) == ["libvirtd"] * 3 + ["reaper"] * 3 + ["storage"] + ["zookeeper"] * 3
     assert [r.host for r in qemus] == [lab.host(3).netns]
 
     # the crash: every lab daemon dies at once, nothing is cleaned; the guest's QEMU lingers
@@ -184,7 +221,7 @@ def test_up_cleans_up_after_an_interrupted_run(lab, lab_guest):
     assert _lab_namespaces(lab) == sorted(lab.namespaces)
 
     # another process brings the lab up again from lab.json
-    proc = _cli("up", "--hosts", "3", "--workdir", str(lab.workdir), "--vm-bridge", lab.vm_bridge)
+    proc = _cli("up", "--hosts", "3", "--workdir", str(lab.workdir), "--prefix", lab.prefix, "--vm-bridge", lab.vm_bridge)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ended qemu" in proc.stdout
     assert _wait_dead(old + qemus, 1.0) == []
@@ -200,7 +237,7 @@ def test_up_cleans_up_after_an_interrupted_run(lab, lab_guest):
 def test_down_leaves_nothing_behind(lab, lab_guest):
     lab_guest(1, name="left-running")
     recorded = lab.processes()
-    assert len(recorded) == 10  # 3 x (ZooKeeper, libvirtd, reaper) + the guest's QEMU
+    assert len(recorded) == 11  # 3 x (ZooKeeper, libvirtd, reaper) + the guests' storage + the guest's QEMU
     try:
         proc = _cli("down", "--workdir", str(lab.workdir))
         assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -4,6 +4,8 @@ plan_request/submit_request as the Ansible modules, and every wait is a ZooKeepe
 libvirt read. A RunningMonitor samples libvirt on every host throughout each test (I1)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pvc_cluster_common import _schema as S
@@ -37,8 +39,10 @@ def monitor(lab):
 def test_live_migration_and_return(lab_cluster, monitor):
     cluster = lab_cluster()
     cluster.start()
+    booted = time.time()
     uuid = cluster.define_vm("mover", "node1")
     cluster.wait_running_on("node1", uuid)
+    cluster.wait_guest_up(uuid, "node1", since=booted)
 
     record = cluster.request(uuid, "migrate", target="node2")
     assert record.step == "requested" and (record.source, record.target) == ("node1", "node2")
@@ -54,6 +58,12 @@ def test_live_migration_and_return(lab_cluster, monitor):
     assert set(final["steps"]) >= {"requested", "prepared", "transferring", "done"}
     vm = read_vm(cluster.store, uuid)
     assert (vm.node, vm.lastnode) == ("node2", "node1")
+    # the guest went on (no new boot) and ticks on node2; what it saw of the switch-over
+    collector = cluster.guests.collector
+    switch = collector.switchovers("mover", since=booted)
+    assert [(sw.source, sw.target) for sw in switch] == [("node1", "node2")] and not collector.restarts("mover", booted)
+    assert switch[0].lost_ticks == 0 and 0 <= switch[0].frozen_ms <= switch[0].gap_ms, switch[0]
+    cluster.wait_guest_up(uuid, "node2", since=switch[0].first.arrival + 0.5)
 
     cluster.request(uuid, "unmigrate")
     cluster.settle(uuid)
@@ -66,11 +76,12 @@ def test_live_migration_and_return(lab_cluster, monitor):
     assert monitor.ever_running_on(uuid) == {"node1", "node2"}
 
 
-def test_shutdown_migration_forces_the_stop_and_starts_on_the_target(lab_cluster, monitor):
-    cluster = lab_cluster()
+def test_shutdown_migration_shuts_the_guest_down_cleanly_and_starts_it_on_the_target(lab_cluster, monitor):
+    cluster = lab_cluster(intervals={"shutdown_timeout_s": 60})
     cluster.start()
+    booted = time.time()
     uuid = cluster.define_vm("cold", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
-    cluster.wait_running_on("node1", uuid)
+    cluster.wait_guest_up(uuid, "node1", since=booted)
     record = cluster.request(uuid, "migrate", target="node2")
     cluster.settle(uuid)
     assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
@@ -78,10 +89,30 @@ def test_shutdown_migration_forces_the_stop_and_starts_on_the_target(lab_cluster
     final = cluster.history(uuid)[-1]
     assert final["id"] == record.id and final["result"] == "done"
     assert (final["method"], final["method_used"]) == ("shutdown", "shutdown")
-    # the guest has no OS to answer ACPI: the source forced it off after shutdown_timeout_s (hazard 14)
-    assert "did not shut down within" in cluster.daemons["node1"].log()
+    # the guest powered itself off on the ACPI power button, and booted again on node2
+    log = cluster.daemons["node1"].log()
+    assert f"VM {uuid}: shut down for migration" in log and "did not shut down" not in log, log[-4000:]
+    assert "ACPI power button pressed" in cluster.guests.console_text("cold")
+    cluster.wait_guest_up(uuid, "node2", since=final["steps"]["done"])
+    assert [t.host for t in cluster.guests.collector.restarts("cold", booted)] == ["node2"]
     vm = read_vm(cluster.store, uuid)
     assert (vm.node, vm.lastnode) == ("node2", "node1")
+    cluster.check_invariants([uuid], monitor)
+
+
+def test_shutdown_migration_of_a_guest_that_ignores_acpi_forces_the_stop(lab_cluster, monitor):
+    """Hazard 14: a guest with no OS never answers the power button; after shutdown_timeout_s the
+    source forces it off, and the migration goes on."""
+    cluster = lab_cluster()
+    cluster.start()
+    uuid = cluster.define_vm("deaf-cold", "node1", guest="none", meta={S.META_MIGRATION_METHOD: "shutdown"})
+    cluster.wait_running_on("node1", uuid)
+    record = cluster.request(uuid, "migrate", target="node2")
+    cluster.settle(uuid)
+    assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
+    final = cluster.history(uuid)[-1]
+    assert final["id"] == record["id"] and final["result"] == "done" and final["method_used"] == "shutdown"
+    assert "did not shut down within" in cluster.daemons["node1"].log()
     cluster.check_invariants([uuid], monitor)
 
 
@@ -91,9 +122,10 @@ def test_shutdown_migration_forces_the_stop_and_starts_on_the_target(lab_cluster
     ("default", True, "aborted"),   # a request with force_live behaves as `live`
 ])
 def test_failed_live_migration_falls_back_or_aborts(lab_cluster, monitor, method, force_live, result):
-    """Hazard 13 with a real cause: a disk cached writeback on storage libvirt does not consider
-    shared. libvirt refuses to live-migrate it (VIR_ERR_MIGRATE_UNSAFE), while a cold start on the
-    target works (every lab host sees the same file)."""
+    """Hazard 13 with a real cause: instead of its disk on the shared storage, the guest has a file
+    on the hosts' common /tmp, which libvirt does not consider shared storage (a local ext4). libvirt
+    refuses to live-migrate it (VIR_ERR_MIGRATE_UNSAFE), while a cold start on the target works
+    (every lab host sees the same file)."""
     cluster = lab_cluster()
     cluster.start()
     disk = cluster.workdir / f"disk-{method}-{force_live}.img"
@@ -198,7 +230,7 @@ def test_target_that_stops_being_ready_aborts_the_migration(lab_cluster, monitor
 def test_flush_and_ready_round_trip(lab_cluster, monitor):
     cluster = lab_cluster()
     cluster.start()
-    home = [cluster.define_vm(f"flushme-{i}", "node1", memory_mib=64) for i in range(4)]
+    home = [cluster.define_vm(f"flushme-{i}", "node1") for i in range(4)]
     other = cluster.define_vm("bystander", "node2")
     for uuid in home:
         cluster.wait_running_on("node1", uuid)

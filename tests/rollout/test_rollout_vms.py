@@ -10,7 +10,6 @@ import yaml
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import find_vm, read_history, read_vm, wait_for_key
-from tests.lab.guests import domain_xml
 
 # a rollout takes a minute or two on a quiet 2-core machine, several on a busy one
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
@@ -24,10 +23,11 @@ VMS = [
 ]
 
 
-def _vm_vars(tmp_path, downtime_ms: int = 300):
+def _vm_vars(guests, tmp_path, downtime_ms: int = 300):
+    """The VMs of VMS as pvc_vms: real guests (tests/lab/guests.py), the same XML every time."""
     vms = []
     for name, node, meta in VMS:
-        vms.append({"name": name, "xml": domain_xml(name, memory_mib=64, bridge="vmbr0"), "node": node,
+        vms.append({"name": name, "xml": guests.xml(name, memory_mib=128, bridge="vmbr0"), "node": node,
                     "state": "started", "migration_max_downtime_ms": downtime_ms, **meta})
     path = tmp_path / f"vms-{downtime_ms}.yml"
     path.write_text(yaml.safe_dump({"pvc_vms": vms}))
@@ -54,9 +54,10 @@ def _wait_placement(cluster, expected, timeout_s: float = 60):
 
 
 @pytest.fixture(scope="module")
-def vms(rolled_out, tmp_path_factory):
+def vms(rolled_out, lab_guests, tmp_path_factory):
     """The VMs of VMS, defined and started by playbooks/vm_meta.yml (first run kept)."""
-    path = _vm_vars(tmp_path_factory.mktemp("vms"))
+    lab_guests.prepare()
+    path = _vm_vars(lab_guests, tmp_path_factory.mktemp("vms"))
     run = rolled_out.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{path}")
     assert run.returncode == 0, run.failures()
     return rolled_out, run
@@ -73,17 +74,17 @@ def test_vm_meta_defines_and_starts_the_inventory_vms(vms):
     assert list(meta["rt-limited"].node_limit) == ["node2", "node3"]
 
 
-def test_vm_meta_second_run_changes_nothing_and_a_change_is_applied(vms, tmp_path):
+def test_vm_meta_second_run_changes_nothing_and_a_change_is_applied(vms, lab_guests, tmp_path):
     cluster, _ = vms
-    same = cluster.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(tmp_path)}")
+    same = cluster.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(lab_guests, tmp_path)}")
     assert same.returncode == 0, same.failures()
     assert same.changed() == {"localhost": 0}, same.changed_tasks()
-    changed = cluster.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(tmp_path, downtime_ms=500)}")
+    changed = cluster.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(lab_guests, tmp_path, downtime_ms=500)}")
     assert changed.returncode == 0, changed.failures()
     assert changed.changed() == {"localhost": 1}
     for name, _, _ in VMS:
         assert read_vm(cluster.store, find_vm(cluster.store, name)).meta.migration_max_downtime_ms == 500
-    again = cluster.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(tmp_path, downtime_ms=500)}")
+    again = cluster.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(lab_guests, tmp_path, downtime_ms=500)}")
     assert again.changed() == {"localhost": 0}, again.changed_tasks()
 
 
