@@ -31,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
             lab.up(keep_on_failure=args.keep_on_failure)
             print(lab.status_table(), flush=True)
         elif args.command == "down":
-            Lab.load(args.workdir).down()
+            lab = Lab.load(args.workdir)
+            if not lab.state_file.exists():
+                # nothing was brought up here (up writes lab.json before it creates anything), and
+                # a default Lab would look at the namespaces of the default prefix: another lab's
+                print(f"no lab recorded in {lab.state_file}: nothing to end")
+                return 0
+            lab.down()
         else:
             lab = Lab.load(args.workdir)
             print(lab.status_table())

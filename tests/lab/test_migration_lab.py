@@ -239,6 +239,8 @@ def test_flush_and_ready_round_trip(lab_cluster, monitor):
 
     cluster.set_domain_state("node1", "flush")
     cluster.wait_domain_state("node1", "flushed", timeout_s=240)
+    for uuid in home:
+        cluster.settle(uuid)   # node1's libvirtd may still be ending its side of the last transfers
     assert cluster.host("node1").domains(running_only=False) == []     # libvirt: nothing left on node1
     for uuid in home:
         vm = read_vm(cluster.store, uuid)
@@ -252,6 +254,7 @@ def test_flush_and_ready_round_trip(lab_cluster, monitor):
     cluster.set_domain_state("node1", "unflush")
     cluster.wait_domain_state("node1", "ready", timeout_s=240)
     for uuid in home:
+        cluster.settle(uuid)
         vm = read_vm(cluster.store, uuid)
         assert (vm.node, vm.lastnode, vm.migration) == ("node1", "", None)
         assert cluster.libvirt_states(uuid) == {"node1": "running", "node2": None, "node3": None}
