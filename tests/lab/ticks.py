@@ -1,6 +1,6 @@
 """The ticks of the lab's real guests, received, and the downtime a guest saw at each switch-over.
 
-A real lab guest (tests/lab/guest/pvc-guest.c) writes one line "<name> <seq> <monotonic us>" every
+A real lab guest (tests/lab/guest/pvc-guest.c) writes one line "<name> <boot> <seq> <monotonic us>" every
 few milliseconds to a virtio console that its domain XML backs with UDP to the collector
 (``GuestSpec.ticks`` in guests.py): ``TICK_PORT`` on the controller's address, from whichever host
 runs the guest. ``TickCollector`` receives them in a thread of this process whose socket lives in
@@ -21,8 +21,10 @@ from the target.
   guest (its clock runs on then), so it is the figure to compare between migrations: **the
   downtime as the guest sees it**.
 
-A shutdown migration is not a switch-over: the guest boots again on the target and its sequence
-numbers start again from 0 (``restarts`` reports those).
+A shutdown migration is not a switch-over: the guest boots again on the target, with a new boot
+id and its sequence numbers from 0 again (``restarts`` reports those). Within one boot the
+sequence numbers order the ticks: a tick written just before the pause may leave from the target,
+after the resume, and arrive after a later one.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ KEEP_TICKS = 360_000
 @dataclass(frozen=True)
 class Tick:
     arrival: float   # unix time the datagram arrived (kernel timestamp)
+    boot: str        # the guest's boot id (its kernel's, shortened)
     seq: int         # the guest's tick counter (0 at boot)
     guest_us: int    # the guest's CLOCK_MONOTONIC, microseconds
     host: str        # the lab host whose QEMU sent it (nodeK)
@@ -177,13 +180,13 @@ class TickCollector:
 
     def _parse(self, data: bytes, sender: str, arrival: float) -> tuple[str, Tick] | None:
         fields = data.split()
-        if len(fields) != 3 or not sender.startswith(LAB_NET + "."):
+        if len(fields) != 4 or not sender.startswith(LAB_NET + "."):
             return None
         try:
-            name, seq, guest_us = fields[0].decode(), int(fields[1]), int(fields[2])
+            name, boot, seq, guest_us = fields[0].decode(), fields[1].decode(), int(fields[2]), int(fields[3])
         except (UnicodeDecodeError, ValueError):
             return None
-        return name, Tick(arrival, seq, guest_us, self._hosts.get(sender, sender))
+        return name, Tick(arrival, boot, seq, guest_us, self._hosts.get(sender, sender))
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -212,22 +215,29 @@ class TickCollector:
                                      f"(last tick: {seen[-1] if seen else 'none ever'})")
             return found()
 
-    def switchovers(self, name: str, since: float | None = None) -> list[Switchover]:
-        """Every switch-over of ``name``'s ticks from one host to another (see the module
-        docstring), in order. (The source sends its last tick before QEMU pauses the guest, the
-        target its first after it resumed it: arrival order is the guest's order.)"""
-        result = []
-        previous = None
+    def boots(self, name: str, since: float | None = None) -> list[list[Tick]]:
+        """``name``'s ticks since ``since``, one list per boot (in the order the boots began), each
+        in the guest's own order (sequence numbers)."""
+        by_boot: dict[str, list[Tick]] = {}
         for tick in self.ticks(name, since):
-            if previous is not None and tick.seq > previous.seq and tick.host != previous.host:
-                result.append(Switchover(previous.host, tick.host, previous, tick))
-            previous = tick
-        return result
+            by_boot.setdefault(tick.boot, []).append(tick)
+        return sorted((sorted(ticks, key=lambda t: t.seq) for ticks in by_boot.values()),
+                      key=lambda ticks: min(t.arrival for t in ticks))
+
+    def switchovers(self, name: str, since: float | None = None) -> list[Switchover]:
+        """Every switch-over of ``name``'s ticks from one host to another within one boot (see the
+        module docstring), in order."""
+        result = []
+        for ticks in self.boots(name, since):
+            for previous, tick in zip(ticks, ticks[1:]):
+                if tick.host != previous.host:
+                    result.append(Switchover(previous.host, tick.host, previous, tick))
+        return sorted(result, key=lambda switch: switch.first.arrival)
 
     def restarts(self, name: str, since: float | None = None) -> list[Tick]:
-        """The first tick of each boot of ``name`` after ``since`` (its sequence started again)."""
-        ticks = self.ticks(name, since)
-        return [tick for previous, tick in zip(ticks, ticks[1:]) if tick.seq <= previous.seq]
+        """The first tick of each boot of ``name`` that began after the first boot seen since
+        ``since`` (a guest started again, e.g. by a shutdown migration)."""
+        return [ticks[0] for ticks in self.boots(name, since)[1:]]
 
     def switchover_near(self, name: str, start: float, end: float, host_from: str | None = None,
                         host_to: str | None = None) -> Switchover | None:

@@ -4,7 +4,7 @@
  *
  * It does four things, in one single-threaded loop:
  *
- *  - ticks: every tick_ms milliseconds it writes one line "<name> <seq> <monotonic us>\n" to the
+ *  - ticks: every tick_ms milliseconds it writes one line "<name> <boot> <seq> <monotonic us>\n" to the
  *    virtio console /dev/hvc0, a serial console of its own (in raw mode, one write per tick: one
  *    datagram when the lab backs the console with UDP; a virtio console sends whether or not
  *    anybody listens, where a virtio serial port would hold the writes back). The guest's own clock stands still while QEMU has the guest paused (the
@@ -50,6 +50,7 @@
 #define MAX_CATCH_UP_NS 50000000LL
 
 static char name[64] = "guest";
+static char boot[9] = "0"; /* the start of the kernel's boot_id: tells one boot's ticks from the next's */
 static long tick_ms = 5;
 static long dirty_mib_s = 0;
 static long dirty_buf_mib = 32;
@@ -141,6 +142,17 @@ static int open_port(const char *port, int flags)
 	}
 	closedir(dir);
 	return fd;
+}
+
+static void read_boot_id(void)
+{
+	char text[40];
+	int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY);
+	ssize_t n = fd >= 0 ? read(fd, text, sizeof text - 1) : -1;
+	if (fd >= 0)
+		close(fd);
+	if (n >= 8)
+		snprintf(boot, sizeof boot, "%.8s", text);
 }
 
 static void on_signal(int sig)
@@ -276,6 +288,7 @@ int main(void)
 	signal(SIGPIPE, SIG_IGN);
 
 	read_cmdline();
+	read_boot_id();
 	struct dirtier d = {0};
 	d.pages = (size_t)dirty_buf_mib * (1048576 / PAGE);
 	int ticks_fd = open(TICKS_CONSOLE, O_WRONLY | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
@@ -285,7 +298,7 @@ int main(void)
 		tcsetattr(ticks_fd, TCSANOW, &raw);
 	}
 	int command_fd = open_port(COMMAND_PORT, O_RDWR | O_NONBLOCK);
-	say("ready name=%s tick_ms=%ld dirty_mib_s=%ld dirty_buf_mib=%ld ticks_console=%s command_port=%s", name, tick_ms,
+	say("ready name=%s boot=%s tick_ms=%ld dirty_mib_s=%ld dirty_buf_mib=%ld ticks_console=%s command_port=%s", name, boot, tick_ms,
 	    dirty_mib_s, dirty_buf_mib, ticks_fd >= 0 ? "yes" : "no", command_fd >= 0 ? "yes" : "no");
 
 	char cmd[256];
@@ -305,7 +318,7 @@ int main(void)
 		int64_t now = now_ns();
 		if (now >= next_tick) {
 			char line[128];
-			int n = snprintf(line, sizeof line, "%s %llu %lld\n", name, (unsigned long long)seq++,
+			int n = snprintf(line, sizeof line, "%s %s %llu %lld\n", name, boot, (unsigned long long)seq++,
 					 (long long)(now / 1000));
 			if (ticks_fd >= 0 && write(ticks_fd, line, n) < 0) {
 				/* the host end is not there (yet): this tick is lost, the next one is tried */
