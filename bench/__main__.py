@@ -111,8 +111,8 @@ def bench_shutdown_migration(samples: int = 40, warmup: int = 600) -> dict:
                 cluster.wait_no_migration(uuid)
                 gone_ms = (time.perf_counter() - started) * 1000
                 final = read_history(cluster.store, uuid, 1)[-1]
-                if final["id"] != record["id"] or final["result"] != "done":
-                    raise RuntimeError(f"migration {record['id']} did not finish as done: {final}")
+                if final["id"] != record.id or final["result"] != "done":
+                    raise RuntimeError(f"migration {record.id} did not finish as done: {final}")
                 if measured:
                     # `done` is stamped by the target right after libvirt started the VM there
                     to_running.append((final["steps"]["done"] - started_wall) * 1000)

@@ -479,7 +479,7 @@ class MigrationAgent:
             self.abort(uuid, record, version, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
             return
         xml_path = self.schema.domain_key(uuid, S.DOMAIN_XML)
-        refused = refusal((inputs[xml_path] or ("",))[0], self.policy, uuid)
+        refused = self.refusal_of(uuid, (inputs[xml_path] or ("",))[0])
         if refused:
             if not fresh:
                 raise StaleCheck(xml_path)   # confirmed from a fresh read before anything is refused
@@ -599,6 +599,15 @@ class MigrationAgent:
         why = refusal(xml or "", self.policy, uuid)
         return f"its domain XML is refused: {why}" if why else ""
 
+    def refusal_of(self, uuid: str, xml: str) -> str:
+        """Why this node refuses ``xml`` as the VM's domain XML, or "". The reconciler has checked
+        every version of the XML its watch delivered: when ``xml`` is that text, its verdict
+        stands (no parse on a migration's critical path)."""
+        known = self.domains.get(uuid)
+        if known is not None and S.DOMAIN_XML in known.present and known.xml == xml:
+            return "" if known.xml_ok else known.xml_error
+        return refusal(xml, self.policy, uuid)
+
     @property
     def policy(self) -> DomainPolicy:
         return getattr(self.config, "domain_policy", None) or DomainPolicy()
@@ -677,7 +686,8 @@ class MigrationAgent:
         try:
             if not xml:
                 raise HypervisorError("create", uuid, None, "no domain XML in ZooKeeper")
-            refused = refusal(xml, self.policy, uuid, self.store.read(self.schema.domain(uuid)))
+            # (the name was checked when the VM was first started: no read on the way here)
+            refused = self.refusal_of(uuid, xml)
             if refused:
                 raise HypervisorError("create", uuid, None, f"its domain XML is refused: {refused}")
             self.hypervisor.create(xml)
