@@ -241,7 +241,11 @@ class LabCluster:
             c.setdefault("migration", {})["address"] = h.address
             # The domain XML policy as a lab configures it (docs/security.md): the lab's own
             # storage (disk images, kernels, serial logs of its guests) is under its workdir.
-            c.setdefault("domain_policy", {}).setdefault("storage_roots", [str(lab.workdir)])
+            # Its shared storage is an NBD server in the controller namespace (tests/lab/storage.py),
+            # where production has Ceph RBD: the lab accepts both protocols.
+            policy = c.setdefault("domain_policy", {})
+            policy.setdefault("storage_roots", [str(lab.workdir)])
+            policy.setdefault("disk_protocols", ["rbd", "nbd"])
             self.daemons[h.name] = LabDaemon(h, self.workdir, c)
         _quiet_libvirt()
         self.store = ctl_store(lab, self.root)
