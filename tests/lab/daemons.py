@@ -58,7 +58,7 @@ from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.zookeeper import _setns_net
 
-from .guests import GuestPort, LabGuests, domain_xml
+from .guests import GuestPort, LabGuests, domain_xml, lab_domain_policy
 from .lab import REPO_ROOT, Lab, LabHost
 
 # Crash-safety fault injection understood by the daemon (node_daemon/migration.py).
@@ -240,12 +240,10 @@ class LabCluster:
             c.setdefault("libvirt", {})["uri"] = h.libvirt_uri
             c.setdefault("migration", {})["address"] = h.address
             # The domain XML policy as a lab configures it (docs/security.md): the lab's own
-            # storage (disk images, kernels, serial logs of its guests) is under its workdir.
-            # Its shared storage is an NBD server in the controller namespace (tests/lab/storage.py),
-            # where production has Ceph RBD: the lab accepts both protocols.
-            policy = c.setdefault("domain_policy", {})
-            policy.setdefault("storage_roots", [str(lab.workdir)])
-            policy.setdefault("disk_protocols", ["rbd", "nbd"])
+            # storage (disk images, kernels, serial logs of its guests) is under its workdir, and
+            # its shared disks are NBD exports (guests.lab_domain_policy).
+            for key, value in lab_domain_policy(lab).items():
+                c.setdefault("domain_policy", {}).setdefault(key, value)
             self.daemons[h.name] = LabDaemon(h, self.workdir, c)
         _quiet_libvirt()
         self.store = ctl_store(lab, self.root)

@@ -51,6 +51,13 @@ def guest_uuid(name: str) -> str:
     return str(uuidlib.uuid5(GUEST_UUID_NAMESPACE, name))
 
 
+def lab_domain_policy(lab: Lab) -> dict:
+    """The domain XML policy (docs/security.md) the lab's daemons and `vm` tasks are given: every
+    host path of a lab guest (kernel, initramfs, disks, consoles) is under the lab's workdir, and
+    its shared disks are NBD exports (storage.py)."""
+    return {"storage_roots": [str(lab.workdir)], "disk_protocols": ["rbd", "nbd"]}
+
+
 @dataclass(frozen=True)
 class LinuxGuest:
     """What makes a domain a real guest: its kernel and initramfs (paths every host of the lab

@@ -68,6 +68,7 @@ from pathlib import Path
 
 import yaml
 
+from .guests import lab_domain_policy
 from .lab import REPO_ROOT, Lab, LabError, LabHost, ProcRecord, proc_starttime, terminate
 
 VIEW_OVERLAYS = ("/etc", "/var/lib", "/var/log", "/opt", "/usr/local")
@@ -347,6 +348,8 @@ class HostViews:
             "node_daemon_install_method": "none",
             "node_daemon_executable": str(VENV_PYTHON.parent / "pvc-node-daemon"),
             "node_daemon_service_manager": "none",
+            # the lab guests' paths and NBD disks (the vm tasks get the same: pvc_domain_policy)
+            "node_daemon_domain_policy": lab_domain_policy(lab),
             **LAB_DAEMON_VARS,
             **self.node_vars,
         }
@@ -363,6 +366,7 @@ class HostViews:
                     "pvc_rollout_service_hook": str(LAB_SERVICES_HOOK),
                     "pvc_lab_workdir": str(lab.workdir),
                     "pvc_lab_repo": str(REPO_ROOT),
+                    "pvc_domain_policy": lab_domain_policy(lab),
                 },
                 "children": {
                     "pvc_controller": {"hosts": {"localhost": {"ansible_connection": "local"}}},
