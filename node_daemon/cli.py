@@ -28,14 +28,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .daemon import DaemonError, NodeDaemon
-    from .log import reopen_log_files, setup_logging
+    from .log import setup_logging
     from .sdnotify import notify
 
     log = setup_logging(debug=config.debug, stdout=config.log_stdout, file=config.log_file, colours=config.log_colours)
     daemon = NodeDaemon(config)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: reopen_log_files())
+    # The unit's reload (logrotate's postrotate) sends SIGHUP, which would end the process: the log
+    # file reopens itself at its next line after a rotation (log.LogFileHandler), so it is ignored.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         daemon.check()
         daemon.prepare()

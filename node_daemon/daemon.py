@@ -21,10 +21,11 @@ from .flush import NodeStateWorker
 from .hypervisor import Hypervisor, HypervisorError
 from .invalid import InvalidValues
 from .keepalive import Keepalive
+from .log import get_logger
 from .migration import MigrationAgent
 from .reconciler import Reconciler
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class DaemonError(RuntimeError):

@@ -13,7 +13,6 @@ Ready: VMs whose home is this node come back (unmigrate), autostart VMs start, t
 """
 from __future__ import annotations
 
-import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -33,7 +32,9 @@ from pvc_cluster_common._requests import RequestError, plan_request, submit_requ
 from pvc_cluster_common._selector import FlushVM, PlannedMove, plan_flush
 from pvc_cluster_common._store import ConflictError, StoreError
 
-log = logging.getLogger(__name__)
+from .log import get_logger
+
+log = get_logger(__name__)
 
 # Outcomes of migrate_and_wait after which a VM is home (or has nothing left to do).
 HOME_OR_MOOT = ("finished", "unchanged", "re-homed", "gone")

@@ -65,7 +65,6 @@ Design
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -73,6 +72,7 @@ from typing import Any, Callable
 
 import libvirt
 
+from .log import get_logger
 from .threads import ReusableThreads
 
 __all__ = [
@@ -88,7 +88,7 @@ __all__ = [
     "read_meminfo_mib",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # ---- names -----------------------------------------------------------------------------------
 

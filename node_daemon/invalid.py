@@ -9,10 +9,11 @@ becomes valid again (or disappears) is forgotten.
 """
 from __future__ import annotations
 
-import logging
 import threading
 
-log = logging.getLogger(__name__)
+from .log import get_logger
+
+log = get_logger(__name__)
 
 # The kinds of keys reported, the only label values of the metric.
 KINDS = ("xml", "migration", "state", "node", "lastnode", "meta", "node_key", "runningdomains", "reservation",

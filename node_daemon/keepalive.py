@@ -7,7 +7,6 @@ last VM figures it had, and says so. Statistics are gathered only for running do
 """
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -20,8 +19,9 @@ from pvc_cluster_common._memory import AccountedVM, account_node
 
 from .domains import DomainTable
 from .hypervisor import HypervisorError
+from .log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 STATS_EVERY = 6
 

@@ -1,4 +1,4 @@
-"""The node daemon's logging, on the standard library's ``logging``.
+"""The node daemon's logging: the standard library's ``logging``, one formatter and one adapter.
 
 One line per message::
 
@@ -6,59 +6,65 @@ One line per message::
     2024/05/01 12:00:00.123456 \\033[92m>>>\\033[0m [keepalive] ...        (on a terminal)
 
 that is: the timestamp, the state prompt, the tag of the thread that logged (``MainThread`` is
-shown as ``main-thread``) and the message. States, their level, colour and plain prompt:
+shown as ``main-thread``) and the message. Records carry standard levels; the daemon's three states
+of its own (ok, system, tick) are INFO records marked with their letter (the record attribute
+``state``), so any handler or tool that knows ``logging`` reads them as what they are. States,
+their level, colour and plain prompt:
 
 =====  ============  =====================  ============
 state  level         colour of ``>>>``      plain prompt
 =====  ============  =====================  ============
-o      OK (25)       green                  ``ok:``
+o      INFO          green                  ``ok:``
 e      ERROR (40+)   red                    ``failed:``
-w      WARNING (30)  yellow                 ``warning:``
-i      INFO (20)     blue                   ``info:``
-s      SYSTEM (23)   cyan                   ``system:``
-t      TICK (21)     purple                 ``tick:``
-d      DEBUG (10)    white (``\\033[97m``)  ``debug:``
+w      WARNING       yellow                 ``warning:``
+i      INFO          blue                   ``info:``
+s      INFO          cyan                   ``system:``
+t      INFO          purple                 ``tick:``
+d      DEBUG         white (``\\033[97m``)  ``debug:``
 =====  ============  =====================  ============
 
 Colours are used when the stream is a terminal, unless forced on or off (``colours``). Debug lines
-are written only when debug is enabled. Use::
+are written only when debug is enabled. Every daemon module gets its logger here::
 
-    from pvc_node_daemon.log import get_logger
+    from .log import get_logger
     log = get_logger(__name__)
     log.ok("VM %s: started", uuid); log.system(...); log.tick(...); log.info/warning/error/debug(...)
 
-Loggers obtained with ``logging.getLogger(__name__)`` work too: importing this module makes
-:class:`DaemonLogger` the logger class (it only adds ``ok``/``system``/``tick`` to
-``logging.Logger``) and upgrades loggers of the ``pvc_node_daemon`` tree created earlier.
+``get_logger`` returns a :class:`DaemonLog`, a ``logging.LoggerAdapter`` that adds ``ok``,
+``system`` and ``tick``; importing this module changes nothing in ``logging`` itself.
 
-:func:`reopen_log_files` reopens the log file for SIGHUP (after logrotate renamed it). It is safe
-from any thread and from a signal handler: when the signal interrupts a write of the same handler,
-the reopen is deferred to the start of the next write instead of closing the file under it.
-(Upstream reopened with ``buffering=0``, which Python 3 refuses for text files.)
+A message never spans lines: control characters in it (a VM name with a newline, an escape
+sequence in a libvirt error) are written escaped (``\\n``, ``\\x1b``), so a name cannot forge a log
+line nor drive a terminal. Only a traceback, which the formatter appends itself, has more lines.
+
+The log file is opened by a ``WatchedFileHandler``: when logrotate has renamed it, the next line
+reopens it by its name, so no signal is needed (the daemon accepts SIGHUP, the unit's reload, and
+ignores it). The file is created 0640 and narrowed to that when it is reopened wider.
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
+import re
 import sys
 import threading
+from collections.abc import MutableMapping
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 ROOT_LOGGER = "pvc_node_daemon"
-
-TICK = 21
-SYSTEM = 23
-OK = 25
-
-logging.addLevelName(TICK, "TICK")
-logging.addLevelName(SYSTEM, "SYSTEM")
-logging.addLevelName(OK, "OK")
 
 ENDC = "\033[0m"
 COLOUR_PROMPT = ">>>"
 TIMESTAMP_FORMAT = "%Y/%m/%d %H:%M:%S.%f"
+
+# Log files are readable by root and the adm group only: they name VMs, nodes and libvirt's errors.
+LOG_FILE_MODE = 0o640
+
+# The record attribute that carries a state letter (set by DaemonLog.ok/system/tick).
+STATE_ATTRIBUTE = "state"
 
 
 class State:
@@ -84,98 +90,100 @@ STATES = {
     "t": State("t", "\033[95m", "tick:"),
     "d": State("d", "\033[97m", "debug:"),
 }
-_LEVEL_STATES = {
-    OK: "o",
-    logging.CRITICAL: "e",
-    logging.ERROR: "e",
-    logging.WARNING: "w",
-    logging.INFO: "i",
-    SYSTEM: "s",
-    TICK: "t",
-    logging.DEBUG: "d",
-}
 
 
 def state_for_level(levelno: int) -> State:
-    """The state of a record level; levels without a state of their own take the one below them."""
-    letter = _LEVEL_STATES.get(levelno)
-    if letter is None:
-        if levelno >= logging.ERROR:
-            letter = "e"
-        elif levelno >= logging.WARNING:
-            letter = "w"
-        elif levelno >= logging.INFO:
-            letter = "i"
-        else:
-            letter = "d"
-    return STATES[letter]
+    """The state of a record level: its own, or the one of the standard level below it."""
+    if levelno >= logging.ERROR:
+        return STATES["e"]
+    if levelno >= logging.WARNING:
+        return STATES["w"]
+    if levelno >= logging.INFO:
+        return STATES["i"]
+    return STATES["d"]
+
+
+def state_of(record: logging.LogRecord) -> State:
+    """The state of a record: the letter it was marked with, else the one of its level."""
+    letter = getattr(record, STATE_ATTRIBUTE, None)
+    if isinstance(letter, str) and letter in STATES:
+        return STATES[letter]
+    return state_for_level(record.levelno)
+
+
+# C0 and C1 controls, DEL, and Unicode's line and paragraph separators: anything that could end a
+# line, start a forged one or send a terminal an escape sequence.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED_CONTROLS.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line: control characters written as escapes (``\\n``, ``\\x1b``, ``\\u2028``)."""
+    return _CONTROLS.sub(_escape_control, text)
 
 
 def thread_tag(name: str | None) -> str:
     """The tag shown for a thread name: ``MainThread`` becomes ``main-thread``."""
     if not name or name == "MainThread":
         return "main-thread"
-    return name
+    return escape_controls(name)
 
 
-# ---- logger class ---------------------------------------------------------------------------
+# ---- the adapter ----------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    _Adapter = logging.LoggerAdapter[logging.Logger]
+else:
+    _Adapter = logging.LoggerAdapter
 
 
-class DaemonLogger(logging.Logger):
-    """``logging.Logger`` plus ``ok``, ``system`` and ``tick``."""
+class DaemonLog(_Adapter):
+    """A daemon logger: the standard methods, plus ``ok``, ``system`` and ``tick`` (INFO records
+    marked with their state)."""
 
-    def _state_log(self, level: int, msg: object, args: tuple, kwargs: dict[str, Any]) -> None:
-        if self.isEnabledFor(level):
-            # One more frame (this method's caller) so that funcName/lineno name the daemon code.
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, {})
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        # The adapter adds nothing of its own; ``extra`` given to a call is kept as it is (the
+        # standard adapter would replace it with the adapter's).
+        return msg, kwargs
+
+    def _state(self, letter: str, msg: object, args: tuple[object, ...], kwargs: dict[str, Any]) -> None:
+        if self.isEnabledFor(logging.INFO):
+            kwargs["extra"] = {**(kwargs.get("extra") or {}), STATE_ATTRIBUTE: letter}
+            # Two more frames (this method and ok/system/tick) so that funcName and lineno name the
+            # caller; logging's own frames (the adapter's log) are skipped by logging itself.
             kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 2
-            self._log(level, msg, args, **kwargs)
+            self.log(logging.INFO, msg, *args, **kwargs)
 
     def ok(self, msg: object, *args: object, **kwargs: Any) -> None:
         """A successful action (green ``ok:``)."""
-        self._state_log(OK, msg, args, kwargs)
+        self._state("o", msg, args, kwargs)
 
     def system(self, msg: object, *args: object, **kwargs: Any) -> None:
         """A daemon life-cycle event (cyan ``system:``)."""
-        self._state_log(SYSTEM, msg, args, kwargs)
+        self._state("s", msg, args, kwargs)
 
     def tick(self, msg: object, *args: object, **kwargs: Any) -> None:
         """A keepalive tick (purple ``tick:``)."""
-        self._state_log(TICK, msg, args, kwargs)
-
-
-def _install_logger_class() -> None:
-    current = logging.getLoggerClass()
-    if issubclass(current, DaemonLogger):
-        return
-    if current is logging.Logger:
-        logging.setLoggerClass(DaemonLogger)
-    else:  # another library set its own class: keep it and add our methods on top
-        logging.setLoggerClass(type("DaemonLogger", (DaemonLogger, current), {}))
+        self._state("t", msg, args, kwargs)
 
 
 def _in_tree(name: str) -> bool:
     return name == ROOT_LOGGER or name.startswith(ROOT_LOGGER + ".")
 
 
-def _upgrade(logger: logging.Logger) -> DaemonLogger:
-    # A plain Logger created before this module was imported gets our methods; the layouts are
-    # identical (DaemonLogger adds methods only), so changing the class is safe.
-    if not isinstance(logger, DaemonLogger) and type(logger) is logging.Logger:  # pylint: disable=unidiomatic-typecheck
-        logger.__class__ = DaemonLogger
-    return logger  # type: ignore[return-value]
-
-
-def _upgrade_tree() -> None:
-    for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        if _in_tree(name) and isinstance(logger, logging.Logger):
-            _upgrade(logger)
-
-
-_install_logger_class()
-_upgrade_tree()
-
-
-def get_logger(name: str | None = None) -> DaemonLogger:
+def get_logger(name: str | None = None) -> DaemonLog:
     """The daemon logger ``name`` (``None`` = the root ``pvc_node_daemon``).
 
     ``__name__`` of a daemon module is used as is; any other name is put below the root, so
@@ -187,26 +195,27 @@ def get_logger(name: str | None = None) -> DaemonLogger:
         full = name
     else:
         full = f"{ROOT_LOGGER}.{name}"
-    return _upgrade(logging.getLogger(full))
+    return DaemonLog(logging.getLogger(full))
 
 
 # ---- formatting -----------------------------------------------------------------------------
 
 
 class DaemonFormatter(logging.Formatter):
-    """``<timestamp> <prompt> [<thread>] <message>``, the prompt coloured or plain."""
+    """``<timestamp> <prompt> [<thread>] <message>``, the prompt coloured or plain, the message on
+    one line (control characters escaped); a traceback follows on lines of its own."""
 
     def __init__(self, colours: bool) -> None:
         super().__init__()
         self.colours = colours
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 (logging's name)
         return datetime.fromtimestamp(record.created).strftime(datefmt or TIMESTAMP_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        state = state_for_level(record.levelno)
+        state = state_of(record)
         prompt = f"{state.colour}{COLOUR_PROMPT}{ENDC}" if self.colours else state.prompt
-        message = record.getMessage()
+        message = escape_controls(record.getMessage())
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -232,54 +241,27 @@ def stream_is_tty(stream: object) -> bool:
 _MARK = "_pvc_node_daemon_handler"
 
 
-class ReopenableFileHandler(logging.FileHandler):
-    """A line-buffered, appending UTF-8 log file that can be reopened after rotation."""
+class LogFileHandler(logging.handlers.WatchedFileHandler):
+    """The daemon's log file: appended to in UTF-8, reopened by its name at the first line after a
+    rotation renamed it (``WatchedFileHandler``), created 0640 whatever the umask and narrowed to
+    0640 when it is (re)opened wider (a file logrotate or an operator made)."""
 
-    def __init__(self, filename: str | os.PathLike) -> None:
+    def __init__(self, filename: str | os.PathLike[str]) -> None:
         directory = os.path.dirname(os.fspath(filename))
         if directory:
             os.makedirs(directory, exist_ok=True)
-        self._in_emit = False
-        self._reopen_pending = False
         super().__init__(filename, mode="a", encoding="utf-8")
 
     def _open(self) -> IO[str]:
-        # buffering=1: line buffered, valid for text files (upstream's buffering=0 is not).
-        return open(self.baseFilename, self.mode, buffering=1, encoding=self.encoding, errors=self.errors)  # pylint: disable=consider-using-with
-
-    def _reopen_now(self) -> None:
-        self._reopen_pending = False
-        old = self.stream
-        self.stream = self._open()
-        if old is not None:
-            try:
-                old.flush()
-                old.close()
-            except (OSError, ValueError):
-                old = None   # the rotated file is already unusable; the new one is open
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # Called with the handler lock held (Handler.handle).
-        self._in_emit = True
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_FILE_MODE)
         try:
-            if self._reopen_pending:
-                try:
-                    self._reopen_now()
-                except OSError:
-                    self.handleError(record)
-            super().emit(record)
-        finally:
-            self._in_emit = False
-
-    def reopen(self) -> None:
-        """Close and reopen the file by name (a rotated file is left to logrotate)."""
-        with self.lock:  # an RLock: another thread's write finishes first
-            if self._in_emit:
-                # We hold the lock and a write is in progress, so it is this very thread's write,
-                # interrupted by a signal handler: do not close the file under it.
-                self._reopen_pending = True
-                return
-            self._reopen_now()
+            if os.fstat(fd).st_mode & 0o777 & ~LOG_FILE_MODE:
+                os.fchmod(fd, LOG_FILE_MODE)
+            # StreamHandler flushes after every record, so each line reaches the file whole.
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)  # noqa: SIM115 (the handler owns it)
+        except BaseException:
+            os.close(fd)
+            raise
 
 
 def _marked(handler: logging.Handler) -> logging.Handler:
@@ -297,7 +279,7 @@ _SETUP_LOCK = threading.RLock()
 def reset_logging() -> None:
     """Remove the handlers :func:`setup_logging` installed and restore the logger's defaults."""
     with _SETUP_LOCK:
-        logger = get_logger()
+        logger = logging.getLogger(ROOT_LOGGER)
         for handler in _our_handlers(logger):
             logger.removeHandler(handler)
             handler.close()  # a StreamHandler does not close its stream (stdout stays open)
@@ -308,9 +290,9 @@ def reset_logging() -> None:
 def setup_logging(
     debug: bool = False,
     stdout: bool | IO[str] = True,
-    file: str | os.PathLike | None = None,
+    file: str | os.PathLike[str] | None = None,
     colours: bool | None = None,
-) -> DaemonLogger:
+) -> DaemonLog:
     """Configure the ``pvc_node_daemon`` logger tree and return its root logger.
 
     ``stdout``: True writes to ``sys.stdout`` (journald under systemd); a text stream writes to
@@ -323,7 +305,7 @@ def setup_logging(
     """
     with _SETUP_LOCK:
         reset_logging()
-        logger = get_logger()
+        logger = logging.getLogger(ROOT_LOGGER)
         level = logging.DEBUG if debug else logging.INFO
         handlers: list[logging.Handler] = []
         if stdout:
@@ -332,7 +314,7 @@ def setup_logging(
             handler.setFormatter(DaemonFormatter(stream_is_tty(stream) if colours is None else bool(colours)))
             handlers.append(handler)
         if file is not None:
-            handler = ReopenableFileHandler(file)
+            handler = LogFileHandler(file)
             handler.setFormatter(DaemonFormatter(bool(colours)))  # a file is never a terminal
             handlers.append(handler)
         if not handlers:
@@ -342,18 +324,4 @@ def setup_logging(
             logger.addHandler(_marked(handler))
         logger.setLevel(level)
         logger.propagate = False
-        _upgrade_tree()
-        return logger
-
-
-def reopen_log_files() -> int:
-    """Reopen every log file of the daemon's loggers (SIGHUP); returns how many were reopened."""
-    count = 0
-    for name, logger in list(logging.Logger.manager.loggerDict.items()):
-        if not (_in_tree(name) and isinstance(logger, logging.Logger)):
-            continue
-        for handler in list(logger.handlers):
-            if isinstance(handler, ReopenableFileHandler):
-                handler.reopen()
-                count += 1
-    return count
+        return DaemonLog(logger)

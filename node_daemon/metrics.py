@@ -4,10 +4,11 @@ Each daemon uses its own registry, so several daemons (or tests) in one process 
 """
 from __future__ import annotations
 
-import logging
 from collections import Counter as _Tally
 
-log = logging.getLogger(__name__)
+from .log import get_logger
+
+log = get_logger(__name__)
 
 
 class Metrics:

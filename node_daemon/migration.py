@@ -35,9 +35,10 @@ from pvc_cluster_common._store import ConflictError, StoreError
 
 from .hypervisor import Hypervisor, HypervisorError
 from .invalid import InvalidValues
+from .log import get_logger
 from .watched import WatchedKeys
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Fault injection for the crash-safety tests (tests/lab/test_crash_lab.py); inert unless set.
 # PVC_NODE_DAEMON_CRASH_AT=<point>: the daemon SIGKILLs itself at the named point. Points:

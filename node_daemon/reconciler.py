@@ -16,7 +16,6 @@ A periodic pass every keepalive interval also catches what no watch reports (a g
 """
 from __future__ import annotations
 
-import logging
 import threading
 
 from kazoo.exceptions import NoNodeError
@@ -31,10 +30,11 @@ from pvc_cluster_common._domain_xml import DomainXMLError
 from .domains import DomainTable
 from .hypervisor import HypervisorError
 from .invalid import InvalidValues
+from .log import get_logger
 from .threads import ReusableThreads
 from .vmstate import ACTIVE_LIBVIRT_STATES, Action, Desired, decide
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 WATCHED_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
 # Keys only the nodes a VM concerns need every change of (see _follows); every migration

@@ -10,11 +10,12 @@ does), so that nothing the daemon might start later sends in its name.
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
-log = logging.getLogger(__name__)
+from .log import get_logger
+
+log = get_logger(__name__)
 
 _UNSET = object()
 _address: object = _UNSET

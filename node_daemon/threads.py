@@ -10,12 +10,13 @@ returns. At most ``keep_idle`` idle threads wait for work; others end.
 """
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 from typing import Callable
 
-log = logging.getLogger(__name__)
+from .log import get_logger
+
+log = get_logger(__name__)
 
 # Handed to a parked thread to make it end.
 _END = object()

@@ -68,14 +68,14 @@ def wait_for_line(path, text, daemon, timeout_s=30.0):
         time.sleep(0.05)
 
 
-def test_sighup_reopens_the_log_file_that_logrotate_renamed(cluster, tmp_path):
+def test_the_log_file_that_logrotate_renamed_is_reopened_and_sighup_is_harmless(cluster, tmp_path):
     log_file = tmp_path / "pvc" / "node-daemon.log"
     daemon = cluster.add("node1", log={"stdout": False, "file": str(log_file)})
     cluster.wait_node_state("node1", "run")
     wait_for_line(log_file, "node node1 running", daemon)
     rotated = log_file.with_name("node-daemon.log.1")
     log_file.rename(rotated)   # logrotate without copytruncate: the daemon still holds the old file
-    daemon.process.send_signal(signal.SIGHUP)
+    daemon.process.send_signal(signal.SIGHUP)   # what a reload sends: it must not end the daemon
     cluster.set_domain_state("node1", "unflush")
     cluster.wait_domain_state("node1", "ready")
     wait_for_line(log_file, "node node1 is ready", daemon)

@@ -1,25 +1,21 @@
-"""The daemon logger: prompts and colours per state, TTY detection, debug, thread tags, SIGHUP reopen."""
+"""The daemon logger: prompts and colours per state over standard levels, TTY detection, debug, thread
+tags, control characters escaped, the log file reopened after a rotation and created 0640."""
 
 from __future__ import annotations
 
+import ast
 import io
 import logging
+import os
 import re
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from pvc_node_daemon import log as daemon_log
-from pvc_node_daemon.log import (
-    OK,
-    SYSTEM,
-    TICK,
-    DaemonLogger,
-    get_logger,
-    reopen_log_files,
-    reset_logging,
-    setup_logging,
-)
+from pvc_node_daemon.log import ROOT_LOGGER, DaemonLog, escape_controls, get_logger, reset_logging, setup_logging
 
 TIMESTAMP = r"\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}\.\d{6}"
 
@@ -145,56 +141,115 @@ def test_exception_traceback_is_included():
     assert " failed: [main-thread] tick failed\nTraceback" in text and "RuntimeError: boom" in text
 
 
-def test_levels_and_logger_class():
-    assert (logging.getLevelName(OK), logging.getLevelName(SYSTEM), logging.getLevelName(TICK)) == ("OK", "SYSTEM", "TICK")
-    assert logging.INFO < TICK < SYSTEM < OK < logging.WARNING
+class Records(logging.Handler):
+    """The records that reach the daemon's root logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> list[logging.LogRecord]:
+        logging.getLogger(ROOT_LOGGER).addHandler(self)
+        return self.records
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger(ROOT_LOGGER).removeHandler(self)
+
+
+def test_states_of_their_own_are_info_records_marked_with_their_letter():
+    setup_logging(debug=True, stdout=io.StringIO())
+    with Records() as records:
+        logger = get_logger("levels")
+        logger.ok("o")
+        logger.system("s")
+        logger.tick("t")
+        logger.info("i")
+        logger.debug("d")
+    assert [(r.levelno, getattr(r, "state", None)) for r in records] == [
+        (logging.INFO, "o"), (logging.INFO, "s"), (logging.INFO, "t"), (logging.INFO, None), (logging.DEBUG, None)]
+
+
+def test_importing_the_module_changes_nothing_in_logging():
+    assert logging.getLoggerClass() is logging.Logger
+    assert type(logging.getLogger("pvc_node_daemon.some_module")) is logging.Logger  # pylint: disable=unidiomatic-typecheck
+    assert all(logging.getLevelName(name) == f"Level {name}" for name in (21, 23, 25))  # no levels of our own
+
+
+def test_logger_names():
+    assert isinstance(get_logger(), DaemonLog)
     assert get_logger().name == "pvc_node_daemon"
     assert get_logger("keepalive").name == "pvc_node_daemon.keepalive"
     assert get_logger("pvc_node_daemon.reconciler").name == "pvc_node_daemon.reconciler"
-    # modules that use logging.getLogger(__name__) get the same methods
-    assert isinstance(logging.getLogger("pvc_node_daemon.some_module"), DaemonLogger)
 
 
-def test_plain_logger_created_before_is_upgraded():
-    manager = logging.Logger.manager
-    name = "pvc_node_daemon.created_early"
-    early = logging.Logger(name)  # what getLogger returned before our logger class was installed
-    manager.loggerDict[name] = early
-    try:
-        stream = io.StringIO()
-        setup_logging(stdout=stream)
-        early.parent = get_logger()
-        early.ok("upgraded")
-        assert " ok: [main-thread] upgraded" in stream.getvalue()
-    finally:
-        del manager.loggerDict[name]
+def test_a_plain_logger_of_the_tree_is_formatted_too():
+    # The store gets a plain logging.Logger of the tree (it is shared with the modules).
+    stream = io.StringIO()
+    setup_logging(stdout=stream)
+    logging.getLogger("pvc_node_daemon.store").warning("connection %s", "lost")
+    assert re.fullmatch(TIMESTAMP + re.escape(" warning: [main-thread] connection lost") + "\n", stream.getvalue())
 
 
 def test_caller_location_is_the_daemon_code():
+    setup_logging(stdout=io.StringIO())
+    with Records() as records:
+        get_logger().ok("where")
+        get_logger().warning("there")
+    assert [r.funcName for r in records] == ["test_caller_location_is_the_daemon_code"] * 2
+    assert records[0].pathname == records[1].pathname == __file__
+
+
+def test_extra_of_a_call_is_kept():
+    setup_logging(stdout=io.StringIO())
+    with Records() as records:
+        get_logger().ok("with extra", extra={"vm": "web1"})
+        get_logger().info("with extra", extra={"vm": "web2"})
+    assert [(getattr(r, "vm", None), getattr(r, "state", None)) for r in records] == [("web1", "o"), ("web2", None)]
+
+
+def test_control_characters_in_a_message_cannot_forge_a_line():
+    stream = FakeTTY()
+    setup_logging(stdout=stream)
+    name = "web1\n2024/05/01 12:00:00.000000 \033[92m>>>\033[0m [main-thread] VM evil: migrated\r\t\x00\x7f\x9b\u2028"
+    get_logger().ok("VM %s: started", name)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(
+        " [main-thread] VM web1\\n2024/05/01 12:00:00.000000 \\x1b[92m>>>\\x1b[0m [main-thread] VM evil: migrated"
+        "\\r\\t\\x00\\x7f\\x9b\\u2028: started"), lines[0]
+    assert lines[0].count("\033") == 2  # the prompt's own colour and reset only
+
+
+def test_control_characters_in_a_thread_name_are_escaped():
     stream = io.StringIO()
     setup_logging(stdout=stream)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    get_logger().addHandler(handler)
-    try:
-        get_logger().ok("where")
-    finally:
-        get_logger().removeHandler(handler)
-    assert records[0].funcName == "test_caller_location_is_the_daemon_code"
+    thread = threading.Thread(target=get_logger().info, args=("from a thread",), name="vm-web1\nforged")
+    thread.start()
+    thread.join()
+    assert stream.getvalue().endswith(" info: [vm-web1\\nforged] from a thread\n")
+
+
+def test_escape_controls_leaves_printable_text_alone():
+    text = "VM 0b6c2f9e-1111: naïve ünïcode, quotes ' \" and a backslash \\ stay"
+    assert escape_controls(text) == text
+    assert escape_controls("a\x1bb\x85c") == "a\\x1bb\\x85c"
 
 
 def test_setup_is_idempotent():
     first, second = io.StringIO(), io.StringIO()
     setup_logging(stdout=first)
     logger = setup_logging(stdout=second)
-    assert logger is get_logger()
-    marked = [h for h in logger.handlers if getattr(h, daemon_log._MARK, False)]  # pylint: disable=protected-access
+    root = logging.getLogger(ROOT_LOGGER)
+    assert logger.logger is root
+    marked = [h for h in root.handlers if getattr(h, daemon_log._MARK, False)]  # pylint: disable=protected-access
     assert len(marked) == 1
     logger.ok("once")
     assert first.getvalue() == ""
     assert second.getvalue().count("once") == 1
-    assert logger.propagate is False
+    assert root.propagate is False
 
 
 def test_no_sink_writes_nothing(capsys):
@@ -210,7 +265,7 @@ def test_stdout_true_uses_sys_stdout(capsys):
     assert " ok: [main-thread] to stdout" in capsys.readouterr().out
 
 
-def test_file_sink_is_plain_and_reopen_after_rotation(tmp_path):
+def test_file_sink_is_plain_and_reopened_after_rotation_without_a_signal(tmp_path):
     path = tmp_path / "logs" / "node-daemon.log"  # the directory is created
     tty = FakeTTY()
     setup_logging(stdout=tty, file=str(path))
@@ -218,78 +273,89 @@ def test_file_sink_is_plain_and_reopen_after_rotation(tmp_path):
     logger.ok("before rotation")
     rotated = tmp_path / "logs" / "node-daemon.log.1"
     path.rename(rotated)
-    logger.ok("after rename, before reopen")  # still the old (renamed) file
-    assert reopen_log_files() == 1
-    logger.ok("after reopen")
+    logger.ok("after rotation")  # the file by its name is gone: the handler opens a new one
     old, new = rotated.read_text(), path.read_text()
-    assert "before rotation" in old and "after rename, before reopen" in old and "after reopen" not in old
-    assert "after reopen" in new and "before rotation" not in new
+    assert "before rotation" in old and "after rotation" not in old
+    assert "before rotation" not in new
+    assert re.fullmatch(TIMESTAMP + r" ok: \[main-thread\] after rotation\n", new)
     assert "\033" not in old + new  # a file is not a terminal
     assert "\033[92m>>>" in tty.getvalue()
-    assert re.fullmatch(TIMESTAMP + r" ok: \[main-thread\] after reopen\n", new)
 
 
-def test_reopen_inside_a_write_is_deferred(tmp_path):
-    # A SIGHUP handler runs in the main thread, possibly in the middle of a write of the same
-    # handler. Simulate that: reopen from inside the formatter (which runs under the handler lock).
-    path = tmp_path / "pvc.log"
-    setup_logging(stdout=False, file=path)
-    logger = get_logger()
-    (handler,) = [h for h in logger.handlers if isinstance(h, daemon_log.ReopenableFileHandler)]
-    original_format = handler.formatter.format
-
-    def format_and_reopen(record):
-        if record.getMessage() == "interrupted":
-            path.rename(tmp_path / "pvc.log.1")
-            assert reopen_log_files() == 1
-        return original_format(record)
-
-    handler.formatter.format = format_and_reopen  # type: ignore[method-assign]
-    logger.info("interrupted")
-    logger.info("next")
-    assert "interrupted" in (tmp_path / "pvc.log.1").read_text()
-    assert "next" in path.read_text() and "interrupted" not in path.read_text()
+def test_log_files_are_0640_whatever_the_umask(tmp_path):
+    """The log names VMs, nodes and libvirt's errors: root and the adm group only."""
+    path = tmp_path / "node-daemon.log"
+    old = os.umask(0)
+    try:
+        setup_logging(stdout=False, file=str(path))
+        get_logger("perm").ok("created")
+        assert path.stat().st_mode & 0o777 == 0o640
+        # a file made wider meanwhile (by a rotation) is narrowed when it is opened
+        path.rename(tmp_path / "node-daemon.log.1")
+        path.write_text("")
+        path.chmod(0o666)
+        get_logger("perm").ok("reopened")
+        assert path.stat().st_mode & 0o777 == 0o640
+        assert "reopened" in path.read_text()
+    finally:
+        os.umask(old)
 
 
-def test_reopen_without_file_handlers():
-    setup_logging(stdout=io.StringIO())
-    assert reopen_log_files() == 0
-
-
-def test_reopen_races_with_writers(tmp_path):
+def test_rotations_during_writes_lose_and_break_no_line(tmp_path):
     path = tmp_path / "pvc.log"
     setup_logging(stdout=False, file=path)
     logger = get_logger()
     stop = threading.Event()
+    written = [0, 0, 0]
 
     def writer(n):
-        i = 0
         while not stop.is_set():
-            logger.info("w%d-%d", n, i)
-            i += 1
+            logger.info("w%d-%d", n, written[n])
+            written[n] += 1
 
     threads = [threading.Thread(target=writer, args=(n,), name=f"w{n}") for n in range(3)]
     for thread in threads:
         thread.start()
     try:
         for generation in range(20):
+            # The writers make the file again at their next line: a file gives no event, so poll.
+            deadline = time.monotonic() + 30
+            while not path.exists():
+                assert time.monotonic() < deadline, "no writer made the log file again"
+                time.sleep(0.001)
             path.rename(tmp_path / f"pvc.log.{generation}")
-            reopen_log_files()
     finally:
         stop.set()
         for thread in threads:
             thread.join()
     logger.info("final")
     assert path.read_text().endswith("final\n")
-    # every line in every file is complete
+    seen = []
     for file in tmp_path.iterdir():
         for line in file.read_text().splitlines():
-            assert re.fullmatch(TIMESTAMP + r" info: \[(w\d|main-thread)\] (w\d-\d+|final)", line), line
+            match = re.fullmatch(TIMESTAMP + r" info: \[(w\d|main-thread)\] (w\d-\d+|final)", line)
+            assert match, line
+            seen.append(match.group(2))
+    assert sorted(seen) == sorted([f"w{n}-{i}" for n in range(3) for i in range(written[n])] + ["final"])
 
 
 def test_reset_restores_propagation():
     setup_logging(stdout=io.StringIO())
     reset_logging()
-    logger = get_logger()
+    logger = logging.getLogger(ROOT_LOGGER)
     assert logger.propagate is True and logger.level == logging.NOTSET
     assert not [h for h in logger.handlers if getattr(h, daemon_log._MARK, False)]  # pylint: disable=protected-access
+
+
+def test_every_daemon_module_gets_its_logger_from_get_logger():
+    # ok/system/tick exist only on the adapter: a module whose log is a plain logging.Logger would
+    # fail at its first log.ok(...), perhaps on a path no other test takes.
+    package = Path(daemon_log.__file__).parent
+    wrong = []
+    for source in sorted(package.glob("*.py")):
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "log" for t in node.targets):
+                call = node.value
+                if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "get_logger"):
+                    wrong.append(f"{source.name}:{node.lineno}")
+    assert not wrong, f"module loggers not made by log.get_logger(__name__): {wrong}"

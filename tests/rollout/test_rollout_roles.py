@@ -94,6 +94,7 @@ def test_node_daemon_role_installs_from_a_wheelhouse(rolled_out, tmp_path):
     # the log file's logrotate rule: valid, and a rotation renames the file and keeps a new one
     rule = "/etc/logrotate.d/pvc-node-daemon-wheel"
     assert "/var/log/pvc/node-daemon-wheel.log {" in view.read_text(rule)
+    assert "postrotate" not in view.read_text(rule)   # the daemon reopens its file itself: no reload
     view.run("mkdir -p /var/log/pvc && echo line >>/var/log/pvc/node-daemon-wheel.log")
     rotate = view.run(["logrotate", "--force", "--state", "/var/lib/pvc-logrotate.state", rule], check=False)
     assert rotate.returncode == 0, rotate.stderr
