@@ -55,6 +55,7 @@ import yaml
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_history, read_node_views, read_vm, vm_definition, wait_for_key
 from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.zookeeper import _setns_net
 
@@ -445,7 +446,7 @@ class LabCluster:
     def set_domain_state(self, node: str, state: str) -> None:
         self.store.commit({self.schema.node_key(node, S.NODE_DOMAIN_STATE): state})
 
-    def request(self, uuid: str, kind: str = "migrate", target: str | None = None, force_live: bool = False) -> dict | None:
+    def request(self, uuid: str, kind: str = "migrate", target: str | None = None, force_live: bool = False) -> MigrationRecord | None:
         """Plan and submit a request exactly as the Ansible modules do."""
         vm = read_vm(self.store, uuid)
         plan = plan_request(vm, kind, read_node_views(self.store), target=target, force_live=force_live)

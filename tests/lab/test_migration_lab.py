@@ -111,7 +111,7 @@ def test_shutdown_migration_of_a_guest_that_ignores_acpi_forces_the_stop(lab_clu
     cluster.settle(uuid)
     assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
     final = cluster.history(uuid)[-1]
-    assert final["id"] == record["id"] and final["result"] == "done" and final["method_used"] == "shutdown"
+    assert final["id"] == record.id and final["result"] == "done" and final["method_used"] == "shutdown"
     assert "did not shut down within" in cluster.daemons["node1"].log()
     cluster.check_invariants([uuid], monitor)
 
