@@ -27,7 +27,8 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
       default_selector: mem
     intervals:
       keepalive_s: 5
-      dead_after: 6                    # keepalives missed before peers mark a node dead
+      dead_after: 6                    # keepalives missed before peers mark a node dead: 30 s by
+                                       # default (keepalive_s x dead_after), then fenced at once
       shutdown_timeout_s: 180          # clean VM shutdown before a forced stop
     memory:
       reserve_mib: 1024                # host memory never given to VMs
@@ -40,6 +41,13 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
       enabled: false
       address: 127.0.0.1
       port: 9650
+    fencing:                           # how this daemon fences a dead peer (docs/high-availability.md)
+      timeout_s: 10                    # bound on each call of a fence device
+      nodes:                           # per node: its fence device (never read from ZooKeeper)
+        node2: {method: ipmi, address: 10.0.1.2, port: 623, username: admin, password: secret,
+                interface: lanplus, cipher_suite: 3, action: off}
+        node3: {method: agent, agent: /usr/sbin/fence_ipmilan, action: off,
+                options: {ip: 10.0.1.3, username: admin, password: secret, lanplus: 1}}
     domain_policy:                     # what a VM's XML may contain (docs/security.md); each key
       storage_roots: [/var/lib/libvirt/images, ...]   # given replaces its default
       emulators: [/usr/bin/qemu-system-x86_64, /usr/bin/kvm, /usr/libexec/qemu-kvm]
@@ -62,6 +70,10 @@ from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError
 from pvc_cluster_common._schema import DEFAULT_ROOT
 from pvc_cluster_common._meta import CONCRETE_SELECTORS
 from pvc_cluster_common._store import ConnectionOptions
+
+from .fencing import ACTIONS as FENCE_ACTIONS
+from .fencing import METHODS as FENCE_METHODS
+from .fencing import FenceDevice
 
 
 class ConfigError(ValueError):
@@ -94,6 +106,8 @@ class Config:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9650
     domain_policy: DomainPolicy = field(default_factory=DomainPolicy)
+    fence_timeout_s: float = 10.0
+    fence_devices: dict = field(default_factory=dict, repr=False)   # node name -> FenceDevice
     source: str = field(default="", compare=False)
 
     @property
@@ -208,6 +222,64 @@ def _convert(key: str, value: Any, kind: str, choices: tuple[str, ...], minimum:
     return value
 
 
+_OPTION_NAME = r"[a-z][a-z0-9_-]{0,63}"
+
+
+def _fence_devices(nodes: _Section) -> dict:
+    """``fencing.nodes``: node name -> FenceDevice, each checked (see fencing.py)."""
+    import re
+
+    devices = {}
+    for name in list(nodes.data):
+        key = nodes.key(str(name))
+        try:
+            _decode.node_name(name, key)
+        except _decode.Invalid:
+            raise ConfigError(f"{key}: {name!r} is not a valid node name (accepted: a node name of letters, digits, "
+                              "'.', '_' or '-')") from None
+        entry = nodes.section(name)
+        method = entry.get("method", "str", choices=FENCE_METHODS)
+        action = entry.get("action", "str", "off", choices=FENCE_ACTIONS)
+        if method == "ipmi":
+            address = entry.get("address", "str")
+            try:
+                _decode.address(address, entry.key("address"))
+            except _decode.Invalid:
+                raise ConfigError(f"{entry.key('address')}: {address!r} is not valid (accepted: an IP address or a "
+                                  "host name)") from None
+            device = FenceDevice(
+                node=name, method=method, action=action, address=address,
+                port=entry.get("port", "int", 623, minimum=1),
+                username=entry.get("username", "str"),
+                password=entry.get("password", "str"),
+                interface=entry.get("interface", "str", "lanplus", choices=("lanplus", "lan")),
+                cipher_suite=entry.get("cipher_suite", "int", 3, minimum=0),
+                ipmitool=entry.get("ipmitool", "str", "ipmitool"),
+            )
+            if device.port > 65535:
+                raise ConfigError(f"{entry.key('port')}: {device.port} is too large (accepted: 1 to 65535)")
+        else:
+            agent = entry.get("agent", "str")
+            if not agent.startswith("/"):
+                raise ConfigError(f"{entry.key('agent')}: {agent!r} is not an absolute path (accepted: the path of a "
+                                  "fence agent, e.g. /usr/sbin/fence_ipmilan)")
+            options = entry.section("options")
+            pairs = []
+            for option, value in options.data.items():
+                options.used.add(option)
+                if not isinstance(option, str) or not re.fullmatch(_OPTION_NAME, option) or option == "action":
+                    raise ConfigError(f"{options.key(str(option))}: not a valid option name (accepted: lower-case "
+                                      "letters, digits, '_' and '-'; not action, which the daemon sets)")
+                if isinstance(value, bool) or not isinstance(value, (str, int, float)) or "\n" in str(value):
+                    raise ConfigError(f"{options.key(option)}: {value!r} is not valid (accepted: a string or a "
+                                      "number on one line)")
+                pairs.append((option, str(value)))
+            device = FenceDevice(node=name, method=method, action=action, agent=agent, options=tuple(pairs))
+        entry.reject_unknown()
+        devices[name] = device
+    return devices
+
+
 def parse_config(data: Any, source: str = "") -> Config:
     """Build a Config from a parsed YAML document, or raise ConfigError (one line)."""
     top = _Section(data, "")
@@ -243,6 +315,10 @@ def parse_config(data: Any, source: str = "") -> Config:
     log = top.section("log")
     met = top.section("metrics")
     policy = top.section("domain_policy")
+    fencing = top.section("fencing")
+    fence_timeout_s = fencing.get("timeout_s", "float", 10.0, minimum=1)
+    fence_devices = _fence_devices(fencing.section("nodes"))
+    fencing.reject_unknown()
     try:
         domain_policy = DomainPolicy.from_options(policy.data, "domain_policy")
     except PolicyError as exc:
@@ -272,6 +348,8 @@ def parse_config(data: Any, source: str = "") -> Config:
         metrics_address=met.get("address", "str", "127.0.0.1"),
         metrics_port=met.get("port", "int", 9650, minimum=1),
         domain_policy=domain_policy,
+        fence_timeout_s=fence_timeout_s,
+        fence_devices=fence_devices,
         source=source,
     )
     if config.address is not None:

@@ -18,6 +18,7 @@ from pvc_cluster_common._store import ClusterStore, StoreError
 
 from .domains import DomainTable
 from .flush import NodeStateWorker
+from .ha import HighAvailability
 from .hypervisor import Hypervisor, HypervisorError
 from .invalid import InvalidValues
 from .keepalive import Keepalive
@@ -53,6 +54,7 @@ class NodeDaemon:
         self.migrations.deadlines.wake = self.reconciler.enqueue
         self.keepalive = Keepalive(self.node, config, self.store, self.hypervisor, self.domains, self.metrics)
         self.node_state = NodeStateWorker(self.node, config, self.store, self.domains, self.reconciler)
+        self.ha = HighAvailability(self.node, config, self.store, self.domains, self.migrations, self.metrics)
         self.threads: list[threading.Thread] = []
         self._session_lost = threading.Event()
 
@@ -84,8 +86,8 @@ class NodeDaemon:
         values = {}
         for key, default in S.NODE_DEFAULTS.items():
             path = self.schema.node_key(self.node, key)
-            if key == S.NODE_DOMAIN_STATE and self.store.exists(path):
-                continue
+            if key in (S.NODE_DOMAIN_STATE, S.NODE_MAINTENANCE) and self.store.exists(path):
+                continue   # an operator's choice survives a restart (a fenced node stays flushed)
             values[path] = default
         values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "init"
         values[self.schema.node_key(self.node, S.NODE_ADDRESS)] = self.config.published_address
@@ -139,6 +141,8 @@ class NodeDaemon:
 
         if self.stop_event.is_set():
             return   # our own orderly disconnect
+        if state != KazooState.CONNECTED:
+            self.ha.on_connection(False)   # no session, no decisions about peers
         if state == KazooState.LOST:
             self._session_lost.set()
             log.warning("ZooKeeper session lost: no new work until it is re-established")
@@ -155,6 +159,7 @@ class NodeDaemon:
             self.reconciler.rewatch()   # a new session has none of the old watches
         # every view may be stale: reconcile every VM from fresh reads
         self.reconciler.resync()
+        self.ha.on_connection(True)   # every peer gets a whole detection window again
 
     # ---- run --------------------------------------------------------------------------------
 
@@ -174,6 +179,7 @@ class NodeDaemon:
         self._thread(self.migrations.deadlines.run, "deadlines")
         self._thread(self.keepalive.run, "keepalive")
         self._thread(self.reconciler.run, "reconciler")
+        self._thread(self.ha.run, "ha")
         self.node_state.start()
         self.reconciler.resync()
         log.ok("node %s running", self.node)

@@ -12,9 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._decode import or_default
 from pvc_cluster_common._memory import AccountedVM, account_node
 
 from .domains import DomainTable
@@ -154,9 +152,12 @@ class Keepalive:
             self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3),
         }
         state = self.store.read(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
-        if state in ("init", "dead") or state not in S.DAEMON_STATES:
-            # the first keepalive after start, or a node its peers thought dead (or whose state
-            # someone overwrote with garbage): it lives
+        if state in ("init", "dead", "fence-failed") or state not in S.DAEMON_STATES:
+            # the first keepalive after start, or a node its peers thought dead or failed to fence
+            # (its VMs were never recovered elsewhere), or whose state someone overwrote with
+            # garbage: it lives. Never over `fencing` (a peer is powering this node off) or
+            # `fenced` (its VMs may run elsewhere now; only a restarted daemon, which registers
+            # with `init`, runs again).
             values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "run"
         if fresh and with_stats:
             for uuid, stats in figures.stats.items():
@@ -172,27 +173,7 @@ class Keepalive:
                      account.domaincount, memtotal, memused, memfree, account.memalloc, account.memprov, elapsed)
         else:
             log.error("keepalive: could not write this node's figures (see the store's error above)")
-        self.mark_dead_peers()
         return ok
-
-    def mark_dead_peers(self) -> None:
-        """Mark peers whose keepalive went stale `dead` (a live peer rewrites `run` on its next keepalive)."""
-        stale_before = time.time() - self.config.keepalive_interval_s * self.config.dead_after
-        for peer in self.store.children(self.schema.nodes()) or []:
-            if peer == self.node:
-                continue
-            state = self.store.read_versioned(self.schema.node_key(peer, S.NODE_DAEMON_STATE))
-            if state is None or state[0] != "run":
-                continue
-            path = self.schema.node_key(peer, S.NODE_KEEPALIVE)
-            # a keepalive that is not valid (nan would never be stale) reads as never
-            last = or_default(R.keepalive, self.store.read(path), path, 0.0, [])
-            if last < stale_before:
-                # version-checked: if the peer came back meanwhile, its `run` wins
-                if self.store.write({self.schema.node_key(peer, S.NODE_DAEMON_STATE): "dead"},
-                                    expect_versions={self.schema.node_key(peer, S.NODE_DAEMON_STATE): state[1]}):
-                    log.warning("node %s missed its keepalives since %s: marked dead", peer,
-                                time.strftime("%H:%M:%S", time.localtime(last)))
 
     def run(self, stop: threading.Event) -> None:
         """Tick every interval until ``stop`` is set (a timer, not a synchronisation)."""

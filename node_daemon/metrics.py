@@ -30,6 +30,14 @@ class Metrics:
         self.invalid_values = Counter("pvc_invalid_values_total",
                                       "Invalid values found in ZooKeeper, once per version of their key",
                                       ["kind"], registry=self.registry)
+        self.fences = Counter("pvc_fences_total", "Fences this daemon performed, by method and result",
+                              ["method", "result"], registry=self.registry)
+        self.fence_seconds = Histogram("pvc_fence_duration_seconds", "Duration of fences (power off and confirmation)",
+                                       registry=self.registry, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.recoveries = Counter("pvc_recoveries_total", "VMs of fenced nodes this daemon recovered (recovered) or "
+                                  "could not place (unplaced)", ["result"], registry=self.registry)
+        self.fence_failed = Gauge("pvc_node_fence_failed", "1 for a peer whose fence failed (its VMs are not recovered "
+                                  "until an operator confirms it is off), else 0", ["node"], registry=self.registry)
         self._server = None
 
     def serve(self, address: str, port: int) -> None:
@@ -42,7 +50,15 @@ class Metrics:
         if self._server is not None:
             server, _thread = self._server
             server.shutdown()
-            self._server = None
+            self.fences = Counter("pvc_fences_total", "Fences this daemon performed, by method and result",
+                              ["method", "result"], registry=self.registry)
+        self.fence_seconds = Histogram("pvc_fence_duration_seconds", "Duration of fences (power off and confirmation)",
+                                       registry=self.registry, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        self.recoveries = Counter("pvc_recoveries_total", "VMs of fenced nodes this daemon recovered (recovered) or "
+                                  "could not place (unplaced)", ["result"], registry=self.registry)
+        self.fence_failed = Gauge("pvc_node_fence_failed", "1 for a peer whose fence failed (its VMs are not recovered "
+                                  "until an operator confirms it is off), else 0", ["node"], registry=self.registry)
+        self._server = None
 
     def keepalive(self, seconds, ok, account, memtotal, memused, memfree, snapshot, node) -> None:
         self.keepalive_seconds.observe(seconds)
@@ -64,3 +80,14 @@ class Metrics:
         role = "target" if final.get("target") == self.node else "source"
         self.migrations.labels(method, result, role).inc()
         self.migration_seconds.labels(method, result).observe(float(final.get("duration_s") or 0))
+
+    def fence(self, method: str, ok: bool, seconds: float) -> None:
+        self.fences.labels(method, "fenced" if ok else "fence-failed").inc()
+        self.fence_seconds.observe(seconds)
+
+    def recovery(self, result: str) -> None:
+        self.recoveries.labels(result).inc()
+
+    def fence_failed_nodes(self, peers, failed) -> None:
+        for peer in peers:
+            self.fence_failed.labels(peer).set(1 if peer in failed else 0)

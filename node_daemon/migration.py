@@ -234,6 +234,10 @@ class MigrationAgent:
 
     def peer_state(self, peer: str, uuid: str) -> str | None:
         """libvirt's view of ``uuid`` on ``peer``: a state name, None (absent) or UNKNOWN."""
+        if self.store.read(self.schema.node_key(peer, S.NODE_DAEMON_STATE)) == "fenced":
+            # Its power is confirmed off (node_daemon/ha.py): nothing runs there, and its libvirt
+            # cannot be asked. (A fenced node whose daemon starts again writes `init` first.)
+            return None
         path = self.schema.node_key(peer, S.NODE_ADDRESS)
         uris = self.peer_uris(peer, path, self.store.read_versioned(path))
         if uris is None:

@@ -294,9 +294,12 @@ def migration_record(value, path: str, uuid: str) -> MigrationRecord:
 
 def history_entry(value, path: str, uuid: str) -> dict:
     """An audit record, ``/domains/<uuid>/history/<key>``: a finished migration record (no
-    ``step``) with its ``result`` and ``duration_s``. Returned as a plain dict of the known
+    ``step``) with its ``result`` and ``duration_s``, or (``kind`` recovery) the record of a VM
+    started elsewhere after its node was fenced (:func:`recovery_entry`). Returned as a plain dict of the known
     fields (for reports), every one of them checked."""
     data = D.json_object(value, path, max_bytes=MAX_RECORD_BYTES, max_depth=MAX_RECORD_DEPTH)
+    if data.get("kind") == RECOVERY_KIND:
+        return recovery_entry(data, path, uuid)
     result = _field(D.choice, data, "result", path, choices=RESULTS)
     steps = _steps(data, path, STEPS + RESULTS)
     last_step = max((name for name in steps if name in STEPS), key=STEPS.index, default=STEP_REQUESTED)
@@ -308,6 +311,75 @@ def history_entry(value, path: str, uuid: str) -> dict:
     return entry
 
 
+# ---- high availability: the fence record and the recovery audit record ----------------------
+
+FENCE_METHODS = ("ipmi", "agent", "operator", "none")
+FENCE_RESULTS = ("fencing", "fenced", "fence-failed")
+RECOVERY_KIND = "recovery"
+RECOVERY_STEPS = ("fencing", "fenced", "recovered")
+
+
+def maintenance(value, path: str) -> bool:
+    """A node's ``maintenance`` flag: "true" or "false" (missing: false)."""
+    if value is None:
+        return False
+    return D.choice(value, path, ("true", "false")) == "true"
+
+
+def fence_record(value, path: str) -> dict:
+    """``/nodes/<node>/fence``: who fenced the node, how, when, with what result (None or "":
+    never fenced, an empty dict). Every field checked; returned as a plain dict for reports."""
+    if value is None or value == "":
+        return {}
+    data = D.json_object(value, path, max_bytes=MAX_RECORD_BYTES, max_depth=MAX_RECORD_DEPTH)
+    record = {
+        "by": _field(D.node_name, data, "by", path),
+        "method": _field(D.choice, data, "method", path, choices=FENCE_METHODS),
+        "result": _field(D.choice, data, "result", path, choices=FENCE_RESULTS),
+        "started": _time(data.get("started"), path, "started"),
+    }
+    for name in ("device", "detail"):
+        text = _text_field(data, name, path, optional=True, max_bytes=MAX_REASON_BYTES)
+        if text is not None:
+            record[name] = text
+    for name in ("finished", "duration_s"):
+        if data.get(name) is not None:
+            record[name] = _time(data[name], path, name)
+    return record
+
+
+def recovery_entry(data: dict, path: str, uuid: str) -> dict:
+    """An audit record of a VM started elsewhere after its node was fenced (ha.py writes it)."""
+    record_id = _text_field(data, "id", path, max_bytes=64)
+    if not _RECORD_ID.fullmatch(record_id):
+        raise D.Invalid(path, "a record id of 1 to 64 letters, digits, '_' or '-'", record_id, field="id")
+    vm = _field(D.uuid, data, "vm", path)
+    if vm != uuid:
+        raise D.Invalid(path, f"the UUID of its key ({uuid})", vm, field="vm")
+    fence = data.get("fence", {})
+    if not isinstance(fence, dict):
+        raise D.Invalid(path, "an object", fence, field="fence")
+    entry = {
+        "kind": RECOVERY_KIND, "id": record_id, "vm": vm,
+        "name": (_field(D.vm_name, data, "name", path, optional=True) or "") if data.get("name") != "" else "",
+        "source": _field(D.node_name, data, "source", path),
+        "target": _field(D.node_name, data, "target", path),
+        "lastnode": _field(vm_node, data, "lastnode", path, optional=True) or "",
+        "requester": _field(D.node_name, data, "requester", path),
+        "result": _field(D.choice, data, "result", path, choices=("recovered",)),
+        "memory_mib": _int_field(data, "memory_mib", path, 0, D.MAX_MIB),
+        "fence": {
+            "method": _field(D.choice, fence, "method", path + " fence", optional=True, choices=FENCE_METHODS),
+            "device": _text_field(fence, "device", path + " fence", optional=True),
+            "by": _field(D.node_name, fence, "by", path + " fence", optional=True),
+            "detail": _text_field(fence, "detail", path + " fence", optional=True, max_bytes=MAX_REASON_BYTES),
+        },
+        "steps": _steps(data, path, RECOVERY_STEPS),
+        "duration_s": _time(data.get("duration_s", 0), path, "duration_s"),
+    }
+    return entry
+
+
 # ---- one VM's keys, as a table (for readers that decode whatever they read) --------------------
 
 NODE_KEY_DECODERS = {
@@ -315,6 +387,8 @@ NODE_KEY_DECODERS = {
     S.NODE_DOMAIN_STATE: domain_state,
     S.NODE_RUNNINGDOMAINS: running_domains,
     S.NODE_KEEPALIVE: keepalive,
+    S.NODE_MAINTENANCE: maintenance,
+    S.NODE_FENCE: fence_record,
 }
 
 VM_KEY_DECODERS = {

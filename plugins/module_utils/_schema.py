@@ -14,9 +14,12 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
     /schema/version                       SCHEMA_VERSION
     /config/default_selector              cluster default node selector ("mem")
     /nodes/<node>/                        one per hypervisor, created by its daemon
-        daemon_state                      init | run | shutdown | stop | dead
+        daemon_state                      init | run | shutdown | stop | dead | fencing | fenced | fence-failed
         domain_state                      ready | flush | flushed | unflush
         alive                             ephemeral; exists while the daemon's session lives
+        maintenance                       "true": never fenced (the operator works on it); else "false"
+        fence                             JSON record of the last fence of this node (who, how, when, result);
+                                          absent until a node is first fenced
         keepalive                         unix time (float) of the last keepalive
         memtotal memused memfree          host memory, MiB
         memalloc                          memory of VMs running here, MiB
@@ -41,6 +44,7 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         history/<seq>                     JSON audit records of finished migrations (last N kept)
     /locks/domains/<uuid>                 kazoo lock: one writer of a VM's placement at a time
     /locks/nodes/<node>                   kazoo lock: one flush/ready of a node at a time
+    /locks/fence/<node>                   kazoo lock: the one live daemon that fences and recovers a dead node
 
 Locks live under /locks, never on data keys, so that data keys never grow lock children.
 """
@@ -52,7 +56,12 @@ DEFAULT_ROOT = "/pvc"
 
 # ---- vocabularies ---------------------------------------------------------------------------
 
-DAEMON_STATES = ("init", "run", "shutdown", "stop", "dead")
+# dead: its keepalives stopped (written by a peer); fencing: a peer is powering it off; fenced: its
+# power is confirmed off (by its fence device, or by an operator with confirm_down), so its VMs may run
+# elsewhere; fence-failed: the fence failed or could not be confirmed, so nothing is recovered.
+DAEMON_STATES = ("init", "run", "shutdown", "stop", "dead", "fencing", "fenced", "fence-failed")
+# The states in which a node's daemon is not running and its peers' fencer acts on it.
+FENCE_STATES = ("dead", "fencing", "fenced", "fence-failed")
 DOMAIN_STATES = ("ready", "flush", "flushed", "unflush")
 # start: run on `node`; restart: stop then start; shutdown: clean shutdown (timeout, then forced);
 # stop: forced stop; disable: stopped and administratively disabled; fail: could not be started
@@ -66,6 +75,8 @@ VM_STOPPED_STATES = ("shutdown", "stop", "disable", "fail")
 NODE_DAEMON_STATE = "daemon_state"
 NODE_DOMAIN_STATE = "domain_state"
 NODE_ALIVE = "alive"
+NODE_MAINTENANCE = "maintenance"
+NODE_FENCE = "fence"
 NODE_KEEPALIVE = "keepalive"
 NODE_MEMTOTAL = "memtotal"
 NODE_MEMUSED = "memused"
@@ -88,6 +99,7 @@ NODE_TRANSPORT_URI = "transport_uri"
 NODE_DEFAULTS = {
     NODE_DAEMON_STATE: "init",
     NODE_DOMAIN_STATE: "flushed",
+    NODE_MAINTENANCE: "false",
     NODE_KEEPALIVE: "0",
     NODE_MEMTOTAL: "0",
     NODE_MEMUSED: "0",
@@ -181,6 +193,7 @@ class Schema:
             self._p("locks"),
             self._p("locks", "domains"),
             self._p("locks", "nodes"),
+            self._p("locks", "fence"),
         )
 
     # nodes
@@ -220,3 +233,6 @@ class Schema:
 
     def node_lock(self, node: str) -> str:
         return self._p("locks", "nodes", node)
+
+    def fence_lock(self, node: str) -> str:
+        return self._p("locks", "fence", node)

@@ -1,0 +1,357 @@
+"""High availability: a dead node is fenced through its fence device, then its VMs run elsewhere.
+
+Every live daemon watches its peers' keepalives (``ha`` thread, twice per keepalive interval). A
+peer whose keepalive has not changed for ``keepalive_s x dead_after`` seconds of this daemon's
+connected time is marked ``dead`` (version-checked: a peer that writes ``run`` first wins).
+
+Exactly one live daemon acts on a dead node: the holder of the kazoo lock
+``/locks/fence/<node>`` (taken without waiting; the others look again at their next pass). The
+lock's node is ephemeral, so the actor's death (or its lost session) hands the work to another
+daemon, which resumes from the state in ZooKeeper:
+
+``dead``/``fencing``
+    ``fencing`` is written, then the node's fence device (from this daemon's own configuration,
+    never from ZooKeeper; node_daemon/fencing.py) powers it off and the power state is confirmed
+    off. Confirmed: ``fenced`` and domain state ``flushed`` (so that nothing is placed there and
+    ``ready`` brings its VMs home). Not confirmed, or no device configured: ``fence-failed``, and
+    nothing of the node is recovered until an operator confirms it is off
+    (``pvc.cluster.node state=fenced confirm_down=true``). A node in maintenance (its
+    ``maintenance`` flag, or domain state ``flushed``) is never fenced.
+``fenced``
+    Recovery (node_daemon/recovery.py decides): every VM assigned to the node that should run is
+    assigned to a node chosen by the selector, in one version-checked transaction per VM with its
+    audit record; that node's daemon starts it. What fits nowhere stays, not running, with the
+    reason in ``failedreason``, and is tried again on later passes.
+
+No quorum, no decisions: nothing is marked, fenced or recovered unless this daemon's session is
+connected, holds the lock, and every write is a ZooKeeper transaction (a daemon that lost its
+session can write nothing). The fence device is called only after ``fencing`` is written under
+the lock, so a node that comes back in time wins, and a node marked ``fencing`` is fenced even if
+its keepalive resumes (it cannot rewrite ``run`` over ``fencing``).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid as uuidlib
+
+from kazoo.recipe.lock import Lock
+
+from pvc_cluster_common import _records as R
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_node_views, read_vms
+from pvc_cluster_common._requests import history_key
+from pvc_cluster_common._store import ConflictError, StoreError
+
+from .fencing import FenceResult, fence
+from .log import get_logger
+from .recovery import Act, LivenessTracker, RecoveryCandidate, fence_decision, plan_recovery
+
+log = get_logger(__name__)
+
+# How long a recovery actor waits for the live side of a migration involving the fenced node to
+# resolve it, between passes (it holds the lock meanwhile).
+WAIT_PASSES_S = 1.0
+
+
+class HighAvailability:
+    def __init__(self, node, config, store, domains, migrations, metrics=None) -> None:
+        self.node = node
+        self.config = config
+        self.store = store
+        self.schema = store.schema
+        self.domains = domains
+        self.migrations = migrations
+        self.metrics = metrics
+        self.tracker = LivenessTracker(config.keepalive_interval_s * config.dead_after)
+        self._tracker_lock = threading.Lock()
+        self._actors: dict[str, threading.Thread] = {}
+        self._said: dict[str, str] = {}          # peer -> the last thing logged about it (said once)
+        self._stop = threading.Event()
+
+    # ---- connection -------------------------------------------------------------------------
+
+    def on_connection(self, connected: bool) -> None:
+        """The daemon's session became usable (True) or not (False): every peer gets a new window."""
+        with self._tracker_lock:
+            if connected:
+                self.tracker.connected(time.monotonic())
+            else:
+                self.tracker.disconnected()
+
+    # ---- the pass ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self.on_connection(self.store.connected)
+        while not stop.is_set():
+            try:
+                self.tick()
+            except StoreError as exc:
+                log.warning("high availability pass: %s", exc)
+            except Exception:  # one bad pass must not end the thread
+                log.exception("high availability pass failed")
+            stop.wait(self.config.keepalive_interval_s / 2)   # a timer, not a synchronisation
+
+    def _say(self, peer: str, level, text: str, *args) -> None:
+        message = text % args if args else text
+        if self._said.get(peer) != message:
+            self._said[peer] = message
+            level(message)
+
+    def tick(self) -> None:
+        if not self.store.connected:
+            with self._tracker_lock:
+                self.tracker.disconnected()
+            return
+        peers = [peer for peer in self.store.children(self.schema.nodes()) or [] if peer != self.node]
+        keys = (S.NODE_DAEMON_STATE, S.NODE_DOMAIN_STATE, S.NODE_MAINTENANCE, S.NODE_KEEPALIVE)
+        found = self.store.read_many([self.schema.node_key(peer, key) for peer in peers for key in keys])
+        now = time.monotonic()
+        fence_failed = []
+        for peer in peers:
+            raw = {key: found[self.schema.node_key(peer, key)] for key in keys}
+            state = raw[S.NODE_DAEMON_STATE]
+            with self._tracker_lock:
+                self.tracker.observe(peer, raw[S.NODE_KEEPALIVE][0] if raw[S.NODE_KEEPALIVE] else None, now)
+                stale = self.tracker.stale(peer, now)
+            if state is None:
+                continue
+            daemon_state = state[0] if state[0] in S.DAEMON_STATES else "invalid"
+            domain_state = raw[S.NODE_DOMAIN_STATE][0] if raw[S.NODE_DOMAIN_STATE] else ""
+            maintenance = bool(raw[S.NODE_MAINTENANCE]) and raw[S.NODE_MAINTENANCE][0] == "true"
+            decision = fence_decision(daemon_state, domain_state, maintenance, stale)
+            if daemon_state == "fence-failed":
+                fence_failed.append(peer)
+            if decision.act is Act.MARK_DEAD:
+                path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
+                if self.store.write({path: "dead"}, expect_versions={path: state[1]}):
+                    log.warning("node %s: no keepalive for %.1f s: marked dead", peer, self.tracker.window_s)
+                    self._start_actor(peer)
+            elif decision.act in (Act.FENCE, Act.RECOVER):
+                if decision.act is Act.FENCE or self._has_work(peer):
+                    self._start_actor(peer)
+            elif decision.act in (Act.MAINTENANCE, Act.WAIT_OPERATOR):
+                self._say(peer, log.warning if decision.act is Act.MAINTENANCE else log.error,
+                          "node %s is %s: %s", peer, daemon_state, decision.why)
+            else:
+                self._said.pop(peer, None)
+        if self.metrics:
+            self.metrics.fence_failed_nodes(peers, fence_failed)
+
+    def _has_work(self, peer: str) -> bool:
+        """Whether the fenced ``peer`` may have VMs to recover (the watch-fed table: cheap)."""
+        return any(record.node == peer and record.state in ("start", "restart")
+                   for record in self.domains.snapshot().values())
+
+    def _start_actor(self, peer: str) -> None:
+        thread = self._actors.get(peer)
+        if thread is not None and thread.is_alive():
+            return
+        thread = threading.Thread(target=self._act, args=(peer,), name=f"ha-{peer}", daemon=True)
+        self._actors[peer] = thread
+        thread.start()
+
+    # ---- the actor --------------------------------------------------------------------------
+
+    def _act(self, peer: str) -> None:
+        lock = Lock(self.store.client, self.schema.fence_lock(peer), f"{self.node}")
+        try:
+            if not lock.acquire(blocking=False):
+                return   # another daemon acts on it
+        except Exception as exc:  # kazoo raises many types here; each means "not now"
+            log.debug("node %s: fence lock not taken: %s", peer, exc)
+            return
+        try:
+            self._act_locked(peer, lock)
+        except StoreError as exc:
+            log.error("node %s: fencing or recovery stopped: %s (the next pass resumes it)", peer, exc)
+        except Exception:
+            log.exception("node %s: fencing or recovery failed (the next pass resumes it)", peer)
+        finally:
+            try:
+                lock.release()
+            except Exception as exc:  # a lost session has released it already
+                log.debug("node %s: fence lock release: %s", peer, exc)
+
+    def _holding(self, lock) -> bool:
+        return self.store.connected and lock.is_acquired and not self._stop.is_set()
+
+    def _act_locked(self, peer: str, lock) -> None:
+        state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
+        found = self.store.read_many([state_path, self.schema.node_key(peer, S.NODE_DOMAIN_STATE),
+                                      self.schema.node_key(peer, S.NODE_MAINTENANCE)])
+        state = found[state_path]
+        if state is None:
+            return
+        domain_state = found[self.schema.node_key(peer, S.NODE_DOMAIN_STATE)]
+        maintenance = found[self.schema.node_key(peer, S.NODE_MAINTENANCE)]
+        decision = fence_decision(state[0], domain_state[0] if domain_state else "",
+                                  bool(maintenance) and maintenance[0] == "true", stale=False)
+        if decision.act is Act.FENCE:
+            if not self._fence(peer, state, lock):
+                return
+        elif decision.act is not Act.RECOVER:
+            return
+        self._recover(peer, lock)
+
+    def _fence(self, peer: str, state: tuple, lock) -> bool:
+        """Fence ``peer`` (its daemon state as read: (value, version)). True when it is fenced."""
+        state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
+        fence_path = self.schema.node_key(peer, S.NODE_FENCE)
+        device = self.config.fence_devices.get(peer)
+        started = time.time()
+        record = {"by": self.node, "method": device.method if device else "none",
+                  "device": device.describe() if device else "", "started": round(started, 3), "result": "fencing"}
+        if not self._holding(lock):
+            return False
+        try:
+            versions = self.store.commit({state_path: "fencing", fence_path: json.dumps(record)},
+                                         expect_versions={state_path: state[1]})
+        except ConflictError:
+            log.info("node %s changed state before it could be fenced: looking again", peer)
+            return False
+        if device is None:
+            result = FenceResult(False, f"no fence device for node {peer} in this daemon's configuration "
+                                 f"({self.config.source or 'fencing.nodes'})", "none", started, time.time())
+        else:
+            log.warning("node %s is dead: fencing it through %s", peer, device.describe())
+            result = fence(device, self.config.fence_timeout_s)
+        if not self._holding(lock):
+            # Our session went while the device worked: another daemon fences it again (a power
+            # off is idempotent) and writes the result.
+            log.warning("node %s: lost the ZooKeeper session or the fence lock while fencing; the next actor "
+                        "fences it again", peer)
+            return False
+        record.update(result="fenced" if result.ok else "fence-failed", detail=result.detail,
+                      finished=round(result.finished, 3), duration_s=round(result.finished - result.started, 3))
+        values = {state_path: "fenced" if result.ok else "fence-failed", fence_path: json.dumps(record)}
+        if result.ok:
+            values[self.schema.node_key(peer, S.NODE_DOMAIN_STATE)] = "flushed"
+        try:
+            self.store.commit(values, expect_versions={state_path: versions[state_path]})
+        except ConflictError:
+            log.warning("node %s changed state while it was fenced (%s); looking again", peer, result.detail)
+            return False
+        if self.metrics:
+            self.metrics.fence(result.method, result.ok, result.finished - result.started)
+        if result.ok:
+            log.ok("node %s fenced: %s (%.2f s)", peer, result.detail, result.finished - result.started)
+            return True
+        log.error("node %s: FENCE FAILED: %s. Its VMs are NOT recovered: power it off by hand, then confirm with "
+                  "pvc.cluster.node name=%s state=fenced confirm_down=true", peer, result.detail, peer)
+        return False
+
+    # ---- recovery ---------------------------------------------------------------------------
+
+    def _candidates(self, peer: str) -> list[RecoveryCandidate]:
+        uuids = self.store.children(self.schema.domains()) or []
+        candidates = []
+        for uuid, vm in read_vms(self.store, uuids).items():
+            migration = vm.migration
+            involved = migration is not None and peer in (migration.source, migration.target)
+            if vm.node != peer and not involved:
+                continue
+            candidates.append(RecoveryCandidate(
+                uuid=uuid, name=vm.name, state=vm.state, node=vm.node, lastnode=vm.lastnode,
+                memory_mib=vm.memory_mib, vcpus=vm.vcpus, node_limit=tuple(vm.meta.node_limit or ()),
+                selector=vm.meta.node_selector,
+                migration_source=migration.source if involved else None,
+                migration_target=migration.target if involved else None,
+                invalid=vm.migration_error or "", xml_error=vm.xml_error))
+        return candidates
+
+    def _fenced_nodes(self) -> set[str]:
+        names = self.store.children(self.schema.nodes()) or []
+        found = self.store.read_many([self.schema.node_key(name, S.NODE_DAEMON_STATE) for name in names])
+        return {name for name in names
+                if (found[self.schema.node_key(name, S.NODE_DAEMON_STATE)] or ("",))[0] == "fenced"}
+
+    def _recover(self, peer: str, lock) -> None:
+        fence_record = self._fence_record(peer)
+        while self._holding(lock):
+            state = self.store.read(self.schema.node_key(peer, S.NODE_DAEMON_STATE))
+            if state != "fenced":
+                return   # its daemon started again (init): what is still assigned to it is its own
+            plan = plan_recovery(peer, self._candidates(peer), read_node_views(self.store), self._fenced_nodes(),
+                                 self.config.default_selector)
+            for uuid in plan.aborts:
+                self._end_migration_between_fenced(uuid, peer)
+            for start in plan.starts:
+                if not self._holding(lock):
+                    return
+                self._recover_one(peer, start, fence_record)
+            for uuid, why in plan.unplaced.items():
+                self._not_recovered(uuid, peer, why)
+            if not plan.waiting and not plan.aborts:
+                if plan.starts:
+                    log.ok("node %s: %d VM(s) recovered elsewhere%s", peer, len(plan.starts),
+                           f"; {len(plan.unplaced)} fit nowhere and stay stopped" if plan.unplaced else "")
+                return
+            for uuid, why in plan.waiting.items():
+                self._say(f"{peer}/{uuid}", log.info, "node %s: VM %s waits: %s", peer, uuid, why)
+            if self._stop.wait(WAIT_PASSES_S):
+                return
+
+    def _fence_record(self, peer: str) -> dict:
+        path = self.schema.node_key(peer, S.NODE_FENCE)
+        try:
+            return R.fence_record(self.store.read(path), path)
+        except Exception:  # an invalid record only makes the audit record poorer
+            return {}
+
+    def _recover_one(self, peer: str, start, fence_record: dict) -> None:
+        found = read_vms(self.store, [start.uuid]).get(start.uuid)
+        if found is None or found.node != peer or found.migration is not None or found.state not in ("start", "restart"):
+            return   # changed since the plan: the next pass sees it
+        now = time.time()
+        record_id = uuidlib.uuid4().hex[:12]
+        audit = {
+            "kind": R.RECOVERY_KIND, "id": record_id, "vm": start.uuid, "name": found.name, "source": peer,
+            "target": start.target, "lastnode": start.lastnode, "requester": self.node, "result": "recovered",
+            "memory_mib": found.memory_mib,
+            "fence": {key: fence_record[key] for key in ("method", "device", "by", "detail") if key in fence_record},
+            "steps": {name: fence_record[key] for name, key in (("fencing", "started"), ("fenced", "finished"))
+                      if isinstance(fence_record.get(key), (int, float))} | {"recovered": round(now, 3)},
+        }
+        if isinstance(fence_record.get("started"), (int, float)):
+            audit["duration_s"] = round(max(0.0, now - fence_record["started"]), 3)
+        history = self.schema.domain_history(start.uuid) + "/" + history_key(record_id, now)
+        node_path = self.schema.domain_key(start.uuid, S.DOMAIN_NODE)
+        values = {node_path: start.target, history: json.dumps(audit, sort_keys=True),
+                  self.schema.domain_key(start.uuid, S.DOMAIN_FAILEDREASON): ""}
+        if start.lastnode != found.lastnode:
+            values[self.schema.domain_key(start.uuid, S.DOMAIN_LASTNODE)] = start.lastnode
+        if found.state == "restart":
+            values[self.schema.domain_key(start.uuid, S.DOMAIN_STATE)] = "start"   # it is not running: a start
+        try:
+            self.store.commit(values, expect_versions={node_path: found.node_version}, create=[history])
+        except ConflictError:
+            log.info("VM %s changed while it was recovered; the next pass sees it", found.name)
+            return
+        self.migrations._prune_history(start.uuid)
+        log.ok("VM %s of fenced node %s: recovered on %s (home: %s)", found.name, peer, start.target,
+               start.lastnode or start.target)
+        if self.metrics:
+            self.metrics.recovery("recovered")
+
+    def _not_recovered(self, uuid: str, peer: str, why: str) -> None:
+        reason = f"not recovered from fenced node {peer}: {why}"[:R.MAX_REASON_BYTES]
+        path = self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)
+        if self.store.read(path) != reason:
+            self.store.write({path: reason})
+            log.error("VM %s: %s", uuid, reason)
+            if self.metrics:
+                self.metrics.recovery("unplaced")
+
+    def _end_migration_between_fenced(self, uuid: str, peer: str) -> None:
+        """Both sides of the VM's migration are fenced: nothing runs it, and no daemon is left to
+        end the record. End it as aborted (the VM back on its source), version-checked; the next
+        pass recovers it from there."""
+        record, version = self.migrations.read_record(uuid)
+        if record is None or peer not in (record.source, record.target):
+            return
+        if self.migrations.abort(uuid, record, version, f"both {record.source} and {record.target} were fenced",
+                                 node=record.source):
+            log.warning("VM %s: migration %s between fenced nodes ended", uuid, record.id)
