@@ -2,7 +2,7 @@
 
 Phases: check (config, libvirt reachable) -> prepare (ZooKeeper, schema, register the node) ->
 run (keepalive, reconciler, migration deadlines, flush/ready) -> shutdown on SIGTERM.
-Daemon state: init -> run (first keepalive) -> shutdown (SIGTERM) -> stop; peers write `dead`.
+Daemon state: init -> run (first keepalive once the VM table is loaded) -> shutdown (SIGTERM) -> stop; peers write `dead`.
 VMs keep running when the daemon stops: a daemon restart must never interrupt a guest.
 """
 from __future__ import annotations
@@ -173,9 +173,17 @@ class NodeDaemon:
         running, the VM table read, a first pass queued): the CLI then tells systemd it is ready."""
         if self.metrics:
             self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
-        self.keepalive.tick()   # the first keepalive writes `run`
         self.migrations.start()
         self.reconciler.start()
+        # The first keepalive writes `run` and the node's memory figures: not before the VM
+        # table is loaded, or it would publish a full node as empty (docs/architecture.md,
+        # "Memory accounting"). Bounded: a keepalive that finds the table still loading
+        # publishes only its timestamp, and the state stays `init` until a later one.
+        self.keepalive.table_loaded = self.reconciler.table_loaded
+        if not self.reconciler.wait_loaded(self.config.step_timeout_s):
+            log.warning("the VM table is not loaded after %.0f s; the node stays in state init until it is",
+                        self.config.step_timeout_s)
+        self.keepalive.tick()
         self._thread(self.migrations.deadlines.run, "deadlines")
         self._thread(self.keepalive.run, "keepalive")
         self._thread(self.reconciler.run, "reconciler")

@@ -40,6 +40,8 @@ WATCHED_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION,
 # Keys only the nodes a VM concerns need every change of (see _follows); every migration
 # rewrites the record about six times, and a temporary one rewrites lastnode.
 FOLLOWED_KEYS = (S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
+# The keys a node's memory figures are computed from (see table_loaded and keepalive.py).
+ACCOUNTING_KEYS = (S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION)
 # What desired_from_table answers while a VM's first reads are still in flight: not "nothing is
 # desired" (None), but "not known yet" (the answers queue another pass).
 LOADING = object()
@@ -76,6 +78,11 @@ class Reconciler:
         self.local: set[str] = set()
         self.accepting = threading.Event()
         self.accepting.set()
+        # The table is loaded once the list of VMs has been read and every listed VM's
+        # accounting keys have answered: before that the node's memory figures would leave VMs
+        # out (see table_loaded). Notified by every answer.
+        self._listed = False
+        self._answers = threading.Condition()
 
     # ---- watches ------------------------------------------------------------------------------
 
@@ -102,7 +109,24 @@ class Reconciler:
             self._watched.discard(uuid)
             self.domains.remove(uuid)
             self.enqueue(uuid)
+        with self._answers:
+            self._listed = True
+            self._answers.notify_all()
         return True
+
+    def table_loaded(self) -> bool:
+        """Whether the table knows every VM of the cluster as far as this node's memory figures
+        need it: the VM list was read, and each listed VM's node, XML and migration record have
+        answered (whether or not they exist). Until then the keepalive publishes no figures."""
+        if not self._listed:
+            return False
+        table = self.domains.snapshot()
+        return all(uuid in table and table[uuid].has(*ACCOUNTING_KEYS) for uuid in list(self._watched))
+
+    def wait_loaded(self, timeout_s: float) -> bool:
+        """Wait (bounded) until :meth:`table_loaded`; woken by each watch's answer."""
+        with self._answers:
+            return self._answers.wait_for(self.table_loaded, timeout_s)
 
     def _watch_domain(self, uuid: str) -> None:
         self._watched.add(uuid)
@@ -246,6 +270,13 @@ class Reconciler:
             raise Invalid(path, f"a domain XML that the policy accepts: {exc}", value) from None
 
     def _record(self, uuid: str, key: str, value: str | None, version: int) -> None:
+        try:
+            self._record_value(uuid, key, value, version)
+        finally:
+            with self._answers:
+                self._answers.notify_all()
+
+    def _record_value(self, uuid: str, key: str, value: str | None, version: int) -> None:
         exists = value is not None
         path = self.schema.domain_key(uuid, key)
         if key == S.DOMAIN_XML:

@@ -32,7 +32,8 @@ assigned elsewhere, not running on N        no        no       no
   state, but not a VM running here that is assigned elsewhere (it is leaving, and placement treats
   it as gone), and not a VM holding an incoming-migration reservation here (the reservation
   ``/nodes/<node>/reservations/<uuid>`` already counts it, and counting both would count it twice).
-  Once the migration completes, the receiver deletes the reservation and memprov takes over.
+  When the migration has ended, the node's keepalive counts the VM in memprov in the transaction
+  that deletes the reservation (``reserved_here`` is then false), so the VM is always covered.
 * vcpualloc, domaincount and running list the VMs that run here and are not incoming migrations
   still in progress (upstream counted paused incoming domains, pitfall 11).
 

@@ -158,6 +158,7 @@ def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushi
         values[schema.domain_key(plan.uuid, S.DOMAIN_LASTNODE)] = plan.lastnode
     expect = {node_path: vm.node_version}
     create = []
+    delete = []
     record = None
     if plan.migrates:
         # The fit check and the reservation must be one atomic step, or two requesters could both
@@ -166,8 +167,11 @@ def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushi
         # gets ConflictError and re-plans. Its version is read before the target's view, so any
         # reservation made after the view was read changes it.
         parent = schema.node_reservations(plan.target)
-        views, found = read_node_views_of(store, [plan.target], also=[parent], keys=NodeView.FIT_KEYS)
-        found, view = found[parent], views.get(plan.target)
+        mine = schema.node_reservation(plan.target, plan.uuid)
+        left = schema.node_reservation(plan.source, plan.uuid) if plan.source and plan.source != plan.target else None
+        views, also = read_node_views_of(store, [plan.target], also=[parent, mine] + ([left] if left else []),
+                                         keys=NodeView.FIT_KEYS)
+        found, view = also[parent], views.get(plan.target)
         if view is None:
             raise RequestError(f"target node {plan.target} is not a node of this cluster")
         if target_unflushing_ok and view.domain_state == "unflush":
@@ -179,12 +183,23 @@ def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushi
         values[schema.domain_migration(plan.uuid)] = record.to_json()
         values[schema.node_reservation(plan.target, plan.uuid)] = plan.memory_mib
         values[parent] = record.id
-        create += [schema.domain_migration(plan.uuid), schema.node_reservation(plan.target, plan.uuid)]
+        create.append(schema.domain_migration(plan.uuid))
         if found is None:
             create.append(parent)
         else:
             expect[parent] = found[1]
-    store.commit(values, expect_versions=expect, create=create)
+        # A reservation of the VM may be left on the target (a migration that ended there
+        # earlier, not yet counted in memprov by the target's keepalive): it is replaced.
+        if also[mine] is None:
+            create.append(mine)
+        else:
+            expect[mine] = also[mine][1]
+        # One left on the source goes: the VM is assigned elsewhere from this transaction on,
+        # and nothing else would delete it (only a keepalive of the VM's own node folds one).
+        if left and also[left] is not None:
+            delete.append(left)
+            expect[left] = also[left][1]
+    store.commit(values, expect_versions=expect, create=create, delete=delete)
     return record
 
 
@@ -210,13 +225,26 @@ def final_record(record: MigrationRecord, result: str, reason: str | None = None
 def finish_values(schema, uuid: str, record: MigrationRecord, result: str, reason: str | None = None,
                   node: str | None = None):
     """The writes and deletes that end the migration of VM ``uuid`` (the key's UUID) in one
-    transaction: the record and the reservation go, the audit record is added, and on abort
-    ``node``/``lastnode`` point back to where the VM runs. Returns (values, delete, final
-    audit record)."""
+    transaction: the record goes, the audit record is added, and on abort ``node``/``lastnode``
+    point back to where the VM runs. Returns (values, delete, final audit record).
+
+    The VM stays covered at every instant (docs/architecture.md, "Memory accounting"): the
+    reservation stays on the node the VM ends on, whose next keepalive counts the VM in memprov
+    in the same transaction that deletes the reservation. On ``done`` that is the target's
+    reservation, left as it is. On abort the target's goes, and the node the VM returns to gets
+    one (its memprov stopped counting the VM while the VM was assigned to the target); that
+    node's reservations znode is rewritten too, so that a request to it that read its figures
+    before this write fails its version check and plans again.
+    """
     final = final_record(record, result, reason)
     values = {schema.domain_history(uuid) + "/" + history_key(record.id, final["steps"][result]): final}
+    delete = [schema.domain_migration(uuid)]
     if result == RESULT_ABORTED:
-        values[schema.domain_key(uuid, S.DOMAIN_NODE)] = node or record.source
+        back = node or record.source
+        values[schema.domain_key(uuid, S.DOMAIN_NODE)] = back
         values[schema.domain_key(uuid, S.DOMAIN_LASTNODE)] = record.prev_lastnode
-    delete = [schema.domain_migration(uuid), schema.node_reservation(record.target, uuid)]
+        if back != record.target:
+            delete.append(schema.node_reservation(record.target, uuid))
+            values[schema.node_reservation(back, uuid)] = record.memory_mib
+            values[schema.node_reservations(back)] = record.id
     return values, delete, final

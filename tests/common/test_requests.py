@@ -67,3 +67,30 @@ def test_a_request_on_a_stale_read_writes_nothing(cluster):
     assert lastnode_version(cluster) == ("", 0)
     assert cluster.read(cluster.schema.domain_migration(UUID)) is None
     assert cluster.read(cluster.schema.node_reservation("n2", UUID)) is None
+
+
+def test_a_request_replaces_reservations_left_by_earlier_migrations(cluster):
+    # Reservations a finished migration left for its node's keepalive to fold into memprov: the
+    # source's goes (the VM is assigned elsewhere from the request on), the target's is replaced.
+    schema = cluster.schema
+    cluster.commit({schema.node_reservation("n1", UUID): 1024, schema.node_reservation("n2", UUID): 512})
+    record = request(cluster, "migrate", target="n2")
+    assert record is not None
+    assert cluster.read(schema.node_reservation("n1", UUID)) is None
+    assert cluster.read(schema.node_reservation("n2", UUID)) == "1024"
+    assert cluster.read(schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
+
+
+def test_an_abort_gives_the_vm_back_with_a_reservation_on_its_source(cluster):
+    from pvc_cluster_common._records import RESULT_ABORTED, RESULT_DONE
+    from pvc_cluster_common._requests import finish_values
+
+    schema = cluster.schema
+    record = request(cluster, "migrate", target="n2")
+    values, delete, _ = finish_values(schema, UUID, record, RESULT_ABORTED, "test")
+    assert values[schema.node_reservation("n1", UUID)] == 1024 and schema.node_reservations("n1") in values
+    assert schema.node_reservation("n2", UUID) in delete and values[schema.domain_key(UUID, S.DOMAIN_NODE)] == "n1"
+    values, delete, _ = finish_values(schema, UUID, record, RESULT_DONE)
+    # done: the target's reservation stays until the target's keepalive counts the VM
+    assert delete == [schema.domain_migration(UUID)]
+    assert not any("/reservations" in path for path in values)

@@ -161,6 +161,26 @@ class TestCluster:
         if not wait_until_gone(self.store, path, timeout_s):
             self.wait(path, lambda v: v is None, 0, f"migration of {uuid} to end")
 
+    def wait_no_reservations(self, node: str, timeout_s: float = 60) -> None:
+        """Wait (a children watch) until ``node`` holds no reservation: its keepalive has counted
+        every VM whose migration ended here in memprov, deleting the reservation with it."""
+        import threading
+
+        path = self.schema.node_reservations(node)
+        empty = threading.Event()
+
+        def watcher(children):
+            if not children:
+                empty.set()
+                return False
+            return True
+
+        self.store.client.ensure_path(path)
+        self.store.client.ChildrenWatch(path, watcher)
+        if not empty.wait(timeout_s):
+            raise AssertionError(f"reservations of {node} still there after {timeout_s} s: "
+                                 f"{self.store.children(path)}")
+
     # ---- cluster writes a test needs ---------------------------------------------------------------
 
     def define_vm(self, xml: str, uuid: str, name: str, node: str, state: str = "start", meta: dict | None = None) -> None:

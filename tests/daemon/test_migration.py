@@ -245,7 +245,8 @@ def test_target_ends_a_live_migration_when_its_copy_runs(cluster, make_agent):
     final = last_history(store, uuid)
     assert (final["result"], final["method_used"]) == ("done", "live") and "transferred" not in final["steps"]
     assert record_of(store, uuid) == (None, -1)
-    assert store.read(store.schema.node_reservation("n2", uuid)) is None
+    # the reservation stays until n2's keepalive counts the VM in memprov (it folds it)
+    assert store.read(store.schema.node_reservation("n2", uuid)) == "256"
 
 
 def test_a_shutdown_migration_target_does_not_end_it_before_transferred(cluster, make_agent):

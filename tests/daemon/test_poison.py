@@ -6,6 +6,8 @@ and a VM whose XML is empty.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pvc_cluster_common import _schema as S
@@ -57,7 +59,11 @@ def test_bad_migration_records_stop_no_daemon_and_no_other_vm_and_an_operator_cl
     node2.kill()
     offset = node2.log_path.stat().st_size
     node2.start()
-    wait_for_line(node2.log_path, "node node2 running", node2)
+    # the restarted process's line (the killed one wrote the same): its `run` is written before it
+    deadline = time.monotonic() + 30
+    while "node node2 running" not in log_since(node2, offset):
+        assert time.monotonic() < deadline, node2.log()[-2000:]
+        time.sleep(0.05)   # a file gives no event to wait on
 
     # The other VM still migrates, both ways, while the bad records sit there.
     assert request(cluster, good, "migrate", target="node2") is not None

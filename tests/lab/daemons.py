@@ -488,6 +488,22 @@ class LabCluster:
         return self.wait_libvirt(uuid, settled, timeout_s,
                                  f"{self.names.get(uuid, uuid)} to run on exactly its ZooKeeper node, and only there")
 
+    def wait_reservations_folded(self, node: str, timeout_s: float = 60) -> list[str]:
+        """Wait (a children watch) until ``node`` holds no reservation; returns those left."""
+        path = self.schema.node_reservations(node)
+        empty = threading.Event()
+
+        def watcher(children):
+            if not children:
+                empty.set()
+                return False
+            return True
+
+        if self.store.exists(path):
+            self.store.client.ChildrenWatch(path, watcher)
+            empty.wait(timeout_s)
+        return self.store.children(path) or []
+
     def check_invariants(self, uuids, monitor: "RunningMonitor | None" = None) -> None:
         """I1-I4 for these VMs, once settled (see docs/migration-protocol.md)."""
         problems = []
@@ -512,7 +528,9 @@ class LabCluster:
                 elif entry.get("result") not in ("done", "aborted"):
                     problems.append(f"I4: audit record of {mid} has result {entry.get('result')!r}")
         for node in self.nodes:
-            reservations = self.store.children(self.schema.node_reservations(node)) or []
+            # a reservation lives until the next keepalive of the node the VM ended on counts the
+            # VM in memprov (docs/architecture.md, "Memory accounting"): wait for that, bounded
+            reservations = self.wait_reservations_folded(node)
             if reservations:
                 problems.append(f"I3: reservations left on {node}: {reservations}")
         held = self.lock_holders()

@@ -202,7 +202,7 @@ def test_second_request_is_refused_while_one_is_in_flight(lab_cluster, monitor, 
     assert [h["id"] for h in cluster.history(uuid)] == [record.id]
     assert cluster.history(uuid)[-1]["result"] == "done"
     assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
-    assert not cluster.store.exists(cluster.schema.node_reservation("node3", uuid))
+    assert not cluster.store.exists(cluster.schema.node_reservation("node3", uuid))   # never the target
     cluster.check_invariants([uuid], monitor)
 
 
