@@ -325,6 +325,11 @@ class HighAvailability:
             values[self.schema.domain_key(start.uuid, S.DOMAIN_LASTNODE)] = start.lastnode
         if found.state == "restart":
             values[self.schema.domain_key(start.uuid, S.DOMAIN_STATE)] = "start"   # it is not running: a start
+        # The target's memprov counts the VM only from its next keepalive: until then a
+        # reservation covers it (docs/architecture.md, "Memory accounting"), and rewriting the
+        # target's reservations znode fails any request to it planned from figures read before.
+        values[self.schema.node_reservation(start.target, start.uuid)] = found.memory_mib
+        values[self.schema.node_reservations(start.target)] = f"recovery {record_id}"
         try:
             self.store.commit(values, expect_versions={node_path: found.node_version}, create=[history])
         except ConflictError:
