@@ -180,10 +180,12 @@ class NodeDaemon:
         # "Memory accounting"). Bounded: a keepalive that finds the table still loading
         # publishes only its timestamp, and the state stays `init` until a later one.
         self.keepalive.table_loaded = self.reconciler.table_loaded
+        self.keepalive.reader.start(self.stop_event)   # vm-thread: libvirt's figures, read apart from the keepalive
         if not self.reconciler.wait_loaded(self.config.step_timeout_s):
             log.warning("the VM table is not loaded after %.0f s; the node stays in state init until it is",
                         self.config.step_timeout_s)
-        self.keepalive.tick()
+        # the first keepalive waits (bounded) for vm-thread's first figures; later ones never wait
+        self.keepalive.tick(wait_for_read_s=min(self.config.keepalive_interval_s, self.config.libvirt_call_timeout_s))
         self._thread(self.migrations.deadlines.run, "deadlines")
         self._thread(self.keepalive.run, "keepalive")
         self._thread(self.reconciler.run, "reconciler")

@@ -1,9 +1,14 @@
 """The keepalive: every interval, one ZooKeeper transaction with this node's figures.
 
-VM figures come from libvirt in a named subthread (``vm-thread``) with a deadline, so a hung
-libvirt call delays nothing: the keepalive then writes the host figures, the timestamp and the
-last VM figures it had, and says so. Statistics are gathered only for running domains; paused
-(including incoming migrations) and shut-off domains are skipped before any statistics call.
+The keepalive never calls libvirt. Host and VM figures come from ``vm-thread``
+(:class:`FiguresReader`), which reads them from libvirt on its own schedule, each call bounded by
+the libvirt call timeout; the keepalive publishes the last figures it read, with their age
+(``figures_age``, seconds) and whether they are stale (``figures_stale``: older than two keepalive
+intervals). A hung libvirtd therefore leaves stale figures, published as stale and never as
+zeros, and a node that keeps its keepalive: a health state, not a dead node. memprov does not
+depend on libvirt at all (the VM table's XML memory for every VM assigned here).
+Statistics are gathered only for running domains; paused (including incoming migrations) and
+shut-off domains are skipped before any statistics call.
 """
 from __future__ import annotations
 
@@ -16,13 +21,14 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._memory import AccountedVM, NodeAccount, account_node
 
 from .domains import DomainTable
-from .hypervisor import HypervisorError
 from .log import get_logger
 from .reconciler import ACCOUNTING_KEYS
 
 log = get_logger(__name__)
 
 STATS_EVERY = 6
+# Figures older than this many keepalive intervals are published as stale.
+STALE_AFTER_INTERVALS = 2
 
 
 @dataclass
@@ -34,24 +40,112 @@ class VMFigures:
     stats: dict[str, dict] = field(default_factory=dict)                # uuid -> memory statistics (running only)
 
 
-class Keepalive:
-    def __init__(self, node, config, store, hypervisor, domains: DomainTable, metrics=None) -> None:
-        self.node = node
-        self.config = config
-        self.store = store
-        self.schema = store.schema
-        self.hypervisor = hypervisor
-        self.domains = domains
-        self.metrics = metrics
-        self.last_vm_figures = VMFigures()
-        self.last_host_memory: tuple[int, int, int] | None = None   # (total, used, free) MiB
-        self._vm_thread: threading.Thread | None = None
-        self.ticks = 0
-        self.host_memory_read = False
-        # whether the VM table is loaded (set by the daemon: Reconciler.table_loaded)
-        self.table_loaded = lambda: True
+@dataclass(frozen=True)
+class Reading:
+    """The last figures vm-thread read; ``*_at`` is the wall time of each read (None: never)."""
 
-    # ---- vm-thread ------------------------------------------------------------------------
+    host: tuple[int, int, int] | None = None   # (total, used, free) MiB
+    host_at: float | None = None
+    vms: VMFigures = field(default_factory=VMFigures)
+    vms_at: float | None = None
+    stats_pass: int = -1    # the pass whose statistics ``vms.stats`` holds (-1: none)
+    passes: int = 0         # passes finished, failed ones included
+
+    @property
+    def read_at(self) -> float | None:
+        """When the oldest of the host and VM figures was read (None: one was never read)."""
+        if self.host_at is None or self.vms_at is None:
+            return None
+        return min(self.host_at, self.vms_at)
+
+
+class FiguresReader:
+    """``vm-thread``: reads host and VM figures from libvirt, one pass every ``interval_s`` or
+    when asked (:meth:`request`), until stopped. One thread: a pass stuck in a libvirt call
+    delays only the next pass (each call gives up after the libvirt call timeout), never the
+    keepalive, which takes :meth:`latest` as it is."""
+
+    def __init__(self, hypervisor, interval_s: float, stats_every: int = STATS_EVERY) -> None:
+        self.hypervisor = hypervisor
+        self.interval_s = interval_s
+        self.stats_every = stats_every
+        self.started_at = time.time()
+        self._reading = Reading()
+        self._changed = threading.Condition()
+        self._asked = threading.Event()
+        self._started = 0   # passes started (a pass finishes as Reading.passes)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self, stop: threading.Event | None = None) -> None:
+        if self._thread is not None:
+            return
+        self._stop = stop or self._stop
+        self.started_at = time.time()
+        self._thread = threading.Thread(target=self.run, name="vm-thread", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._asked.set()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def latest(self) -> Reading:
+        with self._changed:
+            return self._reading
+
+    def request(self) -> int:
+        """Ask for a pass now; returns the pass count that means "a pass that started after this
+        request has finished" (see :meth:`wait`)."""
+        with self._changed:
+            target = self._started + 1
+        self._asked.set()
+        return target
+
+    def wait(self, passes: int, timeout_s: float) -> bool:
+        """Wait (bounded) until ``passes`` passes have finished."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._reading.passes >= passes, timeout_s)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            with self._changed:
+                self._asked.clear()
+                self._started += 1
+            self.read_once()
+            if self._asked.is_set():
+                continue
+            # woken early by request(); otherwise a timer (not a synchronisation)
+            self._asked.wait(self.interval_s)
+
+    def read_once(self) -> Reading:
+        """One pass: host memory, then every running domain's figures (and, every
+        ``stats_every`` passes, their statistics). A failed read keeps the last figures."""
+        before = self.latest()
+        host, host_at = before.host, before.host_at
+        try:
+            host, host_at = self.hypervisor.host_memory_mib(), time.time()
+        except Exception as exc:  # kept, with its age: zeros would read as "no room" to placement
+            log.warning("vm-thread: cannot read host memory (the last figures stay, marked by their age): %s", exc)
+        with_stats = before.passes % self.stats_every == 0
+        vms, vms_at, stats_pass = before.vms, before.vms_at, before.stats_pass
+        try:
+            vms, vms_at = self.gather_vm_figures(with_stats), time.time()
+            if with_stats:
+                stats_pass = before.passes
+            else:
+                vms.stats = before.vms.stats   # the last statistics pass's, published once (stats_pass)
+        except Exception as exc:  # likewise
+            log.warning("vm-thread: cannot read the VM figures (the last figures stay, marked by their age): %s", exc)
+        reading = Reading(host=host, host_at=host_at, vms=vms, vms_at=vms_at, stats_pass=stats_pass,
+                          passes=before.passes + 1)
+        with self._changed:
+            self._reading = reading
+            self._changed.notify_all()
+        return reading
 
     def gather_vm_figures(self, with_stats: bool = True) -> VMFigures:
         """Memory and vCPUs of every running domain (one libvirt listing), and with ``with_stats``
@@ -73,52 +167,42 @@ class Keepalive:
                                    "memory_stats": stats or {}, "updated": round(time.time(), 3)}
         return figures
 
-    def _run_vm_thread(self, holder: dict, with_stats: bool) -> None:
-        try:
-            holder["figures"] = self.gather_vm_figures(with_stats)
-        except Exception as exc:  # the keepalive must survive any libvirt failure
-            holder["error"] = exc
 
-    def collect_vm_figures(self, deadline_s: float, with_stats: bool = True) -> tuple[VMFigures, bool]:
-        """Run vm-thread with a deadline. Returns the figures and whether they are fresh."""
-        if self._vm_thread is not None and self._vm_thread.is_alive():
-            log.warning("vm-thread from an earlier keepalive is still blocked in libvirt; using the last VM figures")
-            return self.last_vm_figures, False
-        holder: dict = {}
-        thread = threading.Thread(target=self._run_vm_thread, args=(holder, with_stats), name="vm-thread", daemon=True)
-        self._vm_thread = thread
-        thread.start()
-        thread.join(deadline_s)
-        if thread.is_alive():
-            log.warning("vm-thread did not finish within %.1f s (libvirt is slow or hung); using the last VM figures", deadline_s)
-            return self.last_vm_figures, False
-        if "error" in holder:
-            log.error("vm-thread failed: %s; using the last VM figures", holder["error"])
-            return self.last_vm_figures, False
-        self.last_vm_figures = holder["figures"]
-        return self.last_vm_figures, True
+class Keepalive:
+    def __init__(self, node, config, store, hypervisor, domains: DomainTable, metrics=None) -> None:
+        self.node = node
+        self.config = config
+        self.store = store
+        self.schema = store.schema
+        self.hypervisor = hypervisor
+        self.domains = domains
+        self.metrics = metrics
+        self.reader = FiguresReader(hypervisor, config.keepalive_interval_s)
+        self.ticks = 0
+        self.stats_published = -1   # the reader pass whose statistics were published last
+        self.clock = time.time
+        # whether the VM table is loaded (set by the daemon: Reconciler.table_loaded)
+        self.table_loaded = lambda: True
 
     # ---- one keepalive ----------------------------------------------------------------------
 
-    def tick(self) -> bool:
+    def tick(self, wait_for_read_s: float = 0.0) -> bool:
+        """One keepalive, from the figures vm-thread read last. ``wait_for_read_s``: first ask
+        vm-thread for a pass and wait for it, bounded (the daemon's first keepalive, and tests);
+        the keepalive loop never waits."""
         started = time.monotonic()
-        deadline = max(0.1, min(self.config.keepalive_interval_s * 0.8, self.config.libvirt_call_timeout_s))
-        # Per-VM statistics are for people, not placement: gathered and published every
-        # STATS_EVERY keepalives, which keeps both the libvirt calls and the transaction small
-        # on a node with many VMs.
-        with_stats = self.ticks % STATS_EVERY == 0
-        figures, fresh = self.collect_vm_figures(deadline, with_stats)
-
-        try:
-            host_memory = self.hypervisor.host_memory_mib()
-            self.last_host_memory = host_memory
-        except HypervisorError as exc:
-            # Published zeros would read as "no room" to every placement decision: the figures
-            # published last stay until a keepalive can read them again.
-            log.warning("main-thread: cannot read host memory (the last published figures stay): %s", exc)
-            host_memory = None
-        self.host_memory_read = host_memory is not None
-        memtotal, memused, memfree = self.last_host_memory or (0, 0, 0)
+        if not self.reader.started:
+            self.reader.start()
+        if wait_for_read_s > 0:
+            self.reader.wait(self.reader.request(), wait_for_read_s)
+        reading = self.reader.latest()
+        figures = reading.vms
+        memtotal, memused, memfree = reading.host or (0, 0, 0)
+        read_at = reading.read_at
+        age = self.clock() - (read_at if read_at is not None else self.reader.started_at)
+        stale = read_at is None or age > STALE_AFTER_INTERVALS * self.config.keepalive_interval_s
+        if stale:
+            log.warning("keepalive: libvirt's figures are %.1f s old (libvirt slow or hung?); published as stale", age)
 
         if not self.table_loaded():
             # Figures computed from a table that does not know every VM yet would leave VMs out
@@ -131,7 +215,7 @@ class Keepalive:
         snapshot = self.domains.snapshot()   # never iterate the live table: watches mutate it
         reservations = self.read_reservations()
         folds = self.foldable(reservations, snapshot)
-        values, account = self.figures(figures, snapshot, reservations, folds)
+        values, account = self.figures(reading, snapshot, reservations, folds, age, stale)
         state = self.store.read(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
         if state in ("init", "dead", "fence-failed") or state not in S.DAEMON_STATES:
             # the first keepalive after start, or a node its peers thought dead or failed to fence
@@ -140,14 +224,17 @@ class Keepalive:
             # `fenced` (its VMs may run elsewhere now; only a restarted daemon, which registers
             # with `init`, runs again).
             values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "run"
-        if fresh and with_stats:
+        # Per-VM statistics are for people, not placement: vm-thread gathers them every
+        # STATS_EVERY passes, and each pass's are published once.
+        if reading.stats_pass > self.stats_published:
+            self.stats_published = reading.stats_pass
             for uuid, stats in figures.stats.items():
                 if uuid in snapshot and snapshot[uuid].node == self.node:
                     values[self.schema.domain_key(uuid, S.DOMAIN_STATS)] = stats
         ok = self.write_figures(values, reservations, folds)
         if not ok and folds:
             # a reservation changed since it was read: publish without folding any (next tick)
-            values |= self.figures(figures, snapshot, reservations, {})[0]
+            values |= self.figures(reading, snapshot, reservations, {}, age, stale)[0]
             ok = self.store.write(values)
         elapsed = time.monotonic() - started
         self.ticks += 1
@@ -188,8 +275,10 @@ class Keepalive:
                 folds[uuid] = version
         return folds
 
-    def figures(self, figures: VMFigures, snapshot: dict, reservations: dict, folds: dict) -> tuple[dict, NodeAccount]:
+    def figures(self, reading: Reading, snapshot: dict, reservations: dict, folds: dict, age: float,
+                stale: bool) -> tuple[dict, NodeAccount]:
         """The node keys of this keepalive's accounting, and the account they come from."""
+        figures = reading.vms
         vms = []
         for uuid, record in snapshot.items():
             reserved = uuid in reservations and uuid not in folds
@@ -210,8 +299,8 @@ class Keepalive:
                 vms.append(AccountedVM(uuid=uuid, node="", memory_mib=memory_mib, vcpus=vcpus,
                                        running_here=True, reserved_here=False))
         account = account_node(self.node, vms)
-        memtotal, memused, memfree = self.last_host_memory or (0, 0, 0)
-        values = {} if not self.host_memory_read else {
+        memtotal, memused, memfree = reading.host or (0, 0, 0)
+        values = {} if reading.host is None else {
             self.schema.node_key(self.node, S.NODE_MEMTOTAL): memtotal,
             self.schema.node_key(self.node, S.NODE_MEMUSED): memused,
             self.schema.node_key(self.node, S.NODE_MEMFREE): memfree,
@@ -224,6 +313,8 @@ class Keepalive:
             self.schema.node_key(self.node, S.NODE_CPULOAD): round(os.getloadavg()[0], 2),
             self.schema.node_key(self.node, S.NODE_DOMAINCOUNT): account.domaincount,
             self.schema.node_key(self.node, S.NODE_RUNNINGDOMAINS): sorted(account.running),
+            self.schema.node_key(self.node, S.NODE_FIGURES_AGE): round(max(age, 0.0), 3),
+            self.schema.node_key(self.node, S.NODE_FIGURES_STALE): stale,
             self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3),
         }
         return values, account

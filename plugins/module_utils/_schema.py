@@ -28,6 +28,10 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         vcpualloc cpuload domaincount     vCPUs of running VMs, 1-min load, running domain count
         cputotal                          host CPUs as libvirt counts them (written at registration; 0 = unknown)
         runningdomains                    JSON list of running domain UUIDs
+        figures_age                       age (s) of the libvirt figures this keepalive published (memtotal,
+                                          memused, memfree, memalloc, vcpualloc, domaincount, runningdomains)
+        figures_stale                     true when they are older than two keepalive intervals (libvirt slow
+                                          or hung): they are the last ones read, never zeros
         address                           how peers reach this node: an IP address or a host name, from
                                           which each peer builds the URIs with its own templates
         libvirt_uri transport_uri         this node's own URIs, for people to read (never opened by a peer)
@@ -89,6 +93,8 @@ NODE_CPULOAD = "cpuload"
 NODE_DOMAINCOUNT = "domaincount"
 NODE_CPUTOTAL = "cputotal"
 NODE_RUNNINGDOMAINS = "runningdomains"
+NODE_FIGURES_AGE = "figures_age"
+NODE_FIGURES_STALE = "figures_stale"
 NODE_RESERVATIONS = "reservations"
 NODE_ADDRESS = "address"
 NODE_LIBVIRT_URI = "libvirt_uri"
@@ -112,6 +118,8 @@ NODE_DEFAULTS = {
     NODE_DOMAINCOUNT: "0",
     NODE_CPUTOTAL: "0",
     NODE_RUNNINGDOMAINS: "[]",
+    NODE_FIGURES_AGE: "0",
+    NODE_FIGURES_STALE: "true",   # nothing read from libvirt yet (and after a restart, until the first keepalive)
     NODE_ADDRESS: "",
     NODE_LIBVIRT_URI: "",
     NODE_TRANSPORT_URI: "",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid as uuidlib
 
 import libvirt
@@ -55,6 +56,20 @@ def config(zk_server, zk_root):
                          "memory": {"reserve_mib": 512}})
 
 
+@pytest.fixture
+def make_keepalive(store, host, config):
+    made = []
+
+    def make(table):
+        keepalive = Keepalive("n1", config, store, host, table)
+        made.append(keepalive)
+        return keepalive
+
+    yield make
+    for keepalive in made:
+        keepalive.reader.stop()
+
+
 def add(store, table, uuid, text, node, state):
     info = parse_domain_xml(text)
     table.update(uuid, name=info.name, node=node, state=state, memory_mib=info.memory_mib, vcpus=info.vcpus)
@@ -62,7 +77,7 @@ def add(store, table, uuid, text, node, state):
                   store.schema.domain_key(uuid, S.DOMAIN_NODE): node, store.schema.domain_key(uuid, S.DOMAIN_STATE): state})
 
 
-def test_memory_accounting_is_exact_against_libvirt(store, host, config):
+def test_memory_accounting_is_exact_against_libvirt(store, host, make_keepalive):
     table = DomainTable()
     running = xml("running-gib", 1, "GiB", 2)
     paused = xml("paused-kib", 524288, "KiB", 1)
@@ -79,8 +94,8 @@ def test_memory_accounting_is_exact_against_libvirt(store, host, config):
     # an incoming migration holds a reservation here and is not running yet
     store.commit({store.schema.node_reservation("n1", incoming[0]): 256})
 
-    keepalive = Keepalive("n1", config, store, host, table)
-    assert keepalive.tick()
+    keepalive = make_keepalive(table)
+    assert keepalive.tick(wait_for_read_s=30)   # with vm-thread's figures of this very state
 
     truth = {name: libvirt_ground_truth(text) for name, (_, text) in
              {"running": running, "paused": paused, "stopped": stopped, "disabled": disabled}.items()}
@@ -98,7 +113,7 @@ def test_memory_accounting_is_exact_against_libvirt(store, host, config):
     assert store.read(store.schema.domain_key(paused[0], S.DOMAIN_STATS)) is None
 
 
-def test_paused_domain_is_never_asked_for_statistics(store, host, config, monkeypatch):
+def test_paused_domain_is_never_asked_for_statistics(store, host, make_keepalive, monkeypatch):
     table = DomainTable()
     paused = xml("paused", 128, "MiB", 1)
     add(store, table, *paused, "n1", "start")
@@ -107,52 +122,72 @@ def test_paused_domain_is_never_asked_for_statistics(store, host, config, monkey
     asked = []
     real = libvirt.virDomain.memoryStats
     monkeypatch.setattr(libvirt.virDomain, "memoryStats", lambda dom: asked.append(dom.UUIDString()) or real(dom))
-    assert Keepalive("n1", config, store, host, table).tick()
+    assert make_keepalive(table).tick(wait_for_read_s=30)
     assert asked == []
 
 
-def test_hung_libvirt_call_does_not_delay_the_keepalive(store, host, config, monkeypatch):
+def node_key(store, key):
+    return store.read_versioned(store.schema.node_key("n1", key))
+
+
+def test_a_hung_libvirt_never_delays_the_keepalive_and_its_figures_go_out_as_stale(store, host, make_keepalive, monkeypatch):
     table = DomainTable()
     vm = xml("hangs", 128, "MiB", 1)
     add(store, table, *vm, "n1", "start")
     host.create(vm[1])
+    keepalive = make_keepalive(table)
+    assert keepalive.tick(wait_for_read_s=30)
+    fresh = {k: node_key(store, k)[0] for k in (S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE, S.NODE_MEMALLOC)}
+    assert int(fresh[S.NODE_MEMTOTAL]) > 0 and int(fresh[S.NODE_MEMALLOC]) == 128
+    assert node_key(store, S.NODE_FIGURES_STALE)[0] == "false"
+
     release = threading.Event()
     entered = threading.Event()
 
-    def hang(dom):
+    def hang(*_args, **_kwargs):
         entered.set()
-        release.wait(120)   # a libvirt call stuck until the test lets it go
-        return {}
+        release.wait(120)   # a libvirt call stuck until the test lets it go (libvirtd hung)
+        raise HypervisorError("host_memory", None, None, "timed out")
 
-    monkeypatch.setattr(libvirt.virDomain, "memoryStats", hang)
-    keepalive = Keepalive("n1", config, store, host, table)
+    monkeypatch.setattr(host, "host_memory_mib", hang)
+    monkeypatch.setattr(host, "running_figures", hang)
     try:
-        before = store.read_versioned(store.schema.node_key("n1", S.NODE_KEEPALIVE))
-        assert keepalive.tick()              # returns while memoryStats is still blocked
-        assert entered.is_set() and not release.is_set()
-        after = store.read_versioned(store.schema.node_key("n1", S.NODE_KEEPALIVE))
-        assert after is not None and after != before
-        # the next keepalive does not pile another thread onto the stuck call, and still writes
-        assert keepalive.tick()
-        assert store.read_versioned(store.schema.node_key("n1", S.NODE_KEEPALIVE))[1] > after[1]
+        keepalive.reader.request()
+        assert entered.wait(30)                     # vm-thread is stuck in libvirt now
+        before = node_key(store, S.NODE_KEEPALIVE)
+        keepalive.clock = lambda: time.time() + 100   # as if libvirtd had hung for 100 s
+        assert keepalive.tick()                     # returns at once: it never calls libvirt
+        assert not release.is_set() and node_key(store, S.NODE_KEEPALIVE) != before
+        # the last figures go out, marked stale with their age: never zeros
+        assert {k: node_key(store, k)[0] for k in fresh} == fresh
+        assert node_key(store, S.NODE_FIGURES_STALE)[0] == "true"
+        assert float(node_key(store, S.NODE_FIGURES_AGE)[0]) >= 100
+        assert int(node_key(store, S.NODE_MEMPROV)[0]) == 128   # memprov needs no libvirt
+        stamp = node_key(store, S.NODE_KEEPALIVE)
+        assert keepalive.tick()                     # and again: nothing piles up
+        assert node_key(store, S.NODE_KEEPALIVE)[1] > stamp[1]
     finally:
         release.set()
 
 
-def test_unreadable_host_memory_keeps_the_published_figures(store, host, config, monkeypatch):
+def test_unreadable_host_memory_keeps_the_last_figures_marked_by_their_age(store, host, make_keepalive, monkeypatch):
     # Zeros would tell every placement decision that this node has no room at all.
-    keepalive = Keepalive("n1", config, store, host, DomainTable())
-    assert keepalive.tick()
-    key = lambda k: store.read_versioned(store.schema.node_key("n1", k))  # noqa: E731
-    before = {k: key(k) for k in (S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE)}
-    assert int(before[S.NODE_MEMTOTAL][0]) > 0
+    keepalive = make_keepalive(DomainTable())
+    assert keepalive.tick(wait_for_read_s=30)
+    before = {k: node_key(store, k)[0] for k in (S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE)}
+    assert int(before[S.NODE_MEMTOTAL]) > 0
+    read_at = keepalive.reader.latest().host_at
 
     def fails():
         raise HypervisorError("host_memory", None, None, "libvirt cannot tell")
 
     monkeypatch.setattr(host, "host_memory_mib", fails)
-    stamp = key(S.NODE_KEEPALIVE)
+    stamp = node_key(store, S.NODE_KEEPALIVE)
+    assert keepalive.tick(wait_for_read_s=30)
+    assert keepalive.reader.latest().host_at == read_at   # the pass ran and kept the last host figures
+    assert node_key(store, S.NODE_KEEPALIVE) != stamp            # the keepalive itself went out
+    assert {k: node_key(store, k)[0] for k in before} == before  # the same figures, not zeros
+    keepalive.clock = lambda: read_at + 100
     assert keepalive.tick()
-    assert key(S.NODE_KEEPALIVE) != stamp            # the keepalive itself went out
-    assert {k: key(k) for k in before} == before     # untouched: same values, same versions
-
+    assert node_key(store, S.NODE_FIGURES_STALE)[0] == "true"
+    assert 99 <= float(node_key(store, S.NODE_FIGURES_AGE)[0]) <= 101

@@ -156,3 +156,41 @@ def test_guest_that_ignores_shutdown_is_stopped_after_the_timeout(lab_cluster):
     assert "did not shut down within 2 s: forced stop" in log, log[-4000:]
     assert node_key(cluster, "node1", S.NODE_DOMAIN_STATE) == "ready"
     cluster.check_invariants([uuid])
+
+
+def test_a_hung_libvirtd_is_a_health_state_not_a_dead_node(lab_cluster):
+    """libvirtd stopped with SIGSTOP (it accepts connections and never answers): node1's
+    keepalive goes on from the last figures, published as stale with their age and never as
+    zeros, for longer than its peers take to declare a silent node dead; SIGCONT brings fresh
+    figures back."""
+    import os
+    import signal
+
+    from .lab import _read_pid
+
+    cluster = lab_cluster()
+    cluster.start()
+    uuid = cluster.define_vm("patient", "node1")
+    cluster.wait_running_on("node1", uuid)
+    stale = cluster.schema.node_key("node1", S.NODE_FIGURES_STALE)
+    cluster.wait(stale, lambda v: v == "false", what="node1's figures fresh")
+    memtotal = node_key(cluster, "node1", S.NODE_MEMTOTAL)
+    assert int(memtotal) > 0
+    pid = _read_pid(cluster.host("node1").libvirtd_pidfile)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        cluster.wait(stale, lambda v: v == "true", what="node1's figures stale")
+        # twice as long as peers wait for a keepalive before they declare a node dead
+        intervals = cluster.daemons["node1"].config["intervals"]
+        dead_after_s = intervals["keepalive_s"] * intervals["dead_after"]
+        cluster.wait(cluster.schema.node_key("node1", S.NODE_FIGURES_AGE), lambda v: float(v or 0) > 2 * dead_after_s,
+                     what=f"node1's figures older than {2 * dead_after_s} s")
+        assert node_key(cluster, "node1", S.NODE_DAEMON_STATE) == "run"
+        assert node_key(cluster, "node1", S.NODE_MEMTOTAL) == memtotal        # the last figures, not zeros
+        assert uuid in json.loads(node_key(cluster, "node1", S.NODE_RUNNINGDOMAINS))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    cluster.wait(stale, lambda v: v == "false", timeout_s=120, what="node1's figures fresh again")
+    assert node_key(cluster, "node1", S.NODE_DAEMON_STATE) == "run"
+    cluster.check_invariants([uuid])
