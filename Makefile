@@ -15,7 +15,7 @@ KEEP ?=
 .PHONY: help setup host venv wheelhouse guest test test-pytest test-lint test-oldest-ansible test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
 
 help:
-	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity, units and integration)"
+	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity, units and integration, ruff, mypy, ansible-lint)"
 	@echo "make demo     set up this machine, bring up a 3-host lab and run the demo (KEEP=1: leave the lab up; make demo-down ends it)"
 	@echo "make lab-up / lab-down   the network-namespace lab (LAB_HOSTS=$(LAB_HOSTS))"
 	@echo "make bench    benchmarks, written to bench/results/latest.json"
@@ -42,9 +42,17 @@ test: setup test-pytest test-sanity test-units test-integration test-lint test-o
 test-pytest:
 	$(VPY) -m pytest -ra
 
-# ansible-lint, production profile (.ansible-lint), on every role, playbook and integration target;
-# the collection is found through a collections path in .venv that points at this checkout.
+# ruff (the rules in pyproject.toml) on every Python file; mypy, strict (pyproject.toml), on the shared
+# code and the daemon as the packages they are installed as: pvc_cluster_common and pvc_node_daemon,
+# linked in .venv/mypy-path (mypy cannot follow the editable install's package-dir mapping).
+# Then ansible-lint, production profile (.ansible-lint), on every role, playbook and integration
+# target; the collection is found through a collections path in .venv that points at this checkout.
 test-lint: venv
+	$(VENV)/bin/ruff check --no-cache .
+	mkdir -p $(VENV)/mypy-path
+	ln -sfn $(CURDIR)/plugins/module_utils $(VENV)/mypy-path/pvc_cluster_common
+	ln -sfn $(CURDIR)/node_daemon $(VENV)/mypy-path/pvc_node_daemon
+	MYPYPATH=$(CURDIR)/$(VENV)/mypy-path $(VENV)/bin/mypy --cache-dir $(VENV)/mypy-cache -p pvc_cluster_common -p pvc_node_daemon
 	mkdir -p $(VENV)/collections/ansible_collections/pvc
 	ln -sfn $(CURDIR) $(VENV)/collections/ansible_collections/pvc/cluster
 	ANSIBLE_COLLECTIONS_PATH=$(CURDIR)/$(VENV)/collections $(VENV)/bin/ansible-lint --nocolor

@@ -165,7 +165,7 @@ class _Section:
     def key(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
-    def section(self, name: str) -> "_Section":
+    def section(self, name: str) -> _Section:
         self.used.add(name)
         return _Section(self.data.get(name), self.key(name))
 

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._store import ClusterStore, StoreError
@@ -25,6 +26,9 @@ from .keepalive import Keepalive
 from .log import get_logger
 from .migration import MigrationAgent
 from .reconciler import Reconciler
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = get_logger(__name__)
 
@@ -42,7 +46,7 @@ class NodeDaemon:
         self.schema = self.store.schema
         self.hypervisor = Hypervisor(config.libvirt_uri, call_timeout_s=config.libvirt_call_timeout_s)
         self.domains = DomainTable()
-        self.metrics = None
+        self.metrics: Metrics | None = None
         if config.metrics_enabled:
             from .metrics import Metrics
             self.metrics = Metrics(self.node)
@@ -83,7 +87,7 @@ class NodeDaemon:
     def register(self) -> None:
         """Create this node's keys (keeping its domain state), publish its address (and, for
         people, its URIs), mark it alive."""
-        values = {}
+        values: dict[str, object] = {}
         for key, default in S.NODE_DEFAULTS.items():
             path = self.schema.node_key(self.node, key)
             if key in (S.NODE_DOMAIN_STATE, S.NODE_MAINTENANCE) and self.store.exists(path):

@@ -14,8 +14,9 @@ Ready: VMs whose home is this node come back (unmigrate), autostart VMs start, t
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import (
@@ -290,7 +291,7 @@ class NodeStateWorker:
             # target, and a request that finds them changed re-reads and plans again.
             by_uuid = {vm.uuid: vm for vm in vms}
             with ThreadPoolExecutor(max_workers=self.config.flush_parallel, thread_name_prefix="node-flush") as pool:
-                futures = []
+                futures: list[Future[Any]] = []
                 for move in plan:
                     if cancel.is_set():
                         break

@@ -67,8 +67,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import libvirt
 
@@ -184,7 +185,7 @@ class DomainStatus:
     reason: int = 0
 
     @classmethod
-    def from_libvirt(cls, state: int, reason: int) -> "DomainStatus":
+    def from_libvirt(cls, state: int, reason: int) -> DomainStatus:
         return cls(STATE_NAMES.get(state, "nostate"), reason)
 
     @property
@@ -286,7 +287,7 @@ class _Call:
         finally:
             self._done.set()
 
-    def start(self) -> "_Call":
+    def start(self) -> _Call:
         _CALLERS.submit(self._run, name=f"libvirt-{self.op}")
         return self
 
@@ -375,7 +376,7 @@ class Hypervisor:
 
     # ---- connection -----------------------------------------------------------------------
 
-    def open(self) -> "Hypervisor":
+    def open(self) -> Hypervisor:
         """Open the connection (idempotent). Raises HypervisorError / HypervisorTimeout."""
         with self._open_lock:
             if self._conn is not None:
@@ -430,7 +431,7 @@ class Hypervisor:
             self._event_seq += 1
             self._state_changed.notify_all()
 
-    def __enter__(self) -> "Hypervisor":
+    def __enter__(self) -> Hypervisor:
         return self.open()
 
     def __exit__(self, *_exc: object) -> None:
@@ -741,7 +742,7 @@ class Hypervisor:
             if remaining <= 0:
                 return False
             with self._state_changed:
-                self._state_changed.wait_for(lambda: self._event_seq != seq,
+                self._state_changed.wait_for(lambda: self._event_seq != seq,  # noqa: B023 (called at once)
                                              timeout=min(remaining, self.poll_interval_s))
 
     def shutdown_or_destroy(self, uuid: str, timeout_s: float) -> bool:

@@ -44,6 +44,7 @@ ignores it). The file is created 0640 and narrowed to that when it is reopened w
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
 import os
@@ -252,13 +253,13 @@ class LogFileHandler(logging.handlers.WatchedFileHandler):
             os.makedirs(directory, exist_ok=True)
         super().__init__(filename, mode="a", encoding="utf-8")
 
-    def _open(self) -> IO[str]:
+    def _open(self) -> io.TextIOWrapper:
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_FILE_MODE)
         try:
             if os.fstat(fd).st_mode & 0o777 & ~LOG_FILE_MODE:
                 os.fchmod(fd, LOG_FILE_MODE)
             # StreamHandler flushes after every record, so each line reaches the file whole.
-            return open(fd, "a", encoding=self.encoding, errors=self.errors)  # noqa: SIM115 (the handler owns it)
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)
         except BaseException:
             os.close(fd)
             raise

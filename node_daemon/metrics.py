@@ -4,7 +4,9 @@ Each daemon uses its own registry, so several daemons (or tests) in one process 
 """
 from __future__ import annotations
 
+import threading
 from collections import Counter as _Tally
+from typing import Any
 
 from .log import get_logger
 
@@ -38,7 +40,7 @@ class Metrics:
                                   "could not place (unplaced)", ["result"], registry=self.registry)
         self.fence_failed = Gauge("pvc_node_fence_failed", "1 for a peer whose fence failed (its VMs are not recovered "
                                   "until an operator confirms it is off), else 0", ["node"], registry=self.registry)
-        self._server = None
+        self._server: tuple[Any, threading.Thread] | None = None
 
     def serve(self, address: str, port: int) -> None:
         from prometheus_client import start_http_server
@@ -50,15 +52,7 @@ class Metrics:
         if self._server is not None:
             server, _thread = self._server
             server.shutdown()
-            self.fences = Counter("pvc_fences_total", "Fences this daemon performed, by method and result",
-                              ["method", "result"], registry=self.registry)
-        self.fence_seconds = Histogram("pvc_fence_duration_seconds", "Duration of fences (power off and confirmation)",
-                                       registry=self.registry, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
-        self.recoveries = Counter("pvc_recoveries_total", "VMs of fenced nodes this daemon recovered (recovered) or "
-                                  "could not place (unplaced)", ["result"], registry=self.registry)
-        self.fence_failed = Gauge("pvc_node_fence_failed", "1 for a peer whose fence failed (its VMs are not recovered "
-                                  "until an operator confirms it is off), else 0", ["node"], registry=self.registry)
-        self._server = None
+            self._server = None
 
     def keepalive(self, seconds, ok, account, memtotal, memused, memfree, snapshot, node) -> None:
         self.keepalive_seconds.observe(seconds)

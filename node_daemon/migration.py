@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from pvc_cluster_common import _records as R
@@ -119,7 +120,7 @@ class Deadlines:
         # expired() then: the expiry has to outlive run()'s bookkeeping, or the timeout is lost
         # for good (arm() with the same marker does nothing) and the step waits forever.
         self._fired: dict[str, str] = {}
-        self.wake = None   # set by the daemon: reconciler.enqueue
+        self.wake: Callable[[str], None] | None = None   # set by the daemon: reconciler.enqueue
 
     def arm(self, uuid: str, marker: str, timeout_s: float) -> None:
         with self._lock:
@@ -643,7 +644,7 @@ class MigrationAgent:
                 return
             try:
                 if self.advance(uuid, record, version, STEP_PREPARED,
-                                checks={p: found[p][1] for p in paths}):
+                                checks={p: found[p][1] for p in paths}):  # type: ignore[index]  # both read: checked above
                     crash_point("target:prepared")
                 return
             except StaleCheck as exc:

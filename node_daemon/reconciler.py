@@ -440,6 +440,7 @@ class Reconciler:
                 log.warning("VM %s was removed from the cluster while running here: forced stop", uuid)
                 self._destroy(uuid)
             return
+        assert decision is not None  # decided whenever desired is not None
         if decision.action in (Action.NOTHING, Action.FORGET, Action.MIGRATION):
             log.debug("VM %s: %s", uuid, decision.why)
         else:
@@ -459,7 +460,8 @@ class Reconciler:
         elif decision.action is Action.STOP:
             self._destroy(uuid)
         elif decision.action is Action.RECORD_STOPPED:
-            self._set_state_if(uuid, desired.state, decision.new_state)
+            if decision.new_state:
+                self._set_state_if(uuid, desired.state, decision.new_state)
         elif decision.action is Action.REHOME:
             self.migrations.rehome(uuid, desired.node)
 

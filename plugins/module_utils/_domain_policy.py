@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, fields
+from typing import Any
 
 from ._domain_xml import LXML_IMPORT_ERROR, DomainXMLError, etree, parse_domain_xml
 
@@ -105,7 +106,7 @@ class DomainPolicy:
         unknown = sorted(set(options) - known)
         if unknown:
             raise PolicyError("options", f"{where}.{unknown[0]}: unknown key (accepted: {', '.join(sorted(known))})")
-        values = {}
+        values: dict[str, Any] = {}
         for name, value in options.items():
             if value is None:
                 continue
@@ -192,9 +193,9 @@ def check_domain(xml: str, policy: DomainPolicy, uuid: str | None = None, name: 
         if device.tag == "rng":
             for backend in device.iterfind("backend"):
                 if backend.get("model") == "random" and (backend.text or "").strip():
-                    source = (backend.text or "").strip()
-                    if source not in RANDOM_DEVICES:
-                        _check_path(source, backend, "file", policy)
+                    random_source = (backend.text or "").strip()
+                    if random_source not in RANDOM_DEVICES:
+                        _check_path(random_source, backend, "file", policy)
         if device.tag == "disk":
             for source in device.iter("source"):
                 protocol = source.get("protocol")
@@ -224,17 +225,17 @@ def check_domain(xml: str, policy: DomainPolicy, uuid: str | None = None, name: 
                                            "not accepted")
         for attribute in _PATH_ATTRIBUTES:
             if attribute in element.attrib and tag != "target":   # a <target>'s path is the guest's
-                _check_path(element.get(attribute), element, f"host path ({attribute})", policy)
+                _check_path(element.attrib[attribute], element, f"host path ({attribute})", policy)
         if tag == "source":
             for attribute in _SOURCE_PATH_ATTRIBUTES:
                 if attribute in element.attrib:
-                    _check_path(element.get(attribute), element, f"host path ({attribute})", policy)
+                    _check_path(element.attrib[attribute], element, f"host path ({attribute})", policy)
     for path in _OS_PATHS:
         for element in root.iterfind(path):
             _check_path((element.text or "").strip(), element, "file", policy)
     for element in root.iterfind(_SYSINFO_FILES):
         if "file" in element.attrib:
-            _check_path(element.get("file"), element, "host file", policy)
+            _check_path(element.attrib["file"], element, "host file", policy)
     return info
 
 

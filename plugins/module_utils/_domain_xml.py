@@ -29,10 +29,11 @@ import re
 import traceback
 from dataclasses import dataclass
 
+LXML_IMPORT_ERROR: str | None
 try:
     from lxml import etree
 except ImportError:  # pragma: no cover - exercised by the ansible-test sanity import test
-    etree = None
+    etree = None  # type: ignore[assignment]  # used only when LXML_IMPORT_ERROR is None
     LXML_IMPORT_ERROR = traceback.format_exc()
 else:
     LXML_IMPORT_ERROR = None
@@ -47,6 +48,7 @@ __all__ = [
     "memory_to_mib",
     "normalise_domain_xml",
     "parse_domain_xml",
+    "etree",
 ]
 
 # The largest domain XML the vm module writes, in bytes of UTF-8 (normalise_domain_xml refuses

@@ -149,10 +149,11 @@ def connection_options(params: dict) -> ConnectionOptions:
         # the store ignores them then; a forgotten zk_tls would silently connect without TLS
         raise ValueError(f"{', '.join(tls_files)} {'is' if len(tls_files) == 1 else 'are'} set but zk_tls is false: "
                          "set zk_tls to true to connect with TLS, or leave the TLS files out")
+    timeout_s = params.get("zk_timeout")
     options = ConnectionOptions(
         hosts=str(hosts).strip(),
         root=params.get("zk_root") or DEFAULT_ROOT,
-        timeout_s=params.get("zk_timeout") if params.get("zk_timeout") is not None else DEFAULT_TIMEOUT_S,
+        timeout_s=timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S,
         auth_username=params.get("zk_username") or None,
         auth_password=params.get("zk_password") or None,
         tls=bool(params.get("zk_tls")),

@@ -151,7 +151,7 @@ def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushi
         return None
     schema = store.schema
     node_path = schema.domain_key(plan.uuid, S.DOMAIN_NODE)
-    values = {node_path: plan.target}
+    values: dict[str, object] = {node_path: plan.target}
     if plan.lastnode != vm.lastnode:
         # Written only when it changes: every daemon watches it. Unchanged is safe to leave out:
         # lastnode only ever changes together with node, whose version this commit checks.
@@ -237,7 +237,7 @@ def finish_values(schema, uuid: str, record: MigrationRecord, result: str, reaso
     before this write fails its version check and plans again.
     """
     final = final_record(record, result, reason)
-    values = {schema.domain_history(uuid) + "/" + history_key(record.id, final["steps"][result]): final}
+    values: dict[str, object] = {schema.domain_history(uuid) + "/" + history_key(record.id, final["steps"][result]): final}
     delete = [schema.domain_migration(uuid)]
     if result == RESULT_ABORTED:
         back = node or record.source

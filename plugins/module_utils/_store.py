@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 import traceback
+from typing import Any
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -48,7 +49,7 @@ try:
     from kazoo.recipe.lock import Lock
     from kazoo.security import make_digest_acl
 except ImportError:
-    KAZOO_IMPORT_ERROR = traceback.format_exc()
+    KAZOO_IMPORT_ERROR: str | None = traceback.format_exc()
     KazooClient = KazooState = Lock = make_digest_acl = kz = SequentialThreadingHandler = None
 else:
     KAZOO_IMPORT_ERROR = None
@@ -59,7 +60,7 @@ _POLL_FAILED = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 if SequentialThreadingHandler is not None:
-    class PollingHandler(SequentialThreadingHandler):
+    class PollingHandler(SequentialThreadingHandler):  # type: ignore[misc]  # kazoo has no type information
         """kazoo's threading handler, waiting with one poll() call.
 
         kazoo's connection thread waits before every single request it sends and every answer
@@ -88,7 +89,8 @@ if SequentialThreadingHandler is not None:
                 for fd in set(rfds) | set(wfds):
                     poller.register(fd, (select.POLLIN if fd in rfds else 0) | (select.POLLOUT if fd in wfds else 0))
                 pollers[(rfds, wfds)] = poller
-            ready_r, ready_w = [], []
+            ready_r: list[Any] = []
+            ready_w: list[Any] = []
             # errors and hang-ups count as ready, like select(): the reader then sees the failure
             for fd, events in poller.poll(None if timeout is None else max(0.0, timeout) * 1000):
                 failed = events & _POLL_FAILED
@@ -269,7 +271,7 @@ class ClusterStore:
 
     def __init__(self, options: ConnectionOptions, logger: logging.Logger | None = None) -> None:
         if KazooClient is None:
-            raise StoreError("the kazoo Python library is required: " + KAZOO_IMPORT_ERROR.strip().splitlines()[-1])
+            raise StoreError("the kazoo Python library is required: " + (KAZOO_IMPORT_ERROR or "").strip().splitlines()[-1])
         options.validate()
         self.options = options
         self.log = logger or logging.getLogger(__name__)
@@ -550,7 +552,7 @@ class ClusterStore:
             return {top: self._subtree(top, recursive) for top in tops}
         self._require_connection("list")
         pending = [(top, self.client.get_children_async(top)) for top in tops]
-        result = {}
+        result: dict[str, Any] = {}
         for top, async_result in pending:
             try:
                 children = async_result.get(timeout=self.options.timeout_s)
@@ -708,7 +710,7 @@ class ClusterStore:
             if stored is not None:
                 self._check_version(stored)
             stats = self._call_many("ensure_schema", [lambda p=p: self.client.exists_async(p) for p in bases])
-            missing = {path: "" for path, stat in zip(bases, stats) if stat is None}
+            missing: dict[str, object] = {path: "" for path, stat in zip(bases, stats) if stat is None}
             if stored is None:
                 missing[version_path] = SCHEMA_VERSION
             if not missing:

@@ -352,7 +352,7 @@ def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
                                     f"was aborted: {entry.get('reason') or 'no reason recorded'}", record=entry)
             if not watch_until(store, [schema.node_key(entry["target"], S.NODE_RUNNINGDOMAINS),
                                        schema.node_key(entry["source"], S.NODE_RUNNINGDOMAINS)],
-                               lambda: runs_only_on(store, vm.uuid, entry["target"], entry["source"]),
+                               lambda: runs_only_on(store, vm.uuid, entry["target"], entry["source"]),  # noqa: B023 (called at once)
                                min(max(deadline - time.monotonic(), 0.1), PUBLISH_WAIT_S)):
                 session.module.warn(f"the migration of VM {vm.name} is done, but the daemons do not publish it running on "
                                     f"{entry['target']} only yet (they publish their running domains with every keepalive)")

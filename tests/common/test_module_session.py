@@ -30,9 +30,8 @@ class FakeModule:
 
 
 def run(module, body):
-    with pytest.raises(Failed) as failure:
-        with cluster_session(module) as session:
-            body(session)
+    with pytest.raises(Failed) as failure, cluster_session(module) as session:
+        body(session)
     return failure.value.result
 
 

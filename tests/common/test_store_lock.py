@@ -35,11 +35,10 @@ def test_lock_names_its_holder(store, make_store):
 def test_contender_fails_after_five_attempts(store, make_store, caplog):
     path = store.schema.domain_lock("u1")
     contender = make_store(logger=logging.getLogger("test.contender"))
-    with store.lock(path):
-        with caplog.at_level(logging.WARNING, logger="test.contender"):
-            with pytest.raises(LockError) as failure:
-                with contender.lock(path, timeout_s=0.2):
-                    pytest.fail("the contender must not get a held lock")
+    with store.lock(path), caplog.at_level(logging.WARNING, logger="test.contender"):
+        with pytest.raises(LockError) as failure:
+            with contender.lock(path, timeout_s=0.2):
+                pytest.fail("the contender must not get a held lock")
     assert path in str(failure.value)
     assert failure.value.path == path
     assert failure.value.attempts == _store.LOCK_ATTEMPTS == 5
@@ -56,9 +55,8 @@ def test_contender_fails_after_five_attempts(store, make_store, caplog):
 
 def test_lock_released_when_the_block_raises(store, make_store):
     path = store.schema.node_lock("n1")
-    with pytest.raises(RuntimeError, match="boom"):
-        with store.lock(path):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), store.lock(path):
+        raise RuntimeError("boom")
     assert store.children(path) == []
     other = make_store()
     with other.lock(path, timeout_s=WAIT_S) as held:

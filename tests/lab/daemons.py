@@ -504,7 +504,7 @@ class LabCluster:
             empty.wait(timeout_s)
         return self.store.children(path) or []
 
-    def check_invariants(self, uuids, monitor: "RunningMonitor | None" = None) -> None:
+    def check_invariants(self, uuids, monitor: RunningMonitor | None = None) -> None:
         """I1-I4 for these VMs, once settled (see docs/migration-protocol.md)."""
         problems = []
         if monitor is not None:
@@ -561,7 +561,7 @@ class RunningMonitor:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
-    def __enter__(self) -> "RunningMonitor":
+    def __enter__(self) -> RunningMonitor:
         self._thread = threading.Thread(target=self._run, name="i1-monitor", daemon=True)
         self._thread.start()
         return self
@@ -626,7 +626,7 @@ class RunningMonitor:
 
 
 # --------------------------------------------------------------------------------------------
-# the fixture (import it into a test module: `from .daemons import lab_cluster  # noqa: F401`)
+# the fixture (a test module imports it: `from .daemons import lab_cluster`, marked noqa F401)
 
 
 _OLD_LOGS_REMOVED = False

@@ -66,7 +66,7 @@ class GuestImage:
     key: str                  # the cache directory's name
 
     @classmethod
-    def load(cls, directory: Path) -> "GuestImage":
+    def load(cls, directory: Path) -> GuestImage:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
         return cls(kernel=directory / KERNEL_FILE, initrd=directory / INITRD_FILE,
                    kernel_release=manifest["kernel_release"], packages=manifest["packages"], key=directory.name)

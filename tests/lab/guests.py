@@ -70,7 +70,7 @@ class LinuxGuest:
     dirty_mib_s: int = 0
     dirty_buf_mib: int = 32
 
-    def with_(self, **changes) -> "LinuxGuest":
+    def with_(self, **changes) -> LinuxGuest:
         return replace(self, **changes)
 
     def cmdline(self, name: str) -> str:
@@ -193,7 +193,7 @@ class LabGuests:
     hosts: kernel, initramfs and disks), the storage daemon, and the tick collector (``collector``,
     optional: without one the guests do not tick)."""
 
-    def __init__(self, lab: Lab, collector: "TickCollector | None" = None, log=None) -> None:
+    def __init__(self, lab: Lab, collector: TickCollector | None = None, log=None) -> None:
         self.lab = lab
         self.collector = collector
         self.storage = LabStorage(lab)
@@ -209,7 +209,7 @@ class LabGuests:
     def console_dir(self) -> Path:
         return self.lab.workdir / "consoles"
 
-    def prepare(self) -> "LabGuests":
+    def prepare(self) -> LabGuests:
         if self.image is None:
             self.image = build(log=self._log)
         self.boot_dir.mkdir(parents=True, exist_ok=True)
@@ -313,7 +313,7 @@ class GuestPort:
                         if text.startswith("error"):
                             raise GuestPortError(f"guest {self.uuid}: {command!r}: {text}")
                         return text
-            except (OSError, socket.timeout) as exc:
+            except (TimeoutError, OSError) as exc:
                 last_error = exc
         raise GuestPortError(f"guest {self.uuid} on {self.host.name} did not answer {command!r} within "
                              f"{timeout_s} s ({last_error})")

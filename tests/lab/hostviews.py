@@ -122,7 +122,7 @@ def _sha(*chunks: bytes) -> str:
 class HostView:
     """One lab host's private view of the file system (see the module docstring)."""
 
-    views: "HostViews"
+    views: HostViews
     host: LabHost
 
     @property
@@ -408,7 +408,7 @@ class HostViews:
         return env
 
     def playbook(self, playbook: str | Path, *args: str, extra_vars: dict | None = None, json_output: bool = True,
-                 progress: bool = False, timeout: float = 900) -> "PlaybookRun":
+                 progress: bool = False, timeout: float = 900) -> PlaybookRun:
         """Run ansible-playbook in the controller's network namespace.
 
         json_output: results and per-host stats are collected (the lab_json callback) and parsed.

@@ -45,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from tests.support.zookeeper import Peer, ZooKeeperServer
 
@@ -265,7 +265,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 class LabHost:
     """One lab hypervisor host: a network namespace with a libvirtd and a ZooKeeper member."""
 
-    lab: "Lab" = field(repr=False)
+    lab: Lab = field(repr=False)
     index: int
 
     @property
@@ -420,7 +420,7 @@ class Lab:
             raise LabError(f"workdir too long for a unix socket path: {longest}")
 
     @classmethod
-    def load(cls, workdir: str | Path, log: Callable[[str], None] | None = None) -> "Lab":
+    def load(cls, workdir: str | Path, log: Callable[[str], None] | None = None) -> Lab:
         """A Lab for the state `up` recorded in WORKDIR/lab.json (a 3-host default if none)."""
         state = _read_state(Path(workdir).resolve() / "lab.json")
         if not state:
@@ -709,7 +709,7 @@ class Lab:
                 if self._abort.is_set():
                     raise LabError("aborted") from exc
                 if proc.poll() is not None:
-                    raise LabError(f"libvirtd on {h.name} exited with {proc.returncode}:\n{_tail(h.libvirtd_log)}")
+                    raise LabError(f"libvirtd on {h.name} exited with {proc.returncode}:\n{_tail(h.libvirtd_log)}") from exc
                 time.sleep(0.05)
                 continue
             try:

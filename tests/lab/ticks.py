@@ -108,7 +108,7 @@ class TickCollector:
 
     # ---- running ----------------------------------------------------------------------------
 
-    def ensure(self) -> "TickCollector":
+    def ensure(self) -> TickCollector:
         """Start receiving, or start again in the controller namespace the lab has now (a lab
         taken down and up again has a new one). The ticks received so far are kept."""
         if self._socket is not None and self._netns == netns_inode(self.lab.ctl_netns):
@@ -116,7 +116,7 @@ class TickCollector:
         self.stop()
         return self.start()
 
-    def start(self) -> "TickCollector":
+    def start(self) -> TickCollector:
         self._netns = netns_inode(self.lab.ctl_netns)
 
         def bind() -> socket.socket:   # in a thread that joined the controller namespace
@@ -146,7 +146,7 @@ class TickCollector:
             self._socket = None
         self._stop = threading.Event()   # the next start's; the old thread keeps the one it was given
 
-    def __enter__(self) -> "TickCollector":
+    def __enter__(self) -> TickCollector:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -158,7 +158,7 @@ class TickCollector:
         while not stop.is_set():
             try:
                 data, ancdata, _flags, sender = sock.recvmsg(256, ancillary)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 if stop.is_set():

@@ -165,7 +165,7 @@ def test_libvirtd_runs_with_the_rendered_configuration(rolled_out):
         key = (rolled_out.views.base / f"libvirtd-{h.name}.key")
         assert key.exists()
         # peers reach it on the cluster network (from a lab namespace; the address exists only there)
-        conn = in_netns(rolled_out.lab.ctl_netns, lambda: libvirt.open(h.libvirt_tcp_uri))
+        conn = in_netns(rolled_out.lab.ctl_netns, lambda: libvirt.open(h.libvirt_tcp_uri))  # noqa: B023 (called at once)
         try:
             assert conn.getHostname() == h.name
         finally:
