@@ -107,7 +107,7 @@ class Config:
     metrics_port: int = 9650
     domain_policy: DomainPolicy = field(default_factory=DomainPolicy)
     fence_timeout_s: float = 10.0
-    fence_devices: dict = field(default_factory=dict, repr=False)   # node name -> FenceDevice
+    fence_devices: dict[str, Any] = field(default_factory=dict, repr=False)   # node name -> FenceDevice
     source: str = field(default="", compare=False)
 
     @property
@@ -225,7 +225,7 @@ def _convert(key: str, value: Any, kind: str, choices: tuple[str, ...], minimum:
 _OPTION_NAME = r"[a-z][a-z0-9_-]{0,63}"
 
 
-def _fence_devices(nodes: _Section) -> dict:
+def _fence_devices(nodes: _Section) -> dict[str, Any]:
     """``fencing.nodes``: node name -> FenceDevice, each checked (see fencing.py)."""
     import re
 

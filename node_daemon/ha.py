@@ -257,8 +257,8 @@ class HighAvailability:
                 uuid=uuid, name=vm.name, state=vm.state, node=vm.node, lastnode=vm.lastnode,
                 memory_mib=vm.memory_mib, vcpus=vm.vcpus, node_limit=tuple(vm.meta.node_limit or ()),
                 selector=vm.meta.node_selector,
-                migration_source=migration.source if involved else None,
-                migration_target=migration.target if involved else None,
+                migration_source=migration.source if involved and migration else None,
+                migration_target=migration.target if involved and migration else None,
                 invalid=vm.migration_error or "", xml_error=vm.xml_error))
         return candidates
 
