@@ -46,11 +46,11 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         meta/<key>                        META_KEYS (see _meta.py for values and defaults)
         migration                         JSON record of the in-flight migration (absent when none)
         history/<seq>                     JSON audit records of finished migrations (last N kept)
-    /locks/domains/<uuid>                 kazoo lock: one writer of a VM's placement at a time
     /locks/nodes/<node>                   kazoo lock: one flush/ready of a node at a time
     /locks/fence/<node>                   kazoo lock: the one live daemon that fences and recovers a dead node
 
-Locks live under /locks, never on data keys, so that data keys never grow lock children.
+Locks live under /locks, never on data keys, so that data keys never grow lock children. A VM's
+placement takes no lock: every write of its ``node`` is version-checked in its transaction.
 """
 
 from __future__ import annotations
@@ -199,7 +199,6 @@ class Schema:
             self.nodes(),
             self.domains(),
             self._p("locks"),
-            self._p("locks", "domains"),
             self._p("locks", "nodes"),
             self._p("locks", "fence"),
         )
@@ -236,9 +235,6 @@ class Schema:
         return self._p("domains", uuid, DOMAIN_HISTORY)
 
     # locks
-    def domain_lock(self, uuid: str) -> str:
-        return self._p("locks", "domains", uuid)
-
     def node_lock(self, node: str) -> str:
         return self._p("locks", "nodes", node)
 

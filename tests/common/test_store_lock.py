@@ -22,7 +22,7 @@ def _attempt_records(caplog, path):
 def test_lock_names_its_holder(store, make_store):
     store.lock_identifier = "node1"
     other = make_store()
-    path = store.schema.domain_lock("u1")
+    path = store.schema.node_lock("n2")
     with store.lock(path) as held:
         assert held.is_acquired
         assert held.contenders() == ["node1"]
@@ -33,7 +33,7 @@ def test_lock_names_its_holder(store, make_store):
 
 
 def test_contender_fails_after_five_attempts(store, make_store, caplog):
-    path = store.schema.domain_lock("u1")
+    path = store.schema.node_lock("n2")
     contender = make_store(logger=logging.getLogger("test.contender"))
     with store.lock(path), caplog.at_level(logging.WARNING, logger="test.contender"):
         with pytest.raises(LockError) as failure:
@@ -64,7 +64,7 @@ def test_lock_released_when_the_block_raises(store, make_store):
 
 
 def test_waiting_contender_gets_the_lock_on_release(store, make_store):
-    path = store.schema.domain_lock("u2")
+    path = store.schema.node_lock("n3")
     contender = make_store()
     waiting = threading.Event()
     acquired = threading.Event()

@@ -123,7 +123,7 @@ def test_lock_release_on_lost_connection_is_logged_and_cleaned_up(zk_private_ser
     logger = logging.getLogger("test.release")
     store = make_store(hosts=zk_private_server.hosts, timeout_s=3.0, logger=logger)
     store.ensure_schema()
-    path = store.schema.domain_lock("u1")
+    path = store.schema.node_lock("n2")
     states = StateLog(store)
     cleaned = LogEvent("deleted our leftover lock node")
     logger.addHandler(cleaned)
