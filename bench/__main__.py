@@ -205,7 +205,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--only", choices=("a", "b", "c", "d"), action="append")
     # a's transfer alone moves by +-0.05 s between runs, and with 9 pairs its ratio still moved
-    # from 0.99 to 1.08 between runs of one commit: 15 pairs (the issue asks for at least 5)
+    # from 0.99 to 1.08 between runs of one commit: 15 pairs (docs/benchmarks.md asks for at least 5)
     parser.add_argument("--pairs", type=int, default=15)
     args = parser.parse_args()
     if args.pairs < 5:

@@ -8,7 +8,7 @@
 
 All figures are MiB. A VM's memory is its configured maximum (``<memory>`` in its XML, or
 libvirt's ``maxMemory()`` for a running domain), never its current balloon size, so a VM counts
-the same whether it runs or not (upstream mixed the two; see pitfall 11 of the reference).
+the same whether it runs or not (mixing the two makes a node's figures jump when a VM starts or stops).
 
 Rules applied by :func:`account_node` to each VM, seen from node ``N``:
 
@@ -35,7 +35,7 @@ assigned elsewhere, not running on N        no        no       no
   When the migration has ended, the node's keepalive counts the VM in memprov in the transaction
   that deletes the reservation (``reserved_here`` is then false), so the VM is always covered.
 * vcpualloc, domaincount and running list the VMs that run here and are not incoming migrations
-  still in progress (upstream counted paused incoming domains, pitfall 11).
+  still in progress (an incoming copy becomes this node's VM only when its migration is done).
 
 Placement headroom: ``memtotal - memreserve - memprov - sum(reservations)`` (:func:`headroom_mib`).
 """

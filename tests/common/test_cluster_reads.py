@@ -18,8 +18,8 @@ XML = (f"<domain type='test'><name>web1</name><uuid>{UUID}</uuid><memory unit='M
 
 @pytest.fixture
 def cluster(store):
-    """Two ready nodes, VM web1 on n1, and a reservation on n2 of `1e999` MiB (issue #13: it
-    raised OverflowError in every flush, module and inventory read)."""
+    """Two ready nodes, VM web1 on n1, and a reservation on n2 of `1e999` MiB (before the
+    bounded decoders it raised OverflowError in every flush, module and inventory read)."""
     schema = store.schema
     values = {}
     for node in ("n1", "n2"):

@@ -41,7 +41,7 @@ def test_a_cluster_vm_is_accepted():
     assert refusal(CLUSTER_VM, POLICY, UUID, "web1") == ""
 
 
-# Each refused element of issue #13, by rule; the message names the element and the rule.
+# Each element docs/security.md refuses, by rule; the message names the element and the rule.
 @pytest.mark.parametrize("xml, rule, element", [
     (domain(extra="<qemu:commandline><qemu:arg value='-runas'/></qemu:commandline>"), "namespace", "<qemu:commandline>"),
     (domain(extra="<qemu:override/>"), "namespace", "<qemu:override>"),

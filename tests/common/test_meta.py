@@ -228,7 +228,7 @@ VALID_UPDATES = [
     ({META_MIGRATION_MAX_DOWNTIME_MS: 1}, {META_MIGRATION_MAX_DOWNTIME_MS: "1"}),
     ({META_MIGRATION_MAX_DOWNTIME_MS: 2_000_000}, {META_MIGRATION_MAX_DOWNTIME_MS: "2000000"}),
     ({META_MIGRATION_MAX_DOWNTIME_MS: "+2000000"}, {META_MIGRATION_MAX_DOWNTIME_MS: "2000000"}),
-    # None means "unchanged": it is left out (upstream's CLI reset the method instead, pitfall 6)
+    # None means "unchanged": it is left out (it must not reset the value to its default)
     ({META_MIGRATION_METHOD: None, META_NODE_SELECTOR: "vms"}, {META_NODE_SELECTOR: "vms"}),
     ({}, {}),
 ]

@@ -261,7 +261,7 @@ def test_read_json_and_non_utf8(store, caplog):
         assert store.read(path) is None
         assert store.write({path: "{not json"})
         assert store.read_json(path) is None
-        assert store.write({path: "[" * 50_000})   # deeper than the parser's recursion (issue #13)
+        assert store.write({path: "[" * 50_000})   # deeper than the parser's recursion
         assert store.read_json(path) is None
     assert "not UTF-8" in caplog.text
     assert "'{not json' is not valid; expected JSON" in caplog.text

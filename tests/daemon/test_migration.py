@@ -359,7 +359,7 @@ def test_an_ended_migration_drops_what_was_read_ahead(live_source):
     assert uuid not in source._prefetched
 
 
-# ---- peers' URIs (issue #13) ---------------------------------------------------------------------
+# ---- peers' URIs (docs/security.md) -----------------------------------------------------------------
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
-"""One bad key harms nobody but itself (issue #13): daemons as real processes, a real ZooKeeper.
+"""One bad key harms nobody but itself (docs/security.md): daemons as real processes, a real ZooKeeper.
 
-Each case here crashed every daemon at start-up, or blocked a flush for ever, on the main of
-issue #13's filing: migration records that are no object, truncated JSON, 50,000 nested ``[``,
+Each case here crashed every daemon at start-up, or blocked a flush for ever, before values read
+from ZooKeeper were decoded with bounds: migration records that are no object, truncated JSON, 50,000 nested ``[``,
 and a VM whose XML is empty.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Property: whatever is written into every key of one VM and of one node, the daemons keep serving
-(issue #13). Daemons as real processes, a real ZooKeeper, the libvirt test driver.
+(docs/security.md). Daemons as real processes, a real ZooKeeper, the libvirt test driver.
 
 Each example writes arbitrary bytes or arbitrary JSON into every key of VM ``victim`` and of node
 ``node3``, then migrates VM ``mover`` between node1 and node2 and waits for it to arrive. After
@@ -26,7 +26,7 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
     max_leaves=12)
-# The issue's cases among them, so that every run sees them (examples are random otherwise).
+# The values test_poison.py names among them, so that every run sees them (examples are random otherwise).
 garbage = st.one_of(
     st.sampled_from([b"42", b"[1, 2]", b'"mail"', b'{"id": "6f1c", "vm": "', b"1e999", b"", b"\xff\xfe", b"NaN", b"-1"]),
     st.integers(min_value=1, max_value=50_000).map(lambda depth: b"[" * depth),
