@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
+from typing import Any
 
 from pvc_cluster_common._records import MigrationRecord
 
@@ -44,8 +45,8 @@ class DomainRecord:
         """Why the daemon leaves the VM alone (a key that decides about it is not valid), or ""."""
         return self.migration_error or self.state_error or self.node_error
     # watched keys answered at least once, and those of them that exist
-    loaded: frozenset = frozenset()
-    present: frozenset = frozenset()
+    loaded: frozenset[str] = frozenset()
+    present: frozenset[str] = frozenset()
 
     def has(self, *keys: str) -> bool:
         """True when every key has been read (whether or not it exists)."""
@@ -57,14 +58,14 @@ class DomainTable:
         self._lock = threading.Lock()
         self._records: dict[str, DomainRecord] = {}
 
-    def update(self, uuid: str, **fields) -> DomainRecord:
+    def update(self, uuid: str, **fields: Any) -> DomainRecord:
         with self._lock:
             record = self._records.get(uuid) or DomainRecord(uuid=uuid)
             record = replace(record, **fields)
             self._records[uuid] = record
             return record
 
-    def put(self, uuid: str, key: str, exists: bool, **fields) -> DomainRecord:
+    def put(self, uuid: str, key: str, exists: bool, **fields: Any) -> DomainRecord:
         """Record the answer to a read of one watched key (``exists``: the key is there)."""
         with self._lock:
             record = self._records.get(uuid) or DomainRecord(uuid=uuid)

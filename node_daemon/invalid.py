@@ -10,8 +10,14 @@ becomes valid again (or disappears) is forgotten.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from .log import get_logger
+
+if TYPE_CHECKING:
+    from pvc_cluster_common._decode import Invalid
+
+    from .metrics import Metrics
 
 log = get_logger(__name__)
 
@@ -21,12 +27,12 @@ KINDS = ("xml", "migration", "state", "node", "lastnode", "meta", "node_key", "r
 
 
 class InvalidValues:
-    def __init__(self, metrics=None) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
         self._lock = threading.Lock()
         self._reported: dict[str, object] = {}   # path -> version (or value) last reported
 
-    def report(self, problem, kind: str, version: object = None, consequence: str = "ignored") -> bool:
+    def report(self, problem: Invalid, kind: str, version: object = None, consequence: str = "ignored") -> bool:
         """Report ``problem`` (an Invalid) about a key of ``kind`` at ``version`` (the znode
         version, or any token that changes with the value). True when it was new and logged."""
         token = version if version is not None else problem.value

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import threading
 from collections import Counter as _Tally
-from typing import Any
+from collections.abc import Container, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .log import get_logger
+
+if TYPE_CHECKING:
+    from pvc_cluster_common._memory import NodeAccount
+
+    from .domains import DomainRecord
 
 log = get_logger(__name__)
 
@@ -54,7 +60,8 @@ class Metrics:
             server.shutdown()
             self._server = None
 
-    def keepalive(self, seconds, ok, account, memtotal, memused, memfree, snapshot, node) -> None:
+    def keepalive(self, seconds: float, ok: bool, account: NodeAccount, memtotal: int, memused: int, memfree: int,
+                  snapshot: Mapping[str, DomainRecord], node: str) -> None:
         self.keepalive_seconds.observe(seconds)
         if not ok:
             self.keepalive_errors.inc()
@@ -68,7 +75,7 @@ class Metrics:
     def invalid_value(self, kind: str) -> None:
         self.invalid_values.labels(kind).inc()
 
-    def migration(self, final: dict) -> None:
+    def migration(self, final: dict[str, Any]) -> None:
         method = final.get("method_used") or "none"
         result = final.get("result", "unknown")
         role = "target" if final.get("target") == self.node else "source"
@@ -82,6 +89,6 @@ class Metrics:
     def recovery(self, result: str) -> None:
         self.recoveries.labels(result).inc()
 
-    def fence_failed_nodes(self, peers, failed) -> None:
+    def fence_failed_nodes(self, peers: Iterable[str], failed: Container[str]) -> None:
         for peer in peers:
             self.fence_failed.labels(peer).set(1 if peer in failed else 0)

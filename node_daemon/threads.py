@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from .log import get_logger
 
@@ -36,7 +37,7 @@ class ReusableThreads:
         self.keep_idle = keep_idle
         self._lock = threading.Lock()
         self._parked = threading.Condition(self._lock)
-        self._idle: list[queue.SimpleQueue] = []   # one inbox per parked thread
+        self._idle: list[queue.SimpleQueue[Any]] = []   # one inbox per parked thread
         self._started = 0
 
     def submit(self, job: Callable[[], None], name: str | None = None) -> None:
@@ -75,7 +76,7 @@ class ReusableThreads:
         for inbox in parked:
             inbox.put(_END)
 
-    def _serve(self, inbox: queue.SimpleQueue) -> None:
+    def _serve(self, inbox: queue.SimpleQueue[Any]) -> None:
         me = threading.current_thread()
         base = me.name
         while True:

@@ -8,23 +8,31 @@ acting on it (the caller then reads them fresh).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pvc_cluster_common._store import ClusterStore
+
+# {path: (text, version), or None when the key does not exist}
+Values = dict[str, tuple[str, int] | None]
 
 
 class WatchedKeys:
-    def __init__(self, store, paths) -> None:
+    def __init__(self, store: ClusterStore, paths: Iterable[str]) -> None:
         self.store = store
         self.paths = tuple(paths)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._values: dict[str, tuple[str, int] | None] = {}
+        self._values: Values = {}
 
     def start(self) -> None:
         """Set the watches (kazoo keeps them across reconnections and new sessions)."""
         for path in self.paths:
             self.store.client.DataWatch(path, self._updater(path))
 
-    def _updater(self, path: str):
-        def update(data, stat, _event=None) -> None:
+    def _updater(self, path: str) -> Callable[..., None]:
+        def update(data: bytes | None, stat: Any, _event: object = None) -> None:
             value = None
             if stat is not None:
                 value = ((data or b"").decode("utf-8", errors="replace"), stat.version)
@@ -33,16 +41,16 @@ class WatchedKeys:
                 self._changed.notify_all()
         return update
 
-    def snapshot(self) -> dict[str, tuple[str, int] | None] | None:
+    def snapshot(self) -> Values | None:
         """{path: (text, version), or None when the key does not exist}; None until every watch
         has answered once."""
         with self._lock:
             return self._snapshot()
 
-    def _snapshot(self):
+    def _snapshot(self) -> Values | None:
         return dict(self._values) if len(self._values) == len(self.paths) else None
 
-    def wait_for(self, predicate, timeout_s: float) -> bool:
+    def wait_for(self, predicate: Callable[[Values | None], bool], timeout_s: float) -> bool:
         """Wait until ``predicate(snapshot)`` holds; False on timeout."""
         with self._changed:
             return self._changed.wait_for(lambda: predicate(self._snapshot()), timeout_s)
