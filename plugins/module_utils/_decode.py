@@ -27,6 +27,8 @@ import ipaddress
 import json
 import math
 import re
+from collections.abc import Callable, Collection
+from typing import Any, NoReturn, TypeVar
 
 __all__ = [
     "Invalid",
@@ -88,7 +90,10 @@ _JSON_SPECIAL = re.compile(r'[\\"\[\]{}]')
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
-_MISSING = object()
+_MISSING: Any = object()   # Any: it stands for a missing default of whatever type
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 class Invalid(ValueError):
@@ -110,7 +115,7 @@ class Invalid(ValueError):
         where = f"{self.path} ({self.field})" if self.field else self.path
         return f"{where}: {self.value} is not valid; expected {self.expected}"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[str, str, str, str], Invalid], tuple[str, str, str, str]]:
         return _rebuild_invalid, (self.path, self.expected, self.value, self.field)
 
     def __eq__(self, other: object) -> bool:
@@ -129,7 +134,7 @@ class Invalid(ValueError):
         return inner
 
 
-def _rebuild_invalid(path, expected, value, field):
+def _rebuild_invalid(path: str, expected: str, value: str, field: str) -> Invalid:
     invalid = Invalid(path, expected, field=field)
     invalid.value = value
     invalid.args = (str(invalid),)
@@ -147,7 +152,8 @@ def excerpt(value: object) -> str:
     return shown
 
 
-def or_default(decoder, value, path: str, fallback, problems: list, **bounds):
+def or_default(decoder: Callable[..., T], value: object, path: str, fallback: U, problems: list[Invalid],
+               **bounds: Any) -> T | U:
     """``decoder(value, path, **bounds)``; ``fallback`` when the key is missing (``value`` None)
     or its value is invalid, and then the Invalid is appended to ``problems``. For readers that
     must go on with a safe value (and report what they could not read)."""
@@ -163,7 +169,7 @@ def or_default(decoder, value, path: str, fallback, problems: list, **bounds):
 # ---- text -----------------------------------------------------------------------------------
 
 
-def text(value, path: str, *, default=_MISSING, max_bytes: int = MAX_TEXT_BYTES, allow_empty: bool = True) -> str:
+def text(value: object, path: str, *, default: str = _MISSING, max_bytes: int = MAX_TEXT_BYTES, allow_empty: bool = True) -> str:
     """A stored text value of at most ``max_bytes`` bytes of UTF-8 (bytes are decoded strictly)."""
     if value is None:
         if default is _MISSING:
@@ -185,7 +191,7 @@ def text(value, path: str, *, default=_MISSING, max_bytes: int = MAX_TEXT_BYTES,
     return value
 
 
-def choice(value, path: str, choices, *, default=_MISSING) -> str:
+def choice(value: object, path: str, choices: Collection[str], *, default: str = _MISSING) -> str:
     """One of ``choices`` exactly (stored vocabularies are written by us, in one spelling)."""
     if value is None and default is not _MISSING:
         return default
@@ -195,7 +201,7 @@ def choice(value, path: str, choices, *, default=_MISSING) -> str:
     return found
 
 
-def boolean(value, path: str, *, default=_MISSING) -> bool:
+def boolean(value: object, path: str, *, default: bool = _MISSING) -> bool:
     """``true`` or ``false``, as the store writes a bool."""
     if value is None and default is not _MISSING:
         return default
@@ -205,7 +211,7 @@ def boolean(value, path: str, *, default=_MISSING) -> bool:
 # ---- numbers --------------------------------------------------------------------------------
 
 
-def _number_text(value, path: str, what: str) -> str:
+def _number_text(value: object, path: str, what: str) -> str:
     if isinstance(value, bool):
         raise Invalid(path, what, value)
     if isinstance(value, (int, float)):
@@ -216,7 +222,7 @@ def _number_text(value, path: str, what: str) -> str:
     return found
 
 
-def integer(value, path: str, *, default=_MISSING, minimum: int = 0, maximum: int = MAX_INT) -> int:
+def integer(value: object, path: str, *, default: int = _MISSING, minimum: int = 0, maximum: int = MAX_INT) -> int:
     """An integer from ``minimum`` to ``maximum``. The text of a whole float (``1024.0``) is
     read as that integer; a fraction, ``nan``, ``inf`` or ``1e999`` are invalid."""
     what = f"an integer from {minimum} to {maximum}"
@@ -239,7 +245,7 @@ def integer(value, path: str, *, default=_MISSING, minimum: int = 0, maximum: in
     return number
 
 
-def number(value, path: str, *, default=_MISSING, minimum: float = 0.0, maximum: float = float(MAX_INT)) -> float:
+def number(value: object, path: str, *, default: float = _MISSING, minimum: float = 0.0, maximum: float = float(MAX_INT)) -> float:
     """A finite number from ``minimum`` to ``maximum``."""
     what = f"a number from {minimum:g} to {maximum:g}"
     if value is None:
@@ -258,7 +264,7 @@ def number(value, path: str, *, default=_MISSING, minimum: float = 0.0, maximum:
 # ---- JSON -----------------------------------------------------------------------------------
 
 
-def _reject_constant(name: str):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
@@ -298,7 +304,7 @@ def _depth(document: str, max_depth: int) -> int:
     return deepest
 
 
-def json_value(value, path: str, *, default=_MISSING, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH):
+def json_value(value: object, path: str, *, default: Any = _MISSING, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH) -> Any:
     """A JSON document of at most ``max_bytes`` bytes nested at most ``max_depth`` deep, parsed.
     Numbers are finite (``NaN``, ``Infinity`` and ``1e999`` are invalid)."""
     what = f"JSON of at most {max_bytes} bytes, nested at most {max_depth} deep"
@@ -317,8 +323,8 @@ def json_value(value, path: str, *, default=_MISSING, max_bytes: int = MAX_JSON_
         raise Invalid(path, f"{what} ({exc})", value) from None
 
 
-def json_object(value, path: str, *, default=_MISSING, max_bytes: int = MAX_JSON_BYTES,
-                max_depth: int = MAX_DEPTH) -> dict:
+def json_object(value: object, path: str, *, default: dict[str, Any] = _MISSING, max_bytes: int = MAX_JSON_BYTES,
+                max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     """A JSON object (a dict), bounded as :func:`json_value`."""
     if value is None and default is not _MISSING:
         return default
@@ -328,8 +334,8 @@ def json_object(value, path: str, *, default=_MISSING, max_bytes: int = MAX_JSON
     return found
 
 
-def json_list(value, path: str, *, default=_MISSING, max_bytes: int = MAX_JSON_BYTES,
-              max_depth: int = MAX_DEPTH) -> list:
+def json_list(value: object, path: str, *, default: list[Any] = _MISSING, max_bytes: int = MAX_JSON_BYTES,
+              max_depth: int = MAX_DEPTH) -> list[Any]:
     """A JSON list, bounded as :func:`json_value`."""
     if value is None and default is not _MISSING:
         return default
@@ -342,7 +348,7 @@ def json_list(value, path: str, *, default=_MISSING, max_bytes: int = MAX_JSON_B
 # ---- names ----------------------------------------------------------------------------------
 
 
-def node_name(value, path: str, *, default=_MISSING) -> str:
+def node_name(value: object, path: str, *, default: str = _MISSING) -> str:
     """A node name (:data:`NODE_NAME_RULE`): also a safe znode name and host-name-like label."""
     if value is None and default is not _MISSING:
         return default
@@ -352,7 +358,7 @@ def node_name(value, path: str, *, default=_MISSING) -> str:
     return found
 
 
-def vm_name(value, path: str, *, default=_MISSING) -> str:
+def vm_name(value: object, path: str, *, default: str = _MISSING) -> str:
     """A VM (libvirt domain) name: 1 to MAX_NAME_LENGTH characters, no '/', no control
     characters, not only white space."""
     if value is None and default is not _MISSING:
@@ -363,7 +369,7 @@ def vm_name(value, path: str, *, default=_MISSING) -> str:
     return found
 
 
-def uuid(value, path: str, *, default=_MISSING) -> str:
+def uuid(value: object, path: str, *, default: str = _MISSING) -> str:
     """A UUID in its canonical form (lowercase, 8-4-4-4-12), as the cluster names VMs."""
     if value is None and default is not _MISSING:
         return default
@@ -373,7 +379,7 @@ def uuid(value, path: str, *, default=_MISSING) -> str:
     return found
 
 
-def address(value, path: str, *, default=_MISSING) -> str:
+def address(value: object, path: str, *, default: str = _MISSING) -> str:
     """An IP address (v4 or v6, no zone, no brackets) or a DNS host name (labels of letters,
     digits and '-', at most 253 characters): something a URI template can take as its host and
     that cannot change the rest of the URI (no '/', '?', '@', ':' outside IPv6, '+', spaces)."""

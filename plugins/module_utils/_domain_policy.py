@@ -50,9 +50,10 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass, fields
+from collections.abc import Iterable
 from typing import Any
 
-from ._domain_xml import LXML_IMPORT_ERROR, DomainXMLError, etree, parse_domain_xml
+from ._domain_xml import LXML_IMPORT_ERROR, DomainInfo, DomainXMLError, etree, parse_domain_xml
 
 # ---- defaults (docs/security.md) --------------------------------------------------------------
 
@@ -98,7 +99,7 @@ class DomainPolicy:
     seclabel: bool = False
 
     @classmethod
-    def from_options(cls, options: dict | None, where: str = "domain_policy") -> DomainPolicy:
+    def from_options(cls, options: dict[str, Any] | None, where: str = "domain_policy") -> DomainPolicy:
         """A policy from the daemon's ``domain_policy`` section or the module option: each key
         given replaces its default. Raises PolicyError naming the key and what is accepted."""
         options = options or {}
@@ -125,7 +126,7 @@ class DomainPolicy:
                                  for item in value)
         return cls(**values)
 
-    def to_options(self) -> dict:
+    def to_options(self) -> dict[str, Any]:
         return {field.name: (list(getattr(self, field.name)) if field.name != "seclabel" else self.seclabel)
                 for field in fields(self)}
 
@@ -133,7 +134,7 @@ class DomainPolicy:
 # ---- the check --------------------------------------------------------------------------------
 
 
-def _describe(element) -> str:
+def _describe(element: etree._Element) -> str:
     """``<tag attr='value' ...>`` of an element, for messages (its first few attributes)."""
     tag = _local(element.tag)
     prefix = element.prefix + ":" if element.prefix else ""
@@ -141,28 +142,28 @@ def _describe(element) -> str:
     return f"<{prefix}{tag}{' ' + attrs if attrs else ''}>"
 
 
-def _local(tag) -> str:
+def _local(tag: object) -> str:
     return tag.split("}", 1)[1] if isinstance(tag, str) and tag.startswith("{") else str(tag)
 
 
-def _namespace(tag) -> str:
+def _namespace(tag: object) -> str:
     return tag[1:].split("}", 1)[0] if isinstance(tag, str) and tag.startswith("{") else ""
 
 
-def _under_roots(path: str, roots) -> bool:
+def _under_roots(path: str, roots: Iterable[str]) -> bool:
     if not path.startswith("/") or ".." in path.split("/"):
         return False
     normal = posixpath.normpath(path)
     return any(normal == root or normal.startswith(root.rstrip("/") + "/") for root in roots)
 
 
-def _check_path(path: str, element, what: str, policy: DomainPolicy) -> None:
+def _check_path(path: str, element: etree._Element, what: str, policy: DomainPolicy) -> None:
     if not _under_roots(path, policy.storage_roots):
         raise PolicyError("host-path", f"{_describe(element)}: {what} {path!r} is not under a storage root "
                                        f"({', '.join(policy.storage_roots) or 'none configured'})")
 
 
-def check_domain(xml: str, policy: DomainPolicy, uuid: str | None = None, name: str | None = None):
+def check_domain(xml: str, policy: DomainPolicy, uuid: str | None = None, name: str | None = None) -> DomainInfo:
     """Check a domain XML against ``policy``; returns its DomainInfo (_domain_xml). ``uuid`` and
     ``name``: the VM's key and name in the cluster, which the XML's must equal (None: not
     checked). Raises DomainXMLError when the XML is not a valid domain, PolicyError naming the

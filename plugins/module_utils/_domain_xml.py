@@ -113,9 +113,9 @@ def _unit_scale(unit: str) -> int:
     if power is not None:
         rest = unit[1:]
         if rest == "" or rest.lower() == "ib":
-            return 1024**power
+            return int(1024**power)
         if rest.lower() == "b":
-            return 1000**power
+            return int(1000**power)
     raise DomainXMLError(f"unknown memory unit {unit!r}; accepted units: {ACCEPTED_UNITS}")
 
 
@@ -155,14 +155,14 @@ def memory_to_mib(value: str | int, unit: str | None = None) -> int:
     return memory_to_kib(value, unit) // 1024
 
 
-def _element_kib(elem, what: str) -> int:
+def _element_kib(elem: etree._Element, what: str) -> int:
     try:
         return memory_to_kib(elem.text or "", elem.get("unit"))
     except DomainXMLError as exc:
         raise DomainXMLError(f"{what}: {exc}") from None
 
 
-def _cell_kib(cell) -> int:
+def _cell_kib(cell: etree._Element) -> int:
     """KiB of a NUMA ``<cell memory='...' unit='...'>``."""
     value = cell.get("memory")
     if value is None:
@@ -184,7 +184,7 @@ def _parse_uuid(text: str | None) -> str:
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
-def _make_parser(for_text: bool):
+def _make_parser(for_text: bool) -> etree.XMLParser:
     return etree.XMLParser(
         resolve_entities=False,
         no_network=True,
@@ -222,7 +222,7 @@ def parse_domain_xml(xml: str | bytes) -> DomainInfo:
     if doc.doctype or doc.internalDTD is not None:
         raise DomainXMLError("domain XML must not contain a DOCTYPE declaration")
     if root.tag != "domain":
-        raise DomainXMLError(f"root element is <{root.tag}>; expected <domain>")
+        raise DomainXMLError(f"root element is <{root.tag!s}>; expected <domain>")
 
     domain_type = (root.get("type") or "").strip()
     if not domain_type:
@@ -282,11 +282,11 @@ def parse_domain_xml(xml: str | bytes) -> DomainInfo:
         source = iface.find("source")
         if source is None:
             continue
-        kind = iface.get("type")
-        if kind == "bridge" and source.get("bridge"):
-            bridges.append(source.get("bridge"))
-        elif kind == "network" and source.get("network"):
-            networks.append(source.get("network"))
+        kind, bridge, network = iface.get("type"), source.get("bridge"), source.get("network")
+        if kind == "bridge" and bridge:
+            bridges.append(bridge)
+        elif kind == "network" and network:
+            networks.append(network)
 
     return DomainInfo(
         uuid=uuid,
@@ -309,7 +309,7 @@ def _utf8(text: str) -> bytes:
                              f"position {exc.start}); expected UTF-8 text") from None
 
 
-def _relative_namespaces(root) -> list[str]:
+def _relative_namespaces(root: etree._Element) -> list[str]:
     """The namespace URIs of the document that have no scheme (C14N refuses them)."""
     found = []
     for element in root.iter():
