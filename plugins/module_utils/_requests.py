@@ -16,11 +16,15 @@ from __future__ import annotations
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 from . import _schema as S
-from ._cluster import read_node_views_of
+from ._cluster import VMRecord, read_node_views_of
 from ._records import KINDS, RESULT_ABORTED, STEP_REQUESTED, MigrationRecord
 from ._selector import NoTargetError, NodeView, rejection_reasons, select_target
+
+if TYPE_CHECKING:
+    from ._store import ClusterStore
 
 # A running VM is migrated; a VM in these states is only re-homed (no record, nothing moves).
 REHOME_ONLY_STATES = ("stop", "disable", "fail")
@@ -54,7 +58,7 @@ class RequestPlan:
         return self.target_before.headroom - (self.memory_mib if self.migrates else 0)
 
 
-def _check_target(vm, target: str, nodes: dict[str, NodeView], need_ready: bool) -> None:
+def _check_target(vm: VMRecord, target: str, nodes: dict[str, NodeView], need_ready: bool) -> None:
     if target not in nodes:
         accepted = ", ".join(sorted(nodes)) or "none registered"
         raise RequestError(f"target node {target!r} is not a node of this cluster (nodes: {accepted})")
@@ -67,7 +71,7 @@ def _check_target(vm, target: str, nodes: dict[str, NodeView], need_ready: bool)
             raise RequestError(f"cannot migrate VM {vm.name} to {target}: {reason}")
 
 
-def plan_request(vm, kind: str, nodes: dict[str, NodeView], target: str | None = None,
+def plan_request(vm: VMRecord, kind: str, nodes: dict[str, NodeView], target: str | None = None,
                  force_live: bool = False, default_selector: str | None = None) -> RequestPlan:
     """Decide what a migrate/move/unmigrate request of ``vm`` (a VMRecord) does. No I/O."""
     if kind not in KINDS:
@@ -123,7 +127,7 @@ def plan_request(vm, kind: str, nodes: dict[str, NodeView], target: str | None =
     return plan(target, lastnode, True, f"VM {vm.name} {verb} from {vm.node} to {target}{what}")
 
 
-def new_record(plan: RequestPlan, vm, requester: str) -> MigrationRecord:
+def new_record(plan: RequestPlan, vm: VMRecord, requester: str) -> MigrationRecord:
     return MigrationRecord(
         id=uuidlib.uuid4().hex[:12],
         vm=plan.uuid,
@@ -141,7 +145,7 @@ def new_record(plan: RequestPlan, vm, requester: str) -> MigrationRecord:
     )
 
 
-def submit_request(store, plan: RequestPlan, vm, requester: str, target_unflushing_ok: bool = False) -> MigrationRecord | None:
+def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, requester: str, target_unflushing_ok: bool = False) -> MigrationRecord | None:
     """Write a planned request in one transaction. Returns the migration record (None when the
     request only re-homes a stopped VM, or changes nothing). Raises the store's ConflictError when
     the VM changed since it was read (re-read and re-plan), StoreError when ZooKeeper fails.
@@ -208,7 +212,7 @@ def history_key(record_id: str, finished: float) -> str:
     return f"{int(finished * 1000):015d}-{record_id}"
 
 
-def final_record(record: MigrationRecord, result: str, reason: str | None = None) -> dict:
+def final_record(record: MigrationRecord, result: str, reason: str | None = None) -> dict[str, Any]:
     """The audit record of a migration that ends now with ``result``: the record without its
     ``step``, with ``result``, the time of the result among its steps, and ``duration_s``."""
     finished = time.time()
@@ -222,8 +226,8 @@ def final_record(record: MigrationRecord, result: str, reason: str | None = None
     return final
 
 
-def finish_values(schema, uuid: str, record: MigrationRecord, result: str, reason: str | None = None,
-                  node: str | None = None):
+def finish_values(schema: S.Schema, uuid: str, record: MigrationRecord, result: str, reason: str | None = None,
+                  node: str | None = None) -> tuple[dict[str, object], list[str], dict[str, Any]]:
     """The writes and deletes that end the migration of VM ``uuid`` (the key's UUID) in one
     transaction: the record goes, the audit record is added, and on abort ``node``/``lastnode``
     point back to where the VM runs. Returns (values, delete, final audit record).
