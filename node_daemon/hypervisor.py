@@ -86,6 +86,8 @@ __all__ = [
     "LIFECYCLE_EVENTS",
     "MigrationSetup",
     "STATE_NAMES",
+    "ACTIVE_STATES",
+    "RUNNING_STATES",
     "read_meminfo_mib",
 ]
 
@@ -103,6 +105,14 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
+
+# The daemon's one vocabulary of domain states (names of STATE_NAMES), used by every module.
+# Active: the domain's QEMU process exists here, so it holds this host's memory and must not be
+# started anywhere else: running, blocked, paused (an incoming migration's copy is paused until
+# the switch-over), being shut down, or suspended to memory.
+ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutdown", "pmsuspended"})
+# Running: the guest runs (its vCPUs run, or wait on the host).
+RUNNING_STATES = frozenset({"running", "blocked"})
 
 # Reason codes per state (virDomain<State>Reason). Written out, because the constant prefixes
 # collide with flag names (VIR_DOMAIN_SHUTDOWN_* are also shutdown-method flags).
@@ -195,7 +205,7 @@ class DomainStatus:
 
     @property
     def running(self) -> bool:
-        return self.state == "running"
+        return self.state in RUNNING_STATES
 
     def __str__(self) -> str:
         return f"{self.state} ({self.reason_name})"

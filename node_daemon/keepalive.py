@@ -21,6 +21,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._memory import AccountedVM, NodeAccount, account_node
 
 from .domains import DomainTable
+from .hypervisor import ACTIVE_STATES
 from .log import get_logger
 from .reconciler import ACCOUNTING_KEYS
 
@@ -284,7 +285,7 @@ class Keepalive:
             reserved = uuid in reservations and uuid not in folds
             if uuid in figures.running:
                 memory_mib, vcpus = figures.running[uuid]
-                running = figures.states.get(uuid) in ("running", "blocked", "paused", "pmsuspended")
+                running = figures.states.get(uuid) in ACTIVE_STATES   # a domain shutting down still holds its memory
                 if record.node == self.node and record.xml_ok:
                     memory_mib = max(memory_mib, record.memory_mib)   # what its reservation held
             elif record.node == self.node:

@@ -34,7 +34,7 @@ from pvc_cluster_common._records import (
 from pvc_cluster_common._requests import RequestPlan, finish_values, new_record
 from pvc_cluster_common._store import ConflictError, StoreError
 
-from .hypervisor import Hypervisor, HypervisorError
+from .hypervisor import ACTIVE_STATES, RUNNING_STATES, Hypervisor, HypervisorError
 from .invalid import InvalidValues
 from .log import get_logger
 from .watched import WatchedKeys
@@ -56,8 +56,7 @@ CRASH_ENV = "PVC_NODE_DAEMON_CRASH_AT"
 PAUSE_ENV = "PVC_NODE_DAEMON_PAUSE_AT"
 PAUSE_RELEASE_ENV = "PVC_NODE_DAEMON_PAUSE_RELEASE"
 PAUSE_MAX_S = 300.0
-ACTIVE = ("running", "blocked", "paused", "shutdown", "pmsuspended")
-RUNNING = ("running", "blocked")
+ACTIVE, RUNNING = ACTIVE_STATES, RUNNING_STATES
 UNKNOWN = "unknown"
 ASK = object()   # "libvirt's state of the VM here is not known yet: ask"
 # the meta a migration reads at its transfer step

@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .hypervisor import ACTIVE_STATES, RUNNING_STATES
+
 
 class Action(enum.Enum):
     NOTHING = "nothing"
@@ -22,9 +24,9 @@ class Action(enum.Enum):
     FORGET = "forget"                    # nothing to do here; stop tracking
 
 
-# libvirt states in which a domain occupies a node. A paused domain is still there (and may be
-# an incoming migration, which only the migration agent may touch).
-ACTIVE_LIBVIRT_STATES = ("running", "blocked", "paused", "shutdown", "pmsuspended")
+# libvirt states in which a domain occupies a node (the driver's vocabulary). A paused domain is
+# still there (and may be an incoming migration, which only the migration agent may touch).
+ACTIVE_LIBVIRT_STATES = ACTIVE_STATES
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def decide(me: str, desired: Desired, local_state: str | None) -> Decision:
     ``local_state`` is libvirt's state name on this node, or None when libvirt does not know the VM.
     """
     active = local_state in ACTIVE_LIBVIRT_STATES
-    running = local_state in ("running", "blocked")
+    running = local_state in RUNNING_STATES
 
     if desired.invalid:
         # Acting on a guess could start a second copy (a record that was mid-migration) or stop

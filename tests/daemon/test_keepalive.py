@@ -191,3 +191,23 @@ def test_unreadable_host_memory_keeps_the_last_figures_marked_by_their_age(store
     assert keepalive.tick()
     assert node_key(store, S.NODE_FIGURES_STALE)[0] == "true"
     assert 99 <= float(node_key(store, S.NODE_FIGURES_AGE)[0]) <= 101
+
+
+def test_a_domain_shutting_down_still_counts_as_running_here(store, host, make_keepalive, monkeypatch):
+    """libvirt's `shutdown` state (the guest is shutting down) is active like every other state
+    of hypervisor.ACTIVE_STATES: its memory is still allocated and it is still running here."""
+    table = DomainTable()
+    stopping = xml("stopping", 384, "MiB", 2)
+    add(store, table, *stopping, "n1", "stop")
+    host.create(stopping[1])
+    # The test driver shuts a domain off at once; libvirt reports this state while a guest runs
+    # its shutdown, so the domain's state() says so here.
+    real_state = libvirt.virDomain.state
+    monkeypatch.setattr(libvirt.virDomain, "state", lambda dom, flags=0: (
+        [libvirt.VIR_DOMAIN_SHUTDOWN, libvirt.VIR_DOMAIN_SHUTDOWN_USER] if dom.UUIDString() == stopping[0]
+        else real_state(dom, flags)))
+    assert make_keepalive(table).tick(wait_for_read_s=30)
+    key = lambda k: int(store.read(store.schema.node_key("n1", k)))  # noqa: E731
+    assert key(S.NODE_MEMALLOC) == 384
+    assert key(S.NODE_VCPUALLOC) == 2
+    assert json.loads(store.read(store.schema.node_key("n1", S.NODE_RUNNINGDOMAINS))) == [stopping[0]]
