@@ -28,10 +28,13 @@ options:
       - How a target node is chosen for the VM when none is named (definition, migration, flush).
       - V(mem) most memory headroom (total - reserve - provisioned - reservations);
         V(memfree) most free host memory; V(load) lowest load average; V(vcpus) fewest allocated vCPUs;
-        V(vms) fewest running VMs; V(default) the cluster default (itself V(mem) unless configured).
+        V(vms) fewest running VMs; V(fit) packs and balances (a node the VM fills to within 1 GiB first;
+        on a cluster with less than 12% of its capacity left, the node the VM fits most tightly, which
+        keeps the largest gaps for large VMs; otherwise the node with the largest share of its memory
+        free); V(default) the cluster default (itself V(mem) unless configured).
       - Left unchanged when not given.
     type: str
-    choices: [default, mem, memfree, load, vcpus, vms]
+    choices: [default, mem, memfree, load, vcpus, vms, fit]
   node_limit:
     description:
       - The nodes the VM may run on; an empty list means any node.

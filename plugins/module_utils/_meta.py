@@ -60,7 +60,7 @@ from ._schema import (
 
 MIGRATION_METHODS = ("default", "live", "shutdown")
 # Concrete selectors, in documentation order; "default" defers to the cluster default.
-CONCRETE_SELECTORS = ("mem", "memfree", "load", "vcpus", "vms")
+CONCRETE_SELECTORS = ("mem", "memfree", "load", "vcpus", "vms", "fit")
 NODE_SELECTORS = CONCRETE_SELECTORS + ("default",)
 CLUSTER_DEFAULT_SELECTOR = "mem"
 

@@ -22,6 +22,14 @@ Selectors (the best candidate wins)
     ``load``     lowest 1-minute load average;
     ``vcpus``    fewest allocated vCPUs;
     ``vms``      fewest running domains;
+    ``fit``      packs and balances, in this order: a node the VM fills to within FIT_EXACT_MIB of
+                 its headroom (the tightest such fit; it closes a gap no other VM might fill);
+                 when the candidates would have less than FIT_TIGHT_SHARE of their capacity
+                 (memtotal - memreserve) left after the VM, the tightest fit (best fit: it keeps the
+                 largest gaps for large VMs); otherwise the largest share of capacity free
+                 (headroom / capacity: it balances nodes of different sizes). On tight clusters it
+                 places far more memory than ``mem``, whose most-headroom rule leaves small gaps
+                 everywhere (``make bench``, placement quality);
     ``default``  the cluster default (``default_selector``, itself ``mem`` when unset).
 
 Ties
@@ -32,6 +40,7 @@ Ties
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -58,6 +67,9 @@ from ._schema import (
 
 RUN = "run"
 READY = "ready"
+# the ``fit`` selector (see above)
+FIT_EXACT_MIB = 1024
+FIT_TIGHT_SHARE = 0.12
 
 
 # ---- node view ------------------------------------------------------------------------------
@@ -89,6 +101,11 @@ class NodeView:
     def headroom(self) -> int:
         """memtotal - memreserve - memprov - reserved; negative when overcommitted."""
         return headroom_mib(self.memtotal, self.memreserve, self.memprov, self.reserved)
+
+    @property
+    def capacity(self) -> int:
+        """What the node gives VMs: memtotal - memreserve."""
+        return self.memtotal - self.memreserve
 
     @property
     def is_eligible(self) -> bool:
@@ -218,7 +235,20 @@ _KEYS = {
     "load": lambda n, h: (n.cpuload, -h, n.name),
     "vcpus": lambda n, h: (n.vcpualloc, -h, n.name),
     "vms": lambda n, h: (n.domaincount, -h, n.name),
+    # fit's balancing rule (its fit rules come first: _fit_choice, plan_flush)
+    "fit": lambda n, h: (-(h / n.capacity) if n.capacity > 0 else 0.0, -h, n.name),
 }
+
+
+def _fit_class(vm_memory_mib: int, headroom: int, tight: bool) -> int:
+    """0 when ``fit`` takes the node by its fit rules (an exact fit, or any fit on a tight
+    cluster: then the smallest leftover wins), 1 when by its balancing rule."""
+    return 0 if tight or headroom - vm_memory_mib < FIT_EXACT_MIB else 1
+
+
+def _is_tight(slack_mib: int, capacity_mib: int, vm_memory_mib: int) -> bool:
+    """Whether the candidates would have less than FIT_TIGHT_SHARE of their capacity left."""
+    return slack_mib - vm_memory_mib < FIT_TIGHT_SHARE * capacity_mib
 
 
 def _limit(node_limit: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -285,6 +315,12 @@ def select_target(
     """
     concrete = resolve_selector(selector, default_selector)
     key_of = _KEYS[concrete]
+    fit = concrete == "fit"
+    # fit: the tightest fit (smallest leftover, then name) and the balancing rule's best (largest
+    # free share, then headroom, then name), both tracked in the one pass (see _fit_sort_key)
+    slack = capacity = 0
+    tightest: tuple | None = None
+    balanced: tuple | None = None
     node_list = _as_list(nodes)
     node_limit = _limit(node_limit)
     limit = frozenset(node_limit) if node_limit else None
@@ -299,7 +335,20 @@ def select_target(
         if (node.daemon_state == RUN and node.domain_state == READY and name != current_node
                 and name not in excluded and (limit is None or name in limit)):
             headroom = node.memtotal - node.memreserve - node.memprov - node.reserved  # NodeView.headroom, inlined
+            if fit:
+                node_capacity = node.memtotal - node.memreserve
+                slack += headroom if headroom > 0 else 0
+                capacity += node_capacity if node_capacity > 0 else 0
             if vm_memory_mib <= headroom:
+                if fit:
+                    left = headroom - vm_memory_mib
+                    if tightest is None or left < tightest[0] or (left == tightest[0] and name < tightest[1]):
+                        tightest = (left, name)
+                    share = headroom / node_capacity if node_capacity > 0 else 0.0
+                    if (balanced is None or share > balanced[0] or (share == balanced[0] and (
+                            headroom > balanced[1] or (headroom == balanced[1] and name < balanced[2])))):
+                        balanced = (share, headroom, name)
+                    continue
                 key = key_of(node, headroom)
                 if best_key is None or key < best_key:
                     best_key, best_name = key, name
@@ -307,6 +356,10 @@ def select_target(
             reasons[name] = _fit_rejection(vm_memory_mib, headroom) or ""
         else:
             reasons[name] = _static_rejection(node, current_node, limit, limit_text, excluded) or ""
+    if tightest is not None and balanced is not None:   # both are set by the same fitting node
+        if tightest[0] < FIT_EXACT_MIB or _is_tight(slack, capacity, vm_memory_mib):
+            return str(tightest[1])
+        return str(balanced[2])
     if best_key is not None:
         return best_name
     seen = {node.name for node in node_list}
@@ -314,6 +367,13 @@ def select_target(
         if name not in seen:
             reasons[name] = "in node_limit but not a cluster node"
     raise NoTargetError(reasons, vm_memory_mib=vm_memory_mib, selector=concrete)
+
+
+def _fit_sort_key(node, headroom: int, vm_memory_mib: int, tight: bool) -> tuple:
+    """The ``fit`` selector's order among nodes the VM fits (smallest first)."""
+    if _fit_class(vm_memory_mib, headroom, tight) == 0:
+        return (0, headroom - vm_memory_mib, 0, node.name)
+    return (1,) + _KEYS["fit"](node, headroom)
 
 
 # ---- flush plan -----------------------------------------------------------------------------
@@ -355,6 +415,7 @@ class _Slot:
     vcpualloc: int
     domaincount: int
     version: int = 0
+    capacity: int = 0
 
     def key(self, selector: str) -> tuple:
         return _KEYS[selector](self, self.headroom)
@@ -398,11 +459,16 @@ def plan_flush(
         reason = _static_rejection(node, source_node, None, "", excluded)
         if reason is None:
             slots[node.name] = _Slot(node=node, name=node.name, headroom=node.headroom, memfree=node.memfree, cpuload=node.cpuload,
-                                     vcpualloc=node.vcpualloc, domaincount=node.domaincount)
+                                     vcpualloc=node.vcpualloc, domaincount=node.domaincount, capacity=node.capacity)
         else:
             static_reasons[node.name] = reason
     heaps: dict[str, list] = {}
     parked: dict[str, list] = {}
+    # the ``fit`` selector's fit rules: every slot by headroom (kept sorted as VMs are booked),
+    # and the candidates' total headroom and capacity (is the cluster tight?)
+    by_headroom = sorted((slot.headroom, slot.name) for slot in slots.values())
+    totals = {"slack": sum(max(slot.headroom, 0) for slot in slots.values()),
+              "capacity": sum(max(slot.capacity, 0) for slot in slots.values())}
 
     def entry(selector: str, slot: _Slot) -> tuple:
         return slot.key(selector) + (slot.version,)
@@ -424,6 +490,9 @@ def plan_flush(
             heapq.heappop(heap)
 
     def book(slot: _Slot, memory: int, vcpus: int) -> None:
+        del by_headroom[bisect.bisect_left(by_headroom, (slot.headroom, slot.name))]
+        bisect.insort(by_headroom, (slot.headroom - memory, slot.name))
+        totals["slack"] += max(slot.headroom - memory, 0) - max(slot.headroom, 0)
         slot.headroom -= memory
         slot.memfree -= memory
         slot.domaincount += 1
@@ -432,7 +501,22 @@ def plan_flush(
         for selector, heap in heaps.items():
             heapq.heappush(heap, entry(selector, slot))
 
+    def pick_fit(memory: int) -> _Slot | None:
+        """fit's fit rules: the tightest fit when it is exact or the cluster is tight (None:
+        the balancing rule decides, or nothing fits)."""
+        index = bisect.bisect_left(by_headroom, (memory, ""))
+        if index == len(by_headroom):
+            return None
+        headroom, name = by_headroom[index]
+        if _fit_class(memory, headroom, _is_tight(totals["slack"], totals["capacity"], memory)) == 0:
+            return slots[name]
+        return None
+
     def pick_unlimited(selector: str, memory: int) -> _Slot | None:
+        if selector == "fit":
+            chosen = pick_fit(memory)
+            if chosen is not None:
+                return chosen
         # The "mem" heap's top is the largest headroom: if the VM does not fit there, it fits nowhere.
         mem_heap = heap_for("mem")
         clean_top(mem_heap)
@@ -469,7 +553,10 @@ def plan_flush(
             if reason is not None:
                 reasons[name] = reason + " (after earlier placements)" if slot.version else reason
                 continue
-            key = slot.key(selector)
+            if selector == "fit":
+                key = _fit_sort_key(slot, slot.headroom, memory, _is_tight(totals["slack"], totals["capacity"], memory))
+            else:
+                key = slot.key(selector)
             if best is None or key < best:
                 best, chosen = key, slot
         return chosen, reasons

@@ -203,7 +203,7 @@ def test_effective_selector_method_and_constants():
     assert VMMeta(node_selector="vms").effective_selector("load") == "vms"
     assert CLUSTER_DEFAULT_SELECTOR == "mem"
     assert MIGRATION_METHODS == ("default", "live", "shutdown")
-    assert set(NODE_SELECTORS) == {"mem", "memfree", "load", "vcpus", "vms", "default"}
+    assert set(NODE_SELECTORS) == {"mem", "memfree", "load", "vcpus", "vms", "fit", "default"}
 
 
 # ---- strict validation -------------------------------------------------------------------------
@@ -245,7 +245,7 @@ DOWNTIME_BOUNDS = "an integer number of milliseconds from 1 to 2000000 (QEMU's l
 INVALID_UPDATES = [
     ({META_MIGRATION_METHOD: "teleport"}, [META_MIGRATION_METHOD, "'teleport'", "default, live, shutdown"]),
     ({META_MIGRATION_METHOD: 3}, [META_MIGRATION_METHOD, "3", "default, live, shutdown"]),
-    ({META_NODE_SELECTOR: "fastest"}, [META_NODE_SELECTOR, "'fastest'", "mem, memfree, load, vcpus, vms, default"]),
+    ({META_NODE_SELECTOR: "fastest"}, [META_NODE_SELECTOR, "'fastest'", "mem, memfree, load, vcpus, vms, fit, default"]),
     ({META_NODE_LIMIT: 5}, [META_NODE_LIMIT, "5", "list of node names"]),
     ({META_NODE_LIMIT: ["node1", 2]}, [META_NODE_LIMIT, "['node1', 2]", "list of node names"]),
     ({META_NODE_LIMIT: ["node 1"]}, [META_NODE_LIMIT, "'node 1'", "no '/', ',' or spaces"]),

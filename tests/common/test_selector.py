@@ -419,3 +419,79 @@ def test_apply_plan_then_n_minus_1():
     check = survives_node_failure(after, running)
     # a fails: 4096+2048+1024 onto b (4096 headroom) does not fit; b fails: 4096 onto a (2048) does not fit
     assert not check and set(check.failures) == {"a", "b"}
+
+
+# ---- the fit selector ---------------------------------------------------------------------------
+
+
+def test_fit_takes_an_exact_fit_first():
+    # n2 would be left with 512 MiB: a gap no VM might fill, closed now; mem takes the emptiest
+    nodes = [node("n1", total=65536), node("n2", total=65536, prov=65536 - 4608), node("n3", total=65536, prov=32768)]
+    assert select_target(4096, None, (), "fit", nodes) == "n2"
+    assert select_target(4096, None, (), "mem", nodes) == "n1"
+
+
+def test_fit_balances_by_free_share_while_the_cluster_has_room():
+    # no exact fit, plenty of room: the largest share free wins (n2: 50 % of 32 GiB), not the most MiB
+    nodes = [node("n1", total=131072, prov=81920), node("n2", total=32768, prov=16384), node("n3", total=65536, prov=49152)]
+    assert select_target(2048, None, (), "fit", nodes) == "n2"
+    assert select_target(2048, None, (), "mem", nodes) == "n1"
+
+
+def test_fit_packs_tightly_when_the_cluster_is_nearly_full():
+    # 10 % of the capacity left: the tightest fit, keeping n1's large gap for a large VM
+    nodes = [node("n1", total=65536, prov=65536 - 8192), node("n2", total=65536, prov=65536 - 3072),
+             node("n3", total=65536, prov=65536 - 2048)]
+    assert select_target(2048 - 512, None, (), "fit", nodes) == "n3"       # exact (512 MiB left)
+    assert select_target(2560, None, (), "fit", nodes) == "n2"             # tight: smallest leftover
+    assert select_target(2560, None, (), "mem", nodes) == "n1"
+
+
+def test_fit_is_deterministic_and_independent_of_node_order():
+    rng = random.Random(11)
+    nodes = [node(f"n{i:02d}", total=rng.choice((65536, 131072)), prov=rng.randrange(0, 60000, 1024)) for i in range(40)]
+    for size in (1024, 3072, 8192, 30000):
+        first = select_target(size, None, (), "fit", nodes)
+        for _ in range(5):
+            rng.shuffle(nodes)
+            assert select_target(size, None, (), "fit", nodes) == first
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_fit_flush_plan_places_each_vm_as_select_target_would_one_at_a_time(seed):
+    """The one selector: plan_flush's fit (sorted headroom list, lazy heaps) books and chooses
+    exactly as select_target's single pass does, VM after VM (largest first)."""
+    rng = random.Random(seed)
+    nodes = {f"n{i:02d}": node(f"n{i:02d}", total=rng.choice((65536, 131072, 196608)),
+                               prov=rng.randrange(0, 60000, 512)) for i in range(rng.randint(3, 30))}
+    nodes["src"] = node("src", total=262144)
+    sizes = [rng.choice((512, 1024, 2048, 4096, 8192, 16384, 32768)) for _ in range(rng.randint(5, 60))]
+    vms = [FlushVM(f"vm{i}", size, (), "fit", "src") for i, size in enumerate(sizes)]
+    plan = plan_flush("src", vms, nodes.values())
+    views = dict(nodes)
+    expected = {}
+    for i in sorted(range(len(vms)), key=lambda i: (-vms[i].memory_mib, i)):
+        try:
+            target = select_target(vms[i].memory_mib, "src", (), "fit", views.values())
+        except NoTargetError:
+            target = None
+        expected[vms[i].uuid] = target
+        if target is not None:
+            views[target] = dataclasses.replace(views[target], reserved=views[target].reserved + vms[i].memory_mib)
+    assert {move.uuid: move.target for move in plan} == expected
+
+
+def test_fit_places_more_memory_than_mem_on_tight_snapshots_and_never_overcommits():
+    from bench.placement import arrivals, generate, one_at_a_time
+
+    placed = {"fit": [], "mem": []}
+    for seed in (1, 2, 3):
+        for fill in (0.6, 0.8, 0.95):
+            snapshot = generate(10, fill, seed * 1000 + 10)
+            sizes = arrivals(snapshot, seed)   # 106-160 % of the free memory asked
+            for selector in placed:
+                result = one_at_a_time(snapshot, sizes, selector)
+                assert result["overcommitted_nodes"] == 0
+                placed[selector].append(result["placed_pct"])
+    mean = {selector: sum(values) / len(values) for selector, values in placed.items()}
+    assert mean["fit"] >= 92.0 and mean["fit"] >= mean["mem"] + 5.0, mean

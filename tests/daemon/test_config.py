@@ -61,7 +61,7 @@ def test_live_timeout_grows_with_memory():
     (with_(intervals={"keepalive_s": "fast"}), "intervals.keepalive_s", "not a number"),
     (with_(intervals={"keepalive_s": 0}), "intervals.keepalive_s", "too small"),
     (with_(intervals={"dead_after": 1.5}), "intervals.dead_after", "not an integer"),
-    (with_(migration={"default_selector": "random"}), "migration.default_selector", "mem, memfree, load, vcpus, vms"),
+    (with_(migration={"default_selector": "random"}), "migration.default_selector", "mem, memfree, load, vcpus, vms, fit"),
     (with_(migration={"flush_parallel": 0}), "migration.flush_parallel", "too small"),
     (with_(migration={"libvirt_uri_template": "qemu+tcp://{host}/system"}), "migration.libvirt_uri_template", "{node}, {address}"),
     (with_(metrics={"port": 70000}), "metrics.port", "1 to 65535"),
