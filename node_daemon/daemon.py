@@ -81,7 +81,7 @@ class NodeDaemon:
         except StoreError as exc:
             raise DaemonError(f"cannot create or verify the cluster schema in ZooKeeper: {exc}") from None
         self.register()
-        self.store.client.add_listener(self._on_connection_state)
+        self.store.add_listener(self._on_connection_state)
         log.system("ZooKeeper: connected to %s, cluster root %s", self.config.zookeeper.hosts, self.schema.root or "/")
 
     def register(self) -> None:
