@@ -83,7 +83,8 @@ class _Failed(Exception):
     pass
 
 
-def _run(argv: list[str], timeout_s: float, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def _run(argv: list[str], timeout_s: float, stdin: str | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout_s,
                               env=env, check=False)
@@ -93,7 +94,7 @@ def _run(argv: list[str], timeout_s: float, stdin: str | None = None, env: dict 
         raise _Failed(f"cannot run {argv[0]}: {exc.strerror}") from None
 
 
-def _output(result: subprocess.CompletedProcess) -> str:
+def _output(result: subprocess.CompletedProcess[str]) -> str:
     text = (result.stdout + " " + result.stderr).strip().replace("\n", " ")
     return text[:300]
 
@@ -103,7 +104,7 @@ class _Ipmi:
         self.device = device
         self.timeout_s = timeout_s
 
-    def _call(self, *command: str) -> subprocess.CompletedProcess:
+    def _call(self, *command: str) -> subprocess.CompletedProcess[str]:
         d = self.device
         argv = [d.ipmitool, "-I", d.interface, "-C", str(d.cipher_suite), "-H", d.address, "-p", str(d.port),
                 "-U", d.username, "-E", *command]
@@ -128,7 +129,7 @@ class _Agent:
         self.device = device
         self.timeout_s = timeout_s
 
-    def _call(self, action: str) -> subprocess.CompletedProcess:
+    def _call(self, action: str) -> subprocess.CompletedProcess[str]:
         lines = [f"{name}={value}" for name, value in self.device.options] + [f"action={action}"]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
         return _run([self.device.agent], self.timeout_s, stdin="\n".join(lines) + "\n", env=env)

@@ -14,9 +14,10 @@ Ready: VMs whose home is this node come back (unmigrate), autostart VMs start, t
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import (
@@ -29,11 +30,22 @@ from pvc_cluster_common._cluster import (
     wait_for_key,
     wait_until_gone,
 )
-from pvc_cluster_common._requests import RequestError, plan_request, submit_request
-from pvc_cluster_common._selector import FlushVM, PlannedMove, plan_flush
-from pvc_cluster_common._store import ConflictError, StoreError
+from pvc_cluster_common._records import MigrationRecord
+from pvc_cluster_common._requests import RequestError, RequestPlan, plan_request, submit_request
+from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, plan_flush
+from pvc_cluster_common._store import ClusterStore, ConflictError, StoreError
 
+from .domains import DomainRecord, DomainTable
 from .log import get_logger
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .reconciler import Reconciler
+
+# What a request's planning sees of the nodes, changed (a node being made ready takes its VMs as
+# if it were ready already); and (VM record, node views) as a caller has just read them.
+NodesOverride = Callable[[dict[str, NodeView]], dict[str, NodeView]]
+Known = tuple[VMRecord, dict[str, NodeView] | None]
 
 log = get_logger(__name__)
 
@@ -50,7 +62,8 @@ class Cancelled(Exception):
 
 
 class NodeStateWorker:
-    def __init__(self, node, config, store, domains, reconciler) -> None:
+    def __init__(self, node: str, config: Config, store: ClusterStore, domains: DomainTable,
+                 reconciler: Reconciler) -> None:
         self.node = node
         self.config = config
         self.store = store
@@ -73,7 +86,7 @@ class NodeStateWorker:
         self._stopped.set()
         self._cancel.set()
 
-    def _on_state(self, data, stat, event=None) -> bool:
+    def _on_state(self, data: bytes | None, stat: Any, event: object = None) -> bool:
         if self._stopped.is_set():
             return False
         # any bytes can be there: this runs in kazoo's event thread, which must never see an
@@ -95,7 +108,7 @@ class NodeStateWorker:
                                             name="node-flush" if state == "flush" else "node-ready", daemon=True)
             self._thread.start()
 
-    def _guarded(self, work, state: str, cancel: threading.Event) -> None:
+    def _guarded(self, work: Callable[[threading.Event], None], state: str, cancel: threading.Event) -> None:
         try:
             with self.store.lock(self.schema.node_lock(self.node), timeout_s=self.config.step_timeout_s):
                 if self.store.read(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE)) != state:
@@ -117,8 +130,8 @@ class NodeStateWorker:
 
     # ---- one migration, waited for -------------------------------------------------------------
 
-    def migrate_and_wait(self, uuid: str, kind: str, target: str | None, nodes_override=None, attempts: int = 5,
-                         known=None) -> str:
+    def migrate_and_wait(self, uuid: str, kind: str, target: str | None, nodes_override: NodesOverride | None = None,
+                         attempts: int = 5, known: Known | None = None) -> str:
         """Request one migration and wait for it to end. ``known`` = (VM record, node views) as
         the caller has just read them, for the first attempt: the request's own transaction
         re-checks what matters (the VM's node version, the target's reservations and memory).
@@ -130,7 +143,8 @@ class NodeStateWorker:
                 log.info("VM %s: request raced another one (%s); planning again (%d/%d)", uuid, exc, attempt, attempts)
         return "conflict"
 
-    def _migrate_and_wait_once(self, uuid: str, kind: str, target: str | None, nodes_override=None, known=None) -> str:
+    def _migrate_and_wait_once(self, uuid: str, kind: str, target: str | None, nodes_override: NodesOverride | None = None,
+                               known: Known | None = None) -> str:
         vm, nodes = known if known else (read_vm(self.store, uuid), None)
         if vm is None:
             return "gone"
@@ -165,7 +179,7 @@ class NodeStateWorker:
             return "timeout"
         return "finished"
 
-    def _submit(self, plan, vm, kind: str, attempts: int = 10):
+    def _submit(self, plan: RequestPlan, vm: VMRecord, kind: str, attempts: int = 10) -> MigrationRecord | None:
         """Submit; when only the target's reservations changed underneath (another request to
         the same target), submit again at once: the request re-reads the target's reservations
         and memory itself, and nothing about the VM changed. Any other conflict goes back to
@@ -209,11 +223,11 @@ class NodeStateWorker:
         return {uuid for uuid, record in self.domains.snapshot().items()
                 if uuid in local and record.migration_source != self.node}
 
-    def read_vms(self, uuids) -> list:
+    def read_vms(self, uuids: Iterable[str]) -> list[VMRecord]:
         """Fresh VM records, in one round of parallel reads."""
         return list(read_vms(self.store, uuids).values())
 
-    def vms_to_flush(self, fresh: bool = True) -> list:
+    def vms_to_flush(self, fresh: bool = True) -> list[Any]:   # VMRecords; the table's DomainRecords when not fresh
         """VMs that should run here, with no migration in flight, as VM records to plan from.
 
         The watch-fed table says which, and where they run: it follows every VM assigned here,
@@ -229,7 +243,7 @@ class NodeStateWorker:
             return list(candidates.values())
         return self.planning_records(candidates)
 
-    def planning_records(self, records: dict) -> list[VMRecord]:
+    def planning_records(self, records: dict[str, DomainRecord]) -> list[VMRecord]:
         """VM records to plan and request from: the table's entries with the meta a plan and a
         request use (PLANNING_META, read fresh in one round; the others keep their defaults
         here, and whoever uses them reads them: the transfer its method and downtime, a VM that
@@ -245,7 +259,7 @@ class NodeStateWorker:
                                 xml_error="" if record.xml_ok else record.xml_error))
         return vms
 
-    def confirmed_to_flush(self, records) -> list:
+    def confirmed_to_flush(self, records: Iterable[DomainRecord]) -> list[VMRecord]:
         """Full fresh reads of ``records``: those still assigned here, to start, not migrating."""
         return [vm for vm in self.read_vms(record.uuid for record in records)
                 if vm.node == self.node and vm.state == "start" and not vm.migration and not vm.migration_error]
@@ -318,7 +332,7 @@ class NodeStateWorker:
     def ready(self, cancel: threading.Event) -> None:
         log.system("making node %s ready", self.node)
 
-        def me_ready(nodes):
+        def me_ready(nodes: dict[str, NodeView]) -> dict[str, NodeView]:
             # this node is `unflush` while its VMs come back; it takes them as if ready
             return {self.node: replace(nodes[self.node], domain_state="ready")} if self.node in nodes else {}
 

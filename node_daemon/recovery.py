@@ -15,9 +15,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from pvc_cluster_common._selector import FlushVM, plan_flush
+from pvc_cluster_common._selector import FlushVM, NodeView, plan_flush
 
 # VM states that should be running (a restart ends running).
 SHOULD_RUN = ("start", "restart")
@@ -40,7 +41,7 @@ class LivenessTracker:
         self._since = None
         self._seen.clear()
 
-    def observe(self, peer: str, keepalive, now: float) -> None:
+    def observe(self, peer: str, keepalive: object, now: float) -> None:
         last = self._seen.get(peer)
         if last is None or last[0] != keepalive:
             self._seen[peer] = (keepalive, now)
@@ -107,7 +108,7 @@ class RecoveryCandidate:
     lastnode: str
     memory_mib: int
     vcpus: int
-    node_limit: tuple = ()
+    node_limit: tuple[str, ...] = ()
     selector: str | None = None
     migration_source: str | None = None
     migration_target: str | None = None
@@ -135,7 +136,8 @@ class RecoveryPlan:
         return not self.starts and not self.waiting and not self.aborts
 
 
-def plan_recovery(dead: str, vms, nodes, fenced=(), default_selector: str | None = None) -> RecoveryPlan:
+def plan_recovery(dead: str, vms: Iterable[RecoveryCandidate], nodes: Mapping[str, NodeView],
+                  fenced: Collection[str] = (), default_selector: str | None = None) -> RecoveryPlan:
     """Where the VMs of the fenced node ``dead`` start again.
 
     ``vms``: RecoveryCandidate of every VM assigned to ``dead`` or with a migration naming it;
