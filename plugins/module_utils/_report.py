@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from . import _schema as S
 from ._cluster import node_names, read_history, read_nodes_raw, read_vms, vm_uuids
-from ._decode import MAX_MIB, integer, number, or_default
+from ._decode import MAX_MIB, boolean, integer, number, or_default
 from ._meta import VMMeta
 from ._records import running_domains
 from ._selector import NodeView, resolve_selector, survives_node_failure
@@ -66,6 +66,7 @@ class ClusterSnapshot:
     invalid: dict[str, list] = field(default_factory=dict)   # node -> Invalid of stored values read as 0
     default_selector: str | None = None
     schema_version: str | None = None
+    require_n1: bool = False   # the cluster setting (/config/require_n1); invalid reads as false
 
     def views(self) -> dict[str, NodeView]:
         return {name: NodeView.from_store(name, raw, sum(self.reservations.get(name, {}).values()))
@@ -104,8 +105,28 @@ def read_cluster(store, nodes: list[str] | None = None, vms: list[str] | None = 
         snapshot.alive[name] = alive
     snapshot.vms.update(read_vms(store, vm_uuids(store) if vms is None else vms))
     snapshot.default_selector = store.read(schema.default_selector())
+    snapshot.require_n1 = read_require_n1(store, [])   # an invalid setting reads as false
     snapshot.schema_version = store.read(schema.schema_version())
     return snapshot
+
+
+def read_require_n1(store, problems: list) -> bool:
+    """The cluster setting require_n1 (``true``/``false``; missing or invalid: false, an invalid
+    one added to ``problems``)."""
+    path = store.schema.require_n1()
+    return bool(or_default(boolean, store.read(path), path, False, problems))
+
+
+def n1_policy(option: bool | None, snapshot: ClusterSnapshot) -> bool:
+    """Whether the N-1 policy applies: the module option when given, else the cluster setting."""
+    return snapshot.require_n1 if option is None else bool(option)
+
+
+def n1_refusal(check, what: str) -> str:
+    """The message that refuses ``what`` under require_n1: each node whose loss could not be
+    absorbed, and by how much."""
+    return (f"{what} would leave the cluster unable to restart every running VM after the loss of any one node "
+            f"(require_n1): {check.message}")
 
 
 def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) -> dict:
@@ -175,9 +196,10 @@ def cluster_report(snapshot: ClusterSnapshot) -> dict:
     check = survives_node_failure(snapshot.views(), snapshot.running_memory_by_node())
     return {
         "default_selector": resolve_selector("default", snapshot.default_selector),
+        "require_n1": snapshot.require_n1,
         "schema_version": snapshot.schema_version,
         "nodes": len(snapshot.nodes),
         "vms": len(snapshot.vms),
         "survives_node_failure": {"ok": check.ok, "message": check.message, "failures": check.failures,
-                                  "checked": list(check.checked)},
+                                  "checked": list(check.checked), "shortfalls": check.shortfalls},
     }

@@ -13,6 +13,9 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
 
     /schema/version                       SCHEMA_VERSION
     /config/default_selector              cluster default node selector ("mem")
+    /config/require_n1                    "true": the modules refuse an allocation (a new VM started) or a flush
+                                          that would leave the cluster unable to restart every running VM after
+                                          the loss of any one node (default "false": they report it only)
     /nodes/<node>/                        one per hypervisor, created by its daemon
         daemon_state                      init | run | shutdown | stop | dead | fencing | fenced | fence-failed
         domain_state                      ready | flush | flushed | unflush
@@ -183,6 +186,9 @@ class Schema:
 
     def default_selector(self) -> str:
         return self.config("default_selector")
+
+    def require_n1(self) -> str:
+        return self.config("require_n1")
 
     def nodes(self) -> str:
         return self._p("nodes")

@@ -649,6 +649,8 @@ class FailureCheck:
     ok: bool
     failures: dict[str, str] = field(default_factory=dict)
     checked: tuple[str, ...] = ()
+    # node -> MiB missing to restart the first of its VMs that fits nowhere (0: no node left at all)
+    shortfalls: dict[str, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -688,13 +690,22 @@ def survives_node_failure(
     if len(eligible) < 2:
         return FailureCheck(ok=False, checked=tuple(node.name for node in eligible),
                             failures={node.name: "it is the only ready node: none is left to restart VMs on"
-                                      for node in eligible})
+                                      for node in eligible},
+                            shortfalls={node.name: 0 for node in eligible})
     ranked = sorted(eligible, key=lambda n: (-n.headroom, n.name))
     failures: dict[str, str] = {}
+    shortfalls: dict[str, int] = {}
     for failed in eligible:
-        memories = sorted((int(m) for m in vm_memory_by_node.get(failed.name, ()) if int(m) > 0), reverse=True)
+        memories = [int(m) for m in vm_memory_by_node.get(failed.name, ()) if int(m) > 0]
         if not memories:
             continue
+        # Fast path: when the one other node with the most headroom could take all of them, worst
+        # fit succeeds (at every step the node with the most headroom left still has at least
+        # what remains to place), so nothing needs sorting or booking.
+        roomiest = ranked[1] if ranked[0].name == failed.name else ranked[0]
+        if sum(memories) <= roomiest.headroom:
+            continue
+        memories.sort(reverse=True)
         others: list[tuple[int, str]] = []
         for node in ranked:
             if node.name != failed.name:
@@ -707,8 +718,29 @@ def survives_node_failure(
                 most = -others[0][0] if others else 0
                 where = f" ({others[0][1]})" if others else ""
                 failures[failed.name] = (f"its {len(memories)} VM(s) ({sum(memories)} MiB) cannot be restarted elsewhere:"
-                                         f" a {memory} MiB VM does not fit, the most headroom left is {most} MiB{where}")
+                                         f" a {memory} MiB VM does not fit, the most headroom left is {most} MiB{where},"
+                                         f" short by {memory - most} MiB")
+                shortfalls[failed.name] = memory - most
                 break
             negative, name = heapq.heappop(others)
             heapq.heappush(others, (negative + memory, name))
-    return FailureCheck(ok=not failures, failures=failures, checked=tuple(node.name for node in eligible))
+    return FailureCheck(ok=not failures, failures=failures, checked=tuple(node.name for node in eligible),
+                        shortfalls=shortfalls)
+
+
+def allocation_check(
+    nodes: Iterable[NodeView] | Mapping[str, NodeView],
+    vm_memory_by_node: Mapping[str, Sequence[int]],
+    target: str,
+    vm_memory_mib: int,
+) -> FailureCheck:
+    """The n-1 check of the cluster once a new VM of ``vm_memory_mib`` MiB runs on ``target``
+    (booked like a reservation: the target's headroom shrinks and its running VMs grow)."""
+    views = []
+    for node in _as_list(nodes):
+        if node.name == target:
+            node = replace(node, reserved=node.reserved + int(vm_memory_mib))
+        views.append(node)
+    running = {name: list(memories) for name, memories in vm_memory_by_node.items()}
+    running.setdefault(target, []).append(int(vm_memory_mib))
+    return survives_node_failure(views, running)

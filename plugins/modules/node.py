@@ -38,6 +38,14 @@ options:
       - Not used with O(state=ready).
     type: bool
     default: false
+  require_n1:
+    description:
+      - Refuse a flush whose plan would leave the cluster unable to restart every running VM after the
+        loss of any one more node (the n-1 check of RV(survives_node_failure)); the message names each node
+        whose loss could not be absorbed and by how much. Nothing is written, in check mode the task fails too.
+      - When not given, the cluster setting C(/config/require_n1) decides (C(true)/C(false); false when unset).
+      - Not used with O(state=ready).
+    type: bool
   wait:
     description:
       - Wait until the daemon has finished (domain state C(flushed) or C(ready)), then until the daemons report
@@ -137,9 +145,16 @@ survives_node_failure:
   description:
     - For O(state=flushed), whether the nodes left ready after the flush could still hold every running VM
       if one more node failed (memory only; node limits are not considered).
+    - C(shortfalls) maps each node in C(failures) to the MiB missing for the first of its VMs that fits nowhere.
   returned: when O(state=flushed)
   type: dict
-  sample: {"ok": true, "message": "the cluster survives the failure of any one of 2 ready node(s)", "failures": {}}
+  sample: {"ok": true, "message": "the cluster survives the failure of any one of 2 ready node(s)", "failures": {},
+           "shortfalls": {}}
+require_n1:
+  description: For O(state=flushed), whether the n-1 policy applied (O(require_n1), else the cluster setting).
+  returned: when O(state=flushed)
+  type: bool
+  sample: true
 returning_vms:
   description: For O(state=ready), the VMs whose home is this node and that come back to it.
   returned: when O(state=ready)
@@ -161,8 +176,9 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     cluster_session,
     watch_until,
 )
-from ansible_collections.pvc.cluster.plugins.module_utils._report import read_cluster
+from ansible_collections.pvc.cluster.plugins.module_utils._report import n1_policy, n1_refusal, read_cluster
 from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
+    FailureCheck,
     FlushVM,
     PlannedMove,
     apply_plan,
@@ -182,6 +198,7 @@ ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),
     state=dict(type="str", default="ready", choices=list(TRANSITIONS)),
     force=dict(type="bool", default=False),
+    require_n1=dict(type="bool"),
     wait=dict(type="bool", default=True),
     wait_timeout=dict(type="int", default=600),
 )
@@ -213,6 +230,13 @@ def last_ready_refusal(views, node: str, running: int) -> str | None:
             f"down its {running} running VM(s) with nowhere to move them; set force to true to flush it anyway")
 
 
+def flush_n1_refusal(node: str, verdict: dict) -> str | None:
+    """Why require_n1 refuses the flush of ``node`` (``verdict``: flush_report's n-1 check), or None."""
+    if verdict["ok"]:
+        return None
+    return n1_refusal(FailureCheck(False, verdict["failures"], tuple(verdict["checked"])), f"the flush of node {node}")
+
+
 def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
     """The drain plan of ``node`` and the n-1 check of the cluster after it (from one snapshot)."""
     vms = [vm for vm in snapshot.vms.values() if vm.node == node and vm.state == "start" and not vm.migration]
@@ -240,7 +264,8 @@ def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
     check = survives_node_failure(after_views, after_running)
     lines = [{"name": by_uuid[move.uuid].name, "uuid": move.uuid, "memory_mib": by_uuid[move.uuid].memory_mib,
               "target": move.target, "reason": move.reason} for move in plan]
-    return lines, {"ok": check.ok, "message": check.message, "failures": check.failures, "checked": list(check.checked)}
+    return lines, {"ok": check.ok, "message": check.message, "failures": check.failures, "checked": list(check.checked),
+                   "shortfalls": check.shortfalls}
 
 
 # ---- cluster I/O -------------------------------------------------------------------------------
@@ -272,7 +297,7 @@ def run(module, session) -> dict:
             check = survives_node_failure(snapshot.views(), snapshot.running_memory_by_node())
             result["flush_plan"] = []
             result["survives_node_failure"] = {"ok": check.ok, "message": check.message, "failures": check.failures,
-                                               "checked": list(check.checked)}
+                                               "checked": list(check.checked), "shortfalls": check.shortfalls}
     else:
         result["returning_vms"] = sorted(vm.name for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name)
     if state == "flushed" and differences.changed and not params["force"]:
@@ -281,6 +306,12 @@ def run(module, session) -> dict:
         if refusal:
             raise ModuleFailure(refusal, changed=False, flush_plan=result["flush_plan"],
                                 survives_node_failure=result["survives_node_failure"])
+    if state == "flushed":
+        result["require_n1"] = n1_policy(params["require_n1"], snapshot)
+        refusal = flush_n1_refusal(name, result["survives_node_failure"]) if differences.changed and result["require_n1"] else None
+        if refusal:
+            raise ModuleFailure(refusal, changed=False, flush_plan=result["flush_plan"],
+                                survives_node_failure=result["survives_node_failure"], require_n1=True)
     if module.check_mode:
         return result
     needs_daemon = params["wait"] and current != final

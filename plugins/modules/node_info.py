@@ -175,6 +175,12 @@ cluster:
       description: The node selector that V(default) stands for.
       type: str
       sample: mem
+    require_n1:
+      description:
+        - The cluster setting C(/config/require_n1) (false when unset or not valid); when true, M(pvc.cluster.node)
+          refuses a flush and M(pvc.cluster.vm) a new running VM that the n-1 check would fail.
+      type: bool
+      sample: false
     schema_version:
       description: The ZooKeeper schema version of the cluster.
       type: str
@@ -190,7 +196,8 @@ cluster:
     survives_node_failure:
       description:
         - Whether the other ready nodes could restart every VM of any one failed ready node (memory only).
-        - C(failures) maps each node whose failure could not be absorbed to why.
+        - C(failures) maps each node whose failure could not be absorbed to why, and C(shortfalls) to the MiB
+          missing for the first of its VMs that fits nowhere.
       type: dict
       sample: {"ok": true, "message": "the cluster survives the failure of any one of 3 ready node(s)", "failures": {},
                "checked": [hv1, hv2, hv3]}

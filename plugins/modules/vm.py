@@ -64,6 +64,14 @@ options:
       - Ignored (with a warning when it differs) for an existing VM.
       - An empty name is refused (leave the option out to let the selector choose).
     type: str
+  require_n1:
+    description:
+      - For a new VM defined to run (O(state=started) or O(state=restarted)), refuse it when, with the VM
+        running on its node, the cluster could no longer restart every running VM after the loss of any one
+        node (memory only); the message names each node whose loss could not be absorbed and by how much.
+        Nothing is written, in check mode the task fails too.
+      - When not given, the cluster setting C(/config/require_n1) decides (C(true)/C(false); false when unset).
+    type: bool
   wait:
     description:
       - Wait until the node daemon has brought the VM to the requested state (running on its node,
@@ -236,8 +244,13 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     meta_updates,
     watch_until,
 )
-from ansible_collections.pvc.cluster.plugins.module_utils._report import meta_dict
-from ansible_collections.pvc.cluster.plugins.module_utils._selector import NoTargetError, rejection_reasons, select_target
+from ansible_collections.pvc.cluster.plugins.module_utils._report import meta_dict, n1_refusal, read_cluster, read_require_n1
+from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
+    NoTargetError,
+    allocation_check,
+    rejection_reasons,
+    select_target,
+)
 
 # module state -> the ZooKeeper VM state it writes
 STATE_MAP = {"started": "start", "stopped": "stop", "shutdown": "shutdown", "disabled": "disable", "restarted": "restart"}
@@ -258,6 +271,7 @@ ARGUMENT_SPEC = dict(
     xml=dict(type="str"),
     state=dict(type="str", default="present", choices=["present", "absent"] + list(STATE_MAP)),
     node=dict(type="str"),
+    require_n1=dict(type="bool"),
     wait=dict(type="bool", default=True),
     wait_timeout=dict(type="int", default=120),
     domain_policy=dict(type="dict"),
@@ -606,6 +620,15 @@ def run(module, session, info) -> dict:
             raise ModuleFailure(f"VM {params['name']} does not exist; to define it, give its domain XML in xml")
         plan = plan_create(params, info, updates, nodes, store.read(schema.default_selector()), cpu_totals(store, nodes))
         expect, create = {}, [schema.domain(info.uuid)]
+        policy = params.get("require_n1")
+        if plan.values["state"] in NEEDS_READY_NODE and (read_require_n1(store, []) if policy is None else policy):
+            snapshot = read_cluster(store)
+            check = allocation_check(snapshot.views(), snapshot.running_memory_by_node(), plan.values["node"],
+                                     info.memory_mib)
+            if not check.ok:
+                raise ModuleFailure(n1_refusal(check, f"starting VM {info.name} on node {plan.values['node']}"),
+                                    survives_node_failure={"ok": False, "message": check.message,
+                                                           "failures": check.failures, "shortfalls": check.shortfalls})
     else:
         plan = plan_update(params, info, updates, current, nodes, cpu_totals(store, [current.node]) if info else {})
         expect, create = node_version(schema, current), []

@@ -56,3 +56,10 @@ def test_reports_of_a_node_with_garbage_figures_name_them(cluster):
                                                                      "nodes/n1/memtotal"]
     assert n2["memory"]["reserved"] == 512 and len(n2["invalid"]) == 1 and OTHER in n2["invalid"][0]
     assert cluster_report(snapshot)["nodes"] == 2
+
+
+@pytest.mark.parametrize("stored, expected", [(None, False), ("true", True), ("false", False), ("yes", False)])
+def test_the_require_n1_setting_is_read_and_an_invalid_one_reads_as_false(store, stored, expected):
+    if stored is not None:
+        store.commit({store.schema.require_n1(): stored})
+    assert read_cluster(store).require_n1 is expected

@@ -349,7 +349,8 @@ def test_survives_node_failure_ok_and_not():
     assert not bad
     assert set(bad.failures) == {"a"}
     assert bad.failures["a"] == ("its 3 VM(s) (20480 MiB) cannot be restarted elsewhere: a 4096 MiB VM does not fit,"
-                                 " the most headroom left is 0 MiB (b)")
+                                 " the most headroom left is 0 MiB (b), short by 4096 MiB")
+    assert bad.shortfalls == {"a": 4096}
     assert bad.message.startswith("the cluster would not survive the failure of a: its 3 VM(s)")
 
 
@@ -495,3 +496,30 @@ def test_fit_places_more_memory_than_mem_on_tight_snapshots_and_never_overcommit
                 placed[selector].append(result["placed_pct"])
     mean = {selector: sum(values) / len(values) for selector, values in placed.items()}
     assert mean["fit"] >= 92.0 and mean["fit"] >= mean["mem"] + 5.0, mean
+
+
+# ---- n-1 as policy --------------------------------------------------------------------------------
+
+
+def test_the_n1_check_says_which_node_fails_and_by_how_much():
+    # headroom: n1 4096, n2 8192, n3 6144 MiB
+    nodes = [node("n1", total=16384, prov=12288), node("n2", total=16384, prov=8192), node("n3", total=16384, prov=10240)]
+    check = survives_node_failure(nodes, {"n1": [8192, 4096], "n2": [8192], "n3": [10240]})
+    # n1's VMs fit on n2 and n3; n2's 8192 MiB VM and n3's 10240 MiB VM fit nowhere
+    assert not check.ok
+    assert check.shortfalls == {"n2": 2048, "n3": 2048}
+    assert check.failures["n3"].endswith("a 10240 MiB VM does not fit, the most headroom left is 8192 MiB (n2), short by 2048 MiB")
+    assert "n2:" in check.message and "n3:" in check.message
+
+
+def test_an_allocation_that_breaks_n1_is_refused_with_the_failing_node_and_by_how_much():
+    from pvc_cluster_common._selector import allocation_check
+
+    nodes = [node("n1", total=16384, prov=4096), node("n2", total=16384, prov=4096)]
+    running = {"n1": [4096], "n2": [4096]}
+    assert survives_node_failure(nodes, running).ok
+    assert allocation_check(nodes, running, "n1", 8192).ok      # n2 could still take 8192 + 4096 MiB
+    check = allocation_check(nodes, running, "n1", 10240)       # n1: 2048 MiB headroom left
+    assert not check.ok
+    assert check.shortfalls == {"n1": 2048, "n2": 2048}
+    assert nodes[0].reserved == 0                                # the views given are not changed

@@ -134,3 +134,32 @@ def test_the_last_ready_node_is_not_flushed_without_force(others, refused):
     if "n2" in others and refused:
         view = others["n2"]
         assert f"n2: daemon {view.daemon_state}, domain {view.domain_state}" in refusal
+
+
+def test_require_n1_refuses_a_flush_whose_plan_fails_the_n1_check_naming_the_node_and_the_shortfall():
+    vms = [make_vm("big", u("u-big"), node="n1", memory_mib=3072),
+           make_vm("small", u("u-small"), node="n1", memory_mib=1024),
+           make_vm("elsewhere", u("u-else"), node="n2", memory_mib=1024)]
+    nodes = {"n1": raw_node(memprov=4096, running=["u-big", "u-small"]),
+             "n2": raw_node(memprov=1024, running=["u-else"]),
+             "n3": raw_node(memtotal=4096)}
+    _plan, check = module.flush_report(snapshot(vms, nodes), "n1")
+    assert not check["ok"] and check["shortfalls"] == {"n2": 1024}
+    refusal = module.flush_n1_refusal("n1", check)
+    assert refusal.startswith("the flush of node n1 would leave the cluster unable to restart every running VM after "
+                              "the loss of any one node (require_n1): the cluster would not survive the failure of n2:")
+    assert refusal.endswith("short by 1024 MiB")
+    # a plan that passes is never refused
+    nodes["n3"] = raw_node(memtotal=16384)
+    _plan, check = module.flush_report(snapshot(vms, nodes), "n1")
+    assert check["ok"] and module.flush_n1_refusal("n1", check) is None
+
+
+def test_require_n1_defaults_to_the_cluster_setting():
+    from ansible_collections.pvc.cluster.plugins.module_utils._report import n1_policy
+
+    cluster = ClusterSnapshot()
+    assert n1_policy(None, cluster) is False
+    cluster.require_n1 = True
+    assert n1_policy(None, cluster) is True
+    assert n1_policy(False, cluster) is False
