@@ -843,6 +843,7 @@ class Hypervisor:
         max_downtime_ms: int | None = None,
         timeout_s: float = 600.0,
         setup: MigrationSetup | None = None,
+        auto_converge: bool = False,
     ) -> None:
         """Migrate a running domain to dest_uri (see the module docstring).
 
@@ -851,6 +852,8 @@ class Hypervisor:
         data (VIR_MIGRATE_PARAM_URI, e.g. ``tcp://10.77.0.2``). Raises HypervisorError, or
         HypervisorTimeout after aborting the job when it takes longer than timeout_s. ``setup``:
         what ``prepare_migration()`` made earlier; made again here unless it is still current.
+        ``auto_converge``: QEMU may throttle the guest's vCPUs, more at each pass, until the
+        migration converges (VIR_MIGRATE_AUTO_CONVERGE; the VM's ``migration_auto_converge``).
         """
         params: dict[str, Any] = {}
         if migration_uri:
@@ -861,6 +864,8 @@ class Hypervisor:
         flags = libvirt.VIR_MIGRATE_LIVE if live else 0
         if peer_to_peer:
             flags |= libvirt.VIR_MIGRATE_PEER2PEER
+        if auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
         if setup.persistent:
             flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 

@@ -60,7 +60,7 @@ ACTIVE, RUNNING = ACTIVE_STATES, RUNNING_STATES
 UNKNOWN = "unknown"
 ASK = object()   # "libvirt's state of the VM here is not known yet: ask"
 # the meta a migration reads at its transfer step
-MIGRATION_META = (S.META_MIGRATION_METHOD, S.META_MIGRATION_MAX_DOWNTIME_MS)
+MIGRATION_META = (S.META_MIGRATION_METHOD, S.META_MIGRATION_MAX_DOWNTIME_MS, S.META_MIGRATION_AUTO_CONVERGE)
 RECORD_LEFT_ALONE = ("no daemon acts on the record and the VM is left as it is until an operator clears it "
                      "(pvc.cluster.vm_migrate with state=cleared)")
 
@@ -549,6 +549,7 @@ class MigrationAgent:
         try:
             self.hypervisor.migrate(uuid, dest_uri, migration_uri=transport_uri or None,
                                     live=True, peer_to_peer=True, max_downtime_ms=meta.migration_max_downtime_ms,
+                                    auto_converge=meta.migration_auto_converge,
                                     timeout_s=timeout_s, setup=setup)
         except HypervisorError as exc:
             return str(exc)

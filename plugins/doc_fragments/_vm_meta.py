@@ -53,4 +53,14 @@ options:
       - From V(1) to V(2000000) (2000 s, the most QEMU accepts). V(300) when never set.
       - Left unchanged when not given.
     type: int
+  migration_auto_converge:
+    description:
+      - Let a live migration of the VM throttle its vCPUs, more at every pass that sends memory again, until what is
+        left to send fits into O(migration_max_downtime_ms) (QEMU's auto-converge). For a VM that writes to its memory
+        faster than the network moves it, which otherwise never converges.
+      - Without it such a migration runs until the node daemon's completion timeout, which aborts it; the VM keeps
+        running on its source (and under O(migration_method=default) is then moved by a shutdown migration).
+      - Post-copy migration is not offered; a network failure during post-copy loses the VM.
+      - V(false) when never set. Left unchanged when not given.
+    type: bool
 """

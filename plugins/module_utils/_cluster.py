@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from . import _schema as S
 from . import _records as R
-from ._decode import Invalid, or_default, vm_name
+from ._decode import Invalid, json_object, or_default, vm_name
 from ._meta import VMMeta
 from ._records import MigrationRecord
 from ._selector import NodeView
@@ -274,6 +274,38 @@ def read_history(store, uuid: str, last: int = HISTORY_SHOWN, problems: list | N
         except Invalid as exc:
             problems.append(exc)
     return result
+
+
+def record_guest_downtime(store, uuid: str, migration_id: str, downtime_ms: float, measured_by: str) -> bool:
+    """Add the downtime the guest saw at the switch-over of live migration ``migration_id`` of VM
+    ``uuid`` to its audit record (``guest_downtime_ms`` and ``guest_downtime_by``, see
+    _records.guest_downtime_fields). The daemons cannot measure it (docs/migration-protocol.md,
+    "Downtime as the guest sees it"): whoever can (the lab's tick collector, a monitoring system
+    that pings the guest) calls this once the migration is done.
+
+    Only a finished live migration that succeeded takes a figure, and only once: True when it was
+    written; False when there is no such audit record (pruned, or not finished yet), it is not a
+    done live migration, it already has one, or it changed while this wrote (version-checked).
+    Raises Invalid for a figure out of bounds."""
+    fields = R.guest_downtime_fields(downtime_ms, measured_by)
+    path = store.schema.domain_history(uuid)
+    suffix = "-" + migration_id
+    entries = [entry for entry in store.children(path) or [] if entry.endswith(suffix)]
+    if len(entries) != 1:
+        return False
+    key = f"{path}/{entries[0]}"
+    found = store.read_versioned(key)
+    if found is None:
+        return False
+    try:
+        entry = R.history_entry(found[0], key, uuid)
+        stored = json_object(found[0], key, max_bytes=R.MAX_RECORD_BYTES, max_depth=R.MAX_RECORD_DEPTH)
+    except Invalid:
+        return False
+    if entry["id"] != migration_id or entry["result"] != R.RESULT_DONE or entry.get("method_used") != "live" \
+            or R.GUEST_DOWNTIME_MS in entry:
+        return False
+    return store.write({key: {**stored, **fields}}, expect_versions={key: found[1]})
 
 
 def wait_for_key(store, path: str, predicate, timeout_s: float, cancel=None) -> bool:

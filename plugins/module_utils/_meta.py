@@ -26,6 +26,7 @@ key                                   values                                  de
 ``node_limit``                        JSON list of node names, ``[]`` = any   ``[]``
 ``node_autostart``                    ``true`` | ``false``                    ``false``
 ``migration_max_downtime_ms``         integer from 1 to 2,000,000 (ms)        ``300``
+``migration_auto_converge``           ``true`` | ``false``                    ``false``
 ====================================  ======================================  =============
 
 Legacy values (upstream PVC) are accepted everywhere and normalised:
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 
 from ._schema import (
     META_KEYS,
+    META_MIGRATION_AUTO_CONVERGE,
     META_MIGRATION_MAX_DOWNTIME_MS,
     META_MIGRATION_METHOD,
     META_NODE_AUTOSTART,
@@ -69,6 +71,10 @@ DEFAULT_NODE_SELECTOR = "default"
 DEFAULT_NODE_LIMIT: tuple[str, ...] = ()
 DEFAULT_NODE_AUTOSTART = False
 DEFAULT_MIGRATION_MAX_DOWNTIME_MS = 300
+# Off unless asked for: throttling a guest's vCPUs is a change in its behaviour that its owner
+# chooses (docs/migration-protocol.md, "Busy guests"); without it a guest that never converges is
+# aborted by the completion timeout and keeps running where it is.
+DEFAULT_MIGRATION_AUTO_CONVERGE = False
 # Bounds of migration_max_downtime_ms. QEMU refuses a downtime-limit above 2000 seconds
 # (MAX_MIGRATE_DOWNTIME in its migration code), and libvirt's migrateSetMaxDowntime takes an
 # unsigned 64-bit figure: a larger value fails only at migration time, inside the daemon. The
@@ -176,10 +182,10 @@ def parse_node_limit(value: object) -> tuple[str, ...]:
     return tuple(names)
 
 
-def parse_node_autostart(value: object) -> bool:
+def _parse_bool(key: str, value: object, default: bool) -> bool:
     """Normalise a boolean: bools, 0/1, and true/false, yes/no, on/off, 1/0 in any case."""
     if value is None:
-        return DEFAULT_NODE_AUTOSTART
+        return default
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -190,7 +196,18 @@ def parse_node_autostart(value: object) -> bool:
             return True
         if text in _FALSE:
             return False
-    raise MetaError(META_NODE_AUTOSTART, value, "true or false (also yes/no, on/off, 1/0)")
+    raise MetaError(key, value, "true or false (also yes/no, on/off, 1/0)")
+
+
+def parse_node_autostart(value: object) -> bool:
+    """Normalise node_autostart (a boolean, see _parse_bool)."""
+    return _parse_bool(META_NODE_AUTOSTART, value, DEFAULT_NODE_AUTOSTART)
+
+
+def parse_auto_converge(value: object) -> bool:
+    """Normalise migration_auto_converge (a boolean, see _parse_bool): whether a live migration
+    may throttle the guest's vCPUs until it converges (libvirt's VIR_MIGRATE_AUTO_CONVERGE)."""
+    return _parse_bool(META_MIGRATION_AUTO_CONVERGE, value, DEFAULT_MIGRATION_AUTO_CONVERGE)
 
 
 def parse_max_downtime_ms(value: object) -> int:
@@ -234,6 +251,7 @@ _PARSERS = {
     META_NODE_LIMIT: parse_node_limit,
     META_NODE_AUTOSTART: parse_node_autostart,
     META_MIGRATION_MAX_DOWNTIME_MS: parse_max_downtime_ms,
+    META_MIGRATION_AUTO_CONVERGE: parse_auto_converge,
 }
 
 
@@ -244,7 +262,7 @@ def format_value(key: str, value: object) -> str:
     """The stored text of an already normalised value of meta key ``key``."""
     if key == META_NODE_LIMIT:
         return json.dumps(list(value))  # type: ignore[call-overload]
-    if key == META_NODE_AUTOSTART:
+    if key in (META_NODE_AUTOSTART, META_MIGRATION_AUTO_CONVERGE):
         return "true" if value else "false"
     return str(value)
 
@@ -262,6 +280,7 @@ class VMMeta:
     node_limit: tuple[str, ...] = DEFAULT_NODE_LIMIT
     node_autostart: bool = DEFAULT_NODE_AUTOSTART
     migration_max_downtime_ms: int = DEFAULT_MIGRATION_MAX_DOWNTIME_MS
+    migration_auto_converge: bool = DEFAULT_MIGRATION_AUTO_CONVERGE
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod

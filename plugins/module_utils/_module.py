@@ -64,6 +64,7 @@ META_ARGUMENT_SPEC = {
     S.META_NODE_LIMIT: {"type": "list", "elements": "str"},
     S.META_NODE_AUTOSTART: {"type": "bool"},
     S.META_MIGRATION_MAX_DOWNTIME_MS: {"type": "int"},
+    S.META_MIGRATION_AUTO_CONVERGE: {"type": "bool"},
 }
 
 # Bounds of every module's wait_timeout (seconds). A week is longer than any maintenance step

@@ -292,6 +292,35 @@ def migration_record(value, path: str, uuid: str) -> MigrationRecord:
 # ---- audit records ----------------------------------------------------------------------------
 
 
+# The downtime a guest saw at a live migration's switch-over is not known to the daemons (they
+# cannot read a guest's console): a measurement outside them adds it to the audit record
+# afterwards (``_cluster.record_guest_downtime``), with what measured it.
+GUEST_DOWNTIME_MS = "guest_downtime_ms"
+GUEST_DOWNTIME_BY = "guest_downtime_by"
+# A switch-over that froze the guest longer than an hour is not a live migration's.
+MAX_GUEST_DOWNTIME_MS = 3_600_000.0
+MAX_MEASURED_BY_BYTES = 256
+
+
+def guest_downtime_ms(value, path: str) -> float:
+    """A guest-seen downtime in milliseconds: a finite number from 0 to MAX_GUEST_DOWNTIME_MS."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_GUEST_DOWNTIME_MS:
+        raise D.Invalid(path, f"a number of milliseconds from 0 to {MAX_GUEST_DOWNTIME_MS:g}", value,
+                        field=GUEST_DOWNTIME_MS)
+    return round(float(value), 1)
+
+
+def guest_downtime_fields(downtime_ms, measured_by: str, path: str = "guest downtime") -> dict:
+    """The fields a measurement adds to an audit record, checked: ``downtime_ms`` as
+    guest_downtime_ms accepts it, ``measured_by`` a short text naming the measurement."""
+    by = measured_by if isinstance(measured_by, str) else None
+    if not by or not by.strip() or len(by.encode("utf-8")) > MAX_MEASURED_BY_BYTES:
+        raise D.Invalid(path, f"a text of 1 to {MAX_MEASURED_BY_BYTES} bytes naming the measurement", measured_by,
+                        field=GUEST_DOWNTIME_BY)
+    return {GUEST_DOWNTIME_MS: guest_downtime_ms(downtime_ms, path), GUEST_DOWNTIME_BY: by.strip()}
+
+
 def history_entry(value, path: str, uuid: str) -> dict:
     """An audit record, ``/domains/<uuid>/history/<key>``: a finished migration record (no
     ``step``) with its ``result`` and ``duration_s``, or (``kind`` recovery) the record of a VM
@@ -308,6 +337,11 @@ def history_entry(value, path: str, uuid: str) -> dict:
     entry = record.to_dict()
     del entry["step"]
     entry.update(result=result, steps=steps, duration_s=_time(duration, path, "duration_s"))
+    # the downtime the guest saw, added afterwards by whoever could measure it (see
+    # guest_downtime_fields): both or neither
+    if data.get(GUEST_DOWNTIME_MS) is not None or data.get(GUEST_DOWNTIME_BY) is not None:
+        entry[GUEST_DOWNTIME_MS] = guest_downtime_ms(data.get(GUEST_DOWNTIME_MS), path)
+        entry[GUEST_DOWNTIME_BY] = _text_field(data, GUEST_DOWNTIME_BY, path, max_bytes=MAX_MEASURED_BY_BYTES)
     return entry
 
 

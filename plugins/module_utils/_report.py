@@ -32,6 +32,7 @@ def meta_dict(meta: VMMeta) -> dict:
         S.META_NODE_LIMIT: list(meta.node_limit),
         S.META_NODE_AUTOSTART: meta.node_autostart,
         S.META_MIGRATION_MAX_DOWNTIME_MS: meta.migration_max_downtime_ms,
+        S.META_MIGRATION_AUTO_CONVERGE: meta.migration_auto_converge,
     }
 
 

@@ -145,12 +145,16 @@ META_NODE_SELECTOR = "node_selector"
 META_NODE_LIMIT = "node_limit"
 META_NODE_AUTOSTART = "node_autostart"
 META_MIGRATION_MAX_DOWNTIME_MS = "migration_max_downtime_ms"
+# how a live migration of a guest that dirties memory faster than it is sent converges
+# (_meta.py; docs/migration-protocol.md, "Busy guests")
+META_MIGRATION_AUTO_CONVERGE = "migration_auto_converge"
 META_KEYS = (
     META_MIGRATION_METHOD,
     META_NODE_SELECTOR,
     META_NODE_LIMIT,
     META_NODE_AUTOSTART,
     META_MIGRATION_MAX_DOWNTIME_MS,
+    META_MIGRATION_AUTO_CONVERGE,
 )
 
 # How many finished migration records are kept per VM.

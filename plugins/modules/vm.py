@@ -197,7 +197,7 @@ vm:
       description: The VM's meta (see M(pvc.cluster.vm_meta)).
       type: dict
       sample: {"migration_method": "live", "node_selector": "default", "node_limit": ["hv1", "hv2"],
-               "node_autostart": false, "migration_max_downtime_ms": 300}
+               "node_autostart": false, "migration_max_downtime_ms": 300, "migration_auto_converge": false}
     running_on:
       description: The nodes that report the VM running (after a wait; otherwise as last published).
       type: list

@@ -110,7 +110,7 @@ vms:
       description: The VM's meta, normalised (see M(pvc.cluster.vm_meta)).
       type: dict
       sample: {"migration_method": "default", "node_selector": "default", "node_limit": [], "node_autostart": false,
-               "migration_max_downtime_ms": 300}
+               "migration_max_downtime_ms": 300, "migration_auto_converge": false}
     meta_warnings:
       description: Stored meta values that could not be understood (their defaults apply).
       type: list

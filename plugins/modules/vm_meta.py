@@ -47,6 +47,12 @@ EXAMPLES = r"""
     migration_method: live
     migration_max_downtime_ms: 500
 
+- name: Let the busy db2 converge by throttling its vCPUs during a live migration
+  pvc.cluster.vm_meta:
+    zk_hosts: zk1.example.net:2181
+    name: db2
+    migration_auto_converge: true
+
 - name: Let web1 run anywhere again, placed by free memory
   pvc.cluster.vm_meta:
     zk_hosts: zk1.example.net:2181
@@ -71,13 +77,13 @@ meta_before:
   returned: always
   type: dict
   sample: {"migration_method": "default", "node_selector": "default", "node_limit": [], "node_autostart": false,
-           "migration_max_downtime_ms": 300}
+           "migration_max_downtime_ms": 300, "migration_auto_converge": false}
 meta:
   description: The VM's whole meta after the task (in check mode, as it would be).
   returned: always
   type: dict
   sample: {"migration_method": "live", "node_selector": "default", "node_limit": ["hv1", "hv2"], "node_autostart": false,
-           "migration_max_downtime_ms": 500}
+           "migration_max_downtime_ms": 500, "migration_auto_converge": false}
 changed_keys:
   description: The meta options that changed (or would change).
   returned: always

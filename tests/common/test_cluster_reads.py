@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_node_views, read_nodes_raw, vm_definition
+from pvc_cluster_common._cluster import read_history, read_node_views, read_nodes_raw, record_guest_downtime, vm_definition
+from pvc_cluster_common._decode import Invalid
+from pvc_cluster_common._records import MigrationRecord
+from pvc_cluster_common._requests import finish_values
 from pvc_cluster_common._report import cluster_report, node_report, read_cluster
 
 pytestmark = pytest.mark.zk
@@ -63,3 +66,27 @@ def test_the_require_n1_setting_is_read_and_an_invalid_one_reads_as_false(store,
     if stored is not None:
         store.commit({store.schema.require_n1(): stored})
     assert read_cluster(store).require_n1 is expected
+
+
+def _finished(store, migration_id: str, result: str, method_used: str | None) -> None:
+    record = MigrationRecord(id=migration_id, vm=UUID, kind="migrate", source="n1", target="n2", method="default",
+                             memory_mib=1024, step="transferring", name="web1", method_used=method_used,
+                             steps={"requested": 1.0, "transferring": 2.0})
+    values, _delete, _final = finish_values(store.schema, UUID, record, result, None if result == "done" else "no")
+    store.commit({k: v for k, v in values.items() if "/history/" in k})
+
+
+def test_a_guest_seen_downtime_is_added_to_a_done_live_migration_once(cluster):
+    _finished(cluster, "live1", "done", "live")
+    _finished(cluster, "cold1", "done", "shutdown")
+    _finished(cluster, "failed1", "aborted", "live")
+    assert record_guest_downtime(cluster, UUID, "live1", 37.5, "lab tick collector")
+    assert not record_guest_downtime(cluster, UUID, "live1", 99, "again")          # only once
+    assert not record_guest_downtime(cluster, UUID, "cold1", 10, "probe")          # not a live switch-over
+    assert not record_guest_downtime(cluster, UUID, "failed1", 10, "probe")        # no switch-over happened
+    assert not record_guest_downtime(cluster, UUID, "unknown", 10, "probe")
+    with pytest.raises(Invalid):
+        record_guest_downtime(cluster, UUID, "live1", -5, "probe")
+    by_id = {entry["id"]: entry for entry in read_history(cluster, UUID)}
+    assert (by_id["live1"]["guest_downtime_ms"], by_id["live1"]["guest_downtime_by"]) == (37.5, "lab tick collector")
+    assert "guest_downtime_ms" not in by_id["cold1"] and "guest_downtime_ms" not in by_id["failed1"]

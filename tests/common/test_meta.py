@@ -17,6 +17,7 @@ from pvc_cluster_common._meta import (
 )
 from pvc_cluster_common._schema import (
     META_KEYS,
+    META_MIGRATION_AUTO_CONVERGE,
     META_MIGRATION_MAX_DOWNTIME_MS,
     META_MIGRATION_METHOD,
     META_NODE_AUTOSTART,
@@ -30,6 +31,7 @@ DEFAULT_STORE = {
     META_NODE_LIMIT: "[]",
     META_NODE_AUTOSTART: "false",
     META_MIGRATION_MAX_DOWNTIME_MS: "300",
+    META_MIGRATION_AUTO_CONVERGE: "false",
 }
 
 
@@ -158,7 +160,8 @@ def test_from_store_several_garbage_values():
 
 
 def test_round_trip():
-    meta = VMMeta(migration_method="live", node_selector="vms", node_limit=("a", "b"), node_autostart=True, migration_max_downtime_ms=50)
+    meta = VMMeta(migration_method="live", node_selector="vms", node_limit=("a", "b"), node_autostart=True, migration_max_downtime_ms=50,
+                  migration_auto_converge=True)
     stored = meta.to_store()
     assert stored == {
         META_MIGRATION_METHOD: "live",
@@ -166,6 +169,7 @@ def test_round_trip():
         META_NODE_LIMIT: '["a", "b"]',
         META_NODE_AUTOSTART: "true",
         META_MIGRATION_MAX_DOWNTIME_MS: "50",
+        META_MIGRATION_AUTO_CONVERGE: "true",
     }
     assert VMMeta.from_store(stored) == meta
 
@@ -281,3 +285,16 @@ def test_validate_meta_updates_invalid(updates, fragments):
         assert fragment in message
     assert isinstance(excinfo.value, ValueError)
     assert excinfo.value.option in (next(iter(updates)), "meta key")
+
+
+@pytest.mark.parametrize("stored, expected", [(None, False), ("true", True), ("yes", True), ("0", False), ("", False)])
+def test_auto_converge_reads_as_a_boolean(stored, expected):
+    assert VMMeta.from_store({META_MIGRATION_AUTO_CONVERGE: stored}).migration_auto_converge is expected
+
+
+def test_auto_converge_refuses_what_is_not_a_boolean():
+    with pytest.raises(MetaError, match="migration_auto_converge"):
+        validate_meta_updates({META_MIGRATION_AUTO_CONVERGE: "sometimes"})
+    assert validate_meta_updates({META_MIGRATION_AUTO_CONVERGE: True}) == {META_MIGRATION_AUTO_CONVERGE: "true"}
+    meta = VMMeta.from_store({META_MIGRATION_AUTO_CONVERGE: "sometimes"})
+    assert meta.migration_auto_converge is False and "migration_auto_converge" in meta.warnings[0]

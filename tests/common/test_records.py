@@ -105,6 +105,28 @@ def test_history_entries_are_checked_too():
             R.history_entry(bad, PATH + "/1", UUID)
 
 
+
+def test_a_guest_seen_downtime_in_an_audit_record_is_checked():
+    final = final_record(decode(RECORD), "done")
+    with_downtime = dict(final, guest_downtime_ms=41.25, guest_downtime_by="lab tick collector")
+    entry = R.history_entry(json.dumps(with_downtime), PATH + "/1", UUID)
+    assert (entry["guest_downtime_ms"], entry["guest_downtime_by"]) == (41.2, "lab tick collector")
+    assert "guest_downtime_ms" not in R.history_entry(json.dumps(final), PATH + "/1", UUID)
+    for bad in ({"guest_downtime_ms": -1, "guest_downtime_by": "x"}, {"guest_downtime_ms": float("inf"), "guest_downtime_by": "x"},
+                {"guest_downtime_ms": 4e6, "guest_downtime_by": "x"}, {"guest_downtime_ms": True, "guest_downtime_by": "x"},
+                {"guest_downtime_ms": "12", "guest_downtime_by": "x"}, {"guest_downtime_ms": 12},
+                {"guest_downtime_by": "x"}, {"guest_downtime_ms": 12, "guest_downtime_by": "x" * 300}):
+        with pytest.raises(Invalid):
+            R.history_entry(json.dumps(dict(final, **bad)), PATH + "/1", UUID)
+
+
+@pytest.mark.parametrize("downtime, by", [(-0.1, "probe"), (float("nan"), "probe"), (12, ""), (12, "  "), (12, None),
+                                          (12, "p" * 257), ("12", "probe")])
+def test_guest_downtime_fields_refuse_what_the_decoder_would(downtime, by):
+    with pytest.raises(Invalid):
+        R.guest_downtime_fields(downtime, by)
+
+
 # ---- the other kinds of keys --------------------------------------------------------------------
 
 

@@ -609,6 +609,16 @@ def test_migrate_params_and_flags(hv, make_domain_xml, record_migration, persist
     ]
 
 
+def test_migrate_with_auto_converge_asks_libvirt_for_it(hv, make_domain_xml, record_migration):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", auto_converge=True)
+    hv.migrate(uuid, "qemu+tcp://10.77.0.2/system")
+    flags = [call[3] for call in record_migration if call[0] == "p2p"]
+    assert [bool(f & libvirt.VIR_MIGRATE_AUTO_CONVERGE) for f in flags] == [True, False]
+    assert all(f & libvirt.VIR_MIGRATE_LIVE for f in flags)
+
+
 def test_migrate_offline_style_flags(hv, make_domain_xml, record_migration):
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)

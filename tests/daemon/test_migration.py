@@ -324,6 +324,23 @@ def test_a_downtime_changed_after_requested_is_applied_at_the_transfer(live_sour
     assert calls == [("downtime", 250), ("downtime", 500), ("p2p", "qemu+tcp://10.77.0.2/system")]
 
 
+@pytest.mark.parametrize("stored, expected", [(None, False), ("true", True), ("false", False), ("maybe", False)])
+def test_the_vms_auto_converge_meta_reaches_the_live_migration(live_source, monkeypatch, stored, expected):
+    store, uuid, source, calls = live_source
+    flags = []
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
+                        lambda self, dconnuri, params, f=0: flags.append(f) or 0)
+    if stored is not None:
+        store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_AUTO_CONVERGE): stored})
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    rewrite_record(store, uuid, step="prepared")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    assert len(flags) == 1 and bool(flags[0] & libvirt.VIR_MIGRATE_AUTO_CONVERGE) == expected
+    reported = list(source.invalid.reported())
+    assert reported == ([store.schema.domain_meta(uuid, S.META_MIGRATION_AUTO_CONVERGE)] if stored == "maybe" else [])
+
+
 @pytest.mark.parametrize("stored", ["3000000", "1" + "0" * 30])
 def test_a_stored_downtime_beyond_qemus_limit_is_never_handed_to_libvirt(live_source, stored):
     # Beyond QEMU's 2000 s (or libvirt's 64 bits: 10**30 raised OverflowError in the source daemon

@@ -1,4 +1,10 @@
-"""Benchmark (a): live-migration control overhead of our daemons against plain libvirt.
+"""Benchmarks (a), (a2) and (f): live migrations by our daemons against plain libvirt.
+
+(a2) is (a) with a busy real guest (``measure(busy=True)``): a Linux guest that dirties 48 MiB/s
+of a 24 MiB buffer, with ``migration_auto_converge`` (virsh: ``--auto-converge``) and libvirt's
+migrate speed capped at 16 MiB/s on the source before each move, for both; each move's downtime
+as the guest saw it comes from its ticks (ticks.py). (f) is ``measure_flush``: a flush of a node
+running six such guests against a loop of ``virsh migrate`` with the same parallelism.
 
 The same running VM goes between the same two lab hosts, alternately:
 
@@ -33,12 +39,31 @@ from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_node_daemon.hypervisor import Hypervisor
 
 from .daemons import LabCluster
+from .guests import LabGuests
 from .lab import Lab
+from .ticks import TickCollector, record_switchover
 
 WORKDIR = Path("/tmp/pvc-cluster/bench-lab")
+# the busy guest of a2 and f (as in tests/lab/test_migration_lab.py)
+BUSY_GUEST = {"memory_mib": 128, "dirty_mib_s": 48, "dirty_buf_mib": 24}
+BUSY_META = {S.META_MIGRATION_METHOD: "live", S.META_MIGRATION_AUTO_CONVERGE: "true"}
+MIGRATE_SPEED_MIB_S = 16
+# a busy guest takes tens of seconds to converge on a loaded 2-core machine: no completion
+# timeout of the daemons may cut a sample short
+BUSY_DAEMON_CONFIG = {"migration": {"live_timeout_base_s": 900}}
 
 
-def measure(pairs: int = 5, log=print) -> dict[str, list[float]]:
+def cap_migrate_speed(host, uuid: str) -> None:
+    """libvirt's migrate speed of the VM on ``host`` (kept per domain by that libvirtd: set again
+    on each source)."""
+    conn = host.connect()
+    try:
+        conn.lookupByUUIDString(uuid).migrateSetMaxSpeed(MIGRATE_SPEED_MIB_S, 0)
+    finally:
+        conn.close()
+
+
+def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list[float]]:
     """Seconds per sample: ``ours`` (submission to running on the target), ``ours_planning``
     (the reads that plan the request), ``ours_record_gone`` (submission to the record removed),
     ``virsh`` (command start to the VM resumed on the target) and ``virsh_command``.
@@ -48,12 +73,24 @@ def measure(pairs: int = 5, log=print) -> dict[str, list[float]]:
     lab = Lab(WORKDIR, hosts=2, prefix="bench", log=log)
     lab.up()
     cluster = None
+    collector = TickCollector(lab) if busy else None
+    name = "bench-busy" if busy else "bench-live"
     try:
-        cluster = LabCluster(lab, "bench-live")
-        cluster.start()
-        uuid = cluster.define_vm("bench-live", "node1", meta={S.META_MIGRATION_METHOD: "live"}, memory_mib=128)
-        cluster.wait_running_on("node1", uuid)
-        series = {"ours": [], "ours_planning": [], "ours_record_gone": [], "virsh": [], "virsh_command": []}
+        if busy:
+            guests = LabGuests(lab, collector=collector, log=log).prepare()
+            cluster = LabCluster(lab, name, guests=guests, **BUSY_DAEMON_CONFIG)
+            cluster.start()
+            booted = time.time()
+            uuid = cluster.define_vm(name, "node1", meta=BUSY_META, **BUSY_GUEST)
+            cluster.wait_guest_up(uuid, "node1", since=booted)
+        else:
+            cluster = LabCluster(lab, name)
+            cluster.start()
+            # a no-OS guest, as (a) has always measured
+            uuid = cluster.define_vm(name, "node1", meta={S.META_MIGRATION_METHOD: "live"}, memory_mib=128, guest="none")
+            cluster.wait_running_on("node1", uuid)
+        series = {"ours": [], "ours_planning": [], "ours_record_gone": [], "virsh": [], "virsh_command": [],
+                  "ours_frozen_ms": [], "virsh_frozen_ms": []}
 
         def by_virsh(source: str, target: str) -> None:
             # plain libvirt, daemons out of the way
@@ -68,15 +105,25 @@ def measure(pairs: int = 5, log=print) -> dict[str, list[float]]:
                     arrived.set()
 
             src, dst = cluster.host(source), cluster.host(target)
+            if busy:
+                cap_migrate_speed(src, uuid)
+            flags = ["--auto-converge"] if busy else []
             with Hypervisor(dst.libvirt_uri, call_timeout_s=30) as libvirt_there:
                 libvirt_there.add_lifecycle_listener(on_event)
-                started = time.perf_counter()
-                subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", uuid,
-                                dst.libvirt_tcp_uri, dst.migration_uri], check=True, capture_output=True, timeout=300)
+                started_wall, started = time.time(), time.perf_counter()
+                subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", *flags, uuid,
+                                dst.libvirt_tcp_uri, dst.migration_uri], check=True, capture_output=True,
+                               timeout=900 if busy else 300)
                 series["virsh_command"].append(time.perf_counter() - started)
                 if not arrived.wait(30):
                     raise RuntimeError(f"libvirt on {dst.name} reported no resume of {uuid} after virsh migrate")
             series["virsh"].append(resumed[0] - started)
+            if busy:
+                collector.wait_ticking(name, host=target, since=started_wall, timeout_s=60)
+                switch = collector.switchover_near(name, started_wall, time.time() + 1, source, target)
+                if switch is None:
+                    raise RuntimeError(f"no switch-over {source}->{target} in the ticks of {name} after virsh migrate")
+                series["virsh_frozen_ms"].append(switch.frozen_ms)
             cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): target})
             cluster.start(ready=False)
             cluster.wait_running_on(target, uuid)
@@ -91,6 +138,9 @@ def measure(pairs: int = 5, log=print) -> dict[str, list[float]]:
         def by_daemons(target: str) -> None:
             planning = time.perf_counter()
             vm = read_vm(cluster.store, uuid)
+            if busy:
+                cap_migrate_speed(cluster.host(vm.node), uuid)
+                planning = time.perf_counter()
             plan = plan_request(vm, "move", read_node_views(cluster.store), target=target)
             started_wall, started = time.time(), time.perf_counter()
             record = submit_request(cluster.store, plan, vm, requester="bench")
@@ -101,6 +151,11 @@ def measure(pairs: int = 5, log=print) -> dict[str, list[float]]:
             if final["id"] != record.id or final["result"] != "done" or final.get("method_used") != "live":
                 raise RuntimeError(f"our migration {record.id} did not end as a live migration: {final}")
             series["ours"].append(final["steps"]["done"] - started_wall)
+            if busy:
+                switch = record_switchover(cluster.store, collector, uuid, name, final, timeout_s=60)
+                if switch is None:
+                    raise RuntimeError(f"no switch-over in the ticks of {name} for our migration {record.id}")
+                series["ours_frozen_ms"].append(switch.frozen_ms)
             # The VM runs on the target from `done` on, but the source's libvirtd still ends its
             # side of the job (about 0.2 s, as virsh's own return shows); a migration of the VM
             # started before that waits for it. Wait until the source has let the VM go.
@@ -114,11 +169,85 @@ def measure(pairs: int = 5, log=print) -> dict[str, list[float]]:
             else:
                 by_daemons("node2")
                 by_virsh("node2", "node1")
-            log(f"pair {pair + 1}/{pairs}: ours {series['ours'][-1]:.3f} s, virsh {series['virsh'][-1]:.3f} s")
+            seen = (f" (guest frozen: ours {series['ours_frozen_ms'][-1]:.0f} ms, virsh "
+                    f"{series['virsh_frozen_ms'][-1]:.0f} ms)") if busy else ""
+            log(f"pair {pair + 1}/{pairs}: ours {series['ours'][-1]:.3f} s, virsh {series['virsh'][-1]:.3f} s{seen}")
         return series
     finally:
         try:
             if cluster is not None:
                 cluster.close()
         finally:
+            if collector is not None:
+                collector.stop()
+            lab.down()
+
+
+def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict[str, float]:
+    """(f): seconds to move ``vms`` busy real guests off node1 to node2, by a flush of node1 by
+    our daemons (``flush_parallel`` = ``parallel``; domain state `flush` written until the
+    daemon writes `flushed`), and by ``parallel`` threads each running ``virsh migrate --live
+    --p2p --auto-converge`` over its share of the guests (first command started until the last
+    returned), the daemons stopped meanwhile. Between the two the daemons bring the guests back
+    (ready, not timed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lab = Lab(WORKDIR, hosts=2, prefix="bench", log=log)
+    lab.up()
+    cluster = None
+    collector = TickCollector(lab)
+    try:
+        guests = LabGuests(lab, collector=collector, log=log).prepare()
+        config = {**BUSY_DAEMON_CONFIG, "migration": {**BUSY_DAEMON_CONFIG["migration"], "flush_parallel": parallel}}
+        cluster = LabCluster(lab, "bench-flush", guests=guests, **config)
+        cluster.start()
+        booted = time.time()
+        uuids = [cluster.define_vm(f"busy-{i}", "node1", meta=BUSY_META, **BUSY_GUEST) for i in range(vms)]
+        for uuid in uuids:
+            cluster.wait_guest_up(uuid, "node1", since=booted, timeout_s=300)
+        result = {}
+
+        # ours: a flush of node1
+        for uuid in uuids:
+            cap_migrate_speed(cluster.host("node1"), uuid)
+        started = time.perf_counter()
+        cluster.set_domain_state("node1", "flush")
+        cluster.wait_domain_state("node1", "flushed", timeout_s=3600)
+        result["ours"] = time.perf_counter() - started
+        for uuid in uuids:
+            cluster.settle(uuid, timeout_s=300)
+        cluster.set_domain_state("node1", "unflush")
+        cluster.wait_domain_state("node1", "ready", timeout_s=3600)
+        for uuid in uuids:
+            cluster.settle(uuid, timeout_s=600)
+            cluster.wait_running_on("node1", uuid, timeout_s=600)
+
+        # virsh: the same moves, `parallel` at a time
+        for daemon in cluster.daemons.values():
+            daemon.stop()
+        src, dst = cluster.host("node1"), cluster.host("node2")
+        for uuid in uuids:
+            cap_migrate_speed(src, uuid)
+
+        def move(share: list[str]) -> None:
+            for uuid in share:
+                subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", "--auto-converge",
+                                uuid, dst.libvirt_tcp_uri, dst.migration_uri], check=True, capture_output=True,
+                               timeout=1800)
+
+        shares = [uuids[i::parallel] for i in range(parallel)]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(parallel) as pool:
+            for done in [pool.submit(move, share) for share in shares]:
+                done.result()
+        result["virsh"] = time.perf_counter() - started
+        cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): "node2" for uuid in uuids})
+        log(f"flush of {vms} busy guests: ours {result['ours']:.1f} s, virsh {result['virsh']:.1f} s")
+        return result
+    finally:
+        try:
+            if cluster is not None:
+                cluster.close()
+        finally:
+            collector.stop()
             lab.down()

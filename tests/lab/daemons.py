@@ -433,6 +433,17 @@ class LabCluster:
             raise ValueError("the cluster's guests do not tick (no TickCollector)")
         self.guests.collector.wait_ticking(self.names.get(uuid, uuid), host=node, since=since, timeout_s=timeout_s)
 
+    def record_guest_downtime(self, uuid: str, migration_id: str):
+        """Measure the downtime the real guest saw at the switch-over of live migration
+        ``migration_id`` (done) and add it to its audit record, as the lab's measurement hook
+        does (ticks.record_switchover). Returns the Switchover, or None when none was seen."""
+        from .ticks import record_switchover
+
+        entry = next((e for e in self.history(uuid) if e["id"] == migration_id), None)
+        if entry is None or self.guests is None or self.guests.collector is None:
+            return None
+        return record_switchover(self.store, self.guests.collector, uuid, self.names.get(uuid, uuid), entry)
+
     def guest_port(self, uuid: str) -> GuestPort:
         """The command port of the real guest, on the host that runs it now."""
         running = self.running_nodes(self.libvirt_states(uuid))

@@ -1,6 +1,13 @@
 """``make demo``: a 3-host lab, the rollout, six VMs, a rolling maintenance of one node, and a table
 of where each VM ran before, during and after, with every migration's method and duration.
 
+The VMs are the lab's real guests (guests.py: a Debian kernel and busybox, a disk on the lab's
+shared storage), which tick on a serial console to the demo's TickCollector (ticks.py). So a
+shutdown migration ends with a clean shutdown of the guest (the table says how long the guest
+took), and each live migration's downtime as the guest saw it is measured from its ticks and
+added to the migration's audit record (``_cluster.record_guest_downtime``, as a measurement
+outside the daemons would), where ``vm_info`` shows it.
+
     python -m tests.lab.demo [--keep] [--workdir DIR] [--node node1]
     python -m tests.lab.demo --down [--workdir DIR]      # end a lab kept with --keep
 
@@ -19,9 +26,13 @@ from pathlib import Path
 
 import yaml
 
-from .guests import domain_xml
-from .hostviews import LAB_ANSIBLE, LAB_DAEMON_VARS, HostViews, ViewError
+from pvc_cluster_common._cluster import find_vm, read_history, record_guest_downtime
+
+from .daemons import ctl_store
+from .guests import LabGuests
+from .hostviews import LAB_ANSIBLE, HostViews, ViewError
 from .lab import REPO_ROOT, Lab, LabError
+from .ticks import TickCollector, record_switchover
 
 DEFAULT_WORKDIR = "/tmp/pvc-cluster/demo"
 PREFIX = "demo"
@@ -47,6 +58,8 @@ class Demo:
         self.step_no = 0
         self.lab = Lab(self.workdir, hosts=3, prefix=PREFIX, log=self.say_lab)
         self.views = HostViews(self.lab, log=self.say_lab)
+        self.collector = TickCollector(self.lab)
+        self.guests = LabGuests(self.lab, collector=self.collector, log=self.say_lab)
 
     # ---- output --------------------------------------------------------------------------------
 
@@ -95,6 +108,9 @@ class Demo:
         for f in self.records.glob("*.json"):
             f.unlink()
         self.say(f"inventory: {self.views.inventory_file} (hosts node1..3, the lab's connection netns)")
+        self.guests.prepare()
+        self.say(f"real guests: a Debian cloud kernel and busybox (tests/lab/guest_image.py), disks on the lab's shared "
+                 f"NBD storage, serial ticks to {self.collector.address[0]}:{self.collector.address[1]}")
 
     def playbook(self, playbook: str | Path, *args: str) -> None:
         run = self.views.playbook(playbook, *args, json_output=False, progress=True, timeout=900)
@@ -112,13 +128,17 @@ class Demo:
         self.step("Six small VMs with different meta (playbooks/vm_meta.yml), started")
         vms = []
         for name, node, meta, _ in VMS:
-            xml = domain_xml(name, memory_mib=64, bridge=BRIDGE)
+            xml = self.guests.xml(name, memory_mib=128, bridge=BRIDGE)
             vms.append({"name": name, "xml": xml, "node": node, "state": "started", **meta})
         vars_file = self.workdir / "demo-vms.yml"
         vars_file.write_text(yaml.safe_dump({"pvc_vms": vms}, sort_keys=False))
         for name, node, _, meaning in VMS:
             self.say(f"{name:12} on {node}: {meaning}")
+        started = time.time()
         self.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{vars_file}")
+        for name, _, _, _ in VMS:   # booted: their ACPI power button works from now on
+            self.collector.wait_ticking(name, since=started - 1, timeout_s=180)
+        self.say(f"all six guests booted and tick (booted in {time.time() - started:.0f} s)")
 
     def snapshot(self, label: str) -> None:
         self.playbook(LAB_ANSIBLE / "demo_snapshot.yml", "--extra-vars",
@@ -133,9 +153,32 @@ class Demo:
         self.playbook("playbooks/maintenance.yml", "--limit", self.node, "--extra-vars",
                       json.dumps({"pvc_maintenance_hook": str(LAB_ANSIBLE / "demo_maintenance_hook.yml"),
                                   "demo_dir": str(self.records)}))
+        self.record_downtimes(started)
         self.step("Where the VMs run after it")
         self.snapshot("after")
         return started
+
+    def record_downtimes(self, started: float) -> None:
+        """Each live migration's downtime as its guest saw it, from the guest's ticks, added to
+        its audit record: the lab's stand-in for a measurement outside the daemons."""
+        store = ctl_store(self.lab, self.views.zk_root)
+        try:
+            for name, _, _, _ in VMS:
+                uuid = find_vm(store, name)
+                for entry in read_history(store, uuid, last=20):
+                    if entry["steps"].get("requested", 0) < started - 1:
+                        continue
+                    if entry["result"] == "done" and entry.get("method_used") == "live":
+                        switch = record_switchover(store, self.collector, uuid, name, entry)
+                        if switch is None:
+                            began = entry["steps"].get("transferring", 0)
+                            seen = self.collector.ticks(name, since=began - 1)
+                            hosts = sorted({t.host for t in seen})
+                            self.say(f"{name}: no switch-over {entry['source']}->{entry['target']} seen in its ticks "
+                                     f"for migration {entry['id']} ({len(seen)} ticks since it began, from "
+                                     f"{', '.join(hosts) or 'no host'}; boots {sorted({t.boot for t in seen})})")
+        finally:
+            store.stop()
 
     # ---- the table -------------------------------------------------------------------------------
 
@@ -149,6 +192,7 @@ class Demo:
         libvirt = {h.name: h.domains() for h in self.lab.hosts}
         rows = [("VM", "META", "BEFORE", "DURING", "AFTER", f"MIGRATIONS DURING THE MAINTENANCE OF {self.node.upper()}")]
         counts = {"live": 0, "shutdown": 0}
+        downtimes: list[float] = []
         all_home = True
         for name, _, _, meaning in VMS:
             history = [r for r in reversed(after[name].get("history") or [])
@@ -159,7 +203,15 @@ class Demo:
                 counts[method] = counts.get(method, 0) + 1
                 fallback = f" (fallback: {r['fallback_reason']})" if r.get("fallback_reason") else ""
                 result = "" if r.get("result") == "done" else f" {str(r.get('result')).upper()}: {r.get('reason')}"
-                moves.append(f"{r['source']}->{r['target']} {method} {r.get('duration_s', 0):.1f}s{fallback}{result}")
+                seen = ""
+                if method == "live" and r.get("result") == "done":
+                    downtime = r.get("guest_downtime_ms")
+                    seen = f", guest frozen {downtime:.0f} ms" if downtime is not None else ", guest downtime not measured"
+                    if downtime is not None:
+                        downtimes.append(downtime)
+                elif method == "shutdown" and r.get("result") == "done":
+                    seen = ", " + self.shutdown_seen(name, r)
+                moves.append(f"{r['source']}->{r['target']} {method} {r.get('duration_s', 0):.1f}s{seen}{fallback}{result}")
             where = {label: _where(snap[name]) for label, snap in (("before", before), ("during", during), ("after", after))}
             running = [h for h, doms in libvirt.items() if name in doms]
             if running != [where["after"]]:
@@ -175,13 +227,36 @@ class Demo:
         print()
         self.say(f"{counts.get('live', 0)} live and {counts.get('shutdown', 0)} shutdown migrations; "
                  f"every VM back where it was: {'yes' if all_home else 'NO'}")
-        self.say("the lab's guests have no OS, so they ignore the ACPI shutdown: a shutdown migration waits "
-                 f"the daemon's shutdown timeout ({LAB_DAEMON_VARS['node_daemon_shutdown_timeout_s']} s here), then "
-                 "stops the VM and starts it on the target")
+        if downtimes:
+            self.say(f"live migrations: the guests were frozen {min(downtimes):.0f} to {max(downtimes):.0f} ms at the "
+                     "switch-over (from their serial ticks; in each audit record as guest_downtime_ms)")
+        self.say("shutdown migrations: the guest answers the ACPI power button with a clean power-off (busybox acpid); "
+                 "'clean shutdown in' is from the request to shut down to the guest's last tick")
         self.say(f"audit records: pvc.cluster.vm_info (history), or ZooKeeper /pvc/domains/<uuid>/history; "
                  f"snapshots in {self.records}")
         if not all_home:
             raise DemoError("some VMs did not come back home")
+
+    def shutdown_seen(self, name: str, record: dict) -> str:
+        """How a shutdown migration went for the guest, from its ticks: how long after the source
+        began the shutdown (its `transferring` step) the guest stopped ticking, and whether it
+        powered itself off (the daemon's log says which) or was stopped after the timeout."""
+        began = record["steps"].get("transferring")
+        ended = record["steps"].get("done")
+        if began is None or ended is None:
+            return "shutdown not seen"
+        last = [boot[-1] for boot in self.collector.boots(name, since=began - 60) if boot[-1].arrival <= ended]
+        log = self.views.logs / f"node-daemon-{record['source']}.log"
+        how = "clean shutdown"
+        try:
+            text = log.read_text(errors="replace")
+            if f"VM {record['vm']}: stopped (forced) for migration" in text:
+                how = "FORCED stop"
+        except OSError:
+            pass
+        if not last or last[-1].arrival < began:
+            return how
+        return f"{how} in {last[-1].arrival - began:.1f}s"
 
     # ---- the end ---------------------------------------------------------------------------------
 
@@ -189,6 +264,7 @@ class Demo:
         self.step_no = 7   # the last step, also after a failure or an interruption
         self.step("Teardown: every process the demo started ended by PID, namespaces deleted")
         try:
+            self.collector.stop()
             self.views.down()
         finally:
             if self.lab.state_file.exists():

@@ -248,3 +248,31 @@ class TickCollector:
                     and (host_to in (None, switch.target)):
                 return switch
         return None
+
+
+# How the lab's measurement names itself in an audit record (guest_downtime_by).
+MEASURED_BY = "lab tick collector: the guest's serial ticks at the switch-over (frozen time, tests/lab/ticks.py)"
+
+
+def record_switchover(store, collector: TickCollector, uuid: str, name: str, entry: dict,
+                      timeout_s: float = 30) -> Switchover | None:
+    """The lab's measurement hook for item "downtime as the guest sees it": find the switch-over
+    of live migration ``entry`` (an audit record, read_history's) in guest ``name``'s ticks and
+    add its frozen time to the audit record (``_cluster.record_guest_downtime``). Waits (on the
+    ticks, no polling) for the guest's first tick from the target after the migration began, so
+    it may be called as soon as the record says done. None when no switch-over was seen (the
+    guest does not tick); the figure is written only once (a record that has one keeps it)."""
+    from pvc_cluster_common._cluster import record_guest_downtime
+
+    began = entry["steps"].get("transferring", entry["steps"].get("requested"))
+    ended = entry["steps"].get("done")
+    if began is None or ended is None:
+        return None
+    try:
+        first = collector.wait_ticking(name, host=entry["target"], since=began, timeout_s=timeout_s)
+    except AssertionError:
+        return None
+    switch = collector.switchover_near(name, began, max(ended, first.arrival) + 1, entry["source"], entry["target"])
+    if switch is not None:
+        record_guest_downtime(store, uuid, entry["id"], switch.frozen_ms, MEASURED_BY)
+    return switch

@@ -131,7 +131,7 @@ def test_meta_updates_refuse_bad_values(params, message):
 
 
 DEFAULT_META = {"migration_method": "default", "node_selector": "default", "node_limit": [], "node_autostart": False,
-                "migration_max_downtime_ms": 300}
+                "migration_max_downtime_ms": 300, "migration_auto_converge": False}
 
 
 @pytest.mark.parametrize("stored, updates, writes, changed_keys", [

@@ -20,7 +20,7 @@ UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 def params(**values):
     base = {"name": None, "xml": None, "state": "present", "node": None, "wait": True, "wait_timeout": 120,
             "migration_method": None, "node_selector": None, "node_limit": None, "node_autostart": None,
-            "migration_max_downtime_ms": None}
+            "migration_max_downtime_ms": None, "migration_auto_converge": None}
     base.update(values)
     return base
 
@@ -141,6 +141,7 @@ def test_create_writes_every_meta_key(nodes):
     assert plan.values["meta/node_selector"] == "default"
     assert plan.values["meta/node_autostart"] == "false"
     assert plan.values["meta/migration_max_downtime_ms"] == "300"
+    assert plan.values["meta/migration_auto_converge"] == "false"
     paths = module.plan_paths(Schema("/pvc"), plan)
     assert paths[f"/pvc/domains/{UUID}"] == "web1"
     assert paths[f"/pvc/domains/{UUID}/meta"] == ""
