@@ -219,19 +219,22 @@ def bench_busy_live(pairs: int) -> dict:
     from tests.lab.bench_live import measure   # needs root and the lab (real libvirtd + QEMU)
 
     series = measure(pairs, busy=True)
-    median = {name: statistics.median(values) for name, values in series.items() if values}
+    # a guest-seen downtime is None where the guest died at the switch-over (docs/benchmarks.md)
+    median = {name: statistics.median(v for v in values if v is not None) for name, values in series.items()
+              if any(v is not None for v in values)}
     ratio = median["ours"] / median["virsh"]
-    downtime_ok = median["ours_frozen_ms"] <= median["virsh_frozen_ms"]
+    downtime_ok = ("ours_frozen_ms" in median and "virsh_frozen_ms" in median
+                   and median["ours_frozen_ms"] <= median["virsh_frozen_ms"])
     return {"id": "a2", "what": f"live migration of a busy real guest (48 MiB/s dirtied, 16 MiB/s migrate speed, auto-converge), lab: "
                                 f"our daemons vs virsh migrate --live --p2p --auto-converge ({pairs} pairs)",
             "ours_median_s": round(median["ours"], 3), "virsh_median_s": round(median["virsh"], 3),
             "ours_planning_median_s": round(median["ours_planning"], 3),
             "ours_record_gone_median_s": round(median["ours_record_gone"], 3),
             "virsh_command_median_s": round(median["virsh_command"], 3),
-            "ours_frozen_ms": [round(v, 1) for v in series["ours_frozen_ms"]],
-            "virsh_frozen_ms": [round(v, 1) for v in series["virsh_frozen_ms"]],
-            "ours_frozen_median_ms": round(median["ours_frozen_ms"], 1),
-            "virsh_frozen_median_ms": round(median["virsh_frozen_ms"], 1),
+            "ours_frozen_ms": [None if v is None else round(v, 1) for v in series["ours_frozen_ms"]],
+            "virsh_frozen_ms": [None if v is None else round(v, 1) for v in series["virsh_frozen_ms"]],
+            "ours_frozen_median_ms": round(median["ours_frozen_ms"], 1) if "ours_frozen_ms" in median else None,
+            "virsh_frozen_median_ms": round(median["virsh_frozen_ms"], 1) if "virsh_frozen_ms" in median else None,
             "ratio": round(ratio, 3), "target": "ratio <= 1.02, guest-seen downtime (median) not larger than virsh's",
             "met": ratio <= 1.02 and downtime_ok}
 

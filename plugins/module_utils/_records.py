@@ -291,7 +291,6 @@ def migration_record(value, path: str, uuid: str) -> MigrationRecord:
 
 # ---- audit records ----------------------------------------------------------------------------
 
-
 # The downtime a guest saw at a live migration's switch-over is not known to the daemons (they
 # cannot read a guest's console): a measurement outside them adds it to the audit record
 # afterwards (``_cluster.record_guest_downtime``), with what measured it.
