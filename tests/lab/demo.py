@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from pvc_cluster_common._cluster import find_vm, read_history, record_guest_downtime
+from pvc_cluster_common._cluster import find_vm, read_history
 
 from .daemons import ctl_store
 from .guests import LabGuests

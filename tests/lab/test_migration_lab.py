@@ -324,7 +324,7 @@ class ThrottleMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="throttle-monitor", daemon=True)
 
-    def __enter__(self) -> "ThrottleMonitor":
+    def __enter__(self) -> ThrottleMonitor:
         self._thread.start()
         return self
 
