@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from ._decode import MAX_MIB, Invalid, choice, integer, number, or_default
 from ._memory import headroom_mib
@@ -229,7 +229,10 @@ def _fit_rejection(vm_memory_mib: int, headroom: int) -> str | None:
 # Sort key of a candidate, by concrete selector: the smallest key wins. Arguments: anything with
 # the NodeView attributes name, memfree, cpuload, vcpualloc and domaincount, and its headroom.
 # The last two elements are the documented tie-breaks (headroom desc, then name asc).
-_KEYS = {
+# A node's place in a selector's order (smallest first): a tuple of numbers, then its name.
+SortKey = tuple[Any, ...]
+
+_KEYS: dict[str, Callable[[Any, int], SortKey]] = {   # (NodeView or _Slot, headroom) -> SortKey
     "mem": lambda n, h: (-h, 0, n.name),
     "memfree": lambda n, h: (-n.memfree, -h, n.name),
     "load": lambda n, h: (n.cpuload, -h, n.name),
@@ -319,14 +322,14 @@ def select_target(
     # fit: the tightest fit (smallest leftover, then name) and the balancing rule's best (largest
     # free share, then headroom, then name), both tracked in the one pass (see _fit_sort_key)
     slack = capacity = 0
-    tightest: tuple | None = None
-    balanced: tuple | None = None
+    tightest: SortKey | None = None
+    balanced: SortKey | None = None
     node_list = _as_list(nodes)
     node_limit = _limit(node_limit)
     limit = frozenset(node_limit) if node_limit else None
     limit_text = _format_limit(node_limit) if node_limit else ""
     excluded = frozenset(exclude)
-    best_key: tuple | None = None
+    best_key: SortKey | None = None
     best_name = ""
     reasons: dict[str, str] = {}
     for node in node_list:
@@ -369,7 +372,7 @@ def select_target(
     raise NoTargetError(reasons, vm_memory_mib=vm_memory_mib, selector=concrete)
 
 
-def _fit_sort_key(node, headroom: int, vm_memory_mib: int, tight: bool) -> tuple:
+def _fit_sort_key(node: Any, headroom: int, vm_memory_mib: int, tight: bool) -> SortKey:
     """The ``fit`` selector's order among nodes the VM fits (smallest first)."""
     if _fit_class(vm_memory_mib, headroom, tight) == 0:
         return (0, headroom - vm_memory_mib, 0, node.name)
@@ -417,13 +420,13 @@ class _Slot:
     version: int = 0
     capacity: int = 0
 
-    def key(self, selector: str) -> tuple:
+    def key(self, selector: str) -> SortKey:
         return _KEYS[selector](self, self.headroom)
 
 
 def plan_flush(
     source_node: str,
-    vms: Sequence[FlushVM | tuple],
+    vms: Sequence[FlushVM | tuple[Any, ...]],
     nodes: Iterable[NodeView] | Mapping[str, NodeView],
     default_selector: str | None = CLUSTER_DEFAULT_SELECTOR,
 ) -> list[PlannedMove]:
@@ -462,18 +465,18 @@ def plan_flush(
                                      vcpualloc=node.vcpualloc, domaincount=node.domaincount, capacity=node.capacity)
         else:
             static_reasons[node.name] = reason
-    heaps: dict[str, list] = {}
-    parked: dict[str, list] = {}
+    heaps: dict[str, list[SortKey]] = {}
+    parked: dict[str, list[tuple[int, SortKey]]] = {}
     # the ``fit`` selector's fit rules: every slot by headroom (kept sorted as VMs are booked),
     # and the candidates' total headroom and capacity (is the cluster tight?)
     by_headroom = sorted((slot.headroom, slot.name) for slot in slots.values())
     totals = {"slack": sum(max(slot.headroom, 0) for slot in slots.values()),
               "capacity": sum(max(slot.capacity, 0) for slot in slots.values())}
 
-    def entry(selector: str, slot: _Slot) -> tuple:
+    def entry(selector: str, slot: _Slot) -> SortKey:
         return slot.key(selector) + (slot.version,)
 
-    def heap_for(selector: str) -> list:
+    def heap_for(selector: str) -> list[SortKey]:
         heap = heaps.get(selector)
         if heap is None:
             heap = [entry(selector, slot) for slot in slots.values()]
@@ -481,11 +484,11 @@ def plan_flush(
             heaps[selector] = heap
         return heap
 
-    def valid(item: tuple) -> _Slot | None:
+    def valid(item: SortKey) -> _Slot | None:
         slot = slots[item[2]]
         return slot if item[3] == slot.version else None
 
-    def clean_top(heap: list) -> None:
+    def clean_top(heap: list[SortKey]) -> None:
         while heap and valid(heap[0]) is None:
             heapq.heappop(heap)
 
@@ -541,7 +544,7 @@ def plan_flush(
         return None
 
     def pick_limited(selector: str, memory: int, limit: Sequence[str]) -> tuple[_Slot | None, dict[str, str]]:
-        best: tuple | None = None
+        best: SortKey | None = None
         chosen: _Slot | None = None
         reasons: dict[str, str] = {}
         for name in limit:
@@ -600,8 +603,8 @@ def _none_fits_reason(memory: int, limit: Sequence[str], reasons: Mapping[str, s
 
 def apply_plan(
     source_node: str,
-    vms: Sequence[FlushVM | tuple],
-    plan: Sequence[PlannedMove | tuple],
+    vms: Sequence[FlushVM | tuple[Any, ...]],
+    plan: Sequence[PlannedMove | tuple[Any, ...]],
     nodes: Iterable[NodeView] | Mapping[str, NodeView],
     running_by_node: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[list[NodeView], dict[str, list[int]]]:
