@@ -164,12 +164,14 @@ def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, request
     create = []
     delete = []
     record = None
-    if plan.migrates:
+    if plan.migrates or plan.target != plan.source:
         # The fit check and the reservation must be one atomic step, or two requesters could both
         # fit a VM into the same last gigabyte. Every request rewrites the target's reservations
         # znode with a version check, so concurrent requests to one target serialise: the loser
         # gets ConflictError and re-plans. Its version is read before the target's view, so any
-        # reservation made after the view was read changes it.
+        # reservation made after the view was read changes it. A stopped VM that is only
+        # re-homed is not fit-checked (it runs nowhere), but it gets a reservation too: the
+        # target's memprov counts it only from the target's next keepalive.
         parent = schema.node_reservations(plan.target)
         mine = schema.node_reservation(plan.target, plan.uuid)
         left = schema.node_reservation(plan.source, plan.uuid) if plan.source and plan.source != plan.target else None
@@ -180,14 +182,17 @@ def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, request
             raise RequestError(f"target node {plan.target} is not a node of this cluster")
         if target_unflushing_ok and view.domain_state == "unflush":
             view = replace(view, domain_state="ready")
-        reason = rejection_reasons(plan.memory_mib, plan.source, vm.meta.node_limit, {plan.target: view})[plan.target]
-        if reason:
-            raise RequestError(f"cannot migrate VM {plan.name} to {plan.target}: {reason}")
-        record = new_record(plan, vm, requester)
-        values[schema.domain_migration(plan.uuid)] = record.to_json()
+        if plan.migrates:
+            reason = rejection_reasons(plan.memory_mib, plan.source, vm.meta.node_limit, {plan.target: view})[plan.target]
+            if reason:
+                raise RequestError(f"cannot migrate VM {plan.name} to {plan.target}: {reason}")
+            record = new_record(plan, vm, requester)
+            values[schema.domain_migration(plan.uuid)] = record.to_json()
+            values[parent] = record.id
+            create.append(schema.domain_migration(plan.uuid))
+        else:
+            values[parent] = f"rehome {plan.uuid}"
         values[schema.node_reservation(plan.target, plan.uuid)] = plan.memory_mib
-        values[parent] = record.id
-        create.append(schema.domain_migration(plan.uuid))
         if found is None:
             create.append(parent)
         else:

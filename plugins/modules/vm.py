@@ -490,7 +490,13 @@ def plan_paths(schema, plan: VMPlan) -> dict:
     if plan.action == "create":
         values = plan.values
         meta = {key[5:]: value for key, value in values.items() if key.startswith("meta/")}
-        return vm_definition(schema, plan.uuid, values["name"], values["xml"], values["node"], values["state"], meta)
+        paths = vm_definition(schema, plan.uuid, values["name"], values["xml"], values["node"], values["state"], meta)
+        # The node's memprov counts the new VM from its next keepalive; until then a reservation
+        # does (docs/architecture.md, "Memory accounting"), and rewriting the node's reservations
+        # znode fails any migration request to it planned from figures read before.
+        paths[schema.node_reservation(values["node"], plan.uuid)] = plan.after["memory_mib"]
+        paths[schema.node_reservations(values["node"])] = f"define {plan.uuid}"
+        return paths
     return store_values(schema, plan.uuid, plan.values)
 
 
@@ -587,7 +593,9 @@ def remove(module, session, current, nodes) -> dict:
                 exc.msg += "; the VM was not removed (its state is now stop)"
                 exc.result.setdefault("changed", current.state != "stop")
                 raise
-    session.commit({}, delete=[schema.domain(current.uuid)], expect_versions=node_version(schema, current),
+    # with the reservation its node may still hold for it (not yet counted by the node's keepalive)
+    gone = [schema.domain(current.uuid)] + ([schema.node_reservation(current.node, current.uuid)] if current.node else [])
+    session.commit({}, delete=gone, expect_versions=node_version(schema, current),
                    what=f"the removal of VM {current.name}")
     return result
 

@@ -94,3 +94,15 @@ def test_an_abort_gives_the_vm_back_with_a_reservation_on_its_source(cluster):
     # done: the target's reservation stays until the target's keepalive counts the VM
     assert delete == [schema.domain_migration(UUID)]
     assert not any("/reservations" in path for path in values)
+
+
+def test_a_stopped_vm_that_is_only_re_homed_gets_a_reservation_on_its_new_node(cluster):
+    schema = cluster.schema
+    cluster.commit({schema.domain_key(UUID, S.DOMAIN_STATE): "stop", schema.node_reservation("n1", UUID): 1024})
+    before = cluster.read_versioned(schema.node_reservations("n2"))
+    assert request(cluster, "move", target="n2") is None          # no migration record: nothing moves
+    assert cluster.read(schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
+    assert cluster.read(schema.domain_migration(UUID)) is None
+    assert cluster.read(schema.node_reservation("n2", UUID)) == "1024"   # until n2's keepalive counts it
+    assert cluster.read(schema.node_reservation("n1", UUID)) is None     # the one left on n1 went
+    assert cluster.read_versioned(schema.node_reservations("n2")) != before

@@ -129,6 +129,9 @@ def test_create_places_the_vm(nodes, values, node, state):
     paths = module.plan_paths(Schema("/pvc"), plan)
     assert paths[f"/pvc/domains/{UUID}/lastnode"] == "" and paths[f"/pvc/domains/{UUID}/failedreason"] == ""
     assert paths[f"/pvc/domains/{UUID}/node"] == node and paths[f"/pvc/domains/{UUID}/state"] == state
+    # covered by a reservation on its node until the node's keepalive counts it in memprov
+    assert paths[f"/pvc/nodes/{node}/reservations/{UUID}"] == 1024
+    assert f"/pvc/nodes/{node}/reservations" in paths
     assert plan.after["node"] == node and plan.after["memory_mib"] == 1024
     assert plan.diff()[0] == {"before": {}, "after": plan.after}
     assert plan.diff()[1]["after"].startswith("<domain type=\"test\">")
