@@ -12,10 +12,11 @@ LAB_HOSTS ?= 3
 # make demo KEEP=1 leaves the demo's lab up for exploring (make demo-down ends it)
 KEEP ?=
 
-.PHONY: help setup host venv wheelhouse guest test test-pytest test-lint test-oldest-ansible test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
+.PHONY: help setup host venv wheelhouse guest test test-pytest test-model test-lint test-oldest-ansible test-sanity test-units test-integration lab-up lab-down demo demo-down bench clean
 
 help:
-	@echo "make test     set up this machine and run every test (pytest, ansible-test sanity, units and integration, ruff, mypy, ansible-lint)"
+	@echo "make test     set up this machine and run every test (pytest, the protocol model, ansible-test sanity, units and integration, ruff, mypy, ansible-lint)"
+	@echo "make test-model   check the migration and fence-and-recover protocols' Promela model with spin (models/ha.pml)"
 	@echo "make demo     set up this machine, bring up a 3-host lab and run the demo (KEEP=1: leave the lab up; make demo-down ends it)"
 	@echo "make lab-up / lab-down   the network-namespace lab (LAB_HOSTS=$(LAB_HOSTS))"
 	@echo "make bench    benchmarks, written to bench/results/latest.json"
@@ -36,11 +37,17 @@ $(VENV)/.stamp: pyproject.toml constraints.txt
 
 venv: $(VENV)/.stamp
 
-test: setup test-pytest test-sanity test-units test-integration test-lint test-oldest-ansible
+test: setup test-pytest test-model test-sanity test-units test-integration test-lint test-oldest-ansible
 	@echo "make test: all suites passed"
 
 test-pytest:
 	$(VPY) -m pytest -ra
+
+# The Promela model of the migration and fence-and-recover protocols, checked with spin: every
+# configuration must verify and every deliberately broken variant must give a counterexample
+# (docs/migration-protocol.md, "The model").
+test-model:
+	bash scripts/check-model.sh
 
 # ruff (the rules in pyproject.toml) on every Python file; mypy, strict (pyproject.toml), on the shared
 # code and the daemon as the packages they are installed as: pvc_cluster_common and pvc_node_daemon,

@@ -16,6 +16,7 @@ APT_PACKAGES=(
   systemd                   # systemd-analyze verify on the units the roles render; nothing here runs systemd
   shellcheck                # ansible-test sanity lints our shell scripts
   cpio gcc libc6-dev        # the lab's real guest: its initramfs, and pvc-guest compiled statically (tests/lab/guest_image.py)
+  spin                      # checks the protocols' Promela model (models/ha.pml, make test-model; gcc compiles its verifier)
 )
 
 missing=()
