@@ -7,8 +7,13 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
       hosts: "10.0.0.1:2181,10.0.0.2:2181,10.0.0.3:2181"
       root: /pvc                       # cluster root znode
       timeout_s: 10                    # connect and session timeout
-      auth: {username: pvc, password: secret}      # optional digest auth (ACLs on every znode)
+      auth:                            # required unless insecure: true (docs/security.md)
+        username: nodes                # the identity every node daemon shares
+        password: secret
+        node_password: secret2         # this node's own identity (its username is the node's name)
+        operator_digest: "operator:base64(sha1(operator:password))"   # who may do anything
       tls: {enabled: false, ca: /etc/pvc/ca.pem, cert: /etc/pvc/node.pem, key: /etc/pvc/node.key, verify: true}
+    insecure: false                    # true: an open cluster (no ZooKeeper authentication, open ACLs)
     libvirt:
       uri: qemu:///system              # how this daemon reaches its own libvirtd
       call_timeout_s: 30               # bound on every libvirt call that can block
@@ -299,6 +304,10 @@ def parse_config(data: Any, source: str = "") -> Config:
         tls_cert=tls.get("cert", "str", None),
         tls_key=tls.get("key", "str", None),
         tls_verify=tls.get("verify", "bool", True),
+        node_name=node,
+        node_password=auth.get("node_password", "str", None),
+        operator_digest=auth.get("operator_digest", "str", None),
+        insecure=top.get("insecure", "bool", False),
     )
     for section in (auth, tls):
         section.reject_unknown()

@@ -72,6 +72,9 @@ class NodeDaemon:
         log.system("libvirt: connected to %s", self.config.libvirt_uri)
 
     def prepare(self) -> None:
+        if self.config.zookeeper.insecure:
+            log.warning("INSECURE: insecure is true: this daemon uses ZooKeeper without authentication and creates "
+                        "znodes anyone can read and write; anyone who reaches ZooKeeper can define a VM on this host")
         try:
             self.store.start()
         except StoreError as exc:
@@ -87,12 +90,16 @@ class NodeDaemon:
     def register(self) -> None:
         """Create this node's keys (keeping its domain state), publish its address (and, for
         people, its URIs), mark it alive."""
+        self.secure_own_keys()
         values: dict[str, object] = {}
         for key, default in S.NODE_DEFAULTS.items():
             path = self.schema.node_key(self.node, key)
             if key in (S.NODE_DOMAIN_STATE, S.NODE_MAINTENANCE) and self.store.exists(path):
                 continue   # an operator's choice survives a restart (a fenced node stays flushed)
             values[path] = default
+        if not self.store.exists(self.schema.node_reservations(self.node)):
+            # created here: other nodes reserve memory in it, but may not create it under this node
+            values[self.schema.node_reservations(self.node)] = ""
         values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "init"
         values[self.schema.node_key(self.node, S.NODE_ADDRESS)] = self.config.published_address
         values[self.schema.node_key(self.node, S.NODE_LIBVIRT_URI)] = self.config.advertised_libvirt_uri
@@ -114,6 +121,24 @@ class NodeDaemon:
         self.mark_alive()
         log.ok("node %s registered (daemon state init)", self.node)
 
+    def secure_own_keys(self) -> None:
+        """Check the ACLs of this node's keys that exist (secure those an older version or an
+        open cluster left open to anyone); refuse to start on a node znode secured for another
+        identity (someone registered this node's name first)."""
+        node = self.schema.node(self.node)
+        paths = [node, self.schema.node_reservations(self.node)] + [
+            self.schema.node_key(self.node, key) for key in S.NODE_DEFAULTS]
+        found = self.store.read_many(paths)
+        try:
+            self.store.check_acls([path for path in paths if found[path] is not None])
+            if self.store.secured and found[node] is not None:
+                # ZooKeeper shows this identity the ACL's usernames, not their hashes: whether the
+                # node znode is really this node's own is told by writing it (its data is unused)
+                self.store.commit({node: found[node][0]})
+        except StoreError as exc:
+            raise DaemonError(f"cannot secure the keys of node {self.node} (is another identity registered under its "
+                              f"name? only the operator can remove {node}): {exc}") from None
+
     def mark_alive(self) -> None:
         """(Re)create the ephemeral liveness znode for the current session."""
         path = self.schema.node_key(self.node, S.NODE_ALIVE)
@@ -129,13 +154,13 @@ class NodeDaemon:
                 # start it).
                 transaction = client.transaction()
                 transaction.delete(path, version=stat.version)
-                transaction.create(path, data, ephemeral=True)
+                transaction.create(path, data, acl=self.store.acl_for(path), ephemeral=True)
                 results = transaction.commit()
                 failed = [r for r in results if isinstance(r, Exception)]
                 if failed:
                     raise failed[0]
             if client.exists(path) is None:
-                client.create(path, data, ephemeral=True, makepath=True)
+                client.create(path, data, acl=self.store.acl_for(path), ephemeral=True, makepath=True)
         except Exception as exc:  # kazoo raises many types here; each means "try again later"
             log.error("cannot mark node %s alive: %s", self.node, exc)
 

@@ -241,8 +241,8 @@ def vm_from(schema, uuid: str, found: dict) -> VMRecord | None:
 
 def vm_definition(schema, uuid: str, name: str, xml: str, node: str, state: str, meta: dict | None = None) -> dict:
     """Every key of a newly defined VM, for one ``commit``: placement, state and the given meta.
-    The meta container is among them, so that the commit creates every key of the VM in its
-    transaction (it would create a missing parent outside it)."""
+    The meta and runtime containers are among them, so that the commit creates every key of the
+    VM in its transaction (it would create a missing parent outside it)."""
     values = {
         schema.domain(uuid): name,
         schema.domain_key(uuid, S.DOMAIN_XML): xml,
@@ -251,6 +251,7 @@ def vm_definition(schema, uuid: str, name: str, xml: str, node: str, state: str,
         schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): "",
         schema.domain_key(uuid, S.DOMAIN_STATE): state,
         schema.domain_meta(uuid): "",
+        schema.domain_runtime(uuid): "",
     }
     for key, value in (meta or {}).items():
         values[schema.domain_meta(uuid, key)] = value

@@ -45,15 +45,24 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         node                              node the VM is assigned to (or being migrated to)
         lastnode                          home node to return to after a temporary migration, or ""
         failedreason                      libvirt's reason for the last failure, or ""
-        stats                             JSON statistics of the running VM (written by its node)
         meta/<key>                        META_KEYS (see _meta.py for values and defaults)
-        migration                         JSON record of the in-flight migration (absent when none)
-        history/<seq>                     JSON audit records of finished migrations (last N kept)
+        runtime/                          what the node daemons write freely (see "ACLs" below)
+            stats                         JSON statistics of the running VM (written by its node)
+            migration                     JSON record of the in-flight migration (absent when none)
+            history/<seq>                 JSON audit records of finished migrations (last N kept)
     /locks/nodes/<node>                   kazoo lock: one flush/ready of a node at a time
     /locks/fence/<node>                   kazoo lock: the one live daemon that fences and recovers a dead node
 
 Locks live under /locks, never on data keys, so that data keys never grow lock children. A VM's
 placement takes no lock: every write of its ``node`` is version-checked in its transaction.
+
+ACLs (a secured cluster; ``acl_rule``): ZooKeeper's ACLs are per znode and not inherited, and
+deleting or creating a znode is a permission on its *parent*. Two identities: the **operator**
+(modules, inventory) has every permission everywhere; the **nodes** (one identity shared by every
+node daemon) read everything and write only what the daemons must write. A node daemon also
+authenticates as its **own node** identity, the only node identity that writes its node's keys.
+So that a node identity can delete a VM's migration record without being able to delete (and
+re-create) the VM's XML, the keys the daemons create and delete live in ``runtime/``.
 """
 
 from __future__ import annotations
@@ -139,6 +148,9 @@ DOMAIN_STATS = "stats"
 DOMAIN_META = "meta"
 DOMAIN_MIGRATION = "migration"
 DOMAIN_HISTORY = "history"
+DOMAIN_RUNTIME = "runtime"
+# Domain keys that live in the domain's runtime/ container (see Schema.domain_key).
+DOMAIN_RUNTIME_KEYS = (DOMAIN_STATS, DOMAIN_MIGRATION, DOMAIN_HISTORY)
 
 META_MIGRATION_METHOD = "migration_method"
 META_NODE_SELECTOR = "node_selector"
@@ -159,6 +171,46 @@ META_KEYS = (
 
 # How many finished migration records are kept per VM.
 HISTORY_KEEP = 20
+
+
+# ---- ACLs -------------------------------------------------------------------------------------
+
+# ZooKeeper's permission bits
+PERM_READ = 1
+PERM_WRITE = 2
+PERM_CREATE = 4
+PERM_DELETE = 8
+PERM_ADMIN = 16
+PERM_ALL = PERM_READ | PERM_WRITE | PERM_CREATE | PERM_DELETE | PERM_ADMIN
+# What a daemon may do where it may do everything: all but changing ACLs.
+PERM_RWCD = PERM_READ | PERM_WRITE | PERM_CREATE | PERM_DELETE
+# Operator-owned VM keys a node daemon still writes: placement (node, lastnode), the reason of a
+# failure, the desired state (a flush shuts down a VM that fits nowhere and starts it again on
+# unflush; a VM the daemon refuses becomes `fail`) and the autostart flag a flush sets with it.
+NODE_WRITTEN_DOMAIN_KEYS = (DOMAIN_NODE, DOMAIN_LASTNODE, DOMAIN_FAILEDREASON, DOMAIN_STATE)
+NODE_WRITTEN_META_KEYS = (META_NODE_AUTOSTART,)
+# Keys of a node its peers write too: the daemon that fences a dead peer writes its daemon state,
+# its fence record (creating it: hence the nodes' CREATE on a node's znode) and, once it is fenced,
+# its domain state (flushed).
+PEER_WRITTEN_NODE_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_FENCE)
+
+
+class AclRule:
+    """Who may do what on one znode: ``nodes`` are the permissions of the shared node identity,
+    ``own_node`` the node whose own identity may read, write, create and delete there (None:
+    none). The operator always has every permission."""
+
+    __slots__ = ("nodes", "own_node")
+
+    def __init__(self, nodes: int, own_node: str | None = None) -> None:
+        self.nodes = nodes
+        self.own_node = own_node
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AclRule) and (self.nodes, self.own_node) == (other.nodes, other.own_node)
+
+    def __repr__(self) -> str:
+        return f"AclRule(nodes={self.nodes}, own_node={self.own_node!r})"
 
 
 def _join(*parts: str) -> str:
@@ -231,7 +283,12 @@ class Schema:
         return self._p("domains", uuid)
 
     def domain_key(self, uuid: str, key: str) -> str:
+        if key in DOMAIN_RUNTIME_KEYS:
+            return self._p("domains", uuid, DOMAIN_RUNTIME, key)
         return self._p("domains", uuid, key)
+
+    def domain_runtime(self, uuid: str) -> str:
+        return self._p("domains", uuid, DOMAIN_RUNTIME)
 
     def domain_meta(self, uuid: str, key: str | None = None) -> str:
         if key is None:
@@ -239,10 +296,10 @@ class Schema:
         return self._p("domains", uuid, DOMAIN_META, key)
 
     def domain_migration(self, uuid: str) -> str:
-        return self._p("domains", uuid, DOMAIN_MIGRATION)
+        return self.domain_key(uuid, DOMAIN_MIGRATION)
 
     def domain_history(self, uuid: str) -> str:
-        return self._p("domains", uuid, DOMAIN_HISTORY)
+        return self.domain_key(uuid, DOMAIN_HISTORY)
 
     # locks
     def node_lock(self, node: str) -> str:
@@ -250,3 +307,47 @@ class Schema:
 
     def fence_lock(self, node: str) -> str:
         return self._p("locks", "fence", node)
+
+    # ACLs
+    def acl_rule(self, path: str) -> AclRule:
+        """The ACL rule of a znode of this cluster (see "ACLs" in the module's docstring).
+
+        The one definition of who may write what; the store applies it to every znode it creates
+        and ``ensure_schema`` checks it on the base paths. A path outside the cluster, or one the
+        layout does not name, is the operator's alone (the nodes may read it)."""
+        if self.root and path != self.root and not path.startswith(self.root + "/"):
+            return AclRule(PERM_READ)
+        parts = [part for part in path[len(self.root):].split("/") if part]
+        depth = len(parts)
+        top = parts[0] if parts else ""
+        if top == "nodes" and depth == 1:
+            return AclRule(PERM_READ | PERM_CREATE)   # a daemon registers its node
+        if top == "nodes":
+            node = parts[1]
+            if depth >= 3 and parts[2] == NODE_RESERVATIONS:
+                # any node reserves memory on a migration's target (rewriting the container's value
+                # with a version check, which serialises requests to one target), and any node
+                # ends that migration
+                return AclRule(PERM_RWCD, node if depth == 3 else None)
+            if depth == 3 and parts[2] in PEER_WRITTEN_NODE_KEYS:
+                return AclRule(PERM_READ | PERM_WRITE, node)
+            if depth == 2:
+                return AclRule(PERM_READ | PERM_CREATE, node)   # a peer's first fence record
+            return AclRule(PERM_READ, node)
+        if top == "domains" and depth >= 3:
+            key = parts[2]
+            if key == DOMAIN_RUNTIME:
+                return AclRule(PERM_RWCD)
+            if depth == 3 and key in NODE_WRITTEN_DOMAIN_KEYS:
+                return AclRule(PERM_READ | PERM_WRITE)
+            if key == DOMAIN_META and depth == 3:
+                return AclRule(PERM_READ | PERM_CREATE)   # the autostart flag may not exist yet
+            if key == DOMAIN_META and depth == 4 and parts[3] in NODE_WRITTEN_META_KEYS:
+                return AclRule(PERM_READ | PERM_WRITE)
+            return AclRule(PERM_READ)
+        if top == "domains" and depth == 2:
+            return AclRule(PERM_READ | PERM_CREATE)   # runtime/ of a VM defined before it existed
+        if top == "locks" and depth >= 2:
+            # lock znodes are created on first use, contenders are created and deleted by anyone
+            return AclRule(PERM_READ | PERM_CREATE | PERM_DELETE if depth == 2 else PERM_RWCD)
+        return AclRule(PERM_READ)

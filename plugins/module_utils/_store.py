@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ._decode import Invalid, json_value
-from ._schema import SCHEMA_VERSION, Schema
+from ._schema import PERM_ALL, PERM_RWCD, SCHEMA_VERSION, AclRule, Schema
 
 try:
     from kazoo import exceptions as kz
@@ -47,10 +47,11 @@ try:
     from kazoo.handlers.threading import SequentialThreadingHandler
     from kazoo.handlers.utils import fileobj_to_fd
     from kazoo.recipe.lock import Lock
-    from kazoo.security import make_digest_acl
+    from kazoo.security import ACL, OPEN_ACL_UNSAFE, Id, make_digest_acl_credential
 except ImportError:
     KAZOO_IMPORT_ERROR: str | None = traceback.format_exc()
-    KazooClient = KazooState = Lock = make_digest_acl = kz = SequentialThreadingHandler = None
+    KazooClient = KazooState = Lock = kz = SequentialThreadingHandler = None
+    ACL = Id = OPEN_ACL_UNSAFE = make_digest_acl_credential = None
 else:
     KAZOO_IMPORT_ERROR = None
 
@@ -116,6 +117,8 @@ MIN_TIMEOUT_S = 0.1
 MAX_TIMEOUT_S = 3600.0
 # The permissions a world:anyone ACL entry of an open cluster's root grants (READ | WRITE | CREATE | DELETE).
 _OPEN_PERMS = 1 | 2 | 4 | 8
+# A ZooKeeper digest id: "username:" and the base64 of a SHA-1 digest.
+_DIGEST_ID = re.compile(r"[^:\s]+:[A-Za-z0-9+/]{27}=")
 # The longest cluster root accepted (ZooKeeper paths are sent whole with every request).
 MAX_ROOT_LENGTH = 1024
 
@@ -206,6 +209,24 @@ def _depth_order(path: str) -> tuple[int, str]:
     return path.count("/"), path
 
 
+def _acl_set(acls, names_only: bool = False) -> set:
+    return {(acl.perms, acl.id.scheme, _id_name(acl.id.id) if names_only and acl.id.scheme == "digest" else acl.id.id)
+            for acl in acls or ()}
+
+
+def _same_acl(found, expected) -> bool:
+    """Whether an ACL read from ZooKeeper is ``expected``. ZooKeeper shows a client without the
+    ADMIN permission every digest id as "username:x": then the usernames are compared (the hash
+    behind them is checked by using the znode, see ``check_acls``)."""
+    redacted = any(acl.id.scheme == "digest" and acl.id.id.endswith(":x") for acl in found or ())
+    return _acl_set(found, redacted) == _acl_set(expected, redacted)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a StoreError comes from ZooKeeper refusing this client (an ACL)."""
+    return kz is not None and isinstance(exc.__cause__, kz.NoAuthError)
+
+
 def _path_list(paths) -> list[str]:
     return [paths] if isinstance(paths, str) else list(paths)
 
@@ -224,6 +245,18 @@ class ConnectionOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_verify: bool = True
+    # A node daemon's own identity (username: the node's name) and the operator's digest id
+    # ("username:base64(sha1(username:password))", never the password), from which the daemon
+    # builds the ACLs of the znodes it creates. Modules leave them out: they are the operator.
+    node_name: str | None = None
+    node_password: str | None = field(default=None, repr=False)
+    operator_digest: str | None = None
+    # The nodes' digest id, for an operator's client that creates a cluster (ensure_schema) before
+    # any daemon has: the ACLs it creates must name the nodes. Other operator clients read it
+    # from the cluster.
+    nodes_digest: str | None = None
+    # An open cluster: no authentication, znodes created open to anyone. Only when asked for.
+    insecure: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming every problem."""
@@ -262,8 +295,67 @@ class ConnectionOptions:
                     problems.append(f"{name} file {value} does not exist")
         if not isinstance(self.tls, bool) or not isinstance(self.tls_verify, bool):
             problems.append("tls and tls_verify must be true or false")
+        if not isinstance(self.insecure, bool):
+            problems.append("insecure must be true or false")
+        if self.node_name is not None:
+            problems += self._node_identity_problems()
+        if self.nodes_digest is not None and not (isinstance(self.nodes_digest, str) and _DIGEST_ID.fullmatch(self.nodes_digest)):
+            problems.append("nodes_digest must be the nodes' digest id, username:base64(sha1(username:password))")
         if problems:
             raise ValueError("invalid ZooKeeper connection options: " + "; ".join(problems))
+
+
+    def _node_identity_problems(self) -> list[str]:
+        """What is wrong with a node daemon's identities (``node_name`` is set)."""
+        if self.insecure:
+            if self.auth_username or self.node_password or self.operator_digest:
+                return ["insecure is true, so credentials are refused (an open cluster's znodes would be created "
+                        "readable by one user only); leave insecure out to secure the cluster"]
+            return []
+        problems = []
+        if not self.auth_username:
+            problems.append("authentication is required: give the nodes' username and password (or insecure: true "
+                            "for an open cluster anyone can read and write)")
+        if not self.node_password:
+            problems.append(f"node_password (the password of node {self.node_name}'s own identity) is required")
+        if not isinstance(self.operator_digest, str) or not _DIGEST_ID.fullmatch(self.operator_digest):
+            problems.append("operator_digest must be the operator's digest id, username:base64(sha1(username:password)) "
+                            f"(28 characters after the ':'), not {self.operator_digest!r}")
+        elif self.operator_digest.split(":", 1)[0] in (self.auth_username, self.node_name):
+            problems.append("the operator, the nodes and this node need three different usernames")
+        if self.auth_username and self.auth_username == self.node_name:
+            problems.append(f"the nodes' username must not be a node's name ({self.node_name})")
+        return problems
+
+
+@dataclass(frozen=True)
+class AclIds:
+    """The digest ids ("username:hash") ACLs name: the operator, the nodes, and one node's own."""
+
+    operator: str
+    nodes: tuple[str, ...]
+    own_node: str | None = None
+    own_node_id: str | None = None
+
+
+def digest_id(username: str, password: str) -> str:
+    """ZooKeeper's digest id of a user: "username:base64(sha1(username:password))"."""
+    return make_digest_acl_credential(username, password)
+
+
+def _id_name(identity: str) -> str:
+    return identity.split(":", 1)[0]
+
+
+def describe_acl(acls) -> str:
+    """A list of ACL entries for a message, without the password hashes."""
+    names = {1: "r", 2: "w", 4: "c", 8: "d", 16: "a"}
+    entries = []
+    for acl in acls:
+        perms = "".join(letter for bit, letter in names.items() if acl.perms & bit) or "-"
+        who = acl.id.id if acl.id.scheme != "digest" else _id_name(acl.id.id)
+        entries.append(f"{acl.id.scheme}:{who}:{perms}")
+    return ", ".join(sorted(entries)) or "nobody"
 
 
 class ClusterStore:
@@ -290,15 +382,54 @@ class ClusterStore:
             "timeout": options.timeout_s,
             "connection_retry": {"max_tries": -1, "delay": 0.1, "backoff": 2, "max_delay": RECONNECT_MAX_DELAY_S},
         }
+        # The identities ACLs name: None for an open cluster (and, until verify_cluster has read
+        # them from the cluster, for a module's client).
+        self.acl_ids: AclIds | None = None
         if options.auth_username:
             kwargs["auth_data"] = [("digest", f"{options.auth_username}:{options.auth_password}")]
-            # every znode this client creates is readable and writable by this user only
-            kwargs["default_acl"] = [make_digest_acl(options.auth_username, options.auth_password, all=True)]
+            if options.node_name and options.node_password:
+                kwargs["auth_data"].append(("digest", f"{options.node_name}:{options.node_password}"))
+                self.acl_ids = AclIds(operator=options.operator_digest,
+                                      nodes=(digest_id(options.auth_username, options.auth_password),),
+                                      own_node=options.node_name,
+                                      own_node_id=digest_id(options.node_name, options.node_password))
+            elif options.nodes_digest and not options.node_name:
+                self.acl_ids = AclIds(operator=digest_id(options.auth_username, options.auth_password),
+                                      nodes=(options.nodes_digest,))
+            # until the cluster's identities are known (verify_cluster), this user's alone
+            kwargs["default_acl"] = [ACL(PERM_ALL, Id("digest", digest_id(options.auth_username, options.auth_password)))]
         if options.tls:
+            # verify: the server's certificate chains to the CA *and* names the host connected to
             kwargs.update(use_ssl=True, ca=options.tls_ca, certfile=options.tls_cert, keyfile=options.tls_key,
-                          verify_certs=options.tls_verify)
+                          verify_certs=options.tls_verify, check_hostname=options.tls_verify)
         self.client = KazooClient(**kwargs)
+        if self.acl_ids is not None:
+            # for the znodes kazoo's recipes create (lock contenders): a lock's rule
+            self.client.default_acl = self.acl_for(self.schema.node_lock("contender") + "/contender")
         self.client.add_listener(self._on_state)
+
+    # ---- ACLs -------------------------------------------------------------------------------
+
+    @property
+    def secured(self) -> bool:
+        return self.acl_ids is not None
+
+    def acl_for(self, path: str) -> list | None:
+        """The ACL a znode created at ``path`` gets (``Schema.acl_rule`` with this cluster's
+        identities), or None in an open cluster (kazoo then creates it open to anyone)."""
+        ids = self.acl_ids
+        if ids is None:
+            return None if not self.options.auth_username else list(self.client.default_acl)
+        return self._acl(self.schema.acl_rule(path), ids)
+
+    @staticmethod
+    def _acl(rule: AclRule, ids: AclIds) -> list:
+        acl = [ACL(PERM_ALL, Id("digest", ids.operator))]
+        if rule.nodes:
+            acl += [ACL(rule.nodes, Id("digest", node)) for node in ids.nodes]
+        if rule.own_node is not None and rule.own_node == ids.own_node and ids.own_node_id:
+            acl.append(ACL(PERM_RWCD, Id("digest", ids.own_node_id)))
+        return acl
 
     # ---- connection -------------------------------------------------------------------------
 
@@ -506,7 +637,7 @@ class ClusterStore:
                     parent = _parent(parent)
                 if parent != "/":
                     parents.add(parent)
-            self._call_many("commit: create parents", [lambda p=p: client.ensure_path_async(p) for p in sorted(parents)])
+            self._create_parents(sorted(parents))
             results = self._run_transaction(ops)
         for (kind, path, guarded, _data, _version), result in zip(ops, results):
             if not isinstance(result, Exception) or isinstance(result, (kz.RolledBackError, kz.RuntimeInconsistency)):
@@ -531,13 +662,34 @@ class ClusterStore:
                 versions[path] = 0
         return versions
 
+    def _create_parents(self, paths: list) -> None:
+        """Create ``paths`` and their missing ancestors, each with its ACL (kazoo's ensure_path
+        would give every level the client's default ACL). The levels that exist are found first:
+        creating one that exists is refused for want of the CREATE permission on its parent
+        before ZooKeeper says that it exists."""
+        levels = set()
+        for path in paths:
+            while path not in ("", "/"):
+                levels.add(path)
+                path = _parent(path)
+        ordered = sorted(levels, key=_depth_order)
+        stats = self._call_many("commit: look at parents", [lambda p=p: self.client.exists_async(p) for p in ordered])
+        for path, stat in zip(ordered, stats):
+            if stat is not None:
+                continue
+            try:
+                self._call(f"commit: create {path}", lambda p=path: self.client.create_async(p, b"", acl=self.acl_for(p)))
+            except StoreError as exc:
+                if not isinstance(exc.__cause__, kz.NodeExistsError):   # created meanwhile: fine
+                    raise
+
     def _run_transaction(self, ops) -> list:
         txn = self.client.transaction()
         for kind, path, _guarded, data, version in ops:
             if kind == "set":
                 txn.set_data(path, data, version=version)
             elif kind == "create":
-                txn.create(path, data)
+                txn.create(path, data, acl=self.acl_for(path))
             elif kind == "check":
                 txn.check(path, version)
             else:
@@ -707,12 +859,18 @@ class ClusterStore:
                 stored = self.get(version_path)[0]
             except MissingError:
                 stored = None
+            except StoreError as exc:
+                if _refused(exc):
+                    raise StoreError(self._foreign(version_path)) from None
+                raise
             if stored is not None:
                 self._check_version(stored)
             stats = self._call_many("ensure_schema", [lambda p=p: self.client.exists_async(p) for p in bases])
             missing: dict[str, object] = {path: "" for path, stat in zip(bases, stats) if stat is None}
             if stored is None:
                 missing[version_path] = SCHEMA_VERSION
+            existing = [path for path, stat in zip(bases, stats) if stat is not None]
+            self.check_acls(existing + ([version_path] if stored is not None else []))
             if not missing:
                 return False
             try:
@@ -724,6 +882,55 @@ class ClusterStore:
             self.log.info("created the cluster schema (version %s) under %s", SCHEMA_VERSION, self.schema.root or "/")
             return True
         return False
+
+    def check_acls(self, paths) -> list[str]:
+        """Check that each existing znode of ``paths`` has the ACL its rule gives it; repair those
+        open to anyone (created by an older version, or pre-created by someone else, since
+        ZooKeeper's ``/`` lets anyone create). Returns the repaired paths.
+
+        Raises StoreError naming the znode, the ACL found and the one expected when a znode is
+        neither right nor open (secured with other identities: check the credentials), or when
+        an open one cannot be repaired. In an open (insecure) cluster, nothing is checked.
+        """
+        if self.acl_ids is None:
+            return []
+        paths = list(paths)
+        if not paths:
+            return []
+        where = f"{self.options.hosts}"
+        try:
+            found = self._call_many("check ACLs", [lambda p=p: self.client.get_acls_async(p) for p in paths])
+        except StoreError as exc:
+            if _refused(exc):   # not even allowed to read an ACL
+                refused = [p for p in paths if self.client.exists(p) is not None]
+                raise StoreError(self._foreign(refused[0] if refused else paths[0])) from None
+            raise
+        repaired = []
+        for path, (acls, stat) in zip(paths, found):
+            expected = self.acl_for(path)
+            if _same_acl(acls, expected):
+                continue
+            if any(acl.id.scheme == "world" for acl in acls):
+                try:
+                    self._call(f"repair the ACL of {path}",
+                               lambda p=path, v=stat.aversion, e=expected: self.client.set_acls_async(p, e, v))
+                except StoreError as exc:
+                    raise StoreError(f"{path} at {where} is open to anyone (ACL {describe_acl(acls)}) and could not be "
+                                     f"secured: {exc}; an operator must set its ACL to {describe_acl(expected)}") from None
+                self.log.warning("%s was open to anyone (ACL %s): secured it (ACL %s)", path, describe_acl(acls),
+                                 describe_acl(expected))
+                repaired.append(path)
+                continue
+            raise StoreError(f"{path} at {where} has the ACL {describe_acl(acls)}, not {describe_acl(expected)}: the "
+                             "cluster was secured with other identities; check the usernames and passwords (and the "
+                             "operator's digest) this client was given")
+        return repaired
+
+    def _foreign(self, path: str) -> str:
+        user = self.options.auth_username
+        return (f"ZooKeeper at {self.options.hosts} refuses {'user ' + user if user else 'a client without credentials'} "
+                f"access to {path}: the cluster was secured with other identities; check the usernames and passwords "
+                "(and the operator's digest) this client was given")
 
     def _check_version(self, stored: str) -> None:
         """Raise StoreError unless ``stored`` (the text of /schema/version) is this code's version."""
@@ -785,8 +992,22 @@ class ClusterStore:
             raise StoreError(f"there is no pvc.cluster at {where}: {self.schema.schema_version()} does not exist; check "
                              "zk_root (the node daemons create a cluster's keys when they first start)") from None
         self._check_version(stored)
-        if not open_to_anyone:
-            self.client.default_acl = list(acls)
+        if not open_to_anyone and user:
+            self._learn_identities(acls, where)
+
+    def _learn_identities(self, root_acls, where: str) -> None:
+        """Take the operator's and the nodes' identities from the ACL of the cluster root (the
+        operator may do anything there, the nodes may only read), so that every znode this
+        client creates gets its rule's ACL. This client must be the operator."""
+        own = digest_id(self.options.auth_username, self.options.auth_password)
+        digests = [acl for acl in root_acls if acl.id.scheme == "digest"]
+        if not any(acl.id.id == own and acl.perms & PERM_ALL == PERM_ALL for acl in digests):
+            raise StoreError(f"user {self.options.auth_username} is not the operator of the cluster at {where} "
+                             f"(the ACL of {self.schema.root or '/'} is {describe_acl(root_acls)}): check zk_username "
+                             "and zk_password")
+        nodes = tuple(sorted(acl.id.id for acl in digests if acl.id.id != own))
+        self.acl_ids = AclIds(operator=own, nodes=nodes)
+        self.client.default_acl = self.acl_for(self.schema.node_lock("contender") + "/contender")
 
     # ---- locks ------------------------------------------------------------------------------
 

@@ -575,18 +575,25 @@ def test_verify_cluster_refuses_a_client_without_the_clusters_credentials(secure
                                   "digest:admin, world:anyone), but no zk_username and zk_password were given; give them")
 
 
-def test_keys_created_after_verify_cluster_take_the_acl_of_the_cluster_root(secured, make_store):
-    # the cluster root names two users; a client of either creates keys both can use
-    acl = [make_digest_acl("admin", "pw", all=True), make_digest_acl("daemons", "pw2", read=True, write=True, create=True)]
-    secured.client.set_acls(secured.schema.root, acl)
+def test_keys_created_after_verify_cluster_take_their_rules_acl_with_the_identities_of_the_cluster_root(secured, make_store):
+    # the cluster root names the operator (every permission) and the nodes (read): a module's
+    # client learns both there, and gives each key it creates the ACL of its rule (_schema.acl_rule)
+    secured.client.set_acls(secured.schema.root, [make_digest_acl("admin", "pw", all=True),
+                                                  make_digest_acl("daemons", "pw2", read=True)])
     operator = make_store(auth_username="admin", auth_password="pw")
     operator.verify_cluster()
-    key = operator.schema.domain_key("6695eb01-f6a4-8304-79aa-97f2502e193f", "state")
-    assert operator.write({key: "stop"})
-    assert secured.client.get_acls(key)[0] == acl
-    assert secured.client.get_acls(operator.schema.domain("6695eb01-f6a4-8304-79aa-97f2502e193f"))[0] == acl
+    uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f"
+    state, xml = operator.schema.domain_key(uuid, "state"), operator.schema.domain_key(uuid, "xml")
+    assert operator.write({state: "stop", xml: "<domain/>"})
+    admin = make_digest_acl("admin", "pw", all=True)
+    assert secured.client.get_acls(state)[0] == [admin, make_digest_acl("daemons", "pw2", read=True, write=True)]
+    assert secured.client.get_acls(xml)[0] == [admin, make_digest_acl("daemons", "pw2", read=True)]
+    assert secured.client.get_acls(operator.schema.domain(uuid))[0] == [admin, make_digest_acl("daemons", "pw2", read=True,
+                                                                                                create=True)]
     daemon = make_store(auth_username="daemons", auth_password="pw2")
-    assert daemon.read(key) == "stop"
+    assert daemon.read(xml) == "<domain/>"
+    assert daemon.write({state: "fail"})
+    assert not daemon.write({xml: "<domain><evil/></domain>"})
 
 
 # ---- the polling handler, assumed commits and one-round reads ---------------------------------------

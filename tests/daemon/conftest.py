@@ -51,3 +51,18 @@ def make_domain_xml():
         return uuid, xml
 
     return make
+
+
+@pytest.fixture
+def store(zk_server, zk_root):
+    """The operator's store on the session server, this test's root, the cluster created:
+    the daemons' tests run a secured cluster (each daemon is the nodes and itself)."""
+    from pvc_cluster_common._store import ClusterStore
+    from tests.support.identities import operator_options
+
+    store = ClusterStore(operator_options(zk_server.hosts, zk_root)).start()
+    try:
+        store.ensure_schema()
+        yield store
+    finally:
+        store.stop()

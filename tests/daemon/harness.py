@@ -18,6 +18,7 @@ import yaml
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import vm_definition, wait_for_key, wait_until_gone
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
+from tests.support.identities import node_auth, operator_options
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,14 +93,19 @@ class TestCluster:
 
     __test__ = False   # not a pytest class
 
-    def __init__(self, zk_hosts: str, root: str, workdir: Path, keepalive_s: float = 0.5, **overrides) -> None:
+    def __init__(self, zk_hosts: str, root: str, workdir: Path, keepalive_s: float = 0.5, insecure: bool = False,
+                 **overrides) -> None:
         self.zk_hosts = zk_hosts
         self.root = root
         self.workdir = Path(workdir)
         self.keepalive_s = keepalive_s
+        self.insecure = insecure
         self.overrides = overrides
         self.daemons: dict[str, DaemonProcess] = {}
-        self.store = ClusterStore(ConnectionOptions(hosts=zk_hosts, root=root, timeout_s=10)).start()
+        # secure by default: the test's store is the operator, each daemon the nodes and itself
+        options = (ConnectionOptions(hosts=zk_hosts, root=root, timeout_s=10) if insecure
+                   else operator_options(zk_hosts, root, timeout_s=10))
+        self.store = ClusterStore(options).start()
         self.store.ensure_schema()
         self.schema = self.store.schema
 
@@ -109,12 +115,14 @@ class TestCluster:
         host.write_text(NODE_XML.format(kib=memory_mib * 1024))
         config = {
             "node": node,
-            "zookeeper": {"hosts": self.zk_hosts, "root": self.root, "timeout_s": 10},
+            "zookeeper": {"hosts": self.zk_hosts, "root": self.root, "timeout_s": 10,
+                          **({} if self.insecure else {"auth": node_auth(node)})},
             "libvirt": {"uri": f"test://{host}", "call_timeout_s": 10},
             "migration": {"step_timeout_s": 10, "live_timeout_base_s": 10, "flush_parallel": 2},
             "intervals": {"keepalive_s": self.keepalive_s, "dead_after": 4, "shutdown_timeout_s": 5},
             "memory": {"reserve_mib": 0},
             "log": {"stdout": True, "debug": True},
+            **({"insecure": True} if self.insecure else {}),
         }
         for section, values in {**self.overrides, **overrides}.items():
             if isinstance(values, dict):

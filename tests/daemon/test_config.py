@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 
 from pvc_node_daemon.config import ConfigError, load_config, parse_config
+from tests.support.identities import node_auth
 
-MINIMAL = {"node": "node1", "zookeeper": {"hosts": "127.0.0.1:2181"}}
+MINIMAL = {"node": "node1", "zookeeper": {"hosts": "127.0.0.1:2181", "auth": node_auth("node1")}}
 
 
 def with_(**sections):
-    data = {"node": "node1", "zookeeper": {"hosts": "127.0.0.1:2181"}}
+    data = {"node": "node1", "zookeeper": {"hosts": "127.0.0.1:2181", "auth": node_auth("node1")}}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -29,6 +30,15 @@ def test_minimal_config_gets_documented_defaults():
     assert config.metrics_enabled is False and config.debug is False
     assert config.advertised_libvirt_uri == "qemu+tcp://node1/system"
     assert config.advertised_transport_uri == "tcp://node1"
+
+
+def test_a_secure_config_names_three_identities_and_an_insecure_one_must_say_so():
+    config = parse_config(MINIMAL)
+    options = config.zookeeper
+    assert (options.auth_username, options.node_name, options.insecure) == ("nodes", "node1", False)
+    assert options.node_password == "node1-test-password" and options.operator_digest.startswith("operator:")
+    insecure = parse_config({"node": "node1", "zookeeper": {"hosts": "127.0.0.1:2181"}, "insecure": True})
+    assert insecure.zookeeper.insecure is True and insecure.zookeeper.auth_username is None
 
 
 def test_address_and_templates_shape_the_published_uris():
@@ -58,6 +68,12 @@ def test_live_timeout_grows_with_memory():
     (with_(zookeeper={"timeout_s": "soon"}), "zookeeper.timeout_s", "not a number"),
     (with_(zookeeper={"colour": "red"}), "zookeeper.colour", "unknown key"),
     (with_(zookeeper={"auth": {"password": "x"}}), "zookeeper", "username"),
+    ({"node": "node1", "zookeeper": {"hosts": "h:1"}}, "zookeeper", "authentication is required"),
+    (with_(zookeeper={"auth": {**node_auth("node1"), "node_password": None}}), "zookeeper", "node_password"),
+    (with_(zookeeper={"auth": {**node_auth("node1"), "operator_digest": "operator:secret"}}), "zookeeper",
+     "operator_digest must be"),
+    (with_(insecure=True), "zookeeper", "credentials are refused"),
+    (with_(insecure="yes"), "insecure", "true or false"),
     (with_(intervals={"keepalive_s": "fast"}), "intervals.keepalive_s", "not a number"),
     (with_(intervals={"keepalive_s": 0}), "intervals.keepalive_s", "too small"),
     (with_(intervals={"dead_after": 1.5}), "intervals.dead_after", "not an integer"),

@@ -179,7 +179,7 @@ def test_live_only_migration_aborts_and_keeps_the_vm_on_its_source(cluster):
 
 def test_bad_config_exits_2_with_one_line(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("node: node1\nzookeeper:\n  hosts: 127.0.0.1:1\nintervals:\n  keepalive_s: fast\n")
+    config.write_text("node: node1\ninsecure: true\nzookeeper:\n  hosts: 127.0.0.1:1\nintervals:\n  keepalive_s: fast\n")
     result = subprocess.run([sys.executable, "-m", "pvc_node_daemon", "--config", str(config)],
                             capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 2

@@ -10,10 +10,11 @@ from pvc_node_daemon import flush
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.flush import NodeStateWorker
+from tests.support.identities import node_auth
 
 
 def worker(**stores) -> NodeStateWorker:
-    config = parse_config({"node": "n1", "zookeeper": {"hosts": "127.0.0.1:1"}, "migration": {"flush_parallel": 4}})
+    config = parse_config({"node": "n1", "zookeeper": {"hosts": "127.0.0.1:1", "auth": node_auth("n1")}, "migration": {"flush_parallel": 4}})
     store = SimpleNamespace(schema=Schema("/pvc"), **stores)
     return NodeStateWorker("n1", config, store, DomainTable(), reconciler=None)
 

@@ -15,6 +15,7 @@ from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.hypervisor import Hypervisor, HypervisorError
 from pvc_node_daemon.keepalive import Keepalive
+from tests.support.identities import node_auth
 
 from .harness import NODE_XML
 
@@ -51,7 +52,7 @@ def host(tmp_path):
 
 @pytest.fixture
 def config(zk_server, zk_root):
-    return parse_config({"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root},
+    return parse_config({"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")},
                          "intervals": {"keepalive_s": 1}, "libvirt": {"call_timeout_s": 5},
                          "memory": {"reserve_mib": 512}})
 

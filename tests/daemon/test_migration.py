@@ -19,6 +19,7 @@ from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.hypervisor import Hypervisor, MigrationSetup
 from pvc_node_daemon.migration import MigrationAgent
+from tests.support.identities import node_auth
 
 from .harness import NODE_XML, domain_xml
 
@@ -48,7 +49,7 @@ def make_agent(zk_server, zk_root, tmp_path):
     def make(node: str, **sections) -> MigrationAgent:
         from pvc_cluster_common._store import ClusterStore
 
-        config = parse_config({"node": node, "zookeeper": {"hosts": zk_server.hosts, "root": zk_root},
+        config = parse_config({"node": node, "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth(node)},
                                "libvirt": {"call_timeout_s": 5}, "intervals": {"shutdown_timeout_s": 5}, **sections})
         host = tmp_path / f"{node}.xml"
         host.write_text(NODE_XML.format(kib=16 * 1024 * 1024))

@@ -350,6 +350,8 @@ class HostViews:
             "node_daemon_service_manager": "none",
             # the lab guests' paths and NBD disks (the vm tasks get the same: pvc_domain_policy)
             "node_daemon_domain_policy": lab_domain_policy(lab),
+            # the rolled-out lab's ZooKeeper is still open (issue #13: its secure configuration is to come)
+            "node_daemon_insecure": True,
             **LAB_DAEMON_VARS,
             **self.node_vars,
         }

@@ -33,12 +33,16 @@ PUBLIC_FILES = {"libvirt_tls_ca_cert", "libvirt_tls_server_cert", "libvirt_tls_c
 # where the playbook's roles write what holds each secret, to check it was really rendered
 RENDERED = {
     "node_daemon_zookeeper_password": "/etc/pvc/node-daemon-secrets.yaml",
+    "node_daemon_zookeeper_node_password": "/etc/pvc/node-daemon-secrets.yaml",
     "libvirt_sasl_password": "/etc/libvirt-secrets-sasl/auth.conf",
     "libvirt_tls_server_key": "/etc/pki-secrets-tls/libvirt/private/serverkey.pem",
     "libvirt_tls_client_key": "/etc/pki-secrets-tls/libvirt/private/clientkey.pem",
 }
 # settings the secrets need to be used at all
-ENABLERS = {"node_daemon_zookeeper_password": {"node_daemon_zookeeper_username": "pvc"}}
+# (a secured daemon needs its three identities: the operator's is a digest id, not a secret)
+_NODE_DAEMON_AUTH = {"node_daemon_zookeeper_username": "pvc",
+                     "node_daemon_zookeeper_operator_digest": "operator:xA4hvVgXoKlTR45WxaPaWB6IutA="}
+ENABLERS = {"node_daemon_zookeeper_password": _NODE_DAEMON_AUTH, "node_daemon_zookeeper_node_password": _NODE_DAEMON_AUTH}
 
 
 def role_options() -> dict[str, dict[str, dict]]:

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         zookeeper.start()
         root = f"/pvc-it-{uuid.uuid4().hex[:8]}"
-        cluster = TestCluster(zookeeper.hosts, root, args.workdir / "daemons", keepalive_s=0.5)
+        # open: the integration targets' modules connect without credentials (issue #13: to come)
+        cluster = TestCluster(zookeeper.hosts, root, args.workdir / "daemons", keepalive_s=0.5, insecure=True)
         nodes = [f"node{i}" for i in range(1, args.nodes + 1)]
         for node in nodes:
             cluster.add(node, memory_mib=NODE_MEMORY_MIB)
