@@ -197,7 +197,7 @@ def _steps(data: dict, path: str, names) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class MigrationRecord:
-    """The in-flight migration of one VM, ``/domains/<uuid>/migration`` (docs/migration-protocol.md).
+    """The in-flight migration of one VM, ``/domains/<uuid>/runtime/migration`` (docs/migration-protocol.md).
 
     Decoded only by :meth:`from_json`, which checks every field and that ``vm`` is the UUID of
     the key it was read from; written only as :meth:`to_json`. ``starting_on`` is the target's
@@ -285,7 +285,7 @@ class MigrationRecord:
 
 
 def migration_record(value, path: str, uuid: str) -> MigrationRecord:
-    """The decoder of ``/domains/<uuid>/migration`` (see :class:`MigrationRecord`)."""
+    """The decoder of ``/domains/<uuid>/runtime/migration`` (see :class:`MigrationRecord`)."""
     return MigrationRecord.from_json(value, path, uuid)
 
 
@@ -321,7 +321,7 @@ def guest_downtime_fields(downtime_ms, measured_by: str, path: str = "guest down
 
 
 def history_entry(value, path: str, uuid: str) -> dict:
-    """An audit record, ``/domains/<uuid>/history/<key>``: a finished migration record (no
+    """An audit record, ``/domains/<uuid>/runtime/history/<key>``: a finished migration record (no
     ``step``) with its ``result`` and ``duration_s``, or (``kind`` recovery) the record of a VM
     started elsewhere after its node was fenced (:func:`recovery_entry`). Returned as a plain dict of the known
     fields (for reports), every one of them checked."""

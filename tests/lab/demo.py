@@ -232,7 +232,7 @@ class Demo:
                      "switch-over (from their serial ticks; in each audit record as guest_downtime_ms)")
         self.say("shutdown migrations: the guest answers the ACPI power button with a clean power-off (busybox acpid); "
                  "'clean shutdown in' is from the request to shut down to the guest's last tick")
-        self.say(f"audit records: pvc.cluster.vm_info (history), or ZooKeeper /pvc/domains/<uuid>/history; "
+        self.say(f"audit records: pvc.cluster.vm_info (history), or ZooKeeper /pvc/domains/<uuid>/runtime/history; "
                  f"snapshots in {self.records}")
         if not all_home:
             raise DemoError("some VMs did not come back home")

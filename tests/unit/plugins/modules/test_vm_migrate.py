@@ -171,7 +171,7 @@ def clear(vm, store, check_mode=False):
 
 
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
-BAD = f"/pvc/domains/{UUID}/migration: '42' is not valid; expected a JSON object"
+BAD = f"/pvc/domains/{UUID}/runtime/migration: '42' is not valid; expected a JSON object"
 
 
 @pytest.mark.parametrize("check_mode", [False, True])
@@ -182,8 +182,8 @@ def test_cleared_removes_an_invalid_record_and_the_vms_reservations(check_mode):
     assert result["changed"] and result["cleared"] == {"migration_error": BAD, "reservations": ["n2"]}
     assert result["diff"] == {"before": {"migration": BAD, "reservations": ["n2"]},
                               "after": {"migration": None, "reservations": []}}
-    expected = [({}, {f"/pvc/domains/{UUID}/migration": 0},
-                 [f"/pvc/domains/{UUID}/migration", f"/pvc/nodes/n2/reservations/{UUID}"])]
+    expected = [({}, {f"/pvc/domains/{UUID}/runtime/migration": 0},
+                 [f"/pvc/domains/{UUID}/runtime/migration", f"/pvc/nodes/n2/reservations/{UUID}"])]
     assert store.commits == ([] if check_mode else expected)
 
 

@@ -66,7 +66,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterS
 # what the daemons write on their own (keepalive figures, liveness, URIs at a restart; VM statistics)
 DEFAULT_VOLATILE = [
     r"^/nodes/[^/]+/(?!(daemon_state|domain_state|reservations)(/|$))[^/]+$",
-    r"^/domains/[^/]+/stats$",
+    r"^/domains/[^/]+/runtime/stats$",
 ]
 
 
