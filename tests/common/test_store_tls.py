@@ -73,3 +73,23 @@ def test_tls_to_the_plain_port_fails(make_store, zk_tls_server, tls_material):
     with pytest.raises(StoreError, match="cannot reach ZooKeeper"):
         make_store(hosts=zk_tls_server.hosts, timeout_s=2.0, tls=True, tls_ca=str(tls_material.ca_cert),
                    tls_cert=str(tls_material.client_cert), tls_key=str(tls_material.client_key))
+
+
+def test_tls_client_checks_the_servers_host_name(make_store, tmp_path_factory, caplog):
+    """A server whose certificate, signed by the trusted CA, names another host is refused."""
+    material = make_tls_material(tmp_path_factory.mktemp("tls-other-host"), server_names=("zk.example.org",),
+                                 server_ips=("192.0.2.10",))
+    server = ZooKeeperServer(workdir=tmp_path_factory.mktemp("zookeeper-other-host"), client_port=free_port(),
+                             secure_client_port=free_port(), tls=material.zookeeper_files())
+    try:
+        server.start()
+        hosts = f"{server.client_address}:{server.secure_client_port}"
+        files = {"tls_ca": str(material.ca_cert), "tls_cert": str(material.client_cert), "tls_key": str(material.client_key)}
+        # without verification (tls_verify false, for a test bed) the server is accepted: it serves
+        assert make_store(hosts=hosts, tls=True, tls_verify=False, **files).connected
+        with caplog.at_level(logging.WARNING, logger="kazoo.client"):
+            with pytest.raises(StoreError, match="cannot reach ZooKeeper"):
+                make_store(hosts=hosts, timeout_s=2.0, tls=True, **files)
+        assert "certificate verify failed: IP address mismatch, certificate is not valid for '127.0.0.1'" in caplog.text
+    finally:
+        server.stop()

@@ -136,12 +136,17 @@ def make_tls_material(
     names: tuple[str, ...] = DEFAULT_NAMES,
     ips: tuple[str, ...] = DEFAULT_IPS,
     password: str = "pvc-test-secret",
+    server_names: tuple[str, ...] | None = None,
+    server_ips: tuple[str, ...] | None = None,
 ) -> TLSMaterial:
-    """Write a CA, a server key store + trust store for ZooKeeper and a client cert/key pair."""
+    """Write a CA, a server key store + trust store for ZooKeeper and a client cert/key pair.
+    ``server_names``/``server_ips``: other names for the server's certificate than the client's
+    (a server that is not the host a client connects to)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _ca("pvc.cluster test CA")
-    server_key, server_cert = _leaf("zookeeper", ca_key, ca_cert, names, ips)
+    server_key, server_cert = _leaf("zookeeper", ca_key, ca_cert, names if server_names is None else server_names,
+                                    ips if server_ips is None else server_ips)
     client_key, client_cert = _leaf("pvc-client", ca_key, ca_cert, names, ips)
     _other_key, other_ca = _ca("unrelated test CA")
 
