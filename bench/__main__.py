@@ -99,14 +99,25 @@ def bench_placement() -> list[dict]:
 
 # ---- b and c: daemons as processes on the libvirt test driver -------------------------------------
 
-def _cluster(workdir: Path, nodes: int, memory_mib: int):
+# The configurations b and c are measured in, side by side: "secure" is the default (ZooKeeper
+# digest authentication and ACLs, TLS to ZooKeeper's secure client port with client certificates),
+# "insecure" an open cluster on the plain port (docs/security.md).
+CONFIGS = ("secure", "insecure")
+
+
+def _cluster(workdir: Path, nodes: int, memory_mib: int, config: str = "secure"):
     from tests.daemon.harness import TestCluster
+    from tests.support.tls import make_tls_material
     from tests.support.zookeeper import ZooKeeperServer, free_port
 
-    server = ZooKeeperServer(workdir / "zk", free_port())
+    tls = make_tls_material(workdir / "tls") if config == "secure" else None
+    server = ZooKeeperServer(workdir / "zk", free_port(), secure_client_port=free_port() if tls else None,
+                             tls=tls.zookeeper_files() if tls else None)
     server.start()
-    cluster = TestCluster(server.hosts, "/bench", workdir / "daemons", keepalive_s=1.0,
-                          log={"stdout": True, "debug": False},
+    hosts = f"{server.client_address}:{server.secure_client_port}" if tls else server.hosts
+    zk_tls = {"ca": str(tls.ca_cert), "cert": str(tls.client_cert), "key": str(tls.client_key)} if tls else None
+    cluster = TestCluster(hosts, "/bench", workdir / "daemons", keepalive_s=1.0, insecure=config == "insecure",
+                          zk_tls=zk_tls, log={"stdout": True, "debug": False},
                           migration={"step_timeout_s": 30, "flush_parallel": 8})
     for i in range(1, nodes + 1):
         cluster.add(f"node{i}", memory_mib=memory_mib)
@@ -118,14 +129,14 @@ def _cluster(workdir: Path, nodes: int, memory_mib: int):
     return server, cluster
 
 
-def bench_shutdown_migration(samples: int = 40, warmup: int = 600) -> dict:
+def bench_shutdown_migration(samples: int = 40, warmup: int = 600, config: str = "secure") -> dict:
     from pvc_cluster_common import _schema as S
     from pvc_cluster_common._cluster import read_history, read_node_views, read_vm
     from pvc_cluster_common._requests import plan_request, submit_request
     from tests.daemon.harness import domain_xml
 
     with tempfile.TemporaryDirectory(prefix="pvc-bench-") as tmp:
-        server, cluster = _cluster(Path(tmp), 2, 65536)
+        server, cluster = _cluster(Path(tmp), 2, 65536, config)
         try:
             uuid, xml = domain_xml("bench-vm", memory="256")
             cluster.define_vm(xml, uuid, "bench-vm", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
@@ -155,7 +166,7 @@ def bench_shutdown_migration(samples: int = 40, warmup: int = 600) -> dict:
             for i in range(warmup + samples):
                 migrate(i, measured=i >= warmup)
             p50 = percentile(to_running, 0.5)
-            return {"id": "b", "what": "shutdown migration, test driver: request -> running on target",
+            return {"id": "b", "config": config, "what": "shutdown migration, test driver: request -> running on target",
                     "p50_ms": round(p50, 1), "p95_ms": round(percentile(to_running, 0.95), 1), "samples": samples,
                     "warmup": warmup, "p50_record_gone_ms": round(percentile(to_gone, 0.5), 1),
                     "target": "p50 <= 20 ms", "met": p50 <= 20.0}
@@ -164,12 +175,12 @@ def bench_shutdown_migration(samples: int = 40, warmup: int = 600) -> dict:
             server.stop()
 
 
-def bench_flush(vm_count: int = 200, nodes: int = 5) -> dict:
+def bench_flush(vm_count: int = 200, nodes: int = 5, config: str = "secure") -> dict:
     from pvc_cluster_common import _schema as S
     from tests.daemon.harness import domain_xml
 
     with tempfile.TemporaryDirectory(prefix="pvc-bench-") as tmp:
-        server, cluster = _cluster(Path(tmp), nodes, 262144)
+        server, cluster = _cluster(Path(tmp), nodes, 262144, config)
         try:
             uuids = []
             for i in range(vm_count):
@@ -192,7 +203,7 @@ def bench_flush(vm_count: int = 200, nodes: int = 5) -> dict:
             cluster.wait_domain_state("node1", "flushed", timeout_s=600)
             elapsed = time.perf_counter() - started
             elsewhere = sum(1 for u in uuids if cluster.store.read(cluster.schema.domain_key(u, S.DOMAIN_NODE)) != "node1")
-            return {"id": "c", "what": f"flush of a node with {vm_count} VMs, {nodes}-node test-driver cluster",
+            return {"id": "c", "config": config, "what": f"flush of a node with {vm_count} VMs, {nodes}-node test-driver cluster",
                     "seconds": round(elapsed, 2), "moved": elsewhere, "target": "<= 5 s", "met": elapsed <= 5.0}
         finally:
             cluster.close()
@@ -251,7 +262,7 @@ def bench_busy_flush(vms: int = 6, parallel: int = 2) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| id | what | measured | target | met |", "|---|---|---|---|---|"]
+    lines = ["| id | config | what | measured | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
             measured = "error: " + row["error"]
@@ -277,7 +288,8 @@ def table(rows: list[dict]) -> str:
             measured = f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms"
             if "p50_record_gone_ms" in row:
                 measured += f" (record gone: p50 {row['p50_record_gone_ms']} ms)"
-        lines.append(f"| {row['id']} | {row['what']} | {measured} | {row['target']} | {'yes' if row.get('met') else 'no'} |")
+        lines.append(f"| {row['id']} | {row.get('config', '')} | {row['what']} | {measured} | {row['target']} | "
+                     f"{'yes' if row.get('met') else 'no'} |")
     return "\n".join(lines)
 
 
@@ -296,16 +308,20 @@ def main() -> int:
         parser.error(f"--busy-pairs {args.busy_pairs}: a2 needs at least 9 pairs")
     wanted = args.only or ["d", "p", "b", "c", "a", "a2", "f"]
     rows = []
-    for key, run in (("d", bench_selection), ("p", bench_placement), ("b", bench_shutdown_migration), ("c", bench_flush),
-                     ("a", lambda: bench_live_overhead(args.pairs)), ("a2", lambda: bench_busy_live(args.busy_pairs)),
-                     ("f", bench_busy_flush)):
+    runs = [("d", "", bench_selection), ("p", "", bench_placement)]
+    runs += [("b", config, lambda c=config: bench_shutdown_migration(config=c)) for config in CONFIGS]
+    runs += [("c", config, lambda c=config: bench_flush(config=c)) for config in CONFIGS]
+    runs += [("a", "", lambda: bench_live_overhead(args.pairs)), ("a2", "", lambda: bench_busy_live(args.busy_pairs)),
+             ("f", "", bench_busy_flush)]
+    for key, config, run in runs:
         if key not in wanted:
             continue
-        print(f"bench {key}: running...", flush=True)
+        print(f"bench {key}{' (' + config + ')' if config else ''}: running...", flush=True)
         try:
             result = run()
         except Exception as exc:   # a broken benchmark is reported, the others still run
-            result = {"id": key, "what": run.__doc__ or key, "target": "", "met": False, "error": f"{type(exc).__name__}: {exc}"}
+            result = {"id": key, "config": config, "what": run.__doc__ or key, "target": "", "met": False,
+                      "error": f"{type(exc).__name__}: {exc}"}
         rows.extend(result if isinstance(result, list) else [result])
     RESULTS.mkdir(exist_ok=True)
     document = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "python": sys.version.split()[0],

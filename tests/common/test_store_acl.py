@@ -139,8 +139,6 @@ def test_a_node_identity_cannot_write_another_nodes_keys(cluster, raw_client):
         with pytest.raises(NoAuthError):
             n1.delete(schema.node_key("n2", key))
     with pytest.raises(NoAuthError):
-        n1.create(schema.node_key("n2", "alive"), b"", ephemeral=True)
-    with pytest.raises(NoAuthError):
         n1.delete(schema.node("n2"), recursive=True)
 
 

@@ -94,7 +94,7 @@ class TestCluster:
     __test__ = False   # not a pytest class
 
     def __init__(self, zk_hosts: str, root: str, workdir: Path, keepalive_s: float = 0.5, insecure: bool = False,
-                 **overrides) -> None:
+                 zk_tls: dict | None = None, **overrides) -> None:
         self.zk_hosts = zk_hosts
         self.root = root
         self.workdir = Path(workdir)
@@ -103,8 +103,12 @@ class TestCluster:
         self.overrides = overrides
         self.daemons: dict[str, DaemonProcess] = {}
         # secure by default: the test's store is the operator, each daemon the nodes and itself
-        options = (ConnectionOptions(hosts=zk_hosts, root=root, timeout_s=10) if insecure
-                   else operator_options(zk_hosts, root, timeout_s=10))
+        # zk_tls: {"ca": ..., "cert": ..., "key": ...} to reach ZooKeeper's secure client port
+        self.zk_tls = zk_tls
+        tls = {} if not zk_tls else {"tls": True, "tls_ca": zk_tls["ca"], "tls_cert": zk_tls["cert"],
+                                     "tls_key": zk_tls["key"]}
+        options = (ConnectionOptions(hosts=zk_hosts, root=root, timeout_s=10, **tls) if insecure
+                   else operator_options(zk_hosts, root, timeout_s=10, **tls))
         self.store = ClusterStore(options).start()
         self.store.ensure_schema()
         self.schema = self.store.schema
@@ -116,7 +120,8 @@ class TestCluster:
         config = {
             "node": node,
             "zookeeper": {"hosts": self.zk_hosts, "root": self.root, "timeout_s": 10,
-                          **({} if self.insecure else {"auth": node_auth(node)})},
+                          **({} if self.insecure else {"auth": node_auth(node)}),
+                          **({"tls": {"enabled": True, **self.zk_tls}} if self.zk_tls else {})},
             "libvirt": {"uri": f"test://{host}", "call_timeout_s": 10},
             "migration": {"step_timeout_s": 10, "live_timeout_base_s": 10, "flush_parallel": 2},
             "intervals": {"keepalive_s": self.keepalive_s, "dead_after": 4, "shutdown_timeout_s": 5},

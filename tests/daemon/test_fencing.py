@@ -9,6 +9,7 @@ import pytest
 from pvc_node_daemon.config import ConfigError, parse_config
 from pvc_node_daemon.fencing import FenceDevice, fence
 from tests.support.bmc import SimulatedBMC, free_udp_port
+from tests.support.identities import node_auth
 
 needs_ipmi = pytest.mark.skipif(not (shutil.which("ipmi_sim") and shutil.which("ipmitool")),
                                 reason="openipmi and ipmitool are installed by scripts/setup-host.sh")
@@ -51,7 +52,7 @@ def agent(tmp_path):
 
 def ipmi_device(bmc, **changes):
     config = {**bmc.device_config(), **changes}
-    return parse_config({"node": "n1", "zookeeper": {"hosts": "127.0.0.1:2181"},
+    return parse_config({"node": "n1", "zookeeper": {"hosts": "127.0.0.1:2181", "auth": node_auth("n1")},
                          "fencing": {"nodes": {"n2": config}}}).fence_devices["n2"]
 
 
@@ -122,7 +123,7 @@ def test_a_missing_agent_is_a_failed_fence(tmp_path):
 
 
 def config_with(nodes):
-    return {"node": "n1", "zookeeper": {"hosts": "127.0.0.1:2181"}, "fencing": {"timeout_s": 5, "nodes": nodes}}
+    return {"node": "n1", "zookeeper": {"hosts": "127.0.0.1:2181", "auth": node_auth("n1")}, "fencing": {"timeout_s": 5, "nodes": nodes}}
 
 
 def test_fence_devices_are_read_from_the_daemon_configuration():
