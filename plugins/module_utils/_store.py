@@ -385,6 +385,8 @@ class ClusterStore:
         # The identities ACLs name: None for an open cluster (and, until verify_cluster has read
         # them from the cluster, for a module's client).
         self.acl_ids: AclIds | None = None
+        # whether verify_cluster found the cluster open to anyone (None: not verified)
+        self.cluster_open: bool | None = None
         if options.auth_username:
             kwargs["auth_data"] = [("digest", f"{options.auth_username}:{options.auth_password}")]
             if options.node_name and options.node_password:
@@ -977,6 +979,8 @@ class ClusterStore:
             raise
         open_to_anyone = any(acl.id.scheme == "world" and acl.id.id == "anyone" and acl.perms & _OPEN_PERMS == _OPEN_PERMS
                              for acl in acls)
+        # an open cluster (the daemons run with insecure: true): node_info says so
+        self.cluster_open = open_to_anyone
         if open_to_anyone and user:
             raise StoreError(f"the cluster at {where} does not use authentication ({root} lets anyone read and write it), "
                              "so zk_username and zk_password are refused: the keys a task created with them would be "

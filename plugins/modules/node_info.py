@@ -193,6 +193,12 @@ cluster:
       description: Number of VMs.
       type: int
       sample: 12
+    insecure:
+      description:
+        - Whether the cluster is open, its root readable and writable by anyone (its daemons run with C(insecure)),
+          instead of secured by ZooKeeper authentication and ACLs. A warning says so too.
+      type: bool
+      sample: false
     survives_node_failure:
       description:
         - Whether the other ready nodes could restart every VM of any one failed ready node (memory only).
@@ -221,7 +227,12 @@ def run(module, session) -> dict:
         raise ModuleFailure(f"node {name!r} is not a node of this cluster (nodes: {', '.join(sorted(snapshot.nodes)) or 'none registered'})")
     now = time.time()
     names = [name] if name else sorted(snapshot.nodes)
-    return {"changed": False, "nodes": [node_report(snapshot, node, now) for node in names], "cluster": cluster_report(snapshot)}
+    cluster = cluster_report(snapshot)
+    cluster["insecure"] = bool(session.store.cluster_open)
+    if cluster["insecure"]:
+        module.warn("the cluster is insecure: anyone who reaches ZooKeeper can read and write it, and so define a VM "
+                    "on every node (its daemons run with insecure: true; see docs/security.md)")
+    return {"changed": False, "nodes": [node_report(snapshot, node, now) for node in names], "cluster": cluster}
 
 
 def main():
