@@ -56,7 +56,8 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_history, read_node_views, read_vm, vm_definition, wait_for_key
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_cluster_common._records import MigrationRecord
-from pvc_cluster_common._store import ClusterStore, ConnectionOptions
+from pvc_cluster_common._store import ClusterStore
+from tests.support.identities import node_auth, operator_options
 from tests.support.zookeeper import _setns_net
 
 from .guests import GuestPort, LabGuests, domain_xml, lab_domain_policy
@@ -106,8 +107,9 @@ def in_netns(netns: str, fn):
 
 
 def ctl_store(lab: Lab, root: str, timeout_s: float = 10.0) -> ClusterStore:
-    """A started ClusterStore on the lab's ensemble whose sockets live in the controller namespace."""
-    store = ClusterStore(ConnectionOptions(hosts=lab.zk_hosts, root=root, timeout_s=timeout_s))
+    """A started ClusterStore of the operator on the lab's ensemble whose sockets live in the
+    controller namespace."""
+    store = ClusterStore(operator_options(lab.zk_hosts, root, timeout_s=timeout_s))
     return in_netns(lab.ctl_netns, store.start)
 
 
@@ -237,9 +239,8 @@ class LabCluster:
         for h in lab.hosts:
             c = _merge(config, {})
             c["node"] = h.name
-            c["zookeeper"] = {"hosts": lab.zk_hosts, "root": self.root, "timeout_s": 10}
-            # the lab's ZooKeeper is still open (issue #13: its secure configuration is to come)
-            c["insecure"] = True
+            # secured (docs/security.md): each daemon is the nodes and itself, the test's store the operator
+            c["zookeeper"] = {"hosts": lab.zk_hosts, "root": self.root, "timeout_s": 10, "auth": node_auth(h.name)}
             c.setdefault("libvirt", {})["uri"] = h.libvirt_uri
             c.setdefault("migration", {})["address"] = h.address
             # The domain XML policy as a lab configures it (docs/security.md): the lab's own
