@@ -206,7 +206,7 @@ class AclRule:
         self.nodes = nodes
         self.own_node = own_node
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, AclRule) and (self.nodes, self.own_node) == (other.nodes, other.own_node)
 
     def __repr__(self) -> str:

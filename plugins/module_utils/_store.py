@@ -387,19 +387,19 @@ class ClusterStore:
         self.acl_ids: AclIds | None = None
         # whether verify_cluster found the cluster open to anyone (None: not verified)
         self.cluster_open: bool | None = None
-        if options.auth_username:
-            kwargs["auth_data"] = [("digest", f"{options.auth_username}:{options.auth_password}")]
-            if options.node_name and options.node_password:
-                kwargs["auth_data"].append(("digest", f"{options.node_name}:{options.node_password}"))
-                self.acl_ids = AclIds(operator=options.operator_digest,
-                                      nodes=(digest_id(options.auth_username, options.auth_password),),
+        if options.auth_username and options.auth_password:   # validate(): both or neither
+            user, password = options.auth_username, options.auth_password
+            auth_data = [("digest", f"{user}:{password}")]
+            if options.node_name and options.node_password and options.operator_digest:
+                auth_data.append(("digest", f"{options.node_name}:{options.node_password}"))
+                self.acl_ids = AclIds(operator=options.operator_digest, nodes=(digest_id(user, password),),
                                       own_node=options.node_name,
                                       own_node_id=digest_id(options.node_name, options.node_password))
             elif options.nodes_digest and not options.node_name:
-                self.acl_ids = AclIds(operator=digest_id(options.auth_username, options.auth_password),
-                                      nodes=(options.nodes_digest,))
+                self.acl_ids = AclIds(operator=digest_id(user, password), nodes=(options.nodes_digest,))
+            kwargs["auth_data"] = auth_data
             # until the cluster's identities are known (verify_cluster), this user's alone
-            kwargs["default_acl"] = [ACL(PERM_ALL, Id("digest", digest_id(options.auth_username, options.auth_password)))]
+            kwargs["default_acl"] = [ACL(PERM_ALL, Id("digest", digest_id(user, password)))]
         if options.tls:
             # verify: the server's certificate chains to the CA *and* names the host connected to
             kwargs.update(use_ssl=True, ca=options.tls_ca, certfile=options.tls_cert, keyfile=options.tls_key,
@@ -1003,7 +1003,7 @@ class ClusterStore:
         """Take the operator's and the nodes' identities from the ACL of the cluster root (the
         operator may do anything there, the nodes may only read), so that every znode this
         client creates gets its rule's ACL. This client must be the operator."""
-        own = digest_id(self.options.auth_username, self.options.auth_password)
+        own = digest_id(self.options.auth_username or "", self.options.auth_password or "")
         digests = [acl for acl in root_acls if acl.id.scheme == "digest"]
         if not any(acl.id.id == own and acl.perms & PERM_ALL == PERM_ALL for acl in digests):
             raise StoreError(f"user {self.options.auth_username} is not the operator of the cluster at {where} "

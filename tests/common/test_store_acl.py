@@ -99,7 +99,7 @@ def test_an_unauthenticated_client_reads_nothing_and_writes_nothing(cluster, raw
 
 def test_a_wrong_password_is_no_identity(cluster, raw_client):
     operator, _nodes = cluster
-    for auth in ("operator:wrong", f"nodes:wrong", "n1:wrong"):
+    for auth in ("operator:wrong", "nodes:wrong", "n1:wrong"):
         client = raw_client(auth)
         with pytest.raises(NoAuthError):
             client.get(operator.schema.domain_key(UUID, S.DOMAIN_XML))
