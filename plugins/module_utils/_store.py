@@ -47,11 +47,11 @@ try:
     from kazoo.handlers.threading import SequentialThreadingHandler
     from kazoo.handlers.utils import fileobj_to_fd
     from kazoo.recipe.lock import Lock
-    from kazoo.security import ACL, OPEN_ACL_UNSAFE, Id, make_digest_acl_credential
+    from kazoo.security import ACL, Id, make_digest_acl_credential
 except ImportError:
     KAZOO_IMPORT_ERROR: str | None = traceback.format_exc()
     KazooClient = KazooState = Lock = kz = SequentialThreadingHandler = None
-    ACL = Id = OPEN_ACL_UNSAFE = make_digest_acl_credential = None
+    ACL = Id = make_digest_acl_credential = None
 else:
     KAZOO_IMPORT_ERROR = None
 
