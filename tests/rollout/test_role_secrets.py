@@ -40,7 +40,7 @@ RENDERED = {
 }
 # settings the secrets need to be used at all
 # (a secured daemon needs its three identities: the operator's is a digest id, not a secret)
-_NODE_DAEMON_AUTH = {"node_daemon_zookeeper_username": "pvc",
+_NODE_DAEMON_AUTH = {"node_daemon_zookeeper_username": "pvc", "node_daemon_insecure": False,
                      "node_daemon_zookeeper_operator_digest": "operator:xA4hvVgXoKlTR45WxaPaWB6IutA="}
 ENABLERS = {"node_daemon_zookeeper_password": _NODE_DAEMON_AUTH, "node_daemon_zookeeper_node_password": _NODE_DAEMON_AUTH}
 
