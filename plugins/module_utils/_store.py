@@ -304,7 +304,6 @@ class ConnectionOptions:
         if problems:
             raise ValueError("invalid ZooKeeper connection options: " + "; ".join(problems))
 
-
     def _node_identity_problems(self) -> list[str]:
         """What is wrong with a node daemon's identities (``node_name`` is set)."""
         if self.insecure:
