@@ -12,6 +12,22 @@ Design
   per connection, so a second connection would see a different "host". (Managed migration opens a
   short-lived connection to the *destination* URI; that is another host.)
 
+* **The connection is supervised** (``reconnect=True``, as the node daemon opens it). libvirtd
+  restarts (package upgrades, a configuration change) and can crash or hang; none of that may
+  leave the driver with a dead connection for good. The driver notices a lost connection three
+  ways: libvirt's close callback (``registerCloseCallback``: libvirtd went away, or its
+  keepalive probes, 5 s x 3, went unanswered), a call that fails while libvirt says the
+  connection is no longer alive (``isAlive()``), and a call that times out followed by a probe
+  (``getLibVersion``) that times out too (a libvirtd that hangs, e.g. SIGSTOP). It then drops
+  the connection (closed in the background: closing a hung one could block), and a supervisor
+  thread (``libvirt-reconnect``) opens a new one with a bounded backoff (``reconnect_delay_s``
+  doubling up to ``reconnect_max_delay_s``), registers the lifecycle, close and keepalive
+  callbacks on it again, and tells the reconnect listeners (the daemon re-lists the domains and
+  has its reconciler pass over every VM: events sent while disconnected are lost). While there
+  is no connection every call fails at once with ``HypervisorUnavailable``, never hangs.
+  ``health`` says ``ok``, ``down`` (no connection; libvirtd refuses or is gone) or ``hung``
+  (libvirtd accepts but does not answer); health listeners hear every change.
+
 * **Every call that can block has a timeout.** Each libvirt call runs in a daemon thread of its
   own (an idle one reused, see ``threads.py``) and the caller waits at most ``call_timeout_s``
   for it (``migrate`` has its own ``timeout_s``). On timeout the caller gets
@@ -83,6 +99,10 @@ __all__ = [
     "Hypervisor",
     "HypervisorError",
     "HypervisorTimeout",
+    "HypervisorUnavailable",
+    "HEALTH_DOWN",
+    "HEALTH_HUNG",
+    "HEALTH_OK",
     "LIFECYCLE_EVENTS",
     "MigrationSetup",
     "STATE_NAMES",
@@ -177,6 +197,48 @@ class DomainNotFound(HypervisorError):
     """libvirt does not know the domain (VIR_ERR_NO_DOMAIN)."""
 
 
+class HypervisorUnavailable(HypervisorError):
+    """There is no working connection to libvirtd (closed, dead or hung): the call was not made,
+    or its connection was lost while it ran (then its outcome is not known: ask again once
+    reconnected). A supervised driver reconnects by itself."""
+
+
+# What the driver knows of its connection (``Hypervisor.health``; the node publishes it).
+HEALTH_OK = "ok"        # connected, and libvirtd answers
+HEALTH_DOWN = "down"    # no connection: libvirtd is gone or refuses, or closed the connection
+HEALTH_HUNG = "hung"    # libvirtd accepts but does not answer within the call timeout
+
+
+class _ConnectionLost(Exception):
+    """Raised in a call's thread when a libvirt call failed and its connection is no longer
+    alive; the waiting caller turns it into HypervisorUnavailable."""
+
+    def __init__(self, error: libvirt.libvirtError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _guarded(conn: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn, made to raise _ConnectionLost when it fails because ``conn`` is dead (asked of libvirt
+    with ``isAlive()``, which answers from the client's own state, without a round trip)."""
+
+    def run() -> Any:
+        try:
+            return fn()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+            try:
+                alive = conn.isAlive()
+            except libvirt.libvirtError:
+                alive = 0
+            if alive != 1:
+                raise _ConnectionLost(exc) from exc
+            raise
+
+    return run
+
+
 def _translate(op: str, domain: str | None, exc: libvirt.libvirtError) -> HypervisorError:
     code = exc.get_error_code()
     message = exc.get_error_message() or str(exc)
@@ -231,6 +293,7 @@ class MigrationSetup:
     domain: Any = None         # the libvirt.virDomain looked up
     connection: Any = None     # the libvirt.virConnect it belongs to
     events_before: int = 0
+    generation: int = -1       # the driver's connection generation it was made on
 
 
 # ---- the libvirt event loop (one per process) -----------------------------------------------
@@ -312,6 +375,14 @@ class _Call:
         return self._value
 
 
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "I/O error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "end of file: libvirtd went away",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout: libvirtd does not answer",
+    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by the client",
+}
+
+
 # ---- /proc/meminfo ---------------------------------------------------------------------------
 
 
@@ -347,6 +418,8 @@ class Hypervisor:
     libvirt call may take. ``events``: use libvirt lifecycle events (see above).
     ``poll_interval_s``: how often ``shutdown()`` re-reads the state while waiting.
     ``meminfo_path``: the fallback for host memory when libvirt cannot report it.
+    ``reconnect``: supervise the connection and replace it when it is lost (see above);
+    ``reconnect_delay_s`` / ``reconnect_max_delay_s``: the backoff between attempts.
     """
 
     # Client keepalive for remote connections: probe after 5 s idle, give up after 3 lost probes.
@@ -361,9 +434,15 @@ class Hypervisor:
         events: bool = True,
         poll_interval_s: float = 0.5,
         meminfo_path: str = "/proc/meminfo",
+        reconnect: bool = False,
+        reconnect_delay_s: float = 0.1,
+        reconnect_max_delay_s: float = 1.0,
     ) -> None:
         if call_timeout_s <= 0:
             raise ValueError(f"call_timeout_s must be positive, got {call_timeout_s}")
+        if reconnect_delay_s <= 0 or reconnect_max_delay_s < reconnect_delay_s:
+            raise ValueError(f"reconnect delays must be positive and the maximum at least the first, got "
+                             f"{reconnect_delay_s} and {reconnect_max_delay_s}")
         self.uri = uri
         self.call_timeout_s = float(call_timeout_s)
         # How long migrate() waits for the migrate call to return after abortJob().
@@ -371,11 +450,26 @@ class Hypervisor:
         self.poll_interval_s = float(poll_interval_s)
         self.meminfo_path = meminfo_path
         self.abandoned_calls = 0
+        self.reconnects = 0          # connections replaced since open()
         self._counter_lock = threading.Lock()
         self._events = events
+        self._reconnect = reconnect
+        self.reconnect_delay_s = float(reconnect_delay_s)
+        self.reconnect_max_delay_s = float(reconnect_max_delay_s)
         self._conn: libvirt.virConnect | None = None
         self._lifecycle_cb_id: int | None = None
         self._open_lock = threading.Lock()
+        # Guards the connection, its generation and health, and wakes the supervisor. Never held
+        # across a libvirt call (the close callback takes it on the events thread).
+        self._link = threading.Condition()
+        self._generation = 0              # +1 for every connection installed
+        self._health = HEALTH_DOWN
+        self._lost_reason = "call open() first"
+        self._suspect: int | None = None  # generation whose call timed out: probe it
+        self._retired: list[tuple[Any, int | None]] = []   # lost connections, to close
+        self._supervising: threading.Event | None = None    # set to end the current supervisor
+        self._health_listeners: list[Callable[[str, str], None]] = []
+        self._reconnect_listeners: list[Callable[[], None]] = []
         self._state_changed = threading.Condition()
         self._event_seq = 0
         # uuid -> the value of _event_seq at the domain's last lifecycle event (see setup_is_current).
@@ -387,23 +481,42 @@ class Hypervisor:
     # ---- connection -----------------------------------------------------------------------
 
     def open(self) -> Hypervisor:
-        """Open the connection (idempotent). Raises HypervisorError / HypervisorTimeout."""
+        """Open the connection (idempotent). Raises HypervisorError / HypervisorTimeout. With
+        ``reconnect``, the connection is supervised from then on, until close()."""
         with self._open_lock:
-            if self._conn is not None:
-                return self
+            if self._conn is not None or (self._supervising is not None and not self._supervising.is_set()):
+                return self   # connected, or a supervisor is reconnecting
             _silence_libvirt_stderr()
             if self._events:
                 ensure_event_loop()
-            uri = self.uri
-            conn = self._run("open", None, lambda: libvirt.open(uri), self.call_timeout_s,
-                             on_abandoned=lambda c: c.close())
+            conn, cb_id = self._connect()
+            with self._link:
+                self._install(conn, cb_id)
+            if self._reconnect:
+                stop = threading.Event()
+                self._supervising = stop
+                threading.Thread(target=self._supervise, args=(stop,), name="libvirt-reconnect",
+                                 daemon=True).start()
+        log.debug("libvirt connection to %s open", self.uri)
+        return self
+
+    def _connect(self) -> tuple[libvirt.virConnect, int | None]:
+        """A new connection with every callback this driver uses registered on it: lifecycle
+        events, the close callback and (remote URIs) keepalive. Raises HypervisorError."""
+        uri = self.uri
+        conn = self._run("open", None, lambda: libvirt.open(uri), self.call_timeout_s,
+                         on_abandoned=lambda c: c.close())
+        cb_id = None
+        try:
             if self._events:
                 try:
-                    self._lifecycle_cb_id = self._run(
+                    cb_id = self._run(
                         "open", None,
                         lambda: conn.domainEventRegisterAny(
                             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
                         self.call_timeout_s)
+                except HypervisorTimeout:
+                    raise
                 except HypervisorError as exc:
                     log.warning("libvirt lifecycle events unavailable on %s (%s); polling instead", uri, exc)
                 if not uri.startswith("test:"):
@@ -411,35 +524,79 @@ class Hypervisor:
                         self._run("open", None, lambda: conn.setKeepAlive(self.KEEPALIVE_INTERVAL_S,
                                                                           self.KEEPALIVE_COUNT),
                                   self.call_timeout_s)
+                    except HypervisorTimeout:
+                        raise
                     except HypervisorError as exc:
                         log.warning("libvirt keepalive not enabled on %s: %s", uri, exc)
-            self._conn = conn
-        log.debug("libvirt connection to %s open", self.uri)
-        return self
+            if self._reconnect:
+                try:
+                    self._run("open", None, lambda: conn.registerCloseCallback(self._on_close, None),
+                              self.call_timeout_s)
+                except HypervisorTimeout:
+                    raise
+                except HypervisorError as exc:   # still supervised: errors and probes tell
+                    log.warning("libvirt close callback not registered on %s: %s", uri, exc)
+        except HypervisorError:
+            self._retire_later(conn, cb_id)
+            raise
+        return conn, cb_id
+
+    def _install(self, conn: libvirt.virConnect, cb_id: int | None) -> None:
+        """Make ``conn`` the connection (``_link`` held)."""
+        self._generation += 1
+        self._conn, self._lifecycle_cb_id = conn, cb_id
+        self._health, self._lost_reason, self._suspect = HEALTH_OK, "", None
 
     def close(self) -> None:
-        """Close the connection (idempotent; errors are logged, never raised)."""
+        """Close the connection and end its supervision (idempotent; errors are logged, never
+        raised)."""
         with self._open_lock:
-            conn, self._conn = self._conn, None
-            cb_id, self._lifecycle_cb_id = self._lifecycle_cb_id, None
+            with self._link:
+                if self._supervising is not None:
+                    self._supervising.set()
+                    self._supervising = None
+                conn, self._conn = self._conn, None
+                cb_id, self._lifecycle_cb_id = self._lifecycle_cb_id, None
+                retired, self._retired = self._retired, []
+                self._health, self._lost_reason = HEALTH_DOWN, "the connection was closed (call open() first)"
+                self._link.notify_all()
+        for old, old_cb in retired:
+            self._retire_later(old, old_cb)
         if conn is None:
             return
+        try:
+            self._run("close", None, self._closer(conn, cb_id), self.call_timeout_s)
+        except HypervisorError as exc:
+            log.warning("closing the libvirt connection to %s: %s", self.uri, exc)
+        with self._state_changed:
+            self._event_seq += 1
+            self._state_changed.notify_all()
 
+    def _closer(self, conn: libvirt.virConnect, cb_id: int | None) -> Callable[[], None]:
         def do_close() -> None:
             if cb_id is not None:
                 try:
                     conn.domainEventDeregisterAny(cb_id)
                 except libvirt.libvirtError as exc:   # the connection is closing anyway
                     log.debug("deregistering lifecycle events of %s failed: %s", self.uri, exc)
+            if self._reconnect:
+                try:
+                    conn.unregisterCloseCallback()
+                except libvirt.libvirtError as exc:   # likewise
+                    log.debug("unregistering the close callback of %s failed: %s", self.uri, exc)
             conn.close()
+        return do_close
 
-        try:
-            self._run("close", None, do_close, self.call_timeout_s)
-        except HypervisorError as exc:
-            log.warning("closing the libvirt connection to %s: %s", self.uri, exc)
-        with self._state_changed:
-            self._event_seq += 1
-            self._state_changed.notify_all()
+    def _retire_later(self, conn: libvirt.virConnect, cb_id: int | None) -> None:
+        """Close a lost connection in a thread of its own: on a hung libvirtd that blocks until
+        libvirtd answers or the connection fails, and nothing may wait for it."""
+        def run() -> None:
+            try:
+                self._closer(conn, cb_id)()
+            except libvirt.libvirtError as exc:
+                log.debug("closing a lost libvirt connection to %s: %s", self.uri, exc)
+
+        threading.Thread(target=run, name="libvirt-retire", daemon=True).start()
 
     def __enter__(self) -> Hypervisor:
         return self.open()
@@ -452,9 +609,24 @@ class Hypervisor:
         return self._conn is not None
 
     @property
+    def health(self) -> str:
+        """HEALTH_OK, HEALTH_DOWN or HEALTH_HUNG (see the module docstring)."""
+        return self._health
+
+    @property
+    def health_reason(self) -> str:
+        """Why the health is not ok ("" when it is)."""
+        return self._lost_reason
+
+    @property
+    def generation(self) -> int:
+        """How many connections this driver has installed (one more after each reconnect)."""
+        return self._generation
+
+    @property
     def connection(self) -> libvirt.virConnect:
         """The raw libvirt connection, for tests and diagnostics. Calls on it have no timeout."""
-        return self._connection("connection", None)
+        return self._connection("connection", None)[0]
 
     def is_alive(self) -> bool:
         """Whether the connection is open and libvirt considers it alive (never raises)."""
@@ -466,11 +638,143 @@ class Hypervisor:
         except HypervisorError:
             return False
 
+    def add_health_listener(self, listener: Callable[[str, str], None]) -> None:
+        """Call listener(health, reason) on every change of ``health``, from the supervisor's
+        thread (it may block briefly; it must not call this driver's close())."""
+        self._health_listeners.append(listener)
+
+    def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        """Call listener() after every reconnection, from the supervisor's thread, once the
+        new connection's callbacks are registered (events sent meanwhile were lost)."""
+        self._reconnect_listeners.append(listener)
+
+    # ---- supervision ----------------------------------------------------------------------
+
+    def _on_close(self, conn, reason: int, _opaque) -> None:
+        """libvirt's close callback (on the events thread: no blocking, no libvirt calls). It
+        concerns the connection it was registered on only while that is the current one."""
+        why = _CLOSE_REASONS.get(reason, f"reason {reason}")
+        with self._link:
+            generation = self._generation if conn is self._conn else None
+        if generation is not None:
+            self._lose(generation, HEALTH_DOWN, f"libvirt closed the connection ({why})")
+
+    def _lose(self, generation: int, health: str, reason: str) -> bool:
+        """Drop connection ``generation`` if it is still the current one: calls fail at once
+        from now on, and the supervisor reconnects. False when it was already replaced."""
+        with self._link:
+            if generation != self._generation or self._conn is None:
+                return False
+            self._retired.append((self._conn, self._lifecycle_cb_id))
+            self._conn, self._lifecycle_cb_id = None, None
+            self._health, self._lost_reason, self._suspect = health, reason, None
+            self._link.notify_all()
+        log.warning("libvirt connection to %s lost: %s; reconnecting", self.uri, reason)
+        with self._state_changed:   # a shutdown() waiting on events re-checks (and learns)
+            self._event_seq += 1
+            self._state_changed.notify_all()
+        return True
+
+    def _suspect_hung(self, generation: int) -> None:
+        """A call on connection ``generation`` timed out: have the supervisor probe it."""
+        with self._link:
+            if generation == self._generation and self._conn is not None:
+                self._suspect = generation
+                self._link.notify_all()
+
+    def _supervise(self, stop: threading.Event) -> None:
+        """The supervisor: closes lost connections, probes suspect ones, reconnects."""
+        reported = self._health
+        while True:
+            with self._link:
+                self._link.wait_for(lambda: stop.is_set() or self._retired or self._suspect is not None
+                                    or self._conn is None or self._health != reported)
+                if stop.is_set():
+                    return
+                retired, self._retired = self._retired, []
+                suspect, self._suspect = self._suspect, None
+                conn = self._conn
+            for old, cb_id in retired:
+                self._retire_later(old, cb_id)
+            if suspect is not None and conn is not None:
+                self._probe(conn, suspect)
+            reported = self._report(reported)
+            if self._conn is None:
+                self._reconnect_loop(stop)
+                reported = self._report(reported)
+                if self._conn is not None and not stop.is_set():
+                    for listener in list(self._reconnect_listeners):
+                        try:
+                            listener()
+                        except Exception:
+                            log.exception("libvirt reconnect listener %r failed", listener)
+
+    def _probe(self, conn: libvirt.virConnect, generation: int) -> None:
+        """A call timed out: does libvirtd still answer at all? A probe that times out as well
+        means a hung libvirtd, and the connection is replaced."""
+        timeout = min(self.call_timeout_s, 5.0)
+        try:
+            self._run("probe", None, _guarded(conn, conn.getLibVersion), timeout)
+        except HypervisorTimeout:
+            self._lose(generation, HEALTH_HUNG, f"libvirtd did not answer a probe within {timeout:g} s")
+        except _ConnectionLost as exc:
+            self._lose(generation, HEALTH_DOWN, f"the connection failed: {exc.error.get_error_message()}")
+        except HypervisorError as exc:
+            log.debug("libvirt probe of %s failed but the connection is alive: %s", self.uri, exc)
+
+    def _reconnect_loop(self, stop: threading.Event) -> None:
+        """Open a new connection, waiting reconnect_delay_s (doubling up to reconnect_max_delay_s)
+        between attempts, until one succeeds or the driver is closed."""
+        delay = self.reconnect_delay_s
+        attempts = 0
+        while not stop.is_set():
+            attempts += 1
+            try:
+                conn, cb_id = self._connect()
+            except HypervisorError as exc:
+                health = HEALTH_HUNG if isinstance(exc, HypervisorTimeout) else HEALTH_DOWN
+                with self._link:
+                    if stop.is_set():
+                        return
+                    changed = health != self._health
+                    self._health, self._lost_reason = health, f"cannot reconnect: {exc.message}"
+                if changed or attempts == 1:
+                    log.warning("libvirt at %s: cannot reconnect (%s); retrying", self.uri, exc.message)
+                    self._report(None)
+                stop.wait(delay)   # the backoff between attempts (close() ends it)
+                delay = min(delay * 2, self.reconnect_max_delay_s)
+                continue
+            with self._link:
+                if stop.is_set():
+                    self._retire_later(conn, cb_id)
+                    return
+                self._install(conn, cb_id)
+            with self._counter_lock:
+                self.reconnects += 1
+            log.system("libvirt: reconnected to %s after %d attempt(s)", self.uri, attempts)
+            with self._state_changed:
+                self._event_seq += 1
+                self._state_changed.notify_all()
+            return
+
+    def _report(self, reported: str | None) -> str:
+        """Tell the health listeners when health differs from ``reported``; returns it."""
+        health, reason = self._health, self._lost_reason
+        if health != reported:
+            for listener in list(self._health_listeners):
+                try:
+                    listener(health, reason)
+                except Exception:
+                    log.exception("libvirt health listener %r failed", listener)
+        return health
+
     # ---- the one place that calls libvirt -------------------------------------------------
 
     def _run(self, op: str, domain: str | None, fn: Callable[[], Any], timeout_s: float | None,
-             on_abandoned: Callable[[Any], None] | None = None) -> Any:
-        """Run fn in a daemon thread; wait at most timeout_s. See the module docstring."""
+             on_abandoned: Callable[[Any], None] | None = None, generation: int | None = None) -> Any:
+        """Run fn in a daemon thread; wait at most timeout_s. See the module docstring.
+        ``generation``: the connection fn uses (guarded: see _guarded), which a lost connection
+        or a timeout concerns."""
         call = _Call(op, domain, fn).start()
         timeout = self.call_timeout_s if timeout_s is None else timeout_s
         if not call.wait(timeout):
@@ -478,9 +782,19 @@ class Hypervisor:
             if on_abandoned is not None:
                 threading.Thread(target=self._reap, args=(call, on_abandoned), name=f"libvirt-reap-{op}",
                                  daemon=True).start()
+            if generation is not None:
+                self._suspect_hung(generation)
             raise HypervisorTimeout(op, domain, None,
                                     f"libvirt did not answer within {timeout:g} s; the call was abandoned")
-        return call.result()
+        try:
+            return call.result()
+        except _ConnectionLost as exc:
+            if generation is None:
+                raise
+            message = exc.error.get_error_message() or str(exc.error)
+            self._lose(generation, HEALTH_DOWN, f"the connection failed: {message}")
+            raise HypervisorUnavailable(op, domain, exc.error.get_error_code(),
+                                        f"the connection to libvirtd was lost ({message}); reconnecting") from None
 
     def _count_abandoned(self) -> None:
         with self._counter_lock:
@@ -499,21 +813,24 @@ class Hypervisor:
         except Exception as exc:   # best effort: the caller already gave up on this call
             log.debug("cleanup after an abandoned libvirt call failed: %s", exc)
 
-    def _connection(self, op: str, domain: str | None) -> libvirt.virConnect:
-        conn = self._conn
+    def _connection(self, op: str, domain: str | None) -> tuple[libvirt.virConnect, int]:
+        """(the connection, its generation); HypervisorUnavailable at once when there is none."""
+        with self._link:
+            conn, generation, reason = self._conn, self._generation, self._lost_reason
         if conn is None:
-            raise HypervisorError(op, domain, None, f"not connected to {self.uri} (call open() first)")
-        return conn
+            raise HypervisorUnavailable(op, domain, None, f"not connected to {self.uri}: {reason}")
+        return conn, generation
 
     def _call(self, op: str, fn: Callable[[libvirt.virConnect], Any], timeout_s: float | None = None) -> Any:
-        conn = self._connection(op, None)
-        return self._run(op, None, lambda: fn(conn), timeout_s)
+        conn, generation = self._connection(op, None)
+        return self._run(op, None, _guarded(conn, lambda: fn(conn)), timeout_s, generation=generation)
 
     def _dom_call(self, op: str, uuid: str, fn: Callable[[libvirt.virDomain], Any],
                   timeout_s: float | None = None) -> Any:
         """Look the domain up by UUID and apply fn to it, both in one call with one timeout."""
-        conn = self._connection(op, uuid)
-        return self._run(op, uuid, lambda: fn(conn.lookupByUUIDString(uuid)), timeout_s)
+        conn, generation = self._connection(op, uuid)
+        return self._run(op, uuid, _guarded(conn, lambda: fn(conn.lookupByUUIDString(uuid))), timeout_s,
+                         generation=generation)
 
     # ---- events --------------------------------------------------------------------------
 
@@ -797,7 +1114,7 @@ class Hypervisor:
         ``migrate()`` would (op ``migrate``)."""
         if max_downtime_ms is not None and int(max_downtime_ms) <= 0:
             raise ValueError(f"max_downtime_ms must be positive, got {max_downtime_ms}")
-        conn = self._connection("migrate", uuid)
+        conn, generation = self._connection("migrate", uuid)
         with self._state_changed:
             events_before = self._event_seq
 
@@ -812,13 +1129,14 @@ class Hypervisor:
                 return dom, persistent, exc
             return dom, persistent, None
 
-        dom, persistent, downtime_error = self._run("migrate", uuid, run, None)
+        dom, persistent, downtime_error = self._run("migrate", uuid, _guarded(conn, run), None, generation=generation)
         if downtime_error is not None:
             exc = _translate("migrate", uuid, downtime_error)
             message = f"cannot set the maximum downtime to {max_downtime_ms} ms: {exc.message}"
             raise HypervisorError("migrate", uuid, exc.code, message)
         return MigrationSetup(uuid=uuid, max_downtime_ms=None if max_downtime_ms is None else int(max_downtime_ms),
-                              persistent=persistent, domain=dom, connection=conn, events_before=events_before)
+                              persistent=persistent, domain=dom, connection=conn, events_before=events_before,
+                              generation=generation)
 
     def setup_is_current(self, setup: MigrationSetup, uuid: str, max_downtime_ms: int | None) -> bool:
         """Whether ``setup`` still holds for a migration of ``uuid`` with ``max_downtime_ms``:
@@ -883,20 +1201,22 @@ class Hypervisor:
                     log.debug("closing the destination connection failed: %s", exc)
 
         log.debug("migrating %s to %s (params %s, flags %#x)", uuid, dest_uri, params, flags)
-        call = _Call("migrate", uuid, run).start()
+        call = _Call("migrate", uuid, _guarded(setup.connection, run)).start()
         if call.wait(timeout_s):
-            call.result()
+            self._migrate_result(call, setup.generation)
             return
 
         # Too slow: abort the job, then give the migrate call a moment to return.
         try:
-            self._run("migrate", uuid, dom.abortJob, None)
+            self._run("migrate", uuid, _guarded(setup.connection, dom.abortJob), None, generation=setup.generation)
             aborted = "the job was aborted"
         except HypervisorError as exc:
             aborted = f"aborting the job failed: {exc.message}"
         if call.wait(self.abort_wait_s):
             try:
-                call.result()
+                self._migrate_result(call, setup.generation)
+            except HypervisorUnavailable:
+                raise
             except HypervisorError as exc:
                 raise HypervisorTimeout("migrate", uuid, None,
                                         f"migration to {dest_uri} did not finish within {timeout_s:g} s; "
@@ -907,3 +1227,16 @@ class Hypervisor:
         raise HypervisorTimeout("migrate", uuid, None,
                                 f"migration to {dest_uri} did not finish within {timeout_s:g} s; {aborted}, "
                                 f"but the migrate call still has not returned; its thread was abandoned")
+
+    def _migrate_result(self, call: _Call, generation: int) -> None:
+        """The finished migrate call's outcome; HypervisorUnavailable when this side's own
+        connection was lost under it (where the VM runs is then for libvirt to say, once
+        reconnected: libvirtd recovers or cancels the job it had when it died)."""
+        try:
+            call.result()
+        except _ConnectionLost as exc:
+            message = exc.error.get_error_message() or str(exc.error)
+            self._lose(generation, HEALTH_DOWN, f"the connection failed: {message}")
+            raise HypervisorUnavailable("migrate", call.domain, exc.error.get_error_code(),
+                                        f"the connection to libvirtd was lost during the migration ({message}); "
+                                        f"reconnecting") from None

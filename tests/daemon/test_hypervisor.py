@@ -15,14 +15,20 @@ import pytest
 
 from pvc_cluster_common._domain_xml import parse_domain_xml
 from pvc_node_daemon.hypervisor import (
+    HEALTH_DOWN,
+    HEALTH_HUNG,
+    HEALTH_OK,
     DomainNotFound,
     DomainRef,
     DomainStatus,
     Hypervisor,
     HypervisorError,
     HypervisorTimeout,
+    HypervisorUnavailable,
     read_meminfo_mib,
 )
+
+_REAL_OPEN = libvirt.open
 
 MEMINFO = """MemTotal:       24576000 kB
 MemFree:        10240000 kB
@@ -789,3 +795,182 @@ def test_migrate_timeout_when_abort_is_unsupported(hv, make_domain_xml, monkeypa
         assert hv.abandoned_calls == 1
     finally:
         release.set()
+
+
+# ---- a supervised connection: lost, hung, replaced ---------------------------------------------
+
+
+class HealthLog:
+    """What a supervised driver told its listeners, with waits bounded by a deadline."""
+
+    def __init__(self, hv: Hypervisor) -> None:
+        self.changes: list[tuple[str, str]] = []
+        self.reconnects = 0
+        self._cond = threading.Condition()
+        hv.add_health_listener(self._health)
+        hv.add_reconnect_listener(self._reconnected)
+
+    def _health(self, health: str, reason: str) -> None:
+        with self._cond:
+            self.changes.append((health, reason))
+            self._cond.notify_all()
+
+    def _reconnected(self) -> None:
+        with self._cond:
+            self.reconnects += 1
+            self._cond.notify_all()
+
+    def wait_health(self, health: str, timeout_s: float = 30.0) -> str:
+        with self._cond:
+            assert self._cond.wait_for(lambda: any(h == health for h, _ in self.changes), timeout_s), self.changes
+            return next(reason for h, reason in self.changes if h == health)
+
+    def wait_reconnects(self, count: int, timeout_s: float = 30.0) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.reconnects >= count, timeout_s), self.changes
+
+
+@pytest.fixture
+def supervised(node_uri):
+    with Hypervisor(node_uri, call_timeout_s=10.0, reconnect=True, reconnect_delay_s=0.01,
+                    reconnect_max_delay_s=0.05) as driver:
+        yield driver
+
+
+def test_a_call_on_a_dead_connection_is_unavailable_and_the_driver_reconnects(supervised, make_domain_xml,
+                                                                               monkeypatch):
+    hv = supervised
+    health = HealthLog(hv)
+    dead = hv.connection
+    first = hv.generation
+    # libvirt fails the call and says the connection is no longer alive (libvirtd went away)
+    monkeypatch.setattr(libvirt.virConnect, "isAlive", lambda self: 0 if self is dead else 1)
+    monkeypatch.setattr(libvirt.virConnect, "listAllDomains",
+                        lambda self, flags=0: (_ for _ in ()).throw(_libvirt_error("client socket is closed")))
+    with pytest.raises(HypervisorUnavailable) as err:
+        hv.list_domains()
+    assert isinstance(err.value, HypervisorError) and err.value.op == "list_domains"
+    assert "lost" in str(err.value)
+    monkeypatch.undo()
+    health.wait_reconnects(1)
+    assert hv.generation == first + 1 and hv.connection is not dead
+    assert hv.health == HEALTH_OK and hv.reconnects == 1
+    assert health.wait_health(HEALTH_DOWN).startswith("the connection failed")
+    assert health.changes[-1][0] == HEALTH_OK
+    # the new connection has the lifecycle events registered again
+    events: queue.Queue = queue.Queue()
+    hv.add_lifecycle_listener(lambda uuid, event, _detail: events.put((uuid, event)))
+    uuid, xml = make_domain_xml("after")
+    hv.create(xml)
+    assert events.get(timeout=30) == (uuid, "started")
+    assert hv.status(uuid).running
+
+
+def test_while_libvirtd_is_gone_calls_fail_at_once_and_the_close_callback_starts_a_reconnect(
+        supervised, make_domain_xml, monkeypatch):
+    hv = supervised
+    health = HealthLog(hv)
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    refused = threading.Event()
+
+    def no_libvirtd(uri):
+        refused.set()
+        raise _libvirt_error("Failed to connect socket: Connection refused")
+
+    monkeypatch.setattr(libvirt, "open", no_libvirtd)
+    lookups = []
+    original_lookup = libvirt.virConnect.lookupByUUIDString
+    monkeypatch.setattr(libvirt.virConnect, "lookupByUUIDString",
+                        lambda self, u: lookups.append(u) or original_lookup(self, u))
+    # what libvirt's event loop calls when libvirtd closes the socket
+    hv._on_close(hv.connection, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
+    assert refused.wait(30)
+    assert hv.health == HEALTH_DOWN and not hv.connected
+    for call in (lambda: hv.status(uuid), hv.list_domains, lambda: hv.create(xml), lambda: hv.destroy(uuid)):
+        with pytest.raises(HypervisorUnavailable) as err:
+            call()
+        assert "not connected" in str(err.value)
+    assert lookups == []      # nothing reached libvirt
+    assert not hv.is_alive()
+    assert "libvirtd went away" in health.wait_health(HEALTH_DOWN)
+    monkeypatch.setattr(libvirt, "open", _REAL_OPEN)   # libvirtd is back
+    health.wait_reconnects(1)
+    assert hv.health == HEALTH_OK
+    assert hv.list_domains() == []   # a test:/// file host starts empty on a new connection
+
+
+def test_a_close_callback_of_a_replaced_connection_changes_nothing(supervised):
+    hv = supervised
+    health = HealthLog(hv)
+    old = hv.connection
+    hv._on_close(old, libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE, None)
+    health.wait_reconnects(1)
+    assert "keepalive" in health.wait_health(HEALTH_DOWN)
+    generation, current = hv.generation, hv.connection
+    hv._on_close(old, libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT, None)   # the old one, closed late
+    assert hv.generation == generation and hv.connection is current and hv.health == HEALTH_OK
+    assert health.reconnects == 1
+
+
+def test_a_hung_libvirtd_is_found_by_a_probe_and_the_connection_replaced(supervised, make_domain_xml,
+                                                                          monkeypatch):
+    hv = supervised
+    health = HealthLog(hv)
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    stopped = threading.Event()   # set: libvirtd answers again (SIGCONT)
+    opens = threading.Event()
+
+    def hang(*_args, **_kwargs):
+        stopped.wait(60)
+        raise _libvirt_error("libvirtd resumed too late")
+
+    def open_while_stopped(uri):
+        opens.set()
+        stopped.wait(60)
+        return _REAL_OPEN(uri)
+
+    monkeypatch.setattr(libvirt.virDomain, "info", hang)
+    monkeypatch.setattr(libvirt.virConnect, "getLibVersion", hang)
+    monkeypatch.setattr(libvirt, "open", open_while_stopped)
+    hv.call_timeout_s = 0.3
+    try:
+        with pytest.raises(HypervisorTimeout):
+            hv.memory_mib(uuid)
+        assert "probe" in health.wait_health(HEALTH_HUNG)
+        assert opens.wait(30)          # replacing it, while libvirtd still does not answer
+        with pytest.raises(HypervisorUnavailable):
+            hv.status(uuid)
+    finally:
+        stopped.set()
+    monkeypatch.undo()
+    health.wait_reconnects(1)
+    assert hv.health == HEALTH_OK
+
+
+def test_close_ends_the_supervision(node_uri, monkeypatch):
+    hv = Hypervisor(node_uri, call_timeout_s=10.0, reconnect=True, reconnect_delay_s=0.01, reconnect_max_delay_s=0.05)
+    hv.open()
+    attempts = threading.Semaphore(0)
+
+    def refused(uri):
+        attempts.release()
+        raise _libvirt_error("Connection refused")
+
+    monkeypatch.setattr(libvirt, "open", refused)
+    hv._on_close(hv.connection, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
+    assert attempts.acquire(timeout=30) and attempts.acquire(timeout=30)   # retrying
+    hv.close()
+    assert hv.health == HEALTH_DOWN and not hv.connected
+    supervisors = [t for t in threading.enumerate() if t.name == "libvirt-reconnect"]
+    for thread in supervisors:
+        thread.join(30)
+    assert not any(t.is_alive() for t in supervisors)
+
+
+def test_reconnect_delays_must_make_sense(node_uri):
+    with pytest.raises(ValueError):
+        Hypervisor(node_uri, reconnect=True, reconnect_delay_s=0)
+    with pytest.raises(ValueError):
+        Hypervisor(node_uri, reconnect=True, reconnect_delay_s=2, reconnect_max_delay_s=1)
