@@ -44,7 +44,8 @@ class NodeDaemon:
         self.stop_event = threading.Event()
         self.store = ClusterStore(config.zookeeper, logger=logging.getLogger("pvc_node_daemon.store"))
         self.schema = self.store.schema
-        self.hypervisor = Hypervisor(config.libvirt_uri, call_timeout_s=config.libvirt_call_timeout_s)
+        # supervised: a libvirtd that restarts, dies or hangs costs a reconnect, not the daemon
+        self.hypervisor = Hypervisor(config.libvirt_uri, call_timeout_s=config.libvirt_call_timeout_s, reconnect=True)
         self.domains = DomainTable()
         self.metrics: Metrics | None = None
         if config.metrics_enabled:
@@ -59,6 +60,8 @@ class NodeDaemon:
         self.keepalive = Keepalive(self.node, config, self.store, self.hypervisor, self.domains, self.metrics)
         self.node_state = NodeStateWorker(self.node, config, self.store, self.domains, self.reconciler)
         self.ha = HighAvailability(self.node, config, self.store, self.domains, self.migrations, self.metrics)
+        self.hypervisor.add_health_listener(self._on_libvirt_health)
+        self.hypervisor.add_reconnect_listener(self._after_libvirt_reconnect)
         self.threads: list[threading.Thread] = []
         self._session_lost = threading.Event()
 
@@ -105,6 +108,7 @@ class NodeDaemon:
         values[self.schema.node_key(self.node, S.NODE_LIBVIRT_URI)] = self.config.advertised_libvirt_uri
         values[self.schema.node_key(self.node, S.NODE_TRANSPORT_URI)] = self.config.advertised_transport_uri
         values[self.schema.node_key(self.node, S.NODE_MEMRESERVE)] = self.config.memory_reserve_mib
+        values[self.schema.node_key(self.node, S.NODE_LIBVIRT)] = self.hypervisor.health
         try:
             # what the modules check a VM's vCPU count against (it does not change while libvirtd runs)
             values[self.schema.node_key(self.node, S.NODE_CPUTOTAL)] = self.hypervisor.host_cpus()
@@ -181,6 +185,31 @@ class NodeDaemon:
             log.info("ZooKeeper connection (re)established")
             threading.Thread(target=self._after_reconnect, name="reconnect", daemon=True).start()
 
+    def _on_libvirt_health(self, health: str, reason: str) -> None:
+        """The connection to libvirtd changed health (from the driver's supervisor thread):
+        publish it at once, so that placement stops (or resumes) choosing this node without
+        waiting for the next keepalive, which publishes it too."""
+        if self.metrics:
+            self.metrics.libvirt(health)
+        if health == "ok":
+            log.ok("libvirt: connection to %s healthy again", self.config.libvirt_uri)
+        else:
+            log.warning("libvirt: %s (%s): this node takes no migrations until it reconnects", health, reason)
+        if self.stop_event.is_set() or not self.store.connected:
+            return
+        self.store.write({self.schema.node_key(self.node, S.NODE_LIBVIRT): health})
+
+    def _after_libvirt_reconnect(self) -> None:
+        """A new libvirt connection (from the driver's supervisor thread): whatever happened
+        while there was none (a migration's libvirt job ended, a guest stopped, libvirtd
+        cancelled a job when it died) came with no event: list the domains again and pass over
+        every VM that concerns this node."""
+        if self.metrics:
+            self.metrics.libvirt_reconnects.inc()
+        if self.stop_event.is_set() or not self.store.connected:
+            return
+        self.reconciler.resync()
+
     def _after_reconnect(self) -> None:
         if self._session_lost.is_set():
             self._session_lost.clear()
@@ -202,6 +231,7 @@ class NodeDaemon:
         running, the VM table read, a first pass queued): the CLI then tells systemd it is ready."""
         if self.metrics:
             self.metrics.serve(self.config.metrics_address, self.config.metrics_port)
+            self.metrics.libvirt(self.hypervisor.health)
         self.migrations.start()
         self.reconciler.start()
         # The first keepalive writes `run` and the node's memory figures: not before the VM

@@ -46,7 +46,19 @@ class Metrics:
                                   "could not place (unplaced)", ["result"], registry=self.registry)
         self.fence_failed = Gauge("pvc_node_fence_failed", "1 for a peer whose fence failed (its VMs are not recovered "
                                   "until an operator confirms it is off), else 0", ["node"], registry=self.registry)
+        self.libvirt_health = Gauge("pvc_libvirt_health",
+                                    "The daemon's connection to its libvirtd: 1 for the current health, 0 for the others",
+                                    ["health"], registry=self.registry)
+        self.libvirt_reconnects = Counter("pvc_libvirt_reconnects_total",
+                                          "Connections to libvirtd replaced after one was lost or hung",
+                                          registry=self.registry)
         self._server: tuple[Any, threading.Thread] | None = None
+
+    def libvirt(self, health: str) -> None:
+        from pvc_cluster_common._schema import LIBVIRT_HEALTH
+
+        for each in LIBVIRT_HEALTH:
+            self.libvirt_health.labels(each).set(1 if each == health else 0)
 
     def serve(self, address: str, port: int) -> None:
         from prometheus_client import start_http_server

@@ -34,7 +34,7 @@ from pvc_cluster_common._records import (
 from pvc_cluster_common._requests import RequestPlan, finish_values, new_record
 from pvc_cluster_common._store import ConflictError, StoreError
 
-from .hypervisor import ACTIVE_STATES, RUNNING_STATES, Hypervisor, HypervisorError
+from .hypervisor import ACTIVE_STATES, RUNNING_STATES, Hypervisor, HypervisorError, HypervisorTimeout, HypervisorUnavailable
 from .invalid import InvalidValues
 from .log import get_logger
 from .watched import WatchedKeys
@@ -59,6 +59,8 @@ PAUSE_MAX_S = 300.0
 ACTIVE, RUNNING = ACTIVE_STATES, RUNNING_STATES
 UNKNOWN = "unknown"
 ASK = object()   # "libvirt's state of the VM here is not known yet: ask"
+# "this node's libvirt cannot be asked now" (no connection: the driver is reconnecting)
+UNAVAILABLE = "unavailable"
 # the meta a migration reads at its transfer step
 MIGRATION_META = (S.META_MIGRATION_METHOD, S.META_MIGRATION_MAX_DOWNTIME_MS, S.META_MIGRATION_AUTO_CONVERGE)
 RECORD_LEFT_ALONE = ("no daemon acts on the record and the VM is left as it is until an operator clears it "
@@ -265,7 +267,26 @@ class MigrationAgent:
         return "running" if uuid in running else None
 
     def state_on(self, node: str, uuid: str) -> str | None:
-        return self.local_state(uuid) if node == self.node else self.peer_state(node, uuid)
+        if node != self.node:
+            return self.peer_state(node, uuid)
+        try:
+            return self.local_state(uuid)
+        except HypervisorError as exc:
+            log.warning("cannot ask this node's libvirt about %s: %s", uuid, exc)
+            return UNKNOWN
+
+    def peer_libvirt(self, peer: str) -> str:
+        """The health of ``peer``'s connection to its libvirtd as it publishes it (LIBVIRT_HEALTH;
+        ok when it publishes none, "invalid" for a value that is not valid)."""
+        path = self.schema.node_key(peer, S.NODE_LIBVIRT)
+        found = self.store.read_versioned(path)
+        if not found:
+            return S.LIBVIRT_OK
+        try:
+            return R.libvirt_health(found[0], path)
+        except Invalid as exc:
+            self.invalid.report(exc, "node_key", found[1], f"node {peer} is not taken for a healthy target")
+            return "invalid"
 
     def peer_alive(self, peer: str) -> bool:
         return bool(self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE)))
@@ -357,7 +378,14 @@ class MigrationAgent:
             self.as_target(uuid, record, version, marker, timed_out, local_state)
 
     def _local(self, uuid: str, hint) -> str | None:
-        return self.local_state(uuid) if hint is ASK else hint
+        """libvirt's state of the VM here: ``hint`` when the caller knows it, else asked now;
+        UNAVAILABLE when this node's libvirt cannot be asked."""
+        if hint is not ASK:
+            return hint
+        try:
+            return self.local_state(uuid)
+        except HypervisorUnavailable:
+            return UNAVAILABLE
 
     # ---- source side --------------------------------------------------------------------------
 
@@ -442,6 +470,13 @@ class MigrationAgent:
 
     def transfer(self, uuid: str, record: MigrationRecord, version: int, local=ASK) -> None:
         pause_point("source:before-transfer")
+        local = self._local(uuid, local)
+        if local == UNAVAILABLE:
+            # Nothing has moved yet (the transfer starts only after `transferring` is written),
+            # and a VM whose state here is not known is never handed on: abort, the VM stays.
+            self.abort(uuid, record, version, f"source {self.node} cannot reach its libvirtd: "
+                                              f"{self.hypervisor.health_reason or 'not connected'}")
+            return
         known = self._prefetched.pop(uuid, None)
         inputs, setup = known[1:] if known and known[0] == record.id else (None, None)
         if inputs is not None and self.checkable(uuid, record, inputs):
@@ -513,6 +548,15 @@ class MigrationAgent:
         crash_point("source:transferring")
         if first == "live":
             error = self.live_migrate(uuid, record, meta, inputs, setup)
+            if isinstance(error, HypervisorUnavailable):
+                # This side's libvirtd went away under the transfer: libvirtd cancels (or has
+                # finished) the job, and where the VM runs is for both libvirtds to say. No
+                # fallback: a shutdown needs libvirt too. Ground truth decides, asked again once
+                # reconnected (the reconnect brings a pass; the step deadline bounds the wait).
+                log.warning("migration %s of %s: libvirt connection lost during the transfer (%s); resolving from "
+                            "libvirt once reconnected", record.id, uuid, error)
+                self.deadlines.arm(uuid, f"{record.id}:{version}", self.config.step_timeout_s)
+                return
             if error is None:
                 crash_point("source:live-running")   # only if the watcher missed a very short job
                 crash_point("source:live-done")
@@ -520,8 +564,19 @@ class MigrationAgent:
                 # there is no record left to advance, and that is the normal course.
                 self.advance(uuid, record, version, STEP_TRANSFERRED, quiet=True)
                 return
+            error = str(error)
             if method == "live":
-                self.after_failed_live(uuid, record, version, error)
+                self.after_failed_live(uuid, record, version,
+                                       f"live migration failed and the VM's method is live: {error}")
+                return
+            target_libvirt = self.peer_libvirt(record.target)
+            if target_libvirt != S.LIBVIRT_OK:
+                # The target's daemon has lost its libvirtd (it died or restarts under the
+                # transfer): a shutdown migration would stop the VM for a target that cannot
+                # start it. libvirt ended the job, so the VM still runs here: abort.
+                self.after_failed_live(uuid, record, version,
+                                       f"live migration failed ({error}) and target {record.target}'s libvirt is "
+                                       f"{target_libvirt}: no shutdown migration is tried")
                 return
             log.warning("migration %s of %s: live migration failed (%s); falling back to a shutdown migration",
                         record.id, uuid, error)
@@ -529,12 +584,18 @@ class MigrationAgent:
             if not advanced:
                 return
             record, version = advanced
-        self.shutdown_here(uuid)
+        if not self.shutdown_here(uuid):
+            # Not known to be off (libvirt failed, or went away): a VM that may still run here is
+            # never handed to the target. The record stays at `transferring`; ground truth
+            # decides (the pass this step's write queued, a reconnect, or the deadline).
+            self.deadlines.arm(uuid, f"{record.id}:{version}", self.config.step_timeout_s)
+            return
         crash_point("source:shutdown-done")
         self.advance(uuid, record, version, STEP_TRANSFERRED)
 
-    def live_migrate(self, uuid: str, record: MigrationRecord, meta, inputs: dict, setup=None) -> str | None:
-        """Run the live migration; None on success, else libvirt's reason. ``inputs``: as
+    def live_migrate(self, uuid: str, record: MigrationRecord, meta, inputs: dict, setup=None):
+        """Run the live migration; None on success, else why not (a HypervisorError, or text).
+        HypervisorUnavailable: this node's own connection was lost under it. ``inputs``: as
         read_transfer_inputs answered (the target's URIs); ``setup``: as setup_ahead made it
         (used only if it still holds, see Hypervisor.migrate)."""
         (path,) = self._target_uri_paths(record)
@@ -552,23 +613,28 @@ class MigrationAgent:
                                     auto_converge=meta.migration_auto_converge,
                                     timeout_s=timeout_s, setup=setup)
         except HypervisorError as exc:
-            return str(exc)
+            return exc
         return None
 
-    def after_failed_live(self, uuid: str, record: MigrationRecord, version: int, error: str) -> None:
-        local = self.local_state(uuid)
+    def after_failed_live(self, uuid: str, record: MigrationRecord, version: int, reason: str) -> None:
+        local = self._local(uuid, ASK)
         if local in RUNNING:
-            self.abort(uuid, record, version, f"live migration failed and the VM's method is live: {error}")
+            self.abort(uuid, record, version, reason)
         else:
             # libvirt failed late (after switch-over?): let ground truth decide where it runs
             self.resolve(uuid, record, version, f"{record.id}:{version}")
 
-    def shutdown_here(self, uuid: str) -> None:
+    def shutdown_here(self, uuid: str) -> bool:
+        """Shut the VM down for a shutdown migration (forced after the timeout). True once libvirt
+        has said it is off; False when that is not known (the forced stop failed, or libvirt
+        could not be asked)."""
         try:
             clean = self.hypervisor.shutdown_or_destroy(uuid, self.config.shutdown_timeout_s)
-            log.ok("VM %s: %s for migration", uuid, "shut down" if clean else "stopped (forced)")
         except HypervisorError as exc:
             log.error("VM %s: forced stop failed: %s", uuid, exc)
+            return False
+        log.ok("VM %s: %s for migration", uuid, "shut down" if clean else "stopped (forced)")
+        return True
 
     # ---- target side --------------------------------------------------------------------------
 
@@ -585,7 +651,13 @@ class MigrationAgent:
                 crash_point("target:before-done")
                 self.finish(uuid, record, version, RESULT_DONE)
                 return
-            if timed_out:
+            if timed_out and step == STEP_PREPARED:
+                # The source has not started the transfer (it starts only after writing
+                # `transferring`), whatever libvirt says: the VM never left it. The abort is
+                # version-checked, so a `transferring` written meanwhile wins and this fails.
+                self.abort(uuid, record, version, f"source {record.source} did not start the transfer within "
+                                                  f"{self.config.step_timeout_s:.0f} s", node=record.source)
+            elif timed_out:
                 self.resolve(uuid, record, version, marker)
             else:
                 wait = self.config.step_timeout_s
@@ -620,6 +692,10 @@ class MigrationAgent:
 
     def prepare(self, uuid: str, record: MigrationRecord, version: int, local=ASK) -> None:
         pause_point("target:before-prepare")
+        if self.hypervisor.health != S.LIBVIRT_OK or self._local(uuid, local) == UNAVAILABLE:
+            self.abort(uuid, record, version, f"target {self.node} cannot reach its libvirtd ({self.hypervisor.health}: "
+                                              f"{self.hypervisor.health_reason or 'not connected'})")
+            return
         refused = self.xml_refusal(uuid)
         if refused:
             self.abort(uuid, record, version, f"target {self.node} does not take the VM: {refused}")
@@ -654,6 +730,14 @@ class MigrationAgent:
 
     def complete(self, uuid: str, record: MigrationRecord, version: int, marker: str, timed_out: bool, local=ASK) -> None:
         local = self._local(uuid, local)
+        if local == UNAVAILABLE:
+            # Whether the VM runs here is not known: start nothing. The reconnect brings a pass;
+            # meanwhile the source's own deadline may give the VM back to itself (no claim here).
+            if timed_out:
+                self.resolve(uuid, record, version, marker)
+            else:
+                self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
+            return
         if local in RUNNING:
             crash_point("target:before-done")
             self.finish(uuid, record, version, RESULT_DONE)
@@ -697,6 +781,14 @@ class MigrationAgent:
             if refused:
                 raise HypervisorError("create", uuid, None, f"its domain XML is refused: {refused}")
             self.hypervisor.create(xml)
+        except (HypervisorUnavailable, HypervisorTimeout) as exc:
+            # libvirt went away or hung in the create: the VM may or may not run here now. Keep
+            # the claim (the source does not take back a VM this node has claimed while it is
+            # alive); the pass after the reconnect, or the deadline, finds out from libvirt.
+            log.warning("migration %s of %s: start on target %s not confirmed (%s); asking libvirt again once it "
+                        "answers", record.id, uuid, self.node, exc)
+            self.deadlines.arm(uuid, f"{record.id}:{version}", self.config.step_timeout_s)
+            return
         except HypervisorError as exc:
             # The VM runs nowhere now: give it back to the source, whose reconciler starts it.
             self.abort(uuid, record, version, f"start on target {self.node} failed: {exc}", node=record.source)
@@ -752,13 +844,21 @@ class MigrationAgent:
             self.start_here(uuid, record, version)
             return
         if shut_down_for_migration and self.peer_alive(target):
-            # The target is alive and starts the VM itself, and may be doing so right now (e.g.
-            # just restarted): taking the VM back here could start a second copy (I1). Hand it
-            # on, or wait for the target (it aborts to us if its start fails).
+            # The target is alive and starts the VM itself. Hand it on; once it has claimed the
+            # start (`starting_on`) it may be creating the VM right now, and taking the VM back
+            # here could start a second copy (I1): wait for it (a failed start aborts to us).
             if step == STEP_TRANSFERRING:
                 self.advance(uuid, record, version, STEP_TRANSFERRED)   # the target starts it
-            else:
+                return
+            if record.starting_on == target:
                 self.deadlines.arm(uuid, f"{marker}:target-starts:{time.monotonic():.0f}", self.config.step_timeout_s)
+                return
+            # Alive, but a whole step timeout has passed without even a claim: its daemon cannot
+            # act (e.g. its libvirtd is down or hung). Take the VM back: the abort is
+            # version-checked against the record as read, so it and a claim exclude each other.
+            self.abort(uuid, record, version, f"target {target} did not start the VM within "
+                                              f"{self.config.step_timeout_s:.0f} s; it is given back to the source",
+                       node=source)
             return
         # Nothing runs and the target cannot take over: back to the source, which starts it.
         self.abort(uuid, record, version, "the VM was not running on either node; it is given back to the source", node=source)

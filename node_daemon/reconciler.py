@@ -28,8 +28,9 @@ from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError, check_d
 from pvc_cluster_common._domain_xml import DomainXMLError
 
 from .domains import DomainTable
-from .hypervisor import HypervisorError
+from .hypervisor import HypervisorError, HypervisorUnavailable
 from .invalid import InvalidValues
+from .migration import UNAVAILABLE
 from .log import get_logger
 from .threads import ReusableThreads
 from .vmstate import ACTIVE_LIBVIRT_STATES, Action, Desired, decide
@@ -423,7 +424,18 @@ class Reconciler:
         desired, known = self.desired_from_table(uuid)
         if desired is LOADING:
             return  # the answers of the first reads queue another pass
-        status = self.hypervisor.status(uuid)
+        try:
+            status = self.hypervisor.status(uuid)
+        except HypervisorUnavailable as exc:
+            # No libvirt connection (the driver reconnects, and the reconnect queues a pass over
+            # every VM): start, stop or re-home nothing on a state that is not known. A migration
+            # still follows its steps and deadlines (the agent takes UNAVAILABLE into account).
+            if desired is not None and desired is not LOADING and known and self.node in (
+                    desired.migration_source, desired.migration_target):
+                self.migrations.handle(uuid, known, local_state=UNAVAILABLE)
+            else:
+                log.info("VM %s: left as it is while libvirt is unavailable (%s)", uuid, exc.message)
+            return
         local_state = status.state if status else None
         if local_state in ACTIVE_LIBVIRT_STATES and uuid not in self.local:
             # e.g. just migrated in: count it as running here before the next full listing
@@ -479,6 +491,10 @@ class Reconciler:
             return False
         try:
             self.hypervisor.create(xml)
+        except HypervisorUnavailable as exc:
+            # not a fault of the VM: the pass after the reconnect starts it (or finds it running)
+            log.warning("VM %s: not started, libvirt is unavailable (%s)", uuid, exc.message)
+            return False
         except HypervisorError as exc:
             self._fail(uuid, str(exc))
             return False

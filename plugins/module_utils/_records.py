@@ -70,6 +70,10 @@ def domain_state(value, path: str) -> str:
     return D.choice(value, path, S.DOMAIN_STATES)
 
 
+def libvirt_health(value, path: str) -> str:
+    return D.choice(value, path, S.LIBVIRT_HEALTH)
+
+
 def running_domains(value, path: str) -> tuple[str, ...]:
     """A node's ``runningdomains``: a JSON list of VM UUIDs."""
     found = D.json_list(value, path, max_bytes=MAX_RUNNING_DOMAINS * 40, max_depth=1)

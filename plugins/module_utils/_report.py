@@ -144,6 +144,7 @@ def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) 
         "name": name,
         "daemon_state": raw.get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE],
         "domain_state": raw.get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE],
+        "libvirt": view.libvirt,
         "alive": snapshot.alive.get(name, False),
         "keepalive": keepalive,
         "keepalive_age_s": round(now - keepalive, 3) if keepalive else None,

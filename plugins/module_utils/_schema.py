@@ -18,6 +18,8 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
                                           the loss of any one node (default "false": they report it only)
     /nodes/<node>/                        one per hypervisor, created by its daemon
         daemon_state                      init | run | shutdown | stop | dead | fencing | fenced | fence-failed
+        libvirt                           the daemon's connection to its libvirtd: ok | down | hung
+                                          (only an ok node is a migration target)
         domain_state                      ready | flush | flushed | unflush
         alive                             ephemeral; exists while the daemon's session lives
         maintenance                       "true": never fenced (the operator works on it); else "false"
@@ -79,6 +81,10 @@ DAEMON_STATES = ("init", "run", "shutdown", "stop", "dead", "fencing", "fenced",
 # The states in which a node's daemon is not running and its peers' fencer acts on it.
 FENCE_STATES = ("dead", "fencing", "fenced", "fence-failed")
 DOMAIN_STATES = ("ready", "flush", "flushed", "unflush")
+# The node daemon's connection to its libvirtd: ok; down (no connection: libvirtd gone, refusing,
+# or it closed the connection); hung (libvirtd accepts but does not answer within the call timeout).
+LIBVIRT_HEALTH = ("ok", "down", "hung")
+LIBVIRT_OK = "ok"
 # start: run on `node`; restart: stop then start; shutdown: clean shutdown (timeout, then forced);
 # stop: forced stop; disable: stopped and administratively disabled; fail: could not be started
 # (see failedreason). A migration does not change the state: it is the `migration` record.
@@ -111,6 +117,7 @@ NODE_RESERVATIONS = "reservations"
 NODE_ADDRESS = "address"
 NODE_LIBVIRT_URI = "libvirt_uri"
 NODE_TRANSPORT_URI = "transport_uri"
+NODE_LIBVIRT = "libvirt"
 
 # Keys every node has, with the value a newly registered node starts with.
 # New nodes start `flushed`: they take VMs only after an operator (or the rollout) makes them ready.
@@ -135,6 +142,7 @@ NODE_DEFAULTS = {
     NODE_ADDRESS: "",
     NODE_LIBVIRT_URI: "",
     NODE_TRANSPORT_URI: "",
+    NODE_LIBVIRT: LIBVIRT_OK,   # a daemon registers after it has connected to libvirt
 }
 
 # ---- domain keys ----------------------------------------------------------------------------

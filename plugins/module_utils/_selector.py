@@ -13,7 +13,9 @@ Candidates
     A node can take a VM when, checked in this order (the first failure is the reason reported):
     it is not the VM's current node; it is not excluded by the caller; it is inside the VM's
     ``node_limit`` (empty = any node); its daemon state is ``run``; its domain state is ``ready``;
-    and the VM fits: ``vm memory <= headroom``, where headroom = memtotal - memreserve - memprov -
+    its daemon's connection to libvirt is ``ok`` (a node whose libvirtd is down or hung could not
+    receive the VM; a node that does not publish it, an older daemon, counts as ``ok``); and the
+    VM fits: ``vm memory <= headroom``, where headroom = memtotal - memreserve - memprov -
     in-flight reservations (MiB). Unlike upstream, a node that cannot hold the VM is never chosen.
 
 Selectors (the best candidate wins)
@@ -52,11 +54,14 @@ from ._meta import CLUSTER_DEFAULT_SELECTOR, CONCRETE_SELECTORS, MetaError, pars
 from ._schema import (
     DAEMON_STATES,
     DOMAIN_STATES,
+    LIBVIRT_HEALTH,
+    LIBVIRT_OK,
     NODE_CPULOAD,
     NODE_DAEMON_STATE,
     NODE_DEFAULTS,
     NODE_DOMAINCOUNT,
     NODE_DOMAIN_STATE,
+    NODE_LIBVIRT,
     NODE_MEMFREE,
     NODE_MEMPROV,
     NODE_MEMRESERVE,
@@ -94,6 +99,7 @@ class NodeView:
     cpuload: float = 0.0
     vcpualloc: int = 0
     domaincount: int = 0
+    libvirt: str = LIBVIRT_OK     # LIBVIRT_HEALTH, or "invalid" for a stored value that is not valid
     # stored values that were not valid and read as their default (0), each naming its key
     invalid: tuple[Invalid, ...] = field(default=(), compare=False)
 
@@ -109,14 +115,15 @@ class NodeView:
 
     @property
     def is_eligible(self) -> bool:
-        """Whether the node takes VMs at all: daemon state ``run`` and domain state ``ready``."""
-        return self.daemon_state == RUN and self.domain_state == READY
+        """Whether the node takes VMs at all: daemon state ``run``, domain state ``ready`` and
+        libvirt ``ok``."""
+        return self.daemon_state == RUN and self.domain_state == READY and self.libvirt == LIBVIRT_OK
 
     # the stored node keys a view is built from (read_node_views_of reads only these)
     KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_MEMTOTAL, NODE_MEMUSED, NODE_MEMFREE, NODE_MEMPROV,
-            NODE_MEMRESERVE, NODE_CPULOAD, NODE_VCPUALLOC, NODE_DOMAINCOUNT)
+            NODE_MEMRESERVE, NODE_CPULOAD, NODE_VCPUALLOC, NODE_DOMAINCOUNT, NODE_LIBVIRT)
     # the keys that decide whether a VM fits (rejection_reasons: eligibility and headroom)
-    FIT_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_MEMTOTAL, NODE_MEMPROV, NODE_MEMRESERVE)
+    FIT_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_MEMTOTAL, NODE_MEMPROV, NODE_MEMRESERVE, NODE_LIBVIRT)
 
     @classmethod
     def from_store(cls, name: str, raw: Mapping[str, str | None], reservations_mib: int = 0,
@@ -126,7 +133,9 @@ class NodeView:
         Numbers are decoded with bounds (_decode): a missing one reads as 0, and so does an
         invalid one, which is also listed in ``invalid`` (so a node with garbage ``memtotal`` has
         negative headroom and is never chosen). Missing or invalid states read as the schema's
-        defaults for a new node (``init`` / ``flushed``), which are not eligible. ``prefix``: how the
+        defaults for a new node (``init`` / ``flushed``), which are not eligible. A missing libvirt
+        health (a daemon that does not publish it) reads as ``ok``; an invalid one as ``invalid``,
+        which is not eligible. ``prefix``: how the
         keys are named in ``invalid`` (default ``nodes/<name>/``).
         """
         prefix = f"nodes/{name}/" if prefix is None else prefix
@@ -155,6 +164,8 @@ class NodeView:
             cpuload=or_default(number, raw.get(NODE_CPULOAD), prefix + NODE_CPULOAD, 0.0, problems),
             vcpualloc=count(NODE_VCPUALLOC),
             domaincount=count(NODE_DOMAINCOUNT),
+            libvirt=or_default(choice, raw.get(NODE_LIBVIRT), prefix + NODE_LIBVIRT, "invalid", problems,
+                               choices=LIBVIRT_HEALTH) if raw.get(NODE_LIBVIRT) is not None else LIBVIRT_OK,
             invalid=tuple(problems),
         )
 
@@ -217,6 +228,8 @@ def _static_rejection(node: NodeView, current_node: str | None, limit: frozenset
         return f"daemon state is {node.daemon_state}, not run"
     if node.domain_state != READY:
         return f"domain state is {node.domain_state}, not ready"
+    if node.libvirt != LIBVIRT_OK:
+        return f"libvirt is {node.libvirt} on the node, not ok (its daemon cannot reach its libvirtd)"
     return None
 
 
@@ -335,7 +348,7 @@ def select_target(
     for node in node_list:
         name = node.name
         # Fast path for the common case; the reasons come from the shared rule functions.
-        if (node.daemon_state == RUN and node.domain_state == READY and name != current_node
+        if (node.daemon_state == RUN and node.domain_state == READY and node.libvirt == LIBVIRT_OK and name != current_node
                 and name not in excluded and (limit is None or name in limit)):
             headroom = node.memtotal - node.memreserve - node.memprov - node.reserved  # NodeView.headroom, inlined
             if fit:

@@ -67,6 +67,14 @@ nodes:
       description: The node's domain state (C(ready), C(flush), C(flushed), C(unflush)).
       type: str
       sample: ready
+    libvirt:
+      description:
+        - The node daemon's connection to its libvirtd, as the daemon last published it.
+        - C(ok); C(down) (no connection, the daemon reconnects); C(hung) (libvirtd does not answer within the call
+          timeout); C(invalid) when the stored value is not valid.
+        - Only a node whose libvirt is C(ok) is chosen as a migration target.
+      type: str
+      sample: ok
     alive:
       description: Whether the daemon's ZooKeeper session is alive (its ephemeral C(alive) key exists).
       type: bool

@@ -6,7 +6,7 @@ import pytest
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_node_views, read_vm, vm_definition
-from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_cluster_common._requests import RequestError, plan_request, submit_request
 from pvc_cluster_common._store import ConflictError
 
 pytestmark = pytest.mark.zk
@@ -106,3 +106,18 @@ def test_a_stopped_vm_that_is_only_re_homed_gets_a_reservation_on_its_new_node(c
     assert cluster.read(schema.node_reservation("n2", UUID)) == "1024"   # until n2's keepalive counts it
     assert cluster.read(schema.node_reservation("n1", UUID)) is None     # the one left on n1 went
     assert cluster.read_versioned(schema.node_reservations("n2")) != before
+
+
+@pytest.mark.parametrize("health", ["down", "hung"])
+def test_a_request_to_a_node_whose_libvirt_is_not_ok_writes_nothing(cluster, health):
+    vm = read_vm(cluster, UUID)
+    plan = plan_request(vm, "migrate", read_node_views(cluster), target="n2")
+    # the target's daemon lost its libvirtd after the plan was made: the submission's own check says so
+    cluster.write({cluster.schema.node_key("n2", S.NODE_LIBVIRT): health})
+    with pytest.raises(RequestError, match=f"cannot migrate VM web1 to n2: libvirt is {health} on the node"):
+        submit_request(cluster, plan, vm, requester="test")
+    with pytest.raises(RequestError, match=f"libvirt is {health}"):
+        plan_request(vm, "migrate", read_node_views(cluster), target="n2")
+    assert cluster.read(cluster.schema.domain_migration(UUID)) is None
+    assert cluster.read(cluster.schema.node_reservation("n2", UUID)) is None
+    assert cluster.read(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n1"

@@ -523,3 +523,30 @@ def test_an_allocation_that_breaks_n1_is_refused_with_the_failing_node_and_by_ho
     assert not check.ok
     assert check.shortfalls == {"n1": 2048, "n2": 2048}
     assert nodes[0].reserved == 0                                # the views given are not changed
+
+
+# ---- libvirt health ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("health", ["down", "hung", "invalid"])
+def test_a_node_whose_libvirt_is_not_ok_is_never_a_target(health):
+    nodes = [dataclasses.replace(node("a", prov=0), libvirt=health), node("b", prov=8192)]
+    assert select_target(1024, None, None, "mem", nodes) == "b"   # a has more headroom
+    with pytest.raises(NoTargetError) as excinfo:
+        select_target(1024, "b", None, "mem", nodes)
+    assert excinfo.value.reasons == {
+        "a": f"libvirt is {health} on the node, not ok (its daemon cannot reach its libvirtd)",
+        "b": "is the VM's current node"}
+    assert not nodes[0].is_eligible
+    plan = plan_flush("b", [FlushVM("u1", 1024, None, "mem", "b")], nodes)
+    assert plan[0].target is None and "libvirt is" in plan[0].reason
+    assert survives_node_failure(nodes, {"b": [1024]}).checked == ("b",)
+
+
+def test_libvirt_health_from_store():
+    raw = {"daemon_state": "run", "domain_state": "ready", "memtotal": "16384"}
+    assert NodeView.from_store("n", raw).libvirt == "ok"          # a daemon that does not publish it
+    assert NodeView.from_store("n", {**raw, "libvirt": "hung"}).libvirt == "hung"
+    garbage = NodeView.from_store("n", {**raw, "libvirt": "fine"})
+    assert garbage.libvirt == "invalid" and not garbage.is_eligible
+    assert [problem.path for problem in garbage.invalid] == ["nodes/n/libvirt"]

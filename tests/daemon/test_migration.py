@@ -17,7 +17,7 @@ from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
-from pvc_node_daemon.hypervisor import Hypervisor, MigrationSetup
+from pvc_node_daemon.hypervisor import Hypervisor, HypervisorTimeout, HypervisorUnavailable, MigrationSetup
 from pvc_node_daemon.migration import MigrationAgent
 from tests.support.identities import node_auth
 
@@ -430,3 +430,151 @@ def test_a_live_migration_goes_to_the_uri_built_from_the_targets_address(live_so
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     assert ("p2p", "qemu+tcp://10.77.0.2/system") in calls and not marker_uri[1].exists()
+
+
+# ---- a peer that is alive but cannot act; a libvirt that cannot be asked (issue #12) ------------
+
+TEST_PEERS = {"migration": {"libvirt_uri_template": "test:///{node}"}}   # peers answer from ZooKeeper
+
+
+def expire_now(agent, uuid):
+    """The step deadline of the record as it is now has passed (armed with no time left)."""
+    record, version = record_of(agent.store, uuid)
+    agent.deadlines.arm(uuid, f"{record.id}:{version}", 0)
+
+
+def shut_down_and_transferred(store, uuid, **changes):
+    """A shutdown migration n1 -> n2 whose source has stopped the VM and written `transferred`,
+    with n2's daemon alive (its `alive` key) and running nothing."""
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    request(store, uuid, "n2")
+    rewrite_record(store, uuid, step="transferred", method_used="shutdown", **changes)
+    store.write({store.schema.node_key("n2", S.NODE_ALIVE): "test",
+                 store.schema.node_key("n2", S.NODE_RUNNINGDOMAINS): "[]"})
+
+
+def test_a_live_target_that_never_claims_the_start_gets_the_vm_taken_back_at_the_deadline(cluster, make_agent):
+    """The target's daemon is alive but does not act (its libvirtd is down): at the source's
+    deadline, off on both sides and no start claimed, the source takes the VM back."""
+    store, uuid, _ = cluster
+    source = make_agent("n1", **TEST_PEERS)
+    shut_down_and_transferred(store, uuid)
+    expire_now(source, uuid)
+    source.handle(uuid, record_of(store, uuid), local_state=None)
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "target n2 did not start the VM" in final["reason"], final
+    assert record_of(store, uuid) == (None, -1)
+    assert store.read(store.schema.node_reservation("n2", uuid)) is None
+    assert read_vm(store, uuid).node == "n1"   # its reconciler starts it there
+
+
+def test_a_live_target_that_has_claimed_the_start_is_waited_for(cluster, make_agent):
+    store, uuid, _ = cluster
+    source = make_agent("n1", **TEST_PEERS)
+    shut_down_and_transferred(store, uuid, starting_on="n2")
+    expire_now(source, uuid)
+    source.handle(uuid, record_of(store, uuid), local_state=None)
+    record, _ = record_of(store, uuid)
+    assert record.step == "transferred" and record.starting_on == "n2"   # may be starting it right now (I1)
+    assert "target-starts" in source.deadlines._items[uuid][1]           # asked again at the next deadline
+
+
+def test_a_claim_written_first_makes_the_sources_take_back_fail(cluster, make_agent):
+    store, uuid, _ = cluster
+    source = make_agent("n1", **TEST_PEERS)
+    shut_down_and_transferred(store, uuid)
+    expire_now(source, uuid)
+    seen = record_of(store, uuid)
+    rewrite_record(store, uuid, starting_on="n2")   # the target's claim lands between read and abort
+    source.resolve(uuid, *seen, f"{seen[0].id}:{seen[1]}")
+    assert record_of(store, uuid)[0].starting_on == "n2"
+    assert store.children(store.schema.domain_history(uuid)) in ([], None)
+
+
+def test_a_target_whose_source_never_starts_the_transfer_aborts_at_its_deadline(cluster, make_agent):
+    """At `prepared` nothing has moved (the source transfers only after writing `transferring`):
+    the target aborts without asking the source's libvirtd, which here cannot be reached."""
+    store, uuid, _ = cluster
+    target = make_agent("n2", migration={"libvirt_uri_template": "qemu+tcp://{address}:1/system"})
+    request(store, uuid, "n2")
+    rewrite_record(store, uuid, step="prepared")
+    expire_now(target, uuid)
+    target.handle(uuid, record_of(store, uuid), local_state=None)
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "source n1 did not start the transfer" in final["reason"], final
+    assert read_vm(store, uuid).node == "n1"
+
+
+def test_a_shutdown_libvirt_cannot_confirm_is_never_handed_to_the_target(cluster, make_agent):
+    store, uuid, xml = cluster
+    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")
+    rewrite_record(store, uuid, step="prepared")
+
+    def libvirtd_gone(*_args):
+        raise HypervisorUnavailable("shutdown", uuid, None, "the connection to libvirtd was lost")
+
+    source.hypervisor.shutdown_or_destroy = libvirtd_gone
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    record, _ = record_of(store, uuid)
+    assert (record.step, record.method_used) == ("transferring", "shutdown")   # not `transferred`
+    assert source.hypervisor.status(uuid).running
+
+
+def test_a_target_without_libvirt_refuses_to_prepare(cluster, make_agent):
+    store, uuid, _ = cluster
+    target = make_agent("n2")
+    request(store, uuid, "n2")
+    target.hypervisor.close()   # no connection: health down
+    target.handle(uuid, record_of(store, uuid))
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "target n2 cannot reach its libvirtd (down" in final["reason"], final
+    assert store.read(store.schema.node_reservation("n2", uuid)) is None
+
+
+def test_a_source_without_libvirt_aborts_before_the_transfer(cluster, make_agent):
+    store, uuid, xml = cluster
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")
+    rewrite_record(store, uuid, step="prepared")
+    source.hypervisor.close()
+    source.handle(uuid, record_of(store, uuid))   # asks libvirt: unavailable
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "source n1 cannot reach its libvirtd" in final["reason"], final
+    assert "transferring" not in final["steps"]
+    assert read_vm(store, uuid).node == "n1"
+
+
+def test_a_failed_live_transfer_to_a_target_without_libvirt_does_not_fall_back(cluster, make_agent):
+    store, uuid, xml = cluster
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")   # method default: live, else a shutdown migration
+    rewrite_record(store, uuid, step="prepared")
+    store.write({store.schema.node_key("n2", S.NODE_LIBVIRT): "down"})
+    source.handle(uuid, record_of(store, uuid), local_state="running")   # the test driver cannot migrate
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "target n2's libvirt is down" in final["reason"], final
+    assert final["method_used"] == "live" and not final.get("fallback_reason")
+    assert source.hypervisor.status(uuid).running   # never stopped
+
+
+@pytest.mark.parametrize("error", [HypervisorUnavailable, HypervisorTimeout])
+def test_a_start_libvirt_does_not_confirm_keeps_the_claim(cluster, make_agent, error):
+    """libvirtd went away (or hung) inside the target's create: the VM may run there now, so
+    the target neither aborts (the source would start a second copy) nor lets the claim go."""
+    store, uuid, _ = cluster
+    target = make_agent("n2")
+    shut_down_and_transferred(store, uuid)
+
+    def create(_xml):
+        raise error("create", None, None, "libvirt did not say")
+
+    target.hypervisor.create = create
+    target.handle(uuid, record_of(store, uuid), local_state=None)
+    record, version = record_of(store, uuid)
+    assert record.step == "transferred" and record.starting_on == "n2"
+    assert target.deadlines._items[uuid][1] == f"{record.id}:{version}"   # asked again at the deadline
