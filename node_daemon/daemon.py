@@ -211,6 +211,8 @@ class NodeDaemon:
         self.reconciler.resync()
 
     def _after_reconnect(self) -> None:
+        # a libvirt health change written while ZooKeeper was away is lost: write it again
+        self.store.write({self.schema.node_key(self.node, S.NODE_LIBVIRT): self.hypervisor.health})
         if self._session_lost.is_set():
             self._session_lost.clear()
             self.mark_alive()
