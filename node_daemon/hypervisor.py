@@ -230,7 +230,7 @@ def _guarded(conn: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
                 raise
             try:
                 alive = conn.isAlive()
-            except libvirt.libvirtError:
+            except libvirt.libvirtError:   # "invalid connection pointer": closed meanwhile (retired)
                 alive = 0
             if alive != 1:
                 raise _ConnectionLost(exc) from exc

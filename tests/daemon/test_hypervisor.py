@@ -25,6 +25,7 @@ from pvc_node_daemon.hypervisor import (
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
+    _guarded,
     read_meminfo_mib,
 )
 
@@ -974,3 +975,19 @@ def test_reconnect_delays_must_make_sense(node_uri):
         Hypervisor(node_uri, reconnect=True, reconnect_delay_s=0)
     with pytest.raises(ValueError):
         Hypervisor(node_uri, reconnect=True, reconnect_delay_s=2, reconnect_max_delay_s=1)
+
+
+def test_a_call_on_a_connection_closed_under_it_is_unavailable(supervised, monkeypatch):
+    """A connection lost and retired (closed) while a call was about to use it: libvirt says
+    "invalid connection pointer", and the caller learns that the connection is gone."""
+    hv = supervised
+    health = HealthLog(hv)
+    conn, generation = hv._connection("list_domains", None)
+    refused = threading.Event()
+    monkeypatch.setattr(libvirt, "open", lambda uri: refused.set() or (_ for _ in ()).throw(_libvirt_error("refused")))
+    conn.close()   # what retiring a lost connection does
+    with pytest.raises(HypervisorUnavailable):
+        hv._run("list_domains", None, _guarded(conn, lambda: conn.listAllDomains(0)), None, generation=generation)
+    assert refused.wait(30) and not hv.connected
+    monkeypatch.setattr(libvirt, "open", _REAL_OPEN)
+    health.wait_reconnects(1)
