@@ -174,14 +174,24 @@ LIFECYCLE_EVENTS = {
 
 
 class HypervisorError(Exception):
-    """A libvirt operation failed. ``code`` is libvirt's error code (None when not from libvirt)."""
+    """A libvirt operation failed. ``code`` is libvirt's error code (None when not from libvirt);
+    ``origin`` the part of libvirt that raised it (its error domain, e.g. VIR_FROM_RPC for a
+    connection between libvirt processes that failed), None when not known."""
 
-    def __init__(self, op: str, domain: str | None, code: int | None, message: str) -> None:
+    def __init__(self, op: str, domain: str | None, code: int | None, message: str,
+                 origin: int | None = None) -> None:
         super().__init__(op, domain, code, message)
         self.op = op
         self.domain = domain
         self.code = code
         self.message = message
+        self.origin = origin
+
+    @property
+    def connection_failed(self) -> bool:
+        """Whether a connection between libvirt processes failed (libvirt's RPC layer: a
+        libvirtd that went away, a socket closed, a peer that cannot be reached)."""
+        return self.origin == libvirt.VIR_FROM_RPC
 
     def __str__(self) -> str:
         where = f" on domain {self.domain}" if self.domain else ""
@@ -243,7 +253,7 @@ def _translate(op: str, domain: str | None, exc: libvirt.libvirtError) -> Hyperv
     code = exc.get_error_code()
     message = exc.get_error_message() or str(exc)
     cls = DomainNotFound if code == libvirt.VIR_ERR_NO_DOMAIN else HypervisorError
-    return cls(op, domain, code, message)
+    return cls(op, domain, code, message, exc.get_error_domain())
 
 
 # ---- values ----------------------------------------------------------------------------------

@@ -564,23 +564,25 @@ class MigrationAgent:
                 # there is no record left to advance, and that is the normal course.
                 self.advance(uuid, record, version, STEP_TRANSFERRED, quiet=True)
                 return
-            error = str(error)
             if method == "live":
                 self.after_failed_live(uuid, record, version,
                                        f"live migration failed and the VM's method is live: {error}")
                 return
             target_libvirt = self.peer_libvirt(record.target)
-            if target_libvirt != S.LIBVIRT_OK:
-                # The target's daemon has lost its libvirtd (it died or restarts under the
-                # transfer): a shutdown migration would stop the VM for a target that cannot
-                # start it. libvirt ended the job, so the VM still runs here: abort.
+            if target_libvirt != S.LIBVIRT_OK or error.connection_failed:
+                # The target's libvirtd died or restarts under the transfer (libvirt's own
+                # connection to it failed, or the target's daemon says it has lost it): a
+                # shutdown migration would stop the VM for a target that may not start it.
+                # libvirt ended the job, so the VM still runs here: abort, and stop nothing.
+                why = (f"target {record.target}'s libvirt is {target_libvirt}" if target_libvirt != S.LIBVIRT_OK
+                       else "libvirt's connection to the target's libvirtd failed")
                 self.after_failed_live(uuid, record, version,
-                                       f"live migration failed ({error}) and target {record.target}'s libvirt is "
-                                       f"{target_libvirt}: no shutdown migration is tried")
+                                       f"live migration failed ({error}) and {why}: no shutdown migration is tried")
                 return
             log.warning("migration %s of %s: live migration failed (%s); falling back to a shutdown migration",
                         record.id, uuid, error)
-            advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used="shutdown", fallback_reason=error)
+            advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used="shutdown",
+                                    fallback_reason=str(error))
             if not advanced:
                 return
             record, version = advanced
@@ -594,7 +596,7 @@ class MigrationAgent:
         self.advance(uuid, record, version, STEP_TRANSFERRED)
 
     def live_migrate(self, uuid: str, record: MigrationRecord, meta, inputs: dict, setup=None):
-        """Run the live migration; None on success, else why not (a HypervisorError, or text).
+        """Run the live migration; None on success, else why not (a HypervisorError).
         HypervisorUnavailable: this node's own connection was lost under it. ``inputs``: as
         read_transfer_inputs answered (the target's URIs); ``setup``: as setup_ahead made it
         (used only if it still holds, see Hypervisor.migrate)."""
@@ -603,7 +605,7 @@ class MigrationAgent:
             inputs = self.store.read_many([path])
         uris = self.peer_uris(record.target, path, inputs[path])
         if uris is None:
-            return f"target {record.target} has published an address that is not valid"
+            return HypervisorError("migrate", uuid, None, f"target {record.target} has published an address that is not valid")
         dest_uri, transport_uri = uris
         timeout_s = self.config.live_timeout_s(record.memory_mib)
         crash_while_migrating(self.hypervisor, uuid)

@@ -17,7 +17,7 @@ from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
-from pvc_node_daemon.hypervisor import Hypervisor, HypervisorTimeout, HypervisorUnavailable, MigrationSetup
+from pvc_node_daemon.hypervisor import Hypervisor, HypervisorError, HypervisorTimeout, HypervisorUnavailable, MigrationSetup
 from pvc_node_daemon.migration import MigrationAgent
 from tests.support.identities import node_auth
 
@@ -578,3 +578,23 @@ def test_a_start_libvirt_does_not_confirm_keeps_the_claim(cluster, make_agent, e
     record, version = record_of(store, uuid)
     assert record.step == "transferred" and record.starting_on == "n2"
     assert target.deadlines._items[uuid][1] == f"{record.id}:{version}"   # asked again at the deadline
+
+
+def test_a_live_transfer_that_lost_the_target_libvirtd_does_not_fall_back(cluster, make_agent, monkeypatch):
+    """libvirt's connection to the target's libvirtd failed in the transfer (it died or restarts):
+    before the target's daemon has said so, the source already knows from libvirt's error."""
+    store, uuid, xml = cluster
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    request(store, uuid, "n2")
+    rewrite_record(store, uuid, step="prepared")
+
+    def target_libvirtd_gone(*_args, **_kwargs):
+        raise HypervisorError("migrate", uuid, libvirt.VIR_ERR_INTERNAL_ERROR, "client socket is closed",
+                              libvirt.VIR_FROM_RPC)
+
+    monkeypatch.setattr(source.hypervisor, "migrate", target_libvirtd_gone)
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "connection to the target's libvirtd failed" in final["reason"], final
+    assert not final.get("fallback_reason") and source.hypervisor.status(uuid).running
