@@ -698,7 +698,7 @@ class Hypervisor:
         while True:
             with self._link:
                 self._link.wait_for(lambda: stop.is_set() or self._retired or self._suspect is not None
-                                    or self._conn is None or self._health != reported)
+                                    or self._conn is None or self._health != reported)  # noqa: B023 (called at once)
                 if stop.is_set():
                     return
                 retired, self._retired = self._retired, []
