@@ -379,6 +379,15 @@ class LabHost:
         """Start this host's libvirtd again (after stop_libvirtd) and wait until it answers."""
         self.lab._restart_libvirtd(self)
 
+    def pause_libvirtd(self) -> None:
+        """SIGSTOP this host's libvirtd: a hung libvirtd (its socket still accepts, nothing
+        answers). Every client of it, the lab's own included, waits until resume_libvirtd()."""
+        self.lab._signal_libvirtd(self, signal.SIGSTOP)
+
+    def resume_libvirtd(self) -> None:
+        """SIGCONT this host's libvirtd (after pause_libvirtd)."""
+        self.lab._signal_libvirtd(self, signal.SIGCONT)
+
 
 class Lab:
     """Bring the lab up and down; see the module docstring."""
@@ -990,6 +999,13 @@ class Lab:
             terminate(mine, 0.0)
         h.libvirt_socket.unlink(missing_ok=True)  # so that a restart waits for the new socket
         self._libvirtd.pop(h.index, None)
+
+    def _signal_libvirtd(self, h: LabHost, sig: int) -> None:
+        mine = [r for r in self.recorded_pids() if r.host == h.netns and r.role == "libvirtd" and r.alive()]
+        if not mine:
+            raise LabError(f"libvirtd on {h.name} is not running")
+        for r in mine:
+            _signal(r, sig)
 
     def _restart_libvirtd(self, h: LabHost) -> None:
         # checked and changed under the state's lock (which refuses a lab that is not up)
