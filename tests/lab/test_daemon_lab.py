@@ -181,9 +181,10 @@ def test_a_hung_libvirtd_is_a_health_state_not_a_dead_node(lab_cluster):
     os.kill(pid, signal.SIGSTOP)
     try:
         cluster.wait(stale, lambda v: v == "true", what="node1's figures stale")
-        # longer than peers wait for a keepalive before they declare a node dead (and shorter
-        # than libvirt's client keepalive, 5 s x 3 probes, takes to close the connection: this
-        # daemon does not reconnect to libvirtd, issue #12)
+        # longer than peers wait for a keepalive before they declare a node dead, and shorter
+        # than libvirt's client keepalive (5 s x 3 probes) takes to close the connection: this
+        # test is about the keepalive and the figures; a longer hang, the `libvirt` health key
+        # and the reconnection are tests/lab/test_libvirtd_lab.py's
         intervals = cluster.daemons["node1"].config["intervals"]
         dead_after_s = intervals["keepalive_s"] * (intervals["dead_after"] + 1)
         cluster.wait(cluster.schema.node_key("node1", S.NODE_FIGURES_AGE), lambda v: float(v or 0) > dead_after_s,
