@@ -51,6 +51,7 @@
 #define D_DEAD    1
 #define D_FENCED  2
 #define D_FFAILED 3        /* fence-failed */
+#define D_FENCING 4        /* a fence actor is powering the node off */
 
 /* a daemon's VM worker: the step it is in between a write and the libvirt action it allows */
 #define W_IDLE      0
@@ -107,7 +108,8 @@ bool power[N];
 byte lv[N];                     /* libvirt's state of the VM on node n: OFF, RUNNING or PAUSED */
 bool part[N];                   /* node n cut off from ZooKeeper and from its peers (not its BMC) */
 bool dup[N];                    /* node n's daemon process runs */
-bool booted[N];                 /* ... and has written its first keepalive */
+bool booted[N];                 /* ... and has registered (`init`, then `run`) */
+bool kpend[N];                  /* its keepalive read `dead`/`fence-failed`: writes `run` next */
 bool job = false;               /* libvirt's live migration job, driven by the source's libvirtd */
 byte jsrc = NONE;
 byte jtgt = NONE;
@@ -117,7 +119,7 @@ byte jres = 0;                  /* 0 none yet, 1 succeeded, 2 failed: what migra
 byte wpc[N];
 byte fpc[N];
 byte fx[N];                     /* the node a fence actor acts on */
-byte fver[N];                   /* the version of its `dead` state when it took the lock */
+byte fver[N];                   /* the version of the daemon state it wrote (`fencing`, `fenced`) */
 
 /* ---- bounds ------------------------------------------------------------------------------- */
 byte faults = FAULTS;
@@ -128,20 +130,33 @@ byte retargets = RETARGETS;
 byte repairs = REPAIRS;
 
 #define zk(n)       (dup[n] && power[n] && sess[n] && quorum && !part[n])
-#ifdef BROKEN_NO_GATE
-#define may_start(n) true          /* broken on purpose: D1 left out */
+/* No guard on a node's own daemon state when it starts a VM (nor in the code): a daemon that
+ * starts again registers first (K1, rule D1), which fails every recovery still to come (D4). */
+
+/* D6: the source's transferring write checks that the target is still `run` */
+#ifdef BROKEN_NO_D6
+#define tgt_run true
 #else
-#define may_start(n) (nst[n] == D_RUN)   /* D1: a node starts a VM only while it is `run` */
+#define tgt_run (nst[rtgt] == D_RUN)
 #endif
 #define active(s)   ((s) == RUNNING || (s) == PAUSED)
 #define running_on(n) (lv[n] == RUNNING)
 
 /* libvirt on node p as node n sees it (MigrationAgent.state_on / peer_state): its own libvirt,
  * a peer's libvirtd over the network, or nothing. A node confirmed powered off by its fence
- * (`fenced`) is known to run nothing (design rule D2). */
+ * (`fenced`) is known to run nothing (rule D2). */
 #define lvq(n, p)   ((p) == (n) -> lv[p] : \
-                     (nst[p] == D_FENCED && !power[p] -> OFF : \
+                     (nst[p] == D_FENCED -> OFF : \
                       ((part[n] || part[p] || !power[p]) -> UNKNOWN : lv[p])))
+
+/* D4: a recovery transaction checks the fenced node's daemon state version as well as `node`
+ * (a node whose daemon starts again registers first, so nothing still assigned to it is moved
+ * away while it may start it) */
+#ifdef BROKEN_RECOVERY_NO_STATE_CHECK
+#define rec_checks(x) true          /* broken on purpose: the state was read `fenced` earlier only */
+#else
+#define rec_checks(x) (nst[x] == D_FENCED && nver[x] == fver[n])
+#endif
 
 #define end_record() rstep = S_NONE; rsrc = NONE; rtgt = NONE; rmeth = RM_DEFAULT; rmu = MU_NONE; rclaim = false
 #define abort_to(s)  vnode = (s); end_record()
@@ -155,7 +170,7 @@ byte repairs = REPAIRS;
  * ends (its ephemeral `alive` and lock znodes go), a live migration job through it fails. */
 inline power_off(x) {
     power[x] = false; dup[x] = false; booted[x] = false; sess[x] = false;
-    lv[x] = OFF; wpc[x] = W_IDLE; fpc[x] = F_IDLE; fx[x] = NONE; fver[x] = 0;
+    lv[x] = OFF; wpc[x] = W_IDLE; fpc[x] = F_IDLE; fx[x] = NONE; fver[x] = 0; kpend[x] = false;
     release_locks(x);
     if
     :: job && (jsrc == x || jtgt == x) -> lv[jtgt] = OFF; job = false; jres = 2
@@ -181,7 +196,7 @@ inline release_locks(x) {
  * soon as the target's `alive` znode is gone, even when the target has claimed the start. */
 #define tgt_may_start (sess[rtgt])
 #else
-/* Design rule F1: a target that claimed the start may still be creating the VM (a process
+/* Rule D7: a target that claimed the start may still be creating the VM (a process
  * stalled past its session): only its fence makes taking the VM back safe. */
 #define tgt_may_start (sess[rtgt] || (rclaim && nst[rtgt] != D_FENCED))
 #endif
@@ -194,8 +209,7 @@ inline resolve(n) {
         abort_to(rsrc)
     :: res_known && !active(res_src) && res_tgt == RUNNING ->               /* R3: transfer completed */
         end_record()
-    :: res_known && !active(res_src) && res_tgt == OFF && res_shut && n == rtgt &&
-       may_start(n) ->                                                        /* R4: target claims the start */
+    :: res_known && !active(res_src) && res_tgt == OFF && res_shut && n == rtgt ->   /* R4: target claims the start */
         rclaim = true; wpc[n] = W_CLAIMED
     :: res_known && !active(res_src) && res_tgt == OFF && res_shut && n != rtgt &&
        tgt_may_start && rstep == S_XING ->                                  /* R5: hand it to the target */
@@ -211,7 +225,7 @@ inline resolve(n) {
       (active(res_src) && res_tgt == RUNNING && n == rsrc) \
    || (active(res_src) && res_tgt == OFF) \
    || (!active(res_src) && res_tgt == RUNNING) \
-   || (!active(res_src) && res_tgt == OFF && res_shut && n == rtgt && may_start(n)) \
+   || (!active(res_src) && res_tgt == OFF && res_shut && n == rtgt) \
    || (!active(res_src) && res_tgt == OFF && res_shut && n != rtgt && tgt_may_start && rstep == S_XING) \
    || (!active(res_src) && res_tgt == OFF && !(res_shut && (n == rtgt || tgt_may_start)))))
 
@@ -223,11 +237,13 @@ proctype Daemon(byte n)
 end_idle:
     do
     /* ---- keepalive ---------------------------------------------------------------------- */
-    :: atomic { zk(n) && !booted[n] ->                                       /* K1: first keepalive */
-        if :: nst[n] == D_DEAD -> nst[n] = D_RUN; nver[n]++ :: else -> skip fi;
-        booted[n] = true }
-    :: atomic { zk(n) && booted[n] && nst[n] == D_DEAD ->                     /* K2: back from `dead` */
-        nst[n] = D_RUN; nver[n]++ }
+    :: atomic { zk(n) && !booted[n] ->                                       /* K1: register, first keepalive */
+        nst[n] = D_RUN; nver[n]++; booted[n] = true }                          /* (`init` then `run`, from any state) */
+    :: atomic { zk(n) && booted[n] && !kpend[n] && (nst[n] == D_DEAD || nst[n] == D_FFAILED) ->
+        kpend[n] = true }                                                     /* K2: reads `dead`/`fence-failed` ... */
+    :: atomic { kpend[n] && dup[n] ->                                         /* ... and writes `run` (no version check) */
+        kpend[n] = false;
+        if :: zk(n) -> nst[n] = D_RUN; nver[n]++ :: else -> skip fi }
     :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && nst[(n + 1) % N] == D_RUN && !zk((n + 1) % N) ->
         nst[(n + 1) % N] = D_DEAD; nver[(n + 1) % N]++ }                     /* K3: a stale peer is `dead` */
     :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && nst[(n + 2) % N] == D_RUN && !zk((n + 2) % N) ->
@@ -235,7 +251,7 @@ end_idle:
 
     /* ---- the reconciler: no migration record -------------------------------------------- */
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep == S_NONE && vnode == n &&
-                   may_start(n) && !active(lv[n]) ->                       /* C1: decide START (D1) */
+                   !active(lv[n]) ->                                     /* C1: decide START */
         wpc[n] = W_START }
     :: atomic { dup[n] && wpc[n] == W_START ->                                /* C2: libvirt create */
         lv[n] = RUNNING; wpc[n] = W_IDLE }
@@ -257,13 +273,13 @@ end_idle:
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep == S_PREP && rsrc == n && vnode != rtgt ->
         abort_to(n) }                                                         /* S2: target changed */
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep == S_PREP && rsrc == n && vnode == rtgt &&
-                nst[rtgt] != D_RUN ->                                         /* S2b: target not `run` (D6) */
+                !tgt_run ->                                                   /* S2b: target not `run` (D6) */
         abort_to(n) }
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep == S_PREP && rsrc == n && vnode == rtgt &&
-                nst[rtgt] == D_RUN && !active(lv[n]) ->                      /* S3: offline: nothing runs here */
+                tgt_run && !active(lv[n]) ->                      /* S3: offline: nothing runs here */
         rstep = S_XED; rmu = MU_SHUT }
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep == S_PREP && rsrc == n && vnode == rtgt &&
-                nst[rtgt] == D_RUN && lv[n] == RUNNING ->                    /* S4: transferring (live) */
+                tgt_run && lv[n] == RUNNING ->                    /* S4: transferring (live) */
         rstep = S_XING; rmu = MU_LIVE;
         /* libvirt's p2p job starts (timing assumption A1, see the docs) */
         if
@@ -279,8 +295,8 @@ end_idle:
         if
         :: zk(n) && rstep == S_XING && rsrc == n && rmu == MU_LIVE && rmeth == RM_DEFAULT ->
             rmu = MU_SHUT; wpc[n] = W_SHUT                                    /* S6a: fall back to shutdown */
-        :: zk(n) && rstep == S_XING && rsrc == n && rmu == MU_LIVE && rmeth == RM_LIVE && lv[n] == RUNNING ->
-            abort_to(n)                                                       /* S6b: live only: abort */
+        :: zk(n) && rstep == S_XING && rsrc == n && rmu == MU_LIVE && lv[n] == RUNNING ->
+            abort_to(n)   /* S6b: method live, or libvirt's connection to the target failed: abort */
         :: else -> skip                                                       /* the write fails: resolve later */
         fi }
     :: atomic { dup[n] && wpc[n] == W_SHUT ->                                 /* S7: shutdown (forced after timeout) */
@@ -303,7 +319,7 @@ end_idle:
                    ((rstep == S_XING && rmu == MU_LIVE) || rstep == S_XED) -> /* T3: runs here: done */
         end_record() }
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rtgt == n && rstep == S_XED && rmu == MU_SHUT &&
-                   !active(lv[n]) && may_start(n) ->                           /* T4: claim the start (D1) */
+                   !active(lv[n]) ->                                          /* T4: claim the start */
         rclaim = true; wpc[n] = W_CLAIMED }
     :: atomic { dup[n] && wpc[n] == W_CLAIMED ->                              /* T5: libvirt create */
         if
@@ -331,12 +347,16 @@ proctype Fencer(byte n)
     byte x;
 end_idle:
     do
+    /* F1: a `dead` node (or `fencing`: an actor died while fencing it): take its lock, then
+     * write `fencing` checked against the state read under the lock */
     :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && fpc[n] == F_IDLE &&
-                   nst[(n + 1) % N] == D_DEAD && flock[(n + 1) % N] == NONE ->   /* F1: take a dead node's lock */
-        fx[n] = (n + 1) % N; flock[fx[n]] = n; fver[n] = nver[fx[n]]; fpc[n] = F_LOCKED }
+                   (nst[(n + 1) % N] == D_DEAD || nst[(n + 1) % N] == D_FENCING) && flock[(n + 1) % N] == NONE ->
+        fx[n] = (n + 1) % N; flock[fx[n]] = n; nst[fx[n]] = D_FENCING; nver[fx[n]]++; fver[n] = nver[fx[n]];
+        fpc[n] = F_LOCKED }
     :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && fpc[n] == F_IDLE &&
-                   nst[(n + 2) % N] == D_DEAD && flock[(n + 2) % N] == NONE ->
-        fx[n] = (n + 2) % N; flock[fx[n]] = n; fver[n] = nver[fx[n]]; fpc[n] = F_LOCKED }
+                   (nst[(n + 2) % N] == D_DEAD || nst[(n + 2) % N] == D_FENCING) && flock[(n + 2) % N] == NONE ->
+        fx[n] = (n + 2) % N; flock[fx[n]] = n; nst[fx[n]] = D_FENCING; nver[fx[n]]++; fver[n] = nver[fx[n]];
+        fpc[n] = F_LOCKED }
     :: atomic { fpc[n] == F_LOCKED && dup[n] ->                                 /* F2: power off through the BMC */
         if
 #ifdef BROKEN_NO_FENCE
@@ -349,40 +369,41 @@ end_idle:
         fi }
     :: atomic { fpc[n] == F_OFF && dup[n] ->                                  /* F3: `fenced` (D3) */
         if
-        :: zk(n) && nst[fx[n]] == D_DEAD && nver[fx[n]] == fver[n] -> nst[fx[n]] = D_FENCED; nver[fx[n]]++;
-           fver[n] = nver[fx[n]]; fpc[n] = F_RECOVER
+        :: zk(n) && flock[fx[n]] == n && nst[fx[n]] == D_FENCING && nver[fx[n]] == fver[n] ->
+           nst[fx[n]] = D_FENCED; nver[fx[n]]++; fver[n] = nver[fx[n]]; fpc[n] = F_RECOVER
         :: else -> flock[fx[n]] = NONE; fx[n] = NONE; fver[n] = 0; fpc[n] = F_IDLE
         fi }
     :: atomic { fpc[n] == F_FAILED && dup[n] ->                               /* F4: `fence-failed`: no recovery */
         if
-        :: zk(n) && nst[fx[n]] == D_DEAD && nver[fx[n]] == fver[n] -> nst[fx[n]] = D_FFAILED; nver[fx[n]]++
+        :: zk(n) && flock[fx[n]] == n && nst[fx[n]] == D_FENCING && nver[fx[n]] == fver[n] ->
+           nst[fx[n]] = D_FFAILED; nver[fx[n]]++
         :: else -> skip
         fi;
         flock[fx[n]] = NONE; fx[n] = NONE; fver[n] = 0; fpc[n] = F_IDLE }
     :: atomic { fpc[n] == F_RECOVER && dup[n] ->                              /* F5: recover (D4), or end */
         if
 #ifndef BROKEN_NO_RECOVERY
-        :: zk(n) && nst[fx[n]] == D_FENCED && nver[fx[n]] == fver[n] && rstep == S_NONE && vnode == fx[n] &&
-              nst[(fx[n] + 1) % N] == D_RUN -> vnode = (fx[n] + 1) % N        /* the selector's choice */
-        :: zk(n) && nst[fx[n]] == D_FENCED && nver[fx[n]] == fver[n] && rstep == S_NONE && vnode == fx[n] &&
-              nst[(fx[n] + 2) % N] == D_RUN -> vnode = (fx[n] + 2) % N
+        :: zk(n) && flock[fx[n]] == n && rec_checks(fx[n]) && rstep == S_NONE &&
+              vnode == fx[n] && nst[(fx[n] + 1) % N] == D_RUN -> vnode = (fx[n] + 1) % N   /* the selector's choice */
+        :: zk(n) && flock[fx[n]] == n && rec_checks(fx[n]) && rstep == S_NONE &&
+              vnode == fx[n] && nst[(fx[n] + 2) % N] == D_RUN -> vnode = (fx[n] + 2) % N
 #endif
-        :: zk(n) && nst[fx[n]] == D_FENCED && nver[fx[n]] == fver[n] && rstep != S_NONE &&
-           (rsrc == fx[n] || rtgt == fx[n]) && rsrc != n && rtgt != n && can_resolve(n) -> resolve(n)   /* D5 */
+        :: zk(n) && flock[fx[n]] == n && nst[fx[n]] == D_FENCED && rstep != S_NONE && nst[rsrc] == D_FENCED &&
+              nst[rtgt] == D_FENCED -> abort_to(rsrc)                         /* D5: both sides fenced */
         :: else -> skip
         fi;
         flock[fx[n]] = NONE; fx[n] = NONE; fver[n] = 0; fpc[n] = F_IDLE }
     /* F6: a fenced node still has a VM to recover (nothing fitted before, or an abort gave it
-     * back), or a migration record naming it that its peer cannot resolve: take its lock again */
+     * back), or a migration between it and another fenced node: take its lock again */
     :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && fpc[n] == F_IDLE &&
                    nst[(n + 1) % N] == D_FENCED && flock[(n + 1) % N] == NONE &&
                    ((rstep == S_NONE && vnode == (n + 1) % N) ||
-                       (rstep != S_NONE && (rsrc == (n + 1) % N || rtgt == (n + 1) % N) && can_resolve(n))) ->
+                       (rstep != S_NONE && nst[rsrc] == D_FENCED && nst[rtgt] == D_FENCED)) ->
         fx[n] = (n + 1) % N; flock[fx[n]] = n; fver[n] = nver[fx[n]]; fpc[n] = F_RECOVER }
     :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && fpc[n] == F_IDLE &&
                    nst[(n + 2) % N] == D_FENCED && flock[(n + 2) % N] == NONE &&
                    ((rstep == S_NONE && vnode == (n + 2) % N) ||
-                       (rstep != S_NONE && (rsrc == (n + 2) % N || rtgt == (n + 2) % N) && can_resolve(n))) ->
+                       (rstep != S_NONE && nst[rsrc] == D_FENCED && nst[rtgt] == D_FENCED)) ->
         fx[n] = (n + 2) % N; flock[fx[n]] = n; fver[n] = nver[fx[n]]; fpc[n] = F_RECOVER }
     od
 }
@@ -439,7 +460,7 @@ end_idle:
     /* faults */
     :: atomic { faults > 0 -> faults--;                                       /* E1: a daemon is killed */
         if :: x = 0 :: x = 1 :: x = 2 fi;
-        dup[x] = false; booted[x] = false; sess[x] = false; wpc[x] = W_IDLE; fpc[x] = F_IDLE; fx[x] = NONE;
+        dup[x] = false; booted[x] = false; sess[x] = false; wpc[x] = W_IDLE; fpc[x] = F_IDLE; fx[x] = NONE; kpend[x] = false;
         fver[x] = 0; release_locks(x); x = 0 }
     :: atomic { faults > 0 -> faults--;                                       /* E2: a session expires */
         if :: x = 0 :: x = 1 :: x = 2 fi;

@@ -54,17 +54,23 @@ check() {
     fi
 }
 
-# The protocol as designed, within bounds (FAULTS: daemon kills, session expiries, partitions,
-# quorum losses and power losses in any order and at any step; BMC_FAILURES: fences that fail).
-check "migration + fencing, one fault, a failed fence, a changed target, a repair" safety holds -DFAULTS=1
-check "fencing, two faults (two nodes lost one after the other), a failed fence, a repair" \
-    safety holds -DFAULTS=2 -DREQUESTS=0 -DRETARGETS=0
-check "migration + fencing, one fault: the VM ends up running" liveness holds -DFAULTS=1 -DREPAIRS=0 -DRETARGETS=0
+# The protocols as the code has them, with the rules docs/migration-protocol.md ("The model") names,
+# within bounds (FAULTS: daemon kills, session expiries, partitions, quorum losses and power losses,
+# in any order and at any step; BMC_FAILURES: fences that fail; REPAIRS: powered-off nodes powered
+# on again; REQUESTS, RETARGETS: migration requests, and `node` changed under one).
+check "migration + fencing: one fault, a failed fence, a changed target, a repair" safety holds -DFAULTS=1
+check "fencing: two faults (two nodes lost one after the other, an actor killed while fencing)" \
+    safety holds -DFAULTS=2 -DREQUESTS=0 -DRETARGETS=0 -DREPAIRS=0 -DBMC_FAILURES=0
+check "migration + fencing: one fault, a failed fence: the VM ends up running" \
+    liveness holds -DFAULTS=1 -DREPAIRS=0 -DRETARGETS=0
 
 # Broken on purpose: each must produce a counterexample.
 check "recovery without fence" safety counterexample -DFAULTS=1 -DREQUESTS=0 -DRETARGETS=0 -DBROKEN_NO_FENCE
-check "a fenced node that powers on again starts its VMs (no D1)" safety counterexample -DFAULTS=1 -DBROKEN_NO_GATE
-check "a claimed start taken back when the target's session is gone (the rule before F1)" \
+check "recovery that does not check the fenced node's state in its write (D4)" \
+    safety counterexample -DFAULTS=1 -DREQUESTS=0 -DRETARGETS=0 -DBROKEN_RECOVERY_NO_STATE_CHECK
+check "a transfer to a target that is no longer run (no D6, as in the code today)" \
+    safety counterexample -DFAULTS=1 -DBROKEN_NO_D6
+check "a claimed start taken back when the target's alive is gone (no D7, as in the code today)" \
     safety counterexample -DFAULTS=1 -DBROKEN_PEER_ALIVE
 check "no recovery after a fence" liveness counterexample -DFAULTS=1 -DREPAIRS=0 -DRETARGETS=0 -DBROKEN_NO_RECOVERY
 
