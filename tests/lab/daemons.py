@@ -56,7 +56,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_history, read_node_views, read_vm, vm_definition, wait_for_key
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_cluster_common._records import MigrationRecord
-from pvc_cluster_common._store import ClusterStore
+from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.identities import node_auth, operator_options
 from tests.support.zookeeper import _setns_net
 
@@ -106,10 +106,13 @@ def in_netns(netns: str, fn):
     return result.get("value")
 
 
-def ctl_store(lab: Lab, root: str, timeout_s: float = 10.0) -> ClusterStore:
+def ctl_store(lab: Lab, root: str, timeout_s: float = 10.0, secure: bool = True) -> ClusterStore:
     """A started ClusterStore of the operator on the lab's ensemble whose sockets live in the
-    controller namespace."""
-    store = ClusterStore(operator_options(lab.zk_hosts, root, timeout_s=timeout_s))
+    controller namespace. ``secure``: the cluster's daemons are secured (LabCluster's); False for
+    a cluster whose daemons run insecure (the rolled-out lab's), whose keys must stay open."""
+    options = (operator_options(lab.zk_hosts, root, timeout_s=timeout_s) if secure
+               else ConnectionOptions(hosts=lab.zk_hosts, root=root, timeout_s=timeout_s))
+    store = ClusterStore(options)
     return in_netns(lab.ctl_netns, store.start)
 
 

@@ -79,7 +79,7 @@ def cluster(lab):
     views = HostViews(lab, zk_root=root, vm_bridges=VM_BRIDGES)
     before = machine_state(ROLE_FILES + ("/etc/pvc", "/etc/zookeeper/pvc", "/opt/pvc-node-daemon"))
     views.up()
-    store = ctl_store(lab, root)
+    store = ctl_store(lab, root, secure=False)   # the rolled-out daemons run insecure (hostviews)
     try:
         yield RolloutCluster(lab, views, store, root, before)
     finally:
