@@ -191,15 +191,21 @@ inline release_locks(x) {
 #define res_tgt   lvq(n, rtgt)
 #define res_known (res_src != UNKNOWN && res_tgt != UNKNOWN)
 #define res_shut  (rmu == MU_SHUT && (rstep == S_XING || rstep == S_XED))
+/* Off on both sides after a shutdown migration, a source (or a third party) waits while the
+ * target may start the VM: the target is alive and the record at `transferring` (it is handed
+ * on: R5), or the target has claimed the start. Without a claim, an alive target that let a
+ * whole step timeout pass gets the VM taken back (R6: the abort and a claim are both checked
+ * against the record's version, so they exclude each other). */
 #ifdef BROKEN_PEER_ALIVE
-/* The rule as node_daemon/migration.py has it today: the source takes a shut-down VM back as
- * soon as the target's `alive` znode is gone, even when the target has claimed the start. */
-#define tgt_may_start (sess[rtgt])
+/* The rule node_daemon/migration.py had before D7: a claim is waited for only while the
+ * target's `alive` znode exists. */
+#define claim_holds (sess[rtgt])
 #else
-/* Rule D7: a target that claimed the start may still be creating the VM (a process
- * stalled past its session): only its fence makes taking the VM back safe. */
-#define tgt_may_start (sess[rtgt] || (rclaim && nst[rtgt] != D_FENCED))
+/* Rule D7: a target that claimed the start may still be creating the VM (a process stalled past
+ * its session): only its fence makes taking the VM back safe. */
+#define claim_holds (sess[rtgt] || nst[rtgt] != D_FENCED)
 #endif
+#define tgt_may_start ((sess[rtgt] && rstep == S_XING) || (rclaim && claim_holds))
 
 inline resolve(n) {
     if
@@ -212,7 +218,7 @@ inline resolve(n) {
     :: res_known && !active(res_src) && res_tgt == OFF && res_shut && n == rtgt ->   /* R4: target claims the start */
         rclaim = true; wpc[n] = W_CLAIMED
     :: res_known && !active(res_src) && res_tgt == OFF && res_shut && n != rtgt &&
-       tgt_may_start && rstep == S_XING ->                                  /* R5: hand it to the target */
+       sess[rtgt] && rstep == S_XING ->                                     /* R5: hand it to the target */
         rstep = S_XED
     :: res_known && !active(res_src) && res_tgt == OFF && !(res_shut && (n == rtgt || tgt_may_start)) ->
         abort_to(rsrc)                                                      /* R6: back to the source */
@@ -226,7 +232,7 @@ inline resolve(n) {
    || (active(res_src) && res_tgt == OFF) \
    || (!active(res_src) && res_tgt == RUNNING) \
    || (!active(res_src) && res_tgt == OFF && res_shut && n == rtgt) \
-   || (!active(res_src) && res_tgt == OFF && res_shut && n != rtgt && tgt_may_start && rstep == S_XING) \
+   || (!active(res_src) && res_tgt == OFF && res_shut && n != rtgt && sess[rtgt] && rstep == S_XING) \
    || (!active(res_src) && res_tgt == OFF && !(res_shut && (n == rtgt || tgt_may_start)))))
 
 /* ======================================================================================== */

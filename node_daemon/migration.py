@@ -288,6 +288,10 @@ class MigrationAgent:
             self.invalid.report(exc, "node_key", found[1], f"node {peer} is not taken for a healthy target")
             return "invalid"
 
+    def peer_fenced(self, peer: str) -> bool:
+        """Whether ``peer``'s power is confirmed off by its fence (node_daemon/ha.py)."""
+        return self.store.read(self.schema.node_key(peer, S.NODE_DAEMON_STATE)) == "fenced"
+
     def peer_alive(self, peer: str) -> bool:
         return bool(self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE)))
 
@@ -861,6 +865,16 @@ class MigrationAgent:
             self.abort(uuid, record, version, f"target {target} did not start the VM within "
                                               f"{self.config.step_timeout_s:.0f} s; it is given back to the source",
                        node=source)
+            return
+        if shut_down_for_migration and record.starting_on == target and not self.peer_fenced(target):
+            # The target claimed the start and may be creating the VM right now although its
+            # `alive` is gone: a process stalled past its session, or cut off just after the
+            # claim, still makes the libvirt call. Taking the VM back here could start a second
+            # copy (I1; models/ha.pml, rule D7). Wait for the target to come back, or for its
+            # fence: a fenced node runs nothing, and then the VM is given back here.
+            log.warning("migration %s of %s: target %s claimed the start and is gone; waiting for it or its fence",
+                        record.id, uuid, target)
+            self.deadlines.arm(uuid, f"{marker}:claimed:{time.monotonic():.0f}", self.config.step_timeout_s)
             return
         # Nothing runs and the target cannot take over: back to the source, which starts it.
         self.abort(uuid, record, version, "the VM was not running on either node; it is given back to the source", node=source)

@@ -491,6 +491,40 @@ def test_a_claim_written_first_makes_the_sources_take_back_fail(cluster, make_ag
     assert store.children(store.schema.domain_history(uuid)) in ([], None)
 
 
+def test_a_claimed_start_is_waited_for_when_the_target_is_gone_but_not_fenced(cluster, make_agent, monkeypatch):
+    """The target claimed the start, then its `alive` went (a process stalled past its session
+    still makes its libvirt call): its libvirtd says nothing runs there, and still the source does
+    not take the VM back (models/ha.pml, rule D7)."""
+    store, uuid, _ = cluster
+    source = make_agent("n1", **TEST_PEERS)
+    shut_down_and_transferred(store, uuid, starting_on="n2")
+    store.delete([store.schema.node_key("n2", S.NODE_ALIVE)])
+    # the target's libvirtd answers (it is not the daemon that is gone): nothing runs there yet
+    monkeypatch.setattr(source, "peer_state", lambda peer, _uuid: None)
+    expire_now(source, uuid)
+    seen = record_of(store, uuid)
+    source.handle(uuid, seen, local_state=None)
+    assert record_of(store, uuid) == seen                              # nothing written: not taken back
+    assert store.children(store.schema.domain_history(uuid)) in ([], None)
+    assert ":claimed:" in source.deadlines._items[uuid][1]              # asked again at the next deadline
+
+
+def test_a_claimed_start_of_a_fenced_target_is_given_back_to_the_source(cluster, make_agent):
+    """Once the target is fenced (its power confirmed off) its claim can no longer lead to a start:
+    the VM is given back to the source, whose reconciler starts it."""
+    store, uuid, _ = cluster
+    source = make_agent("n1", **TEST_PEERS)
+    shut_down_and_transferred(store, uuid, starting_on="n2")
+    store.delete([store.schema.node_key("n2", S.NODE_ALIVE)])
+    store.write({store.schema.node_key("n2", S.NODE_DAEMON_STATE): "fenced"})
+    expire_now(source, uuid)
+    source.handle(uuid, record_of(store, uuid), local_state=None)
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "not running on either node" in final["reason"], final
+    assert record_of(store, uuid) == (None, -1)
+    assert read_vm(store, uuid).node == "n1"
+
+
 def test_a_target_whose_source_never_starts_the_transfer_aborts_at_its_deadline(cluster, make_agent):
     """At `prepared` nothing has moved (the source transfers only after writing `transferring`):
     the target aborts without asking the source's libvirtd, which here cannot be reached."""
