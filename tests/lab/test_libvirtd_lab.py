@@ -13,6 +13,7 @@ without a migration in flight, and then checks, once the cluster settles:
 """
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -22,7 +23,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_vm
 from pvc_cluster_common._requests import RequestError
 
-from .daemons import RunningMonitor, lab_cluster  # noqa: F401  (fixture)
+from .daemons import PAUSE_ENV, PAUSE_RELEASE_ENV, RunningMonitor, lab_cluster  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.lab
 
@@ -194,3 +195,66 @@ def test_a_libvirtd_stopped_longer_than_the_call_timeout(lab_cluster, lab):
         migrate_both_ways(cluster, uuid)
     cluster.check_invariants([uuid], monitor)
     daemons_never_restarted(cluster, pids)
+
+
+def test_a_live_transfer_to_a_target_whose_libvirtd_died_at_prepared_aborts_without_a_shutdown(lab_cluster, lab,
+                                                                                               tmp_path):
+    """The target prepared, then its libvirtd died (SIGKILL) before the source started the
+    transfer (held at source:before-transfer): the live transfer cannot reach the target's
+    libvirtd, and the migration (method default) aborts with the guest never stopped, instead of
+    a shutdown migration to a target that cannot start it."""
+    cluster = lab_cluster(**CONFIG)
+    release = tmp_path / "release"
+    cluster.start("node1", "node2", env={"node1": {PAUSE_ENV: "source:before-transfer",
+                                                   PAUSE_RELEASE_ENV: str(release)}})
+    uuid = cluster.define_vm("prepared-kill", "node1")
+    cluster.wait_running_on("node1", uuid)
+    domid = cluster.domain_id("node1", uuid)
+    with RunningMonitor(lab.hosts[:2]) as monitor:
+        record = cluster.request(uuid, "migrate", target="node2")
+        cluster.daemons["node1"].wait_log("pause point source:before-transfer reached")
+        host = cluster.host("node2")
+        host.stop_libvirtd(signal.SIGKILL)
+        release.touch()
+        cluster.wait_no_migration(uuid, timeout_s=180)
+        final = cluster.history(uuid)[-1]
+        assert final["id"] == record.id and final["result"] == "aborted", final
+        assert "no shutdown migration is tried" in final["reason"] and not final.get("fallback_reason"), final
+        assert cluster.domain_id("node1", uuid) == domid   # the guest never stopped
+        host.start_libvirtd()
+        wait_libvirt_health(cluster, "node2", "ok")
+        migrate_both_ways(cluster, uuid)
+    cluster.check_invariants([uuid], monitor)
+
+
+def test_a_target_whose_libvirtd_dies_as_it_starts_a_shut_down_vm_keeps_its_claim(lab_cluster, lab, tmp_path):
+    """A shutdown migration's target has claimed the start (held at target:before-start) when its
+    libvirtd dies: the create cannot say whether the VM started, so the target keeps the claim and
+    the source, at its deadline, does not take the VM back; once libvirtd is back the target
+    starts the VM and ends the migration done."""
+    cluster = lab_cluster(**CONFIG)
+    release = tmp_path / "release"
+    cluster.start("node1", "node2", env={"node2": {PAUSE_ENV: "target:before-start",
+                                                   PAUSE_RELEASE_ENV: str(release)}})
+    booted = time.time()
+    uuid = cluster.define_vm("claimed-start", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
+    cluster.wait_running_on("node1", uuid)
+    cluster.wait_guest_up(uuid, "node1", since=booted)
+    with RunningMonitor(lab.hosts[:2]) as monitor:
+        record = cluster.request(uuid, "migrate", target="node2")
+        target = cluster.daemons["node2"]
+        target.wait_log("pause point target:before-start reached")
+        host = cluster.host("node2")
+        host.stop_libvirtd(signal.SIGKILL)
+        release.touch()
+        target.wait_log(f"migration {record.id} of {uuid}: start on target node2 not confirmed")
+        # the source's step deadline passes while the target's libvirtd is down: it waits for the claim
+        cluster.daemons["node1"].wait_log(f"migration {record.id} of {uuid}: resolving from libvirt")
+        assert json.loads(cluster.store.read(cluster.schema.domain_migration(uuid)))["starting_on"] == "node2"
+        host.start_libvirtd()
+        cluster.settle(uuid, timeout_s=180)
+        final = cluster.history(uuid)[-1]
+        assert final["id"] == record.id and final["result"] == "done", final
+        assert read_vm(cluster.store, uuid).node == "node2"
+        migrate_both_ways(cluster, uuid)
+    cluster.check_invariants([uuid], monitor)
