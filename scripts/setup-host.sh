@@ -15,6 +15,7 @@ APT_PACKAGES=(
   logrotate                 # checks the node_daemon role's logrotate rule (rollout tests)
   systemd                   # systemd-analyze verify on the units the roles render; nothing here runs systemd
   shellcheck                # ansible-test sanity lints our shell scripts
+  openipmi ipmitool         # simulated BMCs (ipmi_sim) and the IPMI client the node daemon fences with (issue #16)
   cpio gcc libc6-dev        # the lab's real guest: its initramfs, and pvc-guest compiled statically (tests/lab/guest_image.py)
   spin                      # checks the protocols' Promela model (models/ha.pml, make test-model; gcc compiles its verifier)
 )

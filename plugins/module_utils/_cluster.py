@@ -78,7 +78,7 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
     problems = {} if problems is None else problems
     schema = store.schema
     names = list(names)
-    keys = {name: {key: schema.node_key(name, key) for key in S.NODE_DEFAULTS} for name in names}
+    keys = {name: {key: schema.node_key(name, key) for key in (*S.NODE_DEFAULTS, S.NODE_FENCE)} for name in names}
     paths = [path for name in names
              for path in [schema.node(name), schema.node_key(name, S.NODE_ALIVE)] + list(keys[name].values())]
     found, listed = store.read_round(paths, [schema.node_reservations(name) for name in names])

@@ -20,7 +20,7 @@ from . import _schema as S
 from ._cluster import node_names, read_history, read_nodes_raw, read_vms, vm_uuids
 from ._decode import MAX_MIB, boolean, integer, number, or_default
 from ._meta import VMMeta
-from ._records import running_domains
+from ._records import fence_record, maintenance, running_domains
 from ._selector import NodeView, resolve_selector, survives_node_failure
 
 
@@ -145,6 +145,9 @@ def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) 
         "daemon_state": raw.get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE],
         "domain_state": raw.get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE],
         "libvirt": view.libvirt,
+        "maintenance": or_default(maintenance, raw.get(S.NODE_MAINTENANCE), f"nodes/{name}/{S.NODE_MAINTENANCE}", False,
+                                  problems),
+        "fence": or_default(fence_record, raw.get(S.NODE_FENCE), f"nodes/{name}/{S.NODE_FENCE}", {}, problems),
         "alive": snapshot.alive.get(name, False),
         "keepalive": keepalive,
         "keepalive_age_s": round(now - keepalive, 3) if keepalive else None,

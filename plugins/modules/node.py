@@ -18,6 +18,10 @@ description:
     autostart VMs, then writes C(ready). New nodes start C(flushed).
   - A node already in the requested state, or already on its way there (C(flush) or C(unflush)), is not
     changed; with O(wait=true) the module then waits for the daemon to finish.
+  - V(fenced) with O(confirm_down=true) is the operator's confirmation that a dead node is powered off, for a
+    node whose fence failed (daemon state C(fence-failed)), or that is C(dead) or C(stop): it writes daemon
+    state C(fenced) and domain state C(flushed), and the node daemons then start its VMs on other nodes
+    (docs/high-availability.md). Its VMs must not be running: a wrong confirmation can run a VM twice.
 author:
   - pvc.cluster developers (!UNKNOWN)
 options:
@@ -28,8 +32,14 @@ options:
   state:
     description: The domain state the node should reach.
     type: str
-    choices: [ready, flushed]
+    choices: [ready, flushed, fenced]
     default: ready
+  confirm_down:
+    description:
+      - Required as V(true) with O(state=fenced): the node is powered off (checked by a person), so its VMs may
+        start elsewhere. Not used with the other states.
+    type: bool
+    default: false
   force:
     description:
       - Flush the node even when it is the last ready node of the cluster (no other node has daemon state
@@ -112,6 +122,15 @@ EXAMPLES = r"""
     zk_hosts: zk1.example.net:2181
     name: hv2
     state: ready
+
+# hv3 died and its BMC did not answer (daemon state fence-failed): nothing of it was started
+# elsewhere. Once someone has checked that it is powered off:
+- name: Confirm that hv3 is down, so that its VMs start on other nodes
+  pvc.cluster.node:
+    zk_hosts: zk1.example.net:2181
+    name: hv3
+    state: fenced
+    confirm_down: true
 """
 
 RETURN = r"""
@@ -126,7 +145,8 @@ domain_state:
   type: str
   sample: flushed
 daemon_state:
-  description: The node's daemon state (C(init), C(run), C(shutdown), C(stop), C(dead)).
+  description: The node's daemon state (C(init), C(run), C(shutdown), C(stop), C(dead), C(fencing), C(fenced),
+    C(fence-failed)).
   returned: always
   type: str
   sample: run
@@ -163,6 +183,7 @@ returning_vms:
   sample: [db1, web1]
 """
 
+import json
 import time
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
@@ -196,9 +217,10 @@ PUBLISH_WAIT_S = 60
 
 ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),
-    state=dict(type="str", default="ready", choices=list(TRANSITIONS)),
+    state=dict(type="str", default="ready", choices=list(TRANSITIONS) + ["fenced"]),
     force=dict(type="bool", default=False),
     require_n1=dict(type="bool"),
+    confirm_down=dict(type="bool", default=False),
     wait=dict(type="bool", default=True),
     wait_timeout=dict(type="int", default=600),
 )
@@ -210,6 +232,46 @@ ARGUMENT_SPEC = dict(
 def check_input(params: dict) -> None:
     check_wait_timeout(params)
     check_names(params, ("name",))
+    if params.get("state") == "fenced" and not params.get("confirm_down"):
+        raise ModuleFailure("state=fenced needs confirm_down=true: it tells the cluster that the node is powered off, "
+                            "and its VMs are then started on other nodes")
+
+
+# daemon states an operator may confirm as powered off
+CONFIRMABLE = ("dead", "fence-failed", "stop")
+
+
+def plan_fenced(name: str, daemon_state: str) -> Differences:
+    """The daemon state written by state=fenced; raises ModuleFailure for a node that may be running."""
+    if daemon_state != "fenced" and daemon_state not in CONFIRMABLE:
+        raise ModuleFailure(f"the daemon of node {name} is {daemon_state}: only a node whose daemon is "
+                            f"{', '.join(CONFIRMABLE)} can be confirmed down (a running node, or one a peer is "
+                            "fencing right now, is not)")
+    differences = Differences()
+    differences.add("daemon_state", daemon_state, "fenced")
+    return differences
+
+
+def confirm_fenced(module, session, name: str, daemon_state: str) -> dict:
+    store, schema = session.store, session.schema
+    differences = plan_fenced(name, daemon_state)
+    result = {"changed": differences.changed, "name": name, "daemon_state": "fenced"}
+    if module._diff:
+        result["diff"] = differences.diff()
+    if module.check_mode or not differences.changed:
+        return result
+    path = schema.node_key(name, S.NODE_DAEMON_STATE)
+    versioned = store.read_versioned(path)
+    session.verify()
+    if versioned is None or versioned[0] != daemon_state:
+        raise ModuleFailure(f"the daemon state of node {name} changed meanwhile (now {versioned[0] if versioned else None})")
+    record = {"by": "operator", "method": "operator", "result": "fenced", "started": round(time.time(), 3),
+              "finished": round(time.time(), 3), "detail": "confirmed powered off by an operator (confirm_down)"}
+    session.commit({path: "fenced", schema.node_key(name, S.NODE_DOMAIN_STATE): "flushed",
+                    schema.node_key(name, S.NODE_FENCE): json.dumps(record)},
+                   expect_versions={path: versioned[1]}, what=f"daemon state fenced of node {name}")
+    result["domain_state"] = "flushed"
+    return result
 
 
 def plan_state(current: str, state: str) -> Differences:
@@ -284,6 +346,8 @@ def run(module, session) -> dict:
     session.verify()
     current = versioned[0] if versioned else S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE]
     daemon_state = snapshot.nodes[name].get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE]
+    if state == "fenced":
+        return confirm_fenced(module, session, name, daemon_state)
     request, final = TRANSITIONS[state]
     differences = plan_state(current, state)
     result = {"changed": differences.changed, "name": name, "daemon_state": daemon_state,

@@ -60,9 +60,26 @@ nodes:
       type: str
       sample: hv1
     daemon_state:
-      description: The node daemon's state (C(init), C(run), C(shutdown), C(stop), C(dead)).
+      description:
+        - The node daemon's state (C(init), C(run), C(shutdown), C(stop), C(dead), C(fencing), C(fenced),
+          C(fence-failed)).
+        - C(fence-failed) means that the node's fence failed and none of its VMs is started elsewhere until an
+          operator confirms it is off (M(pvc.cluster.node) with O(pvc.cluster.node#module:state=fenced)).
       type: str
       sample: run
+    maintenance:
+      description: Whether the node is in maintenance (never fenced).
+      type: bool
+      sample: false
+    fence:
+      description:
+        - The record of the node's last fence, empty when it was never fenced, with C(by) (the fencing node, or
+          C(operator)), C(method), C(device), C(result) (C(fencing), C(fenced), C(fence-failed)), C(detail),
+          C(started), C(finished) and C(duration_s).
+      type: dict
+      sample: {"by": "hv1", "method": "ipmi", "device": "ipmi 10.0.1.2:623 (off)", "result": "fenced",
+               "detail": "power off confirmed through ipmi 10.0.1.2:623 (off)", "started": 1765000000.0,
+               "finished": 1765000000.2, "duration_s": 0.2}
     domain_state:
       description: The node's domain state (C(ready), C(flush), C(flushed), C(unflush)).
       type: str

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pvc_cluster_common import _schema as S
@@ -90,3 +92,19 @@ def test_a_guest_seen_downtime_is_added_to_a_done_live_migration_once(cluster):
     by_id = {entry["id"]: entry for entry in read_history(cluster, UUID)}
     assert (by_id["live1"]["guest_downtime_ms"], by_id["live1"]["guest_downtime_by"]) == (37.5, "lab tick collector")
     assert "guest_downtime_ms" not in by_id["cold1"] and "guest_downtime_ms" not in by_id["failed1"]
+
+
+def test_node_reports_show_maintenance_and_the_last_fence_and_name_garbage_in_them(cluster):
+    schema = cluster.schema
+    fence = {"by": "n2", "method": "ipmi", "device": "ipmi 10.0.0.1:623 (off)", "result": "fenced",
+             "started": 100.0, "finished": 100.5, "duration_s": 0.5, "detail": "power off confirmed"}
+    cluster.write({schema.node_key("n1", S.NODE_MAINTENANCE): "true",
+                   schema.node_key("n1", S.NODE_FENCE): json.dumps(fence),
+                   schema.node_key("n2", S.NODE_MAINTENANCE): "maybe",
+                   schema.node_key("n2", S.NODE_FENCE): json.dumps({**fence, "method": "ssh"})})
+    snapshot = read_cluster(cluster)
+    n1, n2 = node_report(snapshot, "n1"), node_report(snapshot, "n2")
+    assert n1["maintenance"] is True and n1["fence"] == fence and not n1["invalid"]
+    assert n2["maintenance"] is False and n2["fence"] == {}
+    assert any(text.startswith("nodes/n2/maintenance") and "'maybe'" in text for text in n2["invalid"])
+    assert any(text.startswith("nodes/n2/fence") and "'ssh'" in text for text in n2["invalid"]), n2["invalid"]

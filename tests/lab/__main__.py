@@ -1,4 +1,5 @@
-"""python -m tests.lab up --hosts N --workdir DIR | down --workdir DIR | status --workdir DIR"""
+"""python -m tests.lab up --hosts N --workdir DIR | down --workdir DIR | status --workdir DIR |
+power --workdir DIR --host K off|on (a lab host's power, as its simulated BMC's chassis control does it)"""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
                        ("status", "print one line per host")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    power = sub.add_parser("power", help="power a lab host off (kill its processes) or on (start its libvirtd)")
+    power.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    power.add_argument("--host", type=int, required=True)
+    power.add_argument("action", choices=("off", "on"))
     args = parser.parse_args(argv)
 
     try:
@@ -30,6 +35,17 @@ def main(argv: list[str] | None = None) -> int:
             lab = Lab(args.workdir, args.hosts, prefix=args.prefix, caps_cache=args.caps_cache, vm_bridge=args.vm_bridge)
             lab.up(keep_on_failure=args.keep_on_failure)
             print(lab.status_table(), flush=True)
+        elif args.command == "power":
+            lab = Lab.load(args.workdir)
+            if not lab.state_file.exists() or not 1 <= args.host <= len(lab.hosts):
+                print(f"no lab host {args.host} recorded in {lab.state_file}", file=sys.stderr)
+                return 1
+            host = lab.host(args.host)
+            if args.action == "off":
+                print(f"power off {host.name}: killed {lab.power_off(host)}", flush=True)
+            else:
+                lab.power_on(host)
+                print(f"power on {host.name}: libvirtd started", flush=True)
         elif args.command == "down":
             lab = Lab.load(args.workdir)
             if not lab.state_file.exists():

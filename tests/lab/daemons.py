@@ -357,6 +357,9 @@ class LabCluster:
 
         states = {}
         for node, daemon in self.daemons.items():
+            if daemon.host.powered_off:
+                states[node] = None   # every process of a powered-off host is gone (Lab.power_off)
+                continue
             conn = daemon.host.connect()
             try:
                 try:

@@ -15,6 +15,13 @@ network. Each libvirtd sees per-host copies of /etc/libvirt, /run/libvirt, /var/
 private mount namespace), and its unix socket lives in WORKDIR/nK/sock so that it is reachable from
 every namespace.
 
+Simulated BMCs (issue #16, ``start_bmcs``): one OpenIPMI ``ipmi_sim`` per host, in the controller
+namespace on its own address 10.77.0.(200+K) (a BMC has its own port: it stays reachable when the
+host's link is down), UDP 623. Its chassis power control runs ``python -m tests.lab power``: off
+SIGKILLs every process in the host's namespace at once (daemon, libvirtd and its reaper, QEMU)
+and empties its /run/libvirt, as a power cycle does, except the host's ZooKeeper member (the ensemble stands for the cluster's own ZooKeeper servers and
+keeps its quorum), on starts the host's libvirtd again. The node daemon is the test's to start.
+
 LAB ONLY: libvirtd accepts unauthenticated clients on its unix socket and on TCP 10.77.0.K:16509
 (auth "none"), and QEMU runs as root without a security driver. Never use these settings elsewhere.
 
@@ -370,6 +377,23 @@ class LabHost:
     def set_link(self, up: bool) -> None:
         """Cut (up=False) or restore this host's link to the lab network, for partition tests."""
         _run(["ip", "-n", self.lab.switch_netns, "link", "set", self.switch_port, "up" if up else "down"])
+
+    @property
+    def bmc_address(self) -> str:
+        """Where this host's simulated BMC listens (in the controller namespace)."""
+        return f"{LAB_NET}.{200 + self.index}"
+
+    def power_off(self) -> list[int]:
+        """A power loss: every process of this host killed at once (see the module docstring)."""
+        return self.lab.power_off(self)
+
+    def power_on(self) -> None:
+        self.lab.power_on(self)
+
+    @property
+    def powered_off(self) -> bool:
+        state = _read_state(self.lab.state_file) or {}
+        return self.netns in state.get("powered_off", [])
 
     def stop_libvirtd(self, sig: int = signal.SIGTERM) -> None:
         """End this host's libvirtd (SIGKILL to simulate a crash). Its guests keep running."""
@@ -782,7 +806,7 @@ class Lab:
         if state:
             owned = self._owned(state)
             ended = terminate([r for r in owned if r.role == "qemu"])
-            ended += terminate([r for r in owned if r.role in ("libvirtd", "zookeeper", "storage")])
+            ended += terminate([r for r in owned if r.role in ("libvirtd", "zookeeper", "storage", "bmc")])
             ended += terminate([r for r in owned if r.role == "reaper"])  # normally gone with libvirtd
             if ended:
                 self.log("ended " + ", ".join(f"{r.role} {r.pid} ({r.host})" for r in ended))
@@ -990,6 +1014,72 @@ class Lab:
             finally:
                 conn.close()
 
+    # -- power and BMCs (issue #16) ------------------------------------------------------------
+
+    def power_off(self, h: LabHost) -> list[int]:
+        """SIGKILL every process in ``h``'s namespace but its ZooKeeper member, all at once, and
+        wait until they are gone. Returns their PIDs."""
+        with self._changing_state() as state:
+            if h.netns not in state.setdefault("powered_off", []):
+                state["powered_off"].append(h.netns)
+            inode = state.get("netns_inodes", {}).get(h.netns)
+            keep = {r["pid"] for r in state["processes"] if r["host"] == h.netns and r["role"] == "zookeeper"}
+        keep |= {r.pid for r in self._pidfile_records(state, state.get("netns_inodes", {}), "zookeeper")
+                 if r.host == h.netns}
+        pids = [pid for pid in pids_by_netns().get(inode or -1, []) if pid not in keep]
+        records = [ProcRecord("power", h.netns, pid, proc_starttime(pid)) for pid in pids]
+        for record in records:
+            _signal(record, signal.SIGKILL)
+        left = _wait_gone(records, 15.0)
+        if left:
+            raise LabError(f"power off of {h.name}: still alive: {[r.pid for r in left]}")
+        h.libvirt_socket.unlink(missing_ok=True)
+        self._libvirtd.pop(h.index, None)
+        # /run is a tmpfs that a power cycle empties: without this, the restarted libvirtd would
+        # load the killed QEMUs' status files and list them as running until it finds them gone
+        shutil.rmtree(h.dir / "run", ignore_errors=True)
+        (h.dir / "run").mkdir(parents=True, exist_ok=True)
+        return pids
+
+    def power_on(self, h: LabHost) -> None:
+        """Start the host's libvirtd again (its daemon is the test's to start)."""
+        with self._changing_state() as state:
+            state["powered_off"] = [ns for ns in state.get("powered_off", []) if ns != h.netns]
+        if not any(r.alive() for r in self.recorded_pids() if r.host == h.netns and r.role == "libvirtd"):
+            self._restart_libvirtd(h)
+
+    def bmcs(self, password: str = "lab-bmc") -> dict:
+        """The simulated BMC of every host (tests.support.bmc.SimulatedBMC), not started."""
+        from tests.support.bmc import SimulatedBMC
+
+        python = f"cd {REPO_ROOT} && {sys.executable} -m tests.lab power --workdir {self.workdir}"
+        return {h.name: SimulatedBMC(h.name, self.workdir / "bmc", address=h.bmc_address, port=623, password=password,
+                                     off=f"{python} --host {h.index} off >> {self.workdir}/bmc/power.log 2>&1",
+                                     on=f"{python} --host {h.index} on >> {self.workdir}/bmc/power.log 2>&1")
+                for h in self.hosts}
+
+    def start_bmcs(self) -> dict:
+        """Start every host's BMC (once per lab; again after a lab went down and up). Returns them."""
+        bmcs = self.bmcs()
+        state = _read_state(self.state_file) or {}
+        running = {r.host for r in self.recorded_pids() if r.role == "bmc" and r.alive()}
+        for h in self.hosts:
+            bmc = bmcs[h.name]
+            if h.netns in running:
+                continue
+            subprocess.run(["ip", "-n", self.ctl_netns, "addr", "replace", f"{h.bmc_address}/24",
+                            "dev", f"v-{self.ctl_netns}"], check=True, capture_output=True)
+
+            def popen(argv, **kw):
+                # ip netns exec execs: the PID is ipmi_sim's
+                return subprocess.Popen(["ip", "netns", "exec", self.ctl_netns, *argv], start_new_session=True, **kw)
+
+            bmc.start(popen=popen, probe=lambda b=bmc: self.ctl_run(
+                [sys.executable, "-c", _BMC_PROBE, b.address, str(b.port), b.password], check=False, timeout=15))
+            self._record(bmc.process.pid, "bmc", h)
+        del state
+        return bmcs
+
     def _stop_libvirtd(self, h: LabHost, sig: int) -> None:
         mine = [r for r in self.recorded_pids() if r.host == h.netns and r.role in ("libvirtd", "reaper")]
         for r in mine:
@@ -1051,6 +1141,16 @@ class Lab:
 
     def log(self, message: str) -> None:
         self._log(f"[lab +{time.monotonic() - self._t0:5.1f}s] {message}")
+
+
+# run in the controller namespace: exit 0 when the BMC at argv[1]:argv[2] answers a power status
+_BMC_PROBE = """
+import os, subprocess, sys
+r = subprocess.run(["ipmitool", "-I", "lanplus", "-C", "3", "-H", sys.argv[1], "-p", sys.argv[2], "-U", "admin", "-E",
+                    "chassis", "power", "status"], capture_output=True, text=True, timeout=10,
+                   env={"PATH": "/usr/bin:/bin", "IPMI_PASSWORD": sys.argv[3]})
+sys.exit(0 if "Chassis Power is" in r.stdout else 1)
+"""
 
 
 def _domain_capabilities(h: LabHost) -> None:

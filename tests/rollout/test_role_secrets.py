@@ -34,6 +34,7 @@ PUBLIC_FILES = {"libvirt_tls_ca_cert", "libvirt_tls_server_cert", "libvirt_tls_c
 RENDERED = {
     "node_daemon_zookeeper_password": "/etc/pvc/node-daemon-secrets.yaml",
     "node_daemon_zookeeper_node_password": "/etc/pvc/node-daemon-secrets.yaml",
+    "node_daemon_fence_password": "/etc/pvc/node-daemon-secrets.yaml",
     "libvirt_sasl_password": "/etc/libvirt-secrets-sasl/auth.conf",
     "libvirt_tls_server_key": "/etc/pki-secrets-tls/libvirt/private/serverkey.pem",
     "libvirt_tls_client_key": "/etc/pki-secrets-tls/libvirt/private/clientkey.pem",
@@ -42,7 +43,9 @@ RENDERED = {
 # (a secured daemon needs its three identities: the operator's is a digest id, not a secret)
 _NODE_DAEMON_AUTH = {"node_daemon_zookeeper_username": "pvc", "node_daemon_insecure": False,
                      "node_daemon_zookeeper_operator_digest": "operator:xA4hvVgXoKlTR45WxaPaWB6IutA="}
-ENABLERS = {"node_daemon_zookeeper_password": _NODE_DAEMON_AUTH, "node_daemon_zookeeper_node_password": _NODE_DAEMON_AUTH}
+ENABLERS = {"node_daemon_zookeeper_password": _NODE_DAEMON_AUTH, "node_daemon_zookeeper_node_password": _NODE_DAEMON_AUTH,
+            "node_daemon_fence_password": {"node_daemon_fence": {"method": "ipmi", "address": "10.77.0.250",
+                                                                 "username": "admin"}}}
 
 
 def role_options() -> dict[str, dict[str, dict]]:

@@ -103,13 +103,16 @@ class SimulatedBMC:
         return [IPMI_SIM, "-c", str(self.dir / "lan.conf"), "-f", str(self.dir / "emu.cmd"), "-n",
                 "-s", str(self.dir / "state")]
 
-    def start(self, popen=subprocess.Popen, timeout_s: float = 10.0) -> None:
+    def start(self, popen=subprocess.Popen, probe=None, timeout_s: float = 10.0) -> None:
+        """Start ipmi_sim (``popen``: how, e.g. in a network namespace) and wait until it answers
+        (``probe``: a call whose return code 0 says so; default: ask for the power status here)."""
         self.write_files()
         log = open(self.dir / "ipmi_sim.log", "ab")
         self.process = popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         deadline = time.monotonic() + timeout_s
-        while self.power() is None:   # ipmi_sim has no readiness signal: ask until it answers
+        answered = (lambda: probe().returncode == 0) if probe else (lambda: self.power() is not None)
+        while not answered():   # ipmi_sim has no readiness signal: ask until it answers
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ipmi_sim of {self.name} did not answer on {self.address}:{self.port}: "
                                    + (self.dir / "ipmi_sim.log").read_text(errors="replace")[-2000:])

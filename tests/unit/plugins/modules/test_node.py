@@ -163,3 +163,27 @@ def test_require_n1_defaults_to_the_cluster_setting():
     cluster.require_n1 = True
     assert n1_policy(None, cluster) is True
     assert n1_policy(False, cluster) is False
+
+
+# ---- state=fenced (the operator's confirmation that a dead node is off) ------------------------------
+
+
+def test_state_fenced_needs_confirm_down():
+    with pytest.raises(ModuleFailure) as failure:
+        module.check_input({"name": "n1", "wait_timeout": 10, "state": "fenced", "confirm_down": False})
+    assert "confirm_down=true" in failure.value.msg
+
+
+@pytest.mark.parametrize("daemon_state, changed", [("fence-failed", True), ("dead", True), ("stop", True),
+                                                   ("fenced", False)])
+def test_plan_fenced_writes_fenced_for_a_node_that_is_down(daemon_state, changed):
+    differences = module.plan_fenced("n2", daemon_state)
+    assert differences.changed is changed
+    assert differences.diff() == {"before": {"daemon_state": daemon_state}, "after": {"daemon_state": "fenced"}}
+
+
+@pytest.mark.parametrize("daemon_state", ["run", "init", "fencing", "shutdown"])
+def test_plan_fenced_refuses_a_node_that_may_run(daemon_state):
+    with pytest.raises(ModuleFailure) as failure:
+        module.plan_fenced("n2", daemon_state)
+    assert f"is {daemon_state}" in failure.value.msg
