@@ -68,6 +68,9 @@ class HighAvailability:
         self._tracker_lock = threading.Lock()
         self._actors: dict[str, threading.Thread] = {}
         self._said: dict[str, str] = {}          # peer -> the last thing logged about it (said once)
+        # peer -> monotonic time before which no new recovery pass starts (its last pass left only
+        # VMs that fit nowhere: trying again at every pass would read every VM twice a second)
+        self._quiet_until: dict[str, float] = {}
         self._stop = threading.Event()
 
     # ---- connection -------------------------------------------------------------------------
@@ -129,8 +132,10 @@ class HighAvailability:
                 if self.store.write({path: "dead"}, expect_versions={path: state[1]}):
                     log.warning("node %s: no keepalive for %.1f s: marked dead", peer, self.tracker.window_s)
                     self._start_actor(peer)
-            elif decision.act in (Act.FENCE, Act.RECOVER):
-                if decision.act is Act.FENCE or self._has_work(peer):
+            elif decision.act is Act.FENCE:
+                self._start_actor(peer)
+            elif decision.act is Act.RECOVER:
+                if now >= self._quiet_until.get(peer, 0.0) and self._has_work(peer):
                     self._start_actor(peer)
             elif decision.act in (Act.MAINTENANCE, Act.WAIT_OPERATOR):
                 self._say(peer, log.warning if decision.act is Act.MAINTENANCE else log.error,
@@ -270,9 +275,10 @@ class HighAvailability:
 
     def _recover(self, peer: str, lock) -> None:
         fence_record = self._fence_record(peer)
+        state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         while self._holding(lock):
-            state = self.store.read(self.schema.node_key(peer, S.NODE_DAEMON_STATE))
-            if state != "fenced":
+            state = self.store.read_versioned(state_path)
+            if state is None or state[0] != "fenced":
                 return   # its daemon started again (init): what is still assigned to it is its own
             plan = plan_recovery(peer, self._candidates(peer), read_node_views(self.store), self._fenced_nodes(),
                                  self.config.default_selector)
@@ -281,10 +287,13 @@ class HighAvailability:
             for start in plan.starts:
                 if not self._holding(lock):
                     return
-                self._recover_one(peer, start, fence_record)
+                if not self._recover_one(peer, start, fence_record, state[1]):
+                    break   # its daemon state changed (it starts again?): look again
             for uuid, why in plan.unplaced.items():
                 self._not_recovered(uuid, peer, why)
             if not plan.waiting and not plan.aborts:
+                if plan.unplaced:
+                    self._quiet_until[peer] = time.monotonic() + self.tracker.window_s
                 if plan.starts:
                     log.ok("node %s: %d VM(s) recovered elsewhere%s", peer, len(plan.starts),
                            f"; {len(plan.unplaced)} fit nowhere and stay stopped" if plan.unplaced else "")
@@ -301,10 +310,15 @@ class HighAvailability:
         except Exception:  # an invalid record only makes the audit record poorer
             return {}
 
-    def _recover_one(self, peer: str, start, fence_record: dict) -> None:
+    def _recover_one(self, peer: str, start, fence_record: dict, state_version: int) -> bool:
+        """Assign one VM of the fenced ``peer`` to its planned target. The transaction checks the
+        VM's ``node`` and the peer's daemon state (still the ``fenced`` of version
+        ``state_version``): a node whose daemon starts again registers first, so from then on no
+        VM still assigned to it is moved away while it may be starting it. False when the daemon
+        state changed."""
         found = read_vms(self.store, [start.uuid]).get(start.uuid)
         if found is None or found.node != peer or found.migration is not None or found.state not in ("start", "restart"):
-            return   # changed since the plan: the next pass sees it
+            return True   # changed since the plan: the next pass sees it
         now = time.time()
         record_id = uuidlib.uuid4().hex[:12]
         audit = {
@@ -330,16 +344,22 @@ class HighAvailability:
         # target's reservations znode fails any request to it planned from figures read before.
         values[self.schema.node_reservation(start.target, start.uuid)] = found.memory_mib
         values[self.schema.node_reservations(start.target)] = f"recovery {record_id}"
+        state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         try:
-            self.store.commit(values, expect_versions={node_path: found.node_version}, create=[history])
-        except ConflictError:
+            self.store.commit(values, expect_versions={node_path: found.node_version, state_path: state_version},
+                              create=[history])
+        except ConflictError as exc:
+            if exc.path == state_path:
+                log.info("node %s changed its daemon state during recovery: looking again", peer)
+                return False
             log.info("VM %s changed while it was recovered; the next pass sees it", found.name)
-            return
+            return True
         self.migrations._prune_history(start.uuid)
         log.ok("VM %s of fenced node %s: recovered on %s (home: %s)", found.name, peer, start.target,
                start.lastnode or start.target)
         if self.metrics:
             self.metrics.recovery("recovered")
+        return True
 
     def _not_recovered(self, uuid: str, peer: str, why: str) -> None:
         reason = f"not recovered from fenced node {peer}: {why}"[:R.MAX_REASON_BYTES]
