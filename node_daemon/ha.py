@@ -46,6 +46,7 @@ from pvc_cluster_common._store import ConflictError, StoreError
 
 from .fencing import FenceResult, fence
 from .log import get_logger
+from .migration import crash_point
 from .recovery import Act, LivenessTracker, RecoveryCandidate, fence_decision, plan_recovery
 
 log = get_logger(__name__)
@@ -243,6 +244,7 @@ class HighAvailability:
             self.metrics.fence(result.method, result.ok, result.finished - result.started)
         if result.ok:
             log.ok("node %s fenced: %s (%.2f s)", peer, result.detail, result.finished - result.started)
+            crash_point("ha:fenced")   # test fault injection (tests/lab/test_ha_lab.py)
             return True
         log.error("node %s: FENCE FAILED: %s. Its VMs are NOT recovered: power it off by hand, then confirm with "
                   "pvc.cluster.node name=%s state=fenced confirm_down=true", peer, result.detail, peer)
@@ -357,6 +359,7 @@ class HighAvailability:
         self.migrations._prune_history(start.uuid)
         log.ok("VM %s of fenced node %s: recovered on %s (home: %s)", found.name, peer, start.target,
                start.lastnode or start.target)
+        crash_point("ha:recovered-one")   # test fault injection (tests/lab/test_ha_lab.py)
         if self.metrics:
             self.metrics.recovery("recovered")
         return True

@@ -45,6 +45,7 @@ log = get_logger(__name__)
 # PVC_NODE_DAEMON_CRASH_AT=<point>: the daemon SIGKILLs itself at the named point. Points:
 #   source:transferring  source:live-running  source:live-done  source:shutdown-done
 #   target:prepared  target:before-done  target:started
+#   ha:fenced (the actor, once a dead node's fence is confirmed)  ha:recovered-one (after one VM's recovery)
 # ("source:live-running" fires from a watcher thread once libvirt reports the live migration job
 # moving memory, i.e. while the transfer is in progress inside libvirtd.)
 # PVC_NODE_DAEMON_PAUSE_AT=<point> with PVC_NODE_DAEMON_PAUSE_RELEASE=<file>: the VM's worker

@@ -19,9 +19,9 @@ description:
   - A node already in the requested state, or already on its way there (C(flush) or C(unflush)), is not
     changed; with O(wait=true) the module then waits for the daemon to finish.
   - V(fenced) with O(confirm_down=true) is the operator's confirmation that a dead node is powered off, for a
-    node whose fence failed (daemon state C(fence-failed)), or that is C(dead) or C(stop): it writes daemon
+    node whose fence failed (daemon state C(fence-failed)), or that is C(dead) or C(stop). It writes daemon
     state C(fenced) and domain state C(flushed), and the node daemons then start its VMs on other nodes
-    (docs/high-availability.md). Its VMs must not be running: a wrong confirmation can run a VM twice.
+    (docs/high-availability.md). Its VMs must not be running, or a wrong confirmation runs a VM twice.
 author:
   - pvc.cluster developers (!UNKNOWN)
 options:
@@ -30,14 +30,14 @@ options:
     type: str
     required: true
   state:
-    description: The domain state the node should reach.
+    description: The domain state the node should reach (V(ready), V(flushed)), or V(fenced) (see above).
     type: str
     choices: [ready, flushed, fenced]
     default: ready
   confirm_down:
     description:
-      - Required as V(true) with O(state=fenced): the node is powered off (checked by a person), so its VMs may
-        start elsewhere. Not used with the other states.
+      - Required as V(true) with O(state=fenced). It says that the node is powered off (checked by a person), so
+        its VMs may start elsewhere. Not used with the other states.
     type: bool
     default: false
   force:
@@ -84,7 +84,8 @@ attributes:
   diff_mode:
     support: full
     details:
-      - The diff shows the domain state written (C(flush) or C(unflush)).
+      - The diff shows the domain state written (C(flush) or C(unflush)), or for O(state=fenced) the daemon state
+        (C(fenced)).
   idempotent:
     support: full
 seealso:
@@ -140,7 +141,8 @@ name:
   type: str
   sample: hv2
 domain_state:
-  description: The node's domain state after the task (after the wait, C(flushed) or C(ready)).
+  description: The node's domain state after the task (after the wait, C(flushed) or C(ready); C(flushed) after
+    O(state=fenced)).
   returned: always
   type: str
   sample: flushed
@@ -252,10 +254,11 @@ def plan_fenced(name: str, daemon_state: str) -> Differences:
     return differences
 
 
-def confirm_fenced(module, session, name: str, daemon_state: str) -> dict:
+def confirm_fenced(module, session, name: str, daemon_state: str, domain_state: str) -> dict:
     store, schema = session.store, session.schema
     differences = plan_fenced(name, daemon_state)
-    result = {"changed": differences.changed, "name": name, "daemon_state": "fenced"}
+    result = {"changed": differences.changed, "name": name, "daemon_state": "fenced",
+              "domain_state": "flushed" if differences.changed else domain_state}
     if module._diff:
         result["diff"] = differences.diff()
     if module.check_mode or not differences.changed:
@@ -270,7 +273,6 @@ def confirm_fenced(module, session, name: str, daemon_state: str) -> dict:
     session.commit({path: "fenced", schema.node_key(name, S.NODE_DOMAIN_STATE): "flushed",
                     schema.node_key(name, S.NODE_FENCE): json.dumps(record)},
                    expect_versions={path: versioned[1]}, what=f"daemon state fenced of node {name}")
-    result["domain_state"] = "flushed"
     return result
 
 
@@ -347,7 +349,8 @@ def run(module, session) -> dict:
     current = versioned[0] if versioned else S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE]
     daemon_state = snapshot.nodes[name].get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE]
     if state == "fenced":
-        return confirm_fenced(module, session, name, daemon_state)
+        return confirm_fenced(module, session, name, daemon_state,
+                              snapshot.nodes[name].get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE])
     request, final = TRANSITIONS[state]
     differences = plan_state(current, state)
     result = {"changed": differences.changed, "name": name, "daemon_state": daemon_state,

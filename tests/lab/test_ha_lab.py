@@ -6,7 +6,10 @@ host (ipmi_sim, Lab.start_bmcs), and every host's libvirt watched all through ea
   another host, once; powered on again and made ready -> they come home;
 * a host cut off from the lab network with its processes alive -> fenced through its BMC (which
   kills them), then recovered, never twice;
-* a BMC that does not answer -> fence-failed, nothing recovered, until an operator confirms.
+* a BMC that does not answer -> fence-failed, nothing recovered, until an operator confirms;
+* the acting daemon killed right after the fence, or after one VM's recovery -> another daemon
+  finishes, every VM runs once;
+* two hosts lost one after the other -> every VM runs on the last host.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import pytest
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_vm
 
-from .daemons import RunningMonitor, lab_cluster  # noqa: F401  (fixture)
+from .daemons import CRASH_ENV, RunningMonitor, lab_cluster  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(900)]
 
@@ -153,3 +156,58 @@ def test_an_unreachable_bmc_means_fence_failed_and_nothing_recovered_until_an_op
         cluster.store.commit({path: "fenced"}, expect_versions={path: cluster.store.read_versioned(path)[1]})
         where = wait_recovered(cluster, uuids)
     check_recovered(cluster, monitor, uuids, where)
+
+
+@pytest.mark.parametrize("point", ["ha:fenced", "ha:recovered-one"])
+def test_the_acting_daemon_killed_mid_recovery_hands_over_and_every_vm_runs_once(lab, ha_cluster, point):
+    make, _bmcs = ha_cluster
+    # a longer detection window: the crashed actor's host must not look dead itself before its
+    # daemon is started again
+    cluster = make(intervals={"dead_after": 10})
+    cluster.start(env={node: {CRASH_ENV: point} for node in OTHERS})
+    uuids = [cluster.define_vm(f"ha-crash-{i}", "node2", guest="none") for i in range(3)]
+    for uuid in uuids:
+        cluster.wait_running_on("node2", uuid)
+    with RunningMonitor(lab.hosts) as monitor:
+        lab.host(2).power_off()
+        # whichever daemon acts first kills itself at the point; started again without the fault
+        # it may act again, and the other daemon (still armed) may take over and crash too: in
+        # the end a daemon without the fault finishes
+        crashed = []
+        deadline = time.monotonic() + 180
+        while not all(read_vm(cluster.store, uuid).node in OTHERS for uuid in uuids):
+            for node in OTHERS:
+                daemon = cluster.daemons[node]
+                if daemon.process.poll() is not None:
+                    crashed.append(node)
+                    cluster.restart(node)
+            assert time.monotonic() < deadline, f"not recovered (crashed: {crashed})\n{cluster.logs()}"
+            time.sleep(0.2)   # daemon exits give no event here: looked at between reads
+        assert crashed, "no daemon reached the crash point"
+        where = wait_recovered(cluster, uuids)
+    check_recovered(cluster, monitor, uuids, where)
+    assert cluster.store.read(cluster.schema.node_key("node2", S.NODE_DAEMON_STATE)) == "fenced"
+
+
+def test_two_hosts_lost_one_after_the_other_leave_every_vm_running_on_the_last_one(lab, ha_cluster):
+    make, bmcs = ha_cluster
+    cluster = make()
+    uuids = started_on_node2(cluster, 2, "ha-two")
+    with RunningMonitor(lab.hosts) as monitor:
+        lab.host(2).power_off()
+        cluster.wait_daemon_state("node2", "fenced", timeout_s=60)
+        first = wait_recovered(cluster, uuids)
+        on_node3 = [uuid for uuid in uuids if first[uuid] == "node3"]
+        lab.host(3).power_off()
+        cluster.wait_daemon_state("node3", "fenced", timeout_s=60)
+        for uuid in uuids:
+            cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_NODE), lambda v: v == "node1", 120,
+                         f"{cluster.names[uuid]} on node1")
+            cluster.wait_running_on("node1", uuid, timeout_s=120)
+    assert not monitor.violations(), monitor.violations()
+    for uuid in uuids:
+        vm = read_vm(cluster.store, uuid)
+        assert vm.lastnode == "node2"   # its home stays its home across both recoveries
+        kinds = [entry.get("kind") for entry in cluster.history(uuid)]
+        assert kinds.count("recovery") == (2 if uuid in on_node3 else 1)
+    assert [call for call in bmcs["node3"].calls() if call.endswith("set power 0")]
