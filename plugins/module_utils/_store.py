@@ -617,18 +617,6 @@ class ClusterStore:
         # Parents of new keys are created only when the transaction says one is missing (most
         # already exist, and checking first would cost a round trip on every write).
         results = self._run_transaction(ops)
-        if assume:
-            for (kind, path, guarded, _data, _version), result in zip(ops, results):
-                if isinstance(result, (kz.RolledBackError, kz.RuntimeInconsistency)) or not isinstance(result, Exception):
-                    continue
-                # the first real failure: was it one of the assumptions?
-                if kind == "set" and not guarded and isinstance(result, kz.NoNodeError):
-                    raise _Assumed(f"{path} does not exist")
-                if kind == "delete" and not guarded and isinstance(result, kz.NoNodeError):
-                    raise _Assumed(f"{path} is already gone")
-                if kind == "delete" and recursive and isinstance(result, kz.NotEmptyError):
-                    raise _Assumed(f"{path} has children")
-                break
         if to_create and any(kind == "create" and isinstance(result, kz.NoNodeError)
                              for (kind, *_rest), result in zip(ops, results)):
             parents = set()
@@ -640,6 +628,20 @@ class ClusterStore:
                     parents.add(parent)
             self._create_parents(sorted(parents))
             results = self._run_transaction(ops)
+        if assume:
+            # After the parents were made, too: a transaction that first failed at a create with
+            # no parent only then reaches the keys it assumed (a set of a key that is missing).
+            for (kind, path, guarded, _data, _version), result in zip(ops, results):
+                if isinstance(result, (kz.RolledBackError, kz.RuntimeInconsistency)) or not isinstance(result, Exception):
+                    continue
+                # the first real failure: was it one of the assumptions?
+                if kind == "set" and not guarded and isinstance(result, kz.NoNodeError):
+                    raise _Assumed(f"{path} does not exist")
+                if kind == "delete" and not guarded and isinstance(result, kz.NoNodeError):
+                    raise _Assumed(f"{path} is already gone")
+                if kind == "delete" and recursive and isinstance(result, kz.NotEmptyError):
+                    raise _Assumed(f"{path} has children")
+                break
         for (kind, path, guarded, _data, _version), result in zip(ops, results):
             if not isinstance(result, Exception) or isinstance(result, (kz.RolledBackError, kz.RuntimeInconsistency)):
                 continue

@@ -644,6 +644,19 @@ def test_commits_look_at_keys_only_when_the_transaction_says_so(store, monkeypat
     assert store.read(path) == "b"
 
 
+def test_a_commit_creating_under_a_missing_parent_and_setting_a_missing_key_writes_both(store):
+    # A recovery's transaction (node_daemon/ha.py): the VM's first history record (its parent not
+    # there yet, a create) and a reservation on the target (a set of a key that does not exist):
+    # the assumed transaction first fails at the create, its parent is made, and the second run
+    # fails at the set; that is still a wrong assumption, never an internal error.
+    s = store.schema
+    existing, history, reservation = s.config("k"), s.config("hist") + "/0001", s.config("res") + "/r1"
+    store.write({existing: "a", s.config("res"): ""})
+    versions = store.commit({existing: "b", history: "h", reservation: 512}, create=[history])
+    assert versions == {existing: 1, history: 0, reservation: 0}
+    assert (store.read(history), store.read(reservation), store.read(existing)) == ("h", "512", "b")
+
+
 def test_read_round_reads_and_lists_at_once(store):
     s = store.schema
     top = s.config("round")

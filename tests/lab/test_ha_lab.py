@@ -172,15 +172,26 @@ def test_the_acting_daemon_killed_mid_recovery_hands_over_and_every_vm_runs_once
         lab.host(2).power_off()
         # whichever daemon acts first kills itself at the point; started again without the fault
         # it may act again, and the other daemon (still armed) may take over and crash too: in
-        # the end a daemon without the fault finishes
+        # the end a daemon without the fault finishes. Done when every VM runs on the node it is
+        # assigned to, and both daemons run (a VM assigned to a crashed daemon's node waits for
+        # its restart).
         crashed = []
         deadline = time.monotonic() + 180
-        while not all(read_vm(cluster.store, uuid).node in OTHERS for uuid in uuids):
+
+        def settled() -> bool:
+            for uuid in uuids:
+                node = read_vm(cluster.store, uuid).node
+                if node not in OTHERS or cluster.running_nodes(cluster.libvirt_states(uuid)) != [node]:
+                    return False
+            return True
+
+        while True:
             for node in OTHERS:
-                daemon = cluster.daemons[node]
-                if daemon.process.poll() is not None:
+                if cluster.daemons[node].process.poll() is not None:
                     crashed.append(node)
                     cluster.restart(node)
+            if settled() and all(cluster.daemons[node].running() for node in OTHERS):
+                break
             assert time.monotonic() < deadline, f"not recovered (crashed: {crashed})\n{cluster.logs()}"
             time.sleep(0.2)   # daemon exits give no event here: looked at between reads
         assert crashed, "no daemon reached the crash point"
