@@ -38,7 +38,7 @@ def measure(trials: int = 5, log=print) -> dict[str, list[float]]:
     cluster = None
     try:
         bmcs = lab.start_bmcs()
-        cluster = LabCluster(lab, "bench-ha", fencing={"timeout_s": 5, "nodes": {
+        cluster = LabCluster(lab, "bench-ha", fencing={"timeout_s": 30, "nodes": {
             name: bmc.device_config() for name, bmc in bmcs.items()}})
         cluster.start()
         uuids = [cluster.define_vm(f"bench-ha-{i}", "node2", guest="none") for i in range(VMS)]
