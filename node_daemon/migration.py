@@ -59,6 +59,8 @@ PAUSE_RELEASE_ENV = "PVC_NODE_DAEMON_PAUSE_RELEASE"
 PAUSE_MAX_S = 300.0
 ACTIVE, RUNNING = ACTIVE_STATES, RUNNING_STATES
 UNKNOWN = "unknown"
+# A target's daemon states in which the source does not transfer (see _transfer): HA's (ha.py).
+TARGET_LOST_STATES = ("dead", "fencing", "fenced", "fence-failed")
 ASK = object()   # "libvirt's state of the VM here is not known yet: ask"
 # "this node's libvirt cannot be asked now" (no connection: the driver is reconnecting)
 UNAVAILABLE = "unavailable"
@@ -430,9 +432,11 @@ class MigrationAgent:
         """What a transfer decides on and needs, in one round: the VM's node (has the target
         changed?), its XML (does this node's policy accept it?), the meta of a migration (has the method changed since the request?), and,
         unless the request named a shutdown migration, the target's published address (which
-        live_migrate builds the URIs from, and reads itself if the method has changed since)."""
+        live_migrate builds the URIs from, and reads itself if the method has changed since),
+        and the target's daemon state (is it being fenced?)."""
         uris = self._target_uri_paths(record) if record.force_live or record.method != "shutdown" else []
-        return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE), self.schema.domain_key(uuid, S.DOMAIN_XML)]
+        return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE), self.schema.domain_key(uuid, S.DOMAIN_XML),
+                                     self.schema.node_key(record.target, S.NODE_DAEMON_STATE)]
                                     + meta_paths(self.schema, uuid, MIGRATION_META) + uris)
 
     def setup_ahead(self, uuid: str, record: MigrationRecord, inputs: dict, local=ASK):
@@ -522,6 +526,18 @@ class MigrationAgent:
             if not fresh:
                 raise StaleCheck(node_path)
             self.abort(uuid, record, version, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
+            return
+        # A target marked dead since it prepared is about to be fenced, and a fenced one may be
+        # powered on again with its libvirtd answering before its daemon registers: a VM moved
+        # there would be lost, or started a second time by its recovery or by this side's ground
+        # truth, which counts a fenced node as running nothing (models/ha.pml, rule D6). The
+        # transferring write checks this state's version with the others.
+        state_path = self.schema.node_key(target, S.NODE_DAEMON_STATE)
+        target_state = (inputs.get(state_path) or ("",))[0]
+        if target_state in TARGET_LOST_STATES:
+            if not fresh:
+                raise StaleCheck(state_path)
+            self.abort(uuid, record, version, f"target {target} is {target_state} since it prepared")
             return
         xml_path = self.schema.domain_key(uuid, S.DOMAIN_XML)
         refused = self.refusal_of(uuid, (inputs[xml_path] or ("",))[0])

@@ -68,7 +68,7 @@ check "migration + fencing: one fault, a failed fence: the VM ends up running" \
 check "recovery without fence" safety counterexample -DFAULTS=1 -DREQUESTS=0 -DRETARGETS=0 -DBROKEN_NO_FENCE
 check "recovery that does not check the fenced node's state in its write (D4)" \
     safety counterexample -DFAULTS=1 -DREQUESTS=0 -DRETARGETS=0 -DBROKEN_RECOVERY_NO_STATE_CHECK
-check "a transfer to a target that is no longer run (no D6, as in the code today)" \
+check "a transfer to a target that is no longer run (no D6: the rule before it)" \
     safety counterexample -DFAULTS=1 -DBROKEN_NO_D6
 check "a claimed start taken back when the target's alive is gone (no D7: the rule before it)" \
     safety counterexample -DFAULTS=1 -DBROKEN_PEER_ALIVE

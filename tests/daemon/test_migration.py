@@ -174,6 +174,27 @@ def test_transfer_aborts_when_the_target_changed_after_the_read_ahead(cluster, m
     assert source.hypervisor.status(uuid).state == "running"
 
 
+@pytest.mark.parametrize("state", ["dead", "fencing", "fenced", "fence-failed"])
+def test_transfer_aborts_when_the_target_is_lost_after_it_prepared(cluster, make_agent, monkeypatch, state):
+    """A target marked dead (then fenced) after it prepared receives nothing: a fenced host whose
+    libvirtd is back before its daemon would get a VM that its recovery, or this side's ground
+    truth, starts a second time (models/ha.pml, rule D6)."""
+    store, uuid, xml = cluster
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    calls = []
+    monkeypatch.setattr(source.hypervisor, "migrate", lambda *args, **kwargs: calls.append(args))
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")   # reads ahead: n2 is run
+    store.write({store.schema.node_key("n2", S.NODE_DAEMON_STATE): state})
+    rewrite_record(store, uuid, step="prepared")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and final["reason"] == f"target n2 is {state} since it prepared", final
+    assert not calls and source.hypervisor.status(uuid).state == "running"
+    assert read_vm(store, uuid).node == "n1"
+
+
 def test_transfer_reads_again_when_a_key_read_ahead_changed(cluster, make_agent):
     # With every key present, a change since the read ahead fails the transferring write's
     # version check (and the keys are read again); an absent key cannot be checked that way.
