@@ -44,7 +44,8 @@ options:
   target_node:
     description:
       - The node to migrate or move the VM to. It must be a node of the cluster, inside the VM's
-        C(node_limit), ready (daemon C(run), domain state C(ready)), and have the memory headroom for
+        C(node_limit), ready (daemon C(run), domain state C(ready), its daemon's connection to libvirt C(ok)),
+        and have the memory headroom for
         the VM (memory total - reserve - provisioned - reservations).
       - A VM already on O(target_node) is not changed.
       - Not used with O(state=unmigrated) or O(state=cleared).
