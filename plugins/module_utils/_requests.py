@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import _schema as S
-from ._cluster import VMRecord, read_node_views_of
+from ._cluster import VMRecord, read_node_views, read_node_views_of, read_vm
 from ._records import KINDS, RESULT_ABORTED, STEP_REQUESTED, MigrationRecord
 from ._selector import NoTargetError, NodeView, rejection_reasons, select_target
 
@@ -210,6 +210,30 @@ def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, request
             expect[left] = also[left][1]
     store.commit(values, expect_versions=expect, create=create, delete=delete)
     return record
+
+
+def request_vm(store: ClusterStore, uuid: str, kind: str, requester: str, target: str | None = None,
+               force_live: bool = False, attempts: int = 5) -> MigrationRecord | None:
+    """Read VM ``uuid`` and the nodes, plan a ``kind`` request and submit it; planned again from
+    fresh reads when the commit conflicts. A conflict is a normal outcome, not an error: another
+    request, or the keepalive of a node folding a finished migration's reservation into its
+    figures, changed a key the plan was made from. For callers with no check mode and no diff
+    (the benchmarks, the lab, tests); the modules keep their own loop around the same two steps.
+    Raises RequestError when the VM is gone or the plan is refused, ConflictError after
+    ``attempts`` conflicts in a row."""
+    from ._store import ConflictError   # not at import: module_utils load without kazoo for sanity
+
+    for attempt in range(attempts):
+        vm = read_vm(store, uuid)
+        if vm is None:
+            raise RequestError(f"VM {uuid} does not exist")
+        plan = plan_request(vm, kind, read_node_views(store), target=target, force_live=force_live)
+        try:
+            return submit_request(store, plan, vm, requester=requester)
+        except ConflictError:
+            if attempt == attempts - 1:
+                raise
+    return None    # not reached: the loop returns or raises
 
 
 def history_key(record_id: str, finished: float) -> str:

@@ -6,7 +6,8 @@ import pytest
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_node_views, read_vm, vm_definition
-from pvc_cluster_common._requests import RequestError, plan_request, submit_request
+from pvc_cluster_common import _requests
+from pvc_cluster_common._requests import RequestError, plan_request, request_vm, submit_request
 from pvc_cluster_common._store import ConflictError
 
 pytestmark = pytest.mark.zk
@@ -55,6 +56,40 @@ def test_a_temporary_migration_records_the_home_node(cluster):
     text, version = lastnode_version(cluster)
     assert (text, version) == ("n1", 1)
     assert cluster.read(cluster.schema.node_reservation("n2", UUID)) == "1024"
+
+
+def test_request_vm_plans_again_after_a_conflict(cluster, monkeypatch):
+    # A key the plan was made from changes between the read and the commit (another request, or
+    # a node's keepalive folding a finished migration's reservation): routine, so the shared
+    # request path reads and plans again instead of failing.
+    node_key = cluster.schema.domain_key(UUID, S.DOMAIN_NODE)
+    submits = []
+
+    def submit_after_a_change(store, plan, vm, requester, **kwargs):
+        if not submits:
+            store.commit({node_key: "n1"})    # same value, new version: the read is stale
+        submits.append(vm.node_version)
+        return submit_request(store, plan, vm, requester, **kwargs)
+
+    monkeypatch.setattr(_requests, "submit_request", submit_after_a_change)
+    record = request_vm(cluster, UUID, "move", "test", target="n2")
+    assert len(submits) == 2 and submits[1] == submits[0] + 1 and record.target == "n2"
+    assert cluster.read(node_key) == "n2"
+
+
+def test_request_vm_gives_up_after_its_attempts(cluster, monkeypatch):
+    def always_conflicting(store, plan, vm, requester, **kwargs):
+        raise ConflictError("changed meanwhile")
+
+    monkeypatch.setattr(_requests, "submit_request", always_conflicting)
+    with pytest.raises(ConflictError):
+        request_vm(cluster, UUID, "move", "test", target="n2", attempts=3)
+    assert cluster.read(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n1"
+
+
+def test_request_vm_of_a_missing_vm_is_refused(cluster):
+    with pytest.raises(RequestError, match="does not exist"):
+        request_vm(cluster, "00000000-0000-0000-0000-000000000000", "move", "test", target="n2")
 
 
 def test_a_request_on_a_stale_read_writes_nothing(cluster):

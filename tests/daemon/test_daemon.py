@@ -10,8 +10,8 @@ import time
 import pytest
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_history, read_node_views, read_vm
-from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_cluster_common._cluster import read_history, read_vm
+from pvc_cluster_common._requests import request_vm
 
 from .harness import REPO, TestCluster, domain_xml
 
@@ -37,9 +37,7 @@ def ready_nodes(cluster, *nodes):
 
 
 def request(cluster, uuid, kind, target=None, force_live=False):
-    vm = read_vm(cluster.store, uuid)
-    plan = plan_request(vm, kind, read_node_views(cluster.store), target=target, force_live=force_live)
-    return submit_request(cluster.store, plan, vm, requester="test")
+    return request_vm(cluster.store, uuid, kind, "test", target=target, force_live=force_live)
 
 
 def test_registration_states_and_orderly_stop(cluster):

@@ -12,9 +12,9 @@ import libvirt
 import pytest
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_node_views, read_vm, vm_definition
+from pvc_cluster_common._cluster import read_vm, vm_definition
 from pvc_cluster_common._records import MigrationRecord
-from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_cluster_common._requests import request_vm
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.hypervisor import Hypervisor, HypervisorError, HypervisorTimeout, HypervisorUnavailable, MigrationSetup
@@ -66,9 +66,7 @@ def make_agent(zk_server, zk_root, tmp_path):
 
 
 def request(store, uuid, target):
-    vm = read_vm(store, uuid)
-    plan = plan_request(vm, "migrate", read_node_views(store), target=target)
-    return submit_request(store, plan, vm, requester="test")
+    return request_vm(store, uuid, "migrate", "test", target=target)
 
 
 def record_of(store, uuid):

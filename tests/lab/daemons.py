@@ -53,8 +53,8 @@ import pytest
 import yaml
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_history, read_node_views, read_vm, vm_definition, wait_for_key
-from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_cluster_common._cluster import read_history, read_vm, vm_definition, wait_for_key
+from pvc_cluster_common._requests import request_vm
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.identities import node_auth, operator_options
@@ -468,9 +468,7 @@ class LabCluster:
 
     def request(self, uuid: str, kind: str = "migrate", target: str | None = None, force_live: bool = False) -> MigrationRecord | None:
         """Plan and submit a request exactly as the Ansible modules do."""
-        vm = read_vm(self.store, uuid)
-        plan = plan_request(vm, kind, read_node_views(self.store), target=target, force_live=force_live)
-        record = submit_request(self.store, plan, vm, requester="lab test")
+        record = request_vm(self.store, uuid, kind, "lab test", target=target, force_live=force_live)
         if record is not None:
             self.requests.setdefault(uuid, []).append(record.id)
         return record
