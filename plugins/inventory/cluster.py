@@ -86,7 +86,9 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         if tls_files and not self.get_option("zk_tls"):
             raise AnsibleParserError(f"pvc.cluster.cluster: {', '.join(tls_files)} set but zk_tls is false: "
                                      "set zk_tls to true to connect with TLS")
-        options = ConnectionOptions(hosts=str(hosts), root=opt("zk_root") or "/pvc", timeout_s=float(self.get_option("zk_timeout")),
+        # an empty zk_root is refused by the store's path rules: it never means the default silently
+        root = self.get_option("zk_root")
+        options = ConnectionOptions(hosts=str(hosts), root="/pvc" if root is None else root, timeout_s=float(self.get_option("zk_timeout")),
                                     auth_username=opt("zk_username"), auth_password=opt("zk_password"),
                                     tls=bool(self.get_option("zk_tls")), tls_ca=opt("zk_tls_ca"), tls_cert=opt("zk_tls_cert"),
                                     tls_key=opt("zk_tls_key"), tls_verify=bool(self.get_option("zk_tls_verify")))

@@ -68,6 +68,9 @@ _PREFIX_POWER = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
 # libvirt limits a memory size to LLONG_MAX bytes, and the KiB figure to below ceil(that / 1024).
 _MAX_BYTES = 2**63 - 1
 _MAX_KIB_EXCLUSIVE = -(-_MAX_BYTES // 1024)
+# libvirt reads sizes with strtoull, and <vcpu> and its current attribute as unsigned int
+_MAX_ULLONG = 2**64 - 1
+_MAX_UINT = 2**32 - 1
 # strtoull as libvirt uses it: optional leading white space, optional '+', decimal digits, nothing after.
 _INT_RE = re.compile(r"[ \t\n\r\f\v]*\+?[0-9]+")
 # The encoding an XML declaration may name: the XML is kept and given to libvirt as UTF-8 text.
@@ -119,10 +122,27 @@ def _unit_scale(unit: str) -> int:
     raise DomainXMLError(f"unknown memory unit {unit!r}; accepted units: {ACCEPTED_UNITS}")
 
 
-def _parse_count(text: str, what: str) -> int:
+def _parse_count(text: str, what: str, maximum: int = _MAX_ULLONG, limit: str = "libvirt reads it as an unsigned 64-bit integer") -> int:
+    """A decimal count as libvirt's strtoull reads it, bounded by ``maximum`` before int() (a figure of
+    thousands of digits would cost a big-number parse, and Python refuses to parse more than 4300)."""
     if not _INT_RE.fullmatch(text):
-        raise DomainXMLError(f"{what} must be a non-negative decimal integer, got {text!r}")
-    return int(text)
+        raise DomainXMLError(f"{what} must be a non-negative decimal integer, got {_shown(text)!r}")
+    digits = text.strip().lstrip("+").lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise DomainXMLError(f"{what} {_shown(text.strip())} is too large: {limit}, at most {maximum}")
+    return int(digits)
+
+
+def _parse_vcpus(text: str, what: str) -> int:
+    """A vCPU count: libvirt reads <vcpu> and its current attribute as an unsigned int."""
+    if not _INT_RE.fullmatch(text):
+        raise DomainXMLError(f"{what} must be a positive integer (the maximum vCPU count), got {_shown(text)!r}")
+    return _parse_count(text, what, _MAX_UINT, "libvirt reads a vCPU count as an unsigned 32-bit integer")
+
+
+def _shown(text: str) -> str:
+    """A figure as a message shows it: a long one cut, with its length."""
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
 
 
 def memory_to_kib(value: str | int, unit: str | None = None) -> int:
@@ -266,16 +286,16 @@ def parse_domain_xml(xml: str | bytes) -> DomainInfo:
     vcpu_elem = root.find("vcpu")
     if vcpu_elem is not None:
         text = vcpu_elem.text or ""
-        if not _INT_RE.fullmatch(text) or int(text) < 1:
+        vcpus = _parse_vcpus(text, "<vcpu>")
+        if vcpus < 1:
             raise DomainXMLError(f"<vcpu> must be a positive integer (the maximum vCPU count), got {text!r}")
-        vcpus = int(text)
         current = vcpu_elem.get("current")
         if current is not None:
-            if not _INT_RE.fullmatch(current) or not 1 <= int(current) <= vcpus:
+            vcpus_current = _parse_vcpus(current, "<vcpu current>") if _INT_RE.fullmatch(current) else 0
+            if not 1 <= vcpus_current <= vcpus:
                 raise DomainXMLError(
-                    f"<vcpu current={current!r}> must be an integer from 1 to the maximum vCPU count {vcpus}"
+                    f"<vcpu current={_shown(current)!r}> must be an integer from 1 to the maximum vCPU count {vcpus}"
                 )
-            vcpus_current = int(current)
 
     bridges, networks = [], []
     for iface in root.iterfind("devices/interface"):

@@ -151,9 +151,11 @@ def connection_options(params: dict) -> ConnectionOptions:
         raise ValueError(f"{', '.join(tls_files)} {'is' if len(tls_files) == 1 else 'are'} set but zk_tls is false: "
                          "set zk_tls to true to connect with TLS, or leave the TLS files out")
     timeout_s = params.get("zk_timeout")
+    # an empty zk_root is refused by the store's path rules: it never means the default silently
+    root = params.get("zk_root")
     options = ConnectionOptions(
         hosts=str(hosts).strip(),
-        root=params.get("zk_root") or DEFAULT_ROOT,
+        root=DEFAULT_ROOT if root is None else root,
         timeout_s=timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S,
         auth_username=params.get("zk_username") or None,
         auth_password=params.get("zk_password") or None,

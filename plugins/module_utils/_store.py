@@ -962,7 +962,7 @@ class ClusterStore:
         cluster root: ACLs are the cluster's, never an accident of the client's options.
         """
         root = self.schema.root or "/"
-        where = f"{self.options.hosts}{self.schema.root}"
+        where = f"{self.options.hosts}{root}"
         user = self.options.auth_username
         credentials = bool(user) or bool(self.options.tls_cert)
         try:

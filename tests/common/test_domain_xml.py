@@ -535,3 +535,39 @@ def test_normalising_refuses_what_it_cannot_keep_with_the_reason():
     # what it keeps: a UTF-8 declaration, absolute namespaces, comments and formatting dropped
     assert normalise_domain_xml("<?xml version='1.0' encoding='utf-8'?>\n<domain b='1'  a=\"2\"><!-- c --><x:m xmlns:x='urn:x'/>"
                                 "</domain>") == '<domain a="2" b="1">\n  <x:m xmlns:x="urn:x"/>\n</domain>\n'
+
+
+# ---- figures too large for libvirt's integers ------------------------------------------------------
+
+
+@pytest.mark.parametrize("digits", [21, 4301, 100_000])
+def test_memory_of_many_digits_is_refused_before_it_is_parsed(digits):
+    # Python's int() refuses more than 4300 digits with a ValueError of its own; libvirt's strtoull
+    # refuses anything above 2^64 - 1
+    with pytest.raises(DomainXMLError) as err:
+        parse_domain_xml(_minimal(memory=f"<memory unit='MiB'>{'9' * digits}</memory>"))
+    message = str(err.value)
+    assert message.startswith("<memory>: memory size ")
+    assert f"({digits} characters) is too large" in message or digits == 21
+    assert "at most 18446744073709551615" in message
+
+
+def test_leading_zeros_do_not_count_as_digits():
+    assert memory_to_kib("0" * 5000 + "1024", "MiB") == 1024 * 1024
+
+
+@pytest.mark.parametrize(("vcpu", "fragment"), [
+    ("<vcpu>4294967296</vcpu>", "<vcpu> 4294967296 is too large: libvirt reads a vCPU count as an unsigned 32-bit integer, at most 4294967295"),
+    ("<vcpu>" + "9" * 5000 + "</vcpu>", "(5000 characters) is too large"),
+    ("<vcpu current='" + "9" * 5000 + "'>2</vcpu>", "<vcpu current> 99999999999999999999...9999999999 (5000 characters) is too large"),
+    ("<vcpu current='0'>2</vcpu>", "must be an integer from 1 to the maximum vCPU count 2"),
+    ("<vcpu>x</vcpu>", "<vcpu> must be a positive integer"),
+])
+def test_vcpu_counts_beyond_libvirt_are_refused(vcpu, fragment):
+    with pytest.raises(DomainXMLError) as err:
+        parse_domain_xml(_minimal(vcpu=vcpu))
+    assert fragment in str(err.value)
+
+
+def test_the_largest_vcpu_count_libvirt_reads_is_parsed():
+    assert parse_domain_xml(_minimal(vcpu="<vcpu>4294967295</vcpu>")).vcpus == 4294967295

@@ -521,6 +521,7 @@ def test_verify_cluster_accepts_an_open_cluster_without_credentials(store, make_
 @pytest.mark.parametrize("root, message", [
     ("/does-not-exist", "there is no pvc.cluster at {hosts}/does-not-exist: /does-not-exist does not exist; check zk_root"),
     ("/zookeeper", "there is no pvc.cluster at {hosts}/zookeeper: /zookeeper/schema/version does not exist; check zk_root"),
+    ("/", "there is no pvc.cluster at {hosts}/: /schema/version does not exist; check zk_root"),
 ])
 def test_verify_cluster_refuses_a_root_without_a_cluster(make_store, zk_server, root, message):
     with pytest.raises(StoreError) as failure:

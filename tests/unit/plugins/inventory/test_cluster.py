@@ -120,6 +120,7 @@ def test_figures_become_host_variables():
     ({"zk_username": "admin"}, "zk_username is set but zk_password is not"),
     ({"zk_timeout": 1e10}, "zk_timeout must be a number of seconds from 0.1 to 3600, not 10000000000.0"),
     ({"zk_root": "/pvc/../x"}, "zk_root '/pvc/../x' has a '.' or '..' component, which ZooKeeper refuses"),
+    ({"zk_root": ""}, "zk_root must be an absolute znode path like /pvc, not ''"),
 ])
 def test_bad_options_are_parser_errors(options, message):
     with pytest.raises(AnsibleParserError) as failure:

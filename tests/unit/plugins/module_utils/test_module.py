@@ -71,6 +71,8 @@ BASE = {"zk_hosts": "zk1:2181,zk2:2181", "zk_root": "/pvc", "zk_timeout": 10.0, 
     ({"zk_hosts": "  "}, "no ZooKeeper servers given"),
     ({"zk_hosts": "zk1:99999"}, "zk_hosts entry 'zk1:99999' has no valid port"),
     ({"zk_root": "pvc"}, "zk_root must be an absolute znode path like /pvc, not 'pvc'"),
+    # an empty root is not the default /pvc: a template that renders empty must not reach another cluster
+    ({"zk_root": ""}, "zk_root must be an absolute znode path like /pvc, not ''"),
     ({"zk_timeout": 0.0}, "zk_timeout must be a number of seconds from 0.1 to 3600, not 0.0"),
     ({"zk_timeout": 1e10}, "zk_timeout must be a number of seconds from 0.1 to 3600, not 10000000000.0"),
     ({"zk_timeout": float("inf")}, "zk_timeout must be a number of seconds from 0.1 to 3600, not inf"),

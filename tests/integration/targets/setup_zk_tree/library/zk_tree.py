@@ -24,6 +24,12 @@ options:
   unchanged_since:
     description: A tree returned earlier; the task fails unless the tree is the same now.
     type: dict
+  username:
+    description: The user to read as, for a root secured with a digest ACL (zk_cluster_root of setup_zk_write).
+    type: str
+  password:
+    description: That user's password.
+    type: str
   volatile:
     description:
       - Regular expressions of paths (below the root) that are neither read nor compared.
@@ -105,13 +111,16 @@ def main():
         zk_root=dict(type="str"),
         unchanged_since=dict(type="dict"),
         volatile=dict(type="list", elements="str"),
-    ), supports_check_mode=True)
+        username=dict(type="str"),
+        password=dict(type="str", no_log=True),
+    ), supports_check_mode=True, required_together=[["username", "password"]])
     hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
     root = module.params["zk_root"] or os.environ.get("PVC_IT_ZK_ROOT")
     if not hosts or not root:
         module.fail_json(msg="zk_hosts and zk_root are needed (or PVC_IT_ZK_HOSTS and PVC_IT_ZK_ROOT)")
     volatile = [re.compile(pattern) for pattern in (module.params["volatile"] or DEFAULT_VOLATILE)]
-    store = ClusterStore(ConnectionOptions(hosts=hosts, root=root, timeout_s=30))
+    store = ClusterStore(ConnectionOptions(hosts=hosts, root=root, timeout_s=30, auth_username=module.params["username"],
+                                           auth_password=module.params["password"]))
     try:
         store.start()
         tree = read_tree(store.client, store.schema.root, volatile)
