@@ -62,7 +62,7 @@ options:
         each VM that moved running on its new node only (they publish their running VMs with every
         keepalive; a slow report is a warning).
       - The daemon must be running (daemon state C(run)) for anything to happen; with O(wait=true) a
-        request to a node whose daemon is not running fails before anything is written.
+        request to a node whose daemon is not running fails before anything is written, in check mode too.
     type: bool
     default: true
   wait_timeout:
@@ -379,12 +379,13 @@ def run(module, session) -> dict:
         if refusal:
             raise ModuleFailure(refusal, changed=False, flush_plan=result["flush_plan"],
                                 survives_node_failure=result["survives_node_failure"], require_n1=True)
-    if module.check_mode:
-        return result
     needs_daemon = params["wait"] and current != final
     if needs_daemon and daemon_state != "run":
+        # in check mode too: check mode must not promise what the real run refuses
         raise ModuleFailure(f"the daemon of node {name} is {daemon_state}, not run: nothing would act on the request, so it "
                             "was not written; start the daemon, or use wait=false to record the request anyway")
+    if module.check_mode:
+        return result
     if differences.changed:
         expect = {path: versioned[1]} if versioned else {}
         session.commit({path: request}, expect_versions=expect, what=f"domain state {request} of node {name}")

@@ -22,7 +22,12 @@ options:
   values:
     description: Text to write, by path below the cluster root.
     type: dict
-    required: true
+    default: {}
+  delete:
+    description: Paths below the cluster root to remove (with everything below them), in the same transaction.
+    type: list
+    elements: str
+    default: []
 author:
   - pvc.cluster developers (!UNKNOWN)
 """
@@ -40,6 +45,11 @@ written:
   returned: always
   type: list
   elements: str
+deleted:
+  description: The paths asked to be removed, below the root.
+  returned: always
+  type: list
+  elements: str
 """
 
 import os
@@ -53,7 +63,8 @@ def main():
     module = AnsibleModule(argument_spec=dict(
         zk_hosts=dict(type="str"),
         zk_root=dict(type="str"),
-        values=dict(type="dict", required=True),
+        values=dict(type="dict", default={}),
+        delete=dict(type="list", elements="str", default=[]),
     ))
     hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
     root = module.params["zk_root"] or os.environ.get("PVC_IT_ZK_ROOT")
@@ -63,12 +74,13 @@ def main():
     values = {store.schema.root + path: str(value) for path, value in module.params["values"].items()}
     try:
         store.start()
-        store.commit(values)
+        deletes = [store.schema.root + path for path in module.params["delete"] if store.exists(store.schema.root + path)]
+        store.commit(values, delete=deletes)
     except StoreError as exc:
         module.fail_json(msg=str(exc))
     finally:
         store.stop()
-    module.exit_json(changed=True, written=sorted(module.params["values"]))
+    module.exit_json(changed=True, written=sorted(module.params["values"]), deleted=sorted(module.params["delete"]))
 
 
 if __name__ == "__main__":
