@@ -50,7 +50,8 @@ def measure(trials: int = 5, log=print) -> dict[str, list[float]]:
             started: dict[str, float] = {}
             all_started = threading.Event()
 
-            def on_event(uuid: str, event: str, _detail: int) -> None:
+            def on_event(uuid: str, event: str, _detail: int, started: dict[str, float] = started,
+                         all_started: threading.Event = all_started) -> None:
                 if uuid in uuids and event == "started" and uuid not in started:
                     started[uuid] = time.time()
                     if len(started) == len(uuids):

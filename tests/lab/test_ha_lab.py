@@ -28,7 +28,7 @@ OTHERS = ("node1", "node3")
 
 
 @pytest.fixture
-def ha_cluster(lab, lab_cluster):  # noqa: F811
+def ha_cluster(lab, lab_cluster):
     bmcs = lab.start_bmcs()
 
     def make(unreachable=(), **overrides):
