@@ -916,6 +916,10 @@ class MigrationAgent:
                            changed=True, migrates=True, memory_mib=vm.memory_mib, force_live=False, message="rehome")
         record = new_record(plan, vm, requester=self.node)
         path = self.schema.domain_migration(uuid)
-        # create: a request written meanwhile wins, and this is re-decided from it
-        self.store.write({path: record.to_json(), self.schema.node_reservation(assigned, uuid): vm.memory_mib},
+        # create: a request written meanwhile wins, and this is re-decided from it. The target's
+        # reservations znode is rewritten as every request does (_requests.submit_request), so that
+        # a request to it that read its figures before this reservation fails its version check and
+        # plans again instead of fitting another VM into the same memory.
+        self.store.write({path: record.to_json(), self.schema.node_reservation(assigned, uuid): vm.memory_mib,
+                          self.schema.node_reservations(assigned): record.id},
                          create=[path])

@@ -760,3 +760,34 @@ def allocation_check(
     running = {name: list(memories) for name, memories in vm_memory_by_node.items()}
     running.setdefault(target, []).append(int(vm_memory_mib))
     return survives_node_failure(views, running)
+
+
+def migration_check(
+    nodes: Iterable[NodeView] | Mapping[str, NodeView],
+    vm_memory_by_node: Mapping[str, Sequence[int]],
+    source: str,
+    target: str,
+    vm_memory_mib: int,
+    source_reserved: bool = False,
+) -> FailureCheck:
+    """The n-1 check of the cluster once a running VM of ``vm_memory_mib`` MiB has moved from
+    ``source`` to ``target``: the target books it like a reservation, the source gives it back
+    (from its reservations when ``source_reserved``, i.e. the source still covers the VM with a
+    reservation its keepalive has not folded yet, else from its provisioned memory), and the VM
+    counts as running on the target instead of the source."""
+    memory = int(vm_memory_mib)
+    views = []
+    for node in _as_list(nodes):
+        if node.name == target:
+            node = replace(node, reserved=node.reserved + memory)
+        elif node.name == source:
+            if source_reserved:
+                node = replace(node, reserved=max(node.reserved - memory, 0))
+            else:
+                node = replace(node, memprov=max(node.memprov - memory, 0))
+        views.append(node)
+    running = {name: list(memories) for name, memories in vm_memory_by_node.items()}
+    if memory in running.get(source, []):
+        running[source].remove(memory)
+    running.setdefault(target, []).append(memory)
+    return survives_node_failure(views, running)

@@ -34,7 +34,8 @@ options:
         running the task again finds the VM there and changes nothing.
       - V(unmigrated) returns a migrated VM to its home node; a VM that is home is not changed.
       - V(cleared) removes the VM's migration record when it is not valid (garbage written to ZooKeeper,
-        shown by M(pvc.cluster.vm_info) as C(migration_error)), and every memory reservation made for the VM.
+        shown by M(pvc.cluster.vm_info) as C(migration_error)), and the memory reservations made for the VM on
+        other nodes than its own (the one on its own node covers it there until that node counts it).
         No daemon acts on such a record, and nothing moves the VM (nor a flush of its node) until it is
         cleared; the daemons then reconcile the VM from where libvirt runs it. A valid record (a migration in
         flight) is never cleared; a VM without a record is not changed.
@@ -50,6 +51,16 @@ options:
       - A VM already on O(target_node) is not changed.
       - Not used with O(state=unmigrated) or O(state=cleared).
     type: str
+  require_n1:
+    description:
+      - For a running VM that would migrate (O(state=migrated), O(state=moved) or O(state=unmigrated)),
+        refuse the request when, with the VM running on the target instead of its node, the cluster could
+        no longer restart every running VM after the loss of any one node (memory only); the message names
+        each node whose loss could not be absorbed and by how much. Nothing is written; in check mode the
+        task fails too. A VM that is not running (only re-homed) is not checked.
+      - When not given, the cluster setting C(/config/require_n1) decides (C(true)/C(false); false when unset).
+      - Not used with O(state=cleared).
+    type: bool
   force_live:
     description:
       - Migrate live only for this request, whatever the VM's C(migration_method); if the live
@@ -194,7 +205,7 @@ cleared:
       description: Why the record was not valid.
       type: str
     reservations:
-      description: The nodes whose memory reservation for the VM was removed.
+      description: The nodes (other than the VM's own) whose memory reservation for the VM was removed.
       type: list
       elements: str
   sample: {"migration_error": "/pvc/domains/6695eb01-f6a4-8304-79aa-97f2502e193f/migration: '42' is not valid; expected a
@@ -230,7 +241,9 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     cluster_session,
     watch_until,
 )
+from ansible_collections.pvc.cluster.plugins.module_utils._report import n1_refusal, read_cluster, read_require_n1
 from ansible_collections.pvc.cluster.plugins.module_utils._requests import RequestError, plan_request, submit_request
+from ansible_collections.pvc.cluster.plugins.module_utils._selector import migration_check
 from ansible_collections.pvc.cluster.plugins.module_utils._store import ConflictError
 
 # After ``done``, how long to wait at most for the target to publish the VM among its running
@@ -247,6 +260,7 @@ ARGUMENT_SPEC = dict(
     force_live=dict(type="bool", default=False),
     wait=dict(type="bool", default=True),
     wait_timeout=dict(type="int", default=300),
+    require_n1=dict(type="bool"),
 )
 
 
@@ -262,6 +276,8 @@ def check_input(params: dict) -> None:
         raise ModuleFailure("target_node cannot be used with state=unmigrated: the VM returns to its home node")
     if params["state"] == CLEARED and params.get("target_node"):
         raise ModuleFailure("target_node cannot be used with state=cleared: it only removes an invalid migration record")
+    if params["state"] == CLEARED and params.get("require_n1") is not None:
+        raise ModuleFailure("require_n1 cannot be used with state=cleared: it only removes an invalid migration record")
 
 
 def in_flight_matches(vm, params: dict) -> bool:
@@ -306,6 +322,26 @@ def make_plan(vm, params: dict, nodes: dict, default_selector):
                             default_selector=default_selector)
     except RequestError as exc:
         raise ModuleFailure(str(exc)) from None
+
+
+N1_VERBS = {"migrate": "migrating", "move": "moving", "unmigrate": "returning"}
+
+
+def n1_verdict(snapshot, plan):
+    """The n-1 check of the cluster (``snapshot``, from read_cluster) once ``plan`` has moved its
+    running VM. The source gives the VM's memory back from its reservations when it still covers the
+    VM with one (not yet folded into its memprov), else from its memprov."""
+    source_reserved = plan.uuid in snapshot.reservations.get(plan.source, {})
+    return migration_check(snapshot.views(), snapshot.running_memory_by_node(), plan.source, plan.target,
+                           plan.memory_mib, source_reserved=source_reserved)
+
+
+def n1_failure(check, plan) -> ModuleFailure:
+    """The refusal of ``plan`` under require_n1 (the same message as the other modules')."""
+    what = f"{N1_VERBS[plan.kind]} VM {plan.name} from {plan.source} to {plan.target}"
+    return ModuleFailure(n1_refusal(check, what), changed=False, require_n1=True,
+                         survives_node_failure={"ok": False, "message": check.message, "failures": check.failures,
+                                                "checked": list(check.checked), "shortfalls": check.shortfalls})
 
 
 # ---- cluster I/O -------------------------------------------------------------------------------
@@ -374,7 +410,9 @@ def clear_record(module, session, vm) -> dict:
                             "it (only a record that is not valid can be cleared)")
     if not vm.migration_error:
         return dict(result, changed=False, message=f"VM {vm.name} has no migration record")
-    nodes = node_names(store)
+    # The reservation on the VM's own node stays: it covers the VM there until that node's keepalive
+    # counts the VM in memprov (and folds it), so deleting it would understate the node's use.
+    nodes = [node for node in node_names(store) if node != vm.node]
     found = store.read_many([schema.node_reservation(node, vm.uuid) for node in nodes])
     reservations = [node for node in nodes if found[schema.node_reservation(node, vm.uuid)] is not None]
     session.verify()
@@ -432,6 +470,12 @@ def run(module, session) -> dict:
                     "lastnode": vm.lastnode, "migrates": False,
                     "message": f"VM {vm.name} is already migrated away from its home node {vm.lastnode}"}
         differences = plan_differences(vm, plan)
+        policy = params.get("require_n1")
+        if plan.migrates and (read_require_n1(store, []) if policy is None else policy):
+            check = n1_verdict(read_cluster(store), plan)
+            session.verify()
+            if not check.ok:
+                raise n1_failure(check, plan)
         result = {"changed": differences.changed}
         result.update(describe_plan(plan))
         if module._diff:

@@ -525,6 +525,36 @@ def test_an_allocation_that_breaks_n1_is_refused_with_the_failing_node_and_by_ho
     assert nodes[0].reserved == 0                                # the views given are not changed
 
 
+def test_a_migration_that_breaks_n1_is_refused_with_the_failing_node_and_by_how_much():
+    from pvc_cluster_common._selector import migration_check
+
+    nodes = [node("n1", prov=12288), node("n2", prov=10240), node("n3", prov=6144)]
+    running = {"n1": [8192, 4096], "n2": [6144, 4096], "n3": [6144]}
+    assert survives_node_failure(nodes, running).ok
+    # n1's 4096 MiB VM to n2: n3 keeps 10240 MiB headroom, enough for n1's 8192 MiB VM
+    assert migration_check(nodes, running, "n1", "n2", 4096).ok
+    # to n3: n2 and n3 keep 6144 MiB each, and n1's 8192 MiB VM fits on neither
+    check = migration_check(nodes, running, "n1", "n3", 4096)
+    assert not check.ok
+    assert check.shortfalls == {"n1": 2048}
+    assert check.failures["n1"].endswith("a 8192 MiB VM does not fit, the most headroom left is 6144 MiB (n2), short by 2048 MiB")
+    assert running == {"n1": [8192, 4096], "n2": [6144, 4096], "n3": [6144]}   # nothing given is changed
+    assert nodes[2].reserved == 0 and nodes[0].memprov == 12288
+
+
+def test_a_migration_gives_the_source_back_what_its_reservation_held():
+    from pvc_cluster_common._selector import migration_check
+
+    # n1's VM was just placed there: its reservation covers it, n1's memprov does not count it yet
+    nodes = [node("n1", prov=0, reserved=8192), node("n2", prov=8192), node("n3", total=8192, prov=6144)]
+    running = {"n1": [8192], "n2": [8192], "n3": [2048, 4096]}
+    # after the VM goes to n2, n1 is empty: n2's two 8192 MiB VMs both fit there
+    assert migration_check(nodes, running, "n1", "n2", 8192, source_reserved=True).ok
+    # taken from memprov instead (which does not count it), n1 would keep the reservation's 8192 MiB
+    check = migration_check(nodes, running, "n1", "n2", 8192)
+    assert not check.ok and check.shortfalls == {"n2": 6144}
+
+
 # ---- libvirt health ---------------------------------------------------------------------------
 
 

@@ -651,3 +651,22 @@ def test_a_live_transfer_that_lost_the_target_libvirtd_does_not_fall_back(cluste
     final = last_history(store, uuid)
     assert final["result"] == "aborted" and "connection to the target's libvirtd failed" in final["reason"], final
     assert not final.get("fallback_reason") and source.hypervisor.status(uuid).running
+
+
+def test_rehome_rewrites_the_targets_reservations_znode(cluster, make_agent):
+    """A VM running here but assigned to another node with no record is migrated there; like every
+    request, the reservation it makes on that node rewrites the node's reservations znode, so a
+    request that read the node's figures before it fails its version check and plans again."""
+    store, uuid, xml = cluster
+    schema = store.schema
+    store.write({schema.node_key("n1", S.NODE_DAEMON_STATE): "fenced"})   # nothing runs on the assigned node
+    store.write({schema.node_reservations("n1"): "earlier"})
+    _, version_before = store.read_versioned(schema.node_reservations("n1"))
+    here = make_agent("n2")
+    here.hypervisor.create(xml)
+    here.rehome(uuid, "n1")
+    record, _ = record_of(store, uuid)
+    assert record is not None and (record.source, record.target, record.kind) == ("n2", "n1", "move")
+    assert store.read(schema.node_reservation("n1", uuid)) == "256"
+    value, version_after = store.read_versioned(schema.node_reservations("n1"))
+    assert value == record.id and version_after > version_before

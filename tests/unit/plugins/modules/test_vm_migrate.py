@@ -187,6 +187,26 @@ def test_cleared_removes_an_invalid_record_and_the_vms_reservations(check_mode):
     assert store.commits == ([] if check_mode else expected)
 
 
+@pytest.mark.parametrize("check_mode", [False, True])
+def test_cleared_keeps_the_reservation_on_the_vms_own_node(check_mode):
+    """The reservation on the VM's own node covers it there until that node's keepalive counts it in
+    memprov: deleting it would leave the node's figures short of the VM."""
+    store = ClearingStore({f"/pvc/nodes/n1/reservations/{UUID}": "1024", f"/pvc/nodes/n2/reservations/{UUID}": "1024"},
+                          ["n1", "n2", "n3"])
+    vm = make_vm(node="n1", migration_error=BAD)
+    result = clear(vm, store, check_mode)
+    assert result["changed"] and result["cleared"]["reservations"] == ["n2"]
+    assert result["diff"]["before"]["reservations"] == ["n2"]
+    expected = [({}, {f"/pvc/domains/{UUID}/runtime/migration": 0},
+                 [f"/pvc/domains/{UUID}/runtime/migration", f"/pvc/nodes/n2/reservations/{UUID}"])]
+    assert store.commits == ([] if check_mode else expected)
+
+
+def test_cleared_takes_no_require_n1():
+    with pytest.raises(ModuleFailure, match="require_n1 cannot be used with state=cleared"):
+        module.check_input(params(state="cleared", require_n1=True))
+
+
 def test_cleared_never_removes_a_valid_record():
     store = ClearingStore({}, ["n1", "n2"])
     with pytest.raises(ModuleFailure, match="is valid: its migration from n1 to n2 is in flight"):
