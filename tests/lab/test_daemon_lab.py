@@ -174,6 +174,10 @@ def test_a_hung_libvirtd_is_a_health_state_not_a_dead_node(lab_cluster):
     cluster.wait_running_on("node1", uuid)
     stale = cluster.schema.node_key("node1", S.NODE_FIGURES_STALE)
     cluster.wait(stale, lambda v: v == "false", what="node1's figures fresh")
+    # figures read since the VM started (fresh ones may predate it): the last figures kept through
+    # the hang must list it
+    cluster.wait(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS), lambda v: uuid in json.loads(v or "[]"),
+                 what="node1's figures to list the VM")
     memtotal = node_key(cluster, "node1", S.NODE_MEMTOTAL)
     assert int(memtotal) > 0
     pid = _read_pid(cluster.host("node1").libvirtd_pidfile)
