@@ -173,4 +173,7 @@ def test_the_invariant_holds_through_flush_ready_migrations_and_restarts(make_cl
             cluster.wait_no_migration(uuid)
     findings = sampler.findings
     assert findings.violations == []
-    assert findings.samples >= 20, findings
+    # The sampler must have run through the activity (else the test could not fail); how many
+    # consistent snapshots it gets depends on the machine's load (16 on a loaded 2-core run), so
+    # the floor only proves that it sampled, it does not measure throughput.
+    assert findings.samples >= 5, findings
