@@ -1080,6 +1080,20 @@ class Lab:
         del state
         return bmcs
 
+    def stop_bmcs(self) -> None:
+        """End every host's BMC that start_bmcs started (by its recorded PID) and forget them, so
+        that the lab is back to its base set of processes for the tests that count them."""
+        with self._changing_state() as state:
+            bmcs = [ProcRecord(**r) for r in state["processes"] if r["role"] == "bmc"]
+            state["processes"] = [r for r in state["processes"] if r["role"] != "bmc"]
+        for record in bmcs:
+            _signal(record, signal.SIGTERM)
+        left = _wait_gone(bmcs, 15.0)
+        for record in left:
+            _signal(record, signal.SIGKILL)
+        if _wait_gone(left, 15.0):
+            raise LabError(f"BMCs still alive: {[r.pid for r in left]}")
+
     def _stop_libvirtd(self, h: LabHost, sig: int) -> None:
         mine = [r for r in self.recorded_pids() if r.host == h.netns and r.role in ("libvirtd", "reaper")]
         for r in mine:

@@ -40,10 +40,13 @@ def ha_cluster(lab, lab_cluster):
         return lab_cluster(fencing={"timeout_s": 30, "nodes": devices}, **overrides)
 
     yield make, bmcs
-    for h in lab.hosts:   # the lab stays usable for the next test whatever happened
-        h.set_link(True)
-        if h.powered_off:
-            h.power_on()
+    try:
+        for h in lab.hosts:   # the lab stays usable for the next test whatever happened
+            h.set_link(True)
+            if h.powered_off:
+                h.power_on()
+    finally:
+        lab.stop_bmcs()   # the lab's other tests count its processes: no BMC among them
 
 
 def started_on_node2(cluster, count, prefix):
