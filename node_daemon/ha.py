@@ -44,9 +44,9 @@ from pvc_cluster_common._cluster import read_node_views, read_vms
 from pvc_cluster_common._requests import history_key
 from pvc_cluster_common._store import ConflictError, StoreError
 
+from .faults import crash_point
 from .fencing import FenceResult, fence
 from .log import get_logger
-from .migration import crash_point
 from .recovery import Act, LivenessTracker, RecoveryCandidate, fence_decision, plan_recovery
 
 log = get_logger(__name__)

@@ -105,6 +105,7 @@ __all__ = [
     "HEALTH_OK",
     "LIFECYCLE_EVENTS",
     "MigrationSetup",
+    "PeerUnreachable",
     "STATE_NAMES",
     "ACTIVE_STATES",
     "RUNNING_STATES",
@@ -211,6 +212,12 @@ class HypervisorUnavailable(HypervisorError):
     """There is no working connection to libvirtd (closed, dead or hung): the call was not made,
     or its connection was lost while it ran (then its outcome is not known: ask again once
     reconnected). A supervised driver reconnects by itself."""
+
+
+class PeerUnreachable(HypervisorError):
+    """Another node's libvirt cannot be reached from this process at all: its URI names a driver
+    that lives inside that node's own process (libvirt's ``test:`` driver). The caller learns of
+    the peer some other way."""
 
 
 # What the driver knows of its connection (``Hypervisor.health``; the node publishes it).
@@ -995,6 +1002,33 @@ class Hypervisor:
     def host_cpus(self) -> int:
         """Active host CPUs, as libvirt reports them (``getInfo()[2]``)."""
         return int(self._call("host_cpus", lambda conn: conn.getInfo())[2])
+
+    # ---- other nodes -----------------------------------------------------------------------
+
+    def peer_status(self, uri: str, uuid: str, call_timeout_s: float | None = None) -> DomainStatus | None:
+        """The status of ``uuid`` as the libvirt at ``uri`` (another node's) reports it, over a
+        short-lived connection of its own; None when that libvirt does not know the domain.
+        Raises PeerUnreachable for a URI whose driver lives inside the peer's process (``test:``:
+        a connection from here would open a private, empty "host"), HypervisorError when it
+        cannot be asked."""
+        if uri.startswith("test:"):
+            raise PeerUnreachable("status", uuid, None, f"{uri} names a libvirt driver inside the peer's own process")
+        with Hypervisor(uri, call_timeout_s=call_timeout_s or self.call_timeout_s) as remote:
+            return remote.status(uuid)
+
+    def migration_job_moving(self, uuid: str) -> bool:
+        """Whether libvirt reports a job of ``uuid`` that runs and moves memory (or has run for
+        100 ms). Asked directly on the current connection, without a call thread: the crash-point
+        watcher (faults.py) polls it while migrate() runs. False when it cannot be asked."""
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            info = conn.lookupByUUIDString(uuid).jobInfo()
+        except libvirt.libvirtError:
+            return False
+        # jobInfo: [type, timeElapsed (ms), timeRemaining, dataTotal, dataProcessed, ...]
+        return bool(info) and info[0] != libvirt.VIR_DOMAIN_JOB_NONE and (info[4] > 0 or info[1] >= 100)
 
     # ---- lifecycle -------------------------------------------------------------------------
 

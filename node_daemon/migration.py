@@ -9,9 +9,6 @@ overwriting a newer one. Each successful write is recorded in the table at once.
 """
 from __future__ import annotations
 
-import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -34,29 +31,21 @@ from pvc_cluster_common._records import (
 from pvc_cluster_common._requests import RequestPlan, finish_values, new_record
 from pvc_cluster_common._store import ConflictError, StoreError
 
-from .hypervisor import ACTIVE_STATES, RUNNING_STATES, Hypervisor, HypervisorError, HypervisorTimeout, HypervisorUnavailable
+from .faults import crash_point, crash_while_migrating, pause_point
+from .hypervisor import (
+    ACTIVE_STATES,
+    RUNNING_STATES,
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    PeerUnreachable,
+)
 from .invalid import InvalidValues
 from .log import get_logger
 from .watched import WatchedKeys
 
 log = get_logger(__name__)
 
-# Fault injection for the crash-safety tests (tests/lab/test_crash_lab.py); inert unless set.
-# PVC_NODE_DAEMON_CRASH_AT=<point>: the daemon SIGKILLs itself at the named point. Points:
-#   source:transferring  source:live-running  source:live-done  source:shutdown-done
-#   target:prepared  target:before-done  target:started
-#   ha:fenced (the actor, once a dead node's fence is confirmed)  ha:recovered-one (after one VM's recovery)
-# ("source:live-running" fires from a watcher thread once libvirt reports the live migration job
-# moving memory, i.e. while the transfer is in progress inside libvirtd.)
-# PVC_NODE_DAEMON_PAUSE_AT=<point> with PVC_NODE_DAEMON_PAUSE_RELEASE=<file>: the VM's worker
-# blocks at the point until <file> exists (bounded by PAUSE_MAX_S), so that a test can change the
-# cluster between two steps deterministically. Points: source:before-transfer (the record is at
-# `prepared`, before the source re-reads `node`), target:before-prepare (before the readiness
-# check), target:before-start (a shutdown migration's target, just before it starts the VM).
-CRASH_ENV = "PVC_NODE_DAEMON_CRASH_AT"
-PAUSE_ENV = "PVC_NODE_DAEMON_PAUSE_AT"
-PAUSE_RELEASE_ENV = "PVC_NODE_DAEMON_PAUSE_RELEASE"
-PAUSE_MAX_S = 300.0
 ACTIVE, RUNNING = ACTIVE_STATES, RUNNING_STATES
 UNKNOWN = "unknown"
 # A target's daemon states in which the source does not transfer (see _transfer): HA's (ha.py).
@@ -68,49 +57,6 @@ UNAVAILABLE = "unavailable"
 MIGRATION_META = (S.META_MIGRATION_METHOD, S.META_MIGRATION_MAX_DOWNTIME_MS, S.META_MIGRATION_AUTO_CONVERGE)
 RECORD_LEFT_ALONE = ("no daemon acts on the record and the VM is left as it is until an operator clears it "
                      "(pvc.cluster.vm_migrate with state=cleared)")
-
-
-def crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        log.warning("crash point %s reached: SIGKILL (test fault injection)", name)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def pause_point(name: str) -> None:
-    """Test fault injection: block here until the release file exists (see PAUSE_ENV above)."""
-    release = os.environ.get(PAUSE_RELEASE_ENV)
-    if os.environ.get(PAUSE_ENV) != name or not release:
-        return
-    log.warning("pause point %s reached: waiting for %s (test fault injection)", name, release)
-    deadline = time.monotonic() + PAUSE_MAX_S
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.05)   # test-only hook: polls a file the test creates
-    log.warning("pause point %s released", name)
-
-
-def crash_while_migrating(hypervisor, uuid: str) -> None:
-    """Test fault injection for "source:live-running": SIGKILL this daemon as soon as libvirt
-    reports the migration job of ``uuid`` transferring memory, while migrate() still runs."""
-    if os.environ.get(CRASH_ENV) != "source:live-running":
-        return
-
-    def watch() -> None:
-        import libvirt
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                info = hypervisor.connection.lookupByUUIDString(uuid).jobInfo()
-            except libvirt.libvirtError:
-                info = None
-            # jobInfo: [type, timeElapsed (ms), timeRemaining, dataTotal, dataProcessed, ...]:
-            # the job runs and memory moves (or it has run for a while)
-            if info and info[0] != libvirt.VIR_DOMAIN_JOB_NONE and (info[4] > 0 or info[1] >= 100):
-                crash_point("source:live-running")
-            time.sleep(0.005)   # test-only hook: libvirt has no event for "memory is moving"; poll its job info
-
-    threading.Thread(target=watch, name="crash-watch", daemon=True).start()
 
 
 class Deadlines:
@@ -248,16 +194,17 @@ class MigrationAgent:
         if uris is None:
             return UNKNOWN   # an address that is not valid: the peer cannot be asked
         uri = uris[0]
-        if not uri.startswith("test:"):
-            try:
-                with Hypervisor(uri, call_timeout_s=min(10.0, self.config.libvirt_call_timeout_s)) as remote:
-                    status = remote.status(uuid)
-                    return status.state if status else None
-            except HypervisorError as exc:
-                log.warning("cannot ask libvirt on %s (%s) about %s: %s", peer, uri, uuid, exc)
-                return UNKNOWN
-        # The libvirt test driver lives inside its daemon's process and cannot be reached from
-        # here: use what the peer's last keepalive published, if the peer is alive.
+        try:
+            status = self.hypervisor.peer_status(uri, uuid, call_timeout_s=min(10.0, self.config.libvirt_call_timeout_s))
+            return status.state if status else None
+        except PeerUnreachable:
+            pass   # its libvirt lives inside the peer's own process (the test driver): see below
+        except HypervisorError as exc:
+            log.warning("cannot ask libvirt on %s (%s) about %s: %s", peer, uri, uuid, exc)
+            return UNKNOWN
+        # A libvirt that cannot be reached from this process (the driver says so of libvirt's
+        # test driver, which lives inside its daemon): use what the peer's last keepalive
+        # published, if the peer is alive.
         if not self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE)):
             return UNKNOWN
         path = self.schema.node_key(peer, S.NODE_RUNNINGDOMAINS)

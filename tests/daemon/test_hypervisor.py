@@ -25,6 +25,7 @@ from pvc_node_daemon.hypervisor import (
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
+    PeerUnreachable,
     _guarded,
     read_meminfo_mib,
 )
@@ -991,3 +992,28 @@ def test_a_call_on_a_connection_closed_under_it_is_unavailable(supervised, monke
     assert refused.wait(30) and not hv.connected
     monkeypatch.setattr(libvirt, "open", _REAL_OPEN)
     health.wait_reconnects(1)
+
+
+# ---- other nodes --------------------------------------------------------------------------------
+
+
+def test_a_peer_on_an_in_process_driver_cannot_be_asked(hv, node_uri):
+    # a connection from here to a test: URI would open a private, empty "host", never the peer's
+    with pytest.raises(PeerUnreachable):
+        hv.peer_status(node_uri, str(uuidlib.uuid4()))
+
+
+def test_a_peer_libvirt_that_refuses_is_a_hypervisor_error(hv):
+    # port 1 on loopback: the connection is refused at once, nothing leaves the host
+    with pytest.raises(HypervisorError) as caught:
+        hv.peer_status("qemu+tcp://127.0.0.1:1/system", str(uuidlib.uuid4()), call_timeout_s=5.0)
+    assert not isinstance(caught.value, PeerUnreachable)
+
+
+def test_no_migration_job_moves_on_an_idle_or_unknown_domain(hv, make_domain_xml):
+    uuid, xml = make_domain_xml()
+    hv.create(xml)
+    assert hv.migration_job_moving(uuid) is False
+    assert hv.migration_job_moving(str(uuidlib.uuid4())) is False
+    hv.close()
+    assert hv.migration_job_moving(uuid) is False   # no connection: not asked
