@@ -34,7 +34,8 @@ import socket
 import threading
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -144,11 +145,17 @@ def root_problem(root) -> str | None:
 
 
 class StoreError(Exception):
-    """ZooKeeper could not be reached or refused the operation."""
+    """The root of the store's errors: ZooKeeper could not be reached, refused the operation, or
+    answered something this code does not accept. The subclasses name the cases callers tell apart."""
 
 
 class MissingError(StoreError):
     """The key does not exist."""
+
+
+class UnreachableError(StoreError):
+    """ZooKeeper could not be reached, or did not answer in time (the operation may still have been
+    applied: re-read rather than assume)."""
 
 
 class ConflictError(StoreError):
@@ -175,6 +182,29 @@ class _Assumed(Exception):
 
 class _Raced(Exception):
     """A key appeared or vanished between planning a transaction and committing it (internal)."""
+
+
+class Versioned(NamedTuple):
+    """A value read from ZooKeeper (UTF-8 text) and the version it had: what a version-checked
+    write (``commit``'s ``expect_versions``) expects."""
+
+    value: str
+    version: int
+
+
+# The session states a listener of ``add_session_listener`` is told.
+SESSION_CONNECTED = "connected"    # connected with a session (a new one after SESSION_LOST)
+SESSION_SUSPENDED = "suspended"    # the connection is gone; the session may still come back
+SESSION_LOST = "lost"              # the session expired: its ephemeral znodes went with it
+
+
+def quiet_client_logging() -> None:
+    """Keep the ZooKeeper client library's own log lines (connection trouble, which the store
+    reports itself) off the caller's stderr: for the modules and the inventory, whose output is
+    Ansible's."""
+    for name in ("kazoo",):
+        logging.getLogger(name).addHandler(logging.NullHandler())
+        logging.getLogger(name).propagate = False
 
 
 def encode_value(value) -> bytes:
@@ -357,8 +387,40 @@ def describe_acl(acls) -> str:
     return ", ".join(sorted(entries)) or "nobody"
 
 
+_SESSION_STATES: dict[Any, str] = {}
+if KazooState is not None:
+    _SESSION_STATES = {KazooState.CONNECTED: SESSION_CONNECTED, KazooState.SUSPENDED: SESSION_SUSPENDED,
+                       KazooState.LOST: SESSION_LOST}
+
+
+class StoreLock:
+    """A ZooKeeper lock taken through the store (``ClusterStore.lock``, ``ClusterStore.try_lock``)."""
+
+    def __init__(self, store: ClusterStore, lock) -> None:
+        self._store = store
+        self._lock = lock
+        self.path: str = lock.path
+        # the session the lock's (ephemeral) node belongs to
+        self._session = store.client.client_id
+
+    @property
+    def held(self) -> bool:
+        """Whether this lock is still ours: acquired, not released, and the session that took it
+        still the store's, connected (a lock whose session was lost may be another contender's)."""
+        return bool(self._lock.is_acquired) and self._store.connected and self._store.client.client_id == self._session
+
+    def contenders(self) -> list[str]:
+        """The identifiers of the lock's holder and of those waiting for it, holder first."""
+        try:
+            return list(self._lock.contenders())
+        except kz.KazooException as exc:
+            raise StoreError(f"list the contenders of lock {self.path}: {_describe(exc)}") from exc
+
+
 class ClusterStore:
-    """One cluster's state in ZooKeeper. Thread-safe; ``client`` is the KazooClient, for watches."""
+    """One cluster's state in ZooKeeper. Thread-safe. The only code that talks to ZooKeeper:
+    everything else reads, writes, watches, locks and listens through its methods (``client``, the
+    KazooClient, is for the store's own tests)."""
 
     def __init__(self, options: ConnectionOptions, logger: logging.Logger | None = None) -> None:
         if KazooClient is None:
@@ -375,6 +437,9 @@ class ClusterStore:
         # Lock nodes we failed to delete (lost connection): (lock path, our contender prefix).
         self._orphans: set[tuple[str, str]] = set()
         self._orphans_mutex = threading.Lock()
+        # add_session_listener's listeners, and the wrappers kazoo calls
+        self._listeners: dict[Callable[[str], None], Callable[[Any], None]] = {}
+        self._listeners_mutex = threading.Lock()
         kwargs = {
             "hosts": options.hosts,
             "handler": PollingHandler(),
@@ -472,12 +537,24 @@ class ClusterStore:
     def connected(self) -> bool:
         return self._started and not self._stopped and self.client.connected
 
-    def add_listener(self, listener) -> None:
-        """kazoo connection-state listener (called on kazoo's thread: it must not block)."""
-        self.client.add_listener(listener)
+    def add_session_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(state)`` on every change of the connection: SESSION_CONNECTED,
+        SESSION_SUSPENDED or SESSION_LOST. It runs on the store's connection thread and must not
+        block; an exception it raises is logged."""
+        def on_state(state) -> None:
+            try:
+                listener(_SESSION_STATES.get(state, SESSION_SUSPENDED))
+            except Exception:
+                self.log.exception("session listener %r failed", listener)
+        with self._listeners_mutex:
+            self._listeners[listener] = on_state
+        self.client.add_listener(on_state)
 
-    def remove_listener(self, listener) -> None:
-        self.client.remove_listener(listener)
+    def remove_session_listener(self, listener: Callable[[str], None]) -> None:
+        with self._listeners_mutex:
+            on_state = self._listeners.pop(listener, None)
+        if on_state is not None:
+            self.client.remove_listener(on_state)
 
     def _on_state(self, state) -> None:
         if state == KazooState.CONNECTED:
@@ -497,7 +574,7 @@ class ClusterStore:
         if not self._started or self._stopped:
             raise StoreError(f"{what}: the store is {'stopped' if self._stopped else 'not started'}")
         if not self._live.wait(self.options.timeout_s):
-            raise StoreError(f"{what}: not connected to ZooKeeper at {self.options.hosts} "
+            raise UnreachableError(f"{what}: not connected to ZooKeeper at {self.options.hosts} "
                              f"(waited {self.options.timeout_s:g} s; state {self.client.state})")
 
     def _call_many(self, what: str, starters) -> list:
@@ -509,10 +586,12 @@ class ClusterStore:
             try:
                 results.append(async_result.get(timeout=self.options.timeout_s))
             except self.client.handler.timeout_exception as exc:
-                raise StoreError(f"{what}: no answer from ZooKeeper at {self.options.hosts} "
-                                 f"within {self.options.timeout_s:g} s") from exc
+                raise UnreachableError(f"{what}: no answer from ZooKeeper at {self.options.hosts} "
+                                       f"within {self.options.timeout_s:g} s") from exc
             except kz.NoNodeError as exc:
                 raise MissingError(f"{what}: no such key") from exc
+            except (kz.ConnectionLoss, kz.SessionExpiredError) as exc:
+                raise UnreachableError(f"{what}: {_describe(exc)}") from exc
             except kz.KazooException as exc:
                 raise StoreError(f"{what}: {_describe(exc)}") from exc
         return results
@@ -522,11 +601,11 @@ class ClusterStore:
 
     # ---- raising accessors ------------------------------------------------------------------
 
-    def get(self, path: str) -> tuple[str, int]:
-        """(text, version) of a key. Raises MissingError or StoreError."""
+    def get(self, path: str) -> Versioned:
+        """The value and version of a key. Raises MissingError, UnreachableError or StoreError."""
         data, stat = self._call(f"read {path}", lambda: self.client.get_async(path))
         try:
-            return (data or b"").decode("utf-8"), stat.version
+            return Versioned((data or b"").decode("utf-8"), stat.version)
         except UnicodeDecodeError as exc:
             raise StoreError(f"read {path}: the value is not UTF-8 text") from exc
 
@@ -715,8 +794,10 @@ class ClusterStore:
                 result[top] = []
                 continue
             except self.client.handler.timeout_exception as exc:
-                raise StoreError(f"list {top}: no answer from ZooKeeper at {self.options.hosts} "
-                                 f"within {self.options.timeout_s:g} s") from exc
+                raise UnreachableError(f"list {top}: no answer from ZooKeeper at {self.options.hosts} "
+                                       f"within {self.options.timeout_s:g} s") from exc
+            except (kz.ConnectionLoss, kz.SessionExpiredError) as exc:
+                raise UnreachableError(f"list {top}: {_describe(exc)}") from exc
             except kz.KazooException as exc:
                 raise StoreError(f"list {top}: {_describe(exc)}") from exc
             result[top] = [top] if not children else self._subtree(top, recursive)
@@ -747,7 +828,7 @@ class ClusterStore:
         result = self.read_versioned(path)
         return None if result is None else result[0]
 
-    def read_versioned(self, path: str) -> tuple[str, int] | None:
+    def read_versioned(self, path: str) -> Versioned | None:
         try:
             return self.get(path)
         except MissingError as exc:
@@ -784,7 +865,7 @@ class ClusterStore:
             answer = self._answer("read", path, async_result)
             if answer is not None:
                 data, stat = answer
-                result[path] = ((data or b"").decode("utf-8", errors="replace"), stat.version)
+                result[path] = Versioned((data or b"").decode("utf-8", errors="replace"), stat.version)
         return result, listed
 
     def _answer(self, what: str, path: str, async_result):
@@ -847,6 +928,119 @@ class ClusterStore:
         except StoreError as exc:
             self.log.warning("delete %s failed: %s", ", ".join(paths), exc)
             return False
+
+    # ---- watches and ephemeral keys ---------------------------------------------------------
+
+    def watch_data(self, path: str, callback: Callable[[Versioned | None], object]) -> None:
+        """Call ``callback(value)`` with the key's value (None while it does not exist) once before
+        returning, then after every change, until it returns False. The watch is kept across
+        reconnections and new sessions. The callback runs on the store's event thread: it must not
+        block, and an exception it raises is logged and ends the watch (the value is untrusted
+        text: decode it with ``_decode``, or only compare it)."""
+        def on_data(data, stat) -> bool:
+            value = None if stat is None else Versioned((data or b"").decode("utf-8", errors="replace"), stat.version)
+            try:
+                return callback(value) is not False
+            except Exception:
+                self.log.exception("watch %s: the callback failed; the watch ends", path)
+                return False
+        self.client.DataWatch(path, on_data)
+
+    def watch_children(self, path: str, callback: Callable[[list[str] | None], object]) -> None:
+        """Call ``callback(names)`` with the sorted children of ``path`` once before returning, then
+        after every change of the list, until it returns False. When ``path`` does not exist the
+        callback is called once with None and nothing is watched; when it is deleted later, the
+        watch ends without a call. Kept across reconnections and new sessions; runs on the store's
+        event thread like ``watch_data``'s."""
+        answered = []
+
+        def on_children(children) -> bool:
+            answered.append(True)
+            try:
+                return callback(sorted(children)) is not False
+            except Exception:
+                self.log.exception("watch of the children of %s: the callback failed; the watch ends", path)
+                return False
+        self.client.ChildrenWatch(path, on_children)   # answers on this thread before it returns
+        if not answered:
+            callback(None)
+
+    def follow(self, path: str, on_value: Callable[[Versioned | None], None],
+               wanted: Callable[[], bool] = lambda: True) -> None:
+        """Keep ``on_value`` told of the key's value (None while it does not exist): read now, and
+        after every change for as long as ``wanted()`` (asked at each change) is true.
+
+        Unlike ``watch_data``, which re-reads a key synchronously on the one event thread (with
+        many keys watched, events queue behind each other's round trips), each change starts an
+        asynchronous read that also re-arms the one-shot watch, so many re-reads are in flight at
+        once on the one connection. ``on_value`` runs on the store's event thread and must not
+        block. A read that fails (no connection) ends the following: call ``follow`` again after
+        SESSION_CONNECTED (``add_session_listener``)."""
+        client = self.client
+
+        def on_event(_event=None) -> None:
+            if wanted():
+                fetch()
+
+        def fetch() -> None:
+            try:
+                client.get_async(path, watch=on_event).rawlink(answered)
+            except Exception as exc:   # not connected
+                self.log.debug("watch %s not armed: %s", path, _describe(exc))
+
+        def answered(result) -> None:
+            try:
+                data, stat = result.get_nowait()
+            except kz.NoNodeError:
+                # not there (yet): an exists-watch says when it appears
+                try:
+                    client.exists_async(path, watch=on_event).rawlink(appeared)
+                except Exception as exc:
+                    self.log.debug("watch %s not armed: %s", path, _describe(exc))
+                self._tell(path, on_value, None)
+                return
+            except Exception as exc:
+                self.log.debug("watch %s: read failed (%s); following it again after a reconnection re-arms it",
+                               path, _describe(exc))
+                return
+            self._tell(path, on_value, Versioned((data or b"").decode("utf-8", errors="replace"), stat.version))
+
+        def appeared(result) -> None:
+            try:
+                if result.get_nowait() is not None:
+                    fetch()
+            except Exception as exc:
+                self.log.debug("watch %s: exists failed (%s)", path, _describe(exc))
+
+        fetch()
+
+    def _tell(self, path: str, on_value: Callable[[Versioned | None], None], value: Versioned | None) -> None:
+        try:
+            on_value(value)
+        except Exception:   # the event thread must never see one: its other watches would stop
+            self.log.exception("watch %s: the callback failed", path)
+
+    def put_ephemeral(self, path: str, value) -> None:
+        """Make ``path`` an ephemeral key of this session holding ``value`` (it vanishes with the
+        session). A key left by an earlier session of this client's identity that has not expired
+        yet is replaced in one transaction: a delete then a create would leave an instant with no
+        key, in which a peer could take its owner for gone. Raises UnreachableError or StoreError."""
+        data = encode_value(value)
+        acl = self.acl_for(path)
+        stat = self._call(f"exists {path}", lambda: self.client.exists_async(path))
+        session = self.client.client_id
+        if stat is not None and (session is None or stat.ephemeralOwner != session[0]):
+            txn = self.client.transaction()
+            txn.delete(path, version=stat.version)
+            txn.create(path, data, acl=acl, ephemeral=True)
+            results = self._call(f"replace {path}", txn.commit_async)
+            failed = [r for r in results if isinstance(r, Exception)
+                      and not isinstance(r, (kz.RolledBackError, kz.RuntimeInconsistency))]
+            if failed:
+                raise StoreError(f"replace {path}: {_describe(failed[0])}")
+        if self._call(f"exists {path}", lambda: self.client.exists_async(path)) is None:
+            self._call(f"create {path}", lambda: self.client.create_async(path, data, acl=acl, ephemeral=True,
+                                                                           makepath=True))
 
     # ---- schema -----------------------------------------------------------------------------
 
@@ -1017,8 +1211,8 @@ class ClusterStore:
     # ---- locks ------------------------------------------------------------------------------
 
     @contextmanager
-    def lock(self, path: str, timeout_s: float | None = None, identifier: str | None = None):
-        """Hold the kazoo lock at ``path`` for the with-block; yields the kazoo Lock.
+    def lock(self, path: str, timeout_s: float | None = None, identifier: str | None = None) -> Iterator[StoreLock]:
+        """Hold the lock at ``path`` for the with-block; yields the held StoreLock.
 
         Each of LOCK_ATTEMPTS acquisition attempts waits up to ``timeout_s`` (default: the connection
         timeout); then LockError. The lock is released on leaving the block, whatever happens.
@@ -1027,9 +1221,28 @@ class ClusterStore:
         lock = Lock(self.client, path, identifier or self.lock_identifier)  # no ZooKeeper I/O here
         self._acquire(lock, wait_s)
         try:
-            yield lock
+            yield StoreLock(self, lock)
         finally:
             self._release(lock)
+
+    @contextmanager
+    def try_lock(self, path: str, identifier: str | None = None) -> Iterator[StoreLock | None]:
+        """Take the lock at ``path`` for the with-block if it is free now; yields the held StoreLock,
+        or None (without waiting) when another contender holds it or ZooKeeper cannot be asked now
+        (logged at DEBUG: "not now" is this call's normal answer). Released on leaving the block,
+        whatever happens, the same way as ``lock``'s."""
+        lock = Lock(self.client, path, identifier or self.lock_identifier)  # no ZooKeeper I/O here
+        acquired = False
+        if self.connected:
+            try:
+                acquired = bool(lock.acquire(blocking=False))
+            except kz.KazooException as exc:   # kazoo's own cleanup removed our contender node
+                self.log.debug("lock %s: not taken: %s", path, _describe(exc))
+        try:
+            yield StoreLock(self, lock) if acquired else None
+        finally:
+            if acquired:
+                self._release(lock)
 
     def _acquire(self, lock, wait_s: float) -> None:
         reason = ""

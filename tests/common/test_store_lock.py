@@ -24,7 +24,7 @@ def test_lock_names_its_holder(store, make_store):
     other = make_store()
     path = store.schema.node_lock("n2")
     with store.lock(path) as held:
-        assert held.is_acquired
+        assert held.held
         assert held.contenders() == ["node1"]
         probe = _store.Lock(other.client, path)
         assert probe.contenders() == ["node1"]
@@ -60,7 +60,7 @@ def test_lock_released_when_the_block_raises(store, make_store):
     assert store.children(path) == []
     other = make_store()
     with other.lock(path, timeout_s=WAIT_S) as held:
-        assert held.is_acquired
+        assert held.held
 
 
 def test_waiting_contender_gets_the_lock_on_release(store, make_store):

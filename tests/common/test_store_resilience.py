@@ -1,6 +1,6 @@
 """The cluster store when ZooKeeper goes away: outages, session expiry, locks held across a loss.
 
-Waits are on kazoo connection-state listeners (a Condition), with generous bounds; no durations are
+Waits are on the store's session listeners (a Condition), with generous bounds; no durations are
 asserted.
 """
 
@@ -10,9 +10,9 @@ import logging
 import threading
 
 import pytest
-from kazoo.client import KazooClient, KazooState
+from kazoo.client import KazooClient
 
-from pvc_cluster_common._store import StoreError
+from pvc_cluster_common._store import SESSION_CONNECTED, SESSION_LOST, SESSION_SUSPENDED, StoreError
 
 pytestmark = pytest.mark.zk
 
@@ -25,7 +25,7 @@ class StateLog:
     def __init__(self, store):
         self.states: list[str] = []
         self._cond = threading.Condition()
-        store.add_listener(self._record)
+        store.add_session_listener(self._record)
 
     def _record(self, state):
         with self._cond:
@@ -71,7 +71,7 @@ def test_outage_reads_none_writes_false_logs_why_then_recovers(zk_private_server
     states = StateLog(store)
 
     zk_private_server.stop()
-    states.wait_for(lambda s: KazooState.SUSPENDED in s, "suspended")
+    states.wait_for(lambda s: SESSION_SUSPENDED in s, "suspended")
     assert not store.connected
     with caplog.at_level(logging.WARNING, logger="test.outage"):
         assert store.read(key) is None
@@ -91,7 +91,7 @@ def test_outage_reads_none_writes_false_logs_why_then_recovers(zk_private_server
 
     mark = states.mark()
     zk_private_server.start()
-    states.wait_for(lambda s: KazooState.CONNECTED in s[mark:], "reconnected")
+    states.wait_for(lambda s: SESSION_CONNECTED in s[mark:], "reconnected")
     assert store.connected
     assert store.read(key) == "1"
     assert store.write({key: 3})
@@ -108,7 +108,7 @@ def test_session_expiry_drops_ephemerals_and_the_store_carries_on(store, zk_serv
     states = StateLog(store)
 
     _expire_session(store.client, zk_server.hosts)
-    states.wait_for(lambda st: KazooState.LOST in st and KazooState.CONNECTED in st[st.index(KazooState.LOST):],
+    states.wait_for(lambda st: SESSION_LOST in st and SESSION_CONNECTED in st[st.index(SESSION_LOST):],
                     "lost the session and connected again")
     assert store.client.client_id[0] != old_session
     assert store.exists(alive) is False  # the ephemeral went with the session
@@ -132,19 +132,19 @@ def test_lock_release_on_lost_connection_is_logged_and_cleaned_up(zk_private_ser
             session = store.client.client_id[0]
             with store.lock(path):
                 zk_private_server.stop()
-                states.wait_for(lambda s: KazooState.SUSPENDED in s, "suspended")
+                states.wait_for(lambda s: SESSION_SUSPENDED in s, "suspended")
             failed = [r for r in caplog.records if r.getMessage().startswith(f"lock {path}: release failed")]
             assert len(failed) == 1 and failed[0].levelno == logging.ERROR, [r.getMessage() for r in caplog.records]
 
             mark = states.mark()
             zk_private_server.start()
-            states.wait_for(lambda s: KazooState.CONNECTED in s[mark:], "reconnected")
+            states.wait_for(lambda s: SESSION_CONNECTED in s[mark:], "reconnected")
             # whether our session survived the restart (the leftover node is then deleted by the
             # store) or expired (the node went with it), the lock is free for others
             other = make_store(hosts=zk_private_server.hosts)
             with other.lock(path, timeout_s=WAIT_S) as held:
-                assert held.is_acquired
-            if KazooState.LOST not in states.states and store.client.client_id[0] == session:
+                assert held.held
+            if SESSION_LOST not in states.states and store.client.client_id[0] == session:
                 assert cleaned.seen.wait(WAIT_S), "the leftover lock node was not deleted"
     finally:
         logger.removeHandler(cleaned)
