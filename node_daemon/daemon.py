@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._store import ClusterStore, StoreError
+from pvc_cluster_common._store import SESSION_CONNECTED, SESSION_LOST, SESSION_SUSPENDED, ClusterStore, StoreError
 
 from .domains import DomainTable
 from .flush import NodeStateWorker
@@ -87,7 +87,7 @@ class NodeDaemon:
         except StoreError as exc:
             raise DaemonError(f"cannot create or verify the cluster schema in ZooKeeper: {exc}") from None
         self.register()
-        self.store.add_listener(self._on_connection_state)
+        self.store.add_session_listener(self._on_connection_state)
         log.system("ZooKeeper: connected to %s, cluster root %s", self.config.zookeeper.hosts, self.schema.root or "/")
 
     def register(self) -> None:
@@ -147,41 +147,23 @@ class NodeDaemon:
         """(Re)create the ephemeral liveness znode for the current session."""
         path = self.schema.node_key(self.node, S.NODE_ALIVE)
         data = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
-        client = self.store.client
         try:
-            stat = client.exists(path)
-            if stat is not None and stat.ephemeralOwner != client.client_id[0]:
-                # Left by our previous session, which has not expired yet: replace it in one
-                # transaction. A delete then a create would leave an instant with no `alive`, in
-                # which a peer resolving a migration takes this node for gone (e.g. a source
-                # giving a shut-down VM back to itself while this restarted target is about to
-                # start it).
-                transaction = client.transaction()
-                transaction.delete(path, version=stat.version)
-                transaction.create(path, data, acl=self.store.acl_for(path), ephemeral=True)
-                results = transaction.commit()
-                failed = [r for r in results if isinstance(r, Exception)]
-                if failed:
-                    raise failed[0]
-            if client.exists(path) is None:
-                client.create(path, data, acl=self.store.acl_for(path), ephemeral=True, makepath=True)
-        except Exception as exc:  # kazoo raises many types here; each means "try again later"
+            self.store.put_ephemeral(path, data)
+        except StoreError as exc:   # not connected, or the session changed meanwhile
             log.error("cannot mark node %s alive: %s", self.node, exc)
 
-    def _on_connection_state(self, state) -> None:
-        # kazoo calls this from its own thread and it must not block: only record and wake.
-        from kazoo.client import KazooState
-
+    def _on_connection_state(self, state: str) -> None:
+        # called on the store's connection thread, which must not block: only record and wake.
         if self.stop_event.is_set():
             return   # our own orderly disconnect
-        if state != KazooState.CONNECTED:
+        if state != SESSION_CONNECTED:
             self.ha.on_connection(False)   # no session, no decisions about peers
-        if state == KazooState.LOST:
+        if state == SESSION_LOST:
             self._session_lost.set()
             log.warning("ZooKeeper session lost: no new work until it is re-established")
-        elif state == KazooState.SUSPENDED:
+        elif state == SESSION_SUSPENDED:
             log.warning("ZooKeeper connection suspended: waiting for it to come back")
-        elif state == KazooState.CONNECTED:
+        elif state == SESSION_CONNECTED:
             log.info("ZooKeeper connection (re)established")
             threading.Thread(target=self._after_reconnect, name="reconnect", daemon=True).start()
 

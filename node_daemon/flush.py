@@ -33,7 +33,7 @@ from pvc_cluster_common._cluster import (
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._requests import RequestError, RequestPlan, plan_request, submit_request
 from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, plan_flush
-from pvc_cluster_common._store import ClusterStore, ConflictError, StoreError
+from pvc_cluster_common._store import ClusterStore, ConflictError, StoreError, Versioned
 
 from .domains import DomainRecord, DomainTable
 from .log import get_logger
@@ -80,18 +80,17 @@ class NodeStateWorker:
         self._submitting_guard = threading.Lock()
 
     def start(self) -> None:
-        self.store.client.DataWatch(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE), self._on_state)
+        self.store.watch_data(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE), self._on_state)
 
     def stop(self) -> None:
         self._stopped.set()
         self._cancel.set()
 
-    def _on_state(self, data: bytes | None, stat: Any, event: object = None) -> bool:
+    def _on_state(self, value: Versioned | None) -> bool:
         if self._stopped.is_set():
             return False
-        # any bytes can be there: this runs in kazoo's event thread, which must never see an
-        # exception (its other watches would stop), so the value is compared, never decoded
-        state = data.decode("utf-8", errors="replace") if data else None
+        # any text can be there: it is compared, never decoded
+        state = value.value if value else None
         if state in ("flush", "unflush"):
             threading.Thread(target=self._switch, args=(state,), name=f"node-{state}", daemon=True).start()
         return True

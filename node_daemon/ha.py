@@ -4,7 +4,7 @@ Every live daemon watches its peers' keepalives (``ha`` thread, twice per keepal
 peer whose keepalive has not changed for ``keepalive_s x dead_after`` seconds of this daemon's
 connected time is marked ``dead`` (version-checked: a peer that writes ``run`` first wins).
 
-Exactly one live daemon acts on a dead node: the holder of the kazoo lock
+Exactly one live daemon acts on a dead node: the holder of the store's lock
 ``/locks/fence/<node>`` (taken without waiting; the others look again at their next pass). The
 lock's node is ephemeral, so the actor's death (or its lost session) hands the work to another
 daemon, which resumes from the state in ZooKeeper:
@@ -36,13 +36,11 @@ import threading
 import time
 import uuid as uuidlib
 
-from kazoo.recipe.lock import Lock
-
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_node_views, read_vms
 from pvc_cluster_common._requests import history_key
-from pvc_cluster_common._store import ConflictError, StoreError
+from pvc_cluster_common._store import ConflictError, StoreError, StoreLock
 
 from .faults import crash_point
 from .fencing import FenceResult, fence
@@ -162,29 +160,20 @@ class HighAvailability:
     # ---- the actor --------------------------------------------------------------------------
 
     def _act(self, peer: str) -> None:
-        lock = Lock(self.store.client, self.schema.fence_lock(peer), f"{self.node}")
-        try:
-            if not lock.acquire(blocking=False):
-                return   # another daemon acts on it
-        except Exception as exc:  # kazoo raises many types here; each means "not now"
-            log.debug("node %s: fence lock not taken: %s", peer, exc)
-            return
-        try:
-            self._act_locked(peer, lock)
-        except StoreError as exc:
-            log.error("node %s: fencing or recovery stopped: %s (the next pass resumes it)", peer, exc)
-        except Exception:
-            log.exception("node %s: fencing or recovery failed (the next pass resumes it)", peer)
-        finally:
+        with self.store.try_lock(self.schema.fence_lock(peer), identifier=self.node) as lock:
+            if lock is None:
+                return   # another daemon acts on it, or ZooKeeper cannot be asked now
             try:
-                lock.release()
-            except Exception as exc:  # a lost session has released it already
-                log.debug("node %s: fence lock release: %s", peer, exc)
+                self._act_locked(peer, lock)
+            except StoreError as exc:
+                log.error("node %s: fencing or recovery stopped: %s (the next pass resumes it)", peer, exc)
+            except Exception:
+                log.exception("node %s: fencing or recovery failed (the next pass resumes it)", peer)
 
-    def _holding(self, lock) -> bool:
-        return self.store.connected and lock.is_acquired and not self._stop.is_set()
+    def _holding(self, lock: StoreLock) -> bool:
+        return lock.held and not self._stop.is_set()
 
-    def _act_locked(self, peer: str, lock) -> None:
+    def _act_locked(self, peer: str, lock: StoreLock) -> None:
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         found = self.store.read_many([state_path, self.schema.node_key(peer, S.NODE_DOMAIN_STATE),
                                       self.schema.node_key(peer, S.NODE_MAINTENANCE)])
@@ -202,7 +191,7 @@ class HighAvailability:
             return
         self._recover(peer, lock)
 
-    def _fence(self, peer: str, state: tuple, lock) -> bool:
+    def _fence(self, peer: str, state: tuple, lock: StoreLock) -> bool:
         """Fence ``peer`` (its daemon state as read: (value, version)). True when it is fenced."""
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         fence_path = self.schema.node_key(peer, S.NODE_FENCE)
@@ -275,7 +264,7 @@ class HighAvailability:
         return {name for name in names
                 if (found[self.schema.node_key(name, S.NODE_DAEMON_STATE)] or ("",))[0] == "fenced"}
 
-    def _recover(self, peer: str, lock) -> None:
+    def _recover(self, peer: str, lock: StoreLock) -> None:
         fence_record = self._fence_record(peer)
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         while self._holding(lock):

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import threading
 
-from kazoo.exceptions import NoNodeError
-
 from pvc_cluster_common import _decode as D
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError, check_domain
 from pvc_cluster_common._domain_xml import DomainXMLError
+from pvc_cluster_common._store import Versioned
 
 from .domains import DomainTable
 from .hypervisor import HypervisorError, HypervisorUnavailable
@@ -88,7 +87,7 @@ class Reconciler:
     # ---- watches ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.store.client.ChildrenWatch(self.schema.domains(), self._on_domains)
+        self.store.watch_children(self.schema.domains(), self._on_domains)
         self.hypervisor.add_lifecycle_listener(self._on_lifecycle)
 
     def _on_lifecycle(self, uuid: str, event: str, _detail: int) -> None:
@@ -102,7 +101,7 @@ class Reconciler:
                 and record.migration is not None and record.migration.method_used == "live"):
             self.enqueue(uuid)
 
-    def _on_domains(self, children) -> bool:
+    def _on_domains(self, children: list[str] | None) -> bool:
         current = set(children or [])
         for uuid in current - self._watched:
             self._watch_domain(uuid)
@@ -161,56 +160,21 @@ class Reconciler:
             self._watch_key(uuid, key)
 
     def _watch_key(self, uuid: str, key: str) -> None:
-        """Keep the table's copy of one key current.
-
-        kazoo's DataWatch re-reads a key synchronously inside its single event thread, so with
-        every daemon watching every VM, events queue behind each other's round trips. Here each
-        event starts an asynchronous read that re-arms the one-shot watch, and the answer is
-        handled in a callback: many re-reads are in flight at once on the one connection.
-        """
-        client = self.store.client
-        path = self.schema.domain_key(uuid, key)
-
-        def on_event(_event=None) -> None:
+        """Keep the table's copy of one key current (``ClusterStore.follow``: each change starts an
+        asynchronous read, so with every daemon watching every VM many re-reads are in flight at
+        once). A FOLLOWED_KEYS key stops being read at its first change that no longer concerns
+        this node (see _follows)."""
+        def wanted() -> bool:
             if uuid not in self._watched:
-                return
+                return False
             if key in self._followed:
                 with self._lock:   # atomic with follow's check (see there)
                     if not self._follows(uuid):
                         self._followed[key].discard(uuid)
-                        return
-            fetch()
+                        return False
+            return True
 
-        def fetch() -> None:
-            try:
-                client.get_async(path, watch=on_event).rawlink(answered)
-            except Exception as exc:   # not connected: the reconnect pass re-arms every watch
-                log.debug("watch %s not armed: %s", path, exc)
-
-        def answered(result) -> None:
-            try:
-                data, stat = result.get_nowait()
-            except NoNodeError:
-                # not there (yet): an exists-watch says when it appears
-                try:
-                    client.exists_async(path, watch=on_event).rawlink(appeared)
-                except Exception as exc:
-                    log.debug("watch %s not armed: %s", path, exc)
-                self._on_value(uuid, key, None, -1)
-                return
-            except Exception as exc:
-                log.debug("watch %s: read failed (%s); the reconnect pass re-arms it", path, exc)
-                return
-            self._on_value(uuid, key, data, stat.version)
-
-        def appeared(result) -> None:
-            try:
-                if result.get_nowait() is not None:
-                    fetch()
-            except Exception as exc:
-                log.debug("watch %s: exists failed (%s)", path, exc)
-
-        fetch()
+        self.store.follow(self.schema.domain_key(uuid, key), lambda value: self._on_value(uuid, key, value), wanted)
 
     def rewatch(self) -> None:
         """Re-arm every watch (after a new ZooKeeper session, which drops them all)."""
@@ -221,10 +185,10 @@ class Reconciler:
             for key in WATCHED_KEYS:
                 self._watch_key(uuid, key)
 
-    def _on_value(self, uuid: str, key: str, data: bytes | None, version: int) -> None:
+    def _on_value(self, uuid: str, key: str, found: Versioned | None) -> None:
         if uuid not in self._watched:
             return
-        value = data.decode("utf-8", errors="replace") if data is not None else None
+        value, version = (found.value, found.version) if found is not None else (None, -1)
         before = self.domains.get(uuid)
         self._record(uuid, key, value, version)
         after = self.domains.get(uuid)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pvc_cluster_common._store import Versioned
 
 if TYPE_CHECKING:
     from pvc_cluster_common._store import ClusterStore
 
 # {path: (text, version), or None when the key does not exist}
-Values = dict[str, tuple[str, int] | None]
+Values = dict[str, Versioned | None]
 
 
 class WatchedKeys:
@@ -27,15 +29,12 @@ class WatchedKeys:
         self._values: Values = {}
 
     def start(self) -> None:
-        """Set the watches (kazoo keeps them across reconnections and new sessions)."""
+        """Set the watches (the store keeps them across reconnections and new sessions)."""
         for path in self.paths:
-            self.store.client.DataWatch(path, self._updater(path))
+            self.store.watch_data(path, self._updater(path))
 
-    def _updater(self, path: str) -> Callable[..., None]:
-        def update(data: bytes | None, stat: Any, _event: object = None) -> None:
-            value = None
-            if stat is not None:
-                value = ((data or b"").decode("utf-8", errors="replace"), stat.version)
+    def _updater(self, path: str) -> Callable[[Versioned | None], None]:
+        def update(value: Versioned | None) -> None:
             with self._lock:
                 self._values[path] = value
                 self._changed.notify_all()

@@ -6,11 +6,11 @@ deliver (no ZooKeeper needed to test what it does with them).
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._schema import Schema
+from pvc_cluster_common._store import Versioned
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.reconciler import LOADING, Reconciler
 
@@ -22,21 +22,27 @@ def record(step: str, rid: str = "m1", source: str = "n1", target: str = "n2") -
                            memory_mib=256, step=step)
 
 
-class RecordingClient:
-    """Stands in for kazoo: records the reads a watch chain sends and the watches they arm."""
+class RecordingStore:
+    """Stands in for the store: records the reads a followed key sends and the watch each arms
+    (``ClusterStore.follow``'s contract: a change re-reads the key while ``wanted()``)."""
 
     def __init__(self) -> None:
+        self.schema = Schema("/pvc")
+        self.connected = True
         self.reads: list[str] = []
         self.watches: dict[str, object] = {}
 
-    def get_async(self, path, watch=None):
-        self.reads.append(path)
-        self.watches[path] = watch
-        return SimpleNamespace(rawlink=lambda _callback: None)   # answers are fed by answer()
+    def follow(self, path, on_value, wanted=lambda: True):
+        self.reads.append(path)   # answers are fed by answer()
+
+        def on_change(_event=None):
+            if wanted():
+                self.follow(path, on_value, wanted)
+        self.watches[path] = on_change
 
 
 def reconciler(node: str = "n1") -> Reconciler:
-    store = SimpleNamespace(schema=Schema("/pvc"), connected=True, client=RecordingClient())
+    store = RecordingStore()
     rec = Reconciler(node, config=None, store=store, hypervisor=None, domains=DomainTable(), migrations=None)
     rec._watched.add(UUID)
     for followers in rec._followed.values():
@@ -47,8 +53,8 @@ def reconciler(node: str = "n1") -> Reconciler:
 
 
 def answer(rec: Reconciler, key: str, value, version: int = 0) -> None:
-    data = None if value is None else (value.to_json() if isinstance(value, MigrationRecord) else value).encode()
-    rec._on_value(UUID, key, data, version if value is not None else -1)
+    text = None if value is None else (value.to_json() if isinstance(value, MigrationRecord) else value)
+    rec._on_value(UUID, key, None if text is None else Versioned(text, version))
 
 
 # ---- the table ---------------------------------------------------------------------------------
@@ -130,7 +136,7 @@ def test_an_unreadable_migration_record_counts_as_none_and_leaves_the_vm_alone()
     rec = reconciler()
     answer(rec, S.DOMAIN_STATE, "start")
     answer(rec, S.DOMAIN_NODE, "n1")
-    rec._on_value(UUID, S.DOMAIN_MIGRATION, b"{not json", 4)
+    rec._on_value(UUID, S.DOMAIN_MIGRATION, Versioned("{not json", 4))
     vm = rec.domains.get(UUID)
     assert vm.migration is None and vm.migration_version == 4 and vm.has(S.DOMAIN_MIGRATION)
     assert "is not valid" in vm.migration_error and vm.invalid == vm.migration_error
@@ -161,7 +167,7 @@ def test_xml_answers_carry_memory_and_the_text():
 
 def test_only_the_two_sides_follow_a_migration_record():
     rec = reconciler("n3")
-    client = rec.store.client
+    client = rec.store
     path = rec.schema.domain_migration(UUID)
     answer(rec, S.DOMAIN_NODE, "n2")
     answer(rec, S.DOMAIN_MIGRATION, record("requested"))     # n1 -> n2: nothing to do with n3
@@ -181,7 +187,7 @@ def test_lastnode_is_followed_only_where_the_vm_is_assigned():
     # A temporary migration rewrites lastnode; nodes the VM has nothing to do with stop reading it
     # (a node being made ready reads lastnode fresh instead).
     rec = reconciler("n3")
-    client = rec.store.client
+    client = rec.store
     path = rec.schema.domain_key(UUID, S.DOMAIN_LASTNODE)
     answer(rec, S.DOMAIN_NODE, "n2")
     rec._watch_key(UUID, S.DOMAIN_LASTNODE)
