@@ -575,7 +575,7 @@ class ClusterStore:
             raise StoreError(f"{what}: the store is {'stopped' if self._stopped else 'not started'}")
         if not self._live.wait(self.options.timeout_s):
             raise UnreachableError(f"{what}: not connected to ZooKeeper at {self.options.hosts} "
-                             f"(waited {self.options.timeout_s:g} s; state {self.client.state})")
+                                   f"(waited {self.options.timeout_s:g} s; state {self.client.state})")
 
     def _call_many(self, what: str, starters) -> list:
         """Start kazoo async calls together, then collect each answer, with timeouts and our errors."""
@@ -1039,8 +1039,8 @@ class ClusterStore:
             if failed:
                 raise StoreError(f"replace {path}: {_describe(failed[0])}")
         if self._call(f"exists {path}", lambda: self.client.exists_async(path)) is None:
-            self._call(f"create {path}", lambda: self.client.create_async(path, data, acl=acl, ephemeral=True,
-                                                                           makepath=True))
+            self._call(f"create {path}",
+                       lambda: self.client.create_async(path, data, acl=acl, ephemeral=True, makepath=True))
 
     # ---- schema -----------------------------------------------------------------------------
 
