@@ -21,9 +21,12 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
       # How this daemon reaches a peer, rendered with the peer's {node} name and its published
       # {address}: libvirt_uri_template is the libvirt connection for a peer-to-peer migration
       # there, transport_uri_template the address QEMU streams memory to. No URI is ever read
-      # from ZooKeeper.
-      libvirt_uri_template: "qemu+tcp://{address}/system"
+      # from ZooKeeper. tls: live migrations ask for VIR_MIGRATE_TLS (QEMU's memory stream in
+      # TLS, with the certificates of qemu.conf's migrate_tls_x509_cert_dir); off only with a
+      # libvirt set up without TLS (docs/security.md).
+      libvirt_uri_template: "qemu+tls://{address}/system"
       transport_uri_template: "tcp://{address}"
+      tls: true
       address: null                    # published for peers (IP address or host name; default: node name)
       step_timeout_s: 60               # how long a side waits for its peer's next step
       live_timeout_base_s: 60          # live migration completion timeout = base + per_gib * GiB
@@ -91,8 +94,9 @@ class Config:
     zookeeper: ConnectionOptions
     libvirt_uri: str = "qemu:///system"
     libvirt_call_timeout_s: float = 30.0
-    libvirt_uri_template: str = "qemu+tcp://{address}/system"
+    libvirt_uri_template: str = "qemu+tls://{address}/system"
     transport_uri_template: str = "tcp://{address}"
+    migration_tls: bool = True
     address: str | None = None
     step_timeout_s: float = 60.0
     live_timeout_base_s: float = 60.0
@@ -337,8 +341,9 @@ def parse_config(data: Any, source: str = "") -> Config:
         zookeeper=options,
         libvirt_uri=lv.get("uri", "str", "qemu:///system"),
         libvirt_call_timeout_s=lv.get("call_timeout_s", "float", 30.0, minimum=1),
-        libvirt_uri_template=mig.get("libvirt_uri_template", "str", "qemu+tcp://{address}/system"),
+        libvirt_uri_template=mig.get("libvirt_uri_template", "str", "qemu+tls://{address}/system"),
         transport_uri_template=mig.get("transport_uri_template", "str", "tcp://{address}"),
+        migration_tls=mig.get("tls", "bool", True),
         address=mig.get("address", "str", None),
         step_timeout_s=mig.get("step_timeout_s", "float", 60.0, minimum=1),
         live_timeout_base_s=mig.get("live_timeout_base_s", "float", 60.0, minimum=1),

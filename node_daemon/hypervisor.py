@@ -65,7 +65,9 @@ Design
 * **Migration** (``migrate()``): peer-to-peer ``migrateToURI3`` by default, or managed ``migrate3``
   over a short-lived connection to ``dest_uri``. ``migration_uri`` goes into
   ``VIR_MIGRATE_PARAM_URI`` (needed when libvirt would otherwise resolve the destination's
-  hostname to the wrong address, as in the lab whose hosts share one kernel).
+  hostname to the wrong address, as in the lab whose hosts share one kernel). ``tls=True`` adds
+  ``VIR_MIGRATE_TLS``: QEMU's memory stream goes over TLS, and the source's QEMU checks that the
+  target's certificate names the host of ``migration_uri``.
   ``PERSIST_DEST | UNDEFINE_SOURCE`` are set only for persistent domains (the daemon normally runs
   transient domains created from the XML in ZooKeeper). A maximum downtime is applied with
   ``migrateSetMaxDowntime`` on the source domain *just before* the migration starts: QEMU keeps the
@@ -1206,6 +1208,7 @@ class Hypervisor:
         timeout_s: float = 600.0,
         setup: MigrationSetup | None = None,
         auto_converge: bool = False,
+        tls: bool = False,
     ) -> None:
         """Migrate a running domain to dest_uri (see the module docstring).
 
@@ -1216,6 +1219,9 @@ class Hypervisor:
         what ``prepare_migration()`` made earlier; made again here unless it is still current.
         ``auto_converge``: QEMU may throttle the guest's vCPUs, more at each pass, until the
         migration converges (VIR_MIGRATE_AUTO_CONVERGE; the VM's ``migration_auto_converge``).
+        ``tls``: QEMU streams the memory over TLS (VIR_MIGRATE_TLS; both libvirtds need the
+        certificates of qemu.conf's ``migrate_tls_x509_cert_dir``, and the target's must name the
+        address of ``migration_uri``, which the source checks).
         """
         params: dict[str, Any] = {}
         if migration_uri:
@@ -1228,6 +1234,8 @@ class Hypervisor:
             flags |= libvirt.VIR_MIGRATE_PEER2PEER
         if auto_converge:
             flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if tls:
+            flags |= libvirt.VIR_MIGRATE_TLS
         if setup.persistent:
             flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 

@@ -580,7 +580,7 @@ class MigrationAgent:
         try:
             self.hypervisor.migrate(uuid, dest_uri, migration_uri=transport_uri or None,
                                     live=True, peer_to_peer=True, max_downtime_ms=meta.migration_max_downtime_ms,
-                                    auto_converge=meta.migration_auto_converge,
+                                    auto_converge=meta.migration_auto_converge, tls=self.config.migration_tls,
                                     timeout_s=timeout_s, setup=setup)
         except HypervisorError as exc:
             return exc

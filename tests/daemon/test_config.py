@@ -28,8 +28,15 @@ def test_minimal_config_gets_documented_defaults():
     assert config.shutdown_timeout_s == 180.0 and config.flush_parallel == 2
     assert config.default_selector == "mem" and config.memory_reserve_mib == 1024
     assert config.metrics_enabled is False and config.debug is False
-    assert config.advertised_libvirt_uri == "qemu+tcp://node1/system"
+    assert config.advertised_libvirt_uri == "qemu+tls://node1/system"   # TLS between nodes by default
     assert config.advertised_transport_uri == "tcp://node1"
+    assert config.migration_tls is True                                  # VIR_MIGRATE_TLS
+
+
+def test_migration_tls_is_a_boolean():
+    assert parse_config(with_(migration={"tls": False})).migration_tls is False
+    with pytest.raises(ConfigError, match=r"migration.tls: 'no' is not a boolean \(accepted: true or false\)"):
+        parse_config(with_(migration={"tls": "no"}))
 
 
 def test_a_secure_config_names_three_identities_and_an_insecure_one_must_say_so():

@@ -47,7 +47,7 @@ def test_registration_states_and_orderly_stop(cluster):
     assert cluster.store.read(schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flushed"
     assert cluster.store.exists(schema.node_key("node1", S.NODE_ALIVE))
     assert float(cluster.store.read(schema.node_key("node1", S.NODE_KEEPALIVE))) > 0
-    assert cluster.store.read(schema.node_key("node1", S.NODE_LIBVIRT_URI)).startswith("qemu+tcp://node1")
+    assert cluster.store.read(schema.node_key("node1", S.NODE_LIBVIRT_URI)).startswith("qemu+tls://node1")
     # what the modules check a VM's vCPUs against: the host XML's 1 socket x 4 cores x 2 threads
     assert cluster.store.read(schema.node_key("node1", S.NODE_CPUTOTAL)) == "8"
     assert cluster.store.read(schema.node_key("node1", S.NODE_ADDRESS)) == "node1"

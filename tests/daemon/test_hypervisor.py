@@ -627,6 +627,16 @@ def test_migrate_with_auto_converge_asks_libvirt_for_it(hv, make_domain_xml, rec
     assert all(f & libvirt.VIR_MIGRATE_LIVE for f in flags)
 
 
+def test_migrate_with_tls_asks_libvirt_for_it(hv, make_domain_xml, record_migration):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    hv.migrate(uuid, "qemu+tls://10.77.0.2/system", migration_uri="tcp://10.77.0.2", tls=True)
+    hv.migrate(uuid, "qemu+tls://10.77.0.2/system", migration_uri="tcp://10.77.0.2")
+    flags = [call[3] for call in record_migration if call[0] == "p2p"]
+    assert [bool(f & libvirt.VIR_MIGRATE_TLS) for f in flags] == [True, False]   # only when asked
+    assert all(f & libvirt.VIR_MIGRATE_LIVE and f & libvirt.VIR_MIGRATE_PEER2PEER for f in flags)
+
+
 def test_migrate_offline_style_flags(hv, make_domain_xml, record_migration):
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)

@@ -293,7 +293,7 @@ def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_a
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     assert (record.step, record.method, record.method_used) == ("transferred", "default", "shutdown")
-    assert record.fallback_reason   # n2 published no address: tried at qemu+tcp://n2/system, by its name
+    assert record.fallback_reason   # n2 published no address: tried at qemu+tls://n2/system, by its name
 
 
 @pytest.fixture
@@ -327,7 +327,7 @@ def test_a_live_transfer_starts_with_the_libvirt_setup_made_at_requested(live_so
     assert calls == [("downtime", 250)]
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    assert calls == [("downtime", 250), ("p2p", "qemu+tcp://10.77.0.2/system")]
+    assert calls == [("downtime", 250), ("p2p", "qemu+tls://10.77.0.2/system")]
     record, _ = record_of(store, uuid)
     assert (record.step, record.method_used) == ("transferred", "live")
 
@@ -341,7 +341,7 @@ def test_a_downtime_changed_after_requested_is_applied_at_the_transfer(live_sour
     store.write({downtime: 500})
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    assert calls == [("downtime", 250), ("downtime", 500), ("p2p", "qemu+tcp://10.77.0.2/system")]
+    assert calls == [("downtime", 250), ("downtime", 500), ("p2p", "qemu+tls://10.77.0.2/system")]
 
 
 @pytest.mark.parametrize("stored, expected", [(None, False), ("true", True), ("false", False), ("maybe", False)])
@@ -361,6 +361,33 @@ def test_the_vms_auto_converge_meta_reaches_the_live_migration(live_source, monk
     assert reported == ([store.schema.domain_meta(uuid, S.META_MIGRATION_AUTO_CONVERGE)] if stored == "maybe" else [])
 
 
+@pytest.mark.parametrize("sections, expected", [({}, True), ({"migration": {"tls": True}}, True),
+                                                ({"migration": {"tls": False}}, False)])
+def test_a_live_migration_asks_for_tls_as_the_daemon_is_configured(live_source, make_agent, monkeypatch,
+                                                                    sections, expected):
+    # migration.tls (default true): QEMU's memory stream goes over TLS (VIR_MIGRATE_TLS), to the
+    # target at the default qemu+tls:// template; false only for a libvirt set up without TLS.
+    store, uuid, source, _calls = live_source
+    seen = []
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
+                        lambda self, dconnuri, params, f=0: seen.append((dconnuri, params, f)) or 0)
+    if sections:
+        source.hypervisor.close()   # the same node, configured otherwise
+        source = make_agent("n1", **sections)
+        source.hypervisor.create(store.read(store.schema.domain_key(uuid, S.DOMAIN_XML)))
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    rewrite_record(store, uuid, step="prepared")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    assert len(seen) == 1, seen
+    dconnuri, params, flags = seen[0]
+    assert (dconnuri, params) == ("qemu+tls://10.77.0.2/system", {libvirt.VIR_MIGRATE_PARAM_URI: "tcp://10.77.0.2"})
+    assert bool(flags & libvirt.VIR_MIGRATE_TLS) == expected
+    assert flags & libvirt.VIR_MIGRATE_LIVE and flags & libvirt.VIR_MIGRATE_PEER2PEER
+    record, _ = record_of(store, uuid)
+    assert (record.step, record.method_used) == ("transferred", "live")
+
+
 @pytest.mark.parametrize("stored", ["3000000", "1" + "0" * 30])
 def test_a_stored_downtime_beyond_qemus_limit_is_never_handed_to_libvirt(live_source, stored):
     # Beyond QEMU's 2000 s (or libvirt's 64 bits: 10**30 raised OverflowError in the source daemon
@@ -371,7 +398,7 @@ def test_a_stored_downtime_beyond_qemus_limit_is_never_handed_to_libvirt(live_so
     source.handle(uuid, record_of(store, uuid), local_state="running")
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    assert calls == [("downtime", 300), ("p2p", "qemu+tcp://10.77.0.2/system")]
+    assert calls == [("downtime", 300), ("p2p", "qemu+tls://10.77.0.2/system")]
     record, _ = record_of(store, uuid)
     assert (record.step, record.method_used) == ("transferred", "live")
     assert list(source.invalid.reported()) == [store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS)]
@@ -448,7 +475,7 @@ def test_a_live_migration_goes_to_the_uri_built_from_the_targets_address(live_so
     source.handle(uuid, record_of(store, uuid), local_state="running")
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    assert ("p2p", "qemu+tcp://10.77.0.2/system") in calls and not marker_uri[1].exists()
+    assert ("p2p", "qemu+tls://10.77.0.2/system") in calls and not marker_uri[1].exists()
 
 
 # ---- a peer that is alive but cannot act; a libvirt that cannot be asked (issue #12) ------------
