@@ -12,7 +12,8 @@ The same running VM goes between the same two lab hosts, alternately:
   the submission to the VM running on the target, as the target records it (the `done` step,
   stamped when the target has seen libvirt run the VM there); the time the
   planning reads took and the time until the record is gone are kept too;
-* by `virsh migrate --live --p2p` with the same transport address, timed from
+* by `virsh migrate --live --p2p --tls` with the same transport address (TLS, as the daemons
+  migrate in the lab), timed from
   the command's start to the VM running on the target, as the target's libvirtd reports it (its
   `resumed` lifecycle event, which comes before the command returns: the source still cleans
   up), so that both sides are timed to the same point; the command's own duration is kept too.
@@ -138,8 +139,8 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list[flo
             with Hypervisor(dst.libvirt_uri, call_timeout_s=30) as libvirt_there:
                 libvirt_there.add_lifecycle_listener(on_event)
                 started_wall, started = time.time(), time.perf_counter()
-                subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", *flags, uuid,
-                                dst.libvirt_tcp_uri, dst.migration_uri], check=True, capture_output=True,
+                subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", "--tls", *flags, uuid,
+                                dst.libvirt_tls_uri, dst.migration_uri], check=True, capture_output=True,
                                timeout=900 if busy else 300)
                 series["virsh_command"].append(time.perf_counter() - started)
                 if not arrived.wait(30):
@@ -265,8 +266,8 @@ def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict[str, float
 
         def move(share: list[str]) -> None:
             for uuid in share:
-                subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", "--auto-converge",
-                                uuid, dst.libvirt_tcp_uri, dst.migration_uri], check=True, capture_output=True,
+                subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", "--tls", "--auto-converge",
+                                uuid, dst.libvirt_tls_uri, dst.migration_uri], check=True, capture_output=True,
                                timeout=1800)
 
         shares = [uuids[i::parallel] for i in range(parallel)]

@@ -1,9 +1,11 @@
 """One pvc-node-daemon per lab host, and the test side of a cluster running in the lab.
 
 * ``LabDaemon``: ``ip netns exec lab-nK setpriv --pdeathsig KILL <venv python> -m pvc_node_daemon
-  --config FILE`` for one host, with ``libvirt.uri`` = the host's libvirtd (its unix socket),
+  --config FILE`` for one host (in a mount namespace of its own where ``/etc/pki`` is the
+  host's certificates, lab.py), with ``libvirt.uri`` = the host's libvirtd (its unix socket),
   ``zookeeper.hosts`` = the lab's ensemble and ``migration.address`` = the host's lab address, so
-  that it publishes ``qemu+tcp://10.77.0.K/system`` and ``tcp://10.77.0.K``. ``ip`` and
+  that it publishes ``qemu+tls://10.77.0.K/system`` and ``tcp://10.77.0.K`` and migrates with
+  ``VIR_MIGRATE_TLS`` (the defaults). ``ip``, ``unshare``, ``sh`` and
   ``setpriv`` exec(), so the PID we hold *is* the daemon's: ``stop()`` sends it SIGTERM, ``kill()``
   SIGKILL, by that PID only; and the daemon dies with pytest should pytest itself be killed.
   Config and log live in the lab workdir (``WORKDIR/daemons/<cluster>/nodeK.{yaml,log}``).
@@ -169,11 +171,15 @@ class LabDaemon:
         with open(self.log_path, "ab") as out:
             out.write(f"\n===== start {self.starts} {time.strftime('%H:%M:%S')} env {env or {}} =====\n".encode())
             out.flush()
-            # ip and setpriv exec(), so the PID is the daemon's. setpriv --pdeathsig: if pytest
-            # itself is killed (a CI timeout), the daemon dies with it instead of lingering in a
-            # lab namespace, where it would make the next `lab up` refuse to clean up.
+            # ip, unshare, sh and setpriv exec(), so the PID is the daemon's. setpriv --pdeathsig:
+            # if pytest itself is killed (a CI timeout), the daemon dies with it instead of
+            # lingering in a lab namespace, where it would make the next `lab up` refuse to clean
+            # up. A mount namespace of its own shows it the host's /etc/pki, as on a node: its
+            # libvirt client presents the host's certificate when it asks a peer's libvirtd
+            # (qemu+tls://, the default template) where a VM runs.
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.host.netns, "setpriv", "--pdeathsig", "KILL",
+                ["ip", "netns", "exec", self.host.netns, "unshare", "--mount", "--propagation", "private",
+                 "sh", "-c", 'mount --bind "$0" /etc/pki && exec setpriv --pdeathsig KILL "$@"', str(self.host.pki_dir),
                  sys.executable, "-m", "pvc_node_daemon", "--config", str(self.config_path)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, cwd=REPO_ROOT,
             )

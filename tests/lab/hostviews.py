@@ -181,6 +181,9 @@ class HostView:
         host_etc = self.host.dir / "etc"
         if host_etc.is_dir():   # the directory the host's libvirtd reads as /etc/libvirt
             script += ["mkdir -p /etc/libvirt", f"mount --bind {shlex.quote(str(host_etc))} /etc/libvirt"]
+        host_pki = self.host.pki_dir
+        if host_pki.is_dir():   # the certificates the host's libvirtd and QEMU read as /etc/pki
+            script += ["mkdir -p /etc/pki", f"mount --bind {shlex.quote(str(host_pki))} /etc/pki"]
         if lab.hosts_file.exists():
             script.append(f"mount --bind {shlex.quote(str(lab.hosts_file))} /etc/hosts")
         for ns_file in (self.mnt, self.uts):
@@ -240,6 +243,11 @@ class HostViews:
     @property
     def inventory_file(self) -> Path:
         return self.base / "inventory.yml"
+
+    @property
+    def cluster_ca_dir(self) -> Path:
+        """The cluster CA the libvirt role creates on the controller (pvc_cluster_ca_dir)."""
+        return self.base / "cluster-ca"
 
     @property
     def collections_dir(self) -> Path:
@@ -539,9 +547,9 @@ class HostViews:
             return self._restart_libvirtd(self.view(host))
 
     def _restart_libvirtd(self, view: HostView) -> str:
-        etc = view.host.dir / "etc"
-        files = sorted(p for p in etc.rglob("*") if p.is_file())
-        key = _sha(*[str(p.relative_to(etc)).encode() + b"\0" + p.read_bytes() for p in files])
+        # what the libvirt role renders: /etc/libvirt and the certificates in /etc/pki
+        files = sorted(p for sub in ("etc", "pki") for p in (view.host.dir / sub).rglob("*") if p.is_file())
+        key = _sha(*[str(p.relative_to(view.host.dir)).encode() + b"\0" + p.read_bytes() for p in files])
         stamp = self.base / f"libvirtd-{view.host.name}.key"
         if stamp.exists() and stamp.read_text() == key:
             return "unchanged"

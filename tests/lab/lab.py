@@ -22,8 +22,15 @@ SIGKILLs every process in the host's namespace at once (daemon, libvirtd and its
 and empties its /run/libvirt, as a power cycle does, except the host's ZooKeeper member (the ensemble stands for the cluster's own ZooKeeper servers and
 keeps its quorum), on starts the host's libvirtd again. The node daemon is the test's to start.
 
-LAB ONLY: libvirtd accepts unauthenticated clients on its unix socket and on TCP 10.77.0.K:16509
-(auth "none"), and QEMU runs as root without a security driver. Never use these settings elsewhere.
+Between hosts, libvirt runs as the libvirt role sets it up by default: libvirtd listens on TLS
+only (10.77.0.K:16514; its TCP socket is off), accepts a client certificate only when the lab's CA
+signed it and its DN is one of the lab's hosts (``tls_allowed_dn_list``), and QEMU refuses a
+migration without TLS (``migrate_tls_force``), so every live migration streams its memory over
+TLS. The lab's CA and each host's certificates are made at every `up` (pki.py) and each host's
+libvirtd sees its own as ``/etc/pki``.
+
+LAB ONLY: libvirtd accepts unauthenticated clients on its unix socket, and QEMU runs as root
+without a security driver. Never use these settings elsewhere.
 
 Every process the lab starts is recorded in WORKDIR/lab.json (PID plus kernel start time, so a
 reused PID is never mistaken for ours): per host a ZooKeeper JVM, a libvirtd, and reaper.py, the
@@ -56,13 +63,16 @@ from collections.abc import Callable, Iterable
 
 from tests.support.zookeeper import Peer, ZooKeeperServer
 
+from . import pki
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REAPER = Path(__file__).resolve().parent / "reaper.py"
 STATE_VERSION = 1
 LAB_NET = "10.77.0"
 CTL_ADDRESS = f"{LAB_NET}.254"
 ZK_PORT = 2181
-LIBVIRT_TCP_PORT = 16509
+LIBVIRT_TCP_PORT = 16509   # libvirt's plain TCP socket: not listening (tests check it stays closed)
+LIBVIRT_TLS_PORT = 16514
 LIBVIRTD = "/usr/sbin/libvirtd"
 QEMU = "/usr/bin/qemu-system-x86_64"
 SWITCH_BRIDGE = "br-lab"
@@ -73,26 +83,29 @@ LIBVIRT_MOUNTS = {
     "lib": "/var/lib/libvirt",
     "cache": "/var/cache/libvirt",
     "log": "/var/log/libvirt",
+    "pki": "/etc/pki",   # the host's certificates (pki.py), where libvirtd and QEMU look by default
 }
 # what `down` removes from a host directory (logs stay for post-mortems until the next `up`)
-RUNTIME_DIRS = ("etc", "run", "lib", "cache", "sock")
+RUNTIME_DIRS = ("etc", "run", "lib", "cache", "sock", "pki")
 CAPS_SUBDIR = Path("qemu") / "capabilities"
 UNIX_PATH_MAX = 107
 
 LIBVIRTD_CONF = """\
-# pvc.cluster lab, host {name}. LAB ONLY: no authentication on the unix socket nor on TCP.
-# The TCP listener is bound to {address}, an address that exists only inside the lab's
-# network namespaces.
+# pvc.cluster lab, host {name}. LAB ONLY: no authentication on the unix socket.
+# Peers reach it over TLS on {address} (an address that exists only inside the lab's network
+# namespaces) with a client certificate of one of the lab's hosts; no plain TCP socket.
 unix_sock_dir = "{sock}"
 unix_sock_ro_perms = "0777"
 unix_sock_rw_perms = "0700"
 auth_unix_ro = "none"
 auth_unix_rw = "none"
-listen_tls = 0
-listen_tcp = 1
+listen_tls = 1
+listen_tcp = 0
 listen_addr = "{address}"
-tcp_port = "{tcp_port}"
-auth_tcp = "none"
+tls_port = "{tls_port}"
+auth_tls = "none"
+tls_no_verify_certificate = 0
+tls_allowed_dn_list = [ {allowed_dns} ]
 host_uuid = "{host_uuid}"
 log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 """
@@ -107,6 +120,7 @@ security_driver = "none"
 stdio_handler = "file"
 cgroup_controllers = [ ]
 namespaces = [ ]
+migrate_tls_force = 1
 """
 
 
@@ -316,9 +330,15 @@ class LabHost:
         return f"qemu+unix:///system?socket={self.libvirt_socket}"
 
     @property
-    def libvirt_tcp_uri(self) -> str:
-        """Reaches this host's libvirtd from inside the lab namespaces only."""
-        return f"qemu+tcp://{self.address}/system"
+    def libvirt_tls_uri(self) -> str:
+        """How a peer's libvirtd reaches this host's (the node daemon's default template): from
+        inside the lab namespaces only, with a client certificate of a lab host."""
+        return f"qemu+tls://{self.address}/system"
+
+    def libvirt_tls_uri_as(self, client: str) -> str:
+        """libvirt_tls_uri for a client process outside the hosts' mount namespaces, presenting
+        the certificate of ``client`` (pki.CLIENTS: node1, controller, foreign)."""
+        return f"{self.libvirt_tls_uri}?pkipath={self.lab.pki_clients_dir / client}"
 
     @property
     def migration_uri(self) -> str:
@@ -334,6 +354,11 @@ class LabHost:
     def zk_hosts(self) -> str:
         """The whole ensemble's connection string (reachable from lab namespaces only)."""
         return self.lab.zk_hosts
+
+    @property
+    def pki_dir(self) -> Path:
+        """This host's /etc/pki as its libvirtd (and its Ansible view) sees it."""
+        return self.dir / "pki"
 
     @property
     def libvirtd_pidfile(self) -> Path:
@@ -497,6 +522,16 @@ class Lab:
     def hosts_file(self) -> Path:
         """/etc/hosts as the hosts' libvirtds see it (nodeK -> 10.77.0.K)."""
         return self.workdir / "hosts"
+
+    @property
+    def pki_clients_dir(self) -> Path:
+        """The tests' libvirt client certificates (pki.py: pkipath directories)."""
+        return self.workdir / "pki" / "clients"
+
+    @property
+    def libvirt_allowed_dns(self) -> list[str]:
+        """The client DNs every host's libvirtd accepts: the lab's hosts'."""
+        return [pki.distinguished_name(h.name) for h in self.hosts]
 
     def host(self, index: int) -> LabHost:
         """Host by its 1-based number (node1 = host(1))."""
@@ -670,6 +705,8 @@ class Lab:
             + "".join(f"{h.address} {h.name}\n" for h in self.hosts)
             + f"{CTL_ADDRESS} controller\n"
         )
+        ca = pki.Authority.create(f"pvc.cluster lab CA {self.prefix}")
+        allowed_dns = ", ".join(f'"{dn}"' for dn in self.libvirt_allowed_dns)
         for h in self.hosts:
             if h.dir.exists():
                 shutil.rmtree(h.dir)
@@ -680,16 +717,21 @@ class Lab:
                     name=h.name,
                     address=h.address,
                     sock=h.libvirt_socket.parent,
-                    tcp_port=LIBVIRT_TCP_PORT,
+                    tls_port=LIBVIRT_TLS_PORT,
+                    allowed_dns=allowed_dns,
                     host_uuid=h.host_uuid,
                 )
             )
+            pki.write_host_pki(ca, h.pki_dir, h.name, h.address)
             (h.dir / "etc" / "qemu.conf").write_text(QEMU_CONF)
             if cached:
                 caps = h.dir / "cache" / CAPS_SUBDIR
                 caps.mkdir(parents=True)
                 for f in cached:
                     shutil.copy2(f, caps / f.name)
+        if self.pki_clients_dir.parent.exists():
+            shutil.rmtree(self.pki_clients_dir.parent)
+        pki.write_client_dirs(ca, self.pki_clients_dir, self.hosts[0].pki_dir)
         return bool(cached)
 
     def _start_libvirtd(self, h: LabHost) -> None:
@@ -839,6 +881,7 @@ class Lab:
             for sub in RUNTIME_DIRS:
                 shutil.rmtree(h / sub, ignore_errors=True)
             shutil.rmtree(h / "zk" / "data", ignore_errors=True)
+        shutil.rmtree(self.pki_clients_dir.parent, ignore_errors=True)
         self._state = None
 
         if foreign:

@@ -32,7 +32,7 @@ def test_every_daemon_registers_runs_and_stops_without_touching_guests(lab_clust
         assert node_key(cluster, node, S.NODE_DOMAIN_STATE) == "flushed"   # a new node takes no VMs yet
         assert cluster.store.exists(cluster.schema.node_key(node, S.NODE_ALIVE))
         # what peers use to reach this host: its own lab address, never a name or loopback
-        assert node_key(cluster, node, S.NODE_LIBVIRT_URI) == f"qemu+tcp://{h.address}/system"
+        assert node_key(cluster, node, S.NODE_LIBVIRT_URI) == f"qemu+tls://{h.address}/system"
         assert node_key(cluster, node, S.NODE_TRANSPORT_URI) == f"tcp://{h.address}"
         assert int(node_key(cluster, node, S.NODE_MEMTOTAL)) > 0
         assert float(node_key(cluster, node, S.NODE_KEEPALIVE)) > 0

@@ -99,16 +99,79 @@ def test_each_host_runs_its_own_libvirtd(lab):
             assert conn.getHostname() == h.name
         finally:
             conn.close()
-    # the TCP listeners, from the controller namespace
+    # the TLS listeners, from the controller namespace, with a lab host's client certificate
     code = "import libvirt, sys; print(' '.join(libvirt.open(u).getHostname() for u in sys.argv[1:]))"
-    out = lab.ctl_python(code, *[h.libvirt_tcp_uri for h in lab.hosts], timeout=60).stdout.split()
+    out = lab.ctl_python(code, *[h.libvirt_tls_uri_as("node1") for h in lab.hosts], timeout=60).stdout.split()
     assert out == [h.name for h in lab.hosts]
+
+
+TLS_CLIENT_SNIPPET = """
+import json, socket, ssl, sys
+import libvirt
+libvirt.registerErrorHandler(lambda _c, _e: None, None)
+address, tcp_port, tls_port, clients = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+answers = {}
+# libvirt's own client, with a lab host's certificate and with one of the CA that is no lab host's
+for name in ("node1", "controller"):
+    try:
+        conn = libvirt.open(f"qemu+tls://{address}/system?pkipath={clients}/{name}")
+        answers[name] = "connected to " + conn.getHostname()
+        conn.close()
+    except libvirt.libvirtError as exc:
+        answers[name] = "refused: " + (exc.get_error_message() or str(exc))
+# a raw TLS client (libvirt's client would not even present a certificate of another CA): the
+# server ends the connection once it has checked the certificate, or when there is none
+for name in ("foreign", "no certificate"):
+    context = ssl.create_default_context(cafile=f"{clients}/node1/cacert.pem")
+    if name != "no certificate":
+        context.load_cert_chain(f"{clients}/{name}/clientcert.pem", f"{clients}/{name}/clientkey.pem")
+    try:
+        with socket.create_connection((address, tls_port), timeout=30) as raw:
+            with context.wrap_socket(raw, server_hostname=address) as tls:
+                tls.sendall(b"\\0" * 28)
+                answers[name] = "open" if tls.recv(1) else "closed by the server"
+    except (ssl.SSLError, ConnectionError) as exc:
+        answers[name] = "closed by the server: " + type(exc).__name__
+    except TimeoutError:
+        answers[name] = "open (no answer within 30 s)"
+try:
+    socket.create_connection((address, tcp_port), timeout=10).close()
+    answers["tcp"] = "open"
+except OSError as exc:
+    answers["tcp"] = "closed: " + type(exc).__name__
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.lab
+def test_libvirtd_takes_only_tls_clients_with_a_lab_hosts_certificate(lab):
+    """libvirtd's TLS socket takes a lab host's certificate; it refuses one the lab's CA signed for
+    a name that is not a lab host's (tls_allowed_dn_list), one of another CA (with a lab host's
+    DN) and a client without a certificate; the plain TCP socket does not listen. From the
+    controller namespace, like any other machine on the cluster network."""
+    from .lab import LIBVIRT_TCP_PORT, LIBVIRT_TLS_PORT
+
+    h = lab.host(2)
+    answers = json.loads(lab.ctl_python(TLS_CLIENT_SNIPPET, h.address, str(LIBVIRT_TCP_PORT), str(LIBVIRT_TLS_PORT),
+                                        str(lab.pki_clients_dir), timeout=120).stdout)
+    assert answers["node1"] == "connected to node2", answers
+    assert answers["controller"].startswith("refused"), answers
+    assert answers["foreign"].startswith("closed by the server"), answers
+    assert answers["no certificate"].startswith("closed by the server"), answers
+    assert answers["tcp"] == "closed: ConnectionRefusedError", answers
+    log = h.libvirtd_log.read_text(errors="replace")
+    # each refused for its own reason, by the server
+    for reason in ("not on the list of allowed clients (tls_allowed_dn_list)",   # the controller's
+                   "The certificate hasn't got a known issuer",                   # the foreign one
+                   "No certificate was found"):
+        assert reason in log, log
 
 
 @pytest.mark.lab
 def test_live_migration_host1_to_host2(lab, lab_guest, lab_guests):
     """A real guest with its disk on the shared storage migrates live between two hosts' libvirtds
-    (libvirt refuses a live migration unless every disk is shared), and goes on ticking there."""
+    (libvirt refuses a live migration unless every disk is shared) over TLS (libvirt's connection
+    and QEMU's stream; one without VIR_MIGRATE_TLS is refused), and goes on ticking there."""
     h1, h2 = lab.host(1), lab.host(2)
     started = time.time()
     dom = lab_guest(h1, name="smoke-migrate")
@@ -116,10 +179,15 @@ def test_live_migration_host1_to_host2(lab, lab_guest, lab_guests):
     assert not dom.isPersistent()
     lab_guests.collector.wait_ticking("smoke-migrate", host="node1", since=started)   # booted
 
+    # the lab's QEMUs refuse a migration without TLS (migrate_tls_force): nothing moves
+    with pytest.raises(libvirt.libvirtError, match="TLS"):
+        dom.migrateToURI3(h2.libvirt_tls_uri, {libvirt.VIR_MIGRATE_PARAM_URI: h2.migration_uri},
+                          libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     dom.migrateToURI3(
-        h2.libvirt_tcp_uri,
+        h2.libvirt_tls_uri,
         {libvirt.VIR_MIGRATE_PARAM_URI: h2.migration_uri},
-        libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER,
+        libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_TLS,
     )
 
     c1, c2 = h1.connect(), h2.connect()
