@@ -258,6 +258,12 @@ class HostViews:
         return self.base / "processes.json"
 
     @property
+    def zookeeper_ca_dir(self) -> Path:
+        """The zookeeper role's cluster CA on the controller (zookeeper_tls_ca_dir): ca.pem is the CA
+        certificate that clients of the role's ensembles trust."""
+        return self.base / "zookeeper-ca"
+
+    @property
     def play_vars_file(self) -> Path:
         """Extra variables every run gets: play keywords (serial) cannot see inventory variables."""
         return self.base / "play-vars.yml"
@@ -332,6 +338,9 @@ class HostViews:
             "zookeeper_install_packages": False,
             "zookeeper_service_manager": "none",
             "zookeeper_tick_time_ms": 500,
+            # the cluster CA the role creates (its key, the members' keys and key stores) stays in the
+            # lab's views, on the controller
+            "zookeeper_tls_ca_dir": str(self.zookeeper_ca_dir),
             # libvirt: the lab's libvirtd, reconfigured by the role (restarted by the lab hook).
             # LAB ONLY: no authentication on the unix socket; TCP auth none on the lab network.
             "libvirt_install_packages": False,

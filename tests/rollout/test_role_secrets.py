@@ -24,6 +24,10 @@ ROLES = REPO_ROOT / "roles"
 SECRET_NAME = re.compile(r"(password|passphrase|secret|token|_key)$")
 # controller files whose content is a secret (the role copies them to the node)
 SECRET_FILES = {"libvirt_tls_server_key", "libvirt_tls_client_key"}
+# controller files holding a private key that the role reads (in a no_log task) into a key store it
+# installs: option -> (the option of the CA certificate, the option of the certificate). They need a
+# real key: the test makes one, and its first line of base64 is the marker.
+KEY_STORE_FILES = {"zookeeper_tls_key": ("zookeeper_tls_ca_cert", "zookeeper_tls_cert")}
 # names that look secret and are not: option -> why
 NOT_SECRET = {
     "node_daemon_zookeeper_tls_key": "a path on the node; the role neither reads nor copies the key",
@@ -38,7 +42,10 @@ RENDERED = {
     "libvirt_sasl_password": "/etc/libvirt-secrets-sasl/auth.conf",
     "libvirt_tls_server_key": "/etc/pki-secrets-tls/libvirt/private/serverkey.pem",
     "libvirt_tls_client_key": "/etc/pki-secrets-tls/libvirt/private/clientkey.pem",
+    "zookeeper_tls_keystore_password": "/etc/zookeeper/secrets/tls/keystore.pass",
 }
+# where the key of each KEY_STORE_FILES option ends up (a PKCS#12 key store, with the password above)
+KEY_STORES = {"zookeeper_tls_key": ("/etc/zookeeper/secrets/tls/keystore.p12", "zookeeper_tls_keystore_password")}
 # settings the secrets need to be used at all
 # (a secured daemon needs its three identities: the operator's is a digest id, not a secret)
 _NODE_DAEMON_AUTH = {"node_daemon_zookeeper_username": "pvc", "node_daemon_insecure": False,
@@ -76,18 +83,22 @@ def test_every_option_named_like_a_secret_is_treated_as_one():
     unclassified = []
     for role, options in role_options().items():
         for name, spec in options.items():
-            if SECRET_NAME.search(name) and not spec.get("no_log") and name not in SECRET_FILES | NOT_SECRET.keys():
+            if (SECRET_NAME.search(name) and not spec.get("no_log")
+                    and name not in SECRET_FILES | KEY_STORE_FILES.keys() | NOT_SECRET.keys()):
                 unclassified.append(f"{role}: {name}")
     assert not unclassified, (
         "options that look like secrets: mark them no_log: true in meta/argument_specs.yml (a value), add them to "
         f"SECRET_FILES (a file whose content is secret) or to NOT_SECRET with the reason: {unclassified}")
     assert set(RENDERED) == set().union(*secret_options()), "RENDERED must say where each secret ends up"
+    assert set(KEY_STORES) == set(KEY_STORE_FILES), "KEY_STORES must say where each key store file ends up"
 
 
-def _secrets_vars(tmp_path: Path, round_: str, host: str) -> tuple[Path, list[str]]:
+def _secrets_vars(tmp_path: Path, round_: str, host) -> tuple[Path, list[str]]:
     """An extra-vars file setting every secret to a fresh marker; the markers."""
+    from tests.support.tls import make_tls_material
+
     values, files = secret_options()
-    markers, extra = [], {"secrets_host": host}
+    markers, extra = [], {"secrets_host": host.name, "secrets_ca_dir": str(tmp_path / round_ / "zookeeper-ca")}
     for name in sorted(values):
         marker = f"S3CRET-{round_}-{name}-{uuid.uuid4().hex[:8]}"
         markers.append(marker)
@@ -105,6 +116,11 @@ def _secrets_vars(tmp_path: Path, round_: str, host: str) -> tuple[Path, list[st
         path = directory / f"{name}.pem"
         path.write_text(f"-----BEGIN PRIVATE KEY-----\n{marker}\n-----END PRIVATE KEY-----\n")
         extra[name] = str(path)
+    for name, (ca_option, cert_option) in sorted(KEY_STORE_FILES.items()):
+        material = make_tls_material(directory / name, names=(host.name,), ips=(host.address,))
+        markers.append(material.client_key.read_text().splitlines()[1])
+        extra.update({name: str(material.client_key), ca_option: str(material.ca_cert),
+                      cert_option: str(material.client_cert)})
     path = directory / "secrets.yml"
     path.write_text(yaml.safe_dump(extra))
     return path, markers
@@ -117,7 +133,7 @@ def test_no_secret_appears_in_a_diff_run_of_any_role(cluster, tmp_path):
     assert values and files
     runs, all_markers = [], []
     for round_ in ("first", "rotated"):
-        extra, markers = _secrets_vars(tmp_path, round_, host.name)
+        extra, markers = _secrets_vars(tmp_path, round_, host)
         all_markers += markers
         run = cluster.playbook(PLAYBOOK, "--diff", "-v", "--extra-vars", f"@{extra}", json_output=False)
         assert run.returncode == 0, run.failures()
@@ -126,6 +142,13 @@ def test_no_secret_appears_in_a_diff_run_of_any_role(cluster, tmp_path):
         for name, path in RENDERED.items():
             marker = next(m for m in markers if f"-{name}-" in m)
             assert marker in (view.read_text(path) or ""), f"{name} was not rendered into {path}"
+        for name, (store, password_option) in KEY_STORES.items():
+            password = next(m for m in markers if f"-{password_option}-" in m)
+            given = yaml.safe_load(extra.read_text())[KEY_STORE_FILES[name][1]]
+            fingerprint = view.run(["openssl", "x509", "-in", given, "-noout", "-fingerprint"]).stdout
+            held = view.run(f"openssl pkcs12 -in {store} -passin env:P -nokeys -clcerts | openssl x509 -noout -fingerprint",
+                            env={"P": password, "PATH": "/usr/bin:/bin"})
+            assert held.stdout == fingerprint, f"{name}: {store} does not hold the given key's certificate"
     output = "\n".join((r.proc.stdout or "") + (r.proc.stderr or "") for r in runs)
     # --diff took effect: the files without secrets show their content
     assert "+++ after" in output and "server.1=" in output, output[-3000:]

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,25 +21,41 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 PLAYBOOKS = Path(__file__).resolve().parent / "playbooks"
 
 
-def test_zookeeper_role_files_form_an_ensemble(rolled_out, tmp_path):
-    cluster = rolled_out
+def test_zookeeper_role_files_form_an_ensemble(cluster, tmp_path):
+    """The role's defaults: a quorum over TLS (sslQuorum: each member checks its peers' certificates
+    and host names, from the cluster CA the role created), a TLS client port and no plaintext one,
+    and digest authentication enforced. A client without credentials reads nothing, one with a
+    wrong password neither reads nor writes what the operator secured, and the members'
+    certificates name their own hosts only."""
     views, lab = cluster.views, cluster.lab
     first = cluster.playbook(PLAYBOOKS / "zookeeper_check.yml")
     assert first.returncode == 0, first.failures()
     second = cluster.playbook(PLAYBOOKS / "zookeeper_check.yml")
     assert second.returncode == 0, second.failures()
     assert set(second.changed().values()) == {0}, second.changed_tasks()
+    ca = views.zookeeper_ca_dir / "ca.pem"
+    assert oct(views.zookeeper_ca_dir.stat().st_mode & 0o777) == "0o700"
+    assert oct((views.zookeeper_ca_dir / "ca-key.pem").stat().st_mode & 0o777) == "0o600"
     for view in views.views:
         cfg = view.read_text("/etc/zookeeper/check/zoo.cfg")
         for h in lab.hosts:
             assert f"server.{h.index}={h.address}:2889:3889" in cfg
-        assert f"clientPortAddress={view.host.address}" in cfg
+        for line in (f"secureClientPortAddress={view.host.address}", "secureClientPort=2282", "sslQuorum=true",
+                     "enforce.auth.enabled=true", "enforce.auth.schemes=digest"):
+            assert line in cfg.splitlines(), line
+        assert "clientPort=" not in cfg and "password=" not in cfg
+        modes = view.run("stat -c '%n %a %U:%G' /etc/zookeeper/check/tls/keystore.p12 "
+                         "/etc/zookeeper/check/tls/keystore.pass /etc/zookeeper/check/tls/ca.pem").stdout.splitlines()
+        assert modes == ["/etc/zookeeper/check/tls/keystore.p12 640 root:zookeeper",
+                         "/etc/zookeeper/check/tls/keystore.pass 640 root:zookeeper",
+                         "/etc/zookeeper/check/tls/ca.pem 644 root:root"]
     try:
         for h in lab.hosts:
             assert views.start_unit(h, "zookeeper-check", "/etc/systemd/system/zookeeper-check.service") == "started"
-        members = [ZooKeeperServer(workdir=tmp_path / h.name, client_port=2182, client_address=h.address, netns=h.netns)
+        members = [ZooKeeperServer(workdir=tmp_path / h.name, client_port=2282, client_address=h.address, netns=h.netns,
+                                   client_tls_ca=str(ca))
                    for h in lab.hosts]
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         modes = [None] * 3
         while None in modes and time.monotonic() < deadline:
             modes = [m.mode() for m in members]
@@ -56,8 +73,48 @@ def test_zookeeper_role_files_form_an_ensemble(rolled_out, tmp_path):
         for pid in pids:
             cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
             assert all(opt in cmdline for opt in opts), (pid, cmdline)
+        check_secured_ensemble(lab, [(h.address, 2282) for h in lab.hosts], 2182, str(ca))
     finally:
         views.stop_services("zookeeper-check")
+
+
+def check_secured_ensemble(lab, members: list[tuple[str, int]], plaintext_port: int, ca: str) -> None:
+    """No plaintext port, certificates naming their own hosts, and nothing for a client without
+    credentials or with a wrong password (tests/rollout/secured.py) on keys the operator secured."""
+    from kazoo.client import KazooClient
+    from kazoo.security import make_digest_acl
+
+    from tests.lab.daemons import in_netns
+    from tests.support.identities import OPERATOR_PASSWORD, OPERATOR_USER
+    from tests.support.zookeeper import connect
+
+    from .secured import check_client_access, check_host_names
+
+    for address, _ in members:
+        with pytest.raises(ConnectionRefusedError):
+            connect(address, plaintext_port, 5, lab.ctl_netns).close()
+    check_host_names(lab, members, ca)
+    hosts = ",".join(f"{a}:{p}" for a, p in members)
+    # a secured parent and its key, as a cluster's root and keys are (deleting a znode is a
+    # permission on its parent: the parent must be secured too)
+    parent = f"/secured-{uuid.uuid4().hex[:8]}"
+    path = f"{parent}/key"
+
+    def as_operator() -> None:
+        zk = KazooClient(hosts=hosts, use_ssl=True, ca=ca, verify_certs=True, check_hostname=True, timeout=10,
+                         auth_data=[("digest", f"{OPERATOR_USER}:{OPERATOR_PASSWORD}")])
+        zk.start(60)
+        try:
+            acl = [make_digest_acl(OPERATOR_USER, OPERATOR_PASSWORD, all=True)]
+            zk.create(parent, b"", acl=acl)
+            zk.create(path, b"a secret", acl=acl)
+            assert zk.get(path)[0] == b"a secret"
+        finally:
+            zk.stop()
+            zk.close()
+
+    in_netns(lab.ctl_netns, as_operator)
+    check_client_access(lab, hosts, ca, readable=path, writable=path, parent=parent)
 
 
 def test_node_daemon_role_installs_from_a_wheelhouse(rolled_out, tmp_path):

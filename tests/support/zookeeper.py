@@ -10,6 +10,7 @@ import ctypes
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -89,6 +90,9 @@ class ZooKeeperServer:
     tls: TLSFiles | None = None
     heap_mb: int = 128
     tick_ms: int = 500
+    # a member whose client_port is a TLS port (a server started from the zookeeper role's files):
+    # the CA certificate its four-letter words are checked against
+    client_tls_ca: str | None = None
     process: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -175,7 +179,11 @@ class ZooKeeperServer:
         (see connect()), so this works from the root namespace too.
         """
         try:
-            with connect(self.client_address, self.client_port, timeout_s, self.netns) as s:
+            raw = connect(self.client_address, self.client_port, timeout_s, self.netns)
+            if self.client_tls_ca:   # wrap_socket takes over the socket (and closes it with its own)
+                raw = ssl.create_default_context(cafile=self.client_tls_ca).wrap_socket(
+                    raw, server_hostname=self.client_address)
+            with raw as s:
                 s.sendall(word.encode())
                 chunks = []
                 while True:
