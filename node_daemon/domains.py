@@ -15,14 +15,20 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pvc_cluster_common._records import MigrationRecord
+from pvc_cluster_common._records import MigrationRecord, RunState, effective_state
+
+# The fields the VM's state is computed from (see DomainTable.put).
+STATE_FIELDS = ("desired_state", "state_version", "runstate")
 
 
 @dataclass(frozen=True)
 class DomainRecord:
     uuid: str
     name: str = ""
-    state: str = ""
+    state: str = ""          # the VM's state: desired_state, or the runstate record while it applies
+    desired_state: str = ""  # the operator's ``state``
+    state_version: int = -1  # its znode version
+    runstate: RunState | None = None   # the daemons' record (runtime/runstate), None: none or not valid
     node: str = ""
     node_version: int = -1   # the znode version of ``node`` (guards requests made from the table)
     lastnode: str = ""
@@ -71,6 +77,10 @@ class DomainTable:
             record = self._records.get(uuid) or DomainRecord(uuid=uuid)
             present = record.present | {key} if exists else record.present - {key}
             record = replace(record, loaded=record.loaded | {key}, present=present, **fields)
+            if any(name in fields for name in STATE_FIELDS):
+                # computed under the lock: the two keys' answers come on different callbacks
+                record = replace(record, state=effective_state(record.desired_state, record.state_version,
+                                                               record.runstate))
             self._records[uuid] = record
             return record
 

@@ -7,9 +7,11 @@ finish), then the new one starts.
 
 Flush: every VM that should run here is migrated away (temporary migrations, so each remembers
 this node as home), at most ``flush_parallel`` at once, each target chosen by the shared planner
-with reservations counted; VMs that fit nowhere are shut down and marked autostart. The node is
-``flushed`` only when libvirt runs nothing here that ZooKeeper assigns to it.
-Ready: VMs whose home is this node come back (unmigrate), autostart VMs start, then ``ready``.
+with reservations counted; VMs that fit nowhere are shut down and marked autostart (their runstate
+record: a daemon never writes a VM's desired state nor its meta). The node is ``flushed`` only when
+libvirt runs nothing here that ZooKeeper assigns to it.
+Ready: VMs whose home is this node come back (unmigrate), autostart VMs (the flush's mark, or the
+operator's meta node_autostart not yet acted on) start, then ``ready``.
 """
 from __future__ import annotations
 
@@ -24,12 +26,15 @@ from pvc_cluster_common._cluster import (
     VMRecord,
     meta_from,
     meta_paths,
+    move_runstate,
     read_node_views,
     read_vm,
     read_vms,
     wait_for_key,
     wait_until_gone,
 )
+from pvc_cluster_common import _records as R
+from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._requests import RequestError, RequestPlan, plan_request, submit_request
 from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, plan_flush
@@ -55,6 +60,16 @@ HOMECOMING_ROUNDS = 3
 
 # The meta a flush plan (placement) and its requests (the method a record names) read.
 PLANNING_META = (S.META_NODE_LIMIT, S.META_NODE_SELECTOR, S.META_MIGRATION_METHOD)
+
+
+def _not_shutting_down(value: str | None) -> bool:
+    """Whether a runstate record (as stored) no longer says ``shutdown``: the shutdown it asked
+    for ended, or the record is gone or not valid (nothing to wait for)."""
+    try:
+        record = R.runstate(value, "runstate")
+    except Invalid:
+        return True
+    return record is None or record.state != "shutdown"
 
 
 class Cancelled(Exception):
@@ -209,10 +224,12 @@ class NodeStateWorker:
         if vm is None:
             return
         log.warning("VM %s fits on no other node: shutting it down and marking it autostart", vm.name)
-        self.store.write({self.schema.domain_key(uuid, S.DOMAIN_STATE): "shutdown",
-                          self.schema.domain_meta(uuid, S.META_NODE_AUTOSTART): "true"})
-        wait_for_key(self.store, self.schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v != "shutdown",
-                 self.config.shutdown_timeout_s + self.config.step_timeout_s)
+        if not move_runstate(self.store, uuid, "shutdown", self.node, expected="start", autostart=True):
+            log.info("VM %s: its state changed meanwhile; not shut down for the flush", vm.name)
+            return
+        # the reconciler records the end of the shutdown (state stop) in the same key
+        wait_for_key(self.store, self.schema.domain_key(uuid, S.DOMAIN_RUNSTATE), _not_shutting_down,
+                     self.config.shutdown_timeout_s + self.config.step_timeout_s)
 
     # ---- flush ------------------------------------------------------------------------------------
 
@@ -346,7 +363,7 @@ class NodeStateWorker:
         for vm in self.read_vms(candidates):
             if vm.lastnode == self.node and vm.node != self.node:
                 homecoming.append(vm)
-            elif vm.node == self.node and vm.meta.node_autostart:
+            elif vm.node == self.node and vm.autostart and not vm.migration:
                 autostart.append(vm)
         left = {}
         for _round in range(HOMECOMING_ROUNDS):
@@ -369,6 +386,6 @@ class NodeStateWorker:
                       ", ".join(f"{name} ({result})" for name, result in sorted(left.items())))
         for vm in autostart:
             log.info("VM %s: autostart on %s", vm.name, self.node)
-            self.store.write({self.schema.domain_key(vm.uuid, S.DOMAIN_STATE): "start",
-                              self.schema.domain_meta(vm.uuid, S.META_NODE_AUTOSTART): "false"})
+            if not move_runstate(self.store, vm.uuid, "start", self.node, autostart=False, use_autostart_meta=True):
+                log.warning("VM %s: autostart not recorded (its keys kept changing)", vm.name)
         self._set_domain_state("unflush", "ready")

@@ -328,8 +328,16 @@ class HighAvailability:
                   self.schema.domain_key(start.uuid, S.DOMAIN_FAILEDREASON): ""}
         if start.lastnode != found.lastnode:
             values[self.schema.domain_key(start.uuid, S.DOMAIN_LASTNODE)] = start.lastnode
+        expect = {node_path: found.node_version}
+        create = [history]
         if found.state == "restart":
-            values[self.schema.domain_key(start.uuid, S.DOMAIN_STATE)] = "start"   # it is not running: a start
+            # it is not running: a start (the runstate record: the desired state is the operator's)
+            run_path = self.schema.domain_key(start.uuid, S.DOMAIN_RUNSTATE)
+            values[run_path] = R.runstate_after(found.runstate, "start", found.state_version, self.node, now).to_json()
+            if found.runstate_version >= 0:
+                expect[run_path] = found.runstate_version
+            else:
+                create.append(run_path)
         # The target's memprov counts the VM only from its next keepalive: until then a
         # reservation covers it (docs/architecture.md, "Memory accounting"), and rewriting the
         # target's reservations znode fails any request to it planned from figures read before.
@@ -337,8 +345,7 @@ class HighAvailability:
         values[self.schema.node_reservations(start.target)] = f"recovery {record_id}"
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         try:
-            self.store.commit(values, expect_versions={node_path: found.node_version, state_path: state_version},
-                              create=[history])
+            self.store.commit(values, expect_versions={**expect, state_path: state_version}, create=create)
         except ConflictError as exc:
             if exc.path == state_path:
                 log.info("node %s changed its daemon state during recovery: looking again", peer)

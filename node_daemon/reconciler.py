@@ -21,10 +21,11 @@ import threading
 from pvc_cluster_common import _decode as D
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import move_runstate
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError, check_domain
 from pvc_cluster_common._domain_xml import DomainXMLError
-from pvc_cluster_common._store import Versioned
+from pvc_cluster_common._store import StoreError, Versioned
 
 from .domains import DomainTable
 from .hypervisor import HypervisorError, HypervisorUnavailable
@@ -36,7 +37,7 @@ from .vmstate import ACTIVE_LIBVIRT_STATES, Action, Desired, decide
 
 log = get_logger(__name__)
 
-WATCHED_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
+WATCHED_KEYS = (S.DOMAIN_STATE, S.DOMAIN_RUNSTATE, S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
 # Keys only the nodes a VM concerns need every change of (see _follows); every migration
 # rewrites the record about six times, and a temporary one rewrites lastnode.
 FOLLOWED_KEYS = (S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE)
@@ -50,6 +51,7 @@ LEFT_ALONE = "the VM is left as it is until the value is fixed"
 RECORD_LEFT_ALONE = ("no daemon acts on the record and the VM is left as it is until an operator clears it "
                      "(pvc.cluster.vm_migrate with state=cleared)")
 XML_REFUSED = "the VM is neither started nor migrated until its XML is fixed"
+RUNSTATE_IGNORED = "read as none: the VM's desired state applies"
 
 
 class Reconciler:
@@ -254,7 +256,10 @@ class Reconciler:
                              xml_ok=True, xml_error="", xml=value)
         elif key == S.DOMAIN_STATE:
             state, error = self._decoded(path, "state", R.vm_state, value, version, "", LEFT_ALONE)
-            self.domains.put(uuid, key, exists, state=state, state_error=error)
+            self.domains.put(uuid, key, exists, desired_state=state, state_version=version, state_error=error)
+        elif key == S.DOMAIN_RUNSTATE:
+            record, _ = self._decoded(path, "state", R.runstate, value, version, None, RUNSTATE_IGNORED)
+            self.domains.put(uuid, key, exists, runstate=record)
         elif key == S.DOMAIN_NODE:
             node, error = self._decoded(path, "node", R.vm_node, value, version, "", LEFT_ALONE)
             self.domains.put(uuid, key, exists, node=node, node_version=version, node_error=error)
@@ -351,12 +356,15 @@ class Reconciler:
         """Fresh reads of the keys that decide what happens to the VM (None when it is gone),
         decoded as the watches decode them."""
         paths = (self.schema.domain_key(uuid, S.DOMAIN_STATE), self.schema.domain_key(uuid, S.DOMAIN_NODE),
-                 self.schema.domain_migration(uuid))
+                 self.schema.domain_migration(uuid), self.schema.domain_key(uuid, S.DOMAIN_RUNSTATE))
         values = self.store.read_many(paths)
-        state, node, found = (values[path] for path in paths)
+        state, node, found, run = (values[path] for path in paths)
         if state is None or node is None:
             return None, None
-        state, state_error = self._decoded(paths[0], "state", R.vm_state, state[0], state[1], "", LEFT_ALONE)
+        desired, state_error = self._decoded(paths[0], "state", R.vm_state, state[0], state[1], "", LEFT_ALONE)
+        runstate, _ = self._decoded(paths[3], "state", R.runstate, run[0] if run else None, run[1] if run else -1,
+                                    None, RUNSTATE_IGNORED)
+        state = R.effective_state(desired, state[1], runstate)
         node, node_error = self._decoded(paths[1], "node", R.vm_node, node[0], node[1], "", LEFT_ALONE)
         record, record_error = (None, "")
         if found is not None:
@@ -374,7 +382,7 @@ class Reconciler:
         record = self.domains.get(uuid)
         if record is None:
             return None, None
-        if not record.has(S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_MIGRATION):
+        if not record.has(S.DOMAIN_STATE, S.DOMAIN_RUNSTATE, S.DOMAIN_NODE, S.DOMAIN_MIGRATION):
             return LOADING, None
         if S.DOMAIN_STATE not in record.present or S.DOMAIN_NODE not in record.present:
             return None, None
@@ -478,9 +486,14 @@ class Reconciler:
         return xml, (f"refused to start: {error}" if error else "")
 
     def _fail(self, uuid: str, reason: str) -> None:
+        """The start failed: the VM's state becomes ``fail`` (its runstate record, for the
+        desired state read now: an operator's next ``start`` tries again), with the reason."""
         log.error("VM %s: start failed: %s", uuid, reason)
-        self.store.write({self.schema.domain_key(uuid, S.DOMAIN_STATE): "fail",
-                          self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): reason})
+        try:
+            move_runstate(self.store, uuid, "fail", self.node,
+                          also={self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): reason[:R.MAX_REASON_BYTES]})
+        except StoreError as exc:
+            log.warning("VM %s: its failure was not recorded: %s", uuid, exc)
 
     def _shutdown(self, uuid: str) -> None:
         """Clean shutdown with the configured timeout, then a forced stop."""
@@ -498,9 +511,9 @@ class Reconciler:
             log.error("VM %s: forced stop failed: %s", uuid, exc)
 
     def _set_state_if(self, uuid: str, expected: str, new: str) -> None:
-        """Write the state only if nobody changed it meanwhile (a newer request wins)."""
-        path = self.schema.domain_key(uuid, S.DOMAIN_STATE)
-        current = self.store.read_versioned(path)
-        if current is None or current[0] != expected:
-            return
-        self.store.write({path: new}, expect_versions={path: current[1]})
+        """Record that the VM went from ``expected`` to ``new`` (its runstate record), only if
+        its state is still ``expected``: an operator's newer desired state wins."""
+        try:
+            move_runstate(self.store, uuid, new, self.node, expected=expected)
+        except StoreError as exc:
+            log.warning("VM %s: state %s not recorded: %s", uuid, new, exc)

@@ -11,8 +11,8 @@ version_added: 0.1.0
 description:
   - Reads the cluster from its ZooKeeper and makes every node and every VM a host.
   - Groups C(pvc_nodes) and C(pvc_vms); C(node_<node>) with the VMs assigned to that node;
-    C(vm_state_<state>) by the VM's desired state; C(node_domain_<state>) and C(node_daemon_<state>)
-    by the node's domain and daemon state. Names that are not valid group names are made safe.
+    C(vm_state_<state>) by the VM's state (the desired state, or what a daemon moved it to since);
+    C(node_domain_<state>) and C(node_daemon_<state>) by the node's domain and daemon state. Names that are not valid group names are made safe.
   - Node and VM figures (states, memory accounting, meta, placement) become host variables prefixed
     C(pvc_); use O(compose), O(groups) and O(keyed_groups) for more.
   - A VM with the same name as a node is left out, with a warning.
@@ -60,7 +60,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._report import node_re
 from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, ConnectionOptions, StoreError
 
 # vm_report keys that become host variables (pvc_<key>); the XML and statistics are left out
-VM_VARS = ("uuid", "state", "node", "lastnode", "home", "running_on", "failedreason", "memory_mib", "vcpus", "meta",
+VM_VARS = ("uuid", "state", "desired_state", "autostart", "node", "lastnode", "home", "running_on", "failedreason", "memory_mib", "vcpus", "meta",
            "meta_warnings", "migration")
 NODE_VARS = ("daemon_state", "domain_state", "alive", "keepalive", "keepalive_age_s", "memory", "vcpualloc", "cputotal", "cpuload",
              "domaincount", "running_vms", "assigned_vms", "returning_vms", "libvirt_uri", "transport_uri")

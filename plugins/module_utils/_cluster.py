@@ -16,15 +16,19 @@ from . import _schema as S
 from . import _records as R
 from ._decode import Invalid, json_object, or_default, vm_name
 from ._meta import VMMeta
-from ._records import MigrationRecord
+from ._records import MigrationRecord, RunState
 from ._selector import NodeView
+from ._store import ConflictError
 
 HISTORY_SHOWN = 5
 
 
 @dataclass(frozen=True)
 class VMRecord:
-    """One VM as ZooKeeper records it (desired state, placement, meta, in-flight migration)."""
+    """One VM as ZooKeeper records it (state, placement, meta, in-flight migration).
+
+    ``state`` is the VM's state as the operator's desired ``state`` and the daemons' ``runstate``
+    record make it (_records.effective_state); ``desired_state`` is the operator's value alone."""
 
     uuid: str
     name: str
@@ -45,11 +49,27 @@ class VMRecord:
     # every stored value of the VM that is not valid (the XML, the migration record and the
     # meta included), each naming its key; such a value reads as its default
     invalid: tuple = ()
+    desired_state: str = ""
+    state_version: int = -1                    # the version of the operator's ``state`` (-1: none)
+    runstate: RunState | None = None           # the daemons' record (None: none, or not valid)
+    runstate_version: int = -1                 # its version, valid or not (-1: no record)
+    autostart_meta_version: int = -1           # the version of meta/node_autostart (-1: not set)
 
     @property
     def home(self) -> str:
         """The node the VM returns to on unmigrate: its lastnode when moved temporarily."""
         return self.lastnode or self.node
+
+    @property
+    def autostart(self) -> bool:
+        """Whether the ready of its node starts the VM: a flush shut it down (the runstate
+        record of the current desired state says so), or the operator's meta node_autostart is
+        set and no ready has acted on that setting yet."""
+        record = self.runstate
+        if record is not None and record.autostart and record.applies_to(self.state_version):
+            return True
+        used = record.autostart_used if record is not None else -1
+        return bool(self.meta.node_autostart) and self.autostart_meta_version != used
 
 
 def reservation_mib(text: str | None, path: str, problems: list) -> int:
@@ -157,7 +177,8 @@ def meta_from(schema, uuid: str, found: dict, keys=S.META_KEYS) -> VMMeta:
     return VMMeta.from_store({key: (found[schema.domain_meta(uuid, key)] or (None,))[0] for key in keys})
 
 
-_VM_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_LASTNODE, S.DOMAIN_XML, S.DOMAIN_FAILEDREASON, S.DOMAIN_STATS)
+_VM_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_LASTNODE, S.DOMAIN_XML, S.DOMAIN_FAILEDREASON, S.DOMAIN_STATS,
+            S.DOMAIN_RUNSTATE)
 
 
 def vm_paths(schema, uuid: str) -> list[str]:
@@ -218,10 +239,19 @@ def vm_from(schema, uuid: str, found: dict) -> VMRecord | None:
             migration_error = str(exc)
     meta = meta_from(schema, uuid, found)
     name = or_default(vm_name, value(schema.domain(uuid)), schema.domain(uuid), uuid, problems)
+    desired, desired_answer = key(S.DOMAIN_STATE, ""), found[schema.domain_key(uuid, S.DOMAIN_STATE)]
+    runstate = key(S.DOMAIN_RUNSTATE, None)
+    runstate_answer = found[schema.domain_key(uuid, S.DOMAIN_RUNSTATE)]
+    autostart_answer = found[schema.domain_meta(uuid, S.META_NODE_AUTOSTART)]
     return VMRecord(
         uuid=uuid,
         name=name,
-        state=key(S.DOMAIN_STATE, ""),
+        state=R.effective_state(desired, desired_answer[1] if desired_answer else -1, runstate),
+        desired_state=desired,
+        state_version=desired_answer[1] if desired_answer else -1,
+        runstate=runstate,
+        runstate_version=runstate_answer[1] if runstate_answer else -1,
+        autostart_meta_version=autostart_answer[1] if autostart_answer else -1,
         node=key(S.DOMAIN_NODE, ""),
         lastnode=key(S.DOMAIN_LASTNODE, ""),
         xml=xml,
@@ -237,6 +267,58 @@ def vm_from(schema, uuid: str, found: dict) -> VMRecord | None:
         stats=key(S.DOMAIN_STATS, {}),
         invalid=tuple(problems),
     )
+
+
+def read_vm_state(store, uuid: str) -> str | None:
+    """A VM's state (the desired ``state`` and the daemons' ``runstate``, combined as
+    read_vm does), or None when it has no ``state``."""
+    state_path = store.schema.domain_key(uuid, S.DOMAIN_STATE)
+    run_path = store.schema.domain_key(uuid, S.DOMAIN_RUNSTATE)
+    found = store.read_many([state_path, run_path])
+    if found[state_path] is None:
+        return None
+    problems: list = []
+    desired = or_default(R.vm_state, found[state_path][0], state_path, "", problems)
+    record = or_default(R.runstate, (found[run_path] or (None,))[0], run_path, None, problems)
+    return R.effective_state(desired, found[state_path][1], record)
+
+
+def move_runstate(store, uuid: str, state: str, by: str, *, expected: str | None = None, autostart: bool | None = None,
+                  use_autostart_meta: bool = False, also: dict | None = None, attempts: int = 3) -> bool:
+    """A node daemon moved VM ``uuid`` to ``state`` (or is about to): write its runstate record
+    for the version of the desired ``state`` read now, with ``also`` (more values) in the same
+    transaction. ``expected``: only while the VM's state is that. ``autostart``: set or clear
+    the flush's autostart (None: kept while the desired state is unchanged).
+    ``use_autostart_meta``: record that the operator's meta node_autostart, as read now, has been
+    acted on. Version-checked on the record (a concurrent change is read again, ``attempts``
+    times). True when written; False when the VM has no state, is not in ``expected``, or kept
+    changing. Raises StoreError when the store cannot be written."""
+    schema = store.schema
+    state_path = schema.domain_key(uuid, S.DOMAIN_STATE)
+    run_path = schema.domain_key(uuid, S.DOMAIN_RUNSTATE)
+    meta_path = schema.domain_meta(uuid, S.META_NODE_AUTOSTART)
+    for _attempt in range(attempts):
+        found = store.read_many([state_path, run_path, meta_path])
+        desired = found[state_path]
+        if desired is None:
+            return False
+        problems: list = []
+        current = or_default(R.runstate, (found[run_path] or (None,))[0], run_path, None, problems)
+        now = R.effective_state(or_default(R.vm_state, desired[0], state_path, "", problems), desired[1], current)
+        if expected is not None and now != expected:
+            return False
+        used = (found[meta_path][1] if found[meta_path] else -1) if use_autostart_meta else None
+        record = R.runstate_after(current, state, desired[1], by, time.time(), autostart, used)
+        values = {run_path: record.to_json(), **(also or {})}
+        try:
+            if found[run_path] is None:
+                store.commit(values, create=[run_path])
+            else:
+                store.commit(values, expect_versions={run_path: found[run_path][1]})
+            return True
+        except ConflictError:
+            continue
+    return False
 
 
 def vm_definition(schema, uuid: str, name: str, xml: str, node: str, state: str, meta: dict | None = None) -> dict:

@@ -293,6 +293,85 @@ def migration_record(value, path: str, uuid: str) -> MigrationRecord:
     return MigrationRecord.from_json(value, path, uuid)
 
 
+# ---- the runtime state of a VM ----------------------------------------------------------------
+
+# A znode version is a signed 32-bit integer in ZooKeeper.
+MAX_ZNODE_VERSION = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What the node daemons did with a VM's desired state, ``/domains/<uuid>/runtime/runstate``.
+
+    Only the operator writes a VM's desired ``state``; a daemon that moves the VM to another
+    state (a restart done is ``start``, a shutdown ended is ``stop``, a start that failed is
+    ``fail``, a flush shuts down a VM that fits nowhere and starts it again on ready) writes this
+    record instead, naming the version of ``state`` it applies to (``desired_version``). A newer
+    operator's write of ``state`` (a new version, even of the same value) makes it stale: see
+    :func:`effective_state`.
+
+    ``autostart``: a flush shut the VM down; the ready of its node starts it again (valid with the
+    record, for the same version of ``state``). ``autostart_used``: the version of the operator's
+    ``meta/node_autostart`` that a ready has already acted on (-1: none), so that the flag starts
+    the VM once per time the operator sets it; kept across records.
+    """
+
+    state: str
+    desired_version: int
+    by: str = ""
+    at: float = 0.0
+    autostart: bool = False
+    autostart_used: int = -1
+
+    @classmethod
+    def from_json(cls, value, path: str) -> RunState:
+        data = D.json_object(value, path, max_bytes=MAX_RECORD_BYTES, max_depth=1)
+        return cls(
+            state=_field(D.choice, data, "state", path, choices=S.VM_STATES),
+            desired_version=_int_field(data, "desired_version", path, 0, MAX_ZNODE_VERSION),
+            by=(_field(D.node_name, data, "by", path, optional=True) or "") if data.get("by") != "" else "",
+            at=_time(data.get("at", 0), path, "at"),
+            autostart=_bool_field(data, "autostart", path),
+            autostart_used=(_int_field(data, "autostart_used", path, -1, MAX_ZNODE_VERSION)
+                            if "autostart_used" in data else -1),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    def applies_to(self, desired_version: int) -> bool:
+        return self.desired_version == desired_version
+
+
+
+def runstate_after(current: RunState | None, state: str, desired_version: int, by: str, at: float,
+                   autostart: bool | None = None, autostart_used: int | None = None) -> RunState:
+    """The record after a daemon moved the VM to ``state`` for that version of ``state``, from
+    the ``current`` one (None: none, or not valid): ``autostart`` is kept while the record stays
+    for the same version (unless given), ``autostart_used`` always (unless given)."""
+    if autostart is None:
+        autostart = current is not None and current.autostart and current.applies_to(desired_version)
+    if autostart_used is None:
+        autostart_used = current.autostart_used if current is not None else -1
+    return RunState(state=state, desired_version=desired_version, by=by, at=round(at, 3), autostart=autostart,
+                    autostart_used=autostart_used)
+
+
+def runstate(value, path: str) -> RunState | None:
+    """The decoder of ``runtime/runstate`` (None or "": none)."""
+    if value is None or value == "":
+        return None
+    return RunState.from_json(value, path)
+
+
+def effective_state(desired: str, desired_version: int, record: RunState | None) -> str:
+    """A VM's state: the daemons' record while it names the version of ``state`` that is stored
+    (nobody wrote ``state`` since), else the operator's desired state."""
+    if record is not None and desired_version >= 0 and record.applies_to(desired_version):
+        return record.state
+    return desired
+
+
 # ---- audit records ----------------------------------------------------------------------------
 
 # The downtime a guest saw at a live migration's switch-over is not known to the daemons (they
@@ -434,4 +513,5 @@ VM_KEY_DECODERS = {
     S.DOMAIN_LASTNODE: vm_node,
     S.DOMAIN_FAILEDREASON: failed_reason,
     S.DOMAIN_STATS: vm_stats,
+    S.DOMAIN_RUNSTATE: runstate,
 }

@@ -172,6 +172,8 @@ def vm_report(snapshot: ClusterSnapshot, uuid: str, history: list[dict] | None =
         "name": vm.name,
         "uuid": vm.uuid,
         "state": vm.state,
+        "desired_state": vm.desired_state,
+        "autostart": vm.autostart,
         "node": vm.node,
         "lastnode": vm.lastnode,
         "home": vm.home,

@@ -43,13 +43,18 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         reservations/<uuid>               memory (MiB) held for an in-flight incoming migration
     /domains/<uuid>/                      one per VM; the znode's data is the VM name
         xml                               libvirt domain XML: the source of truth
-        state                             desired VM state (VM_STATES)
+        state                             desired VM state (VM_STATES), written by the operator only
         node                              node the VM is assigned to (or being migrated to)
         lastnode                          home node to return to after a temporary migration, or ""
         failedreason                      libvirt's reason for the last failure, or ""
         meta/<key>                        META_KEYS (see _meta.py for values and defaults)
         runtime/                          what the node daemons write freely (see "ACLs" below)
             stats                         JSON statistics of the running VM (written by its node)
+            runstate                      JSON record of a state the daemons moved the VM to (a restart
+                                          done, a shutdown ended, a start failed, a flush's shutdown
+                                          and autostart), valid for one version of ``state`` only:
+                                          the VM's state is this record's while ``state`` keeps the
+                                          version it names, else ``state`` (_records.effective_state)
             migration                     JSON record of the in-flight migration (absent when none)
             history/<seq>                 JSON audit records of finished migrations (last N kept)
     /locks/nodes/<node>                   kazoo lock: one flush/ready of a node at a time
@@ -157,8 +162,9 @@ DOMAIN_META = "meta"
 DOMAIN_MIGRATION = "migration"
 DOMAIN_HISTORY = "history"
 DOMAIN_RUNTIME = "runtime"
+DOMAIN_RUNSTATE = "runstate"
 # Domain keys that live in the domain's runtime/ container (see Schema.domain_key).
-DOMAIN_RUNTIME_KEYS = (DOMAIN_STATS, DOMAIN_MIGRATION, DOMAIN_HISTORY)
+DOMAIN_RUNTIME_KEYS = (DOMAIN_STATS, DOMAIN_MIGRATION, DOMAIN_HISTORY, DOMAIN_RUNSTATE)
 
 META_MIGRATION_METHOD = "migration_method"
 META_NODE_SELECTOR = "node_selector"
@@ -192,11 +198,10 @@ PERM_ADMIN = 16
 PERM_ALL = PERM_READ | PERM_WRITE | PERM_CREATE | PERM_DELETE | PERM_ADMIN
 # What a daemon may do where it may do everything: all but changing ACLs.
 PERM_RWCD = PERM_READ | PERM_WRITE | PERM_CREATE | PERM_DELETE
-# Operator-owned VM keys a node daemon still writes: placement (node, lastnode), the reason of a
-# failure, the desired state (a flush shuts down a VM that fits nowhere and starts it again on
-# unflush; a VM the daemon refuses becomes `fail`) and the autostart flag a flush sets with it.
-NODE_WRITTEN_DOMAIN_KEYS = (DOMAIN_NODE, DOMAIN_LASTNODE, DOMAIN_FAILEDREASON, DOMAIN_STATE)
-NODE_WRITTEN_META_KEYS = (META_NODE_AUTOSTART,)
+# VM keys outside runtime/ that the node daemons write: placement (node, lastnode; a migration
+# request moves it, a recovery too) and the reason of the last failure. Never the XML, the desired
+# state or the meta: what a daemon changes of a VM's state is its runtime/runstate record.
+NODE_WRITTEN_DOMAIN_KEYS = (DOMAIN_NODE, DOMAIN_LASTNODE, DOMAIN_FAILEDREASON)
 # Keys of a node its peers write too: the daemon that fences a dead peer writes its daemon state,
 # its fence record (creating it: hence the nodes' CREATE on a node's znode) and, once it is fenced,
 # its domain state (flushed).
@@ -348,11 +353,7 @@ class Schema:
                 return AclRule(PERM_RWCD)
             if depth == 3 and key in NODE_WRITTEN_DOMAIN_KEYS:
                 return AclRule(PERM_READ | PERM_WRITE)
-            if key == DOMAIN_META and depth == 3:
-                return AclRule(PERM_READ | PERM_CREATE)   # the autostart flag may not exist yet
-            if key == DOMAIN_META and depth == 4 and parts[3] in NODE_WRITTEN_META_KEYS:
-                return AclRule(PERM_READ | PERM_WRITE)
-            return AclRule(PERM_READ)
+            return AclRule(PERM_READ)   # the XML, the desired state, the meta: the operator's
         if top == "domains" and depth == 2:
             return AclRule(PERM_READ | PERM_CREATE)   # runtime/ of a VM defined before it existed
         if top == "locks" and depth >= 2:

@@ -189,7 +189,7 @@ import json
 import time
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
-from ansible_collections.pvc.cluster.plugins.module_utils._cluster import read_running
+from ansible_collections.pvc.cluster.plugins.module_utils._cluster import read_running, read_vm_state
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
     ModuleFailure,
@@ -424,7 +424,7 @@ def published(store, nodes: list[str], moving: list[str]) -> bool:
                if store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"}
     for uuid in moving:
         node = store.read(schema.domain_key(uuid, S.DOMAIN_NODE))
-        if not node or store.read(schema.domain_key(uuid, S.DOMAIN_STATE)) != "start":
+        if not node or read_vm_state(store, uuid) != "start":
             continue
         if [where for where, uuids in running.items() if uuid in uuids] != [node]:
             return False

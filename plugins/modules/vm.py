@@ -174,7 +174,9 @@ vm:
       type: str
       sample: 6695eb01-f6a4-8304-79aa-97f2502e193f
     state:
-      description: The desired state in ZooKeeper (C(start), C(stop), C(shutdown), C(disable), C(restart), C(fail)).
+      description:
+        - The VM's state (C(start), C(stop), C(shutdown), C(disable), C(restart), C(fail)) - the desired state, or the
+          state a node daemon moved it to since (see M(pvc.cluster.vm_info)).
       type: str
       sample: start
     node:
@@ -226,6 +228,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
     read_node_views,
     read_running,
     read_vm,
+    read_vm_state,
     vm_definition,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._decode import integer, or_default
@@ -540,12 +543,13 @@ def running_on(store, uuid: str, nodes) -> list[str]:
 def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: int) -> list[str]:
     """Wait until the daemon has brought the VM to ``state``; returns the nodes running it."""
     store, schema = session.store, session.schema
-    state_path = schema.domain_key(uuid, S.DOMAIN_STATE)
-    paths = [state_path] + [schema.node_key(name, S.NODE_RUNNINGDOMAINS) for name in nodes]
+    # the VM's state is its desired state and the daemons' runstate record, combined
+    paths = [schema.domain_key(uuid, S.DOMAIN_STATE), schema.domain_key(uuid, S.DOMAIN_RUNSTATE)]
+    paths += [schema.node_key(name, S.NODE_RUNNINGDOMAINS) for name in nodes]
     runs = state in ("start", "restart")
 
     def condition():
-        current = store.read(state_path)
+        current = read_vm_state(store, uuid)
         where = running_on(store, uuid, nodes)
         if current == "fail" and runs:
             return ("fail", where)
@@ -557,7 +561,7 @@ def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: 
 
     outcome = watch_until(store, paths, condition, timeout_s)
     if outcome is None:
-        current = store.read(state_path)
+        current = read_vm_state(store, uuid)
         where = running_on(store, uuid, nodes)
         daemon = store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) if node else None
         raise ModuleFailure(f"VM {uuid}: not {'running on ' + node if runs else 'stopped'} after {timeout_s} s "

@@ -10,8 +10,8 @@ module: vm_info
 short_description: Read the VMs of a pvc.cluster
 version_added: 0.1.0
 description:
-  - Returns every VM of the cluster (or the one named) with its desired state, placement, where it runs,
-    memory, meta, the migration in flight and the last finished migrations.
+  - Returns every VM of the cluster (or the one named) with its state (desired, and as the daemons moved it),
+    placement, where it runs, memory, meta, the migration in flight and the last finished migrations.
 author:
   - pvc.cluster developers (!UNKNOWN)
 options:
@@ -74,9 +74,22 @@ vms:
       type: str
       sample: 6695eb01-f6a4-8304-79aa-97f2502e193f
     state:
-      description: The desired state (C(start), C(restart), C(shutdown), C(stop), C(disable), C(fail)).
+      description:
+        - The VM's state (C(start), C(restart), C(shutdown), C(stop), C(disable), C(fail)) - the operator's desired state,
+          or the state a node daemon moved it to since (a restart done is C(start), a shutdown ended C(stop), a start
+          that failed C(fail), a VM a flush had to shut down C(stop)) until the desired state is written again.
       type: str
       sample: start
+    desired_state:
+      description: The desired state as the operator (M(pvc.cluster.vm)) last wrote it; only the operator writes it.
+      type: str
+      sample: start
+    autostart:
+      description:
+        - Whether the VM starts when its node becomes ready - a flush shut it down, or its C(node_autostart) meta is
+          set and no ready has acted on that setting yet.
+      type: bool
+      sample: false
     node:
       description: The node the VM is assigned to (or being migrated to).
       type: str

@@ -14,7 +14,7 @@ from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import vm_definition
+from pvc_cluster_common._cluster import move_runstate, read_vm, vm_definition
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions, StoreError
 from tests.support import identities as ids
 
@@ -118,6 +118,9 @@ def test_a_node_identity_writes_its_own_keys_and_the_runtime_keys_of_vms(cluster
     assert store.write({migration: {"id": "m"}, reservation: 256})
     assert store.write({schema.domain_history(UUID) + "/0001": {"id": "m"}}, delete=[migration, reservation])
     assert store.exists(migration) is False and store.exists(reservation) is False
+    # the state it moved the VM to, beside the operator's desired state
+    assert move_runstate(store, UUID, "fail", "n1", also={schema.domain_key(UUID, S.DOMAIN_FAILEDREASON): "no"})
+    assert (read_vm(operator, UUID).state, read_vm(operator, UUID).desired_state) == ("fail", "start")
     # and each of those keys is readable by the other node and by the operator
     assert nodes["n2"].read(schema.domain_history(UUID) + "/0001") == '{"id":"m"}'
     assert operator.read(schema.node_key("n1", S.NODE_MEMTOTAL)) == "4096"
@@ -140,6 +143,45 @@ def test_a_node_identity_cannot_write_another_nodes_keys(cluster, raw_client):
             n1.delete(schema.node_key("n2", key))
     with pytest.raises(NoAuthError):
         n1.delete(schema.node("n2"), recursive=True)
+
+
+def _refused(client, path: str, create_child: bool = True) -> None:
+    """Every write of ``path`` by ``client`` is refused: set, delete, a new child, its ACL."""
+    with pytest.raises(NoAuthError):
+        client.set(path, b"evil")
+    with pytest.raises(NoAuthError):
+        client.delete(path)
+    with pytest.raises(NoAuthError):
+        client.set_acls(path, OPEN_ACL_UNSAFE)
+    if create_child:
+        with pytest.raises(NoAuthError):
+            client.create(f"{path}/evil", b"evil")
+
+
+def test_a_node_identity_writes_no_key_the_operator_owns(cluster, raw_client):
+    """With both of its identities (the nodes' and its own), a node daemon's credentials write
+    none of a VM's XML, desired state, name or meta (each meta key, set or not), nor the cluster's
+    configuration: one leaked node credential defines, starts or stops no VM."""
+    operator, _nodes = cluster
+    schema = operator.schema
+    operator.write({schema.domain_meta(UUID, key): value for key, value in (
+        (S.META_NODE_LIMIT, '["n1"]'), (S.META_NODE_AUTOSTART, "false"), (S.META_MIGRATION_METHOD, "live"))})
+    operator.write({schema.default_selector(): "mem", schema.require_n1(): "false"})
+    n1 = raw_client(f"{ids.NODES_USER}:{ids.NODES_PASSWORD}", f"n1:{ids.node_password('n1')}")
+    owned = [schema.domain_key(UUID, S.DOMAIN_XML), schema.domain_key(UUID, S.DOMAIN_STATE),
+             schema.domain_meta(UUID), schema.default_selector(), schema.require_n1(), schema.schema_version()]
+    owned += [schema.domain_meta(UUID, key) for key in (S.META_NODE_LIMIT, S.META_NODE_AUTOSTART, S.META_MIGRATION_METHOD)]
+    for path in owned:
+        assert n1.get(path) is not None   # it reads them
+        _refused(n1, path)
+    with pytest.raises(NoAuthError):
+        n1.set(schema.domain(UUID), b"renamed")
+    # a meta key the operator never set cannot be created either
+    for key in (S.META_NODE_SELECTOR, S.META_MIGRATION_MAX_DOWNTIME_MS, S.META_MIGRATION_AUTO_CONVERGE):
+        with pytest.raises(NoAuthError):
+            n1.create(schema.domain_meta(UUID, key), b"true")
+    assert operator.read(schema.domain_key(UUID, S.DOMAIN_STATE)) == "start"
+    assert operator.read(schema.domain_meta(UUID, S.META_NODE_AUTOSTART)) == "false"
 
 
 def test_a_node_identity_cannot_define_a_vm_nor_change_its_xml_or_meta(cluster, raw_client):
@@ -181,8 +223,11 @@ def test_the_operator_learns_the_identities_from_the_cluster_and_creates_keys_th
         module.commit(vm_definition(module.schema, other, "vm2", XML.replace(UUID, other), "n2", "stop"))
         for store in nodes.values():
             assert store.read(module.schema.domain_key(other, S.DOMAIN_XML)) == XML.replace(UUID, other)
-            assert store.write({module.schema.domain_key(other, S.DOMAIN_STATE): "fail"})
+            assert store.write({module.schema.domain_key(other, S.DOMAIN_FAILEDREASON): "why"})
+            assert move_runstate(store, other, "fail", "n1")   # the VM's runtime/ the operator created
+            assert not store.write({module.schema.domain_key(other, S.DOMAIN_STATE): "start"})
             assert not store.write({module.schema.domain_key(other, S.DOMAIN_XML): "<domain/>"})
+        assert read_vm(module, other).state == "fail" and read_vm(module, other).desired_state == "stop"
         # and the nodes' keys the operator writes stay theirs: a reservation made by a module
         assert module.write({module.schema.node_reservation("n1", other): 256})
         assert nodes["n2"].delete([module.schema.node_reservation("n1", other)])

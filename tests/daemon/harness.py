@@ -19,6 +19,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import vm_definition, wait_for_key, wait_until_gone
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.identities import node_auth, operator_options
+from tests.support.runstate import runstate_reached
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -150,6 +151,12 @@ class TestCluster:
             value = self.store.read(path)
             logs = "\n".join(f"--- {n} ---\n{d.log()[-6000:]}" for n, d in self.daemons.items())
             raise AssertionError(f"timed out waiting for {what or path} (value now {value!r})\n{logs}")
+
+    def wait_vm_state(self, uuid: str, state: str, timeout_s: float = 60) -> None:
+        """Wait until a daemon has moved the VM to ``state`` (its runstate record) for the
+        desired state written last."""
+        path, predicate = runstate_reached(self.store, uuid, state)
+        self.wait(path, predicate, timeout_s, f"VM {uuid} state {state}")
 
     def wait_node_state(self, node: str, daemon_state: str = "run", timeout_s: float = 60) -> None:
         self.wait(self.schema.node_key(node, S.NODE_DAEMON_STATE), lambda v: v == daemon_state, timeout_s,

@@ -98,12 +98,12 @@ def test_vm_lifecycle_follows_zookeeper(cluster):
     cluster.define_vm(xml, uuid, "web1", "node1", state="start")
     cluster.wait_running_on("node1", uuid)
     cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "shutdown"})
-    cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v == "stop", what="shutdown to end in stop")
+    cluster.wait_vm_state(uuid, "stop")   # the daemon records the end of the shutdown
     cluster.wait_running_on("node1", uuid, running=False)
     cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "start"})
     cluster.wait_running_on("node1", uuid)
     cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "restart"})
-    cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v == "start", what="restart to end in start")
+    cluster.wait_vm_state(uuid, "start")   # the restart ends in start
     cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "stop"})
     cluster.wait_running_on("node1", uuid, running=False)
 
@@ -113,7 +113,7 @@ def test_bad_xml_fails_with_the_libvirt_reason(cluster):
     uuid, xml = domain_xml("broken")
     xml = xml.replace("<os><type>hvm</type></os>", "<os><type>no-such-os-type</type></os>")
     cluster.define_vm(xml, uuid, "broken", "node1", state="start")
-    cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v == "fail", what="state fail")
+    cluster.wait_vm_state(uuid, "fail")
     assert cluster.store.read(cluster.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._records import MigrationRecord
+from pvc_cluster_common._records import MigrationRecord, RunState
 from pvc_cluster_common._schema import Schema
 from pvc_cluster_common._store import Versioned
 from pvc_node_daemon.domains import DomainTable
@@ -104,10 +104,28 @@ def test_answers_fill_the_table_and_decide_from_it():
     answer(rec, S.DOMAIN_NODE, "n2", 5)
     assert rec.desired_from_table(UUID) == (LOADING, None)   # the migration key is not answered yet
     answer(rec, S.DOMAIN_MIGRATION, record("requested"), 0)
+    assert rec.desired_from_table(UUID) == (LOADING, None)   # nor the runstate key
+    answer(rec, S.DOMAIN_RUNSTATE, None)
     desired, known = rec.desired_from_table(UUID)
     assert (desired.state, desired.node, desired.migration_source, desired.migration_target) == ("start", "n2", "n1", "n2")
     assert known == (record("requested"), 0)
     assert UUID in rec.queued   # the VM concerns n2 (its target): a pass is queued
+
+
+def test_the_state_is_the_runstate_record_while_it_names_the_desired_states_version():
+    rec = reconciler("n1")
+    answer(rec, S.DOMAIN_STATE, "shutdown", 3)
+    answer(rec, S.DOMAIN_NODE, "n1")
+    answer(rec, S.DOMAIN_MIGRATION, None)
+    answer(rec, S.DOMAIN_RUNSTATE, RunState("stop", 2, by="n1").to_json(), 0)   # for an older request
+    assert rec.domains.get(UUID).state == "shutdown"
+    answer(rec, S.DOMAIN_RUNSTATE, RunState("stop", 3, by="n1").to_json(), 1)   # the daemon ended this one
+    assert rec.domains.get(UUID).state == "stop" and rec.desired_from_table(UUID)[0].state == "stop"
+    answer(rec, S.DOMAIN_STATE, "shutdown", 4)   # the operator asks again (the same value)
+    assert rec.domains.get(UUID).state == "shutdown"
+    answer(rec, S.DOMAIN_RUNSTATE, "[1]", 2)    # not valid: the desired state applies, reported once
+    vm = rec.domains.get(UUID)
+    assert (vm.state, vm.runstate, vm.invalid) == ("shutdown", None, "")
 
 
 def test_a_missing_state_or_node_reads_as_no_vm():
@@ -115,6 +133,7 @@ def test_a_missing_state_or_node_reads_as_no_vm():
     answer(rec, S.DOMAIN_STATE, None)
     answer(rec, S.DOMAIN_NODE, "n1")
     answer(rec, S.DOMAIN_MIGRATION, None)
+    answer(rec, S.DOMAIN_RUNSTATE, None)
     assert rec.desired_from_table(UUID) == (None, None)
 
 
@@ -136,6 +155,7 @@ def test_an_unreadable_migration_record_counts_as_none_and_leaves_the_vm_alone()
     rec = reconciler()
     answer(rec, S.DOMAIN_STATE, "start")
     answer(rec, S.DOMAIN_NODE, "n1")
+    answer(rec, S.DOMAIN_RUNSTATE, None)
     rec._on_value(UUID, S.DOMAIN_MIGRATION, Versioned("{not json", 4))
     vm = rec.domains.get(UUID)
     assert vm.migration is None and vm.migration_version == 4 and vm.has(S.DOMAIN_MIGRATION)

@@ -75,14 +75,40 @@ def test_vm_that_fits_nowhere_is_shut_down_and_autostarted_on_ready(cluster):
     cluster.set_domain_state("node1", "flush")
     cluster.wait_domain_state("node1", "flushed")
     vm = read_vm(cluster.store, big)
-    assert (vm.node, vm.state, vm.meta.node_autostart) == ("node1", "stop", True)
+    # the daemon's runstate record; the operator's desired state and meta are as they were
+    assert (vm.node, vm.state, vm.autostart) == ("node1", "stop", True)
+    assert (vm.desired_state, vm.meta.node_autostart) == ("start", False)
     cluster.wait_running_on("node1", big, running=False)
 
     cluster.set_domain_state("node1", "unflush")
     cluster.wait_domain_state("node1", "ready")
     cluster.wait_running_on("node1", big)
     vm = read_vm(cluster.store, big)
-    assert (vm.state, vm.meta.node_autostart) == ("start", False)
+    assert (vm.state, vm.autostart, vm.desired_state) == ("start", False, "start")
+
+
+def test_the_operators_autostart_flag_starts_a_vm_once_at_ready(cluster):
+    """meta node_autostart is the operator's: a ready acts on it once (its runstate record keeps
+    which setting it acted on) and never writes it."""
+    ready(cluster, ["node1", "node2"])
+    uuid = define(cluster, "once", "node1", state="stop")
+    cluster.store.commit({cluster.schema.domain_meta(uuid, S.META_NODE_AUTOSTART): "true"})
+    cluster.set_domain_state("node1", "flush")
+    cluster.wait_domain_state("node1", "flushed")
+    cluster.set_domain_state("node1", "unflush")
+    cluster.wait_domain_state("node1", "ready")
+    cluster.wait_running_on("node1", uuid)
+    vm = read_vm(cluster.store, uuid)
+    assert (vm.state, vm.desired_state, vm.meta.node_autostart, vm.autostart) == ("start", "stop", True, False)
+    # the operator stops it: the next ready does not start it again
+    cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "stop"})
+    cluster.wait_running_on("node1", uuid, running=False)
+    cluster.set_domain_state("node1", "flush")
+    cluster.wait_domain_state("node1", "flushed")
+    cluster.set_domain_state("node1", "unflush")
+    cluster.wait_domain_state("node1", "ready")
+    vm = read_vm(cluster.store, uuid)
+    assert (vm.state, vm.autostart) == ("stop", False)
 
 
 def test_reservations_stop_two_requests_overcommitting_one_target(cluster):

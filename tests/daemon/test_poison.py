@@ -116,7 +116,7 @@ def test_a_vm_whose_xml_is_empty_is_neither_started_nor_migrated(cluster):
     memoryless = (f"<domain type='test'><name>memoryless</name><uuid>{stopped}</uuid>"
                   "<os><type>hvm</type></os><devices/></domain>")
     cluster.define_vm(memoryless, stopped, "memoryless", "node1")
-    cluster.wait(schema.domain_key(stopped, S.DOMAIN_STATE), lambda v: v == "fail", what="the refused VM to fail")
+    cluster.wait_vm_state(stopped, "fail")   # the refused VM
     reason = store.read(schema.domain_key(stopped, S.DOMAIN_FAILEDREASON))
     assert reason.startswith("refused to start:") and "<memory> is missing" in reason
     assert stopped not in store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))
@@ -160,7 +160,7 @@ def test_a_vm_the_policy_refuses_is_neither_started_nor_migrated(cluster):
     cluster.define_vm(refused_xml("web1", renamed, "", "", ""), renamed, "renamed", "node1")
     vms[renamed] = "rule identity"
     for uuid, rule in vms.items():
-        cluster.wait(schema.domain_key(uuid, S.DOMAIN_STATE), lambda v: v == "fail", what=f"{uuid} refused")
+        cluster.wait_vm_state(uuid, "fail")   # refused
         reason = store.read(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
         assert reason.startswith("refused to start:") and rule in reason, reason
     running = store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import vm_definition
+from pvc_cluster_common._cluster import read_vm_state, vm_definition
 from pvc_cluster_common._records import MigrationRecord
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.hypervisor import Hypervisor
 from pvc_node_daemon.migration import UNAVAILABLE
-from pvc_node_daemon.reconciler import Reconciler
+from pvc_node_daemon.reconciler import WATCHED_KEYS, Reconciler
 
 from tests.support.identities import node_auth
 
@@ -43,7 +43,7 @@ def without_libvirt(store, zk_server, zk_root, tmp_path):
     store.commit(vm_definition(store.schema, uuid, "s1", xml, "n1", "start"))
     agent = RecordingAgent()
     reconciler = Reconciler("n1", config, store, hypervisor, DomainTable(), agent)
-    for key in (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION, S.DOMAIN_LASTNODE):
+    for key in WATCHED_KEYS:
         found = store.read_versioned(store.schema.domain_key(uuid, key))
         reconciler._record(uuid, key, found[0] if found else None, found[1] if found else -1)
     return reconciler, agent, uuid
@@ -52,7 +52,7 @@ def without_libvirt(store, zk_server, zk_root, tmp_path):
 def test_a_start_that_meets_no_libvirt_does_not_fail_the_vm(without_libvirt, store):
     reconciler, _, uuid = without_libvirt
     assert reconciler.start_vm(uuid) is False
-    assert store.read(store.schema.domain_key(uuid, S.DOMAIN_STATE)) == "start"   # not `fail`
+    assert read_vm_state(store, uuid) == "start"   # not `fail`
     assert not store.read(store.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
 
 
@@ -60,7 +60,7 @@ def test_a_pass_without_libvirt_does_nothing_but_a_migration_still_follows_its_s
     reconciler, agent, uuid = without_libvirt
     reconciler.reconcile(uuid)   # should run here and libvirt cannot say whether it does: nothing
     assert agent.handled == []
-    assert store.read(store.schema.domain_key(uuid, S.DOMAIN_STATE)) == "start"
+    assert read_vm_state(store, uuid) == "start"
     record = MigrationRecord(id="m1", vm=uuid, kind="migrate", source="n1", target="n2", method="default",
                              memory_mib=256, step="prepared").to_json()
     reconciler._record(uuid, S.DOMAIN_MIGRATION, record, 0)

@@ -60,6 +60,7 @@ from pvc_cluster_common._requests import request_vm
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.identities import node_auth, operator_options
+from tests.support.runstate import runstate_reached
 from tests.support.zookeeper import _setns_net
 
 from .guests import GuestPort, LabGuests, domain_xml, lab_domain_policy
@@ -344,6 +345,12 @@ class LabCluster:
 
     def wait_no_migration(self, uuid: str, timeout_s: float = 120) -> None:
         self.wait(self.schema.domain_migration(uuid), lambda v: v is None, timeout_s, f"the migration of {uuid} to end")
+
+    def wait_vm_state(self, uuid: str, state: str, timeout_s: float = 90) -> None:
+        """Wait until a daemon has moved the VM to ``state`` (its runstate record) for the
+        desired state written last."""
+        path, predicate = runstate_reached(self.store, uuid, state)
+        self.wait(path, predicate, timeout_s, f"{self.names.get(uuid, uuid)} state {state}")
 
     def wait_key(self, uuid: str, key: str, value: str, timeout_s: float = 90) -> None:
         self.wait(self.schema.domain_key(uuid, key), lambda v: v == value, timeout_s, f"{uuid} {key} = {value}")

@@ -133,7 +133,7 @@ def test_guest_shuts_down_cleanly_on_the_power_button(lab_cluster):
     uuid = cluster.define_vm("polite", "node1")
     cluster.wait_guest_up(uuid, "node1")      # booted: acpid listens
     cluster.set_state(uuid, "shutdown")
-    cluster.wait_key(uuid, S.DOMAIN_STATE, "stop")        # the daemon records the end of the shutdown
+    cluster.wait_vm_state(uuid, "stop")        # the daemon records the end of the shutdown
     assert cluster.running_nodes(cluster.libvirt_states(uuid)) == []
     log = cluster.daemons["node1"].log()
     assert f"VM {uuid}: shut down" in log and "forced" not in log, log[-4000:]
@@ -150,7 +150,7 @@ def test_guest_that_ignores_shutdown_is_stopped_after_the_timeout(lab_cluster):
     uuid = cluster.define_vm("deaf", "node1", guest="none")
     cluster.wait_running_on("node1", uuid)
     cluster.set_state(uuid, "shutdown")
-    cluster.wait_key(uuid, S.DOMAIN_STATE, "stop")        # the daemon records the end of the shutdown
+    cluster.wait_vm_state(uuid, "stop")        # the daemon records the end of the shutdown
     assert cluster.running_nodes(cluster.libvirt_states(uuid)) == []
     log = cluster.daemons["node1"].log()
     assert "did not shut down within 2 s: forced stop" in log, log[-4000:]
