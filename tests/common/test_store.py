@@ -585,15 +585,18 @@ def test_keys_created_after_verify_cluster_take_their_rules_acl_with_the_identit
     operator.verify_cluster()
     uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f"
     state, xml = operator.schema.domain_key(uuid, "state"), operator.schema.domain_key(uuid, "xml")
-    assert operator.write({state: "stop", xml: "<domain/>"})
+    node = operator.schema.domain_key(uuid, "node")
+    assert operator.write({state: "stop", xml: "<domain/>", node: "n1"})
     admin = make_digest_acl("admin", "pw", all=True)
-    assert secured.client.get_acls(state)[0] == [admin, make_digest_acl("daemons", "pw2", read=True, write=True)]
+    assert secured.client.get_acls(node)[0] == [admin, make_digest_acl("daemons", "pw2", read=True, write=True)]
+    assert secured.client.get_acls(state)[0] == [admin, make_digest_acl("daemons", "pw2", read=True)]
     assert secured.client.get_acls(xml)[0] == [admin, make_digest_acl("daemons", "pw2", read=True)]
     assert secured.client.get_acls(operator.schema.domain(uuid))[0] == [admin, make_digest_acl("daemons", "pw2", read=True,
                                                                                                 create=True)]
     daemon = make_store(auth_username="daemons", auth_password="pw2")
     assert daemon.read(xml) == "<domain/>"
-    assert daemon.write({state: "fail"})
+    assert daemon.write({node: "n2"})
+    assert not daemon.write({state: "start"})
     assert not daemon.write({xml: "<domain><evil/></domain>"})
 
 
