@@ -160,3 +160,51 @@ def test_reservation_and_stats():
     assert R.vm_stats("", "p") == {} and R.vm_stats('{"a": 1}', "p") == {"a": 1}
     with pytest.raises(Invalid):
         R.vm_stats("[]", "p")
+
+
+# ---- the runstate record: what the daemons did with the operator's desired state -----------------
+
+
+def test_the_state_is_the_runstate_record_only_for_the_desired_state_version_it_names():
+    record = R.RunState("stop", desired_version=4, by="n1", at=1.0)
+    assert R.effective_state("shutdown", 4, record) == "stop"
+    assert R.effective_state("shutdown", 5, record) == "shutdown"   # the operator wrote state since
+    assert R.effective_state("start", 3, record) == "start"
+    assert R.effective_state("start", -1, record) == "start"       # no state key: nothing applies
+    assert R.effective_state("start", 4, None) == "start"
+
+
+def test_runstate_round_trips_and_carries_autostart_only_for_the_same_desired_version():
+    flushed = R.runstate_after(None, "shutdown", 7, "n1", 10.0, autostart=True)
+    assert R.runstate(flushed.to_json(), "p") == flushed
+    stopped = R.runstate_after(flushed, "stop", 7, "n1", 11.0)
+    assert (stopped.state, stopped.autostart, stopped.autostart_used) == ("stop", True, -1)
+    used = R.runstate_after(stopped, "start", 7, "n2", 12.0, autostart=False, autostart_used=3)
+    assert (used.autostart, used.autostart_used) == (False, 3)
+    later = R.runstate_after(used, "fail", 8, "n2", 13.0)   # a newer desired state: no autostart, the use kept
+    assert (later.autostart, later.autostart_used, later.desired_version) == (False, 3, 8)
+    assert R.runstate_after(flushed, "fail", 8, "n1", 14.0).autostart is False
+
+
+@pytest.mark.parametrize("value, field", [
+    ('{"state": "run", "desired_version": 1}', "state"),
+    ('{"state": "stop"}', "desired_version"),
+    ('{"state": "stop", "desired_version": -1}', "desired_version"),
+    ('{"state": "stop", "desired_version": 2147483648}', "desired_version"),
+    ('{"state": "stop", "desired_version": 1, "autostart": "yes"}', "autostart"),
+    ('{"state": "stop", "desired_version": 1, "autostart_used": 1.5}', "autostart_used"),
+    ('{"state": "stop", "desired_version": 1, "by": "../x"}', "by"),
+    ('{"state": "stop", "desired_version": 1, "at": -5}', "at"),
+])
+def test_a_runstate_record_that_is_not_valid_names_its_field(value, field):
+    with pytest.raises(Invalid) as failure:
+        R.runstate(value, "/pvc/domains/u/runtime/runstate")
+    assert failure.value.field == field, str(failure.value)
+
+
+@given(st.binary(max_size=200))
+def test_runstate_decodes_any_bytes_or_says_invalid(data):
+    try:
+        R.runstate(data.decode("utf-8", errors="replace"), "p")
+    except Invalid:
+        pass

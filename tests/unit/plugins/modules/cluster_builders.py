@@ -51,6 +51,10 @@ class FakeStore:
     def read(self, path):
         return self.values.get(path)
 
+    def read_many(self, paths):
+        """Every path -> (text, version) or None; every stored value reads as version 0."""
+        return {path: (self.values[path], 0) if path in self.values else None for path in paths}
+
     def read_json(self, path):
         import json
 
