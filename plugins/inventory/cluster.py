@@ -57,7 +57,7 @@ from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
 
 from ansible_collections.pvc.cluster.plugins.module_utils._module import ReadFailures, option_names
 from ansible_collections.pvc.cluster.plugins.module_utils._report import node_report, read_cluster, vm_report
-from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, ConnectionOptions, StoreError
+from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, ConnectionOptions, StoreError, quiet_client_logging
 
 # vm_report keys that become host variables (pvc_<key>); the XML and statistics are left out
 VM_VARS = ("uuid", "state", "desired_state", "autostart", "node", "lastnode", "home", "running_on", "failedreason", "memory_mib", "vcpus", "meta",
@@ -103,8 +103,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         log.propagate = False
         failures = ReadFailures()
         log.addHandler(failures)
-        logging.getLogger("kazoo").addHandler(logging.NullHandler())
-        logging.getLogger("kazoo").propagate = False
+        quiet_client_logging()
         try:
             store = ClusterStore(options, logger=log)
             try:

@@ -397,15 +397,15 @@ def wait_for_key(store, path: str, predicate, timeout_s: float, cancel=None) -> 
     ``cancel`` event (optional) is set first."""
     done = threading.Event()
 
-    def watcher(data, _stat, _event=None):
+    def watcher(found) -> bool:
         if done.is_set():
             return False
-        if predicate(data.decode("utf-8", errors="replace") if data is not None else None):
+        if predicate(found.value if found is not None else None):
             done.set()
             return False
         return True
 
-    store.client.DataWatch(path, watcher)
+    store.watch_data(path, watcher)
     if cancel is None:
         return done.wait(timeout_s)
     deadline = time.monotonic() + timeout_s
@@ -421,23 +421,19 @@ def wait_until_gone(store, path: str, timeout_s: float) -> bool:
 
     Watches the children of its parent, not the key itself: a data watch would also fire (and
     cost a read) on every change of the key's value, where this fires only when a child is
-    created or deleted. (kazoo's ChildrenWatch stops without a word when the parent itself is
+    created or deleted. (A children watch ends without a word when the parent itself is
     deleted: that case is caught by the existence check after the wait.)
     """
     parent, name = path.rsplit("/", 1)
     gone = threading.Event()
-    answered = threading.Event()
 
     def on_children(children) -> bool:
-        answered.set()
         if gone.is_set():
             return False
-        if name not in children:
+        if children is None or name not in children:   # None: the parent does not exist, so neither does the key
             gone.set()
             return False
         return True
 
-    store.client.ChildrenWatch(parent, on_children)   # answers once before it returns
-    if not answered.is_set():
-        return True   # the parent does not exist, so neither does the key
+    store.watch_children(parent, on_children)   # answers once before it returns
     return gone.wait(timeout_s) or store.exists(path) is False

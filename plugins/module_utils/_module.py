@@ -38,7 +38,7 @@ from . import _schema as S
 from ._domain_xml import LXML_IMPORT_ERROR
 from ._meta import CONCRETE_SELECTORS, MIGRATION_METHODS, MetaError, VMMeta, validate_meta_updates
 from ._report import meta_dict
-from ._store import KAZOO_IMPORT_ERROR, ClusterStore, ConflictError, ConnectionOptions, StoreError
+from ._store import KAZOO_IMPORT_ERROR, ClusterStore, ConflictError, ConnectionOptions, StoreError, quiet_client_logging
 
 DEFAULT_ROOT = "/pvc"
 DEFAULT_TIMEOUT_S = 10.0
@@ -286,9 +286,7 @@ def cluster_session(module: AnsibleModule):
     log.setLevel(logging.DEBUG)
     failures = ReadFailures()
     log.addHandler(failures)
-    # kazoo logs connection trouble on its own loggers; keep it off the module's stderr
-    logging.getLogger("kazoo").addHandler(logging.NullHandler())
-    logging.getLogger("kazoo").propagate = False
+    quiet_client_logging()   # off the module's stderr: the store reports connection trouble itself
     try:
         store = ClusterStore(options, logger=log)
     except StoreError as exc:
@@ -360,7 +358,7 @@ def watch_until(store: ClusterStore, paths, condition, timeout_s: float):
         return True
 
     for path in paths:
-        store.client.DataWatch(path, watcher)
+        store.watch_data(path, watcher)
     deadline = time.monotonic() + timeout_s
     try:
         while True:

@@ -57,8 +57,8 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
                                           version it names, else ``state`` (_records.effective_state)
             migration                     JSON record of the in-flight migration (absent when none)
             history/<seq>                 JSON audit records of finished migrations (last N kept)
-    /locks/nodes/<node>                   kazoo lock: one flush/ready of a node at a time
-    /locks/fence/<node>                   kazoo lock: the one live daemon that fences and recovers a dead node
+    /locks/nodes/<node>                   a lock:    one flush/ready of a node at a time
+    /locks/fence/<node>                   a lock:    the one live daemon that fences and recovers a dead node
 
 Locks live under /locks, never on data keys, so that data keys never grow lock children. A VM's
 placement takes no lock: every write of its ``node`` is version-checked in its transaction.
