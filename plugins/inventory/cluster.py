@@ -55,7 +55,7 @@ import logging
 from ansible.errors import AnsibleParserError
 from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
 
-from ansible_collections.pvc.cluster.plugins.module_utils._module import ReadFailures, option_names
+from ansible_collections.pvc.cluster.plugins.module_utils._module import option_names
 from ansible_collections.pvc.cluster.plugins.module_utils._report import node_report, read_cluster, vm_report
 from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, ConnectionOptions, StoreError, quiet_client_logging
 
@@ -101,24 +101,21 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
     def _read(self, options: ConnectionOptions):
         log = logging.getLogger("ansible_collections.pvc.cluster.inventory")
         log.propagate = False
-        failures = ReadFailures()
-        log.addHandler(failures)
+        if not log.handlers:   # the store's failures reach the parser error through check_reads, not stderr
+            log.addHandler(logging.NullHandler())
         quiet_client_logging()
         try:
             store = ClusterStore(options, logger=log)
+            store.record_failures()   # an inventory from reads that failed is refused (check_reads)
             try:
                 store.start()
                 store.verify_cluster()   # a pvc.cluster at zk_root, and credentials that fit it
                 snapshot = read_cluster(store)
+                store.check_reads()
             finally:
                 store.stop()
         except StoreError as exc:
             raise AnsibleParserError(f"pvc.cluster.cluster: {exc}") from None
-        finally:
-            log.removeHandler(failures)
-        if failures.failures:
-            raise AnsibleParserError("pvc.cluster.cluster: reading the cluster from ZooKeeper failed: "
-                                     + "; ".join(list(dict.fromkeys(failures.failures))[:3]))
         return snapshot
 
     def _group(self, name: str) -> str:

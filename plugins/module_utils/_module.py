@@ -13,7 +13,8 @@
   pvc.cluster whose security fits the credentials given (``ClusterStore.verify_cluster``) before
   the module reads or writes anything, always stopped on the way out; ``StoreError`` (unreachable, conflict) and :class:`ModuleFailure` become
   ``fail_json`` with the message and no traceback. Reads through the store's never-failing accessors
-  return None when ZooKeeper fails, so the session also records those failures and fails the task
+  return None when ZooKeeper fails, so the session's store keeps those failures
+  (``ClusterStore.record_failures``): it refuses every write after one, and the task fails
   instead of reporting data it could not read (:meth:`Session.verify`).
 * :class:`Differences`: the one place ``changed`` and the ``diff`` come from.
 * :func:`watch_until`: wait for a condition on ZooKeeper watches, with a deadline (no polling).
@@ -210,50 +211,24 @@ class MetaPlan:
                 self.writes[key] = text
 
 
-class ReadFailures(logging.Handler):
-    """Collects the read failures that the store's never-failing accessors swallow (and log).
-
-    Everything the store logs at WARNING or above counts, except a connection state change (reads
-    that fail because of it log their own failure) and a value that is not JSON (bad data, which the
-    readers already handle, not an unreachable ZooKeeper).
-    """
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.failures: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            message = record.getMessage()
-        except (TypeError, ValueError):
-            message = str(record.msg)
-        if message.startswith("ZooKeeper connection") or ": not JSON: " in message:
-            return
-        self.failures.append(message)
-
-
 class Session:
     """A started store for one module run."""
 
-    def __init__(self, module: AnsibleModule, store: ClusterStore, failures: ReadFailures) -> None:
+    def __init__(self, module: AnsibleModule, store: ClusterStore) -> None:
         self.module = module
         self.store = store
         self.schema = store.schema
-        self._failures = failures
         # what this run has written, in words: a failure after a write must say what was done
         self.written: list[str] = []
 
     def verify(self) -> None:
-        """Raise StoreError if any read of this run failed (ZooKeeper unreachable, refused...)."""
-        if self._failures.failures:
-            seen = list(dict.fromkeys(self._failures.failures))
-            raise StoreError("reading the cluster from ZooKeeper failed: " + "; ".join(seen[:3])
-                             + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""))
+        """Raise StoreError if any read of this run failed (ZooKeeper unreachable, refused...):
+        before a result or a failure is reported from what was read."""
+        self.store.check_reads()
 
     def commit(self, values: dict, expect_versions: dict | None = None, delete=(), create=(), what: str = "its change") -> dict:
-        """``store.commit`` after checking that every read it is based on succeeded; ``what``
-        names the change for a failure later in the run."""
-        self.verify()
+        """``store.commit`` (which refuses to write after a failed read of this run), recorded;
+        ``what`` names the change for a failure later in the run."""
         versions = self.store.commit(values, expect_versions, delete, create)
         self.wrote(what)
         return versions
@@ -284,13 +259,13 @@ def cluster_session(module: AnsibleModule):
     log = logging.getLogger(f"ansible_collections.pvc.cluster.session{_session_counter}")
     log.propagate = False
     log.setLevel(logging.DEBUG)
-    failures = ReadFailures()
-    log.addHandler(failures)
+    log.addHandler(logging.NullHandler())   # the store's failures reach the task through check_reads, not stderr
     quiet_client_logging()   # off the module's stderr: the store reports connection trouble itself
     try:
         store = ClusterStore(options, logger=log)
     except StoreError as exc:
         module.fail_json(msg=str(exc))
+    store.record_failures()   # a read that failed fails the task (Session.verify) and blocks every write
     try:
         try:
             store.start()
@@ -298,7 +273,7 @@ def cluster_session(module: AnsibleModule):
             store.verify_cluster()
         except StoreError as exc:
             module.fail_json(msg=str(exc))
-        session = Session(module, store, failures)
+        session = Session(module, store)
         try:
             yield session
             session.verify()

@@ -13,9 +13,15 @@ Two kinds of accessors:
 
 * never failing: ``read``, ``read_json``, ``read_versioned``, ``children``, ``exists``, ``write``
   and ``delete`` return None/False when the key is missing or ZooKeeper cannot be reached, and log why
-  (a missing key at DEBUG, everything else at WARNING);
+  (a missing key at DEBUG, everything else at WARNING); a client that must not act on a read it
+  could not make calls ``record_failures``: the failures are then kept, ``check_reads`` raises
+  them, and every write is refused while one is kept;
 * raising, for logic that must tell "missing" from "unreachable" from "changed concurrently":
-  ``get`` (MissingError, StoreError) and ``commit`` (ConflictError, StoreError).
+  ``get`` (MissingError, UnreachableError, StoreError) and ``commit`` (ConflictError,
+  UnreachableError, StoreError), all under StoreError.
+
+Watches, session listeners, ephemeral keys and locks are store methods too: nothing else in the
+collection or the daemon talks to ZooKeeper (tests/common/test_store_door.py).
 
 Every call waits at most ``timeout_s`` for a lost connection to come back, then at most ``timeout_s``
 for the answer. A write that fails after its request was sent may still have been applied
@@ -151,6 +157,11 @@ class StoreError(Exception):
 
 class MissingError(StoreError):
     """The key does not exist."""
+
+
+class ReadsFailedError(StoreError):
+    """A read of this client failed earlier (``ClusterStore.record_failures``), so nothing may be
+    written or reported from its reads."""
 
 
 class UnreachableError(StoreError):
@@ -437,6 +448,8 @@ class ClusterStore:
         # Lock nodes we failed to delete (lost connection): (lock path, our contender prefix).
         self._orphans: set[tuple[str, str]] = set()
         self._orphans_mutex = threading.Lock()
+        # The failures the never-failing accessors swallowed, once record_failures() was called.
+        self.failures: list[StoreError] | None = None
         # add_session_listener's listeners, and the wrappers kazoo calls
         self._listeners: dict[Callable[[str], None], Callable[[Any], None]] = {}
         self._listeners_mutex = threading.Lock()
@@ -616,8 +629,11 @@ class ClusterStore:
         maps keys to the version they must still have (written, deleted or only checked keys);
         ``create`` names written keys that must not exist yet. Either failing raises ConflictError
         and nothing is written. Deleting a missing key is not an error (unless a version is expected).
-        Returns the new version of every written key. Raises ConflictError or StoreError.
+        Returns the new version of every written key. Raises ConflictError, UnreachableError or
+        StoreError; with ``record_failures`` on, StoreError before anything is written when a read
+        of this client failed (``check_reads``): no write is based on a read that could not be made.
         """
+        self.check_reads()
         return self._commit(values, dict(expect_versions or {}), _path_list(delete), set(_path_list(create)))
 
     def _commit(self, values: dict, expect: dict, deletes: list, creates: set, recursive: bool = True) -> dict[str, int]:
@@ -824,6 +840,28 @@ class ClusterStore:
 
     # ---- never-failing accessors ------------------------------------------------------------
 
+    def record_failures(self) -> None:
+        """Keep, from now on, every failure the never-failing accessors swallow (``failures``),
+        and refuse every write while one is kept (``commit`` calls ``check_reads``): for a client
+        that must not act on, or report, a value it could not read (a module run, the inventory).
+        A daemon, which reads again at its next pass, keeps none."""
+        if self.failures is None:
+            self.failures = []
+
+    def check_reads(self) -> None:
+        """Raise StoreError naming the failures kept since ``record_failures`` (the first three), if any."""
+        if not self.failures:
+            return
+        seen = list(dict.fromkeys(str(exc) for exc in self.failures))
+        raise ReadsFailedError("reading the cluster from ZooKeeper failed: " + "; ".join(seen[:3])
+                         + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""))
+
+    def _swallow(self, exc: StoreError, message: str | None = None) -> None:
+        """A never-failing accessor's failure: logged, and kept when ``record_failures`` is on."""
+        self.log.warning("%s", message or exc)
+        if self.failures is not None and not isinstance(exc, ReadsFailedError):   # kept already
+            self.failures.append(exc)
+
     def read(self, path: str) -> str | None:
         result = self.read_versioned(path)
         return None if result is None else result[0]
@@ -834,7 +872,7 @@ class ClusterStore:
         except MissingError as exc:
             self.log.debug("%s", exc)
         except StoreError as exc:
-            self.log.warning("%s", exc)
+            self._swallow(exc)
         return None
 
     def read_many(self, paths) -> dict:
@@ -853,7 +891,7 @@ class ClusterStore:
         try:
             self._require_connection("read")
         except StoreError as exc:
-            self.log.warning("%s", exc)
+            self._swallow(exc)
             return result, listed
         pending = [(path, self.client.get_async(path)) for path in paths]
         pending_lists = [(path, self.client.get_children_async(path)) for path in lists]
@@ -876,10 +914,12 @@ class ClusterStore:
         except kz.NoNodeError:
             self.log.debug("%s %s: no such key", what, path)
         except self.client.handler.timeout_exception:
-            self.log.warning("%s %s: no answer from ZooKeeper at %s within %g s", what, path, self.options.hosts,
-                             self.options.timeout_s)
+            self._swallow(UnreachableError(f"{what} {path}: no answer from ZooKeeper at {self.options.hosts} "
+                                           f"within {self.options.timeout_s:g} s"))
+        except (kz.ConnectionLoss, kz.SessionExpiredError) as exc:
+            self._swallow(UnreachableError(f"{what} {path}: {_describe(exc)}"))
         except kz.KazooException as exc:
-            self.log.warning("%s %s: %s", what, path, _describe(exc))
+            self._swallow(StoreError(f"{what} {path}: {_describe(exc)}"))
         return None
 
     def read_json(self, path: str):
@@ -900,14 +940,14 @@ class ClusterStore:
         except MissingError as exc:
             self.log.debug("%s", exc)
         except StoreError as exc:
-            self.log.warning("%s", exc)
+            self._swallow(exc)
         return None
 
     def exists(self, path: str) -> bool | None:
         try:
             return self._call(f"exists {path}", lambda: self.client.exists_async(path)) is not None
         except StoreError as exc:
-            self.log.warning("%s", exc)
+            self._swallow(exc)
             return None
 
     def write(self, values: dict, expect_versions: dict | None = None, delete=(), create=()) -> bool:
@@ -916,17 +956,18 @@ class ClusterStore:
             self.commit(values, expect_versions, delete, create)
             return True
         except StoreError as exc:
-            self.log.warning("write %s failed: %s", ", ".join(sorted(values)) or "(deletes only)", exc)
+            self._swallow(exc, f"write {', '.join(sorted(values)) or '(deletes only)'} failed: {exc}")
             return False
 
     def delete(self, paths, recursive: bool = True) -> bool:
         """Delete keys (with everything below them unless ``recursive`` is False) in one transaction."""
         paths = _path_list(paths)
         try:
+            self.check_reads()
             self._commit({}, {}, paths, set(), recursive)
             return True
         except StoreError as exc:
-            self.log.warning("delete %s failed: %s", ", ".join(paths), exc)
+            self._swallow(exc, f"delete {', '.join(paths)} failed: {exc}")
             return False
 
     # ---- watches and ephemeral keys ---------------------------------------------------------

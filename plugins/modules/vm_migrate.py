@@ -483,7 +483,6 @@ def run(module, session) -> dict:
         if not differences.changed or module.check_mode:
             return result
         try:
-            session.verify()
             record = submit_request(store, plan, vm, requester=f"pvc.cluster.vm_migrate on {socket.gethostname()}")
             session.wrote(f"the request to move VM {vm.name} to {plan.target}")
         except RequestError as exc:    # the target's fit is checked again, atomically with the request

@@ -3,10 +3,12 @@ checked before anything is read or written, and a failure after a write says wha
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from pvc_cluster_common._module import ModuleFailure, cluster_session
-from pvc_cluster_common._store import ConflictError, StoreError
+from pvc_cluster_common._store import SESSION_CONNECTED, ConflictError, ReadsFailedError, StoreError
 
 
 class Failed(Exception):
@@ -27,6 +29,17 @@ class FakeModule:
 
     def fail_json(self, **result):
         raise Failed(result)
+
+
+class Connected:
+    """Waits (bounded) for the store's next SESSION_CONNECTED."""
+
+    def __init__(self, store) -> None:
+        self._event = threading.Event()
+        store.add_session_listener(lambda state: state == SESSION_CONNECTED and self._event.set())
+
+    def wait(self) -> None:
+        assert self._event.wait(60), "the store never connected again"
 
 
 def run(module, body):
@@ -83,3 +96,44 @@ def test_a_module_failure_after_a_write_reports_a_change(module, store):
     result = run(module, body)
     assert result == {"msg": "VM web1: not running on node1 after 5 s; the request stays recorded; this task had already "
                              "written the default selector (committed in ZooKeeper)", "changed": True}
+
+
+def test_a_read_that_failed_fails_the_task_and_blocks_every_write(zk_private_server, make_store):
+    # One door for writes: the store of a module run keeps the failures its never-failing reads
+    # swallowed, and its commit (whoever calls it: the session, submit_request) refuses to write
+    # after one, even once ZooKeeper is back; the task fails saying which read failed.
+    operator = make_store(hosts=zk_private_server.hosts)
+    operator.ensure_schema()
+    key = operator.schema.default_selector()
+    module = FakeModule(zk_hosts=zk_private_server.hosts, zk_root=operator.schema.root, zk_timeout=1.0)
+    seen = {}
+
+    def body(session):
+        connected = Connected(session.store)
+        zk_private_server.stop()
+        seen["read"] = session.store.read(key)
+        zk_private_server.start()
+        connected.wait()
+        for write in (lambda: session.store.commit({key: "mem"}), lambda: session.commit({key: "mem"})):
+            with pytest.raises(ReadsFailedError, match=f"reading the cluster from ZooKeeper failed: read {key}: "):
+                write()
+        assert session.store.write({key: "mem"}) is False and session.store.delete(key) is False
+    result = run(module, body)
+    assert seen["read"] is None
+    assert result["msg"].startswith(f"reading the cluster from ZooKeeper failed: read {key}: ")
+    assert result["changed"] is False
+    assert operator.exists(key) is False   # nothing was written
+
+
+def test_a_store_that_does_not_record_failures_keeps_none(zk_private_server, make_store):
+    # the daemon's store: a failed read is logged and read again at the next pass, writes go on
+    store = make_store(hosts=zk_private_server.hosts, timeout_s=1.0)
+    store.ensure_schema()
+    key = store.schema.default_selector()
+    connected = Connected(store)
+    zk_private_server.stop()
+    assert store.read(key) is None and store.failures is None
+    zk_private_server.start()
+    connected.wait()
+    store.check_reads()
+    assert store.write({key: "mem"}) and store.read(key) == "mem"

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 import yaml
@@ -19,7 +18,6 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
     MetaPlan,
     ModuleFailure,
-    ReadFailures,
     argument_spec,
     connection_options,
     meta_updates,
@@ -174,22 +172,3 @@ def test_differences_changed_comes_from_the_diff_entries():
     differences.add("node", "n1", "n2")
     assert differences.changed
     assert differences.changed_keys == ["node"]
-
-
-@pytest.mark.parametrize("message, args, counted", [
-    ("%s", ("read /pvc/x: not connected",), True),
-    ("read %s: no answer from ZooKeeper at %s within %g s", ("/pvc/x", "zk:2181", 1.0), True),
-    ("ZooKeeper connection %s: %s", ("zk:2181", "SUSPENDED"), False),
-    ("read %s: not JSON: %s", ("/pvc/x", "Expecting value"), False),
-])
-def test_read_failures_count_store_failures_only(message, args, counted):
-    log = logging.getLogger("test_read_failures")
-    log.propagate = False
-    failures = ReadFailures()
-    log.addHandler(failures)
-    try:
-        log.warning(message, *args)
-        log.debug("read %s: no such key", "/pvc/y")
-    finally:
-        log.removeHandler(failures)
-    assert bool(failures.failures) == counted
