@@ -36,9 +36,9 @@ from pvc_cluster_common._cluster import (
 from pvc_cluster_common import _records as R
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._records import MigrationRecord
-from pvc_cluster_common._requests import RequestError, RequestPlan, plan_request, submit_request
+from pvc_cluster_common._requests import REQUEST_ATTEMPTS, RequestError, RequestPlan, plan_request, submit_request
 from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, plan_flush
-from pvc_cluster_common._store import ClusterStore, ConflictError, StoreError, Versioned
+from pvc_cluster_common._store import Attempts, ClusterStore, ConflictError, StoreError, Versioned
 
 from .domains import DomainRecord, DomainTable
 from .log import get_logger
@@ -145,20 +145,27 @@ class NodeStateWorker:
     # ---- one migration, waited for -------------------------------------------------------------
 
     def migrate_and_wait(self, uuid: str, kind: str, target: str | None, nodes_override: NodesOverride | None = None,
-                         attempts: int = 5, known: Known | None = None) -> str:
+                         attempts: int = REQUEST_ATTEMPTS, known: Known | None = None) -> str:
         """Request one migration and wait for it to end. ``known`` = (VM record, node views) as
         the caller has just read them, for the first attempt: the request's own transaction
         re-checks what matters (the VM's node version, the target's reservations and memory).
-        A request that lost a race with another one is planned again from fresh reads."""
-        for attempt in range(1, attempts + 1):
+        A request that lost a race with another one is planned again from fresh reads; every
+        conflict, at any step, counts against one budget of ``attempts``."""
+        budget = Attempts(attempts)
+        first = known
+        while True:
             try:
-                return self._migrate_and_wait_once(uuid, kind, target, nodes_override, known if attempt == 1 else None)
+                return self._migrate_and_wait_once(uuid, kind, target, budget, nodes_override, first)
             except ConflictError as exc:
-                log.info("VM %s: request raced another one (%s); planning again (%d/%d)", uuid, exc, attempt, attempts)
-        return "conflict"
+                if not budget.again():
+                    log.warning("VM %s: request raced others %d times (last: %s); giving up for now", uuid,
+                                budget.limit, exc)
+                    return "conflict"
+                log.info("VM %s: request raced another one (%s); planning again (%s)", uuid, exc, budget)
+            first = None
 
-    def _migrate_and_wait_once(self, uuid: str, kind: str, target: str | None, nodes_override: NodesOverride | None = None,
-                               known: Known | None = None) -> str:
+    def _migrate_and_wait_once(self, uuid: str, kind: str, target: str | None, budget: Attempts,
+                               nodes_override: NodesOverride | None = None, known: Known | None = None) -> str:
         vm, nodes = known if known else (read_vm(self.store, uuid), None)
         if vm is None:
             return "gone"
@@ -170,17 +177,17 @@ class NodeStateWorker:
         except RequestError as exc:
             if target is not None and kind == "migrate":
                 # the planned target filled up meanwhile: let the selector choose again
-                return self._migrate_and_wait_once(uuid, kind, None, nodes_override)
+                return self._migrate_and_wait_once(uuid, kind, None, budget, nodes_override)
             log.warning("VM %s: %s", vm.name, exc)
             return f"refused: {exc}"
         if not plan.changed:
             return "unchanged"
         try:
-            record = self._submit(plan, vm, kind)
+            record = self._submit(plan, vm, kind, budget)
         except RequestError as exc:
             # the target's fresh view (reservations made since our reads) refused it
             if target is not None and kind == "migrate":
-                return self._migrate_and_wait_once(uuid, kind, None, nodes_override)
+                return self._migrate_and_wait_once(uuid, kind, None, budget, nodes_override)
             log.warning("VM %s: %s", vm.name, exc)
             return f"refused: {exc}"
         log.info("VM %s: %s", vm.name, plan.message)
@@ -193,11 +200,12 @@ class NodeStateWorker:
             return "timeout"
         return "finished"
 
-    def _submit(self, plan: RequestPlan, vm: VMRecord, kind: str, attempts: int = 10) -> MigrationRecord | None:
+    def _submit(self, plan: RequestPlan, vm: VMRecord, kind: str, budget: Attempts) -> MigrationRecord | None:
         """Submit; when only the target's reservations changed underneath (another request to
-        the same target), submit again at once: the request re-reads the target's reservations
-        and memory itself, and nothing about the VM changed. Any other conflict goes back to
-        the caller, which plans again from fresh reads.
+        the same target), submit again at once, within the request's ``budget``: the request
+        re-reads the target's reservations and memory itself, and nothing about the VM changed.
+        Any other conflict (or the last) goes back to the caller, which plans again from fresh
+        reads if the budget allows.
 
         Every request to a target rewrites the target's reservations with a version check, so
         this daemon's own parallel requests to one target (all of them, when a ready brings its
@@ -207,17 +215,15 @@ class NodeStateWorker:
         reservations = self.schema.node_reservations(plan.target)
         with self._submitting_guard:
             submitting = self._submitting.setdefault(plan.target, threading.Lock())
-        attempt = 1
         while True:
             try:
                 with submitting:
                     return submit_request(self.store, plan, vm, requester=f"{self.node} ({kind})",
                                           target_unflushing_ok=plan.target == self.node)
             except ConflictError as exc:
-                if exc.path != reservations or attempt == attempts:
+                if exc.path != reservations or not budget.again():
                     raise
-                log.debug("VM %s: another request to %s came first; submitting again", vm.name, plan.target)
-                attempt += 1
+                log.debug("VM %s: another request to %s came first; submitting again (%s)", vm.name, plan.target, budget)
 
     def _shutdown_for_flush(self, uuid: str) -> None:
         vm = read_vm(self.store, uuid)

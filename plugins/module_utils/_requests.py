@@ -212,8 +212,13 @@ def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, request
     return record
 
 
+# Attempts of one request (read, plan, submit) that meets conflicts: request_vm's and the daemon's
+# flush and ready (node_daemon/flush.py), whatever step of it meets them.
+REQUEST_ATTEMPTS = 10
+
+
 def request_vm(store: ClusterStore, uuid: str, kind: str, requester: str, target: str | None = None,
-               force_live: bool = False, attempts: int = 5) -> MigrationRecord | None:
+               force_live: bool = False, attempts: int = REQUEST_ATTEMPTS) -> MigrationRecord | None:
     """Read VM ``uuid`` and the nodes, plan a ``kind`` request and submit it; planned again from
     fresh reads when the commit conflicts. A conflict is a normal outcome, not an error: another
     request, or the keepalive of a node folding a finished migration's reservation into its
@@ -221,9 +226,10 @@ def request_vm(store: ClusterStore, uuid: str, kind: str, requester: str, target
     (the benchmarks, the lab, tests); the modules keep their own loop around the same two steps.
     Raises RequestError when the VM is gone or the plan is refused, ConflictError after
     ``attempts`` conflicts in a row."""
-    from ._store import ConflictError   # not at import: module_utils load without kazoo for sanity
+    from ._store import Attempts, ConflictError   # not at import: sanity loads module_utils without the client library
 
-    for attempt in range(attempts):
+    budget = Attempts(attempts)
+    while True:
         vm = read_vm(store, uuid)
         if vm is None:
             raise RequestError(f"VM {uuid} does not exist")
@@ -231,9 +237,8 @@ def request_vm(store: ClusterStore, uuid: str, kind: str, requester: str, target
         try:
             return submit_request(store, plan, vm, requester=requester)
         except ConflictError:
-            if attempt == attempts - 1:
+            if not budget.again():
                 raise
-    return None    # not reached: the loop returns or raises
 
 
 def history_key(record_id: str, finished: float) -> str:

@@ -187,6 +187,27 @@ class LockError(StoreError):
         self.attempts = attempts
 
 
+class Attempts:
+    """One budget of attempts for an operation that can meet a conflict (a ConflictError: a key it
+    was planned from changed), handed down to every step that tries it again, so that nested
+    retries share one limit instead of multiplying theirs. ``again()`` counts a failed attempt
+    and says whether another may be made. (A commit's own re-planning when a key appeared or
+    vanished meanwhile is part of one attempt: ``ClusterStore.commit``.)"""
+
+    def __init__(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"an attempt limit must be an int >= 1, not {limit!r}")
+        self.limit = limit
+        self.failed = 0
+
+    def again(self) -> bool:
+        self.failed += 1
+        return self.failed < self.limit
+
+    def __str__(self) -> str:
+        return f"{self.failed}/{self.limit}"
+
+
 class _Assumed(Exception):
     """A transaction planned without looking met a key that is missing or has children (internal)."""
 

@@ -8,7 +8,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_node_views, read_vm, vm_definition
 from pvc_cluster_common import _requests
 from pvc_cluster_common._requests import RequestError, plan_request, request_vm, submit_request
-from pvc_cluster_common._store import ConflictError
+from pvc_cluster_common._store import Attempts, ConflictError
 
 pytestmark = pytest.mark.zk
 
@@ -78,12 +78,16 @@ def test_request_vm_plans_again_after_a_conflict(cluster, monkeypatch):
 
 
 def test_request_vm_gives_up_after_its_attempts(cluster, monkeypatch):
+    submitted = []
+
     def always_conflicting(store, plan, vm, requester, **kwargs):
+        submitted.append(vm.uuid)
         raise ConflictError("changed meanwhile")
 
     monkeypatch.setattr(_requests, "submit_request", always_conflicting)
     with pytest.raises(ConflictError):
         request_vm(cluster, UUID, "move", "test", target="n2", attempts=3)
+    assert submitted == [UUID] * 3
     assert cluster.read(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n1"
 
 
@@ -156,3 +160,12 @@ def test_a_request_to_a_node_whose_libvirt_is_not_ok_writes_nothing(cluster, hea
     assert cluster.read(cluster.schema.domain_migration(UUID)) is None
     assert cluster.read(cluster.schema.node_reservation("n2", UUID)) is None
     assert cluster.read(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n1"
+
+
+def test_attempts_count_failures_up_to_the_limit():
+    budget = Attempts(3)
+    assert [budget.again(), budget.again(), budget.again()] == [True, True, False]
+    assert str(budget) == "3/3"
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="an attempt limit must be an int >= 1"):
+            Attempts(bad)

@@ -6,6 +6,7 @@ import threading
 from types import SimpleNamespace
 
 from pvc_cluster_common._schema import Schema
+from pvc_cluster_common._store import Attempts, ConflictError
 from pvc_node_daemon import flush
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
@@ -43,7 +44,7 @@ def test_requests_to_one_target_are_submitted_one_at_a_time(monkeypatch):
              for name, target in (("a", "n2"), ("b", "n2"), ("c", "n3"))}
     for name in calls:
         inside[name] = threading.Event()
-    threads = {name: threading.Thread(target=w._submit, args=(*calls[name], "migrate")) for name in calls}
+    threads = {name: threading.Thread(target=w._submit, args=(*calls[name], "migrate", Attempts(10))) for name in calls}
     threads["a"].start()
     assert inside["a"].wait(10)
     threads["b"].start()
@@ -54,6 +55,28 @@ def test_requests_to_one_target_are_submitted_one_at_a_time(monkeypatch):
     for thread in threads.values():
         thread.join(10)
     assert inside["b"].is_set() and overlapping == []
+
+
+def test_every_conflict_of_one_request_counts_against_one_budget(monkeypatch):
+    # Before, migrate_and_wait (5 plans) around _submit (10 submissions) made up to 50 requests of
+    # one VM; now every conflict, a resubmission for the target's reservations or a new plan,
+    # comes out of one Attempts budget.
+    submitted = []
+    reservations = Schema("/pvc").node_reservations("n2")
+
+    def conflicting(store, plan, vm, requester, target_unflushing_ok=False):
+        submitted.append(vm.uuid)
+        # alternately the target's reservations (submitted again at once) and the VM (planned again)
+        raise ConflictError("changed", reservations if len(submitted) % 2 else "/pvc/domains/u1/node")
+
+    vm = SimpleNamespace(uuid="u1", name="vm1", memory_mib=256)
+    monkeypatch.setattr(flush, "submit_request", conflicting)
+    monkeypatch.setattr(flush, "read_vm", lambda store, uuid: vm)
+    monkeypatch.setattr(flush, "read_node_views", lambda store: {})
+    monkeypatch.setattr(flush, "plan_request", lambda *a, **kw: SimpleNamespace(target="n2", changed=True, message=""))
+    w = worker()
+    assert w.migrate_and_wait("u1", "migrate", "n2", attempts=7) == "conflict"
+    assert len(submitted) == 7
 
 
 def test_ready_tries_a_vm_that_did_not_come_home_again(monkeypatch, caplog):
