@@ -875,7 +875,7 @@ class ClusterStore:
             return
         seen = list(dict.fromkeys(str(exc) for exc in self.failures))
         raise ReadsFailedError("reading the cluster from ZooKeeper failed: " + "; ".join(seen[:3])
-                         + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""))
+                               + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""))
 
     def _swallow(self, exc: StoreError, message: str | None = None) -> None:
         """A never-failing accessor's failure: logged, and kept when ``record_failures`` is on."""
