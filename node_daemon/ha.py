@@ -45,6 +45,7 @@ from pvc_cluster_common._store import ConflictError, StoreError, StoreLock
 from .faults import crash_point
 from .fencing import FenceResult, fence
 from .log import get_logger
+from .migration import Migration
 from .recovery import Act, LivenessTracker, RecoveryCandidate, fence_decision, plan_recovery
 
 log = get_logger(__name__)
@@ -376,6 +377,6 @@ class HighAvailability:
         record, version = self.migrations.read_record(uuid)
         if record is None or peer not in (record.source, record.target):
             return
-        if self.migrations.abort(uuid, record, version, f"both {record.source} and {record.target} were fenced",
-                                 node=record.source):
+        if self.migrations.abort(Migration(uuid, record, version),
+                                 f"both {record.source} and {record.target} were fenced", node=record.source):
             log.warning("VM %s: migration %s between fenced nodes ended", uuid, record.id)

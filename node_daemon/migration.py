@@ -12,13 +12,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import meta_from, meta_paths, read_vm
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._domain_policy import DomainPolicy, refusal
+from pvc_cluster_common._meta import VMMeta
 from pvc_cluster_common._records import (
     RESULT_ABORTED,
     RESULT_DONE,
@@ -38,6 +40,7 @@ from .hypervisor import (
     HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
+    MigrationSetup,
     PeerUnreachable,
 )
 from .invalid import InvalidValues
@@ -125,6 +128,43 @@ class StaleCheck(Exception):
     """A key a step depends on changed since it was read; nothing was written."""
 
 
+@dataclass(frozen=True)
+class ReadAhead:
+    """What the source reads and sets up at `requested` while the target prepares (see
+    MigrationAgent.as_source): read_transfer_inputs' answers and setup_ahead's MigrationSetup."""
+
+    migration_id: str
+    inputs: dict[str, Any]
+    setup: MigrationSetup | None
+
+
+@dataclass
+class Migration:
+    """One migration of one VM as this node handles it, from a call of MigrationAgent.handle to
+    the step it writes: the VM, its record and that record's version (both move on with every
+    step this side writes, see MigrationAgent.advance), whether the step's deadline had passed
+    when the handler began, libvirt's state of the VM here as the caller knew it (``local``: ASK
+    when not known), and for a transfer what it decides on (``inputs``) and the live migration's
+    set-up made ahead (``setup``)."""
+
+    uuid: str
+    record: MigrationRecord
+    version: int
+    timed_out: bool = False
+    local: Any = ASK
+    inputs: dict[str, Any] | None = None
+    setup: MigrationSetup | None = None
+
+    @property
+    def marker(self) -> str:
+        """The record's version as a step deadline names it (Deadlines.arm)."""
+        return f"{self.record.id}:{self.version}"
+
+    def moved_to(self, record: MigrationRecord, version: int) -> None:
+        """This side wrote ``record`` as ``version``: the handler goes on from there."""
+        self.record, self.version = record, version
+
+
 class MigrationAgent:
     def __init__(self, node, config, store, hypervisor, domains, metrics=None,
                  invalid: InvalidValues | None = None) -> None:
@@ -137,9 +177,8 @@ class MigrationAgent:
         self.domains = domains
         self.metrics = metrics
         self.deadlines = Deadlines()
-        # uuid -> (migration id, read_transfer_inputs answers, MigrationSetup or None), read and
-        # made at `requested` (see as_source)
-        self._prefetched: dict[str, tuple] = {}
+        # uuid -> what the source read and set up at `requested` (see as_source)
+        self._prefetched: dict[str, ReadAhead] = {}
         # Whether this node may receive a VM: read at every prepare step from watches, and
         # checked by version in the prepared write itself (see prepare).
         self.readiness = WatchedKeys(store, (self.schema.node_key(node, S.NODE_DAEMON_STATE),
@@ -247,13 +286,14 @@ class MigrationAgent:
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def advance(self, uuid: str, record: MigrationRecord, version: int, step: str, checks: dict | None = None,
-                quiet: bool = False, **fields) -> tuple[MigrationRecord, int] | None:
-        """Write the next step (version-checked). Returns the new record and version, or None when
-        the record changed underneath (the caller stops; the watch brings the new record) or the
-        write failed. ``checks``: other keys' versions the step depends on, checked in the same
-        transaction; raises StaleCheck when one of them changed (nothing is written). ``quiet``:
-        a changed record is expected (logged at debug level)."""
+    def advance(self, m: Migration, step: str, checks: dict | None = None, quiet: bool = False,
+                **fields: Any) -> bool:
+        """Write the next step (version-checked); on success ``m`` holds the new record and
+        version. False when the record changed underneath (the caller stops; the watch brings
+        the new record) or the write failed. ``checks``: other keys' versions the step depends
+        on, checked in the same transaction; raises StaleCheck when one of them changed (nothing
+        is written). ``quiet``: a changed record is expected (logged at debug level)."""
+        uuid, record, version = m.uuid, m.record, m.version
         new = record.at_step(step, time.time(), **fields)
         path = self.schema.domain_migration(uuid)
         try:
@@ -264,11 +304,12 @@ class MigrationAgent:
             (log.debug if quiet else log.warning)(
                 "migration %s of %s: record changed before step %s could be written; re-reading",
                 record.id, uuid, step)
-            return None
+            return False
         except StoreError as exc:
             log.warning("migration %s of %s: step %s not written: %s", record.id, uuid, step, exc)
-            return None
+            return False
         self.domains.wrote_migration(uuid, (record.id, version), new, version + 1)
+        m.moved_to(new, version + 1)
         log.info("migration %s of %s: %s (%s -> %s)", record.id, uuid, step, record.source, record.target)
         # This side now waits for its peer's next step. The watch's answer to this write changes
         # nothing in the table (recorded just above), so it brings no pass, and only a pass arms
@@ -276,10 +317,12 @@ class MigrationAgent:
         # side waiting with no deadline at all (a source at `transferred` did, under load).
         if self.deadlines.wake:
             self.deadlines.wake(uuid)
-        return new, version + 1
+        return True
 
-    def finish(self, uuid: str, record: MigrationRecord, version: int, result: str, reason: str | None = None,
-               node: str | None = None) -> bool:
+    def finish(self, m: Migration, result: str, reason: str | None = None, node: str | None = None) -> bool:
+        """End the migration as ``result`` (version-checked): the record goes to the VM's history,
+        the VM to ``node`` (the source by default on an abort). False when the record changed."""
+        uuid, record, version = m.uuid, m.record, m.version
         values, delete, final = finish_values(self.schema, uuid, record, result, reason, node)
         if result == RESULT_DONE:
             values[self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)] = ""
@@ -303,8 +346,8 @@ class MigrationAgent:
             self.metrics.migration(final)
         return True
 
-    def abort(self, uuid: str, record: MigrationRecord, version: int, reason: str, node: str | None = None) -> bool:
-        return self.finish(uuid, record, version, RESULT_ABORTED, reason, node)
+    def abort(self, m: Migration, reason: str, node: str | None = None) -> bool:
+        return self.finish(m, RESULT_ABORTED, reason, node)
 
     def _prune_history(self, uuid: str) -> None:
         path = self.schema.domain_history(uuid)
@@ -324,56 +367,59 @@ class MigrationAgent:
             self.deadlines.clear(uuid)
             self._prefetched.pop(uuid, None)   # ended elsewhere (e.g. the target aborted it)
             return
-        marker = f"{record.id}:{version}"
-        timed_out = self.deadlines.expired(uuid, marker)
+        m = Migration(uuid, record, version, local=local_state)
+        m.timed_out = self.deadlines.expired(uuid, m.marker)
         if record.source == self.node:
-            self.as_source(uuid, record, version, marker, timed_out, local_state)
+            self.as_source(m)
         elif record.target == self.node:
-            self.as_target(uuid, record, version, marker, timed_out, local_state)
+            self.as_target(m)
 
-    def _local(self, uuid: str, hint) -> str | None:
-        """libvirt's state of the VM here: ``hint`` when the caller knows it, else asked now;
+    def _local(self, m: Migration) -> str | None:
+        """libvirt's state of the VM here: ``m.local`` when the caller knows it, else asked now;
         UNAVAILABLE when this node's libvirt cannot be asked."""
-        if hint is not ASK:
-            return hint
+        if m.local is not ASK:
+            return m.local
         try:
-            return self.local_state(uuid)
+            return self.local_state(m.uuid)
         except HypervisorUnavailable:
             return UNAVAILABLE
 
     # ---- source side --------------------------------------------------------------------------
 
-    def as_source(self, uuid: str, record: MigrationRecord, version: int, marker: str, timed_out: bool, local=ASK) -> None:
+    def as_source(self, m: Migration) -> None:
+        uuid, record = m.uuid, m.record
         step = record.step
         if step == STEP_REQUESTED:
             refused = self.xml_refusal(uuid)
             if refused:
-                self.abort(uuid, record, version, f"source {self.node} does not migrate the VM: {refused}")
-            elif timed_out:
-                self.abort(uuid, record, version, f"target {record.target} did not prepare within {self.config.step_timeout_s:.0f} s")
+                self.abort(m, f"source {self.node} does not migrate the VM: {refused}")
+            elif m.timed_out:
+                self.abort(m, f"target {record.target} did not prepare within {self.config.step_timeout_s:.0f} s")
             else:
-                self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
+                self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
                 # Read what the transfer decides on now, while the target prepares: the transfer
                 # then starts with no read on the way, and its first write checks these keys'
                 # versions (see transfer). Likewise libvirt's part of a live migration's start.
-                if self._prefetched.get(uuid, (None,))[0] != record.id:   # once per migration
+                ahead = self._prefetched.get(uuid)
+                if ahead is None or ahead.migration_id != record.id:   # once per migration
                     try:
-                        inputs = self.read_transfer_inputs(uuid, record)
+                        m.inputs = self.read_transfer_inputs(uuid, record)
                     except StoreError as exc:
                         log.debug("migration %s of %s: transfer inputs not read ahead: %s", record.id, uuid, exc)
                     else:
-                        self._prefetched[uuid] = (record.id, inputs, self.setup_ahead(uuid, record, inputs, local))
+                        m.setup = self.setup_ahead(m)
+                        self._prefetched[uuid] = ReadAhead(record.id, m.inputs, m.setup)
         elif step == STEP_PREPARED:
-            self.transfer(uuid, record, version, local)
+            self.transfer(m)
         elif step == STEP_TRANSFERRING:
             # Only reached after a restart or a lost session: the transfer of this record was
             # under way in a process that no longer runs it. Resolve from libvirt's view.
-            self.resolve(uuid, record, version, marker)
+            self.resolve(m)
         elif step == STEP_TRANSFERRED:
-            if timed_out:
-                self.resolve(uuid, record, version, marker)
+            if m.timed_out:
+                self.resolve(m)
             else:
-                self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
+                self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
 
     def read_transfer_inputs(self, uuid: str, record: MigrationRecord) -> dict:
         """What a transfer decides on and needs, in one round: the VM's node (has the target
@@ -386,17 +432,18 @@ class MigrationAgent:
                                      self.schema.node_key(record.target, S.NODE_DAEMON_STATE)]
                                     + meta_paths(self.schema, uuid, MIGRATION_META) + uris)
 
-    def setup_ahead(self, uuid: str, record: MigrationRecord, inputs: dict, local=ASK):
+    def setup_ahead(self, m: Migration) -> MigrationSetup | None:
         """The libvirt calls a live migration makes before its transfer (the domain's lookup,
         whether it is persistent, its maximum downtime as the meta read ahead has it), made at
         `requested` while the target prepares; None when the migration will not start live or
         the VM is not running here. Nothing in it commits the migration: the downtime applied is
         the VM's own, and the transfer's migrate() makes the calls again if the setup is stale
-        (another downtime by then, or a lifecycle event of the VM since)."""
-        meta = meta_from(self.schema, uuid, inputs, MIGRATION_META)
+        (another downtime by then, or a lifecycle event of the VM since). Made from ``m.inputs``."""
+        uuid, record = m.uuid, m.record
+        meta = meta_from(self.schema, uuid, m.inputs or {}, MIGRATION_META)
         if not record.force_live and meta.migration_method == "shutdown":
             return None
-        if local is not ASK and local not in RUNNING:
+        if m.local is not ASK and m.local not in RUNNING:
             return None
         try:
             return self.hypervisor.prepare_migration(uuid, meta.migration_max_downtime_ms)
@@ -424,55 +471,58 @@ class MigrationAgent:
             self.invalid.valid(path)
         return self.config.peer_libvirt_uri(peer, address), self.config.peer_transport_uri(peer, address)
 
-    def transfer(self, uuid: str, record: MigrationRecord, version: int, local=ASK) -> None:
+    def transfer(self, m: Migration) -> None:
+        uuid, record = m.uuid, m.record
         pause_point("source:before-transfer")
-        local = self._local(uuid, local)
-        if local == UNAVAILABLE:
+        m.local = self._local(m)
+        if m.local == UNAVAILABLE:
             # Nothing has moved yet (the transfer starts only after `transferring` is written),
             # and a VM whose state here is not known is never handed on: abort, the VM stays.
-            self.abort(uuid, record, version, f"source {self.node} cannot reach its libvirtd: "
-                                              f"{self.hypervisor.health_reason or 'not connected'}")
+            self.abort(m, f"source {self.node} cannot reach its libvirtd: "
+                          f"{self.hypervisor.health_reason or 'not connected'}")
             return
-        known = self._prefetched.pop(uuid, None)
-        inputs, setup = known[1:] if known and known[0] == record.id else (None, None)
-        if inputs is not None and self.checkable(uuid, record, inputs):
+        ahead = self._prefetched.pop(uuid, None)
+        if ahead is not None and ahead.migration_id == record.id:
+            m.inputs, m.setup = ahead.inputs, ahead.setup
+        if m.inputs is not None and self.checkable(m):
             try:
-                self._transfer(uuid, record, version, local, inputs, fresh=False, setup=setup)
+                self._transfer(m, fresh=False)
                 return
-            except StaleCheck as exc:
+            except StaleCheck as exc:   # raised before anything was written: m is as it was
                 log.info("migration %s of %s: %s changed since it was read; reading again", record.id, uuid, exc)
         try:
-            self._transfer(uuid, record, version, local, self.read_transfer_inputs(uuid, record), fresh=True,
-                           setup=setup)
+            m.inputs = self.read_transfer_inputs(uuid, record)
+            self._transfer(m, fresh=True)
         except StaleCheck as exc:
             # changed again within a round trip: the next change of the record, or the step
             # deadline, brings this back
             log.warning("migration %s of %s: %s keeps changing; transfer not started", record.id, uuid, exc)
 
-    def checkable(self, uuid: str, record: MigrationRecord, inputs: dict) -> bool:
-        """Whether the keys that decide the transfer's course existed in ``inputs``: the VM's
+    def checkable(self, m: Migration) -> bool:
+        """Whether the keys that decide the transfer's course existed in ``m.inputs``: the VM's
         node and (unless the request forces a live migration) its migration method. A key's
         absence cannot be checked in a transaction (a method set since the read ahead would go
         unnoticed): then they are read again right before the write. The other inputs are
         checked when they exist, and otherwise used as read at `requested`: an unset maximum
         downtime means the default one, and a target address that is wrong fails the migration."""
+        uuid, inputs = m.uuid, m.inputs or {}
         if inputs[self.schema.domain_key(uuid, S.DOMAIN_NODE)] is None:
             return False
-        return bool(record.force_live) or inputs[self.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)] is not None
+        return bool(m.record.force_live) or inputs[self.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)] is not None
 
-    def _transfer(self, uuid: str, record: MigrationRecord, version: int, local, inputs: dict, fresh: bool,
-                  setup=None) -> None:
-        """``inputs``: read_transfer_inputs' answers; the first write checks their versions, so
+    def _transfer(self, m: Migration, fresh: bool) -> None:
+        """``m.inputs``: read_transfer_inputs' answers; the first write checks their versions, so
         a change since they were read raises StaleCheck before anything happened. A
         reassignment seen in them is confirmed by a fresh read (``fresh``) before it aborts.
-        ``setup``: setup_ahead's answer, for a live attempt."""
+        ``m.setup``: setup_ahead's answer, for a live attempt. ``m.local``: known here."""
+        uuid, record, inputs = m.uuid, m.record, m.inputs or {}
         target = record.target
         node_path = self.schema.domain_key(uuid, S.DOMAIN_NODE)
         node_now = inputs[node_path][0] if inputs[node_path] else None
         if node_now != target:
             if not fresh:
                 raise StaleCheck(node_path)
-            self.abort(uuid, record, version, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
+            self.abort(m, f"target changed: the VM was reassigned to {node_now} during the migration to {target}")
             return
         # A target marked dead since it prepared is about to be fenced, and a fenced one may be
         # powered on again with its libvirtd answering before its daemon registers: a VM moved
@@ -484,15 +534,14 @@ class MigrationAgent:
         if target_state in TARGET_LOST_STATES:
             if not fresh:
                 raise StaleCheck(state_path)
-            self.abort(uuid, record, version, f"target {target} is {target_state} since it prepared")
+            self.abort(m, f"target {target} is {target_state} since it prepared")
             return
         xml_path = self.schema.domain_key(uuid, S.DOMAIN_XML)
         refused = self.refusal_of(uuid, (inputs[xml_path] or ("",))[0])
         if refused:
             if not fresh:
                 raise StaleCheck(xml_path)   # confirmed from a fresh read before anything is refused
-            self.abort(uuid, record, version, f"source {self.node} does not migrate the VM: its domain XML is refused: "
-                                              f"{refused}")
+            self.abort(m, f"source {self.node} does not migrate the VM: its domain XML is refused: {refused}")
             return
         meta = meta_from(self.schema, uuid, inputs, MIGRATION_META)
         for key, warning in zip(MIGRATION_META, meta_problems(meta, MIGRATION_META)):
@@ -501,21 +550,18 @@ class MigrationAgent:
                 self.invalid.report(Invalid(path, warning, inputs[path][0]), "meta", inputs[path][1], "the default applies")
         checks = {path: found[1] for path, found in inputs.items() if found is not None}
         method = "live" if record.force_live else meta.migration_method
-        if self._local(uuid, local) not in ACTIVE:
+        if self._local(m) not in ACTIVE:
             # Nothing runs here (it crashed, or was never started): the target simply starts it.
-            advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, checks=checks, method_used="offline",
-                                    method=method)
-            if advanced:
-                self.advance(uuid, *advanced, STEP_TRANSFERRED)
+            if self.advance(m, STEP_TRANSFERRING, checks=checks, method_used="offline", method=method):
+                self.advance(m, STEP_TRANSFERRED)
             return
         first = "shutdown" if method == "shutdown" else "live"
-        advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, checks=checks, method_used=first, method=method)
-        if not advanced:
+        if not self.advance(m, STEP_TRANSFERRING, checks=checks, method_used=first, method=method):
             return
-        record, version = advanced
+        record = m.record
         crash_point("source:transferring")
         if first == "live":
-            error = self.live_migrate(uuid, record, meta, inputs, setup)
+            error = self.live_migrate(m, meta)
             if isinstance(error, HypervisorUnavailable):
                 # This side's libvirtd went away under the transfer: libvirtd cancels (or has
                 # finished) the job, and where the VM runs is for both libvirtds to say. No
@@ -523,18 +569,17 @@ class MigrationAgent:
                 # reconnected (the reconnect brings a pass; the step deadline bounds the wait).
                 log.warning("migration %s of %s: libvirt connection lost during the transfer (%s); resolving from "
                             "libvirt once reconnected", record.id, uuid, error)
-                self.deadlines.arm(uuid, f"{record.id}:{version}", self.config.step_timeout_s)
+                self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
                 return
             if error is None:
                 crash_point("source:live-running")   # only if the watcher missed a very short job
                 crash_point("source:live-done")
                 # The target usually ends the migration first, on libvirt's resume event: then
                 # there is no record left to advance, and that is the normal course.
-                self.advance(uuid, record, version, STEP_TRANSFERRED, quiet=True)
+                self.advance(m, STEP_TRANSFERRED, quiet=True)
                 return
             if method == "live":
-                self.after_failed_live(uuid, record, version,
-                                       f"live migration failed and the VM's method is live: {error}")
+                self.after_failed_live(m, f"live migration failed and the VM's method is live: {error}")
                 return
             target_libvirt = self.peer_libvirt(record.target)
             if target_libvirt != S.LIBVIRT_OK or error.connection_failed:
@@ -544,30 +589,27 @@ class MigrationAgent:
                 # libvirt ended the job, so the VM still runs here: abort, and stop nothing.
                 why = (f"target {record.target}'s libvirt is {target_libvirt}" if target_libvirt != S.LIBVIRT_OK
                        else "libvirt's connection to the target's libvirtd failed")
-                self.after_failed_live(uuid, record, version,
-                                       f"live migration failed ({error}) and {why}: no shutdown migration is tried")
+                self.after_failed_live(m, f"live migration failed ({error}) and {why}: no shutdown migration is tried")
                 return
             log.warning("migration %s of %s: live migration failed (%s); falling back to a shutdown migration",
                         record.id, uuid, error)
-            advanced = self.advance(uuid, record, version, STEP_TRANSFERRING, method_used="shutdown",
-                                    fallback_reason=str(error))
-            if not advanced:
+            if not self.advance(m, STEP_TRANSFERRING, method_used="shutdown", fallback_reason=str(error)):
                 return
-            record, version = advanced
         if not self.shutdown_here(uuid):
             # Not known to be off (libvirt failed, or went away): a VM that may still run here is
             # never handed to the target. The record stays at `transferring`; ground truth
             # decides (the pass this step's write queued, a reconnect, or the deadline).
-            self.deadlines.arm(uuid, f"{record.id}:{version}", self.config.step_timeout_s)
+            self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
             return
         crash_point("source:shutdown-done")
-        self.advance(uuid, record, version, STEP_TRANSFERRED)
+        self.advance(m, STEP_TRANSFERRED)
 
-    def live_migrate(self, uuid: str, record: MigrationRecord, meta, inputs: dict, setup=None):
+    def live_migrate(self, m: Migration, meta: VMMeta) -> HypervisorError | None:
         """Run the live migration; None on success, else why not (a HypervisorError).
-        HypervisorUnavailable: this node's own connection was lost under it. ``inputs``: as
-        read_transfer_inputs answered (the target's URIs); ``setup``: as setup_ahead made it
+        HypervisorUnavailable: this node's own connection was lost under it. ``m.inputs``: as
+        read_transfer_inputs answered (the target's URIs); ``m.setup``: as setup_ahead made it
         (used only if it still holds, see Hypervisor.migrate)."""
+        uuid, record, inputs = m.uuid, m.record, m.inputs or {}
         (path,) = self._target_uri_paths(record)
         if path not in inputs:
             inputs = self.store.read_many([path])
@@ -581,18 +623,18 @@ class MigrationAgent:
             self.hypervisor.migrate(uuid, dest_uri, migration_uri=transport_uri or None,
                                     live=True, peer_to_peer=True, max_downtime_ms=meta.migration_max_downtime_ms,
                                     auto_converge=meta.migration_auto_converge, tls=self.config.migration_tls,
-                                    timeout_s=timeout_s, setup=setup)
+                                    timeout_s=timeout_s, setup=m.setup)
         except HypervisorError as exc:
             return exc
         return None
 
-    def after_failed_live(self, uuid: str, record: MigrationRecord, version: int, reason: str) -> None:
-        local = self._local(uuid, ASK)
-        if local in RUNNING:
-            self.abort(uuid, record, version, reason)
+    def after_failed_live(self, m: Migration, reason: str) -> None:
+        m.local = ASK   # libvirt's state here before the migration no longer holds: ask
+        if self._local(m) in RUNNING:
+            self.abort(m, reason)
         else:
             # libvirt failed late (after switch-over?): let ground truth decide where it runs
-            self.resolve(uuid, record, version, f"{record.id}:{version}")
+            self.resolve(m)
 
     def shutdown_here(self, uuid: str) -> bool:
         """Shut the VM down for a shutdown migration (forced after the timeout). True once libvirt
@@ -608,34 +650,35 @@ class MigrationAgent:
 
     # ---- target side --------------------------------------------------------------------------
 
-    def as_target(self, uuid: str, record: MigrationRecord, version: int, marker: str, timed_out: bool, local=ASK) -> None:
+    def as_target(self, m: Migration) -> None:
+        uuid, record = m.uuid, m.record
         step = record.step
         if step == STEP_REQUESTED:
-            self.prepare(uuid, record, version, local)
+            self.prepare(m)
         elif step in (STEP_PREPARED, STEP_TRANSFERRING):
-            if step == STEP_TRANSFERRING and record.method_used == "live" and self._local(uuid, local) in RUNNING:
+            if step == STEP_TRANSFERRING and record.method_used == "live" and self._local(m) in RUNNING:
                 # libvirt resumed the incoming copy: the switch-over is done, and the source's
                 # copy can never run again (libvirt stops it in the same job). The reconciler
                 # wakes on that lifecycle event, so the migration ends here without waiting for
                 # the source's `transferred` (which then finds no record, and is not needed).
                 crash_point("target:before-done")
-                self.finish(uuid, record, version, RESULT_DONE)
+                self.finish(m, RESULT_DONE)
                 return
-            if timed_out and step == STEP_PREPARED:
+            if m.timed_out and step == STEP_PREPARED:
                 # The source has not started the transfer (it starts only after writing
                 # `transferring`), whatever libvirt says: the VM never left it. The abort is
                 # version-checked, so a `transferring` written meanwhile wins and this fails.
-                self.abort(uuid, record, version, f"source {record.source} did not start the transfer within "
-                                                  f"{self.config.step_timeout_s:.0f} s", node=record.source)
-            elif timed_out:
-                self.resolve(uuid, record, version, marker)
+                self.abort(m, f"source {record.source} did not start the transfer within "
+                              f"{self.config.step_timeout_s:.0f} s", node=record.source)
+            elif m.timed_out:
+                self.resolve(m)
             else:
                 wait = self.config.step_timeout_s
                 if step == STEP_TRANSFERRING:
                     wait += self.config.live_timeout_s(record.memory_mib) + self.config.shutdown_timeout_s
-                self.deadlines.arm(uuid, marker, wait)
+                self.deadlines.arm(uuid, m.marker, wait)
         elif step == STEP_TRANSFERRED:
-            self.complete(uuid, record, version, marker, timed_out, local)
+            self.complete(m)
 
     def xml_refusal(self, uuid: str) -> str:
         """Why this node refuses the VM's XML in ZooKeeper (not a valid domain, or refused by its
@@ -660,15 +703,16 @@ class MigrationAgent:
     def policy(self) -> DomainPolicy:
         return getattr(self.config, "domain_policy", None) or DomainPolicy()
 
-    def prepare(self, uuid: str, record: MigrationRecord, version: int, local=ASK) -> None:
+    def prepare(self, m: Migration) -> None:
+        uuid, record = m.uuid, m.record
         pause_point("target:before-prepare")
-        if self.hypervisor.health != S.LIBVIRT_OK or self._local(uuid, local) == UNAVAILABLE:
-            self.abort(uuid, record, version, f"target {self.node} cannot reach its libvirtd ({self.hypervisor.health}: "
-                                              f"{self.hypervisor.health_reason or 'not connected'})")
+        if self.hypervisor.health != S.LIBVIRT_OK or self._local(m) == UNAVAILABLE:
+            self.abort(m, f"target {self.node} cannot reach its libvirtd ({self.hypervisor.health}: "
+                          f"{self.hypervisor.health_reason or 'not connected'})")
             return
         refused = self.xml_refusal(uuid)
         if refused:
-            self.abort(uuid, record, version, f"target {self.node} does not take the VM: {refused}")
+            self.abort(m, f"target {self.node} does not take the VM: {refused}")
             return
         paths = self.readiness.paths   # this node's daemon state and domain state
         # This node's readiness as its watches last reported it, with no read on the way. The
@@ -682,14 +726,13 @@ class MigrationAgent:
             if daemon_state != "run" or domain_state not in ("ready", "unflush"):
                 if not fresh:
                     continue
-                self.abort(uuid, record, version,
-                           f"target {self.node} is not ready (daemon {daemon_state}, domain state {domain_state})")
+                self.abort(m, f"target {self.node} is not ready (daemon {daemon_state}, domain state {domain_state})")
                 return
-            if self._local(uuid, local) in ACTIVE:
-                self.resolve(uuid, record, version, f"{record.id}:{version}")
+            if self._local(m) in ACTIVE:
+                self.resolve(m)
                 return
             try:
-                if self.advance(uuid, record, version, STEP_PREPARED,
+                if self.advance(m, STEP_PREPARED,
                                 checks={p: found[p][1] for p in paths}):  # type: ignore[index]  # both read: checked above
                     crash_point("target:prepared")
                 return
@@ -698,35 +741,37 @@ class MigrationAgent:
                 # and the source's step deadline ends the migration if no event brings it back.
                 log.info("migration %s of %s: %s changed while preparing; reading it again", record.id, uuid, exc)
 
-    def complete(self, uuid: str, record: MigrationRecord, version: int, marker: str, timed_out: bool, local=ASK) -> None:
-        local = self._local(uuid, local)
+    def complete(self, m: Migration) -> None:
+        uuid = m.uuid
+        m.local = local = self._local(m)
         if local == UNAVAILABLE:
             # Whether the VM runs here is not known: start nothing. The reconnect brings a pass;
             # meanwhile the source's own deadline may give the VM back to itself (no claim here).
-            if timed_out:
-                self.resolve(uuid, record, version, marker)
+            if m.timed_out:
+                self.resolve(m)
             else:
-                self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
+                self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
             return
         if local in RUNNING:
             crash_point("target:before-done")
-            self.finish(uuid, record, version, RESULT_DONE)
+            self.finish(m, RESULT_DONE)
             return
         if local == "paused":
             # libvirt is still switching the incoming copy over; its resume brings a lifecycle
             # change the periodic pass sees. After a step timeout, ground truth decides.
-            if timed_out:
-                self.resolve(uuid, record, version, marker)
+            if m.timed_out:
+                self.resolve(m)
             else:
-                self.deadlines.arm(uuid, marker, self.config.step_timeout_s)
+                self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
             return
-        if record.method_used == "live":
+        if m.record.method_used == "live":
             # live reported success but nothing runs here: ask both sides
-            self.resolve(uuid, record, version, marker)
+            self.resolve(m)
             return
-        self.start_here(uuid, record, version)
+        self.start_here(m)
 
-    def start_here(self, uuid: str, record: MigrationRecord, version: int) -> None:
+    def start_here(self, m: Migration) -> None:
+        uuid, record, version = m.uuid, m.record, m.version
         # Claim the start with a version-checked write before creating anything: if the source
         # ended the migration meanwhile (an abort gives the VM back to it, and its reconciler
         # starts it there), the claim fails and nothing starts here; once the claim is written, a
@@ -738,7 +783,7 @@ class MigrationAgent:
                         record.id, uuid)
             return
         self.domains.wrote_migration(uuid, (record.id, version), claim, version + 1)
-        record, version = claim, version + 1
+        m.moved_to(claim, version + 1)
         known = self.domains.get(uuid)
         xml = known.xml if known is not None and S.DOMAIN_XML in known.present else None
         xml = xml or self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
@@ -757,19 +802,20 @@ class MigrationAgent:
             # alive); the pass after the reconnect, or the deadline, finds out from libvirt.
             log.warning("migration %s of %s: start on target %s not confirmed (%s); asking libvirt again once it "
                         "answers", record.id, uuid, self.node, exc)
-            self.deadlines.arm(uuid, f"{record.id}:{version}", self.config.step_timeout_s)
+            self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
             return
         except HypervisorError as exc:
             # The VM runs nowhere now: give it back to the source, whose reconciler starts it.
-            self.abort(uuid, record, version, f"start on target {self.node} failed: {exc}", node=record.source)
+            self.abort(m, f"start on target {self.node} failed: {exc}", node=record.source)
             return
         crash_point("target:started")
-        self.finish(uuid, record, version, RESULT_DONE)
+        self.finish(m, RESULT_DONE)
 
     # ---- ground truth -------------------------------------------------------------------------
 
-    def resolve(self, uuid: str, record: MigrationRecord, version: int, marker: str) -> None:
+    def resolve(self, m: Migration) -> None:
         """Finish or roll back from libvirt's view on both sides (docs/migration-protocol.md)."""
+        uuid, record, version, marker = m.uuid, m.record, m.version, m.marker
         _, current = self.read_record(uuid)
         if current != version:
             return   # the record moved on (or ended) since it was handed to us: its watch brings it
@@ -792,18 +838,18 @@ class MigrationAgent:
             log.error("VM %s runs on both %s and %s: stopping the copy on %s", uuid, source, target, source)
             if source == self.node:
                 self.hypervisor.destroy(uuid)
-                self.finish(uuid, record, version, RESULT_DONE)
+                self.finish(m, RESULT_DONE)
             else:
                 # The source stops its copy. Check again later: no periodic pass wakes a VM with a
                 # migration record, so without a deadline this side would wait for ever.
                 self.deadlines.arm(uuid, f"{marker}:both:{time.monotonic():.0f}", self.config.step_timeout_s)
             return
         if src_active:
-            self.abort(uuid, record, version, "the transfer did not happen; the VM still runs on the source", node=source)
+            self.abort(m, "the transfer did not happen; the VM still runs on the source", node=source)
             return
         if tgt_active:
             if on_target in RUNNING:
-                self.finish(uuid, record, version, RESULT_DONE)
+                self.finish(m, RESULT_DONE)
             else:
                 self.deadlines.arm(uuid, f"{marker}:paused:{time.monotonic():.0f}", self.config.step_timeout_s)
             return
@@ -811,14 +857,14 @@ class MigrationAgent:
         step = record.step
         shut_down_for_migration = record.method_used in ("shutdown", "offline") and step in (STEP_TRANSFERRING, STEP_TRANSFERRED)
         if shut_down_for_migration and self.node == target:
-            self.start_here(uuid, record, version)
+            self.start_here(m)
             return
         if shut_down_for_migration and self.peer_alive(target):
             # The target is alive and starts the VM itself. Hand it on; once it has claimed the
             # start (`starting_on`) it may be creating the VM right now, and taking the VM back
             # here could start a second copy (I1): wait for it (a failed start aborts to us).
             if step == STEP_TRANSFERRING:
-                self.advance(uuid, record, version, STEP_TRANSFERRED)   # the target starts it
+                self.advance(m, STEP_TRANSFERRED)   # the target starts it
                 return
             if record.starting_on == target:
                 self.deadlines.arm(uuid, f"{marker}:target-starts:{time.monotonic():.0f}", self.config.step_timeout_s)
@@ -826,9 +872,8 @@ class MigrationAgent:
             # Alive, but a whole step timeout has passed without even a claim: its daemon cannot
             # act (e.g. its libvirtd is down or hung). Take the VM back: the abort is
             # version-checked against the record as read, so it and a claim exclude each other.
-            self.abort(uuid, record, version, f"target {target} did not start the VM within "
-                                              f"{self.config.step_timeout_s:.0f} s; it is given back to the source",
-                       node=source)
+            self.abort(m, f"target {target} did not start the VM within {self.config.step_timeout_s:.0f} s; "
+                          f"it is given back to the source", node=source)
             return
         if shut_down_for_migration and record.starting_on == target and not self.peer_fenced(target):
             # The target claimed the start and may be creating the VM right now although its
@@ -841,7 +886,7 @@ class MigrationAgent:
             self.deadlines.arm(uuid, f"{marker}:claimed:{time.monotonic():.0f}", self.config.step_timeout_s)
             return
         # Nothing runs and the target cannot take over: back to the source, which starts it.
-        self.abort(uuid, record, version, "the VM was not running on either node; it is given back to the source", node=source)
+        self.abort(m, "the VM was not running on either node; it is given back to the source", node=source)
 
     # ---- a VM running here but assigned elsewhere -----------------------------------------------
 

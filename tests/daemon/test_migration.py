@@ -18,7 +18,7 @@ from pvc_cluster_common._requests import request_vm
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.hypervisor import Hypervisor, HypervisorError, HypervisorTimeout, HypervisorUnavailable, MigrationSetup
-from pvc_node_daemon.migration import MigrationAgent
+from pvc_node_daemon.migration import Migration, MigrationAgent
 from tests.support.identities import node_auth
 
 from .harness import NODE_XML, domain_xml
@@ -242,14 +242,16 @@ def test_transfer_reads_again_when_a_key_it_depends_on_was_not_set(cluster, make
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    inputs = source._prefetched[uuid][1]
-    record, _ = record_of(store, uuid)
-    assert not source.checkable(uuid, record, inputs)
-    assert source.checkable(uuid, replace(record, force_live=True), inputs)   # live whatever the method says
+    inputs = source._prefetched[uuid].inputs
+    record, version = record_of(store, uuid)
+    assert not source.checkable(Migration(uuid, record, version, inputs=inputs))
+    # live whatever the method says
+    assert source.checkable(Migration(uuid, replace(record, force_live=True), version, inputs=inputs))
     method = store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)
-    assert source.checkable(uuid, record, dict(inputs, **{method: ("live", 0)}))
+    assert source.checkable(Migration(uuid, record, version, inputs=dict(inputs, **{method: ("live", 0)})))
     node = store.schema.domain_key(uuid, S.DOMAIN_NODE)
-    assert not source.checkable(uuid, replace(record, force_live=True), dict(inputs, **{node: None}))
+    assert not source.checkable(Migration(uuid, replace(record, force_live=True), version,
+                                          inputs=dict(inputs, **{node: None})))
 
 
 def test_target_ends_a_live_migration_when_its_copy_runs(cluster, make_agent):
@@ -287,7 +289,7 @@ def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_a
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    assert store.schema.node_key("n2", S.NODE_ADDRESS) not in source._prefetched[uuid][1]
+    assert store.schema.node_key("n2", S.NODE_ADDRESS) not in source._prefetched[uuid].inputs
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "default"})
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
@@ -322,7 +324,7 @@ def test_a_live_transfer_starts_with_the_libvirt_setup_made_at_requested(live_so
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS): 250})
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")   # `requested`
-    setup = source._prefetched[uuid][2]
+    setup = source._prefetched[uuid].setup
     assert isinstance(setup, MigrationSetup) and (setup.uuid, setup.max_downtime_ms) == (uuid, 250)
     assert calls == [("downtime", 250)]
     rewrite_record(store, uuid, step="prepared")
@@ -410,7 +412,7 @@ def test_no_libvirt_setup_ahead_when_the_migration_will_not_start_live(live_sour
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): method})
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state=local)
-    assert source._prefetched[uuid][2] is None and calls == []
+    assert source._prefetched[uuid].setup is None and calls == []
 
 
 def test_an_ended_migration_drops_what_was_read_ahead(live_source):
@@ -532,7 +534,7 @@ def test_a_claim_written_first_makes_the_sources_take_back_fail(cluster, make_ag
     expire_now(source, uuid)
     seen = record_of(store, uuid)
     rewrite_record(store, uuid, starting_on="n2")   # the target's claim lands between read and abort
-    source.resolve(uuid, *seen, f"{seen[0].id}:{seen[1]}")
+    source.resolve(Migration(uuid, *seen))
     assert record_of(store, uuid)[0].starting_on == "n2"
     assert store.children(store.schema.domain_history(uuid)) in ([], None)
 
