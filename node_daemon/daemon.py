@@ -103,6 +103,8 @@ class NodeDaemon:
         if not self.store.exists(self.schema.node_reservations(self.node)):
             # created here: other nodes reserve memory in it, but may not create it under this node
             values[self.schema.node_reservations(self.node)] = ""
+        if not self.store.exists(self.schema.node_fences(self.node)):
+            values[self.schema.node_fences(self.node)] = ""   # this node's records of the peers it fences
         values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "init"
         values[self.schema.node_key(self.node, S.NODE_ADDRESS)] = self.config.published_address
         values[self.schema.node_key(self.node, S.NODE_LIBVIRT_URI)] = self.config.advertised_libvirt_uri

@@ -13,10 +13,11 @@ daemon, which resumes from the state in ZooKeeper:
     ``fencing`` is written, then the node's fence device (from this daemon's own configuration,
     never from ZooKeeper; node_daemon/fencing.py) powers it off and the power state is confirmed
     off. Confirmed: ``fenced`` and domain state ``flushed`` (so that nothing is placed there and
-    ``ready`` brings its VMs home). Not confirmed, or no device configured: ``fence-failed``, and
-    nothing of the node is recovered until an operator confirms it is off
-    (``pvc.cluster.node state=fenced confirm_down=true``). A node in maintenance (its
-    ``maintenance`` flag, or domain state ``flushed``) is never fenced.
+    ``ready`` brings its VMs home). The record of the fence (who, how, when, the result) is the
+    actor's own key ``/nodes/<actor>/fences/<node>``, which no other node may write. Not
+    confirmed, or no device configured: ``fence-failed``, and nothing of the node is recovered
+    until an operator confirms it is off (``pvc.cluster.node state=fenced confirm_down=true``).
+    A node in maintenance (its ``maintenance`` flag, or domain state ``flushed``) is never fenced.
 ``fenced``
     Recovery (node_daemon/recovery.py decides): every VM assigned to the node that should run is
     assigned to a node chosen by the selector, in one version-checked transaction per VM with its
@@ -38,7 +39,7 @@ import uuid as uuidlib
 
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_node_views, read_vms
+from pvc_cluster_common._cluster import read_fence_record, read_node_views, read_vms
 from pvc_cluster_common._requests import history_key
 from pvc_cluster_common._store import ConflictError, StoreError, StoreLock
 
@@ -195,7 +196,8 @@ class HighAvailability:
     def _fence(self, peer: str, state: tuple, lock: StoreLock) -> bool:
         """Fence ``peer`` (its daemon state as read: (value, version)). True when it is fenced."""
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
-        fence_path = self.schema.node_key(peer, S.NODE_FENCE)
+        # the record of this fence is this node's (under its own keys: no peer alters it)
+        fence_path = self.schema.node_fence_record(self.node, peer)
         device = self.config.fence_devices.get(peer)
         started = time.time()
         record = {"by": self.node, "method": device.method if device else "none",
@@ -296,11 +298,9 @@ class HighAvailability:
                 return
 
     def _fence_record(self, peer: str) -> dict:
-        path = self.schema.node_key(peer, S.NODE_FENCE)
-        try:
-            return R.fence_record(self.store.read(path), path)
-        except Exception:  # an invalid record only makes the audit record poorer
-            return {}
+        """The latest record of ``peer``'s fence (by whichever node fenced it, or an operator's
+        confirm_down); an invalid one only makes the audit record poorer."""
+        return read_fence_record(self.store, peer)
 
     def _recover_one(self, peer: str, start, fence_record: dict, state_version: int) -> bool:
         """Assign one VM of the fenced ``peer`` to its planned target. The transaction checks the

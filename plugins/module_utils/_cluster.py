@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -98,9 +99,12 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
     problems = {} if problems is None else problems
     schema = store.schema
     names = list(names)
-    keys = {name: {key: schema.node_key(name, key) for key in (*S.NODE_DEFAULTS, S.NODE_FENCE)} for name in names}
+    everyone = node_names(store) if names else []   # whoever may have fenced one of them
+    keys = {name: {key: schema.node_key(name, key) for key in S.NODE_DEFAULTS} for name in names}
+    fences = {name: fence_record_paths(schema, name, everyone) for name in names}
     paths = [path for name in names
-             for path in [schema.node(name), schema.node_key(name, S.NODE_ALIVE)] + list(keys[name].values())]
+             for path in [schema.node(name), schema.node_key(name, S.NODE_ALIVE)] + list(keys[name].values())
+             + fences[name]]
     found, listed = store.read_round(paths, [schema.node_reservations(name) for name in names])
     reserved = {name: listed[schema.node_reservations(name)] or [] for name in names}
     amounts = store.read_many([schema.node_reservation(name, uuid) for name in names for uuid in reserved[name]])
@@ -109,11 +113,30 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
         if found[schema.node(name)] is None:
             continue
         raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
+        # the node's fence record: the latest of its own and its peers' (decoded again by the reports)
+        fence = R.latest_fence_record([(path, (found[path] or (None,))[0]) for path in fences[name]],
+                                      problems.setdefault(name, []))
+        raw[S.NODE_FENCE] = json.dumps(fence) if fence else None
         reservations = {uuid: reservation_mib(amounts[schema.node_reservation(name, uuid)][0],
                                               schema.node_reservation(name, uuid), problems.setdefault(name, []))
                         for uuid in reserved[name] if amounts[schema.node_reservation(name, uuid)]}
         result[name] = (raw, reservations, found[schema.node_key(name, S.NODE_ALIVE)] is not None)
     return result
+
+
+def fence_record_paths(schema, node: str, names) -> list[str]:
+    """Where ``node``'s fence records may be: its own ``fence`` (an operator's confirm_down, or
+    an older daemon's record) and the ``fences/<node>`` of each other node of ``names``."""
+    return [schema.node_key(node, S.NODE_FENCE)] + [schema.node_fence_record(other, node)
+                                                    for other in names if other != node]
+
+
+def read_fence_record(store, node: str, problems: list | None = None) -> dict:
+    """``node``'s fence record (_records.latest_fence_record; {} when never fenced), in one
+    round of reads; an invalid record is left out and added to ``problems``."""
+    paths = fence_record_paths(store.schema, node, node_names(store))
+    found = store.read_many(paths)
+    return R.latest_fence_record([(path, (found[path] or (None,))[0]) for path in paths], problems)
 
 
 def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[str, NodeView], dict]:

@@ -464,6 +464,24 @@ def fence_record(value, path: str) -> dict:
     return record
 
 
+def latest_fence_record(found, problems: list | None = None) -> dict:
+    """A node's fence record: of the records found about it (``found``: (path, stored text or
+    None) pairs: its own ``fence``, an operator's or an older daemon's, and each peer's
+    ``fences/<node>``), the valid one that started last; {} when there is none. An invalid
+    one is left out and added to ``problems``."""
+    latest: dict = {}
+    for path, value in found:
+        try:
+            record = fence_record(value, path)
+        except D.Invalid as exc:
+            if problems is not None:
+                problems.append(exc)
+            continue
+        if record and (not latest or record["started"] >= latest["started"]):
+            latest = record
+    return latest
+
+
 def recovery_entry(data: dict, path: str, uuid: str) -> dict:
     """An audit record of a VM started elsewhere after its node was fenced (ha.py writes it)."""
     record_id = _text_field(data, "id", path, max_bytes=64)

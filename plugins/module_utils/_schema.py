@@ -23,8 +23,12 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         domain_state                      ready | flush | flushed | unflush
         alive                             ephemeral; exists while the daemon's session lives
         maintenance                       "true": never fenced (the operator works on it); else "false"
-        fence                             JSON record of the last fence of this node (who, how, when, result);
-                                          absent until a node is first fenced
+        fence                             JSON record of an operator's confirm_down of this node (who, how,
+                                          when, result), or of a fence by an older daemon; absent until then
+        fences/<node>                     JSON record of this node's last fence of <node> (who, how, when,
+                                          result), written by this node's own identity only: a node's fence
+                                          record is the latest of these and its own ``fence`` (_records
+                                          .latest_fence_record)
         keepalive                         unix time (float) of the last keepalive
         memtotal memused memfree          host memory, MiB
         memalloc                          memory of VMs running here, MiB
@@ -123,6 +127,7 @@ NODE_ADDRESS = "address"
 NODE_LIBVIRT_URI = "libvirt_uri"
 NODE_TRANSPORT_URI = "transport_uri"
 NODE_LIBVIRT = "libvirt"
+NODE_FENCES = "fences"
 
 # Keys every node has, with the value a newly registered node starts with.
 # New nodes start `flushed`: they take VMs only after an operator (or the rollout) makes them ready.
@@ -202,10 +207,10 @@ PERM_RWCD = PERM_READ | PERM_WRITE | PERM_CREATE | PERM_DELETE
 # request moves it, a recovery too) and the reason of the last failure. Never the XML, the desired
 # state or the meta: what a daemon changes of a VM's state is its runtime/runstate record.
 NODE_WRITTEN_DOMAIN_KEYS = (DOMAIN_NODE, DOMAIN_LASTNODE, DOMAIN_FAILEDREASON)
-# Keys of a node its peers write too: the daemon that fences a dead peer writes its daemon state,
-# its fence record (creating it: hence the nodes' CREATE on a node's znode) and, once it is fenced,
-# its domain state (flushed).
-PEER_WRITTEN_NODE_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_FENCE)
+# Keys of a node its peers write too: the daemon that fences a dead peer writes its daemon state
+# and, once it is fenced, its domain state (flushed). Its record of the fence it writes under its
+# own keys (fences/<peer>).
+PEER_WRITTEN_NODE_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE)
 
 
 class AclRule:
@@ -291,6 +296,13 @@ class Schema:
     def node_reservation(self, node: str, uuid: str) -> str:
         return self._p("nodes", node, NODE_RESERVATIONS, uuid)
 
+    def node_fences(self, node: str) -> str:
+        return self._p("nodes", node, NODE_FENCES)
+
+    def node_fence_record(self, fencer: str, node: str) -> str:
+        """``fencer``'s record of its last fence of ``node`` (under ``fencer``'s own keys)."""
+        return self._p("nodes", fencer, NODE_FENCES, node)
+
     # domains
     def domain(self, uuid: str) -> str:
         return self._p("domains", uuid)
@@ -344,9 +356,7 @@ class Schema:
                 return AclRule(PERM_RWCD, node if depth == 3 else None)
             if depth == 3 and parts[2] in PEER_WRITTEN_NODE_KEYS:
                 return AclRule(PERM_READ | PERM_WRITE, node)
-            if depth == 2:
-                return AclRule(PERM_READ | PERM_CREATE, node)   # a peer's first fence record
-            return AclRule(PERM_READ, node)
+            return AclRule(PERM_READ, node)   # its own keys, fences/ included: its own identity writes them
         if top == "domains" and depth >= 3:
             key = parts[2]
             if key == DOMAIN_RUNTIME:

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_history, read_node_views, read_nodes_raw, record_guest_downtime, vm_definition
+from pvc_cluster_common._cluster import (
+    read_fence_record,
+    read_history,
+    read_node_views,
+    read_nodes_raw,
+    record_guest_downtime,
+    vm_definition,
+)
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._requests import finish_values
@@ -107,4 +114,23 @@ def test_node_reports_show_maintenance_and_the_last_fence_and_name_garbage_in_th
     assert n1["maintenance"] is True and n1["fence"] == fence and not n1["invalid"]
     assert n2["maintenance"] is False and n2["fence"] == {}
     assert any(text.startswith("nodes/n2/maintenance") and "'maybe'" in text for text in n2["invalid"])
-    assert any(text.startswith("nodes/n2/fence") and "'ssh'" in text for text in n2["invalid"]), n2["invalid"]
+    assert any(f"{schema.node_key('n2', S.NODE_FENCE)}" in text and "'ssh'" in text for text in n2["invalid"]), n2["invalid"]
+
+
+def test_a_nodes_fence_record_is_the_latest_of_its_own_and_its_peers(cluster):
+    """A peer's record of its fence of n1 (under the peer's own keys) and an operator's confirm_down
+    (n1's own ``fence``): node_info and the daemons show the one that started last."""
+    schema = cluster.schema
+    operator = {"by": "operator", "method": "operator", "result": "fenced", "started": 100.0, "finished": 100.0}
+    by_n2 = {"by": "n2", "method": "ipmi", "result": "fence-failed", "started": 90.0, "detail": "no answer"}
+    cluster.write({schema.node_key("n1", S.NODE_FENCE): json.dumps(operator),
+                   schema.node_fence_record("n2", "n1"): json.dumps(by_n2)})
+    assert node_report(read_cluster(cluster), "n1")["fence"] == operator
+    assert read_fence_record(cluster, "n1") == operator
+    later = {**by_n2, "started": 200.0}
+    cluster.write({schema.node_fence_record("n2", "n1"): json.dumps(later)})
+    assert node_report(read_cluster(cluster), "n1")["fence"] == later == read_fence_record(cluster, "n1")
+    cluster.write({schema.node_fence_record("n2", "n1"): "[garbage"})
+    problems: list = []
+    assert read_fence_record(cluster, "n1", problems) == operator
+    assert [problem.path for problem in problems] == [schema.node_fence_record("n2", "n1")]

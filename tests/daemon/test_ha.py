@@ -14,7 +14,7 @@ import signal
 import pytest
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_history, read_vm
+from pvc_cluster_common._cluster import read_fence_record, read_history, read_vm
 from tests.support.bmc import SimulatedBMC, free_udp_port
 
 from .harness import TestCluster, domain_xml
@@ -86,9 +86,12 @@ def test_a_frozen_node_is_fenced_through_its_bmc_before_its_vms_run_elsewhere_an
     assert daemon2.process.wait(timeout=30) == -signal.SIGKILL
     calls = [call for call in ha.bmcs["node2"].calls() if call.endswith("set power 0")]
     assert len(calls) >= 1
-    fence_record = json.loads(c.store.read(c.schema.node_key("node2", S.NODE_FENCE)))
+    fence_record = read_fence_record(c.store, "node2")
     assert fence_record["result"] == "fenced" and fence_record["method"] == "ipmi"
     assert fence_record["by"] in ("node1", "node3")
+    # under the fencing node's own keys, and nowhere under node2's
+    assert json.loads(c.store.read(c.schema.node_fence_record(fence_record["by"], "node2"))) == fence_record
+    assert c.store.exists(c.schema.node_key("node2", S.NODE_FENCE)) is False
     assert c.store.read(c.schema.node_key("node2", S.NODE_DOMAIN_STATE)) == "flushed"
     for uuid in uuids:
         vm = read_vm(c.store, uuid)
@@ -126,8 +129,8 @@ def test_an_unreachable_bmc_means_fence_failed_and_no_recovery_until_an_operator
     uuid = vm_on(c, "db1", "node2")
     c.daemons["node2"].kill()   # power loss; its BMC does not answer
     c.wait_node_state("node2", "fence-failed")
-    record = json.loads(c.store.read(c.schema.node_key("node2", S.NODE_FENCE)))
-    assert record["result"] == "fence-failed" and "did not answer" in record["detail"]
+    record = read_fence_record(c.store, "node2")
+    assert record["result"] == "fence-failed" and "did not answer" in record["detail"] and record["by"] == "node1"
     # the protocol recovers nothing from a node whose fence failed
     vm = read_vm(c.store, uuid)
     assert vm.node == "node2" and vm.lastnode == ""

@@ -16,13 +16,11 @@ Needs root and the lab's packages; the lab has its own prefix, so it never meets
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
 
-from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_vm
+from pvc_cluster_common._cluster import read_fence_record, read_vm
 from pvc_node_daemon.hypervisor import Hypervisor
 
 from .daemons import LabCluster
@@ -70,7 +68,7 @@ def measure(trials: int = 5, log=print) -> dict[str, list[float]]:
             finally:
                 for connection in connections:
                     connection.close()
-            fence = json.loads(cluster.store.read(cluster.schema.node_key("node2", S.NODE_FENCE)))
+            fence = read_fence_record(cluster.store, "node2")
             last = max(started.values())
             series["total"].append(last - power_lost)
             series["detection"].append(fence["started"] - power_lost)
