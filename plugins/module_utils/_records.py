@@ -343,7 +343,6 @@ class RunState:
         return self.desired_version == desired_version
 
 
-
 def runstate_after(current: RunState | None, state: str, desired_version: int, by: str, at: float,
                    autostart: bool | None = None, autostart_used: int | None = None) -> RunState:
     """The record after a daemon moved the VM to ``state`` for that version of ``state``, from
