@@ -76,6 +76,8 @@ nodes:
         - The record of the node's last fence, empty when it was never fenced, with C(by) (the fencing node, or
           C(operator)), C(method), C(device), C(result) (C(fencing), C(fenced), C(fence-failed)), C(detail),
           C(started), C(finished) and C(duration_s).
+        - The fencing node keeps its record under its own keys, an operator's confirmation is the node's own; this is
+          the one of them that started last.
       type: dict
       sample: {"by": "hv1", "method": "ipmi", "device": "ipmi 10.0.1.2:623 (off)", "result": "fenced",
                "detail": "power off confirmed through ipmi 10.0.1.2:623 (off)", "started": 1765000000.0,
