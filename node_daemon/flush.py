@@ -392,6 +392,9 @@ class NodeStateWorker:
                       ", ".join(f"{name} ({result})" for name, result in sorted(left.items())))
         for vm in autostart:
             log.info("VM %s: autostart on %s", vm.name, self.node)
-            if not move_runstate(self.store, vm.uuid, "start", self.node, autostart=False, use_autostart_meta=True):
-                log.warning("VM %s: autostart not recorded (its keys kept changing)", vm.name)
+            try:
+                if not move_runstate(self.store, vm.uuid, "start", self.node, autostart=False, use_autostart_meta=True):
+                    log.warning("VM %s: autostart not recorded (its keys kept changing)", vm.name)
+            except StoreError as exc:   # one VM's failed write does not keep the others from starting
+                log.warning("VM %s: autostart not recorded: %s", vm.name, exc)
         self._set_domain_state("unflush", "ready")
