@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._store import SESSION_CONNECTED, SESSION_LOST, SESSION_SUSPENDED, ClusterStore, StoreError
 
+from .context import DaemonContext
 from .domains import DomainTable
 from .flush import NodeStateWorker
 from .ha import HighAvailability
 from .hypervisor import Hypervisor, HypervisorError
-from .invalid import InvalidValues
 from .keepalive import Keepalive
 from .log import get_logger
 from .migration import MigrationAgent
@@ -46,20 +46,20 @@ class NodeDaemon:
         self.schema = self.store.schema
         # supervised: a libvirtd that restarts, dies or hangs costs a reconnect, not the daemon
         self.hypervisor = Hypervisor(config.libvirt_uri, call_timeout_s=config.libvirt_call_timeout_s, reconnect=True)
-        self.domains = DomainTable()
         self.metrics: Metrics | None = None
         if config.metrics_enabled:
             from .metrics import Metrics
             self.metrics = Metrics(self.node)
-        self.invalid = InvalidValues(self.metrics)   # invalid values read from ZooKeeper, reported once each
-        self.migrations = MigrationAgent(self.node, config, self.store, self.hypervisor, self.domains, self.metrics,
-                                         self.invalid)
-        self.reconciler = Reconciler(self.node, config, self.store, self.hypervisor, self.domains, self.migrations,
-                                     self.metrics, self.invalid)
+        # what every service shares (invalid values read from ZooKeeper are reported once each)
+        self.context = DaemonContext(self.node, config, self.store, self.hypervisor, DomainTable(), self.metrics)
+        self.domains = self.context.domains
+        self.invalid = self.context.invalid
+        self.migrations = MigrationAgent(self.context)
+        self.reconciler = Reconciler(self.context, self.migrations)
         self.migrations.deadlines.wake = self.reconciler.enqueue
-        self.keepalive = Keepalive(self.node, config, self.store, self.hypervisor, self.domains, self.metrics)
-        self.node_state = NodeStateWorker(self.node, config, self.store, self.domains, self.reconciler)
-        self.ha = HighAvailability(self.node, config, self.store, self.domains, self.migrations, self.metrics)
+        self.keepalive = Keepalive(self.context)
+        self.node_state = NodeStateWorker(self.context, self.reconciler)
+        self.ha = HighAvailability(self.context, self.migrations)
         self.hypervisor.add_health_listener(self._on_libvirt_health)
         self.hypervisor.add_reconnect_listener(self._after_libvirt_reconnect)
         self.threads: list[threading.Thread] = []

@@ -38,13 +38,13 @@ from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._requests import REQUEST_ATTEMPTS, RequestError, RequestPlan, plan_request, submit_request
 from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, plan_flush
-from pvc_cluster_common._store import Attempts, ClusterStore, ConflictError, StoreError, Versioned
+from pvc_cluster_common._store import Attempts, ConflictError, StoreError, Versioned
 
-from .domains import DomainRecord, DomainTable
+from .context import DaemonContext, Service
+from .domains import DomainRecord
 from .log import get_logger
 
 if TYPE_CHECKING:
-    from .config import Config
     from .reconciler import Reconciler
 
 # What a request's planning sees of the nodes, changed (a node being made ready takes its VMs as
@@ -76,14 +76,9 @@ class Cancelled(Exception):
     """A newer domain state stopped this flush or ready between two migrations."""
 
 
-class NodeStateWorker:
-    def __init__(self, node: str, config: Config, store: ClusterStore, domains: DomainTable,
-                 reconciler: Reconciler) -> None:
-        self.node = node
-        self.config = config
-        self.store = store
-        self.schema = store.schema
-        self.domains = domains
+class NodeStateWorker(Service):
+    def __init__(self, ctx: DaemonContext, reconciler: Reconciler) -> None:
+        super().__init__(ctx)
         self.reconciler = reconciler
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None

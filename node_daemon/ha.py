@@ -43,10 +43,11 @@ from pvc_cluster_common._cluster import read_fence_record, read_node_views, read
 from pvc_cluster_common._requests import history_key
 from pvc_cluster_common._store import ConflictError, StoreError, StoreLock
 
+from .context import DaemonContext, Service
 from .faults import crash_point
 from .fencing import FenceResult, fence
 from .log import get_logger
-from .migration import Migration
+from .migration import Migration, MigrationAgent
 from .recovery import Act, LivenessTracker, RecoveryCandidate, fence_decision, plan_recovery
 
 log = get_logger(__name__)
@@ -56,16 +57,11 @@ log = get_logger(__name__)
 WAIT_PASSES_S = 1.0
 
 
-class HighAvailability:
-    def __init__(self, node, config, store, domains, migrations, metrics=None) -> None:
-        self.node = node
-        self.config = config
-        self.store = store
-        self.schema = store.schema
-        self.domains = domains
+class HighAvailability(Service):
+    def __init__(self, ctx: DaemonContext, migrations: MigrationAgent) -> None:
+        super().__init__(ctx)
         self.migrations = migrations
-        self.metrics = metrics
-        self.tracker = LivenessTracker(config.keepalive_interval_s * config.dead_after)
+        self.tracker = LivenessTracker(ctx.config.keepalive_interval_s * ctx.config.dead_after)
         self._tracker_lock = threading.Lock()
         self._actors: dict[str, threading.Thread] = {}
         self._said: dict[str, str] = {}          # peer -> the last thing logged about it (said once)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._memory import AccountedVM, NodeAccount, account_node
 
-from .domains import DomainTable
+from .context import DaemonContext, Service
 from .hypervisor import ACTIVE_STATES
 from .log import get_logger
 from .reconciler import ACCOUNTING_KEYS
@@ -169,16 +169,10 @@ class FiguresReader:
         return figures
 
 
-class Keepalive:
-    def __init__(self, node, config, store, hypervisor, domains: DomainTable, metrics=None) -> None:
-        self.node = node
-        self.config = config
-        self.store = store
-        self.schema = store.schema
-        self.hypervisor = hypervisor
-        self.domains = domains
-        self.metrics = metrics
-        self.reader = FiguresReader(hypervisor, config.keepalive_interval_s)
+class Keepalive(Service):
+    def __init__(self, ctx: DaemonContext) -> None:
+        super().__init__(ctx)
+        self.reader = FiguresReader(ctx.hypervisor, ctx.config.keepalive_interval_s)
         self.ticks = 0
         self.stats_published = -1   # the reader pass whose statistics were published last
         self.clock = time.time
@@ -301,7 +295,7 @@ class Keepalive:
                                        running_here=True, reserved_here=False))
         account = account_node(self.node, vms)
         memtotal, memused, memfree = reading.host or (0, 0, 0)
-        values = {} if reading.host is None else {
+        values: dict[str, object] = {} if reading.host is None else {
             self.schema.node_key(self.node, S.NODE_MEMTOTAL): memtotal,
             self.schema.node_key(self.node, S.NODE_MEMUSED): memused,
             self.schema.node_key(self.node, S.NODE_MEMFREE): memfree,

@@ -33,6 +33,7 @@ from pvc_cluster_common._records import (
 from pvc_cluster_common._requests import RequestPlan, finish_values, new_record
 from pvc_cluster_common._store import ConflictError, StoreError
 
+from .context import DaemonContext, Service
 from .faults import crash_point, crash_while_migrating, pause_point
 from .hypervisor import (
     ACTIVE_STATES,
@@ -43,7 +44,6 @@ from .hypervisor import (
     MigrationSetup,
     PeerUnreachable,
 )
-from .invalid import InvalidValues
 from .log import get_logger
 from .watched import WatchedKeys
 
@@ -165,17 +165,10 @@ class Migration:
         self.record, self.version = record, version
 
 
-class MigrationAgent:
-    def __init__(self, node, config, store, hypervisor, domains, metrics=None,
-                 invalid: InvalidValues | None = None) -> None:
-        self.node = node
-        self.invalid = invalid or InvalidValues(metrics)
-        self.config = config
-        self.store = store
-        self.schema = store.schema
-        self.hypervisor = hypervisor
-        self.domains = domains
-        self.metrics = metrics
+class MigrationAgent(Service):
+    def __init__(self, ctx: DaemonContext) -> None:
+        super().__init__(ctx)
+        node, store = ctx.node, ctx.store
         self.deadlines = Deadlines()
         # uuid -> what the source read and set up at `requested` (see as_source)
         self._prefetched: dict[str, ReadAhead] = {}

@@ -27,9 +27,8 @@ from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError, check_d
 from pvc_cluster_common._domain_xml import DomainXMLError
 from pvc_cluster_common._store import StoreError, Versioned
 
-from .domains import DomainTable
+from .context import DaemonContext, Service
 from .hypervisor import HypervisorError, HypervisorUnavailable
-from .invalid import InvalidValues
 from .migration import UNAVAILABLE
 from .log import get_logger
 from .threads import ReusableThreads
@@ -54,18 +53,10 @@ XML_REFUSED = "the VM is neither started nor migrated until its XML is fixed"
 RUNSTATE_IGNORED = "read as none: the VM's desired state applies"
 
 
-class Reconciler:
-    def __init__(self, node, config, store, hypervisor, domains: DomainTable, migrations, metrics=None,
-                 invalid: InvalidValues | None = None) -> None:
-        self.node = node
-        self.invalid = invalid or InvalidValues(metrics)
-        self.config = config
-        self.store = store
-        self.schema = store.schema
-        self.hypervisor = hypervisor
-        self.domains = domains
+class Reconciler(Service):
+    def __init__(self, ctx: DaemonContext, migrations) -> None:
+        super().__init__(ctx)
         self.migrations = migrations
-        self.metrics = metrics
         self._lock = threading.Lock()
         self._busy: set[str] = set()
         self._dirty: set[str] = set()

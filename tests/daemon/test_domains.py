@@ -11,6 +11,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._records import MigrationRecord, RunState
 from pvc_cluster_common._schema import Schema
 from pvc_cluster_common._store import Versioned
+from pvc_node_daemon.context import DaemonContext
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.reconciler import LOADING, Reconciler
 
@@ -43,7 +44,7 @@ class RecordingStore:
 
 def reconciler(node: str = "n1") -> Reconciler:
     store = RecordingStore()
-    rec = Reconciler(node, config=None, store=store, hypervisor=None, domains=DomainTable(), migrations=None)
+    rec = Reconciler(DaemonContext(node, config=None, store=store, hypervisor=None, domains=DomainTable()), migrations=None)
     rec._watched.add(UUID)
     for followers in rec._followed.values():
         followers.add(UUID)

@@ -9,6 +9,7 @@ from pvc_cluster_common._schema import Schema
 from pvc_cluster_common._store import Attempts, ConflictError
 from pvc_node_daemon import flush
 from pvc_node_daemon.config import parse_config
+from pvc_node_daemon.context import DaemonContext
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.flush import NodeStateWorker
 from tests.support.identities import node_auth
@@ -17,7 +18,7 @@ from tests.support.identities import node_auth
 def worker(**stores) -> NodeStateWorker:
     config = parse_config({"node": "n1", "zookeeper": {"hosts": "127.0.0.1:1", "auth": node_auth("n1")}, "migration": {"flush_parallel": 4}})
     store = SimpleNamespace(schema=Schema("/pvc"), **stores)
-    return NodeStateWorker("n1", config, store, DomainTable(), reconciler=None)
+    return NodeStateWorker(DaemonContext("n1", config, store, domains=DomainTable()), reconciler=None)
 
 
 def test_requests_to_one_target_are_submitted_one_at_a_time(monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._domain_xml import parse_domain_xml
 from pvc_node_daemon.config import parse_config
+from pvc_node_daemon.context import DaemonContext
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.hypervisor import Hypervisor, HypervisorError
 from pvc_node_daemon.keepalive import Keepalive
@@ -62,7 +63,7 @@ def make_keepalive(store, host, config):
     made = []
 
     def make(table):
-        keepalive = Keepalive("n1", config, store, host, table)
+        keepalive = Keepalive(DaemonContext("n1", config, store, host, table))
         made.append(keepalive)
         return keepalive
 

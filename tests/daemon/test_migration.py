@@ -16,6 +16,7 @@ from pvc_cluster_common._cluster import read_vm, vm_definition
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._requests import request_vm
 from pvc_node_daemon.config import parse_config
+from pvc_node_daemon.context import DaemonContext
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.hypervisor import Hypervisor, HypervisorError, HypervisorTimeout, HypervisorUnavailable, MigrationSetup
 from pvc_node_daemon.migration import Migration, MigrationAgent
@@ -57,7 +58,7 @@ def make_agent(zk_server, zk_root, tmp_path):
         store = ClusterStore(config.zookeeper)
         store.start()
         opened.append((hypervisor, store))
-        return MigrationAgent(node, config, store, hypervisor, DomainTable())
+        return MigrationAgent(DaemonContext(node, config, store, hypervisor, DomainTable()))
 
     yield make
     for hypervisor, store in opened:

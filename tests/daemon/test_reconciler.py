@@ -9,6 +9,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_vm_state, vm_definition
 from pvc_cluster_common._records import MigrationRecord
 from pvc_node_daemon.config import parse_config
+from pvc_node_daemon.context import DaemonContext
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.hypervisor import Hypervisor
 from pvc_node_daemon.migration import UNAVAILABLE
@@ -42,7 +43,7 @@ def without_libvirt(store, zk_server, zk_root, tmp_path):
     uuid, xml = domain_xml("s1", memory="256")
     store.commit(vm_definition(store.schema, uuid, "s1", xml, "n1", "start"))
     agent = RecordingAgent()
-    reconciler = Reconciler("n1", config, store, hypervisor, DomainTable(), agent)
+    reconciler = Reconciler(DaemonContext("n1", config, store, hypervisor, DomainTable()), agent)
     for key in WATCHED_KEYS:
         found = store.read_versioned(store.schema.domain_key(uuid, key))
         reconciler._record(uuid, key, found[0] if found else None, found[1] if found else -1)

@@ -1,0 +1,83 @@
+"""What every service of the node daemon shares: one context instead of the same six arguments.
+
+``NodeDaemon`` builds one :class:`DaemonContext` and hands it to each service (keepalive,
+reconciler, migration agent, flush/ready worker, HA); a test builds one with the parts it needs
+(``hypervisor`` may be None for a service that never asks libvirt).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .domains import DomainTable
+from .invalid import InvalidValues
+
+if TYPE_CHECKING:
+    from pvc_cluster_common._schema import Schema
+
+    from .hypervisor import Hypervisor
+    from .metrics import Metrics
+
+
+@dataclass
+class DaemonContext:
+    """This node's name, its configuration (config.Config), its ZooKeeper store (the
+    ClusterStore), its hypervisor driver, the watch-fed VM table, the metrics (None when
+    disabled) and, made from them, the reporter of invalid values read from ZooKeeper (one per
+    daemon, so that a value is reported once whichever service meets it)."""
+
+    node: str
+    config: Any
+    store: Any
+    hypervisor: Hypervisor | None = None
+    domains: DomainTable = field(default_factory=DomainTable)
+    metrics: Metrics | None = None
+    invalid: InvalidValues = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.invalid = InvalidValues(self.metrics)
+
+    @property
+    def schema(self) -> Schema:
+        schema: Schema = self.store.schema
+        return schema
+
+
+class Service:
+    """A service of the daemon: it reaches what it shares with the others through its context
+    (``self.ctx``), by the names the services have always used."""
+
+    def __init__(self, ctx: DaemonContext) -> None:
+        self.ctx = ctx
+
+    @property
+    def node(self) -> str:
+        return self.ctx.node
+
+    @property
+    def config(self) -> Any:
+        return self.ctx.config
+
+    @property
+    def store(self) -> Any:
+        return self.ctx.store
+
+    @property
+    def schema(self) -> Schema:
+        return self.ctx.schema
+
+    @property
+    def hypervisor(self) -> Any:
+        return self.ctx.hypervisor
+
+    @property
+    def domains(self) -> DomainTable:
+        return self.ctx.domains
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self.ctx.metrics
+
+    @property
+    def invalid(self) -> InvalidValues:
+        return self.ctx.invalid
