@@ -243,6 +243,7 @@ def bench_busy_live(pairs: int) -> dict:
     from tests.lab.bench_live import measure   # needs root and the lab (real libvirtd + QEMU)
 
     series = measure(pairs, busy=True)
+    revived_after, lost_writes = series.pop("revived_after"), series.pop("lost_writes")
     # a guest-seen downtime is None where the guest died at the switch-over (docs/benchmarks.md)
     median = {name: statistics.median(v for v in values if v is not None) for name, values in series.items()
               if any(v is not None for v in values)}
@@ -259,6 +260,7 @@ def bench_busy_live(pairs: int) -> dict:
             "virsh_frozen_ms": [None if v is None else round(v, 1) for v in series["virsh_frozen_ms"]],
             "ours_frozen_median_ms": round(median["ours_frozen_ms"], 1) if "ours_frozen_ms" in median else None,
             "virsh_frozen_median_ms": round(median["virsh_frozen_ms"], 1) if "virsh_frozen_ms" in median else None,
+            "guest_resets_after": revived_after, "guest_lost_writes": lost_writes[0],
             "ratio": round(ratio, 3), "target": "ratio <= 1.02, guest-seen downtime (median) not larger than virsh's",
             "met": ratio <= 1.02 and downtime_ok}
 

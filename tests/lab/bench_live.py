@@ -41,7 +41,7 @@ from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_node_daemon.hypervisor import Hypervisor
 
 from .daemons import LabCluster
-from .guests import LabGuests
+from .guests import GuestPort, LabGuests
 from .lab import Lab
 from .ticks import TickCollector, record_switchover
 
@@ -68,15 +68,15 @@ def cap_migrate_speed(host, uuid: str) -> None:
         conn.close()
 
 
-def revive(cluster, collector: TickCollector, uuid: str, name: str, log=print) -> None:
+def revive(cluster, collector: TickCollector, uuid: str, name: str, log=print) -> bool:
     """Make sure the busy guest is alive (it ticks) before it is moved again; if not, reset it
-    (libvirt's virDomainReset: the same QEMU, a fresh boot) and wait until it ticks. In the lab's
-    QEMU 7.2 under TCG a guest that dirties memory often dies right after a live migration, with
-    pages of its memory wrong (docs/benchmarks.md): a dead guest dirties nothing, so it would
-    not be a busy guest any more."""
+    (libvirt's virDomainReset: the same QEMU, a fresh boot), wait until it ticks and return True.
+    A dead guest dirties nothing, so it would not be a busy guest any more. Since the guests run
+    with GUEST_KERNEL_WORKAROUND (guests.py) none has died after a migration; should one, the
+    benchmark counts it (``revived``) rather than measure an idle guest."""
     try:
         collector.wait_ticking(name, since=time.time() - 2, timeout_s=5)
-        return
+        return False
     except AssertionError:
         pass
     node = cluster.running_nodes(cluster.libvirt_states(uuid))[0]
@@ -88,12 +88,16 @@ def revive(cluster, collector: TickCollector, uuid: str, name: str, log=print) -
     finally:
         conn.close()
     collector.wait_ticking(name, host=node, since=reset_at, timeout_s=300)
+    return True
 
 
-def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list[float]]:
+def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
     """Seconds per sample: ``ours`` (submission to running on the target), ``ours_planning``
     (the reads that plan the request), ``ours_record_gone`` (submission to the record removed),
-    ``virsh`` (command start to the VM resumed on the target) and ``virsh_command``.
+    ``virsh`` (command start to the VM resumed on the target) and ``virsh_command``. Busy: also
+    ``ours_frozen_ms`` and ``virsh_frozen_ms`` (the guest-seen downtime of each move, None where
+    none was seen), ``revived_after`` (who made the move after which the guest had to be reset)
+    and ``lost_writes`` (one figure: what the guest found lost since its last boot).
 
     Each pair moves the VM from node1 and back, one way by virsh and the other by our daemons;
     which goes first alternates, so both are timed in both directions as often."""
@@ -118,6 +122,9 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list[flo
             cluster.wait_running_on("node1", uuid)
         series = {"ours": [], "ours_planning": [], "ours_record_gone": [], "virsh": [], "virsh_command": [],
                   "ours_frozen_ms": [], "virsh_frozen_ms": []}
+        # busy: who moved the guest before each reset that revive() had to make ("ours", "virsh")
+        revived_after: list[str] = []
+        movers: list[str] = []   # who made each move so far
 
         def by_virsh(source: str, target: str) -> None:
             # plain libvirt, daemons out of the way
@@ -133,7 +140,8 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list[flo
 
             src, dst = cluster.host(source), cluster.host(target)
             if busy:
-                revive(cluster, collector, uuid, name, log)
+                if revive(cluster, collector, uuid, name, log):
+                    revived_after.append(movers[-1] if movers else "nobody")
                 cap_migrate_speed(src, uuid)
             flags = ["--auto-converge"] if busy else []
             with Hypervisor(dst.libvirt_uri, call_timeout_s=30) as libvirt_there:
@@ -154,6 +162,7 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list[flo
                 except AssertionError:
                     pass   # the guest died at the switch-over (see revive): nothing to measure
                 series["virsh_frozen_ms"].append(switch.frozen_ms if switch else None)
+            movers.append("virsh")
             cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): target})
             cluster.start(ready=False)
             cluster.wait_running_on(target, uuid)
@@ -169,7 +178,8 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list[flo
             planning = time.perf_counter()
             vm = read_vm(cluster.store, uuid)
             if busy:
-                revive(cluster, collector, uuid, name, log)
+                if revive(cluster, collector, uuid, name, log):
+                    revived_after.append(movers[-1] if movers else "nobody")
                 cap_migrate_speed(cluster.host(vm.node), uuid)
                 planning = time.perf_counter()
             plan = plan_request(vm, "move", read_node_views(cluster.store), target=target)
@@ -182,6 +192,7 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list[flo
             if final["id"] != record.id or final["result"] != "done" or final.get("method_used") != "live":
                 raise RuntimeError(f"our migration {record.id} did not end as a live migration: {final}")
             series["ours"].append(final["steps"]["done"] - started_wall)
+            movers.append("ours")
             if busy:
                 switch = record_switchover(cluster.store, collector, uuid, name, final, timeout_s=20)
                 series["ours_frozen_ms"].append(switch.frozen_ms if switch else None)
@@ -201,6 +212,15 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list[flo
             seen = (f" (guest frozen: ours {_ms(series['ours_frozen_ms'][-1])}, virsh "
                     f"{_ms(series['virsh_frozen_ms'][-1])})") if busy else ""
             log(f"pair {pair + 1}/{pairs}: ours {series['ours'][-1]:.3f} s, virsh {series['virsh'][-1]:.3f} s{seen}")
+        if busy:
+            if revive(cluster, collector, uuid, name, log):
+                revived_after.append(movers[-1])
+            # the guest's own check of every page it dirtied, over all the moves since its boot
+            status = GuestPort(cluster.host(cluster.running_nodes(cluster.libvirt_states(uuid))[0]), uuid).status()
+            log(f"{name}: {len(revived_after)} reset(s) after a move ({', '.join(revived_after) or 'none'}); "
+                f"lost writes found by the guest since its last boot: {status['lost_writes']}")
+            series["revived_after"] = revived_after
+            series["lost_writes"] = [int(status["lost_writes"])]
         return series
     finally:
         try:

@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,7 @@ def build(cache: str | Path = DEFAULT_CACHE, log=None) -> GuestImage:
     key = recipe_key(packages)
     final = cache / key
     if (final / MANIFEST_FILE).exists():
+        _used(final)
         return GuestImage.load(final)
     with _locked(cache):
         if (final / MANIFEST_FILE).exists():   # built by another process meanwhile
@@ -175,10 +177,27 @@ def build(cache: str | Path = DEFAULT_CACHE, log=None) -> GuestImage:
         with tempfile.TemporaryDirectory(prefix=f".build-{key}-", dir=cache) as tmp:
             out = _build_into(Path(tmp), packages)
             os.rename(out, final)
-        for old in cache.iterdir():   # earlier recipes: never used again
-            if old.is_dir() and old.name != key and not old.name.startswith("."):
+        # Other recipes not used for a day: gone. One used lately may be another worktree's
+        # (its guest sources differ), which would only build it again.
+        for old in cache.iterdir():
+            if old.is_dir() and old.name != key and not old.name.startswith(".") and _unused_since(old) > KEEP_UNUSED_S:
                 shutil.rmtree(old, ignore_errors=True)
     return GuestImage.load(final)
+
+
+KEEP_UNUSED_S = 86400
+
+
+def _used(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(directory / MANIFEST_FILE)
+
+
+def _unused_since(directory: Path) -> float:
+    try:
+        return time.time() - (directory / MANIFEST_FILE).stat().st_mtime
+    except OSError:
+        return float("inf")   # no manifest: not a complete build
 
 
 def _build_into(tmp: Path, packages: dict[str, str]) -> Path:

@@ -75,6 +75,8 @@ def test_real_guest_xml():
     assert (root.findtext("os/kernel"), root.findtext("os/initrd")) == ("/s/boot/k", "/s/boot/i")
     cmdline = root.findtext("os/cmdline").split()
     assert {"console=ttyS0", "pvc.name=g3", "pvc.tick_ms=5", "pvc.dirty_mib_s=40", "pvc.dirty_buf_mib=64"} <= set(cmdline)
+    # the guest kernel's part in surviving a live migration under the lab's QEMU/TCG (guests.py)
+    assert {"pti=on", "nopcid"} <= set(cmdline)
     source = root.find("devices/disk/source")
     assert root.find("devices/disk").get("type") == "network" and root.find("devices/disk/driver").get("cache") == "none"
     assert (source.get("protocol"), source.get("name"), source.find("host").get("port")) == ("nbd", "g3", "10809")

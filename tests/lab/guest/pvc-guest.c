@@ -11,9 +11,13 @@
  *    switch-over of a live migration), so the guest cannot see its downtime by itself: whoever
  *    receives the ticks sees it as the largest gap between their arrivals, and the monotonic time
  *    in each tick tells that the guest itself noticed nothing;
- *  - dirtying memory: it writes one byte into each of dirty_mib_s * 256 pages (4 KiB) per second,
+ *  - dirtying memory: it writes one word into each of dirty_mib_s * 256 pages (4 KiB) per second,
  *    going round a buffer of dirty_buf_mib MiB, so that a live migration has that much memory to
- *    send again in every pass;
+ *    send again in every pass. Each write is the count of writes so far, and before writing a page
+ *    it checks that the page still holds what it wrote there on its last round: a live migration
+ *    that lost one of its writes (the target resumed with an old copy of the page) is counted
+ *    (lost_writes in "status") and reported on the console, rather than seen only if the kernel
+ *    happens to trip over it;
  *  - a command channel on the virtio serial port org.pvc-cluster.guest.0 (one line per command):
  *    "dirty <MiB/s>" sets the dirty rate, "status" answers with the guest's figures, "ping" answers
  *    "pong";
@@ -202,6 +206,7 @@ struct dirtier {
 	int64_t last_ns;
 	double owed; /* pages due but not yet written */
 	uint64_t written;
+	uint64_t lost; /* pages that did not hold the word written there on the last round */
 };
 
 static void dirty(struct dirtier *d, int64_t now)
@@ -224,7 +229,16 @@ static void dirty(struct dirtier *d, int64_t now)
 		elapsed = MAX_CATCH_UP_NS;
 	d->owed += (double)elapsed * dirty_mib_s * (1048576.0 / PAGE) / 1e9;
 	while (d->owed >= 1.0) {
-		d->buf[d->next * PAGE] = (unsigned char)d->written;
+		/* Pages are written in turn, so this one last got the count of one round ago (a fresh
+		 * anonymous page reads 0). */
+		uint64_t *word = (uint64_t *)(d->buf + d->next * PAGE);
+		uint64_t expected = d->written >= d->pages ? d->written - d->pages : 0;
+		if (*word != expected) {
+			if (d->lost++ < 5)
+				say("lost write: page %zu of the dirtied buffer holds %llu, not %llu", d->next,
+				    (unsigned long long)*word, (unsigned long long)expected);
+		}
+		*word = d->written;
 		d->next = (d->next + 1) % d->pages;
 		d->written++;
 		d->owed -= 1.0;
@@ -264,9 +278,10 @@ static void command(int fd, char *line, struct dirtier *d, uint64_t ticks, int64
 		answer(fd, "ok dirty %ld", rate);
 	} else if (strcmp(line, "status") == 0) {
 		answer(fd, "ok name=%s tick_ms=%ld ticks=%llu dirty_mib_s=%ld dirty_buf_mib=%ld dirtied_mib=%llu "
-		       "max_tick_gap_us=%lld uptime_ms=%lld",
+		       "lost_writes=%llu max_tick_gap_us=%lld uptime_ms=%lld",
 		       name, tick_ms, (unsigned long long)ticks, dirty_mib_s, dirty_buf_mib,
-		       (unsigned long long)(d->written * PAGE >> 20), (long long)(max_gap_ns / 1000),
+		       (unsigned long long)(d->written * PAGE >> 20), (unsigned long long)d->lost,
+		       (long long)(max_gap_ns / 1000),
 		       (long long)((now_ns() - started) / 1000000));
 	} else {
 		answer(fd, "error unknown command %s (accepted: ping, status, dirty <MiB/s>)", line);
