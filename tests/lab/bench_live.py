@@ -68,6 +68,20 @@ def cap_migrate_speed(host, uuid: str) -> None:
         conn.close()
 
 
+def libvirt_downtime_ms(host, uuid: str) -> float | None:
+    """The downtime libvirt reports for the migration that brought the VM to ``host`` (the
+    target keeps the completed job's statistics): from the source's pause to the target's
+    resume, as libvirt measured it; None if it reports none."""
+    import libvirt
+
+    conn = host.connect()
+    try:
+        value = conn.lookupByUUIDString(uuid).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED).get("downtime")
+    finally:
+        conn.close()
+    return None if value is None else float(value)
+
+
 def revive(cluster, collector: TickCollector, uuid: str, name: str, log=print) -> bool:
     """Make sure the busy guest is alive (it ticks) before it is moved again; if not, reset it
     (libvirt's virDomainReset: the same QEMU, a fresh boot), wait until it ticks and return True.
@@ -121,7 +135,8 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
             uuid = cluster.define_vm(name, "node1", meta={S.META_MIGRATION_METHOD: "live"}, memory_mib=128, guest="none")
             cluster.wait_running_on("node1", uuid)
         series = {"ours": [], "ours_planning": [], "ours_record_gone": [], "virsh": [], "virsh_command": [],
-                  "ours_frozen_ms": [], "virsh_frozen_ms": []}
+                  "ours_frozen_ms": [], "virsh_frozen_ms": [], "ours_libvirt_downtime_ms": [],
+                  "virsh_libvirt_downtime_ms": []}
         # busy: who moved the guest before each reset that revive() had to make ("ours", "virsh")
         revived_after: list[str] = []
         movers: list[str] = []   # who made each move so far
@@ -162,6 +177,7 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
                 except AssertionError:
                     pass   # the guest died at the switch-over (see revive): nothing to measure
                 series["virsh_frozen_ms"].append(switch.frozen_ms if switch else None)
+                series["virsh_libvirt_downtime_ms"].append(libvirt_downtime_ms(dst, uuid))
             movers.append("virsh")
             cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): target})
             cluster.start(ready=False)
@@ -196,6 +212,7 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
             if busy:
                 switch = record_switchover(cluster.store, collector, uuid, name, final, timeout_s=20)
                 series["ours_frozen_ms"].append(switch.frozen_ms if switch else None)
+                series["ours_libvirt_downtime_ms"].append(libvirt_downtime_ms(cluster.host(target), uuid))
             # The VM runs on the target from `done` on, but the source's libvirtd still ends its
             # side of the job (about 0.2 s, as virsh's own return shows); a migration of the VM
             # started before that waits for it. Wait until the source has let the VM go.
@@ -210,7 +227,9 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
                 by_daemons("node2")
                 by_virsh("node2", "node1")
             seen = (f" (guest frozen: ours {_ms(series['ours_frozen_ms'][-1])}, virsh "
-                    f"{_ms(series['virsh_frozen_ms'][-1])})") if busy else ""
+                    f"{_ms(series['virsh_frozen_ms'][-1])}; libvirt's downtime: ours "
+                    f"{series['ours_libvirt_downtime_ms'][-1]} ms, virsh {series['virsh_libvirt_downtime_ms'][-1]} ms)"
+                    ) if busy else ""
             log(f"pair {pair + 1}/{pairs}: ours {series['ours'][-1]:.3f} s, virsh {series['virsh'][-1]:.3f} s{seen}")
         if busy:
             if revive(cluster, collector, uuid, name, log):
@@ -236,13 +255,36 @@ def _ms(value) -> str:
     return "not seen (the guest died)" if value is None else f"{value:.0f} ms"
 
 
-def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict[str, float]:
+def timeline(moves: list[tuple[float, float, float]], began: float, ended: float) -> dict[str, float]:
+    """What a run of parallel moves spent its time on. ``moves``: (started, transfer began,
+    ended) of each move, unix times; ``began``/``ended``: the run's. ``parallelism``: the moves'
+    summed durations over the run's; ``idle_slot_s``: the time the run's slots (its highest
+    number of moves at once) had no move, summed; ``first_start_s``: from the run's start to its
+    first move; ``last_end_s``: from its last move's end to the run's end; ``before_transfer_s``:
+    the moves' time between their start and their transfer's, summed (ours: the protocol's steps
+    before libvirt is called; virsh: nothing)."""
+    events = sorted([(start, 1) for start, _, _ in moves] + [(end, -1) for _, _, end in moves])
+    running, highest = 0, 0
+    for _, change in events:
+        running += change
+        highest = max(highest, running)
+    busy = sum(end - start for start, _, end in moves)
+    return {"parallelism": round(busy / (ended - began), 3), "slots": highest,
+            "idle_slot_s": round(highest * (ended - began) - busy, 2),
+            "first_start_s": round(min(start for start, _, _ in moves) - began, 2),
+            "last_end_s": round(ended - max(end for _, _, end in moves), 2),
+            "before_transfer_s": round(sum(transfer - start for start, transfer, _ in moves), 2),
+            "move_median_s": round(sorted(end - start for start, _, end in moves)[len(moves) // 2], 2)}
+
+
+def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict:
     """(f): seconds to move ``vms`` busy real guests off node1 to node2, by a flush of node1 by
     our daemons (``flush_parallel`` = ``parallel``; domain state `flush` written until the
     daemon writes `flushed`), and by ``parallel`` threads each running ``virsh migrate --live
     --p2p --auto-converge`` over its share of the guests (first command started until the last
     returned), the daemons stopped meanwhile. Between the two the daemons bring the guests back
-    (ready, not timed)."""
+    (ready, not timed). Also each run's ``timeline`` (``ours_timeline``, ``virsh_timeline``),
+    from the migrations' audit records for ours and the commands' start and end for virsh."""
     from concurrent.futures import ThreadPoolExecutor
 
     lab = Lab(WORKDIR, hosts=2, prefix=PREFIX, log=log)
@@ -263,12 +305,19 @@ def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict[str, float
         # ours: a flush of node1
         for uuid in uuids:
             cap_migrate_speed(cluster.host("node1"), uuid)
-        started = time.perf_counter()
+        started_wall, started = time.time(), time.perf_counter()
         cluster.set_domain_state("node1", "flush")
         cluster.wait_domain_state("node1", "flushed", timeout_s=3600)
         result["ours"] = time.perf_counter() - started
+        ended_wall = time.time()
         for uuid in uuids:
             cluster.settle(uuid, timeout_s=300)
+        ours_moves = []
+        for uuid in uuids:
+            entry = next(e for e in reversed(cluster.history(uuid)) if e["source"] == "node1")
+            steps = entry["steps"]
+            ours_moves.append((steps["requested"], steps.get("transferring", steps["requested"]), steps["done"]))
+        result["ours_timeline"] = timeline(ours_moves, started_wall, ended_wall)
         cluster.set_domain_state("node1", "unflush")
         cluster.wait_domain_state("node1", "ready", timeout_s=3600)
         for uuid in uuids:
@@ -276,28 +325,38 @@ def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict[str, float
             cluster.wait_running_on("node1", uuid, timeout_s=600)
 
         # virsh: the same moves, `parallel` at a time, of guests that are busy again
-        for i, uuid in enumerate(uuids):
-            revive(cluster, collector, uuid, f"busy-{i}", log)
+        resets = sum(revive(cluster, collector, uuid, f"busy-{i}", log) for i, uuid in enumerate(uuids))
         for daemon in cluster.daemons.values():
             daemon.stop()
         src, dst = cluster.host("node1"), cluster.host("node2")
         for uuid in uuids:
             cap_migrate_speed(src, uuid)
 
+        virsh_moves: list[tuple[float, float, float]] = []
+
         def move(share: list[str]) -> None:
             for uuid in share:
+                began = time.time()
                 subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", "--tls", "--auto-converge",
                                 uuid, dst.libvirt_tls_uri, dst.migration_uri], check=True, capture_output=True,
                                timeout=1800)
+                virsh_moves.append((began, began, time.time()))
 
         shares = [uuids[i::parallel] for i in range(parallel)]
-        started = time.perf_counter()
+        started_wall, started = time.time(), time.perf_counter()
         with ThreadPoolExecutor(parallel) as pool:
             for done in [pool.submit(move, share) for share in shares]:
                 done.result()
         result["virsh"] = time.perf_counter() - started
+        result["virsh_timeline"] = timeline(virsh_moves, started_wall, time.time())
+        # Did the guests come through their three moves each (flush, ready, virsh) whole?
+        resets += sum(revive(cluster, collector, uuid, f"busy-{i}", log) for i, uuid in enumerate(uuids))
+        result["guest_resets"] = resets
+        result["guest_lost_writes"] = sum(int(GuestPort(dst, uuid).status()["lost_writes"]) for uuid in uuids)
         cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): "node2" for uuid in uuids})
-        log(f"flush of {vms} busy guests: ours {result['ours']:.1f} s, virsh {result['virsh']:.1f} s")
+        log(f"flush of {vms} busy guests: ours {result['ours']:.1f} s {result['ours_timeline']}, "
+            f"virsh {result['virsh']:.1f} s {result['virsh_timeline']}; guests reset after a move: {resets}, "
+            f"lost writes they found: {result['guest_lost_writes']}")
         return result
     finally:
         try:

@@ -53,9 +53,11 @@ DEFAULT_TICK_MS = 10
 # bitmap coherency with TCG memory access", is in 9.0, not in 7.2.x). The guest kernel panicked
 # after almost every busy migration. Every full TLB flush of the vCPU ends the window, and
 # page-table isolation makes the guest kernel reload CR3 (a full flush under TCG; nopcid, so
-# that no reload keeps entries) on every entry from and return to user space: the busy guest's
-# dirtying loop and the idle guest's ticks do that every millisecond or few. Only for TCG's
-# sake: KVM tracks dirty pages in the host kernel, where this QEMU bug does not apply.
+# that no reload keeps entries) on every entry from and return to user space. What is left is a
+# kernel path that runs without coming from user space (the wake-up from idle): pvc-guest never
+# idles while it dirties memory, and an idle guest idles between its ticks only (its kernel
+# writes little there). Only for TCG's sake: KVM tracks dirty pages in the host kernel, where
+# this QEMU bug does not apply.
 GUEST_KERNEL_WORKAROUND = "pti=on nopcid"
 
 
