@@ -55,7 +55,8 @@ Design
 * **memory_stats() only for running domains.** It reads the state first and returns None for
   every state but ``running`` *without* calling ``memoryStats()``: on a paused domain (an incoming
   live migration is paused) ``memoryStats()`` can block for a long time, which in PVC 0.9.1 hung
-  the keepalive and got the node fenced.
+  the keepalive and got the node fenced. Nor while a background job (an outgoing migration)
+  runs (``controlInfo()``): the query job it takes holds up libvirt's own migration calls.
 
 * **Host memory.** ``host_memory_mib()`` uses ``virNodeGetMemoryStats`` (all cells). The test
   driver does not support it (VIR_ERR_NO_SUPPORT); then the driver reads the local
@@ -942,15 +943,21 @@ class Hypervisor:
         return self._dom_call("xml", uuid, lambda dom: dom.XMLDesc(flags))
 
     def memory_stats(self, uuid: str, timeout_s: float | None = None) -> dict[str, int] | None:
-        """The balloon statistics of a *running* domain, else None.
+        """The balloon statistics of a *running* domain with no background job, else None.
 
         The state is read first; for every other state (paused, an incoming migration, shut off,
-        ...) and for an unknown domain this returns None without calling ``memoryStats()``.
+        ...) and for an unknown domain this returns None without calling ``memoryStats()``. So
+        it does while a background job (an outgoing migration) runs, as ``controlInfo()`` tells
+        without a job of its own: ``memoryStats()`` would take a query job that libvirt's own
+        calls for the migration then wait behind, and QEMU answers slowly while it migrates
+        (seconds in the lab), which lengthened the guest's downtime at the switch-over.
         """
 
         def fn(dom: libvirt.virDomain) -> dict[str, int] | None:
             state, _reason = dom.state()
             if state != libvirt.VIR_DOMAIN_RUNNING:
+                return None
+            if dom.controlInfo()[0] == libvirt.VIR_DOMAIN_CONTROL_JOB:
                 return None
             try:
                 return dict(dom.memoryStats())

@@ -376,6 +376,18 @@ def test_memory_stats_skips_incoming_migration_without_calling_libvirt(
     assert forbid_memory_stats == []
 
 
+def test_memory_stats_skips_a_domain_with_a_background_job_without_calling_libvirt(
+    hv, make_domain_xml, forbid_memory_stats, monkeypatch
+):
+    # The source of a live migration: running, with the migration as its background job.
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    monkeypatch.setattr(libvirt.virDomain, "controlInfo", lambda self, flags=0: [libvirt.VIR_DOMAIN_CONTROL_JOB, 0, 0])
+    assert hv.status(uuid).state == "running"
+    assert hv.memory_stats(uuid) is None
+    assert forbid_memory_stats == []
+
+
 def test_memory_stats_skips_shut_off_and_unknown_domains(hv, make_domain_xml, forbid_memory_stats):
     uuid, xml = make_domain_xml("vm1")
     hv.define(xml)
