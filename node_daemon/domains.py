@@ -1,6 +1,8 @@
 """The daemon's table of the cluster's VMs, kept current by ZooKeeper watches.
 
-Watch callbacks replace whole immutable records; readers take a snapshot (a copy of the mapping)
+Each entry is the VM's one record, ``VMRecord`` (plugins/module_utils/_cluster.py), built one key
+at a time as the keys' watches answer (its ``loaded`` and ``present``). Watch callbacks replace
+whole immutable records; readers take a snapshot (a copy of the mapping)
 and never iterate the live table, which other threads change while they read.
 
 The table is what the reconciler decides from: each key's value is the answer to a read that the
@@ -12,69 +14,32 @@ to write instead of overwriting the newer one.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from pvc_cluster_common._records import MigrationRecord, RunState, effective_state
+from pvc_cluster_common._cluster import VMRecord
+from pvc_cluster_common._records import MigrationRecord, effective_state
 
 # The fields the VM's state is computed from (see DomainTable.put).
 STATE_FIELDS = ("desired_state", "state_version", "runstate")
 
 
-@dataclass(frozen=True)
-class DomainRecord:
-    uuid: str
-    name: str = ""
-    state: str = ""          # the VM's state: desired_state, or the runstate record while it applies
-    desired_state: str = ""  # the operator's ``state``
-    state_version: int = -1  # its znode version
-    runstate: RunState | None = None   # the daemons' record (runtime/runstate), None: none or not valid
-    node: str = ""
-    node_version: int = -1   # the znode version of ``node`` (guards requests made from the table)
-    lastnode: str = ""
-    migration_source: str | None = None   # set while a migration record exists
-    migration_target: str | None = None
-    memory_mib: int = 0      # configured maximum, from the XML
-    vcpus: int = 0
-    xml_ok: bool = True      # False when the XML is not valid or refused by the policy (memory then counts 0)
-    xml_error: str = ""      # why not
-    xml: str = ""
-    migration: MigrationRecord | None = None   # the in-flight migration record, decoded
-    migration_version: int = -1     # its znode version (-1: no record)
-    migration_error: str = ""       # why the record that exists is not valid (then migration is None)
-    # why the VM's state or node is not valid: then the daemon leaves the VM alone
-    state_error: str = ""
-    node_error: str = ""
-
-    @property
-    def invalid(self) -> str:
-        """Why the daemon leaves the VM alone (a key that decides about it is not valid), or ""."""
-        return self.migration_error or self.state_error or self.node_error
-    # watched keys answered at least once, and those of them that exist
-    loaded: frozenset[str] = frozenset()
-    present: frozenset[str] = frozenset()
-
-    def has(self, *keys: str) -> bool:
-        """True when every key has been read (whether or not it exists)."""
-        return all(key in self.loaded for key in keys)
-
-
 class DomainTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._records: dict[str, DomainRecord] = {}
+        self._records: dict[str, VMRecord] = {}
 
-    def update(self, uuid: str, **fields: Any) -> DomainRecord:
+    def update(self, uuid: str, **fields: Any) -> VMRecord:
         with self._lock:
-            record = self._records.get(uuid) or DomainRecord(uuid=uuid)
+            record = self._records.get(uuid) or VMRecord(uuid=uuid)
             record = replace(record, **fields)
             self._records[uuid] = record
             return record
 
-    def put(self, uuid: str, key: str, exists: bool, **fields: Any) -> DomainRecord:
+    def put(self, uuid: str, key: str, exists: bool, **fields: Any) -> VMRecord:
         """Record the answer to a read of one watched key (``exists``: the key is there)."""
         with self._lock:
-            record = self._records.get(uuid) or DomainRecord(uuid=uuid)
+            record = self._records.get(uuid) or VMRecord(uuid=uuid)
             present = record.present | {key} if exists else record.present - {key}
             record = replace(record, loaded=record.loaded | {key}, present=present, **fields)
             if any(name in fields for name in STATE_FIELDS):
@@ -94,19 +59,17 @@ class DomainTable:
             if (current is None or current.migration is None
                     or (current.migration.id, current.migration_version) != before):
                 return
-            self._records[uuid] = replace(current, migration=record, migration_version=version if record else -1,
-                                          migration_source=record.source if record else None,
-                                          migration_target=record.target if record else None)
+            self._records[uuid] = replace(current, migration=record, migration_version=version if record else -1)
 
     def remove(self, uuid: str) -> None:
         with self._lock:
             self._records.pop(uuid, None)
 
-    def get(self, uuid: str) -> DomainRecord | None:
+    def get(self, uuid: str) -> VMRecord | None:
         with self._lock:
             return self._records.get(uuid)
 
-    def snapshot(self) -> dict[str, DomainRecord]:
+    def snapshot(self) -> dict[str, VMRecord]:
         with self._lock:
             return dict(self._records)
 

@@ -41,7 +41,6 @@ from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, plan_fl
 from pvc_cluster_common._store import Attempts, ConflictError, StoreError, Versioned
 
 from .context import DaemonContext, Service
-from .domains import DomainRecord
 from .log import get_logger
 
 if TYPE_CHECKING:
@@ -244,23 +243,24 @@ class NodeStateWorker(Service):
         """Fresh VM records, in one round of parallel reads."""
         return list(read_vms(self.store, uuids).values())
 
-    def vms_to_flush(self, fresh: bool = True) -> list[Any]:   # VMRecords; the table's DomainRecords when not fresh
+    def vms_to_flush(self, fresh: bool = True) -> list[VMRecord]:
         """VMs that should run here, with no migration in flight, as VM records to plan from.
 
         The watch-fed table says which, and where they run: it follows every VM assigned here,
         and a request made from a stale entry fails its check of the VM's ``node`` version and
         is planned again from a full read. Their meta (node_limit, selector, method) is read
-        fresh, in one round for all of them. ``fresh=False``: the table's entries only (a
-        cheap check after a wave; a non-empty answer is confirmed from full reads).
+        fresh, in one round for all of them. ``fresh=False``: the table's entries as they are,
+        without their meta (a cheap check after a wave; a non-empty answer is confirmed from
+        full reads).
         """
         candidates = {uuid: record for uuid, record in self.domains.snapshot().items()
                       if record.node == self.node and record.state == "start" and record.migration is None
-                      and not record.invalid}
+                      and not record.left_alone}
         if not fresh:
             return list(candidates.values())
         return self.planning_records(candidates)
 
-    def planning_records(self, records: dict[str, DomainRecord]) -> list[VMRecord]:
+    def planning_records(self, records: dict[str, VMRecord]) -> list[VMRecord]:
         """VM records to plan and request from: the table's entries with the meta a plan and a
         request use (PLANNING_META, read fresh in one round; the others keep their defaults
         here, and whoever uses them reads them: the transfer its method and downtime, a VM that
@@ -273,10 +273,10 @@ class NodeStateWorker(Service):
                                 lastnode=record.lastnode, xml=record.xml, meta=meta, memory_mib=record.memory_mib,
                                 vcpus=record.vcpus, node_version=record.node_version, migration=record.migration,
                                 migration_version=record.migration_version, migration_error=record.migration_error,
-                                xml_error="" if record.xml_ok else record.xml_error))
+                                xml_error=record.xml_error))
         return vms
 
-    def confirmed_to_flush(self, records: Iterable[DomainRecord]) -> list[VMRecord]:
+    def confirmed_to_flush(self, records: Iterable[VMRecord]) -> list[VMRecord]:
         """Full fresh reads of ``records``: those still assigned here, to start, not migrating."""
         return [vm for vm in self.read_vms(record.uuid for record in records)
                 if vm.node == self.node and vm.state == "start" and not vm.migration and not vm.migration_error]
@@ -285,8 +285,8 @@ class NodeStateWorker(Service):
         """VMs assigned here that no daemon may act on (a key that decides about them is not
         valid, e.g. a migration record: an operator clears it), with why: a flush cannot move
         them until they are fixed."""
-        return {record.name or uuid: record.invalid for uuid, record in self.domains.snapshot().items()
-                if record.node == self.node and record.invalid}
+        return {record.name or uuid: record.left_alone for uuid, record in self.domains.snapshot().items()
+                if record.node == self.node and record.left_alone}
 
     def flush(self, cancel: threading.Event) -> None:
         log.system("flushing node %s", self.node)

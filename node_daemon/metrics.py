@@ -14,7 +14,7 @@ from .log import get_logger
 if TYPE_CHECKING:
     from pvc_cluster_common._memory import NodeAccount
 
-    from .domains import DomainRecord
+    from pvc_cluster_common._cluster import VMRecord
 
 log = get_logger(__name__)
 
@@ -73,7 +73,7 @@ class Metrics:
             self._server = None
 
     def keepalive(self, seconds: float, ok: bool, account: NodeAccount, memtotal: int, memused: int, memfree: int,
-                  snapshot: Mapping[str, DomainRecord], node: str) -> None:
+                  snapshot: Mapping[str, VMRecord], node: str) -> None:
         self.keepalive_seconds.observe(seconds)
         if not ok:
             self.keepalive_errors.inc()

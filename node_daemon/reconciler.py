@@ -240,11 +240,11 @@ class Reconciler(Service):
         if key == S.DOMAIN_XML:
             info, error = self._decoded(path, "xml", self.accepted_xml, value, version, None, XML_REFUSED, uuid)
             if info is None:
-                self.domains.put(uuid, key, exists, memory_mib=0, vcpus=0, xml_ok=False, xml=value or "",
+                self.domains.put(uuid, key, exists, memory_mib=0, vcpus=0, xml=value or "",
                                  xml_error=error or "no domain XML in ZooKeeper")
                 return
             self.domains.put(uuid, key, exists, name=info.name, memory_mib=info.memory_mib, vcpus=info.vcpus,
-                             xml_ok=True, xml_error="", xml=value)
+                             xml_error="", xml=value)
         elif key == S.DOMAIN_STATE:
             state, error = self._decoded(path, "state", R.vm_state, value, version, "", LEFT_ALONE)
             self.domains.put(uuid, key, exists, desired_state=state, state_version=version, state_error=error)
@@ -265,9 +265,7 @@ class Reconciler(Service):
                     and version < current.migration_version):
                 return   # an answer older than this daemon's own write, already recorded
             self.domains.put(uuid, key, exists, migration=record, migration_version=version if exists else -1,
-                             migration_error=error,
-                             migration_source=record.source if record else None,
-                             migration_target=record.target if record else None)
+                             migration_error=error)
 
     # ---- work queue ---------------------------------------------------------------------------
 
@@ -323,7 +321,7 @@ class Reconciler(Service):
                 continue
             if record.migration_source is not None:
                 continue   # migrations wake on watches and step deadlines
-            desired = Desired(state=record.state, node=record.node, invalid=record.invalid)
+            desired = Desired(state=record.state, node=record.node, invalid=record.left_alone)
             if decide(self.node, desired, local.get(uuid)).action not in (Action.NOTHING, Action.FORGET):
                 self.enqueue(uuid)
         if full:
@@ -378,7 +376,7 @@ class Reconciler(Service):
         if S.DOMAIN_STATE not in record.present or S.DOMAIN_NODE not in record.present:
             return None, None
         desired = Desired(state=record.state, node=record.node, migration_source=record.migration_source,
-                          migration_target=record.migration_target, invalid=record.invalid)
+                          migration_target=record.migration_target, invalid=record.left_alone)
         return desired, ((record.migration, record.migration_version) if record.migration else None)
 
     def reconcile(self, uuid: str) -> None:

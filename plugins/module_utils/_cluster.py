@@ -24,28 +24,43 @@ from ._store import ConflictError
 HISTORY_SHOWN = 5
 
 
+def _default_meta() -> VMMeta:
+    return VMMeta.from_store({})
+
+
 @dataclass(frozen=True)
 class VMRecord:
     """One VM as ZooKeeper records it (state, placement, meta, in-flight migration).
 
     ``state`` is the VM's state as the operator's desired ``state`` and the daemons' ``runstate``
-    record make it (_records.effective_state); ``desired_state`` is the operator's value alone."""
+    record make it (_records.effective_state); ``desired_state`` is the operator's value alone.
+
+    The one record of a VM for the modules, the inventory and the node daemon: ``vm_from`` makes
+    it from one read of every key; the daemon's watch-fed table (node_daemon/domains.py) builds it
+    one key at a time as each key's watch answers, and ``loaded`` names the keys answered so far
+    (whether or not they exist), ``present`` those of them that exist (both empty in a record made
+    by ``vm_from``, which reads every key at once)."""
 
     uuid: str
-    name: str
-    state: str
-    node: str
-    lastnode: str
-    xml: str
-    meta: VMMeta
-    memory_mib: int = 0
+    name: str = ""
+    state: str = ""
+    node: str = ""
+    lastnode: str = ""
+    xml: str = ""
+    meta: VMMeta = field(default_factory=_default_meta)
+    memory_mib: int = 0      # the configured maximum, from the XML (0 when it is not valid)
     vcpus: int = 0
     failedreason: str = ""
-    node_version: int = -1
+    node_version: int = -1   # the znode version of ``node`` (guards requests made from the record)
     migration: MigrationRecord | None = None   # the in-flight migration, when its record is valid
     migration_version: int = -1                # the record's version, valid or not (-1: no record)
     migration_error: str = ""                  # why the record that exists is not valid
-    xml_error: str = ""
+    xml_error: str = ""   # why the XML is not valid (for the daemon: or refused by its domain XML policy)
+    # why the VM's state or node is not valid (set by the daemon's table: then it leaves the VM alone)
+    state_error: str = ""
+    node_error: str = ""
+    loaded: frozenset[str] = frozenset()
+    present: frozenset[str] = frozenset()
     stats: dict = field(default_factory=dict)
     # every stored value of the VM that is not valid (the XML, the migration record and the
     # meta included), each naming its key; such a value reads as its default
@@ -60,6 +75,29 @@ class VMRecord:
     def home(self) -> str:
         """The node the VM returns to on unmigrate: its lastnode when moved temporarily."""
         return self.lastnode or self.node
+
+    @property
+    def migration_source(self) -> str | None:
+        """The source of the in-flight migration (None when there is no valid record)."""
+        return self.migration.source if self.migration else None
+
+    @property
+    def migration_target(self) -> str | None:
+        return self.migration.target if self.migration else None
+
+    @property
+    def xml_ok(self) -> bool:
+        return not self.xml_error
+
+    @property
+    def left_alone(self) -> str:
+        """Why the daemon leaves the VM alone (its migration record, state or node is not
+        valid), or ""."""
+        return self.migration_error or self.state_error or self.node_error
+
+    def has(self, *keys: str) -> bool:
+        """True when every key has been read (whether or not it exists): see ``loaded``."""
+        return all(key in self.loaded for key in keys)
 
     @property
     def autostart(self) -> bool:

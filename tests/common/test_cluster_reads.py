@@ -12,6 +12,7 @@ from pvc_cluster_common._cluster import (
     read_history,
     read_node_views,
     read_nodes_raw,
+    read_vm,
     record_guest_downtime,
     vm_definition,
 )
@@ -134,3 +135,23 @@ def test_a_nodes_fence_record_is_the_latest_of_its_own_and_its_peers(cluster):
     problems: list = []
     assert read_fence_record(cluster, "n1", problems) == operator
     assert [problem.path for problem in problems] == [schema.node_fence_record("n2", "n1")]
+
+
+def test_a_vm_read_at_once_derives_what_the_daemons_table_derives(cluster):
+    # VMRecord is the one record of a VM for the modules and the daemon's table: what the daemon
+    # asks of a table entry (migration source and target, XML ok, why it is left alone) is
+    # derived from the fields a full read fills too
+    store = cluster
+    path = store.schema.domain_migration(UUID)
+    vm = read_vm(store, UUID)
+    assert (vm.migration_source, vm.migration_target, vm.xml_ok, vm.left_alone) == (None, None, True, "")
+    assert vm.loaded == frozenset() and not vm.has(S.DOMAIN_STATE)   # only the daemon's table fills these
+    record = MigrationRecord(id="m1", vm=UUID, kind="migrate", source="n1", target="n2", method="default",
+                             memory_mib=1024, step="requested")
+    assert store.write({path: record.to_json()})
+    vm = read_vm(store, UUID)
+    assert (vm.migration_source, vm.migration_target, vm.left_alone) == ("n1", "n2", "")
+    assert store.write({path: "{not json"})
+    vm = read_vm(store, UUID)
+    assert vm.migration is None and vm.migration_source is None
+    assert vm.migration_error and vm.left_alone == vm.migration_error

@@ -73,8 +73,8 @@ def test_put_tracks_loaded_and_present_keys():
 
 def test_wrote_migration_applies_only_over_the_version_it_replaced():
     table = DomainTable()
-    table.put(UUID, S.DOMAIN_MIGRATION, True, migration=record("requested"), migration_version=0,
-              migration_source="n1", migration_target="n2")
+    table.put(UUID, S.DOMAIN_MIGRATION, True, migration=record("requested"), migration_version=0)
+    assert (table.get(UUID).migration_source, table.get(UUID).migration_target) == ("n1", "n2")
     # our own write of `prepared` (version 0 -> 1) is recorded at once
     table.wrote_migration(UUID, ("m1", 0), record("prepared"), 1)
     assert (table.get(UUID).migration.step, table.get(UUID).migration_version) == ("prepared", 1)
@@ -126,7 +126,7 @@ def test_the_state_is_the_runstate_record_while_it_names_the_desired_states_vers
     assert rec.domains.get(UUID).state == "shutdown"
     answer(rec, S.DOMAIN_RUNSTATE, "[1]", 2)    # not valid: the desired state applies, reported once
     vm = rec.domains.get(UUID)
-    assert (vm.state, vm.runstate, vm.invalid) == ("shutdown", None, "")
+    assert (vm.state, vm.runstate, vm.left_alone) == ("shutdown", None, "")
 
 
 def test_a_missing_state_or_node_reads_as_no_vm():
@@ -160,7 +160,7 @@ def test_an_unreadable_migration_record_counts_as_none_and_leaves_the_vm_alone()
     rec._on_value(UUID, S.DOMAIN_MIGRATION, Versioned("{not json", 4))
     vm = rec.domains.get(UUID)
     assert vm.migration is None and vm.migration_version == 4 and vm.has(S.DOMAIN_MIGRATION)
-    assert "is not valid" in vm.migration_error and vm.invalid == vm.migration_error
+    assert "is not valid" in vm.migration_error and vm.left_alone == vm.migration_error
     desired, known = rec.desired_from_table(UUID)
     assert desired.invalid == vm.migration_error and known is None
 
