@@ -36,7 +36,10 @@ def cluster(store):
         values.update({schema.node(node): "", schema.node_key(node, S.NODE_DAEMON_STATE): "run",
                        schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
                        schema.node_key(node, S.NODE_MEMTOTAL): 16384, schema.node_key(node, S.NODE_MEMPROV): 0,
-                       schema.node_key(node, S.NODE_MEMRESERVE): 0})
+                       schema.node_key(node, S.NODE_MEMRESERVE): 0,
+                       # made by each node's daemon when it registers: another node may reserve in
+                       # it (an abort gives the VM back to its source) but not create it
+                       schema.node_reservations(node): ""})
     uuid, xml = domain_xml("m1", memory="256")
     values.update(vm_definition(schema, uuid, "m1", xml, "n1", "start"))
     store.commit(values)
