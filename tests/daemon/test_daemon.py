@@ -205,8 +205,16 @@ def test_metrics_endpoint_serves_node_figures_and_migrations(cluster):
     request(cluster, uuid, "migrate", target="node2")
     cluster.wait_no_migration(uuid)
     cluster.wait_running_on("node2", uuid)
-    # the target finishes a migration, so it counts it
-    text = urllib.request.urlopen(f"http://127.0.0.1:{ports['node2']}/metrics", timeout=30).read().decode()
+    # the target counts the VM it took at its next keepalive (a migration's end promises no
+    # earlier instant): that keepalive publishes memprov, then sets the endpoint's figures
+    cluster.wait(cluster.schema.node_key("node2", S.NODE_MEMPROV), lambda value: value is not None and int(value) == 512, 60,
+                 "node2's keepalive to count the VM it took")
+    deadline = time.monotonic() + 30
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{ports['node2']}/metrics", timeout=30).read().decode()
+        if 'pvc_node_memory_mib{kind="provisioned"} 512.0' in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)   # the endpoint has no change event; the ZooKeeper figure above came first
     assert 'pvc_node_memory_mib{kind="provisioned"} 512.0' in text
     assert 'pvc_migrations_total{method="shutdown",result="done",role="target"} 1.0' in text
     assert "pvc_keepalive_duration_seconds_count" in text
