@@ -28,7 +28,6 @@ import yaml
 
 from pvc_cluster_common._cluster import find_vm, read_history
 
-from .daemons import ctl_store
 from .guests import LabGuests
 from .hostviews import LAB_ANSIBLE, HostViews, ViewError
 from .lab import REPO_ROOT, Lab, LabError
@@ -161,7 +160,7 @@ class Demo:
     def record_downtimes(self, started: float) -> None:
         """Each live migration's downtime as its guest saw it, from the guest's ticks, added to
         its audit record: the lab's stand-in for a measurement outside the daemons."""
-        store = ctl_store(self.lab, self.views.zk_root, secure=False)   # the demo's daemons run insecure
+        store = self.views.operator_store()
         try:
             for name, _, _, _ in VMS:
                 uuid = find_vm(store, name)
@@ -278,7 +277,7 @@ class Demo:
 ==> The lab is still up (KEEP=1). To explore it:
     {sys.executable} -m tests.lab status --workdir {self.workdir}
     export {exports}
-    nsenter --net=/run/netns/{self.lab.ctl_netns} {REPO_ROOT}/.venv/bin/ansible localhost -m pvc.cluster.node_info -a zk_hosts={self.lab.zk_hosts}
+    nsenter --net=/run/netns/{self.lab.ctl_netns} {REPO_ROOT}/.venv/bin/ansible localhost -m pvc.cluster.node_info -a {shlex.quote(' '.join(f'{k}={v}' for k, v in {'zk_hosts': self.views.zk_hosts, **self.views.module_zk_options()}.items()))}
     nsenter --net=/run/netns/{self.lab.ctl_netns} {REPO_ROOT}/.venv/bin/ansible-playbook -e @{self.views.play_vars_file} playbooks/maintenance.yml --limit node2
     daemon logs: {self.views.logs}
   and to end it:

@@ -41,8 +41,15 @@ then calls ``python -m tests.lab.hostviews`` on the controller to do what system
   started once it sends ``READY=1`` (it has loaded its state), so the rollout goes on from there.
 
 Every process started here is recorded in ``VIEWS/processes.json`` (PID + start time) and ended by
-PID by ``stop_services()`` / ``down()``. ZooKeeper keeps running as the lab started it; the zookeeper
-role's files are rendered and checked (and the tests start an ensemble from them separately).
+PID by ``stop_services()`` / ``down()``.
+
+ZooKeeper: the rolled-out cluster has an ensemble of its own, the zookeeper role's, as production
+does: after the role the hook (``services --stage zookeeper``) starts each member from the
+unit the role rendered and waits until it serves. It runs with the role's defaults: TLS only on
+10.77.0.K:2281 with certificates of the cluster CA the role creates (in ``VIEWS/zookeeper-ca``),
+the quorum over TLS on 2890/3890, digest authentication enforced. The daemons and the modules
+connect to it secured (the identities of tests/support/identities.py). The lab's own ensemble
+(2181) keeps serving the lab's other tests.
 
 CLI: ``python -m tests.lab.hostviews up|down|inventory|services|start-daemon|restart-libvirtd|status
 --workdir W [--host nodeK]``.
@@ -68,6 +75,9 @@ from pathlib import Path
 
 import yaml
 
+from tests.support import identities
+from tests.support.zookeeper import ZooKeeperServer
+
 from .guests import lab_domain_policy
 from .lab import REPO_ROOT, Lab, LabError, LabHost, ProcRecord, proc_starttime, terminate
 
@@ -79,6 +89,15 @@ LAB_ANSIBLE = Path(__file__).resolve().parent / "ansible"
 LAB_SERVICES_HOOK = LAB_ANSIBLE / "lab_services.yml"
 LAB_CONNECTION_PLUGINS = LAB_ANSIBLE / "connection_plugins"
 NODE_DAEMON_UNIT = "/etc/systemd/system/pvc-node-daemon.service"
+ZOOKEEPER_UNIT = "/etc/systemd/system/zookeeper.service"
+# The rolled-out cluster's own ensemble, from the zookeeper role's defaults (TLS on its secure client
+# port, no plaintext port, digest authentication enforced), beside the lab's ensemble (2181, 2888,
+# 3888 on the same addresses), whose quorum ports it must not take.
+ROLLOUT_ZK_PORT = 2281
+ROLLOUT_ZK_QUORUM_PORT = 2890
+ROLLOUT_ZK_ELECTION_PORT = 3890
+# the CA certificate the role installs on every member (zookeeper_tls_dir's default): the daemons' trust
+ROLLOUT_ZK_CA_ON_NODE = "/etc/zookeeper/pvc/tls/ca.pem"
 DEFAULT_ZK_ROOT = "/pvc"
 DEFAULT_VM_BRIDGES = [{"name": "vmbr0"}, {"name": "vmbr1"}]
 # Lab tuning of the node daemon: quick keepalives and short timeouts (a 2-core CI machine still
@@ -258,6 +277,51 @@ class HostViews:
         return self.base / "processes.json"
 
     @property
+    def zk_hosts(self) -> str:
+        """The rolled-out cluster's ensemble (the zookeeper role's members, TLS only), reachable from
+        the lab's namespaces."""
+        return ",".join(f"{h.address}:{ROLLOUT_ZK_PORT}" for h in self.lab.hosts)
+
+    def module_zk_options(self) -> dict:
+        """The modules' ZooKeeper options besides zk_hosts and zk_root (pvc_zk_options)."""
+        return {"zk_username": identities.OPERATOR_USER, "zk_password": identities.OPERATOR_PASSWORD,
+                "zk_tls": True, "zk_tls_ca": str(self.zookeeper_ca_dir / "ca.pem")}
+
+    def operator_store(self, timeout_s: float = 10.0):
+        """A started ClusterStore of the operator on the rolled-out ensemble (TLS, the CA checked),
+        whose sockets live in the controller's namespace. The caller stops it."""
+        from pvc_cluster_common._store import ClusterStore
+
+        from .daemons import in_netns
+
+        options = identities.operator_options(self.zk_hosts, self.zk_root, timeout_s=timeout_s, tls=True,
+                                              tls_ca=str(self.zookeeper_ca_dir / "ca.pem"))
+        store = ClusterStore(options)
+        return in_netns(self.lab.ctl_netns, store.start)
+
+    def zookeeper_member(self, host: LabHost | int | str) -> ZooKeeperServer:
+        """The rolled-out ensemble's member on ``host``, for its four-letter words (over TLS)."""
+        h = self.view(host).host
+        return ZooKeeperServer(workdir=self.logs / f"zookeeper-{h.name}", client_port=ROLLOUT_ZK_PORT,
+                               client_address=h.address, netns=h.netns,
+                               client_tls_ca=str(self.zookeeper_ca_dir / "ca.pem"))
+
+    def start_zookeeper(self, host: LabHost | int | str, timeout_s: float = 120.0) -> str:
+        """Start the host's member of the rolled-out ensemble from the unit the zookeeper role
+        rendered (again when the unit or its zoo.cfg changed), then wait until it serves: in a quorum,
+        which the other members' hooks, started at the same time, complete. Returns
+        started|restarted|unchanged."""
+        result = self.start_unit(host, "zookeeper", ZOOKEEPER_UNIT)
+        member = self.zookeeper_member(host)
+        deadline = time.monotonic() + timeout_s
+        while member.mode() is None:
+            if time.monotonic() > deadline:
+                raise ViewError(f"the zookeeper role's member on {member.client_address} does not serve after "
+                                f"{timeout_s:.0f} s (log: {self.logs / ('zookeeper-' + self.view(host).host.name + '.log')})")
+            time.sleep(0.2)   # the JVM gives no readiness signal; its status port is polled
+        return result
+
+    @property
     def zookeeper_ca_dir(self) -> Path:
         """The zookeeper role's cluster CA on the controller (zookeeper_tls_ca_dir): ca.pem is the CA
         certificate that clients of the role's ensembles trust."""
@@ -330,6 +394,7 @@ class HostViews:
                 "libvirt_unix_sock_dir": str(h.libvirt_socket.parent),
                 "libvirt_host_uuid": h.host_uuid,
                 "node_daemon_libvirt_uri": h.libvirt_uri,
+                "node_daemon_zookeeper_node_password": identities.node_password(h.name),
             }
         servers = [{"id": h.index, "name": h.name, "host": h.address} for h in lab.hosts]
         node_vars = {
@@ -338,6 +403,9 @@ class HostViews:
             "zookeeper_install_packages": False,
             "zookeeper_service_manager": "none",
             "zookeeper_tick_time_ms": 500,
+            "zookeeper_heap_mb": 128,
+            "zookeeper_quorum_port": ROLLOUT_ZK_QUORUM_PORT,
+            "zookeeper_election_port": ROLLOUT_ZK_ELECTION_PORT,
             # the cluster CA the role creates (its key, the members' keys and key stores) stays in the
             # lab's views, on the controller
             "zookeeper_tls_ca_dir": str(self.zookeeper_ca_dir),
@@ -367,8 +435,13 @@ class HostViews:
             "node_daemon_service_manager": "none",
             # the lab guests' paths and NBD disks (the vm tasks get the same: pvc_domain_policy)
             "node_daemon_domain_policy": lab_domain_policy(lab),
-            # the rolled-out lab's ZooKeeper is still open (issue #13: its secure configuration is to come)
-            "node_daemon_insecure": True,
+            # secure (docs/security.md): the nodes' identity and each node's own (per host, above), the
+            # operator's digest id, TLS to the role's ensemble checked against the role's cluster CA
+            "node_daemon_zookeeper_username": identities.NODES_USER,
+            "node_daemon_zookeeper_password": identities.NODES_PASSWORD,
+            "node_daemon_zookeeper_operator_digest": identities.operator_digest(),
+            "node_daemon_zookeeper_tls": True,
+            "node_daemon_zookeeper_tls_ca": ROLLOUT_ZK_CA_ON_NODE,
             **LAB_DAEMON_VARS,
             **self.node_vars,
         }
@@ -379,7 +452,9 @@ class HostViews:
                     # the playbooks become root on the nodes; the lab's Ansible already runs as root
                     # and the machine has no sudo
                     "ansible_become": False,
-                    "pvc_zk_hosts": lab.zk_hosts,
+                    "pvc_zk_hosts": self.zk_hosts,
+                    # the modules: the operator, over TLS checked against the role's cluster CA
+                    "pvc_zk_options": self.module_zk_options(),
                     "pvc_zk_root": self.zk_root,
                     "pvc_zookeeper_servers": servers,
                     "pvc_rollout_service_hook": str(LAB_SERVICES_HOOK),
@@ -399,8 +474,8 @@ class HostViews:
         header = (f"# Generated by `python -m tests.lab.hostviews inventory` from {self.lab.state_file}.\n"
                   "# The lab's hosts as Ansible hosts (connection netns, from tests/lab/ansible); see tests/lab/hostviews.py.\n")
         self.inventory_file.write_text(header + yaml.safe_dump(self.inventory(), sort_keys=False, width=120))
-        # the lab starts no ZooKeeper from the role's files, so the rollout's rolling restart of the
-        # members (serial 1) would only make the ZooKeeper play three times slower
+        # every member at once: the hook of each waits until its member serves, in a quorum that
+        # only the others complete (a rolling restart, serial 1, would wait for the first alone)
         self.play_vars_file.write_text("# extra variables of the lab's playbook runs (see hostviews.py)\n"
                                        "pvc_zookeeper_serial: 100%\n")
         return self.inventory_file
@@ -716,6 +791,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="/tmp/pvc-cluster/lab")
     parser.add_argument("--host", help="node name (nodeK) for services / start-daemon / restart-libvirtd")
     parser.add_argument("--zk-root", default=DEFAULT_ZK_ROOT)
+    parser.add_argument("--stage", choices=("zookeeper", "node"), default="node",
+                        help="services: the rollout's stage (pvc_rollout_stage): the ZooKeeper member, or libvirtd "
+                             "and the node daemon")
     args = parser.parse_args(argv)
     try:
         views = HostViews(Lab.load(args.workdir), zk_root=args.zk_root)
@@ -730,7 +808,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.host:
                 parser.error(f"{args.command} needs --host")
-            if args.command == "services":
+            if args.command == "services" and args.stage == "zookeeper":
+                # after the zookeeper role: its member, once it serves
+                print(json.dumps({"zookeeper": views.start_zookeeper(args.host)}))
+            elif args.command == "services":
                 # what systemd would do after the roles ran: libvirtd first, then the daemon (which
                 # returns once the daemon is ready, as a Type=notify unit's start does)
                 done = {"libvirtd": views.restart_libvirtd(args.host)}

@@ -1,5 +1,7 @@
 """The cluster the rollout tests share: the lab's hosts as Ansible hosts (tests/lab/hostviews.py),
-on a cluster root of their own, rolled out once by playbooks/rollout.yml.
+on a cluster root of their own, rolled out once by playbooks/rollout.yml: its ZooKeeper ensemble
+is the zookeeper role's (TLS, digest authentication), started on the lab's hosts by the rollout,
+and its daemons and modules run secured.
 
 Session-scoped: the rollout (a minute or two) runs once for all the modules here. tests/rollout
 comes last in pyproject's testpaths, so its daemons never run during the other lab tests; they
@@ -14,7 +16,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.lab.daemons import ctl_store
 from tests.lab.hostviews import HostViews, PlaybookRun
 from tests.lab.lab import Lab
 
@@ -52,10 +53,18 @@ def machine_state(paths) -> dict[str, str | None]:
 class RolloutCluster:
     lab: Lab
     views: HostViews
-    store: object
     root: str
     machine_before: dict[str, str | None]
     runs: dict[str, PlaybookRun] = field(default_factory=dict)
+    _store: object = None
+
+    @property
+    def store(self):
+        """The operator's store on the rolled-out ensemble (TLS, digest), made at first use: the
+        ensemble is the zookeeper role's, which the rollout starts."""
+        if self._store is None:
+            self._store = self.views.operator_store()
+        return self._store
 
     def playbook(self, playbook: str, *args: str, **kw) -> PlaybookRun:
         return self.views.playbook(playbook, *args, **kw)
@@ -79,16 +88,18 @@ def cluster(lab):
     views = HostViews(lab, zk_root=root, vm_bridges=VM_BRIDGES)
     before = machine_state(ROLE_FILES + ("/etc/pvc", "/etc/zookeeper/pvc", "/opt/pvc-node-daemon"))
     views.up()
-    store = ctl_store(lab, root, secure=False)   # the rolled-out daemons run insecure (hostviews)
+    cluster = RolloutCluster(lab, views, root, before)
     try:
-        yield RolloutCluster(lab, views, store, root, before)
+        yield cluster
     finally:
         try:
+            if cluster._store is not None:
+                cluster._store.stop()
+            # the daemons, then the ensemble (its data is in the hosts' views, removed below)
+            views.stop_services("node-daemon")
             views.stop_services()
             lab.reset()
-            store.delete([root])
         finally:
-            store.stop()
             views.down()
             for h in lab.hosts:
                 for link in ("vmbr0", "vmbr1", UPLINK):

@@ -1,8 +1,9 @@
 """playbooks/rollout.yml on the 3-host lab, for real: each role renders its files into each host's
 private view (tests/lab/hostviews.py), the lab's libvirtds are restarted with the libvirt role's
 configuration, and the node daemons run from the unit and configuration the node_daemon role
-rendered. Then: the VM bridges carry no IPv6, nothing leaked onto the machine or another host, and
-a second run changes nothing."""
+rendered. Then: the VM bridges carry no IPv6, nothing leaked onto the machine or another host, the
+cluster runs secured (its ZooKeeper ensemble is the zookeeper role's: TLS and digest authentication),
+and a second run changes nothing."""
 from __future__ import annotations
 
 import json
@@ -17,10 +18,14 @@ import yaml
 from pvc_cluster_common import _schema as S
 from pvc_node_daemon.config import parse_config
 from tests.lab.daemons import in_netns
-from tests.lab.hostviews import NODE_DAEMON_UNIT, unit_exec_start
+from tests.lab.hostviews import (NODE_DAEMON_UNIT, ROLLOUT_ZK_CA_ON_NODE, ROLLOUT_ZK_ELECTION_PORT, ROLLOUT_ZK_PORT,
+                                 ROLLOUT_ZK_QUORUM_PORT, unit_exec_start)
 from tests.lab.lab import proc_cmdline
 
+from tests.support import identities
+
 from .fixtures import ROLE_FILES, UPLINK, VM_BRIDGES, machine_state
+from .secured import check_client_access, check_host_names
 
 # a rollout takes a minute or two on a quiet 2-core machine, several on a busy one
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
@@ -185,9 +190,9 @@ def test_daemons_run_from_the_rendered_unit_and_configuration(rolled_out):
         assert proc_cmdline(service["pid"])[-len(argv) + 1:] == argv[1:]
         assert os.stat(f"/proc/{service['pid']}/ns/mnt").st_ino == os.stat(view.mnt).st_ino, "not in the host's view"
         assert os.stat(f"/proc/{service['pid']}/ns/net").st_ino == os.stat(f"/run/netns/{h.netns}").st_ino
-        config = parse_config(yaml.safe_load(view.read_text("/etc/pvc/node-daemon.yaml")))
+        config = _daemon_config(view)
         assert config.node == h.name
-        assert config.zookeeper.hosts == rolled_out.lab.zk_hosts and config.zookeeper.root == rolled_out.root
+        assert config.zookeeper.hosts == rolled_out.views.zk_hosts and config.zookeeper.root == rolled_out.root
         assert config.libvirt_uri == h.libvirt_uri and config.address == h.address
         # what the running daemon published comes from that configuration
         assert _node_key(rolled_out, h.name, S.NODE_LIBVIRT_URI) == f"qemu+tcp://{h.address}/system"
@@ -199,13 +204,62 @@ def test_daemons_run_from_the_rendered_unit_and_configuration(rolled_out):
         assert view.read_text("/var/log/pvc/node-daemon.log") is None
 
 
+def _daemon_config(view):
+    """The daemon configuration the node_daemon role rendered on ``view``'s host, parsed (its
+    files checked) as the daemon there does: the files it names are the host's own."""
+    data = yaml.safe_load(view.read_text("/etc/pvc/node-daemon.yaml"))
+    tls = data["zookeeper"].get("tls") or {}
+    for key in ("ca", "cert", "key"):
+        if tls.get(key, "").startswith("/etc/"):
+            tls[key] = str(view.layer("/etc")[0] / tls[key].removeprefix("/etc/"))
+    return parse_config(data)
+
+
+def _listening_ports(netns: str, pid: int) -> set[int]:
+    """The TCP ports process ``pid`` listens on, in network namespace ``netns``."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Hltnp"], capture_output=True, text=True,
+                         check=True).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if f"pid={pid}," in line}
+
+
+def test_the_rolled_out_cluster_is_secured(rolled_out):
+    """The rollout's defaults, end to end: the ensemble is the zookeeper role's members, serving TLS
+    only (no plaintext client port) with certificates of the role's cluster CA that name each
+    member's own host; every daemon connects over TLS, checked against that CA, as the nodes and
+    itself (digest), never insecure; and a client without credentials, or with a wrong password,
+    gets nothing of the cluster: no read, no write."""
+    views, lab, store = rolled_out.views, rolled_out.lab, rolled_out.store
+    ca = str(views.zookeeper_ca_dir / "ca.pem")
+    members = {s["node"]: s for s in views.services() if s["role"] == "zookeeper"}
+    daemons = {s["node"]: s for s in views.services() if s["role"] == "node-daemon"}
+    assert sorted(members) == sorted(daemons) == rolled_out.nodes()
+    for view in views.views:
+        h = view.host
+        ports = _listening_ports(h.netns, members[h.name]["pid"])
+        assert ROLLOUT_ZK_PORT in ports and ports <= {ROLLOUT_ZK_PORT, ROLLOUT_ZK_QUORUM_PORT, ROLLOUT_ZK_ELECTION_PORT}, ports
+        assert "clientPort=" not in view.read_text("/etc/zookeeper/pvc/zoo.cfg")
+        assert yaml.safe_load(view.read_text("/etc/pvc/node-daemon.yaml"))["zookeeper"]["tls"]["ca"] == ROLLOUT_ZK_CA_ON_NODE
+        zk = _daemon_config(view).zookeeper
+        assert zk.tls and zk.tls_verify and not zk.insecure
+        assert (zk.auth_username, zk.node_password, zk.operator_digest) == (
+            identities.NODES_USER, identities.node_password(h.name), identities.operator_digest())
+        log = Path(daemons[h.name]["log"]).read_text()
+        assert f"node {h.name} running" in log and "INSECURE" not in log
+    check_host_names(lab, [(h.address, ROLLOUT_ZK_PORT) for h in lab.hosts], ca)
+    schema = store.schema
+    key = schema.node_key("node1", S.NODE_DAEMON_STATE)
+    assert store.read(key) == "run"
+    check_client_access(lab, views.zk_hosts, ca, readable=key, writable=key, parent=schema.nodes())
+    assert store.read(key) == "run"
+
+
 # ---- idempotence ------------------------------------------------------------------------------
 
 
 def test_second_rollout_changes_nothing(rolled_out):
-    pids = {s["node"]: s["pid"] for s in rolled_out.views.services()}
+    pids = {(s["role"], s["node"]): s["pid"] for s in rolled_out.views.services()}
     run = rolled_out.playbook("playbooks/rollout.yml", timeout=900)
     assert run.returncode == 0, run.failures()
     assert set(run.changed().values()) == {0}, f"changed on the second run: {run.changed_tasks()}"
-    assert {s["node"]: s["pid"] for s in rolled_out.views.services()} == pids, "a daemon was restarted"
+    assert {(s["role"], s["node"]): s["pid"] for s in rolled_out.views.services()} == pids, "a service was restarted"
     print(f"\nsecond rollout: {run.duration_s:.1f} s")

@@ -146,8 +146,8 @@ def test_rolling_maintenance_stops_at_a_node_that_cannot_flush(vms):
         assert wait_for_key(cluster.store, state_path, lambda v: v == "run", 60)
 
 
-# A migration there and back through the module, as an operator makes it (the rolled-out lab's
-# daemons run without ZooKeeper identities: what the test's own store writes, they cannot read).
+# A migration there and back through the module, as an operator makes it (with the inventory's
+# pvc_zk_options: the operator's identity over TLS).
 THERE_AND_BACK = """
 - name: Migrate a VM there and back
   hosts: localhost
