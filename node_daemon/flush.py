@@ -12,6 +12,13 @@ record: a daemon never writes a VM's desired state nor its meta). The node is ``
 libvirt runs nothing here that ZooKeeper assigns to it.
 Ready: VMs whose home is this node come back (unmigrate), autostart VMs (the flush's mark, or the
 operator's meta node_autostart not yet acted on) start, then ``ready``.
+
+require_n1 (the cluster setting): a VM's return home that would leave the cluster unable to
+restart every running VM after the loss of any one node is refused, as ``pvc.cluster.vm_migrate``
+refuses an unmigrate (the VM stays where it runs, its ``lastnode`` kept, so the next ready or
+unmigrate brings it home). A flush is checked when it is asked (``pvc.cluster.node`` refuses one
+whose plan fails, before anything is written); once running it is not held back or reverted
+halfway, since its node is leaving, but a plan that fails the check is logged with the verdict.
 """
 from __future__ import annotations
 
@@ -36,8 +43,9 @@ from pvc_cluster_common._cluster import (
 from pvc_cluster_common import _records as R
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._records import MigrationRecord
+from pvc_cluster_common._report import read_cluster, read_require_n1, request_n1_check, request_n1_refusal
 from pvc_cluster_common._requests import REQUEST_ATTEMPTS, RequestError, RequestPlan, plan_request, submit_request
-from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, plan_flush
+from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, apply_plan, plan_flush, survives_node_failure
 from pvc_cluster_common._store import Attempts, ConflictError, StoreError, Versioned
 
 from .context import DaemonContext, Service
@@ -176,6 +184,12 @@ class NodeStateWorker(Service):
             return f"refused: {exc}"
         if not plan.changed:
             return "unchanged"
+        if plan.migrates and kind == "unmigrate":
+            refusal = self._n1_refusal(plan, nodes_override)
+            if refusal:
+                log.warning("VM %s: %s; it stays on %s, and the next ready or unmigrate brings it home",
+                            vm.name, refusal, plan.source)
+                return f"refused: {refusal}"
         try:
             record = self._submit(plan, vm, kind, budget)
         except RequestError as exc:
@@ -193,6 +207,33 @@ class NodeStateWorker(Service):
             log.warning("VM %s: migration %s still in flight after %.0f s", vm.name, record.id, timeout)
             return "timeout"
         return "finished"
+
+    def _n1_refusal(self, plan: RequestPlan, nodes_override: NodesOverride | None) -> str | None:
+        """Why require_n1 refuses ``plan`` (a running VM's move), or None (also when the policy is
+        off). The check reads the whole cluster: only when the policy is on."""
+        if not read_require_n1(self.store, []):
+            return None
+        snapshot = read_cluster(self.store)
+        views = snapshot.views()
+        if nodes_override:
+            views.update(nodes_override(views))
+        check = request_n1_check(snapshot, plan, views)
+        return None if check.ok else request_n1_refusal(check, plan)
+
+    def _log_flush_n1(self, vms: list[Any], plan: list[PlannedMove]) -> bool:
+        """Under require_n1, log the verdict of a flush plan that fails the n-1 check; True when
+        it was logged."""
+        if not read_require_n1(self.store, []):
+            return False
+        snapshot = read_cluster(self.store)
+        flush_vms = [FlushVM(vm.uuid, vm.memory_mib, (), None, None) for vm in vms if not vm.xml_error]
+        views, running = apply_plan(self.node, flush_vms, plan, snapshot.views(), snapshot.running_memory_by_node())
+        check = survives_node_failure(views, running)
+        if check.ok:
+            return False
+        log.error("flush of %s goes on although, once done, %s (require_n1 is set: a flush is refused when it is "
+                  "asked, not halfway)", self.node, check.message)
+        return True
 
     def _submit(self, plan: RequestPlan, vm: VMRecord, kind: str, budget: Attempts) -> MigrationRecord | None:
         """Submit; when only the target's reservations changed underneath (another request to
@@ -291,6 +332,7 @@ class NodeStateWorker(Service):
     def flush(self, cancel: threading.Event) -> None:
         log.system("flushing node %s", self.node)
         reported = None
+        n1_logged = False
         while True:
             vms = self.vms_to_flush()
             if not vms:
@@ -318,6 +360,7 @@ class NodeStateWorker(Service):
                                                   vm.home, vm.vcpus) for vm in vms if not vm.xml_error],
                               nodes, default_selector=self.config.default_selector)
             plan = [PlannedMove(vm.uuid, None, "its domain XML is not valid") for vm in refused] + plan
+            n1_logged = n1_logged or self._log_flush_n1(vms, plan)
             # Each request starts from these reads; its transaction re-checks the VM and the
             # target, and a request that finds them changed re-reads and plans again.
             by_uuid = {vm.uuid: vm for vm in vms}

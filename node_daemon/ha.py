@@ -39,8 +39,10 @@ import uuid as uuidlib
 
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_fence_record, read_node_views, read_vms
-from pvc_cluster_common._requests import history_key
+from pvc_cluster_common._cluster import read_fence_record, read_vms
+from pvc_cluster_common._report import read_cluster
+from pvc_cluster_common._requests import RequestError, RequestPlan, history_key, submit_request
+from pvc_cluster_common._selector import FailureCheck, FlushVM, PlannedMove, apply_plan, survives_node_failure
 from pvc_cluster_common._store import ConflictError, StoreError, StoreLock
 
 from .context import DaemonContext, Service
@@ -270,14 +272,16 @@ class HighAvailability(Service):
             state = self.store.read_versioned(state_path)
             if state is None or state[0] != "fenced":
                 return   # its daemon started again (init): what is still assigned to it is its own
-            plan = plan_recovery(peer, self._candidates(peer), read_node_views(self.store), self._fenced_nodes(),
-                                 self.config.default_selector)
+            candidates = self._candidates(peer)
+            snapshot = read_cluster(self.store)
+            plan = plan_recovery(peer, candidates, snapshot.views(), self._fenced_nodes(), self.config.default_selector)
             for uuid in plan.aborts:
                 self._end_migration_between_fenced(uuid, peer)
+            n1 = self._n1_after(peer, plan, candidates, snapshot) if plan.starts else None
             for start in plan.starts:
                 if not self._holding(lock):
                     return
-                if not self._recover_one(peer, start, fence_record, state[1]):
+                if not self._recover_one(peer, start, fence_record, state[1], n1):
                     break   # its daemon state changed (it starts again?): look again
             for uuid, why in plan.unplaced.items():
                 self._not_recovered(uuid, peer, why)
@@ -298,9 +302,31 @@ class HighAvailability(Service):
         confirm_down); an invalid one only makes the audit record poorer."""
         return read_fence_record(self.store, peer)
 
-    def _recover_one(self, peer: str, start, fence_record: dict, state_version: int) -> bool:
-        """Assign one VM of the fenced ``peer`` to its planned target. The transaction checks the
-        VM's ``node`` and the peer's daemon state (still the ``fenced`` of version
+    def _n1_after(self, peer: str, plan, candidates, snapshot) -> dict:
+        """The n-1 verdict of the cluster once ``plan``'s VMs run on their targets, for the audit
+        records; logged when it fails.
+
+        require_n1 never refuses a recovery: its VMs were running and are down now, and the
+        policy is about the *next* failure. Leaving them stopped to keep room for a failure that
+        has not happened would turn one lost node into an outage now, so they are restarted, and
+        the verdict (with require_n1 as set) is logged and kept in each VM's recovery record."""
+        by_uuid = {vm.uuid: vm for vm in candidates}
+        vms = [FlushVM(start.uuid, by_uuid[start.uuid].memory_mib, (), None, None) for start in plan.starts]
+        moves = [PlannedMove(start.uuid, start.target, "recovery") for start in plan.starts]
+        views, running = apply_plan(peer, vms, moves, snapshot.views(), snapshot.running_memory_by_node())
+        check: FailureCheck = survives_node_failure(views, running)
+        required = snapshot.require_n1
+        if not check.ok:
+            log.warning("node %s: restarting %d VM(s) elsewhere although %s%s", peer, len(plan.starts), check.message,
+                        " (require_n1 is set; it never holds back the recovery of a failed node's VMs)" if required else "")
+        return {"ok": "true" if check.ok else "false", "require_n1": "true" if required else "false",
+                "detail": check.message[:R.MAX_REASON_BYTES]}
+
+    def _recover_one(self, peer: str, start, fence_record: dict, state_version: int, n1: dict | None = None) -> bool:
+        """Assign one VM of the fenced ``peer`` to its planned target, through the one request
+        path (_requests.submit_request): the fit on the target, its reservation and the
+        version-checked rewrite of its reservations znode in the same transaction, which also
+        checks the VM's ``node`` and the peer's daemon state (still the ``fenced`` of version
         ``state_version``): a node whose daemon starts again registers first, so from then on no
         VM still assigned to it is moved away while it may be starting it. False when the daemon
         state changed."""
@@ -319,13 +345,12 @@ class HighAvailability(Service):
         }
         if isinstance(fence_record.get("started"), (int, float)):
             audit["duration_s"] = round(max(0.0, now - fence_record["started"]), 3)
+        if n1 is not None:
+            audit["n1"] = n1
         history = self.schema.domain_history(start.uuid) + "/" + history_key(record_id, now)
-        node_path = self.schema.domain_key(start.uuid, S.DOMAIN_NODE)
-        values = {node_path: start.target, history: json.dumps(audit, sort_keys=True),
-                  self.schema.domain_key(start.uuid, S.DOMAIN_FAILEDREASON): ""}
-        if start.lastnode != found.lastnode:
-            values[self.schema.domain_key(start.uuid, S.DOMAIN_LASTNODE)] = start.lastnode
-        expect = {node_path: found.node_version}
+        values: dict[str, object] = {history: json.dumps(audit, sort_keys=True),
+                                     self.schema.domain_key(start.uuid, S.DOMAIN_FAILEDREASON): ""}
+        expect: dict[str, int] = {}
         create = [history]
         if found.state == "restart":
             # it is not running: a start (the runstate record: the desired state is the operator's)
@@ -336,18 +361,24 @@ class HighAvailability(Service):
             else:
                 create.append(run_path)
         # The target's memprov counts the VM only from its next keepalive: until then a
-        # reservation covers it (docs/architecture.md, "Memory accounting"), and rewriting the
-        # target's reservations znode fails any request to it planned from figures read before.
-        values[self.schema.node_reservation(start.target, start.uuid)] = found.memory_mib
-        values[self.schema.node_reservations(start.target)] = f"recovery {record_id}"
+        # reservation covers it (docs/architecture.md, "Memory accounting"); the fit is checked
+        # against the target's figures and reservations as they are at this commit.
+        plan = RequestPlan(uuid=start.uuid, name=found.name, kind="move", source=peer, target=start.target,
+                           lastnode=start.lastnode, changed=True, migrates=False, memory_mib=found.memory_mib,
+                           force_live=False, message="recovery")
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         try:
-            self.store.commit(values, expect_versions={**expect, state_path: state_version}, create=create)
+            submit_request(self.store, plan, found, requester=self.node, fit=True, also_values=values,
+                           also_expect={**expect, state_path: state_version}, also_create=create,
+                           parent_value=f"recovery {record_id}")
         except ConflictError as exc:
             if exc.path == state_path:
                 log.info("node %s changed its daemon state during recovery: looking again", peer)
                 return False
             log.info("VM %s changed while it was recovered; the next pass sees it", found.name)
+            return True
+        except RequestError as exc:
+            log.info("VM %s of fenced node %s: %s; the next pass plans it again", found.name, peer, exc)
             return True
         self.migrations._prune_history(start.uuid)
         log.ok("VM %s of fenced node %s: recovered on %s (home: %s)", found.name, peer, start.target,

@@ -30,7 +30,7 @@ from pvc_cluster_common._records import (
     STEP_TRANSFERRING,
     MigrationRecord,
 )
-from pvc_cluster_common._requests import RequestPlan, finish_values, new_record
+from pvc_cluster_common._requests import RequestError, finish_values, rehome_plan, submit_request
 from pvc_cluster_common._store import ConflictError, StoreError
 
 from .context import DaemonContext, Service
@@ -895,16 +895,17 @@ class MigrationAgent(Service):
             return
         log.warning("VM %s runs here but is assigned to %s with no migration: migrating it there", uuid, assigned)
         vm = read_vm(self.store, uuid)
-        if vm is None:
-            return
-        plan = RequestPlan(uuid=uuid, name=vm.name, kind="move", source=self.node, target=assigned, lastnode=vm.lastnode,
-                           changed=True, migrates=True, memory_mib=vm.memory_mib, force_live=False, message="rehome")
-        record = new_record(plan, vm, requester=self.node)
-        path = self.schema.domain_migration(uuid)
-        # create: a request written meanwhile wins, and this is re-decided from it. The target's
-        # reservations znode is rewritten as every request does (_requests.submit_request), so that
-        # a request to it that read its figures before this reservation fails its version check and
-        # plans again instead of fitting another VM into the same memory.
-        self.store.write({path: record.to_json(), self.schema.node_reservation(assigned, uuid): vm.memory_mib,
-                          self.schema.node_reservations(assigned): record.id},
-                         create=[path])
+        if vm is None or vm.node != assigned or vm.migration is not None:
+            return   # changed since it was decided: its watches bring the new values
+        # The one request path (_requests.submit_request): the fit on the assigned node (which
+        # counts the VM already, so it is given back first), its reservation and a version-checked
+        # rewrite of its reservations znode, in one transaction with the record's creation; a
+        # request written meanwhile wins, and this is re-decided from it. No n-1 check: the VM is
+        # already assigned to that node, so what ZooKeeper admits does not change, and refusing
+        # would leave it running where nothing counts it.
+        try:
+            submit_request(self.store, rehome_plan(vm, self.node), vm, requester=self.node)
+        except ConflictError:
+            log.info("VM %s changed while it was brought to %s; deciding again", uuid, assigned)
+        except RequestError as exc:
+            log.error("VM %s runs here but its assigned node cannot take it, so it keeps running here: %s", uuid, exc)

@@ -510,6 +510,14 @@ def recovery_entry(data: dict, path: str, uuid: str) -> dict:
         "steps": _steps(data, path, RECOVERY_STEPS),
         "duration_s": _time(data.get("duration_s", 0), path, "duration_s"),
     }
+    # the n-1 verdict of the cluster after the recovery pass (never a reason to refuse one)
+    n1 = data.get("n1")
+    if n1 is not None:
+        if not isinstance(n1, dict):
+            raise D.Invalid(path, "an object", n1, field="n1")
+        entry["n1"] = {"ok": _field(D.boolean, n1, "ok", path + " n1"),
+                       "require_n1": _field(D.boolean, n1, "require_n1", path + " n1"),
+                       "detail": _text_field(n1, "detail", path + " n1", optional=True, max_bytes=MAX_REASON_BYTES) or ""}
     return entry
 
 

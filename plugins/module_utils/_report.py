@@ -21,7 +21,7 @@ from ._cluster import node_names, read_history, read_nodes_raw, read_vms, vm_uui
 from ._decode import MAX_MIB, boolean, integer, number, or_default
 from ._meta import VMMeta
 from ._records import fence_record, maintenance, running_domains
-from ._selector import NodeView, resolve_selector, survives_node_failure
+from ._selector import FailureCheck, NodeView, migration_check, resolve_selector, survives_node_failure
 
 
 def meta_dict(meta: VMMeta) -> dict:
@@ -121,6 +121,25 @@ def read_require_n1(store, problems: list) -> bool:
 def n1_policy(option: bool | None, snapshot: ClusterSnapshot) -> bool:
     """Whether the N-1 policy applies: the module option when given, else the cluster setting."""
     return snapshot.require_n1 if option is None else bool(option)
+
+
+N1_VERBS = {"migrate": "migrating", "move": "moving", "unmigrate": "returning"}
+
+
+def request_n1_check(snapshot: ClusterSnapshot, plan, views: dict[str, NodeView] | None = None) -> FailureCheck:
+    """The n-1 check of the cluster (``snapshot``, from read_cluster; ``views``: its node views
+    when the caller adjusts them) once the request ``plan`` (_requests.RequestPlan) has moved its
+    running VM. The source gives the VM's memory back from its reservations when it still covers
+    the VM with one (not yet folded into its memprov), else from its memprov. The modules and the
+    daemon's ready check requests with it."""
+    source_reserved = plan.uuid in snapshot.reservations.get(plan.source, {})
+    return migration_check(snapshot.views() if views is None else views, snapshot.running_memory_by_node(),
+                           plan.source, plan.target, plan.memory_mib, source_reserved=source_reserved)
+
+
+def request_n1_refusal(check: FailureCheck, plan) -> str:
+    """The message that refuses the request ``plan`` under require_n1."""
+    return n1_refusal(check, f"{N1_VERBS.get(plan.kind, 'moving')} VM {plan.name} from {plan.source} to {plan.target}")
 
 
 def n1_refusal(check, what: str) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import _schema as S
-from ._cluster import VMRecord, read_node_views, read_node_views_of, read_vm
+from ._cluster import VMRecord, read_node_views, read_node_views_of, read_vm, reservation_mib
 from ._records import KINDS, RESULT_ABORTED, STEP_REQUESTED, MigrationRecord
 from ._selector import NoTargetError, NodeView, rejection_reasons, select_target
 
@@ -145,23 +145,43 @@ def new_record(plan: RequestPlan, vm: VMRecord, requester: str) -> MigrationReco
     )
 
 
-def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, requester: str, target_unflushing_ok: bool = False) -> MigrationRecord | None:
+def rehome_plan(vm: VMRecord, running_on: str) -> RequestPlan:
+    """The request that brings VM ``vm``, found running on ``running_on`` while ZooKeeper assigns
+    it to another node with no migration record (a daemon's self-heal), to its assigned node: a
+    migration from ``running_on`` to ``vm.node`` that keeps ``node`` and ``lastnode`` as they are."""
+    return RequestPlan(uuid=vm.uuid, name=vm.name, kind="move", source=running_on, target=vm.node, lastnode=vm.lastnode,
+                       changed=True, migrates=True, memory_mib=vm.memory_mib, force_live=False,
+                       message=f"VM {vm.name} runs on {running_on} but is assigned to {vm.node}: migrating it there")
+
+
+def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, requester: str, target_unflushing_ok: bool = False,
+                   *, fit: bool | None = None, also_values: dict[str, object] | None = None,
+                   also_expect: dict[str, int] | None = None, also_create: list[str] | tuple[str, ...] = (),
+                   parent_value: str | None = None) -> MigrationRecord | None:
     """Write a planned request in one transaction. Returns the migration record (None when the
     request only re-homes a stopped VM, or changes nothing). Raises the store's ConflictError when
     the VM changed since it was read (re-read and re-plan), StoreError when ZooKeeper fails.
     ``target_unflushing_ok``: the target may be in domain state ``unflush`` (a node that is being
-    made ready takes its VMs back before it is ``ready``)."""
+    made ready takes its VMs back before it is ``ready``).
+
+    ``fit``: check in this transaction that the VM fits on the target (default: when the VM
+    migrates; an HA recovery re-homes a VM that is to start there and asks for it). A VM that is
+    already assigned to the target (``rehome_plan``) is counted there already, by the target's
+    memprov or by its reservation, and is given back before the check. ``also_values``,
+    ``also_expect`` and ``also_create`` are committed in the same transaction (an HA recovery's
+    audit record and its check of the fenced node's state); ``parent_value`` is what the target's
+    reservations znode is rewritten with when no migration record is written."""
     if not plan.changed:
         return None
     schema = store.schema
     node_path = schema.domain_key(plan.uuid, S.DOMAIN_NODE)
-    values: dict[str, object] = {node_path: plan.target}
+    values: dict[str, object] = {node_path: plan.target, **(also_values or {})}
     if plan.lastnode != vm.lastnode:
         # Written only when it changes: every daemon watches it. Unchanged is safe to leave out:
         # lastnode only ever changes together with node, whose version this commit checks.
         values[schema.domain_key(plan.uuid, S.DOMAIN_LASTNODE)] = plan.lastnode
-    expect = {node_path: vm.node_version}
-    create = []
+    expect = {node_path: vm.node_version, **(also_expect or {})}
+    create = list(also_create)
     delete = []
     record = None
     if plan.migrates or plan.target != plan.source:
@@ -182,16 +202,26 @@ def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, request
             raise RequestError(f"target node {plan.target} is not a node of this cluster")
         if target_unflushing_ok and view.domain_state == "unflush":
             view = replace(view, domain_state="ready")
-        if plan.migrates:
-            reason = rejection_reasons(plan.memory_mib, plan.source, vm.meta.node_limit, {plan.target: view})[plan.target]
+        if plan.migrates if fit is None else fit:
+            checked = view
+            if vm.node == plan.target:
+                # Already assigned there: its own reservation or the target's memprov holds it.
+                if also[mine] is not None:
+                    held = reservation_mib(also[mine][0], mine, [])
+                    checked = replace(view, reserved=max(view.reserved - held, 0))
+                else:
+                    checked = replace(view, memprov=max(view.memprov - plan.memory_mib, 0))
+            reason = rejection_reasons(plan.memory_mib, plan.source, vm.meta.node_limit, {plan.target: checked})[plan.target]
             if reason:
-                raise RequestError(f"cannot migrate VM {plan.name} to {plan.target}: {reason}")
+                what = f"migrate VM {plan.name} to" if plan.migrates else f"place VM {plan.name} on"
+                raise RequestError(f"cannot {what} {plan.target}: {reason}")
+        if plan.migrates:
             record = new_record(plan, vm, requester)
             values[schema.domain_migration(plan.uuid)] = record.to_json()
             values[parent] = record.id
             create.append(schema.domain_migration(plan.uuid))
         else:
-            values[parent] = f"rehome {plan.uuid}"
+            values[parent] = parent_value or f"rehome {plan.uuid}"
         values[schema.node_reservation(plan.target, plan.uuid)] = plan.memory_mib
         if found is None:
             create.append(parent)

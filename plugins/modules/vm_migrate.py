@@ -241,9 +241,8 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     cluster_session,
     watch_until,
 )
-from ansible_collections.pvc.cluster.plugins.module_utils._report import n1_refusal, read_cluster, read_require_n1
+from ansible_collections.pvc.cluster.plugins.module_utils._report import read_cluster, read_require_n1, request_n1_check, request_n1_refusal
 from ansible_collections.pvc.cluster.plugins.module_utils._requests import RequestError, plan_request, submit_request
-from ansible_collections.pvc.cluster.plugins.module_utils._selector import migration_check
 from ansible_collections.pvc.cluster.plugins.module_utils._store import ConflictError
 
 # After ``done``, how long to wait at most for the target to publish the VM among its running
@@ -324,22 +323,15 @@ def make_plan(vm, params: dict, nodes: dict, default_selector):
         raise ModuleFailure(str(exc)) from None
 
 
-N1_VERBS = {"migrate": "migrating", "move": "moving", "unmigrate": "returning"}
-
-
 def n1_verdict(snapshot, plan):
     """The n-1 check of the cluster (``snapshot``, from read_cluster) once ``plan`` has moved its
-    running VM. The source gives the VM's memory back from its reservations when it still covers the
-    VM with one (not yet folded into its memprov), else from its memprov."""
-    source_reserved = plan.uuid in snapshot.reservations.get(plan.source, {})
-    return migration_check(snapshot.views(), snapshot.running_memory_by_node(), plan.source, plan.target,
-                           plan.memory_mib, source_reserved=source_reserved)
+    running VM (_report.request_n1_check, shared with the daemon's ready)."""
+    return request_n1_check(snapshot, plan)
 
 
 def n1_failure(check, plan) -> ModuleFailure:
     """The refusal of ``plan`` under require_n1 (the same message as the other modules')."""
-    what = f"{N1_VERBS[plan.kind]} VM {plan.name} from {plan.source} to {plan.target}"
-    return ModuleFailure(n1_refusal(check, what), changed=False, require_n1=True,
+    return ModuleFailure(request_n1_refusal(check, plan), changed=False, require_n1=True,
                          survives_node_failure={"ok": False, "message": check.message, "failures": check.failures,
                                                 "checked": list(check.checked), "shortfalls": check.shortfalls})
 

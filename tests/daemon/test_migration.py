@@ -686,16 +686,17 @@ def test_a_live_transfer_that_lost_the_target_libvirtd_does_not_fall_back(cluste
     assert not final.get("fallback_reason") and source.hypervisor.status(uuid).running
 
 
-def test_rehome_rewrites_the_targets_reservations_znode(cluster, make_agent):
-    """A VM running here but assigned to another node with no record is migrated there; like every
-    request, the reservation it makes on that node rewrites the node's reservations znode, so a
-    request that read the node's figures before it fails its version check and plans again."""
+def test_rehome_rewrites_the_targets_reservations_znode(cluster, make_agent, monkeypatch):
+    """A VM running here but assigned to another node with no record is migrated there through
+    the one request path; like every request, the reservation it makes on that node rewrites the
+    node's reservations znode, so a request that read the node's figures before it fails its
+    version check and plans again."""
     store, uuid, xml = cluster
     schema = store.schema
-    store.write({schema.node_key("n1", S.NODE_DAEMON_STATE): "fenced"})   # nothing runs on the assigned node
     store.write({schema.node_reservations("n1"): "earlier"})
     _, version_before = store.read_versioned(schema.node_reservations("n1"))
     here = make_agent("n2")
+    monkeypatch.setattr(here, "peer_state", lambda peer, vm: None)   # n1's libvirt: not running there
     here.hypervisor.create(xml)
     here.rehome(uuid, "n1")
     record, _ = record_of(store, uuid)
@@ -703,3 +704,36 @@ def test_rehome_rewrites_the_targets_reservations_znode(cluster, make_agent):
     assert store.read(schema.node_reservation("n1", uuid)) == "256"
     value, version_after = store.read_versioned(schema.node_reservations("n1"))
     assert value == record.id and version_after > version_before
+
+
+@pytest.mark.parametrize("counted_by", ["memprov", "reservation"])
+def test_rehome_is_fit_checked_on_the_assigned_node_which_already_counts_the_vm(cluster, make_agent, monkeypatch, counted_by):
+    """The self-heal goes through the request's fit check. The assigned node counts the VM
+    already (in its memprov, or by its reservation there), so that share is given back first: a
+    node whose other VMs leave exactly the VM's 256 MiB takes it, one with 1 MiB less does not,
+    and then nothing is written and the VM keeps running here (it used to be sent regardless)."""
+    store, uuid, xml = cluster
+    schema = store.schema
+    here = make_agent("n2")
+    monkeypatch.setattr(here, "peer_state", lambda peer, vm: None)
+    here.hypervisor.create(xml)
+    other = "00000000-0000-4000-8000-000000000001"
+
+    def fill(others_mib):
+        values = {schema.node_reservation("n1", other): others_mib}
+        if counted_by == "memprov":
+            values[schema.node_key("n1", S.NODE_MEMPROV)] = 256
+        else:
+            values[schema.node_reservation("n1", uuid)] = 256
+        store.write(values)
+
+    fill(16384 - 256 + 1)   # 1 MiB short once the VM's own share is given back
+    here.rehome(uuid, "n1")
+    assert record_of(store, uuid)[0] is None
+    assert here.hypervisor.status(uuid).running
+    assert read_vm(store, uuid).node == "n1"
+    fill(16384 - 256)       # exactly enough
+    here.rehome(uuid, "n1")
+    record, _ = record_of(store, uuid)
+    assert record is not None and (record.source, record.target) == ("n2", "n1")
+    assert store.read(schema.node_reservation("n1", uuid)) == "256"

@@ -1,0 +1,77 @@
+"""The daemon's ready under require_n1 (node_daemon/flush.py), against a real ZooKeeper with no
+daemons: a VM's return home that would break n-1 is refused before anything is written, as
+pvc.cluster.vm_migrate refuses an unmigrate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_vm, vm_definition
+from pvc_node_daemon import flush
+from pvc_node_daemon.config import parse_config
+from pvc_node_daemon.domains import DomainTable
+from pvc_node_daemon.flush import NodeStateWorker
+from tests.support.identities import node_auth
+
+from .harness import domain_xml
+
+pytestmark = pytest.mark.zk
+
+
+@pytest.fixture
+def homecoming(store, zk_server, zk_root):
+    """n1 is being made ready (unflush) and runs `big` (1024 MiB); `m1` (256 MiB) has n1 as its
+    home and runs on n2. n2 and n3 are full: once m1 is back on n1, n1's VMs fit nowhere if n1
+    fails (before, they did not either: the check is about the state after the move)."""
+    schema = store.schema
+    values = {}
+    for node, total, prov, domain in (("n1", 16384, 1024, "unflush"), ("n2", 16384, 16384, "ready"),
+                                      ("n3", 16384, 16384, "ready")):
+        values.update({schema.node(node): "", schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+                       schema.node_key(node, S.NODE_DOMAIN_STATE): domain,
+                       schema.node_key(node, S.NODE_MEMTOTAL): total, schema.node_key(node, S.NODE_MEMPROV): prov,
+                       schema.node_key(node, S.NODE_MEMRESERVE): 0})
+    m1, m1_xml = domain_xml("m1", memory="256")
+    big, big_xml = domain_xml("big", memory="1024")
+    values.update(vm_definition(schema, m1, "m1", m1_xml, "n2", "start"))
+    values.update(vm_definition(schema, big, "big", big_xml, "n1", "start"))
+    values[schema.domain_key(m1, S.DOMAIN_LASTNODE)] = "n1"
+    values[schema.node_key("n1", S.NODE_RUNNINGDOMAINS)] = json.dumps([big])
+    values[schema.node_key("n2", S.NODE_RUNNINGDOMAINS)] = json.dumps([m1])
+    store.commit(values)
+    from pvc_cluster_common._store import ClusterStore
+
+    config = parse_config({"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")}})
+    own = ClusterStore(config.zookeeper).start()
+    worker = NodeStateWorker("n1", config, own, DomainTable(), reconciler=None)
+    yield store, m1, worker
+    own.stop()
+
+
+def me_ready(nodes):
+    """As the ready does: the node being made ready takes its VMs as if it were ready."""
+    return {"n1": replace(nodes["n1"], domain_state="ready")}
+
+
+def test_a_return_home_that_breaks_n1_is_refused_under_require_n1(homecoming, monkeypatch):
+    store, m1, worker = homecoming
+    monkeypatch.setattr(flush, "wait_until_gone", lambda *args, **kwargs: True)   # nothing runs the migration here
+    store.write({store.schema.require_n1(): "true"})
+    result = worker.migrate_and_wait(m1, "unmigrate", None, me_ready)
+    assert result.startswith("refused: returning VM m1 from n2 to n1 would leave the cluster unable"), result
+    assert "would not survive the failure of n1" in result
+    vm = read_vm(store, m1)
+    assert vm.migration is None and (vm.node, vm.lastnode) == ("n2", "n1")
+    assert store.read(store.schema.node_reservation("n1", m1)) is None
+
+
+def test_without_require_n1_the_same_return_home_is_requested(homecoming, monkeypatch):
+    store, m1, worker = homecoming
+    monkeypatch.setattr(flush, "wait_until_gone", lambda *args, **kwargs: True)
+    assert worker.migrate_and_wait(m1, "unmigrate", None, me_ready) == "finished"
+    vm = read_vm(store, m1)
+    assert vm.migration is not None and (vm.migration.source, vm.migration.target) == ("n2", "n1")
