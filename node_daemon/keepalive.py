@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import reservation_mib
 from pvc_cluster_common._memory import AccountedVM, NodeAccount, account_node
 
 from .context import DaemonContext, Service
@@ -209,7 +210,7 @@ class Keepalive(Service):
             return ok
         snapshot = self.domains.snapshot()   # never iterate the live table: watches mutate it
         reservations = self.read_reservations()
-        folds = self.foldable(reservations, snapshot)
+        folds = self.foldable(reservations, snapshot, reading.vms.running)
         values, account = self.figures(reading, snapshot, reservations, folds, age, stale)
         state = self.store.read(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
         if state in ("init", "dead", "fence-failed") or state not in S.DAEMON_STATES:
@@ -252,11 +253,14 @@ class Keepalive(Service):
         return {uuid: found[self.schema.node_reservation(self.node, uuid)] for uuid in names
                 if found[self.schema.node_reservation(self.node, uuid)] is not None}
 
-    def foldable(self, reservations: dict, snapshot: dict) -> dict[str, int]:
+    def foldable(self, reservations: dict, snapshot: dict, running: dict | None = None) -> dict[str, int]:
         """Reservations this keepalive replaces by counting their VM in memprov, in the same
         transaction that deletes them (uuid -> reservation version): those of VMs the table
         knows to be assigned here with no migration in flight (a migration that ended here, or
-        an abort that gave the VM back to this node), their memory known from a valid XML.
+        an abort that gave the VM back to this node), their memory known from a valid XML, and
+        counted at least at what the reservation holds (``running``: libvirt's figures of the
+        VMs running here, uuid -> (MiB, vCPUs)). A VM whose XML grew has a reservation of its
+        new size (``pvc.cluster.vm``): until the table has the new XML, it stays reserved.
 
         Only this keepalive deletes a reservation its node still needs, and only together with
         a memprov that counts the VM: so a VM assigned here is covered at every instant, by the
@@ -266,9 +270,15 @@ class Keepalive(Service):
         for uuid, (_, version) in reservations.items():
             record = snapshot.get(uuid)
             if (record is not None and record.has(*ACCOUNTING_KEYS) and record.node == self.node
-                    and record.migration is None and not record.migration_error and record.xml_ok):
+                    and record.migration is None and not record.migration_error and record.xml_ok
+                    and self._held(uuid, reservations[uuid][0]) <= max(record.memory_mib,
+                                                                        (running or {}).get(uuid, (0, 0))[0])):
                 folds[uuid] = version
         return folds
+
+    def _held(self, uuid: str, amount: str | None) -> int:
+        """What a reservation holds (MiB); an invalid amount reads as 0, as in every reader."""
+        return reservation_mib(amount, self.schema.node_reservation(self.node, uuid), [])
 
     def figures(self, reading: Reading, snapshot: dict, reservations: dict, folds: dict, age: float,
                 stale: bool) -> tuple[dict, NodeAccount]:

@@ -242,6 +242,43 @@ def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, request
     return record
 
 
+def growth_reservation(store: ClusterStore, vm: VMRecord, memory_mib: int) -> tuple[dict[str, object], dict[str, int], list[str]]:
+    """The writes, version checks and creates that a VM's growth to ``memory_mib`` adds to the
+    transaction that writes its larger XML (``pvc.cluster.vm``): a reservation of its whole new
+    size on its node, which its node's keepalive folds once its memprov counts the new size
+    (docs/architecture.md, "Memory accounting"), and the node's reservations znode rewritten with
+    a version check, so the growth and any request to that node serialise. The fit is checked
+    here against the node's figures and reservations read now: the node already counts the VM
+    at its old size (by its reservation there, else by its memprov), which is given back first.
+    Raises RequestError when the node cannot hold the new size (a node that publishes no
+    memtotal is not checked, as the module's plan does not)."""
+    schema = store.schema
+    node = vm.node
+    parent = schema.node_reservations(node)
+    mine = schema.node_reservation(node, vm.uuid)
+    views, also = read_node_views_of(store, [node], also=[parent, mine], keys=NodeView.FIT_KEYS)
+    view = views.get(node)
+    if view is None:
+        raise RequestError(f"VM {vm.name} is assigned to {node}, which is not a node of this cluster")
+    if also[mine] is not None:
+        view = replace(view, reserved=max(view.reserved - reservation_mib(also[mine][0], mine, []), 0))
+    else:
+        view = replace(view, memprov=max(view.memprov - vm.memory_mib, 0))
+    if view.memtotal > 0 and memory_mib > view.headroom:
+        raise RequestError(f"VM {vm.name} would grow from {vm.memory_mib} to {memory_mib} MiB, but node {node} has "
+                           f"{view.headroom - vm.memory_mib} MiB headroom; move the VM to a node with room first "
+                           "(pvc.cluster.vm_migrate), or make room on this one")
+    values: dict[str, object] = {mine: memory_mib, parent: f"grow {vm.uuid}"}
+    expect: dict[str, int] = {}
+    create: list[str] = []
+    for path in (parent, mine):
+        if also[path] is None:
+            create.append(path)
+        else:
+            expect[path] = also[path][1]
+    return values, expect, create
+
+
 # Attempts of one request (read, plan, submit) that meets conflicts: request_vm's and the daemon's
 # flush and ready (node_daemon/flush.py), whatever step of it meets them.
 REQUEST_ATTEMPTS = 10

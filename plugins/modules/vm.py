@@ -38,7 +38,9 @@ options:
         declaration may name no other encoding than UTF-8, and namespace URIs must be absolute.
       - The VM's C(<memory>) must fit on its node (or, for a new VM without O(node), on some node of the
         cluster) once that node's reserve is taken off, and its C(<vcpu>) count must not exceed the CPUs
-        of that node. A larger C(<memory>) for an existing VM must also fit in its node's headroom.
+        of that node. A larger C(<memory>) for an existing VM must also fit in its node's headroom, checked
+        again when it is written; the update reserves the new size on the node at once (until the node's
+        daemon counts it), so that nothing else is placed into that memory meanwhile.
     type: str
   state:
     description:
@@ -248,6 +250,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import meta_dict, n1_refusal, read_cluster, read_require_n1
+from ansible_collections.pvc.cluster.plugins.module_utils._requests import RequestError, growth_reservation
 from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
     NoTargetError,
     allocation_check,
@@ -651,7 +654,17 @@ def run(module, session, info) -> dict:
     if module._diff:
         result["diff"] = plan.diff()
     if plan.changed and not module.check_mode:
-        session.commit(plan_paths(schema, plan), expect_versions=expect, create=create,
+        paths = plan_paths(schema, plan)
+        if current is not None and info is not None and info.memory_mib > current.memory_mib:
+            # counted at once: a reservation of the new size until the node's keepalive counts it
+            try:
+                grown, grown_expect, grown_create = growth_reservation(store, current, info.memory_mib)
+            except RequestError as exc:
+                raise ModuleFailure(str(exc)) from None
+            paths.update(grown)
+            expect = {**expect, **grown_expect}
+            create = create + grown_create
+        session.commit(paths, expect_versions=expect, create=create,
                        what=f"the {'definition' if plan.action == 'create' else 'update'} of VM {plan.name}")
 
     if module.check_mode:

@@ -213,3 +213,25 @@ def test_a_domain_shutting_down_still_counts_as_running_here(store, host, make_k
     assert key(S.NODE_MEMALLOC) == 384
     assert key(S.NODE_VCPUALLOC) == 2
     assert json.loads(store.read(store.schema.node_key("n1", S.NODE_RUNNINGDOMAINS))) == [stopping[0]]
+
+
+def test_a_growth_reservation_is_folded_only_once_the_table_counts_the_new_size(store, host, make_keepalive):
+    """pvc.cluster.vm writes a larger XML with a reservation of the new size. A keepalive whose
+    table still has the old XML (its watch has not answered yet) keeps the reservation: folding
+    it would publish a memprov short by the growth. Once the table has the new size, it folds."""
+    from pvc_node_daemon.reconciler import ACCOUNTING_KEYS
+
+    table = DomainTable()
+    uuid, text = xml("grower", 1, "GiB", 1)
+    add(store, table, uuid, text, "n1", "stop")
+    for key in ACCOUNTING_KEYS:
+        table.put(uuid, key, key != S.DOMAIN_MIGRATION)
+    reservation = store.schema.node_reservation("n1", uuid)
+    store.commit({reservation: 3072})
+    keepalive = make_keepalive(table)
+    memprov = lambda: int(store.read(store.schema.node_key("n1", S.NODE_MEMPROV)))  # noqa: E731
+    assert keepalive.tick(wait_for_read_s=30)
+    assert store.read(reservation) == "3072" and memprov() == 0   # covered by the reservation alone
+    table.update(uuid, memory_mib=3072)                           # the watch delivered the new XML
+    assert keepalive.tick(wait_for_read_s=30)
+    assert store.read(reservation) is None and memprov() == 3072

@@ -9,7 +9,7 @@ import pytest
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_node_views, read_vm, wait_for_key
-from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_cluster_common._requests import RequestError, growth_reservation, plan_request, submit_request
 from pvc_cluster_common._store import ConflictError
 
 from .harness import TestCluster, domain_xml
@@ -101,6 +101,55 @@ def test_a_starting_daemon_publishes_run_only_with_its_vms_counted(make_cluster)
     cluster.wait_node_state("node1", "run")
     assert memprov(cluster, "node1") == 3 * GIB
     assert invariant.check_now() == []
+
+
+def grow(cluster, uuid, name, memory_mib):
+    """Give VM ``uuid`` a larger XML in the transaction pvc.cluster.vm writes: the XML, and the
+    growth's reservation on its node (_requests.growth_reservation) with its version checks."""
+    vm = read_vm(cluster.store, uuid)
+    values, expect, create = growth_reservation(cluster.store, vm, memory_mib)
+    _, xml = domain_xml(name, memory=str(memory_mib), uuid=uuid)
+    values[cluster.schema.domain_key(uuid, S.DOMAIN_XML)] = xml
+    cluster.store.commit(values, expect_versions={cluster.schema.domain_key(uuid, S.DOMAIN_NODE): vm.node_version,
+                                                  **expect}, create=create)
+
+
+def test_a_vm_whose_memory_grows_is_covered_at_once_until_its_node_counts_it(make_cluster):
+    """A larger XML is counted from the commit that writes it: its node's next keepalive is 30 s
+    away, and the memory it admits is covered by a reservation of the new size, which that
+    keepalive folds once memprov counts the new size. (The XML alone, as pvc.cluster.vm wrote it
+    before, left the node's figures short by the growth until that keepalive.)"""
+    cluster = make_cluster(keepalive_s=30)
+    cluster.add("node1", start=False)
+    uuid = define(cluster, "grower", "node1", memory_mib=GIB, state="stop")
+    cluster.daemons["node1"].start()
+    cluster.wait_node_state("node1", "run")
+    assert memprov(cluster, "node1") == GIB
+    grow(cluster, uuid, "grower", 3 * GIB)
+    invariant = MemoryInvariant(cluster.store, ["node1"], {uuid: 3 * GIB})
+    assert invariant.check_now() == []
+    assert cluster.store.read(cluster.schema.node_reservation("node1", uuid)) == str(3 * GIB)
+    # a restart runs a keepalive now: it folds the reservation into a memprov of the new size
+    assert cluster.daemons["node1"].stop() == 0
+    cluster.daemons["node1"].start()
+    cluster.wait_node_state("node1", "run")
+    assert wait_for_key(cluster.store, cluster.schema.node_reservation("node1", uuid), lambda value: value is None, 60)
+    assert memprov(cluster, "node1") == 3 * GIB
+    assert invariant.check_now() == []
+
+
+def test_a_growth_that_does_not_fit_its_node_is_refused_with_nothing_written(make_cluster):
+    cluster = make_cluster(keepalive_s=30)
+    cluster.add("node1", start=False, memory_mib=4 * GIB)
+    uuid = define(cluster, "grower", "node1", memory_mib=GIB, state="stop")
+    cluster.daemons["node1"].start()
+    cluster.wait_node_state("node1", "run")
+    reserve = int(cluster.store.read(cluster.schema.node_key("node1", S.NODE_MEMRESERVE)) or 0)
+    room = 4 * GIB - reserve - GIB          # what node1 has besides the VM's own 1 GiB
+    with pytest.raises(RequestError, match=f"would grow from {GIB} to {GIB + room + 1} MiB, but node node1 has {room} MiB"):
+        growth_reservation(cluster.store, read_vm(cluster.store, uuid), GIB + room + 1)
+    grow(cluster, uuid, "grower", GIB + room)   # exactly enough
+    assert cluster.store.read(cluster.schema.node_reservation("node1", uuid)) == str(GIB + room)
 
 
 def test_the_target_stays_covered_when_a_migration_ends(make_cluster):
