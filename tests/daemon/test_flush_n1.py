@@ -1,4 +1,4 @@
-"""The daemon's ready under require_n1 (node_daemon/flush.py), against a real ZooKeeper with no
+"""The daemon's ready and flush under require_n1 (node_daemon/flush.py), against a real ZooKeeper with no
 daemons: a VM's return home that would break n-1 is refused before anything is written, as
 pvc.cluster.vm_migrate refuses an unmigrate."""
 
@@ -75,3 +75,18 @@ def test_without_require_n1_the_same_return_home_is_requested(homecoming, monkey
     assert worker.migrate_and_wait(m1, "unmigrate", None, me_ready) == "finished"
     vm = read_vm(store, m1)
     assert vm.migration is not None and (vm.migration.source, vm.migration.target) == ("n2", "n1")
+
+
+def test_a_running_flush_whose_plan_breaks_n1_is_logged_not_held_back(homecoming, caplog):
+    """A flush is checked when it is asked (pvc.cluster.node); the daemon's flush goes on, and
+    says so when its plan leaves the cluster failing n-1 under require_n1."""
+    from pvc_cluster_common._cluster import find_vm
+    from pvc_cluster_common._selector import PlannedMove
+
+    store, _, worker = homecoming
+    big = read_vm(store, find_vm(store, "big"))
+    plan = [PlannedMove(big.uuid, "n3", "selector mem")]
+    assert worker._log_flush_n1([big], plan) is False           # require_n1 off: nothing to say
+    store.write({store.schema.require_n1(): "true"})
+    assert worker._log_flush_n1([big], plan) is True
+    assert "flush of n1 goes on although, once done, the cluster would not survive the failure of" in caplog.text
