@@ -41,7 +41,7 @@ def test_require_n1_never_holds_back_a_recovery_and_its_verdict_is_recorded(fenc
     schema = store.schema
     store.write({schema.require_n1(): "true", schema.node_key("n3", S.NODE_MEMPROV): 16384 - 100})
     state = store.read_versioned(schema.node_key("n1", S.NODE_DAEMON_STATE))
-    ha._recover("n1", SimpleNamespace(is_acquired=True))
+    ha._recover("n1", SimpleNamespace(held=True))
     assert read_vm(store, uuid).node == "n2"
     assert store.read_versioned(schema.node_key("n1", S.NODE_DAEMON_STATE)) == state
     [entry] = recovery_records(store, uuid)
@@ -51,7 +51,7 @@ def test_require_n1_never_holds_back_a_recovery_and_its_verdict_is_recorded(fenc
 
 def test_a_recovery_that_keeps_n1_records_so(fenced_n1):
     store, uuid, ha = fenced_n1
-    ha._recover("n1", SimpleNamespace(is_acquired=True))
+    ha._recover("n1", SimpleNamespace(held=True))
     [entry] = recovery_records(store, uuid)
     assert read_vm(store, uuid).node in ("n2", "n3")
     assert entry["n1"] == {"ok": True, "require_n1": False,
