@@ -184,7 +184,7 @@ class NodeStateWorker(Service):
             return f"refused: {exc}"
         if not plan.changed:
             return "unchanged"
-        if plan.migrates and kind == "unmigrate":
+        if kind == "unmigrate" and plan.migrates:
             refusal = self._n1_refusal(plan, nodes_override)
             if refusal:
                 log.warning("VM %s: %s; it stays on %s, and the next ready or unmigrate brings it home",
