@@ -13,6 +13,7 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_vm, vm_definition
 from pvc_node_daemon import flush
 from pvc_node_daemon.config import parse_config
+from pvc_node_daemon.context import DaemonContext
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.flush import NodeStateWorker
 from tests.support.identities import node_auth
@@ -31,7 +32,8 @@ def homecoming(store, zk_server, zk_root):
     values = {}
     for node, total, prov, domain in (("n1", 16384, 1024, "unflush"), ("n2", 16384, 16384, "ready"),
                                       ("n3", 16384, 16384, "ready")):
-        values.update({schema.node(node): "", schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+        values.update({schema.node(node): "", schema.node_reservations(node): "",   # as registration makes it
+                       schema.node_key(node, S.NODE_DAEMON_STATE): "run",
                        schema.node_key(node, S.NODE_DOMAIN_STATE): domain,
                        schema.node_key(node, S.NODE_MEMTOTAL): total, schema.node_key(node, S.NODE_MEMPROV): prov,
                        schema.node_key(node, S.NODE_MEMRESERVE): 0})
@@ -47,7 +49,7 @@ def homecoming(store, zk_server, zk_root):
 
     config = parse_config({"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")}})
     own = ClusterStore(config.zookeeper).start()
-    worker = NodeStateWorker("n1", config, own, DomainTable(), reconciler=None)
+    worker = NodeStateWorker(DaemonContext("n1", config, own, domains=DomainTable()), reconciler=None)
     yield store, m1, worker
     own.stop()
 

@@ -23,9 +23,14 @@ pytestmark = pytest.mark.zk
 def fenced_n1(cluster, make_agent):
     """m1 (256 MiB, state start) assigned to n1, which is fenced; n2's daemon recovers it."""
     store, uuid, _ = cluster
-    store.write({store.schema.node_key("n1", S.NODE_DAEMON_STATE): "fenced"})
+    schema = store.schema
+    # each node's reservations znode, as its daemon's registration makes it (no identity creates
+    # anything in another node's znode)
+    store.write({schema.node_key("n1", S.NODE_DAEMON_STATE): "fenced",
+                 **{schema.node_reservations(node): "" for node in ("n1", "n2", "n3")
+                    if not store.exists(schema.node_reservations(node))}})
     agent = make_agent("n2")
-    ha = HighAvailability("n2", agent.config, agent.store, agent.domains, agent)
+    ha = HighAvailability(agent.ctx, agent)
     return store, uuid, ha
 
 
