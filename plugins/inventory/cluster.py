@@ -106,7 +106,7 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         quiet_client_logging()
         try:
             store = ClusterStore(options, logger=log)
-            store.record_failures()   # an inventory from reads that failed is refused (check_reads)
+            store.strict_reads()   # a read that fails fails the inventory: none is made from what could not be read
             try:
                 store.start()
                 store.verify_cluster()   # a pvc.cluster at zk_root, and credentials that fit it

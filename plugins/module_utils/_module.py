@@ -12,10 +12,10 @@
 * :func:`cluster_session`: a started :class:`ClusterStore` for the with-block, checked to hold a
   pvc.cluster whose security fits the credentials given (``ClusterStore.verify_cluster``) before
   the module reads or writes anything, always stopped on the way out; ``StoreError`` (unreachable, conflict) and :class:`ModuleFailure` become
-  ``fail_json`` with the message and no traceback. Reads through the store's never-failing accessors
-  return None when ZooKeeper fails, so the session's store keeps those failures
-  (``ClusterStore.record_failures``): it refuses every write after one, and the task fails
-  instead of reporting data it could not read (:meth:`Session.verify`).
+  ``fail_json`` with the message and no traceback. The session's store reads strictly
+  (``ClusterStore.strict_reads``): a read that fails raises instead of returning None, so the task
+  fails at that read instead of acting on, or reporting, data it could not read, and every write
+  after it is refused even if the error was caught (:meth:`Session.verify` checks the same).
 * :class:`Differences`: the one place ``changed`` and the ``diff`` come from.
 * :func:`watch_until`: wait for a condition on ZooKeeper watches, with a deadline (no polling).
 
@@ -265,7 +265,7 @@ def cluster_session(module: AnsibleModule):
         store = ClusterStore(options, logger=log)
     except StoreError as exc:
         module.fail_json(msg=str(exc))
-    store.record_failures()   # a read that failed fails the task (Session.verify) and blocks every write
+    store.strict_reads()   # a read that fails fails the task, and blocks every write after it
     try:
         try:
             store.start()

@@ -13,9 +13,9 @@ Two kinds of accessors:
 
 * never failing: ``read``, ``read_json``, ``read_versioned``, ``children``, ``exists``, ``write``
   and ``delete`` return None/False when the key is missing or ZooKeeper cannot be reached, and log why
-  (a missing key at DEBUG, everything else at WARNING); a client that must not act on a read it
-  could not make calls ``record_failures``: the failures are then kept, ``check_reads`` raises
-  them, and every write is refused while one is kept;
+  (a missing key at DEBUG, everything else at WARNING), unless the client called
+  ``strict_reads`` (a client that must not act on a read it could not make): then they raise,
+  and every later write is refused;
 * raising, for logic that must tell "missing" from "unreachable" from "changed concurrently":
   ``get`` (MissingError, UnreachableError, StoreError) and ``commit`` (ConflictError,
   UnreachableError, StoreError), all under StoreError.
@@ -160,7 +160,7 @@ class MissingError(StoreError):
 
 
 class ReadsFailedError(StoreError):
-    """A read of this client failed earlier (``ClusterStore.record_failures``), so nothing may be
+    """A read of this client failed earlier (``ClusterStore.strict_reads``), so nothing may be
     written or reported from its reads."""
 
 
@@ -469,7 +469,7 @@ class ClusterStore:
         # Lock nodes we failed to delete (lost connection): (lock path, our contender prefix).
         self._orphans: set[tuple[str, str]] = set()
         self._orphans_mutex = threading.Lock()
-        # The failures the never-failing accessors swallowed, once record_failures() was called.
+        # The failures of the never-failing accessors, kept once strict_reads() was called.
         self.failures: list[StoreError] | None = None
         # add_session_listener's listeners, and the wrappers kazoo calls
         self._listeners: dict[Callable[[str], None], Callable[[Any], None]] = {}
@@ -651,8 +651,8 @@ class ClusterStore:
         ``create`` names written keys that must not exist yet. Either failing raises ConflictError
         and nothing is written. Deleting a missing key is not an error (unless a version is expected).
         Returns the new version of every written key. Raises ConflictError, UnreachableError or
-        StoreError; with ``record_failures`` on, StoreError before anything is written when a read
-        of this client failed (``check_reads``): no write is based on a read that could not be made.
+        StoreError; with ``strict_reads`` on, ReadsFailedError before anything is written when a
+        read of this client failed (``check_reads``): no write is based on a read that could not be made.
         """
         self.check_reads()
         return self._commit(values, dict(expect_versions or {}), _path_list(delete), set(_path_list(create)))
@@ -861,16 +861,19 @@ class ClusterStore:
 
     # ---- never-failing accessors ------------------------------------------------------------
 
-    def record_failures(self) -> None:
-        """Keep, from now on, every failure the never-failing accessors swallow (``failures``),
-        and refuse every write while one is kept (``commit`` calls ``check_reads``): for a client
-        that must not act on, or report, a value it could not read (a module run, the inventory).
-        A daemon, which reads again at its next pass, keeps none."""
+    def strict_reads(self) -> None:
+        """From now on the "never-failing" accessors fail like ``get``: a read returns the value
+        (None only for a missing key) or raises UnreachableError or StoreError, and a ``write``
+        or ``delete`` raises what ``commit`` raises. Every such failure is also kept
+        (``failures``), and every later write is refused (``commit`` calls ``check_reads``), even
+        when a caller caught the error. For a client that must not act on, or report, a value it
+        could not read (a module run, the inventory); a daemon, which reads again at its next
+        pass, does not call it."""
         if self.failures is None:
             self.failures = []
 
     def check_reads(self) -> None:
-        """Raise StoreError naming the failures kept since ``record_failures`` (the first three), if any."""
+        """Raise ReadsFailedError naming the failures kept since ``strict_reads`` (the first three), if any."""
         if not self.failures:
             return
         seen = list(dict.fromkeys(str(exc) for exc in self.failures))
@@ -878,10 +881,12 @@ class ClusterStore:
                                + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""))
 
     def _swallow(self, exc: StoreError, message: str | None = None) -> None:
-        """A never-failing accessor's failure: logged, and kept when ``record_failures`` is on."""
+        """A never-failing accessor's failure: logged; with ``strict_reads``, kept and raised."""
         self.log.warning("%s", message or exc)
-        if self.failures is not None and not isinstance(exc, ReadsFailedError):   # kept already
-            self.failures.append(exc)
+        if self.failures is not None:
+            if not isinstance(exc, ReadsFailedError):   # kept already
+                self.failures.append(exc)
+            raise exc
 
     def read(self, path: str) -> str | None:
         result = self.read_versioned(path)
@@ -910,7 +915,8 @@ class ClusterStore:
         paths, lists = list(paths), list(lists)
         result, listed = dict.fromkeys(paths), dict.fromkeys(lists)
         try:
-            self._require_connection("read")
+            named = paths + lists
+            self._require_connection(f"read {', '.join(named[:3])}" + (f" and {len(named) - 3} more" if len(named) > 3 else ""))
         except StoreError as exc:
             self._swallow(exc)
             return result, listed

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from pvc_cluster_common._module import ModuleFailure, cluster_session
-from pvc_cluster_common._store import SESSION_CONNECTED, ConflictError, ReadsFailedError, StoreError
+from pvc_cluster_common._store import SESSION_CONNECTED, ConflictError, ReadsFailedError, StoreError, UnreachableError
 
 
 class Failed(Exception):
@@ -98,35 +98,38 @@ def test_a_module_failure_after_a_write_reports_a_change(module, store):
                              "written the default selector (committed in ZooKeeper)", "changed": True}
 
 
-def test_a_read_that_failed_fails_the_task_and_blocks_every_write(zk_private_server, make_store):
-    # One door for writes: the store of a module run keeps the failures its never-failing reads
-    # swallowed, and its commit (whoever calls it: the session, submit_request) refuses to write
-    # after one, even once ZooKeeper is back; the task fails saying which read failed.
+def test_a_read_that_fails_fails_the_task_and_blocks_every_write(zk_private_server, make_store):
+    # The session's store reads strictly: a read that fails raises (it does not return None, as
+    # for a missing key), and one write door: its commit (whoever calls it: the session,
+    # submit_request) refuses to write after a failed read, even one whose error was caught and
+    # once ZooKeeper is back; the task fails naming the read.
     operator = make_store(hosts=zk_private_server.hosts)
     operator.ensure_schema()
     key = operator.schema.default_selector()
     module = FakeModule(zk_hosts=zk_private_server.hosts, zk_root=operator.schema.root, zk_timeout=1.0)
-    seen = {}
 
     def body(session):
         connected = Connected(session.store)
         zk_private_server.stop()
-        seen["read"] = session.store.read(key)
+        for read in (lambda: session.store.read(key), lambda: session.store.read_many([key]),
+                     lambda: session.store.children(key), lambda: session.store.exists(key)):
+            with pytest.raises(UnreachableError, match=f"{key}: "):
+                read()
         zk_private_server.start()
         connected.wait()
-        for write in (lambda: session.store.commit({key: "mem"}), lambda: session.commit({key: "mem"})):
+        assert session.store.read(key) is None   # missing: None, as ever
+        for write in (lambda: session.store.commit({key: "mem"}), lambda: session.commit({key: "mem"}),
+                      lambda: session.store.write({key: "mem"}), lambda: session.store.delete(key)):
             with pytest.raises(ReadsFailedError, match=f"reading the cluster from ZooKeeper failed: read {key}: "):
                 write()
-        assert session.store.write({key: "mem"}) is False and session.store.delete(key) is False
     result = run(module, body)
-    assert seen["read"] is None
     assert result["msg"].startswith(f"reading the cluster from ZooKeeper failed: read {key}: ")
     assert result["changed"] is False
     assert operator.exists(key) is False   # nothing was written
 
 
-def test_a_store_that_does_not_record_failures_keeps_none(zk_private_server, make_store):
-    # the daemon's store: a failed read is logged and read again at the next pass, writes go on
+def test_a_store_that_does_not_read_strictly_logs_and_keeps_none(zk_private_server, make_store):
+    # the daemon's store: a failed read is logged and made again at the next pass, writes go on
     store = make_store(hosts=zk_private_server.hosts, timeout_s=1.0)
     store.ensure_schema()
     key = store.schema.default_selector()
