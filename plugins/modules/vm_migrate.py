@@ -243,7 +243,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import read_cluster, read_require_n1, request_n1_check, request_n1_refusal
 from ansible_collections.pvc.cluster.plugins.module_utils._requests import RequestError, plan_request, submit_request
-from ansible_collections.pvc.cluster.plugins.module_utils._store import ConflictError
+from ansible_collections.pvc.cluster.plugins.module_utils._store import Attempts, ConflictError
 
 # After ``done``, how long to wait at most for the target to publish the VM among its running
 # domains (every keepalive); the migration is over, so a slow publication is a warning.
@@ -428,7 +428,9 @@ def run(module, session) -> dict:
     if uuid is None:
         session.verify()
         raise ModuleFailure(f"VM {params['name']} does not exist (give its name or UUID)")
-    for attempt in (1, 2):
+    # a task reads and plans once more after a conflict (the VM or a target's reservations changed), then fails
+    budget = Attempts(2)
+    while True:
         vm = read_vm(store, uuid)
         nodes = read_node_views(store)
         default_selector = store.read(schema.default_selector())
@@ -444,7 +446,7 @@ def run(module, session) -> dict:
             try:
                 return clear_record(module, session, vm)
             except ConflictError:
-                if attempt == 2:
+                if not budget.again():
                     raise
                 continue    # the record changed meanwhile: read it once more
         if vm.migration and in_flight_matches(vm, params):
@@ -480,7 +482,7 @@ def run(module, session) -> dict:
         except RequestError as exc:    # the target's fit is checked again, atomically with the request
             raise ModuleFailure(str(exc)) from None
         except ConflictError:
-            if attempt == 2:
+            if not budget.again():
                 raise
             continue    # the VM or the target's reservations changed meanwhile: read and plan once more
         if record is not None:
@@ -492,7 +494,6 @@ def run(module, session) -> dict:
                     exc.result.setdefault("changed", True)
                     raise
         return result
-    raise ModuleFailure(f"VM {params['name']} kept changing while this task ran; nothing was written")
 
 
 def main():
