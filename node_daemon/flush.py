@@ -170,7 +170,9 @@ class NodeStateWorker(Service):
                                nodes_override: NodesOverride | None = None, known: Known | None = None) -> str:
         vm, nodes = known if known else (read_vm(self.store, uuid), None)
         if vm is None:
-            return "gone"
+            # read_vm says None for a VM it could not read too: only one that is known missing is
+            # gone (and done with); "unreadable" is tried again, like any outcome not HOME_OR_MOOT
+            return "gone" if self.store.exists(self.schema.domain(uuid)) is False else "unreadable"
         nodes = dict(nodes) if nodes else read_node_views(self.store)
         if nodes_override:
             nodes.update(nodes_override(nodes))

@@ -80,6 +80,15 @@ def test_every_conflict_of_one_request_counts_against_one_budget(monkeypatch):
     assert len(submitted) == 7
 
 
+def test_a_vm_that_could_not_be_read_is_not_taken_for_gone():
+    # read_vm returns None both for a VM that does not exist and for one ZooKeeper did not answer
+    # about; only the first is "gone" (home or moot: a ready stops trying it).
+    for exists, outcome in ((False, "gone"), (None, "unreadable")):
+        w = worker(read_many=lambda paths: dict.fromkeys(paths), exists=lambda path, answer=exists: answer)
+        assert w.migrate_and_wait("u1", "unmigrate", None) == outcome
+    assert "unreadable" not in flush.HOME_OR_MOOT
+
+
 def test_ready_tries_a_vm_that_did_not_come_home_again(monkeypatch, caplog):
     home = SimpleNamespace(uuid="u1", name="vm1", node="n2", lastnode="n1", meta=SimpleNamespace(node_autostart=False))
     w = worker(read_many=lambda paths: {path: ("n1", 0) for path in paths})
