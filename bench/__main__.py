@@ -103,7 +103,8 @@ def bench_placement() -> list[dict]:
 
 # The configurations b and c are measured in, side by side: "secure" is the default (ZooKeeper
 # digest authentication and ACLs, TLS to ZooKeeper's secure client port with client certificates),
-# "insecure" an open cluster on the plain port (docs/security.md).
+# "insecure" an open cluster on the plain port (docs/security.md). The secure server also enforces
+# authentication (enforce.auth), as the zookeeper role's members do.
 CONFIGS = ("secure", "insecure")
 
 
@@ -114,7 +115,7 @@ def _cluster(workdir: Path, nodes: int, memory_mib: int, config: str = "secure")
 
     tls = make_tls_material(workdir / "tls") if config == "secure" else None
     server = ZooKeeperServer(workdir / "zk", free_port(), secure_client_port=free_port() if tls else None,
-                             tls=tls.zookeeper_files() if tls else None)
+                             tls=tls.zookeeper_files() if tls else None, enforce_auth=config == "secure")
     server.start()
     hosts = f"{server.client_address}:{server.secure_client_port}" if tls else server.hosts
     zk_tls = {"ca": str(tls.ca_cert), "cert": str(tls.client_cert), "key": str(tls.client_key)} if tls else None

@@ -88,6 +88,9 @@ class ZooKeeperServer:
     netns: str | None = None
     secure_client_port: int | None = None
     tls: TLSFiles | None = None
+    # every client must authenticate (digest) before its first request, as the zookeeper role's
+    # servers do by default (enforce.auth)
+    enforce_auth: bool = False
     heap_mb: int = 128
     tick_ms: int = 500
     # a member whose client_port is a TLS port (a server started from the zookeeper role's files):
@@ -133,6 +136,8 @@ class ZooKeeperServer:
                 f"ssl.trustStore.password={self.tls.password}",
                 "ssl.clientAuth=need",
             ]
+        if self.enforce_auth:
+            lines += ["enforce.auth.enabled=true", "enforce.auth.schemes=digest"]
         for peer in self.peers:
             lines.append(
                 f"server.{peer.server_id}={peer.address}:{peer.quorum_port}:{peer.election_port}"
