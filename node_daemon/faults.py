@@ -18,10 +18,17 @@ job moving memory, i.e. while the transfer is in progress inside libvirtd.)
 
 ``PVC_NODE_DAEMON_PAUSE_AT=<point>`` with ``PVC_NODE_DAEMON_PAUSE_RELEASE=<file>``: the VM's
 worker blocks at the point until ``<file>`` exists (bounded by ``PAUSE_MAX_S``), so that a test
-can change the cluster between two steps deterministically. Points: ``source:before-transfer``
-(the record is at ``prepared``, before the source re-reads ``node``), ``target:before-prepare``
-(before the readiness check), ``target:before-start`` (a shutdown migration's target, just
-before it starts the VM).
+can change the cluster between two steps deterministically. Points, by the step the migration
+record is held at:
+
+* ``requested``: ``target:before-prepare`` (before the readiness check)
+* ``prepared``: ``source:before-transfer`` (before the source re-reads ``node``)
+* ``transferring``: ``source:before-shutdown`` (a shutdown migration's source, before it shuts
+  the VM down)
+* ``transferred``: ``target:before-claim`` (a shutdown migration's target, before it claims the
+  start), ``target:before-start`` (the same, its claim written, just before it starts the VM),
+  ``target:before-done`` (a live migration's target, the VM resumed there, before it writes
+  ``done``: the source writes ``transferred`` meanwhile, or has already)
 """
 from __future__ import annotations
 

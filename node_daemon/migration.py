@@ -467,7 +467,10 @@ class MigrationAgent(Service):
     def transfer(self, m: Migration) -> None:
         uuid, record = m.uuid, m.record
         pause_point("source:before-transfer")
-        m.local = self._local(m)
+        # The caller's view of the VM here came from a connection that may have been lost since
+        # (libvirtd died between that pass and now): with no connection, it is not one to
+        # transfer on.
+        m.local = UNAVAILABLE if self.hypervisor.health != S.LIBVIRT_OK else self._local(m)
         if m.local == UNAVAILABLE:
             # Nothing has moved yet (the transfer starts only after `transferring` is written),
             # and a VM whose state here is not known is never handed on: abort, the VM stays.
@@ -588,6 +591,7 @@ class MigrationAgent(Service):
                         record.id, uuid, error)
             if not self.advance(m, STEP_TRANSFERRING, method_used="shutdown", fallback_reason=str(error)):
                 return
+        pause_point("source:before-shutdown")
         if not self.shutdown_here(uuid):
             # Not known to be off (libvirt failed, or went away): a VM that may still run here is
             # never handed to the target. The record stays at `transferring`; ground truth
@@ -654,6 +658,7 @@ class MigrationAgent(Service):
                 # copy can never run again (libvirt stops it in the same job). The reconciler
                 # wakes on that lifecycle event, so the migration ends here without waiting for
                 # the source's `transferred` (which then finds no record, and is not needed).
+                pause_point("target:before-done")
                 crash_point("target:before-done")
                 self.finish(m, RESULT_DONE)
                 return
@@ -746,6 +751,7 @@ class MigrationAgent(Service):
                 self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
             return
         if local in RUNNING:
+            pause_point("target:before-done")
             crash_point("target:before-done")
             self.finish(m, RESULT_DONE)
             return
@@ -769,6 +775,7 @@ class MigrationAgent(Service):
         # ended the migration meanwhile (an abort gives the VM back to it, and its reconciler
         # starts it there), the claim fails and nothing starts here; once the claim is written, a
         # concurrent abort based on the older record fails instead (I1).
+        pause_point("target:before-claim")
         path = self.schema.domain_migration(uuid)
         claim = replace(record, starting_on=self.node)
         if not self.store.write({path: claim.to_json()}, expect_versions={path: version}):

@@ -19,7 +19,7 @@ from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.context import DaemonContext
 from pvc_node_daemon.domains import DomainTable
 from pvc_node_daemon.hypervisor import Hypervisor, HypervisorError, HypervisorTimeout, HypervisorUnavailable, MigrationSetup
-from pvc_node_daemon.migration import Migration, MigrationAgent
+from pvc_node_daemon.migration import ASK, Migration, MigrationAgent
 from tests.support.identities import node_auth
 
 from .harness import NODE_XML, domain_xml
@@ -620,14 +620,18 @@ def test_a_target_without_libvirt_refuses_to_prepare(cluster, make_agent):
     assert store.read(store.schema.node_reservation("n2", uuid)) is None
 
 
-def test_a_source_without_libvirt_aborts_before_the_transfer(cluster, make_agent):
+@pytest.mark.parametrize("local_state", [ASK, "running"])
+def test_a_source_without_libvirt_aborts_before_the_transfer(cluster, make_agent, local_state):
+    """The VM's state here unknown (asked: unavailable), or known from a pass made before the
+    connection was lost (the lab's matrix found the source writing `transferring` on such a
+    view): nothing is transferred."""
     store, uuid, xml = cluster
     source = make_agent("n1")
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
     rewrite_record(store, uuid, step="prepared")
     source.hypervisor.close()
-    source.handle(uuid, record_of(store, uuid))   # asks libvirt: unavailable
+    source.handle(uuid, record_of(store, uuid), local_state=local_state)
     final = last_history(store, uuid)
     assert final["result"] == "aborted" and "source n1 cannot reach its libvirtd" in final["reason"], final
     assert "transferring" not in final["steps"]

@@ -278,6 +278,18 @@ class LabGuests:
 # talking to a running guest
 
 
+def connect_unix(sock: socket.socket, path: Path) -> None:
+    """connect() to the unix socket at ``path`` through a descriptor of its directory: the
+    path of a guest's channel (the lab's workdir, libvirt's channel directory, the domain's
+    directory named after it) can be longer than a socket address holds (107 bytes), e.g. under a
+    lab prefix (PVC_LAB_PREFIX), and connect() then fails with "AF_UNIX path too long"."""
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        sock.connect(f"/proc/self/fd/{directory}/{path.name}")
+    finally:
+        os.close(directory)
+
+
 class GuestPortError(RuntimeError):
     """The guest's command port cannot be reached or did not answer."""
 
@@ -316,7 +328,7 @@ class GuestPort:
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                     sock.settimeout(1.0)
-                    sock.connect(str(path))
+                    connect_unix(sock, path)
                     sock.sendall(command.encode() + b"\n")
                     answer = b""
                     while not answer.endswith(b"\n"):
