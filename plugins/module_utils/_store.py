@@ -1233,6 +1233,11 @@ class ClusterStore:
             raise StoreError(f"there is no pvc.cluster at {where}: {root} does not exist; check zk_root "
                              "(the node daemons create a cluster's keys when they first start)") from None
         except StoreError as exc:
+            if kz is not None and isinstance(exc.__cause__, kz.SessionClosedRequireSaslError):
+                # a server with enforce.auth (the zookeeper role's default) closes the session of a
+                # client that has not authenticated, before any ACL is looked at
+                raise StoreError(f"the ZooKeeper at {self.options.hosts} requires every client to authenticate (enforce.auth) "
+                                 f"and closed this client's session: give zk_username and zk_password for {root}") from None
             if kz is not None and isinstance(exc.__cause__, kz.NoAuthError):
                 if user:
                     raise StoreError(f"ZooKeeper refuses user {user} access to the cluster at {where} (cannot read the ACL "

@@ -576,6 +576,29 @@ def test_verify_cluster_refuses_a_client_without_the_clusters_credentials(secure
                                   "digest:admin, world:anyone), but no zk_username and zk_password were given; give them")
 
 
+def test_verify_cluster_explains_a_server_that_requires_authentication(tmp_path):
+    """A server with enforce.auth (the zookeeper role's default) closes an unauthenticated
+    client's session: the module says what to give, not the name of kazoo's exception."""
+    from tests.conftest import _serve
+
+    server = _serve(tmp_path / "zookeeper", enforce_auth=True)
+    stores = []
+    try:
+        for fields in ({}, {"auth_username": "admin", "auth_password": "pw"}):
+            store = ClusterStore(ConnectionOptions(hosts=server.hosts, root="/enforced", **fields))
+            stores.append(store)
+            store.start()
+        stores[1].ensure_schema()
+        with pytest.raises(StoreError) as failure:
+            stores[0].verify_cluster()
+        assert str(failure.value) == (f"the ZooKeeper at {server.hosts} requires every client to authenticate (enforce.auth) "
+                                      "and closed this client's session: give zk_username and zk_password for /enforced")
+    finally:
+        for store in stores:
+            store.stop()
+        server.stop()
+
+
 def test_keys_created_after_verify_cluster_take_their_rules_acl_with_the_identities_of_the_cluster_root(secured, make_store):
     # the cluster root names the operator (every permission) and the nodes (read): a module's
     # client learns both there, and gives each key it creates the ACL of its rule (_schema.acl_rule)
