@@ -265,8 +265,9 @@ class HostViews:
 
     @property
     def cluster_ca_dir(self) -> Path:
-        """The cluster CA the libvirt role creates on the controller (pvc_cluster_ca_dir)."""
-        return self.base / "cluster-ca"
+        """The cluster CA on the controller (pvc_cluster_ca_dir): the zookeeper role's, from which
+        the libvirt role gets each node's certificate too (cluster_ca role)."""
+        return self.zookeeper_ca_dir
 
     @property
     def collections_dir(self) -> Path:
@@ -406,14 +407,15 @@ class HostViews:
             "zookeeper_heap_mb": 128,
             "zookeeper_quorum_port": ROLLOUT_ZK_QUORUM_PORT,
             "zookeeper_election_port": ROLLOUT_ZK_ELECTION_PORT,
-            # the cluster CA the role creates (its key, the members' keys and key stores) stays in the
-            # lab's views, on the controller
+            # the cluster CA (its key, the members' keys and key stores) stays in the lab's views, on
+            # the controller: one CA for ZooKeeper and libvirt (pvc_cluster_ca_dir is the same)
             "zookeeper_tls_ca_dir": str(self.zookeeper_ca_dir),
-            # libvirt: the lab's libvirtd, reconfigured by the role (restarted by the lab hook).
-            # LAB ONLY: no authentication on the unix socket; TCP auth none on the lab network.
+            # libvirt: the lab's libvirtd, reconfigured by the role (restarted by the lab hook), with
+            # the role's defaults between hosts: TLS, certificates from the cluster CA
+            # (pvc_cluster_ca_dir), TLS migrations.
+            # LAB ONLY: no authentication on the unix socket.
             "libvirt_install_packages": False,
             "libvirt_service_manager": "none",
-            "libvirt_auth": "none",
             "libvirt_log_outputs": "3:file:/var/log/libvirt/libvirtd.log",
             "libvirt_libvirtd_conf_extra": {
                 "unix_sock_ro_perms": "0777", "unix_sock_rw_perms": "0700",
@@ -455,6 +457,7 @@ class HostViews:
                     "pvc_zk_hosts": self.zk_hosts,
                     # the modules: the operator, over TLS checked against the role's cluster CA
                     "pvc_zk_options": self.module_zk_options(),
+                    "pvc_cluster_ca_dir": str(self.cluster_ca_dir),
                     "pvc_zk_root": self.zk_root,
                     "pvc_zookeeper_servers": servers,
                     "pvc_rollout_service_hook": str(LAB_SERVICES_HOOK),

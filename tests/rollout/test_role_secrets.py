@@ -110,6 +110,8 @@ def _secrets_vars(tmp_path: Path, round_: str, host) -> tuple[Path, list[str]]:
         path = directory / f"{name}.pem"
         path.write_text("-----BEGIN CERTIFICATE-----\npublic\n-----END CERTIFICATE-----\n")
         extra[name] = str(path)
+    extra["libvirt_tls_allowed_dn_list"] = ["*"]   # needed with the operator's own certificates
+    extra["secrets_ca_dir"] = str(tmp_path / "cluster-ca")   # the cluster_ca role's, on the controller
     for name in sorted(files):
         marker = f"S3CRET-{round_}-{name}-{uuid.uuid4().hex[:8]}"
         markers.append(marker)
@@ -154,5 +156,9 @@ def test_no_secret_appears_in_a_diff_run_of_any_role(cluster, tmp_path):
     assert "+++ after" in output and "server.1=" in output, output[-3000:]
     for role in role_options():
         assert f"[pvc.cluster.{role} : " in output, f"role {role} did not run"
+    # the keys the cluster_ca role made on the controller (the CA's and the host's)
+    for key in (tmp_path / "cluster-ca" / "ca-key.pem", tmp_path / "cluster-ca" / "issued" / f"{host.name}-secrets.key"):
+        body = "".join(key.read_text().splitlines()[1:-1])
+        all_markers += [body[i:i + 40] for i in range(0, len(body) - 40, 40)]
     leaked = [m for m in all_markers if m in output]
     assert not leaked, f"secrets in the output of a --diff run: {leaked}"

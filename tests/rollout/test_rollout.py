@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from pvc_node_daemon.config import parse_config
 from tests.lab.daemons import in_netns
 from tests.lab.hostviews import (NODE_DAEMON_UNIT, ROLLOUT_ZK_CA_ON_NODE, ROLLOUT_ZK_ELECTION_PORT, ROLLOUT_ZK_PORT,
                                  ROLLOUT_ZK_QUORUM_PORT, unit_exec_start)
-from tests.lab.lab import proc_cmdline
+from tests.lab.lab import LIBVIRT_TCP_PORT, proc_cmdline
 
 from tests.support import identities
 
@@ -152,8 +154,18 @@ def test_vm_bridge_helper_turns_ipv6_off_on_a_fresh_bridge(rolled_out):
 # ---- libvirt ----------------------------------------------------------------------------------
 
 
-def test_libvirtd_runs_with_the_rendered_configuration(rolled_out):
+def test_libvirtd_runs_with_the_rendered_configuration(rolled_out, tmp_path):
     import libvirt
+
+    # node1's certificate from the cluster CA the role created on the controller, as libvirt's
+    # pkipath wants it
+    ca = rolled_out.views.cluster_ca_dir
+    node1_client = tmp_path / "node1"
+    node1_client.mkdir()
+    for name, source in (("cacert.pem", ca / "ca.pem"), ("clientcert.pem", ca / "issued" / "node1-libvirt.pem"),
+                         ("clientkey.pem", ca / "issued" / "node1-libvirt.key")):
+        shutil.copy(source, node1_client / name)
+    assert oct((ca / "ca-key.pem").stat().st_mode & 0o777) == "0o600" and oct(ca.stat().st_mode & 0o777) == "0o700"
 
     for view in rolled_out.views.views:
         h = view.host
@@ -161,20 +173,42 @@ def test_libvirtd_runs_with_the_rendered_configuration(rolled_out):
         assert conf == (h.dir / "etc" / "libvirtd.conf").read_text()   # the file the host's libvirtd reads
         settings = dict(line.split(" = ", 1) for line in conf.splitlines() if " = " in line and not line.startswith("#"))
         assert settings["listen_addr"] == f'"{h.address}"'
-        assert settings["listen_tcp"] == "1" and settings["auth_tcp"] == '"none"'
+        # the role's default: TLS only, for the cluster's nodes' certificates from the cluster CA
+        assert settings["listen_tls"] == "1" and settings["listen_tcp"] == "0" and settings["auth_tls"] == '"none"'
+        nodes = ", ".join(f'"O=pvc.cluster,CN={node}"' for node in rolled_out.nodes())
+        assert settings["tls_allowed_dn_list"] == f"[ {nodes} ]"
         assert settings["unix_sock_dir"] == f'"{h.libvirt_socket.parent}"'
-        assert 'security_driver = "none"' in view.read_text("/etc/libvirt/qemu.conf")
+        qemu_conf = view.read_text("/etc/libvirt/qemu.conf")
+        for line in ('security_driver = "none"', "migrate_tls_force = 1", 'migrate_tls_x509_cert_dir = "/etc/pki/qemu"'):
+            assert line in qemu_conf
+        # the node's certificates where the host's libvirtd and QEMU read them, keys not for others
+        modes = dict(line.rsplit(" ", 1) for line in view.run(
+            "stat -c '%n %U:%G:%a' /etc/pki/CA/cacert.pem /etc/pki/libvirt/servercert.pem "
+            "/etc/pki/libvirt/private/serverkey.pem /etc/pki/libvirt/private/clientkey.pem "
+            "/etc/pki/qemu/server-key.pem /etc/pki/qemu/client-key.pem /etc/pki/qemu").stdout.splitlines())
+        assert modes == {"/etc/pki/CA/cacert.pem": "root:root:644", "/etc/pki/libvirt/servercert.pem": "root:root:644",
+                         "/etc/pki/libvirt/private/serverkey.pem": "root:root:600",
+                         "/etc/pki/libvirt/private/clientkey.pem": "root:root:600",
+                         # QEMU's own, readable by the group QEMU runs as (the lab's: root)
+                         "/etc/pki/qemu/server-key.pem": "root:root:640",
+                         "/etc/pki/qemu/client-key.pem": "root:root:640",
+                         "/etc/pki/qemu": "root:root:750"}, modes
+        assert (h.pki_dir / "libvirt" / "servercert.pem").read_text() == view.read_text("/etc/pki/libvirt/servercert.pem")
         hook = h.dir / "etc" / "hooks" / "qemu.d" / "50-pvc-vm-bridges"
         assert hook.is_file() and os.access(hook, os.X_OK)
         # restarted by the lab hook after the role changed its files: libvirtd read this config
         key = (rolled_out.views.base / f"libvirtd-{h.name}.key")
         assert key.exists()
-        # peers reach it on the cluster network (from a lab namespace; the address exists only there)
-        conn = in_netns(rolled_out.lab.ctl_netns, lambda: libvirt.open(h.libvirt_tcp_uri))  # noqa: B023 (called at once)
+        # peers reach it on the cluster network over TLS, with a node's certificate from the cluster
+        # CA (from a lab namespace; the address exists only there); no plain TCP socket
+        uri = f"{h.libvirt_tls_uri}?pkipath={node1_client}"
+        conn = in_netns(rolled_out.lab.ctl_netns, lambda: libvirt.open(uri))  # noqa: B023 (called at once)
         try:
             assert conn.getHostname() == h.name
         finally:
             conn.close()
+        with pytest.raises(ConnectionRefusedError):
+            in_netns(rolled_out.lab.ctl_netns, lambda: socket.create_connection((h.address, LIBVIRT_TCP_PORT), 10))  # noqa: B023
 
 
 # ---- node daemon ------------------------------------------------------------------------------
@@ -195,7 +229,8 @@ def test_daemons_run_from_the_rendered_unit_and_configuration(rolled_out):
         assert config.zookeeper.hosts == rolled_out.views.zk_hosts and config.zookeeper.root == rolled_out.root
         assert config.libvirt_uri == h.libvirt_uri and config.address == h.address
         # what the running daemon published comes from that configuration
-        assert _node_key(rolled_out, h.name, S.NODE_LIBVIRT_URI) == f"qemu+tcp://{h.address}/system"
+        assert _node_key(rolled_out, h.name, S.NODE_LIBVIRT_URI) == f"qemu+tls://{h.address}/system"
+        assert config.migration_tls is True
         assert _node_key(rolled_out, h.name, S.NODE_TRANSPORT_URI) == f"tcp://{h.address}"
         # by default the daemon logs to standard output only (the journal under systemd; here the
         # service's log, which stands in for it), and no log file is written in the host's view

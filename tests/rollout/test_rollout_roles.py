@@ -220,20 +220,29 @@ def test_libvirt_role_tls_and_sasl_modes(rolled_out, tmp_path):
              "libvirt_tls_server_key": tls.client_key, "libvirt_tls_client_cert": tls.client_cert,
              "libvirt_tls_client_key": tls.client_key}
     extra = " ".join(f"{k}={v}" for k, v in files.items())
+    # the operator's own certificates: the DNs of the nodes' client certificates are theirs to give
+    refused = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--extra-vars", f"auth_host={host.name} libvirt_auth=tls {extra}")
+    assert refused.returncode != 0 and "libvirt_tls_allowed_dn_list too" in refused.failures()
+    assert view.read_text("/etc/libvirt-tls/libvirtd.conf") is None
+    dns = json.dumps({"libvirt_tls_allowed_dn_list": ["O=pvc.cluster tests,CN=pvc-client"]})
     for attempt in ("first", "second"):
         run = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--extra-vars",
-                               f"auth_host={host.name} libvirt_auth=tls {extra}")
+                               f"auth_host={host.name} libvirt_auth=tls {extra}", "--extra-vars", dns)
         assert run.returncode == 0, run.failures()
         if attempt == "second":
             assert run.changed()[host.name] == 0, run.changed_tasks()
     conf = view.read_text("/etc/libvirt-tls/libvirtd.conf")
     for line in ("listen_tls = 1", "listen_tcp = 0", 'auth_tls = "none"', "tls_no_verify_certificate = 0",
-                 f'listen_addr = "{host.address}"', 'key_file = "/etc/pki-tls/libvirt/private/serverkey.pem"'):
+                 f'listen_addr = "{host.address}"', 'key_file = "/etc/pki-tls/libvirt/private/serverkey.pem"',
+                 'tls_allowed_dn_list = [ "O=pvc.cluster tests,CN=pvc-client" ]'):
         assert line in conf
+    assert 'migrate_tls_x509_cert_dir = "/etc/pki-tls/qemu"' in view.read_text("/etc/libvirt-tls/qemu.conf")
     modes = view.run("stat -c '%n %a' /etc/pki-tls/CA/cacert.pem /etc/pki-tls/libvirt/private/serverkey.pem "
-                     "/etc/pki-tls/libvirt/private/clientkey.pem /etc/pki-tls/libvirt/private").stdout.split("\n")
-    assert modes[:4] == ["/etc/pki-tls/CA/cacert.pem 644", "/etc/pki-tls/libvirt/private/serverkey.pem 600",
-                         "/etc/pki-tls/libvirt/private/clientkey.pem 600", "/etc/pki-tls/libvirt/private 750"]
+                     "/etc/pki-tls/libvirt/private/clientkey.pem /etc/pki-tls/libvirt/private "
+                     "/etc/pki-tls/qemu/server-key.pem /etc/pki-tls/qemu/ca-cert.pem").stdout.split("\n")
+    assert modes[:6] == ["/etc/pki-tls/CA/cacert.pem 644", "/etc/pki-tls/libvirt/private/serverkey.pem 600",
+                         "/etc/pki-tls/libvirt/private/clientkey.pem 600", "/etc/pki-tls/libvirt/private 750",
+                         "/etc/pki-tls/qemu/server-key.pem 640", "/etc/pki-tls/qemu/ca-cert.pem 644"]
     assert view.read_text("/etc/libvirt-tls/auth.conf") is None
 
     sasl = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--check", "--extra-vars",
