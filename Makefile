@@ -49,13 +49,14 @@ test-pytest:
 test-model:
 	bash scripts/check-model.sh
 
-# ruff (the rules in pyproject.toml) on every Python file; mypy, strict (pyproject.toml), on the shared
+# ruff (the rules in pyproject.toml, and its formatter's check) on every Python file; mypy, strict (pyproject.toml), on the shared
 # code and the daemon as the packages they are installed as: pvc_cluster_common and pvc_node_daemon,
 # linked in .venv/mypy-path (mypy cannot follow the editable install's package-dir mapping).
 # Then ansible-lint, production profile (.ansible-lint), on every role, playbook and integration
 # target; the collection is found through a collections path in .venv that points at this checkout.
 test-lint: venv
 	$(VENV)/bin/ruff check --no-cache .
+	$(VENV)/bin/ruff format --check --no-cache .
 	mkdir -p $(VENV)/mypy-path
 	ln -sfn $(CURDIR)/plugins/module_utils $(VENV)/mypy-path/pvc_cluster_common
 	ln -sfn $(CURDIR)/node_daemon $(VENV)/mypy-path/pvc_node_daemon

@@ -13,6 +13,7 @@ table says whether each target was met.
     g. libvirtd restart (lab, real libvirtd) -> that node takes migrations again
     e. high availability (lab, real QEMU, simulated BMCs): a host's power loss -> all its VMs running elsewhere
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,15 +37,28 @@ def percentile(values, fraction):
 
 # ---- d: pure selection and planning ------------------------------------------------------------
 
+
 def bench_selection(repeat: int = 200) -> list[dict]:
     from pvc_cluster_common._selector import FlushVM, NodeView, plan_flush, select_target, survives_node_failure
 
     rng = random.Random(7)
-    nodes = [NodeView(name=f"node{i:04d}", daemon_state="run", domain_state="ready", memtotal=rng.choice((262144, 524288)),
-                      memused=rng.randint(10000, 200000), memfree=rng.randint(10000, 200000), memprov=rng.randint(0, 200000),
-                      memreserve=4096, reserved=rng.choice((0, 0, 0, 8192)), cpuload=rng.random() * 32,
-                      vcpualloc=rng.randint(0, 400), domaincount=20)
-             for i in range(1000)]   # 1,000 nodes x 20 VMs = 20,000 VMs
+    nodes = [
+        NodeView(
+            name=f"node{i:04d}",
+            daemon_state="run",
+            domain_state="ready",
+            memtotal=rng.choice((262144, 524288)),
+            memused=rng.randint(10000, 200000),
+            memfree=rng.randint(10000, 200000),
+            memprov=rng.randint(0, 200000),
+            memreserve=4096,
+            reserved=rng.choice((0, 0, 0, 8192)),
+            cpuload=rng.random() * 32,
+            vcpualloc=rng.randint(0, 400),
+            domaincount=20,
+        )
+        for i in range(1000)
+    ]  # 1,000 nodes x 20 VMs = 20,000 VMs
     results = []
     for selector in ("mem", "memfree", "load", "vcpus", "vms", "fit"):
         samples = []
@@ -52,11 +66,21 @@ def bench_selection(repeat: int = 200) -> list[dict]:
             started = time.perf_counter()
             select_target(rng.choice((1024, 4096, 16384)), "node0001", (), selector, nodes)
             samples.append((time.perf_counter() - started) * 1000)
-        results.append({"id": f"d.select.{selector}", "what": f"target selection ({selector}), 1,000 nodes / 20,000 VMs",
-                        "p50_ms": round(percentile(samples, 0.5), 3), "p95_ms": round(percentile(samples, 0.95), 3),
-                        "target": "<= 2 ms", "met": percentile(samples, 0.5) <= 2.0})
+        results.append(
+            {
+                "id": f"d.select.{selector}",
+                "what": f"target selection ({selector}), 1,000 nodes / 20,000 VMs",
+                "p50_ms": round(percentile(samples, 0.5), 3),
+                "p95_ms": round(percentile(samples, 0.95), 3),
+                "target": "<= 2 ms",
+                "met": percentile(samples, 0.5) <= 2.0,
+            }
+        )
     for selector in ("default", "fit"):
-        vms = [FlushVM(f"vm{i}", rng.choice((512, 1024, 2048, 4096, 8192)), (), selector, "node0001", 2) for i in range(200)]
+        vms = [
+            FlushVM(f"vm{i}", rng.choice((512, 1024, 2048, 4096, 8192)), (), selector, "node0001", 2)
+            for i in range(200)
+        ]
         suffix = "" if selector == "default" else f".{selector}"
         for count in (5, 1000):
             subset = nodes[:count]
@@ -65,22 +89,37 @@ def bench_selection(repeat: int = 200) -> list[dict]:
                 started = time.perf_counter()
                 plan_flush("node0000", vms, subset)
                 samples.append((time.perf_counter() - started) * 1000)
-            results.append({"id": f"d.plan.{count}{suffix}", "what": f"flush plan for 200 VMs over {count} nodes ({selector})",
-                            "p50_ms": round(percentile(samples, 0.5), 3), "p95_ms": round(percentile(samples, 0.95), 3),
-                            "target": "<= 50 ms", "met": percentile(samples, 0.5) <= 50.0})
+            results.append(
+                {
+                    "id": f"d.plan.{count}{suffix}",
+                    "what": f"flush plan for 200 VMs over {count} nodes ({selector})",
+                    "p50_ms": round(percentile(samples, 0.5), 3),
+                    "p95_ms": round(percentile(samples, 0.95), 3),
+                    "target": "<= 50 ms",
+                    "met": percentile(samples, 0.5) <= 50.0,
+                }
+            )
     running = {view.name: [rng.choice((1024, 4096, 8192, 16384)) for _ in range(20)] for view in nodes}
     samples = []
     for _ in range(max(10, repeat // 10)):
         started = time.perf_counter()
         survives_node_failure(nodes, running)
         samples.append((time.perf_counter() - started) * 1000)
-    results.append({"id": "d.n1.1000", "what": "n-1 check (require_n1), 1,000 nodes / 20,000 VMs",
-                    "p50_ms": round(percentile(samples, 0.5), 3), "p95_ms": round(percentile(samples, 0.95), 3),
-                    "target": "<= 50 ms", "met": percentile(samples, 0.5) <= 50.0})
+    results.append(
+        {
+            "id": "d.n1.1000",
+            "what": "n-1 check (require_n1), 1,000 nodes / 20,000 VMs",
+            "p50_ms": round(percentile(samples, 0.5), 3),
+            "p95_ms": round(percentile(samples, 0.95), 3),
+            "target": "<= 50 ms",
+            "met": percentile(samples, 0.5) <= 50.0,
+        }
+    )
     return results
 
 
 # ---- p: placement quality ------------------------------------------------------------------------
+
 
 def bench_placement() -> list[dict]:
     """Placement quality of the mem and fit selectors on generated snapshots (bench/placement.py)."""
@@ -89,13 +128,21 @@ def bench_placement() -> list[dict]:
     rows = []
     for group in summary(quality()):
         exercise, nodes, selector = group["exercise"], group["nodes"], group["selector"]
-        what = (f"{exercise} ({'106-160 % of free memory asked' if exercise == 'one-at-a-time' else 'the fullest node'}),"
-                f" {nodes} nodes 60-95 % full, selector {selector}, {group['snapshots']} snapshots")
+        what = (
+            f"{exercise} ({'106-160 % of free memory asked' if exercise == 'one-at-a-time' else 'the fullest node'}),"
+            f" {nodes} nodes 60-95 % full, selector {selector}, {group['snapshots']} snapshots"
+        )
         timing = "selection" if exercise == "one-at-a-time" else "plan"
         budget = 2.0 if timing == "selection" else 50.0
-        rows.append({"id": f"p.{exercise}.{nodes}.{selector}", "what": what, "quality": group,
-                     "target": f"0 overcommitted; {timing} <= {budget:g} ms",
-                     "met": group["overcommitted_nodes"] == 0 and group["time_p50_ms"] <= budget})
+        rows.append(
+            {
+                "id": f"p.{exercise}.{nodes}.{selector}",
+                "what": what,
+                "quality": group,
+                "target": f"0 overcommitted; {timing} <= {budget:g} ms",
+                "met": group["overcommitted_nodes"] == 0 and group["time_p50_ms"] <= budget,
+            }
+        )
     return rows
 
 
@@ -114,14 +161,26 @@ def _cluster(workdir: Path, nodes: int, memory_mib: int, config: str = "secure")
     from tests.support.zookeeper import ZooKeeperServer, free_port
 
     tls = make_tls_material(workdir / "tls") if config == "secure" else None
-    server = ZooKeeperServer(workdir / "zk", free_port(), secure_client_port=free_port() if tls else None,
-                             tls=tls.zookeeper_files() if tls else None, enforce_auth=config == "secure")
+    server = ZooKeeperServer(
+        workdir / "zk",
+        free_port(),
+        secure_client_port=free_port() if tls else None,
+        tls=tls.zookeeper_files() if tls else None,
+        enforce_auth=config == "secure",
+    )
     server.start()
     hosts = f"{server.client_address}:{server.secure_client_port}" if tls else server.hosts
     zk_tls = {"ca": str(tls.ca_cert), "cert": str(tls.client_cert), "key": str(tls.client_key)} if tls else None
-    cluster = TestCluster(hosts, "/bench", workdir / "daemons", keepalive_s=1.0, insecure=config == "insecure",
-                          zk_tls=zk_tls, log={"stdout": True, "debug": False},
-                          migration={"step_timeout_s": 30, "flush_parallel": 8})
+    cluster = TestCluster(
+        hosts,
+        "/bench",
+        workdir / "daemons",
+        keepalive_s=1.0,
+        insecure=config == "insecure",
+        zk_tls=zk_tls,
+        log={"stdout": True, "debug": False},
+        migration={"step_timeout_s": 30, "flush_parallel": 8},
+    )
     for i in range(1, nodes + 1):
         cluster.add(f"node{i}", memory_mib=memory_mib)
     for i in range(1, nodes + 1):
@@ -180,10 +239,18 @@ def bench_shutdown_migration(samples: int = 40, warmup: int = 600, config: str =
             for i in range(warmup + samples):
                 migrate(i, measured=i >= warmup)
             p50 = percentile(to_running, 0.5)
-            return {"id": "b", "config": config, "what": "shutdown migration, test driver: request -> running on target",
-                    "p50_ms": round(p50, 1), "p95_ms": round(percentile(to_running, 0.95), 1), "samples": samples,
-                    "warmup": warmup, "p50_record_gone_ms": round(percentile(to_gone, 0.5), 1),
-                    "target": "p50 <= 20 ms", "met": p50 <= 20.0}
+            return {
+                "id": "b",
+                "config": config,
+                "what": "shutdown migration, test driver: request -> running on target",
+                "p50_ms": round(p50, 1),
+                "p95_ms": round(percentile(to_running, 0.95), 1),
+                "samples": samples,
+                "warmup": warmup,
+                "p50_record_gone_ms": round(percentile(to_gone, 0.5), 1),
+                "target": "p50 <= 20 ms",
+                "met": p50 <= 20.0,
+            }
         finally:
             cluster.close()
             server.stop()
@@ -216,9 +283,18 @@ def bench_flush(vm_count: int = 200, nodes: int = 5, config: str = "secure") -> 
             cluster.set_domain_state("node1", "flush")
             cluster.wait_domain_state("node1", "flushed", timeout_s=600)
             elapsed = time.perf_counter() - started
-            elsewhere = sum(1 for u in uuids if cluster.store.read(cluster.schema.domain_key(u, S.DOMAIN_NODE)) != "node1")
-            return {"id": "c", "config": config, "what": f"flush of a node with {vm_count} VMs, {nodes}-node test-driver cluster",
-                    "seconds": round(elapsed, 2), "moved": elsewhere, "target": "<= 5 s", "met": elapsed <= 5.0}
+            elsewhere = sum(
+                1 for u in uuids if cluster.store.read(cluster.schema.domain_key(u, S.DOMAIN_NODE)) != "node1"
+            )
+            return {
+                "id": "c",
+                "config": config,
+                "what": f"flush of a node with {vm_count} VMs, {nodes}-node test-driver cluster",
+                "seconds": round(elapsed, 2),
+                "moved": elsewhere,
+                "target": "<= 5 s",
+                "met": elapsed <= 5.0,
+            }
         finally:
             cluster.close()
             server.stop()
@@ -226,89 +302,130 @@ def bench_flush(vm_count: int = 200, nodes: int = 5, config: str = "secure") -> 
 
 # ---- a: live migration overhead in the lab ---------------------------------------------------------
 
+
 def bench_live_overhead(pairs: int) -> dict:
-    from tests.lab.bench_live import measure   # needs root and the lab (real libvirtd + QEMU)
+    from tests.lab.bench_live import measure  # needs root and the lab (real libvirtd + QEMU)
 
     series = measure(pairs)
     median = {name: statistics.median(values) for name, values in series.items()}
     ratio = median["ours"] / median["virsh"]
-    return {"id": "a", "what": f"live migration, lab: our daemons (request -> running on target) vs virsh migrate --live --p2p (command -> running on target; {pairs} pairs)",
-            "ours_median_s": round(median["ours"], 3), "virsh_median_s": round(median["virsh"], 3),
-            "ours_planning_median_s": round(median["ours_planning"], 3),
-            "ours_record_gone_median_s": round(median["ours_record_gone"], 3),
-            "virsh_command_median_s": round(median["virsh_command"], 3),
-            "ratio": round(ratio, 3), "target": "ratio <= 1.05", "met": ratio <= 1.05}
+    return {
+        "id": "a",
+        "what": f"live migration, lab: our daemons (request -> running on target) vs virsh migrate --live --p2p (command -> running on target; {pairs} pairs)",
+        "ours_median_s": round(median["ours"], 3),
+        "virsh_median_s": round(median["virsh"], 3),
+        "ours_planning_median_s": round(median["ours_planning"], 3),
+        "ours_record_gone_median_s": round(median["ours_record_gone"], 3),
+        "virsh_command_median_s": round(median["virsh_command"], 3),
+        "ratio": round(ratio, 3),
+        "target": "ratio <= 1.05",
+        "met": ratio <= 1.05,
+    }
 
 
 def bench_busy_live(pairs: int) -> dict:
-    from tests.lab.bench_live import measure   # needs root and the lab (real libvirtd + QEMU)
+    from tests.lab.bench_live import measure  # needs root and the lab (real libvirtd + QEMU)
 
     series = measure(pairs, busy=True)
     revived_after, lost_writes = series.pop("revived_after"), series.pop("lost_writes")
     # a guest-seen downtime is None where the guest died at the switch-over (docs/benchmarks.md)
-    median = {name: statistics.median(v for v in values if v is not None) for name, values in series.items()
-              if any(v is not None for v in values)}
+    median = {
+        name: statistics.median(v for v in values if v is not None)
+        for name, values in series.items()
+        if any(v is not None for v in values)
+    }
     ratio = median["ours"] / median["virsh"]
-    downtime_ok = ("ours_frozen_ms" in median and "virsh_frozen_ms" in median
-                   and median["ours_frozen_ms"] <= median["virsh_frozen_ms"])
-    return {"id": "a2", "what": f"live migration of a busy real guest (48 MiB/s dirtied, 16 MiB/s migrate speed, auto-converge), lab: "
-                                f"our daemons vs virsh migrate --live --p2p --auto-converge ({pairs} pairs)",
-            "ours_median_s": round(median["ours"], 3), "virsh_median_s": round(median["virsh"], 3),
-            "ours_planning_median_s": round(median["ours_planning"], 3),
-            "ours_record_gone_median_s": round(median["ours_record_gone"], 3),
-            "virsh_command_median_s": round(median["virsh_command"], 3),
-            "ours_frozen_ms": [None if v is None else round(v, 1) for v in series["ours_frozen_ms"]],
-            "virsh_frozen_ms": [None if v is None else round(v, 1) for v in series["virsh_frozen_ms"]],
-            "ours_frozen_median_ms": round(median["ours_frozen_ms"], 1) if "ours_frozen_ms" in median else None,
-            "virsh_frozen_median_ms": round(median["virsh_frozen_ms"], 1) if "virsh_frozen_ms" in median else None,
-            "ours_libvirt_downtime_median_ms": median.get("ours_libvirt_downtime_ms"),
-            "virsh_libvirt_downtime_median_ms": median.get("virsh_libvirt_downtime_ms"),
-            "guest_resets_after": revived_after, "guest_lost_writes": lost_writes[0],
-            "ratio": round(ratio, 3), "target": "ratio <= 1.02, guest-seen downtime (median) not larger than virsh's",
-            "met": ratio <= 1.02 and downtime_ok}
+    downtime_ok = (
+        "ours_frozen_ms" in median
+        and "virsh_frozen_ms" in median
+        and median["ours_frozen_ms"] <= median["virsh_frozen_ms"]
+    )
+    return {
+        "id": "a2",
+        "what": f"live migration of a busy real guest (48 MiB/s dirtied, 16 MiB/s migrate speed, auto-converge), lab: "
+        f"our daemons vs virsh migrate --live --p2p --auto-converge ({pairs} pairs)",
+        "ours_median_s": round(median["ours"], 3),
+        "virsh_median_s": round(median["virsh"], 3),
+        "ours_planning_median_s": round(median["ours_planning"], 3),
+        "ours_record_gone_median_s": round(median["ours_record_gone"], 3),
+        "virsh_command_median_s": round(median["virsh_command"], 3),
+        "ours_frozen_ms": [None if v is None else round(v, 1) for v in series["ours_frozen_ms"]],
+        "virsh_frozen_ms": [None if v is None else round(v, 1) for v in series["virsh_frozen_ms"]],
+        "ours_frozen_median_ms": round(median["ours_frozen_ms"], 1) if "ours_frozen_ms" in median else None,
+        "virsh_frozen_median_ms": round(median["virsh_frozen_ms"], 1) if "virsh_frozen_ms" in median else None,
+        "ours_libvirt_downtime_median_ms": median.get("ours_libvirt_downtime_ms"),
+        "virsh_libvirt_downtime_median_ms": median.get("virsh_libvirt_downtime_ms"),
+        "guest_resets_after": revived_after,
+        "guest_lost_writes": lost_writes[0],
+        "ratio": round(ratio, 3),
+        "target": "ratio <= 1.02, guest-seen downtime (median) not larger than virsh's",
+        "met": ratio <= 1.02 and downtime_ok,
+    }
 
 
 def bench_busy_flush(vms: int = 6, parallel: int = 2) -> dict:
-    from tests.lab.bench_live import measure_flush   # needs root and the lab (real libvirtd + QEMU)
+    from tests.lab.bench_live import measure_flush  # needs root and the lab (real libvirtd + QEMU)
 
     result = measure_flush(vms, parallel)
     ratio = result["ours"] / result["virsh"]
-    return {"id": "f", "what": f"flush of a node running {vms} busy real guests (auto-converge) vs {parallel} parallel "
-                               f"virsh migrate --live --p2p --auto-converge loops, lab",
-            "ours_s": round(result["ours"], 2), "virsh_s": round(result["virsh"], 2), "ratio": round(ratio, 3),
-            "ours_timeline": result["ours_timeline"], "virsh_timeline": result["virsh_timeline"],
-            "guest_resets": result["guest_resets"], "guest_lost_writes": result["guest_lost_writes"],
-            "target": "ratio <= 1.05", "met": ratio <= 1.05}
+    return {
+        "id": "f",
+        "what": f"flush of a node running {vms} busy real guests (auto-converge) vs {parallel} parallel "
+        f"virsh migrate --live --p2p --auto-converge loops, lab",
+        "ours_s": round(result["ours"], 2),
+        "virsh_s": round(result["virsh"], 2),
+        "ratio": round(ratio, 3),
+        "ours_timeline": result["ours_timeline"],
+        "virsh_timeline": result["virsh_timeline"],
+        "guest_resets": result["guest_resets"],
+        "guest_lost_writes": result["guest_lost_writes"],
+        "target": "ratio <= 1.05",
+        "met": ratio <= 1.05,
+    }
 
 
 # ---- g: a libvirtd restart in the lab ----------------------------------------------------------------
 
+
 def bench_libvirtd_restart(samples: int = 5) -> dict:
-    from tests.lab.bench_libvirtd import measure   # needs root and the lab (real libvirtd)
+    from tests.lab.bench_libvirtd import measure  # needs root and the lab (real libvirtd)
 
     series = measure(samples)
     back = series["back"]
-    return {"id": "g", "what": f"libvirtd restart (lab): restarted libvirtd answering -> a migration to that node "
-                               f"accepted ({samples} restarts)",
-            "p50_ms": round(percentile(back, 0.5) * 1000, 1), "p95_ms": round(percentile(back, 0.95) * 1000, 1),
-            "max_ms": round(max(back) * 1000, 1),
-            "published_p50_ms": round(percentile(series["published"], 0.5) * 1000, 1),
-            "libvirtd_start_p50_ms": round(percentile(series["libvirtd_start"], 0.5) * 1000, 1),
-            "target": "<= 5 s", "met": max(back) <= 5.0}
+    return {
+        "id": "g",
+        "what": f"libvirtd restart (lab): restarted libvirtd answering -> a migration to that node "
+        f"accepted ({samples} restarts)",
+        "p50_ms": round(percentile(back, 0.5) * 1000, 1),
+        "p95_ms": round(percentile(back, 0.95) * 1000, 1),
+        "max_ms": round(max(back) * 1000, 1),
+        "published_p50_ms": round(percentile(series["published"], 0.5) * 1000, 1),
+        "libvirtd_start_p50_ms": round(percentile(series["libvirtd_start"], 0.5) * 1000, 1),
+        "target": "<= 5 s",
+        "met": max(back) <= 5.0,
+    }
 
 
 # ---- e: power loss to recovery in the lab ----------------------------------------------------------
 
+
 def bench_ha_recovery(trials: int) -> dict:
-    from tests.lab.bench_ha import VMS, measure   # needs root and the lab (real libvirtd + QEMU, ipmi_sim)
+    from tests.lab.bench_ha import VMS, measure  # needs root and the lab (real libvirtd + QEMU, ipmi_sim)
 
     series = measure(trials)
     p50 = {name: statistics.median(values) for name, values in series.items()}
-    return {"id": "e", "what": f"power loss of a lab host -> its {VMS} VMs running elsewhere (keepalive 1 s, dead after 4; "
-                               f"{trials} trials)",
-            "p50_s": round(p50["total"], 3), "p50_detection_s": round(p50["detection"], 3),
-            "p50_fence_s": round(p50["fence"], 3), "p50_restart_s": round(p50["restart"], 3),
-            "max_s": round(max(series["total"]), 3), "target": "p50 <= 10 s", "met": p50["total"] <= 10.0}
+    return {
+        "id": "e",
+        "what": f"power loss of a lab host -> its {VMS} VMs running elsewhere (keepalive 1 s, dead after 4; "
+        f"{trials} trials)",
+        "p50_s": round(p50["total"], 3),
+        "p50_detection_s": round(p50["detection"], 3),
+        "p50_fence_s": round(p50["fence"], 3),
+        "p50_restart_s": round(p50["restart"], 3),
+        "max_s": round(max(series["total"]), 3),
+        "target": "p50 <= 10 s",
+        "met": p50["total"] <= 10.0,
+    }
 
 
 def table(rows: list[dict]) -> str:
@@ -319,22 +436,30 @@ def table(rows: list[dict]) -> str:
         elif "ours_s" in row:
             measured = f"ours {row['ours_s']} s / virsh {row['virsh_s']} s = {row['ratio']}"
         elif "ratio" in row:
-            measured = (f"ours {row['ours_median_s']} s / virsh {row['virsh_median_s']} s = {row['ratio']} "
-                        f"(planning reads before the request: {row['ours_planning_median_s']} s; "
-                        f"request to record gone: {row['ours_record_gone_median_s']} s; "
-                        f"virsh until it returns: {row['virsh_command_median_s']} s)")
+            measured = (
+                f"ours {row['ours_median_s']} s / virsh {row['virsh_median_s']} s = {row['ratio']} "
+                f"(planning reads before the request: {row['ours_planning_median_s']} s; "
+                f"request to record gone: {row['ours_record_gone_median_s']} s; "
+                f"virsh until it returns: {row['virsh_command_median_s']} s)"
+            )
             if "ours_frozen_ms" in row:
-                measured += (f"; guest frozen (median) ours {row['ours_frozen_median_ms']} ms, virsh "
-                             f"{row['virsh_frozen_median_ms']} ms; each, ours: {row['ours_frozen_ms']}, virsh: "
-                             f"{row['virsh_frozen_ms']}")
+                measured += (
+                    f"; guest frozen (median) ours {row['ours_frozen_median_ms']} ms, virsh "
+                    f"{row['virsh_frozen_median_ms']} ms; each, ours: {row['ours_frozen_ms']}, virsh: "
+                    f"{row['virsh_frozen_ms']}"
+                )
         elif "quality" in row:
             q = row["quality"]
-            measured = (f"placed {q['placed_pct_mean']} % (min {q['placed_pct_min']}), unplaced {q['unplaced_vms_mean']} VMs,"
-                        f" spread {q['spread_pct_mean']} pts (max {q['spread_pct_max']}), overcommitted {q['overcommitted_nodes']},"
-                        f" n-1 ok {q['n1_ok']}/{q['snapshots']}, p50 {q['time_p50_ms']} ms (max {q['time_max_ms']})")
+            measured = (
+                f"placed {q['placed_pct_mean']} % (min {q['placed_pct_min']}), unplaced {q['unplaced_vms_mean']} VMs,"
+                f" spread {q['spread_pct_mean']} pts (max {q['spread_pct_max']}), overcommitted {q['overcommitted_nodes']},"
+                f" n-1 ok {q['n1_ok']}/{q['snapshots']}, p50 {q['time_p50_ms']} ms (max {q['time_max_ms']})"
+            )
         elif "p50_detection_s" in row:
-            measured = (f"p50 {row['p50_s']} s (detection {row['p50_detection_s']} s, fence {row['p50_fence_s']} s, "
-                        f"restart {row['p50_restart_s']} s; max {row['max_s']} s)")
+            measured = (
+                f"p50 {row['p50_s']} s (detection {row['p50_detection_s']} s, fence {row['p50_fence_s']} s, "
+                f"restart {row['p50_restart_s']} s; max {row['max_s']} s)"
+            )
         elif "seconds" in row:
             measured = f"{row['seconds']} s ({row['moved']} moved)"
         else:
@@ -342,10 +467,14 @@ def table(rows: list[dict]) -> str:
             if "p50_record_gone_ms" in row:
                 measured += f" (record gone: p50 {row['p50_record_gone_ms']} ms)"
             if "max_ms" in row:
-                measured += (f", max {row['max_ms']} ms (libvirt ok published: p50 {row['published_p50_ms']} ms; "
-                             f"libvirtd's own start: p50 {row['libvirtd_start_p50_ms']} ms)")
-        lines.append(f"| {row['id']} | {row.get('config', '')} | {row['what']} | {measured} | {row['target']} | "
-                     f"{'yes' if row.get('met') else 'no'} |")
+                measured += (
+                    f", max {row['max_ms']} ms (libvirt ok published: p50 {row['published_p50_ms']} ms; "
+                    f"libvirtd's own start: p50 {row['libvirtd_start_p50_ms']} ms)"
+                )
+        lines.append(
+            f"| {row['id']} | {row.get('config', '')} | {row['what']} | {measured} | {row['target']} | "
+            f"{'yes' if row.get('met') else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -370,22 +499,36 @@ def main() -> int:
     runs = [("d", "", bench_selection), ("p", "", bench_placement)]
     runs += [("b", config, lambda c=config: bench_shutdown_migration(config=c)) for config in CONFIGS]
     runs += [("c", config, lambda c=config: bench_flush(config=c)) for config in CONFIGS]
-    runs += [("a", "", lambda: bench_live_overhead(args.pairs)), ("a2", "", lambda: bench_busy_live(args.busy_pairs)),
-             ("f", "", bench_busy_flush), ("g", "", bench_libvirtd_restart),
-             ("e", "", lambda: bench_ha_recovery(args.trials))]
+    runs += [
+        ("a", "", lambda: bench_live_overhead(args.pairs)),
+        ("a2", "", lambda: bench_busy_live(args.busy_pairs)),
+        ("f", "", bench_busy_flush),
+        ("g", "", bench_libvirtd_restart),
+        ("e", "", lambda: bench_ha_recovery(args.trials)),
+    ]
     for key, config, run in runs:
         if key not in wanted:
             continue
         print(f"bench {key}{' (' + config + ')' if config else ''}: running...", flush=True)
         try:
             result = run()
-        except Exception as exc:   # a broken benchmark is reported, the others still run
-            result = {"id": key, "config": config, "what": run.__doc__ or key, "target": "", "met": False,
-                      "error": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # a broken benchmark is reported, the others still run
+            result = {
+                "id": key,
+                "config": config,
+                "what": run.__doc__ or key,
+                "target": "",
+                "met": False,
+                "error": f"{type(exc).__name__}: {exc}",
+            }
         rows.extend(result if isinstance(result, list) else [result])
     RESULTS.mkdir(exist_ok=True)
-    document = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node(), "python": sys.version.split()[0],
-                "results": rows}
+    document = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.node(),
+        "python": sys.version.split()[0],
+        "results": rows,
+    }
     (RESULTS / "latest.json").write_text(json.dumps(document, indent=2) + "\n")
     print(table(rows))
     print(f"\nwritten to {RESULTS / 'latest.json'}")

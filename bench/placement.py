@@ -13,6 +13,7 @@ unplaced, the spread of free memory (population standard deviation of each node'
 percentage points), overcommitted nodes (must be 0), the n-1 verdict of the cluster afterwards, and
 the time per selection / per plan. Pure logic, no I/O; deterministic for a seed.
 """
+
 from __future__ import annotations
 
 import random
@@ -20,7 +21,14 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 
-from pvc_cluster_common._selector import FlushVM, NodeView, NoTargetError, plan_flush, select_target, survives_node_failure
+from pvc_cluster_common._selector import (
+    FlushVM,
+    NodeView,
+    NoTargetError,
+    plan_flush,
+    select_target,
+    survives_node_failure,
+)
 
 GIB = 1024
 SIZES_GIB = (1, 2, 4, 8, 16, 32, 64)
@@ -31,7 +39,7 @@ NODE_GIB = (128, 256, 256, 384)
 @dataclass
 class Snapshot:
     nodes: dict[str, NodeView]
-    running: dict[str, list[int]]   # node -> memory of each VM on it, MiB
+    running: dict[str, list[int]]  # node -> memory of each VM on it, MiB
 
     @property
     def free_mib(self) -> int:
@@ -55,8 +63,16 @@ def generate(count: int, fill: float, seed: int) -> Snapshot:
             if sum(vms) + size > total * fill:
                 break
             vms.append(size)
-        nodes[name] = NodeView(name=name, daemon_state="run", domain_state="ready", memtotal=total,
-                               memused=sum(vms), memfree=total - sum(vms), memprov=sum(vms), domaincount=len(vms))
+        nodes[name] = NodeView(
+            name=name,
+            daemon_state="run",
+            domain_state="ready",
+            memtotal=total,
+            memused=sum(vms),
+            memfree=total - sum(vms),
+            memprov=sum(vms),
+            domaincount=len(vms),
+        )
         running[name] = vms
     return Snapshot(nodes, running)
 
@@ -119,24 +135,42 @@ def flush(snapshot: Snapshot, selector: str) -> dict:
         nodes[move.target] = replace(node, reserved=node.reserved + size)
         running[move.target].append(size)
         placed += size
-    return _result(snapshot, {name: node for name, node in nodes.items() if name != source}, running, placed,
-                   sum(vm.memory_mib for vm in vms), unplaced, elapsed, "plan")
+    return _result(
+        snapshot,
+        {name: node for name, node in nodes.items() if name != source},
+        running,
+        placed,
+        sum(vm.memory_mib for vm in vms),
+        unplaced,
+        elapsed,
+        "plan",
+    )
 
 
 def _result(snapshot, nodes, running, placed, asked, unplaced, elapsed, what) -> dict:
     started = time.perf_counter()
     verdict = survives_node_failure(nodes, running)
     n1_ms = (time.perf_counter() - started) * 1000
-    return {"placed_pct": round(100.0 * placed / asked, 2) if asked else 100.0, "unplaced_vms": unplaced,
-            "spread_pct": round(spread(nodes.values()), 3),
-            "overcommitted_nodes": sum(1 for node in nodes.values() if node.headroom < 0),
-            "n1_ok": verdict.ok, "n1_failing_nodes": len(verdict.failures), "n1_ms": round(n1_ms, 3),
-            f"{what}_p50_ms": round(statistics.median(elapsed), 3) if elapsed else 0.0,
-            f"{what}_max_ms": round(max(elapsed), 3) if elapsed else 0.0}
+    return {
+        "placed_pct": round(100.0 * placed / asked, 2) if asked else 100.0,
+        "unplaced_vms": unplaced,
+        "spread_pct": round(spread(nodes.values()), 3),
+        "overcommitted_nodes": sum(1 for node in nodes.values() if node.headroom < 0),
+        "n1_ok": verdict.ok,
+        "n1_failing_nodes": len(verdict.failures),
+        "n1_ms": round(n1_ms, 3),
+        f"{what}_p50_ms": round(statistics.median(elapsed), 3) if elapsed else 0.0,
+        f"{what}_max_ms": round(max(elapsed), 3) if elapsed else 0.0,
+    }
 
 
-def quality(selectors=("mem", "fit"), node_counts=(10, 100), fills=(0.6, 0.8, 0.95), seeds=(1, 2, 3),
-            flush_node_counts=(10, 100, 1000)) -> list[dict]:
+def quality(
+    selectors=("mem", "fit"),
+    node_counts=(10, 100),
+    fills=(0.6, 0.8, 0.95),
+    seeds=(1, 2, 3),
+    flush_node_counts=(10, 100, 1000),
+) -> list[dict]:
     """Every exercise on every snapshot, per selector: one row per (exercise, nodes, fill, seed)."""
     rows = []
     for count in sorted(set(node_counts) | set(flush_node_counts)):
@@ -146,11 +180,27 @@ def quality(selectors=("mem", "fit"), node_counts=(10, 100), fills=(0.6, 0.8, 0.
                 sizes = arrivals(snapshot, seed) if count in node_counts else None
                 for selector in selectors:
                     if sizes is not None:
-                        rows.append({"exercise": "one-at-a-time", "nodes": count, "fill": fill, "seed": seed,
-                                     "selector": selector, **one_at_a_time(snapshot, sizes, selector)})
+                        rows.append(
+                            {
+                                "exercise": "one-at-a-time",
+                                "nodes": count,
+                                "fill": fill,
+                                "seed": seed,
+                                "selector": selector,
+                                **one_at_a_time(snapshot, sizes, selector),
+                            }
+                        )
                     if count in flush_node_counts:
-                        rows.append({"exercise": "flush", "nodes": count, "fill": fill, "seed": seed,
-                                     "selector": selector, **flush(snapshot, selector)})
+                        rows.append(
+                            {
+                                "exercise": "flush",
+                                "nodes": count,
+                                "fill": fill,
+                                "seed": seed,
+                                "selector": selector,
+                                **flush(snapshot, selector),
+                            }
+                        )
     return rows
 
 
@@ -162,16 +212,21 @@ def summary(rows: list[dict]) -> list[dict]:
     result = []
     for (exercise, nodes, selector), group in sorted(groups.items()):
         timing = "selection_p50_ms" if exercise == "one-at-a-time" else "plan_p50_ms"
-        result.append({
-            "exercise": exercise, "nodes": nodes, "selector": selector, "snapshots": len(group),
-            "placed_pct_mean": round(statistics.mean(r["placed_pct"] for r in group), 2),
-            "placed_pct_min": round(min(r["placed_pct"] for r in group), 2),
-            "unplaced_vms_mean": round(statistics.mean(r["unplaced_vms"] for r in group), 1),
-            "spread_pct_mean": round(statistics.mean(r["spread_pct"] for r in group), 3),
-            "spread_pct_max": round(max(r["spread_pct"] for r in group), 3),
-            "overcommitted_nodes": sum(r["overcommitted_nodes"] for r in group),
-            "n1_ok": sum(1 for r in group if r["n1_ok"]),
-            "time_p50_ms": round(statistics.median(r[timing] for r in group), 3),
-            "time_max_ms": round(max(r[timing] for r in group), 3),
-        })
+        result.append(
+            {
+                "exercise": exercise,
+                "nodes": nodes,
+                "selector": selector,
+                "snapshots": len(group),
+                "placed_pct_mean": round(statistics.mean(r["placed_pct"] for r in group), 2),
+                "placed_pct_min": round(min(r["placed_pct"] for r in group), 2),
+                "unplaced_vms_mean": round(statistics.mean(r["unplaced_vms"] for r in group), 1),
+                "spread_pct_mean": round(statistics.mean(r["spread_pct"] for r in group), 3),
+                "spread_pct_max": round(max(r["spread_pct"] for r in group), 3),
+                "overcommitted_nodes": sum(r["overcommitted_nodes"] for r in group),
+                "n1_ok": sum(1 for r in group if r["n1_ok"]),
+                "time_p50_ms": round(statistics.median(r[timing] for r in group), 3),
+                "time_max_ms": round(max(r[timing] for r in group), 3),
+            }
+        )
     return result

@@ -1,4 +1,5 @@
 """python -m pvc_node_daemon --config FILE"""
+
 import sys
 
 from .cli import main

@@ -3,6 +3,7 @@
 Exit status: 0 after a clean shutdown, 1 when the daemon cannot start (libvirt or ZooKeeper
 unreachable), 2 for a bad command line or configuration (one line naming the key).
 """
+
 from __future__ import annotations
 
 import argparse

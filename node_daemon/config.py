@@ -65,6 +65,7 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
       namespaces: []                   # XML namespaces accepted outside <metadata>
       seclabel: false                  # per-domain <seclabel> overrides
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ class Config:
     metrics_port: int = 9650
     domain_policy: DomainPolicy = field(default_factory=DomainPolicy)
     fence_timeout_s: float = 10.0
-    fence_devices: dict[str, Any] = field(default_factory=dict, repr=False)   # node name -> FenceDevice
+    fence_devices: dict[str, Any] = field(default_factory=dict, repr=False)  # node name -> FenceDevice
     source: str = field(default="", compare=False)
 
     @property
@@ -178,8 +179,16 @@ class _Section:
         self.used.add(name)
         return _Section(self.data.get(name), self.key(name))
 
-    def get(self, name: str, kind: str, default: Any = _MISSING, *, choices: tuple[str, ...] = (),
-            minimum: float | None = None, nullable: bool = False) -> Any:
+    def get(
+        self,
+        name: str,
+        kind: str,
+        default: Any = _MISSING,
+        *,
+        choices: tuple[str, ...] = (),
+        minimum: float | None = None,
+        nullable: bool = False,
+    ) -> Any:
         self.used.add(name)
         value = self.data.get(name, _MISSING)
         if value is _MISSING or (value is None and not nullable):
@@ -200,8 +209,13 @@ class _Section:
 def _accepts(kind: str, choices: tuple[str, ...], minimum: float | None) -> str:
     if choices:
         return "accepted: " + ", ".join(choices)
-    text = {"str": "a non-empty string", "int": "an integer", "float": "a number", "bool": "true or false",
-            "name": "a node name of letters, digits, '.', '_' or '-'"}[kind]
+    text = {
+        "str": "a non-empty string",
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "name": "a node name of letters, digits, '.', '_' or '-'",
+    }[kind]
     if minimum is not None:
         text += f" >= {minimum:g}"
     return "accepted: " + text
@@ -214,7 +228,11 @@ def _convert(key: str, value: Any, kind: str, choices: tuple[str, ...], minimum:
             return value
         raise ConfigError(f"{key}: {value!r} is not a boolean ({accepted})")
     if kind in ("int", "float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not isinstance(value, int)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (kind == "int" and not isinstance(value, int))
+        ):
             raise ConfigError(f"{key}: {value!r} is not {'an integer' if kind == 'int' else 'a number'} ({accepted})")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{key}: {value!r} is too small ({accepted})")
@@ -244,8 +262,9 @@ def _fence_devices(nodes: _Section) -> dict[str, Any]:
         try:
             _decode.node_name(name, key)
         except _decode.Invalid:
-            raise ConfigError(f"{key}: {name!r} is not a valid node name (accepted: a node name of letters, digits, "
-                              "'.', '_' or '-')") from None
+            raise ConfigError(
+                f"{key}: {name!r} is not a valid node name (accepted: a node name of letters, digits, '.', '_' or '-')"
+            ) from None
         entry = nodes.section(name)
         method = entry.get("method", "str", choices=FENCE_METHODS)
         action = entry.get("action", "str", "off", choices=FENCE_ACTIONS)
@@ -254,10 +273,14 @@ def _fence_devices(nodes: _Section) -> dict[str, Any]:
             try:
                 _decode.address(address, entry.key("address"))
             except _decode.Invalid:
-                raise ConfigError(f"{entry.key('address')}: {address!r} is not valid (accepted: an IP address or a "
-                                  "host name)") from None
+                raise ConfigError(
+                    f"{entry.key('address')}: {address!r} is not valid (accepted: an IP address or a host name)"
+                ) from None
             device = FenceDevice(
-                node=name, method=method, action=action, address=address,
+                node=name,
+                method=method,
+                action=action,
+                address=address,
                 port=entry.get("port", "int", 623, minimum=1),
                 username=entry.get("username", "str"),
                 password=entry.get("password", "str"),
@@ -270,18 +293,23 @@ def _fence_devices(nodes: _Section) -> dict[str, Any]:
         else:
             agent = entry.get("agent", "str")
             if not agent.startswith("/"):
-                raise ConfigError(f"{entry.key('agent')}: {agent!r} is not an absolute path (accepted: the path of a "
-                                  "fence agent, e.g. /usr/sbin/fence_ipmilan)")
+                raise ConfigError(
+                    f"{entry.key('agent')}: {agent!r} is not an absolute path (accepted: the path of a "
+                    "fence agent, e.g. /usr/sbin/fence_ipmilan)"
+                )
             options = entry.section("options")
             pairs = []
             for option, value in options.data.items():
                 options.used.add(option)
                 if not isinstance(option, str) or not re.fullmatch(_OPTION_NAME, option) or option == "action":
-                    raise ConfigError(f"{options.key(str(option))}: not a valid option name (accepted: lower-case "
-                                      "letters, digits, '_' and '-'; not action, which the daemon sets)")
+                    raise ConfigError(
+                        f"{options.key(str(option))}: not a valid option name (accepted: lower-case "
+                        "letters, digits, '_' and '-'; not action, which the daemon sets)"
+                    )
                 if isinstance(value, bool) or not isinstance(value, (str, int, float)) or "\n" in str(value):
-                    raise ConfigError(f"{options.key(option)}: {value!r} is not valid (accepted: a string or a "
-                                      "number on one line)")
+                    raise ConfigError(
+                        f"{options.key(option)}: {value!r} is not valid (accepted: a string or a number on one line)"
+                    )
                 pairs.append((option, str(value)))
             device = FenceDevice(node=name, method=method, action=action, agent=agent, options=tuple(pairs))
         entry.reject_unknown()
@@ -370,16 +398,21 @@ def parse_config(data: Any, source: str = "") -> Config:
         try:
             _decode.address(config.address, "migration.address")
         except _decode.Invalid:
-            raise ConfigError(f"migration.address: {config.address!r} is not valid (accepted: an IP address or a "
-                              "host name)") from None
+            raise ConfigError(
+                f"migration.address: {config.address!r} is not valid (accepted: an IP address or a host name)"
+            ) from None
     if config.metrics_port > 65535:
         raise ConfigError(f"metrics.port: {config.metrics_port} is too large (accepted: 1 to 65535)")
-    for name, template in (("migration.libvirt_uri_template", config.libvirt_uri_template),
-                           ("migration.transport_uri_template", config.transport_uri_template)):
+    for name, template in (
+        ("migration.libvirt_uri_template", config.libvirt_uri_template),
+        ("migration.transport_uri_template", config.transport_uri_template),
+    ):
         try:
             template.format(node="n", address="a")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(f"{name}: {template!r} is not a valid template (accepted fields: {{node}}, {{address}}; {exc})") from None
+            raise ConfigError(
+                f"{name}: {template!r} is not a valid template (accepted fields: {{node}}, {{address}}; {exc})"
+            ) from None
     for section in (lv, mig, iv, mem, log, met):
         section.reject_unknown()
     top.reject_unknown()

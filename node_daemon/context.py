@@ -4,6 +4,7 @@
 reconciler, migration agent, flush/ready worker, HA); a test builds one with the parts it needs
 (``hypervisor`` may be None for a service that never asks libvirt).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -5,6 +5,7 @@ run (keepalive, reconciler, migration deadlines, flush/ready) -> shutdown on SIG
 Daemon state: init -> run (first keepalive once the VM table is loaded) -> shutdown (SIGTERM) -> stop; peers write `dead`.
 VMs keep running when the daemon stops: a daemon restart must never interrupt a guest.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,6 +50,7 @@ class NodeDaemon:
         self.metrics: Metrics | None = None
         if config.metrics_enabled:
             from .metrics import Metrics
+
             self.metrics = Metrics(self.node)
         # what every service shares (invalid values read from ZooKeeper are reported once each)
         self.context = DaemonContext(self.node, config, self.store, self.hypervisor, DomainTable(), self.metrics)
@@ -76,8 +78,10 @@ class NodeDaemon:
 
     def prepare(self) -> None:
         if self.config.zookeeper.insecure:
-            log.warning("INSECURE: insecure is true: this daemon uses ZooKeeper without authentication and creates "
-                        "znodes anyone can read and write; anyone who reaches ZooKeeper can define a VM on this host")
+            log.warning(
+                "INSECURE: insecure is true: this daemon uses ZooKeeper without authentication and creates "
+                "znodes anyone can read and write; anyone who reaches ZooKeeper can define a VM on this host"
+            )
         try:
             self.store.start()
         except StoreError as exc:
@@ -98,13 +102,13 @@ class NodeDaemon:
         for key, default in S.NODE_DEFAULTS.items():
             path = self.schema.node_key(self.node, key)
             if key in (S.NODE_DOMAIN_STATE, S.NODE_MAINTENANCE) and self.store.exists(path):
-                continue   # an operator's choice survives a restart (a fenced node stays flushed)
+                continue  # an operator's choice survives a restart (a fenced node stays flushed)
             values[path] = default
         if not self.store.exists(self.schema.node_reservations(self.node)):
             # created here: other nodes reserve memory in it, but may not create it under this node
             values[self.schema.node_reservations(self.node)] = ""
         if not self.store.exists(self.schema.node_fences(self.node)):
-            values[self.schema.node_fences(self.node)] = ""   # this node's records of the peers it fences
+            values[self.schema.node_fences(self.node)] = ""  # this node's records of the peers it fences
         values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "init"
         values[self.schema.node_key(self.node, S.NODE_ADDRESS)] = self.config.published_address
         values[self.schema.node_key(self.node, S.NODE_LIBVIRT_URI)] = self.config.advertised_libvirt_uri
@@ -116,9 +120,19 @@ class NodeDaemon:
             values[self.schema.node_key(self.node, S.NODE_CPUTOTAL)] = self.hypervisor.host_cpus()
         except HypervisorError as exc:
             log.warning("cannot read the host's CPU count from libvirt; published as 0 (unknown): %s", exc)
-        keep = {S.NODE_KEEPALIVE, S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE, S.NODE_MEMALLOC, S.NODE_MEMPROV,
-                S.NODE_VCPUALLOC, S.NODE_CPULOAD, S.NODE_DOMAINCOUNT, S.NODE_RUNNINGDOMAINS}
-        for key in keep:   # figures survive a restart until the first keepalive replaces them
+        keep = {
+            S.NODE_KEEPALIVE,
+            S.NODE_MEMTOTAL,
+            S.NODE_MEMUSED,
+            S.NODE_MEMFREE,
+            S.NODE_MEMALLOC,
+            S.NODE_MEMPROV,
+            S.NODE_VCPUALLOC,
+            S.NODE_CPULOAD,
+            S.NODE_DOMAINCOUNT,
+            S.NODE_RUNNINGDOMAINS,
+        }
+        for key in keep:  # figures survive a restart until the first keepalive replaces them
             path = self.schema.node_key(self.node, key)
             if self.store.exists(path):
                 values.pop(path, None)
@@ -133,7 +147,8 @@ class NodeDaemon:
         identity (someone registered this node's name first)."""
         node = self.schema.node(self.node)
         paths = [node, self.schema.node_reservations(self.node)] + [
-            self.schema.node_key(self.node, key) for key in S.NODE_DEFAULTS]
+            self.schema.node_key(self.node, key) for key in S.NODE_DEFAULTS
+        ]
         found = self.store.read_many(paths)
         try:
             self.store.check_acls([path for path in paths if found[path] is not None])
@@ -142,8 +157,10 @@ class NodeDaemon:
                 # node znode is really this node's own is told by writing it (its data is unused)
                 self.store.commit({node: found[node][0]})
         except StoreError as exc:
-            raise DaemonError(f"cannot secure the keys of node {self.node} (is another identity registered under its "
-                              f"name? only the operator can remove {node}): {exc}") from None
+            raise DaemonError(
+                f"cannot secure the keys of node {self.node} (is another identity registered under its "
+                f"name? only the operator can remove {node}): {exc}"
+            ) from None
 
     def mark_alive(self) -> None:
         """(Re)create the ephemeral liveness znode for the current session."""
@@ -151,15 +168,15 @@ class NodeDaemon:
         data = f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
         try:
             self.store.put_ephemeral(path, data)
-        except StoreError as exc:   # not connected, or the session changed meanwhile
+        except StoreError as exc:  # not connected, or the session changed meanwhile
             log.error("cannot mark node %s alive: %s", self.node, exc)
 
     def _on_connection_state(self, state: str) -> None:
         # called on the store's connection thread, which must not block: only record and wake.
         if self.stop_event.is_set():
-            return   # our own orderly disconnect
+            return  # our own orderly disconnect
         if state != SESSION_CONNECTED:
-            self.ha.on_connection(False)   # no session, no decisions about peers
+            self.ha.on_connection(False)  # no session, no decisions about peers
         if state == SESSION_LOST:
             self._session_lost.set()
             log.warning("ZooKeeper session lost: no new work until it is re-established")
@@ -200,10 +217,10 @@ class NodeDaemon:
         if self._session_lost.is_set():
             self._session_lost.clear()
             self.mark_alive()
-            self.reconciler.rewatch()   # a new session has none of the old watches
+            self.reconciler.rewatch()  # a new session has none of the old watches
         # every view may be stale: reconcile every VM from fresh reads
         self.reconciler.resync()
-        self.ha.on_connection(True)   # every peer gets a whole detection window again
+        self.ha.on_connection(True)  # every peer gets a whole detection window again
 
     # ---- run --------------------------------------------------------------------------------
 
@@ -225,10 +242,12 @@ class NodeDaemon:
         # "Memory accounting"). Bounded: a keepalive that finds the table still loading
         # publishes only its timestamp, and the state stays `init` until a later one.
         self.keepalive.table_loaded = self.reconciler.table_loaded
-        self.keepalive.reader.start(self.stop_event)   # vm-thread: libvirt's figures, read apart from the keepalive
+        self.keepalive.reader.start(self.stop_event)  # vm-thread: libvirt's figures, read apart from the keepalive
         if not self.reconciler.wait_loaded(self.config.step_timeout_s):
-            log.warning("the VM table is not loaded after %.0f s; the node stays in state init until it is",
-                        self.config.step_timeout_s)
+            log.warning(
+                "the VM table is not loaded after %.0f s; the node stays in state init until it is",
+                self.config.step_timeout_s,
+            )
         # the first keepalive waits (bounded) for vm-thread's first figures; later ones never wait
         self.keepalive.tick(wait_for_read_s=min(self.config.keepalive_interval_s, self.config.libvirt_call_timeout_s))
         self._thread(self.migrations.deadlines.run, "deadlines")
@@ -260,9 +279,13 @@ class NodeDaemon:
         if not self.reconciler.wait_idle(timeout_s):
             log.warning("VM work still running after %.0f s; stopping anyway (the next start resolves it)", timeout_s)
         if self.store.connected:
-            self.store.write({self.schema.node_key(self.node, S.NODE_DAEMON_STATE): "stop",
-                              self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3)},
-                             delete=[self.schema.node_key(self.node, S.NODE_ALIVE)])
+            self.store.write(
+                {
+                    self.schema.node_key(self.node, S.NODE_DAEMON_STATE): "stop",
+                    self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3),
+                },
+                delete=[self.schema.node_key(self.node, S.NODE_ALIVE)],
+            )
         if self.metrics:
             self.metrics.stop()
         self.store.stop()

@@ -11,6 +11,7 @@ and every later change brings another pass. Writes that depend on it carry a ver
 migration record's ``migration_version``), so a decision on a value that has just changed fails
 to write instead of overwriting the newer one.
 """
+
 from __future__ import annotations
 
 import threading
@@ -44,8 +45,9 @@ class DomainTable:
             record = replace(record, loaded=record.loaded | {key}, present=present, **fields)
             if any(name in fields for name in STATE_FIELDS):
                 # computed under the lock: the two keys' answers come on different callbacks
-                record = replace(record, state=effective_state(record.desired_state, record.state_version,
-                                                               record.runstate))
+                record = replace(
+                    record, state=effective_state(record.desired_state, record.state_version, record.runstate)
+                )
             self._records[uuid] = record
             return record
 
@@ -56,8 +58,11 @@ class DomainTable:
         act on the step this daemon has just left (and fail its version check)."""
         with self._lock:
             current = self._records.get(uuid)
-            if (current is None or current.migration is None
-                    or (current.migration.id, current.migration_version) != before):
+            if (
+                current is None
+                or current.migration is None
+                or (current.migration.id, current.migration_version) != before
+            ):
                 return
             self._records[uuid] = replace(current, migration=record, migration_version=version if record else -1)
 

@@ -30,6 +30,7 @@ record is held at:
   ``target:before-done`` (a live migration's target, the VM resumed there, before it writes
   ``done``: the source writes ``transferred`` meanwhile, or has already)
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,7 +75,7 @@ def pause_point(name: str) -> None:
     log.warning("pause point %s reached: waiting for %s (test fault injection)", name, release)
     deadline = time.monotonic() + PAUSE_MAX_S
     while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.05)   # test-only hook: polls a file the test creates
+        time.sleep(0.05)  # test-only hook: polls a file the test creates
     log.warning("pause point %s released", name)
 
 
@@ -89,6 +90,6 @@ def crash_while_migrating(hypervisor: JobWatchable, uuid: str) -> None:
         while time.monotonic() < deadline:
             if hypervisor.migration_job_moving(uuid):
                 crash_point("source:live-running")
-            time.sleep(0.005)   # test-only hook: libvirt has no event for "memory is moving"; poll its job info
+            time.sleep(0.005)  # test-only hook: libvirt has no event for "memory is moving"; poll its job info
 
     threading.Thread(target=watch, name="crash-watch", daemon=True).start()

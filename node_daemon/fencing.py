@@ -21,6 +21,7 @@ answer (on or off) afterwards; a reset kills every process of the node as surely
 Every call is bounded (``fencing.timeout_s``); a device that fails, times out or never reports the
 power off gives a failed FenceResult, never an exception: the caller then recovers nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,8 +73,8 @@ class FenceDevice:
 
 @dataclass(frozen=True)
 class FenceResult:
-    ok: bool                  # the node's power is confirmed off (or its reset confirmed)
-    detail: str               # what happened, for logs and the fence record
+    ok: bool  # the node's power is confirmed off (or its reset confirmed)
+    detail: str  # what happened, for logs and the fence record
     method: str
     started: float
     finished: float
@@ -83,11 +84,13 @@ class _Failed(Exception):
     pass
 
 
-def _run(argv: list[str], timeout_s: float, stdin: str | None = None,
-         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], timeout_s: float, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout_s,
-                              env=env, check=False)
+        return subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+        )
     except subprocess.TimeoutExpired:
         raise _Failed(f"{os.path.basename(argv[0])} did not answer within {timeout_s:g} s") from None
     except OSError as exc:
@@ -106,8 +109,21 @@ class _Ipmi:
 
     def _call(self, *command: str) -> subprocess.CompletedProcess[str]:
         d = self.device
-        argv = [d.ipmitool, "-I", d.interface, "-C", str(d.cipher_suite), "-H", d.address, "-p", str(d.port),
-                "-U", d.username, "-E", *command]
+        argv = [
+            d.ipmitool,
+            "-I",
+            d.interface,
+            "-C",
+            str(d.cipher_suite),
+            "-H",
+            d.address,
+            "-p",
+            str(d.port),
+            "-U",
+            d.username,
+            "-E",
+            *command,
+        ]
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "IPMI_PASSWORD": d.password}
         return _run(argv, self.timeout_s, env=env)
 
@@ -162,7 +178,7 @@ def fence(device: FenceDevice, timeout_s: float, confirm_s: float | None = None)
     try:
         driver.act()
         if device.action == "reset":
-            power = driver.power()   # must answer; on or off are both a finished reset
+            power = driver.power()  # must answer; on or off are both a finished reset
             detail = f"reset through {device.describe()}, power now {power}"
         else:
             deadline = time.monotonic() + confirm_s
@@ -172,7 +188,7 @@ def fence(device: FenceDevice, timeout_s: float, confirm_s: float | None = None)
                     break
                 if time.monotonic() >= deadline:
                     raise _Failed(f"the power is still {power} {confirm_s:g} s after a successful power off")
-                time.sleep(CONFIRM_POLL_S)   # a device's status has no event to wait on
+                time.sleep(CONFIRM_POLL_S)  # a device's status has no event to wait on
             detail = f"power off confirmed through {device.describe()}"
         return FenceResult(True, detail, device.method, started, time.time())
     except _Failed as exc:

@@ -20,6 +20,7 @@ unmigrate brings it home). A flush is checked when it is asked (``pvc.cluster.no
 whose plan fails, before anything is written); once running it is not held back or reverted
 halfway, since its node is leaving, but a plan that fails the check is logged with the verdict.
 """
+
 from __future__ import annotations
 
 import threading
@@ -120,15 +121,19 @@ class NodeStateWorker(Service):
                 self._thread.join()
             self._cancel = threading.Event()
             target = self.flush if state == "flush" else self.ready
-            self._thread = threading.Thread(target=self._guarded, args=(target, state, self._cancel),
-                                            name="node-flush" if state == "flush" else "node-ready", daemon=True)
+            self._thread = threading.Thread(
+                target=self._guarded,
+                args=(target, state, self._cancel),
+                name="node-flush" if state == "flush" else "node-ready",
+                daemon=True,
+            )
             self._thread.start()
 
     def _guarded(self, work: Callable[[threading.Event], None], state: str, cancel: threading.Event) -> None:
         try:
             with self.store.lock(self.schema.node_lock(self.node), timeout_s=self.config.step_timeout_s):
                 if self.store.read(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE)) != state:
-                    return   # superseded while we waited for the lock
+                    return  # superseded while we waited for the lock
                 work(cancel)
         except Cancelled:
             log.info("%s of node %s stopped before it finished", state, self.node)
@@ -146,8 +151,15 @@ class NodeStateWorker(Service):
 
     # ---- one migration, waited for -------------------------------------------------------------
 
-    def migrate_and_wait(self, uuid: str, kind: str, target: str | None, nodes_override: NodesOverride | None = None,
-                         attempts: int = REQUEST_ATTEMPTS, known: Known | None = None) -> str:
+    def migrate_and_wait(
+        self,
+        uuid: str,
+        kind: str,
+        target: str | None,
+        nodes_override: NodesOverride | None = None,
+        attempts: int = REQUEST_ATTEMPTS,
+        known: Known | None = None,
+    ) -> str:
         """Request one migration and wait for it to end. ``known`` = (VM record, node views) as
         the caller has just read them, for the first attempt: the request's own transaction
         re-checks what matters (the VM's node version, the target's reservations and memory).
@@ -160,14 +172,22 @@ class NodeStateWorker(Service):
                 return self._migrate_and_wait_once(uuid, kind, target, budget, nodes_override, first)
             except ConflictError as exc:
                 if not budget.again():
-                    log.warning("VM %s: request raced others %d times (last: %s); giving up for now", uuid,
-                                budget.limit, exc)
+                    log.warning(
+                        "VM %s: request raced others %d times (last: %s); giving up for now", uuid, budget.limit, exc
+                    )
                     return "conflict"
                 log.info("VM %s: request raced another one (%s); planning again (%s)", uuid, exc, budget)
             first = None
 
-    def _migrate_and_wait_once(self, uuid: str, kind: str, target: str | None, budget: Attempts,
-                               nodes_override: NodesOverride | None = None, known: Known | None = None) -> str:
+    def _migrate_and_wait_once(
+        self,
+        uuid: str,
+        kind: str,
+        target: str | None,
+        budget: Attempts,
+        nodes_override: NodesOverride | None = None,
+        known: Known | None = None,
+    ) -> str:
         vm, nodes = known if known else (read_vm(self.store, uuid), None)
         if vm is None:
             # read_vm says None for a VM it could not read too: only one that is known missing is
@@ -189,8 +209,12 @@ class NodeStateWorker(Service):
         if kind == "unmigrate" and plan.migrates:
             refusal = self._n1_refusal(plan, nodes_override)
             if refusal:
-                log.warning("VM %s: %s; it stays on %s, and the next ready or unmigrate brings it home",
-                            vm.name, refusal, plan.source)
+                log.warning(
+                    "VM %s: %s; it stays on %s, and the next ready or unmigrate brings it home",
+                    vm.name,
+                    refusal,
+                    plan.source,
+                )
                 return f"refused: {refusal}"
         try:
             record = self._submit(plan, vm, kind, budget)
@@ -203,8 +227,9 @@ class NodeStateWorker(Service):
         log.info("VM %s: %s", vm.name, plan.message)
         if record is None:
             return "re-homed"
-        timeout = (self.config.step_timeout_s * 3 + self.config.live_timeout_s(vm.memory_mib)
-                   + self.config.shutdown_timeout_s)
+        timeout = (
+            self.config.step_timeout_s * 3 + self.config.live_timeout_s(vm.memory_mib) + self.config.shutdown_timeout_s
+        )
         if not wait_until_gone(self.store, self.schema.domain_migration(uuid), timeout):
             log.warning("VM %s: migration %s still in flight after %.0f s", vm.name, record.id, timeout)
             return "timeout"
@@ -233,8 +258,12 @@ class NodeStateWorker(Service):
         check = survives_node_failure(views, running)
         if check.ok:
             return False
-        log.error("flush of %s goes on although, once done, %s (require_n1 is set: a flush is refused when it is "
-                  "asked, not halfway)", self.node, check.message)
+        log.error(
+            "flush of %s goes on although, once done, %s (require_n1 is set: a flush is refused when it is "
+            "asked, not halfway)",
+            self.node,
+            check.message,
+        )
         return True
 
     def _submit(self, plan: RequestPlan, vm: VMRecord, kind: str, budget: Attempts) -> MigrationRecord | None:
@@ -255,12 +284,19 @@ class NodeStateWorker(Service):
         while True:
             try:
                 with submitting:
-                    return submit_request(self.store, plan, vm, requester=f"{self.node} ({kind})",
-                                          target_unflushing_ok=plan.target == self.node)
+                    return submit_request(
+                        self.store,
+                        plan,
+                        vm,
+                        requester=f"{self.node} ({kind})",
+                        target_unflushing_ok=plan.target == self.node,
+                    )
             except ConflictError as exc:
                 if exc.path != reservations or not budget.again():
                     raise
-                log.debug("VM %s: another request to %s came first; submitting again (%s)", vm.name, plan.target, budget)
+                log.debug(
+                    "VM %s: another request to %s came first; submitting again (%s)", vm.name, plan.target, budget
+                )
 
     def _shutdown_for_flush(self, uuid: str) -> None:
         vm = read_vm(self.store, uuid)
@@ -271,16 +307,23 @@ class NodeStateWorker(Service):
             log.info("VM %s: its state changed meanwhile; not shut down for the flush", vm.name)
             return
         # the reconciler records the end of the shutdown (state stop) in the same key
-        wait_for_key(self.store, self.schema.domain_key(uuid, S.DOMAIN_RUNSTATE), _not_shutting_down,
-                     self.config.shutdown_timeout_s + self.config.step_timeout_s)
+        wait_for_key(
+            self.store,
+            self.schema.domain_key(uuid, S.DOMAIN_RUNSTATE),
+            _not_shutting_down,
+            self.config.shutdown_timeout_s + self.config.step_timeout_s,
+        )
 
     # ---- flush ------------------------------------------------------------------------------------
 
     def running_here(self) -> set[str]:
         """Cluster VMs libvirt runs on this node, other than VMs migrating away right now."""
         local = {ref.uuid for ref in self.reconciler.hypervisor.list_domains(active_only=True)}
-        return {uuid for uuid, record in self.domains.snapshot().items()
-                if uuid in local and record.migration_source != self.node}
+        return {
+            uuid
+            for uuid, record in self.domains.snapshot().items()
+            if uuid in local and record.migration_source != self.node
+        }
 
     def read_vms(self, uuids: Iterable[str]) -> list[VMRecord]:
         """Fresh VM records, in one round of parallel reads."""
@@ -296,9 +339,14 @@ class NodeStateWorker(Service):
         without their meta (a cheap check after a wave; a non-empty answer is confirmed from
         full reads).
         """
-        candidates = {uuid: record for uuid, record in self.domains.snapshot().items()
-                      if record.node == self.node and record.state == "start" and record.migration is None
-                      and not record.left_alone}
+        candidates = {
+            uuid: record
+            for uuid, record in self.domains.snapshot().items()
+            if record.node == self.node
+            and record.state == "start"
+            and record.migration is None
+            and not record.left_alone
+        }
         if not fresh:
             return list(candidates.values())
         return self.planning_records(candidates)
@@ -308,28 +356,49 @@ class NodeStateWorker(Service):
         request use (PLANNING_META, read fresh in one round; the others keep their defaults
         here, and whoever uses them reads them: the transfer its method and downtime, a VM that
         fits nowhere its autostart)."""
-        found = self.store.read_many([path for uuid in records for path in meta_paths(self.schema, uuid, PLANNING_META)])
+        found = self.store.read_many(
+            [path for uuid in records for path in meta_paths(self.schema, uuid, PLANNING_META)]
+        )
         vms = []
         for uuid, record in records.items():
             meta = meta_from(self.schema, uuid, found, PLANNING_META)
-            vms.append(VMRecord(uuid=uuid, name=record.name or uuid, state=record.state, node=record.node,
-                                lastnode=record.lastnode, xml=record.xml, meta=meta, memory_mib=record.memory_mib,
-                                vcpus=record.vcpus, node_version=record.node_version, migration=record.migration,
-                                migration_version=record.migration_version, migration_error=record.migration_error,
-                                xml_error=record.xml_error))
+            vms.append(
+                VMRecord(
+                    uuid=uuid,
+                    name=record.name or uuid,
+                    state=record.state,
+                    node=record.node,
+                    lastnode=record.lastnode,
+                    xml=record.xml,
+                    meta=meta,
+                    memory_mib=record.memory_mib,
+                    vcpus=record.vcpus,
+                    node_version=record.node_version,
+                    migration=record.migration,
+                    migration_version=record.migration_version,
+                    migration_error=record.migration_error,
+                    xml_error=record.xml_error,
+                )
+            )
         return vms
 
     def confirmed_to_flush(self, records: Iterable[VMRecord]) -> list[VMRecord]:
         """Full fresh reads of ``records``: those still assigned here, to start, not migrating."""
-        return [vm for vm in self.read_vms(record.uuid for record in records)
-                if vm.node == self.node and vm.state == "start" and not vm.migration and not vm.migration_error]
+        return [
+            vm
+            for vm in self.read_vms(record.uuid for record in records)
+            if vm.node == self.node and vm.state == "start" and not vm.migration and not vm.migration_error
+        ]
 
     def held(self) -> dict[str, str]:
         """VMs assigned here that no daemon may act on (a key that decides about them is not
         valid, e.g. a migration record: an operator clears it), with why: a flush cannot move
         them until they are fixed."""
-        return {record.name or uuid: record.left_alone for uuid, record in self.domains.snapshot().items()
-                if record.node == self.node and record.left_alone}
+        return {
+            record.name or uuid: record.left_alone
+            for uuid, record in self.domains.snapshot().items()
+            if record.node == self.node and record.left_alone
+        }
 
     def flush(self, cancel: threading.Event) -> None:
         log.system("flushing node %s", self.node)
@@ -343,11 +412,14 @@ class NodeStateWorker(Service):
                 if not still:
                     break
                 held = self.held()
-                if (still, held) != reported:   # said once, not on every check
+                if (still, held) != reported:  # said once, not on every check
                     reported = (still, held)
-                    log.warning("flush of %s: libvirt still runs %s here; checking again%s", self.node,
-                                ", ".join(sorted(still)),
-                                "".join(f"; VM {name} waits for an operator: {why}" for name, why in sorted(held.items())))
+                    log.warning(
+                        "flush of %s: libvirt still runs %s here; checking again%s",
+                        self.node,
+                        ", ".join(sorted(still)),
+                        "".join(f"; VM {name} waits for an operator: {why}" for name, why in sorted(held.items())),
+                    )
                 if cancel.wait(self.config.keepalive_interval_s):
                     raise Cancelled()
                 continue
@@ -356,11 +428,21 @@ class NodeStateWorker(Service):
             # target could not start it): like a VM that fits nowhere, it is shut down.
             refused = [vm for vm in vms if vm.xml_error]
             for vm in refused:
-                log.error("VM %s cannot be migrated (its domain XML is not valid: %s): it is shut down for the flush",
-                          vm.name, vm.xml_error)
-            plan = plan_flush(self.node, [FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector,
-                                                  vm.home, vm.vcpus) for vm in vms if not vm.xml_error],
-                              nodes, default_selector=self.config.default_selector)
+                log.error(
+                    "VM %s cannot be migrated (its domain XML is not valid: %s): it is shut down for the flush",
+                    vm.name,
+                    vm.xml_error,
+                )
+            plan = plan_flush(
+                self.node,
+                [
+                    FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector, vm.home, vm.vcpus)
+                    for vm in vms
+                    if not vm.xml_error
+                ],
+                nodes,
+                default_selector=self.config.default_selector,
+            )
             plan = [PlannedMove(vm.uuid, None, "its domain XML is not valid") for vm in refused] + plan
             n1_logged = n1_logged or self._log_flush_n1(vms, plan)
             # Each request starts from these reads; its transaction re-checks the VM and the
@@ -374,17 +456,26 @@ class NodeStateWorker(Service):
                     if move.target is None:
                         futures.append(pool.submit(self._shutdown_for_flush, move.uuid))
                     else:
-                        futures.append(pool.submit(self.migrate_and_wait, move.uuid, "migrate", move.target,
-                                                   known=(by_uuid[move.uuid], nodes)))
+                        futures.append(
+                            pool.submit(
+                                self.migrate_and_wait,
+                                move.uuid,
+                                "migrate",
+                                move.target,
+                                known=(by_uuid[move.uuid], nodes),
+                            )
+                        )
                 for future in futures:
                     future.result()
             if cancel.is_set():
                 raise Cancelled()
             remaining = self.vms_to_flush(fresh=False)
             if remaining:
-                remaining = self.confirmed_to_flush(remaining)   # the table may be an answer behind
+                remaining = self.confirmed_to_flush(remaining)  # the table may be an answer behind
             if remaining and {vm.uuid for vm in remaining} == {vm.uuid for vm in vms}:
-                log.error("flush of %s made no progress; %d VM(s) still here (see above); retrying", self.node, len(remaining))
+                log.error(
+                    "flush of %s made no progress; %d VM(s) still here (see above); retrying", self.node, len(remaining)
+                )
                 if cancel.wait(self.config.step_timeout_s):
                     raise Cancelled()
         self._set_domain_state("flush", "flushed")
@@ -404,8 +495,12 @@ class NodeStateWorker(Service):
         snapshot = self.domains.snapshot()
         elsewhere = [uuid for uuid, record in snapshot.items() if record.node != self.node]
         lastnodes = self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_LASTNODE) for uuid in elsewhere])
-        candidates = [uuid for uuid, record in snapshot.items() if record.node == self.node
-                      or (lastnodes[self.schema.domain_key(uuid, S.DOMAIN_LASTNODE)] or ("",))[0] == self.node]
+        candidates = [
+            uuid
+            for uuid, record in snapshot.items()
+            if record.node == self.node
+            or (lastnodes[self.schema.domain_key(uuid, S.DOMAIN_LASTNODE)] or ("",))[0] == self.node
+        ]
         for vm in self.read_vms(candidates):
             if vm.lastnode == self.node and vm.node != self.node:
                 homecoming.append(vm)
@@ -414,27 +509,38 @@ class NodeStateWorker(Service):
         left = {}
         for _round in range(HOMECOMING_ROUNDS):
             with ThreadPoolExecutor(max_workers=self.config.flush_parallel, thread_name_prefix="node-ready") as pool:
-                futures = {vm.name: pool.submit(self.migrate_and_wait, vm.uuid, "unmigrate", None, me_ready)
-                           for vm in homecoming if not cancel.is_set()}
+                futures = {
+                    vm.name: pool.submit(self.migrate_and_wait, vm.uuid, "unmigrate", None, me_ready)
+                    for vm in homecoming
+                    if not cancel.is_set()
+                }
                 results = {name: future.result() for name, future in futures.items()}
             if cancel.is_set():
                 raise Cancelled()
             left = {name: result for name, result in results.items() if result not in HOME_OR_MOOT}
             if not left:
                 break
-            log.warning("ready of %s: %d VM(s) not back yet (%s); trying them again", self.node, len(left),
-                        ", ".join(f"{name}: {result}" for name, result in sorted(left.items())))
+            log.warning(
+                "ready of %s: %d VM(s) not back yet (%s); trying them again",
+                self.node,
+                len(left),
+                ", ".join(f"{name}: {result}" for name, result in sorted(left.items())),
+            )
             homecoming = [vm for vm in homecoming if vm.name in left]
         if left:
             # The node is usable; these VMs keep running where they are, with lastnode still
             # naming this node, so the next ready (or an unmigrate) brings them home.
-            log.error("ready of %s: %d VM(s) did not come home: %s", self.node, len(left),
-                      ", ".join(f"{name} ({result})" for name, result in sorted(left.items())))
+            log.error(
+                "ready of %s: %d VM(s) did not come home: %s",
+                self.node,
+                len(left),
+                ", ".join(f"{name} ({result})" for name, result in sorted(left.items())),
+            )
         for vm in autostart:
             log.info("VM %s: autostart on %s", vm.name, self.node)
             try:
                 if not move_runstate(self.store, vm.uuid, "start", self.node, autostart=False, use_autostart_meta=True):
                     log.warning("VM %s: autostart not recorded (its keys kept changing)", vm.name)
-            except StoreError as exc:   # one VM's failed write does not keep the others from starting
+            except StoreError as exc:  # one VM's failed write does not keep the others from starting
                 log.warning("VM %s: autostart not recorded: %s", vm.name, exc)
         self._set_domain_state("unflush", "ready")

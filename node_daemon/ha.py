@@ -30,6 +30,7 @@ session can write nothing). The fence device is called only after ``fencing`` is
 the lock, so a node that comes back in time wins, and a node marked ``fencing`` is fenced even if
 its keepalive resumes (it cannot rewrite ``run`` over ``fencing``).
 """
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,7 @@ class HighAvailability(Service):
         self.tracker = LivenessTracker(ctx.config.keepalive_interval_s * ctx.config.dead_after)
         self._tracker_lock = threading.Lock()
         self._actors: dict[str, threading.Thread] = {}
-        self._said: dict[str, str] = {}          # peer -> the last thing logged about it (said once)
+        self._said: dict[str, str] = {}  # peer -> the last thing logged about it (said once)
         # peer -> monotonic time before which no new recovery pass starts (its last pass left only
         # VMs that fit nowhere: trying again at every pass would read every VM twice a second)
         self._quiet_until: dict[str, float] = {}
@@ -94,7 +95,7 @@ class HighAvailability(Service):
                 log.warning("high availability pass: %s", exc)
             except Exception:  # one bad pass must not end the thread
                 log.exception("high availability pass failed")
-            stop.wait(self.config.keepalive_interval_s / 2)   # a timer, not a synchronisation
+            stop.wait(self.config.keepalive_interval_s / 2)  # a timer, not a synchronisation
 
     def _say(self, peer: str, level, text: str, *args) -> None:
         message = text % args if args else text
@@ -137,8 +138,14 @@ class HighAvailability(Service):
                 if now >= self._quiet_until.get(peer, 0.0) and self._has_work(peer):
                     self._start_actor(peer)
             elif decision.act in (Act.MAINTENANCE, Act.WAIT_OPERATOR):
-                self._say(peer, log.warning if decision.act is Act.MAINTENANCE else log.error,
-                          "node %s is %s: %s", peer, daemon_state, decision.why)
+                self._say(
+                    peer,
+                    log.warning if decision.act is Act.MAINTENANCE else log.error,
+                    "node %s is %s: %s",
+                    peer,
+                    daemon_state,
+                    decision.why,
+                )
             else:
                 self._said.pop(peer, None)
         if self.metrics:
@@ -146,8 +153,9 @@ class HighAvailability(Service):
 
     def _has_work(self, peer: str) -> bool:
         """Whether the fenced ``peer`` may have VMs to recover (the watch-fed table: cheap)."""
-        return any(record.node == peer and record.state in ("start", "restart")
-                   for record in self.domains.snapshot().values())
+        return any(
+            record.node == peer and record.state in ("start", "restart") for record in self.domains.snapshot().values()
+        )
 
     def _start_actor(self, peer: str) -> None:
         thread = self._actors.get(peer)
@@ -162,7 +170,7 @@ class HighAvailability(Service):
     def _act(self, peer: str) -> None:
         with self.store.try_lock(self.schema.fence_lock(peer), identifier=self.node) as lock:
             if lock is None:
-                return   # another daemon acts on it, or ZooKeeper cannot be asked now
+                return  # another daemon acts on it, or ZooKeeper cannot be asked now
             try:
                 self._act_locked(peer, lock)
             except StoreError as exc:
@@ -175,15 +183,24 @@ class HighAvailability(Service):
 
     def _act_locked(self, peer: str, lock: StoreLock) -> None:
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
-        found = self.store.read_many([state_path, self.schema.node_key(peer, S.NODE_DOMAIN_STATE),
-                                      self.schema.node_key(peer, S.NODE_MAINTENANCE)])
+        found = self.store.read_many(
+            [
+                state_path,
+                self.schema.node_key(peer, S.NODE_DOMAIN_STATE),
+                self.schema.node_key(peer, S.NODE_MAINTENANCE),
+            ]
+        )
         state = found[state_path]
         if state is None:
             return
         domain_state = found[self.schema.node_key(peer, S.NODE_DOMAIN_STATE)]
         maintenance = found[self.schema.node_key(peer, S.NODE_MAINTENANCE)]
-        decision = fence_decision(state[0], domain_state[0] if domain_state else "",
-                                  bool(maintenance) and maintenance[0] == "true", stale=False)
+        decision = fence_decision(
+            state[0],
+            domain_state[0] if domain_state else "",
+            bool(maintenance) and maintenance[0] == "true",
+            stale=False,
+        )
         if decision.act is Act.FENCE:
             if not self._fence(peer, state, lock):
                 return
@@ -198,30 +215,48 @@ class HighAvailability(Service):
         fence_path = self.schema.node_fence_record(self.node, peer)
         device = self.config.fence_devices.get(peer)
         started = time.time()
-        record = {"by": self.node, "method": device.method if device else "none",
-                  "device": device.describe() if device else "", "started": round(started, 3), "result": "fencing"}
+        record = {
+            "by": self.node,
+            "method": device.method if device else "none",
+            "device": device.describe() if device else "",
+            "started": round(started, 3),
+            "result": "fencing",
+        }
         if not self._holding(lock):
             return False
         try:
-            versions = self.store.commit({state_path: "fencing", fence_path: json.dumps(record)},
-                                         expect_versions={state_path: state[1]})
+            versions = self.store.commit(
+                {state_path: "fencing", fence_path: json.dumps(record)}, expect_versions={state_path: state[1]}
+            )
         except ConflictError:
             log.info("node %s changed state before it could be fenced: looking again", peer)
             return False
         if device is None:
-            result = FenceResult(False, f"no fence device for node {peer} in this daemon's configuration "
-                                 f"({self.config.source or 'fencing.nodes'})", "none", started, time.time())
+            result = FenceResult(
+                False,
+                f"no fence device for node {peer} in this daemon's configuration "
+                f"({self.config.source or 'fencing.nodes'})",
+                "none",
+                started,
+                time.time(),
+            )
         else:
             log.warning("node %s is dead: fencing it through %s", peer, device.describe())
             result = fence(device, self.config.fence_timeout_s)
         if not self._holding(lock):
             # Our session went while the device worked: another daemon fences it again (a power
             # off is idempotent) and writes the result.
-            log.warning("node %s: lost the ZooKeeper session or the fence lock while fencing; the next actor "
-                        "fences it again", peer)
+            log.warning(
+                "node %s: lost the ZooKeeper session or the fence lock while fencing; the next actor fences it again",
+                peer,
+            )
             return False
-        record.update(result="fenced" if result.ok else "fence-failed", detail=result.detail,
-                      finished=round(result.finished, 3), duration_s=round(result.finished - result.started, 3))
+        record.update(
+            result="fenced" if result.ok else "fence-failed",
+            detail=result.detail,
+            finished=round(result.finished, 3),
+            duration_s=round(result.finished - result.started, 3),
+        )
         values = {state_path: "fenced" if result.ok else "fence-failed", fence_path: json.dumps(record)}
         if result.ok:
             values[self.schema.node_key(peer, S.NODE_DOMAIN_STATE)] = "flushed"
@@ -234,10 +269,15 @@ class HighAvailability(Service):
             self.metrics.fence(result.method, result.ok, result.finished - result.started)
         if result.ok:
             log.ok("node %s fenced: %s (%.2f s)", peer, result.detail, result.finished - result.started)
-            crash_point("ha:fenced")   # test fault injection (tests/lab/test_ha_lab.py)
+            crash_point("ha:fenced")  # test fault injection (tests/lab/test_ha_lab.py)
             return True
-        log.error("node %s: FENCE FAILED: %s. Its VMs are NOT recovered: power it off by hand, then confirm with "
-                  "pvc.cluster.node name=%s state=fenced confirm_down=true", peer, result.detail, peer)
+        log.error(
+            "node %s: FENCE FAILED: %s. Its VMs are NOT recovered: power it off by hand, then confirm with "
+            "pvc.cluster.node name=%s state=fenced confirm_down=true",
+            peer,
+            result.detail,
+            peer,
+        )
         return False
 
     # ---- recovery ---------------------------------------------------------------------------
@@ -250,20 +290,31 @@ class HighAvailability(Service):
             involved = migration is not None and peer in (migration.source, migration.target)
             if vm.node != peer and not involved:
                 continue
-            candidates.append(RecoveryCandidate(
-                uuid=uuid, name=vm.name, state=vm.state, node=vm.node, lastnode=vm.lastnode,
-                memory_mib=vm.memory_mib, vcpus=vm.vcpus, node_limit=tuple(vm.meta.node_limit or ()),
-                selector=vm.meta.node_selector,
-                migration_source=migration.source if involved and migration else None,
-                migration_target=migration.target if involved and migration else None,
-                invalid=vm.migration_error or "", xml_error=vm.xml_error))
+            candidates.append(
+                RecoveryCandidate(
+                    uuid=uuid,
+                    name=vm.name,
+                    state=vm.state,
+                    node=vm.node,
+                    lastnode=vm.lastnode,
+                    memory_mib=vm.memory_mib,
+                    vcpus=vm.vcpus,
+                    node_limit=tuple(vm.meta.node_limit or ()),
+                    selector=vm.meta.node_selector,
+                    migration_source=migration.source if involved and migration else None,
+                    migration_target=migration.target if involved and migration else None,
+                    invalid=vm.migration_error or "",
+                    xml_error=vm.xml_error,
+                )
+            )
         return candidates
 
     def _fenced_nodes(self) -> set[str]:
         names = self.store.children(self.schema.nodes()) or []
         found = self.store.read_many([self.schema.node_key(name, S.NODE_DAEMON_STATE) for name in names])
-        return {name for name in names
-                if (found[self.schema.node_key(name, S.NODE_DAEMON_STATE)] or ("",))[0] == "fenced"}
+        return {
+            name for name in names if (found[self.schema.node_key(name, S.NODE_DAEMON_STATE)] or ("",))[0] == "fenced"
+        }
 
     def _recover(self, peer: str, lock: StoreLock) -> None:
         fence_record = self._fence_record(peer)
@@ -271,7 +322,7 @@ class HighAvailability(Service):
         while self._holding(lock):
             state = self.store.read_versioned(state_path)
             if state is None or state[0] != "fenced":
-                return   # its daemon started again (init): what is still assigned to it is its own
+                return  # its daemon started again (init): what is still assigned to it is its own
             candidates = self._candidates(peer)
             snapshot = read_cluster(self.store)
             plan = plan_recovery(peer, candidates, snapshot.views(), self._fenced_nodes(), self.config.default_selector)
@@ -282,15 +333,19 @@ class HighAvailability(Service):
                 if not self._holding(lock):
                     return
                 if not self._recover_one(peer, start, fence_record, state[1], n1):
-                    break   # its daemon state changed (it starts again?): look again
+                    break  # its daemon state changed (it starts again?): look again
             for uuid, why in plan.unplaced.items():
                 self._not_recovered(uuid, peer, why)
             if not plan.waiting and not plan.aborts:
                 if plan.unplaced:
                     self._quiet_until[peer] = time.monotonic() + self.tracker.window_s
                 if plan.starts:
-                    log.ok("node %s: %d VM(s) recovered elsewhere%s", peer, len(plan.starts),
-                           f"; {len(plan.unplaced)} fit nowhere and stay stopped" if plan.unplaced else "")
+                    log.ok(
+                        "node %s: %d VM(s) recovered elsewhere%s",
+                        peer,
+                        len(plan.starts),
+                        f"; {len(plan.unplaced)} fit nowhere and stay stopped" if plan.unplaced else "",
+                    )
                 return
             for uuid, why in plan.waiting.items():
                 self._say(f"{peer}/{uuid}", log.info, "node %s: VM %s waits: %s", peer, uuid, why)
@@ -317,10 +372,18 @@ class HighAvailability(Service):
         check: FailureCheck = survives_node_failure(views, running)
         required = snapshot.require_n1
         if not check.ok:
-            log.warning("node %s: restarting %d VM(s) elsewhere although %s%s", peer, len(plan.starts), check.message,
-                        " (require_n1 is set; it never holds back the recovery of a failed node's VMs)" if required else "")
-        return {"ok": "true" if check.ok else "false", "require_n1": "true" if required else "false",
-                "detail": check.message[:R.MAX_REASON_BYTES]}
+            log.warning(
+                "node %s: restarting %d VM(s) elsewhere although %s%s",
+                peer,
+                len(plan.starts),
+                check.message,
+                " (require_n1 is set; it never holds back the recovery of a failed node's VMs)" if required else "",
+            )
+        return {
+            "ok": "true" if check.ok else "false",
+            "require_n1": "true" if required else "false",
+            "detail": check.message[: R.MAX_REASON_BYTES],
+        }
 
     def _recover_one(self, peer: str, start, fence_record: dict, state_version: int, n1: dict | None = None) -> bool:
         """Assign one VM of the fenced ``peer`` to its planned target, through the one request
@@ -331,25 +394,43 @@ class HighAvailability(Service):
         VM still assigned to it is moved away while it may be starting it. False when the daemon
         state changed."""
         found = read_vms(self.store, [start.uuid]).get(start.uuid)
-        if found is None or found.node != peer or found.migration is not None or found.state not in ("start", "restart"):
-            return True   # changed since the plan: the next pass sees it
+        if (
+            found is None
+            or found.node != peer
+            or found.migration is not None
+            or found.state not in ("start", "restart")
+        ):
+            return True  # changed since the plan: the next pass sees it
         now = time.time()
         record_id = uuidlib.uuid4().hex[:12]
         audit = {
-            "kind": R.RECOVERY_KIND, "id": record_id, "vm": start.uuid, "name": found.name, "source": peer,
-            "target": start.target, "lastnode": start.lastnode, "requester": self.node, "result": "recovered",
+            "kind": R.RECOVERY_KIND,
+            "id": record_id,
+            "vm": start.uuid,
+            "name": found.name,
+            "source": peer,
+            "target": start.target,
+            "lastnode": start.lastnode,
+            "requester": self.node,
+            "result": "recovered",
             "memory_mib": found.memory_mib,
             "fence": {key: fence_record[key] for key in ("method", "device", "by", "detail") if key in fence_record},
-            "steps": {name: fence_record[key] for name, key in (("fencing", "started"), ("fenced", "finished"))
-                      if isinstance(fence_record.get(key), (int, float))} | {"recovered": round(now, 3)},
+            "steps": {
+                name: fence_record[key]
+                for name, key in (("fencing", "started"), ("fenced", "finished"))
+                if isinstance(fence_record.get(key), (int, float))
+            }
+            | {"recovered": round(now, 3)},
         }
         if isinstance(fence_record.get("started"), (int, float)):
             audit["duration_s"] = round(max(0.0, now - fence_record["started"]), 3)
         if n1 is not None:
             audit["n1"] = n1
         history = self.schema.domain_history(start.uuid) + "/" + history_key(record_id, now)
-        values: dict[str, object] = {history: json.dumps(audit, sort_keys=True),
-                                     self.schema.domain_key(start.uuid, S.DOMAIN_FAILEDREASON): ""}
+        values: dict[str, object] = {
+            history: json.dumps(audit, sort_keys=True),
+            self.schema.domain_key(start.uuid, S.DOMAIN_FAILEDREASON): "",
+        }
         expect: dict[str, int] = {}
         create = [history]
         if found.state == "restart":
@@ -363,14 +444,32 @@ class HighAvailability(Service):
         # The target's memprov counts the VM only from its next keepalive: until then a
         # reservation covers it (docs/architecture.md, "Memory accounting"); the fit is checked
         # against the target's figures and reservations as they are at this commit.
-        plan = RequestPlan(uuid=start.uuid, name=found.name, kind="move", source=peer, target=start.target,
-                           lastnode=start.lastnode, changed=True, migrates=False, memory_mib=found.memory_mib,
-                           force_live=False, message="recovery")
+        plan = RequestPlan(
+            uuid=start.uuid,
+            name=found.name,
+            kind="move",
+            source=peer,
+            target=start.target,
+            lastnode=start.lastnode,
+            changed=True,
+            migrates=False,
+            memory_mib=found.memory_mib,
+            force_live=False,
+            message="recovery",
+        )
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         try:
-            submit_request(self.store, plan, found, requester=self.node, fit=True, also_values=values,
-                           also_expect={**expect, state_path: state_version}, also_create=create,
-                           parent_value=f"recovery {record_id}")
+            submit_request(
+                self.store,
+                plan,
+                found,
+                requester=self.node,
+                fit=True,
+                also_values=values,
+                also_expect={**expect, state_path: state_version},
+                also_create=create,
+                parent_value=f"recovery {record_id}",
+            )
         except ConflictError as exc:
             if exc.path == state_path:
                 log.info("node %s changed its daemon state during recovery: looking again", peer)
@@ -381,15 +480,20 @@ class HighAvailability(Service):
             log.info("VM %s of fenced node %s: %s; the next pass plans it again", found.name, peer, exc)
             return True
         self.migrations._prune_history(start.uuid)
-        log.ok("VM %s of fenced node %s: recovered on %s (home: %s)", found.name, peer, start.target,
-               start.lastnode or start.target)
-        crash_point("ha:recovered-one")   # test fault injection (tests/lab/test_ha_lab.py)
+        log.ok(
+            "VM %s of fenced node %s: recovered on %s (home: %s)",
+            found.name,
+            peer,
+            start.target,
+            start.lastnode or start.target,
+        )
+        crash_point("ha:recovered-one")  # test fault injection (tests/lab/test_ha_lab.py)
         if self.metrics:
             self.metrics.recovery("recovered")
         return True
 
     def _not_recovered(self, uuid: str, peer: str, why: str) -> None:
-        reason = f"not recovered from fenced node {peer}: {why}"[:R.MAX_REASON_BYTES]
+        reason = f"not recovered from fenced node {peer}: {why}"[: R.MAX_REASON_BYTES]
         path = self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)
         if self.store.read(path) != reason:
             self.store.write({path: reason})
@@ -404,6 +508,9 @@ class HighAvailability(Service):
         record, version = self.migrations.read_record(uuid)
         if record is None or peer not in (record.source, record.target):
             return
-        if self.migrations.abort(Migration(uuid, record, version),
-                                 f"both {record.source} and {record.target} were fenced", node=record.source):
+        if self.migrations.abort(
+            Migration(uuid, record, version),
+            f"both {record.source} and {record.target} were fenced",
+            node=record.source,
+        ):
             log.warning("VM %s: migration %s between fenced nodes ended", uuid, record.id)

@@ -142,14 +142,49 @@ RUNNING_STATES = frozenset({"running", "blocked"})
 # collide with flag names (VIR_DOMAIN_SHUTDOWN_* are also shutdown-method flags).
 _REASON_SUFFIXES = {
     "nostate": ("UNKNOWN",),
-    "running": ("UNKNOWN", "BOOTED", "MIGRATED", "RESTORED", "FROM_SNAPSHOT", "UNPAUSED",
-                "MIGRATION_CANCELED", "SAVE_CANCELED", "WAKEUP", "CRASHED", "POSTCOPY", "POSTCOPY_FAILED"),
+    "running": (
+        "UNKNOWN",
+        "BOOTED",
+        "MIGRATED",
+        "RESTORED",
+        "FROM_SNAPSHOT",
+        "UNPAUSED",
+        "MIGRATION_CANCELED",
+        "SAVE_CANCELED",
+        "WAKEUP",
+        "CRASHED",
+        "POSTCOPY",
+        "POSTCOPY_FAILED",
+    ),
     "blocked": ("UNKNOWN",),
-    "paused": ("UNKNOWN", "USER", "MIGRATION", "SAVE", "DUMP", "IOERROR", "WATCHDOG", "FROM_SNAPSHOT",
-               "SHUTTING_DOWN", "SNAPSHOT", "CRASHED", "STARTING_UP", "POSTCOPY", "POSTCOPY_FAILED"),
+    "paused": (
+        "UNKNOWN",
+        "USER",
+        "MIGRATION",
+        "SAVE",
+        "DUMP",
+        "IOERROR",
+        "WATCHDOG",
+        "FROM_SNAPSHOT",
+        "SHUTTING_DOWN",
+        "SNAPSHOT",
+        "CRASHED",
+        "STARTING_UP",
+        "POSTCOPY",
+        "POSTCOPY_FAILED",
+    ),
     "shutdown": ("UNKNOWN", "USER"),
-    "shutoff": ("UNKNOWN", "SHUTDOWN", "DESTROYED", "CRASHED", "MIGRATED", "SAVED", "FAILED",
-                "FROM_SNAPSHOT", "DAEMON"),
+    "shutoff": (
+        "UNKNOWN",
+        "SHUTDOWN",
+        "DESTROYED",
+        "CRASHED",
+        "MIGRATED",
+        "SAVED",
+        "FAILED",
+        "FROM_SNAPSHOT",
+        "DAEMON",
+    ),
     "crashed": ("UNKNOWN", "PANICKED"),
     "pmsuspended": ("UNKNOWN",),
 }
@@ -182,8 +217,7 @@ class HypervisorError(Exception):
     ``origin`` the part of libvirt that raised it (its error domain, e.g. VIR_FROM_RPC for a
     connection between libvirt processes that failed), None when not known."""
 
-    def __init__(self, op: str, domain: str | None, code: int | None, message: str,
-                 origin: int | None = None) -> None:
+    def __init__(self, op: str, domain: str | None, code: int | None, message: str, origin: int | None = None) -> None:
         super().__init__(op, domain, code, message)
         self.op = op
         self.domain = domain
@@ -224,9 +258,9 @@ class PeerUnreachable(HypervisorError):
 
 
 # What the driver knows of its connection (``Hypervisor.health``; the node publishes it).
-HEALTH_OK = "ok"        # connected, and libvirtd answers
-HEALTH_DOWN = "down"    # no connection: libvirtd is gone or refuses, or closed the connection
-HEALTH_HUNG = "hung"    # libvirtd accepts but does not answer within the call timeout
+HEALTH_OK = "ok"  # connected, and libvirtd answers
+HEALTH_DOWN = "down"  # no connection: libvirtd is gone or refuses, or closed the connection
+HEALTH_HUNG = "hung"  # libvirtd accepts but does not answer within the call timeout
 
 
 class _ConnectionLost(Exception):
@@ -250,7 +284,7 @@ def _guarded(conn: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
                 raise
             try:
                 alive = conn.isAlive()
-            except libvirt.libvirtError:   # "invalid connection pointer": closed meanwhile (retired)
+            except libvirt.libvirtError:  # "invalid connection pointer": closed meanwhile (retired)
                 alive = 0
             if alive != 1:
                 raise _ConnectionLost(exc) from exc
@@ -310,10 +344,10 @@ class MigrationSetup:
     uuid: str
     max_downtime_ms: int | None
     persistent: bool
-    domain: Any = None         # the libvirt.virDomain looked up
-    connection: Any = None     # the libvirt.virConnect it belongs to
+    domain: Any = None  # the libvirt.virDomain looked up
+    connection: Any = None  # the libvirt.virConnect it belongs to
     events_before: int = 0
-    generation: int = -1       # the driver's connection generation it was made on
+    generation: int = -1  # the driver's connection generation it was made on
 
 
 # ---- the libvirt event loop (one per process) -----------------------------------------------
@@ -338,7 +372,7 @@ def _run_event_loop() -> None:
             libvirt.virEventRunDefaultImpl()
         except Exception:  # keep the loop alive whatever happens in one iteration
             log.exception("libvirt event loop iteration failed")
-            time.sleep(0.1)   # backoff, so a persistent failure does not spin the CPU
+            time.sleep(0.1)  # backoff, so a persistent failure does not spin the CPU
 
 
 def ensure_event_loop() -> None:
@@ -461,8 +495,10 @@ class Hypervisor:
         if call_timeout_s <= 0:
             raise ValueError(f"call_timeout_s must be positive, got {call_timeout_s}")
         if reconnect_delay_s <= 0 or reconnect_max_delay_s < reconnect_delay_s:
-            raise ValueError(f"reconnect delays must be positive and the maximum at least the first, got "
-                             f"{reconnect_delay_s} and {reconnect_max_delay_s}")
+            raise ValueError(
+                f"reconnect delays must be positive and the maximum at least the first, got "
+                f"{reconnect_delay_s} and {reconnect_max_delay_s}"
+            )
         self.uri = uri
         self.call_timeout_s = float(call_timeout_s)
         # How long migrate() waits for the migrate call to return after abortJob().
@@ -470,7 +506,7 @@ class Hypervisor:
         self.poll_interval_s = float(poll_interval_s)
         self.meminfo_path = meminfo_path
         self.abandoned_calls = 0
-        self.reconnects = 0          # connections replaced since open()
+        self.reconnects = 0  # connections replaced since open()
         self._counter_lock = threading.Lock()
         self._events = events
         self._reconnect = reconnect
@@ -482,12 +518,12 @@ class Hypervisor:
         # Guards the connection, its generation and health, and wakes the supervisor. Never held
         # across a libvirt call (the close callback takes it on the events thread).
         self._link = threading.Condition()
-        self._generation = 0              # +1 for every connection installed
+        self._generation = 0  # +1 for every connection installed
         self._health = HEALTH_DOWN
         self._lost_reason = "call open() first"
         self._suspect: int | None = None  # generation whose call timed out: probe it
-        self._retired: list[tuple[Any, int | None]] = []   # lost connections, to close
-        self._supervising: threading.Event | None = None    # set to end the current supervisor
+        self._retired: list[tuple[Any, int | None]] = []  # lost connections, to close
+        self._supervising: threading.Event | None = None  # set to end the current supervisor
         self._health_listeners: list[Callable[[str, str], None]] = []
         self._reconnect_listeners: list[Callable[[], None]] = []
         self._state_changed = threading.Condition()
@@ -505,7 +541,7 @@ class Hypervisor:
         ``reconnect``, the connection is supervised from then on, until close()."""
         with self._open_lock:
             if self._conn is not None or (self._supervising is not None and not self._supervising.is_set()):
-                return self   # connected, or a supervisor is reconnecting
+                return self  # connected, or a supervisor is reconnecting
             _silence_libvirt_stderr()
             if self._events:
                 ensure_event_loop()
@@ -515,8 +551,7 @@ class Hypervisor:
             if self._reconnect:
                 stop = threading.Event()
                 self._supervising = stop
-                threading.Thread(target=self._supervise, args=(stop,), name="libvirt-reconnect",
-                                 daemon=True).start()
+                threading.Thread(target=self._supervise, args=(stop,), name="libvirt-reconnect", daemon=True).start()
         log.debug("libvirt connection to %s open", self.uri)
         return self
 
@@ -524,37 +559,43 @@ class Hypervisor:
         """A new connection with every callback this driver uses registered on it: lifecycle
         events, the close callback and (remote URIs) keepalive. Raises HypervisorError."""
         uri = self.uri
-        conn = self._run("open", None, lambda: libvirt.open(uri), self.call_timeout_s,
-                         on_abandoned=lambda c: c.close())
+        conn = self._run("open", None, lambda: libvirt.open(uri), self.call_timeout_s, on_abandoned=lambda c: c.close())
         cb_id = None
         try:
             if self._events:
                 try:
                     cb_id = self._run(
-                        "open", None,
+                        "open",
+                        None,
                         lambda: conn.domainEventRegisterAny(
-                            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None),
-                        self.call_timeout_s)
+                            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+                        ),
+                        self.call_timeout_s,
+                    )
                 except HypervisorTimeout:
                     raise
                 except HypervisorError as exc:
                     log.warning("libvirt lifecycle events unavailable on %s (%s); polling instead", uri, exc)
                 if not uri.startswith("test:"):
                     try:
-                        self._run("open", None, lambda: conn.setKeepAlive(self.KEEPALIVE_INTERVAL_S,
-                                                                          self.KEEPALIVE_COUNT),
-                                  self.call_timeout_s)
+                        self._run(
+                            "open",
+                            None,
+                            lambda: conn.setKeepAlive(self.KEEPALIVE_INTERVAL_S, self.KEEPALIVE_COUNT),
+                            self.call_timeout_s,
+                        )
                     except HypervisorTimeout:
                         raise
                     except HypervisorError as exc:
                         log.warning("libvirt keepalive not enabled on %s: %s", uri, exc)
             if self._reconnect:
                 try:
-                    self._run("open", None, lambda: conn.registerCloseCallback(self._on_close, None),
-                              self.call_timeout_s)
+                    self._run(
+                        "open", None, lambda: conn.registerCloseCallback(self._on_close, None), self.call_timeout_s
+                    )
                 except HypervisorTimeout:
                     raise
-                except HypervisorError as exc:   # still supervised: errors and probes tell
+                except HypervisorError as exc:  # still supervised: errors and probes tell
                     log.warning("libvirt close callback not registered on %s: %s", uri, exc)
         except HypervisorError:
             self._retire_later(conn, cb_id)
@@ -597,19 +638,21 @@ class Hypervisor:
             if cb_id is not None:
                 try:
                     conn.domainEventDeregisterAny(cb_id)
-                except libvirt.libvirtError as exc:   # the connection is closing anyway
+                except libvirt.libvirtError as exc:  # the connection is closing anyway
                     log.debug("deregistering lifecycle events of %s failed: %s", self.uri, exc)
             if self._reconnect:
                 try:
                     conn.unregisterCloseCallback()
-                except libvirt.libvirtError as exc:   # likewise
+                except libvirt.libvirtError as exc:  # likewise
                     log.debug("unregistering the close callback of %s failed: %s", self.uri, exc)
             conn.close()
+
         return do_close
 
     def _retire_later(self, conn: libvirt.virConnect, cb_id: int | None) -> None:
         """Close a lost connection in a thread of its own: on a hung libvirtd that blocks until
         libvirtd answers or the connection fails, and nothing may wait for it."""
+
         def run() -> None:
             try:
                 self._closer(conn, cb_id)()
@@ -690,7 +733,7 @@ class Hypervisor:
             self._health, self._lost_reason, self._suspect = health, reason, None
             self._link.notify_all()
         log.warning("libvirt connection to %s lost: %s; reconnecting", self.uri, reason)
-        with self._state_changed:   # a shutdown() waiting on events re-checks (and learns)
+        with self._state_changed:  # a shutdown() waiting on events re-checks (and learns)
             self._event_seq += 1
             self._state_changed.notify_all()
         return True
@@ -707,8 +750,15 @@ class Hypervisor:
         reported = self._health
         while True:
             with self._link:
-                self._link.wait_for(lambda: stop.is_set() or self._retired or self._suspect is not None
-                                    or self._conn is None or self._health != reported)  # noqa: B023 (called at once)
+                self._link.wait_for(
+                    lambda: (
+                        stop.is_set()
+                        or self._retired
+                        or self._suspect is not None
+                        or self._conn is None
+                        or self._health != reported  # noqa: B023 (called at once)
+                    )
+                )
                 if stop.is_set():
                     return
                 retired, self._retired = self._retired, []
@@ -761,7 +811,7 @@ class Hypervisor:
                 if changed or attempts == 1:
                     log.warning("libvirt at %s: cannot reconnect (%s); retrying", self.uri, exc.message)
                     self._report(None)
-                stop.wait(delay)   # the backoff between attempts (close() ends it)
+                stop.wait(delay)  # the backoff between attempts (close() ends it)
                 delay = min(delay * 2, self.reconnect_max_delay_s)
                 continue
             with self._link:
@@ -790,8 +840,15 @@ class Hypervisor:
 
     # ---- the one place that calls libvirt -------------------------------------------------
 
-    def _run(self, op: str, domain: str | None, fn: Callable[[], Any], timeout_s: float | None,
-             on_abandoned: Callable[[Any], None] | None = None, generation: int | None = None) -> Any:
+    def _run(
+        self,
+        op: str,
+        domain: str | None,
+        fn: Callable[[], Any],
+        timeout_s: float | None,
+        on_abandoned: Callable[[Any], None] | None = None,
+        generation: int | None = None,
+    ) -> Any:
         """Run fn in a daemon thread; wait at most timeout_s. See the module docstring.
         ``generation``: the connection fn uses (guarded: see _guarded), which a lost connection
         or a timeout concerns."""
@@ -800,12 +857,14 @@ class Hypervisor:
         if not call.wait(timeout):
             self._count_abandoned()
             if on_abandoned is not None:
-                threading.Thread(target=self._reap, args=(call, on_abandoned), name=f"libvirt-reap-{op}",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=self._reap, args=(call, on_abandoned), name=f"libvirt-reap-{op}", daemon=True
+                ).start()
             if generation is not None:
                 self._suspect_hung(generation)
-            raise HypervisorTimeout(op, domain, None,
-                                    f"libvirt did not answer within {timeout:g} s; the call was abandoned")
+            raise HypervisorTimeout(
+                op, domain, None, f"libvirt did not answer within {timeout:g} s; the call was abandoned"
+            )
         try:
             return call.result()
         except _ConnectionLost as exc:
@@ -813,8 +872,9 @@ class Hypervisor:
                 raise
             message = exc.error.get_error_message() or str(exc.error)
             self._lose(generation, HEALTH_DOWN, f"the connection failed: {message}")
-            raise HypervisorUnavailable(op, domain, exc.error.get_error_code(),
-                                        f"the connection to libvirtd was lost ({message}); reconnecting") from None
+            raise HypervisorUnavailable(
+                op, domain, exc.error.get_error_code(), f"the connection to libvirtd was lost ({message}); reconnecting"
+            ) from None
 
     def _count_abandoned(self) -> None:
         with self._counter_lock:
@@ -830,7 +890,7 @@ class Hypervisor:
             return
         try:
             cleanup(value)
-        except Exception as exc:   # best effort: the caller already gave up on this call
+        except Exception as exc:  # best effort: the caller already gave up on this call
             log.debug("cleanup after an abandoned libvirt call failed: %s", exc)
 
     def _connection(self, op: str, domain: str | None) -> tuple[libvirt.virConnect, int]:
@@ -845,12 +905,14 @@ class Hypervisor:
         conn, generation = self._connection(op, None)
         return self._run(op, None, _guarded(conn, lambda: fn(conn)), timeout_s, generation=generation)
 
-    def _dom_call(self, op: str, uuid: str, fn: Callable[[libvirt.virDomain], Any],
-                  timeout_s: float | None = None) -> Any:
+    def _dom_call(
+        self, op: str, uuid: str, fn: Callable[[libvirt.virDomain], Any], timeout_s: float | None = None
+    ) -> Any:
         """Look the domain up by UUID and apply fn to it, both in one call with one timeout."""
         conn, generation = self._connection(op, uuid)
-        return self._run(op, uuid, _guarded(conn, lambda: fn(conn.lookupByUUIDString(uuid))), timeout_s,
-                         generation=generation)
+        return self._run(
+            op, uuid, _guarded(conn, lambda: fn(conn.lookupByUUIDString(uuid))), timeout_s, generation=generation
+        )
 
     # ---- events --------------------------------------------------------------------------
 
@@ -979,8 +1041,9 @@ class Hypervisor:
         local /proc/meminfo).
         """
         try:
-            stats = self._call("host_memory",
-                               lambda conn: conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0))
+            stats = self._call(
+                "host_memory", lambda conn: conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS, 0)
+            )
         except HypervisorError as exc:
             if exc.code != libvirt.VIR_ERR_NO_SUPPORT:
                 raise
@@ -998,15 +1061,20 @@ class Hypervisor:
                                 raise
                             # stopped (and gone, if transient) since the listing: uses nothing
                     return total, min(used, total), max(total - used, 0)
+
                 return self._call("host_memory", simulated)
             try:
                 return read_meminfo_mib(self.meminfo_path)
             except (OSError, ValueError) as err:
-                raise HypervisorError("host_memory", None, None,
-                                      f"libvirt cannot report host memory and {self.meminfo_path} "
-                                      f"is unreadable: {err}") from None
-        return _memory_triplet(stats.get("total", 0), stats.get("free", 0), stats.get("buffers", 0),
-                               stats.get("cached", 0))
+                raise HypervisorError(
+                    "host_memory",
+                    None,
+                    None,
+                    f"libvirt cannot report host memory and {self.meminfo_path} is unreadable: {err}",
+                ) from None
+        return _memory_triplet(
+            stats.get("total", 0), stats.get("free", 0), stats.get("buffers", 0), stats.get("cached", 0)
+        )
 
     def host_cpus(self) -> int:
         """Active host CPUs, as libvirt reports them (``getInfo()[2]``)."""
@@ -1051,8 +1119,12 @@ class Hypervisor:
         Managed-save images, snapshot and checkpoint metadata go with it; NVRAM files are kept.
         Drivers that reject those flags (the test driver) get a plain undefine.
         """
-        flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                 | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM)
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM
+        )
 
         def fn(dom: libvirt.virDomain) -> None:
             try:
@@ -1105,7 +1177,7 @@ class Hypervisor:
                 return bool(dom.isActive())
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return False   # a transient domain vanishes as it stops
+                    return False  # a transient domain vanishes as it stops
                 raise
 
         try:
@@ -1122,8 +1194,10 @@ class Hypervisor:
             if remaining <= 0:
                 return False
             with self._state_changed:
-                self._state_changed.wait_for(lambda: self._event_seq != seq,  # noqa: B023 (called at once)
-                                             timeout=min(remaining, self.poll_interval_s))
+                self._state_changed.wait_for(
+                    lambda: self._event_seq != seq,  # noqa: B023 (called at once)
+                    timeout=min(remaining, self.poll_interval_s),
+                )
 
     def shutdown_or_destroy(self, uuid: str, timeout_s: float) -> bool:
         """A clean shutdown within ``timeout_s``, else a forced stop (a guest may ignore the
@@ -1178,7 +1252,7 @@ class Hypervisor:
                 return dom, persistent, None
             try:
                 dom.migrateSetMaxDowntime(int(max_downtime_ms), 0)
-            except libvirt.libvirtError as exc:   # reported with the setting's name, below
+            except libvirt.libvirtError as exc:  # reported with the setting's name, below
                 return dom, persistent, exc
             return dom, persistent, None
 
@@ -1187,9 +1261,15 @@ class Hypervisor:
             exc = _translate("migrate", uuid, downtime_error)
             message = f"cannot set the maximum downtime to {max_downtime_ms} ms: {exc.message}"
             raise HypervisorError("migrate", uuid, exc.code, message)
-        return MigrationSetup(uuid=uuid, max_downtime_ms=None if max_downtime_ms is None else int(max_downtime_ms),
-                              persistent=persistent, domain=dom, connection=conn, events_before=events_before,
-                              generation=generation)
+        return MigrationSetup(
+            uuid=uuid,
+            max_downtime_ms=None if max_downtime_ms is None else int(max_downtime_ms),
+            persistent=persistent,
+            domain=dom,
+            connection=conn,
+            events_before=events_before,
+            generation=generation,
+        )
 
     def setup_is_current(self, setup: MigrationSetup, uuid: str, max_downtime_ms: int | None) -> bool:
         """Whether ``setup`` still holds for a migration of ``uuid`` with ``max_downtime_ms``:
@@ -1198,8 +1278,12 @@ class Hypervisor:
         then no setup is current. (An event still on its way from libvirtd is not seen: a
         domain restarted within that moment migrates with QEMU's default downtime.)"""
         wanted = None if max_downtime_ms is None else int(max_downtime_ms)
-        if (setup.uuid != uuid or setup.max_downtime_ms != wanted or self._lifecycle_cb_id is None
-                or setup.connection is not self._conn):
+        if (
+            setup.uuid != uuid
+            or setup.max_downtime_ms != wanted
+            or self._lifecycle_cb_id is None
+            or setup.connection is not self._conn
+        ):
             return False
         with self._state_changed:
             return self._domain_events.get(uuid, -1) <= setup.events_before
@@ -1277,15 +1361,22 @@ class Hypervisor:
             except HypervisorUnavailable:
                 raise
             except HypervisorError as exc:
-                raise HypervisorTimeout("migrate", uuid, None,
-                                        f"migration to {dest_uri} did not finish within {timeout_s:g} s; "
-                                        f"{aborted} ({exc.message})") from None
+                raise HypervisorTimeout(
+                    "migrate",
+                    uuid,
+                    None,
+                    f"migration to {dest_uri} did not finish within {timeout_s:g} s; {aborted} ({exc.message})",
+                ) from None
             log.warning("migration of %s to %s completed while being aborted", uuid, dest_uri)
             return
         self._count_abandoned()
-        raise HypervisorTimeout("migrate", uuid, None,
-                                f"migration to {dest_uri} did not finish within {timeout_s:g} s; {aborted}, "
-                                f"but the migrate call still has not returned; its thread was abandoned")
+        raise HypervisorTimeout(
+            "migrate",
+            uuid,
+            None,
+            f"migration to {dest_uri} did not finish within {timeout_s:g} s; {aborted}, "
+            f"but the migrate call still has not returned; its thread was abandoned",
+        )
 
     def _migrate_result(self, call: _Call, generation: int) -> None:
         """The finished migrate call's outcome; HypervisorUnavailable when this side's own
@@ -1296,6 +1387,9 @@ class Hypervisor:
         except _ConnectionLost as exc:
             message = exc.error.get_error_message() or str(exc.error)
             self._lose(generation, HEALTH_DOWN, f"the connection failed: {message}")
-            raise HypervisorUnavailable("migrate", call.domain, exc.error.get_error_code(),
-                                        f"the connection to libvirtd was lost during the migration ({message}); "
-                                        f"reconnecting") from None
+            raise HypervisorUnavailable(
+                "migrate",
+                call.domain,
+                exc.error.get_error_code(),
+                f"the connection to libvirtd was lost during the migration ({message}); reconnecting",
+            ) from None

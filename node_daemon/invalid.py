@@ -7,6 +7,7 @@ same keys again and again (every watch event, every periodic pass), so a report 
 version of the key: a new bad value is reported again, the same one is not, and a key that
 becomes valid again (or disappears) is forgotten.
 """
+
 from __future__ import annotations
 
 import threading
@@ -22,15 +23,26 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 # The kinds of keys reported, the only label values of the metric.
-KINDS = ("xml", "migration", "state", "node", "lastnode", "meta", "node_key", "runningdomains", "reservation",
-         "history", "address")
+KINDS = (
+    "xml",
+    "migration",
+    "state",
+    "node",
+    "lastnode",
+    "meta",
+    "node_key",
+    "runningdomains",
+    "reservation",
+    "history",
+    "address",
+)
 
 
 class InvalidValues:
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
         self._lock = threading.Lock()
-        self._reported: dict[str, object] = {}   # path -> version (or value) last reported
+        self._reported: dict[str, object] = {}  # path -> version (or value) last reported
 
     def report(self, problem: Invalid, kind: str, version: object = None, consequence: str = "ignored") -> bool:
         """Report ``problem`` (an Invalid) about a key of ``kind`` at ``version`` (the znode

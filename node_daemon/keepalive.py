@@ -10,6 +10,7 @@ depend on libvirt at all (the VM table's XML memory for every VM assigned here).
 Statistics are gathered only for running domains; paused (including incoming migrations) and
 shut-off domains are skipped before any statistics call.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,21 +38,21 @@ STALE_AFTER_INTERVALS = 2
 class VMFigures:
     """What vm-thread learned from libvirt in one pass."""
 
-    running: dict[str, tuple[int, int]] = field(default_factory=dict)   # uuid -> (max memory MiB, vCPUs)
-    states: dict[str, str] = field(default_factory=dict)               # uuid -> libvirt state name
-    stats: dict[str, dict] = field(default_factory=dict)                # uuid -> memory statistics (running only)
+    running: dict[str, tuple[int, int]] = field(default_factory=dict)  # uuid -> (max memory MiB, vCPUs)
+    states: dict[str, str] = field(default_factory=dict)  # uuid -> libvirt state name
+    stats: dict[str, dict] = field(default_factory=dict)  # uuid -> memory statistics (running only)
 
 
 @dataclass(frozen=True)
 class Reading:
     """The last figures vm-thread read; ``*_at`` is the wall time of each read (None: never)."""
 
-    host: tuple[int, int, int] | None = None   # (total, used, free) MiB
+    host: tuple[int, int, int] | None = None  # (total, used, free) MiB
     host_at: float | None = None
     vms: VMFigures = field(default_factory=VMFigures)
     vms_at: float | None = None
-    stats_pass: int = -1    # the pass whose statistics ``vms.stats`` holds (-1: none)
-    passes: int = 0         # passes finished, failed ones included
+    stats_pass: int = -1  # the pass whose statistics ``vms.stats`` holds (-1: none)
+    passes: int = 0  # passes finished, failed ones included
 
     @property
     def read_at(self) -> float | None:
@@ -75,7 +76,7 @@ class FiguresReader:
         self._reading = Reading()
         self._changed = threading.Condition()
         self._asked = threading.Event()
-        self._started = 0   # passes started (a pass finishes as Reading.passes)
+        self._started = 0  # passes started (a pass finishes as Reading.passes)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -139,11 +140,12 @@ class FiguresReader:
             if with_stats:
                 stats_pass = before.passes
             else:
-                vms.stats = before.vms.stats   # the last statistics pass's, published once (stats_pass)
+                vms.stats = before.vms.stats  # the last statistics pass's, published once (stats_pass)
         except Exception as exc:  # likewise
             log.warning("vm-thread: cannot read the VM figures (the last figures stay, marked by their age): %s", exc)
-        reading = Reading(host=host, host_at=host_at, vms=vms, vms_at=vms_at, stats_pass=stats_pass,
-                          passes=before.passes + 1)
+        reading = Reading(
+            host=host, host_at=host_at, vms=vms, vms_at=vms_at, stats_pass=stats_pass, passes=before.passes + 1
+        )
         with self._changed:
             self._reading = reading
             self._changed.notify_all()
@@ -165,8 +167,13 @@ class FiguresReader:
                 log.debug("vm-thread: %s is %s: statistics skipped", uuid, state)
                 continue
             stats = self.hypervisor.memory_stats(uuid)
-            figures.stats[uuid] = {"state": state, "memory_mib": maximum, "vcpus": vcpus,
-                                   "memory_stats": stats or {}, "updated": round(time.time(), 3)}
+            figures.stats[uuid] = {
+                "state": state,
+                "memory_mib": maximum,
+                "vcpus": vcpus,
+                "memory_stats": stats or {},
+                "updated": round(time.time(), 3),
+            }
         return figures
 
 
@@ -175,7 +182,7 @@ class Keepalive(Service):
         super().__init__(ctx)
         self.reader = FiguresReader(ctx.hypervisor, ctx.config.keepalive_interval_s)
         self.ticks = 0
-        self.stats_published = -1   # the reader pass whose statistics were published last
+        self.stats_published = -1  # the reader pass whose statistics were published last
         self.clock = time.time
         # whether the VM table is loaded (set by the daemon: Reconciler.table_loaded)
         self.table_loaded = lambda: True
@@ -208,7 +215,7 @@ class Keepalive(Service):
             self.ticks += 1
             log.info("keepalive: the VM table is still loading; no memory figures published yet")
             return ok
-        snapshot = self.domains.snapshot()   # never iterate the live table: watches mutate it
+        snapshot = self.domains.snapshot()  # never iterate the live table: watches mutate it
         reservations = self.read_reservations()
         folds = self.foldable(reservations, snapshot, reading.vms.running)
         values, account = self.figures(reading, snapshot, reservations, folds, age, stale)
@@ -237,8 +244,16 @@ class Keepalive(Service):
         if self.metrics:
             self.metrics.keepalive(elapsed, ok, account, memtotal, memused, memfree, snapshot, self.node)
         if ok:
-            log.tick("keepalive: %d VMs running, memory total/used/free %d/%d/%d MiB, alloc %d, prov %d, %.2fs",
-                     account.domaincount, memtotal, memused, memfree, account.memalloc, account.memprov, elapsed)
+            log.tick(
+                "keepalive: %d VMs running, memory total/used/free %d/%d/%d MiB, alloc %d, prov %d, %.2fs",
+                account.domaincount,
+                memtotal,
+                memused,
+                memfree,
+                account.memalloc,
+                account.memprov,
+                elapsed,
+            )
         else:
             log.error("keepalive: could not write this node's figures (see the store's error above)")
         return ok
@@ -250,8 +265,11 @@ class Keepalive(Service):
         parent = self.schema.node_reservations(self.node)
         names = self.store.children(parent) or []
         found = self.store.read_many([self.schema.node_reservation(self.node, uuid) for uuid in names])
-        return {uuid: found[self.schema.node_reservation(self.node, uuid)] for uuid in names
-                if found[self.schema.node_reservation(self.node, uuid)] is not None}
+        return {
+            uuid: found[self.schema.node_reservation(self.node, uuid)]
+            for uuid in names
+            if found[self.schema.node_reservation(self.node, uuid)] is not None
+        }
 
     def foldable(self, reservations: dict, snapshot: dict, running: dict | None = None) -> dict[str, int]:
         """Reservations this keepalive replaces by counting their VM in memprov, in the same
@@ -269,10 +287,16 @@ class Keepalive(Service):
         folds = {}
         for uuid, (_, version) in reservations.items():
             record = snapshot.get(uuid)
-            if (record is not None and record.has(*ACCOUNTING_KEYS) and record.node == self.node
-                    and record.migration is None and not record.migration_error and record.xml_ok
-                    and self._held(uuid, reservations[uuid][0]) <= max(record.memory_mib,
-                                                                        (running or {}).get(uuid, (0, 0))[0])):
+            if (
+                record is not None
+                and record.has(*ACCOUNTING_KEYS)
+                and record.node == self.node
+                and record.migration is None
+                and not record.migration_error
+                and record.xml_ok
+                and self._held(uuid, reservations[uuid][0])
+                <= max(record.memory_mib, (running or {}).get(uuid, (0, 0))[0])
+            ):
                 folds[uuid] = version
         return folds
 
@@ -280,8 +304,9 @@ class Keepalive(Service):
         """What a reservation holds (MiB); an invalid amount reads as 0, as in every reader."""
         return reservation_mib(amount, self.schema.node_reservation(self.node, uuid), [])
 
-    def figures(self, reading: Reading, snapshot: dict, reservations: dict, folds: dict, age: float,
-                stale: bool) -> tuple[dict, NodeAccount]:
+    def figures(
+        self, reading: Reading, snapshot: dict, reservations: dict, folds: dict, age: float, stale: bool
+    ) -> tuple[dict, NodeAccount]:
         """The node keys of this keepalive's accounting, and the account they come from."""
         figures = reading.vms
         vms = []
@@ -289,27 +314,42 @@ class Keepalive(Service):
             reserved = uuid in reservations and uuid not in folds
             if uuid in figures.running:
                 memory_mib, vcpus = figures.running[uuid]
-                running = figures.states.get(uuid) in ACTIVE_STATES   # a domain shutting down still holds its memory
+                running = figures.states.get(uuid) in ACTIVE_STATES  # a domain shutting down still holds its memory
                 if record.node == self.node and record.xml_ok:
-                    memory_mib = max(memory_mib, record.memory_mib)   # what its reservation held
+                    memory_mib = max(memory_mib, record.memory_mib)  # what its reservation held
             elif record.node == self.node:
                 memory_mib, vcpus, running = record.memory_mib, record.vcpus, False
             else:
                 continue
-            vms.append(AccountedVM(uuid=uuid, node=record.node, memory_mib=memory_mib, vcpus=vcpus,
-                                   running_here=running, reserved_here=reserved))
+            vms.append(
+                AccountedVM(
+                    uuid=uuid,
+                    node=record.node,
+                    memory_mib=memory_mib,
+                    vcpus=vcpus,
+                    running_here=running,
+                    reserved_here=reserved,
+                )
+            )
         # Domains libvirt runs here that ZooKeeper does not know still use memory.
         for uuid, (memory_mib, vcpus) in figures.running.items():
             if uuid not in snapshot:
-                vms.append(AccountedVM(uuid=uuid, node="", memory_mib=memory_mib, vcpus=vcpus,
-                                       running_here=True, reserved_here=False))
+                vms.append(
+                    AccountedVM(
+                        uuid=uuid, node="", memory_mib=memory_mib, vcpus=vcpus, running_here=True, reserved_here=False
+                    )
+                )
         account = account_node(self.node, vms)
         memtotal, memused, memfree = reading.host or (0, 0, 0)
-        values: dict[str, object] = {} if reading.host is None else {
-            self.schema.node_key(self.node, S.NODE_MEMTOTAL): memtotal,
-            self.schema.node_key(self.node, S.NODE_MEMUSED): memused,
-            self.schema.node_key(self.node, S.NODE_MEMFREE): memfree,
-        }
+        values: dict[str, object] = (
+            {}
+            if reading.host is None
+            else {
+                self.schema.node_key(self.node, S.NODE_MEMTOTAL): memtotal,
+                self.schema.node_key(self.node, S.NODE_MEMUSED): memused,
+                self.schema.node_key(self.node, S.NODE_MEMFREE): memfree,
+            }
+        )
         values |= {
             self.schema.node_key(self.node, S.NODE_MEMALLOC): account.memalloc,
             self.schema.node_key(self.node, S.NODE_MEMPROV): account.memprov,
@@ -334,8 +374,9 @@ class Keepalive(Service):
             return self.store.write(values)
         parent = self.schema.node_reservations(self.node)
         paths = {self.schema.node_reservation(self.node, uuid): version for uuid, version in folds.items()}
-        ok = self.store.write({**values, parent: f"keepalive {round(time.time(), 3)}"}, expect_versions=paths,
-                              delete=list(paths))
+        ok = self.store.write(
+            {**values, parent: f"keepalive {round(time.time(), 3)}"}, expect_versions=paths, delete=list(paths)
+        )
         if ok:
             log.info("keepalive: memprov now counts %s (their reservations released)", ", ".join(sorted(folds)))
         return ok

@@ -2,6 +2,7 @@
 
 Each daemon uses its own registry, so several daemons (or tests) in one process never collide.
 """
+
 from __future__ import annotations
 
 import threading
@@ -26,32 +27,72 @@ class Metrics:
         self.node = node
         self.registry = CollectorRegistry()
         self.memory = Gauge("pvc_node_memory_mib", "Node memory figures in MiB", ["kind"], registry=self.registry)
-        self.vms = Gauge("pvc_node_vms", "VMs assigned to this node by desired state", ["state"], registry=self.registry)
-        self.keepalive_seconds = Histogram("pvc_keepalive_duration_seconds", "Duration of one keepalive", registry=self.registry,
-                                           buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.keepalive_errors = Counter("pvc_keepalive_errors_total", "Keepalives that could not be written", registry=self.registry)
-        self.migrations = Counter("pvc_migrations_total", "Finished migrations in which this node took part",
-                                  ["method", "result", "role"], registry=self.registry)
-        self.migration_seconds = Histogram("pvc_migration_duration_seconds", "Duration of finished migrations, request to end",
-                                           ["method", "result"], registry=self.registry,
-                                           buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
-        self.invalid_values = Counter("pvc_invalid_values_total",
-                                      "Invalid values found in ZooKeeper, once per version of their key",
-                                      ["kind"], registry=self.registry)
-        self.fences = Counter("pvc_fences_total", "Fences this daemon performed, by method and result",
-                              ["method", "result"], registry=self.registry)
-        self.fence_seconds = Histogram("pvc_fence_duration_seconds", "Duration of fences (power off and confirmation)",
-                                       registry=self.registry, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
-        self.recoveries = Counter("pvc_recoveries_total", "VMs of fenced nodes this daemon recovered (recovered) or "
-                                  "could not place (unplaced)", ["result"], registry=self.registry)
-        self.fence_failed = Gauge("pvc_node_fence_failed", "1 for a peer whose fence failed (its VMs are not recovered "
-                                  "until an operator confirms it is off), else 0", ["node"], registry=self.registry)
-        self.libvirt_health = Gauge("pvc_libvirt_health",
-                                    "The daemon's connection to its libvirtd: 1 for the current health, 0 for the others",
-                                    ["health"], registry=self.registry)
-        self.libvirt_reconnects = Counter("pvc_libvirt_reconnects_total",
-                                          "Connections to libvirtd replaced after one was lost or hung",
-                                          registry=self.registry)
+        self.vms = Gauge(
+            "pvc_node_vms", "VMs assigned to this node by desired state", ["state"], registry=self.registry
+        )
+        self.keepalive_seconds = Histogram(
+            "pvc_keepalive_duration_seconds",
+            "Duration of one keepalive",
+            registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.keepalive_errors = Counter(
+            "pvc_keepalive_errors_total", "Keepalives that could not be written", registry=self.registry
+        )
+        self.migrations = Counter(
+            "pvc_migrations_total",
+            "Finished migrations in which this node took part",
+            ["method", "result", "role"],
+            registry=self.registry,
+        )
+        self.migration_seconds = Histogram(
+            "pvc_migration_duration_seconds",
+            "Duration of finished migrations, request to end",
+            ["method", "result"],
+            registry=self.registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+        )
+        self.invalid_values = Counter(
+            "pvc_invalid_values_total",
+            "Invalid values found in ZooKeeper, once per version of their key",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.fences = Counter(
+            "pvc_fences_total",
+            "Fences this daemon performed, by method and result",
+            ["method", "result"],
+            registry=self.registry,
+        )
+        self.fence_seconds = Histogram(
+            "pvc_fence_duration_seconds",
+            "Duration of fences (power off and confirmation)",
+            registry=self.registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        )
+        self.recoveries = Counter(
+            "pvc_recoveries_total",
+            "VMs of fenced nodes this daemon recovered (recovered) or could not place (unplaced)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.fence_failed = Gauge(
+            "pvc_node_fence_failed",
+            "1 for a peer whose fence failed (its VMs are not recovered until an operator confirms it is off), else 0",
+            ["node"],
+            registry=self.registry,
+        )
+        self.libvirt_health = Gauge(
+            "pvc_libvirt_health",
+            "The daemon's connection to its libvirtd: 1 for the current health, 0 for the others",
+            ["health"],
+            registry=self.registry,
+        )
+        self.libvirt_reconnects = Counter(
+            "pvc_libvirt_reconnects_total",
+            "Connections to libvirtd replaced after one was lost or hung",
+            registry=self.registry,
+        )
         self._server: tuple[Any, threading.Thread] | None = None
 
     def libvirt(self, health: str) -> None:
@@ -72,13 +113,27 @@ class Metrics:
             server.shutdown()
             self._server = None
 
-    def keepalive(self, seconds: float, ok: bool, account: NodeAccount, memtotal: int, memused: int, memfree: int,
-                  snapshot: Mapping[str, VMRecord], node: str) -> None:
+    def keepalive(
+        self,
+        seconds: float,
+        ok: bool,
+        account: NodeAccount,
+        memtotal: int,
+        memused: int,
+        memfree: int,
+        snapshot: Mapping[str, VMRecord],
+        node: str,
+    ) -> None:
         self.keepalive_seconds.observe(seconds)
         if not ok:
             self.keepalive_errors.inc()
-        for kind, value in (("total", memtotal), ("used", memused), ("free", memfree),
-                            ("allocated", account.memalloc), ("provisioned", account.memprov)):
+        for kind, value in (
+            ("total", memtotal),
+            ("used", memused),
+            ("free", memfree),
+            ("allocated", account.memalloc),
+            ("provisioned", account.memprov),
+        ):
             self.memory.labels(kind).set(value)
         tally = _Tally(record.state for record in snapshot.values() if record.node == node)
         for state in set(tally) | {"start", "stop", "disable", "fail"}:

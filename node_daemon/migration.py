@@ -7,6 +7,7 @@ acts only on the transition the step calls for, and writes the next step with a 
 late or repeated event finds nothing to do, and a write based on a stale view fails instead of
 overwriting a newer one. Each successful write is recorded in the table at once.
 """
+
 from __future__ import annotations
 
 import threading
@@ -53,13 +54,15 @@ ACTIVE, RUNNING = ACTIVE_STATES, RUNNING_STATES
 UNKNOWN = "unknown"
 # A target's daemon states in which the source does not transfer (see _transfer): HA's (ha.py).
 TARGET_LOST_STATES = ("dead", "fencing", "fenced", "fence-failed")
-ASK = object()   # "libvirt's state of the VM here is not known yet: ask"
+ASK = object()  # "libvirt's state of the VM here is not known yet: ask"
 # "this node's libvirt cannot be asked now" (no connection: the driver is reconnecting)
 UNAVAILABLE = "unavailable"
 # the meta a migration reads at its transfer step
 MIGRATION_META = (S.META_MIGRATION_METHOD, S.META_MIGRATION_MAX_DOWNTIME_MS, S.META_MIGRATION_AUTO_CONVERGE)
-RECORD_LEFT_ALONE = ("no daemon acts on the record and the VM is left as it is until an operator clears it "
-                     "(pvc.cluster.vm_migrate with state=cleared)")
+RECORD_LEFT_ALONE = (
+    "no daemon acts on the record and the VM is left as it is until an operator clears it "
+    "(pvc.cluster.vm_migrate with state=cleared)"
+)
 
 
 class Deadlines:
@@ -67,19 +70,19 @@ class Deadlines:
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
-        self._items: dict[str, tuple[float, str]] = {}   # uuid -> (deadline, record marker)
+        self._items: dict[str, tuple[float, str]] = {}  # uuid -> (deadline, record marker)
         # uuid -> marker whose deadline passed and was reported by run(). run() must stop
         # re-waking a due VM, but the handler it woke runs later in the VM's own thread and asks
         # expired() then: the expiry has to outlive run()'s bookkeeping, or the timeout is lost
         # for good (arm() with the same marker does nothing) and the step waits forever.
         self._fired: dict[str, str] = {}
-        self.wake: Callable[[str], None] | None = None   # set by the daemon: reconciler.enqueue
+        self.wake: Callable[[str], None] | None = None  # set by the daemon: reconciler.enqueue
 
     def arm(self, uuid: str, marker: str, timeout_s: float) -> None:
         with self._lock:
             current = self._items.get(uuid)
             if current and current[1] == marker:
-                return   # already armed for this step: a repeated event must not extend it
+                return  # already armed for this step: a repeated event must not extend it
             self._items[uuid] = (time.monotonic() + timeout_s, marker)
             self._fired.pop(uuid, None)
             self._lock.notify_all()
@@ -115,7 +118,7 @@ class Deadlines:
                         if uuid in self._items and self._items[uuid][0] <= time.monotonic():
                             marker = self._items[uuid][1]
                             self._items[uuid] = (float("inf"), marker)
-                            self._fired[uuid] = marker   # expired() still says so (see __init__)
+                            self._fired[uuid] = marker  # expired() still says so (see __init__)
 
 
 def meta_problems(meta, keys) -> list[str]:
@@ -174,8 +177,9 @@ class MigrationAgent(Service):
         self._prefetched: dict[str, ReadAhead] = {}
         # Whether this node may receive a VM: read at every prepare step from watches, and
         # checked by version in the prepared write itself (see prepare).
-        self.readiness = WatchedKeys(store, (self.schema.node_key(node, S.NODE_DAEMON_STATE),
-                                             self.schema.node_key(node, S.NODE_DOMAIN_STATE)))
+        self.readiness = WatchedKeys(
+            store, (self.schema.node_key(node, S.NODE_DAEMON_STATE), self.schema.node_key(node, S.NODE_DOMAIN_STATE))
+        )
 
     def start(self) -> None:
         self.readiness.start()
@@ -224,13 +228,15 @@ class MigrationAgent(Service):
         path = self.schema.node_key(peer, S.NODE_ADDRESS)
         uris = self.peer_uris(peer, path, self.store.read_versioned(path))
         if uris is None:
-            return UNKNOWN   # an address that is not valid: the peer cannot be asked
+            return UNKNOWN  # an address that is not valid: the peer cannot be asked
         uri = uris[0]
         try:
-            status = self.hypervisor.peer_status(uri, uuid, call_timeout_s=min(10.0, self.config.libvirt_call_timeout_s))
+            status = self.hypervisor.peer_status(
+                uri, uuid, call_timeout_s=min(10.0, self.config.libvirt_call_timeout_s)
+            )
             return status.state if status else None
         except PeerUnreachable:
-            pass   # its libvirt lives inside the peer's own process (the test driver): see below
+            pass  # its libvirt lives inside the peer's own process (the test driver): see below
         except HypervisorError as exc:
             log.warning("cannot ask libvirt on %s (%s) about %s: %s", peer, uri, uuid, exc)
             return UNKNOWN
@@ -279,8 +285,7 @@ class MigrationAgent(Service):
 
     # ---- writing ------------------------------------------------------------------------------
 
-    def advance(self, m: Migration, step: str, checks: dict | None = None, quiet: bool = False,
-                **fields: Any) -> bool:
+    def advance(self, m: Migration, step: str, checks: dict | None = None, quiet: bool = False, **fields: Any) -> bool:
         """Write the next step (version-checked); on success ``m`` holds the new record and
         version. False when the record changed underneath (the caller stops; the watch brings
         the new record) or the write failed. ``checks``: other keys' versions the step depends
@@ -295,8 +300,8 @@ class MigrationAgent(Service):
             if checks and exc.path in checks:
                 raise StaleCheck(exc.path) from None
             (log.debug if quiet else log.warning)(
-                "migration %s of %s: record changed before step %s could be written; re-reading",
-                record.id, uuid, step)
+                "migration %s of %s: record changed before step %s could be written; re-reading", record.id, uuid, step
+            )
             return False
         except StoreError as exc:
             log.warning("migration %s of %s: step %s not written: %s", record.id, uuid, step, exc)
@@ -320,8 +325,9 @@ class MigrationAgent(Service):
         if result == RESULT_DONE:
             values[self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)] = ""
         history = [path for path in values if path.startswith(self.schema.domain_history(uuid) + "/")]
-        ok = self.store.write(values, expect_versions={self.schema.domain_migration(uuid): version}, delete=delete,
-                              create=history)
+        ok = self.store.write(
+            values, expect_versions={self.schema.domain_migration(uuid): version}, delete=delete, create=history
+        )
         if not ok:
             log.warning("migration %s of %s: record changed before it could be finished; re-reading", record.id, uuid)
             return False
@@ -330,11 +336,19 @@ class MigrationAgent(Service):
         self._prefetched.pop(uuid, None)
         self._prune_history(uuid)
         if result == RESULT_DONE:
-            log.ok("migration %s of %s done: %s -> %s, method %s, %.2f s", record.id, uuid, record.source,
-                   record.target, final.get("method_used"), final.get("duration_s", 0))
+            log.ok(
+                "migration %s of %s done: %s -> %s, method %s, %.2f s",
+                record.id,
+                uuid,
+                record.source,
+                record.target,
+                final.get("method_used"),
+                final.get("duration_s", 0),
+            )
         else:
-            log.warning("migration %s of %s aborted: %s; the VM stays on %s", record.id, uuid, reason,
-                        node or record.source)
+            log.warning(
+                "migration %s of %s aborted: %s; the VM stays on %s", record.id, uuid, reason, node or record.source
+            )
         if self.metrics:
             self.metrics.migration(final)
         return True
@@ -346,7 +360,7 @@ class MigrationAgent(Service):
         path = self.schema.domain_history(uuid)
         entries = sorted(self.store.children(path) or [])
         if len(entries) > S.HISTORY_KEEP:
-            self.store.delete([f"{path}/{entry}" for entry in entries[:-S.HISTORY_KEEP]], recursive=False)
+            self.store.delete([f"{path}/{entry}" for entry in entries[: -S.HISTORY_KEEP]], recursive=False)
 
     # ---- dispatch -----------------------------------------------------------------------------
 
@@ -358,7 +372,7 @@ class MigrationAgent(Service):
         record, version = known if known else self.read_record(uuid)
         if record is None:
             self.deadlines.clear(uuid)
-            self._prefetched.pop(uuid, None)   # ended elsewhere (e.g. the target aborted it)
+            self._prefetched.pop(uuid, None)  # ended elsewhere (e.g. the target aborted it)
             return
         m = Migration(uuid, record, version, local=local_state)
         m.timed_out = self.deadlines.expired(uuid, m.marker)
@@ -394,7 +408,7 @@ class MigrationAgent(Service):
                 # then starts with no read on the way, and its first write checks these keys'
                 # versions (see transfer). Likewise libvirt's part of a live migration's start.
                 ahead = self._prefetched.get(uuid)
-                if ahead is None or ahead.migration_id != record.id:   # once per migration
+                if ahead is None or ahead.migration_id != record.id:  # once per migration
                     try:
                         m.inputs = self.read_transfer_inputs(uuid, record)
                     except StoreError as exc:
@@ -421,9 +435,15 @@ class MigrationAgent(Service):
         live_migrate builds the URIs from, and reads itself if the method has changed since),
         and the target's daemon state (is it being fenced?)."""
         uris = self._target_uri_paths(record) if record.force_live or record.method != "shutdown" else []
-        return self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_NODE), self.schema.domain_key(uuid, S.DOMAIN_XML),
-                                     self.schema.node_key(record.target, S.NODE_DAEMON_STATE)]
-                                    + meta_paths(self.schema, uuid, MIGRATION_META) + uris)
+        return self.store.read_many(
+            [
+                self.schema.domain_key(uuid, S.DOMAIN_NODE),
+                self.schema.domain_key(uuid, S.DOMAIN_XML),
+                self.schema.node_key(record.target, S.NODE_DAEMON_STATE),
+            ]
+            + meta_paths(self.schema, uuid, MIGRATION_META)
+            + uris
+        )
 
     def setup_ahead(self, m: Migration) -> MigrationSetup | None:
         """The libvirt calls a live migration makes before its transfer (the domain's lookup,
@@ -440,7 +460,7 @@ class MigrationAgent(Service):
             return None
         try:
             return self.hypervisor.prepare_migration(uuid, meta.migration_max_downtime_ms)
-        except HypervisorError as exc:   # the transfer's own attempt reports it, if it still fails
+        except HypervisorError as exc:  # the transfer's own attempt reports it, if it still fails
             log.debug("migration %s of %s: libvirt not set up ahead: %s", record.id, uuid, exc)
             return None
 
@@ -474,8 +494,9 @@ class MigrationAgent(Service):
         if m.local == UNAVAILABLE:
             # Nothing has moved yet (the transfer starts only after `transferring` is written),
             # and a VM whose state here is not known is never handed on: abort, the VM stays.
-            self.abort(m, f"source {self.node} cannot reach its libvirtd: "
-                          f"{self.hypervisor.health_reason or 'not connected'}")
+            self.abort(
+                m, f"source {self.node} cannot reach its libvirtd: {self.hypervisor.health_reason or 'not connected'}"
+            )
             return
         ahead = self._prefetched.pop(uuid, None)
         if ahead is not None and ahead.migration_id == record.id:
@@ -484,7 +505,7 @@ class MigrationAgent(Service):
             try:
                 self._transfer(m, fresh=False)
                 return
-            except StaleCheck as exc:   # raised before anything was written: m is as it was
+            except StaleCheck as exc:  # raised before anything was written: m is as it was
                 log.info("migration %s of %s: %s changed since it was read; reading again", record.id, uuid, exc)
         try:
             m.inputs = self.read_transfer_inputs(uuid, record)
@@ -536,14 +557,16 @@ class MigrationAgent(Service):
         refused = self.refusal_of(uuid, (inputs[xml_path] or ("",))[0])
         if refused:
             if not fresh:
-                raise StaleCheck(xml_path)   # confirmed from a fresh read before anything is refused
+                raise StaleCheck(xml_path)  # confirmed from a fresh read before anything is refused
             self.abort(m, f"source {self.node} does not migrate the VM: its domain XML is refused: {refused}")
             return
         meta = meta_from(self.schema, uuid, inputs, MIGRATION_META)
         for key, warning in zip(MIGRATION_META, meta_problems(meta, MIGRATION_META)):
-            if warning:   # e.g. a maximum downtime beyond QEMU's limit: never handed to libvirt
+            if warning:  # e.g. a maximum downtime beyond QEMU's limit: never handed to libvirt
                 path = self.schema.domain_meta(uuid, key)
-                self.invalid.report(Invalid(path, warning, inputs[path][0]), "meta", inputs[path][1], "the default applies")
+                self.invalid.report(
+                    Invalid(path, warning, inputs[path][0]), "meta", inputs[path][1], "the default applies"
+                )
         checks = {path: found[1] for path, found in inputs.items() if found is not None}
         method = "live" if record.force_live else meta.migration_method
         if self._local(m) not in ACTIVE:
@@ -563,12 +586,17 @@ class MigrationAgent(Service):
                 # finished) the job, and where the VM runs is for both libvirtds to say. No
                 # fallback: a shutdown needs libvirt too. Ground truth decides, asked again once
                 # reconnected (the reconnect brings a pass; the step deadline bounds the wait).
-                log.warning("migration %s of %s: libvirt connection lost during the transfer (%s); resolving from "
-                            "libvirt once reconnected", record.id, uuid, error)
+                log.warning(
+                    "migration %s of %s: libvirt connection lost during the transfer (%s); resolving from "
+                    "libvirt once reconnected",
+                    record.id,
+                    uuid,
+                    error,
+                )
                 self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
                 return
             if error is None:
-                crash_point("source:live-running")   # only if the watcher missed a very short job
+                crash_point("source:live-running")  # only if the watcher missed a very short job
                 crash_point("source:live-done")
                 # The target usually ends the migration first, on libvirt's resume event: then
                 # there is no record left to advance, and that is the normal course.
@@ -583,12 +611,19 @@ class MigrationAgent(Service):
                 # connection to it failed, or the target's daemon says it has lost it): a
                 # shutdown migration would stop the VM for a target that may not start it.
                 # libvirt ended the job, so the VM still runs here: abort, and stop nothing.
-                why = (f"target {record.target}'s libvirt is {target_libvirt}" if target_libvirt != S.LIBVIRT_OK
-                       else "libvirt's connection to the target's libvirtd failed")
+                why = (
+                    f"target {record.target}'s libvirt is {target_libvirt}"
+                    if target_libvirt != S.LIBVIRT_OK
+                    else "libvirt's connection to the target's libvirtd failed"
+                )
                 self.after_failed_live(m, f"live migration failed ({error}) and {why}: no shutdown migration is tried")
                 return
-            log.warning("migration %s of %s: live migration failed (%s); falling back to a shutdown migration",
-                        record.id, uuid, error)
+            log.warning(
+                "migration %s of %s: live migration failed (%s); falling back to a shutdown migration",
+                record.id,
+                uuid,
+                error,
+            )
             if not self.advance(m, STEP_TRANSFERRING, method_used="shutdown", fallback_reason=str(error)):
                 return
         pause_point("source:before-shutdown")
@@ -612,21 +647,31 @@ class MigrationAgent(Service):
             inputs = self.store.read_many([path])
         uris = self.peer_uris(record.target, path, inputs[path])
         if uris is None:
-            return HypervisorError("migrate", uuid, None, f"target {record.target} has published an address that is not valid")
+            return HypervisorError(
+                "migrate", uuid, None, f"target {record.target} has published an address that is not valid"
+            )
         dest_uri, transport_uri = uris
         timeout_s = self.config.live_timeout_s(record.memory_mib)
         crash_while_migrating(self.hypervisor, uuid)
         try:
-            self.hypervisor.migrate(uuid, dest_uri, migration_uri=transport_uri or None,
-                                    live=True, peer_to_peer=True, max_downtime_ms=meta.migration_max_downtime_ms,
-                                    auto_converge=meta.migration_auto_converge, tls=self.config.migration_tls,
-                                    timeout_s=timeout_s, setup=m.setup)
+            self.hypervisor.migrate(
+                uuid,
+                dest_uri,
+                migration_uri=transport_uri or None,
+                live=True,
+                peer_to_peer=True,
+                max_downtime_ms=meta.migration_max_downtime_ms,
+                auto_converge=meta.migration_auto_converge,
+                tls=self.config.migration_tls,
+                timeout_s=timeout_s,
+                setup=m.setup,
+            )
         except HypervisorError as exc:
             return exc
         return None
 
     def after_failed_live(self, m: Migration, reason: str) -> None:
-        m.local = ASK   # libvirt's state here before the migration no longer holds: ask
+        m.local = ASK  # libvirt's state here before the migration no longer holds: ask
         if self._local(m) in RUNNING:
             self.abort(m, reason)
         else:
@@ -666,8 +711,11 @@ class MigrationAgent(Service):
                 # The source has not started the transfer (it starts only after writing
                 # `transferring`), whatever libvirt says: the VM never left it. The abort is
                 # version-checked, so a `transferring` written meanwhile wins and this fails.
-                self.abort(m, f"source {record.source} did not start the transfer within "
-                              f"{self.config.step_timeout_s:.0f} s", node=record.source)
+                self.abort(
+                    m,
+                    f"source {record.source} did not start the transfer within {self.config.step_timeout_s:.0f} s",
+                    node=record.source,
+                )
             elif m.timed_out:
                 self.resolve(m)
             else:
@@ -705,21 +753,24 @@ class MigrationAgent(Service):
         uuid, record = m.uuid, m.record
         pause_point("target:before-prepare")
         if self.hypervisor.health != S.LIBVIRT_OK or self._local(m) == UNAVAILABLE:
-            self.abort(m, f"target {self.node} cannot reach its libvirtd ({self.hypervisor.health}: "
-                          f"{self.hypervisor.health_reason or 'not connected'})")
+            self.abort(
+                m,
+                f"target {self.node} cannot reach its libvirtd ({self.hypervisor.health}: "
+                f"{self.hypervisor.health_reason or 'not connected'})",
+            )
             return
         refused = self.xml_refusal(uuid)
         if refused:
             self.abort(m, f"target {self.node} does not take the VM: {refused}")
             return
-        paths = self.readiness.paths   # this node's daemon state and domain state
+        paths = self.readiness.paths  # this node's daemon state and domain state
         # This node's readiness as its watches last reported it, with no read on the way. The
         # prepared write checks both versions, so a copy one change behind makes it fail (then,
         # and before any refusal, the states are read fresh).
         for fresh in (False, True):
             found = self.store.read_many(paths) if fresh else self.readiness.snapshot()
             if found is None:
-                continue   # the watches have not answered yet
+                continue  # the watches have not answered yet
             daemon_state, domain_state = ((found[p] or ("",))[0] for p in paths)
             if daemon_state != "run" or domain_state not in ("ready", "unflush"):
                 if not fresh:
@@ -730,8 +781,7 @@ class MigrationAgent(Service):
                 self.resolve(m)
                 return
             try:
-                if self.advance(m, STEP_PREPARED,
-                                checks={p: found[p][1] for p in paths}):  # type: ignore[index]  # both read: checked above
+                if self.advance(m, STEP_PREPARED, checks={p: found[p][1] for p in paths}):  # type: ignore[index]  # both read: checked above
                     crash_point("target:prepared")
                 return
             except StaleCheck as exc:
@@ -779,8 +829,9 @@ class MigrationAgent(Service):
         path = self.schema.domain_migration(uuid)
         claim = replace(record, starting_on=self.node)
         if not self.store.write({path: claim.to_json()}, expect_versions={path: version}):
-            log.warning("migration %s of %s: record changed before the start here could be claimed; re-reading",
-                        record.id, uuid)
+            log.warning(
+                "migration %s of %s: record changed before the start here could be claimed; re-reading", record.id, uuid
+            )
             return
         self.domains.wrote_migration(uuid, (record.id, version), claim, version + 1)
         m.moved_to(claim, version + 1)
@@ -800,8 +851,13 @@ class MigrationAgent(Service):
             # libvirt went away or hung in the create: the VM may or may not run here now. Keep
             # the claim (the source does not take back a VM this node has claimed while it is
             # alive); the pass after the reconnect, or the deadline, finds out from libvirt.
-            log.warning("migration %s of %s: start on target %s not confirmed (%s); asking libvirt again once it "
-                        "answers", record.id, uuid, self.node, exc)
+            log.warning(
+                "migration %s of %s: start on target %s not confirmed (%s); asking libvirt again once it answers",
+                record.id,
+                uuid,
+                self.node,
+                exc,
+            )
             self.deadlines.arm(uuid, m.marker, self.config.step_timeout_s)
             return
         except HypervisorError as exc:
@@ -818,12 +874,19 @@ class MigrationAgent(Service):
         uuid, record, version, marker = m.uuid, m.record, m.version, m.marker
         _, current = self.read_record(uuid)
         if current != version:
-            return   # the record moved on (or ended) since it was handed to us: its watch brings it
+            return  # the record moved on (or ended) since it was handed to us: its watch brings it
         source, target = record.source, record.target
         on_source = self.state_on(source, uuid)
         on_target = self.state_on(target, uuid)
-        log.info("migration %s of %s: resolving from libvirt: source %s is %s, target %s is %s",
-                 record.id, uuid, source, on_source, target, on_target)
+        log.info(
+            "migration %s of %s: resolving from libvirt: source %s is %s, target %s is %s",
+            record.id,
+            uuid,
+            source,
+            on_source,
+            target,
+            on_target,
+        )
         if UNKNOWN in (on_source, on_target):
             # A node we cannot ask may still run the VM: start nothing, ask again later (I1 first).
             self.deadlines.arm(uuid, f"{marker}:retry:{time.monotonic():.0f}", self.config.step_timeout_s)
@@ -831,7 +894,7 @@ class MigrationAgent(Service):
         src_active, tgt_active = on_source in ACTIVE, on_target in ACTIVE
         if src_active and on_target == "paused":
             self.deadlines.arm(uuid, f"{marker}:job:{time.monotonic():.0f}", self.config.step_timeout_s)
-            return   # libvirt still transfers; check again later
+            return  # libvirt still transfers; check again later
         if src_active and tgt_active:
             # Must not happen through libvirt; keep the copy on the target (it has the newest
             # memory after a switch-over) and stop the other.
@@ -855,7 +918,10 @@ class MigrationAgent(Service):
             return
         # Off on both sides.
         step = record.step
-        shut_down_for_migration = record.method_used in ("shutdown", "offline") and step in (STEP_TRANSFERRING, STEP_TRANSFERRED)
+        shut_down_for_migration = record.method_used in ("shutdown", "offline") and step in (
+            STEP_TRANSFERRING,
+            STEP_TRANSFERRED,
+        )
         if shut_down_for_migration and self.node == target:
             self.start_here(m)
             return
@@ -864,7 +930,7 @@ class MigrationAgent(Service):
             # start (`starting_on`) it may be creating the VM right now, and taking the VM back
             # here could start a second copy (I1): wait for it (a failed start aborts to us).
             if step == STEP_TRANSFERRING:
-                self.advance(m, STEP_TRANSFERRED)   # the target starts it
+                self.advance(m, STEP_TRANSFERRED)  # the target starts it
                 return
             if record.starting_on == target:
                 self.deadlines.arm(uuid, f"{marker}:target-starts:{time.monotonic():.0f}", self.config.step_timeout_s)
@@ -872,8 +938,12 @@ class MigrationAgent(Service):
             # Alive, but a whole step timeout has passed without even a claim: its daemon cannot
             # act (e.g. its libvirtd is down or hung). Take the VM back: the abort is
             # version-checked against the record as read, so it and a claim exclude each other.
-            self.abort(m, f"target {target} did not start the VM within {self.config.step_timeout_s:.0f} s; "
-                          f"it is given back to the source", node=source)
+            self.abort(
+                m,
+                f"target {target} did not start the VM within {self.config.step_timeout_s:.0f} s; "
+                f"it is given back to the source",
+                node=source,
+            )
             return
         if shut_down_for_migration and record.starting_on == target and not self.peer_fenced(target):
             # The target claimed the start and may be creating the VM right now although its
@@ -881,8 +951,12 @@ class MigrationAgent(Service):
             # claim, still makes the libvirt call. Taking the VM back here could start a second
             # copy (I1; models/ha.pml, rule D7). Wait for the target to come back, or for its
             # fence: a fenced node runs nothing, and then the VM is given back here.
-            log.warning("migration %s of %s: target %s claimed the start and is gone; waiting for it or its fence",
-                        record.id, uuid, target)
+            log.warning(
+                "migration %s of %s: target %s claimed the start and is gone; waiting for it or its fence",
+                record.id,
+                uuid,
+                target,
+            )
             self.deadlines.arm(uuid, f"{marker}:claimed:{time.monotonic():.0f}", self.config.step_timeout_s)
             return
         # Nothing runs and the target cannot take over: back to the source, which starts it.
@@ -898,12 +972,14 @@ class MigrationAgent(Service):
             self.hypervisor.destroy(uuid)
             return
         if on_assigned == UNKNOWN:
-            log.warning("VM %s runs here but is assigned to %s, which cannot be asked; leaving it running", uuid, assigned)
+            log.warning(
+                "VM %s runs here but is assigned to %s, which cannot be asked; leaving it running", uuid, assigned
+            )
             return
         log.warning("VM %s runs here but is assigned to %s with no migration: migrating it there", uuid, assigned)
         vm = read_vm(self.store, uuid)
         if vm is None or vm.node != assigned or vm.migration is not None:
-            return   # changed since it was decided: its watches bring the new values
+            return  # changed since it was decided: its watches bring the new values
         # The one request path (_requests.submit_request): the fit on the assigned node (which
         # counts the VM already, so it is given back first), its reservation and a version-checked
         # rewrite of its reservations znode, in one transaction with the record's creation; a

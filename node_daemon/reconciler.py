@@ -14,6 +14,7 @@ fails to write), and every other action (start, stop, shutdown, rehome) is confi
 reads before anything is done.
 A periodic pass every keepalive interval also catches what no watch reports (a guest that crashed).
 """
+
 from __future__ import annotations
 
 import threading
@@ -47,8 +48,10 @@ ACCOUNTING_KEYS = (S.DOMAIN_NODE, S.DOMAIN_XML, S.DOMAIN_MIGRATION)
 LOADING = object()
 # What happens to a VM whose key is not valid, as the log says it.
 LEFT_ALONE = "the VM is left as it is until the value is fixed"
-RECORD_LEFT_ALONE = ("no daemon acts on the record and the VM is left as it is until an operator clears it "
-                     "(pvc.cluster.vm_migrate with state=cleared)")
+RECORD_LEFT_ALONE = (
+    "no daemon acts on the record and the VM is left as it is until an operator clears it "
+    "(pvc.cluster.vm_migrate with state=cleared)"
+)
 XML_REFUSED = "the VM is neither started nor migrated until its XML is fixed"
 RUNSTATE_IGNORED = "read as none: the VM's desired state applies"
 
@@ -90,8 +93,12 @@ class Reconciler(Service):
         if event not in ("started", "resumed"):
             return
         record = self.domains.get(uuid)
-        if (record is not None and record.migration_target == self.node
-                and record.migration is not None and record.migration.method_used == "live"):
+        if (
+            record is not None
+            and record.migration_target == self.node
+            and record.migration is not None
+            and record.migration.method_used == "live"
+        ):
             self.enqueue(uuid)
 
     def _on_domains(self, children: list[str] | None) -> bool:
@@ -157,11 +164,12 @@ class Reconciler(Service):
         asynchronous read, so with every daemon watching every VM many re-reads are in flight at
         once). A FOLLOWED_KEYS key stops being read at its first change that no longer concerns
         this node (see _follows)."""
+
         def wanted() -> bool:
             if uuid not in self._watched:
                 return False
             if key in self._followed:
-                with self._lock:   # atomic with follow's check (see there)
+                with self._lock:  # atomic with follow's check (see there)
                     if not self._follows(uuid):
                         self._followed[key].discard(uuid)
                         return False
@@ -188,7 +196,7 @@ class Reconciler(Service):
         if key == S.DOMAIN_NODE and value == self.node:
             self.follow(uuid)
         if after == before:
-            return   # nothing new (e.g. the answer to this daemon's own write, already recorded)
+            return  # nothing new (e.g. the answer to this daemon's own write, already recorded)
         # Every daemon watches every VM; only those that concern this node are worth a pass:
         # assigned or migrating here before or after the change, or running here.
         if self._concerns_me(before) or self._concerns_me(after) or uuid in self.local:
@@ -240,11 +248,19 @@ class Reconciler(Service):
         if key == S.DOMAIN_XML:
             info, error = self._decoded(path, "xml", self.accepted_xml, value, version, None, XML_REFUSED, uuid)
             if info is None:
-                self.domains.put(uuid, key, exists, memory_mib=0, vcpus=0, xml=value or "",
-                                 xml_error=error or "no domain XML in ZooKeeper")
+                self.domains.put(
+                    uuid,
+                    key,
+                    exists,
+                    memory_mib=0,
+                    vcpus=0,
+                    xml=value or "",
+                    xml_error=error or "no domain XML in ZooKeeper",
+                )
                 return
-            self.domains.put(uuid, key, exists, name=info.name, memory_mib=info.memory_mib, vcpus=info.vcpus,
-                             xml_error="", xml=value)
+            self.domains.put(
+                uuid, key, exists, name=info.name, memory_mib=info.memory_mib, vcpus=info.vcpus, xml_error="", xml=value
+            )
         elif key == S.DOMAIN_STATE:
             state, error = self._decoded(path, "state", R.vm_state, value, version, "", LEFT_ALONE)
             self.domains.put(uuid, key, exists, desired_state=state, state_version=version, state_error=error)
@@ -258,14 +274,21 @@ class Reconciler(Service):
             lastnode, _ = self._decoded(path, "lastnode", R.vm_node, value, version, "", "read as none (no home node)")
             self.domains.put(uuid, key, exists, lastnode=lastnode)
         elif key == S.DOMAIN_MIGRATION:
-            record, error = self._decoded(path, "migration", R.migration_record, value, version, None,
-                                          RECORD_LEFT_ALONE, uuid)
+            record, error = self._decoded(
+                path, "migration", R.migration_record, value, version, None, RECORD_LEFT_ALONE, uuid
+            )
             current = self.domains.get(uuid)
-            if (record and current and current.migration and current.migration.id == record.id
-                    and version < current.migration_version):
-                return   # an answer older than this daemon's own write, already recorded
-            self.domains.put(uuid, key, exists, migration=record, migration_version=version if exists else -1,
-                             migration_error=error)
+            if (
+                record
+                and current
+                and current.migration
+                and current.migration.id == record.id
+                and version < current.migration_version
+            ):
+                return  # an answer older than this daemon's own write, already recorded
+            self.domains.put(
+                uuid, key, exists, migration=record, migration_version=version if exists else -1, migration_error=error
+            )
 
     # ---- work queue ---------------------------------------------------------------------------
 
@@ -278,7 +301,7 @@ class Reconciler(Service):
                 return
             self._busy.add(uuid)
         record = self.domains.get(uuid)
-        name = (record.name if record and record.name else uuid[:8])
+        name = record.name if record and record.name else uuid[:8]
         self._workers.submit(lambda: self._work(uuid), name=f"vm-{name}")
 
     def _work(self, uuid: str) -> None:
@@ -320,7 +343,7 @@ class Reconciler(Service):
                 self.enqueue(uuid)
                 continue
             if record.migration_source is not None:
-                continue   # migrations wake on watches and step deadlines
+                continue  # migrations wake on watches and step deadlines
             desired = Desired(state=record.state, node=record.node, invalid=record.left_alone)
             if decide(self.node, desired, local.get(uuid)).action not in (Action.NOTHING, Action.FORGET):
                 self.enqueue(uuid)
@@ -344,25 +367,34 @@ class Reconciler(Service):
     def read_desired(self, uuid: str):
         """Fresh reads of the keys that decide what happens to the VM (None when it is gone),
         decoded as the watches decode them."""
-        paths = (self.schema.domain_key(uuid, S.DOMAIN_STATE), self.schema.domain_key(uuid, S.DOMAIN_NODE),
-                 self.schema.domain_migration(uuid), self.schema.domain_key(uuid, S.DOMAIN_RUNSTATE))
+        paths = (
+            self.schema.domain_key(uuid, S.DOMAIN_STATE),
+            self.schema.domain_key(uuid, S.DOMAIN_NODE),
+            self.schema.domain_migration(uuid),
+            self.schema.domain_key(uuid, S.DOMAIN_RUNSTATE),
+        )
         values = self.store.read_many(paths)
         state, node, found, run = (values[path] for path in paths)
         if state is None or node is None:
             return None, None
         desired, state_error = self._decoded(paths[0], "state", R.vm_state, state[0], state[1], "", LEFT_ALONE)
-        runstate, _ = self._decoded(paths[3], "state", R.runstate, run[0] if run else None, run[1] if run else -1,
-                                    None, RUNSTATE_IGNORED)
+        runstate, _ = self._decoded(
+            paths[3], "state", R.runstate, run[0] if run else None, run[1] if run else -1, None, RUNSTATE_IGNORED
+        )
         state = R.effective_state(desired, state[1], runstate)
         node, node_error = self._decoded(paths[1], "node", R.vm_node, node[0], node[1], "", LEFT_ALONE)
         record, record_error = (None, "")
         if found is not None:
-            record, record_error = self._decoded(paths[2], "migration", R.migration_record, found[0], found[1], None,
-                                                 RECORD_LEFT_ALONE, uuid)
-        desired = Desired(state=state, node=node,
-                          migration_source=record.source if record else None,
-                          migration_target=record.target if record else None,
-                          invalid=record_error or state_error or node_error)
+            record, record_error = self._decoded(
+                paths[2], "migration", R.migration_record, found[0], found[1], None, RECORD_LEFT_ALONE, uuid
+            )
+        desired = Desired(
+            state=state,
+            node=node,
+            migration_source=record.source if record else None,
+            migration_target=record.target if record else None,
+            invalid=record_error or state_error or node_error,
+        )
         return desired, ((record, found[1]) if record else None)
 
     def desired_from_table(self, uuid: str):
@@ -375,8 +407,13 @@ class Reconciler(Service):
             return LOADING, None
         if S.DOMAIN_STATE not in record.present or S.DOMAIN_NODE not in record.present:
             return None, None
-        desired = Desired(state=record.state, node=record.node, migration_source=record.migration_source,
-                          migration_target=record.migration_target, invalid=record.left_alone)
+        desired = Desired(
+            state=record.state,
+            node=record.node,
+            migration_source=record.migration_source,
+            migration_target=record.migration_target,
+            invalid=record.left_alone,
+        )
         return desired, ((record.migration, record.migration_version) if record.migration else None)
 
     def reconcile(self, uuid: str) -> None:
@@ -391,8 +428,12 @@ class Reconciler(Service):
             # No libvirt connection (the driver reconnects, and the reconnect queues a pass over
             # every VM): start, stop or re-home nothing on a state that is not known. A migration
             # still follows its steps and deadlines (the agent takes UNAVAILABLE into account).
-            if desired is not None and desired is not LOADING and known and self.node in (
-                    desired.migration_source, desired.migration_target):
+            if (
+                desired is not None
+                and desired is not LOADING
+                and known
+                and self.node in (desired.migration_source, desired.migration_target)
+            ):
                 self.migrations.handle(uuid, known, local_state=UNAVAILABLE)
             else:
                 log.info("VM %s: left as it is while libvirt is unavailable (%s)", uuid, exc.message)
@@ -470,8 +511,17 @@ class Reconciler(Service):
         decodes (a bounded, parsed libvirt domain document with its memory size) and this
         node's domain XML policy accepts it, with the VM's own UUID and name."""
         name = self.store.read(self.schema.domain(uuid))
-        _, error = self._decoded(self.schema.domain_key(uuid, S.DOMAIN_XML), "xml", self.accepted_xml, xml, version,
-                                 None, XML_REFUSED, uuid, name)
+        _, error = self._decoded(
+            self.schema.domain_key(uuid, S.DOMAIN_XML),
+            "xml",
+            self.accepted_xml,
+            xml,
+            version,
+            None,
+            XML_REFUSED,
+            uuid,
+            name,
+        )
         return xml, (f"refused to start: {error}" if error else "")
 
     def _fail(self, uuid: str, reason: str) -> None:
@@ -479,8 +529,13 @@ class Reconciler(Service):
         desired state read now: an operator's next ``start`` tries again), with the reason."""
         log.error("VM %s: start failed: %s", uuid, reason)
         try:
-            move_runstate(self.store, uuid, "fail", self.node,
-                          also={self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): reason[:R.MAX_REASON_BYTES]})
+            move_runstate(
+                self.store,
+                uuid,
+                "fail",
+                self.node,
+                also={self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): reason[: R.MAX_REASON_BYTES]},
+            )
         except StoreError as exc:
             log.warning("VM %s: its failure was not recorded: %s", uuid, exc)
 

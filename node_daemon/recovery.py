@@ -12,6 +12,7 @@
   they are, stopped, with the reason) and which wait for a migration involving the node to be
   resolved first.
 """
+
 from __future__ import annotations
 
 import enum
@@ -29,8 +30,8 @@ class LivenessTracker:
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self._seen: dict[str, tuple[object, float]] = {}   # peer -> (keepalive value, when it changed)
-        self._since: float | None = None                   # connected since (None: not connected)
+        self._seen: dict[str, tuple[object, float]] = {}  # peer -> (keepalive value, when it changed)
+        self._since: float | None = None  # connected since (None: not connected)
 
     def connected(self, now: float) -> None:
         """This daemon's session is (again) usable: every peer starts a new window."""
@@ -59,11 +60,11 @@ class LivenessTracker:
 
 class Act(enum.Enum):
     NOTHING = "nothing"
-    MARK_DEAD = "mark-dead"       # run -> dead (version-checked: a peer that wrote run meanwhile wins)
-    FENCE = "fence"               # dead or fencing -> power it off, confirm, then fenced
-    RECOVER = "recover"           # fenced: start its VMs elsewhere
-    MAINTENANCE = "maintenance"   # dead but in maintenance: never fenced
-    WAIT_OPERATOR = "wait-operator"   # fence-failed: an operator decides
+    MARK_DEAD = "mark-dead"  # run -> dead (version-checked: a peer that wrote run meanwhile wins)
+    FENCE = "fence"  # dead or fencing -> power it off, confirm, then fenced
+    RECOVER = "recover"  # fenced: start its VMs elsewhere
+    MAINTENANCE = "maintenance"  # dead but in maintenance: never fenced
+    WAIT_OPERATOR = "wait-operator"  # fence-failed: an operator decides
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,11 @@ def fence_decision(daemon_state: str, domain_state: str, maintenance: bool, stal
     if daemon_state == "fenced":
         return FenceDecision(Act.RECOVER, "its power is confirmed off")
     if daemon_state == "fence-failed":
-        return FenceDecision(Act.WAIT_OPERATOR, "its fence failed: nothing is recovered until an operator confirms it "
-                             "is off (pvc.cluster.node state=fenced confirm_down=true)")
+        return FenceDecision(
+            Act.WAIT_OPERATOR,
+            "its fence failed: nothing is recovered until an operator confirms it "
+            "is off (pvc.cluster.node state=fenced confirm_down=true)",
+        )
     return FenceDecision(Act.NOTHING, f"daemon state {daemon_state}")
 
 
@@ -112,23 +116,23 @@ class RecoveryCandidate:
     selector: str | None = None
     migration_source: str | None = None
     migration_target: str | None = None
-    invalid: str = ""          # a key deciding about it is not valid: left alone
-    xml_error: str = ""        # its XML is not valid: it cannot be started anywhere
+    invalid: str = ""  # a key deciding about it is not valid: left alone
+    xml_error: str = ""  # its XML is not valid: it cannot be started anywhere
 
 
 @dataclass(frozen=True)
 class RecoveryStart:
     uuid: str
     target: str
-    lastnode: str      # what lastnode becomes: where ready brings it home
+    lastnode: str  # what lastnode becomes: where ready brings it home
 
 
 @dataclass
 class RecoveryPlan:
     starts: list[RecoveryStart] = field(default_factory=list)
-    unplaced: dict[str, str] = field(default_factory=dict)   # uuid -> why it stays stopped
-    waiting: dict[str, str] = field(default_factory=dict)    # uuid -> what it waits for
-    aborts: list[str] = field(default_factory=list)          # migrations between fenced nodes: end them
+    unplaced: dict[str, str] = field(default_factory=dict)  # uuid -> why it stays stopped
+    waiting: dict[str, str] = field(default_factory=dict)  # uuid -> what it waits for
+    aborts: list[str] = field(default_factory=list)  # migrations between fenced nodes: end them
 
     @property
     def done(self) -> bool:
@@ -136,8 +140,13 @@ class RecoveryPlan:
         return not self.starts and not self.waiting and not self.aborts
 
 
-def plan_recovery(dead: str, vms: Iterable[RecoveryCandidate], nodes: Mapping[str, NodeView],
-                  fenced: Collection[str] = (), default_selector: str | None = None) -> RecoveryPlan:
+def plan_recovery(
+    dead: str,
+    vms: Iterable[RecoveryCandidate],
+    nodes: Mapping[str, NodeView],
+    fenced: Collection[str] = (),
+    default_selector: str | None = None,
+) -> RecoveryPlan:
     """Where the VMs of the fenced node ``dead`` start again.
 
     ``vms``: RecoveryCandidate of every VM assigned to ``dead`` or with a migration naming it;
@@ -174,8 +183,12 @@ def plan_recovery(dead: str, vms: Iterable[RecoveryCandidate], nodes: Mapping[st
         else:
             movable.append(vm)
     by_uuid = {vm.uuid: vm for vm in movable}
-    moves = plan_flush(dead, [FlushVM(vm.uuid, vm.memory_mib, vm.node_limit, vm.selector, vm.lastnode or dead, vm.vcpus)
-                              for vm in movable], nodes, default_selector=default_selector)
+    moves = plan_flush(
+        dead,
+        [FlushVM(vm.uuid, vm.memory_mib, vm.node_limit, vm.selector, vm.lastnode or dead, vm.vcpus) for vm in movable],
+        nodes,
+        default_selector=default_selector,
+    )
     for move in moves:
         vm = by_uuid[move.uuid]
         if move.target is None:

@@ -8,6 +8,7 @@ datagram per message, newline-separated ``KEY=VALUE`` lines, nothing to read bac
 The address is taken out of the environment when first read (as sd_notify's ``unset_environment``
 does), so that nothing the daemon might start later sends in its name.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,10 @@ _address: object = _UNSET
 
 
 def _socket_address() -> str | None:
-    global _address   # pylint: disable=global-statement
+    global _address  # pylint: disable=global-statement
     if _address is _UNSET:
         _address = os.environ.pop("NOTIFY_SOCKET", None) or None
-    return _address   # type: ignore[return-value]
+    return _address  # type: ignore[return-value]
 
 
 def notify(*lines: str) -> bool:
@@ -54,5 +55,5 @@ def notify(*lines: str) -> bool:
 
 def reset() -> None:
     """Forget the address read (tests)."""
-    global _address   # pylint: disable=global-statement
+    global _address  # pylint: disable=global-statement
     _address = _UNSET

@@ -8,6 +8,7 @@ to an idle thread when there is one and starts a new thread only when all are bu
 is blocked (an abandoned libvirt call) simply stays busy; it rejoins the idle ones when its job
 returns. At most ``keep_idle`` idle threads wait for work; others end.
 """
+
 from __future__ import annotations
 
 import queue
@@ -37,7 +38,7 @@ class ReusableThreads:
         self.keep_idle = keep_idle
         self._lock = threading.Lock()
         self._parked = threading.Condition(self._lock)
-        self._idle: list[queue.SimpleQueue[Any]] = []   # one inbox per parked thread
+        self._idle: list[queue.SimpleQueue[Any]] = []  # one inbox per parked thread
         self._started = 0
 
     def submit(self, job: Callable[[], None], name: str | None = None) -> None:
@@ -87,7 +88,7 @@ class ReusableThreads:
             me.name = name or base
             try:
                 job()
-            except Exception:   # a job's failure must not cost the pool its thread
+            except Exception:  # a job's failure must not cost the pool its thread
                 log.exception("job in thread %s failed", me.name)
             me.name = base
             with self._lock:

@@ -4,6 +4,7 @@ The XML and state in ZooKeeper are the source of truth; libvirt on this node is 
 The reconciler reads both, calls :func:`decide`, and applies the action. Migrations are not
 decided here: when a migration record exists the migration agent owns the VM.
 """
+
 from __future__ import annotations
 
 import enum
@@ -14,14 +15,14 @@ from .hypervisor import ACTIVE_STATES, RUNNING_STATES
 
 class Action(enum.Enum):
     NOTHING = "nothing"
-    START = "start"                      # create the domain from the XML in ZooKeeper
-    RESTART = "restart"                  # clean shutdown (forced after the timeout), start, state=start
-    SHUTDOWN = "shutdown"                # clean shutdown (forced after the timeout), state=stop
-    STOP = "stop"                        # forced stop, state unchanged
-    RECORD_STOPPED = "record-stopped"    # not running: write the state the request leads to
-    MIGRATION = "migration"              # a migration record names this node: the agent acts
-    REHOME = "rehome"                    # running here but assigned elsewhere without a record
-    FORGET = "forget"                    # nothing to do here; stop tracking
+    START = "start"  # create the domain from the XML in ZooKeeper
+    RESTART = "restart"  # clean shutdown (forced after the timeout), start, state=start
+    SHUTDOWN = "shutdown"  # clean shutdown (forced after the timeout), state=stop
+    STOP = "stop"  # forced stop, state unchanged
+    RECORD_STOPPED = "record-stopped"  # not running: write the state the request leads to
+    MIGRATION = "migration"  # a migration record names this node: the agent acts
+    REHOME = "rehome"  # running here but assigned elsewhere without a record
+    FORGET = "forget"  # nothing to do here; stop tracking
 
 
 # libvirt states in which a domain occupies a node (the driver's vocabulary). A paused domain is
@@ -31,9 +32,9 @@ ACTIVE_LIBVIRT_STATES = ACTIVE_STATES
 
 @dataclass(frozen=True)
 class Desired:
-    state: str            # one of VM_STATES
-    node: str             # node the VM is assigned to
-    migration_source: str | None = None   # set when a migration record exists
+    state: str  # one of VM_STATES
+    node: str  # node the VM is assigned to
+    migration_source: str | None = None  # set when a migration record exists
     migration_target: str | None = None
     # why a key that decides about the VM (its state, node or migration record) is not valid;
     # then nothing is done about the VM until it is (an operator's fix, or a record cleared)
@@ -43,7 +44,7 @@ class Desired:
 @dataclass(frozen=True)
 class Decision:
     action: Action
-    new_state: str | None = None   # the state to record after the action, if it changes
+    new_state: str | None = None  # the state to record after the action, if it changes
     why: str = ""
 
 

@@ -5,6 +5,7 @@ states): reading them from here costs nothing, and a write that depends on them 
 versions in its own transaction, so a copy one change behind makes that write fail instead of
 acting on it (the caller then reads them fresh).
 """
+
 from __future__ import annotations
 
 import threading
@@ -38,6 +39,7 @@ class WatchedKeys:
             with self._lock:
                 self._values[path] = value
                 self._changed.notify_all()
+
         return update
 
     def snapshot(self) -> Values | None:

@@ -11,6 +11,7 @@ libvirt-python is left out unless --with-libvirt: by default a node uses Debian'
 Debian's binding. The wheels are for this machine's Python version and architecture: build with
 the Python minor version of the nodes (3.11 for Debian 12).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    dependencies = [d for d in project["dependencies"] if args.with_libvirt or requirement_name(d) != canonical(LIBVIRT)]
+    dependencies = [
+        d for d in project["dependencies"] if args.with_libvirt or requirement_name(d) != canonical(LIBVIRT)
+    ]
     out = args.outdir.resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -57,11 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     expected = {canonical(project["name"])} | {requirement_name(d) for d in dependencies}
     if not expected <= names:
         raise SystemExit(f"build-wheelhouse: no wheel of {sorted(expected - names)} in {out}")
-    binding = "libvirt-python from this wheelhouse" if args.with_libvirt else "libvirt-python from the node (Debian's python3-libvirt)"
+    binding = (
+        "libvirt-python from this wheelhouse"
+        if args.with_libvirt
+        else "libvirt-python from the node (Debian's python3-libvirt)"
+    )
     (out / "constraints.txt").write_text(
         f"# The node daemon's wheelhouse, built for Python {sys.version_info.major}.{sys.version_info.minor}; "
         f"{binding}.\n# pip install --no-index --find-links DIR --constraint DIR/constraints.txt pvc-node-daemon\n"
-        + "".join(f"{p}\n" for p in pins))
+        + "".join(f"{p}\n" for p in pins)
+    )
     print(f"build-wheelhouse: {out}: {', '.join(pins)}")
     return 0
 

@@ -57,17 +57,50 @@ from ansible.plugins.inventory import BaseInventoryPlugin, Constructable
 
 from ansible_collections.pvc.cluster.plugins.module_utils._module import option_names
 from ansible_collections.pvc.cluster.plugins.module_utils._report import node_report, read_cluster, vm_report
-from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, ConnectionOptions, StoreError, quiet_client_logging
+from ansible_collections.pvc.cluster.plugins.module_utils._store import (
+    ClusterStore,
+    ConnectionOptions,
+    StoreError,
+    quiet_client_logging,
+)
 
 # vm_report keys that become host variables (pvc_<key>); the XML and statistics are left out
-VM_VARS = ("uuid", "state", "desired_state", "autostart", "node", "lastnode", "home", "running_on", "failedreason", "memory_mib", "vcpus", "meta",
-           "meta_warnings", "migration")
-NODE_VARS = ("daemon_state", "domain_state", "alive", "keepalive", "keepalive_age_s", "memory", "vcpualloc", "cputotal", "cpuload",
-             "domaincount", "running_vms", "assigned_vms", "returning_vms", "libvirt_uri", "transport_uri")
+VM_VARS = (
+    "uuid",
+    "state",
+    "desired_state",
+    "autostart",
+    "node",
+    "lastnode",
+    "home",
+    "running_on",
+    "failedreason",
+    "memory_mib",
+    "vcpus",
+    "meta",
+    "meta_warnings",
+    "migration",
+)
+NODE_VARS = (
+    "daemon_state",
+    "domain_state",
+    "alive",
+    "keepalive",
+    "keepalive_age_s",
+    "memory",
+    "vcpualloc",
+    "cputotal",
+    "cpuload",
+    "domaincount",
+    "running_vms",
+    "assigned_vms",
+    "returning_vms",
+    "libvirt_uri",
+    "transport_uri",
+)
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable):
-
     NAME = "pvc.cluster.cluster"
 
     def verify_file(self, path):
@@ -80,18 +113,30 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
 
         hosts = opt("zk_hosts")
         if not hosts:
-            raise AnsibleParserError("pvc.cluster.cluster: no ZooKeeper servers given: set zk_hosts in the inventory file "
-                                     "or the environment variable PVC_ZK_HOSTS")
+            raise AnsibleParserError(
+                "pvc.cluster.cluster: no ZooKeeper servers given: set zk_hosts in the inventory file "
+                "or the environment variable PVC_ZK_HOSTS"
+            )
         tls_files = [name for name in ("zk_tls_ca", "zk_tls_cert", "zk_tls_key") if opt(name)]
         if tls_files and not self.get_option("zk_tls"):
-            raise AnsibleParserError(f"pvc.cluster.cluster: {', '.join(tls_files)} set but zk_tls is false: "
-                                     "set zk_tls to true to connect with TLS")
+            raise AnsibleParserError(
+                f"pvc.cluster.cluster: {', '.join(tls_files)} set but zk_tls is false: "
+                "set zk_tls to true to connect with TLS"
+            )
         # an empty zk_root is refused by the store's path rules: it never means the default silently
         root = self.get_option("zk_root")
-        options = ConnectionOptions(hosts=str(hosts), root="/pvc" if root is None else root, timeout_s=float(self.get_option("zk_timeout")),
-                                    auth_username=opt("zk_username"), auth_password=opt("zk_password"),
-                                    tls=bool(self.get_option("zk_tls")), tls_ca=opt("zk_tls_ca"), tls_cert=opt("zk_tls_cert"),
-                                    tls_key=opt("zk_tls_key"), tls_verify=bool(self.get_option("zk_tls_verify")))
+        options = ConnectionOptions(
+            hosts=str(hosts),
+            root="/pvc" if root is None else root,
+            timeout_s=float(self.get_option("zk_timeout")),
+            auth_username=opt("zk_username"),
+            auth_password=opt("zk_password"),
+            tls=bool(self.get_option("zk_tls")),
+            tls_ca=opt("zk_tls_ca"),
+            tls_cert=opt("zk_tls_cert"),
+            tls_key=opt("zk_tls_key"),
+            tls_verify=bool(self.get_option("zk_tls_verify")),
+        )
         try:
             options.validate()
         except ValueError as exc:
@@ -101,15 +146,15 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
     def _read(self, options: ConnectionOptions):
         log = logging.getLogger("ansible_collections.pvc.cluster.inventory")
         log.propagate = False
-        if not log.handlers:   # the store's failures reach the parser error through check_reads, not stderr
+        if not log.handlers:  # the store's failures reach the parser error through check_reads, not stderr
             log.addHandler(logging.NullHandler())
         quiet_client_logging()
         try:
             store = ClusterStore(options, logger=log)
-            store.strict_reads()   # a read that fails fails the inventory: none is made from what could not be read
+            store.strict_reads()  # a read that fails fails the inventory: none is made from what could not be read
             try:
                 store.start()
-                store.verify_cluster()   # a pvc.cluster at zk_root, and credentials that fit it
+                store.verify_cluster()  # a pvc.cluster at zk_root, and credentials that fit it
                 snapshot = read_cluster(store)
                 store.check_reads()
             finally:
@@ -136,8 +181,10 @@ class InventoryModule(BaseInventoryPlugin, Constructable):
         unknown = sorted(str(key) for key in config if key not in self._options)
         if unknown:
             # Ansible ignores them without a word: a misspelt option would silently take its default
-            self.display.warning(f"pvc.cluster.cluster: {path}: unknown option{'s' if len(unknown) > 1 else ''} "
-                                 f"{', '.join(unknown)} ignored (options: {', '.join(sorted(self._options))})")
+            self.display.warning(
+                f"pvc.cluster.cluster: {path}: unknown option{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(unknown)} ignored (options: {', '.join(sorted(self._options))})"
+            )
         self._populate(self._read(self._connection_options()))
 
     def _populate(self, snapshot) -> None:

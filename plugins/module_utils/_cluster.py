@@ -48,14 +48,14 @@ class VMRecord:
     lastnode: str = ""
     xml: str = ""
     meta: VMMeta = field(default_factory=_default_meta)
-    memory_mib: int = 0      # the configured maximum, from the XML (0 when it is not valid)
+    memory_mib: int = 0  # the configured maximum, from the XML (0 when it is not valid)
     vcpus: int = 0
     failedreason: str = ""
-    node_version: int = -1   # the znode version of ``node`` (guards requests made from the record)
-    migration: MigrationRecord | None = None   # the in-flight migration, when its record is valid
-    migration_version: int = -1                # the record's version, valid or not (-1: no record)
-    migration_error: str = ""                  # why the record that exists is not valid
-    xml_error: str = ""   # why the XML is not valid (for the daemon: or refused by its domain XML policy)
+    node_version: int = -1  # the znode version of ``node`` (guards requests made from the record)
+    migration: MigrationRecord | None = None  # the in-flight migration, when its record is valid
+    migration_version: int = -1  # the record's version, valid or not (-1: no record)
+    migration_error: str = ""  # why the record that exists is not valid
+    xml_error: str = ""  # why the XML is not valid (for the daemon: or refused by its domain XML policy)
     # why the VM's state or node is not valid (set by the daemon's table: then it leaves the VM alone)
     state_error: str = ""
     node_error: str = ""
@@ -66,10 +66,10 @@ class VMRecord:
     # meta included), each naming its key; such a value reads as its default
     invalid: tuple = ()
     desired_state: str = ""
-    state_version: int = -1                    # the version of the operator's ``state`` (-1: none)
-    runstate: RunState | None = None           # the daemons' record (None: none, or not valid)
-    runstate_version: int = -1                 # its version, valid or not (-1: no record)
-    autostart_meta_version: int = -1           # the version of meta/node_autostart (-1: not set)
+    state_version: int = -1  # the version of the operator's ``state`` (-1: none)
+    runstate: RunState | None = None  # the daemons' record (None: none, or not valid)
+    runstate_version: int = -1  # its version, valid or not (-1: no record)
+    autostart_meta_version: int = -1  # the version of meta/node_autostart (-1: not set)
 
     @property
     def home(self) -> str:
@@ -137,12 +137,14 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
     problems = {} if problems is None else problems
     schema = store.schema
     names = list(names)
-    everyone = node_names(store) if names else []   # whoever may have fenced one of them
+    everyone = node_names(store) if names else []  # whoever may have fenced one of them
     keys = {name: {key: schema.node_key(name, key) for key in S.NODE_DEFAULTS} for name in names}
     fences = {name: fence_record_paths(schema, name, everyone) for name in names}
-    paths = [path for name in names
-             for path in [schema.node(name), schema.node_key(name, S.NODE_ALIVE)] + list(keys[name].values())
-             + fences[name]]
+    paths = [
+        path
+        for name in names
+        for path in [schema.node(name), schema.node_key(name, S.NODE_ALIVE)] + list(keys[name].values()) + fences[name]
+    ]
     found, listed = store.read_round(paths, [schema.node_reservations(name) for name in names])
     reserved = {name: listed[schema.node_reservations(name)] or [] for name in names}
     amounts = store.read_many([schema.node_reservation(name, uuid) for name in names for uuid in reserved[name]])
@@ -152,12 +154,19 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
             continue
         raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
         # the node's fence record: the latest of its own and its peers' (decoded again by the reports)
-        fence = R.latest_fence_record([(path, (found[path] or (None,))[0]) for path in fences[name]],
-                                      problems.setdefault(name, []))
+        fence = R.latest_fence_record(
+            [(path, (found[path] or (None,))[0]) for path in fences[name]], problems.setdefault(name, [])
+        )
         raw[S.NODE_FENCE] = json.dumps(fence) if fence else None
-        reservations = {uuid: reservation_mib(amounts[schema.node_reservation(name, uuid)][0],
-                                              schema.node_reservation(name, uuid), problems.setdefault(name, []))
-                        for uuid in reserved[name] if amounts[schema.node_reservation(name, uuid)]}
+        reservations = {
+            uuid: reservation_mib(
+                amounts[schema.node_reservation(name, uuid)][0],
+                schema.node_reservation(name, uuid),
+                problems.setdefault(name, []),
+            )
+            for uuid in reserved[name]
+            if amounts[schema.node_reservation(name, uuid)]
+        }
         result[name] = (raw, reservations, found[schema.node_key(name, S.NODE_ALIVE)] is not None)
     return result
 
@@ -165,8 +174,9 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
 def fence_record_paths(schema, node: str, names) -> list[str]:
     """Where ``node``'s fence records may be: its own ``fence`` (an operator's confirm_down, or
     an older daemon's record) and the ``fences/<node>`` of each other node of ``names``."""
-    return [schema.node_key(node, S.NODE_FENCE)] + [schema.node_fence_record(other, node)
-                                                    for other in names if other != node]
+    return [schema.node_key(node, S.NODE_FENCE)] + [
+        schema.node_fence_record(other, node) for other in names if other != node
+    ]
 
 
 def read_fence_record(store, node: str, problems: list | None = None) -> dict:
@@ -189,17 +199,22 @@ def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[
     paths = also + [path for name in names for path in [schema.node(name)] + list(keys[name].values())]
     found, listed = store.read_round(paths, [schema.node_reservations(name) for name in names])
     reserved_uuids = {name: listed[schema.node_reservations(name)] or [] for name in names}
-    reservations = store.read_many([schema.node_reservation(name, uuid)
-                                    for name in names for uuid in reserved_uuids[name]])
+    reservations = store.read_many(
+        [schema.node_reservation(name, uuid) for name in names for uuid in reserved_uuids[name]]
+    )
     views = {}
     for name in names:
         if found[schema.node(name)] is None:
             continue
         raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
         problems: list = []
-        reserved = sum(reservation_mib(reservations[schema.node_reservation(name, uuid)][0],
-                                       schema.node_reservation(name, uuid), problems)
-                       for uuid in reserved_uuids[name] if reservations[schema.node_reservation(name, uuid)])
+        reserved = sum(
+            reservation_mib(
+                reservations[schema.node_reservation(name, uuid)][0], schema.node_reservation(name, uuid), problems
+            )
+            for uuid in reserved_uuids[name]
+            if reservations[schema.node_reservation(name, uuid)]
+        )
         view = NodeView.from_store(name, raw, reserved, prefix=schema.node(name) + "/")
         views[name] = replace(view, invalid=tuple(problems) + view.invalid) if problems else view
     return views, {path: found[path] for path in also}
@@ -238,14 +253,24 @@ def meta_from(schema, uuid: str, found: dict, keys=S.META_KEYS) -> VMMeta:
     return VMMeta.from_store({key: (found[schema.domain_meta(uuid, key)] or (None,))[0] for key in keys})
 
 
-_VM_KEYS = (S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_LASTNODE, S.DOMAIN_XML, S.DOMAIN_FAILEDREASON, S.DOMAIN_STATS,
-            S.DOMAIN_RUNSTATE)
+_VM_KEYS = (
+    S.DOMAIN_STATE,
+    S.DOMAIN_NODE,
+    S.DOMAIN_LASTNODE,
+    S.DOMAIN_XML,
+    S.DOMAIN_FAILEDREASON,
+    S.DOMAIN_STATS,
+    S.DOMAIN_RUNSTATE,
+)
 
 
 def vm_paths(schema, uuid: str) -> list[str]:
     """Every key read_vm reads."""
-    return ([schema.domain(uuid), schema.domain_migration(uuid)] + [schema.domain_key(uuid, key) for key in _VM_KEYS]
-            + meta_paths(schema, uuid))
+    return (
+        [schema.domain(uuid), schema.domain_migration(uuid)]
+        + [schema.domain_key(uuid, key) for key in _VM_KEYS]
+        + meta_paths(schema, uuid)
+    )
 
 
 def read_vm(store, uuid: str) -> VMRecord | None:
@@ -344,8 +369,18 @@ def read_vm_state(store, uuid: str) -> str | None:
     return R.effective_state(desired, found[state_path][1], record)
 
 
-def move_runstate(store, uuid: str, state: str, by: str, *, expected: str | None = None, autostart: bool | None = None,
-                  use_autostart_meta: bool = False, also: dict | None = None, attempts: int = 3) -> bool:
+def move_runstate(
+    store,
+    uuid: str,
+    state: str,
+    by: str,
+    *,
+    expected: str | None = None,
+    autostart: bool | None = None,
+    use_autostart_meta: bool = False,
+    also: dict | None = None,
+    attempts: int = 3,
+) -> bool:
     """A node daemon moved VM ``uuid`` to ``state`` (or is about to): write its runstate record
     for the version of the desired ``state`` read now, with ``also`` (more values) in the same
     transaction. ``expected``: only while the VM's state is that. ``autostart``: set or clear
@@ -412,7 +447,7 @@ def read_history(store, uuid: str, last: int = HISTORY_SHOWN, problems: list | N
     for entry in entries:
         answer = found[f"{path}/{entry}"]
         if answer is None:
-            continue   # pruned since it was listed
+            continue  # pruned since it was listed
         try:
             result.append(R.history_entry(answer[0], f"{path}/{entry}", uuid))
         except Invalid as exc:
@@ -446,8 +481,12 @@ def record_guest_downtime(store, uuid: str, migration_id: str, downtime_ms: floa
         stored = json_object(found[0], key, max_bytes=R.MAX_RECORD_BYTES, max_depth=R.MAX_RECORD_DEPTH)
     except Invalid:
         return False
-    if entry["id"] != migration_id or entry["result"] != R.RESULT_DONE or entry.get("method_used") != "live" \
-            or R.GUEST_DOWNTIME_MS in entry:
+    if (
+        entry["id"] != migration_id
+        or entry["result"] != R.RESULT_DONE
+        or entry.get("method_used") != "live"
+        or R.GUEST_DOWNTIME_MS in entry
+    ):
         return False
     return store.write({key: {**stored, **fields}}, expect_versions={key: found[1]})
 
@@ -491,10 +530,10 @@ def wait_until_gone(store, path: str, timeout_s: float) -> bool:
     def on_children(children) -> bool:
         if gone.is_set():
             return False
-        if children is None or name not in children:   # None: the parent does not exist, so neither does the key
+        if children is None or name not in children:  # None: the parent does not exist, so neither does the key
             gone.set()
             return False
         return True
 
-    store.watch_children(parent, on_children)   # answers once before it returns
+    store.watch_children(parent, on_children)  # answers once before it returns
     return gone.wait(timeout_s) or store.exists(path) is False

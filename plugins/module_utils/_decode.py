@@ -90,7 +90,7 @@ _JSON_SPECIAL = re.compile(r'[\\"\[\]{}]')
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
-_MISSING: Any = object()   # Any: it stands for a missing default of whatever type
+_MISSING: Any = object()  # Any: it stands for a missing default of whatever type
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -119,9 +119,12 @@ class Invalid(ValueError):
         return _rebuild_invalid, (self.path, self.expected, self.value, self.field)
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Invalid)
-                and (self.path, self.field, self.expected, self.value)
-                == (other.path, other.field, other.expected, other.value))
+        return isinstance(other, Invalid) and (self.path, self.field, self.expected, self.value) == (
+            other.path,
+            other.field,
+            other.expected,
+            other.value,
+        )
 
     def __hash__(self) -> int:
         return hash((self.path, self.field, self.expected, self.value))
@@ -144,7 +147,7 @@ def _rebuild_invalid(path: str, expected: str, value: str, field: str) -> Invali
 def excerpt(value: object) -> str:
     """A short, printable description of a stored value for messages and logs."""
     if isinstance(value, (bytes, bytearray)):
-        value = bytes(value[:_EXCERPT * 4]).decode("utf-8", errors="replace")
+        value = bytes(value[: _EXCERPT * 4]).decode("utf-8", errors="replace")
     shown = repr(value)
     if len(shown) > _EXCERPT:
         size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
@@ -152,8 +155,9 @@ def excerpt(value: object) -> str:
     return shown
 
 
-def or_default(decoder: Callable[..., T], value: object, path: str, fallback: U, problems: list[Invalid],
-               **bounds: Any) -> T | U:
+def or_default(
+    decoder: Callable[..., T], value: object, path: str, fallback: U, problems: list[Invalid], **bounds: Any
+) -> T | U:
     """``decoder(value, path, **bounds)``; ``fallback`` when the key is missing (``value`` None)
     or its value is invalid, and then the Invalid is appended to ``problems``. For readers that
     must go on with a safe value (and report what they could not read)."""
@@ -169,7 +173,9 @@ def or_default(decoder: Callable[..., T], value: object, path: str, fallback: U,
 # ---- text -----------------------------------------------------------------------------------
 
 
-def text(value: object, path: str, *, default: str = _MISSING, max_bytes: int = MAX_TEXT_BYTES, allow_empty: bool = True) -> str:
+def text(
+    value: object, path: str, *, default: str = _MISSING, max_bytes: int = MAX_TEXT_BYTES, allow_empty: bool = True
+) -> str:
     """A stored text value of at most ``max_bytes`` bytes of UTF-8 (bytes are decoded strictly)."""
     if value is None:
         if default is _MISSING:
@@ -185,7 +191,9 @@ def text(value: object, path: str, *, default: str = _MISSING, max_bytes: int = 
     elif not isinstance(value, str):
         raise Invalid(path, "text", value)
     elif len(value) > max_bytes or len(value.encode("utf-8", errors="surrogatepass")) > max_bytes:
-        raise Invalid(path, f"text of at most {max_bytes} bytes (got {len(value.encode('utf-8', errors='surrogatepass'))})", value)
+        raise Invalid(
+            path, f"text of at most {max_bytes} bytes (got {len(value.encode('utf-8', errors='surrogatepass'))})", value
+        )
     if not allow_empty and not value.strip():
         raise Invalid(path, "non-empty text", value)
     return value
@@ -245,7 +253,9 @@ def integer(value: object, path: str, *, default: int = _MISSING, minimum: int =
     return number
 
 
-def number(value: object, path: str, *, default: float = _MISSING, minimum: float = 0.0, maximum: float = float(MAX_INT)) -> float:
+def number(
+    value: object, path: str, *, default: float = _MISSING, minimum: float = 0.0, maximum: float = float(MAX_INT)
+) -> float:
     """A finite number from ``minimum`` to ``maximum``."""
     what = f"a number from {minimum:g} to {maximum:g}"
     if value is None:
@@ -281,7 +291,7 @@ def _depth(document: str, max_depth: int) -> int:
     skipped. (A malformed document gets some depth; the parser then refuses it.)"""
     depth = deepest = 0
     in_string = False
-    escaped = -1   # the position of a character escaped by a backslash inside a string
+    escaped = -1  # the position of a character escaped by a backslash inside a string
     for match in _JSON_SPECIAL.finditer(document):
         position, char = match.start(), match.group()
         if position == escaped:
@@ -304,7 +314,9 @@ def _depth(document: str, max_depth: int) -> int:
     return deepest
 
 
-def json_value(value: object, path: str, *, default: Any = _MISSING, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+def json_value(
+    value: object, path: str, *, default: Any = _MISSING, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH
+) -> Any:
     """A JSON document of at most ``max_bytes`` bytes nested at most ``max_depth`` deep, parsed.
     Numbers are finite (``NaN``, ``Infinity`` and ``1e999`` are invalid)."""
     what = f"JSON of at most {max_bytes} bytes, nested at most {max_depth} deep"
@@ -319,12 +331,18 @@ def json_value(value: object, path: str, *, default: Any = _MISSING, max_bytes: 
         raise Invalid(path, what + " (it is nested deeper)", value)
     try:
         return json.loads(document, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as exc:   # RecursionError: defence in depth only
+    except (ValueError, RecursionError) as exc:  # RecursionError: defence in depth only
         raise Invalid(path, f"{what} ({exc})", value) from None
 
 
-def json_object(value: object, path: str, *, default: dict[str, Any] = _MISSING, max_bytes: int = MAX_JSON_BYTES,
-                max_depth: int = MAX_DEPTH) -> dict[str, Any]:
+def json_object(
+    value: object,
+    path: str,
+    *,
+    default: dict[str, Any] = _MISSING,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_DEPTH,
+) -> dict[str, Any]:
     """A JSON object (a dict), bounded as :func:`json_value`."""
     if value is None and default is not _MISSING:
         return default
@@ -334,8 +352,14 @@ def json_object(value: object, path: str, *, default: dict[str, Any] = _MISSING,
     return found
 
 
-def json_list(value: object, path: str, *, default: list[Any] = _MISSING, max_bytes: int = MAX_JSON_BYTES,
-              max_depth: int = MAX_DEPTH) -> list[Any]:
+def json_list(
+    value: object,
+    path: str,
+    *,
+    default: list[Any] = _MISSING,
+    max_bytes: int = MAX_JSON_BYTES,
+    max_depth: int = MAX_DEPTH,
+) -> list[Any]:
     """A JSON list, bounded as :func:`json_value`."""
     if value is None and default is not _MISSING:
         return default
@@ -364,7 +388,7 @@ def vm_name(value: object, path: str, *, default: str = _MISSING) -> str:
     if value is None and default is not _MISSING:
         return default
     found = text(value, path, max_bytes=MAX_NAME_LENGTH * 4)
-    if (not found.strip() or len(found) > MAX_NAME_LENGTH or "/" in found or _CONTROL.search(found)):
+    if not found.strip() or len(found) > MAX_NAME_LENGTH or "/" in found or _CONTROL.search(found):
         raise Invalid(path, f"a VM name of 1 to {MAX_NAME_LENGTH} characters without '/' or control characters", value)
     return found
 

@@ -58,12 +58,40 @@ from ._domain_xml import LXML_IMPORT_ERROR, DomainInfo, DomainXMLError, etree, p
 # ---- defaults (docs/security.md) --------------------------------------------------------------
 
 # Where VM storage, firmware and kernels live on a Debian hypervisor; the lab adds its own.
-DEFAULT_STORAGE_ROOTS = ("/var/lib/libvirt/images", "/var/lib/libvirt/boot", "/var/lib/libvirt/qemu/nvram",
-                         "/usr/share/OVMF", "/usr/share/qemu", "/usr/share/seabios", "/var/log/libvirt/qemu")
+DEFAULT_STORAGE_ROOTS = (
+    "/var/lib/libvirt/images",
+    "/var/lib/libvirt/boot",
+    "/var/lib/libvirt/qemu/nvram",
+    "/usr/share/OVMF",
+    "/usr/share/qemu",
+    "/usr/share/seabios",
+    "/var/log/libvirt/qemu",
+)
 DEFAULT_EMULATORS = ("/usr/bin/qemu-system-x86_64", "/usr/bin/kvm", "/usr/libexec/qemu-kvm")
-DEFAULT_DEVICES = ("emulator", "disk", "controller", "interface", "input", "graphics", "video", "audio", "sound",
-                   "console", "serial", "parallel", "channel", "memballoon", "rng", "watchdog", "panic", "tpm",
-                   "vsock", "iommu", "redirdev", "hub")
+DEFAULT_DEVICES = (
+    "emulator",
+    "disk",
+    "controller",
+    "interface",
+    "input",
+    "graphics",
+    "video",
+    "audio",
+    "sound",
+    "console",
+    "serial",
+    "parallel",
+    "channel",
+    "memballoon",
+    "rng",
+    "watchdog",
+    "panic",
+    "tpm",
+    "vsock",
+    "iommu",
+    "redirdev",
+    "hub",
+)
 DEFAULT_INTERFACE_TYPES = ("bridge", "network")
 DEFAULT_DISK_PROTOCOLS = ("rbd",)
 # An <rng> backend reads one of these, which are not storage.
@@ -116,19 +144,24 @@ class DomainPolicy:
                     raise PolicyError("options", f"{where}.seclabel: {value!r} is not true or false")
                 values[name] = value
                 continue
-            if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) and item.strip() for item in value):
+            if not isinstance(value, (list, tuple)) or not all(
+                isinstance(item, str) and item.strip() for item in value
+            ):
                 raise PolicyError("options", f"{where}.{name}: {value!r} is not a list of non-empty strings")
             if name in ("storage_roots", "emulators"):
                 for item in value:
                     if not item.startswith("/") or ".." in item.split("/"):
                         raise PolicyError("options", f"{where}.{name}: {item!r} is not an absolute path without '..'")
-            values[name] = tuple(posixpath.normpath(item) if name in ("storage_roots", "emulators") else item
-                                 for item in value)
+            values[name] = tuple(
+                posixpath.normpath(item) if name in ("storage_roots", "emulators") else item for item in value
+            )
         return cls(**values)
 
     def to_options(self) -> dict[str, Any]:
-        return {field.name: (list(getattr(self, field.name)) if field.name != "seclabel" else self.seclabel)
-                for field in fields(self)}
+        return {
+            field.name: (list(getattr(self, field.name)) if field.name != "seclabel" else self.seclabel)
+            for field in fields(self)
+        }
 
 
 # ---- the check --------------------------------------------------------------------------------
@@ -159,8 +192,11 @@ def _under_roots(path: str, roots: Iterable[str]) -> bool:
 
 def _check_path(path: str, element: etree._Element, what: str, policy: DomainPolicy) -> None:
     if not _under_roots(path, policy.storage_roots):
-        raise PolicyError("host-path", f"{_describe(element)}: {what} {path!r} is not under a storage root "
-                                       f"({', '.join(policy.storage_roots) or 'none configured'})")
+        raise PolicyError(
+            "host-path",
+            f"{_describe(element)}: {what} {path!r} is not under a storage root "
+            f"({', '.join(policy.storage_roots) or 'none configured'})",
+        )
 
 
 def check_domain(xml: str, policy: DomainPolicy, uuid: str | None = None, name: str | None = None) -> DomainInfo:
@@ -175,22 +211,37 @@ def check_domain(xml: str, policy: DomainPolicy, uuid: str | None = None, name: 
         raise PolicyError("identity", f"<name> {info.name!r} is not the VM's name in the cluster ({name!r})")
     if etree is None:  # pragma: no cover - parse_domain_xml raised already
         raise RuntimeError(LXML_IMPORT_ERROR)
-    root = etree.fromstring(xml.encode("utf-8") if isinstance(xml, str) else xml,
-                            etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
-                                            remove_comments=True, remove_pis=True))
+    root = etree.fromstring(
+        xml.encode("utf-8") if isinstance(xml, str) else xml,
+        etree.XMLParser(
+            resolve_entities=False,
+            no_network=True,
+            load_dtd=False,
+            huge_tree=False,
+            remove_comments=True,
+            remove_pis=True,
+        ),
+    )
     devices = root.find("devices")
-    for device in (devices if devices is not None else []):
+    for device in devices if devices is not None else []:
         if not isinstance(device.tag, str):
             continue
         if device.tag not in policy.devices:
-            raise PolicyError("devices", f"{_describe(device)}: this device is not accepted (accepted: "
-                                         f"{', '.join(policy.devices)})")
+            raise PolicyError(
+                "devices", f"{_describe(device)}: this device is not accepted (accepted: {', '.join(policy.devices)})"
+            )
         if device.tag == "emulator" and (device.text or "").strip() not in policy.emulators:
-            raise PolicyError("emulator", f"<emulator>{(device.text or '').strip()}</emulator> is not an accepted "
-                                          f"emulator ({', '.join(policy.emulators)})")
+            raise PolicyError(
+                "emulator",
+                f"<emulator>{(device.text or '').strip()}</emulator> is not an accepted "
+                f"emulator ({', '.join(policy.emulators)})",
+            )
         if device.tag == "interface" and device.get("type") not in policy.interface_types:
-            raise PolicyError("interface", f"{_describe(device)}: interfaces of type {device.get('type')!r} are not "
-                                           f"accepted (accepted: {', '.join(policy.interface_types)})")
+            raise PolicyError(
+                "interface",
+                f"{_describe(device)}: interfaces of type {device.get('type')!r} are not "
+                f"accepted (accepted: {', '.join(policy.interface_types)})",
+            )
         if device.tag == "rng":
             for backend in device.iterfind("backend"):
                 if backend.get("model") == "random" and (backend.text or "").strip():
@@ -201,8 +252,11 @@ def check_domain(xml: str, policy: DomainPolicy, uuid: str | None = None, name: 
             for source in device.iter("source"):
                 protocol = source.get("protocol")
                 if protocol is not None and protocol not in policy.disk_protocols:
-                    raise PolicyError("disk-protocol", f"{_describe(source)}: network disks of protocol {protocol!r} "
-                                                       f"are not accepted (accepted: {', '.join(policy.disk_protocols)})")
+                    raise PolicyError(
+                        "disk-protocol",
+                        f"{_describe(source)}: network disks of protocol {protocol!r} "
+                        f"are not accepted (accepted: {', '.join(policy.disk_protocols)})",
+                    )
     metadata = root.find("metadata")
     inside_metadata = set(metadata.iter()) if metadata is not None else set()
     for element in root.iter():
@@ -210,22 +264,30 @@ def check_domain(xml: str, policy: DomainPolicy, uuid: str | None = None, name: 
             continue
         namespace = _namespace(element.tag)
         if namespace and namespace not in policy.namespaces:
-            raise PolicyError("namespace", f"{_describe(element)}: elements of the namespace {namespace} are not "
-                                           "accepted outside <metadata>"
-                                           + (" (QEMU command line pass-through)" if namespace == _QEMU_NS else ""))
+            raise PolicyError(
+                "namespace",
+                f"{_describe(element)}: elements of the namespace {namespace} are not "
+                "accepted outside <metadata>" + (" (QEMU command line pass-through)" if namespace == _QEMU_NS else ""),
+            )
         for key in element.attrib:
             if _namespace(key) and _namespace(key) not in policy.namespaces:
-                raise PolicyError("namespace", f"{_describe(element)}: attribute {key} of the namespace "
-                                               f"{_namespace(key)} is not accepted")
+                raise PolicyError(
+                    "namespace",
+                    f"{_describe(element)}: attribute {key} of the namespace {_namespace(key)} is not accepted",
+                )
         tag = element.tag
         if tag == "seclabel" and not policy.seclabel:
-            raise PolicyError("seclabel", f"{_describe(element)}: security label overrides are not accepted; the "
-                                          "host's security driver labels every VM")
+            raise PolicyError(
+                "seclabel",
+                f"{_describe(element)}: security label overrides are not accepted; the "
+                "host's security driver labels every VM",
+            )
         if tag in ("script", "downscript"):
-            raise PolicyError("interface", f"{_describe(element)}: interface scripts run on the host as root and are "
-                                           "not accepted")
+            raise PolicyError(
+                "interface", f"{_describe(element)}: interface scripts run on the host as root and are not accepted"
+            )
         for attribute in _PATH_ATTRIBUTES:
-            if attribute in element.attrib and tag != "target":   # a <target>'s path is the guest's
+            if attribute in element.attrib and tag != "target":  # a <target>'s path is the guest's
                 _check_path(element.attrib[attribute], element, f"host path ({attribute})", policy)
         if tag == "source":
             for attribute in _SOURCE_PATH_ATTRIBUTES:

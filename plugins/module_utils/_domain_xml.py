@@ -122,7 +122,9 @@ def _unit_scale(unit: str) -> int:
     raise DomainXMLError(f"unknown memory unit {unit!r}; accepted units: {ACCEPTED_UNITS}")
 
 
-def _parse_count(text: str, what: str, maximum: int = _MAX_ULLONG, limit: str = "libvirt reads it as an unsigned 64-bit integer") -> int:
+def _parse_count(
+    text: str, what: str, maximum: int = _MAX_ULLONG, limit: str = "libvirt reads it as an unsigned 64-bit integer"
+) -> int:
     """A decimal count as libvirt's strtoull reads it, bounded by ``maximum`` before int() (a figure of
     thousands of digits would cost a big-number parse, and Python refuses to parse more than 4300)."""
     if not _INT_RE.fullmatch(text):
@@ -163,10 +165,14 @@ def memory_to_kib(value: str | int, unit: str | None = None) -> int:
         raise DomainXMLError(f"memory size must be an int or a string of digits, got {type(value).__name__}")
     scale = 1024 if unit is None or unit == "" else _unit_scale(unit)
     if number and number > _MAX_BYTES // scale:
-        raise DomainXMLError(f"memory size {number}{unit or ''} is too large: libvirt accepts sizes below 8 EiB (2^63 bytes)")
+        raise DomainXMLError(
+            f"memory size {number}{unit or ''} is too large: libvirt accepts sizes below 8 EiB (2^63 bytes)"
+        )
     kib = -(-(number * scale) // 1024)
     if kib >= _MAX_KIB_EXCLUSIVE:
-        raise DomainXMLError(f"memory size {number}{unit or ''} is too large: libvirt accepts sizes below 8 EiB (2^63 bytes)")
+        raise DomainXMLError(
+            f"memory size {number}{unit or ''} is too large: libvirt accepts sizes below 8 EiB (2^63 bytes)"
+        )
     return kib
 
 
@@ -325,8 +331,10 @@ def _utf8(text: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise DomainXMLError(f"domain XML holds a character that is not Unicode text ({text[exc.start]!r} at "
-                             f"position {exc.start}); expected UTF-8 text") from None
+        raise DomainXMLError(
+            f"domain XML holds a character that is not Unicode text ({text[exc.start]!r} at "
+            f"position {exc.start}); expected UTF-8 text"
+        ) from None
 
 
 def _relative_namespaces(root: etree._Element) -> list[str]:
@@ -356,22 +364,36 @@ def normalise_domain_xml(xml: str) -> str:
     text = xml.strip()
     data = _utf8(text)
     if len(data) > MAX_XML_BYTES:
-        raise DomainXMLError(f"domain XML is {len(data)} bytes long (UTF-8); a cluster keeps domain XML of at most "
-                             f"{MAX_XML_BYTES} bytes (ZooKeeper refuses requests over 1 MiB by default)")
+        raise DomainXMLError(
+            f"domain XML is {len(data)} bytes long (UTF-8); a cluster keeps domain XML of at most "
+            f"{MAX_XML_BYTES} bytes (ZooKeeper refuses requests over 1 MiB by default)"
+        )
     declared = _DECLARED_ENCODING_RE.match(text)
     if declared and declared.group(2).strip().lower() not in _UTF8_NAMES:
-        raise DomainXMLError(f"the XML declaration names the encoding {declared.group(2)!r}, but domain XML is kept and "
-                             "given to libvirt as UTF-8 text: declare encoding='UTF-8' or leave the declaration out")
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, remove_comments=True,
-                             remove_pis=True, remove_blank_text=True, huge_tree=False, encoding="utf-8")
+        raise DomainXMLError(
+            f"the XML declaration names the encoding {declared.group(2)!r}, but domain XML is kept and "
+            "given to libvirt as UTF-8 text: declare encoding='UTF-8' or leave the declaration out"
+        )
+    parser = etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        remove_comments=True,
+        remove_pis=True,
+        remove_blank_text=True,
+        huge_tree=False,
+        encoding="utf-8",
+    )
     try:
         root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
         raise DomainXMLError(f"domain XML is not well-formed XML: {exc}") from None
     relative = _relative_namespaces(root)
     if relative:
-        raise DomainXMLError(f"namespace URI {relative[0]!r} is relative; give namespaces an absolute URI "
-                             "(like http://example.org/ns), as libvirt's <metadata> expects")
+        raise DomainXMLError(
+            f"namespace URI {relative[0]!r} is relative; give namespaces an absolute URI "
+            "(like http://example.org/ns), as libvirt's <metadata> expects"
+        )
     try:
         canonical = etree.tostring(root, method="c14n")
         root = etree.fromstring(canonical, parser)

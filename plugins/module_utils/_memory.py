@@ -91,7 +91,9 @@ def account_node(node: str, vms: Iterable[AccountedVM]) -> NodeAccount:
                 running.append(vm.uuid)
         if vm.node == node and not vm.reserved_here:
             memprov += memory
-    return NodeAccount(memalloc=memalloc, memprov=memprov, vcpualloc=vcpualloc, domaincount=len(running), running=tuple(running))
+    return NodeAccount(
+        memalloc=memalloc, memprov=memprov, vcpualloc=vcpualloc, domaincount=len(running), running=tuple(running)
+    )
 
 
 def headroom_mib(memtotal: int, memreserve: int, memprov: int, reservations_mib: int) -> int:

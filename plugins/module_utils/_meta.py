@@ -213,8 +213,10 @@ def parse_auto_converge(value: object) -> bool:
 def parse_max_downtime_ms(value: object) -> int:
     """Normalise the maximum live-migration downtime: an integer number of milliseconds from
     MIN_MIGRATION_MAX_DOWNTIME_MS to MAX_MIGRATION_MAX_DOWNTIME_MS (what QEMU accepts)."""
-    accepted = (f"an integer number of milliseconds from {MIN_MIGRATION_MAX_DOWNTIME_MS} to "
-                f"{MAX_MIGRATION_MAX_DOWNTIME_MS} (QEMU's limit, 2000 s)")
+    accepted = (
+        f"an integer number of milliseconds from {MIN_MIGRATION_MAX_DOWNTIME_MS} to "
+        f"{MAX_MIGRATION_MAX_DOWNTIME_MS} (QEMU's limit, 2000 s)"
+    )
     if value is None:
         return DEFAULT_MIGRATION_MAX_DOWNTIME_MS
     if isinstance(value, bool):
@@ -302,7 +304,9 @@ class VMMeta:
                 values[key] = parser(stored)
             except MetaError as exc:
                 default = getattr(defaults, key)
-                warnings.append(f"meta {key}: stored value {stored!r} is not valid ({exc.accepted}); using the default {format_value(key, default)!r}")
+                warnings.append(
+                    f"meta {key}: stored value {stored!r} is not valid ({exc.accepted}); using the default {format_value(key, default)!r}"
+                )
                 values[key] = default
         return cls(warnings=tuple(warnings), **values)  # type: ignore[arg-type]
 
@@ -357,8 +361,11 @@ def validate_meta_updates(updates: Mapping[str, object]) -> dict[str, str]:
             raise MetaError("meta key", key, ", ".join(META_KEYS))
         if value is None:
             continue
-        if key == META_NODE_LIMIT and isinstance(value, (list, tuple)) \
-                and any(isinstance(item, str) and not item.strip() for item in value):
+        if (
+            key == META_NODE_LIMIT
+            and isinstance(value, (list, tuple))
+            and any(isinstance(item, str) and not item.strip() for item in value)
+        ):
             # the stored form reads an empty name as nothing, so [""] would silently clear the limit
             raise MetaError(META_NODE_LIMIT, value, "a list of node names, none of them empty ([] for any node)")
         result[key] = format_value(key, parser(value))

@@ -74,8 +74,10 @@ META_ARGUMENT_SPEC = {
 MIN_WAIT_TIMEOUT_S = 1
 MAX_WAIT_TIMEOUT_S = 7 * 24 * 3600
 
-WHERE_HOSTS = ("set zk_hosts on the task, through module_defaults (group/pvc.cluster.all), "
-               "or in the environment variable PVC_ZK_HOSTS")
+WHERE_HOSTS = (
+    "set zk_hosts on the task, through module_defaults (group/pvc.cluster.all), "
+    "or in the environment variable PVC_ZK_HOSTS"
+)
 
 
 class ModuleFailure(Exception):
@@ -91,8 +93,10 @@ def check_wait_timeout(params: dict) -> None:
     """Raise ModuleFailure unless wait_timeout (when given) is within its documented bounds."""
     value = params.get("wait_timeout")
     if value is not None and not MIN_WAIT_TIMEOUT_S <= value <= MAX_WAIT_TIMEOUT_S:
-        raise ModuleFailure(f"wait_timeout must be a number of seconds from {MIN_WAIT_TIMEOUT_S} to {MAX_WAIT_TIMEOUT_S} "
-                            f"(7 days), not {value}")
+        raise ModuleFailure(
+            f"wait_timeout must be a number of seconds from {MIN_WAIT_TIMEOUT_S} to {MAX_WAIT_TIMEOUT_S} "
+            f"(7 days), not {value}"
+        )
 
 
 def check_names(params: dict, options) -> None:
@@ -117,8 +121,12 @@ def argument_spec(module_spec: dict) -> dict:
 def build_module(module_spec: dict, needs_lxml: bool = True, **kwargs) -> AnsibleModule:
     """The AnsibleModule with the common options merged in; fails when kazoo or lxml is missing."""
     required_together = list(ZK_REQUIRED_TOGETHER) + list(kwargs.pop("required_together", []))
-    module = AnsibleModule(argument_spec=argument_spec(module_spec), required_together=required_together,
-                           supports_check_mode=True, **kwargs)
+    module = AnsibleModule(
+        argument_spec=argument_spec(module_spec),
+        required_together=required_together,
+        supports_check_mode=True,
+        **kwargs,
+    )
     if KAZOO_IMPORT_ERROR is not None:
         module.fail_json(msg=missing_required_lib("kazoo"), exception=KAZOO_IMPORT_ERROR)
     if needs_lxml and LXML_IMPORT_ERROR is not None:
@@ -127,12 +135,21 @@ def build_module(module_spec: dict, needs_lxml: bool = True, **kwargs) -> Ansibl
 
 
 _OPTION_NAMES = {
-    "hosts": "zk_hosts", "root": "zk_root", "timeout_s": "zk_timeout", "auth_username": "zk_username",
-    "auth_password": "zk_password", "tls": "zk_tls", "tls_ca": "zk_tls_ca", "tls_cert": "zk_tls_cert",
-    "tls_key": "zk_tls_key", "tls_verify": "zk_tls_verify",
+    "hosts": "zk_hosts",
+    "root": "zk_root",
+    "timeout_s": "zk_timeout",
+    "auth_username": "zk_username",
+    "auth_password": "zk_password",
+    "tls": "zk_tls",
+    "tls_ca": "zk_tls_ca",
+    "tls_cert": "zk_tls_cert",
+    "tls_key": "zk_tls_key",
+    "tls_verify": "zk_tls_verify",
 }
 # a field name as a word of its own (not inside a path or a quoted value)
-_OPTION_NAME_RE = re.compile(r"(?<![\w/.'\"-])(" + "|".join(sorted(_OPTION_NAMES, key=len, reverse=True)) + r")(?![\w/.'\"-])")
+_OPTION_NAME_RE = re.compile(
+    r"(?<![\w/.'\"-])(" + "|".join(sorted(_OPTION_NAMES, key=len, reverse=True)) + r")(?![\w/.'\"-])"
+)
 
 
 def option_names(message: str) -> str:
@@ -149,8 +166,10 @@ def connection_options(params: dict) -> ConnectionOptions:
     tls_files = [name for name in ("zk_tls_ca", "zk_tls_cert", "zk_tls_key") if params.get(name)]
     if tls_files and not params.get("zk_tls"):
         # the store ignores them then; a forgotten zk_tls would silently connect without TLS
-        raise ValueError(f"{', '.join(tls_files)} {'is' if len(tls_files) == 1 else 'are'} set but zk_tls is false: "
-                         "set zk_tls to true to connect with TLS, or leave the TLS files out")
+        raise ValueError(
+            f"{', '.join(tls_files)} {'is' if len(tls_files) == 1 else 'are'} set but zk_tls is false: "
+            "set zk_tls to true to connect with TLS, or leave the TLS files out"
+        )
     timeout_s = params.get("zk_timeout")
     # an empty zk_root is refused by the store's path rules: it never means the default silently
     root = params.get("zk_root")
@@ -187,8 +206,10 @@ def meta_updates(params: dict, node_names=None) -> dict[str, str]:
     if node_names is not None and S.META_NODE_LIMIT in params and params.get(S.META_NODE_LIMIT):
         unknown = [name for name in params[S.META_NODE_LIMIT] if name.strip() and name.strip() not in node_names]
         if unknown:
-            raise ModuleFailure(f"node_limit names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not "
-                                f"a node of this cluster (nodes: {', '.join(sorted(node_names)) or 'none registered'})")
+            raise ModuleFailure(
+                f"node_limit names {', '.join(unknown)}, which {'is' if len(unknown) == 1 else 'are'} not "
+                f"a node of this cluster (nodes: {', '.join(sorted(node_names)) or 'none registered'})"
+            )
     return updates
 
 
@@ -196,7 +217,9 @@ class MetaPlan:
     """The meta a task sets: per given key the normalised value before and after, and the keys to write."""
 
     def __init__(self, current: VMMeta, updates: dict[str, str]) -> None:
-        invalid = {key for key in S.META_KEYS if any(warning.startswith(f"meta {key}:") for warning in current.warnings)}
+        invalid = {
+            key for key in S.META_KEYS if any(warning.startswith(f"meta {key}:") for warning in current.warnings)
+        }
         parsed = VMMeta.from_store(updates)
         new = replace(current, warnings=(), **{key: getattr(parsed, key) for key in updates})
         self.before = meta_dict(current)
@@ -226,7 +249,9 @@ class Session:
         before a result or a failure is reported from what was read."""
         self.store.check_reads()
 
-    def commit(self, values: dict, expect_versions: dict | None = None, delete=(), create=(), what: str = "its change") -> dict:
+    def commit(
+        self, values: dict, expect_versions: dict | None = None, delete=(), create=(), what: str = "its change"
+    ) -> dict:
         """``store.commit`` (which refuses to write after a failed read of this run), recorded;
         ``what`` names the change for a failure later in the run."""
         versions = self.store.commit(values, expect_versions, delete, create)
@@ -259,13 +284,13 @@ def cluster_session(module: AnsibleModule):
     log = logging.getLogger(f"ansible_collections.pvc.cluster.session{_session_counter}")
     log.propagate = False
     log.setLevel(logging.DEBUG)
-    log.addHandler(logging.NullHandler())   # the store's failures reach the task through check_reads, not stderr
-    quiet_client_logging()   # off the module's stderr: the store reports connection trouble itself
+    log.addHandler(logging.NullHandler())  # the store's failures reach the task through check_reads, not stderr
+    quiet_client_logging()  # off the module's stderr: the store reports connection trouble itself
     try:
         store = ClusterStore(options, logger=log)
     except StoreError as exc:
         module.fail_json(msg=str(exc))
-    store.strict_reads()   # a read that fails fails the task, and blocks every write after it
+    store.strict_reads()  # a read that fails fails the task, and blocks every write after it
     try:
         try:
             store.start()
@@ -284,8 +309,11 @@ def cluster_session(module: AnsibleModule):
             module.fail_json(msg=exc.msg + session.after_writes(), **exc.result)
         except ConflictError as exc:
             if session.written:
-                module.fail_json(msg=f"the cluster changed while this task ran{session.after_writes()}; nothing more was "
-                                     f"written; run it again ({exc})", changed=True)
+                module.fail_json(
+                    msg=f"the cluster changed while this task ran{session.after_writes()}; nothing more was "
+                    f"written; run it again ({exc})",
+                    changed=True,
+                )
             module.fail_json(msg=f"the cluster changed while this task ran; nothing was written; run it again ({exc})")
         except StoreError as exc:
             module.fail_json(msg=str(exc) + session.after_writes(), changed=bool(session.written))

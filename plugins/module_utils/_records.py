@@ -247,8 +247,9 @@ class MigrationRecord:
             raise D.Invalid(path, f"another node than the source {source}", target, field="target")
         starting_on = _field(D.node_name, data, "starting_on", path, optional=True)
         if starting_on not in (None, target):
-            raise D.Invalid(path, f"the target {target} (only the target claims a start)", starting_on,
-                            field="starting_on")
+            raise D.Invalid(
+                path, f"the target {target} (only the target claims a start)", starting_on, field="starting_on"
+            )
         return cls(
             id=record_id,
             vm=vm,
@@ -332,8 +333,9 @@ class RunState:
             by=(_field(D.node_name, data, "by", path, optional=True) or "") if data.get("by") != "" else "",
             at=_time(data.get("at", 0), path, "at"),
             autostart=_bool_field(data, "autostart", path),
-            autostart_used=(_int_field(data, "autostart_used", path, -1, MAX_ZNODE_VERSION)
-                            if "autostart_used" in data else -1),
+            autostart_used=(
+                _int_field(data, "autostart_used", path, -1, MAX_ZNODE_VERSION) if "autostart_used" in data else -1
+            ),
         )
 
     def to_json(self) -> str:
@@ -343,8 +345,15 @@ class RunState:
         return self.desired_version == desired_version
 
 
-def runstate_after(current: RunState | None, state: str, desired_version: int, by: str, at: float,
-                   autostart: bool | None = None, autostart_used: int | None = None) -> RunState:
+def runstate_after(
+    current: RunState | None,
+    state: str,
+    desired_version: int,
+    by: str,
+    at: float,
+    autostart: bool | None = None,
+    autostart_used: int | None = None,
+) -> RunState:
     """The record after a daemon moved the VM to ``state`` for that version of ``state``, from
     the ``current`` one (None: none, or not valid): ``autostart`` is kept while the record stays
     for the same version (unless given), ``autostart_used`` always (unless given)."""
@@ -352,8 +361,14 @@ def runstate_after(current: RunState | None, state: str, desired_version: int, b
         autostart = current is not None and current.autostart and current.applies_to(desired_version)
     if autostart_used is None:
         autostart_used = current.autostart_used if current is not None else -1
-    return RunState(state=state, desired_version=desired_version, by=by, at=round(at, 3), autostart=autostart,
-                    autostart_used=autostart_used)
+    return RunState(
+        state=state,
+        desired_version=desired_version,
+        by=by,
+        at=round(at, 3),
+        autostart=autostart,
+        autostart_used=autostart_used,
+    )
 
 
 def runstate(value, path: str) -> RunState | None:
@@ -385,10 +400,15 @@ MAX_MEASURED_BY_BYTES = 256
 
 def guest_downtime_ms(value, path: str) -> float:
     """A guest-seen downtime in milliseconds: a finite number from 0 to MAX_GUEST_DOWNTIME_MS."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 <= value <= MAX_GUEST_DOWNTIME_MS:
-        raise D.Invalid(path, f"a number of milliseconds from 0 to {MAX_GUEST_DOWNTIME_MS:g}", value,
-                        field=GUEST_DOWNTIME_MS)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_GUEST_DOWNTIME_MS
+    ):
+        raise D.Invalid(
+            path, f"a number of milliseconds from 0 to {MAX_GUEST_DOWNTIME_MS:g}", value, field=GUEST_DOWNTIME_MS
+        )
     return round(float(value), 1)
 
 
@@ -397,8 +417,12 @@ def guest_downtime_fields(downtime_ms, measured_by: str, path: str = "guest down
     guest_downtime_ms accepts it, ``measured_by`` a short text naming the measurement."""
     by = measured_by if isinstance(measured_by, str) else None
     if not by or not by.strip() or len(by.encode("utf-8")) > MAX_MEASURED_BY_BYTES:
-        raise D.Invalid(path, f"a text of 1 to {MAX_MEASURED_BY_BYTES} bytes naming the measurement", measured_by,
-                        field=GUEST_DOWNTIME_BY)
+        raise D.Invalid(
+            path,
+            f"a text of 1 to {MAX_MEASURED_BY_BYTES} bytes naming the measurement",
+            measured_by,
+            field=GUEST_DOWNTIME_BY,
+        )
     return {GUEST_DOWNTIME_MS: guest_downtime_ms(downtime_ms, path), GUEST_DOWNTIME_BY: by.strip()}
 
 
@@ -493,7 +517,9 @@ def recovery_entry(data: dict, path: str, uuid: str) -> dict:
     if not isinstance(fence, dict):
         raise D.Invalid(path, "an object", fence, field="fence")
     entry = {
-        "kind": RECOVERY_KIND, "id": record_id, "vm": vm,
+        "kind": RECOVERY_KIND,
+        "id": record_id,
+        "vm": vm,
         "name": (_field(D.vm_name, data, "name", path, optional=True) or "") if data.get("name") != "" else "",
         "source": _field(D.node_name, data, "source", path),
         "target": _field(D.node_name, data, "target", path),
@@ -515,9 +541,11 @@ def recovery_entry(data: dict, path: str, uuid: str) -> dict:
     if n1 is not None:
         if not isinstance(n1, dict):
             raise D.Invalid(path, "an object", n1, field="n1")
-        entry["n1"] = {"ok": _field(D.boolean, n1, "ok", path + " n1"),
-                       "require_n1": _field(D.boolean, n1, "require_n1", path + " n1"),
-                       "detail": _text_field(n1, "detail", path + " n1", optional=True, max_bytes=MAX_REASON_BYTES) or ""}
+        entry["n1"] = {
+            "ok": _field(D.boolean, n1, "ok", path + " n1"),
+            "require_n1": _field(D.boolean, n1, "require_n1", path + " n1"),
+            "detail": _text_field(n1, "detail", path + " n1", optional=True, max_bytes=MAX_REASON_BYTES) or "",
+        }
     return entry
 
 

@@ -36,8 +36,9 @@ def meta_dict(meta: VMMeta) -> dict:
     }
 
 
-def memory_report(raw: dict, reservations: dict[str, int], view: NodeView | None = None,
-                  problems: list | None = None) -> dict:
+def memory_report(
+    raw: dict, reservations: dict[str, int], view: NodeView | None = None, problems: list | None = None
+) -> dict:
     """A node's memory accounting in MiB (see docs/architecture.md, Memory accounting).
     ``view``: the node's view, when the caller has built it; ``problems``: where an invalid
     stored figure is added (it reads as 0)."""
@@ -46,8 +47,14 @@ def memory_report(raw: dict, reservations: dict[str, int], view: NodeView | None
         "total": view.memtotal,
         "used": view.memused,
         "free": view.memfree,
-        "allocated": or_default(integer, raw.get(S.NODE_MEMALLOC), f"nodes/{view.name}/{S.NODE_MEMALLOC}", 0,
-                                [] if problems is None else problems, maximum=MAX_MIB),
+        "allocated": or_default(
+            integer,
+            raw.get(S.NODE_MEMALLOC),
+            f"nodes/{view.name}/{S.NODE_MEMALLOC}",
+            0,
+            [] if problems is None else problems,
+            maximum=MAX_MIB,
+        ),
         "provisioned": view.memprov,
         "reserve": view.memreserve,
         "reserved": view.reserved,
@@ -63,15 +70,17 @@ class ClusterSnapshot:
     nodes: dict[str, dict] = field(default_factory=dict)
     reservations: dict[str, dict[str, int]] = field(default_factory=dict)
     alive: dict[str, bool] = field(default_factory=dict)
-    vms: dict = field(default_factory=dict)            # uuid -> VMRecord
-    invalid: dict[str, list] = field(default_factory=dict)   # node -> Invalid of stored values read as 0
+    vms: dict = field(default_factory=dict)  # uuid -> VMRecord
+    invalid: dict[str, list] = field(default_factory=dict)  # node -> Invalid of stored values read as 0
     default_selector: str | None = None
     schema_version: str | None = None
-    require_n1: bool = False   # the cluster setting (/config/require_n1); invalid reads as false
+    require_n1: bool = False  # the cluster setting (/config/require_n1); invalid reads as false
 
     def views(self) -> dict[str, NodeView]:
-        return {name: NodeView.from_store(name, raw, sum(self.reservations.get(name, {}).values()))
-                for name, raw in self.nodes.items()}
+        return {
+            name: NodeView.from_store(name, raw, sum(self.reservations.get(name, {}).values()))
+            for name, raw in self.nodes.items()
+        }
 
     def running(self, node: str) -> list[str]:
         """The VMs ``node`` reports running; none when its report is not valid (node_report
@@ -99,14 +108,15 @@ def read_cluster(store, nodes: list[str] | None = None, vms: list[str] | None = 
     snapshot = ClusterSnapshot()
     schema = store.schema
     # a few rounds of parallel reads in all, however many nodes and VMs
-    for name, (raw, reservations, alive) in read_nodes_raw(store, node_names(store) if nodes is None else nodes,
-                                                           snapshot.invalid).items():
+    for name, (raw, reservations, alive) in read_nodes_raw(
+        store, node_names(store) if nodes is None else nodes, snapshot.invalid
+    ).items():
         snapshot.nodes[name] = raw
         snapshot.reservations[name] = reservations
         snapshot.alive[name] = alive
     snapshot.vms.update(read_vms(store, vm_uuids(store) if vms is None else vms))
     snapshot.default_selector = store.read(schema.default_selector())
-    snapshot.require_n1 = read_require_n1(store, [])   # an invalid setting reads as false
+    snapshot.require_n1 = read_require_n1(store, [])  # an invalid setting reads as false
     snapshot.schema_version = store.read(schema.schema_version())
     return snapshot
 
@@ -133,8 +143,14 @@ def request_n1_check(snapshot: ClusterSnapshot, plan, views: dict[str, NodeView]
     the VM with one (not yet folded into its memprov), else from its memprov. The modules and the
     daemon's ready check requests with it."""
     source_reserved = plan.uuid in snapshot.reservations.get(plan.source, {})
-    return migration_check(snapshot.views() if views is None else views, snapshot.running_memory_by_node(),
-                           plan.source, plan.target, plan.memory_mib, source_reserved=source_reserved)
+    return migration_check(
+        snapshot.views() if views is None else views,
+        snapshot.running_memory_by_node(),
+        plan.source,
+        plan.target,
+        plan.memory_mib,
+        source_reserved=source_reserved,
+    )
 
 
 def request_n1_refusal(check: FailureCheck, plan) -> str:
@@ -145,8 +161,10 @@ def request_n1_refusal(check: FailureCheck, plan) -> str:
 def n1_refusal(check, what: str) -> str:
     """The message that refuses ``what`` under require_n1: each node whose loss could not be
     absorbed, and by how much."""
-    return (f"{what} would leave the cluster unable to restart every running VM after the loss of any one node "
-            f"(require_n1): {check.message}")
+    return (
+        f"{what} would leave the cluster unable to restart every running VM after the loss of any one node "
+        f"(require_n1): {check.message}"
+    )
 
 
 def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) -> dict:
@@ -164,13 +182,16 @@ def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) 
         "daemon_state": raw.get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE],
         "domain_state": raw.get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE],
         "libvirt": view.libvirt,
-        "maintenance": or_default(maintenance, raw.get(S.NODE_MAINTENANCE), f"nodes/{name}/{S.NODE_MAINTENANCE}", False,
-                                  problems),
+        "maintenance": or_default(
+            maintenance, raw.get(S.NODE_MAINTENANCE), f"nodes/{name}/{S.NODE_MAINTENANCE}", False, problems
+        ),
         "fence": or_default(fence_record, raw.get(S.NODE_FENCE), f"nodes/{name}/{S.NODE_FENCE}", {}, problems),
         "alive": snapshot.alive.get(name, False),
         "keepalive": keepalive,
         "keepalive_age_s": round(now - keepalive, 3) if keepalive else None,
-        "memory": memory_report(raw, {snapshot.name_of(uuid): mib for uuid, mib in reservations.items()}, view, problems),
+        "memory": memory_report(
+            raw, {snapshot.name_of(uuid): mib for uuid, mib in reservations.items()}, view, problems
+        ),
         "vcpualloc": view.vcpualloc,
         "cputotal": or_default(integer, raw.get(S.NODE_CPUTOTAL), f"nodes/{name}/{S.NODE_CPUTOTAL}", 0, problems),
         "cpuload": view.cpuload,
@@ -226,6 +247,11 @@ def cluster_report(snapshot: ClusterSnapshot) -> dict:
         "schema_version": snapshot.schema_version,
         "nodes": len(snapshot.nodes),
         "vms": len(snapshot.vms),
-        "survives_node_failure": {"ok": check.ok, "message": check.message, "failures": check.failures,
-                                  "checked": list(check.checked), "shortfalls": check.shortfalls},
+        "survives_node_failure": {
+            "ok": check.ok,
+            "message": check.message,
+            "failures": check.failures,
+            "checked": list(check.checked),
+            "shortfalls": check.shortfalls,
+        },
     }

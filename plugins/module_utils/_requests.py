@@ -41,11 +41,11 @@ class RequestPlan:
     uuid: str
     name: str
     kind: str
-    source: str                 # the VM's node now
-    target: str                 # its node after the request
-    lastnode: str               # its lastnode after the request
-    changed: bool               # False: nothing to do (already there / already home)
-    migrates: bool              # True: a running VM moves (a record is written)
+    source: str  # the VM's node now
+    target: str  # its node after the request
+    lastnode: str  # its lastnode after the request
+    changed: bool  # False: nothing to do (already there / already home)
+    migrates: bool  # True: a running VM moves (a record is written)
     memory_mib: int
     force_live: bool
     message: str
@@ -71,30 +71,51 @@ def _check_target(vm: VMRecord, target: str, nodes: dict[str, NodeView], need_re
             raise RequestError(f"cannot migrate VM {vm.name} to {target}: {reason}")
 
 
-def plan_request(vm: VMRecord, kind: str, nodes: dict[str, NodeView], target: str | None = None,
-                 force_live: bool = False, default_selector: str | None = None) -> RequestPlan:
+def plan_request(
+    vm: VMRecord,
+    kind: str,
+    nodes: dict[str, NodeView],
+    target: str | None = None,
+    force_live: bool = False,
+    default_selector: str | None = None,
+) -> RequestPlan:
     """Decide what a migrate/move/unmigrate request of ``vm`` (a VMRecord) does. No I/O."""
     if kind not in KINDS:
         raise RequestError(f"unknown request {kind!r} (accepted: {', '.join(KINDS)})")
     if vm.migration:
         raise RequestError(
             f"a migration of VM {vm.name} from {vm.migration.source} to {vm.migration.target} is in flight "
-            f"(step {vm.migration.step}); wait for it to finish")
+            f"(step {vm.migration.step}); wait for it to finish"
+        )
     if vm.migration_error:
         raise RequestError(
             f"VM {vm.name} has a migration record that is not valid ({vm.migration_error}); no daemon acts on it, and "
-            f"nothing else moves the VM until it is cleared (pvc.cluster.vm_migrate with state=cleared)")
+            f"nothing else moves the VM until it is cleared (pvc.cluster.vm_migrate with state=cleared)"
+        )
     if vm.xml_error:
-        raise RequestError(f"VM {vm.name} is neither started nor migrated: its domain XML is not valid ({vm.xml_error}); "
-                           "define it again with pvc.cluster.vm")
+        raise RequestError(
+            f"VM {vm.name} is neither started nor migrated: its domain XML is not valid ({vm.xml_error}); "
+            "define it again with pvc.cluster.vm"
+        )
     if vm.state in BUSY_STATES:
         raise RequestError(f"VM {vm.name} is in state {vm.state}; retry when it settles")
     migrates = vm.state not in REHOME_ONLY_STATES
 
     def plan(tgt: str, lastnode: str, changed: bool, message: str) -> RequestPlan:
-        return RequestPlan(uuid=vm.uuid, name=vm.name, kind=kind, source=vm.node, target=tgt, lastnode=lastnode,
-                           changed=changed, migrates=migrates and changed and tgt != vm.node, memory_mib=vm.memory_mib,
-                           force_live=force_live, message=message, target_before=nodes.get(tgt))
+        return RequestPlan(
+            uuid=vm.uuid,
+            name=vm.name,
+            kind=kind,
+            source=vm.node,
+            target=tgt,
+            lastnode=lastnode,
+            changed=changed,
+            migrates=migrates and changed and tgt != vm.node,
+            memory_mib=vm.memory_mib,
+            force_live=force_live,
+            message=message,
+            target_before=nodes.get(tgt),
+        )
 
     if kind == "unmigrate":
         if not vm.lastnode:
@@ -107,8 +128,14 @@ def plan_request(vm: VMRecord, kind: str, nodes: dict[str, NodeView], target: st
 
     if target is None:
         try:
-            target = select_target(vm.memory_mib, vm.node, vm.meta.node_limit, vm.meta.node_selector, nodes,
-                                   default_selector=default_selector)
+            target = select_target(
+                vm.memory_mib,
+                vm.node,
+                vm.meta.node_limit,
+                vm.meta.node_selector,
+                nodes,
+                default_selector=default_selector,
+            )
         except NoTargetError as exc:
             raise RequestError(f"no node can take VM {vm.name}: {exc}") from None
     elif target == vm.node:
@@ -119,9 +146,9 @@ def plan_request(vm: VMRecord, kind: str, nodes: dict[str, NodeView], target: st
         _check_target(vm, target, nodes, need_ready=migrates)
 
     if kind == "move" or target == vm.lastnode:
-        lastnode = ""          # a move is permanent; a migrate back home ends the temporary stay
+        lastnode = ""  # a move is permanent; a migrate back home ends the temporary stay
     else:
-        lastnode = vm.lastnode or vm.node   # keep the original home across repeated migrations
+        lastnode = vm.lastnode or vm.node  # keep the original home across repeated migrations
     verb = "moves" if kind == "move" else "migrates"
     what = "" if migrates else " (not running: re-homed only)"
     return plan(target, lastnode, True, f"VM {vm.name} {verb} from {vm.node} to {target}{what}")
@@ -149,15 +176,34 @@ def rehome_plan(vm: VMRecord, running_on: str) -> RequestPlan:
     """The request that brings VM ``vm``, found running on ``running_on`` while ZooKeeper assigns
     it to another node with no migration record (a daemon's self-heal), to its assigned node: a
     migration from ``running_on`` to ``vm.node`` that keeps ``node`` and ``lastnode`` as they are."""
-    return RequestPlan(uuid=vm.uuid, name=vm.name, kind="move", source=running_on, target=vm.node, lastnode=vm.lastnode,
-                       changed=True, migrates=True, memory_mib=vm.memory_mib, force_live=False,
-                       message=f"VM {vm.name} runs on {running_on} but is assigned to {vm.node}: migrating it there")
+    return RequestPlan(
+        uuid=vm.uuid,
+        name=vm.name,
+        kind="move",
+        source=running_on,
+        target=vm.node,
+        lastnode=vm.lastnode,
+        changed=True,
+        migrates=True,
+        memory_mib=vm.memory_mib,
+        force_live=False,
+        message=f"VM {vm.name} runs on {running_on} but is assigned to {vm.node}: migrating it there",
+    )
 
 
-def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, requester: str, target_unflushing_ok: bool = False,
-                   *, fit: bool | None = None, also_values: dict[str, object] | None = None,
-                   also_expect: dict[str, int] | None = None, also_create: list[str] | tuple[str, ...] = (),
-                   parent_value: str | None = None) -> MigrationRecord | None:
+def submit_request(
+    store: ClusterStore,
+    plan: RequestPlan,
+    vm: VMRecord,
+    requester: str,
+    target_unflushing_ok: bool = False,
+    *,
+    fit: bool | None = None,
+    also_values: dict[str, object] | None = None,
+    also_expect: dict[str, int] | None = None,
+    also_create: list[str] | tuple[str, ...] = (),
+    parent_value: str | None = None,
+) -> MigrationRecord | None:
     """Write a planned request in one transaction. Returns the migration record (None when the
     request only re-homes a stopped VM, or changes nothing). Raises the store's ConflictError when
     the VM changed since it was read (re-read and re-plan), StoreError when ZooKeeper fails.
@@ -195,8 +241,9 @@ def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, request
         parent = schema.node_reservations(plan.target)
         mine = schema.node_reservation(plan.target, plan.uuid)
         left = schema.node_reservation(plan.source, plan.uuid) if plan.source and plan.source != plan.target else None
-        views, also = read_node_views_of(store, [plan.target], also=[parent, mine] + ([left] if left else []),
-                                         keys=NodeView.FIT_KEYS)
+        views, also = read_node_views_of(
+            store, [plan.target], also=[parent, mine] + ([left] if left else []), keys=NodeView.FIT_KEYS
+        )
         found, view = also[parent], views.get(plan.target)
         if view is None:
             raise RequestError(f"target node {plan.target} is not a node of this cluster")
@@ -211,7 +258,9 @@ def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, request
                     checked = replace(view, reserved=max(view.reserved - held, 0))
                 else:
                     checked = replace(view, memprov=max(view.memprov - plan.memory_mib, 0))
-            reason = rejection_reasons(plan.memory_mib, plan.source, vm.meta.node_limit, {plan.target: checked})[plan.target]
+            reason = rejection_reasons(plan.memory_mib, plan.source, vm.meta.node_limit, {plan.target: checked})[
+                plan.target
+            ]
             if reason:
                 what = f"migrate VM {plan.name} to" if plan.migrates else f"place VM {plan.name} on"
                 raise RequestError(f"cannot {what} {plan.target}: {reason}")
@@ -242,7 +291,9 @@ def submit_request(store: ClusterStore, plan: RequestPlan, vm: VMRecord, request
     return record
 
 
-def growth_reservation(store: ClusterStore, vm: VMRecord, memory_mib: int) -> tuple[dict[str, object], dict[str, int], list[str]]:
+def growth_reservation(
+    store: ClusterStore, vm: VMRecord, memory_mib: int
+) -> tuple[dict[str, object], dict[str, int], list[str]]:
     """The writes, version checks and creates that a VM's growth to ``memory_mib`` adds to the
     transaction that writes its larger XML (``pvc.cluster.vm``): a reservation of its whole new
     size on its node, which its node's keepalive folds once its memprov counts the new size
@@ -265,9 +316,11 @@ def growth_reservation(store: ClusterStore, vm: VMRecord, memory_mib: int) -> tu
     else:
         view = replace(view, memprov=max(view.memprov - vm.memory_mib, 0))
     if view.memtotal > 0 and memory_mib > view.headroom:
-        raise RequestError(f"VM {vm.name} would grow from {vm.memory_mib} to {memory_mib} MiB, but node {node} has "
-                           f"{view.headroom - vm.memory_mib} MiB headroom; move the VM to a node with room first "
-                           "(pvc.cluster.vm_migrate), or make room on this one")
+        raise RequestError(
+            f"VM {vm.name} would grow from {vm.memory_mib} to {memory_mib} MiB, but node {node} has "
+            f"{view.headroom - vm.memory_mib} MiB headroom; move the VM to a node with room first "
+            "(pvc.cluster.vm_migrate), or make room on this one"
+        )
     values: dict[str, object] = {mine: memory_mib, parent: f"grow {vm.uuid}"}
     expect: dict[str, int] = {}
     create: list[str] = []
@@ -284,8 +337,15 @@ def growth_reservation(store: ClusterStore, vm: VMRecord, memory_mib: int) -> tu
 REQUEST_ATTEMPTS = 10
 
 
-def request_vm(store: ClusterStore, uuid: str, kind: str, requester: str, target: str | None = None,
-               force_live: bool = False, attempts: int = REQUEST_ATTEMPTS) -> MigrationRecord | None:
+def request_vm(
+    store: ClusterStore,
+    uuid: str,
+    kind: str,
+    requester: str,
+    target: str | None = None,
+    force_live: bool = False,
+    attempts: int = REQUEST_ATTEMPTS,
+) -> MigrationRecord | None:
     """Read VM ``uuid`` and the nodes, plan a ``kind`` request and submit it; planned again from
     fresh reads when the commit conflicts. A conflict is a normal outcome, not an error: another
     request, or the keepalive of a node folding a finished migration's reservation into its
@@ -293,7 +353,7 @@ def request_vm(store: ClusterStore, uuid: str, kind: str, requester: str, target
     (the benchmarks, the lab, tests); the modules keep their own loop around the same two steps.
     Raises RequestError when the VM is gone or the plan is refused, ConflictError after
     ``attempts`` conflicts in a row."""
-    from ._store import Attempts, ConflictError   # not at import: sanity loads module_utils without the client library
+    from ._store import Attempts, ConflictError  # not at import: sanity loads module_utils without the client library
 
     budget = Attempts(attempts)
     while True:
@@ -327,8 +387,14 @@ def final_record(record: MigrationRecord, result: str, reason: str | None = None
     return final
 
 
-def finish_values(schema: S.Schema, uuid: str, record: MigrationRecord, result: str, reason: str | None = None,
-                  node: str | None = None) -> tuple[dict[str, object], list[str], dict[str, Any]]:
+def finish_values(
+    schema: S.Schema,
+    uuid: str,
+    record: MigrationRecord,
+    result: str,
+    reason: str | None = None,
+    node: str | None = None,
+) -> tuple[dict[str, object], list[str], dict[str, Any]]:
     """The writes and deletes that end the migration of VM ``uuid`` (the key's UUID) in one
     transaction: the record goes, the audit record is added, and on abort ``node``/``lastnode``
     point back to where the VM runs. Returns (values, delete, final audit record).
@@ -342,7 +408,9 @@ def finish_values(schema: S.Schema, uuid: str, record: MigrationRecord, result: 
     before this write fails its version check and plans again.
     """
     final = final_record(record, result, reason)
-    values: dict[str, object] = {schema.domain_history(uuid) + "/" + history_key(record.id, final["steps"][result]): final}
+    values: dict[str, object] = {
+        schema.domain_history(uuid) + "/" + history_key(record.id, final["steps"][result]): final
+    }
     delete = [schema.domain_migration(uuid)]
     if result == RESULT_ABORTED:
         back = node or record.source

@@ -148,11 +148,11 @@ NODE_DEFAULTS = {
     NODE_CPUTOTAL: "0",
     NODE_RUNNINGDOMAINS: "[]",
     NODE_FIGURES_AGE: "0",
-    NODE_FIGURES_STALE: "true",   # nothing read from libvirt yet (and after a restart, until the first keepalive)
+    NODE_FIGURES_STALE: "true",  # nothing read from libvirt yet (and after a restart, until the first keepalive)
     NODE_ADDRESS: "",
     NODE_LIBVIRT_URI: "",
     NODE_TRANSPORT_URI: "",
-    NODE_LIBVIRT: LIBVIRT_OK,   # a daemon registers after it has connected to libvirt
+    NODE_LIBVIRT: LIBVIRT_OK,  # a daemon registers after it has connected to libvirt
 }
 
 # ---- domain keys ----------------------------------------------------------------------------
@@ -342,11 +342,11 @@ class Schema:
         layout does not name, is the operator's alone (the nodes may read it)."""
         if self.root and path != self.root and not path.startswith(self.root + "/"):
             return AclRule(PERM_READ)
-        parts = [part for part in path[len(self.root):].split("/") if part]
+        parts = [part for part in path[len(self.root) :].split("/") if part]
         depth = len(parts)
         top = parts[0] if parts else ""
         if top == "nodes" and depth == 1:
-            return AclRule(PERM_READ | PERM_CREATE)   # a daemon registers its node
+            return AclRule(PERM_READ | PERM_CREATE)  # a daemon registers its node
         if top == "nodes":
             node = parts[1]
             if depth >= 3 and parts[2] == NODE_RESERVATIONS:
@@ -356,16 +356,16 @@ class Schema:
                 return AclRule(PERM_RWCD, node if depth == 3 else None)
             if depth == 3 and parts[2] in PEER_WRITTEN_NODE_KEYS:
                 return AclRule(PERM_READ | PERM_WRITE, node)
-            return AclRule(PERM_READ, node)   # its own keys, fences/ included: its own identity writes them
+            return AclRule(PERM_READ, node)  # its own keys, fences/ included: its own identity writes them
         if top == "domains" and depth >= 3:
             key = parts[2]
             if key == DOMAIN_RUNTIME:
                 return AclRule(PERM_RWCD)
             if depth == 3 and key in NODE_WRITTEN_DOMAIN_KEYS:
                 return AclRule(PERM_READ | PERM_WRITE)
-            return AclRule(PERM_READ)   # the XML, the desired state, the meta: the operator's
+            return AclRule(PERM_READ)  # the XML, the desired state, the meta: the operator's
         if top == "domains" and depth == 2:
-            return AclRule(PERM_READ | PERM_CREATE)   # runtime/ of a VM defined before it existed
+            return AclRule(PERM_READ | PERM_CREATE)  # runtime/ of a VM defined before it existed
         if top == "locks" and depth >= 2:
             # lock znodes are created on first use, contenders are created and deleted by anyone
             return AclRule(PERM_READ | PERM_CREATE | PERM_DELETE if depth == 2 else PERM_RWCD)

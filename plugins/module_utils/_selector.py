@@ -114,7 +114,7 @@ class NodeView:
     cpuload: float = 0.0
     vcpualloc: int = 0
     domaincount: int = 0
-    libvirt: str = LIBVIRT_OK     # LIBVIRT_HEALTH, or "invalid" for a stored value that is not valid
+    libvirt: str = LIBVIRT_OK  # LIBVIRT_HEALTH, or "invalid" for a stored value that is not valid
     # stored values that were not valid and read as their default (0), each naming its key
     invalid: tuple[Invalid, ...] = field(default=(), compare=False)
 
@@ -135,14 +135,26 @@ class NodeView:
         return self.daemon_state == RUN and self.domain_state == READY and self.libvirt == LIBVIRT_OK
 
     # the stored node keys a view is built from (read_node_views_of reads only these)
-    KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_MEMTOTAL, NODE_MEMUSED, NODE_MEMFREE, NODE_MEMPROV,
-            NODE_MEMRESERVE, NODE_CPULOAD, NODE_VCPUALLOC, NODE_DOMAINCOUNT, NODE_LIBVIRT)
+    KEYS = (
+        NODE_DAEMON_STATE,
+        NODE_DOMAIN_STATE,
+        NODE_MEMTOTAL,
+        NODE_MEMUSED,
+        NODE_MEMFREE,
+        NODE_MEMPROV,
+        NODE_MEMRESERVE,
+        NODE_CPULOAD,
+        NODE_VCPUALLOC,
+        NODE_DOMAINCOUNT,
+        NODE_LIBVIRT,
+    )
     # the keys that decide whether a VM fits (rejection_reasons: eligibility and headroom)
     FIT_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE, NODE_MEMTOTAL, NODE_MEMPROV, NODE_MEMRESERVE, NODE_LIBVIRT)
 
     @classmethod
-    def from_store(cls, name: str, raw: Mapping[str, str | None], reservations_mib: int = 0,
-                   prefix: str | None = None) -> NodeView:
+    def from_store(
+        cls, name: str, raw: Mapping[str, str | None], reservations_mib: int = 0, prefix: str | None = None
+    ) -> NodeView:
         """Build from a node's stored keys; never raises.
 
         Numbers are decoded with bounds (_decode): a missing one reads as 0, and so does an
@@ -179,8 +191,11 @@ class NodeView:
             cpuload=or_default(number, raw.get(NODE_CPULOAD), prefix + NODE_CPULOAD, 0.0, problems),
             vcpualloc=count(NODE_VCPUALLOC),
             domaincount=count(NODE_DOMAINCOUNT),
-            libvirt=or_default(choice, raw.get(NODE_LIBVIRT), prefix + NODE_LIBVIRT, "invalid", problems,
-                               choices=LIBVIRT_HEALTH) if raw.get(NODE_LIBVIRT) is not None else LIBVIRT_OK,
+            libvirt=or_default(
+                choice, raw.get(NODE_LIBVIRT), prefix + NODE_LIBVIRT, "invalid", problems, choices=LIBVIRT_HEALTH
+            )
+            if raw.get(NODE_LIBVIRT) is not None
+            else LIBVIRT_OK,
             invalid=tuple(problems),
         )
 
@@ -195,7 +210,9 @@ def _format_reasons(reasons: Mapping[str, str]) -> str:
 class NoTargetError(Exception):
     """No node can take the VM. ``reasons`` maps every node considered to why it was rejected."""
 
-    def __init__(self, reasons: Mapping[str, str], vm_memory_mib: int | None = None, selector: str | None = None) -> None:
+    def __init__(
+        self, reasons: Mapping[str, str], vm_memory_mib: int | None = None, selector: str | None = None
+    ) -> None:
         self.reasons = dict(reasons)
         self.vm_memory_mib = vm_memory_mib
         self.selector = selector
@@ -231,7 +248,9 @@ def _format_limit(node_limit: Sequence[str]) -> str:
     return "[" + ", ".join(node_limit) + "]"
 
 
-def _static_rejection(node: NodeView, current_node: str | None, limit: frozenset[str] | None, limit_text: str, exclude: frozenset[str]) -> str | None:
+def _static_rejection(
+    node: NodeView, current_node: str | None, limit: frozenset[str] | None, limit_text: str, exclude: frozenset[str]
+) -> str | None:
     """Why ``node`` can never take the VM, whatever its memory; None when it could."""
     if node.name == current_node:
         return "is the VM's current node"
@@ -260,7 +279,7 @@ def _fit_rejection(vm_memory_mib: int, headroom: int) -> str | None:
 # A node's place in a selector's order (smallest first): a tuple of numbers, then its name.
 SortKey = tuple[Any, ...]
 
-_KEYS: dict[str, Callable[[Any, int], SortKey]] = {   # (NodeView or _Slot, headroom) -> SortKey
+_KEYS: dict[str, Callable[[Any, int], SortKey]] = {  # (NodeView or _Slot, headroom) -> SortKey
     "mem": lambda n, h: (-h, 0, n.name),
     "memfree": lambda n, h: (-n.memfree, -h, n.name),
     "load": lambda n, h: (n.cpuload, -h, n.name),
@@ -337,7 +356,9 @@ def rejection_reasons(
     excluded = frozenset(exclude)
     result: dict[str, str | None] = {}
     for node in node_list:
-        result[node.name] = _static_rejection(node, current_node, limit, limit_text, excluded) or _fit_rejection(vm_memory_mib, node.headroom)
+        result[node.name] = _static_rejection(node, current_node, limit, limit_text, excluded) or _fit_rejection(
+            vm_memory_mib, node.headroom
+        )
     for name in node_limit or ():
         if name not in result:
             result[name] = "in node_limit but not a cluster node"
@@ -383,8 +404,14 @@ def select_target(
     for node in node_list:
         name = node.name
         # Fast path for the common case; the reasons come from the shared rule functions.
-        if (node.daemon_state == RUN and node.domain_state == READY and node.libvirt == LIBVIRT_OK and name != current_node
-                and name not in excluded and (limit is None or name in limit)):
+        if (
+            node.daemon_state == RUN
+            and node.domain_state == READY
+            and node.libvirt == LIBVIRT_OK
+            and name != current_node
+            and name not in excluded
+            and (limit is None or name in limit)
+        ):
             headroom = node.memtotal - node.memreserve - node.memprov - node.reserved  # NodeView.headroom, inlined
             if fit:
                 node_capacity = node.memtotal - node.memreserve
@@ -397,8 +424,14 @@ def select_target(
                     if tightest is None or left < tightest[0] or (left == tightest[0] and name < tightest[1]):
                         tightest = (left, name)
                     share = headroom / node_capacity if node_capacity > 0 else 0.0
-                    if (balanced is None or share > balanced[0] or (share == balanced[0] and (
-                            headroom > balanced[1] or (headroom == balanced[1] and name < balanced[2])))):
+                    if (
+                        balanced is None
+                        or share > balanced[0]
+                        or (
+                            share == balanced[0]
+                            and (headroom > balanced[1] or (headroom == balanced[1] and name < balanced[2]))
+                        )
+                    ):
                         balanced = (share, headroom, name)
                     fitting.append((headroom, node_capacity, name))
                     continue
@@ -409,13 +442,15 @@ def select_target(
             reasons[name] = _fit_rejection(vm_memory_mib, headroom) or ""
         else:
             reasons[name] = _static_rejection(node, current_node, limit, limit_text, excluded) or ""
-    if tightest is not None and balanced is not None:   # both are set by the same fitting node
+    if tightest is not None and balanced is not None:  # both are set by the same fitting node
         if tightest[0] < FIT_EXACT_MIB:
             return str(tightest[1])
         if _is_tight(slack, capacity, vm_memory_mib):
             mean_share, weight = _fit_means(slack, capacity, candidates)
-            return min((_fit_score(headroom, node_capacity, vm_memory_mib, mean_share, weight), name)
-                       for headroom, node_capacity, name in fitting)[1]
+            return min(
+                (_fit_score(headroom, node_capacity, vm_memory_mib, mean_share, weight), name)
+                for headroom, node_capacity, name in fitting
+            )[1]
         return str(balanced[2])
     if best_key is not None:
         return best_name
@@ -426,7 +461,9 @@ def select_target(
     raise NoTargetError(reasons, vm_memory_mib=vm_memory_mib, selector=concrete)
 
 
-def _fit_sort_key(node: Any, headroom: int, vm_memory_mib: int, tight: bool, mean_share: float, weight: float) -> SortKey:
+def _fit_sort_key(
+    node: Any, headroom: int, vm_memory_mib: int, tight: bool, mean_share: float, weight: float
+) -> SortKey:
     """The ``fit`` selector's order among nodes the VM fits (smallest first): exact fits (the
     smallest leftover), then on a tight cluster the fit score, else the balancing rule."""
     if headroom - vm_memory_mib < FIT_EXACT_MIB:
@@ -518,8 +555,16 @@ def plan_flush(
     for node in node_list:
         reason = _static_rejection(node, source_node, None, "", excluded)
         if reason is None:
-            slots[node.name] = _Slot(node=node, name=node.name, headroom=node.headroom, memfree=node.memfree, cpuload=node.cpuload,
-                                     vcpualloc=node.vcpualloc, domaincount=node.domaincount, capacity=node.capacity)
+            slots[node.name] = _Slot(
+                node=node,
+                name=node.name,
+                headroom=node.headroom,
+                memfree=node.memfree,
+                cpuload=node.cpuload,
+                vcpualloc=node.vcpualloc,
+                domaincount=node.domaincount,
+                capacity=node.capacity,
+            )
         else:
             static_reasons[node.name] = reason
     heaps: dict[str, list[SortKey]] = {}
@@ -531,8 +576,10 @@ def plan_flush(
     by_capacity: dict[int, list[tuple[int, str]]] = {}
     for headroom_and_name in by_headroom:
         by_capacity.setdefault(slots[headroom_and_name[1]].capacity, []).append(headroom_and_name)
-    totals = {"slack": sum(max(slot.headroom, 0) for slot in slots.values()),
-              "capacity": sum(max(slot.capacity, 0) for slot in slots.values())}
+    totals = {
+        "slack": sum(max(slot.headroom, 0) for slot in slots.values()),
+        "capacity": sum(max(slot.capacity, 0) for slot in slots.values()),
+    }
 
     def entry(selector: str, slot: _Slot) -> SortKey:
         return slot.key(selector) + (slot.version,)
@@ -637,8 +684,13 @@ def plan_flush(
                 reasons[name] = reason + " (after earlier placements)" if slot.version else reason
                 continue
             if selector == "fit":
-                key = _fit_sort_key(slot, slot.headroom, memory, _is_tight(totals["slack"], totals["capacity"], memory),
-                                    *_fit_means(totals["slack"], totals["capacity"], len(slots)))
+                key = _fit_sort_key(
+                    slot,
+                    slot.headroom,
+                    memory,
+                    _is_tight(totals["slack"], totals["capacity"], memory),
+                    *_fit_means(totals["slack"], totals["capacity"], len(slots)),
+                )
             else:
                 key = slot.key(selector)
             if best is None or key < best:
@@ -656,7 +708,13 @@ def plan_flush(
         home = slots.get(vm.home_node) if vm.home_node and vm.home_node != source_node else None
         if home is not None and (not limit or home.node.name in limit) and memory <= home.headroom:
             book(home, memory, vm.vcpus)
-            plan.append(PlannedMove(vm.uuid, home.node.name, f"returns to its home node {home.node.name} ({home.headroom} MiB headroom left)"))
+            plan.append(
+                PlannedMove(
+                    vm.uuid,
+                    home.node.name,
+                    f"returns to its home node {home.node.name} ({home.headroom} MiB headroom left)",
+                )
+            )
             continue
         if limit:
             chosen, reasons = pick_limited(selector, memory, limit)
@@ -664,13 +722,21 @@ def plan_flush(
             chosen, reasons = pick_unlimited(selector, memory), {}
         if chosen is not None:
             book(chosen, memory, vm.vcpus)
-            plan.append(PlannedMove(vm.uuid, chosen.node.name, f"selector {selector} ({chosen.headroom} MiB headroom left)"))
+            plan.append(
+                PlannedMove(vm.uuid, chosen.node.name, f"selector {selector} ({chosen.headroom} MiB headroom left)")
+            )
             continue
         plan.append(PlannedMove(vm.uuid, None, _none_fits_reason(memory, limit, reasons, slots, static_reasons)))
     return plan
 
 
-def _none_fits_reason(memory: int, limit: Sequence[str], reasons: Mapping[str, str], slots: Mapping[str, _Slot], static_reasons: Mapping[str, str]) -> str:
+def _none_fits_reason(
+    memory: int,
+    limit: Sequence[str],
+    reasons: Mapping[str, str],
+    slots: Mapping[str, _Slot],
+    static_reasons: Mapping[str, str],
+) -> str:
     tail = "; it will be shut down and marked for autostart"
     if limit:
         return f"no node in node_limit {_format_limit(limit)} can take it: {_format_reasons(reasons)}{tail}"
@@ -678,8 +744,10 @@ def _none_fits_reason(memory: int, limit: Sequence[str], reasons: Mapping[str, s
         why = _format_reasons(static_reasons) if static_reasons else "the cluster has no other nodes"
         return f"no node is a candidate: {why}{tail}"
     best = min(slots.values(), key=lambda s: (-s.headroom, s.node.name))
-    return (f"fits on no node: needs {memory} MiB, the most headroom left is {best.headroom} MiB on {best.node.name}"
-            f" ({len(slots)} candidate node(s), {len(static_reasons)} not run/ready){tail}")
+    return (
+        f"fits on no node: needs {memory} MiB, the most headroom left is {best.headroom} MiB on {best.node.name}"
+        f" ({len(slots)} candidate node(s), {len(static_reasons)} not run/ready){tail}"
+    )
 
 
 def apply_plan(
@@ -712,8 +780,13 @@ def apply_plan(
         if target is None or target not in views:
             continue
         node = views[target]
-        views[target] = replace(node, reserved=node.reserved + memory, memfree=node.memfree - memory,
-                                domaincount=node.domaincount + 1, vcpualloc=node.vcpualloc + max(int(vm.vcpus), 0))
+        views[target] = replace(
+            node,
+            reserved=node.reserved + memory,
+            memfree=node.memfree - memory,
+            domaincount=node.domaincount + 1,
+            vcpualloc=node.vcpualloc + max(int(vm.vcpus), 0),
+        )
         running.setdefault(target, []).append(memory)
     if source_node in views:
         views[source_node] = replace(views[source_node], domain_state="flushed")
@@ -772,10 +845,12 @@ def survives_node_failure(
     """
     eligible = [node for node in _as_list(nodes) if node.is_eligible]
     if len(eligible) < 2:
-        return FailureCheck(ok=False, checked=tuple(node.name for node in eligible),
-                            failures={node.name: "it is the only ready node: none is left to restart VMs on"
-                                      for node in eligible},
-                            shortfalls={node.name: 0 for node in eligible})
+        return FailureCheck(
+            ok=False,
+            checked=tuple(node.name for node in eligible),
+            failures={node.name: "it is the only ready node: none is left to restart VMs on" for node in eligible},
+            shortfalls={node.name: 0 for node in eligible},
+        )
     ranked = sorted(eligible, key=lambda n: (-n.headroom, n.name))
     failures: dict[str, str] = {}
     shortfalls: dict[str, int] = {}
@@ -801,15 +876,18 @@ def survives_node_failure(
             if not others or memory > -others[0][0]:
                 most = -others[0][0] if others else 0
                 where = f" ({others[0][1]})" if others else ""
-                failures[failed.name] = (f"its {len(memories)} VM(s) ({sum(memories)} MiB) cannot be restarted elsewhere:"
-                                         f" a {memory} MiB VM does not fit, the most headroom left is {most} MiB{where},"
-                                         f" short by {memory - most} MiB")
+                failures[failed.name] = (
+                    f"its {len(memories)} VM(s) ({sum(memories)} MiB) cannot be restarted elsewhere:"
+                    f" a {memory} MiB VM does not fit, the most headroom left is {most} MiB{where},"
+                    f" short by {memory - most} MiB"
+                )
                 shortfalls[failed.name] = memory - most
                 break
             negative, name = heapq.heappop(others)
             heapq.heappush(others, (negative + memory, name))
-    return FailureCheck(ok=not failures, failures=failures, checked=tuple(node.name for node in eligible),
-                        shortfalls=shortfalls)
+    return FailureCheck(
+        ok=not failures, failures=failures, checked=tuple(node.name for node in eligible), shortfalls=shortfalls
+    )
 
 
 def allocation_check(

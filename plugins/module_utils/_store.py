@@ -68,6 +68,7 @@ _POLL_FAILED = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 if SequentialThreadingHandler is not None:
+
     class PollingHandler(SequentialThreadingHandler):  # type: ignore[misc]  # kazoo has no type information
         """kazoo's threading handler, waiting with one poll() call.
 
@@ -107,6 +108,7 @@ if SequentialThreadingHandler is not None:
                 if events & select.POLLOUT or failed:
                     ready_w.extend(obj for obj, obj_fd in zip(wlist, wfds) if obj_fd == fd)
             return ready_r, ready_w, []
+
 
 # Lock acquisition: attempts, and the first pause between them (doubled after each: 0.1 0.2 0.4 0.8 s).
 LOCK_ATTEMPTS = 5
@@ -225,9 +227,9 @@ class Versioned(NamedTuple):
 
 
 # The session states a listener of ``add_session_listener`` is told.
-SESSION_CONNECTED = "connected"    # connected with a session (a new one after SESSION_LOST)
-SESSION_SUSPENDED = "suspended"    # the connection is gone; the session may still come back
-SESSION_LOST = "lost"              # the session expired: its ephemeral znodes went with it
+SESSION_CONNECTED = "connected"  # connected with a session (a new one after SESSION_LOST)
+SESSION_SUSPENDED = "suspended"  # the connection is gone; the session may still come back
+SESSION_LOST = "lost"  # the session expired: its ephemeral znodes went with it
 
 
 def quiet_client_logging() -> None:
@@ -272,8 +274,10 @@ def _depth_order(path: str) -> tuple[int, str]:
 
 
 def _acl_set(acls, names_only: bool = False) -> set:
-    return {(acl.perms, acl.id.scheme, _id_name(acl.id.id) if names_only and acl.id.scheme == "digest" else acl.id.id)
-            for acl in acls or ()}
+    return {
+        (acl.perms, acl.id.scheme, _id_name(acl.id.id) if names_only and acl.id.scheme == "digest" else acl.id.id)
+        for acl in acls or ()
+    }
 
 
 def _same_acl(found, expected) -> bool:
@@ -337,10 +341,16 @@ class ConnectionOptions:
         root = root_problem(self.root)
         if root:
             problems.append(root)
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) \
-                or not math.isfinite(self.timeout_s) or not MIN_TIMEOUT_S <= self.timeout_s <= MAX_TIMEOUT_S:
-            problems.append(f"timeout_s must be a number of seconds from {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}, "
-                            f"not {self.timeout_s!r}")
+        if (
+            isinstance(self.timeout_s, bool)
+            or not isinstance(self.timeout_s, (int, float))
+            or not math.isfinite(self.timeout_s)
+            or not MIN_TIMEOUT_S <= self.timeout_s <= MAX_TIMEOUT_S
+        ):
+            problems.append(
+                f"timeout_s must be a number of seconds from {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}, "
+                f"not {self.timeout_s!r}"
+            )
         if self.auth_password and not self.auth_username:
             problems.append("auth_password is set but auth_username is not")
         if self.auth_username and not self.auth_password:
@@ -361,7 +371,9 @@ class ConnectionOptions:
             problems.append("insecure must be true or false")
         if self.node_name is not None:
             problems += self._node_identity_problems()
-        if self.nodes_digest is not None and not (isinstance(self.nodes_digest, str) and _DIGEST_ID.fullmatch(self.nodes_digest)):
+        if self.nodes_digest is not None and not (
+            isinstance(self.nodes_digest, str) and _DIGEST_ID.fullmatch(self.nodes_digest)
+        ):
             problems.append("nodes_digest must be the nodes' digest id, username:base64(sha1(username:password))")
         if problems:
             raise ValueError("invalid ZooKeeper connection options: " + "; ".join(problems))
@@ -370,18 +382,24 @@ class ConnectionOptions:
         """What is wrong with a node daemon's identities (``node_name`` is set)."""
         if self.insecure:
             if self.auth_username or self.node_password or self.operator_digest:
-                return ["insecure is true, so credentials are refused (an open cluster's znodes would be created "
-                        "readable by one user only); leave insecure out to secure the cluster"]
+                return [
+                    "insecure is true, so credentials are refused (an open cluster's znodes would be created "
+                    "readable by one user only); leave insecure out to secure the cluster"
+                ]
             return []
         problems = []
         if not self.auth_username:
-            problems.append("authentication is required: give the nodes' username and password (or insecure: true "
-                            "for an open cluster anyone can read and write)")
+            problems.append(
+                "authentication is required: give the nodes' username and password (or insecure: true "
+                "for an open cluster anyone can read and write)"
+            )
         if not self.node_password:
             problems.append(f"node_password (the password of node {self.node_name}'s own identity) is required")
         if not isinstance(self.operator_digest, str) or not _DIGEST_ID.fullmatch(self.operator_digest):
-            problems.append("operator_digest must be the operator's digest id, username:base64(sha1(username:password)) "
-                            f"(28 characters after the ':'), not {self.operator_digest!r}")
+            problems.append(
+                "operator_digest must be the operator's digest id, username:base64(sha1(username:password)) "
+                f"(28 characters after the ':'), not {self.operator_digest!r}"
+            )
         elif self.operator_digest.split(":", 1)[0] in (self.auth_username, self.node_name):
             problems.append("the operator, the nodes and this node need three different usernames")
         if self.auth_username and self.auth_username == self.node_name:
@@ -421,8 +439,11 @@ def describe_acl(acls) -> str:
 
 _SESSION_STATES: dict[Any, str] = {}
 if KazooState is not None:
-    _SESSION_STATES = {KazooState.CONNECTED: SESSION_CONNECTED, KazooState.SUSPENDED: SESSION_SUSPENDED,
-                       KazooState.LOST: SESSION_LOST}
+    _SESSION_STATES = {
+        KazooState.CONNECTED: SESSION_CONNECTED,
+        KazooState.SUSPENDED: SESSION_SUSPENDED,
+        KazooState.LOST: SESSION_LOST,
+    }
 
 
 class StoreLock:
@@ -456,7 +477,9 @@ class ClusterStore:
 
     def __init__(self, options: ConnectionOptions, logger: logging.Logger | None = None) -> None:
         if KazooClient is None:
-            raise StoreError("the kazoo Python library is required: " + (KAZOO_IMPORT_ERROR or "").strip().splitlines()[-1])
+            raise StoreError(
+                "the kazoo Python library is required: " + (KAZOO_IMPORT_ERROR or "").strip().splitlines()[-1]
+            )
         options.validate()
         self.options = options
         self.log = logger or logging.getLogger(__name__)
@@ -485,14 +508,17 @@ class ClusterStore:
         self.acl_ids: AclIds | None = None
         # whether verify_cluster found the cluster open to anyone (None: not verified)
         self.cluster_open: bool | None = None
-        if options.auth_username and options.auth_password:   # validate(): both or neither
+        if options.auth_username and options.auth_password:  # validate(): both or neither
             user, password = options.auth_username, options.auth_password
             auth_data = [("digest", f"{user}:{password}")]
             if options.node_name and options.node_password and options.operator_digest:
                 auth_data.append(("digest", f"{options.node_name}:{options.node_password}"))
-                self.acl_ids = AclIds(operator=options.operator_digest, nodes=(digest_id(user, password),),
-                                      own_node=options.node_name,
-                                      own_node_id=digest_id(options.node_name, options.node_password))
+                self.acl_ids = AclIds(
+                    operator=options.operator_digest,
+                    nodes=(digest_id(user, password),),
+                    own_node=options.node_name,
+                    own_node_id=digest_id(options.node_name, options.node_password),
+                )
             elif options.nodes_digest and not options.node_name:
                 self.acl_ids = AclIds(operator=digest_id(user, password), nodes=(options.nodes_digest,))
             kwargs["auth_data"] = auth_data
@@ -500,8 +526,14 @@ class ClusterStore:
             kwargs["default_acl"] = [ACL(PERM_ALL, Id("digest", digest_id(user, password)))]
         if options.tls:
             # verify: the server's certificate chains to the CA *and* names the host connected to
-            kwargs.update(use_ssl=True, ca=options.tls_ca, certfile=options.tls_cert, keyfile=options.tls_key,
-                          verify_certs=options.tls_verify, check_hostname=options.tls_verify)
+            kwargs.update(
+                use_ssl=True,
+                ca=options.tls_ca,
+                certfile=options.tls_cert,
+                keyfile=options.tls_key,
+                verify_certs=options.tls_verify,
+                check_hostname=options.tls_verify,
+            )
         self.client = KazooClient(**kwargs)
         if self.acl_ids is not None:
             # for the znodes kazoo's recipes create (lock contenders): a lock's rule
@@ -541,7 +573,9 @@ class ClusterStore:
             self.client.start(timeout=timeout)
         except Exception as exc:  # kazoo's timeout, or a socket/TLS setup error
             self._close_client()
-            raise StoreError(f"cannot reach ZooKeeper at {self.options.hosts} within {timeout:g} s: {_describe(exc)}") from exc
+            raise StoreError(
+                f"cannot reach ZooKeeper at {self.options.hosts} within {timeout:g} s: {_describe(exc)}"
+            ) from exc
         self._started = True
         self.log.info("connected to ZooKeeper at %s", self.options.hosts)
         return self
@@ -575,11 +609,13 @@ class ClusterStore:
         """Call ``listener(state)`` on every change of the connection: SESSION_CONNECTED,
         SESSION_SUSPENDED or SESSION_LOST. It runs on the store's connection thread and must not
         block; an exception it raises is logged."""
+
         def on_state(state) -> None:
             try:
                 listener(_SESSION_STATES.get(state, SESSION_SUSPENDED))
             except Exception:
                 self.log.exception("session listener %r failed", listener)
+
         with self._listeners_mutex:
             self._listeners[listener] = on_state
         self.client.add_listener(on_state)
@@ -608,8 +644,10 @@ class ClusterStore:
         if not self._started or self._stopped:
             raise StoreError(f"{what}: the store is {'stopped' if self._stopped else 'not started'}")
         if not self._live.wait(self.options.timeout_s):
-            raise UnreachableError(f"{what}: not connected to ZooKeeper at {self.options.hosts} "
-                                   f"(waited {self.options.timeout_s:g} s; state {self.client.state})")
+            raise UnreachableError(
+                f"{what}: not connected to ZooKeeper at {self.options.hosts} "
+                f"(waited {self.options.timeout_s:g} s; state {self.client.state})"
+            )
 
     def _call_many(self, what: str, starters) -> list:
         """Start kazoo async calls together, then collect each answer, with timeouts and our errors."""
@@ -620,8 +658,9 @@ class ClusterStore:
             try:
                 results.append(async_result.get(timeout=self.options.timeout_s))
             except self.client.handler.timeout_exception as exc:
-                raise UnreachableError(f"{what}: no answer from ZooKeeper at {self.options.hosts} "
-                                       f"within {self.options.timeout_s:g} s") from exc
+                raise UnreachableError(
+                    f"{what}: no answer from ZooKeeper at {self.options.hosts} within {self.options.timeout_s:g} s"
+                ) from exc
             except kz.NoNodeError as exc:
                 raise MissingError(f"{what}: no such key") from exc
             except (kz.ConnectionLoss, kz.SessionExpiredError) as exc:
@@ -657,7 +696,9 @@ class ClusterStore:
         self.check_reads()
         return self._commit(values, dict(expect_versions or {}), _path_list(delete), set(_path_list(create)))
 
-    def _commit(self, values: dict, expect: dict, deletes: list, creates: set, recursive: bool = True) -> dict[str, int]:
+    def _commit(
+        self, values: dict, expect: dict, deletes: list, creates: set, recursive: bool = True
+    ) -> dict[str, int]:
         self._check_commit(values, expect, deletes, creates)
         encoded = {path: encode_value(value) for path, value in values.items()}
         try:
@@ -691,8 +732,9 @@ class ClusterStore:
             if clash:
                 raise ValueError(f"cannot delete {gone} and write {clash[0]} in one commit")
 
-    def _commit_once(self, encoded: dict, expect: dict, deletes: list, creates: set, recursive: bool,
-                     assume: bool = False) -> dict[str, int]:
+    def _commit_once(
+        self, encoded: dict, expect: dict, deletes: list, creates: set, recursive: bool, assume: bool = False
+    ) -> dict[str, int]:
         """One planned transaction. ``assume``: plan without looking (written keys other than
         ``creates`` exist, deleted keys are leaves); raises _Assumed when that was wrong."""
         client = self.client
@@ -733,8 +775,9 @@ class ClusterStore:
         # Parents of new keys are created only when the transaction says one is missing (most
         # already exist, and checking first would cost a round trip on every write).
         results = self._run_transaction(ops)
-        if to_create and any(kind == "create" and isinstance(result, kz.NoNodeError)
-                             for (kind, *_rest), result in zip(ops, results)):
+        if to_create and any(
+            kind == "create" and isinstance(result, kz.NoNodeError) for (kind, *_rest), result in zip(ops, results)
+        ):
             parents = set()
             for path in to_create:
                 parent = _parent(path)
@@ -748,7 +791,9 @@ class ClusterStore:
             # After the parents were made, too: a transaction that first failed at a create with
             # no parent only then reaches the keys it assumed (a set of a key that is missing).
             for (kind, path, guarded, _data, _version), result in zip(ops, results):
-                if isinstance(result, (kz.RolledBackError, kz.RuntimeInconsistency)) or not isinstance(result, Exception):
+                if isinstance(result, (kz.RolledBackError, kz.RuntimeInconsistency)) or not isinstance(
+                    result, Exception
+                ):
                     continue
                 # the first real failure: was it one of the assumptions?
                 if kind == "set" and not guarded and isinstance(result, kz.NoNodeError):
@@ -766,7 +811,9 @@ class ClusterStore:
                 raise ConflictError(f"commit: {path} does not exist (expected version {expect[path]})", path)
             if kind == "create" and guarded and isinstance(result, kz.NodeExistsError):
                 raise ConflictError(f"commit: {path} already exists", path)
-            if isinstance(result, kz.BadVersionError) or (guarded and isinstance(result, (kz.NoNodeError, kz.NodeExistsError))):
+            if isinstance(result, kz.BadVersionError) or (
+                guarded and isinstance(result, (kz.NoNodeError, kz.NodeExistsError))
+            ):
                 raise ConflictError(f"commit: {path} changed concurrently ({why})", path)
             if isinstance(result, kz.NotEmptyError) and not recursive:
                 raise StoreError(f"delete {path}: it has children")
@@ -797,9 +844,11 @@ class ClusterStore:
             if stat is not None:
                 continue
             try:
-                self._call(f"commit: create {path}", lambda p=path: self.client.create_async(p, b"", acl=self.acl_for(p)))
+                self._call(
+                    f"commit: create {path}", lambda p=path: self.client.create_async(p, b"", acl=self.acl_for(p))
+                )
             except StoreError as exc:
-                if not isinstance(exc.__cause__, kz.NodeExistsError):   # created meanwhile: fine
+                if not isinstance(exc.__cause__, kz.NodeExistsError):  # created meanwhile: fine
                     raise
 
     def _run_transaction(self, ops) -> list:
@@ -831,8 +880,9 @@ class ClusterStore:
                 result[top] = []
                 continue
             except self.client.handler.timeout_exception as exc:
-                raise UnreachableError(f"list {top}: no answer from ZooKeeper at {self.options.hosts} "
-                                       f"within {self.options.timeout_s:g} s") from exc
+                raise UnreachableError(
+                    f"list {top}: no answer from ZooKeeper at {self.options.hosts} within {self.options.timeout_s:g} s"
+                ) from exc
             except (kz.ConnectionLoss, kz.SessionExpiredError) as exc:
                 raise UnreachableError(f"list {top}: {_describe(exc)}") from exc
             except kz.KazooException as exc:
@@ -851,7 +901,9 @@ class ClusterStore:
             listings = []
             for path in level:
                 try:
-                    listings.append((path, self._call(f"list {path}", lambda p=path: self.client.get_children_async(p))))
+                    listings.append(
+                        (path, self._call(f"list {path}", lambda p=path: self.client.get_children_async(p)))
+                    )
                 except MissingError:
                     if path == top:
                         return []
@@ -877,14 +929,17 @@ class ClusterStore:
         if not self.failures:
             return
         seen = list(dict.fromkeys(str(exc) for exc in self.failures))
-        raise ReadsFailedError("reading the cluster from ZooKeeper failed: " + "; ".join(seen[:3])
-                               + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else ""))
+        raise ReadsFailedError(
+            "reading the cluster from ZooKeeper failed: "
+            + "; ".join(seen[:3])
+            + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else "")
+        )
 
     def _swallow(self, exc: StoreError, message: str | None = None) -> None:
         """A never-failing accessor's failure: logged; with ``strict_reads``, kept and raised."""
         self.log.warning("%s", message or exc)
         if self.failures is not None:
-            if not isinstance(exc, ReadsFailedError):   # kept already
+            if not isinstance(exc, ReadsFailedError):  # kept already
                 self.failures.append(exc)
             raise exc
 
@@ -916,7 +971,9 @@ class ClusterStore:
         result, listed = dict.fromkeys(paths), dict.fromkeys(lists)
         try:
             named = paths + lists
-            self._require_connection(f"read {', '.join(named[:3])}" + (f" and {len(named) - 3} more" if len(named) > 3 else ""))
+            self._require_connection(
+                f"read {', '.join(named[:3])}" + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+            )
         except StoreError as exc:
             self._swallow(exc)
             return result, listed
@@ -941,8 +998,12 @@ class ClusterStore:
         except kz.NoNodeError:
             self.log.debug("%s %s: no such key", what, path)
         except self.client.handler.timeout_exception:
-            self._swallow(UnreachableError(f"{what} {path}: no answer from ZooKeeper at {self.options.hosts} "
-                                           f"within {self.options.timeout_s:g} s"))
+            self._swallow(
+                UnreachableError(
+                    f"{what} {path}: no answer from ZooKeeper at {self.options.hosts} "
+                    f"within {self.options.timeout_s:g} s"
+                )
+            )
         except (kz.ConnectionLoss, kz.SessionExpiredError) as exc:
             self._swallow(UnreachableError(f"{what} {path}: {_describe(exc)}"))
         except kz.KazooException as exc:
@@ -1005,6 +1066,7 @@ class ClusterStore:
         reconnections and new sessions. The callback runs on the store's event thread: it must not
         block, and an exception it raises is logged and ends the watch (the value is untrusted
         text: decode it with ``_decode``, or only compare it)."""
+
         def on_data(data, stat) -> bool:
             value = None if stat is None else Versioned((data or b"").decode("utf-8", errors="replace"), stat.version)
             try:
@@ -1012,6 +1074,7 @@ class ClusterStore:
             except Exception:
                 self.log.exception("watch %s: the callback failed; the watch ends", path)
                 return False
+
         self.client.DataWatch(path, on_data)
 
     def watch_children(self, path: str, callback: Callable[[list[str] | None], object]) -> None:
@@ -1029,12 +1092,14 @@ class ClusterStore:
             except Exception:
                 self.log.exception("watch of the children of %s: the callback failed; the watch ends", path)
                 return False
-        self.client.ChildrenWatch(path, on_children)   # answers on this thread before it returns
+
+        self.client.ChildrenWatch(path, on_children)  # answers on this thread before it returns
         if not answered:
             callback(None)
 
-    def follow(self, path: str, on_value: Callable[[Versioned | None], None],
-               wanted: Callable[[], bool] = lambda: True) -> None:
+    def follow(
+        self, path: str, on_value: Callable[[Versioned | None], None], wanted: Callable[[], bool] = lambda: True
+    ) -> None:
         """Keep ``on_value`` told of the key's value (None while it does not exist): read now, and
         after every change for as long as ``wanted()`` (asked at each change) is true.
 
@@ -1053,7 +1118,7 @@ class ClusterStore:
         def fetch() -> None:
             try:
                 client.get_async(path, watch=on_event).rawlink(answered)
-            except Exception as exc:   # not connected
+            except Exception as exc:  # not connected
                 self.log.debug("watch %s not armed: %s", path, _describe(exc))
 
         def answered(result) -> None:
@@ -1068,8 +1133,11 @@ class ClusterStore:
                 self._tell(path, on_value, None)
                 return
             except Exception as exc:
-                self.log.debug("watch %s: read failed (%s); following it again after a reconnection re-arms it",
-                               path, _describe(exc))
+                self.log.debug(
+                    "watch %s: read failed (%s); following it again after a reconnection re-arms it",
+                    path,
+                    _describe(exc),
+                )
                 return
             self._tell(path, on_value, Versioned((data or b"").decode("utf-8", errors="replace"), stat.version))
 
@@ -1085,7 +1153,7 @@ class ClusterStore:
     def _tell(self, path: str, on_value: Callable[[Versioned | None], None], value: Versioned | None) -> None:
         try:
             on_value(value)
-        except Exception:   # the event thread must never see one: its other watches would stop
+        except Exception:  # the event thread must never see one: its other watches would stop
             self.log.exception("watch %s: the callback failed", path)
 
     def put_ephemeral(self, path: str, value) -> None:
@@ -1102,13 +1170,17 @@ class ClusterStore:
             txn.delete(path, version=stat.version)
             txn.create(path, data, acl=acl, ephemeral=True)
             results = self._call(f"replace {path}", txn.commit_async)
-            failed = [r for r in results if isinstance(r, Exception)
-                      and not isinstance(r, (kz.RolledBackError, kz.RuntimeInconsistency))]
+            failed = [
+                r
+                for r in results
+                if isinstance(r, Exception) and not isinstance(r, (kz.RolledBackError, kz.RuntimeInconsistency))
+            ]
             if failed:
                 raise StoreError(f"replace {path}: {_describe(failed[0])}")
         if self._call(f"exists {path}", lambda: self.client.exists_async(path)) is None:
-            self._call(f"create {path}",
-                       lambda: self.client.create_async(path, data, acl=acl, ephemeral=True, makepath=True))
+            self._call(
+                f"create {path}", lambda: self.client.create_async(path, data, acl=acl, ephemeral=True, makepath=True)
+            )
 
     # ---- schema -----------------------------------------------------------------------------
 
@@ -1166,7 +1238,7 @@ class ClusterStore:
         try:
             found = self._call_many("check ACLs", [lambda p=p: self.client.get_acls_async(p) for p in paths])
         except StoreError as exc:
-            if _refused(exc):   # not even allowed to read an ACL
+            if _refused(exc):  # not even allowed to read an ACL
                 refused = [p for p in paths if self.client.exists(p) is not None]
                 raise StoreError(self._foreign(refused[0] if refused else paths[0])) from None
             raise
@@ -1177,25 +1249,37 @@ class ClusterStore:
                 continue
             if any(acl.id.scheme == "world" for acl in acls):
                 try:
-                    self._call(f"repair the ACL of {path}",
-                               lambda p=path, v=stat.aversion, e=expected: self.client.set_acls_async(p, e, v))
+                    self._call(
+                        f"repair the ACL of {path}",
+                        lambda p=path, v=stat.aversion, e=expected: self.client.set_acls_async(p, e, v),
+                    )
                 except StoreError as exc:
-                    raise StoreError(f"{path} at {where} is open to anyone (ACL {describe_acl(acls)}) and could not be "
-                                     f"secured: {exc}; an operator must set its ACL to {describe_acl(expected)}") from None
-                self.log.warning("%s was open to anyone (ACL %s): secured it (ACL %s)", path, describe_acl(acls),
-                                 describe_acl(expected))
+                    raise StoreError(
+                        f"{path} at {where} is open to anyone (ACL {describe_acl(acls)}) and could not be "
+                        f"secured: {exc}; an operator must set its ACL to {describe_acl(expected)}"
+                    ) from None
+                self.log.warning(
+                    "%s was open to anyone (ACL %s): secured it (ACL %s)",
+                    path,
+                    describe_acl(acls),
+                    describe_acl(expected),
+                )
                 repaired.append(path)
                 continue
-            raise StoreError(f"{path} at {where} has the ACL {describe_acl(acls)}, not {describe_acl(expected)}: the "
-                             "cluster was secured with other identities; check the usernames and passwords (and the "
-                             "operator's digest) this client was given")
+            raise StoreError(
+                f"{path} at {where} has the ACL {describe_acl(acls)}, not {describe_acl(expected)}: the "
+                "cluster was secured with other identities; check the usernames and passwords (and the "
+                "operator's digest) this client was given"
+            )
         return repaired
 
     def _foreign(self, path: str) -> str:
         user = self.options.auth_username
-        return (f"ZooKeeper at {self.options.hosts} refuses {'user ' + user if user else 'a client without credentials'} "
-                f"access to {path}: the cluster was secured with other identities; check the usernames and passwords "
-                "(and the operator's digest) this client was given")
+        return (
+            f"ZooKeeper at {self.options.hosts} refuses {'user ' + user if user else 'a client without credentials'} "
+            f"access to {path}: the cluster was secured with other identities; check the usernames and passwords "
+            "(and the operator's digest) this client was given"
+        )
 
     def _check_version(self, stored: str) -> None:
         """Raise StoreError unless ``stored`` (the text of /schema/version) is this code's version."""
@@ -1205,9 +1289,11 @@ class ClusterStore:
         if not re.fullmatch(r"[0-9]{1,9}", stored.strip()):
             raise StoreError(f"{self.schema.schema_version()} holds {shown!r}, not a schema version")
         newer = int(stored) > SCHEMA_VERSION
-        raise StoreError(f"the cluster at {self.options.hosts}{self.schema.root} has schema version {stored.strip()}, "
-                         f"this code knows version {SCHEMA_VERSION}"
-                         + (": upgrade pvc.cluster first" if newer else " and no migration from it"))
+        raise StoreError(
+            f"the cluster at {self.options.hosts}{self.schema.root} has schema version {stored.strip()}, "
+            f"this code knows version {SCHEMA_VERSION}"
+            + (": upgrade pvc.cluster first" if newer else " and no migration from it")
+        )
 
     def verify_cluster(self) -> None:
         """Check, before anything is read or written, that the cluster root holds a pvc.cluster
@@ -1230,39 +1316,55 @@ class ClusterStore:
         try:
             acls, _stat = self._call(f"read the ACL of {root}", lambda: self.client.get_acls_async(root))
         except MissingError:
-            raise StoreError(f"there is no pvc.cluster at {where}: {root} does not exist; check zk_root "
-                             "(the node daemons create a cluster's keys when they first start)") from None
+            raise StoreError(
+                f"there is no pvc.cluster at {where}: {root} does not exist; check zk_root "
+                "(the node daemons create a cluster's keys when they first start)"
+            ) from None
         except StoreError as exc:
             if kz is not None and isinstance(exc.__cause__, kz.SessionClosedRequireSaslError):
                 # a server with enforce.auth (the zookeeper role's default) closes the session of a
                 # client that has not authenticated, before any ACL is looked at
-                raise StoreError(f"the ZooKeeper at {self.options.hosts} requires every client to authenticate (enforce.auth) "
-                                 f"and closed this client's session: give zk_username and zk_password for {root}") from None
+                raise StoreError(
+                    f"the ZooKeeper at {self.options.hosts} requires every client to authenticate (enforce.auth) "
+                    f"and closed this client's session: give zk_username and zk_password for {root}"
+                ) from None
             if kz is not None and isinstance(exc.__cause__, kz.NoAuthError):
                 if user:
-                    raise StoreError(f"ZooKeeper refuses user {user} access to the cluster at {where} (cannot read the ACL "
-                                     f"of {root}): check zk_username and zk_password") from None
-                raise StoreError(f"the cluster at {where} uses authentication: ZooKeeper lets no client without credentials "
-                                 f"read {root}; give zk_username and zk_password") from None
+                    raise StoreError(
+                        f"ZooKeeper refuses user {user} access to the cluster at {where} (cannot read the ACL "
+                        f"of {root}): check zk_username and zk_password"
+                    ) from None
+                raise StoreError(
+                    f"the cluster at {where} uses authentication: ZooKeeper lets no client without credentials "
+                    f"read {root}; give zk_username and zk_password"
+                ) from None
             raise
-        open_to_anyone = any(acl.id.scheme == "world" and acl.id.id == "anyone" and acl.perms & _OPEN_PERMS == _OPEN_PERMS
-                             for acl in acls)
+        open_to_anyone = any(
+            acl.id.scheme == "world" and acl.id.id == "anyone" and acl.perms & _OPEN_PERMS == _OPEN_PERMS
+            for acl in acls
+        )
         # an open cluster (the daemons run with insecure: true): node_info says so
         self.cluster_open = open_to_anyone
         if open_to_anyone and user:
-            raise StoreError(f"the cluster at {where} does not use authentication ({root} lets anyone read and write it), "
-                             "so zk_username and zk_password are refused: the keys a task created with them would be "
-                             f"readable by user {user} only, locking the node daemons and every other reader out; leave "
-                             "them out, or secure the cluster first")
+            raise StoreError(
+                f"the cluster at {where} does not use authentication ({root} lets anyone read and write it), "
+                "so zk_username and zk_password are refused: the keys a task created with them would be "
+                f"readable by user {user} only, locking the node daemons and every other reader out; leave "
+                "them out, or secure the cluster first"
+            )
         if not open_to_anyone and not credentials:
             granted = ", ".join(sorted({f"{acl.id.scheme}:{acl.id.id.split(':', 1)[0]}" for acl in acls})) or "nobody"
-            raise StoreError(f"the cluster at {where} uses authentication (the ACL of {root} grants {granted}), "
-                             "but no zk_username and zk_password were given; give them")
+            raise StoreError(
+                f"the cluster at {where} uses authentication (the ACL of {root} grants {granted}), "
+                "but no zk_username and zk_password were given; give them"
+            )
         try:
             stored = self.get(self.schema.schema_version())[0]
         except MissingError:
-            raise StoreError(f"there is no pvc.cluster at {where}: {self.schema.schema_version()} does not exist; check "
-                             "zk_root (the node daemons create a cluster's keys when they first start)") from None
+            raise StoreError(
+                f"there is no pvc.cluster at {where}: {self.schema.schema_version()} does not exist; check "
+                "zk_root (the node daemons create a cluster's keys when they first start)"
+            ) from None
         self._check_version(stored)
         if not open_to_anyone and user:
             self._learn_identities(acls, where)
@@ -1274,9 +1376,11 @@ class ClusterStore:
         own = digest_id(self.options.auth_username or "", self.options.auth_password or "")
         digests = [acl for acl in root_acls if acl.id.scheme == "digest"]
         if not any(acl.id.id == own and acl.perms & PERM_ALL == PERM_ALL for acl in digests):
-            raise StoreError(f"user {self.options.auth_username} is not the operator of the cluster at {where} "
-                             f"(the ACL of {self.schema.root or '/'} is {describe_acl(root_acls)}): check zk_username "
-                             "and zk_password")
+            raise StoreError(
+                f"user {self.options.auth_username} is not the operator of the cluster at {where} "
+                f"(the ACL of {self.schema.root or '/'} is {describe_acl(root_acls)}): check zk_username "
+                "and zk_password"
+            )
         nodes = tuple(sorted(acl.id.id for acl in digests if acl.id.id != own))
         self.acl_ids = AclIds(operator=own, nodes=nodes)
         self.client.default_acl = self.acl_for(self.schema.node_lock("contender") + "/contender")
@@ -1309,7 +1413,7 @@ class ClusterStore:
         if self.connected:
             try:
                 acquired = bool(lock.acquire(blocking=False))
-            except kz.KazooException as exc:   # kazoo's own cleanup removed our contender node
+            except kz.KazooException as exc:  # kazoo's own cleanup removed our contender node
                 self.log.debug("lock %s: not taken: %s", path, _describe(exc))
         try:
             yield StoreLock(self, lock) if acquired else None
@@ -1333,8 +1437,14 @@ class ClusterStore:
                 self.log.warning("lock %s: attempt %d of %d failed (%s)", lock.path, attempt, LOCK_ATTEMPTS, reason)
                 break
             pause = LOCK_BACKOFF_S * 2 ** (attempt - 1)
-            self.log.warning("lock %s: attempt %d of %d failed (%s); retrying in %.1f s",
-                             lock.path, attempt, LOCK_ATTEMPTS, reason, pause)
+            self.log.warning(
+                "lock %s: attempt %d of %d failed (%s); retrying in %.1f s",
+                lock.path,
+                attempt,
+                LOCK_ATTEMPTS,
+                reason,
+                pause,
+            )
             # The backoff itself: give the holder (or a reconnecting session) time; nothing to wait on.
             time.sleep(pause)
         # kazoo removes our contender node on a failed attempt; make sure, in case that failed too
@@ -1353,10 +1463,16 @@ class ClusterStore:
             # not lock.release(): it retries forever and blocks while the connection is down
             self._call(f"release lock {lock.path}", lambda: self.client.delete_async(node))
         except MissingError:
-            self.log.warning("lock %s: our lock node was already gone (the session expired while it was held)", lock.path)
+            self.log.warning(
+                "lock %s: our lock node was already gone (the session expired while it was held)", lock.path
+            )
         except StoreError as exc:
-            self.log.error("lock %s: release failed (%s); its node is deleted when the connection returns, "
-                           "or vanishes with the session", lock.path, exc)
+            self.log.error(
+                "lock %s: release failed (%s); its node is deleted when the connection returns, "
+                "or vanishes with the session",
+                lock.path,
+                exc,
+            )
             self._add_orphan(lock.path, lock.prefix)
 
     def _add_orphan(self, lock_path: str, prefix: str) -> None:
@@ -1386,7 +1502,9 @@ class ClusterStore:
         for child in children:
             if child.startswith(prefix):
                 try:
-                    self._call(f"delete {lock_path}/{child}", lambda c=child: self.client.delete_async(f"{lock_path}/{c}"))
+                    self._call(
+                        f"delete {lock_path}/{child}", lambda c=child: self.client.delete_async(f"{lock_path}/{c}")
+                    )
                     self.log.info("lock %s: deleted our leftover lock node %s", lock_path, child)
                 except MissingError:
-                    continue   # already gone (the session that held it expired)
+                    continue  # already gone (the session that held it expired)

@@ -111,18 +111,26 @@ def check_input(params: dict) -> None:
     """Credentials that fit a secured cluster, or an explicit open one. Raises ModuleFailure."""
     if params.get("zk_username"):
         if not params.get("nodes_username") or not params.get("nodes_password"):
-            raise ModuleFailure("nodes_username and nodes_password are required with zk_username: the cluster's ACLs "
-                                "let the node daemons' identity read and write what they need (docs/security.md)")
+            raise ModuleFailure(
+                "nodes_username and nodes_password are required with zk_username: the cluster's ACLs "
+                "let the node daemons' identity read and write what they need (docs/security.md)"
+            )
         if params["nodes_username"] == params["zk_username"]:
-            raise ModuleFailure(f"nodes_username must be another user than zk_username ({params['zk_username']}): "
-                                "the nodes must not be the operator")
+            raise ModuleFailure(
+                f"nodes_username must be another user than zk_username ({params['zk_username']}): "
+                "the nodes must not be the operator"
+            )
     elif not params.get("insecure"):
-        raise ModuleFailure("no zk_username and zk_password: the cluster would be open to anyone who reaches ZooKeeper; "
-                            "give the operator's credentials and nodes_username/nodes_password, or insecure: true for "
-                            "an open test cluster")
+        raise ModuleFailure(
+            "no zk_username and zk_password: the cluster would be open to anyone who reaches ZooKeeper; "
+            "give the operator's credentials and nodes_username/nodes_password, or insecure: true for "
+            "an open test cluster"
+        )
     elif params.get("nodes_username") or params.get("nodes_password"):
-        raise ModuleFailure("nodes_username and nodes_password are for a secured cluster: give zk_username and "
-                            "zk_password too, or leave them out for an open cluster (insecure: true)")
+        raise ModuleFailure(
+            "nodes_username and nodes_password are for a secured cluster: give zk_username and "
+            "zk_password too, or leave them out for an open cluster (insecure: true)"
+        )
 
 
 def run(module, store: ClusterStore) -> dict:
@@ -132,13 +140,18 @@ def run(module, store: ClusterStore) -> dict:
     except MissingError:
         stored = None
     if stored is not None:
-        store.verify_cluster()   # the credentials fit how the existing cluster is secured
+        store.verify_cluster()  # the credentials fit how the existing cluster is secured
     created = stored is None
     changed = created
     if not module.check_mode:
         changed = store.ensure_schema()
-    result = {"changed": changed, "root": schema.root or "/", "schema_version": stored or SCHEMA_VERSION,
-              "created": created, "secured": bool(module.params.get("zk_username"))}
+    result = {
+        "changed": changed,
+        "root": schema.root or "/",
+        "schema_version": stored or SCHEMA_VERSION,
+        "created": created,
+        "secured": bool(module.params.get("zk_username")),
+    }
     if module._diff:
         result["diff"] = {"before": {"schema_version": stored}, "after": {"schema_version": stored or SCHEMA_VERSION}}
     return result
@@ -155,7 +168,9 @@ def main():
     except ValueError as exc:
         module.fail_json(msg=str(exc))
     if params.get("zk_username"):
-        options = dataclasses.replace(options, nodes_digest=digest_id(params["nodes_username"], params["nodes_password"]))
+        options = dataclasses.replace(
+            options, nodes_digest=digest_id(params["nodes_username"], params["nodes_password"])
+        )
     try:
         store = ClusterStore(options)
     except StoreError as exc:

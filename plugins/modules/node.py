@@ -235,8 +235,10 @@ def check_input(params: dict) -> None:
     check_wait_timeout(params)
     check_names(params, ("name",))
     if params.get("state") == "fenced" and not params.get("confirm_down"):
-        raise ModuleFailure("state=fenced needs confirm_down=true: it tells the cluster that the node is powered off, "
-                            "and its VMs are then started on other nodes")
+        raise ModuleFailure(
+            "state=fenced needs confirm_down=true: it tells the cluster that the node is powered off, "
+            "and its VMs are then started on other nodes"
+        )
 
 
 # daemon states an operator may confirm as powered off
@@ -246,9 +248,11 @@ CONFIRMABLE = ("dead", "fence-failed", "stop")
 def plan_fenced(name: str, daemon_state: str) -> Differences:
     """The daemon state written by state=fenced; raises ModuleFailure for a node that may be running."""
     if daemon_state != "fenced" and daemon_state not in CONFIRMABLE:
-        raise ModuleFailure(f"the daemon of node {name} is {daemon_state}: only a node whose daemon is "
-                            f"{', '.join(CONFIRMABLE)} can be confirmed down (a running node, or one a peer is "
-                            "fencing right now, is not)")
+        raise ModuleFailure(
+            f"the daemon of node {name} is {daemon_state}: only a node whose daemon is "
+            f"{', '.join(CONFIRMABLE)} can be confirmed down (a running node, or one a peer is "
+            "fencing right now, is not)"
+        )
     differences = Differences()
     differences.add("daemon_state", daemon_state, "fenced")
     return differences
@@ -257,8 +261,12 @@ def plan_fenced(name: str, daemon_state: str) -> Differences:
 def confirm_fenced(module, session, name: str, daemon_state: str, domain_state: str) -> dict:
     store, schema = session.store, session.schema
     differences = plan_fenced(name, daemon_state)
-    result = {"changed": differences.changed, "name": name, "daemon_state": "fenced",
-              "domain_state": "flushed" if differences.changed else domain_state}
+    result = {
+        "changed": differences.changed,
+        "name": name,
+        "daemon_state": "fenced",
+        "domain_state": "flushed" if differences.changed else domain_state,
+    }
     if module._diff:
         result["diff"] = differences.diff()
     if module.check_mode or not differences.changed:
@@ -267,12 +275,26 @@ def confirm_fenced(module, session, name: str, daemon_state: str, domain_state: 
     versioned = store.read_versioned(path)
     session.verify()
     if versioned is None or versioned[0] != daemon_state:
-        raise ModuleFailure(f"the daemon state of node {name} changed meanwhile (now {versioned[0] if versioned else None})")
-    record = {"by": "operator", "method": "operator", "result": "fenced", "started": round(time.time(), 3),
-              "finished": round(time.time(), 3), "detail": "confirmed powered off by an operator (confirm_down)"}
-    session.commit({path: "fenced", schema.node_key(name, S.NODE_DOMAIN_STATE): "flushed",
-                    schema.node_key(name, S.NODE_FENCE): json.dumps(record)},
-                   expect_versions={path: versioned[1]}, what=f"daemon state fenced of node {name}")
+        raise ModuleFailure(
+            f"the daemon state of node {name} changed meanwhile (now {versioned[0] if versioned else None})"
+        )
+    record = {
+        "by": "operator",
+        "method": "operator",
+        "result": "fenced",
+        "started": round(time.time(), 3),
+        "finished": round(time.time(), 3),
+        "detail": "confirmed powered off by an operator (confirm_down)",
+    }
+    session.commit(
+        {
+            path: "fenced",
+            schema.node_key(name, S.NODE_DOMAIN_STATE): "flushed",
+            schema.node_key(name, S.NODE_FENCE): json.dumps(record),
+        },
+        expect_versions={path: versioned[1]},
+        what=f"daemon state fenced of node {name}",
+    )
     return result
 
 
@@ -289,9 +311,14 @@ def last_ready_refusal(views, node: str, running: int) -> str | None:
     others = [view for name, view in views.items() if name != node]
     if any(view.is_eligible for view in others):
         return None
-    states = "; ".join(f"{view.name}: daemon {view.daemon_state}, domain {view.domain_state}" for view in sorted(others, key=lambda v: v.name))
-    return (f"node {node} is the last ready node of the cluster (other nodes: {states or 'none'}): flushing it would shut "
-            f"down its {running} running VM(s) with nowhere to move them; set force to true to flush it anyway")
+    states = "; ".join(
+        f"{view.name}: daemon {view.daemon_state}, domain {view.domain_state}"
+        for view in sorted(others, key=lambda v: v.name)
+    )
+    return (
+        f"node {node} is the last ready node of the cluster (other nodes: {states or 'none'}): flushing it would shut "
+        f"down its {running} running VM(s) with nowhere to move them; set force to true to flush it anyway"
+    )
 
 
 def flush_n1_refusal(node: str, verdict: dict) -> str | None:
@@ -306,14 +333,25 @@ def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
     vms = [vm for vm in snapshot.vms.values() if vm.node == node and vm.state == "start" and not vm.migration]
     # as the daemon's flush does: a VM whose XML is not valid is never migrated (it is shut down),
     # and a VM whose migration record is not valid waits until an operator clears the record
-    held = [PlannedMove(vm.uuid, None, f"its migration record is not valid ({vm.migration_error}): it stays until "
-                                       "the record is cleared (pvc.cluster.vm_migrate with state=cleared)")
-            for vm in vms if vm.migration_error]
-    refused = [PlannedMove(vm.uuid, None, f"its domain XML is not valid ({vm.xml_error}): it is shut down")
-               for vm in vms if vm.xml_error and not vm.migration_error]
+    held = [
+        PlannedMove(
+            vm.uuid,
+            None,
+            f"its migration record is not valid ({vm.migration_error}): it stays until "
+            "the record is cleared (pvc.cluster.vm_migrate with state=cleared)",
+        )
+        for vm in vms
+        if vm.migration_error
+    ]
+    refused = [
+        PlannedMove(vm.uuid, None, f"its domain XML is not valid ({vm.xml_error}): it is shut down")
+        for vm in vms
+        if vm.xml_error and not vm.migration_error
+    ]
     movable = [vm for vm in vms if not vm.xml_error and not vm.migration_error]
-    flush_vms = [FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector, vm.home, vm.vcpus)
-                 for vm in movable]
+    flush_vms = [
+        FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector, vm.home, vm.vcpus) for vm in movable
+    ]
     views = snapshot.views()
     default_selector = resolve_selector("default", snapshot.default_selector)
     plan = held + refused + plan_flush(node, flush_vms, views, default_selector=default_selector)
@@ -322,14 +360,30 @@ def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
     # the VMs to flush count as running on the node even if its daemon has not reported them yet
     running[node] = [vm.memory_mib for vm in vms]
     # the refused VMs leave the node (shut down), the held ones stay
-    shut_down = [FlushVM(vm.uuid, vm.memory_mib, (), None, None) for vm in vms if vm.xml_error and not vm.migration_error]
-    after_views, after_running = apply_plan(node, flush_vms + shut_down, refused + plan[len(held) + len(refused):],
-                                            views, running)
+    shut_down = [
+        FlushVM(vm.uuid, vm.memory_mib, (), None, None) for vm in vms if vm.xml_error and not vm.migration_error
+    ]
+    after_views, after_running = apply_plan(
+        node, flush_vms + shut_down, refused + plan[len(held) + len(refused) :], views, running
+    )
     check = survives_node_failure(after_views, after_running)
-    lines = [{"name": by_uuid[move.uuid].name, "uuid": move.uuid, "memory_mib": by_uuid[move.uuid].memory_mib,
-              "target": move.target, "reason": move.reason} for move in plan]
-    return lines, {"ok": check.ok, "message": check.message, "failures": check.failures, "checked": list(check.checked),
-                   "shortfalls": check.shortfalls}
+    lines = [
+        {
+            "name": by_uuid[move.uuid].name,
+            "uuid": move.uuid,
+            "memory_mib": by_uuid[move.uuid].memory_mib,
+            "target": move.target,
+            "reason": move.reason,
+        }
+        for move in plan
+    ]
+    return lines, {
+        "ok": check.ok,
+        "message": check.message,
+        "failures": check.failures,
+        "checked": list(check.checked),
+        "shortfalls": check.shortfalls,
+    }
 
 
 # ---- cluster I/O -------------------------------------------------------------------------------
@@ -342,19 +396,30 @@ def run(module, session) -> dict:
     snapshot = read_cluster(store)
     session.verify()
     if name not in snapshot.nodes:
-        raise ModuleFailure(f"node {name!r} is not a node of this cluster (nodes: {', '.join(sorted(snapshot.nodes)) or 'none registered'})")
+        raise ModuleFailure(
+            f"node {name!r} is not a node of this cluster (nodes: {', '.join(sorted(snapshot.nodes)) or 'none registered'})"
+        )
     path = schema.node_key(name, S.NODE_DOMAIN_STATE)
     versioned = store.read_versioned(path)
     session.verify()
     current = versioned[0] if versioned else S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE]
     daemon_state = snapshot.nodes[name].get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE]
     if state == "fenced":
-        return confirm_fenced(module, session, name, daemon_state,
-                              snapshot.nodes[name].get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE])
+        return confirm_fenced(
+            module,
+            session,
+            name,
+            daemon_state,
+            snapshot.nodes[name].get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE],
+        )
     request, final = TRANSITIONS[state]
     differences = plan_state(current, state)
-    result = {"changed": differences.changed, "name": name, "daemon_state": daemon_state,
-              "domain_state": differences.after()["domain_state"]}
+    result = {
+        "changed": differences.changed,
+        "name": name,
+        "daemon_state": daemon_state,
+        "domain_state": differences.after()["domain_state"],
+    }
     if module._diff:
         result["diff"] = differences.diff()
     if state == "flushed":
@@ -363,27 +428,49 @@ def run(module, session) -> dict:
         else:
             check = survives_node_failure(snapshot.views(), snapshot.running_memory_by_node())
             result["flush_plan"] = []
-            result["survives_node_failure"] = {"ok": check.ok, "message": check.message, "failures": check.failures,
-                                               "checked": list(check.checked), "shortfalls": check.shortfalls}
+            result["survives_node_failure"] = {
+                "ok": check.ok,
+                "message": check.message,
+                "failures": check.failures,
+                "checked": list(check.checked),
+                "shortfalls": check.shortfalls,
+            }
     else:
-        result["returning_vms"] = sorted(vm.name for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name)
+        result["returning_vms"] = sorted(
+            vm.name for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name
+        )
     if state == "flushed" and differences.changed and not params["force"]:
         running = sum(1 for vm in snapshot.vms.values() if vm.node == name and vm.state == "start")
         refusal = last_ready_refusal(snapshot.views(), name, running)
         if refusal:
-            raise ModuleFailure(refusal, changed=False, flush_plan=result["flush_plan"],
-                                survives_node_failure=result["survives_node_failure"])
+            raise ModuleFailure(
+                refusal,
+                changed=False,
+                flush_plan=result["flush_plan"],
+                survives_node_failure=result["survives_node_failure"],
+            )
     if state == "flushed":
         result["require_n1"] = n1_policy(params["require_n1"], snapshot)
-        refusal = flush_n1_refusal(name, result["survives_node_failure"]) if differences.changed and result["require_n1"] else None
+        refusal = (
+            flush_n1_refusal(name, result["survives_node_failure"])
+            if differences.changed and result["require_n1"]
+            else None
+        )
         if refusal:
-            raise ModuleFailure(refusal, changed=False, flush_plan=result["flush_plan"],
-                                survives_node_failure=result["survives_node_failure"], require_n1=True)
+            raise ModuleFailure(
+                refusal,
+                changed=False,
+                flush_plan=result["flush_plan"],
+                survives_node_failure=result["survives_node_failure"],
+                require_n1=True,
+            )
     needs_daemon = params["wait"] and current != final
     if needs_daemon and daemon_state != "run":
         # in check mode too: check mode must not promise what the real run refuses
-        raise ModuleFailure(f"the daemon of node {name} is {daemon_state}, not run: nothing would act on the request, so it "
-                            "was not written; start the daemon, or use wait=false to record the request anyway")
+        raise ModuleFailure(
+            f"the daemon of node {name} is {daemon_state}, not run: nothing would act on the request, so it "
+            "was not written; start the daemon, or use wait=false to record the request anyway"
+        )
     if module.check_mode:
         return result
     if differences.changed:
@@ -398,21 +485,31 @@ def run(module, session) -> dict:
 
         outcome = watch_until(store, [path], settled, params["wait_timeout"])
         if outcome is None:
-            raise ModuleFailure(f"node {name} is still {store.read(path)} after {params['wait_timeout']} s; "
-                                "its daemon carries on", **result)
+            raise ModuleFailure(
+                f"node {name} is still {store.read(path)} after {params['wait_timeout']} s; its daemon carries on",
+                **result,
+            )
         if outcome != final:
-            raise ModuleFailure(f"node {name} went to domain state {outcome} instead of {final} (another request?)",
-                                changed=result["changed"])
+            raise ModuleFailure(
+                f"node {name} went to domain state {outcome} instead of {final} (another request?)",
+                changed=result["changed"],
+            )
         result["domain_state"] = outcome
         if state == "flushed":
             moving = [vm.uuid for vm in snapshot.vms.values() if vm.node == name and vm.state == "start"]
         else:
             moving = [vm.uuid for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name]
         paths = [schema.node_key(node, S.NODE_RUNNINGDOMAINS) for node in sorted(snapshot.nodes)]
-        if not watch_until(store, paths, lambda: published(store, sorted(snapshot.nodes), moving),
-                           min(max(deadline - time.monotonic(), 0.1), PUBLISH_WAIT_S)):
-            module.warn(f"node {name} is {final}, but the nodes' published running domains do not show it yet "
-                        "(each daemon publishes them with every keepalive)")
+        if not watch_until(
+            store,
+            paths,
+            lambda: published(store, sorted(snapshot.nodes), moving),
+            min(max(deadline - time.monotonic(), 0.1), PUBLISH_WAIT_S),
+        ):
+            module.warn(
+                f"node {name} is {final}, but the nodes' published running domains do not show it yet "
+                "(each daemon publishes them with every keepalive)"
+            )
     return result
 
 
@@ -420,8 +517,11 @@ def published(store, nodes: list[str], moving: list[str]) -> bool:
     """Whether the daemons' published running domains show each VM that moved (and is meant to run)
     on its node only. Nodes whose daemon is not running publish nothing new and are not asked."""
     schema = store.schema
-    running = {node: read_running(store, node) for node in nodes
-               if store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"}
+    running = {
+        node: read_running(store, node)
+        for node in nodes
+        if store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"
+    }
     for uuid in moving:
         node = store.read(schema.domain_key(uuid, S.DOMAIN_NODE))
         if not node or read_vm_state(store, uuid) != "start":
@@ -434,7 +534,7 @@ def published(store, nodes: list[str], moving: list[str]) -> bool:
 def main():
     module = build_module(ARGUMENT_SPEC)
     try:
-        check_input(module.params)   # fail fast: before connecting
+        check_input(module.params)  # fail fast: before connecting
     except ModuleFailure as exc:
         module.fail_json(msg=exc.msg)
     with cluster_session(module) as session:

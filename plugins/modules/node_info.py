@@ -238,7 +238,12 @@ cluster:
 
 import time
 
-from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleFailure, build_module, check_names, cluster_session
+from ansible_collections.pvc.cluster.plugins.module_utils._module import (
+    ModuleFailure,
+    build_module,
+    check_names,
+    cluster_session,
+)
 from ansible_collections.pvc.cluster.plugins.module_utils._report import cluster_report, node_report, read_cluster
 
 ARGUMENT_SPEC = dict(
@@ -251,21 +256,25 @@ def run(module, session) -> dict:
     session.verify()
     name = module.params.get("name")
     if name and name not in snapshot.nodes:
-        raise ModuleFailure(f"node {name!r} is not a node of this cluster (nodes: {', '.join(sorted(snapshot.nodes)) or 'none registered'})")
+        raise ModuleFailure(
+            f"node {name!r} is not a node of this cluster (nodes: {', '.join(sorted(snapshot.nodes)) or 'none registered'})"
+        )
     now = time.time()
     names = [name] if name else sorted(snapshot.nodes)
     cluster = cluster_report(snapshot)
     cluster["insecure"] = bool(session.store.cluster_open)
     if cluster["insecure"]:
-        module.warn("the cluster is insecure: anyone who reaches ZooKeeper can read and write it, and so define a VM "
-                    "on every node (its daemons run with insecure: true; see docs/security.md)")
+        module.warn(
+            "the cluster is insecure: anyone who reaches ZooKeeper can read and write it, and so define a VM "
+            "on every node (its daemons run with insecure: true; see docs/security.md)"
+        )
     return {"changed": False, "nodes": [node_report(snapshot, node, now) for node in names], "cluster": cluster}
 
 
 def main():
     module = build_module(ARGUMENT_SPEC)
     try:
-        check_names(module.params, ("name",))   # fail fast: before connecting
+        check_names(module.params, ("name",))  # fail fast: before connecting
     except ModuleFailure as exc:
         module.fail_json(msg=exc.msg)
     with cluster_session(module) as session:

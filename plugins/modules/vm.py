@@ -235,7 +235,11 @@ from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._decode import integer, or_default
 from ansible_collections.pvc.cluster.plugins.module_utils._domain_policy import DomainPolicy, PolicyError, check_domain
-from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import DomainXMLError, normalise_domain_xml, parse_domain_xml
+from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import (
+    DomainXMLError,
+    normalise_domain_xml,
+    parse_domain_xml,
+)
 from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     META_ARGUMENT_SPEC,
@@ -249,7 +253,12 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     meta_updates,
     watch_until,
 )
-from ansible_collections.pvc.cluster.plugins.module_utils._report import meta_dict, n1_refusal, read_cluster, read_require_n1
+from ansible_collections.pvc.cluster.plugins.module_utils._report import (
+    meta_dict,
+    n1_refusal,
+    read_cluster,
+    read_require_n1,
+)
 from ansible_collections.pvc.cluster.plugins.module_utils._requests import RequestError, growth_reservation
 from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
     NoTargetError,
@@ -259,7 +268,13 @@ from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
 )
 
 # module state -> the ZooKeeper VM state it writes
-STATE_MAP = {"started": "start", "stopped": "stop", "shutdown": "shutdown", "disabled": "disable", "restarted": "restart"}
+STATE_MAP = {
+    "started": "start",
+    "stopped": "stop",
+    "shutdown": "shutdown",
+    "disabled": "disable",
+    "restarted": "restart",
+}
 # ZooKeeper states that already satisfy a requested state (a restart in progress ends in start,
 # a shutdown in progress ends in stop)
 SATISFIED_BY = {
@@ -299,12 +314,14 @@ def parse_input(params: dict):
     if xml:
         try:
             info = parse_domain_xml(xml)
-            normalise_domain_xml(xml)   # what the diff compares: refused here, not halfway through the task
+            normalise_domain_xml(xml)  # what the diff compares: refused here, not halfway through the task
         except DomainXMLError as exc:
             raise ModuleFailure(f"xml is not a domain XML pvc.cluster accepts: {exc}") from None
         if name and name not in (info.name, info.uuid):
-            raise ModuleFailure(f"name {name!r} does not match the XML, whose <name> is {info.name!r} "
-                                f"(uuid {info.uuid}); give the same name in both, or only one of them")
+            raise ModuleFailure(
+                f"name {name!r} does not match the XML, whose <name> is {info.name!r} "
+                f"(uuid {info.uuid}); give the same name in both, or only one of them"
+            )
         try:
             policy = DomainPolicy.from_options(params.get("domain_policy"))
         except PolicyError as exc:
@@ -317,16 +334,24 @@ def parse_input(params: dict):
 
 
 def vm_summary(record) -> dict:
-    return {"name": record.name, "uuid": record.uuid, "state": record.state, "node": record.node,
-            "lastnode": record.lastnode, "memory_mib": record.memory_mib, "vcpus": record.vcpus,
-            "meta": meta_dict(record.meta), "failedreason": record.failedreason}
+    return {
+        "name": record.name,
+        "uuid": record.uuid,
+        "state": record.state,
+        "node": record.node,
+        "lastnode": record.lastnode,
+        "memory_mib": record.memory_mib,
+        "vcpus": record.vcpus,
+        "meta": meta_dict(record.meta),
+        "failedreason": record.failedreason,
+    }
 
 
 class VMPlan:
     """What the task does to one VM: logical key -> new value, the diff, and what to wait for."""
 
     def __init__(self, action: str, uuid: str, name: str) -> None:
-        self.action = action           # create | update | remove | none
+        self.action = action  # create | update | remove | none
         self.uuid = uuid
         self.name = name
         self.values: dict[str, object] = {}
@@ -352,8 +377,14 @@ class VMPlan:
         else:
             diffs = [{"before": self.before, "after": self.after}]
         if self.xml_before != self.xml_after:
-            diffs.append({"before_header": f"{self.name}: domain XML (before)", "after_header": f"{self.name}: domain XML (after)",
-                          "before": self.xml_before, "after": self.xml_after})
+            diffs.append(
+                {
+                    "before_header": f"{self.name}: domain XML (before)",
+                    "after_header": f"{self.name}: domain XML (after)",
+                    "before": self.xml_before,
+                    "after": self.xml_after,
+                }
+            )
         return diffs
 
 
@@ -366,8 +397,10 @@ def capacity_problem(memory_mib: int, vcpus: int, view, cputotal: int) -> str | 
     memory than the node gives VMs at all (total - reserve), or more vCPUs than the node has CPUs.
     None when it could; a figure the node has not published (0) is not checked."""
     if view.memtotal > 0 and memory_mib > view.memtotal - view.memreserve:
-        return (f"the VM needs {memory_mib} MiB, more than node {view.name} can ever give VMs ({view.memtotal} MiB total "
-                f"- {view.memreserve} MiB reserve = {view.memtotal - view.memreserve} MiB)")
+        return (
+            f"the VM needs {memory_mib} MiB, more than node {view.name} can ever give VMs ({view.memtotal} MiB total "
+            f"- {view.memreserve} MiB reserve = {view.memtotal - view.memreserve} MiB)"
+        )
     if cputotal > 0 and vcpus > cputotal:
         return f"the VM has {vcpus} vCPUs, more than the {cputotal} CPUs of node {view.name}"
     return None
@@ -394,7 +427,9 @@ def plan_create(params: dict, info, updates: dict[str, str], nodes: dict, defaul
         if node not in nodes:
             raise ModuleFailure(f"node {node!r} is not a node of this cluster (nodes: {_node_list(nodes)})")
         if meta.node_limit and node not in meta.node_limit:
-            raise ModuleFailure(f"node {node} is not in the node_limit of VM {info.name} ({', '.join(meta.node_limit)})")
+            raise ModuleFailure(
+                f"node {node} is not in the node_limit of VM {info.name} ({', '.join(meta.node_limit)})"
+            )
         view = nodes[node]
         problem = capacity_problem(info.memory_mib, info.vcpus, view, cpus.get(node, 0))
         if problem:
@@ -404,16 +439,28 @@ def plan_create(params: dict, info, updates: dict[str, str], nodes: dict, defaul
             if reason:
                 raise ModuleFailure(f"cannot start VM {info.name} on node {node}: {reason}")
         elif view.memtotal > 0 and info.memory_mib > view.headroom:
-            plan.warnings.append(f"node {node} has {view.headroom} MiB headroom and VM {info.name} needs {info.memory_mib} MiB: "
-                                 "the node is overcommitted while the VM is assigned there, and the VM cannot start there "
-                                 "until other VMs leave")
+            plan.warnings.append(
+                f"node {node} has {view.headroom} MiB headroom and VM {info.name} needs {info.memory_mib} MiB: "
+                "the node is overcommitted while the VM is assigned there, and the VM cannot start there "
+                "until other VMs leave"
+            )
     else:
         # nodes with too few CPUs for the VM are never chosen (the selector looks at memory only)
-        few_cpus = {name: f"has {cpus[name]} CPUs, the VM has {info.vcpus} vCPUs" for name in nodes
-                    if cpus.get(name, 0) > 0 and info.vcpus > cpus[name]}
+        few_cpus = {
+            name: f"has {cpus[name]} CPUs, the VM has {info.vcpus} vCPUs"
+            for name in nodes
+            if cpus.get(name, 0) > 0 and info.vcpus > cpus[name]
+        }
         try:
-            node = select_target(info.memory_mib, None, meta.node_limit, meta.node_selector, nodes,
-                                 default_selector=default_selector, exclude=few_cpus)
+            node = select_target(
+                info.memory_mib,
+                None,
+                meta.node_limit,
+                meta.node_selector,
+                nodes,
+                default_selector=default_selector,
+                exclude=few_cpus,
+            )
         except NoTargetError as exc:
             reasons = {name: few_cpus.get(name, reason) for name, reason in exc.reasons.items()}
             detail = NoTargetError(reasons, exc.vm_memory_mib, exc.selector)
@@ -421,8 +468,17 @@ def plan_create(params: dict, info, updates: dict[str, str], nodes: dict, defaul
     plan.values = {"name": info.name, "xml": params["xml"].strip(), "state": state, "node": node}
     for key, text in meta.to_store().items():
         plan.values["meta/" + key] = text
-    plan.after = {"name": info.name, "uuid": info.uuid, "state": state, "node": node, "lastnode": "",
-                  "memory_mib": info.memory_mib, "vcpus": info.vcpus, "meta": meta_dict(meta), "failedreason": ""}
+    plan.after = {
+        "name": info.name,
+        "uuid": info.uuid,
+        "state": state,
+        "node": node,
+        "lastnode": "",
+        "memory_mib": info.memory_mib,
+        "vcpus": info.vcpus,
+        "meta": meta_dict(meta),
+        "failedreason": "",
+    }
     plan.xml_after = normalise_domain_xml(params["xml"])
     return plan
 
@@ -434,17 +490,21 @@ def plan_update(params: dict, info, updates: dict[str, str], current, nodes=None
     diffs = plan.differences
     view = None if nodes is None else nodes.get(current.node)
     if nodes is not None and view is None:
-        raise ModuleFailure(f"VM {current.name} is assigned to node {current.node!r}, which is not a node of this cluster "
-                            f"(nodes: {_node_list(nodes)}); move it to one with pvc.cluster.vm_migrate (state=moved)")
+        raise ModuleFailure(
+            f"VM {current.name} is assigned to node {current.node!r}, which is not a node of this cluster "
+            f"(nodes: {_node_list(nodes)}); move it to one with pvc.cluster.vm_migrate (state=moved)"
+        )
     if info is not None and view is not None:
         problem = capacity_problem(info.memory_mib, info.vcpus, view, (cpus or {}).get(current.node, 0))
         if problem:
             raise ModuleFailure(f"cannot give VM {current.name} this XML on node {current.node}: {problem}")
         growth = info.memory_mib - current.memory_mib
         if growth > 0 and view.memtotal > 0 and growth > view.headroom:
-            raise ModuleFailure(f"VM {current.name} would grow from {current.memory_mib} to {info.memory_mib} MiB, but node "
-                                f"{current.node} has {view.headroom} MiB headroom; move the VM to a node with room first "
-                                "(pvc.cluster.vm_migrate), or make room on this one")
+            raise ModuleFailure(
+                f"VM {current.name} would grow from {current.memory_mib} to {info.memory_mib} MiB, but node "
+                f"{current.node} has {view.headroom} MiB headroom; move the VM to a node with room first "
+                "(pvc.cluster.vm_migrate), or make room on this one"
+            )
     if info is not None:
         diffs.add("name", current.name, info.name)
         if info.name != current.name:
@@ -453,7 +513,7 @@ def plan_update(params: dict, info, updates: dict[str, str], current, nodes=None
         try:
             stored = normalise_domain_xml(current.xml) if current.xml.strip() else ""
         except DomainXMLError:
-            stored = current.xml    # unreadable XML in the store: any given XML replaces it
+            stored = current.xml  # unreadable XML in the store: any given XML replaces it
         wanted = normalise_domain_xml(params["xml"])
         diffs.add("xml", stored, wanted)
         if stored != wanted:
@@ -468,13 +528,17 @@ def plan_update(params: dict, info, updates: dict[str, str], current, nodes=None
             if reason:
                 # as for a new VM: a node that is not ready (flushed for maintenance, or on its way
                 # there or back) is not meant to run VMs, and its daemon would start it all the same
-                raise ModuleFailure(f"cannot start VM {current.name} on node {current.node}: {reason}; make the node ready "
-                                    "(pvc.cluster.node) or move the VM to a ready node (pvc.cluster.vm_migrate)")
+                raise ModuleFailure(
+                    f"cannot start VM {current.name} on node {current.node}: {reason}; make the node ready "
+                    "(pvc.cluster.node) or move the VM to a ready node (pvc.cluster.vm_migrate)"
+                )
             plan.values["state"] = new_state
     diffs.add("node", current.node, current.node)
     if params.get("node") and params["node"] != current.node:
-        plan.warnings.append(f"VM {current.name} exists on node {current.node}; node={params['node']} is only used when a VM "
-                             "is defined (use pvc.cluster.vm_migrate to move it)")
+        plan.warnings.append(
+            f"VM {current.name} exists on node {current.node}; node={params['node']} is only used when a VM "
+            "is defined (use pvc.cluster.vm_migrate to move it)"
+        )
     if updates:
         meta_plan = MetaPlan(current.meta, updates)
         diffs.add("meta", meta_plan.differences.before(), meta_plan.differences.after())
@@ -483,8 +547,10 @@ def plan_update(params: dict, info, updates: dict[str, str], current, nodes=None
         new_meta = VMMeta.from_store(updates)
         limit = new_meta.node_limit if S.META_NODE_LIMIT in updates else ()
         if limit and current.node not in limit:
-            plan.warnings.append(f"VM {current.name} runs on {current.node}, outside its new node_limit ({', '.join(limit)}); "
-                                 "it stays there until it is migrated")
+            plan.warnings.append(
+                f"VM {current.name} runs on {current.node}, outside its new node_limit ({', '.join(limit)}); "
+                "it stays there until it is migrated"
+            )
     if not diffs.changed:
         plan.action = "none"
     return plan
@@ -535,8 +601,10 @@ def cpu_totals(store, names) -> dict[str, int]:
     """Each node's published CPU count; 0 when missing or not a sensible count."""
     names = list(names)
     found = store.read_many([store.schema.node_key(name, S.NODE_CPUTOTAL) for name in names])
-    return {name: or_default(integer, (found[path] or (None,))[0], path, 0, [])
-            for name, path in ((name, store.schema.node_key(name, S.NODE_CPUTOTAL)) for name in names)}
+    return {
+        name: or_default(integer, (found[path] or (None,))[0], path, 0, [])
+        for name, path in ((name, store.schema.node_key(name, S.NODE_CPUTOTAL)) for name in names)
+    }
 
 
 def running_on(store, uuid: str, nodes) -> list[str]:
@@ -567,9 +635,11 @@ def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: 
         current = read_vm_state(store, uuid)
         where = running_on(store, uuid, nodes)
         daemon = store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) if node else None
-        raise ModuleFailure(f"VM {uuid}: not {'running on ' + node if runs else 'stopped'} after {timeout_s} s "
-                            f"(state {current}, running on {', '.join(where) or 'no node'}, daemon of {node} is {daemon}); "
-                            "the request stays recorded and the daemon still acts on it")
+        raise ModuleFailure(
+            f"VM {uuid}: not {'running on ' + node if runs else 'stopped'} after {timeout_s} s "
+            f"(state {current}, running on {', '.join(where) or 'no node'}, daemon of {node} is {daemon}); "
+            "the request stays recorded and the daemon still acts on it"
+        )
     if outcome[0] == "fail":
         reason = store.read(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)) or "no reason recorded"
         raise ModuleFailure(f"VM {uuid} failed to start on {node}: {reason}")
@@ -579,8 +649,10 @@ def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: 
 def remove(module, session, current, nodes) -> dict:
     schema = session.schema
     if current.migration:
-        raise ModuleFailure(f"VM {current.name} has a migration in flight ({current.migration.source} -> "
-                            f"{current.migration.target}, step {current.migration.step}); remove it when it is over")
+        raise ModuleFailure(
+            f"VM {current.name} has a migration in flight ({current.migration.source} -> "
+            f"{current.migration.target}, step {current.migration.step}); remove it when it is over"
+        )
     before = vm_summary(current)
     result = {"changed": True, "action": "remove", "vm": {}}
     if module._diff:
@@ -591,8 +663,11 @@ def remove(module, session, current, nodes) -> dict:
     params = module.params
     if current.state not in S.VM_STOPPED_STATES or where:
         if current.state != "stop":
-            session.commit({schema.domain_key(current.uuid, S.DOMAIN_STATE): "stop"},
-                           expect_versions=node_version(schema, current), what=f"state stop of VM {current.name}")
+            session.commit(
+                {schema.domain_key(current.uuid, S.DOMAIN_STATE): "stop"},
+                expect_versions=node_version(schema, current),
+                what=f"state stop of VM {current.name}",
+            )
         if params["wait"]:
             try:
                 wait_for_state(session, current.uuid, "stop", current.node, nodes, params["wait_timeout"])
@@ -601,9 +676,12 @@ def remove(module, session, current, nodes) -> dict:
                 exc.result.setdefault("changed", current.state != "stop")
                 raise
     # with the reservation its node may still hold for it (not yet counted by the node's keepalive)
-    gone = [schema.domain(current.uuid)] + ([schema.node_reservation(current.node, current.uuid)] if current.node else [])
-    session.commit({}, delete=gone, expect_versions=node_version(schema, current),
-                   what=f"the removal of VM {current.name}")
+    gone = [schema.domain(current.uuid)] + (
+        [schema.node_reservation(current.node, current.uuid)] if current.node else []
+    )
+    session.commit(
+        {}, delete=gone, expect_versions=node_version(schema, current), what=f"the removal of VM {current.name}"
+    )
     return result
 
 
@@ -627,23 +705,34 @@ def run(module, session, info) -> dict:
             return {"changed": False, "action": "none", "vm": {}}
         return remove(module, session, current, sorted(nodes))
     if current is not None and (not current.node or not current.state):
-        raise ModuleFailure(f"VM {current.uuid} is incomplete in ZooKeeper (node {current.node!r}, state {current.state!r}); "
-                            "remove it with state=absent, then define it again")
+        raise ModuleFailure(
+            f"VM {current.uuid} is incomplete in ZooKeeper (node {current.node!r}, state {current.state!r}); "
+            "remove it with state=absent, then define it again"
+        )
 
     if current is None:
         if info is None:
             raise ModuleFailure(f"VM {params['name']} does not exist; to define it, give its domain XML in xml")
-        plan = plan_create(params, info, updates, nodes, store.read(schema.default_selector()), cpu_totals(store, nodes))
+        plan = plan_create(
+            params, info, updates, nodes, store.read(schema.default_selector()), cpu_totals(store, nodes)
+        )
         expect, create = {}, [schema.domain(info.uuid)]
         policy = params.get("require_n1")
         if plan.values["state"] in NEEDS_READY_NODE and (read_require_n1(store, []) if policy is None else policy):
             snapshot = read_cluster(store)
-            check = allocation_check(snapshot.views(), snapshot.running_memory_by_node(), plan.values["node"],
-                                     info.memory_mib)
+            check = allocation_check(
+                snapshot.views(), snapshot.running_memory_by_node(), plan.values["node"], info.memory_mib
+            )
             if not check.ok:
-                raise ModuleFailure(n1_refusal(check, f"starting VM {info.name} on node {plan.values['node']}"),
-                                    survives_node_failure={"ok": False, "message": check.message,
-                                                           "failures": check.failures, "shortfalls": check.shortfalls})
+                raise ModuleFailure(
+                    n1_refusal(check, f"starting VM {info.name} on node {plan.values['node']}"),
+                    survives_node_failure={
+                        "ok": False,
+                        "message": check.message,
+                        "failures": check.failures,
+                        "shortfalls": check.shortfalls,
+                    },
+                )
     else:
         plan = plan_update(params, info, updates, current, nodes, cpu_totals(store, [current.node]) if info else {})
         expect, create = node_version(schema, current), []
@@ -664,8 +753,12 @@ def run(module, session, info) -> dict:
             paths.update(grown)
             expect = {**expect, **grown_expect}
             create = create + grown_create
-        session.commit(paths, expect_versions=expect, create=create,
-                       what=f"the {'definition' if plan.action == 'create' else 'update'} of VM {plan.name}")
+        session.commit(
+            paths,
+            expect_versions=expect,
+            create=create,
+            what=f"the {'definition' if plan.action == 'create' else 'update'} of VM {plan.name}",
+        )
 
     if module.check_mode:
         if current is None:
@@ -682,7 +775,9 @@ def run(module, session, info) -> dict:
     record = read_vm(store, plan.uuid)
     if record is None:
         session.verify()
-        raise ModuleFailure(f"VM {plan.name} was removed by someone else right after this task wrote it", changed=plan.changed)
+        raise ModuleFailure(
+            f"VM {plan.name} was removed by someone else right after this task wrote it", changed=plan.changed
+        )
     state = STATE_MAP.get(params["state"])
     where = None
     if params["wait"] and state is not None:
@@ -701,7 +796,7 @@ def run(module, session, info) -> dict:
 def main():
     module = build_module(ARGUMENT_SPEC, required_one_of=[["name", "xml"]])
     try:
-        info = parse_input(module.params)   # fail fast: before connecting
+        info = parse_input(module.params)  # fail fast: before connecting
         meta_updates(module.params)
     except ModuleFailure as exc:
         module.fail_json(msg=exc.msg)

@@ -169,7 +169,12 @@ vms:
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
 from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_vm
-from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleFailure, build_module, check_names, cluster_session
+from ansible_collections.pvc.cluster.plugins.module_utils._module import (
+    ModuleFailure,
+    build_module,
+    check_names,
+    cluster_session,
+)
 from ansible_collections.pvc.cluster.plugins.module_utils._report import read_cluster, vm_history, vm_report
 
 ARGUMENT_SPEC = dict(
@@ -181,8 +186,9 @@ ARGUMENT_SPEC = dict(
 def check_input(params: dict) -> None:
     check_names(params, ("name",))
     if not 0 <= params["history"] <= S.HISTORY_KEEP:
-        raise ModuleFailure(f"history must be from 0 to {S.HISTORY_KEEP} (the finished migrations kept per VM), "
-                            f"not {params['history']}")
+        raise ModuleFailure(
+            f"history must be from 0 to {S.HISTORY_KEEP} (the finished migrations kept per VM), not {params['history']}"
+        )
 
 
 def run(module, session) -> dict:
@@ -203,7 +209,7 @@ def run(module, session) -> dict:
 def main():
     module = build_module(ARGUMENT_SPEC)
     try:
-        check_input(module.params)   # fail fast: before connecting
+        check_input(module.params)  # fail fast: before connecting
     except ModuleFailure as exc:
         module.fail_json(msg=exc.msg)
     with cluster_session(module) as session:

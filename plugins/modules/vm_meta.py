@@ -134,23 +134,35 @@ def run(module, session) -> dict:
         node = store.read(schema.domain_key(uuid, S.DOMAIN_NODE))
         limit = after[S.META_NODE_LIMIT]
         if limit and node not in limit:
-            module.warn(f"VM {name} is on {node}, outside its new node_limit ({', '.join(limit)}); it stays there until it is migrated")
-    result = {"changed": differences.changed, "name": name, "uuid": uuid, "meta_before": before,
-              "meta": after if differences.changed else before, "changed_keys": differences.changed_keys}
+            module.warn(
+                f"VM {name} is on {node}, outside its new node_limit ({', '.join(limit)}); it stays there until it is migrated"
+            )
+    result = {
+        "changed": differences.changed,
+        "name": name,
+        "uuid": uuid,
+        "meta_before": before,
+        "meta": after if differences.changed else before,
+        "changed_keys": differences.changed_keys,
+    }
     if module._diff:
         result["diff"] = differences.diff()
     if writes and not module.check_mode:
         paths = {schema.domain_meta(uuid, key): text for key, text in writes.items()}
         # compare-and-set on every meta key read: a concurrent change fails the task instead of being lost
-        session.commit(paths, expect_versions=versions,
-                       create=[path for path in paths if path not in versions], what=f"the meta of VM {name}")
+        session.commit(
+            paths,
+            expect_versions=versions,
+            create=[path for path in paths if path not in versions],
+            what=f"the meta of VM {name}",
+        )
     return result
 
 
 def main():
     module = build_module(ARGUMENT_SPEC, needs_lxml=False)
     try:
-        check_names(module.params, ("name",))   # fail fast: before connecting
+        check_names(module.params, ("name",))  # fail fast: before connecting
         meta_updates(module.params)
     except ModuleFailure as exc:
         module.fail_json(msg=exc.msg)

@@ -241,7 +241,12 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     cluster_session,
     watch_until,
 )
-from ansible_collections.pvc.cluster.plugins.module_utils._report import read_cluster, read_require_n1, request_n1_check, request_n1_refusal
+from ansible_collections.pvc.cluster.plugins.module_utils._report import (
+    read_cluster,
+    read_require_n1,
+    request_n1_check,
+    request_n1_refusal,
+)
 from ansible_collections.pvc.cluster.plugins.module_utils._requests import RequestError, plan_request, submit_request
 from ansible_collections.pvc.cluster.plugins.module_utils._store import Attempts, ConflictError
 
@@ -270,11 +275,15 @@ def check_input(params: dict) -> None:
     check_wait_timeout(params)
     check_names(params, ("name", "target_node"))
     if params["state"] == "moved" and not params.get("target_node"):
-        raise ModuleFailure("state=moved needs target_node: a move chosen by the selector would move the VM again on every run")
+        raise ModuleFailure(
+            "state=moved needs target_node: a move chosen by the selector would move the VM again on every run"
+        )
     if params["state"] == "unmigrated" and params.get("target_node"):
         raise ModuleFailure("target_node cannot be used with state=unmigrated: the VM returns to its home node")
     if params["state"] == CLEARED and params.get("target_node"):
-        raise ModuleFailure("target_node cannot be used with state=cleared: it only removes an invalid migration record")
+        raise ModuleFailure(
+            "target_node cannot be used with state=cleared: it only removes an invalid migration record"
+        )
     if params["state"] == CLEARED and params.get("require_n1") is not None:
         raise ModuleFailure("require_n1 cannot be used with state=cleared: it only removes an invalid migration record")
 
@@ -290,13 +299,25 @@ def in_flight_matches(vm, params: dict) -> bool:
 
 def memory_figures(view, extra_mib: int = 0) -> dict:
     """The accounting placement uses for a node (MiB), with ``extra_mib`` more provisioned."""
-    return {"total": view.memtotal, "reserve": view.memreserve, "provisioned": view.memprov + extra_mib,
-            "reserved": view.reserved, "headroom": view.headroom - extra_mib}
+    return {
+        "total": view.memtotal,
+        "reserve": view.memreserve,
+        "provisioned": view.memprov + extra_mib,
+        "reserved": view.reserved,
+        "headroom": view.headroom - extra_mib,
+    }
 
 
 def describe_plan(plan) -> dict:
-    result = {"name": plan.name, "uuid": plan.uuid, "source": plan.source, "target": plan.target,
-              "lastnode": plan.lastnode, "migrates": plan.migrates, "message": plan.message}
+    result = {
+        "name": plan.name,
+        "uuid": plan.uuid,
+        "source": plan.source,
+        "target": plan.target,
+        "lastnode": plan.lastnode,
+        "migrates": plan.migrates,
+        "message": plan.message,
+    }
     if plan.changed and plan.target != plan.source and plan.target_before is not None:
         result["target_memory_before"] = memory_figures(plan.target_before)
         result["target_memory_after"] = memory_figures(plan.target_before, plan.memory_mib)
@@ -315,10 +336,11 @@ def make_plan(vm, params: dict, nodes: dict, default_selector):
     kind = KIND[params["state"]]
     target = params.get("target_node")
     if kind == "migrate" and target is None and vm.lastnode and not vm.migration:
-        return None     # already migrated away: documented as ok
+        return None  # already migrated away: documented as ok
     try:
-        return plan_request(vm, kind, nodes, target=target, force_live=params["force_live"],
-                            default_selector=default_selector)
+        return plan_request(
+            vm, kind, nodes, target=target, force_live=params["force_live"], default_selector=default_selector
+        )
     except RequestError as exc:
         raise ModuleFailure(str(exc)) from None
 
@@ -331,9 +353,18 @@ def n1_verdict(snapshot, plan):
 
 def n1_failure(check, plan) -> ModuleFailure:
     """The refusal of ``plan`` under require_n1 (the same message as the other modules')."""
-    return ModuleFailure(request_n1_refusal(check, plan), changed=False, require_n1=True,
-                         survives_node_failure={"ok": False, "message": check.message, "failures": check.failures,
-                                                "checked": list(check.checked), "shortfalls": check.shortfalls})
+    return ModuleFailure(
+        request_n1_refusal(check, plan),
+        changed=False,
+        require_n1=True,
+        survives_node_failure={
+            "ok": False,
+            "message": check.message,
+            "failures": check.failures,
+            "checked": list(check.checked),
+            "shortfalls": check.shortfalls,
+        },
+    )
 
 
 # ---- cluster I/O -------------------------------------------------------------------------------
@@ -369,22 +400,36 @@ def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
     if watch_until(store, [path], gone, timeout_s) is None:
         current = read_vm(store, vm.uuid)
         if current is not None and current.migration is not None:
-            raise ModuleFailure(f"the migration of VM {vm.name} to {current.migration.target} is still in flight after "
-                                f"{timeout_s} s (step {current.migration.step}); the daemons still finish or abort it",
-                                migration=current.migration.to_dict())
-        raise ModuleFailure(f"the migration of VM {vm.name} did not end within {timeout_s} s"
-                            + (f"; its record is not valid: {current.migration_error}" if current else ""))
+            raise ModuleFailure(
+                f"the migration of VM {vm.name} to {current.migration.target} is still in flight after "
+                f"{timeout_s} s (step {current.migration.step}); the daemons still finish or abort it",
+                migration=current.migration.to_dict(),
+            )
+        raise ModuleFailure(
+            f"the migration of VM {vm.name} did not end within {timeout_s} s"
+            + (f"; its record is not valid: {current.migration_error}" if current else "")
+        )
     for entry in reversed(read_history(store, vm.uuid, last=S.HISTORY_KEEP)):
         if entry.get("id") == record_id:
             if entry.get("result") != "done":
-                raise ModuleFailure(f"the migration of VM {vm.name} from {entry.get('source')} to {entry.get('target')} "
-                                    f"was aborted: {entry.get('reason') or 'no reason recorded'}", record=entry)
-            if not watch_until(store, [schema.node_key(entry["target"], S.NODE_RUNNINGDOMAINS),
-                                       schema.node_key(entry["source"], S.NODE_RUNNINGDOMAINS)],
-                               lambda: runs_only_on(store, vm.uuid, entry["target"], entry["source"]),  # noqa: B023 (called at once)
-                               min(max(deadline - time.monotonic(), 0.1), PUBLISH_WAIT_S)):
-                session.module.warn(f"the migration of VM {vm.name} is done, but the daemons do not publish it running on "
-                                    f"{entry['target']} only yet (they publish their running domains with every keepalive)")
+                raise ModuleFailure(
+                    f"the migration of VM {vm.name} from {entry.get('source')} to {entry.get('target')} "
+                    f"was aborted: {entry.get('reason') or 'no reason recorded'}",
+                    record=entry,
+                )
+            if not watch_until(
+                store,
+                [
+                    schema.node_key(entry["target"], S.NODE_RUNNINGDOMAINS),
+                    schema.node_key(entry["source"], S.NODE_RUNNINGDOMAINS),
+                ],
+                lambda: runs_only_on(store, vm.uuid, entry["target"], entry["source"]),  # noqa: B023 (called at once)
+                min(max(deadline - time.monotonic(), 0.1), PUBLISH_WAIT_S),
+            ):
+                session.module.warn(
+                    f"the migration of VM {vm.name} is done, but the daemons do not publish it running on "
+                    f"{entry['target']} only yet (they publish their running domains with every keepalive)"
+                )
             return entry
     raise ModuleFailure(f"the migration of VM {vm.name} ended but its audit record {record_id} was not found")
 
@@ -394,12 +439,20 @@ def clear_record(module, session, vm) -> dict:
     transaction that checks the record is still the one read (a valid record written meanwhile is
     never removed). Raises ConflictError when it changed."""
     store, schema = session.store, session.schema
-    result = {"name": vm.name, "uuid": vm.uuid, "source": vm.node, "target": vm.node, "lastnode": vm.lastnode,
-              "migrates": False}
+    result = {
+        "name": vm.name,
+        "uuid": vm.uuid,
+        "source": vm.node,
+        "target": vm.node,
+        "lastnode": vm.lastnode,
+        "migrates": False,
+    }
     if vm.migration is not None:
-        raise ModuleFailure(f"the migration record of VM {vm.name} is valid: its migration from {vm.migration.source} to "
-                            f"{vm.migration.target} is in flight (step {vm.migration.step}); the daemons finish or abort "
-                            "it (only a record that is not valid can be cleared)")
+        raise ModuleFailure(
+            f"the migration record of VM {vm.name} is valid: its migration from {vm.migration.source} to "
+            f"{vm.migration.target} is in flight (step {vm.migration.step}); the daemons finish or abort "
+            "it (only a record that is not valid can be cleared)"
+        )
     if not vm.migration_error:
         return dict(result, changed=False, message=f"VM {vm.name} has no migration record")
     # The reservation on the VM's own node stays: it covers the VM there until that node's keepalive
@@ -408,16 +461,24 @@ def clear_record(module, session, vm) -> dict:
     found = store.read_many([schema.node_reservation(node, vm.uuid) for node in nodes])
     reservations = [node for node in nodes if found[schema.node_reservation(node, vm.uuid)] is not None]
     session.verify()
-    result.update(changed=True, cleared={"migration_error": vm.migration_error, "reservations": reservations},
-                  message=f"the invalid migration record of VM {vm.name} is removed"
-                          + (f", and its reservations on {', '.join(reservations)}" if reservations else ""))
+    result.update(
+        changed=True,
+        cleared={"migration_error": vm.migration_error, "reservations": reservations},
+        message=f"the invalid migration record of VM {vm.name} is removed"
+        + (f", and its reservations on {', '.join(reservations)}" if reservations else ""),
+    )
     if module._diff:
-        result["diff"] = {"before": {"migration": vm.migration_error, "reservations": reservations},
-                          "after": {"migration": None, "reservations": []}}
+        result["diff"] = {
+            "before": {"migration": vm.migration_error, "reservations": reservations},
+            "after": {"migration": None, "reservations": []},
+        }
     if not module.check_mode:
         path = schema.domain_migration(vm.uuid)
-        store.commit({}, expect_versions={path: vm.migration_version},
-                     delete=[path] + [schema.node_reservation(node, vm.uuid) for node in reservations])
+        store.commit(
+            {},
+            expect_versions={path: vm.migration_version},
+            delete=[path] + [schema.node_reservation(node, vm.uuid) for node in reservations],
+        )
     return result
 
 
@@ -439,8 +500,10 @@ def run(module, session) -> dict:
             raise ModuleFailure(f"VM {params['name']} was removed while this task ran")
         target = params.get("target_node")
         if target is not None and target not in nodes:
-            raise ModuleFailure(f"target node {target!r} is not a node of this cluster "
-                                f"(nodes: {', '.join(sorted(nodes)) or 'none registered'})")
+            raise ModuleFailure(
+                f"target node {target!r} is not a node of this cluster "
+                f"(nodes: {', '.join(sorted(nodes)) or 'none registered'})"
+            )
 
         if params["state"] == CLEARED:
             try:
@@ -448,21 +511,35 @@ def run(module, session) -> dict:
             except ConflictError:
                 if not budget.again():
                     raise
-                continue    # the record changed meanwhile: read it once more
+                continue  # the record changed meanwhile: read it once more
         if vm.migration and in_flight_matches(vm, params):
-            result = {"changed": False, "name": vm.name, "uuid": vm.uuid, "source": vm.migration.source,
-                      "target": vm.migration.target, "lastnode": vm.lastnode, "migrates": True,
-                      "message": f"the migration of VM {vm.name} to {vm.migration.target} is already in flight",
-                      "migration": vm.migration.to_dict()}
+            result = {
+                "changed": False,
+                "name": vm.name,
+                "uuid": vm.uuid,
+                "source": vm.migration.source,
+                "target": vm.migration.target,
+                "lastnode": vm.lastnode,
+                "migrates": True,
+                "message": f"the migration of VM {vm.name} to {vm.migration.target} is already in flight",
+                "migration": vm.migration.to_dict(),
+            }
             if params["wait"] and not module.check_mode:
                 result["record"] = wait_for_record(session, vm, vm.migration.id, params["wait_timeout"])
             return result
 
         plan = make_plan(vm, params, nodes, default_selector)
         if plan is None:
-            return {"changed": False, "name": vm.name, "uuid": vm.uuid, "source": vm.node, "target": vm.node,
-                    "lastnode": vm.lastnode, "migrates": False,
-                    "message": f"VM {vm.name} is already migrated away from its home node {vm.lastnode}"}
+            return {
+                "changed": False,
+                "name": vm.name,
+                "uuid": vm.uuid,
+                "source": vm.node,
+                "target": vm.node,
+                "lastnode": vm.lastnode,
+                "migrates": False,
+                "message": f"VM {vm.name} is already migrated away from its home node {vm.lastnode}",
+            }
         differences = plan_differences(vm, plan)
         policy = params.get("require_n1")
         if plan.migrates and (read_require_n1(store, []) if policy is None else policy):
@@ -479,12 +556,12 @@ def run(module, session) -> dict:
         try:
             record = submit_request(store, plan, vm, requester=f"pvc.cluster.vm_migrate on {socket.gethostname()}")
             session.wrote(f"the request to move VM {vm.name} to {plan.target}")
-        except RequestError as exc:    # the target's fit is checked again, atomically with the request
+        except RequestError as exc:  # the target's fit is checked again, atomically with the request
             raise ModuleFailure(str(exc)) from None
         except ConflictError:
             if not budget.again():
                 raise
-            continue    # the VM or the target's reservations changed meanwhile: read and plan once more
+            continue  # the VM or the target's reservations changed meanwhile: read and plan once more
         if record is not None:
             result["migration"] = record.to_dict()
             if params["wait"]:
@@ -499,7 +576,7 @@ def run(module, session) -> dict:
 def main():
     module = build_module(ARGUMENT_SPEC)
     try:
-        check_input(module.params)   # fail fast: before connecting
+        check_input(module.params)  # fail fast: before connecting
     except ModuleFailure as exc:
         module.fail_json(msg=exc.msg)
     with cluster_session(module) as session:

@@ -25,8 +25,10 @@ pytestmark = pytest.mark.zk
 
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 OTHER = "7795eb01-f6a4-8304-79aa-97f2502e193f"
-XML = (f"<domain type='test'><name>web1</name><uuid>{UUID}</uuid><memory unit='MiB'>1024</memory>"
-       "<vcpu>2</vcpu><os><type>hvm</type></os><devices/></domain>")
+XML = (
+    f"<domain type='test'><name>web1</name><uuid>{UUID}</uuid><memory unit='MiB'>1024</memory>"
+    "<vcpu>2</vcpu><os><type>hvm</type></os><devices/></domain>"
+)
 
 
 @pytest.fixture
@@ -36,10 +38,16 @@ def cluster(store):
     schema = store.schema
     values = {}
     for node in ("n1", "n2"):
-        values.update({schema.node(node): "", schema.node_key(node, S.NODE_DAEMON_STATE): "run",
-                       schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
-                       schema.node_key(node, S.NODE_MEMTOTAL): 16384, schema.node_key(node, S.NODE_MEMPROV): 0,
-                       schema.node_key(node, S.NODE_MEMRESERVE): 0})
+        values.update(
+            {
+                schema.node(node): "",
+                schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+                schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
+                schema.node_key(node, S.NODE_MEMTOTAL): 16384,
+                schema.node_key(node, S.NODE_MEMPROV): 0,
+                schema.node_key(node, S.NODE_MEMRESERVE): 0,
+            }
+        )
     values.update(vm_definition(schema, UUID, "web1", XML, "n1", "start"))
     values[schema.node_reservation("n2", OTHER)] = "1e999"
     values[schema.node_reservation("n2", UUID)] = "512"
@@ -55,18 +63,27 @@ def test_an_overflowing_reservation_reads_as_zero_and_is_named(cluster):
     raw = read_nodes_raw(cluster, ["n1", "n2"], problems)
     assert raw["n2"][1] == {OTHER: 0, UUID: 512}
     assert [str(problem) for problem in problems["n2"]] == [
-        f"{cluster.schema.node_reservation('n2', OTHER)}: '1e999' is not valid; expected an integer from 0 to {2**43}"]
+        f"{cluster.schema.node_reservation('n2', OTHER)}: '1e999' is not valid; expected an integer from 0 to {2**43}"
+    ]
 
 
 def test_reports_of_a_node_with_garbage_figures_name_them(cluster):
     schema = cluster.schema
-    cluster.write({schema.node_key("n1", S.NODE_MEMTOTAL): "1e999", schema.node_key("n1", S.NODE_KEEPALIVE): "nan",
-                   schema.node_key("n1", S.NODE_MEMALLOC): "[[[["})
+    cluster.write(
+        {
+            schema.node_key("n1", S.NODE_MEMTOTAL): "1e999",
+            schema.node_key("n1", S.NODE_KEEPALIVE): "nan",
+            schema.node_key("n1", S.NODE_MEMALLOC): "[[[[",
+        }
+    )
     snapshot = read_cluster(cluster)
     n1, n2 = node_report(snapshot, "n1"), node_report(snapshot, "n2")
     assert n1["memory"]["total"] == 0 and n1["keepalive"] == 0.0 and n1["memory"]["allocated"] == 0
-    assert sorted(text.split(":")[0] for text in n1["invalid"]) == ["nodes/n1/keepalive", "nodes/n1/memalloc",
-                                                                     "nodes/n1/memtotal"]
+    assert sorted(text.split(":")[0] for text in n1["invalid"]) == [
+        "nodes/n1/keepalive",
+        "nodes/n1/memalloc",
+        "nodes/n1/memtotal",
+    ]
     assert n2["memory"]["reserved"] == 512 and len(n2["invalid"]) == 1 and OTHER in n2["invalid"][0]
     assert cluster_report(snapshot)["nodes"] == 2
 
@@ -79,9 +96,19 @@ def test_the_require_n1_setting_is_read_and_an_invalid_one_reads_as_false(store,
 
 
 def _finished(store, migration_id: str, result: str, method_used: str | None) -> None:
-    record = MigrationRecord(id=migration_id, vm=UUID, kind="migrate", source="n1", target="n2", method="default",
-                             memory_mib=1024, step="transferring", name="web1", method_used=method_used,
-                             steps={"requested": 1.0, "transferring": 2.0})
+    record = MigrationRecord(
+        id=migration_id,
+        vm=UUID,
+        kind="migrate",
+        source="n1",
+        target="n2",
+        method="default",
+        memory_mib=1024,
+        step="transferring",
+        name="web1",
+        method_used=method_used,
+        steps={"requested": 1.0, "transferring": 2.0},
+    )
     values, _delete, _final = finish_values(store.schema, UUID, record, result, None if result == "done" else "no")
     store.commit({k: v for k, v in values.items() if "/history/" in k})
 
@@ -91,9 +118,9 @@ def test_a_guest_seen_downtime_is_added_to_a_done_live_migration_once(cluster):
     _finished(cluster, "cold1", "done", "shutdown")
     _finished(cluster, "failed1", "aborted", "live")
     assert record_guest_downtime(cluster, UUID, "live1", 37.5, "lab tick collector")
-    assert not record_guest_downtime(cluster, UUID, "live1", 99, "again")          # only once
-    assert not record_guest_downtime(cluster, UUID, "cold1", 10, "probe")          # not a live switch-over
-    assert not record_guest_downtime(cluster, UUID, "failed1", 10, "probe")        # no switch-over happened
+    assert not record_guest_downtime(cluster, UUID, "live1", 99, "again")  # only once
+    assert not record_guest_downtime(cluster, UUID, "cold1", 10, "probe")  # not a live switch-over
+    assert not record_guest_downtime(cluster, UUID, "failed1", 10, "probe")  # no switch-over happened
     assert not record_guest_downtime(cluster, UUID, "unknown", 10, "probe")
     with pytest.raises(Invalid):
         record_guest_downtime(cluster, UUID, "live1", -5, "probe")
@@ -104,18 +131,32 @@ def test_a_guest_seen_downtime_is_added_to_a_done_live_migration_once(cluster):
 
 def test_node_reports_show_maintenance_and_the_last_fence_and_name_garbage_in_them(cluster):
     schema = cluster.schema
-    fence = {"by": "n2", "method": "ipmi", "device": "ipmi 10.0.0.1:623 (off)", "result": "fenced",
-             "started": 100.0, "finished": 100.5, "duration_s": 0.5, "detail": "power off confirmed"}
-    cluster.write({schema.node_key("n1", S.NODE_MAINTENANCE): "true",
-                   schema.node_key("n1", S.NODE_FENCE): json.dumps(fence),
-                   schema.node_key("n2", S.NODE_MAINTENANCE): "maybe",
-                   schema.node_key("n2", S.NODE_FENCE): json.dumps({**fence, "method": "ssh"})})
+    fence = {
+        "by": "n2",
+        "method": "ipmi",
+        "device": "ipmi 10.0.0.1:623 (off)",
+        "result": "fenced",
+        "started": 100.0,
+        "finished": 100.5,
+        "duration_s": 0.5,
+        "detail": "power off confirmed",
+    }
+    cluster.write(
+        {
+            schema.node_key("n1", S.NODE_MAINTENANCE): "true",
+            schema.node_key("n1", S.NODE_FENCE): json.dumps(fence),
+            schema.node_key("n2", S.NODE_MAINTENANCE): "maybe",
+            schema.node_key("n2", S.NODE_FENCE): json.dumps({**fence, "method": "ssh"}),
+        }
+    )
     snapshot = read_cluster(cluster)
     n1, n2 = node_report(snapshot, "n1"), node_report(snapshot, "n2")
     assert n1["maintenance"] is True and n1["fence"] == fence and not n1["invalid"]
     assert n2["maintenance"] is False and n2["fence"] == {}
     assert any(text.startswith("nodes/n2/maintenance") and "'maybe'" in text for text in n2["invalid"])
-    assert any(f"{schema.node_key('n2', S.NODE_FENCE)}" in text and "'ssh'" in text for text in n2["invalid"]), n2["invalid"]
+    assert any(f"{schema.node_key('n2', S.NODE_FENCE)}" in text and "'ssh'" in text for text in n2["invalid"]), n2[
+        "invalid"
+    ]
 
 
 def test_a_nodes_fence_record_is_the_latest_of_its_own_and_its_peers(cluster):
@@ -124,8 +165,12 @@ def test_a_nodes_fence_record_is_the_latest_of_its_own_and_its_peers(cluster):
     schema = cluster.schema
     operator = {"by": "operator", "method": "operator", "result": "fenced", "started": 100.0, "finished": 100.0}
     by_n2 = {"by": "n2", "method": "ipmi", "result": "fence-failed", "started": 90.0, "detail": "no answer"}
-    cluster.write({schema.node_key("n1", S.NODE_FENCE): json.dumps(operator),
-                   schema.node_fence_record("n2", "n1"): json.dumps(by_n2)})
+    cluster.write(
+        {
+            schema.node_key("n1", S.NODE_FENCE): json.dumps(operator),
+            schema.node_fence_record("n2", "n1"): json.dumps(by_n2),
+        }
+    )
     assert node_report(read_cluster(cluster), "n1")["fence"] == operator
     assert read_fence_record(cluster, "n1") == operator
     later = {**by_n2, "started": 200.0}
@@ -145,9 +190,10 @@ def test_a_vm_read_at_once_derives_what_the_daemons_table_derives(cluster):
     path = store.schema.domain_migration(UUID)
     vm = read_vm(store, UUID)
     assert (vm.migration_source, vm.migration_target, vm.xml_ok, vm.left_alone) == (None, None, True, "")
-    assert vm.loaded == frozenset() and not vm.has(S.DOMAIN_STATE)   # only the daemon's table fills these
-    record = MigrationRecord(id="m1", vm=UUID, kind="migrate", source="n1", target="n2", method="default",
-                             memory_mib=1024, step="requested")
+    assert vm.loaded == frozenset() and not vm.has(S.DOMAIN_STATE)  # only the daemon's table fills these
+    record = MigrationRecord(
+        id="m1", vm=UUID, kind="migrate", source="n1", target="n2", method="default", memory_mib=1024, step="requested"
+    )
     assert store.write({path: record.to_json()})
     vm = read_vm(store, UUID)
     assert (vm.migration_source, vm.migration_target, vm.left_alone) == ("n1", "n2", "")

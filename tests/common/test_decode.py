@@ -59,14 +59,37 @@ def test_or_default_records_the_problem_and_reads_missing_quietly():
 # ---- numbers ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stored, expected", [("1024", 1024), (" 7 ", 7), ("1024.0", 1024), (b"9", 9), (12, 12),
-                                              ("1e3", 1000), ("+5", 5)])
+@pytest.mark.parametrize(
+    "stored, expected", [("1024", 1024), (" 7 ", 7), ("1024.0", 1024), (b"9", 9), (12, 12), ("1e3", 1000), ("+5", 5)]
+)
 def test_integer_accepts(stored, expected):
     assert D.integer(stored, PATH) == expected
 
 
-@pytest.mark.parametrize("stored", ["1e999", "-1e999", "nan", "NaN", "inf", "Infinity", "1.5", "", " ", "lots", "1_000",
-                                    "0x10", "-1", "9" * 5000, float("inf"), float("nan"), True, [1], "١٢"])
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "1e999",
+        "-1e999",
+        "nan",
+        "NaN",
+        "inf",
+        "Infinity",
+        "1.5",
+        "",
+        " ",
+        "lots",
+        "1_000",
+        "0x10",
+        "-1",
+        "9" * 5000,
+        float("inf"),
+        float("nan"),
+        True,
+        [1],
+        "١٢",
+    ],
+)
 def test_integer_refuses(stored):
     with pytest.raises(D.Invalid):
         D.integer(stored, PATH)
@@ -130,26 +153,27 @@ def test_choice_and_boolean():
 # ---- JSON ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("document", ["[" * 50_000, "{\"a\":" * 50_000, "[" * 9 + "]" * 9])
+@pytest.mark.parametrize("document", ["[" * 50_000, '{"a":' * 50_000, "[" * 9 + "]" * 9])
 def test_json_nesting_is_refused_before_the_parser_sees_it(document):
     with pytest.raises(D.Invalid, match="nested deeper"):
         D.json_value(document, PATH)
 
 
 def test_json_brackets_inside_strings_do_not_nest():
-    document = json.dumps({"reason": "[" * 50_000 + "\\\"{" * 10})
+    document = json.dumps({"reason": "[" * 50_000 + '\\"{' * 10})
     assert D.json_object(document, PATH)["reason"].startswith("[[[")
     assert D.json_value("[" * 8 + "]" * 8, PATH) == [[[[[[[[]]]]]]]]
 
 
-@pytest.mark.parametrize("document", ["42", "[1]", "\"text\"", "null", "true"])
+@pytest.mark.parametrize("document", ["42", "[1]", '"text"', "null", "true"])
 def test_json_object_refuses_other_values(document):
     with pytest.raises(D.Invalid, match="a JSON object"):
         D.json_object(document, PATH)
 
 
-@pytest.mark.parametrize("document", ["{\"a\":", "", "{\"a\": NaN}", "{\"a\": Infinity}", "{\"a\": 1e999}", "{'a': 1}",
-                                      "{\"a\": 1} x"])
+@pytest.mark.parametrize(
+    "document", ['{"a":', "", '{"a": NaN}', '{"a": Infinity}', '{"a": 1e999}', "{'a': 1}", '{"a": 1} x']
+)
 def test_json_refuses_malformed_and_non_finite(document):
     with pytest.raises(D.Invalid):
         D.json_value(document, PATH)
@@ -161,18 +185,18 @@ def test_json_size_cap():
 
 
 def test_json_list():
-    assert D.json_list("[\"a\"]", PATH) == ["a"]
+    assert D.json_list('["a"]', PATH) == ["a"]
     with pytest.raises(D.Invalid, match="a JSON list"):
         D.json_list("{}", PATH)
 
 
 def test_json_escapes_with_backslashes_are_read_as_json_reads_them():
     # a backslash escapes the quote after it, two backslashes escape each other
-    assert D.json_value(json.dumps(["\\", "\"]", "\\\\["]), PATH) == ["\\", "\"]", "\\\\["]
+    assert D.json_value(json.dumps(["\\", '"]', "\\\\["]), PATH) == ["\\", '"]', "\\\\["]
 
 
 @settings(max_examples=300)
-@given(st.one_of(st.text(alphabet="[]{}\"\\,:0123456789ae-. ", max_size=200), st.binary(max_size=200)))
+@given(st.one_of(st.text(alphabet='[]{}"\\,:0123456789ae-. ', max_size=200), st.binary(max_size=200)))
 def test_json_decoders_raise_nothing_but_invalid(document):
     for decode in (D.json_value, D.json_object, D.json_list):
         try:
@@ -181,10 +205,15 @@ def test_json_decoders_raise_nothing_but_invalid(document):
             pass
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False, allow_infinity=False)
-                           | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                           max_leaves=20)
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
 
 
 @given(json_values)
@@ -225,22 +254,53 @@ def test_vm_name_refuses(name):
 
 def test_uuid_is_canonical_only():
     assert D.uuid("6695eb01-f6a4-8304-79aa-97f2502e193f", PATH) == "6695eb01-f6a4-8304-79aa-97f2502e193f"
-    for bad in ("6695EB01-F6A4-8304-79AA-97F2502E193F", "6695eb01f6a4830479aa97f2502e193f", "x", "../..",
-                "6695eb01-f6a4-8304-79aa-97f2502e193f\n"):
+    for bad in (
+        "6695EB01-F6A4-8304-79AA-97F2502E193F",
+        "6695eb01f6a4830479aa97f2502e193f",
+        "x",
+        "../..",
+        "6695eb01-f6a4-8304-79aa-97f2502e193f\n",
+    ):
         with pytest.raises(D.Invalid, match="UUID"):
             D.uuid(bad, PATH)
 
 
-@pytest.mark.parametrize("value, expected", [("10.77.0.11", "10.77.0.11"), ("::1", "::1"), ("fd00::0:1", "fd00::1"),
-                                             ("node1", "node1"), ("hv1.example.org", "hv1.example.org"),
-                                             ("hv1.example.org.", "hv1.example.org.")])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("10.77.0.11", "10.77.0.11"),
+        ("::1", "::1"),
+        ("fd00::0:1", "fd00::1"),
+        ("node1", "node1"),
+        ("hv1.example.org", "hv1.example.org"),
+        ("hv1.example.org.", "hv1.example.org."),
+    ],
+)
 def test_address_accepts_ip_addresses_and_host_names(value, expected):
     assert D.address(value, PATH) == expected
 
 
-@pytest.mark.parametrize("value", ["", "qemu+ext:///system?command=/tmp/x", "tcp://elsewhere", "a/b", "host:22", "[::1]",
-                                   "user@host", "fe80::1%eth0", "a b", "-a", "a..b", "1.2.3", "999.1.1.1", "h?x", "a" * 64,
-                                   "host\n"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "qemu+ext:///system?command=/tmp/x",
+        "tcp://elsewhere",
+        "a/b",
+        "host:22",
+        "[::1]",
+        "user@host",
+        "fe80::1%eth0",
+        "a b",
+        "-a",
+        "a..b",
+        "1.2.3",
+        "999.1.1.1",
+        "h?x",
+        "a" * 64,
+        "host\n",
+    ],
+)
 def test_address_refuses_anything_that_could_change_a_uri(value):
     with pytest.raises(D.Invalid, match="an IP address or a host name"):
         D.address(value, PATH)
@@ -250,8 +310,21 @@ def test_address_refuses_anything_that_could_change_a_uri(value):
 
 
 def test_node_view_reads_invalid_numbers_as_zero_and_names_them():
-    view = NodeView.from_store("n1", {"daemon_state": "run", "domain_state": "ready", "memtotal": "1e999",
-                                      "memprov": "nan", "cpuload": "inf", "vcpualloc": "4"})
+    view = NodeView.from_store(
+        "n1",
+        {
+            "daemon_state": "run",
+            "domain_state": "ready",
+            "memtotal": "1e999",
+            "memprov": "nan",
+            "cpuload": "inf",
+            "vcpualloc": "4",
+        },
+    )
     assert (view.memtotal, view.memprov, view.cpuload, view.vcpualloc) == (0, 0, 0.0, 4)
-    assert sorted(problem.path for problem in view.invalid) == ["nodes/n1/cpuload", "nodes/n1/memprov", "nodes/n1/memtotal"]
+    assert sorted(problem.path for problem in view.invalid) == [
+        "nodes/n1/cpuload",
+        "nodes/n1/memprov",
+        "nodes/n1/memtotal",
+    ]
     assert view.headroom <= 0

@@ -213,8 +213,15 @@ def test_parse_realistic_xml(unit, memory, current, memory_mib, current_mib):
     assert parse_domain_xml(xml.encode("utf-8")) == expected
 
 
-def _minimal(body: str = "", *, name="vm1", uuid=UUID, memory="<memory unit='MiB'>512</memory>",
-             vcpu="<vcpu>2</vcpu>", dtype="qemu") -> str:
+def _minimal(
+    body: str = "",
+    *,
+    name="vm1",
+    uuid=UUID,
+    memory="<memory unit='MiB'>512</memory>",
+    vcpu="<vcpu>2</vcpu>",
+    dtype="qemu",
+) -> str:
     name_elem = "" if name is None else f"<name>{name}</name>"
     uuid_elem = "" if uuid is None else f"<uuid>{uuid}</uuid>"
     type_attr = "" if dtype is None else f" type='{dtype}'"
@@ -254,8 +261,10 @@ def test_current_memory_default_and_clamp():
 
 
 def test_numa_cells_give_the_total_when_memory_is_absent():
-    cells = ("<cpu><numa><cell id='0' cpus='0' memory='512' unit='MiB'/>"
-             "<cell id='1' cpus='1' memory='1048576'/></numa></cpu>")
+    cells = (
+        "<cpu><numa><cell id='0' cpus='0' memory='512' unit='MiB'/>"
+        "<cell id='1' cpus='1' memory='1048576'/></numa></cpu>"
+    )
     assert parse_domain_xml(_minimal(cells, memory="")).memory_mib == 1536
     # with <memory> present, <memory> wins (what libvirt's XML output always has consistent)
     assert parse_domain_xml(_minimal(cells)).memory_mib == 512
@@ -269,14 +278,16 @@ def test_vcpu_forms():
 
 
 def test_bridges_in_document_order_only_from_devices():
-    body = ("<devices>"
-            "<interface type='bridge'><source bridge='b2'/></interface>"
-            "<interface type='bridge'><source bridge='b1'/></interface>"
-            "<interface type='bridge'><source bridge='b2'/></interface>"
-            "<interface type='network'><source network='n1'/></interface>"
-            "<interface type='ethernet'><target dev='tap0'/></interface>"
-            "</devices>"
-            "<metadata><interface type='bridge'><source bridge='not-a-device'/></interface></metadata>")
+    body = (
+        "<devices>"
+        "<interface type='bridge'><source bridge='b2'/></interface>"
+        "<interface type='bridge'><source bridge='b1'/></interface>"
+        "<interface type='bridge'><source bridge='b2'/></interface>"
+        "<interface type='network'><source network='n1'/></interface>"
+        "<interface type='ethernet'><target dev='tap0'/></interface>"
+        "</devices>"
+        "<metadata><interface type='bridge'><source bridge='not-a-device'/></interface></metadata>"
+    )
     info = parse_domain_xml(_minimal(body))
     assert info.bridges == ("b2", "b1", "b2")
     assert info.networks == ("n1",)
@@ -324,8 +335,10 @@ def test_encoding_declarations():
         (_minimal("<currentMemory unit='XB'>1</currentMemory>"), ["<currentMemory>", "'XB'"]),
         (_minimal("<currentMemory>half</currentMemory>"), ["<currentMemory>", "'half'"]),
         (_minimal("<cpu><numa><cell id='0' cpus='0'/></numa></cpu>", memory=""), ["<cell>", "memory attribute"]),
-        (_minimal("<cpu><numa><cell id='0' cpus='0' memory='1' unit='QiB'/></numa></cpu>", memory=""),
-         ["<cell memory>", "'QiB'"]),
+        (
+            _minimal("<cpu><numa><cell id='0' cpus='0' memory='1' unit='QiB'/></numa></cpu>", memory=""),
+            ["<cell memory>", "'QiB'"],
+        ),
         (_minimal(vcpu="<vcpu>0</vcpu>"), ["<vcpu>", "positive integer", "'0'"]),
         (_minimal(vcpu="<vcpu>-1</vcpu>"), ["<vcpu>", "positive integer"]),
         (_minimal(vcpu="<vcpu>two</vcpu>"), ["<vcpu>", "'two'"]),
@@ -430,8 +443,10 @@ def _define_and_read(conn, xml):
 )
 def test_memory_mib_matches_libvirt(libvirt_test_conn, memory, current):
     uuid = str(uuidlib.uuid4())
-    xml = (f"<domain type='test'><name>xcheck-{uuid[:8]}</name><uuid>{uuid}</uuid>{memory}{current}"
-           "<vcpu current='1'>3</vcpu><os><type>hvm</type></os></domain>")
+    xml = (
+        f"<domain type='test'><name>xcheck-{uuid[:8]}</name><uuid>{uuid}</uuid>{memory}{current}"
+        "<vcpu current='1'>3</vcpu><os><type>hvm</type></os></domain>"
+    )
     info = parse_domain_xml(xml)
     max_memory_kib, info_max_kib, current_kib, vcpus = _define_and_read(libvirt_test_conn, xml)
     assert info.memory_mib == max_memory_kib // 1024 == info_max_kib // 1024
@@ -442,11 +457,44 @@ def test_memory_mib_matches_libvirt(libvirt_test_conn, memory, current):
 
 def test_every_unit_matches_libvirt(libvirt_test_conn):
     """memory_to_kib equals libvirt's own conversion for every unit and awkward values."""
-    units = ["", "b", "byte", "bytes", "KB", "k", "KiB", "MB", "M", "MiB", "GB", "G", "GiB",
-             "TB", "T", "TiB", "PB", "P", "PiB", "EB", "E", "EiB", "kib", "Mb", "gib"]
+    units = [
+        "",
+        "b",
+        "byte",
+        "bytes",
+        "KB",
+        "k",
+        "KiB",
+        "MB",
+        "M",
+        "MiB",
+        "GB",
+        "G",
+        "GiB",
+        "TB",
+        "T",
+        "TiB",
+        "PB",
+        "P",
+        "PiB",
+        "EB",
+        "E",
+        "EiB",
+        "kib",
+        "Mb",
+        "gib",
+    ]
     values = [1, 999, 1023, 1025, 123457]
-    limits = [((2**53 - 1) * 1024, "b"), ((2**53 - 1) * 1024 + 1, "b"), (2**53 - 1, ""), (2**53, ""),
-              (7, "EiB"), (8, "EiB"), (9223, "PB"), (9224, "PB")]
+    limits = [
+        ((2**53 - 1) * 1024, "b"),
+        ((2**53 - 1) * 1024 + 1, "b"),
+        (2**53 - 1, ""),
+        (2**53, ""),
+        (7, "EiB"),
+        (8, "EiB"),
+        (9223, "PB"),
+        (9224, "PB"),
+    ]
     mismatches = []
     for unit, value in itertools.chain(itertools.product(units, values), ((u, v) for v, u in limits)):
         try:
@@ -455,8 +503,10 @@ def test_every_unit_matches_libvirt(libvirt_test_conn):
             ours = "overflow"
         uuid = str(uuidlib.uuid4())
         unit_attr = f" unit='{unit}'" if unit else ""
-        xml = (f"<domain type='test'><name>u-{uuid[:8]}</name><uuid>{uuid}</uuid>"
-               f"<memory{unit_attr}>{value}</memory><os><type>hvm</type></os></domain>")
+        xml = (
+            f"<domain type='test'><name>u-{uuid[:8]}</name><uuid>{uuid}</uuid>"
+            f"<memory{unit_attr}>{value}</memory><os><type>hvm</type></os></domain>"
+        )
         try:
             theirs = _define_and_read(libvirt_test_conn, xml)[0]
         except Exception as exc:  # libvirt.libvirtError: overflow
@@ -483,6 +533,7 @@ _ENCODINGS = st.sampled_from(["UTF-8", "utf8", "UTF-16", "ISO-8859-1", "no-such-
 @st.composite
 def documents(draw):
     """A document built as text (so that it may be anything a user could type), often well-formed."""
+
     def element(depth: int) -> str:
         tag = draw(_NAMES)
         prefix = draw(st.sampled_from(["", "p:"]))
@@ -492,8 +543,12 @@ def documents(draw):
         if draw(st.booleans()):
             attributes += f" xmlns='{draw(_URIS)}'"
         if draw(st.booleans()):
-            attributes += f" b=\"{draw(_TEXT)}\""
-        body = draw(_TEXT) if depth == 0 or draw(st.booleans()) else "".join(element(depth - 1) for _ in range(draw(st.integers(1, 2))))
+            attributes += f' b="{draw(_TEXT)}"'
+        body = (
+            draw(_TEXT)
+            if depth == 0 or draw(st.booleans())
+            else "".join(element(depth - 1) for _ in range(draw(st.integers(1, 2))))
+        )
         return f"<{prefix}{tag}{attributes}>{body}</{prefix}{tag}>"
 
     declaration = f"<?xml version='1.0' encoding='{draw(_ENCODINGS)}'?>" if draw(st.booleans()) else ""
@@ -533,8 +588,12 @@ def test_normalising_refuses_what_it_cannot_keep_with_the_reason():
             normalise_domain_xml(text)
         assert message in str(failure.value)
     # what it keeps: a UTF-8 declaration, absolute namespaces, comments and formatting dropped
-    assert normalise_domain_xml("<?xml version='1.0' encoding='utf-8'?>\n<domain b='1'  a=\"2\"><!-- c --><x:m xmlns:x='urn:x'/>"
-                                "</domain>") == '<domain a="2" b="1">\n  <x:m xmlns:x="urn:x"/>\n</domain>\n'
+    assert (
+        normalise_domain_xml(
+            "<?xml version='1.0' encoding='utf-8'?>\n<domain b='1'  a=\"2\"><!-- c --><x:m xmlns:x='urn:x'/></domain>"
+        )
+        == '<domain a="2" b="1">\n  <x:m xmlns:x="urn:x"/>\n</domain>\n'
+    )
 
 
 # ---- figures too large for libvirt's integers ------------------------------------------------------
@@ -556,13 +615,22 @@ def test_leading_zeros_do_not_count_as_digits():
     assert memory_to_kib("0" * 5000 + "1024", "MiB") == 1024 * 1024
 
 
-@pytest.mark.parametrize(("vcpu", "fragment"), [
-    ("<vcpu>4294967296</vcpu>", "<vcpu> 4294967296 is too large: libvirt reads a vCPU count as an unsigned 32-bit integer, at most 4294967295"),
-    ("<vcpu>" + "9" * 5000 + "</vcpu>", "(5000 characters) is too large"),
-    ("<vcpu current='" + "9" * 5000 + "'>2</vcpu>", "<vcpu current> 99999999999999999999...9999999999 (5000 characters) is too large"),
-    ("<vcpu current='0'>2</vcpu>", "must be an integer from 1 to the maximum vCPU count 2"),
-    ("<vcpu>x</vcpu>", "<vcpu> must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    ("vcpu", "fragment"),
+    [
+        (
+            "<vcpu>4294967296</vcpu>",
+            "<vcpu> 4294967296 is too large: libvirt reads a vCPU count as an unsigned 32-bit integer, at most 4294967295",
+        ),
+        ("<vcpu>" + "9" * 5000 + "</vcpu>", "(5000 characters) is too large"),
+        (
+            "<vcpu current='" + "9" * 5000 + "'>2</vcpu>",
+            "<vcpu current> 99999999999999999999...9999999999 (5000 characters) is too large",
+        ),
+        ("<vcpu current='0'>2</vcpu>", "must be an integer from 1 to the maximum vCPU count 2"),
+        ("<vcpu>x</vcpu>", "<vcpu> must be a positive integer"),
+    ],
+)
 def test_vcpu_counts_beyond_libvirt_are_refused(vcpu, fragment):
     with pytest.raises(DomainXMLError) as err:
         parse_domain_xml(_minimal(vcpu=vcpu))

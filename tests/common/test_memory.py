@@ -12,9 +12,21 @@ HERE = "node1"
 KINDS = [
     ("running here, assigned here", AccountedVM("a", HERE, 1024, 2, running_here=True), (1024, 1024, 2, 1)),
     ("stopped, assigned here", AccountedVM("b", HERE, 2048, 4, running_here=False), (0, 2048, 0, 0)),
-    ("running here, assigned elsewhere (migrating away)", AccountedVM("c", "node2", 512, 1, running_here=True), (512, 0, 1, 1)),
-    ("assigned here, reservation here, not running yet (incoming)", AccountedVM("d", HERE, 4096, 2, False, reserved_here=True), (0, 0, 0, 0)),
-    ("running here with a reservation here (incoming, in progress)", AccountedVM("e", HERE, 8192, 8, True, reserved_here=True), (8192, 0, 0, 0)),
+    (
+        "running here, assigned elsewhere (migrating away)",
+        AccountedVM("c", "node2", 512, 1, running_here=True),
+        (512, 0, 1, 1),
+    ),
+    (
+        "assigned here, reservation here, not running yet (incoming)",
+        AccountedVM("d", HERE, 4096, 2, False, reserved_here=True),
+        (0, 0, 0, 0),
+    ),
+    (
+        "running here with a reservation here (incoming, in progress)",
+        AccountedVM("e", HERE, 8192, 8, True, reserved_here=True),
+        (8192, 0, 0, 0),
+    ),
     ("assigned elsewhere, not running here", AccountedVM("f", "node3", 256, 1, running_here=False), (0, 0, 0, 0)),
     ("negative figures count as 0", AccountedVM("g", HERE, -5, -3, running_here=True), (0, 0, 0, 1)),
 ]

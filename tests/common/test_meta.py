@@ -37,8 +37,13 @@ DEFAULT_STORE = {
 
 def test_defaults():
     meta = VMMeta()
-    assert (meta.migration_method, meta.node_selector, meta.node_limit, meta.node_autostart, meta.migration_max_downtime_ms) == (
-        "default", "default", (), False, 300)
+    assert (
+        meta.migration_method,
+        meta.node_selector,
+        meta.node_limit,
+        meta.node_autostart,
+        meta.migration_max_downtime_ms,
+    ) == ("default", "default", (), False, 300)
     assert meta.to_store() == DEFAULT_STORE
     assert set(meta.to_store()) == set(META_KEYS)
     assert meta.warnings == ()
@@ -139,7 +144,9 @@ GARBAGE = [
 @pytest.mark.parametrize("key,stored", GARBAGE)
 def test_from_store_garbage_is_default_with_warning(key, stored):
     # One valid value next to the garbage one: it must still be read.
-    other_key, other_value = (META_MIGRATION_METHOD, "live") if key == META_NODE_SELECTOR else (META_NODE_SELECTOR, "load")
+    other_key, other_value = (
+        (META_MIGRATION_METHOD, "live") if key == META_NODE_SELECTOR else (META_NODE_SELECTOR, "load")
+    )
     meta = VMMeta.from_store({key: stored, other_key: other_value})
     assert getattr(meta, key) == getattr(VMMeta(), key)
     assert getattr(meta, other_key) == other_value
@@ -154,14 +161,22 @@ def test_from_store_ignores_unknown_keys_and_warnings_do_not_affect_equality():
 
 
 def test_from_store_several_garbage_values():
-    meta = VMMeta.from_store({META_MIGRATION_METHOD: "x", META_NODE_AUTOSTART: "perhaps", META_MIGRATION_MAX_DOWNTIME_MS: "z"})
+    meta = VMMeta.from_store(
+        {META_MIGRATION_METHOD: "x", META_NODE_AUTOSTART: "perhaps", META_MIGRATION_MAX_DOWNTIME_MS: "z"}
+    )
     assert meta == VMMeta()
     assert len(meta.warnings) == 3
 
 
 def test_round_trip():
-    meta = VMMeta(migration_method="live", node_selector="vms", node_limit=("a", "b"), node_autostart=True, migration_max_downtime_ms=50,
-                  migration_auto_converge=True)
+    meta = VMMeta(
+        migration_method="live",
+        node_selector="vms",
+        node_limit=("a", "b"),
+        node_autostart=True,
+        migration_max_downtime_ms=50,
+        migration_auto_converge=True,
+    )
     stored = meta.to_store()
     assert stored == {
         META_MIGRATION_METHOD: "live",
@@ -249,7 +264,10 @@ DOWNTIME_BOUNDS = "an integer number of milliseconds from 1 to 2000000 (QEMU's l
 INVALID_UPDATES = [
     ({META_MIGRATION_METHOD: "teleport"}, [META_MIGRATION_METHOD, "'teleport'", "default, live, shutdown"]),
     ({META_MIGRATION_METHOD: 3}, [META_MIGRATION_METHOD, "3", "default, live, shutdown"]),
-    ({META_NODE_SELECTOR: "fastest"}, [META_NODE_SELECTOR, "'fastest'", "mem, memfree, load, vcpus, vms, fit, default"]),
+    (
+        {META_NODE_SELECTOR: "fastest"},
+        [META_NODE_SELECTOR, "'fastest'", "mem, memfree, load, vcpus, vms, fit, default"],
+    ),
     ({META_NODE_LIMIT: 5}, [META_NODE_LIMIT, "5", "list of node names"]),
     ({META_NODE_LIMIT: ["node1", 2]}, [META_NODE_LIMIT, "['node1', 2]", "list of node names"]),
     ({META_NODE_LIMIT: ["node 1"]}, [META_NODE_LIMIT, "'node 1'", "no '/', ',' or spaces"]),
@@ -267,7 +285,10 @@ INVALID_UPDATES = [
     ({META_MIGRATION_MAX_DOWNTIME_MS: 3_000_000}, [META_MIGRATION_MAX_DOWNTIME_MS, "3000000", DOWNTIME_BOUNDS]),
     ({META_MIGRATION_MAX_DOWNTIME_MS: 10**30}, [META_MIGRATION_MAX_DOWNTIME_MS, str(10**30), DOWNTIME_BOUNDS]),
     ({META_MIGRATION_MAX_DOWNTIME_MS: 1e30}, [META_MIGRATION_MAX_DOWNTIME_MS, "1e+30", DOWNTIME_BOUNDS]),
-    ({META_MIGRATION_MAX_DOWNTIME_MS: "1" * 5000}, [META_MIGRATION_MAX_DOWNTIME_MS, "(5000 characters)", DOWNTIME_BOUNDS]),
+    (
+        {META_MIGRATION_MAX_DOWNTIME_MS: "1" * 5000},
+        [META_MIGRATION_MAX_DOWNTIME_MS, "(5000 characters)", DOWNTIME_BOUNDS],
+    ),
     ({META_MIGRATION_MAX_DOWNTIME_MS: "1_000"}, [META_MIGRATION_MAX_DOWNTIME_MS, "'1_000'", DOWNTIME_BOUNDS]),
     # an empty name reads as nothing in the stored form: [""] would silently clear the limit
     ({META_NODE_LIMIT: [""]}, [META_NODE_LIMIT, "['']", "none of them empty ([] for any node)"]),

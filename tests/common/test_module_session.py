@@ -23,8 +23,18 @@ class FakeModule:
     """The part of AnsibleModule that cluster_session uses."""
 
     def __init__(self, **params) -> None:
-        self.params = {"zk_hosts": None, "zk_root": "/pvc", "zk_timeout": 10.0, "zk_username": None, "zk_password": None,
-                       "zk_tls": False, "zk_tls_ca": None, "zk_tls_cert": None, "zk_tls_key": None, "zk_tls_verify": True}
+        self.params = {
+            "zk_hosts": None,
+            "zk_root": "/pvc",
+            "zk_timeout": 10.0,
+            "zk_username": None,
+            "zk_password": None,
+            "zk_tls": False,
+            "zk_tls_ca": None,
+            "zk_tls_cert": None,
+            "zk_tls_key": None,
+            "zk_tls_verify": True,
+        }
         self.params.update(params)
 
     def fail_json(self, **result):
@@ -56,8 +66,10 @@ def module(store, zk_server):
 def test_a_root_without_a_cluster_fails_before_the_body_runs(zk_server, zk_root, make_store):
     ran = []
     result = run(FakeModule(zk_hosts=zk_server.hosts, zk_root=zk_root), ran.append)
-    assert result["msg"] == (f"there is no pvc.cluster at {zk_server.hosts}{zk_root}: {zk_root} does not exist; check zk_root "
-                             "(the node daemons create a cluster's keys when they first start)")
+    assert result["msg"] == (
+        f"there is no pvc.cluster at {zk_server.hosts}{zk_root}: {zk_root} does not exist; check zk_root "
+        "(the node daemons create a cluster's keys when they first start)"
+    )
     assert ran == []
     assert make_store().exists(zk_root) is False
 
@@ -65,24 +77,37 @@ def test_a_root_without_a_cluster_fails_before_the_body_runs(zk_server, zk_root,
 def test_a_failure_before_any_write_says_nothing_was_written(module):
     def body(session):
         raise ConflictError("commit: /x changed concurrently")
+
     result = run(module, body)
-    assert result["msg"] == "the cluster changed while this task ran; nothing was written; run it again (commit: /x changed concurrently)"
+    assert (
+        result["msg"]
+        == "the cluster changed while this task ran; nothing was written; run it again (commit: /x changed concurrently)"
+    )
     assert "changed" not in result
 
 
-@pytest.mark.parametrize("error, message", [
-    (StoreError("read /y: no answer"), "read /y: no answer; this task had already written the definition of VM web1 "
-                                       "(committed in ZooKeeper)"),
-    (ConflictError("commit: /y changed concurrently"), "the cluster changed while this task ran; this task had already "
-                                                       "written the definition of VM web1 (committed in ZooKeeper); nothing more "
-                                                       "was written; run it again (commit: /y changed concurrently)"),
-])
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (
+            StoreError("read /y: no answer"),
+            "read /y: no answer; this task had already written the definition of VM web1 (committed in ZooKeeper)",
+        ),
+        (
+            ConflictError("commit: /y changed concurrently"),
+            "the cluster changed while this task ran; this task had already "
+            "written the definition of VM web1 (committed in ZooKeeper); nothing more "
+            "was written; run it again (commit: /y changed concurrently)",
+        ),
+    ],
+)
 def test_a_failure_after_a_write_says_what_was_written(module, store, error, message):
     key = store.schema.domain_key("6695eb01-f6a4-8304-79aa-97f2502e193f", "state")
 
     def body(session):
         session.commit({key: "stop"}, what="the definition of VM web1")
         raise error
+
     result = run(module, body)
     assert result["msg"] == message
     assert result["changed"] is True
@@ -93,9 +118,13 @@ def test_a_module_failure_after_a_write_reports_a_change(module, store):
     def body(session):
         session.commit({store.schema.default_selector(): "mem"}, what="the default selector")
         raise ModuleFailure("VM web1: not running on node1 after 5 s; the request stays recorded")
+
     result = run(module, body)
-    assert result == {"msg": "VM web1: not running on node1 after 5 s; the request stays recorded; this task had already "
-                             "written the default selector (committed in ZooKeeper)", "changed": True}
+    assert result == {
+        "msg": "VM web1: not running on node1 after 5 s; the request stays recorded; this task had already "
+        "written the default selector (committed in ZooKeeper)",
+        "changed": True,
+    }
 
 
 def test_a_read_that_fails_fails_the_task_and_blocks_every_write(zk_private_server, make_store):
@@ -111,21 +140,30 @@ def test_a_read_that_fails_fails_the_task_and_blocks_every_write(zk_private_serv
     def body(session):
         connected = Connected(session.store)
         zk_private_server.stop()
-        for read in (lambda: session.store.read(key), lambda: session.store.read_many([key]),
-                     lambda: session.store.children(key), lambda: session.store.exists(key)):
+        for read in (
+            lambda: session.store.read(key),
+            lambda: session.store.read_many([key]),
+            lambda: session.store.children(key),
+            lambda: session.store.exists(key),
+        ):
             with pytest.raises(UnreachableError, match=f"{key}: "):
                 read()
         zk_private_server.start()
         connected.wait()
-        assert session.store.read(key) is None   # missing: None, as ever
-        for write in (lambda: session.store.commit({key: "mem"}), lambda: session.commit({key: "mem"}),
-                      lambda: session.store.write({key: "mem"}), lambda: session.store.delete(key)):
+        assert session.store.read(key) is None  # missing: None, as ever
+        for write in (
+            lambda: session.store.commit({key: "mem"}),
+            lambda: session.commit({key: "mem"}),
+            lambda: session.store.write({key: "mem"}),
+            lambda: session.store.delete(key),
+        ):
             with pytest.raises(ReadsFailedError, match=f"reading the cluster from ZooKeeper failed: read {key}: "):
                 write()
+
     result = run(module, body)
     assert result["msg"].startswith(f"reading the cluster from ZooKeeper failed: read {key}: ")
     assert result["changed"] is False
-    assert operator.exists(key) is False   # nothing was written
+    assert operator.exists(key) is False  # nothing was written
 
 
 def test_a_store_that_does_not_read_strictly_logs_and_keeps_none(zk_private_server, make_store):

@@ -15,10 +15,24 @@ from pvc_cluster_common._requests import final_record
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 OTHER = "7795eb01-f6a4-8304-79aa-97f2502e193f"
 PATH = f"/pvc/domains/{UUID}/migration"
-RECORD = {"id": "6f1c2a9b0d3e", "vm": UUID, "name": "web1", "kind": "migrate", "source": "n1", "target": "n2",
-          "method": "default", "force_live": False, "memory_mib": 1024, "prev_lastnode": "", "requester": "test",
-          "step": "requested", "method_used": None, "fallback_reason": None, "reason": None,
-          "steps": {"requested": 1764190000.12}}
+RECORD = {
+    "id": "6f1c2a9b0d3e",
+    "vm": UUID,
+    "name": "web1",
+    "kind": "migrate",
+    "source": "n1",
+    "target": "n2",
+    "method": "default",
+    "force_live": False,
+    "memory_mib": 1024,
+    "prev_lastnode": "",
+    "requester": "test",
+    "step": "requested",
+    "method_used": None,
+    "fallback_reason": None,
+    "reason": None,
+    "steps": {"requested": 1764190000.12},
+}
 
 
 def decode(value, uuid=UUID):
@@ -27,7 +41,13 @@ def decode(value, uuid=UUID):
 
 def test_a_record_round_trips():
     record = decode(RECORD)
-    assert (record.id, record.vm, record.source, record.target, record.memory_mib) == ("6f1c2a9b0d3e", UUID, "n1", "n2", 1024)
+    assert (record.id, record.vm, record.source, record.target, record.memory_mib) == (
+        "6f1c2a9b0d3e",
+        UUID,
+        "n1",
+        "n2",
+        1024,
+    )
     assert json.loads(record.to_json()) == RECORD
     assert decode(record.to_json()) == record
 
@@ -44,49 +64,68 @@ def test_a_claimed_record_keeps_its_claim():
 
 def test_at_step_adds_the_step_time():
     record = decode(RECORD).at_step("prepared", 1764190001.5, method_used="live")
-    assert (record.step, record.method_used, record.steps) == ("prepared", "live", {"requested": 1764190000.12,
-                                                                                     "prepared": 1764190001.5})
+    assert (record.step, record.method_used, record.steps) == (
+        "prepared",
+        "live",
+        {"requested": 1764190000.12, "prepared": 1764190001.5},
+    )
 
 
 # Issue #13: every one of these crashed every daemon at start-up, or blocked a flush for ever.
-@pytest.mark.parametrize("stored, field, expected", [
-    ("42", "", "a JSON object"),
-    ("[1, 2]", "", "a JSON object"),
-    ('"mail"', "", "a JSON object"),
-    ('{"id": "6f1c", "vm": "', "", "JSON"),
-    ("[" * 50_000, "", "nested deeper"),
-    ("", "", "JSON"),
-    ("null", "", "a JSON object"),
-    (dict(RECORD, vm=OTHER), "vm", f"the UUID of its key ({UUID})"),
-    (dict(RECORD, target="n1"), "target", "another node than the source n1"),
-    (dict(RECORD, target=None), "target", "text"),
-    (dict(RECORD, source="../n1"), "source", "a node name"),
-    (dict(RECORD, memory_mib=0), "memory_mib", "an integer from 1"),
-    (dict(RECORD, memory_mib=1e300), "memory_mib", "an integer from 1"),
-    (dict(RECORD, memory_mib=True), "memory_mib", "an integer from 1"),
-    (dict(RECORD, step="done"), "step", "one of requested"),
-    (dict(RECORD, kind="steal"), "kind", "one of migrate"),
-    (dict(RECORD, method_used="teleport"), "method_used", "one of live"),
-    (dict(RECORD, force_live="yes"), "force_live", "true or false"),
-    (dict(RECORD, steps=[1]), "steps", "an object of step names"),
-    (dict(RECORD, steps={"prepared": -1}), "steps.prepared", "a unix time"),
-    (dict(RECORD, steps={"hack": 1}), "steps", "a step name"),
-    (dict(RECORD, reason="x" * 10_000), "reason", "at most"),
-    (dict(RECORD, id="a/b"), "id", "a record id"),
-    (dict(RECORD, starting_on="n1"), "starting_on", "the target n2"),
-    (dict(RECORD, name="a/b"), "name", "a VM name"),
-])
+@pytest.mark.parametrize(
+    "stored, field, expected",
+    [
+        ("42", "", "a JSON object"),
+        ("[1, 2]", "", "a JSON object"),
+        ('"mail"', "", "a JSON object"),
+        ('{"id": "6f1c", "vm": "', "", "JSON"),
+        ("[" * 50_000, "", "nested deeper"),
+        ("", "", "JSON"),
+        ("null", "", "a JSON object"),
+        (dict(RECORD, vm=OTHER), "vm", f"the UUID of its key ({UUID})"),
+        (dict(RECORD, target="n1"), "target", "another node than the source n1"),
+        (dict(RECORD, target=None), "target", "text"),
+        (dict(RECORD, source="../n1"), "source", "a node name"),
+        (dict(RECORD, memory_mib=0), "memory_mib", "an integer from 1"),
+        (dict(RECORD, memory_mib=1e300), "memory_mib", "an integer from 1"),
+        (dict(RECORD, memory_mib=True), "memory_mib", "an integer from 1"),
+        (dict(RECORD, step="done"), "step", "one of requested"),
+        (dict(RECORD, kind="steal"), "kind", "one of migrate"),
+        (dict(RECORD, method_used="teleport"), "method_used", "one of live"),
+        (dict(RECORD, force_live="yes"), "force_live", "true or false"),
+        (dict(RECORD, steps=[1]), "steps", "an object of step names"),
+        (dict(RECORD, steps={"prepared": -1}), "steps.prepared", "a unix time"),
+        (dict(RECORD, steps={"hack": 1}), "steps", "a step name"),
+        (dict(RECORD, reason="x" * 10_000), "reason", "at most"),
+        (dict(RECORD, id="a/b"), "id", "a record id"),
+        (dict(RECORD, starting_on="n1"), "starting_on", "the target n2"),
+        (dict(RECORD, name="a/b"), "name", "a VM name"),
+    ],
+)
 def test_an_invalid_record_names_the_field_and_what_is_accepted(stored, field, expected):
     with pytest.raises(Invalid) as caught:
         decode(stored)
     assert caught.value.path == PATH and caught.value.field == field and expected in caught.value.expected
 
 
-@given(st.one_of(st.binary(max_size=300), st.text(max_size=300),
-                 st.dictionaries(st.sampled_from(sorted(RECORD) + ["x"]),
-                                 st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10),
-                                           st.lists(st.integers(), max_size=2)), max_size=20)
-                 .map(lambda changes: json.dumps(dict(RECORD, **changes)))))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.text(max_size=300),
+        st.dictionaries(
+            st.sampled_from(sorted(RECORD) + ["x"]),
+            st.one_of(
+                st.none(),
+                st.booleans(),
+                st.integers(),
+                st.floats(),
+                st.text(max_size=10),
+                st.lists(st.integers(), max_size=2),
+            ),
+            max_size=20,
+        ).map(lambda changes: json.dumps(dict(RECORD, **changes))),
+    )
+)
 def test_any_stored_value_decodes_or_is_invalid(stored):
     try:
         record = R.MigrationRecord.from_json(stored, PATH, UUID)
@@ -105,23 +144,30 @@ def test_history_entries_are_checked_too():
             R.history_entry(bad, PATH + "/1", UUID)
 
 
-
 def test_a_guest_seen_downtime_in_an_audit_record_is_checked():
     final = final_record(decode(RECORD), "done")
     with_downtime = dict(final, guest_downtime_ms=41.25, guest_downtime_by="lab tick collector")
     entry = R.history_entry(json.dumps(with_downtime), PATH + "/1", UUID)
     assert (entry["guest_downtime_ms"], entry["guest_downtime_by"]) == (41.2, "lab tick collector")
     assert "guest_downtime_ms" not in R.history_entry(json.dumps(final), PATH + "/1", UUID)
-    for bad in ({"guest_downtime_ms": -1, "guest_downtime_by": "x"}, {"guest_downtime_ms": float("inf"), "guest_downtime_by": "x"},
-                {"guest_downtime_ms": 4e6, "guest_downtime_by": "x"}, {"guest_downtime_ms": True, "guest_downtime_by": "x"},
-                {"guest_downtime_ms": "12", "guest_downtime_by": "x"}, {"guest_downtime_ms": 12},
-                {"guest_downtime_by": "x"}, {"guest_downtime_ms": 12, "guest_downtime_by": "x" * 300}):
+    for bad in (
+        {"guest_downtime_ms": -1, "guest_downtime_by": "x"},
+        {"guest_downtime_ms": float("inf"), "guest_downtime_by": "x"},
+        {"guest_downtime_ms": 4e6, "guest_downtime_by": "x"},
+        {"guest_downtime_ms": True, "guest_downtime_by": "x"},
+        {"guest_downtime_ms": "12", "guest_downtime_by": "x"},
+        {"guest_downtime_ms": 12},
+        {"guest_downtime_by": "x"},
+        {"guest_downtime_ms": 12, "guest_downtime_by": "x" * 300},
+    ):
         with pytest.raises(Invalid):
             R.history_entry(json.dumps(dict(final, **bad)), PATH + "/1", UUID)
 
 
-@pytest.mark.parametrize("downtime, by", [(-0.1, "probe"), (float("nan"), "probe"), (12, ""), (12, "  "), (12, None),
-                                          (12, "p" * 257), ("12", "probe")])
+@pytest.mark.parametrize(
+    "downtime, by",
+    [(-0.1, "probe"), (float("nan"), "probe"), (12, ""), (12, "  "), (12, None), (12, "p" * 257), ("12", "probe")],
+)
 def test_guest_downtime_fields_refuse_what_the_decoder_would(downtime, by):
     with pytest.raises(Invalid):
         R.guest_downtime_fields(downtime, by)
@@ -146,7 +192,10 @@ def test_vm_node_and_state():
 
 
 def test_domain_xml_refuses_empty_and_memoryless_documents():
-    for bad, expected in (("", "empty"), (f"<domain type='test'><name>x</name><uuid>{UUID}</uuid></domain>", "<memory>")):
+    for bad, expected in (
+        ("", "empty"),
+        (f"<domain type='test'><name>x</name><uuid>{UUID}</uuid></domain>", "<memory>"),
+    ):
         with pytest.raises(Invalid, match=expected):
             R.domain_xml(bad, "p")
     with pytest.raises(Invalid, match="at most"):
@@ -168,9 +217,9 @@ def test_reservation_and_stats():
 def test_the_state_is_the_runstate_record_only_for_the_desired_state_version_it_names():
     record = R.RunState("stop", desired_version=4, by="n1", at=1.0)
     assert R.effective_state("shutdown", 4, record) == "stop"
-    assert R.effective_state("shutdown", 5, record) == "shutdown"   # the operator wrote state since
+    assert R.effective_state("shutdown", 5, record) == "shutdown"  # the operator wrote state since
     assert R.effective_state("start", 3, record) == "start"
-    assert R.effective_state("start", -1, record) == "start"       # no state key: nothing applies
+    assert R.effective_state("start", -1, record) == "start"  # no state key: nothing applies
     assert R.effective_state("start", 4, None) == "start"
 
 
@@ -181,21 +230,24 @@ def test_runstate_round_trips_and_carries_autostart_only_for_the_same_desired_ve
     assert (stopped.state, stopped.autostart, stopped.autostart_used) == ("stop", True, -1)
     used = R.runstate_after(stopped, "start", 7, "n2", 12.0, autostart=False, autostart_used=3)
     assert (used.autostart, used.autostart_used) == (False, 3)
-    later = R.runstate_after(used, "fail", 8, "n2", 13.0)   # a newer desired state: no autostart, the use kept
+    later = R.runstate_after(used, "fail", 8, "n2", 13.0)  # a newer desired state: no autostart, the use kept
     assert (later.autostart, later.autostart_used, later.desired_version) == (False, 3, 8)
     assert R.runstate_after(flushed, "fail", 8, "n1", 14.0).autostart is False
 
 
-@pytest.mark.parametrize("value, field", [
-    ('{"state": "run", "desired_version": 1}', "state"),
-    ('{"state": "stop"}', "desired_version"),
-    ('{"state": "stop", "desired_version": -1}', "desired_version"),
-    ('{"state": "stop", "desired_version": 2147483648}', "desired_version"),
-    ('{"state": "stop", "desired_version": 1, "autostart": "yes"}', "autostart"),
-    ('{"state": "stop", "desired_version": 1, "autostart_used": 1.5}', "autostart_used"),
-    ('{"state": "stop", "desired_version": 1, "by": "../x"}', "by"),
-    ('{"state": "stop", "desired_version": 1, "at": -5}', "at"),
-])
+@pytest.mark.parametrize(
+    "value, field",
+    [
+        ('{"state": "run", "desired_version": 1}', "state"),
+        ('{"state": "stop"}', "desired_version"),
+        ('{"state": "stop", "desired_version": -1}', "desired_version"),
+        ('{"state": "stop", "desired_version": 2147483648}', "desired_version"),
+        ('{"state": "stop", "desired_version": 1, "autostart": "yes"}', "autostart"),
+        ('{"state": "stop", "desired_version": 1, "autostart_used": 1.5}', "autostart_used"),
+        ('{"state": "stop", "desired_version": 1, "by": "../x"}', "by"),
+        ('{"state": "stop", "desired_version": 1, "at": -5}', "at"),
+    ],
+)
 def test_a_runstate_record_that_is_not_valid_names_its_field(value, field):
     with pytest.raises(Invalid) as failure:
         R.runstate(value, "/pvc/domains/u/runtime/runstate")

@@ -13,8 +13,10 @@ from pvc_cluster_common._store import Attempts, ConflictError
 pytestmark = pytest.mark.zk
 
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
-XML = (f"<domain type='test'><name>web1</name><uuid>{UUID}</uuid><memory unit='MiB'>1024</memory>"
-       "<vcpu>2</vcpu><os><type>hvm</type></os><devices/></domain>")
+XML = (
+    f"<domain type='test'><name>web1</name><uuid>{UUID}</uuid><memory unit='MiB'>1024</memory>"
+    "<vcpu>2</vcpu><os><type>hvm</type></os><devices/></domain>"
+)
 
 
 @pytest.fixture
@@ -23,10 +25,16 @@ def cluster(store):
     schema = store.schema
     values = {}
     for node in ("n1", "n2"):
-        values.update({schema.node(node): "", schema.node_key(node, S.NODE_DAEMON_STATE): "run",
-                       schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
-                       schema.node_key(node, S.NODE_MEMTOTAL): 16384, schema.node_key(node, S.NODE_MEMPROV): 0,
-                       schema.node_key(node, S.NODE_MEMRESERVE): 0})
+        values.update(
+            {
+                schema.node(node): "",
+                schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+                schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
+                schema.node_key(node, S.NODE_MEMTOTAL): 16384,
+                schema.node_key(node, S.NODE_MEMPROV): 0,
+                schema.node_key(node, S.NODE_MEMRESERVE): 0,
+            }
+        )
     values.update(vm_definition(schema, UUID, "web1", XML, "n1", "start"))
     store.commit(values)
     return store
@@ -67,7 +75,7 @@ def test_request_vm_plans_again_after_a_conflict(cluster, monkeypatch):
 
     def submit_after_a_change(store, plan, vm, requester, **kwargs):
         if not submits:
-            store.commit({node_key: "n1"})    # same value, new version: the read is stale
+            store.commit({node_key: "n1"})  # same value, new version: the read is stale
         submits.append(vm.node_version)
         return submit_request(store, plan, vm, requester, **kwargs)
 
@@ -139,11 +147,11 @@ def test_a_stopped_vm_that_is_only_re_homed_gets_a_reservation_on_its_new_node(c
     schema = cluster.schema
     cluster.commit({schema.domain_key(UUID, S.DOMAIN_STATE): "stop", schema.node_reservation("n1", UUID): 1024})
     before = cluster.read_versioned(schema.node_reservations("n2"))
-    assert request(cluster, "move", target="n2") is None          # no migration record: nothing moves
+    assert request(cluster, "move", target="n2") is None  # no migration record: nothing moves
     assert cluster.read(schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
     assert cluster.read(schema.domain_migration(UUID)) is None
-    assert cluster.read(schema.node_reservation("n2", UUID)) == "1024"   # until n2's keepalive counts it
-    assert cluster.read(schema.node_reservation("n1", UUID)) is None     # the one left on n1 went
+    assert cluster.read(schema.node_reservation("n2", UUID)) == "1024"  # until n2's keepalive counts it
+    assert cluster.read(schema.node_reservation("n1", UUID)) is None  # the one left on n1 went
     assert cluster.read_versioned(schema.node_reservations("n2")) != before
 
 

@@ -22,10 +22,35 @@ from pvc_cluster_common._selector import (
 )
 
 
-def node(name, *, daemon="run", domain="ready", total=16384, used=0, free=None, prov=0, reserve=0, reserved=0, load=0.0, vcpus=0, vms=0):
-    return NodeView(name=name, daemon_state=daemon, domain_state=domain, memtotal=total, memused=used,
-                    memfree=total - used if free is None else free, memprov=prov, memreserve=reserve, reserved=reserved,
-                    cpuload=load, vcpualloc=vcpus, domaincount=vms)
+def node(
+    name,
+    *,
+    daemon="run",
+    domain="ready",
+    total=16384,
+    used=0,
+    free=None,
+    prov=0,
+    reserve=0,
+    reserved=0,
+    load=0.0,
+    vcpus=0,
+    vms=0,
+):
+    return NodeView(
+        name=name,
+        daemon_state=daemon,
+        domain_state=domain,
+        memtotal=total,
+        memused=used,
+        memfree=total - used if free is None else free,
+        memprov=prov,
+        memreserve=reserve,
+        reserved=reserved,
+        cpuload=load,
+        vcpualloc=vcpus,
+        domaincount=vms,
+    )
 
 
 # ---- NodeView -----------------------------------------------------------------------------------
@@ -37,13 +62,25 @@ def test_headroom_counts_reserve_provisioned_and_reservations():
 
 
 def test_from_store_parses_and_tolerates_garbage():
-    raw = {"daemon_state": "run", "domain_state": "ready", "memtotal": "16384", "memused": "2048", "memfree": "14336",
-           "memprov": "4096", "memreserve": "512", "cpuload": "1.25", "vcpualloc": "6", "domaincount": "3"}
+    raw = {
+        "daemon_state": "run",
+        "domain_state": "ready",
+        "memtotal": "16384",
+        "memused": "2048",
+        "memfree": "14336",
+        "memprov": "4096",
+        "memreserve": "512",
+        "cpuload": "1.25",
+        "vcpualloc": "6",
+        "domaincount": "3",
+    }
     view = NodeView.from_store("node1", raw, reservations_mib=1024)
     assert view == NodeView("node1", "run", "ready", 16384, 2048, 14336, 4096, 512, 1024, 1.25, 6, 3)
     assert view.headroom == 16384 - 512 - 4096 - 1024
     assert view.is_eligible
-    garbage = NodeView.from_store("node2", {"memtotal": "lots", "cpuload": "nan", "memprov": "1024.0", "vcpualloc": None})
+    garbage = NodeView.from_store(
+        "node2", {"memtotal": "lots", "cpuload": "nan", "memprov": "1024.0", "vcpualloc": None}
+    )
     assert (garbage.daemon_state, garbage.domain_state) == ("init", "flushed")
     assert (garbage.memtotal, garbage.cpuload, garbage.memprov, garbage.vcpualloc) == (0, 0.0, 1024, 0)
     assert garbage.headroom < 0 and not garbage.is_eligible
@@ -68,7 +105,10 @@ def test_each_selector(selector, expected):
     assert select_target(1024, None, None, selector, CLUSTER) == expected
 
 
-@pytest.mark.parametrize("default_selector,expected", [("mem", "a"), ("load", "c"), ("vms", "d"), (None, "a"), ("default", "a"), ("junk", "a")])
+@pytest.mark.parametrize(
+    "default_selector,expected",
+    [("mem", "a"), ("load", "c"), ("vms", "d"), (None, "a"), ("default", "a"), ("junk", "a")],
+)
 @pytest.mark.parametrize("selector", ["default", None, "none"])
 def test_default_selector_resolves_to_cluster_default(selector, default_selector, expected):
     assert select_target(1024, None, None, selector, CLUSTER, default_selector=default_selector) == expected
@@ -185,8 +225,12 @@ def test_example_reasons_from_the_brief():
     with pytest.raises(NoTargetError) as excinfo:
         select_target(2048, "node1", ["node1", "node2", "node4"], "mem", nodes)
     message = str(excinfo.value)
-    for text in ("node2: daemon state is dead, not run", "node3: not in node_limit [node1, node2, node4]",
-                 "node4: needs 2048 MiB, has 1024 MiB headroom", "node1: is the VM's current node"):
+    for text in (
+        "node2: daemon state is dead, not run",
+        "node3: not in node_limit [node1, node2, node4]",
+        "node4: needs 2048 MiB, has 1024 MiB headroom",
+        "node1: is the VM's current node",
+    ):
         assert text in message
 
 
@@ -201,9 +245,21 @@ def random_cluster(rng, count, source="node0"):
         domain = rng.choice(["ready"] * 8 + ["flushed", "flush"])
         if f"node{i}" == source:
             domain = "flush"
-        nodes.append(node(f"node{i}", daemon=daemon, domain=domain, total=total, free=rng.randint(0, total),
-                          prov=rng.randint(0, total), reserve=rng.choice([0, 512, 1024]), reserved=rng.choice([0, 0, 1024, 2048]),
-                          load=round(rng.random() * 8, 2), vcpus=rng.randint(0, 32), vms=rng.randint(0, 20)))
+        nodes.append(
+            node(
+                f"node{i}",
+                daemon=daemon,
+                domain=domain,
+                total=total,
+                free=rng.randint(0, total),
+                prov=rng.randint(0, total),
+                reserve=rng.choice([0, 512, 1024]),
+                reserved=rng.choice([0, 0, 1024, 2048]),
+                load=round(rng.random() * 8, 2),
+                vcpus=rng.randint(0, 32),
+                vms=rng.randint(0, 20),
+            )
+        )
     return nodes
 
 
@@ -212,8 +268,16 @@ def random_vms(rng, count, node_names, source="node0"):
     for i in range(count):
         limit = rng.sample(node_names, rng.randint(1, min(4, len(node_names)))) if rng.random() < 0.3 else []
         home = rng.choice(node_names) if rng.random() < 0.2 else source
-        vms.append(FlushVM(f"vm{i}", rng.choice([512, 1024, 2048, 4096, 8192, 16384]), limit,
-                           rng.choice(["mem", "memfree", "load", "vcpus", "vms", "default"]), home, rng.randint(1, 8)))
+        vms.append(
+            FlushVM(
+                f"vm{i}",
+                rng.choice([512, 1024, 2048, 4096, 8192, 16384]),
+                limit,
+                rng.choice(["mem", "memfree", "load", "vcpus", "vms", "default"]),
+                home,
+                rng.randint(1, 8),
+            )
+        )
     return vms
 
 
@@ -226,17 +290,28 @@ def reference_plan(source, vms, nodes, default_selector="mem"):
         vm = vms[i]
         home = views.get(vm.home_node)
         target = None
-        if home is not None and vm.home_node != source and not rejection_reasons(vm.memory_mib, source, vm.node_limit, views)[vm.home_node]:
+        if (
+            home is not None
+            and vm.home_node != source
+            and not rejection_reasons(vm.memory_mib, source, vm.node_limit, views)[vm.home_node]
+        ):
             target = vm.home_node
         else:
             try:
-                target = select_target(vm.memory_mib, source, vm.node_limit, vm.selector, views, default_selector=default_selector)
+                target = select_target(
+                    vm.memory_mib, source, vm.node_limit, vm.selector, views, default_selector=default_selector
+                )
             except NoTargetError:
                 target = None
         if target is not None:
             t = views[target]
-            views[target] = dataclasses.replace(t, reserved=t.reserved + vm.memory_mib, memfree=t.memfree - vm.memory_mib,
-                                                domaincount=t.domaincount + 1, vcpualloc=t.vcpualloc + vm.vcpus)
+            views[target] = dataclasses.replace(
+                t,
+                reserved=t.reserved + vm.memory_mib,
+                memfree=t.memfree - vm.memory_mib,
+                domaincount=t.domaincount + 1,
+                vcpualloc=t.vcpualloc + vm.vcpus,
+            )
         result.append((vm.uuid, target))
     return result
 
@@ -279,8 +354,10 @@ def test_plan_none_fits():
     nodes = [node("src", domain="flush", prov=8192), node("a", prov=15360), node("b", daemon="dead")]
     plan = plan_flush("src", [("big", 4096, [], "mem", "src"), ("small", 512, [], "mem", "src")], nodes)
     assert plan[0].uuid == "big" and plan[0].target is None
-    assert plan[0].reason == ("fits on no node: needs 4096 MiB, the most headroom left is 1024 MiB on a "
-                              "(1 candidate node(s), 2 not run/ready); it will be shut down and marked for autostart")
+    assert plan[0].reason == (
+        "fits on no node: needs 4096 MiB, the most headroom left is 1024 MiB on a "
+        "(1 candidate node(s), 2 not run/ready); it will be shut down and marked for autostart"
+    )
     assert plan[1] == PlannedMove("small", "a", "selector mem (512 MiB headroom left)")
 
 
@@ -288,8 +365,10 @@ def test_plan_no_candidates_at_all():
     nodes = [node("src", domain="flush"), node("a", daemon="dead")]
     (move,) = plan_flush("src", [("v", 512, None, "mem", "src")], nodes)
     assert move.target is None
-    assert move.reason == ("no node is a candidate: a: daemon state is dead, not run; src: is the VM's current node;"
-                           " it will be shut down and marked for autostart")
+    assert move.reason == (
+        "no node is a candidate: a: daemon state is dead, not run; src: is the VM's current node;"
+        " it will be shut down and marked for autostart"
+    )
 
 
 def test_plan_limited_vm_reasons():
@@ -297,9 +376,11 @@ def test_plan_limited_vm_reasons():
     plan = plan_flush("src", [("first", 2048, ["a"], "mem", "src"), ("v", 2048, ["a", "b", "zz"], "mem", "src")], nodes)
     assert plan[0] == PlannedMove("first", "a", "selector mem (0 MiB headroom left)")
     assert plan[1].target is None
-    assert plan[1].reason == ("no node in node_limit [a, b, zz] can take it: a: needs 2048 MiB, has 0 MiB headroom (after earlier placements);"
-                              " b: domain state is flushed, not ready; zz: in node_limit but not a cluster node;"
-                              " it will be shut down and marked for autostart")
+    assert plan[1].reason == (
+        "no node in node_limit [a, b, zz] can take it: a: needs 2048 MiB, has 0 MiB headroom (after earlier placements);"
+        " b: domain state is flushed, not ready; zz: in node_limit but not a cluster node;"
+        " it will be shut down and marked for autostart"
+    )
 
 
 def test_plan_books_each_placement():
@@ -348,8 +429,10 @@ def test_survives_node_failure_ok_and_not():
     bad = survives_node_failure(nodes, {"a": [8192, 8192, 4096]})
     assert not bad
     assert set(bad.failures) == {"a"}
-    assert bad.failures["a"] == ("its 3 VM(s) (20480 MiB) cannot be restarted elsewhere: a 4096 MiB VM does not fit,"
-                                 " the most headroom left is 0 MiB (b), short by 4096 MiB")
+    assert bad.failures["a"] == (
+        "its 3 VM(s) (20480 MiB) cannot be restarted elsewhere: a 4096 MiB VM does not fit,"
+        " the most headroom left is 0 MiB (b), short by 4096 MiB"
+    )
     assert bad.shortfalls == {"a": 4096}
     assert bad.message.startswith("the cluster would not survive the failure of a: its 3 VM(s)")
 
@@ -372,8 +455,10 @@ def test_fewer_than_two_ready_nodes_never_survive(names):
     assert not check.ok and check.checked == names
     if names:
         assert check.failures == {"alone": "it is the only ready node: none is left to restart VMs on"}
-        assert check.message == ("the cluster would not survive the failure of alone: it is the only ready node: "
-                                 "none is left to restart VMs on")
+        assert check.message == (
+            "the cluster would not survive the failure of alone: it is the only ready node: "
+            "none is left to restart VMs on"
+        )
     else:
         assert check.failures == {}
         assert check.message == "no node is ready: no VM could be restarted after a node failure"
@@ -408,7 +493,11 @@ def test_survives_node_failure_matches_brute_force_worst_fit(seed):
 
 def test_apply_plan_then_n_minus_1():
     nodes = [node("src", domain="flush", prov=6144), node("a", prov=8192), node("b", prov=12288)]
-    vms = [FlushVM("v1", 4096, None, "mem", "src", 2), FlushVM("v2", 2048, None, "mem", "src", 1), FlushVM("v3", 9000, None, "mem", "src")]
+    vms = [
+        FlushVM("v1", 4096, None, "mem", "src", 2),
+        FlushVM("v2", 2048, None, "mem", "src", 1),
+        FlushVM("v3", 9000, None, "mem", "src"),
+    ]
     plan = plan_flush("src", vms, nodes)
     assert [(m.uuid, m.target) for m in plan] == [("v3", None), ("v1", "a"), ("v2", "a")]
     after, running = apply_plan("src", vms, plan, nodes, {"src": [4096, 2048, 9000], "a": [1024], "b": [4096]})
@@ -434,23 +523,32 @@ def test_fit_takes_an_exact_fit_first():
 
 def test_fit_balances_by_free_share_while_the_cluster_has_room():
     # no exact fit, plenty of room: the largest share free wins (n2: 50 % of 32 GiB), not the most MiB
-    nodes = [node("n1", total=131072, prov=81920), node("n2", total=32768, prov=16384), node("n3", total=65536, prov=49152)]
+    nodes = [
+        node("n1", total=131072, prov=81920),
+        node("n2", total=32768, prov=16384),
+        node("n3", total=65536, prov=49152),
+    ]
     assert select_target(2048, None, (), "fit", nodes) == "n2"
     assert select_target(2048, None, (), "mem", nodes) == "n1"
 
 
 def test_fit_packs_tightly_when_the_cluster_is_nearly_full():
     # 10 % of the capacity left: the tightest fit, keeping n1's large gap for a large VM
-    nodes = [node("n1", total=65536, prov=65536 - 8192), node("n2", total=65536, prov=65536 - 3072),
-             node("n3", total=65536, prov=65536 - 2048)]
-    assert select_target(2048 - 512, None, (), "fit", nodes) == "n3"       # exact (512 MiB left)
-    assert select_target(2560, None, (), "fit", nodes) == "n2"             # tight: smallest leftover
+    nodes = [
+        node("n1", total=65536, prov=65536 - 8192),
+        node("n2", total=65536, prov=65536 - 3072),
+        node("n3", total=65536, prov=65536 - 2048),
+    ]
+    assert select_target(2048 - 512, None, (), "fit", nodes) == "n3"  # exact (512 MiB left)
+    assert select_target(2560, None, (), "fit", nodes) == "n2"  # tight: smallest leftover
     assert select_target(2560, None, (), "mem", nodes) == "n1"
 
 
 def test_fit_is_deterministic_and_independent_of_node_order():
     rng = random.Random(11)
-    nodes = [node(f"n{i:02d}", total=rng.choice((65536, 131072)), prov=rng.randrange(0, 60000, 1024)) for i in range(40)]
+    nodes = [
+        node(f"n{i:02d}", total=rng.choice((65536, 131072)), prov=rng.randrange(0, 60000, 1024)) for i in range(40)
+    ]
     for size in (1024, 3072, 8192, 30000):
         first = select_target(size, None, (), "fit", nodes)
         for _ in range(5):
@@ -495,13 +593,21 @@ def test_fit_score_on_a_tight_cluster_gives_small_vms_to_a_node_much_emptier_tha
     # and keep a's gap, which starves if no VM over 36 GiB comes. The score: a 32 - 0.25 x 320 x
     # (0.3125 - 0.059) = 11.7 GiB, b 28 - 0.25 x 320 x (0.094 - 0.059) = 25.2 GiB: a.
     gib = 1024
-    nodes = [node("a", total=128 * gib, prov=88 * gib), node("b", total=384 * gib, prov=348 * gib),
-             node("c", total=384 * gib, prov=384 * gib), node("d", total=384 * gib, prov=384 * gib)]
+    nodes = [
+        node("a", total=128 * gib, prov=88 * gib),
+        node("b", total=384 * gib, prov=348 * gib),
+        node("c", total=384 * gib, prov=384 * gib),
+        node("d", total=384 * gib, prov=384 * gib),
+    ]
     assert select_target(8 * gib, None, (), "fit", nodes) == "a"
     assert [move.target for move in plan_flush("d", [FlushVM("vm", 8 * gib, (), "fit", "d")], nodes)] == ["a"]
     # a uniform tight cluster packs by plain best fit: a 128 GiB node with 20 GiB free against one with 18
-    uniform = [node("a", total=128 * gib, prov=108 * gib), node("b", total=128 * gib, prov=110 * gib),
-               node("c", total=128 * gib, prov=128 * gib), node("d", total=128 * gib, prov=128 * gib)]
+    uniform = [
+        node("a", total=128 * gib, prov=108 * gib),
+        node("b", total=128 * gib, prov=110 * gib),
+        node("c", total=128 * gib, prov=128 * gib),
+        node("d", total=128 * gib, prov=128 * gib),
+    ]
     assert select_target(8 * gib, None, (), "fit", uniform) == "b"
 
 
@@ -510,9 +616,13 @@ def test_fit_score_with_a_flat_slope_takes_the_first_name_among_equal_scores_in_
     # above the mean share does not change with its headroom (slope 1 - 0.25 x 64 / 16 = 0): all
     # three tie and the first name wins, here the one in the middle by headroom (a), which a
     # smallest-or-largest shortcut would miss.
-    nodes = [node("b", total=16384, prov=16384 - 6144), node("a", total=16384, prov=16384 - 7168),
-             node("c", total=16384, prov=16384 - 8192), node("d", total=212992, prov=212992 - 4096),
-             node("src", total=16384)]
+    nodes = [
+        node("b", total=16384, prov=16384 - 6144),
+        node("a", total=16384, prov=16384 - 7168),
+        node("c", total=16384, prov=16384 - 8192),
+        node("d", total=212992, prov=212992 - 4096),
+        node("src", total=16384),
+    ]
     assert select_target(2048, "src", (), "fit", nodes) == "a"
     plan = plan_flush("src", [FlushVM("vm", 2048, (), "fit", "src")], nodes)
     assert [move.target for move in plan] == ["a"]
@@ -525,7 +635,7 @@ def test_fit_places_more_memory_than_mem_on_tight_snapshots_and_never_overcommit
     for seed in (1, 2, 3):
         for fill in (0.6, 0.8, 0.95):
             snapshot = generate(10, fill, seed * 1000 + 10)
-            sizes = arrivals(snapshot, seed)   # 106-160 % of the free memory asked
+            sizes = arrivals(snapshot, seed)  # 106-160 % of the free memory asked
             for selector in placed:
                 result = one_at_a_time(snapshot, sizes, selector)
                 assert result["overcommitted_nodes"] == 0
@@ -559,12 +669,18 @@ def test_fit_leaves_a_tight_100_node_cluster_as_balanced_as_hail_and_places_as_m
 
 def test_the_n1_check_says_which_node_fails_and_by_how_much():
     # headroom: n1 4096, n2 8192, n3 6144 MiB
-    nodes = [node("n1", total=16384, prov=12288), node("n2", total=16384, prov=8192), node("n3", total=16384, prov=10240)]
+    nodes = [
+        node("n1", total=16384, prov=12288),
+        node("n2", total=16384, prov=8192),
+        node("n3", total=16384, prov=10240),
+    ]
     check = survives_node_failure(nodes, {"n1": [8192, 4096], "n2": [8192], "n3": [10240]})
     # n1's VMs fit on n2 and n3; n2's 8192 MiB VM and n3's 10240 MiB VM fit nowhere
     assert not check.ok
     assert check.shortfalls == {"n2": 2048, "n3": 2048}
-    assert check.failures["n3"].endswith("a 10240 MiB VM does not fit, the most headroom left is 8192 MiB (n2), short by 2048 MiB")
+    assert check.failures["n3"].endswith(
+        "a 10240 MiB VM does not fit, the most headroom left is 8192 MiB (n2), short by 2048 MiB"
+    )
     assert "n2:" in check.message and "n3:" in check.message
 
 
@@ -574,11 +690,11 @@ def test_an_allocation_that_breaks_n1_is_refused_with_the_failing_node_and_by_ho
     nodes = [node("n1", total=16384, prov=4096), node("n2", total=16384, prov=4096)]
     running = {"n1": [4096], "n2": [4096]}
     assert survives_node_failure(nodes, running).ok
-    assert allocation_check(nodes, running, "n1", 8192).ok      # n2 could still take 8192 + 4096 MiB
-    check = allocation_check(nodes, running, "n1", 10240)       # n1: 2048 MiB headroom left
+    assert allocation_check(nodes, running, "n1", 8192).ok  # n2 could still take 8192 + 4096 MiB
+    check = allocation_check(nodes, running, "n1", 10240)  # n1: 2048 MiB headroom left
     assert not check.ok
     assert check.shortfalls == {"n1": 2048, "n2": 2048}
-    assert nodes[0].reserved == 0                                # the views given are not changed
+    assert nodes[0].reserved == 0  # the views given are not changed
 
 
 def test_a_migration_that_breaks_n1_is_refused_with_the_failing_node_and_by_how_much():
@@ -593,8 +709,10 @@ def test_a_migration_that_breaks_n1_is_refused_with_the_failing_node_and_by_how_
     check = migration_check(nodes, running, "n1", "n3", 4096)
     assert not check.ok
     assert check.shortfalls == {"n1": 2048}
-    assert check.failures["n1"].endswith("a 8192 MiB VM does not fit, the most headroom left is 6144 MiB (n2), short by 2048 MiB")
-    assert running == {"n1": [8192, 4096], "n2": [6144, 4096], "n3": [6144]}   # nothing given is changed
+    assert check.failures["n1"].endswith(
+        "a 8192 MiB VM does not fit, the most headroom left is 6144 MiB (n2), short by 2048 MiB"
+    )
+    assert running == {"n1": [8192, 4096], "n2": [6144, 4096], "n3": [6144]}  # nothing given is changed
     assert nodes[2].reserved == 0 and nodes[0].memprov == 12288
 
 
@@ -617,12 +735,13 @@ def test_a_migration_gives_the_source_back_what_its_reservation_held():
 @pytest.mark.parametrize("health", ["down", "hung", "invalid"])
 def test_a_node_whose_libvirt_is_not_ok_is_never_a_target(health):
     nodes = [dataclasses.replace(node("a", prov=0), libvirt=health), node("b", prov=8192)]
-    assert select_target(1024, None, None, "mem", nodes) == "b"   # a has more headroom
+    assert select_target(1024, None, None, "mem", nodes) == "b"  # a has more headroom
     with pytest.raises(NoTargetError) as excinfo:
         select_target(1024, "b", None, "mem", nodes)
     assert excinfo.value.reasons == {
         "a": f"libvirt is {health} on the node, not ok (its daemon cannot reach its libvirtd)",
-        "b": "is the VM's current node"}
+        "b": "is the VM's current node",
+    }
     assert not nodes[0].is_eligible
     plan = plan_flush("b", [FlushVM("u1", 1024, None, "mem", "b")], nodes)
     assert plan[0].target is None and "libvirt is" in plan[0].reason
@@ -631,7 +750,7 @@ def test_a_node_whose_libvirt_is_not_ok_is_never_a_target(health):
 
 def test_libvirt_health_from_store():
     raw = {"daemon_state": "run", "domain_state": "ready", "memtotal": "16384"}
-    assert NodeView.from_store("n", raw).libvirt == "ok"          # a daemon that does not publish it
+    assert NodeView.from_store("n", raw).libvirt == "ok"  # a daemon that does not publish it
     assert NodeView.from_store("n", {**raw, "libvirt": "hung"}).libvirt == "hung"
     garbage = NodeView.from_store("n", {**raw, "libvirt": "fine"})
     assert garbage.libvirt == "invalid" and not garbage.is_eligible

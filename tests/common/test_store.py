@@ -115,7 +115,10 @@ TIMEOUT_BOUNDS = "timeout_s must be a number of seconds from 0.1 to 3600, not "
         ({"tls": True, "tls_cert": "/etc/hostname"}, "tls_cert is set but tls_key is not"),
         ({"tls": True, "tls_key": "/etc/hostname"}, "tls_key is set but tls_cert is not"),
         ({"tls": True, "tls_ca": "/nonexistent/ca.pem"}, "tls_ca file /nonexistent/ca.pem does not exist"),
-        ({"tls": True, "tls_cert": "/nonexistent/c.pem", "tls_key": "/etc/hostname"}, "tls_cert file /nonexistent/c.pem"),
+        (
+            {"tls": True, "tls_cert": "/nonexistent/c.pem", "tls_key": "/etc/hostname"},
+            "tls_cert file /nonexistent/c.pem",
+        ),
         ({"tls": "yes"}, "tls and tls_verify must be true or false"),
     ],
 )
@@ -137,7 +140,9 @@ def test_options_accept_kazoo_host_strings(hosts):
 
 
 def test_options_ignore_tls_files_while_tls_is_off():
-    ConnectionOptions(hosts="h:1", tls=False, tls_ca="/etc/pvc/ca.pem", tls_cert="/etc/pvc/n.pem", tls_key="/etc/pvc/n.key").validate()
+    ConnectionOptions(
+        hosts="h:1", tls=False, tls_ca="/etc/pvc/ca.pem", tls_cert="/etc/pvc/n.pem", tls_key="/etc/pvc/n.key"
+    ).validate()
 
 
 def test_options_report_every_problem_at_once():
@@ -239,7 +244,9 @@ def test_read_write_children_exists_delete(store, caplog):
 def test_write_creates_parents_and_nested_new_keys(store):
     s = store.schema
     uuid = "0b6f2c4e-0000-4000-8000-000000000001"
-    assert store.write({s.domain(uuid): "vm1", s.domain_key(uuid, "xml"): "<domain/>", s.domain_meta(uuid, "node_limit"): ["n1"]})
+    assert store.write(
+        {s.domain(uuid): "vm1", s.domain_key(uuid, "xml"): "<domain/>", s.domain_meta(uuid, "node_limit"): ["n1"]}
+    )
     assert store.read(s.domain(uuid)) == "vm1"  # the parent carries its own value, not ""
     assert store.read_json(s.domain_meta(uuid, "node_limit")) == ["n1"]
     assert store.children(s.domain(uuid)) == ["meta", "xml"]
@@ -261,7 +268,7 @@ def test_read_json_and_non_utf8(store, caplog):
         assert store.read(path) is None
         assert store.write({path: "{not json"})
         assert store.read_json(path) is None
-        assert store.write({path: "[" * 50_000})   # deeper than the parser's recursion
+        assert store.write({path: "[" * 50_000})  # deeper than the parser's recursion
         assert store.read_json(path) is None
     assert "not UTF-8" in caplog.text
     assert "'{not json' is not valid; expected JSON" in caplog.text
@@ -286,7 +293,9 @@ def test_write_with_deletes_is_one_transaction(store):
     s = store.schema
     uuid = "u1"
     assert store.write({s.domain_migration(uuid): {"id": 1}, s.node_reservation("n2", uuid): 512})
-    assert store.write({s.domain_key(uuid, "node"): "n2"}, delete=[s.domain_migration(uuid), s.node_reservation("n2", uuid)])
+    assert store.write(
+        {s.domain_key(uuid, "node"): "n2"}, delete=[s.domain_migration(uuid), s.node_reservation("n2", uuid)]
+    )
     assert store.exists(s.domain_migration(uuid)) is False
     assert store.children(s.node_reservations("n2")) == []
     assert store.read(s.domain_key(uuid, "node")) == "n2"
@@ -324,7 +333,9 @@ def test_compare_and_set(store):
     assert store.read(path) == "n2"
     # a version expected for a key that is missing is a conflict too
     with pytest.raises(ConflictError, match="does not exist"):
-        store.commit({store.schema.domain_key("u2", "node"): "n1"}, expect_versions={store.schema.domain_key("u2", "node"): 0})
+        store.commit(
+            {store.schema.domain_key("u2", "node"): "n1"}, expect_versions={store.schema.domain_key("u2", "node"): 0}
+        )
 
 
 def test_check_only_and_delete_versions(store):
@@ -379,9 +390,10 @@ def test_create_race_is_retried_once(store, zk_server, monkeypatch, caplog):
     real_transaction = store.client.transaction
     built = []
     try:
+
         def race_on_second():
             built.append(1)
-            if len(built) == 2:   # the planned transaction, after the assumed one failed
+            if len(built) == 2:  # the planned transaction, after the assumed one failed
                 other.create(path, b"theirs")
             return real_transaction()
 
@@ -408,7 +420,7 @@ def test_create_race_is_retried_once(store, zk_server, monkeypatch, caplog):
         # a race on both planned attempts (created, then deleted again): StoreError
         def toggle():
             built.append(1)
-            if len(built) > 1:   # leave the assumed attempt alone: it fails on the missing key
+            if len(built) > 1:  # leave the assumed attempt alone: it fails on the missing key
                 if other.exists(path):
                     other.delete(path)
                 else:
@@ -449,8 +461,10 @@ def test_ensure_schema_is_idempotent(make_store):
     assert store.read(store.schema.default_selector()) == "mem"
 
 
-@pytest.mark.parametrize("stored, message", [(str(SCHEMA_VERSION + 1), "upgrade pvc.cluster first"),
-                                             ("0", "no migration"), ("banana", "not a schema version")])
+@pytest.mark.parametrize(
+    "stored, message",
+    [(str(SCHEMA_VERSION + 1), "upgrade pvc.cluster first"), ("0", "no migration"), ("banana", "not a schema version")],
+)
 def test_ensure_schema_refuses_other_versions(store, stored, message):
     store.write({store.schema.schema_version(): stored})
     with pytest.raises(StoreError, match=message):
@@ -469,8 +483,13 @@ def test_digest_auth_locks_out_unauthenticated_clients(make_store, zk_server):
     with store.lock(store.schema.node_lock("n1")):
         pass
     expected = make_digest_acl("pvc", "s3cret", all=True)
-    for path in (store.schema.root, store.schema.schema_version(), store.schema.node("n1"), key,
-                 store.schema.node_lock("n1")):
+    for path in (
+        store.schema.root,
+        store.schema.schema_version(),
+        store.schema.node("n1"),
+        key,
+        store.schema.node_lock("n1"),
+    ):
         acls, _ = store.client.get_acls(path)
         assert acls == [expected], path
 
@@ -514,23 +533,38 @@ def _tree(client, top):
 def test_verify_cluster_accepts_an_open_cluster_without_credentials(store, make_store):
     client = make_store()
     client.verify_cluster()
-    assert client.client.default_acl is None    # kazoo's default: the open ACL of the cluster
+    assert client.client.default_acl is None  # kazoo's default: the open ACL of the cluster
     assert client.write({client.schema.node_key("n1", "memtotal"): 1})
 
 
-@pytest.mark.parametrize("root, message", [
-    ("/does-not-exist", "there is no pvc.cluster at {hosts}/does-not-exist: /does-not-exist does not exist; check zk_root"),
-    ("/zookeeper", "there is no pvc.cluster at {hosts}/zookeeper: /zookeeper/schema/version does not exist; check zk_root"),
-    ("/", "there is no pvc.cluster at {hosts}/: /schema/version does not exist; check zk_root"),
-])
+@pytest.mark.parametrize(
+    "root, message",
+    [
+        (
+            "/does-not-exist",
+            "there is no pvc.cluster at {hosts}/does-not-exist: /does-not-exist does not exist; check zk_root",
+        ),
+        (
+            "/zookeeper",
+            "there is no pvc.cluster at {hosts}/zookeeper: /zookeeper/schema/version does not exist; check zk_root",
+        ),
+        ("/", "there is no pvc.cluster at {hosts}/: /schema/version does not exist; check zk_root"),
+    ],
+)
 def test_verify_cluster_refuses_a_root_without_a_cluster(make_store, zk_server, root, message):
     with pytest.raises(StoreError) as failure:
         make_store(root=root).verify_cluster()
     assert str(failure.value).startswith(message.format(hosts=zk_server.hosts))
 
 
-@pytest.mark.parametrize("stored, message", [(str(SCHEMA_VERSION + 1), "upgrade pvc.cluster first"),
-                                             ("banana" * 100, "holds 'bananabanana"), ("9" * 500, "not a schema version")])
+@pytest.mark.parametrize(
+    "stored, message",
+    [
+        (str(SCHEMA_VERSION + 1), "upgrade pvc.cluster first"),
+        ("banana" * 100, "holds 'bananabanana"),
+        ("9" * 500, "not a schema version"),
+    ],
+)
 def test_verify_cluster_refuses_other_schema_versions(store, make_store, stored, message):
     store.write({store.schema.schema_version(): stored})
     with pytest.raises(StoreError, match=message):
@@ -546,7 +580,8 @@ def test_verify_cluster_refuses_credentials_for_an_open_cluster(store, make_stor
         f"the cluster at {zk_server.hosts}{store.schema.root} does not use authentication ({store.schema.root} lets anyone "
         "read and write it), so zk_username and zk_password are refused: the keys a task created with them would be "
         "readable by user operator only, locking the node daemons and every other reader out; leave them out, or secure "
-        "the cluster first")
+        "the cluster first"
+    )
     assert _tree(store.client, store.schema.root) == before
 
 
@@ -562,18 +597,26 @@ def test_verify_cluster_refuses_a_client_without_the_clusters_credentials(secure
     where = f"{zk_server.hosts}{secured.schema.root}"
     with pytest.raises(StoreError) as failure:
         make_store().verify_cluster()
-    assert str(failure.value) == (f"the cluster at {where} uses authentication: ZooKeeper lets no client without credentials "
-                                  f"read {secured.schema.root}; give zk_username and zk_password")
+    assert str(failure.value) == (
+        f"the cluster at {where} uses authentication: ZooKeeper lets no client without credentials "
+        f"read {secured.schema.root}; give zk_username and zk_password"
+    )
     with pytest.raises(StoreError) as failure:
         make_store(auth_username="admin", auth_password="wrong").verify_cluster()
-    assert str(failure.value) == (f"ZooKeeper refuses user admin access to the cluster at {where} (cannot read the ACL of "
-                                  f"{secured.schema.root}): check zk_username and zk_password")
+    assert str(failure.value) == (
+        f"ZooKeeper refuses user admin access to the cluster at {where} (cannot read the ACL of "
+        f"{secured.schema.root}): check zk_username and zk_password"
+    )
     # a root anyone may read but only admin may write: a client without credentials is refused too
-    secured.client.set_acls(secured.schema.root, [make_digest_acl("admin", "pw", all=True), make_acl("world", "anyone", read=True)])
+    secured.client.set_acls(
+        secured.schema.root, [make_digest_acl("admin", "pw", all=True), make_acl("world", "anyone", read=True)]
+    )
     with pytest.raises(StoreError) as failure:
         make_store().verify_cluster()
-    assert str(failure.value) == (f"the cluster at {where} uses authentication (the ACL of {secured.schema.root} grants "
-                                  "digest:admin, world:anyone), but no zk_username and zk_password were given; give them")
+    assert str(failure.value) == (
+        f"the cluster at {where} uses authentication (the ACL of {secured.schema.root} grants "
+        "digest:admin, world:anyone), but no zk_username and zk_password were given; give them"
+    )
 
 
 def test_verify_cluster_explains_a_server_that_requires_authentication(tmp_path):
@@ -591,19 +634,24 @@ def test_verify_cluster_explains_a_server_that_requires_authentication(tmp_path)
         stores[1].ensure_schema()
         with pytest.raises(StoreError) as failure:
             stores[0].verify_cluster()
-        assert str(failure.value) == (f"the ZooKeeper at {server.hosts} requires every client to authenticate (enforce.auth) "
-                                      "and closed this client's session: give zk_username and zk_password for /enforced")
+        assert str(failure.value) == (
+            f"the ZooKeeper at {server.hosts} requires every client to authenticate (enforce.auth) "
+            "and closed this client's session: give zk_username and zk_password for /enforced"
+        )
     finally:
         for store in stores:
             store.stop()
         server.stop()
 
 
-def test_keys_created_after_verify_cluster_take_their_rules_acl_with_the_identities_of_the_cluster_root(secured, make_store):
+def test_keys_created_after_verify_cluster_take_their_rules_acl_with_the_identities_of_the_cluster_root(
+    secured, make_store
+):
     # the cluster root names the operator (every permission) and the nodes (read): a module's
     # client learns both there, and gives each key it creates the ACL of its rule (_schema.acl_rule)
-    secured.client.set_acls(secured.schema.root, [make_digest_acl("admin", "pw", all=True),
-                                                  make_digest_acl("daemons", "pw2", read=True)])
+    secured.client.set_acls(
+        secured.schema.root, [make_digest_acl("admin", "pw", all=True), make_digest_acl("daemons", "pw2", read=True)]
+    )
     operator = make_store(auth_username="admin", auth_password="pw")
     operator.verify_cluster()
     uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f"
@@ -614,8 +662,10 @@ def test_keys_created_after_verify_cluster_take_their_rules_acl_with_the_identit
     assert secured.client.get_acls(node)[0] == [admin, make_digest_acl("daemons", "pw2", read=True, write=True)]
     assert secured.client.get_acls(state)[0] == [admin, make_digest_acl("daemons", "pw2", read=True)]
     assert secured.client.get_acls(xml)[0] == [admin, make_digest_acl("daemons", "pw2", read=True)]
-    assert secured.client.get_acls(operator.schema.domain(uuid))[0] == [admin, make_digest_acl("daemons", "pw2", read=True,
-                                                                                                create=True)]
+    assert secured.client.get_acls(operator.schema.domain(uuid))[0] == [
+        admin,
+        make_digest_acl("daemons", "pw2", read=True, create=True),
+    ]
     daemon = make_store(auth_username="daemons", auth_password="pw2")
     assert daemon.read(xml) == "<domain/>"
     assert daemon.write({node: "n2"})
@@ -624,6 +674,7 @@ def test_keys_created_after_verify_cluster_take_their_rules_acl_with_the_identit
 
 
 # ---- the polling handler, assumed commits and one-round reads ---------------------------------------
+
 
 def test_the_store_waits_with_poll(store):
     assert isinstance(store.client.handler, _store.PollingHandler)
@@ -703,10 +754,17 @@ def test_node_views_count_reservations_and_read_extra_keys(store):
 
     s = store.schema
     for name, total in (("n1", 8192), ("n2", 4096)):
-        store.write({s.node(name): "", **{s.node_key(name, key): value for key, value in S.NODE_DEFAULTS.items()},
-                     s.node_key(name, S.NODE_MEMTOTAL): str(total), s.node_key(name, S.NODE_DAEMON_STATE): "run"})
-    store.write({s.node_reservations("n1"): "r", s.node_reservation("n1", "vm-a"): 512,
-                 s.node_reservation("n1", "vm-b"): 1024})
+        store.write(
+            {
+                s.node(name): "",
+                **{s.node_key(name, key): value for key, value in S.NODE_DEFAULTS.items()},
+                s.node_key(name, S.NODE_MEMTOTAL): str(total),
+                s.node_key(name, S.NODE_DAEMON_STATE): "run",
+            }
+        )
+    store.write(
+        {s.node_reservations("n1"): "r", s.node_reservation("n1", "vm-a"): 512, s.node_reservation("n1", "vm-b"): 1024}
+    )
     views, extra = read_node_views_of(store, ["n1", "n2", "ghost"], also=[s.node_reservations("n1")])
     assert sorted(views) == ["n1", "n2"]
     assert (views["n1"].memtotal, views["n1"].reserved, views["n1"].daemon_state) == (8192, 1536, "run")
@@ -726,9 +784,16 @@ def test_bulk_reads_of_nodes_and_vms_match_the_single_ones(store):
     from pvc_cluster_common._cluster import read_nodes_raw, read_vm, read_vms, vm_definition
 
     s = store.schema
-    store.write({s.node("n1"): "", **{s.node_key("n1", key): value for key, value in S.NODE_DEFAULTS.items()},
-                 s.node_key("n1", S.NODE_MEMTOTAL): "8192", s.node_key("n1", S.NODE_ALIVE): "pid 1",
-                 s.node_reservation("n1", "vm-a"): 512, s.node_reservation("n1", "vm-b"): 256})
+    store.write(
+        {
+            s.node("n1"): "",
+            **{s.node_key("n1", key): value for key, value in S.NODE_DEFAULTS.items()},
+            s.node_key("n1", S.NODE_MEMTOTAL): "8192",
+            s.node_key("n1", S.NODE_ALIVE): "pid 1",
+            s.node_reservation("n1", "vm-a"): 512,
+            s.node_reservation("n1", "vm-b"): 256,
+        }
+    )
     store.write({s.node("n2"): "", s.node_key("n2", S.NODE_DAEMON_STATE): "stop"})
     nodes = read_nodes_raw(store, ["n1", "n2", "ghost"])
     assert sorted(nodes) == ["n1", "n2"]
@@ -740,8 +805,10 @@ def test_bulk_reads_of_nodes_and_vms_match_the_single_ones(store):
     uuids = []
     for i, memory in enumerate((256, 512)):
         uuid = f"6695eb01-f6a4-8304-79aa-97f2502e19{i:02d}"
-        xml = (f"<domain type='test'><name>vm{i}</name><uuid>{uuid}</uuid><memory unit='MiB'>{memory}</memory>"
-               "<vcpu>1</vcpu><os><type>hvm</type></os></domain>")
+        xml = (
+            f"<domain type='test'><name>vm{i}</name><uuid>{uuid}</uuid><memory unit='MiB'>{memory}</memory>"
+            "<vcpu>1</vcpu><os><type>hvm</type></os></domain>"
+        )
         store.commit(vm_definition(s, uuid, f"vm{i}", xml, "n1", "start", {S.META_NODE_LIMIT: "n1"}))
         uuids.append(uuid)
     bulk = read_vms(store, uuids + ["not-a-vm"])
@@ -757,17 +824,17 @@ def test_wait_until_gone(store):
     parent = s.config("waiting")
     key, other = parent + "/record", parent + "/other"
     store.write({key: "1", other: "x"})
-    assert wait_until_gone(store, key, 0.2) is False          # still there: the wait times out
+    assert wait_until_gone(store, key, 0.2) is False  # still there: the wait times out
     deleter = threading.Thread(target=lambda: store.delete([key]))
     deleter.start()
     try:
-        assert wait_until_gone(store, key, 30) is True         # gone (before or during the wait)
+        assert wait_until_gone(store, key, 30) is True  # gone (before or during the wait)
     finally:
         deleter.join()
-    assert store.exists(other)                                 # a sibling is not waited for
-    assert wait_until_gone(store, s.config("nowhere") + "/record", 0) is True   # no parent either
+    assert store.exists(other)  # a sibling is not waited for
+    assert wait_until_gone(store, s.config("nowhere") + "/record", 0) is True  # no parent either
     store.write({key: "2"})
-    deleter = threading.Thread(target=lambda: store.delete([parent]))   # the parent goes with it
+    deleter = threading.Thread(target=lambda: store.delete([parent]))  # the parent goes with it
     deleter.start()
     try:
         assert wait_until_gone(store, key, 1.0) is True

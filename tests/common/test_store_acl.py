@@ -44,7 +44,7 @@ def cluster(zk_server, zk_root):
         nodes[node].ensure_schema()
         schema = nodes[node].schema
         values = {schema.node_key(node, key): value for key, value in S.NODE_DEFAULTS.items()}
-        assert nodes[node].write({**values, schema.node_reservations(node): ""})   # as the daemon registers
+        assert nodes[node].write({**values, schema.node_reservations(node): ""})  # as the daemon registers
     yield operator, nodes
     for store in stores:
         store.stop()
@@ -152,7 +152,7 @@ def test_a_node_identity_cannot_write_another_nodes_keys(cluster, raw_client):
     # its own record of a fence of n2 it writes, under its own keys
     assert nodes["n1"].write({schema.node_fence_record("n1", "n2"): record.replace('"n2"', '"n1"')})
     for key in (S.NODE_MEMTOTAL, S.NODE_MAINTENANCE, S.NODE_ADDRESS, S.NODE_RUNNINGDOMAINS, S.NODE_KEEPALIVE):
-        assert n1.get(schema.node_key("n2", key)) is not None   # reads it
+        assert n1.get(schema.node_key("n2", key)) is not None  # reads it
         with pytest.raises(NoAuthError):
             n1.set(schema.node_key("n2", key), b"0")
         with pytest.raises(NoAuthError):
@@ -180,15 +180,31 @@ def test_a_node_identity_writes_no_key_the_operator_owns(cluster, raw_client):
     configuration: one leaked node credential defines, starts or stops no VM."""
     operator, _nodes = cluster
     schema = operator.schema
-    operator.write({schema.domain_meta(UUID, key): value for key, value in (
-        (S.META_NODE_LIMIT, '["n1"]'), (S.META_NODE_AUTOSTART, "false"), (S.META_MIGRATION_METHOD, "live"))})
+    operator.write(
+        {
+            schema.domain_meta(UUID, key): value
+            for key, value in (
+                (S.META_NODE_LIMIT, '["n1"]'),
+                (S.META_NODE_AUTOSTART, "false"),
+                (S.META_MIGRATION_METHOD, "live"),
+            )
+        }
+    )
     operator.write({schema.default_selector(): "mem", schema.require_n1(): "false"})
     n1 = raw_client(f"{ids.NODES_USER}:{ids.NODES_PASSWORD}", f"n1:{ids.node_password('n1')}")
-    owned = [schema.domain_key(UUID, S.DOMAIN_XML), schema.domain_key(UUID, S.DOMAIN_STATE),
-             schema.domain_meta(UUID), schema.default_selector(), schema.require_n1(), schema.schema_version()]
-    owned += [schema.domain_meta(UUID, key) for key in (S.META_NODE_LIMIT, S.META_NODE_AUTOSTART, S.META_MIGRATION_METHOD)]
+    owned = [
+        schema.domain_key(UUID, S.DOMAIN_XML),
+        schema.domain_key(UUID, S.DOMAIN_STATE),
+        schema.domain_meta(UUID),
+        schema.default_selector(),
+        schema.require_n1(),
+        schema.schema_version(),
+    ]
+    owned += [
+        schema.domain_meta(UUID, key) for key in (S.META_NODE_LIMIT, S.META_NODE_AUTOSTART, S.META_MIGRATION_METHOD)
+    ]
     for path in owned:
-        assert n1.get(path) is not None   # it reads them
+        assert n1.get(path) is not None  # it reads them
         _refused(n1, path)
     with pytest.raises(NoAuthError):
         n1.set(schema.domain(UUID), b"renamed")
@@ -208,11 +224,11 @@ def test_a_node_identity_cannot_define_a_vm_nor_change_its_xml_or_meta(cluster, 
     with pytest.raises(NoAuthError):
         n1.set(xml, b"<domain/>")
     with pytest.raises(NoAuthError):
-        n1.delete(xml)                                  # so it cannot be created again with other content
+        n1.delete(xml)  # so it cannot be created again with other content
     with pytest.raises(NoAuthError):
         n1.set_acls(xml, OPEN_ACL_UNSAFE)
     with pytest.raises(NoAuthError):
-        n1.create(schema.domain("ffffffff-2a47-4c1e-9d63-6f0a8c2b9e11"), b"evil")   # a new VM
+        n1.create(schema.domain("ffffffff-2a47-4c1e-9d63-6f0a8c2b9e11"), b"evil")  # a new VM
     with pytest.raises(NoAuthError):
         n1.delete(schema.domain(UUID), recursive=True)
     operator.write({schema.domain_meta(UUID, S.META_NODE_LIMIT): ["n1"]})
@@ -229,10 +245,15 @@ def test_a_node_identity_cannot_define_a_vm_nor_change_its_xml_or_meta(cluster, 
     assert operator.read(xml) == XML
 
 
-def test_the_operator_learns_the_identities_from_the_cluster_and_creates_keys_the_nodes_can_use(cluster, zk_server, zk_root):
+def test_the_operator_learns_the_identities_from_the_cluster_and_creates_keys_the_nodes_can_use(
+    cluster, zk_server, zk_root
+):
     _operator, nodes = cluster
-    module = ClusterStore(ConnectionOptions(hosts=zk_server.hosts, root=zk_root, auth_username=ids.OPERATOR_USER,
-                                            auth_password=ids.OPERATOR_PASSWORD)).start()
+    module = ClusterStore(
+        ConnectionOptions(
+            hosts=zk_server.hosts, root=zk_root, auth_username=ids.OPERATOR_USER, auth_password=ids.OPERATOR_PASSWORD
+        )
+    ).start()
     try:
         module.verify_cluster()
         other = "5d1c5f6e-2a47-4c1e-9d63-6f0a8c2b9e11"
@@ -240,7 +261,7 @@ def test_the_operator_learns_the_identities_from_the_cluster_and_creates_keys_th
         for store in nodes.values():
             assert store.read(module.schema.domain_key(other, S.DOMAIN_XML)) == XML.replace(UUID, other)
             assert store.write({module.schema.domain_key(other, S.DOMAIN_FAILEDREASON): "why"})
-            assert move_runstate(store, other, "fail", "n1")   # the VM's runtime/ the operator created
+            assert move_runstate(store, other, "fail", "n1")  # the VM's runtime/ the operator created
             assert not store.write({module.schema.domain_key(other, S.DOMAIN_STATE): "start"})
             assert not store.write({module.schema.domain_key(other, S.DOMAIN_XML): "<domain/>"})
         assert read_vm(module, other).state == "fail" and read_vm(module, other).desired_state == "stop"
@@ -252,8 +273,11 @@ def test_the_operator_learns_the_identities_from_the_cluster_and_creates_keys_th
 
 
 def test_a_node_identity_is_refused_as_the_operator(cluster, zk_server, zk_root):
-    module = ClusterStore(ConnectionOptions(hosts=zk_server.hosts, root=zk_root, auth_username=ids.NODES_USER,
-                                            auth_password=ids.NODES_PASSWORD)).start()
+    module = ClusterStore(
+        ConnectionOptions(
+            hosts=zk_server.hosts, root=zk_root, auth_username=ids.NODES_USER, auth_password=ids.NODES_PASSWORD
+        )
+    ).start()
     try:
         with pytest.raises(StoreError, match="user nodes is not the operator of the cluster"):
             module.verify_cluster()
@@ -265,7 +289,7 @@ def test_a_node_identity_is_refused_as_the_operator(cluster, zk_server, zk_root)
 
 
 def test_ensure_schema_secures_base_paths_left_open(zk_server, zk_root, caplog, raw_client):
-    opened = ClusterStore(ConnectionOptions(hosts=zk_server.hosts, root=zk_root)).start()   # an older, open cluster
+    opened = ClusterStore(ConnectionOptions(hosts=zk_server.hosts, root=zk_root)).start()  # an older, open cluster
     try:
         opened.ensure_schema()
     finally:
@@ -276,23 +300,25 @@ def test_ensure_schema_secures_base_paths_left_open(zk_server, zk_root, caplog, 
             assert store.ensure_schema() is False
         for path in store.schema.base_paths():
             if path != "/":
-                acls, _stat = store.client.get_acls(path)   # digests shown as "user:x" to a node
-                assert {(a.perms, a.id.id.split(":")[0]) for a in acls} == \
-                    {(a.perms, a.id.id.split(":")[0]) for a in store.acl_for(path)}, path
+                acls, _stat = store.client.get_acls(path)  # digests shown as "user:x" to a node
+                assert {(a.perms, a.id.id.split(":")[0]) for a in acls} == {
+                    (a.perms, a.id.id.split(":")[0]) for a in store.acl_for(path)
+                }, path
                 assert "world" not in {acl.id.scheme for acl in acls}
         assert f"{store.schema.nodes()} was open to anyone (ACL world:anyone:rwcda): secured it" in caplog.text
         with pytest.raises(NoAuthError):
             raw_client().get(store.schema.schema_version())
-        assert store.ensure_schema() is False      # nothing left to repair
+        assert store.ensure_schema() is False  # nothing left to repair
     finally:
         store.stop()
 
 
 def test_ensure_schema_refuses_a_cluster_secured_for_other_identities(zk_server, zk_root):
-    other = ClusterStore(ConnectionOptions(hosts=zk_server.hosts, root=zk_root, auth_username="someone",
-                                           auth_password="pw")).start()
+    other = ClusterStore(
+        ConnectionOptions(hosts=zk_server.hosts, root=zk_root, auth_username="someone", auth_password="pw")
+    ).start()
     try:
-        other.ensure_schema()   # every base path: someone's alone
+        other.ensure_schema()  # every base path: someone's alone
     finally:
         other.stop()
     store = ClusterStore(ids.operator_options(zk_server.hosts, zk_root)).start()
@@ -301,16 +327,20 @@ def test_ensure_schema_refuses_a_cluster_secured_for_other_identities(zk_server,
             store.ensure_schema()
     finally:
         store.stop()
-    assert str(failure.value) == (f"ZooKeeper at {zk_server.hosts} refuses user operator access to {zk_root}/schema/version: "
-                                  "the cluster was secured with other identities; check the usernames and passwords "
-                                  "(and the operator's digest) this client was given")
+    assert str(failure.value) == (
+        f"ZooKeeper at {zk_server.hosts} refuses user operator access to {zk_root}/schema/version: "
+        "the cluster was secured with other identities; check the usernames and passwords "
+        "(and the operator's digest) this client was given"
+    )
 
 
 def test_a_daemon_refuses_a_node_registered_by_another_identity(cluster, zk_server, zk_root):
     operator, _nodes = cluster
     # n3's znode created by the operator for someone else (digest of another password)
-    squatter = [make_digest_acl(ids.OPERATOR_USER, ids.OPERATOR_PASSWORD, all=True),
-                make_digest_acl("n3", "another-password", all=True)]
+    squatter = [
+        make_digest_acl(ids.OPERATOR_USER, ids.OPERATOR_PASSWORD, all=True),
+        make_digest_acl("n3", "another-password", all=True),
+    ]
     operator.client.create(operator.schema.node("n3"), b"", acl=squatter)
     store = ClusterStore(ids.node_options("n3", zk_server.hosts, zk_root)).start()
     try:
@@ -323,16 +353,28 @@ def test_a_daemon_refuses_a_node_registered_by_another_identity(cluster, zk_serv
 # ---- options --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({}, "authentication is required"),
-    ({"auth_username": "nodes", "auth_password": "pw", "operator_digest": ids.operator_digest()}, "node_password"),
-    ({"auth_username": "nodes", "auth_password": "pw", "node_password": "x"}, "operator_digest must be"),
-    ({"auth_username": "nodes", "auth_password": "pw", "node_password": "x", "operator_digest": "operator:pw"},
-     "operator_digest must be"),
-    ({"auth_username": "n1", "auth_password": "pw", "node_password": "x", "operator_digest": ids.operator_digest()},
-     "must not be a node's name"),
-    ({"insecure": True, "auth_username": "nodes", "auth_password": "pw"}, "credentials are refused"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({}, "authentication is required"),
+        ({"auth_username": "nodes", "auth_password": "pw", "operator_digest": ids.operator_digest()}, "node_password"),
+        ({"auth_username": "nodes", "auth_password": "pw", "node_password": "x"}, "operator_digest must be"),
+        (
+            {"auth_username": "nodes", "auth_password": "pw", "node_password": "x", "operator_digest": "operator:pw"},
+            "operator_digest must be",
+        ),
+        (
+            {
+                "auth_username": "n1",
+                "auth_password": "pw",
+                "node_password": "x",
+                "operator_digest": ids.operator_digest(),
+            },
+            "must not be a node's name",
+        ),
+        ({"insecure": True, "auth_username": "nodes", "auth_password": "pw"}, "credentials are refused"),
+    ],
+)
 def test_a_node_daemon_needs_its_identities_or_insecure(fields, message):
     with pytest.raises(ValueError, match=message):
         ConnectionOptions(hosts="h:1", node_name="n1", **fields).validate()

@@ -1,6 +1,7 @@
 """The store is the only door to ZooKeeper: no module of the collection or the daemon but
 plugins/module_utils/_store.py imports the ZooKeeper client library or reaches past the store to
 its client. Checked on the sources (ast), so that it stays true."""
+
 from __future__ import annotations
 
 import ast
@@ -39,8 +40,13 @@ def door_violations(source: str, filename: str) -> list[str]:
             found += [f"{where} imports {alias.name}" for alias in node.names if _is_client_module(alias.name)]
         elif isinstance(node, ast.ImportFrom) and not node.level and _is_client_module(node.module):
             found.append(f"{where} imports from {node.module}")
-        elif isinstance(node, ast.Call) and _call_name(node.func) in ("__import__", "import_module") and node.args \
-                and isinstance(node.args[0], ast.Constant) and _is_client_module(str(node.args[0].value)):
+        elif (
+            isinstance(node, ast.Call)
+            and _call_name(node.func) in ("__import__", "import_module")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and _is_client_module(str(node.args[0].value))
+        ):
             found.append(f"{where} imports {node.args[0].value} by name")
         elif isinstance(node, ast.Attribute) and node.attr == "client" and _names_store(node.value):
             found.append(f"{where} uses the store's client")
@@ -60,29 +66,35 @@ def test_the_sources_are_found():
     assert any(p.parts[-2] == "node_daemon" for p in SOURCES)
 
 
-@pytest.mark.parametrize("code", [
-    "import kazoo",
-    "import kazoo.client as k",
-    "from kazoo.recipe.lock import Lock",
-    "from kazoo import exceptions",
-    "def f():\n    from kazoo.client import KazooState\n",
-    "importlib.import_module('kazoo.client')",
-    "self.store.client.DataWatch('/x', f)",
-    "store.client.exists('/x')",
-    "self._store.client.get('/x')",
-    "def f(client):\n    client.ChildrenWatch('/x', g)\n",
-    "try:\n    pass\nexcept kz.NoNodeError:\n    pass\n",
-    "__import__('kazoo')",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import kazoo",
+        "import kazoo.client as k",
+        "from kazoo.recipe.lock import Lock",
+        "from kazoo import exceptions",
+        "def f():\n    from kazoo.client import KazooState\n",
+        "importlib.import_module('kazoo.client')",
+        "self.store.client.DataWatch('/x', f)",
+        "store.client.exists('/x')",
+        "self._store.client.get('/x')",
+        "def f(client):\n    client.ChildrenWatch('/x', g)\n",
+        "try:\n    pass\nexcept kz.NoNodeError:\n    pass\n",
+        "__import__('kazoo')",
+    ],
+)
 def test_the_rule_catches_each_way_around_the_store(code):
     assert door_violations(code, "example.py"), code
 
 
-@pytest.mark.parametrize("code", [
-    "from ._store import ClusterStore, Versioned",
-    "store.watch_data('/x', f)",
-    "self.client_name = store.options.hosts",
-    "logging.getLogger('kazoo')",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from ._store import ClusterStore, Versioned",
+        "store.watch_data('/x', f)",
+        "self.client_name = store.options.hosts",
+        "logging.getLogger('kazoo')",
+    ],
+)
 def test_the_rule_lets_the_store_s_own_api_through(code):
     assert door_violations(code, "example.py") == []

@@ -44,7 +44,12 @@ def test_contender_fails_after_five_attempts(store, make_store, caplog):
     assert failure.value.attempts == _store.LOCK_ATTEMPTS == 5
     records = _attempt_records(caplog, path)
     assert [r.getMessage().split(":")[1].strip().split(" of ")[0] for r in records] == [
-        "attempt 1", "attempt 2", "attempt 3", "attempt 4", "attempt 5"]
+        "attempt 1",
+        "attempt 2",
+        "attempt 3",
+        "attempt 4",
+        "attempt 5",
+    ]
     assert all("held by another contender" in r.getMessage() for r in records)
     assert "retrying in" not in records[-1].getMessage()
     # the failed contender left no lock node behind, and the holder's node is gone too

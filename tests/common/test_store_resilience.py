@@ -108,8 +108,10 @@ def test_session_expiry_drops_ephemerals_and_the_store_carries_on(store, zk_serv
     states = StateLog(store)
 
     _expire_session(store.client, zk_server.hosts)
-    states.wait_for(lambda st: SESSION_LOST in st and SESSION_CONNECTED in st[st.index(SESSION_LOST):],
-                    "lost the session and connected again")
+    states.wait_for(
+        lambda st: SESSION_LOST in st and SESSION_CONNECTED in st[st.index(SESSION_LOST) :],
+        "lost the session and connected again",
+    )
     assert store.client.client_id[0] != old_session
     assert store.exists(alive) is False  # the ephemeral went with the session
     assert store.read(s.node_key("n1", "daemon_state")) == "run"  # persistent data stays

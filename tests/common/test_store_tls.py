@@ -40,8 +40,13 @@ def secure_hosts(zk_tls_server):
 
 
 def test_store_works_over_tls(make_store, secure_hosts, tls_material):
-    store = make_store(hosts=secure_hosts, tls=True, tls_ca=str(tls_material.ca_cert),
-                       tls_cert=str(tls_material.client_cert), tls_key=str(tls_material.client_key))
+    store = make_store(
+        hosts=secure_hosts,
+        tls=True,
+        tls_ca=str(tls_material.ca_cert),
+        tls_cert=str(tls_material.client_cert),
+        tls_key=str(tls_material.client_key),
+    )
     assert store.connected
     assert store.ensure_schema() is True
     key = store.schema.node_key("n1", "memtotal")
@@ -64,27 +69,48 @@ def test_tls_client_without_certificate_is_refused(make_store, secure_hosts, tls
 def test_tls_client_rejects_a_server_it_does_not_trust(make_store, secure_hosts, tls_material, caplog):
     with caplog.at_level(logging.WARNING, logger="kazoo.client"):
         with pytest.raises(StoreError, match="cannot reach ZooKeeper"):
-            make_store(hosts=secure_hosts, timeout_s=2.0, tls=True, tls_ca=str(tls_material.other_ca_cert),
-                       tls_cert=str(tls_material.client_cert), tls_key=str(tls_material.client_key))
+            make_store(
+                hosts=secure_hosts,
+                timeout_s=2.0,
+                tls=True,
+                tls_ca=str(tls_material.other_ca_cert),
+                tls_cert=str(tls_material.client_cert),
+                tls_key=str(tls_material.client_key),
+            )
     assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
 
 
 def test_tls_to_the_plain_port_fails(make_store, zk_tls_server, tls_material):
     with pytest.raises(StoreError, match="cannot reach ZooKeeper"):
-        make_store(hosts=zk_tls_server.hosts, timeout_s=2.0, tls=True, tls_ca=str(tls_material.ca_cert),
-                   tls_cert=str(tls_material.client_cert), tls_key=str(tls_material.client_key))
+        make_store(
+            hosts=zk_tls_server.hosts,
+            timeout_s=2.0,
+            tls=True,
+            tls_ca=str(tls_material.ca_cert),
+            tls_cert=str(tls_material.client_cert),
+            tls_key=str(tls_material.client_key),
+        )
 
 
 def test_tls_client_checks_the_servers_host_name(make_store, tmp_path_factory, caplog):
     """A server whose certificate, signed by the trusted CA, names another host is refused."""
-    material = make_tls_material(tmp_path_factory.mktemp("tls-other-host"), server_names=("zk.example.org",),
-                                 server_ips=("192.0.2.10",))
-    server = ZooKeeperServer(workdir=tmp_path_factory.mktemp("zookeeper-other-host"), client_port=free_port(),
-                             secure_client_port=free_port(), tls=material.zookeeper_files())
+    material = make_tls_material(
+        tmp_path_factory.mktemp("tls-other-host"), server_names=("zk.example.org",), server_ips=("192.0.2.10",)
+    )
+    server = ZooKeeperServer(
+        workdir=tmp_path_factory.mktemp("zookeeper-other-host"),
+        client_port=free_port(),
+        secure_client_port=free_port(),
+        tls=material.zookeeper_files(),
+    )
     try:
         server.start()
         hosts = f"{server.client_address}:{server.secure_client_port}"
-        files = {"tls_ca": str(material.ca_cert), "tls_cert": str(material.client_cert), "tls_key": str(material.client_key)}
+        files = {
+            "tls_ca": str(material.ca_cert),
+            "tls_cert": str(material.client_cert),
+            "tls_key": str(material.client_key),
+        }
         # without verification (tls_verify false, for a test bed) the server is accepted: it serves
         assert make_store(hosts=hosts, tls=True, tls_verify=False, **files).connected
         with caplog.at_level(logging.WARNING, logger="kazoo.client"):

@@ -1,5 +1,6 @@
 """The store's watches, ephemeral keys, non-waiting locks and session listeners, against a real
 ZooKeeper. Every wait is on the watch's own callbacks (a Condition), with a generous deadline."""
+
 from __future__ import annotations
 
 import threading
@@ -48,7 +49,7 @@ def test_watch_data_answers_before_returning_then_every_change_until_false(store
     key = store.schema.node_key("n1", "domain_state")
     seen = Seen(answer=lambda value: value is None or value.value != "stop")
     store.watch_data(key, seen)
-    assert seen.values == [None]   # missing, told at once
+    assert seen.values == [None]  # missing, told at once
     versions = store.commit({key: "flush"})
     seen.wait_for(lambda v: Versioned("flush", versions[key]) in v, "told of the created key")
     store.commit({key: "stop"})
@@ -56,7 +57,7 @@ def test_watch_data_answers_before_returning_then_every_change_until_false(store
     told = len(seen.values)
     store.commit({key: "after"})
     drained(store)
-    assert len(seen.values) == told   # the callback said False at "stop": nothing more
+    assert len(seen.values) == told  # the callback said False at "stop": nothing more
 
 
 def test_watch_data_survives_a_failing_callback_elsewhere(store):
@@ -64,7 +65,8 @@ def test_watch_data_survives_a_failing_callback_elsewhere(store):
 
     def failing(_value):
         raise RuntimeError("boom")
-    store.watch_data(key, failing)   # logged, that watch ends
+
+    store.watch_data(key, failing)  # logged, that watch ends
     seen = Seen()
     store.watch_data(key, seen)
     store.commit({key: "true"})
@@ -98,7 +100,7 @@ def test_follow_reads_again_while_wanted_and_tells_a_missing_key(store):
     told = len(seen.values)
     store.commit({key: "ok"})
     drained(store)
-    assert len(seen.values) == told   # not wanted any more: the change is not read
+    assert len(seen.values) == told  # not wanted any more: the change is not read
 
 
 def test_put_ephemeral_replaces_a_previous_session_s_key_in_place(store, make_store, zk_server):
@@ -107,7 +109,7 @@ def test_put_ephemeral_replaces_a_previous_session_s_key_in_place(store, make_st
     old = make_store()
     old.put_ephemeral(path, "old session")
     assert store.get(path).value == "old session"
-    store.put_ephemeral(path, "new session")   # the old session is still alive: replaced in one transaction
+    store.put_ephemeral(path, "new session")  # the old session is still alive: replaced in one transaction
     assert store.get(path).value == "new session"
     owner = KazooClient(hosts=zk_server.hosts)
     owner.start(timeout=WAIT_S)
@@ -116,10 +118,10 @@ def test_put_ephemeral_replaces_a_previous_session_s_key_in_place(store, make_st
     finally:
         owner.stop()
         owner.close()
-    store.put_ephemeral(path, "again")   # ours already: left as it is
+    store.put_ephemeral(path, "again")  # ours already: left as it is
     assert store.get(path).value == "new session"
     old.stop()
-    assert store.get(path).value == "new session"   # the old session's end does not take it away
+    assert store.get(path).value == "new session"  # the old session's end does not take it away
     store.stop()
     with pytest.raises(MissingError):
         make_store().get(path)
@@ -140,7 +142,7 @@ def test_try_lock_takes_a_free_lock_and_yields_none_while_another_holds_it(store
         assert lock is not None and lock.held and lock.contenders() == ["n1"]
         with other.try_lock(path, identifier="n2") as refused:
             assert refused is None
-        assert store.children(path) is not None and len(store.children(path)) == 1   # no contender left behind
+        assert store.children(path) is not None and len(store.children(path)) == 1  # no contender left behind
     assert store.children(path) == []
     with other.try_lock(path) as lock:
         assert lock is not None and lock.held
@@ -164,7 +166,9 @@ def test_a_lock_is_not_held_after_its_session_is_lost(store, zk_server):
         twin.start(timeout=WAIT_S)
         twin.stop()
         twin.close()
-        states.wait_for(lambda s: SESSION_LOST in s and SESSION_CONNECTED in s[s.index(SESSION_LOST):],
-                        "lost the session and connected again")
-        assert store.connected and not lock.held   # connected again, but with another session
+        states.wait_for(
+            lambda s: SESSION_LOST in s and SESSION_CONNECTED in s[s.index(SESSION_LOST) :],
+            "lost the session and connected again",
+        )
+        assert store.connected and not lock.held  # connected again, but with another session
     store.remove_session_listener(states)

@@ -37,17 +37,26 @@ def hv(node_uri):
 def make_domain_xml():
     """make_domain_xml(name, memory='512', unit='MiB', ...) -> (uuid, xml) for the test driver."""
 
-    def make(name: str = "vm1", memory: str = "512", unit: str | None = "MiB", current: str | None = None,
-             vcpus: int = 2, vcpus_current: int | None = None, bridges: tuple[str, ...] = (),
-             uuid: str | None = None) -> tuple[str, str]:
+    def make(
+        name: str = "vm1",
+        memory: str = "512",
+        unit: str | None = "MiB",
+        current: str | None = None,
+        vcpus: int = 2,
+        vcpus_current: int | None = None,
+        bridges: tuple[str, ...] = (),
+        uuid: str | None = None,
+    ) -> tuple[str, str]:
         uuid = uuid or str(uuidlib.uuid4())
         unit_attr = f" unit='{unit}'" if unit else ""
         current_elem = f"<currentMemory{unit_attr}>{current}</currentMemory>" if current else ""
         vcpu_attr = f" current='{vcpus_current}'" if vcpus_current else ""
         ifaces = "".join(f"<interface type='bridge'><source bridge='{b}'/></interface>" for b in bridges)
-        xml = (f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid>"
-               f"<memory{unit_attr}>{memory}</memory>{current_elem}<vcpu{vcpu_attr}>{vcpus}</vcpu>"
-               f"<os><type>hvm</type></os><devices>{ifaces}</devices></domain>")
+        xml = (
+            f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid>"
+            f"<memory{unit_attr}>{memory}</memory>{current_elem}<vcpu{vcpu_attr}>{vcpus}</vcpu>"
+            f"<os><type>hvm</type></os><devices>{ifaces}</devices></domain>"
+        )
         return uuid, xml
 
     return make

@@ -3,6 +3,7 @@
 Each daemon is its own process with its own test-driver "host" (a node XML file), so its VMs live
 and die with the process, like a host's VMs with the host. Waits use ZooKeeper watches.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,12 +32,15 @@ NODE_XML = """<node>
 """
 
 
-def domain_xml(name: str, memory: str = "512", unit: str | None = "MiB", vcpus: int = 1,
-                    uuid: str | None = None) -> tuple[str, str]:
+def domain_xml(
+    name: str, memory: str = "512", unit: str | None = "MiB", vcpus: int = 1, uuid: str | None = None
+) -> tuple[str, str]:
     uuid = uuid or str(uuidlib.uuid4())
     unit_attr = f" unit='{unit}'" if unit else ""
-    xml = (f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory{unit_attr}>{memory}</memory>"
-           f"<vcpu>{vcpus}</vcpu><os><type>hvm</type></os><devices/></domain>")
+    xml = (
+        f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory{unit_attr}>{memory}</memory>"
+        f"<vcpu>{vcpus}</vcpu><os><type>hvm</type></os><devices/></domain>"
+    )
     return uuid, xml
 
 
@@ -62,8 +66,13 @@ class DaemonProcess:
         environment = dict(os.environ)
         environment.update(env)
         out = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "pvc_node_daemon", "--config", str(self.config_path)],
-                                        stdout=out, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pvc_node_daemon", "--config", str(self.config_path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=REPO,
+        )
         out.close()
 
     def stop(self, timeout_s: float = 60) -> int | None:
@@ -92,10 +101,18 @@ class DaemonProcess:
 class TestCluster:
     """N daemons on one ZooKeeper (below a private root) plus a store for the test's own reads."""
 
-    __test__ = False   # not a pytest class
+    __test__ = False  # not a pytest class
 
-    def __init__(self, zk_hosts: str, root: str, workdir: Path, keepalive_s: float = 0.5, insecure: bool = False,
-                 zk_tls: dict | None = None, **overrides) -> None:
+    def __init__(
+        self,
+        zk_hosts: str,
+        root: str,
+        workdir: Path,
+        keepalive_s: float = 0.5,
+        insecure: bool = False,
+        zk_tls: dict | None = None,
+        **overrides,
+    ) -> None:
         self.zk_hosts = zk_hosts
         self.root = root
         self.workdir = Path(workdir)
@@ -106,10 +123,16 @@ class TestCluster:
         # secure by default: the test's store is the operator, each daemon the nodes and itself
         # zk_tls: {"ca": ..., "cert": ..., "key": ...} to reach ZooKeeper's secure client port
         self.zk_tls = zk_tls
-        tls = {} if not zk_tls else {"tls": True, "tls_ca": zk_tls["ca"], "tls_cert": zk_tls["cert"],
-                                     "tls_key": zk_tls["key"]}
-        options = (ConnectionOptions(hosts=zk_hosts, root=root, timeout_s=10, **tls) if insecure
-                   else operator_options(zk_hosts, root, timeout_s=10, **tls))
+        tls = (
+            {}
+            if not zk_tls
+            else {"tls": True, "tls_ca": zk_tls["ca"], "tls_cert": zk_tls["cert"], "tls_key": zk_tls["key"]}
+        )
+        options = (
+            ConnectionOptions(hosts=zk_hosts, root=root, timeout_s=10, **tls)
+            if insecure
+            else operator_options(zk_hosts, root, timeout_s=10, **tls)
+        )
         self.store = ClusterStore(options).start()
         self.store.ensure_schema()
         self.schema = self.store.schema
@@ -120,9 +143,13 @@ class TestCluster:
         host.write_text(NODE_XML.format(kib=memory_mib * 1024))
         config = {
             "node": node,
-            "zookeeper": {"hosts": self.zk_hosts, "root": self.root, "timeout_s": 10,
-                          **({} if self.insecure else {"auth": node_auth(node)}),
-                          **({"tls": {"enabled": True, **self.zk_tls}} if self.zk_tls else {})},
+            "zookeeper": {
+                "hosts": self.zk_hosts,
+                "root": self.root,
+                "timeout_s": 10,
+                **({} if self.insecure else {"auth": node_auth(node)}),
+                **({"tls": {"enabled": True, **self.zk_tls}} if self.zk_tls else {}),
+            },
             "libvirt": {"uri": f"test://{host}", "call_timeout_s": 10},
             "migration": {"step_timeout_s": 10, "live_timeout_base_s": 10, "flush_parallel": 2},
             "intervals": {"keepalive_s": self.keepalive_s, "dead_after": 4, "shutdown_timeout_s": 5},
@@ -159,20 +186,33 @@ class TestCluster:
         self.wait(path, predicate, timeout_s, f"VM {uuid} state {state}")
 
     def wait_node_state(self, node: str, daemon_state: str = "run", timeout_s: float = 60) -> None:
-        self.wait(self.schema.node_key(node, S.NODE_DAEMON_STATE), lambda v: v == daemon_state, timeout_s,
-                  f"{node} daemon state {daemon_state}")
+        self.wait(
+            self.schema.node_key(node, S.NODE_DAEMON_STATE),
+            lambda v: v == daemon_state,
+            timeout_s,
+            f"{node} daemon state {daemon_state}",
+        )
 
     def wait_domain_state(self, node: str, state: str, timeout_s: float = 60) -> None:
-        self.wait(self.schema.node_key(node, S.NODE_DOMAIN_STATE), lambda v: v == state, timeout_s,
-                  f"{node} domain state {state}")
+        self.wait(
+            self.schema.node_key(node, S.NODE_DOMAIN_STATE),
+            lambda v: v == state,
+            timeout_s,
+            f"{node} domain state {state}",
+        )
 
     def wait_running_on(self, node: str, uuid: str, running: bool = True, timeout_s: float = 60) -> None:
         import json
 
         def check(value):
             return (uuid in json.loads(value or "[]")) == running
-        self.wait(self.schema.node_key(node, S.NODE_RUNNINGDOMAINS), check, timeout_s,
-                  f"{uuid} {'running' if running else 'not running'} on {node}")
+
+        self.wait(
+            self.schema.node_key(node, S.NODE_RUNNINGDOMAINS),
+            check,
+            timeout_s,
+            f"{uuid} {'running' if running else 'not running'} on {node}",
+        )
 
     def wait_no_migration(self, uuid: str, timeout_s: float = 60) -> None:
         # On the parent's children, as the flusher waits: a data watch would also wake (and read
@@ -198,12 +238,13 @@ class TestCluster:
         self.store.client.ensure_path(path)
         self.store.client.ChildrenWatch(path, watcher)
         if not empty.wait(timeout_s):
-            raise AssertionError(f"reservations of {node} still there after {timeout_s} s: "
-                                 f"{self.store.children(path)}")
+            raise AssertionError(f"reservations of {node} still there after {timeout_s} s: {self.store.children(path)}")
 
     # ---- cluster writes a test needs ---------------------------------------------------------------
 
-    def define_vm(self, xml: str, uuid: str, name: str, node: str, state: str = "start", meta: dict | None = None) -> None:
+    def define_vm(
+        self, xml: str, uuid: str, name: str, node: str, state: str = "start", meta: dict | None = None
+    ) -> None:
         self.store.commit(vm_definition(self.schema, uuid, name, xml, node, state, meta))
 
     def set_domain_state(self, node: str, state: str) -> None:

@@ -12,6 +12,7 @@ same ``mzxid`` for values, the same ``cversion`` for lists): then every value is
 ZooKeeper held at the instant between the two rounds. A round that saw a change is discarded and
 read again, so the checker never reports a state that did not exist at one instant.
 """
+
 from __future__ import annotations
 
 import threading
@@ -26,9 +27,9 @@ NODE_KEYS = (S.NODE_DAEMON_STATE, S.NODE_MEMTOTAL, S.NODE_MEMRESERVE, S.NODE_MEM
 
 @dataclass
 class Snapshot:
-    nodes: dict[str, dict[str, str | None]]        # node -> key -> value
-    reservations: dict[str, dict[str, int]]        # node -> uuid -> MiB
-    assigned: dict[str, str | None]                # uuid -> node
+    nodes: dict[str, dict[str, str | None]]  # node -> key -> value
+    reservations: dict[str, dict[str, int]]  # node -> uuid -> MiB
+    assigned: dict[str, str | None]  # uuid -> node
 
 
 @dataclass
@@ -119,8 +120,10 @@ class MemoryInvariant:
             reserved = sum(snapshot.reservations[node].values())
             capacity = int(keys[S.NODE_MEMTOTAL] or 0) - int(keys[S.NODE_MEMRESERVE] or 0)
             if admitted > memprov + reserved:
-                found.append(f"{node}: VMs assigned {admitted} MiB ({len(vms)} VMs) but memprov {memprov} + "
-                             f"reservations {reserved} = {memprov + reserved} MiB ({snapshot.reservations[node]})")
+                found.append(
+                    f"{node}: VMs assigned {admitted} MiB ({len(vms)} VMs) but memprov {memprov} + "
+                    f"reservations {reserved} = {memprov + reserved} MiB ({snapshot.reservations[node]})"
+                )
             if admitted > capacity:
                 found.append(f"{node}: VMs assigned {admitted} MiB exceed its capacity {capacity} MiB")
         return found
@@ -152,7 +155,7 @@ class Sampler:
             self.findings.samples += 1
             if len(self.findings.violations) < 50:
                 self.findings.violations.extend(self.invariant.violations(snapshot))
-            self._stop.wait(0.01)   # pacing only: leave the CPU to the daemons between samples
+            self._stop.wait(0.01)  # pacing only: leave the CPU to the daemons between samples
 
     def __enter__(self) -> Sampler:
         self._thread.start()

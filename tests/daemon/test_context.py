@@ -1,4 +1,5 @@
 """The daemon context (node_daemon/context.py): every service reaches the same parts through it."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -21,9 +22,10 @@ def test_services_made_from_one_context_share_its_parts():
 
 def test_an_invalid_value_is_reported_once_whichever_service_meets_it():
     counted: list[str] = []
-    ctx = DaemonContext("n1", None, SimpleNamespace(schema=Schema("/pvc")),
-                        metrics=SimpleNamespace(invalid_value=counted.append))
+    ctx = DaemonContext(
+        "n1", None, SimpleNamespace(schema=Schema("/pvc")), metrics=SimpleNamespace(invalid_value=counted.append)
+    )
     problem = Invalid("/pvc/domains/u1/state", "not a VM state", "bogus")
     assert Service(ctx).invalid.report(problem, "state", 3)
-    assert not Service(ctx).invalid.report(problem, "state", 3)   # the same version, met by another service
+    assert not Service(ctx).invalid.report(problem, "state", 3)  # the same version, met by another service
     assert counted == ["state"]

@@ -1,4 +1,5 @@
 """Node daemons as real processes, a real ZooKeeper, the libvirt test driver."""
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,8 @@ def test_the_log_file_that_logrotate_renamed_is_reopened_and_sighup_is_harmless(
     cluster.wait_node_state("node1", "run")
     wait_for_line(log_file, "node node1 running", daemon)
     rotated = log_file.with_name("node-daemon.log.1")
-    log_file.rename(rotated)   # logrotate without copytruncate: the daemon still holds the old file
-    daemon.process.send_signal(signal.SIGHUP)   # what a reload sends: it must not end the daemon
+    log_file.rename(rotated)  # logrotate without copytruncate: the daemon still holds the old file
+    daemon.process.send_signal(signal.SIGHUP)  # what a reload sends: it must not end the daemon
     cluster.set_domain_state("node1", "unflush")
     cluster.wait_domain_state("node1", "ready")
     wait_for_line(log_file, "node node1 is ready", daemon)
@@ -98,12 +99,12 @@ def test_vm_lifecycle_follows_zookeeper(cluster):
     cluster.define_vm(xml, uuid, "web1", "node1", state="start")
     cluster.wait_running_on("node1", uuid)
     cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "shutdown"})
-    cluster.wait_vm_state(uuid, "stop")   # the daemon records the end of the shutdown
+    cluster.wait_vm_state(uuid, "stop")  # the daemon records the end of the shutdown
     cluster.wait_running_on("node1", uuid, running=False)
     cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "start"})
     cluster.wait_running_on("node1", uuid)
     cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "restart"})
-    cluster.wait_vm_state(uuid, "start")   # the restart ends in start
+    cluster.wait_vm_state(uuid, "start")  # the restart ends in start
     cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_STATE): "stop"})
     cluster.wait_running_on("node1", uuid, running=False)
 
@@ -148,7 +149,7 @@ def test_migration_default_falls_back_to_shutdown_on_the_test_driver(cluster):
     assert final["result"] == "done"
     assert final["method"] == "default"
     assert final["method_used"] == "shutdown"
-    assert "migrat" in final["fallback_reason"].lower()   # libvirt's "not supported" for the test driver
+    assert "migrat" in final["fallback_reason"].lower()  # libvirt's "not supported" for the test driver
     assert set(final["steps"]) >= {"requested", "prepared", "transferring", "transferred", "done"}
     vm = read_vm(cluster.store, uuid)
     assert (vm.node, vm.lastnode) == ("node2", "node1")
@@ -170,16 +171,23 @@ def test_live_only_migration_aborts_and_keeps_the_vm_on_its_source(cluster):
     vm = read_vm(cluster.store, uuid)
     assert (vm.node, vm.lastnode) == ("node1", "")
     assert not cluster.store.exists(cluster.schema.node_reservation("node2", uuid))
-    cluster.wait_no_reservations("node1")   # the abort's reservation on node1, folded into its memprov
+    cluster.wait_no_reservations("node1")  # the abort's reservation on node1, folded into its memprov
     runningdomains = json.loads(cluster.store.read(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS)))
     assert uuid in runningdomains
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path):
     config = tmp_path / "bad.yaml"
-    config.write_text("node: node1\ninsecure: true\nzookeeper:\n  hosts: 127.0.0.1:1\nintervals:\n  keepalive_s: fast\n")
-    result = subprocess.run([sys.executable, "-m", "pvc_node_daemon", "--config", str(config)],
-                            capture_output=True, text=True, cwd=REPO, timeout=60)
+    config.write_text(
+        "node: node1\ninsecure: true\nzookeeper:\n  hosts: 127.0.0.1:1\nintervals:\n  keepalive_s: fast\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pvc_node_daemon", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -207,14 +215,18 @@ def test_metrics_endpoint_serves_node_figures_and_migrations(cluster):
     cluster.wait_running_on("node2", uuid)
     # the target counts the VM it took at its next keepalive (a migration's end promises no
     # earlier instant): that keepalive publishes memprov, then sets the endpoint's figures
-    cluster.wait(cluster.schema.node_key("node2", S.NODE_MEMPROV), lambda value: value is not None and int(value) == 512, 60,
-                 "node2's keepalive to count the VM it took")
+    cluster.wait(
+        cluster.schema.node_key("node2", S.NODE_MEMPROV),
+        lambda value: value is not None and int(value) == 512,
+        60,
+        "node2's keepalive to count the VM it took",
+    )
     deadline = time.monotonic() + 30
     while True:
         text = urllib.request.urlopen(f"http://127.0.0.1:{ports['node2']}/metrics", timeout=30).read().decode()
         if 'pvc_node_memory_mib{kind="provisioned"} 512.0' in text or time.monotonic() > deadline:
             break
-        time.sleep(0.05)   # the endpoint has no change event; the ZooKeeper figure above came first
+        time.sleep(0.05)  # the endpoint has no change event; the ZooKeeper figure above came first
     assert 'pvc_node_memory_mib{kind="provisioned"} 512.0' in text
     assert 'pvc_migrations_total{method="shutdown",result="done",role="target"} 1.0' in text
     assert "pvc_keepalive_duration_seconds_count" in text

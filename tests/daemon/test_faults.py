@@ -1,5 +1,6 @@
 """Fault injection (node_daemon/faults.py): inert unless its variables name the point; a crash
 point kills the process, a pause point holds its caller until the release file exists."""
+
 from __future__ import annotations
 
 import os
@@ -15,12 +16,13 @@ CRASH_SCRIPT = "from pvc_node_daemon.faults import crash_point; crash_point('sou
 
 def run_crash_script(env: dict[str, str]) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in (faults.CRASH_ENV, faults.PAUSE_ENV)}
-    return subprocess.run([sys.executable, "-c", CRASH_SCRIPT], env={**environment, **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT], env={**environment, **env}, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_crash_point_kills_the_process_only_when_named():
-    assert faults.CRASH_ENV == "PVC_NODE_DAEMON_CRASH_AT"   # the lab tests set it by this name
+    assert faults.CRASH_ENV == "PVC_NODE_DAEMON_CRASH_AT"  # the lab tests set it by this name
     killed = run_crash_script({faults.CRASH_ENV: "source:transferring"})
     assert killed.returncode == -signal.SIGKILL and "alive" not in killed.stdout
     other = run_crash_script({faults.CRASH_ENV: "target:prepared"})
@@ -33,11 +35,11 @@ def test_a_pause_point_holds_until_its_release_file_exists(tmp_path, monkeypatch
     release = tmp_path / "release"
     monkeypatch.setenv(faults.PAUSE_ENV, "target:before-start")
     monkeypatch.setenv(faults.PAUSE_RELEASE_ENV, str(release))
-    faults.pause_point("target:before-prepare")   # another point: returns at once
+    faults.pause_point("target:before-prepare")  # another point: returns at once
     passed = threading.Event()
     worker = threading.Thread(target=lambda: (faults.pause_point("target:before-start"), passed.set()), daemon=True)
     worker.start()
-    assert not passed.wait(0.3)   # held (it may only pass once the file exists)
+    assert not passed.wait(0.3)  # held (it may only pass once the file exists)
     release.touch()
     assert passed.wait(30)
 
@@ -45,7 +47,7 @@ def test_a_pause_point_holds_until_its_release_file_exists(tmp_path, monkeypatch
 def test_a_pause_point_without_a_release_file_named_is_inert(monkeypatch):
     monkeypatch.setenv(faults.PAUSE_ENV, "target:before-start")
     monkeypatch.delenv(faults.PAUSE_RELEASE_ENV, raising=False)
-    faults.pause_point("target:before-start")   # returns: nothing could ever release it
+    faults.pause_point("target:before-start")  # returns: nothing could ever release it
 
 
 class MovingJob:
@@ -67,7 +69,7 @@ def test_the_live_running_watcher_crashes_once_the_driver_reports_the_job_moving
     crashed = threading.Event()
     monkeypatch.setattr(faults, "crash_point", lambda name: crashed.set() if name == "source:live-running" else None)
     driver = MovingJob()
-    faults.crash_while_migrating(driver, "u1")   # not named: no watcher
+    faults.crash_while_migrating(driver, "u1")  # not named: no watcher
     assert driver.asked == 0
     monkeypatch.setenv(faults.CRASH_ENV, "source:live-running")
     faults.crash_while_migrating(driver, "u1")

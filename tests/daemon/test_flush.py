@@ -1,4 +1,5 @@
 """Flush and ready with daemons as real processes (libvirt test driver, real ZooKeeper)."""
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,7 @@ def test_flush_and_ready_round_trip(cluster):
         cluster.wait_running_on(vm.node, uuid)
         cluster.wait_running_on("node1", uuid, running=False)
         assert read_history(cluster.store, uuid)[-1]["result"] == "done"
-    assert read_vm(cluster.store, parked).node == "node1"   # a stopped VM has nothing to move
+    assert read_vm(cluster.store, parked).node == "node1"  # a stopped VM has nothing to move
 
     cluster.set_domain_state("node1", "unflush")
     cluster.wait_domain_state("node1", "ready")
@@ -65,7 +66,7 @@ def test_flush_and_ready_round_trip(cluster):
         assert (vm.node, vm.lastnode) == ("node1", "")
         cluster.wait_running_on("node1", uuid)
     for node in ("node1", "node2", "node3"):
-        cluster.wait_no_reservations(node)   # each folded into memprov by the node's keepalive
+        cluster.wait_no_reservations(node)  # each folded into memprov by the node's keepalive
 
 
 def test_vm_that_fits_nowhere_is_shut_down_and_autostarted_on_ready(cluster):
@@ -137,8 +138,9 @@ def test_ready_during_a_flush_stops_the_flush_and_brings_everything_home(cluster
         cluster.wait_running_on("node1", uuid)
     cluster.set_domain_state("node1", "flush")
     # wait until the flush is under way (a first VM left), then cross it with a ready
-    cluster.wait(cluster.schema.node_key("node2", S.NODE_DOMAINCOUNT), lambda v: v not in (None, "0"),
-                 what="a first VM on node2")
+    cluster.wait(
+        cluster.schema.node_key("node2", S.NODE_DOMAINCOUNT), lambda v: v not in (None, "0"), what="a first VM on node2"
+    )
     cluster.set_domain_state("node1", "unflush")
     cluster.wait_domain_state("node1", "ready")
     for uuid in vms:
@@ -155,16 +157,22 @@ def test_ready_brings_every_vm_home_with_many_requests_to_one_node(zk_server, zk
     c = TestCluster(zk_server.hosts, zk_root, tmp_path, migration={"flush_parallel": 12})
     try:
         ready(c, ["node1", "node2"])
-        uuids = [define(c, f"home-{i:02d}", "node1", memory="64", meta={S.META_MIGRATION_METHOD: "shutdown"})
-                 for i in range(24)]
+        uuids = [
+            define(c, f"home-{i:02d}", "node1", memory="64", meta={S.META_MIGRATION_METHOD: "shutdown"})
+            for i in range(24)
+        ]
         c.wait(c.schema.node_key("node1", S.NODE_DOMAINCOUNT), lambda v: v == "24", 60)
         c.set_domain_state("node1", "flush")
         c.wait_domain_state("node1", "flushed", timeout_s=120)
         c.set_domain_state("node1", "unflush")
         c.wait_domain_state("node1", "ready", timeout_s=120)
         assert all((read_vm(c.store, uuid).node, read_vm(c.store, uuid).lastnode) == ("node1", "") for uuid in uuids)
-        c.wait(c.schema.node_key("node1", S.NODE_RUNNINGDOMAINS), lambda v: set(json.loads(v or "[]")) == set(uuids),
-               30, "every VM running on node1 again")
+        c.wait(
+            c.schema.node_key("node1", S.NODE_RUNNINGDOMAINS),
+            lambda v: set(json.loads(v or "[]")) == set(uuids),
+            30,
+            "every VM running on node1 again",
+        )
         assert "did not come home" not in c.daemons["node1"].log()
     finally:
         c.close()

@@ -30,13 +30,22 @@ def homecoming(store, zk_server, zk_root):
     fails (before, they did not either: the check is about the state after the move)."""
     schema = store.schema
     values = {}
-    for node, total, prov, domain in (("n1", 16384, 1024, "unflush"), ("n2", 16384, 16384, "ready"),
-                                      ("n3", 16384, 16384, "ready")):
-        values.update({schema.node(node): "", schema.node_reservations(node): "",   # as registration makes it
-                       schema.node_key(node, S.NODE_DAEMON_STATE): "run",
-                       schema.node_key(node, S.NODE_DOMAIN_STATE): domain,
-                       schema.node_key(node, S.NODE_MEMTOTAL): total, schema.node_key(node, S.NODE_MEMPROV): prov,
-                       schema.node_key(node, S.NODE_MEMRESERVE): 0})
+    for node, total, prov, domain in (
+        ("n1", 16384, 1024, "unflush"),
+        ("n2", 16384, 16384, "ready"),
+        ("n3", 16384, 16384, "ready"),
+    ):
+        values.update(
+            {
+                schema.node(node): "",
+                schema.node_reservations(node): "",  # as registration makes it
+                schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+                schema.node_key(node, S.NODE_DOMAIN_STATE): domain,
+                schema.node_key(node, S.NODE_MEMTOTAL): total,
+                schema.node_key(node, S.NODE_MEMPROV): prov,
+                schema.node_key(node, S.NODE_MEMRESERVE): 0,
+            }
+        )
     m1, m1_xml = domain_xml("m1", memory="256")
     big, big_xml = domain_xml("big", memory="1024")
     values.update(vm_definition(schema, m1, "m1", m1_xml, "n2", "start"))
@@ -47,7 +56,9 @@ def homecoming(store, zk_server, zk_root):
     store.commit(values)
     from pvc_cluster_common._store import ClusterStore
 
-    config = parse_config({"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")}})
+    config = parse_config(
+        {"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")}}
+    )
     own = ClusterStore(config.zookeeper).start()
     worker = NodeStateWorker(DaemonContext("n1", config, own, domains=DomainTable()), reconciler=None)
     yield store, m1, worker
@@ -61,7 +72,7 @@ def me_ready(nodes):
 
 def test_a_return_home_that_breaks_n1_is_refused_under_require_n1(homecoming, monkeypatch):
     store, m1, worker = homecoming
-    monkeypatch.setattr(flush, "wait_until_gone", lambda *args, **kwargs: True)   # nothing runs the migration here
+    monkeypatch.setattr(flush, "wait_until_gone", lambda *args, **kwargs: True)  # nothing runs the migration here
     store.write({store.schema.require_n1(): "true"})
     result = worker.migrate_and_wait(m1, "unmigrate", None, me_ready)
     assert result.startswith("refused: returning VM m1 from n2 to n1 would leave the cluster unable"), result
@@ -88,7 +99,7 @@ def test_a_running_flush_whose_plan_breaks_n1_is_logged_not_held_back(homecoming
     store, _, worker = homecoming
     big = read_vm(store, find_vm(store, "big"))
     plan = [PlannedMove(big.uuid, "n3", "selector mem")]
-    assert worker._log_flush_n1([big], plan) is False           # require_n1 off: nothing to say
+    assert worker._log_flush_n1([big], plan) is False  # require_n1 off: nothing to say
     store.write({store.schema.require_n1(): "true"})
     assert worker._log_flush_n1([big], plan) is True
     assert "flush of n1 goes on although, once done, the cluster would not survive the failure of" in caplog.text

@@ -1,5 +1,6 @@
 """NodeStateWorker's request handling (node_daemon/flush.py) with its surroundings faked:
 what it does when requests compete, without daemons or ZooKeeper."""
+
 from __future__ import annotations
 
 import threading
@@ -16,7 +17,13 @@ from tests.support.identities import node_auth
 
 
 def worker(**stores) -> NodeStateWorker:
-    config = parse_config({"node": "n1", "zookeeper": {"hosts": "127.0.0.1:1", "auth": node_auth("n1")}, "migration": {"flush_parallel": 4}})
+    config = parse_config(
+        {
+            "node": "n1",
+            "zookeeper": {"hosts": "127.0.0.1:1", "auth": node_auth("n1")},
+            "migration": {"flush_parallel": 4},
+        }
+    )
     store = SimpleNamespace(schema=Schema("/pvc"), **stores)
     return NodeStateWorker(DaemonContext("n1", config, store, domains=DomainTable()), reconciler=None)
 
@@ -41,8 +48,10 @@ def test_requests_to_one_target_are_submitted_one_at_a_time(monkeypatch):
 
     monkeypatch.setattr(flush, "submit_request", fake_submit)
     w = worker()
-    calls = {name: (SimpleNamespace(target=target), SimpleNamespace(name=name))
-             for name, target in (("a", "n2"), ("b", "n2"), ("c", "n3"))}
+    calls = {
+        name: (SimpleNamespace(target=target), SimpleNamespace(name=name))
+        for name, target in (("a", "n2"), ("b", "n2"), ("c", "n3"))
+    }
     for name in calls:
         inside[name] = threading.Event()
     threads = {name: threading.Thread(target=w._submit, args=(*calls[name], "migrate", Attempts(10))) for name in calls}
@@ -50,8 +59,8 @@ def test_requests_to_one_target_are_submitted_one_at_a_time(monkeypatch):
     assert inside["a"].wait(10)
     threads["b"].start()
     threads["c"].start()
-    assert inside["c"].wait(10)           # another target: not held up
-    assert not inside["b"].is_set()       # the same target: waits for "a"
+    assert inside["c"].wait(10)  # another target: not held up
+    assert not inside["b"].is_set()  # the same target: waits for "a"
     release.set()
     for thread in threads.values():
         thread.join(10)
@@ -96,7 +105,9 @@ def test_ready_tries_a_vm_that_did_not_come_home_again(monkeypatch, caplog):
     monkeypatch.setattr(w, "read_vms", lambda uuids: [home] if "u1" in list(uuids) else [])
     outcomes = iter(["conflict", "finished"])
     asked = []
-    monkeypatch.setattr(w, "migrate_and_wait", lambda uuid, kind, *args, **kw: asked.append((uuid, kind)) or next(outcomes))
+    monkeypatch.setattr(
+        w, "migrate_and_wait", lambda uuid, kind, *args, **kw: asked.append((uuid, kind)) or next(outcomes)
+    )
     states = []
     monkeypatch.setattr(w, "_set_domain_state", lambda expected, new: states.append((expected, new)))
     w.ready(threading.Event())

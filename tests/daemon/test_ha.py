@@ -5,6 +5,7 @@ A test-driver daemon's VMs live inside its process, like a host's VMs on the hos
 daemon is a power loss, and each BMC's power-off kills its node's daemon (SIGKILL, through a PID
 file the test writes), as a real power-off ends every process of a host.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ from tests.support.bmc import SimulatedBMC, free_udp_port
 from .harness import TestCluster, domain_xml
 from .test_daemon import ready_nodes
 
-pytestmark = [pytest.mark.zk, pytest.mark.skipif(not (shutil.which("ipmi_sim") and shutil.which("ipmitool")),
-                                                  reason="openipmi and ipmitool: scripts/setup-host.sh")]
+pytestmark = [
+    pytest.mark.zk,
+    pytest.mark.skipif(
+        not (shutil.which("ipmi_sim") and shutil.which("ipmitool")),
+        reason="openipmi and ipmitool: scripts/setup-host.sh",
+    ),
+]
 
 NODES = ("node1", "node2", "node3")
 
@@ -35,10 +41,9 @@ class HACluster:
             self.bmcs[node] = SimulatedBMC(node, tmp_path, off=f'kill -9 "$(cat {pidfile})" 2>/dev/null; true')
             self.bmcs[node].start()
         devices = {node: bmc.device_config() for node, bmc in self.bmcs.items()}
-        for node in unreachable:   # a BMC nobody answers for
+        for node in unreachable:  # a BMC nobody answers for
             devices[node] = {**devices[node], "port": free_udp_port()}
-        self.cluster = TestCluster(zk_server.hosts, zk_root, tmp_path,
-                                   fencing={"timeout_s": 3, "nodes": devices})
+        self.cluster = TestCluster(zk_server.hosts, zk_root, tmp_path, fencing={"timeout_s": 3, "nodes": devices})
 
     def start(self, *nodes) -> None:
         ready_nodes(self.cluster, *nodes)
@@ -127,7 +132,7 @@ def test_an_unreachable_bmc_means_fence_failed_and_no_recovery_until_an_operator
     c = ha.cluster
     ha.start("node1", "node2")
     uuid = vm_on(c, "db1", "node2")
-    c.daemons["node2"].kill()   # power loss; its BMC does not answer
+    c.daemons["node2"].kill()  # power loss; its BMC does not answer
     c.wait_node_state("node2", "fence-failed")
     record = read_fence_record(c.store, "node2")
     assert record["result"] == "fence-failed" and "did not answer" in record["detail"] and record["by"] == "node1"
@@ -150,6 +155,7 @@ def test_a_node_in_maintenance_is_never_fenced(ha):
     c.daemons["node2"].kill()
     c.wait_node_state("node2", "dead")
     from .test_daemon import wait_for_line
+
     wait_for_line(c.daemons["node1"].log_path, "node node2 is dead: the node is in maintenance", c.daemons["node1"])
     assert not [call for call in ha.bmcs["node2"].calls() if "set power" in call]
     assert c.store.read(c.schema.node_key("node2", S.NODE_DAEMON_STATE)) == "dead"

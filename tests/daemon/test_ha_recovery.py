@@ -26,9 +26,16 @@ def fenced_n1(cluster, make_agent):
     schema = store.schema
     # each node's reservations znode, as its daemon's registration makes it (no identity creates
     # anything in another node's znode)
-    store.write({schema.node_key("n1", S.NODE_DAEMON_STATE): "fenced",
-                 **{schema.node_reservations(node): "" for node in ("n1", "n2", "n3")
-                    if not store.exists(schema.node_reservations(node))}})
+    store.write(
+        {
+            schema.node_key("n1", S.NODE_DAEMON_STATE): "fenced",
+            **{
+                schema.node_reservations(node): ""
+                for node in ("n1", "n2", "n3")
+                if not store.exists(schema.node_reservations(node))
+            },
+        }
+    )
     agent = make_agent("n2")
     ha = HighAvailability(agent.ctx, agent)
     return store, uuid, ha
@@ -59,8 +66,11 @@ def test_a_recovery_that_keeps_n1_records_so(fenced_n1):
     ha._recover("n1", SimpleNamespace(held=True))
     [entry] = recovery_records(store, uuid)
     assert read_vm(store, uuid).node in ("n2", "n3")
-    assert entry["n1"] == {"ok": True, "require_n1": False,
-                           "detail": "the cluster survives the failure of any one of 2 ready node(s)"}
+    assert entry["n1"] == {
+        "ok": True,
+        "require_n1": False,
+        "detail": "the cluster survives the failure of any one of 2 ready node(s)",
+    }
 
 
 def test_a_recovery_is_fit_checked_when_it_commits(fenced_n1):

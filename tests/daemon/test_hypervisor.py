@@ -310,9 +310,13 @@ def test_running_figures_in_one_listing(hv, make_domain_xml):
     hv.create(xml2)
     hv.connection.lookupByUUIDString(paused).suspend()
     figures = hv.running_figures()
-    assert set(figures) == {running, paused}   # only active domains
+    assert set(figures) == {running, paused}  # only active domains
     status, maximum, vcpus = figures[running]
-    assert (status.state, maximum, vcpus) == ("running", 512, 3) == ("running", hv.memory_mib(running)[1], hv.vcpus(running))
+    assert (
+        (status.state, maximum, vcpus)
+        == ("running", 512, 3)
+        == ("running", hv.memory_mib(running)[1], hv.vcpus(running))
+    )
     assert (figures[paused][0].state, figures[paused][1]) == ("paused", 768)
 
 
@@ -369,8 +373,11 @@ def test_memory_stats_skips_incoming_migration_without_calling_libvirt(
     # The destination of a live migration is active but paused (reason "migration").
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)
-    monkeypatch.setattr(libvirt.virDomain, "state",
-                        lambda self, flags=0: [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION])
+    monkeypatch.setattr(
+        libvirt.virDomain,
+        "state",
+        lambda self, flags=0: [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION],
+    )
     assert hv.status(uuid).reason_name == "migration"
     assert hv.memory_stats(uuid) is None
     assert forbid_memory_stats == []
@@ -446,7 +453,7 @@ def test_test_driver_host_memory_skips_a_domain_gone_since_the_listing(hv, make_
     real = libvirt.virDomain.maxMemory
 
     def max_memory(dom):
-        if dom.UUIDString() == gone[0]:   # as if it stopped between the listing and this call
+        if dom.UUIDString() == gone[0]:  # as if it stopped between the listing and this call
             err = _libvirt_error("Domain not found")
             err.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, "Domain not found", 0, "", "", "", -1, -1)
             raise err
@@ -604,10 +611,16 @@ def test_migrate_unknown_domain(hv):
 @pytest.fixture
 def record_migration(monkeypatch):
     calls = []
-    monkeypatch.setattr(libvirt.virDomain, "migrateSetMaxDowntime",
-                        lambda self, downtime, flags=0: calls.append(("downtime", downtime)) or 0)
-    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
-                        lambda self, dconnuri, params, flags=0: calls.append(("p2p", dconnuri, params, flags)) or 0)
+    monkeypatch.setattr(
+        libvirt.virDomain,
+        "migrateSetMaxDowntime",
+        lambda self, downtime, flags=0: calls.append(("downtime", downtime)) or 0,
+    )
+    monkeypatch.setattr(
+        libvirt.virDomain,
+        "migrateToURI3",
+        lambda self, dconnuri, params, flags=0: calls.append(("p2p", dconnuri, params, flags)) or 0,
+    )
     return calls
 
 
@@ -645,7 +658,7 @@ def test_migrate_with_tls_asks_libvirt_for_it(hv, make_domain_xml, record_migrat
     hv.migrate(uuid, "qemu+tls://10.77.0.2/system", migration_uri="tcp://10.77.0.2", tls=True)
     hv.migrate(uuid, "qemu+tls://10.77.0.2/system", migration_uri="tcp://10.77.0.2")
     flags = [call[3] for call in record_migration if call[0] == "p2p"]
-    assert [bool(f & libvirt.VIR_MIGRATE_TLS) for f in flags] == [True, False]   # only when asked
+    assert [bool(f & libvirt.VIR_MIGRATE_TLS) for f in flags] == [True, False]  # only when asked
     assert all(f & libvirt.VIR_MIGRATE_LIVE and f & libvirt.VIR_MIGRATE_PEER2PEER for f in flags)
 
 
@@ -653,8 +666,9 @@ def test_migrate_offline_style_flags(hv, make_domain_xml, record_migration):
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)
     hv.migrate(uuid, "qemu+unix:///system?socket=/tmp/b/libvirt-sock", live=False)
-    assert record_migration == [("p2p", "qemu+unix:///system?socket=/tmp/b/libvirt-sock", {},
-                                 libvirt.VIR_MIGRATE_PEER2PEER)]
+    assert record_migration == [
+        ("p2p", "qemu+unix:///system?socket=/tmp/b/libvirt-sock", {}, libvirt.VIR_MIGRATE_PEER2PEER)
+    ]
 
 
 def test_migrate_rejects_non_positive_downtime(hv, make_domain_xml, record_migration):
@@ -682,28 +696,32 @@ def running_after_its_start_event(hv, make_domain_xml, name="vm1", seen: queue.Q
 def count_lookups(monkeypatch):
     lookups = []
     real = libvirt.virConnect.lookupByUUIDString
-    monkeypatch.setattr(libvirt.virConnect, "lookupByUUIDString",
-                        lambda self, uuid: lookups.append(uuid) or real(self, uuid))
+    monkeypatch.setattr(
+        libvirt.virConnect, "lookupByUUIDString", lambda self, uuid: lookups.append(uuid) or real(self, uuid)
+    )
     return lookups
 
 
-def test_migrate_takes_a_current_setup_without_calling_libvirt_again(hv, make_domain_xml, record_migration,
-                                                                      count_lookups):
+def test_migrate_takes_a_current_setup_without_calling_libvirt_again(
+    hv, make_domain_xml, record_migration, count_lookups
+):
     uuid, _ = running_after_its_start_event(hv, make_domain_xml)
     setup = hv.prepare_migration(uuid, 250)
     assert (setup.uuid, setup.max_downtime_ms, setup.persistent) == (uuid, 250, False)
     assert record_migration == [("downtime", 250)] and count_lookups == [uuid]
     hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", max_downtime_ms=250, setup=setup)
-    assert count_lookups == [uuid]   # not looked up again, and the downtime not set again
-    assert record_migration == [("downtime", 250), ("p2p", "qemu+tcp://10.77.0.2/system", {},
-                                                    libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER)]
+    assert count_lookups == [uuid]  # not looked up again, and the downtime not set again
+    assert record_migration == [
+        ("downtime", 250),
+        ("p2p", "qemu+tcp://10.77.0.2/system", {}, libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER),
+    ]
 
 
 def test_a_setup_is_made_again_after_a_lifecycle_event_of_its_domain(hv, make_domain_xml, record_migration):
     uuid, seen = running_after_its_start_event(hv, make_domain_xml)
     other, _ = running_after_its_start_event(hv, make_domain_xml, "vm2", seen)
     setup = hv.prepare_migration(uuid, 250)
-    hv.connection.lookupByUUIDString(other).suspend()     # another domain's event changes nothing
+    hv.connection.lookupByUUIDString(other).suspend()  # another domain's event changes nothing
     assert seen.get(timeout=10) == (other, "suspended")
     assert hv.setup_is_current(setup, uuid, 250)
     hv.connection.lookupByUUIDString(uuid).suspend()
@@ -711,7 +729,7 @@ def test_a_setup_is_made_again_after_a_lifecycle_event_of_its_domain(hv, make_do
     assert [seen.get(timeout=10) for _ in range(2)] == [(uuid, "suspended"), (uuid, "resumed")]
     assert not hv.setup_is_current(setup, uuid, 250)
     hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", max_downtime_ms=250, setup=setup)
-    assert [call[0] for call in record_migration] == ["downtime", "downtime", "p2p"]   # applied again
+    assert [call[0] for call in record_migration] == ["downtime", "downtime", "p2p"]  # applied again
 
 
 def test_a_setup_for_another_downtime_or_domain_is_not_current(hv, make_domain_xml, record_migration):
@@ -722,7 +740,11 @@ def test_a_setup_for_another_downtime_or_domain_is_not_current(hv, make_domain_x
     assert not hv.setup_is_current(setup, uuid, 500)
     assert not hv.setup_is_current(setup, other, 250)
     hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", max_downtime_ms=500, setup=setup)
-    assert [call[:2] for call in record_migration] == [("downtime", 250), ("downtime", 500), ("p2p", "qemu+tcp://10.77.0.2/system")]
+    assert [call[:2] for call in record_migration] == [
+        ("downtime", 250),
+        ("downtime", 500),
+        ("p2p", "qemu+tcp://10.77.0.2/system"),
+    ]
 
 
 def test_without_lifecycle_events_no_setup_is_current(node_uri, make_domain_xml, record_migration):
@@ -749,13 +771,13 @@ def test_prepare_migration_errors_are_migrate_errors(hv, make_domain_xml):
     assert err.value.op == "migrate"
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)
-    with pytest.raises(HypervisorError) as err:   # the test driver has no maximum downtime
+    with pytest.raises(HypervisorError) as err:  # the test driver has no maximum downtime
         hv.prepare_migration(uuid, 300)
     assert err.value.op == "migrate" and err.value.code == libvirt.VIR_ERR_NO_SUPPORT
     assert "cannot set the maximum downtime to 300 ms" in str(err.value)
     with pytest.raises(ValueError):
         hv.prepare_migration(uuid, 0)
-    assert hv.prepare_migration(uuid).persistent is False   # without a downtime: nothing to set
+    assert hv.prepare_migration(uuid).persistent is False  # without a downtime: nothing to set
 
 
 def test_managed_migrate_uses_a_destination_connection(hv, make_domain_xml, monkeypatch):
@@ -797,8 +819,9 @@ def test_migrate_that_completes_while_being_aborted_succeeds(hv, make_domain_xml
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)
     abort_requested = threading.Event()
-    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
-                        lambda self, dconnuri, params, flags=0: abort_requested.wait(60) and 0)
+    monkeypatch.setattr(
+        libvirt.virDomain, "migrateToURI3", lambda self, dconnuri, params, flags=0: abort_requested.wait(60) and 0
+    )
     monkeypatch.setattr(libvirt.virDomain, "abortJob", lambda self, flags=0: abort_requested.set() or 0)
     hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", timeout_s=0.2)  # no exception
     assert abort_requested.is_set()
@@ -808,8 +831,9 @@ def test_migrate_timeout_when_abort_is_unsupported(hv, make_domain_xml, monkeypa
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)
     release = threading.Event()
-    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
-                        lambda self, dconnuri, params, flags=0: release.wait(60) and 0)
+    monkeypatch.setattr(
+        libvirt.virDomain, "migrateToURI3", lambda self, dconnuri, params, flags=0: release.wait(60) and 0
+    )
     hv.abort_wait_s = 0.2  # how long the driver waits for the migrate call after the abort
     try:
         with pytest.raises(HypervisorTimeout) as err:
@@ -856,21 +880,24 @@ class HealthLog:
 
 @pytest.fixture
 def supervised(node_uri):
-    with Hypervisor(node_uri, call_timeout_s=10.0, reconnect=True, reconnect_delay_s=0.01,
-                    reconnect_max_delay_s=0.05) as driver:
+    with Hypervisor(
+        node_uri, call_timeout_s=10.0, reconnect=True, reconnect_delay_s=0.01, reconnect_max_delay_s=0.05
+    ) as driver:
         yield driver
 
 
-def test_a_call_on_a_dead_connection_is_unavailable_and_the_driver_reconnects(supervised, make_domain_xml,
-                                                                               monkeypatch):
+def test_a_call_on_a_dead_connection_is_unavailable_and_the_driver_reconnects(supervised, make_domain_xml, monkeypatch):
     hv = supervised
     health = HealthLog(hv)
     dead = hv.connection
     first = hv.generation
     # libvirt fails the call and says the connection is no longer alive (libvirtd went away)
     monkeypatch.setattr(libvirt.virConnect, "isAlive", lambda self: 0 if self is dead else 1)
-    monkeypatch.setattr(libvirt.virConnect, "listAllDomains",
-                        lambda self, flags=0: (_ for _ in ()).throw(_libvirt_error("client socket is closed")))
+    monkeypatch.setattr(
+        libvirt.virConnect,
+        "listAllDomains",
+        lambda self, flags=0: (_ for _ in ()).throw(_libvirt_error("client socket is closed")),
+    )
     with pytest.raises(HypervisorUnavailable) as err:
         hv.list_domains()
     assert isinstance(err.value, HypervisorError) and err.value.op == "list_domains"
@@ -891,7 +918,8 @@ def test_a_call_on_a_dead_connection_is_unavailable_and_the_driver_reconnects(su
 
 
 def test_while_libvirtd_is_gone_calls_fail_at_once_and_the_close_callback_starts_a_reconnect(
-        supervised, make_domain_xml, monkeypatch):
+    supervised, make_domain_xml, monkeypatch
+):
     hv = supervised
     health = HealthLog(hv)
     uuid, xml = make_domain_xml("vm1")
@@ -905,8 +933,9 @@ def test_while_libvirtd_is_gone_calls_fail_at_once_and_the_close_callback_starts
     monkeypatch.setattr(libvirt, "open", no_libvirtd)
     lookups = []
     original_lookup = libvirt.virConnect.lookupByUUIDString
-    monkeypatch.setattr(libvirt.virConnect, "lookupByUUIDString",
-                        lambda self, u: lookups.append(u) or original_lookup(self, u))
+    monkeypatch.setattr(
+        libvirt.virConnect, "lookupByUUIDString", lambda self, u: lookups.append(u) or original_lookup(self, u)
+    )
     # what libvirt's event loop calls when libvirtd closes the socket
     hv._on_close(hv.connection, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
     assert refused.wait(30)
@@ -915,13 +944,13 @@ def test_while_libvirtd_is_gone_calls_fail_at_once_and_the_close_callback_starts
         with pytest.raises(HypervisorUnavailable) as err:
             call()
         assert "not connected" in str(err.value)
-    assert lookups == []      # nothing reached libvirt
+    assert lookups == []  # nothing reached libvirt
     assert not hv.is_alive()
     assert "libvirtd went away" in health.wait_health(HEALTH_DOWN)
-    monkeypatch.setattr(libvirt, "open", _REAL_OPEN)   # libvirtd is back
+    monkeypatch.setattr(libvirt, "open", _REAL_OPEN)  # libvirtd is back
     health.wait_reconnects(1)
     assert hv.health == HEALTH_OK
-    assert hv.list_domains() == []   # a test:/// file host starts empty on a new connection
+    assert hv.list_domains() == []  # a test:/// file host starts empty on a new connection
 
 
 def test_a_close_callback_of_a_replaced_connection_changes_nothing(supervised):
@@ -932,18 +961,17 @@ def test_a_close_callback_of_a_replaced_connection_changes_nothing(supervised):
     health.wait_reconnects(1)
     assert "keepalive" in health.wait_health(HEALTH_DOWN)
     generation, current = hv.generation, hv.connection
-    hv._on_close(old, libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT, None)   # the old one, closed late
+    hv._on_close(old, libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT, None)  # the old one, closed late
     assert hv.generation == generation and hv.connection is current and hv.health == HEALTH_OK
     assert health.reconnects == 1
 
 
-def test_a_hung_libvirtd_is_found_by_a_probe_and_the_connection_replaced(supervised, make_domain_xml,
-                                                                          monkeypatch):
+def test_a_hung_libvirtd_is_found_by_a_probe_and_the_connection_replaced(supervised, make_domain_xml, monkeypatch):
     hv = supervised
     health = HealthLog(hv)
     uuid, xml = make_domain_xml("vm1")
     hv.create(xml)
-    stopped = threading.Event()   # set: libvirtd answers again (SIGCONT)
+    stopped = threading.Event()  # set: libvirtd answers again (SIGCONT)
     opens = threading.Event()
 
     def hang(*_args, **_kwargs):
@@ -963,7 +991,7 @@ def test_a_hung_libvirtd_is_found_by_a_probe_and_the_connection_replaced(supervi
         with pytest.raises(HypervisorTimeout):
             hv.memory_mib(uuid)
         assert "probe" in health.wait_health(HEALTH_HUNG)
-        assert opens.wait(30)          # replacing it, while libvirtd still does not answer
+        assert opens.wait(30)  # replacing it, while libvirtd still does not answer
         with pytest.raises(HypervisorUnavailable):
             hv.status(uuid)
     finally:
@@ -984,7 +1012,7 @@ def test_close_ends_the_supervision(node_uri, monkeypatch):
 
     monkeypatch.setattr(libvirt, "open", refused)
     hv._on_close(hv.connection, libvirt.VIR_CONNECT_CLOSE_REASON_EOF, None)
-    assert attempts.acquire(timeout=30) and attempts.acquire(timeout=30)   # retrying
+    assert attempts.acquire(timeout=30) and attempts.acquire(timeout=30)  # retrying
     hv.close()
     assert hv.health == HEALTH_DOWN and not hv.connected
     supervisors = [t for t in threading.enumerate() if t.name == "libvirt-reconnect"]
@@ -1008,7 +1036,7 @@ def test_a_call_on_a_connection_closed_under_it_is_unavailable(supervised, monke
     conn, generation = hv._connection("list_domains", None)
     refused = threading.Event()
     monkeypatch.setattr(libvirt, "open", lambda uri: refused.set() or (_ for _ in ()).throw(_libvirt_error("refused")))
-    conn.close()   # what retiring a lost connection does
+    conn.close()  # what retiring a lost connection does
     with pytest.raises(HypervisorUnavailable):
         hv._run("list_domains", None, _guarded(conn, lambda: conn.listAllDomains(0)), None, generation=generation)
     assert refused.wait(30) and not hv.connected
@@ -1038,4 +1066,4 @@ def test_no_migration_job_moves_on_an_idle_or_unknown_domain(hv, make_domain_xml
     assert hv.migration_job_moving(uuid) is False
     assert hv.migration_job_moving(str(uuidlib.uuid4())) is False
     hv.close()
-    assert hv.migration_job_moving(uuid) is False   # no connection: not asked
+    assert hv.migration_job_moving(uuid) is False  # no connection: not asked

@@ -1,4 +1,5 @@
 """Invalid values found in ZooKeeper are logged once per version of their key, and counted."""
+
 from __future__ import annotations
 
 import logging
@@ -16,10 +17,10 @@ def test_each_version_of_a_bad_key_is_reported_once_and_counted(caplog):
     problem = Invalid(PATH, "a JSON object", "42")
     with caplog.at_level(logging.ERROR):
         assert invalid.report(problem, "migration", 3)
-        assert not invalid.report(problem, "migration", 3)      # every later pass: quiet
-        assert invalid.report(problem, "migration", 4)          # a new bad version: reported
-        invalid.valid(PATH)                                     # fixed (or gone) ...
-        assert invalid.report(problem, "migration", 4)          # ... and bad again: reported
+        assert not invalid.report(problem, "migration", 3)  # every later pass: quiet
+        assert invalid.report(problem, "migration", 4)  # a new bad version: reported
+        invalid.valid(PATH)  # fixed (or gone) ...
+        assert invalid.report(problem, "migration", 4)  # ... and bad again: reported
         assert invalid.report(Invalid("/pvc/x", "y", "z"), "no such kind", 1)
     assert caplog.text.count(f"invalid value in ZooKeeper: {PATH}: '42' is not valid; expected a JSON object") == 3
     assert metrics.registry.get_sample_value("pvc_invalid_values_total", {"kind": "migration"}) == 3

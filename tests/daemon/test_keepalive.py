@@ -1,4 +1,5 @@
 """The keepalive against a real ZooKeeper and libvirt's test driver."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ pytestmark = pytest.mark.zk
 def xml(name, memory, unit, vcpus):
     uuid = str(uuidlib.uuid4())
     unit_attr = f" unit='{unit}'" if unit else ""
-    return uuid, (f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory{unit_attr}>{memory}</memory>"
-                  f"<vcpu>{vcpus}</vcpu><os><type>hvm</type></os><devices/></domain>")
+    return uuid, (
+        f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory{unit_attr}>{memory}</memory>"
+        f"<vcpu>{vcpus}</vcpu><os><type>hvm</type></os><devices/></domain>"
+    )
 
 
 def libvirt_ground_truth(domain_xml):
@@ -53,9 +56,15 @@ def host(tmp_path):
 
 @pytest.fixture
 def config(zk_server, zk_root):
-    return parse_config({"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")},
-                         "intervals": {"keepalive_s": 1}, "libvirt": {"call_timeout_s": 5},
-                         "memory": {"reserve_mib": 512}})
+    return parse_config(
+        {
+            "node": "n1",
+            "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")},
+            "intervals": {"keepalive_s": 1},
+            "libvirt": {"call_timeout_s": 5},
+            "memory": {"reserve_mib": 512},
+        }
+    )
 
 
 @pytest.fixture
@@ -75,8 +84,14 @@ def make_keepalive(store, host, config):
 def add(store, table, uuid, text, node, state):
     info = parse_domain_xml(text)
     table.update(uuid, name=info.name, node=node, state=state, memory_mib=info.memory_mib, vcpus=info.vcpus)
-    store.commit({store.schema.domain(uuid): info.name, store.schema.domain_key(uuid, S.DOMAIN_XML): text,
-                  store.schema.domain_key(uuid, S.DOMAIN_NODE): node, store.schema.domain_key(uuid, S.DOMAIN_STATE): state})
+    store.commit(
+        {
+            store.schema.domain(uuid): info.name,
+            store.schema.domain_key(uuid, S.DOMAIN_XML): text,
+            store.schema.domain_key(uuid, S.DOMAIN_NODE): node,
+            store.schema.domain_key(uuid, S.DOMAIN_STATE): state,
+        }
+    )
 
 
 def test_memory_accounting_is_exact_against_libvirt(store, host, make_keepalive):
@@ -87,8 +102,14 @@ def test_memory_accounting_is_exact_against_libvirt(store, host, make_keepalive)
     disabled = xml("disabled-bytes", 1610612736, "bytes", 2)
     elsewhere = xml("elsewhere", 2, "GiB", 1)
     incoming = xml("incoming", 256, "MiB", 1)
-    for (uuid, text), node, state in ((running, "n1", "start"), (paused, "n1", "start"), (stopped, "n1", "stop"),
-                                      (disabled, "n1", "disable"), (elsewhere, "n2", "start"), (incoming, "n1", "start")):
+    for (uuid, text), node, state in (
+        (running, "n1", "start"),
+        (paused, "n1", "start"),
+        (stopped, "n1", "stop"),
+        (disabled, "n1", "disable"),
+        (elsewhere, "n2", "start"),
+        (incoming, "n1", "start"),
+    ):
         add(store, table, uuid, text, node, state)
     host.create(running[1])
     host.create(paused[1])
@@ -97,17 +118,21 @@ def test_memory_accounting_is_exact_against_libvirt(store, host, make_keepalive)
     store.commit({store.schema.node_reservation("n1", incoming[0]): 256})
 
     keepalive = make_keepalive(table)
-    assert keepalive.tick(wait_for_read_s=30)   # with vm-thread's figures of this very state
+    assert keepalive.tick(wait_for_read_s=30)  # with vm-thread's figures of this very state
 
-    truth = {name: libvirt_ground_truth(text) for name, (_, text) in
-             {"running": running, "paused": paused, "stopped": stopped, "disabled": disabled}.items()}
+    truth = {
+        name: libvirt_ground_truth(text)
+        for name, (_, text) in {"running": running, "paused": paused, "stopped": stopped, "disabled": disabled}.items()
+    }
     key = lambda k: int(store.read(store.schema.node_key("n1", k)))  # noqa: E731
     assert key(S.NODE_MEMALLOC) == truth["running"][0] + truth["paused"][0]
     assert key(S.NODE_MEMPROV) == sum(mib for mib, _ in truth.values())
     assert key(S.NODE_VCPUALLOC) == truth["running"][1] + truth["paused"][1]
     assert key(S.NODE_DOMAINCOUNT) == 2
     assert key(S.NODE_MEMRESERVE) == 512
-    assert sorted(json.loads(store.read(store.schema.node_key("n1", S.NODE_RUNNINGDOMAINS)))) == sorted([running[0], paused[0]])
+    assert sorted(json.loads(store.read(store.schema.node_key("n1", S.NODE_RUNNINGDOMAINS)))) == sorted(
+        [running[0], paused[0]]
+    )
     total, used, free = (key(k) for k in (S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE))
     assert total > 0 and used + free <= total
     # statistics only for the running VM
@@ -132,7 +157,9 @@ def node_key(store, key):
     return store.read_versioned(store.schema.node_key("n1", key))
 
 
-def test_a_hung_libvirt_never_delays_the_keepalive_and_its_figures_go_out_as_stale(store, host, make_keepalive, monkeypatch):
+def test_a_hung_libvirt_never_delays_the_keepalive_and_its_figures_go_out_as_stale(
+    store, host, make_keepalive, monkeypatch
+):
     table = DomainTable()
     vm = xml("hangs", 128, "MiB", 1)
     add(store, table, *vm, "n1", "start")
@@ -148,25 +175,25 @@ def test_a_hung_libvirt_never_delays_the_keepalive_and_its_figures_go_out_as_sta
 
     def hang(*_args, **_kwargs):
         entered.set()
-        release.wait(120)   # a libvirt call stuck until the test lets it go (libvirtd hung)
+        release.wait(120)  # a libvirt call stuck until the test lets it go (libvirtd hung)
         raise HypervisorError("host_memory", None, None, "timed out")
 
     monkeypatch.setattr(host, "host_memory_mib", hang)
     monkeypatch.setattr(host, "running_figures", hang)
     try:
         keepalive.reader.request()
-        assert entered.wait(30)                     # vm-thread is stuck in libvirt now
+        assert entered.wait(30)  # vm-thread is stuck in libvirt now
         before = node_key(store, S.NODE_KEEPALIVE)
-        keepalive.clock = lambda: time.time() + 100   # as if libvirtd had hung for 100 s
-        assert keepalive.tick()                     # returns at once: it never calls libvirt
+        keepalive.clock = lambda: time.time() + 100  # as if libvirtd had hung for 100 s
+        assert keepalive.tick()  # returns at once: it never calls libvirt
         assert not release.is_set() and node_key(store, S.NODE_KEEPALIVE) != before
         # the last figures go out, marked stale with their age: never zeros
         assert {k: node_key(store, k)[0] for k in fresh} == fresh
         assert node_key(store, S.NODE_FIGURES_STALE)[0] == "true"
         assert float(node_key(store, S.NODE_FIGURES_AGE)[0]) >= 100
-        assert int(node_key(store, S.NODE_MEMPROV)[0]) == 128   # memprov needs no libvirt
+        assert int(node_key(store, S.NODE_MEMPROV)[0]) == 128  # memprov needs no libvirt
         stamp = node_key(store, S.NODE_KEEPALIVE)
-        assert keepalive.tick()                     # and again: nothing piles up
+        assert keepalive.tick()  # and again: nothing piles up
         assert node_key(store, S.NODE_KEEPALIVE)[1] > stamp[1]
     finally:
         release.set()
@@ -186,8 +213,8 @@ def test_unreadable_host_memory_keeps_the_last_figures_marked_by_their_age(store
     monkeypatch.setattr(host, "host_memory_mib", fails)
     stamp = node_key(store, S.NODE_KEEPALIVE)
     assert keepalive.tick(wait_for_read_s=30)
-    assert keepalive.reader.latest().host_at == read_at   # the pass ran and kept the last host figures
-    assert node_key(store, S.NODE_KEEPALIVE) != stamp            # the keepalive itself went out
+    assert keepalive.reader.latest().host_at == read_at  # the pass ran and kept the last host figures
+    assert node_key(store, S.NODE_KEEPALIVE) != stamp  # the keepalive itself went out
     assert {k: node_key(store, k)[0] for k in before} == before  # the same figures, not zeros
     keepalive.clock = lambda: read_at + 100
     assert keepalive.tick()
@@ -205,9 +232,15 @@ def test_a_domain_shutting_down_still_counts_as_running_here(store, host, make_k
     # The test driver shuts a domain off at once; libvirt reports this state while a guest runs
     # its shutdown, so the domain's state() says so here.
     real_state = libvirt.virDomain.state
-    monkeypatch.setattr(libvirt.virDomain, "state", lambda dom, flags=0: (
-        [libvirt.VIR_DOMAIN_SHUTDOWN, libvirt.VIR_DOMAIN_SHUTDOWN_USER] if dom.UUIDString() == stopping[0]
-        else real_state(dom, flags)))
+    monkeypatch.setattr(
+        libvirt.virDomain,
+        "state",
+        lambda dom, flags=0: (
+            [libvirt.VIR_DOMAIN_SHUTDOWN, libvirt.VIR_DOMAIN_SHUTDOWN_USER]
+            if dom.UUIDString() == stopping[0]
+            else real_state(dom, flags)
+        ),
+    )
     assert make_keepalive(table).tick(wait_for_read_s=30)
     key = lambda k: int(store.read(store.schema.node_key("n1", k)))  # noqa: E731
     assert key(S.NODE_MEMALLOC) == 384
@@ -231,7 +264,7 @@ def test_a_growth_reservation_is_folded_only_once_the_table_counts_the_new_size(
     keepalive = make_keepalive(table)
     memprov = lambda: int(store.read(store.schema.node_key("n1", S.NODE_MEMPROV)))  # noqa: E731
     assert keepalive.tick(wait_for_read_s=30)
-    assert store.read(reservation) == "3072" and memprov() == 0   # covered by the reservation alone
-    table.update(uuid, memory_mib=3072)                           # the watch delivered the new XML
+    assert store.read(reservation) == "3072" and memprov() == 0  # covered by the reservation alone
+    table.update(uuid, memory_mib=3072)  # the watch delivered the new XML
     assert keepalive.tick(wait_for_read_s=30)
     assert store.read(reservation) is None and memprov() == 3072

@@ -169,7 +169,12 @@ def test_states_of_their_own_are_info_records_marked_with_their_letter():
         logger.info("i")
         logger.debug("d")
     assert [(r.levelno, getattr(r, "state", None)) for r in records] == [
-        (logging.INFO, "o"), (logging.INFO, "s"), (logging.INFO, "t"), (logging.INFO, None), (logging.DEBUG, None)]
+        (logging.INFO, "o"),
+        (logging.INFO, "s"),
+        (logging.INFO, "t"),
+        (logging.INFO, None),
+        (logging.DEBUG, None),
+    ]
 
 
 def test_importing_the_module_changes_nothing_in_logging():
@@ -219,7 +224,8 @@ def test_control_characters_in_a_message_cannot_forge_a_line():
     assert len(lines) == 1, lines
     assert lines[0].endswith(
         " [main-thread] VM web1\\n2024/05/01 12:00:00.000000 \\x1b[92m>>>\\x1b[0m [main-thread] VM evil: migrated"
-        "\\r\\t\\x00\\x7f\\x9b\\u2028: started"), lines[0]
+        "\\r\\t\\x00\\x7f\\x9b\\u2028: started"
+    ), lines[0]
     assert lines[0].count("\033") == 2  # the prompt's own colour and reset only
 
 
@@ -356,6 +362,8 @@ def test_every_daemon_module_gets_its_logger_from_get_logger():
         for node in ast.parse(source.read_text()).body:
             if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "log" for t in node.targets):
                 call = node.value
-                if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "get_logger"):
+                if not (
+                    isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "get_logger"
+                ):
                     wrong.append(f"{source.name}:{node.lineno}")
     assert not wrong, f"module loggers not made by log.get_logger(__name__): {wrong}"

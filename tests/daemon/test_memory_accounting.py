@@ -1,6 +1,7 @@
 """The memory invariant (docs/architecture.md, "Memory accounting") with daemons as real
 processes: a node's published memprov and its reservations cover every VM assigned to it at
 every instant, through starts, restarts, migration ends, aborts, flushes and readies."""
+
 from __future__ import annotations
 
 import time
@@ -110,8 +111,11 @@ def grow(cluster, uuid, name, memory_mib):
     values, expect, create = growth_reservation(cluster.store, vm, memory_mib)
     _, xml = domain_xml(name, memory=str(memory_mib), uuid=uuid)
     values[cluster.schema.domain_key(uuid, S.DOMAIN_XML)] = xml
-    cluster.store.commit(values, expect_versions={cluster.schema.domain_key(uuid, S.DOMAIN_NODE): vm.node_version,
-                                                  **expect}, create=create)
+    cluster.store.commit(
+        values,
+        expect_versions={cluster.schema.domain_key(uuid, S.DOMAIN_NODE): vm.node_version, **expect},
+        create=create,
+    )
 
 
 def test_a_vm_whose_memory_grows_is_covered_at_once_until_its_node_counts_it(make_cluster):
@@ -145,10 +149,12 @@ def test_a_growth_that_does_not_fit_its_node_is_refused_with_nothing_written(mak
     cluster.daemons["node1"].start()
     cluster.wait_node_state("node1", "run")
     reserve = int(cluster.store.read(cluster.schema.node_key("node1", S.NODE_MEMRESERVE)) or 0)
-    room = 4 * GIB - reserve - GIB          # what node1 has besides the VM's own 1 GiB
-    with pytest.raises(RequestError, match=f"would grow from {GIB} to {GIB + room + 1} MiB, but node node1 has {room} MiB"):
+    room = 4 * GIB - reserve - GIB  # what node1 has besides the VM's own 1 GiB
+    with pytest.raises(
+        RequestError, match=f"would grow from {GIB} to {GIB + room + 1} MiB, but node node1 has {room} MiB"
+    ):
         growth_reservation(cluster.store, read_vm(cluster.store, uuid), GIB + room + 1)
-    grow(cluster, uuid, "grower", GIB + room)   # exactly enough
+    grow(cluster, uuid, "grower", GIB + room)  # exactly enough
     assert cluster.store.read(cluster.schema.node_reservation("node1", uuid)) == str(GIB + room)
 
 
@@ -169,8 +175,10 @@ def test_the_target_stays_covered_when_a_migration_ends(make_cluster):
 def test_the_source_stays_covered_when_a_migration_aborts(make_cluster, tmp_path):
     release = tmp_path / "release"
     cluster = make_cluster(keepalive_s=1)
-    cluster.add("node1", env={"PVC_NODE_DAEMON_PAUSE_AT": "source:before-transfer",
-                              "PVC_NODE_DAEMON_PAUSE_RELEASE": str(release)})
+    cluster.add(
+        "node1",
+        env={"PVC_NODE_DAEMON_PAUSE_AT": "source:before-transfer", "PVC_NODE_DAEMON_PAUSE_RELEASE": str(release)},
+    )
     make_ready(cluster, ["node1", "node2"])
     # live only: the test driver cannot migrate live, so the migration aborts back to node1
     uuid = define(cluster, "stayer", "node1", memory_mib=2 * GIB, meta={S.META_MIGRATION_METHOD: "live"})

@@ -18,7 +18,13 @@ from pvc_cluster_common._requests import request_vm
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.context import DaemonContext
 from pvc_node_daemon.domains import DomainTable
-from pvc_node_daemon.hypervisor import Hypervisor, HypervisorError, HypervisorTimeout, HypervisorUnavailable, MigrationSetup
+from pvc_node_daemon.hypervisor import (
+    Hypervisor,
+    HypervisorError,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    MigrationSetup,
+)
 from pvc_node_daemon.migration import ASK, Migration, MigrationAgent
 from tests.support.identities import node_auth
 
@@ -33,13 +39,19 @@ def cluster(store):
     schema = store.schema
     values = {}
     for node in ("n1", "n2", "n3"):
-        values.update({schema.node(node): "", schema.node_key(node, S.NODE_DAEMON_STATE): "run",
-                       schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
-                       schema.node_key(node, S.NODE_MEMTOTAL): 16384, schema.node_key(node, S.NODE_MEMPROV): 0,
-                       schema.node_key(node, S.NODE_MEMRESERVE): 0,
-                       # made by each node's daemon when it registers: another node may reserve in
-                       # it (an abort gives the VM back to its source) but not create it
-                       schema.node_reservations(node): ""})
+        values.update(
+            {
+                schema.node(node): "",
+                schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+                schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
+                schema.node_key(node, S.NODE_MEMTOTAL): 16384,
+                schema.node_key(node, S.NODE_MEMPROV): 0,
+                schema.node_key(node, S.NODE_MEMRESERVE): 0,
+                # made by each node's daemon when it registers: another node may reserve in
+                # it (an abort gives the VM back to its source) but not create it
+                schema.node_reservations(node): "",
+            }
+        )
     uuid, xml = domain_xml("m1", memory="256")
     values.update(vm_definition(schema, uuid, "m1", xml, "n1", "start"))
     store.commit(values)
@@ -53,8 +65,15 @@ def make_agent(zk_server, zk_root, tmp_path):
     def make(node: str, **sections) -> MigrationAgent:
         from pvc_cluster_common._store import ClusterStore
 
-        config = parse_config({"node": node, "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth(node)},
-                               "libvirt": {"call_timeout_s": 5}, "intervals": {"shutdown_timeout_s": 5}, **sections})
+        config = parse_config(
+            {
+                "node": node,
+                "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth(node)},
+                "libvirt": {"call_timeout_s": 5},
+                "intervals": {"shutdown_timeout_s": 5},
+                **sections,
+            }
+        )
         host = tmp_path / f"{node}.xml"
         host.write_text(NODE_XML.format(kib=16 * 1024 * 1024))
         hypervisor = Hypervisor(f"test://{host}", call_timeout_s=5).open()
@@ -117,7 +136,7 @@ def test_prepare_refuses_only_after_reading_its_states_fresh(cluster, make_agent
 
 def test_prepare_with_a_copy_one_version_behind_still_prepares(cluster, make_agent):
     store, uuid, _ = cluster
-    target = target_with_readiness_frozen(store, uuid, make_agent, "ready")   # the same value, a newer version
+    target = target_with_readiness_frozen(store, uuid, make_agent, "ready")  # the same value, a newer version
     target.handle(uuid, record_of(store, uuid), local_state=None)
     record, _ = record_of(store, uuid)
     assert record.step == "prepared"
@@ -133,14 +152,14 @@ def test_a_side_that_wrote_its_step_arms_the_deadline_of_its_wait(cluster, make_
     source = make_agent("n1")
     source.hypervisor.create(xml)
     woken = []
-    source.deadlines.wake = woken.append   # the reconciler's enqueue, in the daemon
+    source.deadlines.wake = woken.append  # the reconciler's enqueue, in the daemon
     request(store, uuid, "n2")
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, version = record_of(store, uuid)
     assert record.step == "transferred"
     assert uuid in woken
-    source.handle(uuid, (record, version), local_state=None)   # the queued pass
+    source.handle(uuid, (record, version), local_state=None)  # the queued pass
     assert source.deadlines._items[uuid][1] == f"{record.id}:{version}"
 
 
@@ -149,7 +168,7 @@ def test_transfer_rereads_what_it_read_ahead_when_it_changed(cluster, make_agent
     source = make_agent("n1")
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
-    source.handle(uuid, record_of(store, uuid), local_state="running")   # `requested`: reads ahead
+    source.handle(uuid, record_of(store, uuid), local_state="running")  # `requested`: reads ahead
     assert uuid in source._prefetched
     # the method changes after the read ahead, before the transfer
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
@@ -168,7 +187,7 @@ def test_transfer_aborts_when_the_target_changed_after_the_read_ahead(cluster, m
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    store.write({store.schema.domain_key(uuid, S.DOMAIN_NODE): "n3"})   # reassigned by other means
+    store.write({store.schema.domain_key(uuid, S.DOMAIN_NODE): "n3"})  # reassigned by other means
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     final = last_history(store, uuid)
@@ -187,7 +206,7 @@ def test_transfer_aborts_when_the_target_is_lost_after_it_prepared(cluster, make
     calls = []
     monkeypatch.setattr(source.hypervisor, "migrate", lambda *args, **kwargs: calls.append(args))
     request(store, uuid, "n2")
-    source.handle(uuid, record_of(store, uuid), local_state="running")   # reads ahead: n2 is run
+    source.handle(uuid, record_of(store, uuid), local_state="running")  # reads ahead: n2 is run
     store.write({store.schema.node_key("n2", S.NODE_DAEMON_STATE): state})
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
@@ -214,14 +233,17 @@ def test_transfer_reads_again_when_a_key_read_ahead_changed(cluster, make_agent)
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
-    assert reads == [uuid]      # the stale read ahead was caught by its version check, then re-read
+    assert reads == [uuid]  # the stale read ahead was caught by its version check, then re-read
     assert (record.step, record.method, record.method_used) == ("transferred", "shutdown", "shutdown")
 
 
-@pytest.mark.parametrize("meta", [
-    {S.META_MIGRATION_METHOD: "shutdown", S.META_MIGRATION_MAX_DOWNTIME_MS: 300},
-    {S.META_MIGRATION_METHOD: "shutdown"},    # no live migration: its maximum downtime does not matter
-])
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {S.META_MIGRATION_METHOD: "shutdown", S.META_MIGRATION_MAX_DOWNTIME_MS: 300},
+        {S.META_MIGRATION_METHOD: "shutdown"},  # no live migration: its maximum downtime does not matter
+    ],
+)
 def test_transfer_starts_from_the_keys_read_ahead(cluster, make_agent, meta):
     store, uuid, xml = cluster
     for key, value in meta.items():
@@ -254,8 +276,9 @@ def test_transfer_reads_again_when_a_key_it_depends_on_was_not_set(cluster, make
     method = store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD)
     assert source.checkable(Migration(uuid, record, version, inputs=dict(inputs, **{method: ("live", 0)})))
     node = store.schema.domain_key(uuid, S.DOMAIN_NODE)
-    assert not source.checkable(Migration(uuid, replace(record, force_live=True), version,
-                                          inputs=dict(inputs, **{node: None})))
+    assert not source.checkable(
+        Migration(uuid, replace(record, force_live=True), version, inputs=dict(inputs, **{node: None}))
+    )
 
 
 def test_target_ends_a_live_migration_when_its_copy_runs(cluster, make_agent):
@@ -265,9 +288,9 @@ def test_target_ends_a_live_migration_when_its_copy_runs(cluster, make_agent):
     target = make_agent("n2")
     request(store, uuid, "n2")
     rewrite_record(store, uuid, step="transferring", method_used="live")
-    target.handle(uuid, record_of(store, uuid), local_state="paused")      # still copying: waits
+    target.handle(uuid, record_of(store, uuid), local_state="paused")  # still copying: waits
     assert record_of(store, uuid)[0].step == "transferring"
-    target.handle(uuid, record_of(store, uuid), local_state="running")     # resumed here
+    target.handle(uuid, record_of(store, uuid), local_state="running")  # resumed here
     final = last_history(store, uuid)
     assert (final["result"], final["method_used"]) == ("done", "live") and "transferred" not in final["steps"]
     assert record_of(store, uuid) == (None, -1)
@@ -299,7 +322,7 @@ def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_a
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
     assert (record.step, record.method, record.method_used) == ("transferred", "default", "shutdown")
-    assert record.fallback_reason   # n2 published no address: tried at qemu+tls://n2/system, by its name
+    assert record.fallback_reason  # n2 published no address: tried at qemu+tls://n2/system, by its name
 
 
 @pytest.fixture
@@ -308,10 +331,14 @@ def live_source(cluster, make_agent, monkeypatch):
     libvirt's migration calls recorded (the test driver has none) as (call, argument)."""
     store, uuid, xml = cluster
     calls = []
-    monkeypatch.setattr(libvirt.virDomain, "migrateSetMaxDowntime",
-                        lambda self, downtime, flags=0: calls.append(("downtime", downtime)) or 0)
-    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
-                        lambda self, dconnuri, params, flags=0: calls.append(("p2p", dconnuri)) or 0)
+    monkeypatch.setattr(
+        libvirt.virDomain,
+        "migrateSetMaxDowntime",
+        lambda self, downtime, flags=0: calls.append(("downtime", downtime)) or 0,
+    )
+    monkeypatch.setattr(
+        libvirt.virDomain, "migrateToURI3", lambda self, dconnuri, params, flags=0: calls.append(("p2p", dconnuri)) or 0
+    )
     store.write({store.schema.node_key("n2", S.NODE_ADDRESS): "10.77.0.2"})
     source = make_agent("n1")
     events: queue.Queue = queue.Queue()
@@ -327,7 +354,7 @@ def test_a_live_transfer_starts_with_the_libvirt_setup_made_at_requested(live_so
     store, uuid, source, calls = live_source
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS): 250})
     request(store, uuid, "n2")
-    source.handle(uuid, record_of(store, uuid), local_state="running")   # `requested`
+    source.handle(uuid, record_of(store, uuid), local_state="running")  # `requested`
     setup = source._prefetched[uuid].setup
     assert isinstance(setup, MigrationSetup) and (setup.uuid, setup.max_downtime_ms) == (uuid, 250)
     assert calls == [("downtime", 250)]
@@ -354,8 +381,7 @@ def test_a_downtime_changed_after_requested_is_applied_at_the_transfer(live_sour
 def test_the_vms_auto_converge_meta_reaches_the_live_migration(live_source, monkeypatch, stored, expected):
     store, uuid, source, calls = live_source
     flags = []
-    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
-                        lambda self, dconnuri, params, f=0: flags.append(f) or 0)
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3", lambda self, dconnuri, params, f=0: flags.append(f) or 0)
     if stored is not None:
         store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_AUTO_CONVERGE): stored})
     request(store, uuid, "n2")
@@ -367,18 +393,21 @@ def test_the_vms_auto_converge_meta_reaches_the_live_migration(live_source, monk
     assert reported == ([store.schema.domain_meta(uuid, S.META_MIGRATION_AUTO_CONVERGE)] if stored == "maybe" else [])
 
 
-@pytest.mark.parametrize("sections, expected", [({}, True), ({"migration": {"tls": True}}, True),
-                                                ({"migration": {"tls": False}}, False)])
-def test_a_live_migration_asks_for_tls_as_the_daemon_is_configured(live_source, make_agent, monkeypatch,
-                                                                    sections, expected):
+@pytest.mark.parametrize(
+    "sections, expected", [({}, True), ({"migration": {"tls": True}}, True), ({"migration": {"tls": False}}, False)]
+)
+def test_a_live_migration_asks_for_tls_as_the_daemon_is_configured(
+    live_source, make_agent, monkeypatch, sections, expected
+):
     # migration.tls (default true): QEMU's memory stream goes over TLS (VIR_MIGRATE_TLS), to the
     # target at the default qemu+tls:// template; false only for a libvirt set up without TLS.
     store, uuid, source, _calls = live_source
     seen = []
-    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3",
-                        lambda self, dconnuri, params, f=0: seen.append((dconnuri, params, f)) or 0)
+    monkeypatch.setattr(
+        libvirt.virDomain, "migrateToURI3", lambda self, dconnuri, params, f=0: seen.append((dconnuri, params, f)) or 0
+    )
     if sections:
-        source.hypervisor.close()   # the same node, configured otherwise
+        source.hypervisor.close()  # the same node, configured otherwise
         source = make_agent("n1", **sections)
         source.hypervisor.create(store.read(store.schema.domain_key(uuid, S.DOMAIN_XML)))
     request(store, uuid, "n2")
@@ -424,7 +453,7 @@ def test_an_ended_migration_drops_what_was_read_ahead(live_source):
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     assert uuid in source._prefetched
-    store.delete([store.schema.domain_migration(uuid)])   # ended elsewhere (as a target's abort does)
+    store.delete([store.schema.domain_migration(uuid)])  # ended elsewhere (as a target's abort does)
     source.handle(uuid, record_of(store, uuid), local_state="running")
     assert uuid not in source._prefetched
 
@@ -447,24 +476,32 @@ def test_a_uri_written_into_zookeeper_is_never_opened(cluster, make_agent, marke
     uri, marker = marker_uri
     schema = store.schema
     # The peer's published URIs are hostile; its address is a plain IP address on loopback.
-    store.write({schema.node_key("n2", S.NODE_LIBVIRT_URI): uri, schema.node_key("n2", S.NODE_TRANSPORT_URI): uri,
-                 schema.node_key("n2", S.NODE_ADDRESS): "127.0.0.1"})
+    store.write(
+        {
+            schema.node_key("n2", S.NODE_LIBVIRT_URI): uri,
+            schema.node_key("n2", S.NODE_TRANSPORT_URI): uri,
+            schema.node_key("n2", S.NODE_ADDRESS): "127.0.0.1",
+        }
+    )
     # our own template (port 1 on loopback: the connection is refused at once, nothing leaves the host)
     source = make_agent("n1", migration={"libvirt_uri_template": "qemu+tcp://{address}:1/system"})
-    assert source.peer_uris("n2", schema.node_key("n2", S.NODE_ADDRESS),
-                            store.read_versioned(schema.node_key("n2", S.NODE_ADDRESS))) == (
-        "qemu+tcp://127.0.0.1:1/system", "tcp://127.0.0.1")
-    assert source.peer_state("n2", uuid) == "unknown"   # asked libvirt at our URI: refused
+    assert source.peer_uris(
+        "n2", schema.node_key("n2", S.NODE_ADDRESS), store.read_versioned(schema.node_key("n2", S.NODE_ADDRESS))
+    ) == ("qemu+tcp://127.0.0.1:1/system", "tcp://127.0.0.1")
+    assert source.peer_state("n2", uuid) == "unknown"  # asked libvirt at our URI: refused
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("address", ["qemu+ext:///system?command=/bin/true", "10.0.0.1/system?command=x", "a b",
-                                     "user@host", "[::1]", "host:16509"])
+@pytest.mark.parametrize(
+    "address",
+    ["qemu+ext:///system?command=/bin/true", "10.0.0.1/system?command=x", "a b", "user@host", "[::1]", "host:16509"],
+)
 def test_a_peer_address_that_could_change_the_uri_is_refused(cluster, make_agent, marker_uri, address):
     store, uuid, _ = cluster
     schema = store.schema
-    store.write({schema.node_key("n2", S.NODE_ADDRESS): address,
-                 schema.node_key("n2", S.NODE_LIBVIRT_URI): marker_uri[0]})
+    store.write(
+        {schema.node_key("n2", S.NODE_ADDRESS): address, schema.node_key("n2", S.NODE_LIBVIRT_URI): marker_uri[0]}
+    )
     source = make_agent("n1")
     path = schema.node_key("n2", S.NODE_ADDRESS)
     assert source.peer_uris("n2", path, store.read_versioned(path)) is None
@@ -475,8 +512,12 @@ def test_a_peer_address_that_could_change_the_uri_is_refused(cluster, make_agent
 def test_a_live_migration_goes_to_the_uri_built_from_the_targets_address(live_source, marker_uri):
     store, uuid, source, calls = live_source
     schema = store.schema
-    store.write({schema.node_key("n2", S.NODE_LIBVIRT_URI): marker_uri[0],
-                 schema.node_key("n2", S.NODE_TRANSPORT_URI): "tcp://elsewhere.example:49152"})
+    store.write(
+        {
+            schema.node_key("n2", S.NODE_LIBVIRT_URI): marker_uri[0],
+            schema.node_key("n2", S.NODE_TRANSPORT_URI): "tcp://elsewhere.example:49152",
+        }
+    )
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     rewrite_record(store, uuid, step="prepared")
@@ -486,7 +527,7 @@ def test_a_live_migration_goes_to_the_uri_built_from_the_targets_address(live_so
 
 # ---- a peer that is alive but cannot act; a libvirt that cannot be asked (issue #12) ------------
 
-TEST_PEERS = {"migration": {"libvirt_uri_template": "test:///{node}"}}   # peers answer from ZooKeeper
+TEST_PEERS = {"migration": {"libvirt_uri_template": "test:///{node}"}}  # peers answer from ZooKeeper
 
 
 def expire_now(agent, uuid):
@@ -501,8 +542,9 @@ def shut_down_and_transferred(store, uuid, **changes):
     store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
     request(store, uuid, "n2")
     rewrite_record(store, uuid, step="transferred", method_used="shutdown", **changes)
-    store.write({store.schema.node_key("n2", S.NODE_ALIVE): "test",
-                 store.schema.node_key("n2", S.NODE_RUNNINGDOMAINS): "[]"})
+    store.write(
+        {store.schema.node_key("n2", S.NODE_ALIVE): "test", store.schema.node_key("n2", S.NODE_RUNNINGDOMAINS): "[]"}
+    )
 
 
 def test_a_live_target_that_never_claims_the_start_gets_the_vm_taken_back_at_the_deadline(cluster, make_agent):
@@ -517,7 +559,7 @@ def test_a_live_target_that_never_claims_the_start_gets_the_vm_taken_back_at_the
     assert final["result"] == "aborted" and "target n2 did not start the VM" in final["reason"], final
     assert record_of(store, uuid) == (None, -1)
     assert store.read(store.schema.node_reservation("n2", uuid)) is None
-    assert read_vm(store, uuid).node == "n1"   # its reconciler starts it there
+    assert read_vm(store, uuid).node == "n1"  # its reconciler starts it there
 
 
 def test_a_live_target_that_has_claimed_the_start_is_waited_for(cluster, make_agent):
@@ -527,8 +569,8 @@ def test_a_live_target_that_has_claimed_the_start_is_waited_for(cluster, make_ag
     expire_now(source, uuid)
     source.handle(uuid, record_of(store, uuid), local_state=None)
     record, _ = record_of(store, uuid)
-    assert record.step == "transferred" and record.starting_on == "n2"   # may be starting it right now (I1)
-    assert "target-starts" in source.deadlines._items[uuid][1]           # asked again at the next deadline
+    assert record.step == "transferred" and record.starting_on == "n2"  # may be starting it right now (I1)
+    assert "target-starts" in source.deadlines._items[uuid][1]  # asked again at the next deadline
 
 
 def test_a_claim_written_first_makes_the_sources_take_back_fail(cluster, make_agent):
@@ -537,7 +579,7 @@ def test_a_claim_written_first_makes_the_sources_take_back_fail(cluster, make_ag
     shut_down_and_transferred(store, uuid)
     expire_now(source, uuid)
     seen = record_of(store, uuid)
-    rewrite_record(store, uuid, starting_on="n2")   # the target's claim lands between read and abort
+    rewrite_record(store, uuid, starting_on="n2")  # the target's claim lands between read and abort
     source.resolve(Migration(uuid, *seen))
     assert record_of(store, uuid)[0].starting_on == "n2"
     assert store.children(store.schema.domain_history(uuid)) in ([], None)
@@ -556,9 +598,9 @@ def test_a_claimed_start_is_waited_for_when_the_target_is_gone_but_not_fenced(cl
     expire_now(source, uuid)
     seen = record_of(store, uuid)
     source.handle(uuid, seen, local_state=None)
-    assert record_of(store, uuid) == seen                              # nothing written: not taken back
+    assert record_of(store, uuid) == seen  # nothing written: not taken back
     assert store.children(store.schema.domain_history(uuid)) in ([], None)
-    assert ":claimed:" in source.deadlines._items[uuid][1]              # asked again at the next deadline
+    assert ":claimed:" in source.deadlines._items[uuid][1]  # asked again at the next deadline
 
 
 def test_a_claimed_start_of_a_fenced_target_is_given_back_to_the_source(cluster, make_agent):
@@ -605,7 +647,7 @@ def test_a_shutdown_libvirt_cannot_confirm_is_never_handed_to_the_target(cluster
     source.hypervisor.shutdown_or_destroy = libvirtd_gone
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
-    assert (record.step, record.method_used) == ("transferring", "shutdown")   # not `transferred`
+    assert (record.step, record.method_used) == ("transferring", "shutdown")  # not `transferred`
     assert source.hypervisor.status(uuid).running
 
 
@@ -613,7 +655,7 @@ def test_a_target_without_libvirt_refuses_to_prepare(cluster, make_agent):
     store, uuid, _ = cluster
     target = make_agent("n2")
     request(store, uuid, "n2")
-    target.hypervisor.close()   # no connection: health down
+    target.hypervisor.close()  # no connection: health down
     target.handle(uuid, record_of(store, uuid))
     final = last_history(store, uuid)
     assert final["result"] == "aborted" and "target n2 cannot reach its libvirtd (down" in final["reason"], final
@@ -642,14 +684,14 @@ def test_a_failed_live_transfer_to_a_target_without_libvirt_does_not_fall_back(c
     store, uuid, xml = cluster
     source = make_agent("n1")
     source.hypervisor.create(xml)
-    request(store, uuid, "n2")   # method default: live, else a shutdown migration
+    request(store, uuid, "n2")  # method default: live, else a shutdown migration
     rewrite_record(store, uuid, step="prepared")
     store.write({store.schema.node_key("n2", S.NODE_LIBVIRT): "down"})
-    source.handle(uuid, record_of(store, uuid), local_state="running")   # the test driver cannot migrate
+    source.handle(uuid, record_of(store, uuid), local_state="running")  # the test driver cannot migrate
     final = last_history(store, uuid)
     assert final["result"] == "aborted" and "target n2's libvirt is down" in final["reason"], final
     assert final["method_used"] == "live" and not final.get("fallback_reason")
-    assert source.hypervisor.status(uuid).running   # never stopped
+    assert source.hypervisor.status(uuid).running  # never stopped
 
 
 @pytest.mark.parametrize("error", [HypervisorUnavailable, HypervisorTimeout])
@@ -667,7 +709,7 @@ def test_a_start_libvirt_does_not_confirm_keeps_the_claim(cluster, make_agent, e
     target.handle(uuid, record_of(store, uuid), local_state=None)
     record, version = record_of(store, uuid)
     assert record.step == "transferred" and record.starting_on == "n2"
-    assert target.deadlines._items[uuid][1] == f"{record.id}:{version}"   # asked again at the deadline
+    assert target.deadlines._items[uuid][1] == f"{record.id}:{version}"  # asked again at the deadline
 
 
 def test_a_live_transfer_that_lost_the_target_libvirtd_does_not_fall_back(cluster, make_agent, monkeypatch):
@@ -680,8 +722,9 @@ def test_a_live_transfer_that_lost_the_target_libvirtd_does_not_fall_back(cluste
     rewrite_record(store, uuid, step="prepared")
 
     def target_libvirtd_gone(*_args, **_kwargs):
-        raise HypervisorError("migrate", uuid, libvirt.VIR_ERR_INTERNAL_ERROR, "client socket is closed",
-                              libvirt.VIR_FROM_RPC)
+        raise HypervisorError(
+            "migrate", uuid, libvirt.VIR_ERR_INTERNAL_ERROR, "client socket is closed", libvirt.VIR_FROM_RPC
+        )
 
     monkeypatch.setattr(source.hypervisor, "migrate", target_libvirtd_gone)
     source.handle(uuid, record_of(store, uuid), local_state="running")
@@ -700,7 +743,7 @@ def test_rehome_rewrites_the_targets_reservations_znode(cluster, make_agent, mon
     store.write({schema.node_reservations("n1"): "earlier"})
     _, version_before = store.read_versioned(schema.node_reservations("n1"))
     here = make_agent("n2")
-    monkeypatch.setattr(here, "peer_state", lambda peer, vm: None)   # n1's libvirt: not running there
+    monkeypatch.setattr(here, "peer_state", lambda peer, vm: None)  # n1's libvirt: not running there
     here.hypervisor.create(xml)
     here.rehome(uuid, "n1")
     record, _ = record_of(store, uuid)
@@ -711,7 +754,9 @@ def test_rehome_rewrites_the_targets_reservations_znode(cluster, make_agent, mon
 
 
 @pytest.mark.parametrize("counted_by", ["memprov", "reservation"])
-def test_rehome_is_fit_checked_on_the_assigned_node_which_already_counts_the_vm(cluster, make_agent, monkeypatch, counted_by):
+def test_rehome_is_fit_checked_on_the_assigned_node_which_already_counts_the_vm(
+    cluster, make_agent, monkeypatch, counted_by
+):
     """The self-heal goes through the request's fit check. The assigned node counts the VM
     already (in its memprov, or by its reservation there), so that share is given back first: a
     node whose other VMs leave exactly the VM's 256 MiB takes it, one with 1 MiB less does not,
@@ -731,12 +776,12 @@ def test_rehome_is_fit_checked_on_the_assigned_node_which_already_counts_the_vm(
             values[schema.node_reservation("n1", uuid)] = 256
         store.write(values)
 
-    fill(16384 - 256 + 1)   # 1 MiB short once the VM's own share is given back
+    fill(16384 - 256 + 1)  # 1 MiB short once the VM's own share is given back
     here.rehome(uuid, "n1")
     assert record_of(store, uuid)[0] is None
     assert here.hypervisor.status(uuid).running
     assert read_vm(store, uuid).node == "n1"
-    fill(16384 - 256)       # exactly enough
+    fill(16384 - 256)  # exactly enough
     here.rehome(uuid, "n1")
     record, _ = record_of(store, uuid)
     assert record is not None and (record.source, record.target) == ("n2", "n1")

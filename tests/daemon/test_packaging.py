@@ -1,5 +1,6 @@
 """The daemon as an installable program: its runtime dependencies (pyproject.toml) are exactly the
 distributions its code imports, and every one is pinned in constraints.txt."""
+
 from __future__ import annotations
 
 import ast
@@ -24,7 +25,7 @@ def _imports(path: Path, package: str) -> set[str]:
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:   # relative: within the same package
+            if node.level:  # relative: within the same package
                 base = package if node.level == 1 else package.rsplit(".", node.level - 1)[0]
                 found.add(f"{base}.{node.module}" if node.module else base)
                 found.update(f"{base}.{alias.name}" for alias in node.names if not node.module)
@@ -57,15 +58,22 @@ def daemon_imports() -> set[str]:
 def test_runtime_dependencies_are_exactly_what_the_daemon_imports():
     distributions = importlib.metadata.packages_distributions()
     imported = {canonical(distributions[module][0]) for module in daemon_imports()}
-    declared = {canonical(re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0])
-                for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
-    assert imported == declared, f"imported but not declared: {imported - declared}; declared, not imported: {declared - imported}"
+    declared = {
+        canonical(re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0])
+        for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    assert imported == declared, (
+        f"imported but not declared: {imported - declared}; declared, not imported: {declared - imported}"
+    )
     assert "ansible-core" not in declared
 
 
 def test_every_runtime_dependency_is_pinned():
-    pins = {canonical(line.split("==")[0]) for line in (REPO / "constraints.txt").read_text().splitlines()
-            if "==" in line and not line.startswith("#")}
+    pins = {
+        canonical(line.split("==")[0])
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     for requirement in declared["dependencies"] + declared["optional-dependencies"]["test"]:
         assert canonical(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]) in pins, requirement
@@ -93,11 +101,17 @@ def test_the_collections_requirements_are_what_its_plugins_import_and_the_pins_s
                 imported.add(top)
     distributions = importlib.metadata.packages_distributions()
     imported = {canonical(distributions[module][0]) for module in imported}
-    requirements = [Requirement(line) for line in (REPO / "requirements.txt").read_text().splitlines()
-                    if line.strip() and not line.startswith("#")]
+    requirements = [
+        Requirement(line)
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert {canonical(r.name) for r in requirements} == imported
-    pins = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (REPO / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     pins = {canonical(name): version for name, version in pins.items()}
     for requirement in requirements:
         assert requirement.specifier.contains(pins[canonical(requirement.name)]), requirement

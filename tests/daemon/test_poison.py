@@ -4,6 +4,7 @@ Each case here crashed every daemon at start-up, or blocked a flush for ever, be
 from ZooKeeper were decoded with bounds: migration records that are no object, truncated JSON, 50,000 nested ``[``,
 and a VM whose XML is empty.
 """
+
 from __future__ import annotations
 
 import time
@@ -63,7 +64,7 @@ def test_bad_migration_records_stop_no_daemon_and_no_other_vm_and_an_operator_cl
     deadline = time.monotonic() + 30
     while "node node2 running" not in log_since(node2, offset):
         assert time.monotonic() < deadline, node2.log()[-2000:]
-        time.sleep(0.05)   # a file gives no event to wait on
+        time.sleep(0.05)  # a file gives no event to wait on
 
     # The other VM still migrates, both ways, while the bad records sit there.
     assert request(cluster, good, "migrate", target="node2") is not None
@@ -113,10 +114,11 @@ def test_a_vm_whose_xml_is_empty_is_neither_started_nor_migrated(cluster):
 
     # A new VM without a memory size is refused by the daemon, which says why.
     stopped, _ = domain_xml("memoryless")
-    memoryless = (f"<domain type='test'><name>memoryless</name><uuid>{stopped}</uuid>"
-                  "<os><type>hvm</type></os><devices/></domain>")
+    memoryless = (
+        f"<domain type='test'><name>memoryless</name><uuid>{stopped}</uuid><os><type>hvm</type></os><devices/></domain>"
+    )
     cluster.define_vm(memoryless, stopped, "memoryless", "node1")
-    cluster.wait_vm_state(stopped, "fail")   # the refused VM
+    cluster.wait_vm_state(stopped, "fail")  # the refused VM
     reason = store.read(schema.domain_key(stopped, S.DOMAIN_FAILEDREASON))
     assert reason.startswith("refused to start:") and "<memory> is missing" in reason
     assert stopped not in store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))
@@ -126,11 +128,20 @@ QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 # Each element the domain XML policy refuses (tests/common/test_domain_policy.py has them all),
 # written to ZooKeeper directly, past the vm module: (devices, other elements, <os> children).
 REFUSED = {
-    "qemu-commandline": ("", f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:arg value='-x'/></qemu:commandline>", "",
-                         "rule namespace"),
+    "qemu-commandline": (
+        "",
+        f"<qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:arg value='-x'/></qemu:commandline>",
+        "",
+        "rule namespace",
+    ),
     "seclabel": ("", "<seclabel type='none'/>", "", "rule seclabel"),
     "hostdev": ("<hostdev mode='subsystem' type='pci'/>", "", "", "rule devices"),
-    "filesystem": ("<filesystem type='mount'><source dir='/'/><target dir='root'/></filesystem>", "", "", "rule devices"),
+    "filesystem": (
+        "<filesystem type='mount'><source dir='/'/><target dir='root'/></filesystem>",
+        "",
+        "",
+        "rule devices",
+    ),
     "kernel": ("", "", "<kernel>/boot/vmlinuz</kernel>", "rule host-path"),
     "disk-sda": ("<disk type='block'><source dev='/dev/sda'/><target dev='vda'/></disk>", "", "", "rule host-path"),
     "ethernet": ("<interface type='ethernet'/>", "", "", "rule interface"),
@@ -139,8 +150,10 @@ REFUSED = {
 
 
 def refused_xml(name: str, uuid: str, devices: str, extra: str, os: str) -> str:
-    return (f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>"
-            f"<os><type>hvm</type>{os}</os>{extra}<devices>{devices}</devices></domain>")
+    return (
+        f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>64</memory>"
+        f"<os><type>hvm</type>{os}</os>{extra}<devices>{devices}</devices></domain>"
+    )
 
 
 def test_a_vm_the_policy_refuses_is_neither_started_nor_migrated(cluster):
@@ -160,7 +173,7 @@ def test_a_vm_the_policy_refuses_is_neither_started_nor_migrated(cluster):
     cluster.define_vm(refused_xml("web1", renamed, "", "", ""), renamed, "renamed", "node1")
     vms[renamed] = "rule identity"
     for uuid, rule in vms.items():
-        cluster.wait_vm_state(uuid, "fail")   # refused
+        cluster.wait_vm_state(uuid, "fail")  # refused
         reason = store.read(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
         assert reason.startswith("refused to start:") and rule in reason, reason
     running = store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))
@@ -177,7 +190,9 @@ def test_a_vm_the_policy_refuses_is_neither_started_nor_migrated(cluster):
     cluster.wait_no_migration(mover)
     final = read_history(store, mover)[-1]
     assert final["id"] == record.id and final["result"] == "aborted"
-    assert ("source node1 does not migrate the VM: its domain XML is refused" in final["reason"]
-            or "target node2 does not take the VM: its domain XML is refused" in final["reason"])
+    assert (
+        "source node1 does not migrate the VM: its domain XML is refused" in final["reason"]
+        or "target node2 does not take the VM: its domain XML is refused" in final["reason"]
+    )
     assert "rule devices" in final["reason"]
     assert mover in store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))

@@ -6,6 +6,7 @@ Each example writes arbitrary bytes or arbitrary JSON into every key of VM ``vic
 all examples: every daemon still runs, none logged a traceback, and a daemon restarted on all that
 garbage comes back. PVC_POISON_EXAMPLES sets the number of examples (12: make test's budget).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,28 @@ pytestmark = pytest.mark.zk
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 # The values test_poison.py names among them, so that every run sees them (examples are random otherwise).
 garbage = st.one_of(
-    st.sampled_from([b"42", b"[1, 2]", b'"mail"', b'{"id": "6f1c", "vm": "', b"1e999", b"", b"\xff\xfe", b"NaN", b"-1"]),
+    st.sampled_from(
+        [b"42", b"[1, 2]", b'"mail"', b'{"id": "6f1c", "vm": "', b"1e999", b"", b"\xff\xfe", b"NaN", b"-1"]
+    ),
     st.integers(min_value=1, max_value=50_000).map(lambda depth: b"[" * depth),
     st.binary(max_size=300),
     json_values.map(lambda value: json.dumps(value).encode()),
 )
 
-VM_KEYS = (S.DOMAIN_XML, S.DOMAIN_STATE, S.DOMAIN_NODE, S.DOMAIN_LASTNODE, S.DOMAIN_FAILEDREASON, S.DOMAIN_STATS,
-           S.DOMAIN_MIGRATION, S.DOMAIN_RUNSTATE)
+VM_KEYS = (
+    S.DOMAIN_XML,
+    S.DOMAIN_STATE,
+    S.DOMAIN_NODE,
+    S.DOMAIN_LASTNODE,
+    S.DOMAIN_FAILEDREASON,
+    S.DOMAIN_STATS,
+    S.DOMAIN_MIGRATION,
+    S.DOMAIN_RUNSTATE,
+)
 NODE_KEYS = tuple(key for key in S.NODE_DEFAULTS if key != S.NODE_ALIVE)
 
 
@@ -60,18 +72,29 @@ def poisoned(zk_server, tmp_path_factory):
 
 # kazoo's threads draw from the global random module (retry jitter) while hypothesis draws
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
-@settings(max_examples=int(os.environ.get("PVC_POISON_EXAMPLES", "12")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
-@given(vm_values=st.fixed_dictionaries({key: garbage for key in VM_KEYS}),
-       meta_values=st.fixed_dictionaries({key: garbage for key in S.META_KEYS}),
-       node_values=st.fixed_dictionaries({key: garbage for key in NODE_KEYS}),
-       name=garbage, history=garbage, reservation=garbage)
-def test_garbage_in_every_key_of_a_vm_and_a_node_stops_nothing(poisoned, vm_values, meta_values, node_values, name,
-                                                                history, reservation):
+@settings(
+    max_examples=int(os.environ.get("PVC_POISON_EXAMPLES", "12")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    vm_values=st.fixed_dictionaries({key: garbage for key in VM_KEYS}),
+    meta_values=st.fixed_dictionaries({key: garbage for key in S.META_KEYS}),
+    node_values=st.fixed_dictionaries({key: garbage for key in NODE_KEYS}),
+    name=garbage,
+    history=garbage,
+    reservation=garbage,
+)
+def test_garbage_in_every_key_of_a_vm_and_a_node_stops_nothing(
+    poisoned, vm_values, meta_values, node_values, name, history, reservation
+):
     cluster, victim, mover = poisoned
     schema = cluster.schema
-    values = {schema.domain(victim): name, schema.domain_history(victim) + "/000000000000001-x": history,
-              schema.node_reservation("node3", victim): reservation}
+    values = {
+        schema.domain(victim): name,
+        schema.domain_history(victim) + "/000000000000001-x": history,
+        schema.node_reservation("node3", victim): reservation,
+    }
     values.update({schema.domain_key(victim, key): value for key, value in vm_values.items()})
     values.update({schema.domain_meta(victim, key): value for key, value in meta_values.items()})
     values.update({schema.node_key("node3", key): value for key, value in node_values.items()})

@@ -1,6 +1,7 @@
 """The reconciler while this node's libvirt cannot be asked (issue #12): it starts, stops and
 re-homes nothing on a state it does not know, a start that meets no libvirt does not fail the VM,
 and a migration still follows its steps. Real ZooKeeper, libvirt's test driver."""
+
 from __future__ import annotations
 
 import pytest
@@ -38,8 +39,10 @@ def without_libvirt(store, zk_server, zk_root, tmp_path):
     host = tmp_path / "n1.xml"
     host.write_text(NODE_XML.format(kib=16 * 1024 * 1024))
     hypervisor = Hypervisor(f"test://{host}", call_timeout_s=5).open()
-    hypervisor.close()   # no connection: every call fails at once with HypervisorUnavailable
-    config = parse_config({"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")}})
+    hypervisor.close()  # no connection: every call fails at once with HypervisorUnavailable
+    config = parse_config(
+        {"node": "n1", "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")}}
+    )
     uuid, xml = domain_xml("s1", memory="256")
     store.commit(vm_definition(store.schema, uuid, "s1", xml, "n1", "start"))
     agent = RecordingAgent()
@@ -53,17 +56,18 @@ def without_libvirt(store, zk_server, zk_root, tmp_path):
 def test_a_start_that_meets_no_libvirt_does_not_fail_the_vm(without_libvirt, store):
     reconciler, _, uuid = without_libvirt
     assert reconciler.start_vm(uuid) is False
-    assert read_vm_state(store, uuid) == "start"   # not `fail`
+    assert read_vm_state(store, uuid) == "start"  # not `fail`
     assert not store.read(store.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
 
 
 def test_a_pass_without_libvirt_does_nothing_but_a_migration_still_follows_its_steps(without_libvirt, store):
     reconciler, agent, uuid = without_libvirt
-    reconciler.reconcile(uuid)   # should run here and libvirt cannot say whether it does: nothing
+    reconciler.reconcile(uuid)  # should run here and libvirt cannot say whether it does: nothing
     assert agent.handled == []
     assert read_vm_state(store, uuid) == "start"
-    record = MigrationRecord(id="m1", vm=uuid, kind="migrate", source="n1", target="n2", method="default",
-                             memory_mib=256, step="prepared").to_json()
+    record = MigrationRecord(
+        id="m1", vm=uuid, kind="migrate", source="n1", target="n2", method="default", memory_mib=256, step="prepared"
+    ).to_json()
     reconciler._record(uuid, S.DOMAIN_MIGRATION, record, 0)
     reconciler.reconcile(uuid)
     assert agent.handled == [(uuid, UNAVAILABLE)]

@@ -1,5 +1,6 @@
 """Readiness for systemd (Type=notify): the sd_notify datagram, and a daemon process that sends
 READY=1 once it has registered and runs, and STOPPING=1 when it begins an orderly stop."""
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ def test_notify_sends_one_datagram_and_takes_the_address_out_of_the_environment(
     assert sdnotify.notify("READY=1", "STATUS=up")
     assert receive(5) == "READY=1\nSTATUS=up"
     assert "NOTIFY_SOCKET" not in os.environ
-    assert sdnotify.notify("STOPPING=1")   # the address read first is kept
+    assert sdnotify.notify("STOPPING=1")  # the address read first is kept
     assert receive(5) == "STOPPING=1"
 
 
@@ -61,11 +62,13 @@ def test_without_a_service_manager_notify_does_nothing(fresh_address, tmp_path):
     assert not sdnotify.notify("READY=1")
     sdnotify.reset()
     fresh_address.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
-    assert not sdnotify.notify("READY=1")   # logged; the daemon keeps running
+    assert not sdnotify.notify("READY=1")  # logged; the daemon keeps running
 
 
 @pytest.mark.zk
-def test_daemon_is_ready_once_registered_and_running_and_says_when_it_stops(zk_server, zk_root, tmp_path, notify_socket):
+def test_daemon_is_ready_once_registered_and_running_and_says_when_it_stops(
+    zk_server, zk_root, tmp_path, notify_socket
+):
     path, receive = notify_socket
     cluster = TestCluster(zk_server.hosts, zk_root, tmp_path)
     try:

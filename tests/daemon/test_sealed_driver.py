@@ -1,6 +1,7 @@
 """The hypervisor driver is sealed: libvirt is imported by node_daemon/hypervisor.py and by no
 other module of the daemon or the shared code, and no other module tells libvirt's drivers apart
 by their URI (the driver answers questions such as "can this peer's libvirt be asked?")."""
+
 from __future__ import annotations
 
 import ast
@@ -26,8 +27,11 @@ def imported_top_levels(tree: ast.AST) -> set[str]:
 
 def uri_scheme_literals(tree: ast.AST) -> list[str]:
     """String constants that name libvirt's test driver by its URI scheme."""
-    return [node.value for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("test:")]
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("test:")
+    ]
 
 
 def test_the_sources_are_found():

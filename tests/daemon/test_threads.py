@@ -44,7 +44,7 @@ def test_a_busy_thread_is_not_waited_for():
         blocked = threading.Event()
         pool.submit(lambda: (blocked.set(), release.wait(30)))
         assert blocked.wait(10)
-        other = run_and_wait(pool)           # runs while the first job is still blocked
+        other = run_and_wait(pool)  # runs while the first job is still blocked
         assert other["thread"].name.startswith("t-") and pool.started == 2
     finally:
         release.set()

@@ -13,7 +13,7 @@ def test_values_and_versions_follow_the_keys(store):
     present, absent = store.schema.node_key("n1", "daemon_state"), store.schema.node_key("n1", "domain_state")
     store.write({present: "run"})
     keys = WatchedKeys(store, (present, absent))
-    keys.start()   # kazoo's DataWatch answers once before it returns
+    keys.start()  # kazoo's DataWatch answers once before it returns
     assert keys.snapshot() == {present: ("run", 0), absent: None}
     store.write({present: "shutdown", absent: "ready"})
     expected = {present: ("shutdown", 1), absent: ("ready", 0)}

@@ -1,5 +1,6 @@
 """python -m tests.lab up --hosts N --workdir DIR | down --workdir DIR | status --workdir DIR |
 power --workdir DIR --host K off|on (a lab host's power, as its simulated BMC's chassis control does it)"""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--vm-bridge", default=None, help="also create this bridge in every host namespace, for guest NICs")
     up.add_argument("--caps-cache", default=None, help="QEMU capabilities cache (default: WORKDIR/../caps-cache)")
     up.add_argument("--keep-on-failure", action="store_true", help="leave a failed lab up for inspection")
-    for name, text in (("down", "end every process the lab started and delete its namespaces"),
-                       ("status", "print one line per host")):
+    for name, text in (
+        ("down", "end every process the lab started and delete its namespaces"),
+        ("status", "print one line per host"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--workdir", default=DEFAULT_WORKDIR)
     power = sub.add_parser("power", help="power a lab host off (kill its processes) or on (start its libvirtd)")
@@ -32,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "up":
-            lab = Lab(args.workdir, args.hosts, prefix=args.prefix, caps_cache=args.caps_cache, vm_bridge=args.vm_bridge)
+            lab = Lab(
+                args.workdir, args.hosts, prefix=args.prefix, caps_cache=args.caps_cache, vm_bridge=args.vm_bridge
+            )
             lab.up(keep_on_failure=args.keep_on_failure)
             print(lab.status_table(), flush=True)
         elif args.command == "power":

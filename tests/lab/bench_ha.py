@@ -14,6 +14,7 @@ before. It ends when libvirt on the other hosts has reported the start of the la
 Between trials node2 is powered on, its daemon started and made ready: its VMs come home.
 Needs root and the lab's packages; the lab has its own prefix, so it never meets a test lab.
 """
+
 from __future__ import annotations
 
 import threading
@@ -36,8 +37,11 @@ def measure(trials: int = 5, log=print) -> dict[str, list[float]]:
     cluster = None
     try:
         bmcs = lab.start_bmcs()
-        cluster = LabCluster(lab, "bench-ha", fencing={"timeout_s": 30, "nodes": {
-            name: bmc.device_config() for name, bmc in bmcs.items()}})
+        cluster = LabCluster(
+            lab,
+            "bench-ha",
+            fencing={"timeout_s": 30, "nodes": {name: bmc.device_config() for name, bmc in bmcs.items()}},
+        )
         cluster.start()
         uuids = [cluster.define_vm(f"bench-ha-{i}", "node2", guest="none") for i in range(VMS)]
         for uuid in uuids:
@@ -48,8 +52,13 @@ def measure(trials: int = 5, log=print) -> dict[str, list[float]]:
             started: dict[str, float] = {}
             all_started = threading.Event()
 
-            def on_event(uuid: str, event: str, _detail: int, started: dict[str, float] = started,
-                         all_started: threading.Event = all_started) -> None:
+            def on_event(
+                uuid: str,
+                event: str,
+                _detail: int,
+                started: dict[str, float] = started,
+                all_started: threading.Event = all_started,
+            ) -> None:
                 if uuid in uuids and event == "started" and uuid not in started:
                     started[uuid] = time.time()
                     if len(started) == len(uuids):
@@ -63,8 +72,10 @@ def measure(trials: int = 5, log=print) -> dict[str, list[float]]:
                 power_lost = time.time()
                 lab.host(2).power_off()
                 if not all_started.wait(120):
-                    raise RuntimeError(f"trial {trial + 1}: only {len(started)} of {len(uuids)} VMs started "
-                                       f"elsewhere\n{cluster.logs()}")
+                    raise RuntimeError(
+                        f"trial {trial + 1}: only {len(started)} of {len(uuids)} VMs started "
+                        f"elsewhere\n{cluster.logs()}"
+                    )
             finally:
                 for connection in connections:
                     connection.close()
@@ -74,8 +85,10 @@ def measure(trials: int = 5, log=print) -> dict[str, list[float]]:
             series["detection"].append(fence["started"] - power_lost)
             series["fence"].append(fence["finished"] - fence["started"])
             series["restart"].append(last - fence["finished"])
-            log(f"trial {trial + 1}/{trials}: {series['total'][-1]:.2f} s (detection {series['detection'][-1]:.2f}, "
-                f"fence {series['fence'][-1]:.2f}, restart {series['restart'][-1]:.2f})")
+            log(
+                f"trial {trial + 1}/{trials}: {series['total'][-1]:.2f} s (detection {series['detection'][-1]:.2f}, "
+                f"fence {series['fence'][-1]:.2f}, restart {series['restart'][-1]:.2f})"
+            )
             # node2 back: powered on, its daemon started, made ready; its VMs come home
             for uuid in uuids:
                 cluster.settle(uuid)

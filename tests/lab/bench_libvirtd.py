@@ -11,6 +11,7 @@ and must end `done` on that node, so that the next sample restarts the other hos
 Needs root (network namespaces) and the lab's packages; a lab with its own prefix is brought up
 and taken down, so it never meets a test lab.
 """
+
 from __future__ import annotations
 
 import signal
@@ -48,7 +49,7 @@ def measure(samples: int = 5, log=print) -> dict[str, list[float]]:
             if not wait_for_key(cluster.store, path, lambda value: value == "down", 60):
                 raise RuntimeError(f"{target} did not publish libvirt down after its libvirtd stopped")
             started = time.perf_counter()
-            host.start_libvirtd()   # returns once the new libvirtd answers on its socket
+            host.start_libvirtd()  # returns once the new libvirtd answers on its socket
             answering = time.perf_counter()
             published: list[float] = []
 
@@ -65,25 +66,35 @@ def measure(samples: int = 5, log=print) -> dict[str, list[float]]:
             while True:
                 vm = read_vm(cluster.store, uuid)
                 try:
-                    record = submit_request(cluster.store, plan_request(vm, "move", read_node_views(cluster.store),
-                                                                        target=target), vm, requester="bench")
+                    record = submit_request(
+                        cluster.store,
+                        plan_request(vm, "move", read_node_views(cluster.store), target=target),
+                        vm,
+                        requester="bench",
+                    )
                     break
                 except RequestError:
                     if time.perf_counter() >= deadline:
                         raise
-                    time.sleep(0.01)   # not yet: a published figure is one keepalive behind (no event to wait on)
+                    time.sleep(0.01)  # not yet: a published figure is one keepalive behind (no event to wait on)
             accepted = time.perf_counter()
             cluster.wait_no_migration(uuid)
             final = cluster.history(uuid)[-1]
             if final["id"] != record.id or final["result"] != "done":
                 raise RuntimeError(f"the migration to {target} after its libvirtd restart did not end done: {final}")
-            cluster.wait_libvirt(uuid, lambda states, source=source: states[source] is None, 60,
-                                 f"libvirt on {source} to end its side of the migration")
+            cluster.wait_libvirt(
+                uuid,
+                lambda states, source=source: states[source] is None,
+                60,
+                f"libvirt on {source} to end its side of the migration",
+            )
             series["back"].append(accepted - answering)
             series["published"].append(published[0] - answering)
             series["libvirtd_start"].append(answering - started)
-            log(f"sample {sample + 1}/{samples}: {target} takes migrations {series['back'][-1]:.3f} s after its "
-                f"libvirtd answers (ok published after {series['published'][-1]:.3f} s)")
+            log(
+                f"sample {sample + 1}/{samples}: {target} takes migrations {series['back'][-1]:.3f} s after its "
+                f"libvirtd answers (ok published after {series['published'][-1]:.3f} s)"
+            )
         return series
     finally:
         try:

@@ -27,6 +27,7 @@ virsh and the odd ones with our daemons, so both are timed in both directions as
 Needs root (network namespaces) and the lab's packages; a lab with its own prefix is brought up
 and taken down, so it never meets a test lab.
 """
+
 from __future__ import annotations
 
 import os
@@ -132,14 +133,24 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
             cluster = LabCluster(lab, name)
             cluster.start()
             # a no-OS guest, as (a) has always measured
-            uuid = cluster.define_vm(name, "node1", meta={S.META_MIGRATION_METHOD: "live"}, memory_mib=128, guest="none")
+            uuid = cluster.define_vm(
+                name, "node1", meta={S.META_MIGRATION_METHOD: "live"}, memory_mib=128, guest="none"
+            )
             cluster.wait_running_on("node1", uuid)
-        series = {"ours": [], "ours_planning": [], "ours_record_gone": [], "virsh": [], "virsh_command": [],
-                  "ours_frozen_ms": [], "virsh_frozen_ms": [], "ours_libvirt_downtime_ms": [],
-                  "virsh_libvirt_downtime_ms": []}
+        series = {
+            "ours": [],
+            "ours_planning": [],
+            "ours_record_gone": [],
+            "virsh": [],
+            "virsh_command": [],
+            "ours_frozen_ms": [],
+            "virsh_frozen_ms": [],
+            "ours_libvirt_downtime_ms": [],
+            "virsh_libvirt_downtime_ms": [],
+        }
         # busy: who moved the guest before each reset that revive() had to make ("ours", "virsh")
         revived_after: list[str] = []
-        movers: list[str] = []   # who made each move so far
+        movers: list[str] = []  # who made each move so far
 
         def by_virsh(source: str, target: str) -> None:
             # plain libvirt, daemons out of the way
@@ -162,9 +173,25 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
             with Hypervisor(dst.libvirt_uri, call_timeout_s=30) as libvirt_there:
                 libvirt_there.add_lifecycle_listener(on_event)
                 started_wall, started = time.time(), time.perf_counter()
-                subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", "--tls", *flags, uuid,
-                                dst.libvirt_tls_uri, dst.migration_uri], check=True, capture_output=True,
-                               timeout=900 if busy else 300)
+                subprocess.run(
+                    [
+                        "virsh",
+                        "-q",
+                        "-c",
+                        src.libvirt_uri,
+                        "migrate",
+                        "--live",
+                        "--p2p",
+                        "--tls",
+                        *flags,
+                        uuid,
+                        dst.libvirt_tls_uri,
+                        dst.migration_uri,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=900 if busy else 300,
+                )
                 series["virsh_command"].append(time.perf_counter() - started)
                 if not arrived.wait(30):
                     raise RuntimeError(f"libvirt on {dst.name} reported no resume of {uuid} after virsh migrate")
@@ -175,7 +202,7 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
                     collector.wait_ticking(name, host=target, since=started_wall, timeout_s=20)
                     switch = collector.switchover_near(name, started_wall, time.time() + 1, source, target)
                 except AssertionError:
-                    pass   # the guest died at the switch-over (see revive): nothing to measure
+                    pass  # the guest died at the switch-over (see revive): nothing to measure
                 series["virsh_frozen_ms"].append(switch.frozen_ms if switch else None)
                 series["virsh_libvirt_downtime_ms"].append(libvirt_downtime_ms(dst, uuid))
             movers.append("virsh")
@@ -216,28 +243,39 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
             # The VM runs on the target from `done` on, but the source's libvirtd still ends its
             # side of the job (about 0.2 s, as virsh's own return shows); a migration of the VM
             # started before that waits for it. Wait until the source has let the VM go.
-            cluster.wait_libvirt(uuid, lambda states: states[final["source"]] is None, 60,
-                                 f"libvirt on {final['source']} to end its side of the migration")
+            cluster.wait_libvirt(
+                uuid,
+                lambda states: states[final["source"]] is None,
+                60,
+                f"libvirt on {final['source']} to end its side of the migration",
+            )
 
-        for pair in range(pairs):   # the VM starts and ends each pair on node1
+        for pair in range(pairs):  # the VM starts and ends each pair on node1
             if pair % 2 == 0:
                 by_virsh("node1", "node2")
                 by_daemons("node1")
             else:
                 by_daemons("node2")
                 by_virsh("node2", "node1")
-            seen = (f" (guest frozen: ours {_ms(series['ours_frozen_ms'][-1])}, virsh "
+            seen = (
+                (
+                    f" (guest frozen: ours {_ms(series['ours_frozen_ms'][-1])}, virsh "
                     f"{_ms(series['virsh_frozen_ms'][-1])}; libvirt's downtime: ours "
                     f"{series['ours_libvirt_downtime_ms'][-1]} ms, virsh {series['virsh_libvirt_downtime_ms'][-1]} ms)"
-                    ) if busy else ""
+                )
+                if busy
+                else ""
+            )
             log(f"pair {pair + 1}/{pairs}: ours {series['ours'][-1]:.3f} s, virsh {series['virsh'][-1]:.3f} s{seen}")
         if busy:
             if revive(cluster, collector, uuid, name, log):
                 revived_after.append(movers[-1])
             # the guest's own check of every page it dirtied, over all the moves since its boot
             status = GuestPort(cluster.host(cluster.running_nodes(cluster.libvirt_states(uuid))[0]), uuid).status()
-            log(f"{name}: {len(revived_after)} reset(s) after a move ({', '.join(revived_after) or 'none'}); "
-                f"lost writes found by the guest since its last boot: {status['lost_writes']}")
+            log(
+                f"{name}: {len(revived_after)} reset(s) after a move ({', '.join(revived_after) or 'none'}); "
+                f"lost writes found by the guest since its last boot: {status['lost_writes']}"
+            )
             series["revived_after"] = revived_after
             series["lost_writes"] = [int(status["lost_writes"])]
         return series
@@ -269,12 +307,15 @@ def timeline(moves: list[tuple[float, float, float]], began: float, ended: float
         running += change
         highest = max(highest, running)
     busy = sum(end - start for start, _, end in moves)
-    return {"parallelism": round(busy / (ended - began), 3), "slots": highest,
-            "idle_slot_s": round(highest * (ended - began) - busy, 2),
-            "first_start_s": round(min(start for start, _, _ in moves) - began, 2),
-            "last_end_s": round(ended - max(end for _, _, end in moves), 2),
-            "before_transfer_s": round(sum(transfer - start for start, transfer, _ in moves), 2),
-            "move_median_s": round(sorted(end - start for start, _, end in moves)[len(moves) // 2], 2)}
+    return {
+        "parallelism": round(busy / (ended - began), 3),
+        "slots": highest,
+        "idle_slot_s": round(highest * (ended - began) - busy, 2),
+        "first_start_s": round(min(start for start, _, _ in moves) - began, 2),
+        "last_end_s": round(ended - max(end for _, _, end in moves), 2),
+        "before_transfer_s": round(sum(transfer - start for start, transfer, _ in moves), 2),
+        "move_median_s": round(sorted(end - start for start, _, end in moves)[len(moves) // 2], 2),
+    }
 
 
 def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict:
@@ -337,9 +378,25 @@ def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict:
         def move(share: list[str]) -> None:
             for uuid in share:
                 began = time.time()
-                subprocess.run(["virsh", "-q", "-c", src.libvirt_uri, "migrate", "--live", "--p2p", "--tls", "--auto-converge",
-                                uuid, dst.libvirt_tls_uri, dst.migration_uri], check=True, capture_output=True,
-                               timeout=1800)
+                subprocess.run(
+                    [
+                        "virsh",
+                        "-q",
+                        "-c",
+                        src.libvirt_uri,
+                        "migrate",
+                        "--live",
+                        "--p2p",
+                        "--tls",
+                        "--auto-converge",
+                        uuid,
+                        dst.libvirt_tls_uri,
+                        dst.migration_uri,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=1800,
+                )
                 virsh_moves.append((began, began, time.time()))
 
         shares = [uuids[i::parallel] for i in range(parallel)]
@@ -354,9 +411,11 @@ def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict:
         result["guest_resets"] = resets
         result["guest_lost_writes"] = sum(int(GuestPort(dst, uuid).status()["lost_writes"]) for uuid in uuids)
         cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): "node2" for uuid in uuids})
-        log(f"flush of {vms} busy guests: ours {result['ours']:.1f} s {result['ours_timeline']}, "
+        log(
+            f"flush of {vms} busy guests: ours {result['ours']:.1f} s {result['ours_timeline']}, "
             f"virsh {result['virsh']:.1f} s {result['virsh_timeline']}; guests reset after a move: {resets}, "
-            f"lost writes they found: {result['guest_lost_writes']}")
+            f"lost writes they found: {result['guest_lost_writes']}"
+        )
         return result
     finally:
         try:

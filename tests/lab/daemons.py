@@ -37,6 +37,7 @@ and libvirt calls stay where they were. Compared to the alternatives:
 The store must be stopped before the lab goes down (``LabCluster.close()`` does it): a later
 ``lab.up()`` creates a new lab-ctl, which a client of the old one could not reach.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,7 @@ PAUSE_RELEASE_ENV = "PVC_NODE_DAEMON_PAUSE_RELEASE"
 # Lab daemon defaults: short enough that a test of a timeout takes seconds, long enough that a
 # busy 2-core CI machine running QEMU under TCG never hits them by accident.
 DEFAULT_CONFIG = {
-    "migration": {"step_timeout_s": 10, "live_timeout_base_s": 60, "live_timeout_per_gib_s": 30,
-                  "flush_parallel": 2},
+    "migration": {"step_timeout_s": 10, "live_timeout_base_s": 60, "live_timeout_per_gib_s": 30, "flush_parallel": 2},
     "intervals": {"keepalive_s": 1, "dead_after": 4, "shutdown_timeout_s": 2},
     "memory": {"reserve_mib": 0},
     "libvirt": {"call_timeout_s": 20},
@@ -113,8 +113,11 @@ def ctl_store(lab: Lab, root: str, timeout_s: float = 10.0, secure: bool = True)
     """A started ClusterStore of the operator on the lab's ensemble whose sockets live in the
     controller namespace. ``secure``: the cluster's daemons are secured (LabCluster's); False for
     a cluster whose daemons run insecure (the rolled-out lab's), whose keys must stay open."""
-    options = (operator_options(lab.zk_hosts, root, timeout_s=timeout_s) if secure
-               else ConnectionOptions(hosts=lab.zk_hosts, root=root, timeout_s=timeout_s))
+    options = (
+        operator_options(lab.zk_hosts, root, timeout_s=timeout_s)
+        if secure
+        else ConnectionOptions(hosts=lab.zk_hosts, root=root, timeout_s=timeout_s)
+    )
     store = ClusterStore(options)
     return in_netns(lab.ctl_netns, store.start)
 
@@ -179,10 +182,30 @@ class LabDaemon:
             # libvirt client presents the host's certificate when it asks a peer's libvirtd
             # (qemu+tls://, the default template) where a VM runs.
             self.process = subprocess.Popen(
-                ["ip", "netns", "exec", self.host.netns, "unshare", "--mount", "--propagation", "private",
-                 "sh", "-c", 'mount --bind "$0" /etc/pki && exec setpriv --pdeathsig KILL "$@"', str(self.host.pki_dir),
-                 sys.executable, "-m", "pvc_node_daemon", "--config", str(self.config_path)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, cwd=REPO_ROOT,
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    self.host.netns,
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    'mount --bind "$0" /etc/pki && exec setpriv --pdeathsig KILL "$@"',
+                    str(self.host.pki_dir),
+                    sys.executable,
+                    "-m",
+                    "pvc_node_daemon",
+                    "--config",
+                    str(self.config_path),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=environment,
+                cwd=REPO_ROOT,
             )
 
     def stop(self, timeout_s: float = 60) -> int | None:
@@ -263,8 +286,8 @@ class LabCluster:
         self.store = ctl_store(lab, self.root)
         self.store.ensure_schema()
         self.schema = self.store.schema
-        self.requests: dict[str, list[str]] = {}   # uuid -> migration ids requested by the test
-        self.names: dict[str, str] = {}           # uuid -> name
+        self.requests: dict[str, list[str]] = {}  # uuid -> migration ids requested by the test
+        self.names: dict[str, str] = {}  # uuid -> name
 
     @property
     def nodes(self) -> list[str]:
@@ -321,17 +344,27 @@ class LabCluster:
 
     def wait(self, path: str, predicate, timeout_s: float = 90, what: str = "") -> str | None:
         if not wait_for_key(self.store, path, predicate, timeout_s):
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or path} "
-                                 f"(value now {self.store.read(path)!r})\n{self.logs()}")
+            raise AssertionError(
+                f"timed out after {timeout_s} s waiting for {what or path} "
+                f"(value now {self.store.read(path)!r})\n{self.logs()}"
+            )
         return self.store.read(path)
 
     def wait_daemon_state(self, node: str, state: str = "run", timeout_s: float = 60) -> None:
-        self.wait(self.schema.node_key(node, S.NODE_DAEMON_STATE), lambda v: v == state, timeout_s,
-                  f"{node} daemon state {state}")
+        self.wait(
+            self.schema.node_key(node, S.NODE_DAEMON_STATE),
+            lambda v: v == state,
+            timeout_s,
+            f"{node} daemon state {state}",
+        )
 
     def wait_domain_state(self, node: str, state: str, timeout_s: float = 120) -> None:
-        self.wait(self.schema.node_key(node, S.NODE_DOMAIN_STATE), lambda v: v == state, timeout_s,
-                  f"{node} domain state {state}")
+        self.wait(
+            self.schema.node_key(node, S.NODE_DOMAIN_STATE),
+            lambda v: v == state,
+            timeout_s,
+            f"{node} domain state {state}",
+        )
 
     def wait_step(self, uuid: str, step: str, timeout_s: float = 90) -> dict:
         def at(value):
@@ -341,7 +374,10 @@ class LabCluster:
                 return json.loads(value).get("step") == step
             except ValueError:
                 return False
-        return json.loads(self.wait(self.schema.domain_migration(uuid), at, timeout_s, f"migration of {uuid} at {step}"))
+
+        return json.loads(
+            self.wait(self.schema.domain_migration(uuid), at, timeout_s, f"migration of {uuid} at {step}")
+        )
 
     def wait_no_migration(self, uuid: str, timeout_s: float = 120) -> None:
         self.wait(self.schema.domain_migration(uuid), lambda v: v is None, timeout_s, f"the migration of {uuid} to end")
@@ -357,8 +393,12 @@ class LabCluster:
 
     def wait_running_on(self, node: str, uuid: str, timeout_s: float = 90) -> None:
         """The VM runs on ``node`` according to libvirt, and nowhere else."""
-        self.wait_libvirt(uuid, lambda states: self.running_nodes(states) == [node], timeout_s,
-                          f"{self.names.get(uuid, uuid)} running on {node} only")
+        self.wait_libvirt(
+            uuid,
+            lambda states: self.running_nodes(states) == [node],
+            timeout_s,
+            f"{self.names.get(uuid, uuid)} running on {node} only",
+        )
 
     # ---- libvirt, read directly on every host -------------------------------------------------
 
@@ -371,7 +411,7 @@ class LabCluster:
         states = {}
         for node, daemon in self.daemons.items():
             if daemon.host.powered_off:
-                states[node] = None   # every process of a powered-off host is gone (Lab.power_off)
+                states[node] = None  # every process of a powered-off host is gone (Lab.power_off)
                 continue
             conn = daemon.host.connect()
             try:
@@ -408,16 +448,28 @@ class LabCluster:
                 return states
             if time.monotonic() >= deadline:
                 vm = read_vm(self.store, uuid)
-                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: libvirt {states}, "
-                                     f"ZooKeeper node {vm.node if vm else None}, migration "
-                                     f"{vm.migration if vm else None}\n{self.logs()}")
+                raise AssertionError(
+                    f"timed out after {timeout_s} s waiting for {what}: libvirt {states}, "
+                    f"ZooKeeper node {vm.node if vm else None}, migration "
+                    f"{vm.migration if vm else None}\n{self.logs()}"
+                )
             time.sleep(0.1)
 
     # ---- cluster writes a test makes -----------------------------------------------------------
 
-    def define_vm(self, name: str, node: str, state: str = "start", meta: dict | None = None,
-                  memory_mib: int | None = None, disk: str | None = None, disk_cache: str = "writeback",
-                  bridge: str | None = "default", guest: str = "linux", **settings) -> str:
+    def define_vm(
+        self,
+        name: str,
+        node: str,
+        state: str = "start",
+        meta: dict | None = None,
+        memory_mib: int | None = None,
+        disk: str | None = None,
+        disk_cache: str = "writeback",
+        bridge: str | None = "default",
+        guest: str = "linux",
+        **settings,
+    ) -> str:
         """Write a VM into ZooKeeper (the daemons do the rest). Returns its UUID.
 
         guest: ``linux``, a real guest (128 MiB by default) with a disk on the lab's shared storage
@@ -429,26 +481,38 @@ class LabCluster:
         if guest == "linux":
             if self.guests is None:
                 raise ValueError("a real guest needs the cluster's LabGuests (LabCluster(..., guests=...))")
-            xml = self.guests.xml(name, uuid=uuid, memory_mib=memory_mib or 128, bridge=bridge, disk=disk is None,
-                                  **settings)
+            xml = self.guests.xml(
+                name, uuid=uuid, memory_mib=memory_mib or 128, bridge=bridge, disk=disk is None, **settings
+            )
         elif guest == "none":
-            xml = domain_xml(name, uuid=uuid, memory_mib=memory_mib or 64, bridge=bridge,
-                             serial_path=self.guests.console(name) if self.guests else None)
+            xml = domain_xml(
+                name,
+                uuid=uuid,
+                memory_mib=memory_mib or 64,
+                bridge=bridge,
+                serial_path=self.guests.console(name) if self.guests else None,
+            )
         else:
             raise ValueError(f"guest {guest!r}: accepted are linux and none")
         if disk:
-            xml = xml.replace("<memballoon", (
-                "<disk type='file' device='disk'>\n"
-                f"      <driver name='qemu' type='raw' cache='{disk_cache}'/>\n"
-                f"      <source file='{disk}'/>\n"
-                "      <target dev='vda' bus='virtio'/>\n"
-                "    </disk>\n    <memballoon"), 1)
+            xml = xml.replace(
+                "<memballoon",
+                (
+                    "<disk type='file' device='disk'>\n"
+                    f"      <driver name='qemu' type='raw' cache='{disk_cache}'/>\n"
+                    f"      <source file='{disk}'/>\n"
+                    "      <target dev='vda' bus='virtio'/>\n"
+                    "    </disk>\n    <memballoon"
+                ),
+                1,
+            )
         self.store.commit(vm_definition(self.schema, uuid, name, xml, node, state, meta))
         self.names[uuid] = name
         return uuid
 
-    def wait_guest_up(self, uuid: str, node: str | None = None, since: float | None = None,
-                      timeout_s: float = 120) -> None:
+    def wait_guest_up(
+        self, uuid: str, node: str | None = None, since: float | None = None, timeout_s: float = 120
+    ) -> None:
         """Wait until the real guest ticks (from ``node``, after ``since``): it has booted and its
         ACPI power button works. Woken by its ticks (no polling)."""
         if self.guests is None or self.guests.collector is None:
@@ -479,7 +543,9 @@ class LabCluster:
     def set_domain_state(self, node: str, state: str) -> None:
         self.store.commit({self.schema.node_key(node, S.NODE_DOMAIN_STATE): state})
 
-    def request(self, uuid: str, kind: str = "migrate", target: str | None = None, force_live: bool = False) -> MigrationRecord | None:
+    def request(
+        self, uuid: str, kind: str = "migrate", target: str | None = None, force_live: bool = False
+    ) -> MigrationRecord | None:
         """Plan and submit a request exactly as the Ansible modules do."""
         record = request_vm(self.store, uuid, kind, "lab test", target=target, force_live=force_live)
         if record is not None:
@@ -516,8 +582,12 @@ class LabCluster:
             node = read_vm(self.store, uuid).node
             return self.running_nodes(states) == [node] and all(s is None for n, s in states.items() if n != node)
 
-        return self.wait_libvirt(uuid, settled, timeout_s,
-                                 f"{self.names.get(uuid, uuid)} to run on exactly its ZooKeeper node, and only there")
+        return self.wait_libvirt(
+            uuid,
+            settled,
+            timeout_s,
+            f"{self.names.get(uuid, uuid)} to run on exactly its ZooKeeper node, and only there",
+        )
 
     def wait_reservations_folded(self, node: str, timeout_s: float = 60) -> list[str]:
         """Wait (a children watch) until ``node`` holds no reservation; returns those left."""
@@ -637,16 +707,16 @@ class RunningMonitor:
     def violations(self) -> list[str]:
         found = []
         samples = list(self.samples)
-        last_seen: dict[str, int] = {}   # host -> index of its previous sample
+        last_seen: dict[str, int] = {}  # host -> index of its previous sample
         for index, (host, running) in enumerate(samples):
             previous = last_seen.get(host)
             last_seen[host] = index
             if previous is None:
                 continue
-            both = running & samples[previous][1]   # running on `host` before and after
+            both = running & samples[previous][1]  # running on `host` before and after
             if not both:
                 continue
-            for other_host, other_running in samples[previous + 1:index]:
+            for other_host, other_running in samples[previous + 1 : index]:
                 if other_host != host:
                     for uuid in both & other_running:
                         found.append(f"{uuid} ran on {host} and {other_host} at once (samples {previous}..{index})")
@@ -670,14 +740,13 @@ def lab_cluster(lab, lab_guests, request):
     removed and every domain on every host destroyed."""
     made: list[LabCluster] = []
     global _OLD_LOGS_REMOVED
-    if not _OLD_LOGS_REMOVED:   # keep this session's daemon logs only, for post-mortems
+    if not _OLD_LOGS_REMOVED:  # keep this session's daemon logs only, for post-mortems
         shutil.rmtree(lab.workdir / "daemons", ignore_errors=True)
         _OLD_LOGS_REMOVED = True
 
     def make(**overrides) -> LabCluster:
         lab_guests.prepare()
-        cluster = LabCluster(lab, request.node.name.replace("[", "-").replace("]", ""), guests=lab_guests,
-                             **overrides)
+        cluster = LabCluster(lab, request.node.name.replace("[", "-").replace("]", ""), guests=lab_guests, **overrides)
         print(f"cluster root {cluster.root}, daemon logs in {cluster.workdir}")
         made.append(cluster)
         return cluster

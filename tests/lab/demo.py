@@ -14,6 +14,7 @@ outside the daemons would), where ``vm_info`` shows it.
 Everything it starts is ended when it finishes (or fails, or is interrupted), unless --keep leaves
 the lab up for exploring; running it again starts over.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,10 +98,11 @@ class Demo:
         return 0 if ok else 1
 
     def setup(self) -> None:
-        self.step("A 3-host lab: network namespaces demo-n1..3 (10.77.0.1-3), each with its own libvirtd "
-                  "and ZooKeeper member")
+        self.step(
+            "A 3-host lab: network namespaces demo-n1..3 (10.77.0.1-3), each with its own libvirtd and ZooKeeper member"
+        )
         Lab.preflight()
-        stop_kept(self.workdir, quiet=True)   # a lab an earlier --keep left up
+        stop_kept(self.workdir, quiet=True)  # a lab an earlier --keep left up
         self.lab.up()
         self.views.up()
         self.records.mkdir(parents=True, exist_ok=True)
@@ -108,8 +110,10 @@ class Demo:
             f.unlink()
         self.say(f"inventory: {self.views.inventory_file} (hosts node1..3, the lab's connection netns)")
         self.guests.prepare()
-        self.say(f"real guests: a Debian cloud kernel and busybox (tests/lab/guest_image.py), disks on the lab's shared "
-                 f"NBD storage, serial ticks to {self.collector.address[0]}:{self.collector.address[1]}")
+        self.say(
+            f"real guests: a Debian cloud kernel and busybox (tests/lab/guest_image.py), disks on the lab's shared "
+            f"NBD storage, serial ticks to {self.collector.address[0]}:{self.collector.address[1]}"
+        )
 
     def playbook(self, playbook: str | Path, *args: str) -> None:
         run = self.views.playbook(playbook, *args, json_output=False, progress=True, timeout=900)
@@ -117,10 +121,14 @@ class Demo:
             raise DemoError(f"{Path(playbook).name} failed (exit {run.returncode})")
 
     def rollout(self) -> None:
-        self.step("Rollout (playbooks/rollout.yml): ZooKeeper, libvirt, VM bridges and the node daemon on every "
-                  "host, then each node made ready")
-        self.say("the lab has no systemd: the roles render every file into each host's private view, and the "
-                 "lab's hook restarts libvirtd and starts the daemon from the rendered unit")
+        self.step(
+            "Rollout (playbooks/rollout.yml): ZooKeeper, libvirt, VM bridges and the node daemon on every "
+            "host, then each node made ready"
+        )
+        self.say(
+            "the lab has no systemd: the roles render every file into each host's private view, and the "
+            "lab's hook restarts libvirtd and starts the daemon from the rendered unit"
+        )
         self.playbook("playbooks/rollout.yml")
 
     def define_vms(self) -> None:
@@ -135,23 +143,34 @@ class Demo:
             self.say(f"{name:12} on {node}: {meaning}")
         started = time.time()
         self.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{vars_file}")
-        for name, _, _, _ in VMS:   # booted: their ACPI power button works from now on
+        for name, _, _, _ in VMS:  # booted: their ACPI power button works from now on
             self.collector.wait_ticking(name, since=started - 1, timeout_s=180)
         self.say(f"all six guests booted and tick (booted in {time.time() - started:.0f} s)")
 
     def snapshot(self, label: str) -> None:
-        self.playbook(LAB_ANSIBLE / "demo_snapshot.yml", "--extra-vars",
-                      json.dumps({"demo_dir": str(self.records), "demo_label": label}))
+        self.playbook(
+            LAB_ANSIBLE / "demo_snapshot.yml",
+            "--extra-vars",
+            json.dumps({"demo_dir": str(self.records), "demo_label": label}),
+        )
 
     def maintenance(self) -> float:
         self.step(f"Where the VMs run before the maintenance of {self.node}")
         self.snapshot("before")
-        self.step(f"Rolling maintenance (playbooks/maintenance.yml) of {self.node}: flush, the operator's tasks, "
-                  "ready, VMs back home")
+        self.step(
+            f"Rolling maintenance (playbooks/maintenance.yml) of {self.node}: flush, the operator's tasks, "
+            "ready, VMs back home"
+        )
         started = time.time()
-        self.playbook("playbooks/maintenance.yml", "--limit", self.node, "--extra-vars",
-                      json.dumps({"pvc_maintenance_hook": str(LAB_ANSIBLE / "demo_maintenance_hook.yml"),
-                                  "demo_dir": str(self.records)}))
+        self.playbook(
+            "playbooks/maintenance.yml",
+            "--limit",
+            self.node,
+            "--extra-vars",
+            json.dumps(
+                {"pvc_maintenance_hook": str(LAB_ANSIBLE / "demo_maintenance_hook.yml"), "demo_dir": str(self.records)}
+            ),
+        )
         self.record_downtimes(started)
         self.step("Where the VMs run after it")
         self.snapshot("after")
@@ -173,9 +192,11 @@ class Demo:
                             began = entry["steps"].get("transferring", 0)
                             seen = self.collector.ticks(name, since=began - 1)
                             hosts = sorted({t.host for t in seen})
-                            self.say(f"{name}: no switch-over {entry['source']}->{entry['target']} seen in its ticks "
-                                     f"for migration {entry['id']} ({len(seen)} ticks since it began, from "
-                                     f"{', '.join(hosts) or 'no host'}; boots {sorted({t.boot for t in seen})})")
+                            self.say(
+                                f"{name}: no switch-over {entry['source']}->{entry['target']} seen in its ticks "
+                                f"for migration {entry['id']} ({len(seen)} ticks since it began, from "
+                                f"{', '.join(hosts) or 'no host'}; boots {sorted({t.boot for t in seen})})"
+                            )
         finally:
             store.stop()
 
@@ -189,13 +210,18 @@ class Demo:
         self.step("What happened")
         before, during, after = self.load("before"), self.load("during"), self.load("after")
         libvirt = {h.name: h.domains() for h in self.lab.hosts}
-        rows = [("VM", "META", "BEFORE", "DURING", "AFTER", f"MIGRATIONS DURING THE MAINTENANCE OF {self.node.upper()}")]
+        rows = [
+            ("VM", "META", "BEFORE", "DURING", "AFTER", f"MIGRATIONS DURING THE MAINTENANCE OF {self.node.upper()}")
+        ]
         counts = {"live": 0, "shutdown": 0}
         downtimes: list[float] = []
         all_home = True
         for name, _, _, meaning in VMS:
-            history = [r for r in reversed(after[name].get("history") or [])
-                       if (r.get("steps") or {}).get("requested", 0) >= started - 1]
+            history = [
+                r
+                for r in reversed(after[name].get("history") or [])
+                if (r.get("steps") or {}).get("requested", 0) >= started - 1
+            ]
             moves = []
             for r in history:
                 method = r.get("method_used") or r.get("method")
@@ -205,13 +231,19 @@ class Demo:
                 seen = ""
                 if method == "live" and r.get("result") == "done":
                     downtime = r.get("guest_downtime_ms")
-                    seen = f", guest frozen {downtime:.0f} ms" if downtime is not None else ", guest downtime not measured"
+                    seen = (
+                        f", guest frozen {downtime:.0f} ms" if downtime is not None else ", guest downtime not measured"
+                    )
                     if downtime is not None:
                         downtimes.append(downtime)
                 elif method == "shutdown" and r.get("result") == "done":
                     seen = ", " + self.shutdown_seen(name, r)
-                moves.append(f"{r['source']}->{r['target']} {method} {r.get('duration_s', 0):.1f}s{seen}{fallback}{result}")
-            where = {label: _where(snap[name]) for label, snap in (("before", before), ("during", during), ("after", after))}
+                moves.append(
+                    f"{r['source']}->{r['target']} {method} {r.get('duration_s', 0):.1f}s{seen}{fallback}{result}"
+                )
+            where = {
+                label: _where(snap[name]) for label, snap in (("before", before), ("during", during), ("after", after))
+            }
             running = [h for h, doms in libvirt.items() if name in doms]
             if running != [where["after"]]:
                 where["after"] += f" (libvirt: {', '.join(running) or 'nowhere'})"
@@ -224,15 +256,23 @@ class Demo:
             if i == 0:
                 print("  " + "  ".join("-" * w for w in widths))
         print()
-        self.say(f"{counts.get('live', 0)} live and {counts.get('shutdown', 0)} shutdown migrations; "
-                 f"every VM back where it was: {'yes' if all_home else 'NO'}")
+        self.say(
+            f"{counts.get('live', 0)} live and {counts.get('shutdown', 0)} shutdown migrations; "
+            f"every VM back where it was: {'yes' if all_home else 'NO'}"
+        )
         if downtimes:
-            self.say(f"live migrations: the guests were frozen {min(downtimes):.0f} to {max(downtimes):.0f} ms at the "
-                     "switch-over (from their serial ticks; in each audit record as guest_downtime_ms)")
-        self.say("shutdown migrations: the guest answers the ACPI power button with a clean power-off (busybox acpid); "
-                 "'clean shutdown in' is from the request to shut down to the guest's last tick")
-        self.say(f"audit records: pvc.cluster.vm_info (history), or ZooKeeper /pvc/domains/<uuid>/runtime/history; "
-                 f"snapshots in {self.records}")
+            self.say(
+                f"live migrations: the guests were frozen {min(downtimes):.0f} to {max(downtimes):.0f} ms at the "
+                "switch-over (from their serial ticks; in each audit record as guest_downtime_ms)"
+            )
+        self.say(
+            "shutdown migrations: the guest answers the ACPI power button with a clean power-off (busybox acpid); "
+            "'clean shutdown in' is from the request to shut down to the guest's last tick"
+        )
+        self.say(
+            f"audit records: pvc.cluster.vm_info (history), or ZooKeeper /pvc/domains/<uuid>/runtime/history; "
+            f"snapshots in {self.records}"
+        )
         if not all_home:
             raise DemoError("some VMs did not come back home")
 
@@ -260,7 +300,7 @@ class Demo:
     # ---- the end ---------------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        self.step_no = 7   # the last step, also after a failure or an interruption
+        self.step_no = 7  # the last step, also after a failure or an interruption
         self.step("Teardown: every process the demo started ended by PID, namespaces deleted")
         try:
             self.collector.stop()
@@ -271,17 +311,22 @@ class Demo:
 
     def explain_kept(self) -> None:
         env = self.views.ansible_env()
-        exports = " ".join(f"{k}={shlex.quote(env[k])}" for k in ("ANSIBLE_COLLECTIONS_PATH", "ANSIBLE_INVENTORY",
-                                                                       "ANSIBLE_CONNECTION_PLUGINS"))
-        print(f"""
+        exports = " ".join(
+            f"{k}={shlex.quote(env[k])}"
+            for k in ("ANSIBLE_COLLECTIONS_PATH", "ANSIBLE_INVENTORY", "ANSIBLE_CONNECTION_PLUGINS")
+        )
+        print(
+            f"""
 ==> The lab is still up (KEEP=1). To explore it:
     {sys.executable} -m tests.lab status --workdir {self.workdir}
     export {exports}
-    nsenter --net=/run/netns/{self.lab.ctl_netns} {REPO_ROOT}/.venv/bin/ansible localhost -m pvc.cluster.node_info -a {shlex.quote(' '.join(f'{k}={v}' for k, v in {'zk_hosts': self.views.zk_hosts, **self.views.module_zk_options()}.items()))}
+    nsenter --net=/run/netns/{self.lab.ctl_netns} {REPO_ROOT}/.venv/bin/ansible localhost -m pvc.cluster.node_info -a {shlex.quote(" ".join(f"{k}={v}" for k, v in {"zk_hosts": self.views.zk_hosts, **self.views.module_zk_options()}.items()))}
     nsenter --net=/run/netns/{self.lab.ctl_netns} {REPO_ROOT}/.venv/bin/ansible-playbook -e @{self.views.play_vars_file} playbooks/maintenance.yml --limit node2
     daemon logs: {self.views.logs}
   and to end it:
-    make demo-down      (or: {sys.executable} -m tests.lab.demo --down --workdir {self.workdir})""", flush=True)
+    make demo-down      (or: {sys.executable} -m tests.lab.demo --down --workdir {self.workdir})""",
+            flush=True,
+        )
 
 
 class DemoError(RuntimeError):

@@ -15,6 +15,7 @@ second lab in the same namespaces and workdir. So tests/lab and tests/rollout sh
 * `lab_guest` (function): a factory that starts a small transient guest (a real guest unless
   linux=False); every guest it started is destroyed at teardown, on whichever host it ended up.
 """
+
 from __future__ import annotations
 
 import os
@@ -84,8 +85,14 @@ def lab_guest(lab, lab_guests):
     conns: dict[int, object] = {}
     lab_guests.prepare()
 
-    def start(host: int | LabHost = 1, name: str | None = None, memory_mib: int = 128, bridge=_DEFAULT,
-              linux: bool = True, **kw):
+    def start(
+        host: int | LabHost = 1,
+        name: str | None = None,
+        memory_mib: int = 128,
+        bridge=_DEFAULT,
+        linux: bool = True,
+        **kw,
+    ):
         h = host if isinstance(host, LabHost) else lab.host(host)
         name = name or f"guest-{uuid.uuid4().hex[:8]}"
         if bridge is _DEFAULT:

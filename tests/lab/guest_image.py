@@ -21,6 +21,7 @@ second call with nothing changed only asks apt-cache for two versions (a fractio
 Builds are serialised by an flock on the cache, made in a temporary directory and renamed into
 place, so concurrent callers never see half an image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,18 @@ DEFAULT_CACHE = Path("/tmp/pvc-cluster/guest")
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # insmod order: each module after the ones it needs
-MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-           "virtio_balloon", "virtio_console", "virtio_blk", "button", "evdev")
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_balloon",
+    "virtio_console",
+    "virtio_blk",
+    "button",
+    "evdev",
+)
 BUSYBOX_APPLETS = ("sh", "mount", "mkdir", "cat", "echo", "insmod", "acpid", "poweroff", "reboot", "sync")
 # What a cached build holds (the manifest is written last: its presence marks a complete build).
 KERNEL_FILE = "vmlinuz"
@@ -62,22 +73,28 @@ class GuestImage:
 
     kernel: Path
     initrd: Path
-    kernel_release: str       # e.g. 6.1.0-57-cloud-amd64
-    packages: dict            # Debian package -> version
-    key: str                  # the cache directory's name
+    kernel_release: str  # e.g. 6.1.0-57-cloud-amd64
+    packages: dict  # Debian package -> version
+    key: str  # the cache directory's name
 
     @classmethod
     def load(cls, directory: Path) -> GuestImage:
         manifest = json.loads((directory / MANIFEST_FILE).read_text())
-        return cls(kernel=directory / KERNEL_FILE, initrd=directory / INITRD_FILE,
-                   kernel_release=manifest["kernel_release"], packages=manifest["packages"], key=directory.name)
+        return cls(
+            kernel=directory / KERNEL_FILE,
+            initrd=directory / INITRD_FILE,
+            kernel_release=manifest["kernel_release"],
+            packages=manifest["packages"],
+            key=directory.name,
+        )
 
 
 def _run(cmd: list[str], what: str, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if proc.returncode != 0:
-        raise GuestBuildError(f"{what}: {' '.join(cmd)} failed ({proc.returncode}): "
-                              f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        raise GuestBuildError(
+            f"{what}: {' '.join(cmd)} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
     return proc
 
 
@@ -112,13 +129,18 @@ def resolve_packages(cache: Path | None = None) -> dict[str, str]:
 
 def _ask_apt() -> dict[str, str]:
     for attempt in (1, 2):
-        proc = subprocess.run(["apt-cache", "show", "--no-all-versions", KERNEL_METAPACKAGE, BUSYBOX_PACKAGE],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["apt-cache", "show", "--no-all-versions", KERNEL_METAPACKAGE, BUSYBOX_PACKAGE],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode == 0:
             break
         if attempt == 2:
-            raise GuestBuildError(f"apt-cache does not know {KERNEL_METAPACKAGE} and {BUSYBOX_PACKAGE} even after "
-                                  f"apt-get update: {proc.stderr.strip()}")
+            raise GuestBuildError(
+                f"apt-cache does not know {KERNEL_METAPACKAGE} and {BUSYBOX_PACKAGE} even after "
+                f"apt-get update: {proc.stderr.strip()}"
+            )
         _run(["apt-get", "update", "-qq"], "updating apt's package lists")
     packages: dict[str, str] = {}
     kernel = None
@@ -136,7 +158,9 @@ def _ask_apt() -> dict[str, str]:
             kernel = next((d for d in depends if d.startswith("linux-image-") and "cloud-amd64" in d), None)
             packages[KERNEL_METAPACKAGE] = fields["Version"]
     if kernel is None or BUSYBOX_PACKAGE not in packages:
-        raise GuestBuildError(f"cannot tell the kernel package from apt-cache show {KERNEL_METAPACKAGE}: {proc.stdout[:500]}")
+        raise GuestBuildError(
+            f"cannot tell the kernel package from apt-cache show {KERNEL_METAPACKAGE}: {proc.stdout[:500]}"
+        )
     name, _, version = kernel.partition(" ")
     packages[name] = version.strip("(=) ") or packages[KERNEL_METAPACKAGE]
     return packages
@@ -145,8 +169,9 @@ def _ask_apt() -> dict[str, str]:
 def recipe_key(packages: dict[str, str]) -> str:
     """A hash of everything the image is made from: the package versions and every input file."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"packages": packages, "modules": MODULES, "applets": BUSYBOX_APPLETS},
-                             sort_keys=True).encode())
+    digest.update(
+        json.dumps({"packages": packages, "modules": MODULES, "applets": BUSYBOX_APPLETS}, sort_keys=True).encode()
+    )
     for path in sorted(GUEST_SOURCES.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     digest.update(Path(__file__).read_bytes())
@@ -157,7 +182,7 @@ def recipe_key(packages: dict[str, str]) -> str:
 def _locked(cache: Path):
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file is closed
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         yield
 
 
@@ -171,7 +196,7 @@ def build(cache: str | Path = DEFAULT_CACHE, log=None) -> GuestImage:
         _used(final)
         return GuestImage.load(final)
     with _locked(cache):
-        if (final / MANIFEST_FILE).exists():   # built by another process meanwhile
+        if (final / MANIFEST_FILE).exists():  # built by another process meanwhile
             return GuestImage.load(final)
         (log or (lambda _m: None))(f"building the lab's guest image {key} from {', '.join(sorted(packages))}")
         with tempfile.TemporaryDirectory(prefix=f".build-{key}-", dir=cache) as tmp:
@@ -197,7 +222,7 @@ def _unused_since(directory: Path) -> float:
     try:
         return time.time() - (directory / MANIFEST_FILE).stat().st_mtime
     except OSError:
-        return float("inf")   # no manifest: not a complete build
+        return float("inf")  # no manifest: not a complete build
 
 
 def _build_into(tmp: Path, packages: dict[str, str]) -> Path:
@@ -234,22 +259,39 @@ def _build_into(tmp: Path, packages: dict[str, str]) -> Path:
     # busybox acpid's default action for the power button (event PWRF) is the file PWRF/00000080
     # in its configuration directory
     _install(GUEST_SOURCES / "power-button", root / "etc" / "acpi" / "PWRF" / "00000080")
-    _run(["gcc", "-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o", str(root / "bin" / "pvc-guest"),
-          str(GUEST_SOURCES / "pvc-guest.c")], "compiling pvc-guest (needs gcc and libc6-dev)")
+    _run(
+        [
+            "gcc",
+            "-O2",
+            "-static",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+            str(root / "bin" / "pvc-guest"),
+            str(GUEST_SOURCES / "pvc-guest.c"),
+        ],
+        "compiling pvc-guest (needs gcc and libc6-dev)",
+    )
 
     out = tmp / "out"
     out.mkdir()
     shutil.copy2(vmlinuz, out / KERNEL_FILE)
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     # text=False: the archive is binary; the file list goes in on stdin, one path a line
-    cpio = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=root,
-                          input=("\n".join(["."] + files) + "\n").encode(), capture_output=True)
+    cpio = subprocess.run(
+        ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+        cwd=root,
+        input=("\n".join(["."] + files) + "\n").encode(),
+        capture_output=True,
+    )
     if cpio.returncode != 0:
         raise GuestBuildError(f"packing the initramfs with cpio failed: {cpio.stderr.decode(errors='replace')}")
     with gzip.open(out / INITRD_FILE, "wb", compresslevel=6) as handle:
         handle.write(cpio.stdout)
-    (out / MANIFEST_FILE).write_text(json.dumps({"kernel_release": release, "packages": packages,
-                                                 "modules": list(MODULES)}, indent=2) + "\n")
+    (out / MANIFEST_FILE).write_text(
+        json.dumps({"kernel_release": release, "packages": packages, "modules": list(MODULES)}, indent=2) + "\n"
+    )
     return out
 
 

@@ -18,6 +18,7 @@ directory, the storage daemon, the tick collector's address); ``GuestPort`` talk
 guest's command port (``org.pvc-cluster.guest.0``, a virtio serial port whose host side libvirt
 creates as a unix socket on the host that runs the guest).
 """
+
 from __future__ import annotations
 
 import os
@@ -79,7 +80,7 @@ class LinuxGuest:
 
     kernel: Path
     initrd: Path
-    ticks: tuple[str, int] | None = None   # where the ticks go (TickCollector.address); None: no ticks
+    ticks: tuple[str, int] | None = None  # where the ticks go (TickCollector.address); None: no ticks
     tick_ms: int = DEFAULT_TICK_MS
     dirty_mib_s: int = 0
     dirty_buf_mib: int = 32
@@ -89,14 +90,18 @@ class LinuxGuest:
 
     def cmdline(self, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,60}", name):
-            raise ValueError(f"guest name {name!r}: a real guest's name goes on its kernel command line "
-                             "(accepted: 1-60 letters, digits, '_', '.', '-')")
+            raise ValueError(
+                f"guest name {name!r}: a real guest's name goes on its kernel command line "
+                "(accepted: 1-60 letters, digits, '_', '.', '-')"
+            )
         tick_ms = self.tick_ms if self.ticks else 0
         # quiet: the console shows pvc-guest's lines and any kernel warning, not the boot log.
         # GUEST_KERNEL_WORKAROUND: so that the guest survives a live migration under the lab's
         # QEMU 7.2 TCG (see its comment).
-        return (f"console=ttyS0 quiet {GUEST_KERNEL_WORKAROUND} pvc.name={name} pvc.tick_ms={tick_ms or 1000} "
-                f"pvc.dirty_mib_s={self.dirty_mib_s} pvc.dirty_buf_mib={self.dirty_buf_mib}")
+        return (
+            f"console=ttyS0 quiet {GUEST_KERNEL_WORKAROUND} pvc.name={name} pvc.tick_ms={tick_ms or 1000} "
+            f"pvc.dirty_mib_s={self.dirty_mib_s} pvc.dirty_buf_mib={self.dirty_buf_mib}"
+        )
 
 
 def domain_xml(
@@ -159,7 +164,7 @@ def domain_xml(
         devices += [
             "<interface type='bridge'>",
             f"  <source bridge={quoteattr(bridge)}/>",
-            *( [f"  <mac address={quoteattr(mac)}/>"] if mac else [] ),
+            *([f"  <mac address={quoteattr(mac)}/>"] if mac else []),
             "  <model type='virtio'/>",
             "  <rom enabled='no'/>",
             "</interface>",
@@ -168,9 +173,11 @@ def domain_xml(
     meta = f"  <metadata>{metadata}</metadata>\n" if metadata else ""
     body = "\n".join("    " + line for line in devices)
     if linux is not None:
-        boot = (f"    <kernel>{_text(str(linux.kernel))}</kernel>\n"
-                f"    <initrd>{_text(str(linux.initrd))}</initrd>\n"
-                f"    <cmdline>{_text(linux.cmdline(name))}</cmdline>\n")
+        boot = (
+            f"    <kernel>{_text(str(linux.kernel))}</kernel>\n"
+            f"    <initrd>{_text(str(linux.initrd))}</initrd>\n"
+            f"    <cmdline>{_text(linux.cmdline(name))}</cmdline>\n"
+        )
     else:
         boot = "    <boot dev='hd'/>\n"
     return f"""<domain type='qemu'>
@@ -235,15 +242,16 @@ class LabGuests:
             if not dest.exists():
                 tmp = dest.with_suffix(f".tmp{os.getpid()}")
                 try:
-                    os.link(source, tmp)   # same file system: no copy
+                    os.link(source, tmp)  # same file system: no copy
                 except OSError:
                     shutil.copy2(source, tmp)
                 os.replace(tmp, dest)
         self.storage.start()
         if self.collector is not None:
             self.collector.ensure()
-        self._linux = LinuxGuest(kernel=kernel, initrd=initrd,
-                                 ticks=self.collector.address if self.collector is not None else None)
+        self._linux = LinuxGuest(
+            kernel=kernel, initrd=initrd, ticks=self.collector.address if self.collector is not None else None
+        )
         return self
 
     def linux(self, **settings) -> LinuxGuest:
@@ -254,14 +262,29 @@ class LabGuests:
     def console(self, name: str) -> Path:
         return self.console_dir / f"{name}.log"
 
-    def xml(self, name: str, uuid: str | None = None, memory_mib: int = 64, bridge: str | None = None,
-            disk: bool = True, disk_cache: str = "none", **settings) -> str:
+    def xml(
+        self,
+        name: str,
+        uuid: str | None = None,
+        memory_mib: int = 64,
+        bridge: str | None = None,
+        disk: bool = True,
+        disk_cache: str = "none",
+        **settings,
+    ) -> str:
         """A real guest's domain XML: its console in ``WORKDIR/consoles/<name>.log`` and (unless
         ``disk`` is false) a disk of its own on the shared storage. ``settings``: LinuxGuest's
         (dirty_mib_s, tick_ms, ...)."""
-        return domain_xml(name, uuid=uuid, memory_mib=memory_mib, serial_path=self.console(name), bridge=bridge,
-                          linux=self.linux(**settings), disk=self.storage.disk(name) if disk else None,
-                          disk_cache=disk_cache)
+        return domain_xml(
+            name,
+            uuid=uuid,
+            memory_mib=memory_mib,
+            serial_path=self.console(name),
+            bridge=bridge,
+            linux=self.linux(**settings),
+            disk=self.storage.disk(name) if disk else None,
+            disk_cache=disk_cache,
+        )
 
     def no_os_xml(self, name: str, uuid: str | None = None, memory_mib: int = 64, bridge: str | None = None) -> str:
         """A guest with no OS (deaf to ACPI), its console beside the others'."""
@@ -343,8 +366,9 @@ class GuestPort:
                         return text
             except (TimeoutError, OSError) as exc:
                 last_error = exc
-        raise GuestPortError(f"guest {self.uuid} on {self.host.name} did not answer {command!r} within "
-                             f"{timeout_s} s ({last_error})")
+        raise GuestPortError(
+            f"guest {self.uuid} on {self.host.name} did not answer {command!r} within {timeout_s} s ({last_error})"
+        )
 
     def status(self) -> dict[str, str]:
         """pvc-guest's figures: name, tick_ms, ticks, dirty_mib_s, dirtied_mib, uptime_ms ..."""

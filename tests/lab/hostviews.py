@@ -54,6 +54,7 @@ connect to it secured (the identities of tests/support/identities.py). The lab's
 CLI: ``python -m tests.lab.hostviews up|down|inventory|services|start-daemon|restart-libvirtd|status
 --workdir W [--host nodeK]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -164,7 +165,9 @@ class HostView:
         """The command prefix that enters this host: its network, mount and UTS namespaces."""
         return ["nsenter", f"--net={NETNS_DIR}/{self.host.netns}", f"--mount={self.mnt}", f"--uts={self.uts}", "--"]
 
-    def run(self, args: list[str] | str, *, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, args: list[str] | str, *, check: bool = True, timeout: float = 60, **kw
+    ) -> subprocess.CompletedProcess:
         """Run a command on this host, in its view (a string runs through /bin/sh -c)."""
         if isinstance(args, str):
             args = ["/bin/sh", "-c", args]
@@ -189,28 +192,46 @@ class HostView:
         """Create the persistent namespaces and mount the view (see the module docstring)."""
         lab = self.views.lab
         self.dir.mkdir(parents=True, exist_ok=True)
-        script = ["set -e", f"hostname {shlex.quote(self.host.name)}",
-                  # like `ip netns exec`: a /sys that lists this network namespace's interfaces
-                  "umount -l /sys", "mount -t sysfs -o nosuid,nodev,noexec sysfs /sys"]
+        script = [
+            "set -e",
+            f"hostname {shlex.quote(self.host.name)}",
+            # like `ip netns exec`: a /sys that lists this network namespace's interfaces
+            "umount -l /sys",
+            "mount -t sysfs -o nosuid,nodev,noexec sysfs /sys",
+        ]
         for path in VIEW_OVERLAYS:
             upper, work = self.layer(path)
             upper.mkdir(parents=True, exist_ok=True)
             work.mkdir(parents=True, exist_ok=True)
             script.append(f"mount -t overlay pvc-view -o lowerdir={path},upperdir={upper},workdir={work} {path}")
         host_etc = self.host.dir / "etc"
-        if host_etc.is_dir():   # the directory the host's libvirtd reads as /etc/libvirt
+        if host_etc.is_dir():  # the directory the host's libvirtd reads as /etc/libvirt
             script += ["mkdir -p /etc/libvirt", f"mount --bind {shlex.quote(str(host_etc))} /etc/libvirt"]
         host_pki = self.host.pki_dir
-        if host_pki.is_dir():   # the certificates the host's libvirtd and QEMU read as /etc/pki
+        if host_pki.is_dir():  # the certificates the host's libvirtd and QEMU read as /etc/pki
             script += ["mkdir -p /etc/pki", f"mount --bind {shlex.quote(str(host_pki))} /etc/pki"]
         if lab.hosts_file.exists():
             script.append(f"mount --bind {shlex.quote(str(lab.hosts_file))} /etc/hosts")
         for ns_file in (self.mnt, self.uts):
             ns_file.touch()
         proc = subprocess.run(
-            ["unshare", f"--mount={self.mnt}", f"--uts={self.uts}", "--propagation", "private", "--",
-             "nsenter", f"--net={NETNS_DIR}/{self.host.netns}", "--", "/bin/sh", "-c", "; ".join(script)],
-            capture_output=True, text=True, timeout=60,
+            [
+                "unshare",
+                f"--mount={self.mnt}",
+                f"--uts={self.uts}",
+                "--propagation",
+                "private",
+                "--",
+                "nsenter",
+                f"--net={NETNS_DIR}/{self.host.netns}",
+                "--",
+                "/bin/sh",
+                "-c",
+                "; ".join(script),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if proc.returncode != 0:
             raise ViewError(f"cannot create the view of {self.host.name}: {proc.stderr.strip()}")
@@ -219,8 +240,14 @@ class HostView:
 class HostViews:
     """The views of every host of one lab, its inventory, its Ansible runs and its services."""
 
-    def __init__(self, lab: Lab, zk_root: str = DEFAULT_ZK_ROOT, log=None, vm_bridges: list[dict] | None = None,
-                 node_vars: dict | None = None) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        zk_root: str = DEFAULT_ZK_ROOT,
+        log=None,
+        vm_bridges: list[dict] | None = None,
+        node_vars: dict | None = None,
+    ) -> None:
         """zk_root: the cluster's root znode; vm_bridges: the vm_bridges role's list (default vmbr0
         and vmbr1); node_vars: more variables for every node (they override the lab's)."""
         self.lab = lab
@@ -285,8 +312,12 @@ class HostViews:
 
     def module_zk_options(self) -> dict:
         """The modules' ZooKeeper options besides zk_hosts and zk_root (pvc_zk_options)."""
-        return {"zk_username": identities.OPERATOR_USER, "zk_password": identities.OPERATOR_PASSWORD,
-                "zk_tls": True, "zk_tls_ca": str(self.zookeeper_ca_dir / "ca.pem")}
+        return {
+            "zk_username": identities.OPERATOR_USER,
+            "zk_password": identities.OPERATOR_PASSWORD,
+            "zk_tls": True,
+            "zk_tls_ca": str(self.zookeeper_ca_dir / "ca.pem"),
+        }
 
     def operator_store(self, timeout_s: float = 10.0):
         """A started ClusterStore of the operator on the rolled-out ensemble (TLS, the CA checked),
@@ -295,17 +326,22 @@ class HostViews:
 
         from .daemons import in_netns
 
-        options = identities.operator_options(self.zk_hosts, self.zk_root, timeout_s=timeout_s, tls=True,
-                                              tls_ca=str(self.zookeeper_ca_dir / "ca.pem"))
+        options = identities.operator_options(
+            self.zk_hosts, self.zk_root, timeout_s=timeout_s, tls=True, tls_ca=str(self.zookeeper_ca_dir / "ca.pem")
+        )
         store = ClusterStore(options)
         return in_netns(self.lab.ctl_netns, store.start)
 
     def zookeeper_member(self, host: LabHost | int | str) -> ZooKeeperServer:
         """The rolled-out ensemble's member on ``host``, for its four-letter words (over TLS)."""
         h = self.view(host).host
-        return ZooKeeperServer(workdir=self.logs / f"zookeeper-{h.name}", client_port=ROLLOUT_ZK_PORT,
-                               client_address=h.address, netns=h.netns,
-                               client_tls_ca=str(self.zookeeper_ca_dir / "ca.pem"))
+        return ZooKeeperServer(
+            workdir=self.logs / f"zookeeper-{h.name}",
+            client_port=ROLLOUT_ZK_PORT,
+            client_address=h.address,
+            netns=h.netns,
+            client_tls_ca=str(self.zookeeper_ca_dir / "ca.pem"),
+        )
 
     def start_zookeeper(self, host: LabHost | int | str, timeout_s: float = 120.0) -> str:
         """Start the host's member of the rolled-out ensemble from the unit the zookeeper role
@@ -317,9 +353,11 @@ class HostViews:
         deadline = time.monotonic() + timeout_s
         while member.mode() is None:
             if time.monotonic() > deadline:
-                raise ViewError(f"the zookeeper role's member on {member.client_address} does not serve after "
-                                f"{timeout_s:.0f} s (log: {self.logs / ('zookeeper-' + self.view(host).host.name + '.log')})")
-            time.sleep(0.2)   # the JVM gives no readiness signal; its status port is polled
+                raise ViewError(
+                    f"the zookeeper role's member on {member.client_address} does not serve after "
+                    f"{timeout_s:.0f} s (log: {self.logs / ('zookeeper-' + self.view(host).host.name + '.log')})"
+                )
+            time.sleep(0.2)  # the JVM gives no readiness signal; its status port is polled
         return result
 
     @property
@@ -366,8 +404,9 @@ class HostViews:
         link.parent.mkdir(parents=True)
         link.symlink_to(REPO_ROOT)
         self.write_inventory()
-        self._log(f"[views] {len(self.lab.hosts)} host views and {self.inventory_file} ready "
-                  f"in {time.monotonic() - t0:.1f} s")
+        self._log(
+            f"[views] {len(self.lab.hosts)} host views and {self.inventory_file} ready in {time.monotonic() - t0:.1f} s"
+        )
 
     def down(self, quiet: bool = False) -> None:
         """End the services started here, then unmount and remove every view."""
@@ -418,16 +457,22 @@ class HostViews:
             "libvirt_service_manager": "none",
             "libvirt_log_outputs": "3:file:/var/log/libvirt/libvirtd.log",
             "libvirt_libvirtd_conf_extra": {
-                "unix_sock_ro_perms": "0777", "unix_sock_rw_perms": "0700",
-                "auth_unix_ro": "none", "auth_unix_rw": "none",
+                "unix_sock_ro_perms": "0777",
+                "unix_sock_rw_perms": "0700",
+                "auth_unix_ro": "none",
+                "auth_unix_rw": "none",
             },
             # QEMU as root without a security driver, cgroups or namespaces (no systemd, no AppArmor)
             "libvirt_qemu_user": "root",
             "libvirt_qemu_group": "root",
             "libvirt_qemu_dynamic_ownership": False,
             "libvirt_qemu_security_driver": "none",
-            "libvirt_qemu_conf_extra": {"remember_owner": 0, "stdio_handler": "file",
-                                        "cgroup_controllers": [], "namespaces": []},
+            "libvirt_qemu_conf_extra": {
+                "remember_owner": 0,
+                "stdio_handler": "file",
+                "cgroup_controllers": [],
+                "namespaces": [],
+            },
             # VM bridges: persisted for ifupdown in the host's view
             "vm_bridges": self.vm_bridges,
             "vm_bridges_service_manager": "none",
@@ -474,13 +519,16 @@ class HostViews:
         }
 
     def write_inventory(self) -> Path:
-        header = (f"# Generated by `python -m tests.lab.hostviews inventory` from {self.lab.state_file}.\n"
-                  "# The lab's hosts as Ansible hosts (connection netns, from tests/lab/ansible); see tests/lab/hostviews.py.\n")
+        header = (
+            f"# Generated by `python -m tests.lab.hostviews inventory` from {self.lab.state_file}.\n"
+            "# The lab's hosts as Ansible hosts (connection netns, from tests/lab/ansible); see tests/lab/hostviews.py.\n"
+        )
         self.inventory_file.write_text(header + yaml.safe_dump(self.inventory(), sort_keys=False, width=120))
         # every member at once: the hook of each waits until its member serves, in a quorum that
         # only the others complete (a rolling restart, serial 1, would wait for the first alone)
-        self.play_vars_file.write_text("# extra variables of the lab's playbook runs (see hostviews.py)\n"
-                                       "pvc_zookeeper_serial: 100%\n")
+        self.play_vars_file.write_text(
+            "# extra variables of the lab's playbook runs (see hostviews.py)\npvc_zookeeper_serial: 100%\n"
+        )
         return self.inventory_file
 
     # ---- Ansible ---------------------------------------------------------------------------
@@ -488,24 +536,33 @@ class HostViews:
     def ansible_env(self) -> dict[str, str]:
         env = dict(os.environ)
         tmp = self.base / "tmp"
-        env.update({
-            "ANSIBLE_COLLECTIONS_PATH": str(self.collections_dir),
-            "ANSIBLE_INVENTORY": str(self.inventory_file),
-            "ANSIBLE_CONNECTION_PLUGINS": str(LAB_CONNECTION_PLUGINS),
-            "ANSIBLE_PIPELINING": "true",
-            "ANSIBLE_HOST_KEY_CHECKING": "false",
-            "ANSIBLE_RETRY_FILES_ENABLED": "false",
-            "ANSIBLE_LOCAL_TEMP": str(tmp / "local"),
-            "ANSIBLE_REMOTE_TEMP": str(tmp / "remote"),
-            "ANSIBLE_FORKS": "10",
-            "ANSIBLE_NOCOWS": "1",
-            "ANSIBLE_DEPRECATION_WARNINGS": "false",
-            "PATH": f"{VENV_PYTHON.parent}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
-        })
+        env.update(
+            {
+                "ANSIBLE_COLLECTIONS_PATH": str(self.collections_dir),
+                "ANSIBLE_INVENTORY": str(self.inventory_file),
+                "ANSIBLE_CONNECTION_PLUGINS": str(LAB_CONNECTION_PLUGINS),
+                "ANSIBLE_PIPELINING": "true",
+                "ANSIBLE_HOST_KEY_CHECKING": "false",
+                "ANSIBLE_RETRY_FILES_ENABLED": "false",
+                "ANSIBLE_LOCAL_TEMP": str(tmp / "local"),
+                "ANSIBLE_REMOTE_TEMP": str(tmp / "remote"),
+                "ANSIBLE_FORKS": "10",
+                "ANSIBLE_NOCOWS": "1",
+                "ANSIBLE_DEPRECATION_WARNINGS": "false",
+                "PATH": f"{VENV_PYTHON.parent}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+            }
+        )
         return env
 
-    def playbook(self, playbook: str | Path, *args: str, extra_vars: dict | None = None, json_output: bool = True,
-                 progress: bool = False, timeout: float = 900) -> PlaybookRun:
+    def playbook(
+        self,
+        playbook: str | Path,
+        *args: str,
+        extra_vars: dict | None = None,
+        json_output: bool = True,
+        progress: bool = False,
+        timeout: float = 900,
+    ) -> PlaybookRun:
         """Run ansible-playbook in the controller's network namespace.
 
         json_output: results and per-host stats are collected (the lab_json callback) and parsed.
@@ -526,8 +583,15 @@ class HostViews:
         t0 = time.monotonic()
         # Only the network namespace is the controller's: a new mount namespace (as `ip netns exec`
         # makes) would not contain the bind mounts of the hosts' mount namespaces.
-        proc = subprocess.run(["nsenter", f"--net={NETNS_DIR}/{self.lab.ctl_netns}", "--"] + cmd, text=True,
-                              env=env, cwd=REPO_ROOT, timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+        proc = subprocess.run(
+            ["nsenter", f"--net={NETNS_DIR}/{self.lab.ctl_netns}", "--"] + cmd,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+            **kw,
+        )
         return PlaybookRun(proc, time.monotonic() - t0, json_output and not progress)
 
     # ---- services (what systemd does in production) -------------------------------------------
@@ -547,7 +611,9 @@ class HostViews:
         """The live services started here: role, host, pid, key (what they were started from)."""
         return [r for r in self._records() if _record(r).alive()]
 
-    def stop_services(self, role: str | None = None, host: str | None = None, timeout_s: float = 60) -> list[ProcRecord]:
+    def stop_services(
+        self, role: str | None = None, host: str | None = None, timeout_s: float = 60
+    ) -> list[ProcRecord]:
         """End services by PID (SIGTERM, then SIGKILL after ``timeout_s``)."""
         with self.locked():
             return self._stop_services(role, host, timeout_s)
@@ -568,11 +634,25 @@ class HostViews:
             out.write(f"\n===== {time.strftime('%H:%M:%S')} {shlex.join(argv)} =====\n".encode())
             out.flush()
             # nsenter exec()s the program (no --pid, so no fork): the PID is the service's own
-            proc = subprocess.Popen(view.nsenter() + argv, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd="/",
-                                    env={**os.environ, **(env or {})})
-        record = {"role": role, "host": view.host.netns, "node": view.host.name, "pid": proc.pid,
-                  "starttime": proc_starttime(proc.pid), "key": key, "argv": argv, "log": str(log)}
+            proc = subprocess.Popen(
+                view.nsenter() + argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd="/",
+                env={**os.environ, **(env or {})},
+            )
+        record = {
+            "role": role,
+            "host": view.host.netns,
+            "node": view.host.name,
+            "pid": proc.pid,
+            "starttime": proc_starttime(proc.pid),
+            "key": key,
+            "argv": argv,
+            "log": str(log),
+        }
         self._save([r for r in self._records() if not (r["role"] == role and r["host"] == view.host.netns)] + [record])
         return record
 
@@ -620,7 +700,7 @@ class HostViews:
             try:
                 notify.wait_ready(record["pid"], timeout_s, what=f"{role} on {view.host.name} (log: {record['log']})")
             except ViewError:
-                self.stop_services(role, view.host.netns)   # as systemd ends a unit that failed to start
+                self.stop_services(role, view.host.netns)  # as systemd ends a unit that failed to start
                 raise
             finally:
                 notify.close()
@@ -769,7 +849,9 @@ class PlaybookRun:
 
     def slowest(self, count: int = 10) -> list[tuple[float, str]]:
         """The slowest tasks: (seconds, name)."""
-        tasks = [(t.get("duration_s", 0.0), t["task"]["name"]) for p in self.result.get("plays", []) for t in p["tasks"]]
+        tasks = [
+            (t.get("duration_s", 0.0), t["task"]["name"]) for p in self.result.get("plays", []) for t in p["tasks"]
+        ]
         return sorted(tasks, reverse=True)[:count]
 
     def failures(self) -> str:
@@ -789,14 +871,18 @@ class PlaybookRun:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.lab.hostviews", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("up", "down", "inventory", "services", "start-daemon", "restart-libvirtd",
-                                            "status"))
+    parser.add_argument(
+        "command", choices=("up", "down", "inventory", "services", "start-daemon", "restart-libvirtd", "status")
+    )
     parser.add_argument("--workdir", default="/tmp/pvc-cluster/lab")
     parser.add_argument("--host", help="node name (nodeK) for services / start-daemon / restart-libvirtd")
     parser.add_argument("--zk-root", default=DEFAULT_ZK_ROOT)
-    parser.add_argument("--stage", choices=("zookeeper", "node"), default="node",
-                        help="services: the rollout's stage (pvc_rollout_stage): the ZooKeeper member, or libvirtd "
-                             "and the node daemon")
+    parser.add_argument(
+        "--stage",
+        choices=("zookeeper", "node"),
+        default="node",
+        help="services: the rollout's stage (pvc_rollout_stage): the ZooKeeper member, or libvirtd and the node daemon",
+    )
     args = parser.parse_args(argv)
     try:
         views = HostViews(Lab.load(args.workdir), zk_root=args.zk_root)

@@ -44,6 +44,7 @@ namespaces. Nothing is ever killed by name. `up` first does the same for whateve
 if a lab namespace holds a process that is not ours (another lab, a test's leftover), it deletes
 nothing and says which processes are in the way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,7 +72,7 @@ STATE_VERSION = 1
 LAB_NET = "10.77.0"
 CTL_ADDRESS = f"{LAB_NET}.254"
 ZK_PORT = 2181
-LIBVIRT_TCP_PORT = 16509   # libvirt's plain TCP socket: not listening (tests check it stays closed)
+LIBVIRT_TCP_PORT = 16509  # libvirt's plain TCP socket: not listening (tests check it stays closed)
 LIBVIRT_TLS_PORT = 16514
 LIBVIRTD = "/usr/sbin/libvirtd"
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -83,7 +84,7 @@ LIBVIRT_MOUNTS = {
     "lib": "/var/lib/libvirt",
     "cache": "/var/cache/libvirt",
     "log": "/var/log/libvirt",
-    "pki": "/etc/pki",   # the host's certificates (pki.py), where libvirtd and QEMU look by default
+    "pki": "/etc/pki",  # the host's certificates (pki.py), where libvirtd and QEMU look by default
 }
 # what `down` removes from a host directory (logs stay for post-mortems until the next `up`)
 RUNTIME_DIRS = ("etc", "run", "lib", "cache", "sock", "pki")
@@ -379,7 +380,9 @@ class LabHost:
 
     # -- actions ----------------------------------------------------------------------------
 
-    def run(self, args: list[str] | str, *, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, args: list[str] | str, *, check: bool = True, timeout: float = 120, **kw
+    ) -> subprocess.CompletedProcess:
         """Run a command inside this host's network namespace (shared filesystem and hostname)."""
         return self.lab._ns_run(self.netns, args, check=check, timeout=timeout, **kw)
 
@@ -539,7 +542,9 @@ class Lab:
 
     # -- controller -------------------------------------------------------------------------
 
-    def ctl_run(self, args: list[str] | str, *, check: bool = True, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    def ctl_run(
+        self, args: list[str] | str, *, check: bool = True, timeout: float = 300, **kw
+    ) -> subprocess.CompletedProcess:
         """Run a command in the controller namespace (a string runs through /bin/sh -c).
 
         Output is captured as text unless stdout/stderr/capture_output are given; cwd defaults to
@@ -632,9 +637,7 @@ class Lab:
             "prefix": self.prefix,
             "caps_cache": str(self.caps_cache),
             "vm_bridge": self.vm_bridge,
-            "hosts": [
-                {"name": h.name, "netns": h.netns, "address": h.address, "dir": str(h.dir)} for h in self.hosts
-            ],
+            "hosts": [{"name": h.name, "netns": h.netns, "address": h.address, "dir": str(h.dir)} for h in self.hosts],
             "namespaces": [],
             "netns_inodes": {},
             "processes": [],
@@ -645,8 +648,10 @@ class Lab:
         self._save_state()
 
         self._make_network()
-        self.log(f"network: {self.switch_netns} ({SWITCH_BRIDGE}), {self.ctl_netns} {CTL_ADDRESS}, "
-                 f"{self.hosts[0].netns}..{self.hosts[-1].netns} {LAB_NET}.1-{n}")
+        self.log(
+            f"network: {self.switch_netns} ({SWITCH_BRIDGE}), {self.ctl_netns} {CTL_ADDRESS}, "
+            f"{self.hosts[0].netns}..{self.hosts[-1].netns} {LAB_NET}.1-{n}"
+        )
 
         seeded = self._write_host_dirs()
         for h in self.hosts:
@@ -784,7 +789,9 @@ class Lab:
                 if self._abort.is_set():
                     raise LabError("aborted") from exc
                 if proc.poll() is not None:
-                    raise LabError(f"libvirtd on {h.name} exited with {proc.returncode}:\n{_tail(h.libvirtd_log)}") from exc
+                    raise LabError(
+                        f"libvirtd on {h.name} exited with {proc.returncode}:\n{_tail(h.libvirtd_log)}"
+                    ) from exc
                 time.sleep(0.05)
                 continue
             try:
@@ -818,8 +825,9 @@ class Lab:
                     shutil.copy2(f, caps / f.name)
             self._parallel(_domain_capabilities, rest)
         self._save_caps_cache()
-        self.log(f"QEMU capabilities {'loaded from cache' if seeded else 'probed (cold)'} "
-                 f"in {time.monotonic() - t:.1f} s")
+        self.log(
+            f"QEMU capabilities {'loaded from cache' if seeded else 'probed (cold)'} in {time.monotonic() - t:.1f} s"
+        )
 
     def _save_caps_cache(self) -> None:
         src = self.hosts[0].dir / "cache" / CAPS_SUBDIR
@@ -957,9 +965,7 @@ class Lab:
             )
         return (
             "lab namespaces hold processes this lab did not start; no namespace was deleted and\n"
-            "no such process touched:\n"
-            + "\n".join(lines)
-            + hint
+            "no such process touched:\n" + "\n".join(lines) + hint
         )
 
     # -- status -----------------------------------------------------------------------------
@@ -1067,8 +1073,9 @@ class Lab:
                 state["powered_off"].append(h.netns)
             inode = state.get("netns_inodes", {}).get(h.netns)
             keep = {r["pid"] for r in state["processes"] if r["host"] == h.netns and r["role"] == "zookeeper"}
-        keep |= {r.pid for r in self._pidfile_records(state, state.get("netns_inodes", {}), "zookeeper")
-                 if r.host == h.netns}
+        keep |= {
+            r.pid for r in self._pidfile_records(state, state.get("netns_inodes", {}), "zookeeper") if r.host == h.netns
+        }
         pids = [pid for pid in pids_by_netns().get(inode or -1, []) if pid not in keep]
         records = [ProcRecord("power", h.netns, pid, proc_starttime(pid)) for pid in pids]
         for record in records:
@@ -1096,10 +1103,18 @@ class Lab:
         from tests.support.bmc import SimulatedBMC
 
         python = f"cd {REPO_ROOT} && {sys.executable} -m tests.lab power --workdir {self.workdir}"
-        return {h.name: SimulatedBMC(h.name, self.workdir / "bmc", address=h.bmc_address, port=623, password=password,
-                                     off=f"{python} --host {h.index} off >> {self.workdir}/bmc/power.log 2>&1",
-                                     on=f"{python} --host {h.index} on >> {self.workdir}/bmc/power.log 2>&1")
-                for h in self.hosts}
+        return {
+            h.name: SimulatedBMC(
+                h.name,
+                self.workdir / "bmc",
+                address=h.bmc_address,
+                port=623,
+                password=password,
+                off=f"{python} --host {h.index} off >> {self.workdir}/bmc/power.log 2>&1",
+                on=f"{python} --host {h.index} on >> {self.workdir}/bmc/power.log 2>&1",
+            )
+            for h in self.hosts
+        }
 
     def start_bmcs(self) -> dict:
         """Start every host's BMC (once per lab; again after a lab went down and up). Returns them."""
@@ -1110,15 +1125,22 @@ class Lab:
             bmc = bmcs[h.name]
             if h.netns in running:
                 continue
-            subprocess.run(["ip", "-n", self.ctl_netns, "addr", "replace", f"{h.bmc_address}/24",
-                            "dev", f"v-{self.ctl_netns}"], check=True, capture_output=True)
+            subprocess.run(
+                ["ip", "-n", self.ctl_netns, "addr", "replace", f"{h.bmc_address}/24", "dev", f"v-{self.ctl_netns}"],
+                check=True,
+                capture_output=True,
+            )
 
             def popen(argv, **kw):
                 # ip netns exec execs: the PID is ipmi_sim's
                 return subprocess.Popen(["ip", "netns", "exec", self.ctl_netns, *argv], start_new_session=True, **kw)
 
-            bmc.start(popen=popen, probe=lambda b=bmc: self.ctl_run(
-                [sys.executable, "-c", _BMC_PROBE, b.address, str(b.port), b.password], check=False, timeout=15))
+            bmc.start(
+                popen=popen,
+                probe=lambda b=bmc: self.ctl_run(
+                    [sys.executable, "-c", _BMC_PROBE, b.address, str(b.port), b.password], check=False, timeout=15
+                ),
+            )
             self._record(bmc.process.pid, "bmc", h)
         del state
         return bmcs
@@ -1157,7 +1179,9 @@ class Lab:
     def _restart_libvirtd(self, h: LabHost) -> None:
         # checked and changed under the state's lock (which refuses a lab that is not up)
         with self._changing_state() as state:
-            if any(ProcRecord(**r).alive() for r in state["processes"] if r["host"] == h.netns and r["role"] == "libvirtd"):
+            if any(
+                ProcRecord(**r).alive() for r in state["processes"] if r["host"] == h.netns and r["role"] == "libvirtd"
+            ):
                 raise LabError(f"libvirtd on {h.name} is running")
             state["processes"] = [
                 r for r in state["processes"] if not (r["host"] == h.netns and r["role"] in ("libvirtd", "reaper"))
@@ -1183,7 +1207,7 @@ class Lab:
         records what it starts in the same file, so the file is read again under the lock
         rather than trusting this process's copy."""
         with self._state_lock, open(self.workdir / ".lab.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file is closed
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
             state = _read_state(self.state_file) or self._state
             if state is None:
                 raise LabError("the lab is not up")

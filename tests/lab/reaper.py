@@ -6,6 +6,7 @@ machine PID 1 reaps orphans ~1 s late, which made every destroy/shutdown take ~1
 is a child subreaper: orphans below it are re-parented here and reaped at once. It forwards
 SIGTERM/SIGINT/SIGHUP to libvirtd and exits with libvirtd's status once libvirtd has exited.
 """
+
 import ctypes
 import os
 import signal

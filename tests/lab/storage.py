@@ -14,6 +14,7 @@ images are sparse raw files in ``WORKDIR/storage/disks``, opened with O_DIRECT (
 Several processes may share a lab (pytest, a rollout's hooks): starting and adding exports are
 serialised by an flock in the storage directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,14 +45,16 @@ class NbdDisk:
     export: str
     host: str
     port: int
-    path: Path   # the image behind the export, on the machine
+    path: Path  # the image behind the export, on the machine
 
     def xml(self, cache: str = "none", target: str = "vda") -> str:
-        return (f"<disk type='network' device='disk'>\n"
-                f"  <driver name='qemu' type='raw' cache='{cache}'/>\n"
-                f"  <source protocol='nbd' name='{self.export}'><host name='{self.host}' port='{self.port}'/></source>\n"
-                f"  <target dev='{target}' bus='virtio'/>\n"
-                f"</disk>")
+        return (
+            f"<disk type='network' device='disk'>\n"
+            f"  <driver name='qemu' type='raw' cache='{cache}'/>\n"
+            f"  <source protocol='nbd' name='{self.export}'><host name='{self.host}' port='{self.port}'/></source>\n"
+            f"  <target dev='{target}' bus='virtio'/>\n"
+            f"</disk>"
+        )
 
 
 class StorageError(LabError):
@@ -77,7 +80,7 @@ class LabStorage:
     def _locked(self):
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file is closed
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
             yield
 
     # ---- the daemon ---------------------------------------------------------------------------
@@ -98,24 +101,37 @@ class LabStorage:
             shutil.rmtree(self.dir / "disks", ignore_errors=True)
             (self.dir / "disks").mkdir(parents=True)
             self.qmp_socket.unlink(missing_ok=True)
-            cmd = ["ip", "netns", "exec", self.lab.ctl_netns, STORAGE_DAEMON,
-                   "--nbd-server", f"addr.type=inet,addr.host={self.lab.ctl_address},addr.port={NBD_PORT},max-connections=0",
-                   "--chardev", f"socket,id=qmp,path={self.qmp_socket},server=on,wait=off",
-                   "--monitor", "chardev=qmp"]
+            cmd = [
+                "ip",
+                "netns",
+                "exec",
+                self.lab.ctl_netns,
+                STORAGE_DAEMON,
+                "--nbd-server",
+                f"addr.type=inet,addr.host={self.lab.ctl_address},addr.port={NBD_PORT},max-connections=0",
+                "--chardev",
+                f"socket,id=qmp,path={self.qmp_socket},server=on,wait=off",
+                "--monitor",
+                "chardev=qmp",
+            ]
             with open(self.log_file, "ab") as out:
                 # ip netns exec execs, so the PID is the daemon's; it belongs to the lab (lab.json),
                 # not to this process, and `down` ends it
-                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                )
             with self.lab._changing_state() as state:
                 state["processes"].append(
-                    ProcRecord("storage", self.lab.ctl_netns, proc.pid, proc_starttime(proc.pid)).as_dict())
+                    ProcRecord("storage", self.lab.ctl_netns, proc.pid, proc_starttime(proc.pid)).as_dict()
+                )
             deadline = time.monotonic() + 30
             while True:
                 # the daemon signals readiness only by answering on its socket: poll every 50 ms
                 if proc.poll() is not None:
-                    raise StorageError(f"qemu-storage-daemon exited with {proc.returncode}: "
-                                       f"{self.log_file.read_text(errors='replace')[-2000:]}")
+                    raise StorageError(
+                        f"qemu-storage-daemon exited with {proc.returncode}: "
+                        f"{self.log_file.read_text(errors='replace')[-2000:]}"
+                    )
                 try:
                     self._ask("query-block-exports")
                     return
@@ -132,7 +148,7 @@ class LabStorage:
             sock.settimeout(10)
             sock.connect(str(self.qmp_socket))
             stream = sock.makefile("rw", encoding="utf-8")
-            json.loads(stream.readline())   # the greeting
+            json.loads(stream.readline())  # the greeting
             answers = []
             for name, *arguments in (("qmp_capabilities",),) + tuple(commands):
                 stream.write(json.dumps({"execute": name, "arguments": arguments[0] if arguments else {}}) + "\n")
@@ -165,11 +181,21 @@ class LabStorage:
                 with open(path, "ab") as image:
                     if image.tell() == 0:
                         image.truncate(size_mib << 20)
-                node = "n" + hashlib.sha1(export.encode()).hexdigest()[:24]   # node names: 31 characters at most
-                self._ask(("blockdev-add", {"driver": "raw", "node-name": node,
-                                            "file": {"driver": "file", "filename": str(path), "cache": {"direct": True}}}),
-                          ("block-export-add", {"type": "nbd", "id": export, "node-name": node, "writable": True,
-                                                "name": export}))
+                node = "n" + hashlib.sha1(export.encode()).hexdigest()[:24]  # node names: 31 characters at most
+                self._ask(
+                    (
+                        "blockdev-add",
+                        {
+                            "driver": "raw",
+                            "node-name": node,
+                            "file": {"driver": "file", "filename": str(path), "cache": {"direct": True}},
+                        },
+                    ),
+                    (
+                        "block-export-add",
+                        {"type": "nbd", "id": export, "node-name": node, "writable": True, "name": export},
+                    ),
+                )
         return NbdDisk(export=export, host=self.lab.ctl_address, port=NBD_PORT, path=path)
 
     def exports(self) -> list[str]:
@@ -190,7 +216,7 @@ class LabStorage:
                 while any(e["id"] == export for e in self._ask("query-block-exports")[0]):
                     if time.monotonic() > deadline:
                         raise StorageError(f"export {export} does not end")
-                    time.sleep(0.05)   # QMP reports the end as an event we do not subscribe to
+                    time.sleep(0.05)  # QMP reports the end as an event we do not subscribe to
                 self._ask(("blockdev-del", {"node-name": found[0]["node-name"]}))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.dir / "disks" / f"{export}.img")

@@ -15,6 +15,7 @@ surviving peer has ended the migration on its own ("late"). Then, once the clust
 * I3 no migration record, reservation or lock is left;
 * I4 the migration has an audit record, with the result the protocol document predicts.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,13 +46,13 @@ AFTER_SOURCE = "killed-after-source"
 
 @dataclass(frozen=True)
 class Crash:
-    method: str                  # the VM's migration_method: live | shutdown
-    source: str | None = None    # how the source daemon dies (see above)
-    target: str | None = None    # how the target daemon dies
-    restart: str = "now"         # now | late (after the peer ended the migration)
-    result: str = "done"         # the audit record's result
+    method: str  # the VM's migration_method: live | shutdown
+    source: str | None = None  # how the source daemon dies (see above)
+    target: str | None = None  # how the target daemon dies
+    restart: str = "now"  # now | late (after the peer ended the migration)
+    result: str = "done"  # the audit record's result
     ends_on: str = "node2"
-    same_qemu: bool = False      # the VM was never stopped: same libvirt domain ID on node1
+    same_qemu: bool = False  # the VM was never stopped: same libvirt domain ID on node1
     overrides: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
@@ -103,8 +104,10 @@ CASES = [
 
 
 def config(overrides: dict) -> dict:
-    return {section: {**CRASH_CONFIG.get(section, {}), **overrides.get(section, {})}
-            for section in {*CRASH_CONFIG, *overrides}}
+    return {
+        section: {**CRASH_CONFIG.get(section, {}), **overrides.get(section, {})}
+        for section in {*CRASH_CONFIG, *overrides}
+    }
 
 
 def _env(how: str | None, release) -> dict:
@@ -118,14 +121,14 @@ def _env(how: str | None, release) -> dict:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_daemon_killed_mid_migration(lab_cluster, lab, tmp_path, case):
     cluster = lab_cluster(**config(case.overrides))
-    release = tmp_path / "never-released"   # a held source is killed, never released
+    release = tmp_path / "never-released"  # a held source is killed, never released
     source, target = cluster.daemons["node1"], cluster.daemons["node2"]
     cluster.start(env={"node1": _env(case.source, release), "node2": _env(case.target, release)})
     booted = time.time()
     uuid = cluster.define_vm(f"crash-{case.method}", "node1", meta={S.META_MIGRATION_METHOD: case.method})
     cluster.wait_running_on("node1", uuid)
     if case.method == "shutdown":
-        cluster.wait_guest_up(uuid, "node1", since=booted)   # so that it shuts down cleanly
+        cluster.wait_guest_up(uuid, "node1", since=booted)  # so that it shuts down cleanly
     domid = cluster.domain_id("node1", uuid)
 
     with RunningMonitor(lab.hosts) as monitor:
@@ -136,7 +139,7 @@ def test_daemon_killed_mid_migration(lab_cluster, lab, tmp_path, case):
         killed = []
         if case.source == HELD:
             cluster.wait_step(uuid, "prepared")
-            source.kill()     # it cannot have gone past the pause point
+            source.kill()  # it cannot have gone past the pause point
             killed.append("node1")
         elif case.source:
             assert source.wait_exit(timeout_s=120) == -9, source.log()[-3000:]
@@ -157,7 +160,7 @@ def test_daemon_killed_mid_migration(lab_cluster, lab, tmp_path, case):
             # the surviving peer ends the migration on its own, from libvirt's view
             cluster.wait_no_migration(uuid, timeout_s=180)
         for node in killed:
-            cluster.daemons[node].start()   # without fault injection
+            cluster.daemons[node].start()  # without fault injection
         for node in killed:
             cluster.wait_daemon_state(node, "run")
         cluster.settle(uuid, timeout_s=180)
@@ -171,7 +174,7 @@ def test_daemon_killed_mid_migration(lab_cluster, lab, tmp_path, case):
     assert vm.lastnode == ("node1" if case.ends_on == "node2" else "")
     assert cluster.running_nodes(cluster.libvirt_states(uuid)) == [case.ends_on]
     if case.same_qemu:
-        assert cluster.domain_id("node1", uuid) == domid      # never stopped
+        assert cluster.domain_id("node1", uuid) == domid  # never stopped
         assert monitor.ever_running_on(uuid) == {"node1"}
 
 

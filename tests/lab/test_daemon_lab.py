@@ -1,5 +1,6 @@
 """The node daemon on real hosts: one pvc-node-daemon per lab host, each driving its host's real
 libvirtd (QEMU/TCG guests), all on the lab's three-member ZooKeeper ensemble."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ def test_every_daemon_registers_runs_and_stops_without_touching_guests(lab_clust
         assert proc_cmdline(pid)[1:3] == ["-m", "pvc_node_daemon"]
         assert netns_inode_of_pid(pid) == netns_inode(h.netns)
         assert node_key(cluster, node, S.NODE_DAEMON_STATE) == "run"
-        assert node_key(cluster, node, S.NODE_DOMAIN_STATE) == "flushed"   # a new node takes no VMs yet
+        assert node_key(cluster, node, S.NODE_DOMAIN_STATE) == "flushed"  # a new node takes no VMs yet
         assert cluster.store.exists(cluster.schema.node_key(node, S.NODE_ALIVE))
         # what peers use to reach this host: its own lab address, never a name or loopback
         assert node_key(cluster, node, S.NODE_LIBVIRT_URI) == f"qemu+tls://{h.address}/system"
@@ -69,12 +70,16 @@ def test_vm_defined_in_zookeeper_runs_on_its_node(lab_cluster):
     uuid = cluster.define_vm("defined", "node1")
     cluster.wait_running_on("node1", uuid)
     # the daemon publishes what runs, and statistics from the real balloon device
-    cluster.wait(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS), lambda v: uuid in json.loads(v or "[]"),
-                 what="node1 runningdomains")
-    stats = json.loads(cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATS), lambda v: bool(v),
-                                    what="VM statistics"))
+    cluster.wait(
+        cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS),
+        lambda v: uuid in json.loads(v or "[]"),
+        what="node1 runningdomains",
+    )
+    stats = json.loads(
+        cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_STATS), lambda v: bool(v), what="VM statistics")
+    )
     assert stats["state"] == "running" and stats["memory_mib"] == 128 and stats["vcpus"] == 1
-    assert "actual" in stats["memory_stats"]        # the balloon's size, in KiB, from QEMU
+    assert "actual" in stats["memory_stats"]  # the balloon's size, in KiB, from QEMU
     # stop (forced) and start again, both from ZooKeeper
     cluster.set_state(uuid, "stop")
     cluster.wait_libvirt(uuid, lambda states: cluster.running_nodes(states) == [], what="VM stopped")
@@ -104,10 +109,16 @@ def test_keepalive_memory_accounting_matches_libvirt(lab_cluster):
         conn.close()
     assert uuids == [running] and alloc == 160
     # a stopped VM assigned here counts in memprov (it may start here) but not in memalloc
-    expected = {S.NODE_MEMALLOC: str(alloc), S.NODE_MEMPROV: str(alloc + 96), S.NODE_VCPUALLOC: str(vcpus),
-                S.NODE_DOMAINCOUNT: "1"}
+    expected = {
+        S.NODE_MEMALLOC: str(alloc),
+        S.NODE_MEMPROV: str(alloc + 96),
+        S.NODE_VCPUALLOC: str(vcpus),
+        S.NODE_DOMAINCOUNT: "1",
+    }
     for key, value in expected.items():
-        cluster.wait(cluster.schema.node_key("node1", key), lambda v, value=value: v == value, what=f"node1 {key} {value}")
+        cluster.wait(
+            cluster.schema.node_key("node1", key), lambda v, value=value: v == value, what=f"node1 {key} {value}"
+        )
     assert json.loads(node_key(cluster, "node1", S.NODE_RUNNINGDOMAINS)) == uuids
     assert int(node_key(cluster, "node1", S.NODE_MEMTOTAL)) == total
     memused, memfree = int(node_key(cluster, "node1", S.NODE_MEMUSED)), int(node_key(cluster, "node1", S.NODE_MEMFREE))
@@ -131,9 +142,9 @@ def test_guest_shuts_down_cleanly_on_the_power_button(lab_cluster):
     cluster = lab_cluster(intervals={"shutdown_timeout_s": 60})
     cluster.start()
     uuid = cluster.define_vm("polite", "node1")
-    cluster.wait_guest_up(uuid, "node1")      # booted: acpid listens
+    cluster.wait_guest_up(uuid, "node1")  # booted: acpid listens
     cluster.set_state(uuid, "shutdown")
-    cluster.wait_vm_state(uuid, "stop")        # the daemon records the end of the shutdown
+    cluster.wait_vm_state(uuid, "stop")  # the daemon records the end of the shutdown
     assert cluster.running_nodes(cluster.libvirt_states(uuid)) == []
     log = cluster.daemons["node1"].log()
     assert f"VM {uuid}: shut down" in log and "forced" not in log, log[-4000:]
@@ -150,7 +161,7 @@ def test_guest_that_ignores_shutdown_is_stopped_after_the_timeout(lab_cluster):
     uuid = cluster.define_vm("deaf", "node1", guest="none")
     cluster.wait_running_on("node1", uuid)
     cluster.set_state(uuid, "shutdown")
-    cluster.wait_vm_state(uuid, "stop")        # the daemon records the end of the shutdown
+    cluster.wait_vm_state(uuid, "stop")  # the daemon records the end of the shutdown
     assert cluster.running_nodes(cluster.libvirt_states(uuid)) == []
     log = cluster.daemons["node1"].log()
     assert "did not shut down within 2 s: forced stop" in log, log[-4000:]
@@ -176,8 +187,11 @@ def test_a_hung_libvirtd_is_a_health_state_not_a_dead_node(lab_cluster):
     cluster.wait(stale, lambda v: v == "false", what="node1's figures fresh")
     # figures read since the VM started (fresh ones may predate it): the last figures kept through
     # the hang must list it
-    cluster.wait(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS), lambda v: uuid in json.loads(v or "[]"),
-                 what="node1's figures to list the VM")
+    cluster.wait(
+        cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS),
+        lambda v: uuid in json.loads(v or "[]"),
+        what="node1's figures to list the VM",
+    )
     memtotal = node_key(cluster, "node1", S.NODE_MEMTOTAL)
     assert int(memtotal) > 0
     pid = _read_pid(cluster.host("node1").libvirtd_pidfile)
@@ -191,10 +205,13 @@ def test_a_hung_libvirtd_is_a_health_state_not_a_dead_node(lab_cluster):
         # and the reconnection are tests/lab/test_libvirtd_lab.py's
         intervals = cluster.daemons["node1"].config["intervals"]
         dead_after_s = intervals["keepalive_s"] * (intervals["dead_after"] + 1)
-        cluster.wait(cluster.schema.node_key("node1", S.NODE_FIGURES_AGE), lambda v: float(v or 0) > dead_after_s,
-                     what=f"node1's figures older than {dead_after_s} s")
+        cluster.wait(
+            cluster.schema.node_key("node1", S.NODE_FIGURES_AGE),
+            lambda v: float(v or 0) > dead_after_s,
+            what=f"node1's figures older than {dead_after_s} s",
+        )
         assert node_key(cluster, "node1", S.NODE_DAEMON_STATE) == "run"
-        assert node_key(cluster, "node1", S.NODE_MEMTOTAL) == memtotal        # the last figures, not zeros
+        assert node_key(cluster, "node1", S.NODE_MEMTOTAL) == memtotal  # the last figures, not zeros
         assert uuid in json.loads(node_key(cluster, "node1", S.NODE_RUNNINGDOMAINS))
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -11,6 +11,7 @@ host (ipmi_sim, Lab.start_bmcs), and every host's libvirt watched all through ea
   finishes, every VM runs once;
 * two hosts lost one after the other -> every VM runs on the last host.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,7 +34,7 @@ def ha_cluster(lab, lab_cluster):
 
     def make(unreachable=(), **overrides):
         devices = {name: bmc.device_config() for name, bmc in bmcs.items()}
-        for name in unreachable:   # nothing listens on that port of its BMC's address
+        for name in unreachable:  # nothing listens on that port of its BMC's address
             devices[name] = {**devices[name], "port": 624}
         # a bound, not a measure: the BMC's chassis script starts a Python process, which on this
         # shared machine under load has taken more than 5 s (the fence then failed, as it should)
@@ -41,12 +42,12 @@ def ha_cluster(lab, lab_cluster):
 
     yield make, bmcs
     try:
-        for h in lab.hosts:   # the lab stays usable for the next test whatever happened
+        for h in lab.hosts:  # the lab stays usable for the next test whatever happened
             h.set_link(True)
             if h.powered_off:
                 h.power_on()
     finally:
-        lab.stop_bmcs()   # the lab's other tests count its processes: no BMC among them
+        lab.stop_bmcs()  # the lab's other tests count its processes: no BMC among them
 
 
 def started_on_node2(cluster, count, prefix):
@@ -60,8 +61,12 @@ def started_on_node2(cluster, count, prefix):
 def wait_recovered(cluster, uuids) -> dict:
     where = {}
     for uuid in uuids:
-        cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_NODE), lambda v: v in OTHERS, 120,
-                     f"{cluster.names[uuid]} assigned to another node")
+        cluster.wait(
+            cluster.schema.domain_key(uuid, S.DOMAIN_NODE),
+            lambda v: v in OTHERS,
+            120,
+            f"{cluster.names[uuid]} assigned to another node",
+        )
         where[uuid] = read_vm(cluster.store, uuid).node
         cluster.wait_running_on(where[uuid], uuid, timeout_s=120)
     return where
@@ -70,7 +75,7 @@ def wait_recovered(cluster, uuids) -> dict:
 def check_recovered(cluster, monitor, uuids, where) -> None:
     assert not monitor.violations(), monitor.violations()
     for uuid in uuids:
-        assert monitor.ever_running_on(uuid) <= {"node2", where[uuid]}   # started once, on one host
+        assert monitor.ever_running_on(uuid) <= {"node2", where[uuid]}  # started once, on one host
         vm = read_vm(cluster.store, uuid)
         assert vm.lastnode == "node2" and vm.state == "start"
         kinds = [entry.get("kind") for entry in cluster.history(uuid)]
@@ -79,9 +84,27 @@ def check_recovered(cluster, monitor, uuids, where) -> None:
 
 def bmc_power_on(lab, bmc) -> None:
     """Power a host on through its BMC, as an operator would (from the controller namespace)."""
-    lab.ctl_run(["ipmitool", "-I", "lanplus", "-C", "3", "-H", bmc.address, "-p", str(bmc.port), "-U", "admin",
-                 "-E", "chassis", "power", "on"], env={"PATH": "/usr/bin:/bin", "IPMI_PASSWORD": bmc.password},
-                timeout=60)
+    lab.ctl_run(
+        [
+            "ipmitool",
+            "-I",
+            "lanplus",
+            "-C",
+            "3",
+            "-H",
+            bmc.address,
+            "-p",
+            str(bmc.port),
+            "-U",
+            "admin",
+            "-E",
+            "chassis",
+            "power",
+            "on",
+        ],
+        env={"PATH": "/usr/bin:/bin", "IPMI_PASSWORD": bmc.password},
+        timeout=60,
+    )
 
 
 def wait_libvirtd(host, timeout_s=60.0) -> None:
@@ -94,7 +117,7 @@ def wait_libvirtd(host, timeout_s=60.0) -> None:
             return
         except libvirt.libvirtError:
             assert time.monotonic() < deadline, f"libvirtd of {host.name} did not come back"
-            time.sleep(0.2)   # a restarted libvirtd gives no event before its socket answers
+            time.sleep(0.2)  # a restarted libvirtd gives no event before its socket answers
 
 
 def test_a_host_powered_off_is_fenced_its_vms_run_elsewhere_once_and_come_home_when_it_is_ready(lab, ha_cluster):
@@ -134,9 +157,9 @@ def test_a_partitioned_host_is_fenced_through_its_bmc_before_its_vms_run_elsewhe
     cluster = make()
     uuids = started_on_node2(cluster, 2, "ha-cut")
     with RunningMonitor(lab.hosts) as monitor:
-        lab.host(2).set_link(False)   # its processes live on, its VMs keep running there
+        lab.host(2).set_link(False)  # its processes live on, its VMs keep running there
         cluster.wait_daemon_state("node2", "fenced", timeout_s=90)
-        assert lab.host(2).powered_off          # the BMC's power-off killed its processes
+        assert lab.host(2).powered_off  # the BMC's power-off killed its processes
         assert cluster.daemons["node2"].process.wait(timeout=30) != 0
         where = wait_recovered(cluster, uuids)
     check_recovered(cluster, monitor, uuids, where)
@@ -198,7 +221,7 @@ def test_the_acting_daemon_killed_mid_recovery_hands_over_and_every_vm_runs_once
             if settled() and all(cluster.daemons[node].running() for node in OTHERS):
                 break
             assert time.monotonic() < deadline, f"not recovered (crashed: {crashed})\n{cluster.logs()}"
-            time.sleep(0.2)   # daemon exits give no event here: looked at between reads
+            time.sleep(0.2)  # daemon exits give no event here: looked at between reads
         assert crashed, "no daemon reached the crash point"
         where = wait_recovered(cluster, uuids)
     check_recovered(cluster, monitor, uuids, where)
@@ -217,13 +240,17 @@ def test_two_hosts_lost_one_after_the_other_leave_every_vm_running_on_the_last_o
         lab.host(3).power_off()
         cluster.wait_daemon_state("node3", "fenced", timeout_s=60)
         for uuid in uuids:
-            cluster.wait(cluster.schema.domain_key(uuid, S.DOMAIN_NODE), lambda v: v == "node1", 120,
-                         f"{cluster.names[uuid]} on node1")
+            cluster.wait(
+                cluster.schema.domain_key(uuid, S.DOMAIN_NODE),
+                lambda v: v == "node1",
+                120,
+                f"{cluster.names[uuid]} on node1",
+            )
             cluster.wait_running_on("node1", uuid, timeout_s=120)
     assert not monitor.violations(), monitor.violations()
     for uuid in uuids:
         vm = read_vm(cluster.store, uuid)
-        assert vm.lastnode == "node2"   # its home stays its home across both recoveries
+        assert vm.lastnode == "node2"  # its home stays its home across both recoveries
         kinds = [entry.get("kind") for entry in cluster.history(uuid)]
         assert kinds.count("recovery") == (2 if uuid in on_node3 else 1)
     assert [call for call in bmcs["node3"].calls() if call.endswith("set power 0")]

@@ -1,6 +1,7 @@
 """Smoke tests of the lab itself: libvirtd per host, live migration, the ZooKeeper ensemble, and
 that down / up-after-a-crash leave nothing behind. The lifecycle tests come last and leave the
 session's lab up again for whatever runs after them."""
+
 from __future__ import annotations
 
 import json
@@ -64,25 +65,39 @@ def test_domain_xml_builder():
     bare = ET.fromstring(domain_xml("g2", uuid="11111111-2222-4333-8444-555555555555"))
     assert bare.findtext("uuid") == "11111111-2222-4333-8444-555555555555"
     assert bare.find("devices/interface") is None and bare.find("devices/serial") is None
-    assert bare.find("os/kernel") is None and bare.find("os/boot").get("dev") == "hd"   # no OS: SeaBIOS
+    assert bare.find("os/kernel") is None and bare.find("os/boot").get("dev") == "hd"  # no OS: SeaBIOS
 
 
 def test_real_guest_xml():
-    linux = LinuxGuest(kernel=Path("/s/boot/k"), initrd=Path("/s/boot/i"), ticks=("10.77.0.254", 5140), tick_ms=5,
-                       dirty_mib_s=40, dirty_buf_mib=64)
+    linux = LinuxGuest(
+        kernel=Path("/s/boot/k"),
+        initrd=Path("/s/boot/i"),
+        ticks=("10.77.0.254", 5140),
+        tick_ms=5,
+        dirty_mib_s=40,
+        dirty_buf_mib=64,
+    )
     disk = NbdDisk(export="g3", host="10.77.0.254", port=10809, path=Path("/s/disks/g3.img"))
     root = ET.fromstring(domain_xml("g3", memory_mib=128, serial_path="/s/g3.log", linux=linux, disk=disk))
     assert (root.findtext("os/kernel"), root.findtext("os/initrd")) == ("/s/boot/k", "/s/boot/i")
     cmdline = root.findtext("os/cmdline").split()
-    assert {"console=ttyS0", "pvc.name=g3", "pvc.tick_ms=5", "pvc.dirty_mib_s=40", "pvc.dirty_buf_mib=64"} <= set(cmdline)
+    assert {"console=ttyS0", "pvc.name=g3", "pvc.tick_ms=5", "pvc.dirty_mib_s=40", "pvc.dirty_buf_mib=64"} <= set(
+        cmdline
+    )
     # the guest kernel's part in surviving a live migration under the lab's QEMU/TCG (guests.py)
     assert {"pti=on", "nopcid"} <= set(cmdline)
     source = root.find("devices/disk/source")
-    assert root.find("devices/disk").get("type") == "network" and root.find("devices/disk/driver").get("cache") == "none"
+    assert (
+        root.find("devices/disk").get("type") == "network" and root.find("devices/disk/driver").get("cache") == "none"
+    )
     assert (source.get("protocol"), source.get("name"), source.find("host").get("port")) == ("nbd", "g3", "10809")
     ticks = root.find("devices/console")
     assert ticks.get("type") == "udp" and ticks.find("target").get("type") == "virtio"
-    assert [(e.get("mode"), e.get("host"), e.get("service")) for e in ticks.findall("source")][1] == ("connect", "10.77.0.254", "5140")
+    assert [(e.get("mode"), e.get("host"), e.get("service")) for e in ticks.findall("source")][1] == (
+        "connect",
+        "10.77.0.254",
+        "5140",
+    )
     assert root.find("devices/channel/target").get("name") == "org.pvc-cluster.guest.0"
     # no collector: no ticks console, and the guest's ticker sleeps
     quiet = ET.fromstring(domain_xml("g4", memory_mib=128, linux=linux.with_(ticks=None)))
@@ -154,8 +169,16 @@ def test_libvirtd_takes_only_tls_clients_with_a_lab_hosts_certificate(lab):
     from .lab import LIBVIRT_TCP_PORT, LIBVIRT_TLS_PORT
 
     h = lab.host(2)
-    answers = json.loads(lab.ctl_python(TLS_CLIENT_SNIPPET, h.address, str(LIBVIRT_TCP_PORT), str(LIBVIRT_TLS_PORT),
-                                        str(lab.pki_clients_dir), timeout=120).stdout)
+    answers = json.loads(
+        lab.ctl_python(
+            TLS_CLIENT_SNIPPET,
+            h.address,
+            str(LIBVIRT_TCP_PORT),
+            str(LIBVIRT_TLS_PORT),
+            str(lab.pki_clients_dir),
+            timeout=120,
+        ).stdout
+    )
     assert answers["node1"] == "connected to node2", answers
     assert answers["controller"].startswith("refused"), answers
     assert answers["foreign"].startswith("closed by the server"), answers
@@ -163,9 +186,11 @@ def test_libvirtd_takes_only_tls_clients_with_a_lab_hosts_certificate(lab):
     assert answers["tcp"] == "closed: ConnectionRefusedError", answers
     log = h.libvirtd_log.read_text(errors="replace")
     # each refused for its own reason, by the server
-    for reason in ("not on the list of allowed clients (tls_allowed_dn_list)",   # the controller's
-                   "The certificate hasn't got a known issuer",                   # the foreign one
-                   "No certificate was found"):
+    for reason in (
+        "not on the list of allowed clients (tls_allowed_dn_list)",  # the controller's
+        "The certificate hasn't got a known issuer",  # the foreign one
+        "No certificate was found",
+    ):
         assert reason in log, log
 
 
@@ -179,12 +204,15 @@ def test_live_migration_host1_to_host2(lab, lab_guest, lab_guests):
     dom = lab_guest(h1, name="smoke-migrate")
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert not dom.isPersistent()
-    lab_guests.collector.wait_ticking("smoke-migrate", host="node1", since=started)   # booted
+    lab_guests.collector.wait_ticking("smoke-migrate", host="node1", since=started)  # booted
 
     # the lab's QEMUs refuse a migration without TLS (migrate_tls_force): nothing moves
     with pytest.raises(libvirt.libvirtError, match="TLS"):
-        dom.migrateToURI3(h2.libvirt_tls_uri, {libvirt.VIR_MIGRATE_PARAM_URI: h2.migration_uri},
-                          libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER)
+        dom.migrateToURI3(
+            h2.libvirt_tls_uri,
+            {libvirt.VIR_MIGRATE_PARAM_URI: h2.migration_uri},
+            libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER,
+        )
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     dom.migrateToURI3(
         h2.libvirt_tls_uri,
@@ -291,7 +319,9 @@ def test_up_cleans_up_after_an_interrupted_run(lab, lab_guest):
     assert _lab_namespaces(lab) == sorted(lab.namespaces)
 
     # another process brings the lab up again from lab.json
-    proc = _cli("up", "--hosts", "3", "--workdir", str(lab.workdir), "--prefix", lab.prefix, "--vm-bridge", lab.vm_bridge)
+    proc = _cli(
+        "up", "--hosts", "3", "--workdir", str(lab.workdir), "--prefix", lab.prefix, "--vm-bridge", lab.vm_bridge
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ended qemu" in proc.stdout
     assert _wait_dead(old + qemus, 1.0) == []

@@ -1,6 +1,7 @@
 """The lab's record of what it started (WORKDIR/lab.json, tests/lab/lab.py), without a running
 lab: processes that load the same lab record into the same file, and none of their records is
 lost."""
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,23 @@ RECORDS_PER_WRITER = 40
 
 def _up_state(lab: Lab) -> dict:
     """lab.json as `up` leaves it, before any process is recorded."""
-    return {"version": STATE_VERSION, "workdir": str(lab.workdir), "prefix": lab.prefix,
-            "caps_cache": str(lab.caps_cache), "vm_bridge": lab.vm_bridge,
-            "hosts": [{"name": h.name, "netns": h.netns, "address": h.address, "dir": str(h.dir)} for h in lab.hosts],
-            "namespaces": [], "netns_inodes": {}, "processes": [], "started": 0, "ready": True}
+    return {
+        "version": STATE_VERSION,
+        "workdir": str(lab.workdir),
+        "prefix": lab.prefix,
+        "caps_cache": str(lab.caps_cache),
+        "vm_bridge": lab.vm_bridge,
+        "hosts": [{"name": h.name, "netns": h.netns, "address": h.address, "dir": str(h.dir)} for h in lab.hosts],
+        "namespaces": [],
+        "netns_inodes": {},
+        "processes": [],
+        "started": 0,
+        "ready": True,
+    }
 
 
 def _record_many(workdir: str, role: str, start: multiprocessing.Event) -> None:
-    lab = Lab.load(workdir)   # as another process (a rollout hook, `python -m tests.lab`) does
+    lab = Lab.load(workdir)  # as another process (a rollout hook, `python -m tests.lab`) does
     start.wait(30)
     for _ in range(RECORDS_PER_WRITER):
         lab._record(os.getpid(), role, lab.hosts[0])

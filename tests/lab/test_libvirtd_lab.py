@@ -11,6 +11,7 @@ without a migration in flight, and then checks, once the cluster settles:
 * the daemon reconnected by itself (never restarted), published its libvirt health and took
   migrations again: a migration in both directions works afterwards.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,12 @@ def libvirt_health_path(cluster, node: str) -> str:
 
 
 def wait_libvirt_health(cluster, node: str, health: str, timeout_s: float = 90) -> None:
-    cluster.wait(libvirt_health_path(cluster, node), lambda value: value == health, timeout_s,
-                 f"{node} to publish libvirt {health}")
+    cluster.wait(
+        libvirt_health_path(cluster, node),
+        lambda value: value == health,
+        timeout_s,
+        f"{node} to publish libvirt {health}",
+    )
 
 
 def migrate_both_ways(cluster, uuid: str) -> None:
@@ -75,7 +80,7 @@ def wait_transfer_running(cluster, uuid: str, source: str = "node1", timeout_s: 
             # jobInfo: [type, timeElapsed (ms), timeRemaining, dataTotal, dataProcessed, ...]
             if info and info[0] != libvirt.VIR_DOMAIN_JOB_NONE and (info[4] > 0 or info[1] >= 100):
                 return
-            time.sleep(0.005)   # no libvirt event says "memory is moving"
+            time.sleep(0.005)  # no libvirt event says "memory is moving"
     finally:
         conn.close()
     raise AssertionError(f"no live migration job of {uuid} on {source} within {timeout_s} s\n{cluster.logs()}")
@@ -102,7 +107,7 @@ def test_a_clean_libvirtd_restart_with_no_migration(lab_cluster, lab):
             cluster.host(node).start_libvirtd()
             wait_libvirt_health(cluster, node, "ok")
             cluster.daemons[node].wait_log("libvirt: reconnected", after=mark)
-        assert cluster.domain_id("node1", uuid) == domid   # the guest never stopped
+        assert cluster.domain_id("node1", uuid) == domid  # the guest never stopped
         migrate_both_ways(cluster, uuid)
     cluster.check_invariants([uuid], monitor)
     daemons_never_restarted(cluster, pids)
@@ -191,12 +196,15 @@ def test_libvirtd_killed_and_restarted_at_each_step(lab_cluster, lab, tmp_path, 
     # Only the transfer in flight needs a real guest (a busy one); the other steps take a guest
     # with no OS, which costs no boot (it ignores ACPI: a shutdown migration stops it by force
     # after shutdown_timeout_s, which changes nothing in the protocol).
-    uuid = cluster.define_vm(f"{method}-{step}-{victim}", "node1",
-                             meta={S.META_MIGRATION_METHOD: "shutdown"} if method == "shutdown" else None,
-                             **(BUSY_GUEST if in_flight else {"guest": "none"}))
+    uuid = cluster.define_vm(
+        f"{method}-{step}-{victim}",
+        "node1",
+        meta={S.META_MIGRATION_METHOD: "shutdown"} if method == "shutdown" else None,
+        **(BUSY_GUEST if in_flight else {"guest": "none"}),
+    )
     cluster.wait_running_on("node1", uuid)
     if in_flight:
-        cluster.wait_guest_up(uuid, "node1", since=booted)   # it dirties memory once it runs
+        cluster.wait_guest_up(uuid, "node1", since=booted)  # it dirties memory once it runs
         status = cluster.guest_port(uuid).status()
         assert (status["dirty_mib_s"], status["dirty_buf_mib"]) == ("48", "24"), status
         unlimited = set_migrate_speed(cluster, "node1", uuid, MIGRATE_SPEED_MIB_S)
@@ -226,7 +234,7 @@ def test_libvirtd_killed_and_restarted_at_each_step(lab_cluster, lab, tmp_path, 
         # the kill landed at the step: the record had reached it, and had gone no further
         reached = [name for name in (*STEPS, final["result"]) if name in final["steps"]]
         assert final["steps"][step] <= killed_at, (killed_at, final)
-        assert all(final["steps"][name] > killed_at for name in reached[reached.index(step) + 1:]), (killed_at, final)
+        assert all(final["steps"][name] > killed_at for name in reached[reached.index(step) + 1 :]), (killed_at, final)
         if method == "live":
             assert final.get("method_used") in (None, "live") and not final.get("fallback_reason"), final
             if final["result"] == "aborted":
@@ -276,16 +284,18 @@ def test_a_libvirtd_stopped_longer_than_the_call_timeout(lab_cluster, lab):
     daemons_never_restarted(cluster, pids)
 
 
-def test_a_live_transfer_to_a_target_whose_libvirtd_died_at_prepared_aborts_without_a_shutdown(lab_cluster, lab,
-                                                                                               tmp_path):
+def test_a_live_transfer_to_a_target_whose_libvirtd_died_at_prepared_aborts_without_a_shutdown(
+    lab_cluster, lab, tmp_path
+):
     """The target prepared, then its libvirtd died (SIGKILL) before the source started the
     transfer (held at source:before-transfer): the live transfer cannot reach the target's
     libvirtd, and the migration (method default) aborts with the guest never stopped, instead of
     a shutdown migration to a target that cannot start it."""
     cluster = lab_cluster(**CONFIG)
     release = tmp_path / "release"
-    cluster.start("node1", "node2", env={"node1": {PAUSE_ENV: "source:before-transfer",
-                                                   PAUSE_RELEASE_ENV: str(release)}})
+    cluster.start(
+        "node1", "node2", env={"node1": {PAUSE_ENV: "source:before-transfer", PAUSE_RELEASE_ENV: str(release)}}
+    )
     uuid = cluster.define_vm("prepared-kill", "node1")
     cluster.wait_running_on("node1", uuid)
     domid = cluster.domain_id("node1", uuid)
@@ -299,7 +309,7 @@ def test_a_live_transfer_to_a_target_whose_libvirtd_died_at_prepared_aborts_with
         final = cluster.history(uuid)[-1]
         assert final["id"] == record.id and final["result"] == "aborted", final
         assert "no shutdown migration is tried" in final["reason"] and not final.get("fallback_reason"), final
-        assert cluster.domain_id("node1", uuid) == domid   # the guest never stopped
+        assert cluster.domain_id("node1", uuid) == domid  # the guest never stopped
         host.start_libvirtd()
         wait_libvirt_health(cluster, "node2", "ok")
         migrate_both_ways(cluster, uuid)
@@ -313,8 +323,7 @@ def test_a_target_whose_libvirtd_dies_as_it_starts_a_shut_down_vm_keeps_its_clai
     starts the VM and ends the migration done."""
     cluster = lab_cluster(**CONFIG)
     release = tmp_path / "release"
-    cluster.start("node1", "node2", env={"node2": {PAUSE_ENV: "target:before-start",
-                                                   PAUSE_RELEASE_ENV: str(release)}})
+    cluster.start("node1", "node2", env={"node2": {PAUSE_ENV: "target:before-start", PAUSE_RELEASE_ENV: str(release)}})
     booted = time.time()
     uuid = cluster.define_vm("claimed-start", "node1", meta={S.META_MIGRATION_METHOD: "shutdown"})
     cluster.wait_running_on("node1", uuid)

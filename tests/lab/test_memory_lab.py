@@ -2,6 +2,7 @@
 ZooKeeper snapshots sampled while node1 is flushed onto the others and made ready again (real
 libvirtd + QEMU guests), and while node2's daemon restarts: no instant where a node's published
 memprov and reservations leave out a VM assigned to it, or its VMs exceed its capacity."""
+
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,7 @@
 guests, peer-to-peer live migration over the lab network), requests go through the same
 plan_request/submit_request as the Ansible modules, and every wait is a ZooKeeper watch or a
 libvirt read. A RunningMonitor samples libvirt on every host throughout each test (I1)."""
+
 from __future__ import annotations
 
 import time
@@ -48,8 +49,8 @@ def test_live_migration_and_return(lab_cluster, monitor):
     assert record.step == "requested" and (record.source, record.target) == ("node1", "node2")
     cluster.settle(uuid)
     states = cluster.libvirt_states(uuid)
-    assert states == {"node1": None, "node2": "running", "node3": None}   # moved, not copied
-    assert running_reason(cluster, "node2", uuid) == "migrated"            # live: the same guest, resumed
+    assert states == {"node1": None, "node2": "running", "node3": None}  # moved, not copied
+    assert running_reason(cluster, "node2", uuid) == "migrated"  # live: the same guest, resumed
     final = cluster.history(uuid)[-1]
     assert final["id"] == record.id and final["result"] == "done"
     assert (final["method"], final["method_used"], final["fallback_reason"]) == ("default", "live", None)
@@ -89,7 +90,7 @@ def test_shutdown_migration_shuts_the_guest_down_cleanly_and_starts_it_on_the_ta
     record = cluster.request(uuid, "migrate", target="node2")
     cluster.settle(uuid)
     assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
-    assert running_reason(cluster, "node2", uuid) == "booted"   # started afresh from the XML in ZooKeeper
+    assert running_reason(cluster, "node2", uuid) == "booted"  # started afresh from the XML in ZooKeeper
     final = cluster.history(uuid)[-1]
     assert final["id"] == record.id and final["result"] == "done"
     assert (final["method"], final["method_used"]) == ("shutdown", "shutdown")
@@ -120,11 +121,14 @@ def test_shutdown_migration_of_a_guest_that_ignores_acpi_forces_the_stop(lab_clu
     cluster.check_invariants([uuid], monitor)
 
 
-@pytest.mark.parametrize("method, force_live, result", [
-    ("default", False, "done"),     # live fails -> shutdown migration
-    ("live", False, "aborted"),     # live fails -> abort, the VM keeps running on the source
-    ("default", True, "aborted"),   # a request with force_live behaves as `live`
-])
+@pytest.mark.parametrize(
+    "method, force_live, result",
+    [
+        ("default", False, "done"),  # live fails -> shutdown migration
+        ("live", False, "aborted"),  # live fails -> abort, the VM keeps running on the source
+        ("default", True, "aborted"),  # a request with force_live behaves as `live`
+    ],
+)
 def test_failed_live_migration_falls_back_or_aborts(lab_cluster, monitor, method, force_live, result):
     """Hazard 13 with a real cause: instead of its disk on the shared storage, the guest has a file
     on the hosts' common /tmp, which libvirt does not consider shared storage (a local ext4). libvirt
@@ -135,8 +139,9 @@ def test_failed_live_migration_falls_back_or_aborts(lab_cluster, monitor, method
     disk = cluster.workdir / f"disk-{method}-{force_live}.img"
     with open(disk, "wb") as f:
         f.truncate(1 << 20)
-    uuid = cluster.define_vm(f"unsafe-{method}", "node1", disk=str(disk), disk_cache="writeback",
-                             meta={S.META_MIGRATION_METHOD: method})
+    uuid = cluster.define_vm(
+        f"unsafe-{method}", "node1", disk=str(disk), disk_cache="writeback", meta={S.META_MIGRATION_METHOD: method}
+    )
     cluster.wait_running_on("node1", uuid)
     domid = cluster.domain_id("node1", uuid)
     record = cluster.request(uuid, "migrate", target="node2", force_live=force_live)
@@ -170,7 +175,7 @@ def test_target_changed_under_a_migration_aborts_it(lab_cluster, monitor, tmp_pa
     domid = cluster.domain_id("node1", uuid)
     record = cluster.request(uuid, "migrate", target="node2")
     cluster.wait_step(uuid, "prepared")
-    cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): "node3"})   # by other means
+    cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): "node3"})  # by other means
     release.touch()
     cluster.settle(uuid)
     final = cluster.history(uuid)[-1]
@@ -206,7 +211,7 @@ def test_second_request_is_refused_while_one_is_in_flight(lab_cluster, monitor, 
     assert [h["id"] for h in cluster.history(uuid)] == [record.id]
     assert cluster.history(uuid)[-1]["result"] == "done"
     assert cluster.libvirt_states(uuid) == {"node1": None, "node2": "running", "node3": None}
-    assert not cluster.store.exists(cluster.schema.node_reservation("node3", uuid))   # never the target
+    assert not cluster.store.exists(cluster.schema.node_reservation("node3", uuid))  # never the target
     cluster.check_invariants([uuid], monitor)
 
 
@@ -244,8 +249,8 @@ def test_flush_and_ready_round_trip(lab_cluster, monitor):
     cluster.set_domain_state("node1", "flush")
     cluster.wait_domain_state("node1", "flushed", timeout_s=240)
     for uuid in home:
-        cluster.settle(uuid)   # node1's libvirtd may still be ending its side of the last transfers
-    assert cluster.host("node1").domains(running_only=False) == []     # libvirt: nothing left on node1
+        cluster.settle(uuid)  # node1's libvirtd may still be ending its side of the last transfers
+    assert cluster.host("node1").domains(running_only=False) == []  # libvirt: nothing left on node1
     for uuid in home:
         vm = read_vm(cluster.store, uuid)
         assert vm.node in ("node2", "node3") and vm.lastnode == "node1" and vm.migration is None
@@ -253,7 +258,7 @@ def test_flush_and_ready_round_trip(lab_cluster, monitor):
         assert cluster.running_nodes(cluster.libvirt_states(uuid)) == [vm.node]
         assert cluster.history(uuid)[-1]["result"] == "done"
         assert cluster.history(uuid)[-1]["method_used"] == "live"
-    assert cluster.domain_id("node2", other) == other_id     # untouched
+    assert cluster.domain_id("node2", other) == other_id  # untouched
 
     cluster.set_domain_state("node1", "unflush")
     cluster.wait_domain_state("node1", "ready", timeout_s=240)
@@ -341,7 +346,7 @@ class ThrottleMonitor:
                 try:
                     stats = conn.lookupByUUIDString(self.uuid).jobStats(0)
                 except libvirt.libvirtError:
-                    stats = {}   # gone from the source: the migration is over
+                    stats = {}  # gone from the source: the migration is over
                 self.highest = max(self.highest, stats.get("auto_converge_throttle", 0))
                 self.iterations = max(self.iterations, stats.get("memory_iteration", 0))
                 self._stop.wait(0.2)
@@ -369,11 +374,14 @@ def assert_guest_lived_on(cluster, uuid: str, node: str, booted: float, resumed:
         alive = False
     console = cluster.guests.console_text(name)
     status = cluster.guest_port(uuid).status() if alive else {}
-    signs = [sign for sign in ("Kernel panic", "BUG:", "Oops", "general protection fault", "lost write")
-             if sign in console]
+    signs = [
+        sign for sign in ("Kernel panic", "BUG:", "Oops", "general protection fault", "lost write") if sign in console
+    ]
     if not alive or signs or status.get("lost_writes") != "0":
-        pytest.xfail(f"the guest lost memory in the migration (QEMU 7.2 TCG, see guests.py): alive={alive}, "
-                     f"lost_writes={status.get('lost_writes')}, console:\n{console[-2000:]}")
+        pytest.xfail(
+            f"the guest lost memory in the migration (QEMU 7.2 TCG, see guests.py): alive={alive}, "
+            f"lost_writes={status.get('lost_writes')}, console:\n{console[-2000:]}"
+        )
     assert collector.restarts(name, booted - 1) == [], "the guest booted again"
     assert int(status["dirtied_mib"]) > 0, status
 
@@ -387,8 +395,9 @@ def test_busy_guest_converges_by_auto_converge(lab_cluster, monitor):
     cluster = lab_cluster(migration={"live_timeout_base_s": 300})
     cluster.start()
     booted = time.time()
-    uuid = start_busy_guest(cluster, "busy-converges", {S.META_MIGRATION_AUTO_CONVERGE: "true",
-                                                        S.META_MIGRATION_MAX_DOWNTIME_MS: "300"})
+    uuid = start_busy_guest(
+        cluster, "busy-converges", {S.META_MIGRATION_AUTO_CONVERGE: "true", S.META_MIGRATION_MAX_DOWNTIME_MS: "300"}
+    )
     with ThrottleMonitor(cluster.host("node1"), uuid) as throttle:
         record = cluster.request(uuid, "migrate", target="node2")
         cluster.settle(uuid, timeout_s=400)
@@ -401,8 +410,10 @@ def test_busy_guest_converges_by_auto_converge(lab_cluster, monitor):
     assert throttle.highest > 0 and stats.get("memory_iteration", 0) > 1, (throttle.highest, stats)
     assert_guest_lived_on(cluster, uuid, "node2", booted, final["steps"]["done"])
     switch = cluster.record_guest_downtime(uuid, record.id)
-    print(f"busy guest converged: libvirt downtime {stats.get('downtime')} ms, throttle up to {throttle.highest} %, "
-          f"{stats.get('memory_iteration')} passes, {final['duration_s']:.1f} s; seen by the guest: {switch}")
+    print(
+        f"busy guest converged: libvirt downtime {stats.get('downtime')} ms, throttle up to {throttle.highest} %, "
+        f"{stats.get('memory_iteration')} passes, {final['duration_s']:.1f} s; seen by the guest: {switch}"
+    )
     assert switch is not None and (switch.source, switch.target) == ("node1", "node2"), switch
     assert cluster.history(uuid)[-1]["guest_downtime_ms"] == round(switch.frozen_ms, 1)
     cluster.check_invariants([uuid], monitor)
@@ -430,5 +441,7 @@ def test_busy_guest_without_auto_converge_is_aborted_by_the_completion_timeout(l
     # the guest went on ticking from node1 all along: no switch-over, no new boot
     cluster.wait_guest_up(uuid, "node1", since=final["steps"]["aborted"])
     collector = cluster.guests.collector
-    assert collector.switchovers("busy-aborted", booted - 60) == [] and not collector.restarts("busy-aborted", booted - 60)
+    assert collector.switchovers("busy-aborted", booted - 60) == [] and not collector.restarts(
+        "busy-aborted", booted - 60
+    )
     cluster.check_invariants([uuid], monitor)

@@ -61,8 +61,16 @@ def test_the_namespace_defaults_to_the_host_address(make, calls):
 def test_with_a_mount_namespace_commands_enter_all_three_namespaces(make, calls):
     conn = make(netns_name="lab-n2", netns_mount_namespace="/v/n2/mnt.ns", netns_uts_namespace="/v/n2/uts.ns")
     conn.exec_command("cat /etc/hostname")
-    assert shlex.split(calls[0][0]) == ["nsenter", "--net=/run/netns/lab-n2", "--mount=/v/n2/mnt.ns",
-                                        "--uts=/v/n2/uts.ns", "--", "/bin/sh", "-c", "cat /etc/hostname"]
+    assert shlex.split(calls[0][0]) == [
+        "nsenter",
+        "--net=/run/netns/lab-n2",
+        "--mount=/v/n2/mnt.ns",
+        "--uts=/v/n2/uts.ns",
+        "--",
+        "/bin/sh",
+        "-c",
+        "cat /etc/hostname",
+    ]
 
 
 def test_files_cross_through_the_mount_namespace(make, calls, tmp_path):

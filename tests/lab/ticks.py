@@ -26,6 +26,7 @@ id and its sequence numbers from 0 again (``restarts`` reports those). Within on
 sequence numbers order the ticks: a tick written just before the pause may leave from the target,
 after the resume, and arrive after a later one.
 """
+
 from __future__ import annotations
 
 import socket
@@ -39,7 +40,7 @@ from .daemons import in_netns
 from .lab import LAB_NET, Lab, netns_inode
 
 TICK_PORT = 5140
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)   # Linux; Python names it only on some builds
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python names it only on some builds
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 # A guest ticking every 10 ms for an hour: far more than any test, demo or benchmark keeps.
 KEEP_TICKS = 360_000
@@ -47,11 +48,11 @@ KEEP_TICKS = 360_000
 
 @dataclass(frozen=True)
 class Tick:
-    arrival: float   # unix time the datagram arrived (kernel timestamp)
-    boot: str        # the guest's boot id (its kernel's, shortened)
-    seq: int         # the guest's tick counter (0 at boot)
-    guest_us: int    # the guest's CLOCK_MONOTONIC, microseconds
-    host: str        # the lab host whose QEMU sent it (nodeK)
+    arrival: float  # unix time the datagram arrived (kernel timestamp)
+    boot: str  # the guest's boot id (its kernel's, shortened)
+    seq: int  # the guest's tick counter (0 at boot)
+    guest_us: int  # the guest's CLOCK_MONOTONIC, microseconds
+    host: str  # the lab host whose QEMU sent it (nodeK)
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ class Switchover:
 
     source: str
     target: str
-    last: Tick       # the last tick from the source
-    first: Tick      # the first tick from the target
+    last: Tick  # the last tick from the source
+    first: Tick  # the first tick from the target
 
     @property
     def gap_ms(self) -> float:
@@ -82,8 +83,10 @@ class Switchover:
         return self.first.seq - self.last.seq - 1
 
     def __str__(self) -> str:
-        return (f"{self.source}->{self.target} at {time.strftime('%H:%M:%S', time.localtime(self.first.arrival))}: "
-                f"guest frozen {self.frozen_ms:.0f} ms (silent {self.gap_ms:.0f} ms)")
+        return (
+            f"{self.source}->{self.target} at {time.strftime('%H:%M:%S', time.localtime(self.first.arrival))}: "
+            f"guest frozen {self.frozen_ms:.0f} ms (silent {self.gap_ms:.0f} ms)"
+        )
 
 
 class TickCollector:
@@ -119,11 +122,11 @@ class TickCollector:
     def start(self) -> TickCollector:
         self._netns = netns_inode(self.lab.ctl_netns)
 
-        def bind() -> socket.socket:   # in a thread that joined the controller namespace
+        def bind() -> socket.socket:  # in a thread that joined the controller namespace
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            try:   # room for a few seconds of ticks of many guests should this thread be held up
+            try:  # room for a few seconds of ticks of many guests should this thread be held up
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
             except OSError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
@@ -131,7 +134,7 @@ class TickCollector:
             return sock
 
         self._socket = in_netns(self.lab.ctl_netns, bind)
-        self._socket.settimeout(0.2)   # so that stop() is noticed
+        self._socket.settimeout(0.2)  # so that stop() is noticed
         self._thread = threading.Thread(target=self._run, name="tick-collector", daemon=True)
         self._thread.start()
         return self
@@ -144,7 +147,7 @@ class TickCollector:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
-        self._stop = threading.Event()   # the next start's; the old thread keeps the one it was given
+        self._stop = threading.Event()  # the next start's; the old thread keeps the one it was given
 
     def __enter__(self) -> TickCollector:
         return self.start()
@@ -195,8 +198,9 @@ class TickCollector:
             ticks = list(self._ticks.get(name, ()))
         return [t for t in ticks if since is None or t.arrival >= since]
 
-    def wait_ticking(self, name: str, host: str | None = None, since: float | None = None,
-                     timeout_s: float = 120) -> Tick:
+    def wait_ticking(
+        self, name: str, host: str | None = None, since: float | None = None, timeout_s: float = 120
+    ) -> Tick:
         """Wait for a tick of ``name`` (from ``host``, arrived after ``since``): the guest is up.
         Woken by each tick that arrives (no polling)."""
 
@@ -211,8 +215,10 @@ class TickCollector:
         with self._changed:
             if not self._changed.wait_for(found, timeout=timeout_s):
                 seen = self._ticks.get(name)
-                raise AssertionError(f"guest {name} sent no tick{' from ' + host if host else ''} within {timeout_s} s "
-                                     f"(last tick: {seen[-1] if seen else 'none ever'})")
+                raise AssertionError(
+                    f"guest {name} sent no tick{' from ' + host if host else ''} within {timeout_s} s "
+                    f"(last tick: {seen[-1] if seen else 'none ever'})"
+                )
             return found()
 
     def boots(self, name: str, since: float | None = None) -> list[list[Tick]]:
@@ -221,8 +227,10 @@ class TickCollector:
         by_boot: dict[str, list[Tick]] = {}
         for tick in self.ticks(name, since):
             by_boot.setdefault(tick.boot, []).append(tick)
-        return sorted((sorted(ticks, key=lambda t: t.seq) for ticks in by_boot.values()),
-                      key=lambda ticks: min(t.arrival for t in ticks))
+        return sorted(
+            (sorted(ticks, key=lambda t: t.seq) for ticks in by_boot.values()),
+            key=lambda ticks: min(t.arrival for t in ticks),
+        )
 
     def switchovers(self, name: str, since: float | None = None) -> list[Switchover]:
         """Every switch-over of ``name``'s ticks from one host to another within one boot (see the
@@ -239,13 +247,17 @@ class TickCollector:
         ``since`` (a guest started again, e.g. by a shutdown migration)."""
         return [ticks[0] for ticks in self.boots(name, since)[1:]]
 
-    def switchover_near(self, name: str, start: float, end: float, host_from: str | None = None,
-                        host_to: str | None = None) -> Switchover | None:
+    def switchover_near(
+        self, name: str, start: float, end: float, host_from: str | None = None, host_to: str | None = None
+    ) -> Switchover | None:
         """The switch-over of ``name`` whose first tick from the target arrived within [start, end]
         (unix times, e.g. a migration's `transferring` and `done` stamps, widened a little)."""
         for switch in self.switchovers(name, since=start - 60):
-            if start <= switch.first.arrival <= end and (host_from in (None, switch.source)) \
-                    and (host_to in (None, switch.target)):
+            if (
+                start <= switch.first.arrival <= end
+                and (host_from in (None, switch.source))
+                and (host_to in (None, switch.target))
+            ):
                 return switch
         return None
 
@@ -254,8 +266,9 @@ class TickCollector:
 MEASURED_BY = "lab tick collector: the guest's serial ticks at the switch-over (frozen time, tests/lab/ticks.py)"
 
 
-def record_switchover(store, collector: TickCollector, uuid: str, name: str, entry: dict,
-                      timeout_s: float = 30) -> Switchover | None:
+def record_switchover(
+    store, collector: TickCollector, uuid: str, name: str, entry: dict, timeout_s: float = 30
+) -> Switchover | None:
     """The lab's measurement hook for item "downtime as the guest sees it": find the switch-over
     of live migration ``entry`` (an audit record, read_history's) in guest ``name``'s ticks and
     add its frozen time to the audit record (``_cluster.record_guest_downtime``). Waits (on the

@@ -1,6 +1,7 @@
 """Fixtures of the rollout tests: the lab (tests/conftest.py gives the session's, shared with
 tests/lab), its hosts as Ansible hosts, and a cluster rolled out on them by playbooks/rollout.yml.
 """
+
 from __future__ import annotations
 
 from tests.lab.fixtures import lab_workdir_and_prefix
@@ -19,5 +20,5 @@ def pytest_configure(config):
     if (workdir / "views").exists():
         try:
             HostViews(Lab.load(workdir), log=lambda message: None).down(quiet=True)
-        except LabError as exc:   # an unreadable lab.json: the lab fixture reports the lab's state
+        except LabError as exc:  # an unreadable lab.json: the lab fixture reports the lab's state
             print(f"rollout tests: could not clean up the views in {workdir}: {exc}")

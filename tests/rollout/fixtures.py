@@ -6,6 +6,7 @@ and its daemons and modules run secured.
 Session-scoped: the rollout (a minute or two) runs once for all the modules here. tests/rollout
 comes last in pyproject's testpaths, so its daemons never run during the other lab tests; they
 are ended, with everything else the fixture made, when the session ends."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,7 @@ import pytest
 from tests.lab.hostviews import HostViews, PlaybookRun
 from tests.lab.lab import Lab
 
-UPLINK = "vmup0"           # a veth in every host, enslaved to vmbr1 by the role
+UPLINK = "vmup0"  # a veth in every host, enslaved to vmbr1 by the role
 UPLINK_PEER = "vmup0p"
 VM_BRIDGES = [{"name": "vmbr0"}, {"name": "vmbr1", "uplink": UPLINK, "mtu": 1400}]
 ROLE_FILES = (  # what the roles write, by default path, on every node

@@ -1,6 +1,7 @@
 """What a secured ZooKeeper ensemble (the zookeeper role's defaults) gives a client, checked from the
 lab's controller namespace: TLS whose certificates name each member's own host only, nothing at all
 without credentials (enforce.auth), and nothing the operator secured to a wrong password."""
+
 from __future__ import annotations
 
 import ssl
@@ -35,19 +36,25 @@ def check_client_access(lab: Lab, hosts: str, ca: str, readable: str, writable: 
     content nor any write: no set, no delete, no create under either."""
 
     def client(auth) -> KazooClient:
-        return KazooClient(hosts=hosts, use_ssl=True, ca=ca, verify_certs=True, check_hostname=True, auth_data=auth,
-                           timeout=10)
+        return KazooClient(
+            hosts=hosts, use_ssl=True, ca=ca, verify_certs=True, check_hostname=True, auth_data=auth, timeout=10
+        )
 
     def attempts(zk: KazooClient) -> list[Callable]:
-        return [lambda: zk.get(readable), lambda: zk.get_children(parent), lambda: zk.set(writable, b"changed"),
-                lambda: zk.delete(writable), lambda: zk.create(writable + "/child", b"x"),
-                lambda: zk.create(parent + "/other", b"x")]
+        return [
+            lambda: zk.get(readable),
+            lambda: zk.get_children(parent),
+            lambda: zk.set(writable, b"changed"),
+            lambda: zk.delete(writable),
+            lambda: zk.create(writable + "/child", b"x"),
+            lambda: zk.create(parent + "/other", b"x"),
+        ]
 
     def without_credentials() -> list[str]:
         zk = client([])
         refused = []
         try:
-            zk.start(60)   # the TLS session is made; its first request ends it (enforce.auth)
+            zk.start(60)  # the TLS session is made; its first request ends it (enforce.auth)
             for attempt in [lambda: zk.get_children("/")] + attempts(zk):
                 try:
                     attempt()

@@ -6,6 +6,7 @@ What is a secret comes from the roles' own argument specs: an option with ``no_l
 (its value), and SECRET_FILES names the options that point at a controller file whose content is one
 (a private key the role copies). An option whose name says secret (SECRET_NAME) must be one of the
 two, or be listed in NOT_SECRET with the reason, so that a new secret option cannot go unchecked."""
+
 from __future__ import annotations
 
 import re
@@ -48,11 +49,18 @@ RENDERED = {
 KEY_STORES = {"zookeeper_tls_key": ("/etc/zookeeper/secrets/tls/keystore.p12", "zookeeper_tls_keystore_password")}
 # settings the secrets need to be used at all
 # (a secured daemon needs its three identities: the operator's is a digest id, not a secret)
-_NODE_DAEMON_AUTH = {"node_daemon_zookeeper_username": "pvc", "node_daemon_insecure": False,
-                     "node_daemon_zookeeper_operator_digest": "operator:xA4hvVgXoKlTR45WxaPaWB6IutA="}
-ENABLERS = {"node_daemon_zookeeper_password": _NODE_DAEMON_AUTH, "node_daemon_zookeeper_node_password": _NODE_DAEMON_AUTH,
-            "node_daemon_fence_password": {"node_daemon_fence": {"method": "ipmi", "address": "10.77.0.250",
-                                                                 "username": "admin"}}}
+_NODE_DAEMON_AUTH = {
+    "node_daemon_zookeeper_username": "pvc",
+    "node_daemon_insecure": False,
+    "node_daemon_zookeeper_operator_digest": "operator:xA4hvVgXoKlTR45WxaPaWB6IutA=",
+}
+ENABLERS = {
+    "node_daemon_zookeeper_password": _NODE_DAEMON_AUTH,
+    "node_daemon_zookeeper_node_password": _NODE_DAEMON_AUTH,
+    "node_daemon_fence_password": {
+        "node_daemon_fence": {"method": "ipmi", "address": "10.77.0.250", "username": "admin"}
+    },
+}
 
 
 def role_options() -> dict[str, dict[str, dict]]:
@@ -83,12 +91,16 @@ def test_every_option_named_like_a_secret_is_treated_as_one():
     unclassified = []
     for role, options in role_options().items():
         for name, spec in options.items():
-            if (SECRET_NAME.search(name) and not spec.get("no_log")
-                    and name not in SECRET_FILES | KEY_STORE_FILES.keys() | NOT_SECRET.keys()):
+            if (
+                SECRET_NAME.search(name)
+                and not spec.get("no_log")
+                and name not in SECRET_FILES | KEY_STORE_FILES.keys() | NOT_SECRET.keys()
+            ):
                 unclassified.append(f"{role}: {name}")
     assert not unclassified, (
         "options that look like secrets: mark them no_log: true in meta/argument_specs.yml (a value), add them to "
-        f"SECRET_FILES (a file whose content is secret) or to NOT_SECRET with the reason: {unclassified}")
+        f"SECRET_FILES (a file whose content is secret) or to NOT_SECRET with the reason: {unclassified}"
+    )
     assert set(RENDERED) == set().union(*secret_options()), "RENDERED must say where each secret ends up"
     assert set(KEY_STORES) == set(KEY_STORE_FILES), "KEY_STORES must say where each key store file ends up"
 
@@ -106,12 +118,12 @@ def _secrets_vars(tmp_path: Path, round_: str, host) -> tuple[Path, list[str]]:
         extra.update(ENABLERS.get(name, {}))
     directory = tmp_path / round_
     directory.mkdir()
-    for name in sorted(PUBLIC_FILES):   # the role only copies them: any content will do
+    for name in sorted(PUBLIC_FILES):  # the role only copies them: any content will do
         path = directory / f"{name}.pem"
         path.write_text("-----BEGIN CERTIFICATE-----\npublic\n-----END CERTIFICATE-----\n")
         extra[name] = str(path)
-    extra["libvirt_tls_allowed_dn_list"] = ["*"]   # needed with the operator's own certificates
-    extra["secrets_ca_dir"] = str(tmp_path / "cluster-ca")   # the cluster_ca role's, on the controller
+    extra["libvirt_tls_allowed_dn_list"] = ["*"]  # needed with the operator's own certificates
+    extra["secrets_ca_dir"] = str(tmp_path / "cluster-ca")  # the cluster_ca role's, on the controller
     for name in sorted(files):
         marker = f"S3CRET-{round_}-{name}-{uuid.uuid4().hex[:8]}"
         markers.append(marker)
@@ -121,8 +133,9 @@ def _secrets_vars(tmp_path: Path, round_: str, host) -> tuple[Path, list[str]]:
     for name, (ca_option, cert_option) in sorted(KEY_STORE_FILES.items()):
         material = make_tls_material(directory / name, names=(host.name,), ips=(host.address,))
         markers.append(material.client_key.read_text().splitlines()[1])
-        extra.update({name: str(material.client_key), ca_option: str(material.ca_cert),
-                      cert_option: str(material.client_cert)})
+        extra.update(
+            {name: str(material.client_key), ca_option: str(material.ca_cert), cert_option: str(material.client_cert)}
+        )
     path = directory / "secrets.yml"
     path.write_text(yaml.safe_dump(extra))
     return path, markers
@@ -148,8 +161,10 @@ def test_no_secret_appears_in_a_diff_run_of_any_role(cluster, tmp_path):
             password = next(m for m in markers if f"-{password_option}-" in m)
             given = yaml.safe_load(extra.read_text())[KEY_STORE_FILES[name][1]]
             fingerprint = view.run(["openssl", "x509", "-in", given, "-noout", "-fingerprint"]).stdout
-            held = view.run(f"openssl pkcs12 -in {store} -passin env:P -nokeys -clcerts | openssl x509 -noout -fingerprint",
-                            env={"P": password, "PATH": "/usr/bin:/bin"})
+            held = view.run(
+                f"openssl pkcs12 -in {store} -passin env:P -nokeys -clcerts | openssl x509 -noout -fingerprint",
+                env={"P": password, "PATH": "/usr/bin:/bin"},
+            )
             assert held.stdout == fingerprint, f"{name}: {store} does not hold the given key's certificate"
     output = "\n".join((r.proc.stdout or "") + (r.proc.stderr or "") for r in runs)
     # --diff took effect: the files without secrets show their content
@@ -157,8 +172,11 @@ def test_no_secret_appears_in_a_diff_run_of_any_role(cluster, tmp_path):
     for role in role_options():
         assert f"[pvc.cluster.{role} : " in output, f"role {role} did not run"
     # the keys the cluster_ca role made on the controller (the CA's and the host's)
-    for key in (tmp_path / "cluster-ca" / "ca-key.pem", tmp_path / "cluster-ca" / "issued" / f"{host.name}-secrets.key"):
+    for key in (
+        tmp_path / "cluster-ca" / "ca-key.pem",
+        tmp_path / "cluster-ca" / "issued" / f"{host.name}-secrets.key",
+    ):
         body = "".join(key.read_text().splitlines()[1:-1])
-        all_markers += [body[i:i + 40] for i in range(0, len(body) - 40, 40)]
+        all_markers += [body[i : i + 40] for i in range(0, len(body) - 40, 40)]
     leaked = [m for m in all_markers if m in output]
     assert not leaked, f"secrets in the output of a --diff run: {leaked}"

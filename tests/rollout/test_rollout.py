@@ -4,6 +4,7 @@ configuration, and the node daemons run from the unit and configuration the node
 rendered. Then: the VM bridges carry no IPv6, nothing leaked onto the machine or another host, the
 cluster runs secured (its ZooKeeper ensemble is the zookeeper role's: TLS and digest authentication),
 and a second run changes nothing."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ import yaml
 from pvc_cluster_common import _schema as S
 from pvc_node_daemon.config import parse_config
 from tests.lab.daemons import in_netns
-from tests.lab.hostviews import (NODE_DAEMON_UNIT, ROLLOUT_ZK_CA_ON_NODE, ROLLOUT_ZK_ELECTION_PORT, ROLLOUT_ZK_PORT,
-                                 ROLLOUT_ZK_QUORUM_PORT, unit_exec_start)
+from tests.lab.hostviews import (
+    NODE_DAEMON_UNIT,
+    ROLLOUT_ZK_CA_ON_NODE,
+    ROLLOUT_ZK_ELECTION_PORT,
+    ROLLOUT_ZK_PORT,
+    ROLLOUT_ZK_QUORUM_PORT,
+    unit_exec_start,
+)
 from tests.lab.lab import LIBVIRT_TCP_PORT, proc_cmdline
 
 from tests.support import identities
@@ -33,10 +40,13 @@ from .secured import check_client_access, check_host_names
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(1200)]
 
 IPV6_OFF = {"disable_ipv6": "1", "accept_ra": "0", "autoconf": "0", "addr_gen_mode": "1"}
+
+
 def _addresses(host) -> dict[str, list[dict]]:
     """interface -> its IPv6 addresses, in the host's network namespace."""
-    out = subprocess.run(["ip", "-n", host.netns, "-j", "-6", "addr", "show"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", host.netns, "-j", "-6", "addr", "show"], capture_output=True, text=True, check=True
+    ).stdout
     return {link["ifname"]: link.get("addr_info", []) for link in json.loads(out)}
 
 
@@ -46,8 +56,9 @@ def _sysctls(view, iface: str) -> dict[str, str]:
 
 
 def _links(host) -> dict[str, dict]:
-    out = subprocess.run(["ip", "-n", host.netns, "-j", "-d", "link", "show"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", host.netns, "-j", "-d", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
     return {link["ifname"]: link for link in json.loads(out)}
 
 
@@ -84,7 +95,7 @@ def test_nothing_leaked_onto_the_machine_or_other_hosts(rolled_out):
         upper, _ = view.layer("/etc")
         assert (upper / "pvc" / "node-daemon.yaml").is_file()
         config = yaml.safe_load(view.read_text("/etc/pvc/node-daemon.yaml"))
-        assert config["node"] == view.host.name   # each host sees its own file at the same path
+        assert config["node"] == view.host.name  # each host sees its own file at the same path
     assert len({view.read_text("/etc/pvc/node-daemon.yaml") for view in rolled_out.views.views}) == 3
 
 
@@ -115,7 +126,7 @@ def test_other_interfaces_keep_their_ipv6(rolled_out):
         addresses = _addresses(h)
         assert any(a["local"] == "::1" for a in addresses["lo"])
         assert any(a["local"].startswith("fe80:") for a in addresses[h.iface]), f"{h.iface} lost its link-local address"
-        for iface in (h.iface, lab.vm_bridge):   # the lab's own bridge is not a VM bridge of the role
+        for iface in (h.iface, lab.vm_bridge):  # the lab's own bridge is not a VM bridge of the role
             assert _sysctls(view, iface)["disable_ipv6"] == "0", f"IPv6 turned off on {iface} of {h.name}"
 
 
@@ -141,7 +152,7 @@ def test_vm_bridge_helper_turns_ipv6_off_on_a_fresh_bridge(rolled_out):
         view.run("ip link add vmbrtest type bridge && ip link set vmbrtest up")
         deadline = time.monotonic() + 5
         while not _addresses(view.host).get("vmbrtest") and time.monotonic() < deadline:
-            time.sleep(0.1)   # the kernel adds the link-local address when the link comes up
+            time.sleep(0.1)  # the kernel adds the link-local address when the link comes up
         assert _addresses(view.host).get("vmbrtest"), "a new bridge should get a link-local address by default"
         out = view.run(["/usr/local/sbin/pvc-vm-ipv6-off", "vmbrtest"]).stdout
         assert "changed vmbrtest disable_ipv6" in out
@@ -162,16 +173,21 @@ def test_libvirtd_runs_with_the_rendered_configuration(rolled_out, tmp_path):
     ca = rolled_out.views.cluster_ca_dir
     node1_client = tmp_path / "node1"
     node1_client.mkdir()
-    for name, source in (("cacert.pem", ca / "ca.pem"), ("clientcert.pem", ca / "issued" / "node1-libvirt.pem"),
-                         ("clientkey.pem", ca / "issued" / "node1-libvirt.key")):
+    for name, source in (
+        ("cacert.pem", ca / "ca.pem"),
+        ("clientcert.pem", ca / "issued" / "node1-libvirt.pem"),
+        ("clientkey.pem", ca / "issued" / "node1-libvirt.key"),
+    ):
         shutil.copy(source, node1_client / name)
     assert oct((ca / "ca-key.pem").stat().st_mode & 0o777) == "0o600" and oct(ca.stat().st_mode & 0o777) == "0o700"
 
     for view in rolled_out.views.views:
         h = view.host
         conf = view.read_text("/etc/libvirt/libvirtd.conf")
-        assert conf == (h.dir / "etc" / "libvirtd.conf").read_text()   # the file the host's libvirtd reads
-        settings = dict(line.split(" = ", 1) for line in conf.splitlines() if " = " in line and not line.startswith("#"))
+        assert conf == (h.dir / "etc" / "libvirtd.conf").read_text()  # the file the host's libvirtd reads
+        settings = dict(
+            line.split(" = ", 1) for line in conf.splitlines() if " = " in line and not line.startswith("#")
+        )
         assert settings["listen_addr"] == f'"{h.address}"'
         # the role's default: TLS only, for the cluster's nodes' certificates from the cluster CA
         assert settings["listen_tls"] == "1" and settings["listen_tcp"] == "0" and settings["auth_tls"] == '"none"'
@@ -179,25 +195,38 @@ def test_libvirtd_runs_with_the_rendered_configuration(rolled_out, tmp_path):
         assert settings["tls_allowed_dn_list"] == f"[ {nodes} ]"
         assert settings["unix_sock_dir"] == f'"{h.libvirt_socket.parent}"'
         qemu_conf = view.read_text("/etc/libvirt/qemu.conf")
-        for line in ('security_driver = "none"', "migrate_tls_force = 1", 'migrate_tls_x509_cert_dir = "/etc/pki/qemu"'):
+        for line in (
+            'security_driver = "none"',
+            "migrate_tls_force = 1",
+            'migrate_tls_x509_cert_dir = "/etc/pki/qemu"',
+        ):
             assert line in qemu_conf
         # the node's certificates where the host's libvirtd and QEMU read them, keys not for others
-        modes = dict(line.rsplit(" ", 1) for line in view.run(
-            "stat -c '%n %U:%G:%a' /etc/pki/CA/cacert.pem /etc/pki/libvirt/servercert.pem "
-            "/etc/pki/libvirt/private/serverkey.pem /etc/pki/libvirt/private/clientkey.pem "
-            "/etc/pki/qemu/server-key.pem /etc/pki/qemu/client-key.pem /etc/pki/qemu").stdout.splitlines())
-        assert modes == {"/etc/pki/CA/cacert.pem": "root:root:644", "/etc/pki/libvirt/servercert.pem": "root:root:644",
-                         "/etc/pki/libvirt/private/serverkey.pem": "root:root:600",
-                         "/etc/pki/libvirt/private/clientkey.pem": "root:root:600",
-                         # QEMU's own, readable by the group QEMU runs as (the lab's: root)
-                         "/etc/pki/qemu/server-key.pem": "root:root:640",
-                         "/etc/pki/qemu/client-key.pem": "root:root:640",
-                         "/etc/pki/qemu": "root:root:750"}, modes
-        assert (h.pki_dir / "libvirt" / "servercert.pem").read_text() == view.read_text("/etc/pki/libvirt/servercert.pem")
+        modes = dict(
+            line.rsplit(" ", 1)
+            for line in view.run(
+                "stat -c '%n %U:%G:%a' /etc/pki/CA/cacert.pem /etc/pki/libvirt/servercert.pem "
+                "/etc/pki/libvirt/private/serverkey.pem /etc/pki/libvirt/private/clientkey.pem "
+                "/etc/pki/qemu/server-key.pem /etc/pki/qemu/client-key.pem /etc/pki/qemu"
+            ).stdout.splitlines()
+        )
+        assert modes == {
+            "/etc/pki/CA/cacert.pem": "root:root:644",
+            "/etc/pki/libvirt/servercert.pem": "root:root:644",
+            "/etc/pki/libvirt/private/serverkey.pem": "root:root:600",
+            "/etc/pki/libvirt/private/clientkey.pem": "root:root:600",
+            # QEMU's own, readable by the group QEMU runs as (the lab's: root)
+            "/etc/pki/qemu/server-key.pem": "root:root:640",
+            "/etc/pki/qemu/client-key.pem": "root:root:640",
+            "/etc/pki/qemu": "root:root:750",
+        }, modes
+        assert (h.pki_dir / "libvirt" / "servercert.pem").read_text() == view.read_text(
+            "/etc/pki/libvirt/servercert.pem"
+        )
         hook = h.dir / "etc" / "hooks" / "qemu.d" / "50-pvc-vm-bridges"
         assert hook.is_file() and os.access(hook, os.X_OK)
         # restarted by the lab hook after the role changed its files: libvirtd read this config
-        key = (rolled_out.views.base / f"libvirtd-{h.name}.key")
+        key = rolled_out.views.base / f"libvirtd-{h.name}.key"
         assert key.exists()
         # peers reach it on the cluster network over TLS, with a node's certificate from the cluster
         # CA (from a lab namespace; the address exists only there); no plain TCP socket
@@ -221,7 +250,7 @@ def test_daemons_run_from_the_rendered_unit_and_configuration(rolled_out):
         h = view.host
         service = services[h.name]
         argv = unit_exec_start(view.read_text(NODE_DAEMON_UNIT))
-        assert proc_cmdline(service["pid"])[-len(argv) + 1:] == argv[1:]
+        assert proc_cmdline(service["pid"])[-len(argv) + 1 :] == argv[1:]
         assert os.stat(f"/proc/{service['pid']}/ns/mnt").st_ino == os.stat(view.mnt).st_ino, "not in the host's view"
         assert os.stat(f"/proc/{service['pid']}/ns/net").st_ino == os.stat(f"/run/netns/{h.netns}").st_ino
         config = _daemon_config(view)
@@ -252,8 +281,9 @@ def _daemon_config(view):
 
 def _listening_ports(netns: str, pid: int) -> set[int]:
     """The TCP ports process ``pid`` listens on, in network namespace ``netns``."""
-    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Hltnp"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "ss", "-Hltnp"], capture_output=True, text=True, check=True
+    ).stdout
     return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if f"pid={pid}," in line}
 
 
@@ -271,13 +301,23 @@ def test_the_rolled_out_cluster_is_secured(rolled_out):
     for view in views.views:
         h = view.host
         ports = _listening_ports(h.netns, members[h.name]["pid"])
-        assert ROLLOUT_ZK_PORT in ports and ports <= {ROLLOUT_ZK_PORT, ROLLOUT_ZK_QUORUM_PORT, ROLLOUT_ZK_ELECTION_PORT}, ports
+        assert ROLLOUT_ZK_PORT in ports and ports <= {
+            ROLLOUT_ZK_PORT,
+            ROLLOUT_ZK_QUORUM_PORT,
+            ROLLOUT_ZK_ELECTION_PORT,
+        }, ports
         assert "clientPort=" not in view.read_text("/etc/zookeeper/pvc/zoo.cfg")
-        assert yaml.safe_load(view.read_text("/etc/pvc/node-daemon.yaml"))["zookeeper"]["tls"]["ca"] == ROLLOUT_ZK_CA_ON_NODE
+        assert (
+            yaml.safe_load(view.read_text("/etc/pvc/node-daemon.yaml"))["zookeeper"]["tls"]["ca"]
+            == ROLLOUT_ZK_CA_ON_NODE
+        )
         zk = _daemon_config(view).zookeeper
         assert zk.tls and zk.tls_verify and not zk.insecure
         assert (zk.auth_username, zk.node_password, zk.operator_digest) == (
-            identities.NODES_USER, identities.node_password(h.name), identities.operator_digest())
+            identities.NODES_USER,
+            identities.node_password(h.name),
+            identities.operator_digest(),
+        )
         log = Path(daemons[h.name]["log"]).read_text()
         assert f"node {h.name} running" in log and "INSECURE" not in log
     check_host_names(lab, [(h.address, ROLLOUT_ZK_PORT) for h in lab.hosts], ca)

@@ -1,6 +1,7 @@
 """Roles on their own in the lab, beyond what the rollout exercises: an ensemble that the zookeeper
 role's files really form, the node_daemon role installing the daemon from a wheelhouse, and the
 libvirt role's authentication modes."""
+
 from __future__ import annotations
 
 import json
@@ -40,26 +41,42 @@ def test_zookeeper_role_files_form_an_ensemble(cluster, tmp_path):
         cfg = view.read_text("/etc/zookeeper/check/zoo.cfg")
         for h in lab.hosts:
             assert f"server.{h.index}={h.address}:2889:3889" in cfg
-        for line in (f"secureClientPortAddress={view.host.address}", "secureClientPort=2282", "sslQuorum=true",
-                     "enforce.auth.enabled=true", "enforce.auth.schemes=digest"):
+        for line in (
+            f"secureClientPortAddress={view.host.address}",
+            "secureClientPort=2282",
+            "sslQuorum=true",
+            "enforce.auth.enabled=true",
+            "enforce.auth.schemes=digest",
+        ):
             assert line in cfg.splitlines(), line
         assert "clientPort=" not in cfg and "password=" not in cfg
-        modes = view.run("stat -c '%n %a %U:%G' /etc/zookeeper/check/tls/keystore.p12 "
-                         "/etc/zookeeper/check/tls/keystore.pass /etc/zookeeper/check/tls/ca.pem").stdout.splitlines()
-        assert modes == ["/etc/zookeeper/check/tls/keystore.p12 640 root:zookeeper",
-                         "/etc/zookeeper/check/tls/keystore.pass 640 root:zookeeper",
-                         "/etc/zookeeper/check/tls/ca.pem 644 root:root"]
+        modes = view.run(
+            "stat -c '%n %a %U:%G' /etc/zookeeper/check/tls/keystore.p12 "
+            "/etc/zookeeper/check/tls/keystore.pass /etc/zookeeper/check/tls/ca.pem"
+        ).stdout.splitlines()
+        assert modes == [
+            "/etc/zookeeper/check/tls/keystore.p12 640 root:zookeeper",
+            "/etc/zookeeper/check/tls/keystore.pass 640 root:zookeeper",
+            "/etc/zookeeper/check/tls/ca.pem 644 root:root",
+        ]
     try:
         for h in lab.hosts:
             assert views.start_unit(h, "zookeeper-check", "/etc/systemd/system/zookeeper-check.service") == "started"
-        members = [ZooKeeperServer(workdir=tmp_path / h.name, client_port=2282, client_address=h.address, netns=h.netns,
-                                   client_tls_ca=str(ca))
-                   for h in lab.hosts]
+        members = [
+            ZooKeeperServer(
+                workdir=tmp_path / h.name,
+                client_port=2282,
+                client_address=h.address,
+                netns=h.netns,
+                client_tls_ca=str(ca),
+            )
+            for h in lab.hosts
+        ]
         deadline = time.monotonic() + 120
         modes = [None] * 3
         while None in modes and time.monotonic() < deadline:
             modes = [m.mode() for m in members]
-            time.sleep(0.2)   # the JVM gives no readiness signal; its status port is polled
+            time.sleep(0.2)  # the JVM gives no readiness signal; its status port is polled
         assert sorted(modes) == ["follower", "follower", "leader"], f"no quorum from the role's files: {modes}"
         # and it serves what the lab's own ensemble serves: the role's logs went to its log dir
         assert views.view(1).read_text("/var/log/zookeeper-check/zookeeper.log")
@@ -101,8 +118,15 @@ def check_secured_ensemble(lab, members: list[tuple[str, int]], plaintext_port: 
     path = f"{parent}/key"
 
     def as_operator() -> None:
-        zk = KazooClient(hosts=hosts, use_ssl=True, ca=ca, verify_certs=True, check_hostname=True, timeout=10,
-                         auth_data=[("digest", f"{OPERATOR_USER}:{OPERATOR_PASSWORD}")])
+        zk = KazooClient(
+            hosts=hosts,
+            use_ssl=True,
+            ca=ca,
+            verify_certs=True,
+            check_hostname=True,
+            timeout=10,
+            auth_data=[("digest", f"{OPERATOR_USER}:{OPERATOR_PASSWORD}")],
+        )
         zk.start(60)
         try:
             acl = [make_digest_acl(OPERATOR_USER, OPERATOR_PASSWORD, all=True)]
@@ -123,11 +147,18 @@ def test_node_daemon_role_installs_from_a_wheelhouse(rolled_out, tmp_path):
     Debian's python3-libvirt and everything else from the wheelhouse at its pins."""
     cluster = rolled_out
     house = tmp_path / "wheelhouse"
-    build = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "build-wheelhouse.py"), str(house)],
-                           capture_output=True, text=True, timeout=900)
+    build = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "build-wheelhouse.py"), str(house)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert build.returncode == 0, f"build-wheelhouse failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
-    pins = dict(line.split("==") for line in (house / "constraints.txt").read_text().splitlines()
-                if line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in (house / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert "libvirt-python" not in pins and pins["pvc-node-daemon"] == "0.1.0"
     host = cluster.lab.host(3)
     args = ("--extra-vars", f"wheel_host={host.name} wheelhouse={house}")
@@ -135,24 +166,35 @@ def test_node_daemon_role_installs_from_a_wheelhouse(rolled_out, tmp_path):
     assert first.returncode == 0, first.failures()
     assert first.changed()[host.name] > 0
     view = cluster.views.view(host)
-    check = view.run(["/opt/pvc-node-daemon/bin/pvc-node-daemon", "--check-config", "--config",
-                      "/etc/pvc/node-daemon-wheel.yaml"])
+    check = view.run(
+        ["/opt/pvc-node-daemon/bin/pvc-node-daemon", "--check-config", "--config", "/etc/pvc/node-daemon-wheel.yaml"]
+    )
     assert f"(node {host.name})" in check.stdout
-    where = view.run(["/opt/pvc-node-daemon/bin/python", "-c", "import json, importlib.metadata as m, libvirt, lxml, "
-                      "kazoo; print(json.dumps({'libvirt': libvirt.__file__, 'lxml': lxml.__file__, 'kazoo': kazoo.__file__, "
-                      "'versions': {d: m.version(d) for d in ('kazoo', 'lxml', 'PyYAML', 'prometheus-client')}}))"])
+    where = view.run(
+        [
+            "/opt/pvc-node-daemon/bin/python",
+            "-c",
+            "import json, importlib.metadata as m, libvirt, lxml, "
+            "kazoo; print(json.dumps({'libvirt': libvirt.__file__, 'lxml': lxml.__file__, 'kazoo': kazoo.__file__, "
+            "'versions': {d: m.version(d) for d in ('kazoo', 'lxml', 'PyYAML', 'prometheus-client')}}))",
+        ]
+    )
     found = json.loads(where.stdout)
-    assert found["libvirt"].startswith("/usr/lib/python3/dist-packages/"), found   # Debian's binding, not compiled
+    assert found["libvirt"].startswith("/usr/lib/python3/dist-packages/"), found  # Debian's binding, not compiled
     assert found["lxml"].startswith("/opt/pvc-node-daemon/") and found["kazoo"].startswith("/opt/pvc-node-daemon/")
-    assert found["versions"] == {"kazoo": pins["kazoo"], "lxml": pins["lxml"], "PyYAML": pins["pyyaml"],
-                                 "prometheus-client": pins["prometheus-client"]}
+    assert found["versions"] == {
+        "kazoo": pins["kazoo"],
+        "lxml": pins["lxml"],
+        "PyYAML": pins["pyyaml"],
+        "prometheus-client": pins["prometheus-client"],
+    }
     unit = view.read_text("/etc/systemd/system/pvc-node-daemon-wheel.service")
     assert "ExecStart=/opt/pvc-node-daemon/bin/pvc-node-daemon --config /etc/pvc/node-daemon-wheel.yaml" in unit
     assert_unit_verifies(view, "/etc/systemd/system/pvc-node-daemon-wheel.service")
     # the log file's logrotate rule: valid, and a rotation renames the file and keeps a new one
     rule = "/etc/logrotate.d/pvc-node-daemon-wheel"
     assert "/var/log/pvc/node-daemon-wheel.log {" in view.read_text(rule)
-    assert "postrotate" not in view.read_text(rule)   # the daemon reopens its file itself: no reload
+    assert "postrotate" not in view.read_text(rule)  # the daemon reopens its file itself: no reload
     view.run("mkdir -p /var/log/pvc && echo line >>/var/log/pvc/node-daemon-wheel.log")
     rotate = view.run(["logrotate", "--force", "--state", "/var/lib/pvc-logrotate.state", rule], check=False)
     assert rotate.returncode == 0, rotate.stderr
@@ -187,11 +229,14 @@ def test_systemd_analyze_verify_finds_a_broken_unit(rolled_out):
     """The check above can fail: a unit with an unknown key or a missing program does not pass."""
     view = rolled_out.views.view(1)
     good = view.read_text("/etc/systemd/system/pvc-node-daemon.service")
-    for broken in (good.replace("NotifyAccess=main", "NotifyAcess=main"),
-                   good.replace("ExecStart=/", "ExecStart=/nonexistent/")):
+    for broken in (
+        good.replace("NotifyAccess=main", "NotifyAcess=main"),
+        good.replace("ExecStart=/", "ExecStart=/nonexistent/"),
+    ):
         view.run("cat >/etc/systemd/system/pvc-broken.service", input=broken)
-        verify = view.run(["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/pvc-broken.service"],
-                          check=False)
+        verify = view.run(
+            ["systemd-analyze", "verify", "--man=no", "/etc/systemd/system/pvc-broken.service"], check=False
+        )
         assert verify.returncode != 0 or (verify.stdout + verify.stderr).strip()
     view.run(["rm", "-f", "/etc/systemd/system/pvc-broken.service"])
 
@@ -216,49 +261,84 @@ def test_libvirt_role_tls_and_sasl_modes(rolled_out, tmp_path):
     view = cluster.views.view(host)
     tls = make_tls_material(tmp_path / "tls", names=(host.name,), ips=(host.address,))
     lab_conf = (host.dir / "etc" / "libvirtd.conf").read_text()
-    files = {"libvirt_tls_ca_cert": tls.ca_cert, "libvirt_tls_server_cert": tls.client_cert,
-             "libvirt_tls_server_key": tls.client_key, "libvirt_tls_client_cert": tls.client_cert,
-             "libvirt_tls_client_key": tls.client_key}
+    files = {
+        "libvirt_tls_ca_cert": tls.ca_cert,
+        "libvirt_tls_server_cert": tls.client_cert,
+        "libvirt_tls_server_key": tls.client_key,
+        "libvirt_tls_client_cert": tls.client_cert,
+        "libvirt_tls_client_key": tls.client_key,
+    }
     extra = " ".join(f"{k}={v}" for k, v in files.items())
     # the operator's own certificates: the DNs of the nodes' client certificates are theirs to give
-    refused = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--extra-vars", f"auth_host={host.name} libvirt_auth=tls {extra}")
+    refused = cluster.playbook(
+        PLAYBOOKS / "libvirt_auth.yml", "--extra-vars", f"auth_host={host.name} libvirt_auth=tls {extra}"
+    )
     assert refused.returncode != 0 and "libvirt_tls_allowed_dn_list too" in refused.failures()
     assert view.read_text("/etc/libvirt-tls/libvirtd.conf") is None
     dns = json.dumps({"libvirt_tls_allowed_dn_list": ["O=pvc.cluster tests,CN=pvc-client"]})
     for attempt in ("first", "second"):
-        run = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--extra-vars",
-                               f"auth_host={host.name} libvirt_auth=tls {extra}", "--extra-vars", dns)
+        run = cluster.playbook(
+            PLAYBOOKS / "libvirt_auth.yml",
+            "--extra-vars",
+            f"auth_host={host.name} libvirt_auth=tls {extra}",
+            "--extra-vars",
+            dns,
+        )
         assert run.returncode == 0, run.failures()
         if attempt == "second":
             assert run.changed()[host.name] == 0, run.changed_tasks()
     conf = view.read_text("/etc/libvirt-tls/libvirtd.conf")
-    for line in ("listen_tls = 1", "listen_tcp = 0", 'auth_tls = "none"', "tls_no_verify_certificate = 0",
-                 f'listen_addr = "{host.address}"', 'key_file = "/etc/pki-tls/libvirt/private/serverkey.pem"',
-                 'tls_allowed_dn_list = [ "O=pvc.cluster tests,CN=pvc-client" ]'):
+    for line in (
+        "listen_tls = 1",
+        "listen_tcp = 0",
+        'auth_tls = "none"',
+        "tls_no_verify_certificate = 0",
+        f'listen_addr = "{host.address}"',
+        'key_file = "/etc/pki-tls/libvirt/private/serverkey.pem"',
+        'tls_allowed_dn_list = [ "O=pvc.cluster tests,CN=pvc-client" ]',
+    ):
         assert line in conf
     assert 'migrate_tls_x509_cert_dir = "/etc/pki-tls/qemu"' in view.read_text("/etc/libvirt-tls/qemu.conf")
-    modes = view.run("stat -c '%n %a' /etc/pki-tls/CA/cacert.pem /etc/pki-tls/libvirt/private/serverkey.pem "
-                     "/etc/pki-tls/libvirt/private/clientkey.pem /etc/pki-tls/libvirt/private "
-                     "/etc/pki-tls/qemu/server-key.pem /etc/pki-tls/qemu/ca-cert.pem").stdout.split("\n")
-    assert modes[:6] == ["/etc/pki-tls/CA/cacert.pem 644", "/etc/pki-tls/libvirt/private/serverkey.pem 600",
-                         "/etc/pki-tls/libvirt/private/clientkey.pem 600", "/etc/pki-tls/libvirt/private 750",
-                         "/etc/pki-tls/qemu/server-key.pem 640", "/etc/pki-tls/qemu/ca-cert.pem 644"]
+    modes = view.run(
+        "stat -c '%n %a' /etc/pki-tls/CA/cacert.pem /etc/pki-tls/libvirt/private/serverkey.pem "
+        "/etc/pki-tls/libvirt/private/clientkey.pem /etc/pki-tls/libvirt/private "
+        "/etc/pki-tls/qemu/server-key.pem /etc/pki-tls/qemu/ca-cert.pem"
+    ).stdout.split("\n")
+    assert modes[:6] == [
+        "/etc/pki-tls/CA/cacert.pem 644",
+        "/etc/pki-tls/libvirt/private/serverkey.pem 600",
+        "/etc/pki-tls/libvirt/private/clientkey.pem 600",
+        "/etc/pki-tls/libvirt/private 750",
+        "/etc/pki-tls/qemu/server-key.pem 640",
+        "/etc/pki-tls/qemu/ca-cert.pem 644",
+    ]
     assert view.read_text("/etc/libvirt-tls/auth.conf") is None
 
-    sasl = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--check", "--extra-vars",
-                            f"auth_host={host.name} libvirt_auth=sasl libvirt_sasl_password=s3cret")
+    sasl = cluster.playbook(
+        PLAYBOOKS / "libvirt_auth.yml",
+        "--check",
+        "--extra-vars",
+        f"auth_host={host.name} libvirt_auth=sasl libvirt_sasl_password=s3cret",
+    )
     assert sasl.returncode == 0, sasl.failures()
     changed = "\n".join(sasl.changed_tasks())
-    for task in ("Write libvirtd.conf", "Configure SASL for libvirtd (sasl)", "Give libvirt clients the peers' credentials (sasl)"):
+    for task in (
+        "Write libvirtd.conf",
+        "Configure SASL for libvirtd (sasl)",
+        "Give libvirt clients the peers' credentials (sasl)",
+    ):
         assert task in changed
-    assert view.read_text("/etc/libvirt-sasl/libvirtd.conf") is None   # check mode wrote nothing
+    assert view.read_text("/etc/libvirt-sasl/libvirtd.conf") is None  # check mode wrote nothing
     assert view.read_text("/etc/libvirt-sasl/passwd.db") is None
 
     for attempt in ("first", "second"):
-        run = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--extra-vars",
-                               f"auth_host={host.name} libvirt_auth=sasl libvirt_sasl_password=s3cret")
+        run = cluster.playbook(
+            PLAYBOOKS / "libvirt_auth.yml",
+            "--extra-vars",
+            f"auth_host={host.name} libvirt_auth=sasl libvirt_sasl_password=s3cret",
+        )
         assert run.returncode == 0, run.failures()
-        if attempt == "second":   # the account exists: not created again
+        if attempt == "second":  # the account exists: not created again
             assert run.changed()[host.name] == 0, run.changed_tasks()
     conf = view.read_text("/etc/libvirt-sasl/libvirtd.conf")
     for line in ("listen_tcp = 1", "listen_tls = 0", 'auth_tcp = "sasl"'):
@@ -266,15 +346,18 @@ def test_libvirt_role_tls_and_sasl_modes(rolled_out, tmp_path):
     sasl_conf = view.read_text("/etc/sasl2-sasl/libvirt.conf")
     assert "mech_list: scram-sha-256" in sasl_conf and "sasldb_path: /etc/libvirt-sasl/passwd.db" in sasl_conf
     accounts = view.run(["sasldblistusers2", "-f", "/etc/libvirt-sasl/passwd.db"]).stdout
-    assert f"pvc@{host.name}:" in accounts, accounts   # the realm is the host's name
+    assert f"pvc@{host.name}:" in accounts, accounts  # the realm is the host's name
     assert view.run("stat -c '%a' /etc/libvirt-sasl/auth.conf").stdout.strip() == "600"
     credentials = view.read_text("/etc/libvirt-sasl/auth.conf")
     assert "authname=pvc" in credentials and "password=s3cret" in credentials
     assert stored_sasl_password(view, "/etc/libvirt-sasl/passwd.db", f"pvc\\00{host.name}") == "s3cret"
 
     # a password rotated in the inventory reaches the database as well as the clients' credentials
-    run = cluster.playbook(PLAYBOOKS / "libvirt_auth.yml", "--extra-vars",
-                           f"auth_host={host.name} libvirt_auth=sasl libvirt_sasl_password=n3w-s3cret")
+    run = cluster.playbook(
+        PLAYBOOKS / "libvirt_auth.yml",
+        "--extra-vars",
+        f"auth_host={host.name} libvirt_auth=sasl libvirt_sasl_password=n3w-s3cret",
+    )
     assert run.returncode == 0, run.failures()
     assert "give it the new password (sasl)" in "\n".join(run.changed_tasks())
     assert stored_sasl_password(view, "/etc/libvirt-sasl/passwd.db", f"pvc\\00{host.name}") == "n3w-s3cret"

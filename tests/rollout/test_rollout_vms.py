@@ -1,6 +1,7 @@
 """playbooks/vm_meta.yml and playbooks/maintenance.yml on the rolled-out lab cluster: VMs declared
 in inventory variables, a rolling maintenance that does real migrations but leaves every VM where
 it was, and a rolling maintenance that stops at the first node that cannot be flushed."""
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,16 @@ def _vm_vars(guests, tmp_path, downtime_ms: int = 300):
     """The VMs of VMS as pvc_vms: real guests (tests/lab/guests.py), the same XML every time."""
     vms = []
     for name, node, meta in VMS:
-        vms.append({"name": name, "xml": guests.xml(name, memory_mib=128, bridge="vmbr0"), "node": node,
-                    "state": "started", "migration_max_downtime_ms": downtime_ms, **meta})
+        vms.append(
+            {
+                "name": name,
+                "xml": guests.xml(name, memory_mib=128, bridge="vmbr0"),
+                "node": node,
+                "state": "started",
+                "migration_max_downtime_ms": downtime_ms,
+                **meta,
+            }
+        )
     path = tmp_path / f"vms-{downtime_ms}.yml"
     path.write_text(yaml.safe_dump({"pvc_vms": vms}))
     return path
@@ -51,7 +60,7 @@ def _wait_placement(cluster, expected, timeout_s: float = 60):
         current = _placement(cluster)
         if current == expected or time.monotonic() > deadline:
             return current
-        time.sleep(0.2)   # libvirt has no cross-host watch
+        time.sleep(0.2)  # libvirt has no cross-host watch
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +89,16 @@ def test_vm_meta_second_run_changes_nothing_and_a_change_is_applied(vms, lab_gue
     same = cluster.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(lab_guests, tmp_path)}")
     assert same.returncode == 0, same.failures()
     assert same.changed() == {"localhost": 0}, same.changed_tasks()
-    changed = cluster.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(lab_guests, tmp_path, downtime_ms=500)}")
+    changed = cluster.playbook(
+        "playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(lab_guests, tmp_path, downtime_ms=500)}"
+    )
     assert changed.returncode == 0, changed.failures()
     assert changed.changed() == {"localhost": 1}
     for name, _, _ in VMS:
         assert read_vm(cluster.store, find_vm(cluster.store, name)).meta.migration_max_downtime_ms == 500
-    again = cluster.playbook("playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(lab_guests, tmp_path, downtime_ms=500)}")
+    again = cluster.playbook(
+        "playbooks/vm_meta.yml", "--extra-vars", f"@{_vm_vars(lab_guests, tmp_path, downtime_ms=500)}"
+    )
     assert again.changed() == {"localhost": 0}, again.changed_tasks()
 
 
@@ -105,8 +118,11 @@ def test_rolling_maintenance_moves_vms_and_brings_them_home(vms):
     # real migrations happened, with each VM's method
     methods = {}
     for name, _, _ in VMS:
-        records = [r for r in read_history(cluster.store, find_vm(cluster.store, name), last=S.HISTORY_KEEP)
-                   if r["steps"]["requested"] >= started]
+        records = [
+            r
+            for r in read_history(cluster.store, find_vm(cluster.store, name), last=S.HISTORY_KEEP)
+            if r["steps"]["requested"] >= started
+        ]
         assert records, f"{name} never moved"
         assert all(r["result"] == "done" for r in records), records
         methods[name] = {r["method_used"] for r in records}
@@ -181,17 +197,20 @@ def test_a_rollout_that_changes_libvirts_configuration_costs_no_vm(vms, tmp_path
     daemons = {r["host"]: r["pid"] for r in views.services() if r["role"] == "node-daemon"}
     assert len(daemons) == len(cluster.nodes())
     with RunningMonitor(lab.hosts) as monitor:
-        for level in ("2", "3"):   # libvirtd's log level changed, then set back
+        for level in ("2", "3"):  # libvirtd's log level changed, then set back
             libvirtds = {r.host: r.pid for r in lab.recorded_pids() if r.role == "libvirtd"}
-            run = cluster.playbook("playbooks/rollout.yml", timeout=1200,
-                                   extra_vars={"libvirt_log_outputs": f"{level}:file:/var/log/libvirt/libvirtd.log"})
+            run = cluster.playbook(
+                "playbooks/rollout.yml",
+                timeout=1200,
+                extra_vars={"libvirt_log_outputs": f"{level}:file:/var/log/libvirt/libvirtd.log"},
+            )
             assert run.returncode == 0, run.failures()
             restarted = {r.host: r.pid for r in lab.recorded_pids() if r.role == "libvirtd"}
             assert set(restarted) == set(libvirtds) and all(restarted[h] != libvirtds[h] for h in libvirtds)
             for node in cluster.nodes():
                 assert wait_for_key(store, store.schema.node_key(node, S.NODE_LIBVIRT), lambda v: v == "ok", 60), node
         assert _placement(cluster) == before
-        assert sorted(r.pid for r in lab.qemu_processes()) == qemus   # the same QEMU processes: no guest stopped
+        assert sorted(r.pid for r in lab.qemu_processes()) == qemus  # the same QEMU processes: no guest stopped
         assert {r["host"]: r["pid"] for r in views.services() if r["role"] == "node-daemon"} == daemons
         uuid = find_vm(store, "rt-live")
         started = time.time()

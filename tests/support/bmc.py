@@ -5,6 +5,7 @@ the chassis script for power status and control. The script keeps the power stat
 on power off, runs the ``off`` command given (e.g. kill every process of a lab host); on power on,
 the ``on`` command. Each BMC has its own state directory; nothing is shared between BMCs.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -68,8 +69,16 @@ def free_udp_port(address: str = "127.0.0.1") -> int:
 class SimulatedBMC:
     """One ipmi_sim. ``off``/``on``: shell commands the chassis runs (default: none)."""
 
-    def __init__(self, name: str, workdir: Path, address: str = "127.0.0.1", port: int | None = None,
-                 password: str = "bmc-secret", off: str = ":", on: str = ":") -> None:
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        address: str = "127.0.0.1",
+        port: int | None = None,
+        password: str = "bmc-secret",
+        off: str = ":",
+        on: str = ":",
+    ) -> None:
         self.name = name
         self.dir = Path(workdir) / f"bmc-{name}"
         self.address = address
@@ -91,17 +100,35 @@ class SimulatedBMC:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "state").mkdir(exist_ok=True)
         script = self.dir / "chassis.sh"
-        script.write_text(CHASSIS_SH.format(name=self.name, state=shlex.quote(str(self.state_file)),
-                                            calls=shlex.quote(str(self.calls_file)), off=self.off, on=self.on))
+        script.write_text(
+            CHASSIS_SH.format(
+                name=self.name,
+                state=shlex.quote(str(self.state_file)),
+                calls=shlex.quote(str(self.calls_file)),
+                off=self.off,
+                on=self.on,
+            )
+        )
         script.chmod(0o755)
-        (self.dir / "lan.conf").write_text(LAN_CONF.format(name=self.name, address=self.address, port=self.port,
-                                                           script=script, user=USER, password=self.password))
+        (self.dir / "lan.conf").write_text(
+            LAN_CONF.format(
+                name=self.name, address=self.address, port=self.port, script=script, user=USER, password=self.password
+            )
+        )
         (self.dir / "emu.cmd").write_text(EMU_CMD)
         self.state_file.write_text("1\n")
 
     def command(self) -> list[str]:
-        return [IPMI_SIM, "-c", str(self.dir / "lan.conf"), "-f", str(self.dir / "emu.cmd"), "-n",
-                "-s", str(self.dir / "state")]
+        return [
+            IPMI_SIM,
+            "-c",
+            str(self.dir / "lan.conf"),
+            "-f",
+            str(self.dir / "emu.cmd"),
+            "-n",
+            "-s",
+            str(self.dir / "state"),
+        ]
 
     def start(self, popen=subprocess.Popen, probe=None, timeout_s: float = 10.0) -> None:
         """Start ipmi_sim (``popen``: how, e.g. in a network namespace) and wait until it answers
@@ -112,17 +139,38 @@ class SimulatedBMC:
         log.close()
         deadline = time.monotonic() + timeout_s
         answered = (lambda: probe().returncode == 0) if probe else (lambda: self.power() is not None)
-        while not answered():   # ipmi_sim has no readiness signal: ask until it answers
+        while not answered():  # ipmi_sim has no readiness signal: ask until it answers
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ipmi_sim of {self.name} did not answer on {self.address}:{self.port}: "
-                                   + (self.dir / "ipmi_sim.log").read_text(errors="replace")[-2000:])
+                raise RuntimeError(
+                    f"ipmi_sim of {self.name} did not answer on {self.address}:{self.port}: "
+                    + (self.dir / "ipmi_sim.log").read_text(errors="replace")[-2000:]
+                )
             time.sleep(0.1)
 
     def ipmitool(self, *command: str, timeout_s: float = 10.0) -> subprocess.CompletedProcess:
-        argv = [IPMITOOL, "-I", "lanplus", "-C", "3", "-H", self.address, "-p", str(self.port), "-U", USER, "-E",
-                *command]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
-                              env={"PATH": "/usr/bin:/bin", "IPMI_PASSWORD": self.password}, check=False)
+        argv = [
+            IPMITOOL,
+            "-I",
+            "lanplus",
+            "-C",
+            "3",
+            "-H",
+            self.address,
+            "-p",
+            str(self.port),
+            "-U",
+            USER,
+            "-E",
+            *command,
+        ]
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env={"PATH": "/usr/bin:/bin", "IPMI_PASSWORD": self.password},
+            check=False,
+        )
 
     def power(self) -> str | None:
         result = self.ipmitool("chassis", "power", "status", timeout_s=5)
@@ -142,8 +190,16 @@ class SimulatedBMC:
 
     def device_config(self) -> dict:
         """This BMC as a node daemon's fence device (fencing.nodes.<node>)."""
-        return {"method": "ipmi", "address": self.address, "port": self.port, "username": USER,
-                "password": self.password, "interface": "lanplus", "cipher_suite": 3, "action": "off"}
+        return {
+            "method": "ipmi",
+            "address": self.address,
+            "port": self.port,
+            "username": USER,
+            "password": self.password,
+            "interface": "lanplus",
+            "cipher_suite": 3,
+            "action": "off",
+        }
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

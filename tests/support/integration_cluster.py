@@ -8,6 +8,7 @@ ansible-test ``integration_config.yml``: ``pvc_zk_hosts``, ``pvc_zk_root``, ``pv
 COMMAND, then stops the daemons and ZooKeeper (by PID) and exits with COMMAND's status. Without a
 COMMAND it holds the cluster until SIGTERM or SIGINT (for working on the tests by hand).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ NODE_MEMORY_MIB = 8192
 def _stop_on_signals(stop: threading.Event) -> None:
     def handler(signum, _frame):
         stop.set()
+
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     command: list[str] = []
     if "--" in argv:
         split = argv.index("--")
-        argv, command = argv[:split], argv[split + 1:]
+        argv, command = argv[:split], argv[split + 1 :]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--workdir", required=True, type=Path)
     parser.add_argument("--config", required=True, type=Path, help="integration_config.yml to write")
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             cluster.add(node, memory_mib=NODE_MEMORY_MIB)
         for node in nodes:
             cluster.wait_node_state(node, "run")
-            cluster.set_domain_state(node, "unflush")    # new nodes start flushed
+            cluster.set_domain_state(node, "unflush")  # new nodes start flushed
         for node in nodes:
             cluster.wait_domain_state(node, "ready")
         config = {
@@ -76,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.config.parent.mkdir(parents=True, exist_ok=True)
         args.config.write_text(yaml.safe_dump(config, sort_keys=True))
-        print(f"integration cluster: ZooKeeper {zookeeper.hosts}{root}, nodes {', '.join(nodes)} ready "
-              f"in {time.monotonic() - started:.1f} s", flush=True)
+        print(
+            f"integration cluster: ZooKeeper {zookeeper.hosts}{root}, nodes {', '.join(nodes)} ready "
+            f"in {time.monotonic() - started:.1f} s",
+            flush=True,
+        )
         if not command:
             while not stop.wait(3600):
                 pass
@@ -86,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         process = subprocess.Popen(command, cwd=args.cwd, env=env)
         threading.Thread(target=lambda: (process.wait(), stop.set()), name="command", daemon=True).start()
         stop.wait()
-        if process.poll() is None:   # we were signalled: end the command first
+        if process.poll() is None:  # we were signalled: end the command first
             process.terminate()
             process.wait(timeout=60)
         if process.returncode != 0:
-            print(f"integration cluster: the command failed ({process.returncode}); the end of each daemon's log:", flush=True)
+            print(
+                f"integration cluster: the command failed ({process.returncode}); the end of each daemon's log:",
+                flush=True,
+            )
             for node, daemon in cluster.daemons.items():
                 print(f"--- {node} ({daemon.log_path}) ---\n{daemon.log()[-4000:]}", flush=True)
         return process.returncode

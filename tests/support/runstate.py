@@ -1,4 +1,5 @@
 """Waiting for a state a node daemon moves a VM to (its runtime/runstate record, docs/security.md)."""
+
 from __future__ import annotations
 
 from pvc_cluster_common import _records as R

@@ -8,6 +8,7 @@ CA certificate). The Python side (kazoo) gets plain PEM files.
 Certificates name ``localhost`` and ``127.0.0.1``: ZooKeeper verifies the host name of TLS peers by
 default, the client's certificate included (against the client's address).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -73,9 +74,15 @@ def _ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -106,9 +113,15 @@ def _leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=True,
-                data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -119,9 +132,7 @@ def _leaf(
         )
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
@@ -145,8 +156,13 @@ def make_tls_material(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _ca("pvc.cluster test CA")
-    server_key, server_cert = _leaf("zookeeper", ca_key, ca_cert, names if server_names is None else server_names,
-                                    ips if server_ips is None else server_ips)
+    server_key, server_cert = _leaf(
+        "zookeeper",
+        ca_key,
+        ca_cert,
+        names if server_names is None else server_names,
+        ips if server_ips is None else server_ips,
+    )
     client_key, client_cert = _leaf("pvc-client", ca_key, ca_cert, names, ips)
     _other_key, other_ca = _ca("unrelated test CA")
 

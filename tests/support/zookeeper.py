@@ -4,6 +4,7 @@ No systemd here: each server is a JVM we start ourselves, remember by PID and en
 The same class runs a standalone server on loopback for pytest and an ensemble member inside a
 lab network namespace.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -50,7 +51,7 @@ log4j.appender.FILE.layout.ConversionPattern=%d{{ISO8601}} [myid:%X{{myid}}] - %
 
 
 def role_java_opts() -> list[str]:
-    import yaml   # ansible-core's dependency, in the project's venv
+    import yaml  # ansible-core's dependency, in the project's venv
 
     return [str(opt) for opt in yaml.safe_load(ROLE_DEFAULTS.read_text())["zookeeper_java_opts"]]
 
@@ -139,9 +140,7 @@ class ZooKeeperServer:
         if self.enforce_auth:
             lines += ["enforce.auth.enabled=true", "enforce.auth.schemes=digest"]
         for peer in self.peers:
-            lines.append(
-                f"server.{peer.server_id}={peer.address}:{peer.quorum_port}:{peer.election_port}"
-            )
+            lines.append(f"server.{peer.server_id}={peer.address}:{peer.quorum_port}:{peer.election_port}")
         if self.peers:
             (data / "myid").write_text(f"{self.server_id}\n")
         cfg = self.workdir / "zoo.cfg"
@@ -169,9 +168,7 @@ class ZooKeeperServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         out = open(self.workdir / "stdout.log", "ab")
-        self.process = subprocess.Popen(
-            self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.process = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         out.close()
         self.pidfile.write_text(f"{self.process.pid}\n")
         if wait:
@@ -185,9 +182,10 @@ class ZooKeeperServer:
         """
         try:
             raw = connect(self.client_address, self.client_port, timeout_s, self.netns)
-            if self.client_tls_ca:   # wrap_socket takes over the socket (and closes it with its own)
+            if self.client_tls_ca:  # wrap_socket takes over the socket (and closes it with its own)
                 raw = ssl.create_default_context(cafile=self.client_tls_ca).wrap_socket(
-                    raw, server_hostname=self.client_address)
+                    raw, server_hostname=self.client_address
+                )
             with raw as s:
                 s.sendall(word.encode())
                 chunks = []

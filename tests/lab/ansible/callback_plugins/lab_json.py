@@ -1,6 +1,7 @@
 """A stdout callback for the lab's tests: one JSON document at the end of the run with every task
 result per host and the per-host stats (ansible-core has no json callback; ansible.posix's is not
 installed here). Selected by tests/lab/hostviews.py with ANSIBLE_STDOUT_CALLBACK=lab_json."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ class CallbackModule(CallbackBase):
     def _task(self, task) -> dict:
         play = self.plays[-1]
         if not play["tasks"] or play["tasks"][-1]["task"]["id"] != str(task._uuid):
-            play["tasks"].append({"task": {"name": task.get_name(), "id": str(task._uuid)}, "hosts": {},
-                                  "started": time.monotonic(), "duration_s": 0.0})
+            play["tasks"].append(
+                {
+                    "task": {"name": task.get_name(), "id": str(task._uuid)},
+                    "hosts": {},
+                    "started": time.monotonic(),
+                    "duration_s": 0.0,
+                }
+            )
         return play["tasks"][-1]
 
     def v2_playbook_on_task_start(self, task, is_conditional) -> None:

@@ -1,5 +1,6 @@
 """A compact stdout callback for the demo: one line per task with each host's outcome, debug
 messages and failures in full, and a recap (selected with ANSIBLE_STDOUT_CALLBACK=lab_progress)."""
+
 from __future__ import annotations
 
 import sys
@@ -14,7 +15,13 @@ short_description: one line per task (pvc.cluster demo)
 description: Each task's outcome per host on one line; debug messages and failures in full.
 """
 
-COLOURS = {"ok": "\033[32m", "changed": "\033[33m", "failed": "\033[31m", "skipped": "\033[36m", "unreachable": "\033[31m"}
+COLOURS = {
+    "ok": "\033[32m",
+    "changed": "\033[33m",
+    "failed": "\033[31m",
+    "skipped": "\033[36m",
+    "unreachable": "\033[31m",
+}
 RESET = "\033[0m"
 
 

@@ -120,12 +120,14 @@ class Connection(LocalConnection):
                 raise AnsibleConnectionFailure("invalid network namespace name %r" % netns)
             if not os.path.exists(os.path.join(NETNS_DIR, netns)):
                 raise AnsibleConnectionFailure(
-                    "network namespace %s does not exist (no %s/%s)" % (netns, NETNS_DIR, netns))
+                    "network namespace %s does not exist (no %s/%s)" % (netns, NETNS_DIR, netns)
+                )
             for option in ("netns_mount_namespace", "netns_uts_namespace"):
                 path = self.get_option(option)
                 if path and not _is_namespace_file(path):
                     raise AnsibleConnectionFailure(
-                        "%s %s is not a namespace file (create the host's namespaces first)" % (option, path))
+                        "%s %s is not a namespace file (create the host's namespaces first)" % (option, path)
+                    )
             display.vvv("ESTABLISH NETNS CONNECTION TO %s" % netns, host=self._play_context.remote_addr)
         return super()._connect()
 

@@ -12,31 +12,63 @@ from ansible_collections.pvc.cluster.plugins.module_utils._selector import NodeV
 
 
 def domain_xml(name="web1", uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", memory_mib=1024, vcpus=2):
-    return (f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>{memory_mib}</memory>"
-            f"<vcpu>{vcpus}</vcpu><os><type>hvm</type></os><devices/></domain>")
+    return (
+        f"<domain type='test'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>{memory_mib}</memory>"
+        f"<vcpu>{vcpus}</vcpu><os><type>hvm</type></os><devices/></domain>"
+    )
 
 
 def make_record(uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", **fields):
     """A migration record of VM ``uuid``; ``fields`` override the defaults (n1 -> n2, requested)."""
-    defaults = dict(id="m1", vm=uuid, kind="migrate", source="n1", target="n2", method="default", memory_mib=1024,
-                    step="requested")
+    defaults = dict(
+        id="m1", vm=uuid, kind="migrate", source="n1", target="n2", method="default", memory_mib=1024, step="requested"
+    )
     return MigrationRecord(**dict(defaults, **fields))
 
 
-def make_vm(name="web1", uuid="6695eb01-f6a4-8304-79aa-97f2502e193f", state="start", node="n1", lastnode="",
-            memory_mib=1024, meta=None, migration=None, xml=None, migration_error="", xml_error=""):
+def make_vm(
+    name="web1",
+    uuid="6695eb01-f6a4-8304-79aa-97f2502e193f",
+    state="start",
+    node="n1",
+    lastnode="",
+    memory_mib=1024,
+    meta=None,
+    migration=None,
+    xml=None,
+    migration_error="",
+    xml_error="",
+):
     """``migration``: the fields of its record that differ from make_record's."""
-    return VMRecord(uuid=uuid, name=name, state=state, node=node, lastnode=lastnode,
-                    xml=xml if xml is not None else domain_xml(name, uuid, memory_mib),
-                    meta=VMMeta.from_store(meta or {}), memory_mib=memory_mib, vcpus=2, node_version=3,
-                    migration=make_record(uuid, **migration) if migration is not None else None,
-                    migration_version=0 if migration is not None or migration_error else -1,
-                    migration_error=migration_error, xml_error=xml_error)
+    return VMRecord(
+        uuid=uuid,
+        name=name,
+        state=state,
+        node=node,
+        lastnode=lastnode,
+        xml=xml if xml is not None else domain_xml(name, uuid, memory_mib),
+        meta=VMMeta.from_store(meta or {}),
+        memory_mib=memory_mib,
+        vcpus=2,
+        node_version=3,
+        migration=make_record(uuid, **migration) if migration is not None else None,
+        migration_version=0 if migration is not None or migration_error else -1,
+        migration_error=migration_error,
+        xml_error=xml_error,
+    )
 
 
 def make_node(name, daemon_state="run", domain_state="ready", memtotal=16384, memprov=0, memreserve=0, reserved=0):
-    return NodeView(name=name, daemon_state=daemon_state, domain_state=domain_state, memtotal=memtotal,
-                    memfree=memtotal - memprov, memprov=memprov, memreserve=memreserve, reserved=reserved)
+    return NodeView(
+        name=name,
+        daemon_state=daemon_state,
+        domain_state=domain_state,
+        memtotal=memtotal,
+        memfree=memtotal - memprov,
+        memprov=memprov,
+        memreserve=memreserve,
+        reserved=reserved,
+    )
 
 
 class FakeStore:

@@ -11,24 +11,38 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import ModuleF
 from ansible_collections.pvc.cluster.plugins.modules import cluster_schema as module
 
 
-@pytest.mark.parametrize("params", [
-    {"zk_username": "operator", "nodes_username": "nodes", "nodes_password": "x", "insecure": False},
-    {"zk_username": None, "nodes_username": None, "nodes_password": None, "insecure": True},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"zk_username": "operator", "nodes_username": "nodes", "nodes_password": "x", "insecure": False},
+        {"zk_username": None, "nodes_username": None, "nodes_password": None, "insecure": True},
+    ],
+)
 def test_accepted(params):
     module.check_input(params)
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"zk_username": "operator", "nodes_username": None, "nodes_password": None, "insecure": False},
-     "nodes_username and nodes_password are required with zk_username"),
-    ({"zk_username": "operator", "nodes_username": "operator", "nodes_password": "x", "insecure": False},
-     "nodes_username must be another user than zk_username (operator)"),
-    ({"zk_username": None, "nodes_username": None, "nodes_password": None, "insecure": False},
-     "the cluster would be open to anyone who reaches ZooKeeper"),
-    ({"zk_username": None, "nodes_username": "nodes", "nodes_password": "x", "insecure": True},
-     "nodes_username and nodes_password are for a secured cluster"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (
+            {"zk_username": "operator", "nodes_username": None, "nodes_password": None, "insecure": False},
+            "nodes_username and nodes_password are required with zk_username",
+        ),
+        (
+            {"zk_username": "operator", "nodes_username": "operator", "nodes_password": "x", "insecure": False},
+            "nodes_username must be another user than zk_username (operator)",
+        ),
+        (
+            {"zk_username": None, "nodes_username": None, "nodes_password": None, "insecure": False},
+            "the cluster would be open to anyone who reaches ZooKeeper",
+        ),
+        (
+            {"zk_username": None, "nodes_username": "nodes", "nodes_password": "x", "insecure": True},
+            "nodes_username and nodes_password are for a secured cluster",
+        ),
+    ],
+)
 def test_refused(params, message):
     with pytest.raises(ModuleFailure) as failure:
         module.check_input(params)

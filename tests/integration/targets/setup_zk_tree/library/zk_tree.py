@@ -82,14 +82,23 @@ def read_tree(client, root: str, volatile) -> dict:
     tree = {}
     level = [""]
     while level:
-        reads = [(path, client.get_async(root + path or "/"), client.get_acls_async(root + path or "/"),
-                  client.get_children_async(root + path or "/")) for path in level]
+        reads = [
+            (
+                path,
+                client.get_async(root + path or "/"),
+                client.get_acls_async(root + path or "/"),
+                client.get_children_async(root + path or "/"),
+            )
+            for path in level
+        ]
         level = []
         for path, data, acls, children in reads:
             value, _stat = data.get(timeout=30)
             acl_list, _stat = acls.get(timeout=30)
-            tree[path or "/"] = {"data": (value or b"").decode("utf-8", errors="replace"),
-                                 "acl": sorted(f"{acl.id.scheme}:{acl.id.id}:{acl.perms}" for acl in acl_list)}
+            tree[path or "/"] = {
+                "data": (value or b"").decode("utf-8", errors="replace"),
+                "acl": sorted(f"{acl.id.scheme}:{acl.id.id}:{acl.perms}" for acl in acl_list),
+            }
             for child in children.get(timeout=30):
                 below = f"{path}/{child}"
                 if not any(pattern.search(below) for pattern in volatile):
@@ -106,21 +115,32 @@ def compare(before: dict, after: dict) -> dict:
 
 
 def main():
-    module = AnsibleModule(argument_spec=dict(
-        zk_hosts=dict(type="str"),
-        zk_root=dict(type="str"),
-        unchanged_since=dict(type="dict"),
-        volatile=dict(type="list", elements="str"),
-        username=dict(type="str"),
-        password=dict(type="str", no_log=True),
-    ), supports_check_mode=True, required_together=[["username", "password"]])
+    module = AnsibleModule(
+        argument_spec=dict(
+            zk_hosts=dict(type="str"),
+            zk_root=dict(type="str"),
+            unchanged_since=dict(type="dict"),
+            volatile=dict(type="list", elements="str"),
+            username=dict(type="str"),
+            password=dict(type="str", no_log=True),
+        ),
+        supports_check_mode=True,
+        required_together=[["username", "password"]],
+    )
     hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
     root = module.params["zk_root"] or os.environ.get("PVC_IT_ZK_ROOT")
     if not hosts or not root:
         module.fail_json(msg="zk_hosts and zk_root are needed (or PVC_IT_ZK_HOSTS and PVC_IT_ZK_ROOT)")
     volatile = [re.compile(pattern) for pattern in (module.params["volatile"] or DEFAULT_VOLATILE)]
-    store = ClusterStore(ConnectionOptions(hosts=hosts, root=root, timeout_s=30, auth_username=module.params["username"],
-                                           auth_password=module.params["password"]))
+    store = ClusterStore(
+        ConnectionOptions(
+            hosts=hosts,
+            root=root,
+            timeout_s=30,
+            auth_username=module.params["username"],
+            auth_password=module.params["password"],
+        )
+    )
     try:
         store.start()
         tree = read_tree(store.client, store.schema.root, volatile)
@@ -133,8 +153,11 @@ def main():
         differences = compare(module.params["unchanged_since"], tree)
         result["differences"] = differences
         if any(differences.values()):
-            shown = "; ".join(f"{kind}: {', '.join(paths[:10])}" + (f" (and {len(paths) - 10} more)" if len(paths) > 10 else "")
-                              for kind, paths in differences.items() if paths)
+            shown = "; ".join(
+                f"{kind}: {', '.join(paths[:10])}" + (f" (and {len(paths) - 10} more)" if len(paths) > 10 else "")
+                for kind, paths in differences.items()
+                if paths
+            )
             module.fail_json(msg=f"the ZooKeeper tree changed: {shown}", **result)
     module.exit_json(**result)
 

@@ -62,13 +62,15 @@ from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterS
 
 
 def main():
-    module = AnsibleModule(argument_spec=dict(
-        zk_hosts=dict(type="str"),
-        zk_root=dict(type="str", required=True),
-        username=dict(type="str", required=True),
-        password=dict(type="str", required=True, no_log=True),
-        state=dict(type="str", choices=["present", "absent"], default="present"),
-    ))
+    module = AnsibleModule(
+        argument_spec=dict(
+            zk_hosts=dict(type="str"),
+            zk_root=dict(type="str", required=True),
+            username=dict(type="str", required=True),
+            password=dict(type="str", required=True, no_log=True),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+        )
+    )
     hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
     root = module.params["zk_root"]
     if not hosts:
@@ -76,8 +78,15 @@ def main():
     if root == os.environ.get("PVC_IT_ZK_ROOT"):
         module.fail_json(msg=f"{root} is the integration cluster's own root; name another one")
     # a client with credentials creates every key with a digest ACL for its user only (_store.py)
-    store = ClusterStore(ConnectionOptions(hosts=hosts, root=root, timeout_s=30, auth_username=module.params["username"],
-                                           auth_password=module.params["password"]))
+    store = ClusterStore(
+        ConnectionOptions(
+            hosts=hosts,
+            root=root,
+            timeout_s=30,
+            auth_username=module.params["username"],
+            auth_password=module.params["password"],
+        )
+    )
     try:
         store.start()
         if module.params["state"] == "present":

@@ -60,12 +60,14 @@ from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterS
 
 
 def main():
-    module = AnsibleModule(argument_spec=dict(
-        zk_hosts=dict(type="str"),
-        zk_root=dict(type="str"),
-        values=dict(type="dict", default={}),
-        delete=dict(type="list", elements="str", default=[]),
-    ))
+    module = AnsibleModule(
+        argument_spec=dict(
+            zk_hosts=dict(type="str"),
+            zk_root=dict(type="str"),
+            values=dict(type="dict", default={}),
+            delete=dict(type="list", elements="str", default=[]),
+        )
+    )
     hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
     root = module.params["zk_root"] or os.environ.get("PVC_IT_ZK_ROOT")
     if not hosts or not root:
@@ -74,7 +76,9 @@ def main():
     values = {store.schema.root + path: str(value) for path, value in module.params["values"].items()}
     try:
         store.start()
-        deletes = [store.schema.root + path for path in module.params["delete"] if store.exists(store.schema.root + path)]
+        deletes = [
+            store.schema.root + path for path in module.params["delete"] if store.exists(store.schema.root + path)
+        ]
         store.commit(values, delete=deletes)
     except StoreError as exc:
         module.fail_json(msg=str(exc))
