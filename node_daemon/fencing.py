@@ -81,7 +81,7 @@ class FenceResult:
 
 
 class _Failed(Exception):
-    pass
+    """A fence device step that failed; its message says which step and what the device answered."""
 
 
 def _run(
