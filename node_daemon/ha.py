@@ -40,9 +40,9 @@ import uuid as uuidlib
 
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_fence_record, read_vms
+from pvc_cluster_common._cluster import VMRecord, read_fence_record, read_vms
 from pvc_cluster_common._report import read_cluster
-from pvc_cluster_common._requests import RequestError, RequestPlan, history_key, submit_request
+from pvc_cluster_common._requests import RequestError, history_key, placement_plan, submit_request
 from pvc_cluster_common._selector import FailureCheck, FlushVM, PlannedMove, apply_plan, survives_node_failure
 from pvc_cluster_common._store import ConflictError, StoreError, StoreLock
 
@@ -51,7 +51,7 @@ from .faults import crash_point
 from .fencing import FenceResult, fence
 from .log import get_logger
 from .migration import Migration, MigrationAgent
-from .recovery import Act, LivenessTracker, RecoveryCandidate, fence_decision, plan_recovery
+from .recovery import Act, LivenessTracker, fence_decision, plan_recovery
 
 log = get_logger(__name__)
 
@@ -282,32 +282,15 @@ class HighAvailability(Service):
 
     # ---- recovery ---------------------------------------------------------------------------
 
-    def _candidates(self, peer: str) -> list[RecoveryCandidate]:
+    def _candidates(self, peer: str) -> list[VMRecord]:
+        """The VMs that the recovery of ``peer`` plans from: every VM assigned to it or with a
+        migration naming it (fresh reads)."""
         uuids = self.store.children(self.schema.domains()) or []
-        candidates = []
-        for uuid, vm in read_vms(self.store, uuids).items():
-            migration = vm.migration
-            involved = migration is not None and peer in (migration.source, migration.target)
-            if vm.node != peer and not involved:
-                continue
-            candidates.append(
-                RecoveryCandidate(
-                    uuid=uuid,
-                    name=vm.name,
-                    state=vm.state,
-                    node=vm.node,
-                    lastnode=vm.lastnode,
-                    memory_mib=vm.memory_mib,
-                    vcpus=vm.vcpus,
-                    node_limit=tuple(vm.meta.node_limit or ()),
-                    selector=vm.meta.node_selector,
-                    migration_source=migration.source if involved and migration else None,
-                    migration_target=migration.target if involved and migration else None,
-                    invalid=vm.migration_error or "",
-                    xml_error=vm.xml_error,
-                )
-            )
-        return candidates
+        return [
+            vm
+            for vm in read_vms(self.store, uuids).values()
+            if vm.node == peer or (vm.migration is not None and peer in (vm.migration.source, vm.migration.target))
+        ]
 
     def _fenced_nodes(self) -> set[str]:
         names = self.store.children(self.schema.nodes()) or []
@@ -444,19 +427,7 @@ class HighAvailability(Service):
         # The target's memprov counts the VM only from its next keepalive: until then a
         # reservation covers it (docs/architecture.md, "Memory accounting"); the fit is checked
         # against the target's figures and reservations as they are at this commit.
-        plan = RequestPlan(
-            uuid=start.uuid,
-            name=found.name,
-            kind="move",
-            source=peer,
-            target=start.target,
-            lastnode=start.lastnode,
-            changed=True,
-            migrates=False,
-            memory_mib=found.memory_mib,
-            force_live=False,
-            message="recovery",
-        )
+        plan = placement_plan(found, peer, start.target, start.lastnode, migrates=False, message="recovery")
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         try:
             submit_request(

@@ -31,7 +31,7 @@ from pvc_cluster_common._records import (
     STEP_TRANSFERRING,
     MigrationRecord,
 )
-from pvc_cluster_common._requests import RequestError, finish_values, rehome_plan, submit_request
+from pvc_cluster_common._requests import RequestError, finish_values, placement_plan, submit_request
 from pvc_cluster_common._store import ConflictError, StoreError
 
 from .context import DaemonContext, Service
@@ -987,7 +987,15 @@ class MigrationAgent(Service):
         # already assigned to that node, so what ZooKeeper admits does not change, and refusing
         # would leave it running where nothing counts it.
         try:
-            submit_request(self.store, rehome_plan(vm, self.node), vm, requester=self.node)
+            plan = placement_plan(
+                vm,
+                self.node,
+                vm.node,
+                vm.lastnode,
+                migrates=True,
+                message=f"VM {vm.name} runs on {self.node} but is assigned to {vm.node}: migrating it there",
+            )
+            submit_request(self.store, plan, vm, requester=self.node)
         except ConflictError:
             log.info("VM %s changed while it was brought to %s; deciding again", uuid, assigned)
         except RequestError as exc:

@@ -19,6 +19,7 @@ import enum
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from pvc_cluster_common._cluster import VMRecord
 from pvc_cluster_common._selector import FlushVM, NodeView, plan_flush
 
 # VM states that should be running (a restart ends running).
@@ -102,25 +103,6 @@ def fence_decision(daemon_state: str, domain_state: str, maintenance: bool, stal
 
 
 @dataclass(frozen=True)
-class RecoveryCandidate:
-    """What the plan needs to know about one VM (from a fresh read of its keys)."""
-
-    uuid: str
-    name: str
-    state: str
-    node: str
-    lastnode: str
-    memory_mib: int
-    vcpus: int
-    node_limit: tuple[str, ...] = ()
-    selector: str | None = None
-    migration_source: str | None = None
-    migration_target: str | None = None
-    invalid: str = ""  # a key deciding about it is not valid: left alone
-    xml_error: str = ""  # its XML is not valid: it cannot be started anywhere
-
-
-@dataclass(frozen=True)
 class RecoveryStart:
     uuid: str
     target: str
@@ -142,14 +124,14 @@ class RecoveryPlan:
 
 def plan_recovery(
     dead: str,
-    vms: Iterable[RecoveryCandidate],
+    vms: Iterable[VMRecord],
     nodes: Mapping[str, NodeView],
     fenced: Collection[str] = (),
     default_selector: str | None = None,
 ) -> RecoveryPlan:
     """Where the VMs of the fenced node ``dead`` start again.
 
-    ``vms``: RecoveryCandidate of every VM assigned to ``dead`` or with a migration naming it;
+    ``vms``: the record (fresh reads) of every VM assigned to ``dead`` or with a migration naming it;
     ``nodes``: NodeView by name (fresh reads, reservations counted); ``fenced``: every node whose
     power is confirmed off (``dead`` among them).
 
@@ -167,8 +149,9 @@ def plan_recovery(
     fenced = set(fenced) | {dead}
     movable = []
     for vm in vms:
-        if vm.migration_source or vm.migration_target:
-            other = vm.migration_target if vm.migration_source == dead else vm.migration_source
+        migration = vm.migration
+        if migration is not None and dead in (migration.source, migration.target):
+            other = migration.target if migration.source == dead else migration.source
             if other in fenced:
                 plan.aborts.append(vm.uuid)
             else:
@@ -176,8 +159,8 @@ def plan_recovery(
             continue
         if vm.node != dead or vm.state not in SHOULD_RUN:
             continue
-        if vm.invalid:
-            plan.unplaced[vm.uuid] = f"a key that decides about it is not valid ({vm.invalid})"
+        if vm.migration_error:
+            plan.unplaced[vm.uuid] = f"a key that decides about it is not valid ({vm.migration_error})"
         elif vm.xml_error:
             plan.unplaced[vm.uuid] = f"its domain XML is not valid ({vm.xml_error})"
         else:
@@ -185,7 +168,10 @@ def plan_recovery(
     by_uuid = {vm.uuid: vm for vm in movable}
     moves = plan_flush(
         dead,
-        [FlushVM(vm.uuid, vm.memory_mib, vm.node_limit, vm.selector, vm.lastnode or dead, vm.vcpus) for vm in movable],
+        [
+            FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector, vm.lastnode or dead, vm.vcpus)
+            for vm in movable
+        ],
         nodes,
         default_selector=default_selector,
     )

@@ -172,22 +172,29 @@ def new_record(plan: RequestPlan, vm: VMRecord, requester: str) -> MigrationReco
     )
 
 
-def rehome_plan(vm: VMRecord, running_on: str) -> RequestPlan:
-    """The request that brings VM ``vm``, found running on ``running_on`` while ZooKeeper assigns
-    it to another node with no migration record (a daemon's self-heal), to its assigned node: a
-    migration from ``running_on`` to ``vm.node`` that keeps ``node`` and ``lastnode`` as they are."""
+def placement_plan(
+    vm: VMRecord, source: str, target: str, lastnode: str, *, migrates: bool, message: str
+) -> RequestPlan:
+    """The request a daemon makes to place VM ``vm`` on node ``target`` (kind ``move``, never a
+    forced live migration), with ``lastnode`` as given. Two daemons' requests are made so:
+
+    * the self-heal of a VM found running on ``source`` while ZooKeeper assigns it to another
+      node with no migration record: a migration from ``source`` to its assigned node
+      (``target=vm.node``) that keeps ``node`` and ``lastnode`` as they are (``migrates=True``);
+    * an HA recovery: the VM of the fenced ``source``, not running, is assigned to the node that
+      starts it (``migrates=False``: nothing moves, no record is written)."""
     return RequestPlan(
         uuid=vm.uuid,
         name=vm.name,
         kind="move",
-        source=running_on,
-        target=vm.node,
-        lastnode=vm.lastnode,
+        source=source,
+        target=target,
+        lastnode=lastnode,
         changed=True,
-        migrates=True,
+        migrates=migrates,
         memory_mib=vm.memory_mib,
         force_live=False,
-        message=f"VM {vm.name} runs on {running_on} but is assigned to {vm.node}: migrating it there",
+        message=message,
     )
 
 
@@ -212,7 +219,7 @@ def submit_request(
 
     ``fit``: check in this transaction that the VM fits on the target (default: when the VM
     migrates; an HA recovery re-homes a VM that is to start there and asks for it). A VM that is
-    already assigned to the target (``rehome_plan``) is counted there already, by the target's
+    already assigned to the target (a self-heal's ``placement_plan``) is counted there already, by the target's
     memprov or by its reservation, and is given back before the check. ``also_values``,
     ``also_expect`` and ``also_create`` are committed in the same transaction (an HA recovery's
     audit record and its check of the fenced node's state); ``parent_value`` is what the target's

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from pvc_cluster_common._cluster import VMRecord
+from pvc_cluster_common._meta import VMMeta
+from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._selector import NodeView
 from pvc_node_daemon.recovery import (
     Act,
     LivenessTracker,
-    RecoveryCandidate,
     RecoveryStart,
     fence_decision,
     plan_recovery,
@@ -27,25 +29,30 @@ def vm(
     memory=1024,
     lastnode="",
     limit=(),
-    selector=None,
+    selector="default",
     source=None,
     target=None,
     invalid="",
     xml_error="",
 ):
-    return RecoveryCandidate(
+    """The record of a VM as a fresh read makes it; ``source``/``target``: its in-flight
+    migration; ``invalid``: why its migration record is not valid."""
+    migration = None
+    if source or target:
+        migration = MigrationRecord(
+            id="m", vm=uuid, kind="migrate", source=source, target=target, method="live", memory_mib=memory, step="live"
+        )
+    return VMRecord(
         uuid=uuid,
         name=uuid,
         state=state,
         node=node,
         lastnode=lastnode,
+        meta=VMMeta(node_limit=tuple(limit), node_selector=selector),
         memory_mib=memory,
         vcpus=1,
-        node_limit=limit,
-        selector=selector,
-        migration_source=source,
-        migration_target=target,
-        invalid=invalid,
+        migration=migration,
+        migration_error=invalid,
         xml_error=xml_error,
     )
 
