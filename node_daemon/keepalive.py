@@ -18,8 +18,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import reservation_mib
+from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._memory import AccountedVM, NodeAccount, account_node
 
 from .context import DaemonContext, Service
@@ -285,20 +287,42 @@ class Keepalive(Service):
         reservation or by memprov (docs/architecture.md, "Memory accounting").
         """
         folds = {}
-        for uuid, (_, version) in reservations.items():
+        for uuid, (amount, version) in reservations.items():
             record = snapshot.get(uuid)
             if (
-                record is not None
-                and record.has(*ACCOUNTING_KEYS)
-                and record.node == self.node
-                and record.migration is None
-                and not record.migration_error
-                and record.xml_ok
-                and self._held(uuid, reservations[uuid][0])
-                <= max(record.memory_mib, (running or {}).get(uuid, (0, 0))[0])
+                record is None
+                or not record.has(*ACCOUNTING_KEYS)
+                or record.node != self.node
+                or record.migration is not None
+                or record.migration_error
+                or not record.xml_ok
             ):
+                continue
+            counted = max(record.memory_mib, (running or {}).get(uuid, (0, 0))[0])
+            held = self._held(uuid, amount)
+            if held <= counted or self._xml_counted(uuid, counted):
                 folds[uuid] = version
         return folds
+
+    def _xml_counted(self, uuid: str, counted: int) -> bool:
+        """Whether the VM's XML as stored now asks for no more than ``counted`` MiB (what this
+        keepalive counts it at). Asked only of a reservation larger than the count: either the
+        table has not seen a grown XML yet (the XML now is larger: keep the reservation), or the
+        XML shrank after the growth that wrote it (``pvc.cluster.vm`` writes no reservation for a
+        smaller XML), and then the reservation would never fold and would hold the difference
+        out of placement for good. The XML is read after the reservation, and a growth writes
+        both in one transaction, so it is at least as new as the growth; a later growth rewrites
+        the reservation, whose version the fold checks. An XML that cannot be read or is not
+        valid keeps the reservation."""
+        path = self.schema.domain_key(uuid, S.DOMAIN_XML)
+        value = self.store.read(path)
+        if value is None:
+            return False
+        try:
+            memory_mib = R.domain_xml(value, path).memory_mib
+        except Invalid:
+            return False
+        return bool(memory_mib <= counted)
 
     def _held(self, uuid: str, amount: str | None) -> int:
         """What a reservation holds (MiB); an invalid amount reads as 0, as in every reader."""

@@ -260,7 +260,9 @@ def test_a_growth_reservation_is_folded_only_once_the_table_counts_the_new_size(
     for key in ACCOUNTING_KEYS:
         table.put(uuid, key, key != S.DOMAIN_MIGRATION)
     reservation = store.schema.node_reservation("n1", uuid)
-    store.commit({reservation: 3072})
+    # the growth's transaction: the 3 GiB XML and the reservation of 3 GiB together
+    grown = text.replace("<memory unit='GiB'>1</memory>", "<memory unit='GiB'>3</memory>")
+    store.commit({reservation: 3072, store.schema.domain_key(uuid, S.DOMAIN_XML): grown})
     keepalive = make_keepalive(table)
     memprov = lambda: int(store.read(store.schema.node_key("n1", S.NODE_MEMPROV)))  # noqa: E731
     assert keepalive.tick(wait_for_read_s=30)
@@ -268,3 +270,28 @@ def test_a_growth_reservation_is_folded_only_once_the_table_counts_the_new_size(
     table.update(uuid, memory_mib=3072)  # the watch delivered the new XML
     assert keepalive.tick(wait_for_read_s=30)
     assert store.read(reservation) is None and memprov() == 3072
+
+
+def test_a_growth_reservation_larger_than_the_xml_now_is_folded(store, host, make_keepalive):
+    """A growth reserved 3 GiB, then the XML was made 2 GiB (pvc.cluster.vm writes no reservation
+    for a smaller XML) before the node's keepalive folded it. The table counts 2 GiB and will never
+    count 3: the reservation is folded once the stored XML asks no more than the count (it never
+    was before, and held 1 GiB out of placement for good). A table still at the old 1 GiB keeps it."""
+    from pvc_node_daemon.reconciler import ACCOUNTING_KEYS
+
+    table = DomainTable()
+    uuid, text = xml("grower", 1, "GiB", 1)
+    add(store, table, uuid, text, "n1", "stop")
+    for key in ACCOUNTING_KEYS:
+        table.put(uuid, key, key != S.DOMAIN_MIGRATION)
+    reservation = store.schema.node_reservation("n1", uuid)
+    xml_path = store.schema.domain_key(uuid, S.DOMAIN_XML)
+    store.commit({reservation: 3072, xml_path: text.replace(">1</memory>", ">3</memory>")})
+    store.commit({xml_path: text.replace(">1</memory>", ">2</memory>")})
+    keepalive = make_keepalive(table)
+    memprov = lambda: int(store.read(store.schema.node_key("n1", S.NODE_MEMPROV)))  # noqa: E731
+    assert keepalive.tick(wait_for_read_s=30)
+    assert store.read(reservation) == "3072" and memprov() == 0  # the table lags at 1 GiB: kept
+    table.update(uuid, memory_mib=2048)  # the watch delivered the 2 GiB XML
+    assert keepalive.tick(wait_for_read_s=30)
+    assert store.read(reservation) is None and memprov() == 2048

@@ -142,6 +142,36 @@ def test_a_vm_whose_memory_grows_is_covered_at_once_until_its_node_counts_it(mak
     assert invariant.check_now() == []
 
 
+def test_a_growth_reservation_is_folded_when_the_xml_shrank_before_the_fold(make_cluster):
+    """A growth reserves the VM's new size; a smaller XML written before the node's keepalive
+    folded it (pvc.cluster.vm writes no reservation for a smaller XML) left a reservation larger
+    than anything the table would ever count: it was never folded and held the difference out
+    of placement for good. The keepalive now folds it once the XML as stored is counted."""
+    cluster = make_cluster(keepalive_s=30)
+    cluster.add("node1", start=False)
+    uuid = define(cluster, "grower", "node1", memory_mib=GIB, state="stop")
+    cluster.daemons["node1"].start()
+    cluster.wait_node_state("node1", "run")
+    grow(cluster, uuid, "grower", 3 * GIB)
+    # shrink to 2 GiB as pvc.cluster.vm writes a smaller XML: the XML alone, node-version checked
+    vm = read_vm(cluster.store, uuid)
+    _, xml = domain_xml("grower", memory=str(2 * GIB), uuid=uuid)
+    cluster.store.commit(
+        {cluster.schema.domain_key(uuid, S.DOMAIN_XML): xml},
+        expect_versions={cluster.schema.domain_key(uuid, S.DOMAIN_NODE): vm.node_version},
+    )
+    invariant = MemoryInvariant(cluster.store, ["node1"], {uuid: 2 * GIB})
+    assert invariant.check_now() == []
+    assert cluster.store.read(cluster.schema.node_reservation("node1", uuid)) == str(3 * GIB)
+    # a restart runs a keepalive now; its table has the 2 GiB XML
+    assert cluster.daemons["node1"].stop() == 0
+    cluster.daemons["node1"].start()
+    cluster.wait_node_state("node1", "run")
+    assert wait_for_key(cluster.store, cluster.schema.node_reservation("node1", uuid), lambda value: value is None, 60)
+    assert memprov(cluster, "node1") == 2 * GIB
+    assert invariant.check_now() == []
+
+
 def test_a_growth_that_does_not_fit_its_node_is_refused_with_nothing_written(make_cluster):
     cluster = make_cluster(keepalive_s=30)
     cluster.add("node1", start=False, memory_mib=4 * GIB)
