@@ -17,8 +17,12 @@ require_n1 (the cluster setting): a VM's return home that would leave the cluste
 restart every running VM after the loss of any one node is refused, as ``pvc.cluster.vm_migrate``
 refuses an unmigrate (the VM stays where it runs, its ``lastnode`` kept, so the next ready or
 unmigrate brings it home). A flush is checked when it is asked (``pvc.cluster.node`` refuses one
-whose plan fails, before anything is written); once running it is not held back or reverted
-halfway, since its node is leaving, but a plan that fails the check is logged with the verdict.
+whose plan fails, before anything is written), and again before each wave of its migrations: a
+running flush whose plan would now fail the check (the cluster changed meanwhile) stops before
+that wave. The node stays ``flush``, the VMs moved so far stay where they went, and the node's
+``flush_halted`` key says why (the node that could not be survived and by how much); writing
+``flush`` again retries (checked again), ``unflush`` brings the VMs home. Each flush or ready
+deletes that key when it starts.
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ class Cancelled(Exception):
     """A newer domain state stopped this flush or ready between two migrations."""
 
 
+class Halted(Exception):
+    """require_n1 stopped this flush before a wave: the verdict is the message."""
+
+
 class NodeStateWorker(Service):
     def __init__(self, ctx: DaemonContext, reconciler: Reconciler) -> None:
         super().__init__(ctx)
@@ -134,9 +142,13 @@ class NodeStateWorker(Service):
             with self.store.lock(self.schema.node_lock(self.node), timeout_s=self.config.step_timeout_s):
                 if self.store.read(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE)) != state:
                     return  # superseded while we waited for the lock
+                # a new flush or ready: an earlier flush's halt no longer applies
+                self.store.write({}, delete=[self.schema.node_key(self.node, S.NODE_FLUSH_HALTED)])
                 work(cancel)
         except Cancelled:
             log.info("%s of node %s stopped before it finished", state, self.node)
+        except Halted as exc:
+            log.error("%s", exc)
         except StoreError as exc:
             log.error("%s of node %s failed: %s", state, self.node, exc)
         except Exception:
@@ -247,24 +259,24 @@ class NodeStateWorker(Service):
         check = request_n1_check(snapshot, plan, views)
         return None if check.ok else request_n1_refusal(check, plan)
 
-    def _log_flush_n1(self, vms: list[Any], plan: list[PlannedMove]) -> bool:
-        """Under require_n1, log the verdict of a flush plan that fails the n-1 check; True when
-        it was logged."""
+    def _flush_n1_halt(self, vms: list[Any], plan: list[PlannedMove]) -> str | None:
+        """Under require_n1, the verdict that stops a running flush whose ``plan`` (the rest of
+        it) would leave the cluster failing the n-1 check, naming the node that could not be
+        survived and the shortfall; None when the plan passes or the policy is off."""
         if not read_require_n1(self.store, []):
-            return False
+            return None
         snapshot = read_cluster(self.store)
         flush_vms = [FlushVM(vm.uuid, vm.memory_mib, (), None, None) for vm in vms if not vm.xml_error]
         views, running = apply_plan(self.node, flush_vms, plan, snapshot.views(), snapshot.running_memory_by_node())
         check = survives_node_failure(views, running)
         if check.ok:
-            return False
-        log.error(
-            "flush of %s goes on although, once done, %s (require_n1 is set: a flush is refused when it is "
-            "asked, not halfway)",
-            self.node,
-            check.message,
+            return None
+        moving = sum(1 for move in plan if move.target is not None)
+        return (
+            f"flush of {self.node} halted before moving {moving} more VM(s): once done, {check.message}"
+            " (require_n1 is set; the VMs moved so far stay where they are: write domain state flush again"
+            " to retry once the cluster has room, or unflush to bring them home)"
         )
-        return True
 
     def _submit(self, plan: RequestPlan, vm: VMRecord, kind: str, budget: Attempts) -> MigrationRecord | None:
         """Submit; when only the target's reservations changed underneath (another request to
@@ -403,7 +415,6 @@ class NodeStateWorker(Service):
     def flush(self, cancel: threading.Event) -> None:
         log.system("flushing node %s", self.node)
         reported = None
-        n1_logged = False
         while True:
             vms = self.vms_to_flush()
             if not vms:
@@ -444,7 +455,11 @@ class NodeStateWorker(Service):
                 default_selector=self.config.default_selector,
             )
             plan = [PlannedMove(vm.uuid, None, "its domain XML is not valid") for vm in refused] + plan
-            n1_logged = n1_logged or self._log_flush_n1(vms, plan)
+            halt = self._flush_n1_halt(vms, plan)
+            if halt is not None:
+                # the node stays `flush`; the verdict where the operator (pvc.cluster.node) reads it
+                self.store.write({self.schema.node_key(self.node, S.NODE_FLUSH_HALTED): halt})
+                raise Halted(halt)
             # Each request starts from these reads; its transaction re-checks the VM and the
             # target, and a request that finds them changed re-reads and plans again.
             by_uuid = {vm.uuid: vm for vm in vms}

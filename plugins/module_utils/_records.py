@@ -129,6 +129,11 @@ def domain_xml(value, path: str):
         raise D.Invalid(path, f"a libvirt domain XML document ({exc})", value) from None
 
 
+def flush_halted(value, path: str) -> str:
+    """A node's ``flush_halted``: why its daemon stopped a running flush (text)."""
+    return D.text(value, path, max_bytes=MAX_REASON_BYTES)
+
+
 def vm_stats(value, path: str) -> dict:
     """A running VM's ``stats``: a small JSON object of figures ("" or missing: none yet)."""
     if value is None or value == "":
@@ -558,6 +563,7 @@ NODE_KEY_DECODERS = {
     S.NODE_KEEPALIVE: keepalive,
     S.NODE_MAINTENANCE: maintenance,
     S.NODE_FENCE: fence_record,
+    S.NODE_FLUSH_HALTED: flush_halted,
 }
 
 VM_KEY_DECODERS = {

@@ -45,6 +45,9 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
                                           which each peer builds the URIs with its own templates
         libvirt_uri transport_uri         this node's own URIs, for people to read (never opened by a peer)
         reservations/<uuid>               memory (MiB) held for an in-flight incoming migration
+        flush_halted                      why this node's running flush stopped (require_n1: the node whose
+                                          failure could not be survived, and by how much); absent otherwise,
+                                          deleted when a flush or ready starts
     /domains/<uuid>/                      one per VM; the znode's data is the VM name
         xml                               libvirt domain XML: the source of truth
         state                             desired VM state (VM_STATES), written by the operator only
@@ -128,6 +131,7 @@ NODE_LIBVIRT_URI = "libvirt_uri"
 NODE_TRANSPORT_URI = "transport_uri"
 NODE_LIBVIRT = "libvirt"
 NODE_FENCES = "fences"
+NODE_FLUSH_HALTED = "flush_halted"
 
 # Keys every node has, with the value a newly registered node starts with.
 # New nodes start `flushed`: they take VMs only after an operator (or the rollout) makes them ready.

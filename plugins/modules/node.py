@@ -18,6 +18,11 @@ description:
     autostart VMs, then writes C(ready). New nodes start C(flushed).
   - A node already in the requested state, or already on its way there (C(flush) or C(unflush)), is not
     changed; with O(wait=true) the module then waits for the daemon to finish.
+  - Under the n-1 policy (O(require_n1)) the daemon checks its flush plan again before each wave of
+    migrations. A flush that would now break n-1 (the cluster changed since it was asked) stops; the node
+    stays C(flush), the VMs moved so far stay where they went, and the node's C(flush_halted) key holds
+    the verdict (the node whose loss could not be absorbed and by how much). With O(wait=true) the task
+    then fails with that verdict (RV(flush_halted)). V(flushed) on a halted flush asks for it again.
   - V(fenced) with O(confirm_down=true) is the operator's confirmation that a dead node is powered off, for a
     node whose fence failed (daemon state C(fence-failed)), or that is C(dead) or C(stop). It writes daemon
     state C(fenced) and domain state C(flushed), and the node daemons then start its VMs on other nodes
@@ -85,7 +90,7 @@ attributes:
     support: full
     details:
       - The diff shows the domain state written (C(flush) or C(unflush)), or for O(state=fenced) the daemon state
-        (C(fenced)).
+        (C(fenced)); for a halted flush asked again, also the verdict deleted (C(flush_halted)).
   idempotent:
     support: full
 seealso:
@@ -177,6 +182,12 @@ require_n1:
   returned: when O(state=flushed)
   type: bool
   sample: true
+flush_halted:
+  description: The daemon's verdict when it halted the flush under the n-1 policy (see above); the task fails.
+  returned: when the daemon halted the flush while the task waited
+  type: str
+  sample: "flush of hv2 halted before moving 3 more VM(s): once done, the cluster would not survive the failure
+    of hv1: ... short by 2048 MiB (require_n1 is set; ...)"
 returning_vms:
   description: For O(state=ready), the VMs whose home is this node and that come back to it.
   returned: when O(state=ready)
@@ -188,8 +199,10 @@ returning_vms:
 import json
 import time
 
+from ansible_collections.pvc.cluster.plugins.module_utils import _records as R
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
 from ansible_collections.pvc.cluster.plugins.module_utils._cluster import read_running, read_vm_state
+from ansible_collections.pvc.cluster.plugins.module_utils._decode import Invalid
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
     ModuleFailure,
@@ -298,12 +311,27 @@ def confirm_fenced(module, session, name: str, daemon_state: str, domain_state: 
     return result
 
 
-def plan_state(current: str, state: str) -> Differences:
-    """The domain state to write: unchanged when the node is there or on its way there."""
+def plan_state(current: str, state: str, halted: str | None = None) -> Differences:
+    """The domain state to write: unchanged when the node is there or on its way there, except
+    a flush that its daemon halted (``halted``: the node's ``flush_halted`` verdict), which is
+    asked again (the verdict is deleted with the write)."""
     request, final = TRANSITIONS[state]
     differences = Differences()
     differences.add("domain_state", current, current if current in (request, final) else request)
+    if halted is not None and request == "flush" and current == "flush":
+        differences.add("flush_halted", halted, None)
     return differences
+
+
+def read_flush_halted(store, path: str) -> str | None:
+    """The verdict of a flush its daemon halted (the node's ``flush_halted``), or None."""
+    value = store.read(path)
+    if not value:
+        return None
+    try:
+        return R.flush_halted(value, path)
+    except Invalid as exc:
+        return f"(its verdict is not valid: {exc})"
 
 
 def last_ready_refusal(views, node: str, running: int) -> str | None:
@@ -413,7 +441,10 @@ def run(module, session) -> dict:
             snapshot.nodes[name].get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE],
         )
     request, final = TRANSITIONS[state]
-    differences = plan_state(current, state)
+    halted_path = schema.node_key(name, S.NODE_FLUSH_HALTED)
+    halted = read_flush_halted(store, halted_path) if request == "flush" else None
+    session.verify()
+    differences = plan_state(current, state, halted)
     result = {
         "changed": differences.changed,
         "name": name,
@@ -475,15 +506,33 @@ def run(module, session) -> dict:
         return result
     if differences.changed:
         expect = {path: versioned[1]} if versioned else {}
-        session.commit({path: request}, expect_versions=expect, what=f"domain state {request} of node {name}")
+        session.commit(
+            {path: request},
+            expect_versions=expect,
+            # a flush asked again starts with no halt verdict: one seen while waiting is new
+            delete=[halted_path] if request == "flush" else [],
+            what=f"domain state {request} of node {name}",
+        )
     if params["wait"] and current != final:
         deadline = time.monotonic() + params["wait_timeout"]
 
         def settled():
             value = store.read(path)
-            return value if value not in (request, None) else None
+            if value not in (request, None):
+                return value
+            if request == "flush":
+                verdict = read_flush_halted(store, halted_path)
+                return ("halted", verdict) if verdict else None
+            return None
 
-        outcome = watch_until(store, [path], settled, params["wait_timeout"])
+        outcome = watch_until(
+            store, [path, halted_path] if request == "flush" else [path], settled, params["wait_timeout"]
+        )
+        if isinstance(outcome, tuple):
+            raise ModuleFailure(
+                f"node {name} is still flush: its daemon halted the flush: {outcome[1]}",
+                **{**result, "flush_halted": outcome[1]},
+            )
         if outcome is None:
             raise ModuleFailure(
                 f"node {name} is still {store.read(path)} after {params['wait_timeout']} s; its daemon carries on",

@@ -90,16 +90,70 @@ def test_without_require_n1_the_same_return_home_is_requested(homecoming, monkey
     assert vm.migration is not None and (vm.migration.source, vm.migration.target) == ("n2", "n1")
 
 
-def test_a_running_flush_whose_plan_breaks_n1_is_logged_not_held_back(homecoming, caplog):
-    """A flush is checked when it is asked (pvc.cluster.node); the daemon's flush goes on, and
-    says so when its plan leaves the cluster failing n-1 under require_n1."""
+def test_a_running_flush_is_halted_only_under_require_n1(homecoming):
     from pvc_cluster_common._cluster import find_vm
     from pvc_cluster_common._selector import PlannedMove
 
     store, _, worker = homecoming
     big = read_vm(store, find_vm(store, "big"))
     plan = [PlannedMove(big.uuid, "n3", "selector mem")]
-    assert worker._log_flush_n1([big], plan) is False  # require_n1 off: nothing to say
+    assert worker._flush_n1_halt([big], plan) is None  # require_n1 off: nothing to say
     store.write({store.schema.require_n1(): "true"})
-    assert worker._log_flush_n1([big], plan) is True
-    assert "flush of n1 goes on although, once done, the cluster would not survive the failure of" in caplog.text
+    verdict = worker._flush_n1_halt([big], plan)
+    assert verdict is not None and verdict.startswith("flush of n1 halted before moving 1 more VM(s): once done,")
+
+
+@pytest.fixture
+def daemons(zk_server, zk_root, tmp_path):
+    from .harness import TestCluster
+
+    cluster = TestCluster(zk_server.hosts, zk_root, tmp_path)
+    yield cluster
+    cluster.close()
+
+
+def test_a_running_flush_that_would_now_break_n1_stops_and_says_why(daemons):
+    """require_n1 is checked when a flush is asked (pvc.cluster.node); the cluster can change
+    before or while it runs (here the flush is written directly, as if the cluster had filled
+    up since). Before each wave the daemon checks the rest of its plan again: node1's two 1.5 GiB
+    VMs would leave node2 and node3 (4 GiB each, 1.5 GiB used) unable to take each other's VMs,
+    so the flush stops before moving anything, node1 stays `flush` and its `flush_halted` key
+    names the node and the shortfall. Once a node with room is ready, writing `flush` again
+    completes the flush and deletes the key."""
+    cluster = daemons
+    for node in ("node1", "node2", "node3"):
+        cluster.add(node, memory_mib=4096)
+    for node in ("node1", "node2", "node3"):
+        cluster.wait_node_state(node, "run")
+        cluster.set_domain_state(node, "unflush")
+    for node in ("node1", "node2", "node3"):
+        cluster.wait_domain_state(node, "ready")
+    vms = {}
+    for name, node in (("v1", "node1"), ("v2", "node1"), ("a2", "node2"), ("a3", "node3")):
+        uuid, xml = domain_xml(name, memory="1536")
+        cluster.define_vm(xml, uuid, name, node)
+        vms[name] = uuid
+    for name, node in (("v1", "node1"), ("v2", "node1"), ("a2", "node2"), ("a3", "node3")):
+        cluster.wait_running_on(node, vms[name])
+    halted = cluster.schema.node_key("node1", S.NODE_FLUSH_HALTED)
+    cluster.store.write({cluster.schema.require_n1(): "true"})
+
+    cluster.set_domain_state("node1", "flush")
+    cluster.wait(halted, lambda value: value is not None, 60, "node1's flush halted")
+    verdict = cluster.store.read(halted)
+    assert verdict.startswith("flush of node1 halted before moving 2 more VM(s): once done,"), verdict
+    assert "would not survive the failure of node2" in verdict and "short by 512 MiB" in verdict, verdict
+    assert cluster.store.read(cluster.schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flush"
+    for name in ("v1", "v2"):
+        vm = read_vm(cluster.store, vms[name])
+        assert (vm.node, vm.migration) == ("node1", None)
+
+    cluster.add("node4", memory_mib=8192)
+    cluster.wait_node_state("node4", "run")
+    cluster.set_domain_state("node4", "unflush")
+    cluster.wait_domain_state("node4", "ready")
+    cluster.set_domain_state("node1", "flush")  # retried: checked again, and now it passes
+    cluster.wait_domain_state("node1", "flushed")
+    assert cluster.store.read(halted) is None
+    for name in ("v1", "v2"):
+        assert read_vm(cluster.store, vms[name]).node == "node4"

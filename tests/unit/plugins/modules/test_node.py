@@ -36,6 +36,20 @@ def test_plan_state(current, state, written, changed):
     assert differences.diff() == {"before": {"domain_state": current}, "after": {"domain_state": written}}
 
 
+def test_a_halted_flush_is_asked_again_and_its_verdict_deleted():
+    """A flush its daemon halted under require_n1 stays `flush`: state=flushed writes `flush` again
+    (the daemon checks again) and the diff shows the verdict going."""
+    differences = module.plan_state("flush", "flushed", "flush of hv1 halted ...")
+    assert differences.changed is True
+    assert differences.diff() == {
+        "before": {"domain_state": "flush", "flush_halted": "flush of hv1 halted ..."},
+        "after": {"domain_state": "flush", "flush_halted": None},
+    }
+    # a verdict says nothing to the other requests
+    assert module.plan_state("ready", "ready", None).changed is False
+    assert module.plan_state("flushed", "flushed", "old verdict").changed is False
+
+
 @pytest.mark.parametrize(
     "values, message",
     [
