@@ -365,34 +365,21 @@ class NodeStateWorker(Service):
 
     def planning_records(self, records: dict[str, VMRecord]) -> list[VMRecord]:
         """VM records to plan and request from: the table's entries with the meta a plan and a
-        request use (PLANNING_META, read fresh in one round; the others keep their defaults
+        request use (PLANNING_META, read fresh in one round; the others read as their defaults
         here, and whoever uses them reads them: the transfer its method and downtime, a VM that
-        fits nowhere its autostart)."""
+        fits nowhere its autostart), and the name the VM's uuid where none was read.
+
+        Every other field is the table's as it is: the plan and the request read the VM's
+        placement (node and its version, lastnode), size, XML and migration fields; what they do
+        not read (the state record, failedreason, stats, what the table loaded) is left as the
+        table has it, not blanked, so that the record says nothing false about the VM."""
         found = self.store.read_many(
             [path for uuid in records for path in meta_paths(self.schema, uuid, PLANNING_META)]
         )
-        vms = []
-        for uuid, record in records.items():
-            meta = meta_from(self.schema, uuid, found, PLANNING_META)
-            vms.append(
-                VMRecord(
-                    uuid=uuid,
-                    name=record.name or uuid,
-                    state=record.state,
-                    node=record.node,
-                    lastnode=record.lastnode,
-                    xml=record.xml,
-                    meta=meta,
-                    memory_mib=record.memory_mib,
-                    vcpus=record.vcpus,
-                    node_version=record.node_version,
-                    migration=record.migration,
-                    migration_version=record.migration_version,
-                    migration_error=record.migration_error,
-                    xml_error=record.xml_error,
-                )
-            )
-        return vms
+        return [
+            replace(record, name=record.name or uuid, meta=meta_from(self.schema, uuid, found, PLANNING_META))
+            for uuid, record in records.items()
+        ]
 
     def confirmed_to_flush(self, records: Iterable[VMRecord]) -> list[VMRecord]:
         """Full fresh reads of ``records``: those still assigned here, to start, not migrating."""

@@ -176,3 +176,55 @@ def test_ready_brings_every_vm_home_with_many_requests_to_one_node(zk_server, zk
         assert "did not come home" not in c.daemons["node1"].log()
     finally:
         c.close()
+
+
+def test_planning_records_are_the_tables_entries_with_the_planning_meta_read_fresh(store):
+    from dataclasses import replace
+
+    from pvc_cluster_common._cluster import VMRecord
+    from pvc_cluster_common._meta import VMMeta
+    from pvc_cluster_common._records import RunState
+    from pvc_node_daemon.config import parse_config
+    from pvc_node_daemon.context import DaemonContext
+    from pvc_node_daemon.domains import DomainTable
+    from pvc_node_daemon.flush import NodeStateWorker
+    from tests.support.identities import node_auth
+
+    named, unnamed = "6695eb01-f6a4-8304-79aa-97f2502e1931", "6695eb01-f6a4-8304-79aa-97f2502e1932"
+    schema = store.schema
+    store.commit(
+        {
+            schema.domain_meta(named, S.META_NODE_LIMIT): json.dumps(["n2", "n3"]),
+            schema.domain_meta(named, S.META_MIGRATION_METHOD): "live",
+            # not planning meta: it reads as its default in a planning record
+            schema.domain_meta(named, S.META_NODE_AUTOSTART): "true",
+            schema.domain_meta(unnamed, S.META_NODE_SELECTOR): "vcpus",
+        }
+    )
+    table = DomainTable()
+    entries = {
+        named: table.update(
+            named,
+            name="web1",
+            state="start",
+            node="n1",
+            lastnode="n0",
+            xml="<domain/>",
+            memory_mib=2048,
+            vcpus=2,
+            node_version=7,
+            failedreason="earlier",
+            desired_state="start",
+            state_version=3,
+            runstate=RunState(state="start", desired_version=3, by="n1", at=1.0, autostart=True),
+            runstate_version=4,
+            loaded=frozenset({"node", "xml"}),
+        ),
+        unnamed: table.update(unnamed, node="n1", memory_mib=512),
+    }
+    config = parse_config({"node": "n1", "zookeeper": {"hosts": store.options.hosts, "auth": node_auth("n1")}})
+    worker = NodeStateWorker(DaemonContext("n1", config, store, domains=table), reconciler=None)
+    planned = {vm.uuid: vm for vm in worker.planning_records(entries)}
+    assert planned[named] == replace(entries[named], meta=VMMeta(node_limit=("n2", "n3"), migration_method="live"))
+    assert planned[unnamed] == replace(entries[unnamed], name=unnamed, meta=VMMeta(node_selector="vcpus"))
+    assert isinstance(planned[named], VMRecord)
