@@ -9,6 +9,7 @@ import pytest
 
 from pvc_cluster_common._module import ModuleFailure, cluster_session
 from pvc_cluster_common._store import SESSION_CONNECTED, ConflictError, ReadsFailedError, StoreError, UnreachableError
+from tests.unit.plugins.zk_params import zk_params
 
 
 class Failed(Exception):
@@ -23,19 +24,7 @@ class FakeModule:
     """The part of AnsibleModule that cluster_session uses."""
 
     def __init__(self, **params) -> None:
-        self.params = {
-            "zk_hosts": None,
-            "zk_root": "/pvc",
-            "zk_timeout": 10.0,
-            "zk_username": None,
-            "zk_password": None,
-            "zk_tls": False,
-            "zk_tls_ca": None,
-            "zk_tls_cert": None,
-            "zk_tls_key": None,
-            "zk_tls_verify": True,
-        }
-        self.params.update(params)
+        self.params = zk_params(**params)
 
     def fail_json(self, **result):
         raise Failed(result)

@@ -26,6 +26,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._cluster import VMReco
 from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
 from ansible_collections.pvc.cluster.plugins.inventory.cluster import InventoryModule
 from ansible_collections.pvc.cluster.plugins.module_utils._report import ClusterSnapshot
+from ansible_collections.pvc.cluster.tests.unit.plugins.zk_params import zk_params
 
 
 def vm(name, uuid, node, state="start", lastnode="", meta=None):
@@ -75,16 +76,7 @@ def snapshot():
 
 OPTIONS = {
     "plugin": "pvc.cluster.cluster",
-    "zk_hosts": "zk1:2181",
-    "zk_root": "/pvc",
-    "zk_timeout": 10.0,
-    "zk_username": None,
-    "zk_password": None,
-    "zk_tls": False,
-    "zk_tls_ca": None,
-    "zk_tls_cert": None,
-    "zk_tls_key": None,
-    "zk_tls_verify": True,
+    **zk_params(zk_hosts="zk1:2181"),
     "strict": False,
     "compose": {},
     "use_extra_vars": False,

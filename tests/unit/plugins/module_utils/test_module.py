@@ -22,6 +22,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     connection_options,
     meta_updates,
 )
+from ansible_collections.pvc.cluster.tests.unit.plugins.zk_params import ZK_DEFAULTS, zk_params
 
 
 def test_argument_spec_merges_the_zookeeper_options_without_changing_either():
@@ -59,22 +60,15 @@ def test_the_plugin_fragment_names_the_environment_variables_of_the_fallbacks():
         assert [entry["name"] for entry in option["env"]] == ZK_ARGUMENT_SPEC[name]["fallback"][1]
 
 
+def test_the_tests_zookeeper_options_are_the_argument_specs_defaults():
+    assert {name: spec.get("default") for name, spec in ZK_ARGUMENT_SPEC.items()} == ZK_DEFAULTS
+
+
 def test_secrets_are_not_logged():
     assert ZK_ARGUMENT_SPEC["zk_password"]["no_log"] is True
 
 
-BASE = {
-    "zk_hosts": "zk1:2181,zk2:2181",
-    "zk_root": "/pvc",
-    "zk_timeout": 10.0,
-    "zk_username": None,
-    "zk_password": None,
-    "zk_tls": False,
-    "zk_tls_ca": None,
-    "zk_tls_cert": None,
-    "zk_tls_key": None,
-    "zk_tls_verify": True,
-}
+BASE = zk_params(zk_hosts="zk1:2181,zk2:2181")
 
 
 @pytest.mark.parametrize(
