@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,6 +37,30 @@ def percentile(values, fraction):
 
 
 # ---- d: pure selection and planning ------------------------------------------------------------
+
+
+def timed_ms(call, times: int) -> list[float]:
+    """How long each of ``times`` calls of ``call()`` took, in milliseconds."""
+    samples = []
+    for _ in range(times):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def latency_row(row_id: str, what: str, samples: list[float], budget_ms: float) -> dict:
+    """A row of bench d: the median and 95th percentile of ``samples`` (ms); met when the median
+    is within ``budget_ms``."""
+    p50 = percentile(samples, 0.5)
+    return {
+        "id": row_id,
+        "what": what,
+        "p50_ms": round(p50, 3),
+        "p95_ms": round(percentile(samples, 0.95), 3),
+        "target": f"<= {budget_ms:g} ms",
+        "met": p50 <= budget_ms,
+    }
 
 
 def bench_selection(repeat: int = 200) -> list[dict]:
@@ -61,20 +86,14 @@ def bench_selection(repeat: int = 200) -> list[dict]:
     ]  # 1,000 nodes x 20 VMs = 20,000 VMs
     results = []
     for selector in ("mem", "memfree", "load", "vcpus", "vms", "fit"):
-        samples = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            select_target(rng.choice((1024, 4096, 16384)), "node0001", (), selector, nodes)
-            samples.append((time.perf_counter() - started) * 1000)
+        samples = timed_ms(
+            lambda: select_target(rng.choice((1024, 4096, 16384)), "node0001", (), selector, nodes),  # noqa: B023 (run at once)
+            repeat,
+        )
         results.append(
-            {
-                "id": f"d.select.{selector}",
-                "what": f"target selection ({selector}), 1,000 nodes / 20,000 VMs",
-                "p50_ms": round(percentile(samples, 0.5), 3),
-                "p95_ms": round(percentile(samples, 0.95), 3),
-                "target": "<= 2 ms",
-                "met": percentile(samples, 0.5) <= 2.0,
-            }
+            latency_row(
+                f"d.select.{selector}", f"target selection ({selector}), 1,000 nodes / 20,000 VMs", samples, 2.0
+            )
         )
     for selector in ("default", "fit"):
         vms = [
@@ -84,37 +103,15 @@ def bench_selection(repeat: int = 200) -> list[dict]:
         suffix = "" if selector == "default" else f".{selector}"
         for count in (5, 1000):
             subset = nodes[:count]
-            samples = []
-            for _ in range(max(10, repeat // 10)):
-                started = time.perf_counter()
-                plan_flush("node0000", vms, subset)
-                samples.append((time.perf_counter() - started) * 1000)
+            samples = timed_ms(partial(plan_flush, "node0000", vms, subset), max(10, repeat // 10))
             results.append(
-                {
-                    "id": f"d.plan.{count}{suffix}",
-                    "what": f"flush plan for 200 VMs over {count} nodes ({selector})",
-                    "p50_ms": round(percentile(samples, 0.5), 3),
-                    "p95_ms": round(percentile(samples, 0.95), 3),
-                    "target": "<= 50 ms",
-                    "met": percentile(samples, 0.5) <= 50.0,
-                }
+                latency_row(
+                    f"d.plan.{count}{suffix}", f"flush plan for 200 VMs over {count} nodes ({selector})", samples, 50.0
+                )
             )
     running = {view.name: [rng.choice((1024, 4096, 8192, 16384)) for _ in range(20)] for view in nodes}
-    samples = []
-    for _ in range(max(10, repeat // 10)):
-        started = time.perf_counter()
-        survives_node_failure(nodes, running)
-        samples.append((time.perf_counter() - started) * 1000)
-    results.append(
-        {
-            "id": "d.n1.1000",
-            "what": "n-1 check (require_n1), 1,000 nodes / 20,000 VMs",
-            "p50_ms": round(percentile(samples, 0.5), 3),
-            "p95_ms": round(percentile(samples, 0.95), 3),
-            "target": "<= 50 ms",
-            "met": percentile(samples, 0.5) <= 50.0,
-        }
-    )
+    samples = timed_ms(partial(survives_node_failure, nodes, running), max(10, repeat // 10))
+    results.append(latency_row("d.n1.1000", "n-1 check (require_n1), 1,000 nodes / 20,000 VMs", samples, 50.0))
     return results
 
 
