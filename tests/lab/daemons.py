@@ -62,7 +62,7 @@ from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.identities import node_auth, operator_options
 from tests.support.runstate import runstate_reached
-from tests.support.zookeeper import _setns_net
+from tests.support.zookeeper import in_netns
 
 from .guests import GuestPort, LabGuests, domain_xml, lab_domain_policy
 from .lab import REPO_ROOT, Lab, LabHost
@@ -88,25 +88,6 @@ def _quiet_libvirt() -> None:
     import libvirt
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-
-def in_netns(netns: str, fn):
-    """Call fn() in a thread that joined network namespace ``netns``; threads fn starts stay there."""
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            _setns_net(netns)
-            result["value"] = fn()
-        except BaseException as exc:  # handed to the caller below
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, name=f"netns-{netns}", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
 
 
 def ctl_store(lab: Lab, root: str, timeout_s: float = 10.0, secure: bool = True) -> ClusterStore:

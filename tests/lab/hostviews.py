@@ -77,7 +77,7 @@ from pathlib import Path
 import yaml
 
 from tests.support import identities
-from tests.support.zookeeper import ZooKeeperServer
+from tests.support.zookeeper import ZooKeeperServer, in_netns
 
 from .guests import lab_domain_policy
 from .lab import REPO_ROOT, Lab, LabError, LabHost, ProcRecord, proc_starttime, terminate
@@ -323,8 +323,6 @@ class HostViews:
         """A started ClusterStore of the operator on the rolled-out ensemble (TLS, the CA checked),
         whose sockets live in the controller's namespace. The caller stops it."""
         from pvc_cluster_common._store import ClusterStore
-
-        from .daemons import in_netns
 
         options = identities.operator_options(
             self.zk_hosts, self.zk_root, timeout_s=timeout_s, tls=True, tls_ca=str(self.zookeeper_ca_dir / "ca.pem")

@@ -11,7 +11,7 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NoAuthError
 
-from tests.lab.daemons import in_netns
+from tests.support.zookeeper import in_netns
 from tests.lab.lab import Lab
 from tests.support.identities import OPERATOR_USER
 from tests.support.zookeeper import connect

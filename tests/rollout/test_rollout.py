@@ -20,7 +20,7 @@ import yaml
 
 from pvc_cluster_common import _schema as S
 from pvc_node_daemon.config import parse_config
-from tests.lab.daemons import in_netns
+from tests.support.zookeeper import in_netns
 from tests.lab.hostviews import (
     NODE_DAEMON_UNIT,
     ROLLOUT_ZK_CA_ON_NODE,

@@ -101,7 +101,7 @@ def check_secured_ensemble(lab, members: list[tuple[str, int]], plaintext_port: 
     from kazoo.client import KazooClient
     from kazoo.security import make_digest_acl
 
-    from tests.lab.daemons import in_netns
+    from tests.support.zookeeper import in_netns
     from tests.support.identities import OPERATOR_PASSWORD, OPERATOR_USER
     from tests.support.zookeeper import connect
 

@@ -301,21 +301,28 @@ def connect(address: str, port: int, timeout_s: float = 1.0, netns: str | None =
     """
     if not netns:
         return socket.create_connection((address, port), timeout=timeout_s)
+    return in_netns(netns, lambda: socket.create_connection((address, port), timeout=timeout_s))
+
+
+def in_netns(netns: str, fn):
+    """Call fn() in a thread that joined network namespace ``netns`` and return what it returned
+    (or raise what it raised); threads fn starts stay there, and sockets it makes keep the
+    namespace for their lifetime, whichever thread uses them."""
     result: dict = {}
 
     def run() -> None:
         try:
             _setns_net(netns)
-            result["sock"] = socket.create_connection((address, port), timeout=timeout_s)
+            result["value"] = fn()
         except BaseException as exc:  # handed to the caller below
             result["error"] = exc
 
-    thread = threading.Thread(target=run, name=f"netns-connect-{netns}", daemon=True)
+    thread = threading.Thread(target=run, name=f"netns-{netns}", daemon=True)
     thread.start()
     thread.join()
     if "error" in result:
         raise result["error"]
-    return result["sock"]
+    return result.get("value")
 
 
 def free_port() -> int:
