@@ -34,7 +34,7 @@ from xml.sax.saxutils import quoteattr
 from typing import TYPE_CHECKING
 
 from .guest_image import GuestImage, build
-from .lab import QEMU, Lab, LabHost
+from .lab import QEMU, Lab, LabHost, connect_unix
 from .storage import LabStorage, NbdDisk
 
 if TYPE_CHECKING:
@@ -299,18 +299,6 @@ class LabGuests:
 
 # --------------------------------------------------------------------------------------------
 # talking to a running guest
-
-
-def connect_unix(sock: socket.socket, path: Path) -> None:
-    """connect() to the unix socket at ``path`` through a descriptor of its directory: the
-    path of a guest's channel (the lab's workdir, libvirt's channel directory, the domain's
-    directory named after it) can be longer than a socket address holds (107 bytes), e.g. under a
-    lab prefix (PVC_LAB_PREFIX), and connect() then fails with "AF_UNIX path too long"."""
-    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    try:
-        sock.connect(f"/proc/self/fd/{directory}/{path.name}")
-    finally:
-        os.close(directory)
 
 
 class GuestPortError(RuntimeError):

@@ -70,6 +70,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,7 @@ from tests.support import identities
 from tests.support.zookeeper import ZooKeeperServer, in_netns
 
 from .guests import lab_domain_policy
-from .lab import REPO_ROOT, Lab, LabError, LabHost, ProcRecord, proc_starttime, terminate
+from .lab import REPO_ROOT, UNIX_PATH_MAX, Lab, LabError, LabHost, ProcRecord, proc_starttime, terminate
 
 VIEW_OVERLAYS = ("/etc", "/var/lib", "/var/log", "/opt", "/usr/local")
 NETNS_DIR = "/run/netns"
@@ -686,7 +687,7 @@ class HostViews:
         if unit_setting(text, "Type") != "notify":
             self._spawn(view, role, argv, key)
             return ("restarted" if current else "started"), None
-        notify = NotifySocket(self.base / "notify" / f"{role}-{view.host.name}.sock")
+        notify = NotifySocket(f"{role}-{view.host.name}.sock")
         try:
             record = self._spawn(view, role, argv, key, env={"NOTIFY_SOCKET": str(notify.path)})
         except BaseException:
@@ -747,14 +748,20 @@ def systemd_seconds(value: str | None, default: float) -> float:
 class NotifySocket:
     """The service manager's end of sd_notify for one start: a datagram socket the service gets in
     $NOTIFY_SOCKET (a path: the service runs in another network namespace, where an abstract
-    socket of ours would not exist, but in the same /tmp)."""
+    socket of ours would not exist, but in the same /tmp). The socket is ``name`` in a directory
+    of its own under /tmp, not under the lab's workdir: the service connects to the path itself,
+    and a path under a long workdir (PVC_LAB_PREFIX) could be longer than a socket address holds."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)
+    def __init__(self, name: str) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="pvc-notify-", dir="/tmp")) / name
+        if len(str(self.path)) > UNIX_PATH_MAX:
+            raise ViewError(f"the notify socket's name is too long for a socket address: {name}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
+        try:
+            self.sock.bind(str(self.path))
+        except BaseException:
+            self.close()
+            raise
 
     def wait_ready(self, pid: int, timeout_s: float, what: str) -> None:
         """Return when READY=1 arrives; ViewError when the process exits first or time runs out.
@@ -780,7 +787,7 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
-        self.path.unlink(missing_ok=True)
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
 
 def unit_exec_start(unit_text: str) -> list[str]:

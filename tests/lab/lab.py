@@ -53,6 +53,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -90,6 +91,28 @@ LIBVIRT_MOUNTS = {
 RUNTIME_DIRS = ("etc", "run", "lib", "cache", "sock", "pki")
 CAPS_SUBDIR = Path("qemu") / "capabilities"
 UNIX_PATH_MAX = 107
+
+
+def connect_unix(sock: socket.socket, path: Path) -> None:
+    """connect() to the unix socket at ``path`` through a descriptor of its directory: a path
+    under the lab's workdir (a guest's channel in libvirt's channel directory, the storage
+    daemon's QMP socket) can be longer than a socket address holds (UNIX_PATH_MAX), e.g. under a
+    lab prefix (PVC_LAB_PREFIX), and connect() then fails with "AF_UNIX path too long"."""
+    _through_directory(sock.connect, path)
+
+
+def bind_unix(sock: socket.socket, path: Path) -> None:
+    """bind() ``sock`` to ``path`` however long it is, as connect_unix connects."""
+    _through_directory(sock.bind, path)
+
+
+def _through_directory(call: Callable[[str], None], path: Path) -> None:
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        call(f"/proc/self/fd/{directory}/{path.name}")
+    finally:
+        os.close(directory)
+
 
 LIBVIRTD_CONF = """\
 # pvc.cluster lab, host {name}. LAB ONLY: no authentication on the unix socket.

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lab import Lab, LabError, ProcRecord, proc_starttime
+from .lab import Lab, LabError, ProcRecord, connect_unix, proc_starttime
 
 NBD_PORT = 10809
 STORAGE_DAEMON = "/usr/bin/qemu-storage-daemon"
@@ -110,7 +110,9 @@ class LabStorage:
                 "--nbd-server",
                 f"addr.type=inet,addr.host={self.lab.ctl_address},addr.port={NBD_PORT},max-connections=0",
                 "--chardev",
-                f"socket,id=qmp,path={self.qmp_socket},server=on,wait=off",
+                # relative to the daemon's working directory (its own): the socket's absolute path
+                # under the lab's workdir may be longer than a socket address holds
+                f"socket,id=qmp,path={self.qmp_socket.name},server=on,wait=off",
                 "--monitor",
                 "chardev=qmp",
             ]
@@ -118,7 +120,12 @@ class LabStorage:
                 # ip netns exec execs, so the PID is the daemon's; it belongs to the lab (lab.json),
                 # not to this process, and `down` ends it
                 proc = subprocess.Popen(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                    cmd,
+                    cwd=self.qmp_socket.parent,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
                 )
             with self.lab._changing_state() as state:
                 state["processes"].append(
@@ -146,7 +153,7 @@ class LabStorage:
             commands = (commands,)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(10)
-            sock.connect(str(self.qmp_socket))
+            connect_unix(sock, self.qmp_socket)
             stream = sock.makefile("rw", encoding="utf-8")
             json.loads(stream.readline())  # the greeting
             answers = []
