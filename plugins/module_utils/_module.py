@@ -30,8 +30,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
 
@@ -132,6 +134,24 @@ def build_module(module_spec: dict, needs_lxml: bool = True, **kwargs) -> Ansibl
     if needs_lxml and LXML_IMPORT_ERROR is not None:
         module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
     return module
+
+
+def check_before_connecting(module: AnsibleModule, *checks: Callable[[dict], Any]) -> Any:
+    """A module's main, first: each ``check(params)`` in turn, before anything connects (a
+    ModuleFailure fails the task at once). Returns what the first check returned."""
+    try:
+        found = [check(module.params) for check in checks]
+    except ModuleFailure as exc:
+        module.fail_json(msg=exc.msg)
+    return found[0] if found else None
+
+
+def exit_from_session(module: AnsibleModule, run: Callable[..., dict], *args: Any) -> None:
+    """A module's main, then: ``run(module, session, *args)`` in a cluster session
+    (``cluster_session``: its failures fail the task), and the task exits with what it returned."""
+    with cluster_session(module) as session:
+        result = run(module, session, *args)
+    module.exit_json(**result)
 
 
 _OPTION_NAMES = {

@@ -247,11 +247,5 @@ def cluster_report(snapshot: ClusterSnapshot) -> dict:
         "schema_version": snapshot.schema_version,
         "nodes": len(snapshot.nodes),
         "vms": len(snapshot.vms),
-        "survives_node_failure": {
-            "ok": check.ok,
-            "message": check.message,
-            "failures": check.failures,
-            "checked": list(check.checked),
-            "shortfalls": check.shortfalls,
-        },
+        "survives_node_failure": check.to_dict(),
     }

@@ -812,6 +812,16 @@ class FailureCheck:
     def __bool__(self) -> bool:
         return self.ok
 
+    def to_dict(self) -> dict[str, Any]:
+        """The verdict as the modules and the reports return it (``survives_node_failure``)."""
+        return {
+            "ok": self.ok,
+            "message": self.message,
+            "failures": self.failures,
+            "checked": list(self.checked),
+            "shortfalls": self.shortfalls,
+        }
+
     @property
     def message(self) -> str:
         if self.ok:

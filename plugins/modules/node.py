@@ -207,9 +207,10 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
     ModuleFailure,
     build_module,
+    check_before_connecting,
     check_names,
     check_wait_timeout,
-    cluster_session,
+    exit_from_session,
     watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import n1_policy, n1_refusal, read_cluster
@@ -405,13 +406,7 @@ def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
         }
         for move in plan
     ]
-    return lines, {
-        "ok": check.ok,
-        "message": check.message,
-        "failures": check.failures,
-        "checked": list(check.checked),
-        "shortfalls": check.shortfalls,
-    }
+    return lines, check.to_dict()
 
 
 # ---- cluster I/O -------------------------------------------------------------------------------
@@ -459,13 +454,7 @@ def run(module, session) -> dict:
         else:
             check = survives_node_failure(snapshot.views(), snapshot.running_memory_by_node())
             result["flush_plan"] = []
-            result["survives_node_failure"] = {
-                "ok": check.ok,
-                "message": check.message,
-                "failures": check.failures,
-                "checked": list(check.checked),
-                "shortfalls": check.shortfalls,
-            }
+            result["survives_node_failure"] = check.to_dict()
     else:
         result["returning_vms"] = sorted(
             vm.name for vm in snapshot.vms.values() if vm.lastnode == name and vm.node != name
@@ -582,13 +571,8 @@ def published(store, nodes: list[str], moving: list[str]) -> bool:
 
 def main():
     module = build_module(ARGUMENT_SPEC)
-    try:
-        check_input(module.params)  # fail fast: before connecting
-    except ModuleFailure as exc:
-        module.fail_json(msg=exc.msg)
-    with cluster_session(module) as session:
-        result = run(module, session)
-    module.exit_json(**result)
+    check_before_connecting(module, check_input)
+    exit_from_session(module, run)
 
 
 if __name__ == "__main__":

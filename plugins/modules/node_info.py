@@ -241,8 +241,9 @@ import time
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     ModuleFailure,
     build_module,
+    check_before_connecting,
     check_names,
-    cluster_session,
+    exit_from_session,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import cluster_report, node_report, read_cluster
 
@@ -273,13 +274,8 @@ def run(module, session) -> dict:
 
 def main():
     module = build_module(ARGUMENT_SPEC)
-    try:
-        check_names(module.params, ("name",))  # fail fast: before connecting
-    except ModuleFailure as exc:
-        module.fail_json(msg=exc.msg)
-    with cluster_session(module) as session:
-        result = run(module, session)
-    module.exit_json(**result)
+    check_before_connecting(module, lambda params: check_names(params, ("name",)))
+    exit_from_session(module, run)
 
 
 if __name__ == "__main__":

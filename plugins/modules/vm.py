@@ -242,14 +242,15 @@ from ansible_collections.pvc.cluster.plugins.module_utils._domain_xml import (
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._meta import VMMeta
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
-    META_ARGUMENT_SPEC,
     Differences,
+    META_ARGUMENT_SPEC,
     MetaPlan,
     ModuleFailure,
     build_module,
+    check_before_connecting,
     check_names,
     check_wait_timeout,
-    cluster_session,
+    exit_from_session,
     meta_updates,
     watch_until,
 )
@@ -795,14 +796,8 @@ def run(module, session, info) -> dict:
 
 def main():
     module = build_module(ARGUMENT_SPEC, required_one_of=[["name", "xml"]])
-    try:
-        info = parse_input(module.params)  # fail fast: before connecting
-        meta_updates(module.params)
-    except ModuleFailure as exc:
-        module.fail_json(msg=exc.msg)
-    with cluster_session(module) as session:
-        result = run(module, session, info)
-    module.exit_json(**result)
+    info = check_before_connecting(module, parse_input, meta_updates)
+    exit_from_session(module, run, info)
 
 
 if __name__ == "__main__":

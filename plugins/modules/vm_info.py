@@ -172,8 +172,9 @@ from ansible_collections.pvc.cluster.plugins.module_utils._cluster import find_v
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     ModuleFailure,
     build_module,
+    check_before_connecting,
     check_names,
-    cluster_session,
+    exit_from_session,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import read_cluster, vm_history, vm_report
 
@@ -208,13 +209,8 @@ def run(module, session) -> dict:
 
 def main():
     module = build_module(ARGUMENT_SPEC)
-    try:
-        check_input(module.params)  # fail fast: before connecting
-    except ModuleFailure as exc:
-        module.fail_json(msg=exc.msg)
-    with cluster_session(module) as session:
-        result = run(module, session)
-    module.exit_json(**result)
+    check_before_connecting(module, check_input)
+    exit_from_session(module, run)
 
 
 if __name__ == "__main__":

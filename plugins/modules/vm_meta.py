@@ -100,8 +100,9 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     MetaPlan,
     ModuleFailure,
     build_module,
+    check_before_connecting,
     check_names,
-    cluster_session,
+    exit_from_session,
     meta_updates,
 )
 
@@ -161,14 +162,8 @@ def run(module, session) -> dict:
 
 def main():
     module = build_module(ARGUMENT_SPEC, needs_lxml=False)
-    try:
-        check_names(module.params, ("name",))  # fail fast: before connecting
-        meta_updates(module.params)
-    except ModuleFailure as exc:
-        module.fail_json(msg=exc.msg)
-    with cluster_session(module) as session:
-        result = run(module, session)
-    module.exit_json(**result)
+    check_before_connecting(module, lambda params: check_names(params, ("name",)), meta_updates)
+    exit_from_session(module, run)
 
 
 if __name__ == "__main__":

@@ -236,9 +236,10 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
     ModuleFailure,
     build_module,
+    check_before_connecting,
     check_names,
     check_wait_timeout,
-    cluster_session,
+    exit_from_session,
     watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import (
@@ -357,13 +358,7 @@ def n1_failure(check, plan) -> ModuleFailure:
         request_n1_refusal(check, plan),
         changed=False,
         require_n1=True,
-        survives_node_failure={
-            "ok": False,
-            "message": check.message,
-            "failures": check.failures,
-            "checked": list(check.checked),
-            "shortfalls": check.shortfalls,
-        },
+        survives_node_failure=check.to_dict(),
     )
 
 
@@ -575,13 +570,8 @@ def run(module, session) -> dict:
 
 def main():
     module = build_module(ARGUMENT_SPEC)
-    try:
-        check_input(module.params)  # fail fast: before connecting
-    except ModuleFailure as exc:
-        module.fail_json(msg=exc.msg)
-    with cluster_session(module) as session:
-        result = run(module, session)
-    module.exit_json(**result)
+    check_before_connecting(module, check_input)
+    exit_from_session(module, run)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pvc_cluster_common._module import ModuleFailure, cluster_session
+from pvc_cluster_common._module import ModuleFailure, check_before_connecting, cluster_session, exit_from_session
 from pvc_cluster_common._store import SESSION_CONNECTED, ConflictError, ReadsFailedError, StoreError, UnreachableError
 from tests.unit.plugins.zk_params import zk_params
 
@@ -28,6 +28,17 @@ class FakeModule:
 
     def fail_json(self, **result):
         raise Failed(result)
+
+    def exit_json(self, **result):
+        raise Exited(result)
+
+
+class Exited(Exception):
+    """What exit_json was called with."""
+
+    def __init__(self, result: dict) -> None:
+        super().__init__(result)
+        self.result = result
 
 
 class Connected:
@@ -167,3 +178,24 @@ def test_a_store_that_does_not_read_strictly_logs_and_keeps_none(zk_private_serv
     connected.wait()
     store.check_reads()
     assert store.write({key: "mem"}) and store.read(key) == "mem"
+
+
+def test_a_modules_checks_run_before_it_connects_and_a_failed_one_fails_the_task():
+    module = FakeModule(zk_hosts="127.0.0.1:1")  # nothing listens there: only the check may fail
+
+    def bad(params):
+        raise ModuleFailure(f"bad name {params['zk_root']}")
+
+    assert check_before_connecting(module, lambda params: "parsed", lambda params: "other") == "parsed"
+    with pytest.raises(Failed) as failure:
+        check_before_connecting(module, lambda params: "parsed", bad)
+    assert failure.value.result == {"msg": "bad name /pvc"}
+
+
+def test_a_module_runs_in_a_session_and_exits_with_what_it_returned(module, store):
+    def run(module, session, parsed):
+        return {"changed": False, "root": session.schema.root, "parsed": parsed}
+
+    with pytest.raises(Exited) as exited:
+        exit_from_session(module, run, "parsed")
+    assert exited.value.result == {"changed": False, "root": store.schema.root, "parsed": "parsed"}

@@ -755,3 +755,17 @@ def test_libvirt_health_from_store():
     garbage = NodeView.from_store("n", {**raw, "libvirt": "fine"})
     assert garbage.libvirt == "invalid" and not garbage.is_eligible
     assert [problem.path for problem in garbage.invalid] == ["nodes/n/libvirt"]
+
+
+def test_a_failure_check_reads_as_the_modules_return_it():
+    check = FailureCheck(False, failures={"n1": "too big"}, checked=("n1", "n2"), shortfalls={"n1": 512})
+    assert check.to_dict() == {
+        "ok": False,
+        "message": check.message,
+        "failures": {"n1": "too big"},
+        "checked": ["n1", "n2"],
+        "shortfalls": {"n1": 512},
+    }
+    assert FailureCheck(True, checked=("n1",)).to_dict()["message"] == (
+        "the cluster survives the failure of any one of 1 ready node(s)"
+    )
