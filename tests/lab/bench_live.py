@@ -69,6 +69,35 @@ def cap_migrate_speed(host, uuid: str) -> None:
         conn.close()
 
 
+def virsh_migrate(src, dst, uuid: str, auto_converge: bool, timeout_s: float) -> None:
+    """Plain libvirt's move of ``uuid`` from lab host ``src`` to ``dst``, as an operator would type
+    it: ``virsh migrate --live --p2p --tls`` (``--auto-converge`` with ``auto_converge``, as the
+    VM's ``migration_auto_converge`` gives ours) to the libvirt URI and the transport address
+    our daemons migrate to (``qemu+tls://<address>/system``, ``tcp://<address>``): the same
+    VIR_MIGRATE_* flags as the daemons' (LIVE, PEER2PEER, TLS, AUTO_CONVERGE; PERSIST_DEST and
+    UNDEFINE_SOURCE are not asked by either for the lab's transient domains). The one command
+    line of a2 and f; raises CalledProcessError when virsh fails."""
+    subprocess.run(
+        [
+            "virsh",
+            "-q",
+            "-c",
+            src.libvirt_uri,
+            "migrate",
+            "--live",
+            "--p2p",
+            "--tls",
+            *(["--auto-converge"] if auto_converge else []),
+            uuid,
+            dst.libvirt_tls_uri,
+            dst.migration_uri,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=timeout_s,
+    )
+
+
 def libvirt_downtime_ms(host, uuid: str) -> float | None:
     """The downtime libvirt reports for the migration that brought the VM to ``host`` (the
     target keeps the completed job's statistics): from the source's pause to the target's
@@ -169,29 +198,10 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
                 if revive(cluster, collector, uuid, name, log):
                     revived_after.append(movers[-1] if movers else "nobody")
                 cap_migrate_speed(src, uuid)
-            flags = ["--auto-converge"] if busy else []
             with Hypervisor(dst.libvirt_uri, call_timeout_s=30) as libvirt_there:
                 libvirt_there.add_lifecycle_listener(on_event)
                 started_wall, started = time.time(), time.perf_counter()
-                subprocess.run(
-                    [
-                        "virsh",
-                        "-q",
-                        "-c",
-                        src.libvirt_uri,
-                        "migrate",
-                        "--live",
-                        "--p2p",
-                        "--tls",
-                        *flags,
-                        uuid,
-                        dst.libvirt_tls_uri,
-                        dst.migration_uri,
-                    ],
-                    check=True,
-                    capture_output=True,
-                    timeout=900 if busy else 300,
-                )
+                virsh_migrate(src, dst, uuid, auto_converge=busy, timeout_s=900 if busy else 300)
                 series["virsh_command"].append(time.perf_counter() - started)
                 if not arrived.wait(30):
                     raise RuntimeError(f"libvirt on {dst.name} reported no resume of {uuid} after virsh migrate")
@@ -378,25 +388,7 @@ def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict:
         def move(share: list[str]) -> None:
             for uuid in share:
                 began = time.time()
-                subprocess.run(
-                    [
-                        "virsh",
-                        "-q",
-                        "-c",
-                        src.libvirt_uri,
-                        "migrate",
-                        "--live",
-                        "--p2p",
-                        "--tls",
-                        "--auto-converge",
-                        uuid,
-                        dst.libvirt_tls_uri,
-                        dst.migration_uri,
-                    ],
-                    check=True,
-                    capture_output=True,
-                    timeout=1800,
-                )
+                virsh_migrate(src, dst, uuid, auto_converge=True, timeout_s=1800)
                 virsh_moves.append((began, began, time.time()))
 
         shares = [uuids[i::parallel] for i in range(parallel)]
