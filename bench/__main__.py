@@ -320,6 +320,10 @@ def bench_live_overhead(pairs: int) -> dict:
     }
 
 
+# a2's pairs for a measurement (issue #17); fewer make a trial run, never "met"
+BUSY_PAIRS_MIN = 9
+
+
 def bench_busy_live(pairs: int) -> dict:
     from tests.lab.bench_live import measure  # needs root and the lab (real libvirtd + QEMU)
 
@@ -337,10 +341,12 @@ def bench_busy_live(pairs: int) -> dict:
         and "virsh_frozen_ms" in median
         and median["ours_frozen_ms"] <= median["virsh_frozen_ms"]
     )
+    trial = pairs < BUSY_PAIRS_MIN
     return {
         "id": "a2",
         "what": f"live migration of a busy real guest (48 MiB/s dirtied, 16 MiB/s migrate speed, auto-converge), lab: "
-        f"our daemons vs virsh migrate --live --p2p --auto-converge ({pairs} pairs)",
+        f"our daemons vs virsh migrate --live --p2p --tls --auto-converge ({pairs} pairs"
+        + (f"; a trial run: a measurement needs at least {BUSY_PAIRS_MIN})" if trial else ")"),
         "ours_median_s": round(median["ours"], 3),
         "virsh_median_s": round(median["virsh"], 3),
         "ours_planning_median_s": round(median["ours_planning"], 3),
@@ -356,7 +362,7 @@ def bench_busy_live(pairs: int) -> dict:
         "guest_lost_writes": lost_writes[0],
         "ratio": round(ratio, 3),
         "target": "ratio <= 1.02, guest-seen downtime (median) not larger than virsh's",
-        "met": ratio <= 1.02 and downtime_ok,
+        "met": not trial and ratio <= 1.02 and downtime_ok,
     }
 
 
@@ -425,6 +431,11 @@ def bench_ha_recovery(trials: int) -> dict:
     }
 
 
+def _listed(values: list) -> str:
+    """A list of figures for a table cell: ``-`` where there is none (a guest that died)."""
+    return "[" + ", ".join("-" if v is None else f"{v:g}" for v in values) + "]"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| id | config | what | measured | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -432,6 +443,14 @@ def table(rows: list[dict]) -> str:
             measured = "error: " + row["error"]
         elif "ours_s" in row:
             measured = f"ours {row['ours_s']} s / virsh {row['virsh_s']} s = {row['ratio']}"
+            if "ours_timeline" in row:
+                ours, virsh = row["ours_timeline"], row["virsh_timeline"]
+                measured += (
+                    f" (parallelism ours {ours['parallelism']}, virsh {virsh['parallelism']}; median move ours "
+                    f"{ours['move_median_s']} s, virsh {virsh['move_median_s']} s; idle slot time ours "
+                    f"{ours['idle_slot_s']} s, virsh {virsh['idle_slot_s']} s; guest resets {row['guest_resets']}, "
+                    f"lost writes {row['guest_lost_writes']})"
+                )
         elif "ratio" in row:
             measured = (
                 f"ours {row['ours_median_s']} s / virsh {row['virsh_median_s']} s = {row['ratio']} "
@@ -440,10 +459,14 @@ def table(rows: list[dict]) -> str:
                 f"virsh until it returns: {row['virsh_command_median_s']} s)"
             )
             if "ours_frozen_ms" in row:
+                resets = row["guest_resets_after"]
                 measured += (
                     f"; guest frozen (median) ours {row['ours_frozen_median_ms']} ms, virsh "
-                    f"{row['virsh_frozen_median_ms']} ms; each, ours: {row['ours_frozen_ms']}, virsh: "
-                    f"{row['virsh_frozen_ms']}"
+                    f"{row['virsh_frozen_median_ms']} ms; each, ours: {_listed(row['ours_frozen_ms'])}, virsh: "
+                    f"{_listed(row['virsh_frozen_ms'])}; libvirt's downtime (median) ours "
+                    f"{row['ours_libvirt_downtime_median_ms']} ms, virsh {row['virsh_libvirt_downtime_median_ms']} ms; "
+                    f"guest reset after {resets.count('ours')} of our moves and {resets.count('virsh')} of virsh's; "
+                    f"lost writes found by the guest: {row['guest_lost_writes']}"
                 )
         elif "quality" in row:
             q = row["quality"]
@@ -482,15 +505,16 @@ def main() -> int:
     # from 0.99 to 1.08 between runs of one commit: 15 pairs (docs/benchmarks.md asks for at least 5)
     parser.add_argument("--pairs", type=int, default=15)
     # a2's busy migrations take tens of seconds each: 9 pairs (the issue's minimum) unless asked
-    parser.add_argument("--busy-pairs", type=int, default=9)
+    # (fewer, down to 1, make a trial run whose row is never "met": it shows the bench works)
+    parser.add_argument("--busy-pairs", type=int, default=BUSY_PAIRS_MIN)
     parser.add_argument("--trials", type=int, default=5, help="e: power-loss trials (at least 5)")
     args = parser.parse_args()
     if args.trials < 5:
         parser.error(f"--trials {args.trials}: e needs at least 5 trials for its p50")
     if args.pairs < 5:
         parser.error(f"--pairs {args.pairs}: a needs at least 5 pairs for its medians")
-    if args.busy_pairs < 9:
-        parser.error(f"--busy-pairs {args.busy_pairs}: a2 needs at least 9 pairs")
+    if args.busy_pairs < 1:
+        parser.error(f"--busy-pairs {args.busy_pairs}: a2 needs at least 1 pair (9 for a measurement)")
     wanted = args.only or ["d", "p", "b", "c", "a", "a2", "f", "g", "e"]
     rows = []
     runs = [("d", "", bench_selection), ("p", "", bench_placement)]

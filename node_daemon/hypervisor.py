@@ -55,8 +55,13 @@ Design
 * **memory_stats() only for running domains.** It reads the state first and returns None for
   every state but ``running`` *without* calling ``memoryStats()``: on a paused domain (an incoming
   live migration is paused) ``memoryStats()`` can block for a long time, which in PVC 0.9.1 hung
-  the keepalive and got the node fenced. Nor while a background job (an outgoing migration)
-  runs (``controlInfo()``): the query job it takes holds up libvirt's own migration calls.
+  the keepalive and got the node fenced. Nor while this driver migrates the domain away (its own
+  ``migrate()`` call has not returned), nor while ``controlInfo()`` reports a job: the query job
+  it takes holds up libvirt's own migration calls, and QEMU answers slowly while it migrates.
+  ``controlInfo()`` alone does not see a migration: libvirt (9.0) runs it as an *asynchronous*
+  job, and reports ``ok`` for all but the moments its migration thread talks to QEMU (in the lab,
+  each outgoing migration of a busy guest got two or three ``query-balloon`` from the statistics
+  pass before this driver remembered its own migrations; virsh's got none).
 
 * **Host memory.** ``host_memory_mib()`` uses ``virNodeGetMemoryStats`` (all cells). The test
   driver does not support it (VIR_ERR_NO_SUPPORT); then the driver reads the local
@@ -533,6 +538,11 @@ class Hypervisor:
         # pass as current; one small entry per domain ever seen here is cheap.
         self._domain_events: dict[str, int] = {}
         self._listeners: list[Callable[[str, str, int], None]] = []
+        # uuids whose migrate() call (this driver's outgoing migration) has not returned yet: the
+        # statistics leave them alone (memory_stats). Removed by the call's thread when libvirt
+        # returns, even from a call that migrate() abandoned after its timeout.
+        self._migrating_out: set[str] = set()
+        self._migrating_lock = threading.Lock()
 
     # ---- connection -----------------------------------------------------------------------
 
@@ -1004,16 +1014,27 @@ class Hypervisor:
         flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE if migratable else 0
         return self._dom_call("xml", uuid, lambda dom: dom.XMLDesc(flags))
 
-    def memory_stats(self, uuid: str, timeout_s: float | None = None) -> dict[str, int] | None:
-        """The balloon statistics of a *running* domain with no background job, else None.
+    def migrating_out(self, uuid: str) -> bool:
+        """Whether this driver's migrate() of ``uuid`` is under way (libvirt has not returned)."""
+        with self._migrating_lock:
+            return uuid.lower() in self._migrating_out
 
-        The state is read first; for every other state (paused, an incoming migration, shut off,
-        ...) and for an unknown domain this returns None without calling ``memoryStats()``. So
-        it does while a background job (an outgoing migration) runs, as ``controlInfo()`` tells
-        without a job of its own: ``memoryStats()`` would take a query job that libvirt's own
-        calls for the migration then wait behind, and QEMU answers slowly while it migrates
-        (seconds in the lab), which lengthened the guest's downtime at the switch-over.
+    def memory_stats(self, uuid: str, timeout_s: float | None = None) -> dict[str, int] | None:
+        """The balloon statistics of a *running* domain that is not migrating, else None.
+
+        A domain this driver is migrating away (``migrating_out``) gets None with no libvirt call
+        at all. Otherwise the state is read first; for every other state (paused, an incoming
+        migration, shut off, ...) and for an unknown domain this returns None without calling
+        ``memoryStats()``. So it does while ``controlInfo()`` reports a job (one started by
+        another client): ``memoryStats()`` would take a query job that libvirt's own calls for
+        the migration then wait behind, and QEMU answers slowly while it migrates (seconds in
+        the lab), which lengthened the guest's downtime at the switch-over. ``controlInfo()``
+        reports libvirt's synchronous jobs only, so it misses most of a migration (an
+        asynchronous job): hence ``migrating_out`` for our own.
         """
+
+        if self.migrating_out(uuid):
+            return None
 
         def fn(dom: libvirt.virDomain) -> dict[str, int] | None:
             state, _reason = dom.state()
@@ -1330,21 +1351,34 @@ class Hypervisor:
         if setup.persistent:
             flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 
+        key = uuid.lower()
+
         def run() -> None:
-            if peer_to_peer:
-                dom.migrateToURI3(dest_uri, params, flags)
-                return
-            dconn = libvirt.open(dest_uri)
             try:
-                dom.migrate3(dconn, params, flags)
-            finally:
+                if peer_to_peer:
+                    dom.migrateToURI3(dest_uri, params, flags)
+                    return
+                dconn = libvirt.open(dest_uri)
                 try:
-                    dconn.close()
-                except libvirt.libvirtError as exc:
-                    log.debug("closing the destination connection failed: %s", exc)
+                    dom.migrate3(dconn, params, flags)
+                finally:
+                    try:
+                        dconn.close()
+                    except libvirt.libvirtError as exc:
+                        log.debug("closing the destination connection failed: %s", exc)
+            finally:
+                with self._migrating_lock:
+                    self._migrating_out.discard(key)
 
         log.debug("migrating %s to %s (params %s, flags %#x)", uuid, dest_uri, params, flags)
-        call = _Call("migrate", uuid, _guarded(setup.connection, run)).start()
+        with self._migrating_lock:
+            self._migrating_out.add(key)
+        try:
+            call = _Call("migrate", uuid, _guarded(setup.connection, run)).start()
+        except BaseException:
+            with self._migrating_lock:
+                self._migrating_out.discard(key)
+            raise
         if call.wait(timeout_s):
             self._migrate_result(call, setup.generation)
             return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import uuid as uuidlib
 
 import libvirt
@@ -393,6 +394,89 @@ def test_memory_stats_skips_a_domain_with_a_background_job_without_calling_libvi
     assert hv.status(uuid).state == "running"
     assert hv.memory_stats(uuid) is None
     assert forbid_memory_stats == []
+
+
+def _wait_until(predicate, timeout_s: float = 30.0) -> bool:
+    """Poll ``predicate`` (a driver's own bookkeeping, which announces nothing) until it holds or
+    the deadline passes; whether it held."""
+    deadline = time.monotonic() + timeout_s
+    pause = threading.Event()  # never set: a bounded wait between two looks
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.01)
+    return True
+
+
+def test_memory_stats_skips_a_domain_this_driver_migrates_away(hv, make_domain_xml, monkeypatch):
+    # libvirt runs a migration as an asynchronous job, which controlInfo() does not report (it
+    # says "ok"): the driver's own migrate() call in flight is what tells.
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    started, release = threading.Event(), threading.Event()
+    stats_calls = []
+    original = libvirt.virDomain.memoryStats
+
+    def migration(self, dconnuri, params, flags=0):
+        started.set()
+        release.wait(60)
+        return 0
+
+    def recording(self):
+        stats_calls.append(self.UUIDString())
+        return original(self)
+
+    monkeypatch.setattr(libvirt.virDomain, "migrateToURI3", migration)
+    monkeypatch.setattr(libvirt.virDomain, "memoryStats", recording)
+    monkeypatch.setattr(libvirt.virDomain, "controlInfo", lambda self, flags=0: [libvirt.VIR_DOMAIN_CONTROL_OK, 0, 0])
+    errors = []
+
+    def migrate():
+        try:
+            hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", timeout_s=60)
+        except Exception as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    mover = threading.Thread(target=migrate)
+    mover.start()
+    try:
+        assert started.wait(30)
+        assert hv.migrating_out(uuid) and hv.migrating_out(uuid.upper())
+        assert hv.memory_stats(uuid) is None
+        assert stats_calls == []
+    finally:
+        release.set()
+        mover.join(60)
+    assert errors == [] and not mover.is_alive()
+    assert not hv.migrating_out(uuid)
+    assert isinstance(hv.memory_stats(uuid), dict)
+    assert stats_calls == [uuid]
+
+
+def test_an_abandoned_migrate_call_is_migrating_until_libvirt_returns(hv, make_domain_xml, monkeypatch):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    release = threading.Event()
+    monkeypatch.setattr(
+        libvirt.virDomain, "migrateToURI3", lambda self, dconnuri, params, flags=0: release.wait(60) and 0
+    )
+    hv.abort_wait_s = 0.2
+    try:
+        with pytest.raises(HypervisorTimeout):
+            hv.migrate(uuid, "qemu+tcp://10.77.0.2/system", timeout_s=0.2)  # abortJob: unsupported here
+        # the call is still in libvirt: the domain may still be leaving
+        assert hv.migrating_out(uuid)
+    finally:
+        release.set()
+    assert _wait_until(lambda: not hv.migrating_out(uuid))
+
+
+def test_a_failed_migration_is_not_migrating_any_more(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    with pytest.raises(HypervisorError):
+        hv.migrate(uuid, "test:///default")  # the test driver cannot migrate
+    assert not hv.migrating_out(uuid)
 
 
 def test_memory_stats_skips_shut_off_and_unknown_domains(hv, make_domain_xml, forbid_memory_stats):

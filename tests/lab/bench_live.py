@@ -38,6 +38,7 @@ from pathlib import Path
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_node_views, read_vm
+from pvc_cluster_common._meta import DEFAULT_MIGRATION_MAX_DOWNTIME_MS
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_node_daemon.hypervisor import Hypervisor
 
@@ -96,6 +97,18 @@ def virsh_migrate(src, dst, uuid: str, auto_converge: bool, timeout_s: float) ->
         capture_output=True,
         timeout=timeout_s,
     )
+
+
+def set_max_downtime(host, uuid: str, max_downtime_ms: int = DEFAULT_MIGRATION_MAX_DOWNTIME_MS) -> None:
+    """The maximum downtime of the VM on ``host`` as our daemons apply it before they migrate it
+    (``migrateSetMaxDowntime`` of the VM's ``migration_max_downtime_ms``, the default here), made
+    before a virsh move too, so that both sides send QEMU the same migration parameters. (QEMU's
+    own default is the same 300 ms; this makes the commands the same, not only the value.)"""
+    conn = host.connect()
+    try:
+        conn.lookupByUUIDString(uuid).migrateSetMaxDowntime(max_downtime_ms, 0)
+    finally:
+        conn.close()
 
 
 def libvirt_downtime_ms(host, uuid: str) -> float | None:
@@ -198,6 +211,7 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
                 if revive(cluster, collector, uuid, name, log):
                     revived_after.append(movers[-1] if movers else "nobody")
                 cap_migrate_speed(src, uuid)
+            set_max_downtime(src, uuid)  # as our daemons do before they migrate
             with Hypervisor(dst.libvirt_uri, call_timeout_s=30) as libvirt_there:
                 libvirt_there.add_lifecycle_listener(on_event)
                 started_wall, started = time.time(), time.perf_counter()
@@ -382,6 +396,7 @@ def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict:
         src, dst = cluster.host("node1"), cluster.host("node2")
         for uuid in uuids:
             cap_migrate_speed(src, uuid)
+            set_max_downtime(src, uuid)  # as our daemons do before they migrate
 
         virsh_moves: list[tuple[float, float, float]] = []
 
