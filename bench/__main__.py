@@ -17,6 +17,7 @@ table says whether each target was met.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import random
@@ -366,17 +367,21 @@ def bench_busy_live(pairs: int) -> dict:
     }
 
 
-def bench_busy_flush(vms: int = 6, parallel: int = 2) -> dict:
+def bench_busy_flush(vms: int = 6, parallel: int = 2, rounds: int = 2) -> dict:
     from tests.lab.bench_live import measure_flush  # needs root and the lab (real libvirtd + QEMU)
 
-    result = measure_flush(vms, parallel)
-    ratio = result["ours"] / result["virsh"]
+    result = measure_flush(vms, parallel, rounds)
+    # each round times both, in alternating order: the ratio of the means
+    ours, virsh = statistics.mean(result["ours"]), statistics.mean(result["virsh"])
+    ratio = ours / virsh
     return {
         "id": "f",
         "what": f"flush of a node running {vms} busy real guests (auto-converge) vs {parallel} parallel "
-        f"virsh migrate --live --p2p --auto-converge loops, lab",
-        "ours_s": round(result["ours"], 2),
-        "virsh_s": round(result["virsh"], 2),
+        f"virsh migrate --live --p2p --tls --auto-converge loops, lab ({rounds} rounds, alternating)",
+        "ours_s": round(ours, 2),
+        "virsh_s": round(virsh, 2),
+        "ours_rounds_s": [round(v, 2) for v in result["ours"]],
+        "virsh_rounds_s": [round(v, 2) for v in result["virsh"]],
         "ratio": round(ratio, 3),
         "ours_timeline": result["ours_timeline"],
         "virsh_timeline": result["virsh_timeline"],
@@ -436,6 +441,11 @@ def _listed(values: list) -> str:
     return "[" + ", ".join("-" if v is None else f"{v:g}" for v in values) + "]"
 
 
+def _per_round(row: dict, side: str, key: str) -> str:
+    """One figure of each round's timeline of ``side`` (f), joined with slashes."""
+    return "/".join(f"{t[key]:g}" for t in row[f"{side}_timeline"])
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| id | config | what | measured | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -444,12 +454,13 @@ def table(rows: list[dict]) -> str:
         elif "ours_s" in row:
             measured = f"ours {row['ours_s']} s / virsh {row['virsh_s']} s = {row['ratio']}"
             if "ours_timeline" in row:
-                ours, virsh = row["ours_timeline"], row["virsh_timeline"]
+                each = functools.partial(_per_round, row)
                 measured += (
-                    f" (parallelism ours {ours['parallelism']}, virsh {virsh['parallelism']}; median move ours "
-                    f"{ours['move_median_s']} s, virsh {virsh['move_median_s']} s; idle slot time ours "
-                    f"{ours['idle_slot_s']} s, virsh {virsh['idle_slot_s']} s; guest resets {row['guest_resets']}, "
-                    f"lost writes {row['guest_lost_writes']})"
+                    f" (each round: ours {_listed(row['ours_rounds_s'])}, virsh {_listed(row['virsh_rounds_s'])}; "
+                    f"per round, parallelism ours {each('ours', 'parallelism')}, virsh {each('virsh', 'parallelism')}; "
+                    f"median move ours {each('ours', 'move_median_s')} s, virsh {each('virsh', 'move_median_s')} s; "
+                    f"idle slot time ours {each('ours', 'idle_slot_s')} s, virsh {each('virsh', 'idle_slot_s')} s; "
+                    f"guest resets {row['guest_resets']}, lost writes {row['guest_lost_writes']})"
                 )
         elif "ratio" in row:
             measured = (

@@ -342,14 +342,20 @@ def timeline(moves: list[tuple[float, float, float]], began: float, ended: float
     }
 
 
-def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict:
+def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -> dict:
     """(f): seconds to move ``vms`` busy real guests off node1 to node2, by a flush of node1 by
     our daemons (``flush_parallel`` = ``parallel``; domain state `flush` written until the
-    daemon writes `flushed`), and by ``parallel`` threads each running ``virsh migrate --live
-    --p2p --auto-converge`` over its share of the guests (first command started until the last
-    returned), the daemons stopped meanwhile. Between the two the daemons bring the guests back
-    (ready, not timed). Also each run's ``timeline`` (``ours_timeline``, ``virsh_timeline``),
-    from the migrations' audit records for ours and the commands' start and end for virsh."""
+    daemon writes `flushed`), and by ``parallel`` threads running ``virsh migrate --live --p2p
+    --tls --auto-converge`` (virsh_migrate), each taking the next guest as soon as its last move
+    returned, as the flush keeps ``parallel`` moves in flight (first command started until the
+    last returned), the daemons stopped meanwhile. ``rounds`` of one flush and one virsh run
+    each, ours first in even rounds and virsh first in odd ones; ``ours``/``virsh``: the seconds
+    of each round. Between two timed runs the guests go back to node1, not timed: after ours
+    by the daemons (node1 ready again), after virsh by virsh (the daemons still stopped; they
+    start again once the guests are home, and the next flush waits for a keepalive of each).
+    Before each timed run a guest that died is reset (revive). Also each run's ``timeline``
+    (``ours_timeline``, ``virsh_timeline``: lists, one per round), from the migrations' audit
+    records for ours and the commands' start and end for virsh."""
     from concurrent.futures import ThreadPoolExecutor
 
     lab = Lab(WORKDIR, hosts=2, prefix=PREFIX, log=log)
@@ -363,65 +369,103 @@ def measure_flush(vms: int = 6, parallel: int = 2, log=print) -> dict:
         cluster.start()
         booted = time.time()
         uuids = [cluster.define_vm(f"busy-{i}", "node1", meta=BUSY_META, **BUSY_GUEST) for i in range(vms)]
+        names = {uuid: f"busy-{i}" for i, uuid in enumerate(uuids)}
         for uuid in uuids:
             cluster.wait_guest_up(uuid, "node1", since=booted, timeout_s=300)
-        result = {}
-
-        # ours: a flush of node1
-        for uuid in uuids:
-            cap_migrate_speed(cluster.host("node1"), uuid)
-        started_wall, started = time.time(), time.perf_counter()
-        cluster.set_domain_state("node1", "flush")
-        cluster.wait_domain_state("node1", "flushed", timeout_s=3600)
-        result["ours"] = time.perf_counter() - started
-        ended_wall = time.time()
-        for uuid in uuids:
-            cluster.settle(uuid, timeout_s=300)
-        ours_moves = []
-        for uuid in uuids:
-            entry = next(e for e in reversed(cluster.history(uuid)) if e["source"] == "node1")
-            steps = entry["steps"]
-            ours_moves.append((steps["requested"], steps.get("transferring", steps["requested"]), steps["done"]))
-        result["ours_timeline"] = timeline(ours_moves, started_wall, ended_wall)
-        cluster.set_domain_state("node1", "unflush")
-        cluster.wait_domain_state("node1", "ready", timeout_s=3600)
-        for uuid in uuids:
-            cluster.settle(uuid, timeout_s=600)
-            cluster.wait_running_on("node1", uuid, timeout_s=600)
-
-        # virsh: the same moves, `parallel` at a time, of guests that are busy again
-        resets = sum(revive(cluster, collector, uuid, f"busy-{i}", log) for i, uuid in enumerate(uuids))
-        for daemon in cluster.daemons.values():
-            daemon.stop()
+        result: dict = {"ours": [], "virsh": [], "ours_timeline": [], "virsh_timeline": [], "guest_resets": 0}
         src, dst = cluster.host("node1"), cluster.host("node2")
-        for uuid in uuids:
-            cap_migrate_speed(src, uuid)
-            set_max_downtime(src, uuid)  # as our daemons do before they migrate
 
-        virsh_moves: list[tuple[float, float, float]] = []
+        def revive_all() -> None:
+            result["guest_resets"] += sum(revive(cluster, collector, uuid, names[uuid], log) for uuid in uuids)
 
-        def move(share: list[str]) -> None:
-            for uuid in share:
-                began = time.time()
-                virsh_migrate(src, dst, uuid, auto_converge=True, timeout_s=1800)
-                virsh_moves.append((began, began, time.time()))
+        def ours() -> None:
+            revive_all()
+            for uuid in uuids:
+                cap_migrate_speed(src, uuid)
+            started_wall, started = time.time(), time.perf_counter()
+            cluster.set_domain_state("node1", "flush")
+            cluster.wait_domain_state("node1", "flushed", timeout_s=3600)
+            result["ours"].append(time.perf_counter() - started)
+            ended_wall = time.time()
+            for uuid in uuids:
+                cluster.settle(uuid, timeout_s=300)
+            moves = []
+            for uuid in uuids:
+                entry = next(e for e in reversed(cluster.history(uuid)) if e["source"] == "node1")
+                steps = entry["steps"]
+                moves.append((steps["requested"], steps.get("transferring", steps["requested"]), steps["done"]))
+            result["ours_timeline"].append(timeline(moves, started_wall, ended_wall))
+            # home again, not timed
+            cluster.set_domain_state("node1", "unflush")
+            cluster.wait_domain_state("node1", "ready", timeout_s=3600)
+            for uuid in uuids:
+                cluster.settle(uuid, timeout_s=600)
+                cluster.wait_running_on("node1", uuid, timeout_s=600)
 
-        shares = [uuids[i::parallel] for i in range(parallel)]
-        started_wall, started = time.time(), time.perf_counter()
-        with ThreadPoolExecutor(parallel) as pool:
-            for done in [pool.submit(move, share) for share in shares]:
-                done.result()
-        result["virsh"] = time.perf_counter() - started
-        result["virsh_timeline"] = timeline(virsh_moves, started_wall, time.time())
-        # Did the guests come through their three moves each (flush, ready, virsh) whole?
-        resets += sum(revive(cluster, collector, uuid, f"busy-{i}", log) for i, uuid in enumerate(uuids))
-        result["guest_resets"] = resets
-        result["guest_lost_writes"] = sum(int(GuestPort(dst, uuid).status()["lost_writes"]) for uuid in uuids)
-        cluster.store.commit({cluster.schema.domain_key(uuid, S.DOMAIN_NODE): "node2" for uuid in uuids})
+        def virsh_run(source, target, timed: bool) -> None:
+            """Every guest from ``source`` to ``target`` by ``parallel`` virsh loops sharing one queue."""
+            queue = list(uuids)
+            lock = threading.Lock()
+            moves: list[tuple[float, float, float]] = []
+            for uuid in uuids:
+                cap_migrate_speed(source, uuid)
+                set_max_downtime(source, uuid)  # as our daemons do before they migrate
+
+            def loop() -> None:
+                while True:
+                    with lock:
+                        if not queue:
+                            return
+                        uuid = queue.pop(0)
+                    began = time.time()
+                    virsh_migrate(source, target, uuid, auto_converge=True, timeout_s=1800)
+                    with lock:
+                        moves.append((began, began, time.time()))
+
+            started_wall, started = time.time(), time.perf_counter()
+            with ThreadPoolExecutor(parallel) as pool:
+                for done in [pool.submit(loop) for _ in range(parallel)]:
+                    done.result()
+            if timed:
+                result["virsh"].append(time.perf_counter() - started)
+                result["virsh_timeline"].append(timeline(moves, started_wall, time.time()))
+
+        def by_virsh() -> None:
+            revive_all()
+            for daemon in cluster.daemons.values():
+                daemon.stop()
+            virsh_run(src, dst, timed=True)
+            # home again by virsh, not timed; ZooKeeper still has every guest on node1
+            virsh_run(dst, src, timed=False)
+            cluster.start(ready=False)
+            for uuid in uuids:
+                cluster.wait_running_on("node1", uuid, timeout_s=600)
+            # as in measure(): the daemons' start-up work is over before a flush is timed
+            for node in cluster.nodes:
+                path = cluster.schema.node_key(node, S.NODE_KEEPALIVE)
+                before = cluster.store.read(path)
+                cluster.wait(path, lambda value, before=before: value != before, 60, f"a keepalive of {node}")
+
+        for round_ in range(rounds):
+            for run in (ours, by_virsh) if round_ % 2 == 0 else (by_virsh, ours):
+                run()
+            log(
+                f"f round {round_ + 1}/{rounds}: ours {result['ours'][-1]:.1f} s {result['ours_timeline'][-1]}, "
+                f"virsh {result['virsh'][-1]:.1f} s {result['virsh_timeline'][-1]}"
+            )
+        # Did the guests come through their moves whole?
+        revive_all()
+        result["guest_lost_writes"] = sum(
+            int(
+                GuestPort(cluster.host(cluster.running_nodes(cluster.libvirt_states(uuid))[0]), uuid).status()[
+                    "lost_writes"
+                ]
+            )
+            for uuid in uuids
+        )
         log(
-            f"flush of {vms} busy guests: ours {result['ours']:.1f} s {result['ours_timeline']}, "
-            f"virsh {result['virsh']:.1f} s {result['virsh_timeline']}; guests reset after a move: {resets}, "
-            f"lost writes they found: {result['guest_lost_writes']}"
+            f"flush of {vms} busy guests, {rounds} round(s): ours {result['ours']}, virsh {result['virsh']}; "
+            f"guests reset after a move: {result['guest_resets']}, lost writes they found: {result['guest_lost_writes']}"
         )
         return result
     finally:
