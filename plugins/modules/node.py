@@ -412,6 +412,18 @@ def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
 # ---- cluster I/O -------------------------------------------------------------------------------
 
 
+def flush_refused(message: str, result: dict, **more) -> ModuleFailure:
+    """A flush refused before anything is written: the plan and the n-1 verdict of ``result``
+    go with the refusal."""
+    return ModuleFailure(
+        message,
+        changed=False,
+        flush_plan=result["flush_plan"],
+        survives_node_failure=result["survives_node_failure"],
+        **more,
+    )
+
+
 def run(module, session) -> dict:
     params = module.params
     store, schema = session.store, session.schema
@@ -463,12 +475,7 @@ def run(module, session) -> dict:
         running = sum(1 for vm in snapshot.vms.values() if vm.node == name and vm.state == "start")
         refusal = last_ready_refusal(snapshot.views(), name, running)
         if refusal:
-            raise ModuleFailure(
-                refusal,
-                changed=False,
-                flush_plan=result["flush_plan"],
-                survives_node_failure=result["survives_node_failure"],
-            )
+            raise flush_refused(refusal, result)
     if state == "flushed":
         result["require_n1"] = n1_policy(params["require_n1"], snapshot)
         refusal = (
@@ -477,13 +484,7 @@ def run(module, session) -> dict:
             else None
         )
         if refusal:
-            raise ModuleFailure(
-                refusal,
-                changed=False,
-                flush_plan=result["flush_plan"],
-                survives_node_failure=result["survives_node_failure"],
-                require_n1=True,
-            )
+            raise flush_refused(refusal, result, require_n1=True)
     needs_daemon = params["wait"] and current != final
     if needs_daemon and daemon_state != "run":
         # in check mode too: check mode must not promise what the real run refuses

@@ -325,6 +325,19 @@ def describe_plan(plan) -> dict:
     return result
 
 
+def stays(vm) -> dict:
+    """What a request that leaves VM ``vm`` where it is returns about it (describe_plan's keys
+    but the message)."""
+    return {
+        "name": vm.name,
+        "uuid": vm.uuid,
+        "source": vm.node,
+        "target": vm.node,
+        "lastnode": vm.lastnode,
+        "migrates": False,
+    }
+
+
 def plan_differences(vm, plan) -> Differences:
     differences = Differences()
     differences.add("node", vm.node, plan.target)
@@ -434,14 +447,7 @@ def clear_record(module, session, vm) -> dict:
     transaction that checks the record is still the one read (a valid record written meanwhile is
     never removed). Raises ConflictError when it changed."""
     store, schema = session.store, session.schema
-    result = {
-        "name": vm.name,
-        "uuid": vm.uuid,
-        "source": vm.node,
-        "target": vm.node,
-        "lastnode": vm.lastnode,
-        "migrates": False,
-    }
+    result = stays(vm)
     if vm.migration is not None:
         raise ModuleFailure(
             f"the migration record of VM {vm.name} is valid: its migration from {vm.migration.source} to "
@@ -525,16 +531,11 @@ def run(module, session) -> dict:
 
         plan = make_plan(vm, params, nodes, default_selector)
         if plan is None:
-            return {
-                "changed": False,
-                "name": vm.name,
-                "uuid": vm.uuid,
-                "source": vm.node,
-                "target": vm.node,
-                "lastnode": vm.lastnode,
-                "migrates": False,
-                "message": f"VM {vm.name} is already migrated away from its home node {vm.lastnode}",
-            }
+            return dict(
+                stays(vm),
+                changed=False,
+                message=f"VM {vm.name} is already migrated away from its home node {vm.lastnode}",
+            )
         differences = plan_differences(vm, plan)
         policy = params.get("require_n1")
         if plan.migrates and (read_require_n1(store, []) if policy is None else policy):

@@ -258,3 +258,15 @@ def test_plan_fenced_refuses_a_node_that_may_run(daemon_state):
     with pytest.raises(ModuleFailure) as failure:
         module.plan_fenced("n2", daemon_state)
     assert f"is {daemon_state}" in failure.value.msg
+
+
+def test_a_refused_flush_carries_its_plan_and_n1_verdict():
+    result = {"flush_plan": [{"vm": "web1", "target": None}], "survives_node_failure": {"ok": False}, "changed": True}
+    failure = module.flush_refused("refused", result, require_n1=True)
+    assert failure.msg == "refused"
+    assert failure.result == {
+        "changed": False,
+        "flush_plan": [{"vm": "web1", "target": None}],
+        "survives_node_failure": {"ok": False},
+        "require_n1": True,
+    }
