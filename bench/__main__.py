@@ -282,7 +282,7 @@ def bench_flush(vm_count: int = 200, nodes: int = 5, config: str = "secure") -> 
             cluster.wait_domain_state("node1", "flushed", timeout_s=600)
             elapsed = time.perf_counter() - started
             elsewhere = sum(
-                1 for u in uuids if cluster.store.read(cluster.schema.domain_key(u, S.DOMAIN_NODE)) != "node1"
+                1 for u in uuids if cluster.store.find_text(cluster.schema.domain_key(u, S.DOMAIN_NODE)) != "node1"
             )
             return {
                 "id": "c",

@@ -7,17 +7,51 @@ reconciler, migration agent, flush/ready worker, HA); a test builds one with the
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .domains import DomainTable
 from .invalid import InvalidValues
+from .log import get_logger
 
 if TYPE_CHECKING:
     from pvc_cluster_common._schema import Schema
 
     from .hypervisor import Hypervisor
     from .metrics import Metrics
+
+log = get_logger(__name__)
+
+
+class Outage:
+    """What a service's passes say while ZooKeeper cannot answer them (an UnreachableError
+    caught at the top of a pass): once when the first pass fails, once when one succeeds again,
+    DEBUG in between. Nothing is decided from a read that failed: the pass ends there and the
+    next one reads again."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._down = False
+        self._mutex = threading.Lock()
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    def failed(self, exc: Exception) -> None:
+        with self._mutex:
+            first, self._down = not self._down, True
+        if first:
+            log.warning("%s: ZooKeeper cannot be read (%s); nothing decided, tried again next pass", self.what, exc)
+        else:
+            log.debug("%s: still no answer from ZooKeeper: %s", self.what, exc)
+
+    def passed(self) -> None:
+        with self._mutex:
+            was, self._down = self._down, False
+        if was:
+            log.info("%s: ZooKeeper answers again", self.what)
 
 
 @dataclass

@@ -90,7 +90,10 @@ class NodeDaemon:
             self.store.ensure_schema()
         except StoreError as exc:
             raise DaemonError(f"cannot create or verify the cluster schema in ZooKeeper: {exc}") from None
-        self.register()
+        try:
+            self.register()
+        except StoreError as exc:
+            raise DaemonError(f"cannot register node {self.node} in ZooKeeper: {exc}") from None
         self.store.add_session_listener(self._on_connection_state)
         log.system("ZooKeeper: connected to %s, cluster root %s", self.config.zookeeper.hosts, self.schema.root or "/")
 
@@ -136,8 +139,7 @@ class NodeDaemon:
             path = self.schema.node_key(self.node, key)
             if self.store.exists(path):
                 values.pop(path, None)
-        if not self.store.write(values):
-            raise DaemonError(f"cannot register node {self.node} in ZooKeeper (see above)")
+        self.store.commit(values)
         self.mark_alive()
         log.ok("node %s registered (daemon state init)", self.node)
 
@@ -149,13 +151,14 @@ class NodeDaemon:
         paths = [node, self.schema.node_reservations(self.node)] + [
             self.schema.node_key(self.node, key) for key in S.NODE_DEFAULTS
         ]
-        found = self.store.read_many(paths)
         try:
+            found = self.store.get_many(paths)
             self.store.check_acls([path for path in paths if found[path] is not None])
-            if self.store.secured and found[node] is not None:
+            own = found[node]
+            if self.store.secured and own is not None:
                 # ZooKeeper shows this identity the ACL's usernames, not their hashes: whether the
                 # node znode is really this node's own is told by writing it (its data is unused)
-                self.store.commit({node: found[node][0]})
+                self.store.commit({node: own.value})
         except StoreError as exc:
             raise DaemonError(
                 f"cannot secure the keys of node {self.node} (is another identity registered under its "
@@ -198,7 +201,13 @@ class NodeDaemon:
             log.warning("libvirt: %s (%s): this node takes no migrations until it reconnects", health, reason)
         if self.stop_event.is_set() or not self.store.connected:
             return
-        self.store.write({self.schema.node_key(self.node, S.NODE_LIBVIRT): health})
+        self._publish_libvirt(health)
+
+    def _publish_libvirt(self, health: str) -> None:
+        try:
+            self.store.commit({self.schema.node_key(self.node, S.NODE_LIBVIRT): health})
+        except StoreError as exc:  # written again after the next reconnection, and by every keepalive
+            log.warning("cannot publish libvirt health %s: %s", health, exc)
 
     def _after_libvirt_reconnect(self) -> None:
         """A new libvirt connection (from the driver's supervisor thread): whatever happened
@@ -212,15 +221,19 @@ class NodeDaemon:
         self.reconciler.resync()
 
     def _after_reconnect(self) -> None:
-        # a libvirt health change written while ZooKeeper was away is lost: write it again
-        self.store.write({self.schema.node_key(self.node, S.NODE_LIBVIRT): self.hypervisor.health})
-        if self._session_lost.is_set():
-            self._session_lost.clear()
-            self.mark_alive()
-            self.reconciler.rewatch()  # a new session has none of the old watches
-        # every view may be stale: reconcile every VM from fresh reads
-        self.reconciler.resync()
-        self.ha.on_connection(True)  # every peer gets a whole detection window again
+        try:
+            # a libvirt health change written while ZooKeeper was away is lost: write it again
+            self._publish_libvirt(self.hypervisor.health)
+            if self._session_lost.is_set():
+                self._session_lost.clear()
+                self.mark_alive()
+                self.reconciler.rewatch()  # a new session has none of the old watches
+            # every view may be stale: reconcile every VM from fresh reads
+            self.reconciler.resync()
+        except StoreError as exc:  # gone again: the next reconnection does all this again
+            log.warning("after the reconnection to ZooKeeper: %s", exc)
+        finally:
+            self.ha.on_connection(True)  # every peer gets a whole detection window again
 
     # ---- run --------------------------------------------------------------------------------
 
@@ -263,6 +276,12 @@ class NodeDaemon:
         while not self.stop_event.wait(3600):
             continue
 
+    def _shutdown_write(self, values: dict, delete=()) -> None:
+        try:
+            self.store.commit(values, delete=delete)
+        except StoreError as exc:  # the peers see the session end (alive goes) all the same
+            log.warning("shutdown: cannot record %s: %s", ", ".join(sorted(values)), exc)
+
     def request_stop(self) -> None:
         self.stop_event.set()
 
@@ -273,13 +292,13 @@ class NodeDaemon:
         log.system("node %s shutting down", self.node)
         self.stop_event.set()
         if self.store.connected:
-            self.store.write({self.schema.node_key(self.node, S.NODE_DAEMON_STATE): "shutdown"})
+            self._shutdown_write({self.schema.node_key(self.node, S.NODE_DAEMON_STATE): "shutdown"})
         self.node_state.stop()
         self.reconciler.accepting.clear()
         if not self.reconciler.wait_idle(timeout_s):
             log.warning("VM work still running after %.0f s; stopping anyway (the next start resolves it)", timeout_s)
         if self.store.connected:
-            self.store.write(
+            self._shutdown_write(
                 {
                     self.schema.node_key(self.node, S.NODE_DAEMON_STATE): "stop",
                     self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3),

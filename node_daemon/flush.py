@@ -51,7 +51,7 @@ from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._report import read_cluster, read_require_n1, request_n1_check, request_n1_refusal
 from pvc_cluster_common._requests import REQUEST_ATTEMPTS, RequestError, RequestPlan, plan_request, submit_request
 from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, apply_plan, plan_flush, survives_node_failure
-from pvc_cluster_common._store import Attempts, ConflictError, StoreError, Versioned
+from pvc_cluster_common._store import Attempts, ConflictError, StoreError, UnreachableError, Versioned
 
 from .context import DaemonContext, Service
 from .log import get_logger
@@ -140,10 +140,10 @@ class NodeStateWorker(Service):
     def _guarded(self, work: Callable[[threading.Event], None], state: str, cancel: threading.Event) -> None:
         try:
             with self.store.lock(self.schema.node_lock(self.node), timeout_s=self.config.step_timeout_s):
-                if self.store.read(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE)) != state:
+                if self.store.find_text(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE)) != state:
                     return  # superseded while we waited for the lock
                 # a new flush or ready: an earlier flush's halt no longer applies
-                self.store.write({}, delete=[self.schema.node_key(self.node, S.NODE_FLUSH_HALTED)])
+                self.store.delete([self.schema.node_key(self.node, S.NODE_FLUSH_HALTED)])
                 work(cancel)
         except Cancelled:
             log.info("%s of node %s stopped before it finished", state, self.node)
@@ -156,10 +156,13 @@ class NodeStateWorker(Service):
 
     def _set_domain_state(self, expected: str, new: str) -> None:
         path = self.schema.node_key(self.node, S.NODE_DOMAIN_STATE)
-        current = self.store.read_versioned(path)
-        if current and current[0] == expected:
-            if self.store.write({path: new}, expect_versions={path: current[1]}):
-                log.ok("node %s is %s", self.node, new)
+        current = self.store.find(path)
+        if current and current.value == expected:
+            try:
+                self.store.commit({path: new}, expect_versions={path: current.version})
+            except ConflictError:
+                return  # changed meanwhile (an operator's new request): that one stands
+            log.ok("node %s is %s", self.node, new)
 
     # ---- one migration, waited for -------------------------------------------------------------
 
@@ -200,11 +203,14 @@ class NodeStateWorker(Service):
         nodes_override: NodesOverride | None = None,
         known: Known | None = None,
     ) -> str:
-        vm, nodes = known if known else (read_vm(self.store, uuid), None)
+        try:
+            vm, nodes = known if known else (read_vm(self.store, uuid), None)
+        except UnreachableError as exc:
+            # not read is not gone: "unreadable" is tried again, like any outcome not HOME_OR_MOOT
+            log.warning("VM %s: cannot be read now: %s", uuid, exc)
+            return "unreadable"
         if vm is None:
-            # read_vm says None for a VM it could not read too: only one that is known missing is
-            # gone (and done with); "unreadable" is tried again, like any outcome not HOME_OR_MOOT
-            return "gone" if self.store.exists(self.schema.domain(uuid)) is False else "unreadable"
+            return "gone"  # read_vm says None only for a VM whose key does not exist
         nodes = dict(nodes) if nodes else read_node_views(self.store)
         if nodes_override:
             nodes.update(nodes_override(nodes))
@@ -373,9 +379,7 @@ class NodeStateWorker(Service):
         placement (node and its version, lastnode), size, XML and migration fields; what they do
         not read (the state record, failedreason, stats, what the table loaded) is left as the
         table has it, not blanked, so that the record says nothing false about the VM."""
-        found = self.store.read_many(
-            [path for uuid in records for path in meta_paths(self.schema, uuid, PLANNING_META)]
-        )
+        found = self.store.get_many([path for uuid in records for path in meta_paths(self.schema, uuid, PLANNING_META)])
         return [
             replace(record, name=record.name or uuid, meta=meta_from(self.schema, uuid, found, PLANNING_META))
             for uuid, record in records.items()
@@ -445,7 +449,7 @@ class NodeStateWorker(Service):
             halt = self._flush_n1_halt(vms, plan)
             if halt is not None:
                 # the node stays `flush`; the verdict where the operator (pvc.cluster.node) reads it
-                self.store.write({self.schema.node_key(self.node, S.NODE_FLUSH_HALTED): halt})
+                self.store.commit({self.schema.node_key(self.node, S.NODE_FLUSH_HALTED): halt})
                 raise Halted(halt)
             # Each request starts from these reads; its transaction re-checks the VM and the
             # target, and a request that finds them changed re-reads and plans again.
@@ -496,7 +500,7 @@ class NodeStateWorker(Service):
         # it fresh for the others, in one round.
         snapshot = self.domains.snapshot()
         elsewhere = [uuid for uuid, record in snapshot.items() if record.node != self.node]
-        lastnodes = self.store.read_many([self.schema.domain_key(uuid, S.DOMAIN_LASTNODE) for uuid in elsewhere])
+        lastnodes = self.store.get_many([self.schema.domain_key(uuid, S.DOMAIN_LASTNODE) for uuid in elsewhere])
         candidates = [
             uuid
             for uuid, record in snapshot.items()

@@ -44,9 +44,9 @@ from pvc_cluster_common._cluster import VMRecord, read_fence_record, read_vms
 from pvc_cluster_common._report import read_cluster
 from pvc_cluster_common._requests import RequestError, history_key, placement_plan, submit_request
 from pvc_cluster_common._selector import FailureCheck, FlushVM, PlannedMove, apply_plan, survives_node_failure
-from pvc_cluster_common._store import ConflictError, StoreError, StoreLock
+from pvc_cluster_common._store import ConflictError, StoreError, StoreLock, UnreachableError
 
-from .context import DaemonContext, Service
+from .context import DaemonContext, Outage, Service
 from .faults import crash_point
 from .fencing import FenceResult, fence
 from .log import get_logger
@@ -66,6 +66,7 @@ class HighAvailability(Service):
         self.migrations = migrations
         self.tracker = LivenessTracker(ctx.config.keepalive_interval_s * ctx.config.dead_after)
         self._tracker_lock = threading.Lock()
+        self._outage = Outage("high availability")
         self._actors: dict[str, threading.Thread] = {}
         self._said: dict[str, str] = {}  # peer -> the last thing logged about it (said once)
         # peer -> monotonic time before which no new recovery pass starts (its last pass left only
@@ -91,6 +92,14 @@ class HighAvailability(Service):
         while not stop.is_set():
             try:
                 self.tick()
+                if self.store.connected:  # a pass without a connection reads nothing
+                    self._outage.passed()
+            except UnreachableError as exc:
+                # nothing is decided from a pass that could not read: a peer whose keepalive
+                # could not be read is not thereby stale (its window starts again)
+                with self._tracker_lock:
+                    self.tracker.disconnected()
+                self._outage.failed(exc)
             except StoreError as exc:
                 log.warning("high availability pass: %s", exc)
             except Exception:  # one bad pass must not end the thread
@@ -108,9 +117,9 @@ class HighAvailability(Service):
             with self._tracker_lock:
                 self.tracker.disconnected()
             return
-        peers = [peer for peer in self.store.children(self.schema.nodes()) or [] if peer != self.node]
+        peers = [peer for peer in self.store.list_children(self.schema.nodes(), missing_ok=True) if peer != self.node]
         keys = (S.NODE_DAEMON_STATE, S.NODE_DOMAIN_STATE, S.NODE_MAINTENANCE, S.NODE_KEEPALIVE)
-        found = self.store.read_many([self.schema.node_key(peer, key) for peer in peers for key in keys])
+        found = self.store.get_many([self.schema.node_key(peer, key) for peer in peers for key in keys])
         now = time.monotonic()
         fence_failed = []
         for peer in peers:
@@ -129,9 +138,12 @@ class HighAvailability(Service):
                 fence_failed.append(peer)
             if decision.act is Act.MARK_DEAD:
                 path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
-                if self.store.write({path: "dead"}, expect_versions={path: state[1]}):
-                    log.warning("node %s: no keepalive for %.1f s: marked dead", peer, self.tracker.window_s)
-                    self._start_actor(peer)
+                try:
+                    self.store.commit({path: "dead"}, expect_versions={path: state.version})
+                except ConflictError:
+                    continue  # its state changed meanwhile: the next pass looks again
+                log.warning("node %s: no keepalive for %.1f s: marked dead", peer, self.tracker.window_s)
+                self._start_actor(peer)
             elif decision.act is Act.FENCE:
                 self._start_actor(peer)
             elif decision.act is Act.RECOVER:
@@ -183,7 +195,7 @@ class HighAvailability(Service):
 
     def _act_locked(self, peer: str, lock: StoreLock) -> None:
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
-        found = self.store.read_many(
+        found = self.store.get_many(
             [
                 state_path,
                 self.schema.node_key(peer, S.NODE_DOMAIN_STATE),
@@ -285,7 +297,7 @@ class HighAvailability(Service):
     def _candidates(self, peer: str) -> list[VMRecord]:
         """The VMs that the recovery of ``peer`` plans from: every VM assigned to it or with a
         migration naming it (fresh reads)."""
-        uuids = self.store.children(self.schema.domains()) or []
+        uuids = self.store.list_children(self.schema.domains(), missing_ok=True)
         return [
             vm
             for vm in read_vms(self.store, uuids).values()
@@ -293,8 +305,8 @@ class HighAvailability(Service):
         ]
 
     def _fenced_nodes(self) -> set[str]:
-        names = self.store.children(self.schema.nodes()) or []
-        found = self.store.read_many([self.schema.node_key(name, S.NODE_DAEMON_STATE) for name in names])
+        names = self.store.list_children(self.schema.nodes(), missing_ok=True)
+        found = self.store.get_many([self.schema.node_key(name, S.NODE_DAEMON_STATE) for name in names])
         return {
             name for name in names if (found[self.schema.node_key(name, S.NODE_DAEMON_STATE)] or ("",))[0] == "fenced"
         }
@@ -303,7 +315,7 @@ class HighAvailability(Service):
         fence_record = self._fence_record(peer)
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
         while self._holding(lock):
-            state = self.store.read_versioned(state_path)
+            state = self.store.find(state_path)
             if state is None or state[0] != "fenced":
                 return  # its daemon started again (init): what is still assigned to it is its own
             candidates = self._candidates(peer)
@@ -466,8 +478,8 @@ class HighAvailability(Service):
     def _not_recovered(self, uuid: str, peer: str, why: str) -> None:
         reason = f"not recovered from fenced node {peer}: {why}"[: R.MAX_REASON_BYTES]
         path = self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)
-        if self.store.read(path) != reason:
-            self.store.write({path: reason})
+        if self.store.find_text(path) != reason:
+            self.store.commit({path: reason})
             log.error("VM %s: %s", uuid, reason)
             if self.metrics:
                 self.metrics.recovery("unplaced")

@@ -23,8 +23,9 @@ from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import reservation_mib
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._memory import AccountedVM, NodeAccount, account_node
+from pvc_cluster_common._store import ConflictError, StoreError, UnreachableError
 
-from .context import DaemonContext, Service
+from .context import DaemonContext, Outage, Service
 from .hypervisor import ACTIVE_STATES
 from .log import get_logger
 from .reconciler import ACCOUNTING_KEYS
@@ -181,6 +182,7 @@ class FiguresReader:
 
 class Keepalive(Service):
     def __init__(self, ctx: DaemonContext) -> None:
+        self._outage = Outage("keepalive")
         super().__init__(ctx)
         self.reader = FiguresReader(ctx.hypervisor, ctx.config.keepalive_interval_s)
         self.ticks = 0
@@ -213,7 +215,7 @@ class Keepalive(Service):
             # Figures computed from a table that does not know every VM yet would leave VMs out
             # (after a start, memprov 0 on a full node): only the timestamp goes out, and the
             # daemon state stays `init` (no placement) until the table is loaded.
-            ok = self.store.write({self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3)})
+            ok = self._write({self.schema.node_key(self.node, S.NODE_KEEPALIVE): round(time.time(), 3)})
             self.ticks += 1
             log.info("keepalive: the VM table is still loading; no memory figures published yet")
             return ok
@@ -221,7 +223,7 @@ class Keepalive(Service):
         reservations = self.read_reservations()
         folds = self.foldable(reservations, snapshot, reading.vms.running)
         values, account = self.figures(reading, snapshot, reservations, folds, age, stale)
-        state = self.store.read(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
+        state = self.store.find_text(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
         if state in ("init", "dead", "fence-failed") or state not in S.DAEMON_STATES:
             # the first keepalive after start, or a node its peers thought dead or failed to fence
             # (its VMs were never recovered elsewhere), or whose state someone overwrote with
@@ -240,7 +242,7 @@ class Keepalive(Service):
         if not ok and folds:
             # a reservation changed since it was read: publish without folding any (next tick)
             values |= self.figures(reading, snapshot, reservations, {}, age, stale)[0]
-            ok = self.store.write(values)
+            ok = self._write(values)
         elapsed = time.monotonic() - started
         self.ticks += 1
         if self.metrics:
@@ -257,7 +259,7 @@ class Keepalive(Service):
                 elapsed,
             )
         else:
-            log.error("keepalive: could not write this node's figures (see the store's error above)")
+            log.error("keepalive: could not write this node's figures (see above)")
         return ok
 
     # ---- accounting -------------------------------------------------------------------------
@@ -265,8 +267,8 @@ class Keepalive(Service):
     def read_reservations(self) -> dict[str, tuple[str, int]]:
         """This node's incoming reservations: uuid -> (stored amount, znode version)."""
         parent = self.schema.node_reservations(self.node)
-        names = self.store.children(parent) or []
-        found = self.store.read_many([self.schema.node_reservation(self.node, uuid) for uuid in names])
+        names = self.store.list_children(parent, missing_ok=True)
+        found = self.store.get_many([self.schema.node_reservation(self.node, uuid) for uuid in names])
         return {
             uuid: found[self.schema.node_reservation(self.node, uuid)]
             for uuid in names
@@ -315,7 +317,7 @@ class Keepalive(Service):
         the reservation, whose version the fold checks. An XML that cannot be read or is not
         valid keeps the reservation."""
         path = self.schema.domain_key(uuid, S.DOMAIN_XML)
-        value = self.store.read(path)
+        value = self.store.find_text(path)
         if value is None:
             return False
         try:
@@ -395,21 +397,38 @@ class Keepalive(Service):
         that read memprov before this write and the reservations after it fails and plans again
         instead of missing the VM in both."""
         if not folds:
-            return self.store.write(values)
+            return self._write(values)
         parent = self.schema.node_reservations(self.node)
         paths = {self.schema.node_reservation(self.node, uuid): version for uuid, version in folds.items()}
-        ok = self.store.write(
+        ok = self._write(
             {**values, parent: f"keepalive {round(time.time(), 3)}"}, expect_versions=paths, delete=list(paths)
         )
         if ok:
             log.info("keepalive: memprov now counts %s (their reservations released)", ", ".join(sorted(folds)))
         return ok
 
+    def _write(self, values: dict, expect_versions: dict | None = None, delete=()) -> bool:
+        """``commit``: False when a version-checked key changed meanwhile, or the write was
+        refused (logged); UnreachableError is the pass's (``run``)."""
+        try:
+            self.store.commit(values, expect_versions, delete)
+        except ConflictError:
+            return False
+        except UnreachableError:
+            raise
+        except StoreError as exc:
+            log.error("keepalive: write refused: %s", exc)
+            return False
+        return True
+
     def run(self, stop: threading.Event) -> None:
         """Tick every interval until ``stop`` is set (a timer, not a synchronisation)."""
         while not stop.is_set():
             try:
                 self.tick()
+                self._outage.passed()
+            except UnreachableError as exc:  # nothing published: the peers see the keepalive age
+                self._outage.failed(exc)
             except Exception:  # one bad tick must not end the keepalive
                 log.exception("keepalive tick failed")
             stop.wait(self.config.keepalive_interval_s)

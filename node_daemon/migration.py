@@ -190,7 +190,7 @@ class MigrationAgent(Service):
         """(the VM's migration record, its version), or (None, -1) when there is none or it is
         not valid (reported once per version: no daemon acts on it)."""
         path = self.schema.domain_migration(uuid)
-        return self._decoded_record(uuid, path, self.store.read_versioned(path))
+        return self._decoded_record(uuid, path, self.store.find(path))
 
     def _decoded_record(self, uuid: str, path: str, found):
         if not found:
@@ -205,8 +205,8 @@ class MigrationAgent(Service):
     def records_for_node(self) -> list[str]:
         """VMs whose in-flight migration names this node (read at start-up and every resync, in
         one round of parallel reads)."""
-        uuids = self.store.children(self.schema.domains()) or []
-        found = self.store.read_many([self.schema.domain_migration(uuid) for uuid in uuids])
+        uuids = self.store.list_children(self.schema.domains(), missing_ok=True)
+        found = self.store.get_many([self.schema.domain_migration(uuid) for uuid in uuids])
         result = []
         for uuid in uuids:
             path = self.schema.domain_migration(uuid)
@@ -221,12 +221,12 @@ class MigrationAgent(Service):
 
     def peer_state(self, peer: str, uuid: str) -> str | None:
         """libvirt's view of ``uuid`` on ``peer``: a state name, None (absent) or UNKNOWN."""
-        if self.store.read(self.schema.node_key(peer, S.NODE_DAEMON_STATE)) == "fenced":
+        if self.store.find_text(self.schema.node_key(peer, S.NODE_DAEMON_STATE)) == "fenced":
             # Its power is confirmed off (node_daemon/ha.py): nothing runs there, and its libvirt
             # cannot be asked. (A fenced node whose daemon starts again writes `init` first.)
             return None
         path = self.schema.node_key(peer, S.NODE_ADDRESS)
-        uris = self.peer_uris(peer, path, self.store.read_versioned(path))
+        uris = self.peer_uris(peer, path, self.store.find(path))
         if uris is None:
             return UNKNOWN  # an address that is not valid: the peer cannot be asked
         uri = uris[0]
@@ -246,7 +246,7 @@ class MigrationAgent(Service):
         if not self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE)):
             return UNKNOWN
         path = self.schema.node_key(peer, S.NODE_RUNNINGDOMAINS)
-        found = self.store.read_versioned(path)
+        found = self.store.find(path)
         try:
             running = R.running_domains(found[0], path) if found else ()
         except Invalid as exc:
@@ -267,7 +267,7 @@ class MigrationAgent(Service):
         """The health of ``peer``'s connection to its libvirtd as it publishes it (LIBVIRT_HEALTH;
         ok when it publishes none, "invalid" for a value that is not valid)."""
         path = self.schema.node_key(peer, S.NODE_LIBVIRT)
-        found = self.store.read_versioned(path)
+        found = self.store.find(path)
         if not found:
             return S.LIBVIRT_OK
         try:
@@ -278,10 +278,10 @@ class MigrationAgent(Service):
 
     def peer_fenced(self, peer: str) -> bool:
         """Whether ``peer``'s power is confirmed off by its fence (node_daemon/ha.py)."""
-        return self.store.read(self.schema.node_key(peer, S.NODE_DAEMON_STATE)) == "fenced"
+        return self.store.find_text(self.schema.node_key(peer, S.NODE_DAEMON_STATE)) == "fenced"
 
     def peer_alive(self, peer: str) -> bool:
-        return bool(self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE)))
+        return self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE))
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -325,11 +325,15 @@ class MigrationAgent(Service):
         if result == RESULT_DONE:
             values[self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)] = ""
         history = [path for path in values if path.startswith(self.schema.domain_history(uuid) + "/")]
-        ok = self.store.write(
-            values, expect_versions={self.schema.domain_migration(uuid): version}, delete=delete, create=history
-        )
-        if not ok:
+        try:
+            self.store.commit(
+                values, expect_versions={self.schema.domain_migration(uuid): version}, delete=delete, create=history
+            )
+        except ConflictError:
             log.warning("migration %s of %s: record changed before it could be finished; re-reading", record.id, uuid)
+            return False
+        except StoreError as exc:  # perhaps written all the same: the watch, or the next pass, says
+            log.warning("migration %s of %s: not finished as %s: %s", record.id, uuid, result, exc)
             return False
         self.domains.wrote_migration(uuid, (record.id, version), None, -1)
         self.deadlines.clear(uuid)
@@ -358,9 +362,12 @@ class MigrationAgent(Service):
 
     def _prune_history(self, uuid: str) -> None:
         path = self.schema.domain_history(uuid)
-        entries = sorted(self.store.children(path) or [])
-        if len(entries) > S.HISTORY_KEEP:
-            self.store.delete([f"{path}/{entry}" for entry in entries[: -S.HISTORY_KEEP]], recursive=False)
+        try:
+            entries = self.store.list_children(path, missing_ok=True)
+            if len(entries) > S.HISTORY_KEEP:
+                self.store.delete([f"{path}/{entry}" for entry in entries[: -S.HISTORY_KEEP]], recursive=False)
+        except StoreError as exc:  # pruned at the VM's next finished migration
+            log.warning("VM %s: history not pruned: %s", uuid, exc)
 
     # ---- dispatch -----------------------------------------------------------------------------
 
@@ -435,7 +442,7 @@ class MigrationAgent(Service):
         live_migrate builds the URIs from, and reads itself if the method has changed since),
         and the target's daemon state (is it being fenced?)."""
         uris = self._target_uri_paths(record) if record.force_live or record.method != "shutdown" else []
-        return self.store.read_many(
+        return self.store.get_many(
             [
                 self.schema.domain_key(uuid, S.DOMAIN_NODE),
                 self.schema.domain_key(uuid, S.DOMAIN_XML),
@@ -644,7 +651,7 @@ class MigrationAgent(Service):
         uuid, record, inputs = m.uuid, m.record, m.inputs or {}
         (path,) = self._target_uri_paths(record)
         if path not in inputs:
-            inputs = self.store.read_many([path])
+            inputs = self.store.get_many([path])
         uris = self.peer_uris(record.target, path, inputs[path])
         if uris is None:
             return HypervisorError(
@@ -732,7 +739,7 @@ class MigrationAgent(Service):
         known = self.domains.get(uuid)
         if known is not None and S.DOMAIN_XML in known.loaded:
             return "" if known.xml_ok else f"its domain XML is refused: {known.xml_error}"
-        xml = self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
+        xml = self.store.find_text(self.schema.domain_key(uuid, S.DOMAIN_XML))
         why = refusal(xml or "", self.policy, uuid)
         return f"its domain XML is refused: {why}" if why else ""
 
@@ -768,7 +775,7 @@ class MigrationAgent(Service):
         # prepared write checks both versions, so a copy one change behind makes it fail (then,
         # and before any refusal, the states are read fresh).
         for fresh in (False, True):
-            found = self.store.read_many(paths) if fresh else self.readiness.snapshot()
+            found = self.store.get_many(paths) if fresh else self.readiness.snapshot()
             if found is None:
                 continue  # the watches have not answered yet
             daemon_state, domain_state = ((found[p] or ("",))[0] for p in paths)
@@ -828,16 +835,21 @@ class MigrationAgent(Service):
         pause_point("target:before-claim")
         path = self.schema.domain_migration(uuid)
         claim = replace(record, starting_on=self.node)
-        if not self.store.write({path: claim.to_json()}, expect_versions={path: version}):
+        try:
+            self.store.commit({path: claim.to_json()}, expect_versions={path: version})
+        except ConflictError:
             log.warning(
                 "migration %s of %s: record changed before the start here could be claimed; re-reading", record.id, uuid
             )
+            return
+        except StoreError as exc:  # perhaps written all the same: the next pass reads the record again
+            log.warning("migration %s of %s: the start here could not be claimed: %s", record.id, uuid, exc)
             return
         self.domains.wrote_migration(uuid, (record.id, version), claim, version + 1)
         m.moved_to(claim, version + 1)
         known = self.domains.get(uuid)
         xml = known.xml if known is not None and S.DOMAIN_XML in known.present else None
-        xml = xml or self.store.read(self.schema.domain_key(uuid, S.DOMAIN_XML))
+        xml = xml or self.store.find_text(self.schema.domain_key(uuid, S.DOMAIN_XML))
         pause_point("target:before-start")
         try:
             if not xml:

@@ -26,9 +26,9 @@ from pvc_cluster_common._cluster import move_runstate
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError, check_domain
 from pvc_cluster_common._domain_xml import DomainXMLError
-from pvc_cluster_common._store import StoreError, Versioned
+from pvc_cluster_common._store import StoreError, UnreachableError, Versioned
 
-from .context import DaemonContext, Service
+from .context import DaemonContext, Outage, Service
 from .hypervisor import HypervisorError, HypervisorUnavailable
 from .migration import UNAVAILABLE
 from .log import get_logger
@@ -61,6 +61,7 @@ class Reconciler(Service):
         super().__init__(ctx)
         self.migrations = migrations
         self._lock = threading.Lock()
+        self._outage = Outage("reconciler")
         self._busy: set[str] = set()
         self._dirty: set[str] = set()
         self._idle = threading.Condition(self._lock)
@@ -308,6 +309,11 @@ class Reconciler(Service):
         while True:
             try:
                 self.reconcile(uuid)
+                self._outage.passed()
+            except UnreachableError as exc:
+                # nothing decided from a read that failed (a VM that could not be read is not
+                # taken for deleted); the resync after the reconnection passes over it again
+                self._outage.failed(exc)
             except Exception:  # one VM's failure must not stop the others
                 log.exception("VM %s: reconcile failed", uuid)
             with self._lock:
@@ -373,7 +379,7 @@ class Reconciler(Service):
             self.schema.domain_migration(uuid),
             self.schema.domain_key(uuid, S.DOMAIN_RUNSTATE),
         )
-        values = self.store.read_many(paths)
+        values = self.store.get_many(paths)
         state, node, found, run = (values[path] for path in paths)
         if state is None or node is None:
             return None, None
@@ -450,7 +456,7 @@ class Reconciler(Service):
             desired, known = self.read_desired(uuid)
             decision = decide(self.node, desired, local_state) if desired else None
         if desired is None:
-            if self.store.exists(self.schema.domain(uuid)) is False and local_state not in (None, "shutoff"):
+            if local_state not in (None, "shutoff") and not self.store.exists(self.schema.domain(uuid)):
                 log.warning("VM %s was removed from the cluster while running here: forced stop", uuid)
                 self._destroy(uuid)
             return
@@ -483,7 +489,7 @@ class Reconciler(Service):
 
     def start_vm(self, uuid: str) -> bool:
         path = self.schema.domain_key(uuid, S.DOMAIN_XML)
-        found = self.store.read_versioned(path)
+        found = self.store.find(path)
         if not found:
             self._fail(uuid, "no domain XML in ZooKeeper")
             return False
@@ -503,14 +509,17 @@ class Reconciler(Service):
         log.ok("VM %s: started", uuid)
         self.local = self.local | {uuid}
         self.follow(uuid)
-        self.store.write({self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): ""})
+        try:
+            self.store.commit({self.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON): ""})
+        except StoreError as exc:  # an old reason left: cleared at its next start, or shown until then
+            log.warning("VM %s: its last failure reason was not cleared: %s", uuid, exc)
         return True
 
     def checked_xml(self, uuid: str, xml: str, version: int) -> tuple[str, str]:
         """(the VM's XML, "") when it may be given to libvirt, else (xml, why not): the XML
         decodes (a bounded, parsed libvirt domain document with its memory size) and this
         node's domain XML policy accepts it, with the VM's own UUID and name."""
-        name = self.store.read(self.schema.domain(uuid))
+        name = self.store.find_text(self.schema.domain(uuid))
         _, error = self._decoded(
             self.schema.domain_key(uuid, S.DOMAIN_XML),
             "xml",

@@ -20,6 +20,7 @@ from ._meta import VMMeta
 from ._records import MigrationRecord, RunState
 from ._selector import NodeView
 from ._store import ConflictError
+from ._store import text_of as _text
 
 HISTORY_SHOWN = 5
 
@@ -118,14 +119,14 @@ def reservation_mib(text: str | None, path: str, problems: list) -> int:
 
 
 def node_names(store) -> list[str]:
-    return sorted(store.children(store.schema.nodes()) or [])
+    return store.list_children(store.schema.nodes(), missing_ok=True)
 
 
 def read_running(store, node: str, problems: list | None = None) -> tuple[str, ...]:
     """The VMs ``node`` reports running (its ``runningdomains``); none when the key is missing
     or not valid (then added to ``problems``)."""
     path = store.schema.node_key(node, S.NODE_RUNNINGDOMAINS)
-    return or_default(R.running_domains, store.read(path), path, (), [] if problems is None else problems)
+    return or_default(R.running_domains, store.find_text(path), path, (), [] if problems is None else problems)
 
 
 def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tuple[dict, dict[str, int], bool]]:
@@ -145,22 +146,22 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
         for name in names
         for path in [schema.node(name), schema.node_key(name, S.NODE_ALIVE)] + list(keys[name].values()) + fences[name]
     ]
-    found, listed = store.read_round(paths, [schema.node_reservations(name) for name in names])
+    found, listed = store.get_round(paths, [schema.node_reservations(name) for name in names])
     reserved = {name: listed[schema.node_reservations(name)] or [] for name in names}
-    amounts = store.read_many([schema.node_reservation(name, uuid) for name in names for uuid in reserved[name]])
+    amounts = store.get_many([schema.node_reservation(name, uuid) for name in names for uuid in reserved[name]])
     result = {}
     for name in names:
         if found[schema.node(name)] is None:
             continue
-        raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
+        raw = {key: _text(found[path]) for key, path in keys[name].items()}
         # the node's fence record: the latest of its own and its peers' (decoded again by the reports)
         fence = R.latest_fence_record(
-            [(path, (found[path] or (None,))[0]) for path in fences[name]], problems.setdefault(name, [])
+            [(path, _text(found[path])) for path in fences[name]], problems.setdefault(name, [])
         )
         raw[S.NODE_FENCE] = json.dumps(fence) if fence else None
         reservations = {
             uuid: reservation_mib(
-                amounts[schema.node_reservation(name, uuid)][0],
+                amounts[schema.node_reservation(name, uuid)].value,
                 schema.node_reservation(name, uuid),
                 problems.setdefault(name, []),
             )
@@ -183,8 +184,8 @@ def read_fence_record(store, node: str, problems: list | None = None) -> dict:
     """``node``'s fence record (_records.latest_fence_record; {} when never fenced), in one
     round of reads; an invalid record is left out and added to ``problems``."""
     paths = fence_record_paths(store.schema, node, node_names(store))
-    found = store.read_many(paths)
-    return R.latest_fence_record([(path, (found[path] or (None,))[0]) for path in paths], problems)
+    found = store.get_many(paths)
+    return R.latest_fence_record([(path, _text(found[path])) for path in paths], problems)
 
 
 def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[str, NodeView], dict]:
@@ -197,20 +198,20 @@ def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[
     also, names = list(also), list(names)
     keys = {name: {key: schema.node_key(name, key) for key in keys} for name in names}
     paths = also + [path for name in names for path in [schema.node(name)] + list(keys[name].values())]
-    found, listed = store.read_round(paths, [schema.node_reservations(name) for name in names])
+    found, listed = store.get_round(paths, [schema.node_reservations(name) for name in names])
     reserved_uuids = {name: listed[schema.node_reservations(name)] or [] for name in names}
-    reservations = store.read_many(
+    reservations = store.get_many(
         [schema.node_reservation(name, uuid) for name in names for uuid in reserved_uuids[name]]
     )
     views = {}
     for name in names:
         if found[schema.node(name)] is None:
             continue
-        raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
+        raw = {key: _text(found[path]) for key, path in keys[name].items()}
         problems: list = []
         reserved = sum(
             reservation_mib(
-                reservations[schema.node_reservation(name, uuid)][0], schema.node_reservation(name, uuid), problems
+                reservations[schema.node_reservation(name, uuid)].value, schema.node_reservation(name, uuid), problems
             )
             for uuid in reserved_uuids[name]
             if reservations[schema.node_reservation(name, uuid)]
@@ -229,7 +230,7 @@ def read_node_views(store) -> dict[str, NodeView]:
 
 
 def vm_uuids(store) -> list[str]:
-    return sorted(store.children(store.schema.domains()) or [])
+    return store.list_children(store.schema.domains(), missing_ok=True)
 
 
 def find_vm(store, name_or_uuid: str) -> str | None:
@@ -239,7 +240,7 @@ def find_vm(store, name_or_uuid: str) -> str | None:
     if lowered in candidates:
         return lowered
     for uuid in candidates:
-        if store.read(store.schema.domain(uuid)) == name_or_uuid:
+        if store.find_text(store.schema.domain(uuid)) == name_or_uuid:
             return uuid
     return None
 
@@ -250,7 +251,7 @@ def meta_paths(schema, uuid: str, keys=S.META_KEYS) -> list[str]:
 
 def meta_from(schema, uuid: str, found: dict, keys=S.META_KEYS) -> VMMeta:
     """A VM's meta from the answers of a read that included ``meta_paths(schema, uuid, keys)``."""
-    return VMMeta.from_store({key: (found[schema.domain_meta(uuid, key)] or (None,))[0] for key in keys})
+    return VMMeta.from_store({key: _text(found[schema.domain_meta(uuid, key)]) for key in keys})
 
 
 _VM_KEYS = (
@@ -274,13 +275,13 @@ def vm_paths(schema, uuid: str) -> list[str]:
 
 
 def read_vm(store, uuid: str) -> VMRecord | None:
-    return vm_from(store.schema, uuid, store.read_many(vm_paths(store.schema, uuid)))
+    return vm_from(store.schema, uuid, store.get_many(vm_paths(store.schema, uuid)))
 
 
 def read_vms(store, uuids) -> dict[str, VMRecord]:
     """read_vm of every VM of ``uuids`` (missing ones left out), in one round of parallel reads."""
     uuids = list(uuids)
-    found = store.read_many([path for uuid in uuids for path in vm_paths(store.schema, uuid)])
+    found = store.get_many([path for uuid in uuids for path in vm_paths(store.schema, uuid)])
     vms = {uuid: vm_from(store.schema, uuid, found) for uuid in uuids}
     return {uuid: vm for uuid, vm in vms.items() if vm is not None}
 
@@ -295,8 +296,7 @@ def vm_from(schema, uuid: str, found: dict) -> VMRecord | None:
     problems: list[Invalid] = []
 
     def value(path: str):
-        answer = found[path]
-        return answer[0] if answer else None
+        return _text(found[path])
 
     def key(name: str, fallback):
         path = schema.domain_key(uuid, name)
@@ -319,7 +319,7 @@ def vm_from(schema, uuid: str, found: dict) -> VMRecord | None:
     migration_error = ""
     if migration is not None:
         try:
-            record = R.migration_record(migration[0], migration_path, uuid)
+            record = R.migration_record(migration.value, migration_path, uuid)
         except Invalid as exc:
             problems.append(exc)
             migration_error = str(exc)
@@ -332,12 +332,12 @@ def vm_from(schema, uuid: str, found: dict) -> VMRecord | None:
     return VMRecord(
         uuid=uuid,
         name=name,
-        state=R.effective_state(desired, desired_answer[1] if desired_answer else -1, runstate),
+        state=R.effective_state(desired, desired_answer.version if desired_answer else -1, runstate),
         desired_state=desired,
-        state_version=desired_answer[1] if desired_answer else -1,
+        state_version=desired_answer.version if desired_answer else -1,
         runstate=runstate,
-        runstate_version=runstate_answer[1] if runstate_answer else -1,
-        autostart_meta_version=autostart_answer[1] if autostart_answer else -1,
+        runstate_version=runstate_answer.version if runstate_answer else -1,
+        autostart_meta_version=autostart_answer.version if autostart_answer else -1,
         node=key(S.DOMAIN_NODE, ""),
         lastnode=key(S.DOMAIN_LASTNODE, ""),
         xml=xml,
@@ -345,9 +345,9 @@ def vm_from(schema, uuid: str, found: dict) -> VMRecord | None:
         memory_mib=memory,
         vcpus=vcpus,
         failedreason=key(S.DOMAIN_FAILEDREASON, ""),
-        node_version=node[1] if node else -1,
+        node_version=node.version if node else -1,
         migration=record,
-        migration_version=migration[1] if migration else -1,
+        migration_version=migration.version if migration else -1,
         migration_error=migration_error,
         xml_error=xml_error,
         stats=key(S.DOMAIN_STATS, {}),
@@ -360,13 +360,14 @@ def read_vm_state(store, uuid: str) -> str | None:
     read_vm does), or None when it has no ``state``."""
     state_path = store.schema.domain_key(uuid, S.DOMAIN_STATE)
     run_path = store.schema.domain_key(uuid, S.DOMAIN_RUNSTATE)
-    found = store.read_many([state_path, run_path])
-    if found[state_path] is None:
+    found = store.get_many([state_path, run_path])
+    state = found[state_path]
+    if state is None:
         return None
     problems: list = []
-    desired = or_default(R.vm_state, found[state_path][0], state_path, "", problems)
-    record = or_default(R.runstate, (found[run_path] or (None,))[0], run_path, None, problems)
-    return R.effective_state(desired, found[state_path][1], record)
+    desired = or_default(R.vm_state, state.value, state_path, "", problems)
+    record = or_default(R.runstate, _text(found[run_path]), run_path, None, problems)
+    return R.effective_state(desired, state.version, record)
 
 
 def move_runstate(
@@ -394,23 +395,27 @@ def move_runstate(
     run_path = schema.domain_key(uuid, S.DOMAIN_RUNSTATE)
     meta_path = schema.domain_meta(uuid, S.META_NODE_AUTOSTART)
     for _attempt in range(attempts):
-        found = store.read_many([state_path, run_path, meta_path])
+        found = store.get_many([state_path, run_path, meta_path])
         desired = found[state_path]
         if desired is None:
             return False
         problems: list = []
-        current = or_default(R.runstate, (found[run_path] or (None,))[0], run_path, None, problems)
-        now = R.effective_state(or_default(R.vm_state, desired[0], state_path, "", problems), desired[1], current)
+        current = or_default(R.runstate, _text(found[run_path]), run_path, None, problems)
+        now = R.effective_state(
+            or_default(R.vm_state, desired.value, state_path, "", problems), desired.version, current
+        )
         if expected is not None and now != expected:
             return False
-        used = (found[meta_path][1] if found[meta_path] else -1) if use_autostart_meta else None
-        record = R.runstate_after(current, state, desired[1], by, time.time(), autostart, used)
+        meta = found[meta_path]
+        used = (meta.version if meta else -1) if use_autostart_meta else None
+        record = R.runstate_after(current, state, desired.version, by, time.time(), autostart, used)
         values = {run_path: record.to_json(), **(also or {})}
         try:
-            if found[run_path] is None:
+            stored = found[run_path]
+            if stored is None:
                 store.commit(values, create=[run_path])
             else:
-                store.commit(values, expect_versions={run_path: found[run_path][1]})
+                store.commit(values, expect_versions={run_path: stored.version})
             return True
         except ConflictError:
             continue
@@ -440,8 +445,8 @@ def read_history(store, uuid: str, last: int = HISTORY_SHOWN, problems: list | N
     """The last ``last`` finished migrations of a VM, oldest first, each decoded
     (_records.history_entry); an invalid one is left out and added to ``problems``."""
     path = store.schema.domain_history(uuid)
-    entries = sorted(store.children(path) or [])[-last:] if last else []
-    found = store.read_many([f"{path}/{entry}" for entry in entries])
+    entries = store.list_children(path, missing_ok=True)[-last:] if last else []
+    found = store.get_many([f"{path}/{entry}" for entry in entries])
     problems = [] if problems is None else problems
     result = []
     for entry in entries:
@@ -449,7 +454,7 @@ def read_history(store, uuid: str, last: int = HISTORY_SHOWN, problems: list | N
         if answer is None:
             continue  # pruned since it was listed
         try:
-            result.append(R.history_entry(answer[0], f"{path}/{entry}", uuid))
+            result.append(R.history_entry(answer.value, f"{path}/{entry}", uuid))
         except Invalid as exc:
             problems.append(exc)
     return result
@@ -469,16 +474,16 @@ def record_guest_downtime(store, uuid: str, migration_id: str, downtime_ms: floa
     fields = R.guest_downtime_fields(downtime_ms, measured_by)
     path = store.schema.domain_history(uuid)
     suffix = "-" + migration_id
-    entries = [entry for entry in store.children(path) or [] if entry.endswith(suffix)]
+    entries = [entry for entry in store.list_children(path, missing_ok=True) if entry.endswith(suffix)]
     if len(entries) != 1:
         return False
     key = f"{path}/{entries[0]}"
-    found = store.read_versioned(key)
+    found = store.find(key)
     if found is None:
         return False
     try:
-        entry = R.history_entry(found[0], key, uuid)
-        stored = json_object(found[0], key, max_bytes=R.MAX_RECORD_BYTES, max_depth=R.MAX_RECORD_DEPTH)
+        entry = R.history_entry(found.value, key, uuid)
+        stored = json_object(found.value, key, max_bytes=R.MAX_RECORD_BYTES, max_depth=R.MAX_RECORD_DEPTH)
     except Invalid:
         return False
     if (
@@ -488,7 +493,11 @@ def record_guest_downtime(store, uuid: str, migration_id: str, downtime_ms: floa
         or R.GUEST_DOWNTIME_MS in entry
     ):
         return False
-    return store.write({key: {**stored, **fields}}, expect_versions={key: found[1]})
+    try:
+        store.commit({key: {**stored, **fields}}, expect_versions={key: found.version})
+    except ConflictError:
+        return False
+    return True
 
 
 def wait_for_key(store, path: str, predicate, timeout_s: float, cancel=None) -> bool:
@@ -536,4 +545,4 @@ def wait_until_gone(store, path: str, timeout_s: float) -> bool:
         return True
 
     store.watch_children(parent, on_children)  # answers once before it returns
-    return gone.wait(timeout_s) or store.exists(path) is False
+    return gone.wait(timeout_s) or not store.exists(path)

@@ -12,10 +12,9 @@
 * :func:`cluster_session`: a started :class:`ClusterStore` for the with-block, checked to hold a
   pvc.cluster whose security fits the credentials given (``ClusterStore.verify_cluster``) before
   the module reads or writes anything, always stopped on the way out; ``StoreError`` (unreachable, conflict) and :class:`ModuleFailure` become
-  ``fail_json`` with the message and no traceback. The session's store reads strictly
-  (``ClusterStore.strict_reads``): a read that fails raises instead of returning None, so the task
-  fails at that read instead of acting on, or reporting, data it could not read, and every write
-  after it is refused even if the error was caught (:meth:`Session.verify` checks the same).
+  ``fail_json`` with the message and no traceback. Every read of the store returns what it read or
+  raises (None stands only for a key that does not exist), so the task fails at a read that could
+  not be made instead of acting on, or reporting, data it could not read.
 * :class:`Differences`: the one place ``changed`` and the ``diff`` come from.
 * :func:`watch_until`: wait for a condition on ZooKeeper watches, with a deadline (no polling).
 
@@ -264,15 +263,10 @@ class Session:
         # what this run has written, in words: a failure after a write must say what was done
         self.written: list[str] = []
 
-    def verify(self) -> None:
-        """Raise StoreError if any read of this run failed (ZooKeeper unreachable, refused...):
-        before a result or a failure is reported from what was read."""
-        self.store.check_reads()
-
     def commit(
         self, values: dict, expect_versions: dict | None = None, delete=(), create=(), what: str = "its change"
     ) -> dict:
-        """``store.commit`` (which refuses to write after a failed read of this run), recorded;
+        """``store.commit``, recorded;
         ``what`` names the change for a failure later in the run."""
         versions = self.store.commit(values, expect_versions, delete, create)
         self.wrote(what)
@@ -304,13 +298,12 @@ def cluster_session(module: AnsibleModule):
     log = logging.getLogger(f"ansible_collections.pvc.cluster.session{_session_counter}")
     log.propagate = False
     log.setLevel(logging.DEBUG)
-    log.addHandler(logging.NullHandler())  # the store's failures reach the task through check_reads, not stderr
+    log.addHandler(logging.NullHandler())  # the store's failures reach the task as StoreError, not stderr
     quiet_client_logging()  # off the module's stderr: the store reports connection trouble itself
     try:
         store = ClusterStore(options, logger=log)
     except StoreError as exc:
         module.fail_json(msg=str(exc))
-    store.strict_reads()  # a read that fails fails the task, and blocks every write after it
     try:
         try:
             store.start()
@@ -321,7 +314,6 @@ def cluster_session(module: AnsibleModule):
         session = Session(module, store)
         try:
             yield session
-            session.verify()
         except ModuleFailure as exc:
             # a failure after a write (a wait that timed out, a start that failed) says what was written
             if session.written:

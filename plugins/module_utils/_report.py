@@ -115,9 +115,9 @@ def read_cluster(store, nodes: list[str] | None = None, vms: list[str] | None = 
         snapshot.reservations[name] = reservations
         snapshot.alive[name] = alive
     snapshot.vms.update(read_vms(store, vm_uuids(store) if vms is None else vms))
-    snapshot.default_selector = store.read(schema.default_selector())
+    snapshot.default_selector = store.find_text(schema.default_selector())
     snapshot.require_n1 = read_require_n1(store, [])  # an invalid setting reads as false
-    snapshot.schema_version = store.read(schema.schema_version())
+    snapshot.schema_version = store.find_text(schema.schema_version())
     return snapshot
 
 
@@ -125,7 +125,7 @@ def read_require_n1(store, problems: list) -> bool:
     """The cluster setting require_n1 (``true``/``false``; missing or invalid: false, an invalid
     one added to ``problems``)."""
     path = store.schema.require_n1()
-    return bool(or_default(boolean, store.read(path), path, False, problems))
+    return bool(or_default(boolean, store.find_text(path), path, False, problems))
 
 
 def n1_policy(option: bool | None, snapshot: ClusterSnapshot) -> bool:

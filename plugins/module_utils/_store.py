@@ -9,16 +9,12 @@
 Used by the node daemon (``pvc_cluster_common._store``) and by the Ansible modules
 (``ansible_collections.pvc.cluster.plugins.module_utils._store``). Paths come from ``_schema``.
 
-Two kinds of accessors:
-
-* never failing: ``read``, ``read_json``, ``read_versioned``, ``children``, ``exists``, ``write``
-  and ``delete`` return None/False when the key is missing or ZooKeeper cannot be reached, and log why
-  (a missing key at DEBUG, everything else at WARNING), unless the client called
-  ``strict_reads`` (a client that must not act on a read it could not make): then they raise,
-  and every later write is refused;
-* raising, for logic that must tell "missing" from "unreachable" from "changed concurrently":
-  ``get`` (MissingError, UnreachableError, StoreError) and ``commit`` (ConflictError,
-  UnreachableError, StoreError), all under StoreError.
+Every accessor returns what it read or raises, so that "missing", "unreachable" and "changed
+concurrently" are never confused: MissingError, UnreachableError and ConflictError, all under
+StoreError. ``get`` returns a ``Versioned`` or raises MissingError; ``find``/``find_text``,
+``get_many`` and ``get_round`` answer None for a key that does not exist (and only for that);
+``list_children`` raises MissingError (or answers [] with ``missing_ok``); ``exists`` says True or
+False, never for a key it could not look at; ``commit`` and ``delete`` are the only writes.
 
 Watches, session listeners, ephemeral keys and locks are store methods too: nothing else in the
 collection or the daemon talks to ZooKeeper (tests/common/test_store_door.py).
@@ -45,7 +41,6 @@ from typing import Any, NamedTuple
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ._decode import Invalid, json_value
 from ._schema import PERM_ALL, PERM_RWCD, SCHEMA_VERSION, AclRule, Schema
 
 try:
@@ -161,11 +156,6 @@ class MissingError(StoreError):
     """The key does not exist."""
 
 
-class ReadsFailedError(StoreError):
-    """A read of this client failed earlier (``ClusterStore.strict_reads``), so nothing may be
-    written or reported from its reads."""
-
-
 class UnreachableError(StoreError):
     """ZooKeeper could not be reached, or did not answer in time (the operation may still have been
     applied: re-read rather than assume)."""
@@ -224,6 +214,11 @@ class Versioned(NamedTuple):
 
     value: str
     version: int
+
+
+def text_of(found: Versioned | None) -> str | None:
+    """The text of an answer of ``find``/``get_many``/``get_round`` (None for a key that does not exist)."""
+    return None if found is None else found.value
 
 
 # The session states a listener of ``add_session_listener`` is told.
@@ -492,8 +487,6 @@ class ClusterStore:
         # Lock nodes we failed to delete (lost connection): (lock path, our contender prefix).
         self._orphans: set[tuple[str, str]] = set()
         self._orphans_mutex = threading.Lock()
-        # The failures of the never-failing accessors, kept once strict_reads() was called.
-        self.failures: list[StoreError] | None = None
         # add_session_listener's listeners, and the wrappers kazoo calls
         self._listeners: dict[Callable[[str], None], Callable[[Any], None]] = {}
         self._listeners_mutex = threading.Lock()
@@ -682,6 +675,85 @@ class ClusterStore:
         except UnicodeDecodeError as exc:
             raise StoreError(f"read {path}: the value is not UTF-8 text") from exc
 
+    def find(self, path: str) -> Versioned | None:
+        """The value and version of a key, or None when it does not exist (never for any other
+        failure), decoded as ``get_many`` decodes. Raises UnreachableError or StoreError."""
+        return self.get_round([path])[0][path]
+
+    def find_text(self, path: str) -> str | None:
+        """``find``'s text: None when the key does not exist. Raises UnreachableError or StoreError."""
+        return text_of(self.find(path))
+
+    def get_many(self, paths) -> dict[str, Versioned | None]:
+        """Several keys in one round of parallel requests: every path asked is a key of the
+        answer, mapped to its ``Versioned``, or to None when the key does not exist. None never
+        stands for a failed read: ZooKeeper not answering raises UnreachableError (any other
+        failure StoreError), for the whole round. A value that is not UTF-8 reads with U+FFFD
+        in place of its bad bytes (the typed decoders refuse it): one garbage key does not
+        keep the others from being read."""
+        return self.get_round(paths)[0]
+
+    def get_round(self, paths, lists=()) -> tuple[dict[str, Versioned | None], dict[str, list[str] | None]]:
+        """``get_many`` of ``paths`` and the sorted children of ``lists``, all in one round of
+        parallel requests, answered in the order sent: ``({path: Versioned or None}, {path:
+        [names] or None})``, None only for a key that does not exist. Raises UnreachableError or
+        StoreError when any request of the round fails otherwise."""
+        paths, lists = list(paths), list(lists)
+        named = paths + lists
+        what = f"read {', '.join(named[:3])}" + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+        self._require_connection(what)
+        pending = [(path, self.client.get_async(path)) for path in paths]
+        pending_lists = [(path, self.client.get_children_async(path)) for path in lists]
+        listed: dict[str, list[str] | None] = {}
+        for path, async_result in pending_lists:
+            children = self._answer_of("list", path, async_result)
+            listed[path] = None if children is None else sorted(children)
+        result: dict[str, Versioned | None] = {}
+        for path, async_result in pending:
+            answer = self._answer_of("read", path, async_result)
+            if answer is None:
+                result[path] = None
+                continue
+            data, stat = answer
+            result[path] = Versioned((data or b"").decode("utf-8", errors="replace"), stat.version)
+        return result, listed
+
+    def _answer_of(self, what: str, path: str, async_result):
+        """One answer of ``get_round``: None for a missing key; raises for everything else."""
+        try:
+            return async_result.get(timeout=self.options.timeout_s)
+        except kz.NoNodeError:
+            return None
+        except self.client.handler.timeout_exception as exc:
+            raise UnreachableError(
+                f"{what} {path}: no answer from ZooKeeper at {self.options.hosts} within {self.options.timeout_s:g} s"
+            ) from exc
+        except (kz.ConnectionLoss, kz.SessionExpiredError) as exc:
+            raise UnreachableError(f"{what} {path}: {_describe(exc)}") from exc
+        except kz.KazooException as exc:
+            raise StoreError(f"{what} {path}: {_describe(exc)}") from exc
+
+    def list_children(self, path: str, missing_ok: bool = False) -> list[str]:
+        """The sorted names of the children of ``path``. Raises MissingError when ``path`` does
+        not exist (``missing_ok``: [] instead), UnreachableError or StoreError."""
+        try:
+            return sorted(self._call(f"list {path}", lambda: self.client.get_children_async(path)))
+        except MissingError:
+            if missing_ok:
+                return []
+            raise
+
+    def exists(self, path: str) -> bool:
+        """Whether the key exists. Raises UnreachableError or StoreError (never False for a key
+        that could not be looked at)."""
+        return self._call(f"exists {path}", lambda: self.client.exists_async(path)) is not None
+
+    def delete(self, paths, recursive: bool = True) -> None:
+        """Delete keys (with everything below them unless ``recursive`` is False) in one
+        transaction; a missing key is not an error. Raises UnreachableError or StoreError (the
+        delete may still have been applied: re-read rather than assume)."""
+        self._commit({}, {}, _path_list(paths), set(), recursive)
+
     def commit(self, values: dict, expect_versions: dict | None = None, delete=(), create=()) -> dict[str, int]:
         """Write ``values`` and delete the ``delete`` subtrees in one transaction.
 
@@ -690,10 +762,8 @@ class ClusterStore:
         ``create`` names written keys that must not exist yet. Either failing raises ConflictError
         and nothing is written. Deleting a missing key is not an error (unless a version is expected).
         Returns the new version of every written key. Raises ConflictError, UnreachableError or
-        StoreError; with ``strict_reads`` on, ReadsFailedError before anything is written when a
-        read of this client failed (``check_reads``): no write is based on a read that could not be made.
+        StoreError.
         """
-        self.check_reads()
         return self._commit(values, dict(expect_versions or {}), _path_list(delete), set(_path_list(create)))
 
     def _commit(
@@ -910,153 +980,6 @@ class ClusterStore:
                     # deleted meanwhile: the transaction fails on it and the commit is planned again
             level = [f"{path.rstrip('/')}/{child}" for path, children in listings for child in children]
         return found[::-1]
-
-    # ---- never-failing accessors ------------------------------------------------------------
-
-    def strict_reads(self) -> None:
-        """From now on the "never-failing" accessors fail like ``get``: a read returns the value
-        (None only for a missing key) or raises UnreachableError or StoreError, and a ``write``
-        or ``delete`` raises what ``commit`` raises. Every such failure is also kept
-        (``failures``), and every later write is refused (``commit`` calls ``check_reads``), even
-        when a caller caught the error. For a client that must not act on, or report, a value it
-        could not read (a module run, the inventory); a daemon, which reads again at its next
-        pass, does not call it."""
-        if self.failures is None:
-            self.failures = []
-
-    def check_reads(self) -> None:
-        """Raise ReadsFailedError naming the failures kept since ``strict_reads`` (the first three), if any."""
-        if not self.failures:
-            return
-        seen = list(dict.fromkeys(str(exc) for exc in self.failures))
-        raise ReadsFailedError(
-            "reading the cluster from ZooKeeper failed: "
-            + "; ".join(seen[:3])
-            + (f" (and {len(seen) - 3} more)" if len(seen) > 3 else "")
-        )
-
-    def _swallow(self, exc: StoreError, message: str | None = None) -> None:
-        """A never-failing accessor's failure: logged; with ``strict_reads``, kept and raised."""
-        self.log.warning("%s", message or exc)
-        if self.failures is not None:
-            if not isinstance(exc, ReadsFailedError):  # kept already
-                self.failures.append(exc)
-            raise exc
-
-    def read(self, path: str) -> str | None:
-        result = self.read_versioned(path)
-        return None if result is None else result[0]
-
-    def read_versioned(self, path: str) -> Versioned | None:
-        try:
-            return self.get(path)
-        except MissingError as exc:
-            self.log.debug("%s", exc)
-        except StoreError as exc:
-            self._swallow(exc)
-        return None
-
-    def read_many(self, paths) -> dict:
-        """Read several keys in one round of parallel requests: ``{path: (text, version) or None}``.
-
-        None for a key that does not exist, and for every key when ZooKeeper cannot be reached
-        (logged, like ``read``).
-        """
-        return self.read_round(paths)[0]
-
-    def read_round(self, paths, lists=()) -> tuple[dict, dict]:
-        """``read_many`` of ``paths`` and the children of ``lists``, all in one round of parallel
-        requests, answered in the order sent: ``({path: (text, version) or None}, {path: [names] or None})``."""
-        paths, lists = list(paths), list(lists)
-        result, listed = dict.fromkeys(paths), dict.fromkeys(lists)
-        try:
-            named = paths + lists
-            self._require_connection(
-                f"read {', '.join(named[:3])}" + (f" and {len(named) - 3} more" if len(named) > 3 else "")
-            )
-        except StoreError as exc:
-            self._swallow(exc)
-            return result, listed
-        pending = [(path, self.client.get_async(path)) for path in paths]
-        pending_lists = [(path, self.client.get_children_async(path)) for path in lists]
-        for path, async_result in pending_lists:
-            children = self._answer("list", path, async_result)
-            if children is not None:
-                listed[path] = sorted(children)
-        for path, async_result in pending:
-            answer = self._answer("read", path, async_result)
-            if answer is not None:
-                data, stat = answer
-                result[path] = Versioned((data or b"").decode("utf-8", errors="replace"), stat.version)
-        return result, listed
-
-    def _answer(self, what: str, path: str, async_result):
-        """The answer to one request of ``read_round``, or None: a missing key is logged at
-        DEBUG, no answer in time or another failure at WARNING."""
-        try:
-            return async_result.get(timeout=self.options.timeout_s)
-        except kz.NoNodeError:
-            self.log.debug("%s %s: no such key", what, path)
-        except self.client.handler.timeout_exception:
-            self._swallow(
-                UnreachableError(
-                    f"{what} {path}: no answer from ZooKeeper at {self.options.hosts} "
-                    f"within {self.options.timeout_s:g} s"
-                )
-            )
-        except (kz.ConnectionLoss, kz.SessionExpiredError) as exc:
-            self._swallow(UnreachableError(f"{what} {path}: {_describe(exc)}"))
-        except kz.KazooException as exc:
-            self._swallow(StoreError(f"{what} {path}: {_describe(exc)}"))
-        return None
-
-    def read_json(self, path: str):
-        """The decoded JSON value, or None (missing, unreachable, empty, or not JSON within the
-        bounds of _decode.json_value: a stored value is untrusted)."""
-        text = self.read(path)
-        if not text:
-            return None
-        try:
-            return json_value(text, path)
-        except Invalid as exc:
-            self.log.warning("read %s: %s", path, exc)
-            return None
-
-    def children(self, path: str) -> list[str] | None:
-        try:
-            return sorted(self._call(f"list {path}", lambda: self.client.get_children_async(path)))
-        except MissingError as exc:
-            self.log.debug("%s", exc)
-        except StoreError as exc:
-            self._swallow(exc)
-        return None
-
-    def exists(self, path: str) -> bool | None:
-        try:
-            return self._call(f"exists {path}", lambda: self.client.exists_async(path)) is not None
-        except StoreError as exc:
-            self._swallow(exc)
-            return None
-
-    def write(self, values: dict, expect_versions: dict | None = None, delete=(), create=()) -> bool:
-        """``commit`` that returns False (and logs why) instead of raising."""
-        try:
-            self.commit(values, expect_versions, delete, create)
-            return True
-        except StoreError as exc:
-            self._swallow(exc, f"write {', '.join(sorted(values)) or '(deletes only)'} failed: {exc}")
-            return False
-
-    def delete(self, paths, recursive: bool = True) -> bool:
-        """Delete keys (with everything below them unless ``recursive`` is False) in one transaction."""
-        paths = _path_list(paths)
-        try:
-            self.check_reads()
-            self._commit({}, {}, paths, set(), recursive)
-            return True
-        except StoreError as exc:
-            self._swallow(exc, f"delete {', '.join(paths)} failed: {exc}")
-            return False
 
     # ---- watches and ephemeral keys ---------------------------------------------------------
 

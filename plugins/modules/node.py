@@ -286,8 +286,7 @@ def confirm_fenced(module, session, name: str, daemon_state: str, domain_state: 
     if module.check_mode or not differences.changed:
         return result
     path = schema.node_key(name, S.NODE_DAEMON_STATE)
-    versioned = store.read_versioned(path)
-    session.verify()
+    versioned = store.find(path)
     if versioned is None or versioned[0] != daemon_state:
         raise ModuleFailure(
             f"the daemon state of node {name} changed meanwhile (now {versioned[0] if versioned else None})"
@@ -326,7 +325,7 @@ def plan_state(current: str, state: str, halted: str | None = None) -> Differenc
 
 def read_flush_halted(store, path: str) -> str | None:
     """The verdict of a flush its daemon halted (the node's ``flush_halted``), or None."""
-    value = store.read(path)
+    value = store.find_text(path)
     if not value:
         return None
     try:
@@ -429,14 +428,12 @@ def run(module, session) -> dict:
     store, schema = session.store, session.schema
     name, state = params["name"], params["state"]
     snapshot = read_cluster(store)
-    session.verify()
     if name not in snapshot.nodes:
         raise ModuleFailure(
             f"node {name!r} is not a node of this cluster (nodes: {', '.join(sorted(snapshot.nodes)) or 'none registered'})"
         )
     path = schema.node_key(name, S.NODE_DOMAIN_STATE)
-    versioned = store.read_versioned(path)
-    session.verify()
+    versioned = store.find(path)
     current = versioned[0] if versioned else S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE]
     daemon_state = snapshot.nodes[name].get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE]
     if state == "fenced":
@@ -450,7 +447,6 @@ def run(module, session) -> dict:
     request, final = TRANSITIONS[state]
     halted_path = schema.node_key(name, S.NODE_FLUSH_HALTED)
     halted = read_flush_halted(store, halted_path) if request == "flush" else None
-    session.verify()
     differences = plan_state(current, state, halted)
     result = {
         "changed": differences.changed,
@@ -507,7 +503,7 @@ def run(module, session) -> dict:
         deadline = time.monotonic() + params["wait_timeout"]
 
         def settled():
-            value = store.read(path)
+            value = store.find_text(path)
             if value not in (request, None):
                 return value
             if request == "flush":
@@ -525,7 +521,7 @@ def run(module, session) -> dict:
             )
         if outcome is None:
             raise ModuleFailure(
-                f"node {name} is still {store.read(path)} after {params['wait_timeout']} s; its daemon carries on",
+                f"node {name} is still {store.find_text(path)} after {params['wait_timeout']} s; its daemon carries on",
                 **result,
             )
         if outcome != final:
@@ -559,10 +555,10 @@ def published(store, nodes: list[str], moving: list[str]) -> bool:
     running = {
         node: read_running(store, node)
         for node in nodes
-        if store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"
+        if store.find_text(schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"
     }
     for uuid in moving:
-        node = store.read(schema.domain_key(uuid, S.DOMAIN_NODE))
+        node = store.find_text(schema.domain_key(uuid, S.DOMAIN_NODE))
         if not node or read_vm_state(store, uuid) != "start":
             continue
         if [where for where, uuids in running.items() if uuid in uuids] != [node]:

@@ -254,7 +254,6 @@ ARGUMENT_SPEC = dict(
 
 def run(module, session) -> dict:
     snapshot = read_cluster(session.store)
-    session.verify()
     name = module.params.get("name")
     if name and name not in snapshot.nodes:
         raise ModuleFailure(

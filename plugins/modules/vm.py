@@ -601,7 +601,7 @@ def node_version(schema, record) -> dict:
 def cpu_totals(store, names) -> dict[str, int]:
     """Each node's published CPU count; 0 when missing or not a sensible count."""
     names = list(names)
-    found = store.read_many([store.schema.node_key(name, S.NODE_CPUTOTAL) for name in names])
+    found = store.get_many([store.schema.node_key(name, S.NODE_CPUTOTAL) for name in names])
     return {
         name: or_default(integer, (found[path] or (None,))[0], path, 0, [])
         for name, path in ((name, store.schema.node_key(name, S.NODE_CPUTOTAL)) for name in names)
@@ -635,14 +635,14 @@ def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: 
     if outcome is None:
         current = read_vm_state(store, uuid)
         where = running_on(store, uuid, nodes)
-        daemon = store.read(schema.node_key(node, S.NODE_DAEMON_STATE)) if node else None
+        daemon = store.find_text(schema.node_key(node, S.NODE_DAEMON_STATE)) if node else None
         raise ModuleFailure(
             f"VM {uuid}: not {'running on ' + node if runs else 'stopped'} after {timeout_s} s "
             f"(state {current}, running on {', '.join(where) or 'no node'}, daemon of {node} is {daemon}); "
             "the request stays recorded and the daemon still acts on it"
         )
     if outcome[0] == "fail":
-        reason = store.read(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)) or "no reason recorded"
+        reason = store.find_text(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON)) or "no reason recorded"
         raise ModuleFailure(f"VM {uuid} failed to start on {node}: {reason}")
     return outcome[1]
 
@@ -699,7 +699,6 @@ def run(module, session, info) -> dict:
     else:
         uuid = find_vm(store, params["name"])
         current = read_vm(store, uuid) if uuid else None
-    session.verify()
 
     if params["state"] == "absent":
         if current is None:
@@ -715,7 +714,7 @@ def run(module, session, info) -> dict:
         if info is None:
             raise ModuleFailure(f"VM {params['name']} does not exist; to define it, give its domain XML in xml")
         plan = plan_create(
-            params, info, updates, nodes, store.read(schema.default_selector()), cpu_totals(store, nodes)
+            params, info, updates, nodes, store.find_text(schema.default_selector()), cpu_totals(store, nodes)
         )
         expect, create = {}, [schema.domain(info.uuid)]
         policy = params.get("require_n1")
@@ -775,7 +774,6 @@ def run(module, session, info) -> dict:
 
     record = read_vm(store, plan.uuid)
     if record is None:
-        session.verify()
         raise ModuleFailure(
             f"VM {plan.name} was removed by someone else right after this task wrote it", changed=plan.changed
         )

@@ -198,7 +198,6 @@ def run(module, session) -> dict:
     uuids = None
     if params.get("name"):
         uuid = find_vm(store, params["name"])
-        session.verify()
         if uuid is None:
             raise ModuleFailure(f"VM {params['name']} does not exist (give its name or UUID, or no name for every VM)")
         uuids = [uuid]

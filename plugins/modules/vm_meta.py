@@ -119,20 +119,18 @@ def run(module, session) -> dict:
     updates = meta_updates(params, node_names=names)
     uuid = find_vm(store, params["name"])
     if uuid is None:
-        session.verify()
         raise ModuleFailure(f"VM {params['name']} does not exist (give its name or UUID)")
-    name = store.read(schema.domain(uuid))
+    name = store.find_text(schema.domain(uuid))
     stored, versions = {}, {}
     for key in S.META_KEYS:
-        value = store.read_versioned(schema.domain_meta(uuid, key))
+        value = store.find(schema.domain_meta(uuid, key))
         stored[key] = value[0] if value else None
         if value:
             versions[schema.domain_meta(uuid, key)] = value[1]
-    session.verify()
     plan = MetaPlan(VMMeta.from_store(stored), updates)
     differences, writes, before, after = plan.differences, plan.writes, plan.before, plan.after
     if S.META_NODE_LIMIT in writes:
-        node = store.read(schema.domain_key(uuid, S.DOMAIN_NODE))
+        node = store.find_text(schema.domain_key(uuid, S.DOMAIN_NODE))
         limit = after[S.META_NODE_LIMIT]
         if limit and node not in limit:
             module.warn(

@@ -384,7 +384,7 @@ def runs_only_on(store, uuid: str, target: str, source: str) -> bool:
     schema = store.schema
     if uuid not in read_running(store, target):
         return False
-    if store.read(schema.node_key(source, S.NODE_DAEMON_STATE)) != "run":
+    if store.find_text(schema.node_key(source, S.NODE_DAEMON_STATE)) != "run":
         return True
     return uuid not in read_running(store, source)
 
@@ -400,10 +400,7 @@ def wait_for_record(session, vm, record_id: str, timeout_s: int) -> dict:
     deadline = time.monotonic() + timeout_s
 
     def gone():
-        value = store.read_versioned(path)
-        if value is not None and value[0]:
-            return None
-        return True if store.exists(path) is False else None
+        return True if store.find(path) is None else None
 
     if watch_until(store, [path], gone, timeout_s) is None:
         current = read_vm(store, vm.uuid)
@@ -459,9 +456,8 @@ def clear_record(module, session, vm) -> dict:
     # The reservation on the VM's own node stays: it covers the VM there until that node's keepalive
     # counts the VM in memprov (and folds it), so deleting it would understate the node's use.
     nodes = [node for node in node_names(store) if node != vm.node]
-    found = store.read_many([schema.node_reservation(node, vm.uuid) for node in nodes])
+    found = store.get_many([schema.node_reservation(node, vm.uuid) for node in nodes])
     reservations = [node for node in nodes if found[schema.node_reservation(node, vm.uuid)] is not None]
-    session.verify()
     result.update(
         changed=True,
         cleared={"migration_error": vm.migration_error, "reservations": reservations},
@@ -488,15 +484,13 @@ def run(module, session) -> dict:
     store, schema = session.store, session.schema
     uuid = find_vm(store, params["name"])
     if uuid is None:
-        session.verify()
         raise ModuleFailure(f"VM {params['name']} does not exist (give its name or UUID)")
     # a task reads and plans once more after a conflict (the VM or a target's reservations changed), then fails
     budget = Attempts(2)
     while True:
         vm = read_vm(store, uuid)
         nodes = read_node_views(store)
-        default_selector = store.read(schema.default_selector())
-        session.verify()
+        default_selector = store.find_text(schema.default_selector())
         if vm is None:
             raise ModuleFailure(f"VM {params['name']} was removed while this task ran")
         target = params.get("target_node")
@@ -540,7 +534,6 @@ def run(module, session) -> dict:
         policy = params.get("require_n1")
         if plan.migrates and (read_require_n1(store, []) if policy is None else policy):
             check = n1_verdict(read_cluster(store), plan)
-            session.verify()
             if not check.ok:
                 raise n1_failure(check, plan)
         result = {"changed": differences.changed}

@@ -69,7 +69,7 @@ def test_an_overflowing_reservation_reads_as_zero_and_is_named(cluster):
 
 def test_reports_of_a_node_with_garbage_figures_name_them(cluster):
     schema = cluster.schema
-    cluster.write(
+    cluster.commit(
         {
             schema.node_key("n1", S.NODE_MEMTOTAL): "1e999",
             schema.node_key("n1", S.NODE_KEEPALIVE): "nan",
@@ -141,7 +141,7 @@ def test_node_reports_show_maintenance_and_the_last_fence_and_name_garbage_in_th
         "duration_s": 0.5,
         "detail": "power off confirmed",
     }
-    cluster.write(
+    cluster.commit(
         {
             schema.node_key("n1", S.NODE_MAINTENANCE): "true",
             schema.node_key("n1", S.NODE_FENCE): json.dumps(fence),
@@ -165,7 +165,7 @@ def test_a_nodes_fence_record_is_the_latest_of_its_own_and_its_peers(cluster):
     schema = cluster.schema
     operator = {"by": "operator", "method": "operator", "result": "fenced", "started": 100.0, "finished": 100.0}
     by_n2 = {"by": "n2", "method": "ipmi", "result": "fence-failed", "started": 90.0, "detail": "no answer"}
-    cluster.write(
+    cluster.commit(
         {
             schema.node_key("n1", S.NODE_FENCE): json.dumps(operator),
             schema.node_fence_record("n2", "n1"): json.dumps(by_n2),
@@ -174,9 +174,9 @@ def test_a_nodes_fence_record_is_the_latest_of_its_own_and_its_peers(cluster):
     assert node_report(read_cluster(cluster), "n1")["fence"] == operator
     assert read_fence_record(cluster, "n1") == operator
     later = {**by_n2, "started": 200.0}
-    cluster.write({schema.node_fence_record("n2", "n1"): json.dumps(later)})
+    cluster.commit({schema.node_fence_record("n2", "n1"): json.dumps(later)})
     assert node_report(read_cluster(cluster), "n1")["fence"] == later == read_fence_record(cluster, "n1")
-    cluster.write({schema.node_fence_record("n2", "n1"): "[garbage"})
+    cluster.commit({schema.node_fence_record("n2", "n1"): "[garbage"})
     problems: list = []
     assert read_fence_record(cluster, "n1", problems) == operator
     assert [problem.path for problem in problems] == [schema.node_fence_record("n2", "n1")]
@@ -194,10 +194,10 @@ def test_a_vm_read_at_once_derives_what_the_daemons_table_derives(cluster):
     record = MigrationRecord(
         id="m1", vm=UUID, kind="migrate", source="n1", target="n2", method="default", memory_mib=1024, step="requested"
     )
-    assert store.write({path: record.to_json()})
+    store.commit({path: record.to_json()})
     vm = read_vm(store, UUID)
     assert (vm.migration_source, vm.migration_target, vm.left_alone) == ("n1", "n2", "")
-    assert store.write({path: "{not json"})
+    store.commit({path: "{not json"})
     vm = read_vm(store, UUID)
     assert vm.migration is None and vm.migration_source is None
     assert vm.migration_error and vm.left_alone == vm.migration_error

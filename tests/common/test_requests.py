@@ -47,7 +47,7 @@ def request(store, kind, target=None):
 
 
 def lastnode_version(store):
-    return store.read_versioned(store.schema.domain_key(UUID, S.DOMAIN_LASTNODE))
+    return store.find(store.schema.domain_key(UUID, S.DOMAIN_LASTNODE))
 
 
 def test_a_move_that_keeps_lastnode_does_not_rewrite_it(cluster):
@@ -55,7 +55,7 @@ def test_a_move_that_keeps_lastnode_does_not_rewrite_it(cluster):
     before = lastnode_version(cluster)
     record = request(cluster, "move", target="n2")
     assert record.kind == "move" and record.target == "n2"
-    assert cluster.read(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
+    assert cluster.find_text(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
     assert lastnode_version(cluster) == before == ("", 0)
 
 
@@ -63,7 +63,7 @@ def test_a_temporary_migration_records_the_home_node(cluster):
     request(cluster, "migrate", target="n2")
     text, version = lastnode_version(cluster)
     assert (text, version) == ("n1", 1)
-    assert cluster.read(cluster.schema.node_reservation("n2", UUID)) == "1024"
+    assert cluster.find_text(cluster.schema.node_reservation("n2", UUID)) == "1024"
 
 
 def test_request_vm_plans_again_after_a_conflict(cluster, monkeypatch):
@@ -82,7 +82,7 @@ def test_request_vm_plans_again_after_a_conflict(cluster, monkeypatch):
     monkeypatch.setattr(_requests, "submit_request", submit_after_a_change)
     record = request_vm(cluster, UUID, "move", "test", target="n2")
     assert len(submits) == 2 and submits[1] == submits[0] + 1 and record.target == "n2"
-    assert cluster.read(node_key) == "n2"
+    assert cluster.find_text(node_key) == "n2"
 
 
 def test_request_vm_gives_up_after_its_attempts(cluster, monkeypatch):
@@ -96,7 +96,7 @@ def test_request_vm_gives_up_after_its_attempts(cluster, monkeypatch):
     with pytest.raises(ConflictError):
         request_vm(cluster, UUID, "move", "test", target="n2", attempts=3)
     assert submitted == [UUID] * 3
-    assert cluster.read(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n1"
+    assert cluster.find_text(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n1"
 
 
 def test_request_vm_of_a_missing_vm_is_refused(cluster):
@@ -108,12 +108,12 @@ def test_a_request_on_a_stale_read_writes_nothing(cluster):
     vm = read_vm(cluster, UUID)
     plan = plan_request(vm, "migrate", read_node_views(cluster), target="n2")
     # someone else re-assigned the VM after it was read
-    cluster.write({cluster.schema.domain_key(UUID, S.DOMAIN_NODE): "n2"})
+    cluster.commit({cluster.schema.domain_key(UUID, S.DOMAIN_NODE): "n2"})
     with pytest.raises(ConflictError):
         submit_request(cluster, plan, vm, requester="test")
     assert lastnode_version(cluster) == ("", 0)
-    assert cluster.read(cluster.schema.domain_migration(UUID)) is None
-    assert cluster.read(cluster.schema.node_reservation("n2", UUID)) is None
+    assert cluster.find_text(cluster.schema.domain_migration(UUID)) is None
+    assert cluster.find_text(cluster.schema.node_reservation("n2", UUID)) is None
 
 
 def test_a_request_replaces_reservations_left_by_earlier_migrations(cluster):
@@ -123,9 +123,9 @@ def test_a_request_replaces_reservations_left_by_earlier_migrations(cluster):
     cluster.commit({schema.node_reservation("n1", UUID): 1024, schema.node_reservation("n2", UUID): 512})
     record = request(cluster, "migrate", target="n2")
     assert record is not None
-    assert cluster.read(schema.node_reservation("n1", UUID)) is None
-    assert cluster.read(schema.node_reservation("n2", UUID)) == "1024"
-    assert cluster.read(schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
+    assert cluster.find_text(schema.node_reservation("n1", UUID)) is None
+    assert cluster.find_text(schema.node_reservation("n2", UUID)) == "1024"
+    assert cluster.find_text(schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
 
 
 def test_an_abort_gives_the_vm_back_with_a_reservation_on_its_source(cluster):
@@ -146,13 +146,13 @@ def test_an_abort_gives_the_vm_back_with_a_reservation_on_its_source(cluster):
 def test_a_stopped_vm_that_is_only_re_homed_gets_a_reservation_on_its_new_node(cluster):
     schema = cluster.schema
     cluster.commit({schema.domain_key(UUID, S.DOMAIN_STATE): "stop", schema.node_reservation("n1", UUID): 1024})
-    before = cluster.read_versioned(schema.node_reservations("n2"))
+    before = cluster.find(schema.node_reservations("n2"))
     assert request(cluster, "move", target="n2") is None  # no migration record: nothing moves
-    assert cluster.read(schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
-    assert cluster.read(schema.domain_migration(UUID)) is None
-    assert cluster.read(schema.node_reservation("n2", UUID)) == "1024"  # until n2's keepalive counts it
-    assert cluster.read(schema.node_reservation("n1", UUID)) is None  # the one left on n1 went
-    assert cluster.read_versioned(schema.node_reservations("n2")) != before
+    assert cluster.find_text(schema.domain_key(UUID, S.DOMAIN_NODE)) == "n2"
+    assert cluster.find_text(schema.domain_migration(UUID)) is None
+    assert cluster.find_text(schema.node_reservation("n2", UUID)) == "1024"  # until n2's keepalive counts it
+    assert cluster.find_text(schema.node_reservation("n1", UUID)) is None  # the one left on n1 went
+    assert cluster.find(schema.node_reservations("n2")) != before
 
 
 @pytest.mark.parametrize("health", ["down", "hung"])
@@ -160,14 +160,14 @@ def test_a_request_to_a_node_whose_libvirt_is_not_ok_writes_nothing(cluster, hea
     vm = read_vm(cluster, UUID)
     plan = plan_request(vm, "migrate", read_node_views(cluster), target="n2")
     # the target's daemon lost its libvirtd after the plan was made: the submission's own check says so
-    cluster.write({cluster.schema.node_key("n2", S.NODE_LIBVIRT): health})
+    cluster.commit({cluster.schema.node_key("n2", S.NODE_LIBVIRT): health})
     with pytest.raises(RequestError, match=f"cannot migrate VM web1 to n2: libvirt is {health} on the node"):
         submit_request(cluster, plan, vm, requester="test")
     with pytest.raises(RequestError, match=f"libvirt is {health}"):
         plan_request(vm, "migrate", read_node_views(cluster), target="n2")
-    assert cluster.read(cluster.schema.domain_migration(UUID)) is None
-    assert cluster.read(cluster.schema.node_reservation("n2", UUID)) is None
-    assert cluster.read(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n1"
+    assert cluster.find_text(cluster.schema.domain_migration(UUID)) is None
+    assert cluster.find_text(cluster.schema.node_reservation("n2", UUID)) is None
+    assert cluster.find_text(cluster.schema.domain_key(UUID, S.DOMAIN_NODE)) == "n1"
 
 
 def test_attempts_count_failures_up_to_the_limit():

@@ -63,10 +63,9 @@ def test_encode_value_refuses_other_types(value):
 def test_values_round_trip_as_text(store):
     base = store.schema.config("roundtrip")
     values = {f"{base}/{i}": v for i, v in enumerate([True, 7, 2.25, None, {"k": [1]}, "plain"])}
-    assert store.write(values)
-    assert [store.read(p) for p in values] == ["true", "7", "2.25", "", '{"k":[1]}', "plain"]
-    assert store.read_json(f"{base}/4") == {"k": [1]}
-    assert store.read_json(f"{base}/3") is None  # "" is how None is stored
+    store.commit(values)
+    assert [store.find_text(p) for p in values] == ["true", "7", "2.25", "", '{"k":[1]}', "plain"]
+    assert store.find_text(f"{base}/3") == ""  # "" is how None is stored
 
 
 # ---- connection options -------------------------------------------------------------------------
@@ -174,14 +173,14 @@ def test_unstarted_and_stopped_store_fail_cleanly(make_store, caplog):
     store = make_store(start=False)
     with pytest.raises(StoreError, match="not started"):
         store.get("/x")
-    with caplog.at_level(logging.WARNING):
-        assert store.read("/x") is None
-    assert "not started" in caplog.text
+    with pytest.raises(StoreError, match="not started"):
+        store.find_text("/x")
     store.start()
     assert store.connected
     store.stop()
     assert not store.connected
-    assert store.write({"/x": 1}) is False
+    with pytest.raises(StoreError, match="stopped"):
+        store.commit({"/x": 1})
     with pytest.raises(StoreError, match="stopped"):
         store.start()
 
@@ -212,47 +211,52 @@ def test_module_imports_without_kazoo():
 # ---- accessors ----------------------------------------------------------------------------------
 
 
-def test_read_write_children_exists_delete(store, caplog):
+def test_read_write_children_exists_delete(store):
     s = store.schema
     node = s.node("n1")
-    assert store.write({s.node_key("n1", "memtotal"): 4096, s.node_key("n1", "daemon_state"): "run"})
-    assert store.read(s.node_key("n1", "memtotal")) == "4096"
-    text, version = store.read_versioned(s.node_key("n1", "memtotal"))
+    store.commit({s.node_key("n1", "memtotal"): 4096, s.node_key("n1", "daemon_state"): "run"})
+    assert store.find_text(s.node_key("n1", "memtotal")) == "4096"
+    text, version = store.find(s.node_key("n1", "memtotal"))
     assert (text, version) == ("4096", 0)
     assert store.get(s.node_key("n1", "daemon_state")) == ("run", 0)
-    assert store.children(node) == ["daemon_state", "memtotal"]
+    assert store.list_children(node, missing_ok=True) == ["daemon_state", "memtotal"]
     assert store.exists(node) is True
-    assert store.write({s.node_key("n1", "memtotal"): 8192})
-    assert store.read_versioned(s.node_key("n1", "memtotal")) == ("8192", 1)
+    store.commit({s.node_key("n1", "memtotal"): 8192})
+    assert store.find(s.node_key("n1", "memtotal")) == ("8192", 1)
 
-    with caplog.at_level(logging.DEBUG, logger=_store.__name__):
-        assert store.read(s.node_key("n1", "nokey")) is None
-        assert store.read_versioned(s.node_key("n1", "nokey")) is None
-        assert store.children(s.node("nobody")) is None
-    assert f"read {s.node_key('n1', 'nokey')}: no such key" in caplog.text
-    assert f"list {s.node('nobody')}: no such key" in caplog.text
+    # a key that does not exist: None (find), [] (missing_ok) or MissingError, never confused with a failure
+    assert store.find_text(s.node_key("n1", "nokey")) is None
+    assert store.find(s.node_key("n1", "nokey")) is None
+    assert store.get_many([s.node_key("n1", "nokey"), s.node_key("n1", "memtotal")]) == {
+        s.node_key("n1", "nokey"): None,
+        s.node_key("n1", "memtotal"): ("8192", 1),
+    }
+    assert store.list_children(s.node("nobody"), missing_ok=True) == []
+    with pytest.raises(MissingError, match=f"list {s.node('nobody')}: no such key"):
+        store.list_children(s.node("nobody"))
+    assert store.get_round([], [s.node("nobody")]) == ({}, {s.node("nobody"): None})
     assert store.exists(s.node("nobody")) is False
     with pytest.raises(MissingError):
         store.get(s.node_key("n1", "nokey"))
 
-    assert store.delete(node)  # recursive by default
+    store.delete(node)  # recursive by default
     assert store.exists(node) is False
-    assert store.children(s.nodes()) == []
-    assert store.delete(node)  # already gone: nothing to do
+    assert store.list_children(s.nodes(), missing_ok=True) == []
+    store.delete(node)  # already gone: nothing to do
 
 
 def test_write_creates_parents_and_nested_new_keys(store):
     s = store.schema
     uuid = "0b6f2c4e-0000-4000-8000-000000000001"
-    assert store.write(
+    store.commit(
         {s.domain(uuid): "vm1", s.domain_key(uuid, "xml"): "<domain/>", s.domain_meta(uuid, "node_limit"): ["n1"]}
     )
-    assert store.read(s.domain(uuid)) == "vm1"  # the parent carries its own value, not ""
-    assert store.read_json(s.domain_meta(uuid, "node_limit")) == ["n1"]
-    assert store.children(s.domain(uuid)) == ["meta", "xml"]
+    assert store.find_text(s.domain(uuid)) == "vm1"  # the parent carries its own value, not ""
+    assert store.find_text(s.domain_meta(uuid, "node_limit")) == '["n1"]'
+    assert store.list_children(s.domain(uuid), missing_ok=True) == ["meta", "xml"]
     deep = store.schema.root + "/scratch/a/b/c"
-    assert store.write({deep: 1})
-    assert store.read(deep) == "1"
+    store.commit({deep: 1})
+    assert store.find_text(deep) == "1"
 
 
 def test_commit_returns_new_versions(store):
@@ -261,76 +265,64 @@ def test_commit_returns_new_versions(store):
     assert store.commit({a: 2, b: 3}) == {a: 1, b: 0}
 
 
-def test_read_json_and_non_utf8(store, caplog):
+def test_non_utf8(store):
     path = store.schema.config("blob")
-    assert store.write({path: b"\xff\xfe"})
-    with caplog.at_level(logging.WARNING):
-        assert store.read(path) is None
-        assert store.write({path: "{not json"})
-        assert store.read_json(path) is None
-        assert store.write({path: "[" * 50_000})  # deeper than the parser's recursion
-        assert store.read_json(path) is None
-    assert "not UTF-8" in caplog.text
-    assert "'{not json' is not valid; expected JSON" in caplog.text
-    assert "nested deeper" in caplog.text
-    assert store.write({path: b"\xff"})
+    store.commit({path: b"\xff\xfe"})
+    # untrusted text for the typed decoders, which refuse it; the other keys of the round are read
+    assert store.find_text(path) == "\ufffd\ufffd"
+    assert store.get_many([path, store.schema.nodes()]) == {path: ("\ufffd\ufffd", 0), store.schema.nodes(): ("", 0)}
+    store.commit({path: b"\xff"})
     with pytest.raises(StoreError, match="not UTF-8"):
         store.get(path)
 
 
-def test_delete_non_recursive_refuses_children(store, caplog):
+def test_delete_non_recursive_refuses_children(store):
     s = store.schema
-    assert store.write({s.node_key("n1", "memtotal"): 1})
-    with caplog.at_level(logging.WARNING):
-        assert store.delete(s.node("n1"), recursive=False) is False
-    assert "it has children" in caplog.text
-    assert store.delete([s.node_key("n1", "memtotal")], recursive=False)
-    assert store.delete(s.node("n1"), recursive=False)
+    store.commit({s.node_key("n1", "memtotal"): 1})
+    with pytest.raises(StoreError, match="it has children"):
+        store.delete(s.node("n1"), recursive=False)
+    store.delete([s.node_key("n1", "memtotal")], recursive=False)
+    store.delete(s.node("n1"), recursive=False)
     assert store.exists(s.node("n1")) is False
 
 
 def test_write_with_deletes_is_one_transaction(store):
     s = store.schema
     uuid = "u1"
-    assert store.write({s.domain_migration(uuid): {"id": 1}, s.node_reservation("n2", uuid): 512})
-    assert store.write(
-        {s.domain_key(uuid, "node"): "n2"}, delete=[s.domain_migration(uuid), s.node_reservation("n2", uuid)]
-    )
+    store.commit({s.domain_migration(uuid): {"id": 1}, s.node_reservation("n2", uuid): 512})
+    store.commit({s.domain_key(uuid, "node"): "n2"}, delete=[s.domain_migration(uuid), s.node_reservation("n2", uuid)])
     assert store.exists(s.domain_migration(uuid)) is False
-    assert store.children(s.node_reservations("n2")) == []
-    assert store.read(s.domain_key(uuid, "node")) == "n2"
+    assert store.list_children(s.node_reservations("n2"), missing_ok=True) == []
+    assert store.find_text(s.domain_key(uuid, "node")) == "n2"
 
 
 # ---- transactions: atomicity and compare-and-set -----------------------------------------------
 
 
-def test_failed_version_check_writes_nothing(store, caplog):
+def test_failed_version_check_writes_nothing(store):
     s = store.schema
     a, b, c = s.node_key("n1", "memalloc"), s.node_key("n1", "memprov"), s.node_key("n1", "new")
-    store.write({a: 1, b: 1})
+    store.commit({a: 1, b: 1})
     _, version_b = store.get(b)
-    with caplog.at_level(logging.WARNING):
-        ok = store.write({a: 2, b: 2, c: 2}, expect_versions={b: version_b + 7}, delete=[s.node_key("n1", "x")])
-    assert ok is False
-    assert f"{b} changed concurrently" in caplog.text
-    assert store.read(a) == "1"
-    assert store.read(b) == "1"
+    with pytest.raises(ConflictError, match=f"{b} changed concurrently"):
+        store.commit({a: 2, b: 2, c: 2}, expect_versions={b: version_b + 7}, delete=[s.node_key("n1", "x")])
+    assert store.find_text(a) == "1"
+    assert store.find_text(b) == "1"
     assert store.exists(c) is False
     with pytest.raises(ConflictError):
         store.commit({a: 2, c: 2}, expect_versions={b: version_b + 7})
-    assert store.read(a) == "1" and store.exists(c) is False
+    assert store.find_text(a) == "1" and store.exists(c) is False
 
 
 def test_compare_and_set(store):
     path = store.schema.domain_key("u1", "node")
-    store.write({path: "n1"})
-    _, version = store.read_versioned(path)
+    store.commit({path: "n1"})
+    _, version = store.find(path)
     # two writers read the same version; the first wins, the second conflicts
-    assert store.write({path: "n2"}, expect_versions={path: version})
-    assert store.write({path: "n3"}, expect_versions={path: version}) is False
+    store.commit({path: "n2"}, expect_versions={path: version})
     with pytest.raises(ConflictError, match="changed concurrently"):
         store.commit({path: "n3"}, expect_versions={path: version})
-    assert store.read(path) == "n2"
+    assert store.find_text(path) == "n2"
     # a version expected for a key that is missing is a conflict too
     with pytest.raises(ConflictError, match="does not exist"):
         store.commit(
@@ -341,12 +333,13 @@ def test_compare_and_set(store):
 def test_check_only_and_delete_versions(store):
     s = store.schema
     guard, other = s.domain_key("u1", "state"), s.domain_key("u1", "node")
-    store.write({guard: "start", other: "n1"})
+    store.commit({guard: "start", other: "n1"})
     _, gv = store.get(guard)
-    assert store.write({other: "n2"}, expect_versions={guard: gv})  # guard only checked
-    store.write({guard: "stop"})
-    assert store.write({other: "n3"}, expect_versions={guard: gv}) is False
-    assert store.read(other) == "n2"
+    store.commit({other: "n2"}, expect_versions={guard: gv})  # guard only checked
+    store.commit({guard: "stop"})
+    with pytest.raises(ConflictError):
+        store.commit({other: "n3"}, expect_versions={guard: gv})
+    assert store.find_text(other) == "n2"
     with pytest.raises(ConflictError):
         store.commit({}, delete=[guard], expect_versions={guard: gv})
     assert store.commit({}, delete=[guard], expect_versions={guard: gv + 1}) == {}
@@ -357,11 +350,10 @@ def test_check_only_and_delete_versions(store):
 
 def test_create_only_keys(store):
     path = store.schema.domain_migration("u1")
-    assert store.write({path: {"id": 1}}, create=[path])
-    assert store.write({path: {"id": 2}}, create=[path]) is False
+    store.commit({path: {"id": 1}}, create=[path])
     with pytest.raises(ConflictError, match="already exists"):
         store.commit({path: {"id": 2}}, create=[path])
-    assert store.read_json(path) == {"id": 1}
+    assert store.find_text(path) == '{"id":1}'
 
 
 @pytest.mark.parametrize(
@@ -400,7 +392,7 @@ def test_create_race_is_retried_once(store, zk_server, monkeypatch, caplog):
         monkeypatch.setattr(store.client, "transaction", race_on_second)
         with caplog.at_level(logging.DEBUG, logger=_store.__name__):
             assert store.commit({path: "ours"}) == {path: 1}
-        assert store.read(path) == "ours"
+        assert store.find_text(path) == "ours"
         assert "does not exist; checking the keys first" in caplog.text
         assert "retrying once" in caplog.text
 
@@ -415,7 +407,7 @@ def test_create_race_is_retried_once(store, zk_server, monkeypatch, caplog):
         monkeypatch.setattr(store.client, "transaction", race_once)
         with pytest.raises(ConflictError):
             store.commit({path: "ours"}, create=[path])
-        assert store.read(path) == "theirs"
+        assert store.find_text(path) == "theirs"
 
         # a race on both planned attempts (created, then deleted again): StoreError
         def toggle():
@@ -430,7 +422,8 @@ def test_create_race_is_retried_once(store, zk_server, monkeypatch, caplog):
         other.delete(path)
         built.clear()
         monkeypatch.setattr(store.client, "transaction", toggle)
-        assert store.write({path: "ours"}) is False
+        with pytest.raises(StoreError, match="kept changing"):
+            store.commit({path: "ours"})
         if other.exists(path):
             other.delete(path)
         built.clear()
@@ -449,16 +442,16 @@ def test_ensure_schema_is_idempotent(make_store):
     assert store.ensure_schema() is True
     for path in store.schema.base_paths():
         assert store.exists(path) is True
-    assert store.read(store.schema.schema_version()) == str(SCHEMA_VERSION)
+    assert store.find_text(store.schema.schema_version()) == str(SCHEMA_VERSION)
     assert store.ensure_schema() is False
     # a second client sees it in place too
     assert make_store().ensure_schema() is False
     # one missing base path is recreated, nothing else touched
     store.delete(store.schema.nodes())
-    store.write({store.schema.default_selector(): "mem"})
+    store.commit({store.schema.default_selector(): "mem"})
     assert store.ensure_schema() is True
     assert store.exists(store.schema.nodes()) is True
-    assert store.read(store.schema.default_selector()) == "mem"
+    assert store.find_text(store.schema.default_selector()) == "mem"
 
 
 @pytest.mark.parametrize(
@@ -466,10 +459,10 @@ def test_ensure_schema_is_idempotent(make_store):
     [(str(SCHEMA_VERSION + 1), "upgrade pvc.cluster first"), ("0", "no migration"), ("banana", "not a schema version")],
 )
 def test_ensure_schema_refuses_other_versions(store, stored, message):
-    store.write({store.schema.schema_version(): stored})
+    store.commit({store.schema.schema_version(): stored})
     with pytest.raises(StoreError, match=message):
         store.ensure_schema()
-    assert store.read(store.schema.schema_version()) == stored
+    assert store.find_text(store.schema.schema_version()) == stored
 
 
 # ---- digest auth --------------------------------------------------------------------------------
@@ -479,7 +472,7 @@ def test_digest_auth_locks_out_unauthenticated_clients(make_store, zk_server):
     store = make_store(auth_username="pvc", auth_password="s3cret")
     store.ensure_schema()
     key = store.schema.node_key("n1", "memtotal")
-    assert store.write({key: 1})
+    store.commit({key: 1})
     with store.lock(store.schema.node_lock("n1")):
         pass
     expected = make_digest_acl("pvc", "s3cret", all=True)
@@ -508,11 +501,14 @@ def test_digest_auth_locks_out_unauthenticated_clients(make_store, zk_server):
         for client in (anonymous, wrong):
             client.stop()
             client.close()
-    # the store itself, without credentials, reads None and says why
+    # the store itself, without credentials, raises: refused is neither missing nor unreachable
     intruder = make_store()
-    assert intruder.read(key) is None
-    assert intruder.write({key: 2}) is False
-    assert store.read(key) == "1"
+    with pytest.raises(StoreError, match="NoAuthError") as refused:
+        intruder.find_text(key)
+    assert not isinstance(refused.value, (MissingError, _store.UnreachableError))
+    with pytest.raises(StoreError):
+        intruder.commit({key: 2})
+    assert store.find_text(key) == "1"
 
 
 # ---- verify_cluster: a pvc.cluster at the root, credentials that fit how it is secured ----------
@@ -534,7 +530,7 @@ def test_verify_cluster_accepts_an_open_cluster_without_credentials(store, make_
     client = make_store()
     client.verify_cluster()
     assert client.client.default_acl is None  # kazoo's default: the open ACL of the cluster
-    assert client.write({client.schema.node_key("n1", "memtotal"): 1})
+    client.commit({client.schema.node_key("n1", "memtotal"): 1})
 
 
 @pytest.mark.parametrize(
@@ -566,7 +562,7 @@ def test_verify_cluster_refuses_a_root_without_a_cluster(make_store, zk_server, 
     ],
 )
 def test_verify_cluster_refuses_other_schema_versions(store, make_store, stored, message):
-    store.write({store.schema.schema_version(): stored})
+    store.commit({store.schema.schema_version(): stored})
     with pytest.raises(StoreError, match=message):
         make_store().verify_cluster()
 
@@ -657,7 +653,7 @@ def test_keys_created_after_verify_cluster_take_their_rules_acl_with_the_identit
     uuid = "6695eb01-f6a4-8304-79aa-97f2502e193f"
     state, xml = operator.schema.domain_key(uuid, "state"), operator.schema.domain_key(uuid, "xml")
     node = operator.schema.domain_key(uuid, "node")
-    assert operator.write({state: "stop", xml: "<domain/>", node: "n1"})
+    operator.commit({state: "stop", xml: "<domain/>", node: "n1"})
     admin = make_digest_acl("admin", "pw", all=True)
     assert secured.client.get_acls(node)[0] == [admin, make_digest_acl("daemons", "pw2", read=True, write=True)]
     assert secured.client.get_acls(state)[0] == [admin, make_digest_acl("daemons", "pw2", read=True)]
@@ -667,10 +663,12 @@ def test_keys_created_after_verify_cluster_take_their_rules_acl_with_the_identit
         make_digest_acl("daemons", "pw2", read=True, create=True),
     ]
     daemon = make_store(auth_username="daemons", auth_password="pw2")
-    assert daemon.read(xml) == "<domain/>"
-    assert daemon.write({node: "n2"})
-    assert not daemon.write({state: "start"})
-    assert not daemon.write({xml: "<domain><evil/></domain>"})
+    assert daemon.find_text(xml) == "<domain/>"
+    daemon.commit({node: "n2"})
+    with pytest.raises(StoreError):
+        daemon.commit({state: "start"})
+    with pytest.raises(StoreError):
+        daemon.commit({xml: "<domain><evil/></domain>"})
 
 
 # ---- the polling handler, assumed commits and one-round reads ---------------------------------------
@@ -702,7 +700,7 @@ def test_commits_look_at_keys_only_when_the_transaction_says_so(store, monkeypat
     s = store.schema
     path, fresh = s.config("assumed"), s.config("assumed2")
     child = fresh + "/child"
-    store.write({path: "a"})
+    store.commit({path: "a"})
     looked = []
     for name in ("exists_async", "get_children_async"):
         real = getattr(store.client, name)
@@ -712,14 +710,14 @@ def test_commits_look_at_keys_only_when_the_transaction_says_so(store, monkeypat
     assert looked == []
     # a missing key: the assumed transaction fails, the key is looked at, then created
     assert store.commit({fresh: "x", child: "y"}) == {fresh: 0, child: 0}
-    assert fresh in looked and store.read(child) == "y"
+    assert fresh in looked and store.find_text(child) == "y"
     # deleting a key with children: it is listed, then deleted with them
     looked.clear()
-    assert store.delete([fresh])
+    store.delete([fresh])
     assert fresh in looked and store.exists(fresh) is False
     # deleting a key that is not there is still not an error
-    assert store.delete([fresh])
-    assert store.read(path) == "b"
+    store.delete([fresh])
+    assert store.find_text(path) == "b"
 
 
 def test_a_commit_creating_under_a_missing_parent_and_setting_a_missing_key_writes_both(store):
@@ -729,22 +727,22 @@ def test_a_commit_creating_under_a_missing_parent_and_setting_a_missing_key_writ
     # fails at the set; that is still a wrong assumption, never an internal error.
     s = store.schema
     existing, history, reservation = s.config("k"), s.config("hist") + "/0001", s.config("res") + "/r1"
-    store.write({existing: "a", s.config("res"): ""})
+    store.commit({existing: "a", s.config("res"): ""})
     versions = store.commit({existing: "b", history: "h", reservation: 512}, create=[history])
     assert versions == {existing: 1, history: 0, reservation: 0}
-    assert (store.read(history), store.read(reservation), store.read(existing)) == ("h", "512", "b")
+    assert (store.find_text(history), store.find_text(reservation), store.find_text(existing)) == ("h", "512", "b")
 
 
 def test_read_round_reads_and_lists_at_once(store):
     s = store.schema
     top = s.config("round")
     a, b, none = top + "/a", top + "/b", top + "/none"
-    store.write({a: "1", b: "2"})
-    store.write({a: "3"})
-    found, listed = store.read_round([a, none], [top, s.config("nothing")])
+    store.commit({a: "1", b: "2"})
+    store.commit({a: "3"})
+    found, listed = store.get_round([a, none], [top, s.config("nothing")])
     assert found == {a: ("3", 1), none: None}
     assert listed == {s.config("round"): ["a", "b"], s.config("nothing"): None}
-    assert store.read_many([b]) == {b: ("2", 0)}
+    assert store.get_many([b]) == {b: ("2", 0)}
 
 
 def test_node_views_count_reservations_and_read_extra_keys(store):
@@ -754,7 +752,7 @@ def test_node_views_count_reservations_and_read_extra_keys(store):
 
     s = store.schema
     for name, total in (("n1", 8192), ("n2", 4096)):
-        store.write(
+        store.commit(
             {
                 s.node(name): "",
                 **{s.node_key(name, key): value for key, value in S.NODE_DEFAULTS.items()},
@@ -762,7 +760,7 @@ def test_node_views_count_reservations_and_read_extra_keys(store):
                 s.node_key(name, S.NODE_DAEMON_STATE): "run",
             }
         )
-    store.write(
+    store.commit(
         {s.node_reservations("n1"): "r", s.node_reservation("n1", "vm-a"): 512, s.node_reservation("n1", "vm-b"): 1024}
     )
     views, extra = read_node_views_of(store, ["n1", "n2", "ghost"], also=[s.node_reservations("n1")])
@@ -773,7 +771,7 @@ def test_node_views_count_reservations_and_read_extra_keys(store):
     assert read_node_view(store, "n1") == views["n1"] and read_node_view(store, "ghost") is None
     assert read_node_views(store) == views
     # a fit check reads only the keys that decide a fit; the others read as 0
-    store.write({s.node_key("n1", S.NODE_MEMFREE): "777", s.node_key("n1", S.NODE_MEMPROV): "100"})
+    store.commit({s.node_key("n1", S.NODE_MEMFREE): "777", s.node_key("n1", S.NODE_MEMPROV): "100"})
     fit = read_node_views_of(store, ["n1"], keys=NodeView.FIT_KEYS)[0]["n1"]
     assert (fit.memtotal, fit.memprov, fit.reserved, fit.memfree) == (8192, 100, 1536, 0)
     assert fit.headroom == read_node_view(store, "n1").headroom
@@ -784,7 +782,7 @@ def test_bulk_reads_of_nodes_and_vms_match_the_single_ones(store):
     from pvc_cluster_common._cluster import read_nodes_raw, read_vm, read_vms, vm_definition
 
     s = store.schema
-    store.write(
+    store.commit(
         {
             s.node("n1"): "",
             **{s.node_key("n1", key): value for key, value in S.NODE_DEFAULTS.items()},
@@ -794,7 +792,7 @@ def test_bulk_reads_of_nodes_and_vms_match_the_single_ones(store):
             s.node_reservation("n1", "vm-b"): 256,
         }
     )
-    store.write({s.node("n2"): "", s.node_key("n2", S.NODE_DAEMON_STATE): "stop"})
+    store.commit({s.node("n2"): "", s.node_key("n2", S.NODE_DAEMON_STATE): "stop"})
     nodes = read_nodes_raw(store, ["n1", "n2", "ghost"])
     assert sorted(nodes) == ["n1", "n2"]
     raw, reservations, alive = nodes["n1"]
@@ -823,7 +821,7 @@ def test_wait_until_gone(store):
     s = store.schema
     parent = s.config("waiting")
     key, other = parent + "/record", parent + "/other"
-    store.write({key: "1", other: "x"})
+    store.commit({key: "1", other: "x"})
     assert wait_until_gone(store, key, 0.2) is False  # still there: the wait times out
     deleter = threading.Thread(target=lambda: store.delete([key]))
     deleter.start()
@@ -833,7 +831,7 @@ def test_wait_until_gone(store):
         deleter.join()
     assert store.exists(other)  # a sibling is not waited for
     assert wait_until_gone(store, s.config("nowhere") + "/record", 0) is True  # no parent either
-    store.write({key: "2"})
+    store.commit({key: "2"})
     deleter = threading.Thread(target=lambda: store.delete([parent]))  # the parent goes with it
     deleter.start()
     try:

@@ -44,7 +44,7 @@ def cluster(zk_server, zk_root):
         nodes[node].ensure_schema()
         schema = nodes[node].schema
         values = {schema.node_key(node, key): value for key, value in S.NODE_DEFAULTS.items()}
-        assert nodes[node].write({**values, schema.node_reservations(node): ""})  # as the daemon registers
+        nodes[node].commit({**values, schema.node_reservations(node): ""})  # as the daemon registers
     yield operator, nodes
     for store in stores:
         store.stop()
@@ -116,15 +116,15 @@ def test_a_node_identity_writes_its_own_keys_and_the_runtime_keys_of_vms(cluster
     # through the store: a migration record, a reservation on the target, an audit record, then the end
     store = nodes["n1"]
     migration, reservation = schema.domain_migration(UUID), schema.node_reservation("n2", UUID)
-    assert store.write({migration: {"id": "m"}, reservation: 256})
-    assert store.write({schema.domain_history(UUID) + "/0001": {"id": "m"}}, delete=[migration, reservation])
+    store.commit({migration: {"id": "m"}, reservation: 256})
+    store.commit({schema.domain_history(UUID) + "/0001": {"id": "m"}}, delete=[migration, reservation])
     assert store.exists(migration) is False and store.exists(reservation) is False
     # the state it moved the VM to, beside the operator's desired state
     assert move_runstate(store, UUID, "fail", "n1", also={schema.domain_key(UUID, S.DOMAIN_FAILEDREASON): "no"})
     assert (read_vm(operator, UUID).state, read_vm(operator, UUID).desired_state) == ("fail", "start")
     # and each of those keys is readable by the other node and by the operator
-    assert nodes["n2"].read(schema.domain_history(UUID) + "/0001") == '{"id":"m"}'
-    assert operator.read(schema.node_key("n1", S.NODE_MEMTOTAL)) == "4096"
+    assert nodes["n2"].find_text(schema.domain_history(UUID) + "/0001") == '{"id":"m"}'
+    assert operator.find_text(schema.node_key("n1", S.NODE_MEMTOTAL)) == "4096"
 
 
 def test_a_node_identity_cannot_write_another_nodes_keys(cluster, raw_client):
@@ -138,8 +138,8 @@ def test_a_node_identity_cannot_write_another_nodes_keys(cluster, raw_client):
         n1.delete(schema.node_key("n2", S.NODE_DAEMON_STATE))
     # n2's record of its fence of n3, and n2's own fence key (an operator's confirm_down)
     record = json.dumps({"by": "n2", "method": "ipmi", "result": "fenced", "started": 1.0})
-    assert nodes["n2"].write({schema.node_fence_record("n2", "n3"): record})
-    operator.write({schema.node_key("n2", S.NODE_FENCE): record})
+    nodes["n2"].commit({schema.node_fence_record("n2", "n3"): record})
+    operator.commit({schema.node_key("n2", S.NODE_FENCE): record})
     for path in (schema.node_fence_record("n2", "n3"), schema.node_key("n2", S.NODE_FENCE), schema.node_fences("n2")):
         assert n1.get(path) is not None
         _refused(n1, path)
@@ -150,7 +150,7 @@ def test_a_node_identity_cannot_write_another_nodes_keys(cluster, raw_client):
     with pytest.raises(NoAuthError):
         n1.create(schema.node_fence_record("n2", "n1"), record.encode())
     # its own record of a fence of n2 it writes, under its own keys
-    assert nodes["n1"].write({schema.node_fence_record("n1", "n2"): record.replace('"n2"', '"n1"')})
+    nodes["n1"].commit({schema.node_fence_record("n1", "n2"): record.replace('"n2"', '"n1"')})
     for key in (S.NODE_MEMTOTAL, S.NODE_MAINTENANCE, S.NODE_ADDRESS, S.NODE_RUNNINGDOMAINS, S.NODE_KEEPALIVE):
         assert n1.get(schema.node_key("n2", key)) is not None  # reads it
         with pytest.raises(NoAuthError):
@@ -180,7 +180,7 @@ def test_a_node_identity_writes_no_key_the_operator_owns(cluster, raw_client):
     configuration: one leaked node credential defines, starts or stops no VM."""
     operator, _nodes = cluster
     schema = operator.schema
-    operator.write(
+    operator.commit(
         {
             schema.domain_meta(UUID, key): value
             for key, value in (
@@ -190,7 +190,7 @@ def test_a_node_identity_writes_no_key_the_operator_owns(cluster, raw_client):
             )
         }
     )
-    operator.write({schema.default_selector(): "mem", schema.require_n1(): "false"})
+    operator.commit({schema.default_selector(): "mem", schema.require_n1(): "false"})
     n1 = raw_client(f"{ids.NODES_USER}:{ids.NODES_PASSWORD}", f"n1:{ids.node_password('n1')}")
     owned = [
         schema.domain_key(UUID, S.DOMAIN_XML),
@@ -212,8 +212,8 @@ def test_a_node_identity_writes_no_key_the_operator_owns(cluster, raw_client):
     for key in (S.META_NODE_SELECTOR, S.META_MIGRATION_MAX_DOWNTIME_MS, S.META_MIGRATION_AUTO_CONVERGE):
         with pytest.raises(NoAuthError):
             n1.create(schema.domain_meta(UUID, key), b"true")
-    assert operator.read(schema.domain_key(UUID, S.DOMAIN_STATE)) == "start"
-    assert operator.read(schema.domain_meta(UUID, S.META_NODE_AUTOSTART)) == "false"
+    assert operator.find_text(schema.domain_key(UUID, S.DOMAIN_STATE)) == "start"
+    assert operator.find_text(schema.domain_meta(UUID, S.META_NODE_AUTOSTART)) == "false"
 
 
 def test_a_node_identity_cannot_define_a_vm_nor_change_its_xml_or_meta(cluster, raw_client):
@@ -231,7 +231,7 @@ def test_a_node_identity_cannot_define_a_vm_nor_change_its_xml_or_meta(cluster, 
         n1.create(schema.domain("ffffffff-2a47-4c1e-9d63-6f0a8c2b9e11"), b"evil")  # a new VM
     with pytest.raises(NoAuthError):
         n1.delete(schema.domain(UUID), recursive=True)
-    operator.write({schema.domain_meta(UUID, S.META_NODE_LIMIT): ["n1"]})
+    operator.commit({schema.domain_meta(UUID, S.META_NODE_LIMIT): ["n1"]})
     with pytest.raises(NoAuthError):
         n1.set(schema.domain_meta(UUID, S.META_NODE_LIMIT), b'["n1", "n2"]')
     with pytest.raises(NoAuthError):
@@ -242,7 +242,7 @@ def test_a_node_identity_cannot_define_a_vm_nor_change_its_xml_or_meta(cluster, 
         n1.delete(schema.domain_meta(UUID), recursive=True)
     with pytest.raises(NoAuthError):
         n1.set(schema.schema_version(), b"2")
-    assert operator.read(xml) == XML
+    assert operator.find_text(xml) == XML
 
 
 def test_the_operator_learns_the_identities_from_the_cluster_and_creates_keys_the_nodes_can_use(
@@ -259,15 +259,17 @@ def test_the_operator_learns_the_identities_from_the_cluster_and_creates_keys_th
         other = "5d1c5f6e-2a47-4c1e-9d63-6f0a8c2b9e11"
         module.commit(vm_definition(module.schema, other, "vm2", XML.replace(UUID, other), "n2", "stop"))
         for store in nodes.values():
-            assert store.read(module.schema.domain_key(other, S.DOMAIN_XML)) == XML.replace(UUID, other)
-            assert store.write({module.schema.domain_key(other, S.DOMAIN_FAILEDREASON): "why"})
+            assert store.find_text(module.schema.domain_key(other, S.DOMAIN_XML)) == XML.replace(UUID, other)
+            store.commit({module.schema.domain_key(other, S.DOMAIN_FAILEDREASON): "why"})
             assert move_runstate(store, other, "fail", "n1")  # the VM's runtime/ the operator created
-            assert not store.write({module.schema.domain_key(other, S.DOMAIN_STATE): "start"})
-            assert not store.write({module.schema.domain_key(other, S.DOMAIN_XML): "<domain/>"})
+            for refused in (S.DOMAIN_STATE, S.DOMAIN_XML):
+                with pytest.raises(StoreError, match="NoAuth"):
+                    store.commit({module.schema.domain_key(other, refused): "<domain/>"})
         assert read_vm(module, other).state == "fail" and read_vm(module, other).desired_state == "stop"
         # and the nodes' keys the operator writes stay theirs: a reservation made by a module
-        assert module.write({module.schema.node_reservation("n1", other): 256})
-        assert nodes["n2"].delete([module.schema.node_reservation("n1", other)])
+        module.commit({module.schema.node_reservation("n1", other): 256})
+        nodes["n2"].delete([module.schema.node_reservation("n1", other)])
+        assert not module.exists(module.schema.node_reservation("n1", other))
     finally:
         module.stop()
 

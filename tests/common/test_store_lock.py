@@ -53,7 +53,7 @@ def test_contender_fails_after_five_attempts(store, make_store, caplog):
     assert all("held by another contender" in r.getMessage() for r in records)
     assert "retrying in" not in records[-1].getMessage()
     # the failed contender left no lock node behind, and the holder's node is gone too
-    assert store.children(path) == []
+    assert store.list_children(path, missing_ok=True) == []
     with contender.lock(path, timeout_s=WAIT_S):
         pass
 
@@ -62,7 +62,7 @@ def test_lock_released_when_the_block_raises(store, make_store):
     path = store.schema.node_lock("n1")
     with pytest.raises(RuntimeError, match="boom"), store.lock(path):
         raise RuntimeError("boom")
-    assert store.children(path) == []
+    assert store.list_children(path, missing_ok=True) == []
     other = make_store()
     with other.lock(path, timeout_s=WAIT_S) as held:
         assert held.held
@@ -99,7 +99,7 @@ def test_waiting_contender_gets_the_lock_on_release(store, make_store):
     assert done.wait(WAIT_S)
     thread.join(WAIT_S)
     assert not errors
-    assert store.children(path) == []
+    assert store.list_children(path, missing_ok=True) == []
 
 
 def test_lock_fails_cleanly_without_connection(make_store, caplog):

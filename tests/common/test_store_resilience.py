@@ -12,7 +12,7 @@ import threading
 import pytest
 from kazoo.client import KazooClient
 
-from pvc_cluster_common._store import SESSION_CONNECTED, SESSION_LOST, SESSION_SUSPENDED, StoreError
+from pvc_cluster_common._store import SESSION_CONNECTED, SESSION_LOST, SESSION_SUSPENDED, StoreError, UnreachableError
 
 pytestmark = pytest.mark.zk
 
@@ -62,46 +62,49 @@ def _expire_session(client, hosts):
     twin.close()
 
 
-def test_outage_reads_none_writes_false_logs_why_then_recovers(zk_private_server, make_store, caplog):
+def test_outage_every_access_raises_unreachable_then_recovers(zk_private_server, make_store):
+    """During an outage no access answers "missing" (None, [], False): each raises
+    UnreachableError naming why, and the store works again once ZooKeeper is back."""
     logger = logging.getLogger("test.outage")
     store = make_store(hosts=zk_private_server.hosts, timeout_s=2.0, logger=logger)
     store.ensure_schema()
     key = store.schema.node_key("n1", "memtotal")
-    assert store.write({key: 1})
+    store.commit({key: 1})
     states = StateLog(store)
 
     zk_private_server.stop()
     states.wait_for(lambda s: SESSION_SUSPENDED in s, "suspended")
     assert not store.connected
-    with caplog.at_level(logging.WARNING, logger="test.outage"):
-        assert store.read(key) is None
-        assert store.read_json(key) is None
-        assert store.write({key: 2}) is False
-        assert store.exists(key) is None
-        assert store.children(store.schema.nodes()) is None
-        assert store.delete(key) is False
-    messages = [r.getMessage() for r in caplog.records if r.name == "test.outage"]
     why = f"not connected to ZooKeeper at {zk_private_server.hosts}"
-    assert any(m.startswith(f"read {key}:") and why in m for m in messages), messages
-    assert any(m.startswith(f"write {key} failed:") and why in m for m in messages), messages
-    assert any(m.startswith(f"exists {key}:") and why in m for m in messages), messages
-    assert any(m.startswith(f"delete {key} failed:") for m in messages), messages
-    with pytest.raises(StoreError, match=why):
-        store.get(key)
+    accesses = {
+        "get": lambda: store.get(key),
+        "find": lambda: store.find(key),
+        "find_text": lambda: store.find_text(key),
+        "get_many": lambda: store.get_many([key]),
+        "get_round": lambda: store.get_round([key], [store.schema.nodes()]),
+        "list_children": lambda: store.list_children(store.schema.nodes(), missing_ok=True),
+        "exists": lambda: store.exists(key),
+        "commit": lambda: store.commit({key: 2}),
+        "delete": lambda: store.delete(key),
+    }
+    for name, access in accesses.items():
+        with pytest.raises(UnreachableError, match=why):
+            access()
+            pytest.fail(f"{name} answered during the outage")
 
     mark = states.mark()
     zk_private_server.start()
     states.wait_for(lambda s: SESSION_CONNECTED in s[mark:], "reconnected")
     assert store.connected
-    assert store.read(key) == "1"
-    assert store.write({key: 3})
-    assert store.read(key) == "3"
+    assert store.find_text(key) == "1"
+    store.commit({key: 3})
+    assert store.find_text(key) == "3"
 
 
 def test_session_expiry_drops_ephemerals_and_the_store_carries_on(store, zk_server):
     s = store.schema
     alive = s.node_key("n1", "alive")
-    assert store.write({s.node_key("n1", "daemon_state"): "run"})
+    store.commit({s.node_key("n1", "daemon_state"): "run"})
     store.client.create(alive, b"", ephemeral=True)
     assert store.exists(alive) is True
     old_session = store.client.client_id[0]
@@ -114,9 +117,9 @@ def test_session_expiry_drops_ephemerals_and_the_store_carries_on(store, zk_serv
     )
     assert store.client.client_id[0] != old_session
     assert store.exists(alive) is False  # the ephemeral went with the session
-    assert store.read(s.node_key("n1", "daemon_state")) == "run"  # persistent data stays
-    assert store.write({s.node_key("n1", "daemon_state"): "init"})
-    assert store.read(s.node_key("n1", "daemon_state")) == "init"
+    assert store.find_text(s.node_key("n1", "daemon_state")) == "run"  # persistent data stays
+    store.commit({s.node_key("n1", "daemon_state"): "init"})
+    assert store.find_text(s.node_key("n1", "daemon_state")) == "init"
     with store.lock(s.node_lock("n1"), timeout_s=WAIT_S):
         pass
 

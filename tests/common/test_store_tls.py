@@ -50,8 +50,8 @@ def test_store_works_over_tls(make_store, secure_hosts, tls_material):
     assert store.connected
     assert store.ensure_schema() is True
     key = store.schema.node_key("n1", "memtotal")
-    assert store.write({key: 2048})
-    assert store.read(key) == "2048"
+    store.commit({key: 2048})
+    assert store.find_text(key) == "2048"
     with store.lock(store.schema.node_lock("n1")):
         pass
 

@@ -142,8 +142,11 @@ def test_try_lock_takes_a_free_lock_and_yields_none_while_another_holds_it(store
         assert lock is not None and lock.held and lock.contenders() == ["n1"]
         with other.try_lock(path, identifier="n2") as refused:
             assert refused is None
-        assert store.children(path) is not None and len(store.children(path)) == 1  # no contender left behind
-    assert store.children(path) == []
+        assert (
+            store.list_children(path, missing_ok=True) is not None
+            and len(store.list_children(path, missing_ok=True)) == 1
+        )  # no contender left behind
+    assert store.list_children(path, missing_ok=True) == []
     with other.try_lock(path) as lock:
         assert lock is not None and lock.held
 
@@ -153,7 +156,7 @@ def test_try_lock_released_when_the_block_raises(store):
     with pytest.raises(RuntimeError, match="boom"), store.try_lock(path) as lock:
         assert lock is not None
         raise RuntimeError("boom")
-    assert store.children(path) == []
+    assert store.list_children(path, missing_ok=True) == []
 
 
 def test_a_lock_is_not_held_after_its_session_is_lost(store, zk_server):

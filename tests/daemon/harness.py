@@ -175,7 +175,7 @@ class TestCluster:
 
     def wait(self, path: str, predicate, timeout_s: float = 60, what: str = "") -> None:
         if not wait_for_key(self.store, path, predicate, timeout_s):
-            value = self.store.read(path)
+            value = self.store.find_text(path)
             logs = "\n".join(f"--- {n} ---\n{d.log()[-6000:]}" for n, d in self.daemons.items())
             raise AssertionError(f"timed out waiting for {what or path} (value now {value!r})\n{logs}")
 
@@ -238,7 +238,9 @@ class TestCluster:
         self.store.client.ensure_path(path)
         self.store.client.ChildrenWatch(path, watcher)
         if not empty.wait(timeout_s):
-            raise AssertionError(f"reservations of {node} still there after {timeout_s} s: {self.store.children(path)}")
+            raise AssertionError(
+                f"reservations of {node} still there after {timeout_s} s: {self.store.list_children(path, missing_ok=True)}"
+            )
 
     # ---- cluster writes a test needs ---------------------------------------------------------------
 

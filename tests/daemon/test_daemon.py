@@ -45,15 +45,15 @@ def test_registration_states_and_orderly_stop(cluster):
     daemon = cluster.add("node1")
     cluster.wait_node_state("node1", "run")
     schema = cluster.schema
-    assert cluster.store.read(schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flushed"
+    assert cluster.store.find_text(schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flushed"
     assert cluster.store.exists(schema.node_key("node1", S.NODE_ALIVE))
-    assert float(cluster.store.read(schema.node_key("node1", S.NODE_KEEPALIVE))) > 0
-    assert cluster.store.read(schema.node_key("node1", S.NODE_LIBVIRT_URI)).startswith("qemu+tls://node1")
+    assert float(cluster.store.find_text(schema.node_key("node1", S.NODE_KEEPALIVE))) > 0
+    assert cluster.store.find_text(schema.node_key("node1", S.NODE_LIBVIRT_URI)).startswith("qemu+tls://node1")
     # what the modules check a VM's vCPUs against: the host XML's 1 socket x 4 cores x 2 threads
-    assert cluster.store.read(schema.node_key("node1", S.NODE_CPUTOTAL)) == "8"
-    assert cluster.store.read(schema.node_key("node1", S.NODE_ADDRESS)) == "node1"
+    assert cluster.store.find_text(schema.node_key("node1", S.NODE_CPUTOTAL)) == "8"
+    assert cluster.store.find_text(schema.node_key("node1", S.NODE_ADDRESS)) == "node1"
     assert daemon.stop() == 0
-    assert cluster.store.read(schema.node_key("node1", S.NODE_DAEMON_STATE)) == "stop"
+    assert cluster.store.find_text(schema.node_key("node1", S.NODE_DAEMON_STATE)) == "stop"
     assert not cluster.store.exists(schema.node_key("node1", S.NODE_ALIVE))
     assert "shutting down" in daemon.log()
 
@@ -115,7 +115,7 @@ def test_bad_xml_fails_with_the_libvirt_reason(cluster):
     xml = xml.replace("<os><type>hvm</type></os>", "<os><type>no-such-os-type</type></os>")
     cluster.define_vm(xml, uuid, "broken", "node1", state="start")
     cluster.wait_vm_state(uuid, "fail")
-    assert cluster.store.read(cluster.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
+    assert cluster.store.find_text(cluster.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
 
 
 def test_restarted_daemon_converges_its_vms(cluster):
@@ -130,7 +130,7 @@ def test_restarted_daemon_converges_its_vms(cluster):
     cluster.daemons["node1"].start()
     cluster.wait_node_state("node1", "run")
     cluster.wait_running_on("node1", running)
-    runningdomains = json.loads(cluster.store.read(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS)))
+    runningdomains = json.loads(cluster.store.find_text(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS)))
     assert stopped not in runningdomains
 
 
@@ -141,7 +141,7 @@ def test_migration_default_falls_back_to_shutdown_on_the_test_driver(cluster):
     cluster.wait_running_on("node1", uuid)
     record = request(cluster, uuid, "migrate", target="node2")
     assert record.step == "requested"
-    assert cluster.store.read(cluster.schema.node_reservation("node2", uuid)) == "1024"
+    assert cluster.store.find_text(cluster.schema.node_reservation("node2", uuid)) == "1024"
     cluster.wait_no_migration(uuid)
     cluster.wait_running_on("node2", uuid)
     cluster.wait_running_on("node1", uuid, running=False)
@@ -155,7 +155,7 @@ def test_migration_default_falls_back_to_shutdown_on_the_test_driver(cluster):
     assert (vm.node, vm.lastnode) == ("node2", "node1")
     # node2's keepalive counts the VM in memprov and deletes the reservation in one transaction
     cluster.wait_no_reservations("node2")
-    assert int(cluster.store.read(cluster.schema.node_key("node2", S.NODE_MEMPROV))) >= 1024
+    assert int(cluster.store.find_text(cluster.schema.node_key("node2", S.NODE_MEMPROV))) >= 1024
 
 
 def test_live_only_migration_aborts_and_keeps_the_vm_on_its_source(cluster):
@@ -172,7 +172,7 @@ def test_live_only_migration_aborts_and_keeps_the_vm_on_its_source(cluster):
     assert (vm.node, vm.lastnode) == ("node1", "")
     assert not cluster.store.exists(cluster.schema.node_reservation("node2", uuid))
     cluster.wait_no_reservations("node1")  # the abort's reservation on node1, folded into its memprov
-    runningdomains = json.loads(cluster.store.read(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS)))
+    runningdomains = json.loads(cluster.store.find_text(cluster.schema.node_key("node1", S.NODE_RUNNINGDOMAINS)))
     assert uuid in runningdomains
 
 

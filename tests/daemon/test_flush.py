@@ -33,7 +33,7 @@ def ready(cluster, nodes, memory=None):
 
 
 def running_on(cluster, node):
-    return set(json.loads(cluster.store.read(cluster.schema.node_key(node, S.NODE_RUNNINGDOMAINS)) or "[]"))
+    return set(json.loads(cluster.store.find_text(cluster.schema.node_key(node, S.NODE_RUNNINGDOMAINS)) or "[]"))
 
 
 def define(cluster, name, node, state="start", memory="256", meta=None):

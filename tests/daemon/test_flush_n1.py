@@ -73,13 +73,13 @@ def me_ready(nodes):
 def test_a_return_home_that_breaks_n1_is_refused_under_require_n1(homecoming, monkeypatch):
     store, m1, worker = homecoming
     monkeypatch.setattr(flush, "wait_until_gone", lambda *args, **kwargs: True)  # nothing runs the migration here
-    store.write({store.schema.require_n1(): "true"})
+    store.commit({store.schema.require_n1(): "true"})
     result = worker.migrate_and_wait(m1, "unmigrate", None, me_ready)
     assert result.startswith("refused: returning VM m1 from n2 to n1 would leave the cluster unable"), result
     assert "would not survive the failure of n1" in result
     vm = read_vm(store, m1)
     assert vm.migration is None and (vm.node, vm.lastnode) == ("n2", "n1")
-    assert store.read(store.schema.node_reservation("n1", m1)) is None
+    assert store.find_text(store.schema.node_reservation("n1", m1)) is None
 
 
 def test_without_require_n1_the_same_return_home_is_requested(homecoming, monkeypatch):
@@ -98,7 +98,7 @@ def test_a_running_flush_is_halted_only_under_require_n1(homecoming):
     big = read_vm(store, find_vm(store, "big"))
     plan = [PlannedMove(big.uuid, "n3", "selector mem")]
     assert worker._flush_n1_halt([big], plan) is None  # require_n1 off: nothing to say
-    store.write({store.schema.require_n1(): "true"})
+    store.commit({store.schema.require_n1(): "true"})
     verdict = worker._flush_n1_halt([big], plan)
     assert verdict is not None and verdict.startswith("flush of n1 halted before moving 1 more VM(s): once done,")
 
@@ -136,14 +136,14 @@ def test_a_running_flush_that_would_now_break_n1_stops_and_says_why(daemons):
     for name, node in (("v1", "node1"), ("v2", "node1"), ("a2", "node2"), ("a3", "node3")):
         cluster.wait_running_on(node, vms[name])
     halted = cluster.schema.node_key("node1", S.NODE_FLUSH_HALTED)
-    cluster.store.write({cluster.schema.require_n1(): "true"})
+    cluster.store.commit({cluster.schema.require_n1(): "true"})
 
     cluster.set_domain_state("node1", "flush")
     cluster.wait(halted, lambda value: value is not None, 60, "node1's flush halted")
-    verdict = cluster.store.read(halted)
+    verdict = cluster.store.find_text(halted)
     assert verdict.startswith("flush of node1 halted before moving 2 more VM(s): once done,"), verdict
     assert "would not survive the failure of node2" in verdict and "short by 512 MiB" in verdict, verdict
-    assert cluster.store.read(cluster.schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flush"
+    assert cluster.store.find_text(cluster.schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flush"
     for name in ("v1", "v2"):
         vm = read_vm(cluster.store, vms[name])
         assert (vm.node, vm.migration) == ("node1", None)
@@ -154,6 +154,6 @@ def test_a_running_flush_that_would_now_break_n1_stops_and_says_why(daemons):
     cluster.wait_domain_state("node4", "ready")
     cluster.set_domain_state("node1", "flush")  # retried: checked again, and now it passes
     cluster.wait_domain_state("node1", "flushed")
-    assert cluster.store.read(halted) is None
+    assert cluster.store.find_text(halted) is None
     for name in ("v1", "v2"):
         assert read_vm(cluster.store, vms[name]).node == "node4"

@@ -7,7 +7,7 @@ import threading
 from types import SimpleNamespace
 
 from pvc_cluster_common._schema import Schema
-from pvc_cluster_common._store import Attempts, ConflictError
+from pvc_cluster_common._store import Attempts, ConflictError, UnreachableError, Versioned
 from pvc_node_daemon import flush
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.context import DaemonContext
@@ -90,17 +90,20 @@ def test_every_conflict_of_one_request_counts_against_one_budget(monkeypatch):
 
 
 def test_a_vm_that_could_not_be_read_is_not_taken_for_gone():
-    # read_vm returns None both for a VM that does not exist and for one ZooKeeper did not answer
-    # about; only the first is "gone" (home or moot: a ready stops trying it).
-    for exists, outcome in ((False, "gone"), (None, "unreadable")):
-        w = worker(read_many=lambda paths: dict.fromkeys(paths), exists=lambda path, answer=exists: answer)
+    # a VM whose keys do not exist is "gone" (home or moot: a ready stops trying it); one that
+    # ZooKeeper did not answer about (UnreachableError) is "unreadable", tried again.
+    def unreachable(paths):
+        raise UnreachableError("read /pvc/domains/u1: not connected to ZooKeeper")
+
+    for get_many, outcome in ((lambda paths: dict.fromkeys(paths), "gone"), (unreachable, "unreadable")):
+        w = worker(get_many=get_many)
         assert w.migrate_and_wait("u1", "unmigrate", None) == outcome
     assert "unreadable" not in flush.HOME_OR_MOOT
 
 
 def test_ready_tries_a_vm_that_did_not_come_home_again(monkeypatch, caplog):
     home = SimpleNamespace(uuid="u1", name="vm1", node="n2", lastnode="n1", meta=SimpleNamespace(node_autostart=False))
-    w = worker(read_many=lambda paths: {path: ("n1", 0) for path in paths})
+    w = worker(get_many=lambda paths: {path: Versioned("n1", 0) for path in paths})
     w.domains.put("u1", "node", True, node="n2")
     monkeypatch.setattr(w, "read_vms", lambda uuids: [home] if "u1" in list(uuids) else [])
     outcomes = iter(["conflict", "finished"])
@@ -118,7 +121,7 @@ def test_ready_tries_a_vm_that_did_not_come_home_again(monkeypatch, caplog):
 
 def test_ready_reports_the_vms_that_never_came_home(monkeypatch, caplog):
     home = SimpleNamespace(uuid="u1", name="vm1", node="n2", lastnode="n1", meta=SimpleNamespace(node_autostart=False))
-    w = worker(read_many=lambda paths: {path: ("n1", 0) for path in paths})
+    w = worker(get_many=lambda paths: {path: Versioned("n1", 0) for path in paths})
     w.domains.put("u1", "node", True, node="n2")
     monkeypatch.setattr(w, "read_vms", lambda uuids: [home] if "u1" in list(uuids) else [])
     monkeypatch.setattr(w, "migrate_and_wait", lambda *args, **kw: "refused: no room")

@@ -85,7 +85,7 @@ def test_a_frozen_node_is_fenced_through_its_bmc_before_its_vms_run_elsewhere_an
     for uuid in uuids:
         c.wait(c.schema.domain_key(uuid, S.DOMAIN_NODE), lambda v: v in ("node1", "node3"), what=f"{uuid} recovered")
     for uuid in uuids:
-        node = c.store.read(c.schema.domain_key(uuid, S.DOMAIN_NODE))
+        node = c.store.find_text(c.schema.domain_key(uuid, S.DOMAIN_NODE))
         c.wait_running_on(node, uuid)
     # the BMC's power-off killed the frozen daemon (and with it its VMs) before anything started elsewhere
     assert daemon2.process.wait(timeout=30) == -signal.SIGKILL
@@ -95,9 +95,9 @@ def test_a_frozen_node_is_fenced_through_its_bmc_before_its_vms_run_elsewhere_an
     assert fence_record["result"] == "fenced" and fence_record["method"] == "ipmi"
     assert fence_record["by"] in ("node1", "node3")
     # under the fencing node's own keys, and nowhere under node2's
-    assert json.loads(c.store.read(c.schema.node_fence_record(fence_record["by"], "node2"))) == fence_record
+    assert json.loads(c.store.find_text(c.schema.node_fence_record(fence_record["by"], "node2"))) == fence_record
     assert c.store.exists(c.schema.node_key("node2", S.NODE_FENCE)) is False
-    assert c.store.read(c.schema.node_key("node2", S.NODE_DOMAIN_STATE)) == "flushed"
+    assert c.store.find_text(c.schema.node_key("node2", S.NODE_DOMAIN_STATE)) == "flushed"
     for uuid in uuids:
         vm = read_vm(c.store, uuid)
         assert vm.lastnode == "node2" and vm.state == "start"
@@ -108,7 +108,7 @@ def test_a_frozen_node_is_fenced_through_its_bmc_before_its_vms_run_elsewhere_an
         assert entry["steps"]["fencing"] <= entry["steps"]["fenced"] <= entry["steps"]["recovered"]
         # once: one node runs it, the other live node does not
         other = ({"node1", "node3"} - {vm.node}).pop()
-        assert uuid not in json.loads(c.store.read(c.schema.node_key(other, S.NODE_RUNNINGDOMAINS)))
+        assert uuid not in json.loads(c.store.find_text(c.schema.node_key(other, S.NODE_RUNNINGDOMAINS)))
 
     # powered on again: its daemon starts, finds its VMs assigned elsewhere, starts none
     ha.bmcs["node2"].power_on()
@@ -142,7 +142,7 @@ def test_an_unreachable_bmc_means_fence_failed_and_no_recovery_until_an_operator
     assert "FENCE FAILED" in c.daemons["node1"].log()
     # the operator powered it off by hand and confirms (what pvc.cluster.node state=fenced writes)
     path = c.schema.node_key("node2", S.NODE_DAEMON_STATE)
-    c.store.commit({path: "fenced"}, expect_versions={path: c.store.read_versioned(path)[1]})
+    c.store.commit({path: "fenced"}, expect_versions={path: c.store.find(path)[1]})
     c.wait(c.schema.domain_key(uuid, S.DOMAIN_NODE), lambda v: v == "node1", what="recovered after the confirmation")
     c.wait_running_on("node1", uuid)
 
@@ -158,5 +158,5 @@ def test_a_node_in_maintenance_is_never_fenced(ha):
 
     wait_for_line(c.daemons["node1"].log_path, "node node2 is dead: the node is in maintenance", c.daemons["node1"])
     assert not [call for call in ha.bmcs["node2"].calls() if "set power" in call]
-    assert c.store.read(c.schema.node_key("node2", S.NODE_DAEMON_STATE)) == "dead"
+    assert c.store.find_text(c.schema.node_key("node2", S.NODE_DAEMON_STATE)) == "dead"
     assert read_vm(c.store, uuid).node == "node2"

@@ -26,7 +26,7 @@ def fenced_n1(cluster, make_agent):
     schema = store.schema
     # each node's reservations znode, as its daemon's registration makes it (no identity creates
     # anything in another node's znode)
-    store.write(
+    store.commit(
         {
             schema.node_key("n1", S.NODE_DAEMON_STATE): "fenced",
             **{
@@ -51,11 +51,11 @@ def test_require_n1_never_holds_back_a_recovery_and_its_verdict_is_recorded(fenc
     for the sake of the next failure), and its record says the cluster fails n-1 and why."""
     store, uuid, ha = fenced_n1
     schema = store.schema
-    store.write({schema.require_n1(): "true", schema.node_key("n3", S.NODE_MEMPROV): 16384 - 100})
-    state = store.read_versioned(schema.node_key("n1", S.NODE_DAEMON_STATE))
+    store.commit({schema.require_n1(): "true", schema.node_key("n3", S.NODE_MEMPROV): 16384 - 100})
+    state = store.find(schema.node_key("n1", S.NODE_DAEMON_STATE))
     ha._recover("n1", SimpleNamespace(held=True))
     assert read_vm(store, uuid).node == "n2"
-    assert store.read_versioned(schema.node_key("n1", S.NODE_DAEMON_STATE)) == state
+    assert store.find(schema.node_key("n1", S.NODE_DAEMON_STATE)) == state
     [entry] = recovery_records(store, uuid)
     assert entry["n1"]["ok"] is False and entry["n1"]["require_n1"] is True
     assert "would not survive the failure of n2" in entry["n1"]["detail"], entry["n1"]
@@ -79,14 +79,14 @@ def test_a_recovery_is_fit_checked_when_it_commits(fenced_n1):
     stays assigned to the fenced node for the next pass. It used to be assigned regardless."""
     store, uuid, ha = fenced_n1
     schema = store.schema
-    state_version = store.read_versioned(schema.node_key("n1", S.NODE_DAEMON_STATE))[1]
-    store.write({schema.node_reservation("n2", "00000000-0000-4000-8000-000000000001"): 16384 - 255})
+    state_version = store.find(schema.node_key("n1", S.NODE_DAEMON_STATE))[1]
+    store.commit({schema.node_reservation("n2", "00000000-0000-4000-8000-000000000001"): 16384 - 255})
     assert ha._recover_one("n1", RecoveryStart(uuid, "n2", "n1"), {}, state_version) is True
     assert read_vm(store, uuid).node == "n1"
-    assert store.read(schema.node_reservation("n2", uuid)) is None
+    assert store.find_text(schema.node_reservation("n2", uuid)) is None
     assert recovery_records(store, uuid) == []
     # with room again it goes through, its reservation on n2 and the parent rewritten with it
-    store.write({schema.node_reservation("n2", "00000000-0000-4000-8000-000000000001"): 16384 - 256})
+    store.commit({schema.node_reservation("n2", "00000000-0000-4000-8000-000000000001"): 16384 - 256})
     assert ha._recover_one("n1", RecoveryStart(uuid, "n2", "n1"), {}, state_version) is True
-    assert read_vm(store, uuid).node == "n2" and store.read(schema.node_reservation("n2", uuid)) == "256"
-    assert store.read(schema.node_reservations("n2")).startswith("recovery ")
+    assert read_vm(store, uuid).node == "n2" and store.find_text(schema.node_reservation("n2", uuid)) == "256"
+    assert store.find_text(schema.node_reservations("n2")).startswith("recovery ")

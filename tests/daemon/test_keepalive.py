@@ -124,20 +124,20 @@ def test_memory_accounting_is_exact_against_libvirt(store, host, make_keepalive)
         name: libvirt_ground_truth(text)
         for name, (_, text) in {"running": running, "paused": paused, "stopped": stopped, "disabled": disabled}.items()
     }
-    key = lambda k: int(store.read(store.schema.node_key("n1", k)))  # noqa: E731
+    key = lambda k: int(store.find_text(store.schema.node_key("n1", k)))  # noqa: E731
     assert key(S.NODE_MEMALLOC) == truth["running"][0] + truth["paused"][0]
     assert key(S.NODE_MEMPROV) == sum(mib for mib, _ in truth.values())
     assert key(S.NODE_VCPUALLOC) == truth["running"][1] + truth["paused"][1]
     assert key(S.NODE_DOMAINCOUNT) == 2
     assert key(S.NODE_MEMRESERVE) == 512
-    assert sorted(json.loads(store.read(store.schema.node_key("n1", S.NODE_RUNNINGDOMAINS)))) == sorted(
+    assert sorted(json.loads(store.find_text(store.schema.node_key("n1", S.NODE_RUNNINGDOMAINS)))) == sorted(
         [running[0], paused[0]]
     )
     total, used, free = (key(k) for k in (S.NODE_MEMTOTAL, S.NODE_MEMUSED, S.NODE_MEMFREE))
     assert total > 0 and used + free <= total
     # statistics only for the running VM
-    assert store.read_json(store.schema.domain_key(running[0], S.DOMAIN_STATS))
-    assert store.read(store.schema.domain_key(paused[0], S.DOMAIN_STATS)) is None
+    assert json.loads(store.get(store.schema.domain_key(running[0], S.DOMAIN_STATS)).value)
+    assert store.find_text(store.schema.domain_key(paused[0], S.DOMAIN_STATS)) is None
 
 
 def test_paused_domain_is_never_asked_for_statistics(store, host, make_keepalive, monkeypatch):
@@ -154,7 +154,7 @@ def test_paused_domain_is_never_asked_for_statistics(store, host, make_keepalive
 
 
 def node_key(store, key):
-    return store.read_versioned(store.schema.node_key("n1", key))
+    return store.find(store.schema.node_key("n1", key))
 
 
 def test_a_hung_libvirt_never_delays_the_keepalive_and_its_figures_go_out_as_stale(
@@ -242,10 +242,10 @@ def test_a_domain_shutting_down_still_counts_as_running_here(store, host, make_k
         ),
     )
     assert make_keepalive(table).tick(wait_for_read_s=30)
-    key = lambda k: int(store.read(store.schema.node_key("n1", k)))  # noqa: E731
+    key = lambda k: int(store.find_text(store.schema.node_key("n1", k)))  # noqa: E731
     assert key(S.NODE_MEMALLOC) == 384
     assert key(S.NODE_VCPUALLOC) == 2
-    assert json.loads(store.read(store.schema.node_key("n1", S.NODE_RUNNINGDOMAINS))) == [stopping[0]]
+    assert json.loads(store.find_text(store.schema.node_key("n1", S.NODE_RUNNINGDOMAINS))) == [stopping[0]]
 
 
 def test_a_growth_reservation_is_folded_only_once_the_table_counts_the_new_size(store, host, make_keepalive):
@@ -264,12 +264,12 @@ def test_a_growth_reservation_is_folded_only_once_the_table_counts_the_new_size(
     grown = text.replace("<memory unit='GiB'>1</memory>", "<memory unit='GiB'>3</memory>")
     store.commit({reservation: 3072, store.schema.domain_key(uuid, S.DOMAIN_XML): grown})
     keepalive = make_keepalive(table)
-    memprov = lambda: int(store.read(store.schema.node_key("n1", S.NODE_MEMPROV)))  # noqa: E731
+    memprov = lambda: int(store.find_text(store.schema.node_key("n1", S.NODE_MEMPROV)))  # noqa: E731
     assert keepalive.tick(wait_for_read_s=30)
-    assert store.read(reservation) == "3072" and memprov() == 0  # covered by the reservation alone
+    assert store.find_text(reservation) == "3072" and memprov() == 0  # covered by the reservation alone
     table.update(uuid, memory_mib=3072)  # the watch delivered the new XML
     assert keepalive.tick(wait_for_read_s=30)
-    assert store.read(reservation) is None and memprov() == 3072
+    assert store.find_text(reservation) is None and memprov() == 3072
 
 
 def test_a_growth_reservation_larger_than_the_xml_now_is_folded(store, host, make_keepalive):
@@ -289,9 +289,9 @@ def test_a_growth_reservation_larger_than_the_xml_now_is_folded(store, host, mak
     store.commit({reservation: 3072, xml_path: text.replace(">1</memory>", ">3</memory>")})
     store.commit({xml_path: text.replace(">1</memory>", ">2</memory>")})
     keepalive = make_keepalive(table)
-    memprov = lambda: int(store.read(store.schema.node_key("n1", S.NODE_MEMPROV)))  # noqa: E731
+    memprov = lambda: int(store.find_text(store.schema.node_key("n1", S.NODE_MEMPROV)))  # noqa: E731
     assert keepalive.tick(wait_for_read_s=30)
-    assert store.read(reservation) == "3072" and memprov() == 0  # the table lags at 1 GiB: kept
+    assert store.find_text(reservation) == "3072" and memprov() == 0  # the table lags at 1 GiB: kept
     table.update(uuid, memory_mib=2048)  # the watch delivered the 2 GiB XML
     assert keepalive.tick(wait_for_read_s=30)
-    assert store.read(reservation) is None and memprov() == 2048
+    assert store.find_text(reservation) is None and memprov() == 2048

@@ -66,7 +66,7 @@ def request(cluster, uuid, kind, target=None, attempts=20):
 
 
 def memprov(cluster, node) -> int:
-    return int(cluster.store.read(cluster.schema.node_key(node, S.NODE_MEMPROV)))
+    return int(cluster.store.find_text(cluster.schema.node_key(node, S.NODE_MEMPROV)))
 
 
 def wait_covered(cluster, invariant, timeout_s=60):
@@ -82,7 +82,7 @@ def wait_covered(cluster, invariant, timeout_s=60):
         # the next keepalive of the first node not covered
         node = found[0].split(":")[0]
         path = cluster.schema.node_key(node, S.NODE_KEEPALIVE)
-        now = cluster.store.read(path)
+        now = cluster.store.find_text(path)
         wait_for_key(cluster.store, path, lambda v, now=now: v != now, max(0.0, deadline - time.monotonic()))
 
 
@@ -132,7 +132,7 @@ def test_a_vm_whose_memory_grows_is_covered_at_once_until_its_node_counts_it(mak
     grow(cluster, uuid, "grower", 3 * GIB)
     invariant = MemoryInvariant(cluster.store, ["node1"], {uuid: 3 * GIB})
     assert invariant.check_now() == []
-    assert cluster.store.read(cluster.schema.node_reservation("node1", uuid)) == str(3 * GIB)
+    assert cluster.store.find_text(cluster.schema.node_reservation("node1", uuid)) == str(3 * GIB)
     # a restart runs a keepalive now: it folds the reservation into a memprov of the new size
     assert cluster.daemons["node1"].stop() == 0
     cluster.daemons["node1"].start()
@@ -162,7 +162,7 @@ def test_a_growth_reservation_is_folded_when_the_xml_shrank_before_the_fold(make
     )
     invariant = MemoryInvariant(cluster.store, ["node1"], {uuid: 2 * GIB})
     assert invariant.check_now() == []
-    assert cluster.store.read(cluster.schema.node_reservation("node1", uuid)) == str(3 * GIB)
+    assert cluster.store.find_text(cluster.schema.node_reservation("node1", uuid)) == str(3 * GIB)
     # a restart runs a keepalive now; its table has the 2 GiB XML
     assert cluster.daemons["node1"].stop() == 0
     cluster.daemons["node1"].start()
@@ -178,14 +178,14 @@ def test_a_growth_that_does_not_fit_its_node_is_refused_with_nothing_written(mak
     uuid = define(cluster, "grower", "node1", memory_mib=GIB, state="stop")
     cluster.daemons["node1"].start()
     cluster.wait_node_state("node1", "run")
-    reserve = int(cluster.store.read(cluster.schema.node_key("node1", S.NODE_MEMRESERVE)) or 0)
+    reserve = int(cluster.store.find_text(cluster.schema.node_key("node1", S.NODE_MEMRESERVE)) or 0)
     room = 4 * GIB - reserve - GIB  # what node1 has besides the VM's own 1 GiB
     with pytest.raises(
         RequestError, match=f"would grow from {GIB} to {GIB + room + 1} MiB, but node node1 has {room} MiB"
     ):
         growth_reservation(cluster.store, read_vm(cluster.store, uuid), GIB + room + 1)
     grow(cluster, uuid, "grower", GIB + room)  # exactly enough
-    assert cluster.store.read(cluster.schema.node_reservation("node1", uuid)) == str(GIB + room)
+    assert cluster.store.find_text(cluster.schema.node_reservation("node1", uuid)) == str(GIB + room)
 
 
 def test_the_target_stays_covered_when_a_migration_ends(make_cluster):
@@ -199,7 +199,7 @@ def test_the_target_stays_covered_when_a_migration_ends(make_cluster):
     assert read_vm(cluster.store, uuid).node == "node2"
     # no keepalive of node2 since the start (30 s): the reservation still covers the VM
     assert invariant.check_now() == []
-    assert cluster.store.read(cluster.schema.node_reservation("node2", uuid)) == str(2 * GIB)
+    assert cluster.store.find_text(cluster.schema.node_reservation("node2", uuid)) == str(2 * GIB)
 
 
 def test_the_source_stays_covered_when_a_migration_aborts(make_cluster, tmp_path):

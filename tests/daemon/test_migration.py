@@ -94,7 +94,7 @@ def request(store, uuid, target):
 
 def record_of(store, uuid):
     path = store.schema.domain_migration(uuid)
-    found = store.read_versioned(path)
+    found = store.find(path)
     return (MigrationRecord.from_json(found[0], path, uuid), found[1]) if found else (None, -1)
 
 
@@ -102,12 +102,12 @@ def rewrite_record(store, uuid, **changes):
     """The record as a peer's step would leave it (a version-checked write)."""
     record, version = record_of(store, uuid)
     path = store.schema.domain_migration(uuid)
-    store.write({path: replace(record, **changes).to_json()}, expect_versions={path: version})
+    store.commit({path: replace(record, **changes).to_json()}, expect_versions={path: version})
 
 
 def last_history(store, uuid):
     path = store.schema.domain_history(uuid)
-    return json.loads(store.read(f"{path}/{sorted(store.children(path))[-1]}"))
+    return json.loads(store.find_text(f"{path}/{sorted(store.list_children(path, missing_ok=True))[-1]}"))
 
 
 def target_with_readiness_frozen(store, uuid, make_agent, change: str):
@@ -118,7 +118,7 @@ def target_with_readiness_frozen(store, uuid, make_agent, change: str):
     request(store, uuid, "n2")
     stale = target.readiness.snapshot()
     assert stale is not None and all(value[0] in ("run", "ready") for value in stale.values())
-    store.write({store.schema.node_key("n2", S.NODE_DOMAIN_STATE): change})
+    store.commit({store.schema.node_key("n2", S.NODE_DOMAIN_STATE): change})
     target.readiness.snapshot = lambda: stale
     return target
 
@@ -148,7 +148,7 @@ def test_a_side_that_wrote_its_step_arms_the_deadline_of_its_wait(cluster, make_
     shutdown migration's source at `transferred`, waiting for the target to start the VM.
     Without it, a target that dies at that moment left the source waiting for ever."""
     store, uuid, xml = cluster
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
     source = make_agent("n1")
     source.hypervisor.create(xml)
     woken = []
@@ -171,7 +171,7 @@ def test_transfer_rereads_what_it_read_ahead_when_it_changed(cluster, make_agent
     source.handle(uuid, record_of(store, uuid), local_state="running")  # `requested`: reads ahead
     assert uuid in source._prefetched
     # the method changes after the read ahead, before the transfer
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
@@ -187,7 +187,7 @@ def test_transfer_aborts_when_the_target_changed_after_the_read_ahead(cluster, m
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    store.write({store.schema.domain_key(uuid, S.DOMAIN_NODE): "n3"})  # reassigned by other means
+    store.commit({store.schema.domain_key(uuid, S.DOMAIN_NODE): "n3"})  # reassigned by other means
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     final = last_history(store, uuid)
@@ -207,7 +207,7 @@ def test_transfer_aborts_when_the_target_is_lost_after_it_prepared(cluster, make
     monkeypatch.setattr(source.hypervisor, "migrate", lambda *args, **kwargs: calls.append(args))
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")  # reads ahead: n2 is run
-    store.write({store.schema.node_key("n2", S.NODE_DAEMON_STATE): state})
+    store.commit({store.schema.node_key("n2", S.NODE_DAEMON_STATE): state})
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     final = last_history(store, uuid)
@@ -221,7 +221,7 @@ def test_transfer_reads_again_when_a_key_read_ahead_changed(cluster, make_agent)
     # version check (and the keys are read again); an absent key cannot be checked that way.
     store, uuid, xml = cluster
     for key, value in ((S.META_MIGRATION_METHOD, "default"), (S.META_MIGRATION_MAX_DOWNTIME_MS, 300)):
-        store.write({store.schema.domain_meta(uuid, key): value})
+        store.commit({store.schema.domain_meta(uuid, key): value})
     source = make_agent("n1")
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
@@ -229,7 +229,7 @@ def test_transfer_reads_again_when_a_key_read_ahead_changed(cluster, make_agent)
     reads = []
     real = source.read_transfer_inputs
     source.read_transfer_inputs = lambda u, record: reads.append(u) or real(u, record)
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
@@ -247,7 +247,7 @@ def test_transfer_reads_again_when_a_key_read_ahead_changed(cluster, make_agent)
 def test_transfer_starts_from_the_keys_read_ahead(cluster, make_agent, meta):
     store, uuid, xml = cluster
     for key, value in meta.items():
-        store.write({store.schema.domain_meta(uuid, key): value})
+        store.commit({store.schema.domain_meta(uuid, key): value})
     source = make_agent("n1")
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
@@ -295,7 +295,7 @@ def test_target_ends_a_live_migration_when_its_copy_runs(cluster, make_agent):
     assert (final["result"], final["method_used"]) == ("done", "live") and "transferred" not in final["steps"]
     assert record_of(store, uuid) == (None, -1)
     # the reservation stays until n2's keepalive counts the VM in memprov (it folds it)
-    assert store.read(store.schema.node_reservation("n2", uuid)) == "256"
+    assert store.find_text(store.schema.node_reservation("n2", uuid)) == "256"
 
 
 def test_a_shutdown_migration_target_does_not_end_it_before_transferred(cluster, make_agent):
@@ -311,13 +311,13 @@ def test_a_shutdown_request_turned_live_looks_the_target_up_then(cluster, make_a
     # A request for a shutdown migration reads no target URIs ahead; if the method changes to
     # a live one before the transfer, the live attempt reads them itself.
     store, uuid, xml = cluster
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
     source = make_agent("n1")
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     assert store.schema.node_key("n2", S.NODE_ADDRESS) not in source._prefetched[uuid].inputs
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "default"})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "default"})
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     record, _ = record_of(store, uuid)
@@ -339,7 +339,7 @@ def live_source(cluster, make_agent, monkeypatch):
     monkeypatch.setattr(
         libvirt.virDomain, "migrateToURI3", lambda self, dconnuri, params, flags=0: calls.append(("p2p", dconnuri)) or 0
     )
-    store.write({store.schema.node_key("n2", S.NODE_ADDRESS): "10.77.0.2"})
+    store.commit({store.schema.node_key("n2", S.NODE_ADDRESS): "10.77.0.2"})
     source = make_agent("n1")
     events: queue.Queue = queue.Queue()
     source.hypervisor.add_lifecycle_listener(lambda u, event, detail: events.put((u, event)))
@@ -352,7 +352,7 @@ def test_a_live_transfer_starts_with_the_libvirt_setup_made_at_requested(live_so
     # The lookup and the maximum downtime are done while the target prepares, not after the
     # transferring write.
     store, uuid, source, calls = live_source
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS): 250})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS): 250})
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")  # `requested`
     setup = source._prefetched[uuid].setup
@@ -368,10 +368,10 @@ def test_a_live_transfer_starts_with_the_libvirt_setup_made_at_requested(live_so
 def test_a_downtime_changed_after_requested_is_applied_at_the_transfer(live_source):
     store, uuid, source, calls = live_source
     downtime = store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS)
-    store.write({downtime: 250})
+    store.commit({downtime: 250})
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
-    store.write({downtime: 500})
+    store.commit({downtime: 500})
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     assert calls == [("downtime", 250), ("downtime", 500), ("p2p", "qemu+tls://10.77.0.2/system")]
@@ -383,7 +383,7 @@ def test_the_vms_auto_converge_meta_reaches_the_live_migration(live_source, monk
     flags = []
     monkeypatch.setattr(libvirt.virDomain, "migrateToURI3", lambda self, dconnuri, params, f=0: flags.append(f) or 0)
     if stored is not None:
-        store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_AUTO_CONVERGE): stored})
+        store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_AUTO_CONVERGE): stored})
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     rewrite_record(store, uuid, step="prepared")
@@ -409,7 +409,7 @@ def test_a_live_migration_asks_for_tls_as_the_daemon_is_configured(
     if sections:
         source.hypervisor.close()  # the same node, configured otherwise
         source = make_agent("n1", **sections)
-        source.hypervisor.create(store.read(store.schema.domain_key(uuid, S.DOMAIN_XML)))
+        source.hypervisor.create(store.find_text(store.schema.domain_key(uuid, S.DOMAIN_XML)))
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     rewrite_record(store, uuid, step="prepared")
@@ -428,7 +428,7 @@ def test_a_stored_downtime_beyond_qemus_limit_is_never_handed_to_libvirt(live_so
     # Beyond QEMU's 2000 s (or libvirt's 64 bits: 10**30 raised OverflowError in the source daemon
     # and left the migration at transferring), the stored value reads as invalid: the default applies.
     store, uuid, source, calls = live_source
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS): stored})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_MAX_DOWNTIME_MS): stored})
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     rewrite_record(store, uuid, step="prepared")
@@ -442,7 +442,7 @@ def test_a_stored_downtime_beyond_qemus_limit_is_never_handed_to_libvirt(live_so
 @pytest.mark.parametrize("method, local", [("shutdown", "running"), ("default", "shutoff")])
 def test_no_libvirt_setup_ahead_when_the_migration_will_not_start_live(live_source, method, local):
     store, uuid, source, calls = live_source
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): method})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): method})
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state=local)
     assert source._prefetched[uuid].setup is None and calls == []
@@ -476,7 +476,7 @@ def test_a_uri_written_into_zookeeper_is_never_opened(cluster, make_agent, marke
     uri, marker = marker_uri
     schema = store.schema
     # The peer's published URIs are hostile; its address is a plain IP address on loopback.
-    store.write(
+    store.commit(
         {
             schema.node_key("n2", S.NODE_LIBVIRT_URI): uri,
             schema.node_key("n2", S.NODE_TRANSPORT_URI): uri,
@@ -486,7 +486,7 @@ def test_a_uri_written_into_zookeeper_is_never_opened(cluster, make_agent, marke
     # our own template (port 1 on loopback: the connection is refused at once, nothing leaves the host)
     source = make_agent("n1", migration={"libvirt_uri_template": "qemu+tcp://{address}:1/system"})
     assert source.peer_uris(
-        "n2", schema.node_key("n2", S.NODE_ADDRESS), store.read_versioned(schema.node_key("n2", S.NODE_ADDRESS))
+        "n2", schema.node_key("n2", S.NODE_ADDRESS), store.find(schema.node_key("n2", S.NODE_ADDRESS))
     ) == ("qemu+tcp://127.0.0.1:1/system", "tcp://127.0.0.1")
     assert source.peer_state("n2", uuid) == "unknown"  # asked libvirt at our URI: refused
     assert not marker.exists()
@@ -499,12 +499,12 @@ def test_a_uri_written_into_zookeeper_is_never_opened(cluster, make_agent, marke
 def test_a_peer_address_that_could_change_the_uri_is_refused(cluster, make_agent, marker_uri, address):
     store, uuid, _ = cluster
     schema = store.schema
-    store.write(
+    store.commit(
         {schema.node_key("n2", S.NODE_ADDRESS): address, schema.node_key("n2", S.NODE_LIBVIRT_URI): marker_uri[0]}
     )
     source = make_agent("n1")
     path = schema.node_key("n2", S.NODE_ADDRESS)
-    assert source.peer_uris("n2", path, store.read_versioned(path)) is None
+    assert source.peer_uris("n2", path, store.find(path)) is None
     assert source.peer_state("n2", uuid) == "unknown"
     assert not marker_uri[1].exists()
 
@@ -512,7 +512,7 @@ def test_a_peer_address_that_could_change_the_uri_is_refused(cluster, make_agent
 def test_a_live_migration_goes_to_the_uri_built_from_the_targets_address(live_source, marker_uri):
     store, uuid, source, calls = live_source
     schema = store.schema
-    store.write(
+    store.commit(
         {
             schema.node_key("n2", S.NODE_LIBVIRT_URI): marker_uri[0],
             schema.node_key("n2", S.NODE_TRANSPORT_URI): "tcp://elsewhere.example:49152",
@@ -539,10 +539,10 @@ def expire_now(agent, uuid):
 def shut_down_and_transferred(store, uuid, **changes):
     """A shutdown migration n1 -> n2 whose source has stopped the VM and written `transferred`,
     with n2's daemon alive (its `alive` key) and running nothing."""
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
     request(store, uuid, "n2")
     rewrite_record(store, uuid, step="transferred", method_used="shutdown", **changes)
-    store.write(
+    store.commit(
         {store.schema.node_key("n2", S.NODE_ALIVE): "test", store.schema.node_key("n2", S.NODE_RUNNINGDOMAINS): "[]"}
     )
 
@@ -558,7 +558,7 @@ def test_a_live_target_that_never_claims_the_start_gets_the_vm_taken_back_at_the
     final = last_history(store, uuid)
     assert final["result"] == "aborted" and "target n2 did not start the VM" in final["reason"], final
     assert record_of(store, uuid) == (None, -1)
-    assert store.read(store.schema.node_reservation("n2", uuid)) is None
+    assert store.find_text(store.schema.node_reservation("n2", uuid)) is None
     assert read_vm(store, uuid).node == "n1"  # its reconciler starts it there
 
 
@@ -582,7 +582,7 @@ def test_a_claim_written_first_makes_the_sources_take_back_fail(cluster, make_ag
     rewrite_record(store, uuid, starting_on="n2")  # the target's claim lands between read and abort
     source.resolve(Migration(uuid, *seen))
     assert record_of(store, uuid)[0].starting_on == "n2"
-    assert store.children(store.schema.domain_history(uuid)) in ([], None)
+    assert store.list_children(store.schema.domain_history(uuid), missing_ok=True) == []
 
 
 def test_a_claimed_start_is_waited_for_when_the_target_is_gone_but_not_fenced(cluster, make_agent, monkeypatch):
@@ -599,7 +599,7 @@ def test_a_claimed_start_is_waited_for_when_the_target_is_gone_but_not_fenced(cl
     seen = record_of(store, uuid)
     source.handle(uuid, seen, local_state=None)
     assert record_of(store, uuid) == seen  # nothing written: not taken back
-    assert store.children(store.schema.domain_history(uuid)) in ([], None)
+    assert store.list_children(store.schema.domain_history(uuid), missing_ok=True) == []
     assert ":claimed:" in source.deadlines._items[uuid][1]  # asked again at the next deadline
 
 
@@ -610,7 +610,7 @@ def test_a_claimed_start_of_a_fenced_target_is_given_back_to_the_source(cluster,
     source = make_agent("n1", **TEST_PEERS)
     shut_down_and_transferred(store, uuid, starting_on="n2")
     store.delete([store.schema.node_key("n2", S.NODE_ALIVE)])
-    store.write({store.schema.node_key("n2", S.NODE_DAEMON_STATE): "fenced"})
+    store.commit({store.schema.node_key("n2", S.NODE_DAEMON_STATE): "fenced"})
     expire_now(source, uuid)
     source.handle(uuid, record_of(store, uuid), local_state=None)
     final = last_history(store, uuid)
@@ -635,7 +635,7 @@ def test_a_target_whose_source_never_starts_the_transfer_aborts_at_its_deadline(
 
 def test_a_shutdown_libvirt_cannot_confirm_is_never_handed_to_the_target(cluster, make_agent):
     store, uuid, xml = cluster
-    store.write({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
+    store.commit({store.schema.domain_meta(uuid, S.META_MIGRATION_METHOD): "shutdown"})
     source = make_agent("n1")
     source.hypervisor.create(xml)
     request(store, uuid, "n2")
@@ -659,7 +659,7 @@ def test_a_target_without_libvirt_refuses_to_prepare(cluster, make_agent):
     target.handle(uuid, record_of(store, uuid))
     final = last_history(store, uuid)
     assert final["result"] == "aborted" and "target n2 cannot reach its libvirtd (down" in final["reason"], final
-    assert store.read(store.schema.node_reservation("n2", uuid)) is None
+    assert store.find_text(store.schema.node_reservation("n2", uuid)) is None
 
 
 @pytest.mark.parametrize("local_state", [ASK, "running"])
@@ -686,7 +686,7 @@ def test_a_failed_live_transfer_to_a_target_without_libvirt_does_not_fall_back(c
     source.hypervisor.create(xml)
     request(store, uuid, "n2")  # method default: live, else a shutdown migration
     rewrite_record(store, uuid, step="prepared")
-    store.write({store.schema.node_key("n2", S.NODE_LIBVIRT): "down"})
+    store.commit({store.schema.node_key("n2", S.NODE_LIBVIRT): "down"})
     source.handle(uuid, record_of(store, uuid), local_state="running")  # the test driver cannot migrate
     final = last_history(store, uuid)
     assert final["result"] == "aborted" and "target n2's libvirt is down" in final["reason"], final
@@ -740,16 +740,16 @@ def test_rehome_rewrites_the_targets_reservations_znode(cluster, make_agent, mon
     version check and plans again."""
     store, uuid, xml = cluster
     schema = store.schema
-    store.write({schema.node_reservations("n1"): "earlier"})
-    _, version_before = store.read_versioned(schema.node_reservations("n1"))
+    store.commit({schema.node_reservations("n1"): "earlier"})
+    _, version_before = store.find(schema.node_reservations("n1"))
     here = make_agent("n2")
     monkeypatch.setattr(here, "peer_state", lambda peer, vm: None)  # n1's libvirt: not running there
     here.hypervisor.create(xml)
     here.rehome(uuid, "n1")
     record, _ = record_of(store, uuid)
     assert record is not None and (record.source, record.target, record.kind) == ("n2", "n1", "move")
-    assert store.read(schema.node_reservation("n1", uuid)) == "256"
-    value, version_after = store.read_versioned(schema.node_reservations("n1"))
+    assert store.find_text(schema.node_reservation("n1", uuid)) == "256"
+    value, version_after = store.find(schema.node_reservations("n1"))
     assert value == record.id and version_after > version_before
 
 
@@ -774,7 +774,7 @@ def test_rehome_is_fit_checked_on_the_assigned_node_which_already_counts_the_vm(
             values[schema.node_key("n1", S.NODE_MEMPROV)] = 256
         else:
             values[schema.node_reservation("n1", uuid)] = 256
-        store.write(values)
+        store.commit(values)
 
     fill(16384 - 256 + 1)  # 1 MiB short once the VM's own share is given back
     here.rehome(uuid, "n1")
@@ -785,4 +785,4 @@ def test_rehome_is_fit_checked_on_the_assigned_node_which_already_counts_the_vm(
     here.rehome(uuid, "n1")
     record, _ = record_of(store, uuid)
     assert record is not None and (record.source, record.target) == ("n2", "n1")
-    assert store.read(schema.node_reservation("n1", uuid)) == "256"
+    assert store.find_text(schema.node_reservation("n1", uuid)) == "256"

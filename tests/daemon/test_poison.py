@@ -7,6 +7,7 @@ and a VM whose XML is empty.
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -91,11 +92,11 @@ def test_bad_migration_records_stop_no_daemon_and_no_other_vm_and_an_operator_cl
     cluster.set_domain_state("node1", "flush")
     cluster.wait_running_on("node2", good)
     wait_for_line(node1.log_path, "waits for an operator", node1)
-    assert store.read(schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flush"
+    assert store.find_text(schema.node_key("node1", S.NODE_DOMAIN_STATE)) == "flush"
     # The operator clears the records (as pvc.cluster.vm_migrate state=cleared does): the flush ends.
     for uuid in bad:
         path = schema.domain_migration(uuid)
-        store.commit({}, expect_versions={path: store.read_versioned(path)[1]}, delete=[path])
+        store.commit({}, expect_versions={path: store.find(path)[1]}, delete=[path])
     cluster.wait_domain_state("node1", "flushed", timeout_s=120)
     for uuid in bad:
         cluster.wait_running_on("node2", uuid)
@@ -119,9 +120,9 @@ def test_a_vm_whose_xml_is_empty_is_neither_started_nor_migrated(cluster):
     )
     cluster.define_vm(memoryless, stopped, "memoryless", "node1")
     cluster.wait_vm_state(stopped, "fail")  # the refused VM
-    reason = store.read(schema.domain_key(stopped, S.DOMAIN_FAILEDREASON))
+    reason = store.find_text(schema.domain_key(stopped, S.DOMAIN_FAILEDREASON))
     assert reason.startswith("refused to start:") and "<memory> is missing" in reason
-    assert stopped not in store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))
+    assert stopped not in json.loads(store.get(schema.node_key("node1", S.NODE_RUNNINGDOMAINS)).value)
 
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -174,9 +175,9 @@ def test_a_vm_the_policy_refuses_is_neither_started_nor_migrated(cluster):
     vms[renamed] = "rule identity"
     for uuid, rule in vms.items():
         cluster.wait_vm_state(uuid, "fail")  # refused
-        reason = store.read(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
+        reason = store.find_text(schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
         assert reason.startswith("refused to start:") and rule in reason, reason
-    running = store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))
+    running = json.loads(store.get(schema.node_key("node1", S.NODE_RUNNINGDOMAINS)).value)
     assert not set(vms) & set(running)
 
     # A running VM whose XML is replaced by one the policy refuses is not migrated: the source
@@ -195,4 +196,4 @@ def test_a_vm_the_policy_refuses_is_neither_started_nor_migrated(cluster):
         or "target node2 does not take the VM: its domain XML is refused" in final["reason"]
     )
     assert "rule devices" in final["reason"]
-    assert mover in store.read_json(schema.node_key("node1", S.NODE_RUNNINGDOMAINS))
+    assert mover in json.loads(store.get(schema.node_key("node1", S.NODE_RUNNINGDOMAINS)).value)

@@ -101,7 +101,7 @@ def test_garbage_in_every_key_of_a_vm_and_a_node_stops_nothing(
     cluster.store.commit(values)
 
     # Meanwhile another VM migrates, there and back, between two healthy nodes.
-    where = "node2" if cluster.store.read(schema.domain_key(mover, S.DOMAIN_NODE)) == "node1" else "node1"
+    where = "node2" if cluster.store.find_text(schema.domain_key(mover, S.DOMAIN_NODE)) == "node1" else "node1"
     assert request(cluster, mover, "migrate", target=where) is not None
     cluster.wait_no_migration(mover)
     cluster.wait_running_on(where, mover)
@@ -122,7 +122,7 @@ def test_after_the_garbage_every_daemon_serves_and_a_restart_comes_back(poisoned
     wait_for_line(node2.log_path, "node node2 running", node2)
     cluster.wait_node_state("node2", "run")
     assert "Traceback" not in node2.log_path.read_bytes()[offset:].decode(errors="replace")
-    where = "node2" if cluster.store.read(cluster.schema.domain_key(mover, S.DOMAIN_NODE)) == "node1" else "node1"
+    where = "node2" if cluster.store.find_text(cluster.schema.domain_key(mover, S.DOMAIN_NODE)) == "node1" else "node1"
     assert request(cluster, mover, "migrate", target=where) is not None
     cluster.wait_no_migration(mover)
     cluster.wait_running_on(where, mover)

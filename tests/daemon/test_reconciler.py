@@ -48,7 +48,7 @@ def without_libvirt(store, zk_server, zk_root, tmp_path):
     agent = RecordingAgent()
     reconciler = Reconciler(DaemonContext("n1", config, store, hypervisor, DomainTable()), agent)
     for key in WATCHED_KEYS:
-        found = store.read_versioned(store.schema.domain_key(uuid, key))
+        found = store.find(store.schema.domain_key(uuid, key))
         reconciler._record(uuid, key, found[0] if found else None, found[1] if found else -1)
     return reconciler, agent, uuid
 
@@ -57,7 +57,7 @@ def test_a_start_that_meets_no_libvirt_does_not_fail_the_vm(without_libvirt, sto
     reconciler, _, uuid = without_libvirt
     assert reconciler.start_vm(uuid) is False
     assert read_vm_state(store, uuid) == "start"  # not `fail`
-    assert not store.read(store.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
+    assert not store.find_text(store.schema.domain_key(uuid, S.DOMAIN_FAILEDREASON))
 
 
 def test_a_pass_without_libvirt_does_nothing_but_a_migration_still_follows_its_steps(without_libvirt, store):

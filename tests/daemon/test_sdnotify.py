@@ -77,9 +77,9 @@ def test_daemon_is_ready_once_registered_and_running_and_says_when_it_stops(
         assert ready.splitlines() == ["READY=1", "STATUS=node node1 running"]
         # what the daemon promises at READY=1, without waiting: registered, alive, running, figures in
         schema = cluster.schema
-        assert cluster.store.read(schema.node_key("node1", S.NODE_DAEMON_STATE)) == "run"
+        assert cluster.store.find_text(schema.node_key("node1", S.NODE_DAEMON_STATE)) == "run"
         assert cluster.store.exists(schema.node_key("node1", S.NODE_ALIVE))
-        assert float(cluster.store.read(schema.node_key("node1", S.NODE_KEEPALIVE))) > 0
+        assert float(cluster.store.find_text(schema.node_key("node1", S.NODE_KEEPALIVE))) > 0
         assert "node node1 running" in daemon.log()
         daemon.process.send_signal(15)
         assert receive(60).splitlines()[0] == "STOPPING=1"

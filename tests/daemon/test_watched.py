@@ -11,11 +11,11 @@ pytestmark = pytest.mark.zk
 
 def test_values_and_versions_follow_the_keys(store):
     present, absent = store.schema.node_key("n1", "daemon_state"), store.schema.node_key("n1", "domain_state")
-    store.write({present: "run"})
+    store.commit({present: "run"})
     keys = WatchedKeys(store, (present, absent))
     keys.start()  # kazoo's DataWatch answers once before it returns
     assert keys.snapshot() == {present: ("run", 0), absent: None}
-    store.write({present: "shutdown", absent: "ready"})
+    store.commit({present: "shutdown", absent: "ready"})
     expected = {present: ("shutdown", 1), absent: ("ready", 0)}
     assert keys.wait_for(lambda snapshot: snapshot == expected, 10), keys.snapshot()
     store.delete([absent])

@@ -238,7 +238,7 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
             # as on daemons that have been running for a while.
             for node in cluster.nodes:
                 path = cluster.schema.node_key(node, S.NODE_KEEPALIVE)
-                before = cluster.store.read(path)
+                before = cluster.store.find_text(path)
                 cluster.wait(path, lambda value, before=before: value != before, 30, f"a keepalive of {node}")
 
         def by_daemons(target: str) -> None:
@@ -443,7 +443,7 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
             # as in measure(): the daemons' start-up work is over before a flush is timed
             for node in cluster.nodes:
                 path = cluster.schema.node_key(node, S.NODE_KEEPALIVE)
-                before = cluster.store.read(path)
+                before = cluster.store.find_text(path)
                 cluster.wait(path, lambda value, before=before: value != before, 60, f"a keepalive of {node}")
 
         for round_ in range(rounds):

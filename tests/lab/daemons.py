@@ -327,9 +327,9 @@ class LabCluster:
         if not wait_for_key(self.store, path, predicate, timeout_s):
             raise AssertionError(
                 f"timed out after {timeout_s} s waiting for {what or path} "
-                f"(value now {self.store.read(path)!r})\n{self.logs()}"
+                f"(value now {self.store.find_text(path)!r})\n{self.logs()}"
             )
-        return self.store.read(path)
+        return self.store.find_text(path)
 
     def wait_daemon_state(self, node: str, state: str = "run", timeout_s: float = 60) -> None:
         self.wait(
@@ -543,8 +543,8 @@ class LabCluster:
         held = {}
         for kind in ("domains", "nodes"):
             base = f"{self.schema.root}/locks/{kind}"
-            for name in self.store.children(base) or []:
-                contenders = self.store.children(f"{base}/{name}") or []
+            for name in self.store.list_children(base, missing_ok=True):
+                contenders = self.store.list_children(f"{base}/{name}", missing_ok=True)
                 if contenders:
                     held[f"{base}/{name}"] = contenders
         return held
@@ -584,7 +584,7 @@ class LabCluster:
         if self.store.exists(path):
             self.store.client.ChildrenWatch(path, watcher)
             empty.wait(timeout_s)
-        return self.store.children(path) or []
+        return self.store.list_children(path, missing_ok=True)
 
     def check_invariants(self, uuids, monitor: RunningMonitor | None = None) -> None:
         """I1-I4 for these VMs, once settled (see docs/migration-protocol.md)."""

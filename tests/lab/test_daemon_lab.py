@@ -15,7 +15,7 @@ pytestmark = pytest.mark.lab
 
 
 def node_key(cluster, node, key):
-    return cluster.store.read(cluster.schema.node_key(node, key))
+    return cluster.store.find_text(cluster.schema.node_key(node, key))
 
 
 def test_every_daemon_registers_runs_and_stops_without_touching_guests(lab_cluster):

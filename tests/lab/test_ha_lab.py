@@ -131,7 +131,7 @@ def test_a_host_powered_off_is_fenced_its_vms_run_elsewhere_once_and_come_home_w
         where = wait_recovered(cluster, uuids)
     check_recovered(cluster, monitor, uuids, where)
     assert [call for call in bmcs["node2"].calls() if call.endswith("set power 0")]
-    assert cluster.store.read(cluster.schema.node_key("node2", S.NODE_DOMAIN_STATE)) == "flushed"
+    assert cluster.store.find_text(cluster.schema.node_key("node2", S.NODE_DOMAIN_STATE)) == "flushed"
 
     # powered on through its BMC: its daemon starts and starts none of its former VMs
     with RunningMonitor(lab.hosts) as monitor:
@@ -181,7 +181,7 @@ def test_an_unreachable_bmc_means_fence_failed_and_nothing_recovered_until_an_op
         # the operator checked that node2 is off, and confirms it (what pvc.cluster.node
         # state=fenced confirm_down=true writes)
         path = cluster.schema.node_key("node2", S.NODE_DAEMON_STATE)
-        cluster.store.commit({path: "fenced"}, expect_versions={path: cluster.store.read_versioned(path)[1]})
+        cluster.store.commit({path: "fenced"}, expect_versions={path: cluster.store.find(path)[1]})
         where = wait_recovered(cluster, uuids)
     check_recovered(cluster, monitor, uuids, where)
 
@@ -225,7 +225,7 @@ def test_the_acting_daemon_killed_mid_recovery_hands_over_and_every_vm_runs_once
         assert crashed, "no daemon reached the crash point"
         where = wait_recovered(cluster, uuids)
     check_recovered(cluster, monitor, uuids, where)
-    assert cluster.store.read(cluster.schema.node_key("node2", S.NODE_DAEMON_STATE)) == "fenced"
+    assert cluster.store.find_text(cluster.schema.node_key("node2", S.NODE_DAEMON_STATE)) == "fenced"
 
 
 def test_two_hosts_lost_one_after_the_other_leave_every_vm_running_on_the_last_one(lab, ha_cluster):

@@ -61,7 +61,7 @@ def migrate_both_ways(cluster, uuid: str) -> None:
 def daemons_never_restarted(cluster, pids: dict) -> None:
     for node, pid in pids.items():
         assert cluster.daemons[node].pid == pid and cluster.daemons[node].running(), f"{node}'s daemon restarted"
-        assert cluster.store.read(cluster.schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"
+        assert cluster.store.find_text(cluster.schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"
 
 
 def wait_transfer_running(cluster, uuid: str, source: str = "node1", timeout_s: float = 90) -> None:
@@ -271,9 +271,9 @@ def test_a_libvirtd_stopped_longer_than_the_call_timeout(lab_cluster, lab):
             cluster.request(uuid, "migrate", target="node2")
         # a few keepalives later it is still alive for its peers
         keepalive = cluster.schema.node_key("node2", S.NODE_KEEPALIVE)
-        first = float(cluster.store.read(keepalive))
+        first = float(cluster.store.find_text(keepalive))
         cluster.wait(keepalive, lambda value: float(value or 0) > first + 3, 60, "node2's keepalives going on")
-        assert cluster.store.read(cluster.schema.node_key("node2", S.NODE_DAEMON_STATE)) == "run"
+        assert cluster.store.find_text(cluster.schema.node_key("node2", S.NODE_DAEMON_STATE)) == "run"
     finally:
         host.resume_libvirtd()
     wait_libvirt_health(cluster, "node2", "ok")
@@ -338,7 +338,7 @@ def test_a_target_whose_libvirtd_dies_as_it_starts_a_shut_down_vm_keeps_its_clai
         target.wait_log(f"migration {record.id} of {uuid}: start on target node2 not confirmed")
         # the source's step deadline passes while the target's libvirtd is down: it waits for the claim
         cluster.daemons["node1"].wait_log(f"migration {record.id} of {uuid}: resolving from libvirt")
-        assert json.loads(cluster.store.read(cluster.schema.domain_migration(uuid)))["starting_on"] == "node2"
+        assert json.loads(cluster.store.find_text(cluster.schema.domain_migration(uuid)))["starting_on"] == "node2"
         host.start_libvirtd()
         cluster.settle(uuid, timeout_s=180)
         final = cluster.history(uuid)[-1]

@@ -63,7 +63,7 @@ def _links(host) -> dict[str, dict]:
 
 
 def _node_key(cluster, node: str, key: str) -> str | None:
-    return cluster.store.read(cluster.store.schema.node_key(node, key))
+    return cluster.store.find_text(cluster.store.schema.node_key(node, key))
 
 
 # ---- the first run ----------------------------------------------------------------------------
@@ -323,9 +323,9 @@ def test_the_rolled_out_cluster_is_secured(rolled_out):
     check_host_names(lab, [(h.address, ROLLOUT_ZK_PORT) for h in lab.hosts], ca)
     schema = store.schema
     key = schema.node_key("node1", S.NODE_DAEMON_STATE)
-    assert store.read(key) == "run"
+    assert store.find_text(key) == "run"
     check_client_access(lab, views.zk_hosts, ca, readable=key, writable=key, parent=schema.nodes())
-    assert store.read(key) == "run"
+    assert store.find_text(key) == "run"
 
 
 # ---- idempotence ------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ def test_rolling_maintenance_moves_vms_and_brings_them_home(vms):
     assert sorted(flushes) == cluster.nodes() and all(r["changed"] for r in flushes.values())
     assert _wait_placement(cluster, before) == before, "a VM did not come back where it was"
     for node in cluster.nodes():
-        assert cluster.store.read(cluster.store.schema.node_key(node, S.NODE_DOMAIN_STATE)) == "ready"
+        assert cluster.store.find_text(cluster.store.schema.node_key(node, S.NODE_DOMAIN_STATE)) == "ready"
     # real migrations happened, with each VM's method
     methods = {}
     for name, _, _ in VMS:
@@ -154,7 +154,7 @@ def test_rolling_maintenance_stops_at_a_node_that_cannot_flush(vms):
         assert not run.task_results("Flush the node (its VMs migrate to the other nodes)")
         # the nodes after it were not touched
         for node in ("node2", "node3"):
-            assert cluster.store.read(cluster.store.schema.node_key(node, S.NODE_DOMAIN_STATE)) == "ready"
+            assert cluster.store.find_text(cluster.store.schema.node_key(node, S.NODE_DOMAIN_STATE)) == "ready"
         assert not run.task_results("Make the node ready again (the VMs whose home it is come back)")
         assert _placement(cluster) == before
     finally:

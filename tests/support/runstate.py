@@ -11,7 +11,7 @@ def runstate_reached(store, uuid: str, state: str):
     """(path, predicate) for a wait on the VM's runstate key: the predicate holds when the record
     says ``state`` for the version of the VM's desired ``state`` stored now (so a record of an
     earlier request never satisfies it). Call it after writing the desired state."""
-    desired = store.read_versioned(store.schema.domain_key(uuid, S.DOMAIN_STATE))
+    desired = store.find(store.schema.domain_key(uuid, S.DOMAIN_STATE))
     assert desired is not None, f"VM {uuid} has no state"
     path = store.schema.domain_key(uuid, S.DOMAIN_RUNSTATE)
 

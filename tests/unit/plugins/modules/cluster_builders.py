@@ -80,15 +80,11 @@ class FakeStore:
         self.schema = Schema(root)
         self.values = values
 
-    def read(self, path):
+    def find_text(self, path):
         return self.values.get(path)
 
-    def read_many(self, paths):
-        """Every path -> (text, version) or None; every stored value reads as version 0."""
-        return {path: (self.values[path], 0) if path in self.values else None for path in paths}
+    def get_many(self, paths):
+        """Every path -> Versioned or None (missing); every stored value reads as version 0."""
+        from ansible_collections.pvc.cluster.plugins.module_utils._store import Versioned
 
-    def read_json(self, path):
-        import json
-
-        text = self.values.get(path)
-        return json.loads(text) if text else None
+        return {path: Versioned(self.values[path], 0) if path in self.values else None for path in paths}

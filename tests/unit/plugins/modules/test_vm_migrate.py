@@ -198,11 +198,8 @@ class ClearingStore(FakeStore):
         self.nodes = nodes
         self.commits = []
 
-    def children(self, path):
+    def list_children(self, path, missing_ok=False):
         return list(self.nodes) if path == self.schema.nodes() else []
-
-    def read_many(self, paths):
-        return {path: (self.values[path], 0) if path in self.values else None for path in paths}
 
     def commit(self, values, expect_versions=None, delete=()):
         self.commits.append((values, expect_versions, list(delete)))
@@ -212,7 +209,7 @@ class ClearingStore(FakeStore):
 def clear(vm, store, check_mode=False):
     from types import SimpleNamespace
 
-    session = SimpleNamespace(store=store, schema=store.schema, verify=lambda: None)
+    session = SimpleNamespace(store=store, schema=store.schema)
     return module.clear_record(SimpleNamespace(check_mode=check_mode, _diff=True), session, vm)
 
 
