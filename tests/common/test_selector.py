@@ -8,6 +8,7 @@ import random
 import pytest
 
 from pvc_cluster_common._selector import (
+    FIT_TIGHT_SHARE,
     FailureCheck,
     FlushVM,
     NodeView,
@@ -558,11 +559,13 @@ def test_fit_is_deterministic_and_independent_of_node_order():
 
 @pytest.mark.parametrize("tight", [False, True], ids=["roomy", "tight"])
 @pytest.mark.parametrize("seed", range(8))
-def test_a_fit_flush_plan_places_each_vm_as_select_target_would_one_at_a_time(seed, tight):
-    """The one selector: plan_flush's fit (sorted headroom lists, lazy heaps) books and chooses
-    exactly as select_target's single pass does, VM after VM (largest first). Tight: every node
-    nearly full, so the fit score decides (nodes of several sizes; 16 GiB nodes among large ones
-    have a negative slope: the emptiest of them scores best)."""
+def test_a_fit_flush_plan_follows_its_rules_and_agrees_with_select_target_while_the_cluster_has_room(seed, tight):
+    """plan_flush's fit (sorted headroom lists, per capacity) books and chooses as its documented
+    rules say, checked VM after VM (largest first) against a plain scan of every node: an exact
+    fit (under 1 GiB left), else the largest free share after the VM (then headroom, then name).
+    While the cluster is not tight, that is also select_target's choice (the one selector); on
+    a tight cluster select_target uses the block rule and the plan keeps balancing. Tight: every
+    node nearly full; nodes of several sizes."""
     rng = random.Random(seed)
     sizes_mib = (16384, 65536, 131072, 196608)
     nodes = {}
@@ -576,56 +579,82 @@ def test_a_fit_flush_plan_places_each_vm_as_select_target_would_one_at_a_time(se
     plan = plan_flush("src", vms, nodes.values())
     views = dict(nodes)
     expected = {}
+    agreed = 0
     for i in sorted(range(len(vms)), key=lambda i: (-vms[i].memory_mib, i)):
-        try:
-            target = select_target(vms[i].memory_mib, "src", (), "fit", views.values())
-        except NoTargetError:
-            target = None
+        memory = vms[i].memory_mib
+        fitting = [view for name, view in views.items() if name != "src" and view.headroom >= memory]
+        target = None
+        if fitting:
+            tightest = min(fitting, key=lambda v: (v.headroom - memory, v.name))
+            if tightest.headroom - memory < 1024:
+                target = tightest.name
+            else:
+                target = min(fitting, key=lambda v: (-(v.headroom - memory) / v.capacity, -v.headroom, v.name)).name
+        others = [view for name, view in views.items() if name != "src"]
+        slack = sum(max(view.headroom, 0) for view in others)
+        if target is not None and slack - memory >= FIT_TIGHT_SHARE * sum(view.capacity for view in others):
+            assert select_target(memory, "src", (), "fit", views.values()) == target
+            agreed += 1
         expected[vms[i].uuid] = target
         if target is not None:
-            views[target] = dataclasses.replace(views[target], reserved=views[target].reserved + vms[i].memory_mib)
+            views[target] = dataclasses.replace(views[target], reserved=views[target].reserved + memory)
     assert {move.uuid: move.target for move in plan} == expected
+    assert agreed > 0 or tight
 
 
-def test_fit_score_on_a_tight_cluster_gives_small_vms_to_a_node_much_emptier_than_the_rest():
-    # a (128 GiB) has 40 GiB free, 31 % of it; b (384 GiB) 36 GiB, 9 %; c and d (384 GiB) none:
-    # 76 of 1,280 GiB free (5.9 %), tight. Best fit would give an 8 GiB VM to b (28 GiB left)
-    # and keep a's gap, which starves if no VM over 36 GiB comes. The score: a 32 - 0.25 x 320 x
-    # (0.3125 - 0.059) = 11.7 GiB, b 28 - 0.25 x 320 x (0.094 - 0.059) = 25.2 GiB: a.
+def test_fit_block_rule_on_a_tight_cluster_keeps_large_blocks_and_balances_among_equals():
     gib = 1024
+    # 48 of 1,280 GiB free: tight. A 4 GiB VM: on a (20 GiB free = 16 + 4 -> 16) it breaks only
+    # the 4 GiB block, on b (28 = 16 + 8 + 4 -> 24 = 16 + 8) too. Equal blocks: the larger share
+    # after the VM wins, a (16 / 128) over b (24 / 384).
     nodes = [
+        node("a", total=128 * gib, prov=108 * gib),
+        node("b", total=384 * gib, prov=356 * gib),
+        node("c", total=384 * gib, prov=384 * gib),
+        node("d", total=384 * gib, prov=384 * gib),
+    ]
+    assert select_target(4 * gib, None, (), "fit", nodes) == "a"
+    # a 6 GiB VM breaks a's 16 GiB block (20 -> 14) but only b's 8 GiB one (28 -> 22): b, though a
+    # is emptier by share (best fit would take a too: 14 left against 22)
+    assert select_target(6 * gib, None, (), "fit", nodes) == "b"
+    # best fit would leave a's 40 GiB gap alone for ever (an 8 GiB VM fits b's 36 more tightly);
+    # the block rule breaks b's 32 GiB block (36 -> 28) but only a's 8 GiB one (40 -> 32): a
+    starving = [
         node("a", total=128 * gib, prov=88 * gib),
         node("b", total=384 * gib, prov=348 * gib),
         node("c", total=384 * gib, prov=384 * gib),
         node("d", total=384 * gib, prov=384 * gib),
     ]
-    assert select_target(8 * gib, None, (), "fit", nodes) == "a"
-    assert [move.target for move in plan_flush("d", [FlushVM("vm", 8 * gib, (), "fit", "d")], nodes)] == ["a"]
-    # a uniform tight cluster packs by plain best fit: a 128 GiB node with 20 GiB free against one with 18
-    uniform = [
-        node("a", total=128 * gib, prov=108 * gib),
-        node("b", total=128 * gib, prov=110 * gib),
-        node("c", total=128 * gib, prov=128 * gib),
-        node("d", total=128 * gib, prov=128 * gib),
-    ]
-    assert select_target(8 * gib, None, (), "fit", uniform) == "b"
+    assert select_target(8 * gib, None, (), "fit", starving) == "a"
+    # a flush plan balances instead: the larger share after the VM (a: 32 / 128 over b: 28 / 384)
+    assert [move.target for move in plan_flush("d", [FlushVM("vm", 8 * gib, (), "fit", "d")], starving)] == ["a"]
 
 
-def test_fit_score_with_a_flat_slope_takes_the_first_name_among_equal_scores_in_a_flush_plan_too():
-    # Three 16 GiB nodes and one of 208 GiB: the mean capacity is 64 GiB, so a 16 GiB node's score
-    # above the mean share does not change with its headroom (slope 1 - 0.25 x 64 / 16 = 0): all
-    # three tie and the first name wins, here the one in the middle by headroom (a), which a
-    # smallest-or-largest shortcut would miss.
+def test_a_fit_flush_plan_leaves_the_receiving_nodes_balanced():
+    """Largest first, each to the largest free share after it: a flush of 10 VMs (36 GiB) onto a
+    tight cluster of four nodes of different sizes (135 of 1,152 GiB free) ends with their free
+    shares within a few points. mem (most headroom) leaves the small node far emptier by share,
+    and so did fit's earlier tight rule (best fit with a bonus for emptier nodes)."""
+    gib = 1024
     nodes = [
-        node("b", total=16384, prov=16384 - 6144),
-        node("a", total=16384, prov=16384 - 7168),
-        node("c", total=16384, prov=16384 - 8192),
-        node("d", total=212992, prov=212992 - 4096),
-        node("src", total=16384),
+        node("a", total=128 * gib, prov=108 * gib),
+        node("b", total=256 * gib, prov=216 * gib),
+        node("c", total=384 * gib, prov=339 * gib),
+        node("d", total=384 * gib, prov=354 * gib),
+        node("src", total=384 * gib),
     ]
-    assert select_target(2048, "src", (), "fit", nodes) == "a"
-    plan = plan_flush("src", [FlushVM("vm", 2048, (), "fit", "src")], nodes)
-    assert [move.target for move in plan] == ["a"]
+    sizes = (8, 8, 4, 4, 4, 2, 2, 2, 1, 1)
+    vms = [FlushVM(f"vm{i}", size * gib, (), None, "src") for i, size in enumerate(sizes)]
+
+    def shares(selector):
+        plan = plan_flush("src", [vm._replace(selector=selector) for vm in vms], nodes)
+        views, _ = apply_plan("src", vms, plan, nodes)
+        assert all(move.target is not None for move in plan)
+        return [100.0 * v.headroom / v.capacity for v in views if v.name != "src"]
+
+    fit, mem = shares("fit"), shares("mem")
+    assert max(fit) - min(fit) < 3.0, fit
+    assert max(mem) - min(mem) > 3.0, mem
 
 
 def test_fit_places_more_memory_than_mem_on_tight_snapshots_and_never_overcommits():
@@ -644,24 +673,29 @@ def test_fit_places_more_memory_than_mem_on_tight_snapshots_and_never_overcommit
     assert mean["fit"] >= 92.0 and mean["fit"] >= mean["mem"] + 5.0, mean
 
 
-def test_fit_leaves_a_tight_100_node_cluster_as_balanced_as_hail_and_places_as_much():
-    """bench p's 100-node snapshots, 106-160 % of the free memory asked one VM at a time: the free
-    memory spread (points of free share, population standard deviation) at or below hail's
-    0.23-0.27 on Ganeti's own tight snapshots, with the memory placed of plain best fit (99.37 %).
-    Plain best fit on a tight cluster left one 128 GiB node with 63 GiB free (small VMs always
-    found a tighter gap, and the 64 GiB VMs did not fit): spread 6.6 on that snapshot, 0.74 in mean."""
+@pytest.mark.parametrize(
+    "count, placed_min, spread_max",
+    # the means over bench p's 9 snapshots of each size (hail, as reported in issue #15, on its
+    # own 10-node snapshots: about 97 % placed, spread 0.23-0.27)
+    [(10, 96.5, 0.75), (100, 99.3, 0.2)],
+)
+def test_fit_places_and_balances_tight_clusters_one_vm_at_a_time(count, placed_min, spread_max):
+    """bench p's snapshots, 106-160 % of the free memory asked one VM at a time. The fit score
+    (best fit with a bonus for emptier nodes) placed 94.7 % at 10 nodes with a spread (population
+    standard deviation of the nodes' free share) of 1.30 points, and 99.37 % / 0.216 at 100; a pure
+    balancing rule 87.6 % / 0.71 at 10. The block rule: 97.0 % / 0.65 and 99.37 % / 0.16."""
     from bench.placement import arrivals, generate, one_at_a_time
 
     spreads, placed = [], []
     for seed in (1, 2, 3):
         for fill in (0.6, 0.8, 0.95):
-            snapshot = generate(100, fill, seed * 1000 + 100)
+            snapshot = generate(count, fill, seed * 1000 + count)
             result = one_at_a_time(snapshot, arrivals(snapshot, seed), "fit")
             assert result["overcommitted_nodes"] == 0
             spreads.append(result["spread_pct"])
             placed.append(result["placed_pct"])
-    assert sum(spreads) / len(spreads) <= 0.27, spreads
-    assert sum(placed) / len(placed) >= 99.3, placed
+    assert sum(spreads) / len(spreads) <= spread_max, spreads
+    assert sum(placed) / len(placed) >= placed_min, placed
 
 
 # ---- n-1 as policy --------------------------------------------------------------------------------
