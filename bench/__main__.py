@@ -103,20 +103,14 @@ def bench_selection(repeat: int = 200) -> list[dict]:
         dataclasses.replace(view, memprov=view.memtotal - view.memreserve - rng.randrange(0, 32768, 256), reserved=0)
         for view in nodes
     ]
-    samples = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        select_target(rng.choice((1024, 4096, 8192)), "node0001", (), "fit", tight)
-        samples.append((time.perf_counter() - started) * 1000)
+    samples = timed_ms(lambda: select_target(rng.choice((1024, 4096, 8192)), "node0001", (), "fit", tight), repeat)
     results.append(
-        {
-            "id": "d.select.fit.tight",
-            "what": "target selection (fit, block rule), 1,000 tight nodes (0-32 GiB free each)",
-            "p50_ms": round(percentile(samples, 0.5), 3),
-            "p95_ms": round(percentile(samples, 0.95), 3),
-            "target": "<= 2 ms",
-            "met": percentile(samples, 0.5) <= 2.0,
-        }
+        latency_row(
+            "d.select.fit.tight",
+            "target selection (fit, block rule), 1,000 tight nodes (0-32 GiB free each)",
+            samples,
+            2.0,
+        )
     )
     for selector in ("default", "fit"):
         vms = [

@@ -393,6 +393,7 @@ def select_target(
     # needs the candidates' totals (is the cluster tight?)
     slack = capacity = 0
     tightest: SortKey | None = None
+    balanced: SortKey | None = None  # the balancing rule's best: (share after the VM, headroom, name)
     fitting: list[tuple[int, int, str]] = []
     node_list = _as_list(nodes)
     node_limit = _limit(node_limit)
@@ -423,6 +424,16 @@ def select_target(
                     left = headroom - vm_memory_mib
                     if tightest is None or left < tightest[0] or (left == tightest[0] and name < tightest[1]):
                         tightest = (left, name)
+                    share = left / node_capacity if node_capacity > 0 else 0.0  # _share_after, inlined
+                    if (
+                        balanced is None
+                        or share > balanced[0]
+                        or (
+                            share == balanced[0]
+                            and (headroom > balanced[1] or (headroom == balanced[1] and name < balanced[2]))
+                        )
+                    ):
+                        balanced = (share, headroom, name)
                     fitting.append((headroom, node_capacity, name))
                     continue
                 key = key_of(node, headroom)
@@ -432,11 +443,12 @@ def select_target(
             reasons[name] = _fit_rejection(vm_memory_mib, headroom) or ""
         else:
             reasons[name] = _static_rejection(node, current_node, limit, limit_text, excluded) or ""
-    if tightest is not None:
+    if tightest is not None and balanced is not None:  # both are set by the same fitting node
         if tightest[0] < FIT_EXACT_MIB:
             return str(tightest[1])
-        rule = _block_key if _is_tight(slack, capacity, vm_memory_mib) else _balance_key
-        return str(min(rule(headroom, cap, vm_memory_mib, name) for headroom, cap, name in fitting)[-1])
+        if _is_tight(slack, capacity, vm_memory_mib):
+            return str(min(_block_key(headroom, cap, vm_memory_mib, name) for headroom, cap, name in fitting)[-1])
+        return str(balanced[2])
     if best_key is not None:
         return best_name
     seen = {node.name for node in node_list}
