@@ -41,8 +41,9 @@ The block rule (tight clusters, one VM at a time)
     block it breaks is the highest bit in which the headroom before and after differ
     (``(headroom ^ (headroom - VM)).bit_length()``). The node where that block is smallest wins:
     the VM goes where it costs the least room for larger VMs, as best fit would, but only as far
-    as power-of-two sizes tell (a 20 GiB gap and a 28 GiB gap both hold one 16 GiB block, and a
-    4 GiB VM breaks no 16 GiB block on the 28 GiB node, but one on the 20 GiB node); nodes where it
+    as power-of-two sizes tell (a 20 GiB gap and a 28 GiB gap both hold one 16 GiB block; a 6 GiB
+    VM breaks it on the 20 GiB node, 14 GiB left, but only an 8 GiB block on the 28 GiB one, 22
+    GiB left, and goes there, where best fit would take the 20); nodes where it
     breaks the same block are balanced, by the largest free share after the VM. Plain best fit
     starves a node whose gap is large but just too small for the largest VMs (small VMs always
     find a tighter gap elsewhere, and that node alone is left half empty); the block rule gives
