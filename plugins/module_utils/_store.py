@@ -988,7 +988,8 @@ class ClusterStore:
         returning, then after every change, until it returns False. The watch is kept across
         reconnections and new sessions. The callback runs on the store's event thread: it must not
         block, and an exception it raises is logged and ends the watch (the value is untrusted
-        text: decode it with ``_decode``, or only compare it)."""
+        text: decode it with ``_decode``, or only compare it). During an outage the call returns at
+        once and the first call of ``callback`` comes when the connection is back."""
 
         def on_data(data, stat) -> bool:
             value = None if stat is None else Versioned((data or b"").decode("utf-8", errors="replace"), stat.version)
@@ -998,27 +999,53 @@ class ClusterStore:
                 self.log.exception("watch %s: the callback failed; the watch ends", path)
                 return False
 
-        self.client.DataWatch(path, on_data)
+        self._register(f"watch {path}", lambda: self.client.DataWatch(path, on_data))
 
     def watch_children(self, path: str, callback: Callable[[list[str] | None], object]) -> None:
         """Call ``callback(names)`` with the sorted children of ``path`` once before returning, then
         after every change of the list, until it returns False. When ``path`` does not exist the
         callback is called once with None and nothing is watched; when it is deleted later, the
         watch ends without a call. Kept across reconnections and new sessions; runs on the store's
-        event thread like ``watch_data``'s."""
-        answered = []
+        event thread like ``watch_data``'s; during an outage, armed once the connection is back."""
 
-        def on_children(children) -> bool:
-            answered.append(True)
+        def register() -> None:
+            answered = []
+
+            def on_children(children) -> bool:
+                answered.append(True)
+                try:
+                    return callback(sorted(children)) is not False
+                except Exception:
+                    self.log.exception("watch of the children of %s: the callback failed; the watch ends", path)
+                    return False
+
+            self.client.ChildrenWatch(path, on_children)  # answers on this thread before it returns
+            if not answered:
+                callback(None)
+
+        self._register(f"watch of the children of {path}", register)
+
+    def _register(self, what: str, register: Callable[[], object]) -> None:
+        """Arm a watch: now when connected (kazoo's recipe reads once, on this thread); during an
+        outage on a thread of its own once the connection is back, so that the caller never
+        waits for an outage to end (the recipe's first read retries until it is answered)."""
+        if self.connected:
+            register()
+            return
+        self.log.debug("%s: no connection; armed once it is back", what)
+
+        def when_back() -> None:
+            while not self._live.wait(self.options.timeout_s):
+                if self._stopped:
+                    return
+            if self._stopped:
+                return
             try:
-                return callback(sorted(children)) is not False
-            except Exception:
-                self.log.exception("watch of the children of %s: the callback failed; the watch ends", path)
-                return False
+                register()
+            except Exception as exc:
+                self.log.warning("%s: not armed: %s", what, _describe(exc))
 
-        self.client.ChildrenWatch(path, on_children)  # answers on this thread before it returns
-        if not answered:
-            callback(None)
+        threading.Thread(target=when_back, name="zk-watch", daemon=True).start()
 
     def follow(
         self, path: str, on_value: Callable[[Versioned | None], None], wanted: Callable[[], bool] = lambda: True
@@ -1333,20 +1360,70 @@ class ClusterStore:
         whatever happens, the same way as ``lock``'s."""
         lock = Lock(self.client, path, identifier or self.lock_identifier)  # no ZooKeeper I/O here
         acquired = False
-        if self.connected:
-            try:
-                acquired = bool(lock.acquire(blocking=False))
-            except kz.KazooException as exc:  # kazoo's own cleanup removed our contender node
-                self.log.debug("lock %s: not taken: %s", path, _describe(exc))
+        try:
+            acquired = self._try_acquire(lock)
+        except StoreError as exc:
+            self.log.debug("lock %s: not taken: %s", path, exc)
         try:
             yield StoreLock(self, lock) if acquired else None
         finally:
             if acquired:
                 self._release(lock)
 
+    def _try_acquire(self, lock) -> bool:
+        """One try at ``lock`` (a kazoo Lock, for its names and its bookkeeping): create our
+        contender node; hold the lock when no contender is before it, else delete ours again.
+        Not through the recipe's ``acquire``: kazoo queues a request made while the connection
+        is being re-established until it is back, so a connection lost after the look would
+        hold the caller for the whole outage. Here nothing waits for a lost connection that is
+        not live now, and every answer at most ``timeout_s``. Raises StoreError."""
+        what = f"lock {lock.path}"
+        if not self._live.is_set():
+            raise UnreachableError(f"{what}: not connected to ZooKeeper at {self.options.hosts}")
+
+        def create() -> str:
+            created: str = self._call(
+                what, lambda: self.client.create_async(lock.create_path, lock.data, ephemeral=True, sequence=True)
+            )
+            return created
+
+        try:
+            try:
+                created = create()
+            except MissingError:  # the lock's first contender: its znode is made first
+                self._create_parents([lock.path])
+                created = create()
+        except UnreachableError:
+            # the create may still be made (kazoo sends it when the connection is back): our
+            # contender node is deleted then, before it can hold the lock for nobody
+            self._add_orphan(lock.path, lock.prefix)
+            raise
+        lock.node = created[len(lock.path) + 1 :]
+        try:
+            children = self._call(f"list {lock.path}", lambda: self.client.get_children_async(lock.path))
+        except StoreError:
+            self._add_orphan(lock.path, lock.prefix)
+            raise
+        ours = lock.node[len(lock.prefix) :]
+        before = [
+            child
+            for child in children
+            if (found := lock._contenders_re.search(child)) is not None and found.group(1) < ours
+        ]
+        if not before:
+            lock.is_acquired = True
+            return True
+        try:
+            self._delete_contender(lock.path, lock.prefix)
+        except StoreError:
+            self._add_orphan(lock.path, lock.prefix)
+        return False
+
     def _acquire(self, lock, wait_s: float) -> None:
         reason = ""
-        for attempt in range(1, LOCK_ATTEMPTS + 1):
+        attempts = Attempts(LOCK_ATTEMPTS)
+        while True:
+            attempt = attempts.failed + 1
             try:
                 self._require_connection(f"lock {lock.path}")
                 if lock.acquire(timeout=wait_s):
@@ -1356,7 +1433,7 @@ class ClusterStore:
                 reason = f"held by another contender for {wait_s:g} s"
             except (StoreError, kz.KazooException) as exc:
                 reason = _describe(exc)
-            if attempt == LOCK_ATTEMPTS:
+            if not attempts.again():
                 self.log.warning("lock %s: attempt %d of %d failed (%s)", lock.path, attempt, LOCK_ATTEMPTS, reason)
                 break
             pause = LOCK_BACKOFF_S * 2 ** (attempt - 1)

@@ -165,3 +165,54 @@ def test_start_can_be_retried_after_the_server_comes_up(zk_private_server, make_
     store.start()
     assert store.connected
     assert store.ensure_schema() is True
+
+
+def test_watches_and_try_lock_do_not_wait_for_an_outage_to_end(zk_private_server, make_store, monkeypatch):
+    """During an outage watch_data and watch_children return at once and make their first call
+    when the connection is back; try_lock answers None at once, even when the connection goes
+    after it looked (kazoo queues the requests of its lock recipe until the connection is back)."""
+    store = make_store(hosts=zk_private_server.hosts, timeout_s=2.0)
+    store.ensure_schema()
+    key = store.schema.node_key("n1", "memtotal")
+    store.commit({key: 1})
+    states = StateLog(store)
+    zk_private_server.stop()
+    states.wait_for(lambda s: SESSION_SUSPENDED in s, "suspended")
+
+    data, children, locks = [], [], []
+    told = {"data": threading.Event(), "children": threading.Event()}
+
+    def on_data(value):
+        data.append(value)
+        told["data"].set()
+
+    def on_children(names):
+        children.append(names)
+        told["children"].set()
+
+    def arm():
+        store.watch_data(key, on_data)
+        store.watch_children(store.schema.node("n1"), on_children)
+        with store.try_lock(store.schema.node_lock("n1")) as lock:
+            locks.append(lock)
+        with monkeypatch.context() as patch:
+            # as if the connection went right after try_lock looked: its request waits for an
+            # answer at most timeout_s, not for the connection (kazoo queues it until then)
+            patch.setattr(store._live, "is_set", lambda: True)
+            patch.setattr(store._live, "wait", lambda timeout=None: True)
+            with store.try_lock(store.schema.node_lock("n1")) as lock:
+                locks.append(lock)
+
+    caller = threading.Thread(target=arm, daemon=True)
+    caller.start()
+    caller.join(WAIT_S)
+    assert not caller.is_alive(), "a watch or try_lock waited for the outage to end"
+    assert locks == [None, None]
+    assert data == [] and children == []  # nothing is told before the connection is back
+
+    zk_private_server.start()
+    assert told["data"].wait(WAIT_S) and data[0] == ("1", 0)
+    assert told["children"].wait(WAIT_S) and children[0] == ["memtotal"]
+    # the create sent when the connection came back left no contender that holds the lock for nobody
+    with store.lock(store.schema.node_lock("n1"), timeout_s=WAIT_S) as held:
+        assert held.held
