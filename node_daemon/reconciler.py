@@ -309,7 +309,8 @@ class Reconciler(Service):
         while True:
             try:
                 self.reconcile(uuid)
-                self._outage.passed()
+                if self.store.connected:  # a pass decided from the table alone says nothing of it
+                    self._outage.passed()
             except UnreachableError as exc:
                 # nothing decided from a read that failed (a VM that could not be read is not
                 # taken for deleted); the resync after the reconnection passes over it again
