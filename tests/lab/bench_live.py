@@ -2,9 +2,11 @@
 
 (a2) is (a) with a busy real guest (``measure(busy=True)``): a Linux guest that dirties 48 MiB/s
 of a 24 MiB buffer, with ``migration_auto_converge`` (virsh: ``--auto-converge``) and libvirt's
-migrate speed capped at 16 MiB/s on the source before each move, for both; each move's downtime
-as the guest saw it comes from its ticks (ticks.py). (f) is ``measure_flush``: a flush of a node
-running six such guests against a loop of ``virsh migrate`` with the same parallelism.
+migrate speed capped at 16 MiB/s and the maximum downtime applied on the source before each
+move, for both, and each move started once the guest has run SETTLE_S on its host; each move's
+downtime as the guest saw it comes from its ticks (ticks.py). (f) is ``measure_flush``: a flush
+of a node running six such guests against ``virsh migrate`` loops with the same parallelism, in
+alternating order.
 
 The same running VM goes between the same two lab hosts, alternately:
 
@@ -58,6 +60,29 @@ MIGRATE_SPEED_MIB_S = 16
 # a busy guest takes tens of seconds to converge on a loaded 2-core machine: no completion
 # timeout of the daemons may cut a sample short
 BUSY_DAEMON_CONFIG = {"migration": {"live_timeout_base_s": 900}}
+
+
+# Busy: every move of either side starts once the guest has run this long on its host (since its
+# last switch-over, or its boot), by its ticks' arrival. Without it the moves did not start alike:
+# in a2's alternating order the second of two moves of ours started 3-10 s after the first one's
+# switch-over, virsh's 5-14 s after the last move (the daemons' stop and start in between), and
+# f's first flush right after the guests booted.
+SETTLE_S = 15
+
+
+def settle_guest(collector: TickCollector, name: str, host: str, settle_s: float = SETTLE_S) -> None:
+    """Wait until the guest ``name`` has ticked from ``host`` for ``settle_s`` seconds since its
+    first tick there (of its current boot, after its last switch-over): a state of the guest, with
+    a deadline (AssertionError if it does not tick from there)."""
+    collector.wait_ticking(name, host=host, timeout_s=300)
+    first = None
+    for tick in reversed(collector.ticks(name)):
+        if tick.host != host or (first is not None and tick.boot != first.boot):
+            break
+        first = tick
+    if first is None:  # not reached: wait_ticking saw a tick from host
+        raise AssertionError(f"guest {name}: no tick from {host}")
+    collector.wait_ticking(name, host=host, since=first.arrival + settle_s, timeout_s=settle_s + 300)
 
 
 def cap_migrate_speed(host, uuid: str) -> None:
@@ -210,6 +235,7 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
             if busy:
                 if revive(cluster, collector, uuid, name, log):
                     revived_after.append(movers[-1] if movers else "nobody")
+                settle_guest(collector, name, source)
                 cap_migrate_speed(src, uuid)
             set_max_downtime(src, uuid)  # as our daemons do before they migrate
             with Hypervisor(dst.libvirt_uri, call_timeout_s=30) as libvirt_there:
@@ -247,6 +273,7 @@ def measure(pairs: int = 5, log=print, busy: bool = False) -> dict[str, list]:
             if busy:
                 if revive(cluster, collector, uuid, name, log):
                     revived_after.append(movers[-1] if movers else "nobody")
+                settle_guest(collector, name, vm.node)
                 cap_migrate_speed(cluster.host(vm.node), uuid)
                 planning = time.perf_counter()
             plan = plan_request(vm, "move", read_node_views(cluster.store), target=target)
@@ -375,8 +402,11 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
         result: dict = {"ours": [], "virsh": [], "ours_timeline": [], "virsh_timeline": [], "guest_resets": 0}
         src, dst = cluster.host("node1"), cluster.host("node2")
 
-        def revive_all() -> None:
+        def revive_all(settle: bool = True) -> None:
+            """Reset a guest that died; with ``settle``, then let every guest settle on node1."""
             result["guest_resets"] += sum(revive(cluster, collector, uuid, names[uuid], log) for uuid in uuids)
+            for uuid in uuids if settle else ():
+                settle_guest(collector, names[uuid], "node1")
 
         def ours() -> None:
             revive_all()
@@ -454,7 +484,7 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
                 f"virsh {result['virsh'][-1]:.1f} s {result['virsh_timeline'][-1]}"
             )
         # Did the guests come through their moves whole?
-        revive_all()
+        revive_all(settle=False)
         result["guest_lost_writes"] = sum(
             int(
                 GuestPort(cluster.host(cluster.running_nodes(cluster.libvirt_states(uuid))[0]), uuid).status()[
