@@ -1296,6 +1296,11 @@ class ClusterStore:
         # an open cluster (the daemons run with insecure: true): node_info says so
         self.cluster_open = open_to_anyone
         if open_to_anyone and user:
+            if self.exists(self.schema.schema_version()) is False:  # a root that holds no cluster (ZooKeeper's /)
+                raise StoreError(
+                    f"there is no pvc.cluster at {where}: {self.schema.schema_version()} does not exist; check "
+                    "zk_root (the node daemons create a cluster's keys when they first start)"
+                )
             raise StoreError(
                 f"the cluster at {where} does not use authentication ({root} lets anyone read and write it), "
                 "so zk_username and zk_password are refused: the keys a task created with them would be "

@@ -581,6 +581,18 @@ def test_verify_cluster_refuses_credentials_for_an_open_cluster(store, make_stor
     assert _tree(store.client, store.schema.root) == before
 
 
+def test_verify_cluster_with_credentials_says_a_root_without_a_cluster_holds_none(make_store, zk_server):
+    # ZooKeeper's own / lets anyone read and write, but what is wrong there is that it holds no
+    # cluster (a zk_root mistyped), not that credentials were given to an open cluster
+    client = make_store(root="/", auth_username="operator", auth_password="s3cret")
+    with pytest.raises(StoreError) as failure:
+        client.verify_cluster()
+    assert str(failure.value) == (
+        f"there is no pvc.cluster at {zk_server.hosts}/: /schema/version does not exist; check zk_root "
+        "(the node daemons create a cluster's keys when they first start)"
+    )
+
+
 @pytest.fixture
 def secured(make_store):
     """A cluster whose keys only user admin (password pw) may use, and world may read (its root only)."""

@@ -122,11 +122,12 @@ class TestCluster:
         self.daemons: dict[str, DaemonProcess] = {}
         # secure by default: the test's store is the operator, each daemon the nodes and itself
         # zk_tls: {"ca": ..., "cert": ..., "key": ...} to reach ZooKeeper's secure client port
+        # (cert and key only for a server that asks clients for a certificate)
         self.zk_tls = zk_tls
         tls = (
             {}
             if not zk_tls
-            else {"tls": True, "tls_ca": zk_tls["ca"], "tls_cert": zk_tls["cert"], "tls_key": zk_tls["key"]}
+            else {"tls": True, "tls_ca": zk_tls["ca"], "tls_cert": zk_tls.get("cert"), "tls_key": zk_tls.get("key")}
         )
         options = (
             ConnectionOptions(hosts=zk_hosts, root=root, timeout_s=10, **tls)

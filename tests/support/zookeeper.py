@@ -89,6 +89,9 @@ class ZooKeeperServer:
     netns: str | None = None
     secure_client_port: int | None = None
     tls: TLSFiles | None = None
+    # ssl.clientAuth of the TLS client port: need (every client shows a certificate of the CA) or
+    # none (clients authenticate by digest over TLS, as the zookeeper role's default has it)
+    tls_client_auth: str = "need"
     # every client must authenticate (digest) before its first request, as the zookeeper role's
     # servers do by default (enforce.auth)
     enforce_auth: bool = False
@@ -135,7 +138,7 @@ class ZooKeeperServer:
                 f"ssl.keyStore.password={self.tls.password}",
                 f"ssl.trustStore.location={self.tls.truststore}",
                 f"ssl.trustStore.password={self.tls.password}",
-                "ssl.clientAuth=need",
+                f"ssl.clientAuth={self.tls_client_auth}",
             ]
         if self.enforce_auth:
             lines += ["enforce.auth.enabled=true", "enforce.auth.schemes=digest"]

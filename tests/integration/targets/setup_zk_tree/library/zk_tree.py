@@ -24,11 +24,18 @@ options:
   unchanged_since:
     description: A tree returned earlier; the task fails unless the tree is the same now.
     type: dict
-  username:
-    description: The user to read as, for a root secured with a digest ACL (zk_cluster_root of setup_zk_write).
+  zk_username:
+    description: The user to connect as (digest authentication); the integration cluster's operator.
     type: str
-  password:
+  zk_password:
     description: That user's password.
+    type: str
+  zk_tls:
+    description: Connect over TLS (the integration cluster's client port is a TLS port).
+    type: bool
+    default: false
+  zk_tls_ca:
+    description: PEM file of the CA that signed the ZooKeeper server's certificate.
     type: str
   volatile:
     description:
@@ -121,11 +128,13 @@ def main():
             zk_root=dict(type="str"),
             unchanged_since=dict(type="dict"),
             volatile=dict(type="list", elements="str"),
-            username=dict(type="str"),
-            password=dict(type="str", no_log=True),
+            zk_username=dict(type="str"),
+            zk_password=dict(type="str", no_log=True),
+            zk_tls=dict(type="bool", default=False),
+            zk_tls_ca=dict(type="str"),
         ),
         supports_check_mode=True,
-        required_together=[["username", "password"]],
+        required_together=[["zk_username", "zk_password"]],
     )
     hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
     root = module.params["zk_root"] or os.environ.get("PVC_IT_ZK_ROOT")
@@ -137,8 +146,10 @@ def main():
             hosts=hosts,
             root=root,
             timeout_s=30,
-            auth_username=module.params["username"],
-            auth_password=module.params["password"],
+            auth_username=module.params["zk_username"],
+            auth_password=module.params["zk_password"],
+            tls=module.params["zk_tls"],
+            tls_ca=module.params["zk_tls_ca"],
         )
     )
     try:

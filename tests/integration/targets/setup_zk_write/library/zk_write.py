@@ -19,6 +19,19 @@ options:
   zk_root:
     description: The cluster root; default the environment variable E(PVC_IT_ZK_ROOT).
     type: str
+  zk_username:
+    description: The user to connect as (digest authentication); the integration cluster's operator.
+    type: str
+  zk_password:
+    description: That user's password.
+    type: str
+  zk_tls:
+    description: Connect over TLS (the integration cluster's client port is a TLS port).
+    type: bool
+    default: false
+  zk_tls_ca:
+    description: PEM file of the CA that signed the ZooKeeper server's certificate.
+    type: str
   values:
     description: Text to write, by path below the cluster root.
     type: dict
@@ -64,18 +77,37 @@ def main():
         argument_spec=dict(
             zk_hosts=dict(type="str"),
             zk_root=dict(type="str"),
+            zk_username=dict(type="str"),
+            zk_password=dict(type="str", no_log=True),
+            zk_tls=dict(type="bool", default=False),
+            zk_tls_ca=dict(type="str"),
             values=dict(type="dict", default={}),
             delete=dict(type="list", elements="str", default=[]),
-        )
+        ),
+        required_together=[["zk_username", "zk_password"]],
     )
     hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
     root = module.params["zk_root"] or os.environ.get("PVC_IT_ZK_ROOT")
     if not hosts or not root:
         module.fail_json(msg="zk_hosts and zk_root are needed (or PVC_IT_ZK_HOSTS and PVC_IT_ZK_ROOT)")
-    store = ClusterStore(ConnectionOptions(hosts=hosts, root=root, timeout_s=30))
+    store = ClusterStore(
+        ConnectionOptions(
+            hosts=hosts,
+            root=root,
+            timeout_s=30,
+            auth_username=module.params["zk_username"],
+            auth_password=module.params["zk_password"],
+            tls=module.params["zk_tls"],
+            tls_ca=module.params["zk_tls_ca"],
+        )
+    )
     values = {store.schema.root + path: str(value) for path, value in module.params["values"].items()}
     try:
         store.start()
+        if module.params["zk_username"]:
+            # learns the cluster's identities from its root, so that every znode written gets the
+            # ACL its rule gives it (the daemons must read what is written here)
+            store.verify_cluster()
         deletes = [
             store.schema.root + path for path in module.params["delete"] if store.exists(store.schema.root + path)
         ]
