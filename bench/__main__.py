@@ -112,6 +112,7 @@ def bench_selection(repeat: int = 200) -> list[dict]:
             2.0,
         )
     )
+    running = {view.name: [rng.choice((1024, 4096, 8192, 16384)) for _ in range(20)] for view in nodes}
     for selector in ("default", "fit"):
         vms = [
             FlushVM(f"vm{i}", rng.choice((512, 1024, 2048, 4096, 8192)), (), selector, "node0001", 2)
@@ -120,13 +121,27 @@ def bench_selection(repeat: int = 200) -> list[dict]:
         suffix = "" if selector == "default" else f".{selector}"
         for count in (5, 1000):
             subset = nodes[:count]
-            samples = timed_ms(partial(plan_flush, "node0000", vms, subset), max(10, repeat // 10))
+            # fit's plan with the running VMs given: its n-1 rule's check included
+            plan = partial(plan_flush, "node0000", vms, subset, running_by_node=running)
+            samples = timed_ms(plan, max(10, repeat // 10))
             results.append(
                 latency_row(
                     f"d.plan.{count}{suffix}", f"flush plan for 200 VMs over {count} nodes ({selector})", samples, 50.0
                 )
             )
-    running = {view.name: [rng.choice((1024, 4096, 8192, 16384)) for _ in range(20)] for view in nodes}
+    # fit's n-1 rule at its most expensive: a node runs a VM larger than any headroom, so the
+    # balanced plan fails the check, and so does the best-fit plan made and checked after it
+    doomed = dict(running, node0002=running["node0002"] + [600000])
+    plan = partial(plan_flush, "node0000", vms, nodes, running_by_node=doomed)
+    samples = timed_ms(plan, max(10, repeat // 10))
+    results.append(
+        latency_row(
+            "d.plan.1000.fit.n1",
+            "flush plan for 200 VMs over 1000 nodes (fit), balanced plan failing n-1: two plans, two checks",
+            samples,
+            50.0,
+        )
+    )
     samples = timed_ms(partial(survives_node_failure, nodes, running), max(10, repeat // 10))
     results.append(latency_row("d.n1.1000", "n-1 check (require_n1), 1,000 nodes / 20,000 VMs", samples, 50.0))
     return results

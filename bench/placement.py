@@ -119,7 +119,7 @@ def flush(snapshot: Snapshot, selector: str) -> dict:
     source = max(snapshot.nodes, key=lambda name: (sum(snapshot.running[name]), name))
     vms = [FlushVM(f"vm{i}", size, (), selector, source) for i, size in enumerate(snapshot.running[source])]
     started = time.perf_counter()
-    plan = plan_flush(source, vms, snapshot.nodes)
+    plan = plan_flush(source, vms, snapshot.nodes, running_by_node=snapshot.running)
     elapsed = [(time.perf_counter() - started) * 1000]
     nodes = dict(snapshot.nodes)
     running = {name: list(vms) for name, vms in snapshot.running.items() if name != source}

@@ -50,7 +50,15 @@ from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._report import read_cluster, read_require_n1, request_n1_check, request_n1_refusal
 from pvc_cluster_common._requests import REQUEST_ATTEMPTS, RequestError, RequestPlan, plan_request, submit_request
-from pvc_cluster_common._selector import FlushVM, NodeView, PlannedMove, apply_plan, plan_flush, survives_node_failure
+from pvc_cluster_common._selector import (
+    FlushVM,
+    NodeView,
+    PlannedMove,
+    apply_plan,
+    plan_flush,
+    resolve_selector,
+    survives_node_failure,
+)
 from pvc_cluster_common._store import Attempts, ConflictError, StoreError, UnreachableError, Versioned
 
 from .context import DaemonContext, Service
@@ -265,6 +273,17 @@ class NodeStateWorker(Service):
         check = request_n1_check(snapshot, plan, views)
         return None if check.ok else request_n1_refusal(check, plan)
 
+    def _running_for_fit(self, flush_vms: list[FlushVM]) -> dict[str, list[int]] | None:
+        """The memory of the VMs each node runs (this node's: the VMs leaving it), for plan_flush's
+        n-1 rule, which only ``fit`` uses (a balanced plan that would lose n-1 gives way to best fit
+        if that keeps it, as pvc.cluster.node's check mode plans it); None (no cluster read) when
+        no VM leaving uses ``fit``."""
+        if not any(resolve_selector(vm.selector, self.config.default_selector) == "fit" for vm in flush_vms):
+            return None
+        running = read_cluster(self.store).running_memory_by_node()
+        running[self.node] = [int(vm.memory_mib) for vm in flush_vms]
+        return running
+
     def _flush_n1_halt(self, vms: list[Any], plan: list[PlannedMove]) -> str | None:
         """Under require_n1, the verdict that stops a running flush whose ``plan`` (the rest of
         it) would leave the cluster failing the n-1 check, naming the node that could not be
@@ -435,15 +454,17 @@ class NodeStateWorker(Service):
                     vm.name,
                     vm.xml_error,
                 )
+            flush_vms = [
+                FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector, vm.home, vm.vcpus)
+                for vm in vms
+                if not vm.xml_error
+            ]
             plan = plan_flush(
                 self.node,
-                [
-                    FlushVM(vm.uuid, vm.memory_mib, vm.meta.node_limit, vm.meta.node_selector, vm.home, vm.vcpus)
-                    for vm in vms
-                    if not vm.xml_error
-                ],
+                flush_vms,
                 nodes,
                 default_selector=self.config.default_selector,
+                running_by_node=self._running_for_fit(flush_vms),
             )
             plan = [PlannedMove(vm.uuid, None, "its domain XML is not valid") for vm in refused] + plan
             halt = self._flush_n1_halt(vms, plan)

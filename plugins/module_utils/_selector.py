@@ -32,7 +32,8 @@ Selectors (the best candidate wins)
                  it balances nodes of different sizes). On tight clusters it places far more
                  memory than ``mem``, whose most-headroom rule leaves small gaps everywhere, and
                  leaves the nodes more balanced than best fit (``make bench``, p). A flush plan
-                 uses the balancing rule on tight clusters too (see :func:`plan_flush`);
+                 uses the balancing rule on tight clusters too, and best fit instead when
+                 balancing would lose n-1 and best fit keeps it (see :func:`plan_flush`);
     ``default``  the cluster default (``default_selector``, itself ``mem`` when unset).
 
 The block rule (tight clusters, one VM at a time)
@@ -459,10 +460,11 @@ def select_target(
     raise NoTargetError(reasons, vm_memory_mib=vm_memory_mib, selector=concrete)
 
 
-def _fit_plan_key(node: Any, headroom: int, vm_memory_mib: int) -> SortKey:
+def _fit_plan_key(node: Any, headroom: int, vm_memory_mib: int, pack: bool = False) -> SortKey:
     """The ``fit`` selector's order in a flush plan among nodes the VM fits (smallest first):
-    exact fits (the smallest leftover), then the balancing rule."""
-    if headroom - vm_memory_mib < FIT_EXACT_MIB:
+    exact fits (the smallest leftover), then the balancing rule; with ``pack``, the smallest
+    leftover throughout (best fit)."""
+    if pack or headroom - vm_memory_mib < FIT_EXACT_MIB:
         return (0, headroom - vm_memory_mib, node.name)
     return (1,) + _balance_key(headroom, node.capacity, vm_memory_mib, node.name)
 
@@ -517,6 +519,8 @@ def plan_flush(
     vms: Sequence[FlushVM | tuple[Any, ...]],
     nodes: Iterable[NodeView] | Mapping[str, NodeView],
     default_selector: str | None = CLUSTER_DEFAULT_SELECTOR,
+    *,
+    running_by_node: Mapping[str, Sequence[int]] | None = None,
 ) -> list[PlannedMove]:
     """Plan where every VM leaving ``source_node`` goes, never overcommitting a node.
 
@@ -541,14 +545,57 @@ def plan_flush(
       So the memory planned onto a node never exceeds its headroom at the start of the plan.
     * A VM that fits nowhere gets target None and a reason; the flush shuts it down and marks it
       for autostart, so it starts again when its node is ready.
+    * n-1 (when ``running_by_node`` is given: the memory of the VMs each node runs, the
+      source's included, as :func:`apply_plan` takes it): balancing spreads the free memory, and
+      with it the large gaps a failed node's VMs need. When ``fit`` balanced some VM and the
+      cluster after the plan fails :func:`survives_node_failure`, the plan is made again with
+      ``fit`` taking the tightest fit (best fit) wherever it balanced; if that plan passes the
+      check it is the answer, otherwise the balanced one is (neither keeps n-1; the balanced one
+      leaves the nodes more even). Without ``running_by_node`` (or when no VM was balanced) the
+      balanced plan is returned unchecked. Deterministic either way.
 
     Cost: VMs without a node_limit use one lazily built heap per selector in use, and nodes too
     small for the current VM are parked until a small enough VM comes (VMs come largest first),
     so the whole plan costs O((n + v) log n) for n nodes and v VMs; ``fit`` looks at the node
     with the most headroom of each node capacity (the best share after the VM among nodes of one
     capacity), so O(v (c + log n)) for c capacities; VMs with a node_limit look at their
-    limit's nodes only.
+    limit's nodes only. The n-1 rule adds at most one n-1 check per plan and a second plan and
+    check when the first fails.
     """
+    views = _as_list(nodes)
+    plan, balanced = _plan_once(source_node, vms, views, default_selector, pack=False)
+    if running_by_node is None or not balanced:
+        return plan
+    if _plan_survives(source_node, vms, plan, views, running_by_node):
+        return plan
+    packed, _ = _plan_once(source_node, vms, views, default_selector, pack=True)
+    if _plan_survives(source_node, vms, packed, views, running_by_node):
+        return packed
+    return plan
+
+
+def _plan_survives(
+    source_node: str,
+    vms: Sequence[FlushVM | tuple[Any, ...]],
+    plan: Sequence[PlannedMove],
+    nodes: Sequence[NodeView],
+    running_by_node: Mapping[str, Sequence[int]],
+) -> bool:
+    """Whether the cluster passes the n-1 check once ``plan`` has run."""
+    views, running = apply_plan(source_node, vms, plan, nodes, running_by_node)
+    return survives_node_failure(views, running).ok
+
+
+def _plan_once(
+    source_node: str,
+    vms: Sequence[FlushVM | tuple[Any, ...]],
+    nodes: Iterable[NodeView] | Mapping[str, NodeView],
+    default_selector: str | None,
+    pack: bool,
+) -> tuple[list[PlannedMove], bool]:
+    """One flush plan (the rules of :func:`plan_flush`); ``pack``: ``fit`` takes the tightest fit
+    (best fit) where it would balance. Also returns whether ``fit`` balanced any VM (a plan with
+    ``pack`` would differ)."""
     node_list = _as_list(nodes)
     excluded = frozenset((source_node,))
     slots: dict[str, _Slot] = {}
@@ -570,6 +617,7 @@ def plan_flush(
             static_reasons[node.name] = reason
     heaps: dict[str, list[SortKey]] = {}
     parked: dict[str, list[tuple[int, SortKey]]] = {}
+    balanced = [False]  # set when fit balanced a VM (not an exact fit): a packed plan would differ
     # the ``fit`` selector's rules: every slot by headroom (kept sorted as VMs are booked: the
     # tightest fit), and the same per capacity (the balancing rule)
     by_headroom = sorted((slot.headroom, slot.name) for slot in slots.values())
@@ -615,8 +663,9 @@ def plan_flush(
         if index == len(by_headroom):
             return None
         headroom, name = by_headroom[index]
-        if headroom - memory < FIT_EXACT_MIB:
+        if pack or headroom - memory < FIT_EXACT_MIB:
             return slots[name]
+        balanced[0] = True
         best: SortKey | None = None
         for capacity, group in by_capacity.items():
             if not group or group[-1][0] < memory:
@@ -671,11 +720,13 @@ def plan_flush(
                 reasons[name] = reason + " (after earlier placements)" if slot.version else reason
                 continue
             if selector == "fit":
-                key = _fit_plan_key(slot, slot.headroom, memory)
+                key = _fit_plan_key(slot, slot.headroom, memory, pack)
             else:
                 key = slot.key(selector)
             if best is None or key < best:
                 best, chosen = key, slot
+        if chosen is not None and selector == "fit" and best is not None and best[0] == 1:
+            balanced[0] = True
         return chosen, reasons
 
     flush_vms = [FlushVM(*vm) for vm in vms]
@@ -708,7 +759,7 @@ def plan_flush(
             )
             continue
         plan.append(PlannedMove(vm.uuid, None, _none_fits_reason(memory, limit, reasons, slots, static_reasons)))
-    return plan
+    return plan, balanced[0]
 
 
 def _none_fits_reason(
@@ -832,7 +883,9 @@ def survives_node_failure(
     memory). Nodes that are not eligible neither fail nor receive.
 
     Cost: one sort of the nodes by headroom, then per node F only the k+1 nodes with the most
-    headroom matter for its k VMs (worst-fit never reaches further), so O(n log n + sum k log k).
+    headroom matter for its k VMs (worst-fit never reaches further), so O(n log n + sum k log k);
+    F's VMs are placed one by one only when neither bound settles it (all of them fit on the
+    roomiest other node; the largest fits on the k-th roomiest).
     """
     eligible = [node for node in _as_list(nodes) if node.is_eligible]
     if len(eligible) < 2:
@@ -842,7 +895,9 @@ def survives_node_failure(
             failures={node.name: "it is the only ready node: none is left to restart VMs on" for node in eligible},
             shortfalls={node.name: 0 for node in eligible},
         )
-    ranked = sorted(eligible, key=lambda n: (-n.headroom, n.name))
+    # (-headroom, name), most headroom first: sorted, so any prefix of it is already a heap
+    ranked = sorted((-node.headroom, node.name) for node in eligible)
+    position = {name: index for index, (_, name) in enumerate(ranked)}
     failures: dict[str, str] = {}
     shortfalls: dict[str, int] = {}
     for failed in eligible:
@@ -852,17 +907,22 @@ def survives_node_failure(
         # Fast path: when the one other node with the most headroom could take all of them, worst
         # fit succeeds (at every step the node with the most headroom left still has at least
         # what remains to place), so nothing needs sorting or booking.
-        roomiest = ranked[1] if ranked[0].name == failed.name else ranked[0]
-        if sum(memories) <= roomiest.headroom:
+        roomiest = ranked[1] if ranked[0][1] == failed.name else ranked[0]
+        if sum(memories) <= -roomiest[0]:
+            continue
+        # the len(memories) other nodes with the most headroom, a sorted list (so a heap)
+        others = ranked[: len(memories) + 1]
+        index = position[failed.name]
+        if index < len(others):
+            del others[index]
+        else:
+            others.pop()
+        # Second fast path: when even the last of those k nodes could take the largest of the k
+        # VMs, worst fit succeeds (after j placements at least k - j of them are untouched, so
+        # the most headroom left is still at least the largest VM).
+        if len(others) == len(memories) and max(memories) <= -others[-1][0]:
             continue
         memories.sort(reverse=True)
-        others: list[tuple[int, str]] = []
-        for node in ranked:
-            if node.name != failed.name:
-                others.append((-node.headroom, node.name))
-                if len(others) == len(memories):
-                    break
-        heapq.heapify(others)
         for memory in memories:
             if not others or memory > -others[0][0]:
                 most = -others[0][0] if others else 0
@@ -874,8 +934,8 @@ def survives_node_failure(
                 )
                 shortfalls[failed.name] = memory - most
                 break
-            negative, name = heapq.heappop(others)
-            heapq.heappush(others, (negative + memory, name))
+            negative, name = others[0]
+            heapq.heapreplace(others, (negative + memory, name))
     return FailureCheck(
         ok=not failures, failures=failures, checked=tuple(node.name for node in eligible), shortfalls=shortfalls
     )

@@ -382,11 +382,14 @@ def flush_report(snapshot, node: str) -> tuple[list[dict], dict]:
     ]
     views = snapshot.views()
     default_selector = resolve_selector("default", snapshot.default_selector)
-    plan = held + refused + plan_flush(node, flush_vms, views, default_selector=default_selector)
-    by_uuid = {vm.uuid: vm for vm in vms}
     running = snapshot.running_memory_by_node()
     # the VMs to flush count as running on the node even if its daemon has not reported them yet
     running[node] = [vm.memory_mib for vm in vms]
+    # as the daemon plans it: a balanced fit plan that would lose n-1 gives way to best fit if that keeps it
+    plan = (
+        held + refused + plan_flush(node, flush_vms, views, default_selector=default_selector, running_by_node=running)
+    )
+    by_uuid = {vm.uuid: vm for vm in vms}
     # the refused VMs leave the node (shut down), the held ones stay
     shut_down = [
         FlushVM(vm.uuid, vm.memory_mib, (), None, None) for vm in vms if vm.xml_error and not vm.migration_error

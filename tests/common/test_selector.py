@@ -657,6 +657,61 @@ def test_a_fit_flush_plan_leaves_the_receiving_nodes_balanced():
     assert max(mem) - min(mem) > 3.0, mem
 
 
+def _n1_flush_case():
+    """Three 64 GiB nodes: a runs a 44 GiB VM (20 GiB headroom), b and c a 16 GiB VM each (48 GiB
+    headroom); src's two 8 GiB VMs leave. Balanced, they go to b and c (40 GiB left on each), and
+    a's 44 GiB VM then fits nowhere if a fails; best fit puts both on a (4 GiB left) and keeps
+    b's and c's 48 GiB gaps."""
+    gib = 1024
+    nodes = [
+        node("a", total=64 * gib, prov=44 * gib),
+        node("b", total=64 * gib, prov=16 * gib),
+        node("c", total=64 * gib, prov=16 * gib),
+        node("src", domain="flush", total=64 * gib, prov=16 * gib),
+    ]
+    running = {"a": [44 * gib], "b": [16 * gib], "c": [16 * gib], "src": [8 * gib, 8 * gib]}
+    vms = [FlushVM("v1", 8 * gib, (), "fit", "src"), FlushVM("v2", 8 * gib, (), "fit", "src")]
+    return nodes, running, vms
+
+
+def _n1_after(nodes, running, vms, plan):
+    return survives_node_failure(*apply_plan("src", vms, plan, nodes, running))
+
+
+def test_a_balanced_fit_flush_plan_that_would_lose_n1_falls_back_to_best_fit_that_keeps_it():
+    nodes, running, vms = _n1_flush_case()
+    balanced = plan_flush("src", vms, nodes)  # no running VMs given: the balancing rule, unchecked
+    assert [m.target for m in balanced] == ["b", "c"]
+    check = _n1_after(nodes, running, vms, balanced)
+    assert not check and set(check.failures) == {"a"} and check.shortfalls == {"a": 4 * 1024}
+    plan = plan_flush("src", vms, nodes, running_by_node=running)
+    assert [m.target for m in plan] == ["a", "a"]
+    assert _n1_after(nodes, running, vms, plan).ok
+    # deterministic, and the same whatever the order in which nodes are listed
+    assert plan_flush("src", vms, list(reversed(nodes)), running_by_node=running) == plan
+    # the same through a node_limit (the limited path's balancing rule)
+    limited = [vm._replace(node_limit=("a", "b", "c")) for vm in vms]
+    assert [m.target for m in plan_flush("src", limited, nodes)] == ["b", "c"]
+    assert [m.target for m in plan_flush("src", limited, nodes, running_by_node=running)] == ["a", "a"]
+
+
+def test_a_balanced_fit_flush_plan_is_kept_when_it_keeps_n1_or_when_best_fit_loses_it_too():
+    nodes, running, vms = _n1_flush_case()
+    gib = 1024
+    # a's VM is 40 GiB: b's 40 GiB left after the balanced plan takes it, so balancing stays
+    roomy = [dataclasses.replace(n, memprov=40 * gib) if n.name == "a" else n for n in nodes]
+    roomy_running = dict(running, a=[40 * gib])
+    plan = plan_flush("src", vms, roomy, running_by_node=roomy_running)
+    assert [m.target for m in plan] == ["b", "c"] and _n1_after(roomy, roomy_running, vms, plan).ok
+    # b and c run 40 GiB VMs too: no plan keeps n-1 (a's 44 GiB VM needs a 44 GiB gap, b's and
+    # c's 40 GiB VMs each a 40 GiB one), and the balanced plan is returned
+    full = [dataclasses.replace(n, memprov=40 * gib) if n.name in ("b", "c") else n for n in nodes]
+    full_running = dict(running, b=[40 * gib], c=[40 * gib])
+    plan = plan_flush("src", vms, full, running_by_node=full_running)
+    assert plan == plan_flush("src", vms, full)
+    assert not _n1_after(full, full_running, vms, plan).ok
+
+
 def test_fit_places_more_memory_than_mem_on_tight_snapshots_and_never_overcommits():
     from bench.placement import arrivals, generate, one_at_a_time
 
