@@ -97,8 +97,18 @@ byte rtgt = NONE;
 byte rmeth = RM_DEFAULT;
 byte rmu = MU_NONE;
 bool rclaim = false;            /* starting_on = target */
-byte nst[N];                    /* /nodes/<n>/daemon_state (D_RUN initially) */
+byte own[N];                    /* /nodes/<n>/daemon_state, written by n itself (D_RUN initially), or
+                                   D_FENCED by an operator's confirm_down */
 byte nver[N];                   /* its version */
+/* A peer's verdict about n (its own /nodes/<peer>/fences/<n>, naming the version of n's state it
+ * judged): one slot per judged node, since the strongest verdict decides and, in the protocol,
+ * each new verdict about a version is stronger than the last (dead, fencing, fenced/fence-failed) */
+byte vst[N];                    /* D_RUN: none */
+byte vver[N];                   /* the version of own[n] it judged */
+/* /nodes/<n>/claims/<version>: create-once; only the claim of the current version matters (a
+ * node's registration deletes the others, and a claim of an older version decides nothing) */
+bool clset[N];
+byte clv[N];
 bool sess[N];                   /* node n's daemon has a live session (its `alive` znode exists) */
 bool quorum = true;
 byte flock[N];                  /* holder of the fence lock of node x, or NONE */
@@ -110,6 +120,10 @@ bool part[N];                   /* node n cut off from ZooKeeper and from its pe
 bool dup[N];                    /* node n's daemon process runs */
 bool booted[N];                 /* ... and has registered (`init`, then `run`) */
 bool kpend[N];                  /* its keepalive read `dead`/`fence-failed`: writes `run` next */
+byte kver[N];                   /* ... at this version of its own state */
+byte kst[N];                    /* ... which it read as this */
+bool late[N];                   /* its keepalives are late (a loaded host): its peers may judge it dead
+                                   while it works on, its session alive */
 bool job = false;               /* libvirt's live migration job, driven by the source's libvirtd */
 byte jsrc = NONE;
 byte jtgt = NONE;
@@ -130,14 +144,19 @@ byte retargets = RETARGETS;
 byte repairs = REPAIRS;
 
 #define zk(n)       (dup[n] && power[n] && sess[n] && quorum && !part[n])
+/* A node's state as everyone reads it (_records.node_state): its own, unless a verdict names
+ * the version its own state has now (a fence verdict is only written with the claim of it). */
+#define est(x)      ((vst[x] != D_RUN && vver[x] == nver[x] && own[x] != D_FENCED) -> vst[x] : own[x])
+#define claimed(x, v) (clset[x] && clv[x] == (v))
 /* No guard on a node's own daemon state when it starts a VM (nor in the code): a daemon that
  * starts again registers first (K1, rule D1), which fails every recovery still to come (D4). */
 
-/* D6: the source's transferring write checks that the target is still `run` */
+/* D6: the source's transferring write checks that the target is still `run` (its own state's
+ * version and its claims container's, whose version every verdict changes) */
 #ifdef BROKEN_NO_D6
 #define tgt_run true
 #else
-#define tgt_run (nst[rtgt] == D_RUN)
+#define tgt_run (est(rtgt) == D_RUN)
 #endif
 #define active(s)   ((s) == RUNNING || (s) == PAUSED)
 #define running_on(n) (lv[n] == RUNNING)
@@ -146,7 +165,7 @@ byte repairs = REPAIRS;
  * a peer's libvirtd over the network, or nothing. A node confirmed powered off by its fence
  * (`fenced`) is known to run nothing (rule D2). */
 #define lvq(n, p)   ((p) == (n) -> lv[p] : \
-                     (nst[p] == D_FENCED -> OFF : \
+                     (est(p) == D_FENCED -> OFF : \
                       ((part[n] || part[p] || !power[p]) -> UNKNOWN : lv[p])))
 
 /* D4: a recovery transaction checks the fenced node's daemon state version as well as `node`
@@ -155,7 +174,7 @@ byte repairs = REPAIRS;
 #ifdef BROKEN_RECOVERY_NO_STATE_CHECK
 #define rec_checks(x) true          /* broken on purpose: the state was read `fenced` earlier only */
 #else
-#define rec_checks(x) (nst[x] == D_FENCED && nver[x] == fver[n])
+#define rec_checks(x) (est(x) == D_FENCED && nver[x] == fver[n])
 #endif
 
 #define end_record() rstep = S_NONE; rsrc = NONE; rtgt = NONE; rmeth = RM_DEFAULT; rmu = MU_NONE; rclaim = false
@@ -170,8 +189,8 @@ byte repairs = REPAIRS;
  * ends (its ephemeral `alive` and lock znodes go), a live migration job through it fails. */
 inline power_off(x) {
     power[x] = false; dup[x] = false; booted[x] = false; sess[x] = false;
-    lv[x] = OFF; wpc[x] = W_IDLE; fpc[x] = F_IDLE; fx[x] = NONE; fver[x] = 0; kpend[x] = false;
-    release_locks(x);
+    lv[x] = OFF; wpc[x] = W_IDLE; fpc[x] = F_IDLE; fx[x] = NONE; fver[x] = 0; kpend[x] = false; kver[x] = 0; kst[x] = 0;
+    late[x] = false; release_locks(x);
     if
     :: job && (jsrc == x || jtgt == x) -> lv[jtgt] = OFF; job = false; jres = 2
     :: else -> skip
@@ -203,7 +222,7 @@ inline release_locks(x) {
 #else
 /* Rule D7: a target that claimed the start may still be creating the VM (a process stalled past
  * its session): only its fence makes taking the VM back safe. */
-#define claim_holds (sess[rtgt] || nst[rtgt] != D_FENCED)
+#define claim_holds (sess[rtgt] || est(rtgt) != D_FENCED)
 #endif
 #define tgt_may_start ((sess[rtgt] && rstep == S_XING) || (rclaim && claim_holds))
 
@@ -244,16 +263,27 @@ end_idle:
     do
     /* ---- keepalive ---------------------------------------------------------------------- */
     :: atomic { zk(n) && !booted[n] ->                                       /* K1: register, first keepalive */
-        nst[n] = D_RUN; nver[n]++; booted[n] = true }                          /* (`init` then `run`, from any state) */
-    :: atomic { zk(n) && booted[n] && !kpend[n] && (nst[n] == D_DEAD || nst[n] == D_FFAILED) ->
-        kpend[n] = true }                                                     /* K2: reads `dead`/`fence-failed` ... */
-    :: atomic { kpend[n] && dup[n] ->                                         /* ... and writes `run` (no version check) */
-        kpend[n] = false;
-        if :: zk(n) -> nst[n] = D_RUN; nver[n]++ :: else -> skip fi }
-    :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && nst[(n + 1) % N] == D_RUN && !zk((n + 1) % N) ->
-        nst[(n + 1) % N] = D_DEAD; nver[(n + 1) % N]++ }                     /* K3: a stale peer is `dead` */
-    :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && nst[(n + 2) % N] == D_RUN && !zk((n + 2) % N) ->
-        nst[(n + 2) % N] = D_DEAD; nver[(n + 2) % N]++ }
+        own[n] = D_RUN; nver[n]++; clset[n] = false; booted[n] = true; late[n] = false }       /* (`init` then `run`, from any state; */
+                                                                              /*  the claims of older versions deleted) */
+    :: atomic { zk(n) && booted[n] && !kpend[n] && (est(n) == D_DEAD || est(n) == D_FFAILED) ->
+        kpend[n] = true; kver[n] = nver[n]; kst[n] = est(n) }                 /* K2: reads `dead`/`fence-failed` ... */
+    :: atomic { kpend[n] && dup[n] ->                                         /* ... and writes `run` at that version, */
+        kpend[n] = false;                                                     /* claiming it unless claimed (D8) */
+        if
+#ifdef BROKEN_KEEPALIVE_NO_CLAIM
+        :: zk(n) -> own[n] = D_RUN; nver[n]++; late[n] = false              /* broken on purpose: the rule before D8 */
+#else
+        :: zk(n) && nver[n] == kver[n] && !claimed(n, kver[n]) -> clset[n] = true; clv[n] = kver[n];
+           own[n] = D_RUN; nver[n]++; late[n] = false
+        :: zk(n) && nver[n] == kver[n] && claimed(n, kver[n]) && kst[n] == D_FFAILED -> own[n] = D_RUN; nver[n]++;
+           late[n] = false
+#endif
+        :: else -> skip
+        fi }
+    :: atomic { zk(n) && booted[n] && est(n) == D_RUN && est((n + 1) % N) == D_RUN && (!zk((n + 1) % N) || late[(n + 1) % N]) ->
+        vst[(n + 1) % N] = D_DEAD; vver[(n + 1) % N] = nver[(n + 1) % N] }   /* K3: a stale peer: verdict `dead` */
+    :: atomic { zk(n) && booted[n] && est(n) == D_RUN && est((n + 2) % N) == D_RUN && (!zk((n + 2) % N) || late[(n + 2) % N]) ->
+        vst[(n + 2) % N] = D_DEAD; vver[(n + 2) % N] = nver[(n + 2) % N] }
 
     /* ---- the reconciler: no migration record -------------------------------------------- */
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep == S_NONE && vnode == n &&
@@ -265,7 +295,7 @@ end_idle:
                    active(lv[n]) && lvq(n, vnode) == RUNNING ->               /* C3: rehome, a copy there */
         wpc[n] = W_DESTROY }
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep == S_NONE && vnode != n &&
-                   lv[n] == RUNNING && lvq(n, vnode) == OFF && nst[vnode] == D_RUN ->   /* C4: rehome: move */
+                   lv[n] == RUNNING && lvq(n, vnode) == OFF && est(vnode) == D_RUN ->   /* C4: rehome: move */
         rstep = S_REQ; rsrc = n; rtgt = vnode; rmeth = RM_DEFAULT }
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep != S_NONE && rsrc != n && rtgt != n &&
                    active(lv[n]) ->                                           /* C5: a stray copy */
@@ -316,10 +346,10 @@ end_idle:
 
     /* ---- the migration agent: target --------------------------------------------------- */
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep == S_REQ && rtgt == n &&
-                   nst[n] == D_RUN && !active(lv[n]) ->                       /* T1: prepared */
+                   est(n) == D_RUN && !active(lv[n]) ->                       /* T1: prepared */
         rstep = S_PREP }
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rstep == S_REQ && rtgt == n &&
-                   nst[n] != D_RUN ->                                         /* T2: not ready: abort */
+                   est(n) != D_RUN ->                                         /* T2: not ready: abort */
         abort_to(rsrc) }
     :: atomic { zk(n) && booted[n] && wpc[n] == W_IDLE && rtgt == n && lv[n] == RUNNING &&
                    ((rstep == S_XING && rmu == MU_LIVE) || rstep == S_XED) -> /* T3: runs here: done */
@@ -354,14 +384,18 @@ proctype Fencer(byte n)
 end_idle:
     do
     /* F1: a `dead` node (or `fencing`: an actor died while fencing it): take its lock, then
-     * write `fencing` checked against the state read under the lock */
-    :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && fpc[n] == F_IDLE &&
-                   (nst[(n + 1) % N] == D_DEAD || nst[(n + 1) % N] == D_FENCING) && flock[(n + 1) % N] == NONE ->
-        fx[n] = (n + 1) % N; flock[fx[n]] = n; nst[fx[n]] = D_FENCING; nver[fx[n]]++; fver[n] = nver[fx[n]];
+     * claim the version of its state read under the lock (unless an earlier actor claimed it)
+     * and write the verdict `fencing`, checked against that version (D8: the node's keepalive
+     * claims the same version to come back: one of the two) */
+    :: atomic { zk(n) && booted[n] && est(n) == D_RUN && fpc[n] == F_IDLE &&
+                   (est((n + 1) % N) == D_DEAD || est((n + 1) % N) == D_FENCING) && flock[(n + 1) % N] == NONE ->
+        fx[n] = (n + 1) % N; flock[fx[n]] = n; clset[fx[n]] = true; clv[fx[n]] = nver[fx[n]];
+        vst[fx[n]] = D_FENCING; vver[fx[n]] = nver[fx[n]]; fver[n] = nver[fx[n]];
         fpc[n] = F_LOCKED }
-    :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && fpc[n] == F_IDLE &&
-                   (nst[(n + 2) % N] == D_DEAD || nst[(n + 2) % N] == D_FENCING) && flock[(n + 2) % N] == NONE ->
-        fx[n] = (n + 2) % N; flock[fx[n]] = n; nst[fx[n]] = D_FENCING; nver[fx[n]]++; fver[n] = nver[fx[n]];
+    :: atomic { zk(n) && booted[n] && est(n) == D_RUN && fpc[n] == F_IDLE &&
+                   (est((n + 2) % N) == D_DEAD || est((n + 2) % N) == D_FENCING) && flock[(n + 2) % N] == NONE ->
+        fx[n] = (n + 2) % N; flock[fx[n]] = n; clset[fx[n]] = true; clv[fx[n]] = nver[fx[n]];
+        vst[fx[n]] = D_FENCING; vver[fx[n]] = nver[fx[n]]; fver[n] = nver[fx[n]];
         fpc[n] = F_LOCKED }
     :: atomic { fpc[n] == F_LOCKED && dup[n] ->                                 /* F2: power off through the BMC */
         if
@@ -375,14 +409,14 @@ end_idle:
         fi }
     :: atomic { fpc[n] == F_OFF && dup[n] ->                                  /* F3: `fenced` (D3) */
         if
-        :: zk(n) && flock[fx[n]] == n && nst[fx[n]] == D_FENCING && nver[fx[n]] == fver[n] ->
-           nst[fx[n]] = D_FENCED; nver[fx[n]]++; fver[n] = nver[fx[n]]; fpc[n] = F_RECOVER
+        :: zk(n) && flock[fx[n]] == n && nver[fx[n]] == fver[n] ->            /* the version it claimed */
+           vst[fx[n]] = D_FENCED; vver[fx[n]] = fver[n]; fpc[n] = F_RECOVER
         :: else -> flock[fx[n]] = NONE; fx[n] = NONE; fver[n] = 0; fpc[n] = F_IDLE
         fi }
     :: atomic { fpc[n] == F_FAILED && dup[n] ->                               /* F4: `fence-failed`: no recovery */
         if
-        :: zk(n) && flock[fx[n]] == n && nst[fx[n]] == D_FENCING && nver[fx[n]] == fver[n] ->
-           nst[fx[n]] = D_FFAILED; nver[fx[n]]++
+        :: zk(n) && flock[fx[n]] == n && nver[fx[n]] == fver[n] ->
+           vst[fx[n]] = D_FFAILED; vver[fx[n]] = fver[n]
         :: else -> skip
         fi;
         flock[fx[n]] = NONE; fx[n] = NONE; fver[n] = 0; fpc[n] = F_IDLE }
@@ -390,26 +424,26 @@ end_idle:
         if
 #ifndef BROKEN_NO_RECOVERY
         :: zk(n) && flock[fx[n]] == n && rec_checks(fx[n]) && rstep == S_NONE &&
-              vnode == fx[n] && nst[(fx[n] + 1) % N] == D_RUN -> vnode = (fx[n] + 1) % N   /* the selector's choice */
+              vnode == fx[n] && est((fx[n] + 1) % N) == D_RUN -> vnode = (fx[n] + 1) % N   /* the selector's choice */
         :: zk(n) && flock[fx[n]] == n && rec_checks(fx[n]) && rstep == S_NONE &&
-              vnode == fx[n] && nst[(fx[n] + 2) % N] == D_RUN -> vnode = (fx[n] + 2) % N
+              vnode == fx[n] && est((fx[n] + 2) % N) == D_RUN -> vnode = (fx[n] + 2) % N
 #endif
-        :: zk(n) && flock[fx[n]] == n && nst[fx[n]] == D_FENCED && rstep != S_NONE && nst[rsrc] == D_FENCED &&
-              nst[rtgt] == D_FENCED -> abort_to(rsrc)                         /* D5: both sides fenced */
+        :: zk(n) && flock[fx[n]] == n && est(fx[n]) == D_FENCED && rstep != S_NONE && est(rsrc) == D_FENCED &&
+              est(rtgt) == D_FENCED -> abort_to(rsrc)                         /* D5: both sides fenced */
         :: else -> skip
         fi;
         flock[fx[n]] = NONE; fx[n] = NONE; fver[n] = 0; fpc[n] = F_IDLE }
     /* F6: a fenced node still has a VM to recover (nothing fitted before, or an abort gave it
      * back), or a migration between it and another fenced node: take its lock again */
-    :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && fpc[n] == F_IDLE &&
-                   nst[(n + 1) % N] == D_FENCED && flock[(n + 1) % N] == NONE &&
+    :: atomic { zk(n) && booted[n] && est(n) == D_RUN && fpc[n] == F_IDLE &&
+                   est((n + 1) % N) == D_FENCED && flock[(n + 1) % N] == NONE &&
                    ((rstep == S_NONE && vnode == (n + 1) % N) ||
-                       (rstep != S_NONE && nst[rsrc] == D_FENCED && nst[rtgt] == D_FENCED)) ->
+                       (rstep != S_NONE && est(rsrc) == D_FENCED && est(rtgt) == D_FENCED)) ->
         fx[n] = (n + 1) % N; flock[fx[n]] = n; fver[n] = nver[fx[n]]; fpc[n] = F_RECOVER }
-    :: atomic { zk(n) && booted[n] && nst[n] == D_RUN && fpc[n] == F_IDLE &&
-                   nst[(n + 2) % N] == D_FENCED && flock[(n + 2) % N] == NONE &&
+    :: atomic { zk(n) && booted[n] && est(n) == D_RUN && fpc[n] == F_IDLE &&
+                   est((n + 2) % N) == D_FENCED && flock[(n + 2) % N] == NONE &&
                    ((rstep == S_NONE && vnode == (n + 2) % N) ||
-                       (rstep != S_NONE && nst[rsrc] == D_FENCED && nst[rtgt] == D_FENCED)) ->
+                       (rstep != S_NONE && est(rsrc) == D_FENCED && est(rtgt) == D_FENCED)) ->
         fx[n] = (n + 2) % N; flock[fx[n]] = n; fver[n] = nver[fx[n]]; fpc[n] = F_RECOVER }
     od
 }
@@ -433,13 +467,13 @@ proctype Environment()
 end_idle:
     do
     /* operators */
-    :: atomic { requests > 0 && rstep == S_NONE && quorum && vnode != 0 && nst[0] == D_RUN ->   /* O1: vm_migrate request */
+    :: atomic { requests > 0 && rstep == S_NONE && quorum && vnode != 0 && est(0) == D_RUN ->   /* O1: vm_migrate request */
         requests--; rsrc = vnode; rtgt = 0; vnode = 0; rstep = S_REQ;
         if :: rmeth = RM_DEFAULT :: rmeth = RM_LIVE fi }
-    :: atomic { requests > 0 && rstep == S_NONE && quorum && vnode != 1 && nst[1] == D_RUN ->
+    :: atomic { requests > 0 && rstep == S_NONE && quorum && vnode != 1 && est(1) == D_RUN ->
         requests--; rsrc = vnode; rtgt = 1; vnode = 1; rstep = S_REQ;
         if :: rmeth = RM_DEFAULT :: rmeth = RM_LIVE fi }
-    :: atomic { requests > 0 && rstep == S_NONE && quorum && vnode != 2 && nst[2] == D_RUN ->
+    :: atomic { requests > 0 && rstep == S_NONE && quorum && vnode != 2 && est(2) == D_RUN ->
         requests--; rsrc = vnode; rtgt = 2; vnode = 2; rstep = S_REQ;
         if :: rmeth = RM_DEFAULT :: rmeth = RM_LIVE fi }
     :: atomic { retargets > 0 && (rstep == S_REQ || rstep == S_PREP) && quorum ->   /* O2: node changed */
@@ -450,23 +484,24 @@ end_idle:
         :: rtgt != 2 && rsrc != 2 -> vnode = 2
         :: vnode = rsrc
         fi }
-    :: atomic { quorum && nst[0] == D_FFAILED && !power[0] -> nst[0] = D_FENCED; nver[0]++ }  /* O3: confirm_down */
-    :: atomic { quorum && nst[1] == D_FFAILED && !power[1] -> nst[1] = D_FENCED; nver[1]++ }
-    :: atomic { quorum && nst[2] == D_FFAILED && !power[2] -> nst[2] = D_FENCED; nver[2]++ }
-    :: atomic { nst[0] == D_FFAILED && power[0] -> power_off(0) }           /* O4: manual power-off */
-    :: atomic { nst[1] == D_FFAILED && power[1] -> power_off(1) }
-    :: atomic { nst[2] == D_FFAILED && power[2] -> power_off(2) }
+    :: atomic { quorum && est(0) == D_FFAILED && !power[0] -> own[0] = D_FENCED; nver[0]++ }  /* O3: confirm_down */
+    :: atomic { quorum && est(1) == D_FFAILED && !power[1] -> own[1] = D_FENCED; nver[1]++ }
+    :: atomic { quorum && est(2) == D_FFAILED && !power[2] -> own[2] = D_FENCED; nver[2]++ }
+    :: atomic { est(0) == D_FFAILED && power[0] -> power_off(0) }           /* O4: manual power-off */
+    :: atomic { est(1) == D_FFAILED && power[1] -> power_off(1) }
+    :: atomic { est(2) == D_FFAILED && power[2] -> power_off(2) }
     :: atomic { repairs > 0 && !power[0] -> repairs--; power[0] = true }   /* O5: power on after repair */
     :: atomic { repairs > 0 && !power[1] -> repairs--; power[1] = true }
     :: atomic { repairs > 0 && !power[2] -> repairs--; power[2] = true }
-    :: atomic { quorum && nst[0] == D_FENCED && booted[0] -> nst[0] = D_RUN; nver[0]++ }   /* O6: node ready */
-    :: atomic { quorum && nst[1] == D_FENCED && booted[1] -> nst[1] = D_RUN; nver[1]++ }
-    :: atomic { quorum && nst[2] == D_FENCED && booted[2] -> nst[2] = D_RUN; nver[2]++ }
+    :: atomic { quorum && est(0) == D_FENCED && booted[0] -> own[0] = D_RUN; nver[0]++ }   /* O6: node ready */
+    :: atomic { quorum && est(1) == D_FENCED && booted[1] -> own[1] = D_RUN; nver[1]++ }
+    :: atomic { quorum && est(2) == D_FENCED && booted[2] -> own[2] = D_RUN; nver[2]++ }
 
     /* faults */
     :: atomic { faults > 0 -> faults--;                                       /* E1: a daemon is killed */
         if :: x = 0 :: x = 1 :: x = 2 fi;
         dup[x] = false; booted[x] = false; sess[x] = false; wpc[x] = W_IDLE; fpc[x] = F_IDLE; fx[x] = NONE; kpend[x] = false;
+        kver[x] = 0; kst[x] = 0;
         fver[x] = 0; release_locks(x); x = 0 }
     :: atomic { faults > 0 -> faults--;                                       /* E2: a session expires */
         if :: x = 0 :: x = 1 :: x = 2 fi;
@@ -475,6 +510,9 @@ end_idle:
         if :: x = 0 :: x = 1 :: x = 2 fi;
         part[x] = true; x = 0 }
     :: atomic { faults > 0 && quorum -> faults--; quorum = false }            /* E4: ZooKeeper loses quorum */
+    :: atomic { faults > 0 -> faults--;                                       /* E11: a node's keepalives are late */
+        if :: x = 0 :: x = 1 :: x = 2 fi;
+        late[x] = true; x = 0 }
     :: atomic { faults > 0 && powerlosses > 0 -> faults--; powerlosses--;    /* E5: a host loses power */
         if :: x = 0 :: x = 1 :: x = 2 fi;
         power_off(x); x = 0 }
@@ -500,7 +538,7 @@ init {
     atomic {
         byte i = 0;
         do
-        :: i < N -> nst[i] = D_RUN; sess[i] = true; power[i] = true; dup[i] = true; booted[i] = true;
+        :: i < N -> own[i] = D_RUN; vst[i] = D_RUN; sess[i] = true; power[i] = true; dup[i] = true; booted[i] = true;
                     flock[i] = NONE; fx[i] = NONE; i++
         :: else -> break
         od;

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_node_state
 from pvc_cluster_common._store import SESSION_CONNECTED, SESSION_LOST, SESSION_SUSPENDED, ClusterStore, StoreError
 
 from .context import DaemonContext
@@ -101,7 +102,11 @@ class NodeDaemon:
         """Create this node's keys (keeping its domain state), publish its address (and, for
         people, its URIs), mark it alive."""
         self.secure_own_keys()
+        # how its peers left it: fenced (by a verdict) means its VMs may run elsewhere, so it
+        # stays flushed; every claim and verdict about its earlier states is answered by `init`
+        before = read_node_state(self.store, self.node)
         values: dict[str, object] = {}
+        delete: list[str] = []
         for key, default in S.NODE_DEFAULTS.items():
             path = self.schema.node_key(self.node, key)
             if key in (S.NODE_DOMAIN_STATE, S.NODE_MAINTENANCE) and self.store.exists(path):
@@ -112,6 +117,18 @@ class NodeDaemon:
             values[self.schema.node_reservations(self.node)] = ""
         if not self.store.exists(self.schema.node_fences(self.node)):
             values[self.schema.node_fences(self.node)] = ""  # this node's records of the peers it fences
+        if not self.store.exists(self.schema.node_claims(self.node)):
+            values[self.schema.node_claims(self.node)] = ""  # where peers claim its states to fence it
+        else:
+            claims = self.store.list_children(self.schema.node_claims(self.node), missing_ok=True)
+            delete += [self.schema.node_claims(self.node) + "/" + claim for claim in claims]
+        if before is not None and before.by_verdict and before.daemon_state == "fenced":
+            values[self.schema.node_key(self.node, S.NODE_DOMAIN_STATE)] = "flushed"
+            log.warning(
+                "node %s was fenced by %s while it was away: it stays flushed until it is made ready",
+                self.node,
+                before.verdict.get("by", "?"),
+            )
         values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "init"
         values[self.schema.node_key(self.node, S.NODE_ADDRESS)] = self.config.published_address
         values[self.schema.node_key(self.node, S.NODE_LIBVIRT_URI)] = self.config.advertised_libvirt_uri
@@ -139,7 +156,7 @@ class NodeDaemon:
             path = self.schema.node_key(self.node, key)
             if self.store.exists(path):
                 values.pop(path, None)
-        self.store.commit(values)
+        self.store.commit(values, delete=delete)
         self.mark_alive()
         log.ok("node %s registered (daemon state init)", self.node)
 
@@ -148,7 +165,7 @@ class NodeDaemon:
         open cluster left open to anyone); refuse to start on a node znode secured for another
         identity (someone registered this node's name first)."""
         node = self.schema.node(self.node)
-        paths = [node, self.schema.node_reservations(self.node)] + [
+        paths = [node, self.schema.node_reservations(self.node), self.schema.node_claims(self.node)] + [
             self.schema.node_key(self.node, key) for key in S.NODE_DEFAULTS
         ]
         try:

@@ -2,7 +2,16 @@
 
 Every live daemon watches its peers' keepalives (``ha`` thread, twice per keepalive interval). A
 peer whose keepalive has not changed for ``keepalive_s x dead_after`` seconds of this daemon's
-connected time is marked ``dead`` (version-checked: a peer that writes ``run`` first wins).
+connected time is judged ``dead``.
+
+No daemon writes another node's keys. A verdict about a peer (``dead``, ``fencing``, ``fenced``,
+``fence-failed``) is this daemon's own record ``/nodes/<self>/fences/<peer>``, naming the version
+of the peer's own ``daemon_state`` it judged; everyone reads a node's state as its own combined
+with the verdicts about its current version (_records.node_state, _cluster.read_node_states). A
+node that writes its state again (its keepalive coming back, its daemon registering) makes every
+older verdict stale. Fencing starts only in the transaction that creates the claim
+``/nodes/<peer>/claims/<version>`` (create-once): the node coming back creates the same claim
+when it writes ``run`` at that version, so exactly one of the two wins.
 
 Exactly one live daemon acts on a dead node: the holder of the store's lock
 ``/locks/fence/<node>`` (taken without waiting; the others look again at their next pass). The
@@ -10,11 +19,13 @@ lock's node is ephemeral, so the actor's death (or its lost session) hands the w
 daemon, which resumes from the state in ZooKeeper:
 
 ``dead``/``fencing``
-    ``fencing`` is written, then the node's fence device (from this daemon's own configuration,
+    The claim and the ``fencing`` verdict are written (the claim only if no earlier actor made
+    it: a hand-over), then the node's fence device (from this daemon's own configuration,
     never from ZooKeeper; node_daemon/fencing.py) powers it off and the power state is confirmed
-    off. Confirmed: ``fenced`` and domain state ``flushed`` (so that nothing is placed there and
-    ``ready`` brings its VMs home). The record of the fence (who, how, when, the result) is the
-    actor's own key ``/nodes/<actor>/fences/<node>``, which no other node may write. Not
+    off. Confirmed: the verdict ``fenced`` (which makes the node's domain state read ``flushed``:
+    nothing is placed there, and ``ready`` brings its VMs home). The verdict, with the record of
+    the fence (who, how, when, the result), is the actor's own key ``/nodes/<actor>/fences/<node>``,
+    which no other node may write. Not
     confirmed, or no device configured: ``fence-failed``, and nothing of the node is recovered
     until an operator confirms it is off (``pvc.cluster.node state=fenced confirm_down=true``).
     A node in maintenance (its ``maintenance`` flag, or domain state ``flushed``) is never fenced.
@@ -26,9 +37,9 @@ daemon, which resumes from the state in ZooKeeper:
 
 No quorum, no decisions: nothing is marked, fenced or recovered unless this daemon's session is
 connected, holds the lock, and every write is a ZooKeeper transaction (a daemon that lost its
-session can write nothing). The fence device is called only after ``fencing`` is written under
-the lock, so a node that comes back in time wins, and a node marked ``fencing`` is fenced even if
-its keepalive resumes (it cannot rewrite ``run`` over ``fencing``).
+session can write nothing). The fence device is called only after the claim is written under
+the lock, so a node that comes back in time wins, and a node claimed is fenced even if its
+keepalive resumes (it cannot write ``run`` at a claimed version).
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ import uuid as uuidlib
 
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import VMRecord, read_fence_record, read_vms
+from pvc_cluster_common._cluster import VMRecord, read_fence_record, read_node_states, read_vms
 from pvc_cluster_common._report import read_cluster
 from pvc_cluster_common._requests import RequestError, history_key, placement_plan, submit_request
 from pvc_cluster_common._selector import FailureCheck, FlushVM, PlannedMove, apply_plan, survives_node_failure
@@ -118,32 +129,28 @@ class HighAvailability(Service):
                 self.tracker.disconnected()
             return
         peers = [peer for peer in self.store.list_children(self.schema.nodes(), missing_ok=True) if peer != self.node]
-        keys = (S.NODE_DAEMON_STATE, S.NODE_DOMAIN_STATE, S.NODE_MAINTENANCE, S.NODE_KEEPALIVE)
+        keys = (S.NODE_MAINTENANCE, S.NODE_KEEPALIVE)
         found = self.store.get_many([self.schema.node_key(peer, key) for peer in peers for key in keys])
+        states = read_node_states(self.store, peers)
         now = time.monotonic()
         fence_failed = []
         for peer in peers:
             raw = {key: found[self.schema.node_key(peer, key)] for key in keys}
-            state = raw[S.NODE_DAEMON_STATE]
             with self._tracker_lock:
                 self.tracker.observe(peer, raw[S.NODE_KEEPALIVE][0] if raw[S.NODE_KEEPALIVE] else None, now)
                 stale = self.tracker.stale(peer, now)
+            state = states.get(peer)
             if state is None:
                 continue
-            daemon_state = state[0] if state[0] in S.DAEMON_STATES else "invalid"
-            domain_state = raw[S.NODE_DOMAIN_STATE][0] if raw[S.NODE_DOMAIN_STATE] else ""
+            daemon_state = state.daemon_state
             maintenance = bool(raw[S.NODE_MAINTENANCE]) and raw[S.NODE_MAINTENANCE][0] == "true"
-            decision = fence_decision(daemon_state, domain_state, maintenance, stale)
+            decision = fence_decision(daemon_state, state.domain_state, maintenance, stale)
             if daemon_state == "fence-failed":
                 fence_failed.append(peer)
             if decision.act is Act.MARK_DEAD:
-                path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
-                try:
-                    self.store.commit({path: "dead"}, expect_versions={path: state.version})
-                except ConflictError:
-                    continue  # its state changed meanwhile: the next pass looks again
-                log.warning("node %s: no keepalive for %.1f s: marked dead", peer, self.tracker.window_s)
-                self._start_actor(peer)
+                if self._mark_dead(peer, state.version):
+                    log.warning("node %s: no keepalive for %.1f s: marked dead", peer, self.tracker.window_s)
+                    self._start_actor(peer)
             elif decision.act is Act.FENCE:
                 self._start_actor(peer)
             elif decision.act is Act.RECOVER:
@@ -162,6 +169,36 @@ class HighAvailability(Service):
                 self._said.pop(peer, None)
         if self.metrics:
             self.metrics.fence_failed_nodes(peers, fence_failed)
+
+    def _verdict(self, peer: str, result: str, version: int, **fields) -> dict:
+        """This node's verdict about ``peer`` at the version ``version`` of its daemon_state."""
+        record = {"by": self.node, "method": "none", "result": result, "started": round(time.time(), 3)}
+        record.update(fields, version=version)
+        return record
+
+    def _verdict_writes(self, peer: str, record: dict) -> dict:
+        """The writes of one verdict: this node's record, and the note in ``peer``'s claims
+        container, whose version every verdict changes (a source's transfer checks it)."""
+        note = {"by": self.node, "result": record["result"], "version": record["version"]}
+        return {
+            self.schema.node_fence_record(self.node, peer): json.dumps(record),
+            self.schema.node_claims(peer): json.dumps(note),
+        }
+
+    def _mark_dead(self, peer: str, version: int) -> bool:
+        """The verdict ``dead`` about ``peer`` at ``version`` of its daemon_state (checked in the
+        transaction: a peer that wrote its state since has answered it)."""
+        if version < 0:
+            return False
+        state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
+        try:
+            self.store.commit(
+                self._verdict_writes(peer, self._verdict(peer, "dead", version)),
+                expect_versions={state_path: version},
+            )
+        except ConflictError:
+            return False
+        return True
 
     def _has_work(self, peer: str) -> bool:
         """Whether the fenced ``peer`` may have VMs to recover (the watch-fed table: cheap)."""
@@ -194,25 +231,11 @@ class HighAvailability(Service):
         return lock.held and not self._stop.is_set()
 
     def _act_locked(self, peer: str, lock: StoreLock) -> None:
-        state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
-        found = self.store.get_many(
-            [
-                state_path,
-                self.schema.node_key(peer, S.NODE_DOMAIN_STATE),
-                self.schema.node_key(peer, S.NODE_MAINTENANCE),
-            ]
-        )
-        state = found[state_path]
+        state = read_node_states(self.store, [peer]).get(peer)
         if state is None:
             return
-        domain_state = found[self.schema.node_key(peer, S.NODE_DOMAIN_STATE)]
-        maintenance = found[self.schema.node_key(peer, S.NODE_MAINTENANCE)]
-        decision = fence_decision(
-            state[0],
-            domain_state[0] if domain_state else "",
-            bool(maintenance) and maintenance[0] == "true",
-            stale=False,
-        )
+        maintenance = self.store.find_text(self.schema.node_key(peer, S.NODE_MAINTENANCE))
+        decision = fence_decision(state.daemon_state, state.domain_state, maintenance == "true", stale=False)
         if decision.act is Act.FENCE:
             if not self._fence(peer, state, lock):
                 return
@@ -220,26 +243,35 @@ class HighAvailability(Service):
             return
         self._recover(peer, lock)
 
-    def _fence(self, peer: str, state: tuple, lock: StoreLock) -> bool:
-        """Fence ``peer`` (its daemon state as read: (value, version)). True when it is fenced."""
+    def _fence(self, peer: str, state, lock: StoreLock) -> bool:
+        """Fence ``peer`` (its state as read: _records.NodeState). True when it is fenced.
+
+        Claims the version of ``peer``'s daemon_state the verdict judges (unless an earlier
+        actor claimed it: then this one takes over), in the transaction that writes this node's
+        verdict ``fencing``; the node's own keepalive claims the same version when it comes
+        back, so exactly one of the two wins."""
+        version = state.version
         state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
-        # the record of this fence is this node's (under its own keys: no peer alters it)
-        fence_path = self.schema.node_fence_record(self.node, peer)
         device = self.config.fence_devices.get(peer)
         started = time.time()
-        record = {
-            "by": self.node,
-            "method": device.method if device else "none",
-            "device": device.describe() if device else "",
-            "started": round(started, 3),
-            "result": "fencing",
-        }
+        record = self._verdict(
+            peer,
+            "fencing",
+            version,
+            method=device.method if device else "none",
+            device=device.describe() if device else "",
+            started=round(started, 3),
+        )
         if not self._holding(lock):
             return False
+        claim = self.schema.node_claim(peer, version)
+        values = self._verdict_writes(peer, record)
+        create = []
+        if not state.claimed:
+            values[claim] = self.node
+            create.append(claim)
         try:
-            versions = self.store.commit(
-                {state_path: "fencing", fence_path: json.dumps(record)}, expect_versions={state_path: state[1]}
-            )
+            self.store.commit(values, expect_versions={state_path: version}, create=create)
         except ConflictError:
             log.info("node %s changed state before it could be fenced: looking again", peer)
             return False
@@ -269,11 +301,9 @@ class HighAvailability(Service):
             finished=round(result.finished, 3),
             duration_s=round(result.finished - result.started, 3),
         )
-        values = {state_path: "fenced" if result.ok else "fence-failed", fence_path: json.dumps(record)}
-        if result.ok:
-            values[self.schema.node_key(peer, S.NODE_DOMAIN_STATE)] = "flushed"
         try:
-            self.store.commit(values, expect_versions={state_path: versions[state_path]})
+            # still the version claimed: a node that registered again meanwhile has answered
+            self.store.commit(self._verdict_writes(peer, record), expect_versions={state_path: version})
         except ConflictError:
             log.warning("node %s changed state while it was fenced (%s); looking again", peer, result.detail)
             return False
@@ -305,19 +335,17 @@ class HighAvailability(Service):
         ]
 
     def _fenced_nodes(self) -> set[str]:
-        names = self.store.list_children(self.schema.nodes(), missing_ok=True)
-        found = self.store.get_many([self.schema.node_key(name, S.NODE_DAEMON_STATE) for name in names])
-        return {
-            name for name in names if (found[self.schema.node_key(name, S.NODE_DAEMON_STATE)] or ("",))[0] == "fenced"
-        }
+        return {name for name, state in read_node_states(self.store).items() if state.daemon_state == "fenced"}
 
     def _recover(self, peer: str, lock: StoreLock) -> None:
-        fence_record = self._fence_record(peer)
-        state_path = self.schema.node_key(peer, S.NODE_DAEMON_STATE)
+        fence_record: dict | None = None
         while self._holding(lock):
-            state = self.store.find(state_path)
-            if state is None or state[0] != "fenced":
+            state = read_node_states(self.store, [peer]).get(peer)
+            if state is None or state.daemon_state != "fenced":
                 return  # its daemon started again (init): what is still assigned to it is its own
+            if fence_record is None:
+                # the verdict that fenced it, or an operator's confirm_down
+                fence_record = state.verdict or self._fence_record(peer)
             candidates = self._candidates(peer)
             snapshot = read_cluster(self.store)
             plan = plan_recovery(peer, candidates, snapshot.views(), self._fenced_nodes(), self.config.default_selector)
@@ -327,7 +355,7 @@ class HighAvailability(Service):
             for start in plan.starts:
                 if not self._holding(lock):
                     return
-                if not self._recover_one(peer, start, fence_record, state[1], n1):
+                if not self._recover_one(peer, start, fence_record, state.version, n1):
                     break  # its daemon state changed (it starts again?): look again
             for uuid, why in plan.unplaced.items():
                 self._not_recovered(uuid, peer, why)

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import reservation_mib
+from pvc_cluster_common._cluster import read_node_state, reservation_mib
 from pvc_cluster_common._decode import Invalid
+from pvc_cluster_common._records import NodeState
 from pvc_cluster_common._memory import AccountedVM, NodeAccount, account_node
 from pvc_cluster_common._store import ConflictError, StoreError, UnreachableError
 
@@ -223,14 +224,7 @@ class Keepalive(Service):
         reservations = self.read_reservations()
         folds = self.foldable(reservations, snapshot, reading.vms.running)
         values, account = self.figures(reading, snapshot, reservations, folds, age, stale)
-        state = self.store.find_text(self.schema.node_key(self.node, S.NODE_DAEMON_STATE))
-        if state in ("init", "dead", "fence-failed") or state not in S.DAEMON_STATES:
-            # the first keepalive after start, or a node its peers thought dead or failed to fence
-            # (its VMs were never recovered elsewhere), or whose state someone overwrote with
-            # garbage: it lives. Never over `fencing` (a peer is powering this node off) or
-            # `fenced` (its VMs may run elsewhere now; only a restarted daemon, which registers
-            # with `init`, runs again).
-            values[self.schema.node_key(self.node, S.NODE_DAEMON_STATE)] = "run"
+        state = read_node_state(self.store, self.node)
         # Per-VM statistics are for people, not placement: vm-thread gathers them every
         # STATS_EVERY passes, and each pass's are published once.
         if reading.stats_pass > self.stats_published:
@@ -243,6 +237,8 @@ class Keepalive(Service):
             # a reservation changed since it was read: publish without folding any (next tick)
             values |= self.figures(reading, snapshot, reservations, {}, age, stale)[0]
             ok = self._write(values)
+        if ok:
+            self.run_again(state)
         elapsed = time.monotonic() - started
         self.ticks += 1
         if self.metrics:
@@ -261,6 +257,52 @@ class Keepalive(Service):
         else:
             log.error("keepalive: could not write this node's figures (see above)")
         return ok
+
+    def run_again(self, state: NodeState | None) -> bool:
+        """Write ``run`` when this node's state (as its peers read it, ``state``) says it is not
+        running: the first keepalive after start (``init``), a node its peers judged dead or
+        failed to fence (its VMs were never recovered elsewhere), or whose own state is not
+        valid: it lives. Written at the version of its daemon_state that was read, so that it
+        answers exactly the verdicts it saw, and, unless that version is claimed, with the claim
+        of that version: a peer that fences this node claims the same version first, and then
+        this write fails (a node being fenced, or fenced, never writes ``run``; only a restarted
+        daemon, which registers with ``init``, runs again). A ``fence-failed`` version is
+        claimed already, by the peer that gave up: nobody fences it any more, so it is answered
+        by the version alone. True when ``run`` was written."""
+        path = self.schema.node_key(self.node, S.NODE_DAEMON_STATE)
+        if state is None:
+            return self._write({path: "run"})
+        if state.daemon_state not in ("init", "invalid", "dead", "fence-failed"):
+            return False
+        if state.claimed and state.daemon_state != "fence-failed":
+            log.warning(
+                "keepalive: this node's state %s is claimed by a peer that fences it: not running", state.version
+            )
+            return False
+        values: dict[str, object] = {path: "run"}
+        create = []
+        if not state.claimed:
+            claim = self.schema.node_claim(self.node, state.version)
+            values[claim] = self.node
+            create.append(claim)
+        try:
+            self.store.commit(values, expect_versions={path: state.version}, create=create)
+        except ConflictError:
+            log.warning("keepalive: this node's state changed, or a peer claimed it to fence this node: not running")
+            return False
+        except UnreachableError:
+            raise  # the pass's (run)
+        except StoreError as exc:
+            log.error("keepalive: could not write this node's daemon state: %s", exc)
+            return False
+        if state.by_verdict:
+            log.warning(
+                "keepalive: node %s was judged %s by %s: it runs again",
+                self.node,
+                state.daemon_state,
+                state.verdict.get("by", "?"),
+            )
+        return True
 
     # ---- accounting -------------------------------------------------------------------------
 

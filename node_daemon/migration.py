@@ -18,7 +18,7 @@ from typing import Any
 
 from pvc_cluster_common import _records as R
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import meta_from, meta_paths, read_vm
+from pvc_cluster_common._cluster import meta_from, meta_paths, read_node_state, read_vm
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._domain_policy import DomainPolicy, refusal
 from pvc_cluster_common._meta import VMMeta
@@ -178,7 +178,13 @@ class MigrationAgent(Service):
         # Whether this node may receive a VM: read at every prepare step from watches, and
         # checked by version in the prepared write itself (see prepare).
         self.readiness = WatchedKeys(
-            store, (self.schema.node_key(node, S.NODE_DAEMON_STATE), self.schema.node_key(node, S.NODE_DOMAIN_STATE))
+            store,
+            (
+                self.schema.node_key(node, S.NODE_DAEMON_STATE),
+                self.schema.node_key(node, S.NODE_DOMAIN_STATE),
+                # its peers' verdicts change this container's version (and note the verdict)
+                self.schema.node_claims(node),
+            ),
         )
 
     def start(self) -> None:
@@ -221,7 +227,7 @@ class MigrationAgent(Service):
 
     def peer_state(self, peer: str, uuid: str) -> str | None:
         """libvirt's view of ``uuid`` on ``peer``: a state name, None (absent) or UNKNOWN."""
-        if self.store.find_text(self.schema.node_key(peer, S.NODE_DAEMON_STATE)) == "fenced":
+        if self.peer_fenced(peer):
             # Its power is confirmed off (node_daemon/ha.py): nothing runs there, and its libvirt
             # cannot be asked. (A fenced node whose daemon starts again writes `init` first.)
             return None
@@ -278,7 +284,8 @@ class MigrationAgent(Service):
 
     def peer_fenced(self, peer: str) -> bool:
         """Whether ``peer``'s power is confirmed off by its fence (node_daemon/ha.py)."""
-        return self.store.find_text(self.schema.node_key(peer, S.NODE_DAEMON_STATE)) == "fenced"
+        state = read_node_state(self.store, peer)
+        return state is not None and state.daemon_state == "fenced"
 
     def peer_alive(self, peer: str) -> bool:
         return self.store.exists(self.schema.node_key(peer, S.NODE_ALIVE))
@@ -447,6 +454,7 @@ class MigrationAgent(Service):
                 self.schema.domain_key(uuid, S.DOMAIN_NODE),
                 self.schema.domain_key(uuid, S.DOMAIN_XML),
                 self.schema.node_key(record.target, S.NODE_DAEMON_STATE),
+                self.schema.node_claims(record.target),  # a verdict about it changes its version
             ]
             + meta_paths(self.schema, uuid, MIGRATION_META)
             + uris
@@ -554,7 +562,14 @@ class MigrationAgent(Service):
         # truth, which counts a fenced node as running nothing (models/ha.pml, rule D6). The
         # transferring write checks this state's version with the others.
         state_path = self.schema.node_key(target, S.NODE_DAEMON_STATE)
-        target_state = (inputs.get(state_path) or ("",))[0]
+        found_state = inputs.get(state_path)
+        target_state = found_state[0] if found_state else ""
+        # its own state (an operator's fenced, an older daemon's verdicts), or a peer's verdict
+        # about the version it has now, as its claims container notes it (conservative: a
+        # verdict, or a note someone forged, stops the transfer; the version is checked)
+        note = inputs.get(self.schema.node_claims(target))
+        judged = R.noted_verdict(note[0] if note else None, found_state[1] if found_state else -1)
+        target_state = judged or target_state
         if target_state in TARGET_LOST_STATES:
             if not fresh:
                 raise StaleCheck(state_path)
@@ -778,7 +793,12 @@ class MigrationAgent(Service):
             found = self.store.get_many(paths) if fresh else self.readiness.snapshot()
             if found is None:
                 continue  # the watches have not answered yet
-            daemon_state, domain_state = ((found[p] or ("",))[0] for p in paths)
+            state_found, domain_found, note = (found.get(p) for p in paths)
+            daemon_state = state_found[0] if state_found else ""
+            domain_state = domain_found[0] if domain_found else ""
+            # a peer's verdict about this node's current state (its note): not ready either
+            judged = R.noted_verdict(note[0] if note else None, state_found[1] if state_found else -1)
+            daemon_state = judged or daemon_state
             if daemon_state != "run" or domain_state not in ("ready", "unflush"):
                 if not fresh:
                     continue
@@ -788,7 +808,8 @@ class MigrationAgent(Service):
                 self.resolve(m)
                 return
             try:
-                if self.advance(m, STEP_PREPARED, checks={p: found[p][1] for p in paths}):  # type: ignore[index]  # both read: checked above
+                checks = {p: answer[1] for p in paths if (answer := found.get(p)) is not None}
+                if self.advance(m, STEP_PREPARED, checks=checks):
                     crash_point("target:prepared")
                 return
             except StaleCheck as exc:

@@ -146,14 +146,19 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
         for name in names
         for path in [schema.node(name), schema.node_key(name, S.NODE_ALIVE)] + list(keys[name].values()) + fences[name]
     ]
-    found, listed = store.get_round(paths, [schema.node_reservations(name) for name in names])
+    found, listed = store.get_round(
+        paths,
+        [schema.node_reservations(name) for name in names] + [schema.node_claims(name) for name in names],
+    )
     reserved = {name: listed[schema.node_reservations(name)] or [] for name in names}
     amounts = store.get_many([schema.node_reservation(name, uuid) for name in names for uuid in reserved[name]])
     result = {}
     for name in names:
         if found[schema.node(name)] is None:
             continue
-        raw = {key: _text(found[path]) for key, path in keys[name].items()}
+        raw = {key: (found[path][0] if found[path] else None) for key, path in keys[name].items()}
+        state = state_from(schema, name, found, listed, everyone)  # its problems: reported as the keys' below
+        raw[S.NODE_DAEMON_STATE], raw[S.NODE_DOMAIN_STATE] = _effective_raw(state, raw)
         # the node's fence record: the latest of its own and its peers' (decoded again by the reports)
         fence = R.latest_fence_record(
             [(path, _text(found[path])) for path in fences[name]], problems.setdefault(name, [])
@@ -180,6 +185,78 @@ def fence_record_paths(schema, node: str, names) -> list[str]:
     ]
 
 
+def node_state_paths(schema, node: str, names) -> tuple[list[str], list[str]]:
+    """What ``state_from`` needs of ``node`` (``names``: every node, whoever may have judged
+    it): (keys to read, containers to list)."""
+    keys = [schema.node_key(node, S.NODE_DAEMON_STATE), schema.node_key(node, S.NODE_DOMAIN_STATE)]
+    return keys + [schema.node_fence_record(other, node) for other in names if other != node], [
+        schema.node_claims(node)
+    ]
+
+
+def state_from(schema, node: str, found: dict, listed: dict, names, problems: list | None = None) -> R.NodeState:
+    """``node``'s state (_records.node_state) from the answers of a read of
+    ``node_state_paths(schema, node, names)``. An own state that is not valid reads as
+    "invalid" (added to ``problems``), a verdict that is not valid is left out (likewise)."""
+    problems = [] if problems is None else problems
+    own_path, domain_path = schema.node_key(node, S.NODE_DAEMON_STATE), schema.node_key(node, S.NODE_DOMAIN_STATE)
+    own = found.get(own_path)
+    own_state = or_default(R.daemon_state, own[0] if own else None, own_path, "invalid", problems) if own else ""
+    domain = found.get(domain_path)
+    domain_state = or_default(R.domain_state, domain[0], domain_path, "invalid", problems) if domain else ""
+    verdicts = []
+    for other in names:
+        if other == node:
+            continue
+        path = schema.node_fence_record(other, node)
+        answer = found.get(path)
+        if not answer:
+            continue
+        try:
+            record = R.fence_record(answer[0], path)
+        except Invalid as exc:
+            problems.append(exc)
+            continue
+        if record and record["by"] == other:  # a record names its own writer
+            verdicts.append(record)
+    return R.node_state(own_state, own[1] if own else -1, domain_state, listed.get(schema.node_claims(node)), verdicts)
+
+
+def _effective_raw(state: R.NodeState, raw: dict) -> tuple:
+    """The daemon and domain state a raw node dict shows: as stored, unless a verdict decides."""
+    if not state.by_verdict:
+        return raw.get(S.NODE_DAEMON_STATE), raw.get(S.NODE_DOMAIN_STATE)
+    return state.daemon_state, state.domain_state
+
+
+def read_node_states(store, names=None, problems: dict | None = None) -> dict[str, R.NodeState]:
+    """The state of each node of ``names`` (default: every node) as everyone reads it: its own
+    ``daemon_state`` combined with its peers' verdicts (_records.node_state), in one round of
+    reads. A node without a ``daemon_state`` is left out. The one reader of a node's state for
+    the daemon (HA, migrations), the modules and the inventory (through read_nodes_raw and the
+    node views)."""
+    schema = store.schema
+    everyone = node_names(store)
+    names = everyone if names is None else list(names)
+    problems = {} if problems is None else problems
+    paths, lists = [], []
+    for name in names:
+        keys, containers = node_state_paths(schema, name, everyone)
+        paths += keys
+        lists += containers
+    found, listed = store.get_round(paths, lists)
+    states = {}
+    for name in names:
+        if found.get(schema.node_key(name, S.NODE_DAEMON_STATE)) is None:
+            continue
+        states[name] = state_from(schema, name, found, listed, everyone, problems.setdefault(name, []))
+    return states
+
+
+def read_node_state(store, name: str) -> R.NodeState | None:
+    return read_node_states(store, [name]).get(name)
+
+
 def read_fence_record(store, node: str, problems: list | None = None) -> dict:
     """``node``'s fence record (_records.latest_fence_record; {} when never fenced), in one
     round of reads; an invalid record is left out and added to ``problems``."""
@@ -198,7 +275,17 @@ def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[
     also, names = list(also), list(names)
     keys = {name: {key: schema.node_key(name, key) for key in keys} for name in names}
     paths = also + [path for name in names for path in [schema.node(name)] + list(keys[name].values())]
-    found, listed = store.get_round(paths, [schema.node_reservations(name) for name in names])
+    # a node's daemon state is its own combined with its peers' verdicts (read_node_states)
+    judged = S.NODE_DAEMON_STATE in keys.get(names[0], {}) if names else False
+    everyone = node_names(store) if judged else []
+    if judged:
+        paths += [path for name in names for path in node_state_paths(schema, name, everyone)[0]]
+        paths = list(dict.fromkeys(paths))
+    found, listed = store.get_round(
+        paths,
+        [schema.node_reservations(name) for name in names]
+        + ([schema.node_claims(name) for name in names] if judged else []),
+    )
     reserved_uuids = {name: listed[schema.node_reservations(name)] or [] for name in names}
     reservations = store.get_many(
         [schema.node_reservation(name, uuid) for name in names for uuid in reserved_uuids[name]]
@@ -209,6 +296,9 @@ def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[
             continue
         raw = {key: _text(found[path]) for key, path in keys[name].items()}
         problems: list = []
+        if judged:
+            state = state_from(schema, name, found, listed, everyone)
+            raw[S.NODE_DAEMON_STATE], raw[S.NODE_DOMAIN_STATE] = _effective_raw(state, raw)
         reserved = sum(
             reservation_mib(
                 reservations[schema.node_reservation(name, uuid)].value, schema.node_reservation(name, uuid), problems
@@ -523,6 +613,42 @@ def wait_for_key(store, path: str, predicate, timeout_s: float, cancel=None) -> 
         if cancel.is_set() or time.monotonic() >= deadline:
             return False
     return True
+
+
+def wait_for_node_state(store, node: str, predicate, timeout_s: float) -> R.NodeState | None:
+    """Wait until ``predicate(state)`` holds for ``node``'s state as everyone reads it
+    (read_node_state; None while the node has no daemon_state). Woken by data watches on the
+    node's own daemon_state, domain_state and on its claims container (every verdict about it
+    changes that); the state is read outside the watches' thread. The state, or None on timeout."""
+    changed = threading.Event()
+    done = threading.Event()
+
+    def poke(_found) -> bool:
+        changed.set()
+        return not done.is_set()
+
+    schema = store.schema
+    for path in (
+        schema.node_key(node, S.NODE_DAEMON_STATE),
+        schema.node_key(node, S.NODE_DOMAIN_STATE),
+        schema.node_claims(node),
+    ):
+        store.watch_data(path, poke)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            changed.clear()
+            state = read_node_state(store, node)
+            if predicate(state):
+                return state
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            # a peer's verdict is written beside its claims note: a second read catches the note
+            # written just after the read above (the watch fires again)
+            changed.wait(left)
+    finally:
+        done.set()
 
 
 def wait_until_gone(store, path: str, timeout_s: float) -> bool:

@@ -458,7 +458,11 @@ def history_entry(value, path: str, uuid: str) -> dict:
 # ---- high availability: the fence record and the recovery audit record ----------------------
 
 FENCE_METHODS = ("ipmi", "agent", "operator", "none")
-FENCE_RESULTS = ("fencing", "fenced", "fence-failed")
+# dead: a peer's verdict that the node's keepalives stopped (no fence yet); the others as their
+# daemon states (_schema.FENCE_STATES)
+FENCE_RESULTS = ("dead", "fencing", "fenced", "fence-failed")
+# The highest version of a znode ZooKeeper keeps (a signed 32-bit integer).
+MAX_ZNODE_VERSION = 2**31 - 1
 RECOVERY_KIND = "recovery"
 RECOVERY_STEPS = ("fencing", "fenced", "recovered")
 
@@ -489,6 +493,9 @@ def fence_record(value, path: str) -> dict:
     for name in ("finished", "duration_s"):
         if data.get(name) is not None:
             record[name] = _time(data[name], path, name)
+    if data.get("version") is not None:
+        # the version of the node's own daemon_state this verdict judged (a peer's record)
+        record["version"] = _int_field(data, "version", path, 0, MAX_ZNODE_VERSION)
     return record
 
 
@@ -505,9 +512,87 @@ def latest_fence_record(found, problems: list | None = None) -> dict:
             if problems is not None:
                 problems.append(exc)
             continue
-        if record and (not latest or record["started"] >= latest["started"]):
-            latest = record
+        if record and record["result"] != "dead" and (not latest or record["started"] >= latest["started"]):
+            latest = record  # a dead verdict is no fence: the fence record is the last fence's
     return latest
+
+
+def noted_verdict(note, version: int) -> str:
+    """The verdict a node's ``claims`` container notes about the version ``version`` of its
+    daemon_state ("" when none, or not about that version). The note is written by the shared
+    node identity with every verdict; it is never what a node's state is (that is the verdicts
+    under each peer's own keys, :func:`node_state`), only a cheap sign that a verdict was written,
+    for a decision that must be conservative: a target taking a VM, a source handing one over.
+    A note that is not valid reads as none (its version is still checked)."""
+    if not note:
+        return ""
+    try:
+        data = D.json_object(note, "claims", max_bytes=4096, max_depth=2)
+    except D.Invalid:
+        return ""
+    result = data.get("result")
+    if data.get("version") == version and result in S.FENCE_STATES:
+        return str(result)
+    return ""
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A node's state as everyone reads it (:func:`node_state`).
+
+    ``daemon_state``/``domain_state``: the effective states; ``own_state``: the node's own
+    ``daemon_state`` as stored (written by the node, or an operator's confirm_down, or an older
+    daemon's peer), ``version`` its znode version (-1: none); ``verdict``: the peer's record that
+    decides the daemon state ({}: the node's own state decides); ``claimed``: a claim of
+    ``version`` exists (a peer fences, or fenced, the node at this version)."""
+
+    daemon_state: str
+    domain_state: str
+    own_state: str
+    version: int = -1
+    verdict: dict = field(default_factory=dict)
+    claimed: bool = False
+
+    @property
+    def by_verdict(self) -> bool:
+        return bool(self.verdict)
+
+
+def node_state(own_state: str, version: int, domain_state: str, claims, verdicts) -> NodeState:
+    """The one combination of a node's own state and its peers' verdicts (docs/high-availability.md).
+
+    ``own_state``/``version``: the node's ``daemon_state`` and its znode version; ``claims``: the
+    names of the node's ``claims/`` children (versions); ``verdicts``: the decoded records of its
+    peers (``fences/<node>`` of each, see :func:`fence_record`), any number, valid ones only.
+
+    * An own ``fenced`` (an operator's confirm_down) decides; another own fence state (an older
+      daemon's peer wrote it) counts as one more verdict about its version.
+    * Else a peer's verdict decides when it names the version the node's state has now (a node
+      that wrote its state since has answered every older verdict: stale-proof), and, for
+      ``fencing``, ``fenced`` and ``fence-failed``, when that version is claimed (a peer fences
+      only in the transaction that claims it; a record outliving the node's keys decides
+      nothing). Of several, the strongest (``_schema.FENCE_STATES``: fenced over fence-failed
+      over fencing over dead): a hand-over writes a second record about the same version.
+    * A node fenced by a verdict is ``flushed`` (nothing of it should run, and ``ready`` brings its
+      VMs home); it writes that itself when its daemon starts again.
+    """
+    claimed = version >= 0 and str(version) in set(claims or ())
+    if own_state == "fenced" or version < 0:
+        return NodeState(own_state, domain_state, own_state, version, {}, claimed)
+    # an own fence state (an older daemon's peer wrote it) is one more verdict, the weakest of equals
+    best: dict = {"result": own_state, "version": version} if own_state in S.FENCE_STATES else {}
+    for record in verdicts:
+        result = record.get("result")
+        if record.get("version") != version or result not in S.FENCE_STATES:
+            continue
+        if result != "dead" and not claimed:
+            continue
+        if not best or S.FENCE_STATES.index(result) > S.FENCE_STATES.index(best["result"]):
+            best = record
+    if not best or "by" not in best:
+        return NodeState(own_state, domain_state, own_state, version, {}, claimed)
+    domain = "flushed" if best["result"] == "fenced" else domain_state
+    return NodeState(best["result"], domain, own_state, version, best, claimed)
 
 
 def recovery_entry(data: dict, path: str, uuid: str) -> dict:

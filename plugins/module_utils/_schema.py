@@ -17,7 +17,10 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
                                           that would leave the cluster unable to restart every running VM after
                                           the loss of any one node (default "false": they report it only)
     /nodes/<node>/                        one per hypervisor, created by its daemon
-        daemon_state                      init | run | shutdown | stop | dead | fencing | fenced | fence-failed
+        daemon_state                      init | run | shutdown | stop, written by the node itself (or fenced by
+                                          an operator's confirm_down); a node's state as everyone reads it
+                                          is this one combined with its peers' verdicts (fences/, claims/;
+                                          _records.node_state, read by _cluster.read_node_states)
         libvirt                           the daemon's connection to its libvirtd: ok | down | hung
                                           (only an ok node is a migration target)
         domain_state                      ready | flush | flushed | unflush
@@ -25,10 +28,17 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         maintenance                       "true": never fenced (the operator works on it); else "false"
         fence                             JSON record of an operator's confirm_down of this node (who, how,
                                           when, result), or of a fence by an older daemon; absent until then
-        fences/<node>                     JSON record of this node's last fence of <node> (who, how, when,
-                                          result), written by this node's own identity only: a node's fence
-                                          record is the latest of these and its own ``fence`` (_records
-                                          .latest_fence_record)
+        fences/<node>                     JSON record of this node's last verdict about <node> (dead,
+                                          fencing, fenced, fence-failed; who, how, when, and the version of
+                                          <node>'s own daemon_state it judged), written by this node's own
+                                          identity only: a node's fence record is the latest of these and
+                                          its own ``fence`` (_records.latest_fence_record)
+        claims/<version>                  create-once: the peer that fences this node while its daemon_state
+                                          has that version (or this node itself, coming back at that version);
+                                          exactly one of them is created per version. The container's value
+                                          is a note of the last verdict, rewritten with every verdict so that
+                                          its version changes (a transaction that must not race a verdict
+                                          checks it)
         keepalive                         unix time (float) of the last keepalive
         memtotal memused memfree          host memory, MiB
         memalloc                          memory of VMs running here, MiB
@@ -74,7 +84,9 @@ ACLs (a secured cluster; ``acl_rule``): ZooKeeper's ACLs are per znode and not i
 deleting or creating a znode is a permission on its *parent*. Two identities: the **operator**
 (modules, inventory) has every permission everywhere; the **nodes** (one identity shared by every
 node daemon) read everything and write only what the daemons must write. A node daemon also
-authenticates as its **own node** identity, the only node identity that writes its node's keys.
+authenticates as its **own node** identity, the only node identity that writes its node's keys
+(its ``daemon_state`` and ``domain_state`` included: a peer's verdict about a dead node goes under
+the peer's own ``fences/<node>``, and the nodes may only create a claim in the node's ``claims/``).
 So that a node identity can delete a VM's migration record without being able to delete (and
 re-create) the VM's XML, the keys the daemons create and delete live in ``runtime/``.
 """
@@ -86,12 +98,16 @@ DEFAULT_ROOT = "/pvc"
 
 # ---- vocabularies ---------------------------------------------------------------------------
 
-# dead: its keepalives stopped (written by a peer); fencing: a peer is powering it off; fenced: its
+# dead: its keepalives stopped (a peer's verdict); fencing: a peer is powering it off; fenced: its
 # power is confirmed off (by its fence device, or by an operator with confirm_down), so its VMs may run
 # elsewhere; fence-failed: the fence failed or could not be confirmed, so nothing is recovered.
+# A node writes only init, run, shutdown and stop itself; the others are its peers' verdicts (under
+# their own fences/<node>), which every reader combines with the node's own state (_records.node_state).
+# An operator's confirm_down writes fenced into the node's own key; an older daemon wrote the others.
 DAEMON_STATES = ("init", "run", "shutdown", "stop", "dead", "fencing", "fenced", "fence-failed")
-# The states in which a node's daemon is not running and its peers' fencer acts on it.
-FENCE_STATES = ("dead", "fencing", "fenced", "fence-failed")
+# The states in which a node's daemon is not running and its peers' fencer acts on it, weakest first:
+# of several verdicts about one version of a node's state, the strongest decides.
+FENCE_STATES = ("dead", "fencing", "fence-failed", "fenced")
 DOMAIN_STATES = ("ready", "flush", "flushed", "unflush")
 # The node daemon's connection to its libvirtd: ok; down (no connection: libvirtd gone, refusing,
 # or it closed the connection); hung (libvirtd accepts but does not answer within the call timeout).
@@ -132,6 +148,7 @@ NODE_TRANSPORT_URI = "transport_uri"
 NODE_LIBVIRT = "libvirt"
 NODE_FENCES = "fences"
 NODE_FLUSH_HALTED = "flush_halted"
+NODE_CLAIMS = "claims"
 
 # Keys every node has, with the value a newly registered node starts with.
 # New nodes start `flushed`: they take VMs only after an operator (or the rollout) makes them ready.
@@ -211,10 +228,9 @@ PERM_RWCD = PERM_READ | PERM_WRITE | PERM_CREATE | PERM_DELETE
 # request moves it, a recovery too) and the reason of the last failure. Never the XML, the desired
 # state or the meta: what a daemon changes of a VM's state is its runtime/runstate record.
 NODE_WRITTEN_DOMAIN_KEYS = (DOMAIN_NODE, DOMAIN_LASTNODE, DOMAIN_FAILEDREASON)
-# Keys of a node its peers write too: the daemon that fences a dead peer writes its daemon state
-# and, once it is fenced, its domain state (flushed). Its record of the fence it writes under its
-# own keys (fences/<peer>).
-PEER_WRITTEN_NODE_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE)
+# Keys of a node its peers wrote before the verdicts moved to the peers' own fences/<node> (older
+# clusters: their ACL let the nodes write them; Schema.acl_rules_accepted accepts it, with a warning).
+LEGACY_PEER_WRITTEN_NODE_KEYS = (NODE_DAEMON_STATE, NODE_DOMAIN_STATE)
 
 
 class AclRule:
@@ -304,8 +320,17 @@ class Schema:
         return self._p("nodes", node, NODE_FENCES)
 
     def node_fence_record(self, fencer: str, node: str) -> str:
-        """``fencer``'s record of its last fence of ``node`` (under ``fencer``'s own keys)."""
+        """``fencer``'s record of its last verdict about ``node`` (under ``fencer``'s own keys)."""
         return self._p("nodes", fencer, NODE_FENCES, node)
+
+    def node_claims(self, node: str) -> str:
+        return self._p("nodes", node, NODE_CLAIMS)
+
+    def node_claim(self, node: str, version: int) -> str:
+        """The create-once claim of the version ``version`` of ``node``'s daemon_state."""
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ValueError(f"invalid daemon_state version {version!r}")
+        return self._p("nodes", node, NODE_CLAIMS, str(version))
 
     # domains
     def domain(self, uuid: str) -> str:
@@ -358,9 +383,13 @@ class Schema:
                 # with a version check, which serialises requests to one target), and any node
                 # ends that migration
                 return AclRule(PERM_RWCD, node if depth == 3 else None)
-            if depth == 3 and parts[2] in PEER_WRITTEN_NODE_KEYS:
-                return AclRule(PERM_READ | PERM_WRITE, node)
-            return AclRule(PERM_READ, node)  # its own keys, fences/ included: its own identity writes them
+            if depth == 3 and parts[2] == NODE_CLAIMS:
+                # a peer claims a version of the node's state (creates a claim, never deletes one)
+                # and notes its verdict in the container's value (so that its version changes)
+                return AclRule(PERM_READ | PERM_WRITE | PERM_CREATE, node)
+            # its own keys, daemon_state, domain_state, fences/ and each claim included: its own
+            # identity writes them (a claim, once created, no peer alters or deletes)
+            return AclRule(PERM_READ, node)
         if top == "domains" and depth >= 3:
             key = parts[2]
             if key == DOMAIN_RUNTIME:
@@ -374,3 +403,14 @@ class Schema:
             # lock znodes are created on first use, contenders are created and deleted by anyone
             return AclRule(PERM_READ | PERM_CREATE | PERM_DELETE if depth == 2 else PERM_RWCD)
         return AclRule(PERM_READ)
+
+    def acl_rules_accepted(self, path: str) -> tuple[AclRule, ...]:
+        """Older rules of ``path`` that a check accepts with a warning (``_store.check_acls``):
+        the ACL a znode was created with stays until an operator sets it again
+        (docs/security.md, "Upgrading")."""
+        if self.root and not path.startswith(self.root + "/"):
+            return ()
+        parts = [part for part in path[len(self.root) :].split("/") if part]
+        if len(parts) == 3 and parts[0] == "nodes" and parts[2] in LEGACY_PEER_WRITTEN_NODE_KEYS:
+            return (AclRule(PERM_READ | PERM_WRITE, parts[1]),)
+        return ()

@@ -201,7 +201,12 @@ import time
 
 from ansible_collections.pvc.cluster.plugins.module_utils import _records as R
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
-from ansible_collections.pvc.cluster.plugins.module_utils._cluster import read_running, read_vm_state
+from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
+    read_node_state,
+    read_node_states,
+    read_running,
+    read_vm_state,
+)
 from ansible_collections.pvc.cluster.plugins.module_utils._decode import Invalid
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
@@ -286,10 +291,12 @@ def confirm_fenced(module, session, name: str, daemon_state: str, domain_state: 
     if module.check_mode or not differences.changed:
         return result
     path = schema.node_key(name, S.NODE_DAEMON_STATE)
-    versioned = store.find(path)
-    if versioned is None or versioned[0] != daemon_state:
+    # its state as the daemons read it: its own combined with its peers' verdicts; the write checks
+    # the version of its own (a node whose daemon registers again changes it)
+    state = read_node_state(store, name)
+    if state is None or state.daemon_state != daemon_state:
         raise ModuleFailure(
-            f"the daemon state of node {name} changed meanwhile (now {versioned[0] if versioned else None})"
+            f"the daemon state of node {name} changed meanwhile (now {state.daemon_state if state else None})"
         )
     record = {
         "by": "operator",
@@ -305,7 +312,7 @@ def confirm_fenced(module, session, name: str, daemon_state: str, domain_state: 
             schema.node_key(name, S.NODE_DOMAIN_STATE): "flushed",
             schema.node_key(name, S.NODE_FENCE): json.dumps(record),
         },
-        expect_versions={path: versioned[1]},
+        expect_versions={path: state.version},
         what=f"daemon state fenced of node {name}",
     )
     return result
@@ -555,10 +562,9 @@ def published(store, nodes: list[str], moving: list[str]) -> bool:
     """Whether the daemons' published running domains show each VM that moved (and is meant to run)
     on its node only. Nodes whose daemon is not running publish nothing new and are not asked."""
     schema = store.schema
+    states = read_node_states(store, nodes)
     running = {
-        node: read_running(store, node)
-        for node in nodes
-        if store.find_text(schema.node_key(node, S.NODE_DAEMON_STATE)) == "run"
+        node: read_running(store, node) for node in nodes if node in states and states[node].daemon_state == "run"
     }
     for uuid in moving:
         node = store.find_text(schema.domain_key(uuid, S.DOMAIN_NODE))

@@ -62,7 +62,10 @@ nodes:
     daemon_state:
       description:
         - The node daemon's state (C(init), C(run), C(shutdown), C(stop), C(dead), C(fencing), C(fenced),
-          C(fence-failed)).
+          C(fence-failed)), as every node reads it, the node's own state or a peer's verdict about it.
+        - A node writes only its own state (C(init), C(run), C(shutdown), C(stop)); C(dead), C(fencing), C(fenced) and
+          C(fence-failed) are its peers' verdicts, each kept under the judging node's own keys and naming the
+          version of the node's state it judged, or an operator's confirmation (C(fenced)).
         - C(fence-failed) means that the node's fence failed and none of its VMs is started elsewhere until an
           operator confirms it is off (M(pvc.cluster.node) with O(pvc.cluster.node#module:state=fenced)).
       type: str
@@ -75,7 +78,8 @@ nodes:
       description:
         - The record of the node's last fence, empty when it was never fenced, with C(by) (the fencing node, or
           C(operator)), C(method), C(device), C(result) (C(fencing), C(fenced), C(fence-failed)), C(detail),
-          C(started), C(finished) and C(duration_s).
+          C(started), C(finished) and C(duration_s), and for a peer's record C(version) (the version of the node's own
+          daemon state it judged).
         - The fencing node keeps its record under its own keys, an operator's confirmation is the node's own; this is
           the one of them that started last.
       type: dict

@@ -227,6 +227,7 @@ diff:
 from ansible_collections.pvc.cluster.plugins.module_utils import _schema as S
 from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
     find_vm,
+    read_node_state,
     read_node_views,
     read_running,
     read_vm,
@@ -635,7 +636,8 @@ def wait_for_state(session, uuid: str, state: str, node: str, nodes, timeout_s: 
     if outcome is None:
         current = read_vm_state(store, uuid)
         where = running_on(store, uuid, nodes)
-        daemon = store.find_text(schema.node_key(node, S.NODE_DAEMON_STATE)) if node else None
+        node_state = read_node_state(store, node) if node else None
+        daemon = node_state.daemon_state if node_state else None
         raise ModuleFailure(
             f"VM {uuid}: not {'running on ' + node if runs else 'stopped'} after {timeout_s} s "
             f"(state {current}, running on {', '.join(where) or 'no node'}, daemon of {node} is {daemon}); "

@@ -228,6 +228,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
     find_vm,
     node_names,
     read_history,
+    read_node_state,
     read_node_views,
     read_running,
     read_vm,
@@ -381,10 +382,10 @@ def n1_failure(check, plan) -> ModuleFailure:
 def runs_only_on(store, uuid: str, target: str, source: str) -> bool:
     """Whether the target publishes the VM among its running domains and the source (if its daemon
     runs, so that its list is current) no longer does."""
-    schema = store.schema
     if uuid not in read_running(store, target):
         return False
-    if store.find_text(schema.node_key(source, S.NODE_DAEMON_STATE)) != "run":
+    source_state = read_node_state(store, source)
+    if source_state is None or source_state.daemon_state != "run":
         return True
     return uuid not in read_running(store, source)
 

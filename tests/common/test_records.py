@@ -260,3 +260,60 @@ def test_runstate_decodes_any_bytes_or_says_invalid(data):
         R.runstate(data.decode("utf-8", errors="replace"), "p")
     except Invalid:
         pass
+
+
+# ---- a node's state: its own, combined with its peers' verdicts ---------------------------------
+
+
+def _verdict(by, result, version, started=1.0):
+    return {"by": by, "method": "none", "result": result, "started": started, "version": version}
+
+
+def test_a_nodes_own_state_decides_until_a_peer_judges_its_current_version():
+    state = R.node_state("run", 4, "ready", [], [])
+    assert (state.daemon_state, state.domain_state, state.by_verdict, state.claimed) == ("run", "ready", False, False)
+    # a verdict about an older version is stale: the node wrote its state since
+    assert R.node_state("run", 4, "ready", ["3"], [_verdict("n2", "fenced", 3)]).daemon_state == "run"
+    dead = R.node_state("run", 4, "ready", [], [_verdict("n2", "dead", 4)])
+    assert (dead.daemon_state, dead.own_state, dead.verdict["by"]) == ("dead", "run", "n2")
+
+
+def test_a_fence_verdict_needs_the_claim_of_its_version_and_the_strongest_decides():
+    verdicts = [_verdict("n2", "dead", 4), _verdict("n3", "fencing", 4)]
+    # no claim: a fencing record decides nothing (a record outliving the node's keys)
+    assert R.node_state("run", 4, "ready", [], verdicts).daemon_state == "dead"
+    state = R.node_state("run", 4, "ready", ["4"], verdicts)
+    assert (state.daemon_state, state.claimed, state.verdict["by"]) == ("fencing", True, "n3")
+    # a hand-over: a second actor's record about the same version; fenced is flushed
+    state = R.node_state("run", 4, "ready", ["4"], verdicts + [_verdict("n2", "fenced", 4)])
+    assert (state.daemon_state, state.domain_state) == ("fenced", "flushed")
+    failed = R.node_state("run", 4, "ready", ["4"], verdicts + [_verdict("n1", "fence-failed", 4)])
+    assert (failed.daemon_state, failed.domain_state) == ("fence-failed", "ready")
+
+
+def test_an_operators_fenced_decides_and_an_older_daemons_verdict_is_one_more():
+    assert R.node_state("fenced", 5, "flushed", [], [_verdict("n2", "dead", 5)]).daemon_state == "fenced"
+    # an older daemon's peer wrote `dead` into the node's own key; a newer peer fences that version
+    state = R.node_state("dead", 5, "ready", ["5"], [_verdict("n2", "fencing", 5)])
+    assert (state.daemon_state, state.verdict["by"]) == ("fencing", "n2")
+    assert R.node_state("dead", 5, "ready", [], []).daemon_state == "dead"
+
+
+def test_a_fence_record_names_the_version_it_judged_and_a_dead_verdict_is_no_fence():
+    path = "/pvc/nodes/n2/fences/n1"
+    record = R.fence_record(json.dumps(_verdict("n2", "dead", 7)), path)
+    assert record["version"] == 7 and record["result"] == "dead"
+    for bad in (-1, 2**31, "7", True, 1.5):
+        with pytest.raises(Invalid):
+            R.fence_record(json.dumps(_verdict("n2", "dead", bad)), path)
+    fenced = json.dumps(_verdict("n3", "fenced", 6, started=1.0))
+    dead = json.dumps(_verdict("n2", "dead", 7, started=2.0))
+    assert R.latest_fence_record([(path, dead), ("/pvc/nodes/n3/fences/n1", fenced)])["by"] == "n3"
+
+
+def test_the_claims_note_is_read_only_for_the_version_it_names():
+    note = json.dumps({"by": "n2", "result": "fencing", "version": 3})
+    assert R.noted_verdict(note, 3) == "fencing"
+    assert R.noted_verdict(note, 4) == ""
+    for bad in ("", None, "[", "42", json.dumps({"result": "run", "version": 3}), "[" * 50_000):
+        assert R.noted_verdict(bad, 3) == ""

@@ -44,7 +44,8 @@ def cluster(zk_server, zk_root):
         nodes[node].ensure_schema()
         schema = nodes[node].schema
         values = {schema.node_key(node, key): value for key, value in S.NODE_DEFAULTS.items()}
-        nodes[node].commit({**values, schema.node_reservations(node): ""})  # as the daemon registers
+        # as the daemon registers
+        nodes[node].commit({**values, schema.node_reservations(node): "", schema.node_claims(node): ""})
     yield operator, nodes
     for store in stores:
         store.stop()
@@ -131,11 +132,23 @@ def test_a_node_identity_cannot_write_another_nodes_keys(cluster, raw_client):
     operator, nodes = cluster
     schema = operator.schema
     n1 = raw_client(f"{ids.NODES_USER}:{ids.NODES_PASSWORD}", f"n1:{ids.node_password('n1')}")
-    # the ones a peer still writes when it fences a dead node (docs/security.md, "Not done yet")
-    n1.set(schema.node_key("n2", S.NODE_DAEMON_STATE), b"dead")
-    n1.set(schema.node_key("n2", S.NODE_DOMAIN_STATE), b"flushed")
+    # n2's own states: a peer's verdict about n2 is the peer's own record, never a write of n2's keys
+    for key in (S.NODE_DAEMON_STATE, S.NODE_DOMAIN_STATE):
+        assert n1.get(schema.node_key("n2", key)) is not None
+        _refused(n1, schema.node_key("n2", key))
+    # a peer claims a version of n2's state (create-once) and notes its verdict in the container;
+    # the claim, once made, it cannot alter nor delete, nor may it delete the container
+    claim = schema.node_claim("n2", 3)
+    nodes["n1"].commit({claim: "n1"}, create=[claim])  # with the ACL its rule gives it
+    n1.set(schema.node_claims("n2"), b'{"by": "n1", "result": "fencing", "version": 3}')
+    _refused(n1, claim)
     with pytest.raises(NoAuthError):
-        n1.delete(schema.node_key("n2", S.NODE_DAEMON_STATE))
+        n1.delete(schema.node_claims("n2"), recursive=True)
+    with pytest.raises(NoAuthError):
+        n1.set_acls(schema.node_claims("n2"), OPEN_ACL_UNSAFE)
+    # n2 itself clears the claims of its older states (as its daemon does when it registers)
+    nodes["n2"].delete(claim)
+    assert not nodes["n2"].exists(claim)
     # n2's record of its fence of n3, and n2's own fence key (an operator's confirm_down)
     record = json.dumps({"by": "n2", "method": "ipmi", "result": "fenced", "started": 1.0})
     nodes["n2"].commit({schema.node_fence_record("n2", "n3"): record})
@@ -334,6 +347,25 @@ def test_ensure_schema_refuses_a_cluster_secured_for_other_identities(zk_server,
         "the cluster was secured with other identities; check the usernames and passwords "
         "(and the operator's digest) this client was given"
     )
+
+
+def test_an_older_clusters_looser_acl_of_a_nodes_state_is_accepted_with_a_warning(cluster, caplog):
+    """An older version let every node identity write each node's daemon_state and domain_state
+    (a peer fencing it wrote them): the check of a node's keys accepts that ACL with a warning
+    (the node identity cannot change an ACL; the operator can), and refuses any other."""
+    operator, nodes = cluster
+    schema = operator.schema
+    path = schema.node_key("n2", S.NODE_DAEMON_STATE)
+    older = operator._acl(S.AclRule(S.PERM_READ | S.PERM_WRITE, "n2"), nodes["n2"].acl_ids)
+    operator.client.set_acls(path, older)
+    with caplog.at_level(logging.WARNING):
+        assert nodes["n2"].check_acls([path]) == []
+    assert "has the ACL of an older version" in caplog.text
+    # a key that never had that rule is not accepted with it
+    other = schema.node_key("n2", S.NODE_MEMTOTAL)
+    operator.client.set_acls(other, older)
+    with pytest.raises(StoreError, match="secured with other identities"):
+        nodes["n2"].check_acls([other])
 
 
 def test_a_daemon_refuses_a_node_registered_by_another_identity(cluster, zk_server, zk_root):

@@ -17,7 +17,13 @@ from pathlib import Path
 import yaml
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import vm_definition, wait_for_key, wait_until_gone
+from pvc_cluster_common._cluster import (
+    read_node_state,
+    vm_definition,
+    wait_for_key,
+    wait_for_node_state,
+    wait_until_gone,
+)
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
 from tests.support.identities import node_auth, operator_options
 from tests.support.runstate import runstate_reached
@@ -187,20 +193,25 @@ class TestCluster:
         self.wait(path, predicate, timeout_s, f"VM {uuid} state {state}")
 
     def wait_node_state(self, node: str, daemon_state: str = "run", timeout_s: float = 60) -> None:
-        self.wait(
-            self.schema.node_key(node, S.NODE_DAEMON_STATE),
-            lambda v: v == daemon_state,
-            timeout_s,
-            f"{node} daemon state {daemon_state}",
+        """Wait for ``node``'s daemon state as everyone reads it (its own, or a peer's verdict)."""
+        self._wait_state(
+            node, lambda state: state.daemon_state == daemon_state, timeout_s, f"daemon state {daemon_state}"
         )
 
     def wait_domain_state(self, node: str, state: str, timeout_s: float = 60) -> None:
-        self.wait(
-            self.schema.node_key(node, S.NODE_DOMAIN_STATE),
-            lambda v: v == state,
-            timeout_s,
-            f"{node} domain state {state}",
-        )
+        self._wait_state(node, lambda found: found.domain_state == state, timeout_s, f"domain state {state}")
+
+    def node_state(self, node: str):
+        """``node``'s state as everyone reads it (_cluster.read_node_state)."""
+        return read_node_state(self.store, node)
+
+    def _wait_state(self, node: str, predicate, timeout_s: float, what: str) -> None:
+        if (
+            wait_for_node_state(self.store, node, lambda state: state is not None and predicate(state), timeout_s)
+            is None
+        ):
+            logs = "\n".join(f"--- {n} ---\n{d.log()[-6000:]}" for n, d in self.daemons.items())
+            raise AssertionError(f"timed out waiting for {node} {what} (now {self.node_state(node)!r})\n{logs}")
 
     def wait_running_on(self, node: str, uuid: str, running: bool = True, timeout_s: float = 60) -> None:
         import json

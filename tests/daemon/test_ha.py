@@ -97,7 +97,12 @@ def test_a_frozen_node_is_fenced_through_its_bmc_before_its_vms_run_elsewhere_an
     # under the fencing node's own keys, and nowhere under node2's
     assert json.loads(c.store.find_text(c.schema.node_fence_record(fence_record["by"], "node2"))) == fence_record
     assert c.store.exists(c.schema.node_key("node2", S.NODE_FENCE)) is False
-    assert c.store.find_text(c.schema.node_key("node2", S.NODE_DOMAIN_STATE)) == "flushed"
+    # node2's own keys stay as node2 wrote them: the verdict, under the fencer's keys, names their
+    # version and the claim of it; everyone reads node2 as fenced, hence flushed
+    state = c.node_state("node2")
+    assert (state.daemon_state, state.domain_state, state.own_state) == ("fenced", "flushed", "run")
+    assert state.verdict["by"] == fence_record["by"] and state.verdict["version"] == state.version and state.claimed
+    assert c.store.find_text(c.schema.node_claim("node2", state.version)) == fence_record["by"]
     for uuid in uuids:
         vm = read_vm(c.store, uuid)
         assert vm.lastnode == "node2" and vm.state == "start"
@@ -116,6 +121,9 @@ def test_a_frozen_node_is_fenced_through_its_bmc_before_its_vms_run_elsewhere_an
     ha.write_pid("node2")
     c.wait_node_state("node2", "run")
     c.wait(c.schema.node_key("node2", S.NODE_KEEPALIVE), lambda v: v is not None)
+    # it registered flushed (it was fenced while away), and the claims of its older states are gone
+    assert c.store.find_text(c.schema.node_key("node2", S.NODE_DOMAIN_STATE)) == "flushed"
+    assert c.store.list_children(c.schema.node_claims("node2")) == [str(c.node_state("node2").version - 1)]
     for uuid in uuids:
         assert read_vm(c.store, uuid).node in ("node1", "node3")
     # made ready: its VMs come home
@@ -158,5 +166,5 @@ def test_a_node_in_maintenance_is_never_fenced(ha):
 
     wait_for_line(c.daemons["node1"].log_path, "node node2 is dead: the node is in maintenance", c.daemons["node1"])
     assert not [call for call in ha.bmcs["node2"].calls() if "set power" in call]
-    assert c.store.find_text(c.schema.node_key("node2", S.NODE_DAEMON_STATE)) == "dead"
+    assert c.node_state("node2").daemon_state == "dead"
     assert read_vm(c.store, uuid).node == "node2"

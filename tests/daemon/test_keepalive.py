@@ -11,6 +11,7 @@ import libvirt
 import pytest
 
 from pvc_cluster_common import _schema as S
+from pvc_cluster_common._cluster import read_node_state
 from pvc_cluster_common._domain_xml import parse_domain_xml
 from pvc_node_daemon.config import parse_config
 from pvc_node_daemon.context import DaemonContext
@@ -295,3 +296,60 @@ def test_a_growth_reservation_larger_than_the_xml_now_is_folded(store, host, mak
     table.update(uuid, memory_mib=2048)  # the watch delivered the 2 GiB XML
     assert keepalive.tick(wait_for_read_s=30)
     assert store.find_text(reservation) is None and memprov() == 2048
+
+
+def test_the_keepalive_answers_a_dead_verdict_but_never_a_claimed_version(store, host, make_keepalive):
+    """A peer's verdict about n1 is the peer's own record, naming the version of n1's daemon_state
+    it judged (docs/high-availability.md). n1's keepalive answers a `dead` by writing `run` at that
+    version, with the claim of it; a version a peer claimed to fence n1 it never answers, even from
+    a state read before the claim (the race of a keepalive with a peer's `fencing`); a
+    `fence-failed` it answers (nobody fences n1 any more)."""
+    schema = store.schema
+    keepalive = make_keepalive(DomainTable())
+    registered = {schema.node_key("n1", key): value for key, value in S.NODE_DEFAULTS.items()}
+    store.commit({**registered, schema.node_claims("n1"): "", schema.node_fences("n2"): ""})
+
+    def verdict(result, version):
+        record = {"by": "n2", "method": "none", "result": result, "started": round(time.time(), 3), "version": version}
+        store.commit(
+            {
+                schema.node_fence_record("n2", "n1"): json.dumps(record),
+                schema.node_claims("n1"): json.dumps({"by": "n2", "result": result, "version": version}),
+            }
+        )
+
+    assert keepalive.tick(wait_for_read_s=30)
+    state = read_node_state(store, "n1")
+    assert (state.daemon_state, state.own_state) == ("run", "run")
+    first = state.version
+    # judged dead at this version: everyone reads n1 as dead, until its keepalive answers
+    verdict("dead", first)
+    assert read_node_state(store, "n1").daemon_state == "dead"
+    assert keepalive.tick()
+    state = read_node_state(store, "n1")
+    assert (state.daemon_state, state.version, state.verdict) == ("run", first + 1, {})
+    assert store.find_text(schema.node_claim("n1", first)) == "n1"  # the version it answered, claimed by itself
+    # judged dead again; the keepalive reads that, then a peer claims the version and fences
+    verdict("dead", first + 1)
+    seen = read_node_state(store, "n1")
+    assert seen.daemon_state == "dead" and not seen.claimed
+    store.commit({schema.node_claim("n1", first + 1): "n2"}, create=[schema.node_claim("n1", first + 1)])
+    verdict("fencing", first + 1)
+    assert keepalive.run_again(seen) is False  # the claim it would create exists: nothing written
+    assert keepalive.tick()  # the figures still go out; `run` does not
+    state = read_node_state(store, "n1")
+    assert (state.daemon_state, state.own_state, state.version) == ("fencing", "run", first + 1)
+    assert state.claimed and state.verdict["by"] == "n2"
+    # the fence failed: nobody fences n1 any more, and it lives
+    verdict("fence-failed", first + 1)
+    assert read_node_state(store, "n1").daemon_state == "fence-failed"
+    assert keepalive.tick()
+    state = read_node_state(store, "n1")
+    assert (state.daemon_state, state.version) == ("run", first + 2)
+    # fenced (by a verdict, or an operator's confirm_down): never answered by a keepalive
+    verdict("dead", first + 2)
+    store.commit({schema.node_claim("n1", first + 2): "n2"}, create=[schema.node_claim("n1", first + 2)])
+    verdict("fenced", first + 2)
+    assert keepalive.tick()
+    state = read_node_state(store, "n1")
+    assert (state.daemon_state, state.domain_state, state.version) == ("fenced", "flushed", first + 2)

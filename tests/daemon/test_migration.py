@@ -5,6 +5,7 @@ keys read ahead) is older than ZooKeeper."""
 from __future__ import annotations
 
 import json
+import time
 import queue
 from dataclasses import replace
 
@@ -50,6 +51,7 @@ def cluster(store):
                 # made by each node's daemon when it registers: another node may reserve in
                 # it (an abort gives the VM back to its source) but not create it
                 schema.node_reservations(node): "",
+                schema.node_claims(node): "",  # likewise: its peers claim and note verdicts in it
             }
         )
     uuid, xml = domain_xml("m1", memory="256")
@@ -117,7 +119,10 @@ def target_with_readiness_frozen(store, uuid, make_agent, change: str):
     target.readiness.start()
     request(store, uuid, "n2")
     stale = target.readiness.snapshot()
-    assert stale is not None and all(value[0] in ("run", "ready") for value in stale.values())
+    assert stale is not None
+    states = [stale[path] for path in target.readiness.paths[:2]]  # then the claims note ("")
+    assert all(value is not None and value[0] in ("run", "ready") for value in states)
+    assert stale[target.readiness.paths[2]] is not None and stale[target.readiness.paths[2]][0] == ""
     store.commit({store.schema.node_key("n2", S.NODE_DOMAIN_STATE): change})
     target.readiness.snapshot = lambda: stale
     return target
@@ -616,6 +621,76 @@ def test_a_claimed_start_of_a_fenced_target_is_given_back_to_the_source(cluster,
     final = last_history(store, uuid)
     assert final["result"] == "aborted" and "not running on either node" in final["reason"], final
     assert record_of(store, uuid) == (None, -1)
+    assert read_vm(store, uuid).node == "n1"
+
+
+def judge(store, node, result, by="n3"):
+    """Peer ``by``'s verdict ``result`` about the current version of ``node``'s own state, as its
+    daemon writes it (node_daemon/ha.py): its own record, the note in ``node``'s claims container,
+    and for a fence verdict the claim of that version. ``node``'s own keys are not written."""
+    schema = store.schema
+    version = store.get(schema.node_key(node, S.NODE_DAEMON_STATE)).version
+    record = {"by": by, "method": "none", "result": result, "started": round(time.time(), 3), "version": version}
+    values = {
+        schema.node_fence_record(by, node): json.dumps(record),
+        schema.node_claims(node): json.dumps({"by": by, "result": result, "version": version}),
+    }
+    claim = schema.node_claim(node, version)
+    create = [claim] if result != "dead" and not store.exists(claim) else []
+    if create:
+        values[claim] = by
+    store.commit(values, create=create)
+
+
+@pytest.mark.parametrize("state", ["dead", "fencing", "fenced", "fence-failed"])
+def test_transfer_aborts_when_a_peer_judges_the_target_after_it_prepared(cluster, make_agent, monkeypatch, state):
+    """As above, with the verdict where a peer writes it: under its own keys, naming the version of
+    the target's state it judged (the target's own state stays `run`); the transferring write
+    checks the target's claims container, whose version every verdict changes (rule D6)."""
+    store, uuid, xml = cluster
+    source = make_agent("n1")
+    source.hypervisor.create(xml)
+    calls = []
+    monkeypatch.setattr(source.hypervisor, "migrate", lambda *args, **kwargs: calls.append(args))
+    request(store, uuid, "n2")
+    source.handle(uuid, record_of(store, uuid), local_state="running")  # reads ahead: n2 is run
+    if state != "dead":
+        judge(store, "n2", "dead")
+    judge(store, "n2", state)
+    assert store.find_text(store.schema.node_key("n2", S.NODE_DAEMON_STATE)) == "run"
+    rewrite_record(store, uuid, step="prepared")
+    source.handle(uuid, record_of(store, uuid), local_state="running")
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and final["reason"] == f"target n2 is {state} since it prepared", final
+    assert not calls and source.hypervisor.status(uuid).state == "running"
+
+
+def test_a_target_a_peer_judged_dead_does_not_prepare(cluster, make_agent):
+    store, uuid, _ = cluster
+    target = make_agent("n2")
+    target.readiness.start()
+    request(store, uuid, "n2")
+    judge(store, "n2", "dead")
+    target.handle(uuid, record_of(store, uuid), local_state=None)
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "target n2 is not ready (daemon dead" in final["reason"], final
+
+
+def test_a_claimed_start_of_a_target_fenced_by_a_peers_verdict_is_given_back_to_the_source(cluster, make_agent):
+    store, uuid, _ = cluster
+    source = make_agent("n1", **TEST_PEERS)
+    shut_down_and_transferred(store, uuid, starting_on="n2")
+    store.delete([store.schema.node_key("n2", S.NODE_ALIVE)])
+    for result in ("dead", "fencing"):
+        judge(store, "n2", result)
+    expire_now(source, uuid)
+    source.handle(uuid, record_of(store, uuid), local_state=None)
+    assert record_of(store, uuid)[0] is not None  # fencing: its claim may still lead to a start
+    judge(store, "n2", "fenced")
+    expire_now(source, uuid)
+    source.handle(uuid, record_of(store, uuid), local_state=None)
+    final = last_history(store, uuid)
+    assert final["result"] == "aborted" and "not running on either node" in final["reason"], final
     assert read_vm(store, uuid).node == "n1"
 
 

@@ -56,7 +56,14 @@ import pytest
 import yaml
 
 from pvc_cluster_common import _schema as S
-from pvc_cluster_common._cluster import read_history, read_vm, vm_definition, wait_for_key
+from pvc_cluster_common._cluster import (
+    read_history,
+    read_node_state,
+    read_vm,
+    vm_definition,
+    wait_for_key,
+    wait_for_node_state,
+)
 from pvc_cluster_common._requests import request_vm
 from pvc_cluster_common._records import MigrationRecord
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
@@ -332,20 +339,24 @@ class LabCluster:
         return self.store.find_text(path)
 
     def wait_daemon_state(self, node: str, state: str = "run", timeout_s: float = 60) -> None:
-        self.wait(
-            self.schema.node_key(node, S.NODE_DAEMON_STATE),
-            lambda v: v == state,
-            timeout_s,
-            f"{node} daemon state {state}",
-        )
+        """Wait for ``node``'s daemon state as everyone reads it (its own, or a peer's verdict)."""
+        self._wait_state(node, lambda found: found.daemon_state == state, timeout_s, f"daemon state {state}")
 
     def wait_domain_state(self, node: str, state: str, timeout_s: float = 120) -> None:
-        self.wait(
-            self.schema.node_key(node, S.NODE_DOMAIN_STATE),
-            lambda v: v == state,
-            timeout_s,
-            f"{node} domain state {state}",
-        )
+        self._wait_state(node, lambda found: found.domain_state == state, timeout_s, f"domain state {state}")
+
+    def node_state(self, node: str):
+        """``node``'s state as everyone reads it (_cluster.read_node_state)."""
+        return read_node_state(self.store, node)
+
+    def _wait_state(self, node: str, predicate, timeout_s: float, what: str) -> None:
+        if (
+            wait_for_node_state(self.store, node, lambda found: found is not None and predicate(found), timeout_s)
+            is None
+        ):
+            raise AssertionError(
+                f"timed out after {timeout_s} s waiting for {node} {what} (now {self.node_state(node)!r})\n{self.logs()}"
+            )
 
     def wait_step(self, uuid: str, step: str, timeout_s: float = 90) -> dict:
         def at(value):

@@ -88,3 +88,27 @@ class FakeStore:
         from ansible_collections.pvc.cluster.plugins.module_utils._store import Versioned
 
         return {path: Versioned(self.values[path], 0) if path in self.values else None for path in paths}
+
+    def list_children(self, path, missing_ok=False):
+        """The names below ``path`` that some stored path has."""
+        from ansible_collections.pvc.cluster.plugins.module_utils._store import MissingError
+
+        prefix = path.rstrip("/") + "/"
+        names = {stored[len(prefix) :].split("/", 1)[0] for stored in self.values if stored.startswith(prefix)}
+        if not names and path not in self.values and not missing_ok:
+            raise MissingError(f"list {path}: no such key")
+        return sorted(names)
+
+    def get_round(self, paths, lists=()):
+        listed = {}
+        for path in lists:
+            prefix = path.rstrip("/") + "/"
+            found = any(stored.startswith(prefix) for stored in self.values) or path in self.values
+            listed[path] = self.list_children(path) if found else None
+        return self.get_many(paths), listed
+
+    def read_json(self, path):
+        import json
+
+        text = self.values.get(path)
+        return json.loads(text) if text else None
