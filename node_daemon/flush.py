@@ -59,7 +59,7 @@ from pvc_cluster_common._selector import (
     resolve_selector,
     survives_node_failure,
 )
-from pvc_cluster_common._store import Attempts, ConflictError, StoreError, UnreachableError, Versioned
+from pvc_cluster_common._store import Attempts, ConflictError, StoreError, UnreachableError, Versioned, text_of
 
 from .context import DaemonContext, Service
 from .log import get_logger
@@ -526,7 +526,7 @@ class NodeStateWorker(Service):
             uuid
             for uuid, record in snapshot.items()
             if record.node == self.node
-            or (lastnodes[self.schema.domain_key(uuid, S.DOMAIN_LASTNODE)] or ("",))[0] == self.node
+            or text_of(lastnodes[self.schema.domain_key(uuid, S.DOMAIN_LASTNODE)]) == self.node
         ]
         for vm in self.read_vms(candidates):
             if vm.lastnode == self.node and vm.node != self.node:

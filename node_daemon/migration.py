@@ -32,7 +32,7 @@ from pvc_cluster_common._records import (
     MigrationRecord,
 )
 from pvc_cluster_common._requests import RequestError, finish_values, placement_plan, submit_request
-from pvc_cluster_common._store import ConflictError, StoreError
+from pvc_cluster_common._store import ConflictError, StoreError, text_of
 
 from .context import DaemonContext, Service
 from .faults import crash_point, crash_while_migrating, pause_point
@@ -202,11 +202,11 @@ class MigrationAgent(Service):
         if not found:
             return None, -1
         try:
-            record = R.migration_record(found[0], path, uuid)
+            record = R.migration_record(found.value, path, uuid)
         except Invalid as exc:
-            self.invalid.report(exc, "migration", found[1], RECORD_LEFT_ALONE)
+            self.invalid.report(exc, "migration", found.version, RECORD_LEFT_ALONE)
             return None, -1
-        return record, found[1]
+        return record, found.version
 
     def records_for_node(self) -> list[str]:
         """VMs whose in-flight migration names this node (read at start-up and every resync, in
@@ -254,9 +254,9 @@ class MigrationAgent(Service):
         path = self.schema.node_key(peer, S.NODE_RUNNINGDOMAINS)
         found = self.store.find(path)
         try:
-            running = R.running_domains(found[0], path) if found else ()
+            running = R.running_domains(found.value, path) if found else ()
         except Invalid as exc:
-            self.invalid.report(exc, "runningdomains", found[1], f"where the VMs of {peer} run is not known")
+            self.invalid.report(exc, "runningdomains", found.version, f"where the VMs of {peer} run is not known")
             return UNKNOWN
         return "running" if uuid in running else None
 
@@ -277,9 +277,9 @@ class MigrationAgent(Service):
         if not found:
             return S.LIBVIRT_OK
         try:
-            return R.libvirt_health(found[0], path)
+            return R.libvirt_health(found.value, path)
         except Invalid as exc:
-            self.invalid.report(exc, "node_key", found[1], f"node {peer} is not taken for a healthy target")
+            self.invalid.report(exc, "node_key", found.version, f"node {peer} is not taken for a healthy target")
             return "invalid"
 
     def peer_fenced(self, peer: str) -> bool:
@@ -490,11 +490,11 @@ class MigrationAgent(Service):
         published no address (an older daemon) is reached by its node name. None when the
         address is not valid (reported once per version)."""
         address = peer
-        if found is not None and found[0]:
+        if found is not None and found.value:
             try:
-                address = R.node_address(found[0], path)
+                address = R.node_address(found.value, path)
             except Invalid as exc:
-                self.invalid.report(exc, "address", found[1], f"node {peer} cannot be reached")
+                self.invalid.report(exc, "address", found.version, f"node {peer} cannot be reached")
                 return None
             self.invalid.valid(path)
         return self.config.peer_libvirt_uri(peer, address), self.config.peer_transport_uri(peer, address)
@@ -550,7 +550,7 @@ class MigrationAgent(Service):
         uuid, record, inputs = m.uuid, m.record, m.inputs or {}
         target = record.target
         node_path = self.schema.domain_key(uuid, S.DOMAIN_NODE)
-        node_now = inputs[node_path][0] if inputs[node_path] else None
+        node_now = text_of(inputs[node_path])
         if node_now != target:
             if not fresh:
                 raise StaleCheck(node_path)
@@ -576,7 +576,7 @@ class MigrationAgent(Service):
             self.abort(m, f"target {target} is {target_state} since it prepared")
             return
         xml_path = self.schema.domain_key(uuid, S.DOMAIN_XML)
-        refused = self.refusal_of(uuid, (inputs[xml_path] or ("",))[0])
+        refused = self.refusal_of(uuid, text_of(inputs[xml_path]) or "")
         if refused:
             if not fresh:
                 raise StaleCheck(xml_path)  # confirmed from a fresh read before anything is refused
@@ -587,9 +587,9 @@ class MigrationAgent(Service):
             if warning:  # e.g. a maximum downtime beyond QEMU's limit: never handed to libvirt
                 path = self.schema.domain_meta(uuid, key)
                 self.invalid.report(
-                    Invalid(path, warning, inputs[path][0]), "meta", inputs[path][1], "the default applies"
+                    Invalid(path, warning, inputs[path].value), "meta", inputs[path].version, "the default applies"
                 )
-        checks = {path: found[1] for path, found in inputs.items() if found is not None}
+        checks = {path: found.version for path, found in inputs.items() if found is not None}
         method = "live" if record.force_live else meta.migration_method
         if self._local(m) not in ACTIVE:
             # Nothing runs here (it crashed, or was never started): the target simply starts it.

@@ -26,7 +26,7 @@ from pvc_cluster_common._cluster import move_runstate
 from pvc_cluster_common._decode import Invalid
 from pvc_cluster_common._domain_policy import DomainPolicy, PolicyError, check_domain
 from pvc_cluster_common._domain_xml import DomainXMLError
-from pvc_cluster_common._store import StoreError, UnreachableError, Versioned
+from pvc_cluster_common._store import StoreError, UnreachableError, Versioned, text_of
 
 from .context import DaemonContext, Outage, Service
 from .hypervisor import HypervisorError, HypervisorUnavailable
@@ -384,16 +384,16 @@ class Reconciler(Service):
         state, node, found, run = (values[path] for path in paths)
         if state is None or node is None:
             return None, None
-        desired, state_error = self._decoded(paths[0], "state", R.vm_state, state[0], state[1], "", LEFT_ALONE)
+        desired, state_error = self._decoded(paths[0], "state", R.vm_state, state.value, state.version, "", LEFT_ALONE)
         runstate, _ = self._decoded(
-            paths[3], "state", R.runstate, run[0] if run else None, run[1] if run else -1, None, RUNSTATE_IGNORED
+            paths[3], "state", R.runstate, text_of(run), run.version if run else -1, None, RUNSTATE_IGNORED
         )
-        state = R.effective_state(desired, state[1], runstate)
-        node, node_error = self._decoded(paths[1], "node", R.vm_node, node[0], node[1], "", LEFT_ALONE)
+        state = R.effective_state(desired, state.version, runstate)
+        node, node_error = self._decoded(paths[1], "node", R.vm_node, node.value, node.version, "", LEFT_ALONE)
         record, record_error = (None, "")
         if found is not None:
             record, record_error = self._decoded(
-                paths[2], "migration", R.migration_record, found[0], found[1], None, RECORD_LEFT_ALONE, uuid
+                paths[2], "migration", R.migration_record, found.value, found.version, None, RECORD_LEFT_ALONE, uuid
             )
         desired = Desired(
             state=state,
@@ -402,7 +402,7 @@ class Reconciler(Service):
             migration_target=record.target if record else None,
             invalid=record_error or state_error or node_error,
         )
-        return desired, ((record, found[1]) if record else None)
+        return desired, ((record, found.version) if record else None)
 
     def desired_from_table(self, uuid: str):
         """(Desired, (record, version)) from the watch-fed table; (None, None) when the VM's

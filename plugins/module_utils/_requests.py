@@ -282,7 +282,7 @@ def submit_request(
         if found is None:
             create.append(parent)
         else:
-            expect[parent] = found[1]
+            expect[parent] = found.version
         # A reservation of the VM may be left on the target (a migration that ended there
         # earlier, not yet counted in memprov by the target's keepalive): it is replaced.
         if also[mine] is None:

@@ -444,7 +444,7 @@ def run(module, session) -> dict:
         )
     path = schema.node_key(name, S.NODE_DOMAIN_STATE)
     versioned = store.find(path)
-    current = versioned[0] if versioned else S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE]
+    current = versioned.value if versioned else S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE]
     daemon_state = snapshot.nodes[name].get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE]
     if state == "fenced":
         return confirm_fenced(
@@ -501,7 +501,7 @@ def run(module, session) -> dict:
     if module.check_mode:
         return result
     if differences.changed:
-        expect = {path: versioned[1]} if versioned else {}
+        expect = {path: versioned.version} if versioned else {}
         session.commit(
             {path: request},
             expect_versions=expect,

@@ -268,6 +268,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._selector import (
     rejection_reasons,
     select_target,
 )
+from ansible_collections.pvc.cluster.plugins.module_utils._store import text_of
 
 # module state -> the ZooKeeper VM state it writes
 STATE_MAP = {
@@ -604,7 +605,7 @@ def cpu_totals(store, names) -> dict[str, int]:
     names = list(names)
     found = store.get_many([store.schema.node_key(name, S.NODE_CPUTOTAL) for name in names])
     return {
-        name: or_default(integer, (found[path] or (None,))[0], path, 0, [])
+        name: or_default(integer, text_of(found[path]), path, 0, [])
         for name, path in ((name, store.schema.node_key(name, S.NODE_CPUTOTAL)) for name in names)
     }
 

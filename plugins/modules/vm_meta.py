@@ -105,6 +105,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     exit_from_session,
     meta_updates,
 )
+from ansible_collections.pvc.cluster.plugins.module_utils._store import text_of
 
 ARGUMENT_SPEC = dict(
     name=dict(type="str", required=True),
@@ -124,9 +125,9 @@ def run(module, session) -> dict:
     stored, versions = {}, {}
     for key in S.META_KEYS:
         value = store.find(schema.domain_meta(uuid, key))
-        stored[key] = value[0] if value else None
+        stored[key] = text_of(value)
         if value:
-            versions[schema.domain_meta(uuid, key)] = value[1]
+            versions[schema.domain_meta(uuid, key)] = value.version
     plan = MetaPlan(VMMeta.from_store(stored), updates)
     differences, writes, before, after = plan.differences, plan.writes, plan.before, plan.after
     if S.META_NODE_LIMIT in writes:
