@@ -57,7 +57,7 @@ EXAMPLES = r"""
   pvc.cluster.cluster_schema:
     zk_hosts: zk1.example.net:2281,zk2.example.net:2281,zk3.example.net:2281
     zk_tls: true
-    zk_tls_ca: /srv/pvc/zookeeper-ca/ca.pem
+    zk_tls_ca: /srv/pvc/ca/ca.pem
     zk_username: operator
     zk_password: "{{ vault_operator_password }}"
     nodes_username: nodes

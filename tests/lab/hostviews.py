@@ -46,7 +46,7 @@ PID by ``stop_services()`` / ``down()``.
 ZooKeeper: the rolled-out cluster has an ensemble of its own, the zookeeper role's, as production
 does: after the role the hook (``services --stage zookeeper``) starts each member from the
 unit the role rendered and waits until it serves. It runs with the role's defaults: TLS only on
-10.77.0.K:2281 with certificates of the cluster CA the role creates (in ``VIEWS/zookeeper-ca``),
+10.77.0.K:2281 with certificates of the cluster's one CA (cluster_ca role, in ``VIEWS/cluster-ca``),
 the quorum over TLS on 2890/3890, digest authentication enforced. The daemons and the modules
 connect to it secured (the identities of tests/support/identities.py). The lab's own ensemble
 (2181) keeps serving the lab's other tests.
@@ -98,8 +98,9 @@ ZOOKEEPER_UNIT = "/etc/systemd/system/zookeeper.service"
 ROLLOUT_ZK_PORT = 2281
 ROLLOUT_ZK_QUORUM_PORT = 2890
 ROLLOUT_ZK_ELECTION_PORT = 3890
-# the CA certificate the role installs on every member (zookeeper_tls_dir's default): the daemons' trust
-ROLLOUT_ZK_CA_ON_NODE = "/etc/zookeeper/pvc/tls/ca.pem"
+# the CA certificate the node_daemon role installs on every hypervisor, a ZooKeeper member or not
+# (node_daemon_zookeeper_tls_ca's default): the daemons' trust
+ROLLOUT_ZK_CA_ON_NODE = "/etc/pvc/zookeeper-ca.pem"
 DEFAULT_ZK_ROOT = "/pvc"
 DEFAULT_VM_BRIDGES = [{"name": "vmbr0"}, {"name": "vmbr1"}]
 # Lab tuning of the node daemon: quick keepalives and short timeouts (a 2-core CI machine still
@@ -293,9 +294,9 @@ class HostViews:
 
     @property
     def cluster_ca_dir(self) -> Path:
-        """The cluster CA on the controller (pvc_cluster_ca_dir): the zookeeper role's, from which
-        the libvirt role gets each node's certificate too (cluster_ca role)."""
-        return self.zookeeper_ca_dir
+        """The cluster's one CA on the controller (pvc_cluster_ca_dir, the cluster_ca role's): the
+        zookeeper role's members and the libvirt role's nodes get their certificates from it."""
+        return self.base / "cluster-ca"
 
     @property
     def collections_dir(self) -> Path:
@@ -361,9 +362,9 @@ class HostViews:
 
     @property
     def zookeeper_ca_dir(self) -> Path:
-        """The zookeeper role's cluster CA on the controller (zookeeper_tls_ca_dir): ca.pem is the CA
-        certificate that clients of the role's ensembles trust."""
-        return self.base / "zookeeper-ca"
+        """The CA of the zookeeper role's certificates: the cluster's one CA (cluster_ca_dir); ca.pem
+        is the CA certificate that clients of the role's ensembles trust."""
+        return self.cluster_ca_dir
 
     @property
     def play_vars_file(self) -> Path:
@@ -445,9 +446,8 @@ class HostViews:
             "zookeeper_heap_mb": 128,
             "zookeeper_quorum_port": ROLLOUT_ZK_QUORUM_PORT,
             "zookeeper_election_port": ROLLOUT_ZK_ELECTION_PORT,
-            # the cluster CA (its key, the members' keys and key stores) stays in the lab's views, on
-            # the controller: one CA for ZooKeeper and libvirt (pvc_cluster_ca_dir is the same)
-            "zookeeper_tls_ca_dir": str(self.zookeeper_ca_dir),
+            # the cluster CA (pvc_cluster_ca_dir: its key, the members' keys and key stores) stays in
+            # the lab's views, on the controller: one CA for ZooKeeper and libvirt
             # libvirt: the lab's libvirtd, reconfigured by the role (restarted by the lab hook), with
             # the role's defaults between hosts: TLS, certificates from the cluster CA
             # (pvc_cluster_ca_dir), TLS migrations.
@@ -486,8 +486,7 @@ class HostViews:
             "node_daemon_zookeeper_username": identities.NODES_USER,
             "node_daemon_zookeeper_password": identities.NODES_PASSWORD,
             "node_daemon_zookeeper_operator_digest": identities.operator_digest(),
-            "node_daemon_zookeeper_tls": True,
-            "node_daemon_zookeeper_tls_ca": ROLLOUT_ZK_CA_ON_NODE,
+            # TLS to ZooKeeper, the CA copied from the cluster CA: the node_daemon role's defaults
             **LAB_DAEMON_VARS,
             **self.node_vars,
         }

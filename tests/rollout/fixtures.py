@@ -32,6 +32,7 @@ ROLE_FILES = (  # what the roles write, by default path, on every node
     "/etc/network/interfaces.d/pvc-vm-bridges",
     "/usr/local/sbin/pvc-vm-ipv6-off",
     "/etc/pvc/node-daemon.yaml",
+    "/etc/pvc/zookeeper-ca.pem",
     "/etc/systemd/system/pvc-node-daemon.service",
 )
 

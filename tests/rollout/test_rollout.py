@@ -289,8 +289,9 @@ def _listening_ports(netns: str, pid: int) -> set[int]:
 
 def test_the_rolled_out_cluster_is_secured(rolled_out):
     """The rollout's defaults, end to end: the ensemble is the zookeeper role's members, serving TLS
-    only (no plaintext client port) with certificates of the role's cluster CA that name each
-    member's own host; every daemon connects over TLS, checked against that CA, as the nodes and
+    only (no plaintext client port) with certificates of the cluster's one CA (cluster_ca, which
+    issues libvirt's too) that name each member's own host; every daemon connects over TLS, checked
+    against that CA (a copy the node_daemon role installs on every hypervisor), as the nodes and
     itself (digest), never insecure; and a client without credentials, or with a wrong password,
     gets nothing of the cluster: no read, no write."""
     views, lab, store = rolled_out.views, rolled_out.lab, rolled_out.store
@@ -307,10 +308,22 @@ def test_the_rolled_out_cluster_is_secured(rolled_out):
             ROLLOUT_ZK_ELECTION_PORT,
         }, ports
         assert "clientPort=" not in view.read_text("/etc/zookeeper/pvc/zoo.cfg")
+        # the daemon trusts the CA the node_daemon role installed, not a ZooKeeper member's trust store:
+        # a hypervisor that is no member of the ensemble has it too
         assert (
             yaml.safe_load(view.read_text("/etc/pvc/node-daemon.yaml"))["zookeeper"]["tls"]["ca"]
             == ROLLOUT_ZK_CA_ON_NODE
         )
+        assert not ROLLOUT_ZK_CA_ON_NODE.startswith("/etc/zookeeper/")
+        # one CA: the daemons', the members' trust store and libvirt's are the cluster CA's certificate
+        assert view.read_text(ROLLOUT_ZK_CA_ON_NODE) == Path(ca).read_text()
+        assert view.read_text("/etc/zookeeper/pvc/tls/ca.pem") == Path(ca).read_text()
+        for issued in (f"{h.name}-zookeeper", f"{h.name}-libvirt"):
+            cert = views.cluster_ca_dir / "issued" / f"{issued}.pem"
+            verified = subprocess.run(
+                ["openssl", "verify", "-CAfile", ca, str(cert)], capture_output=True, text=True, check=False
+            )
+            assert verified.returncode == 0, (issued, verified.stdout, verified.stderr)
         zk = _daemon_config(view).zookeeper
         assert zk.tls and zk.tls_verify and not zk.insecure
         assert (zk.auth_username, zk.node_password, zk.operator_digest) == (
