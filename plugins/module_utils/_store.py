@@ -1348,9 +1348,67 @@ class ClusterStore:
                 f"(the ACL of {self.schema.root or '/'} is {describe_acl(root_acls)}): check zk_username "
                 "and zk_password"
             )
-        nodes = tuple(sorted(acl.id.id for acl in digests if acl.id.id != own))
+        # the operator's other digest ids (its former password, while it is rotated) are no node's
+        user = self.options.auth_username or ""
+        nodes = tuple(sorted(acl.id.id for acl in digests if acl.id.id.split(":", 1)[0] != user))
         self.acl_ids = AclIds(operator=own, nodes=nodes)
         self.client.default_acl = self.acl_for(self.schema.node_lock("contender") + "/contender")
+
+    # ---- rotating a password (docs/security.md) ------------------------------------------------
+
+    def add_auth(self, username: str, password: str) -> None:
+        """Authenticate this session as one more digest identity, beside the one it connected as:
+        an operator rotating its password holds the former identity and the new one at once."""
+        self._call(
+            f"authenticate as {username}", lambda: self.client.add_auth_async("digest", f"{username}:{password}")
+        )
+
+    def replace_acl_id(self, old: str, new: str, keep_old: bool = False) -> list[str]:
+        """On every znode of the cluster (its root and everything below it), give digest id ``new``
+        the permissions digest id ``old`` has there and, unless ``keep_old``, take them from ``old``.
+        Returns the paths changed. A new password is a new digest id (ZooKeeper keeps the SHA-1 of
+        each identity in every ACL), so this is how a password is rotated: ``keep_old`` first (both
+        work while the clients move to the new one), then without it. The session needs the ADMIN
+        permission on every znode that names ``old``: the operator's (both identities, add_auth).
+        A znode removed meanwhile is passed over."""
+        for digest in (old, new):
+            if not _DIGEST_ID.fullmatch(digest):
+                raise StoreError(f"{digest!r} is not a digest id, username:base64(sha1(username:password))")
+
+        def perms_of(acls, digest: str) -> int:
+            perms = 0
+            for acl in acls:
+                if acl.id.scheme == "digest" and acl.id.id == digest:
+                    perms |= acl.perms
+            return perms
+
+        changed = []
+        level = [self.schema.root or "/"]
+        while level:
+            found = []
+            for path in level:
+                try:
+                    acls, stat = self._call(f"read the ACL of {path}", lambda p=path: self.client.get_acls_async(p))
+                    names = self._call(f"list {path}", lambda p=path: self.client.get_children_async(p))
+                except MissingError:
+                    continue
+                found.append((path, names))
+                perms = perms_of(acls, old)
+                if not perms:
+                    continue
+                drop = (new,) if keep_old else (old, new)
+                wanted = [acl for acl in acls if not (acl.id.scheme == "digest" and acl.id.id in drop)]
+                wanted.append(ACL(perms | perms_of(acls, new), Id("digest", new)))
+                try:
+                    self._call(
+                        f"set the ACL of {path}",
+                        lambda p=path, a=wanted, v=stat.aversion: self.client.set_acls_async(p, a, v),
+                    )
+                except MissingError:
+                    continue
+                changed.append(path)
+            level = [f"{path.rstrip('/')}/{child}" for path, names in found for child in names]
+        return changed
 
     # ---- locks ------------------------------------------------------------------------------
 

@@ -38,6 +38,9 @@ class TLSMaterial:
     client_key: Path  # PEM: its unencrypted key
     password: str  # protects the server key inside the key store
     other_ca_cert: Path  # PEM: an unrelated CA, for "wrong trust" tests
+    ca_key: Path  # PEM: the CA's key, to issue the server a new certificate (reissue_server_keystore)
+    server_names: tuple[str, ...] = DEFAULT_NAMES
+    server_ips: tuple[str, ...] = DEFAULT_IPS
 
     def zookeeper_files(self) -> TLSFiles:
         return TLSFiles(
@@ -175,6 +178,14 @@ def make_tls_material(
         client_key=directory / "client-key.pem",
         password=password,
         other_ca_cert=directory / "other-ca.pem",
+        ca_key=directory / "ca-key.pem",
+        server_names=names if server_names is None else server_names,
+        server_ips=ips if server_ips is None else server_ips,
+    )
+    material.ca_key.write_bytes(
+        ca_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     material.ca_cert.write_bytes(_pem(ca_cert))
     material.server_truststore.write_bytes(_pem(ca_cert))
@@ -198,6 +209,28 @@ def make_tls_material(
             serialization.NoEncryption(),
         )
     )
-    for path in (material.server_keystore, material.client_key):
+    for path in (material.server_keystore, material.client_key, material.ca_key):
         path.chmod(0o600)
     return material
+
+
+def server_certificate(material: TLSMaterial) -> x509.Certificate:
+    """The certificate in the server's key store."""
+    _key, cert, _more = pkcs12.load_key_and_certificates(
+        material.server_keystore.read_bytes(), material.password.encode()
+    )
+    return cert
+
+
+def reissue_server_keystore(material: TLSMaterial) -> x509.Certificate:
+    """Give the server a new key and certificate from the same CA (same names), in its key store's
+    file: a certificate renewed as an operator renews one. Returns the new certificate."""
+    ca_key = serialization.load_pem_private_key(material.ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(material.ca_cert.read_bytes())
+    key, cert = _leaf("zookeeper", ca_key, ca_cert, material.server_names, material.server_ips)
+    material.server_keystore.write_bytes(
+        pkcs12.serialize_key_and_certificates(
+            b"zookeeper", key, cert, None, serialization.BestAvailableEncryption(material.password.encode())
+        )
+    )
+    return cert

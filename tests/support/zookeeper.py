@@ -222,10 +222,20 @@ class ZooKeeperServer:
                     f"ZooKeeper on {self.hosts} exited with {self.process.returncode}; "
                     f"see {self.workdir / 'zookeeper.log'}"
                 )
-            if self.ruok():
+            if self.ruok() and self._secure_port_open():
                 return
             time.sleep(0.1)
         raise TimeoutError(f"ZooKeeper on {self.hosts} not serving after {timeout_s} s")
+
+    def _secure_port_open(self) -> bool:
+        """Whether the TLS client port (if any) accepts connections: it opens after the plain one."""
+        if not (self.secure_client_port and self.tls):
+            return True
+        try:
+            connect(self.client_address, self.secure_client_port, 1.0, self.netns).close()
+        except OSError:
+            return False
+        return True
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> None:
         """End the server we started, by PID (never by name)."""

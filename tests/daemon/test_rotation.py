@@ -1,0 +1,206 @@
+"""Rotating the operator's password and ZooKeeper's certificate with the daemons running, as
+docs/security.md ("Rotating credentials and certificates") says to: the cluster keeps working
+through each step, and afterwards the old password is refused and the server shows its new
+certificate. A private ZooKeeper secured as the zookeeper role's (enforce.auth, TLS client port)."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import uuid as uuidlib
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from pvc_cluster_common._cluster import read_node_views, read_vm
+from pvc_cluster_common._requests import plan_request, submit_request
+from pvc_cluster_common._store import ClusterStore, ConnectionOptions, StoreError, digest_id
+from tests.support.identities import OPERATOR_PASSWORD, OPERATOR_USER
+from tests.support.tls import make_tls_material, reissue_server_keystore
+from tests.support.zookeeper import ZooKeeperServer, connect, free_port
+
+from .harness import TestCluster, domain_xml
+
+pytestmark = pytest.mark.zk
+
+NEW_OPERATOR_PASSWORD = "operator-rotated-password"
+NODES = ("node1", "node2")
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    return make_tls_material(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tls):
+    zookeeper = ZooKeeperServer(
+        workdir=tmp_path_factory.mktemp("zookeeper"),
+        client_port=free_port(),
+        secure_client_port=free_port(),
+        tls=tls.zookeeper_files(),
+        tls_client_auth="none",
+        enforce_auth=True,
+    )
+    zookeeper.start()
+    try:
+        yield zookeeper
+    finally:
+        zookeeper.stop()
+
+
+def _hosts(server: ZooKeeperServer) -> str:
+    return f"{server.client_address}:{server.secure_client_port}"
+
+
+@pytest.fixture
+def cluster(server, tls, tmp_path):
+    """Two ready nodes whose daemons connect over TLS as the nodes and themselves."""
+    c = TestCluster(_hosts(server), f"/rotation-{uuidlib.uuid4().hex[:8]}", tmp_path, zk_tls={"ca": str(tls.ca_cert)})
+    try:
+        for node in NODES:
+            c.add(node)
+        for node in NODES:
+            c.wait_node_state(node, "run")
+            c.set_domain_state(node, "unflush")
+        for node in NODES:
+            c.wait_domain_state(node, "ready")
+        yield c
+    finally:
+        c.close()
+
+
+def _operator(cluster: TestCluster, tls, password: str) -> ClusterStore:
+    """The operator's store as a module makes it (verify_cluster learns the cluster's identities)."""
+    store = ClusterStore(
+        ConnectionOptions(
+            hosts=cluster.zk_hosts,
+            root=cluster.root,
+            timeout_s=10,
+            auth_username=OPERATOR_USER,
+            auth_password=password,
+            tls=True,
+            tls_ca=str(tls.ca_cert),
+        )
+    ).start()
+    try:
+        store.verify_cluster()
+    except BaseException:
+        store.stop()
+        raise
+    return store
+
+
+def _running_vm(cluster: TestCluster, node: str) -> str:
+    name = f"rot-{uuidlib.uuid4().hex[:6]}"
+    uuid, xml = domain_xml(name, memory="256")
+    cluster.define_vm(xml, uuid, name, node)
+    cluster.wait_running_on(node, uuid)
+    return uuid
+
+
+def _migrate(cluster: TestCluster, store: ClusterStore, uuid: str, target: str) -> None:
+    vm = read_vm(store, uuid)
+    plan = plan_request(vm, "migrate", read_node_views(store), target=target)
+    submit_request(store, plan, vm, requester="rotation test")
+    cluster.wait_no_migration(uuid, timeout_s=120)
+    cluster.wait_running_on(target, uuid, timeout_s=120)
+
+
+def _restart(cluster: TestCluster, node: str, **auth) -> None:
+    """Restart a node's daemon with changes to its zookeeper.auth section (what the node_daemon
+    role does when its configuration changes), and wait until it runs again."""
+    daemon = cluster.daemons[node]
+    daemon.stop()
+    cluster.wait_node_state(node, "stop", timeout_s=120)
+    daemon.config["zookeeper"]["auth"].update(auth)
+    daemon.start()
+    cluster.wait_node_state(node, "run", timeout_s=120)
+
+
+def test_the_operator_password_is_rotated_with_the_daemons_running(cluster, tls):
+    old, new = digest_id(OPERATOR_USER, OPERATOR_PASSWORD), digest_id(OPERATOR_USER, NEW_OPERATOR_PASSWORD)
+    vm = _running_vm(cluster, "node1")
+
+    # 1. the new identity beside the old one on every znode: both passwords work
+    added = cluster.store.replace_acl_id(old, new, keep_old=True)
+    assert cluster.root in added and len(added) > 10
+    rotated = _operator(cluster, tls, NEW_OPERATOR_PASSWORD)
+    try:
+        _operator(cluster, tls, OPERATOR_PASSWORD).stop()
+
+        # 2. every daemon restarted with the new operator digest, one at a time; the VM keeps
+        # running (its node's daemon finds it again)
+        for node in NODES:
+            _restart(cluster, node, operator_digest=new)
+        cluster.wait_running_on("node1", vm, timeout_s=120)
+
+        # 3. the old identity taken off every znode, by the operator holding both (the daemons
+        # may have created znodes naming the old one alone before their restart)
+        rotated.add_auth(OPERATOR_USER, OPERATOR_PASSWORD)
+        assert rotated.replace_acl_id(old, new)
+        cluster.store.stop()
+        cluster.store = rotated  # the harness's waits read as the operator: the new one now
+        assert rotated.replace_acl_id(old, new) == []  # no znode names the old identity any more
+
+        # the old password is refused: no read, no write
+        with pytest.raises(StoreError, match=f"ZooKeeper refuses user {OPERATOR_USER} access"):
+            _operator(cluster, tls, OPERATOR_PASSWORD)
+        stale = ClusterStore(
+            ConnectionOptions(
+                hosts=cluster.zk_hosts,
+                root=cluster.root,
+                timeout_s=10,
+                auth_username=OPERATOR_USER,
+                auth_password=OPERATOR_PASSWORD,
+                tls=True,
+                tls_ca=str(tls.ca_cert),
+            )
+        ).start()
+        try:
+            with pytest.raises(StoreError):
+                stale.get(cluster.schema.schema_version())
+            with pytest.raises(StoreError):
+                stale.commit({cluster.schema.schema_version(): "1"})
+        finally:
+            stale.stop()
+
+        # the cluster keeps working with the new password: the VM moves and comes back, and what
+        # the daemons created for it names the new identity only
+        _migrate(cluster, rotated, vm, "node2")
+        _migrate(cluster, rotated, vm, "node1")
+        assert rotated.replace_acl_id(old, new) == []
+    finally:
+        if cluster.store is not rotated:
+            rotated.stop()
+
+
+def _served_certificate(server: ZooKeeperServer, tls) -> bytes:
+    """The certificate the server's TLS client port presents (DER), checked against the CA."""
+    context = ssl.create_default_context(cafile=str(tls.ca_cert))
+    with context.wrap_socket(
+        connect(server.client_address, server.secure_client_port, 10.0), server_hostname=server.client_address
+    ) as sock:
+        der = sock.getpeercert(binary_form=True)
+    assert der
+    return der
+
+
+def test_zookeepers_certificate_is_reissued_with_the_daemons_running(cluster, server, tls):
+    vm = _running_vm(cluster, "node1")
+    before = _served_certificate(server, tls)
+
+    # a new key and certificate from the same CA, and the server restarted with them (a member
+    # of an ensemble at a time: the zookeeper role restarts it when its key store changes)
+    issued = reissue_server_keystore(tls)
+    server.restart(timeout_s=120)
+    after = _served_certificate(server, tls)
+    assert after != before
+    assert after == issued.public_bytes(serialization.Encoding.DER)
+    assert hashlib.sha256(after).hexdigest() != hashlib.sha256(before).hexdigest()
+
+    # the daemons reconnected, checking the new certificate against the CA: a migration needs both
+    _migrate(cluster, cluster.store, vm, "node2")
+    for node in NODES:
+        assert cluster.daemons[node].process.poll() is None, cluster.daemons[node].log()[-3000:]
+        assert "CERTIFICATE_VERIFY_FAILED" not in cluster.daemons[node].log()
