@@ -129,9 +129,14 @@ def read_running(store, node: str, problems: list | None = None) -> tuple[str, .
     return or_default(R.running_domains, store.find_text(path), path, (), [] if problems is None else problems)
 
 
+# the node keys read_nodes_raw reads: every key a node has, and the ones it has only at times
+NODE_READ_KEYS = (*S.NODE_DEFAULTS, S.NODE_FLUSH_HALTED)
+
+
 def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tuple[dict, dict[str, int], bool]]:
-    """For every existing node of ``names``: (every NODE_DEFAULTS key as stored, its in-flight
-    incoming-migration reservations as VM uuid -> MiB, whether it is alive), in two rounds of
+    """For every existing node of ``names``: (every NODE_READ_KEYS key as stored, None when
+    absent, its in-flight incoming-migration reservations as VM uuid -> MiB, whether it is
+    alive), in two rounds of
     parallel reads (the keys, liveness and reservation lists; then the reservations).
     Reservations that are not valid read as 0 MiB and are added to ``problems[node]``
     (optional)."""
@@ -139,7 +144,7 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
     schema = store.schema
     names = list(names)
     everyone = node_names(store) if names else []  # whoever may have fenced one of them
-    keys = {name: {key: schema.node_key(name, key) for key in S.NODE_DEFAULTS} for name in names}
+    keys = {name: {key: schema.node_key(name, key) for key in NODE_READ_KEYS} for name in names}
     fences = {name: fence_record_paths(schema, name, everyone) for name in names}
     paths = [
         path

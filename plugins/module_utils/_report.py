@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from . import _schema as S
 from ._cluster import node_names, read_history, read_nodes_raw, read_vms, vm_uuids
-from ._decode import MAX_MIB, boolean, integer, number, or_default
+from ._decode import MAX_MIB, Invalid, boolean, integer, number, or_default
 from ._meta import VMMeta
-from ._records import fence_record, maintenance, running_domains
+from ._records import fence_record, flush_halted, maintenance, running_domains
 from ._selector import FailureCheck, NodeView, migration_check, resolve_selector, survives_node_failure
 
 
@@ -167,6 +167,20 @@ def n1_refusal(check, what: str) -> str:
     )
 
 
+def flush_halted_report(raw: dict, name: str, problems: list) -> str | None:
+    """A node's ``flush_halted`` verdict, or None when there is none; a stored verdict that is not
+    valid still says the flush halted (and is listed in ``problems``)."""
+    value = raw.get(S.NODE_FLUSH_HALTED)
+    if not value:
+        return None
+    path = f"nodes/{name}/{S.NODE_FLUSH_HALTED}"
+    try:
+        return flush_halted(value, path)
+    except Invalid as exc:
+        problems.append(exc)
+        return f"(its verdict is not valid: {exc})"
+
+
 def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) -> dict:
     raw = snapshot.nodes[name]
     reservations = snapshot.reservations.get(name, {})
@@ -181,6 +195,7 @@ def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) 
         "name": name,
         "daemon_state": raw.get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE],
         "domain_state": raw.get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE],
+        "flush_halted": flush_halted_report(raw, name, problems),
         "libvirt": view.libvirt,
         "maintenance": or_default(
             maintenance, raw.get(S.NODE_MAINTENANCE), f"nodes/{name}/{S.NODE_MAINTENANCE}", False, problems

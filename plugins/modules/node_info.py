@@ -90,6 +90,16 @@ nodes:
       description: The node's domain state (C(ready), C(flush), C(flushed), C(unflush)).
       type: str
       sample: ready
+    flush_halted:
+      description:
+        - Why the node's daemon stopped its running flush (under C(require_n1), the rest of the plan would leave the
+          cluster unable to survive the loss of the node it names, short by the MiB it says); the node stays
+          C(flush). Null when no flush is halted (a flush or ready that starts deletes the verdict).
+        - A stored verdict that is not valid reads as a text saying so (and is listed in RV(nodes[].invalid)).
+        - M(pvc.cluster.node) with O(pvc.cluster.node#module:state=flushed) asks the flush again.
+      type: str
+      sample: "flush of hv2 halted before moving 3 more VM(s): once done, the cluster would not survive the failure
+        of hv1: ... short by 2048 MiB (require_n1 is set; ...)"
     libvirt:
       description:
         - The node daemon's connection to its libvirtd, as the daemon last published it.

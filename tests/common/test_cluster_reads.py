@@ -17,7 +17,7 @@ from pvc_cluster_common._cluster import (
     vm_definition,
 )
 from pvc_cluster_common._decode import Invalid
-from pvc_cluster_common._records import MigrationRecord
+from pvc_cluster_common._records import MAX_REASON_BYTES, MigrationRecord
 from pvc_cluster_common._requests import finish_values
 from pvc_cluster_common._report import cluster_report, node_report, read_cluster
 
@@ -86,6 +86,25 @@ def test_reports_of_a_node_with_garbage_figures_name_them(cluster):
     ]
     assert n2["memory"]["reserved"] == 512 and len(n2["invalid"]) == 1 and OTHER in n2["invalid"][0]
     assert cluster_report(snapshot)["nodes"] == 2
+
+
+def test_a_halted_flush_shows_its_verdict_in_the_node_report_and_an_invalid_one_still_says_halted(cluster):
+    schema = cluster.schema
+    key = schema.node_key("n1", S.NODE_FLUSH_HALTED)
+    snapshot = read_cluster(cluster)
+    assert node_report(snapshot, "n1")["flush_halted"] is None  # no verdict: null
+    verdict = "flush of n1 halted before moving 1 more VM(s): once done, the cluster would not survive ..."
+    cluster.commit({schema.node_key("n1", S.NODE_DOMAIN_STATE): "flush", key: verdict})
+    snapshot = read_cluster(cluster)
+    assert snapshot.nodes["n1"][S.NODE_FLUSH_HALTED] == verdict
+    n1 = node_report(snapshot, "n1")
+    assert (n1["domain_state"], n1["flush_halted"], n1["invalid"]) == ("flush", verdict, [])
+    assert node_report(snapshot, "n2")["flush_halted"] is None
+    # a verdict that is not valid (longer than a reason may be) still says the flush halted, and is named
+    cluster.commit({key: "x" * (MAX_REASON_BYTES + 1)})
+    n1 = node_report(read_cluster(cluster), "n1")
+    assert n1["flush_halted"].startswith("(its verdict is not valid: nodes/n1/flush_halted")
+    assert [text.split(":")[0] for text in n1["invalid"]] == ["nodes/n1/flush_halted"]
 
 
 @pytest.mark.parametrize("stored, expected", [(None, False), ("true", True), ("false", False), ("yes", False)])
