@@ -568,7 +568,7 @@ def plan_flush(
         return plan
     if _plan_survives(source_node, vms, plan, views, running_by_node):
         return plan
-    packed, _ = _plan_once(source_node, vms, views, default_selector, pack=True)
+    packed = _plan_once(source_node, vms, views, default_selector, pack=True)[0]
     if _plan_survives(source_node, vms, packed, views, running_by_node):
         return packed
     return plan
@@ -897,7 +897,7 @@ def survives_node_failure(
         )
     # (-headroom, name), most headroom first: sorted, so any prefix of it is already a heap
     ranked = sorted((-node.headroom, node.name) for node in eligible)
-    position = {name: index for index, (_, name) in enumerate(ranked)}
+    position = {entry[1]: index for index, entry in enumerate(ranked)}
     failures: dict[str, str] = {}
     shortfalls: dict[str, int] = {}
     for failed in eligible:
