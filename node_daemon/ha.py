@@ -55,7 +55,7 @@ from pvc_cluster_common._cluster import VMRecord, read_fence_record, read_node_s
 from pvc_cluster_common._report import read_cluster
 from pvc_cluster_common._requests import RequestError, history_key, placement_plan, submit_request
 from pvc_cluster_common._selector import FailureCheck, FlushVM, PlannedMove, apply_plan, survives_node_failure
-from pvc_cluster_common._store import ConflictError, StoreError, StoreLock, UnreachableError
+from pvc_cluster_common._store import ConflictError, StoreError, StoreLock, UnreachableError, text_of
 
 from .context import DaemonContext, Outage, Service
 from .faults import crash_point
@@ -137,13 +137,13 @@ class HighAvailability(Service):
         for peer in peers:
             raw = {key: found[self.schema.node_key(peer, key)] for key in keys}
             with self._tracker_lock:
-                self.tracker.observe(peer, raw[S.NODE_KEEPALIVE][0] if raw[S.NODE_KEEPALIVE] else None, now)
+                self.tracker.observe(peer, text_of(raw[S.NODE_KEEPALIVE]), now)
                 stale = self.tracker.stale(peer, now)
             state = states.get(peer)
             if state is None:
                 continue
             daemon_state = state.daemon_state
-            maintenance = bool(raw[S.NODE_MAINTENANCE]) and raw[S.NODE_MAINTENANCE][0] == "true"
+            maintenance = text_of(raw[S.NODE_MAINTENANCE]) == "true"
             decision = fence_decision(daemon_state, state.domain_state, maintenance, stale)
             if daemon_state == "fence-failed":
                 fence_failed.append(peer)
