@@ -730,8 +730,8 @@ def test_fit_places_more_memory_than_mem_on_tight_snapshots_and_never_overcommit
 
 @pytest.mark.parametrize(
     "count, placed_min, spread_max",
-    # the means over bench p's 9 snapshots of each size (hail, as reported in issue #15, on its
-    # own 10-node snapshots: about 97 % placed, spread 0.23-0.27)
+    # the means over bench p's 9 snapshots of each size (for comparison, hail on its own
+    # 10-node snapshots: about 97 % placed, spread 0.23-0.27)
     [(10, 96.5, 0.75), (100, 99.3, 0.2)],
 )
 def test_fit_places_and_balances_tight_clusters_one_vm_at_a_time(count, placed_min, spread_max):

@@ -170,7 +170,7 @@ def set_migrate_speed(cluster, node: str, uuid: str, mib_s: int | None) -> int:
 @pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("method", ["live", "shutdown"])
 def test_libvirtd_killed_and_restarted_at_each_step(lab_cluster, lab, tmp_path, method, step, victim):
-    """Deliverable 4 of issue #12: one side's libvirtd SIGKILLed while the migration's record is
+    """One side's libvirtd SIGKILLed while the migration's record is
     at ``step``, and started again: the migration ends (done or aborted, as the protocol and
     libvirt decide) with the VM running on exactly the node ZooKeeper names, never on two (every
     libvirtd sampled throughout), record and reservation gone and an audit record written; no

@@ -387,7 +387,7 @@ def assert_guest_lived_on(cluster, uuid: str, node: str, booted: float, resumed:
 
 
 def test_busy_guest_converges_by_auto_converge(lab_cluster, monitor):
-    """Issue #17 item 4: with migration_auto_converge the busy guest's vCPUs are throttled, pass
+    """With migration_auto_converge the busy guest's vCPUs are throttled, pass
     after pass, until what is left fits into migration_max_downtime_ms: the live migration ends
     done, the VM resumed on the target (not started afresh), and the guest lives on there with
     every write it made (see assert_guest_lived_on for the lab's QEMU bug) and its downtime as it
@@ -420,7 +420,7 @@ def test_busy_guest_converges_by_auto_converge(lab_cluster, monitor):
 
 
 def test_busy_guest_without_auto_converge_is_aborted_by_the_completion_timeout(lab_cluster, monitor):
-    """Issue #17 item 4, the other outcome: without auto-converge the busy guest never converges;
+    """The other outcome: without auto-converge the busy guest never converges;
     the completion timeout aborts the job, and the guest (the same QEMU, the same boot) keeps
     running on its source. vm_info's history says so."""
     cluster = lab_cluster(migration={"live_timeout_base_s": 20, "live_timeout_per_gib_s": 0})

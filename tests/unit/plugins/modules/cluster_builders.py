@@ -106,9 +106,3 @@ class FakeStore:
             found = any(stored.startswith(prefix) for stored in self.values) or path in self.values
             listed[path] = self.list_children(path) if found else None
         return self.get_many(paths), listed
-
-    def read_json(self, path):
-        import json
-
-        text = self.values.get(path)
-        return json.loads(text) if text else None
