@@ -719,7 +719,8 @@ class ClusterStore:
         return result, listed
 
     def _answer_of(self, what: str, path: str, async_result):
-        """One answer of ``get_round``: None for a missing key; raises for everything else."""
+        """One answer of a parallel round (``get_round``, ``_subtrees``): None for a missing key;
+        raises UnreachableError or StoreError for everything else."""
         try:
             return async_result.get(timeout=self.options.timeout_s)
         except kz.NoNodeError:
@@ -944,20 +945,11 @@ class ClusterStore:
         pending = [(top, self.client.get_children_async(top)) for top in tops]
         result: dict[str, Any] = {}
         for top, async_result in pending:
-            try:
-                children = async_result.get(timeout=self.options.timeout_s)
-            except kz.NoNodeError:
+            children = self._answer_of("list", top, async_result)
+            if children is None:  # no such key
                 result[top] = []
-                continue
-            except self.client.handler.timeout_exception as exc:
-                raise UnreachableError(
-                    f"list {top}: no answer from ZooKeeper at {self.options.hosts} within {self.options.timeout_s:g} s"
-                ) from exc
-            except (kz.ConnectionLoss, kz.SessionExpiredError) as exc:
-                raise UnreachableError(f"list {top}: {_describe(exc)}") from exc
-            except kz.KazooException as exc:
-                raise StoreError(f"list {top}: {_describe(exc)}") from exc
-            result[top] = [top] if not children else self._subtree(top, recursive)
+            else:
+                result[top] = [top] if not children else self._subtree(top, recursive)
         return result
 
     def _subtree(self, top: str, recursive: bool = True) -> list[str]:
