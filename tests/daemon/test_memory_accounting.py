@@ -86,6 +86,19 @@ def wait_covered(cluster, invariant, timeout_s=60):
         wait_for_key(cluster.store, path, lambda v, now=now: v != now, max(0.0, deadline - time.monotonic()))
 
 
+def restart(cluster, node) -> None:
+    """Stop the node's daemon cleanly and start it again, until it publishes ``run``."""
+    assert cluster.daemons[node].stop() == 0
+    cluster.daemons[node].start()
+    cluster.wait_node_state(node, "run")
+
+
+def restart_until_folded(cluster, node, uuid) -> None:
+    """``restart``, then wait until the keepalive the restart runs has folded the VM's reservation."""
+    restart(cluster, node)
+    assert wait_for_key(cluster.store, cluster.schema.node_reservation(node, uuid), lambda value: value is None, 60)
+
+
 def test_a_starting_daemon_publishes_run_only_with_its_vms_counted(make_cluster):
     # A long keepalive interval: the figures published with `run` are the ones placement sees.
     cluster = make_cluster(keepalive_s=30)
@@ -97,9 +110,7 @@ def test_a_starting_daemon_publishes_run_only_with_its_vms_counted(make_cluster)
     assert memprov(cluster, "node1") == 3 * GIB
     assert invariant.check_now() == []
     # and again after a restart (the first keepalive after a start once published memprov 0)
-    assert cluster.daemons["node1"].stop() == 0
-    cluster.daemons["node1"].start()
-    cluster.wait_node_state("node1", "run")
+    restart(cluster, "node1")
     assert memprov(cluster, "node1") == 3 * GIB
     assert invariant.check_now() == []
 
@@ -134,10 +145,7 @@ def test_a_vm_whose_memory_grows_is_covered_at_once_until_its_node_counts_it(mak
     assert invariant.check_now() == []
     assert cluster.store.find_text(cluster.schema.node_reservation("node1", uuid)) == str(3 * GIB)
     # a restart runs a keepalive now: it folds the reservation into a memprov of the new size
-    assert cluster.daemons["node1"].stop() == 0
-    cluster.daemons["node1"].start()
-    cluster.wait_node_state("node1", "run")
-    assert wait_for_key(cluster.store, cluster.schema.node_reservation("node1", uuid), lambda value: value is None, 60)
+    restart_until_folded(cluster, "node1", uuid)
     assert memprov(cluster, "node1") == 3 * GIB
     assert invariant.check_now() == []
 
@@ -164,10 +172,7 @@ def test_a_growth_reservation_is_folded_when_the_xml_shrank_before_the_fold(make
     assert invariant.check_now() == []
     assert cluster.store.find_text(cluster.schema.node_reservation("node1", uuid)) == str(3 * GIB)
     # a restart runs a keepalive now; its table has the 2 GiB XML
-    assert cluster.daemons["node1"].stop() == 0
-    cluster.daemons["node1"].start()
-    cluster.wait_node_state("node1", "run")
-    assert wait_for_key(cluster.store, cluster.schema.node_reservation("node1", uuid), lambda value: value is None, 60)
+    restart_until_folded(cluster, "node1", uuid)
     assert memprov(cluster, "node1") == 2 * GIB
     assert invariant.check_now() == []
 

@@ -70,19 +70,22 @@ def cluster(server, tls, tmp_path):
         c.close()
 
 
+def _operator_options(cluster: TestCluster, tls, password: str) -> ConnectionOptions:
+    """How a module connects as the operator with ``password``, over TLS."""
+    return ConnectionOptions(
+        hosts=cluster.zk_hosts,
+        root=cluster.root,
+        timeout_s=10,
+        auth_username=OPERATOR_USER,
+        auth_password=password,
+        tls=True,
+        tls_ca=str(tls.ca_cert),
+    )
+
+
 def _operator(cluster: TestCluster, tls, password: str) -> ClusterStore:
     """The operator's store as a module makes it (verify_cluster learns the cluster's identities)."""
-    store = ClusterStore(
-        ConnectionOptions(
-            hosts=cluster.zk_hosts,
-            root=cluster.root,
-            timeout_s=10,
-            auth_username=OPERATOR_USER,
-            auth_password=password,
-            tls=True,
-            tls_ca=str(tls.ca_cert),
-        )
-    ).start()
+    store = ClusterStore(_operator_options(cluster, tls, password)).start()
     try:
         store.verify_cluster()
     except BaseException:
@@ -146,17 +149,7 @@ def test_the_operator_password_is_rotated_with_the_daemons_running(cluster, tls)
         # the old password is refused: no read, no write
         with pytest.raises(StoreError, match=f"ZooKeeper refuses user {OPERATOR_USER} access"):
             _operator(cluster, tls, OPERATOR_PASSWORD)
-        stale = ClusterStore(
-            ConnectionOptions(
-                hosts=cluster.zk_hosts,
-                root=cluster.root,
-                timeout_s=10,
-                auth_username=OPERATOR_USER,
-                auth_password=OPERATOR_PASSWORD,
-                tls=True,
-                tls_ca=str(tls.ca_cert),
-            )
-        ).start()
+        stale = ClusterStore(_operator_options(cluster, tls, OPERATOR_PASSWORD)).start()
         try:
             with pytest.raises(StoreError):
                 stale.get(cluster.schema.schema_version())
