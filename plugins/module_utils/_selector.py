@@ -32,8 +32,9 @@ Selectors (the best candidate wins)
                  it balances nodes of different sizes). On tight clusters it places far more
                  memory than ``mem``, whose most-headroom rule leaves small gaps everywhere, and
                  leaves the nodes more balanced than best fit (``make bench``, p). A flush plan
-                 uses the balancing rule on tight clusters too, and best fit instead when
-                 balancing would lose n-1 and best fit keeps it (see :func:`plan_flush`);
+                 uses the balancing rule on tight clusters too, and where balancing would
+                 lose n-1, per VM the most balancing target that keeps it (see
+                 :func:`plan_flush`);
     ``default``  the cluster default (``default_selector``, itself ``mem`` when unset).
 
 The block rule (tight clusters, one VM at a time)
@@ -60,7 +61,8 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
@@ -521,6 +523,7 @@ def plan_flush(
     default_selector: str | None = CLUSTER_DEFAULT_SELECTOR,
     *,
     running_by_node: Mapping[str, Sequence[int]] | None = None,
+    n1_every_selector: bool = False,
 ) -> list[PlannedMove]:
     """Plan where every VM leaving ``source_node`` goes, never overcommitting a node.
 
@@ -548,42 +551,184 @@ def plan_flush(
     * n-1 (when ``running_by_node`` is given: the memory of the VMs each node runs, the
       source's included, as :func:`apply_plan` takes it): balancing spreads the free memory, and
       with it the large gaps a failed node's VMs need. When ``fit`` balanced some VM and the
-      cluster after the plan fails :func:`survives_node_failure`, the plan is made again with
-      ``fit`` taking the tightest fit (best fit) wherever it balanced; if that plan passes the
-      check it is the answer, otherwise the balanced one is (neither keeps n-1; the balanced one
-      leaves the nodes more even). Without ``running_by_node`` (or when no VM was balanced) the
-      balanced plan is returned unchecked. Deterministic either way.
+      cluster after the plan fails :func:`survives_node_failure`, the plan is made again n-1
+      aware, per VM: each ``fit`` VM (with ``n1_every_selector``, every VM: HA recovery) takes
+      the first of its N1_TRIES first targets, in its selector's order, whose booking makes no
+      node fail the check that passed it (the source flushed, the VMs planned so far booked);
+      when none of them does, that VM alone falls back: ``fit`` to the tightest fit (it keeps the
+      largest gaps for the VMs still to come), the other selectors to their first choice, and
+      the plan goes on. So the plan balances as far as n-1 allows, and each line's reason says
+      when n-1 moved a VM or was lost. When a VM had to lose n-1 (a greedy choice can corner a
+      later VM) and the cluster passed the check before, best fit throughout is returned if it
+      passes the check; otherwise the n-1 aware plan, or the balanced plan when it leaves fewer
+      nodes failing. Without ``running_by_node`` (or when no VM was balanced) the balanced plan
+      is returned unchecked. Deterministic either way.
 
     Cost: VMs without a node_limit use one lazily built heap per selector in use, and nodes too
     small for the current VM are parked until a small enough VM comes (VMs come largest first),
     so the whole plan costs O((n + v) log n) for n nodes and v VMs; ``fit`` looks at the node
     with the most headroom of each node capacity (the best share after the VM among nodes of one
     capacity), so O(v (c + log n)) for c capacities; VMs with a node_limit look at their
-    limit's nodes only. The n-1 rule adds at most one n-1 check per plan and a second plan and
-    check when the first fails.
+    limit's nodes only. The n-1 rule adds one n-1 check per plan; when it fails, an n-1 aware
+    plan whose bookings each cost an incremental check (:class:`_N1Tracker`: the target's own
+    verdict and those of the nodes whose k + 1 largest headrooms include the target, most settled
+    by two bounds found by bisection), and at most one more plan and check.
     """
     views = _as_list(nodes)
-    plan, balanced = _plan_once(source_node, vms, views, default_selector, pack=False)
-    if running_by_node is None or not balanced:
+    first = _plan_once(source_node, vms, views, default_selector, pack=False)
+    plan = first[0]
+    if running_by_node is None or not (first[1] or n1_every_selector):
         return plan
-    if _plan_survives(source_node, vms, plan, views, running_by_node):
+    check = _plan_check(source_node, vms, plan, views, running_by_node)
+    if check.ok:
         return plan
-    packed = _plan_once(source_node, vms, views, default_selector, pack=True)[0]
-    if _plan_survives(source_node, vms, packed, views, running_by_node):
-        return packed
-    return plan
+    selectors = None if n1_every_selector else ("fit",)
+    second = _plan_once(
+        source_node, vms, views, default_selector, pack=False, n1_running=running_by_node, n1_selectors=selectors
+    )
+    aware, tracker = second[0], second[2]
+    if tracker is None or tracker.failing == tracker.start_failing:
+        return aware
+    # Some VM found no target among those tried that kept n-1 (a greedy choice per VM can corner
+    # a later one): best fit throughout if it keeps n-1, else the plan with fewer failing nodes.
+    if not tracker.start_failing:
+        packed = _plan_once(source_node, vms, views, default_selector, pack=True)[0]
+        if _plan_check(source_node, vms, packed, views, running_by_node).ok:
+            return packed
+    return aware if len(tracker.failing) <= len(check.failures) else plan
 
 
-def _plan_survives(
+# ---- n-1 during a plan ----------------------------------------------------------------------
+
+# How many of a VM's targets, in its selector's order, an n-1 aware plan tries before it gives up
+# keeping n-1 for that VM (see plan_flush). Each try costs one incremental n-1 check.
+N1_TRIES = 8
+
+
+class _N1Tracker:
+    """The verdict of :func:`survives_node_failure` on the cluster as a plan books VMs, kept up to
+    date per booking instead of recomputed: which nodes fail the check (``failing``), and which
+    nodes a booking would make fail (:meth:`new_failures`), exactly as the full check would say on
+    :func:`apply_plan`'s result of the plan so far (the source flushed: it neither fails nor
+    receives; the VMs not planned yet count nowhere).
+
+    ``by_headroom`` is the plan's list of (headroom, name) of the candidate nodes, ascending, which
+    the plan keeps sorted as it books; the candidates (run, ready, libvirt ok, not the source) are
+    the check's eligible nodes. A node F's verdict depends on its VMs and the k_F + 1 largest
+    headrooms only (worst fit never reaches further), so a booking on node C changes the verdict
+    of C and of the nodes F with k_F + 1 >= C's rank; of those, the check's two bounds settle most
+    without a pass over their VMs (all of F's VMs fit on the second largest headroom; F's largest
+    VM fits on the (k_F + 1)-th largest headroom), found per VM count by bisection.
+    """
+
+    def __init__(
+        self, slots: Mapping[str, _Slot], by_headroom: list[tuple[int, str]], running: Mapping[str, Sequence[int]]
+    ) -> None:
+        self.slots = slots
+        self.by_headroom = by_headroom
+        self.memories: dict[str, list[int]] = {}  # node -> its VMs' memory, largest first
+        self.sums: dict[str, int] = {}
+        self.by_count: dict[int, list[tuple[int, str]]] = {}  # VM count -> sorted (largest VM, node)
+        for name in slots:
+            memories = sorted((int(m) for m in running.get(name, ()) if int(m) > 0), reverse=True)
+            self.memories[name] = memories
+            self.sums[name] = sum(memories)
+            if memories:
+                self.by_count.setdefault(len(memories), []).append((memories[0], name))
+        for group in self.by_count.values():
+            group.sort()
+        self.failing: set[str] = {name for name in slots if not self.survives(name)}
+        self.start_failing = frozenset(self.failing)
+
+    def survives(self, name: str, memories: list[int] | None = None) -> bool:
+        """Whether ``name``'s VMs (or ``memories``, largest first) could restart on the other
+        candidates: survives_node_failure's rule for one node."""
+        if memories is None:
+            memories = self.memories[name]
+            total = self.sums[name]
+        else:
+            total = sum(memories)
+        ranked = self.by_headroom
+        if len(ranked) < 2:
+            return False
+        if not memories:
+            return True
+        roomiest = ranked[-1][0] if ranked[-1][1] != name else ranked[-2][0]
+        if total <= roomiest:
+            return True
+        count = len(memories)
+        others = [-headroom for headroom, other in reversed(ranked[-(count + 1) :]) if other != name]
+        if len(others) > count:
+            others.pop()
+        if len(others) == count and memories[0] <= -others[-1]:
+            return True
+        for memory in memories:
+            if memory > -others[0]:
+                return False
+            heapq.heapreplace(others, others[0] + memory)
+        return True
+
+    def new_failures(self, target: str, memory: int, first_only: bool = False) -> set[str]:
+        """The nodes that pass the check now and would fail it once ``memory`` MiB more run on
+        ``target`` (its headroom shrinks, its VMs grow); ``first_only``: stop at the first."""
+        ranked = self.by_headroom
+        headroom = self.slots[target].headroom
+        position = bisect.bisect_left(ranked, (headroom, target))
+        rank = len(ranked) - position  # 1: the most headroom
+        del ranked[position]
+        bisect.insort(ranked, (headroom - memory, target))
+        found: set[str] = set()
+        try:
+            if target not in self.failing:
+                grown = sorted(self.memories[target] + [memory], reverse=True)
+                if not self.survives(target, grown):
+                    found.add(target)
+                    if first_only:
+                        return found
+            second = ranked[-2][0] if len(ranked) >= 2 else 0
+            for count, group in self.by_count.items():
+                if count + 1 < rank:
+                    continue  # target is not among the count + 1 largest headrooms: no change
+                start = 0
+                if count + 1 <= len(ranked):
+                    start = bisect.bisect_right(group, (ranked[-(count + 1)][0], "\U0010ffff"))
+                for entry in group[start:]:
+                    name = entry[1]
+                    if name == target or name in self.failing or self.sums[name] <= second:
+                        continue
+                    if not self.survives(name):
+                        found.add(name)
+                        if first_only:
+                            return found
+            return found
+        finally:
+            del ranked[bisect.bisect_left(ranked, (headroom - memory, target))]
+            bisect.insort(ranked, (headroom, target))
+
+    def commit(self, target: str, memory: int, lost: set[str]) -> None:
+        """``memory`` MiB now run on ``target`` (the plan has booked it: ``by_headroom`` moved
+        already); ``lost``: what :meth:`new_failures` said before the booking."""
+        memories = self.memories[target]
+        if memories:
+            group = self.by_count[len(memories)]
+            del group[bisect.bisect_left(group, (memories[0], target))]
+        memories.append(memory)
+        memories.sort(reverse=True)
+        self.sums[target] += memory
+        bisect.insort(self.by_count.setdefault(len(memories), []), (memories[0], target))
+        self.failing |= lost
+
+
+def _plan_check(
     source_node: str,
     vms: Sequence[FlushVM | tuple[Any, ...]],
     plan: Sequence[PlannedMove],
     nodes: Sequence[NodeView],
     running_by_node: Mapping[str, Sequence[int]],
-) -> bool:
-    """Whether the cluster passes the n-1 check once ``plan`` has run."""
+) -> FailureCheck:
+    """The n-1 check of the cluster once ``plan`` has run."""
     views, running = apply_plan(source_node, vms, plan, nodes, running_by_node)
-    return survives_node_failure(views, running).ok
+    return survives_node_failure(views, running)
 
 
 def _plan_once(
@@ -592,10 +737,15 @@ def _plan_once(
     nodes: Iterable[NodeView] | Mapping[str, NodeView],
     default_selector: str | None,
     pack: bool,
-) -> tuple[list[PlannedMove], bool]:
+    n1_running: Mapping[str, Sequence[int]] | None = None,
+    n1_selectors: Sequence[str] | None = ("fit",),
+) -> tuple[list[PlannedMove], bool, _N1Tracker | None]:
     """One flush plan (the rules of :func:`plan_flush`); ``pack``: ``fit`` takes the tightest fit
     (best fit) where it would balance. Also returns whether ``fit`` balanced any VM (a plan with
-    ``pack`` would differ)."""
+    ``pack`` would differ). With ``n1_running`` (the VMs each node runs), the plan is n-1 aware
+    for the VMs whose selector is in ``n1_selectors`` (None: every selector): each takes the
+    first of its N1_TRIES first targets whose booking makes no node fail the n-1 check that
+    passed it; the tracker that decided is returned too."""
     node_list = _as_list(nodes)
     excluded = frozenset((source_node,))
     slots: dict[str, _Slot] = {}
@@ -624,6 +774,7 @@ def _plan_once(
     by_capacity: dict[int, list[tuple[int, str]]] = {}
     for headroom_and_name in by_headroom:
         by_capacity.setdefault(slots[headroom_and_name[1]].capacity, []).append(headroom_and_name)
+    tracker = _N1Tracker(slots, by_headroom, n1_running) if n1_running is not None else None
 
     def entry(selector: str, slot: _Slot) -> SortKey:
         return slot.key(selector) + (slot.version,)
@@ -729,6 +880,114 @@ def _plan_once(
             balanced[0] = True
         return chosen, reasons
 
+    def fit_order(memory: int) -> Iterator[_Slot]:
+        """fit's targets in a plan, in its order (exact fits by leftover, then the balancing rule
+        by share after the VM, per capacity merged), lazily."""
+        index = bisect.bisect_left(by_headroom, (memory, ""))
+        while index < len(by_headroom) and by_headroom[index][0] - memory < FIT_EXACT_MIB:
+            yield slots[by_headroom[index][1]]
+            index += 1
+
+        def by_share(capacity: int, group: list[tuple[int, str]]) -> Iterator[tuple[SortKey, str]]:
+            end = len(group)
+            while end > 0 and group[end - 1][0] - memory >= FIT_EXACT_MIB:
+                headroom = group[end - 1][0]
+                start = bisect.bisect_left(group, (headroom, ""))
+                for entry in group[start:end]:  # one headroom: names in order
+                    yield _balance_key(headroom, capacity, memory, entry[1]), entry[1]
+                end = start
+
+        for entry in heapq.merge(*(by_share(capacity, group) for capacity, group in by_capacity.items())):
+            yield slots[entry[1]]
+
+    def heap_order(selector: str, memory: int, count: int) -> list[_Slot]:
+        """The first ``count`` targets of a heap selector, in its order (they stay in the heap)."""
+        mem_heap = heap_for("mem")
+        clean_top(mem_heap)
+        if not mem_heap or memory > slots[mem_heap[0][2]].headroom:
+            return []
+        heap = heap_for(selector)
+        park = parked.setdefault(selector, [])
+        while park and -park[0][0] >= memory:
+            item = heapq.heappop(park)[1]
+            if valid(item) is not None:
+                heapq.heappush(heap, item)
+        taken: list[SortKey] = []
+        while heap and len(taken) < count:
+            item = heapq.heappop(heap)
+            slot = valid(item)
+            if slot is None:
+                continue
+            if memory <= slot.headroom:
+                taken.append(item)
+            else:
+                heapq.heappush(park, (-slot.headroom, item))
+        for item in taken:
+            heapq.heappush(heap, item)
+        return [slots[item[2]] for item in taken]
+
+    def limited_order(selector: str, memory: int, limit: Sequence[str]) -> tuple[list[_Slot], dict[str, str]]:
+        """The targets in ``limit`` that the VM fits, in its selector's order, and why the others
+        are not."""
+        reasons: dict[str, str] = {}
+        keyed: list[tuple[SortKey, _Slot]] = []
+        for name in limit:
+            slot = slots.get(name)
+            if slot is None:
+                reasons[name] = static_reasons.get(name, "in node_limit but not a cluster node")
+                continue
+            reason = _fit_rejection(memory, slot.headroom)
+            if reason is not None:
+                reasons[name] = reason + " (after earlier placements)" if slot.version else reason
+                continue
+            key = _fit_plan_key(slot, slot.headroom, memory) if selector == "fit" else slot.key(selector)
+            keyed.append((key, slot))
+        keyed.sort(key=lambda pair: pair[0])
+        return [pair[1] for pair in keyed], reasons
+
+    def choose_n1(
+        n1: _N1Tracker, selector: str, memory: int, limit: Sequence[str]
+    ) -> tuple[_Slot | None, set[str], str, dict[str, str]]:
+        """An n-1 aware choice: the first of the VM's N1_TRIES first targets (its selector's
+        order) whose booking makes no node fail the check that passes it now; when none, ``fit``
+        takes the tightest fit (it keeps the largest gaps for the VMs still to come) and the
+        other selectors their first choice. Returns the target, the nodes it makes fail, a note
+        for the plan's reason and the reasons of a node_limit's rejected nodes."""
+        reasons: dict[str, str] = {}
+        fallback: _Slot | None = None
+        if limit:
+            order, reasons = limited_order(selector, memory, limit)
+            tried = order[:N1_TRIES]
+            if order:
+                fallback = min(order, key=lambda slot: (slot.headroom, slot.name)) if selector == "fit" else order[0]
+        elif selector == "fit":
+            tried = list(itertools.islice(fit_order(memory), N1_TRIES))
+            index = bisect.bisect_left(by_headroom, (memory, ""))
+            fallback = slots[by_headroom[index][1]] if index < len(by_headroom) else None
+        else:
+            tried = heap_order(selector, memory, N1_TRIES)
+            fallback = tried[0] if tried else None
+        for position, slot in enumerate(tried):
+            if not n1.new_failures(slot.name, memory, first_only=True):
+                note = f", n-1 kept: its target {position + 1} in order" if position else ""
+                return slot, set(), note, reasons
+        if fallback is None:
+            return None, set(), "", reasons
+        lost = n1.new_failures(fallback.name, memory)
+        if not lost:  # the tightest fit, not among those tried
+            return fallback, lost, ", n-1 kept by best fit", reasons
+        how = "best fit" if selector == "fit" else "its first choice"
+        note = f", n-1 lost by every target tried ({len(tried)}); {how}, {', '.join(sorted(lost))} would fail"
+        return fallback, lost, note, reasons
+
+    def lost_by(slot: _Slot | None, memory: int) -> set[str]:
+        return tracker.new_failures(slot.name, memory) if tracker is not None and slot is not None else set()
+
+    def booked(slot: _Slot, memory: int, vcpus: int, lost: set[str]) -> None:
+        book(slot, memory, vcpus)
+        if tracker is not None:
+            tracker.commit(slot.name, memory, lost)
+
     flush_vms = [FlushVM(*vm) for vm in vms]
     order = sorted(range(len(flush_vms)), key=lambda i: (-int(flush_vms[i].memory_mib), i))
     plan: list[PlannedMove] = []
@@ -739,7 +998,7 @@ def _plan_once(
         limit = _limit(vm.node_limit)
         home = slots.get(vm.home_node) if vm.home_node and vm.home_node != source_node else None
         if home is not None and (not limit or home.node.name in limit) and memory <= home.headroom:
-            book(home, memory, vm.vcpus)
+            booked(home, memory, vm.vcpus, lost_by(home, memory))
             plan.append(
                 PlannedMove(
                     vm.uuid,
@@ -748,18 +1007,25 @@ def _plan_once(
                 )
             )
             continue
-        if limit:
-            chosen, reasons = pick_limited(selector, memory, limit)
+        note = ""
+        if tracker is not None and (n1_selectors is None or selector in n1_selectors):
+            chosen, lost, note, reasons = choose_n1(tracker, selector, memory, limit)
         else:
-            chosen, reasons = pick_unlimited(selector, memory), {}
+            if limit:
+                chosen, reasons = pick_limited(selector, memory, limit)
+            else:
+                chosen, reasons = pick_unlimited(selector, memory), {}
+            lost = lost_by(chosen, memory)
         if chosen is not None:
-            book(chosen, memory, vm.vcpus)
+            booked(chosen, memory, vm.vcpus, lost)
             plan.append(
-                PlannedMove(vm.uuid, chosen.node.name, f"selector {selector} ({chosen.headroom} MiB headroom left)")
+                PlannedMove(
+                    vm.uuid, chosen.node.name, f"selector {selector}{note} ({chosen.headroom} MiB headroom left)"
+                )
             )
             continue
         plan.append(PlannedMove(vm.uuid, None, _none_fits_reason(memory, limit, reasons, slots, static_reasons)))
-    return plan, balanced[0]
+    return plan, balanced[0], tracker
 
 
 def _none_fits_reason(

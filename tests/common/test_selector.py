@@ -678,21 +678,144 @@ def _n1_after(nodes, running, vms, plan):
     return survives_node_failure(*apply_plan("src", vms, plan, nodes, running))
 
 
-def test_a_balanced_fit_flush_plan_that_would_lose_n1_falls_back_to_best_fit_that_keeps_it():
+def _free_spread(nodes, running, vms, plan):
+    views, _running = apply_plan("src", vms, plan, nodes, running)
+    shares = [100.0 * v.headroom / v.capacity for v in views if v.name != "src"]
+    return max(shares) - min(shares)
+
+
+def test_a_fit_flush_plan_that_would_lose_n1_balances_per_vm_as_far_as_n1_allows():
     nodes, running, vms = _n1_flush_case()
     balanced = plan_flush("src", vms, nodes)  # no running VMs given: the balancing rule, unchecked
     assert [m.target for m in balanced] == ["b", "c"]
     check = _n1_after(nodes, running, vms, balanced)
     assert not check and set(check.failures) == {"a"} and check.shortfalls == {"a": 4 * 1024}
+    # Per VM: v1 takes b (the most balancing, n-1 kept: a's 44 GiB VM still fits on c's 48);
+    # v2's most balancing target c would leave no 44 GiB gap, so it takes b, its next. Best fit
+    # throughout (both on a, 4 GiB left there) keeps n-1 too, but leaves the nodes less even.
     plan = plan_flush("src", vms, nodes, running_by_node=running)
-    assert [m.target for m in plan] == ["a", "a"]
+    assert [m.target for m in plan] == ["b", "b"]
+    assert "n-1 kept" in plan[1].reason and "n-1" not in plan[0].reason
     assert _n1_after(nodes, running, vms, plan).ok
+    packed = [PlannedMove(vm.uuid, "a", "best fit") for vm in vms]
+    assert _n1_after(nodes, running, vms, packed).ok
+    assert _free_spread(nodes, running, vms, plan) < _free_spread(nodes, running, vms, packed)
     # deterministic, and the same whatever the order in which nodes are listed
     assert plan_flush("src", vms, list(reversed(nodes)), running_by_node=running) == plan
-    # the same through a node_limit (the limited path's balancing rule)
+    # the same through a node_limit (the limited path's order)
     limited = [vm._replace(node_limit=("a", "b", "c")) for vm in vms]
     assert [m.target for m in plan_flush("src", limited, nodes)] == ["b", "c"]
-    assert [m.target for m in plan_flush("src", limited, nodes, running_by_node=running)] == ["a", "a"]
+    assert [m.target for m in plan_flush("src", limited, nodes, running_by_node=running)] == ["b", "b"]
+
+
+def _cluster_64(running):
+    gib = 1024
+    nodes = [node(name, total=64 * gib, prov=sum(memories)) for name, memories in running.items() if name != "src"]
+    nodes.append(node("src", domain="flush", total=64 * gib, prov=sum(running["src"])))
+    return nodes
+
+
+def test_an_n1_aware_fit_plan_keeps_n1_where_neither_the_balanced_nor_the_best_fit_plan_does():
+    gib = 1024
+    running = {
+        "a": [16 * gib, 12 * gib],
+        "b": [20 * gib],
+        "c": [32 * gib],
+        "d": [24 * gib, 40 * gib],
+        "src": [16 * gib, 16 * gib, 8 * gib],
+    }
+    nodes = _cluster_64(running)
+    vms = [FlushVM(f"v{i}", memory, (), "fit", "src") for i, memory in enumerate(running["src"])]
+    assert survives_node_failure(*apply_plan("src", vms, [], nodes, running)).ok  # n-1 holds before
+    balanced = plan_flush("src", vms, nodes)
+    assert not _n1_after(nodes, running, vms, balanced).ok
+    most_headroom = plan_flush("src", [vm._replace(selector="mem") for vm in vms], nodes)
+    tightest = []
+    for vm in vms:
+        views, _running = apply_plan("src", vms, tightest, nodes, running)
+        fits = [v for v in views if v.is_eligible and v.headroom >= vm.memory_mib]
+        tightest.append(PlannedMove(vm.uuid, min(fits, key=lambda v: (v.headroom, v.name)).name, "best fit"))
+    assert not _n1_after(nodes, running, vms, tightest).ok  # best fit throughout loses it too
+    assert not _n1_after(nodes, running, vms, most_headroom).ok  # and so does mem's
+    plan = plan_flush("src", vms, nodes, running_by_node=running)
+    assert [m.target for m in plan] == ["a", "a", "c"]
+    assert _n1_after(nodes, running, vms, plan).ok
+    assert all("n-1 kept" in m.reason for m in plan), plan
+
+
+def test_an_n1_aware_fit_plan_falls_back_per_vm_and_loses_n1_on_fewer_nodes():
+    """The last VM fits nowhere without a new n-1 failure: it alone falls back (to best fit);
+    the VMs before it keep their balanced targets, and fewer nodes fail than after the balanced
+    plan (or best fit throughout)."""
+    gib = 1024
+    running = {
+        "a": [16 * gib],
+        "b": [12 * gib, 16 * gib],
+        "c": [12 * gib, 32 * gib],
+        "src": [16 * gib, 12 * gib, 12 * gib],
+    }
+    nodes = _cluster_64(running)
+    vms = [FlushVM(f"v{i}", memory, (), "fit", "src") for i, memory in enumerate(running["src"])]
+    assert survives_node_failure(*apply_plan("src", vms, [], nodes, running)).ok
+    balanced = plan_flush("src", vms, nodes)
+    lost_balanced = set(_n1_after(nodes, running, vms, balanced).failures)
+    plan = plan_flush("src", vms, nodes, running_by_node=running)
+    assert [m.target for m in plan] == ["a", "b", "c"]
+    assert [m.target for m in plan[:2]] == [m.target for m in balanced[:2]]
+    assert "n-1" not in plan[0].reason and "n-1" not in plan[1].reason
+    assert "n-1 lost by every target tried" in plan[2].reason and "best fit" in plan[2].reason
+    lost = set(_n1_after(nodes, running, vms, plan).failures)
+    assert lost == {"a", "b"} and len(lost) < len(lost_balanced), (lost, lost_balanced)
+
+
+def test_only_fit_vms_are_n1_aware_in_a_flush_plan_and_every_selector_in_a_recovery_plan():
+    nodes, running, vms = _n1_flush_case()
+    mem_vms = [vm._replace(selector="mem") for vm in vms]
+    # mem: most headroom, b then c; a flush plan leaves mem's choices alone
+    assert [m.target for m in plan_flush("src", mem_vms, nodes, running_by_node=running)] == ["b", "c"]
+    # n1_every_selector (HA recovery): mem's next choice where its first would lose n-1
+    plan = plan_flush("src", mem_vms, nodes, running_by_node=running, n1_every_selector=True)
+    assert [m.target for m in plan] == ["b", "b"] and _n1_after(nodes, running, mem_vms, plan).ok
+
+
+def test_the_n1_tracker_agrees_with_the_full_check_at_every_booking():
+    """_N1Tracker's verdicts (which nodes fail, which a booking would make fail) against
+    survives_node_failure on apply_plan's result, on random clusters, plans and bookings."""
+    from pvc_cluster_common._selector import _plan_once
+
+    gib = 1024
+    checked = 0
+    for seed in range(300):
+        rng = random.Random(seed)
+        running, nodes = {}, []
+        for i in range(rng.randint(2, 9)):
+            name = f"n{i}"
+            memories = [rng.choice((1, 2, 4, 8, 12, 16, 24, 32, 40)) * gib for _ in range(rng.randint(0, 6))]
+            running[name] = memories
+            state = rng.choice(("ready",) * 8 + ("flushed",))
+            total = rng.choice((64, 96, 128)) * gib
+            nodes.append(
+                node(name, domain=state, total=total, prov=sum(memories), reserved=rng.choice((0, 0, 4 * gib)))
+            )
+        leaving = [rng.choice((1, 2, 4, 8, 16)) * gib for _ in range(rng.randint(1, 8))]
+        running["src"] = leaving
+        nodes.append(node("src", domain="flush", total=128 * gib, prov=sum(leaving)))
+        vms = [FlushVM(f"v{j}", memory, (), rng.choice(("fit", "mem")), "src") for j, memory in enumerate(leaving)]
+        plan, _balanced, tracker = _plan_once("src", vms, nodes, None, pack=False, n1_running=running)
+        assert tracker is not None
+        assert tracker.failing == set(_n1_after(nodes, running, vms, plan).failures), seed
+        # a further booking on any candidate, of any size: the predicted new failures are exact
+        views, after = apply_plan("src", vms, plan, nodes, running)
+        before = set(survives_node_failure(views, after).failures)
+        for target in sorted(tracker.slots):
+            memory = rng.choice((1, 4, 16, 32)) * gib
+            moved = [v if v.name != target else dataclasses.replace(v, reserved=v.reserved + memory) for v in views]
+            grown = dict(after, **{target: list(after.get(target, ())) + [memory]})
+            expected = set(survives_node_failure(moved, grown).failures) - before
+            assert tracker.new_failures(target, memory) == expected, (seed, target, memory)
+            assert bool(tracker.new_failures(target, memory, first_only=True)) == bool(expected)
+            checked += 1
+    assert checked > 500
 
 
 def test_a_balanced_fit_flush_plan_is_kept_when_it_keeps_n1_or_when_best_fit_loses_it_too():
