@@ -560,8 +560,8 @@ def plan_flush(
       the plan goes on. So the plan balances as far as n-1 allows, and each line's reason says
       when n-1 moved a VM or was lost. When a VM had to lose n-1 (a greedy choice can corner a
       later VM) and the cluster passed the check before, best fit throughout is returned if it
-      passes the check; otherwise the n-1 aware plan, or the balanced plan when it leaves fewer
-      nodes failing. Without ``running_by_node`` (or when no VM was balanced) the balanced plan
+      passes the check; otherwise the n-1 aware plan when it leaves fewer nodes failing than the
+      balanced plan, else the balanced plan. Without ``running_by_node`` (or when no VM was balanced) the balanced plan
       is returned unchecked. Deterministic either way.
 
     Cost: VMs without a node_limit use one lazily built heap per selector in use, and nodes too
@@ -590,12 +590,13 @@ def plan_flush(
     if tracker is None or tracker.failing == tracker.start_failing:
         return aware
     # Some VM found no target among those tried that kept n-1 (a greedy choice per VM can corner
-    # a later one): best fit throughout if it keeps n-1, else the plan with fewer failing nodes.
+    # a later one): best fit throughout if it keeps n-1, else the n-1 aware plan if it leaves
+    # fewer nodes failing, else the balanced plan (n-1 lost as much either way: the more even).
     if not tracker.start_failing:
         packed = _plan_once(source_node, vms, views, default_selector, pack=True)[0]
         if _plan_check(source_node, vms, packed, views, running_by_node).ok:
             return packed
-    return aware if len(tracker.failing) <= len(check.failures) else plan
+    return aware if len(tracker.failing) < len(check.failures) else plan
 
 
 # ---- n-1 during a plan ----------------------------------------------------------------------
