@@ -45,8 +45,12 @@ The block rule (tight clusters, one VM at a time)
     the VM goes where it costs the least room for larger VMs, as best fit would, but only as far
     as power-of-two sizes tell (a 20 GiB gap and a 28 GiB gap both hold one 16 GiB block; a 6 GiB
     VM breaks it on the 20 GiB node, 14 GiB left, but only an 8 GiB block on the 28 GiB one, 22
-    GiB left, and goes there, where best fit would take the 20); nodes where it
-    breaks the same block are balanced, by the largest free share after the VM. Plain best fit
+    GiB left, and goes there, where best fit would take the 20). Among nodes where it breaks
+    the same block, the smallest capacity wins, then the largest free share after the VM: the
+    blocks kept for large VMs that never come are what is left free at the end, and a block left
+    on a large node is a smaller share of it (16 GiB is 4 points of a 384 GiB node, 12.5 of a
+    128 GiB one), so small nodes are filled first and the free memory left ends more even
+    (``make bench``, p). Plain best fit
     starves a node whose gap is large but just too small for the largest VMs (small VMs always
     find a tighter gap elsewhere, and that node alone is left half empty); the block rule gives
     it small VMs whenever they do not break a larger block there. O(1) per node.
@@ -309,10 +313,11 @@ def _share_after(headroom: int, capacity: int, vm_memory_mib: int) -> float:
 
 def _block_key(headroom: int, capacity: int, vm_memory_mib: int, name: str) -> SortKey:
     """fit's block rule on a tight cluster (smallest first; see the module docstring): the
-    largest power-of-two block the VM breaks, then the largest free share after it, then the
-    documented tie-breaks."""
+    largest power-of-two block the VM breaks, then the smallest capacity, then the largest free
+    share after it, then the documented tie-breaks."""
     return (
         (headroom ^ (headroom - vm_memory_mib)).bit_length(),
+        capacity,
         -_share_after(headroom, capacity, vm_memory_mib),
         -headroom,
         name,
