@@ -36,7 +36,9 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
     intervals:
       keepalive_s: 5
       dead_after: 6                    # keepalives missed before peers mark a node dead: 30 s by
-                                       # default (keepalive_s x dead_after), then fenced at once
+                                       # default (keepalive_s x dead_after), then fenced at once;
+                                       # the window must exceed 2/3 of zookeeper.timeout_s plus one
+                                       # keepalive_s (check_detection_window)
       shutdown_timeout_s: 180          # clean VM shutdown before a forced stop
     memory:
       reserve_mib: 1024                # host memory never given to VMs
@@ -68,7 +70,9 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +157,58 @@ class Config:
 def _uri_host(address: str) -> str:
     """An address as the host part of a URI (an IPv6 address in brackets)."""
     return f"[{address}]" if ":" in address else address
+
+
+# ---- the detection window ---------------------------------------------------------------------
+
+# A ZooKeeper client whose server goes silent (its host partitioned: no reset arrives) notices at
+# its read timeout, kazoo's 2/3 of the session timeout, and only then moves to another server.
+FAILOVER_SHARE = Fraction(2, 3)
+ZK_TIMEOUT_MIN_S = 1.0  # the least zookeeper.timeout_s accepted
+
+
+def _exact(value: float) -> Fraction:
+    """A configured number as the decimal it was written as (0.1 is 1/10, not its binary float)."""
+    return Fraction(repr(value))
+
+
+def min_dead_after(keepalive_s: float, zk_timeout_s: float) -> int:
+    """The smallest ``intervals.dead_after`` that ``check_detection_window`` accepts."""
+    # k * d > 2/3 T + k  <=>  d > 2/3 T / k + 1
+    bound = FAILOVER_SHARE * _exact(zk_timeout_s) / _exact(keepalive_s) + 1
+    return math.floor(bound) + 1
+
+
+def check_detection_window(keepalive_s: float, dead_after: int, zk_timeout_s: float) -> None:
+    """Refuse a detection window (``keepalive_s x dead_after``) that a healthy node can miss.
+
+    A daemon whose ZooKeeper server is partitioned writes no keepalive until kazoo's read timeout
+    (2/3 of ``zookeeper.timeout_s``) has passed and it has moved to another server; its last
+    keepalive before the cut may be up to one interval old already, and its next one comes up to
+    an interval after the move. So the window must exceed 2/3 of the session timeout plus one
+    keepalive interval, or its peers fence a healthy node (docs/high-availability.md,
+    "Detection"). Raises ConfigError naming both values, the rule and the fix."""
+    window = _exact(keepalive_s) * dead_after
+    failover = FAILOVER_SHARE * _exact(zk_timeout_s)
+    needed = failover + _exact(keepalive_s)
+    if window > needed:
+        return
+    # the largest session timeout this window allows: T < 3/2 (window - k)
+    max_timeout = float((window - _exact(keepalive_s)) * 3 / 2)
+    lower = (
+        f" or lower zookeeper.timeout_s below {max_timeout:g} s"
+        if max_timeout > ZK_TIMEOUT_MIN_S
+        else f" (no zookeeper.timeout_s from its minimum, {ZK_TIMEOUT_MIN_S:g} s, is short enough)"
+    )
+    raise ConfigError(
+        f"intervals: the detection window keepalive_s x dead_after = {keepalive_s:g} s x {dead_after} = "
+        f"{float(window):g} s is too short for zookeeper.timeout_s = {zk_timeout_s:g} s: it must be longer "
+        f"than 2/3 of zookeeper.timeout_s ({float(failover):.3g} s, a ZooKeeper client's failover after a "
+        f"silent partition) plus one keepalive interval ({keepalive_s:g} s) = {float(needed):.3g} s, or "
+        "peers can fence a healthy node whose daemon sat on a partitioned ZooKeeper server; raise "
+        f"intervals.dead_after to at least {min_dead_after(keepalive_s, zk_timeout_s)}{lower} "
+        "(docs/high-availability.md, Detection)"
+    )
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -328,7 +384,7 @@ def parse_config(data: Any, source: str = "") -> Config:
     options = ConnectionOptions(
         hosts=zk.get("hosts", "str"),
         root=zk.get("root", "str", DEFAULT_ROOT),
-        timeout_s=zk.get("timeout_s", "float", 10.0, minimum=1),
+        timeout_s=zk.get("timeout_s", "float", 10.0, minimum=ZK_TIMEOUT_MIN_S),
         auth_username=auth.get("username", "str", None),
         auth_password=auth.get("password", "str", None),
         tls=tls.get("enabled", "bool", False),
@@ -401,6 +457,7 @@ def parse_config(data: Any, source: str = "") -> Config:
             raise ConfigError(
                 f"migration.address: {config.address!r} is not valid (accepted: an IP address or a host name)"
             ) from None
+    check_detection_window(config.keepalive_interval_s, config.dead_after, config.zookeeper.timeout_s)
     if config.metrics_port > 65535:
         raise ConfigError(f"metrics.port: {config.metrics_port} is too large (accepted: 1 to 65535)")
     for name, template in (

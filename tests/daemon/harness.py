@@ -25,6 +25,7 @@ from pvc_cluster_common._cluster import (
     wait_until_gone,
 )
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions
+from pvc_node_daemon.config import min_dead_after
 from tests.support.identities import node_auth, operator_options
 from tests.support.runstate import runstate_reached
 
@@ -104,6 +105,23 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+# The daemons' ZooKeeper session timeout, and the fewest keepalives missed before a peer is dead:
+# the detection window must exceed a ZooKeeper client's failover (2/3 of the session timeout) plus
+# one keepalive (pvc_node_daemon.config.check_detection_window), so it follows the keepalive.
+ZK_TIMEOUT_S = 10
+DEAD_AFTER = 4
+
+
+def intervals(keepalive_s: float) -> dict:
+    """The daemons' ``intervals`` at this keepalive: at least DEAD_AFTER keepalives, and as many
+    more as the rule needs."""
+    return {
+        "keepalive_s": keepalive_s,
+        "dead_after": max(DEAD_AFTER, min_dead_after(keepalive_s, ZK_TIMEOUT_S)),
+        "shutdown_timeout_s": 5,
+    }
+
+
 class TestCluster:
     """N daemons on one ZooKeeper (below a private root) plus a store for the test's own reads."""
 
@@ -153,13 +171,13 @@ class TestCluster:
             "zookeeper": {
                 "hosts": self.zk_hosts,
                 "root": self.root,
-                "timeout_s": 10,
+                "timeout_s": ZK_TIMEOUT_S,
                 **({} if self.insecure else {"auth": node_auth(node)}),
                 **({"tls": {"enabled": True, **self.zk_tls}} if self.zk_tls else {}),
             },
             "libvirt": {"uri": f"test://{host}", "call_timeout_s": 10},
             "migration": {"step_timeout_s": 10, "live_timeout_base_s": 10, "flush_parallel": 2},
-            "intervals": {"keepalive_s": self.keepalive_s, "dead_after": 4, "shutdown_timeout_s": 5},
+            "intervals": intervals(self.keepalive_s),
             "memory": {"reserve_mib": 0},
             "log": {"stdout": True, "debug": True},
             **({"insecure": True} if self.insecure else {}),

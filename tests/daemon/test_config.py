@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from pvc_node_daemon.config import ConfigError, load_config, parse_config
+import pytest
+import yaml
+
+from pvc_node_daemon.config import ConfigError, check_detection_window, load_config, min_dead_after, parse_config
 from tests.support.identities import node_auth
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"node": "node1", "zookeeper": {"hosts": "127.0.0.1:2181", "auth": node_auth("node1")}}
 
 
@@ -135,3 +139,178 @@ def test_unreadable_and_invalid_yaml_files(tmp_path):
     broken.write_text("node: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_config(broken)
+
+
+# ---- the detection window against ZooKeeper's failover ---------------------------------------
+
+
+def window(keepalive_s, dead_after, zk_timeout_s):
+    return with_(
+        intervals={"keepalive_s": keepalive_s, "dead_after": dead_after}, zookeeper={"timeout_s": zk_timeout_s}
+    )
+
+
+@pytest.mark.parametrize(
+    "keepalive_s, dead_after, zk_timeout_s, accepted",
+    [
+        (5, 6, 10, True),  # the defaults: 30 s against 6.67 + 5 s
+        (1, 4, 10, False),  # the lab's old window: 4 s against 6.67 + 1 s (a healthy node fenced in CI)
+        (1, 7, 10, False),  # 7 s: longer than the failover alone, not with one keepalive more
+        (1, 8, 10, True),
+        (1, 5, 6, False),  # the boundary: 5 s is exactly 4 + 1 s, not longer
+        (1, 6, 6, True),
+        (0.1, 68, 10, True),  # decimal keepalives counted exactly: 6.8 s against 6.67 + 0.1 s
+        (0.1, 67, 10, False),  # 6.7 s, not longer than 6.7666 s
+        (0.5, 15, 10, True),
+        (0.5, 14, 10, False),
+    ],
+)
+def test_a_detection_window_must_outlast_a_zookeeper_failover_and_one_keepalive(
+    keepalive_s, dead_after, zk_timeout_s, accepted
+):
+    data = window(keepalive_s, dead_after, zk_timeout_s)
+    if accepted:
+        config = parse_config(data)
+        assert config.keepalive_interval_s * config.dead_after == pytest.approx(keepalive_s * dead_after)
+        assert min_dead_after(keepalive_s, zk_timeout_s) <= dead_after
+        return
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    assert min_dead_after(keepalive_s, zk_timeout_s) > dead_after
+    # the smallest dead_after the message names is accepted, and one less is not
+    fix = min_dead_after(keepalive_s, zk_timeout_s)
+    parse_config(window(keepalive_s, fix, zk_timeout_s))
+    with pytest.raises(ConfigError):
+        parse_config(window(keepalive_s, fix - 1, zk_timeout_s))
+    assert "\n" not in str(caught.value)
+
+
+def test_the_refusal_names_both_values_the_rule_and_the_fix():
+    with pytest.raises(ConfigError) as caught:
+        parse_config(window(1, 4, 10))
+    message = str(caught.value)
+    assert message.startswith("intervals: the detection window keepalive_s x dead_after = 1 s x 4 = 4 s")
+    assert "zookeeper.timeout_s = 10 s" in message
+    assert "2/3 of zookeeper.timeout_s (6.67 s" in message and "plus one keepalive interval (1 s) = 7.67 s" in message
+    assert "raise intervals.dead_after to at least 8 or lower zookeeper.timeout_s below 4.5 s" in message
+    # the suggested session timeout is accepted with the window as it is, and the boundary is not
+    parse_config(window(1, 4, 4.4))
+    with pytest.raises(ConfigError):
+        parse_config(window(1, 4, 4.5))
+
+
+def test_a_window_no_session_timeout_can_save_says_so():
+    with pytest.raises(ConfigError) as caught:
+        parse_config(window(0.1, 2, 10))
+    message = str(caught.value)
+    assert "at least 68" in message and "no zookeeper.timeout_s from its minimum, 1 s, is short enough" in message
+
+
+def test_every_config_the_project_ships_or_generates_keeps_the_rule():
+    """The daemon's and the role's defaults, the lab's daemons, the rollout's (and so the demo's)
+    variables, and the test harness at the keepalives the tests and the benchmarks use."""
+    from tests.daemon import harness
+    from tests.lab.daemons import DEFAULT_CONFIG, LAB_ZK_TIMEOUT_S
+    from tests.lab.hostviews import LAB_DAEMON_VARS
+
+    role = yaml.safe_load((REPO_ROOT / "roles" / "node_daemon" / "defaults" / "main.yml").read_text())
+    for variables in (role, {**role, **LAB_DAEMON_VARS}):
+        check_detection_window(
+            variables["node_daemon_keepalive_s"],
+            variables["node_daemon_dead_after"],
+            variables["node_daemon_zookeeper_timeout_s"],
+        )
+    lab = window(1, 1, LAB_ZK_TIMEOUT_S)
+    lab["intervals"] = DEFAULT_CONFIG["intervals"]
+    parse_config(lab)
+    for keepalive_s in (0.5, 1, 2, 30):  # tests/daemon, the integration cluster, bench b and c
+        data = window(1, 1, harness.ZK_TIMEOUT_S)
+        data["intervals"] = harness.intervals(keepalive_s)
+        parse_config(data)
+
+
+ROLE_CASES = {  # inventory host -> (keepalive_s, dead_after, zookeeper timeout_s)
+    "defaults": (5, 6, 10),
+    "old_lab": (1, 4, 10),
+    "boundary": (1, 5, 6),
+    "lab": (1, 6, 6),
+    "decimal_short": (0.1, 67, 10),
+    "decimal_long": (0.1, 68, 10),
+}
+
+
+def test_the_node_daemon_role_refuses_the_same_windows_before_it_writes_anything(tmp_path):
+    """The role's checks (roles/node_daemon/tasks/checks.yml, the first tasks of its main) give the
+    daemon's verdict for each window, and name the values and the fix, on one host per case."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    collections = tmp_path / "collections" / "ansible_collections" / "pvc"
+    collections.mkdir(parents=True)
+    (collections / "cluster").symlink_to(REPO_ROOT)
+    hosts = {
+        name: {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": sys.executable,
+            "node_daemon_zookeeper_hosts": "127.0.0.1:2181",
+            "node_daemon_install_method": "none",
+            "node_daemon_keepalive_s": keepalive_s,
+            "node_daemon_dead_after": dead_after,
+            "node_daemon_zookeeper_timeout_s": timeout_s,
+        }
+        for name, (keepalive_s, dead_after, timeout_s) in ROLE_CASES.items()
+    }
+    (tmp_path / "inventory.yml").write_text(yaml.safe_dump({"all": {"hosts": hosts}}))
+    (tmp_path / "checks.yml").write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "The node_daemon role's checks",
+                    "hosts": "all",
+                    "gather_facts": False,
+                    "tasks": [
+                        {
+                            "name": "Checks",
+                            "ansible.builtin.include_role": {"name": "pvc.cluster.node_daemon", "tasks_from": "checks"},
+                        }
+                    ],
+                }
+            ]
+        )
+    )
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "inventory.yml", "checks.yml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "ANSIBLE_COLLECTIONS_PATH": str(tmp_path / "collections"),
+            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "tmp"),
+            "ANSIBLE_NOCOLOR": "1",
+        },
+    )
+    # the default output: one "fatal: [host]: FAILED! => {json}" line per refused host, and the recap
+    failed = {}
+    for line in run.stdout.splitlines():
+        match = re.match(r"fatal: \[(\w+)\]: FAILED! => (\{.*\})$", line)
+        if match:
+            failed[match.group(1)] = json.loads(match.group(2))
+    recap = dict(re.findall(r"^(\w+)\s+: ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=(\d)", run.stdout, re.M))
+    assert set(recap) == set(ROLE_CASES), run.stdout + run.stderr
+    for name, (keepalive_s, dead_after, timeout_s) in ROLE_CASES.items():
+        try:
+            check_detection_window(keepalive_s, dead_after, timeout_s)
+        except ConfigError:
+            assert recap[name] == "1" and name in failed, (name, run.stdout)
+            assert "node_daemon_zookeeper_timeout_s" in failed[name]["assertion"], failed[name]
+            message = " ".join(failed[name]["msg"].split())
+            assert f"= {keepalive_s} s x {dead_after} =" in message and f"= {timeout_s} s" in message, message
+            assert f"raise node_daemon_dead_after to at least {min_dead_after(keepalive_s, timeout_s)} " in message
+        else:
+            assert recap[name] == "0" and name not in failed, (name, run.stdout)
+    assert run.returncode != 0  # the refused hosts failed

@@ -61,7 +61,7 @@ def config(zk_server, zk_root):
         {
             "node": "n1",
             "zookeeper": {"hosts": zk_server.hosts, "root": zk_root, "auth": node_auth("n1")},
-            "intervals": {"keepalive_s": 1},
+            "intervals": {"keepalive_s": 1, "dead_after": 8},  # 8 s: beyond the 10 s session's failover
             "libvirt": {"call_timeout_s": 5},
             "memory": {"reserve_mib": 512},
         }

@@ -81,9 +81,14 @@ PAUSE_RELEASE_ENV = "PVC_NODE_DAEMON_PAUSE_RELEASE"
 
 # Lab daemon defaults: short enough that a test of a timeout takes seconds, long enough that a
 # busy 2-core CI machine running QEMU under TCG never hits them by accident.
+# The detection window (1 s x 6 = 6 s) exceeds a ZooKeeper client's failover after a silent
+# partition (2/3 of the lab's 6 s session timeout, 4 s) plus one keepalive, as the daemon requires
+# (config.check_detection_window; docs/high-availability.md, "Detection"): a shorter session than
+# production's 10 s keeps the window, and bench e's time to recovery, short.
+LAB_ZK_TIMEOUT_S = 6
 DEFAULT_CONFIG = {
     "migration": {"step_timeout_s": 10, "live_timeout_base_s": 60, "live_timeout_per_gib_s": 30, "flush_parallel": 2},
-    "intervals": {"keepalive_s": 1, "dead_after": 4, "shutdown_timeout_s": 2},
+    "intervals": {"keepalive_s": 1, "dead_after": 6, "shutdown_timeout_s": 2},
     "memory": {"reserve_mib": 0},
     "libvirt": {"call_timeout_s": 20},
     "log": {"stdout": True, "debug": True, "colours": False},
@@ -261,7 +266,7 @@ class LabCluster:
             c = _merge(config, {})
             c["node"] = h.name
             # secured (docs/security.md): each daemon is the nodes and itself, the test's store the operator
-            c["zookeeper"] = {"hosts": lab.zk_hosts, "root": self.root, "timeout_s": 10, "auth": node_auth(h.name)}
+            c["zookeeper"] = {"hosts": lab.zk_hosts, "root": self.root, "timeout_s": LAB_ZK_TIMEOUT_S, "auth": node_auth(h.name)}
             c.setdefault("libvirt", {})["uri"] = h.libvirt_uri
             c.setdefault("migration", {})["address"] = h.address
             # The domain XML policy as a lab configures it (docs/security.md): the lab's own

@@ -104,10 +104,13 @@ ROLLOUT_ZK_CA_ON_NODE = "/etc/pvc/zookeeper-ca.pem"
 DEFAULT_ZK_ROOT = "/pvc"
 DEFAULT_VM_BRIDGES = [{"name": "vmbr0"}, {"name": "vmbr1"}]
 # Lab tuning of the node daemon: quick keepalives and short timeouts (a 2-core CI machine still
-# completes every step well inside them), no memory held back, debug logs.
+# completes every step well inside them), no memory held back, debug logs. The detection window and
+# the ZooKeeper session timeout are the lab daemons' (daemons.py, LAB_ZK_TIMEOUT_S): a 6 s window
+# against a 4 s failover plus one keepalive, as the daemon and the role require.
 LAB_DAEMON_VARS = {
     "node_daemon_keepalive_s": 1,
-    "node_daemon_dead_after": 4,
+    "node_daemon_dead_after": 6,
+    "node_daemon_zookeeper_timeout_s": 6,
     "node_daemon_shutdown_timeout_s": 5,
     "node_daemon_step_timeout_s": 20,
     "node_daemon_memory_reserve_mib": 0,

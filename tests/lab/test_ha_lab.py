@@ -156,10 +156,12 @@ def test_a_host_powered_off_is_fenced_its_vms_run_elsewhere_once_and_come_home_w
 
 def test_a_partitioned_host_is_fenced_through_its_bmc_before_its_vms_run_elsewhere(lab, ha_cluster):
     make, bmcs = ha_cluster
-    # a detection window longer than a ZooKeeper client's failover: node2 is also a ZooKeeper
+    # a detection window well beyond a ZooKeeper client's failover: node2 is also a ZooKeeper
     # member, and a daemon connected to its server sees no reset when the link is cut, only its
-    # read timeout (2/3 of the 10 s session timeout) before it moves to another server. With the
-    # lab's 4 s window such a healthy node was itself marked dead and fenced (seen once in CI).
+    # read timeout (2/3 of the lab's 6 s session timeout) before it moves to another server. The
+    # lab's 6 s window keeps the daemon's rule (4 s + one 1 s keepalive) with 1 s to spare, less
+    # than a second connection attempt to the silent server costs (6 s / 3 members); with a 4 s
+    # window against a 10 s session a healthy node was itself marked dead and fenced (CI, once).
     cluster = make(intervals={"dead_after": 10})
     uuids = started_on_node2(cluster, 2, "ha-cut")
     with RunningMonitor(lab.hosts) as monitor:
