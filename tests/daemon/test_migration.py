@@ -201,10 +201,15 @@ def test_transfer_aborts_when_the_target_changed_after_the_read_ahead(cluster, m
 
 
 @pytest.mark.parametrize("state", ["dead", "fencing", "fenced", "fence-failed"])
-def test_transfer_aborts_when_the_target_is_lost_after_it_prepared(cluster, make_agent, monkeypatch, state):
+@pytest.mark.parametrize("written_as", ["own state", "peer verdict"])
+def test_transfer_aborts_when_the_target_is_lost_after_it_prepared(cluster, make_agent, monkeypatch, state, written_as):
     """A target marked dead (then fenced) after it prepared receives nothing: a fenced host whose
     libvirtd is back before its daemon would get a VM that its recovery, or this side's ground
-    truth, starts a second time (models/ha.pml, rule D6)."""
+    truth, starts a second time (models/ha.pml, rule D6). The target's state is lost either as
+    its own key says (an operator's write) or where a peer writes it: a verdict under the peer's
+    own keys naming the version of the target's state it judged (the target's own state stays
+    `run`); the transferring write checks the target's claims container, whose version every
+    verdict changes."""
     store, uuid, xml = cluster
     source = make_agent("n1")
     source.hypervisor.create(xml)
@@ -212,7 +217,13 @@ def test_transfer_aborts_when_the_target_is_lost_after_it_prepared(cluster, make
     monkeypatch.setattr(source.hypervisor, "migrate", lambda *args, **kwargs: calls.append(args))
     request(store, uuid, "n2")
     source.handle(uuid, record_of(store, uuid), local_state="running")  # reads ahead: n2 is run
-    store.commit({store.schema.node_key("n2", S.NODE_DAEMON_STATE): state})
+    if written_as == "own state":
+        store.commit({store.schema.node_key("n2", S.NODE_DAEMON_STATE): state})
+    else:
+        if state != "dead":
+            judge(store, "n2", "dead")
+        judge(store, "n2", state)
+        assert store.find_text(store.schema.node_key("n2", S.NODE_DAEMON_STATE)) == "run"
     rewrite_record(store, uuid, step="prepared")
     source.handle(uuid, record_of(store, uuid), local_state="running")
     final = last_history(store, uuid)
@@ -640,29 +651,6 @@ def judge(store, node, result, by="n3"):
     if create:
         values[claim] = by
     store.commit(values, create=create)
-
-
-@pytest.mark.parametrize("state", ["dead", "fencing", "fenced", "fence-failed"])
-def test_transfer_aborts_when_a_peer_judges_the_target_after_it_prepared(cluster, make_agent, monkeypatch, state):
-    """As above, with the verdict where a peer writes it: under its own keys, naming the version of
-    the target's state it judged (the target's own state stays `run`); the transferring write
-    checks the target's claims container, whose version every verdict changes (rule D6)."""
-    store, uuid, xml = cluster
-    source = make_agent("n1")
-    source.hypervisor.create(xml)
-    calls = []
-    monkeypatch.setattr(source.hypervisor, "migrate", lambda *args, **kwargs: calls.append(args))
-    request(store, uuid, "n2")
-    source.handle(uuid, record_of(store, uuid), local_state="running")  # reads ahead: n2 is run
-    if state != "dead":
-        judge(store, "n2", "dead")
-    judge(store, "n2", state)
-    assert store.find_text(store.schema.node_key("n2", S.NODE_DAEMON_STATE)) == "run"
-    rewrite_record(store, uuid, step="prepared")
-    source.handle(uuid, record_of(store, uuid), local_state="running")
-    final = last_history(store, uuid)
-    assert final["result"] == "aborted" and final["reason"] == f"target n2 is {state} since it prepared", final
-    assert not calls and source.hypervisor.status(uuid).state == "running"
 
 
 def test_a_target_a_peer_judged_dead_does_not_prepare(cluster, make_agent):
