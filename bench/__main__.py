@@ -479,7 +479,7 @@ def bench_ha_recovery(trials: int) -> dict:
     p50 = {name: statistics.median(values) for name, values in series.items()}
     return {
         "id": "e",
-        "what": f"power loss of a lab host -> its {VMS} VMs running elsewhere (keepalive 1 s, dead after 4; "
+        "what": f"power loss of a lab host -> its {VMS} VMs running elsewhere (keepalive 1 s, dead after 6; "
         f"{trials} trials)",
         "p50_s": round(p50["total"], 3),
         "p50_detection_s": round(p50["detection"], 3),

@@ -1,7 +1,7 @@
 """Benchmark (e): from a host's power loss to every one of its VMs running elsewhere.
 
 A 3-host lab with a simulated BMC per host (Lab.start_bmcs) and the lab's keepalive settings
-(DEFAULT_CONFIG: keepalive 1 s, dead after 4). Each trial puts VMS no-OS guests on node2 and
+(DEFAULT_CONFIG: keepalive 1 s, dead after 6, ZooKeeper session 6 s). Each trial puts VMS no-OS guests on node2 and
 powers node2 off (every process of the host killed at once, Lab.power_off); the clock starts just
 before. It ends when libvirt on the other hosts has reported the start of the last of them (their
 `started` lifecycle events, on connections opened before the trial). Shares:

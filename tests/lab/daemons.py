@@ -266,7 +266,12 @@ class LabCluster:
             c = _merge(config, {})
             c["node"] = h.name
             # secured (docs/security.md): each daemon is the nodes and itself, the test's store the operator
-            c["zookeeper"] = {"hosts": lab.zk_hosts, "root": self.root, "timeout_s": LAB_ZK_TIMEOUT_S, "auth": node_auth(h.name)}
+            c["zookeeper"] = {
+                "hosts": lab.zk_hosts,
+                "root": self.root,
+                "timeout_s": LAB_ZK_TIMEOUT_S,
+                "auth": node_auth(h.name),
+            }
             c.setdefault("libvirt", {})["uri"] = h.libvirt_uri
             c.setdefault("migration", {})["address"] = h.address
             # The domain XML policy as a lab configures it (docs/security.md): the lab's own
