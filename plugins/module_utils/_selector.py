@@ -25,7 +25,8 @@ Selectors (the best candidate wins)
     ``vcpus``    fewest allocated vCPUs;
     ``vms``      fewest running domains;
     ``fit``      packs and balances, in this order: a node the VM fills to within FIT_EXACT_MIB of
-                 its headroom (the tightest such fit; it closes a gap no other VM might fill);
+                 its headroom (the tightest such fit, on a tight cluster the smallest such node:
+                 see the block rule; it closes a gap no other VM might fill);
                  when the candidates would have less than FIT_TIGHT_SHARE of their capacity
                  (memtotal - memreserve) left after the VM, the *block rule* (below); otherwise
                  the largest share of capacity free after the VM ((headroom - VM) / capacity:
@@ -50,7 +51,8 @@ The block rule (tight clusters, one VM at a time)
     blocks kept for large VMs that never come are what is left free at the end, and a block left
     on a large node is a smaller share of it (16 GiB is 4 points of a 384 GiB node, 12.5 of a
     128 GiB one), so small nodes are filled first and the free memory left ends more even
-    (``make bench``, p). Plain best fit
+    (``make bench``, p). For the same reason, exact fits on a tight cluster go to the smallest
+    node first (then the least left; a flush plan takes the tightest). Plain best fit
     starves a node whose gap is large but just too small for the largest VMs (small VMs always
     find a tighter gap elsewhere, and that node alone is left half empty); the block rule gives
     it small VMs whenever they do not break a larger block there. O(1) per node.
@@ -453,9 +455,19 @@ def select_target(
         else:
             reasons[name] = _static_rejection(node, current_node, limit, limit_text, excluded) or ""
     if tightest is not None and balanced is not None:  # both are set by the same fitting node
+        tight = _is_tight(slack, capacity, vm_memory_mib)
         if tightest[0] < FIT_EXACT_MIB:
-            return str(tightest[1])
-        if _is_tight(slack, capacity, vm_memory_mib):
+            if not tight:
+                return str(tightest[1])
+            # on a tight cluster, the smallest node among the exact fits (then the least left)
+            return str(
+                min(
+                    (cap, headroom - vm_memory_mib, name)
+                    for headroom, cap, name in fitting
+                    if headroom - vm_memory_mib < FIT_EXACT_MIB
+                )[-1]
+            )
+        if tight:
             return str(min(_block_key(headroom, cap, vm_memory_mib, name) for headroom, cap, name in fitting)[-1])
         return str(balanced[2])
     if best_key is not None:

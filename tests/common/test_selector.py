@@ -645,6 +645,19 @@ def test_fit_block_rule_fills_the_smaller_node_first_among_equal_blocks():
     assert select_target(2 * gib, None, (), "fit", same) == "c"
 
 
+def test_fit_exact_fits_on_a_tight_cluster_go_to_the_smallest_node_first():
+    """An 8 GiB VM fills both a (384 GiB, 8.5 GiB free) and b (128 GiB, 8.75 GiB free) to within
+    1 GiB. On a tight cluster the smallest node takes it (b), and a keeps its gap, a smaller share
+    of a if it stays free; with room, and in a flush plan, the tightest fit (a) as before."""
+    gib = 1024
+    a = node("a", total=384 * gib, prov=384 * gib - 8 * gib - 512)
+    b = node("b", total=128 * gib, prov=128 * gib - 8 * gib - 768)
+    assert select_target(8 * gib, None, (), "fit", [a, b]) == "b"
+    roomy = [a, b, node("c", total=384 * gib, prov=0)]
+    assert select_target(8 * gib, None, (), "fit", roomy) == "a"
+    assert [move.target for move in plan_flush("c", [FlushVM("vm", 8 * gib, (), "fit", "c")], [a, b])] == ["a"]
+
+
 def test_a_fit_flush_plan_leaves_the_receiving_nodes_balanced():
     """Largest first, each to the largest free share after it: a flush of 10 VMs (36 GiB) onto a
     tight cluster of four nodes of different sizes (135 of 1,152 GiB free) ends with their free
