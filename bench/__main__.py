@@ -440,6 +440,8 @@ def bench_busy_flush(vms: int = 6, parallel: int = 2, rounds: int = 2) -> dict:
         "ratio": round(ratio, 3),
         "ours_timeline": result["ours_timeline"],
         "virsh_timeline": result["virsh_timeline"],
+        "ours_moves": result["ours_moves"],
+        "virsh_moves": result["virsh_moves"],
         "guest_resets": result["guest_resets"],
         "guest_lost_writes": result["guest_lost_writes"],
         "target": "ratio <= 1.05",

@@ -150,6 +150,33 @@ def libvirt_downtime_ms(host, uuid: str) -> float | None:
     return None if value is None else float(value)
 
 
+# libvirt's statistics of the completed migration, as the target keeps them (the source's figures
+# come to it with the migration): the per-move evidence of f's timelines
+JOB_STATS = (
+    "time_elapsed",
+    "setup_time",
+    "downtime",
+    "memory_iteration",
+    "auto_converge_throttle",
+    "memory_dirty_rate",
+    "memory_processed",
+    "memory_bps",
+)
+
+
+def completed_job(host, uuid: str) -> dict[str, float]:
+    """JOB_STATS of the migration that brought the VM to ``host`` (libvirt's completed job on the
+    target; the keys it does not report are left out)."""
+    import libvirt
+
+    conn = host.connect()
+    try:
+        stats = conn.lookupByUUIDString(uuid).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    finally:
+        conn.close()
+    return {key: stats[key] for key in JOB_STATS if key in stats}
+
+
 def revive(cluster, collector: TickCollector, uuid: str, name: str, log=print) -> bool:
     """Make sure the busy guest is alive (it ticks) before it is moved again; if not, reset it
     (libvirt's virDomainReset: the same QEMU, a fresh boot), wait until it ticks and return True.
@@ -369,6 +396,35 @@ def timeline(moves: list[tuple[float, float, float]], began: float, ended: float
     }
 
 
+def move_rows(
+    moves: list[tuple[float, float, float]], names: list[str], began: float, jobs: list[dict[str, float]]
+) -> list[dict]:
+    """Each move of a run, in the order it started: the VM, the slot it ran in (slots handed out
+    as the moves started: the lowest free one), when it started, its transfer began and it ended
+    (seconds from the run's start), and libvirt's statistics of its job (completed_job)."""
+    order = sorted(range(len(moves)), key=lambda i: moves[i][0])
+    free_at: list[float] = []  # per slot: when its last move ended
+    rows = []
+    for i in order:
+        start, transfer, end = moves[i]
+        slot = next((n for n, at in enumerate(free_at) if at <= start), len(free_at))
+        if slot == len(free_at):
+            free_at.append(end)
+        free_at[slot] = end
+        rows.append(
+            {
+                "vm": names[i],
+                "slot": slot,
+                "start_s": round(start - began, 2),
+                "transfer_s": round(transfer - began, 2),
+                "end_s": round(end - began, 2),
+                "move_s": round(end - start, 2),
+                **jobs[i],
+            }
+        )
+    return rows
+
+
 def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -> dict:
     """(f): seconds to move ``vms`` busy real guests off node1 to node2, by a flush of node1 by
     our daemons (``flush_parallel`` = ``parallel``; domain state `flush` written until the
@@ -399,7 +455,15 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
         names = {uuid: f"busy-{i}" for i, uuid in enumerate(uuids)}
         for uuid in uuids:
             cluster.wait_guest_up(uuid, "node1", since=booted, timeout_s=300)
-        result: dict = {"ours": [], "virsh": [], "ours_timeline": [], "virsh_timeline": [], "guest_resets": 0}
+        result: dict = {
+            "ours": [],
+            "virsh": [],
+            "ours_timeline": [],
+            "virsh_timeline": [],
+            "ours_moves": [],
+            "virsh_moves": [],
+            "guest_resets": 0,
+        }
         src, dst = cluster.host("node1"), cluster.host("node2")
 
         def revive_all(settle: bool = True) -> None:
@@ -425,6 +489,8 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
                 steps = entry["steps"]
                 moves.append((steps["requested"], steps.get("transferring", steps["requested"]), steps["done"]))
             result["ours_timeline"].append(timeline(moves, started_wall, ended_wall))
+            jobs = [completed_job(dst, uuid) for uuid in uuids]
+            result["ours_moves"].append(move_rows(moves, [names[u] for u in uuids], started_wall, jobs))
             # home again, not timed
             cluster.set_domain_state("node1", "unflush")
             cluster.wait_domain_state("node1", "ready", timeout_s=3600)
@@ -437,6 +503,7 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
             queue = list(uuids)
             lock = threading.Lock()
             moves: list[tuple[float, float, float]] = []
+            moved: list[str] = []
             for uuid in uuids:
                 cap_migrate_speed(source, uuid)
                 set_max_downtime(source, uuid)  # as our daemons do before they migrate
@@ -451,6 +518,7 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
                     virsh_migrate(source, target, uuid, auto_converge=True, timeout_s=1800)
                     with lock:
                         moves.append((began, began, time.time()))
+                        moved.append(uuid)
 
             started_wall, started = time.time(), time.perf_counter()
             with ThreadPoolExecutor(parallel) as pool:
@@ -459,6 +527,8 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
             if timed:
                 result["virsh"].append(time.perf_counter() - started)
                 result["virsh_timeline"].append(timeline(moves, started_wall, time.time()))
+                jobs = [completed_job(target, uuid) for uuid in moved]
+                result["virsh_moves"].append(move_rows(moves, [names[u] for u in moved], started_wall, jobs))
 
         def by_virsh() -> None:
             revive_all()
@@ -483,6 +553,9 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
                 f"f round {round_ + 1}/{rounds}: ours {result['ours'][-1]:.1f} s {result['ours_timeline'][-1]}, "
                 f"virsh {result['virsh'][-1]:.1f} s {result['virsh_timeline'][-1]}"
             )
+            for side in ("ours", "virsh"):
+                for row in result[f"{side}_moves"][-1]:
+                    log(f"f round {round_ + 1} {side}: {row}")
         # Did the guests come through their moves whole?
         revive_all(settle=False)
         result["guest_lost_writes"] = sum(
