@@ -112,13 +112,46 @@ class NodeStateWorker(Service):
         # since _switch holds _lock while the worker it stops finishes its submissions
         self._submitting: dict[str, threading.Lock] = {}
         self._submitting_guard = threading.Lock()
+        # libvirt's lifecycle events here, counted (see _wait_for_libvirt); notified on a cancel too
+        self._libvirt_changed = threading.Condition()
+        self._libvirt_events = 0
 
     def start(self) -> None:
+        if self.hypervisor is not None:
+            self.hypervisor.add_lifecycle_listener(self._on_lifecycle)
         self.store.watch_data(self.schema.node_key(self.node, S.NODE_DOMAIN_STATE), self._on_state)
 
     def stop(self) -> None:
         self._stopped.set()
         self._cancel.set()
+        self._wake()
+
+    def _on_lifecycle(self, _uuid: str, _event: str, _detail: int) -> None:
+        """On libvirt's event thread: count the event, wake a flush waiting on libvirt."""
+        with self._libvirt_changed:
+            self._libvirt_events += 1
+            self._libvirt_changed.notify_all()
+
+    def _wake(self) -> None:
+        with self._libvirt_changed:
+            self._libvirt_changed.notify_all()
+
+    def libvirt_mark(self) -> int:
+        """The count of libvirt lifecycle events seen here so far, for _wait_for_libvirt."""
+        with self._libvirt_changed:
+            return self._libvirt_events
+
+    def _wait_for_libvirt(self, mark: int, cancel: threading.Event) -> None:
+        """Wait until libvirt reports a lifecycle event here after ``mark`` (libvirt_mark, taken
+        before the check that found something still running), at most one keepalive interval
+        (events lost across a reconnection are not waited for); Cancelled when ``cancel`` is set
+        meanwhile."""
+        with self._libvirt_changed:
+            self._libvirt_changed.wait_for(
+                lambda: cancel.is_set() or self._libvirt_events != mark, timeout=self.config.keepalive_interval_s
+            )
+        if cancel.is_set():
+            raise Cancelled()
 
     def _on_state(self, value: Versioned | None) -> bool:
         if self._stopped.is_set():
@@ -134,6 +167,7 @@ class NodeStateWorker(Service):
             if self._thread is not None and self._thread.is_alive():
                 log.info("domain state is now %s: stopping the running worker first", state)
                 self._cancel.set()
+                self._wake()
                 self._thread.join()
             self._cancel = threading.Event()
             target = self.flush if state == "flush" else self.ready
@@ -428,7 +462,12 @@ class NodeStateWorker(Service):
         while True:
             vms = self.vms_to_flush()
             if not vms:
-                # `flushed` promises that no cluster VM runs here: ask libvirt, not the records
+                # `flushed` promises that no cluster VM runs here: ask libvirt, not the records.
+                # The last VMs moved are usually still here for a moment (libvirt ends the
+                # source's copy after the target has resumed it, which ended the migration):
+                # their stop is a lifecycle event, so the check is made again on the next one
+                # rather than a keepalive interval later (up to 5 s at the end of every flush).
+                mark = self.libvirt_mark()
                 still = self.running_here()
                 if not still:
                     break
@@ -441,8 +480,7 @@ class NodeStateWorker(Service):
                         ", ".join(sorted(still)),
                         "".join(f"; VM {name} waits for an operator: {why}" for name, why in sorted(held.items())),
                     )
-                if cancel.wait(self.config.keepalive_interval_s):
-                    raise Cancelled()
+                self._wait_for_libvirt(mark, cancel)
                 continue
             nodes = read_node_views(self.store)
             # A VM whose XML is not valid is never migrated (its memory is not known, and the

@@ -3,6 +3,7 @@ what it does when requests compete, without daemons or ZooKeeper."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from types import SimpleNamespace
 
@@ -16,16 +17,20 @@ from pvc_node_daemon.flush import NodeStateWorker
 from tests.support.identities import node_auth
 
 
-def worker(**stores) -> NodeStateWorker:
+def worker(hypervisor=None, keepalive_s: float = 5.0, **stores) -> NodeStateWorker:
     config = parse_config(
         {
             "node": "n1",
             "zookeeper": {"hosts": "127.0.0.1:1", "auth": node_auth("n1")},
             "migration": {"flush_parallel": 4},
+            "intervals": {"keepalive_s": keepalive_s},
         }
     )
     store = SimpleNamespace(schema=Schema("/pvc"), **stores)
-    return NodeStateWorker(DaemonContext("n1", config, store, domains=DomainTable()), reconciler=None)
+    return NodeStateWorker(
+        DaemonContext("n1", config, store, hypervisor, domains=DomainTable()),
+        reconciler=SimpleNamespace(hypervisor=hypervisor),
+    )
 
 
 def test_requests_to_one_target_are_submitted_one_at_a_time(monkeypatch):
@@ -128,3 +133,64 @@ def test_ready_reports_the_vms_that_never_came_home(monkeypatch, caplog):
     monkeypatch.setattr(w, "_set_domain_state", lambda expected, new: None)
     w.ready(threading.Event())
     assert "did not come home: vm1 (refused: no room)" in caplog.text
+
+
+# ---- the end of a flush: libvirt's copy of the last VM moved ----------------------------------------
+
+
+def flush_waiting_on_libvirt(hv, make_domain_xml, request):
+    """A worker (keepalive interval one hour) whose flush has nothing left to move but finds a
+    cluster VM (assigned to n2 in its table) still running in libvirt here, as the source's copy
+    of the last VM moved is for a moment after the migration has ended; its flush thread, the
+    VM's uuid and what it committed."""
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    committed: list[dict] = []
+    w = worker(
+        hv,
+        keepalive_s=3600,
+        watch_data=lambda path, callback: None,
+        get_many=lambda paths: dict.fromkeys(paths),
+        find=lambda path: Versioned("flush", 3),
+        commit=lambda values, expect_versions=None: committed.append(values),
+    )
+    w.domains.put(uuid, "node", True, node="n2")
+    w.start()  # listens to libvirt's lifecycle events
+    cancel = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            w.flush(cancel)
+        except BaseException as exc:  # Cancelled, or a failure the test reports
+            failed.append(exc)
+
+    waiting = threading.Event()
+    said = logging.Handler()
+    said.emit = lambda record: waiting.set() if "libvirt still runs" in record.getMessage() else None  # type: ignore[method-assign]
+    logging.getLogger(flush.log.name).addHandler(said)
+    request.addfinalizer(lambda: logging.getLogger(flush.log.name).removeHandler(said))
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    # a state, with a deadline: the flush has found the VM running here and waits
+    assert waiting.wait(60), f"the flush did not wait: {failed} {committed}"
+    return SimpleNamespace(worker=w, thread=thread, uuid=uuid, committed=committed, cancel=cancel, failed=failed)
+
+
+def test_a_flush_is_flushed_on_libvirts_stop_event_not_a_keepalive_interval_later(hv, make_domain_xml, request):
+    f = flush_waiting_on_libvirt(hv, make_domain_xml, request)
+    assert f.thread.is_alive() and f.committed == []  # not flushed while libvirt runs the VM here
+    hv.destroy(f.uuid)  # libvirt ends the source's copy: a lifecycle event
+    f.thread.join(60)  # far below the keepalive interval (one hour) it waited before
+    assert not f.thread.is_alive() and f.failed == []
+    assert f.committed == [{"/pvc/nodes/n1/domain_state": "flushed"}]
+
+
+def test_a_flush_waiting_on_libvirt_stops_at_once_when_cancelled(hv, make_domain_xml, request):
+    f = flush_waiting_on_libvirt(hv, make_domain_xml, request)
+    assert f.thread.is_alive()
+    f.cancel.set()
+    f.worker._wake()  # as _switch and stop do after setting the cancel
+    f.thread.join(60)
+    assert not f.thread.is_alive() and f.committed == []
+    assert [type(exc) for exc in f.failed] == [flush.Cancelled]
