@@ -62,6 +62,15 @@ MIGRATE_SPEED_MIB_S = 16
 BUSY_DAEMON_CONFIG = {"migration": {"live_timeout_base_s": 900}}
 
 
+# f's daemons keep the daemon's own default intervals (node_daemon/config.py: a keepalive every
+# 5 s, dead after 6), not the lab's (1 s and 4, so that a test of a timeout takes seconds). The
+# virsh loops run with the daemons stopped; during our flush the daemons' periodic work
+# (keepalives, HA ticks, libvirt figures, and ZooKeeper serving them) runs beside the moves on
+# the same CPU-bound machine, at the lab's intervals five times what a node does by default.
+# Nothing in the flush waits for a keepalive when the target has room (docs/benchmarks.md, "f,
+# 2026-12-07 06:44-07:40: the per-move timelines").
+FLUSH_INTERVALS = {"keepalive_s": 5.0, "dead_after": 6}
+
 # Busy: every move of either side starts once the guest has run this long on its host (since its
 # last switch-over, or its boot), by its ticks' arrival. Without it the moves did not start alike:
 # in a2's alternating order the second of two moves of ours started 3-10 s after the first one's
@@ -447,7 +456,11 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
     collector = TickCollector(lab)
     try:
         guests = LabGuests(lab, collector=collector, log=log).prepare()
-        config = {**BUSY_DAEMON_CONFIG, "migration": {**BUSY_DAEMON_CONFIG["migration"], "flush_parallel": parallel}}
+        config = {
+            **BUSY_DAEMON_CONFIG,
+            "migration": {**BUSY_DAEMON_CONFIG["migration"], "flush_parallel": parallel},
+            "intervals": FLUSH_INTERVALS,
+        }
         cluster = LabCluster(lab, "bench-flush", guests=guests, **config)
         cluster.start()
         booted = time.time()
