@@ -189,9 +189,10 @@ def completed_job(host, uuid: str) -> dict[str, float]:
 def revive(cluster, collector: TickCollector, uuid: str, name: str, log=print) -> bool:
     """Make sure the busy guest is alive (it ticks) before it is moved again; if not, reset it
     (libvirt's virDomainReset: the same QEMU, a fresh boot), wait until it ticks and return True.
-    A dead guest dirties nothing, so it would not be a busy guest any more. Since the guests run
-    with GUEST_KERNEL_WORKAROUND (guests.py) none has died after a migration; should one, the
-    benchmark counts it (``revived``) rather than measure an idle guest."""
+    A dead guest dirties nothing, so it would not be a busy guest any more. The guests run with
+    GUEST_KERNEL_WORKAROUND (guests.py), and still one dies now and then after moves of either
+    side (docs/benchmarks.md, "f, 2026-12-07 06:44-07:40"); the benchmark counts it
+    (``revived``) rather than measure an idle guest."""
     try:
         collector.wait_ticking(name, since=time.time() - 2, timeout_s=5)
         return False
