@@ -49,7 +49,9 @@ unit the role rendered and waits until it serves. It runs with the role's defaul
 10.77.0.K:2281 with certificates of the cluster's one CA (cluster_ca role, in ``VIEWS/cluster-ca``),
 the quorum over TLS on 2890/3890, digest authentication enforced. The daemons and the modules
 connect to it secured (the identities of tests/support/identities.py). The lab's own ensemble
-(2181) keeps serving the lab's other tests.
+(2181) keeps serving the lab's other tests. By default every host is a member; ``members=N`` makes
+the first N hosts the ensemble (``pvc_coordinators``, ``pvc_zookeeper_servers``, ``pvc_zk_hosts``)
+and the others hypervisors only (tests/rollout/test_rollout_with_non_member.py).
 
 CLI: ``python -m tests.lab.hostviews up|down|inventory|services|start-daemon|restart-libvirtd|status
 --workdir W [--host nodeK]``.
@@ -252,11 +254,18 @@ class HostViews:
         log=None,
         vm_bridges: list[dict] | None = None,
         node_vars: dict | None = None,
+        members: int | None = None,
     ) -> None:
         """zk_root: the cluster's root znode; vm_bridges: the vm_bridges role's list (default vmbr0
-        and vmbr1); node_vars: more variables for every node (they override the lab's)."""
+        and vmbr1); node_vars: more variables for every node (they override the lab's); members:
+        the first ``members`` hosts are the ZooKeeper ensemble (pvc_coordinators), the others
+        hypervisors only, as in a production cluster with more hypervisors than members (default:
+        every host is both)."""
+        if members is not None and not 1 <= members <= len(lab.hosts):
+            raise ViewError(f"members must be between 1 and {len(lab.hosts)}, not {members}")
         self.lab = lab
         self.zk_root = zk_root
+        self.members = lab.hosts[: members or len(lab.hosts)]
         self.vm_bridges = vm_bridges if vm_bridges is not None else DEFAULT_VM_BRIDGES
         self.node_vars = node_vars or {}
         self._log = log or (lambda message: print(message, flush=True))
@@ -313,7 +322,7 @@ class HostViews:
     def zk_hosts(self) -> str:
         """The rolled-out cluster's ensemble (the zookeeper role's members, TLS only), reachable from
         the lab's namespaces."""
-        return ",".join(f"{h.address}:{ROLLOUT_ZK_PORT}" for h in self.lab.hosts)
+        return ",".join(f"{h.address}:{ROLLOUT_ZK_PORT}" for h in self.members)
 
     def module_zk_options(self) -> dict:
         """The modules' ZooKeeper options besides zk_hosts and zk_root (pvc_zk_options)."""
@@ -439,7 +448,7 @@ class HostViews:
                 "node_daemon_libvirt_uri": h.libvirt_uri,
                 "node_daemon_zookeeper_node_password": identities.node_password(h.name),
             }
-        servers = [{"id": h.index, "name": h.name, "host": h.address} for h in lab.hosts]
+        servers = [{"id": h.index, "name": h.name, "host": h.address} for h in self.members]
         node_vars = {
             "ansible_connection": "netns",
             # ZooKeeper: the lab runs the ensemble; the role renders its files (ports as the lab's)
@@ -513,7 +522,7 @@ class HostViews:
                 },
                 "children": {
                     "pvc_controller": {"hosts": {"localhost": {"ansible_connection": "local"}}},
-                    "pvc_coordinators": {"hosts": {name: {} for name in nodes}},
+                    "pvc_coordinators": {"hosts": {h.name: {} for h in self.members}},
                     "pvc_nodes": {"vars": node_vars, "hosts": nodes},
                 },
             }
