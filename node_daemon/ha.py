@@ -128,10 +128,11 @@ class HighAvailability(Service):
             with self._tracker_lock:
                 self.tracker.disconnected()
             return
-        peers = [peer for peer in self.store.list_children(self.schema.nodes(), missing_ok=True) if peer != self.node]
+        everyone = self.store.list_children(self.schema.nodes(), missing_ok=True)
+        peers = [peer for peer in everyone if peer != self.node]
         keys = (S.NODE_MAINTENANCE, S.NODE_KEEPALIVE)
         found = self.store.get_many([self.schema.node_key(peer, key) for peer in peers for key in keys])
-        states = read_node_states(self.store, peers)
+        states = read_node_states(self.store, peers, everyone=everyone)
         now = time.monotonic()
         fence_failed = []
         for peer in peers:

@@ -133,30 +133,39 @@ def read_running(store, node: str, problems: list | None = None) -> tuple[str, .
 NODE_READ_KEYS = (*S.NODE_DEFAULTS, S.NODE_FLUSH_HALTED)
 
 
-def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tuple[dict, dict[str, int], bool]]:
+def read_nodes_raw(
+    store, names, problems: dict | None = None, everyone=None
+) -> dict[str, tuple[dict, dict[str, int], bool]]:
     """For every existing node of ``names``: (every NODE_READ_KEYS key as stored, None when
     absent, its in-flight incoming-migration reservations as VM uuid -> MiB, whether it is
     alive), in two rounds of
-    parallel reads (the keys, liveness and reservation lists; then the reservations).
+    parallel reads (the keys, liveness, reservation and claims lists, and the list of every node
+    unless ``everyone`` gives it; then the reservations and every peer's fence record about each).
     Reservations that are not valid read as 0 MiB and are added to ``problems[node]``
     (optional)."""
     problems = {} if problems is None else problems
     schema = store.schema
     names = list(names)
-    everyone = node_names(store) if names else []  # whoever may have fenced one of them
+    if not names:
+        return {}
     keys = {name: {key: schema.node_key(name, key) for key in NODE_READ_KEYS} for name in names}
-    fences = {name: fence_record_paths(schema, name, everyone) for name in names}
     paths = [
         path
         for name in names
-        for path in [schema.node(name), schema.node_key(name, S.NODE_ALIVE)] + list(keys[name].values()) + fences[name]
+        for path in [schema.node_key(name, S.NODE_DAEMON_STATE), schema.node(name), schema.node_key(name, S.NODE_ALIVE)]
+        + list(keys[name].values())
     ]
-    found, listed = store.get_round(
-        paths,
-        [schema.node_reservations(name) for name in names] + [schema.node_claims(name) for name in names],
-    )
+    lists = [schema.node_reservations(name) for name in names] + [schema.node_claims(name) for name in names]
+    found, listed = store.get_round(list(dict.fromkeys(paths)), lists + ([schema.nodes()] if everyone is None else []))
+    # whoever may have fenced one of them
+    everyone = list(listed.get(schema.nodes()) or []) if everyone is None else list(everyone)
+    fences = {name: fence_record_paths(schema, name, everyone) for name in names}
     reserved = {name: listed[schema.node_reservations(name)] or [] for name in names}
-    amounts = store.get_many([schema.node_reservation(name, uuid) for name in names for uuid in reserved[name]])
+    later = store.get_many(
+        [schema.node_reservation(name, uuid) for name in names for uuid in reserved[name]]
+        + [path for name in names for path in fences[name]]
+    )
+    found = {**found, **later}
     result = {}
     for name in names:
         if found[schema.node(name)] is None:
@@ -171,12 +180,12 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
         raw[S.NODE_FENCE] = json.dumps(fence) if fence else None
         reservations = {
             uuid: reservation_mib(
-                amounts[schema.node_reservation(name, uuid)].value,
+                found[schema.node_reservation(name, uuid)].value,
                 schema.node_reservation(name, uuid),
                 problems.setdefault(name, []),
             )
             for uuid in reserved[name]
-            if amounts[schema.node_reservation(name, uuid)]
+            if found[schema.node_reservation(name, uuid)]
         }
         result[name] = (raw, reservations, found[schema.node_key(name, S.NODE_ALIVE)] is not None)
     return result
@@ -185,24 +194,52 @@ def read_nodes_raw(store, names, problems: dict | None = None) -> dict[str, tupl
 def fence_record_paths(schema, node: str, names) -> list[str]:
     """Where ``node``'s fence records may be: its own ``fence`` (an operator's confirm_down, or
     an older daemon's record) and the ``fences/<node>`` of each other node of ``names``."""
-    return [schema.node_key(node, S.NODE_FENCE)] + [
-        schema.node_fence_record(other, node) for other in names if other != node
-    ]
+    return [schema.node_key(node, S.NODE_FENCE)] + verdict_paths(schema, node, names)
 
 
-def node_state_paths(schema, node: str, names) -> tuple[list[str], list[str]]:
-    """What ``state_from`` needs of ``node`` (``names``: every node, whoever may have judged
-    it): (keys to read, containers to list)."""
-    keys = [schema.node_key(node, S.NODE_DAEMON_STATE), schema.node_key(node, S.NODE_DOMAIN_STATE)]
-    return keys + [schema.node_fence_record(other, node) for other in names if other != node], [
+def verdict_paths(schema, node: str, names) -> list[str]:
+    """Where the verdicts of ``node``'s peers about it are: ``fences/<node>`` of each other node
+    of ``names``."""
+    return [schema.node_fence_record(other, node) for other in names if other != node]
+
+
+def node_state_paths(schema, node: str) -> tuple[list[str], list[str]]:
+    """What ``state_from`` needs of ``node`` but its peers' verdicts: (keys to read, containers
+    to list), in this order in one round (``get_round_zxids``: its own ``daemon_state`` is read
+    before its claims container is listed; see ``verdicts_may_decide``)."""
+    return [schema.node_key(node, S.NODE_DAEMON_STATE), schema.node_key(node, S.NODE_DOMAIN_STATE)], [
         schema.node_claims(node)
     ]
 
 
+def verdicts_may_decide(schema, node: str, found: dict, zxids: dict) -> bool:
+    """Whether a verdict about ``node`` may name the version its ``daemon_state`` has in
+    ``found``, from the zxids (``get_round_zxids``) of the round that read ``node_state_paths``.
+
+    Every verdict is written with a note in the node's claims container, in one transaction
+    checked against the version of the state it judges and never writing the state
+    (node_daemon/ha.py, ``_verdict_writes``): a verdict about the current version was written
+    after the state got that version, and left the container's data a higher zxid than the
+    state's. A container last written no later than the state (before it, or with it: the
+    daemon's registration makes both) holds no note of such a verdict, so there is none, and the
+    peers' records need not be read (a record about an older version never decides:
+    _records.node_state).
+    The container is listed after the state is read, so a verdict written between the two is seen.
+    Without a state, no verdict counts; without a zxid for either (no container, or a store that
+    gives none), the verdicts are read."""
+    state_path = schema.node_key(node, S.NODE_DAEMON_STATE)
+    if found.get(state_path) is None:
+        return False
+    state_zxid, claims_zxid = zxids.get(state_path), zxids.get(schema.node_claims(node))
+    return state_zxid is None or claims_zxid is None or claims_zxid > state_zxid
+
+
 def state_from(schema, node: str, found: dict, listed: dict, names, problems: list | None = None) -> R.NodeState:
     """``node``'s state (_records.node_state) from the answers of a read of
-    ``node_state_paths(schema, node, names)``. An own state that is not valid reads as
-    "invalid" (added to ``problems``), a verdict that is not valid is left out (likewise)."""
+    ``node_state_paths(schema, node)`` and of the ``verdict_paths(schema, node, names)`` that
+    ``verdicts_may_decide`` asks for (a verdict not in ``found`` counts as none). An own state
+    that is not valid reads as "invalid" (added to ``problems``), a verdict that is not valid is
+    left out (likewise)."""
     problems = [] if problems is None else problems
     own_path, domain_path = schema.node_key(node, S.NODE_DAEMON_STATE), schema.node_key(node, S.NODE_DOMAIN_STATE)
     own = found.get(own_path)
@@ -234,22 +271,24 @@ def _effective_raw(state: R.NodeState, raw: dict) -> tuple:
     return state.daemon_state, state.domain_state
 
 
-def read_node_states(store, names=None, problems: dict | None = None) -> dict[str, R.NodeState]:
+def read_node_states(store, names=None, problems: dict | None = None, everyone=None) -> dict[str, R.NodeState]:
     """The state of each node of ``names`` (default: every node) as everyone reads it: its own
-    ``daemon_state`` combined with its peers' verdicts (_records.node_state), in one round of
-    reads. A node without a ``daemon_state`` is left out. The one reader of a node's state for
-    the daemon (HA, migrations), the modules and the inventory (through read_nodes_raw and the
-    node views)."""
+    ``daemon_state`` combined with its peers' verdicts (_records.node_state). A node without a
+    ``daemon_state`` is left out. The one reader of a node's state for the daemon (HA,
+    migrations), the modules and the inventory (through read_nodes_raw and the node views).
+
+    ``everyone``: the names of every node, whoever may have judged one of them, when the caller
+    has just listed them (else they are listed in the first round, or before it when ``names``
+    is not given). One round of reads (each node's state, domain state and claims), and a second
+    only for the nodes whose peers' verdicts may decide (``verdicts_may_decide``): for each of
+    them, every peer's verdict about it."""
     schema = store.schema
-    everyone = node_names(store)
-    names = everyone if names is None else list(names)
+    if names is None and everyone is None:
+        everyone = node_names(store)
+    names = list(everyone if names is None else names)
     problems = {} if problems is None else problems
-    paths, lists = [], []
-    for name in names:
-        keys, containers = node_state_paths(schema, name, everyone)
-        paths += keys
-        lists += containers
-    found, listed = store.get_round(paths, lists)
+    found, listed = _judged_round(store, names, everyone)
+    everyone = listed.get(schema.nodes()) or [] if everyone is None else everyone
     states = {}
     for name in names:
         if found.get(schema.node_key(name, S.NODE_DAEMON_STATE)) is None:
@@ -258,43 +297,77 @@ def read_node_states(store, names=None, problems: dict | None = None) -> dict[st
     return states
 
 
+def _judged_round(store, names, everyone, paths=(), lists=(), later=()) -> tuple[dict, dict]:
+    """The reads of ``read_node_states`` with more keys and lists in its rounds: one round of
+    ``paths``, each node's ``node_state_paths``, ``lists`` (and the list of every node, unless
+    ``everyone`` gives it), then one of ``later`` (keys named by the first round's answers: a
+    callable of (found, listed)) and the peers' verdicts about each node whose verdicts may
+    decide (``verdicts_may_decide``), the second only when it has something to read. The answers
+    of both, merged: ({path: Versioned or None}, {path: [names] or None})."""
+    schema = store.schema
+    paths, lists = list(paths), list(lists)
+    for name in names:
+        keys, containers = node_state_paths(schema, name)
+        paths += keys
+        lists += containers
+    if everyone is None:
+        lists.append(schema.nodes())
+    found, listed, zxids = store.get_round_zxids(list(dict.fromkeys(paths)), list(dict.fromkeys(lists)))
+    peers = listed.get(schema.nodes()) or [] if everyone is None else everyone
+    second = list(later(found, listed)) if callable(later) else list(later)
+    second += [
+        path
+        for name in names
+        if verdicts_may_decide(schema, name, found, zxids)
+        for path in verdict_paths(schema, name, peers)
+    ]
+    if second:
+        found = {**found, **store.get_many(second)}
+    return found, listed
+
+
 def read_node_state(store, name: str) -> R.NodeState | None:
     return read_node_states(store, [name]).get(name)
 
 
-def read_fence_record(store, node: str, problems: list | None = None) -> dict:
+def read_fence_record(store, node: str, problems: list | None = None, everyone=None) -> dict:
     """``node``'s fence record (_records.latest_fence_record; {} when never fenced), in one
-    round of reads; an invalid record is left out and added to ``problems``."""
-    paths = fence_record_paths(store.schema, node, node_names(store))
+    round of reads (after listing every node, unless ``everyone`` names them); an invalid record
+    is left out and added to ``problems``."""
+    paths = fence_record_paths(store.schema, node, node_names(store) if everyone is None else everyone)
     found = store.get_many(paths)
     return R.latest_fence_record([(path, _text(found[path])) for path in paths], problems)
 
 
-def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[str, NodeView], dict]:
+def read_node_views_of(store, names, also=(), keys=NodeView.KEYS, everyone=None) -> tuple[dict[str, NodeView], dict]:
     """The views of the nodes ``names`` (missing nodes left out) and the keys ``also``, in two
-    rounds of parallel reads: every node key, reservation list and ``also`` key, then the
-    reservations. ``also`` is read first: ZooKeeper answers one session's requests in order.
-    ``keys``: the node keys to read (NodeView.FIT_KEYS for a fit check; the others read as 0).
-    Returns (views, {path: (text, version) or None} for ``also``)."""
+    rounds of parallel reads: every node key, reservation list and ``also`` key (and, when the
+    daemon state is among ``keys``, each node's claims and the list of every node, unless
+    ``everyone`` gives it), then the reservations (and the peers' verdicts that may decide a
+    node's state, read_node_states). ``also`` is read first: ZooKeeper answers one session's
+    requests in order. ``keys``: the node keys to read (NodeView.FIT_KEYS for a fit check; the
+    others read as 0). Returns (views, {path: (text, version) or None} for ``also``)."""
     schema = store.schema
     also, names = list(also), list(names)
     keys = {name: {key: schema.node_key(name, key) for key in keys} for name in names}
     paths = also + [path for name in names for path in [schema.node(name)] + list(keys[name].values())]
+    lists = [schema.node_reservations(name) for name in names]
+
+    def reservation_paths(_found, listed) -> list[str]:
+        return [
+            schema.node_reservation(name, uuid)
+            for name in names
+            for uuid in listed[schema.node_reservations(name)] or []
+        ]
+
     # a node's daemon state is its own combined with its peers' verdicts (read_node_states)
     judged = S.NODE_DAEMON_STATE in keys.get(names[0], {}) if names else False
-    everyone = node_names(store) if judged else []
     if judged:
-        paths += [path for name in names for path in node_state_paths(schema, name, everyone)[0]]
-        paths = list(dict.fromkeys(paths))
-    found, listed = store.get_round(
-        paths,
-        [schema.node_reservations(name) for name in names]
-        + ([schema.node_claims(name) for name in names] if judged else []),
-    )
-    reserved_uuids = {name: listed[schema.node_reservations(name)] or [] for name in names}
-    reservations = store.get_many(
-        [schema.node_reservation(name, uuid) for name in names for uuid in reserved_uuids[name]]
-    )
+        found, listed = _judged_round(store, names, everyone, paths, lists, reservation_paths)
+        everyone = listed.get(schema.nodes()) or [] if everyone is None else everyone
+    else:
+        found, listed = store.get_round(paths, lists)
+        found = {**found, **store.get_many(reservation_paths(found, listed))}
     views = {}
     for name in names:
         if found[schema.node(name)] is None:
@@ -304,12 +377,13 @@ def read_node_views_of(store, names, also=(), keys=NodeView.KEYS) -> tuple[dict[
         if judged:
             state = state_from(schema, name, found, listed, everyone)
             raw[S.NODE_DAEMON_STATE], raw[S.NODE_DOMAIN_STATE] = _effective_raw(state, raw)
+        reserved_uuids = listed[schema.node_reservations(name)] or []
         reserved = sum(
             reservation_mib(
-                reservations[schema.node_reservation(name, uuid)].value, schema.node_reservation(name, uuid), problems
+                found[schema.node_reservation(name, uuid)].value, schema.node_reservation(name, uuid), problems
             )
-            for uuid in reserved_uuids[name]
-            if reservations[schema.node_reservation(name, uuid)]
+            for uuid in reserved_uuids
+            if found[schema.node_reservation(name, uuid)]
         )
         view = NodeView.from_store(name, raw, reserved, prefix=schema.node(name) + "/")
         views[name] = replace(view, invalid=tuple(problems) + view.invalid) if problems else view
@@ -321,7 +395,8 @@ def read_node_view(store, name: str) -> NodeView | None:
 
 
 def read_node_views(store) -> dict[str, NodeView]:
-    return read_node_views_of(store, node_names(store))[0]
+    everyone = node_names(store)
+    return read_node_views_of(store, everyone, everyone=everyone)[0]
 
 
 def vm_uuids(store) -> list[str]:

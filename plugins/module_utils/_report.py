@@ -108,8 +108,9 @@ def read_cluster(store, nodes: list[str] | None = None, vms: list[str] | None = 
     snapshot = ClusterSnapshot()
     schema = store.schema
     # a few rounds of parallel reads in all, however many nodes and VMs
+    everyone = node_names(store) if nodes is None else None
     for name, (raw, reservations, alive) in read_nodes_raw(
-        store, node_names(store) if nodes is None else nodes, snapshot.invalid
+        store, everyone if nodes is None else nodes, snapshot.invalid, everyone
     ).items():
         snapshot.nodes[name] = raw
         snapshot.reservations[name] = reservations

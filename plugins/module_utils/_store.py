@@ -698,16 +698,33 @@ class ClusterStore:
         parallel requests, answered in the order sent: ``({path: Versioned or None}, {path:
         [names] or None})``, None only for a key that does not exist. Raises UnreachableError or
         StoreError when any request of the round fails otherwise."""
+        found, listed, _zxids = self.get_round_zxids(paths, lists)
+        return found, listed
+
+    def get_round_zxids(
+        self, paths, lists=()
+    ) -> tuple[dict[str, Versioned | None], dict[str, list[str] | None], dict[str, int]]:
+        """``get_round``, and the zxid of the last change of the data of every key that exists,
+        read or listed (its ``mzxid``: ZooKeeper orders every write of the ensemble, so of two
+        keys the one with the higher zxid was written later; a transaction's writes share one).
+        Sent in the order given, ``paths`` before ``lists``: one session's requests are answered
+        in order, so a key later in the round is read no earlier than one before it."""
         paths, lists = list(paths), list(lists)
         named = paths + lists
         what = f"read {', '.join(named[:3])}" + (f" and {len(named) - 3} more" if len(named) > 3 else "")
         self._require_connection(what)
         pending = [(path, self.client.get_async(path)) for path in paths]
-        pending_lists = [(path, self.client.get_children_async(path)) for path in lists]
+        pending_lists = [(path, self.client.get_children_async(path, include_data=True)) for path in lists]
         listed: dict[str, list[str] | None] = {}
+        zxids: dict[str, int] = {}
         for path, async_result in pending_lists:
-            children = self._answer_of("list", path, async_result)
-            listed[path] = None if children is None else sorted(children)
+            answer = self._answer_of("list", path, async_result)
+            if answer is None:
+                listed[path] = None
+                continue
+            children, stat = answer
+            listed[path] = sorted(children)
+            zxids[path] = stat.mzxid
         result: dict[str, Versioned | None] = {}
         for path, async_result in pending:
             answer = self._answer_of("read", path, async_result)
@@ -716,7 +733,8 @@ class ClusterStore:
                 continue
             data, stat = answer
             result[path] = Versioned((data or b"").decode("utf-8", errors="replace"), stat.version)
-        return result, listed
+            zxids[path] = stat.mzxid
+        return result, listed, zxids
 
     def _answer_of(self, what: str, path: str, async_result):
         """One answer of a parallel round (``get_round``, ``_subtrees``): None for a missing key;

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import (
@@ -220,3 +222,186 @@ def test_a_vm_read_at_once_derives_what_the_daemons_table_derives(cluster):
     vm = read_vm(store, UUID)
     assert vm.migration is None and vm.migration_source is None
     assert vm.migration_error and vm.left_alone == vm.migration_error
+
+
+# ---- a node's state: the peers' verdicts are read only when one may decide, and none is missed ----
+
+NODES = ("n1", "n2", "n3")
+
+
+def _full_states(store) -> dict:
+    """Every node's state from one read of everything, every peer's verdict included (the
+    reading before verdicts_may_decide): what read_node_states must answer."""
+    from pvc_cluster_common._cluster import node_state_paths, state_from, verdict_paths
+
+    schema = store.schema
+    paths, lists = [], []
+    for name in NODES:
+        keys, containers = node_state_paths(schema, name)
+        paths += keys + verdict_paths(schema, name, NODES)
+        lists += containers
+    found, listed = store.get_round(paths, lists)
+    return {
+        name: state_from(schema, name, found, listed, NODES)
+        for name in NODES
+        if found[schema.node_key(name, S.NODE_DAEMON_STATE)] is not None
+    }
+
+
+def _verdict(store, by: str, node: str, result: str) -> bool:
+    """``by``'s verdict ``result`` about ``node``'s current state, written as node_daemon/ha.py
+    writes one (its record and the note in the node's claims container, checked against the
+    version judged; fencing, fenced and fence-failed claim the version unless it is claimed)."""
+    from pvc_cluster_common._store import ConflictError
+
+    schema = store.schema
+    state_path = schema.node_key(node, S.NODE_DAEMON_STATE)
+    found = store.find(state_path)
+    if found is None:
+        return False
+    record = {"by": by, "method": "none", "result": result, "started": 1.0, "version": found.version}
+    values = {
+        schema.node_fence_record(by, node): json.dumps(record),
+        schema.node_claims(node): json.dumps({"by": by, "result": result, "version": found.version}),
+    }
+    create = []
+    claim = schema.node_claim(node, found.version)
+    if result != "dead" and not store.exists(claim):
+        values[claim] = by
+        create.append(claim)
+    try:
+        store.commit(values, expect_versions={state_path: found.version}, create=create)
+    except ConflictError:
+        return False
+    return True
+
+
+def _own(store, node: str, state: str, claim: bool = False) -> None:
+    """``node`` writes its own daemon state (its keepalive answering a verdict claims the version
+    it answers, as its daemon does)."""
+    schema = store.schema
+    state_path = schema.node_key(node, S.NODE_DAEMON_STATE)
+    found = store.find(state_path)
+    values: dict = {state_path: state}
+    create = []
+    if claim and found is not None and not store.exists(schema.node_claim(node, found.version)):
+        values[schema.node_claim(node, found.version)] = node
+        create.append(schema.node_claim(node, found.version))
+    store.commit(values, create=create)
+
+
+@pytest.fixture
+def three_nodes(store):
+    schema = store.schema
+    values = {}
+    for node in NODES:
+        values.update(
+            {
+                schema.node(node): "",
+                schema.node_key(node, S.NODE_DAEMON_STATE): "run",
+                schema.node_key(node, S.NODE_DOMAIN_STATE): "ready",
+                schema.node_claims(node): "",
+                schema.node_fences(node): "",
+            }
+        )
+    store.commit(values)
+    return store
+
+
+def test_verdicts_are_read_only_for_a_node_whose_claims_changed_since_its_state(three_nodes):
+    from pvc_cluster_common._cluster import node_state_paths, read_node_states, verdicts_may_decide
+
+    store, schema = three_nodes, three_nodes.schema
+
+    def may_decide(node: str) -> bool:
+        keys, lists = node_state_paths(schema, node)
+        found, _listed, zxids = store.get_round_zxids(keys, lists)
+        return verdicts_may_decide(schema, node, found, zxids)
+
+    assert not any(may_decide(node) for node in NODES)  # the claims container was made with the state
+    assert _verdict(store, "n2", "n1", "dead")
+    assert may_decide("n1") and not may_decide("n2")
+    assert read_node_states(store)["n1"].daemon_state == "dead"
+    _own(store, "n1", "run", claim=True)  # its keepalive answers the verdict
+    assert not may_decide("n1")
+    assert read_node_states(store)["n1"].daemon_state == "run"
+    # a note written alone (by any node) only makes the verdicts read again
+    store.commit({schema.node_claims("n1"): "forged"})
+    assert may_decide("n1") and read_node_states(store)["n1"].daemon_state == "run"
+    assert read_node_states(store) == _full_states(store)
+
+
+def test_a_node_without_a_claims_container_has_its_verdicts_read(three_nodes):
+    from pvc_cluster_common._cluster import node_state_paths, read_node_states, verdicts_may_decide
+
+    store, schema = three_nodes, three_nodes.schema
+    store.delete([schema.node_claims("n3")])
+    keys, lists = node_state_paths(schema, "n3")
+    found, _listed, zxids = store.get_round_zxids(keys, lists)
+    assert verdicts_may_decide(schema, "n3", found, zxids)
+    assert _verdict(store, "n1", "n3", "dead")
+    assert read_node_states(store)["n3"].daemon_state == "dead"
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(("own", "own-claim", "verdict", "domain", "note")),
+        st.sampled_from(NODES),
+        st.sampled_from(NODES),
+        st.sampled_from(("dead", "fencing", "fenced", "fence-failed")),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+# kazoo's threads draw from the global random module (retry jitter) while hypothesis draws
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=OPS)
+def test_no_verdict_is_missed_whatever_the_order_of_writes(three_nodes, ops):
+    """After any sequence of the writes the protocol makes (a node's own state, with or without
+    claiming the version it answers; a peer's verdict about the current version; a domain state;
+    a note alone), read_node_states, the node views and the reports answer what a read of every
+    peer's verdict answers."""
+    from pvc_cluster_common._cluster import read_node_states, read_node_views, read_nodes_raw
+
+    store, schema = three_nodes, three_nodes.schema
+    # every example starts from the same three nodes
+    store.commit(
+        {schema.node_key(node, key): value for node in NODES for key, value in ((S.NODE_DAEMON_STATE, "run"),)}
+        | {schema.node_key(node, S.NODE_DOMAIN_STATE): "ready" for node in NODES}
+        | {schema.node_claims(node): "" for node in NODES},
+        delete=[schema.node_fence_record(by, node) for by in NODES for node in NODES if by != node]
+        + [
+            schema.node_claims(node) + "/" + claim
+            for node in NODES
+            for claim in store.list_children(schema.node_claims(node))
+        ],
+    )
+    for op, node, by, result in ops:
+        if op == "own":
+            _own(store, node, "run")
+        elif op == "own-claim":
+            _own(store, node, "run", claim=True)
+        elif op == "verdict" and by != node:
+            _verdict(store, by, node, result)
+        elif op == "domain":
+            store.commit({schema.node_key(node, S.NODE_DOMAIN_STATE): "flush"})
+        elif op == "note":
+            store.commit({schema.node_claims(node): "note"})
+        expected = _full_states(store)
+        assert read_node_states(store) == expected
+        assert read_node_states(store, [node], everyone=list(NODES)) == {node: expected[node]}
+        views = read_node_views(store)
+        assert {name: (view.daemon_state, view.domain_state) for name, view in views.items()} == {
+            name: (state.daemon_state, state.domain_state) for name, state in expected.items()
+        }
+        raw = read_nodes_raw(store, NODES)
+        assert {name: raw[name][0][S.NODE_DAEMON_STATE] for name in NODES} == {
+            name: state.daemon_state for name, state in expected.items()
+        }

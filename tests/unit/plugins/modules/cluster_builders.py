@@ -106,3 +106,9 @@ class FakeStore:
             found = any(stored.startswith(prefix) for stored in self.values) or path in self.values
             listed[path] = self.list_children(path) if found else None
         return self.get_many(paths), listed
+
+    def get_round_zxids(self, paths, lists=()):
+        """get_round, and no zxids: whoever needs one reads as if it could not tell (every
+        peer's verdict about a node is then read)."""
+        found, listed = self.get_round(paths, lists)
+        return found, listed, {}
