@@ -695,40 +695,57 @@ def wait_for_key(store, path: str, predicate, timeout_s: float, cancel=None) -> 
     return True
 
 
-def wait_for_node_state(store, node: str, predicate, timeout_s: float) -> R.NodeState | None:
-    """Wait until ``predicate(state)`` holds for ``node``'s state as everyone reads it
-    (read_node_state; None while the node has no daemon_state). Woken by data watches on the
-    node's own daemon_state, domain_state and on its claims container (every verdict about it
-    changes that); the state is read outside the watches' thread. The state, or None on timeout."""
+def watch_until(store, paths, condition, timeout_s: float):
+    """Evaluate ``condition()`` now and whenever a key in ``paths`` changes (ZooKeeper watches),
+    until it returns something true (returned) or ``timeout_s`` passes (None returned). The one
+    watch-and-read-again loop of the modules and the daemon's waits (``wait_for_node_state``):
+    the watches only wake it, ``condition`` reads what it decides on itself, outside the store's
+    event thread; a change during its evaluation wakes it again. The watches end with the wait."""
     changed = threading.Event()
-    done = threading.Event()
+    active = [True]
 
-    def poke(_found) -> bool:
+    def watcher(*_args) -> bool:
+        if not active[0]:
+            return False
         changed.set()
-        return not done.is_set()
+        return True
 
-    schema = store.schema
-    for path in (
-        schema.node_key(node, S.NODE_DAEMON_STATE),
-        schema.node_key(node, S.NODE_DOMAIN_STATE),
-        schema.node_claims(node),
-    ):
-        store.watch_data(path, poke)
+    for path in paths:
+        store.watch_data(path, watcher)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
             changed.clear()
-            state = read_node_state(store, node)
-            if predicate(state):
-                return state
-            left = deadline - time.monotonic()
-            if left <= 0:
+            result = condition()
+            if result:
+                return result
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 return None
-            # a peer's verdict is written beside its claims note: a second read catches the note
-            # written just after the read above (the watch fires again)
-            changed.wait(left)
+            changed.wait(remaining)
     finally:
-        done.set()
+        active[0] = False
+
+
+def wait_for_node_state(store, node: str, predicate, timeout_s: float) -> R.NodeState | None:
+    """Wait until ``predicate(state)`` holds for ``node``'s state as everyone reads it
+    (read_node_state; None while the node has no daemon_state). Woken by data watches on the
+    node's own daemon_state, domain_state and on its claims container (every verdict about it
+    changes that; a verdict's record and its note are written in one transaction), through
+    ``watch_until``. The state, or None on timeout."""
+    schema = store.schema
+
+    def reached() -> tuple | None:
+        state = read_node_state(store, node)
+        return (state,) if predicate(state) else None
+
+    paths = (
+        schema.node_key(node, S.NODE_DAEMON_STATE),
+        schema.node_key(node, S.NODE_DOMAIN_STATE),
+        schema.node_claims(node),
+    )
+    found = watch_until(store, paths, reached, timeout_s)
+    return found[0] if found else None
 
 
 def wait_until_gone(store, path: str, timeout_s: float) -> bool:

@@ -16,7 +16,6 @@
   raises (None stands only for a key that does not exist), so the task fails at a read that could
   not be made instead of acting on, or reporting, data it could not read.
 * :class:`Differences`: the one place ``changed`` and the ``diff`` come from.
-* :func:`watch_until`: wait for a condition on ZooKeeper watches, with a deadline (no polling).
 
 Module logic raises :class:`ModuleFailure` (or the shared errors); only the session turns them into
 ``fail_json``.
@@ -27,8 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import re
-import threading
-import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
@@ -358,32 +355,3 @@ class Differences:
 
     def diff(self) -> dict:
         return {"before": self.before(), "after": self.after()}
-
-
-def watch_until(store: ClusterStore, paths, condition, timeout_s: float):
-    """Evaluate ``condition()`` now and whenever a key in ``paths`` changes (ZooKeeper watches),
-    until it returns something true (returned) or ``timeout_s`` passes (None returned)."""
-    changed = threading.Event()
-    active = [True]
-
-    def watcher(*_args) -> bool:
-        if not active[0]:
-            return False
-        changed.set()
-        return True
-
-    for path in paths:
-        store.watch_data(path, watcher)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            changed.clear()
-            result = condition()
-            if result:
-                return result
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            changed.wait(remaining)
-    finally:
-        active[0] = False

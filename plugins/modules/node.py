@@ -206,6 +206,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
     read_node_states,
     read_running,
     read_vm_state,
+    watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._decode import Invalid
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
@@ -216,7 +217,6 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     check_names,
     check_wait_timeout,
     exit_from_session,
-    watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import n1_policy, n1_refusal, read_cluster
 from ansible_collections.pvc.cluster.plugins.module_utils._selector import (

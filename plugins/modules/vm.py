@@ -233,6 +233,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
     read_vm,
     read_vm_state,
     vm_definition,
+    watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._decode import integer, or_default
 from ansible_collections.pvc.cluster.plugins.module_utils._domain_policy import DomainPolicy, PolicyError, check_domain
@@ -253,7 +254,6 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     check_wait_timeout,
     exit_from_session,
     meta_updates,
-    watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import (
     meta_dict,

@@ -232,6 +232,7 @@ from ansible_collections.pvc.cluster.plugins.module_utils._cluster import (
     read_node_views,
     read_running,
     read_vm,
+    watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     Differences,
@@ -241,7 +242,6 @@ from ansible_collections.pvc.cluster.plugins.module_utils._module import (
     check_names,
     check_wait_timeout,
     exit_from_session,
-    watch_until,
 )
 from ansible_collections.pvc.cluster.plugins.module_utils._report import (
     read_cluster,

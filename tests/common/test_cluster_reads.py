@@ -405,3 +405,74 @@ def test_no_verdict_is_missed_whatever_the_order_of_writes(three_nodes, ops):
         assert {name: raw[name][0][S.NODE_DAEMON_STATE] for name in NODES} == {
             name: state.daemon_state for name, state in expected.items()
         }
+
+
+# ---- the one watch-and-read-again loop (_cluster.watch_until) and the node-state wait on it ----
+
+
+def test_watch_until_answers_at_once_when_the_condition_already_holds(store):
+    from pvc_cluster_common._cluster import watch_until
+
+    key = store.schema.config("wait-now")
+    store.commit({key: "yes"})
+    assert watch_until(store, [key], lambda: store.find_text(key) == "yes" and "held", 60) == "held"
+
+
+def test_watch_until_reads_again_after_each_change_of_a_watched_key(store):
+    import threading
+
+    from pvc_cluster_common._cluster import watch_until
+
+    key, other = store.schema.config("wait-a"), store.schema.config("wait-b")
+    store.commit({key: "0", other: "0"})
+    seen: list[str | None] = []
+    asked = threading.Event()
+
+    def condition():
+        seen.append(store.find_text(key))
+        asked.set()
+        return seen[-1] if seen[-1] == "2" else None
+
+    def writer() -> None:
+        for value in ("1", "2"):
+            asked.wait(60)  # the loop has read the key since the last write
+            asked.clear()
+            store.commit({key: value})
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert watch_until(store, [other, key], condition, 60) == "2"
+    finally:
+        thread.join(60)
+    assert seen[0] == "0" and seen[-1] == "2" and "1" in seen
+
+
+def test_watch_until_gives_none_when_the_deadline_passes(store):
+    from pvc_cluster_common._cluster import watch_until
+
+    key = store.schema.config("wait-never")
+    calls = []
+    assert watch_until(store, [key], lambda: calls.append(1), 0.2) is None
+    assert calls  # evaluated at least once before the deadline
+
+
+def test_wait_for_node_state_wakes_on_a_verdict_about_the_node(three_nodes):
+    import threading
+
+    from pvc_cluster_common._cluster import wait_for_node_state
+
+    asked = threading.Event()
+
+    def dead(state) -> bool:
+        asked.set()
+        return state is not None and state.daemon_state == "dead"
+
+    thread = threading.Thread(target=lambda: asked.wait(60) and _verdict(three_nodes, "n3", "n2", "dead"))
+    thread.start()
+    try:
+        state = wait_for_node_state(three_nodes, "n2", dead, 60)
+    finally:
+        thread.join(60)
+    assert state is not None and state.daemon_state == "dead" and state.verdict["by"] == "n3"
+    assert wait_for_node_state(three_nodes, "n1", lambda state: state is None, 0.2) is None  # n1 runs
