@@ -212,6 +212,9 @@ def summary(rows: list[dict]) -> list[dict]:
     result = []
     for (exercise, nodes, selector), group in sorted(groups.items()):
         timing = "selection_p50_ms" if exercise == "one-at-a-time" else "plan_p50_ms"
+        extra = {}
+        if any("refused_answers" in r for r in group):  # hail's rows (bench/hail.py)
+            extra["refused_answers"] = sum(r.get("refused_answers", 0) for r in group)
         result.append(
             {
                 "exercise": exercise,
@@ -227,6 +230,7 @@ def summary(rows: list[dict]) -> list[dict]:
                 "n1_ok": sum(1 for r in group if r["n1_ok"]),
                 "time_p50_ms": round(statistics.median(r[timing] for r in group), 3),
                 "time_max_ms": round(max(r[timing] for r in group), 3),
+                **extra,
             }
         )
     return result
