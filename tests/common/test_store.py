@@ -757,6 +757,22 @@ def test_read_round_reads_and_lists_at_once(store):
     assert store.get_many([b]) == {b: ("2", 0)}
 
 
+def test_a_round_gives_the_zxid_of_the_last_write_of_each_key_it_found(store):
+    s = store.schema
+    top = s.config("zxids")
+    a, b, none = top + "/a", top + "/b", top + "/none"
+    store.commit({a: "1", b: "2"})  # one transaction: one zxid
+    found, listed, zxids = store.get_round_zxids([a, b, none], [top, s.config("nothing")])
+    assert found == {a: ("1", 0), b: ("2", 0), none: None} and listed[top] == ["a", "b"]
+    assert zxids[a] == zxids[b] and set(zxids) == {a, b, top}
+    store.commit({b: "3"})
+    store.commit({top + "/c": ""})  # a new child changes the list, not the data of its parent
+    found, listed, later = store.get_round_zxids([a, b], [top])
+    assert later[a] == zxids[a] and later[b] > zxids[a] and later[top] == zxids[top]
+    store.commit({top: "note"})
+    assert store.get_round_zxids([b], [top])[2][top] > later[b]
+
+
 def test_node_views_count_reservations_and_read_extra_keys(store):
     from pvc_cluster_common import _schema as S
     from pvc_cluster_common._cluster import read_node_view, read_node_views, read_node_views_of

@@ -201,6 +201,16 @@ class ZooKeeperServer:
             return None
         return b"".join(chunks).decode(errors="replace")
 
+    def packets_received(self, timeout_s: float = 1.0) -> int | None:
+        """How many requests the server has received from all its clients since it started
+        (``mntr``'s ``zk_packets_received``: every read, write, transaction, watch registration
+        and session ping), or None if it cannot be asked."""
+        for line in (self.four_letter("mntr", timeout_s) or "").splitlines():
+            name, _, value = line.partition("\t")
+            if name == "zk_packets_received" and value.strip().isdigit():
+                return int(value)
+        return None
+
     def mode(self, timeout_s: float = 1.0) -> str | None:
         """'standalone', 'leader' or 'follower' while serving; None otherwise."""
         reply = self.four_letter("srvr", timeout_s) or ""
