@@ -273,7 +273,11 @@ def submit_request(
                 raise RequestError(f"cannot {what} {plan.target}: {reason}")
         if plan.migrates:
             record = new_record(plan, vm, requester)
-            values[schema.domain_migration(plan.uuid)] = record.to_json()
+            # First in the transaction: ZooKeeper fires its watches in the order of its
+            # operations, so the daemons learn of the record before of the VM's new node, and
+            # neither side acts on the new node alone (the target would confirm a start from
+            # fresh reads, a round trip before it prepares)
+            values = {schema.domain_migration(plan.uuid): record.to_json(), **values}
             values[parent] = record.id
             create.append(schema.domain_migration(plan.uuid))
         else:

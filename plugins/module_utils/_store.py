@@ -268,6 +268,32 @@ def _depth_order(path: str) -> tuple[int, str]:
     return path.count("/"), path
 
 
+def _parents_first(paths) -> list[str]:
+    """``paths`` in the order given, each moved after those of its ancestors that are among them
+    (a transaction creates a parent before its children). ZooKeeper fires the watches of a
+    transaction's operations in their order, so a writer's order is the order its watchers learn
+    of its changes in."""
+    given = set(paths)
+    ordered: list[str] = []
+    placed: set[str] = set()
+
+    def place(path: str) -> None:
+        if path in placed:
+            return
+        parent = _parent(path)
+        while parent not in ("", "/"):
+            if parent in given:
+                place(parent)  # and its own ancestors before it
+                break
+            parent = _parent(parent)
+        placed.add(path)
+        ordered.append(path)
+
+    for path in paths:
+        place(path)
+    return ordered
+
+
 def _acl_set(acls, names_only: bool = False) -> set:
     return {
         (acl.perms, acl.id.scheme, _id_name(acl.id.id) if names_only and acl.id.scheme == "digest" else acl.id.id)
@@ -827,7 +853,7 @@ class ClusterStore:
         """One planned transaction. ``assume``: plan without looking (written keys other than
         ``creates`` exist, deleted keys are leaves); raises _Assumed when that was wrong."""
         client = self.client
-        written = sorted(encoded, key=_depth_order)
+        written = _parents_first(encoded)
         # Keys written with an expected version must exist and keys in ``creates`` must not: the
         # transaction itself checks both, so only the other keys need an existence check, and a
         # version-checked update or a create-only write costs one round trip.

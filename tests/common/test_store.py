@@ -773,6 +773,48 @@ def test_a_round_gives_the_zxid_of_the_last_write_of_each_key_it_found(store):
     assert store.get_round_zxids([b], [top])[2][top] > later[b]
 
 
+def test_a_transaction_keeps_the_callers_order_with_parents_before_their_children():
+    order = _store._parents_first
+    assert order(["/a/b/c", "/z", "/a/b", "/a"]) == ["/a", "/a/b", "/a/b/c", "/z"]
+    assert order(["/deep/er/key", "/top"]) == ["/deep/er/key", "/top"]  # not by depth
+    assert order(["/a/x/y", "/b", "/a"]) == ["/a", "/a/x/y", "/b"]  # an ancestor that is not a parent
+    assert order(["/b", "/a"]) == ["/b", "/a"]
+
+
+def test_watchers_learn_of_a_transactions_writes_in_the_callers_order(store):
+    """ZooKeeper fires a transaction's watches in the order of its operations: the store keeps
+    the caller's order (a migration record deeper than the VM's node, written first, is seen
+    first), creating new parents before their children in the same transaction."""
+    s = store.schema
+    top = s.config("order")
+    deep, shallow = top + "/runtime/x/record", top + "/node"
+    store.commit({deep: "0", shallow: "0"})
+    seen: list[tuple[str, str]] = []
+    both = threading.Event()
+
+    def watcher(path):
+        def on_value(value):
+            if value is not None and value.value != "0":
+                seen.append((path, value.value))
+                if len(seen) % 2 == 0:
+                    both.set()
+
+        return on_value
+
+    store.watch_data(deep, watcher(deep))
+    store.watch_data(shallow, watcher(shallow))
+    store.commit({deep: "1", shallow: "1"})
+    assert both.wait(60)
+    assert seen == [(deep, "1"), (shallow, "1")]
+    both.clear()
+    store.commit({shallow: "2", deep: "2"})
+    assert both.wait(60)
+    assert seen[2:] == [(shallow, "2"), (deep, "2")]
+    fresh = top + "/new"
+    store.commit({fresh + "/child/leaf": "x", fresh + "/child": "", fresh: ""})  # parents made first
+    assert store.get_many([fresh, fresh + "/child", fresh + "/child/leaf"])[fresh + "/child/leaf"] == ("x", 0)
+
+
 def test_node_views_count_reservations_and_read_extra_keys(store):
     from pvc_cluster_common import _schema as S
     from pvc_cluster_common._cluster import read_node_view, read_node_views, read_node_views_of
