@@ -349,7 +349,14 @@ class HighAvailability(Service):
                 fence_record = state.verdict or self._fence_record(peer)
             candidates = self._candidates(peer)
             snapshot = read_cluster(self.store)
-            plan = plan_recovery(peer, candidates, snapshot.views(), self._fenced_nodes(), self.config.default_selector)
+            plan = plan_recovery(
+                peer,
+                candidates,
+                snapshot.views(),
+                self._fenced_nodes(),
+                self.config.default_selector,
+                running_by_node=snapshot.running_memory_by_node(),
+            )
             for uuid in plan.aborts:
                 self._end_migration_between_fenced(uuid, peer)
             n1 = self._n1_after(peer, plan, candidates, snapshot) if plan.starts else None
@@ -383,26 +390,36 @@ class HighAvailability(Service):
 
     def _n1_after(self, peer: str, plan, candidates, snapshot) -> dict:
         """The n-1 verdict of the cluster once ``plan``'s VMs run on their targets, for the audit
-        records; logged when it fails.
+        records; when it fails, logged as an error and kept in this node's ``recovery_n1`` (which
+        pvc.cluster.node_info reports), deleted again by a later recovery that keeps n-1.
 
         require_n1 never refuses a recovery: its VMs were running and are down now, and the
         policy is about the *next* failure. Leaving them stopped to keep room for a failure that
-        has not happened would turn one lost node into an outage now, so they are restarted, and
-        the verdict (with require_n1 as set) is logged and kept in each VM's recovery record."""
+        has not happened would turn one lost node into an outage now, so they are restarted (the
+        plan preferring targets that keep n-1: plan_recovery), and the verdict (with require_n1 as
+        set) is logged and kept in each VM's recovery record."""
         by_uuid = {vm.uuid: vm for vm in candidates}
         vms = [FlushVM(start.uuid, by_uuid[start.uuid].memory_mib, (), None, None) for start in plan.starts]
         moves = [PlannedMove(start.uuid, start.target, "recovery") for start in plan.starts]
         views, running = apply_plan(peer, vms, moves, snapshot.views(), snapshot.running_memory_by_node())
         check: FailureCheck = survives_node_failure(views, running)
         required = snapshot.require_n1
+        verdict_path = self.schema.node_key(self.node, S.NODE_RECOVERY_N1)
         if not check.ok:
-            log.warning(
-                "node %s: restarting %d VM(s) elsewhere although %s%s",
+            log.error(
+                "node %s: restarting %d VM(s) elsewhere leaves the cluster failing n-1: %s%s",
                 peer,
                 len(plan.starts),
                 check.message,
                 " (require_n1 is set; it never holds back the recovery of a failed node's VMs)" if required else "",
             )
+            verdict = (
+                f"recovery of fenced node {peer} ({len(plan.starts)} VM(s) restarted elsewhere) left the cluster"
+                f" failing n-1: {check.message}"
+            )
+            self.store.commit({verdict_path: verdict.encode()[: R.MAX_REASON_BYTES].decode(errors="ignore")})
+        elif snapshot.nodes.get(self.node, {}).get(S.NODE_RECOVERY_N1) is not None:
+            self.store.delete([verdict_path])  # an earlier recovery's verdict no longer applies
         return {
             "ok": "true" if check.ok else "false",
             "require_n1": "true" if required else "false",

@@ -8,15 +8,15 @@
 * :func:`fence_decision`: what to do about one peer (mark it dead, fence it, recover its VMs,
   nothing), from its daemon state, domain state and maintenance flag.
 * :func:`plan_recovery`: where each VM of a fenced node starts again, through the one selector
-  (:func:`plan_flush`: node_limit, fit, reservations), which VMs fit nowhere (they stay where
-  they are, stopped, with the reason) and which wait for a migration involving the node to be
-  resolved first.
+  (:func:`plan_flush`: node_limit, fit, reservations; targets that keep the cluster n-1 safe
+  preferred, never required), which VMs fit nowhere (they stay where they are, stopped, with the
+  reason) and which wait for a migration involving the node to be resolved first.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pvc_cluster_common._cluster import VMRecord
@@ -128,6 +128,7 @@ def plan_recovery(
     nodes: Mapping[str, NodeView],
     fenced: Collection[str] = (),
     default_selector: str | None = None,
+    running_by_node: Mapping[str, Sequence[int]] | None = None,
 ) -> RecoveryPlan:
     """Where the VMs of the fenced node ``dead`` start again.
 
@@ -144,6 +145,13 @@ def plan_recovery(
       it home. Returning to that home clears ``lastnode``.
     * A VM that fits nowhere, or whose XML or keys are not valid, stays assigned to ``dead``, not
       running, with the reason; later passes try it again.
+    * n-1 (``running_by_node``: the memory of the VMs each node runs): availability first. n-1 never
+      keeps a VM stopped, but the plan prefers targets that keep the cluster n-1 safe: when the
+      selectors' plan would leave it failing the check, each VM, whatever its selector, takes the
+      first of its first targets (its selector's order) whose choice makes no node fail the check
+      that passed it, and only a VM for which none does goes where its selector says
+      (plan_flush's ``n1_every_selector``). Whether the cluster is n-1 safe afterwards is the
+      caller's to report.
     """
     plan = RecoveryPlan()
     fenced = set(fenced) | {dead}
@@ -174,6 +182,8 @@ def plan_recovery(
         ],
         nodes,
         default_selector=default_selector,
+        running_by_node=running_by_node,
+        n1_every_selector=True,
     )
     for move in moves:
         vm = by_uuid[move.uuid]

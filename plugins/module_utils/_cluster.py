@@ -130,7 +130,7 @@ def read_running(store, node: str, problems: list | None = None) -> tuple[str, .
 
 
 # the node keys read_nodes_raw reads: every key a node has, and the ones it has only at times
-NODE_READ_KEYS = (*S.NODE_DEFAULTS, S.NODE_FLUSH_HALTED)
+NODE_READ_KEYS = (*S.NODE_DEFAULTS, S.NODE_FLUSH_HALTED, S.NODE_RECOVERY_N1)
 
 
 def read_nodes_raw(

@@ -134,6 +134,12 @@ def flush_halted(value, path: str) -> str:
     return D.text(value, path, max_bytes=MAX_REASON_BYTES)
 
 
+def recovery_n1(value, path: str) -> str:
+    """A node's ``recovery_n1``: the n-1 verdict of the last HA recovery its daemon made that left
+    the cluster failing the check (text)."""
+    return D.text(value, path, max_bytes=MAX_REASON_BYTES)
+
+
 def vm_stats(value, path: str) -> dict:
     """A running VM's ``stats``: a small JSON object of figures ("" or missing: none yet)."""
     if value is None or value == "":
@@ -649,6 +655,7 @@ NODE_KEY_DECODERS = {
     S.NODE_MAINTENANCE: maintenance,
     S.NODE_FENCE: fence_record,
     S.NODE_FLUSH_HALTED: flush_halted,
+    S.NODE_RECOVERY_N1: recovery_n1,
 }
 
 VM_KEY_DECODERS = {

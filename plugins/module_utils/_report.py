@@ -20,7 +20,7 @@ from . import _schema as S
 from ._cluster import node_names, read_history, read_nodes_raw, read_vms, vm_uuids
 from ._decode import MAX_MIB, Invalid, boolean, integer, number, or_default
 from ._meta import VMMeta
-from ._records import fence_record, flush_halted, maintenance, running_domains
+from ._records import fence_record, flush_halted, maintenance, recovery_n1, running_domains
 from ._selector import FailureCheck, NodeView, migration_check, resolve_selector, survives_node_failure
 
 
@@ -168,15 +168,16 @@ def n1_refusal(check, what: str) -> str:
     )
 
 
-def flush_halted_report(raw: dict, name: str, problems: list) -> str | None:
-    """A node's ``flush_halted`` verdict, or None when there is none; a stored verdict that is not
-    valid still says the flush halted (and is listed in ``problems``)."""
-    value = raw.get(S.NODE_FLUSH_HALTED)
+def verdict_report(raw: dict, name: str, problems: list, key: str = S.NODE_FLUSH_HALTED) -> str | None:
+    """A node's verdict ``key`` (``flush_halted``, ``recovery_n1``), or None when there is none; a
+    stored verdict that is not valid still says there is one (and is listed in ``problems``)."""
+    value = raw.get(key)
     if not value:
         return None
-    path = f"nodes/{name}/{S.NODE_FLUSH_HALTED}"
+    path = f"nodes/{name}/{key}"
+    decoder = recovery_n1 if key == S.NODE_RECOVERY_N1 else flush_halted
     try:
-        return flush_halted(value, path)
+        return decoder(value, path)
     except Invalid as exc:
         problems.append(exc)
         return f"(its verdict is not valid: {exc})"
@@ -196,7 +197,8 @@ def node_report(snapshot: ClusterSnapshot, name: str, now: float | None = None) 
         "name": name,
         "daemon_state": raw.get(S.NODE_DAEMON_STATE) or S.NODE_DEFAULTS[S.NODE_DAEMON_STATE],
         "domain_state": raw.get(S.NODE_DOMAIN_STATE) or S.NODE_DEFAULTS[S.NODE_DOMAIN_STATE],
-        "flush_halted": flush_halted_report(raw, name, problems),
+        "flush_halted": verdict_report(raw, name, problems),
+        "recovery_n1": verdict_report(raw, name, problems, S.NODE_RECOVERY_N1),
         "libvirt": view.libvirt,
         "maintenance": or_default(
             maintenance, raw.get(S.NODE_MAINTENANCE), f"nodes/{name}/{S.NODE_MAINTENANCE}", False, problems

@@ -58,6 +58,10 @@ Layout (all paths below the cluster root, default ``/pvc``; memory always in MiB
         flush_halted                      why this node's running flush stopped (require_n1: the node whose
                                           failure could not be survived, and by how much); absent otherwise,
                                           deleted when a flush or ready starts
+        recovery_n1                       written by this node's daemon when an HA recovery it made left the
+                                          cluster failing the n-1 check (which fenced node, how many VMs, the
+                                          verdict); absent otherwise, deleted by its next recovery that keeps
+                                          n-1
     /domains/<uuid>/                      one per VM; the znode's data is the VM name
         xml                               libvirt domain XML: the source of truth
         state                             desired VM state (VM_STATES), written by the operator only
@@ -148,6 +152,7 @@ NODE_TRANSPORT_URI = "transport_uri"
 NODE_LIBVIRT = "libvirt"
 NODE_FENCES = "fences"
 NODE_FLUSH_HALTED = "flush_halted"
+NODE_RECOVERY_N1 = "recovery_n1"
 NODE_CLAIMS = "claims"
 
 # Keys every node has, with the value a newly registered node starts with.

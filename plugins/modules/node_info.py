@@ -100,6 +100,17 @@ nodes:
       type: str
       sample: "flush of hv2 halted before moving 3 more VM(s): once done, the cluster would not survive the failure
         of hv1: ... short by 2048 MiB (require_n1 is set; ...)"
+    recovery_n1:
+      description:
+        - Set when an HA recovery made by this node's daemon (it restarted a fenced node's VMs elsewhere) left the
+          cluster unable to survive the loss of one more node, naming the fenced node, the VMs restarted and the
+          nodes whose loss could not be absorbed. A recovery is never held back for n-1, even under C(require_n1);
+          it prefers targets that keep the cluster n-1 safe. Null when the daemon's last recovery kept n-1 (or it
+          made none).
+        - A stored verdict that is not valid reads as a text saying so (and is listed in RV(nodes[].invalid)).
+      type: str
+      sample: "recovery of fenced node hv3 (4 VM(s) restarted elsewhere) left the cluster failing n-1: the cluster
+        would not survive the failure of hv1: ... short by 2048 MiB"
     libvirt:
       description:
         - The node daemon's connection to its libvirtd, as the daemon last published it.

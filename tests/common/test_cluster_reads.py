@@ -476,3 +476,18 @@ def test_wait_for_node_state_wakes_on_a_verdict_about_the_node(three_nodes):
         thread.join(60)
     assert state is not None and state.daemon_state == "dead" and state.verdict["by"] == "n3"
     assert wait_for_node_state(three_nodes, "n1", lambda state: state is None, 0.2) is None  # n1 runs
+
+
+def test_a_recovery_that_lost_n1_shows_its_verdict_in_the_node_report_and_an_invalid_one_is_named(cluster):
+    schema = cluster.schema
+    key = schema.node_key("n1", S.NODE_RECOVERY_N1)
+    assert node_report(read_cluster(cluster), "n1")["recovery_n1"] is None  # no verdict: null
+    verdict = "recovery of fenced node n3 (2 VM(s) restarted elsewhere) left the cluster failing n-1: ..."
+    cluster.commit({key: verdict})
+    snapshot = read_cluster(cluster)
+    assert node_report(snapshot, "n1")["recovery_n1"] == verdict and node_report(snapshot, "n1")["invalid"] == []
+    assert node_report(snapshot, "n2")["recovery_n1"] is None
+    cluster.commit({key: "x" * (MAX_REASON_BYTES + 1)})
+    n1 = node_report(read_cluster(cluster), "n1")
+    assert n1["recovery_n1"].startswith("(its verdict is not valid: nodes/n1/recovery_n1")
+    assert [text.split(":")[0] for text in n1["invalid"]] == ["nodes/n1/recovery_n1"]
