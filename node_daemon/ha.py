@@ -359,12 +359,15 @@ class HighAvailability(Service):
             )
             for uuid in plan.aborts:
                 self._end_migration_between_fenced(uuid, peer)
-            n1 = self._n1_after(peer, plan, candidates, snapshot) if plan.starts else None
+            n1, check = self._n1_after(peer, plan, candidates, snapshot) if plan.starts else (None, None)
             for start in plan.starts:
                 if not self._holding(lock):
                     return
                 if not self._recover_one(peer, start, fence_record, state.version, n1):
                     break  # its daemon state changed (it starts again?): look again
+            else:
+                if check is not None:
+                    self._report_n1(peer, len(plan.starts), check, snapshot)
             for uuid, why in plan.unplaced.items():
                 self._not_recovered(uuid, peer, why)
             if not plan.waiting and not plan.aborts:
@@ -388,43 +391,53 @@ class HighAvailability(Service):
         confirm_down); an invalid one only makes the audit record poorer."""
         return read_fence_record(self.store, peer)
 
-    def _n1_after(self, peer: str, plan, candidates, snapshot) -> dict:
-        """The n-1 verdict of the cluster once ``plan``'s VMs run on their targets, for the audit
-        records; when it fails, logged as an error and kept in this node's ``recovery_n1`` (which
-        pvc.cluster.node_info reports), deleted again by a later recovery that keeps n-1.
+    def _n1_after(self, peer: str, plan, candidates, snapshot) -> tuple[dict, FailureCheck]:
+        """The n-1 verdict of the cluster once ``plan``'s VMs run on their targets: the audit
+        records' form and the check (which :meth:`_report_n1` reports once the VMs are assigned).
 
         require_n1 never refuses a recovery: its VMs were running and are down now, and the
         policy is about the *next* failure. Leaving them stopped to keep room for a failure that
         has not happened would turn one lost node into an outage now, so they are restarted (the
         plan preferring targets that keep n-1: plan_recovery), and the verdict (with require_n1 as
-        set) is logged and kept in each VM's recovery record."""
+        set) is kept in each VM's recovery record."""
         by_uuid = {vm.uuid: vm for vm in candidates}
         vms = [FlushVM(start.uuid, by_uuid[start.uuid].memory_mib, (), None, None) for start in plan.starts]
         moves = [PlannedMove(start.uuid, start.target, "recovery") for start in plan.starts]
         views, running = apply_plan(peer, vms, moves, snapshot.views(), snapshot.running_memory_by_node())
         check: FailureCheck = survives_node_failure(views, running)
-        required = snapshot.require_n1
-        verdict_path = self.schema.node_key(self.node, S.NODE_RECOVERY_N1)
-        if not check.ok:
-            log.error(
-                "node %s: restarting %d VM(s) elsewhere leaves the cluster failing n-1: %s%s",
-                peer,
-                len(plan.starts),
-                check.message,
-                " (require_n1 is set; it never holds back the recovery of a failed node's VMs)" if required else "",
-            )
-            verdict = (
-                f"recovery of fenced node {peer} ({len(plan.starts)} VM(s) restarted elsewhere) left the cluster"
-                f" failing n-1: {check.message}"
-            )
-            self.store.commit({verdict_path: verdict.encode()[: R.MAX_REASON_BYTES].decode(errors="ignore")})
-        elif snapshot.nodes.get(self.node, {}).get(S.NODE_RECOVERY_N1) is not None:
-            self.store.delete([verdict_path])  # an earlier recovery's verdict no longer applies
-        return {
+        record = {
             "ok": "true" if check.ok else "false",
-            "require_n1": "true" if required else "false",
+            "require_n1": "true" if snapshot.require_n1 else "false",
             "detail": check.message[: R.MAX_REASON_BYTES],
         }
+        return record, check
+
+    def _report_n1(self, peer: str, count: int, check: FailureCheck, snapshot) -> None:
+        """Said loudly once a recovery's VMs are assigned: when it left the cluster failing n-1, an
+        error in the log and this node's ``recovery_n1`` (which pvc.cluster.node_info reports); when
+        it kept n-1, an earlier recovery's ``recovery_n1`` is deleted. Written after the VMs are
+        assigned, so that a failure to write it never holds a recovery back."""
+        verdict_path = self.schema.node_key(self.node, S.NODE_RECOVERY_N1)
+        try:
+            if not check.ok:
+                log.error(
+                    "node %s: restarting %d VM(s) elsewhere leaves the cluster failing n-1: %s%s",
+                    peer,
+                    count,
+                    check.message,
+                    " (require_n1 is set; it never holds back the recovery of a failed node's VMs)"
+                    if snapshot.require_n1
+                    else "",
+                )
+                verdict = (
+                    f"recovery of fenced node {peer} ({count} VM(s) restarted elsewhere) left the cluster"
+                    f" failing n-1: {check.message}"
+                )
+                self.store.commit({verdict_path: verdict.encode()[: R.MAX_REASON_BYTES].decode(errors="ignore")})
+            elif snapshot.nodes.get(self.node, {}).get(S.NODE_RECOVERY_N1) is not None:
+                self.store.delete([verdict_path])  # an earlier recovery's verdict no longer applies
+        except StoreError as exc:
+            log.error("node %s: could not write this node's %s: %s", peer, S.NODE_RECOVERY_N1, exc)
 
     def _recover_one(self, peer: str, start, fence_record: dict, state_version: int, n1: dict | None = None) -> bool:
         """Assign one VM of the fenced ``peer`` to its planned target, through the one request

@@ -5,17 +5,16 @@ test_ha.py."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
-
-import json
 
 from pvc_cluster_common import _schema as S
 from pvc_cluster_common._cluster import read_history, read_vm, vm_definition
 from pvc_cluster_common._report import node_report, read_cluster
 from pvc_node_daemon.ha import HighAvailability
-from pvc_node_daemon.recovery import RecoveryStart
+from pvc_node_daemon.recovery import RecoveryStart, plan_recovery
 
 from .harness import domain_xml
 from .test_migration import cluster, make_agent  # noqa: F401 (fixtures)
@@ -145,8 +144,6 @@ def test_a_recovery_prefers_a_target_that_keeps_n1_whatever_the_selector(fenced_
         values[schema.node_key(node, S.NODE_RUNNINGDOMAINS)] = json.dumps([other])
     store.commit(values)
     # what the selector alone would do (the plan without the VMs each node runs)
-    from pvc_node_daemon.recovery import plan_recovery
-
     snapshot = read_cluster(store)
     candidates = [vm for vm in snapshot.vms.values() if vm.node == "n1"]
     assert [s.target for s in plan_recovery("n1", candidates, snapshot.views(), {"n1"}).starts] == ["n2"]
