@@ -12,6 +12,8 @@ Example (every key but ``node`` and ``zookeeper.hosts`` is optional)::
         password: secret
         node_password: secret2         # this node's own identity (its username is the node's name)
         operator_digest: "operator:base64(sha1(operator:password))"   # who may do anything
+        previous_password: null        # while the nodes' password is rotated: the former one
+        previous_node_password: null   # while this node's own password is rotated: the former one
       tls: {enabled: false, ca: /etc/pvc/ca.pem, cert: /etc/pvc/node.pem, key: /etc/pvc/node.key, verify: true}
     insecure: false                    # true: an open cluster (no ZooKeeper authentication, open ACLs)
     libvirt:
@@ -395,6 +397,8 @@ def parse_config(data: Any, source: str = "") -> Config:
         node_name=node,
         node_password=auth.get("node_password", "str", None),
         operator_digest=auth.get("operator_digest", "str", None),
+        previous_password=auth.get("previous_password", "str", None),
+        previous_node_password=auth.get("previous_node_password", "str", None),
         insecure=top.get("insecure", "bool", False),
     )
     for section in (auth, tls):

@@ -19,7 +19,7 @@ from ._decode import Invalid, json_object, or_default, vm_name
 from ._meta import VMMeta
 from ._records import MigrationRecord, RunState
 from ._selector import NodeView
-from ._store import ConflictError
+from ._store import ConflictError, MissingError, StoreError, digest_id
 from ._store import text_of as _text
 
 HISTORY_SHOWN = 5
@@ -769,3 +769,63 @@ def wait_until_gone(store, path: str, timeout_s: float) -> bool:
 
     store.watch_children(parent, on_children)  # answers once before it returns
     return gone.wait(timeout_s) or not store.exists(path)
+
+
+# ---- rotating a password (docs/security.md, "Rotating credentials") ----------------------------
+
+ROTATION_STATES = ("added", "rotated")
+
+
+def _password_reference(store, username: str) -> str:
+    """The znode whose ACL tells which of the user's passwords the cluster accepts: the cluster
+    root for the operator and the nodes, the node's znode for a node's own identity."""
+    root = store.schema.root or "/"
+    if any(digest.split(":", 1)[0] == username for digest in store.digest_perms(root)):
+        return str(root)
+    node = store.schema.node(username)
+    try:
+        if any(digest.split(":", 1)[0] == username for digest in store.digest_perms(node)):
+            return str(node)
+    except MissingError:
+        pass
+    raise StoreError(
+        f"no identity of user {username} is in the cluster's ACLs (neither on {root} nor on {node}): give the "
+        "operator's, the nodes' or a node's user name"
+    )
+
+
+def rotate_password(store, username: str, password: str, new_password: str, state: str, dry_run: bool = False) -> dict:
+    """One step of a password rotation on every znode of the cluster, by the operator's store:
+    ``added`` gives ``new_password`` the permissions of ``password`` wherever it has some (both
+    work); ``rotated`` takes ``password`` off every znode (refused unless ``new_password`` was
+    added first). Returns ``paths`` changed (with ``dry_run``: that would change), ``before`` and
+    ``after`` (which of "current" and "new" the identity's ACLs accept) and ``new_digest_id``.
+    Raises StoreError with what to do."""
+    if state not in ROTATION_STATES:
+        raise StoreError(f"state must be one of {', '.join(ROTATION_STATES)}, not {state!r}")
+    if password == new_password:
+        raise StoreError("new_password is the current password: give a new one")
+    current, new = digest_id(username, password), digest_id(username, new_password)
+    reference = _password_reference(store, username)
+    found = store.digest_perms(reference)
+    before = [label for label, digest in (("current", current), ("new", new)) if digest in found]
+    if not before:
+        raise StoreError(
+            f"the ACL of {reference} names user {username} with neither password nor new_password: password is not "
+            f"{username}'s current password (after a finished rotation, it is new_password's)"
+        )
+    if state == "rotated" and "new" not in before:
+        raise StoreError(
+            f"new_password of user {username} is not in the cluster's ACLs yet ({reference}): run state=added first, "
+            "and move the clients to it (playbooks/rotate_credentials.yml), before the current one is taken off"
+        )
+    # both identities, whatever this session connected as: a znode created while the clients
+    # moved may name only one of them, and this session needs its ADMIN permission
+    store.add_auth(username, password)
+    store.add_auth(username, new_password)
+    paths = store.replace_acl_id(current, new, keep_old=state == "added", dry_run=dry_run)
+    if state == "rotated":
+        after = ["new"]
+    else:  # a finished rotation (only the new one left) stays as it is
+        after = ["current", "new"] if "current" in before else before
+    return {"paths": paths, "before": before, "after": after, "new_digest_id": new}

@@ -338,6 +338,12 @@ class ConnectionOptions:
     node_name: str | None = None
     node_password: str | None = field(default=None, repr=False)
     operator_digest: str | None = None
+    # While a node daemon's passwords are rotated (docs/security.md): the former password of the
+    # nodes' identity and of the node's own. The daemon then holds both identities of each and
+    # names both in the ACLs of the znodes it creates, so that a daemon not yet moved to the new
+    # password and one already moved can each use what the other creates.
+    previous_password: str | None = field(default=None, repr=False)
+    previous_node_password: str | None = field(default=None, repr=False)
     # The nodes' digest id, for an operator's client that creates a cluster (ensure_schema) before
     # any daemon has: the ACLs it creates must name the nodes. Other operator clients read it
     # from the cluster.
@@ -392,6 +398,8 @@ class ConnectionOptions:
             problems.append("insecure must be true or false")
         if self.node_name is not None:
             problems += self._node_identity_problems()
+        elif self.previous_password is not None or self.previous_node_password is not None:
+            problems.append("previous_password and previous_node_password are for a node daemon (node_name)")
         if self.nodes_digest is not None and not (
             isinstance(self.nodes_digest, str) and _DIGEST_ID.fullmatch(self.nodes_digest)
         ):
@@ -425,6 +433,10 @@ class ConnectionOptions:
             problems.append("the operator, the nodes and this node need three different usernames")
         if self.auth_username and self.auth_username == self.node_name:
             problems.append(f"the nodes' username must not be a node's name ({self.node_name})")
+        if self.previous_password is not None and self.previous_password == self.auth_password:
+            problems.append("previous_password is the nodes' password itself: leave it out, or give the former one")
+        if self.previous_node_password is not None and self.previous_node_password == self.node_password:
+            problems.append("previous_node_password is node_password itself: leave it out, or give the former one")
         return problems
 
 
@@ -436,6 +448,8 @@ class AclIds:
     nodes: tuple[str, ...]
     own_node: str | None = None
     own_node_id: str | None = None
+    # the node's own former digest id, while its password is rotated
+    own_node_previous_id: str | None = None
 
 
 def digest_id(username: str, password: str) -> str:
@@ -532,11 +546,20 @@ class ClusterStore:
             auth_data = [("digest", f"{user}:{password}")]
             if options.node_name and options.node_password and options.operator_digest:
                 auth_data.append(("digest", f"{options.node_name}:{options.node_password}"))
+                nodes: tuple[str, ...] = (digest_id(user, password),)
+                if options.previous_password:
+                    auth_data.append(("digest", f"{user}:{options.previous_password}"))
+                    nodes += (digest_id(user, options.previous_password),)
+                own_previous = None
+                if options.previous_node_password:
+                    auth_data.append(("digest", f"{options.node_name}:{options.previous_node_password}"))
+                    own_previous = digest_id(options.node_name, options.previous_node_password)
                 self.acl_ids = AclIds(
                     operator=options.operator_digest,
-                    nodes=(digest_id(user, password),),
+                    nodes=nodes,
                     own_node=options.node_name,
                     own_node_id=digest_id(options.node_name, options.node_password),
+                    own_node_previous_id=own_previous,
                 )
             elif options.nodes_digest and not options.node_name:
                 self.acl_ids = AclIds(operator=digest_id(user, password), nodes=(options.nodes_digest,))
@@ -580,6 +603,8 @@ class ClusterStore:
             acl += [ACL(rule.nodes, Id("digest", node)) for node in ids.nodes]
         if rule.own_node is not None and rule.own_node == ids.own_node and ids.own_node_id:
             acl.append(ACL(PERM_RWCD, Id("digest", ids.own_node_id)))
+            if ids.own_node_previous_id:
+                acl.append(ACL(PERM_RWCD, Id("digest", ids.own_node_previous_id)))
         return acl
 
     # ---- connection -------------------------------------------------------------------------
@@ -1399,14 +1424,26 @@ class ClusterStore:
             f"authenticate as {username}", lambda: self.client.add_auth_async("digest", f"{username}:{password}")
         )
 
-    def replace_acl_id(self, old: str, new: str, keep_old: bool = False) -> list[str]:
+    def digest_perms(self, path: str) -> dict[str, int]:
+        """The digest ids the ACL of ``path`` names, each with its permissions. A session without
+        the ADMIN permission there sees each id as "username:x" (ZooKeeper hides the hashes)."""
+        acls, _stat = self._call(f"read the ACL of {path}", lambda: self.client.get_acls_async(path))
+        perms: dict[str, int] = {}
+        for acl in acls:
+            if acl.id.scheme == "digest":
+                perms[acl.id.id] = perms.get(acl.id.id, 0) | acl.perms
+        return perms
+
+    def replace_acl_id(self, old: str, new: str, keep_old: bool = False, dry_run: bool = False) -> list[str]:
         """On every znode of the cluster (its root and everything below it), give digest id ``new``
         the permissions digest id ``old`` has there and, unless ``keep_old``, take them from ``old``.
         Returns the paths changed. A new password is a new digest id (ZooKeeper keeps the SHA-1 of
         each identity in every ACL), so this is how a password is rotated: ``keep_old`` first (both
         work while the clients move to the new one), then without it. The session needs the ADMIN
         permission on every znode that names ``old``: the operator's (both identities, add_auth).
-        A znode removed meanwhile is passed over."""
+        A znode whose ACL is already what it would be set to is not changed (a second run returns
+        []), and ``dry_run`` returns the paths that would change without changing them. A znode
+        removed meanwhile is passed over."""
         for digest in (old, new):
             if not _DIGEST_ID.fullmatch(digest):
                 raise StoreError(f"{digest!r} is not a digest id, username:base64(sha1(username:password))")
@@ -1435,6 +1472,11 @@ class ClusterStore:
                 drop = (new,) if keep_old else (old, new)
                 wanted = [acl for acl in acls if not (acl.id.scheme == "digest" and acl.id.id in drop)]
                 wanted.append(ACL(perms | perms_of(acls, new), Id("digest", new)))
+                if _acl_set(wanted) == _acl_set(acls):
+                    continue
+                if dry_run:
+                    changed.append(path)
+                    continue
                 try:
                     self._call(
                         f"set the ACL of {path}",

@@ -53,6 +53,16 @@ def test_a_secure_config_names_three_identities_and_an_insecure_one_must_say_so(
     assert insecure.zookeeper.insecure is True and insecure.zookeeper.auth_username is None
 
 
+def test_the_former_passwords_are_held_while_they_are_rotated():
+    """docs/security.md, "Rotating credentials": the daemon holds the former identities beside the
+    new ones and names both in the ACLs it creates."""
+    assert parse_config(MINIMAL).zookeeper.previous_password is None
+    auth = {**node_auth("node1"), "previous_password": "former", "previous_node_password": "former-own"}
+    options = parse_config(with_(zookeeper={"auth": auth})).zookeeper
+    assert (options.previous_password, options.previous_node_password) == ("former", "former-own")
+    assert "former" not in repr(options)
+
+
 def test_address_and_templates_shape_the_published_uris():
     config = parse_config(
         with_(migration={"address": "10.0.0.5", "libvirt_uri_template": "qemu+tls://{node}.example/system"})
@@ -90,6 +100,16 @@ def test_live_timeout_grows_with_memory():
             with_(zookeeper={"auth": {**node_auth("node1"), "operator_digest": "operator:secret"}}),
             "zookeeper",
             "operator_digest must be",
+        ),
+        (
+            with_(zookeeper={"auth": {**node_auth("node1"), "previous_password": node_auth("node1")["password"]}}),
+            "zookeeper",
+            "previous_password is the nodes' password itself",
+        ),
+        (
+            with_(zookeeper={"auth": {**node_auth("node1"), "previous_node_password": "node1-test-password"}}),
+            "zookeeper",
+            "previous_node_password is node_password itself",
         ),
         (with_(insecure=True), "zookeeper", "credentials are refused"),
         (with_(insecure="yes"), "insecure", "true or false"),

@@ -12,10 +12,10 @@ import uuid as uuidlib
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from pvc_cluster_common._cluster import read_node_views, read_vm
+from pvc_cluster_common._cluster import read_node_views, read_vm, rotate_password
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_cluster_common._store import ClusterStore, ConnectionOptions, StoreError, digest_id
-from tests.support.identities import OPERATOR_PASSWORD, OPERATOR_USER
+from tests.support.identities import NODES_PASSWORD, NODES_USER, OPERATOR_PASSWORD, OPERATOR_USER, node_password
 from tests.support.tls import make_tls_material, reissue_server_keystore
 from tests.support.zookeeper import ZooKeeperServer, connect, free_port
 
@@ -116,7 +116,10 @@ def _restart(cluster: TestCluster, node: str, **auth) -> None:
     daemon = cluster.daemons[node]
     daemon.stop()
     cluster.wait_node_state(node, "stop", timeout_s=120)
-    daemon.config["zookeeper"]["auth"].update(auth)
+    section = daemon.config["zookeeper"]["auth"]
+    section.update(auth)
+    for key in [key for key, value in section.items() if value is None]:  # None: taken out
+        del section[key]
     daemon.start()
     cluster.wait_node_state(node, "run", timeout_s=120)
 
@@ -197,3 +200,104 @@ def test_zookeepers_certificate_is_reissued_with_the_daemons_running(cluster, se
     for node in NODES:
         assert cluster.daemons[node].process.poll() is None, cluster.daemons[node].log()[-3000:]
         assert "CERTIFICATE_VERIFY_FAILED" not in cluster.daemons[node].log()
+
+
+NEW_NODES_PASSWORD = "nodes-rotated-password"
+
+
+def _rotate(store: ClusterStore, username: str, password: str, new_password: str, state: str, dry_run=False):
+    """What pvc.cluster.cluster_credentials does (the module calls this, as the operator)."""
+    return rotate_password(store, username, password, new_password, state, dry_run)
+
+
+def _nodes_that_name(store: ClusterStore, digest: str) -> list[str]:
+    """Every znode whose ACL names ``digest`` (a dry run that would add a throwaway id beside it)."""
+    return store.replace_acl_id(digest, digest_id("nobody", "x"), keep_old=True, dry_run=True)
+
+
+def test_the_nodes_and_a_nodes_own_password_are_rotated_with_the_daemons_running(cluster, tls):
+    """playbooks/rotate_credentials.yml's steps for the nodes' shared password and node1's own: at no
+    step does a daemon lose access (a migration between a moved and a not-yet-moved daemon works)."""
+    store = cluster.store
+    own_old, own_new = node_password("node1"), "node1-rotated-password"
+    old_ids = (digest_id(NODES_USER, NODES_PASSWORD), digest_id("node1", own_old))
+    vm = _running_vm(cluster, "node1")
+
+    # 1. added: a dry run counts and changes nothing; the run changes those; a second run nothing
+    planned = _rotate(store, NODES_USER, NODES_PASSWORD, NEW_NODES_PASSWORD, "added", dry_run=True)
+    assert planned["before"] == ["current"] and planned["after"] == ["current", "new"]
+    assert len(planned["paths"]) > 10
+    assert _nodes_that_name(store, digest_id(NODES_USER, NEW_NODES_PASSWORD)) == []
+    assert _rotate(store, NODES_USER, NODES_PASSWORD, NEW_NODES_PASSWORD, "added")["paths"] == planned["paths"]
+    assert _rotate(store, NODES_USER, NODES_PASSWORD, NEW_NODES_PASSWORD, "added")["paths"] == []
+    own = _rotate(store, "node1", own_old, own_new, "added")
+    assert own["paths"] and all(p.startswith(cluster.schema.node("node1")) for p in own["paths"])
+    # rotated before the daemons moved would be the operator's mistake; before added it is refused
+    with pytest.raises(StoreError, match="run state=added first"):
+        _rotate(store, "node2", node_password("node2"), "node2-rotated-password", "rotated")
+
+    # 2. each daemon moves to the new passwords, holding the former ones too; between the two
+    # restarts the VM migrates from the moved daemon to the one not yet moved, and back
+    _restart(
+        cluster,
+        "node1",
+        password=NEW_NODES_PASSWORD,
+        previous_password=NODES_PASSWORD,
+        node_password=own_new,
+        previous_node_password=own_old,
+    )
+    _migrate(cluster, store, vm, "node2")
+    _migrate(cluster, store, vm, "node1")
+    _restart(cluster, "node2", password=NEW_NODES_PASSWORD, previous_password=NODES_PASSWORD)
+
+    # 3. added again: the new identity on what the daemons created with the former one meanwhile;
+    # then each daemon drops its former password
+    _rotate(store, NODES_USER, NODES_PASSWORD, NEW_NODES_PASSWORD, "added")
+    _rotate(store, "node1", own_old, own_new, "added")
+    for node in NODES:
+        _restart(cluster, node, previous_password=None, previous_node_password=None)
+    cluster.wait_running_on("node1", vm, timeout_s=120)
+
+    # 4. rotated: the former passwords are taken off every znode; a second run changes nothing
+    done = _rotate(store, NODES_USER, NODES_PASSWORD, NEW_NODES_PASSWORD, "rotated")
+    assert done["paths"] and done["after"] == ["new"]
+    assert _rotate(store, "node1", own_old, own_new, "rotated")["paths"]
+    for username, old, new in ((NODES_USER, NODES_PASSWORD, NEW_NODES_PASSWORD), ("node1", own_old, own_new)):
+        again = _rotate(store, username, old, new, "rotated")
+        assert again["paths"] == [] and again["before"] == ["new"]
+        assert _rotate(store, username, old, new, "added")["paths"] == []
+    for old_id in old_ids:
+        assert _nodes_that_name(store, old_id) == [], old_id
+
+    # the former passwords read and write nothing
+    for username, password in ((NODES_USER, NODES_PASSWORD), ("node1", own_old)):
+        stale = ClusterStore(
+            ConnectionOptions(
+                hosts=cluster.zk_hosts,
+                root=cluster.root,
+                timeout_s=10,
+                auth_username=username,
+                auth_password=password,
+                tls=True,
+                tls_ca=str(tls.ca_cert),
+            )
+        ).start()
+        try:
+            with pytest.raises(StoreError):
+                stale.get(cluster.schema.node_key("node1", "daemon_state"))
+            with pytest.raises(StoreError):
+                stale.commit({cluster.schema.node_key("node1", "daemon_state"): "dead"})
+        finally:
+            stale.stop()
+
+    # the daemons keep working on the new passwords alone: the VM moves and comes back, asked by
+    # an operator's client as a module makes it (it learns the nodes' identity from the cluster)
+    operator = _operator(cluster, tls, OPERATOR_PASSWORD)
+    cluster.store.stop()
+    cluster.store = operator
+    _migrate(cluster, operator, vm, "node2")
+    _migrate(cluster, operator, vm, "node1")
+    for node in NODES:
+        assert cluster.daemons[node].process.poll() is None, cluster.daemons[node].log()[-3000:]
+    for old_id in old_ids:
+        assert _nodes_that_name(operator, old_id) == [], old_id
