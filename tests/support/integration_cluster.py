@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             while not stop.wait(3600):
                 pass
             return 0
-        env = dict(os.environ, PVC_IT_ZK_HOSTS=hosts, PVC_IT_ZK_ROOT=root)
+        env = dict(os.environ, PVC_IT_ZK_ROOT=root)  # zk_cluster_root refuses to touch this root
         process = subprocess.Popen(command, cwd=args.cwd, env=env)
         threading.Thread(target=lambda: (process.wait(), stop.set()), name="command", daemon=True).start()
         stop.wait()

@@ -14,29 +14,12 @@ description:
   - With O(unchanged_since) (the O(tree) of an earlier run), fails when the tree differs from it,
     naming every path added, removed or changed.
   - The figures that the node daemons rewrite on their own are left out of the comparison (O(volatile)).
+  - The ZooKeeper options are the collection's (its modules' C(zk_*) options); the tasks give them all, the
+    integration cluster's operator over TLS.
 options:
-  zk_hosts:
-    description: The ZooKeeper servers; default the environment variable E(PVC_IT_ZK_HOSTS) (set by the integration cluster).
-    type: str
-  zk_root:
-    description: The cluster root; default the environment variable E(PVC_IT_ZK_ROOT).
-    type: str
   unchanged_since:
     description: A tree returned earlier; the task fails unless the tree is the same now.
     type: dict
-  zk_username:
-    description: The user to connect as (digest authentication); the integration cluster's operator.
-    type: str
-  zk_password:
-    description: That user's password.
-    type: str
-  zk_tls:
-    description: Connect over TLS (the integration cluster's client port is a TLS port).
-    type: bool
-    default: false
-  zk_tls_ca:
-    description: PEM file of the CA that signed the ZooKeeper server's certificate.
-    type: str
   volatile:
     description:
       - Regular expressions of paths (below the root) that are neither read nor compared.
@@ -44,6 +27,8 @@ options:
         reservations) and the statistics of running VMs.
     type: list
     elements: str
+extends_documentation_fragment:
+  - pvc.cluster._zk
 author:
   - pvc.cluster developers (!UNKNOWN)
 """
@@ -69,12 +54,16 @@ differences:
   type: dict
 """
 
-import os
 import re
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, ConnectionOptions, StoreError
+from ansible_collections.pvc.cluster.plugins.module_utils._module import (
+    ZK_REQUIRED_TOGETHER,
+    argument_spec,
+    connection_options,
+)
+from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, StoreError
 
 # what the daemons write on their own (keepalive figures, liveness, URIs at a restart; VM statistics)
 DEFAULT_VOLATILE = [
@@ -123,35 +112,20 @@ def compare(before: dict, after: dict) -> dict:
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            zk_hosts=dict(type="str"),
-            zk_root=dict(type="str"),
-            unchanged_since=dict(type="dict"),
-            volatile=dict(type="list", elements="str"),
-            zk_username=dict(type="str"),
-            zk_password=dict(type="str", no_log=True),
-            zk_tls=dict(type="bool", default=False),
-            zk_tls_ca=dict(type="str"),
+        argument_spec=argument_spec(
+            dict(
+                unchanged_since=dict(type="dict"),
+                volatile=dict(type="list", elements="str"),
+            )
         ),
         supports_check_mode=True,
-        required_together=[["zk_username", "zk_password"]],
+        required_together=ZK_REQUIRED_TOGETHER,
     )
-    hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
-    root = module.params["zk_root"] or os.environ.get("PVC_IT_ZK_ROOT")
-    if not hosts or not root:
-        module.fail_json(msg="zk_hosts and zk_root are needed (or PVC_IT_ZK_HOSTS and PVC_IT_ZK_ROOT)")
     volatile = [re.compile(pattern) for pattern in (module.params["volatile"] or DEFAULT_VOLATILE)]
-    store = ClusterStore(
-        ConnectionOptions(
-            hosts=hosts,
-            root=root,
-            timeout_s=30,
-            auth_username=module.params["zk_username"],
-            auth_password=module.params["zk_password"],
-            tls=module.params["zk_tls"],
-            tls_ca=module.params["zk_tls_ca"],
-        )
-    )
+    try:
+        store = ClusterStore(connection_options(module.params))
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
     try:
         store.start()
         tree = read_tree(store.client, store.schema.root, volatile)

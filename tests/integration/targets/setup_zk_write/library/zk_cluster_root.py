@@ -16,34 +16,16 @@ description:
     O(zk_root), every key open to anyone (ACL C(world:anyone)). It holds no node and no VM.
     The server enforces authentication, so the helper itself connects as O(zk_username).
   - With O(state=absent), removes O(zk_root) and everything below it.
+  - The ZooKeeper options are the collection's (its modules' C(zk_*) options); O(zk_root) (not the
+    integration cluster's own root) and the credentials are needed.
 options:
-  zk_hosts:
-    description: The ZooKeeper servers; default the environment variable E(PVC_IT_ZK_HOSTS).
-    type: str
-  zk_root:
-    description: The root to create or remove; it must not be the integration cluster's own root.
-    type: str
-    required: true
-  zk_username:
-    description: The user to connect as (digest authentication).
-    type: str
-    required: true
-  zk_password:
-    description: That user's password.
-    type: str
-    required: true
-  zk_tls:
-    description: Connect over TLS.
-    type: bool
-    default: false
-  zk_tls_ca:
-    description: PEM file of the CA that signed the ZooKeeper server's certificate.
-    type: str
   state:
     description: Whether the root is there.
     type: str
     choices: [present, absent]
     default: present
+extends_documentation_fragment:
+  - pvc.cluster._zk
 author:
   - pvc.cluster developers (!UNKNOWN)
 """
@@ -67,45 +49,29 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pvc.cluster.plugins.module_utils._store import (
-    ACL,
-    PERM_ALL,
-    ClusterStore,
-    ConnectionOptions,
-    Id,
-    StoreError,
+from ansible_collections.pvc.cluster.plugins.module_utils._module import (
+    ZK_REQUIRED_TOGETHER,
+    argument_spec,
+    connection_options,
 )
+from ansible_collections.pvc.cluster.plugins.module_utils._store import ACL, PERM_ALL, ClusterStore, Id, StoreError
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            zk_hosts=dict(type="str"),
-            zk_root=dict(type="str", required=True),
-            zk_username=dict(type="str", required=True),
-            zk_password=dict(type="str", required=True, no_log=True),
-            zk_tls=dict(type="bool", default=False),
-            zk_tls_ca=dict(type="str"),
-            state=dict(type="str", choices=["present", "absent"], default="present"),
-        )
+        argument_spec=argument_spec(dict(state=dict(type="str", choices=["present", "absent"], default="present"))),
+        required_together=ZK_REQUIRED_TOGETHER,
     )
-    hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
     root = module.params["zk_root"]
-    if not hosts:
-        module.fail_json(msg="zk_hosts is needed (or PVC_IT_ZK_HOSTS)")
     if root == os.environ.get("PVC_IT_ZK_ROOT"):
         module.fail_json(msg=f"{root} is the integration cluster's own root; name another one")
-    store = ClusterStore(
-        ConnectionOptions(
-            hosts=hosts,
-            root=root,
-            timeout_s=30,
-            auth_username=module.params["zk_username"],
-            auth_password=module.params["zk_password"],
-            tls=module.params["zk_tls"],
-            tls_ca=module.params["zk_tls_ca"],
-        )
-    )
+    if not module.params["zk_username"]:
+        # the server enforces authentication
+        module.fail_json(msg="zk_username and zk_password are needed")
+    try:
+        store = ClusterStore(connection_options(module.params))
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
     try:
         store.start()
         if module.params["state"] == "present":

@@ -12,26 +12,9 @@ description:
   - A test helper of the pvc.cluster integration targets, not part of the collection.
   - Writes O(values) as they are, in one transaction, to show what the modules do with values that
     someone wrote into ZooKeeper directly (garbage included).
+  - The ZooKeeper options are the collection's (its modules' C(zk_*) options); the tasks give them all, the
+    integration cluster's operator over TLS.
 options:
-  zk_hosts:
-    description: The ZooKeeper servers; default the environment variable E(PVC_IT_ZK_HOSTS).
-    type: str
-  zk_root:
-    description: The cluster root; default the environment variable E(PVC_IT_ZK_ROOT).
-    type: str
-  zk_username:
-    description: The user to connect as (digest authentication); the integration cluster's operator.
-    type: str
-  zk_password:
-    description: That user's password.
-    type: str
-  zk_tls:
-    description: Connect over TLS (the integration cluster's client port is a TLS port).
-    type: bool
-    default: false
-  zk_tls_ca:
-    description: PEM file of the CA that signed the ZooKeeper server's certificate.
-    type: str
   values:
     description: Text to write, by path below the cluster root.
     type: dict
@@ -41,6 +24,8 @@ options:
     type: list
     elements: str
     default: []
+extends_documentation_fragment:
+  - pvc.cluster._zk
 author:
   - pvc.cluster developers (!UNKNOWN)
 """
@@ -65,42 +50,30 @@ deleted:
   elements: str
 """
 
-import os
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, ConnectionOptions, StoreError
+from ansible_collections.pvc.cluster.plugins.module_utils._module import (
+    ZK_REQUIRED_TOGETHER,
+    argument_spec,
+    connection_options,
+)
+from ansible_collections.pvc.cluster.plugins.module_utils._store import ClusterStore, StoreError
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            zk_hosts=dict(type="str"),
-            zk_root=dict(type="str"),
-            zk_username=dict(type="str"),
-            zk_password=dict(type="str", no_log=True),
-            zk_tls=dict(type="bool", default=False),
-            zk_tls_ca=dict(type="str"),
-            values=dict(type="dict", default={}),
-            delete=dict(type="list", elements="str", default=[]),
+        argument_spec=argument_spec(
+            dict(
+                values=dict(type="dict", default={}),
+                delete=dict(type="list", elements="str", default=[]),
+            )
         ),
-        required_together=[["zk_username", "zk_password"]],
+        required_together=ZK_REQUIRED_TOGETHER,
     )
-    hosts = module.params["zk_hosts"] or os.environ.get("PVC_IT_ZK_HOSTS")
-    root = module.params["zk_root"] or os.environ.get("PVC_IT_ZK_ROOT")
-    if not hosts or not root:
-        module.fail_json(msg="zk_hosts and zk_root are needed (or PVC_IT_ZK_HOSTS and PVC_IT_ZK_ROOT)")
-    store = ClusterStore(
-        ConnectionOptions(
-            hosts=hosts,
-            root=root,
-            timeout_s=30,
-            auth_username=module.params["zk_username"],
-            auth_password=module.params["zk_password"],
-            tls=module.params["zk_tls"],
-            tls_ca=module.params["zk_tls_ca"],
-        )
-    )
+    try:
+        store = ClusterStore(connection_options(module.params))
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
     values = {store.schema.root + path: str(value) for path, value in module.params["values"].items()}
     try:
         store.start()
