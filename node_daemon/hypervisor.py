@@ -6,11 +6,20 @@
 Design
 ======
 
-* **One connection per driver.** ``Hypervisor(uri)`` opens one libvirt connection in ``open()``
-  and every thread of the daemon shares it (libvirt connections are thread-safe). The driver never
-  opens a second connection to its own URI: the ``test:///<file>`` driver keeps a private state
-  per connection, so a second connection would see a different "host". (Managed migration opens a
-  short-lived connection to the *destination* URI; that is another host.)
+* **One connection per driver, and one per outgoing migration.** ``Hypervisor(uri)`` opens one
+  libvirt connection in ``open()`` and every thread of the daemon shares it (libvirt connections
+  are thread-safe). The exception is the one long call: a peer-to-peer ``migrate()`` runs on a
+  connection of its own, opened for it and closed when it returns. On a shared remote connection
+  (``qemu+unix``, ``qemu+tls``...) the replies to other threads' calls made while a
+  ``migrateToURI3`` is in flight are not handed to them until some other call goes over the
+  connection (seen with the lab's libvirtd: another domain's ``state()`` returned only when a
+  third thread called ``listAllDomains``, 1.5 s later, or near the migration's end), so the
+  daemon's next periodic call, up to a keepalive interval later, released them: the source of a
+  flush's second migration waited that long before its transfer. Drivers inside this process
+  (``test:``) keep their one connection: the ``test:///<file>`` driver keeps a private state per
+  connection, so a second one would see a different "host" (and they have no RPC client to
+  share). (Managed migration opens a short-lived connection to the *destination* URI; that is
+  another host.)
 
 * **The connection is supervised** (``reconnect=True``, as the node daemon opens it). libvirtd
   restarts (package upgrades, a configuration change) and can crash or hang; none of that may
@@ -1352,9 +1361,13 @@ class Hypervisor:
             flags |= libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 
         key = uuid.lower()
+        own_connection = peer_to_peer and not self.uri.startswith("test:")
 
         def run() -> None:
             try:
+                if own_connection:
+                    self._migrate_on_own_connection(uuid, dest_uri, params, flags)
+                    return
                 if peer_to_peer:
                     dom.migrateToURI3(dest_uri, params, flags)
                     return
@@ -1411,6 +1424,36 @@ class Hypervisor:
             f"migration to {dest_uri} did not finish within {timeout_s:g} s; {aborted}, "
             f"but the migrate call still has not returned; its thread was abandoned",
         )
+
+    def _migrate_on_own_connection(self, uuid: str, dest_uri: str, params: dict[str, Any], flags: int) -> None:
+        """``migrateToURI3`` of ``uuid`` on a connection opened for this migration alone (see the
+        module docstring: a long call on the shared connection holds up the replies to every other
+        thread's calls). Runs in the migrate call's thread; raises _ConnectionLost when the call
+        failed because that connection died (libvirtd went away), libvirtError otherwise."""
+        conn = libvirt.open(self.uri)
+        try:
+            if self._events:
+                try:  # as on the shared connection: a dead libvirtd fails the call instead of hanging it
+                    conn.setKeepAlive(self.KEEPALIVE_INTERVAL_S, self.KEEPALIVE_COUNT)
+                except libvirt.libvirtError as exc:
+                    log.debug("libvirt keepalive not enabled on the migration's connection: %s", exc)
+            try:
+                conn.lookupByUUIDString(uuid).migrateToURI3(dest_uri, params, flags)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                try:
+                    alive = conn.isAlive()
+                except libvirt.libvirtError:
+                    alive = 0
+                if alive != 1:
+                    raise _ConnectionLost(exc) from exc
+                raise
+        finally:
+            try:
+                conn.close()
+            except libvirt.libvirtError as exc:
+                log.debug("closing the migration's connection failed: %s", exc)
 
     def _migrate_result(self, call: _Call, generation: int) -> None:
         """The finished migrate call's outcome; HypervisorUnavailable when this side's own
