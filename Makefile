@@ -19,7 +19,7 @@ help:
 	@echo "make test-model   check the migration and fence-and-recover protocols' Promela model with spin (models/ha.pml)"
 	@echo "make demo     set up this machine, bring up a 3-host lab and run the demo (KEEP=1: leave the lab up; make demo-down ends it)"
 	@echo "make lab-up / lab-down   the network-namespace lab (LAB_HOSTS=$(LAB_HOSTS))"
-	@echo "make bench    benchmarks, written to bench/results/latest.json (installs Ganeti's hail for bench p)"
+	@echo "make bench    benchmarks, written to bench/results/latest.json (bench p runs Ganeti's hail, which make setup installs)"
 	@echo "make wheelhouse   the node daemon's wheelhouse for the node_daemon role (dist/wheelhouse)"
 	@echo "make guest    build (or find in its cache) the lab's real guest: a Debian cloud kernel and a busybox initramfs"
 
@@ -118,9 +118,7 @@ demo: setup
 demo-down:
 	$(VPY) -m tests.lab.demo --down --workdir $(WORK)/demo
 
-# --bench: also what only the benchmarks use (Ganeti's hail for bench p; scripts/setup-host.sh)
 bench: setup
-	bash scripts/setup-host.sh --bench
 	$(VPY) -m bench
 
 clean: lab-down

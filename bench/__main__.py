@@ -218,7 +218,7 @@ def bench_placement() -> list[dict]:
                 "what": "Ganeti's hail on bench p's snapshots (bench/hail.py)",
                 "target": "hail installed",
                 "met": False,
-                "error": "hail not found: install ganeti-htools (bash scripts/setup-host.sh --bench, or make bench)",
+                "error": "hail not found: install ganeti-htools (bash scripts/setup-host.sh, or make setup)",
             }
         )
     return rows

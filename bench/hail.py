@@ -1,6 +1,6 @@
 """Ganeti's hail on bench p's snapshots, side by side with our selectors (``make bench``, section p).
 
-hail is Ganeti's IAllocator (package ``ganeti-htools``, which ``scripts/setup-host.sh --bench``
+hail is Ganeti's IAllocator (package ``ganeti-htools``, which ``scripts/setup-host.sh``
 installs): it reads one JSON request from a file named on its command line and answers on stdout
 (Ganeti's ``doc/iallocator.rst``, protocol version 2). For the same snapshots and the same arrival
 order as bench p (``bench/placement.py``), each new VM is one ``allocate`` request on the cluster as

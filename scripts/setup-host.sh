@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything pvc.cluster's tests, lab and demo need on a Debian 12 machine, as root.
 # Idempotent: a second run only checks. Called by `make setup` (and so by `make test` / `make demo`).
-# With --bench it also installs what only the benchmarks use (`make bench`): nothing in the tests needs it.
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -19,15 +18,8 @@ APT_PACKAGES=(
   openipmi ipmitool         # simulated BMCs (ipmi_sim) and the IPMI client the node daemon fences with (issue #16)
   cpio gcc libc6-dev        # the lab's real guest: its initramfs, and pvc-guest compiled statically (tests/lab/guest_image.py)
   spin                      # checks the protocols' Promela model (models/ha.pml, make test-model; gcc compiles its verifier)
+  ganeti-htools             # Ganeti's hail: bench p compares our selectors with it; tests/common/test_bench_hail.py runs it
 )
-
-# Benchmark-only: Ganeti's hail (IAllocator), run side by side with our selectors in bench p (bench/hail.py).
-BENCH_PACKAGES=(
-  ganeti-htools             # hail, the real Ganeti allocator, compared with our selectors (docs/benchmarks.md, bench p)
-)
-if [ "${1:-}" = "--bench" ]; then
-  APT_PACKAGES+=("${BENCH_PACKAGES[@]}")
-fi
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -1,8 +1,8 @@
 """bench/hail.py: the IAllocator requests bench p sends Ganeti's hail, and how its answers are read.
 
 The builder and the parsers are checked on their own; the last tests run the real hail (package
-ganeti-htools, which ``scripts/setup-host.sh --bench`` installs for ``make bench``, not for the
-tests) on 2- and 3-node snapshots, and are skipped where it is not installed.
+ganeti-htools, which ``scripts/setup-host.sh`` installs for the tests and ``make bench``) on 2- and
+3-node snapshots.
 """
 
 from __future__ import annotations
@@ -113,10 +113,6 @@ def test_parse_evacuate_reads_moved_and_failed():
     assert hail.parse_evacuate({"success": True, "result": {"moved": []}}) == ({}, {})
 
 
-needs_hail = pytest.mark.skipif(hail.find_hail() is None, reason="hail not installed (setup-host.sh --bench)")
-
-
-@needs_hail
 @pytest.mark.parametrize("merged", [True, False])
 def test_real_hail_places_only_where_the_vm_fits(tmp_path: Path, merged: bool):
     found = hail.find_hail()
@@ -134,7 +130,6 @@ def test_real_hail_places_only_where_the_vm_fits(tmp_path: Path, merged: bool):
     assert hail.parse_allocate(answer, snap.nodes, 65 * GIB) == (None, False)
 
 
-@needs_hail
 def test_real_hail_takes_an_exact_fit_only_with_the_slack(tmp_path: Path):
     """hail never leaves a node with 0 MiB free; 1 MiB of slack makes an exact fit a fit."""
     found = hail.find_hail()
@@ -150,7 +145,6 @@ def test_real_hail_takes_an_exact_fit_only_with_the_slack(tmp_path: Path):
     assert hail.run_hail(found, over, tmp_path)["success"] is False
 
 
-@needs_hail
 def test_real_hail_one_at_a_time_and_flush_never_overcommit(tmp_path: Path):
     found = hail.find_hail()
     assert found is not None
