@@ -41,15 +41,14 @@ import concurrent.futures
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.placement import Snapshot, arrivals, generate, spread
-from pvc_cluster_common._selector import NodeView, survives_node_failure
+from bench.placement import Snapshot, arrivals, generate, quality_row
+from pvc_cluster_common._selector import NodeView
 
 # Debian installs hail outside PATH, where Ganeti looks for its iallocators.
 HAIL_PATHS = ("/usr/lib/ganeti/iallocators/hail",)
@@ -301,7 +300,7 @@ def one_at_a_time(
         _book(nodes, target, size)
         running[target].append(size)
         placed += size
-    return _result(nodes, running, placed, snapshot.free_mib, unplaced, refused, elapsed, "selection")
+    return quality_row(nodes, running, placed, snapshot.free_mib, unplaced, elapsed, "selection", refused)
 
 
 def flush(
@@ -338,25 +337,7 @@ def flush(
         _book(nodes, target, size)
         running[target].append(size)
         placed += size
-    return _result(nodes, running, placed, sum(sizes), unplaced, refused, elapsed, "plan")
-
-
-def _result(nodes, running, placed, asked, unplaced, refused, elapsed, what) -> dict:
-    started = time.perf_counter()
-    verdict = survives_node_failure(nodes, running)
-    n1_ms = (time.perf_counter() - started) * 1000
-    return {
-        "placed_pct": round(100.0 * placed / asked, 2) if asked else 100.0,
-        "unplaced_vms": unplaced,
-        "refused_answers": refused,
-        "spread_pct": round(spread(nodes.values()), 3),
-        "overcommitted_nodes": sum(1 for node in nodes.values() if node.headroom < 0),
-        "n1_ok": verdict.ok,
-        "n1_failing_nodes": len(verdict.failures),
-        "n1_ms": round(n1_ms, 3),
-        f"{what}_p50_ms": round(statistics.median(elapsed), 3) if elapsed else 0.0,
-        f"{what}_max_ms": round(max(elapsed), 3) if elapsed else 0.0,
-    }
+    return quality_row(nodes, running, placed, sum(sizes), unplaced, elapsed, "plan", refused)
 
 
 # The hail variants bench p runs, and on which of its snapshots (one at a time: 10 and 100 nodes;

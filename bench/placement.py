@@ -112,7 +112,7 @@ def one_at_a_time(snapshot: Snapshot, sizes: list[int], selector: str) -> dict:
         nodes[target] = replace(node, reserved=node.reserved + size, memfree=node.memfree - size)
         running[target].append(size)
         placed += size
-    return _result(snapshot, nodes, running, placed, snapshot.free_mib, unplaced, elapsed, "selection")
+    return quality_row(nodes, running, placed, snapshot.free_mib, unplaced, elapsed, "selection")
 
 
 def flush(snapshot: Snapshot, selector: str) -> dict:
@@ -135,8 +135,7 @@ def flush(snapshot: Snapshot, selector: str) -> dict:
         nodes[move.target] = replace(node, reserved=node.reserved + size)
         running[move.target].append(size)
         placed += size
-    return _result(
-        snapshot,
+    return quality_row(
         {name: node for name, node in nodes.items() if name != source},
         running,
         placed,
@@ -147,13 +146,17 @@ def flush(snapshot: Snapshot, selector: str) -> dict:
     )
 
 
-def _result(snapshot, nodes, running, placed, asked, unplaced, elapsed, what) -> dict:
+def quality_row(nodes, running, placed, asked, unplaced, elapsed, what, refused: int | None = None) -> dict:
+    """One run's figures: memory placed (% of ``asked``), VMs left unplaced, free-memory spread,
+    overcommitted nodes, the n-1 verdict after it and the time per ``what``; ``refused`` (hail's
+    answers not applied, bench/hail.py) only where given."""
     started = time.perf_counter()
     verdict = survives_node_failure(nodes, running)
     n1_ms = (time.perf_counter() - started) * 1000
-    return {
+    row = {
         "placed_pct": round(100.0 * placed / asked, 2) if asked else 100.0,
         "unplaced_vms": unplaced,
+        **({"refused_answers": refused} if refused is not None else {}),
         "spread_pct": round(spread(nodes.values()), 3),
         "overcommitted_nodes": sum(1 for node in nodes.values() if node.headroom < 0),
         "n1_ok": verdict.ok,
@@ -162,6 +165,7 @@ def _result(snapshot, nodes, running, placed, asked, unplaced, elapsed, what) ->
         f"{what}_p50_ms": round(statistics.median(elapsed), 3) if elapsed else 0.0,
         f"{what}_max_ms": round(max(elapsed), 3) if elapsed else 0.0,
     }
+    return row
 
 
 def quality(

@@ -70,13 +70,14 @@ def cluster(server, tls, tmp_path):
         c.close()
 
 
-def _operator_options(cluster: TestCluster, tls, password: str) -> ConnectionOptions:
-    """How a module connects as the operator with ``password``, over TLS."""
+def _tls_options(cluster: TestCluster, tls, password: str, username: str = OPERATOR_USER) -> ConnectionOptions:
+    """How a client connects as ``username`` (by default the operator, as a module does) with
+    ``password``, over TLS."""
     return ConnectionOptions(
         hosts=cluster.zk_hosts,
         root=cluster.root,
         timeout_s=10,
-        auth_username=OPERATOR_USER,
+        auth_username=username,
         auth_password=password,
         tls=True,
         tls_ca=str(tls.ca_cert),
@@ -85,7 +86,7 @@ def _operator_options(cluster: TestCluster, tls, password: str) -> ConnectionOpt
 
 def _operator(cluster: TestCluster, tls, password: str) -> ClusterStore:
     """The operator's store as a module makes it (verify_cluster learns the cluster's identities)."""
-    store = ClusterStore(_operator_options(cluster, tls, password)).start()
+    store = ClusterStore(_tls_options(cluster, tls, password)).start()
     try:
         store.verify_cluster()
     except BaseException:
@@ -152,7 +153,7 @@ def test_the_operator_password_is_rotated_with_the_daemons_running(cluster, tls)
         # the old password is refused: no read, no write
         with pytest.raises(StoreError, match=f"ZooKeeper refuses user {OPERATOR_USER} access"):
             _operator(cluster, tls, OPERATOR_PASSWORD)
-        stale = ClusterStore(_operator_options(cluster, tls, OPERATOR_PASSWORD)).start()
+        stale = ClusterStore(_tls_options(cluster, tls, OPERATOR_PASSWORD)).start()
         try:
             with pytest.raises(StoreError):
                 stale.get(cluster.schema.schema_version())
@@ -271,17 +272,7 @@ def test_the_nodes_and_a_nodes_own_password_are_rotated_with_the_daemons_running
 
     # the former passwords read and write nothing
     for username, password in ((NODES_USER, NODES_PASSWORD), ("node1", own_old)):
-        stale = ClusterStore(
-            ConnectionOptions(
-                hosts=cluster.zk_hosts,
-                root=cluster.root,
-                timeout_s=10,
-                auth_username=username,
-                auth_password=password,
-                tls=True,
-                tls_ca=str(tls.ca_cert),
-            )
-        ).start()
+        stale = ClusterStore(_tls_options(cluster, tls, password, username)).start()
         try:
             with pytest.raises(StoreError):
                 stale.get(cluster.schema.node_key("node1", "daemon_state"))
