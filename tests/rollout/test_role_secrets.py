@@ -39,6 +39,8 @@ PUBLIC_FILES = {"libvirt_tls_ca_cert", "libvirt_tls_server_cert", "libvirt_tls_c
 RENDERED = {
     "node_daemon_zookeeper_password": "/etc/pvc/node-daemon-secrets.yaml",
     "node_daemon_zookeeper_node_password": "/etc/pvc/node-daemon-secrets.yaml",
+    "node_daemon_zookeeper_previous_password": "/etc/pvc/node-daemon-secrets.yaml",
+    "node_daemon_zookeeper_previous_node_password": "/etc/pvc/node-daemon-secrets.yaml",
     "node_daemon_fence_password": "/etc/pvc/node-daemon-secrets.yaml",
     "libvirt_sasl_password": "/etc/libvirt-secrets-sasl/auth.conf",
     "libvirt_tls_server_key": "/etc/pki-secrets-tls/libvirt/private/serverkey.pem",
@@ -57,6 +59,8 @@ _NODE_DAEMON_AUTH = {
 ENABLERS = {
     "node_daemon_zookeeper_password": _NODE_DAEMON_AUTH,
     "node_daemon_zookeeper_node_password": _NODE_DAEMON_AUTH,
+    "node_daemon_zookeeper_previous_password": _NODE_DAEMON_AUTH,
+    "node_daemon_zookeeper_previous_node_password": _NODE_DAEMON_AUTH,
     "node_daemon_fence_password": {
         "node_daemon_fence": {"method": "ipmi", "address": "10.77.0.250", "username": "admin"}
     },
