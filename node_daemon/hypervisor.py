@@ -77,6 +77,20 @@ Design
   ``/proc/meminfo`` instead, which is right only when libvirt runs on this host (always so for
   the node daemon). ``getInfo()`` is not used for memory: it reports NUMA node 0 only on some hosts.
 
+* **A stale incoming copy** (``stop_stale_copy()``). A libvirtd killed while it received a live
+  migration leaves the incoming QEMU behind, paused; the restarted libvirtd reconnects to it and
+  ends it itself (its reconnect kills an incoming migration that never finished), within a second
+  or two in the lab (the dead QEMU must be reaped first, and until then the domain is still listed
+  as paused and calls to it wait). A daemon that asks in that moment sees the copy and stops it
+  with ``destroy()``. Should that destroy not be answered within the call timeout (once seen in
+  the lab, and every later destroy of that copy went unanswered too), the driver ends that copy's
+  QEMU process itself: only for a domain libvirt reported paused for an incoming migration
+  (reason ``migration`` or ``starting_up``), and only a process that is a ``qemu-system-*`` or
+  ``qemu-kvm`` executable, whose command line carries ``-uuid <that UUID>`` and libvirt's
+  directory of that domain ID (``domain-<id>-``), in this process's network namespace (a lab
+  host's; on a node, the host's), and only when exactly one process matches. libvirt then sees
+  its monitor close and drops the domain, which the driver waits for.
+
 * **Migration** (``migrate()``): peer-to-peer ``migrateToURI3`` by default, or managed ``migrate3``
   over a short-lived connection to ``dest_uri``. ``migration_uri`` goes into
   ``VIR_MIGRATE_PARAM_URI`` (needed when libvirt would otherwise resolve the destination's
@@ -98,6 +112,8 @@ Design
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -124,6 +140,7 @@ __all__ = [
     "MigrationSetup",
     "PeerUnreachable",
     "STATE_NAMES",
+    "STALE_INCOMING_REASONS",
     "ACTIVE_STATES",
     "RUNNING_STATES",
     "read_meminfo_mib",
@@ -151,6 +168,9 @@ STATE_NAMES = {
 ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutdown", "pmsuspended"})
 # Running: the guest runs (its vCPUs run, or wait on the host).
 RUNNING_STATES = frozenset({"running", "blocked"})
+
+# Reasons of a paused domain that is (or was, if its migration died) an incoming migration's copy.
+STALE_INCOMING_REASONS = frozenset({libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP})
 
 # Reason codes per state (virDomain<State>Reason). Written out, because the constant prefixes
 # collide with flag names (VIR_DOMAIN_SHUTDOWN_* are also shutdown-method flags).
@@ -454,6 +474,45 @@ _CLOSE_REASONS = {
 # ---- /proc/meminfo ---------------------------------------------------------------------------
 
 
+def _qemu_executable(path: str) -> bool:
+    name = os.path.basename(path.removesuffix(" (deleted)"))
+    return name.startswith("qemu-system-") or name == "qemu-kvm"
+
+
+def find_qemu_pids(uuid: str, domain_id: int, proc_root: str = "/proc") -> list[int]:
+    """The PIDs of the QEMU processes of domain ``uuid`` with libvirt domain ID ``domain_id``
+    (see "A stale incoming copy" above): a ``qemu-system-*`` or ``qemu-kvm`` executable, whose
+    command line has ``-uuid`` followed by ``uuid`` and names libvirt's directory of that
+    domain ID (``domain-<id>-<name>``), in the network namespace of this process. Processes that
+    vanish or cannot be read while they are looked at are left out."""
+    want = uuid.lower()
+    marker = f"/domain-{int(domain_id)}-"
+    try:
+        own_ns = os.stat(os.path.join(proc_root, "self", "ns", "net"))
+    except OSError:
+        return []  # no namespace to compare with: nothing can be said to be this host's
+    found = []
+    for entry in os.listdir(proc_root):
+        if not entry.isdigit():
+            continue
+        base = os.path.join(proc_root, entry)
+        try:
+            if not _qemu_executable(os.readlink(os.path.join(base, "exe"))):
+                continue
+            with open(os.path.join(base, "cmdline"), "rb") as f:
+                argv = [arg.decode(errors="replace") for arg in f.read().split(b"\0")]
+            ns = os.stat(os.path.join(base, "ns", "net"))
+        except OSError:
+            continue
+        if (ns.st_dev, ns.st_ino) != (own_ns.st_dev, own_ns.st_ino):
+            continue
+        uuids = [argv[i + 1].lower() for i, arg in enumerate(argv[:-1]) if arg == "-uuid"]
+        if uuids != [want] or not any(marker in arg for arg in argv):
+            continue
+        found.append(int(entry))
+    return sorted(found)
+
+
 def read_meminfo_mib(path: str = "/proc/meminfo") -> tuple[int, int, int]:
     """(total, used, free) MiB from a meminfo file; used = total - free - buffers - cached."""
     values: dict[str, int] = {}
@@ -519,6 +578,7 @@ class Hypervisor:
         self.abort_wait_s = float(call_timeout_s)
         self.poll_interval_s = float(poll_interval_s)
         self.meminfo_path = meminfo_path
+        self.proc_root = "/proc"  # where stop_stale_copy() looks for a stale copy's QEMU process
         self.abandoned_calls = 0
         self.reconnects = 0  # connections replaced since open()
         self._counter_lock = threading.Lock()
@@ -1260,6 +1320,79 @@ class Hypervisor:
             return bool(self._dom_call("destroy", uuid, fn))
         except DomainNotFound:
             return False
+
+    def stop_stale_copy(self, uuid: str) -> str:
+        """Forced stop of a copy of ``uuid`` that must not run here (its assigned node runs it).
+        Returns what happened: ``gone`` (libvirt no longer has it, or it was off), ``destroyed``
+        (libvirt's destroy stopped it), or ``killed`` (a paused incoming copy that libvirt's
+        destroy did not stop within the call timeout: its QEMU process was ended, see "A stale
+        incoming copy" above, and libvirt dropped the domain). Raises HypervisorError when it
+        cannot be stopped (``HypervisorUnavailable`` while there is no libvirt: nothing is ended
+        then)."""
+        try:
+            state, reason, domain_id = self._dom_call("destroy", uuid, lambda dom: (*dom.state(), dom.ID()))
+        except DomainNotFound:
+            return "gone"
+        status = DomainStatus.from_libvirt(state, reason)
+        incoming = status.state == "paused" and status.reason in STALE_INCOMING_REASONS
+        try:
+            return "destroyed" if self.destroy(uuid) else "gone"
+        except HypervisorUnavailable:
+            raise
+        except HypervisorError as exc:
+            if not incoming or domain_id <= 0:
+                raise
+            failure = exc
+        pids = find_qemu_pids(uuid, domain_id, self.proc_root)
+        if len(pids) != 1:
+            log.error(
+                "the stale copy of %s here (%s) was not stopped by libvirt (%s), and %s QEMU processes "
+                "match it (%s): leaving it to libvirt",
+                uuid,
+                status,
+                failure,
+                len(pids),
+                pids,
+            )
+            raise failure
+        pid = pids[0]
+        log.error(
+            "the stale copy of %s here (%s, libvirt domain ID %d) was not stopped by libvirt (%s): "
+            "ending its QEMU process %d",
+            uuid,
+            status,
+            domain_id,
+            failure,
+            pid,
+        )
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it ended meanwhile
+        deadline = time.monotonic() + self.call_timeout_s
+        while True:
+            with self._state_changed:
+                seq = self._event_seq
+            try:
+                if self._is_off(uuid):
+                    log.warning("the stale copy of %s here is gone: its QEMU process %d was ended", uuid, pid)
+                    return "killed"
+            except HypervisorTimeout:
+                pass  # libvirt is still busy with it: wait on
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HypervisorTimeout(
+                    "destroy",
+                    uuid,
+                    None,
+                    f"its QEMU process {pid} was ended, but libvirt still lists the domain after "
+                    f"{self.call_timeout_s:g} s",
+                )
+            with self._state_changed:
+                self._state_changed.wait_for(
+                    lambda: self._event_seq != seq,  # noqa: B023 (called at once)
+                    timeout=min(remaining, self.poll_interval_s),
+                )
 
     # ---- migration -------------------------------------------------------------------------
 

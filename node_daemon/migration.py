@@ -1002,7 +1002,11 @@ class MigrationAgent(Service):
         on_assigned = self.peer_state(assigned, uuid)
         if on_assigned in RUNNING:
             log.error("VM %s runs here and on its assigned node %s: stopping the copy here", uuid, assigned)
-            self.hypervisor.destroy(uuid)
+            # A paused copy here is, after a libvirtd restart, an incoming migration's leftover
+            # that the restarted libvirtd may not stop (node_daemon/hypervisor.py, "A stale
+            # incoming copy"): stop_stale_copy ends it within a bounded time either way.
+            outcome = self.hypervisor.stop_stale_copy(uuid)
+            log.warning("VM %s: the copy here is stopped (%s)", uuid, outcome)
             return
         if on_assigned == UNKNOWN:
             log.warning(

@@ -7,6 +7,9 @@ elapsed time.
 from __future__ import annotations
 
 import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid as uuidlib
@@ -28,6 +31,7 @@ from pvc_node_daemon.hypervisor import (
     HypervisorUnavailable,
     PeerUnreachable,
     _guarded,
+    find_qemu_pids,
     read_meminfo_mib,
 )
 
@@ -1151,3 +1155,146 @@ def test_no_migration_job_moves_on_an_idle_or_unknown_domain(hv, make_domain_xml
     assert hv.migration_job_moving(str(uuidlib.uuid4())) is False
     hv.close()
     assert hv.migration_job_moving(uuid) is False  # no connection: not asked
+
+
+# ---- a stale incoming copy (stop_stale_copy) ----------------------------------------------------
+
+
+def _fake_proc(root, own_ns, processes):
+    """A /proc with ``processes``: pid -> (exe, argv, net namespace file)."""
+    (root / "self" / "ns").mkdir(parents=True)
+    (root / "self" / "ns" / "net").symlink_to(own_ns)
+    for pid, (exe, argv, ns) in processes.items():
+        d = root / str(pid)
+        (d / "ns").mkdir(parents=True)
+        (d / "exe").symlink_to(exe)
+        (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (d / "ns" / "net").symlink_to(ns)
+    return str(root)
+
+
+def _qemu_argv(uuid: str, domain_id: int, name: str = "vm1") -> list[str]:
+    return [
+        "/usr/bin/qemu-system-x86_64",
+        "-name",
+        f"guest={name},debug-threads=on",
+        "-object",
+        f'{{"qom-type":"secret","id":"masterKey0","format":"raw","file":"/var/lib/libvirt/qemu/domain-{domain_id}-{name}/master-key.aes"}}',
+        "-uuid",
+        uuid,
+        "-incoming",
+        "defer",
+    ]
+
+
+def test_find_qemu_pids_names_only_that_domains_qemu_in_this_network_namespace(tmp_path):
+    uuid, other = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+    here, there = tmp_path / "net-here", tmp_path / "net-there"
+    here.write_text("")
+    there.write_text("")
+    root = _fake_proc(
+        tmp_path / "proc",
+        here,
+        {
+            101: ("/usr/bin/qemu-system-x86_64", _qemu_argv(uuid.upper(), 3), here),  # the one
+            102: ("/usr/bin/qemu-system-x86_64", _qemu_argv(uuid, 3), there),  # another host's
+            103: ("/usr/bin/qemu-system-x86_64", _qemu_argv(other, 3), here),  # another VM
+            104: ("/usr/bin/python3", _qemu_argv(uuid, 3), here),  # not a QEMU
+            105: ("/usr/bin/qemu-system-x86_64", _qemu_argv(uuid, 13), here),  # another domain ID
+            106: ("/usr/libexec/qemu-kvm (deleted)", _qemu_argv(uuid, 3), here),
+        },
+    )
+    (tmp_path / "proc" / "sys").mkdir()
+    assert find_qemu_pids(uuid, 3, root) == [101, 106]
+    assert find_qemu_pids(uuid, 4, root) == []
+    assert find_qemu_pids(other, 3, root) == [103]
+
+
+@pytest.fixture
+def stand_in_qemu():
+    """A process of the test's own standing in for a stale copy's QEMU (ended at teardown)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+
+
+def _stale_copy(
+    hv,
+    make_domain_xml,
+    monkeypatch,
+    tmp_path,
+    qemu,
+    reason=libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+    state=libvirt.VIR_DOMAIN_PAUSED,
+    extra=(),
+):
+    """A domain libvirt reports paused (``reason``) with ID 3, whose destroy is not answered until
+    ``qemu`` (the stand-in of its QEMU process, listed in a /proc of the test's) has ended."""
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    here = tmp_path / "net-here"
+    here.write_text("")
+    processes = {qemu.pid: ("/usr/bin/qemu-system-x86_64", _qemu_argv(uuid, 3), here)}
+    processes.update({pid: ("/usr/bin/qemu-system-x86_64", _qemu_argv(uuid, 3), here) for pid in extra})
+    hv.proc_root = _fake_proc(tmp_path / "proc", here, processes)
+    monkeypatch.setattr(libvirt.virDomain, "state", lambda self, flags=0: [state, reason])
+    monkeypatch.setattr(libvirt.virDomain, "ID", lambda self: 3)
+    original = libvirt.virDomain.destroy
+    destroys = []
+
+    def destroy_once_its_qemu_ended(self):
+        destroys.append(1)
+        qemu.wait(60)  # as libvirt: the domain goes once its QEMU process has gone
+        return original(self)
+
+    monkeypatch.setattr(libvirt.virDomain, "destroy", destroy_once_its_qemu_ended)
+    hv.call_timeout_s = 0.5
+    return uuid, destroys
+
+
+def test_stop_stale_copy_ends_the_qemu_of_a_paused_incoming_copy_that_libvirt_does_not_stop(
+    hv, make_domain_xml, monkeypatch, tmp_path, stand_in_qemu
+):
+    uuid, destroys = _stale_copy(hv, make_domain_xml, monkeypatch, tmp_path, stand_in_qemu)
+    assert hv.stop_stale_copy(uuid) == "killed"
+    assert stand_in_qemu.wait(30) == -signal.SIGKILL
+    assert destroys == [1]
+    hv.call_timeout_s = 10.0
+    assert hv.status(uuid) is None
+
+
+@pytest.mark.parametrize(
+    "state, reason",
+    [
+        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED),  # a copy that runs
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER),  # paused, but not incoming
+    ],
+)
+def test_stop_stale_copy_ends_no_process_of_a_copy_that_is_not_an_incoming_one(
+    hv, make_domain_xml, monkeypatch, tmp_path, stand_in_qemu, state, reason
+):
+    uuid, _ = _stale_copy(hv, make_domain_xml, monkeypatch, tmp_path, stand_in_qemu, reason=reason, state=state)
+    with pytest.raises(HypervisorTimeout):
+        hv.stop_stale_copy(uuid)
+    assert stand_in_qemu.poll() is None
+
+
+def test_stop_stale_copy_ends_no_process_when_two_match(hv, make_domain_xml, monkeypatch, tmp_path, stand_in_qemu):
+    second = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        uuid, _ = _stale_copy(hv, make_domain_xml, monkeypatch, tmp_path, stand_in_qemu, extra=(second.pid,))
+        with pytest.raises(HypervisorTimeout):
+            hv.stop_stale_copy(uuid)
+        assert stand_in_qemu.poll() is None and second.poll() is None
+    finally:
+        second.kill()
+        second.wait(30)
+
+
+def test_stop_stale_copy_of_a_copy_libvirt_stops_or_does_not_have(hv, make_domain_xml):
+    uuid, xml = make_domain_xml("vm1")
+    hv.create(xml)
+    assert hv.stop_stale_copy(uuid) == "destroyed"
+    assert hv.stop_stale_copy(uuid) == "gone"
