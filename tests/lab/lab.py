@@ -251,6 +251,28 @@ def _signal(record: ProcRecord, sig: int) -> None:
         pass
 
 
+def _bounded(fn: Callable[[], object], timeout_s: float, what: str):
+    """fn() in a daemon thread, waited for at most ``timeout_s`` (a libvirt call has no timeout of
+    its own); raises LabError when it is not done by then (the thread is left to finish)."""
+    result: list = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name=f"lab-{what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise LabError(f"{what}: no answer within {timeout_s:g} s")
+    if error:
+        raise error[0]
+    return result[0]
+
+
 def _wait_gone(records: list[ProcRecord], timeout_s: float) -> list[ProcRecord]:
     # A process we did not spawn (or spawned from another `up`) gives no exit event we could wait
     # on, so /proc is polled every 50 ms; our own children are reaped on the way.
@@ -1070,21 +1092,107 @@ class Lab:
         state = _read_state(self.state_file)
         return self._pidfile_records(state, state.get("netns_inodes", {}), "qemu") if state else []
 
-    def reset(self) -> None:
-        """Destroy (and undefine) every domain on every host, for a clean slate between tests."""
+    # A libvirt call of reset() that is not answered within this long (a healthy destroy takes
+    # well under a second; libvirt gives up on a domain it cannot stop after 15-30 s).
+    RESET_CALL_TIMEOUT_S = 45.0
+
+    def reset(self, names: Iterable[str] | None = None) -> None:
+        """Destroy (and undefine) every domain on every host (``names``: only those domains), for
+        a clean slate between tests,
+        whatever state a failed test left a host in: a libvirtd that is stopped (SIGSTOP) is
+        continued, one that is not running is started again, and a domain that libvirt does not
+        destroy (an error, or no answer within RESET_CALL_TIMEOUT_S) has its QEMU process ended by
+        libvirt's pidfile, as `down` does, and then the host's libvirtd restarted if it still lists
+        it (a restarted libvirtd drops a domain whose QEMU is gone). So one failed test does not
+        leave the lab unusable for every later one. Raises LabError only when a host still has
+        domains after all that (every host is tried first). A host powered off (power_off) is
+        powered on."""
+        only = None if names is None else set(names)
+        failures = []
+        for h in self.hosts:
+            try:
+                self._reset_host(h, only)
+            except Exception as exc:  # the other hosts are reset all the same
+                failures.append(f"{h.name}: {exc}")
+        if failures:
+            raise LabError("lab reset failed: " + "; ".join(failures))
+
+    def _reset_host(self, h: LabHost, only: set[str] | None) -> None:
+        libvirtds = [r for r in self.recorded_pids() if r.host == h.netns and r.role == "libvirtd" and r.alive()]
+        if not libvirtds:
+            self.log(f"reset: libvirtd on {h.name} is not running: starting it")
+            self.power_on(h)
+        else:
+            for r in libvirtds:
+                _signal(r, signal.SIGCONT)  # a test that stopped it and failed before continuing it
+        stuck = self._destroy_all(h, only)
+        if not stuck:
+            return
+        self.log(f"reset: libvirtd on {h.name} did not destroy {', '.join(stuck)}: ending their QEMU processes")
+        self._end_qemus(h, stuck)
+        stuck = self._destroy_all(h, only)
+        if not stuck:
+            return
+        self.log(f"reset: libvirtd on {h.name} still lists {', '.join(stuck)}: restarting it")
+        self._stop_libvirtd(h, signal.SIGKILL)
+        self._restart_libvirtd(h)
+        stuck = self._destroy_all(h, only)
+        if stuck:
+            raise LabError(
+                f"domains {', '.join(stuck)} are still listed after their QEMUs ended and libvirtd restarted"
+            )
+
+    def _destroy_all(self, h: LabHost, only: set[str] | None = None) -> list[str]:
+        """Destroy and undefine every domain of ``h`` (``only``: those of these names); the names
+        of those that could not be."""
         import libvirt
 
-        for h in self.hosts:
+        def listing() -> list[str]:
             conn = h.connect()
             try:
-                for dom in conn.listAllDomains(0):
-                    persistent = dom.isPersistent()  # a transient domain is gone once destroyed
-                    if dom.isActive():
-                        dom.destroy()
-                    if persistent:
-                        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+                return [dom.name() for dom in conn.listAllDomains(0) if only is None or dom.name() in only]
             finally:
                 conn.close()
+
+        def clear(name: str) -> None:
+            conn = h.connect()
+            try:
+                dom = conn.lookupByName(name)
+                persistent = dom.isPersistent()  # a transient domain is gone once destroyed
+                if dom.isActive():
+                    dom.destroy()
+                if persistent:
+                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            except libvirt.libvirtError as exc:
+                # gone meanwhile (e.g. a restarted libvirtd reaping its guests) is what reset wants
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+            finally:
+                conn.close()
+
+        stuck = []
+        for name in _bounded(listing, self.RESET_CALL_TIMEOUT_S, f"listing the domains of {h.name}"):
+            try:
+                _bounded(lambda name=name: clear(name), self.RESET_CALL_TIMEOUT_S, f"destroying {name} on {h.name}")
+            except Exception as exc:
+                self.log(f"reset: {name} on {h.name}: {exc}")
+                stuck.append(name)
+        return stuck
+
+    def _end_qemus(self, h: LabHost, names: list[str]) -> None:
+        """SIGKILL the QEMU processes of the domains ``names`` of ``h`` (libvirt's pidfiles, each
+        checked to be a QEMU of this lab in that host's namespace) and wait until they are gone."""
+        ours = {r.pid: r for r in self.qemu_processes() if r.host == h.netns}
+        records = []
+        for name in names:
+            pid = _read_pid(h.dir / "run" / "qemu" / f"{name}.pid")
+            if pid in ours:
+                records.append(ours[pid])
+        for r in records:
+            _signal(r, signal.SIGKILL)
+        left = _wait_gone(records, 15.0)
+        if left:
+            raise LabError(f"QEMU processes survived SIGKILL: {[r.pid for r in left]}")
 
     # -- power and BMCs (issue #16) ------------------------------------------------------------
 

@@ -292,6 +292,33 @@ def test_libvirtd_crash_and_restart_keeps_guests(lab, lab_guest):
 
 
 @pytest.mark.lab
+def test_reset_cleans_what_a_failed_test_leaves(lab, monkeypatch):
+    """What a test that failed half-way can leave: a host's libvirtd killed and not started again,
+    another's stopped (SIGSTOP), and a domain that libvirt does not destroy within reset's call
+    timeout (its QEMU stopped: libvirt's destroy waits 10 s before its SIGKILL; reset waits 1 s
+    here). reset() leaves every host with a libvirtd that answers and no domain, and no QEMU of
+    those domains running, so the next test gets a clean lab."""
+    h1, h2, h3 = lab.host(1), lab.host(2), lab.host(3)
+    for h, name in ((h1, "reset-stuck"), (h2, "reset-orphan"), (h3, "reset-stopped")):
+        conn = h.connect()
+        try:
+            conn.createXML(domain_xml(name, memory_mib=64), 0)
+        finally:
+            conn.close()
+    qemu = lab.qemu_processes()
+    assert len([q for q in qemu if q.host in (h1.netns, h2.netns, h3.netns)]) >= 3
+    stuck = next(q for q in qemu if q.host == h1.netns)
+    os.kill(stuck.pid, signal.SIGSTOP)
+    h2.stop_libvirtd(signal.SIGKILL)
+    h3.pause_libvirtd()
+    monkeypatch.setattr(lab, "RESET_CALL_TIMEOUT_S", 1.0)
+    lab.reset()
+    assert [h.domains(running_only=False) for h in lab.hosts] == [[], [], []]
+    assert not any(q.alive() for q in qemu)
+    assert lab.healthy()
+
+
+@pytest.mark.lab
 def test_zookeeper_member_restart(lab):
     h1 = lab.host(1)
     h1.zk.stop()
