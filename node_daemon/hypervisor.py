@@ -479,16 +479,17 @@ def _qemu_executable(path: str) -> bool:
     return name.startswith("qemu-system-") or name == "qemu-kvm"
 
 
-def find_qemu_pids(uuid: str, domain_id: int, proc_root: str = "/proc") -> list[int]:
+def find_qemu_pids(uuid: str, domain_id: int, proc_root: str = "/proc", netns: str | None = None) -> list[int]:
     """The PIDs of the QEMU processes of domain ``uuid`` with libvirt domain ID ``domain_id``
     (see "A stale incoming copy" above): a ``qemu-system-*`` or ``qemu-kvm`` executable, whose
     command line has ``-uuid`` followed by ``uuid`` and names libvirt's directory of that
-    domain ID (``domain-<id>-<name>``), in the network namespace of this process. Processes that
-    vanish or cannot be read while they are looked at are left out."""
+    domain ID (``domain-<id>-<name>``), in the network namespace ``netns`` (a namespace file;
+    by default this process's). Processes that vanish or cannot be read while they are looked
+    at are left out."""
     want = uuid.lower()
     marker = f"/domain-{int(domain_id)}-"
     try:
-        own_ns = os.stat(os.path.join(proc_root, "self", "ns", "net"))
+        own_ns = os.stat(netns or os.path.join(proc_root, "self", "ns", "net"))
     except OSError:
         return []  # no namespace to compare with: nothing can be said to be this host's
     found = []
@@ -578,7 +579,10 @@ class Hypervisor:
         self.abort_wait_s = float(call_timeout_s)
         self.poll_interval_s = float(poll_interval_s)
         self.meminfo_path = meminfo_path
-        self.proc_root = "/proc"  # where stop_stale_copy() looks for a stale copy's QEMU process
+        # Where stop_stale_copy() looks for a stale copy's QEMU process, and the network namespace
+        # (a namespace file) of this host's QEMUs: None, this process's (the daemon runs on its host).
+        self.proc_root = "/proc"
+        self.host_netns: str | None = None
         self.abandoned_calls = 0
         self.reconnects = 0  # connections replaced since open()
         self._counter_lock = threading.Lock()
@@ -1343,7 +1347,7 @@ class Hypervisor:
             if not incoming or domain_id <= 0:
                 raise
             failure = exc
-        pids = find_qemu_pids(uuid, domain_id, self.proc_root)
+        pids = find_qemu_pids(uuid, domain_id, self.proc_root, self.host_netns)
         if len(pids) != 1:
             log.error(
                 "the stale copy of %s here (%s) was not stopped by libvirt (%s), and %s QEMU processes "
