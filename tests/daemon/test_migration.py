@@ -5,6 +5,7 @@ keys read ahead) is older than ZooKeeper."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import queue
 from dataclasses import replace
@@ -814,6 +815,21 @@ def test_rehome_rewrites_the_targets_reservations_znode(cluster, make_agent, mon
     assert store.find_text(schema.node_reservation("n1", uuid)) == "256"
     value, version_after = store.find(schema.node_reservations("n1"))
     assert value == record.id and version_after > version_before
+
+
+def test_rehome_stops_the_copy_here_when_the_assigned_node_runs_it(cluster, make_agent, monkeypatch, caplog):
+    """A copy here of a VM its assigned node runs (e.g. an incoming copy a restarted libvirtd
+    left) is stopped (Hypervisor.stop_stale_copy), nothing is requested, and the VM stays
+    assigned where it runs."""
+    store, uuid, xml = cluster
+    here = make_agent("n2")
+    monkeypatch.setattr(here, "peer_state", lambda peer, vm: "running")  # n1's libvirt: running there
+    here.hypervisor.create(xml)
+    with caplog.at_level(logging.WARNING):
+        here.rehome(uuid, "n1")
+    assert here.hypervisor.status(uuid) is None
+    assert record_of(store, uuid)[0] is None and read_vm(store, uuid).node == "n1"
+    assert f"VM {uuid}: the copy here is stopped (destroyed)" in caplog.text
 
 
 @pytest.mark.parametrize("counted_by", ["memprov", "reservation"])
