@@ -459,13 +459,50 @@ def bench_busy_live(pairs: int) -> dict:
     }
 
 
-def bench_busy_flush(vms: int = 6, parallel: int = 2, rounds: int = 2) -> dict:
-    from tests.lab.bench_live import measure_flush  # needs root and the lab (real libvirtd + QEMU)
+FLUSH_ROUNDS = 4  # tests/lab/bench_live.py FLUSH_ROUNDS; here too, so that --help needs no lab
+CPU_ROLES = ("daemon", "zookeeper", "libvirtd", "qemu", "other")
 
-    result = measure_flush(vms, parallel, rounds)
+
+def move_stats(rounds: list[list[dict]]) -> dict:
+    """One side's moves over f's rounds (``ours_moves`` or ``virsh_moves``: per round, each move's
+    row): how long they took and how many memory passes they needed (libvirt's
+    ``memory_iteration``), so that a reader can tell per-move cost from where the long moves fell;
+    ``summed_s``: each round's summed move durations (the work its slots did)."""
+    moves = [move for moves in rounds for move in moves]
+    durations = [move["move_s"] for move in moves]
+    passes = [move["memory_iteration"] for move in moves if "memory_iteration" in move]
+    downtimes = [move["downtime"] for move in moves if "downtime" in move]
+    return {
+        "moves": len(moves),
+        "move_median_s": round(statistics.median(durations), 2),
+        "move_mean_s": round(statistics.mean(durations), 2),
+        "move_min_s": min(durations),
+        "move_max_s": max(durations),
+        "passes_median": statistics.median(passes) if passes else None,
+        "passes_mean": round(statistics.mean(passes), 1) if passes else None,
+        "passes_max": max(passes) if passes else None,
+        "downtime_median_ms": statistics.median(downtimes) if downtimes else None,
+        "downtime_max_ms": max(downtimes) if downtimes else None,
+        "summed_s": [round(sum(move["move_s"] for move in moves), 2) for moves in rounds],
+    }
+
+
+def cpu_means(rounds: list[dict]) -> dict:
+    """CPU seconds per role (tests/lab/cpu_use.py) and the load average, averaged over the rounds
+    of one side of f."""
+    keys = [*CPU_ROLES, "machine_busy_share", "load_mean", "load_max"]
+    if not rounds:
+        return {}
+    return {key: round(statistics.mean(r[key] for r in rounds), 2) for key in keys if all(key in r for r in rounds)}
+
+
+def flush_row(result: dict, vms: int, parallel: int) -> dict:
+    """bench f's row from measure_flush's result."""
+    rounds = len(result["ours"])
     # each round times both, in alternating order: the ratio of the means
     ours, virsh = statistics.mean(result["ours"]), statistics.mean(result["virsh"])
     ratio = ours / virsh
+    ours_moves, virsh_moves = move_stats(result["ours_moves"]), move_stats(result["virsh_moves"])
     return {
         "id": "f",
         "what": f"flush of a node running {vms} busy real guests (auto-converge) vs {parallel} parallel "
@@ -474,7 +511,14 @@ def bench_busy_flush(vms: int = 6, parallel: int = 2, rounds: int = 2) -> dict:
         "virsh_s": round(virsh, 2),
         "ours_rounds_s": [round(v, 2) for v in result["ours"]],
         "virsh_rounds_s": [round(v, 2) for v in result["virsh"]],
+        "round_ratios": [round(o / v, 3) for o, v in zip(result["ours"], result["virsh"])],
         "ratio": round(ratio, 3),
+        "ours_move_stats": ours_moves,
+        "virsh_move_stats": virsh_moves,
+        # the slots' work alone, whatever the tails: summed move durations over all rounds
+        "move_time_ratio": round(sum(ours_moves["summed_s"]) / sum(virsh_moves["summed_s"]), 3),
+        "ours_cpu": result.get("ours_cpu", []),
+        "virsh_cpu": result.get("virsh_cpu", []),
         "ours_timeline": result["ours_timeline"],
         "virsh_timeline": result["virsh_timeline"],
         "ours_moves": result["ours_moves"],
@@ -484,6 +528,12 @@ def bench_busy_flush(vms: int = 6, parallel: int = 2, rounds: int = 2) -> dict:
         "target": "ratio <= 1.05",
         "met": ratio <= 1.05,
     }
+
+
+def bench_busy_flush(vms: int = 6, parallel: int = 2, rounds: int = FLUSH_ROUNDS) -> dict:
+    from tests.lab.bench_live import measure_flush  # needs root and the lab (real libvirtd + QEMU)
+
+    return flush_row(measure_flush(vms, parallel, rounds), vms, parallel)
 
 
 # ---- g: a libvirtd restart in the lab ----------------------------------------------------------------
@@ -540,6 +590,35 @@ def _per_round(row: dict, side: str, key: str) -> str:
     return "/".join(f"{t[key]:g}" for t in row[f"{side}_timeline"])
 
 
+def _moves(stats: dict) -> str:
+    return (
+        f"{stats['moves']} moves, median {stats['move_median_s']:g} s, mean {stats['move_mean_s']:g} s "
+        f"({stats['move_min_s']:g}-{stats['move_max_s']:g}), passes median {stats['passes_median']}, mean "
+        f"{stats['passes_mean']} (max {stats['passes_max']}), summed per round {_listed(stats['summed_s'])} s"
+    )
+
+
+def _flush_moves(row: dict) -> str:
+    """f's per-move distribution of both sides and the CPU of each role during the timed runs
+    (rows written before these were kept have neither: "")."""
+    if "ours_move_stats" not in row:
+        return ""
+    text = (
+        f"moves ours: {_moves(row['ours_move_stats'])}; virsh: {_moves(row['virsh_move_stats'])}; "
+        f"summed move time ours/virsh {row['move_time_ratio']}; "
+    )
+    ours, virsh = cpu_means(row.get("ours_cpu", [])), cpu_means(row.get("virsh_cpu", []))
+    if ours and virsh:
+        text += (
+            f"CPU s per timed run (mean of rounds) ours/virsh: daemons {ours['daemon']:g}/{virsh['daemon']:g}, "
+            f"ZooKeeper {ours['zookeeper']:g}/{virsh['zookeeper']:g}, libvirtd {ours['libvirtd']:g}/"
+            f"{virsh['libvirtd']:g}, QEMU {ours['qemu']:g}/{virsh['qemu']:g}; machine busy "
+            f"{ours['machine_busy_share']:g}/{virsh['machine_busy_share']:g}, load average "
+            f"{ours['load_mean']:g}/{virsh['load_mean']:g} (max {ours['load_max']:g}/{virsh['load_max']:g}); "
+        )
+    return text
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| id | config | what | measured | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -549,8 +628,10 @@ def table(rows: list[dict]) -> str:
             measured = f"ours {row['ours_s']} s / virsh {row['virsh_s']} s = {row['ratio']}"
             if "ours_timeline" in row:
                 each = functools.partial(_per_round, row)
+                ratios = f", ratio {_listed(row['round_ratios'])}" if "round_ratios" in row else ""
                 measured += (
-                    f" (each round: ours {_listed(row['ours_rounds_s'])}, virsh {_listed(row['virsh_rounds_s'])}; "
+                    f" (each round: ours {_listed(row['ours_rounds_s'])}, virsh {_listed(row['virsh_rounds_s'])}{ratios}; "
+                    f"{_flush_moves(row)}"
                     f"per round, parallelism ours {each('ours', 'parallelism')}, virsh {each('virsh', 'parallelism')}; "
                     f"median move ours {each('ours', 'move_median_s')} s, virsh {each('virsh', 'move_median_s')} s; "
                     f"idle slot time ours {each('ours', 'idle_slot_s')} s, virsh {each('virsh', 'idle_slot_s')} s; "
@@ -617,7 +698,12 @@ def main() -> int:
     # (fewer, down to 1, make a trial run whose row is never "met": it shows the bench works)
     parser.add_argument("--busy-pairs", type=int, default=BUSY_PAIRS_MIN)
     parser.add_argument("--trials", type=int, default=5, help="e: power-loss trials (at least 5)")
+    # f: each round times one flush and one virsh run, alternating which goes first: an even number
+    # of rounds runs each order as often
+    parser.add_argument("--flush-rounds", type=int, default=FLUSH_ROUNDS, help="f: rounds (even, at least 2)")
     args = parser.parse_args()
+    if args.flush_rounds < 2 or args.flush_rounds % 2:
+        parser.error(f"--flush-rounds {args.flush_rounds}: f needs an even number of rounds, at least 2")
     if args.trials < 5:
         parser.error(f"--trials {args.trials}: e needs at least 5 trials for its p50")
     if args.pairs < 5:
@@ -632,7 +718,7 @@ def main() -> int:
     runs += [
         ("a", "", lambda: bench_live_overhead(args.pairs)),
         ("a2", "", lambda: bench_busy_live(args.busy_pairs)),
-        ("f", "", bench_busy_flush),
+        ("f", "", lambda: bench_busy_flush(rounds=args.flush_rounds)),
         ("g", "", bench_libvirtd_restart),
         ("e", "", lambda: bench_ha_recovery(args.trials)),
     ]

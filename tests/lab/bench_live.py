@@ -44,6 +44,7 @@ from pvc_cluster_common._meta import DEFAULT_MIGRATION_MAX_DOWNTIME_MS
 from pvc_cluster_common._requests import plan_request, submit_request
 from pvc_node_daemon.hypervisor import Hypervisor
 
+from .cpu_use import CpuUse
 from .daemons import LabCluster
 from .guests import GuestPort, LabGuests
 from .lab import Lab
@@ -435,7 +436,13 @@ def move_rows(
     return rows
 
 
-def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -> dict:
+# f's rounds: each times one flush of ours and one virsh run, in alternating order. A busy guest's
+# move takes 22-59 memory passes (35-100 s) on either side, and which two long moves share a slot
+# decides a round's tail: two rounds let one such tail decide the ratio (2026-12-07: 1.008 and 1.171)
+FLUSH_ROUNDS = 4
+
+
+def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = FLUSH_ROUNDS, log=print) -> dict:
     """(f): seconds to move ``vms`` busy real guests off node1 to node2, by a flush of node1 by
     our daemons (``flush_parallel`` = ``parallel``; domain state `flush` written until the
     daemon writes `flushed`), and by ``parallel`` threads running ``virsh migrate --live --p2p
@@ -448,7 +455,14 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
     start again once the guests are home, and the next flush waits for a keepalive of each).
     Before each timed run a guest that died is reset (revive). Also each run's ``timeline``
     (``ours_timeline``, ``virsh_timeline``: lists, one per round), from the migrations' audit
-    records for ours and the commands' start and end for virsh."""
+    records for ours and the commands' start and end for virsh, and the CPU the lab's processes
+    used during it (``ours_cpu``, ``virsh_cpu``: CpuUse's figures, one per round).
+
+    The guests' way home is not timed and is not capped on either side: the speed cap is set on
+    the source of each timed run, and our daemons' return from node2 runs at libvirt's default
+    speed (a few seconds per guest), so virsh's return does too; before 2026-12-07 16:00 virsh's
+    return was capped (about 40 s per guest), so each side's timed run followed a differently
+    made return home."""
     from concurrent.futures import ThreadPoolExecutor
 
     lab = Lab(WORKDIR, hosts=2, prefix=PREFIX, log=log)
@@ -476,6 +490,8 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
             "virsh_timeline": [],
             "ours_moves": [],
             "virsh_moves": [],
+            "ours_cpu": [],
+            "virsh_cpu": [],
             "guest_resets": 0,
         }
         src, dst = cluster.host("node1"), cluster.host("node2")
@@ -490,11 +506,13 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
             revive_all()
             for uuid in uuids:
                 cap_migrate_speed(src, uuid)
+            cpu = CpuUse.of_lab(lab, (daemon.pid for daemon in cluster.daemons.values() if daemon.running())).start()
             started_wall, started = time.time(), time.perf_counter()
             cluster.set_domain_state("node1", "flush")
             cluster.wait_domain_state("node1", "flushed", timeout_s=3600)
             result["ours"].append(time.perf_counter() - started)
             ended_wall = time.time()
+            result["ours_cpu"].append(cpu.stop())
             for uuid in uuids:
                 cluster.settle(uuid, timeout_s=300)
             moves = []
@@ -513,13 +531,16 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
                 cluster.wait_running_on("node1", uuid, timeout_s=600)
 
         def virsh_run(source, target, timed: bool) -> None:
-            """Every guest from ``source`` to ``target`` by ``parallel`` virsh loops sharing one queue."""
+            """Every guest from ``source`` to ``target`` by ``parallel`` virsh loops sharing one
+            queue; ``timed``: capped at MIGRATE_SPEED_MIB_S and measured, else at libvirt's default
+            speed, as our daemons' untimed return home."""
             queue = list(uuids)
             lock = threading.Lock()
             moves: list[tuple[float, float, float]] = []
             moved: list[str] = []
             for uuid in uuids:
-                cap_migrate_speed(source, uuid)
+                if timed:
+                    cap_migrate_speed(source, uuid)
                 set_max_downtime(source, uuid)  # as our daemons do before they migrate
 
             def loop() -> None:
@@ -534,12 +555,14 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
                         moves.append((began, began, time.time()))
                         moved.append(uuid)
 
+            cpu = CpuUse.of_lab(lab).start() if timed else None  # the daemons are stopped
             started_wall, started = time.time(), time.perf_counter()
             with ThreadPoolExecutor(parallel) as pool:
                 for done in [pool.submit(loop) for _ in range(parallel)]:
                     done.result()
-            if timed:
+            if cpu is not None:
                 result["virsh"].append(time.perf_counter() - started)
+                result["virsh_cpu"].append(cpu.stop())
                 result["virsh_timeline"].append(timeline(moves, started_wall, time.time()))
                 jobs = [completed_job(target, uuid) for uuid in moved]
                 result["virsh_moves"].append(move_rows(moves, [names[u] for u in moved], started_wall, jobs))
@@ -565,8 +588,11 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = 2, log=print) -
                 run()
             log(
                 f"f round {round_ + 1}/{rounds}: ours {result['ours'][-1]:.1f} s {result['ours_timeline'][-1]}, "
-                f"virsh {result['virsh'][-1]:.1f} s {result['virsh_timeline'][-1]}"
+                f"virsh {result['virsh'][-1]:.1f} s {result['virsh_timeline'][-1]}; "
+                f"ratio {result['ours'][-1] / result['virsh'][-1]:.3f}"
             )
+            for side in ("ours", "virsh"):
+                log(f"f round {round_ + 1} {side} cpu: {result[f'{side}_cpu'][-1]}")
             for side in ("ours", "virsh"):
                 for row in result[f"{side}_moves"][-1]:
                     log(f"f round {round_ + 1} {side}: {row}")
