@@ -67,7 +67,7 @@ def role_of(comm: str, pid: int, daemon_pids: set[int]) -> str:
 class CpuUse:
     """Start with ``start()`` (the first sample is taken before it returns), end with ``stop()``,
     which takes a last sample and returns the figures (``figures()``): CPU seconds per role of
-    ROLES, ``machine_busy_s`` (every process's) and ``machine_cores`` (the CPUs the machine
+    ROLES and ``other_by_name``, ``machine_busy_s`` (every process's) and ``machine_cores`` (the CPUs the machine
     counted), ``load_min``/``load_mean``/``load_max`` (1-minute load average over the samples).
     ``inodes``: the network namespaces' inodes whose processes count; ``daemon_pids``: which of
     them are our daemons."""
@@ -108,7 +108,8 @@ class CpuUse:
                 # at the first sample: what it used before the run is not the run's; a process
                 # started during the run used all of its CPU in the run
                 self._first[key] = cpu if initial else 0.0
-                self._comm[key] = comm
+            # the name it has now: a QEMU is first seen as libvirtd's child, before its exec
+            self._comm[key] = comm
             self._last[key] = cpu
         self._loads.append(load_average())
         self._machine.append(machine_cpu())
@@ -133,8 +134,12 @@ class CpuUse:
 
     def figures(self) -> dict[str, float]:
         used = dict.fromkeys(ROLES, 0.0)
+        others: dict[str, float] = {}
         for key, last in self._last.items():
-            used[role_of(self._comm[key], key[0], self.daemon_pids)] += last - self._first[key]
+            role = role_of(self._comm[key], key[0], self.daemon_pids)
+            used[role] += last - self._first[key]
+            if role == "other":
+                others[self._comm[key]] = others.get(self._comm[key], 0.0) + last - self._first[key]
         (busy0, all0), (busy1, all1) = self._machine[0], self._machine[-1]
         elapsed = all1 - all0
         return {
@@ -144,4 +149,6 @@ class CpuUse:
             "load_min": min(self._loads),
             "load_mean": round(sum(self._loads) / len(self._loads), 2),
             "load_max": max(self._loads),
+            # what "other" was, by process name (those that used 0.05 s or more)
+            "other_by_name": {name: round(value, 2) for name, value in sorted(others.items()) if value >= 0.05},
         }

@@ -97,6 +97,19 @@ def test_processes_of_other_namespaces_do_not_count():
     finally:
         finish(child)
     assert all(figures[role] == 0.0 for role in ("daemon", "zookeeper", "libvirtd", "qemu", "other"))
+    assert figures["other_by_name"] == {}
+
+
+def test_what_other_was_is_named():
+    child = burner(0.3)
+    try:
+        use = CpuUse([own_inode()], period_s=0.05).start()
+        burnt = burn(child)
+        figures = use.stop()
+    finally:
+        finish(child)
+    name = proc_cpu(os.getpid())[0]  # the child runs the same interpreter
+    assert figures["other_by_name"].get(name, 0.0) >= burnt - 0.05
 
 
 def test_roles_by_name():
