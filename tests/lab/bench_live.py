@@ -460,7 +460,7 @@ def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = FLUSH_ROUNDS, l
 
     The guests' way home is not timed and is not capped on either side: the speed cap is set on
     the source of each timed run, and our daemons' return from node2 runs at libvirt's default
-    speed (a few seconds per guest), so virsh's return does too; before 2026-12-07 16:00 virsh's
+    speed (a few seconds per guest), so virsh's return does too; until 2026-12-07 15:30 virsh's
     return was capped (about 40 s per guest), so each side's timed run followed a differently
     made return home."""
     from concurrent.futures import ThreadPoolExecutor
