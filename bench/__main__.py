@@ -459,7 +459,11 @@ def bench_busy_live(pairs: int) -> dict:
     }
 
 
-FLUSH_ROUNDS = 4  # tests/lab/bench_live.py FLUSH_ROUNDS; here too, so that --help needs no lab
+# f's rounds (tests/lab/bench_live.py measure_flush): each times one flush of ours and one virsh
+# run, in alternating order. A busy guest's move takes 22-59 memory passes (35-100 s) on either
+# side, and which two long moves share a slot decides a round's tail: two rounds let one such tail
+# decide the ratio (2026-12-07: 1.008 and 1.171)
+FLUSH_ROUNDS = 4
 CPU_ROLES = ("daemon", "zookeeper", "libvirtd", "qemu", "other")
 
 

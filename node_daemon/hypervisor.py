@@ -1279,11 +1279,22 @@ class Hypervisor:
                 return True
         except DomainNotFound:
             return True
+        return self._wait_off(uuid, deadline)
+
+    def _wait_off(self, uuid: str, deadline: float, unanswered_is_on: bool = False) -> bool:
+        """Wait until ``uuid`` is off or the monotonic ``deadline`` passes (True: off), on
+        lifecycle events, re-reading the state at least every poll_interval_s. With
+        ``unanswered_is_on``, a state read that libvirt does not answer in time counts as not off
+        yet (a domain libvirt is still busy with); otherwise its HypervisorTimeout is raised."""
         while True:
             with self._state_changed:
                 seq = self._event_seq
-            if self._is_off(uuid):
-                return True
+            try:
+                if self._is_off(uuid):
+                    return True
+            except HypervisorTimeout:
+                if not unanswered_is_on:
+                    raise
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -1373,30 +1384,15 @@ class Hypervisor:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # it ended meanwhile
-        deadline = time.monotonic() + self.call_timeout_s
-        while True:
-            with self._state_changed:
-                seq = self._event_seq
-            try:
-                if self._is_off(uuid):
-                    log.warning("the stale copy of %s here is gone: its QEMU process %d was ended", uuid, pid)
-                    return "killed"
-            except HypervisorTimeout:
-                pass  # libvirt is still busy with it: wait on
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise HypervisorTimeout(
-                    "destroy",
-                    uuid,
-                    None,
-                    f"its QEMU process {pid} was ended, but libvirt still lists the domain after "
-                    f"{self.call_timeout_s:g} s",
-                )
-            with self._state_changed:
-                self._state_changed.wait_for(
-                    lambda: self._event_seq != seq,  # noqa: B023 (called at once)
-                    timeout=min(remaining, self.poll_interval_s),
-                )
+        if not self._wait_off(uuid, time.monotonic() + self.call_timeout_s, unanswered_is_on=True):
+            raise HypervisorTimeout(
+                "destroy",
+                uuid,
+                None,
+                f"its QEMU process {pid} was ended, but libvirt still lists the domain after {self.call_timeout_s:g} s",
+            )
+        log.warning("the stale copy of %s here is gone: its QEMU process %d was ended", uuid, pid)
+        return "killed"
 
     # ---- migration -------------------------------------------------------------------------
 
@@ -1574,18 +1570,7 @@ class Hypervisor:
                     conn.setKeepAlive(self.KEEPALIVE_INTERVAL_S, self.KEEPALIVE_COUNT)
                 except libvirt.libvirtError as exc:
                     log.debug("libvirt keepalive not enabled on the migration's connection: %s", exc)
-            try:
-                conn.lookupByUUIDString(uuid).migrateToURI3(dest_uri, params, flags)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    raise
-                try:
-                    alive = conn.isAlive()
-                except libvirt.libvirtError:
-                    alive = 0
-                if alive != 1:
-                    raise _ConnectionLost(exc) from exc
-                raise
+            _guarded(conn, lambda: conn.lookupByUUIDString(uuid).migrateToURI3(dest_uri, params, flags))()
         finally:
             try:
                 conn.close()

@@ -436,13 +436,7 @@ def move_rows(
     return rows
 
 
-# f's rounds: each times one flush of ours and one virsh run, in alternating order. A busy guest's
-# move takes 22-59 memory passes (35-100 s) on either side, and which two long moves share a slot
-# decides a round's tail: two rounds let one such tail decide the ratio (2026-12-07: 1.008 and 1.171)
-FLUSH_ROUNDS = 4
-
-
-def measure_flush(vms: int = 6, parallel: int = 2, rounds: int = FLUSH_ROUNDS, log=print) -> dict:
+def measure_flush(vms: int, parallel: int, rounds: int, log=print) -> dict:
     """(f): seconds to move ``vms`` busy real guests off node1 to node2, by a flush of node1 by
     our daemons (``flush_parallel`` = ``parallel``; domain state `flush` written until the
     daemon writes `flushed`), and by ``parallel`` threads running ``virsh migrate --live --p2p
